@@ -1,0 +1,57 @@
+"""The few exception classes the core raises; the CLI maps each to one line and an exit code.
+
+The core never prints or exits. Every failure a user can cause or fix is one of these, with a
+message that names the file, key or id and says what to do.
+"""
+
+from __future__ import annotations
+
+
+class BuilderError(Exception):
+    """Base class: a failure with a message fit for one line of output."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(BuilderError):
+    """The customer repository or one of its files is invalid (file, line, key in the message)."""
+
+    exit_code = 2
+
+
+class RegistryError(BuilderError):
+    """The model registry refused, does not know an id, or could not be reached in time."""
+
+    exit_code = 3
+
+
+class ReleaseGateError(BuilderError):
+    """A model may not ship in a release build (unpublished, task not completed, not in production)."""
+
+    exit_code = 4
+
+
+class FetchError(BuilderError):
+    """Weights could not be fetched or did not match their recorded sha256."""
+
+    exit_code = 5
+
+
+class ImageError(BuilderError):
+    """The base image, the image assembly or the delivery to a registry/engine failed."""
+
+    exit_code = 6
+
+
+class DriftError(BuilderError):
+    """The lock file does not match what the registry resolves to now (lock --check)."""
+
+    exit_code = 7

@@ -1,0 +1,234 @@
+"""Fetch stage: weights into a content-addressed cache, parallel, ranged, resumable, verified.
+
+Layout under the cache dir:
+    blobs/sha256/<hex>      verified content, only ever created by an atomic rename
+    tmp/<key>.part          a download in progress, and <key>.part.json: the chunks it has
+    locks/<key>.lock        one writer per entry, so concurrent builds share the cache safely
+
+boto3's own transfer manager downloads in parallel but cannot resume a partial file, and a
+crash leaves holes it cannot see; the chunk ledger here is what makes downloads resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from threading import Lock
+
+from filelock import FileLock
+
+from builder.contracts import ResolvedModel, WeightFile
+from builder.errors import FetchError
+from builder.storage import Store, open_store, split_uri
+
+CHUNK_SIZE = 16 << 20
+HASH_BLOCK = 4 << 20
+RETRIES = 3
+
+#: progress(label, bytes_done, bytes_total)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    model: str
+    name: str
+    path: Path  # the verified cache entry
+    sha256: str
+    size: int
+    downloaded: bool  # False: it was already in the cache
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    models: tuple[ResolvedModel, ...]  # with every sha256 and size filled in
+    files: tuple[FetchedFile, ...]
+    bytes_downloaded: int
+
+    def path_of(self, model: str, name: str) -> Path:
+        return next(f.path for f in self.files if f.model == model and f.name == name)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Cache:
+    """The content-addressed weights cache."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("blobs/sha256", "tmp", "locks"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def blob(self, sha256: str) -> Path:
+        return self.root / "blobs" / "sha256" / sha256
+
+    def lock(self, key: str) -> FileLock:
+        return FileLock(str(self.root / "locks" / f"{key}.lock"), timeout=3600)
+
+    def verified(self, sha256: str) -> Path | None:
+        """The entry if present and intact; a corrupt or truncated one is removed, never used."""
+        path = self.blob(sha256)
+        if not path.is_file():
+            return None
+        if sha256_file(path) != sha256:
+            path.unlink(missing_ok=True)
+            return None
+        return path
+
+    def put_bytes(self, data: bytes) -> Path:
+        sha = hashlib.sha256(data).hexdigest()
+        path = self.blob(sha)
+        if not path.is_file():
+            tmp = self.root / "tmp" / f"{sha}.{os.getpid()}.put"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return path
+
+
+class _Download:
+    """One file's ranged download into ``tmp/<key>.part`` with a ledger of finished chunks."""
+
+    def __init__(self, cache: Cache, key: str, store: Store, object_key: str, size: int) -> None:
+        self.store, self.object_key, self.size = store, object_key, size
+        self.part = cache.root / "tmp" / f"{key}.part"
+        self.ledger = self.part.with_suffix(".part.json")
+        self._lock = Lock()
+        done: set[int] = set()
+        if self.part.is_file() and self.ledger.is_file():
+            try:
+                state = json.loads(self.ledger.read_text())
+                if state.get("size") == size and state.get("chunk") == CHUNK_SIZE:
+                    done = set(state["done"])
+            except (ValueError, KeyError):
+                done = set()
+        self.done = done
+        self.resumed_bytes = sum(min(CHUNK_SIZE, size - c * CHUNK_SIZE) for c in done)
+        fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    def pending(self) -> list[int]:
+        count = max(1, -(-self.size // CHUNK_SIZE))
+        return [c for c in range(count) if c not in self.done]
+
+    def fetch_chunk(self, index: int, on_bytes: Callable[[int], None]) -> None:
+        start = index * CHUNK_SIZE
+        end = min(self.size, start + CHUNK_SIZE)
+        for attempt in range(RETRIES):
+            written = 0
+            try:
+                fd = os.open(self.part, os.O_WRONLY)
+                try:
+                    for block in self.store.stream(self.object_key, start, end):
+                        os.pwrite(fd, block, start + written)
+                        written += len(block)
+                        on_bytes(len(block))
+                finally:
+                    os.close(fd)
+                if written != end - start:
+                    raise FetchError(f"{self.store.uri(self.object_key)}: short read ({written} of {end - start} bytes)")
+                break
+            except (FetchError, OSError) as exc:
+                on_bytes(-written)
+                if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+                    raise FetchError(f"writing the weights cache failed: {exc.strerror or exc}") from None
+                if attempt == RETRIES - 1:
+                    raise
+                time.sleep(0.5 * 2**attempt)
+        with self._lock:
+            self.done.add(index)
+            tmp = self.ledger.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"size": self.size, "chunk": CHUNK_SIZE, "done": sorted(self.done)}))
+            os.replace(tmp, self.ledger)
+
+    def discard(self) -> None:
+        self.part.unlink(missing_ok=True)
+        self.ledger.unlink(missing_ok=True)
+
+
+def _cache_key(wf: WeightFile) -> str:
+    return wf.sha256 or hashlib.sha256(f"{wf.uri}\0{wf.size}".encode()).hexdigest()
+
+
+def _fetch_file(cache: Cache, wf: WeightFile, model: str, pool: ThreadPoolExecutor, offline: bool, progress: Progress | None) -> FetchedFile:
+    label = f"{model}/{wf.name}"
+    key = _cache_key(wf)
+    with cache.lock(key):
+        if wf.sha256 and (hit := cache.verified(wf.sha256)) is not None:
+            return FetchedFile(model, wf.name, hit, wf.sha256, hit.stat().st_size, downloaded=False)
+        if offline:
+            raise FetchError(f"{label} ({wf.sha256 or wf.uri}) is not in the cache and --offline forbids downloading", hint="run the build once online")
+        root, object_key = split_uri(wf.uri)
+        store = open_store(root)
+        size = wf.size
+        if size is None:
+            listed = [o for o in store.list(os.path.dirname(object_key)) if o.key == object_key]
+            if not listed:
+                raise FetchError(f"{wf.uri}: object not found")
+            size = listed[0].size
+        download = _Download(cache, key, store, object_key, size)
+        done = download.resumed_bytes
+        counter = Lock()
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            with counter:
+                done += n
+                if progress:
+                    progress(label, done, size)
+
+        futures = [pool.submit(download.fetch_chunk, index, on_bytes) for index in download.pending()]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            # Keep the finished chunks: a re-run resumes from the ledger.
+            raise errors[0]  # type: ignore[misc]
+        actual = sha256_file(download.part)
+        if wf.sha256 and actual != wf.sha256:
+            download.discard()
+            raise FetchError(f"{wf.uri}: sha256 mismatch (expected {wf.sha256[:12]}, got {actual[:12]})", hint="the object changed after it was published; never overwrite production weights")
+        os.replace(download.part, cache.blob(actual))
+        download.ledger.unlink(missing_ok=True)
+        return FetchedFile(model, wf.name, cache.blob(actual), actual, size, downloaded=True)
+
+
+def fetch(
+    models: tuple[ResolvedModel, ...],
+    cache: Cache,
+    *,
+    manual_files: Mapping[str, bytes],
+    offline: bool = False,
+    jobs: int = 4,
+    progress: Progress | None = None,
+) -> FetchResult:
+    """Make every weight file of every model available, verified, in the cache."""
+    fetched: list[FetchedFile] = []
+    # Chunk downloads share one pool; files are handled one after the other so a failure stops
+    # early and the progress output stays readable.
+    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="fetch") as pool:
+        for m in models:
+            for wf in m.files:
+                if wf.uri.startswith("repo:"):
+                    path = cache.put_bytes(manual_files[wf.uri.removeprefix("repo:")])
+                    fetched.append(FetchedFile(m.name, wf.name, path, path.name, path.stat().st_size, downloaded=False))
+                else:
+                    fetched.append(_fetch_file(cache, wf, m.name, pool, offline, progress))
+    by_key = {(f.model, f.name): f for f in fetched}
+    filled = tuple(
+        replace(m, files=tuple(replace(wf, sha256=by_key[(m.name, wf.name)].sha256, size=by_key[(m.name, wf.name)].size) for wf in m.files))
+        for m in models
+    )
+    return FetchResult(models=filled, files=tuple(fetched), bytes_downloaded=sum(f.size for f in fetched if f.downloaded))

@@ -1,0 +1,138 @@
+"""Resolve stage: each declared model -> registry record, creating task, production files.
+
+`sourcing: auto` models are looked up in the model registry and the production store (laid
+out by task id); `sourcing: manual` models are files committed in the customer repo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from builder.contracts import CustomerSpec, ModelDecl, Plugin, ResolvedModel, WeightFile
+from builder.errors import RegistryError
+from builder.registries import COMPLETED_TASK_STATES, ModelRegistry
+from builder.storage import MANIFEST_NAME, Store, read_manifest
+
+
+def _plugins(raw: Any, where: str) -> tuple[Plugin, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Sequence) or isinstance(raw, str):
+        raise RegistryError(f"{where}: expected a list of {{cls, params}}")
+    out = []
+    for item in raw:
+        if not isinstance(item, Mapping) or not isinstance(item.get("cls"), str):
+            raise RegistryError(f"{where}: every entry needs a 'cls' name")
+        out.append(Plugin(cls=item["cls"], params=dict(item.get("params") or {})))
+    return tuple(out)
+
+
+def _manual_entry(spec: CustomerSpec, name: str) -> Mapping[str, Any]:
+    for analysis in spec.analysis["analyses"]:
+        if name in analysis["models"]:
+            entry: Mapping[str, Any] = analysis["models"][name]
+            return entry
+    raise KeyError(name)  # load guarantees every declared model is in some analysis
+
+
+def _resolve_manual(spec: CustomerSpec, decl: ModelDecl) -> ResolvedModel:
+    entry = _manual_entry(spec, decl.name)
+    prefix = f"{decl.reference}/"
+    files = tuple(
+        WeightFile(name=path.removeprefix(prefix), uri=f"repo:{path}", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        for path, data in sorted(spec.manual_files.items())
+        if path.startswith(prefix)
+    )
+    where = f"{spec.analysis_path}: model {decl.name}"
+    return ResolvedModel(
+        name=decl.name,
+        sourcing="manual",
+        model_id=None,
+        registry_name=None,
+        task_id=None,
+        task_status=None,
+        project=None,
+        framework=None,
+        tags=(),
+        published=True,  # committed in the customer repo: reviewed like any config change
+        weights_uri=f"repo:{decl.reference}",
+        files=files,
+        preprocessing=_plugins(entry.get("preprocessing"), f"{where}.preprocessing"),
+        postprocessing=_plugins(entry.get("postprocessing"), f"{where}.postprocessing"),
+        params=dict(entry.get("params") or {}),
+    )
+
+
+def _production_files(store: Store, task_id: str) -> tuple[WeightFile, ...]:
+    listing = {o.key.removeprefix(f"{task_id}/"): o.size for o in store.list(task_id)}
+    listing.pop(MANIFEST_NAME, None)
+    manifest = read_manifest(store, task_id)
+    if manifest is None:
+        return tuple(WeightFile(name=n, uri=store.uri(f"{task_id}/{n}"), size=s) for n, s in sorted(listing.items()))
+    files = []
+    for item in manifest.get("files", []):
+        name = item["name"]
+        if listing.get(name) != item.get("size"):
+            raise RegistryError(
+                f"{store.uri(f'{task_id}/{name}')}: listed in the publish manifest but missing or of another size in the store",
+                hint="re-run `builder publish` for this model",
+            )
+        files.append(WeightFile(name=name, uri=store.uri(f"{task_id}/{name}"), size=item["size"], sha256=item.get("sha256")))
+    return tuple(sorted(files, key=lambda f: f.name))
+
+
+def _resolve_auto(decl: ModelDecl, registry: ModelRegistry, store: Store) -> ResolvedModel:
+    record = registry.get_model(decl.reference)
+    if not record.task:
+        raise RegistryError(f"model {record.id} has no creating task in {registry.description}")
+    task = registry.get_task(record.task)
+    where = f"{registry.description}: model {record.id} design"
+    design = record.design
+    return ResolvedModel(
+        name=decl.name,
+        sourcing="auto",
+        model_id=record.id,
+        registry_name=record.name,
+        task_id=task.id,
+        task_status=task.status,
+        project=task.project or record.project,
+        framework=record.framework,
+        tags=tuple(sorted(record.tags)),
+        published=record.ready,
+        weights_uri=store.uri(f"{task.id}/"),
+        files=_production_files(store, task.id),
+        preprocessing=_plugins(design.get("preprocessing"), f"{where}.preprocessing"),
+        postprocessing=_plugins(design.get("postprocessing"), f"{where}.postprocessing"),
+        params=dict(design.get("params") or {}),
+    )
+
+
+def resolve(spec: CustomerSpec, registry: ModelRegistry | None, store: Store | None) -> tuple[ResolvedModel, ...]:
+    """Resolve every declared model; registry and store are only touched for auto models."""
+    out = []
+    for decl in spec.models:
+        if decl.sourcing == "manual":
+            out.append(_resolve_manual(spec, decl))
+            continue
+        if registry is None or store is None:
+            raise RegistryError(f"model {decl.name} needs the model registry and the production store")
+        out.append(_resolve_auto(decl, registry, store))
+    return tuple(out)
+
+
+def release_blockers(models: Sequence[ResolvedModel]) -> list[str]:
+    """Why each model may not ship in a release build (empty: all may)."""
+    reasons = []
+    for m in models:
+        if m.sourcing != "auto":
+            continue
+        label = f"model {m.name} ({m.model_id})"
+        if not m.published:
+            reasons.append(f"{label} is not published in the registry (run `builder publish {m.model_id}`)")
+        if m.task_status not in COMPLETED_TASK_STATES:
+            reasons.append(f"{label}: its task {m.task_id} did not complete (status {m.task_status})")
+        if not m.files:
+            reasons.append(f"{label}: no weights under the production store at {m.weights_uri}")
+    return reasons

@@ -1,0 +1,90 @@
+"""Project settings: builder.toml (found upward from the working directory), then BUILDER_* env.
+
+Settings say where things are (registry backend, production store, base repository, target
+registry, cache). They never hold secrets: credentials come from each service's own standard
+configuration (AWS variables, clearml.conf, the Docker config).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import platformdirs
+
+from builder.errors import ConfigError
+
+SETTINGS_FILE = "builder.toml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    customers: Path
+    model_registry: str  # "local:<folder>" or "clearml"
+    production: str  # "s3://bucket[/prefix]" or "file:<folder>"
+    base_repository: str
+    image_registry: str
+    cache_dir: Path
+    origin: str = "defaults"  # where the settings came from, for messages
+
+    def with_overrides(self, **values: str | Path | None) -> Settings:
+        """Apply command-line overrides (None means not given)."""
+        given = {k: v for k, v in values.items() if v is not None}
+        return replace(self, **given)  # type: ignore[arg-type]
+
+
+def _find_settings_file(start: Path) -> Path | None:
+    for folder in (start, *start.parents):
+        candidate = folder / SETTINGS_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _anchor(value: str, base: Path) -> str:
+    """Make ``local:`` and ``file:`` locations absolute relative to the settings file."""
+    for scheme in ("local:", "file:"):
+        if value.startswith(scheme) and not value.startswith(f"{scheme}//"):
+            path = Path(value.removeprefix(scheme)).expanduser()
+            return f"{scheme}{(base / path).resolve() if not path.is_absolute() else path}"
+    return value
+
+
+def load_settings(cwd: Path | None = None) -> Settings:
+    """Defaults, then builder.toml, then BUILDER_* environment variables."""
+    cwd = cwd or Path.cwd()
+    values: dict[str, str] = {
+        "customers": "customers",
+        "model_registry": "clearml",
+        "production": "",
+        "base_repository": "127.0.0.1:5000/ivd/inference-base",
+        "image_registry": "127.0.0.1:5000",
+        "cache_dir": str(platformdirs.user_cache_path("ivd-builder")),
+    }
+    base, origin = cwd, "defaults"
+    path = _find_settings_file(cwd)
+    if path is not None:
+        try:
+            table = tomllib.loads(path.read_text("utf-8")).get("builder", {})
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read settings: {exc}") from None
+        unknown = sorted(set(table) - set(values))
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting {unknown[0]!r}", hint=f"known: {', '.join(values)}")
+        values.update({k: str(v) for k, v in table.items()})
+        base, origin = path.parent, str(path)
+    for name in values:
+        env = os.environ.get(f"BUILDER_{name.upper()}")
+        if env:
+            values[name] = env
+    values = {k: _anchor(v, base) for k, v in values.items()}
+    names = {f.name for f in fields(Settings)}
+    kwargs = {k: v for k, v in values.items() if k in names}
+    return Settings(
+        customers=(base / kwargs.pop("customers")).resolve(),
+        cache_dir=Path(kwargs.pop("cache_dir")).expanduser(),
+        origin=origin,
+        **kwargs,
+    )

@@ -1,0 +1,176 @@
+"""Object stores behind the production weights: s3:// through boto3, file: for air-gapped sites.
+
+The production store is laid out by ClearML task id: ``<root>/<task id>/<file>`` plus the
+``publish-manifest.json`` that `builder publish` writes (sizes and sha256 of every file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from builder.errors import FetchError
+
+MANIFEST_NAME = "publish-manifest.json"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str  # path below the store root, posix
+    size: int
+
+
+class Store(Protocol):
+    """What the pipeline needs of a weights store."""
+
+    root: str  # URI of the root, e.g. s3://bucket/prefix or file:/srv/weights
+
+    def list(self, prefix: str) -> list[StoredObject]: ...
+    def read_bytes(self, key: str) -> bytes | None: ...
+    def stream(self, key: str, start: int, end: int) -> Iterator[bytes]: ...
+    def uri(self, key: str) -> str: ...
+
+
+def _s3_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    # Bounded: a dead endpoint fails in seconds, never hangs a build. Endpoint, region and
+    # credentials come from the standard AWS variables/files (AWS_ENDPOINT_URL included).
+    config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
+    return boto3.session.Session().client("s3", config=config)
+
+
+class S3Store:
+    def __init__(self, root: str) -> None:
+        parsed = urlparse(root)
+        self.root = root.rstrip("/")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self._client = _s3_client()
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _fail(self, action: str, key: str, exc: Exception) -> FetchError:
+        return FetchError(f"{action} {self.uri(key)} failed: {_s3_reason(exc)}")
+
+    def list(self, prefix: str) -> list[StoredObject]:
+        full = self._key(prefix.rstrip("/") + "/")
+        out: list[StoredObject] = []
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for item in page.get("Contents", []):
+                    rel = item["Key"][len(self.prefix) + 1 :] if self.prefix else item["Key"]
+                    out.append(StoredObject(key=rel, size=int(item["Size"])))
+        except Exception as exc:
+            raise self._fail("listing", prefix, exc) from None
+        return sorted(out, key=lambda o: o.key)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            body: bytes = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise self._fail("reading", key, exc) from None
+        except Exception as exc:
+            raise self._fail("reading", key, exc) from None
+        return body
+
+    def stream(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}")
+            yield from response["Body"].iter_chunks(_CHUNK)
+        except Exception as exc:
+            raise self._fail("downloading", key, exc) from None
+
+
+def _s3_reason(exc: Exception) -> str:
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"{error.get('Code', '?')}: {error.get('Message', '')}".strip()
+    if isinstance(exc, EndpointConnectionError):
+        return f"S3 endpoint unreachable ({exc.kwargs.get('endpoint_url', '?')}); check AWS_ENDPOINT_URL and the network"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class FileStore:
+    def __init__(self, root: str) -> None:
+        self.path = Path(urlparse(root).path if root.startswith("file://") else root.removeprefix("file:"))
+        self.root = f"file:{self.path}"
+
+    def uri(self, key: str) -> str:
+        return f"file:{self.path / key}"
+
+    def list(self, prefix: str) -> list[StoredObject]:
+        base = self.path / prefix
+        if not base.is_dir():
+            return []
+        return sorted(
+            (StoredObject(key=p.relative_to(self.path).as_posix(), size=p.stat().st_size) for p in base.rglob("*") if p.is_file()),
+            key=lambda o: o.key,
+        )
+
+    def read_bytes(self, key: str) -> bytes | None:
+        path = self.path / key
+        return path.read_bytes() if path.is_file() else None
+
+    def stream(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        try:
+            with (self.path / key).open("rb") as handle:
+                handle.seek(start)
+                remaining = end - start
+                while remaining > 0:
+                    chunk = handle.read(min(_CHUNK, remaining))
+                    if not chunk:
+                        raise FetchError(f"{self.uri(key)}: file is shorter than expected")
+                    remaining -= len(chunk)
+                    yield chunk
+        except OSError as exc:
+            raise FetchError(f"reading {self.uri(key)} failed: {exc.strerror or exc}") from None
+
+
+def open_store(root: str) -> Store:
+    """The store for an s3:// or file: root."""
+    if root.startswith("s3://"):
+        return S3Store(root)
+    if root.startswith("file:"):
+        return FileStore(root)
+    raise FetchError(f"unsupported weights store {root!r}", hint="use s3://bucket[/prefix] or file:<folder>")
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://b/p/task/f`` -> (``s3://b``, ``p/task/f``); file URIs split at the root ``/``."""
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        return f"s3://{parsed.netloc}", parsed.path.lstrip("/")
+    if uri.startswith("file:"):
+        path = Path(uri.removeprefix("file://") if uri.startswith("file://") else uri.removeprefix("file:"))
+        return f"file:{path.anchor}", os.fspath(path.relative_to(path.anchor))
+    raise FetchError(f"unsupported weights URI {uri!r}")
+
+
+def read_manifest(store: Store, task_id: str) -> dict[str, Any] | None:
+    """The publish manifest of a task's production folder, if there is one."""
+    raw = store.read_bytes(f"{task_id}/{MANIFEST_NAME}")
+    if raw is None:
+        return None
+    try:
+        data: dict[str, Any] = json.loads(raw)
+    except json.JSONDecodeError:
+        raise FetchError(f"{store.uri(f'{task_id}/{MANIFEST_NAME}')}: not valid JSON") from None
+    return data

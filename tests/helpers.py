@@ -1,0 +1,131 @@
+"""Shared test helpers: customer repositories with real git history, running the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import git
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CUSTOMER_YAML = """\
+version: 1
+customer: {name}
+base_image:
+  version: "{base}"
+"""
+
+ANALYSIS_YAML = """\
+analyses:
+- name: breast
+  models:
+    carcinoma_model:
+      sourcing: auto
+      reference: {carcinoma}
+    mitosis_model:
+      sourcing: auto
+      reference: {mitosis}
+  features:
+  - cls: Carcinoma
+    models: {{classification_model: carcinoma_model}}
+    params: {{threshold: {threshold}}}
+  - cls: Mitosis
+    models: {{segmentation_model: mitosis_model}}
+    depends_on: [Carcinoma]
+"""
+
+
+def commit_files(repo_dir: Path, files: Mapping[str, str | bytes | None], message: str, *, when: int = 1_700_000_000) -> str:
+    """Write (or delete, for None) files and commit them with a fixed date; returns the commit id."""
+    repo = git.Repo.init(repo_dir) if not (repo_dir / ".git").exists() else git.Repo(repo_dir)
+    for rel, content in files.items():
+        path = repo_dir / rel
+        if content is None:
+            repo.index.remove([rel], working_tree=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        repo.index.add([rel])
+    date = f"{when} +0000"
+    actor = git.Actor("Test Author", "author@example.com")
+    commit = repo.index.commit(message, author=actor, committer=actor, author_date=date, commit_date=date)
+    return commit.hexsha
+
+
+def customer_repo(path: Path, *, name: str = "customer-x", base: str = "~=2.4", carcinoma: str, mitosis: str, threshold: float = 0.5, when: int = 1_700_000_000) -> Path:
+    commit_files(
+        path,
+        {
+            "customer.yaml": CUSTOMER_YAML.format(name=name, base=base),
+            "analysis.yaml": ANALYSIS_YAML.format(carcinoma=carcinoma, mitosis=mitosis, threshold=threshold),
+        },
+        "initial config",
+        when=when,
+    )
+    return path
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real `builder` CLI in a subprocess (the ClearML SDK keeps process-wide state)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "builder", *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout, check=False
+    )
+
+
+CARCINOMA_ID = "a957f623-e6d3-4159-a07a-ec1b8323eb54"
+MITOSIS_ID = "3fcf116cae4f461a85bea1fd4913993f"
+CARCINOMA_TASK = "5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e"
+MITOSIS_TASK = "81a2d3c4e5f60718293a4b5c6d7e8f90"
+
+DESIGN = (
+    '{"preprocessing": [{"cls": "Normalization", "params": {"factor": 255.0}}],'
+    ' "postprocessing": [{"cls": "BinaryClassification", "params": {"threshold": 0.5}}],'
+    ' "params": {"file": "model.onnx", "tile_size": 64, "mpp": 2.0}}'
+)
+
+
+def model_record(model_id: str, task_id: str, *, name: str, ready: bool = True, design: str = DESIGN) -> dict[str, object]:
+    """A model record in ClearML's shape (the local registry and the emulator share it)."""
+    return {
+        "id": model_id,
+        "name": name,
+        "task": task_id,
+        "uri": f"s3://training-artifacts/{task_id}/models/model.onnx",
+        "ready": ready,
+        "framework": "ONNX",
+        "tags": ["demo"],
+        "project": "pathology",
+        "design": {"design": design},
+    }
+
+
+def task_record(task_id: str, *, status: str = "completed") -> dict[str, object]:
+    return {"id": task_id, "name": f"train {task_id[:6]}", "type": "training", "status": status, "project": "pathology"}
+
+
+def write_local_registry(folder: Path, models: list[dict[str, object]], tasks: list[dict[str, object]]) -> Path:
+    import yaml
+
+    for kind, records in (("models", models), ("tasks", tasks)):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        for record in records:
+            (folder / kind / f"{record['id']}.yaml").write_text(yaml.safe_dump(record, sort_keys=True))
+    return folder
+
+
+def write_production(folder: Path, task_id: str, files: Mapping[str, bytes], *, manifest: bool = True) -> None:
+    """A production folder for one task, with the publish manifest `builder publish` writes."""
+    import hashlib
+    import json
+
+    (folder / task_id).mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / task_id / name).write_bytes(data)
+    if manifest:
+        entries = [{"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in sorted(files.items())]
+        (folder / task_id / "publish-manifest.json").write_text(json.dumps({"manifest_version": 1, "task_id": task_id, "files": entries}))

@@ -1,0 +1,155 @@
+"""Load stage: customer repos read at a ref, validated, every bad input one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import ANALYSIS_YAML, CARCINOMA_ID, CUSTOMER_YAML, MITOSIS_ID, commit_files, customer_repo
+
+from builder.errors import ConfigError
+from builder.load import load_customer
+from builder.settings import Settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        customers=tmp_path / "customers",
+        model_registry="local:/nonexistent",
+        production="file:/nonexistent",
+        base_repository="127.0.0.1:1/ivd/inference-base",
+        image_registry="127.0.0.1:1",
+        cache_dir=tmp_path / "cache",
+    )
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return customer_repo(tmp_path / "cx", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+
+
+def _analysis(**kw: object) -> str:
+    return ANALYSIS_YAML.format(carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.5, **kw)
+
+
+def _error(repo: Path, settings: Settings, files: dict[str, str | bytes | None], **kw: object) -> str:
+    commit_files(repo, files, "change")
+    with pytest.raises(ConfigError) as info:
+        load_customer(str(repo), settings, **kw)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_reads_committed_files_at_ref(repo: Path, settings: Settings) -> None:
+    spec = load_customer(str(repo), settings)
+    assert spec.customer == "customer-x"
+    assert spec.base_version == "~=2.4"
+    assert [m.name for m in spec.models] == ["carcinoma_model", "mitosis_model"]
+    assert spec.models[0].reference == CARCINOMA_ID
+    assert spec.commit_time == 1_700_000_000
+    assert len(spec.commit) == 40
+
+
+def test_ignores_uncommitted_changes_unless_worktree(repo: Path, settings: Settings) -> None:
+    (repo / "customer.yaml").write_text(CUSTOMER_YAML.format(name="customer-dirty", base="2.4.1"))
+    assert load_customer(str(repo), settings).customer == "customer-x"
+    assert load_customer(str(repo), settings, worktree=True).customer == "customer-dirty"
+
+
+def test_older_ref_gives_older_config(repo: Path, settings: Settings) -> None:
+    first = load_customer(str(repo), settings).commit
+    commit_files(repo, {"customer.yaml": CUSTOMER_YAML.format(name="customer-x", base="2.5.0")}, "bump", when=1_700_000_100)
+    assert load_customer(str(repo), settings).base_version == "2.5.0"
+    assert load_customer(str(repo), settings, ref=first).base_version == "~=2.4"
+
+
+def test_folder_in_larger_repo_uses_last_commit_touching_it(tmp_path: Path, settings: Settings) -> None:
+    mono = tmp_path / "mono"
+    commit_files(mono, {"customers/cx/customer.yaml": CUSTOMER_YAML.format(name="customer-x", base="2.4.1"), "customers/cx/analysis.yaml": _analysis()}, "add cx", when=1_700_000_000)
+    config_commit = load_customer(str(mono / "customers" / "cx"), settings).commit
+    commit_files(mono, {"README.md": "unrelated"}, "unrelated", when=1_700_009_999)
+    spec = load_customer(str(mono / "customers" / "cx"), settings)
+    assert spec.commit == config_commit
+    assert spec.commit_time == 1_700_000_000
+
+
+def test_customer_found_by_name_under_customers_folder(tmp_path: Path, settings: Settings) -> None:
+    customer_repo(settings.customers / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    assert load_customer("customer-x", settings).customer == "customer-x"
+
+
+def test_unknown_customer(settings: Settings) -> None:
+    with pytest.raises(ConfigError, match="customer 'nobody' not found"):
+        load_customer("nobody", settings)
+
+
+def test_ref_that_does_not_exist(repo: Path, settings: Settings) -> None:
+    with pytest.raises(ConfigError, match="ref 'v9.9' does not exist"):
+        load_customer(str(repo), settings, ref="v9.9")
+
+
+def test_malformed_yaml_names_file_and_line(repo: Path, settings: Settings) -> None:
+    message = _error(repo, settings, {"analysis.yaml": "analyses:\n- name: breast\n  models: [unclosed\n"})
+    assert "analysis.yaml" in message and "invalid YAML" in message
+    assert ":4:" in message or ":3:" in message
+
+
+def test_duplicate_keys(repo: Path, settings: Settings) -> None:
+    message = _error(repo, settings, {"customer.yaml": "version: 1\ncustomer: a\ncustomer: b\nbase_image: {version: '2.4.1'}\n"})
+    assert "customer.yaml" in message and ":3:" in message and "duplicate key 'customer'" in message
+
+
+def test_unknown_key_with_did_you_mean(repo: Path, settings: Settings) -> None:
+    message = _error(repo, settings, {"analysis.yaml": _analysis().replace("      reference: " + MITOSIS_ID, "      refrence: " + MITOSIS_ID)})
+    assert "analysis.yaml" in message and ":9:" in message
+    assert "unknown key 'refrence'" in message and "did you mean 'reference'" in message
+
+
+def test_wrong_type(repo: Path, settings: Settings) -> None:
+    message = _error(repo, settings, {"customer.yaml": "version: 1\ncustomer: customer-x\nbase_image: {version: 2.4}\n"})
+    assert "customer.yaml:3" in message and "base_image.version" in message and "not of type 'string'" in message
+
+
+def test_bad_customer_name(repo: Path, settings: Settings) -> None:
+    message = _error(repo, settings, {"customer.yaml": CUSTOMER_YAML.format(name="Customer_X", base="2.4.1")})
+    assert "customer.yaml:2" in message and "does not match" in message
+
+
+def test_feature_naming_undeclared_model(repo: Path, settings: Settings) -> None:
+    message = _error(repo, settings, {"analysis.yaml": _analysis().replace("segmentation_model: mitosis_model", "segmentation_model: mitosis_modle")})
+    assert "analysis.yaml:15" in message and "'mitosis_modle'" in message and "does not declare" in message
+
+
+@pytest.mark.parametrize("reference", ["../other-customer/weights", "/etc/passwd", "models/../../x"])
+def test_manual_reference_cannot_escape(repo: Path, settings: Settings, reference: str) -> None:
+    analysis = _analysis().replace(f"sourcing: auto\n      reference: {MITOSIS_ID}", f"sourcing: manual\n      reference: {reference}")
+    message = _error(repo, settings, {"analysis.yaml": analysis})
+    assert "must be a relative path inside the customer folder" in message and "analysis.yaml:9" in message
+
+
+def test_model_name_cannot_escape(repo: Path, settings: Settings) -> None:
+    message = _error(repo, settings, {"analysis.yaml": _analysis().replace("    mitosis_model:", "    ../mitosis:").replace("segmentation_model: mitosis_model", "segmentation_model: mitosis")})
+    assert "invalid name '../mitosis'" in message and "analyses[0].models" in message and "analysis.yaml:7" in message
+
+
+def test_analysis_path_cannot_escape(repo: Path, settings: Settings) -> None:
+    message = _error(repo, settings, {"customer.yaml": CUSTOMER_YAML.format(name="customer-x", base="2.4.1") + "analysis: ../secrets.yaml\n"})
+    assert "analysis '../secrets.yaml' must be a relative path" in message
+
+
+def test_alias_bomb_is_refused(repo: Path, settings: Settings) -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    for level in range(1, 7):
+        bomb += f"{chr(97 + level)}: &{chr(97 + level)} [" + ", ".join([f"*{chr(96 + level)}"] * 10) + "]\n"
+    message = _error(repo, settings, {"analysis.yaml": bomb})
+    assert "aliases expand to more than" in message
+
+
+def test_manual_model_reads_weights_from_the_same_commit(repo: Path, settings: Settings) -> None:
+    analysis = _analysis().replace(f"sourcing: auto\n      reference: {MITOSIS_ID}", "sourcing: manual\n      reference: weights/mitosis\n      params: {file: model.onnx}")
+    commit_files(repo, {"analysis.yaml": analysis, "weights/mitosis/model.onnx": b"committed"}, "ship weights")
+    (repo / "weights/mitosis/model.onnx").write_bytes(b"dirty")
+    spec = load_customer(str(repo), settings)
+    assert spec.manual_files == {"weights/mitosis/model.onnx": b"committed"}
