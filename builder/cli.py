@@ -173,6 +173,127 @@ def lock(customer: str, ref: str, worktree: bool, check: bool, output: Path | No
 
 
 @cli.command()
+@customer_options
+@settings_options
+@click.option("--locked", is_flag=True, help="Use only the committed lock: no registry calls, pinned base digest.")
+@click.option("--offline", is_flag=True, help="Never download weights; use the cache (with --locked: fully offline).")
+@click.option("--allow-unpublished", is_flag=True, help="Development build: accept unpublished models (the image label says so).")
+@click.option("--base-version", help="Build on this base version instead of customer.yaml's (fleet rebuilds).")
+@click.option("--base-repository", help="Base image repository (default: customer.yaml, then setting base_repository).")
+@click.option("--registry", "image_registry", help="Registry for the image tags (setting image_registry).")
+@click.option("--push", is_flag=True, help="Push to the registry: immutable <customer>:<base>-<rev> and moving <customer>:<base>.")
+@click.option("--force", is_flag=True, help="Overwrite an immutable tag that points elsewhere (reported loudly).")
+@click.option("--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry.")
+@click.option("--oci-layout", type=click.Path(path_type=Path), help="Also write the image into this OCI image layout folder.")
+@click.option("--docker-archive", type=click.Path(path_type=Path), help="Also write a tar that `docker load` reads.")
+@click.option("--load", is_flag=True, help="Load the image into the local Docker engine (DOCKER_HOST).")
+@click.option("--jobs", default=4, show_default=True, help="Parallel downloads.")
+@json_option
+def build(customer: str, ref: str, worktree: bool, locked: bool, offline: bool, allow_unpublished: bool, base_version: str | None, base_repository: str | None, image_registry: str | None, push: bool, force: bool, insecure_registry: bool, oci_layout: Path | None, docker_archive: Path | None, load: bool, jobs: int, as_json: bool, **overrides: Any) -> None:
+    """Build CUSTOMER's image: cook the config, fetch weights, assemble on the base, deliver.
+
+    Without --push/--oci-layout/--docker-archive/--load the image is only assembled into the
+    local blob cache and its digest printed (a dry run that still proves reproducibility).
+    """
+    from dataclasses import asdict
+
+    from builder.pipeline import BuildRequest
+    from builder.pipeline import build as run_build
+
+    request = BuildRequest(
+        customer=customer, ref=ref, worktree=worktree, locked=locked, offline=offline, allow_unpublished=allow_unpublished,
+        base_version=base_version, base_repository=base_repository, image_registry=image_registry, push=push, force=force,
+        insecure=True if insecure_registry else None, oci_layout=oci_layout, docker_archive=docker_archive, load=load, jobs=jobs,
+    )
+    with progress_bar() as bar:
+        report = run_build(request, _settings(overrides), progress=bar, on_stage=lambda name: info(f"==> {name}"))
+
+    def human() -> None:
+        for warning in report.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(f"image     {report.image}")
+        click.echo(f"digest    {report.manifest_digest}")
+        click.echo(f"base      {report.base['repository']}:{report.base['version']}@{report.base['digest']}")
+        click.echo(f"config    {report.config_commit}")
+        for layer in report.layers:
+            if layer.new:
+                click.echo(f"layer     {layer.name:<20} {layer.size:>12,} B  {layer.push or 'built'}")
+        click.echo(f"uploaded  {report.bytes_uploaded:,} B   downloaded {report.bytes_downloaded:,} B")
+        for kind, where in report.outputs.items():
+            click.echo(f"{kind:<9} {where}")
+        if report.development:
+            click.echo("DEVELOPMENT BUILD: unpublished models; not for release", err=True)
+
+    emit("build", asdict(report), human)
+
+
+@cli.command()
+@click.argument("model_id")
+@click.option("--bucket", "production", help="Production store (s3://bucket[/prefix] or file:<folder>); setting production.")
+@click.option("--model-registry", help="'clearml' or 'local:<folder>' (setting model_registry).")
+@click.option("--dry-run", is_flag=True, help="Verify and show what would be copied; change nothing.")
+@json_option
+def publish(model_id: str, production: str | None, model_registry: str | None, dry_run: bool, as_json: bool) -> None:
+    """Promote MODEL_ID to production: copy its weights under <task id>/, verify, mark published.
+
+    Refuses a model whose training task did not complete, and never overwrites production
+    weights. Safe to re-run: a finished publish changes nothing, an interrupted one completes.
+    """
+    from dataclasses import asdict
+
+    from builder.publish import publish as run_publish
+    from builder.registries import open_registry
+
+    settings = _settings({"production": production, "model_registry": model_registry})
+    with progress_bar() as bar:
+        result = run_publish(model_id, open_registry(settings.model_registry), settings.production, dry_run=dry_run, progress=bar)
+
+    def human() -> None:
+        for f in result.files:
+            click.echo(f"{f.action:<10} {f.name}  {f.size:,} B  sha256 {f.sha256}")
+        if dry_run:
+            click.echo(f"dry run: nothing changed ({result.destination})")
+        else:
+            state = "marked published" if result.marked_published else "was already published"
+            click.echo(f"{result.model_id}: weights verified at {result.destination}; {state}")
+
+    emit("publish", asdict(result), human)
+
+
+@cli.group()
+def models() -> None:
+    """Look up models in the registry."""
+
+
+@models.command("list")
+@click.option("--project", help="Only models of this project (id).")
+@click.option("--published", is_flag=True, default=None, help="Only published models.")
+@click.option("--model-registry", help="'clearml' or 'local:<folder>' (setting model_registry).")
+@click.option("--production", help="Production store to check presence in (setting production).")
+@json_option
+def models_list(project: str | None, published: bool | None, model_registry: str | None, production: str | None, as_json: bool) -> None:
+    """List models with id, name, task, published state and production presence."""
+    from builder.publish import production_presence
+    from builder.registries import open_registry
+    from builder.storage import open_store
+
+    settings = _settings({"model_registry": model_registry, "production": production})
+    registry = open_registry(settings.model_registry)
+    store = open_store(settings.production) if settings.production else None
+    rows = []
+    for m in registry.list_models(project=project, published=published):
+        presence = production_presence(store, m.task) if store else {"in_production": None, "files": 0}
+        rows.append({"id": m.id, "name": m.name, "task": m.task, "published": m.ready, "project": m.project, **presence})
+
+    def human() -> None:
+        click.echo(f"{'ID':<36}  {'NAME':<24} {'TASK':<32}  PUBLISHED  IN PRODUCTION")
+        for r in rows:
+            click.echo(f"{r['id']:<36}  {r['name'][:24]:<24} {r['task']:<32}  {'yes' if r['published'] else 'no':<9}  {'yes' if r['in_production'] else 'no'}")
+
+    emit("models list", {"models": rows}, human)
+
+
+@cli.command()
 @click.argument("name", required=False)
 @json_option
 def schema(name: str | None, as_json: bool) -> None:

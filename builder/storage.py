@@ -6,9 +6,10 @@ The production store is laid out by ClearML task id: ``<root>/<task id>/<file>``
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,6 +18,8 @@ from urllib.parse import urlparse
 from builder.errors import FetchError
 
 MANIFEST_NAME = "publish-manifest.json"
+#: progress(label, bytes_done, bytes_total)
+Progress = Callable[[str, int, int], None]
 _CHUNK = 1 << 20
 
 
@@ -35,6 +38,29 @@ class Store(Protocol):
     def read_bytes(self, key: str) -> bytes | None: ...
     def stream(self, key: str, start: int, end: int) -> Iterator[bytes]: ...
     def uri(self, key: str) -> str: ...
+    def write_stream(self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None) -> None: ...
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only file object over an iterator of byte chunks (for boto3 uploads)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._buffer:
+            try:
+                self._buffer = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(target), len(self._buffer))
+        target[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
 
 
 def _s3_client() -> Any:
@@ -96,6 +122,22 @@ class S3Store:
         except Exception as exc:
             raise self._fail("downloading", key, exc) from None
 
+    def write_stream(self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None) -> None:
+        done = 0
+
+        def callback(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(key, done, size)
+
+        try:
+            self._client.upload_fileobj(io.BufferedReader(_ChunkReader(chunks), 1 << 20), self.bucket, self._key(key), Callback=callback)
+        except FetchError:
+            raise
+        except Exception as exc:
+            raise self._fail("uploading", key, exc) from None
+
 
 def _s3_reason(exc: Exception) -> str:
     from botocore.exceptions import ClientError, EndpointConnectionError
@@ -142,6 +184,23 @@ class FileStore:
                     yield chunk
         except OSError as exc:
             raise FetchError(f"reading {self.uri(key)} failed: {exc.strerror or exc}") from None
+
+    def write_stream(self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None) -> None:
+        target = self.path / key
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        done = 0
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(key, done, size)
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise FetchError(f"writing {self.uri(key)} failed: {exc.strerror or exc}") from None
 
 
 def open_store(root: str) -> Store:

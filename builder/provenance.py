@@ -1,0 +1,92 @@
+"""Provenance recorded in every image: labels, manifest annotations and /app/config/provenance.json.
+
+Only inputs go in (config commit, base digest, model ids and sha256, tool version, the config
+commit time); never the build host, the wall clock, the ref name or any credential, so the same
+inputs give the same image digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from builder import __version__
+from builder.contracts import BaseImageRef, CustomerSpec, ResolvedModel
+
+LABEL_PREFIX = "com.ivd"
+PROVENANCE_VERSION = 1
+
+
+def rfc3339(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def dir_hash(model: ResolvedModel) -> str:
+    """in-toto ``dirHash``: sha256 over the sorted ``sha256sum`` lines of the model's files."""
+    lines = "".join(f"{f.sha256}  {f.name}\n" for f in sorted(model.files, key=lambda f: f.name))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def image_version(spec: CustomerSpec, base: BaseImageRef) -> str:
+    """The immutable tag: ``<base version>-<config rev>``."""
+    return f"{base.version}-{spec.config_rev}"
+
+
+def provenance_document(spec: CustomerSpec, models: tuple[ResolvedModel, ...], base: BaseImageRef, *, verbose_sha256: str, development: bool) -> dict[str, Any]:
+    """The in-image record (/app/config/provenance.json) that `explain` reads back."""
+    return {
+        "provenance_version": PROVENANCE_VERSION,
+        "customer": spec.customer,
+        "config": {"repository": spec.source.url, "commit": spec.commit, "path": spec.source.subdir or ".", "analysis": spec.analysis_path, "verbose_sha256": verbose_sha256, "worktree": spec.worktree},
+        "base_image": {"repository": base.repository, "version": base.version, "constraint": spec.base_version, "digest": base.digest},
+        "models": [
+            {
+                "name": m.name,
+                "sourcing": m.sourcing,
+                "registry_id": m.model_id,
+                "registry_name": m.registry_name,
+                "task_id": m.task_id,
+                "weights_uri": m.weights_uri,
+                "dir_hash": dir_hash(m),
+                "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in m.files],
+            }
+            for m in models
+        ],
+        "builder": {"name": "ivd-image-builder", "version": __version__},
+        "source_date_epoch": spec.commit_time,
+        "development_build": development,
+    }
+
+
+def image_labels(spec: CustomerSpec, models: tuple[ResolvedModel, ...], base: BaseImageRef, *, verbose_sha256: str, development: bool) -> dict[str, str]:
+    """OCI labels (mirrored as manifest annotations) plus the product's own keys."""
+    labels = {
+        "org.opencontainers.image.title": f"{spec.customer} inference image",
+        "org.opencontainers.image.version": image_version(spec, base),
+        "org.opencontainers.image.revision": spec.commit,
+        "org.opencontainers.image.source": spec.source.url,
+        "org.opencontainers.image.created": rfc3339(spec.commit_time),
+        "org.opencontainers.image.base.name": f"{base.repository}:{base.version}",
+        "org.opencontainers.image.base.digest": base.digest or "",
+        "org.opencontainers.image.vendor": "ivd-image-builder",
+        f"{LABEL_PREFIX}.customer": spec.customer,
+        f"{LABEL_PREFIX}.base.version": base.version,
+        f"{LABEL_PREFIX}.config.analysis": spec.analysis_path,
+        f"{LABEL_PREFIX}.config.sha256": verbose_sha256,
+        f"{LABEL_PREFIX}.development-build": "true" if development else "false",
+        f"{LABEL_PREFIX}.builder.version": __version__,
+    }
+    for m in models:
+        key = f"{LABEL_PREFIX}.model.{m.name}"
+        labels[f"{key}.sha256"] = dir_hash(m)
+        if m.model_id:
+            labels[f"{key}.id"] = m.model_id
+            labels[f"{key}.task"] = m.task_id or ""
+    return labels
+
+
+def manifest_annotations(labels: Mapping[str, str]) -> dict[str, str]:
+    """The subset of labels that belongs on the manifest (OCI annotation keys)."""
+    return {k: v for k, v in labels.items() if k.startswith("org.opencontainers.image.") or k in (f"{LABEL_PREFIX}.customer", f"{LABEL_PREFIX}.development-build")}

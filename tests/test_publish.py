@@ -1,0 +1,150 @@
+"""`builder publish`: real clearml SDK (emulated server) and real S3 (moto server)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import model_record, run_cli, task_record, write_local_registry
+
+from builder.errors import FetchError
+from builder.publish import publish
+from builder.registries.local import LocalRegistry
+
+TRAINING = "training-artifacts"
+PROD = "prod-models"
+MODEL = "4f0c8a1e2b3d4c5e6f708192a3b4c5d6"
+TASK = "9a8b7c6d5e4f30211203f4e5d6c7b8a9"
+RUNNING_MODEL = "1b2c3d4e5f60718293a4b5c6d7e8f901"
+RUNNING_TASK = "aa11bb22cc33dd44ee55ff6677889900"
+WEIGHTS = b"\x08\x07onnx-weights" * 1000
+
+
+@pytest.fixture
+def s3(s3_server: Any) -> Iterator[Any]:
+    s3_server.reset()
+    s3_server.create_bucket(TRAINING, PROD)
+    client = s3_server.client()
+    client.put_object(Bucket=TRAINING, Key=f"{TASK}/models/model.onnx", Body=WEIGHTS)
+    yield client
+
+
+@pytest.fixture
+def clearml(clearml_server: Any) -> Iterator[Any]:
+    clearml_server.set_fault(None)
+    record = model_record(MODEL, TASK, name="carcinoma v4", ready=False)
+    record["uri"] = f"s3://{TRAINING}/{TASK}/models/model.onnx"
+    clearml_server.add_model(record)
+    clearml_server.add_model(model_record(RUNNING_MODEL, RUNNING_TASK, name="still training", ready=False))
+    clearml_server.add_task(task_record(TASK))
+    clearml_server.add_task(task_record(RUNNING_TASK, status="in_progress"))
+    clearml_server.clear_journal()
+    yield clearml_server
+    clearml_server.set_fault(None)
+
+
+@pytest.fixture
+def env(clearml_env: dict[str, str], s3_server: Any, tmp_path: Path) -> dict[str, str]:
+    return {**clearml_env, **s3_server.env(), "BUILDER_MODEL_REGISTRY": "clearml", "BUILDER_PRODUCTION": f"s3://{PROD}", "BUILDER_CACHE_DIR": str(tmp_path / "cache")}
+
+
+def _publish(env: dict[str, str], *args: str) -> Any:
+    return run_cli("publish", *args, "--json", env=env, timeout=60)
+
+
+def test_publish_copies_verifies_then_marks(s3: Any, clearml: Any, env: dict[str, str]) -> None:
+    result = _publish(env, MODEL)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)["result"]
+    assert doc["files"] == [{"name": "model.onnx", "size": len(WEIGHTS), "sha256": hashlib.sha256(WEIGHTS).hexdigest(), "action": "copied"}]
+    assert doc["marked_published"] is True
+    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/model.onnx")["Body"].read() == WEIGHTS
+    manifest = json.loads(s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["Body"].read())
+    assert manifest["model_id"] == MODEL and manifest["files"][0]["sha256"] == hashlib.sha256(WEIGHTS).hexdigest()
+    bodies = [{k: v for k, v in c["body"].items() if k != "method"} for c in clearml.calls("models.set_ready")]
+    assert bodies == [{"model": MODEL, "publish_task": False}]
+    assert clearml.model(MODEL)["ready"] is True
+
+
+def test_publish_again_changes_nothing(s3: Any, clearml: Any, env: dict[str, str]) -> None:
+    assert _publish(env, MODEL).returncode == 0
+    before = s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["LastModified"]
+    again = _publish(env, MODEL)
+    assert again.returncode == 0, again.stderr
+    doc = json.loads(again.stdout)["result"]
+    assert doc["files"][0]["action"] == "present" and not doc["manifest_written"] and not doc["marked_published"]
+    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["LastModified"] == before
+
+
+def test_dry_run_changes_nothing(s3: Any, clearml: Any, env: dict[str, str]) -> None:
+    result = _publish(env, MODEL, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["result"]["files"][0]["action"] == "would-copy"
+    assert s3.list_objects_v2(Bucket=PROD).get("KeyCount", 0) == 0
+    assert clearml.calls("models.set_ready") == []
+
+
+def test_unknown_model(s3: Any, clearml: Any, env: dict[str, str]) -> None:
+    result = _publish(env, "deadbeef" * 4)
+    assert result.returncode == 3 and "not found in ClearML" in json.loads(result.stdout)["error"]["message"]
+
+
+def test_task_not_completed_is_refused(s3: Any, clearml: Any, env: dict[str, str]) -> None:
+    result = _publish(env, RUNNING_MODEL)
+    assert result.returncode == 4 and "did not complete (status in_progress)" in result.stdout
+    assert clearml.calls("models.set_ready") == []
+
+
+def test_source_object_missing(s3: Any, clearml: Any, env: dict[str, str]) -> None:
+    s3.delete_object(Bucket=TRAINING, Key=f"{TASK}/models/model.onnx")
+    result = _publish(env, MODEL)
+    assert result.returncode == 5 and "do not exist" in result.stdout
+    assert clearml.calls("models.set_ready") == []
+
+
+def test_destination_conflict_is_refused(s3: Any, clearml: Any, env: dict[str, str]) -> None:
+    s3.put_object(Bucket=PROD, Key=f"{TASK}/model.onnx", Body=b"something else")
+    result = _publish(env, MODEL)
+    assert result.returncode == 5 and "immutable" in result.stdout
+    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/model.onnx")["Body"].read() == b"something else"
+    assert clearml.calls("models.set_ready") == []
+
+
+def test_s3_unreachable(clearml: Any, env: dict[str, str]) -> None:
+    result = _publish({**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}, MODEL)
+    assert result.returncode == 5 and "S3 endpoint unreachable" in result.stdout
+    assert clearml.calls("models.set_ready") == []
+
+
+def test_clearml_unreachable(s3: Any, env: dict[str, str]) -> None:
+    result = _publish({**env, "CLEARML_API_HOST": "http://127.0.0.1:9"}, MODEL)
+    assert result.returncode == 3 and "ClearML" in result.stdout
+
+
+def test_interrupted_between_copy_and_mark_completes_on_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local backend, in process: a crash injected after the copy, then a clean re-run."""
+    source = tmp_path / "training" / "model.onnx"
+    source.parent.mkdir()
+    source.write_bytes(WEIGHTS)
+    record = model_record(MODEL, TASK, name="m", ready=False)
+    record["uri"] = f"file:{source}"
+    registry = LocalRegistry(write_local_registry(tmp_path / "registry", [record], [task_record(TASK)]))
+    production = f"file:{tmp_path / 'production'}"
+
+    def crash(self: LocalRegistry, model_id: str) -> bool:
+        raise FetchError("injected: killed before marking")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalRegistry, "mark_published", crash)
+        with pytest.raises(FetchError, match="injected"):
+            publish(MODEL, registry, production)
+    assert (tmp_path / "production" / TASK / "model.onnx").read_bytes() == WEIGHTS
+    assert registry.get_model(MODEL).ready is False  # never published without the copy, nor before it
+
+    rerun = publish(MODEL, registry, production)
+    assert [f.action for f in rerun.files] == ["present"] and rerun.marked_published
+    assert registry.get_model(MODEL).ready is True
