@@ -40,12 +40,14 @@ from builder.oci import (
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
     OCI_CONFIG,
+    OCI_INDEX,
     OCI_LAYER,
     OCI_LAYER_GZIP,
     OCI_MANIFEST,
     REF_NAME,
     BlobStore,
     BlobWriter,
+    Descriptor,
     canonical_json,
     read_layout_index,
     sha256_digest,
@@ -98,8 +100,14 @@ def synthetic_base_blobs() -> tuple[bytes, bytes, bytes]:
     manifest = {
         "schemaVersion": 2,
         "mediaType": DOCKER_MANIFEST,
-        "config": {"mediaType": DOCKER_CONFIG, "digest": sha256_digest(config_bytes), "size": len(config_bytes)},
-        "layers": [{"mediaType": DOCKER_LAYER_GZIP, "digest": sha256_digest(layer), "size": len(layer)}],
+        "config": {
+            "mediaType": DOCKER_CONFIG,
+            "digest": sha256_digest(config_bytes),
+            "size": len(config_bytes),
+        },
+        "layers": [
+            {"mediaType": DOCKER_LAYER_GZIP, "digest": sha256_digest(layer), "size": len(layer)}
+        ],
     }
     return canonical_json(manifest), config_bytes, layer
 
@@ -111,8 +119,6 @@ def make_base_layout(directory: Path, tags: Sequence[str] = BASE_TAGS) -> str:
     blobs.mkdir(parents=True, exist_ok=True)
     for data in (manifest, config, layer):
         (blobs / sha256_digest(data).split(":")[1]).write_bytes(data)
-    from builder.oci import Descriptor
-
     descriptor = Descriptor(DOCKER_MANIFEST, sha256_digest(manifest), len(manifest))
     write_layout_index(directory, descriptor, list(tags))
     return descriptor.digest
@@ -237,7 +243,9 @@ class TestSelectVersion:
 
     def test_missing_exact_tag_lists_what_exists(self) -> None:
         """A missing tag names the image and the versions it has."""
-        with pytest.raises(ImageError, match=r"img has no tag 1\.0\.7 \(available: 1\.0\.0, 1\.1\.0"):
+        with pytest.raises(
+            ImageError, match=r"img has no tag 1\.0\.7 \(available: 1\.0\.0, 1\.1\.0"
+        ):
             select_version(BASE_TAGS, "1.0.7", what="img")
 
     def test_unsatisfiable_constraint_lists_what_exists(self) -> None:
@@ -275,6 +283,41 @@ class TestResolveLayout:
         with pytest.raises(ImageError, match=r"has no tag 9\.9\.9 \(available: 1\.0\.0"):
             resolve_base(f"oci:{base_layout}", "9.9.9")
 
+    def test_image_index_is_narrowed_to_the_platform(self, tmp_path: Path) -> None:
+        """A multi-platform base resolves to its linux/amd64 manifest; a missing one is named."""
+        layout = tmp_path / "multi"
+        amd64 = make_base_layout(layout, tags=[])
+        manifest_size = len(synthetic_base_blobs()[0])
+        index = canonical_json(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [
+                    {
+                        "mediaType": OCI_MANIFEST,
+                        "digest": "sha256:" + "0" * 64,
+                        "size": 1,
+                        "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"},
+                    },
+                    {
+                        "mediaType": DOCKER_MANIFEST,
+                        "digest": amd64,
+                        "size": manifest_size,
+                        "platform": {"os": "linux", "architecture": "amd64"},
+                    },
+                ],
+            }
+        )
+        (layout / "blobs" / "sha256" / sha256_digest(index)[7:]).write_bytes(index)
+        write_layout_index(
+            layout, Descriptor(OCI_INDEX, sha256_digest(index), len(index)), ["1.0.0"]
+        )
+        assert resolve_base(f"oci:{layout}", "1.0.0").digest == amd64
+        with pytest.raises(
+            ImageError, match=r"no image for linux/s390x \(offers: linux/arm64/v8, linux/amd64\)"
+        ):
+            resolve_base(f"oci:{layout}", "1.0.0", platform="linux/s390x")
+
     def test_not_a_layout(self, tmp_path: Path) -> None:
         """A directory that is not an image layout says so."""
         with pytest.raises(ImageError, match="is not an OCI image layout"):
@@ -290,7 +333,9 @@ def _layer_blob(image: AssembledImage, name: str) -> bytes:
 
 
 class TestLayers:
-    def test_tar_headers_are_fixed(self, base: BaseImage, files: dict[str, Path], store: BlobStore) -> None:
+    def test_tar_headers_are_fixed(
+        self, base: BaseImage, files: dict[str, Path], store: BlobStore
+    ) -> None:
         """Entries sorted, parents explicit (0755), root-owned, no names, mtime=SDE, no xattrs."""
         image = build(base, files, store)
         members = tar_members(_layer_blob(image, "mitosis"))
@@ -308,11 +353,16 @@ class TestLayers:
             assert member.pax_headers == {}
             assert member.mode == (0o755 if member.isdir() else member.mode)
         modes = {m.name: m.mode for m in members if m.isfile()}
-        assert modes == {"app/models/mitosis/model.onnx": 0o644, "app/models/mitosis/sub/extra.txt": 0o600}
+        assert modes == {
+            "app/models/mitosis/model.onnx": 0o644,
+            "app/models/mitosis/sub/extra.txt": 0o600,
+        }
         config_members = {m.name: m.mode for m in tar_members(_layer_blob(image, "config"))}
         assert config_members["app/config/run.sh"] == 0o755
 
-    def test_content_round_trips(self, base: BaseImage, files: dict[str, Path], store: BlobStore) -> None:
+    def test_content_round_trips(
+        self, base: BaseImage, files: dict[str, Path], store: BlobStore
+    ) -> None:
         """File bytes in the layer are the source bytes."""
         image = build(base, files, store)
         data = _layer_blob(image, "carcinoma")
@@ -321,19 +371,29 @@ class TestLayers:
             assert extracted is not None
             assert extracted.read() == files["carcinoma/model.onnx"].read_bytes()
 
-    def test_compression_rule(self, base: BaseImage, files: dict[str, Path], store: BlobStore) -> None:
+    def test_compression_rule(
+        self, base: BaseImage, files: dict[str, Path], store: BlobStore
+    ) -> None:
         """Incompressible weights stay plain tar; compressible and small layers are gzipped."""
         image = build(base, files, store)
         types = {x.name: x.descriptor.media_type for x in image.new_layers}
-        assert types == {"carcinoma": OCI_LAYER, "mitosis": OCI_LAYER_GZIP, "config": OCI_LAYER_GZIP}
+        assert types == {
+            "carcinoma": OCI_LAYER,
+            "mitosis": OCI_LAYER_GZIP,
+            "config": OCI_LAYER_GZIP,
+        }
         plain = next(x for x in image.layers if x.name == "carcinoma")
         assert plain.diff_id == plain.descriptor.digest  # DiffID of a plain tar is its digest
         assert 0 < COMPRESS_RATIO < 1
 
-    def test_forced_compression(self, base: BaseImage, files: dict[str, Path], store: BlobStore) -> None:
+    def test_forced_compression(
+        self, base: BaseImage, files: dict[str, Path], store: BlobStore
+    ) -> None:
         """LayerSpec.compress overrides the rule."""
         spec = LayerSpec("c", [FileEntry("/app/models/c/x", b"x" * 100)], compress=False)
-        image = assemble(base, [spec], labels={}, annotations={}, source_date_epoch=SDE, store=store)
+        image = assemble(
+            base, [spec], labels={}, annotations={}, source_date_epoch=SDE, store=store
+        )
         assert image.new_layers[0].descriptor.media_type == OCI_LAYER
 
     def test_gzip_header_has_no_name_and_no_time(
@@ -364,22 +424,41 @@ class TestLayers:
             ([FileEntry("app/x", b"")], "not an absolute in-image path"),
             ([FileEntry("/app/../etc/x", b"")], "not an absolute in-image path"),
             ([FileEntry("/app/x", b"1"), FileEntry("/app/x", b"2")], "listed twice"),
-            ([FileEntry("/app/x", b"1"), FileEntry("/app/x/y", b"2")], "both a file and a directory"),
+            (
+                [FileEntry("/app/x", b"1"), FileEntry("/app/x/y", b"2")],
+                "both a file and a directory",
+            ),
             ([], "has no files"),
         ],
     )
-    def test_bad_entries(self, base: BaseImage, store: BlobStore, entries: list[FileEntry], message: str) -> None:
+    def test_bad_entries(
+        self, base: BaseImage, store: BlobStore, entries: list[FileEntry], message: str
+    ) -> None:
         """Bad in-image paths are refused with the layer named."""
         with pytest.raises(ImageError, match=message):
-            assemble(base, [LayerSpec("bad", entries)], labels={}, annotations={}, source_date_epoch=SDE, store=store)
+            assemble(
+                base,
+                [LayerSpec("bad", entries)],
+                labels={},
+                annotations={},
+                source_date_epoch=SDE,
+                store=store,
+            )
 
-    def test_long_and_unicode_paths_are_deterministic(self, base: BaseImage, tmp_path: Path) -> None:
+    def test_long_and_unicode_paths_are_deterministic(
+        self, base: BaseImage, tmp_path: Path
+    ) -> None:
         """Paths that need PAX records give identical bytes in two fresh stores."""
         name = "/app/models/ü/" + "d" * 120 + "/weights.bin"
         spec = [LayerSpec("u", [FileEntry(name, b"1234")])]
         digests = {
             assemble(
-                base, spec, labels={}, annotations={}, source_date_epoch=SDE, store=BlobStore(tmp_path / str(i))
+                base,
+                spec,
+                labels={},
+                annotations={},
+                source_date_epoch=SDE,
+                store=BlobStore(tmp_path / str(i)),
             ).manifest_digest
             for i in range(2)
         }
@@ -419,7 +498,7 @@ class TestConfigAndManifest:
     def test_manifest_keeps_base_layers_and_annotates(
         self, base: BaseImage, files: dict[str, Path], store: BlobStore
     ) -> None:
-        """OCI manifest; base layer descriptors unchanged (Docker media type); base.* annotations."""
+        """OCI manifest; base layer descriptors kept (Docker media type); base.* annotations."""
         image = build(base, files, store)
         manifest = json.loads(image.manifest_bytes)
         assert manifest["mediaType"] == OCI_MANIFEST and manifest["schemaVersion"] == 2
@@ -440,7 +519,9 @@ class TestConfigAndManifest:
         assert image.manifest_digest == sha256_digest(image.manifest_bytes)
         assert [x.new for x in image.layers] == [False, True, True, True]
 
-    def test_labels_change_the_digest(self, base: BaseImage, files: dict[str, Path], store: BlobStore) -> None:
+    def test_labels_change_the_digest(
+        self, base: BaseImage, files: dict[str, Path], store: BlobStore
+    ) -> None:
         """Different labels, different image; same layers reused."""
         one = build(base, files, store)
         two = assemble(
@@ -494,13 +575,20 @@ class TestDeterminism:
         cwd.mkdir()
         child = _CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"))
         done = subprocess.run(
-            [sys.executable, "-c", child, json.dumps(other), str(base_layout), str(tmp_path / "store-b")],
+            [
+                sys.executable,
+                "-c",
+                child,
+                json.dumps(other),
+                str(base_layout),
+                str(tmp_path / "store-b"),
+            ],
             capture_output=True,
             text=True,
             cwd=cwd,
             timeout=120,
             check=False,
-            preexec_fn=lambda: os.umask(0o077),  # noqa: PLW1509 (umask is the variable under test)
+            preexec_fn=lambda: os.umask(0o077),
             env={**os.environ, "TZ": "Asia/Kolkata", "LC_ALL": "C"},
         )
         assert done.returncode == 0, done.stderr
@@ -508,11 +596,13 @@ class TestDeterminism:
         assert there["manifest"] == here.manifest_digest
         assert there["layers"] == [x.descriptor.digest for x in here.layers]
         for digest in there["layers"][1:]:
-            assert (tmp_path / "store-b").joinpath("blobs/sha256", digest[7:]).read_bytes() == here.store.path(
-                digest
-            ).read_bytes()
+            assert (tmp_path / "store-b").joinpath(
+                "blobs/sha256", digest[7:]
+            ).read_bytes() == here.store.path(digest).read_bytes()
 
-    def test_cache_state_does_not_matter(self, base: BaseImage, files: dict[str, Path], tmp_path: Path) -> None:
+    def test_cache_state_does_not_matter(
+        self, base: BaseImage, files: dict[str, Path], tmp_path: Path
+    ) -> None:
         """A warm layer cache gives the same digest as a cold one, without re-tarring."""
         store = BlobStore(tmp_path / "store")
         cold = build(base, files, store, with_sha=True)
@@ -542,8 +632,13 @@ class TestBlobStore:
     def test_is_an_oci_layout(self, store: BlobStore) -> None:
         """The store root carries oci-layout and blobs/sha256/<hex>."""
         digest = store.put_bytes(b"hello")
-        assert json.loads((store.root / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
-        assert store.path(digest) == store.root / "blobs" / "sha256" / hashlib.sha256(b"hello").hexdigest()
+        assert json.loads((store.root / "oci-layout").read_text()) == {
+            "imageLayoutVersion": "1.0.0"
+        }
+        assert (
+            store.path(digest)
+            == store.root / "blobs" / "sha256" / hashlib.sha256(b"hello").hexdigest()
+        )
         assert store.read_bytes(digest) == b"hello"
 
     def test_ingest_refuses_wrong_content(self, store: BlobStore) -> None:
@@ -555,7 +650,11 @@ class TestBlobStore:
         assert not any((store.root / "tmp").iterdir())
 
     def test_disk_full_while_writing_a_layer(
-        self, base: BaseImage, files: dict[str, Path], store: BlobStore, monkeypatch: pytest.MonkeyPatch
+        self,
+        base: BaseImage,
+        files: dict[str, Path],
+        store: BlobStore,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """ENOSPC half-way through a layer: ImageError, no blob, no temp file left behind."""
         real_write = BlobWriter.write
@@ -604,13 +703,22 @@ class TestLayoutAndArchive:
         """Writing into an existing layout keeps other tags and re-points a reused one."""
         one = build(base, files, store)
         two = assemble(
-            base, layer_specs(files)[:1], labels={}, annotations={}, source_date_epoch=SDE, store=store
+            base,
+            layer_specs(files)[:1],
+            labels={},
+            annotations={},
+            source_date_epoch=SDE,
+            store=store,
         )
         out = tmp_path / "out"
         write_oci_layout(one, out, ["a", "shared"])
         write_oci_layout(two, out, ["b", "shared"])
         entries = {e.ref_name: e.descriptor.digest for e in read_layout_index(out)}
-        assert entries == {"a": one.manifest_digest, "b": two.manifest_digest, "shared": two.manifest_digest}
+        assert entries == {
+            "a": one.manifest_digest,
+            "b": two.manifest_digest,
+            "shared": two.manifest_digest,
+        }
         index = json.loads((out / "index.json").read_text())
         assert all(REF_NAME in m["annotations"] for m in index["manifests"])
         assert json.loads(skopeo("inspect", f"oci:{out}:a"))["Digest"] == one.manifest_digest
@@ -634,7 +742,9 @@ class TestLayoutAndArchive:
                 "Layers": [f"blobs/sha256/{x.descriptor.digest[7:]}" for x in image.layers],
             }
         ]
-        assert {"oci-layout", "index.json", f"blobs/sha256/{image.manifest_digest[7:]}"} <= set(names)
+        assert {"oci-layout", "index.json", f"blobs/sha256/{image.manifest_digest[7:]}"} <= set(
+            names
+        )
         info = json.loads(skopeo("inspect", f"docker-archive:{archive}"))
         assert info["Labels"]["com.ivd.customer"] == "customer-x"
         again = tmp_path / "again.tar"

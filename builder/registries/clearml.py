@@ -21,7 +21,7 @@ from builder.registries import ModelRecord, TaskRecord, parse_design
 T = TypeVar("T")
 
 #: Seconds any single registry call may take, retries included.
-DEADLINE_SECONDS = 20
+DEADLINE_SECONDS = 15
 _RETRIES = {"total": 2, "connect": 2, "read": 2, "redirect": 2, "status": 2, "backoff_factor": 0.2, "backoff_max": 2}
 
 
@@ -79,7 +79,7 @@ class ClearMLRegistry:
 
             # A short read timeout instead of the SDK's 300 s; it is a private class attribute,
             # so this is process-wide (the builder is the only SDK user in its process).
-            StrictSession._session_timeout = (5.0, 15.0)
+            StrictSession._session_timeout = (5.0, 10.0)
             session = self._call("login", lambda: StrictSession(host=self.host, http_retries_config=dict(_RETRIES)))
             self._client = APIClient(session=session)
         return self._client

@@ -1,0 +1,770 @@
+"""Assemble stage: base image + one layer per model + one config layer -> an OCI image.
+
+No daemon and no Dockerfile: layers are deterministic tar streams written straight into the
+content-addressed :class:`~builder.oci.BlobStore`, hashed while they are written, and the
+image config and manifest are canonical JSON. Same inputs give the same manifest digest on
+any machine, whatever its clock, umask, TZ, cwd or cache state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any, Final
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from builder.contracts import BaseImageRef
+from builder.errors import ImageError
+from builder.oci import (
+    IMAGE_MANIFEST_TYPES,
+    INDEX_TYPES,
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    BlobStore,
+    Descriptor,
+    canonical_json,
+    is_disk_full,
+    read_layout_blob,
+    read_layout_index,
+)
+
+if TYPE_CHECKING:
+    from builder.deliver import RetryPolicy
+
+#: Progress callback: (what, bytes done, bytes total).
+Progress = Callable[[str, int, int], None]
+
+#: Bumped whenever the bytes a layer is built into change for the same inputs.
+LAYER_FORMAT: Final = 1
+#: gzip level for compressible layers (recorded in provenance as compressionLevel).
+GZIP_LEVEL: Final = 6
+#: A layer is gzipped when a zlib level-1 trial shrinks its sample to at most this fraction.
+COMPRESS_RATIO: Final = 0.8
+#: Layers whose files total less than this are always gzipped (configs, small models).
+SMALL_LAYER: Final = 1 << 20
+_SAMPLE: Final = 1 << 20
+_CHUNK: Final = 1 << 20
+DIR_MODE: Final = 0o755
+#: Annotation on our layer descriptors naming the layer (model name or "config").
+LAYER_NAME_ANNOTATION: Final = "com.ivd.layer.name"
+#: Config keys inherited from the base image's runtime config.
+INHERITED_CONFIG: Final = (
+    "Env",
+    "Entrypoint",
+    "Cmd",
+    "WorkingDir",
+    "User",
+    "ExposedPorts",
+    "Volumes",
+    "StopSignal",
+    "Healthcheck",
+)
+DEFAULT_PLATFORM: Final = "linux/amd64"
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file to put in a layer.
+
+    ``sha256`` (hex or ``sha256:<hex>``), when the caller already knows it (the fetch cache
+    does), lets an unchanged layer be reused from the blob store without reading the file.
+    """
+
+    path: str  # absolute posix path inside the image
+    source: Path | bytes
+    mode: int = 0o644
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer: a name (model name or "config") and its files.
+
+    ``compress``: None picks by the rule in :func:`should_compress`; True/False forces it.
+    """
+
+    name: str
+    entries: Sequence[FileEntry]
+    compress: bool | None = None
+
+
+# -- base image --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """The resolved base image, addressed by digest from here on."""
+
+    repository: str  # "127.0.0.1:5000/ivd/inference-base" or "oci:/path/to/layout"
+    version: str  # the tag the version spec resolved to
+    digest: str  # manifest digest
+    manifest: Mapping[str, Any]
+    manifest_bytes: bytes
+    config: Mapping[str, Any]
+    config_descriptor: Descriptor
+    layers: tuple[Descriptor, ...]
+    source: str  # "registry" or "oci-layout"
+    name: str  # fully qualified name recorded as org.opencontainers.image.base.name
+    layout: Path | None = None  # the layout directory for source == "oci-layout"
+    insecure: bool | None = None  # how the registry was reached (None: automatic)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The base image's labels (e.g. ``com.ivd.runner.config-schemas``)."""
+        labels = (self.config.get("config") or {}).get("Labels") or {}
+        return {str(k): str(v) for k, v in labels.items()}
+
+    @property
+    def diff_ids(self) -> list[str]:
+        """DiffIDs of the base layers."""
+        return list((self.config.get("rootfs") or {}).get("diff_ids") or [])
+
+    @property
+    def ref(self) -> BaseImageRef:
+        """The pipeline's plain-data view of this base image."""
+        return BaseImageRef(repository=self.repository, version=self.version, digest=self.digest)
+
+    @property
+    def registry(self) -> str | None:
+        """Registry host[:port] for registry bases."""
+        return None if self.source != "registry" else self.repository.split("/", 1)[0]
+
+    @property
+    def path(self) -> str:
+        """Repository path inside the registry (``ivd/inference-base``)."""
+        return self.repository.split("/", 1)[1] if self.source == "registry" else ""
+
+
+def select_version(tags: Sequence[str], version_spec: str, *, what: str) -> str:
+    """Pick the tag ``version_spec`` resolves to among ``tags``.
+
+    An exact version ("2.4.1", prereleases allowed) must exist as a tag (compared as
+    versions, so "v2.4.1" matches). A specifier ("~=2.4", ">=2.4,<3") picks the highest
+    matching final release; tags that are not versions (``latest``) are ignored.
+    """
+    versions: dict[Version, str] = {}
+    for tag in tags:
+        try:
+            version = Version(tag)
+        except InvalidVersion:
+            continue
+        # Prefer the tag spelled exactly like the canonical version when two tags compare equal.
+        if version not in versions or tag == str(version):
+            versions[version] = tag
+    available = ", ".join(versions[v] for v in sorted(versions)) or "no version tags"
+    spec = version_spec.strip()
+    if (spec and spec[0].isdigit()) or spec.startswith("v"):
+        try:
+            wanted = Version(spec)
+        except InvalidVersion as exc:
+            raise ImageError(f"invalid base image version {version_spec!r}") from exc
+        if spec in tags:
+            return spec
+        if wanted in versions:
+            return versions[wanted]
+        raise ImageError(f"{what} has no tag {spec} (available: {available})")
+    try:
+        specifiers = SpecifierSet(spec)
+    except InvalidSpecifier as exc:
+        raise ImageError(
+            f"invalid base image version constraint {version_spec!r}",
+            hint="use an exact version such as 2.4.1 or a PEP 440 specifier such as ~=2.4",
+        ) from exc
+    exact = len(specifiers) == 1 and next(iter(specifiers)).operator in ("==", "===")
+    matching = [v for v in versions if specifiers.contains(v, prereleases=exact)]
+    if not matching:
+        raise ImageError(f"no version of {what} satisfies {spec!r} (available: {available})")
+    return versions[max(matching)]
+
+
+def resolve_base(
+    repository: str,
+    version_spec: str,
+    *,
+    insecure: bool | None = None,
+    platform: str = DEFAULT_PLATFORM,
+    retry: RetryPolicy | None = None,
+) -> BaseImage:
+    """Resolve ``repository`` + ``version_spec`` to a base image addressed by digest.
+
+    ``repository`` is ``registry/path`` (``127.0.0.1:5000/ivd/inference-base``) or, for
+    air-gapped sites, ``oci:PATH`` / ``oci:PATH:TAG`` naming an OCI image layout. Tags are
+    listed, the version picked by :func:`select_version`, the manifest fetched by tag once
+    and everything after by digest. An image index is narrowed to ``platform``.
+    """
+    if repository.startswith("oci:"):
+        return _resolve_layout(repository, version_spec, platform)
+    from builder.deliver import RegistryClient, split_repository
+
+    host, path = split_repository(repository)
+    client = RegistryClient(host, insecure=insecure, retry=retry)
+    what = f"base image {host}/{path}"
+    tag = select_version(client.list_tags(path), version_spec, what=what)
+    raw, media_type, digest = client.get_manifest(path, tag)
+    if media_type in INDEX_TYPES:
+        child = _pick_platform(raw, platform, f"{what}:{tag}")
+        raw, media_type, digest = client.get_manifest(path, child.digest)
+    manifest = _parse_image_manifest(raw, media_type, f"{what}:{tag}")
+    config_descriptor = Descriptor.from_dict(manifest["config"])
+    config_bytes = client.get_blob_bytes(path, config_descriptor.digest)
+    return _base_image(
+        repository=f"{host}/{path}",
+        version=tag,
+        digest=digest,
+        raw=raw,
+        manifest=manifest,
+        config_bytes=config_bytes,
+        source="registry",
+        name=f"{host}/{path}:{tag}",
+        insecure=insecure,
+    )
+
+
+def _resolve_layout(repository: str, version_spec: str, platform: str) -> BaseImage:
+    """resolve_base for an ``oci:PATH[:TAG]`` image layout."""
+    location = repository[len("oci:") :]
+    directory, tag = Path(location), None
+    if not directory.is_dir() and ":" in location:
+        head, _, tail = location.rpartition(":")
+        directory, tag = Path(head), tail
+    entries = read_layout_index(directory)
+    what = f"OCI layout {directory}"
+    by_name = {e.ref_name: e for e in entries if e.ref_name}
+    if tag is None:
+        tag = select_version(sorted(by_name), version_spec, what=what)
+    elif tag not in by_name:
+        names = ", ".join(sorted(by_name)) or "none"
+        raise ImageError(f"{what} has no image named {tag} (available: {names})")
+    entry = by_name[tag]
+    raw = read_layout_blob(directory, entry.descriptor.digest)
+    media_type, digest = entry.descriptor.media_type, entry.descriptor.digest
+    if media_type in INDEX_TYPES:
+        child = _pick_platform(raw, platform, f"{what}:{tag}")
+        raw, media_type, digest = (
+            read_layout_blob(directory, child.digest),
+            child.media_type,
+            child.digest,
+        )
+    manifest = _parse_image_manifest(raw, media_type, f"{what}:{tag}")
+    config_bytes = read_layout_blob(directory, manifest["config"]["digest"])
+    # Name the base by what the layout recorded (containerd/docker write the full image name);
+    # the local directory path must not leak into the image digest.
+    name = entry.descriptor.annotations.get("io.containerd.image.name") or f"{directory.name}:{tag}"
+    return _base_image(
+        repository=f"oci:{directory}",
+        version=tag,
+        digest=digest,
+        raw=raw,
+        manifest=manifest,
+        config_bytes=config_bytes,
+        source="oci-layout",
+        name=name,
+        layout=directory,
+    )
+
+
+def _pick_platform(raw: bytes, platform: str, what: str) -> Descriptor:
+    """The manifest for ``platform`` ("os/arch[/variant]") in an image index."""
+    index = _load_json(raw, what)
+    want = platform.split("/")
+    offered = []
+    for item in index.get("manifests") or []:
+        plat = item.get("platform") or {}
+        have = [plat.get("os", ""), plat.get("architecture", "")]
+        if plat.get("variant"):
+            have.append(plat["variant"])
+        offered.append("/".join(have))
+        if have[: len(want)] == want:
+            return Descriptor.from_dict(item)
+    raise ImageError(f"{what} has no image for {platform} (offers: {', '.join(offered) or 'none'})")
+
+
+def _parse_image_manifest(raw: bytes, media_type: str, what: str) -> dict[str, Any]:
+    manifest = _load_json(raw, what)
+    media_type = manifest.get("mediaType") or media_type
+    if media_type not in IMAGE_MANIFEST_TYPES or "config" not in manifest:
+        raise ImageError(f"{what} is not an image manifest (media type {media_type})")
+    return manifest
+
+
+def _load_json(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ImageError(f"{what}: manifest is not JSON") from exc
+    if not isinstance(data, dict):
+        raise ImageError(f"{what}: manifest is not a JSON object")
+    return data
+
+
+def _base_image(
+    *,
+    repository: str,
+    version: str,
+    digest: str,
+    raw: bytes,
+    manifest: dict[str, Any],
+    config_bytes: bytes,
+    source: str,
+    name: str,
+    layout: Path | None = None,
+    insecure: bool | None = None,
+) -> BaseImage:
+    what = f"base image {name}"
+    config = _load_json(config_bytes, what)
+    layers = tuple(Descriptor.from_dict(d) for d in manifest.get("layers") or [])
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    if len(diff_ids) != len(layers):
+        raise ImageError(f"{what}: config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
+    return BaseImage(
+        repository=repository,
+        version=version,
+        digest=digest,
+        manifest=manifest,
+        manifest_bytes=raw,
+        config=config,
+        config_descriptor=Descriptor.from_dict(manifest["config"]),
+        layers=layers,
+        source=source,
+        name=name,
+        layout=layout,
+        insecure=insecure,
+    )
+
+
+# -- layers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer of the assembled image."""
+
+    descriptor: Descriptor
+    diff_id: str | None  # None only for base layers whose DiffID the config did not list
+    new: bool  # built by this assembly (False: reused from the base image by digest)
+    name: str | None = None  # LayerSpec.name for new layers
+    reused: bool = False  # new layer taken from the blob store's layer cache
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A normalised tar member: a directory (entry None) or a file."""
+
+    path: str  # relative tar path, no leading slash
+    entry: FileEntry | None
+    size: int = 0
+
+
+def _normalise(spec: LayerSpec) -> list[_Item]:
+    """Validated, sorted tar members of ``spec`` with every parent directory made explicit."""
+    files: dict[str, FileEntry] = {}
+    for entry in spec.entries:
+        pure = PurePosixPath(entry.path)
+        if (
+            not pure.is_absolute()
+            or any(p in ("..", ".") for p in pure.parts)
+            or pure == pure.parent
+        ):
+            raise ImageError(f"layer {spec.name}: {entry.path!r} is not an absolute in-image path")
+        rel = pure.relative_to("/").as_posix()
+        if rel in files:
+            raise ImageError(f"layer {spec.name}: {entry.path} is listed twice")
+        files[rel] = entry
+    dirs = {
+        p.as_posix() for rel in files for p in PurePosixPath(rel).parents if p.as_posix() != "."
+    }
+    clash = dirs & files.keys()
+    if clash:
+        raise ImageError(f"layer {spec.name}: /{min(clash)} is both a file and a directory")
+    items = [_Item(d, None) for d in dirs]
+    items += [_Item(rel, entry, _source_size(entry, spec.name)) for rel, entry in files.items()]
+    # Component-wise order: depth-first, so each directory comes right before its contents.
+    items.sort(key=lambda item: item.path.split("/"))
+    return items
+
+
+def _source_size(entry: FileEntry, layer: str) -> int:
+    if isinstance(entry.source, bytes):
+        return len(entry.source)
+    try:
+        return entry.source.stat().st_size
+    except OSError as exc:
+        raise ImageError(f"layer {layer}: cannot read {entry.source} ({exc.strerror})") from exc
+
+
+def _open_source(entry: FileEntry) -> IO[bytes]:
+    return io.BytesIO(entry.source) if isinstance(entry.source, bytes) else entry.source.open("rb")
+
+
+def should_compress(items: Sequence[_Item]) -> bool:
+    """Whether to gzip a layer: the cheap, deterministic rule.
+
+    Layers under 1 MiB (configs, tiny models) are gzipped. Otherwise 1 MiB from the middle
+    of the largest file (the middle, because model formats put compressible graph structure
+    first and incompressible tensors after) is compressed with zlib level 1; the layer is
+    gzipped only if that shrinks it to 80% or less. Float weights typically do not, and stay
+    uncompressed (``application/vnd.oci.image.layer.v1.tar``), which also keeps zlib's version
+    out of their digest.
+    """
+    files = [i for i in items if i.entry is not None]
+    if sum(i.size for i in files) < SMALL_LAYER:
+        return True
+    largest = max(files, key=lambda i: (i.size, i.path))
+    assert largest.entry is not None
+    offset = max(0, (largest.size - _SAMPLE) // 2)
+    with _open_source(largest.entry) as file:
+        file.seek(offset)
+        sample = file.read(_SAMPLE)
+    return len(zlib.compress(sample, 1)) <= COMPRESS_RATIO * max(1, len(sample))
+
+
+def _layer_key(items: Sequence[_Item], compress: bool | None, sde: int) -> str | None:
+    """The layer's input key for the layer cache, or None when a file's digest is unknown."""
+    members: list[list[Any]] = []
+    for item in items:
+        if item.entry is None:
+            continue
+        entry = item.entry
+        if isinstance(entry.source, bytes):
+            digest = hashlib.sha256(entry.source).hexdigest()
+        elif entry.sha256:
+            digest = entry.sha256.removeprefix("sha256:")
+        else:
+            return None
+        members.append([item.path, entry.mode & 0o7777, item.size, digest])
+    key = {
+        "format": LAYER_FORMAT,
+        "sde": sde,
+        "compress": compress,
+        "gzip": [GZIP_LEVEL, zlib.ZLIB_RUNTIME_VERSION],
+        "members": members,
+    }
+    return hashlib.sha256(canonical_json(key)).hexdigest()
+
+
+class _DiffHasher:
+    """Passes the uncompressed tar stream on while hashing it (the DiffID).
+
+    With ``hashing=False`` (uncompressed layers, where the DiffID is the blob digest the
+    store computes anyway) it only counts, so each byte is hashed once.
+    """
+
+    def __init__(self, sink: Any, *, hashing: bool = True) -> None:
+        self._sink = sink
+        self._sha = hashlib.sha256() if hashing else None
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        if self._sha is not None:
+            self._sha.update(data)
+        self.size += len(data)
+        self._sink.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    @property
+    def digest(self) -> str | None:
+        return None if self._sha is None else "sha256:" + self._sha.hexdigest()
+
+
+class _ProgressReader:
+    """A source file that reports bytes read to the progress callback."""
+
+    def __init__(self, file: IO[bytes], report: Callable[[int], None]) -> None:
+        self._file = file
+        self._report = report
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self._report(len(data))
+        return data
+
+
+def _tarinfo(path: str, *, directory: bool, size: int, mode: int, mtime: int) -> tarfile.TarInfo:
+    """A member header built by hand: nothing of the host (owner, times, xattrs) leaks in."""
+    info = tarfile.TarInfo(path)
+    info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
+    info.size = 0 if directory else size
+    info.mode = mode
+    info.mtime = mtime
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def build_layer(
+    spec: LayerSpec, *, source_date_epoch: int, store: BlobStore, progress: Progress | None = None
+) -> Layer:
+    """Write ``spec`` as a deterministic tar layer into ``store`` in one pass.
+
+    The tar stream is hashed (DiffID) as it is produced, optionally gzipped (no file name,
+    mtime 0) and hashed again as it is written to the store. A layer whose input key is in
+    the store's layer cache is not rebuilt.
+    """
+    items = _normalise(spec)
+    if not any(i.entry is not None for i in items):
+        raise ImageError(f"layer {spec.name} has no files")
+    key = _layer_key(items, spec.compress, source_date_epoch)
+    if key is not None and (record := store.layer_record(key)) is not None:
+        return Layer(_layer_descriptor(record, spec.name), record["diff_id"], True, spec.name, True)
+    total = sum(i.size for i in items)
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None and n:
+            progress(f"layer {spec.name}", done, total)
+
+    try:
+        compress = should_compress(items) if spec.compress is None else spec.compress
+        with store.writer() as blob:
+            gz = (
+                gzip.GzipFile(
+                    filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=GZIP_LEVEL
+                )
+                if compress
+                else None
+            )
+            diff = _DiffHasher(gz if gz is not None else blob, hashing=gz is not None)
+            _write_tar(items, diff, source_date_epoch, report)
+            if gz is not None:
+                gz.close()
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise ImageError(
+                f"disk full while writing layer {spec.name} into {store.root}",
+                hint="free space or point the cache elsewhere; nothing partial was kept",
+            ) from exc
+        raise ImageError(f"cannot write layer {spec.name}: {exc}") from exc
+    diff_id = diff.digest or blob.digest
+    record = {
+        "digest": blob.digest,
+        "size": blob.size,
+        "diff_id": diff_id,
+        "mediaType": OCI_LAYER_GZIP if compress else OCI_LAYER,
+    }
+    if key is not None:
+        with contextlib.suppress(OSError):  # only a cache: the next build re-tars instead
+            store.save_layer_record(key, record)
+    return Layer(_layer_descriptor(record, spec.name), diff_id, True, spec.name)
+
+
+def _write_tar(
+    items: Sequence[_Item], sink: _DiffHasher, mtime: int, report: Callable[[int], None]
+) -> None:
+    tar = tarfile.TarFile(
+        fileobj=sink,  # type: ignore[arg-type]
+        mode="w",
+        format=tarfile.PAX_FORMAT,
+        encoding="utf-8",
+        copybufsize=_CHUNK,
+    )
+    for item in items:
+        if item.entry is None:
+            tar.addfile(_tarinfo(item.path, directory=True, size=0, mode=DIR_MODE, mtime=mtime))
+            continue
+        info = _tarinfo(
+            item.path, directory=False, size=item.size, mode=item.entry.mode & 0o7777, mtime=mtime
+        )
+        with _open_source(item.entry) as source:
+            tar.addfile(info, _ProgressReader(source, report))
+    tar.close()
+
+
+def _layer_descriptor(record: Mapping[str, Any], name: str) -> Descriptor:
+    return Descriptor(
+        media_type=str(record["mediaType"]),
+        digest=str(record["digest"]),
+        size=int(record["size"]),
+        annotations={LAYER_NAME_ANNOTATION: name},
+    )
+
+
+# -- config and manifest -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AssembledImage:
+    """The assembled image: its manifest, config and layers, all blobs in ``store``."""
+
+    manifest_digest: str
+    manifest_bytes: bytes
+    config_digest: str
+    config_bytes: bytes
+    layers: tuple[Layer, ...]
+    base: BaseImage
+    store: BlobStore
+    media_type: str = OCI_MANIFEST
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def image_id(self) -> str:
+        """The config digest: the compression-independent identity (``docker images`` ID)."""
+        return self.config_digest
+
+    @property
+    def manifest_descriptor(self) -> Descriptor:
+        """Descriptor of the manifest (for indexes and layouts)."""
+        return Descriptor(self.media_type, self.manifest_digest, len(self.manifest_bytes))
+
+    @property
+    def config_descriptor(self) -> Descriptor:
+        """Descriptor of the image config."""
+        return Descriptor(OCI_CONFIG, self.config_digest, len(self.config_bytes))
+
+    @property
+    def new_layers(self) -> tuple[Layer, ...]:
+        """Layers this assembly added on top of the base."""
+        return tuple(layer for layer in self.layers if layer.new)
+
+
+def rfc3339(epoch: int) -> str:
+    """``epoch`` as an RFC 3339 UTC timestamp (second precision, ``Z``)."""
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def layer_root(spec: LayerSpec) -> str:
+    """The deepest directory holding every file of ``spec`` (``/app/models/<name>``)."""
+    parents = [PurePosixPath(e.path).parent.parts for e in spec.entries]
+    common: list[str] = []
+    for parts in zip(*parents, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return PurePosixPath(*common).as_posix() if common else "/"
+
+
+def standard_metadata(base: BaseImage, source_date_epoch: int) -> dict[str, str]:
+    """The OCI keys every image gets, as annotations and as labels: created, base.name/digest."""
+    return {
+        "org.opencontainers.image.created": rfc3339(source_date_epoch),
+        "org.opencontainers.image.base.name": base.name,
+        "org.opencontainers.image.base.digest": base.digest,
+    }
+
+
+def build_config(
+    base: BaseImage,
+    new_layers: Sequence[tuple[Layer, str]],
+    labels: Mapping[str, str],
+    source_date_epoch: int,
+) -> dict[str, Any]:
+    """The image config: the base's runtime config, our labels, history and DiffIDs.
+
+    ``new_layers`` pairs each new layer with the in-image directory it fills (history).
+    """
+    created = rfc3339(source_date_epoch)
+    base_cfg = base.config.get("config") or {}
+    runtime = {k: base_cfg[k] for k in INHERITED_CONFIG if base_cfg.get(k) is not None}
+    merged = {str(k): str(v) for k, v in (base_cfg.get("Labels") or {}).items()}
+    merged.update({str(k): str(v) for k, v in labels.items()})
+    if merged:
+        runtime["Labels"] = merged
+    history = list(base.config.get("history") or [])
+    for layer, root in new_layers:
+        history.append(
+            {
+                "created": created,
+                "created_by": f"ivd-image-builder: COPY {layer.name} {root}",
+                "comment": f"layer {layer.name}",
+            }
+        )
+    config: dict[str, Any] = {
+        "architecture": base.config.get("architecture", "amd64"),
+        "os": base.config.get("os", "linux"),
+        "config": runtime,
+        "created": created,
+        "history": history,
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": base.diff_ids + [layer.diff_id for layer, _ in new_layers],
+        },
+    }
+    for key in ("variant", "os.version", "os.features"):
+        if base.config.get(key):
+            config[key] = base.config[key]
+    return config
+
+
+def assemble(
+    base: BaseImage,
+    layers: Sequence[LayerSpec],
+    *,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+    source_date_epoch: int,
+    store: BlobStore,
+    progress: Progress | None = None,
+) -> AssembledImage:
+    """Build the image: ``base`` plus one layer per spec, in the order given.
+
+    The base's layer descriptors are kept exactly (Docker media types included) so its blobs
+    are reused by digest. ``org.opencontainers.image.{created,base.name,base.digest}`` are
+    added to both the manifest annotations and the config labels unless the caller set them.
+    """
+    if source_date_epoch < 0:
+        raise ImageError(f"SOURCE_DATE_EPOCH must be >= 0, got {source_date_epoch}")
+    names = [spec.name for spec in layers]
+    if len(set(names)) != len(names):
+        raise ImageError(f"layer names must be unique: {names}")
+    built = [
+        (
+            build_layer(spec, source_date_epoch=source_date_epoch, store=store, progress=progress),
+            layer_root(spec),
+        )
+        for spec in layers
+    ]
+    standard = standard_metadata(base, source_date_epoch)
+    # Label and annotation values are strings in the image spec, whatever the caller passed.
+    all_labels = {**standard, **{str(k): str(v) for k, v in labels.items()}}
+    all_annotations = {**standard, **{str(k): str(v) for k, v in annotations.items()}}
+    config = build_config(base, built, all_labels, source_date_epoch)
+    config_bytes = canonical_json(config)
+    try:
+        config_digest = store.put_bytes(config_bytes)
+    except OSError as exc:
+        raise ImageError(f"cannot write the image config into {store.root}: {exc}") from exc
+    base_diff_ids: list[str | None] = list(base.diff_ids)
+    layer_list = [Layer(d, diff, False) for d, diff in zip(base.layers, base_diff_ids, strict=True)]
+    layer_list += [layer for layer, _ in built]
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": Descriptor(OCI_CONFIG, config_digest, len(config_bytes)).to_dict(),
+        "layers": [layer.descriptor.to_dict() for layer in layer_list],
+        "annotations": all_annotations,
+    }
+    manifest_bytes = canonical_json(manifest)
+    try:
+        manifest_digest = store.put_bytes(manifest_bytes)
+    except OSError as exc:
+        raise ImageError(f"cannot write the image manifest into {store.root}: {exc}") from exc
+    return AssembledImage(
+        manifest_digest=manifest_digest,
+        manifest_bytes=manifest_bytes,
+        config_digest=config_digest,
+        config_bytes=config_bytes,
+        layers=tuple(layer_list),
+        base=base,
+        store=store,
+        annotations=all_annotations,
+    )
