@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(git docker.io docker-registry skopeo debootstrap rabbitmq-server)
+APT_PACKAGES=(git docker.io docker-registry skopeo debootstrap rabbitmq-server apache2-utils)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
