@@ -109,4 +109,8 @@ class BaseImageRef:
 
     @property
     def reference(self) -> str:
-        return f"{self.repository}@{self.digest}" if self.digest else f"{self.repository}:{self.version}"
+        return (
+            f"{self.repository}@{self.digest}"
+            if self.digest
+            else f"{self.repository}:{self.version}"
+        )

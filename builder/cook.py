@@ -55,25 +55,50 @@ def cook(
     lock = read_lock(spec) if locked else None
     if locked:
         if lock is None:
-            raise ConfigError(f"{spec.source.location}: no {LOCK_FILE} at {ref}", hint="run `builder lock` and commit it, or build without --locked")
+            raise ConfigError(
+                f"{spec.source.location}: no {LOCK_FILE} at {ref}",
+                hint="run `builder lock` and commit it, or build without --locked",
+            )
         models = models_from_lock(spec, lock)
     else:
         needs_registry = any(d.sourcing == "auto" for d in spec.models)
-        reg = (registry or (lambda: open_registry(settings.model_registry)))() if needs_registry else None
+        reg = (
+            (registry or (lambda: open_registry(settings.model_registry)))()
+            if needs_registry
+            else None
+        )
         store = open_store(settings.production) if needs_registry else None
         models = resolve(spec, reg, store)
     blockers = release_blockers(models)
     if blockers and not allow_unpublished:
         more = f" (and {len(blockers) - 1} more)" if len(blockers) > 1 else ""
-        raise ReleaseGateError(f"{blockers[0]}{more}", hint="fix the registry, or --allow-unpublished for a development build")
-    return Cooked(spec=spec, models=models, verbose=expand(spec, models), development=bool(blockers), warnings=tuple(blockers), lock=lock)
+        raise ReleaseGateError(
+            f"{blockers[0]}{more}",
+            hint="fix the registry, or --allow-unpublished for a development build",
+        )
+    return Cooked(
+        spec=spec,
+        models=models,
+        verbose=expand(spec, models),
+        development=bool(blockers),
+        warnings=tuple(blockers),
+        lock=lock,
+    )
 
 
-def complete_hashes(cooked: Cooked, cache: Cache, *, offline: bool = False, progress: Progress | None = None) -> Cooked:
+def complete_hashes(
+    cooked: Cooked, cache: Cache, *, offline: bool = False, progress: Progress | None = None
+) -> Cooked:
     """Fetch what has no known sha256 yet, so the lock and the image can pin every file."""
     if all(f.sha256 is not None and f.size is not None for m in cooked.models for f in m.files):
         return cooked
-    result = fetch(cooked.models, cache, manual_files=cooked.spec.manual_files, offline=offline, progress=progress)
+    result = fetch(
+        cooked.models,
+        cache,
+        manual_files=cooked.spec.manual_files,
+        offline=offline,
+        progress=progress,
+    )
     return replace(cooked, models=result.models, verbose=expand(cooked.spec, result.models))
 
 
@@ -88,7 +113,10 @@ class LockResult:
 def lock_path(spec: CustomerSpec) -> Path:
     if spec.source.root.joinpath(".git").exists() or spec.source.subdir:
         return spec.source.root / spec.source.subdir / LOCK_FILE
-    raise ConfigError(f"{spec.source.location}: a remote repository; cannot write its lock here", hint="clone it and run `builder lock` in the clone")
+    raise ConfigError(
+        f"{spec.source.location}: a remote repository; cannot write its lock here",
+        hint="clone it and run `builder lock` in the clone",
+    )
 
 
 def make_customer_lock(
@@ -106,10 +134,16 @@ def make_customer_lock(
     if check:
         committed = read_lock(cooked.spec)
         if committed is None:
-            raise DriftError(f"{cooked.spec.source.location}: no {LOCK_FILE} committed", hint="run `builder lock` and commit it")
+            raise DriftError(
+                f"{cooked.spec.source.location}: no {LOCK_FILE} committed",
+                hint="run `builder lock` and commit it",
+            )
         drift = tuple(diff_locks(committed, fresh))
         if drift:
-            raise DriftError(f"{LOCK_FILE} drifted: " + "; ".join(drift), hint="run `builder lock` and commit the result")
+            raise DriftError(
+                f"{LOCK_FILE} drifted: " + "; ".join(drift),
+                hint="run `builder lock` and commit the result",
+            )
         return LockResult(path=None, lock=fresh, drift=(), warnings=cooked.warnings)
     path = output or lock_path(cooked.spec)
     write_atomic(path, render(fresh))

@@ -26,7 +26,9 @@ def model_provenance(model: ResolvedModel) -> dict[str, Any]:
         "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in model.files],
     }
     if model.model_id is not None:
-        record.update(registry_id=model.model_id, registry_name=model.registry_name, task_id=model.task_id)
+        record.update(
+            registry_id=model.model_id, registry_name=model.registry_name, task_id=model.task_id
+        )
     return record
 
 
@@ -49,4 +51,8 @@ def expand(spec: CustomerSpec, models: tuple[ResolvedModel, ...]) -> dict[str, A
         verbose = {key: value for key, value in analysis.items() if key != "models"}
         verbose["models"] = {name: verbose_model(by_name[name]) for name in analysis["models"]}
         analyses.append(verbose)
-    return {"schema_version": VERBOSE_SCHEMA_VERSION, "customer": spec.customer, "analyses": analyses}
+    return {
+        "schema_version": VERBOSE_SCHEMA_VERSION,
+        "customer": spec.customer,
+        "analyses": analyses,
+    }

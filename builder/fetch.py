@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from threading import Lock
 
 from filelock import FileLock
@@ -140,19 +140,25 @@ class _Download:
                 finally:
                     os.close(fd)
                 if written != end - start:
-                    raise FetchError(f"{self.store.uri(self.object_key)}: short read ({written} of {end - start} bytes)")
+                    raise FetchError(
+                        f"{self.store.uri(self.object_key)}: short read ({written} of {end - start} bytes)"
+                    )
                 break
             except (FetchError, OSError) as exc:
                 on_bytes(-written)
                 if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
-                    raise FetchError(f"writing the weights cache failed: {exc.strerror or exc}") from None
+                    raise FetchError(
+                        f"writing the weights cache failed: {exc.strerror or exc}"
+                    ) from None
                 if attempt == RETRIES - 1:
                     raise
                 time.sleep(0.5 * 2**attempt)
         with self._lock:
             self.done.add(index)
             tmp = self.ledger.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"size": self.size, "chunk": CHUNK_SIZE, "done": sorted(self.done)}))
+            tmp.write_text(
+                json.dumps({"size": self.size, "chunk": CHUNK_SIZE, "done": sorted(self.done)})
+            )
             os.replace(tmp, self.ledger)
 
     def discard(self) -> None:
@@ -164,19 +170,31 @@ def _cache_key(wf: WeightFile) -> str:
     return wf.sha256 or hashlib.sha256(f"{wf.uri}\0{wf.size}".encode()).hexdigest()
 
 
-def _fetch_file(cache: Cache, wf: WeightFile, model: str, pool: ThreadPoolExecutor, offline: bool, progress: Progress | None) -> FetchedFile:
+def _fetch_file(
+    cache: Cache,
+    wf: WeightFile,
+    model: str,
+    pool: ThreadPoolExecutor,
+    offline: bool,
+    progress: Progress | None,
+) -> FetchedFile:
     label = f"{model}/{wf.name}"
     key = _cache_key(wf)
     with cache.lock(key):
         if wf.sha256 and (hit := cache.verified(wf.sha256)) is not None:
             return FetchedFile(model, wf.name, hit, wf.sha256, hit.stat().st_size, downloaded=False)
         if offline:
-            raise FetchError(f"{label} ({wf.sha256 or wf.uri}) is not in the cache and --offline forbids downloading", hint="run the build once online")
+            raise FetchError(
+                f"{label} ({wf.sha256 or wf.uri}) is not in the cache and --offline forbids downloading",
+                hint="run the build once online",
+            )
         root, object_key = split_uri(wf.uri)
         store = open_store(root)
         size = wf.size
         if size is None:
-            listed = [o for o in store.list(os.path.dirname(object_key)) if o.key == object_key]
+            listed = [
+                o for o in store.list(str(PurePosixPath(object_key).parent)) if o.key == object_key
+            ]
             if not listed:
                 raise FetchError(f"{wf.uri}: object not found")
             size = listed[0].size
@@ -191,7 +209,9 @@ def _fetch_file(cache: Cache, wf: WeightFile, model: str, pool: ThreadPoolExecut
                 if progress:
                     progress(label, done, size)
 
-        futures = [pool.submit(download.fetch_chunk, index, on_bytes) for index in download.pending()]
+        futures = [
+            pool.submit(download.fetch_chunk, index, on_bytes) for index in download.pending()
+        ]
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             # Keep the finished chunks: a re-run resumes from the ledger.
@@ -199,7 +219,10 @@ def _fetch_file(cache: Cache, wf: WeightFile, model: str, pool: ThreadPoolExecut
         actual = sha256_file(download.part)
         if wf.sha256 and actual != wf.sha256:
             download.discard()
-            raise FetchError(f"{wf.uri}: sha256 mismatch (expected {wf.sha256[:12]}, got {actual[:12]})", hint="the object changed after it was published; never overwrite production weights")
+            raise FetchError(
+                f"{wf.uri}: sha256 mismatch (expected {wf.sha256[:12]}, got {actual[:12]})",
+                hint="the object changed after it was published; never overwrite production weights",
+            )
         os.replace(download.part, cache.blob(actual))
         download.ledger.unlink(missing_ok=True)
         return FetchedFile(model, wf.name, cache.blob(actual), actual, size, downloaded=True)
@@ -223,12 +246,28 @@ def fetch(
             for wf in m.files:
                 if wf.uri.startswith("repo:"):
                     path = cache.put_bytes(manual_files[wf.uri.removeprefix("repo:")])
-                    fetched.append(FetchedFile(m.name, wf.name, path, path.name, path.stat().st_size, downloaded=False))
+                    fetched.append(
+                        FetchedFile(
+                            m.name, wf.name, path, path.name, path.stat().st_size, downloaded=False
+                        )
+                    )
                 else:
                     fetched.append(_fetch_file(cache, wf, m.name, pool, offline, progress))
     by_key = {(f.model, f.name): f for f in fetched}
     filled = tuple(
-        replace(m, files=tuple(replace(wf, sha256=by_key[(m.name, wf.name)].sha256, size=by_key[(m.name, wf.name)].size) for wf in m.files))
+        replace(
+            m,
+            files=tuple(
+                replace(
+                    wf, sha256=by_key[(m.name, wf.name)].sha256, size=by_key[(m.name, wf.name)].size
+                )
+                for wf in m.files
+            ),
+        )
         for m in models
     )
-    return FetchResult(models=filled, files=tuple(fetched), bytes_downloaded=sum(f.size for f in fetched if f.downloaded))
+    return FetchResult(
+        models=filled,
+        files=tuple(fetched),
+        bytes_downloaded=sum(f.size for f in fetched if f.downloaded),
+    )

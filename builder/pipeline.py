@@ -22,7 +22,12 @@ from builder.errors import ImageError
 from builder.expand import MODELS_DIR, expand
 from builder.fetch import Cache, FetchResult, Progress, fetch
 from builder.oci import BlobStore
-from builder.provenance import image_labels, image_version, manifest_annotations, provenance_document
+from builder.provenance import (
+    image_labels,
+    image_version,
+    manifest_annotations,
+    provenance_document,
+)
 from builder.settings import Settings
 
 APP_DIR = "/app"
@@ -49,6 +54,9 @@ class BuildRequest:
     docker_archive: Path | None = None
     load: bool = False
     jobs: int = 4
+    backend: str = (
+        "oci"  # "oci": no daemon (default); "docker": Dockerfile + Docker engine (baseline)
+    )
 
 
 @dataclass
@@ -93,10 +101,18 @@ def base_repository(spec: CustomerSpec, settings: Settings, override: str | None
     return override or spec.base_repository or settings.base_repository
 
 
-def try_resolve_base(spec: CustomerSpec, settings: Settings, *, repository: str | None = None, insecure: bool | None = None) -> tuple[BaseImageRef | None, str | None]:
+def try_resolve_base(
+    spec: CustomerSpec,
+    settings: Settings,
+    *,
+    repository: str | None = None,
+    insecure: bool | None = None,
+) -> tuple[BaseImageRef | None, str | None]:
     """The base image for the lock, or None and why not (the lock can be made without it)."""
     try:
-        return resolve_base(base_repository(spec, settings, repository), spec.base_version, insecure=insecure).ref, None
+        return resolve_base(
+            base_repository(spec, settings, repository), spec.base_version, insecure=insecure
+        ).ref, None
     except ImageError as exc:
         return None, f"base image not pinned: {exc}"
 
@@ -112,23 +128,39 @@ def check_runner_accepts(base: BaseImage) -> None:
         )
 
 
-def _resolve_locked_base(cooked: Cooked, repository: str, version_spec: str, insecure: bool | None) -> BaseImage:
+def _resolve_locked_base(
+    cooked: Cooked, repository: str, version_spec: str, insecure: bool | None
+) -> BaseImage:
     base = resolve_base(repository, version_spec, insecure=insecure)
     pinned = (cooked.lock or {}).get("base_image")
-    if pinned and pinned.get("digest") and (pinned["version"], pinned["digest"]) != (base.version, base.digest):
+    if (
+        pinned
+        and pinned.get("digest")
+        and (pinned["version"], pinned["digest"]) != (base.version, base.digest)
+    ):
         raise ImageError(
-            f"base image {repository} resolves to {base.version} ({base.digest[:19]}) but the lock pins {pinned['version']} ({pinned['digest'][:19]})",
+            f"base image {repository} resolves to {base.version} ({base.digest[:19]}) "
+            f"but the lock pins {pinned['version']} ({pinned['digest'][:19]})",
             hint="run `builder lock` to accept the new base, or restore the pinned one",
         )
     return base
 
 
-def image_layers(cooked: Cooked, fetched: FetchResult, verbose_yaml: bytes, provenance_json: bytes) -> list[LayerSpec]:
+def image_layers(
+    cooked: Cooked, fetched: FetchResult, verbose_yaml: bytes, provenance_json: bytes
+) -> list[LayerSpec]:
     """One layer per model (sorted by name), then the small config layer last."""
     layers = [
         LayerSpec(
             name=m.name,
-            entries=[FileEntry(path=f"{APP_DIR}/{MODELS_DIR}/{m.name}/{f.name}", source=fetched.path_of(m.name, f.name), sha256=f.sha256) for f in m.files],
+            entries=[
+                FileEntry(
+                    path=f"{APP_DIR}/{MODELS_DIR}/{m.name}/{f.name}",
+                    source=fetched.path_of(m.name, f.name),
+                    sha256=f.sha256,
+                )
+                for f in m.files
+            ],
         )
         for m in fetched.models
     ]
@@ -140,18 +172,35 @@ def image_layers(cooked: Cooked, fetched: FetchResult, verbose_yaml: bytes, prov
     return layers
 
 
-def _deliver(request: BuildRequest, image: AssembledImage, report: BuildReport, immutable: str, moving: str, progress: Progress | None) -> None:
+def _deliver(
+    request: BuildRequest,
+    image: AssembledImage,
+    report: BuildReport,
+    immutable: str,
+    moving: str,
+    progress: Progress | None,
+) -> None:
     from builder import deliver
 
     push_actions: dict[str, str] = {}
     if request.push:
-        pushed = deliver.push(image, [immutable, moving], immutable=[immutable], force=request.force, insecure=request.insecure, progress=progress)
+        pushed = deliver.push(
+            image,
+            [immutable, moving],
+            immutable=[immutable],
+            force=request.force,
+            insecure=request.insecure,
+            progress=progress,
+        )
         push_actions = {b.digest: b.action for b in pushed.blobs}
         report.bytes_uploaded = pushed.bytes_uploaded
         report.warnings.extend(pushed.warnings)
         report.outputs["registry"] = f"{immutable}@{image.manifest_digest}"
     if request.oci_layout:
-        deliver.write_oci_layout(image, request.oci_layout, [immutable, moving])
+        # Ref names are bare tags, as skopeo, oras and crane expect (`oci:DIR:TAG`).
+        deliver.write_oci_layout(
+            image, request.oci_layout, [t.rsplit(":", 1)[1] for t in (immutable, moving)]
+        )
         report.outputs["oci_layout"] = str(request.oci_layout)
     if request.docker_archive:
         deliver.write_docker_archive(image, request.docker_archive, [immutable, moving])
@@ -166,7 +215,46 @@ def _deliver(request: BuildRequest, image: AssembledImage, report: BuildReport, 
         layer.push = push_actions.get(layer.digest)
 
 
-def build(request: BuildRequest, settings: Settings, *, progress: Progress | None = None, on_stage: Callable[[str], None] | None = None) -> BuildReport:
+def _build_with_docker(
+    request: BuildRequest,
+    base: BaseImage,
+    layers: list[LayerSpec],
+    labels: dict[str, str],
+    sde: int,
+    report: BuildReport,
+    progress: Progress | None,
+) -> None:
+    """The familiar path and benchmark baseline: a rendered Dockerfile built by the engine."""
+    import docker
+
+    from builder.docker_backend import build_with_docker, push_with_docker
+
+    client = docker.from_env(timeout=600)
+    built = build_with_docker(
+        base,
+        layers,
+        labels=labels,
+        source_date_epoch=sde,
+        client=client,
+        tag=report.image,
+        progress=progress,
+    )
+    report.config_digest = built.image_id
+    report.outputs["docker"] = report.image
+    if request.push:
+        report.manifest_digest = push_with_docker(
+            client, report.image, report.tags, progress=progress
+        )
+        report.outputs["registry"] = f"{report.image}@{report.manifest_digest}"
+
+
+def build(
+    request: BuildRequest,
+    settings: Settings,
+    *,
+    progress: Progress | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> BuildReport:
     """Build one customer's image; see BuildRequest for the knobs."""
     timings: dict[str, float] = {}
 
@@ -176,7 +264,14 @@ def build(request: BuildRequest, settings: Settings, *, progress: Progress | Non
         return _timed(timings, name)
 
     with stage("cook"):
-        cooked = cook(request.customer, settings, ref=request.ref, worktree=request.worktree, locked=request.locked, allow_unpublished=request.allow_unpublished)
+        cooked = cook(
+            request.customer,
+            settings,
+            ref=request.ref,
+            worktree=request.worktree,
+            locked=request.locked,
+            allow_unpublished=request.allow_unpublished,
+        )
     spec = cooked.spec
     repository = base_repository(spec, settings, request.base_repository)
     with stage("base"):
@@ -187,22 +282,24 @@ def build(request: BuildRequest, settings: Settings, *, progress: Progress | Non
             base = resolve_base(repository, version_spec, insecure=request.insecure)
         check_runner_accepts(base)
     with stage("fetch"):
-        fetched = fetch(cooked.models, Cache(settings.cache_dir / "weights"), manual_files=spec.manual_files, offline=request.offline, jobs=request.jobs, progress=progress)
+        fetched = fetch(
+            cooked.models,
+            Cache(settings.cache_dir / "weights"),
+            manual_files=spec.manual_files,
+            offline=request.offline,
+            jobs=request.jobs,
+            progress=progress,
+        )
     base_ref = base.ref
     verbose_yaml = yamldoc.dump(expand(spec, fetched.models))
     verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
-    provenance = provenance_document(spec, fetched.models, base_ref, verbose_sha256=verbose_sha, development=cooked.development)
-    labels = image_labels(spec, fetched.models, base_ref, verbose_sha256=verbose_sha, development=cooked.development)
-    with stage("assemble"):
-        image = assemble(
-            base,
-            image_layers(cooked, fetched, verbose_yaml, yamldoc.canonical_json(provenance)),
-            labels=labels,
-            annotations=manifest_annotations(labels),
-            source_date_epoch=spec.commit_time,
-            store=BlobStore(settings.cache_dir / "oci"),
-            progress=progress,
-        )
+    provenance = provenance_document(
+        spec, fetched.models, base_ref, verbose_sha256=verbose_sha, development=cooked.development
+    )
+    labels = image_labels(
+        spec, fetched.models, base_ref, verbose_sha256=verbose_sha, development=cooked.development
+    )
+    layers = image_layers(cooked, fetched, verbose_yaml, yamldoc.canonical_json(provenance))
     registry = request.image_registry or settings.image_registry
     immutable = f"{registry}/{spec.customer}:{image_version(spec, base_ref)}"
     moving = f"{registry}/{spec.customer}:{base_ref.version}"
@@ -210,17 +307,42 @@ def build(request: BuildRequest, settings: Settings, *, progress: Progress | Non
         customer=spec.customer,
         image=immutable,
         tags=[immutable, moving],
-        manifest_digest=image.manifest_digest,
-        config_digest=image.config_digest,
+        manifest_digest="",
+        config_digest="",
         config_commit=spec.commit,
         base={"repository": base.repository, "version": base.version, "digest": base.digest},
         models=provenance["models"],
-        layers=[LayerReport(layer.name or "base", layer.descriptor.digest, layer.descriptor.size, layer.descriptor.media_type, layer.new) for layer in image.layers],
+        layers=[],
         development=cooked.development,
         bytes_downloaded=fetched.bytes_downloaded,
         timings=timings,
         warnings=list(cooked.warnings),
     )
+    if request.backend == "docker":
+        with stage("docker build"):
+            _build_with_docker(request, base, layers, labels, spec.commit_time, report, progress)
+        return report
+    with stage("assemble"):
+        image = assemble(
+            base,
+            layers,
+            labels=labels,
+            annotations=manifest_annotations(labels),
+            source_date_epoch=spec.commit_time,
+            store=BlobStore(settings.cache_dir / "oci"),
+            progress=progress,
+        )
+    report.manifest_digest, report.config_digest = image.manifest_digest, image.config_digest
+    report.layers = [
+        LayerReport(
+            layer.name or "base",
+            layer.descriptor.digest,
+            layer.descriptor.size,
+            layer.descriptor.media_type,
+            layer.new,
+        )
+        for layer in image.layers
+    ]
     with stage("deliver"):
         _deliver(request, image, report, immutable, moving, progress)
     return report

@@ -34,13 +34,32 @@ def image_version(spec: CustomerSpec, base: BaseImageRef) -> str:
     return f"{base.version}-{spec.config_rev}"
 
 
-def provenance_document(spec: CustomerSpec, models: tuple[ResolvedModel, ...], base: BaseImageRef, *, verbose_sha256: str, development: bool) -> dict[str, Any]:
+def provenance_document(
+    spec: CustomerSpec,
+    models: tuple[ResolvedModel, ...],
+    base: BaseImageRef,
+    *,
+    verbose_sha256: str,
+    development: bool,
+) -> dict[str, Any]:
     """The in-image record (/app/config/provenance.json) that `explain` reads back."""
     return {
         "provenance_version": PROVENANCE_VERSION,
         "customer": spec.customer,
-        "config": {"repository": spec.source.url, "commit": spec.commit, "path": spec.source.subdir or ".", "analysis": spec.analysis_path, "verbose_sha256": verbose_sha256, "worktree": spec.worktree},
-        "base_image": {"repository": base.repository, "version": base.version, "constraint": spec.base_version, "digest": base.digest},
+        "config": {
+            "repository": spec.source.url,
+            "commit": spec.commit,
+            "path": spec.source.subdir or ".",
+            "analysis": spec.analysis_path,
+            "verbose_sha256": verbose_sha256,
+            "worktree": spec.worktree,
+        },
+        "base_image": {
+            "repository": base.repository,
+            "version": base.version,
+            "constraint": spec.base_version,
+            "digest": base.digest,
+        },
         "models": [
             {
                 "name": m.name,
@@ -60,7 +79,14 @@ def provenance_document(spec: CustomerSpec, models: tuple[ResolvedModel, ...], b
     }
 
 
-def image_labels(spec: CustomerSpec, models: tuple[ResolvedModel, ...], base: BaseImageRef, *, verbose_sha256: str, development: bool) -> dict[str, str]:
+def image_labels(
+    spec: CustomerSpec,
+    models: tuple[ResolvedModel, ...],
+    base: BaseImageRef,
+    *,
+    verbose_sha256: str,
+    development: bool,
+) -> dict[str, str]:
     """OCI labels (mirrored as manifest annotations) plus the product's own keys."""
     labels = {
         "org.opencontainers.image.title": f"{spec.customer} inference image",
@@ -89,4 +115,9 @@ def image_labels(spec: CustomerSpec, models: tuple[ResolvedModel, ...], base: Ba
 
 def manifest_annotations(labels: Mapping[str, str]) -> dict[str, str]:
     """The subset of labels that belongs on the manifest (OCI annotation keys)."""
-    return {k: v for k, v in labels.items() if k.startswith("org.opencontainers.image.") or k in (f"{LABEL_PREFIX}.customer", f"{LABEL_PREFIX}.development-build")}
+    return {
+        k: v
+        for k, v in labels.items()
+        if k.startswith("org.opencontainers.image.")
+        or k in (f"{LABEL_PREFIX}.customer", f"{LABEL_PREFIX}.development-build")
+    }

@@ -55,20 +55,30 @@ def _sha256_of(store: Store, key: str, size: int) -> str:
 def _source_objects(uri: str) -> tuple[Store, list[tuple[str, str, int]]]:
     """(store, [(name, key, size)]) for a model URI naming one file or a folder (trailing /)."""
     if not (uri.startswith("s3://") or uri.startswith("file:")):
-        raise FetchError(f"weights URI {uri!r} is not supported for publishing", hint="s3:// and file: sources are supported")
+        raise FetchError(
+            f"weights URI {uri!r} is not supported for publishing",
+            hint="s3:// and file: sources are supported",
+        )
     root, key = split_uri(uri)
     store = open_store(root)
     if uri.endswith("/"):
         objects = store.list(key.rstrip("/"))
-        return store, [(PurePosixPath(o.key).relative_to(key.rstrip("/")).as_posix(), o.key, o.size) for o in objects]
+        return store, [
+            (PurePosixPath(o.key).relative_to(key.rstrip("/")).as_posix(), o.key, o.size)
+            for o in objects
+        ]
     parent = str(PurePosixPath(key).parent)
     found = [o for o in store.list(parent if parent != "." else "") if o.key == key]
     if not found:
-        raise FetchError(f"the model's weights {uri} do not exist", hint="check the model's URI in the registry")
+        raise FetchError(
+            f"the model's weights {uri} do not exist", hint="check the model's URI in the registry"
+        )
     return store, [(PurePosixPath(key).name, key, found[0].size)]
 
 
-def _copy(src: Store, src_key: str, dst: Store, dst_key: str, size: int, progress: Progress | None) -> None:
+def _copy(
+    src: Store, src_key: str, dst: Store, dst_key: str, size: int, progress: Progress | None
+) -> None:
     if isinstance(src, S3Store) and isinstance(dst, S3Store):
         # Same endpoint (both from the standard AWS settings): a server-side copy; boto3's
         # managed copy switches to multipart UploadPartCopy above its threshold (needed > 5 GB).
@@ -91,7 +101,9 @@ def _copy(src: Store, src_key: str, dst: Store, dst_key: str, size: int, progres
                 Callback=callback,
             )
         except Exception as exc:
-            raise FetchError(f"copying {src.uri(src_key)} to {dst.uri(dst_key)} failed: {type(exc).__name__}: {exc}") from None
+            raise FetchError(
+                f"copying {src.uri(src_key)} to {dst.uri(dst_key)} failed: {type(exc).__name__}: {exc}"
+            ) from None
         return
     dst.write_stream(dst_key, src.stream(src_key, 0, size), size, progress=progress)
 
@@ -110,18 +122,24 @@ def publish(
         raise RegistryError(f"model {model.id} has no creating task in {registry.description}")
     task = registry.get_task(model.task)
     if task.status not in COMPLETED_TASK_STATES:
-        raise ReleaseGateError(f"model {model.id}: its task {task.id} did not complete (status {task.status}); refusing to publish")
+        raise ReleaseGateError(
+            f"model {model.id}: its task {task.id} did not complete (status {task.status}); refusing to publish"
+        )
     if not model.uri:
         raise RegistryError(f"model {model.id} has no weights URI in {registry.description}")
     src, objects = _source_objects(model.uri)
     dst = open_store(production)
-    result = PublishResult(model_id=model.id, task_id=task.id, destination=dst.uri(f"{task.id}/"), dry_run=dry_run)
+    result = PublishResult(
+        model_id=model.id, task_id=task.id, destination=dst.uri(f"{task.id}/"), dry_run=dry_run
+    )
     existing = {o.key: o.size for o in dst.list(task.id)}
     for name, key, size in sorted(objects):
         dst_key = f"{task.id}/{name}"
         sha = _sha256_of(src, key, size)
         if dst_key in existing:
-            landed = _sha256_of(dst, dst_key, existing[dst_key]) if existing[dst_key] == size else None
+            landed = (
+                _sha256_of(dst, dst_key, existing[dst_key]) if existing[dst_key] == size else None
+            )
             if landed != sha:
                 raise FetchError(
                     f"{dst.uri(dst_key)} already holds different bytes; production weights are immutable",
@@ -135,7 +153,9 @@ def publish(
         _copy(src, key, dst, dst_key, size, progress)
         landed = _sha256_of(dst, dst_key, size)
         if landed != sha:
-            raise FetchError(f"{dst.uri(dst_key)}: sha256 after copy {landed[:12]} != source {sha[:12]}; not publishing")
+            raise FetchError(
+                f"{dst.uri(dst_key)}: sha256 after copy {landed[:12]} != source {sha[:12]}; not publishing"
+            )
         result.files.append(PublishedFile(name, size, sha, "copied"))
     if dry_run:
         return result
@@ -149,14 +169,21 @@ def publish(
             "task_id": task.id,
             "source_uri": model.uri,
             "files": manifest_files,
-            "published_by": os.environ.get("GITLAB_USER_LOGIN") or os.environ.get("USER") or getpass.getuser(),
+            "published_by": os.environ.get("GITLAB_USER_LOGIN")
+            or os.environ.get("USER")
+            or getpass.getuser(),
             "published_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()
         dst.write_stream(f"{task.id}/{MANIFEST_NAME}", iter([data]), len(data))
         result.manifest_written = True
-    elif sorted(current.get("files", []), key=lambda f: f["name"]) != manifest_files or current.get("model_id") != model.id:
-        raise FetchError(f"{dst.uri(f'{task.id}/{MANIFEST_NAME}')} describes other files or another model; refusing to change it")
+    elif (
+        sorted(current.get("files", []), key=lambda f: f["name"]) != manifest_files
+        or current.get("model_id") != model.id
+    ):
+        raise FetchError(
+            f"{dst.uri(f'{task.id}/{MANIFEST_NAME}')} describes other files or another model; refusing to change it"
+        )
     result.marked_published = registry.mark_published(model.id)
     return result
 
@@ -164,4 +191,7 @@ def publish(
 def production_presence(store: Store, task_id: str) -> dict[str, Any]:
     """Whether a task's weights are in production, for `builder models list`."""
     manifest = read_manifest(store, task_id)
-    return {"in_production": manifest is not None, "files": len(manifest.get("files", [])) if manifest else 0}
+    return {
+        "in_production": manifest is not None,
+        "files": len(manifest.get("files", [])) if manifest else 0,
+    }

@@ -41,7 +41,12 @@ def _resolve_manual(spec: CustomerSpec, decl: ModelDecl) -> ResolvedModel:
     entry = _manual_entry(spec, decl.name)
     prefix = f"{decl.reference}/"
     files = tuple(
-        WeightFile(name=path.removeprefix(prefix), uri=f"repo:{path}", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        WeightFile(
+            name=path.removeprefix(prefix),
+            uri=f"repo:{path}",
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
         for path, data in sorted(spec.manual_files.items())
         if path.startswith(prefix)
     )
@@ -70,7 +75,10 @@ def _production_files(store: Store, task_id: str) -> tuple[WeightFile, ...]:
     listing.pop(MANIFEST_NAME, None)
     manifest = read_manifest(store, task_id)
     if manifest is None:
-        return tuple(WeightFile(name=n, uri=store.uri(f"{task_id}/{n}"), size=s) for n, s in sorted(listing.items()))
+        return tuple(
+            WeightFile(name=n, uri=store.uri(f"{task_id}/{n}"), size=s)
+            for n, s in sorted(listing.items())
+        )
     files = []
     for item in manifest.get("files", []):
         name = item["name"]
@@ -79,7 +87,14 @@ def _production_files(store: Store, task_id: str) -> tuple[WeightFile, ...]:
                 f"{store.uri(f'{task_id}/{name}')}: listed in the publish manifest but missing or of another size in the store",
                 hint="re-run `builder publish` for this model",
             )
-        files.append(WeightFile(name=name, uri=store.uri(f"{task_id}/{name}"), size=item["size"], sha256=item.get("sha256")))
+        files.append(
+            WeightFile(
+                name=name,
+                uri=store.uri(f"{task_id}/{name}"),
+                size=item["size"],
+                sha256=item.get("sha256"),
+            )
+        )
     return tuple(sorted(files, key=lambda f: f.name))
 
 
@@ -109,7 +124,9 @@ def _resolve_auto(decl: ModelDecl, registry: ModelRegistry, store: Store) -> Res
     )
 
 
-def resolve(spec: CustomerSpec, registry: ModelRegistry | None, store: Store | None) -> tuple[ResolvedModel, ...]:
+def resolve(
+    spec: CustomerSpec, registry: ModelRegistry | None, store: Store | None
+) -> tuple[ResolvedModel, ...]:
     """Resolve every declared model; registry and store are only touched for auto models."""
     out = []
     for decl in spec.models:
@@ -117,7 +134,9 @@ def resolve(spec: CustomerSpec, registry: ModelRegistry | None, store: Store | N
             out.append(_resolve_manual(spec, decl))
             continue
         if registry is None or store is None:
-            raise RegistryError(f"model {decl.name} needs the model registry and the production store")
+            raise RegistryError(
+                f"model {decl.name} needs the model registry and the production store"
+            )
         out.append(_resolve_auto(decl, registry, store))
     return tuple(out)
 
@@ -130,9 +149,13 @@ def release_blockers(models: Sequence[ResolvedModel]) -> list[str]:
             continue
         label = f"model {m.name} ({m.model_id})"
         if not m.published:
-            reasons.append(f"{label} is not published in the registry (run `builder publish {m.model_id}`)")
+            reasons.append(
+                f"{label} is not published in the registry (run `builder publish {m.model_id}`)"
+            )
         if m.task_status not in COMPLETED_TASK_STATES:
-            reasons.append(f"{label}: its task {m.task_id} did not complete (status {m.task_status})")
+            reasons.append(
+                f"{label}: its task {m.task_id} did not complete (status {m.task_status})"
+            )
         if not m.files:
             reasons.append(f"{label}: no weights under the production store at {m.weights_uri}")
     return reasons

@@ -72,7 +72,9 @@ def load_settings(cwd: Path | None = None) -> Settings:
             raise ConfigError(f"{path}: cannot read settings: {exc}") from None
         unknown = sorted(set(table) - set(values))
         if unknown:
-            raise ConfigError(f"{path}: unknown setting {unknown[0]!r}", hint=f"known: {', '.join(values)}")
+            raise ConfigError(
+                f"{path}: unknown setting {unknown[0]!r}", hint=f"known: {', '.join(values)}"
+            )
         values.update({k: str(v) for k, v in table.items()})
         base, origin = path.parent, str(path)
     for name in values:

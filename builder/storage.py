@@ -38,7 +38,9 @@ class Store(Protocol):
     def read_bytes(self, key: str) -> bytes | None: ...
     def stream(self, key: str, start: int, end: int) -> Iterator[bytes]: ...
     def uri(self, key: str) -> str: ...
-    def write_stream(self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None) -> None: ...
+    def write_stream(
+        self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None
+    ) -> None: ...
 
 
 class _ChunkReader(io.RawIOBase):
@@ -69,7 +71,9 @@ def _s3_client() -> Any:
 
     # Bounded: a dead endpoint fails in seconds, never hangs a build. Endpoint, region and
     # credentials come from the standard AWS variables/files (AWS_ENDPOINT_URL included).
-    config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
+    config = Config(
+        connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"}
+    )
     return boto3.session.Session().client("s3", config=config)
 
 
@@ -94,7 +98,9 @@ class S3Store:
         full = self._key(prefix.rstrip("/") + "/")
         out: list[StoredObject] = []
         try:
-            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            for page in self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full
+            ):
                 for item in page.get("Contents", []):
                     rel = item["Key"][len(self.prefix) + 1 :] if self.prefix else item["Key"]
                     out.append(StoredObject(key=rel, size=int(item["Size"])))
@@ -106,7 +112,9 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         try:
-            body: bytes = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            body: bytes = self._client.get_object(Bucket=self.bucket, Key=self._key(key))[
+                "Body"
+            ].read()
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
@@ -117,12 +125,16 @@ class S3Store:
 
     def stream(self, key: str, start: int, end: int) -> Iterator[bytes]:
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}")
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}"
+            )
             yield from response["Body"].iter_chunks(_CHUNK)
         except Exception as exc:
             raise self._fail("downloading", key, exc) from None
 
-    def write_stream(self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None) -> None:
+    def write_stream(
+        self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None
+    ) -> None:
         done = 0
 
         def callback(n: int) -> None:
@@ -132,7 +144,12 @@ class S3Store:
                 progress(key, done, size)
 
         try:
-            self._client.upload_fileobj(io.BufferedReader(_ChunkReader(chunks), 1 << 20), self.bucket, self._key(key), Callback=callback)
+            self._client.upload_fileobj(
+                io.BufferedReader(_ChunkReader(chunks), 1 << 20),
+                self.bucket,
+                self._key(key),
+                Callback=callback,
+            )
         except FetchError:
             raise
         except Exception as exc:
@@ -152,7 +169,9 @@ def _s3_reason(exc: Exception) -> str:
 
 class FileStore:
     def __init__(self, root: str) -> None:
-        self.path = Path(urlparse(root).path if root.startswith("file://") else root.removeprefix("file:"))
+        self.path = Path(
+            urlparse(root).path if root.startswith("file://") else root.removeprefix("file:")
+        )
         self.root = f"file:{self.path}"
 
     def uri(self, key: str) -> str:
@@ -163,7 +182,11 @@ class FileStore:
         if not base.is_dir():
             return []
         return sorted(
-            (StoredObject(key=p.relative_to(self.path).as_posix(), size=p.stat().st_size) for p in base.rglob("*") if p.is_file()),
+            (
+                StoredObject(key=p.relative_to(self.path).as_posix(), size=p.stat().st_size)
+                for p in base.rglob("*")
+                if p.is_file()
+            ),
             key=lambda o: o.key,
         )
 
@@ -185,7 +208,9 @@ class FileStore:
         except OSError as exc:
             raise FetchError(f"reading {self.uri(key)} failed: {exc.strerror or exc}") from None
 
-    def write_stream(self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None) -> None:
+    def write_stream(
+        self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None
+    ) -> None:
         target = self.path / key
         tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
         done = 0
@@ -209,7 +234,9 @@ def open_store(root: str) -> Store:
         return S3Store(root)
     if root.startswith("file:"):
         return FileStore(root)
-    raise FetchError(f"unsupported weights store {root!r}", hint="use s3://bucket[/prefix] or file:<folder>")
+    raise FetchError(
+        f"unsupported weights store {root!r}", hint="use s3://bucket[/prefix] or file:<folder>"
+    )
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -218,7 +245,9 @@ def split_uri(uri: str) -> tuple[str, str]:
         parsed = urlparse(uri)
         return f"s3://{parsed.netloc}", parsed.path.lstrip("/")
     if uri.startswith("file:"):
-        path = Path(uri.removeprefix("file://") if uri.startswith("file://") else uri.removeprefix("file:"))
+        path = Path(
+            uri.removeprefix("file://") if uri.startswith("file://") else uri.removeprefix("file:")
+        )
         return f"file:{path.anchor}", os.fspath(path.relative_to(path.anchor))
     raise FetchError(f"unsupported weights URI {uri!r}")
 

@@ -52,7 +52,7 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None,
@@ -95,7 +95,7 @@ def parse(text: str | bytes, origin: str) -> Document:
     """Parse one YAML document strictly; any problem becomes a one-line ``ConfigError``."""
     loader = _StrictLoader(text)
     try:
-        node = loader.get_single_node()  # type: ignore[no-untyped-call]
+        node = loader.get_single_node()
         if node is None:
             raise ConfigError(f"{origin}: the file is empty", hint="see `builder schema`")
         if _expanded_size(node, {}) > MAX_EXPANDED_NODES:
@@ -103,7 +103,7 @@ def parse(text: str | bytes, origin: str) -> Document:
                 f"{origin}:{node.start_mark.line + 1}: YAML aliases expand to more than "
                 f"{MAX_EXPANDED_NODES} nodes; refusing (write the values out instead of aliasing)"
             )
-        data = loader.construct_document(node)  # type: ignore[no-untyped-call]
+        data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
@@ -111,7 +111,7 @@ def parse(text: str | bytes, origin: str) -> Document:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}: invalid YAML: {exc}") from None
     finally:
-        loader.dispose()  # type: ignore[no-untyped-call]
+        loader.dispose()
     lines: dict[Path_, int] = {}
     _key_lines(node, (), lines)
     return Document(origin=origin, data=data, lines=lines)
@@ -145,10 +145,13 @@ def dotted(path: Path_) -> str:
 def _describe(error: jsonschema.ValidationError, doc: Document) -> str:
     path = tuple(error.absolute_path)
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        allowed = sorted(error.schema.get("properties", {}))
+        schema_ = error.schema if isinstance(error.schema, Mapping) else {}
+        allowed = sorted(schema_.get("properties", {}))
         extra = sorted(k for k in error.instance if k not in allowed)[0]
         guess = difflib.get_close_matches(extra, allowed, n=1)
-        did_you_mean = f" (did you mean {guess[0]!r}?)" if guess else f" (allowed: {', '.join(allowed)})"
+        did_you_mean = (
+            f" (did you mean {guess[0]!r}?)" if guess else f" (allowed: {', '.join(allowed)})"
+        )
         return f"{doc.where((*path, extra))}: {dotted(path)}: unknown key {extra!r}{did_you_mean}"
     if error.validator == "required":
         return f"{doc.where(path)}: {dotted(path)}: {error.message}"
@@ -163,7 +166,12 @@ def _describe(error: jsonschema.ValidationError, doc: Document) -> str:
 
 def _errors(doc: Document, schema_name: str) -> Iterator[jsonschema.ValidationError]:
     validator = jsonschema.Draft202012Validator(schema(schema_name))
-    return iter(sorted(validator.iter_errors(doc.data), key=lambda e: (len(e.absolute_path), str(e.absolute_path))))
+    return iter(
+        sorted(
+            validator.iter_errors(doc.data),
+            key=lambda e: (len(e.absolute_path), str(e.absolute_path)),
+        )
+    )
 
 
 def validate(doc: Document, schema_name: str) -> None:
@@ -184,11 +192,18 @@ def dump(data: Any) -> bytes:
             return True
 
     text = yaml.dump(
-        data, Dumper=_NoAliases, sort_keys=True, default_flow_style=False, allow_unicode=True, width=100
+        data,
+        Dumper=_NoAliases,
+        sort_keys=True,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=100,
     )
     return text.encode("utf-8")
 
 
 def canonical_json(data: Any) -> bytes:
     """Canonical JSON bytes (sorted keys, compact) for digests and in-image records."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8"
+    )

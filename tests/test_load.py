@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import ANALYSIS_YAML, CARCINOMA_ID, CUSTOMER_YAML, MITOSIS_ID, commit_files, customer_repo
+from helpers import (
+    ANALYSIS_YAML,
+    CARCINOMA_ID,
+    CUSTOMER_YAML,
+    MITOSIS_ID,
+    commit_files,
+    customer_repo,
+)
 
 from builder.errors import ConfigError
 from builder.load import load_customer
@@ -33,7 +40,9 @@ def _analysis(**kw: object) -> str:
     return ANALYSIS_YAML.format(carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.5, **kw)
 
 
-def _error(repo: Path, settings: Settings, files: dict[str, str | bytes | None], **kw: object) -> str:
+def _error(
+    repo: Path, settings: Settings, files: dict[str, str | bytes | None], **kw: object
+) -> str:
     commit_files(repo, files, "change")
     with pytest.raises(ConfigError) as info:
         load_customer(str(repo), settings, **kw)  # type: ignore[arg-type]
@@ -60,14 +69,29 @@ def test_ignores_uncommitted_changes_unless_worktree(repo: Path, settings: Setti
 
 def test_older_ref_gives_older_config(repo: Path, settings: Settings) -> None:
     first = load_customer(str(repo), settings).commit
-    commit_files(repo, {"customer.yaml": CUSTOMER_YAML.format(name="customer-x", base="2.5.0")}, "bump", when=1_700_000_100)
+    commit_files(
+        repo,
+        {"customer.yaml": CUSTOMER_YAML.format(name="customer-x", base="2.5.0")},
+        "bump",
+        when=1_700_000_100,
+    )
     assert load_customer(str(repo), settings).base_version == "2.5.0"
     assert load_customer(str(repo), settings, ref=first).base_version == "~=2.4"
 
 
-def test_folder_in_larger_repo_uses_last_commit_touching_it(tmp_path: Path, settings: Settings) -> None:
+def test_folder_in_larger_repo_uses_last_commit_touching_it(
+    tmp_path: Path, settings: Settings
+) -> None:
     mono = tmp_path / "mono"
-    commit_files(mono, {"customers/cx/customer.yaml": CUSTOMER_YAML.format(name="customer-x", base="2.4.1"), "customers/cx/analysis.yaml": _analysis()}, "add cx", when=1_700_000_000)
+    commit_files(
+        mono,
+        {
+            "customers/cx/customer.yaml": CUSTOMER_YAML.format(name="customer-x", base="2.4.1"),
+            "customers/cx/analysis.yaml": _analysis(),
+        },
+        "add cx",
+        when=1_700_000_000,
+    )
     config_commit = load_customer(str(mono / "customers" / "cx"), settings).commit
     commit_files(mono, {"README.md": "unrelated"}, "unrelated", when=1_700_009_999)
     spec = load_customer(str(mono / "customers" / "cx"), settings)
@@ -86,70 +110,171 @@ def test_unknown_customer(settings: Settings) -> None:
 
 
 def test_ref_that_does_not_exist(repo: Path, settings: Settings) -> None:
-    with pytest.raises(ConfigError, match="ref 'v9.9' does not exist"):
+    with pytest.raises(ConfigError, match=r"ref 'v9\.9' does not exist"):
         load_customer(str(repo), settings, ref="v9.9")
 
 
 def test_malformed_yaml_names_file_and_line(repo: Path, settings: Settings) -> None:
-    message = _error(repo, settings, {"analysis.yaml": "analyses:\n- name: breast\n  models: [unclosed\n"})
+    message = _error(
+        repo, settings, {"analysis.yaml": "analyses:\n- name: breast\n  models: [unclosed\n"}
+    )
     assert "analysis.yaml" in message and "invalid YAML" in message
     assert ":4:" in message or ":3:" in message
 
 
 def test_duplicate_keys(repo: Path, settings: Settings) -> None:
-    message = _error(repo, settings, {"customer.yaml": "version: 1\ncustomer: a\ncustomer: b\nbase_image: {version: '2.4.1'}\n"})
+    message = _error(
+        repo,
+        settings,
+        {"customer.yaml": "version: 1\ncustomer: a\ncustomer: b\nbase_image: {version: '2.4.1'}\n"},
+    )
     assert "customer.yaml" in message and ":3:" in message and "duplicate key 'customer'" in message
 
 
 def test_unknown_key_with_did_you_mean(repo: Path, settings: Settings) -> None:
-    message = _error(repo, settings, {"analysis.yaml": _analysis().replace("      reference: " + MITOSIS_ID, "      refrence: " + MITOSIS_ID)})
+    message = _error(
+        repo,
+        settings,
+        {
+            "analysis.yaml": _analysis().replace(
+                "      reference: " + MITOSIS_ID, "      refrence: " + MITOSIS_ID
+            )
+        },
+    )
     assert "analysis.yaml" in message and ":9:" in message
     assert "unknown key 'refrence'" in message and "did you mean 'reference'" in message
 
 
 def test_wrong_type(repo: Path, settings: Settings) -> None:
-    message = _error(repo, settings, {"customer.yaml": "version: 1\ncustomer: customer-x\nbase_image: {version: 2.4}\n"})
-    assert "customer.yaml:3" in message and "base_image.version" in message and "not of type 'string'" in message
+    message = _error(
+        repo,
+        settings,
+        {"customer.yaml": "version: 1\ncustomer: customer-x\nbase_image: {version: 2.4}\n"},
+    )
+    assert (
+        "customer.yaml:3" in message
+        and "base_image.version" in message
+        and "not of type 'string'" in message
+    )
 
 
 def test_bad_customer_name(repo: Path, settings: Settings) -> None:
-    message = _error(repo, settings, {"customer.yaml": CUSTOMER_YAML.format(name="Customer_X", base="2.4.1")})
+    message = _error(
+        repo, settings, {"customer.yaml": CUSTOMER_YAML.format(name="Customer_X", base="2.4.1")}
+    )
     assert "customer.yaml:2" in message and "does not match" in message
 
 
 def test_feature_naming_undeclared_model(repo: Path, settings: Settings) -> None:
-    message = _error(repo, settings, {"analysis.yaml": _analysis().replace("segmentation_model: mitosis_model", "segmentation_model: mitosis_modle")})
-    assert "analysis.yaml:15" in message and "'mitosis_modle'" in message and "does not declare" in message
+    message = _error(
+        repo,
+        settings,
+        {
+            "analysis.yaml": _analysis().replace(
+                "segmentation_model: mitosis_model", "segmentation_model: mitosis_modle"
+            )
+        },
+    )
+    assert (
+        "analysis.yaml:15" in message
+        and "'mitosis_modle'" in message
+        and "does not declare" in message
+    )
 
 
-@pytest.mark.parametrize("reference", ["../other-customer/weights", "/etc/passwd", "models/../../x"])
+@pytest.mark.parametrize(
+    "reference", ["../other-customer/weights", "/etc/passwd", "models/../../x"]
+)
 def test_manual_reference_cannot_escape(repo: Path, settings: Settings, reference: str) -> None:
-    analysis = _analysis().replace(f"sourcing: auto\n      reference: {MITOSIS_ID}", f"sourcing: manual\n      reference: {reference}")
+    analysis = _analysis().replace(
+        f"sourcing: auto\n      reference: {MITOSIS_ID}",
+        f"sourcing: manual\n      reference: {reference}",
+    )
     message = _error(repo, settings, {"analysis.yaml": analysis})
-    assert "must be a relative path inside the customer folder" in message and "analysis.yaml:9" in message
+    assert (
+        "must be a relative path inside the customer folder" in message
+        and "analysis.yaml:9" in message
+    )
 
 
 def test_model_name_cannot_escape(repo: Path, settings: Settings) -> None:
-    message = _error(repo, settings, {"analysis.yaml": _analysis().replace("    mitosis_model:", "    ../mitosis:").replace("segmentation_model: mitosis_model", "segmentation_model: mitosis")})
-    assert "invalid name '../mitosis'" in message and "analyses[0].models" in message and "analysis.yaml:7" in message
+    message = _error(
+        repo,
+        settings,
+        {
+            "analysis.yaml": _analysis()
+            .replace("    mitosis_model:", "    ../mitosis:")
+            .replace("segmentation_model: mitosis_model", "segmentation_model: mitosis")
+        },
+    )
+    assert (
+        "invalid name '../mitosis'" in message
+        and "analyses[0].models" in message
+        and "analysis.yaml:7" in message
+    )
 
 
 def test_analysis_path_cannot_escape(repo: Path, settings: Settings) -> None:
-    message = _error(repo, settings, {"customer.yaml": CUSTOMER_YAML.format(name="customer-x", base="2.4.1") + "analysis: ../secrets.yaml\n"})
+    message = _error(
+        repo,
+        settings,
+        {
+            "customer.yaml": CUSTOMER_YAML.format(name="customer-x", base="2.4.1")
+            + "analysis: ../secrets.yaml\n"
+        },
+    )
     assert "analysis '../secrets.yaml' must be a relative path" in message
 
 
 def test_alias_bomb_is_refused(repo: Path, settings: Settings) -> None:
     bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
     for level in range(1, 7):
-        bomb += f"{chr(97 + level)}: &{chr(97 + level)} [" + ", ".join([f"*{chr(96 + level)}"] * 10) + "]\n"
+        bomb += (
+            f"{chr(97 + level)}: &{chr(97 + level)} ["
+            + ", ".join([f"*{chr(96 + level)}"] * 10)
+            + "]\n"
+        )
     message = _error(repo, settings, {"analysis.yaml": bomb})
     assert "aliases expand to more than" in message
 
 
 def test_manual_model_reads_weights_from_the_same_commit(repo: Path, settings: Settings) -> None:
-    analysis = _analysis().replace(f"sourcing: auto\n      reference: {MITOSIS_ID}", "sourcing: manual\n      reference: weights/mitosis\n      params: {file: model.onnx}")
-    commit_files(repo, {"analysis.yaml": analysis, "weights/mitosis/model.onnx": b"committed"}, "ship weights")
+    analysis = _analysis().replace(
+        f"sourcing: auto\n      reference: {MITOSIS_ID}",
+        "sourcing: manual\n      reference: weights/mitosis\n      params: {file: model.onnx}",
+    )
+    commit_files(
+        repo,
+        {"analysis.yaml": analysis, "weights/mitosis/model.onnx": b"committed"},
+        "ship weights",
+    )
     (repo / "weights/mitosis/model.onnx").write_bytes(b"dirty")
     spec = load_customer(str(repo), settings)
     assert spec.manual_files == {"weights/mitosis/model.onnx": b"committed"}
+
+
+@pytest.mark.parametrize(
+    ("url", "canonical"),
+    [
+        (
+            "git@gitlab.example.com:ivd/customers/customer-x.git",
+            "https://gitlab.example.com/ivd/customers/customer-x",
+        ),
+        (
+            "https://gitlab-ci-token:s3cr3t@gitlab.example.com/ivd/customers/customer-x.git",
+            "https://gitlab.example.com/ivd/customers/customer-x",
+        ),
+        (
+            "ssh://git@gitlab.example.com:2222/ivd/customers/customer-x.git",
+            "https://gitlab.example.com/ivd/customers/customer-x",
+        ),
+        (
+            "https://gitlab.example.com/ivd/customers/customer-x",
+            "https://gitlab.example.com/ivd/customers/customer-x",
+        ),
+    ],
+)
+def test_source_url_is_one_spelling_without_secrets(url: str, canonical: str) -> None:
+    from builder.load import canonical_repo_url
+
+    assert canonical_repo_url(url) == canonical

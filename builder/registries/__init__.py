@@ -47,7 +47,9 @@ class ModelRegistry(Protocol):
 
     def get_model(self, model_id: str) -> ModelRecord: ...
     def get_task(self, task_id: str) -> TaskRecord: ...
-    def list_models(self, *, project: str | None = None, published: bool | None = None) -> list[ModelRecord]: ...
+    def list_models(
+        self, *, project: str | None = None, published: bool | None = None
+    ) -> list[ModelRecord]: ...
     def mark_published(self, model_id: str) -> bool:
         """Set the published flag; False when it already was set."""
         ...
@@ -68,7 +70,10 @@ def parse_design(design: Any, where: str) -> dict[str, Any]:
     try:
         return dict(text_to_config_dict(text))
     except ValueError:
-        raise RegistryError(f"{where}: model design is not valid HOCON/JSON", hint="fix the model's configuration in the registry") from None
+        raise RegistryError(
+            f"{where}: model design is not valid HOCON/JSON",
+            hint="fix the model's configuration in the registry",
+        ) from None
 
 
 def open_registry(spec: str) -> ModelRegistry:
@@ -81,4 +86,6 @@ def open_registry(spec: str) -> ModelRegistry:
         from builder.registries.clearml import ClearMLRegistry
 
         return ClearMLRegistry()
-    raise RegistryError(f"unknown model registry {spec!r}", hint="use 'clearml' or 'local:<folder>'")
+    raise RegistryError(
+        f"unknown model registry {spec!r}", hint="use 'clearml' or 'local:<folder>'"
+    )

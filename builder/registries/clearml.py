@@ -22,7 +22,15 @@ T = TypeVar("T")
 
 #: Seconds any single registry call may take, retries included.
 DEADLINE_SECONDS = 15
-_RETRIES = {"total": 2, "connect": 2, "read": 2, "redirect": 2, "status": 2, "backoff_factor": 0.2, "backoff_max": 2}
+_RETRIES = {
+    "total": 2,
+    "connect": 2,
+    "read": 2,
+    "redirect": 2,
+    "status": 2,
+    "backoff_factor": 0.2,
+    "backoff_max": 2,
+}
 
 
 class _Deadline(BaseException):
@@ -43,7 +51,10 @@ def _deadline(seconds: int, what: str) -> Iterator[None]:
     try:
         yield
     except _Deadline:
-        raise RegistryError(f"ClearML did not answer {what} within {seconds} s", hint="check CLEARML_API_HOST and the server") from None
+        raise RegistryError(
+            f"ClearML did not answer {what} within {seconds} s",
+            hint="check CLEARML_API_HOST and the server",
+        ) from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -80,7 +91,9 @@ class ClearMLRegistry:
             # A short read timeout instead of the SDK's 300 s; it is a private class attribute,
             # so this is process-wide (the builder is the only SDK user in its process).
             StrictSession._session_timeout = (5.0, 10.0)
-            session = self._call("login", lambda: StrictSession(host=self.host, http_retries_config=dict(_RETRIES)))
+            session = self._call(
+                "login", lambda: StrictSession(host=self.host, http_retries_config=dict(_RETRIES))
+            )
             self._client = APIClient(session=session)
         return self._client
 
@@ -98,15 +111,23 @@ class ClearMLRegistry:
             text = str(exc)
             if "401" in text or "nauthorized" in text:
                 raise RegistryError(
-                    f"ClearML at {self.host} rejected the credentials", hint="check CLEARML_API_ACCESS_KEY / CLEARML_API_SECRET_KEY or clearml.conf"
+                    f"ClearML at {self.host} rejected the credentials",
+                    hint="check CLEARML_API_ACCESS_KEY / CLEARML_API_SECRET_KEY or clearml.conf",
                 ) from None
-            raise RegistryError(f"cannot log in to ClearML at {self.host}: server unreachable or failing") from None
+            raise RegistryError(
+                f"cannot log in to ClearML at {self.host}: server unreachable or failing"
+            ) from None
         except MissingConfigError:
-            raise RegistryError("no ClearML credentials configured", hint="set CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY, or clearml.conf") from None
+            raise RegistryError(
+                "no ClearML credentials configured",
+                hint="set CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY, or clearml.conf",
+            ) from None
         except RegistryError:
             raise
         except Exception as exc:  # requests/urllib3 errors after the capped retries
-            raise RegistryError(f"ClearML at {self.host} failed on {what}: {type(exc).__name__}") from None
+            raise RegistryError(
+                f"ClearML at {self.host} failed on {what}: {type(exc).__name__}"
+            ) from None
 
     def get_model(self, model_id: str) -> ModelRecord:
         model_id = model_id.strip()
@@ -131,9 +152,16 @@ class ClearMLRegistry:
         status = t.status.value if hasattr(t.status, "value") else str(t.status)
         return TaskRecord(id=t.id, name=t.name or "", status=status, project=t.project)
 
-    def list_models(self, *, project: str | None = None, published: bool | None = None) -> list[ModelRecord]:
+    def list_models(
+        self, *, project: str | None = None, published: bool | None = None
+    ) -> list[ModelRecord]:
         api = self._api()
-        query: dict[str, Any] = {"system_tags": ["-archived"], "order_by": ["-created"], "page": 0, "page_size": 500}
+        query: dict[str, Any] = {
+            "system_tags": ["-archived"],
+            "order_by": ["-created"],
+            "page": 0,
+            "page_size": 500,
+        }
         if project is not None:
             query["project"] = [project]
         if published is not None:
@@ -159,10 +187,16 @@ def _api_error(exc: Any, what: str, host: str) -> RegistryError:
     codes = tuple(getattr(exc, "codes", ()) or ())
     target = what.split(" ", 1)[-1]
     if codes == (400, 201):
-        return RegistryError(f"model {target} not found in ClearML at {host}", hint="check the reference in the analysis YAML")
+        return RegistryError(
+            f"model {target} not found in ClearML at {host}",
+            hint="check the reference in the analysis YAML",
+        )
     if codes == (400, 101):
         return RegistryError(f"task {target} not found in ClearML at {host}")
     if codes[:1] == (401,):
-        return RegistryError(f"ClearML at {host} rejected the credentials", hint="check CLEARML_API_ACCESS_KEY / CLEARML_API_SECRET_KEY")
+        return RegistryError(
+            f"ClearML at {host} rejected the credentials",
+            hint="check CLEARML_API_ACCESS_KEY / CLEARML_API_SECRET_KEY",
+        )
     code = "/".join(str(c) for c in codes) or "?"
     return RegistryError(f"ClearML at {host} answered {code} on {what}")

@@ -25,10 +25,16 @@ class LocalRegistry:
 
     def _record(self, kind: str, record_id: str) -> tuple[dict[str, Any], str]:
         if not _SAFE_ID.match(record_id):
-            raise RegistryError(f"{record_id!r} is not a valid {kind} id", hint="ids are letters, digits, '-', '_' and '.'")
+            raise RegistryError(
+                f"{record_id!r} is not a valid {kind} id",
+                hint="ids are letters, digits, '-', '_' and '.'",
+            )
         path = self.folder / f"{kind}s" / f"{record_id}.yaml"
         if not path.is_file():
-            raise RegistryError(f"{kind} {record_id} not found in {self.description}", hint="check the id, or `builder models list`")
+            raise RegistryError(
+                f"{kind} {record_id} not found in {self.description}",
+                hint="check the id, or `builder models list`",
+            )
         doc = yamldoc.parse(path.read_bytes(), str(path))
         if not isinstance(doc.data, dict):
             raise RegistryError(f"{path}: a {kind} record must be a mapping")
@@ -41,15 +47,24 @@ class LocalRegistry:
     def get_task(self, task_id: str) -> TaskRecord:
         data, where = self._record("task", task_id.strip())
         try:
-            return TaskRecord(id=data["id"], name=data.get("name", ""), status=data["status"], project=data.get("project"))
+            return TaskRecord(
+                id=data["id"],
+                name=data.get("name", ""),
+                status=data["status"],
+                project=data.get("project"),
+            )
         except KeyError as exc:
             raise RegistryError(f"{where}: task record lacks {exc.args[0]!r}") from None
 
-    def list_models(self, *, project: str | None = None, published: bool | None = None) -> list[ModelRecord]:
+    def list_models(
+        self, *, project: str | None = None, published: bool | None = None
+    ) -> list[ModelRecord]:
         out = []
         for path in sorted((self.folder / "models").glob("*.yaml")):
             record = self.get_model(path.stem)
-            if (project is None or record.project == project) and (published is None or record.ready == published):
+            if (project is None or record.project == project) and (
+                published is None or record.ready == published
+            ):
                 out.append(record)
         return out
 

@@ -1,0 +1,283 @@
+"""`build` end to end through the real CLI: real registry, real Docker engine, real skopeo."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import (
+    CARCINOMA_ID,
+    CARCINOMA_TASK,
+    MITOSIS_ID,
+    MITOSIS_TASK,
+    commit_files,
+    customer_repo,
+    model_record,
+    run_cli,
+    task_record,
+    write_local_registry,
+    write_production,
+)
+
+BASE_REPO = "ivd/test-base"
+#: version -> config schema versions its runner accepts
+BASE_VERSIONS = {"2.3.4": "1", "2.4.1": "1", "2.4.2": "1", "3.0.0": "2"}
+CARCINOMA = os.urandom(256 * 1024)  # incompressible, like real weights
+MITOSIS = b"mitosis-weights" * 4096
+
+
+@pytest.fixture(scope="module")
+def base_images(docker_engine: Any, oci_registry: Any, base_os_image: str) -> str:
+    """Small bases in the registry with the runner's schema label (no runner: fast)."""
+    client = docker_engine.client()
+    repository = f"{oci_registry.host}/{BASE_REPO}"
+    for version, schemas in BASE_VERSIONS.items():
+        dockerfile = f'FROM {base_os_image}\nLABEL com.ivd.runner.config-schemas="{schemas}" org.opencontainers.image.version="{version}"\n'
+        client.images.build(
+            fileobj=io.BytesIO(dockerfile.encode()),
+            tag=f"{repository}:{version}",
+            rm=True,
+            network_mode="none",
+        )
+        for line in client.images.push(repository, tag=version, stream=True, decode=True):
+            assert "error" not in line, line
+    return repository
+
+
+@pytest.fixture
+def env(tmp_path: Path, oci_registry: Any, docker_engine: Any, base_images: str) -> dict[str, str]:
+    registry = write_local_registry(
+        tmp_path / "registry",
+        [
+            model_record(CARCINOMA_ID, CARCINOMA_TASK, name="carcinoma v3"),
+            model_record(MITOSIS_ID, MITOSIS_TASK, name="mitosis v1"),
+        ],
+        [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
+    )
+    write_production(tmp_path / "production", CARCINOMA_TASK, {"model.onnx": CARCINOMA})
+    write_production(
+        tmp_path / "production",
+        MITOSIS_TASK,
+        {"model.onnx": MITOSIS, "labels.json": b'{"1": "mitosis"}'},
+    )
+    return {
+        **docker_engine.env(),
+        "BUILDER_MODEL_REGISTRY": f"local:{registry}",
+        "BUILDER_PRODUCTION": f"file:{tmp_path / 'production'}",
+        "BUILDER_BASE_REPOSITORY": base_images,
+        # A namespace per test: the registry is shared by the whole session.
+        "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{re.sub('[^a-z0-9]+', '-', tmp_path.name.lower()).strip('-')}",
+        "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
+    }
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+
+
+def _build(env: dict[str, str], *args: str) -> dict[str, Any]:
+    result = run_cli("build", *args, "--json", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)["result"]
+    return report
+
+
+def _fail(env: dict[str, str], *args: str) -> tuple[int, str]:
+    result = run_cli("build", *args, env=env)
+    assert result.returncode != 0
+    return result.returncode, result.stderr.strip().splitlines()[-1]
+
+
+def test_build_push_pull_run(
+    env: dict[str, str], repo: Path, docker_engine: Any, oci_registry: Any
+) -> None:
+    report = _build(env, str(repo), "--push")
+    spec_commit = report["config_commit"]
+    registry = env["BUILDER_IMAGE_REGISTRY"]
+    assert (
+        report["image"] == f"{registry}/customer-x:2.4.2-{spec_commit[:12]}"
+    )  # ~=2.4 picks the newest 2.4.x
+    assert report["tags"][1] == f"{registry}/customer-x:2.4.2"
+    assert [layer["name"] for layer in report["layers"] if layer["new"]] == [
+        "carcinoma_model",
+        "mitosis_model",
+        "config",
+    ]
+
+    client = docker_engine.client()
+    pulled = client.images.pull(f"{registry}/customer-x", tag=f"2.4.2-{spec_commit[:12]}")
+    assert pulled.attrs["RepoDigests"][0].endswith(report["manifest_digest"])
+    labels = pulled.labels
+    assert labels["org.opencontainers.image.revision"] == spec_commit
+    assert labels["com.ivd.model.carcinoma_model.id"] == CARCINOMA_ID
+    assert labels["com.ivd.development-build"] == "false"
+    listing = client.containers.run(
+        pulled.id,
+        ["sh", "-c", "cd /app/models && find . -type f | sort | xargs sha256sum"],
+        entrypoint=[],
+        network_mode="none",
+        remove=True,
+    ).decode()
+    assert f"{hashlib.sha256(CARCINOMA).hexdigest()}  ./carcinoma_model/model.onnx" in listing
+    assert f"{hashlib.sha256(MITOSIS).hexdigest()}  ./mitosis_model/model.onnx" in listing
+    config = client.containers.run(
+        pulled.id,
+        ["cat", "/app/config/analysis.yaml"],
+        entrypoint=[],
+        network_mode="none",
+        remove=True,
+    )
+    assert (
+        yaml.safe_load(config)["analyses"][0]["models"]["mitosis_model"]["reference"]
+        == "models/mitosis_model/"
+    )
+    # skopeo, a client no one here wrote, reads it from the registry.
+    inspect = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{report['image']}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(inspect.stdout)["Digest"] == report["manifest_digest"]
+
+
+def test_same_inputs_same_digest_from_another_clone(
+    env: dict[str, str], repo: Path, tmp_path: Path
+) -> None:
+    first = _build(env, str(repo))
+    clone = tmp_path / "elsewhere" / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    other_env = {
+        **env,
+        "BUILDER_CACHE_DIR": str(tmp_path / "other-cache"),
+        "TZ": "Pacific/Kiritimati",
+    }
+    old_umask = os.umask(0o077)
+    try:
+        second = _build(other_env, str(clone))
+    finally:
+        os.umask(old_umask)
+    assert second["manifest_digest"] == first["manifest_digest"]
+
+
+def test_rebuild_reuses_every_layer(env: dict[str, str], repo: Path, oci_registry: Any) -> None:
+    _build(env, str(repo), "--push")
+    before = len(oci_registry.blob_uploads())
+    again = _build(env, str(repo), "--push")
+    assert again["bytes_uploaded"] == 0
+    assert len(oci_registry.blob_uploads()) == before
+    assert {layer["push"] for layer in again["layers"]} == {"present"}
+
+
+def test_base_bump_uploads_only_manifest_and_config(
+    env: dict[str, str], repo: Path, oci_registry: Any
+) -> None:
+    old = _build(env, str(repo), "--push", "--base-version", "2.4.1")
+    new = _build(env, str(repo), "--push", "--base-version", "2.4.2")
+    assert old["manifest_digest"] != new["manifest_digest"]
+    model_layers = {layer["digest"] for layer in old["layers"] if layer["name"].endswith("_model")}
+    assert model_layers <= {layer["digest"] for layer in new["layers"]}
+    assert new["bytes_uploaded"] < 64 * 1024
+
+
+def test_immutable_tag_is_refused_then_forced(
+    env: dict[str, str], repo: Path, tmp_path: Path
+) -> None:
+    _build(env, str(repo), "--push")
+    # Same config commit, other weights under the same task: the immutable tag would move.
+    write_production(
+        tmp_path / "production", CARCINOMA_TASK, {"model.onnx": b"re-published by mistake"}
+    )
+    code, line = _fail(env, str(repo), "--push")
+    assert code == 6 and "immutable tag" in line and "refusing" in line
+    forced = _build(env, str(repo), "--push", "--force")
+    assert any(w.startswith("FORCED: immutable tag") for w in forced["warnings"])
+
+
+def test_locked_offline_build_needs_no_registry(env: dict[str, str], repo: Path) -> None:
+    locked = run_cli("lock", str(repo), env=env)
+    assert locked.returncode == 0, locked.stderr
+    commit_files(repo, {"customer.lock.yaml": (repo / "customer.lock.yaml").read_bytes()}, "lock")
+    online = _build(env, str(repo))
+    offline_env = {
+        **env,
+        "BUILDER_MODEL_REGISTRY": "local:/nowhere",
+        "BUILDER_PRODUCTION": "file:/nowhere",
+    }
+    offline = _build(offline_env, str(repo), "--locked", "--offline")
+    assert offline["manifest_digest"] == online["manifest_digest"]
+    shutil.rmtree(Path(env["BUILDER_CACHE_DIR"]) / "weights")
+    code, line = _fail(offline_env, str(repo), "--locked", "--offline")
+    assert code == 5 and "--offline forbids downloading" in line
+
+
+def test_base_whose_runner_rejects_the_config(env: dict[str, str], repo: Path) -> None:
+    code, line = _fail(env, str(repo), "--base-version", "3.0.0")
+    assert code == 6 and "accepts config schema versions 2, not 1" in line
+
+
+def test_constraint_no_base_satisfies(env: dict[str, str], repo: Path) -> None:
+    code, line = _fail(env, str(repo), "--base-version", "~=4.0")
+    assert code == 6 and "~=4.0" in line and "2.4.1" in line
+
+
+def test_missing_base_tag(env: dict[str, str], repo: Path) -> None:
+    code, line = _fail(env, str(repo), "--base-version", "2.4.9")
+    assert code == 6 and "2.4.9" in line
+
+
+def test_docker_archive_and_oci_layout(
+    env: dict[str, str], repo: Path, tmp_path: Path, docker_engine: Any
+) -> None:
+    report = _build(
+        env,
+        str(repo),
+        "--docker-archive",
+        str(tmp_path / "image.tar"),
+        "--oci-layout",
+        str(tmp_path / "layout"),
+    )
+    inspect = subprocess.run(
+        ["skopeo", "inspect", f"oci:{tmp_path / 'layout'}:{report['image'].rsplit(':', 1)[1]}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(inspect.stdout)["Digest"] == report["manifest_digest"]
+    loaded = subprocess.run(
+        ["docker", "load", "-i", str(tmp_path / "image.tar")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **docker_engine.env()},
+        check=True,
+    )
+    assert report["image"] in loaded.stdout
+
+
+def test_development_build_is_labelled(env: dict[str, str], repo: Path, tmp_path: Path) -> None:
+    write_local_registry(
+        Path(env["BUILDER_MODEL_REGISTRY"].removeprefix("local:")),
+        [model_record(MITOSIS_ID, MITOSIS_TASK, name="m", ready=False)],
+        [],
+    )
+    code, line = _fail(env, str(repo))
+    assert code == 4 and "not published" in line
+    report = _build(env, str(repo), "--allow-unpublished", "--oci-layout", str(tmp_path / "dev"))
+    assert report["development"] is True
+    inspect = subprocess.run(
+        ["skopeo", "inspect", f"oci:{tmp_path / 'dev'}:{report['image'].rsplit(':', 1)[1]}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(inspect.stdout)["Labels"]["com.ivd.development-build"] == "true"
