@@ -479,6 +479,7 @@ def publish(
             open_registry(settings.model_registry),
             settings.production,
             dry_run=dry_run,
+            base=settings.root,
             progress=bar,
         )
 
@@ -519,7 +520,7 @@ def models_list(
 
     settings = _settings({"model_registry": model_registry, "production": production})
     registry = open_registry(settings.model_registry)
-    store = open_store(settings.production) if settings.production else None
+    store = open_store(settings.production, settings.root) if settings.production else None
     rows = []
     for m in registry.list_models(project=project, published=published):
         presence = (

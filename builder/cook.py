@@ -34,6 +34,7 @@ class Cooked:
     development: bool  # release gates were waived (--allow-unpublished) and something failed them
     warnings: tuple[str, ...] = ()
     lock: dict[str, Any] | None = field(default=None)  # the committed lock, when one was used
+    store_base: Path = Path()  # anchors relative file: weight URIs (Settings.root)
 
     @property
     def verbose_yaml(self) -> bytes:
@@ -67,7 +68,7 @@ def cook(
             if needs_registry
             else None
         )
-        store = open_store(settings.production) if needs_registry else None
+        store = open_store(settings.production, settings.root) if needs_registry else None
         models = resolve(spec, reg, store)
     blockers = release_blockers(models)
     if blockers and not allow_unpublished:
@@ -83,6 +84,7 @@ def cook(
         development=bool(blockers),
         warnings=tuple(blockers),
         lock=lock,
+        store_base=settings.root,
     )
 
 
@@ -97,6 +99,7 @@ def complete_hashes(
         cache,
         manual_files=cooked.spec.manual_files,
         offline=offline,
+        base=cooked.store_base,
         progress=progress,
     )
     return replace(cooked, models=result.models, verbose=expand(cooked.spec, result.models))

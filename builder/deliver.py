@@ -175,7 +175,7 @@ class _Oras(oras.provider.Registry):  # type: ignore[misc]
     and leaves retrying to :class:`RegistryClient`, which knows what can be repeated.
     """
 
-    def do_request(  # noqa: PLR0917 (oras-py's signature)
+    def do_request(
         self,
         url: str,
         method: str = "GET",

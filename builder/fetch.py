@@ -176,6 +176,7 @@ def _fetch_file(
     model: str,
     pool: ThreadPoolExecutor,
     offline: bool,
+    base: Path,
     progress: Progress | None,
 ) -> FetchedFile:
     label = f"{model}/{wf.name}"
@@ -189,7 +190,7 @@ def _fetch_file(
                 hint="run the build once online",
             )
         root, object_key = split_uri(wf.uri)
-        store = open_store(root)
+        store = open_store(root, base)
         size = wf.size
         if size is None:
             listed = [
@@ -234,10 +235,14 @@ def fetch(
     *,
     manual_files: Mapping[str, bytes],
     offline: bool = False,
+    base: Path | None = None,
     jobs: int = 4,
     progress: Progress | None = None,
 ) -> FetchResult:
-    """Make every weight file of every model available, verified, in the cache."""
+    """Make every weight file of every model available, verified, in the cache.
+
+    ``base`` anchors relative ``file:`` URIs (the project root, see Settings.root)."""
+    base = base or Path.cwd()
     fetched: list[FetchedFile] = []
     # Chunk downloads share one pool; files are handled one after the other so a failure stops
     # early and the progress output stays readable.
@@ -252,7 +257,7 @@ def fetch(
                         )
                     )
                 else:
-                    fetched.append(_fetch_file(cache, wf, m.name, pool, offline, progress))
+                    fetched.append(_fetch_file(cache, wf, m.name, pool, offline, base, progress))
     by_key = {(f.model, f.name): f for f in fetched}
     filled = tuple(
         replace(

@@ -287,6 +287,7 @@ def build(
             Cache(settings.cache_dir / "weights"),
             manual_files=spec.manual_files,
             offline=request.offline,
+            base=settings.root,
             jobs=request.jobs,
             progress=progress,
         )

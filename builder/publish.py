@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from builder.errors import FetchError, RegistryError, ReleaseGateError
@@ -52,7 +52,7 @@ def _sha256_of(store: Store, key: str, size: int) -> str:
     return digest.hexdigest()
 
 
-def _source_objects(uri: str) -> tuple[Store, list[tuple[str, str, int]]]:
+def _source_objects(uri: str, base: Path) -> tuple[Store, list[tuple[str, str, int]]]:
     """(store, [(name, key, size)]) for a model URI naming one file or a folder (trailing /)."""
     if not (uri.startswith("s3://") or uri.startswith("file:")):
         raise FetchError(
@@ -60,7 +60,7 @@ def _source_objects(uri: str) -> tuple[Store, list[tuple[str, str, int]]]:
             hint="s3:// and file: sources are supported",
         )
     root, key = split_uri(uri)
-    store = open_store(root)
+    store = open_store(root, base)
     if uri.endswith("/"):
         objects = store.list(key.rstrip("/"))
         return store, [
@@ -114,6 +114,7 @@ def publish(
     production: str,
     *,
     dry_run: bool = False,
+    base: Path | None = None,
     progress: Progress | None = None,
 ) -> PublishResult:
     """Copy a model's weights to ``<production>/<task id>/``, verify, write the manifest, mark published."""
@@ -127,8 +128,9 @@ def publish(
         )
     if not model.uri:
         raise RegistryError(f"model {model.id} has no weights URI in {registry.description}")
-    src, objects = _source_objects(model.uri)
-    dst = open_store(production)
+    base = base or Path.cwd()
+    src, objects = _source_objects(model.uri, base)
+    dst = open_store(production, base)
     result = PublishResult(
         model_id=model.id, task_id=task.id, destination=dst.uri(f"{task.id}/"), dry_run=dry_run
     )

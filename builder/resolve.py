@@ -116,7 +116,7 @@ def _resolve_auto(decl: ModelDecl, registry: ModelRegistry, store: Store) -> Res
         framework=record.framework,
         tags=tuple(sorted(record.tags)),
         published=record.ready,
-        weights_uri=store.uri(f"{task.id}/"),
+        weights_uri=store.uri(task.id) + "/",
         files=_production_files(store, task.id),
         preprocessing=_plugins(design.get("preprocessing"), f"{where}.preprocessing"),
         postprocessing=_plugins(design.get("postprocessing"), f"{where}.postprocessing"),

@@ -27,6 +27,7 @@ class Settings:
     base_repository: str
     image_registry: str
     cache_dir: Path
+    root: Path = Path()  # folder of builder.toml (or the working directory): anchors relative paths
     origin: str = "defaults"  # where the settings came from, for messages
 
     def with_overrides(self, **values: str | Path | None) -> Settings:
@@ -44,11 +45,11 @@ def _find_settings_file(start: Path) -> Path | None:
 
 
 def _anchor(value: str, base: Path) -> str:
-    """Make ``local:`` and ``file:`` locations absolute relative to the settings file."""
-    for scheme in ("local:", "file:"):
-        if value.startswith(scheme) and not value.startswith(f"{scheme}//"):
-            path = Path(value.removeprefix(scheme)).expanduser()
-            return f"{scheme}{(base / path).resolve() if not path.is_absolute() else path}"
+    """Make a ``local:`` registry folder absolute relative to the settings file. (``file:``
+    production roots stay as written: they are recorded in locks and images.)"""
+    if value.startswith("local:"):
+        path = Path(value.removeprefix("local:")).expanduser()
+        return f"local:{path if path.is_absolute() else (base / path).resolve()}"
     return value
 
 
@@ -87,6 +88,7 @@ def load_settings(cwd: Path | None = None) -> Settings:
     return Settings(
         customers=(base / kwargs.pop("customers")).resolve(),
         cache_dir=Path(kwargs.pop("cache_dir")).expanduser(),
+        root=base.resolve(),
         origin=origin,
         **kwargs,
     )

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
@@ -168,14 +168,21 @@ def _s3_reason(exc: Exception) -> str:
 
 
 class FileStore:
-    def __init__(self, root: str) -> None:
-        self.path = Path(
-            urlparse(root).path if root.startswith("file://") else root.removeprefix("file:")
+    """A folder store. A relative root (``file:demo/production``) is resolved against ``base``
+    but recorded as written, so locks and images do not depend on where the checkout is."""
+
+    def __init__(self, root: str, base: Path) -> None:
+        configured = (
+            root.removeprefix("file://")
+            if root.startswith("file://")
+            else root.removeprefix("file:")
         )
-        self.root = f"file:{self.path}"
+        self.configured = configured.rstrip("/")
+        self.path = base / self.configured
+        self.root = f"file:{self.configured}"
 
     def uri(self, key: str) -> str:
-        return f"file:{self.path / key}"
+        return f"file:{PurePosixPath(self.configured, key)}" if self.configured else f"file:{key}"
 
     def list(self, prefix: str) -> list[StoredObject]:
         base = self.path / prefix
@@ -183,7 +190,10 @@ class FileStore:
             return []
         return sorted(
             (
-                StoredObject(key=p.relative_to(self.path).as_posix(), size=p.stat().st_size)
+                StoredObject(
+                    key=PurePosixPath(prefix, p.relative_to(base).as_posix()).as_posix(),
+                    size=p.stat().st_size,
+                )
                 for p in base.rglob("*")
                 if p.is_file()
             ),
@@ -228,27 +238,26 @@ class FileStore:
             raise FetchError(f"writing {self.uri(key)} failed: {exc.strerror or exc}") from None
 
 
-def open_store(root: str) -> Store:
-    """The store for an s3:// or file: root."""
+def open_store(root: str, base: Path | None = None) -> Store:
+    """The store for an s3:// or file: root; relative file: roots resolve against ``base``."""
     if root.startswith("s3://"):
         return S3Store(root)
     if root.startswith("file:"):
-        return FileStore(root)
+        return FileStore(root, base or Path.cwd())
     raise FetchError(
         f"unsupported weights store {root!r}", hint="use s3://bucket[/prefix] or file:<folder>"
     )
 
 
 def split_uri(uri: str) -> tuple[str, str]:
-    """``s3://b/p/task/f`` -> (``s3://b``, ``p/task/f``); file URIs split at the root ``/``."""
+    """``s3://b/p/task/f`` -> (``s3://b``, ``p/task/f``); ``file:x/y`` -> (``file:``, ``x/y``)."""
     if uri.startswith("s3://"):
         parsed = urlparse(uri)
         return f"s3://{parsed.netloc}", parsed.path.lstrip("/")
     if uri.startswith("file:"):
-        path = Path(
-            uri.removeprefix("file://") if uri.startswith("file://") else uri.removeprefix("file:")
-        )
-        return f"file:{path.anchor}", os.fspath(path.relative_to(path.anchor))
+        return "file:", uri.removeprefix("file://") if uri.startswith(
+            "file://"
+        ) else uri.removeprefix("file:")
     raise FetchError(f"unsupported weights URI {uri!r}")
 
 

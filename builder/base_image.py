@@ -1,0 +1,351 @@
+"""Build (and push) the inference base image from base-image/ through the docker SDK.
+
+The build is offline by construction: the wheels come from a wheelhouse on the host, checked
+against the hash-pinned requirements, and the engine builds with ``network_mode="none"``.
+The wheelhouse is filled by ``pip download`` on the host when it lacks files (unless
+``download=False``, for air-gapped sites, where a missing wheel is an error). The runner's
+own wheel is built from base-image/runner with the build backend from the same wheelhouse.
+
+The version lives in base-image/VERSION only: it becomes the tag ``<repository>:<version>``
+(``-cuda<version>`` appended for the GPU variant), the ``org.opencontainers.image.version``
+label and the runner package's version. The labels also carry the verbose-config schema
+versions the runner accepts, the ONNX Runtime version and the CUDA variant.
+
+No printing: progress goes to the optional callback, failures raise ImageError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from builder.errors import ImageError
+
+#: Progress callback: (what, done, total), as in the other stages.
+Progress = Callable[[str, int, int], None]
+
+BASE_DIR: Final = Path(__file__).resolve().parents[1] / "base-image"
+VARIANTS: Final = ("cpu", "gpu")
+DEFAULT_CUDA: Final = "13.0"  # onnxruntime-gpu 1.31 is built for CUDA 13
+LABEL_VERSION: Final = "org.opencontainers.image.version"
+LABEL_SCHEMAS: Final = "com.ivd.runner.config-schemas"
+LABEL_ORT: Final = "com.ivd.runner.onnxruntime"
+LABEL_CUDA: Final = "com.ivd.runner.cuda"
+LABEL_VARIANT: Final = "com.ivd.runner.variant"
+#: Verbose-config schema versions the runner in base-image/runner accepts.
+CONFIG_SCHEMAS: Final = "1"
+_VERSION_RE: Final = re.compile(r"^\d+\.\d+\.\d+(?:[-+.][0-9A-Za-z.]+)?$")
+_BUILD_TIMEOUT: Final = 1800
+_PIP_TIMEOUT: Final = 900
+
+
+@dataclass(frozen=True)
+class BaseImageBuild:
+    """The result of a base image build."""
+
+    reference: str  # <repository>:<tag>
+    image_id: str  # sha256:... of the image config
+    version: str
+    labels: dict[str, str]
+    variant: str = "cpu"
+    digest: str | None = None  # manifest digest in the registry, when pushed
+    log: list[str] = field(default_factory=list, repr=False)  # the engine's build output
+
+
+@dataclass(frozen=True)
+class Requirement:
+    name: str
+    version: str
+    hashes: frozenset[str]
+
+
+def read_version(base_dir: Path = BASE_DIR) -> str:
+    """The base image version from base-image/VERSION."""
+    path = base_dir / "VERSION"
+    try:
+        version = path.read_text().strip()
+    except OSError as exc:
+        raise ImageError(f"cannot read {path}: {exc.strerror}") from None
+    if not _VERSION_RE.match(version):
+        raise ImageError(f"{path}: {version!r} is not a version like 2.4.1")
+    return version
+
+
+def parse_requirements(path: Path) -> list[Requirement]:
+    """`name==version --hash=sha256:...` entries (continuation lines joined, comments dropped)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ImageError(f"cannot read {path}: {exc.strerror}") from None
+    joined = re.sub(r"\\\s*\n", " ", text)
+    reqs = []
+    for raw in joined.splitlines():
+        line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith("--hash") else raw
+        line = re.sub(r"\s#.*$", "", line).strip()
+        if not line:
+            continue
+        match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", line)
+        hashes = frozenset(re.findall(r"--hash=sha256:([0-9a-f]{64})", line))
+        if not match or not hashes:
+            raise ImageError(f"{path}: {line!r} is not `name==version --hash=sha256:...`")
+        reqs.append(Requirement(match.group(1).lower(), match.group(2), hashes))
+    return reqs
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _index(wheelhouse: Path) -> dict[str, Path]:
+    """sha256 -> wheel file of every wheel in the folder."""
+    return {_sha256(p): p for p in sorted(wheelhouse.glob("*.whl"))}
+
+
+def _platform_args(base_dir: Path) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, str(base_dir / "lock_requirements.py"), "--platform-args"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    if proc.returncode != 0:
+        raise ImageError(f"{base_dir / 'lock_requirements.py'} failed: {proc.stderr.strip()}")
+    return proc.stdout.split()
+
+
+def _pip(args: list[str], what: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                              timeout=_PIP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise ImageError(f"{what}: pip did not finish in {_PIP_TIMEOUT} s") from None
+    if proc.returncode != 0:
+        tail = " ".join(proc.stderr.strip().splitlines()[-3:])
+        raise ImageError(f"{what} failed: {tail}")
+
+
+def default_wheelhouse(variant: str) -> Path:
+    """Machine-wide wheelhouse cache: <user cache>/ivd-builder/wheelhouse/<variant>."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_path("ivd-builder")) / "wheelhouse" / variant
+
+
+def ensure_wheelhouse(
+    wheelhouse: Path,
+    requirements: Iterable[Path],
+    *,
+    download: bool = True,
+    base_dir: Path = BASE_DIR,
+    progress: Progress | None = None,
+) -> dict[str, Path]:
+    """Check (and with `download`, complete) the wheelhouse; return {sha256: wheel} for the pins.
+
+    Every pinned distribution must be present as a file whose sha256 is one of its hashes.
+    Missing ones are fetched with `pip download --require-hashes` for the image's platform.
+    """
+    reqs = [r for path in requirements for r in parse_requirements(path)]
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    have = _index(wheelhouse)
+    missing = [r for r in reqs if not r.hashes & have.keys()]
+    if missing and download:
+        if progress:
+            progress("wheelhouse", len(reqs) - len(missing), len(reqs))
+        files = list(requirements)
+        _pip(["download", "--no-deps", "--require-hashes", *_platform_args(base_dir),
+              *[a for f in files for a in ("-r", str(f))], "-d", str(wheelhouse)],
+             f"pip download into {wheelhouse}")
+        have = _index(wheelhouse)
+        missing = [r for r in reqs if not r.hashes & have.keys()]
+    if missing:
+        names = ", ".join(f"{r.name}=={r.version}" for r in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ImageError(
+            f"wheelhouse {wheelhouse} lacks {names}{more} (or holds files with other hashes)",
+            hint="run base-image/make-wheelhouse.sh on a connected host and copy the folder",
+        )
+    if progress:
+        progress("wheelhouse", len(reqs), len(reqs))
+    return {h: have[h] for r in reqs for h in sorted(r.hashes & have.keys())[:1]}
+
+
+def build_runner_wheel(wheelhouse: Path, out_dir: Path, version: str, base_dir: Path = BASE_DIR
+                       ) -> Path:
+    """Build tilerunner-<version>-py3-none-any.whl offline (backend from the wheelhouse)."""
+    _pip(["wheel", "--no-deps", "--no-index", "--find-links", str(wheelhouse),
+          "--wheel-dir", str(out_dir), str(base_dir / "runner")], "building the runner wheel")
+    wheel = out_dir / f"tilerunner-{version}-py3-none-any.whl"
+    if not wheel.is_file():
+        found = ", ".join(p.name for p in out_dir.glob("tilerunner-*.whl")) or "nothing"
+        raise ImageError(f"the runner wheel should be {wheel.name} but pip built {found}",
+                         hint="base-image/runner/VERSION must link to base-image/VERSION")
+    return wheel
+
+
+def _onnxruntime_version(reqs: list[Requirement], path: Path) -> str:
+    for r in reqs:
+        if r.name in ("onnxruntime", "onnxruntime-gpu"):
+            return r.version
+    raise ImageError(f"{path} pins no onnxruntime or onnxruntime-gpu")
+
+
+def _context(
+    tar_path: Path, base_dir: Path, requirements: Path, wheels: Iterable[Path]
+) -> None:
+    """The build context: Dockerfile, requirements.txt, wheels/ (only what the build uses)."""
+
+    def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        tf.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(tar_path, "w") as tf:
+        add(tf, "Dockerfile", (base_dir / "Dockerfile").read_bytes())
+        add(tf, "requirements.txt", requirements.read_bytes())
+        for wheel in sorted(set(wheels), key=lambda p: p.name):
+            info = tf.gettarinfo(str(wheel), arcname=f"wheels/{wheel.name}")
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            with wheel.open("rb") as fh:
+                tf.addfile(info, fh)
+
+
+def _run_build(docker_client: Any, context: Path, tag: str, buildargs: dict[str, str],
+               progress: Progress | None) -> tuple[str, list[str]]:
+    """Stream the engine's build; return (image id, output lines) or raise ImageError."""
+    from docker.errors import APIError, DockerException
+
+    log: list[str] = []
+    image_id = ""
+    steps = 0
+    try:
+        with context.open("rb") as fh:
+            stream = docker_client.api.build(
+                fileobj=fh, custom_context=True, tag=tag, buildargs=buildargs, rm=True,
+                forcerm=True, pull=False, decode=True, network_mode="none",
+                timeout=_BUILD_TIMEOUT,
+            )
+            for chunk in stream:
+                if "error" in chunk:
+                    detail = chunk.get("errorDetail", {}).get("message") or chunk["error"]
+                    tail = " | ".join(line for line in log[-3:] if line)
+                    raise ImageError(f"building {tag} failed: {' '.join(detail.split())}"
+                                     + (f" (after: {tail})" if tail else ""))
+                text = str(chunk.get("stream", "")).strip()
+                if text:
+                    log.extend(text.splitlines())
+                    step = re.match(r"Step (\d+)/(\d+)", text)
+                    if step and progress:
+                        steps = int(step.group(2))
+                        progress("build", int(step.group(1)), steps)
+                aux = chunk.get("aux") or {}
+                if aux.get("ID"):
+                    image_id = str(aux["ID"])
+    except (APIError, DockerException) as exc:
+        raise ImageError(f"building {tag} failed: {' '.join(str(exc).split())[:300]}") from None
+    if progress and steps:
+        progress("build", steps, steps)
+    if not image_id:
+        try:
+            image_id = str(docker_client.images.get(tag).id)
+        except Exception as exc:
+            raise ImageError(f"building {tag} gave no image: {exc}") from None
+    return image_id, log
+
+
+def _push(docker_client: Any, repository: str, tag: str, progress: Progress | None) -> str:
+    """Push and return the manifest digest the registry reported."""
+    from docker.errors import APIError, DockerException
+
+    digest = ""
+    try:
+        for chunk in docker_client.api.push(repository, tag=tag, stream=True, decode=True):
+            if "error" in chunk:
+                detail = chunk.get("errorDetail", {}).get("message") or chunk["error"]
+                raise ImageError(f"pushing {repository}:{tag} failed: {detail}",
+                                 hint="check the registry address and your docker login")
+            detail = chunk.get("progressDetail") or {}
+            if progress and detail.get("total"):
+                progress(f"push {chunk.get('id', '')}", int(detail.get("current", 0)),
+                         int(detail["total"]))
+            digest = str((chunk.get("aux") or {}).get("Digest") or digest)
+    except (APIError, DockerException) as exc:
+        raise ImageError(f"pushing {repository}:{tag} failed: {' '.join(str(exc).split())}"
+                         ) from None
+    if not digest:
+        raise ImageError(f"pushing {repository}:{tag}: the registry reported no digest")
+    return digest
+
+
+def build_base_image(
+    *,
+    docker_client: Any,
+    repository: str,
+    base_from: str,
+    wheelhouse: Path | None,
+    push: bool,
+    variant: str = "cpu",
+    cuda_version: str | None = None,
+    download: bool = True,
+    base_dir: Path = BASE_DIR,
+    progress: Progress | None = None,
+) -> BaseImageBuild:
+    """Build base-image/ as `<repository>:<version>` (and push it when `push`).
+
+    `base_from` is the Python 3.11 base (python:3.11-slim-bookworm, the test bed's stand-in,
+    or a CUDA runtime base for `variant="gpu"`). `wheelhouse` None means the machine-wide
+    cache (default_wheelhouse). Raises ImageError naming what failed.
+    """
+    if variant not in VARIANTS:
+        raise ImageError(f"unknown base image variant {variant!r} (cpu or gpu)")
+    if not repository or ":" in repository.rsplit("/", 1)[-1] or "@" in repository:
+        raise ImageError(f"repository {repository!r} must be a name without tag or digest",
+                         hint="e.g. registry.example.com/ivd/inference-base")
+    version = read_version(base_dir)
+    cuda = "none" if variant == "cpu" else (cuda_version or DEFAULT_CUDA)
+    tag = version if variant == "cpu" else f"{version}-cuda{cuda}"
+    requirements = base_dir / f"requirements-{variant}.txt"
+    build_reqs = base_dir / "requirements-build.txt"
+    reqs = parse_requirements(requirements)
+    ort = _onnxruntime_version(reqs, requirements)
+    house = wheelhouse or default_wheelhouse(variant)
+    pinned = ensure_wheelhouse(house, [requirements, build_reqs], download=download,
+                               base_dir=base_dir, progress=progress)
+    image_hashes = {h for r in reqs for h in r.hashes}
+    wheels = [p for h, p in pinned.items() if h in image_hashes]
+    labels = {
+        LABEL_VERSION: version,
+        LABEL_SCHEMAS: CONFIG_SCHEMAS,
+        LABEL_ORT: ort,
+        LABEL_CUDA: cuda,
+        LABEL_VARIANT: variant,
+    }
+    buildargs = {
+        "BASE_IMAGE": base_from, "VERSION": version, "ORT_VERSION": ort, "CUDA_VERSION": cuda,
+        "VARIANT": variant, "WHEELHOUSE": "wheels", "REQUIREMENTS": "requirements.txt",
+    }
+    reference = f"{repository}:{tag}"
+    with tempfile.TemporaryDirectory(prefix="ivd-base-image-") as tmp:
+        runner = build_runner_wheel(house, Path(tmp), version, base_dir)
+        context = Path(tmp) / "context.tar"
+        _context(context, base_dir, requirements, [*wheels, runner])
+        image_id, log = _run_build(docker_client, context, reference, buildargs, progress)
+    got = dict(docker_client.images.get(reference).labels or {})
+    wrong = {k: (got.get(k), v) for k, v in labels.items() if got.get(k) != v}
+    if wrong:
+        raise ImageError(f"{reference} was built with unexpected labels: {json.dumps(wrong)}")
+    digest = _push(docker_client, repository, tag, progress) if push else None
+    return BaseImageBuild(reference=reference, image_id=image_id, version=version, labels=got,
+                          variant=variant, digest=digest, log=log)
