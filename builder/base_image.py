@@ -90,8 +90,7 @@ def parse_requirements(path: Path) -> list[Requirement]:
     joined = re.sub(r"\\\s*\n", " ", text)
     reqs = []
     for raw in joined.splitlines():
-        line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith("--hash") else raw
-        line = re.sub(r"\s#.*$", "", line).strip()
+        line = re.sub(r"(^|\s)#.*$", "", raw).strip()
         if not line:
             continue
         match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", line)

@@ -14,7 +14,7 @@ from builder.cook import cook
 from builder.settings import load_settings
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_demo_registry import write_demo  # noqa: E402
+from make_demo_registry import write_demo
 
 
 def _tree(folder: Path) -> list[str]:

@@ -1,0 +1,165 @@
+"""`build`: the main job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from builder.cli._common import (
+    cli,
+    customer_options,
+    emit,
+    info,
+    json_option,
+    load_cli_settings,
+    progress_bar,
+    settings_options,
+)
+
+
+@cli.command()
+@customer_options
+@settings_options
+@click.option(
+    "--locked",
+    is_flag=True,
+    help="Use only the committed lock: no registry calls, pinned base digest.",
+)
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Never download weights; use the cache (with --locked: fully offline).",
+)
+@click.option(
+    "--allow-unpublished",
+    is_flag=True,
+    help="Development build: accept unpublished models (the image label says so).",
+)
+@click.option(
+    "--base-version", help="Build on this base version instead of customer.yaml's (fleet rebuilds)."
+)
+@click.option(
+    "--base-repository",
+    help="Base image repository (default: customer.yaml, then setting base_repository).",
+)
+@click.option(
+    "--registry", "image_registry", help="Registry for the image tags (setting image_registry)."
+)
+@click.option(
+    "--push",
+    is_flag=True,
+    help="Push to the registry: immutable <customer>:<base>-<rev> and moving <customer>:<base>.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Overwrite an immutable tag that points elsewhere (reported loudly).",
+)
+@click.option(
+    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
+)
+@click.option(
+    "--oci-layout",
+    type=click.Path(path_type=Path),
+    help="Also write the image into this OCI image layout folder.",
+)
+@click.option(
+    "--docker-archive",
+    type=click.Path(path_type=Path),
+    help="Also write a tar that `docker load` reads.",
+)
+@click.option(
+    "--load", is_flag=True, help="Load the image into the local Docker engine (DOCKER_HOST)."
+)
+@click.option("--jobs", default=4, show_default=True, help="Parallel downloads.")
+@click.option(
+    "--backend",
+    type=click.Choice(["oci", "docker"]),
+    default="oci",
+    show_default=True,
+    help="oci: no daemon, reproducible; docker: Dockerfile built by the engine (the familiar path, the benchmark baseline).",
+)
+@json_option
+def build(
+    customer: str,
+    ref: str,
+    worktree: bool,
+    locked: bool,
+    offline: bool,
+    allow_unpublished: bool,
+    base_version: str | None,
+    base_repository: str | None,
+    image_registry: str | None,
+    push: bool,
+    force: bool,
+    insecure_registry: bool,
+    oci_layout: Path | None,
+    docker_archive: Path | None,
+    load: bool,
+    jobs: int,
+    backend: str,
+    as_json: bool,
+    **overrides: Any,
+) -> None:
+    """Build CUSTOMER's image: cook the config, fetch weights, assemble on the base, deliver.
+
+    Without --push/--oci-layout/--docker-archive/--load the image is only assembled into the
+    local blob cache and its digest printed (a dry run that still proves reproducibility).
+    """
+    from dataclasses import asdict
+
+    from builder.pipeline import BuildRequest
+    from builder.pipeline import build as run_build
+
+    request = BuildRequest(
+        customer=customer,
+        ref=ref,
+        worktree=worktree,
+        locked=locked,
+        offline=offline,
+        allow_unpublished=allow_unpublished,
+        base_version=base_version,
+        base_repository=base_repository,
+        image_registry=image_registry,
+        push=push,
+        force=force,
+        insecure=True if insecure_registry else None,
+        oci_layout=oci_layout,
+        docker_archive=docker_archive,
+        load=load,
+        jobs=jobs,
+        backend=backend,
+    )
+    with progress_bar() as bar:
+        report = run_build(
+            request,
+            load_cli_settings(overrides),
+            progress=bar,
+            on_stage=lambda name: info(f"==> {name}"),
+        )
+
+    def human() -> None:
+        for warning in report.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(f"image     {report.image}")
+        click.echo(f"digest    {report.manifest_digest}")
+        click.echo(
+            f"base      {report.base['repository']}:{report.base['version']}@{report.base['digest']}"
+        )
+        click.echo(f"config    {report.config_commit}")
+        for layer in report.layers:
+            if layer.new:
+                click.echo(
+                    f"layer     {layer.name:<20} {layer.size:>12,} B  {layer.push or 'built'}"
+                )
+        click.echo(
+            f"uploaded  {report.bytes_uploaded:,} B   downloaded {report.bytes_downloaded:,} B"
+        )
+        for kind, where in report.outputs.items():
+            click.echo(f"{kind:<9} {where}")
+        if report.development:
+            click.echo("DEVELOPMENT BUILD: unpublished models; not for release", err=True)
+
+    emit("build", asdict(report), human)

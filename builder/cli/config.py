@@ -1,0 +1,192 @@
+"""Config commands: validate, expand, lock, schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from builder.cli._common import (
+    cli,
+    customer_options,
+    emit,
+    info,
+    json_option,
+    load_cli_settings,
+    progress_bar,
+    settings_options,
+)
+
+
+@cli.command()
+@customer_options
+@settings_options
+@json_option
+def validate(customer: str, ref: str, worktree: bool, as_json: bool, **overrides: Any) -> None:
+    """Check customer.yaml and the analysis YAML against their schemas (no registry calls)."""
+    from builder.load import load_customer
+
+    spec = load_customer(customer, load_cli_settings(overrides), ref=ref, worktree=worktree)
+    data = {
+        "customer": spec.customer,
+        "commit": spec.commit,
+        "base_version": spec.base_version,
+        "models": [m.__dict__ for m in spec.models],
+    }
+    emit(
+        "validate",
+        data,
+        lambda: click.echo(
+            f"{spec.customer}: valid at {spec.commit[:12]} ({len(spec.models)} models, base {spec.base_version})"
+        ),
+    )
+
+
+@cli.command()
+@customer_options
+@settings_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Write the verbose config to this file instead of stdout.",
+)
+@click.option(
+    "--allow-unpublished", is_flag=True, help="Accept unpublished models (development builds)."
+)
+@click.option("--locked", is_flag=True, help="Use the committed lock instead of the registry.")
+@json_option
+def expand(
+    customer: str,
+    ref: str,
+    worktree: bool,
+    output: Path | None,
+    allow_unpublished: bool,
+    locked: bool,
+    as_json: bool,
+    **overrides: Any,
+) -> None:
+    """Print the verbose analysis config the runner loads."""
+    from builder.cook import cook
+
+    cooked = cook(
+        customer,
+        load_cli_settings(overrides),
+        ref=ref,
+        worktree=worktree,
+        locked=locked,
+        allow_unpublished=allow_unpublished,
+    )
+    text = cooked.verbose_yaml
+    if output:
+        from builder.fsutil import write_atomic
+
+        write_atomic(output, text)
+    for warning in cooked.warnings:
+        info(f"warning: {warning}")
+
+    def human() -> None:
+        if output:
+            click.echo(f"wrote {output}")
+        else:
+            click.echo(text.decode("utf-8"), nl=False)
+
+    emit(
+        "expand",
+        {
+            "customer": cooked.spec.customer,
+            "commit": cooked.spec.commit,
+            "config": cooked.verbose,
+            "output": str(output) if output else None,
+        },
+        human,
+    )
+
+
+@cli.command()
+@customer_options
+@settings_options
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Do not write; exit non-zero and list what drifted from the committed lock.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Write the lock here instead of next to customer.yaml.",
+)
+@click.option(
+    "--allow-unpublished", is_flag=True, help="Lock unpublished models (development only)."
+)
+@click.option(
+    "--base-repository",
+    help="Base image repository (default: customer.yaml, then setting base_repository).",
+)
+@click.option(
+    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
+)
+@json_option
+def lock(
+    customer: str,
+    ref: str,
+    worktree: bool,
+    check: bool,
+    output: Path | None,
+    allow_unpublished: bool,
+    base_repository: str | None,
+    insecure_registry: bool,
+    as_json: bool,
+    **overrides: Any,
+) -> None:
+    """Pin every input (models, weights sha256, base digest) in customer.lock.yaml."""
+    from builder.cook import cook, make_customer_lock
+    from builder.fetch import Cache
+    from builder.pipeline import try_resolve_base
+
+    settings = load_cli_settings(overrides)
+    cooked = cook(
+        customer, settings, ref=ref, worktree=worktree, allow_unpublished=allow_unpublished
+    )
+    base, note = try_resolve_base(
+        cooked.spec, settings, repository=base_repository, insecure=insecure_registry or None
+    )
+    if note:
+        info(f"note: {note}")
+    with progress_bar() as bar:
+        result = make_customer_lock(
+            cooked,
+            Cache(settings.cache_dir / "weights"),
+            base=base,
+            check=check,
+            output=output,
+            progress=bar,
+        )
+    message = f"{cooked.spec.customer}: lock matches" if check else f"wrote {result.path}"
+    emit(
+        "lock",
+        {
+            "path": str(result.path) if result.path else None,
+            "lock": result.lock,
+            "drift": list(result.drift),
+        },
+        lambda: click.echo(message),
+    )
+
+
+@cli.command()
+@click.argument("name", required=False)
+@json_option
+def schema(name: str | None, as_json: bool) -> None:
+    """Print a JSON Schema (customer, analysis-short, analysis-verbose); no NAME lists them."""
+    from builder import yamldoc
+
+    if name is None:
+        names = yamldoc.schema_names()
+        emit("schema", {"schemas": names}, lambda: click.echo("\n".join(names)))
+        return
+    document = yamldoc.schema(name)
+    emit("schema", document, lambda: click.echo(json.dumps(document, indent=2)))

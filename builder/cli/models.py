@@ -1,0 +1,114 @@
+"""Model commands: publish, models list."""
+
+from __future__ import annotations
+
+import click
+
+from builder.cli._common import (
+    cli,
+    emit,
+    json_option,
+    load_cli_settings,
+    progress_bar,
+)
+
+
+@cli.command()
+@click.argument("model_id")
+@click.option(
+    "--bucket",
+    "production",
+    help="Production store (s3://bucket[/prefix] or file:<folder>); setting production.",
+)
+@click.option("--model-registry", help="'clearml' or 'local:<folder>' (setting model_registry).")
+@click.option(
+    "--dry-run", is_flag=True, help="Verify and show what would be copied; change nothing."
+)
+@json_option
+def publish(
+    model_id: str, production: str | None, model_registry: str | None, dry_run: bool, as_json: bool
+) -> None:
+    """Promote MODEL_ID to production: copy its weights under <task id>/, verify, mark published.
+
+    Refuses a model whose training task did not complete, and never overwrites production
+    weights. Safe to re-run: a finished publish changes nothing, an interrupted one completes.
+    """
+    from dataclasses import asdict
+
+    from builder.publish import publish as run_publish
+    from builder.registries import open_registry
+
+    settings = load_cli_settings({"production": production, "model_registry": model_registry})
+    with progress_bar() as bar:
+        result = run_publish(
+            model_id,
+            open_registry(settings.model_registry),
+            settings.production,
+            dry_run=dry_run,
+            base=settings.root,
+            progress=bar,
+        )
+
+    def human() -> None:
+        for f in result.files:
+            click.echo(f"{f.action:<10} {f.name}  {f.size:,} B  sha256 {f.sha256}")
+        if dry_run:
+            click.echo(f"dry run: nothing changed ({result.destination})")
+        else:
+            state = "marked published" if result.marked_published else "was already published"
+            click.echo(f"{result.model_id}: weights verified at {result.destination}; {state}")
+
+    emit("publish", asdict(result), human)
+
+
+@cli.group()
+def models() -> None:
+    """Look up models in the registry."""
+
+
+@models.command("list")
+@click.option("--project", help="Only models of this project (id).")
+@click.option("--published", is_flag=True, default=None, help="Only published models.")
+@click.option("--model-registry", help="'clearml' or 'local:<folder>' (setting model_registry).")
+@click.option("--production", help="Production store to check presence in (setting production).")
+@json_option
+def models_list(
+    project: str | None,
+    published: bool | None,
+    model_registry: str | None,
+    production: str | None,
+    as_json: bool,
+) -> None:
+    """List models with id, name, task, published state and production presence."""
+    from builder.publish import production_presence
+    from builder.registries import open_registry
+    from builder.storage import open_store
+
+    settings = load_cli_settings({"model_registry": model_registry, "production": production})
+    registry = open_registry(settings.model_registry)
+    store = open_store(settings.production, settings.root) if settings.production else None
+    rows = []
+    for m in registry.list_models(project=project, published=published):
+        presence = (
+            production_presence(store, m.task) if store else {"in_production": None, "files": 0}
+        )
+        rows.append(
+            {
+                "id": m.id,
+                "name": m.name,
+                "task": m.task,
+                "published": m.ready,
+                "project": m.project,
+                **presence,
+            }
+        )
+
+    def human() -> None:
+        click.echo(f"{'ID':<36}  {'NAME':<24} {'TASK':<32}  PUBLISHED  IN PRODUCTION")
+        for r in rows:
+            click.echo(
+                f"{r['id']:<36}  {r['name'][:24]:<24} {r['task']:<32}  "
+                f"{'yes' if r['published'] else 'no':<9}  {'yes' if r['in_production'] else 'no'}"
+            )
+
+    emit("models list", {"models": rows}, human)
