@@ -39,7 +39,13 @@ analyses:
 """
 
 
-def commit_files(repo_dir: Path, files: Mapping[str, str | bytes | None], message: str, *, when: int = 1_700_000_000) -> str:
+def commit_files(
+    repo_dir: Path,
+    files: Mapping[str, str | bytes | None],
+    message: str,
+    *,
+    when: int = 1_700_000_000,
+) -> str:
     """Write (or delete, for None) files and commit them with a fixed date; returns the commit id."""
     repo = git.Repo.init(repo_dir) if not (repo_dir / ".git").exists() else git.Repo(repo_dir)
     for rel, content in files.items():
@@ -52,16 +58,29 @@ def commit_files(repo_dir: Path, files: Mapping[str, str | bytes | None], messag
         repo.index.add([rel])
     date = f"{when} +0000"
     actor = git.Actor("Test Author", "author@example.com")
-    commit = repo.index.commit(message, author=actor, committer=actor, author_date=date, commit_date=date)
+    commit = repo.index.commit(
+        message, author=actor, committer=actor, author_date=date, commit_date=date
+    )
     return commit.hexsha
 
 
-def customer_repo(path: Path, *, name: str = "customer-x", base: str = "~=2.4", carcinoma: str, mitosis: str, threshold: float = 0.5, when: int = 1_700_000_000) -> Path:
+def customer_repo(
+    path: Path,
+    *,
+    name: str = "customer-x",
+    base: str = "~=2.4",
+    carcinoma: str,
+    mitosis: str,
+    threshold: float = 0.5,
+    when: int = 1_700_000_000,
+) -> Path:
     commit_files(
         path,
         {
             "customer.yaml": CUSTOMER_YAML.format(name=name, base=base),
-            "analysis.yaml": ANALYSIS_YAML.format(carcinoma=carcinoma, mitosis=mitosis, threshold=threshold),
+            "analysis.yaml": ANALYSIS_YAML.format(
+                carcinoma=carcinoma, mitosis=mitosis, threshold=threshold
+            ),
         },
         "initial config",
         when=when,
@@ -69,11 +88,19 @@ def customer_repo(path: Path, *, name: str = "customer-x", base: str = "~=2.4", 
     return path
 
 
-def run_cli(*args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the real `builder` CLI in a subprocess (the ClearML SDK keeps process-wide state)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "builder", *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout, check=False
+        [sys.executable, "-m", "builder", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -89,7 +116,9 @@ DESIGN = (
 )
 
 
-def model_record(model_id: str, task_id: str, *, name: str, ready: bool = True, design: str = DESIGN) -> dict[str, object]:
+def model_record(
+    model_id: str, task_id: str, *, name: str, ready: bool = True, design: str = DESIGN
+) -> dict[str, object]:
     """A model record in ClearML's shape (the local registry and the emulator share it)."""
     return {
         "id": model_id,
@@ -105,20 +134,32 @@ def model_record(model_id: str, task_id: str, *, name: str, ready: bool = True, 
 
 
 def task_record(task_id: str, *, status: str = "completed") -> dict[str, object]:
-    return {"id": task_id, "name": f"train {task_id[:6]}", "type": "training", "status": status, "project": "pathology"}
+    return {
+        "id": task_id,
+        "name": f"train {task_id[:6]}",
+        "type": "training",
+        "status": status,
+        "project": "pathology",
+    }
 
 
-def write_local_registry(folder: Path, models: list[dict[str, object]], tasks: list[dict[str, object]]) -> Path:
+def write_local_registry(
+    folder: Path, models: list[dict[str, object]], tasks: list[dict[str, object]]
+) -> Path:
     import yaml
 
     for kind, records in (("models", models), ("tasks", tasks)):
         (folder / kind).mkdir(parents=True, exist_ok=True)
         for record in records:
-            (folder / kind / f"{record['id']}.yaml").write_text(yaml.safe_dump(record, sort_keys=True))
+            (folder / kind / f"{record['id']}.yaml").write_text(
+                yaml.safe_dump(record, sort_keys=True)
+            )
     return folder
 
 
-def write_production(folder: Path, task_id: str, files: Mapping[str, bytes], *, manifest: bool = True) -> None:
+def write_production(
+    folder: Path, task_id: str, files: Mapping[str, bytes], *, manifest: bool = True
+) -> None:
     """A production folder for one task, with the publish manifest `builder publish` writes."""
     import hashlib
     import json
@@ -127,5 +168,10 @@ def write_production(folder: Path, task_id: str, files: Mapping[str, bytes], *, 
     for name, data in files.items():
         (folder / task_id / name).write_bytes(data)
     if manifest:
-        entries = [{"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in sorted(files.items())]
-        (folder / task_id / "publish-manifest.json").write_text(json.dumps({"manifest_version": 1, "task_id": task_id, "files": entries}))
+        entries = [
+            {"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+            for n, d in sorted(files.items())
+        ]
+        (folder / task_id / "publish-manifest.json").write_text(
+            json.dumps({"manifest_version": 1, "task_id": task_id, "files": entries})
+        )

@@ -41,7 +41,8 @@ def base_images(docker_engine: Any, oci_registry: Any, base_os_image: str) -> st
     client = docker_engine.client()
     repository = f"{oci_registry.host}/{BASE_REPO}"
     for version, schemas in BASE_VERSIONS.items():
-        dockerfile = f'FROM {base_os_image}\nLABEL com.ivd.runner.config-schemas="{schemas}" org.opencontainers.image.version="{version}"\n'
+        labels = f'com.ivd.runner.config-schemas="{schemas}" org.opencontainers.image.version="{version}"'
+        dockerfile = f"FROM {base_os_image}\nLABEL {labels}\n"
         client.images.build(
             fileobj=io.BytesIO(dockerfile.encode()),
             tag=f"{repository}:{version}",

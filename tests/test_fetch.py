@@ -62,7 +62,9 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> int:
 def test_file_source_is_cached_and_verified(tmp_path: Path) -> None:
     data = os.urandom(300_000)
     (tmp_path / "w.onnx").write_bytes(data)
-    wf = WeightFile(name="w.onnx", uri=f"file:{tmp_path / 'w.onnx'}", size=len(data), sha256=_sha(data))
+    wf = WeightFile(
+        name="w.onnx", uri=f"file:{tmp_path / 'w.onnx'}", size=len(data), sha256=_sha(data)
+    )
     cache = Cache(tmp_path / "cache")
     first = fetch((_model(wf),), cache, manual_files={})
     assert first.bytes_downloaded == len(data)
@@ -103,17 +105,29 @@ def test_offline_needs_the_cache(tmp_path: Path) -> None:
 def test_s3_parallel_ranged_download(s3: Any, tmp_path: Path, small_chunks: int) -> None:
     data = os.urandom(small_chunks * 7 + 123)
     s3.put_object(Bucket=BUCKET, Key="task1/model.onnx", Body=data)
-    wf = WeightFile(name="model.onnx", uri=f"s3://{BUCKET}/task1/model.onnx", size=len(data), sha256=_sha(data))
+    wf = WeightFile(
+        name="model.onnx", uri=f"s3://{BUCKET}/task1/model.onnx", size=len(data), sha256=_sha(data)
+    )
     seen: list[int] = []
-    result = fetch((_model(wf),), Cache(tmp_path / "cache"), manual_files={}, jobs=4, progress=lambda _l, done, _t: seen.append(done))
+    result = fetch(
+        (_model(wf),),
+        Cache(tmp_path / "cache"),
+        manual_files={},
+        jobs=4,
+        progress=lambda _l, done, _t: seen.append(done),
+    )
     assert result.files[0].path.read_bytes() == data
     assert max(seen) == len(data)
 
 
-def test_s3_interrupted_download_resumes(s3: Any, tmp_path: Path, small_chunks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_interrupted_download_resumes(
+    s3: Any, tmp_path: Path, small_chunks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = os.urandom(small_chunks * 6)
     s3.put_object(Bucket=BUCKET, Key="task1/big.bin", Body=data)
-    wf = WeightFile(name="big.bin", uri=f"s3://{BUCKET}/task1/big.bin", size=len(data), sha256=_sha(data))
+    wf = WeightFile(
+        name="big.bin", uri=f"s3://{BUCKET}/task1/big.bin", size=len(data), sha256=_sha(data)
+    )
     cache = Cache(tmp_path / "cache")
     real_stream = S3Store.stream
 
@@ -129,10 +143,19 @@ def test_s3_interrupted_download_resumes(s3: Any, tmp_path: Path, small_chunks: 
     monkeypatch.setattr(S3Store, "stream", real_stream)
 
     fetched: list[tuple[int, int]] = []
-    monkeypatch.setattr(S3Store, "stream", lambda self, key, start, end: (fetched.append((start, end)), real_stream(self, key, start, end))[1])
+    monkeypatch.setattr(
+        S3Store,
+        "stream",
+        lambda self, key, start, end: (
+            fetched.append((start, end)),
+            real_stream(self, key, start, end),
+        )[1],
+    )
     result = fetch((_model(wf),), cache, manual_files={}, jobs=1)
     assert result.files[0].path.read_bytes() == data
-    assert min(start for start, _ in fetched) == small_chunks * 3  # the first three chunks were kept
+    assert (
+        min(start for start, _ in fetched) == small_chunks * 3
+    )  # the first three chunks were kept
 
 
 def test_s3_missing_object(s3: Any, tmp_path: Path) -> None:
@@ -141,7 +164,9 @@ def test_s3_missing_object(s3: Any, tmp_path: Path) -> None:
         fetch((_model(wf),), Cache(tmp_path / "cache"), manual_files={})
 
 
-def test_s3_endpoint_down_gives_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_endpoint_down_gives_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
@@ -168,7 +193,15 @@ def test_two_processes_share_the_cache(s3: Any, s3_server: Any, tmp_path: Path) 
         "print(r.files[0].path)\n"
     )
     env = {**os.environ, **s3_server.env(), "PYTHONPATH": str(Path(__file__).parent)}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache")], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "cache")],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outputs[0] == outputs[1] and Path(outputs[0]).read_bytes() == data

@@ -39,7 +39,9 @@ def clearml(clearml_server: Any) -> Iterator[Any]:
     record = model_record(MODEL, TASK, name="carcinoma v4", ready=False)
     record["uri"] = f"s3://{TRAINING}/{TASK}/models/model.onnx"
     clearml_server.add_model(record)
-    clearml_server.add_model(model_record(RUNNING_MODEL, RUNNING_TASK, name="still training", ready=False))
+    clearml_server.add_model(
+        model_record(RUNNING_MODEL, RUNNING_TASK, name="still training", ready=False)
+    )
     clearml_server.add_task(task_record(TASK))
     clearml_server.add_task(task_record(RUNNING_TASK, status="in_progress"))
     clearml_server.clear_journal()
@@ -49,7 +51,13 @@ def clearml(clearml_server: Any) -> Iterator[Any]:
 
 @pytest.fixture
 def env(clearml_env: dict[str, str], s3_server: Any, tmp_path: Path) -> dict[str, str]:
-    return {**clearml_env, **s3_server.env(), "BUILDER_MODEL_REGISTRY": "clearml", "BUILDER_PRODUCTION": f"s3://{PROD}", "BUILDER_CACHE_DIR": str(tmp_path / "cache")}
+    return {
+        **clearml_env,
+        **s3_server.env(),
+        "BUILDER_MODEL_REGISTRY": "clearml",
+        "BUILDER_PRODUCTION": f"s3://{PROD}",
+        "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
+    }
 
 
 def _publish(env: dict[str, str], *args: str) -> Any:
@@ -60,12 +68,27 @@ def test_publish_copies_verifies_then_marks(s3: Any, clearml: Any, env: dict[str
     result = _publish(env, MODEL)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)["result"]
-    assert doc["files"] == [{"name": "model.onnx", "size": len(WEIGHTS), "sha256": hashlib.sha256(WEIGHTS).hexdigest(), "action": "copied"}]
+    assert doc["files"] == [
+        {
+            "name": "model.onnx",
+            "size": len(WEIGHTS),
+            "sha256": hashlib.sha256(WEIGHTS).hexdigest(),
+            "action": "copied",
+        }
+    ]
     assert doc["marked_published"] is True
     assert s3.get_object(Bucket=PROD, Key=f"{TASK}/model.onnx")["Body"].read() == WEIGHTS
-    manifest = json.loads(s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["Body"].read())
-    assert manifest["model_id"] == MODEL and manifest["files"][0]["sha256"] == hashlib.sha256(WEIGHTS).hexdigest()
-    bodies = [{k: v for k, v in c["body"].items() if k != "method"} for c in clearml.calls("models.set_ready")]
+    manifest = json.loads(
+        s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["Body"].read()
+    )
+    assert (
+        manifest["model_id"] == MODEL
+        and manifest["files"][0]["sha256"] == hashlib.sha256(WEIGHTS).hexdigest()
+    )
+    bodies = [
+        {k: v for k, v in c["body"].items() if k != "method"}
+        for c in clearml.calls("models.set_ready")
+    ]
     assert bodies == [{"model": MODEL, "publish_task": False}]
     assert clearml.model(MODEL)["ready"] is True
 
@@ -76,7 +99,11 @@ def test_publish_again_changes_nothing(s3: Any, clearml: Any, env: dict[str, str
     again = _publish(env, MODEL)
     assert again.returncode == 0, again.stderr
     doc = json.loads(again.stdout)["result"]
-    assert doc["files"][0]["action"] == "present" and not doc["manifest_written"] and not doc["marked_published"]
+    assert (
+        doc["files"][0]["action"] == "present"
+        and not doc["manifest_written"]
+        and not doc["marked_published"]
+    )
     assert s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["LastModified"] == before
 
 
@@ -90,7 +117,10 @@ def test_dry_run_changes_nothing(s3: Any, clearml: Any, env: dict[str, str]) -> 
 
 def test_unknown_model(s3: Any, clearml: Any, env: dict[str, str]) -> None:
     result = _publish(env, "deadbeef" * 4)
-    assert result.returncode == 3 and "not found in ClearML" in json.loads(result.stdout)["error"]["message"]
+    assert (
+        result.returncode == 3
+        and "not found in ClearML" in json.loads(result.stdout)["error"]["message"]
+    )
 
 
 def test_task_not_completed_is_refused(s3: Any, clearml: Any, env: dict[str, str]) -> None:
@@ -115,7 +145,14 @@ def test_destination_conflict_is_refused(s3: Any, clearml: Any, env: dict[str, s
 
 
 def test_s3_unreachable(clearml: Any, env: dict[str, str]) -> None:
-    result = _publish({**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}, MODEL)
+    result = _publish(
+        {
+            **env,
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+            "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
+        },
+        MODEL,
+    )
     assert result.returncode == 5 and "S3 endpoint unreachable" in result.stdout
     assert clearml.calls("models.set_ready") == []
 
@@ -125,14 +162,18 @@ def test_clearml_unreachable(s3: Any, env: dict[str, str]) -> None:
     assert result.returncode == 3 and "ClearML" in result.stdout
 
 
-def test_interrupted_between_copy_and_mark_completes_on_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_between_copy_and_mark_completes_on_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Local backend, in process: a crash injected after the copy, then a clean re-run."""
     source = tmp_path / "training" / "model.onnx"
     source.parent.mkdir()
     source.write_bytes(WEIGHTS)
     record = model_record(MODEL, TASK, name="m", ready=False)
     record["uri"] = f"file:{source}"
-    registry = LocalRegistry(write_local_registry(tmp_path / "registry", [record], [task_record(TASK)]))
+    registry = LocalRegistry(
+        write_local_registry(tmp_path / "registry", [record], [task_record(TASK)])
+    )
     production = f"file:{tmp_path / 'production'}"
 
     def crash(self: LocalRegistry, model_id: str) -> bool:
@@ -143,7 +184,9 @@ def test_interrupted_between_copy_and_mark_completes_on_rerun(tmp_path: Path, mo
         with pytest.raises(FetchError, match="injected"):
             publish(MODEL, registry, production)
     assert (tmp_path / "production" / TASK / "model.onnx").read_bytes() == WEIGHTS
-    assert registry.get_model(MODEL).ready is False  # never published without the copy, nor before it
+    assert (
+        registry.get_model(MODEL).ready is False
+    )  # never published without the copy, nor before it
 
     rerun = publish(MODEL, registry, production)
     assert [f.action for f in rerun.files] == ["present"] and rerun.marked_published

@@ -12,7 +12,17 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import CARCINOMA_ID, CARCINOMA_TASK, MITOSIS_ID, MITOSIS_TASK, customer_repo, model_record, run_cli, task_record, write_production
+from helpers import (
+    CARCINOMA_ID,
+    CARCINOMA_TASK,
+    MITOSIS_ID,
+    MITOSIS_TASK,
+    customer_repo,
+    model_record,
+    run_cli,
+    task_record,
+    write_production,
+)
 
 #: The CLI must answer well within this, whatever the server does (retries and deadline capped).
 CLI_BOUND = 45
@@ -40,7 +50,12 @@ def env(clearml_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     production = tmp_path / "production"
     write_production(production, CARCINOMA_TASK, {"model.onnx": b"c"})
     write_production(production, MITOSIS_TASK, {"model.onnx": b"m"})
-    return {**clearml_env, "BUILDER_MODEL_REGISTRY": "clearml", "BUILDER_PRODUCTION": f"file:{production}", "BUILDER_CACHE_DIR": str(tmp_path / "cache")}
+    return {
+        **clearml_env,
+        "BUILDER_MODEL_REGISTRY": "clearml",
+        "BUILDER_PRODUCTION": f"file:{production}",
+        "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
+    }
 
 
 def _repo(tmp_path: Path, carcinoma: str = CARCINOMA_ID, mitosis: str = MITOSIS_ID) -> str:
@@ -62,12 +77,20 @@ def test_expand_resolves_through_the_sdk(clearml: Any, env: dict[str, str], tmp_
 
 
 def test_unknown_model_id(clearml: Any, env: dict[str, str], tmp_path: Path) -> None:
-    result = run_cli("expand", _repo(tmp_path, carcinoma="deadbeef" * 4), env=env, timeout=CLI_BOUND)
+    result = run_cli(
+        "expand", _repo(tmp_path, carcinoma="deadbeef" * 4), env=env, timeout=CLI_BOUND
+    )
     assert result.returncode == 3
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: model {'deadbeef' * 4} not found in ClearML")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: model {'deadbeef' * 4} not found in ClearML")
+    )
 
 
-def test_unpublished_model_needs_allow_unpublished(clearml: Any, env: dict[str, str], tmp_path: Path) -> None:
+def test_unpublished_model_needs_allow_unpublished(
+    clearml: Any, env: dict[str, str], tmp_path: Path
+) -> None:
     repo = _repo(tmp_path, mitosis=DASHLESS_ID)  # a real-style 32-hex id without dashes
     refused = run_cli("expand", repo, env=env, timeout=CLI_BOUND)
     assert refused.returncode == 4 and f"({DASHLESS_ID}) is not published" in refused.stderr
@@ -76,7 +99,12 @@ def test_unpublished_model_needs_allow_unpublished(clearml: Any, env: dict[str, 
 
 
 def test_bad_credentials(clearml: Any, env: dict[str, str], tmp_path: Path) -> None:
-    result = run_cli("expand", _repo(tmp_path), env={**env, "CLEARML_API_SECRET_KEY": "wrong-secret-123"}, timeout=CLI_BOUND)
+    result = run_cli(
+        "expand",
+        _repo(tmp_path),
+        env={**env, "CLEARML_API_SECRET_KEY": "wrong-secret-123"},
+        timeout=CLI_BOUND,
+    )
     assert result.returncode == 3 and "rejected the credentials" in result.stderr
     assert "wrong-secret-123" not in result.stderr + result.stdout
 
@@ -89,7 +117,9 @@ def test_no_api_host_is_refused(env: dict[str, str], tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fault", ["http500", "http503", "drop", "hang"])
-def test_failing_server_gives_a_bounded_clear_error(clearml: Any, env: dict[str, str], tmp_path: Path, fault: str) -> None:
+def test_failing_server_gives_a_bounded_clear_error(
+    clearml: Any, env: dict[str, str], tmp_path: Path, fault: str
+) -> None:
     repo = _repo(tmp_path)
     clearml.set_fault(fault)
     result = run_cli("expand", repo, env=env, timeout=CLI_BOUND)
@@ -99,5 +129,10 @@ def test_failing_server_gives_a_bounded_clear_error(clearml: Any, env: dict[str,
 
 
 def test_server_not_running(env: dict[str, str], tmp_path: Path) -> None:
-    result = run_cli("expand", _repo(tmp_path), env={**env, "CLEARML_API_HOST": "http://127.0.0.1:9"}, timeout=CLI_BOUND)
+    result = run_cli(
+        "expand",
+        _repo(tmp_path),
+        env={**env, "CLEARML_API_HOST": "http://127.0.0.1:9"},
+        timeout=CLI_BOUND,
+    )
     assert result.returncode == 3 and "ClearML" in result.stderr
