@@ -1,0 +1,79 @@
+"""`builder base build`: the versioned inference base image (base-image/)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from builder.cli._common import cli, emit, info, json_option, load_cli_settings, progress_bar
+
+
+@cli.group()
+def base() -> None:
+    """The inference base image: ONNX Runtime + the tile runner, version in base-image/VERSION."""
+
+
+@base.command("build")
+@click.option("--repository", help="Image repository (default: setting base_repository).")
+@click.option(
+    "--from",
+    "base_from",
+    default="python:3.11-slim-bookworm",
+    show_default=True,
+    help="The Python 3.11 image to build on (a CUDA runtime base for --variant gpu).",
+)
+@click.option("--variant", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--cuda-version", help="CUDA version of a gpu base (recorded in the labels).")
+@click.option(
+    "--wheelhouse",
+    type=click.Path(path_type=Path),
+    help="Folder of hash-pinned wheels (default: a machine-wide cache filled with pip download).",
+)
+@click.option(
+    "--offline", is_flag=True, help="Never run pip download; the wheelhouse must be complete."
+)
+@click.option("--push", is_flag=True, help="Push <repository>:<version> to its registry.")
+@json_option
+def base_build(
+    repository: str | None,
+    base_from: str,
+    variant: str,
+    cuda_version: str | None,
+    wheelhouse: Path | None,
+    offline: bool,
+    push: bool,
+    as_json: bool,
+) -> None:
+    """Build (and push) the base image with the Docker engine (DOCKER_HOST), offline inside."""
+    import docker
+
+    from builder.base_image import build_base_image
+
+    settings = load_cli_settings({})
+    info(f"==> building {repository or settings.base_repository} from {base_from} ({variant})")
+    with progress_bar() as bar:
+        result = build_base_image(
+            docker_client=docker.from_env(timeout=1800),
+            repository=repository or settings.base_repository,
+            base_from=base_from,
+            wheelhouse=wheelhouse,
+            push=push,
+            variant=variant,
+            cuda_version=cuda_version,
+            download=not offline,
+            progress=bar,
+        )
+
+    def human() -> None:
+        click.echo(f"image     {result.reference}")
+        click.echo(f"id        {result.image_id}")
+        if result.digest:
+            click.echo(f"pushed    {result.reference}@{result.digest}")
+        for key, value in sorted(result.labels.items()):
+            click.echo(f"label     {key}={value}")
+
+    data: dict[str, Any] = {k: v for k, v in asdict(result).items() if k != "log"}
+    emit("base build", data, human)

@@ -1,0 +1,137 @@
+"""The main job on the bundled demo, end to end, with real components only.
+
+1. a Docker engine (reused, or a private dockerd) and a CNCF registry on loopback;
+2. the base OS image (debootstrap'ed Debian bookworm, standing in for python:3.11-slim-bookworm);
+3. `builder base build --push`: the inference base image, offline inside, from a host wheelhouse;
+4. `build customer-x --push --load --oci-layout out/...`: the customer image from customers/
+   with the bundled local model registry (demo/registry) and weights folder (demo/production);
+5. `docker run` of that image on a synthetic sample slide, mounted read-only.
+
+Everything it makes lands under out/demo/. The registry is temporary; the image stays in the
+Docker engine and as an OCI layout folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from testbed.base_os import ensure_base_image  # noqa: E402
+from testbed.docker_engine import ensure_engine  # noqa: E402
+from testbed.registry import start_registry  # noqa: E402
+
+OUT = ROOT / "out" / "demo"
+CUSTOMER = "customer-x"
+RUNNER_UID = 10001  # the base image's non-root user
+
+
+def step(message: str) -> None:
+    print(f"\n=== {message}", flush=True)
+
+
+def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a command, showing its progress; stop the demo with its message if it fails."""
+    result = subprocess.run(args, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, check=False)
+    print(result.stdout, end="", flush=True)
+    if result.returncode != 0:
+        sys.exit(
+            f"demo: `{' '.join(args[:3])} ...` failed (exit {result.returncode}); see the message above"
+        )
+    return result
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    step("starting a Docker engine and a registry on loopback")
+    engine = ensure_engine()
+    registry = start_registry()
+    try:
+        env = {
+            **os.environ,
+            **engine.env(),
+            "BUILDER_IMAGE_REGISTRY": registry.host,
+            "BUILDER_BASE_REPOSITORY": f"{registry.host}/ivd/inference-base",
+            "BUILDER_CACHE_DIR": str(ROOT / ".cache" / "builder"),
+        }
+        builder = [sys.executable, "-m", "builder"]
+        step(
+            "base OS image (debootstrap'ed Debian bookworm + Python 3.11; cached after the first run)"
+        )
+        base_os = ensure_base_image(engine)
+        print(base_os)
+
+        step(
+            "builder base build --push  (ONNX Runtime + tile runner, installed offline from a wheelhouse)"
+        )
+        run(*builder, "base", "build", "--from", base_os, "--push", env=env)
+
+        step(
+            f"build {CUSTOMER} --push --load  (bundled demo registry and weights; demo models, NOT clinical)"
+        )
+        layout = OUT / f"{CUSTOMER}.oci"
+        built = run(
+            *builder,
+            "build",
+            CUSTOMER,
+            "--push",
+            "--load",
+            "--oci-layout",
+            str(layout),
+            "--json",
+            env=env,
+        )
+        report = json.loads(built.stdout)["result"]
+
+        step("sample slide: a synthetic pyramidal TIFF with known carcinoma regions and mitoses")
+        slides = OUT / "slides"
+        slide = slides / "demo-slide.tiff"
+        if not slide.exists():
+            run(
+                sys.executable,
+                "-m",
+                "tilerunner",
+                "demo",
+                "slide",
+                str(slide),
+                "--size",
+                "8192",
+                env=env,
+            )
+
+        step(f"docker run {report['image']} run /slides/{slide.name}")
+        results = OUT / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        os.chown(results, RUNNER_UID, RUNNER_UID)
+        run(
+            "docker", "run", "--rm", "--network", "none",
+            "-v", f"{slides}:/slides:ro", "-v", f"{results}:/out",
+            report["image"], "run", f"/slides/{slide.name}", "--out", "/out/demo-slide", "--no-progress",
+            env=env,
+        )  # fmt: skip
+        summary_files = sorted(results.glob("demo-slide/**/summary.json"))
+        step("done")
+        print(f"image      {report['image']}@{report['manifest_digest']}")
+        print("           loaded into the Docker engine at", engine.host)
+        print(
+            f"OCI layout {layout}  (skopeo inspect oci:{layout}:{report['image'].rsplit(':', 1)[1]})"
+        )
+        print(f"results    {results / 'demo-slide'}")
+        for path in summary_files:
+            print(f"summary    {path}")
+        print(
+            "\nThe registry was temporary; the Docker engine keeps running only if it was already running before."
+        )
+        return 0
+    finally:
+        registry.stop()
+        engine.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
