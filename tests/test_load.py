@@ -278,3 +278,24 @@ def test_source_url_is_one_spelling_without_secrets(url: str, canonical: str) ->
     from builder.load import canonical_repo_url
 
     assert canonical_repo_url(url) == canonical
+
+
+def test_git_url_is_cloned_then_fetched(repo: Path, settings: Settings) -> None:
+    url = repo.as_uri()
+    first = load_customer(url, settings)
+    assert first.customer == "customer-x" and first.source.url == url
+    commit_files(
+        repo,
+        {"customer.yaml": CUSTOMER_YAML.format(name="customer-x", base="2.5.0")},
+        "bump",
+        when=1_700_000_200,
+    )
+    second = load_customer(url, settings)  # the cached clone is fetched, not re-cloned
+    assert second.base_version == "2.5.0" and second.commit != first.commit
+    assert len(list((settings.cache_dir / "repos").iterdir())) == 1
+
+
+def test_git_url_that_cannot_be_cloned(tmp_path: Path, settings: Settings) -> None:
+    with pytest.raises(ConfigError, match="cannot clone") as info:
+        load_customer(f"https://user:hunter2@127.0.0.1:9/{tmp_path.name}.git", settings)
+    assert "hunter2" not in str(info.value)
