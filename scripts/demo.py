@@ -35,10 +35,11 @@ def step(message: str) -> None:
     print(f"\n=== {message}", flush=True)
 
 
-def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run a command, showing its progress; stop the demo with its message if it fails."""
+def run(*args: str, env: dict[str, str], echo: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command (its stderr shows progress); stop the demo with its message if it fails."""
     result = subprocess.run(args, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, check=False)
-    print(result.stdout, end="", flush=True)
+    if echo or result.returncode != 0:
+        print(result.stdout, end="", flush=True)
     if result.returncode != 0:
         sys.exit(
             f"demo: `{' '.join(args[:3])} ...` failed (exit {result.returncode}); see the message above"
@@ -123,7 +124,12 @@ def main() -> int:
         )
         print(f"results    {results / 'demo-slide'}")
         for path in summary_files:
-            print(f"summary    {path}")
+            features = json.loads(path.read_text())["deterministic"]["features"]
+            found = ", ".join(
+                f"{name}: {f.get('regions', f.get('count'))}"
+                for name, f in sorted(features.items())
+            )
+            print(f"summary    {path}  ({found})")
         print(
             "\nThe registry was temporary; the Docker engine keeps running only if it was already running before."
         )
