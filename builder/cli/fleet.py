@@ -1,0 +1,347 @@
+"""Fleet commands: plan a base release, build every customer it reaches, record what shipped."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from builder.cli._common import (
+    RESULT_VERSION,
+    _json_mode,
+    cli,
+    emit,
+    info,
+    json_option,
+    load_cli_settings,
+    settings_options,
+)
+
+if TYPE_CHECKING:
+    from builder.errors import BuilderError
+
+
+def _fleet_options(func: Any) -> Any:
+    func = click.option(
+        "--only",
+        "only",
+        multiple=True,
+        metavar="NAME",
+        help="Only this customer of the fleet (repeatable).",
+    )(func)
+    func = click.option(
+        "--fleet",
+        "fleet_file",
+        type=click.Path(path_type=Path),
+        help="The fleet file (default: fleet.yaml in the customers folder).",
+    )(func)
+    func = click.option(
+        "--base-version",
+        required=True,
+        help="The released base image version, e.g. 2.5.0.",
+    )(func)
+    return func
+
+
+def _document(command: str, data: Any, error: BuilderError | None) -> str:
+    """The versioned JSON envelope; with an error, ``ok`` is false and the result is kept."""
+    doc: dict[str, Any] = {"builder_result_version": RESULT_VERSION, "command": command}
+    doc["ok"] = error is None
+    doc["result"] = data
+    if error is not None:
+        doc["error"] = {
+            "type": type(error).__name__,
+            "message": error.message,
+            "hint": error.hint,
+            "exit_code": error.exit_code,
+        }
+    return json.dumps(doc, indent=2, sort_keys=True, default=str)
+
+
+def _finish(
+    command: str, data: Any, human: Any, error: BuilderError | None, report: Path | None
+) -> None:
+    """Write --report, print (human or --json), then fail with ``error`` if there is one: the
+    result is printed even when some customers failed, in one JSON document."""
+    if report is not None:
+        from builder.fsutil import write_atomic
+
+        write_atomic(report, (_document(command, data, error) + "\n").encode())
+    if error is None:
+        emit(command, data, human)
+        return
+    if _json_mode.get():
+        click.echo(_document(command, data, error))
+        # Not a BuilderError: main() would print a second JSON document. (click's own Exit is
+        # swallowed by standalone_mode=False.)
+        raise SystemExit(error.exit_code)
+    human()
+    raise error
+
+
+@cli.command()
+@_fleet_options
+@settings_options
+@click.option(
+    "--gitlab-child",
+    type=click.Path(path_type=Path),
+    help="Also write the GitLab child pipeline (one job per customer to rebuild) to this file.",
+)
+@click.option("--ci-image", help="Image for the child pipeline's jobs (default: the runner's).")
+@click.option(
+    "--report", type=click.Path(path_type=Path), help="Also write the JSON result to this file."
+)
+@json_option
+def plan(
+    base_version: str,
+    fleet_file: Path | None,
+    only: tuple[str, ...],
+    gitlab_child: Path | None,
+    ci_image: str | None,
+    report: Path | None,
+    as_json: bool,
+    **overrides: Any,
+) -> None:
+    """Which customers a base release reaches, and what their new image changes.
+
+    Reads each customer's repository (git only: no model or image registry calls) and its
+    last release record. Exit 0 when every customer could be planned (also when none admits
+    the version), 8 when some could not (they are listed; the others are planned).
+    """
+    from builder import fleet as fleet_mod
+    from builder.fsutil import write_atomic
+
+    settings = load_cli_settings(overrides)
+    with fleet_mod.git_credentials():
+        fleet = fleet_mod.load_fleet(fleet_file, settings).select(only)
+        result = fleet_mod.plan(fleet, settings, base_version)
+    data = asdict(result)
+    if gitlab_child is not None:
+        rel = _relative(fleet.path)
+        text = fleet_mod.render_child_pipeline(result, fleet_file=rel, image=ci_image)
+        write_atomic(gitlab_child, text.encode())
+        data["gitlab_child"] = {"path": str(gitlab_child), "sha256": _sha256(text.encode())}
+        info(f"wrote {gitlab_child}")
+
+    def human() -> None:
+        click.echo(
+            f"base {result.base_version}: {len(result.rebuild)} of {len(result.items)} "
+            f"customers to rebuild ({result.fleet})"
+        )
+        width = max((len(i.customer) for i in result.items), default=8)
+        for item in result.items:
+            constraint = item.constraint or "-"
+            status = "ERROR" if item.status == "error" else item.status
+            click.echo(f"  {item.customer:<{width}}  {constraint:<10}  {status:<7}  {item.summary}")
+            if item.changed_files:
+                click.echo(
+                    f"  {'':<{width}}  {'':<10}  {'':<7}  changed: {', '.join(item.changed_files)}"
+                )
+        for note in result.notes:
+            click.echo(note)
+
+    error = None
+    if result.errors:
+        names = ", ".join(i.customer for i in result.errors)
+        error = fleet_mod.FleetError(
+            f"{len(result.errors)} of {len(result.items)} customers could not be planned: {names}",
+            hint="see each customer's line above; the others are planned",
+        )
+    _finish("plan", data, human, error, report)
+
+
+def _relative(path: Path) -> str:
+    """A path relative to the working directory when it is below it (CI job scripts)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+@cli.command("build-all")
+@_fleet_options
+@settings_options
+@click.option("--jobs", default=2, show_default=True, help="Customers built at the same time.")
+@click.option("--push", is_flag=True, help="Push each image (immutable and moving tag).")
+@click.option(
+    "--record",
+    is_flag=True,
+    help="After each pushed build, commit its release record to the customer repository.",
+)
+@click.option(
+    "--registry", "image_registry", help="Registry for the image tags (setting image_registry)."
+)
+@click.option("--base-repository", help="Base image repository (default: each customer's).")
+@click.option(
+    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
+)
+@click.option(
+    "--report", type=click.Path(path_type=Path), help="Also write the JSON report to this file."
+)
+@json_option
+def build_all(
+    base_version: str,
+    fleet_file: Path | None,
+    only: tuple[str, ...],
+    jobs: int,
+    push: bool,
+    record: bool,
+    image_registry: str | None,
+    base_repository: str | None,
+    insecure_registry: bool,
+    report: Path | None,
+    as_json: bool,
+    **overrides: Any,
+) -> None:
+    """Build every customer whose base constraint admits --base-version, in parallel.
+
+    One customer's failure does not stop the others; all results are reported at the end and
+    the exit code is 8 if any customer failed.
+    """
+    from builder import fleet as fleet_mod
+
+    if jobs < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--jobs")
+    settings = load_cli_settings(overrides)
+    with fleet_mod.git_credentials():
+        fleet = fleet_mod.load_fleet(fleet_file, settings).select(only)
+        result = fleet_mod.build_all(
+            fleet,
+            settings,
+            base_version,
+            jobs=jobs,
+            push=push,
+            record=record,
+            image_registry=image_registry,
+            base_repository=base_repository,
+            insecure=True if insecure_registry else None,
+            on_event=lambda customer, stage: info(f"[{customer}] {stage}"),
+        )
+
+    def human() -> None:
+        width = max((len(r.customer) for r in result.results), default=8)
+        for item in result.results:
+            status = "FAILED" if item.status == "failed" else item.status
+            click.echo(f"{item.customer:<{width}}  {status:<7}  {item.summary}")
+            if item.report:
+                click.echo(
+                    f"{'':<{width}}  {'':<7}  uploaded {item.report['bytes_uploaded']:,} B, "
+                    f"base {item.report['base']['version']}@{item.report['base']['digest'][:19]}"
+                )
+            if item.record:
+                click.echo(
+                    f"{'':<{width}}  {'':<7}  record {item.record['path']} ({item.record['status']})"
+                )
+        counts = result.counts()
+        click.echo(
+            f"{counts['built']} built, {counts['skipped']} skipped, {counts['failed']} failed"
+        )
+
+    error = None
+    if result.failed:
+        names = ", ".join(r.customer for r in result.failed)
+        error = fleet_mod.FleetError(
+            f"{len(result.failed)} of {len(result.results)} customers failed: {names}",
+            hint="each failure is listed in the report",
+        )
+    _finish("build-all", asdict(result), human, error, report)
+
+
+def _reports(document: Any) -> list[dict[str, Any]]:
+    """Build reports in a `build --json` or `build-all --json` document (or a bare report)."""
+    if isinstance(document, dict) and "result" in document and "builder_result_version" in document:
+        document = document["result"]
+    if isinstance(document, dict) and "results" in document:
+        return [
+            r["report"]
+            for r in document["results"]
+            if r.get("status") == "built" and r.get("report")
+        ]
+    if isinstance(document, dict) and "manifest_digest" in document:
+        return [document]
+    return []
+
+
+@cli.command("release-record")
+@click.option(
+    "--report",
+    "report_file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    required=True,
+    help="A `build --json` or `build-all --json` report of pushed release builds.",
+)
+@click.option(
+    "--repo",
+    help="The customer repository (path or git URL; default: the customer's fleet entry).",
+)
+@click.option(
+    "--fleet",
+    "fleet_file",
+    type=click.Path(path_type=Path),
+    help="Fleet file to find the customer's repository in (default: fleet.yaml in customers).",
+)
+@click.option(
+    "--branch", default="ivd-releases", show_default=True, help="Branch holding the records."
+)
+@click.option("--attempts", default=5, show_default=True, help="Push attempts before giving up.")
+@settings_options
+@json_option
+def release_record(
+    report_file: Path,
+    repo: str | None,
+    fleet_file: Path | None,
+    branch: str,
+    attempts: int,
+    as_json: bool,
+    **overrides: Any,
+) -> None:
+    """Commit the release record of each pushed build in REPORT to its customer repository.
+
+    The record (releases/<customer>/<base version>-<config rev>.yaml on the releases branch)
+    says which config commit, models and base image the image was built from. A push rejected
+    because another job wrote first is retried on top of the new head; nothing is forced.
+    """
+    from builder import fleet as fleet_mod
+    from builder.errors import ConfigError
+
+    try:
+        document = json.loads(report_file.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{report_file}: not a JSON build report: {exc}") from None
+    reports = _reports(document)
+    if not reports:
+        raise ConfigError(
+            f"{report_file}: no successful build in this report",
+            hint="pass the output of `builder build --push --json` or `builder build-all --json`",
+        )
+    settings = load_cli_settings(overrides)
+    written = []
+    with fleet_mod.git_credentials():
+        fleet = None
+        for build_report in reports:
+            location = repo
+            if location is None:
+                fleet = fleet or fleet_mod.load_fleet(fleet_file, settings)
+                location = fleet.entry(build_report["customer"]).location
+            result = fleet_mod.write_release_record(
+                build_report, location, settings, branch=branch, attempts=attempts
+            )
+            written.append(asdict(result))
+
+    def human() -> None:
+        for item in written:
+            click.echo(
+                f"{item['status']:<8} {item['path']} on {item['remote']} {item['branch']} "
+                f"({item['commit'][:12]})"
+            )
+
+    emit("release-record", {"records": written}, human)

@@ -1,0 +1,1035 @@
+"""Fleet rebuilds: which customers a base release reaches, building them all, and git records.
+
+When a stable base image is released, every customer whose pinned base constraint admits it
+gets a new image. The fleet file (``customers/fleet.yaml``) lists the customers and where
+their configuration repositories are. This module:
+
+- loads the fleet file (schema-checked, one line per error);
+- plans a release: per customer, whether its constraint admits the version and what the new
+  image changes compared with the last release record (base only, or config too);
+- builds every admitted customer in parallel worker processes through
+  :func:`builder.pipeline.build`, going on past one customer's failure;
+- renders the GitLab child pipeline (one job per customer, ``resource_group`` per customer);
+- writes release records back to the customer repository: one YAML file per image on the
+  ``ivd-releases`` branch, committed on top of the branch head and pushed without force,
+  retried when a concurrent writer got there first.
+
+Release records live on their own branch, not on the branch the config is built from: a
+record commit there would change the config revision (the image tag and digest) of the very
+image it records, and would trigger the customer's own pipeline again.
+
+Git credentials never enter a URL that is recorded or printed: in CI a credential helper
+reads the token from the environment (``BUILDER_GIT_TOKEN``, else ``CI_JOB_TOKEN``) and is
+scoped to the GitLab server (``BUILDER_GIT_SERVER``, else ``CI_SERVER_URL``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import multiprocessing
+import os
+import queue
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import git
+import yaml
+from filelock import FileLock
+from gitdb.base import IStream  # type: ignore[import-untyped]
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from builder import __version__, yamldoc
+from builder.errors import BuilderError, ConfigError, ReleaseGateError
+from builder.load import _URL, canonical_repo_url, load_customer, redact_url
+from builder.settings import Settings
+
+FLEET_FILE: Final = "fleet.yaml"
+FLEET_VERSION: Final = 1
+#: Version of the release record layout (bump on any incompatible change).
+RECORD_VERSION: Final = 1
+#: Branch of the customer repository that holds the release records.
+RELEASES_BRANCH: Final = "ivd-releases"
+#: Folder of the records on that branch: ``releases/<customer>/<base version>-<config rev>.yaml``.
+RECORDS_DIR: Final = "releases"
+#: GitLab refuses a generated child pipeline YAML larger than this.
+MAX_CHILD_PIPELINE_BYTES: Final = 5 * 1024 * 1024
+#: Environment variables whose values are secrets and are masked in every message.
+SECRET_VARIABLES: Final = ("BUILDER_GIT_TOKEN", "CI_JOB_TOKEN", "CI_REGISTRY_PASSWORD")
+#: Git never prompts, and gives up on a stalled transfer (no hung CI job).
+GIT_ENV: Final = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
+_STALL_CONFIG: Final = (("http.lowSpeedLimit", "1000"), ("http.lowSpeedTime", "60"))
+_CREDENTIAL_HELPER: Final = (
+    '!f() { test "$1" = get || exit 0; '
+    'if [ -n "$BUILDER_GIT_TOKEN" ]; then '
+    'echo "username=${BUILDER_GIT_USERNAME:-oauth2}"; echo "password=$BUILDER_GIT_TOKEN"; '
+    'else echo "username=gitlab-ci-token"; echo "password=$CI_JOB_TOKEN"; fi; }; f'
+)
+RECORD_HEADER: Final = (
+    "# Release record written by `builder release-record` after a successful release build:\n"
+    "# what shipped, from which config commit, models and base image. Append-only; do not edit.\n"
+)
+
+
+class FleetError(BuilderError):
+    """One or more customers of a fleet build failed (each is listed in the report)."""
+
+    exit_code = 8
+
+
+class WriteBackError(BuilderError):
+    """A release record could not be written to the customer repository."""
+
+    exit_code = 9
+
+
+def mask_secrets(text: str, env: Mapping[str, str] | None = None) -> str:
+    """Drop credentials from a message: user:password@ in URLs and known token values."""
+    env = os.environ if env is None else env
+    text = redact_url(text)
+    for name in SECRET_VARIABLES:
+        value = env.get(name, "")
+        if len(value) >= 4:
+            text = text.replace(value, "[MASKED]")
+    return text
+
+
+def _error_dict(exc: BuilderError) -> dict[str, Any]:
+    return {
+        "type": type(exc).__name__,
+        "message": mask_secrets(exc.message),
+        "hint": exc.hint,
+        "exit_code": exc.exit_code,
+    }
+
+
+# -- git credentials ----------------------------------------------------------------------------
+
+
+def git_auth_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """GIT_CONFIG_* variables that bound stalled transfers and, when a token and a server are
+    known, add a credential helper reading the token from the environment at run time (so it
+    is never in a URL, an argument list or a config file)."""
+    env = os.environ if env is None else env
+    count = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
+    pairs = list(_STALL_CONFIG)
+    server = (env.get("BUILDER_GIT_SERVER") or env.get("CI_SERVER_URL") or "").rstrip("/")
+    if server and any(env.get(name) for name in ("BUILDER_GIT_TOKEN", "CI_JOB_TOKEN")):
+        pairs.append((f"credential.{server}.helper", _CREDENTIAL_HELPER))
+    out = {"GIT_CONFIG_COUNT": str(count + len(pairs))}
+    for index, (key, value) in enumerate(pairs, start=count):
+        out[f"GIT_CONFIG_KEY_{index}"] = key
+        out[f"GIT_CONFIG_VALUE_{index}"] = value
+    return out
+
+
+@contextlib.contextmanager
+def git_credentials() -> Iterator[None]:
+    """Apply :func:`git_auth_env` and GIT_ENV to this process (and the git commands and
+    worker processes it starts) for the duration of the block."""
+    added = {**GIT_ENV, **git_auth_env()}
+    saved = {key: os.environ.get(key) for key in added}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# -- the fleet file -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FleetEntry:
+    """One customer of the fleet."""
+
+    name: str
+    repo: str  # as written in the fleet file, credentials removed
+    location: str  # what the load stage opens: a git URL or an absolute folder
+    ref: str
+    where: str  # "fleet.yaml:LINE", for messages
+
+    @property
+    def is_url(self) -> bool:
+        return bool(_URL.match(self.location))
+
+
+@dataclass(frozen=True)
+class Fleet:
+    path: Path
+    entries: tuple[FleetEntry, ...]
+
+    def select(self, names: Sequence[str]) -> Fleet:
+        """The named customers only (all when ``names`` is empty); an unknown name is an error."""
+        if not names:
+            return self
+        known = {entry.name: entry for entry in self.entries}
+        for name in names:
+            if name not in known:
+                listed = ", ".join(sorted(known)) or "none"
+                raise ConfigError(
+                    f"customer {name!r} is not in the fleet file {self.path} (listed: {listed})",
+                    hint="add it to the fleet file, or fix the name",
+                )
+        wanted = set(names)
+        return Fleet(self.path, tuple(e for e in self.entries if e.name in wanted))
+
+    def entry(self, name: str) -> FleetEntry:
+        return self.select([name]).entries[0]
+
+
+def default_fleet_path(settings: Settings) -> Path:
+    return settings.customers / FLEET_FILE
+
+
+def load_fleet(path: Path | None, settings: Settings) -> Fleet:
+    """Read and validate the fleet file; relative folders are relative to the file."""
+    path = (path or default_fleet_path(settings)).expanduser()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot read the fleet file: {exc.strerror or exc}",
+            hint="pass --fleet FILE (default: fleet.yaml in the customers folder)",
+        ) from None
+    doc = yamldoc.parse(raw, str(path))
+    yamldoc.validate(doc, "fleet")
+    entries: list[FleetEntry] = []
+    seen: dict[str, str] = {}
+    for index, item in enumerate(doc.data["customers"]):
+        where = doc.where(("customers", index, "name"))
+        name = item["name"]
+        if name in seen:
+            raise ConfigError(f"{where}: customer {name!r} is listed twice (first at {seen[name]})")
+        seen[name] = where
+        repo = item["repo"].strip()
+        if _URL.match(repo):
+            if redact_url(repo) != repo:
+                raise ConfigError(
+                    f"{doc.where(('customers', index, 'repo'))}: the URL of {name!r} holds "
+                    "credentials; remove them",
+                    hint="CI supplies them from BUILDER_GIT_TOKEN or CI_JOB_TOKEN",
+                )
+            location = repo
+        else:
+            location = str((path.parent / Path(repo).expanduser()).resolve())
+        entries.append(
+            FleetEntry(
+                name=name,
+                repo=repo,
+                location=location,
+                ref=str(item.get("ref", "HEAD")).strip(),
+                where=where,
+            )
+        )
+    return Fleet(path=path, entries=tuple(entries))
+
+
+# -- versions -----------------------------------------------------------------------------------
+
+
+def parse_release_version(text: str) -> Version:
+    """The released base version (exact, not a constraint)."""
+    try:
+        return Version(text.strip())
+    except InvalidVersion:
+        raise ConfigError(
+            f"base version {text!r} is not a version like 2.5.0",
+            hint="give the released base image version, not a constraint",
+        ) from None
+
+
+def admits(constraint: str, version: Version) -> bool:
+    """Whether a customer's pinned base (``2.4.1``, ``~=2.4``, ``>=2.4,<3``) admits ``version``,
+    by the same rules the build uses to pick a base (pre-releases only when pinned exactly)."""
+    spec = constraint.strip()
+    if spec[:1].isdigit() or spec.startswith("v"):
+        try:
+            return Version(spec) == version
+        except InvalidVersion:
+            raise ConfigError(f"invalid base image version {constraint!r}") from None
+    try:
+        specifiers = SpecifierSet(spec)
+    except InvalidSpecifier:
+        raise ConfigError(
+            f"invalid base image version constraint {constraint!r}",
+            hint="use an exact version such as 2.4.1 or a PEP 440 specifier such as ~=2.4",
+        ) from None
+    exact = len(specifiers) == 1 and next(iter(specifiers)).operator in ("==", "===")
+    return specifiers.contains(version, prereleases=exact)
+
+
+# -- release records ----------------------------------------------------------------------------
+
+
+def record_remote(location: str) -> str:
+    """Where a customer's release records live: its git URL, or for a folder the ``origin`` of
+    the repository it is in (credentials stripped: the helper supplies them), else that
+    repository itself (also for a bare repository: it is the server side)."""
+    if _URL.match(location):
+        return location
+    try:
+        repo = git.Repo(location, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        raise ConfigError(
+            f"{location}: not inside a git repository", hint="customer configs are read from git"
+        ) from None
+    if repo.bare:  # a repository on the server side: the records go into it
+        return str(Path(repo.git_dir).resolve())
+    with contextlib.suppress(AttributeError, ValueError):
+        return redact_url(repo.remotes.origin.url)
+    return str(Path(repo.working_tree_dir or location).resolve())
+
+
+def record_path(customer: str, image: str) -> str:
+    """``releases/<customer>/<base version>-<config rev>.yaml``: one file per immutable tag."""
+    return f"{RECORDS_DIR}/{customer}/{image.rsplit(':', 1)[1]}.yaml"
+
+
+def _git_message(exc: git.GitCommandError) -> str:
+    """The useful part of a failed git command: a rejected ref, the remote's (hook's) last
+    words, else the last error line; credentials masked."""
+
+    def clean(value: object) -> list[str]:
+        text = re.sub(r"^\s*(stderr|stdout): '", "", str(value or "")).rstrip().removesuffix("'")
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    lines = clean(exc.stderr) + clean(exc.stdout)
+    rejected = [line.split("\t")[-1] for line in lines if line.startswith("!")]
+    remote = [line for line in lines if line.startswith("remote:")]
+    errors = [line for line in lines if line.startswith(("error:", "fatal:"))]
+    chosen = (
+        (rejected[-1:] + remote[-1:]) or errors[-1:] or lines[-1:] or [f"git exited {exc.status}"]
+    )
+    return mask_secrets("; ".join(chosen))
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    remote: str  # credential-free
+    branch: str
+    path: str
+    commit: str  # the branch commit holding the record
+    status: str  # "written" or "present" (an identical record was already there)
+    attempts: int
+
+
+class ReleaseLog:
+    """The release records of one customer repository: files on its ``ivd-releases`` branch,
+    read and written through a small bare repository in the cache (no work tree)."""
+
+    def __init__(self, remote: str, cache_dir: Path, branch: str = RELEASES_BRANCH) -> None:
+        self.remote = remote
+        self.branch = branch
+        key = hashlib.sha256(f"{redact_url(remote)}\0{branch}".encode()).hexdigest()[:16]
+        self.work = cache_dir / "releases" / key
+        self.tracking = f"refs/ivd-records/{branch}"
+        self.work.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.work) + ".lock", timeout=600)
+        self.repo = git.Repo.init(self.work, bare=True, mkdir=True)
+
+    @property
+    def shown(self) -> str:
+        return mask_secrets(self.remote)
+
+    def fetch(self) -> str | None:
+        """Fetch the branch; its head commit, or None when the branch does not exist yet."""
+        try:
+            self.repo.git.fetch(
+                "--no-tags",
+                "--quiet",
+                self.remote,
+                f"+refs/heads/{self.branch}:{self.tracking}",
+                env=GIT_ENV,
+            )
+        except git.GitCommandError as exc:
+            if "couldn't find remote ref" in str(exc.stderr):
+                with contextlib.suppress(git.GitCommandError):
+                    self.repo.git.update_ref("-d", self.tracking)
+                return None
+            raise WriteBackError(
+                f"cannot fetch release records from {self.shown}: {_git_message(exc)}",
+                hint="check the repository URL and the CI token's access",
+            ) from None
+        return str(self.repo.git.rev_parse(self.tracking))
+
+    def records(self, customer: str, head: str | None) -> list[dict[str, Any]]:
+        """The customer's records at ``head``, oldest build first (unreadable files skipped)."""
+        if head is None:
+            return []
+        listing = self.repo.git.ls_tree(
+            "-r", "--name-only", head, "--", f"{RECORDS_DIR}/{customer}/"
+        )
+        out: list[dict[str, Any]] = []
+        for path in listing.splitlines():
+            if not path.endswith(".yaml"):
+                continue
+            with contextlib.suppress(git.GitCommandError, yaml.YAMLError):
+                data = yaml.safe_load(self.repo.git.show(f"{head}:{path}"))
+                if isinstance(data, dict) and data.get("record_version") == RECORD_VERSION:
+                    out.append({**data, "_path": path})
+        return sorted(out, key=lambda r: str(r.get("built_at", "")))
+
+    def _read(self, head: str | None, path: str) -> dict[str, Any] | None:
+        if head is None:
+            return None
+        try:
+            data = yaml.safe_load(self.repo.git.show(f"{head}:{path}"))
+        except git.GitCommandError:
+            return None
+        return data if isinstance(data, dict) else {}
+
+    def _commit(self, head: str | None, path: str, content: bytes, message: str) -> str:
+        """A commit on top of ``head`` adding one file, built with plumbing (no work tree)."""
+        blob = self.repo.odb.store(IStream("blob", len(content), io.BytesIO(content))).binsha.hex()
+        index = self.work / f"index-{os.getpid()}"
+        env = {**GIT_ENV, "GIT_INDEX_FILE": str(index), **_identity()}
+        try:
+            if head is None:
+                self.repo.git.read_tree("--empty", env=env)
+            else:
+                self.repo.git.read_tree(head, env=env)
+            self.repo.git.update_index("--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
+            tree = self.repo.git.write_tree(env=env)
+            parents = ["-p", head] if head else []
+            return str(self.repo.git.commit_tree(tree, *parents, "-m", message, env=env))
+        finally:
+            index.unlink(missing_ok=True)
+
+    def write(
+        self,
+        record: Mapping[str, Any],
+        *,
+        attempts: int = 5,
+        backoff: float = 1.0,
+        before_push: Callable[[int], None] | None = None,
+    ) -> WriteResult:
+        """Commit the record on top of the branch head and push it (never forced). A rejected
+        push (a concurrent writer, a hook) is retried on top of the new head, ``attempts`` times
+        in all; an identical record already there is success; a different one is refused."""
+        path = record_path(record["customer"], record["image"])
+        content = render_record(record)
+        message = (
+            f"release: {record['customer']} {record['image'].rsplit(':', 1)[1]} "
+            f"{record['manifest_digest']}\n\nbase {record['base_image']['version']} "
+            f"{record['base_image']['digest']}\nconfig {record['config']['commit']}\n"
+        )
+        if record.get("ci_url"):
+            message += f"CI job: {record['ci_url']}\n"
+        last = ""
+        with self._lock:
+            for attempt in range(1, max(1, attempts) + 1):
+                head = self.fetch()
+                existing = self._read(head, path)
+                if existing is not None:
+                    return self._already(existing, record, path, head or "", attempt)
+                commit = self._commit(head, path, content, message)
+                if before_push is not None:
+                    before_push(attempt)
+                try:
+                    self.repo.git.push(
+                        "--porcelain",
+                        self.remote,
+                        f"{commit}:refs/heads/{self.branch}",
+                        env=GIT_ENV,
+                    )
+                except git.GitCommandError as exc:
+                    last = _git_message(exc)
+                    if attempt < attempts:
+                        time.sleep(
+                            min(backoff * 2 ** (attempt - 1), 8.0) + random.uniform(0, backoff)
+                        )
+                    continue
+                return WriteResult(self.shown, self.branch, path, commit, "written", attempt)
+        raise WriteBackError(
+            f"release record {path} not written to {self.shown} branch {self.branch} "
+            f"after {attempts} attempts: push rejected: {last}",
+            hint="the image is pushed; write the record later with "
+            "`builder release-record --report FILE` (never force-push the branch)",
+        )
+
+    def _already(
+        self,
+        existing: Mapping[str, Any],
+        record: Mapping[str, Any],
+        path: str,
+        head: str,
+        attempt: int,
+    ) -> WriteResult:
+        digest = existing.get("manifest_digest")
+        if digest != record["manifest_digest"]:
+            raise WriteBackError(
+                f"{self.shown} branch {self.branch}: {path} already records {digest} for "
+                f"{record['image']}, this build is {record['manifest_digest']}; "
+                "refusing to overwrite a release record",
+                hint="records are append-only; find out why the immutable tag moved",
+            )
+        return WriteResult(self.shown, self.branch, path, head, "present", attempt)
+
+
+def _identity() -> dict[str, str]:
+    """The committer of release records: the standard GIT_* variables, else the builder bot."""
+    name = os.environ.get("GIT_AUTHOR_NAME") or "ivd-image-builder"
+    email = os.environ.get("GIT_AUTHOR_EMAIL") or "ivd-image-builder@localhost"
+    return {
+        "GIT_AUTHOR_NAME": name,
+        "GIT_AUTHOR_EMAIL": email,
+        "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME") or name,
+        "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL") or email,
+    }
+
+
+def render_record(record: Mapping[str, Any]) -> bytes:
+    """The record file: a header comment, then the keys in a fixed, readable order."""
+    body = yaml.safe_dump(dict(record), sort_keys=False, default_flow_style=False, width=100)
+    return (RECORD_HEADER + body).encode("utf-8")
+
+
+def _ci_context(env: Mapping[str, str]) -> dict[str, str]:
+    names = {"ci_url": "CI_JOB_URL", "ci_pipeline_url": "CI_PIPELINE_URL"}
+    return {key: mask_secrets(env[var], env) for key, var in names.items() if env.get(var)}
+
+
+def release_record(
+    report: Mapping[str, Any],
+    *,
+    config_source: str,
+    built_at: datetime | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The release record of one build report (``builder build --json`` result).
+
+    Only stable release builds are recorded: pushed to a registry, not a development build,
+    on a final (not pre-release) base version. ``config_source`` is the canonical source URL
+    (``<repo>#<folder>`` for a folder inside a repository), as in the image labels.
+    """
+    env = os.environ if env is None else env
+    missing = [
+        k
+        for k in ("customer", "image", "manifest_digest", "config_commit", "base", "models")
+        if not report.get(k) and k != "models"
+    ]
+    if missing:
+        raise WriteBackError(
+            f"build report lacks {', '.join(missing)}; is it a `build --json` report?"
+        )
+    customer = report["customer"]
+    if report.get("development"):
+        raise ReleaseGateError(
+            f"{customer}: a development build (unpublished models) gets no release record",
+            hint="release builds only",
+        )
+    if not (report.get("outputs") or {}).get("registry"):
+        raise WriteBackError(
+            f"{customer}: {report['image']} was not pushed; a release record needs a pushed image",
+            hint="build with --push",
+        )
+    base = report["base"]
+    if Version(str(base["version"])).is_prerelease:
+        raise ReleaseGateError(
+            f"{customer}: base {base['version']} is a pre-release; only stable builds are recorded"
+        )
+    repository, _, folder = config_source.partition("#")
+    when = (built_at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    record: dict[str, Any] = {
+        "record_version": RECORD_VERSION,
+        "customer": customer,
+        "config": {
+            "repository": repository,
+            "path": folder or ".",
+            "commit": report["config_commit"],
+        },
+        "image": report["image"],
+        "manifest_digest": report["manifest_digest"],
+        "tags": list(report.get("tags") or [report["image"]]),
+        "base_image": {
+            "repository": base["repository"],
+            "version": base["version"],
+            "digest": base["digest"],
+        },
+        "models": [
+            {
+                "name": m.get("name"),
+                "sourcing": m.get("sourcing"),
+                "registry_id": m.get("registry_id"),
+                "task_id": m.get("task_id"),
+                "dir_hash": m.get("dir_hash"),
+                "files": [
+                    {"name": f.get("name"), "sha256": f.get("sha256"), "size": f.get("size")}
+                    for f in m.get("files") or []
+                ],
+            }
+            for m in report.get("models") or []
+        ],
+        "built_at": when,
+        "builder_version": __version__,
+    }
+    record.update(_ci_context(env))
+    return record
+
+
+def config_source(location: str, settings: Settings) -> str:
+    """The canonical, credential-free source URL of a customer location (as in the labels)."""
+    from builder.load import open_source
+
+    if _URL.match(location):
+        return canonical_repo_url(location)
+    return open_source(location, settings).url
+
+
+def write_release_record(
+    report: Mapping[str, Any],
+    location: str,
+    settings: Settings,
+    *,
+    branch: str = RELEASES_BRANCH,
+    attempts: int = 5,
+    backoff: float = 1.0,
+    before_push: Callable[[int], None] | None = None,
+) -> WriteResult:
+    """Record one pushed release build in the customer repository at ``location``."""
+    record = release_record(report, config_source=config_source(location, settings))
+    log = ReleaseLog(record_remote(location), settings.cache_dir, branch)
+    return log.write(record, attempts=attempts, backoff=backoff, before_push=before_push)
+
+
+# -- plan ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanItem:
+    """What a base release means for one customer."""
+
+    customer: str
+    repo: str
+    ref: str
+    status: str  # "rebuild", "skip" (constraint does not admit it) or "error"
+    constraint: str | None = None
+    commit: str | None = None
+    image: str | None = None  # the immutable tag the rebuild will push
+    change: str | None = None  # "base", "config+base", "config", "none", "first"
+    summary: str = ""
+    previous: dict[str, Any] | None = None  # the latest release record, abridged
+    changed_files: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class FleetPlan:
+    base_version: str
+    fleet: str
+    items: list[PlanItem]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rebuild(self) -> list[PlanItem]:
+        return [item for item in self.items if item.status == "rebuild"]
+
+    @property
+    def errors(self) -> list[PlanItem]:
+        return [item for item in self.items if item.status == "error"]
+
+
+def _changed_files(location: str, settings: Settings, old: str, new: str) -> list[str] | None:
+    """Files of the customer folder changed between two config commits (None: unknown)."""
+    from builder.load import open_source
+
+    source = open_source(location, settings)
+    repo = git.Repo(source.root)
+    paths = [source.subdir] if source.subdir else []
+    try:
+        names = repo.git.diff("--name-only", old, new, "--", *paths).splitlines()
+    except git.GitCommandError:
+        return None
+    prefix = f"{source.subdir}/" if source.subdir else ""
+    return sorted(n.removeprefix(prefix) for n in names if n)
+
+
+def _classify(
+    item: PlanItem,
+    entry: FleetEntry,
+    settings: Settings,
+    version: Version,
+    previous: dict[str, Any] | None,
+) -> None:
+    if previous is None:
+        item.change, item.summary = (
+            "first",
+            f"first recorded release: config {item.commit and item.commit[:12]} on {version}",
+        )
+        return
+    old_commit = str((previous.get("config") or {}).get("commit", ""))
+    old_base = str((previous.get("base_image") or {}).get("version", ""))
+    item.previous = {
+        "image": previous.get("image"),
+        "digest": previous.get("manifest_digest"),
+        "config_commit": old_commit,
+        "base_version": old_base,
+        "built_at": previous.get("built_at"),
+        "record": previous.get("_path"),
+    }
+    same_base = old_base == str(version)
+    if old_commit == item.commit:
+        item.change = "none" if same_base else "base"
+        item.summary = (
+            f"already released: {item.previous['image']}"
+            if same_base
+            else f"base only: {old_base} -> {version}, config unchanged ({old_commit[:12]})"
+        )
+        return
+    changed = _changed_files(entry.location, settings, old_commit, item.commit or "HEAD")
+    item.changed_files = changed or []
+    item.change = "config" if same_base else "config+base"
+    what = f"{len(changed)} file(s) changed" if changed is not None else "history not found"
+    base = "" if same_base else f", base {old_base} -> {version}"
+    item.summary = f"config too: {old_commit[:12]} -> {(item.commit or '')[:12]} ({what}){base}"
+
+
+def plan_customer(
+    entry: FleetEntry, settings: Settings, version: Version, *, branch: str = RELEASES_BRANCH
+) -> PlanItem:
+    """Load one customer (git only: no model or image registry calls) and classify it."""
+    item = PlanItem(
+        customer=entry.name, repo=mask_secrets(entry.repo), ref=entry.ref, status="error"
+    )
+    try:
+        spec = load_customer(entry.location, settings, ref=entry.ref)
+        if spec.customer != entry.name:
+            raise ConfigError(
+                f"{entry.where}: fleet entry {entry.name!r} points at {item.repo}, whose "
+                f"customer.yaml names {spec.customer!r}",
+                hint="fix the name in the fleet file or the repository",
+            )
+        item.constraint, item.commit = spec.base_version, spec.commit
+        if not admits(spec.base_version, version):
+            item.status, item.change = "skip", None
+            item.summary = f"{spec.base_version} does not admit {version}"
+            return item
+        item.status = "rebuild"
+        item.image = f"{settings.image_registry}/{spec.customer}:{version}-{spec.config_rev}"
+    except BuilderError as exc:
+        item.error = _error_dict(exc)
+        item.summary = item.error["message"]
+        return item
+    try:
+        log = ReleaseLog(record_remote(entry.location), settings.cache_dir, branch)
+        records = log.records(entry.name, log.fetch())
+    except BuilderError as exc:
+        item.change, item.summary = None, f"previous release unknown ({mask_secrets(exc.message)})"
+        return item
+    _classify(item, entry, settings, version, records[-1] if records else None)
+    return item
+
+
+def plan(
+    fleet: Fleet, settings: Settings, base_version: str, *, branch: str = RELEASES_BRANCH
+) -> FleetPlan:
+    """Per customer: does its constraint admit ``base_version``, and what would change."""
+    version = parse_release_version(base_version)
+    items = [plan_customer(entry, settings, version, branch=branch) for entry in fleet.entries]
+    result = FleetPlan(base_version=str(version), fleet=str(fleet.path), items=items)
+    if not result.rebuild and not result.errors:
+        result.notes.append(f"no customer admits base {version}: nothing to rebuild")
+    return result
+
+
+# -- GitLab child pipeline ----------------------------------------------------------------------
+
+
+def _job_name(customer: str) -> str:
+    return f"build:{customer}"
+
+
+def render_child_pipeline(
+    fleet_plan: FleetPlan,
+    *,
+    fleet_file: str,
+    image: str | None = None,
+    push: bool = True,
+    record: bool = True,
+) -> str:
+    """The child pipeline YAML: one job per customer to rebuild (customers whose config could
+    not be read get one too, so their failure shows in CI while the others proceed).
+
+    Jobs are generated rather than one ``parallel:matrix`` (capped at 200 permutations); each
+    job has ``resource_group: ivd-build-<name>`` so two pipelines never build one customer at
+    the same time, and keeps its build report as an artifact.
+    """
+    version = fleet_plan.base_version
+    doc: dict[str, Any] = {
+        "stages": ["build"],
+        "variables": {"BASE_VERSION": version, "FLEET_FILE": fleet_file},
+    }
+    default: dict[str, Any] = {"before_script": [". ci/builder-env.sh"]}
+    if image:
+        default["image"] = image
+    doc["default"] = default
+    flags = (" --push" if push else "") + (" --record" if record else "")
+    targets = [item for item in fleet_plan.items if item.status in ("rebuild", "error")]
+    for item in targets:
+        doc[_job_name(item.customer)] = {
+            "stage": "build",
+            "resource_group": f"ivd-build-{item.customer}",
+            "variables": {"CUSTOMER": item.customer},
+            "script": [
+                "mkdir -p reports",
+                'builder build-all --fleet "$FLEET_FILE" --base-version "$BASE_VERSION" '
+                f'--only "$CUSTOMER"{flags} --report "reports/$CUSTOMER.json"',
+            ],
+            "artifacts": {
+                "when": "always",
+                "paths": ["reports/"],
+                "expire_in": "never",
+            },
+        }
+    if not targets:
+        doc["nothing to rebuild"] = {
+            "stage": "build",
+            "before_script": [],
+            "script": [f'echo "no customer of {fleet_file} admits base {version}"'],
+        }
+    header = (
+        f"# Generated by `builder plan --base-version {version} --gitlab-child` from {fleet_file}.\n"
+        "# One job per customer; do not edit.\n"
+    )
+    text = header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=120)
+    if len(text.encode()) > MAX_CHILD_PIPELINE_BYTES:
+        raise ConfigError(
+            f"the child pipeline for {len(targets)} customers is {len(text.encode()):,} bytes, "
+            f"over GitLab's {MAX_CHILD_PIPELINE_BYTES:,}",
+            hint="split the fleet file into several fleets, one child pipeline each",
+        )
+    return text
+
+
+# -- build all ----------------------------------------------------------------------------------
+
+
+@dataclass
+class CustomerResult:
+    customer: str
+    status: str  # "built", "failed" or "skipped"
+    summary: str = ""
+    report: dict[str, Any] | None = None  # the build report (`builder build --json` result)
+    record: dict[str, Any] | None = None  # the release record written, with --record
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class FleetReport:
+    base_version: str
+    fleet: str
+    results: list[CustomerResult]
+
+    @property
+    def failed(self) -> list[CustomerResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def counts(self) -> dict[str, int]:
+        out = {"built": 0, "skipped": 0, "failed": 0}
+        for result in self.results:
+            out[result.status] = out.get(result.status, 0) + 1
+        return out
+
+
+@dataclass(frozen=True)
+class _Job:
+    customer: str
+    location: str
+    ref: str
+    base_version: str
+    settings: Settings
+    push: bool
+    image_registry: str | None
+    base_repository: str | None
+    insecure: bool | None
+
+
+_events: Any = None  # the worker processes' event queue (set by _init_worker)
+
+
+def _init_worker(events: Any) -> None:
+    global _events  # noqa: PLW0603 - one queue per worker process, set once at start
+    _events = events
+
+
+def _build_one(job: _Job) -> dict[str, Any]:
+    """Build one customer in a worker process; never raises (the result says what failed)."""
+    from builder.pipeline import BuildRequest, build
+
+    def on_stage(name: str) -> None:
+        if _events is not None:
+            _events.put((job.customer, name))
+
+    request = BuildRequest(
+        customer=job.location,
+        ref=job.ref,
+        base_version=job.base_version,
+        base_repository=job.base_repository,
+        image_registry=job.image_registry,
+        push=job.push,
+        insecure=job.insecure,
+    )
+    try:
+        report = build(request, job.settings, on_stage=on_stage)
+    except BuilderError as exc:
+        return {"status": "failed", "error": _error_dict(exc)}
+    except Exception as exc:  # one customer's crash must not stop the fleet
+        message = mask_secrets(f"unexpected {type(exc).__name__}: {exc}")
+        return {
+            "status": "failed",
+            "error": {"type": type(exc).__name__, "message": message, "hint": None, "exit_code": 1},
+        }
+    return {"status": "built", "report": asdict(report)}
+
+
+def _run_jobs(
+    jobs: list[_Job], workers: int, on_event: Callable[[str, str], None] | None
+) -> dict[str, dict[str, Any]]:
+    """Run the builds in ``workers`` spawned processes (isolated: the ClearML SDK keeps
+    process-wide state, and each build has its own main thread for its deadlines)."""
+    if not jobs:
+        return {}
+    context = multiprocessing.get_context("spawn")
+    events = context.Queue()
+    results: dict[str, dict[str, Any]] = {}
+
+    def drain() -> None:
+        while True:
+            try:
+                customer, stage = events.get_nowait()
+            except queue.Empty:
+                return
+            if on_event:
+                on_event(customer, stage)
+
+    with ProcessPoolExecutor(
+        max_workers=max(1, min(workers, len(jobs))),
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(events,),
+    ) as pool:
+        pending: dict[Future[dict[str, Any]], str] = {
+            pool.submit(_build_one, job): job.customer for job in jobs
+        }
+        while pending:
+            done, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
+            drain()
+            for future in done:
+                customer = pending.pop(future)
+                try:
+                    results[customer] = future.result()
+                except Exception as exc:  # a worker that died (OOM, signal)
+                    results[customer] = {
+                        "status": "failed",
+                        "error": {
+                            "type": type(exc).__name__,
+                            "message": f"build worker died: {exc}",
+                            "hint": None,
+                            "exit_code": 1,
+                        },
+                    }
+                if on_event:
+                    on_event(customer, results[customer]["status"])
+    drain()
+    events.close()
+    return results
+
+
+def build_all(
+    fleet: Fleet,
+    settings: Settings,
+    base_version: str,
+    *,
+    jobs: int = 2,
+    push: bool = False,
+    record: bool = False,
+    image_registry: str | None = None,
+    base_repository: str | None = None,
+    insecure: bool | None = None,
+    branch: str = RELEASES_BRANCH,
+    record_attempts: int = 5,
+    on_event: Callable[[str, str], None] | None = None,
+) -> FleetReport:
+    """Build every customer whose constraint admits ``base_version``, ``jobs`` at a time.
+
+    A customer that fails (unreadable repository, invalid config, registry error) is reported
+    and the others go on. With ``record`` (implies a pushed, stable build) each successful
+    build's release record is written back to the customer repository.
+    """
+    if record and not push:
+        raise ConfigError("--record needs --push: only pushed images get a release record")
+    fleet_plan = plan(fleet, settings, base_version, branch=branch)
+    results: dict[str, CustomerResult] = {}
+    to_build: list[_Job] = []
+    entries = {e.name: e for e in fleet.entries}
+    for item in fleet_plan.items:
+        if item.status == "error":
+            results[item.customer] = CustomerResult(
+                item.customer, "failed", item.summary, error=item.error
+            )
+        elif item.status == "skip":
+            results[item.customer] = CustomerResult(item.customer, "skipped", item.summary)
+        else:
+            entry = entries[item.customer]
+            to_build.append(
+                _Job(
+                    customer=item.customer,
+                    location=entry.location,
+                    ref=item.commit
+                    or entry.ref,  # the commit the plan saw, even if the branch moves
+                    base_version=fleet_plan.base_version,
+                    settings=settings,
+                    push=push,
+                    image_registry=image_registry,
+                    base_repository=base_repository,
+                    insecure=insecure,
+                )
+            )
+    outcomes = _run_jobs(to_build, jobs, on_event)
+    for job in to_build:
+        outcome = outcomes[job.customer]
+        if outcome["status"] != "built":
+            error = outcome["error"]
+            results[job.customer] = CustomerResult(
+                job.customer, "failed", error["message"], error=error
+            )
+            continue
+        report = outcome["report"]
+        result = CustomerResult(
+            job.customer,
+            "built",
+            f"{report['image']}@{report['manifest_digest']}",
+            report=report,
+        )
+        if record:
+            try:
+                written = write_release_record(
+                    report, job.location, settings, branch=branch, attempts=record_attempts
+                )
+                result.record = asdict(written)
+                if on_event:
+                    on_event(job.customer, f"recorded {written.path} ({written.status})")
+            except BuilderError as exc:
+                result.status, result.error = "failed", _error_dict(exc)
+                result.summary = f"built and pushed, but not recorded: {result.error['message']}"
+        results[job.customer] = result
+    ordered = [results[e.name] for e in fleet.entries]
+    return FleetReport(base_version=fleet_plan.base_version, fleet=str(fleet.path), results=ordered)

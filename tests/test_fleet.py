@@ -1,0 +1,804 @@
+"""Fleet rebuilds: the fleet file, `plan`, `build-all` and release-record write-back.
+
+Real git repositories (bare remotes, file:// and an authenticated smart-HTTP server running
+`git http-backend`), the real CLI in subprocesses, and for the builds the test bed's Docker
+engine (to make small base images) and registry (to count what it received).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import git
+import pytest
+import yaml
+from helpers import (
+    ANALYSIS_YAML,
+    CARCINOMA_ID,
+    CARCINOMA_TASK,
+    CUSTOMER_YAML,
+    MITOSIS_ID,
+    MITOSIS_TASK,
+    ROOT,
+    commit_files,
+    customer_repo,
+    model_record,
+    run_cli,
+    task_record,
+    write_local_registry,
+    write_production,
+)
+
+from builder.errors import ConfigError, ReleaseGateError
+from builder.fleet import (
+    RELEASES_BRANCH,
+    ReleaseLog,
+    WriteBackError,
+    load_fleet,
+    parse_release_version,
+    release_record,
+)
+from builder.settings import load_settings
+
+BASE_REPO = "ivd/fleet-base"
+BASE_VERSIONS = ("2.3.4", "2.4.2", "2.5.0")
+CARCINOMA = os.urandom(200 * 1024)
+MITOSIS = b"mitosis-weights" * 2048
+TOKEN = "glpat-Sup3rS3cretT0ken"
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _git(*args: str, cwd: Path | None = None) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def _bare_clone(work: Path, bare: Path) -> Path:
+    _git("clone", "-q", "--bare", str(work), str(bare))
+    return bare
+
+
+def _folder_customer(repo: Path, name: str, base: str, *, threshold: float = 0.5) -> None:
+    """A customer kept as a folder of a shared repository (like customers/ here)."""
+    commit_files(
+        repo,
+        {
+            f"{name}/customer.yaml": CUSTOMER_YAML.format(name=name, base=base),
+            f"{name}/analysis.yaml": ANALYSIS_YAML.format(
+                carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=threshold
+            ),
+        },
+        f"{name}: config",
+    )
+
+
+def _write_fleet(path: Path, entries: list[dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"fleet_version": 1, "customers": entries}, sort_keys=False))
+    return path
+
+
+def _json(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads(result.stdout)
+    except ValueError:
+        pytest.fail(f"not JSON (exit {result.returncode}): {result.stdout}\n{result.stderr}")
+    return doc
+
+
+def _records(bare: Path, branch: str = RELEASES_BRANCH) -> dict[str, dict[str, Any]]:
+    """Release records on the branch of a repository: path -> parsed YAML."""
+    repo = git.Repo(bare)
+    try:
+        tree = repo.commit(branch).tree
+    except (git.BadName, ValueError):
+        return {}
+    return {
+        blob.path: yaml.safe_load(blob.data_stream.read())
+        for blob in tree.traverse()
+        if isinstance(blob, git.Blob)
+    }
+
+
+def _fake_report(
+    customer: str, commit: str, digest: str, *, version: str = "2.5.0", **changes: Any
+) -> dict[str, Any]:
+    """A `build --json` result as the pipeline writes it (write-back input only)."""
+    report: dict[str, Any] = {
+        "customer": customer,
+        "image": f"registry.example.com/{customer}:{version}-{commit[:12]}",
+        "tags": [
+            f"registry.example.com/{customer}:{version}-{commit[:12]}",
+            f"registry.example.com/{customer}:{version}",
+        ],
+        "manifest_digest": digest,
+        "config_digest": "sha256:" + "c" * 64,
+        "config_commit": commit,
+        "base": {
+            "repository": "registry.example.com/ivd/inference-base",
+            "version": version,
+            "digest": "sha256:" + "b" * 64,
+        },
+        "models": [
+            {
+                "name": "carcinoma_model",
+                "sourcing": "auto",
+                "registry_id": CARCINOMA_ID,
+                "task_id": CARCINOMA_TASK,
+                "files": [{"name": "model.onnx", "size": 3, "sha256": "d" * 64}],
+            }
+        ],
+        "development": False,
+        "outputs": {
+            "registry": f"registry.example.com/{customer}:{version}-{commit[:12]}@{digest}"
+        },
+    }
+    report.update(changes)
+    return report
+
+
+@pytest.fixture
+def local_env(tmp_path: Path) -> dict[str, str]:
+    """Settings for subprocesses: a local model registry, file: production, a private cache."""
+    registry = write_local_registry(
+        tmp_path / "model-registry",
+        [
+            model_record(CARCINOMA_ID, CARCINOMA_TASK, name="carcinoma v3"),
+            model_record(MITOSIS_ID, MITOSIS_TASK, name="mitosis v1"),
+        ],
+        [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
+    )
+    write_production(tmp_path / "production", CARCINOMA_TASK, {"model.onnx": CARCINOMA})
+    write_production(tmp_path / "production", MITOSIS_TASK, {"model.onnx": MITOSIS})
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("BUILDER_", "CI_", "GIT_CONFIG"))
+    }
+    env.update(
+        BUILDER_MODEL_REGISTRY=f"local:{registry}",
+        BUILDER_PRODUCTION=f"file:{tmp_path / 'production'}",
+        BUILDER_CACHE_DIR=str(tmp_path / "cache"),
+        BUILDER_IMAGE_REGISTRY="registry.example.com",
+    )
+    return env
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, env=env)
+
+
+# -- plan: the examples of this repository ------------------------------------------------------
+
+
+def test_plan_the_example_fleet(local_env: dict[str, str]) -> None:
+    result = _cli(local_env, "plan", "--base-version", "2.5.0", "--json")
+    assert result.returncode == 0, result.stderr
+    items = {i["customer"]: i for i in _json(result)["result"]["items"]}
+    assert {n: i["status"] for n, i in items.items()} == {
+        "customer-x": "rebuild",
+        "customer-y": "rebuild",
+        "customer-z": "skip",
+    }
+    assert items["customer-z"]["summary"] == "~=2.3.0 does not admit 2.5.0"
+    assert items["customer-x"]["image"].startswith("registry.example.com/customer-x:2.5.0-")
+
+    patch = _cli(local_env, "plan", "--base-version", "2.3.7", "--json")
+    assert [i["customer"] for i in _json(patch)["result"]["items"] if i["status"] == "rebuild"] == [
+        "customer-z"
+    ]
+    nobody = _cli(local_env, "plan", "--base-version", "3.0.0")
+    assert nobody.returncode == 0, nobody.stderr
+    assert "0 of 3 customers to rebuild" in nobody.stdout
+    assert "no customer admits base 3.0.0: nothing to rebuild" in nobody.stdout
+
+
+def test_plan_bad_input_is_one_clear_line(local_env: dict[str, str], tmp_path: Path) -> None:
+    unknown = _cli(local_env, "plan", "--base-version", "2.5.0", "--only", "customer-q")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().splitlines() == [
+        f"error: customer 'customer-q' is not in the fleet file {ROOT / 'customers' / 'fleet.yaml'} "
+        "(listed: customer-x, customer-y, customer-z) (add it to the fleet file, or fix the name)"
+    ]
+
+    settings = load_settings(ROOT)
+    with pytest.raises(ConfigError, match=r"'~=2\.5' is not a version like 2\.5\.0"):
+        parse_release_version("~=2.5")
+    cases = {
+        "typo": (
+            [{"name": "customer-x", "repo": "x", "branch": "main"}],
+            r"typo\.yaml:\d+: customers\[0\]: unknown key 'branch'",
+        ),
+        "twice": (
+            [{"name": "customer-x", "repo": "a"}, {"name": "customer-x", "repo": "b"}],
+            r"twice\.yaml:\d+: customer 'customer-x' is listed twice",
+        ),
+        "secret": (
+            [{"name": "customer-x", "repo": f"https://oauth2:{TOKEN}@gitlab.example.com/c/x.git"}],
+            r"secret\.yaml:\d+: the URL of 'customer-x' holds credentials; remove them",
+        ),
+    }
+    for name, (entries, message) in cases.items():
+        with pytest.raises(ConfigError, match=message) as info:
+            load_fleet(_write_fleet(tmp_path / f"{name}.yaml", entries), settings)
+        assert TOKEN not in str(info.value)
+    with pytest.raises(ConfigError, match=r"no\.yaml: cannot read the fleet file"):
+        load_fleet(tmp_path / "no.yaml", settings)
+
+
+def test_plan_reports_each_faulty_customer_and_plans_the_others(
+    local_env: dict[str, str], tmp_path: Path
+) -> None:
+    configs = tmp_path / "configs"
+    _folder_customer(configs, "customer-a", "~=2.4")
+    _folder_customer(configs, "customer-other", "~=2.4")
+    commit_files(
+        configs,
+        {
+            "customer-bad/customer.yaml": "version: 1\ncustomer: customer-bad\nbase_image: {verison: '2.5'}\n"
+        },
+        "bad config",
+    )
+    fleet = _write_fleet(
+        configs / "fleet.yaml",
+        [
+            {"name": "customer-a", "repo": "customer-a"},
+            {"name": "customer-gone", "repo": "customer-gone"},
+            {"name": "customer-bad", "repo": "customer-bad"},
+            {"name": "customer-renamed", "repo": "customer-other"},
+            {"name": "customer-nowhere", "repo": (tmp_path / "nowhere.git").as_uri()},
+        ],
+    )
+    result = _cli(local_env, "plan", "--base-version", "2.5.0", "--fleet", str(fleet), "--json")
+    assert result.returncode == 8
+    doc = _json(result)
+    assert doc["ok"] is False
+    assert doc["error"]["message"].startswith("4 of 5 customers could not be planned")
+    items = {i["customer"]: i for i in doc["result"]["items"]}
+    assert items["customer-a"]["status"] == "rebuild"
+    assert "customer-a" in items["customer-a"]["image"]
+    assert "not found" in items["customer-gone"]["summary"]
+    assert re.search(
+        r"customer\.yaml:3: base_image: unknown key 'verison'", items["customer-bad"]["summary"]
+    )
+    assert "whose customer.yaml names 'customer-other'" in items["customer-renamed"]["summary"]
+    assert items["customer-nowhere"]["summary"].startswith("cannot clone file://")
+    assert all(items[n]["error"]["exit_code"] == 2 for n in items if n != "customer-a")
+
+    human = _cli(local_env, "plan", "--base-version", "2.5.0", "--fleet", str(fleet))
+    assert human.returncode == 8
+    assert (
+        human.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: 4 of 5 customers could not be planned")
+    )
+    assert re.search(r"customer-a\s+~=2.4\s+rebuild", human.stdout)
+
+
+# -- release records: write-back --------------------------------------------------------------
+
+
+@pytest.fixture
+def records_remote(tmp_path: Path) -> Path:
+    """A customer repository on a 'server' (bare), with one config commit."""
+    work = customer_repo(
+        tmp_path / "work", name="customer-a", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID
+    )
+    return _bare_clone(work, tmp_path / "customer-a.git")
+
+
+def test_record_is_retried_on_top_of_a_concurrent_push(
+    records_remote: Path, tmp_path: Path
+) -> None:
+    commit = git.Repo(records_remote).commit("HEAD").hexsha
+    other = _fake_report("customer-a", "1" * 40, "sha256:" + "1" * 64, version="2.4.2")
+    record = release_record(
+        _fake_report("customer-a", commit, "sha256:" + "2" * 64),
+        config_source=records_remote.as_uri(),
+    )
+    log = ReleaseLog(str(records_remote), tmp_path / "cache", RELEASES_BRANCH)
+    rival = ReleaseLog(str(records_remote), tmp_path / "rival-cache", RELEASES_BRANCH)
+    rival.write(release_record(other, config_source=records_remote.as_uri()))
+    first_head = git.Repo(records_remote).commit(RELEASES_BRANCH).hexsha
+    pushed_between: list[str] = []
+
+    def concurrent_writer(attempt: int) -> None:
+        if attempt == 1:  # another job pushes after we fetched, before we push
+            third = _fake_report("customer-a", "3" * 40, "sha256:" + "3" * 64, version="2.4.3")
+            rival.write(release_record(third, config_source=records_remote.as_uri()))
+            pushed_between.append(git.Repo(records_remote).commit(RELEASES_BRANCH).hexsha)
+
+    result = log.write(record, backoff=0.01, before_push=concurrent_writer)
+    assert result.status == "written" and result.attempts == 2
+    repo = git.Repo(records_remote)
+    head = repo.commit(RELEASES_BRANCH)
+    assert head.hexsha == result.commit
+    # Linear history, nothing lost, nothing forced: ours sits on top of the concurrent commit.
+    assert [c.hexsha for c in head.parents] == pushed_between
+    assert repo.commit(pushed_between[0]).parents[0].hexsha == first_head
+    assert sorted(_records(records_remote)) == [
+        "releases/customer-a/2.4.2-111111111111.yaml",
+        "releases/customer-a/2.4.3-333333333333.yaml",
+        f"releases/customer-a/2.5.0-{commit[:12]}.yaml",
+    ]
+    saved = _records(records_remote)[f"releases/customer-a/2.5.0-{commit[:12]}.yaml"]
+    assert saved["record_version"] == 1 and saved["manifest_digest"] == "sha256:" + "2" * 64
+    # The config branch is untouched: records never move what is built.
+    assert repo.commit("HEAD").hexsha == commit
+
+    again = log.write(record)
+    assert again.status == "present"
+    with pytest.raises(Exception, match="refusing to overwrite a release record"):
+        log.write({**record, "manifest_digest": "sha256:" + "9" * 64})
+
+
+def _hook(bare: Path, failures: int) -> Path:
+    """A pre-receive hook that declines the first `failures` pushes."""
+    counter = bare / "hook-count"
+    hook = bare / "hooks" / "pre-receive"
+    hook.write_text(
+        "#!/bin/sh\n"
+        f'n=$(cat "{counter}" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "{counter}"\n'
+        f'if [ "$n" -le {failures} ]; then echo "protected branch: push $n declined"; exit 1; fi\n'
+    )
+    hook.chmod(0o755)
+    return counter
+
+
+def test_record_push_rejected_then_retried_then_clear_error(
+    records_remote: Path, local_env: dict[str, str], tmp_path: Path
+) -> None:
+    commit = git.Repo(records_remote).commit("HEAD").hexsha
+    report = tmp_path / "build.json"
+    envelope = {"builder_result_version": 1, "command": "build", "ok": True}
+    report.write_text(
+        json.dumps({**envelope, "result": _fake_report("customer-a", commit, "sha256:" + "4" * 64)})
+    )
+    counter = _hook(records_remote, failures=2)
+    env = {**local_env, "CI_JOB_URL": "https://gitlab.example.com/ivd/fleet/-/jobs/42"}
+    ok = _cli(
+        env,
+        "release-record",
+        "--report",
+        str(report),
+        "--repo",
+        str(records_remote),
+        "--attempts",
+        "3",
+        "--json",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert counter.read_text().strip() == "3"
+    (written,) = _json(ok)["result"]["records"]
+    assert written["status"] == "written" and written["attempts"] == 3
+    record = _records(records_remote)[written["path"]]
+    assert record["ci_url"] == "https://gitlab.example.com/ivd/fleet/-/jobs/42"
+    # The source as the image labels name it: the repository's origin, canonical.
+    origin = (tmp_path / "work").as_uri()
+    assert record["config"] == {"repository": origin, "path": ".", "commit": commit}
+    message = git.Repo(records_remote).commit(RELEASES_BRANCH).message
+    assert "CI job: https://gitlab.example.com/ivd/fleet/-/jobs/42" in message
+
+    _hook(records_remote, failures=99)
+    other = tmp_path / "other.json"
+    other.write_text(
+        json.dumps(_fake_report("customer-a", commit, "sha256:" + "5" * 64, version="2.5.1"))
+    )
+    refused = _cli(
+        local_env,
+        "release-record",
+        "--report",
+        str(other),
+        "--repo",
+        str(records_remote),
+        "--attempts",
+        "2",
+    )
+    assert refused.returncode == 9
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "after 2 attempts: push rejected" in line and "protected branch: push" in line
+    assert "never force-push" in line
+    assert len(_records(records_remote)) == 1
+
+
+def test_record_refuses_what_is_not_a_release(
+    records_remote: Path, local_env: dict[str, str], tmp_path: Path
+) -> None:
+    commit = git.Repo(records_remote).commit("HEAD").hexsha
+    digest = "sha256:" + "6" * 64
+    cases = [
+        (
+            _fake_report("customer-a", commit, digest, development=True),
+            ReleaseGateError,
+            "development build",
+        ),
+        (_fake_report("customer-a", commit, digest, outputs={}), WriteBackError, "was not pushed"),
+        (
+            _fake_report("customer-a", commit, digest, version="2.6.0rc1"),
+            ReleaseGateError,
+            "pre-release",
+        ),
+    ]
+    for report, error, words in cases:
+        with pytest.raises(error, match=words):
+            release_record(report, config_source=records_remote.as_uri())
+    empty = tmp_path / "empty.json"
+    empty.write_text(
+        json.dumps({"builder_result_version": 1, "ok": True, "result": {"results": []}})
+    )
+    nothing = _cli(
+        local_env, "release-record", "--report", str(empty), "--repo", str(records_remote)
+    )
+    assert nothing.returncode == 2
+    assert "no successful build in this report" in nothing.stderr.strip().splitlines()[-1]
+    assert _records(records_remote) == {}
+
+
+def test_concurrent_writers_never_lose_a_record(
+    records_remote: Path, local_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Several CLI processes (separate caches, like separate CI jobs) write at once."""
+    procs = []
+    for index in range(3):
+        path = tmp_path / f"r{index}.json"
+        path.write_text(
+            json.dumps(_fake_report("customer-a", f"{index}" * 40, "sha256:" + f"{index}" * 64))
+        )
+        env = {**local_env, "BUILDER_CACHE_DIR": str(tmp_path / f"cache-{index}")}
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "builder",
+                    "release-record",
+                    "--report",
+                    str(path),
+                    "--repo",
+                    str(records_remote),
+                    "--attempts",
+                    "8",
+                ],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + err
+    assert len(_records(records_remote)) == 3
+    history = _git("rev-list", "--parents", RELEASES_BRANCH, cwd=records_remote).splitlines()
+    assert len(history) == 3 and all(len(line.split()) <= 2 for line in history)  # linear
+
+
+# -- credentials: an authenticated smart-HTTP git server ----------------------------------------
+
+
+class _GitHTTP(BaseHTTPRequestHandler):
+    """`git http-backend` behind HTTP basic auth, as GitLab serves repositories."""
+
+    root: Path
+    accepted: set[str]
+    seen_auth: list[str]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _serve(self) -> None:
+        header = self.headers.get("Authorization", "")
+        self.seen_auth.append(header)
+        if header not in self.accepted:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="gitlab"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        path, _, query = self.path.partition("?")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        env = {
+            "PATH": os.environ["PATH"],
+            "GIT_PROJECT_ROOT": str(self.root),
+            "GIT_HTTP_EXPORT_ALL": "1",
+            "PATH_INFO": path,
+            "QUERY_STRING": query,
+            "REQUEST_METHOD": self.command,
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(len(body)),
+            "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
+            "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
+            "REMOTE_USER": "ci",
+            "REMOTE_ADDR": "127.0.0.1",
+        }
+        out = subprocess.run(
+            ["git", "http-backend"], input=body, env=env, capture_output=True, check=False
+        ).stdout
+        head, _, payload = out.partition(b"\r\n\r\n")
+        status = 200
+        headers = []
+        for line in head.decode().split("\r\n"):
+            key, _, value = line.partition(":")
+            if key.lower() == "status":
+                status = int(value.split()[0])
+            elif key:
+                headers.append((key, value.strip()))
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = _serve
+    do_POST = _serve
+
+
+@pytest.fixture
+def git_server(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
+    root = tmp_path / "srv"
+    root.mkdir()
+    seen: list[str] = []
+    handler = type(
+        "Handler",
+        (_GitHTTP,),
+        {
+            "root": root,
+            "seen_auth": seen,
+            "accepted": {
+                "Basic " + base64.b64encode(f"{user}:{TOKEN}".encode()).decode()
+                for user in ("oauth2", "gitlab-ci-token")
+            },
+        },
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root, seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_private_repositories_with_a_ci_token_that_never_leaks(
+    git_server: tuple[str, Path, list[str]], local_env: dict[str, str], tmp_path: Path
+) -> None:
+    url, root, seen = git_server
+    work = customer_repo(
+        tmp_path / "w", name="customer-p", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID
+    )
+    _bare_clone(work, root / "customer-p.git")
+    fleet = _write_fleet(
+        tmp_path / "fleet.yaml", [{"name": "customer-p", "repo": f"{url}/customer-p.git"}]
+    )
+    args = ("plan", "--base-version", "2.5.0", "--fleet", str(fleet), "--json")
+
+    anonymous = _cli(local_env, *args)
+    assert anonymous.returncode == 8  # no token: a clear per-customer error, no prompt, no hang
+    (item,) = _json(anonymous)["result"]["items"]
+    assert item["summary"].startswith(f"cannot clone {url}/customer-p.git")
+
+    wrong_server = {
+        **local_env,
+        "BUILDER_GIT_TOKEN": TOKEN,
+        "BUILDER_GIT_SERVER": "https://gitlab.example.com",
+    }
+    assert _cli(wrong_server, *args).returncode == 8  # the token goes to its own server only
+    assert all(TOKEN not in base64.b64decode(h.split()[1]).decode() for h in seen if h)
+
+    for env in (
+        {**local_env, "BUILDER_GIT_TOKEN": TOKEN, "BUILDER_GIT_SERVER": url},
+        {
+            **local_env,
+            "CI_JOB_TOKEN": TOKEN,
+            "CI_SERVER_URL": url,
+            "BUILDER_CACHE_DIR": str(tmp_path / "c2"),
+        },
+    ):
+        result = _cli(env, *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        (item,) = _json(result)["result"]["items"]
+        assert item["status"] == "rebuild" and item["repo"] == f"{url}/customer-p.git"
+        assert TOKEN not in result.stdout + result.stderr
+
+    # Write-back over the same authenticated HTTP remote.
+    commit = git.Repo(work).commit("HEAD").hexsha
+    report = tmp_path / "build.json"
+    report.write_text(json.dumps(_fake_report("customer-p", commit, "sha256:" + "7" * 64)))
+    env = {**local_env, "BUILDER_GIT_TOKEN": TOKEN, "BUILDER_GIT_SERVER": url}
+    pushed = _cli(env, "release-record", "--report", str(report), "--fleet", str(fleet), "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    assert TOKEN not in pushed.stdout + pushed.stderr
+    record = _records(root / "customer-p.git")[f"releases/customer-p/2.5.0-{commit[:12]}.yaml"]
+    assert record["config"]["repository"] == f"{url}/customer-p"
+    # Nothing written to disk holds the token: cache clones, their config, the record.
+    cache = Path(local_env["BUILDER_CACHE_DIR"])
+    for path in cache.rglob("*"):
+        if path.is_file() and path.stat().st_size < 1 << 20:
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert TOKEN not in yaml.safe_dump(record)
+
+
+# -- build-all end to end -----------------------------------------------------------------------
+
+
+def push_fleet_bases(docker_engine: Any, oci_registry: Any, base_os_image: str) -> str:
+    """Small base images (no runner) with the runner's schema label, in the test registry."""
+    client = docker_engine.client()
+    repository = f"{oci_registry.host}/{BASE_REPO}"
+    for version in BASE_VERSIONS:
+        labels = f'com.ivd.runner.config-schemas="1" org.opencontainers.image.version="{version}"'
+        dockerfile = f"FROM {base_os_image}\nLABEL {labels}\n"
+        client.images.build(
+            fileobj=io.BytesIO(dockerfile.encode()),
+            tag=f"{repository}:{version}",
+            rm=True,
+            network_mode="none",
+        )
+        for line in client.images.push(repository, tag=version, stream=True, decode=True):
+            assert "error" not in line, line
+    return repository
+
+
+@pytest.fixture(scope="module")
+def fleet_bases(docker_engine: Any, oci_registry: Any, base_os_image: str) -> str:
+    return push_fleet_bases(docker_engine, oci_registry, base_os_image)
+
+
+def _uploaded_digests(registry: Any, since: int) -> set[str]:
+    """Digests of the blobs whose upload the registry completed (PUT ...?digest=)."""
+    found = set()
+    for request in registry.blob_uploads(since=since):
+        match = re.search(r"digest=sha256(?::|%3A)([0-9a-f]{64})", request.path)
+        if request.method == "PUT" and match:
+            found.add(f"sha256:{match.group(1)}")
+    return found
+
+
+def _fleet_workspace(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """customer-a in its own repository (reached by URL); customer-b and -c folders of a
+    shared repository; customer-bad an invalid config; customer-gone a repository that is
+    not there. Returns (fleet file, customer-a's work clone, customer-a's remote)."""
+    work_a = customer_repo(
+        tmp_path / "work-a", name="customer-a", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID
+    )
+    remote_a = _bare_clone(work_a, tmp_path / "customer-a.git")
+    configs = tmp_path / "configs"
+    _folder_customer(configs, "customer-b", ">=2.4,<3", threshold=0.7)
+    _folder_customer(configs, "customer-c", "~=2.3.0")
+    commit_files(
+        configs, {"customer-bad/customer.yaml": "version: 1\ncustomer: customer-bad\n"}, "bad"
+    )
+    fleet = _write_fleet(
+        configs / "fleet.yaml",
+        [
+            {"name": "customer-a", "repo": remote_a.as_uri()},
+            {"name": "customer-b", "repo": "./customer-b"},
+            {"name": "customer-c", "repo": "./customer-c"},
+            {"name": "customer-bad", "repo": "./customer-bad"},
+            {"name": "customer-gone", "repo": (tmp_path / "gone.git").as_uri()},
+        ],
+    )
+    return fleet, work_a, remote_a
+
+
+def _check_first_records(old: dict[str, Any], remote_a: Path, configs: Path) -> None:
+    """customer-a's record in its own repository, customer-b's in the shared one."""
+    rec_a = _records(remote_a)
+    rev_a = old["customer-a"]["config_commit"][:12]
+    record = rec_a[f"releases/customer-a/2.4.2-{rev_a}.yaml"]
+    assert len(rec_a) == 1
+    assert record["record_version"] == 1 and record["customer"] == "customer-a"
+    assert record["image"] == old["customer-a"]["image"]
+    assert record["manifest_digest"] == old["customer-a"]["manifest_digest"]
+    assert record["base_image"] == old["customer-a"]["base"]
+    assert record["config"]["commit"] == old["customer-a"]["config_commit"]
+    assert {m["registry_id"] for m in record["models"]} == {CARCINOMA_ID, MITOSIS_ID}
+    shas = {f["sha256"] for m in record["models"] for f in m["files"]}
+    assert hashlib.sha256(CARCINOMA).hexdigest() in shas
+    rec_b = _records(configs)
+    rev_b = old["customer-b"]["config_commit"][:12]
+    assert list(rec_b) == [f"releases/customer-b/2.4.2-{rev_b}.yaml"]
+    assert rec_b[f"releases/customer-b/2.4.2-{rev_b}.yaml"]["config"]["path"] == "customer-b"
+    # The records branch is separate: the config branch (what is built) has not moved.
+    assert git.Repo(configs).active_branch.name != RELEASES_BRANCH
+    assert "releases" not in {p.name for p in configs.iterdir()}
+
+
+def _check_base_bump_uploads(
+    old: dict[str, Any], new: dict[str, Any], registry: Any, since: int
+) -> None:
+    """Model layers reused (never uploaded); only image configs and the small config layer
+    (its provenance.json names the base digest) reach the registry, plus manifests."""
+    uploaded = _uploaded_digests(registry, since)
+    for name in ("customer-a", "customer-b"):
+        layers_old = {layer["name"]: layer["digest"] for layer in old[name]["layers"]}
+        layers_new = {layer["name"]: layer for layer in new[name]["layers"]}
+        for model in ("carcinoma_model", "mitosis_model"):
+            assert layers_new[model]["digest"] == layers_old[model]
+            assert layers_new[model]["push"] == "present"
+            assert layers_new[model]["digest"] not in uploaded
+        assert new[name]["config_digest"] in uploaded  # the new image config
+        assert new[name]["manifest_digest"] != old[name]["manifest_digest"]
+    config_layers = {
+        layer["digest"] for r in new.values() for layer in r["layers"] if layer["name"] == "config"
+    }
+    assert uploaded <= {r["config_digest"] for r in new.values()} | config_layers
+    assert sum(r["bytes_uploaded"] for r in new.values()) < 64 * 1024
+    puts = registry.manifest_puts(since)
+    assert {p.path.split("/manifests/")[0].rsplit("/", 1)[1] for p in puts} == {
+        "customer-a",
+        "customer-b",
+    }
+    assert {p.path.rsplit("/", 1)[1] for p in puts} >= {"2.5.0"}
+
+
+def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
+    local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
+) -> None:
+    namespace = re.sub("[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
+    env = {
+        **local_env,
+        "BUILDER_BASE_REPOSITORY": fleet_bases,
+        "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
+    }
+    fleet, work_a, remote_a = _fleet_workspace(tmp_path)
+    common = ("--fleet", str(fleet), "--jobs", "2", "--push", "--record", "--json")
+
+    first = _cli(env, "build-all", "--base-version", "2.4.2", *common)
+    assert first.returncode == 8, first.stderr
+    doc = _json(first)
+    assert doc["ok"] is False
+    assert doc["error"]["message"] == "2 of 5 customers failed: customer-bad, customer-gone"
+    results = {r["customer"]: r for r in doc["result"]["results"]}
+    assert {n: r["status"] for n, r in results.items()} == {
+        "customer-a": "built",
+        "customer-b": "built",
+        "customer-c": "skipped",
+        "customer-bad": "failed",
+        "customer-gone": "failed",
+    }
+    assert "'base_image' is a required property" in results["customer-bad"]["summary"]
+    assert results["customer-gone"]["summary"].startswith("cannot clone")
+    old = {n: results[n]["report"] for n in ("customer-a", "customer-b")}
+    _check_first_records(old, remote_a, fleet.parent)
+
+    since = len(oci_registry.requests())
+    only = ("--only", "customer-a", "--only", "customer-b")
+    second = _cli(env, "build-all", "--base-version", "2.5.0", *only, *common)
+    assert second.returncode == 0, second.stdout + second.stderr
+    new = {r["customer"]: r["report"] for r in _json(second)["result"]["results"]}
+    _check_base_bump_uploads(old, new, oci_registry, since)
+    assert len(_records(remote_a)) == 2
+
+    # plan now knows what shipped: base only; the same base: nothing; a config commit: config too.
+    planned = _json(_cli(env, "plan", "--base-version", "2.5.1", "--fleet", str(fleet), "--json"))
+    assert planned["ok"] is False  # customer-bad and customer-gone are still broken
+    items = {i["customer"]: i for i in planned["result"]["items"]}
+    assert items["customer-a"]["change"] == "base"
+    assert items["customer-a"]["summary"].startswith("base only: 2.5.0 -> 2.5.1")
+    assert items["customer-b"]["previous"]["base_version"] == "2.5.0"
+    assert items["customer-c"]["status"] == "skip"
+
+    analysis = ANALYSIS_YAML.format(carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.6)
+    commit_files(work_a, {"analysis.yaml": analysis}, "threshold", when=1_700_000_100)
+    _git("push", "-q", str(remote_a), "HEAD", cwd=work_a)
+    args = ("plan", "--fleet", str(fleet), "--only", "customer-a", "--json")
+    (item,) = _json(_cli(env, *args, "--base-version", "2.5.1"))["result"]["items"]
+    assert item["change"] == "config+base" and item["changed_files"] == ["analysis.yaml"]
+    assert item["summary"].startswith("config too:")
