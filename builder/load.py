@@ -101,9 +101,8 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
             git.Repo.clone_from(url, target, bare=True, env={"GIT_TERMINAL_PROMPT": "0"})
     except git.GitCommandError as exc:
         # git's own message can echo the URL; make sure credentials never reach the output.
-        detail = redact_url(
-            str(exc.stderr or exc).strip().splitlines()[-1] if str(exc).strip() else ""
-        )
+        lines = [ln.strip(" '\"") for ln in str(exc.stderr or exc).splitlines()]
+        detail = redact_url(next((ln for ln in reversed(lines) if ln), "git failed"))
         raise ConfigError(f"cannot clone {redact_url(url)}: {detail}") from None
     return RepoSource(location=redact_url(url), root=target, subdir="", url=canonical_repo_url(url))
 

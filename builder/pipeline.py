@@ -53,7 +53,7 @@ class BuildRequest:
     oci_layout: Path | None = None
     docker_archive: Path | None = None
     load: bool = False
-    jobs: int = 4
+    jobs: int = 2
     backend: str = (
         "oci"  # "oci": no daemon (default); "docker": Dockerfile + Docker engine (baseline)
     )
@@ -295,7 +295,7 @@ def build(
     verbose_yaml = yamldoc.dump(expand(spec, fetched.models))
     verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
     provenance = provenance_document(
-        spec, fetched.models, base_ref, verbose_sha256=verbose_sha, development=cooked.development
+        spec, fetched.models, verbose_sha256=verbose_sha, development=cooked.development
     )
     labels = image_labels(
         spec, fetched.models, base_ref, verbose_sha256=verbose_sha, development=cooked.development

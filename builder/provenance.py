@@ -37,7 +37,6 @@ def image_version(spec: CustomerSpec, base: BaseImageRef) -> str:
 def provenance_document(
     spec: CustomerSpec,
     models: tuple[ResolvedModel, ...],
-    base: BaseImageRef,
     *,
     verbose_sha256: str,
     development: bool,
@@ -54,12 +53,10 @@ def provenance_document(
             "verbose_sha256": verbose_sha256,
             "worktree": spec.worktree,
         },
-        "base_image": {
-            "repository": base.repository,
-            "version": base.version,
-            "constraint": spec.base_version,
-            "digest": base.digest,
-        },
+        # Only the constraint: the resolved base (name, version, digest) is in the image config
+        # labels and the manifest annotations, so this layer, like the model layers, is
+        # unchanged by a base bump and a fleet rebuild uploads only configs and manifests.
+        "base_image": {"constraint": spec.base_version},
         "models": [
             {
                 "name": m.name,

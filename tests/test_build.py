@@ -189,6 +189,8 @@ def test_base_bump_uploads_only_manifest_and_config(
     model_layers = {layer["digest"] for layer in old["layers"] if layer["name"].endswith("_model")}
     assert model_layers <= {layer["digest"] for layer in new["layers"]}
     assert new["bytes_uploaded"] < 64 * 1024
+    # Model and config layers are all reused: only the image config and manifests are new.
+    assert {layer["push"] for layer in new["layers"]} == {"present"}
 
 
 def test_immutable_tag_is_refused_then_forced(

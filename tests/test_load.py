@@ -296,6 +296,8 @@ def test_git_url_is_cloned_then_fetched(repo: Path, settings: Settings) -> None:
 
 
 def test_git_url_that_cannot_be_cloned(tmp_path: Path, settings: Settings) -> None:
-    with pytest.raises(ConfigError, match="cannot clone") as info:
+    with pytest.raises(
+        ConfigError, match=r"cannot clone https://127\.0\.0\.1:9/.*: fatal: unable to access"
+    ) as info:
         load_customer(f"https://user:hunter2@127.0.0.1:9/{tmp_path.name}.git", settings)
     assert "hunter2" not in str(info.value)

@@ -9,7 +9,6 @@ import click
 
 from builder.cli._common import (
     cli,
-    customer_options,
     emit,
     info,
     json_option,
@@ -20,8 +19,29 @@ from builder.cli._common import (
 
 
 @cli.command()
-@customer_options
+@click.argument("customer", required=False)
+@click.option(
+    "--ref",
+    default="HEAD",
+    show_default=True,
+    help="Branch, tag or commit of the customer repo to read.",
+)
+@click.option(
+    "--worktree", is_flag=True, help="Read uncommitted files from the work tree (development only)."
+)
 @settings_options
+@click.option(
+    "--all",
+    "all_customers",
+    is_flag=True,
+    help="Every customer of the fleet file whose constraint admits --base-version (same as `builder build-all`).",
+)
+@click.option(
+    "--fleet", "fleet_file", type=click.Path(path_type=Path), help="With --all: the fleet file."
+)
+@click.option(
+    "--record", is_flag=True, help="With --all: commit a release record after each pushed build."
+)
 @click.option(
     "--locked",
     is_flag=True,
@@ -73,7 +93,12 @@ from builder.cli._common import (
 @click.option(
     "--load", is_flag=True, help="Load the image into the local Docker engine (DOCKER_HOST)."
 )
-@click.option("--jobs", default=4, show_default=True, help="Parallel downloads.")
+@click.option(
+    "--jobs",
+    default=2,
+    show_default=True,
+    help="Parallel downloads (with --all: customers built at once).",
+)
 @click.option(
     "--backend",
     type=click.Choice(["oci", "docker"]),
@@ -82,10 +107,16 @@ from builder.cli._common import (
     help="oci: no daemon, reproducible; docker: Dockerfile built by the engine (the familiar path, the benchmark baseline).",
 )
 @json_option
+@click.pass_context
 def build(
-    customer: str,
+    ctx: click.Context,
+    /,
+    customer: str | None,
     ref: str,
     worktree: bool,
+    all_customers: bool,
+    fleet_file: Path | None,
+    record: bool,
     locked: bool,
     offline: bool,
     allow_unpublished: bool,
@@ -107,8 +138,33 @@ def build(
 
     Without --push/--oci-layout/--docker-archive/--load the image is only assembled into the
     local blob cache and its digest printed (a dry run that still proves reproducibility).
+    With --all --base-version V: every customer of the fleet that admits V, --jobs at a time.
     """
     from dataclasses import asdict
+
+    if all_customers:
+        from builder.cli.fleet import build_all
+
+        if customer or not base_version:
+            raise click.UsageError("--all takes no CUSTOMER and needs --base-version")
+        ctx.invoke(
+            build_all,
+            base_version=base_version,
+            fleet_file=fleet_file,
+            only=(),
+            jobs=jobs,
+            push=push,
+            record=record,
+            image_registry=image_registry,
+            base_repository=base_repository,
+            insecure_registry=insecure_registry,
+            report=None,
+            as_json=as_json,
+            **overrides,
+        )
+        return
+    if not customer:
+        raise click.UsageError("missing CUSTOMER (or --all --base-version V for the whole fleet)")
 
     from builder.pipeline import BuildRequest
     from builder.pipeline import build as run_build
