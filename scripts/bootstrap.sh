@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(git docker.io docker-registry skopeo debootstrap rabbitmq-server apache2-utils)
+APT_PACKAGES=(git docker.io docker-registry skopeo debootstrap rabbitmq-server apache2-utils rsync)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
