@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -117,7 +118,10 @@ def _index(wheelhouse: Path) -> dict[str, Path]:
 def _platform_args(base_dir: Path) -> list[str]:
     proc = subprocess.run(
         [sys.executable, str(base_dir / "lock_requirements.py"), "--platform-args"],
-        capture_output=True, text=True, check=False, timeout=60,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     if proc.returncode != 0:
         raise ImageError(f"{base_dir / 'lock_requirements.py'} failed: {proc.stderr.strip()}")
@@ -126,9 +130,13 @@ def _platform_args(base_dir: Path) -> list[str]:
 
 def _pip(args: list[str], what: str) -> None:
     cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet", *args]
+    # a fixed SOURCE_DATE_EPOCH makes the runner wheel byte-identical between builds, so the
+    # engine's layer cache is hit when nothing changed
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                              timeout=_PIP_TIMEOUT)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, timeout=_PIP_TIMEOUT, env=env
+        )
     except subprocess.TimeoutExpired:
         raise ImageError(f"{what}: pip did not finish in {_PIP_TIMEOUT} s") from None
     if proc.returncode != 0:
@@ -164,9 +172,18 @@ def ensure_wheelhouse(
         if progress:
             progress("wheelhouse", len(reqs) - len(missing), len(reqs))
         files = list(requirements)
-        _pip(["download", "--no-deps", "--require-hashes", *_platform_args(base_dir),
-              *[a for f in files for a in ("-r", str(f))], "-d", str(wheelhouse)],
-             f"pip download into {wheelhouse}")
+        _pip(
+            [
+                "download",
+                "--no-deps",
+                "--require-hashes",
+                *_platform_args(base_dir),
+                *[a for f in files for a in ("-r", str(f))],
+                "-d",
+                str(wheelhouse),
+            ],
+            f"pip download into {wheelhouse}",
+        )
         have = _index(wheelhouse)
         missing = [r for r in reqs if not r.hashes & have.keys()]
     if missing:
@@ -181,16 +198,30 @@ def ensure_wheelhouse(
     return {h: have[h] for r in reqs for h in sorted(r.hashes & have.keys())[:1]}
 
 
-def build_runner_wheel(wheelhouse: Path, out_dir: Path, version: str, base_dir: Path = BASE_DIR
-                       ) -> Path:
+def build_runner_wheel(
+    wheelhouse: Path, out_dir: Path, version: str, base_dir: Path = BASE_DIR
+) -> Path:
     """Build tilerunner-<version>-py3-none-any.whl offline (backend from the wheelhouse)."""
-    _pip(["wheel", "--no-deps", "--no-index", "--find-links", str(wheelhouse),
-          "--wheel-dir", str(out_dir), str(base_dir / "runner")], "building the runner wheel")
+    _pip(
+        [
+            "wheel",
+            "--no-deps",
+            "--no-index",
+            "--find-links",
+            str(wheelhouse),
+            "--wheel-dir",
+            str(out_dir),
+            str(base_dir / "runner"),
+        ],
+        "building the runner wheel",
+    )
     wheel = out_dir / f"tilerunner-{version}-py3-none-any.whl"
     if not wheel.is_file():
         found = ", ".join(p.name for p in out_dir.glob("tilerunner-*.whl")) or "nothing"
-        raise ImageError(f"the runner wheel should be {wheel.name} but pip built {found}",
-                         hint="base-image/runner/VERSION must link to base-image/VERSION")
+        raise ImageError(
+            f"the runner wheel should be {wheel.name} but pip built {found}",
+            hint="base-image/runner/VERSION must link to base-image/VERSION",
+        )
     return wheel
 
 
@@ -202,9 +233,9 @@ def _onnxruntime_version(reqs: list[Requirement], path: Path) -> str:
 
 
 def _context(
-    tar_path: Path, base_dir: Path, requirements: Path, wheels: Iterable[Path]
+    tar_path: Path, base_dir: Path, requirements: Path, wheels: Iterable[Path], runner: Path
 ) -> None:
-    """The build context: Dockerfile, requirements.txt, wheels/ (only what the build uses)."""
+    """The build context: Dockerfile, requirements.txt, wheels/ (the pins), runner/ (runner)."""
 
     def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -214,15 +245,21 @@ def _context(
     with tarfile.open(tar_path, "w") as tf:
         add(tf, "Dockerfile", (base_dir / "Dockerfile").read_bytes())
         add(tf, "requirements.txt", requirements.read_bytes())
-        for wheel in sorted(set(wheels), key=lambda p: p.name):
-            info = tf.gettarinfo(str(wheel), arcname=f"wheels/{wheel.name}")
+        entries = [(f"wheels/{w.name}", w) for w in sorted(set(wheels), key=lambda p: p.name)]
+        for arcname, wheel in [*entries, (f"runner/{runner.name}", runner)]:
+            info = tf.gettarinfo(str(wheel), arcname=arcname)
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             with wheel.open("rb") as fh:
                 tf.addfile(info, fh)
 
 
-def _run_build(docker_client: Any, context: Path, tag: str, buildargs: dict[str, str],
-               progress: Progress | None) -> tuple[str, list[str]]:
+def _run_build(
+    docker_client: Any,
+    context: Path,
+    tag: str,
+    buildargs: dict[str, str],
+    progress: Progress | None,
+) -> tuple[str, list[str]]:
     """Stream the engine's build; return (image id, output lines) or raise ImageError."""
     from docker.errors import APIError, DockerException
 
@@ -232,16 +269,25 @@ def _run_build(docker_client: Any, context: Path, tag: str, buildargs: dict[str,
     try:
         with context.open("rb") as fh:
             stream = docker_client.api.build(
-                fileobj=fh, custom_context=True, tag=tag, buildargs=buildargs, rm=True,
-                forcerm=True, pull=False, decode=True, network_mode="none",
+                fileobj=fh,
+                custom_context=True,
+                tag=tag,
+                buildargs=buildargs,
+                rm=True,
+                forcerm=True,
+                pull=False,
+                decode=True,
+                network_mode="none",
                 timeout=_BUILD_TIMEOUT,
             )
             for chunk in stream:
                 if "error" in chunk:
                     detail = chunk.get("errorDetail", {}).get("message") or chunk["error"]
                     tail = " | ".join(line for line in log[-3:] if line)
-                    raise ImageError(f"building {tag} failed: {' '.join(detail.split())}"
-                                     + (f" (after: {tail})" if tail else ""))
+                    raise ImageError(
+                        f"building {tag} failed: {' '.join(detail.split())}"
+                        + (f" (after: {tail})" if tail else "")
+                    )
                 text = str(chunk.get("stream", "")).strip()
                 if text:
                     log.extend(text.splitlines())
@@ -273,16 +319,22 @@ def _push(docker_client: Any, repository: str, tag: str, progress: Progress | No
         for chunk in docker_client.api.push(repository, tag=tag, stream=True, decode=True):
             if "error" in chunk:
                 detail = chunk.get("errorDetail", {}).get("message") or chunk["error"]
-                raise ImageError(f"pushing {repository}:{tag} failed: {detail}",
-                                 hint="check the registry address and your docker login")
+                raise ImageError(
+                    f"pushing {repository}:{tag} failed: {detail}",
+                    hint="check the registry address and your docker login",
+                )
             detail = chunk.get("progressDetail") or {}
             if progress and detail.get("total"):
-                progress(f"push {chunk.get('id', '')}", int(detail.get("current", 0)),
-                         int(detail["total"]))
+                progress(
+                    f"push {chunk.get('id', '')}",
+                    int(detail.get("current", 0)),
+                    int(detail["total"]),
+                )
             digest = str((chunk.get("aux") or {}).get("Digest") or digest)
     except (APIError, DockerException) as exc:
-        raise ImageError(f"pushing {repository}:{tag} failed: {' '.join(str(exc).split())}"
-                         ) from None
+        raise ImageError(
+            f"pushing {repository}:{tag} failed: {' '.join(str(exc).split())}"
+        ) from None
     if not digest:
         raise ImageError(f"pushing {repository}:{tag}: the registry reported no digest")
     return digest
@@ -310,8 +362,10 @@ def build_base_image(
     if variant not in VARIANTS:
         raise ImageError(f"unknown base image variant {variant!r} (cpu or gpu)")
     if not repository or ":" in repository.rsplit("/", 1)[-1] or "@" in repository:
-        raise ImageError(f"repository {repository!r} must be a name without tag or digest",
-                         hint="e.g. registry.example.com/ivd/inference-base")
+        raise ImageError(
+            f"repository {repository!r} must be a name without tag or digest",
+            hint="e.g. registry.example.com/ivd/inference-base",
+        )
     version = read_version(base_dir)
     cuda = "none" if variant == "cpu" else (cuda_version or DEFAULT_CUDA)
     tag = version if variant == "cpu" else f"{version}-cuda{cuda}"
@@ -320,8 +374,9 @@ def build_base_image(
     reqs = parse_requirements(requirements)
     ort = _onnxruntime_version(reqs, requirements)
     house = wheelhouse or default_wheelhouse(variant)
-    pinned = ensure_wheelhouse(house, [requirements, build_reqs], download=download,
-                               base_dir=base_dir, progress=progress)
+    pinned = ensure_wheelhouse(
+        house, [requirements, build_reqs], download=download, base_dir=base_dir, progress=progress
+    )
     image_hashes = {h for r in reqs for h in r.hashes}
     wheels = [p for h, p in pinned.items() if h in image_hashes]
     labels = {
@@ -332,19 +387,32 @@ def build_base_image(
         LABEL_VARIANT: variant,
     }
     buildargs = {
-        "BASE_IMAGE": base_from, "VERSION": version, "ORT_VERSION": ort, "CUDA_VERSION": cuda,
-        "VARIANT": variant, "WHEELHOUSE": "wheels", "REQUIREMENTS": "requirements.txt",
+        "BASE_IMAGE": base_from,
+        "VERSION": version,
+        "ORT_VERSION": ort,
+        "CUDA_VERSION": cuda,
+        "VARIANT": variant,
+        "WHEELHOUSE": "wheels",
+        "RUNNER_WHEELHOUSE": "runner",
+        "REQUIREMENTS": "requirements.txt",
     }
     reference = f"{repository}:{tag}"
     with tempfile.TemporaryDirectory(prefix="ivd-base-image-") as tmp:
         runner = build_runner_wheel(house, Path(tmp), version, base_dir)
         context = Path(tmp) / "context.tar"
-        _context(context, base_dir, requirements, [*wheels, runner])
+        _context(context, base_dir, requirements, wheels, runner)
         image_id, log = _run_build(docker_client, context, reference, buildargs, progress)
     got = dict(docker_client.images.get(reference).labels or {})
     wrong = {k: (got.get(k), v) for k, v in labels.items() if got.get(k) != v}
     if wrong:
         raise ImageError(f"{reference} was built with unexpected labels: {json.dumps(wrong)}")
     digest = _push(docker_client, repository, tag, progress) if push else None
-    return BaseImageBuild(reference=reference, image_id=image_id, version=version, labels=got,
-                          variant=variant, digest=digest, log=log)
+    return BaseImageBuild(
+        reference=reference,
+        image_id=image_id,
+        version=version,
+        labels=got,
+        variant=variant,
+        digest=digest,
+        log=log,
+    )

@@ -1,0 +1,242 @@
+"""`tilerunner` command line: a thin shell over config, pipeline and synthetic.
+
+Errors print as one line `tilerunner: error: ...` on stderr with the exit code of their class
+(config 2, model 3, slide 4, output 5, device 6, internal 70, interrupted 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from tilerunner import CONFIG_SCHEMA_VERSIONS, __version__
+from tilerunner.errors import RunnerError
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+class ProgressBar:
+    """tiles done/total and tiles/s on stderr: a redrawn bar on a terminal, lines otherwise."""
+
+    def __init__(self, stream: TextIO, enabled: bool = True) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.tty = stream.isatty()
+        self._last = 0.0
+        self._last_pct = -1
+
+    def __call__(self, p: Any) -> None:
+        if not self.enabled:
+            return
+        if p.stage == "tissue":
+            self._line(f"{p.analysis}: finding tissue...")
+            return
+        if p.stage == "writing":
+            self._line(f"{p.analysis}: writing results...")
+            return
+        if p.stage != "tiles":
+            return
+        now = time.monotonic()
+        rate = p.done / p.elapsed_s if p.elapsed_s > 0 else 0.0
+        pct = int(100 * p.done / p.total) if p.total else 100
+        if self.tty:
+            if now - self._last < 0.2 and p.done < p.total:
+                return
+            width = 30
+            fill = int(width * p.done / p.total) if p.total else width
+            bar = "#" * fill + "." * (width - fill)
+            self.stream.write(f"\r{p.analysis}: [{bar}] {p.done}/{p.total} tiles "
+                              f"{rate:7.1f} tiles/s")
+            if p.done >= p.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif pct // 10 != self._last_pct // 10 or p.done >= p.total:
+            self._line(f"{p.analysis}: {p.done}/{p.total} tiles ({pct}%), {rate:.1f} tiles/s")
+            self._last_pct = pct
+        self._last = now
+
+    def _line(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tilerunner",
+        description="Run the analyses of a verbose config on a whole-slide image.",
+    )
+    parser.add_argument("--version", action="version",
+                        version=f"tilerunner {__version__} (config schemas "
+                        f"{','.join(map(str, CONFIG_SCHEMA_VERSIONS))})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, default=None,
+                       help="verbose analysis config (default: <app dir>/config/analysis.yaml)")
+        p.add_argument("--app-dir", type=Path, default=None,
+                       help="folder model references resolve against "
+                       "(default: $TILERUNNER_APP_DIR or /app)")
+
+    run = sub.add_parser("run", help="analyse one slide")
+    run.add_argument("slide", type=Path)
+    common(run)
+    run.add_argument("--out", type=Path, required=True, help="output folder")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--workers", type=int, default=None, help="tile reader threads")
+    run.add_argument("--threads", type=int, default=0,
+                     help="ONNX Runtime intra-op threads (0: one per core)")
+    run.add_argument("--mpp", type=float, default=None,
+                     help="microns per pixel, for slides without resolution metadata")
+    run.add_argument("--reader", choices=("auto", "openslide"), default="auto",
+                     help="auto: decode TIFF tiles directly when identical to OpenSlide")
+    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--json", action="store_true", help="print the run report as JSON")
+
+    val = sub.add_parser("validate", help="load the config and models, touch no slide")
+    common(val)
+    val.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+
+    sub.add_parser("info", help="versions, accepted config schemas, ONNX Runtime providers")
+
+    demo = sub.add_parser("demo", help="write demo models or a synthetic slide (NOT clinical)")
+    demo_sub = demo.add_subparsers(dest="what", required=True)
+    dm = demo_sub.add_parser("models", help="write the demo ONNX models")
+    dm.add_argument("out", type=Path)
+    ds = demo_sub.add_parser("slide", help="write a synthetic slide and its ground truth")
+    ds.add_argument("out", type=Path)
+    ds.add_argument("--size", type=int, default=8192, help="level-0 width and height (px)")
+    ds.add_argument("--seed", type=int, default=1)
+    ds.add_argument("--mpp", type=float, default=0.25)
+    ds.add_argument("--palette", choices=("A", "B"), default="A")
+    ds.add_argument("--no-tissue", action="store_true")
+    ds.add_argument("--no-pyramid", action="store_true")
+    ds.add_argument("--compression", choices=("jpeg", "deflate"), default="jpeg")
+    ds.add_argument("--vendor", choices=("generic", "aperio"), default="generic")
+    ds.add_argument("--workers", type=int, default=1)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tilerunner.config import load_config
+    from tilerunner.pipeline import RunOptions, default_workers, run
+
+    config = load_config(args.config, args.app_dir)
+    options = RunOptions(
+        device=args.device, batch_size=args.batch_size,
+        workers=default_workers() if args.workers is None else args.workers,
+        threads=args.threads, mpp=args.mpp, reader=args.reader,
+    )
+    bar = ProgressBar(sys.stderr, enabled=not (args.no_progress or args.quiet))
+    report = run(config, args.slide, args.out, options, bar)
+    rate = report.tiles / report.seconds if report.seconds else 0.0
+    logging.getLogger("tilerunner").info(
+        "done: %d tiles in %.1f s (%.1f tiles/s) on %s; results in %s",
+        report.tiles, report.seconds, rate, report.device,
+        ", ".join(str(p) for p in report.analyses.values()),
+    )
+    if args.json:
+        doc = {"device": report.device, "tiles": report.tiles, "seconds": round(report.seconds, 3),
+               "analyses": {k: str(v) for k, v in report.analyses.items()}}
+        print(json.dumps(doc, sort_keys=True))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from tilerunner.config import load_config
+    from tilerunner.models import EngineOptions, ModelStore
+
+    config = load_config(args.config, args.app_dir)
+    store = ModelStore(EngineOptions(device=args.device))
+    store.load(config)
+    doc = {
+        "config": str(config.path), "customer": config.customer,
+        "analyses": {a.name: sorted(a.models) for a in config.analyses},
+        "models": {s.key[:12]: s.sha256 for s in store.sessions}, "device": store.device,
+    }
+    print(json.dumps(doc, sort_keys=True))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import onnxruntime
+    import openslide
+
+    doc = {
+        "tilerunner": __version__,
+        "config_schemas": list(CONFIG_SCHEMA_VERSIONS),
+        "onnxruntime": onnxruntime.__version__,
+        "providers": onnxruntime.get_available_providers(),
+        "openslide": openslide.__library_version__,
+        "openslide_python": openslide.__version__,
+    }
+    print(json.dumps(doc, sort_keys=True))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.what == "models":
+        from tilerunner.demo_models import write_demo_models
+
+        for m in write_demo_models(args.out):
+            print(f"{m.sha256}  {m.size:>8}  {m.path}")
+        return 0
+    from tilerunner.synthetic import make_slide
+
+    truth = make_slide(
+        args.out, width=args.size, seed=args.seed, mpp=args.mpp, palette=args.palette,
+        tissue=not args.no_tissue, pyramid=not args.no_pyramid, compression=args.compression,
+        vendor=args.vendor, workers=args.workers,
+    )
+    print(json.dumps({"slide": str(args.out), "carcinoma_regions": len(truth["carcinoma"]),
+                      "mitoses": len(truth["mitoses"]), "levels": len(truth["levels"])}))
+    return 0
+
+
+def _setup_logging(level: int) -> None:
+    """Our messages only (library loggers such as tifffile's stay quiet), on stderr."""
+    log = logging.getLogger("tilerunner")
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tilerunner: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # its errors become SlideError
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    _setup_logging(level)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    commands = {"run": _cmd_run, "validate": _cmd_validate, "info": _cmd_info, "demo": _cmd_demo}
+    try:
+        return commands[args.command](args)
+    except RunnerError as exc:
+        print(f"tilerunner: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tilerunner: interrupted; no results were written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.verbose:
+            raise
+        text = " ".join(str(exc).split())[:300]
+        print(f"tilerunner: internal error: {type(exc).__name__}: {text} (rerun with -v)",
+              file=sys.stderr)
+        return EXIT_INTERNAL

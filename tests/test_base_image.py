@@ -1,0 +1,172 @@
+"""The inference base image: built offline in the real engine, labelled, pushed, and working.
+
+The build uses the test bed's bookworm stand-in for python:3.11-slim-bookworm and a
+wheelhouse cached machine-wide (filled once by `pip download`). The built image then runs
+the tile runner as a non-root user with no network on a synthetic slide and must give the
+same results as the runner on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from builder.base_image import (
+    BASE_DIR,
+    BaseImageBuild,
+    build_base_image,
+    ensure_wheelhouse,
+    parse_requirements,
+    read_version,
+)
+from builder.errors import ImageError
+from testbed._util import cache_root
+
+RUNNER_TESTS = Path(__file__).resolve().parents[1] / "base-image" / "runner" / "tests"
+if str(RUNNER_TESTS) not in sys.path:
+    sys.path.insert(0, str(RUNNER_TESTS))
+
+from tilerunner_testlib import App, cached, code_key, slide, verbose_config  # noqa: E402
+
+WHEELHOUSE = cache_root() / "wheelhouse" / "cpu"
+
+
+# --------------------------------------------------------------------------- no engine needed
+
+
+def test_version_lives_in_one_file() -> None:
+    version = read_version()
+    assert version == (BASE_DIR / "VERSION").read_text().strip()
+    runner_version = (BASE_DIR / "runner" / "VERSION")
+    assert runner_version.is_symlink() and runner_version.resolve() == BASE_DIR / "VERSION"
+
+
+def test_requirements_are_hash_pinned_and_complete() -> None:
+    for variant in ("cpu", "gpu"):
+        reqs = {r.name: r for r in parse_requirements(BASE_DIR / f"requirements-{variant}.txt")}
+        ort = "onnxruntime" if variant == "cpu" else "onnxruntime-gpu"
+        assert ort in reqs and "tilerunner" not in reqs
+        source = (BASE_DIR / f"requirements-{variant}.in").read_text().splitlines()
+        for line in source:
+            if line and not line.startswith("#"):
+                name, version = line.split("==")
+                assert reqs[name.lower()].version == version, line
+        assert all(len(r.hashes) >= 1 for r in reqs.values())
+
+
+def test_incomplete_wheelhouse_without_download_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=r"lacks attrs==.* and 15 more.*make-wheelhouse"):
+        ensure_wheelhouse(tmp_path, [BASE_DIR / "requirements-cpu.txt"], download=False)
+
+
+def test_bad_arguments_fail_before_any_work() -> None:
+    with pytest.raises(ImageError, match="variant"):
+        build_base_image(docker_client=None, repository="x/y", base_from="b", wheelhouse=None,
+                         push=False, variant="tpu")
+    with pytest.raises(ImageError, match="without tag"):
+        build_base_image(docker_client=None, repository="x/y:1", base_from="b",
+                         wheelhouse=None, push=False)
+
+
+# --------------------------------------------------------------------------- real engine
+
+
+@pytest.fixture(scope="module")
+def built(docker_engine: Any, oci_registry: Any, base_os_image: str) -> BaseImageBuild:
+    steps: list[tuple[str, int, int]] = []
+    result = build_base_image(
+        docker_client=docker_engine.client(),
+        repository=f"{oci_registry.host}/ivd/inference-base",
+        base_from=base_os_image,
+        wheelhouse=WHEELHOUSE,
+        push=True,
+        progress=lambda what, done, total: steps.append((what, done, total)),
+    )
+    assert any(what == "wheelhouse" and done == total for what, done, total in steps)
+    assert any(what == "build" for what, _, _ in steps)
+    return result
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_tag_labels_and_push(built: BaseImageBuild, oci_registry: Any) -> None:
+    version = read_version()
+    assert built.reference == f"{oci_registry.host}/ivd/inference-base:{version}"
+    assert built.labels["org.opencontainers.image.version"] == version
+    assert built.labels["com.ivd.runner.config-schemas"] == "1"
+    assert built.labels["com.ivd.runner.onnxruntime"] == "1.31.1"
+    assert built.labels["com.ivd.runner.cuda"] == "none"
+    assert built.digest and built.digest.startswith("sha256:")
+    assert built.image_id.startswith("sha256:")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_image_config_non_root_entrypoint(built: BaseImageBuild, docker_engine: Any) -> None:
+    client = docker_engine.client()
+    config = client.images.get(built.reference).attrs["Config"]
+    assert config["User"] == "10001:10001"
+    assert config["Entrypoint"] == ["/opt/tilerunner/bin/tilerunner"]
+    assert "TILERUNNER_APP_DIR=/app" in config["Env"]
+    out = client.containers.run(built.reference, ["info"], network_mode="none", remove=True)
+    info = json.loads(out)
+    assert info["tilerunner"] == built.version
+    assert info["config_schemas"] == [1]
+    assert info["onnxruntime"] == "1.31.1"
+    assert "CPUExecutionProvider" in info["providers"]
+    whoami = client.containers.run(built.reference, ["-c", "import os; print(os.getuid())"],
+                                   entrypoint=["/opt/tilerunner/bin/python"],
+                                   network_mode="none", remove=True)
+    assert whoami.strip() == b"10001"
+
+
+def _models(tmp: Path) -> None:
+    from tilerunner import demo_models
+
+    demo_models.write_demo_models(tmp)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_image_analyses_a_slide_like_the_host(
+    built: BaseImageBuild, docker_engine: Any, tmp_path: Path
+) -> None:
+    """Offline, non-root, /app layout: same outputs as the runner in the host venv."""
+    from tilerunner import demo_models, synthetic
+    from tilerunner.config import load_config
+    from tilerunner.pipeline import RunOptions, run
+
+    models = cached(f"models-{code_key(demo_models, synthetic)}", _models)
+    slide_path = slide("image-test", width=4096, seed=11)
+    work = tmp_path / "work"
+    app = App(work / "app", models)
+    app.write(verbose_config(models))
+    shutil.copy(slide_path, work / "slide.tiff")
+    (work / "out").mkdir()
+    for path in [work, *work.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o644)
+    client = docker_engine.client()
+    logs = client.containers.run(
+        built.reference,
+        ["run", "/work/slide.tiff", "--out", "/work/out", "--app-dir", "/work/app",
+         "--config", "/work/app/config/analysis.yaml", "--device", "auto", "--workers", "1"],
+        volumes={str(work): {"bind": "/work", "mode": "rw"}},
+        network_mode="none", remove=True, stdout=True, stderr=True,
+    )
+    assert b"tilerunner: done:" in logs, logs
+    in_image = json.loads((work / "out" / "breast" / "summary.json").read_text())
+    report = run(load_config(app.config, app.root), slide_path, tmp_path / "host",
+                 RunOptions(device="cpu", workers=1))
+    on_host = report.summaries["breast"]
+    for summary in (in_image, on_host):
+        summary["deterministic"]["config"].pop("sha256")
+        summary["deterministic"]["slide"].pop("file")
+    assert in_image["deterministic"]["device"] == "cpu"
+    assert in_image["deterministic"]["features"] == on_host["deterministic"]["features"]
+    assert in_image["deterministic"]["outputs"] == on_host["deterministic"]["outputs"]
+    assert (work / "out" / "breast" / "summary.json").stat().st_uid == 10001
