@@ -468,6 +468,27 @@ class RegistryClient:
             return str(digest)
         return self.get_manifest(path, ref)[2]
 
+    def referrers(self, path: str, digest: str) -> list[dict[str, Any]] | None:
+        """Descriptors the OCI 1.1 referrers API lists for ``digest``; None without the API.
+
+        By hand: oras-py has no referrers call. A registry without the API (CNCF distribution
+        2.x) answers 404, and clients then use the ``sha256-<hex>`` tag schema instead.
+        """
+        response = self._request(
+            "GET", self._url(path, "referrers", digest), headers={"Accept": OCI_INDEX}
+        )
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._fail(response, f"listing referrers of {path}@{digest}")
+        try:
+            manifests = response.json().get("manifests") or []
+        except (ValueError, AttributeError):
+            raise ImageError(
+                f"registry {self.host} answered the referrers API with something else than an index"
+            ) from None
+        return [dict(m) for m in manifests if isinstance(m, dict)]
+
     def blob_exists(self, path: str, digest: str) -> bool:
         """Whether repository ``path`` has blob ``digest`` (oras-py ``get_blob(head=True)``)."""
         container = oras.container.Container(path, registry=self.host)

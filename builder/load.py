@@ -158,8 +158,9 @@ class _Snapshot:
 def _snapshot(source: RepoSource, ref: str, worktree: bool) -> _Snapshot:
     repo = git.Repo(source.root)
     try:
-        commit = repo.commit(ref)
-    except (git.BadName, ValueError):
+        # rev-parse --verify: gitpython alone accepts any 40-hex string as a commit id.
+        commit = repo.commit(repo.git.rev_parse("--verify", "--quiet", f"{ref}^{{commit}}"))
+    except (git.BadName, ValueError, git.GitCommandError):
         raise ConfigError(
             f"{source.location}: ref {ref!r} does not exist",
             hint="use a branch, tag or commit of the customer repo",

@@ -57,6 +57,7 @@ class BuildRequest:
     backend: str = (
         "oci"  # "oci": no daemon (default); "docker": Dockerfile + Docker engine (baseline)
     )
+    sign_key: Path | None = None  # PEM ECDSA P-256 key signing the provenance (DSSE)
 
 
 @dataclass
@@ -263,6 +264,10 @@ def build(
             on_stage(name)
         return _timed(timings, name)
 
+    if request.sign_key is not None:
+        from builder.attest import load_private_key
+
+        load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
     with stage("cook"):
         cooked = cook(
             request.customer,
@@ -346,4 +351,8 @@ def build(
     ]
     with stage("deliver"):
         _deliver(request, image, report, immutable, moving, progress)
+    with stage("attest"):
+        from builder.attest import attest_build
+
+        attest_build(request, report, image, spec, request.sign_key)
     return report

@@ -738,7 +738,13 @@ def _check_base_bump_uploads(
     config_layers = {
         layer["digest"] for r in new.values() for layer in r["layers"] if layer["name"] == "config"
     }
-    assert uploaded <= {r["config_digest"] for r in new.values()} | config_layers
+    # Each new image also gets its provenance and SBOM attached (OCI referrers).
+    attestations = {
+        "sha256:" + hashlib.sha256(doc.read_bytes()).hexdigest()
+        for r in new.values()
+        for doc in Path(r["outputs"]["attestations"]).iterdir()
+    }
+    assert uploaded <= {r["config_digest"] for r in new.values()} | config_layers | attestations
     assert sum(r["bytes_uploaded"] for r in new.values()) < 64 * 1024
     puts = registry.manifest_puts(since)
     assert {p.path.split("/manifests/")[0].rsplit("/", 1)[1] for p in puts} == {

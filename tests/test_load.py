@@ -301,3 +301,8 @@ def test_git_url_that_cannot_be_cloned(tmp_path: Path, settings: Settings) -> No
     ) as info:
         load_customer(f"https://user:hunter2@127.0.0.1:9/{tmp_path.name}.git", settings)
     assert "hunter2" not in str(info.value)
+
+
+def test_commit_id_that_does_not_exist(repo: Path, settings: Settings) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_customer(str(repo), settings, ref="0123456789abcdef0123456789abcdef01234567")

@@ -100,6 +100,13 @@ from builder.cli._common import (
     help="Parallel downloads (with --all: customers built at once).",
 )
 @click.option(
+    "--sign-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="BUILDER_SIGN_KEY",
+    help="PEM ECDSA P-256 private key: sign the provenance attestation (DSSE envelope); "
+    "password in BUILDER_SIGN_KEY_PASSWORD. Env: BUILDER_SIGN_KEY.",
+)
+@click.option(
     "--backend",
     type=click.Choice(["oci", "docker"]),
     default="oci",
@@ -130,6 +137,7 @@ def build(
     docker_archive: Path | None,
     load: bool,
     jobs: int,
+    sign_key: Path | None,
     backend: str,
     as_json: bool,
     **overrides: Any,
@@ -187,6 +195,7 @@ def build(
         load=load,
         jobs=jobs,
         backend=backend,
+        sign_key=sign_key,
     )
     with progress_bar() as bar:
         report = run_build(

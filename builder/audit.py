@@ -1,0 +1,1861 @@
+"""Audit: what shipped to whom, built from what, what changed, and whether it rebuilds.
+
+Everything here reads only git and images: the customer repository's history and release
+records, and an image's labels, in-image /app/config/provenance.json, layers and attached
+attestations. ``history`` and ``diff`` compare configurations in resolved terms (model ids,
+tasks, weights, thresholds, base) rather than as text; ``explain`` checks an image's model
+files against their recorded sha256; ``verify`` rebuilds an image from its recorded commit
+and lock and compares digests. The core never prints; the CLI renders these results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any, Final
+
+import git
+
+from builder import __version__
+from builder.attest import (
+    MEDIA_CYCLONEDX,
+    MEDIA_DSSE,
+    MEDIA_INTOTO,
+    AttestationError,
+    envelope_payload,
+    layout_referrers,
+    load_public_key,
+    registry_referrers,
+    verify_envelope,
+)
+from builder.contracts import CustomerSpec, RepoSource, ResolvedModel
+from builder.errors import BuilderError, ConfigError, ImageError
+from builder.load import load_customer, open_source
+from builder.oci import (
+    IMAGE_MANIFEST_TYPES,
+    INDEX_TYPES,
+    Descriptor,
+    layout_blob_path,
+    read_layout_blob,
+    read_layout_index,
+    sha256_digest,
+)
+
+if TYPE_CHECKING:
+    from builder.deliver import RegistryClient
+    from builder.settings import Settings
+
+#: Exit code of a failed audit check (tampered file, digest mismatch, bad signature).
+AUDIT_FAILED: Final = 10
+PROVENANCE_PATH: Final = "app/config/provenance.json"
+ANALYSIS_PATH: Final = "app/config/analysis.yaml"
+MODELS_PREFIX: Final = "app/models/"
+_KEEP_PREFIXES: Final = ("app/models/", "app/config/")
+_MAX_KEPT: Final = 16 << 20  # config files kept in memory to read back; model files are hashed
+_CHUNK: Final = 1 << 20
+_HEX40: Final = re.compile(r"^[0-9a-f]{40}$")
+_DIGEST: Final = re.compile(r"^sha256:[0-9a-f]{64}$")
+_MODEL_LABEL: Final = re.compile(r"^com\.ivd\.model\.(.+)\.sha256$")
+_BUILDER_HISTORY: Final = "ivd-image-builder: COPY "
+
+
+def short(value: Any, n: int = 8) -> str:
+    """A short form of an id or digest for people (``sha256:`` dropped)."""
+    text = str(value or "-")
+    return text.removeprefix("sha256:")[:n]
+
+
+# == release records ==========================================================================
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """One released image, as ``builder release-record`` committed it on the releases branch."""
+
+    path: str  # releases/<customer>/<base version>-<config rev>.yaml on that branch
+    customer: str
+    config_commit: str
+    image: str
+    manifest_digest: str
+    base: Mapping[str, Any]  # repository, version, digest
+    models: Sequence[Mapping[str, Any]]
+    built_at: str | None
+    ci_url: str | None
+
+
+def _release_from(data: Mapping[str, Any], where: str) -> ReleaseRecord:
+    """Check one record as builder.fleet.release_record writes it (record_version 1).
+
+    The layout was still settling when this was written; both the flat form (``image``,
+    ``manifest_digest``, ``ci_url``) and the nested one (``image: {reference, digest}``,
+    ``ci: {job_url}``) are read.
+    """
+    config = data.get("config") if isinstance(data.get("config"), dict) else {}
+    image = data.get("image")
+    nested = image if isinstance(image, dict) else {}
+    ci = data.get("ci") if isinstance(data.get("ci"), dict) else {}
+    assert isinstance(config, dict) and isinstance(ci, dict)
+    commit = str(config.get("commit") or data.get("config_commit") or "")
+    digest = str(data.get("manifest_digest") or nested.get("digest") or "")
+    reference = str(nested.get("reference") or (image if isinstance(image, str) else ""))
+    for key, value, ok in (
+        ("config.commit", commit, bool(_HEX40.match(commit))),
+        ("manifest_digest", digest, bool(_DIGEST.match(digest))),
+        ("image", reference, bool(reference)),
+    ):
+        if not ok:
+            raise ConfigError(
+                f"{where}: {key} {value!r} is missing or malformed",
+                hint="release records are append-only: add a corrected record, do not edit",
+            )
+    base = data.get("base_image")
+    models = data.get("models")
+    ci_url = data.get("ci_url") or ci.get("job_url")
+    return ReleaseRecord(
+        path=str(data.get("_path", "")),
+        customer=str(data.get("customer") or ""),
+        config_commit=commit,
+        image=reference,
+        manifest_digest=digest,
+        base=dict(base) if isinstance(base, dict) else {},
+        models=[dict(m) for m in models if isinstance(m, dict)] if isinstance(models, list) else [],
+        built_at=str(data["built_at"]) if data.get("built_at") else None,
+        ci_url=str(ci_url) if ci_url else None,
+    )
+
+
+def read_release_records(
+    location: str, customer: str, settings: Settings
+) -> tuple[list[ReleaseRecord], str]:
+    """The customer's release records, oldest build first, and where they were read.
+
+    Read with builder.fleet's reader from the ``ivd-releases`` branch of the repository that
+    holds ``location`` (its ``origin`` when it has one), the branch ``builder release-record``
+    writes; a malformed record is one ConfigError naming its file.
+    """
+    from builder.fleet import RELEASES_BRANCH, ReleaseLog, git_credentials, record_remote
+
+    with git_credentials():
+        log = ReleaseLog(record_remote(location), settings.cache_dir)
+        raw = log.records(customer, log.fetch())
+    where = f"{log.shown} branch {RELEASES_BRANCH}"
+    records = [_release_from(r, f"{where}: {r.get('_path')}") for r in raw]
+    return sorted(records, key=lambda r: (r.built_at or "", r.path)), where
+
+
+# == resolved configuration of one revision ===================================================
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One commit of the customer folder."""
+
+    commit: str
+    date: str  # author date, RFC 3339 UTC
+    author: str
+    message: str  # first line
+    files: tuple[str, ...] = ()  # changed paths inside the customer folder
+
+
+@dataclass
+class ResolvedConfig:
+    """A revision's configuration in the terms a reviewer cares about."""
+
+    commit: str
+    customer: str
+    base_constraint: str
+    base_repository: str | None
+    base: dict[str, Any] | None  # pinned by the lock: version, digest
+    models: dict[str, dict[str, Any]]
+    analyses: dict[str, dict[str, Any]]
+    resolved_from: str  # "lock" | "registry" | "config" | "unresolved"
+    notes: list[str] = field(default_factory=list)
+
+
+def _model_view(m: ResolvedModel) -> dict[str, Any]:
+    from builder.provenance import dir_hash
+
+    return {
+        "sourcing": m.sourcing,
+        "model_id": m.model_id,
+        "registry_name": m.registry_name,
+        "task_id": m.task_id,
+        "weights": {f.name: f.sha256 for f in m.files},
+        "dir_hash": dir_hash(m) if all(f.sha256 for f in m.files) else None,
+        "preprocessing": [{"cls": p.cls, "params": dict(p.params)} for p in m.preprocessing],
+        "postprocessing": [{"cls": p.cls, "params": dict(p.params)} for p in m.postprocessing],
+        "params": dict(m.params),
+    }
+
+
+def _analyses_view(spec: CustomerSpec) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for analysis in spec.analysis["analyses"]:
+        features: dict[str, dict[str, Any]] = {}
+        for feature in analysis["features"]:
+            key = feature.get("name") or feature["cls"]
+            while key in features:
+                key += "'"
+            features[key] = {k: v for k, v in feature.items() if k not in ("cls", "name")}
+            features[key]["cls"] = feature["cls"]
+        other = {k: v for k, v in analysis.items() if k not in ("name", "models", "features")}
+        out[analysis["name"]] = {"features": features, "settings": other}
+    return out
+
+
+class Resolver:
+    """Resolves the models of many revisions, opening the registry at most once.
+
+    The committed lock is preferred (it is what a ``--locked`` build uses); without a usable
+    lock the registry is asked as it is now, and the result says so.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._backend: tuple[Any, Any] | None = None
+        self._failure: str | None = None
+
+    def _open(self) -> tuple[Any, Any]:
+        if self._failure is not None:
+            raise BuilderError(self._failure)
+        if self._backend is None:
+            from builder.registries import open_registry
+            from builder.storage import open_store
+
+            try:
+                self._backend = (
+                    open_registry(self.settings.model_registry),
+                    open_store(self.settings.production, self.settings.root),
+                )
+            except BuilderError as exc:
+                self._failure = str(exc)
+                raise
+        return self._backend
+
+    def config(self, spec: CustomerSpec) -> ResolvedConfig:
+        """The resolved configuration of ``spec`` (lock first, then the registry)."""
+        from builder.lock import models_from_lock, read_lock
+        from builder.resolve import resolve
+
+        notes: list[str] = []
+        lock: dict[str, Any] | None = None
+        models: tuple[ResolvedModel, ...] | None = None
+        how = "lock"
+        try:
+            lock = read_lock(spec)
+            if lock is not None:
+                models = models_from_lock(spec, lock)
+        except ConfigError as exc:
+            notes.append(f"lock not used: {exc.message}")
+        if models is None:
+            needs_registry = any(d.sourcing == "auto" for d in spec.models)
+            try:
+                backend = self._open() if needs_registry else (None, None)
+                models = resolve(spec, *backend)
+                how = "registry" if needs_registry else "config"
+                if needs_registry:
+                    notes.append("models resolved from the model registry as it is now")
+            except BuilderError as exc:
+                how = "unresolved"
+                notes.append(f"models not resolved: {exc}")
+        if models is not None:
+            model_views = {m.name: _model_view(m) for m in models}
+        else:
+            model_views = {
+                d.name: {"sourcing": d.sourcing, "model_id": d.reference, "weights": {}}
+                for d in spec.models
+            }
+        base = (lock or {}).get("base_image")
+        return ResolvedConfig(
+            commit=spec.commit,
+            customer=spec.customer,
+            base_constraint=spec.base_version,
+            base_repository=spec.base_repository,
+            base=dict(base) if base and base.get("digest") else None,
+            models=model_views,
+            analyses=_analyses_view(spec),
+            resolved_from=how,
+            notes=notes,
+        )
+
+
+# == semantic diff =============================================================================
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between two resolved configurations, in reviewer terms."""
+
+    kind: str  # lock|model-added|model-removed|model-replaced|weights-changed|model-setting|
+    #            feature-added|feature-removed|feature-setting|analysis-added|
+    #            analysis-removed|analysis-setting|base|base-constraint|customer
+    subject: str
+    text: str
+    before: Any = None
+    after: Any = None
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``a.b.c -> value``; plug-in lists keyed by their class name."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out or ({prefix: {}} if prefix else {})
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, Mapping) and "cls" in v for v in value)
+        and len({v["cls"] for v in value}) == len(value)
+    ):
+        out = {}
+        for item in value:
+            name = f"{prefix} {item['cls']}" if prefix else str(item["cls"])
+            params = item.get("params") or {}
+            out.update(_flatten(params, name) if params else {name: "(no params)"})
+        return out
+    return {prefix: value}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _settings_changes(kind: str, subject: str, old: Any, new: Any) -> list[Change]:
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            label = f"{subject} {key}".strip()
+            out.append(
+                Change(
+                    kind,
+                    subject,
+                    f"{label} {_fmt(a.get(key))} -> {_fmt(b.get(key))}",
+                    a.get(key),
+                    b.get(key),
+                )
+            )
+    return out
+
+
+def _model_label(m: Mapping[str, Any]) -> str:
+    if m.get("sourcing") == "manual":
+        return f"in-repo weights {short(m.get('dir_hash'), 12)}"
+    task = f" (task {short(m.get('task_id'))})" if m.get("task_id") else ""
+    return f"{short(m.get('model_id'))}{task}"
+
+
+def _model_changes(
+    name: str, a: Mapping[str, Any] | None, b: Mapping[str, Any] | None
+) -> list[Change]:
+    if a is None and b is not None:
+        return [
+            Change("model-added", name, f"{name}: added {_model_label(b)}", None, b.get("model_id"))
+        ]
+    if b is None and a is not None:
+        return [
+            Change(
+                "model-removed",
+                name,
+                f"{name}: removed (was {_model_label(a)})",
+                a.get("model_id"),
+                None,
+            )
+        ]
+    assert a is not None and b is not None
+    out = []
+    if (a.get("model_id"), a.get("sourcing")) != (b.get("model_id"), b.get("sourcing")):
+        out.append(
+            Change(
+                "model-replaced",
+                name,
+                f"{name}: {_model_label(a)} -> {_model_label(b)}",
+                a.get("model_id"),
+                b.get("model_id"),
+            )
+        )
+    elif a.get("weights") != b.get("weights") and a.get("weights") and b.get("weights"):
+        wa, wb = a["weights"], b["weights"]
+        files = ", ".join(
+            f"{f} {short(wa.get(f), 12)} -> {short(wb.get(f), 12)}"
+            for f in sorted(set(wa) | set(wb))
+            if wa.get(f) != wb.get(f)
+        )
+        out.append(Change("weights-changed", name, f"{name}: weights changed: {files}", wa, wb))
+    for key in ("preprocessing", "postprocessing", "params"):
+        if key in a and key in b:
+            out += _settings_changes("model-setting", f"{name} {key}", a[key], b[key])
+    return out
+
+
+def _analysis_changes(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[Change]:
+    out = []
+    several = len(set(a) | set(b)) > 1
+    for name in sorted(set(a) | set(b)):
+        if name not in a:
+            out.append(Change("analysis-added", name, f"analysis {name}: added"))
+            continue
+        if name not in b:
+            out.append(Change("analysis-removed", name, f"analysis {name}: removed"))
+            continue
+        prefix = f"{name}/" if several else ""
+        out += _settings_changes(
+            "analysis-setting", f"analysis {name}", a[name]["settings"], b[name]["settings"]
+        )
+        fa, fb = a[name]["features"], b[name]["features"]
+        for feature in sorted(set(fa) | set(fb), key=[*fa, *fb].index):
+            label = f"{prefix}{feature}"
+            if feature not in fa:
+                out.append(Change("feature-added", label, f"{label}: feature added"))
+            elif feature not in fb:
+                out.append(Change("feature-removed", label, f"{label}: feature removed"))
+            else:
+                # "Carcinoma threshold 0.5 -> 0.6": feature params read without a "params." prefix
+                old, new = dict(fa[feature]), dict(fb[feature])
+                old_params, new_params = old.pop("params", {}), new.pop("params", {})
+                out += _settings_changes("feature-setting", label, old_params, new_params)
+                out += _settings_changes("feature-setting", label, old, new)
+    return out
+
+
+def _base_text(base: Mapping[str, Any] | None) -> str:
+    if not base:
+        return "(not pinned)"
+    return f"{base.get('version')} ({short(base.get('digest'), 12)})"
+
+
+def diff_configs(a: ResolvedConfig, b: ResolvedConfig) -> list[Change]:
+    """What changed from ``a`` to ``b``, models first, then features, then the base."""
+    out: list[Change] = []
+    if a.customer != b.customer:
+        out.append(
+            Change(
+                "customer",
+                "customer",
+                f"customer {a.customer} -> {b.customer}",
+                a.customer,
+                b.customer,
+            )
+        )
+    if a.resolved_from != b.resolved_from and "lock" in (a.resolved_from, b.resolved_from):
+        text = (
+            "models pinned by customer.lock.yaml"
+            if b.resolved_from == "lock"
+            else f"models no longer pinned by the lock (resolved from: {b.resolved_from})"
+        )
+        out.append(Change("lock", "lock", text, a.resolved_from, b.resolved_from))
+    for name in sorted(set(a.models) | set(b.models)):
+        out += _model_changes(name, a.models.get(name), b.models.get(name))
+    out += _analysis_changes(a.analyses, b.analyses)
+    if a.base_constraint != b.base_constraint:
+        out.append(
+            Change(
+                "base-constraint",
+                "base",
+                f"base constraint {a.base_constraint} -> {b.base_constraint}",
+                a.base_constraint,
+                b.base_constraint,
+            )
+        )
+    if a.base_repository != b.base_repository:
+        out.append(
+            Change(
+                "base-constraint",
+                "base",
+                f"base repository {a.base_repository or '(default)'} -> {b.base_repository or '(default)'}",
+                a.base_repository,
+                b.base_repository,
+            )
+        )
+    pin_a = (a.base or {}).get("version"), (a.base or {}).get("digest")
+    pin_b = (b.base or {}).get("version"), (b.base or {}).get("digest")
+    if pin_a != pin_b and (a.base or b.base):
+        if a.base and b.base and pin_a[0] != pin_b[0]:
+            text = f"base {pin_a[0]} -> {pin_b[0]}"
+        else:
+            text = f"base {_base_text(a.base)} -> {_base_text(b.base)}"
+        out.append(Change("base", "base", text, a.base, b.base))
+    return out
+
+
+# == history and diff ==========================================================================
+
+
+def _commit(source: RepoSource, ref: str) -> git.Commit:
+    """The commit ``ref`` names in the customer repo, or one ConfigError line.
+
+    ``git rev-parse --verify`` also refuses a well-formed sha that is not in the repository,
+    which gitpython's lazy ``repo.commit`` only notices later.
+    """
+    repo = git.Repo(source.root)
+    try:
+        sha = repo.git.rev_parse("--verify", "--quiet", f"{ref}^{{commit}}")
+    except git.GitCommandError:
+        raise ConfigError(
+            f"{source.location}: ref {ref!r} does not exist",
+            hint="use a branch, tag or commit of the customer repo",
+        ) from None
+    return repo.commit(sha)
+
+
+def _location(source: RepoSource) -> str:
+    """A location that opens the same source again without re-cloning or fetching."""
+    return str(source.root / source.subdir) if source.subdir else str(source.root)
+
+
+def _revision(commit: git.Commit, subdir: str) -> Revision:
+    prefix = f"{subdir}/" if subdir else ""
+    files = tuple(
+        sorted(
+            str(path).removeprefix(prefix)
+            for path in commit.stats.files
+            if not prefix or str(path).startswith(prefix)
+        )
+    )
+    return Revision(
+        commit=commit.hexsha,
+        date=datetime.fromtimestamp(commit.authored_date, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        author=str(commit.author.name),
+        message=str(commit.message).strip().splitlines()[0] if str(commit.message).strip() else "",
+        files=files,
+    )
+
+
+@dataclass
+class HistoryEntry:
+    """One configuration revision: what changed and which images were released from it."""
+
+    revision: Revision
+    config: ResolvedConfig | None
+    changes: list[Change]
+    releases: list[ReleaseRecord]
+    error: str | None = None  # the revision could not be loaded (invalid config then)
+
+
+@dataclass
+class History:
+    """A customer's configuration timeline, oldest first, and its release records."""
+
+    customer: str
+    repository: str
+    ref: str
+    entries: list[HistoryEntry]
+    releases: list[ReleaseRecord]
+    problems: list[str]  # release records that do not fit the history
+
+
+def history(location: str, settings: Settings, *, ref: str = "HEAD") -> History:
+    """The customer's config revisions at ``ref``, each with its changes and releases."""
+    from builder.load import _URL
+
+    source = open_source(location, settings)
+    repo = git.Repo(source.root)
+    tip = _commit(source, ref)
+    kwargs: dict[str, Any] = {"paths": source.subdir} if source.subdir else {}
+    commits = list(reversed(list(repo.iter_commits(tip, **kwargs))))
+    if not commits:
+        raise ConfigError(f"{source.location}: no commits touch the customer folder at {ref!r}")
+    resolver = Resolver(settings)
+    entries: list[HistoryEntry] = []
+    previous: ResolvedConfig | None = None
+    again = _location(source)
+    for commit in commits:
+        revision = _revision(commit, source.subdir)
+        try:
+            spec = load_customer(again, settings, ref=commit.hexsha)
+            config = resolver.config(spec)
+        except BuilderError as exc:
+            entries.append(HistoryEntry(revision, None, [], [], str(exc)))
+            continue
+        changes = diff_configs(previous, config) if previous is not None else _initial(config)
+        entries.append(HistoryEntry(revision, config, changes, []))
+        previous = config
+    customer = previous.customer if previous is not None else PurePosixPath(again).name
+    records, where = read_release_records(
+        location if _URL.match(location) else again, customer, settings
+    )
+    by_commit = {e.revision.commit: e for e in entries}
+    problems = []
+    for record in records:
+        if record.config_commit in by_commit:
+            by_commit[record.config_commit].releases.append(record)
+        else:
+            problems.append(
+                f"{where}: {record.path}: config commit {short(record.config_commit, 12)} is "
+                f"not a revision of {source.location} at {ref}"
+            )
+    return History(customer, source.url, ref, entries, records, problems)
+
+
+def _initial(config: ResolvedConfig) -> list[Change]:
+    """The first revision, told as additions."""
+    out = [
+        Change("model-added", name, f"{name}: {_model_label(m)}", None, m.get("model_id"))
+        for name, m in sorted(config.models.items())
+    ]
+    out.append(
+        Change(
+            "base-constraint",
+            "base",
+            f"base constraint {config.base_constraint}",
+            None,
+            config.base_constraint,
+        )
+    )
+    if config.base:
+        out.append(
+            Change("base", "base", f"base pinned to {_base_text(config.base)}", None, config.base)
+        )
+    return out
+
+
+@dataclass
+class ConfigDiff:
+    """``diff`` result: the two revisions and what changed between them."""
+
+    customer: str
+    a: Revision
+    b: Revision
+    config_a: ResolvedConfig
+    config_b: ResolvedConfig
+    changes: list[Change]
+
+
+def diff(location: str, settings: Settings, rev_a: str, rev_b: str) -> ConfigDiff:
+    """Semantic diff of the resolved configurations at two revisions of the customer folder."""
+    source = open_source(location, settings)
+    again, resolver = _location(source), Resolver(settings)
+    sides = []
+    for ref in (rev_a, rev_b):
+        _commit(source, ref)
+        spec = load_customer(again, settings, ref=ref)  # the folder's last commit at ref
+        commit = git.Repo(source.root).commit(spec.commit)
+        sides.append((_revision(commit, source.subdir), resolver.config(spec)))
+    (a, config_a), (b, config_b) = sides
+    return ConfigDiff(config_b.customer, a, b, config_a, config_b, diff_configs(config_a, config_b))
+
+
+# == reading images ==========================================================================
+
+
+class _HashingReader:
+    """Hashes what is read through it, so a layer's digest is checked in the same pass."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._sha = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._sha.update(data)
+        return data
+
+    def drain(self) -> str:
+        while self.read(_CHUNK):
+            pass
+        return "sha256:" + self._sha.hexdigest()
+
+
+class OpenedImage:
+    """An image read from a registry, an OCI layout, a docker archive or the blob store."""
+
+    kind = "image"
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.manifest_digest = ""
+        self.manifest: dict[str, Any] = {}
+        self.config: dict[str, Any] = {}
+
+    # what each kind provides
+    def blob(self, digest: str) -> bytes:
+        """A small blob, verified."""
+        raise NotImplementedError
+
+    def manifest_bytes(self, digest: str) -> bytes:
+        """Another manifest of the same repository or layout (attestations), verified."""
+        return self.blob(digest)
+
+    @contextlib.contextmanager
+    def open_blob(self, descriptor: Descriptor) -> Iterator[IO[bytes]]:
+        """A stream of a (large) blob; the caller checks its digest."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def referrers(self) -> tuple[list[Descriptor], str]:
+        """Artifacts attached to the image and where they were looked for."""
+        return [], f"{self.kind}s hold no attestations"
+
+    # shared
+    def _load(self, raw: bytes, digest: str) -> None:
+        manifest = _json_object(raw, f"{self.what}: manifest")
+        media_type = manifest.get("mediaType", "")
+        if (media_type and media_type not in IMAGE_MANIFEST_TYPES) or "config" not in manifest:
+            raise ImageError(
+                f"{self.what} is not an image manifest (media type {media_type or 'none'})"
+            )
+        self.manifest_digest, self.manifest = digest, manifest
+        config_digest = str(manifest["config"]["digest"])
+        self.config = _json_object(self.blob(config_digest), f"{self.what}: image config")
+
+    @property
+    def config_digest(self) -> str:
+        return str(self.manifest["config"]["digest"])
+
+    @property
+    def labels(self) -> dict[str, str]:
+        labels = (self.config.get("config") or {}).get("Labels") or {}
+        return {str(k): str(v) for k, v in labels.items()}
+
+    @property
+    def layers(self) -> list[Descriptor]:
+        return [Descriptor.from_dict(d) for d in self.manifest.get("layers") or []]
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ImageError(f"{what} is not JSON") from None
+    if not isinstance(data, dict):
+        raise ImageError(f"{what} is not a JSON object")
+    return data
+
+
+def _pick_image(
+    entries: Sequence[tuple[Descriptor, str | None]], tag: str | None, what: str
+) -> Descriptor:
+    """The image manifest named ``tag`` (or by digest), or the only image of a layout/archive."""
+    images = [
+        (d, name) for d, name in entries if d.media_type in IMAGE_MANIFEST_TYPES | INDEX_TYPES
+    ]
+    if tag and tag.startswith("sha256:"):
+        match = [d for d, _ in images if d.digest == tag]
+    elif tag:
+        match = [
+            d for d, name in images if name and (name == tag or name.rsplit(":", 1)[-1] == tag)
+        ]
+    else:
+        match = [d for d, name in images if name or "artifactType" not in d.extra]
+        match = list({d.digest: d for d in match}.values())
+    if len(match) == 1:
+        return match[0]
+    names = ", ".join(sorted({n for _, n in images if n})) or "none"
+    if not match:
+        raise ImageError(f"{what} has no image {tag!r} (names: {names})")
+    raise ImageError(f"{what} holds several images; name one with {what}:TAG (names: {names})")
+
+
+class LayoutImage(OpenedImage):
+    """An image in an OCI image layout (or the blob store, which is laid out the same way)."""
+
+    kind = "oci-layout"
+
+    def __init__(
+        self, directory: Path, tag: str | None = None, *, digest: str | None = None
+    ) -> None:
+        super().__init__(f"OCI layout {directory}")
+        self.directory = directory
+        if digest is None:
+            entries = [(e.descriptor, e.ref_name) for e in read_layout_index(directory)]
+            descriptor = _pick_image(entries, tag, f"oci:{directory}")
+            raw, digest = read_layout_blob(directory, descriptor.digest), descriptor.digest
+            if descriptor.media_type in INDEX_TYPES:
+                child = _platform_child(raw, self.what)
+                raw, digest = read_layout_blob(directory, child.digest), child.digest
+        else:
+            raw = read_layout_blob(directory, digest)
+        self._load(raw, digest)
+
+    def blob(self, digest: str) -> bytes:
+        return read_layout_blob(self.directory, digest)
+
+    @contextlib.contextmanager
+    def open_blob(self, descriptor: Descriptor) -> Iterator[IO[bytes]]:
+        path = layout_blob_path(self.directory, descriptor.digest)
+        try:
+            file = path.open("rb")
+        except OSError:
+            raise ImageError(f"{self.what} lacks blob {descriptor.digest}") from None
+        with file:
+            yield file
+
+    def referrers(self) -> tuple[list[Descriptor], str]:
+        if not (self.directory / "index.json").is_file():
+            return [], "blob store (no index)"
+        return layout_referrers(self.directory, self.manifest_digest), "OCI layout index"
+
+
+def _platform_child(
+    raw: bytes, what: str, platform: tuple[str, str] = ("linux", "amd64")
+) -> Descriptor:
+    index = _json_object(raw, f"{what}: image index")
+    for item in index.get("manifests") or []:
+        plat = item.get("platform") or {}
+        if (plat.get("os"), plat.get("architecture")) == platform:
+            return Descriptor.from_dict(item)
+    raise ImageError(f"{what} is an image index without a {'/'.join(platform)} image")
+
+
+class ArchiveImage(OpenedImage):
+    """An image in a docker archive that is also an OCI layout (ours; ``docker save`` >= 25)."""
+
+    kind = "docker-archive"
+
+    def __init__(self, path: Path, tag: str | None = None) -> None:
+        super().__init__(f"docker archive {path}")
+        try:
+            self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
+            self._members = {m.name.removeprefix("./"): m for m in self._tar.getmembers()}
+        except OSError as exc:
+            raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except tarfile.TarError:
+            raise ImageError(f"{path} is not a readable docker archive (not a tar file)") from None
+        if "index.json" not in self._members:
+            kind = (
+                "a docker archive in the pre-25 format"
+                if "manifest.json" in self._members
+                else "not an image archive"
+            )
+            raise ImageError(
+                f"{path} is {kind} (no index.json)",
+                hint="give an OCI layout or registry reference, or save it with Docker 25 or later",
+            )
+        index = _json_object(self._read("index.json"), f"{self.what}: index.json")
+        entries = []
+        for item in index.get("manifests") or []:
+            descriptor = Descriptor.from_dict(item)
+            entries.append(
+                (descriptor, descriptor.annotations.get("org.opencontainers.image.ref.name"))
+            )
+        descriptor = _pick_image(entries, tag, self.what)
+        raw, digest = self.blob(descriptor.digest), descriptor.digest
+        if descriptor.media_type in INDEX_TYPES:
+            child = _platform_child(raw, self.what)
+            raw, digest = self.blob(child.digest), child.digest
+        self._load(raw, digest)
+
+    def _member(self, name: str) -> tarfile.TarInfo:
+        member = self._members.get(name)
+        if member is None or not member.isfile():
+            raise ImageError(f"{self.what} lacks {name}")
+        return member
+
+    def _read(self, name: str) -> bytes:
+        file = self._tar.extractfile(self._member(name))
+        assert file is not None
+        return file.read()
+
+    def blob(self, digest: str) -> bytes:
+        data = self._read(f"blobs/sha256/{digest.split(':', 1)[1]}")
+        if sha256_digest(data) != digest:
+            raise ImageError(f"blob {digest} in {self.what} is corrupt")
+        return data
+
+    @contextlib.contextmanager
+    def open_blob(self, descriptor: Descriptor) -> Iterator[IO[bytes]]:
+        file = self._tar.extractfile(
+            self._member(f"blobs/sha256/{descriptor.digest.split(':', 1)[1]}")
+        )
+        assert file is not None
+        with file:
+            yield file
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+class RegistryImage(OpenedImage):
+    """An image in a registry; layers are streamed into the local blob store (verified)."""
+
+    kind = "registry"
+
+    def __init__(self, reference: str, settings: Settings, insecure: bool | None = None) -> None:
+        from builder.deliver import RegistryClient, parse_reference
+
+        ref = parse_reference(reference)
+        super().__init__(str(ref))
+        self.reference = ref
+        self.client: RegistryClient = RegistryClient(ref.registry, insecure=insecure)
+        self.path = ref.path
+        self._store_root = settings.cache_dir / "oci"
+        raw, media_type, digest = self.client.get_manifest(
+            ref.path, ref.digest or ref.tag or "latest"
+        )
+        if (
+            media_type in INDEX_TYPES
+            or _json_object(raw, self.what).get("mediaType") in INDEX_TYPES
+        ):
+            child = _platform_child(raw, self.what)
+            raw, _, digest = self.client.get_manifest(ref.path, child.digest)
+        self._load(raw, digest)
+
+    def blob(self, digest: str) -> bytes:
+        return self.client.get_blob_bytes(self.path, digest)
+
+    def manifest_bytes(self, digest: str) -> bytes:
+        return self.client.get_manifest(self.path, digest)[0]
+
+    @contextlib.contextmanager
+    def open_blob(self, descriptor: Descriptor) -> Iterator[IO[bytes]]:
+        from builder.oci import BlobStore
+
+        store = BlobStore(self._store_root)
+        path = store.path(descriptor.digest) if store.has(descriptor.digest) else None
+        if path is None:
+            path = self.client.download_blob(
+                self.path, descriptor.digest, store, size=descriptor.size
+            )
+        with path.open("rb") as file:
+            yield file
+
+    def referrers(self) -> tuple[list[Descriptor], str]:
+        found, mode = registry_referrers(self.client, self.path, self.manifest_digest)
+        return found, "referrers API" if mode == "referrers-api" else "referrers tag schema"
+
+
+def open_image(reference: str, settings: Settings, *, insecure: bool | None = None) -> OpenedImage:
+    """Open ``oci:DIR[:TAG]``, ``docker-archive:FILE``, a layout folder, an archive file, or a
+    registry reference ``host/repo:tag`` / ``host/repo@sha256:...``."""
+    for prefix, kind in (
+        ("oci:", "layout"),
+        ("docker-archive:", "archive"),
+        ("oci-archive:", "archive"),
+    ):
+        if reference.startswith(prefix):
+            location = reference[len(prefix) :]
+            path, tag = Path(location), None
+            if not path.exists() and ":" in location:
+                head, _, tail = location.rpartition(":")
+                if head.endswith("@sha256"):
+                    head, tail = head.removesuffix("@sha256"), f"sha256:{tail}"
+                path, tag = Path(head), tail
+            if not path.exists():
+                raise ImageError(
+                    f"{reference}: no such {'OCI layout' if kind == 'layout' else 'file'}"
+                )
+            return LayoutImage(path, tag) if kind == "layout" else ArchiveImage(path, tag)
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return LayoutImage(path)
+    if path.is_file():
+        return ArchiveImage(path)
+    if reference.startswith(("/", ".", "~")):
+        raise ImageError(f"{reference}: no such OCI layout or docker archive")
+    return RegistryImage(reference, settings, insecure)
+
+
+# == what is inside ===========================================================================
+
+
+@dataclass
+class ImageFiles:
+    """The /app/models and /app/config files of an image's own layers (overlay applied)."""
+
+    files: dict[str, tuple[str, int]]  # path -> (sha256 hex or "symlink:<target>", size)
+    contents: dict[str, bytes]  # small /app/config files
+    problems: list[str]
+
+
+def own_layers(image: OpenedImage) -> list[tuple[str, Descriptor]]:
+    """The layers this tool added (models, config) and any layer after them, with names.
+
+    The image config's history says which layers ivd-image-builder made; everything from the
+    first of them on is read, so a layer appended later cannot hide a file.
+    """
+    layers = image.layers
+    history = [h for h in image.config.get("history") or [] if not h.get("empty_layer")]
+    names: list[str | None] = [None] * len(layers)
+    if len(history) == len(layers):
+        for i, entry in enumerate(history):
+            created_by = str(entry.get("created_by", ""))
+            if created_by.startswith(_BUILDER_HISTORY):
+                names[i] = created_by.removeprefix(_BUILDER_HISTORY).split(" ", 1)[0]
+    for i, layer in enumerate(layers):
+        names[i] = layer.annotations.get("com.ivd.layer.name") or names[i]
+    first = next((i for i, n in enumerate(names) if n), None)
+    if first is None:
+        # The docker backend's layers carry Dockerfile history: ours are the last ones, one
+        # per model (the labels list them) plus the config layer.
+        models = [k for k in image.labels if _MODEL_LABEL.match(k)]
+        first = len(layers) - len(models) - 1
+        if not models or first < 0:
+            return []
+    return [
+        (names[i] or f"layer {i} (not made by ivd-image-builder)", layers[i])
+        for i in range(first, len(layers))
+    ]
+
+
+def _remove(files: dict[str, Any], path: str) -> None:
+    for key in [k for k in files if k == path or k.startswith(f"{path}/")]:
+        del files[key]
+
+
+def scan_files(image: OpenedImage, layers: Sequence[tuple[str, Descriptor]]) -> ImageFiles:
+    """Hash every file under /app/models and /app/config in ``layers``, in order (whiteouts too)."""
+    result = ImageFiles({}, {}, [])
+    for name, descriptor in layers:
+        with image.open_blob(descriptor) as raw:
+            reader = _HashingReader(raw)
+            try:
+                with tarfile.open(fileobj=reader, mode="r|*") as tar:  # type: ignore[call-overload]
+                    for member in tar:
+                        _scan_member(tar, member, result)
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise ImageError(
+                    f"{image.what}: layer {name} ({short(descriptor.digest, 19)}) is not a readable tar: {exc}"
+                ) from None
+            digest = reader.drain()
+        if digest != descriptor.digest:
+            result.problems.append(
+                f"layer {name}: content hashes to {digest}, manifest says {descriptor.digest}"
+            )
+    return result
+
+
+def _scan_member(tar: tarfile.TarFile, member: tarfile.TarInfo, result: ImageFiles) -> None:
+    path = PurePosixPath(member.name.lstrip("/").removeprefix("./")).as_posix()
+    base, parent = PurePosixPath(path).name, PurePosixPath(path).parent.as_posix()
+    if base == ".wh..wh..opq":
+        _remove(result.files, parent)
+        return
+    if base.startswith(".wh."):
+        _remove(result.files, f"{parent}/{base[4:]}" if parent != "." else base[4:])
+        return
+    if not path.startswith(_KEEP_PREFIXES):
+        return
+    _remove(result.files, path)
+    if member.issym() or member.islnk():
+        result.files[path] = (f"link:{member.linkname}", 0)
+        return
+    if not member.isfile():
+        return
+    source = tar.extractfile(member)
+    assert source is not None
+    sha, kept = hashlib.sha256(), bytearray()
+    while chunk := source.read(_CHUNK):
+        sha.update(chunk)
+        if member.size <= _MAX_KEPT and path.startswith("app/config/"):
+            kept += chunk
+    result.files[path] = (sha.hexdigest(), member.size)
+    if path.startswith("app/config/") and member.size <= _MAX_KEPT:
+        result.contents[path] = bytes(kept)
+
+
+# == explain ==================================================================================
+
+
+@dataclass(frozen=True)
+class Check:
+    """One audit check and its outcome."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class ModelFileStatus:
+    """A recorded weight file and what the image holds at its path."""
+
+    model: str
+    file: str
+    recorded_sha256: str
+    image_sha256: str | None  # None: missing
+    size: int | None
+    status: str  # ok | MODIFIED | MISSING | UNEXPECTED
+
+
+@dataclass
+class AttestationInfo:
+    """An attestation attached to the image."""
+
+    digest: str
+    kind: str  # provenance | sbom | other
+    artifact_type: str
+    created: str | None
+    signed: bool
+    key_id: str | None
+    signature: str  # "valid" | "INVALID" | "not checked" | "unsigned"
+
+
+@dataclass
+class Explanation:
+    """Everything ``explain`` found out about an image, and its checks."""
+
+    image: str
+    kind: str
+    manifest_digest: str
+    config_digest: str
+    customer: str
+    provenance: dict[str, Any]
+    base: dict[str, Any]  # repository, version, digest, constraint
+    labels: dict[str, str]
+    created: str | None  # the image's created time (= config commit time)
+    built_at: str | None  # when the build ran (attestation or release record)
+    built_at_source: str | None
+    files: list[ModelFileStatus]
+    attestations: list[AttestationInfo]
+    attestations_where: str
+    release: dict[str, Any] | None
+    release_note: str
+    checks: list[Check]
+    ci_url: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed."""
+        return all(c.ok for c in self.checks)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" for c in self.checks if not c.ok]
+
+
+def _not_ours(image: OpenedImage, why: str) -> ImageError:
+    return ImageError(
+        f"{image.what} was not built by ivd-image-builder: {why}",
+        hint="explain and verify only read images this tool built",
+    )
+
+
+def _read_provenance(image: OpenedImage, found: ImageFiles) -> dict[str, Any]:
+    raw = found.contents.get(PROVENANCE_PATH)
+    if raw is None:
+        raise _not_ours(image, "it has no /app/config/provenance.json")
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        raise ImageError(
+            f"{image.what}: /app/config/provenance.json is not JSON (altered?)"
+        ) from None
+    if not isinstance(record, dict) or record.get("provenance_version") != 1:
+        version = record.get("provenance_version") if isinstance(record, dict) else None
+        raise ImageError(
+            f"{image.what}: /app/config/provenance.json has provenance_version {version!r}, "
+            "which this version cannot read",
+            hint="use the builder version that made the image",
+        )
+    return record
+
+
+def _file_statuses(provenance: Mapping[str, Any], found: ImageFiles) -> list[ModelFileStatus]:
+    out = []
+    expected: set[str] = set()
+    for model in provenance.get("models") or []:
+        for f in model.get("files") or []:
+            path = f"{MODELS_PREFIX}{model['name']}/{f['name']}"
+            expected.add(path)
+            have = found.files.get(path)
+            status = "MISSING" if have is None else "ok" if have[0] == f["sha256"] else "MODIFIED"
+            out.append(
+                ModelFileStatus(
+                    model["name"],
+                    f["name"],
+                    f["sha256"],
+                    have[0] if have else None,
+                    have[1] if have else None,
+                    status,
+                )
+            )
+    for path, (sha, size) in sorted(found.files.items()):
+        if path.startswith(MODELS_PREFIX) and path not in expected:
+            rest = path.removeprefix(MODELS_PREFIX)
+            model, _, name = rest.partition("/")
+            out.append(ModelFileStatus(model, name, "", sha, size, "UNEXPECTED"))
+    return out
+
+
+def base_of(labels: Mapping[str, str], provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The base image an image was built on: repository, version and digest from the labels
+    (provenance.json records only the constraint, so a base bump leaves the config layer
+    unchanged), the constraint from provenance.json."""
+    recorded = dict(provenance.get("base_image") or {})
+    version = labels.get("com.ivd.base.version") or recorded.get("version")
+    name = labels.get("org.opencontainers.image.base.name", "")
+    repository = name.removesuffix(f":{version}") if version else name.rpartition(":")[0]
+    return {
+        "repository": recorded.get("repository") or repository or None,
+        "version": version,
+        "digest": labels.get("org.opencontainers.image.base.digest") or recorded.get("digest"),
+        "constraint": recorded.get("constraint"),
+    }
+
+
+def _consistency_checks(
+    image: OpenedImage, provenance: Mapping[str, Any], found: ImageFiles
+) -> list[Check]:
+    """Labels, manifest annotations, provenance.json and the config layer must agree."""
+    from builder.provenance import LABEL_PREFIX
+
+    labels = image.labels
+    config = provenance.get("config") or {}
+    base = provenance.get("base_image") or {}
+    pairs = [
+        (
+            "label org.opencontainers.image.revision",
+            labels.get("org.opencontainers.image.revision"),
+            config.get("commit"),
+        ),
+        (
+            "label org.opencontainers.image.source",
+            labels.get("org.opencontainers.image.source"),
+            config.get("repository"),
+        ),
+        (
+            f"label {LABEL_PREFIX}.customer",
+            labels.get(f"{LABEL_PREFIX}.customer"),
+            provenance.get("customer"),
+        ),
+        (
+            f"label {LABEL_PREFIX}.config.sha256",
+            labels.get(f"{LABEL_PREFIX}.config.sha256"),
+            config.get("verbose_sha256"),
+        ),
+    ]
+    if base.get("digest"):  # provenance.json of builds that recorded the resolved base
+        pairs.append(
+            (
+                "label org.opencontainers.image.base.digest",
+                labels.get("org.opencontainers.image.base.digest"),
+                base.get("digest"),
+            )
+        )
+    analysis = found.files.get(ANALYSIS_PATH)
+    pairs.append(
+        (
+            "/app/config/analysis.yaml sha256",
+            analysis[0] if analysis else None,
+            config.get("verbose_sha256"),
+        )
+    )
+    for model in provenance.get("models") or []:
+        pairs.append(
+            (
+                f"label {LABEL_PREFIX}.model.{model['name']}.sha256",
+                labels.get(f"{LABEL_PREFIX}.model.{model['name']}.sha256"),
+                model.get("dir_hash"),
+            )
+        )
+    annotations = image.manifest.get("annotations") or {}
+    for key in ("org.opencontainers.image.revision", "org.opencontainers.image.base.digest"):
+        if key in annotations:
+            pairs.append((f"manifest annotation {key}", annotations.get(key), labels.get(key)))
+    checks = []
+    for name, actual, recorded in pairs:
+        ok = actual == recorded
+        detail = (
+            "agrees with provenance.json"
+            if ok
+            else f"is {actual!r}, provenance.json records {recorded!r}"
+        )
+        checks.append(Check(name, ok, detail))
+    return checks
+
+
+def _artifact_document(
+    image: OpenedImage, descriptor: Descriptor
+) -> tuple[dict[str, Any], Descriptor, bytes]:
+    manifest = _json_object(
+        image.manifest_bytes(descriptor.digest), f"attestation {descriptor.digest}"
+    )
+    layers = manifest.get("layers") or []
+    if not layers:
+        raise ImageError(f"attestation {descriptor.digest} has no layer")
+    layer = Descriptor.from_dict(layers[0])
+    return manifest, layer, image.blob(layer.digest)
+
+
+@dataclass
+class _Attested:
+    infos: list[AttestationInfo] = field(default_factory=list)
+    statement: dict[str, Any] | None = None  # newest provenance Statement
+    sbom_sha256: str | None = None
+    checks: list[Check] = field(default_factory=list)
+
+
+def _read_attestations(
+    image: OpenedImage, descriptors: Sequence[Descriptor], public_key: Path | None
+) -> _Attested:
+    out = _Attested()
+    newest = ""
+    for descriptor in descriptors:
+        try:
+            manifest, layer, data = _artifact_document(image, descriptor)
+        except ImageError as exc:
+            out.checks.append(
+                Check(f"attestation {short(descriptor.digest, 12)}", False, exc.message)
+            )
+            continue
+        created = (manifest.get("annotations") or {}).get("org.opencontainers.image.created")
+        info = AttestationInfo(
+            descriptor.digest,
+            "other",
+            str(manifest.get("artifactType", "")),
+            created,
+            False,
+            None,
+            "unsigned",
+        )
+        statement: dict[str, Any] | None = None
+        if layer.media_type == MEDIA_CYCLONEDX:
+            info.kind = "sbom"
+            out.sbom_sha256 = hashlib.sha256(data).hexdigest()
+        elif layer.media_type in (MEDIA_INTOTO, MEDIA_DSSE):
+            info.kind = "provenance"
+            document = _json_object(data, f"attestation {descriptor.digest}")
+            if layer.media_type == MEDIA_DSSE:
+                info.signed = True
+                signatures = document.get("signatures") or []
+                info.key_id = (
+                    str(signatures[0].get("keyid"))
+                    if signatures and isinstance(signatures[0], dict)
+                    else None
+                )
+                payload = envelope_payload(document)
+                if public_key is not None:
+                    try:
+                        payload = verify_envelope(document, public_key)
+                        info.signature = "valid"
+                    except AttestationError as exc:
+                        info.signature = "INVALID"
+                        out.checks.append(Check("provenance signature", False, exc.message))
+                else:
+                    info.signature = "not checked"
+                statement = _json_object(payload, "DSSE payload")
+            else:
+                statement = document
+        out.infos.append(info)
+        if statement is not None and (created or "") >= newest:
+            newest, out.statement = created or "", statement
+    return out
+
+
+def _statement_checks(
+    image: OpenedImage,
+    statement: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    sbom_sha: str | None,
+) -> list[Check]:
+    subjects = {(s.get("digest") or {}).get("sha256") for s in statement.get("subject") or []}
+    checks = [
+        Check(
+            "provenance subject",
+            image.manifest_digest.removeprefix("sha256:") in subjects,
+            "names this image's manifest digest"
+            if image.manifest_digest.removeprefix("sha256:") in subjects
+            else "names another image",
+        )
+    ]
+    deps = (statement.get("predicate") or {}).get("buildDefinition", {}).get(
+        "resolvedDependencies"
+    ) or []
+    recorded = {
+        f"model:{m['name']}/{f['name']}": f["sha256"]
+        for m in provenance.get("models") or []
+        for f in m.get("files") or []
+    }
+    attested = {
+        d.get("name"): (d.get("digest") or {}).get("sha256")
+        for d in deps
+        if str(d.get("name", "")).startswith("model:")
+    }
+    checks.append(
+        Check(
+            "provenance model digests",
+            attested == recorded,
+            "match provenance.json"
+            if attested == recorded
+            else f"attested {sorted(attested.items())} vs recorded {sorted(recorded.items())}",
+        )
+    )
+    commit = next(
+        (d.get("digest", {}).get("gitCommit") for d in deps if d.get("name") == "config"), None
+    )
+    recorded_commit = (provenance.get("config") or {}).get("commit")
+    checks.append(
+        Check(
+            "provenance config commit",
+            commit == recorded_commit,
+            f"{short(commit, 12)} vs recorded {short(recorded_commit, 12)}",
+        )
+    )
+    byproducts = (statement.get("predicate") or {}).get("runDetails", {}).get("byproducts") or []
+    sbom_digest = next(
+        (
+            (b.get("digest") or {}).get("sha256")
+            for b in byproducts
+            if b.get("mediaType") == MEDIA_CYCLONEDX
+        ),
+        None,
+    )
+    if sbom_sha is not None and sbom_digest is not None:
+        checks.append(
+            Check(
+                "SBOM digest",
+                sbom_sha == sbom_digest,
+                "matches the provenance byproduct"
+                if sbom_sha == sbom_digest
+                else f"SBOM {short(sbom_sha, 12)} is not the attested {short(sbom_digest, 12)}",
+            )
+        )
+    return checks
+
+
+def _release_for(
+    provenance: Mapping[str, Any], digest: str, settings: Settings
+) -> tuple[dict[str, Any] | None, str]:
+    """The release record of this digest, read from the recorded config repository."""
+    url = str((provenance.get("config") or {}).get("repository", ""))
+    location = _local_location(url) or url.partition("#")[0]
+    try:
+        records, where = read_release_records(location, str(provenance.get("customer")), settings)
+    except BuilderError as exc:
+        return None, f"release records not read: {exc}"
+    for record in records:
+        if record.manifest_digest == digest:
+            return {
+                "path": record.path,
+                "image": record.image,
+                "built_at": record.built_at,
+                "ci_url": record.ci_url,
+            }, f"released as {record.image} ({where}: {record.path})"
+    return None, f"no release record on {where} names this digest: not a recorded release"
+
+
+def _local_location(url: str, repo: Path | None = None) -> str | None:
+    """Where the recorded config repository is on this machine (file:// URLs, or ``repo``)."""
+    from urllib.parse import unquote, urlsplit
+
+    base, _, folder = url.partition("#")
+    if repo is not None:
+        root = repo
+    elif base.startswith("file://"):
+        root = Path(unquote(urlsplit(base).path))
+    else:
+        return None
+    path = root / folder if folder else root
+    return str(path) if path.exists() else None
+
+
+def _file_checks(files: Sequence[ModelFileStatus]) -> list[Check]:
+    """One check per recorded or unexpected model file."""
+    checks = []
+    for f in files:
+        where = f"/app/models/{f.model}/{f.file}"
+        if f.status == "ok":
+            detail = f"sha256 {short(f.recorded_sha256, 12)} as recorded"
+        elif f.status == "MODIFIED":
+            detail = (
+                f"MODIFIED: sha256 {short(f.image_sha256, 12)} in the image, "
+                f"{short(f.recorded_sha256, 12)} recorded"
+            )
+        elif f.status == "MISSING":
+            detail = "MISSING from the image"
+        else:
+            detail = "UNEXPECTED: not among the recorded model files"
+        checks.append(Check(where, f.status == "ok", detail))
+    return checks
+
+
+def explain(
+    reference: str,
+    settings: Settings,
+    *,
+    public_key: Path | None = None,
+    insecure: bool | None = None,
+    image: OpenedImage | None = None,
+) -> Explanation:
+    """Read an image's provenance back and check its model files and attestations."""
+    if public_key is not None:
+        load_public_key(public_key)  # a bad key file is a usage error, before any download
+    opened = image is None
+    image = image or open_image(reference, settings, insecure=insecure)
+    labels = image.labels
+    if "com.ivd.customer" not in labels:
+        shown = ", ".join(sorted(labels)[:4]) or "none"
+        raise _not_ours(image, f"its config has no com.ivd.customer label (labels: {shown})")
+    layers = own_layers(image)
+    if not layers:
+        raise _not_ours(image, "no layer of it was made by ivd-image-builder")
+    found = scan_files(image, layers)
+    provenance = _read_provenance(image, found)
+    files = _file_statuses(provenance, found)
+    checks = [Check("layer digest", False, p) for p in found.problems] + _file_checks(files)
+    checks += _consistency_checks(image, provenance, found)
+    descriptors, where = image.referrers()
+    attested = _read_attestations(image, descriptors, public_key)
+    checks += attested.checks
+    if attested.statement is not None:
+        checks += _statement_checks(image, attested.statement, provenance, attested.sbom_sha256)
+    signatures = {a.signature for a in attested.infos}
+    if public_key is not None and not signatures & {"valid", "INVALID"}:
+        checks.append(Check("provenance signature", False, f"no signed provenance ({where})"))
+    release, release_note = _release_for(provenance, image.manifest_digest, settings)
+    metadata = ((attested.statement or {}).get("predicate") or {}).get("runDetails", {}).get(
+        "metadata"
+    ) or {}
+    built_at, built_from = (
+        metadata.get("finishedOn"),
+        "provenance attestation" if metadata.get("finishedOn") else None,
+    )
+    if built_at is None and release and release.get("built_at"):
+        built_at, built_from = release["built_at"], "release record"
+    ci_url = metadata.get("invocationId") or (release or {}).get("ci_url")
+    if opened and isinstance(image, ArchiveImage):
+        image.close()
+    return Explanation(
+        image=image.what if image.kind != "registry" else reference,
+        kind=image.kind,
+        manifest_digest=image.manifest_digest,
+        config_digest=image.config_digest,
+        customer=str(provenance.get("customer")),
+        provenance=provenance,
+        base=base_of(labels, provenance),
+        labels=labels,
+        created=labels.get("org.opencontainers.image.created"),
+        built_at=built_at,
+        built_at_source=built_from,
+        files=files,
+        attestations=attested.infos,
+        attestations_where=where,
+        release=release,
+        release_note=release_note,
+        checks=checks,
+        ci_url=ci_url,
+    )
+
+
+# == verify ===================================================================================
+
+
+@dataclass
+class Verification:
+    """``verify`` result: the recorded inputs, the rebuilt digest, and what differs."""
+
+    image: str
+    manifest_digest: str
+    rebuilt_digest: str
+    match: bool
+    commit: str
+    repository: str
+    locked: bool
+    base: dict[str, Any]
+    differences: list[str]
+    notes: list[str]
+    explanation: Explanation
+
+
+def _rebuild_location(provenance: Mapping[str, Any], repo: Path | None) -> str:
+    config = provenance.get("config") or {}
+    url = str(config.get("repository", ""))
+    location = _local_location(url, repo)
+    if location is not None:
+        return location
+    base, _, folder = url.partition("#")
+    if repo is not None:
+        raise ConfigError(f"{repo}/{folder} does not exist", hint="give --repo a clone of " + base)
+    if folder or not re.match(r"^[a-z][a-z0-9+.-]*://", base):
+        raise ConfigError(
+            f"the config repository {url} is not on this machine",
+            hint="clone it and pass --repo CLONE",
+        )
+    return base
+
+
+def _rebuild_settings(settings: Settings, scratch: Path) -> Settings:
+    """Settings whose image blob store is empty (every layer is re-tarred, none reused from the
+    layer cache) while weights and clones come from the usual, sha256-verified caches."""
+    for name in ("weights", "repos"):
+        shared = settings.cache_dir / name
+        shared.mkdir(parents=True, exist_ok=True)
+        (scratch / name).symlink_to(shared, target_is_directory=True)
+    return replace(settings, cache_dir=scratch)
+
+
+def _compare(
+    original: OpenedImage, rebuilt: OpenedImage, theirs: ImageFiles, ours: ImageFiles
+) -> list[str]:
+    out = []
+    if original.config_digest != rebuilt.config_digest:
+        out.append(
+            f"image config: {original.config_digest} in the image, {rebuilt.config_digest} rebuilt"
+        )
+    a_layers, b_layers = original.layers, rebuilt.layers
+    if len(a_layers) != len(b_layers):
+        out.append(f"layers: {len(a_layers)} in the image, {len(b_layers)} rebuilt")
+    for i, (a, b) in enumerate(zip(a_layers, b_layers, strict=False)):
+        if a.digest != b.digest:
+            name = (
+                b.annotations.get("com.ivd.layer.name")
+                or a.annotations.get("com.ivd.layer.name")
+                or f"base layer {i}"
+            )
+            out.append(
+                f"layer {name}: {short(a.digest, 19)} in the image, {short(b.digest, 19)} rebuilt"
+            )
+    la, lb = original.labels, rebuilt.labels
+    for key in sorted(set(la) | set(lb)):
+        if la.get(key) != lb.get(key):
+            out.append(f"label {key}: {la.get(key)!r} in the image, {lb.get(key)!r} rebuilt")
+    for path in sorted(set(theirs.files) | set(ours.files)):
+        a_file, b_file = theirs.files.get(path), ours.files.get(path)
+        if a_file != b_file:
+            out.append(
+                f"/{path}: {short(a_file[0], 12) if a_file else 'absent'} in the image, "
+                f"{short(b_file[0], 12) if b_file else 'absent'} rebuilt"
+            )
+    return out
+
+
+def verify(
+    reference: str,
+    settings: Settings,
+    *,
+    repo: Path | None = None,
+    insecure: bool | None = None,
+) -> Verification:
+    """Rebuild an image from its recorded commit, lock and base, and compare digests."""
+    from builder.lock import models_from_lock, read_lock
+    from builder.pipeline import BuildRequest, build
+
+    image = open_image(reference, settings, insecure=insecure)
+    explanation = explain(reference, settings, insecure=insecure, image=image)
+    provenance = explanation.provenance
+    config = provenance.get("config") or {}
+    base = explanation.base
+    if config.get("worktree"):
+        raise ConfigError(
+            f"{reference} was built from an uncommitted work tree (a development build); "
+            "there is no commit to rebuild it from"
+        )
+    location = _rebuild_location(provenance, repo)
+    commit = str(config.get("commit"))
+    try:
+        _commit(open_source(location, settings), commit)
+        spec = load_customer(location, settings, ref=commit)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"cannot read the recorded config commit {short(commit, 12)} from {location}: {exc.message}",
+            hint="fetch the full history of the config repository",
+        ) from None
+    notes = []
+    if spec.commit != commit:
+        notes.append(
+            f"{short(commit, 12)} is not a commit of the customer folder; read {short(spec.commit, 12)}"
+        )
+    locked = False
+    try:
+        lock = read_lock(spec)
+        if lock is not None:
+            models_from_lock(spec, lock)
+            locked = True
+    except ConfigError as exc:
+        notes.append(
+            f"lock not usable ({exc.message}); models resolved from the registry as it is now"
+        )
+    if not locked and not any(n.startswith("lock not usable") for n in notes):
+        notes.append("no lock at that commit; models resolved from the registry as it is now")
+    builder_version = (provenance.get("builder") or {}).get("version")
+    if builder_version != __version__:
+        notes.append(f"built by ivd-image-builder {builder_version}; rebuilding with {__version__}")
+    request = BuildRequest(
+        customer=location,
+        ref=commit,
+        locked=locked,
+        allow_unpublished=bool(provenance.get("development_build")),
+        base_version=str(base.get("version")),
+        base_repository=str(base.get("repository")),
+        insecure=insecure,
+    )
+    with tempfile.TemporaryDirectory(prefix="verify-", dir=_scratch_parent(settings)) as tmp:
+        report = build(request, _rebuild_settings(settings, Path(tmp)))
+        rebuilt = LayoutImage(Path(tmp) / "oci", digest=report.manifest_digest)
+        match = report.manifest_digest == image.manifest_digest
+        differences: list[str] = []
+        if report.base.get("digest") != base.get("digest"):
+            differences.append(
+                f"base image: built on {base.get('repository')}:{base.get('version')}@{base.get('digest')}, "
+                f"which now resolves to {report.base.get('digest')}"
+            )
+        if not match:
+            image_files = scan_files(image, own_layers(image))
+            rebuilt_files = scan_files(rebuilt, own_layers(rebuilt))
+            differences += _compare(image, rebuilt, image_files, rebuilt_files)
+            if not differences:
+                differences.append("manifest differs only in its annotations or media types")
+    if isinstance(image, ArchiveImage):
+        image.close()
+    return Verification(
+        image=reference,
+        manifest_digest=image.manifest_digest,
+        rebuilt_digest=report.manifest_digest,
+        match=match,
+        commit=commit,
+        repository=str(config.get("repository")),
+        locked=locked,
+        base=base,
+        differences=differences,
+        notes=notes,
+        explanation=explanation,
+    )
+
+
+def _scratch_parent(settings: Settings) -> Path:
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    return settings.cache_dir
+
+
+# == the audit report ========================================================================
+
+
+def lineage(entries: Sequence[HistoryEntry]) -> dict[str, list[dict[str, Any]]]:
+    """Per model name, the spans of revisions during which one model (id, task, weights) was used."""
+    spans: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        if entry.config is None:
+            continue
+        for name, model in entry.config.models.items():
+            key = (
+                model.get("model_id"),
+                model.get("task_id"),
+                json.dumps(model.get("weights"), sort_keys=True),
+            )
+            runs = spans.setdefault(name, [])
+            if runs and runs[-1]["key"] == key and runs[-1]["open"]:
+                runs[-1]["last"] = entry.revision
+            else:
+                if runs:
+                    runs[-1]["open"] = False
+                runs.append(
+                    {
+                        "key": key,
+                        "open": True,
+                        "first": entry.revision,
+                        "last": entry.revision,
+                        "model": model,
+                        "releases": [],
+                    }
+                )
+            runs[-1]["releases"] += [r.image for r in entry.releases]
+        for name, runs in spans.items():
+            if name not in entry.config.models and runs and runs[-1]["open"]:
+                runs[-1]["open"] = False
+    return {
+        name: [
+            {
+                "model_id": r["model"].get("model_id"),
+                "registry_name": r["model"].get("registry_name"),
+                "task_id": r["model"].get("task_id"),
+                "sourcing": r["model"].get("sourcing"),
+                "weights": r["model"].get("weights") or {},
+                "from_commit": r["first"].commit,
+                "from_date": r["first"].date,
+                "to_commit": r["last"].commit,
+                "to_date": r["last"].date,
+                "current": r["open"],
+                "releases": r["releases"],
+            }
+            for r in runs
+        ]
+        for name, runs in sorted(spans.items())
+    }
+
+
+def release_diffs(hist: History) -> list[dict[str, Any]]:
+    """What changed between consecutive releases (config changes plus the base actually used)."""
+    configs = {e.revision.commit: e.config for e in hist.entries if e.config is not None}
+    out = []
+    for old, new in zip(hist.releases, hist.releases[1:], strict=False):
+        a, b = configs.get(old.config_commit), configs.get(new.config_commit)
+        changes = [c.text for c in diff_configs(a, b) if c.kind != "base"] if a and b else []
+        if a is None or b is None:
+            changes.append("configuration not comparable: a config commit is not in the history")
+        va, vb = old.base.get("version"), new.base.get("version")
+        if va != vb:
+            changes.append(f"base {va} -> {vb}")
+        elif old.base.get("digest") != new.base.get("digest"):
+            changes.append(
+                f"base {va} re-pinned {short(old.base.get('digest'), 12)} -> {short(new.base.get('digest'), 12)}"
+            )
+        out.append({"from": old, "to": new, "changes": changes})
+    return out
+
+
+def report_data(location: str, settings: Settings, *, ref: str = "HEAD") -> dict[str, Any]:
+    """Everything the HTML audit report shows, as plain data."""
+    hist = history(location, settings, ref=ref)
+    return {
+        "customer": hist.customer,
+        "repository": hist.repository,
+        "ref": hist.ref,
+        "generated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tool_version": __version__,
+        "history": hist,
+        "entries": list(reversed(hist.entries)),
+        "releases": list(reversed(hist.releases)),
+        "latest_release": hist.releases[-1] if hist.releases else None,
+        "current": next((e for e in reversed(hist.entries) if e.config is not None), None),
+        "lineage": lineage(hist.entries),
+        "release_diffs": list(reversed(release_diffs(hist))),
+        "problems": hist.problems,
+    }
+
+
+def render_report(data: Mapping[str, Any]) -> str:
+    """The self-contained HTML audit report (inline CSS, no scripts, no network resources)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("builder", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["short"] = short
+    return env.get_template("audit.html.j2").render(**data)
+
+
+def write_report(
+    location: str, settings: Settings, output: Path, *, ref: str = "HEAD"
+) -> dict[str, Any]:
+    """Render the audit report of a customer into ``output`` (atomically)."""
+    from builder.fsutil import write_atomic
+
+    data = report_data(location, settings, ref=ref)
+    write_atomic(output, render_report(data).encode("utf-8"))
+    return data
+
+
+__all__ = [
+    "AUDIT_FAILED",
+    "Change",
+    "ConfigDiff",
+    "Explanation",
+    "History",
+    "ReleaseRecord",
+    "Verification",
+    "diff",
+    "diff_configs",
+    "explain",
+    "history",
+    "read_release_records",
+    "report_data",
+    "verify",
+    "write_report",
+]

@@ -1,0 +1,269 @@
+"""`history`, `diff`, `explain`, `verify`, `audit`: what shipped, what changed, does it rebuild.
+
+`explain` and `verify` print their whole finding and then exit with code 10 when a check
+failed (a modified model file, a digest mismatch, a bad signature), also in --json mode where
+the result says ``"ok_checks": false`` / ``"match": false``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from builder.cli._common import (
+    cli,
+    emit,
+    info,
+    json_option,
+    load_cli_settings,
+    settings_options,
+)
+
+
+def _failed(code: int) -> None:
+    """Exit with ``code`` after the result was printed (click's Exit is swallowed by main)."""
+    sys.exit(code)
+
+
+@cli.command("history")
+@click.argument("customer")
+@click.option("--ref", default="HEAD", show_default=True, help="Branch, tag or commit to read.")
+@settings_options
+@json_option
+def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> None:
+    """The timeline of CUSTOMER's config revisions: what changed, and which images were released.
+
+    Models are read from each revision's lock file; without one the model registry is asked
+    as it is now (the output says so).
+    """
+    from builder.audit import history
+
+    hist = history(customer, load_cli_settings(overrides), ref=ref)
+
+    def human() -> None:
+        click.echo(f"{hist.customer}  {hist.repository}  ({len(hist.entries)} revisions)")
+        for entry in hist.entries:
+            rev = entry.revision
+            click.echo(f"\n{rev.commit[:12]}  {rev.date}  {rev.author}\n    {rev.message}")
+            if entry.error:
+                click.echo(f"    ! could not be read: {entry.error}")
+            for change in entry.changes:
+                click.echo(f"    - {change.text}")
+            if entry.config is not None:
+                for note in entry.config.notes:
+                    click.echo(f"    note: {note}")
+            for record in entry.releases:
+                click.echo(
+                    f"    released: {record.image}@{record.manifest_digest} ({record.built_at or 'time not recorded'})"
+                )
+        for problem in hist.problems:
+            click.echo(f"\nproblem: {problem}", err=True)
+
+    emit("history", asdict(hist), human)
+
+
+@cli.command("diff")
+@click.argument("customer")
+@click.argument("rev_a")
+@click.argument("rev_b")
+@settings_options
+@json_option
+def diff_cmd(customer: str, rev_a: str, rev_b: str, as_json: bool, **overrides: Any) -> None:
+    """What changed in CUSTOMER's resolved config from REV_A to REV_B (models, tasks, weights,
+    thresholds, base), not a text diff."""
+    from builder.audit import diff
+
+    result = diff(customer, load_cli_settings(overrides), rev_a, rev_b)
+
+    def human() -> None:
+        click.echo(
+            f"{result.customer}: {result.a.commit[:12]} ({result.a.date}) -> {result.b.commit[:12]} ({result.b.date})"
+        )
+        for change in result.changes:
+            click.echo(f"  {change.text}")
+        if not result.changes:
+            click.echo("  no change in resolved terms")
+        for note in sorted({*result.config_a.notes, *result.config_b.notes}):
+            click.echo(f"note: {note}", err=True)
+
+    emit("diff", asdict(result), human)
+
+
+def _explanation_lines(exp: Any) -> list[str]:
+    prov = exp.provenance
+    config = prov.get("config") or {}
+    base = exp.base
+    builder = prov.get("builder") or {}
+    lines = [
+        f"image        {exp.image}",
+        f"digest       {exp.manifest_digest}",
+        f"customer     {exp.customer}",
+        f"config       {config.get('repository')} @ {config.get('commit')}",
+        f"             folder {config.get('path')}, analysis {config.get('analysis')}",
+        f"base         {base.get('repository')}:{base.get('version')}@{base.get('digest')}",
+        f"tool         {builder.get('name')} {builder.get('version')}",
+        f"created      {exp.created} (config commit time)",
+        f"built        {exp.built_at or 'unknown (no attestation or release record)'}"
+        + (f" (from the {exp.built_at_source})" if exp.built_at_source else ""),
+    ]
+    if exp.ci_url:
+        lines.append(f"CI job       {exp.ci_url}")
+    if prov.get("development_build"):
+        lines.append("DEVELOPMENT BUILD: unpublished models; not for release")
+    for model in prov.get("models") or []:
+        ident = (
+            f"{model.get('registry_id')} ({model.get('registry_name')}) task {model.get('task_id')}"
+            if model.get("registry_id")
+            else f"shipped in the config repository ({model.get('weights_uri')})"
+        )
+        lines.append(f"model        {model['name']}: {ident}")
+        for f in exp.files:
+            if f.model == model["name"]:
+                lines.append(f"               {f.file:<20} sha256 {f.recorded_sha256}  {f.status}")
+    for f in exp.files:
+        if f.status == "UNEXPECTED":
+            lines.append(f"unexpected   /app/models/{f.model}/{f.file} (sha256 {f.image_sha256})")
+    if exp.attestations:
+        for a in exp.attestations:
+            signed = (
+                f", signed by key {a.key_id[:16] if a.key_id else '?'}: signature {a.signature}"
+                if a.signed
+                else ""
+            )
+            lines.append(f"attestation  {a.kind} {a.digest[:19]} ({a.artifact_type}{signed})")
+    else:
+        lines.append(f"attestation  none ({exp.attestations_where})")
+    lines.append(f"release      {exp.release_note}")
+    failed = [c for c in exp.checks if not c.ok]
+    lines.append(f"checks       {len(exp.checks) - len(failed)} of {len(exp.checks)} passed")
+    lines += [f"FAILED       {c.name}: {c.detail}" for c in failed]
+    return lines
+
+
+@cli.command("explain")
+@click.argument("image")
+@click.option(
+    "--public-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="PEM public key (ECDSA P-256): require a provenance signed by it.",
+)
+@click.option(
+    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
+)
+@settings_options
+@json_option
+def explain_cmd(
+    image: str, public_key: Path | None, insecure_registry: bool, as_json: bool, **overrides: Any
+) -> None:
+    """What IMAGE is: customer, config commit, base, models (ids, task, sha256), tool, build time.
+
+    IMAGE is a registry reference (host/repo:tag or @sha256:...), an OCI layout (a folder, or
+    oci:DIR[:TAG]) or a docker archive (a file, or docker-archive:FILE). The model files
+    inside are hashed and checked against the recorded sha256; exit code 10 if any check fails.
+    """
+    from builder.audit import AUDIT_FAILED, explain
+
+    exp = explain(
+        image,
+        load_cli_settings(overrides),
+        public_key=public_key,
+        insecure=True if insecure_registry else None,
+    )
+    data = asdict(exp)
+    data["ok_checks"] = exp.ok
+    emit("explain", data, lambda: click.echo("\n".join(_explanation_lines(exp))))
+    if not exp.ok:
+        info(f"explain: {len(exp.problems)} check(s) failed for {image}")
+        _failed(AUDIT_FAILED)
+
+
+@cli.command("verify")
+@click.argument("image")
+@click.option(
+    "--repo",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="A clone of the config repository (default: the recorded file:// location).",
+)
+@click.option(
+    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
+)
+@settings_options
+@json_option
+def verify_cmd(
+    image: str, repo: Path | None, insecure_registry: bool, as_json: bool, **overrides: Any
+) -> None:
+    """Rebuild IMAGE from its recorded config commit, lock and base; print MATCH or what differs.
+
+    Every layer is re-tarred in a scratch blob store (weights come from the verified cache).
+    Exit code 10 on a mismatch.
+    """
+    from builder.audit import AUDIT_FAILED, verify
+
+    info(f"==> rebuilding {image} from its recorded inputs")
+    result = verify(
+        image,
+        load_cli_settings(overrides),
+        repo=repo,
+        insecure=True if insecure_registry else None,
+    )
+    data = asdict(result)
+    data["explanation"]["ok_checks"] = result.explanation.ok
+
+    def human() -> None:
+        click.echo(f"image      {result.image}")
+        click.echo(
+            f"config     {result.repository} @ {result.commit} ({'locked' if result.locked else 'no lock'})"
+        )
+        click.echo(
+            f"base       {result.base.get('repository')}:{result.base.get('version')}@{result.base.get('digest')}"
+        )
+        for note in result.notes:
+            click.echo(f"note       {note}")
+        click.echo(f"image      {result.manifest_digest}")
+        click.echo(f"rebuilt    {result.rebuilt_digest}")
+        click.echo("MATCH" if result.match else "MISMATCH")
+        for line in result.differences:
+            click.echo(f"  differs: {line}")
+
+    emit("verify", data, human)
+    if not result.match:
+        _failed(AUDIT_FAILED)
+
+
+@cli.command("audit")
+@click.argument("customer")
+@click.option(
+    "--html",
+    "html",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Write the self-contained HTML report here.",
+)
+@click.option("--ref", default="HEAD", show_default=True, help="Branch, tag or commit to read.")
+@settings_options
+@json_option
+def audit_cmd(customer: str, html: Path, ref: str, as_json: bool, **overrides: Any) -> None:
+    """Write an HTML report of CUSTOMER for regulatory review: timeline, releases, model
+    lineage and the changes between releases (one file, no network resources)."""
+    from builder.audit import write_report
+
+    data = write_report(customer, load_cli_settings(overrides), html, ref=ref)
+    summary = {
+        "customer": data["customer"],
+        "report": str(html),
+        "revisions": len(data["entries"]),
+        "releases": len(data["releases"]),
+        "problems": data["problems"],
+    }
+    emit(
+        "audit",
+        summary,
+        lambda: click.echo(
+            f"wrote {html}: {summary['revisions']} revisions, {summary['releases']} releases"
+            + (f", {len(data['problems'])} problems" if data["problems"] else "")
+        ),
+    )

@@ -1,0 +1,658 @@
+"""history, diff, explain, verify and the audit report, end to end through the real CLI.
+
+One customer repository gets real history (config, lock, threshold change, model swap, base
+bump, two releases with signed attestations), built against the test-bed registry with real
+images. The report is rendered by headless Chromium.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import (
+    ANALYSIS_YAML,
+    CARCINOMA_ID,
+    CARCINOMA_TASK,
+    CUSTOMER_YAML,
+    MITOSIS_ID,
+    MITOSIS_TASK,
+    commit_files,
+    model_record,
+    run_cli,
+    task_record,
+    write_local_registry,
+    write_production,
+)
+from test_attest import openssl_keys
+
+BASE_REPO = "ivd/audit-base"
+BASE_VERSIONS = ("2.4.1", "2.5.0")
+MITOSIS2_ID = "9b0e6d1c2a3f4e5d8c7b6a5f4e3d2c1b"
+MITOSIS2_TASK = "77c1e2d3c4b5a6978877665544332211"
+CARCINOMA = os.urandom(128 * 1024)  # incompressible: an uncompressed layer
+MITOSIS = b"mitosis-weights" * 2048
+MITOSIS2 = b"mitosis-weights-v2" * 2048
+T0 = 1_780_000_000
+DAY = 86_400
+
+
+@dataclass
+class World:
+    """The customer repository, its builds and the environment the CLI runs in."""
+
+    repo: Path
+    env: dict[str, str]
+    key: Path
+    public: Path
+    commits: dict[str, str] = field(default_factory=dict)
+    releases: dict[str, dict[str, Any]] = field(default_factory=dict)  # build reports
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # their release records
+    layouts: dict[str, Path] = field(default_factory=dict)
+    archive: Path = Path()
+    base_repository: str = ""
+
+
+def cli_json(world: World, *args: str, code: int = 0) -> dict[str, Any]:
+    result = run_cli(*args, "--json", env=world.env)
+    if result.returncode != code:
+        failed = re.findall(r'"detail": "[^"]*",\s*"name": "[^"]*",\s*"ok": false', result.stdout)
+        raise AssertionError(
+            f"exit {result.returncode}: {failed or result.stdout[-2000:]} {result.stderr[-2000:]}"
+        )
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc["result"] if doc.get("ok") else doc
+
+
+def cli_fail(world: World, *args: str) -> tuple[int, str]:
+    result = run_cli(*args, env=world.env)
+    assert result.returncode != 0, result.stdout
+    return result.returncode, result.stderr.strip().splitlines()[-1]
+
+
+def lock_and_commit(world: World, message: str, when: int) -> str:
+    locked = run_cli("lock", str(world.repo), env=world.env)
+    assert locked.returncode == 0, locked.stderr
+    lock = (world.repo / "customer.lock.yaml").read_bytes()
+    return commit_files(world.repo, {"customer.lock.yaml": lock}, message, when=when)
+
+
+def record_release(world: World, report: dict[str, Any], job: str) -> dict[str, Any]:
+    """Record a pushed release the way CI does: `builder release-record` onto the repo's
+    ivd-releases branch. Returns the record as committed."""
+    path = world.repo.parent / f"report-{len(world.releases)}.json"
+    path.write_text(json.dumps({"builder_result_version": 1, "ok": True, "result": report}))
+    env = {**world.env, "CI_JOB_URL": job}
+    done = run_cli(
+        "release-record", "--report", str(path), "--repo", str(world.repo), "--json", env=env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (written,) = json.loads(done.stdout)["result"]["records"]
+    text = subprocess.run(
+        ["git", "-C", str(world.repo), "show", f"ivd-releases:{written['path']}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    record: dict[str, Any] = yaml.safe_load(text)
+    record["_path"] = written["path"]
+    return record
+
+
+def build(world: World, name: str, *extra: str) -> dict[str, Any]:
+    layout = world.repo.parent / f"layout-{name}"
+    report = cli_json(
+        world,
+        "build",
+        str(world.repo),
+        "--push",
+        "--oci-layout",
+        str(layout),
+        "--sign-key",
+        str(world.key),
+        *extra,
+    )
+    world.layouts[name] = layout
+    return report
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory,
+    docker_engine: Any,
+    oci_registry: Any,
+    base_os_image: str,
+) -> World:
+    """Config history with locks, a threshold change, a model swap, a base bump, two releases."""
+    root = tmp_path_factory.mktemp("audit")
+    client = docker_engine.client()
+    repository = f"{oci_registry.host}/{BASE_REPO}"
+    for version in BASE_VERSIONS:
+        labels = f'com.ivd.runner.config-schemas="1" org.opencontainers.image.version="{version}"'
+        dockerfile = f"FROM {base_os_image}\nLABEL {labels}\n"
+        client.images.build(
+            fileobj=io.BytesIO(dockerfile.encode()),
+            tag=f"{repository}:{version}",
+            rm=True,
+            network_mode="none",
+        )
+        for line in client.images.push(repository, tag=version, stream=True, decode=True):
+            assert "error" not in line, line
+    registry = write_local_registry(
+        root / "registry",
+        [
+            model_record(CARCINOMA_ID, CARCINOMA_TASK, name="carcinoma v3"),
+            model_record(MITOSIS_ID, MITOSIS_TASK, name="mitosis v1"),
+            model_record(MITOSIS2_ID, MITOSIS2_TASK, name="mitosis v2"),
+        ],
+        [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK), task_record(MITOSIS2_TASK)],
+    )
+    production = root / "production"
+    write_production(production, CARCINOMA_TASK, {"model.onnx": CARCINOMA})
+    write_production(production, MITOSIS_TASK, {"model.onnx": MITOSIS})
+    write_production(production, MITOSIS2_TASK, {"model.onnx": MITOSIS2})
+    key, public = openssl_keys(root)
+    env = {
+        **docker_engine.env(),
+        "BUILDER_MODEL_REGISTRY": f"local:{registry}",
+        "BUILDER_PRODUCTION": f"file:{production}",
+        "BUILDER_BASE_REPOSITORY": repository,
+        "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/audit",
+        "BUILDER_CACHE_DIR": str(root / "cache"),
+        "CI_JOB_URL": "https://gitlab.example.com/ivd/images/-/jobs/1",
+    }
+    w = World(repo=root / "customer-x", env=env, key=key, public=public, base_repository=repository)
+
+    def config(*, base: str, mitosis: str, threshold: float, message: str, when: int) -> str:
+        files = {
+            "customer.yaml": CUSTOMER_YAML.format(name="customer-x", base=base),
+            "analysis.yaml": ANALYSIS_YAML.format(
+                carcinoma=CARCINOMA_ID, mitosis=mitosis, threshold=threshold
+            ),
+        }
+        return commit_files(w.repo, files, message, when=when)
+
+    w.commits["initial"] = config(
+        base="2.4.1", mitosis=MITOSIS_ID, threshold=0.5, message="initial config", when=T0
+    )
+    w.commits["lock1"] = lock_and_commit(w, "lock models and base", T0 + DAY)
+    first = build(w, "r1", "--docker-archive", str(root / "r1.tar"))
+    w.archive = root / "r1.tar"
+    w.releases["r1"] = first
+    w.records["r1"] = record_release(w, first, "https://gitlab.example.com/ivd/images/-/jobs/1")
+    w.commits["threshold"] = config(
+        base="2.4.1",
+        mitosis=MITOSIS_ID,
+        threshold=0.6,
+        message="raise carcinoma threshold",
+        when=T0 + 3 * DAY,
+    )
+    w.commits["lock2"] = lock_and_commit(w, "relock", T0 + 4 * DAY)
+    w.commits["swap"] = config(
+        base="2.4.1", mitosis=MITOSIS2_ID, threshold=0.6, message="mitosis v2", when=T0 + 5 * DAY
+    )
+    w.commits["lock3"] = lock_and_commit(w, "relock for mitosis v2", T0 + 6 * DAY)
+    w.commits["bump"] = config(
+        base="2.5.0", mitosis=MITOSIS2_ID, threshold=0.6, message="base 2.5.0", when=T0 + 7 * DAY
+    )
+    w.commits["lock4"] = lock_and_commit(w, "relock for base 2.5.0", T0 + 8 * DAY)
+    second = build(w, "r2")
+    w.releases["r2"] = second
+    w.records["r2"] = record_release(w, second, "https://gitlab.example.com/ivd/images/-/jobs/2")
+    assert first["config_commit"] == w.commits["lock1"]
+    assert second["config_commit"] == w.commits["lock4"]
+    return w
+
+
+# -- history and diff --------------------------------------------------------------------
+
+
+def test_history_tells_each_revision_in_resolved_terms(world: World) -> None:
+    hist = cli_json(world, "history", str(world.repo))
+    entries = hist["entries"]
+    order = ["initial", "lock1", "threshold", "lock2", "swap", "lock3", "bump", "lock4"]
+    assert [e["revision"]["commit"] for e in entries] == [world.commits[k] for k in order]
+    texts = {
+        name: [c["text"] for c in e["changes"]] for name, e in zip(order, entries, strict=True)
+    }
+    assert texts["initial"] == [
+        "carcinoma_model: a957f623 (task 5c6b4a2b)",
+        "mitosis_model: 3fcf116c (task 81a2d3c4)",
+        "base constraint 2.4.1",
+    ]
+    assert any(t.startswith("base (not pinned) -> 2.4.1") for t in texts["lock1"])
+    assert "models pinned by customer.lock.yaml" in texts["lock1"]
+    assert "Carcinoma threshold 0.5 -> 0.6" in texts["threshold"]
+    assert "mitosis_model: 3fcf116c (task 81a2d3c4) -> 9b0e6d1c (task 77c1e2d3)" in texts["swap"]
+    assert "base constraint 2.4.1 -> 2.5.0" in texts["bump"]
+    assert "base 2.4.1 -> 2.5.0" in texts["lock4"]
+    first = entries[0]
+    assert (
+        first["revision"]["author"] == "Test Author"
+        and first["revision"]["message"] == "initial config"
+    )
+    assert first["revision"]["date"] == "2026-05-28T20:26:40Z"
+    released = {
+        e["revision"]["commit"]: [r["image"] for r in e["releases"]]
+        for e in entries
+        if e["releases"]
+    }
+    assert released == {
+        world.commits["lock1"]: [world.releases["r1"]["image"]],
+        world.commits["lock4"]: [world.releases["r2"]["image"]],
+    }
+    assert hist["problems"] == []
+    # Between a config change and its lock, the stale lock is not used, and the output says so.
+    assert any("stale" in n for n in entries[2]["config"]["notes"])
+
+    human = run_cli("history", str(world.repo), env=world.env)
+    assert human.returncode == 0, human.stderr
+    assert (
+        f"released: {world.releases['r2']['image']}@{world.releases['r2']['manifest_digest']}"
+        in human.stdout
+    )
+
+
+def test_diff_between_releases(world: World) -> None:
+    result = cli_json(
+        world, "diff", str(world.repo), world.commits["lock1"], world.commits["lock4"]
+    )
+    texts = [c["text"] for c in result["changes"]]
+    assert texts == [
+        "mitosis_model: 3fcf116c (task 81a2d3c4) -> 9b0e6d1c (task 77c1e2d3)",
+        "Carcinoma threshold 0.5 -> 0.6",
+        "base constraint 2.4.1 -> 2.5.0",
+        "base 2.4.1 -> 2.5.0",
+    ]
+    human = run_cli("diff", str(world.repo), world.commits["lock1"][:10], "HEAD", env=world.env)
+    assert human.returncode == 0, human.stderr
+    assert "  Carcinoma threshold 0.5 -> 0.6" in human.stdout.splitlines()
+    same = cli_json(world, "diff", str(world.repo), "HEAD", "HEAD")
+    assert same["changes"] == []
+
+
+def test_diff_of_a_revision_that_does_not_exist(world: World) -> None:
+    code, line = cli_fail(world, "diff", str(world.repo), "v9.9", "HEAD")
+    assert code == 2 and "ref 'v9.9' does not exist" in line
+    code, line = cli_fail(world, "history", str(world.repo), "--ref", "0" * 40)
+    assert code == 2 and "does not exist" in line
+
+
+# -- explain -----------------------------------------------------------------------------
+
+
+def _check(result: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in result["checks"] if c["name"] == name)
+
+
+@pytest.mark.parametrize("form", ["registry", "layout", "archive"])
+def test_explain_reads_everything_back(world: World, form: str) -> None:
+    release = world.releases["r1"]
+    reference = {
+        "registry": release["image"],
+        "layout": f"oci:{world.layouts['r1']}:{release['image'].rsplit(':', 1)[1]}",
+        "archive": str(world.archive),
+    }[form]
+    result = (
+        cli_json(world, "explain", reference, "--public-key", str(world.public))
+        if form != "archive"
+        else cli_json(world, "explain", reference)
+    )
+    assert result["ok_checks"] is True
+    assert result["manifest_digest"] == release["manifest_digest"]
+    prov = result["provenance"]
+    assert prov["customer"] == "customer-x"
+    assert prov["config"]["commit"] == world.commits["lock1"]
+    assert prov["config"]["repository"] == world.repo.as_uri()
+    assert result["base"] == {**release["base"], "constraint": "2.4.1"}
+    models = {m["name"]: m for m in prov["models"]}
+    assert models["mitosis_model"]["registry_id"] == MITOSIS_ID
+    assert models["mitosis_model"]["task_id"] == MITOSIS_TASK
+    assert {f["status"] for f in result["files"]} == {"ok"}
+    sha = {(f["model"], f["file"]): f["image_sha256"] for f in result["files"]}
+    assert sha[("carcinoma_model", "model.onnx")] == hashlib.sha256(CARCINOMA).hexdigest()
+    assert prov["builder"]["name"] == "ivd-image-builder"
+    tag = release["image"].rsplit(":", 1)[1]
+    assert result["release"]["path"] == f"releases/customer-x/{tag}.yaml"
+    assert "branch ivd-releases" in result["release_note"]
+    if form == "archive":  # docker archives carry no referrers: the time comes from the record
+        assert result["attestations"] == []
+        assert (result["built_at"], result["built_at_source"]) == (
+            world.records["r1"]["built_at"],
+            "release record",
+        )
+    else:
+        kinds = {a["kind"]: a for a in result["attestations"]}
+        assert kinds["provenance"]["signature"] == "valid"
+        assert "sbom" in kinds
+        assert result["built_at_source"] == "provenance attestation"
+        assert result["ci_url"] == "https://gitlab.example.com/ivd/images/-/jobs/1"
+        assert _check(result, "provenance subject")["ok"]
+        assert _check(result, "SBOM digest")["ok"]
+    human = run_cli("explain", reference, env=world.env)
+    assert human.returncode == 0, human.stderr
+    assert f"mitosis_model: {MITOSIS_ID} (mitosis v1) task {MITOSIS_TASK}" in human.stdout
+    assert f"sha256 {hashlib.sha256(CARCINOMA).hexdigest()}  ok" in human.stdout
+
+
+def test_explain_with_another_public_key_fails_the_signature(world: World, tmp_path: Path) -> None:
+    _, other = openssl_keys(tmp_path, "other")
+    result = cli_json(
+        world, "explain", world.releases["r2"]["image"], "--public-key", str(other), code=10
+    )
+    assert result["ok_checks"] is False
+    assert (
+        "no signature of the DSSE envelope verifies"
+        in _check(result, "provenance signature")["detail"]
+    )
+
+
+def test_explain_an_image_not_built_by_the_tool(world: World) -> None:
+    code, line = cli_fail(world, "explain", f"{world.base_repository}:2.4.1")
+    assert code == 6
+    assert "was not built by ivd-image-builder" in line and "com.ivd.customer" in line
+
+
+def test_explain_bad_references(world: World, tmp_path: Path) -> None:
+    code, line = cli_fail(world, "explain", str(tmp_path / "nothing-here"))
+    assert code == 6 and "no such OCI layout or docker archive" in line
+    code, line = cli_fail(world, "explain", f"oci:{world.layouts['r1']}:no-such-tag")
+    assert code == 6 and "no image 'no-such-tag'" in line
+    (tmp_path / "notes.txt").write_text("not an image")
+    code, line = cli_fail(world, "explain", str(tmp_path / "notes.txt"))
+    assert code == 6 and "not a readable docker archive" in line
+
+
+def _tamper(layout: Path, tag: str, model: str, data: bytes) -> str:
+    """Replace a model file inside its layer and re-seal the image (new diff_id, config,
+    manifest), keeping labels and provenance.json: what an attacker with write access does."""
+    index = json.loads((layout / "index.json").read_text())
+    entry = next(
+        m
+        for m in index["manifests"]
+        if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag
+    )
+    blob = layout / "blobs" / "sha256"
+    manifest = json.loads((blob / entry["digest"][7:]).read_bytes())
+    position = next(
+        i
+        for i, d in enumerate(manifest["layers"])
+        if d.get("annotations", {}).get("com.ivd.layer.name") == model
+    )
+    old = manifest["layers"][position]
+    gzipped = old["mediaType"].endswith("+gzip")
+    raw = (blob / old["digest"][7:]).read_bytes()
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(gzip.decompress(raw) if gzipped else raw)) as src,
+        tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst,
+    ):
+        for member in src:
+            if member.isfile():
+                member.size = len(data)
+                dst.addfile(member, io.BytesIO(data))
+            else:
+                dst.addfile(member)
+    diff_id = "sha256:" + hashlib.sha256(out.getvalue()).hexdigest()
+    layer = gzip.compress(out.getvalue(), mtime=0) if gzipped else out.getvalue()
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    (blob / digest[7:]).write_bytes(layer)
+    config = json.loads((blob / manifest["config"]["digest"][7:]).read_bytes())
+    config["rootfs"]["diff_ids"][position] = diff_id
+    config_bytes = json.dumps(config).encode()
+    (blob / hashlib.sha256(config_bytes).hexdigest()).write_bytes(config_bytes)
+    manifest["config"].update(
+        digest="sha256:" + hashlib.sha256(config_bytes).hexdigest(), size=len(config_bytes)
+    )
+    manifest["layers"][position] = dict(old, digest=digest, size=len(layer))
+    manifest_bytes = json.dumps(manifest).encode()
+    (blob / hashlib.sha256(manifest_bytes).hexdigest()).write_bytes(manifest_bytes)
+    entry.update(
+        digest="sha256:" + hashlib.sha256(manifest_bytes).hexdigest(), size=len(manifest_bytes)
+    )
+    (layout / "index.json").write_text(json.dumps(index))
+    return str(entry["digest"])
+
+
+def test_tampered_model_file_is_flagged_by_explain_and_verify(world: World, tmp_path: Path) -> None:
+    layout = tmp_path / "tampered"
+    shutil.copytree(world.layouts["r1"], layout)
+    tag = world.releases["r1"]["image"].rsplit(":", 1)[1]
+    forged = bytearray(CARCINOMA)
+    forged[1000] ^= 0xFF
+    digest = _tamper(layout, tag, "carcinoma_model", bytes(forged))
+    reference = f"oci:{layout}:{tag}"
+
+    result = cli_json(world, "explain", reference, code=10)
+    check = _check(result, "/app/models/carcinoma_model/model.onnx")
+    assert not check["ok"] and check["detail"].startswith("MODIFIED")
+    assert _check(result, "/app/models/mitosis_model/model.onnx")["ok"]
+    assert "not a recorded release" in result["release_note"]  # the digest changed
+    assert result["attestations"] == []  # the signed attestations name the original digest
+    human = run_cli("explain", reference, env=world.env)
+    assert human.returncode == 10
+    assert (
+        f"FAILED       /app/models/carcinoma_model/model.onnx: MODIFIED: sha256 {hashlib.sha256(forged).hexdigest()[:12]}"
+        in human.stdout
+    )
+
+    verified = cli_json(world, "verify", reference, code=10)
+    assert verified["match"] is False
+    assert verified["manifest_digest"] == digest
+    assert verified["rebuilt_digest"] == world.releases["r1"]["manifest_digest"]
+    assert any(
+        d.startswith("/app/models/carcinoma_model/model.onnx: ") for d in verified["differences"]
+    )
+    assert any(d.startswith("layer carcinoma_model: ") for d in verified["differences"])
+
+
+# -- verify ------------------------------------------------------------------------------
+
+
+def test_verify_rebuilds_bit_for_bit(world: World) -> None:
+    release = world.releases["r2"]
+    result = cli_json(world, "verify", release["image"])
+    assert result["match"] is True, result["differences"]
+    assert result["rebuilt_digest"] == release["manifest_digest"]
+    assert result["commit"] == world.commits["lock4"] and result["locked"] is True
+    assert result["differences"] == []
+    human = run_cli(
+        "verify",
+        f"oci:{world.layouts['r1']}:{world.releases['r1']['image'].rsplit(':', 1)[1]}",
+        env=world.env,
+    )
+    assert human.returncode == 0, human.stdout + human.stderr
+    assert "MATCH" in human.stdout.splitlines()
+
+
+def test_verify_needs_the_recorded_commit(world: World, tmp_path: Path) -> None:
+    """A clone without the recorded commit: one line saying what is missing."""
+    clone = tmp_path / "shallow"
+    subprocess.run(["git", "init", "-q", str(clone)], check=True)
+    commit_files(clone, {"customer.yaml": "x: 1\n"}, "unrelated")
+    code, line = cli_fail(world, "verify", world.releases["r1"]["image"], "--repo", str(clone))
+    assert (
+        code == 2
+        and f"cannot read the recorded config commit {world.commits['lock1'][:12]}" in line
+    )
+
+
+# -- release records ---------------------------------------------------------------------
+
+
+def _own_records(clone: Path) -> None:
+    """Make a clone hold its own release records (no origin to read them from)."""
+    subprocess.run(
+        ["git", "-C", str(clone), "branch", "ivd-releases", "origin/ivd-releases"], check=True
+    )
+    subprocess.run(["git", "-C", str(clone), "remote", "remove", "origin"], check=True)
+
+
+def _add_record(clone: Path, name: str, record: dict[str, Any]) -> None:
+    """Commit one more file on the clone's ivd-releases branch (through a scratch work tree)."""
+    work = clone.parent / f"records-{name}"
+    subprocess.run(
+        ["git", "-C", str(clone), "worktree", "add", "-q", str(work), "ivd-releases"], check=True
+    )
+    commit_files(
+        work, {f"releases/customer-x/{name}.yaml": yaml.safe_dump(record)}, f"record {name}"
+    )
+    subprocess.run(["git", "-C", str(clone), "worktree", "remove", str(work)], check=True)
+
+
+def test_release_record_problems(world: World, tmp_path: Path) -> None:
+    """A record naming a commit that is not in the history, then a malformed record."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(world.repo), str(clone)], check=True)
+    _own_records(clone)
+    orphan = dict(world.records["r2"])
+    orphan.pop("_path")
+    orphan["config"] = dict(orphan["config"], commit="0" * 40)
+    orphan["image"] += "-orphan"
+    _add_record(clone, "orphan", orphan)
+    hist = cli_json(world, "history", str(clone))
+    assert hist["problems"] == [
+        f"{clone} branch ivd-releases: releases/customer-x/orphan.yaml: config commit "
+        f"000000000000 is not a revision of {clone} at HEAD"
+    ]
+    assert len(hist["releases"]) == 3
+    broken = dict(orphan, manifest_digest="latest")
+    _add_record(clone, "broken", broken)
+    code, line = cli_fail(world, "history", str(clone))
+    assert code == 2
+    assert (
+        "releases/customer-x/broken.yaml: manifest_digest 'latest' is missing or malformed" in line
+    )
+
+
+def test_history_and_audit_without_release_records(world: World, tmp_path: Path) -> None:
+    """No records branch at all: history and the report say nothing was released."""
+    clone = tmp_path / "norecords"
+    subprocess.run(
+        ["git", "clone", "-q", "--single-branch", str(world.repo), str(clone)], check=True
+    )
+    subprocess.run(["git", "-C", str(clone), "remote", "remove", "origin"], check=True)
+    hist = cli_json(world, "history", str(clone))
+    assert hist["releases"] == [] and all(e["releases"] == [] for e in hist["entries"])
+    report = tmp_path / "audit.html"
+    cli_json(world, "audit", str(clone), "--html", str(report))
+    assert "No release of <strong>customer-x</strong> is recorded" in report.read_text()
+
+
+# -- the HTML report ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed with apt-get when missing (a fresh CI machine lacks it)."""
+    from testbed._util import ensure_command
+
+    return ensure_command("chromium", "chromium")
+
+
+def render(chromium: str, page: Path, profile: Path) -> tuple[str, list[str]]:
+    """The DOM after load and the console messages (errors, CSP violations) Chromium logged."""
+    result = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout, [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+
+
+class _Text(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self.resources: list[str] = []
+        self.tags: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        self.resources += [
+            v or "" for k, v in attrs if k in ("src", "href", "srcset", "data", "poster")
+        ]
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+
+    @property
+    def text(self) -> str:
+        return re.sub(r"\s+", " ", " ".join(self.parts))
+
+
+def test_audit_report_renders_in_chromium(world: World, chromium: str, tmp_path: Path) -> None:
+    report = tmp_path / "audit.html"
+    summary = cli_json(world, "audit", str(world.repo), "--html", str(report))
+    assert summary["revisions"] == 8 and summary["releases"] == 2
+    html = report.read_text()
+    assert "url(" not in html and "@import" not in html
+    dom, console = render(chromium, report, tmp_path / "profile")
+    assert console == []
+    parsed = _Text()
+    parsed.feed(dom)
+    assert parsed.resources == [] and not parsed.tags & {
+        "script",
+        "link",
+        "img",
+        "iframe",
+        "object",
+    }
+    text = parsed.text
+    r1, r2 = world.releases["r1"], world.releases["r2"]
+    for expected in (
+        "Audit report: customer-x",
+        f"The most recent release shipped to customer-x is {r2['image']}",
+        r1["manifest_digest"],
+        r2["manifest_digest"],
+        "Carcinoma threshold 0.5 -> 0.6",
+        "mitosis_model: 3fcf116c (task 81a2d3c4) -> 9b0e6d1c (task 77c1e2d3)",
+        "base 2.4.1 -> 2.5.0",
+        f"{r1['image']} → {r2['image']}",
+        MITOSIS2_TASK,
+        hashlib.sha256(MITOSIS2).hexdigest(),
+        "raise carcinoma threshold",
+        "https://gitlab.example.com/ivd/images/-/jobs/2",
+        "How to read this report",
+    ):
+        assert expected in text, expected
+    lineage = text[text.index("4. Model lineage") : text.index("5. Changes between releases")]
+    assert lineage.index(MITOSIS_ID) < lineage.index(MITOSIS2_ID)
+
+    # The console check is not vacuous: the same run catches a script error and a fetch.
+    bad = tmp_path / "bad.html"
+    bad.write_text(
+        '<html><body><img src="http://127.0.0.1:9/x.png"><script>noSuchFunction()</script></body></html>'
+    )
+    _, console = render(chromium, bad, tmp_path / "profile")
+    assert any("noSuchFunction" in line for line in console)
