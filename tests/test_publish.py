@@ -191,3 +191,19 @@ def test_interrupted_between_copy_and_mark_completes_on_rerun(
     rerun = publish(MODEL, registry, production)
     assert [f.action for f in rerun.files] == ["present"] and rerun.marked_published
     assert registry.get_model(MODEL).ready is True
+
+
+def test_models_list_shows_published_state_and_production_presence() -> None:
+    """On the bundled demo: published models are in production, the candidate is not."""
+    result = run_cli("models", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["id"]: row for row in json.loads(result.stdout)["result"]["models"]}
+    assert rows["a957f623-e6d3-4159-a07a-ec1b8323eb54"]["published"] is True
+    assert rows["a957f623-e6d3-4159-a07a-ec1b8323eb54"]["in_production"] is True
+    assert rows["c0ffee00c0ffee00c0ffee00c0ffee00"]["published"] is False
+    assert rows["c0ffee00c0ffee00c0ffee00c0ffee00"]["in_production"] is False
+    published = run_cli("models", "list", "--published", "--json")
+    ids = {row["id"] for row in json.loads(published.stdout)["result"]["models"]}
+    assert "c0ffee00c0ffee00c0ffee00c0ffee00" not in ids and len(ids) == 4
+    human = run_cli("models", "list")
+    assert "IN PRODUCTION" in human.stdout and "carcinoma v3 (demo)" in human.stdout
