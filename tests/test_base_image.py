@@ -60,7 +60,7 @@ def test_requirements_are_hash_pinned_and_complete() -> None:
 
 
 def test_incomplete_wheelhouse_without_download_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match=r"lacks attrs==.* and 15 more.*make-wheelhouse"):
+    with pytest.raises(ImageError, match=r"lacks attrs==.* and \d+ more.*make-wheelhouse"):
         ensure_wheelhouse(tmp_path, [BASE_DIR / "requirements-cpu.txt"], download=False)
 
 
