@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import git
 
@@ -175,3 +176,31 @@ def write_production(
         (folder / task_id / "publish-manifest.json").write_text(
             json.dumps({"manifest_version": 1, "task_id": task_id, "files": entries})
         )
+
+
+def push_labelled_bases(
+    docker_engine: Any,
+    registry_host: str,
+    base_os_image: str,
+    repo: str,
+    versions: Mapping[str, str],
+) -> str:
+    """Small base images (no runner: fast) carrying the runner's schema label, pushed to the
+    test registry as ``<registry_host>/<repo>:<version>``; ``versions`` maps a version to the
+    config schema versions its (pretend) runner accepts. Returns the repository."""
+    import io
+
+    client = docker_engine.client()
+    repository = f"{registry_host}/{repo}"
+    for version, schemas in versions.items():
+        labels = f'com.ivd.runner.config-schemas="{schemas}" org.opencontainers.image.version="{version}"'
+        dockerfile = f"FROM {base_os_image}\nLABEL {labels}\n"
+        client.images.build(
+            fileobj=io.BytesIO(dockerfile.encode()),
+            tag=f"{repository}:{version}",
+            rm=True,
+            network_mode="none",
+        )
+        for line in client.images.push(repository, tag=version, stream=True, decode=True):
+            assert "error" not in line, line
+    return repository

@@ -32,6 +32,7 @@ from helpers import (
     MITOSIS_TASK,
     commit_files,
     model_record,
+    push_labelled_bases,
     run_cli,
     task_record,
     write_local_registry,
@@ -138,19 +139,13 @@ def world(
 ) -> World:
     """Config history with locks, a threshold change, a model swap, a base bump, two releases."""
     root = tmp_path_factory.mktemp("audit")
-    client = docker_engine.client()
-    repository = f"{oci_registry.host}/{BASE_REPO}"
-    for version in BASE_VERSIONS:
-        labels = f'com.ivd.runner.config-schemas="1" org.opencontainers.image.version="{version}"'
-        dockerfile = f"FROM {base_os_image}\nLABEL {labels}\n"
-        client.images.build(
-            fileobj=io.BytesIO(dockerfile.encode()),
-            tag=f"{repository}:{version}",
-            rm=True,
-            network_mode="none",
-        )
-        for line in client.images.push(repository, tag=version, stream=True, decode=True):
-            assert "error" not in line, line
+    repository = push_labelled_bases(
+        docker_engine,
+        oci_registry.host,
+        base_os_image,
+        BASE_REPO,
+        dict.fromkeys(BASE_VERSIONS, "1"),
+    )
     registry = write_local_registry(
         root / "registry",
         [

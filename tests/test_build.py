@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from helpers import (
     commit_files,
     customer_repo,
     model_record,
+    push_labelled_bases,
     run_cli,
     task_record,
     write_local_registry,
@@ -38,20 +38,9 @@ MITOSIS = b"mitosis-weights" * 4096
 @pytest.fixture(scope="module")
 def base_images(docker_engine: Any, oci_registry: Any, base_os_image: str) -> str:
     """Small bases in the registry with the runner's schema label (no runner: fast)."""
-    client = docker_engine.client()
-    repository = f"{oci_registry.host}/{BASE_REPO}"
-    for version, schemas in BASE_VERSIONS.items():
-        labels = f'com.ivd.runner.config-schemas="{schemas}" org.opencontainers.image.version="{version}"'
-        dockerfile = f"FROM {base_os_image}\nLABEL {labels}\n"
-        client.images.build(
-            fileobj=io.BytesIO(dockerfile.encode()),
-            tag=f"{repository}:{version}",
-            rm=True,
-            network_mode="none",
-        )
-        for line in client.images.push(repository, tag=version, stream=True, decode=True):
-            assert "error" not in line, line
-    return repository
+    return push_labelled_bases(
+        docker_engine, oci_registry.host, base_os_image, BASE_REPO, BASE_VERSIONS
+    )
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from helpers import (
     commit_files,
     customer_repo,
     model_record,
+    push_labelled_bases,
     run_cli,
     task_record,
     write_local_registry,
@@ -639,20 +639,13 @@ def test_private_repositories_with_a_ci_token_that_never_leaks(
 
 def push_fleet_bases(docker_engine: Any, oci_registry: Any, base_os_image: str) -> str:
     """Small base images (no runner) with the runner's schema label, in the test registry."""
-    client = docker_engine.client()
-    repository = f"{oci_registry.host}/{BASE_REPO}"
-    for version in BASE_VERSIONS:
-        labels = f'com.ivd.runner.config-schemas="1" org.opencontainers.image.version="{version}"'
-        dockerfile = f"FROM {base_os_image}\nLABEL {labels}\n"
-        client.images.build(
-            fileobj=io.BytesIO(dockerfile.encode()),
-            tag=f"{repository}:{version}",
-            rm=True,
-            network_mode="none",
-        )
-        for line in client.images.push(repository, tag=version, stream=True, decode=True):
-            assert "error" not in line, line
-    return repository
+    return push_labelled_bases(
+        docker_engine,
+        oci_registry.host,
+        base_os_image,
+        BASE_REPO,
+        dict.fromkeys(BASE_VERSIONS, "1"),
+    )
 
 
 @pytest.fixture(scope="module")
