@@ -51,6 +51,7 @@ class RabbitMQ:
     port: int
     root: Path
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
+    _env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def url(self) -> str:
@@ -61,6 +62,15 @@ class RabbitMQ:
     def log(self) -> Path:
         """The broker's console log."""
         return self.root / "rabbitmq.log"
+
+    def restart(self, timeout: float = START_TIMEOUT) -> None:
+        """Stop the broker node (keeping epmd and the data) and start it again on the same port."""
+        stop_process(self._procs.pop(), timeout=30)
+        self._procs.append(spawn([str(SERVER_SCRIPT)], self.log, env=self._env, cwd=self.root))
+        wait_until(
+            lambda: amqp_answers(self.port),
+            timeout=timeout, what="rabbitmq-server (restarted)", proc=self._procs[-1], log=self.log,
+        )  # fmt: skip
 
     def stop(self) -> None:
         """Stop the broker, then its epmd, then delete its data."""
@@ -111,7 +121,7 @@ def start_rabbitmq(timeout: float = START_TIMEOUT) -> RabbitMQ:
         "RABBITMQ_CONF_ENV_FILE": str(root / "rabbitmq-env.conf"),  # not /etc/rabbitmq's
         "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
     }
-    broker = RabbitMQ(port=amqp_port, root=root)
+    broker = RabbitMQ(port=amqp_port, root=root, _env=env)
     try:
         broker._procs.append(spawn([epmd, "-port", str(epmd_port)], root / "epmd.log", env=env))
         # erl would start an epmd of its own (not ours to stop) if ours were not up yet

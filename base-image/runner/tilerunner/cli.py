@@ -1,7 +1,7 @@
 """`tilerunner` command line: a thin shell over config, pipeline and synthetic.
 
 Errors print as one line `tilerunner: error: ...` on stderr with the exit code of their class
-(config 2, model 3, slide 4, output 5, device 6, internal 70, interrupted 130).
+(config 2, model 3, slide 4, output 5, device 6, broker 7, internal 70, interrupted 130).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tilerunner import CONFIG_SCHEMA_VERSIONS, __version__
-from tilerunner.errors import RunnerError
+from tilerunner.errors import ConfigError, RunnerError
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
@@ -67,6 +68,56 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 seconds")
+    return value
+
+
+def _worker_parser(sub: Any, common: Any) -> None:
+    """`tilerunner worker`: options of the service mode (see worker.py)."""
+    wk = sub.add_parser("worker", help="analyse slides as jobs arrive on a RabbitMQ queue")
+    common(wk)
+    wk.add_argument("--amqp", default=os.environ.get("TILERUNNER_AMQP_URL"),
+                    help="broker URL amqp://user:password@host:5672/vhost "
+                    "(default: $TILERUNNER_AMQP_URL, which keeps the password off the command line)")
+    wk.add_argument("--queue", default=os.environ.get("TILERUNNER_QUEUE", "tilerunner.jobs"),
+                    help="job queue; NAME.results and NAME.dead go with it "
+                    "(default: $TILERUNNER_QUEUE or tilerunner.jobs)")
+    wk.add_argument("--prefetch", type=_int_at_least(1), default=1,
+                    help="jobs held from the broker at once (run one at a time)")
+    wk.add_argument("--max-attempts", type=_int_at_least(1), default=3,
+                    help="deliveries of a job before it is dead-lettered (same on every worker)")
+    wk.add_argument("--grace", type=_seconds, default=25.0,
+                    help="on SIGTERM, seconds the current job may take to finish before it is "
+                    "handed back to the queue")
+    wk.add_argument("--retry-delay", type=_seconds, default=5.0,
+                    help="seconds before a failed attempt goes back to the queue")
+    wk.add_argument("--broker-timeout", type=_seconds, default=300.0,
+                    help="exit (code 7) after this many seconds without a broker connection")
+    wk.add_argument("--metrics-port", type=_int_at_least(0), default=9464,
+                    help="HTTP port of /metrics, /healthz, /readyz (0: none)")
+    wk.add_argument("--metrics-host", default="0.0.0.0", help="address of that port")
+    wk.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    wk.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    wk.add_argument("--workers", type=int, default=None, help="tile reader threads")
+    wk.add_argument("--threads", type=int, default=0,
+                    help="ONNX Runtime intra-op threads (0: one per core)")
+    wk.add_argument("--reader", choices=("auto", "openslide"), default="auto")
+    wk.add_argument("--log-format", choices=("json", "text"), default="json")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tilerunner",
@@ -107,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
 
     sub.add_parser("info", help="versions, accepted config schemas, ONNX Runtime providers")
+
+    _worker_parser(sub, common)
 
     demo = sub.add_parser("demo", help="write demo models or a synthetic slide (NOT clinical)")
     demo_sub = demo.add_subparsers(dest="what", required=True)
@@ -167,6 +220,31 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from tilerunner.config import load_config
+    from tilerunner.pipeline import RunOptions, default_workers
+    from tilerunner.worker import JsonLogFormatter, WorkerSettings, serve
+
+    if not args.amqp:
+        raise ConfigError("worker: no broker URL; pass --amqp or set TILERUNNER_AMQP_URL")
+    if args.log_format == "json":
+        for handler in logging.getLogger("tilerunner").handlers:
+            handler.setFormatter(JsonLogFormatter())
+    config = load_config(args.config, args.app_dir)
+    options = RunOptions(
+        device=args.device, batch_size=args.batch_size,
+        workers=default_workers() if args.workers is None else args.workers,
+        threads=args.threads, reader=args.reader,
+    )
+    settings = WorkerSettings(
+        amqp_url=args.amqp, queue=args.queue, prefetch=args.prefetch,
+        max_attempts=args.max_attempts, grace_s=args.grace, retry_delay_s=args.retry_delay,
+        broker_timeout_s=args.broker_timeout, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+    )
+    return serve(settings, config, options)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import onnxruntime
     import openslide
@@ -224,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     _setup_logging(level)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    commands = {"run": _cmd_run, "validate": _cmd_validate, "info": _cmd_info, "demo": _cmd_demo}
+    commands = {"run": _cmd_run, "validate": _cmd_validate, "info": _cmd_info, "demo": _cmd_demo,
+                "worker": _cmd_worker}
     try:
         return commands[args.command](args)
     except RunnerError as exc:

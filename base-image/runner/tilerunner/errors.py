@@ -40,3 +40,9 @@ class DeviceError(RunnerError):
     """The requested device is not available in this ONNX Runtime build."""
 
     exit_code = 6
+
+
+class BrokerError(RunnerError):
+    """The worker cannot reach or use the message broker (RabbitMQ)."""
+
+    exit_code = 7

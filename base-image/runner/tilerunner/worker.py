@@ -1,0 +1,1061 @@
+"""`tilerunner worker`: analyse slides as jobs arrive on a RabbitMQ queue.
+
+Topology, declared by every worker (idempotent; NAME is --queue):
+
+    NAME          quorum queue of jobs (JSON, schemas/worker-job-v1.schema.json), with
+                  x-delivery-limit = max_attempts - 1 and x-dead-letter-exchange = NAME.dead
+    NAME.dead     fanout exchange + quorum queue: malformed jobs and jobs that failed
+                  max_attempts times (header x-tilerunner-reason), and jobs the broker gave up
+                  on after max_attempts deliveries without an ack, i.e. the worker died on
+                  them (x-first-death-reason: delivery_limit)
+    NAME.results  fanout exchange + quorum queue: one message per finished job
+                  (status done | failed; format "result_version": 1)
+
+Why quorum queues: the broker counts every delivery of a message (x-delivery-count),
+including those whose worker died (SIGKILL, OOM, a crash in a native library) and so could
+not count anything itself. A classic queue only flags `redelivered`; a counter kept in a
+header needs a republish per attempt and is never incremented by a worker that died, so a
+slide that kills the worker would be redelivered forever.
+
+One job at a time: the job runs in a thread while the main thread services the connection
+(heartbeats, acks, signals). A job is acknowledged only after its results are durable
+(fsynced, renamed into place) and its completion message is confirmed by the broker.
+Results go to <output>/<job_id>/ through a staging folder and one rename, so a redelivered job
+finds nothing or a complete result; complete results of the same config, runner, slide and
+analyses are answered without recomputing (idempotent by job id). A lock file per job id
+(flock, released by the kernel when its worker dies) keeps two deliveries of one job id from
+running at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from tilerunner import __version__
+from tilerunner.config import RunConfig
+from tilerunner.errors import BrokerError, OutputError, RunnerError
+from tilerunner.metrics import HttpServer, Metrics
+from tilerunner.models import EngineOptions, ModelStore
+from tilerunner.pipeline import Progress, RunOptions, RunReport, run
+
+log = logging.getLogger("tilerunner.worker")
+
+JOB_VERSION = 1
+RESULT_VERSION = 1
+RESULT_FILE = "job.json"  # in <output>/<job_id>/, written last: the results are complete
+LOCKS_DIR = ".tilerunner-locks"  # in <output>: <job_id>.lock, held while a job is processed
+JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: Test-only fault injection: seconds the worker waits after each batch of tiles.
+FAULT_DELAY_ENV = "TILERUNNER_FAULT_BATCH_DELAY_S"
+TICK_S = 0.2  # the main loop services the connection at least this often
+CANCEL_WAIT_S = 15.0  # after cancelling a job on shutdown, how long it may take to stop
+
+
+def _line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text[:limit] or type(exc).__name__
+
+
+def redact(url: str) -> str:
+    """The AMQP URL without its password (for logs and errors)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@cache
+def job_schema() -> dict[str, Any]:
+    """The JSON Schema of a job message (version 1)."""
+    text = (resources.files("tilerunner") / "schemas" / "worker-job-v1.schema.json").read_text(
+        encoding="utf-8"
+    )
+    return dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated job: analyse `slide` with `analyses`; results in `output/job_id/`."""
+
+    job_id: str
+    slide: Path
+    output: Path
+    analyses: tuple[str, ...]
+    doc: dict[str, Any]
+
+    @property
+    def folder(self) -> Path:
+        return self.output / self.job_id
+
+
+class MalformedJob(Exception):
+    """The message is not a valid job; `job_id` is set when one could be read from it."""
+
+    def __init__(self, reason: str, job_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.job_id = job_id
+
+
+def parse_job(body: bytes, config: RunConfig) -> Job:
+    """Validate a job message against the schema and the config; MalformedJob if it is not."""
+    import jsonschema
+
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedJob(f"malformed job: the body is not JSON ({_line(exc, 120)})") from None
+    job_id = None
+    if isinstance(doc, dict):
+        raw_id = doc.get("job_id")
+        if isinstance(raw_id, str) and JOB_ID_RE.fullmatch(raw_id):
+            job_id = raw_id
+        version = doc.get("job_version")
+        if "job_version" in doc and version != JOB_VERSION:
+            raise MalformedJob(
+                f"malformed job: job_version {version!r} is not supported "
+                f"(this worker reads {JOB_VERSION})",
+                job_id,
+            )
+    validator = jsonschema.Draft202012Validator(job_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise MalformedJob(
+            f"malformed job: at {where}: {_line(Exception(error.message), 240)}", job_id
+        )
+    for key in ("slide", "output"):
+        if ".." in Path(doc[key]).parts:
+            raise MalformedJob(f"malformed job: {key} {doc[key]!r} must not contain '..'", job_id)
+    names = [a.name for a in config.analyses]
+    wanted = doc.get("analyses") or names
+    unknown = [a for a in wanted if a not in names]
+    if unknown:
+        raise MalformedJob(
+            f"malformed job: analyses {unknown} are not in the config "
+            f"{config.path.name} (it has {names})",
+            job_id,
+        )
+    return Job(
+        job_id=doc["job_id"],
+        slide=Path(doc["slide"]),
+        output=Path(doc["output"]),
+        analyses=tuple(n for n in names if n in wanted),
+        doc=doc,
+    )
+
+
+# --------------------------------------------------------------------------- topology
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The queues and exchanges of a job queue (see the module docstring)."""
+
+    queue: str
+    max_attempts: int = 3
+
+    @property
+    def dead(self) -> str:
+        return f"{self.queue}.dead"
+
+    @property
+    def results(self) -> str:
+        return f"{self.queue}.results"
+
+    def queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": self.max_attempts - 1,
+            "x-dead-letter-exchange": self.dead,
+        }
+
+    def declare(self, channel: Any) -> None:
+        """Declare everything (the broker refuses if the job queue exists with other args)."""
+        for name in (self.dead, self.results):
+            channel.exchange_declare(name, "fanout", durable=True)
+            channel.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
+            channel.queue_bind(name, name)
+        channel.queue_declare(self.queue, durable=True, arguments=self.queue_arguments())
+
+
+# --------------------------------------------------------------------------- running a job
+
+
+class JobCancelled(Exception):
+    """The worker is shutting down and the grace period is over."""
+
+
+@dataclass
+class Outcome:
+    status: str  # "done", "failed" or "cancelled"
+    result: dict[str, Any] | None = None
+    reason: str | None = None
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder below `root` (and root) to disk."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder), directory=True)
+
+
+def _counts(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per analysis and feature: the numbers of summary.json (tiles, regions, counts...)."""
+    out: dict[str, dict[str, Any]] = {}
+    for analysis, summary in summaries.items():
+        features = summary["deterministic"]["features"]
+        out[analysis] = {
+            name: {
+                k: v for k, v in f.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            for name, f in features.items()
+        }
+    return out
+
+
+class JobRunner:
+    """Runs jobs with the models loaded once; commits results atomically per job id."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        store: ModelStore,
+        options: RunOptions,
+        metrics: Metrics,
+        fault_delay_s: float = 0.0,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.options = options
+        self.metrics = metrics
+        self.fault_delay_s = fault_delay_s
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    def identity(self, job: Job) -> dict[str, Any]:
+        """What must match for existing results of a job id to be reused."""
+        return {
+            "config_sha256": self.config.sha256,
+            "runner_version": __version__,
+            "slide": str(job.slide),
+            "analyses": list(job.analyses),
+        }
+
+    def failed_result(
+        self, job_id: str, reason: str, attempt: int, slide: str | None = None
+    ) -> dict[str, Any]:
+        return self._result_doc(job_id, "failed", reason=reason, slide=slide, attempt=attempt)
+
+    def _result_doc(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        attempt: int,
+        reason: str | None = None,
+        slide: str | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "result_version": RESULT_VERSION,
+            "job_id": job_id,
+            "status": status,
+            "reason": reason,
+            "slide": slide,
+            "output": None,
+            "outputs": {},
+            "files": {},
+            "summary": {},
+            "tiles": 0,
+            "device": self.store.device,
+            "durations_s": {},
+            "config_sha256": self.config.sha256,
+            "customer": self.config.customer,
+            "runner_version": __version__,
+            "attempt": attempt,
+            "reused": False,
+            "worker": self.worker_id,
+        }
+        doc.update(fields)
+        doc["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        return doc
+
+    def execute(self, job: Job, attempt: int, cancel: threading.Event) -> Outcome:
+        """Run one job (in the job thread); never raises."""
+        try:
+            with self._job_lock(job, cancel):
+                stored = self._complete(job)
+                if stored is not None:
+                    return Outcome("done", self._reused(stored, attempt))
+                return Outcome("done", self._compute(job, attempt, cancel))
+        except JobCancelled:
+            return Outcome("cancelled", reason="the worker is shutting down")
+        except RunnerError as exc:
+            return Outcome("failed", reason=f"{type(exc).__name__}: {_line(exc)}")
+        except Exception as exc:
+            log.debug("job %s failed", job.job_id, exc_info=True)
+            return Outcome("failed", reason=f"internal error: {type(exc).__name__}: {_line(exc)}")
+
+    @contextlib.contextmanager
+    def _job_lock(self, job: Job, cancel: threading.Event) -> Iterator[None]:
+        """Hold <output>/.tilerunner-locks/<job_id>.lock: one worker at a time per job id.
+
+        The kernel drops the lock of a worker that died; while its holder lives (the same
+        job id delivered twice at once), wait for it and then reuse its results.
+        """
+        folder = job.output / LOCKS_DIR
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / f"{job.job_id}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:
+            raise OutputError(
+                f"job output folder {job.output} is not writable "
+                f"({exc.strerror or type(exc).__name__})"
+            ) from None
+        try:
+            waiting = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waiting:
+                        waiting = True
+                        log.info(
+                            "job %s is being processed by another worker; waiting for it",
+                            job.job_id,
+                            extra={"event": "job_wait", "job_id": job.job_id},
+                        )
+                    if cancel.wait(0.5):
+                        raise JobCancelled from None
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _complete(self, job: Job) -> dict[str, Any] | None:
+        """The stored result if <output>/<job_id>/ holds complete results for this job."""
+        try:
+            stored = json.loads((job.folder / RESULT_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(stored, dict) or stored.get("identity") != self.identity(job):
+            log.info(
+                "job %s: results in %s are from another config, runner, slide or "
+                "analyses; recomputing",
+                job.job_id,
+                job.folder,
+                extra={"event": "job_recompute", "job_id": job.job_id},
+            )
+            return None
+        result = stored.get("result")
+        if not isinstance(result, dict) or not all(
+            (job.folder / a / "summary.json").is_file() for a in job.analyses
+        ):
+            return None
+        return dict(result)
+
+    def _reused(self, stored: dict[str, Any], attempt: int) -> dict[str, Any]:
+        result = dict(stored)
+        result.update(
+            attempt=attempt,
+            reused=True,
+            worker=self.worker_id,
+            finished=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        return result
+
+    def _progress(self, cancel: threading.Event) -> Callable[[Progress], None]:
+        state: dict[str, Any] = {"key": None, "done": 0, "total": 0}
+
+        def progress(p: Progress) -> None:
+            if p.stage != "tiles":
+                return
+            key = (p.analysis, p.total)
+            new_pass = key != state["key"] or p.done <= state["done"]  # done grows within one
+            delta = p.done if new_pass else p.done - state["done"]
+            state.update(key=key, done=p.done, total=state["total"] + delta)
+            self.metrics.tiles.inc(delta)
+            if p.elapsed_s > 0:
+                self.metrics.tiles_per_s.set(state["total"] / p.elapsed_s)
+            if self.fault_delay_s:
+                cancel.wait(self.fault_delay_s)
+            if cancel.is_set():
+                raise JobCancelled
+
+        return progress
+
+    def _compute(self, job: Job, attempt: int, cancel: threading.Event) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        try:
+            self._remove_leftovers(job)
+            staging = Path(tempfile.mkdtemp(prefix=f".{job.job_id}.partial-", dir=job.output))
+        except OSError as exc:
+            raise OutputError(
+                f"job output folder {job.output} is not writable "
+                f"({exc.strerror or type(exc).__name__})"
+            ) from None
+        try:
+            config = replace(
+                self.config,
+                analyses=tuple(a for a in self.config.analyses if a.name in job.analyses),
+            )
+            report = run(
+                config, job.slide, staging, self.options, self._progress(cancel), store=self.store
+            )
+            result = self._done_result(job, report, attempt, time.perf_counter() - t0)
+            doc = {"identity": self.identity(job), "job": job.doc, "result": result}
+            (staging / RESULT_FILE).write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n")
+            t = time.perf_counter()
+            _fsync_tree(staging)
+            result = self._commit(staging, job, result)
+            result["durations_s"].setdefault("commit", round(time.perf_counter() - t, 4))
+            result["durations_s"].setdefault("total", round(time.perf_counter() - t0, 4))
+            return result
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _remove_leftovers(self, job: Job) -> None:
+        """Staging folders of earlier attempts at this job (their worker died or lost it)."""
+        for path in [
+            *job.output.glob(f".{job.job_id}.partial-*"),
+            *job.output.glob(f".{job.job_id}.old-*"),
+        ]:
+            log.info(
+                "job %s: removing %s left by an earlier attempt",
+                job.job_id,
+                path.name,
+                extra={"event": "job_leftovers", "job_id": job.job_id},
+            )
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _commit(self, staging: Path, job: Job, result: dict[str, Any]) -> dict[str, Any]:
+        """Rename the staging folder to <output>/<job_id>; replace results of another config."""
+        final = job.folder
+        try:
+            try:
+                staging.rename(final)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                    raise
+                stored = self._complete(job)
+                if stored is not None:  # another worker finished this job meanwhile
+                    return self._reused(stored, result["attempt"])
+                old = final.with_name(f".{job.job_id}.old-{uuid.uuid4().hex[:8]}")
+                final.rename(old)
+                staging.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            _fsync_path(job.output, directory=True)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot move the results of job {job.job_id} into {final} "
+                f"({exc.strerror or type(exc).__name__})"
+            ) from None
+        return result
+
+    def _done_result(
+        self, job: Job, report: RunReport, attempt: int, run_s: float
+    ) -> dict[str, Any]:
+        summaries = report.summaries
+        timings = [s["run"]["timings_s"] for s in summaries.values()]
+        durations = {
+            "slide_open": timings[0]["slide_open"] if timings else 0.0,
+            "tissue": max((t["tissue"] for t in timings), default=0.0),
+            "tiles": round(sum(t["tiles"] for t in timings), 4),
+            "write": round(sum(t["write"] for t in timings), 4),
+            "run": round(run_s, 4),
+        }
+        return self._result_doc(
+            job.job_id,
+            "done",
+            attempt=attempt,
+            slide=str(job.slide),
+            output=str(job.folder),
+            outputs={a: str(job.folder / a) for a in summaries},
+            files={a: s["deterministic"]["outputs"] for a, s in summaries.items()},
+            summary=_counts(summaries),
+            tiles=report.tiles,
+            device=report.device,
+            durations_s=durations,
+        )
+
+
+# --------------------------------------------------------------------------- the AMQP loop
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    amqp_url: str
+    queue: str
+    prefetch: int = 1
+    max_attempts: int = 3
+    grace_s: float = 25.0  # on SIGTERM, how long the current job may take to finish
+    retry_delay_s: float = 5.0  # a failed attempt is handed back after this long
+    broker_timeout_s: float = 300.0  # give up (exit 7) after this long without a connection
+    metrics_host: str = "0.0.0.0"  # inside a container: reachable on its published port
+    metrics_port: int = 9464  # 0: no HTTP server
+
+
+@dataclass
+class _Delivery:
+    channel: Any
+    tag: int
+    redelivered: bool
+    properties: Any
+    body: bytes
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first delivery; from the quorum queue's x-delivery-count."""
+        count = (self.properties.headers or {}).get("x-delivery-count")
+        if isinstance(count, int):
+            return count + 1
+        return 2 if self.redelivered else 1
+
+
+@dataclass
+class _Active:
+    delivery: _Delivery
+    job: Job
+    cancel: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome | None = None
+    cancelled_at: float | None = None
+
+
+class _ConsumerGone(Exception):
+    """The broker cancelled our consumer (e.g. the queue was deleted or moved)."""
+
+
+def _refused(exc: BaseException) -> bool:
+    """True for a login the broker refused (bad credentials or vhost): retrying will not help."""
+    import pika.exceptions  # type: ignore[import-untyped]
+
+    if isinstance(exc, pika.exceptions.AuthenticationError):
+        return True
+    # pika reports the broker's Connection.Close (403 ACCESS_REFUSED, 530 NOT_ALLOWED for a
+    # vhost) inside Probable*Error or ConnectionClosedByBroker, as text
+    text = str(exc)
+    return isinstance(exc, pika.exceptions.AMQPConnectionError) and (
+        "ACCESS_REFUSED" in text or "NOT_ALLOWED" in text
+    )
+
+
+class Worker:
+    """Consumes jobs, runs them one at a time, publishes results, acks when durable."""
+
+    def __init__(self, settings: WorkerSettings, runner: JobRunner, metrics: Metrics) -> None:
+        self.settings = settings
+        self.topology = Topology(settings.queue, settings.max_attempts)
+        self.runner = runner
+        self.metrics = metrics
+        self.stopping = False
+        self.hurry = False
+        self.stop_at = 0.0
+        self._noticed_stop = False
+        self.conn: Any = None
+        self.channel: Any = None
+        self.consumer_tag: str | None = None
+        self.current: _Active | None = None
+        self.pending: deque[_Delivery] = deque()
+        self.delayed: list[tuple[float, _Delivery]] = []
+        self.connections = 0
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """Signal handler: first signal stops taking jobs, a second one cancels the current."""
+        if self.stopping:
+            self.hurry = True
+        else:
+            self.stopping = True
+            self.stop_at = time.monotonic()
+
+    # ------------------------------------------------------------------ connection
+
+    def serve(self) -> int:
+        """Run until stopped (0) or the broker stays unreachable (BrokerError)."""
+        import pika.exceptions
+
+        failing_since: float | None = None
+        backoff = 0.5
+        last = ""
+        while True:
+            if self.stopping and self.current is None:
+                self._log_stop()
+                return 0
+            try:
+                if not self.stopping:
+                    self._connect()
+                    failing_since, backoff = None, 0.5
+                    self._loop()
+                    self._close()
+                    return 0
+            except (pika.exceptions.AMQPError, OSError, _ConsumerGone) as exc:
+                if _refused(exc):
+                    raise BrokerError(
+                        f"the broker at {redact(self.settings.amqp_url)} refused the login "
+                        f"({_line(exc)}); check the user, password and vhost of --amqp"
+                    ) from None
+                last = _line(exc) if str(exc) else repr(exc)[:300]
+                self._disconnected(last)
+            now = time.monotonic()
+            failing_since = failing_since or now
+            if now - failing_since > self.settings.broker_timeout_s and not self.stopping:
+                raise BrokerError(
+                    f"no connection to the broker at {redact(self.settings.amqp_url)} for "
+                    f"{self.settings.broker_timeout_s:.0f} s (last: {last}); giving up"
+                )
+            self._offline_wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _connect(self) -> None:
+        import pika
+
+        params = pika.URLParameters(self.settings.amqp_url)
+        params.client_properties = {"connection_name": f"tilerunner worker {self.runner.worker_id}"}
+        if params.blocked_connection_timeout is None:  # broker alarm: reconnect, do not hang
+            params.blocked_connection_timeout = 60
+        conn = pika.BlockingConnection(params)
+        try:
+            channel = conn.channel()
+            channel.confirm_delivery()
+            try:
+                self.topology.declare(channel)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                raise BrokerError(
+                    f"queue {self.topology.queue}: the broker refused to declare it "
+                    f"({exc.reply_code} {exc.reply_text}); every worker of a queue needs the "
+                    "same --max-attempts, and the queue must be a quorum queue"
+                ) from None
+            channel.basic_qos(prefetch_count=self.settings.prefetch)
+            tag = channel.basic_consume(self.topology.queue, self._on_message)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+        self.conn, self.channel, self.consumer_tag = conn, channel, tag
+        self.connections += 1
+        if self.connections > 1:
+            self.metrics.reconnects.inc()
+        self.metrics.connected.set(1)
+        log.info(
+            "consuming %s on %s (prefetch %d, max attempts %d)",
+            self.topology.queue,
+            redact(self.settings.amqp_url),
+            self.settings.prefetch,
+            self.settings.max_attempts,
+            extra={"event": "consuming", "queue": self.topology.queue},
+        )
+
+    def _disconnected(self, reason: str) -> None:
+        what = "lost the connection to" if self.conn is not None else "cannot connect to"
+        log.warning(
+            "%s the broker at %s (%s); retrying",
+            what,
+            redact(self.settings.amqp_url),
+            reason,
+            extra={"event": "broker_down", "reason": reason},
+        )
+        self.metrics.connected.set(0)
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        self.conn = self.channel = self.consumer_tag = None
+        # the broker requeues every unacked delivery of a closed channel
+        self.pending.clear()
+        self.delayed.clear()
+
+    def _close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        self.metrics.connected.set(0)
+        self.metrics.tick(connected=False, consuming=False)
+        self._log_stop()
+
+    def _log_stop(self) -> None:
+        log.info("stopped", extra={"event": "stopped"})
+
+    def _offline_wait(self, seconds: float) -> None:
+        """Wait before reconnecting, still reaping and (on shutdown) cancelling the job."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.metrics.tick(connected=False, consuming=False, stopping=self.stopping)
+            self._reap()
+            if self.stopping:
+                self._notice_stop()
+                if self.current is None:
+                    return
+                self._shutdown_job()
+            time.sleep(0.1)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self.pending.append(
+            _Delivery(channel, method.delivery_tag, bool(method.redelivered), properties, body)
+        )
+
+    def _loop(self) -> None:
+        consuming = True
+        while True:
+            self.conn.process_data_events(time_limit=TICK_S)
+            self.metrics.tick(
+                connected=True,
+                consuming=consuming,
+                stopping=self.stopping,
+                job_id=self.current.job.job_id if self.current else None,
+            )
+            self._reap()
+            now = time.monotonic()
+            for due, d in list(self.delayed):
+                if self.stopping or now >= due:
+                    self.delayed.remove((due, d))
+                    self._nack(d)
+            if self.stopping:
+                self._notice_stop()
+                if consuming:
+                    self.channel.basic_cancel(self.consumer_tag)
+                    consuming = False
+                    while self.pending:
+                        self._nack(self.pending.popleft())
+                if self.current is None:
+                    return
+                self._shutdown_job()
+                continue
+            if self.consumer_tag not in self.channel.consumer_tags:
+                raise _ConsumerGone("the broker cancelled the consumer")
+            if self.current is None and self.pending:
+                self._start(self.pending.popleft())
+
+    def _notice_stop(self) -> None:
+        if not self._noticed_stop:
+            self._noticed_stop = True
+            job = self.current.job.job_id if self.current else None
+            log.info(
+                "stop requested: taking no more jobs%s",
+                f"; job {job} has {self.settings.grace_s:g} s to finish" if job else "",
+                extra={"event": "stopping", "job_id": job},
+            )
+
+    def _shutdown_job(self) -> None:
+        """On shutdown: cancel the job after the grace period; give up on it if it hangs."""
+        a = self.current
+        if a is None:
+            return
+        now = time.monotonic()
+        if a.cancelled_at is None and (self.hurry or now - self.stop_at >= self.settings.grace_s):
+            a.cancelled_at = now
+            a.cancel.set()
+            log.warning(
+                "job %s: grace period over; cancelling it, it goes back to the queue",
+                a.job.job_id,
+                extra={"event": "job_cancel", "job_id": a.job.job_id},
+            )
+        if a.cancelled_at is not None and now - a.cancelled_at > CANCEL_WAIT_S:
+            log.error(
+                "job %s did not stop within %.0f s of its cancellation; handing it back",
+                a.job.job_id,
+                CANCEL_WAIT_S,
+                extra={"event": "job_abandoned", "job_id": a.job.job_id},
+            )
+            self._requeue(a)
+
+    def _start(self, d: _Delivery) -> None:
+        try:
+            job = parse_job(d.body, self.runner.config)
+        except MalformedJob as exc:
+            self.metrics.jobs_malformed.inc()
+            log.warning(
+                "%s",
+                exc,
+                extra={"event": "job_malformed", "job_id": exc.job_id, "reason": str(exc)},
+            )
+            self._dead_letter(d, str(exc), exc.job_id, None)
+            return
+        a = _Active(d, job)
+        self.current = a
+        self.metrics.jobs_in_flight.set(1)
+        self.metrics.tiles_per_s.set(0)
+        log.info(
+            "job %s: %s (attempt %d)",
+            job.job_id,
+            job.slide,
+            d.attempt,
+            extra={"event": "job_start", "job_id": job.job_id, "attempt": d.attempt},
+        )
+        threading.Thread(
+            target=self._work, args=(a,), name=f"job-{job.job_id}", daemon=True
+        ).start()
+
+    def _work(self, a: _Active) -> None:
+        try:
+            a.outcome = self.runner.execute(a.job, a.delivery.attempt, a.cancel)
+        finally:
+            if a.outcome is None:
+                a.outcome = Outcome("failed", reason="internal error: the job thread died")
+            a.finished.set()
+
+    def _reap(self) -> None:
+        a = self.current
+        if a is None or not a.finished.is_set():
+            return
+        assert a.outcome is not None
+        if a.delivery.channel is not self.channel:
+            self.current = None
+            self.metrics.jobs_in_flight.set(0)
+            log.warning(
+                "job %s ended (%s) after its connection was lost: the broker redelivers "
+                "it, and complete results are reused",
+                a.job.job_id,
+                a.outcome.status,
+                extra={"event": "job_orphaned", "job_id": a.job.job_id},
+            )
+            return
+        self._finish(a, a.outcome)
+        self.current = None
+        self.metrics.jobs_in_flight.set(0)
+
+    def _finish(self, a: _Active, o: Outcome) -> None:
+        d, job = a.delivery, a.job
+        if o.status == "done" and o.result is not None:
+            self._publish_result(o.result, d)
+            d.channel.basic_ack(d.tag)
+            reused = bool(o.result.get("reused"))
+            self.metrics.jobs_done.labels(reused=str(reused).lower()).inc()
+            if not reused:
+                for stage, seconds in o.result["durations_s"].items():
+                    if stage in ("slide_open", "tissue", "tiles", "write", "commit", "total"):
+                        self.metrics.stage_s.labels(stage=stage).observe(seconds)
+            log.info(
+                "job %s done%s: %d tiles, results in %s",
+                job.job_id,
+                " (complete results reused)" if reused else "",
+                o.result["tiles"],
+                o.result["output"],
+                extra={"event": "job_done", "job_id": job.job_id, "attempt": d.attempt},
+            )
+        elif o.status == "cancelled":
+            self._requeue(a)
+        elif d.attempt >= self.settings.max_attempts:
+            self.metrics.jobs_failed.labels(action="dead_letter").inc()
+            reason = f"failed {d.attempt} time(s), last: {o.reason}"
+            self._dead_letter(d, reason, job.job_id, str(job.slide))
+        else:
+            self.metrics.jobs_failed.labels(action="retry").inc()
+            log.warning(
+                "job %s: attempt %d of %d failed: %s; retrying in %g s",
+                job.job_id,
+                d.attempt,
+                self.settings.max_attempts,
+                o.reason,
+                self.settings.retry_delay_s,
+                extra={
+                    "event": "job_retry",
+                    "job_id": job.job_id,
+                    "attempt": d.attempt,
+                    "reason": o.reason,
+                },
+            )
+            self.delayed.append((time.monotonic() + self.settings.retry_delay_s, d))
+
+    def _requeue(self, a: _Active) -> None:
+        """Hand an unfinished job back to the broker (shutdown)."""
+        self.current = None
+        self.metrics.jobs_in_flight.set(0)
+        if self._nack(a.delivery):
+            self.metrics.jobs_requeued.inc()
+            log.info(
+                "job %s handed back to the queue unfinished",
+                a.job.job_id,
+                extra={"event": "job_requeued", "job_id": a.job.job_id},
+            )
+
+    def _nack(self, d: _Delivery) -> bool:
+        if d.channel is not self.channel:
+            return False  # that channel is gone: the broker has requeued it already
+        d.channel.basic_nack(d.tag, requeue=True)
+        return True
+
+    def _properties(self, **kwargs: Any) -> Any:
+        import pika
+
+        return pika.BasicProperties(
+            delivery_mode=2, app_id="tilerunner", timestamp=int(time.time()), **kwargs
+        )
+
+    def _publish_result(self, doc: dict[str, Any], d: _Delivery) -> None:
+        body = json.dumps(doc, sort_keys=True).encode()
+        props = self._properties(
+            content_type="application/json",
+            type=f"tilerunner.result.v{RESULT_VERSION}",
+            correlation_id=d.properties.correlation_id or doc["job_id"],
+            headers={"job_id": doc["job_id"], "status": doc["status"]},
+        )
+        d.channel.basic_publish(
+            self.topology.results, self.topology.queue, body, props, mandatory=True
+        )
+
+    def _dead_letter(
+        self, d: _Delivery, reason: str, job_id: str | None, slide: str | None
+    ) -> None:
+        """Publish the job as it came to the dead-letter exchange, with the reason; then ack."""
+        headers = {
+            k: v for k, v in (d.properties.headers or {}).items() if k != "x-delivery-count"
+        }  # the dead-letter queue counts its own
+        headers.update(
+            {
+                "x-tilerunner-reason": reason[:2000],
+                "x-tilerunner-attempts": d.attempt,
+                "x-tilerunner-worker": self.runner.worker_id,
+            }
+        )
+        props = self._properties(
+            content_type=d.properties.content_type,
+            message_id=d.properties.message_id,
+            correlation_id=d.properties.correlation_id,
+            headers=headers,
+        )
+        d.channel.basic_publish(
+            self.topology.dead, self.topology.queue, d.body, props, mandatory=True
+        )
+        if job_id is not None:
+            self._publish_result(self.runner.failed_result(job_id, reason, d.attempt, slide), d)
+        d.channel.basic_ack(d.tag)
+        log.error(
+            "job %s dead-lettered: %s",
+            job_id or "(no valid job_id)",
+            reason,
+            extra={
+                "event": "job_dead_lettered",
+                "job_id": job_id,
+                "reason": reason,
+                "attempt": d.attempt,
+            },
+        )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, msg, and the event fields given in `extra`."""
+
+    FIELDS = ("event", "job_id", "attempt", "queue", "reason")
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
+        for key in self.FIELDS:
+            value = getattr(record, key, None)
+            if value is not None:
+                doc[key] = value
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def fault_delay_from_env() -> float:
+    """TILERUNNER_FAULT_BATCH_DELAY_S (test-only): seconds to wait after each batch."""
+    raw = os.environ.get(FAULT_DELAY_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise RunnerError(f"{FAULT_DELAY_ENV}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise RunnerError(f"{FAULT_DELAY_ENV} must be >= 0")
+    return value
+
+
+def serve(settings: WorkerSettings, config: RunConfig, options: RunOptions) -> int:
+    """Load the models once, serve metrics, consume jobs until SIGTERM/SIGINT; exit code."""
+    fault = fault_delay_from_env()
+    metrics = Metrics()
+    t = time.perf_counter()
+    store = ModelStore(EngineOptions(options.device, options.threads, options.spin))
+    store.load(config)
+    load_s = time.perf_counter() - t
+    metrics.model_load_s.set(load_s)
+    metrics.info.info(
+        {
+            "version": __version__,
+            "device": store.device,
+            "providers": ",".join(store.providers),
+            "customer": config.customer,
+            "config_sha256": config.sha256,
+        }
+    )
+    log.info(
+        "models loaded in %.1f s on %s (config %s, sha256 %s)",
+        load_s,
+        store.device,
+        config.path,
+        config.sha256[:12],
+        extra={"event": "models_loaded"},
+    )
+    if fault:
+        log.warning(
+            "TEST-ONLY fault injection: waiting %g s after each batch (%s)",
+            fault,
+            FAULT_DELAY_ENV,
+            extra={"event": "fault_injection"},
+        )
+    http = None
+    if settings.metrics_port:
+        http = HttpServer(metrics, settings.metrics_host, settings.metrics_port)
+        http.start()
+        log.info(
+            "metrics and health on http://%s:%d/metrics, /healthz, /readyz",
+            settings.metrics_host,
+            http.port,
+            extra={"event": "http"},
+        )
+    worker = Worker(settings, JobRunner(config, store, options, metrics, fault), metrics)
+    previous = {
+        sig: signal.signal(sig, worker.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        return worker.serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if http is not None:
+            http.stop()
