@@ -22,7 +22,8 @@ __all__ = ["build_main", "cli", "main"]
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `builder`: the one place errors become messages and exit codes."""
     try:
-        cli.main(args=argv, prog_name="builder", standalone_mode=False)
+        # Without standalone mode click returns the code of a `ctx.exit(N)` instead of exiting.
+        returned = cli.main(args=argv, prog_name="builder", standalone_mode=False)
     except BuilderError as exc:
         if _json_mode.get():
             error = {
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    return 0
+    return returned if isinstance(returned, int) else 0
 
 
 def build_main() -> int:

@@ -7,7 +7,6 @@ the result says ``"ok_checks": false`` / ``"match": false``.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from builder.cli._common import (
 
 
 def _failed(code: int) -> None:
-    """Exit with ``code`` after the result was printed (click's Exit is swallowed by main)."""
-    sys.exit(code)
+    """Leave with ``code`` after the result was printed; `main` returns it as the exit code."""
+    raise click.exceptions.Exit(code)
 
 
 @cli.command("history")

@@ -75,9 +75,9 @@ def _finish(
         return
     if _json_mode.get():
         click.echo(_document(command, data, error))
-        # Not a BuilderError: main() would print a second JSON document. (click's own Exit is
-        # swallowed by standalone_mode=False.)
-        raise SystemExit(error.exit_code)
+        # Not a BuilderError: main() would print a second JSON document; main() returns the
+        # code of click's Exit as the process exit code.
+        raise click.exceptions.Exit(error.exit_code)
     human()
     raise error
 
