@@ -86,8 +86,13 @@ def main() -> int:
             str(layout),
             "--json",
             env=env,
+            echo=False,
         )
         report = json.loads(built.stdout)["result"]
+        for layer in report["layers"]:
+            if layer["new"]:
+                print(f"layer {layer['name']:<16} {layer['size']:>10,} B  {layer['digest'][:19]}")
+        print(f"image {report['image']}@{report['manifest_digest']}")
 
         step("sample slide: a synthetic pyramidal TIFF with known carcinoma regions and mitoses")
         slides = OUT / "slides"
