@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 from filelock import FileLock
 
@@ -20,6 +21,19 @@ APT_TIMEOUT = 900.0  # seconds for one apt-get run
 
 class ServiceError(RuntimeError):
     """A test-bed service could not be installed, started or reached."""
+
+
+class Service:
+    """A started service handle; ``with start_x() as x:`` stops it at the end of the block."""
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 def cache_root() -> Path:

@@ -19,13 +19,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import docker
 from filelock import FileLock
 
 from testbed._util import (
+    Service,
     ServiceError,
     cache_root,
     ensure_command,
@@ -74,7 +74,7 @@ def _read_state() -> dict[str, Any] | None:
 
 
 @dataclass
-class Engine:
+class Engine(Service):
     """A Docker engine the test bed talks to.
 
     `started` is true in the run that started the private dockerd. Runs that use the
@@ -113,17 +113,6 @@ class Engine:
             if state and state.get("host") == self.host:
                 _shutdown(state, self._proc)
         self._proc = None
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _is_dockerd_of(pid: int, rundir: Path) -> bool:

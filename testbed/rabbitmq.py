@@ -14,9 +14,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from testbed._util import (
+    Service,
     ServiceError,
     ensure_command,
     free_port,
@@ -45,7 +45,7 @@ def _port_open(port: int) -> bool:
 
 
 @dataclass
-class RabbitMQ:
+class RabbitMQ(Service):
     """A running broker we started."""
 
     port: int
@@ -78,17 +78,6 @@ class RabbitMQ:
             stop_process(proc, timeout=30)
         self._procs.clear()
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> RabbitMQ:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def start_rabbitmq(timeout: float = START_TIMEOUT) -> RabbitMQ:

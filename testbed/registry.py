@@ -19,9 +19,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from testbed._util import (
+    Service,
     ServiceError,
     ensure_command,
     free_port,
@@ -46,7 +46,7 @@ class RegistryRequest:
 
 
 @dataclass
-class Registry:
+class Registry(Service):
     """A running registry we started; stop() removes its storage."""
 
     host: str  # "127.0.0.1:PORT", as used in image references
@@ -122,17 +122,6 @@ class Registry:
             stop_process(self._proc, timeout=15)
             self._proc = None
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Registry:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _htpasswd_line(user: str, password: str) -> str:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import urllib.request
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from moto.server import ThreadedMotoServer
 
-from testbed._util import ServiceError, wait_until
+from testbed._util import Service, ServiceError, wait_until
 
 REGION = "us-east-1"
 ACCESS_KEY = "testing"
@@ -18,7 +17,7 @@ SECRET_KEY = "testing"
 
 
 @dataclass
-class S3Server:
+class S3Server(Service):
     """A running moto server; create buckets with create_bucket(), point clients at env()."""
 
     endpoint_url: str
@@ -65,17 +64,6 @@ class S3Server:
         if self._server is not None:
             self._server.stop()
             self._server = None
-
-    def __enter__(self) -> S3Server:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def start_s3(timeout: float = 30.0) -> S3Server:
