@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING, Any, Final
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from builder.contracts import BaseImageRef
+from builder.contracts import BaseImageRef, Progress
 from builder.errors import ImageError
 from builder.oci import (
     IMAGE_MANIFEST_TYPES,
@@ -44,8 +44,6 @@ from builder.oci import (
 if TYPE_CHECKING:
     from builder.deliver import RetryPolicy
 
-#: Progress callback: (what, bytes done, bytes total).
-Progress = Callable[[str, int, int], None]
 
 #: Bumped whenever the bytes a layer is built into change for the same inputs.
 LAYER_FORMAT: Final = 1

@@ -25,15 +25,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from builder.contracts import Progress
 from builder.errors import ImageError
-
-#: Progress callback: (what, done, total), as in the other stages.
-Progress = Callable[[str, int, int], None]
 
 BASE_DIR: Final = Path(__file__).resolve().parents[1] / "base-image"
 VARIANTS: Final = ("cpu", "gpu")

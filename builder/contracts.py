@@ -6,7 +6,7 @@ lock file is a faithful serialisation of what the build used.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,9 @@ from typing import Any
 VERBOSE_SCHEMA_VERSION = 1
 #: Version of the lock file layout.
 LOCK_VERSION = 1
+
+#: Progress callback every long stage takes: (what, bytes or steps done, total).
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

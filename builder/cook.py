@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from builder import yamldoc
-from builder.contracts import BaseImageRef, CustomerSpec, ResolvedModel
+from builder.contracts import BaseImageRef, CustomerSpec, Progress, ResolvedModel
 from builder.errors import ConfigError, DriftError, ReleaseGateError
 from builder.expand import expand
-from builder.fetch import Cache, Progress, fetch
+from builder.fetch import Cache, fetch
 from builder.fsutil import write_atomic
 from builder.load import LOCK_FILE, load_customer
 from builder.lock import diff_locks, make_lock, models_from_lock, read_lock, render

@@ -47,7 +47,8 @@ from builder.oci import (
 )
 
 if TYPE_CHECKING:
-    from builder.assemble import AssembledImage, BaseImage, Progress
+    from builder.assemble import AssembledImage, BaseImage
+    from builder.contracts import Progress
 
 _RETRY_STATUSES: Final = frozenset({500, 502, 503, 504, 429})
 _CHUNK: Final = 1 << 20

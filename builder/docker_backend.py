@@ -22,10 +22,10 @@ from builder.assemble import (
     DIR_MODE,
     BaseImage,
     LayerSpec,
-    Progress,
     layer_root,
     standard_metadata,
 )
+from builder.contracts import Progress
 from builder.errors import ImageError
 
 _TEMPLATES: Final = Path(__file__).parent / "templates"

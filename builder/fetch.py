@@ -23,16 +23,13 @@ from threading import Lock
 
 from filelock import FileLock
 
-from builder.contracts import ResolvedModel, WeightFile
+from builder.contracts import Progress, ResolvedModel, WeightFile
 from builder.errors import FetchError
 from builder.storage import Store, open_store, split_uri
 
 CHUNK_SIZE = 16 << 20
 HASH_BLOCK = 4 << 20
 RETRIES = 3
-
-#: progress(label, bytes_done, bytes_total)
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from typing import Any
 
 from builder import yamldoc
 from builder.assemble import AssembledImage, BaseImage, FileEntry, LayerSpec, assemble, resolve_base
-from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec
+from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec, Progress
 from builder.cook import Cooked, cook
 from builder.errors import ImageError
 from builder.expand import MODELS_DIR, expand
-from builder.fetch import Cache, FetchResult, Progress, fetch
+from builder.fetch import Cache, FetchResult, fetch
 from builder.oci import BlobStore
 from builder.provenance import (
     image_labels,

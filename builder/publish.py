@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from builder.contracts import Progress
 from builder.errors import FetchError, RegistryError, ReleaseGateError
-from builder.fetch import Progress
 from builder.registries import COMPLETED_TASK_STATES, ModelRegistry
 from builder.storage import MANIFEST_NAME, S3Store, Store, open_store, read_manifest, split_uri
 

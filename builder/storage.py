@@ -9,17 +9,16 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from builder.contracts import Progress
 from builder.errors import FetchError
 
 MANIFEST_NAME = "publish-manifest.json"
-#: progress(label, bytes_done, bytes_total)
-Progress = Callable[[str, int, int], None]
 _CHUNK = 1 << 20
 
 
