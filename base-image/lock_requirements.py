@@ -27,8 +27,20 @@ GLIBC_MAX = 36  # Debian bookworm ships glibc 2.36
 
 def platform_args(arch: str = ARCH) -> list[str]:
     """pip flags selecting wheels for CPython 3.11 on manylinux (glibc <= 2.36)."""
-    args = ["--only-binary", ":all:", "--python-version", PYTHON_VERSION,
-            "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none"]
+    args = [
+        "--only-binary",
+        ":all:",
+        "--python-version",
+        PYTHON_VERSION,
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp311",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+    ]
     for minor in range(5, GLIBC_MAX + 1):
         args += ["--platform", f"manylinux_2_{minor}_{arch}"]
     for legacy in ("manylinux2014", "manylinux2010", "manylinux1"):
@@ -40,9 +52,22 @@ def lock(name: str) -> Path:
     source = HERE / f"requirements-{name}.in"
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
-               "--quiet", "--report", str(report), "--target", str(Path(tmp) / "t"),
-               *platform_args(), "-r", str(source)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            "--target",
+            str(Path(tmp) / "t"),
+            *platform_args(),
+            "-r",
+            str(source),
+        ]
         subprocess.run(cmd, check=True)
         items = json.loads(report.read_text())["install"]
     lines = [
@@ -53,8 +78,9 @@ def lock(name: str) -> Path:
         meta, info = item["metadata"], item["download_info"]
         sha = info["archive_info"]["hashes"]["sha256"]
         wheel = info["url"].rsplit("/", 1)[-1]
-        lines.append(f"{meta['name'].lower()}=={meta['version']} \\\n"
-                     f"    --hash=sha256:{sha}  # {wheel}")
+        lines.append(
+            f"{meta['name'].lower()}=={meta['version']} \\\n    --hash=sha256:{sha}  # {wheel}"
+        )
     target = HERE / f"requirements-{name}.txt"
     target.write_text("\n".join(lines) + "\n")
     return target

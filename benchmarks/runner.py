@@ -35,7 +35,9 @@ import numpy as np
 import yaml
 from tilerunner import demo_models, synthetic
 
-CACHE = Path(os.environ.get("IVD_TEST_CACHE") or Path.home() / ".cache" / "ivd-testbed") / "tilerunner"
+CACHE = (
+    Path(os.environ.get("IVD_TEST_CACHE") or Path.home() / ".cache" / "ivd-testbed") / "tilerunner"
+)
 
 
 def _key(*modules: Any) -> str:
@@ -71,21 +73,38 @@ def write_app(root: Path, models: Path) -> Path:
 
     def model(name: str) -> dict[str, Any]:
         m = manifest[name]
-        return {"sourcing": "manual", "reference": str(models / name),
-                "preprocessing": m["preprocessing"], "postprocessing": m["postprocessing"],
-                "params": {"file": "model.onnx", "tile_size": 224, "mpp": 0.5},
-                "provenance": {"files": [{"name": "model.onnx", "size": m["size"],
-                                          "sha256": m["sha256"]}]}}
+        return {
+            "sourcing": "manual",
+            "reference": str(models / name),
+            "preprocessing": m["preprocessing"],
+            "postprocessing": m["postprocessing"],
+            "params": {"file": "model.onnx", "tile_size": 224, "mpp": 0.5},
+            "provenance": {
+                "files": [{"name": "model.onnx", "size": m["size"], "sha256": m["sha256"]}]
+            },
+        }
 
-    doc = {"schema_version": 1, "customer": "bench", "analyses": [{
-        "name": "bench",
-        "models": {"carcinoma_model": model("carcinoma-demo"),
-                   "mitosis_model": model("mitosis-demo")},
-        "features": [
-            {"cls": "Carcinoma", "models": {"classification_model": "carcinoma_model"}},
-            {"cls": "Mitosis", "models": {"segmentation_model": "mitosis_model"},
-             "depends_on": ["Carcinoma"]},
-        ]}]}
+    doc = {
+        "schema_version": 1,
+        "customer": "bench",
+        "analyses": [
+            {
+                "name": "bench",
+                "models": {
+                    "carcinoma_model": model("carcinoma-demo"),
+                    "mitosis_model": model("mitosis-demo"),
+                },
+                "features": [
+                    {"cls": "Carcinoma", "models": {"classification_model": "carcinoma_model"}},
+                    {
+                        "cls": "Mitosis",
+                        "models": {"segmentation_model": "mitosis_model"},
+                        "depends_on": ["Carcinoma"],
+                    },
+                ],
+            }
+        ],
+    }
     root.mkdir(parents=True, exist_ok=True)
     config = root / "analysis.yaml"
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -94,9 +113,25 @@ def write_app(root: Path, models: Path) -> Path:
 
 def run_runner(slide: Path, config: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """tilerunner run in a child process; its summary plus wall time and peak RSS (MB)."""
-    cmd = [sys.executable, "-m", "tilerunner", "-q", "run", str(slide), "--config", str(config),
-           "--app-dir", str(config.parent), "--out", str(out), "--device", "cpu",
-           "--batch-size", str(args.batch_size), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tilerunner",
+        "-q",
+        "run",
+        str(slide),
+        "--config",
+        str(config),
+        "--app-dir",
+        str(config.parent),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        str(args.batch_size),
+        "--no-progress",
+    ]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     t0 = time.perf_counter()
@@ -108,9 +143,13 @@ def run_runner(slide: Path, config: Path, out: Path, args: argparse.Namespace) -
     if proc.returncode != 0:
         raise SystemExit(f"runner failed with exit code {proc.returncode}")
     summary = json.loads((out / "bench" / "summary.json").read_text())
-    return {"summary": summary, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
-            # 1-minute load average around the run: > 2 means other work shared the 2 cores
-            "load": (load_before, os.getloadavg()[0])}
+    return {
+        "summary": summary,
+        "wall_s": wall,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        # 1-minute load average around the run: > 2 means other work shared the 2 cores
+        "load": (load_before, os.getloadavg()[0]),
+    }
 
 
 def tissue_tiles(slide_path: Path) -> tuple[np.ndarray, Any]:
@@ -139,15 +178,20 @@ def sample_tiles(slide_path: Path, coords: np.ndarray, grid: Any, count: int) ->
     return tiles
 
 
-def inference_cost(config: Path, tiles: np.ndarray, n: int, batch: int, threads: int
-                   ) -> dict[str, float]:
+def inference_cost(
+    config: Path, tiles: np.ndarray, n: int, batch: int, threads: int
+) -> dict[str, float]:
     """Seconds per tile of each model on in-memory batches (best of ORT spinning on/off)."""
     from tilerunner.config import load_config
     from tilerunner.models import EngineOptions, ModelStore
 
     cfg = load_config(config, config.parent)
-    best = {"carcinoma": float("inf"), "mitosis": float("inf"),
-            "carcinoma_cpu": float("inf"), "mitosis_cpu": float("inf")}
+    best = {
+        "carcinoma": float("inf"),
+        "mitosis": float("inf"),
+        "carcinoma_cpu": float("inf"),
+        "mitosis_cpu": float("inf"),
+    }
     for spin in (False, True):
         store = ModelStore(EngineOptions("cpu", threads, spin))
         store.load(cfg)
@@ -171,10 +215,12 @@ def naive(slide_path: Path, models: Path, coords: np.ndarray, grid: Any, count: 
     import onnxruntime as ort
     from tilerunner.slide import open_slide
 
-    carc = ort.InferenceSession(str(models / "carcinoma-demo" / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
-    mit = ort.InferenceSession(str(models / "mitosis-demo" / "model.onnx"),
-                               providers=["CPUExecutionProvider"])
+    carc = ort.InferenceSession(
+        str(models / "carcinoma-demo" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    mit = ort.InferenceSession(
+        str(models / "mitosis-demo" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     slide = open_slide(slide_path)
     n = min(count, len(coords))
     t0 = time.perf_counter()
@@ -188,8 +234,9 @@ def naive(slide_path: Path, models: Path, coords: np.ndarray, grid: Any, count: 
     return n / (time.perf_counter() - t0)
 
 
-def compare(runs: list[dict[str, Any]], costs: list[dict[str, float]], expected: int
-            ) -> list[dict[str, Any]]:
+def compare(
+    runs: list[dict[str, Any]], costs: list[dict[str, float]], expected: int
+) -> list[dict[str, Any]]:
     """Per large run: runner tiles/s, the ceiling around it (mean of before/after), ratio."""
     per_run = []
     for i, r in enumerate(runs):
@@ -202,12 +249,19 @@ def compare(runs: list[dict[str, Any]], costs: list[dict[str, float]], expected:
         ceiling_s = tiles * cost["carcinoma"] + mit_tiles * cost["mitosis"]
         ceiling_cpu = tiles * cost["carcinoma_cpu"] + mit_tiles * cost["mitosis_cpu"]
         rate = tiles / run["timings_s"]["tiles"]
-        per_run.append({"runner": rate, "ceiling": tiles / ceiling_s,
-                        "ratio": rate / (tiles / ceiling_s),
-                        "cpu_ratio": ceiling_cpu / run["timings_s"]["tiles_cpu"],
-                        "decode_ms": 1000 * run["timings_s"]["read_busy"] / tiles,
-                        "infer_ms": 1000 * ceiling_s / tiles, "wall": r["wall_s"],
-                        "rss": r["peak_rss_mb"], "load": r["load"]})
+        per_run.append(
+            {
+                "runner": rate,
+                "ceiling": tiles / ceiling_s,
+                "ratio": rate / (tiles / ceiling_s),
+                "cpu_ratio": ceiling_cpu / run["timings_s"]["tiles_cpu"],
+                "decode_ms": 1000 * run["timings_s"]["read_busy"] / tiles,
+                "infer_ms": 1000 * ceiling_s / tiles,
+                "wall": r["wall_s"],
+                "rss": r["peak_rss_mb"],
+                "load": r["load"],
+            }
+        )
     return per_run
 
 
@@ -255,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     mit = det["features"]["Mitosis"]
     rss_large = max(x["rss"] for x in per_run)
     figures = {
-        "slide_px": args.size, "tissue_tiles": len(coords), "mitosis_tiles": mit["tiles_run"],
+        "slide_px": args.size,
+        "tissue_tiles": len(coords),
+        "mitosis_tiles": mit["tiles_run"],
         "grid_tiles": det["grids"]["0.5@224"]["tiles_total"],
         "runner_tiles_per_s": round(median["runner"], 1),
         "ceiling_tiles_per_s": round(median["ceiling"], 1),
@@ -270,14 +326,16 @@ def main(argv: list[str] | None = None) -> int:
         "runner_vs_naive": round(median["runner"] / naive_rate, 2),
         "decode_ms_per_tile_worker_time": round(median["decode_ms"], 2),
         "inference_ms_per_tile_wall": round(median["infer_ms"], 2),
-        "mitosis_saved_s_by_dependency":
-            run["timings_s"]["features"]["Mitosis"]["estimated_saved_by_dependency_s"],
+        "mitosis_saved_s_by_dependency": run["timings_s"]["features"]["Mitosis"][
+            "estimated_saved_by_dependency_s"
+        ],
         "reader": det["slide"]["reader"],
         "peak_rss_mb_small": round(r_small["peak_rss_mb"], 1),
         "peak_rss_mb_large": round(rss_large, 1),
         "rss_large_vs_small": round(rss_large / r_small["peak_rss_mb"], 3),
         "small_slide_px": args.small_size,
-        "workers": run["options"]["workers"], "batch_size": args.batch_size,
+        "workers": run["options"]["workers"],
+        "batch_size": args.batch_size,
         "cpus": os.cpu_count(),
     }
     width = max(map(len, figures))
@@ -285,10 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in figures.items():
         print(f"{name:<{width}}  {value}")
     print()
-    print(f"runner / ceiling = {figures['runner_vs_ceiling']:.1%} (target >= 90%); "
-          f"runner / naive = {figures['runner_vs_naive']:.2f}x; peak RSS "
-          f"{figures['peak_rss_mb_small']:.0f} MB ({args.small_size} px) vs "
-          f"{figures['peak_rss_mb_large']:.0f} MB ({args.size} px), limit 2048 MB")
+    print(
+        f"runner / ceiling = {figures['runner_vs_ceiling']:.1%} (target >= 90%); "
+        f"runner / naive = {figures['runner_vs_naive']:.2f}x; peak RSS "
+        f"{figures['peak_rss_mb_small']:.0f} MB ({args.small_size} px) vs "
+        f"{figures['peak_rss_mb_large']:.0f} MB ({args.size} px), limit 2048 MB"
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0

@@ -42,7 +42,7 @@ WHEELHOUSE = cache_root() / "wheelhouse" / "cpu"
 def test_version_lives_in_one_file() -> None:
     version = read_version()
     assert version == (BASE_DIR / "VERSION").read_text().strip()
-    runner_version = (BASE_DIR / "runner" / "VERSION")
+    runner_version = BASE_DIR / "runner" / "VERSION"
     assert runner_version.is_symlink() and runner_version.resolve() == BASE_DIR / "VERSION"
 
 
@@ -66,11 +66,18 @@ def test_incomplete_wheelhouse_without_download_is_a_clear_error(tmp_path: Path)
 
 def test_bad_arguments_fail_before_any_work() -> None:
     with pytest.raises(ImageError, match="variant"):
-        build_base_image(docker_client=None, repository="x/y", base_from="b", wheelhouse=None,
-                         push=False, variant="tpu")
+        build_base_image(
+            docker_client=None,
+            repository="x/y",
+            base_from="b",
+            wheelhouse=None,
+            push=False,
+            variant="tpu",
+        )
     with pytest.raises(ImageError, match="without tag"):
-        build_base_image(docker_client=None, repository="x/y:1", base_from="b",
-                         wheelhouse=None, push=False)
+        build_base_image(
+            docker_client=None, repository="x/y:1", base_from="b", wheelhouse=None, push=False
+        )
 
 
 # --------------------------------------------------------------------------- real engine
@@ -119,9 +126,13 @@ def test_image_config_non_root_entrypoint(built: BaseImageBuild, docker_engine: 
     assert info["config_schemas"] == [1]
     assert info["onnxruntime"] == "1.31.1"
     assert "CPUExecutionProvider" in info["providers"]
-    whoami = client.containers.run(built.reference, ["-c", "import os; print(os.getuid())"],
-                                   entrypoint=["/opt/tilerunner/bin/python"],
-                                   network_mode="none", remove=True)
+    whoami = client.containers.run(
+        built.reference,
+        ["-c", "import os; print(os.getuid())"],
+        entrypoint=["/opt/tilerunner/bin/python"],
+        network_mode="none",
+        remove=True,
+    )
     assert whoami.strip() == b"10001"
 
 
@@ -153,15 +164,34 @@ def test_image_analyses_a_slide_like_the_host(
     client = docker_engine.client()
     logs = client.containers.run(
         built.reference,
-        ["run", "/work/slide.tiff", "--out", "/work/out", "--app-dir", "/work/app",
-         "--config", "/work/app/config/analysis.yaml", "--device", "auto", "--workers", "1"],
+        [
+            "run",
+            "/work/slide.tiff",
+            "--out",
+            "/work/out",
+            "--app-dir",
+            "/work/app",
+            "--config",
+            "/work/app/config/analysis.yaml",
+            "--device",
+            "auto",
+            "--workers",
+            "1",
+        ],
         volumes={str(work): {"bind": "/work", "mode": "rw"}},
-        network_mode="none", remove=True, stdout=True, stderr=True,
+        network_mode="none",
+        remove=True,
+        stdout=True,
+        stderr=True,
     )
     assert b"tilerunner: done:" in logs, logs
     in_image = json.loads((work / "out" / "breast" / "summary.json").read_text())
-    report = run(load_config(app.config, app.root), slide_path, tmp_path / "host",
-                 RunOptions(device="cpu", workers=1))
+    report = run(
+        load_config(app.config, app.root),
+        slide_path,
+        tmp_path / "host",
+        RunOptions(device="cpu", workers=1),
+    )
     on_host = report.summaries["breast"]
     for summary in (in_image, on_host):
         summary["deterministic"]["config"].pop("sha256")

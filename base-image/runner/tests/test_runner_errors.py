@@ -16,11 +16,30 @@ from tilerunner_testlib import App, verbose_config
 EXIT = {"config": 2, "model": 3, "slide": 4, "output": 5, "device": 6}
 
 
-def _run(capsys: pytest.CaptureFixture[str], app: App, slide: Path, out: Path,
-         *extra: str) -> tuple[int, str]:
-    code = main(["-q", "run", str(slide), "--config", str(app.config), "--app-dir",
-                 str(app.root), "--out", str(out), "--device", "cpu", "--batch-size", "16",
-                 "--workers", "1", "--no-progress", *extra])
+def _run(
+    capsys: pytest.CaptureFixture[str], app: App, slide: Path, out: Path, *extra: str
+) -> tuple[int, str]:
+    code = main(
+        [
+            "-q",
+            "run",
+            str(slide),
+            "--config",
+            str(app.config),
+            "--app-dir",
+            str(app.root),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "16",
+            "--workers",
+            "1",
+            "--no-progress",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     return code, err
 
@@ -40,8 +59,9 @@ def _assert_nothing_written(out: Path) -> None:
         assert leftovers == [], leftovers
 
 
-def test_truncated_slide(tmp_path: Path, capsys: pytest.CaptureFixture[str], app: App,
-                         small_slide: Path) -> None:
+def test_truncated_slide(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], app: App, small_slide: Path
+) -> None:
     bad = tmp_path / "truncated.tiff"
     data = small_slide.read_bytes()
     bad.write_bytes(data[: len(data) * 6 // 10])
@@ -71,10 +91,14 @@ def test_corrupt_tile_data_fails_cleanly_mid_run(
     with tifffile.TiffFile(bad) as tf:
         page = tf.pages[1]
         mid = len(page.dataoffsets) // 2
-        spans = [(int(o), int(c)) for o, c in
-                 zip(page.dataoffsets[mid - 40 : mid + 40], page.databytecounts[mid - 40 :
-                                                                               mid + 40],
-                     strict=True)]
+        spans = [
+            (int(o), int(c))
+            for o, c in zip(
+                page.dataoffsets[mid - 40 : mid + 40],
+                page.databytecounts[mid - 40 : mid + 40],
+                strict=True,
+            )
+        ]
     with bad.open("r+b") as fh:
         for offset, count in spans:
             fh.seek(offset)
@@ -111,16 +135,22 @@ def test_slide_without_resolution_needs_mpp(
     assert (tmp_path / "out" / "breast" / "summary.json").is_file()
 
 
-def test_unknown_plugin_class(tmp_path: Path, capsys: pytest.CaptureFixture[str], app: App,
-                              models_dir: Path, small_slide: Path) -> None:
+def test_unknown_plugin_class(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    app: App,
+    models_dir: Path,
+    small_slide: Path,
+) -> None:
     doc = verbose_config(models_dir)
     doc["analyses"][0]["models"]["carcinoma_model"]["postprocessing"] = [
         {"cls": "BinaryClasification", "params": {"threshold": 0.5}}
     ]
     app.write(doc)
     code, err = _run(capsys, app, small_slide, tmp_path / "out")
-    _assert_one_line_error(code, err, "config", "BinaryClasification", "BinaryClassification",
-                           "postprocessing[0]")
+    _assert_one_line_error(
+        code, err, "config", "BinaryClasification", "BinaryClassification", "postprocessing[0]"
+    )
     doc = verbose_config(models_dir)
     doc["analyses"][0]["features"][0]["cls"] = "Carcinomma"
     app.write(doc)
@@ -129,8 +159,13 @@ def test_unknown_plugin_class(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     _assert_nothing_written(tmp_path / "out")
 
 
-def test_config_errors_name_file_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                         app: App, models_dir: Path, small_slide: Path) -> None:
+def test_config_errors_name_file_and_key(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    app: App,
+    models_dir: Path,
+    small_slide: Path,
+) -> None:
     cases = []
     doc = verbose_config(models_dir)
     doc["analyses"][0]["models"]["carcinoma_model"]["params"]["tilesize"] = 224
@@ -147,7 +182,8 @@ def test_config_errors_name_file_and_key(tmp_path: Path, capsys: pytest.CaptureF
     cases.append((doc, "factr"))
     doc = verbose_config(models_dir)
     doc["analyses"][0]["models"]["mitosis_model"]["postprocessing"] = [
-        {"cls": "BinaryClassification"}]
+        {"cls": "BinaryClassification"}
+    ]
     cases.append((doc, "BinaryClassification takes scores but gets maps"))
     for doc, needle in cases:
         app.write(doc)
@@ -159,8 +195,9 @@ def test_config_errors_name_file_and_key(tmp_path: Path, capsys: pytest.CaptureF
     _assert_nothing_written(tmp_path / "out")
 
 
-def test_missing_and_corrupt_model_files(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                         app: App, small_slide: Path) -> None:
+def test_missing_and_corrupt_model_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], app: App, small_slide: Path
+) -> None:
     model = app.models / "mitosis-demo" / "model.onnx"
     data = model.read_bytes()
     model.unlink()
@@ -172,8 +209,13 @@ def test_missing_and_corrupt_model_files(tmp_path: Path, capsys: pytest.CaptureF
     _assert_nothing_written(tmp_path / "out")
 
 
-def test_corrupt_model_without_provenance(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                          app: App, models_dir: Path, small_slide: Path) -> None:
+def test_corrupt_model_without_provenance(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    app: App,
+    models_dir: Path,
+    small_slide: Path,
+) -> None:
     doc = verbose_config(models_dir)
     for m in doc["analyses"][0]["models"].values():
         m.pop("provenance")
@@ -185,8 +227,13 @@ def test_corrupt_model_without_provenance(tmp_path: Path, capsys: pytest.Capture
     _assert_nothing_written(tmp_path / "out")
 
 
-def test_model_tile_size_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str], app: App,
-                                  models_dir: Path, small_slide: Path) -> None:
+def test_model_tile_size_mismatch(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    app: App,
+    models_dir: Path,
+    small_slide: Path,
+) -> None:
     doc = verbose_config(models_dir)
     doc["analyses"][0]["models"]["carcinoma_model"]["params"]["tile_size"] = 256
     app.write(doc)
@@ -195,8 +242,9 @@ def test_model_tile_size_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[
     _assert_nothing_written(tmp_path / "out")
 
 
-def test_output_folder_not_writable(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                    app: App, small_slide: Path) -> None:
+def test_output_folder_not_writable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], app: App, small_slide: Path
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     for out in (blocker, blocker / "sub"):
@@ -209,10 +257,24 @@ def test_output_folder_not_writable(tmp_path: Path, capsys: pytest.CaptureFixtur
         _assert_one_line_error(code, err, "output", "not writable")
 
 
-def test_cuda_requested_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                     app: App, small_slide: Path) -> None:
-    code = main(["-q", "run", str(small_slide), "--config", str(app.config), "--app-dir",
-                 str(app.root), "--out", str(tmp_path / "out"), "--device", "cuda"])
+def test_cuda_requested_without_cuda(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], app: App, small_slide: Path
+) -> None:
+    code = main(
+        [
+            "-q",
+            "run",
+            str(small_slide),
+            "--config",
+            str(app.config),
+            "--app-dir",
+            str(app.root),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cuda",
+        ]
+    )
     err = capsys.readouterr().err
     _assert_one_line_error(code, err, "device", "--device cuda", "--device cpu")
     _assert_nothing_written(tmp_path / "out")
@@ -233,8 +295,9 @@ def test_progress_bar_reports_tiles_and_rate() -> None:
     assert len(lines) == 3
 
 
-def test_errors_come_before_slide_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                       app: App, models_dir: Path) -> None:
+def test_errors_come_before_slide_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], app: App, models_dir: Path
+) -> None:
     """A bad config with a missing slide reports the config, then the output, then models."""
     doc = verbose_config(models_dir)
     doc["analyses"][0]["features"][0]["cls"] = "Nope"
@@ -265,12 +328,28 @@ def test_previous_results_survive_a_failed_run(
 
 def test_console_script_exit_code_and_single_line(tmp_path: Path, app: App) -> None:
     exe = Path(sys.executable).with_name("tilerunner")
-    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else
-                                                          ["-m", "tilerunner"])]
+    cmd = [
+        str(exe) if exe.exists() else sys.executable,
+        *([] if exe.exists() else ["-m", "tilerunner"]),
+    ]
     proc = subprocess.run(
-        [*cmd, "run", str(tmp_path / "nope.svs"), "--config", str(app.config),
-         "--app-dir", str(app.root), "--out", str(tmp_path / "out"), "--device", "cpu"],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            *cmd,
+            "run",
+            str(tmp_path / "nope.svs"),
+            "--config",
+            str(app.config),
+            "--app-dir",
+            str(app.root),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == EXIT["slide"], proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]

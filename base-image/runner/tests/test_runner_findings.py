@@ -31,8 +31,9 @@ def _run(app: App, slide: Path, out: Path, options: RunOptions = OPTS) -> Path:
 
 
 @pytest.fixture(scope="module")
-def small_result(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
-                 small_slide: Path) -> Path:
+def small_result(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, small_slide: Path
+) -> Path:
     root = tmp_path_factory.mktemp("small")
     app = App(root / "app", models_dir)
     app.write(verbose_config(models_dir))
@@ -98,23 +99,31 @@ def test_deterministic_across_runs_workers_and_batch_sizes(
     tmp_path: Path, app: App, small_slide: Path, small_result: Path
 ) -> None:
     """Same slide, config, device -> identical files and identical summary minus `run`."""
-    again = _run(app, small_slide, tmp_path / "again",
-                 RunOptions(device="cpu", batch_size=7, workers=2))
+    again = _run(
+        app, small_slide, tmp_path / "again", RunOptions(device="cpu", batch_size=7, workers=2)
+    )
     first = json.loads((small_result / "summary.json").read_text())
     second = json.loads((again / "summary.json").read_text())
     assert first["volatile_keys"] == ["run"]
-    first["deterministic"]["config"].pop("sha256")  # the two app folders' configs differ in path only
+    first["deterministic"]["config"].pop(
+        "sha256"
+    )  # the two app folders' configs differ in path only
     second["deterministic"]["config"].pop("sha256")
     assert first["deterministic"] == second["deterministic"]
     for name in first["deterministic"]["outputs"]:
         assert (small_result / name).read_bytes() == (again / name).read_bytes(), name
 
 
-def test_same_outputs_through_openslide_only(tmp_path: Path, app: App, small_slide: Path,
-                                             small_result: Path) -> None:
+def test_same_outputs_through_openslide_only(
+    tmp_path: Path, app: App, small_slide: Path, small_result: Path
+) -> None:
     """--reader openslide gives the same files as the default tile fast path."""
-    again = _run(app, small_slide, tmp_path / "os",
-                 RunOptions(device="cpu", batch_size=16, workers=1, reader="openslide"))
+    again = _run(
+        app,
+        small_slide,
+        tmp_path / "os",
+        RunOptions(device="cpu", batch_size=16, workers=1, reader="openslide"),
+    )
     first = json.loads((small_result / "summary.json").read_text())["deterministic"]
     second = json.loads((again / "summary.json").read_text())["deterministic"]
     assert "checked identical" in first["slide"]["reader"]

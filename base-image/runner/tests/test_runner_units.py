@@ -30,7 +30,9 @@ def test_provider_selection_by_availability() -> None:
     assert select_providers("auto", ["AzureExecutionProvider", CPU]) == ("cpu", [CPU])
     assert select_providers("cpu", [CUDA, CPU]) == ("cpu", [CPU])
     assert select_providers("cuda", ["TensorrtExecutionProvider", CUDA, CPU]) == (
-        "cuda", [CUDA, CPU])
+        "cuda",
+        [CUDA, CPU],
+    )
     with pytest.raises(DeviceError, match="no CUDAExecutionProvider"):
         select_providers("cuda", [CPU])
 
@@ -98,7 +100,8 @@ def test_mask_to_objects_sizes_in_um2() -> None:
     maps[0, 0, 40:42, 40:42] = 0.9  # 4 px = 1 um2: too small
     maps[1, 0, 0:60, 0:60] = 0.8  # 3600 px = 900 um2: too big
     step = POSTPROCESSING.create(
-        "MaskToObjects", {"threshold": 0.5, "min_area_um2": 5, "max_area_um2": 200}, "x")
+        "MaskToObjects", {"threshold": 0.5, "min_area_um2": 5, "max_area_um2": 200}, "x"
+    )
     out = step.apply(Prediction.from_raw(maps, 0.5))
     assert out.kind is Kind.OBJECTS
     assert len(out.objects[0]) == 1 and out.objects[1] == []
@@ -148,12 +151,19 @@ def test_a_new_plugin_is_one_registered_class(
     try:
         doc = verbose_config(models_dir)
         doc["analyses"][0]["features"] = [
-            {"cls": "TileCounter", "models": {"classification_model": "carcinoma_model"},
-             "params": {"label": "counted"}}
+            {
+                "cls": "TileCounter",
+                "models": {"classification_model": "carcinoma_model"},
+                "params": {"label": "counted"},
+            }
         ]
         app.write(doc)
-        report = run(config_mod.load_config(app.config, app.root), small_slide, tmp_path / "o",
-                     RunOptions(device="cpu", workers=1))
+        report = run(
+            config_mod.load_config(app.config, app.root),
+            small_slide,
+            tmp_path / "o",
+            RunOptions(device="cpu", workers=1),
+        )
         feat = report.summaries["breast"]["deterministic"]["features"]["TileCounter"]
         assert feat["counted"] == feat["tiles_run"] > 0
     finally:
@@ -242,26 +252,40 @@ def test_tifffile_fallback_reads_what_openslide_rejects(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)
     path = tmp_path / "strips.tif"
-    tifffile.imwrite(path, image, photometric="rgb", rowsperstrip=64,
-                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        image,
+        photometric="rgb",
+        rowsperstrip=64,
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
     slide = open_slide(path)
     assert isinstance(slide, TiffSlide) and slide.info.mpp == pytest.approx(0.5)
-    np.testing.assert_array_equal(slide.read_region((100, 50), 0, (300, 200)),
-                                  image[50:250, 100:400])
+    np.testing.assert_array_equal(
+        slide.read_region((100, 50), 0, (300, 200)), image[50:250, 100:400]
+    )
     edge = slide.read_region((800, 650), 0, (200, 100))
     np.testing.assert_array_equal(edge[:50, :100], image[650:, 800:])
     assert (edge[50:] == 255).all() and (edge[:, 100:] == 255).all()
     tiled = tmp_path / "tiled.tif"
-    tifffile.imwrite(tiled, image, photometric="rgb", tile=(256, 256),
-                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        tiled,
+        image,
+        photometric="rgb",
+        tile=(256, 256),
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
     osr = open_slide(tiled, reader="openslide")
     assert isinstance(osr, OpenSlideSlide)
-    np.testing.assert_array_equal(osr.read_region((100, 50), 0, (300, 200)),
-                                  TiffSlide(tiled).read_region((100, 50), 0, (300, 200)))
+    np.testing.assert_array_equal(
+        osr.read_region((100, 50), 0, (300, 200)),
+        TiffSlide(tiled).read_region((100, 50), 0, (300, 200)),
+    )
 
 
-def test_fast_tile_path_is_pixel_identical_to_openslide(small_slide: Path,
-                                                         cmu_slide: Path) -> None:
+def test_fast_tile_path_is_pixel_identical_to_openslide(small_slide: Path, cmu_slide: Path) -> None:
     """reader auto decodes TIFF tiles with tifffile only where OpenSlide gives the same pixels."""
     from tilerunner.slide import OpenSlideSlide, TiffSlide, open_slide
 
@@ -277,8 +301,10 @@ def test_fast_tile_path_is_pixel_identical_to_openslide(small_slide: Path,
             for _ in range(5):
                 x, y = int(rng.integers(0, w - 300)), int(rng.integers(0, h - 300))
                 loc = (round(x * ds), round(y * ds))
-                np.testing.assert_array_equal(fast.read_region(loc, level, (300, 260)),
-                                              ref.read_region(loc, level, (300, 260)))
+                np.testing.assert_array_equal(
+                    fast.read_region(loc, level, (300, 260)),
+                    ref.read_region(loc, level, (300, 260)),
+                )
 
 
 def test_bad_mpp_override(small_slide: Path) -> None:
@@ -297,8 +323,9 @@ class _SlowSlide:
         self.lock = threading.Lock()
         self.info = None
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]
-                    ) -> np.ndarray:
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         with self.lock:
             self.active += 1
             self.peak = max(self.peak, self.active)
@@ -365,8 +392,9 @@ def test_demo_mitosis_model_is_byte_identical_when_rebuilt(models_dir: Path) -> 
     assert first == again == (models_dir / "mitosis-demo-ft" / "model.onnx").read_bytes()
 
 
-def test_dependency_across_grids(tmp_path: Path, app: App, models_dir: Path,
-                                 small_slide: Path) -> None:
+def test_dependency_across_grids(
+    tmp_path: Path, app: App, models_dir: Path, small_slide: Path
+) -> None:
     """Mitosis at 0.25 um/px (another grid) runs only on tiles overlapping positive Carcinoma."""
     from tilerunner.evaluate import match_points
     from tilerunner_testlib import truth_of
@@ -374,8 +402,12 @@ def test_dependency_across_grids(tmp_path: Path, app: App, models_dir: Path,
     doc = verbose_config(models_dir)
     doc["analyses"][0]["models"]["mitosis_model"]["params"]["mpp"] = 0.25
     app.write(doc)
-    report = run(config_mod.load_config(app.config, app.root), small_slide, tmp_path / "o",
-                 RunOptions(device="cpu", workers=1))
+    report = run(
+        config_mod.load_config(app.config, app.root),
+        small_slide,
+        tmp_path / "o",
+        RunOptions(device="cpu", workers=1),
+    )
     det = report.summaries["breast"]["deterministic"]
     mit, carc = det["features"]["mitosis"], det["features"]["Carcinoma"]
     grid = det["grids"]["0.25@224"]

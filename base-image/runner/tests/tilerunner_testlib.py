@@ -72,8 +72,19 @@ def truth_of(slide_path: Path) -> Path:
 
 
 def _pip_download(args: list[str], dest: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--timeout", "60", "-d", str(dest), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--timeout",
+        "60",
+        "-d",
+        str(dest),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         pytest.skip(f"pip download {' '.join(args)} failed: {proc.stderr.strip()[-300:]}")
@@ -132,7 +143,9 @@ def verbose_config(models_dir: Path, variant: str = "base", **extra: Any) -> dic
             "postprocessing": m["postprocessing"],
             "params": {k: v for k, v in m["params"].items() if k in ("file", "tile_size", "mpp")},
             "provenance": {
-                "source": "registry", "registry_id": f"demo-{name}", "task_id": f"task-{name}",
+                "source": "registry",
+                "registry_id": f"demo-{name}",
+                "task_id": f"task-{name}",
                 "weights_uri": f"file:///demo/{name}/",
                 "files": [{"name": "model.onnx", "size": m["size"], "sha256": m["sha256"]}],
             },
@@ -143,8 +156,12 @@ def verbose_config(models_dir: Path, variant: str = "base", **extra: Any) -> dic
         "models": {"carcinoma_model": model(carc), "mitosis_model": model(mit)},
         "features": [
             {"cls": "Carcinoma", "models": {"classification_model": "carcinoma_model"}},
-            {"cls": "Mitosis", "name": "mitosis", "models": {"segmentation_model": "mitosis_model"},
-             "depends_on": ["Carcinoma"]},
+            {
+                "cls": "Mitosis",
+                "name": "mitosis",
+                "models": {"segmentation_model": "mitosis_model"},
+                "depends_on": ["Carcinoma"],
+            },
         ],
     }
     analysis.update(extra)

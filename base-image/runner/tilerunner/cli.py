@@ -53,8 +53,9 @@ class ProgressBar:
             width = 30
             fill = int(width * p.done / p.total) if p.total else width
             bar = "#" * fill + "." * (width - fill)
-            self.stream.write(f"\r{p.analysis}: [{bar}] {p.done}/{p.total} tiles "
-                              f"{rate:7.1f} tiles/s")
+            self.stream.write(
+                f"\r{p.analysis}: [{bar}] {p.done}/{p.total} tiles {rate:7.1f} tiles/s"
+            )
             if p.done >= p.total:
                 self.stream.write("\n")
             self.stream.flush()
@@ -89,31 +90,62 @@ def _worker_parser(sub: Any, common: Any) -> None:
     """`tilerunner worker`: options of the service mode (see worker.py)."""
     wk = sub.add_parser("worker", help="analyse slides as jobs arrive on a RabbitMQ queue")
     common(wk)
-    wk.add_argument("--amqp", default=os.environ.get("TILERUNNER_AMQP_URL"),
-                    help="broker URL amqp://user:password@host:5672/vhost "
-                    "(default: $TILERUNNER_AMQP_URL, which keeps the password off the command line)")
-    wk.add_argument("--queue", default=os.environ.get("TILERUNNER_QUEUE", "tilerunner.jobs"),
-                    help="job queue; NAME.results and NAME.dead go with it "
-                    "(default: $TILERUNNER_QUEUE or tilerunner.jobs)")
-    wk.add_argument("--prefetch", type=_int_at_least(1), default=1,
-                    help="jobs held from the broker at once (run one at a time)")
-    wk.add_argument("--max-attempts", type=_int_at_least(1), default=3,
-                    help="deliveries of a job before it is dead-lettered (same on every worker)")
-    wk.add_argument("--grace", type=_seconds, default=25.0,
-                    help="on SIGTERM, seconds the current job may take to finish before it is "
-                    "handed back to the queue")
-    wk.add_argument("--retry-delay", type=_seconds, default=5.0,
-                    help="seconds before a failed attempt goes back to the queue")
-    wk.add_argument("--broker-timeout", type=_seconds, default=300.0,
-                    help="exit (code 7) after this many seconds without a broker connection")
-    wk.add_argument("--metrics-port", type=_int_at_least(0), default=9464,
-                    help="HTTP port of /metrics, /healthz, /readyz (0: none)")
+    wk.add_argument(
+        "--amqp",
+        default=os.environ.get("TILERUNNER_AMQP_URL"),
+        help="broker URL amqp://user:password@host:5672/vhost "
+        "(default: $TILERUNNER_AMQP_URL, which keeps the password off the command line)",
+    )
+    wk.add_argument(
+        "--queue",
+        default=os.environ.get("TILERUNNER_QUEUE", "tilerunner.jobs"),
+        help="job queue; NAME.results and NAME.dead go with it "
+        "(default: $TILERUNNER_QUEUE or tilerunner.jobs)",
+    )
+    wk.add_argument(
+        "--prefetch",
+        type=_int_at_least(1),
+        default=1,
+        help="jobs held from the broker at once (run one at a time)",
+    )
+    wk.add_argument(
+        "--max-attempts",
+        type=_int_at_least(1),
+        default=3,
+        help="deliveries of a job before it is dead-lettered (same on every worker)",
+    )
+    wk.add_argument(
+        "--grace",
+        type=_seconds,
+        default=25.0,
+        help="on SIGTERM, seconds the current job may take to finish before it is "
+        "handed back to the queue",
+    )
+    wk.add_argument(
+        "--retry-delay",
+        type=_seconds,
+        default=5.0,
+        help="seconds before a failed attempt goes back to the queue",
+    )
+    wk.add_argument(
+        "--broker-timeout",
+        type=_seconds,
+        default=300.0,
+        help="exit (code 7) after this many seconds without a broker connection",
+    )
+    wk.add_argument(
+        "--metrics-port",
+        type=_int_at_least(0),
+        default=9464,
+        help="HTTP port of /metrics, /healthz, /readyz (0: none)",
+    )
     wk.add_argument("--metrics-host", default="0.0.0.0", help="address of that port")
     wk.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     wk.add_argument("--batch-size", type=_int_at_least(1), default=32)
     wk.add_argument("--workers", type=int, default=None, help="tile reader threads")
-    wk.add_argument("--threads", type=int, default=0,
-                    help="ONNX Runtime intra-op threads (0: one per core)")
+    wk.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)"
+    )
     wk.add_argument("--reader", choices=("auto", "openslide"), default="auto")
     wk.add_argument("--log-format", choices=("json", "text"), default="json")
 
@@ -123,19 +155,29 @@ def _parser() -> argparse.ArgumentParser:
         prog="tilerunner",
         description="Run the analyses of a verbose config on a whole-slide image.",
     )
-    parser.add_argument("--version", action="version",
-                        version=f"tilerunner {__version__} (config schemas "
-                        f"{','.join(map(str, CONFIG_SCHEMA_VERSIONS))})")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"tilerunner {__version__} (config schemas "
+        f"{','.join(map(str, CONFIG_SCHEMA_VERSIONS))})",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="errors only")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", type=Path, default=None,
-                       help="verbose analysis config (default: <app dir>/config/analysis.yaml)")
-        p.add_argument("--app-dir", type=Path, default=None,
-                       help="folder model references resolve against "
-                       "(default: $TILERUNNER_APP_DIR or /app)")
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="verbose analysis config (default: <app dir>/config/analysis.yaml)",
+        )
+        p.add_argument(
+            "--app-dir",
+            type=Path,
+            default=None,
+            help="folder model references resolve against (default: $TILERUNNER_APP_DIR or /app)",
+        )
 
     run = sub.add_parser("run", help="analyse one slide")
     run.add_argument("slide", type=Path)
@@ -144,12 +186,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--workers", type=int, default=None, help="tile reader threads")
-    run.add_argument("--threads", type=int, default=0,
-                     help="ONNX Runtime intra-op threads (0: one per core)")
-    run.add_argument("--mpp", type=float, default=None,
-                     help="microns per pixel, for slides without resolution metadata")
-    run.add_argument("--reader", choices=("auto", "openslide"), default="auto",
-                     help="auto: decode TIFF tiles directly when identical to OpenSlide")
+    run.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)"
+    )
+    run.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="microns per pixel, for slides without resolution metadata",
+    )
+    run.add_argument(
+        "--reader",
+        choices=("auto", "openslide"),
+        default="auto",
+        help="auto: decode TIFF tiles directly when identical to OpenSlide",
+    )
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--json", action="store_true", help="print the run report as JSON")
 
@@ -185,21 +236,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.app_dir)
     options = RunOptions(
-        device=args.device, batch_size=args.batch_size,
+        device=args.device,
+        batch_size=args.batch_size,
         workers=default_workers() if args.workers is None else args.workers,
-        threads=args.threads, mpp=args.mpp, reader=args.reader,
+        threads=args.threads,
+        mpp=args.mpp,
+        reader=args.reader,
     )
     bar = ProgressBar(sys.stderr, enabled=not (args.no_progress or args.quiet))
     report = run(config, args.slide, args.out, options, bar)
     rate = report.tiles / report.seconds if report.seconds else 0.0
     logging.getLogger("tilerunner").info(
         "done: %d tiles in %.1f s (%.1f tiles/s) on %s; results in %s",
-        report.tiles, report.seconds, rate, report.device,
+        report.tiles,
+        report.seconds,
+        rate,
+        report.device,
         ", ".join(str(p) for p in report.analyses.values()),
     )
     if args.json:
-        doc = {"device": report.device, "tiles": report.tiles, "seconds": round(report.seconds, 3),
-               "analyses": {k: str(v) for k, v in report.analyses.items()}}
+        doc = {
+            "device": report.device,
+            "tiles": report.tiles,
+            "seconds": round(report.seconds, 3),
+            "analyses": {k: str(v) for k, v in report.analyses.items()},
+        }
         print(json.dumps(doc, sort_keys=True))
     return 0
 
@@ -212,9 +273,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     store = ModelStore(EngineOptions(device=args.device))
     store.load(config)
     doc = {
-        "config": str(config.path), "customer": config.customer,
+        "config": str(config.path),
+        "customer": config.customer,
         "analyses": {a.name: sorted(a.models) for a in config.analyses},
-        "models": {s.key[:12]: s.sha256 for s in store.sessions}, "device": store.device,
+        "models": {s.key[:12]: s.sha256 for s in store.sessions},
+        "device": store.device,
     }
     print(json.dumps(doc, sort_keys=True))
     return 0
@@ -232,14 +295,21 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             handler.setFormatter(JsonLogFormatter())
     config = load_config(args.config, args.app_dir)
     options = RunOptions(
-        device=args.device, batch_size=args.batch_size,
+        device=args.device,
+        batch_size=args.batch_size,
         workers=default_workers() if args.workers is None else args.workers,
-        threads=args.threads, reader=args.reader,
+        threads=args.threads,
+        reader=args.reader,
     )
     settings = WorkerSettings(
-        amqp_url=args.amqp, queue=args.queue, prefetch=args.prefetch,
-        max_attempts=args.max_attempts, grace_s=args.grace, retry_delay_s=args.retry_delay,
-        broker_timeout_s=args.broker_timeout, metrics_host=args.metrics_host,
+        amqp_url=args.amqp,
+        queue=args.queue,
+        prefetch=args.prefetch,
+        max_attempts=args.max_attempts,
+        grace_s=args.grace,
+        retry_delay_s=args.retry_delay,
+        broker_timeout_s=args.broker_timeout,
+        metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
     )
     return serve(settings, config, options)
@@ -271,12 +341,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from tilerunner.synthetic import make_slide
 
     truth = make_slide(
-        args.out, width=args.size, seed=args.seed, mpp=args.mpp, palette=args.palette,
-        tissue=not args.no_tissue, pyramid=not args.no_pyramid, compression=args.compression,
-        vendor=args.vendor, workers=args.workers,
+        args.out,
+        width=args.size,
+        seed=args.seed,
+        mpp=args.mpp,
+        palette=args.palette,
+        tissue=not args.no_tissue,
+        pyramid=not args.no_pyramid,
+        compression=args.compression,
+        vendor=args.vendor,
+        workers=args.workers,
     )
-    print(json.dumps({"slide": str(args.out), "carcinoma_regions": len(truth["carcinoma"]),
-                      "mitoses": len(truth["mitoses"]), "levels": len(truth["levels"])}))
+    print(
+        json.dumps(
+            {
+                "slide": str(args.out),
+                "carcinoma_regions": len(truth["carcinoma"]),
+                "mitoses": len(truth["mitoses"]),
+                "levels": len(truth["levels"]),
+            }
+        )
+    )
     return 0
 
 
@@ -302,8 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     _setup_logging(level)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    commands = {"run": _cmd_run, "validate": _cmd_validate, "info": _cmd_info, "demo": _cmd_demo,
-                "worker": _cmd_worker}
+    commands = {
+        "run": _cmd_run,
+        "validate": _cmd_validate,
+        "info": _cmd_info,
+        "demo": _cmd_demo,
+        "worker": _cmd_worker,
+    }
     try:
         return commands[args.command](args)
     except RunnerError as exc:
@@ -316,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         text = " ".join(str(exc).split())[:300]
-        print(f"tilerunner: internal error: {type(exc).__name__}: {text} (rerun with -v)",
-              file=sys.stderr)
+        print(
+            f"tilerunner: internal error: {type(exc).__name__}: {text} (rerun with -v)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL

@@ -126,9 +126,10 @@ def _topo_sort(features: list[FeatureSpec], file: Path, analysis: str) -> tuple[
         if state.get(f.name) == 2:
             return
         if state.get(f.name) == 1:
-            cycle = " -> ".join([*chain[chain.index(f.name):], f.name])
-            raise ConfigError(f"{file}: analysis {analysis!r}: features depend on each other in "
-                              f"a cycle: {cycle}")
+            cycle = " -> ".join([*chain[chain.index(f.name) :], f.name])
+            raise ConfigError(
+                f"{file}: analysis {analysis!r}: features depend on each other in a cycle: {cycle}"
+            )
         state[f.name] = 1
         for parent in f.depends_on:
             visit(by_name[parent], [*chain, f.name])
@@ -140,7 +141,9 @@ def _topo_sort(features: list[FeatureSpec], file: Path, analysis: str) -> tuple[
     return tuple(order)
 
 
-def _model(name: str, raw: Mapping[str, Any], analysis: str, where: str, app_dir: Path) -> ModelSpec:
+def _model(
+    name: str, raw: Mapping[str, Any], analysis: str, where: str, app_dir: Path
+) -> ModelSpec:
     params = dict(raw["params"])
     pre = tuple(
         PREPROCESSING.create(p["cls"], p.get("params"), f"{where}.preprocessing[{i}]")
@@ -159,19 +162,29 @@ def _model(name: str, raw: Mapping[str, Any], analysis: str, where: str, app_dir
             f"(reference {raw['reference']!r}, params.file {params['file']!r}, app dir {app_dir})"
         )
     return ModelSpec(
-        name=name, analysis=analysis, reference=str(raw["reference"]), folder=folder, file=file,
-        tile_size=int(params["tile_size"]), mpp=float(params["mpp"]),
-        input_layout=params.get("input_layout"), output=params.get("output"),
-        params=params, preprocessing=pre,
+        name=name,
+        analysis=analysis,
+        reference=str(raw["reference"]),
+        folder=folder,
+        file=file,
+        tile_size=int(params["tile_size"]),
+        mpp=float(params["mpp"]),
+        input_layout=params.get("input_layout"),
+        output=params.get("output"),
+        params=params,
+        preprocessing=pre,
         preprocessing_spec=tuple(dict(p) for p in raw.get("preprocessing", ())),
-        postprocessing=post, provenance=dict(raw.get("provenance") or {}),
+        postprocessing=post,
+        provenance=dict(raw.get("provenance") or {}),
     )
 
 
 def parse_config(doc: Any, file: Path, app_dir: Path) -> RunConfig:
     """Validate a parsed config document and build the run configuration."""
-    if isinstance(doc, dict) and "schema_version" in doc and (
-        doc["schema_version"] not in CONFIG_SCHEMA_VERSIONS
+    if (
+        isinstance(doc, dict)
+        and "schema_version" in doc
+        and (doc["schema_version"] not in CONFIG_SCHEMA_VERSIONS)
     ):
         accepted = ", ".join(map(str, CONFIG_SCHEMA_VERSIONS))
         raise ConfigError(
@@ -198,8 +211,10 @@ def parse_config(doc: Any, file: Path, app_dir: Path) -> RunConfig:
             cls = FEATURES.get(raw_f["cls"], f_where)
             f_name = raw_f.get("name", raw_f["cls"])
             if f_name.lower() in {n.lower() for n in names}:  # names become file names
-                raise ConfigError(f"{f_where}: feature name {f_name!r} is used twice "
-                                  "(case-insensitively); give one of them a `name`")
+                raise ConfigError(
+                    f"{f_where}: feature name {f_name!r} is used twice "
+                    "(case-insensitively); give one of them a `name`"
+                )
             names.add(f_name)
             roles = dict(raw_f["models"])
             missing = sorted(set(cls.roles) - set(roles))
@@ -216,10 +231,15 @@ def parse_config(doc: Any, file: Path, app_dir: Path) -> RunConfig:
                         f"(models: {', '.join(sorted(models))})"
                     )
             build(cls.Params, raw_f.get("params") or {}, f"{f_where}.params ({raw_f['cls']})")
-            features.append(FeatureSpec(
-                name=f_name, cls=raw_f["cls"], models=roles,
-                depends_on=tuple(raw_f.get("depends_on", ())), params=raw_f.get("params") or {},
-            ))
+            features.append(
+                FeatureSpec(
+                    name=f_name,
+                    cls=raw_f["cls"],
+                    models=roles,
+                    depends_on=tuple(raw_f.get("depends_on", ())),
+                    params=raw_f.get("params") or {},
+                )
+            )
         for f_index, f in enumerate(features):
             for parent in f.depends_on:
                 if parent not in names:
@@ -228,16 +248,28 @@ def parse_config(doc: Any, file: Path, app_dir: Path) -> RunConfig:
                         f"analysis {a_name!r} (features: {', '.join(sorted(names))})"
                     )
                 if parent == f.name:
-                    raise ConfigError(f"{a_where}.features[{f_index}]: {f.name!r} depends on itself")
+                    raise ConfigError(
+                        f"{a_where}.features[{f_index}]: {f.name!r} depends on itself"
+                    )
         a_params = dict(raw_a.get("params") or {})
         tissue = build(TissueParams, a_params.get("tissue") or {}, f"{a_where}.params.tissue")
-        analyses.append(AnalysisSpec(
-            name=a_name, description=raw_a.get("description", ""), models=models,
-            features=_topo_sort(features, file, a_name), tissue=tissue, params=a_params,
-        ))
+        analyses.append(
+            AnalysisSpec(
+                name=a_name,
+                description=raw_a.get("description", ""),
+                models=models,
+                features=_topo_sort(features, file, a_name),
+                tissue=tissue,
+                params=a_params,
+            )
+        )
     return RunConfig(
-        path=file, sha256="", schema_version=int(doc["schema_version"]),
-        customer=str(doc["customer"]), app_dir=app_dir, analyses=tuple(analyses),
+        path=file,
+        sha256="",
+        schema_version=int(doc["schema_version"]),
+        customer=str(doc["customer"]),
+        app_dir=app_dir,
+        analyses=tuple(analyses),
     )
 
 
@@ -262,7 +294,10 @@ def load_config(path: Path | None = None, app_dir: Path | None = None) -> RunCon
         raise ConfigError(f"{file}:{line}: {problem}") from None
     config = parse_config(doc, file, app_dir)
     return RunConfig(
-        path=config.path, sha256=hashlib.sha256(data).hexdigest(),
-        schema_version=config.schema_version, customer=config.customer,
-        app_dir=config.app_dir, analyses=config.analyses,
+        path=config.path,
+        sha256=hashlib.sha256(data).hexdigest(),
+        schema_version=config.schema_version,
+        customer=config.customer,
+        app_dir=config.app_dir,
+        analyses=config.analyses,
     )

@@ -103,25 +103,39 @@ class _Graph:
     def conv(self, x: str, w: np.ndarray, b: np.ndarray, stride: int = 1, relu: bool = True) -> str:
         k = w.shape[-1]
         y = self.op(
-            "Conv", [x, self.const(_q(w), "w"), self.const(_q(b), "b")],
-            kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4,
+            "Conv",
+            [x, self.const(_q(w), "w"), self.const(_q(b), "b")],
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[k // 2] * 4,
         )
         return self.op("Relu", [y]) if relu else y
 
-    def model(self, inp: str, in_shape: list[Any], out: str, out_shape: list[Any],
-              final_name: str, meta: dict[str, str]) -> Any:
+    def model(
+        self,
+        inp: str,
+        in_shape: list[Any],
+        out: str,
+        out_shape: list[Any],
+        final_name: str,
+        meta: dict[str, str],
+    ) -> Any:
         from onnx import TensorProto, helper
 
         self.nodes.append(helper.make_node("Identity", [out], [final_name], name="output"))
         graph = helper.make_graph(
-            self.nodes, self.name,
+            self.nodes,
+            self.name,
             [helper.make_tensor_value_info(inp, TensorProto.FLOAT, in_shape)],
             [helper.make_tensor_value_info(final_name, TensorProto.FLOAT, out_shape)],
             self.inits,
         )
         model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
-            producer_name="tilerunner.demo_models", producer_version="1",
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            ir_version=IR_VERSION,
+            producer_name="tilerunner.demo_models",
+            producer_version="1",
             doc_string=DEMO_NOTICE,
         )
         for key, value in sorted(meta.items()):
@@ -201,14 +215,18 @@ def _forward_numpy(x: np.ndarray, layers: list[Layer]) -> np.ndarray:
         for j in range(w.shape[0]):
             acc = np.full((n, out_size, out_size), float(b[j]))
             for c, dy, dx in zip(*np.nonzero(w[j]), strict=True):
-                acc += float(w[j, c, dy, dx]) * padded[:, c, dy : dy + span : stride,
-                                                       dx : dx + span : stride]
+                acc += (
+                    float(w[j, c, dy, dx])
+                    * padded[:, c, dy : dy + span : stride, dx : dx + span : stride]
+                )
             out[:, j] = np.maximum(acc, 0.0)
         h = out
     return np.asarray(h.mean(axis=(2, 3)))
 
 
-def _render_training_tiles(palettes: tuple[str, ...], per_class: int) -> tuple[np.ndarray, np.ndarray]:
+def _render_training_tiles(
+    palettes: tuple[str, ...], per_class: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Tiles (N, 224, 224, 3) uint8 and labels (1 carcinoma, 0 not) from a training layout."""
     from tilerunner import synthetic
 
@@ -234,9 +252,13 @@ def _render_training_tiles(palettes: tuple[str, ...], per_class: int) -> tuple[n
             for blob in spec.carcinoma:
                 in_c |= blob.contains(gx, gy)
             kind = (
-                "carcinoma" if in_c.all() else
-                "stroma" if in_t.all() and not in_c.any() else
-                "glass" if not in_t.any() else None
+                "carcinoma"
+                if in_c.all()
+                else "stroma"
+                if in_t.all() and not in_c.any()
+                else "glass"
+                if not in_t.any()
+                else None
             )
             if kind is None or counts[kind] >= want[kind]:
                 continue
@@ -272,14 +294,30 @@ def build_carcinoma(variant: str = "base") -> Any:
     w, bias = _fit_head(features, labels)
     g = _Graph(f"carcinoma_{variant}")
     feats = _backbone_graph(g, "input", layers)
-    logit = g.op("Gemm", [feats, g.const(_q(w[:, None], _QH), "head_w"),
-                          g.const(_q(np.array([bias]), _QH), "head_b")])
+    logit = g.op(
+        "Gemm",
+        [
+            feats,
+            g.const(_q(w[:, None], _QH), "head_w"),
+            g.const(_q(np.array([bias]), _QH), "head_b"),
+        ],
+    )
     prob = g.op("Sigmoid", [logit])
     return g.model(
-        "input", ["N", 3, TILE, TILE], prob, ["N", 1], "prob",
-        {"demo": "true", "not_for_clinical_use": "true", "task": "tile-classification",
-         "tile_size": str(TILE), "mpp": str(MPP), "variant": variant,
-         "classes": "not-carcinoma,carcinoma"},
+        "input",
+        ["N", 3, TILE, TILE],
+        prob,
+        ["N", 1],
+        "prob",
+        {
+            "demo": "true",
+            "not_for_clinical_use": "true",
+            "task": "tile-classification",
+            "tile_size": str(TILE),
+            "mpp": str(MPP),
+            "variant": variant,
+            "classes": "not-carcinoma,carcinoma",
+        },
     )
 
 
@@ -325,28 +363,50 @@ def build_mitosis(variant: str = "base") -> Any:
     logit = g.conv(h, w3, np.array([-3.0]), relu=False)
     mask = g.op("Sigmoid", [logit])
     return g.model(
-        "input", ["N", 3, TILE, TILE], mask, ["N", 1, TILE, TILE], "mask",
-        {"demo": "true", "not_for_clinical_use": "true", "task": "segmentation",
-         "tile_size": str(TILE), "mpp": str(MPP), "variant": variant,
-         "classes": "background,mitosis"},
+        "input",
+        ["N", 3, TILE, TILE],
+        mask,
+        ["N", 1, TILE, TILE],
+        "mask",
+        {
+            "demo": "true",
+            "not_for_clinical_use": "true",
+            "task": "segmentation",
+            "tile_size": str(TILE),
+            "mpp": str(MPP),
+            "variant": variant,
+            "classes": "background,mitosis",
+        },
     )
 
 
 # --------------------------------------------------------------------------- catalogue
 
-CARCINOMA_PARAMS = {"file": "model.onnx", "tile_size": TILE, "mpp": MPP, "input_layout": "NCHW",
-                    "classes": ["not-carcinoma", "carcinoma"]}
+CARCINOMA_PARAMS = {
+    "file": "model.onnx",
+    "tile_size": TILE,
+    "mpp": MPP,
+    "input_layout": "NCHW",
+    "classes": ["not-carcinoma", "carcinoma"],
+}
 CARCINOMA_PRE = [{"cls": "Normalization", "params": {"factor": 255.0}}]
 CARCINOMA_POST = [{"cls": "BinaryClassification", "params": {"threshold": 0.5}}]
-MITOSIS_PARAMS = {"file": "model.onnx", "tile_size": TILE, "mpp": MPP, "input_layout": "NCHW",
-                  "classes": ["background", "mitosis"]}
+MITOSIS_PARAMS = {
+    "file": "model.onnx",
+    "tile_size": TILE,
+    "mpp": MPP,
+    "input_layout": "NCHW",
+    "classes": ["background", "mitosis"],
+}
 MITOSIS_PRE = [
     {"cls": "Normalization", "params": {"factor": 255.0}},
     {"cls": "MeanStd", "params": {"mean": [MITOSIS_MEAN] * 3, "std": [MITOSIS_STD] * 3}},
 ]
 MITOSIS_POST = [
-    {"cls": "MaskToObjects",
-     "params": {"threshold": 0.5, "min_area_um2": 12.0, "max_area_um2": 200.0}},
+    {
+        "cls": "MaskToObjects",
+        "params": {"threshold": 0.5, "min_area_um2": 12.0, "max_area_um2": 200.0},
+    },
 ]
 
 CATALOGUE: dict[str, tuple[str, str, str]] = {
@@ -375,17 +435,29 @@ def write_demo_models(out_dir: Path, names: list[str] | None = None) -> list[Dem
         tmp.write_bytes(data)
         tmp.replace(target)
         carc = kind == "carcinoma"
-        written.append(DemoModel(
-            name=name, path=target, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-            params=dict(CARCINOMA_PARAMS if carc else MITOSIS_PARAMS),
-            preprocessing=list(CARCINOMA_PRE if carc else MITOSIS_PRE),
-            postprocessing=list(CARCINOMA_POST if carc else MITOSIS_POST),
-            description=f"{description}. {DEMO_NOTICE}",
-        ))
+        written.append(
+            DemoModel(
+                name=name,
+                path=target,
+                sha256=hashlib.sha256(data).hexdigest(),
+                size=len(data),
+                params=dict(CARCINOMA_PARAMS if carc else MITOSIS_PARAMS),
+                preprocessing=list(CARCINOMA_PRE if carc else MITOSIS_PRE),
+                postprocessing=list(CARCINOMA_POST if carc else MITOSIS_POST),
+                description=f"{description}. {DEMO_NOTICE}",
+            )
+        )
     manifest = [
-        {"name": m.name, "file": f"{m.name}/model.onnx", "sha256": m.sha256, "size": m.size,
-         "params": m.params, "preprocessing": m.preprocessing,
-         "postprocessing": m.postprocessing, "description": m.description}
+        {
+            "name": m.name,
+            "file": f"{m.name}/model.onnx",
+            "sha256": m.sha256,
+            "size": m.size,
+            "params": m.params,
+            "preprocessing": m.preprocessing,
+            "postprocessing": m.postprocessing,
+            "description": m.description,
+        }
         for m in written
     ]
     (out_dir / "demo-models.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -395,12 +467,24 @@ def write_demo_models(out_dir: Path, names: list[str] | None = None) -> list[Dem
 def flops_per_tile(kind: str) -> float:
     """Multiply-adds x2 per 224 px tile of the demo architectures (for the benchmark)."""
     if kind == "carcinoma":
-        layers = [(3, 16, 3, 224), (16, 32, 3, 112), (32, 32, 3, 112), (32, 64, 3, 56),
-                  (64, 64, 3, 56)]
+        layers = [
+            (3, 16, 3, 224),
+            (16, 32, 3, 112),
+            (32, 32, 3, 112),
+            (32, 64, 3, 56),
+            (64, 64, 3, 56),
+        ]
     else:
         layers = [(3, 8, 5, 224), (8, 8, 5, 224), (8, 1, 5, 224)]
     return float(sum(2 * cin * cout * k * k * hw * hw for cin, cout, k, hw in layers))
 
 
-__all__ = ["CATALOGUE", "DEMO_NOTICE", "DemoModel", "build_carcinoma", "build_mitosis",
-           "flops_per_tile", "write_demo_models"]
+__all__ = [
+    "CATALOGUE",
+    "DEMO_NOTICE",
+    "DemoModel",
+    "build_carcinoma",
+    "build_mitosis",
+    "flops_per_tile",
+    "write_demo_models",
+]

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 
-def _raster(size: tuple[int, int], scale: float, polygons: list[list[list[list[float]]]]) -> np.ndarray:
+def _raster(
+    size: tuple[int, int], scale: float, polygons: list[list[list[list[float]]]]
+) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     image = Image.new("1", size, 0)
@@ -69,9 +71,7 @@ def oracle_iou(truth: dict[str, Any], step0: float, scale: float) -> float:
     return iou(gt, pred)
 
 
-def match_points(
-    pred: np.ndarray, truth: np.ndarray, radius: float
-) -> tuple[int, int, int]:
+def match_points(pred: np.ndarray, truth: np.ndarray, radius: float) -> tuple[int, int, int]:
     """Greedy one-to-one matching by distance; returns (true pos, false pos, false neg)."""
     if len(pred) == 0 or len(truth) == 0:
         return 0, len(pred), len(truth)
@@ -88,9 +88,15 @@ def match_points(
     return tp, len(pred) - tp, len(truth) - tp
 
 
-def score(result_dir: Path, truth_path: Path, *, region_feature: str = "carcinoma",
-          point_feature: str = "mitosis", match_um: float = 8.0, scale_um: float = 4.0
-          ) -> dict[str, float]:
+def score(
+    result_dir: Path,
+    truth_path: Path,
+    *,
+    region_feature: str = "carcinoma",
+    point_feature: str = "mitosis",
+    match_um: float = 8.0,
+    scale_um: float = 4.0,
+) -> dict[str, float]:
     """IoU (and oracle IoU), precision and recall of a runner analysis folder."""
     truth = json.loads(truth_path.read_text())
     summary = json.loads((result_dir / "summary.json").read_text())
@@ -101,7 +107,9 @@ def score(result_dir: Path, truth_path: Path, *, region_feature: str = "carcinom
     got = geojson_mask(regions, truth, scale)
     grid = next(iter(summary["deterministic"]["grids"].values()))
     points = json.loads((result_dir / f"{point_feature}.geojson").read_text())
-    pred = np.array([f["geometry"]["coordinates"] for f in points["features"]], float).reshape(-1, 2)
+    pred = np.array([f["geometry"]["coordinates"] for f in points["features"]], float).reshape(
+        -1, 2
+    )
     gt_pts = np.array([[m["x_px"], m["y_px"]] for m in truth["mitoses"]], float).reshape(-1, 2)
     tp, fp, fn = match_points(pred, gt_pts, match_um / mpp)
     return {
@@ -109,5 +117,7 @@ def score(result_dir: Path, truth_path: Path, *, region_feature: str = "carcinom
         "oracle_iou": oracle_iou(truth, grid["step_level0_px"], scale),
         "precision": tp / (tp + fp) if tp + fp else 1.0,
         "recall": tp / (tp + fn) if tp + fn else 1.0,
-        "tp": tp, "fp": fp, "fn": fn,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
     }

@@ -65,9 +65,14 @@ class TileGrid:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "mpp": self.mpp, "tile_size": self.tile_size, "level": self.level,
-            "level_mpp": round(self.level_mpp, 6), "read_size": self.read_size,
-            "resized": self.resize, "cols": self.cols, "rows": self.rows,
+            "mpp": self.mpp,
+            "tile_size": self.tile_size,
+            "level": self.level,
+            "level_mpp": round(self.level_mpp, 6),
+            "read_size": self.read_size,
+            "resized": self.resize,
+            "cols": self.cols,
+            "rows": self.rows,
             "step_level0_px": round(self.step0, 6),
         }
 
@@ -78,16 +83,26 @@ def make_grid(info: SlideInfo, mpp: float, tile_size: int) -> TileGrid:
     level = choose_level(mpps, mpp)
     level_mpp = mpps[level]
     exact = tile_size * mpp / level_mpp
-    read = tile_size if abs(exact - tile_size) <= SAME_SCALE_TOLERANCE * tile_size else math.ceil(
-        exact - 1e-6
+    read = (
+        tile_size
+        if abs(exact - tile_size) <= SAME_SCALE_TOLERANCE * tile_size
+        else math.ceil(exact - 1e-6)
     )
     step0 = tile_size * mpp / info.mpp
     w0, h0 = info.dimensions
     return TileGrid(
-        mpp=mpp, tile_size=tile_size, level=level, level_mpp=level_mpp,
-        level_downsample=info.level_downsamples[level], read_size=read, step0=step0,
-        cols=max(1, math.ceil(w0 / step0 - 1e-9)), rows=max(1, math.ceil(h0 / step0 - 1e-9)),
-        width0=w0, height0=h0, mpp0=info.mpp,
+        mpp=mpp,
+        tile_size=tile_size,
+        level=level,
+        level_mpp=level_mpp,
+        level_downsample=info.level_downsamples[level],
+        read_size=read,
+        step0=step0,
+        cols=max(1, math.ceil(w0 / step0 - 1e-9)),
+        rows=max(1, math.ceil(h0 / step0 - 1e-9)),
+        width0=w0,
+        height0=h0,
+        mpp0=info.mpp,
     )
 
 
@@ -107,8 +122,10 @@ def tissue_fractions(grid: TileGrid, tissue: TissueMask) -> np.ndarray:
     c0, c1 = c_idx[:-1], c_end[1:]
     r0, r1 = r_idx[:-1], r_end[1:]
     total = (
-        integral[r1[:, None], c1[None, :]] - integral[r0[:, None], c1[None, :]]
-        - integral[r1[:, None], c0[None, :]] + integral[r0[:, None], c0[None, :]]
+        integral[r1[:, None], c1[None, :]]
+        - integral[r0[:, None], c1[None, :]]
+        - integral[r1[:, None], c0[None, :]]
+        + integral[r0[:, None], c0[None, :]]
     )
     # area of the tile inside the slide, in mask pixels (edge tiles stick out of the slide)
     count = (r1 - r0)[:, None] * (c1 - c0)[None, :]

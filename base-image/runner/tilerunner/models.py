@@ -159,16 +159,19 @@ class ModelRunner:
         return pred
 
 
-def _check_input(model: Any, dims: list[int | None], name: str, spec: ModelSpec,
-                 where: str) -> str:
+def _check_input(model: Any, dims: list[int | None], name: str, spec: ModelSpec, where: str) -> str:
     """The input's layout, after checking its rank, channels and size against the params."""
     if len(dims) != 4:
-        raise ModelError(f"{where}: the model input {name!r} has rank {len(dims)}; "
-                         "expected a 4-d image batch (NCHW or NHWC)")
+        raise ModelError(
+            f"{where}: the model input {name!r} has rank {len(dims)}; "
+            "expected a 4-d image batch (NCHW or NHWC)"
+        )
     layout = spec.input_layout or ("NCHW" if dims[1] == 3 else "NHWC" if dims[3] == 3 else "")
     if not layout:
-        raise ModelError(f"{where}: cannot tell the input layout from shape {dims}; "
-                         "set params.input_layout to NCHW or NHWC")
+        raise ModelError(
+            f"{where}: cannot tell the input layout from shape {dims}; "
+            "set params.input_layout to NCHW or NHWC"
+        )
     hw = dims[2:4] if layout == "NCHW" else dims[1:3]
     channels = dims[1] if layout == "NCHW" else dims[3]
     if channels not in (None, 3):
@@ -182,8 +185,10 @@ def _check_input(model: Any, dims: list[int | None], name: str, spec: ModelSpec,
     meta = {p.key: p.value for p in model.metadata_props}
     declared = meta.get("tile_size", "")
     if declared.isdigit() and int(declared) != spec.tile_size:
-        raise ModelError(f"{where}: the model declares tile_size {declared} in its "
-                         f"metadata but params.tile_size is {spec.tile_size}")
+        raise ModelError(
+            f"{where}: the model declares tile_size {declared} in its "
+            f"metadata but params.tile_size is {spec.tile_size}"
+        )
     return layout
 
 
@@ -195,23 +200,31 @@ def _compose(model: Any, spec: ModelSpec, where: str) -> tuple[Any, str, int | N
     init_names = {i.name for i in g.initializer}
     inputs = [i for i in g.input if i.name not in init_names]
     if len(inputs) != 1:
-        raise ModelError(f"{where}: the model has {len(inputs)} inputs; the runner feeds exactly "
-                         "one image tensor")
+        raise ModelError(
+            f"{where}: the model has {len(inputs)} inputs; the runner feeds exactly "
+            "one image tensor"
+        )
     inp = inputs[0]
     dims = _dims(inp)
     layout = _check_input(model, dims, inp.name, spec, where)
     outputs = [o.name for o in g.output]
     output = spec.output or outputs[0]
     if output not in outputs:
-        raise ModelError(f"{where}: params.output {output!r} is not a model output "
-                         f"(outputs: {', '.join(outputs)})")
+        raise ModelError(
+            f"{where}: params.output {output!r} is not a model output "
+            f"(outputs: {', '.join(outputs)})"
+        )
     elem = inp.type.tensor_type.elem_type
     if elem not in (_ELEM_FLOAT, _ELEM_UINT8):
-        raise ModelError(f"{where}: model input type {TensorProto.DataType.Name(elem)} is not "
-                         "supported (float32 or uint8)")
+        raise ModelError(
+            f"{where}: model input type {TensorProto.DataType.Name(elem)} is not "
+            "supported (float32 or uint8)"
+        )
     if elem == _ELEM_UINT8 and spec.preprocessing:
-        raise ModelError(f"{where}: the model takes uint8 input, so it normalises itself; "
-                         "remove the preprocessing steps")
+        raise ModelError(
+            f"{where}: the model takes uint8 input, so it normalises itself; "
+            "remove the preprocessing steps"
+        )
     fixed = dims[0] if dims[0] else None
     batch_dim: Any = fixed if fixed else "N"
     pre = PreGraph()
@@ -227,17 +240,20 @@ def _compose(model: Any, spec: ModelSpec, where: str) -> tuple[Any, str, int | N
     version = opsets[0].version if opsets else 17
     pre_model = helper.make_model(
         helper.make_graph(
-            pre.nodes, "tilerunner_pre",
-            [helper.make_tensor_value_info(
-                "tiles", TensorProto.UINT8, [batch_dim, spec.tile_size, spec.tile_size, 3])],
+            pre.nodes,
+            "tilerunner_pre",
+            [
+                helper.make_tensor_value_info(
+                    "tiles", TensorProto.UINT8, [batch_dim, spec.tile_size, spec.tile_size, 3]
+                )
+            ],
             [helper.make_tensor_value_info(x_out, elem, None)],
             pre.inits,
         ),
         opset_imports=[helper.make_opsetid("", version)],
         ir_version=model.ir_version,
     )
-    merged = compose.merge_models(pre_model, model, io_map=[(x_out, inp.name)],
-                                  outputs=[output])
+    merged = compose.merge_models(pre_model, model, io_map=[(x_out, inp.name)], outputs=[output])
     return merged, output, fixed, layout
 
 
@@ -276,8 +292,9 @@ class ModelStore:
         so.inter_op_num_threads = 1
         so.use_deterministic_compute = True
         so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning",
-                                    "1" if self.options.spin else "0")
+        so.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.options.spin else "0"
+        )
         return so
 
     def _load(self, spec: ModelSpec) -> Session:
@@ -297,8 +314,11 @@ class ModelStore:
                 f"{where}: sha256 {sha[:16]}... does not match the config's provenance "
                 f"{expected[:16]}...; the model file was altered or corrupted"
             )
-        pre_key = json.dumps([spec.preprocessing_spec, spec.input_layout, spec.output,
-                              spec.tile_size], sort_keys=True, default=str)
+        pre_key = json.dumps(
+            [spec.preprocessing_spec, spec.input_layout, spec.output, spec.tile_size],
+            sort_keys=True,
+            default=str,
+        )
         key = hashlib.sha256(f"{sha}|{pre_key}".encode()).hexdigest()
         if key in self._sessions:
             return self._sessions[key]
@@ -315,26 +335,42 @@ class ModelStore:
             with warnings.catch_warnings():  # ORT warns about unavailable providers: we check
                 warnings.simplefilter("ignore", UserWarning)
                 session = ort.InferenceSession(
-                    composed.SerializeToString(), self._session_options(),
-                    providers=self.providers, provider_options=_provider_options(self.device),
+                    composed.SerializeToString(),
+                    self._session_options(),
+                    providers=self.providers,
+                    provider_options=_provider_options(self.device),
                 )
         except Exception as exc:
             raise ModelError(f"{where}: ONNX Runtime cannot load it: {_line(exc)}") from None
         device = "cuda" if CUDA in session.get_providers() else "cpu"
         if self.device == "cuda" and device != "cuda":
             if self.options.device == "cuda":
-                raise DeviceError(f"{where}: CUDA provider failed to initialise (driver or "
-                                  "libraries missing); use --device cpu")
+                raise DeviceError(
+                    f"{where}: CUDA provider failed to initialise (driver or "
+                    "libraries missing); use --device cpu"
+                )
             log.warning("CUDA provider failed to initialise for %s; using the CPU", spec.name)
             self.device, self.providers = "cpu", [CPU]
         probe = np.zeros((fixed or 1, spec.tile_size, spec.tile_size, 3), np.uint8)
-        sess = Session(key=key, sha256=sha, session=session, device=device, input_name="tiles",
-                       output_name=output, output_rank=0, fixed_batch=fixed,
-                       tile_size=spec.tile_size, layout=layout, load_s=0.0)
+        sess = Session(
+            key=key,
+            sha256=sha,
+            session=session,
+            device=device,
+            input_name="tiles",
+            output_name=output,
+            output_rank=0,
+            fixed_batch=fixed,
+            tile_size=spec.tile_size,
+            layout=layout,
+            load_s=0.0,
+        )
         try:
             out = sess.run(probe)
         except Exception as exc:
-            raise ModelError(f"{where}: a test inference on a blank tile failed: {_line(exc)}") from None
+            raise ModelError(
+                f"{where}: a test inference on a blank tile failed: {_line(exc)}"
+            ) from None
         sess.output_rank = out.ndim
         sess.stats = {"tiles": 0, "infer_s": 0.0}
         sess.load_s = time.perf_counter() - t0

@@ -90,8 +90,9 @@ class OutputStage:
 
 def _dump(path: Path, doc: Any, *, indent: int | None = None) -> None:
     seps = (",", ":") if indent is None else (",", ": ")
-    path.write_text(json.dumps(doc, sort_keys=True, indent=indent, separators=seps,
-                               allow_nan=False) + "\n")
+    path.write_text(
+        json.dumps(doc, sort_keys=True, indent=indent, separators=seps, allow_nan=False) + "\n"
+    )
 
 
 def write_geojson(path: Path, features: list[dict[str, Any]]) -> None:

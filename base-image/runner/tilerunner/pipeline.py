@@ -118,8 +118,15 @@ def _resize(region: np.ndarray, size: int) -> np.ndarray:
 class BatchReader:
     """Reads batches of tiles in worker threads, at most `prefetch` batches ahead."""
 
-    def __init__(self, slide: Slide, grid: TileGrid, coords: np.ndarray, batch_size: int,
-                 workers: int, prefetch: int | None) -> None:
+    def __init__(
+        self,
+        slide: Slide,
+        grid: TileGrid,
+        coords: np.ndarray,
+        batch_size: int,
+        workers: int,
+        prefetch: int | None,
+    ) -> None:
         self.slide, self.grid, self.coords = slide, grid, coords
         self.batch_size = max(1, batch_size)
         self.workers = max(0, workers)
@@ -144,8 +151,9 @@ class BatchReader:
         g = self.grid
         out = np.empty((len(coords), g.tile_size, g.tile_size, 3), np.uint8)
         for i, (col, row) in enumerate(coords):
-            region = slide.read_region(g.origin0(int(col), int(row)), g.level,
-                                       (g.read_size, g.read_size))
+            region = slide.read_region(
+                g.origin0(int(col), int(row)), g.level, (g.read_size, g.read_size)
+            )
             out[i] = _resize(region, g.tile_size) if g.resize else region
         return Batch(coords, out, time.perf_counter() - t0)
 
@@ -153,8 +161,10 @@ class BatchReader:
         return self.read(self._handle(), coords)
 
     def __iter__(self) -> Iterator[Batch]:
-        chunks = [self.coords[i : i + self.batch_size]
-                  for i in range(0, len(self.coords), self.batch_size)]
+        chunks = [
+            self.coords[i : i + self.batch_size]
+            for i in range(0, len(self.coords), self.batch_size)
+        ]
         if self.workers == 0:
             for chunk in chunks:
                 batch = self.read(self.slide, chunk)
@@ -216,8 +226,12 @@ def _project(src: TileGrid, mask: np.ndarray, dst: TileGrid) -> np.ndarray:
     c1 = np.clip(np.ceil(x[1:] / src.step0).astype(int), 0, src.cols)
     r0 = np.clip(np.floor(y[:-1] / src.step0).astype(int), 0, src.rows)
     r1 = np.clip(np.ceil(y[1:] / src.step0).astype(int), 0, src.rows)
-    total = (integral[r1[:, None], c1[None, :]] - integral[r0[:, None], c1[None, :]]
-             - integral[r1[:, None], c0[None, :]] + integral[r0[:, None], c0[None, :]])
+    total = (
+        integral[r1[:, None], c1[None, :]]
+        - integral[r0[:, None], c1[None, :]]
+        - integral[r1[:, None], c0[None, :]]
+        + integral[r0[:, None], c0[None, :]]
+    )
     return np.asarray(total > 0)
 
 
@@ -243,8 +257,9 @@ def _plan(analysis: AnalysisSpec, store: ModelStore, slide: Slide) -> list[Featu
         for parent in spec.depends_on:
             p = runs[parent]
             pass_index = max(pass_index, p.pass_index + (0 if p.grid.key == grid.key else 1))
-        runs[spec.name] = FeatureRun(spec.name, spec.cls, spec.depends_on, runners, grid, impl,
-                                     pass_index)
+        runs[spec.name] = FeatureRun(
+            spec.name, spec.cls, spec.depends_on, runners, grid, impl, pass_index
+        )
     return list(runs.values())
 
 
@@ -283,9 +298,13 @@ class _Buffer:
             yield coords[:n], tiles[:n]
 
 
-def _run_feature(f: FeatureRun, coords: np.ndarray, tiles: np.ndarray,
-                 cache: dict[tuple[int, bytes], Any] | None = None,
-                 idx: np.ndarray | None = None) -> np.ndarray:
+def _run_feature(
+    f: FeatureRun,
+    coords: np.ndarray,
+    tiles: np.ndarray,
+    cache: dict[tuple[int, bytes], Any] | None = None,
+    idx: np.ndarray | None = None,
+) -> np.ndarray:
     """Models of `f` on the tiles, then the feature; returns its positive flags."""
     preds = {}
     for role, runner in f.runners.items():
@@ -304,8 +323,12 @@ def _run_feature(f: FeatureRun, coords: np.ndarray, tiles: np.ndarray,
     return flags
 
 
-def _process_batch(batch: Batch, features: list[FeatureRun], gates: dict[str, np.ndarray],
-                   buffers: dict[str, _Buffer]) -> None:
+def _process_batch(
+    batch: Batch,
+    features: list[FeatureRun],
+    gates: dict[str, np.ndarray],
+    buffers: dict[str, _Buffer],
+) -> None:
     """Run the pass's features on one batch, parents first; children see only positives.
 
     Features nobody in the pass depends on (e.g. Mitosis) get their tiles through a buffer
@@ -369,8 +392,11 @@ def _run_pass(
         f.skipped_by_dependency += int(tissue_ok.sum() - len(coords))
     reader = BatchReader(slide, grid, coords, options.batch_size, options.workers, options.prefetch)
     parents = {p for f in features for p in f.depends_on}
-    buffers = {f.name: _Buffer(options.batch_size) for f in features
-               if f.name not in parents and (f.depends_on or f.name in gates)}
+    buffers = {
+        f.name: _Buffer(options.batch_size)
+        for f in features
+        if f.name not in parents and (f.depends_on or f.name in gates)
+    }
     done = 0
     for batch in reader:
         _process_batch(batch, features, gates, buffers)
@@ -430,7 +456,10 @@ def _write_analysis(
             write_heatmap(folder / f"{stem}.{hname}.npy", array)
             sx, sy = thumb.scale0
             write_overlay(
-                folder / f"{stem}.{hname}.png", thumb.image, array, colour=colour,
+                folder / f"{stem}.{hname}.png",
+                thumb.image,
+                array,
+                colour=colour,
                 grid_px=(f.grid.step0 / sx, f.grid.step0 / sy),
                 points=_thumb_points(res.points, thumb),
             )
@@ -460,14 +489,18 @@ def _run_analyses(
         if analysis.tissue not in tissue_cache:
             if progress:
                 progress(Progress(analysis.name, "tissue", 0, 0, clock.elapsed()))
-            tissue_cache[analysis.tissue] = (detect_tissue(slide, analysis.tissue),
-                                             time.perf_counter() - t)
+            tissue_cache[analysis.tissue] = (
+                detect_tissue(slide, analysis.tissue),
+                time.perf_counter() - t,
+            )
         tissue, tissue_s = tissue_cache[analysis.tissue]
-        summary, n = _run_analysis(config, analysis, store, slide, tissue, options, progress,
-                                   clock, stage)
+        summary, n = _run_analysis(
+            config, analysis, store, slide, tissue, options, progress, clock, stage
+        )
         timings = summary["run"]["timings_s"]
-        timings.update(tissue=round(tissue_s, 4), models_load=round(models_s, 4),
-                       slide_open=round(open_s, 4))
+        timings.update(
+            tissue=round(tissue_s, 4), models_load=round(models_s, 4), slide_open=round(open_s, 4)
+        )
         summary["run"]["started"] = started
         write_json(stage.analysis_dir_path(analysis.name) / "summary.json", summary)
         summaries[analysis.name] = summary
@@ -500,19 +533,26 @@ def run(
     try:
         t = time.perf_counter()
         if store is None:
-            store = ModelStore(EngineOptions(options.device, options.threads, options.spin),
-                               available_providers)
+            store = ModelStore(
+                EngineOptions(options.device, options.threads, options.spin), available_providers
+            )
             store.load(config)
         models_s = time.perf_counter() - t
         t = time.perf_counter()
         slide = open_slide(slide_path, mpp=options.mpp, reader=options.reader)
         open_s = time.perf_counter() - t
-        log.info("device: %s (ONNX Runtime %s, providers %s); slide %s via %s",
-                 store.device, ort_version(), ", ".join(store.providers), slide_path.name,
-                 slide.info.reader)
+        log.info(
+            "device: %s (ONNX Runtime %s, providers %s); slide %s via %s",
+            store.device,
+            ort_version(),
+            ", ".join(store.providers),
+            slide_path.name,
+            slide.info.reader,
+        )
         try:
-            summaries, total_tiles = _run_analyses(config, store, slide, options, progress,
-                                                   clock, stage, started, models_s, open_s)
+            summaries, total_tiles = _run_analyses(
+                config, store, slide, options, progress, clock, stage, started, models_s, open_s
+            )
         finally:
             slide.close()
         committed = stage.commit()
@@ -523,8 +563,12 @@ def run(
     if progress:
         progress(Progress("", "done", total_tiles, total_tiles, seconds))
     return RunReport(
-        out_dir=out_dir, analyses={p.name: p for p in committed}, device=store.device,
-        tiles=total_tiles, seconds=seconds, summaries=summaries,
+        out_dir=out_dir,
+        analyses={p.name: p for p in committed},
+        device=store.device,
+        tiles=total_tiles,
+        seconds=seconds,
+        summaries=summaries,
     )
 
 
@@ -553,7 +597,8 @@ def _run_analysis(
             tissue_ok_by_grid[f.grid.key] = frac >= analysis.tissue.min_tile_fraction
             ok = tissue_ok_by_grid[f.grid.key]
             grid_info[f"{f.grid.mpp}@{f.grid.tile_size}"] = {
-                **f.grid.describe(), "tiles_total": f.grid.rows * f.grid.cols,
+                **f.grid.describe(),
+                "tiles_total": f.grid.rows * f.grid.cols,
                 "tissue_tiles": int(ok.sum()),
                 "skipped_no_tissue": int(f.grid.rows * f.grid.cols - ok.sum()),
             }
@@ -563,8 +608,17 @@ def _run_analysis(
     tiles = 0
     t_tiles, cpu_tiles = time.perf_counter(), time.process_time()
     for key in sorted(passes):
-        tiles += _run_pass(analysis.name, passes[key], by_name, slide,
-                           tissue_ok_by_grid[key[1]], options, progress, clock, timing)
+        tiles += _run_pass(
+            analysis.name,
+            passes[key],
+            by_name,
+            slide,
+            tissue_ok_by_grid[key[1]],
+            options,
+            progress,
+            clock,
+            timing,
+        )
     tiles_s = time.perf_counter() - t_tiles
     tiles_cpu_s = time.process_time() - cpu_tiles
     t = time.perf_counter()
@@ -624,11 +678,17 @@ def _run_analysis(
         "format": SUMMARY_FORMAT,
         "volatile_keys": ["run"],
         "deterministic": {
-            "runner": {"name": "tilerunner", "version": __version__,
-                       "config_schemas": list(CONFIG_SCHEMA_VERSIONS),
-                       "onnxruntime": ort_version()},
-            "config": {"file": config.path.name, "sha256": config.sha256,
-                       "schema_version": config.schema_version},
+            "runner": {
+                "name": "tilerunner",
+                "version": __version__,
+                "config_schemas": list(CONFIG_SCHEMA_VERSIONS),
+                "onnxruntime": ort_version(),
+            },
+            "config": {
+                "file": config.path.name,
+                "sha256": config.sha256,
+                "schema_version": config.schema_version,
+            },
             "customer": config.customer,
             "analysis": analysis.name,
             "slide": slide.info.describe(),
@@ -642,9 +702,14 @@ def _run_analysis(
         },
         "run": {
             "host": socket.gethostname(),
-            "options": {"batch_size": options.batch_size, "workers": options.workers,
-                        "threads": options.threads, "prefetch": options.prefetch,
-                        "spin": options.spin, "reader": options.reader},
+            "options": {
+                "batch_size": options.batch_size,
+                "workers": options.workers,
+                "threads": options.threads,
+                "prefetch": options.prefetch,
+                "spin": options.spin,
+                "reader": options.reader,
+            },
             "tiles": tiles,
             "tiles_per_s": round(tiles / tiles_s, 2) if tiles_s > 0 else None,
             "timings_s": {

@@ -63,7 +63,9 @@ class SlideInfo:
 class Slide(Protocol):
     info: SlideInfo
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         """RGB uint8 (h, w, 3) of `size` at `level`, top-left at level-0 `location`."""
         ...
 
@@ -95,7 +97,9 @@ def _rgba_to_rgb(arr: np.ndarray) -> np.ndarray:
 class OpenSlideSlide:
     """A slide read by OpenSlide (openslide-python over the openslide-bin library)."""
 
-    def __init__(self, path: Path, info: SlideInfo | None = None, mpp_override: float | None = None):
+    def __init__(
+        self, path: Path, info: SlideInfo | None = None, mpp_override: float | None = None
+    ):
         import openslide
 
         self._osr = openslide.OpenSlide(str(path))
@@ -125,7 +129,9 @@ class OpenSlideSlide:
             mpp_source=source,
         )
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         import openslide
 
         try:
@@ -168,7 +174,9 @@ class TiffSlide:
 
     _CACHE_MAX = 128  # segments (<= ~25 MB): two rows of the level being read, at most this
 
-    def __init__(self, path: Path, info: SlideInfo | None = None, mpp_override: float | None = None):
+    def __init__(
+        self, path: Path, info: SlideInfo | None = None, mpp_override: float | None = None
+    ):
         import tifffile
 
         self._tf = tifffile.TiffFile(str(path))
@@ -180,7 +188,9 @@ class TiffSlide:
         for page in self._pages:
             if page.samplesperpixel < 3 or page.dtype != np.uint8:
                 raise SlideError(f"slide {path} is not an 8-bit RGB image tifffile can tile")
-            across = math.ceil(page.imagewidth / (page.tilewidth if page.is_tiled else page.imagewidth))
+            across = math.ceil(
+                page.imagewidth / (page.tilewidth if page.is_tiled else page.imagewidth)
+            )
             self._capacity.append(min(self._CACHE_MAX, 2 * across + 8))
         self.info = info or self._info(path, mpp_override)
 
@@ -203,9 +213,14 @@ class TiffSlide:
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
         return SlideInfo(
-            path=path, reader=f"tifffile {tifffile.__version__}", vendor="generic-tiff",
-            dimensions=dims[0], level_dimensions=dims, level_downsamples=downs,
-            mpp=mpp, mpp_source=source,
+            path=path,
+            reader=f"tifffile {tifffile.__version__}",
+            vendor="generic-tiff",
+            dimensions=dims[0],
+            level_dimensions=dims,
+            level_downsamples=downs,
+            mpp=mpp,
+            mpp_source=source,
         )
 
     def _segment(self, level: int, index: int) -> np.ndarray:
@@ -237,7 +252,9 @@ class TiffSlide:
             self._cache.popitem(last=False)
         return arr
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         page = self._pages[level]
         ds = self.info.level_downsamples[level]
         x0, y0 = math.floor(location[0] / ds), math.floor(location[1] / ds)
@@ -360,8 +377,10 @@ def _fast_path(osr: OpenSlideSlide) -> Slide:
         ds = info.level_downsamples[level]
         probes.append((level, (round((w - size[0]) / 2 * ds), round((h - size[1]) / 2 * ds)), size))
     try:
-        same = all(np.array_equal(osr.read_region(loc, lvl, size), fast.read_region(loc, lvl, size))
-                   for lvl, loc, size in probes)
+        same = all(
+            np.array_equal(osr.read_region(loc, lvl, size), fast.read_region(loc, lvl, size))
+            for lvl, loc, size in probes
+        )
     except SlideError:
         same = False
     if not same:
@@ -371,8 +390,12 @@ def _fast_path(osr: OpenSlideSlide) -> Slide:
         path=info.path,
         reader=f"{info.reader}; tiles decoded by tifffile {tifffile.__version__} "
         "(checked identical)",
-        vendor=info.vendor, dimensions=info.dimensions, level_dimensions=info.level_dimensions,
-        level_downsamples=info.level_downsamples, mpp=info.mpp, mpp_source=info.mpp_source,
+        vendor=info.vendor,
+        dimensions=info.dimensions,
+        level_dimensions=info.level_dimensions,
+        level_downsamples=info.level_downsamples,
+        mpp=info.mpp,
+        mpp_source=info.mpp_source,
     )
     osr.close()
     return fast

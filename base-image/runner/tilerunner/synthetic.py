@@ -188,11 +188,11 @@ def _inside(outer: Blob, inner: Blob, margin_um: float) -> bool:
     return bool(ok.all())
 
 
-def _place_mitoses(rng: np.random.Generator, region: Blob, count: int
-                   ) -> list[tuple[float, float]]:
+def _place_mitoses(rng: np.random.Generator, region: Blob, count: int) -> list[tuple[float, float]]:
     """Up to `count` points >= ~130 um inside the region and >= 30 um apart."""
-    shrunk = Blob(region.cx, region.cy, region.rx - 130.0, region.ry - 130.0, region.angle,
-                  region.wobble)
+    shrunk = Blob(
+        region.cx, region.cy, region.rx - 130.0, region.ry - 130.0, region.angle, region.wobble
+    )
     placed: list[tuple[float, float]] = []
     if shrunk.rx <= 0 or shrunk.ry <= 0:
         return placed
@@ -265,13 +265,21 @@ def make_spec(
             mitoses.extend(_place_mitoses(rng, region, n_mit))
             for _m in range(n_mit):
                 mimics.append(
-                    (region.cx + rng.uniform(-0.6, 0.6) * region.rx,
-                     region.cy + rng.uniform(-0.6, 0.6) * region.ry)
+                    (
+                        region.cx + rng.uniform(-0.6, 0.6) * region.rx,
+                        region.cy + rng.uniform(-0.6, 0.6) * region.ry,
+                    )
                 )
     return SlideSpec(
-        width=width, height=height, mpp=mpp, seed=seed, palette=palette,
-        tissue=tuple(blobs), carcinoma=tuple(regions),
-        mitoses=tuple(mitoses), mimics=tuple(mimics),
+        width=width,
+        height=height,
+        mpp=mpp,
+        seed=seed,
+        palette=palette,
+        tissue=tuple(blobs),
+        carcinoma=tuple(regions),
+        mitoses=tuple(mitoses),
+        mimics=tuple(mimics),
     )
 
 
@@ -333,8 +341,10 @@ def _blob_mask(blob: Blob, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | bool:
         for i in range(4)
     ]
     origin_inside = all(v >= 0 for v in cross) or all(v <= 0 for v in cross)
-    near = 0.0 if origin_inside else min(
-        _seg_dist(*corners[i], *corners[(i + 1) % 4]) for i in range(4)
+    near = (
+        0.0
+        if origin_inside
+        else min(_seg_dist(*corners[i], *corners[(i + 1) % 4]) for i in range(4))
     )
     wob = sum(abs(a) for a, _, _ in blob.wobble)
     if near >= 1.0 + wob:
@@ -369,9 +379,7 @@ def _mask_of(blobs: tuple[Blob, ...], xs: np.ndarray, ys: np.ndarray) -> np.ndar
     return mask
 
 
-def _nuclei(
-    xs: np.ndarray, ys: np.ndarray, nuc: Nuclei, seed: int, mpp: float
-) -> np.ndarray:
+def _nuclei(xs: np.ndarray, ys: np.ndarray, nuc: Nuclei, seed: int, mpp: float) -> np.ndarray:
     """Anti-aliased coverage (times a per-nucleus shade) of one point process of nuclei.
 
     One candidate nucleus per cell, centred anywhere in its cell; each is drawn in its own
@@ -417,8 +425,10 @@ def _discs(
         return None
     pad = radius + mpp
     sel = centres[
-        (centres[:, 0] >= xs[0] - pad) & (centres[:, 0] <= xs[-1] + pad)
-        & (centres[:, 1] >= ys[0] - pad) & (centres[:, 1] <= ys[-1] + pad)
+        (centres[:, 0] >= xs[0] - pad)
+        & (centres[:, 0] <= xs[-1] + pad)
+        & (centres[:, 1] >= ys[0] - pad)
+        & (centres[:, 1] <= ys[-1] + pad)
     ]
     if sel.size == 0:
         return None
@@ -544,7 +554,8 @@ def write_slide(
     comp: Any = ("jpeg", quality) if compression == "jpeg" else ("zlib", 6)
     pool = (
         ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        if workers > 1 else None
+        if workers > 1
+        else None
     )
     big = spec.width * spec.height * 3 > 3_500_000_000
     with contextlib.ExitStack() as stack:
@@ -560,10 +571,14 @@ def write_slide(
             if vendor == "aperio":
                 mag = 10.0 / spec.mpp
                 description = (
-                    f"Aperio Image Library v12.0.0\n{spec.width}x{spec.height} [0,0 "
-                    f"{spec.width}x{spec.height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
-                    f"|AppMag = {mag:g}|MPP = {spec.mpp:g}|Synthetic = tilerunner"
-                ) if i == 0 else f"Aperio Image Library v12.0.0\n{w}x{h} -> {w}x{h}"
+                    (
+                        f"Aperio Image Library v12.0.0\n{spec.width}x{spec.height} [0,0 "
+                        f"{spec.width}x{spec.height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+                        f"|AppMag = {mag:g}|MPP = {spec.mpp:g}|Synthetic = tilerunner"
+                    )
+                    if i == 0
+                    else f"Aperio Image Library v12.0.0\n{w}x{h} -> {w}x{h}"
+                )
             res = 10000.0 / mpp  # pixels per centimetre
             tw.write(
                 _tiles(spec, w, h, mpp, tile, pool),
@@ -593,17 +608,26 @@ def ground_truth(spec: SlideSpec, levels: list[tuple[int, int, float]]) -> dict[
     return {
         "generator": "tilerunner.synthetic",
         "spec": {
-            "width": spec.width, "height": spec.height, "mpp": spec.mpp,
-            "seed": spec.seed, "palette": spec.palette,
+            "width": spec.width,
+            "height": spec.height,
+            "mpp": spec.mpp,
+            "seed": spec.seed,
+            "palette": spec.palette,
         },
         "levels": [{"width": w, "height": h, "mpp": m} for w, h, m in levels],
-        "tissue": [{"polygon_px": poly(b), "area_um2": round(b.area_um2(), 1)} for b in spec.tissue],
+        "tissue": [
+            {"polygon_px": poly(b), "area_um2": round(b.area_um2(), 1)} for b in spec.tissue
+        ],
         "carcinoma": [
             {"polygon_px": poly(b), "area_um2": round(b.area_um2(), 1), "blob": asdict(b)}
             for b in spec.carcinoma
         ],
         "mitoses": [
-            {"x_px": round(x * to_px, 2), "y_px": round(y * to_px, 2), "radius_um": MITOSIS_RADIUS_UM}
+            {
+                "x_px": round(x * to_px, 2),
+                "y_px": round(y * to_px, 2),
+                "radius_um": MITOSIS_RADIUS_UM,
+            }
             for x, y in spec.mitoses
         ],
         "mimics": [

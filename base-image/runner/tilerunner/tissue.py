@@ -181,12 +181,12 @@ def detect_tissue(slide: Slide, params: TissueParams) -> TissueMask:
     from scipy import ndimage
 
     sat = ndimage.gaussian_filter(saturation(thumb), 1.0)
-    threshold = min(max(otsu_threshold(sat.ravel()), params.min_saturation),
-                    params.max_saturation)
+    threshold = min(max(otsu_threshold(sat.ravel()), params.min_saturation), params.max_saturation)
     mask = sat > threshold
     mpp = slide.info.mpp * scale0[0]
     px_area = mpp * slide.info.mpp * scale0[1]
     mask = _remove_small(mask, params.min_object_um2 / px_area)
     mask = _fill_small_holes(mask, params.max_hole_um2 / px_area)
-    return TissueMask(mask=mask, thumbnail=thumb, scale0=scale0, mpp=mpp, threshold=threshold,
-                      level=level)
+    return TissueMask(
+        mask=mask, thumbnail=thumb, scale0=scale0, mpp=mpp, threshold=threshold, level=level
+    )

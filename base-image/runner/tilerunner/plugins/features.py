@@ -66,8 +66,11 @@ def _r(v: float, nd: int = 3) -> float:
 
 
 def _validate_colour(colour: list[int]) -> None:
-    if (not isinstance(colour, list | tuple) or len(colour) != 3
-            or not all(isinstance(c, int) and 0 <= c <= 255 for c in colour)):
+    if (
+        not isinstance(colour, list | tuple)
+        or len(colour) != 3
+        or not all(isinstance(c, int) and 0 <= c <= 255 for c in colour)
+    ):
         raise ValueError("color must be a list of 3 integers 0-255")
 
 
@@ -127,27 +130,31 @@ class Carcinoma:
             total_area += area
             probs = self.prob[region]
             coords = [
-                [[min(g.origin0(x, 0)[0], g.width0), min(g.origin0(0, y)[1], g.height0)]
-                 for x, y in [*ring, ring[0]]]
+                [
+                    [min(g.origin0(x, 0)[0], g.width0), min(g.origin0(0, y)[1], g.height0)]
+                    for x, y in [*ring, ring[0]]
+                ]
                 for ring in rings
             ]
-            features.append({
-                "type": "Feature",
-                "id": _object_id(self.name, "region", index),
-                "geometry": {"type": "Polygon", "coordinates": coords},
-                "properties": {
-                    "objectType": "annotation",
-                    "name": f"{p.class_name} region {kept}",
-                    "classification": {"name": p.class_name, "color": list(p.color)},
-                    "isLocked": False,
-                    "measurements": {
-                        "Area um^2": _r(area, 1),
-                        "Tiles": int(region.sum()),
-                        "Mean probability": _r(float(probs.mean()), 4),
-                        "Max probability": _r(float(probs.max()), 4),
+            features.append(
+                {
+                    "type": "Feature",
+                    "id": _object_id(self.name, "region", index),
+                    "geometry": {"type": "Polygon", "coordinates": coords},
+                    "properties": {
+                        "objectType": "annotation",
+                        "name": f"{p.class_name} region {kept}",
+                        "classification": {"name": p.class_name, "color": list(p.color)},
+                        "isLocked": False,
+                        "measurements": {
+                            "Area um^2": _r(area, 1),
+                            "Tiles": int(region.sum()),
+                            "Mean probability": _r(float(probs.mean()), 4),
+                            "Max probability": _r(float(probs.max()), 4),
+                        },
                     },
-                },
-            })
+                }
+            )
         run = int(np.isfinite(self.prob).sum())
         return FeatureResult(
             geojson=features,
@@ -218,20 +225,22 @@ class Mitosis:
         features: list[dict[str, Any]] = []
         for k, (x, y) in enumerate(centres):
             members = group == k
-            features.append({
-                "type": "Feature",
-                "id": _object_id(self.name, "detection", _r(x, 2), _r(y, 2)),
-                "geometry": {"type": "Point", "coordinates": [_r(x, 2), _r(y, 2)]},
-                "properties": {
-                    "objectType": "detection",
-                    "classification": {"name": p.class_name, "color": list(p.color)},
-                    "isLocked": False,
-                    "measurements": {
-                        "Area um^2": _r(float(area[members].sum()), 2),
-                        "Probability": _r(float(score[members].max()), 4),
+            features.append(
+                {
+                    "type": "Feature",
+                    "id": _object_id(self.name, "detection", _r(x, 2), _r(y, 2)),
+                    "geometry": {"type": "Point", "coordinates": [_r(x, 2), _r(y, 2)]},
+                    "properties": {
+                        "objectType": "detection",
+                        "classification": {"name": p.class_name, "color": list(p.color)},
+                        "isLocked": False,
+                        "measurements": {
+                            "Area um^2": _r(float(area[members].sum()), 2),
+                            "Probability": _r(float(score[members].max()), 4),
+                        },
                     },
-                },
-            })
+                }
+            )
         # recount per tile after merging (a split object counts once, in the tile of its centre)
         run = np.isfinite(self.count)
         merged = np.where(run, 0.0, np.nan).astype(np.float32)

@@ -240,7 +240,8 @@ class MaskToObjects:
                         continue
                     if self.max_area_um2 is not None and a_um2 > self.max_area_um2:
                         continue
-                    found.append(TileObject(float(cx) + 0.5, float(cy) + 0.5, int(area),
-                                            float(mean)))
+                    found.append(
+                        TileObject(float(cx) + 0.5, float(cy) + 0.5, int(area), float(mean))
+                    )
             objects.append(found)
         return replace(pred, kind=Kind.OBJECTS, objects=objects, maps=None)
