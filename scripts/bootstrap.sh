@@ -21,13 +21,24 @@ if ((${#missing[@]})); then
   done
 fi
 
+# The host environment installs from the hash-pinned lock, never "whatever the index has today".
+# A changed pyproject.toml (or base-image pin) without a refreshed lock stops here.
+if ! python3 scripts/lock_env.py --check; then
+  echo "bootstrap: refusing to install from a stale lock (see above)" >&2
+  exit 1
+fi
 if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
 stamp=.venv/.bootstrap-stamp
-want=$(cat pyproject.toml base-image/runner/pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+want=$(cat requirements-host.txt pyproject.toml base-image/runner/pyproject.toml | sha256sum | cut -c1-16)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
-  echo "bootstrap: installing Python packages into .venv" >&2
-  .venv/bin/pip install -q -e '.[test]' -e './base-image/runner[test]'
+  echo "bootstrap: installing Python packages into .venv from requirements-host.txt" >&2
+  pip=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
+  "${pip[@]}" install --require-hashes --no-deps --only-binary :all: -r requirements-host.txt
+  # The two projects themselves: editable, no dependency resolution (the lock has them all),
+  # built with the locked setuptools (no isolated build environment fetched from the index).
+  "${pip[@]}" install --no-deps --no-build-isolation --no-index -e . -e ./base-image/runner
+  "${pip[@]}" check
   echo "$want" >"$stamp"
 fi

@@ -13,6 +13,7 @@ Docker engine and as an OCI layout folder.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -47,7 +48,19 @@ def run(*args: str, env: dict[str, str], echo: bool = True) -> subprocess.Comple
     return result
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The demo takes no options: --help (or anything unknown) prints usage and runs nothing."""
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo",
+        description=__doc__.split("\n\n")[0],
+        epilog="Steps:\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     step("starting a Docker engine and a registry on loopback")
     engine = ensure_engine()
