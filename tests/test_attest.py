@@ -216,7 +216,7 @@ class TestDSSE:
     def test_envelope_verifies_here_and_with_securesystemslib(self, tmp_path: Path) -> None:
         """Signed with an openssl-made key; verified by us and by an independent DSSE library."""
         from securesystemslib.dsse import Envelope
-        from securesystemslib.signer import SSlibKey
+        from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined]  # no __all__ there
 
         private, public = openssl_keys(tmp_path)
         payload = canonical_json(make_attestations(facts(SUBJECT)).statement)

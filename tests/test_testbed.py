@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pika  # type: ignore[import-untyped]
+import pika
 import pytest
 
 from testbed.base_os import push_to
