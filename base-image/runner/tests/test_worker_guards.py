@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tilerunner.paths import UnsafePathError, filesystem_type, resolve_within
 from tilerunner.worker import REASON_LIMIT
 from tilerunner_testlib import App
 from worker_testlib import (
@@ -42,6 +43,42 @@ def _reasons(dead: list[tuple[object, bytes]]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- no broker
+
+
+def test_paths_resolve_within_follows_symlinks_and_names_the_roots(tmp_path: Path) -> None:
+    root, other = tmp_path / "root", tmp_path / "other"
+    (root / "sub").mkdir(parents=True)
+    other.mkdir()
+    (root / "in").symlink_to(root / "sub", target_is_directory=True)
+    (root / "out").symlink_to(other, target_is_directory=True)
+    assert resolve_within(root / "in" / "x.svs", [other, root], what="slide", option="-o") == (
+        root / "sub" / "x.svs"
+    )
+    assert resolve_within(root, [root], what="output", option="-o") == root
+    with pytest.raises(UnsafePathError) as info:
+        resolve_within(root / "out" / "x.svs", [root], what="slide", option="--slide-root")
+    assert str(info.value) == (
+        f"slide {root}/out/x.svs is outside the allowed folders {root} (it resolves to "
+        f"{other}/x.svs); put it under one of them or add its folder with --slide-root"
+    )
+    for bad in (Path(f"{root}/a\nb"), Path(f"{tmp_path}/rootx/y")):  # a newline; a name prefix
+        with pytest.raises(UnsafePathError):
+            resolve_within(bad, [root], what="slide", option="-o")
+
+
+def test_filesystem_type_reads_the_deepest_mount(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        "30 22 0:27 / /out rw,relatime - tmpfs tmpfs rw\n"
+        "31 22 0:28 / /out/vol rw - xfs /dev/sdb rw\n"
+        "32 22 0:29 / /with\\040space rw - ramfs ramfs rw\n"
+    )
+    assert filesystem_type(Path("/out/x"), mountinfo) == "tmpfs"
+    assert filesystem_type(Path("/out/vol/a"), mountinfo) == "xfs"
+    assert filesystem_type(Path("/outside"), mountinfo) == "ext4"
+    assert filesystem_type(Path("/with space/r"), mountinfo) == "ramfs"
+    assert filesystem_type(Path("/x"), tmp_path / "none") is None
 
 
 def test_worker_refuses_to_start_without_its_folders(wapp: App, tmp_path: Path) -> None:

@@ -357,8 +357,10 @@ class Roots:
                 f"output root {self.output} does not exist or is not a folder; mount the "
                 "results volume there or fix --output-root / TILERUNNER_OUTPUT_ROOT"
             )
-        with writing(self.locks, "create"):
+        with writing(self.locks, "create a file in"):
             self.locks.mkdir(exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.locks):
+                pass  # the output root is writable (a read-only mount fails here, not per job)
         warnings = []
         fs = filesystem_type(self.output)
         if fs in MEMORY_FILESYSTEMS:
