@@ -550,6 +550,8 @@ class JobRunner:
                 "it is left alone: move it away or submit the job under a new job id"
             )
         mine = self.identity(job)
+        if mine["slide_size"] is None:  # the slide is gone (archived): its path still names it
+            mine.pop("slide_size")
         differ = [
             f"{k} {one_line(stored['identity'].get(k), 200)} (this job: {one_line(v, 200)})"
             for k, v in mine.items()
