@@ -8,6 +8,8 @@ when the broker stays away while a job runs. Helpers: worker_testlib.py.
 
 from __future__ import annotations
 
+import argparse
+import errno
 import json
 import shutil
 from collections.abc import Callable
@@ -114,6 +116,20 @@ def test_tilerunner_run_on_a_full_disk_exits_with_the_output_code(
     assert last.startswith(f"tilerunner: error: cannot write {out / 'x'}/"), last
     assert "No space left on device (the output disk is full)" in last
     assert "internal error" not in proc.stderr
+
+
+def test_a_full_disk_raised_anywhere_is_an_output_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI's backstop: an ENOSPC no writer wrapped still exits 5, naming the file."""
+    from tilerunner.cli import _dispatch
+
+    def full(_args: argparse.Namespace) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/x/y.png")
+
+    assert _dispatch(full, argparse.Namespace(verbose=False)) == 5
+    assert capsys.readouterr().err == (
+        "tilerunner: error: No space left on device writing /out/x/y.png (the output disk is "
+        "full); free space there or choose another --out\n"
+    )
 
 
 # --------------------------------------------------------------------------- real broker
