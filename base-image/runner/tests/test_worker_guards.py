@@ -196,8 +196,16 @@ def test_a_used_job_id_is_never_recomputed_for_another_payload(
 
     s.submit("id-1", blank_slide)  # another slide under the same job id
     s.submit("foreign", blank_slide)  # a folder the worker did not write
+    s.submit("id-1", flat_slide, s.out / "elsewhere")  # the same id, another results folder
     s.submit("id-1", flat_slide, analyses=["breast"])  # the same job: answered from results
-    reasons = _reasons(s.client.dead(2, on_fail=w.tail))
+    dead = s.client.dead(3, on_fail=w.tail)
+    reasons = _reasons(dead[:2])
+    assert _reasons(dead[2:])["id-1"] == (
+        "failed with a permanent error (not retried): job refused: job id id-1 already names "
+        f"another job whose results are in {folder}; they are kept: submit this job under a "
+        "new job id"
+    )
+    assert not (s.out / "elsewhere" / "id-1").exists()
     assert reasons["id-1"].startswith(
         "failed with a permanent error (not retried): job refused: job id id-1 already names "
         f"another job whose results are in {folder} (slide {flat_slide} (this job: {blank_slide})"
@@ -207,13 +215,14 @@ def test_a_used_job_id_is_never_recomputed_for_another_payload(
         f"{foreign} exists but holds no tilerunner result (job.json); it is left alone: move it "
         "away or submit the job under a new job id"
     )
-    results = s.client.results(3, on_fail=w.tail)
+    results = s.client.results(4, on_fail=w.tail)
     assert [(r["job_id"], r["status"], r["reused"]) for r in results] == [
         ("id-1", "failed", False),
         ("foreign", "failed", False),
+        ("id-1", "failed", False),
         ("id-1", "done", True),
     ]
-    assert results[2]["files"] == first["files"]
+    assert results[3]["files"] == first["files"]
     after = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     assert after == before  # the first job's files, untouched
     assert (foreign / "notes.txt").read_text() == "someone else's\n"

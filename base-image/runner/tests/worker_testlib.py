@@ -23,7 +23,7 @@ from typing import Any
 import pika  # type: ignore[import-untyped]
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tilerunner.worker import FAULT_DELAY_ENV, LOCKS_DIR, Topology
+from tilerunner.worker import FAULT_DELAY_ENV, JOBS_DIR, LOCKS_DIR, Topology
 from tilerunner_testlib import App, cache_root
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -339,7 +339,8 @@ def assert_same_outputs(got: Path, want: Path) -> None:
 
 def assert_no_leftovers(output: Path) -> None:
     """No staging folders, and no lock file of a finished job."""
-    hidden = [p.name for p in output.iterdir() if p.name.startswith(".") and p.name != LOCKS_DIR]
+    ours = (LOCKS_DIR, JOBS_DIR)
+    hidden = [p.name for p in output.iterdir() if p.name.startswith(".") and p.name not in ours]
     assert hidden == [], f"staging folders left behind: {hidden}"
     locks = output / LOCKS_DIR
     left = sorted(p.name for p in locks.iterdir()) if locks.is_dir() else []

@@ -26,7 +26,8 @@ output in the output root (WorkerSettings, `--slide-root`, `--output-root`); any
 refused. Results go to <output>/<job_id>/ through a staging folder and one rename, so a
 redelivered job finds nothing or a complete result. A job id names one job: complete results
 of the same payload (slide, analyses), config and runner are answered without recomputing; a
-different payload under a used job id is refused, never computed over the old results. A lock
+different payload under a used job id (or the same id in another output folder, recorded in
+<output root>/.tilerunner-jobs/) is refused, never computed over the old results. A lock
 file per job id (<output root>/.tilerunner-locks/<job_id>.lock, flock, released by the kernel
 when its worker dies, removed when the job ends) keeps two deliveries of one job id from
 running at once.
@@ -92,6 +93,7 @@ JOB_VERSION = 1
 RESULT_VERSION = 1
 RESULT_FILE = "job.json"  # in <output>/<job_id>/, written last: the results are complete
 LOCKS_DIR = ".tilerunner-locks"  # in the output root: <job_id>.lock while a job is processed
+JOBS_DIR = ".tilerunner-jobs"  # in the output root: <job_id>.json, where its results are
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Test-only fault injection: seconds the worker waits after each batch of tiles.
 FAULT_DELAY_ENV = "TILERUNNER_FAULT_BATCH_DELAY_S"
@@ -344,6 +346,11 @@ class Roots:
     def locks(self) -> Path:
         return self.output / LOCKS_DIR
 
+    @property
+    def jobs(self) -> Path:
+        """One small record per committed job id: which folder holds its results."""
+        return self.output / JOBS_DIR
+
     def check(self) -> list[str]:
         """Fail (one line) if a root is missing or the output root is not writable; warnings."""
         for root in self.slides:
@@ -358,6 +365,7 @@ class Roots:
                 "results volume there or fix --output-root / TILERUNNER_OUTPUT_ROOT"
             )
         with writing(self.locks, "create a file in"):
+            self.jobs.mkdir(exist_ok=True)
             self.locks.mkdir(exist_ok=True)
             with tempfile.TemporaryFile(dir=self.locks):
                 pass  # the output root is writable (a read-only mount fails here, not per job)
@@ -473,10 +481,15 @@ class JobRunner:
         try:
             job = self.admit(job)
             with self._job_lock(job, cancel):
+                self._check_home(job)
                 stored = self._stored(job)
-                if stored is not None:
-                    return Outcome("done", self._reused(stored, attempt))
-                return Outcome("done", self._compute(job, attempt, cancel))
+                result = (
+                    self._compute(job, attempt, cancel)
+                    if stored is None
+                    else self._reused(stored, attempt)
+                )
+                self._record_home(job)
+                return Outcome("done", result)
         except JobCancelled:
             return Outcome("cancelled", reason="the worker is shutting down")
         except Exception as exc:
@@ -530,6 +543,40 @@ class JobRunner:
                 return
             finally:
                 os.close(fd)  # releases the lock
+
+    def _home_record(self, job: Job) -> Path:
+        return self.roots.jobs / f"{job.job_id}.json"
+
+    def _check_home(self, job: Job) -> None:
+        """JobRefused if this job id's results are in another folder of the output root."""
+        try:
+            doc = json.loads(self._home_record(job).read_text())
+            home = Path(doc["folder"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return  # never committed (or by a worker without records): nothing to guard
+        if home != job.folder and (home / RESULT_FILE).is_file():
+            raise JobRefused(
+                f"job id {job.job_id} already names another job whose results are in "
+                f"{one_line(doc.get('shown', home), 300)}; they are kept: submit this job "
+                "under a new job id"
+            )
+
+    def _record_home(self, job: Job) -> None:
+        """Record (atomically) which folder holds the results of this job id."""
+        path = self._home_record(job)
+        doc = {"folder": str(job.folder), "shown": str(job.shown_folder)}
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()) == doc:
+                return
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        with writing(path):
+            try:
+                tmp.write_text(json.dumps(doc, sort_keys=True) + "\n")
+                _fsync_path(tmp)
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_path(path.parent, directory=True)
 
     def _stored(self, job: Job) -> dict[str, Any] | None:
         """The stored result if <output>/<job_id>/ holds complete results of this very job.
