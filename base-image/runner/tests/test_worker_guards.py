@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from tilerunner.paths import UnsafePathError, filesystem_type, resolve_within
-from tilerunner.worker import REASON_LIMIT
+from tilerunner.worker import JOBS_DIR, LOCKS_DIR, REASON_LIMIT
 from tilerunner_testlib import App
 from worker_testlib import (
     RabbitMQ,
@@ -178,6 +178,24 @@ def test_jobs_outside_the_allowed_folders_are_refused_at_once(
     assert sorted(p.name for p in elsewhere.iterdir()) == ["x.tiff"]  # nothing written there
     assert w.metric("tilerunner_jobs_failed_total", action="retry") == 0
     assert_no_leftovers(s.out)
+
+
+def test_stale_lock_files_and_records_are_removed_at_start(site: Callable[..., Site]) -> None:
+    """A worker killed mid-job leaves its lock file; deleted results leave their record."""
+    s = site("prune")
+    locks, records = s.out / LOCKS_DIR, s.out / JOBS_DIR
+    locks.mkdir()
+    records.mkdir()
+    (locks / "killed.lock").write_text("")
+    (records / "gone.json").write_text(json.dumps({"folder": str(s.out / "gone")}))
+    (s.out / "kept").mkdir()
+    (s.out / "kept" / "job.json").write_text("{}")
+    (records / "kept.json").write_text(json.dumps({"folder": str(s.out / "kept")}))
+    w = s.worker()
+    (pruned,) = w.events("pruned")
+    assert pruned["msg"].startswith("removed 1 stale lock file(s) and 1 record(s) of deleted")
+    assert sorted(p.name for p in locks.iterdir()) == []
+    assert sorted(p.name for p in records.iterdir()) == ["kept.json"]
 
 
 def test_a_used_job_id_is_never_recomputed_for_another_payload(

@@ -544,6 +544,28 @@ class JobRunner:
             finally:
                 os.close(fd)  # releases the lock
 
+    def prune(self) -> tuple[int, int]:
+        """Remove lock files nobody holds (their worker died) and records of deleted results.
+
+        Run at start-up, so neither piles up: (lock files, records) removed.
+        """
+        locks = records = 0
+        for path in sorted(self.roots.locks.glob("*.lock")):
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    path.unlink()  # still holding it: a waiter that opened it starts over
+                    locks += 1
+                finally:
+                    os.close(fd)
+        for path in sorted(self.roots.jobs.glob("*.json")):
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                if not (Path(json.loads(path.read_text())["folder"]) / RESULT_FILE).is_file():
+                    path.unlink()
+                    records += 1
+        return locks, records
+
     def _home_record(self, job: Job) -> Path:
         return self.roots.jobs / f"{job.job_id}.json"
 
@@ -1403,6 +1425,15 @@ def serve(settings: WorkerSettings, config: RunConfig, options: RunOptions) -> i
             extra={"event": "http"},
         )
     runner = JobRunner(config, store, options, metrics, fault, roots)
+    locks, records = runner.prune()
+    if locks or records:
+        log.info(
+            "removed %d stale lock file(s) and %d record(s) of deleted results from %s",
+            locks,
+            records,
+            roots.output,
+            extra={"event": "pruned"},
+        )
     worker = Worker(settings, runner, metrics)
     previous = {
         sig: signal.signal(sig, worker.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
