@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -101,6 +102,16 @@ def test_worker_refuses_to_start_without_its_folders(wapp: App, tmp_path: Path) 
         .splitlines()[-1]
         .startswith(f"tilerunner: error: slide root {missing} does not exist or is not a folder")
     )
+    # the same from the environment (the compose file's other way to set them)
+    env = {**os.environ, "TILERUNNER_SLIDE_ROOTS": f"{tmp_path}:{missing}"}
+    env["TILERUNNER_OUTPUT_ROOT"] = str(tmp_path)
+    proc = tilerunner(*base, env=env)
+    assert proc.returncode == 4, proc.stderr
+    assert f"slide root {missing} does not exist" in proc.stderr.strip().splitlines()[-1]
+    env["TILERUNNER_SLIDE_ROOTS"], env["TILERUNNER_OUTPUT_ROOT"] = str(tmp_path), str(missing)
+    proc = tilerunner(*base, env=env)
+    assert proc.returncode == 5, proc.stderr
+    assert f"output root {missing} does not exist" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / ".tilerunner-locks").exists()
 
 
