@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import tilerunner
 from tilerunner import demo_models, synthetic
+from tilerunner.config import load_config
+from tilerunner.pipeline import RunOptions, run
 from tilerunner_testlib import (
     App,
     cached,
@@ -16,6 +19,7 @@ from tilerunner_testlib import (
     slide,
     verbose_config,
 )
+from worker_testlib import RabbitMQ, Site, start_broker
 
 
 def _write_models(d: Path) -> None:
@@ -76,3 +80,44 @@ def app(tmp_path: Path, models_dir: Path) -> App:
 @pytest.fixture(scope="session")
 def version() -> str:
     return tilerunner.__version__
+
+
+# --------------------------------------------------------------------------- worker tests
+
+
+@pytest.fixture(scope="module")
+def rabbitmq() -> Iterator[RabbitMQ]:
+    """A private broker per module (a test restarts it, so not one for the whole session)."""
+    with start_broker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def wapp(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> App:
+    """One app folder (demo models + config) shared by the module's workers."""
+    a = App(tmp_path_factory.mktemp("worker") / "app", models_dir)
+    a.write(verbose_config(models_dir))
+    return a
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, wapp: App, flat_slide: Path) -> Path:
+    """A clean `tilerunner run` of the flat slide: <folder>/breast/."""
+    out = tmp_path_factory.mktemp("reference")
+    run(load_config(wapp.config, wapp.root), flat_slide, out, RunOptions(device="cpu"))
+    return out
+
+
+@pytest.fixture
+def site(rabbitmq: RabbitMQ, wapp: App, tmp_path: Path) -> Iterator[Callable[..., Site]]:
+    """site(queue, max_attempts=3): a job queue with its folders, client and workers."""
+    made: list[Site] = []
+
+    def make(queue: str, max_attempts: int = 3) -> Site:
+        s = Site(rabbitmq, wapp, queue, tmp_path / queue, max_attempts)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()

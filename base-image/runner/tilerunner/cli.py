@@ -2,11 +2,13 @@
 
 Errors print as one line `tilerunner: error: ...` on stderr with the exit code of their class
 (config 2, model 3, slide 4, output 5, device 6, broker 7, internal 70, interrupted 130).
+A full disk is an output error (5) naming the file, wherever it is raised.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tilerunner import CONFIG_SCHEMA_VERSIONS, __version__
-from tilerunner.errors import ConfigError, RunnerError
+from tilerunner.errors import ConfigError, OutputError, RunnerError
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
@@ -86,6 +88,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _env_paths(name: str, default: str) -> list[Path]:
+    """Folders from $NAME (separated by ':'), else `default`."""
+    raw = os.environ.get(name, "").strip() or default
+    return [Path(p) for p in raw.split(os.pathsep) if p.strip()]
+
+
 def _worker_parser(sub: Any, common: Any) -> None:
     """`tilerunner worker`: options of the service mode (see worker.py)."""
     wk = sub.add_parser("worker", help="analyse slides as jobs arrive on a RabbitMQ queue")
@@ -101,6 +109,25 @@ def _worker_parser(sub: Any, common: Any) -> None:
         default=os.environ.get("TILERUNNER_QUEUE", "tilerunner.jobs"),
         help="job queue; NAME.results and NAME.dead go with it "
         "(default: $TILERUNNER_QUEUE or tilerunner.jobs)",
+    )
+    wk.add_argument(
+        "--slide-root",
+        dest="slide_roots",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a folder job slides may come from (repeat for several; symlinks are resolved "
+        "and a slide outside every one is refused; default: $TILERUNNER_SLIDE_ROOTS, "
+        "':'-separated, else /slides)",
+    )
+    wk.add_argument(
+        "--output-root",
+        type=Path,
+        default=_env_paths("TILERUNNER_OUTPUT_ROOT", "/out")[0],
+        metavar="DIR",
+        help="the folder every job output must lie in (default: $TILERUNNER_OUTPUT_ROOT "
+        "else /out); it also holds the job locks",
     )
     wk.add_argument(
         "--prefetch",
@@ -286,13 +313,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from tilerunner.config import load_config
     from tilerunner.pipeline import RunOptions, default_workers
-    from tilerunner.worker import JsonLogFormatter, WorkerSettings, serve
+    from tilerunner.worker import JsonLogFormatter, TextLogFormatter, WorkerSettings, serve
 
     if not args.amqp:
         raise ConfigError("worker: no broker URL; pass --amqp or set TILERUNNER_AMQP_URL")
-    if args.log_format == "json":
-        for handler in logging.getLogger("tilerunner").handlers:
-            handler.setFormatter(JsonLogFormatter())
+    formatter = JsonLogFormatter() if args.log_format == "json" else TextLogFormatter()
+    for handler in logging.getLogger("tilerunner").handlers:
+        handler.setFormatter(formatter)
     config = load_config(args.config, args.app_dir)
     options = RunOptions(
         device=args.device,
@@ -311,6 +338,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         broker_timeout_s=args.broker_timeout,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        slide_roots=tuple(args.slide_roots or _env_paths("TILERUNNER_SLIDE_ROOTS", "/slides")),
+        output_root=args.output_root,
     )
     return serve(settings, config, options)
 
@@ -394,20 +423,51 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _cmd_demo,
         "worker": _cmd_worker,
     }
+    code = _dispatch(commands[args.command], args)
+    if _job_thread_alive():
+        # a job thread that would not stop: leave without running the interpreter's exit
+        # handlers, which abort (SIGABRT) while a thread is inside ONNX Runtime's native code
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _job_thread_alive() -> bool:
+    worker = sys.modules.get("tilerunner.worker")
+    return worker is not None and bool(worker.job_thread_alive())
+
+
+def _dispatch(command: Any, args: argparse.Namespace) -> int:
+    """Run one command; errors become one line on stderr and the exit code of their class."""
     try:
-        return commands[args.command](args)
+        return int(command(args))
     except RunnerError as exc:
         print(f"tilerunner: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("tilerunner: interrupted; no results were written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:
-        if args.verbose:
-            raise
-        text = " ".join(str(exc).split())[:300]
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal(exc, args.verbose)
+        where = f" writing {exc.filename}" if exc.filename else ""
         print(
-            f"tilerunner: internal error: {type(exc).__name__}: {text} (rerun with -v)",
+            f"tilerunner: error: {exc.strerror}{where} (the output disk is full); free space "
+            "there or choose another --out",
             file=sys.stderr,
         )
-        return EXIT_INTERNAL
+        return OutputError.exit_code
+    except Exception as exc:
+        return _internal(exc, args.verbose)
+
+
+def _internal(exc: Exception, verbose: bool) -> int:
+    if verbose:
+        raise exc
+    text = " ".join(str(exc)[:2000].split())[:300]
+    print(
+        f"tilerunner: internal error: {type(exc).__name__}: {text} (rerun with -v)",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL

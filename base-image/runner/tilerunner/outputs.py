@@ -10,14 +10,21 @@ Layout of `--out DIR` after a run (one folder per analysis):
 While running, files go to DIR/.tilerunner-partial-*/; a failed or interrupted run leaves no
 analysis folder behind (at most that hidden staging folder if the process was killed).
 All files except the `run` section of summary.json are deterministic.
+
+Every write failure becomes an OutputError naming the file; a full disk (ENOSPC, EDQUOT) is a
+DiskFullError, which the worker retries (space can be freed) while other output errors are
+permanent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,31 @@ import numpy as np
 from tilerunner.errors import OutputError
 
 STAGING_PREFIX = ".tilerunner-partial-"
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFullError(OutputError):
+    """No space left (or quota exceeded) on the device of an output file."""
+
+
+def output_error(exc: OSError, path: Path | str, doing: str = "write") -> OutputError:
+    """The OutputError for `exc` raised while `doing` `path`: one line naming the path."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in DISK_FULL:
+        return DiskFullError(
+            f"cannot {doing} {path}: {reason} (the output disk is full); free space there "
+            "or mount a larger volume"
+        )
+    return OutputError(f"cannot {doing} {path}: {reason}")
+
+
+@contextlib.contextmanager
+def writing(path: Path | str, doing: str = "write") -> Iterator[None]:
+    """Turn an OSError raised in the block into output_error(...) naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        raise output_error(exc, path, doing) from None
 
 
 class OutputStage:
@@ -43,6 +75,8 @@ class OutputStage:
             self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
+            if exc.errno in DISK_FULL:
+                raise output_error(exc, self.out_dir, "create a folder in") from None
             raise OutputError(
                 f"output folder {self.out_dir} is not writable ({reason}); "
                 "choose another --out or fix its permissions"
@@ -51,10 +85,8 @@ class OutputStage:
     def analysis_dir(self, name: str) -> Path:
         assert self.staging is not None, "prepare() first"
         path = self.staging / name
-        try:
+        with writing(path, "create"):
             path.mkdir()
-        except OSError as exc:
-            raise OutputError(f"cannot write to {path}: {exc.strerror}") from None
         self._analyses.append(name)
         return path
 
@@ -75,7 +107,7 @@ class OutputStage:
                 (self.staging / name).rename(dest)
                 done.append(dest)
         except OSError as exc:
-            raise OutputError(f"cannot move results into {self.out_dir}: {exc.strerror}") from None
+            raise output_error(exc, self.out_dir, "move results into") from None
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging = None
@@ -90,9 +122,9 @@ class OutputStage:
 
 def _dump(path: Path, doc: Any, *, indent: int | None = None) -> None:
     seps = (",", ":") if indent is None else (",", ": ")
-    path.write_text(
-        json.dumps(doc, sort_keys=True, indent=indent, separators=seps, allow_nan=False) + "\n"
-    )
+    text = json.dumps(doc, sort_keys=True, indent=indent, separators=seps, allow_nan=False)
+    with writing(path):
+        path.write_text(text + "\n")
 
 
 def write_geojson(path: Path, features: list[dict[str, Any]]) -> None:
@@ -105,7 +137,8 @@ def write_json(path: Path, doc: Any) -> None:
 
 
 def write_heatmap(path: Path, array: np.ndarray) -> None:
-    np.save(path, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    with writing(path):
+        np.save(path, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
 
 
 def _colourise(values: np.ndarray, colour: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +195,8 @@ def write_overlay(
         r = max(2, round(max(ow, oh) / 300))
         for x, y in points * scale:
             draw.ellipse((x - r, y - r, x + r, y + r), outline=(20, 20, 20), width=1)
-    image.save(path, format="PNG", compress_level=6)
+    with writing(path):
+        image.save(path, format="PNG", compress_level=6)
 
 
 def file_sha256(path: Path) -> str:

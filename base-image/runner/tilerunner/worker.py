@@ -20,11 +20,23 @@ slide that kills the worker would be redelivered forever.
 One job at a time: the job runs in a thread while the main thread services the connection
 (heartbeats, acks, signals). A job is acknowledged only after its results are durable
 (fsynced, renamed into place) and its completion message is confirmed by the broker.
-Results go to <output>/<job_id>/ through a staging folder and one rename, so a redelivered job
-finds nothing or a complete result; complete results of the same config, runner, slide and
-analyses are answered without recomputing (idempotent by job id). A lock file per job id
-(flock, released by the kernel when its worker dies) keeps two deliveries of one job id from
+
+Allowed folders: a job's slide must lie (symlinks resolved) in one of the slide roots and its
+output in the output root (WorkerSettings, `--slide-root`, `--output-root`); anything else is
+refused. Results go to <output>/<job_id>/ through a staging folder and one rename, so a
+redelivered job finds nothing or a complete result. A job id names one job: complete results
+of the same payload (slide, analyses), config and runner are answered without recomputing; a
+different payload under a used job id (or the same id in another output folder, recorded in
+<output root>/.tilerunner-jobs/) is refused, never computed over the old results. A lock
+file per job id (<output root>/.tilerunner-locks/<job_id>.lock, flock, released by the kernel
+when its worker dies, removed when the job ends) keeps two deliveries of one job id from
 running at once.
+
+Failures: permanent ones (refused job, missing or corrupt slide, unwritable output, bad config)
+are dead-lettered at once; transient ones (full disk, device, internal errors) are retried by
+republishing the job with its failure count in a header, up to max_attempts failures. The
+broker's delivery limit only counts deliveries that ended with no answer at all (the worker
+died, the connection was lost), so a broker restart does not use up a job's failures.
 """
 
 from __future__ import annotations
@@ -55,9 +67,24 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tilerunner import __version__
 from tilerunner.config import RunConfig
-from tilerunner.errors import BrokerError, OutputError, RunnerError
+from tilerunner.errors import (
+    BrokerError,
+    ConfigError,
+    ModelError,
+    OutputError,
+    RunnerError,
+    SlideError,
+)
 from tilerunner.metrics import HttpServer, Metrics
 from tilerunner.models import EngineOptions, ModelStore
+from tilerunner.outputs import DISK_FULL, DiskFullError, output_error, writing
+from tilerunner.paths import (
+    MEMORY_FILESYSTEMS,
+    UnsafePathError,
+    filesystem_type,
+    in_container,
+    resolve_within,
+)
 from tilerunner.pipeline import Progress, RunOptions, RunReport, run
 
 log = logging.getLogger("tilerunner.worker")
@@ -65,17 +92,38 @@ log = logging.getLogger("tilerunner.worker")
 JOB_VERSION = 1
 RESULT_VERSION = 1
 RESULT_FILE = "job.json"  # in <output>/<job_id>/, written last: the results are complete
-LOCKS_DIR = ".tilerunner-locks"  # in <output>: <job_id>.lock, held while a job is processed
+LOCKS_DIR = ".tilerunner-locks"  # in the output root: <job_id>.lock while a job is processed
+JOBS_DIR = ".tilerunner-jobs"  # in the output root: <job_id>.json, where its results are
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Test-only fault injection: seconds the worker waits after each batch of tiles.
 FAULT_DELAY_ENV = "TILERUNNER_FAULT_BATCH_DELAY_S"
 TICK_S = 0.2  # the main loop services the connection at least this often
 CANCEL_WAIT_S = 15.0  # after cancelling a job on shutdown, how long it may take to stop
+JOB_THREAD_PREFIX = "tilerunner-job-"
+REASON_LIMIT = 1000  # characters of a reason in a result, a dead letter, a log line
+LOG_FIELD_LIMIT = 4000  # characters of any one log message or field
+#: Headers the worker keeps on a job it republishes (retry, hand-back): failed attempts so
+#: far, and deliveries of earlier copies of the job (the broker counts only this copy's).
+FAILURES_HEADER = "x-tilerunner-failures"
+DELIVERIES_HEADER = "x-tilerunner-deliveries"
 
 
-def _line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return text[:limit] or type(exc).__name__
+def one_line(text: object, limit: int = REASON_LIMIT) -> str:
+    """`text` on one line and at most about `limit` characters (says how long it was)."""
+    raw = str(text)
+    flat = " ".join(raw[: 4 * limit].split())
+    if len(flat) > limit or len(raw) > 4 * limit:
+        return f"{flat[:limit]}... ({len(raw)} characters, cut)"
+    return flat
+
+
+def _line(exc: BaseException, limit: int = REASON_LIMIT) -> str:
+    return one_line(exc, limit) or type(exc).__name__
+
+
+def job_thread_alive() -> bool:
+    """True while a job thread runs (the CLI then exits without the interpreter's clean-up)."""
+    return any(t.name.startswith(JOB_THREAD_PREFIX) and t.is_alive() for t in threading.enumerate())
 
 
 def redact(url: str) -> str:
@@ -102,16 +150,29 @@ def job_schema() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Job:
-    """A validated job: analyse `slide` with `analyses`; results in `output/job_id/`."""
+    """A validated job: analyse `slide` with `analyses`; results in `output/job_id/`.
+
+    `slide` and `output` are as the job named them (and as results report them); the worker
+    reads and writes `real_slide` and `real_output`, their resolved paths inside the allowed
+    folders (set by JobRunner.admit).
+    """
 
     job_id: str
     slide: Path
     output: Path
     analyses: tuple[str, ...]
     doc: dict[str, Any]
+    real_slide: Path | None = None
+    real_output: Path | None = None
 
     @property
     def folder(self) -> Path:
+        """Where the results are written (the resolved output folder once admitted)."""
+        return (self.real_output or self.output) / self.job_id
+
+    @property
+    def shown_folder(self) -> Path:
+        """The results folder as the job named it (in result messages)."""
         return self.output / self.job_id
 
 
@@ -119,8 +180,12 @@ class MalformedJob(Exception):
     """The message is not a valid job; `job_id` is set when one could be read from it."""
 
     def __init__(self, reason: str, job_id: str | None = None) -> None:
-        super().__init__(reason)
+        super().__init__(one_line(reason))
         self.job_id = job_id
+
+
+class JobRefused(RunnerError):
+    """A valid job this worker must not run (outside the allowed folders, job id used)."""
 
 
 def parse_job(body: bytes, config: RunConfig) -> Job:
@@ -129,7 +194,7 @@ def parse_job(body: bytes, config: RunConfig) -> Job:
 
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MalformedJob(f"malformed job: the body is not JSON ({_line(exc, 120)})") from None
     job_id = None
     if isinstance(doc, dict):
@@ -139,7 +204,7 @@ def parse_job(body: bytes, config: RunConfig) -> Job:
         version = doc.get("job_version")
         if "job_version" in doc and version != JOB_VERSION:
             raise MalformedJob(
-                f"malformed job: job_version {version!r} is not supported "
+                f"malformed job: job_version {one_line(repr(version), 40)} is not supported "
                 f"(this worker reads {JOB_VERSION})",
                 job_id,
             )
@@ -152,13 +217,14 @@ def parse_job(body: bytes, config: RunConfig) -> Job:
         )
     for key in ("slide", "output"):
         if ".." in Path(doc[key]).parts:
-            raise MalformedJob(f"malformed job: {key} {doc[key]!r} must not contain '..'", job_id)
+            shown = one_line(repr(doc[key]), 300)
+            raise MalformedJob(f"malformed job: {key} {shown} must not contain '..'", job_id)
     names = [a.name for a in config.analyses]
     wanted = doc.get("analyses") or names
     unknown = [a for a in wanted if a not in names]
     if unknown:
         raise MalformedJob(
-            f"malformed job: analyses {unknown} are not in the config "
+            f"malformed job: analyses {one_line(unknown, 300)} are not in the config "
             f"{config.path.name} (it has {names})",
             job_id,
         )
@@ -217,6 +283,26 @@ class Outcome:
     status: str  # "done", "failed" or "cancelled"
     result: dict[str, Any] | None = None
     reason: str | None = None
+    permanent: bool = False  # failed: retrying cannot help (dead-letter at once)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Errors retrying cannot fix: the job, its slide, its output folder or the config.
+
+    A full disk, the device and internal errors are transient (retried up to max_attempts).
+    """
+    if isinstance(exc, DiskFullError):
+        return False
+    return isinstance(exc, JobRefused | SlideError | OutputError | ConfigError | ModelError)
+
+
+def describe(exc: BaseException) -> str:
+    """One capped line for a failed job: `Class: message`, or `internal error: ...`."""
+    if isinstance(exc, JobRefused):
+        return f"job refused: {_line(exc)}"
+    if isinstance(exc, RunnerError):
+        return f"{type(exc).__name__}: {_line(exc)}"
+    return f"internal error: {type(exc).__name__}: {_line(exc)}"
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -249,6 +335,55 @@ def _counts(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class Roots:
+    """The folders jobs may read slides from and write results to."""
+
+    slides: tuple[Path, ...] = (Path("/slides"),)
+    output: Path = Path("/out")
+
+    @property
+    def locks(self) -> Path:
+        return self.output / LOCKS_DIR
+
+    @property
+    def jobs(self) -> Path:
+        """One small record per committed job id: which folder holds its results."""
+        return self.output / JOBS_DIR
+
+    def check(self) -> list[str]:
+        """Fail (one line) if a root is missing or the output root is not writable; warnings."""
+        for root in self.slides:
+            if not root.is_dir():
+                raise SlideError(
+                    f"slide root {root} does not exist or is not a folder; mount the slides "
+                    "there or fix --slide-root / TILERUNNER_SLIDE_ROOTS"
+                )
+        if not self.output.is_dir():
+            raise OutputError(
+                f"output root {self.output} does not exist or is not a folder; mount the "
+                "results volume there or fix --output-root / TILERUNNER_OUTPUT_ROOT"
+            )
+        with writing(self.locks, "create a file in"):
+            self.jobs.mkdir(exist_ok=True)
+            self.locks.mkdir(exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.locks):
+                pass  # the output root is writable (a read-only mount fails here, not per job)
+        warnings = []
+        fs = filesystem_type(self.output)
+        if fs in MEMORY_FILESYSTEMS:
+            where, what = (
+                ("inside this container", "container")
+                if in_container()
+                else ("on this host", "host")
+            )
+            warnings.append(
+                f"output root {self.output} is on a {fs} (memory) {where}: results there "
+                f"vanish when the {what} stops; mount a volume or host folder there"
+            )
+        return warnings
+
+
 class JobRunner:
     """Runs jobs with the models loaded once; commits results atomically per job id."""
 
@@ -259,20 +394,46 @@ class JobRunner:
         options: RunOptions,
         metrics: Metrics,
         fault_delay_s: float = 0.0,
+        roots: Roots | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.options = options
         self.metrics = metrics
         self.fault_delay_s = fault_delay_s
+        self.roots = roots or Roots()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
+    def admit(self, job: Job) -> Job:
+        """`job` with its resolved paths; JobRefused if they leave the allowed folders."""
+        try:
+            slide = resolve_within(
+                job.slide, self.roots.slides, what="slide", option="--slide-root"
+            )
+            output = resolve_within(
+                job.output, (self.roots.output,), what="output", option="--output-root"
+            )
+        except UnsafePathError as exc:
+            raise JobRefused(str(exc)) from None
+        if job.folder.is_symlink() or (output / job.job_id).is_symlink():
+            raise JobRefused(
+                f"results folder {job.shown_folder} is a symbolic link; links are not "
+                "followed: remove it"
+            )
+        return replace(job, real_slide=slide, real_output=output)
+
     def identity(self, job: Job) -> dict[str, Any]:
-        """What must match for existing results of a job id to be reused."""
+        """What names a job: existing results of its job id are reused only if it all matches."""
+        slide = job.real_slide or job.slide
+        try:
+            size: int | None = slide.stat().st_size
+        except OSError:
+            size = None
         return {
             "config_sha256": self.config.sha256,
             "runner_version": __version__,
-            "slide": str(job.slide),
+            "slide": str(slide),
+            "slide_size": size,
             "analyses": list(job.analyses),
         }
 
@@ -295,7 +456,7 @@ class JobRunner:
             "result_version": RESULT_VERSION,
             "job_id": job_id,
             "status": status,
-            "reason": reason,
+            "reason": None if reason is None else one_line(reason),
             "slide": slide,
             "output": None,
             "outputs": {},
@@ -318,73 +479,162 @@ class JobRunner:
     def execute(self, job: Job, attempt: int, cancel: threading.Event) -> Outcome:
         """Run one job (in the job thread); never raises."""
         try:
+            job = self.admit(job)
             with self._job_lock(job, cancel):
-                stored = self._complete(job)
-                if stored is not None:
-                    return Outcome("done", self._reused(stored, attempt))
-                return Outcome("done", self._compute(job, attempt, cancel))
+                self._check_home(job)
+                stored = self._stored(job)
+                result = (
+                    self._compute(job, attempt, cancel)
+                    if stored is None
+                    else self._reused(stored, attempt)
+                )
+                self._record_home(job)
+                return Outcome("done", result)
         except JobCancelled:
             return Outcome("cancelled", reason="the worker is shutting down")
-        except RunnerError as exc:
-            return Outcome("failed", reason=f"{type(exc).__name__}: {_line(exc)}")
         except Exception as exc:
-            log.debug("job %s failed", job.job_id, exc_info=True)
-            return Outcome("failed", reason=f"internal error: {type(exc).__name__}: {_line(exc)}")
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                exc = output_error(exc, exc.filename or job.folder)
+            if not isinstance(exc, RunnerError):
+                log.debug("job %s failed", job.job_id, exc_info=True)
+            return Outcome("failed", reason=describe(exc), permanent=is_permanent(exc))
 
     @contextlib.contextmanager
     def _job_lock(self, job: Job, cancel: threading.Event) -> Iterator[None]:
-        """Hold <output>/.tilerunner-locks/<job_id>.lock: one worker at a time per job id.
+        """Hold <output root>/.tilerunner-locks/<job_id>.lock: one worker at a time per job id.
 
         The kernel drops the lock of a worker that died; while its holder lives (the same
-        job id delivered twice at once), wait for it and then reuse its results.
+        job id delivered twice at once), wait for it and then reuse its results. The holder
+        removes the file when done; a waiter that then holds a removed file starts over.
         """
-        folder = job.output / LOCKS_DIR
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(folder / f"{job.job_id}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as exc:
-            raise OutputError(
-                f"job output folder {job.output} is not writable "
-                f"({exc.strerror or type(exc).__name__})"
-            ) from None
-        try:
-            waiting = False
-            while True:
+        path = self.roots.locks / f"{job.job_id}.lock"
+        waiting = False
+        while True:
+            with writing(path, "create the lock file"):
+                path.parent.mkdir(exist_ok=True)
+                fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if not waiting:
+                            waiting = True
+                            log.info(
+                                "job %s is being processed by another worker; waiting for it",
+                                job.job_id,
+                                extra={"event": "job_wait", "job_id": job.job_id},
+                            )
+                        if cancel.wait(0.5):
+                            raise JobCancelled from None
+                held = os.fstat(fd)
+                try:
+                    current = path.stat()
+                except FileNotFoundError:
+                    continue  # its holder finished and removed it: lock the new one
+                if (held.st_dev, held.st_ino) != (current.st_dev, current.st_ino):
+                    continue
+                try:
+                    yield
+                finally:
+                    with contextlib.suppress(OSError):
+                        path.unlink()  # still holding it: waiters see it gone
+                return
+            finally:
+                os.close(fd)  # releases the lock
+
+    def prune(self) -> tuple[int, int]:
+        """Remove lock files nobody holds (their worker died) and records of deleted results.
+
+        Run at start-up, so neither piles up: (lock files, records) removed.
+        """
+        locks = records = 0
+        for path in sorted(self.roots.locks.glob("*.lock")):
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDWR)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if not waiting:
-                        waiting = True
-                        log.info(
-                            "job %s is being processed by another worker; waiting for it",
-                            job.job_id,
-                            extra={"event": "job_wait", "job_id": job.job_id},
-                        )
-                    if cancel.wait(0.5):
-                        raise JobCancelled from None
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+                    path.unlink()  # still holding it: a waiter that opened it starts over
+                    locks += 1
+                finally:
+                    os.close(fd)
+        for path in sorted(self.roots.jobs.glob("*.json")):
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                if not (Path(json.loads(path.read_text())["folder"]) / RESULT_FILE).is_file():
+                    path.unlink()
+                    records += 1
+        return locks, records
 
-    def _complete(self, job: Job) -> dict[str, Any] | None:
-        """The stored result if <output>/<job_id>/ holds complete results for this job."""
+    def _home_record(self, job: Job) -> Path:
+        return self.roots.jobs / f"{job.job_id}.json"
+
+    def _check_home(self, job: Job) -> None:
+        """JobRefused if this job id's results are in another folder of the output root."""
         try:
-            stored = json.loads((job.folder / RESULT_FILE).read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(stored, dict) or stored.get("identity") != self.identity(job):
-            log.info(
-                "job %s: results in %s are from another config, runner, slide or "
-                "analyses; recomputing",
-                job.job_id,
-                job.folder,
-                extra={"event": "job_recompute", "job_id": job.job_id},
+            doc = json.loads(self._home_record(job).read_text())
+            home = Path(doc["folder"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return  # never committed (or by a worker without records): nothing to guard
+        if home != job.folder and (home / RESULT_FILE).is_file():
+            raise JobRefused(
+                f"job id {job.job_id} already names another job whose results are in "
+                f"{one_line(doc.get('shown', home), 300)}; they are kept: submit this job "
+                "under a new job id"
             )
+
+    def _record_home(self, job: Job) -> None:
+        """Record (atomically) which folder holds the results of this job id."""
+        path = self._home_record(job)
+        doc = {"folder": str(job.folder), "shown": str(job.shown_folder)}
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()) == doc:
+                return
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        with writing(path):
+            try:
+                tmp.write_text(json.dumps(doc, sort_keys=True) + "\n")
+                _fsync_path(tmp)
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_path(path.parent, directory=True)
+
+    def _stored(self, job: Job) -> dict[str, Any] | None:
+        """The stored result if <output>/<job_id>/ holds complete results of this very job.
+
+        None if there is nothing (or the same job's results are incomplete: recomputed);
+        JobRefused if the folder holds another job's results or is not a result at all.
+        """
+        folder = job.folder
+        if not folder.exists():
             return None
+        try:
+            stored = json.loads((folder / RESULT_FILE).read_text())
+        except (OSError, ValueError):
+            stored = None
+        if not isinstance(stored, dict) or not isinstance(stored.get("identity"), dict):
+            raise JobRefused(
+                f"{job.shown_folder} exists but holds no tilerunner result ({RESULT_FILE}); "
+                "it is left alone: move it away or submit the job under a new job id"
+            )
+        mine = self.identity(job)
+        if mine["slide_size"] is None:  # the slide is gone (archived): its path still names it
+            mine.pop("slide_size")
+        differ = [
+            f"{k} {one_line(stored['identity'].get(k), 200)} (this job: {one_line(v, 200)})"
+            for k, v in mine.items()
+            if stored["identity"].get(k) != v
+        ]
+        if differ:
+            raise JobRefused(
+                f"job id {job.job_id} already names another job whose results are in "
+                f"{job.shown_folder} ({'; '.join(differ)}); they are kept: submit this job "
+                "under a new job id"
+            )
         result = stored.get("result")
         if not isinstance(result, dict) or not all(
-            (job.folder / a / "summary.json").is_file() for a in job.analyses
+            (folder / a / "summary.json").is_file() for a in job.analyses
         ):
             return None
         return dict(result)
@@ -421,39 +671,45 @@ class JobRunner:
 
     def _compute(self, job: Job, attempt: int, cancel: threading.Event) -> dict[str, Any]:
         t0 = time.perf_counter()
-        try:
+        with writing(job.folder.parent, "create a staging folder in"):
+            job.folder.parent.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers(job)
-            staging = Path(tempfile.mkdtemp(prefix=f".{job.job_id}.partial-", dir=job.output))
-        except OSError as exc:
-            raise OutputError(
-                f"job output folder {job.output} is not writable "
-                f"({exc.strerror or type(exc).__name__})"
-            ) from None
+            staging = Path(
+                tempfile.mkdtemp(prefix=f".{job.job_id}.partial-", dir=job.folder.parent)
+            )
         try:
             config = replace(
                 self.config,
                 analyses=tuple(a for a in self.config.analyses if a.name in job.analyses),
             )
+            slide = job.real_slide or job.slide
             report = run(
-                config, job.slide, staging, self.options, self._progress(cancel), store=self.store
+                config, slide, staging, self.options, self._progress(cancel), store=self.store
             )
             result = self._done_result(job, report, attempt, time.perf_counter() - t0)
-            doc = {"identity": self.identity(job), "job": job.doc, "result": result}
-            (staging / RESULT_FILE).write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n")
             t = time.perf_counter()
-            _fsync_tree(staging)
-            result = self._commit(staging, job, result)
-            result["durations_s"].setdefault("commit", round(time.perf_counter() - t, 4))
-            result["durations_s"].setdefault("total", round(time.perf_counter() - t0, 4))
-            return result
+            with writing(staging, "flush the results in"):
+                _fsync_tree(staging)
+            # job.json holds the result as published, timings included: a reused result
+            # carries the same durations (commit: flushing the results to disk)
+            result["durations_s"]["commit"] = round(time.perf_counter() - t, 4)
+            result["durations_s"]["total"] = round(time.perf_counter() - t0, 4)
+            doc = {"identity": self.identity(job), "job": job.doc, "result": result}
+            path = staging / RESULT_FILE
+            with writing(path):
+                path.write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n")
+                _fsync_path(path)
+                _fsync_path(staging, directory=True)
+            return self._commit(staging, job, result)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _remove_leftovers(self, job: Job) -> None:
         """Staging folders of earlier attempts at this job (their worker died or lost it)."""
+        parent = job.folder.parent
         for path in [
-            *job.output.glob(f".{job.job_id}.partial-*"),
-            *job.output.glob(f".{job.job_id}.old-*"),
+            *parent.glob(f".{job.job_id}.partial-*"),
+            *parent.glob(f".{job.job_id}.old-*"),
         ]:
             log.info(
                 "job %s: removing %s left by an earlier attempt",
@@ -464,27 +720,28 @@ class JobRunner:
             shutil.rmtree(path, ignore_errors=True)
 
     def _commit(self, staging: Path, job: Job, result: dict[str, Any]) -> dict[str, Any]:
-        """Rename the staging folder to <output>/<job_id>; replace results of another config."""
+        """Rename the staging folder to <output>/<job_id>.
+
+        If the folder appeared meanwhile: the same job's complete results are reused, the same
+        job's incomplete ones replaced, anything else refused (JobRefused from _stored).
+        """
         final = job.folder
         try:
             try:
                 staging.rename(final)
             except OSError as exc:
-                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                     raise
-                stored = self._complete(job)
-                if stored is not None:  # another worker finished this job meanwhile
+                stored = self._stored(job)
+                if stored is not None:
                     return self._reused(stored, result["attempt"])
                 old = final.with_name(f".{job.job_id}.old-{uuid.uuid4().hex[:8]}")
                 final.rename(old)
                 staging.rename(final)
                 shutil.rmtree(old, ignore_errors=True)
-            _fsync_path(job.output, directory=True)
+            _fsync_path(final.parent, directory=True)
         except OSError as exc:
-            raise OutputError(
-                f"cannot move the results of job {job.job_id} into {final} "
-                f"({exc.strerror or type(exc).__name__})"
-            ) from None
+            raise output_error(exc, job.shown_folder, "move the results into") from None
         return result
 
     def _done_result(
@@ -499,13 +756,14 @@ class JobRunner:
             "write": round(sum(t["write"] for t in timings), 4),
             "run": round(run_s, 4),
         }
+        shown = job.shown_folder
         return self._result_doc(
             job.job_id,
             "done",
             attempt=attempt,
             slide=str(job.slide),
-            output=str(job.folder),
-            outputs={a: str(job.folder / a) for a in summaries},
+            output=str(shown),
+            outputs={a: str(shown / a) for a in summaries},
             files={a: s["deterministic"]["outputs"] for a, s in summaries.items()},
             summary=_counts(summaries),
             tiles=report.tiles,
@@ -528,6 +786,18 @@ class WorkerSettings:
     broker_timeout_s: float = 300.0  # give up (exit 7) after this long without a connection
     metrics_host: str = "0.0.0.0"  # inside a container: reachable on its published port
     metrics_port: int = 9464  # 0: no HTTP server
+    slide_roots: tuple[Path, ...] = (Path("/slides"),)  # job slides must lie in one of these
+    output_root: Path = Path("/out")  # job outputs must lie in it; it holds the job locks
+
+    @property
+    def roots(self) -> Roots:
+        return Roots(self.slide_roots, self.output_root)
+
+
+def _count_header(headers: dict[str, Any], name: str) -> int:
+    """A non-negative count from a message header (0 if absent or not a count)."""
+    value = headers.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 @dataclass
@@ -539,12 +809,25 @@ class _Delivery:
     body: bytes
 
     @property
+    def headers(self) -> dict[str, Any]:
+        return dict(self.properties.headers or {})
+
+    @property
     def attempt(self) -> int:
-        """1 for the first delivery; from the quorum queue's x-delivery-count."""
-        count = (self.properties.headers or {}).get("x-delivery-count")
-        if isinstance(count, int):
-            return count + 1
-        return 2 if self.redelivered else 1
+        """Which delivery of the job this is: earlier copies' deliveries plus this copy's.
+
+        The quorum queue counts this copy's deliveries in x-delivery-count (including those
+        whose worker died); DELIVERIES_HEADER carries the count of copies the worker
+        republished (retries, hand-backs).
+        """
+        count = self.headers.get("x-delivery-count")
+        this_copy = count + 1 if isinstance(count, int) else 2 if self.redelivered else 1
+        return _count_header(self.headers, DELIVERIES_HEADER) + this_copy
+
+    @property
+    def failures(self) -> int:
+        """Failed attempts before this delivery (a lost connection is not a failure)."""
+        return _count_header(self.headers, FAILURES_HEADER)
 
 
 @dataclass
@@ -555,6 +838,7 @@ class _Active:
     finished: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     cancelled_at: float | None = None
+    thread: threading.Thread | None = None
 
 
 class _ConsumerGone(Exception):
@@ -592,7 +876,7 @@ class Worker:
         self.consumer_tag: str | None = None
         self.current: _Active | None = None
         self.pending: deque[_Delivery] = deque()
-        self.delayed: list[tuple[float, _Delivery]] = []
+        self.delayed: list[tuple[float, _Delivery]] = []  # failed, republished when due
         self.connections = 0
 
     def request_stop(self, signum: int, frame: Any) -> None:
@@ -606,7 +890,36 @@ class Worker:
     # ------------------------------------------------------------------ connection
 
     def serve(self) -> int:
-        """Run until stopped (0) or the broker stays unreachable (BrokerError)."""
+        """Run until stopped (0) or the broker stays unreachable (BrokerError).
+
+        Whatever ends it, a job still running is cancelled and its thread joined first:
+        exiting while it is inside ONNX Runtime would abort the process (SIGABRT).
+        """
+        try:
+            return self._serve()
+        finally:
+            self._stop_job_thread()
+
+    def _stop_job_thread(self) -> None:
+        a = self.current
+        if a is None or a.thread is None or not a.thread.is_alive():
+            return
+        a.cancel.set()
+        log.warning(
+            "job %s: the worker is exiting; cancelling it (the broker hands it out again)",
+            a.job.job_id,
+            extra={"event": "job_cancel", "job_id": a.job.job_id},
+        )
+        a.thread.join(CANCEL_WAIT_S)
+        if a.thread.is_alive():
+            log.error(
+                "job %s did not stop within %.0f s; exiting without it",
+                a.job.job_id,
+                CANCEL_WAIT_S,
+                extra={"event": "job_abandoned", "job_id": a.job.job_id},
+            )
+
+    def _serve(self) -> int:
         import pika.exceptions
 
         failing_since: float | None = None
@@ -744,14 +1057,14 @@ class Worker:
             for due, d in list(self.delayed):
                 if self.stopping or now >= due:
                     self.delayed.remove((due, d))
-                    self._nack(d)
+                    self._republish(d, failed=True)
             if self.stopping:
                 self._notice_stop()
                 if consuming:
                     self.channel.basic_cancel(self.consumer_tag)
                     consuming = False
                     while self.pending:
-                        self._nack(self.pending.popleft())
+                        self._republish(self.pending.popleft(), failed=False)
                 if self.current is None:
                     return
                 self._shutdown_job()
@@ -792,7 +1105,7 @@ class Worker:
                 CANCEL_WAIT_S,
                 extra={"event": "job_abandoned", "job_id": a.job.job_id},
             )
-            self._requeue(a)
+            self._requeue(a, counted=True)
 
     def _start(self, d: _Delivery) -> None:
         try:
@@ -811,15 +1124,17 @@ class Worker:
         self.metrics.jobs_in_flight.set(1)
         self.metrics.tiles_per_s.set(0)
         log.info(
-            "job %s: %s (attempt %d)",
+            "job %s: %s (attempt %d, %d failed before)",
             job.job_id,
             job.slide,
             d.attempt,
+            d.failures,
             extra={"event": "job_start", "job_id": job.job_id, "attempt": d.attempt},
         )
-        threading.Thread(
-            target=self._work, args=(a,), name=f"job-{job.job_id}", daemon=True
-        ).start()
+        a.thread = threading.Thread(
+            target=self._work, args=(a,), name=f"{JOB_THREAD_PREFIX}{job.job_id}", daemon=True
+        )
+        a.thread.start()
 
     def _work(self, a: _Active) -> None:
         try:
@@ -870,16 +1185,20 @@ class Worker:
             )
         elif o.status == "cancelled":
             self._requeue(a)
-        elif d.attempt >= self.settings.max_attempts:
+        elif o.permanent:
             self.metrics.jobs_failed.labels(action="dead_letter").inc()
-            reason = f"failed {d.attempt} time(s), last: {o.reason}"
+            reason = f"failed with a permanent error (not retried): {o.reason}"
+            self._dead_letter(d, reason, job.job_id, str(job.slide))
+        elif d.failures + 1 >= self.settings.max_attempts:
+            self.metrics.jobs_failed.labels(action="dead_letter").inc()
+            reason = f"failed {d.failures + 1} time(s), last: {o.reason}"
             self._dead_letter(d, reason, job.job_id, str(job.slide))
         else:
             self.metrics.jobs_failed.labels(action="retry").inc()
             log.warning(
-                "job %s: attempt %d of %d failed: %s; retrying in %g s",
+                "job %s: failure %d of %d: %s; retrying in %g s",
                 job.job_id,
-                d.attempt,
+                d.failures + 1,
                 self.settings.max_attempts,
                 o.reason,
                 self.settings.retry_delay_s,
@@ -892,11 +1211,17 @@ class Worker:
             )
             self.delayed.append((time.monotonic() + self.settings.retry_delay_s, d))
 
-    def _requeue(self, a: _Active) -> None:
-        """Hand an unfinished job back to the broker (shutdown)."""
+    def _requeue(self, a: _Active, counted: bool = False) -> None:
+        """Hand an unfinished job back to the broker (shutdown).
+
+        A job cancelled cleanly is republished (not a failure, not a delivery the broker's
+        limit counts); one that would not stop is nacked, so that the broker's delivery limit
+        catches a slide every worker hangs on.
+        """
         self.current = None
         self.metrics.jobs_in_flight.set(0)
-        if self._nack(a.delivery):
+        d = a.delivery
+        if self._nack(d) if counted else self._republish(d, failed=False):
             self.metrics.jobs_requeued.inc()
             log.info(
                 "job %s handed back to the queue unfinished",
@@ -908,6 +1233,29 @@ class Worker:
         if d.channel is not self.channel:
             return False  # that channel is gone: the broker has requeued it already
         d.channel.basic_nack(d.tag, requeue=True)
+        return True
+
+    def _republish(self, d: _Delivery, *, failed: bool) -> bool:
+        """Put a fresh copy of the job at the end of the queue, then ack this delivery.
+
+        The copy carries the failures so far (one more if `failed`) and the deliveries so
+        far in headers, so the broker's delivery limit counts only deliveries that ended with
+        no answer at all. Published with confirms before the ack: at worst the job is there
+        twice, and the job-id lock and stored results make the second a reuse.
+        """
+        if d.channel is not self.channel:
+            return False  # that channel is gone: the broker has requeued it already
+        headers = {k: v for k, v in d.headers.items() if k not in ("x-delivery-count", "x-death")}
+        headers[FAILURES_HEADER] = d.failures + (1 if failed else 0)
+        headers[DELIVERIES_HEADER] = d.attempt
+        props = self._properties(
+            content_type=d.properties.content_type,
+            message_id=d.properties.message_id,
+            correlation_id=d.properties.correlation_id,
+            headers=headers,
+        )
+        d.channel.basic_publish("", self.topology.queue, d.body, props, mandatory=True)
+        d.channel.basic_ack(d.tag)
         return True
 
     def _properties(self, **kwargs: Any) -> Any:
@@ -936,10 +1284,12 @@ class Worker:
         headers = {
             k: v for k, v in (d.properties.headers or {}).items() if k != "x-delivery-count"
         }  # the dead-letter queue counts its own
+        reason = one_line(reason)
         headers.update(
             {
-                "x-tilerunner-reason": reason[:2000],
+                "x-tilerunner-reason": reason,
                 "x-tilerunner-attempts": d.attempt,
+                FAILURES_HEADER: d.failures + 1,
                 "x-tilerunner-worker": self.runner.worker_id,
             }
         )
@@ -971,6 +1321,13 @@ class Worker:
 # --------------------------------------------------------------------------- entry point
 
 
+def _cap(value: str, limit: int = LOG_FIELD_LIMIT) -> str:
+    """`value` cut at `limit` characters (a log line stays short, whatever a job holds)."""
+    if len(value) > limit:
+        return f"{value[:limit]}... ({len(value)} characters, cut)"
+    return value
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: ts, level, msg, and the event fields given in `extra`."""
 
@@ -980,15 +1337,25 @@ class JsonLogFormatter(logging.Formatter):
         doc: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
-            "msg": record.getMessage(),
+            "msg": _cap(record.getMessage()),
         }
         for key in self.FIELDS:
             value = getattr(record, key, None)
             if value is not None:
-                doc[key] = value
+                doc[key] = _cap(value) if isinstance(value, str) else value
         if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+            doc["exc"] = _cap(self.formatException(record.exc_info), 4 * LOG_FIELD_LIMIT)
         return json.dumps(doc, default=str)
+
+
+class TextLogFormatter(logging.Formatter):
+    """`tilerunner: message`, the message cut at LOG_FIELD_LIMIT characters."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = "tilerunner: " + _cap(record.getMessage())
+        if record.exc_info:
+            text += "\n" + _cap(self.formatException(record.exc_info), 4 * LOG_FIELD_LIMIT)
+        return text
 
 
 def fault_delay_from_env() -> float:
@@ -1008,6 +1375,15 @@ def fault_delay_from_env() -> float:
 def serve(settings: WorkerSettings, config: RunConfig, options: RunOptions) -> int:
     """Load the models once, serve metrics, consume jobs until SIGTERM/SIGINT; exit code."""
     fault = fault_delay_from_env()
+    roots = settings.roots
+    for warning in roots.check():
+        log.warning("%s", warning, extra={"event": "output_root_in_memory"})
+    log.info(
+        "jobs may read slides from %s and write results under %s",
+        ", ".join(str(r) for r in roots.slides),
+        roots.output,
+        extra={"event": "roots"},
+    )
     metrics = Metrics()
     t = time.perf_counter()
     store = ModelStore(EngineOptions(options.device, options.threads, options.spin))
@@ -1048,7 +1424,17 @@ def serve(settings: WorkerSettings, config: RunConfig, options: RunOptions) -> i
             http.port,
             extra={"event": "http"},
         )
-    worker = Worker(settings, JobRunner(config, store, options, metrics, fault), metrics)
+    runner = JobRunner(config, store, options, metrics, fault, roots)
+    locks, records = runner.prune()
+    if locks or records:
+        log.info(
+            "removed %d stale lock file(s) and %d record(s) of deleted results from %s",
+            locks,
+            records,
+            roots.output,
+            extra={"event": "pruned"},
+        )
+    worker = Worker(settings, runner, metrics)
     previous = {
         sig: signal.signal(sig, worker.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
     }
