@@ -928,4 +928,6 @@ def test_report_prints_cleanly_to_pdf(world: World, chromium: str, tmp_path: Pat
         margin = int(width * 0.035)  # the 12 mm side margins of an A4 page are ~5.7 %
         for box in ((0, 0, margin, height), (width - margin, 0, width, height)):
             lowest, _ = image.crop(box).getextrema()
-            assert isinstance(lowest, int) and lowest > 235, f"{png.name}: something is drawn in the page margin"
+            assert isinstance(lowest, int) and lowest > 235, (
+                f"{png.name}: something is drawn in the page margin"
+            )
