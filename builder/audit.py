@@ -65,6 +65,16 @@ _HEX40: Final = re.compile(r"^[0-9a-f]{40}$")
 _DIGEST: Final = re.compile(r"^sha256:[0-9a-f]{64}$")
 _MODEL_LABEL: Final = re.compile(r"^com\.ivd\.model\.(.+)\.sha256$")
 _BUILDER_HISTORY: Final = "ivd-image-builder: COPY "
+# Checks about attached attestations (signature, subject, digests named in them), as opposed to
+# the image's own files, labels and provenance.json ("files intact").
+_ATTESTATION_CHECKS: Final = (
+    "attestation",
+    "provenance signature",
+    "provenance subject",
+    "provenance model digests",
+    "provenance config commit",
+    "SBOM digest",
+)
 
 
 def short(value: Any, n: int = 8) -> str:
@@ -301,6 +311,14 @@ class Change:
     text: str
     before: Any = None
     after: Any = None
+    # True when a side of the change was resolved from the model registry as it is now (no
+    # usable lock at that revision): not a recorded state, marked as such wherever it is shown.
+    unrecorded: bool = False
+    # For a value change, ``text`` is ``f"{lead} {was} -> {now}"`` (+ a mark): the report
+    # highlights the two values.
+    lead: str = ""
+    was: str = ""
+    now: str = ""
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -326,8 +344,8 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "(unset)"
+    if value is None:  # not set in the config: the runner's default applies
+        return "(default)"
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return str(value)
@@ -339,23 +357,29 @@ def _settings_changes(kind: str, subject: str, old: Any, new: Any) -> list[Chang
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             label = f"{subject} {key}".strip()
+            was, now = _fmt(a.get(key)), _fmt(b.get(key))
             out.append(
                 Change(
                     kind,
                     subject,
-                    f"{label} {_fmt(a.get(key))} -> {_fmt(b.get(key))}",
+                    f"{label} {was} -> {now}",
                     a.get(key),
                     b.get(key),
+                    lead=label,
+                    was=was,
+                    now=now,
                 )
             )
     return out
 
 
 def _model_label(m: Mapping[str, Any]) -> str:
+    """``"mitosis v2" 9b0e6d1c (task 77c1e2d3)``: the registry name a reviewer reads, then ids."""
     if m.get("sourcing") == "manual":
         return f"in-repo weights {short(m.get('dir_hash'), 12)}"
     task = f" (task {short(m.get('task_id'))})" if m.get("task_id") else ""
-    return f"{short(m.get('model_id'))}{task}"
+    name = f'"{m.get("registry_name")}" ' if m.get("registry_name") else ""
+    return f"{name}{short(m.get('model_id'))}{task}"
 
 
 def _model_changes(
@@ -378,13 +402,17 @@ def _model_changes(
     assert a is not None and b is not None
     out = []
     if (a.get("model_id"), a.get("sourcing")) != (b.get("model_id"), b.get("sourcing")):
+        was, now = _model_label(a), _model_label(b)
         out.append(
             Change(
                 "model-replaced",
                 name,
-                f"{name}: {_model_label(a)} -> {_model_label(b)}",
+                f"{name}: {was} -> {now}",
                 a.get("model_id"),
                 b.get("model_id"),
+                lead=f"{name}:",
+                was=was,
+                now=now,
             )
         )
     elif a.get("weights") != b.get("weights") and a.get("weights") and b.get("weights"):
@@ -457,8 +485,18 @@ def diff_configs(a: ResolvedConfig, b: ResolvedConfig) -> list[Change]:
             else f"models no longer pinned by the lock (resolved from: {b.resolved_from})"
         )
         out.append(Change("lock", "lock", text, a.resolved_from, b.resolved_from))
+    unrecorded = "registry" in (a.resolved_from, b.resolved_from)
     for name in sorted(set(a.models) | set(b.models)):
-        out += _model_changes(name, a.models.get(name), b.models.get(name))
+        for change in _model_changes(name, a.models.get(name), b.models.get(name)):
+            out.append(
+                replace(
+                    change,
+                    text=f"{change.text} [registry as it is now, not a recorded value]",
+                    unrecorded=True,
+                )
+                if unrecorded
+                else change
+            )
     out += _analysis_changes(a.analyses, b.analyses)
     if a.base_constraint != b.base_constraint:
         out.append(
@@ -484,10 +522,21 @@ def diff_configs(a: ResolvedConfig, b: ResolvedConfig) -> list[Change]:
     pin_b = (b.base or {}).get("version"), (b.base or {}).get("digest")
     if pin_a != pin_b and (a.base or b.base):
         if a.base and b.base and pin_a[0] != pin_b[0]:
-            text = f"base {pin_a[0]} -> {pin_b[0]}"
+            was, now = str(pin_a[0]), str(pin_b[0])
         else:
-            text = f"base {_base_text(a.base)} -> {_base_text(b.base)}"
-        out.append(Change("base", "base", text, a.base, b.base))
+            was, now = _base_text(a.base), _base_text(b.base)
+        out.append(
+            Change(
+                "base",
+                "base",
+                f"base {was} -> {now}",
+                a.base,
+                b.base,
+                lead="base",
+                was=was,
+                now=now,
+            )
+        )
     return out
 
 
@@ -602,8 +651,12 @@ def history(location: str, settings: Settings, *, ref: str = "HEAD") -> History:
 
 def _initial(config: ResolvedConfig) -> list[Change]:
     """The first revision, told as additions."""
+    now = config.resolved_from == "registry"
+    mark = " [registry as it is now, not a recorded value]" if now else ""
     out = [
-        Change("model-added", name, f"{name}: {_model_label(m)}", None, m.get("model_id"))
+        Change(
+            "model-added", name, f"{name}: {_model_label(m)}{mark}", None, m.get("model_id"), now
+        )
         for name, m in sorted(config.models.items())
     ]
     out.append(
@@ -1115,11 +1168,46 @@ class Explanation:
     release_note: str
     checks: list[Check]
     ci_url: str | None = None
+    selected: dict[str, Any] | None = None  # how a customer name was turned into this image
 
     @property
     def ok(self) -> bool:
         """True when every check passed."""
         return all(c.ok for c in self.checks)
+
+    @property
+    def verdict(self) -> dict[str, Any]:
+        """The three answers a reviewer signs off on, each yes or no, with who signed.
+
+        ``recorded_release``: a release record names this digest. ``signed``: a provenance
+        signature is attached (``signed_by`` its key id; ``signature`` valid / INVALID / not
+        checked without --public-key). ``files_intact``: every model and config file matches
+        its recorded sha256 and labels, annotations and provenance agree.
+        """
+        signatures = [a for a in self.attestations if a.kind == "provenance" and a.signed]
+        states = {a.signature for a in signatures}
+        state = "INVALID" if "INVALID" in states else "valid" if "valid" in states else None
+        intact = all(c.ok for c in self.checks if not c.name.startswith(_ATTESTATION_CHECKS))
+        return {
+            "recorded_release": self.release is not None,
+            "signed": bool(signatures),
+            "signed_by": sorted({a.key_id for a in signatures if a.key_id}),
+            "signature": state or ("not checked" if signatures else "unsigned"),
+            "files_intact": intact,
+        }
+
+    def verdict_line(self) -> str:
+        """``recorded release: yes | signed: yes, by key ab12.. (valid) | files intact: yes``."""
+        v = self.verdict
+        if v["signed"]:
+            keys = ", ".join(k[:16] for k in v["signed_by"]) or "an unnamed key"
+            signed = f"yes, by key {keys} ({v['signature']})"
+        else:
+            signed = "no (unsigned)"
+        return (
+            f"recorded release: {'yes' if v['recorded_release'] else 'no'} | signed: {signed} | "
+            f"files intact: {'yes' if v['files_intact'] else 'NO'}"
+        )
 
     @property
     def problems(self) -> list[str]:
@@ -1540,6 +1628,98 @@ def explain(
     )
 
 
+_CUSTOMER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def names_a_customer(target: str) -> bool:
+    """True if ``target`` is a bare customer name rather than an image reference or a path."""
+    return bool(_CUSTOMER_NAME.fullmatch(target)) and not Path(target).exists()
+
+
+def _at_or_before(built_at: str | None, at: str) -> bool:
+    """True if a record's build time is at or before ``at`` (a date or an RFC 3339 time, UTC)."""
+    if not built_at:
+        return False
+    limit = at if "T" in at else f"{at}T23:59:59Z"
+    return built_at <= limit
+
+
+def _moving_tag_note(
+    record: ReleaseRecord, settings: Settings, insecure: bool | None
+) -> tuple[str | None, str]:
+    """Where the customer's moving ``<base version>`` tag points now, and a sentence about it."""
+    repository, _, tag = record.image.rpartition(":")
+    version = str(record.base.get("version") or tag.partition("-")[0])
+    if not repository or "/" in tag or not version:
+        return None, "registry not asked: the recorded image reference has no tag"
+    moving = f"{repository}:{version}"
+    try:
+        now = open_image(moving, settings, insecure=insecure).manifest_digest
+    except BuilderError as exc:
+        return None, f"registry: {moving} not read ({exc.message})"
+    if now == record.manifest_digest:
+        return now, f"registry: {moving} points to this release"
+    return now, f"registry: {moving} now points to {short(now, 19)}, not to this release"
+
+
+def shipped_reference(
+    customer: str,
+    settings: Settings,
+    *,
+    base_version: str | None = None,
+    at: str | None = None,
+    insecure: bool | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The image a customer has been shipped: its newest release record (optionally of one base
+    version line, or as of a date), as ``repository@digest``, and how it was chosen.
+
+    Records are read from the customer repository's releases branch; the registry is asked
+    where the moving ``<base version>`` tag points now, so a reviewer sees whether what the
+    records say shipped is still what the site pulls.
+    """
+    source = open_source(customer, settings)
+    spec = load_customer(_location(source), settings)
+    records, where = read_release_records(_location(source), spec.customer, settings)
+    chosen = [
+        r
+        for r in records
+        if (
+            base_version is None
+            or str(r.base.get("version")) == base_version
+            or str(r.base.get("version")).startswith(f"{base_version}.")
+        )
+        and (at is None or _at_or_before(r.built_at, at))
+    ]
+    if not chosen:
+        limits = "".join(
+            [f" for base {base_version}" if base_version else "", f" built by {at}" if at else ""]
+        )
+        raise ConfigError(
+            f"customer {spec.customer}: no release record{limits} on {where} "
+            f"({len(records)} records in all)",
+            hint="explain an image by its reference (host/repo:tag or @sha256:...) instead",
+        )
+    record = chosen[-1]
+    repository = record.image.rpartition("@")[0] or record.image
+    head, _, tag = repository.rpartition(":")
+    if head and "/" not in tag:
+        repository = head
+    reference = f"{repository}@{record.manifest_digest}"
+    now, note = _moving_tag_note(record, settings, insecure)
+    return reference, {
+        "customer": spec.customer,
+        "record": record.path,
+        "records_where": where,
+        "release_image": record.image,
+        "built_at": record.built_at,
+        "base_version": record.base.get("version"),
+        "records_considered": len(chosen),
+        "records_total": len(records),
+        "moving_tag_digest": now,
+        "registry_note": note,
+    }
+
+
 # == verify ===================================================================================
 
 
@@ -1560,21 +1740,86 @@ class Verification:
     explanation: Explanation
 
 
-def _rebuild_location(provenance: Mapping[str, Any], repo: Path | None) -> str:
-    config = provenance.get("config") or {}
-    url = str(config.get("repository", ""))
-    location = _local_location(url, repo)
-    if location is not None:
-        return location
+def _rebuild_location(provenance: Mapping[str, Any], repo: Path | None, settings: Settings) -> str:
+    """A local path of the recorded customer folder, found or made from the record alone.
+
+    ``--repo`` wins; else a recorded ``file://`` repository on this machine (a work tree, or a
+    bare repository, also when the record dropped its ``.git`` suffix, which is cloned into the
+    cache); else the recorded git URL is cloned or fetched into the cache with the same
+    credential helper CI uses (BUILDER_GIT_TOKEN / CI_JOB_TOKEN, never in a URL).
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from builder.fleet import git_credentials
+    from builder.load import _URL
+    from builder.paths import safe_join
+
+    url = str((provenance.get("config") or {}).get("repository", ""))
     base, _, folder = url.partition("#")
     if repo is not None:
-        raise ConfigError(f"{repo}/{folder} does not exist", hint="give --repo a clone of " + base)
-    if folder or not re.match(r"^[a-z][a-z0-9+.-]*://", base):
+        if not repo.is_dir():
+            raise ConfigError(f"--repo {repo}: no such folder", hint=f"give a clone of {base}")
+        root = repo
+    elif base.startswith("file://"):
+        path = Path(unquote(urlsplit(base).path))
+        found = next((c for c in (path, path.with_name(f"{path.name}.git")) if c.exists()), None)
+        if found is None:
+            raise ConfigError(
+                f"the config repository {url} is not on this machine",
+                hint="pass --repo CLONE, or run verify where the repository is",
+            )
+        if git.Repo(found).bare:
+            with git_credentials():
+                root = open_source(found.as_uri(), settings).root
+        else:
+            root = Path(git.Repo(found, search_parent_directories=True).working_tree_dir or found)
+    elif _URL.match(base):
+        with git_credentials():
+            root = open_source(base, settings).root
+    else:
         raise ConfigError(
-            f"the config repository {url} is not on this machine",
-            hint="clone it and pass --repo CLONE",
+            f"the image records no usable config repository ({url!r})",
+            hint="pass --repo CLONE of the repository the image was built from",
         )
-    return base
+    path = safe_join(root, folder, what="recorded customer folder") if folder else root
+    if not path.is_dir():
+        raise ConfigError(
+            f"{path}: the recorded customer folder {folder!r} is not in {base}",
+            hint="fetch the full history of the config repository",
+        )
+    return str(path)
+
+
+def _recorded_production(provenance: Mapping[str, Any]) -> str | None:
+    """The production store root the image's weights came from, read off its weights URIs
+    (``<root>/<task id>/...``), when every registry model names the same root."""
+    roots = set()
+    for model in provenance.get("models") or []:
+        uri, task = str(model.get("weights_uri") or ""), str(model.get("task_id") or "")
+        if not model.get("registry_id") or not task or f"/{task}" not in uri:
+            continue
+        roots.add(uri[: uri.index(f"/{task}")])
+    return roots.pop() if len(roots) == 1 else None
+
+
+def _project_settings(location: str, settings: Settings, provenance: Mapping[str, Any]) -> Settings:
+    """Settings for the rebuild that do not depend on the working directory: the project
+    settings (builder.toml) of the recorded repository when it has them, else the caller's;
+    the production store the image recorded; the caller's caches (weights are sha256-checked)."""
+    from builder.settings import SETTINGS_FILE, load_settings
+
+    start = Path(location).resolve()
+    own = next(
+        (f for f in (start, *start.parents) if (f / SETTINGS_FILE).is_file()),
+        None,
+    )
+    chosen = settings
+    if own is not None and str(own / SETTINGS_FILE) != settings.origin:
+        chosen = replace(load_settings(cwd=own), cache_dir=settings.cache_dir)
+    production = _recorded_production(provenance)
+    if production is not None and production != chosen.production.rstrip("/"):
+        chosen = replace(chosen, production=production)
+    return chosen
 
 
 def _rebuild_settings(settings: Settings, scratch: Path) -> Settings:
@@ -1643,7 +1888,8 @@ def verify(
             f"{reference} was built from an uncommitted work tree (a development build); "
             "there is no commit to rebuild it from"
         )
-    location = _rebuild_location(provenance, repo)
+    location = _rebuild_location(provenance, repo, settings)
+    settings = _project_settings(location, settings, provenance)
     commit = str(config.get("commit"))
     try:
         _commit(open_source(location, settings), commit)
@@ -1782,27 +2028,217 @@ def release_diffs(hist: History) -> list[dict[str, Any]]:
     out = []
     for old, new in zip(hist.releases, hist.releases[1:], strict=False):
         a, b = configs.get(old.config_commit), configs.get(new.config_commit)
-        changes = [c.text for c in diff_configs(a, b) if c.kind != "base"] if a and b else []
+        changes = [c for c in diff_configs(a, b) if c.kind != "base"] if a and b else []
         if a is None or b is None:
-            changes.append("configuration not comparable: a config commit is not in the history")
+            changes.append(
+                Change(
+                    "note",
+                    "config",
+                    "configuration not comparable: a config commit is not in the history",
+                )
+            )
         va, vb = old.base.get("version"), new.base.get("version")
         if va != vb:
-            changes.append(f"base {va} -> {vb}")
-        elif old.base.get("digest") != new.base.get("digest"):
             changes.append(
-                f"base {va} re-pinned {short(old.base.get('digest'), 12)} -> {short(new.base.get('digest'), 12)}"
+                Change(
+                    "base",
+                    "base",
+                    f"base {va} -> {vb}",
+                    va,
+                    vb,
+                    lead="base",
+                    was=str(va),
+                    now=str(vb),
+                )
+            )
+        elif old.base.get("digest") != new.base.get("digest"):
+            da, db = old.base.get("digest"), new.base.get("digest")
+            changes.append(
+                Change(
+                    "base",
+                    "base",
+                    f"base {va} re-pinned {short(da, 12)} -> {short(db, 12)}",
+                    da,
+                    db,
+                )
             )
         out.append({"from": old, "to": new, "changes": changes})
     return out
 
 
-def report_data(location: str, settings: Settings, *, ref: str = "HEAD") -> dict[str, Any]:
+# -- what a reviewer signs off on: approvals, links, signatures, tags without a record -------
+
+_TRAILER: Final = re.compile(r"^(Approved-by|Reviewed-by|Acked-by):[ \t]*(\S.*)$", re.M | re.I)
+_MERGE_REQUEST: Final = re.compile(r"See merge request (?P<project>[\w./-]+)!(?P<number>\d+)")
+
+
+def web_base(repository: str) -> str | None:
+    """The web address of a recorded https repository (commit and merge request links), or None
+    for a repository that has none (a local path, SSH only)."""
+    base = repository.partition("#")[0]
+    return base if base.startswith("https://") else None
+
+
+def repository_shown(repository: str) -> str:
+    """A repository as a reviewer reads it: its web address, or its name for a local one (a
+    local file path means nothing on the reviewer's machine)."""
+    base, _, folder = repository.partition("#")
+    if base.startswith("https://"):
+        return repository
+    name = PurePosixPath(base.split("://", 1)[-1]).name or base
+    return f"{name} (local repository){f', folder {folder}' if folder else ''}"
+
+
+def _review_of(repo: git.Repo, sha: str, tip: str) -> dict[str, Any]:
+    """Who approved a revision: trailers on the commit and on the merge commit that brought it
+    onto the reviewed branch, and that merge's merge request (GitLab's merge message)."""
+    merge = None
+    with contextlib.suppress(git.GitCommandError):
+        for candidate in repo.git.rev_list(
+            "--ancestry-path", "--merges", "--reverse", f"{sha}..{tip}"
+        ).split():
+            parents = repo.commit(candidate).parents
+            if parents and not repo.is_ancestor(repo.commit(sha), parents[0]):
+                merge = repo.commit(candidate)
+                break
+    messages = [str(repo.commit(sha).message)] + ([str(merge.message)] if merge else [])
+    approvals = sorted(
+        {
+            f"{m.group(1).title()}: {m.group(2).strip()}"
+            for text in messages
+            for m in _TRAILER.finditer(text)
+        }
+    )
+    request = _MERGE_REQUEST.search(str(merge.message)) if merge is not None else None
+    return {
+        "approvals": approvals,
+        "merge_commit": merge.hexsha if merge is not None else None,
+        "merge_request": f"{request['project']}!{request['number']}" if request else None,
+        "merge_request_number": int(request["number"]) if request else None,
+    }
+
+
+def _release_status(record: ReleaseRecord, settings: Settings) -> dict[str, Any]:
+    """Signature state of a released image, read from the registry (no file hashing)."""
+    reference = f"{_repository_of(record.image)}@{record.manifest_digest}"
+    try:
+        image = open_image(reference, settings)
+        descriptors, where = image.referrers()
+        attested = _read_attestations(image, descriptors, None)
+    except BuilderError as exc:
+        return {"reachable": False, "signed": None, "signed_by": [], "note": exc.message}
+    signed = [a for a in attested.infos if a.kind == "provenance" and a.signed]
+    return {
+        "reachable": True,
+        "signed": bool(signed),
+        "signed_by": sorted({a.key_id or "?" for a in signed}),
+        "note": f"{len(attested.infos)} attestation(s) ({where})",
+    }
+
+
+def _verify_status(record: ReleaseRecord, settings: Settings) -> dict[str, Any]:
+    """``verify`` of a released image: MATCH, MISMATCH with the first difference, or why not."""
+    reference = f"{_repository_of(record.image)}@{record.manifest_digest}"
+    try:
+        result = verify(reference, settings)
+    except BuilderError as exc:
+        return {"state": "not verified", "detail": exc.message}
+    if result.match:
+        return {"state": "MATCH", "detail": f"rebuilt {short(result.rebuilt_digest, 19)}"}
+    return {"state": "MISMATCH", "detail": "; ".join(result.differences[:3])}
+
+
+def _repository_of(image: str) -> str:
+    """``host/repo`` of ``host/repo:tag`` or ``host/repo@sha256:...``."""
+    head = image.partition("@")[0]
+    repo, _, tag = head.rpartition(":")
+    return repo if repo and "/" not in tag else head
+
+
+def unrecorded_tags(
+    customer: str, records: Sequence[ReleaseRecord], settings: Settings
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Tags in the customer's image repositories whose image no release record names (pushed
+    outside a release: a development build, a manual push), and what could not be read."""
+    from builder.deliver import RegistryClient, parse_reference
+
+    repositories = {_repository_of(r.image) for r in records} or {
+        f"{settings.image_registry}/{customer}"
+    }
+    recorded = {r.manifest_digest for r in records}
+    found: list[dict[str, str]] = []
+    problems: list[str] = []
+    for repository in sorted(repositories):
+        try:
+            ref = parse_reference(f"{repository}:latest")
+            client = RegistryClient(ref.registry)
+            for tag in sorted(client.list_tags(ref.path)):
+                if re.fullmatch(r"sha256-[0-9a-f]{64}(\..*)?", tag):
+                    continue  # an attestation attached by the referrers tag schema
+                digest = client.manifest_digest(ref.path, tag)
+                if digest and digest not in recorded:
+                    found.append({"image": f"{repository}:{tag}", "digest": digest})
+        except BuilderError as exc:
+            problems.append(f"tags of {repository} not listed: {exc.message}")
+    return found, problems
+
+
+def human_date(value: Any) -> str:
+    """``2026-05-28T20:26:40Z`` as ``28 May 2026, 20:26 UTC`` (the zone always said)."""
+    text = str(value or "")
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return text or "unrecorded"
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%-d %b %Y, %H:%M UTC")
+
+
+def _ref_shown(location: str, ref: str, settings: Settings) -> str:
+    """The reviewed ref in words: ``HEAD`` becomes the branch name (or the commit)."""
+    if ref != "HEAD":
+        return ref
+    source = open_source(location, settings)
+    repo = git.Repo(source.root)
+    if not repo.head.is_detached:
+        return f"branch {repo.active_branch.name}"
+    return f"commit {repo.head.commit.hexsha[:12]}"
+
+
+def report_data(
+    location: str, settings: Settings, *, ref: str = "HEAD", verify_releases: bool = False
+) -> dict[str, Any]:
     """Everything the HTML audit report shows, as plain data."""
     hist = history(location, settings, ref=ref)
+    source = open_source(location, settings)
+    repo = git.Repo(source.root)
+    tip = _commit(source, ref).hexsha
+    web = web_base(hist.repository)
+    reviews = {e.revision.commit: _review_of(repo, e.revision.commit, tip) for e in hist.entries}
+    names = {
+        str(m.get("model_id")): str(m.get("registry_name"))
+        for e in hist.entries
+        if e.config is not None
+        for m in e.config.models.values()
+        if m.get("model_id") and m.get("registry_name")
+    }
+    statuses = {r.path: _release_status(r, settings) for r in hist.releases}
+    verified = (
+        {r.path: _verify_status(r, settings) for r in hist.releases} if verify_releases else {}
+    )
+    tags, tag_problems = unrecorded_tags(hist.customer, hist.releases, settings)
+    local = f"{source.root}/"
+    for entry in hist.entries:  # a local path means nothing on the reviewer's machine
+        if entry.config is not None:
+            entry.config.notes[:] = [n.replace(local, "") for n in entry.config.notes]
+        if entry.error:
+            entry.error = entry.error.replace(local, "")
     return {
         "customer": hist.customer,
-        "repository": hist.repository,
-        "ref": hist.ref,
+        "repository": repository_shown(hist.repository),
+        "web": web,
+        "ref": _ref_shown(location, ref, settings),
         "generated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tool_version": __version__,
         "history": hist,
@@ -1812,7 +2248,13 @@ def report_data(location: str, settings: Settings, *, ref: str = "HEAD") -> dict
         "current": next((e for e in reversed(hist.entries) if e.config is not None), None),
         "lineage": lineage(hist.entries),
         "release_diffs": list(reversed(release_diffs(hist))),
-        "problems": hist.problems,
+        "reviews": reviews,
+        "model_names": names,
+        "release_status": statuses,
+        "verified": verified,
+        "verify_run": verify_releases,
+        "unrecorded_tags": tags,
+        "problems": hist.problems + tag_problems,
     }
 
 
@@ -1828,16 +2270,22 @@ def render_report(data: Mapping[str, Any]) -> str:
         lstrip_blocks=True,
     )
     env.filters["short"] = short
+    env.filters["when"] = human_date
     return env.get_template("audit.html.j2").render(**data)
 
 
 def write_report(
-    location: str, settings: Settings, output: Path, *, ref: str = "HEAD"
+    location: str,
+    settings: Settings,
+    output: Path,
+    *,
+    ref: str = "HEAD",
+    verify_releases: bool = False,
 ) -> dict[str, Any]:
     """Render the audit report of a customer into ``output`` (atomically)."""
     from builder.fsutil import write_atomic
 
-    data = report_data(location, settings, ref=ref)
+    data = report_data(location, settings, ref=ref, verify_releases=verify_releases)
     write_atomic(output, render_report(data).encode("utf-8"))
     return data
 

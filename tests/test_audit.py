@@ -223,15 +223,23 @@ def test_history_tells_each_revision_in_resolved_terms(world: World) -> None:
     texts = {
         name: [c["text"] for c in e["changes"]] for name, e in zip(order, entries, strict=True)
     }
+    # The first revision has no lock: its models come from the registry as it is now, and the
+    # history says so instead of presenting them as a recorded state.
+    now = " [registry as it is now, not a recorded value]"
     assert texts["initial"] == [
-        "carcinoma_model: a957f623 (task 5c6b4a2b)",
-        "mitosis_model: 3fcf116c (task 81a2d3c4)",
+        f'carcinoma_model: "carcinoma v3" {CARCINOMA_ID[:8]} (task {CARCINOMA_TASK[:8]}){now}',
+        f'mitosis_model: "mitosis v1" {MITOSIS_ID[:8]} (task {MITOSIS_TASK[:8]}){now}',
         "base constraint 2.4.1",
     ]
+    unrecorded = [c for c in entries[0]["changes"] if c["unrecorded"]]
+    assert len(unrecorded) == 2
     assert any(t.startswith("base (not pinned) -> 2.4.1") for t in texts["lock1"])
     assert "models pinned by customer.lock.yaml" in texts["lock1"]
     assert "Carcinoma threshold 0.5 -> 0.6" in texts["threshold"]
-    assert "mitosis_model: 3fcf116c (task 81a2d3c4) -> 9b0e6d1c (task 77c1e2d3)" in texts["swap"]
+    assert (
+        f'mitosis_model: "mitosis v1" {MITOSIS_ID[:8]} (task {MITOSIS_TASK[:8]}) -> '
+        f'"mitosis v2" {MITOSIS2_ID[:8]} (task {MITOSIS2_TASK[:8]}){now}'
+    ) in texts["swap"]
     assert "base constraint 2.4.1 -> 2.5.0" in texts["bump"]
     assert "base 2.4.1 -> 2.5.0" in texts["lock4"]
     first = entries[0]
@@ -267,7 +275,8 @@ def test_diff_between_releases(world: World) -> None:
     )
     texts = [c["text"] for c in result["changes"]]
     assert texts == [
-        "mitosis_model: 3fcf116c (task 81a2d3c4) -> 9b0e6d1c (task 77c1e2d3)",
+        f'mitosis_model: "mitosis v1" {MITOSIS_ID[:8]} (task {MITOSIS_TASK[:8]}) -> '
+        f'"mitosis v2" {MITOSIS2_ID[:8]} (task {MITOSIS2_TASK[:8]})',
         "Carcinoma threshold 0.5 -> 0.6",
         "base constraint 2.4.1 -> 2.5.0",
         "base 2.4.1 -> 2.5.0",
@@ -337,8 +346,24 @@ def test_explain_reads_everything_back(world: World, form: str) -> None:
         assert result["ci_url"] == "https://gitlab.example.com/ivd/images/-/jobs/1"
         assert _check(result, "provenance subject")["ok"]
         assert _check(result, "SBOM digest")["ok"]
+    verdict = result["verdict"]
+    assert verdict["recorded_release"] is True and verdict["files_intact"] is True
+    if form == "archive":  # no attestations travel in a docker archive: say unsigned
+        assert (verdict["signed"], verdict["signature"]) == (False, "unsigned")
+    else:
+        assert (verdict["signed"], verdict["signature"]) == (True, "valid")
+        assert len(verdict["signed_by"]) == 1
     human = run_cli("explain", reference, env=world.env)
     assert human.returncode == 0, human.stderr
+    first = human.stdout.splitlines()[0]
+    if form == "archive":
+        assert first == (
+            "verdict      recorded release: yes | signed: no (unsigned) | files intact: yes"
+        )
+    else:  # without --public-key the signature is attached but not checked
+        assert first.startswith("verdict      recorded release: yes | signed: yes, by key ")
+        assert first.endswith("(not checked) | files intact: yes")
+    assert "checks" not in human.stdout.split("release      ", 1)[1]
     assert f"mitosis_model: {MITOSIS_ID} (mitosis v1) task {MITOSIS_TASK}" in human.stdout
     assert f"sha256 {hashlib.sha256(CARCINOMA).hexdigest()}  ok" in human.stdout
 
@@ -590,10 +615,14 @@ class _Text(HTMLParser):
         super().__init__()
         self.parts: list[str] = []
         self.resources: list[str] = []
+        self.links: list[str] = []
         self.tags: set[str] = set()
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.add(tag)
+        if tag == "a":  # a link is followed by the reader, never loaded by the page
+            self.links += [v or "" for k, v in attrs if k == "href"]
+            return
         self.resources += [
             v or "" for k, v in attrs if k in ("src", "href", "srcset", "data", "poster")
         ]
@@ -616,6 +645,7 @@ def test_audit_report_renders_in_chromium(world: World, chromium: str, tmp_path:
     assert console == []
     parsed = _Text()
     parsed.feed(dom)
+    assert all(link.startswith("https://") for link in parsed.links)
     assert parsed.resources == [] and not parsed.tags & {
         "script",
         "link",
@@ -630,9 +660,10 @@ def test_audit_report_renders_in_chromium(world: World, chromium: str, tmp_path:
         f"The most recent release shipped to customer-x is {r2['image']}",
         r1["manifest_digest"],
         r2["manifest_digest"],
-        "Carcinoma threshold 0.5 -> 0.6",
-        "mitosis_model: 3fcf116c (task 81a2d3c4) -> 9b0e6d1c (task 77c1e2d3)",
-        "base 2.4.1 -> 2.5.0",
+        "Carcinoma threshold 0.5 → 0.6",
+        f'mitosis_model: "mitosis v1" {MITOSIS_ID[:8]} (task {MITOSIS_TASK[:8]}) → '
+        f'"mitosis v2" {MITOSIS2_ID[:8]} (task {MITOSIS2_TASK[:8]})',
+        "base 2.4.1 → 2.5.0",
         f"{r1['image']} → {r2['image']}",
         MITOSIS2_TASK,
         hashlib.sha256(MITOSIS2).hexdigest(),
@@ -651,3 +682,252 @@ def test_audit_report_renders_in_chromium(world: World, chromium: str, tmp_path:
     )
     _, console = render(chromium, bad, tmp_path / "profile")
     assert any("noSuchFunction" in line for line in console)
+
+
+# -- the reviewer's path: a customer name or an image reference, nothing else ---------------
+
+
+def _bare_env(world: World) -> dict[str, str]:
+    """The environment of a reviewer: the Docker engine and a cache, no project settings."""
+    env = {k: v for k, v in world.env.items() if not k.startswith("BUILDER_")}
+    env["BUILDER_CACHE_DIR"] = world.env["BUILDER_CACHE_DIR"]
+    for key in [k for k in os.environ if k.startswith("BUILDER_")]:
+        env[key] = ""  # run_cli merges os.environ: blank out anything the test process has
+    return env
+
+
+def test_explain_by_customer_name(world: World) -> None:
+    """`explain customer-x`: the newest release record, narrowed by base line or date."""
+    env = {**world.env, "BUILDER_CUSTOMERS": str(world.repo.parent)}
+    r1, r2 = world.releases["r1"], world.releases["r2"]
+    newest = run_cli("explain", "customer-x", "--json", env=env)
+    assert newest.returncode == 0, newest.stdout + newest.stderr
+    doc = json.loads(newest.stdout)["result"]
+    assert doc["manifest_digest"] == r2["manifest_digest"]
+    assert doc["selected"]["release_image"] == r2["image"]
+    assert doc["selected"]["records_total"] == 2
+    assert doc["selected"]["registry_note"].endswith("points to this release")
+    assert doc["verdict"]["recorded_release"] is True
+
+    older = json.loads(
+        run_cli("explain", "customer-x", "--base-version", "2.4", "--json", env=env).stdout
+    )["result"]
+    assert older["manifest_digest"] == r1["manifest_digest"]
+    as_of = json.loads(
+        run_cli(
+            "explain", "customer-x", "--at", world.records["r1"]["built_at"], "--json", env=env
+        ).stdout
+    )["result"]
+    assert as_of["manifest_digest"] == r1["manifest_digest"]
+    # the moving 2.4.1 tag still points to r1
+    assert as_of["selected"]["registry_note"].endswith("points to this release")
+
+    human = run_cli("explain", "customer-x", env=env)
+    assert human.returncode == 0, human.stderr
+    lines = human.stdout.splitlines()
+    assert lines[0].startswith("verdict      recorded release: yes")
+    assert lines[1].startswith("shipped      customer-x: newest of 2 matching release record(s)")
+
+    none = run_cli("explain", "customer-x", "--base-version", "1.0", env=env)
+    assert none.returncode == 2
+    (line,) = none.stderr.strip().splitlines()
+    assert "customer customer-x: no release record for base 1.0" in line
+    assert "explain an image by its reference" in line
+    wrong = run_cli("explain", r2["image"], "--at", "2026-01-01", env=env)
+    assert wrong.returncode == 2 and "go with a customer name" in wrong.stderr
+
+
+def test_verify_from_anywhere_with_only_the_reference(world: World, tmp_path: Path) -> None:
+    """No --repo, no project settings, another working directory: still MATCH (the recorded
+    repository and production store are used, not the caller's)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run_cli(
+        "verify", world.releases["r2"]["image"], "--json", env=_bare_env(world), cwd=elsewhere
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    doc = json.loads(result.stdout)["result"]
+    assert doc["match"] is True, doc["differences"]
+
+
+def test_verify_clones_a_recorded_bare_repository(world: World, tmp_path: Path) -> None:
+    """An image built from a clone of a bare repository records the bare path (without .git);
+    verify finds it, clones it into the cache, and rebuilds bit for bit from another folder."""
+    bare = tmp_path / "server" / "customer-x.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(world.repo), str(bare)], check=True)
+    work = tmp_path / "work" / "customer-x"
+    subprocess.run(["git", "clone", "-q", str(bare), str(work)], check=True)
+    env = {**world.env, "BUILDER_IMAGE_REGISTRY": world.env["BUILDER_IMAGE_REGISTRY"] + "-bare"}
+    built = run_cli(
+        "build", str(work), "--ref", world.commits["lock1"], "--push", "--json", env=env
+    )
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    report = json.loads(built.stdout)["result"]
+    shutil.rmtree(work.parent)  # only the server-side repository is left
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    image = report["image"]
+    result = run_cli("verify", image, "--json", env=_bare_env(world), cwd=elsewhere)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    doc = json.loads(result.stdout)["result"]
+    assert doc["match"] is True, doc["differences"]
+    assert doc["repository"] == bare.with_name("customer-x").as_uri()
+
+
+def test_diff_says_default_for_unset_values() -> None:
+    from builder.audit import ResolvedConfig, diff_configs
+
+    def config(params: dict[str, Any]) -> ResolvedConfig:
+        return ResolvedConfig(
+            commit="0" * 40,
+            customer="customer-x",
+            base_constraint="2.4.1",
+            base_repository=None,
+            base=None,
+            models={},
+            analyses={
+                "breast": {
+                    "features": {"Carcinoma": {"cls": "Carcinoma", "params": params}},
+                    "settings": {},
+                }
+            },
+            resolved_from="lock",
+        )
+
+    (change,) = diff_configs(config({}), config({"min_region_area_um2": 750}))
+    assert change.text == "Carcinoma min_region_area_um2 (default) -> 750"
+    assert (change.lead, change.was, change.now) == (
+        "Carcinoma min_region_area_um2",
+        "(default)",
+        "750",
+    )
+    assert change.unrecorded is False
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _reviewed_clone(world: World, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A clone whose origin is an https GitLab address (git rewrites it to the local repository)
+    with one change merged through a merge request carrying an approval trailer."""
+    clone = tmp_path / "reviewed" / "customer-x"
+    subprocess.run(["git", "clone", "-q", str(world.repo), str(clone)], check=True)
+    web = "https://gitlab.example.com/ivd/customer-x"
+    _git(clone, "remote", "set-url", "origin", f"{web}.git")
+    env = {
+        **world.env,
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": f"url.{world.repo.as_uri()}.insteadOf",
+        "GIT_CONFIG_VALUE_0": f"{web}.git",
+    }
+    default = _git(clone, "rev-parse", "--abbrev-ref", "HEAD")
+    _git(clone, "checkout", "-q", "-b", "raise-threshold")
+    analysis = (clone / "analysis.yaml").read_text().replace("0.6", "0.7")
+    commit_files(clone, {"analysis.yaml": analysis}, "raise threshold to 0.7", when=T0 + 9 * DAY)
+    _git(clone, "checkout", "-q", default)
+    merge_env = {
+        **os.environ,
+        "GIT_AUTHOR_DATE": f"@{T0 + 10 * DAY} +0000",
+        "GIT_COMMITTER_DATE": f"@{T0 + 10 * DAY} +0000",
+    }
+    subprocess.run(
+        [
+            "git", "-C", str(clone), "-c", "user.name=Merger", "-c", "user.email=m@example.com",
+            "merge", "-q", "--no-ff", "raise-threshold",
+            "-m", "Merge branch 'raise-threshold' into 'main'",
+            "-m", "See merge request ivd/customer-x!7",
+            "-m", "Approved-by: Dr. Rev Iewer <rev@example.com>\nReviewed-by: QA Person <qa@example.com>",
+        ],
+        env=merge_env, check=True, capture_output=True,
+    )  # fmt: skip
+    return clone, env
+
+
+def test_report_shows_approvals_links_and_unrecorded_tags(world: World, tmp_path: Path) -> None:
+    clone, env = _reviewed_clone(world, tmp_path)
+    # an image pushed without a release record (a development build of an unreleased revision)
+    dev = cli_json(world, "build", str(world.repo), "--ref", world.commits["threshold"], "--push")
+    report = tmp_path / "audit.html"
+    result = run_cli("audit", str(clone), "--html", str(report), "--json", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout)["result"]
+    assert {t["digest"] for t in summary["unrecorded_tags"]} == {dev["manifest_digest"]}
+    html = report.read_text()
+    parsed = _Text()
+    parsed.feed(html)
+    text = parsed.text
+    merged = _git(clone, "rev-parse", "HEAD^2")
+    assert "Approved-By: Dr. Rev Iewer <rev@example.com>" in text
+    assert "Reviewed-By: QA Person <qa@example.com>" in text
+    assert "merge request ivd/customer-x!7" in text
+    assert f'href="https://gitlab.example.com/ivd/customer-x/-/commit/{merged}"' in html
+    assert 'href="https://gitlab.example.com/ivd/customer-x/-/merge_requests/7"' in html
+    assert "https://gitlab.example.com/ivd/images/-/jobs/2" in html
+    assert "Carcinoma threshold 0.6 → 0.7" in text
+    assert '<del class="was">0.6</del> → <ins class="now">0.7</ins>' in html
+    assert "Images in the registry without a release record" in text
+    assert dev["manifest_digest"] in text
+    assert "signed by key" in text and "no approval recorded" in text
+    for word in ("HEAD", str(tmp_path), "file://"):
+        at = text.find(word)
+        assert at < 0, f"{word!r} in the report: ...{text[max(0, at - 120) : at + 60]}..."
+    assert "branch " in text and " UTC" in text
+    assert "mitosis v2" in text  # model names next to ids
+
+
+def test_report_prints_cleanly_to_pdf(world: World, chromium: str, tmp_path: Path) -> None:
+    """The rendered pages, not the HTML text: Chromium prints the report to PDF (A4, the print
+    stylesheet); the text a reviewer reads is there and nothing is drawn into the margins."""
+    from PIL import Image
+
+    from testbed._util import ensure_command
+
+    pdftotext = ensure_command("pdftotext", "poppler-utils")
+    pdftoppm = ensure_command("pdftoppm", "poppler-utils")
+    clone, env = _reviewed_clone(world, tmp_path)
+    report = tmp_path / "audit.html"
+    done = run_cli("audit", str(clone), "--html", str(report), env=env)
+    assert done.returncode == 0, done.stderr
+    pdf = tmp_path / "audit.pdf"
+    printed = subprocess.run(
+        [
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", "--no-pdf-header-footer",
+            f"--print-to-pdf={pdf}", report.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert printed.returncode == 0 and pdf.is_file(), printed.stderr[-2000:]
+    text = subprocess.run(
+        [pdftotext, "-enc", "UTF-8", str(pdf), "-"], capture_output=True, text=True, check=True
+    ).stdout
+    flat = re.sub(r"\s+", " ", text)
+    for expected in (
+        "Audit report: customer-x",
+        "Approved-By: Dr. Rev Iewer",
+        "ivd/customer-x!7",
+        "Carcinoma threshold 0.6 → 0.7",
+        "signed by key",
+        " UTC",
+        "How to read this report",
+    ):
+        assert expected in flat, expected
+    # links print with their address, so the paper copy still says where to look
+    assert "<https://gitlab.example.com/ivd/customer-x>" in flat
+    pages = tmp_path / "page"
+    subprocess.run([pdftoppm, "-r", "40", "-png", str(pdf), str(pages)], check=True)
+    rendered = sorted(tmp_path.glob("page*.png"))
+    assert rendered
+    for png in rendered:
+        image = Image.open(png).convert("L")
+        width, height = image.size
+        margin = int(width * 0.035)  # the 12 mm side margins of an A4 page are ~5.7 %
+        for box in ((0, 0, margin, height), (width - margin, 0, width, height)):
+            lowest, _ = image.crop(box).getextrema()
+            assert isinstance(lowest, int) and lowest > 235, (
+                f"{png.name}: something is drawn in the page margin"
+            )

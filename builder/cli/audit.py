@@ -97,7 +97,15 @@ def _explanation_lines(exp: Any) -> list[str]:
     config = prov.get("config") or {}
     base = exp.base
     builder = prov.get("builder") or {}
-    lines = [
+    lines = [f"verdict      {exp.verdict_line()}"]
+    if exp.selected:
+        sel = exp.selected
+        lines += [
+            f"shipped      {sel['customer']}: newest of {sel['records_considered']} matching release "
+            f"record(s) ({sel['records_total']} in all): {sel['release_image']}",
+            f"             {sel['registry_note']}",
+        ]
+    lines += [
         f"image        {exp.image}",
         f"digest       {exp.manifest_digest}",
         f"customer     {exp.customer}",
@@ -137,14 +145,46 @@ def _explanation_lines(exp: Any) -> list[str]:
     else:
         lines.append(f"attestation  none ({exp.attestations_where})")
     lines.append(f"release      {exp.release_note}")
-    failed = [c for c in exp.checks if not c.ok]
-    lines.append(f"checks       {len(exp.checks) - len(failed)} of {len(exp.checks)} passed")
-    lines += [f"FAILED       {c.name}: {c.detail}" for c in failed]
+    lines += [f"FAILED       {c.name}: {c.detail}" for c in exp.checks if not c.ok]
     return lines
 
 
+_SELECT_OPTIONS = (
+    click.option(
+        "--base-version",
+        help="With a customer name: the newest release on this base version line (2.4 or 2.4.1).",
+    ),
+    click.option(
+        "--at",
+        "at",
+        metavar="DATE",
+        help="With a customer name: what was shipped as of DATE (YYYY-MM-DD or RFC 3339, UTC).",
+    ),
+)
+
+
+def _select_options(func: Any) -> Any:
+    for option in reversed(_SELECT_OPTIONS):
+        func = option(func)
+    return func
+
+
+def _target(
+    target: str, settings: Any, base_version: str | None, at: str | None, insecure: bool | None
+) -> tuple[str, dict[str, Any] | None]:
+    """An image reference as given, or the image a customer name was shipped (release records)."""
+    from builder.audit import names_a_customer, shipped_reference
+    from builder.errors import ConfigError
+
+    if not names_a_customer(target):
+        if base_version or at:
+            raise ConfigError("--base-version and --at go with a customer name, not an image")
+        return target, None
+    return shipped_reference(target, settings, base_version=base_version, at=at, insecure=insecure)
+
+
 @cli.command("explain")
-@click.argument("image")
+@click.argument("image", metavar="IMAGE|CUSTOMER")
 @click.option(
     "--public-key",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -153,27 +193,37 @@ def _explanation_lines(exp: Any) -> list[str]:
 @click.option(
     "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
 )
+@_select_options
 @settings_options
 @json_option
 def explain_cmd(
-    image: str, public_key: Path | None, insecure_registry: bool, as_json: bool, **overrides: Any
+    image: str,
+    public_key: Path | None,
+    insecure_registry: bool,
+    base_version: str | None,
+    at: str | None,
+    as_json: bool,
+    **overrides: Any,
 ) -> None:
     """What IMAGE is: customer, config commit, base, models (ids, task, sha256), tool, build time.
 
     IMAGE is a registry reference (host/repo:tag or @sha256:...), an OCI layout (a folder, or
-    oci:DIR[:TAG]) or a docker archive (a file, or docker-archive:FILE). The model files
-    inside are hashed and checked against the recorded sha256; exit code 10 if any check fails.
+    oci:DIR[:TAG]) or a docker archive (a file, or docker-archive:FILE). A bare CUSTOMER name
+    explains what that customer was shipped: the newest release record (--base-version, --at
+    narrow it), and where the registry's moving tag points now. The first line is the verdict:
+    recorded release, signed (by which key), files intact. The model files inside are hashed
+    and checked against the recorded sha256; exit code 10 if any check fails.
     """
     from builder.audit import AUDIT_FAILED, explain
 
-    exp = explain(
-        image,
-        load_cli_settings(overrides),
-        public_key=public_key,
-        insecure=True if insecure_registry else None,
-    )
+    settings = load_cli_settings(overrides)
+    insecure = True if insecure_registry else None
+    reference, selected = _target(image, settings, base_version, at, insecure)
+    exp = explain(reference, settings, public_key=public_key, insecure=insecure)
+    exp.selected = selected
     data = asdict(exp)
     data["ok_checks"] = exp.ok
+    data["verdict"] = exp.verdict
     emit("explain", data, lambda: click.echo("\n".join(_explanation_lines(exp))))
     if not exp.ok:
         info(f"explain: {len(exp.problems)} check(s) failed for {image}")
@@ -181,34 +231,43 @@ def explain_cmd(
 
 
 @cli.command("verify")
-@click.argument("image")
+@click.argument("image", metavar="IMAGE|CUSTOMER")
 @click.option(
     "--repo",
     type=click.Path(path_type=Path, file_okay=False),
-    help="A clone of the config repository (default: the recorded file:// location).",
+    help="A clone of the config repository (default: the recorded repository, cloned into the "
+    "cache if it is not on this machine).",
 )
 @click.option(
     "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
 )
+@_select_options
 @settings_options
 @json_option
 def verify_cmd(
-    image: str, repo: Path | None, insecure_registry: bool, as_json: bool, **overrides: Any
+    image: str,
+    repo: Path | None,
+    insecure_registry: bool,
+    base_version: str | None,
+    at: str | None,
+    as_json: bool,
+    **overrides: Any,
 ) -> None:
     """Rebuild IMAGE from its recorded config commit, lock and base; print MATCH or what differs.
 
-    Every layer is re-tarred in a scratch blob store (weights come from the verified cache).
-    Exit code 10 on a mismatch.
+    Needs nothing but the image reference (or a CUSTOMER name, as for explain): the recorded
+    config repository is cloned with the CI credential helper when it is not on this machine,
+    and the rebuild uses the recorded repository's project settings and production store, not
+    the working directory's. Every layer is re-tarred in a scratch blob store (weights come from
+    the verified cache). Exit code 10 on a mismatch.
     """
     from builder.audit import AUDIT_FAILED, verify
 
-    info(f"==> rebuilding {image} from its recorded inputs")
-    result = verify(
-        image,
-        load_cli_settings(overrides),
-        repo=repo,
-        insecure=True if insecure_registry else None,
-    )
+    settings = load_cli_settings(overrides)
+    insecure = True if insecure_registry else None
+    reference, _selected = _target(image, settings, base_version, at, insecure)
+    info(f"==> rebuilding {reference} from its recorded inputs")
+    result = verify(reference, settings, repo=repo, insecure=insecure)
     data = asdict(result)
     data["explanation"]["ok_checks"] = result.explanation.ok
 
@@ -243,19 +302,32 @@ def verify_cmd(
     help="Write the self-contained HTML report here.",
 )
 @click.option("--ref", default="HEAD", show_default=True, help="Branch, tag or commit to read.")
+@click.option(
+    "--verify",
+    "verify_releases",
+    is_flag=True,
+    help="Also rebuild every recorded release (builder verify) and show MATCH or what differs.",
+)
 @settings_options
 @json_option
-def audit_cmd(customer: str, html: Path, ref: str, as_json: bool, **overrides: Any) -> None:
-    """Write an HTML report of CUSTOMER for regulatory review: timeline, releases, model
-    lineage and the changes between releases (one file, no network resources)."""
+def audit_cmd(
+    customer: str, html: Path, ref: str, verify_releases: bool, as_json: bool, **overrides: Any
+) -> None:
+    """Write an HTML report of CUSTOMER for regulatory review: releases with their signature,
+    verify state and approvals, the configuration timeline with who approved each change, model
+    lineage, the changes between releases, and registry tags that no release record names (one
+    self-contained file, no network resources; prints cleanly to PDF)."""
     from builder.audit import write_report
 
-    data = write_report(customer, load_cli_settings(overrides), html, ref=ref)
+    data = write_report(
+        customer, load_cli_settings(overrides), html, ref=ref, verify_releases=verify_releases
+    )
     summary = {
         "customer": data["customer"],
         "report": str(html),
         "revisions": len(data["entries"]),
         "releases": len(data["releases"]),
+        "unrecorded_tags": data["unrecorded_tags"],
         "problems": data["problems"],
     }
     emit(
