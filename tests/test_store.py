@@ -401,3 +401,41 @@ def test_a_build_without_output_flags_says_not_pushed(tmp_path: Path) -> None:
         for e in read_layout_index(cache / "oci")
     )
     assert (cache / "oci" / "oci-layout").is_file()
+
+
+def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
+    docker_engine: Any, oci_registry: Any, base_os_image: str, tmp_path: Path
+) -> None:
+    """What `builder base build --push` does after the engine built the image: docker save ->
+    store (gzip layers, DiffIDs checked) -> push; the engine then pulls and runs that manifest."""
+    import docker.errors
+
+    from builder.store import save_from_docker
+
+    client = docker_engine.client()
+    reference = f"{oci_registry.host}/store-test/base:1.0.0"
+    client.images.build(
+        fileobj=io.BytesIO(f"FROM {base_os_image}\nLABEL com.ivd.store-test=yes\n".encode()),
+        tag=reference,
+        rm=True,
+        network_mode="none",
+    )
+    store = ImageStore(tmp_path / "store")
+    stored = save_from_docker(client, reference, store)
+    image_id = client.images.get(reference).id
+    assert (
+        store.find_base(f"{oci_registry.host}/store-test/base", "1.0.0").config_descriptor.digest
+        == image_id
+    )
+    pushed = push(store.stored_image(reference), [reference])
+    assert pushed.manifest_digest == stored.digest
+    client.images.remove(reference, force=True)
+    with pytest.raises(docker.errors.ImageNotFound):
+        client.images.get(reference)
+    pulled = client.images.pull(reference.rsplit(":", 1)[0], tag="1.0.0")
+    assert pulled.id == image_id
+    assert pulled.attrs["RepoDigests"][0].endswith(stored.digest)
+    out = client.containers.run(
+        pulled.id, ["cat", "/etc/os-release"], entrypoint=[], network_mode="none", remove=True
+    )
+    assert b"bookworm" in out
