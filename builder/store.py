@@ -151,7 +151,8 @@ class ImageStore:
         what = f"base image {repository}:{version} ({digest[:19]}) in the local store {self.root}"
         if not self.complete(digest):
             raise ImageError(
-                f"{what} is incomplete", hint="run `builder images prune`, then rebuild it"
+                f"{what} lacks some of its blobs",
+                hint="rebuild it with `builder base build`, or build once online to fetch it again",
             )
         raw = self.blobs.read_bytes(digest)
         manifest = _parse_image_manifest(raw, OCI_MANIFEST, what)
