@@ -200,7 +200,7 @@ def resolve_base_image(
         except ImageError as exc:
             raise ImageError(f"{exc} (offline build)", hint=BASE_HINT) from None
     try:
-        base = _check_pin(resolve_base(repository, version_spec, insecure=insecure), pinned)
+        base = resolve_base(repository, version_spec, insecure=insecure)
     except ImageError as online:
         if digest:
             raise ImageError(
@@ -215,6 +215,7 @@ def resolve_base_image(
         if notes is not None:
             notes.append(f"{online}; using the base image from the local store {store.root}")
         return base
+    _check_pin(base, pinned)
     if keep:
         store.keep_base(base)
     return base

@@ -439,3 +439,28 @@ def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
         pulled.id, ["cat", "/etc/os-release"], entrypoint=[], network_mode="none", remove=True
     )
     assert b"bookworm" in out
+
+
+def test_base_resolution_order(tmp_path: Path) -> None:
+    """Pinned digest in the store: used with no registry call; --offline: the store only; a
+    pin the store lacks offline, or a registry base other than the pin: one clear line."""
+    from builder.pipeline import resolve_base_image
+
+    store = ImageStore(tmp_path / "store")
+    repository = "127.0.0.1:9/ivd/base"  # nothing listens there
+    digest = _put_synthetic_base(store, [f"{repository}:2.4.2"]).digest
+    pinned = {"version": "2.4.2", "digest": digest}
+    assert resolve_base_image(repository, "~=2.4", store, pinned=pinned).digest == digest
+    assert resolve_base_image(repository, "~=2.4", store, offline=True).version == "2.4.2"
+    other = {"version": "2.4.2", "digest": "sha256:" + "0" * 64}
+    with pytest.raises(ImageError, match="pinned by the lock is not in the local image store"):
+        resolve_base_image(repository, "~=2.4", store, pinned=other, offline=True)
+    with pytest.raises(ImageError, match="builder base build") as info:
+        resolve_base_image("127.0.0.1:9/ivd/none", "~=2.4", store, offline=True)
+    assert "has no image of 127.0.0.1:9/ivd/none" in str(info.value)
+    # an oci: layout base that differs from the pin is refused with the lock's hint
+    layout = tmp_path / "layout"
+    write_oci_layout(store.stored_image(f"{repository}:2.4.2"), layout, ["2.4.2"])
+    with pytest.raises(ImageError, match="but the lock pins") as drift:
+        resolve_base_image(f"oci:{layout}", "~=2.4", store, pinned=other)
+    assert "builder lock" in (drift.value.hint or "")
