@@ -58,6 +58,7 @@ PRUNE_WAIT: Final = 60.0
 _GC_LOCK: Final = ".gc.lock"
 _CHUNK: Final = 1 << 20
 _GZIP_LEVEL: Final = 6
+_WRITABLE: Final = "set image_store (builder.toml or BUILDER_IMAGE_STORE) to a writable folder"
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class ImageStore:
         except OSError as exc:
             raise ImageError(
                 f"cannot open the local image store {self.root}: {exc.strerror or exc}",
-                hint="set image_store (builder.toml or BUILDER_IMAGE_STORE) to a writable folder",
+                hint=_WRITABLE,
             ) from None
 
     # -- reading ---------------------------------------------------------------------------
@@ -370,7 +371,13 @@ class ImageStore:
     @contextlib.contextmanager
     def _gc_lock(self, mode: int, wait: float | None) -> Iterator[None]:
         """flock the store: shared (builds) or exclusive (prune, waiting at most ``wait`` s)."""
-        fd = os.open(self.root / _GC_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.root / _GC_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ImageError(
+                f"cannot lock the local image store {self.root}: {exc.strerror or exc}",
+                hint=_WRITABLE,
+            ) from None
         try:
             deadline = None if wait is None else time.monotonic() + wait
             while True:
