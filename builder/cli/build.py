@@ -45,12 +45,14 @@ from builder.cli._common import (
 @click.option(
     "--locked",
     is_flag=True,
-    help="Use only the committed lock: no registry calls, pinned base digest.",
+    help="Use only the committed lock: pinned models and base digest (from the local image "
+    "store when it holds it: no registry call).",
 )
 @click.option(
     "--offline",
     is_flag=True,
-    help="Never download weights; use the cache (with --locked: fully offline).",
+    help="Never download weights nor ask a registry for the base: the weights cache and the "
+    "local image store only (with --locked: fully offline).",
 )
 @click.option(
     "--allow-unpublished",
