@@ -768,11 +768,11 @@ def attach_to_layout(directory: Path, attestations: Attestations) -> list[Descri
     ``artifactType`` and no ref name, which is how oras and the image-layout spec find
     referrers in a layout (by reading the manifests' ``subject``).
     """
-    index_path = directory / "index.json"
+    from builder.oci import read_layout_index, update_layout_index
+
     try:
-        index = json.loads(index_path.read_text("utf-8"))
-        entries = list(index.get("manifests") or [])
-    except (OSError, ValueError, AttributeError) as exc:
+        read_layout_index(directory)
+    except ImageError as exc:
         raise ImageError(f"{directory} is not an OCI image layout: {exc}") from None
     if not layout_blob_path(directory, attestations.subject.digest).is_file():
         raise ImageError(
@@ -801,13 +801,15 @@ def attach_to_layout(directory: Path, attestations: Attestations) -> list[Descri
             artifact.annotations,
             {"artifactType": artifact.artifact_type},
         )
-        if not any(e.get("digest") == descriptor.digest for e in entries):
-            entries.append(descriptor.to_dict())
         added.append(descriptor)
-    index["manifests"] = entries
-    index.setdefault("schemaVersion", 2)
-    index.setdefault("mediaType", OCI_INDEX)
-    write_atomic(index_path, canonical_json(index))
+    new = [d.to_dict() for d in added]
+
+    def merge(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        have = {e.get("digest") for e in entries}
+        return entries + [d for d in new if d["digest"] not in have]
+
+    # The layout's one locked index writer: concurrent builds into one layout keep every entry.
+    update_layout_index(directory, merge)
     return added
 
 

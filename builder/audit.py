@@ -1829,7 +1829,7 @@ def _rebuild_settings(settings: Settings, scratch: Path) -> Settings:
         shared = settings.cache_dir / name
         shared.mkdir(parents=True, exist_ok=True)
         (scratch / name).symlink_to(shared, target_is_directory=True)
-    return replace(settings, cache_dir=scratch)
+    return replace(settings, cache_dir=scratch, image_store=None)  # the store: scratch/oci
 
 
 def _compare(

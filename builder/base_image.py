@@ -28,10 +28,13 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from builder.contracts import Progress
 from builder.errors import ImageError
+
+if TYPE_CHECKING:
+    from builder.store import ImageStore
 
 BASE_DIR: Final = Path(__file__).resolve().parents[1] / "base-image"
 VARIANTS: Final = ("cpu", "gpu")
@@ -58,6 +61,8 @@ class BaseImageBuild:
     labels: dict[str, str]
     variant: str = "cpu"
     digest: str | None = None  # manifest digest in the registry, when pushed
+    store: str | None = None  # the local image store it was written into
+    store_digest: str | None = None  # its manifest digest there (= the pushed one)
     log: list[str] = field(default_factory=list, repr=False)  # the engine's build output
 
 
@@ -350,8 +355,13 @@ def build_base_image(
     download: bool = True,
     base_dir: Path = BASE_DIR,
     progress: Progress | None = None,
+    store: ImageStore | None = None,
 ) -> BaseImageBuild:
     """Build base-image/ as `<repository>:<version>` (and push it when `push`).
+
+    With `store` (the CLI always passes the local image store) the image is written there as
+    `<repository>:<tag>`, and `push` sends exactly that manifest to the registry, so builds
+    against the store and against the registry give the same digests.
 
     `base_from` is the Python 3.11 base (python:3.11-slim-bookworm, the test bed's stand-in,
     or a CUDA runtime base for `variant="gpu"`). `wheelhouse` None means the machine-wide
@@ -404,7 +414,15 @@ def build_base_image(
     wrong = {k: (got.get(k), v) for k, v in labels.items() if got.get(k) != v}
     if wrong:
         raise ImageError(f"{reference} was built with unexpected labels: {json.dumps(wrong)}")
-    digest = _push(docker_client, repository, tag, progress) if push else None
+    stored = None
+    if store is not None:
+        from builder.store import save_from_docker
+
+        with store.in_use():
+            stored = save_from_docker(docker_client, reference, store).digest
+            digest = _push_stored(store, reference, progress) if push else None
+    else:
+        digest = _push(docker_client, repository, tag, progress) if push else None
     return BaseImageBuild(
         reference=reference,
         image_id=image_id,
@@ -412,5 +430,14 @@ def build_base_image(
         labels=got,
         variant=variant,
         digest=digest,
+        store=str(store.root) if store is not None else None,
+        store_digest=stored,
         log=log,
     )
+
+
+def _push_stored(store: ImageStore, reference: str, progress: Progress | None) -> str:
+    """Push the stored image `reference` to its registry, byte for byte; return its digest."""
+    from builder.deliver import push
+
+    return push(store.stored_image(reference), [reference], progress=progress).manifest_digest

@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -330,38 +330,93 @@ def copy_blob(source: Path, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+#: Lock file next to an image layout's index.json: every read-merge-write of the index holds it.
+INDEX_LOCK: Final = ".index.json.lock"
+#: How long a writer waits for another writer of the same index (seconds).
+INDEX_LOCK_TIMEOUT: Final = 120.0
+
+
+@contextlib.contextmanager
+def locked_layout(directory: Path, timeout: float = INDEX_LOCK_TIMEOUT) -> Iterator[Path]:
+    """Hold the lock of the image layout at ``directory`` (created if missing); yield index.json.
+
+    Concurrent builds writing into one layout (``--oci-layout``, the local image store) would
+    otherwise each read the index, add their tags and write it back, losing the others' tags.
+    """
+    from filelock import FileLock, Timeout
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(directory / INDEX_LOCK, timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ImageError(
+            f"OCI layout {directory} is locked by another writer for more than {timeout:.0f} s",
+            hint=f"wait for the other build, or remove {directory / INDEX_LOCK} if none runs",
+        ) from None
+    try:
+        yield directory / "index.json"
+    finally:
+        lock.release()
+
+
+def update_layout_index(
+    directory: Path, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Apply ``change`` to the manifests of ``directory/index.json`` under the layout's lock.
+
+    The one writer of image layout indexes: read, change, write atomically, all while holding
+    :func:`locked_layout`, so concurrent writers never lose each other's entries. Other keys of
+    the index are kept. Returns the manifests written.
+    """
+    with locked_layout(directory) as index_path:
+        index: dict[str, Any] = {}
+        if index_path.exists():
+            try:
+                index = json.loads(index_path.read_text("utf-8"))
+                if not isinstance(index, dict):
+                    raise ValueError("not a JSON object")
+                existing = list(index.get("manifests") or [])
+                if not all(isinstance(item, dict) for item in existing):
+                    raise ValueError("manifests must be JSON objects")
+            except (OSError, ValueError, TypeError) as exc:
+                raise ImageError(f"{index_path} is not a valid image index: {exc}") from exc
+        else:
+            existing = []
+        manifests = change(existing)
+        index.update(schemaVersion=2, mediaType=OCI_INDEX, manifests=manifests)
+        marker = directory / "oci-layout"
+        if not marker.exists():
+            _atomic_write(marker, canonical_json({"imageLayoutVersion": "1.0.0"}))
+        _atomic_write(index_path, canonical_json(index))
+    return manifests
+
+
 def write_layout_index(directory: Path, manifest: Descriptor, ref_names: Sequence[str]) -> None:
     """Add ``manifest`` to ``directory/index.json`` under each ref name, merging with what is there.
 
-    A ref name already present is re-pointed to ``manifest``; other entries are kept. The
-    blobs must already be in ``directory/blobs``.
+    A ref name already present is re-pointed to ``manifest``; other entries are kept (under the
+    layout's lock: concurrent writers keep each other's tags). The blobs must already be in
+    ``directory/blobs``.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    index_path = directory / "index.json"
-    existing: list[dict[str, Any]] = []
-    if index_path.exists():
-        try:
-            existing = list(json.loads(index_path.read_text("utf-8")).get("manifests") or [])
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ImageError(f"{index_path} is not a valid image index: {exc}") from exc
     names = set(ref_names)
-    kept = [
-        item
-        for item in existing
-        if (item.get("annotations") or {}).get(REF_NAME) not in names
-        and not (not names and item.get("digest") == manifest.digest)
-    ]
     added = [
         Descriptor(manifest.media_type, manifest.digest, manifest.size, {REF_NAME: name}).to_dict()
         for name in sorted(names)
     ]
     if not names:
         added = [Descriptor(manifest.media_type, manifest.digest, manifest.size).to_dict()]
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept + added}
-    marker = directory / "oci-layout"
-    if not marker.exists():
-        _atomic_write(marker, canonical_json({"imageLayoutVersion": "1.0.0"}))
-    _atomic_write(index_path, canonical_json(index))
+
+    def merge(existing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        kept = [
+            item
+            for item in existing
+            if (item.get("annotations") or {}).get(REF_NAME) not in names
+            and not (not names and item.get("digest") == manifest.digest)
+        ]
+        return kept + added
+
+    update_layout_index(directory, merge)
 
 
 def hash_file(path: Path) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,6 @@ from builder.cook import Cooked, cook
 from builder.errors import ImageError
 from builder.expand import MODELS_DIR, expand
 from builder.fetch import Cache, FetchResult, fetch
-from builder.oci import BlobStore
 from builder.provenance import (
     image_labels,
     image_version,
@@ -29,6 +28,7 @@ from builder.provenance import (
     provenance_document,
 )
 from builder.settings import Settings
+from builder.store import ImageStore
 
 APP_DIR = "/app"
 CONFIG_DIR = f"{APP_DIR}/config"
@@ -109,10 +109,17 @@ def try_resolve_base(
     repository: str | None = None,
     insecure: bool | None = None,
 ) -> tuple[BaseImageRef | None, str | None]:
-    """The base image for the lock, or None and why not (the lock can be made without it)."""
+    """The base image for the lock, or None and why not (the lock can be made without it).
+
+    Resolved like a build does: the registry, else the local image store.
+    """
     try:
-        return resolve_base(
-            base_repository(spec, settings, repository), spec.base_version, insecure=insecure
+        return resolve_base_image(
+            base_repository(spec, settings, repository),
+            spec.base_version,
+            ImageStore(settings.store_dir),
+            insecure=insecure,
+            keep=False,
         ).ref, None
     except ImageError as exc:
         return None, f"base image not pinned: {exc}"
@@ -129,21 +136,88 @@ def check_runner_accepts(base: BaseImage) -> None:
         )
 
 
-def _resolve_locked_base(
-    cooked: Cooked, repository: str, version_spec: str, insecure: bool | None
-) -> BaseImage:
-    base = resolve_base(repository, version_spec, insecure=insecure)
-    pinned = (cooked.lock or {}).get("base_image")
+#: What to do when no base image is found anywhere.
+BASE_HINT = (
+    "run `builder base build` (it builds the base into the local image store), "
+    "or point base_repository at a registry that has it"
+)
+
+
+def _check_pin(base: BaseImage, pinned: Mapping[str, Any] | None) -> BaseImage:
+    """Refuse a base other than the one the lock pins (version and digest)."""
     if (
         pinned
         and pinned.get("digest")
-        and (pinned["version"], pinned["digest"]) != (base.version, base.digest)
+        and (pinned.get("version"), pinned["digest"]) != (base.version, base.digest)
     ):
         raise ImageError(
-            f"base image {repository} resolves to {base.version} ({base.digest[:19]}) "
-            f"but the lock pins {pinned['version']} ({pinned['digest'][:19]})",
+            f"base image {base.repository} resolves to {base.version} ({base.digest[:19]}) "
+            f"but the lock pins {pinned.get('version')} ({str(pinned['digest'])[:19]})",
             hint="run `builder lock` to accept the new base, or restore the pinned one",
         )
+    return base
+
+
+def resolve_base_image(
+    repository: str,
+    version_spec: str,
+    store: ImageStore,
+    *,
+    pinned: Mapping[str, Any] | None = None,
+    offline: bool = False,
+    insecure: bool | None = None,
+    keep: bool = True,
+    notes: list[str] | None = None,
+) -> BaseImage:
+    """The base image of a build: from the local image store or a registry, by digest after.
+
+    - ``pinned`` (a ``--locked`` build's lock entry: version, digest) found complete in the
+      store is used as it is: no registry is contacted at all.
+    - ``offline``: only the store (by the pinned digest, else by ``version_spec``).
+    - otherwise the registry decides (it may hold a newer version); when it cannot be reached
+      or lacks the image, the store's tags are resolved instead (``notes`` says so).
+    A base resolved in a registry is kept in the store (``keep``) by tag and digest, so the
+    next build, ``--locked --offline`` included, needs no registry and gets the same digest.
+    ``oci:DIR`` repositories are read from that layout as before.
+    """
+    if repository.startswith("oci:"):
+        return _check_pin(resolve_base(repository, version_spec, insecure=insecure), pinned)
+    digest = str((pinned or {}).get("digest") or "")
+    if digest:
+        version = str((pinned or {}).get("version") or "")
+        found = store.find_digest(repository, version, digest)
+        if found is not None:
+            return found
+        if offline:
+            raise ImageError(
+                f"base image {repository}:{version} ({digest[:19]}) pinned by the lock is not "
+                f"in the local image store {store.root}",
+                hint="run `builder base build`, or build once online (the base is then kept)",
+            )
+    if offline:
+        try:
+            return store.find_base(repository, version_spec)
+        except ImageError as exc:
+            raise ImageError(f"{exc} (offline build)", hint=BASE_HINT) from None
+    try:
+        base = resolve_base(repository, version_spec, insecure=insecure)
+    except ImageError as online:
+        if digest:
+            raise ImageError(
+                f"base image pinned by the lock ({digest[:19]}) is not in the local image store "
+                f"{store.root}, and {online}",
+                hint=BASE_HINT,
+            ) from None
+        try:
+            base = store.find_base(repository, version_spec)
+        except ImageError as local:
+            raise ImageError(f"{online}; and {local}", hint=BASE_HINT) from None
+        if notes is not None:
+            notes.append(f"{online}; using the base image from the local store {store.root}")
+        return base
+    _check_pin(base, pinned)
+    if keep:
+        store.keep_base(base)
     return base
 
 
@@ -277,82 +351,100 @@ def build(
             locked=request.locked,
             allow_unpublished=request.allow_unpublished,
         )
-    spec = cooked.spec
-    repository = base_repository(spec, settings, request.base_repository)
-    with stage("base"):
-        version_spec = request.base_version or spec.base_version
-        if request.locked and not request.base_version:
-            base = _resolve_locked_base(cooked, repository, version_spec, request.insecure)
-        else:
-            base = resolve_base(repository, version_spec, insecure=request.insecure)
-        check_runner_accepts(base)
-    with stage("fetch"):
-        fetched = fetch(
-            cooked.models,
-            Cache(settings.cache_dir / "weights"),
-            manual_files=spec.manual_files,
-            offline=request.offline,
-            base=settings.root,
-            jobs=request.jobs,
-            progress=progress,
+    # Shared hold on the store: `builder images prune` waits until this build is stored.
+    store = ImageStore(settings.store_dir)
+    notes: list[str] = []
+    with store.in_use():
+        spec = cooked.spec
+        repository = base_repository(spec, settings, request.base_repository)
+        with stage("base"):
+            pinned = (cooked.lock or {}).get("base_image")
+            base = resolve_base_image(
+                repository,
+                request.base_version or spec.base_version,
+                store,
+                pinned=pinned if request.locked and not request.base_version else None,
+                offline=request.offline,
+                insecure=request.insecure,
+                notes=notes,
+            )
+            check_runner_accepts(base)
+        with stage("fetch"):
+            fetched = fetch(
+                cooked.models,
+                Cache(settings.cache_dir / "weights"),
+                manual_files=spec.manual_files,
+                offline=request.offline,
+                base=settings.root,
+                jobs=request.jobs,
+                progress=progress,
+            )
+        base_ref = base.ref
+        verbose_yaml = yamldoc.dump(expand(spec, fetched.models))
+        verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
+        provenance = provenance_document(
+            spec, fetched.models, verbose_sha256=verbose_sha, development=cooked.development
         )
-    base_ref = base.ref
-    verbose_yaml = yamldoc.dump(expand(spec, fetched.models))
-    verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
-    provenance = provenance_document(
-        spec, fetched.models, verbose_sha256=verbose_sha, development=cooked.development
-    )
-    labels = image_labels(
-        spec, fetched.models, base_ref, verbose_sha256=verbose_sha, development=cooked.development
-    )
-    layers = image_layers(cooked, fetched, verbose_yaml, yamldoc.canonical_json(provenance))
-    registry = request.image_registry or settings.image_registry
-    immutable = f"{registry}/{spec.customer}:{image_version(spec, base_ref)}"
-    moving = f"{registry}/{spec.customer}:{base_ref.version}"
-    report = BuildReport(
-        customer=spec.customer,
-        image=immutable,
-        tags=[immutable, moving],
-        manifest_digest="",
-        config_digest="",
-        config_commit=spec.commit,
-        base={"repository": base.repository, "version": base.version, "digest": base.digest},
-        models=provenance["models"],
-        layers=[],
-        development=cooked.development,
-        bytes_downloaded=fetched.bytes_downloaded,
-        timings=timings,
-        warnings=list(cooked.warnings),
-    )
-    if request.backend == "docker":
-        with stage("docker build"):
-            _build_with_docker(request, base, layers, labels, spec.commit_time, report, progress)
-        return report
-    with stage("assemble"):
-        image = assemble(
-            base,
-            layers,
-            labels=labels,
-            annotations=manifest_annotations(labels),
-            source_date_epoch=spec.commit_time,
-            store=BlobStore(settings.cache_dir / "oci"),
-            progress=progress,
+        labels = image_labels(
+            spec,
+            fetched.models,
+            base_ref,
+            verbose_sha256=verbose_sha,
+            development=cooked.development,
         )
-    report.manifest_digest, report.config_digest = image.manifest_digest, image.config_digest
-    report.layers = [
-        LayerReport(
-            layer.name or "base",
-            layer.descriptor.digest,
-            layer.descriptor.size,
-            layer.descriptor.media_type,
-            layer.new,
+        layers = image_layers(cooked, fetched, verbose_yaml, yamldoc.canonical_json(provenance))
+        registry = request.image_registry or settings.image_registry
+        immutable = f"{registry}/{spec.customer}:{image_version(spec, base_ref)}"
+        moving = f"{registry}/{spec.customer}:{base_ref.version}"
+        report = BuildReport(
+            customer=spec.customer,
+            image=immutable,
+            tags=[immutable, moving],
+            manifest_digest="",
+            config_digest="",
+            config_commit=spec.commit,
+            base={"repository": base.repository, "version": base.version, "digest": base.digest},
+            models=provenance["models"],
+            layers=[],
+            development=cooked.development,
+            bytes_downloaded=fetched.bytes_downloaded,
+            timings=timings,
+            warnings=[*cooked.warnings, *notes],
         )
-        for layer in image.layers
-    ]
-    with stage("deliver"):
-        _deliver(request, image, report, immutable, moving, progress)
-    with stage("attest"):
-        from builder.attest import attest_build
+        if request.backend == "docker":
+            with stage("docker build"):
+                _build_with_docker(
+                    request, base, layers, labels, spec.commit_time, report, progress
+                )
+            return report
+        with stage("assemble"):
+            image = assemble(
+                base,
+                layers,
+                labels=labels,
+                annotations=manifest_annotations(labels),
+                source_date_epoch=spec.commit_time,
+                store=store.blobs,
+                progress=progress,
+            )
+        report.manifest_digest, report.config_digest = image.manifest_digest, image.config_digest
+        report.layers = [
+            LayerReport(
+                layer.name or "base",
+                layer.descriptor.digest,
+                layer.descriptor.size,
+                layer.descriptor.media_type,
+                layer.new,
+            )
+            for layer in image.layers
+        ]
+        with stage("deliver"):
+            # Every build lands in the local image store, complete; the flags send it further.
+            store.add_image(image, [immutable, moving], progress)
+            report.outputs["store"] = str(store.root)
+            _deliver(request, image, report, immutable, moving, progress)
+        with stage("attest"):
+            from builder.attest import attest_build
 
-        attest_build(request, report, image, spec, request.sign_key)
-    return report
+            attest_build(request, report, image, spec, request.sign_key)
+        return report

@@ -29,6 +29,17 @@ class Settings:
     cache_dir: Path
     root: Path = Path()  # folder of builder.toml (or the working directory): anchors relative paths
     origin: str = "defaults"  # where the settings came from, for messages
+    #: The local OCI image store (base and customer images, tagged); None: <cache_dir>/oci.
+    image_store: Path | None = None
+
+    @property
+    def store_dir(self) -> Path:
+        """Where the local image store lives: the setting ``image_store``, else <cache_dir>/oci.
+
+        The same folder is the build's blob store, so an assembled image is in the store
+        without a copy: storing it only adds its tags to the index.
+        """
+        return self.image_store or self.cache_dir / "oci"
 
     def with_overrides(self, **values: str | Path | None) -> Settings:
         """Apply command-line overrides (None means not given)."""
@@ -63,6 +74,7 @@ def load_settings(cwd: Path | None = None) -> Settings:
         "base_repository": "127.0.0.1:5000/ivd/inference-base",
         "image_registry": "127.0.0.1:5000",
         "cache_dir": str(platformdirs.user_cache_path("ivd-builder")),
+        "image_store": "",
     }
     base, origin = cwd, "defaults"
     path = _find_settings_file(cwd)
@@ -85,7 +97,9 @@ def load_settings(cwd: Path | None = None) -> Settings:
     values = {k: _anchor(v, base) for k, v in values.items()}
     names = {f.name for f in fields(Settings)}
     kwargs = {k: v for k, v in values.items() if k in names}
+    store = kwargs.pop("image_store")
     return Settings(
+        image_store=(base / Path(store).expanduser()).resolve() if store else None,
         customers=(base / kwargs.pop("customers")).resolve(),
         cache_dir=Path(kwargs.pop("cache_dir")).expanduser(),
         root=base.resolve(),

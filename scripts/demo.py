@@ -1,14 +1,17 @@
 """The main job on the bundled demo, end to end, with real components only.
 
-1. a Docker engine (reused, or a private dockerd) and a CNCF registry on loopback;
+1. a Docker engine (reused, or a private dockerd); no registry: none is needed;
 2. the base OS image (debootstrap'ed Debian bookworm, standing in for python:3.11-slim-bookworm);
-3. `builder base build --push`: the inference base image, offline inside, from a host wheelhouse;
-4. `build customer-x --push --load --oci-layout out/...`: the customer image from customers/
-   with the bundled local model registry (demo/registry) and weights folder (demo/production);
+3. `builder base build`: the inference base image, offline inside, from a host wheelhouse,
+   written into the local image store (the builder's default settings, as a user's own
+   commands later use them);
+4. `build customer-x --load --oci-layout out/...`: the customer image from customers/ with the
+   bundled local model registry (demo/registry) and weights folder (demo/production), on the
+   base from the store; it lands in the store too, in the Docker engine and as a layout folder;
 5. `docker run` of that image on a synthetic sample slide, mounted read-only.
 
-Everything it makes lands under out/demo/. The registry is temporary; the image stays in the
-Docker engine and as an OCI layout folder.
+Files it makes land under out/demo/; the base and customer images stay in the local image
+store, so `build customer-x` works afterwards with no server running.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 
 from testbed.base_os import ensure_base_image  # noqa: E402
 from testbed.docker_engine import ensure_engine  # noqa: E402
-from testbed.registry import start_registry  # noqa: E402
 
 OUT = ROOT / "out" / "demo"
 CUSTOMER = "customer-x"
@@ -62,17 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
-    step("starting a Docker engine and a registry on loopback")
+    step("starting a Docker engine (for the base image build and the sample run only)")
     engine = ensure_engine()
-    registry = start_registry()
     try:
-        env = {
-            **os.environ,
-            **engine.env(),
-            "BUILDER_IMAGE_REGISTRY": registry.host,
-            "BUILDER_BASE_REPOSITORY": f"{registry.host}/ivd/inference-base",
-            "BUILDER_CACHE_DIR": str(ROOT / ".cache" / "builder"),
-        }
+        # The builder's own defaults (builder.toml, the user cache): what `build` uses later.
+        env = {**os.environ, **engine.env()}
         builder = [sys.executable, "-m", "builder"]
         step(
             "base OS image (debootstrap'ed Debian bookworm + Python 3.11; cached after the first run)"
@@ -81,19 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         print(base_os)
 
         step(
-            "builder base build --push  (ONNX Runtime + tile runner, installed offline from a wheelhouse)"
+            "builder base build  (ONNX Runtime + tile runner, offline from a wheelhouse, into the local image store)"
         )
-        run(*builder, "base", "build", "--from", base_os, "--push", env=env)
+        run(*builder, "base", "build", "--from", base_os, env=env)
 
         step(
-            f"build {CUSTOMER} --push --load  (bundled demo registry and weights; demo models, NOT clinical)"
+            f"build {CUSTOMER} --load  (bundled demo registry and weights; demo models, NOT clinical)"
         )
         layout = OUT / f"{CUSTOMER}.oci"
         built = run(
             *builder,
             "build",
             CUSTOMER,
-            "--push",
             "--load",
             "--oci-layout",
             str(layout),
@@ -136,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         summary_files = sorted(results.glob("demo-slide/**/summary.json"))
         step("done")
         print(f"image      {report['image']}@{report['manifest_digest']}")
+        print(
+            f"           in the local image store {report['outputs']['store']} (`builder images`)"
+        )
         print("           loaded into the Docker engine at", engine.host)
         print(
             f"OCI layout {layout}  (skopeo inspect oci:{layout}:{report['image'].rsplit(':', 1)[1]})"
@@ -149,11 +147,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"summary    {path}  ({found})")
         print(
-            "\nThe registry was temporary; the Docker engine keeps running only if it was already running before."
+            "\nThe base and customer images stay in the local image store. Rebuild customer-x with"
+            "\nno server running (no registry, no Docker engine); both give the digest above:"
+            f"\n  .venv/bin/build {CUSTOMER}"
+            f"\n  .venv/bin/build {CUSTOMER} --locked --offline"
+            "\nSend it on with --push (a registry), --load (a Docker engine) or --oci-layout DIR."
+            "\nThe Docker engine keeps running only if it was already running before."
         )
         return 0
     finally:
-        registry.stop()
         engine.stop()
 
 

@@ -84,9 +84,14 @@ def test_bad_arguments_fail_before_any_work() -> None:
 
 
 @pytest.fixture(scope="module")
-def built(docker_engine: Any, oci_registry: Any, base_os_image: str) -> BaseImageBuild:
+def built(
+    docker_engine: Any, oci_registry: Any, base_os_image: str, tmp_path_factory: Any
+) -> BaseImageBuild:
+    from builder.store import ImageStore
+
     steps: list[tuple[str, int, int]] = []
     result = build_base_image(
+        store=ImageStore(tmp_path_factory.mktemp("store")),
         docker_client=docker_engine.client(),
         repository=f"{oci_registry.host}/ivd/inference-base",
         base_from=base_os_image,
@@ -110,6 +115,13 @@ def test_tag_labels_and_push(built: BaseImageBuild, oci_registry: Any) -> None:
     assert built.labels["com.ivd.runner.cuda"] == "none"
     assert built.digest and built.digest.startswith("sha256:")
     assert built.image_id.startswith("sha256:")
+    # written into the local image store, and exactly that manifest pushed
+    from builder.store import ImageStore
+
+    assert built.store is not None and built.digest == built.store_digest
+    stored = ImageStore(built.store).lookup(built.reference)
+    assert stored is not None and stored.digest == built.digest
+    assert ImageStore(built.store).complete(built.digest)
 
 
 @pytest.mark.docker

@@ -606,3 +606,47 @@ class TestFilesAndEngine:
         target = repo(registry, "air")
         report = push(rebuilt, [f"{target}:1"], retry=FAST)
         assert report.manifest_digest == rebuilt.manifest_digest
+
+
+def _export_variants(base_layout: str, cache: str, layout: str, worker: int) -> None:
+    """One concurrent build: assemble its own small images and export each into one layout."""
+    base = resolve_base(f"oci:{base_layout}", "~=1.0")
+    store = BlobStore(cache)
+    for i in range(5):
+        image = variant(base, store, f"worker {worker} image {i}")
+        write_oci_layout(image, layout, [f"w{worker}-{i}", f"w{worker}-{i}-moving"])
+
+
+def test_concurrent_exports_into_one_oci_layout_keep_every_tag(tmp_path: Path) -> None:
+    """16 builds exporting into one --oci-layout at once: every tag survives, each pointing to
+    the image its build made, and skopeo reads the layout."""
+    import multiprocessing
+
+    from test_assemble import make_base_layout
+
+    from builder.oci import read_layout_index
+
+    make_base_layout(tmp_path / "bases")
+    layout = tmp_path / "out"
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(
+            target=_export_variants,
+            args=(str(tmp_path / "bases"), str(tmp_path / "cache"), str(layout), w),
+        )
+        for w in range(16)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(300)
+        assert worker.exitcode == 0
+    entries = {e.ref_name: e.descriptor.digest for e in read_layout_index(layout)}
+    assert len(entries) == 16 * 5 * 2
+    base = resolve_base(f"oci:{tmp_path / 'bases'}", "~=1.0")
+    expected = variant(base, BlobStore(tmp_path / "check"), "worker 7 image 3").manifest_digest
+    assert entries["w7-3"] == entries["w7-3-moving"] == expected
+    inspect = subprocess.run(
+        ["skopeo", "inspect", f"oci:{layout}:w7-3"], capture_output=True, text=True, check=True
+    )
+    assert json.loads(inspect.stdout)["Digest"] == expected

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from builder.cli import audit, base, build, config, fleet, models  # noqa: F401  (each module registers its commands)
+from builder.cli import audit, base, build, config, fleet, images, models  # noqa: F401  (each module registers its commands)
 from builder.cli._common import RESULT_VERSION, _json_mode, cli
 from builder.errors import BuilderError
 

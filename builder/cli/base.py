@@ -35,7 +35,11 @@ def base() -> None:
 @click.option(
     "--offline", is_flag=True, help="Never run pip download; the wheelhouse must be complete."
 )
-@click.option("--push", is_flag=True, help="Push <repository>:<version> to its registry.")
+@click.option(
+    "--push",
+    is_flag=True,
+    help="Also push <repository>:<version> to its registry (always: into the local image store).",
+)
 @json_option
 def base_build(
     repository: str | None,
@@ -47,10 +51,15 @@ def base_build(
     push: bool,
     as_json: bool,
 ) -> None:
-    """Build (and push) the base image with the Docker engine (DOCKER_HOST), offline inside."""
+    """Build the base image with the Docker engine (DOCKER_HOST), offline inside.
+
+    It is written into the local image store (setting image_store), where `build CUSTOMER`
+    finds it with no registry; --push sends the same manifest to the registry.
+    """
     import docker
 
     from builder.base_image import build_base_image
+    from builder.store import ImageStore
 
     settings = load_cli_settings({})
     info(f"==> building {repository or settings.base_repository} from {base_from} ({variant})")
@@ -65,11 +74,14 @@ def base_build(
             cuda_version=cuda_version,
             download=not offline,
             progress=bar,
+            store=ImageStore(settings.store_dir),
         )
 
     def human() -> None:
         click.echo(f"image     {result.reference}")
         click.echo(f"id        {result.image_id}")
+        if result.store_digest:
+            click.echo(f"stored    {result.reference}@{result.store_digest} in {result.store}")
         if result.digest:
             click.echo(f"pushed    {result.reference}@{result.digest}")
         for key, value in sorted(result.labels.items()):

@@ -45,12 +45,14 @@ from builder.cli._common import (
 @click.option(
     "--locked",
     is_flag=True,
-    help="Use only the committed lock: no registry calls, pinned base digest.",
+    help="Use only the committed lock: pinned models and base digest (from the local image "
+    "store when it holds it: no registry call).",
 )
 @click.option(
     "--offline",
     is_flag=True,
-    help="Never download weights; use the cache (with --locked: fully offline).",
+    help="Never download weights nor ask a registry for the base: the weights cache and the "
+    "local image store only (with --locked: fully offline).",
 )
 @click.option(
     "--allow-unpublished",
@@ -144,8 +146,9 @@ def build(
 ) -> None:
     """Build CUSTOMER's image: cook the config, fetch weights, assemble on the base, deliver.
 
-    Without --push/--oci-layout/--docker-archive/--load the image is only assembled into the
-    local blob cache and its digest printed (a dry run that still proves reproducibility).
+    Every build lands in the local image store (setting image_store; `builder images` lists
+    it); --push, --load, --oci-layout and --docker-archive send it further. The base image
+    comes from the registry, else the local store (`builder base build` fills it).
     With --all --base-version V: every customer of the fleet that admits V, --jobs at a time.
     """
     from dataclasses import asdict
@@ -224,7 +227,21 @@ def build(
         )
         for kind, where in report.outputs.items():
             click.echo(f"{kind:<9} {where}")
+        if "registry" not in report.outputs:
+            for line in not_pushed_lines(report.image, report.manifest_digest, customer):
+                click.echo(line)
         if report.development:
             click.echo("DEVELOPMENT BUILD: unpublished models; not for release", err=True)
 
     emit("build", asdict(report), human)
+
+
+def not_pushed_lines(image: str, digest: str, customer: str | None) -> list[str]:
+    """Say plainly that a build without --push is local only, and how to send it on."""
+    name = customer or "CUSTOMER"
+    return [
+        f"built, not pushed: {image}@{digest} is in the local image store only",
+        f"  push:   build {name} --push      (same inputs, same digest; --registry HOST to choose)",
+        f"  load:   build {name} --load      (into the Docker engine at DOCKER_HOST)",
+        f"  export: build {name} --oci-layout DIR  or  --docker-archive FILE",
+    ]

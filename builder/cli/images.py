@@ -1,0 +1,79 @@
+"""`builder images`: what the local image store holds, and `builder images prune`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from builder.cli._common import cli, emit, json_option, load_cli_settings
+
+
+@cli.group(invoke_without_command=True)
+@click.option(
+    "--image-store",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The local image store folder (setting image_store; default <cache_dir>/oci).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    help="Weights and image cache (setting cache_dir).",
+)
+@json_option
+@click.pass_context
+def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> None:
+    """The local image store (setting image_store): base and customer images, by name.
+
+    Without a subcommand: list them (name, manifest digest). `builder base build` and every
+    `build CUSTOMER` write here; builds find their base here with no registry.
+    """
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = overrides
+        return
+    from builder.store import ImageStore
+
+    store = ImageStore(load_cli_settings(overrides).store_dir)
+    listed = store.images()
+
+    def human() -> None:
+        click.echo(f"store     {store.root}")
+        if not listed:
+            click.echo("(empty: run `builder base build`, then `build CUSTOMER`)")
+        for image in listed:
+            click.echo(f"{image.digest[:19]}  {image.reference}")
+
+    emit(
+        "images",
+        {"store": str(store.root), "images": [asdict(i) for i in listed]},
+        human,
+    )
+
+
+@images.command("prune")
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed.")
+@click.option(
+    "--wait",
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for running builds to release the store.",
+)
+@json_option
+@click.pass_context
+def images_prune(ctx: click.Context, /, dry_run: bool, wait: float, as_json: bool) -> None:
+    """Remove every blob no named image references (the tags are what is kept)."""
+    from builder.store import ImageStore
+
+    store = ImageStore(load_cli_settings(ctx.obj or {}).store_dir)
+    report = store.prune(dry_run=dry_run, wait=wait)
+
+    def human() -> None:
+        verb = "would remove" if dry_run else "removed"
+        click.echo(
+            f"{verb} {report.blobs_removed} blobs ({report.bytes_removed:,} B); kept "
+            f"{report.blobs_kept} blobs of {report.images} named images in {store.root}"
+        )
+
+    emit("images prune", {"store": str(store.root), **asdict(report)}, human)

@@ -1,0 +1,421 @@
+"""The local image store: one OCI image layout on disk holding many tagged images.
+
+The embedded default, like buildah's local storage or ``ko build --local``: ``builder base
+build`` writes the base image here, ``build CUSTOMER`` resolves its base here when no registry
+answers (or with ``--offline``), keeps bases pulled from a registry here by digest, and writes
+every customer image here. Nothing needs a server: a laptop with the store builds the same
+digest as a CI runner talking to a registry.
+
+Layout: the build's blob store (``blobs/sha256``, ``oci-layout``) plus ``index.json`` naming
+each image by its full reference (``org.opencontainers.image.ref.name`` =
+``127.0.0.1:5000/customer-x:2.4.2-abc``; skopeo reads it as ``oci:STORE:REF``). A base kept
+from a registry is also named ``REPO@sha256:...``, so a lock's pinned digest finds it even
+after its tag moved.
+
+Concurrency: the index is changed only through :func:`builder.oci.update_layout_index`, under
+a file lock. Builds hold a shared lock on the store while they write blobs and tags;
+:meth:`ImageStore.prune` takes it exclusively, so it never deletes a blob a running build
+has written but not tagged yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Final
+
+from builder.errors import ImageError
+from builder.oci import (
+    IMAGE_MANIFEST_TYPES,
+    INDEX_TYPES,
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    BlobStore,
+    Descriptor,
+    canonical_json,
+    is_disk_full,
+    read_layout_index,
+    write_layout_index,
+)
+
+if TYPE_CHECKING:
+    from builder.assemble import AssembledImage, BaseImage
+    from builder.contracts import Progress
+
+#: How long prune waits for running builds to release the store (seconds).
+PRUNE_WAIT: Final = 60.0
+_GC_LOCK: Final = ".gc.lock"
+_CHUNK: Final = 1 << 20
+_GZIP_LEVEL: Final = 6
+_WRITABLE: Final = "set image_store (builder.toml or BUILDER_IMAGE_STORE) to a writable folder"
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """One name in the store: ``reference`` -> manifest ``digest``."""
+
+    reference: str
+    digest: str
+    media_type: str
+    size: int
+
+    @property
+    def repository(self) -> str:
+        """The reference without its tag or digest."""
+        return split_name(self.reference)[0]
+
+    @property
+    def tag(self) -> str | None:
+        """The tag, or None for a by-digest name."""
+        return split_name(self.reference)[1]
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What :meth:`ImageStore.prune` kept and removed."""
+
+    images: int  # names in the index (all kept)
+    blobs_kept: int
+    blobs_removed: int
+    bytes_removed: int
+    dry_run: bool = False
+
+
+def split_name(reference: str) -> tuple[str, str | None]:
+    """``repo:tag`` -> (repo, tag); ``repo@sha256:..`` -> (repo, None)."""
+    if "@" in reference:
+        return reference.split("@", 1)[0], None
+    head, sep, tail = reference.rpartition(":")
+    if sep and "/" not in tail:
+        return head, tail
+    return reference, None
+
+
+class ImageStore:
+    """The local OCI image store at ``root`` (see the module docstring)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        try:
+            self.blobs = BlobStore(self.root)
+        except OSError as exc:
+            raise ImageError(
+                f"cannot open the local image store {self.root}: {exc.strerror or exc}",
+                hint=_WRITABLE,
+            ) from None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def images(self) -> list[StoredImage]:
+        """Every named image, sorted by reference (an empty store has none)."""
+        if not (self.root / "index.json").exists():
+            return []
+        out = [
+            StoredImage(e.ref_name, e.descriptor.digest, e.descriptor.media_type, e.descriptor.size)
+            for e in read_layout_index(self.root)
+            if e.ref_name
+        ]
+        return sorted(out, key=lambda i: i.reference)
+
+    def lookup(self, reference: str) -> StoredImage | None:
+        """The image named ``reference`` (``repo:tag`` or ``repo@digest``), if stored."""
+        return next((i for i in self.images() if i.reference == reference), None)
+
+    def complete(self, digest: str) -> bool:
+        """Whether the manifest ``digest`` and every blob it names are in the store."""
+        try:
+            manifest = json.loads(self.blobs.read_bytes(digest))
+            needed = [manifest["config"], *(manifest.get("layers") or [])]
+            return all(self.blobs.has(str(d["digest"])) for d in needed)
+        except (OSError, ValueError, KeyError, TypeError, ImageError):
+            return False
+
+    def base_image(self, repository: str, version: str, digest: str) -> BaseImage:
+        """The stored manifest ``digest`` as the base image ``repository:version``.
+
+        Named exactly as a registry base of that repository is (name, repository, version,
+        digest), so a customer image built on it has the digest it has online.
+        """
+        from builder.assemble import _base_image, _parse_image_manifest
+
+        what = f"base image {repository}:{version} ({digest[:19]}) in the local store {self.root}"
+        if not self.complete(digest):
+            raise ImageError(
+                f"{what} lacks some of its blobs",
+                hint="rebuild it with `builder base build`, or build once online to fetch it again",
+            )
+        raw = self.blobs.read_bytes(digest)
+        manifest = _parse_image_manifest(raw, OCI_MANIFEST, what)
+        config = self.blobs.read_bytes(Descriptor.from_dict(manifest["config"]).digest)
+        base = _base_image(
+            repository=repository,
+            version=version,
+            digest=digest,
+            raw=raw,
+            manifest=manifest,
+            config_bytes=config,
+            source="store",
+            name=f"{repository}:{version}",
+            layout=self.root,
+        )
+        return base
+
+    def find_base(self, repository: str, version_spec: str) -> BaseImage:
+        """Resolve ``repository`` + ``version_spec`` among the store's tags (as a registry would)."""
+        from builder.assemble import select_version
+
+        tags = {
+            i.tag: i
+            for i in self.images()
+            if i.repository == repository and i.tag and i.media_type in IMAGE_MANIFEST_TYPES
+        }
+        if not tags:
+            raise ImageError(f"the local image store {self.root} has no image of {repository}")
+        tag = select_version(
+            sorted(t for t in tags if t), version_spec, what=f"{repository} in the local store"
+        )
+        return self.base_image(repository, tag, tags[tag].digest)
+
+    def find_digest(self, repository: str, version: str, digest: str) -> BaseImage | None:
+        """The base ``repository@digest`` if the store holds it complete, else None."""
+        named = {i.digest for i in self.images() if i.repository == repository}
+        if digest not in named or not self.complete(digest):
+            return None
+        return self.base_image(repository, version, digest)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[ImageStore]:
+        """Hold the store shared while writing blobs and tags: prune waits until released."""
+        with self._gc_lock(fcntl.LOCK_SH, None):
+            yield self
+
+    def tag(self, manifest: Descriptor, references: Iterable[str]) -> None:
+        """Name ``manifest`` (all its blobs already stored) as each of ``references``."""
+        write_layout_index(self.root, manifest, sorted(set(references)))
+
+    def add_image(
+        self, image: AssembledImage, references: Iterable[str], progress: Progress | None = None
+    ) -> None:
+        """Store an assembled image complete (base layers copied in) under ``references``."""
+        from builder.deliver import blob_source
+
+        for layer in image.layers:
+            blob_source(image, layer.descriptor, progress)
+        self.tag(image.manifest_descriptor, references)
+
+    def keep_base(self, base: BaseImage, progress: Progress | None = None) -> None:
+        """Keep a base image resolved elsewhere (a registry) in the store, by tag and digest.
+
+        Its blobs are fetched (verified) once; later builds, ``--locked --offline`` ones
+        included, find it here with no registry.
+        """
+        from builder.deliver import fetch_base_blob
+
+        if base.source == "store":
+            return
+        for descriptor in (base.config_descriptor, *base.layers):
+            fetch_base_blob(base, descriptor, self.blobs, progress)
+        digest = self.blobs.put_bytes(base.manifest_bytes)
+        media_type = str(base.manifest.get("mediaType") or OCI_MANIFEST)
+        descriptor = Descriptor(media_type, digest, len(base.manifest_bytes))
+        self.tag(descriptor, [f"{base.repository}:{base.version}", f"{base.repository}@{digest}"])
+
+    def import_docker_archive(self, archive: Path, reference: str) -> Descriptor:
+        """Store the image of a ``docker save`` archive as ``reference``; return its manifest.
+
+        Reads ``manifest.json`` (both the classic and the OCI-layout form of ``docker save``),
+        keeps the image config bytes as they are (its digest is the engine's image id), and
+        writes each layer gzipped without name or time, its DiffID checked against the config.
+        """
+        try:
+            with tarfile.open(archive) as tar:
+                entries = json.loads(_member(tar, "manifest.json").read())
+                entry = next(
+                    (e for e in entries if reference in (e.get("RepoTags") or [])), entries[0]
+                )
+                config_bytes = _member(tar, entry["Config"]).read()
+                diff_ids = json.loads(config_bytes)["rootfs"]["diff_ids"]
+                if len(diff_ids) != len(entry["Layers"]):
+                    raise ImageError(f"{archive}: config and layers of {reference} disagree")
+                layers = [
+                    self._gzip_layer(_member(tar, name), diff_id, reference)
+                    for name, diff_id in zip(entry["Layers"], diff_ids, strict=True)
+                ]
+        except (OSError, tarfile.TarError, ValueError, KeyError, IndexError, TypeError) as exc:
+            if is_disk_full(exc):
+                raise ImageError(f"disk full while storing {reference} in {self.root}") from None
+            raise ImageError(f"cannot read the image archive of {reference}: {exc}") from None
+        config = Descriptor(OCI_CONFIG, self.blobs.put_bytes(config_bytes), len(config_bytes))
+        manifest_bytes = canonical_json(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": config.to_dict(),
+                "layers": [d.to_dict() for d in layers],
+            }
+        )
+        manifest = Descriptor(
+            OCI_MANIFEST, self.blobs.put_bytes(manifest_bytes), len(manifest_bytes)
+        )
+        self.tag(manifest, [reference])
+        return manifest
+
+    def _gzip_layer(self, source: IO[bytes], diff_id: str, reference: str) -> Descriptor:
+        sha = hashlib.sha256()
+        with self.blobs.writer() as blob:
+            with gzip.GzipFile(
+                filename="", mode="wb", fileobj=blob, compresslevel=_GZIP_LEVEL, mtime=0
+            ) as gz:
+                while chunk := source.read(_CHUNK):
+                    sha.update(chunk)
+                    gz.write(chunk)
+            if "sha256:" + sha.hexdigest() != diff_id:
+                raise ImageError(f"a layer of {reference} does not match its DiffID {diff_id}")
+        return Descriptor(OCI_LAYER_GZIP, blob.digest, blob.size)
+
+    def stored_image(self, reference: str) -> AssembledImage:
+        """A stored image as an :class:`AssembledImage`, to push or export it like a build."""
+        from builder.assemble import AssembledImage, Layer
+
+        found = self.lookup(reference)
+        if found is None:
+            raise ImageError(f"the local image store {self.root} has no image {reference}")
+        repository, tag = split_name(reference)
+        base = self.base_image(repository, tag or found.digest, found.digest)
+        return AssembledImage(
+            manifest_digest=base.digest,
+            manifest_bytes=base.manifest_bytes,
+            config_digest=base.config_descriptor.digest,
+            config_bytes=self.blobs.read_bytes(base.config_descriptor.digest),
+            layers=tuple(
+                Layer(d, diff, False) for d, diff in zip(base.layers, base.diff_ids, strict=True)
+            ),
+            base=base,
+            store=self.blobs,
+            annotations=dict(base.manifest.get("annotations") or {}),
+        )
+
+    # -- garbage collection ----------------------------------------------------------------
+
+    def prune(self, *, dry_run: bool = False, wait: float = PRUNE_WAIT) -> PruneReport:
+        """Remove every blob no named image reaches (manifests, configs, layers, index children).
+
+        Waits up to ``wait`` seconds for running builds to release the store, then holds it
+        exclusively: nothing is written meanwhile. Layer-cache records whose blob is gone and
+        leftover temporary files go too.
+        """
+        with self._gc_lock(fcntl.LOCK_EX, wait):
+            names = self.images()
+            keep: set[str] = set()
+            for image in names:
+                self._reach(image.digest, keep)
+            removed = removed_bytes = kept = 0
+            for path in sorted(self.blobs.blobs.iterdir()):
+                if f"sha256:{path.name}" in keep:
+                    kept += 1
+                    continue
+                removed += 1
+                with contextlib.suppress(OSError):
+                    removed_bytes += path.stat().st_size
+                    if not dry_run:
+                        path.unlink()
+            if not dry_run:
+                self._sweep_records_and_tmp()
+        return PruneReport(len(names), kept, removed, removed_bytes, dry_run)
+
+    def _reach(self, digest: str, keep: set[str]) -> None:
+        """Add ``digest`` and every blob it references (recursively) to ``keep``."""
+        if digest in keep:
+            return
+        keep.add(digest)
+        try:
+            doc = json.loads(self.blobs.read_bytes(digest))
+        except (OSError, ValueError, ImageError):
+            return  # a missing or non-JSON blob references nothing
+        if not isinstance(doc, dict):
+            return
+        media_type = doc.get("mediaType")
+        children = list(doc.get("manifests") or []) if media_type in INDEX_TYPES else []
+        if "config" in doc:
+            children += [doc["config"], *(doc.get("layers") or [])]
+        for child in children:
+            if isinstance(child, dict) and isinstance(child.get("digest"), str):
+                if child.get("mediaType") in (*INDEX_TYPES, *IMAGE_MANIFEST_TYPES):
+                    self._reach(child["digest"], keep)
+                else:
+                    keep.add(child["digest"])
+
+    def _sweep_records_and_tmp(self) -> None:
+        for record in (self.root / "layers").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                digest = json.loads(record.read_text("utf-8")).get("digest")
+                if not isinstance(digest, str) or not self.blobs.has(digest):
+                    record.unlink()
+        for tmp in (self.root / "tmp").iterdir():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    @contextlib.contextmanager
+    def _gc_lock(self, mode: int, wait: float | None) -> Iterator[None]:
+        """flock the store: shared (builds) or exclusive (prune, waiting at most ``wait`` s)."""
+        try:
+            fd = os.open(self.root / _GC_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ImageError(
+                f"cannot lock the local image store {self.root}: {exc.strerror or exc}",
+                hint=_WRITABLE,
+            ) from None
+        try:
+            deadline = None if wait is None else time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, mode | (0 if deadline is None else fcntl.LOCK_NB))
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise ImageError(
+                            f"the local image store {self.root} is in use by a build",
+                            hint="run `builder images prune` again when the build has finished",
+                        ) from None
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _member(tar: tarfile.TarFile, name: str) -> IO[bytes]:
+    member = tar.extractfile(name)
+    if member is None:
+        raise KeyError(name)
+    return member
+
+
+def save_from_docker(docker_client: Any, reference: str, store: ImageStore) -> Descriptor:
+    """Copy the engine's image ``reference`` into ``store`` (``docker save``, then import)."""
+    from docker.errors import DockerException
+
+    with tempfile.NamedTemporaryFile(dir=store.root / "tmp", prefix="docker-save-") as spool:
+        try:
+            for chunk in docker_client.images.get(reference).save(named=True):
+                spool.write(chunk)
+            spool.flush()
+        except DockerException as exc:
+            raise ImageError(f"cannot export {reference} from the Docker engine: {exc}") from None
+        except OSError as exc:
+            raise ImageError(
+                f"cannot export {reference} into {store.root}: {exc.strerror}"
+            ) from None
+        return store.import_docker_archive(Path(spool.name), reference)

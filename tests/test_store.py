@@ -1,0 +1,466 @@
+"""The local image store: a locked index under many processes, prune, and builds with no server.
+
+The build tests here need no Docker engine: the base is written into the store the way
+`builder base build` writes it (an image the engine built, imported from `docker save` form),
+and a real docker-registry (started and stopped by the test) plays the online side.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import (
+    CARCINOMA_ID,
+    CARCINOMA_TASK,
+    MITOSIS_ID,
+    MITOSIS_TASK,
+    commit_files,
+    customer_repo,
+    model_record,
+    run_cli,
+    task_record,
+    write_local_registry,
+    write_production,
+)
+from test_assemble import base_layer_tar, synthetic_base_blobs
+
+from builder.deliver import push, write_oci_layout
+from builder.errors import ImageError
+from builder.oci import (
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
+    REF_NAME,
+    Descriptor,
+    canonical_json,
+    read_layout_index,
+    sha256_digest,
+    write_layout_index,
+)
+from builder.store import ImageStore, split_name
+from testbed.registry import start_registry
+
+PROCESSES = 16
+TAGS_EACH = 50
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _put_synthetic_base(store: ImageStore, references: list[str]) -> Descriptor:
+    """The synthetic base (Docker manifest, gzip layer) in the store under ``references``."""
+    manifest, config, layer = synthetic_base_blobs()
+    for data in (config, layer):
+        store.blobs.put_bytes(data)
+    descriptor = Descriptor(DOCKER_MANIFEST, store.blobs.put_bytes(manifest), len(manifest))
+    store.tag(descriptor, references)
+    return descriptor
+
+
+def _docker_save_archive(path: Path, reference: str, *, diff_id: str | None = None) -> bytes:
+    """A classic `docker save` tar (manifest.json, <id>.json, <layer>/layer.tar); its config."""
+    layer = base_layer_tar()
+    config = canonical_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Labels": {"com.ivd.runner.config-schemas": "1"}},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id or sha256_digest(layer)]},
+        }
+    )
+    config_name = sha256_digest(config).split(":")[1] + ".json"
+    members = {
+        "manifest.json": json.dumps(
+            [{"Config": config_name, "RepoTags": [reference], "Layers": ["abc/layer.tar"]}]
+        ).encode(),
+        config_name: config,
+        "abc/layer.tar": layer,
+    }
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return config
+
+
+def _tag_many(directory: str, worker: int, use_store: bool) -> None:
+    """One writer process: TAGS_EACH tags, one index update each."""
+    digest = sha256_digest(f"manifest {worker}".encode())
+    descriptor = Descriptor(OCI_MANIFEST, digest, 100 + worker)
+    store = ImageStore(directory) if use_store else None
+    for i in range(TAGS_EACH):
+        name = f"127.0.0.1:5000/customer-{worker}:{i}"
+        if store is not None:
+            store.tag(descriptor, [name])
+        else:
+            write_layout_index(Path(directory), descriptor, [name.rsplit(":", 1)[1] + f"-{worker}"])
+
+
+def _hold_store(directory: str, ready: Any, release: Any) -> None:
+    """A build in progress: holds the store shared until told to finish."""
+    with ImageStore(directory).in_use():
+        ready.set()
+        release.wait(30)
+
+
+# -- the index under concurrency -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_store", [False, True], ids=["oci-layout", "store"])
+def test_concurrent_writers_keep_every_tag(tmp_path: Path, use_store: bool) -> None:
+    """16 processes x 50 tags into one index: all 800 survive (one locked writer)."""
+    directory = tmp_path / "layout"
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_tag_many, args=(str(directory), w, use_store))
+        for w in range(PROCESSES)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    names = [e.ref_name for e in read_layout_index(directory)]
+    assert len(names) == len(set(names)) == PROCESSES * TAGS_EACH
+    index = json.loads((directory / "index.json").read_text())
+    assert index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+
+
+def test_a_broken_index_is_refused_not_overwritten(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    (store.root / "index.json").write_text('{"manifests": [1, 2]}')
+    with pytest.raises(ImageError, match="not a valid image index"):
+        _put_synthetic_base(store, ["r.example/x:1"])
+    assert (store.root / "index.json").read_text() == '{"manifests": [1, 2]}'
+
+
+# -- naming and resolving --------------------------------------------------------------------
+
+
+def test_split_name() -> None:
+    assert split_name("127.0.0.1:5000/ivd/base:2.4.2") == ("127.0.0.1:5000/ivd/base", "2.4.2")
+    assert split_name(f"127.0.0.1:5000/ivd/base@sha256:{'a' * 64}") == (
+        "127.0.0.1:5000/ivd/base",
+        None,
+    )
+    assert split_name("127.0.0.1:5000/ivd/base") == ("127.0.0.1:5000/ivd/base", None)
+
+
+def test_find_base_resolves_like_a_registry(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    repo = "127.0.0.1:5000/ivd/base"
+    digest = _put_synthetic_base(
+        store, [f"{repo}:2.4.1", f"{repo}:2.4.2", f"{repo}:2.5.0", "other.example/x:9.9.9"]
+    ).digest
+    base = store.find_base(repo, "~=2.4.0")
+    assert (base.repository, base.version, base.digest, base.name) == (
+        repo,
+        "2.4.2",
+        digest,
+        f"{repo}:2.4.2",
+    )
+    assert base.labels["com.ivd.runner.config-schemas"] == "1,2"
+    assert store.find_digest(repo, "2.4.2", digest) is not None
+    assert store.find_digest("other.example/y", "2.4.2", digest) is None
+    with pytest.raises(ImageError, match=r"no version of .* satisfies '~=3\.0'"):
+        store.find_base(repo, "~=3.0")
+    with pytest.raises(ImageError, match=r"has no image of r\.example/none"):
+        store.find_base("r.example/none", "~=1.0")
+    # a missing layer makes the image incomplete: not used, and said so
+    _, _, layer = synthetic_base_blobs()
+    store.blobs.path(sha256_digest(layer)).unlink()
+    assert store.find_digest(repo, "2.4.2", digest) is None
+    with pytest.raises(ImageError, match="lacks some of its blobs"):
+        store.find_base(repo, "~=2.4.0")
+
+
+def test_import_of_a_docker_save_archive(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    reference = "127.0.0.1:5000/ivd/base:3.1.0"
+    config = _docker_save_archive(tmp_path / "saved.tar", reference)
+    manifest = store.import_docker_archive(tmp_path / "saved.tar", reference)
+    base = store.find_base("127.0.0.1:5000/ivd/base", "3.1.0")
+    assert base.digest == manifest.digest
+    assert base.config_descriptor.digest == sha256_digest(config)  # the engine's image id
+    assert base.layers[0].media_type == "application/vnd.oci.image.layer.v1.tar+gzip"
+    # same archive, same manifest: the import is deterministic
+    again = ImageStore(tmp_path / "other").import_docker_archive(tmp_path / "saved.tar", reference)
+    assert again.digest == manifest.digest
+    # the stored image exports like a built one
+    out = write_oci_layout(store.stored_image(reference), tmp_path / "export", ["3.1.0"])
+    assert [e.descriptor.digest for e in read_layout_index(out)] == [manifest.digest]
+
+
+def test_import_refuses_a_layer_that_does_not_match_its_diff_id(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    reference = "127.0.0.1:5000/ivd/base:3.1.0"
+    _docker_save_archive(tmp_path / "bad.tar", reference, diff_id=sha256_digest(b"other"))
+    with pytest.raises(ImageError, match="does not match its DiffID"):
+        store.import_docker_archive(tmp_path / "bad.tar", reference)
+    assert store.images() == []
+
+
+# -- prune -----------------------------------------------------------------------------------
+
+
+def test_prune_keeps_what_names_reach(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    base = _put_synthetic_base(store, ["127.0.0.1:5000/ivd/base:2.4.2"])
+    # an image on top of the base that loses its name, and a stray blob
+    manifest, _, layer = synthetic_base_blobs()
+    doc = json.loads(manifest)
+    extra = store.blobs.put_bytes(b"a customer layer")
+    doc["layers"].append(
+        {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": extra, "size": 16}
+    )
+    orphan = store.blobs.put_bytes(canonical_json(doc))
+    stray = store.blobs.put_bytes(b"left over")
+    store.blobs.save_layer_record("k-extra", {"digest": extra, "size": 16})
+    store.blobs.save_layer_record("k-layer", {"digest": sha256_digest(layer), "size": len(layer)})
+    (store.root / "tmp" / "blob-killed").write_bytes(b"partial")
+
+    dry = store.prune(dry_run=True)
+    assert (dry.blobs_removed, dry.images, dry.dry_run) == (3, 1, True)
+    assert store.blobs.has(orphan) and store.blobs.has(stray)
+
+    report = store.prune()
+    assert (report.blobs_removed, report.blobs_kept) == (3, 3)
+    assert report.bytes_removed == 16 + len(b"left over") + len(canonical_json(doc))
+    for gone in (orphan, stray, extra):
+        assert not store.blobs.has(gone)
+    assert store.complete(base.digest)
+    assert store.blobs.layer_record("k-layer") is not None
+    assert not (store.root / "layers" / "k-extra.json").exists()
+    assert not (store.root / "tmp" / "blob-killed").exists()
+    assert store.prune().blobs_removed == 0
+
+
+def test_prune_waits_for_running_builds(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    unnamed = store.blobs.put_bytes(b"written by a build, not tagged yet")
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_store, args=(str(store.root), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(ImageError, match="in use by a build"):
+            store.prune(wait=0.3)
+        assert store.blobs.has(unnamed)
+    finally:
+        release.set()
+        holder.join(30)
+    assert store.prune(wait=5).blobs_removed == 1
+
+
+def test_images_and_prune_commands(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    _put_synthetic_base(store, ["127.0.0.1:5000/ivd/base:2.4.2"])
+    store.blobs.put_bytes(b"stray")
+    env = {"BUILDER_IMAGE_STORE": str(store.root)}
+    listed = run_cli("images", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    doc = json.loads(listed.stdout)["result"]
+    assert [i["reference"] for i in doc["images"]] == ["127.0.0.1:5000/ivd/base:2.4.2"]
+    pruned = run_cli("images", "prune", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout.startswith("removed 1 blobs")
+
+
+# -- builds with no server ---------------------------------------------------------------------
+
+
+def _customer_env(tmp_path: Path, base_repository: str, registry_host: str) -> dict[str, str]:
+    registry = write_local_registry(
+        tmp_path / "models",
+        [
+            model_record(CARCINOMA_ID, CARCINOMA_TASK, name="carcinoma"),
+            model_record(MITOSIS_ID, MITOSIS_TASK, name="mitosis"),
+        ],
+        [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
+    )
+    write_production(tmp_path / "production", CARCINOMA_TASK, {"model.onnx": b"c" * 5000})
+    write_production(tmp_path / "production", MITOSIS_TASK, {"model.onnx": b"m" * 7000})
+    return {
+        "BUILDER_MODEL_REGISTRY": f"local:{registry}",
+        "BUILDER_PRODUCTION": f"file:{tmp_path / 'production'}",
+        "BUILDER_BASE_REPOSITORY": base_repository,
+        "BUILDER_IMAGE_REGISTRY": registry_host,
+        "DOCKER_HOST": "unix:///nonexistent/docker.sock",  # no engine: none is needed
+    }
+
+
+def _build(env: dict[str, str], cache: Path, *args: str) -> dict[str, Any]:
+    result = run_cli("build", *args, "--json", env={**env, "BUILDER_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)["result"]
+    return report
+
+
+def test_builds_with_no_registry_match_the_online_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`base build` into the store (+ --push); online build; registry gone: the store builds,
+    plain and --locked --offline, to the same digest, without contacting any registry."""
+    registry = start_registry()
+    try:
+        repository = f"{registry.host}/ivd/inference-base"
+        env = _customer_env(tmp_path, repository, registry.host)
+        laptop = tmp_path / "laptop-cache"  # where `builder base build` ran
+        ci = tmp_path / "ci-cache"  # a runner that only ever saw the registry
+        store = ImageStore(laptop / "oci")
+        _docker_save_archive(tmp_path / "saved.tar", f"{repository}:2.4.2")
+        stored = store.import_docker_archive(tmp_path / "saved.tar", f"{repository}:2.4.2")
+        pushed = push(store.stored_image(f"{repository}:2.4.2"), [f"{repository}:2.4.2"])
+        assert pushed.manifest_digest == stored.digest  # --push sends the stored manifest
+
+        repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+        locked = run_cli("lock", str(repo), env={**env, "BUILDER_CACHE_DIR": str(ci)})
+        assert locked.returncode == 0, locked.stderr
+        commit_files(
+            repo, {"customer.lock.yaml": (repo / "customer.lock.yaml").read_bytes()}, "lock"
+        )
+        online = _build(env, ci, str(repo))
+        assert online["base"]["digest"] == stored.digest
+        kept = {i.reference for i in ImageStore(ci / "oci").images()}
+        assert f"{repository}@{stored.digest}" in kept  # pulled base kept by digest
+        assert online["image"] in kept  # and the customer image is stored too
+    finally:
+        registry.stop()
+
+    plain = _build(env, laptop, str(repo))
+    assert plain["manifest_digest"] == online["manifest_digest"]
+    assert any("local store" in w for w in plain["warnings"])
+    for cache in (ci, laptop):
+        offline = _build(
+            {
+                **env,
+                "BUILDER_MODEL_REGISTRY": "local:/nowhere",
+                "BUILDER_PRODUCTION": "file:/nowhere",
+            },
+            cache,
+            str(repo),
+            "--locked",
+            "--offline",
+        )
+        assert offline["manifest_digest"] == online["manifest_digest"]
+
+    # --locked --offline never contacts a registry: any attempt fails this in-process build.
+    from builder import deliver
+    from builder.pipeline import BuildRequest, build
+    from builder.settings import load_settings
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("a registry was contacted")
+
+    monkeypatch.setattr(deliver.RegistryClient, "__init__", refuse)
+    for key, value in {**env, "BUILDER_CACHE_DIR": str(ci)}.items():
+        monkeypatch.setenv(key, value)
+    report = build(BuildRequest(str(repo), locked=True, offline=True), load_settings(tmp_path))
+    assert report.manifest_digest == online["manifest_digest"]
+
+
+def test_missing_base_points_to_base_build(tmp_path: Path) -> None:
+    env = _customer_env(tmp_path, "127.0.0.1:9/ivd/inference-base", "127.0.0.1:9")
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    result = run_cli("build", str(repo), env={**env, "BUILDER_CACHE_DIR": str(tmp_path / "c")})
+    assert result.returncode == 6
+    line = result.stderr.strip().splitlines()[-1]
+    assert "cannot reach registry 127.0.0.1:9" in line and "local image store" in line
+    assert "`builder base build`" in line
+    offline = run_cli(
+        "build", str(repo), "--offline", env={**env, "BUILDER_CACHE_DIR": str(tmp_path / "c")}
+    )
+    assert offline.returncode == 6
+    assert "`builder base build`" in offline.stderr.strip().splitlines()[-1]
+
+
+def test_a_build_without_output_flags_says_not_pushed(tmp_path: Path) -> None:
+    repository = "127.0.0.1:9/ivd/inference-base"
+    env = _customer_env(tmp_path, repository, "127.0.0.1:9")
+    cache = tmp_path / "cache"
+    _put_synthetic_base(ImageStore(cache / "oci"), [f"{repository}:2.4.2"])
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    result = run_cli("build", str(repo), env={**env, "BUILDER_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert "built, not pushed:" in result.stdout
+    assert (
+        "--push" in result.stdout and "--load" in result.stdout and "--oci-layout" in result.stdout
+    )
+    names = {e.ref_name for e in read_layout_index(cache / "oci")}
+    image = next(n for n in names if n and "/customer-x:" in n)
+    assert image.startswith("127.0.0.1:9/customer-x:2.4.2-")
+    assert any(
+        (e.descriptor.annotations or {}).get(REF_NAME) == image
+        for e in read_layout_index(cache / "oci")
+    )
+    assert (cache / "oci" / "oci-layout").is_file()
+
+
+def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
+    docker_engine: Any, oci_registry: Any, base_os_image: str, tmp_path: Path
+) -> None:
+    """What `builder base build --push` does after the engine built the image: docker save ->
+    store (gzip layers, DiffIDs checked) -> push; the engine then pulls and runs that manifest."""
+    import docker.errors
+
+    from builder.store import save_from_docker
+
+    client = docker_engine.client()
+    reference = f"{oci_registry.host}/store-test/base:1.0.0"
+    client.images.build(
+        fileobj=io.BytesIO(f"FROM {base_os_image}\nLABEL com.ivd.store-test=yes\n".encode()),
+        tag=reference,
+        rm=True,
+        network_mode="none",
+    )
+    store = ImageStore(tmp_path / "store")
+    stored = save_from_docker(client, reference, store)
+    image_id = client.images.get(reference).id
+    assert (
+        store.find_base(f"{oci_registry.host}/store-test/base", "1.0.0").config_descriptor.digest
+        == image_id
+    )
+    pushed = push(store.stored_image(reference), [reference])
+    assert pushed.manifest_digest == stored.digest
+    client.images.remove(reference, force=True)
+    with pytest.raises(docker.errors.ImageNotFound):
+        client.images.get(reference)
+    pulled = client.images.pull(reference.rsplit(":", 1)[0], tag="1.0.0")
+    assert pulled.id == image_id
+    assert pulled.attrs["RepoDigests"][0].endswith(stored.digest)
+    out = client.containers.run(
+        pulled.id, ["cat", "/etc/os-release"], entrypoint=[], network_mode="none", remove=True
+    )
+    assert b"bookworm" in out
+
+
+def test_base_resolution_order(tmp_path: Path) -> None:
+    """Pinned digest in the store: used with no registry call; --offline: the store only; a
+    pin the store lacks offline, or a registry base other than the pin: one clear line."""
+    from builder.pipeline import resolve_base_image
+
+    store = ImageStore(tmp_path / "store")
+    repository = "127.0.0.1:9/ivd/base"  # nothing listens there
+    digest = _put_synthetic_base(store, [f"{repository}:2.4.2"]).digest
+    pinned = {"version": "2.4.2", "digest": digest}
+    assert resolve_base_image(repository, "~=2.4", store, pinned=pinned).digest == digest
+    assert resolve_base_image(repository, "~=2.4", store, offline=True).version == "2.4.2"
+    other = {"version": "2.4.2", "digest": "sha256:" + "0" * 64}
+    with pytest.raises(ImageError, match="pinned by the lock is not in the local image store"):
+        resolve_base_image(repository, "~=2.4", store, pinned=other, offline=True)
+    with pytest.raises(ImageError, match="builder base build") as info:
+        resolve_base_image("127.0.0.1:9/ivd/none", "~=2.4", store, offline=True)
+    assert "has no image of 127.0.0.1:9/ivd/none" in str(info.value)
+    # an oci: layout base that differs from the pin is refused with the lock's hint
+    layout = tmp_path / "layout"
+    write_oci_layout(store.stored_image(f"{repository}:2.4.2"), layout, ["2.4.2"])
+    with pytest.raises(ImageError, match="but the lock pins") as drift:
+        resolve_base_image(f"oci:{layout}", "~=2.4", store, pinned=other)
+    assert "builder lock" in (drift.value.hint or "")
