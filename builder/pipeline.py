@@ -16,11 +16,20 @@ from typing import Any
 
 from builder import yamldoc
 from builder.assemble import AssembledImage, BaseImage, FileEntry, LayerSpec, assemble, resolve_base
+from builder.contract import (
+    CONTRACT_LABEL,
+    Contract,
+    check_config,
+    read_base_contract,
+    require_valid,
+)
 from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec, Progress
-from builder.cook import Cooked, cook
-from builder.errors import ImageError
+from builder.cook import Cooked, cook, release_lock_drift
+from builder.errors import DriftError, ImageError, ReleaseGateError
 from builder.expand import MODELS_DIR, expand
 from builder.fetch import Cache, FetchResult, fetch
+from builder.load import LOCK_FILE
+from builder.lock import read_lock
 from builder.oci import BlobStore
 from builder.provenance import (
     image_labels,
@@ -147,6 +156,67 @@ def _resolve_locked_base(
     return base
 
 
+def no_contract_note(base: BaseImage) -> str:
+    return (
+        f"base image {base.name} declares no runner contract (label {CONTRACT_LABEL}): "
+        "plug-ins and params were not checked against its runner; rebuild the base with "
+        "`builder base build --push`"
+    )
+
+
+def check_against_base(cooked: Cooked, base: BaseImage, settings: Settings) -> list[str]:
+    """Check the config against the runner contract of ``base`` (ConfigError listing every
+    problem); the warnings to show when the base declares no contract."""
+    contract = read_base_contract(base, settings.cache_dir)
+    if contract is None:
+        return [no_contract_note(base)]
+    require_valid(check_config(cooked.spec, contract, cooked.models, cooked.verbose), contract)
+    return []
+
+
+def _refuse_stale_lock(
+    request: BuildRequest,
+    cooked: Cooked,
+    fetched: FetchResult,
+    base: BaseImageRef,
+    notes: list[str],
+) -> None:
+    """A release build ships what the committed lock pins, or nothing (DriftError, exit 7)."""
+    if cooked.lock is None and read_lock(cooked.spec) is None:
+        notes.append(
+            f"no {LOCK_FILE} committed: this release is not pinned "
+            "(run `builder lock` and commit it)"
+        )
+        return
+    drift = release_lock_drift(cooked, fetched.models, base, compare_base=not request.base_version)
+    if drift:
+        raise DriftError(
+            f"{cooked.spec.source.location}/{LOCK_FILE} is stale; a release must ship what it "
+            "pins: " + "; ".join(drift),
+            hint="run `builder lock`, review and commit the result, then build again",
+        )
+
+
+def runner_contract(
+    spec: CustomerSpec,
+    settings: Settings,
+    *,
+    repository: str | None = None,
+    insecure: bool | None = None,
+) -> tuple[Contract | None, str | None]:
+    """The runner contract of the base ``spec`` builds on, or None and why it is not checked."""
+    try:
+        base = resolve_base(
+            base_repository(spec, settings, repository), spec.base_version, insecure=insecure
+        )
+    except ImageError as exc:
+        return None, f"runner contract not checked: the base image was not resolved ({exc})"
+    contract = read_base_contract(base, settings.cache_dir)
+    if contract is None:
+        return None, no_contract_note(base)
+    return contract, None
+
+
 def image_layers(
     cooked: Cooked, fetched: FetchResult, verbose_yaml: bytes, provenance_json: bytes
 ) -> list[LayerSpec]:
@@ -264,6 +334,13 @@ def build(
             on_stage(name)
         return _timed(timings, name)
 
+    if request.worktree and request.push:
+        raise ReleaseGateError(
+            f"{request.customer}: a --worktree build holds uncommitted files and cannot be "
+            "pushed as a release",
+            hint="commit the changes and build from git, or drop --push "
+            "(--oci-layout, --docker-archive, --load for development)",
+        )
     if request.sign_key is not None:
         from builder.attest import load_private_key
 
@@ -286,6 +363,9 @@ def build(
         else:
             base = resolve_base(repository, version_spec, insecure=request.insecure)
         check_runner_accepts(base)
+    notes: list[str] = []
+    with stage("contract"):
+        notes.extend(check_against_base(cooked, base, settings))
     with stage("fetch"):
         fetched = fetch(
             cooked.models,
@@ -297,6 +377,8 @@ def build(
             progress=progress,
         )
     base_ref = base.ref
+    if request.push:
+        _refuse_stale_lock(request, cooked, fetched, base_ref, notes)
     verbose_yaml = yamldoc.dump(expand(spec, fetched.models))
     verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
     provenance = provenance_document(
@@ -322,7 +404,7 @@ def build(
         development=cooked.development,
         bytes_downloaded=fetched.bytes_downloaded,
         timings=timings,
-        warnings=list(cooked.warnings),
+        warnings=[*cooked.warnings, *notes],
     )
     if request.backend == "docker":
         with stage("docker build"):
