@@ -353,6 +353,10 @@ def _check_models(
         m_path = (*a_path, "models", name)
         model = by_name.get(name)
         manual = isinstance(short, Mapping) and short.get("sourcing") == "manual"
+        if manual:
+            checker.report_all(
+                (*m_path, "params"), _model_params_problems(contract, short.get("params"))
+            )
         for kind in ("preprocessing", "postprocessing"):
             if manual:
                 entries, found = chain_problems(contract, kind, list(short.get(kind) or []))
@@ -371,6 +375,18 @@ def _check_models(
             if kind == "postprocessing":
                 chains[name] = entries
     return chains
+
+
+def _model_params_problems(contract: Contract, params: Any) -> list[Problem]:
+    """A manual model's params against the model params of the runner's newest config schema."""
+    schemas: Mapping[str, Any] = contract.data.get("config_schemas") or {}
+    if not schemas:
+        return []
+    newest = schemas[max(schemas, key=int)]
+    schema = {"$defs": newest.get("$defs") or {}, "$ref": "#/$defs/model_params"}
+    if "model_params" not in schema["$defs"]:
+        return []
+    return list(_schema_problems(schema, params if params is not None else {}))
 
 
 def _check_features(
