@@ -7,6 +7,7 @@ stage's time goes into the report so a slow build shows where the time went.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -243,6 +244,23 @@ def image_layers(
     return layers
 
 
+def docker_client(timeout: int) -> Any:
+    """The Docker engine of DOCKER_HOST, or ImageError in one line when there is none."""
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        return docker.from_env(timeout=timeout)
+    except DockerException as exc:
+        reason = " ".join(str(exc).split())
+        reason = reason.split(": ", 1)[0] if len(reason) > 160 else reason
+        raise ImageError(
+            f"no Docker engine reachable (DOCKER_HOST={os.environ.get('DOCKER_HOST') or 'default'}): "
+            f"{reason}",
+            hint="start Docker or set DOCKER_HOST; or use --oci-layout DIR / --docker-archive FILE",
+        ) from None
+
+
 def _deliver(
     request: BuildRequest,
     image: AssembledImage,
@@ -277,9 +295,7 @@ def _deliver(
         deliver.write_docker_archive(image, request.docker_archive, [immutable, moving])
         report.outputs["docker_archive"] = str(request.docker_archive)
     if request.load:
-        import docker
-
-        client = docker.from_env(timeout=300)
+        client = docker_client(300)
         deliver.load_into_docker(image, [immutable, moving], client)
         report.outputs["docker"] = immutable
     for layer in report.layers:
@@ -296,11 +312,9 @@ def _build_with_docker(
     progress: Progress | None,
 ) -> None:
     """The familiar path and benchmark baseline: a rendered Dockerfile built by the engine."""
-    import docker
-
     from builder.docker_backend import build_with_docker, push_with_docker
 
-    client = docker.from_env(timeout=600)
+    client = docker_client(600)
     built = build_with_docker(
         base,
         layers,
