@@ -83,12 +83,12 @@ def env(tmp_path: Path, contract: bytes) -> dict[str, str]:
     }
 
 
-def _customer(path: Path, source: Path, analysis: str | None = None) -> Path:
+def _customer(path: Path, source: Path, analysis: str | None = None, *, lock: bool = False) -> Path:
     """A customer repository with ``source``'s files (its analysis text replaced if given)."""
     files: dict[str, str | bytes] = {
         str(p.relative_to(source)): p.read_bytes()
         for p in sorted(source.rglob("*"))
-        if p.is_file() and p.name != "customer.lock.yaml"
+        if p.is_file() and (lock or p.name != "customer.lock.yaml")
     }
     files["customer.yaml"] = re.sub(
         r'version: ".*"', 'version: "~=2.4"', (source / "customer.yaml").read_text()
@@ -387,3 +387,86 @@ def test_validate_says_when_the_contract_is_not_checked(
     doc = json.loads(missing.stdout)["result"]
     assert doc["contract"]["checked"] is False
     assert any("runner contract not checked" in n for n in doc["notes"])
+
+
+# -- release guards: what cannot ship by accident ---------------------------------------------
+
+
+def test_release_builds_refuse_a_stale_lock_and_say_what_changed(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    repo = _customer(tmp_path / "cust", CUSTOMER_X, lock=True)
+    changed = _sub(X_ANALYSIS, "min_region_area_um2: 500", "min_region_area_um2: 400")
+    commit_files(repo, {"analysis.yaml": changed}, "smaller regions, lock not updated")
+    check = run_cli("lock", str(repo), "--check", env=env)
+    assert check.returncode == 7, check.stderr
+    for args in (("--push",), ("--locked",), ("--locked", "--push")):
+        result = run_cli("build", str(repo), *args, env=env)
+        assert result.returncode == 7, (args, result.stdout + result.stderr)
+        line = result.stderr.strip().splitlines()[-1]
+        assert "customer.lock.yaml is stale" in line, line
+        assert (
+            "analysis.yaml: analyses[breast].features[Carcinoma].params.min_region_area_um2 "
+            "500 -> 400" in line
+        ), line
+    # a development build (not pushed) still builds, and says nothing is pinned wrongly
+    dev = run_cli("build", str(repo), "--oci-layout", str(tmp_path / "dev"), env=env)
+    assert dev.returncode == 0, dev.stderr
+
+
+def test_worktree_builds_are_dirty_and_never_pushed(tmp_path: Path, env: dict[str, str]) -> None:
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    (repo / "analysis.yaml").write_text(
+        _sub(X_ANALYSIS, "min_region_area_um2: 500", "min_region_area_um2: 450")
+    )
+    from_git = run_cli("build", str(repo), "--oci-layout", str(tmp_path / "git"), env=env)
+    assert from_git.returncode == 0, from_git.stderr
+    assert "warning: " in from_git.stderr and "uncommitted changes" in from_git.stderr
+    pushed = run_cli("build", str(repo), "--worktree", "--push", env=env)
+    assert pushed.returncode == 4, pushed.stderr
+    assert "cannot be pushed as a release" in pushed.stderr.strip().splitlines()[-1]
+    out = tmp_path / "dirty"
+    built = run_cli("build", str(repo), "--worktree", "--oci-layout", str(out), "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    report = json.loads(built.stdout)["result"]
+    assert report["image"].endswith("-dirty") and report["development"] is True
+    from builder.audit import LayoutImage
+
+    image = LayoutImage(out, report["image"].rsplit(":", 1)[1])
+    assert image.labels["com.ivd.config.dirty"] == "true"
+    assert image.labels["com.ivd.development-build"] == "true"
+
+
+def test_load_without_an_engine_is_one_line(tmp_path: Path, env: dict[str, str]) -> None:
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    result = run_cli(
+        "build",
+        str(repo),
+        "--load",
+        env={**env, "DOCKER_HOST": f"unix://{tmp_path / 'no-docker.sock'}"},
+    )
+    assert result.returncode == 6, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no Docker engine reachable") and "--oci-layout" in last
+
+
+def test_logs_show_bytes_files_and_seconds_per_stage(tmp_path: Path, env: dict[str, str]) -> None:
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    result = run_cli("build", str(repo), "--oci-layout", str(tmp_path / "out"), env=env)
+    assert result.returncode == 0, result.stderr
+    summaries = {
+        m["stage"]: m
+        for m in re.finditer(
+            r"^--> (?P<stage>[a-z ]+): (?P<files>\d+) files?, (?P<bytes>[\d,]+) B, "
+            r"(?P<seconds>[\d.]+) s$",
+            result.stderr,
+            re.MULTILINE,
+        )
+    }
+    assert {"cook", "base", "fetch", "assemble", "deliver"} <= set(summaries), result.stderr
+    weights = sum(p.stat().st_size for p in (ROOT / "demo" / "production").rglob("model.onnx"))
+    assert int(summaries["fetch"]["files"]) >= 2
+    assert int(summaries["fetch"]["bytes"].replace(",", "")) > 0
+    # the model layers hold at least the two demo models' weights
+    assert int(summaries["assemble"]["bytes"].replace(",", "")) >= weights // 2
