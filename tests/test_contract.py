@@ -465,8 +465,7 @@ def test_logs_show_bytes_files_and_seconds_per_stage(tmp_path: Path, env: dict[s
         )
     }
     assert {"cook", "base", "fetch", "assemble", "deliver"} <= set(summaries), result.stderr
-    weights = sum(p.stat().st_size for p in (ROOT / "demo" / "production").rglob("model.onnx"))
-    assert int(summaries["fetch"]["files"]) >= 2
-    assert int(summaries["fetch"]["bytes"].replace(",", "")) > 0
-    # the model layers hold at least the two demo models' weights
-    assert int(summaries["assemble"]["bytes"].replace(",", "")) >= weights // 2
+    fetched = int(summaries["fetch"]["bytes"].replace(",", ""))
+    assert int(summaries["fetch"]["files"]) >= 2 and fetched > 0
+    # the layers written hold at least the weights fetched
+    assert int(summaries["assemble"]["bytes"].replace(",", "")) >= fetched

@@ -69,7 +69,21 @@ def build(cls: Callable[..., T], params: Mapping[str, Any], where: str) -> T:
         problem = params_problem(params_schema(cls), dict(params))
         if problem:
             raise ConfigError(f"{where}: {problem}")
+        params = _nested(cls, params, where)
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _nested(cls: type, params: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Params whose field type is a dataclass, built from their mapping (nested params)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(params)
+    for key, value in params.items():
+        sub = hints.get(key)
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub) and isinstance(value, Mapping):
+            out[key] = build(sub, value, f"{where}.{key}")
+    return out
