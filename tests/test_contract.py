@@ -469,3 +469,56 @@ def test_logs_show_bytes_files_and_seconds_per_stage(tmp_path: Path, env: dict[s
     assert int(summaries["fetch"]["files"]) >= 2 and fetched > 0
     # the layers written hold at least the weights fetched
     assert int(summaries["assemble"]["bytes"].replace(",", "")) >= fetched
+
+
+# -- the real base image -----------------------------------------------------------------------
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_real_base_image_ships_its_contract_and_the_build_checks_it(
+    docker_engine: Any, oci_registry: Any, base_os_image: str, tmp_path: Path, contract: bytes
+) -> None:
+    """`builder base build` labels the image with the sha256 of /opt/tilerunner/contract.json
+    (the image checks the file against it while building); the builder reads it back from the
+    registry, from the small last layer only, and refuses a config the runner would refuse."""
+    from builder.assemble import resolve_base
+    from builder.base_image import build_base_image, read_version
+    from builder.contract import read_base_contract
+    from testbed._util import cache_root
+
+    built = build_base_image(
+        docker_client=docker_engine.client(),
+        repository=f"{oci_registry.host}/ivd/contract-base",
+        base_from=base_os_image,
+        wheelhouse=cache_root() / "wheelhouse" / "cpu",
+        push=True,
+    )
+    sha = hashlib.sha256(contract).hexdigest()
+    assert built.labels[CONTRACT_LABEL] == sha
+    printed = docker_engine.client().containers.run(
+        built.reference, ["contract", "--sha256"], network_mode="none", remove=True
+    )
+    assert printed.decode().strip() == sha
+    base = resolve_base(f"{oci_registry.host}/ivd/contract-base", read_version())
+    read = read_base_contract(base, tmp_path / "cache")
+    assert read is not None and read.sha256 == sha
+    # only the contract layer was downloaded, not the runtime
+    downloaded = list((tmp_path / "cache" / "oci" / "blobs" / "sha256").glob("*"))
+    assert sum(p.stat().st_size for p in downloaded) < 1 << 20
+    repo = _customer(
+        tmp_path / "cust",
+        CUSTOMER_X,
+        _sub(X_ANALYSIS, "depends_on: [Carcinoma]", "depends_on: [Carcinom]"),
+    )
+    result = run_cli(
+        "validate",
+        str(repo),
+        env={
+            "BUILDER_BASE_REPOSITORY": f"{oci_registry.host}/ivd/contract-base",
+            "BUILDER_CACHE_DIR": str(tmp_path / "cache2"),
+            "BUILDER_MODEL_REGISTRY": f"local:{ROOT / 'demo' / 'registry'}",
+        },
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "did you mean 'Carcinoma'" in result.stderr
