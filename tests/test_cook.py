@@ -178,22 +178,20 @@ def test_locked_cook_never_calls_the_registry(
     assert locked.verbose_yaml == cook(str(repo), settings).verbose_yaml
 
 
-def test_locked_cook_refuses_a_stale_lock(repo: Path, settings: Settings, tmp_path: Path) -> None:
-    result = make_customer_lock(
-        cook(str(repo), settings), Cache(tmp_path / "cache"), base=None, check=False
-    )
+def _lock_then_change(
+    repo: Path, settings: Settings, cache: Cache, *, mitosis: str, threshold: float
+) -> None:
+    """Commit a lock, then an analysis change that the lock does not follow."""
+    result = make_customer_lock(cook(str(repo), settings), cache, base=None, check=False)
     commit_files(
         repo, {"customer.lock.yaml": result.path.read_bytes() if result.path else b""}, "lock"
     )
-    commit_files(
-        repo,
-        {
-            "analysis.yaml": ANALYSIS_YAML.format(
-                carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.7
-            )
-        },
-        "threshold",
-    )
+    text = ANALYSIS_YAML.format(carcinoma=CARCINOMA_ID, mitosis=mitosis, threshold=threshold)
+    commit_files(repo, {"analysis.yaml": text}, "change without re-locking")
+
+
+def test_locked_cook_refuses_a_stale_lock(repo: Path, settings: Settings, tmp_path: Path) -> None:
+    _lock_then_change(repo, settings, Cache(tmp_path / "cache"), mitosis=MITOSIS_ID, threshold=0.7)
     # exit 7 (drift), saying what changed key by key, not only "analysis.yaml changed"
     with pytest.raises(DriftError) as raised:
         cook(str(repo), settings, locked=True)
@@ -208,23 +206,11 @@ def test_lock_check_names_changed_models_and_params(
     repo: Path, settings: Settings, tmp_path: Path
 ) -> None:
     cache = Cache(tmp_path / "cache")
-    result = make_customer_lock(cook(str(repo), settings), cache, base=None, check=False)
-    commit_files(
-        repo, {"customer.lock.yaml": result.path.read_bytes() if result.path else b""}, "lock"
-    )
     other = "0123abcd" * 4
     write_local_registry(
         _registry_folder(settings), [model_record(other, MITOSIS_TASK, name="mitosis v2")], []
     )
-    commit_files(
-        repo,
-        {
-            "analysis.yaml": ANALYSIS_YAML.format(
-                carcinoma=CARCINOMA_ID, mitosis=other, threshold=0.6
-            )
-        },
-        "swap mitosis, raise threshold",
-    )
+    _lock_then_change(repo, settings, cache, mitosis=other, threshold=0.6)
     with pytest.raises(DriftError) as raised:
         make_customer_lock(cook(str(repo), settings), cache, base=None, check=True)
     message = raised.value.message
