@@ -25,6 +25,11 @@ from builder.errors import ConfigError, DriftError
 from builder.load import CUSTOMER_FILE, LOCK_FILE, read_committed_file
 
 
+class StaleLockError(DriftError, ConfigError):
+    """The committed lock no longer matches the config: exit 7 (drift), and still a config
+    problem to callers that fall back to the registry (history, verify)."""
+
+
 def _inputs(spec: CustomerSpec) -> dict[str, str]:
     out = {}
     for name in (CUSTOMER_FILE, spec.analysis_path):
@@ -206,7 +211,7 @@ def models_from_lock(spec: CustomerSpec, lock: Mapping[str, Any]) -> tuple[Resol
     """The resolved models a lock pins; DriftError (what changed) when the config moved on."""
     drift = input_drift(spec, lock)
     if drift:
-        raise DriftError(
+        raise StaleLockError(
             f"{spec.source.location}/{LOCK_FILE} is stale: " + "; ".join(drift),
             hint="run `builder lock` and commit the result",
         )
