@@ -19,7 +19,7 @@ from tilerunner.contract import (
 )
 from tilerunner.errors import ConfigError
 from tilerunner.plugins import FEATURES, POSTPROCESSING, PREPROCESSING
-from tilerunner.plugins.postprocessing import Kind
+from tilerunner.plugins.postprocessing import Kind, Prediction
 from tilerunner.plugins.registry import build
 
 
@@ -130,6 +130,9 @@ def test_a_registered_plugin_enters_the_contract() -> None:
             if kind is not Kind.SCORES:
                 raise ValueError("scores only")
             return Kind.LABELS
+
+        def apply(self, pred: Prediction) -> Prediction:
+            return pred
 
     POSTPROCESSING.register(Threshold2)
     try:
