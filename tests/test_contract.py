@@ -522,3 +522,25 @@ def test_real_base_image_ships_its_contract_and_the_build_checks_it(
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "did you mean 'Carcinoma'" in result.stderr
+
+
+def test_every_release_gate_reason_is_in_the_json_error(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    registry = tmp_path / "registry"
+    shutil.copytree(ROOT / "demo" / "registry", registry)
+    analysis = yaml.safe_load(X_ANALYSIS)["analyses"][0]["models"]
+    ids = [m["reference"] for m in analysis.values()]
+    for model_id in ids:
+        path = registry / "models" / f"{model_id}.yaml"
+        path.write_text(path.read_text().replace("ready: true", "ready: false"))
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    result = run_cli(
+        "build", str(repo), "--json", env={**env, "BUILDER_MODEL_REGISTRY": f"local:{registry}"}
+    )
+    assert result.returncode == 4, result.stdout + result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["message"].startswith(f"{len(ids)} release gates failed: ")
+    for model_id in ids:
+        assert f"({model_id}) is not published" in error["message"]
+    assert "more)" not in error["message"]
