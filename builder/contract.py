@@ -241,6 +241,31 @@ def params_problems(schema: Mapping[str, Any], params: Any, what: str) -> list[P
             continue
         seen.add(sub[:1])
         out.append((sub, f"{what}: {message}"))
+    if not out and isinstance(params, Mapping):
+        out.extend((sub, f"{what}: {message}") for sub, message in _order_problems(schema, params))
+    return out
+
+
+def _order_problems(schema: Mapping[str, Any], params: Mapping[str, Any]) -> list[Problem]:
+    """Params below the param their contract entry names in ``x-not-below`` (defaults count)."""
+    props: Mapping[str, Any] = schema.get("properties") or {}
+    out: list[Problem] = []
+    for key, prop in props.items():
+        other = prop.get("x-not-below")
+        nested = params.get(key)
+        if isinstance(nested, Mapping) and prop.get("properties"):
+            out.extend(((key, *sub), message) for sub, message in _order_problems(prop, nested))
+        if not other:
+            continue
+        value = params.get(key, prop.get("default"))
+        floor = params.get(other, (props.get(other) or {}).get("default"))
+        numbers = all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in (value, floor)
+        )
+        if numbers and value < floor:
+            out.append(
+                ((key,), f"{key} must be >= {other} ({json.dumps(floor)}), not {json.dumps(value)}")
+            )
     return out
 
 
@@ -322,8 +347,16 @@ def check_config(
             f"{contract.source} accepts {', '.join(map(str, accepted)) or 'none'}"
         )
     by_name = {m.name: m for m in models or ()}
+    seen: dict[str, int] = {}
     for a_index, analysis in enumerate(spec.analysis.get("analyses") or []):
         a_path: tuple[str | int, ...] = ("analyses", a_index)
+        a_name = str(analysis.get("name"))
+        if a_name in seen:
+            checker.report(
+                (*a_path, "name"),
+                f"analysis name {a_name!r} is used twice (also analyses[{seen[a_name]}])",
+            )
+        seen.setdefault(a_name, a_index)
         checker.report_all(
             (*a_path, "params"),
             params_problems(data.get("analysis_params") or {}, analysis.get("params"), "params"),
@@ -374,7 +407,38 @@ def _check_models(
                 continue
             if kind == "postprocessing":
                 chains[name] = entries
+                dead = _dead_step(entries or [], _model_output_kinds(contract))
+                if dead is not None:
+                    index, takes, gets = dead
+                    where = (*m_path, "postprocessing", index) if manual else (*m_path, "reference")
+                    checker.report(
+                        where,
+                        f"model {name}: postprocessing[{index}] takes {takes} but gets {gets} "
+                        "(see `kinds` in `tilerunner contract`)",
+                    )
     return chains
+
+
+def _dead_step(
+    entries: Sequence[Mapping[str, Any]], start: set[str]
+) -> tuple[int, str, str] | None:
+    """The first step of a chain that takes none of the kinds it can get: (index, takes, gets)."""
+    kinds = set(start)
+    for index, entry in enumerate(entries):
+        table: Mapping[str, str] = entry.get("kinds") or {}
+        if not table:
+            return None
+        after = {table[k] for k in kinds if k in table}
+        if kinds and not after:
+            return index, " or ".join(sorted(table)), " or ".join(sorted(kinds))
+        kinds = after
+    return None
+
+
+def _model_output_kinds(contract: Contract) -> set[str]:
+    """Prediction kinds a raw model output can be (scores or maps, by its rank)."""
+    kinds = (contract.data.get("prediction_kinds") or {}).get("model_output") or {}
+    return {str(k) for k in kinds.values()}
 
 
 def _model_params_problems(contract: Contract, params: Any) -> list[Problem]:
@@ -456,9 +520,7 @@ def _check_feature(
     checker.report_all(
         (*f_path, "params"), params_problems(entry.get("params") or {}, feature.get("params"), cls)
     )
-    start = set(
-        (checker.contract.data.get("prediction_kinds") or {}).get("model_output", {}).values()
-    )
+    start = _model_output_kinds(checker.contract)
     for role, model_name in sorted(given.items()):
         needed = roles.get(role)
         entries = chains.get(str(model_name))

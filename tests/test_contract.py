@@ -182,6 +182,31 @@ BAD = [
         ["tissue.min_saturaton", "unknown key 'min_saturaton'", "did you mean 'min_saturation'"],
     ),
     (
+        "nested params out of order",
+        CUSTOMER_X,
+        _sub(
+            X_ANALYSIS,
+            "  features:\n",
+            "  params:\n    tissue: {min_saturation: 0.3, max_saturation: 0.2}\n  features:\n",
+        ),
+        "min_saturation: 0.3",
+        ["tissue.max_saturation", "max_saturation must be >= min_saturation (0.3), not 0.2"],
+    ),
+    (
+        "manual model params out of order",
+        CUSTOMER_Z,
+        _sub(Z_ANALYSIS, "max_area_um2: 200.0", "max_area_um2: 2.0"),
+        "max_area_um2: 2.0",
+        ["postprocessing[0].params.max_area_um2", "must be >= min_area_um2 (12.0), not 2.0"],
+    ),
+    (
+        "manual model divisor list",
+        CUSTOMER_Z,
+        _sub(Z_ANALYSIS, "std: [0.25, 0.25, 0.25]", "std: [0.25, 0, 0.25]"),
+        "std: [0.25, 0, 0.25]",
+        ["preprocessing[1].params.std", "std must be"],
+    ),
+    (
         "manual model postprocessing class",
         CUSTOMER_Z,
         _sub(Z_ANALYSIS, "{cls: MaskToObjects,", "{cls: MaskToObject,"),
@@ -205,6 +230,25 @@ BAD = [
         ),
         "segmentation_model: mitosis_model",
         ["Mitosis needs objects from segmentation_model", "gives labelmap or labels"],
+    ),
+    (
+        "manual model chain that cannot work whatever the model gives",
+        CUSTOMER_Z,
+        _sub(
+            Z_ANALYSIS,
+            "{cls: MaskToObjects, params: {threshold: 0.6, min_area_um2: 12.0, max_area_um2: 200.0}}",
+            "{cls: ArgMax}\n      - {cls: BinaryClassification}",
+        ),
+        "{cls: BinaryClassification}",
+        ["postprocessing[1]", "takes scores but gets labelmap or labels"],
+    ),
+    (
+        "analysis name used twice",
+        CUSTOMER_X,
+        X_ANALYSIS
+        + X_ANALYSIS.split("analyses:\n", 1)[1].replace("- name: breast", "- name: breast # again"),
+        "- name: breast # again",
+        ["analysis name 'breast' is used twice"],
     ),
     (
         "enum in model params (runner's config schema)",
@@ -274,21 +318,22 @@ def _runner_refuses(
         )
         shutil.copy(origin / model["params"]["file"], folder / model["params"]["file"])
     parse_config(verbose, Path("analysis.yaml"), app)  # the good config runs
-    bad_short = yaml.safe_load(analysis)
     bad = dict(verbose)
-    bad_analysis = dict(verbose["analyses"][0])
-    short = bad_short["analyses"][0]
-    for key in ("features", "params"):
-        if key in short:
-            bad_analysis[key] = short[key]
-    for m_name, m_short in short["models"].items():
-        if m_short.get("sourcing") == "manual":
-            model = dict(bad_analysis["models"][m_name])
-            for key in ("preprocessing", "postprocessing", "params"):
-                if key in m_short:
-                    model[key] = m_short[key]
-            bad_analysis["models"] = {**bad_analysis["models"], m_name: model}
-    bad["analyses"] = [bad_analysis]
+    bad["analyses"] = []
+    for short in yaml.safe_load(analysis)["analyses"]:
+        bad_analysis = dict(verbose["analyses"][0])
+        bad_analysis["name"] = short["name"]
+        for key in ("features", "params"):
+            if key in short:
+                bad_analysis[key] = short[key]
+        for m_name, m_short in short["models"].items():
+            if m_short.get("sourcing") == "manual":
+                model = dict(bad_analysis["models"][m_name])
+                for key in ("preprocessing", "postprocessing", "params"):
+                    if key in m_short:
+                        model[key] = m_short[key]
+                bad_analysis["models"] = {**bad_analysis["models"], m_name: model}
+        bad["analyses"].append(bad_analysis)
     with pytest.raises(RunnerConfigError):
         from tilerunner.models import EngineOptions, ModelStore
 

@@ -215,6 +215,27 @@ def _at(schema: Mapping[str, Any], path: Sequence[Any]) -> tuple[list[str], Mapp
     return found
 
 
+def order_problem(schema: Mapping[str, Any], params: Mapping[str, Any]) -> str | None:
+    """A param below the one its ``x-not-below`` names (defaults count), in words, or None.
+
+    Declared with ``field(metadata=constraint(**{"x-not-below": "other"}))``: the contract
+    carries it, so the builder checks the same pairs.
+    """
+    props: Mapping[str, Any] = schema.get("properties") or {}
+    for key, prop in props.items():
+        other = prop.get("x-not-below")
+        if not other:
+            continue
+        value = params.get(key, prop.get("default"))
+        floor = params.get(other, (props.get(other) or {}).get("default"))
+        numbers = all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in (value, floor)
+        )
+        if numbers and value < floor:
+            return f"{key} must be >= {other} ({json.dumps(floor)}), not {json.dumps(value)}"
+    return None
+
+
 def params_problem(schema: Mapping[str, Any], params: Any) -> str | None:
     """The first thing wrong with ``params`` under a params schema, in words, or None."""
     import difflib
@@ -226,7 +247,7 @@ def params_problem(schema: Mapping[str, Any], params: Any) -> str | None:
         validator.iter_errors(params), key=lambda e: (len(e.path), list(map(str, e.path)))
     )
     if not errors:
-        return None
+        return order_problem(schema, params)
     error = errors[0]
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         parent = _at(schema, list(error.path))[1] if error.path else schema

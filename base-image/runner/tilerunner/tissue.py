@@ -32,7 +32,10 @@ class TissueParams:
     mpp: float = field(default=8.0, metadata=constraint(exclusiveMinimum=0))  # detection image
     # Otsu is clamped to [min_saturation, max_saturation]: below, glass noise; above, stain
     min_saturation: float = field(default=0.07, metadata=_SATURATION)
-    max_saturation: float = field(default=0.12, metadata=_SATURATION)
+    max_saturation: float = field(
+        default=0.12,
+        metadata={"schema": {**_SATURATION["schema"], "x-not-below": "min_saturation"}},
+    )
     min_object_um2: float = field(default=25_000.0, metadata=constraint(minimum=0))
     max_hole_um2: float = field(default=25_000.0, metadata=constraint(minimum=0))
     # a tile is processed when this much of it is tissue

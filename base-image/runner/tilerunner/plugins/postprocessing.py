@@ -199,7 +199,9 @@ class MaskToObjects:
     class_index: int | None = field(default=None, metadata=constraint(minimum=0))
     label: int = 1
     min_area_um2: float = field(default=0.0, metadata=constraint(minimum=0))
-    max_area_um2: float | None = field(default=None, metadata=constraint(minimum=0))
+    max_area_um2: float | None = field(
+        default=None, metadata=constraint(minimum=0, **{"x-not-below": "min_area_um2"})
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, int | float) or not 0.0 <= self.threshold <= 1.0:

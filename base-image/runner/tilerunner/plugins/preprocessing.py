@@ -37,6 +37,7 @@ class Preprocessor(Protocol):
 
 
 PREPROCESSING: Registry[Preprocessor] = Registry("preprocessing")
+_NON_ZERO = {"not": {"const": 0}}  # a divisor
 
 
 def _channel_shape(layout: str) -> tuple[int, ...]:
@@ -57,7 +58,7 @@ def _per_channel(value: float | Sequence[float], name: str) -> np.ndarray:
 class Normalization:
     """x / factor (e.g. factor 255 maps uint8 to [0, 1])."""
 
-    factor: float = field(default=255.0, metadata=constraint(**{"not": {"const": 0}}))
+    factor: float = field(default=255.0, metadata=constraint(**_NON_ZERO))
 
     def __post_init__(self) -> None:
         if not isinstance(self.factor, int | float) or isinstance(self.factor, bool):
@@ -81,7 +82,10 @@ class MeanStd:
         default_factory=lambda: [0.0, 0.0, 0.0], metadata=constraint(minItems=3, maxItems=3)
     )
     std: float | list[float] = field(
-        default_factory=lambda: [1.0, 1.0, 1.0], metadata=constraint(minItems=3, maxItems=3)
+        default_factory=lambda: [1.0, 1.0, 1.0],
+        metadata=constraint(
+            minItems=3, maxItems=3, items={"type": "number", "not": {"const": 0}}, **_NON_ZERO
+        ),
     )
 
     def __post_init__(self) -> None:
