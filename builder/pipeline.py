@@ -157,7 +157,25 @@ def _resolve_locked_base(
     return base
 
 
+def _preflight(request: BuildRequest) -> None:
+    """What can be refused before any work: a dirty release, no engine, a bad signing key."""
+    if request.worktree and request.push:
+        raise ReleaseGateError(
+            f"{request.customer}: a --worktree build holds uncommitted files and cannot be "
+            "pushed as a release",
+            hint="commit the changes and build from git, or drop --push "
+            "(--oci-layout, --docker-archive, --load for development)",
+        )
+    if request.load or request.backend == "docker":
+        docker_client(30).close()  # no engine: say so before any work, in one line
+    if request.sign_key is not None:
+        from builder.attest import load_private_key
+
+        load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
+
+
 def no_contract_note(base: BaseImage) -> str:
+    """The warning for a base image built before runner contracts existed."""
     return (
         f"base image {base.name} declares no runner contract (label {CONTRACT_LABEL}): "
         "plug-ins and params were not checked against its runner; rebuild the base with "
@@ -348,17 +366,7 @@ def build(
             on_stage(name)
         return _timed(timings, name)
 
-    if request.worktree and request.push:
-        raise ReleaseGateError(
-            f"{request.customer}: a --worktree build holds uncommitted files and cannot be "
-            "pushed as a release",
-            hint="commit the changes and build from git, or drop --push "
-            "(--oci-layout, --docker-archive, --load for development)",
-        )
-    if request.sign_key is not None:
-        from builder.attest import load_private_key
-
-        load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
+    _preflight(request)
     with stage("cook"):
         cooked = cook(
             request.customer,

@@ -160,6 +160,7 @@ _SHARED = (
     "not",
     "minItems",
     "maxItems",
+    "items",
 )
 
 _NOUNS = {
@@ -178,7 +179,7 @@ def expects(schema: Mapping[str, Any], plural: bool = False) -> str:
         return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
     if "anyOf" in schema:
         shared = {k: v for k, v in schema.items() if k in _SHARED}
-        return " or ".join(expects({**shared, **o}, plural) for o in schema["anyOf"])
+        return " or ".join(expects({**o, **shared}, plural) for o in schema["anyOf"])
     kinds = schema.get("type")
     if isinstance(kinds, list):
         parts = [expects({**schema, "type": k}, plural) for k in kinds]
