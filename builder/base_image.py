@@ -387,7 +387,11 @@ def build_base_image(
     )
     image_hashes = {h for r in reqs for h in r.hashes}
     wheels = [p for h, p in pinned.items() if h in image_hashes]
+    from builder.contract import CONTRACT_LABEL, runner_contract_from_source
+
+    contract_sha = hashlib.sha256(runner_contract_from_source(base_dir / "runner")).hexdigest()
     labels = {
+        CONTRACT_LABEL: contract_sha,
         LABEL_VERSION: version,
         LABEL_SCHEMAS: CONFIG_SCHEMAS,
         LABEL_ORT: ort,
@@ -403,6 +407,7 @@ def build_base_image(
         "WHEELHOUSE": "wheels",
         "RUNNER_WHEELHOUSE": "runner",
         "REQUIREMENTS": "requirements.txt",
+        "CONTRACT_SHA256": contract_sha,
     }
     reference = f"{repository}:{tag}"
     with tempfile.TemporaryDirectory(prefix="ivd-base-image-") as tmp:

@@ -59,8 +59,8 @@ class CustomerSpec:
 
     @property
     def config_rev(self) -> str:
-        """Short config revision used in the immutable image tag."""
-        return "worktree" if self.worktree else self.commit[:12]
+        """Short config revision used in the immutable image tag (``-dirty``: work tree)."""
+        return f"{self.commit[:12]}-dirty" if self.worktree else self.commit[:12]
 
 
 @dataclass(frozen=True)

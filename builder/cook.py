@@ -5,20 +5,23 @@ The first half of the main job, shared by `validate`, `expand`, `lock` and `buil
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import git
+
 from builder import yamldoc
 from builder.contracts import BaseImageRef, CustomerSpec, Progress, ResolvedModel
-from builder.errors import ConfigError, DriftError, ReleaseGateError
+from builder.errors import ConfigError, DriftError, RegistryError, ReleaseGateError
 from builder.expand import expand
 from builder.fetch import Cache, fetch
 from builder.fsutil import write_atomic
-from builder.load import LOCK_FILE, load_customer
+from builder.load import LOCK_FILE, load_customer, read_committed_file
 from builder.lock import diff_locks, make_lock, models_from_lock, read_lock, render
-from builder.registries import ModelRegistry, open_registry
+from builder.registries import ModelRecord, ModelRegistry, TaskRecord, open_registry
 from builder.resolve import release_blockers, resolve
 from builder.settings import Settings
 from builder.storage import open_store
@@ -63,8 +66,8 @@ def cook(
         models = models_from_lock(spec, lock)
     else:
         needs_registry = any(d.sourcing == "auto" for d in spec.models)
-        reg = (
-            (registry or (lambda: open_registry(settings.model_registry)))()
+        reg: ModelRegistry | None = (
+            _LocatedRegistry((registry or (lambda: open_registry(settings.model_registry)))(), spec)
             if needs_registry
             else None
         )
@@ -72,20 +75,108 @@ def cook(
         models = resolve(spec, reg, store)
     blockers = release_blockers(models)
     if blockers and not allow_unpublished:
-        more = f" (and {len(blockers) - 1} more)" if len(blockers) > 1 else ""
+        # every reason, none summarised away: a reviewer fixes them all in one go
+        counted = f"{len(blockers)} release gates failed: " if len(blockers) > 1 else ""
         raise ReleaseGateError(
-            f"{blockers[0]}{more}",
+            counted + "; ".join(blockers),
             hint="fix the registry, or --allow-unpublished for a development build",
         )
+    notes = list(blockers)
+    if worktree:
+        notes.append(
+            "built from the uncommitted work tree (--worktree): a dirty development build, "
+            "not a release"
+        )
+    else:
+        notes.extend(uncommitted_changes(spec))
     return Cooked(
         spec=spec,
         models=models,
         verbose=expand(spec, models),
-        development=bool(blockers),
-        warnings=tuple(blockers),
+        development=bool(blockers) or worktree,
+        warnings=tuple(notes),
         lock=lock,
         store_base=settings.root,
     )
+
+
+def uncommitted_changes(spec: CustomerSpec) -> list[str]:
+    """A warning when the customer folder has edits that a build from git leaves out."""
+    if not (spec.source.root / ".git").exists():
+        return []  # a clone in the cache (git URL): no work tree anyone edits
+    try:
+        status = git.Repo(spec.source.root).git.status(
+            "--porcelain", "--untracked-files=all", "--", spec.source.subdir or "."
+        )
+    except git.GitCommandError:
+        return []
+    changed = sorted({line[3:].strip() for line in status.splitlines() if line.strip()})
+    if not changed:
+        return []
+    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return [
+        f"{spec.source.location} has uncommitted changes that this build does not include "
+        f"({shown}); it builds commit {spec.commit[:12]} (commit them, or --worktree for a "
+        "development build)"
+    ]
+
+
+class _LocatedRegistry:
+    """A registry whose unknown-model errors name analysis.yaml:line, the slot and a guess."""
+
+    def __init__(self, inner: ModelRegistry, spec: CustomerSpec) -> None:
+        self._inner = inner
+        self._spec = spec
+        self.description = inner.description
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def get_model(self, model_id: str) -> ModelRecord:
+        try:
+            return self._inner.get_model(model_id)
+        except RegistryError as exc:
+            if not exc.message.startswith(
+                (f"model {model_id.strip()} not found", f"{model_id.strip()!r} is not a valid")
+            ):
+                raise
+            raise RegistryError(
+                f"{_slot_of(self._spec, model_id)}: model {model_id.strip()} not found in "
+                f"{self.description}{_guess_model(self._inner, model_id.strip())}",
+                hint="check the reference, or `builder models list`",
+            ) from None
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        return self._inner.get_task(task_id)
+
+
+def _slot_of(spec: CustomerSpec, model_id: str) -> str:
+    """analysis.yaml:line: analyses[i].models.<slot>.reference of a model id."""
+    origin = f"{spec.source.location}/{spec.analysis_path}"
+    raw = read_committed_file(spec, spec.analysis_path)
+    if raw is None:
+        return origin
+    doc = yamldoc.parse(raw, origin)
+    for a_index, analysis in enumerate(doc.data.get("analyses") or []):
+        for slot, entry in (analysis.get("models") or {}).items():
+            if str(entry.get("reference", "")).strip() == model_id.strip():
+                path = ("analyses", a_index, "models", slot, "reference")
+                return f"{doc.where(path)}: {yamldoc.dotted(path)} (model slot {slot!r})"
+    return origin
+
+
+def _guess_model(registry: ModelRegistry, model_id: str) -> str:
+    """ " (did you mean <id> (<name>)?)" from the registry's models, or ""."""
+    try:
+        records = registry.list_models()
+    except RegistryError:
+        return ""
+    by_key = {r.id: r for r in records} | {r.name: r for r in records if r.name}
+    match = difflib.get_close_matches(model_id, list(by_key), n=1, cutoff=0.6)
+    if not match:
+        return ""
+    record = by_key[match[0]]
+    return f" (did you mean {record.id} ({record.name})?)"
 
 
 def complete_hashes(
@@ -141,7 +232,7 @@ def make_customer_lock(
                 f"{cooked.spec.source.location}: no {LOCK_FILE} committed",
                 hint="run `builder lock` and commit it",
             )
-        drift = tuple(diff_locks(committed, fresh))
+        drift = tuple(diff_locks(committed, fresh, cooked.spec))
         if drift:
             raise DriftError(
                 f"{LOCK_FILE} drifted: " + "; ".join(drift),
@@ -151,3 +242,66 @@ def make_customer_lock(
     path = output or lock_path(cooked.spec)
     write_atomic(path, render(fresh))
     return LockResult(path=path, lock=fresh, drift=(), warnings=cooked.warnings)
+
+
+def release_lock_drift(
+    cooked: Cooked,
+    models: tuple[ResolvedModel, ...],
+    base: BaseImageRef | None,
+    *,
+    compare_base: bool = True,
+) -> list[str]:
+    """What a release build's inputs change against the committed lock ([] when it matches).
+
+    A release (push, fleet, CI) must ship what the lock pins; a missing lock is reported as
+    one line too, by the caller's choice of severity.
+    """
+    committed = cooked.lock or read_lock(cooked.spec)
+    if committed is None:
+        return []
+    fresh = make_lock(cooked.spec, models, base)
+    return diff_locks(committed, fresh, cooked.spec, base=compare_base)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What `validate` found: the spec, whether the runner contract was checked, and notes."""
+
+    spec: CustomerSpec
+    contract_info: dict[str, Any]  # checked, source, sha256
+    notes: tuple[str, ...]
+
+
+def validate_customer(
+    customer: str,
+    settings: Settings,
+    *,
+    ref: str = "HEAD",
+    worktree: bool = False,
+    base_repository: str | None = None,
+    insecure: bool | None = None,
+) -> Validation:
+    """Schema checks, then the runner contract of the resolved base (ConfigError listing every
+    problem). No model registry call: registry plug-ins come from the lock when it is current."""
+    from builder.contract import check_config, require_valid
+    from builder.pipeline import runner_contract
+
+    spec = load_customer(customer, settings, ref=ref, worktree=worktree)
+    notes: list[str] = []
+    contract, note = runner_contract(spec, settings, repository=base_repository, insecure=insecure)
+    if contract is None:
+        notes.append(note or "runner contract not checked")
+        return Validation(spec, {"checked": False, "source": None, "sha256": None}, tuple(notes))
+    models = None
+    lock = read_lock(spec)
+    if lock is not None:
+        try:
+            models = models_from_lock(spec, lock)
+        except DriftError as exc:
+            notes.append(f"registry plug-ins not checked: {exc.message}")
+    elif any(d.sourcing == "auto" for d in spec.models):
+        notes.append(f"registry plug-ins not checked: no {LOCK_FILE} committed")
+    verbose = expand(spec, models) if models is not None else None
+    require_valid(check_config(spec, contract, models, verbose), contract)
+    info = {"checked": True, "source": contract.source, "sha256": contract.sha256}
+    return Validation(spec, info, tuple(notes))

@@ -599,11 +599,51 @@ def write_release_record(
     attempts: int = 5,
     backoff: float = 1.0,
     before_push: Callable[[int], None] | None = None,
+    dry_run: bool = False,
 ) -> WriteResult:
-    """Record one pushed release build in the customer repository at ``location``."""
+    """Record one pushed release build in the customer repository at ``location``.
+
+    Refused (WriteBackError) when that repository lacks the config commit the image was built
+    from; ``dry_run`` checks everything and writes nothing (status "would write"/"present").
+    """
     record = release_record(report, config_source=config_source(location, settings))
     log = ReleaseLog(record_remote(location), settings.cache_dir, branch)
+    commit = str(record["config"]["commit"])
+    if not remote_has_commit(log, commit):
+        raise WriteBackError(
+            f"{log.shown} does not have config commit {commit[:12]} that "
+            f"{record['image']} was built from; refusing to record it there",
+            hint="push the customer branch first, or name the right repository with --repo",
+        )
+    if dry_run:
+        head = log.fetch()
+        path = record_path(record["customer"], record["image"])
+        status = "would write" if log._read(head, path) is None else "present"
+        return WriteResult(log.shown, branch, path, head or "", status, 0)
     return log.write(record, attempts=attempts, backoff=backoff, before_push=before_push)
+
+
+def remote_has_commit(log: ReleaseLog, commit: str) -> bool:
+    """Whether ``commit`` is reachable from a branch or tag of the log's remote repository."""
+    try:
+        log.repo.git.fetch(
+            "--no-tags",
+            "--quiet",
+            log.remote,
+            "+refs/heads/*:refs/ivd-remote/heads/*",
+            "+refs/tags/*:refs/ivd-remote/tags/*",
+            env=GIT_ENV,
+        )
+    except git.GitCommandError as exc:
+        raise WriteBackError(
+            f"cannot fetch {log.shown}: {_git_message(exc)}",
+            hint="check the repository URL and the CI token's access",
+        ) from None
+    try:
+        found = log.repo.git.for_each_ref("--contains", commit, "--count=1", "refs/ivd-remote/")
+    except git.GitCommandError:  # an object the remote never had
+        return False
+    return bool(found.strip())
 
 
 # -- plan ---------------------------------------------------------------------------------------

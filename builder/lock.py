@@ -21,8 +21,13 @@ from builder.contracts import (
     ResolvedModel,
     WeightFile,
 )
-from builder.errors import ConfigError
+from builder.errors import ConfigError, DriftError
 from builder.load import CUSTOMER_FILE, LOCK_FILE, read_committed_file
+
+
+class StaleLockError(DriftError, ConfigError):
+    """The committed lock no longer matches the config: exit 7 (drift), and still a config
+    problem to callers that fall back to the registry (history, verify)."""
 
 
 def _inputs(spec: CustomerSpec) -> dict[str, str]:
@@ -99,16 +104,115 @@ def read_lock(spec: CustomerSpec) -> dict[str, Any] | None:
     return doc.data
 
 
+def input_drift(spec: CustomerSpec, lock: Mapping[str, Any]) -> list[str]:
+    """What changed in the config files since the lock was made, key by key (models, params,
+    base constraint), read from the git history of the files the lock's sha256 names."""
+    lines: list[str] = []
+    pinned: Mapping[str, str] = lock.get("inputs") or {}
+    for name, digest in sorted(_inputs(spec).items()):
+        before = pinned.get(name)
+        if before == digest:
+            continue
+        if not before:
+            lines.append(f"{name} is not covered by the lock")
+            continue
+        old = _historic_file(spec, name, before)
+        new = read_committed_file(spec, name) or b""
+        changes = _doc_changes(old, new) if old is not None else None
+        if changes:
+            lines.extend(f"{name}: {change}" for change in changes)
+        else:
+            lines.append(f"{name} changed since the lock was made")
+    lines.extend(_manual_file_drift(spec, lock))
+    return lines
+
+
+def _historic_file(spec: CustomerSpec, name: str, sha256: str, limit: int = 500) -> bytes | None:
+    """The content of ``name`` whose sha256 the lock recorded, from the config's history."""
+    import git
+
+    repo = git.Repo(spec.source.root)
+    rel = f"{spec.source.subdir}/{name}" if spec.source.subdir else name
+    for commit in repo.iter_commits(spec.commit, paths=rel, max_count=limit):
+        try:
+            data = bytes((commit.tree / rel).data_stream.read())
+        except KeyError:
+            continue
+        if hashlib.sha256(data).hexdigest() == sha256:
+            return data
+    return None
+
+
+def _named(items: list[Any]) -> dict[str, Any] | None:
+    """A list of mappings keyed by their `name` (or `cls`) when that is unique, else None."""
+    keys = [str(i.get("name") or i.get("cls")) if isinstance(i, Mapping) else None for i in items]
+    if None in keys or len(set(keys)) != len(keys):
+        return None
+    return dict(zip(keys, items, strict=True))  # type: ignore[arg-type]
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, Mapping) and value:
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+        return
+    if isinstance(value, list) and value and _named(value) is not None:
+        for key, item in (_named(value) or {}).items():
+            _flatten(item, f"{prefix}[{key}]", out)
+        return
+    out[prefix] = value
+
+
+def _doc_changes(old: bytes, new: bytes) -> list[str]:
+    """`key: old -> new` lines between two YAML documents (lists of named items by name)."""
+    try:
+        a, b = yamldoc.parse(old, "old").data, yamldoc.parse(new, "new").data
+    except ConfigError:
+        return []
+    flat_a: dict[str, Any] = {}
+    flat_b: dict[str, Any] = {}
+    _flatten(a, "", flat_a)
+    _flatten(b, "", flat_b)
+    lines = []
+    for key in sorted(set(flat_a) | set(flat_b)):
+        if key not in flat_a:
+            lines.append(f"{key} added ({_short(flat_b[key])})")
+        elif key not in flat_b:
+            lines.append(f"{key} removed (was {_short(flat_a[key])})")
+        elif flat_a[key] != flat_b[key]:
+            lines.append(f"{key} {_short(flat_a[key])} -> {_short(flat_b[key])}")
+    return lines
+
+
+def _manual_file_drift(spec: CustomerSpec, lock: Mapping[str, Any]) -> list[str]:
+    """Files of manually sourced models that differ from what the lock pins."""
+    lines = []
+    for name, entry in sorted((lock.get("models") or {}).items()):
+        if entry.get("sourcing") != "manual":
+            continue
+        prefix = str(entry.get("weights_uri", "")).removeprefix("repo:")
+        pinned = {f["name"]: f.get("sha256") for f in entry.get("files") or []}
+        now = {
+            path.removeprefix(f"{prefix}/"): hashlib.sha256(data).hexdigest()
+            for path, data in spec.manual_files.items()
+            if path.startswith(f"{prefix}/")
+        }
+        for file in sorted(set(pinned) | set(now)):
+            if pinned.get(file) != now.get(file):
+                lines.append(
+                    f"{name}: file {prefix}/{file} "
+                    f"{_short(pinned.get(file)) if file in pinned else 'added'} -> "
+                    f"{_short(now.get(file)) if file in now else 'removed'}"
+                )
+    return lines
+
+
 def models_from_lock(spec: CustomerSpec, lock: Mapping[str, Any]) -> tuple[ResolvedModel, ...]:
-    """The resolved models a lock pins; fails when the config declares other models."""
-    drift = [
-        line
-        for line in diff_locks({"inputs": _inputs(spec)}, {"inputs": lock.get("inputs", {})})
-        if line
-    ]
+    """The resolved models a lock pins; DriftError (what changed) when the config moved on."""
+    drift = input_drift(spec, lock)
     if drift:
-        raise ConfigError(
-            f"{spec.source.location}/{LOCK_FILE} is stale: {drift[0]}",
+        raise StaleLockError(
+            f"{spec.source.location}/{LOCK_FILE} is stale: " + "; ".join(drift),
             hint="run `builder lock` and commit the result",
         )
     out = []
@@ -143,17 +247,19 @@ def _short(value: Any) -> str:
     return text[:12] if len(text) in (32, 40, 64) and text.isalnum() else text
 
 
-def diff_locks(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Human lines for what differs between two locks (empty: identical in substance)."""
-    lines = []
-    for name, digest in sorted(new.get("inputs", {}).items()):
-        before = old.get("inputs", {}).get(name)
-        if before != digest:
-            lines.append(
-                f"{name} changed since the lock was made"
-                if before
-                else f"{name} is not covered by the lock"
-            )
+def diff_locks(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    spec: CustomerSpec | None = None,
+    *,
+    base: bool = True,
+) -> list[str]:
+    """Human lines for what differs between two locks (empty: identical in substance).
+
+    With ``spec``, changed config files are explained key by key (see input_drift);
+    ``base=False`` leaves the base image out (a fleet rebuild on another base on purpose).
+    """
+    lines = input_drift(spec, old) if spec is not None else _input_lines(old, new)
     old_models, new_models = old.get("models", {}), new.get("models", {})
     for name in sorted(set(old_models) | set(new_models)):
         a, b = old_models.get(name), new_models.get(name)
@@ -172,7 +278,8 @@ def diff_locks(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
                         lines.append(f"{name}: {key} {_short(a.get(key))} -> {_short(b.get(key))}")
     a_base, b_base = old.get("base_image"), new.get("base_image")
     if (
-        a_base
+        base
+        and a_base
         and b_base
         and (a_base.get("version"), a_base.get("digest"))
         != (b_base.get("version"), b_base.get("digest"))
@@ -180,6 +287,19 @@ def diff_locks(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"base image {a_base['version']} ({_short(a_base['digest'])}) -> {b_base['version']} ({_short(b_base['digest'])})"
         )
+    return lines
+
+
+def _input_lines(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for name, digest in sorted(new.get("inputs", {}).items()):
+        before = old.get("inputs", {}).get(name)
+        if before != digest:
+            lines.append(
+                f"{name} changed since the lock was made"
+                if before
+                else f"{name} is not covered by the lock"
+            )
     return lines
 
 

@@ -7,6 +7,7 @@ stage's time goes into the report so a slow build shows where the time went.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -16,11 +17,20 @@ from typing import Any
 
 from builder import yamldoc
 from builder.assemble import AssembledImage, BaseImage, FileEntry, LayerSpec, assemble, resolve_base
+from builder.contract import (
+    CONTRACT_LABEL,
+    Contract,
+    check_config,
+    read_base_contract,
+    require_valid,
+)
 from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec, Progress
-from builder.cook import Cooked, cook
-from builder.errors import ImageError
+from builder.cook import Cooked, cook, release_lock_drift
+from builder.errors import DriftError, ImageError, ReleaseGateError
 from builder.expand import MODELS_DIR, expand
 from builder.fetch import Cache, FetchResult, fetch
+from builder.load import LOCK_FILE
+from builder.lock import read_lock
 from builder.provenance import (
     image_labels,
     image_version,
@@ -221,6 +231,89 @@ def resolve_base_image(
     return base
 
 
+def _preflight(request: BuildRequest) -> None:
+    """What can be refused before any work: a dirty release, no engine, a bad signing key."""
+    if request.worktree and request.push:
+        raise ReleaseGateError(
+            f"{request.customer}: a --worktree build holds uncommitted files and cannot be "
+            "pushed as a release",
+            hint="commit the changes and build from git, or drop --push "
+            "(--oci-layout, --docker-archive, --load for development)",
+        )
+    if request.load or request.backend == "docker":
+        docker_client(30).close()  # no engine: say so before any work, in one line
+    if request.sign_key is not None:
+        from builder.attest import load_private_key
+
+        load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
+
+
+def no_contract_note(base: BaseImage) -> str:
+    """The warning for a base image built before runner contracts existed."""
+    return (
+        f"base image {base.name} declares no runner contract (label {CONTRACT_LABEL}): "
+        "plug-ins and params were not checked against its runner; rebuild the base with "
+        "`builder base build --push`"
+    )
+
+
+def check_against_base(cooked: Cooked, base: BaseImage, settings: Settings) -> list[str]:
+    """Check the config against the runner contract of ``base`` (ConfigError listing every
+    problem); the warnings to show when the base declares no contract."""
+    contract = read_base_contract(base, settings.cache_dir)
+    if contract is None:
+        return [no_contract_note(base)]
+    require_valid(check_config(cooked.spec, contract, cooked.models, cooked.verbose), contract)
+    return []
+
+
+def _refuse_stale_lock(
+    request: BuildRequest,
+    cooked: Cooked,
+    fetched: FetchResult,
+    base: BaseImageRef,
+    notes: list[str],
+) -> None:
+    """A release build ships what the committed lock pins, or nothing (DriftError, exit 7)."""
+    if cooked.lock is None and read_lock(cooked.spec) is None:
+        notes.append(
+            f"no {LOCK_FILE} committed: this release is not pinned "
+            "(run `builder lock` and commit it)"
+        )
+        return
+    drift = release_lock_drift(cooked, fetched.models, base, compare_base=not request.base_version)
+    if drift:
+        raise DriftError(
+            f"{cooked.spec.source.location}/{LOCK_FILE} is stale; a release must ship what it "
+            "pins: " + "; ".join(drift),
+            hint="run `builder lock`, review and commit the result, then build again",
+        )
+
+
+def runner_contract(
+    spec: CustomerSpec,
+    settings: Settings,
+    *,
+    repository: str | None = None,
+    insecure: bool | None = None,
+) -> tuple[Contract | None, str | None]:
+    """The runner contract of the base ``spec`` builds on, or None and why it is not checked."""
+    try:  # the registry, else the local image store (validate works with no server too)
+        base = resolve_base_image(
+            base_repository(spec, settings, repository),
+            spec.base_version,
+            ImageStore(settings.store_dir),
+            insecure=insecure,
+            keep=False,
+        )
+    except ImageError as exc:
+        return None, f"runner contract not checked: the base image was not resolved ({exc})"
+    contract = read_base_contract(base, settings.cache_dir)
+    if contract is None:
+        return None, no_contract_note(base)
+    return contract, None
+
+
 def image_layers(
     cooked: Cooked, fetched: FetchResult, verbose_yaml: bytes, provenance_json: bytes
 ) -> list[LayerSpec]:
@@ -245,6 +338,23 @@ def image_layers(
     ]
     layers.append(LayerSpec(name="config", entries=config))
     return layers
+
+
+def docker_client(timeout: int) -> Any:
+    """The Docker engine of DOCKER_HOST, or ImageError in one line when there is none."""
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        return docker.from_env(timeout=timeout)
+    except DockerException as exc:
+        reason = " ".join(str(exc).split())
+        reason = reason.split(": ", 1)[0] if len(reason) > 160 else reason
+        raise ImageError(
+            f"no Docker engine reachable (DOCKER_HOST={os.environ.get('DOCKER_HOST') or 'default'}): "
+            f"{reason}",
+            hint="start Docker or set DOCKER_HOST; or use --oci-layout DIR / --docker-archive FILE",
+        ) from None
 
 
 def _deliver(
@@ -281,9 +391,7 @@ def _deliver(
         deliver.write_docker_archive(image, request.docker_archive, [immutable, moving])
         report.outputs["docker_archive"] = str(request.docker_archive)
     if request.load:
-        import docker
-
-        client = docker.from_env(timeout=300)
+        client = docker_client(300)
         deliver.load_into_docker(image, [immutable, moving], client)
         report.outputs["docker"] = immutable
     for layer in report.layers:
@@ -300,11 +408,9 @@ def _build_with_docker(
     progress: Progress | None,
 ) -> None:
     """The familiar path and benchmark baseline: a rendered Dockerfile built by the engine."""
-    import docker
-
     from builder.docker_backend import build_with_docker, push_with_docker
 
-    client = docker.from_env(timeout=600)
+    client = docker_client(600)
     built = build_with_docker(
         base,
         layers,
@@ -338,10 +444,7 @@ def build(
             on_stage(name)
         return _timed(timings, name)
 
-    if request.sign_key is not None:
-        from builder.attest import load_private_key
-
-        load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
+    _preflight(request)
     with stage("cook"):
         cooked = cook(
             request.customer,
@@ -369,6 +472,8 @@ def build(
                 notes=notes,
             )
             check_runner_accepts(base)
+        with stage("contract"):
+            notes.extend(check_against_base(cooked, base, settings))
         with stage("fetch"):
             fetched = fetch(
                 cooked.models,
@@ -380,6 +485,8 @@ def build(
                 progress=progress,
             )
         base_ref = base.ref
+        if request.push:
+            _refuse_stale_lock(request, cooked, fetched, base_ref, notes)
         verbose_yaml = yamldoc.dump(expand(spec, fetched.models))
         verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
         provenance = provenance_document(

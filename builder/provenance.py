@@ -42,7 +42,7 @@ def provenance_document(
     development: bool,
 ) -> dict[str, Any]:
     """The in-image record (/app/config/provenance.json) that `explain` reads back."""
-    return {
+    document: dict[str, Any] = {
         "provenance_version": PROVENANCE_VERSION,
         "customer": spec.customer,
         "config": {
@@ -74,6 +74,9 @@ def provenance_document(
         "source_date_epoch": spec.commit_time,
         "development_build": development,
     }
+    if spec.worktree:  # uncommitted files: not reproducible from the recorded commit
+        document["config"]["dirty"] = True
+    return document
 
 
 def image_labels(
@@ -101,6 +104,8 @@ def image_labels(
         f"{LABEL_PREFIX}.development-build": "true" if development else "false",
         f"{LABEL_PREFIX}.builder.version": __version__,
     }
+    if spec.worktree:
+        labels[f"{LABEL_PREFIX}.config.dirty"] = "true"
     for m in models:
         key = f"{LABEL_PREFIX}.model.{m.name}"
         labels[f"{key}.sha256"] = dir_hash(m)

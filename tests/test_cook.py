@@ -23,7 +23,7 @@ from helpers import (
 )
 
 from builder.cook import cook, make_customer_lock
-from builder.errors import ConfigError, DriftError, RegistryError, ReleaseGateError
+from builder.errors import DriftError, RegistryError, ReleaseGateError
 from builder.fetch import Cache
 from builder.settings import Settings
 
@@ -178,24 +178,96 @@ def test_locked_cook_never_calls_the_registry(
     assert locked.verbose_yaml == cook(str(repo), settings).verbose_yaml
 
 
-def test_locked_cook_refuses_a_stale_lock(repo: Path, settings: Settings, tmp_path: Path) -> None:
-    result = make_customer_lock(
-        cook(str(repo), settings), Cache(tmp_path / "cache"), base=None, check=False
-    )
+def _lock_then_change(
+    repo: Path, settings: Settings, cache: Cache, *, mitosis: str, threshold: float
+) -> None:
+    """Commit a lock, then an analysis change that the lock does not follow."""
+    result = make_customer_lock(cook(str(repo), settings), cache, base=None, check=False)
     commit_files(
         repo, {"customer.lock.yaml": result.path.read_bytes() if result.path else b""}, "lock"
     )
-    commit_files(
-        repo,
-        {
-            "analysis.yaml": ANALYSIS_YAML.format(
-                carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.7
-            )
-        },
-        "threshold",
-    )
-    with pytest.raises(ConfigError, match=r"stale: analysis\.yaml changed"):
+    text = ANALYSIS_YAML.format(carcinoma=CARCINOMA_ID, mitosis=mitosis, threshold=threshold)
+    commit_files(repo, {"analysis.yaml": text}, "change without re-locking")
+
+
+def test_locked_cook_refuses_a_stale_lock(repo: Path, settings: Settings, tmp_path: Path) -> None:
+    _lock_then_change(repo, settings, Cache(tmp_path / "cache"), mitosis=MITOSIS_ID, threshold=0.7)
+    # exit 7 (drift), saying what changed key by key, not only "analysis.yaml changed"
+    with pytest.raises(DriftError) as raised:
         cook(str(repo), settings, locked=True)
+    assert raised.value.exit_code == 7
+    assert (
+        "analysis.yaml: analyses[breast].features[Carcinoma].params.threshold 0.5 -> 0.7"
+        in raised.value.message
+    )
+
+
+def test_lock_check_names_changed_models_and_params(
+    repo: Path, settings: Settings, tmp_path: Path
+) -> None:
+    cache = Cache(tmp_path / "cache")
+    other = "0123abcd" * 4
+    write_local_registry(
+        _registry_folder(settings), [model_record(other, MITOSIS_TASK, name="mitosis v2")], []
+    )
+    _lock_then_change(repo, settings, cache, mitosis=other, threshold=0.6)
+    with pytest.raises(DriftError) as raised:
+        make_customer_lock(cook(str(repo), settings), cache, base=None, check=True)
+    message = raised.value.message
+    assert f"models.mitosis_model.reference {MITOSIS_ID[:12]} -> {other[:12]}" in message
+    assert "params.threshold 0.5 -> 0.6" in message
+    assert f"mitosis_model: model_id {MITOSIS_ID[:12]} -> {other[:12]}" in message
+
+
+def test_every_release_gate_reason_is_listed(repo: Path, settings: Settings) -> None:
+    write_local_registry(
+        _registry_folder(settings),
+        [
+            model_record(CARCINOMA_ID, CARCINOMA_TASK, name="carcinoma v3", ready=False),
+            model_record(MITOSIS_ID, MITOSIS_TASK, name="mitosis v1", ready=False),
+        ],
+        [task_record(MITOSIS_TASK, status="failed")],
+    )
+    with pytest.raises(ReleaseGateError) as raised:
+        cook(str(repo), settings)
+    message = raised.value.message
+    assert message.startswith("3 release gates failed: ")
+    assert "and 2 more" not in message
+    assert f"carcinoma_model ({CARCINOMA_ID}) is not published" in message
+    assert f"mitosis_model ({MITOSIS_ID}) is not published" in message
+    assert "did not complete (status failed)" in message
+
+
+def test_unknown_model_id_names_the_line_the_slot_and_a_guess(
+    repo: Path, settings: Settings
+) -> None:
+    typo = CARCINOMA_ID[:-1] + ("0" if CARCINOMA_ID[-1] != "0" else "1")
+    text = ANALYSIS_YAML.format(carcinoma=typo, mitosis=MITOSIS_ID, threshold=0.5)
+    commit_files(repo, {"analysis.yaml": text}, "typo")
+    with pytest.raises(RegistryError) as raised:
+        cook(str(repo), settings)
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if typo in t)
+    message = raised.value.message
+    assert f"analysis.yaml:{line}: analyses[0].models.carcinoma_model.reference" in message
+    assert "model slot 'carcinoma_model'" in message
+    assert f"did you mean {CARCINOMA_ID} (carcinoma v3)?" in message
+
+
+def test_uncommitted_edits_are_reported_and_worktree_builds_are_development(
+    repo: Path, settings: Settings
+) -> None:
+    (repo / "analysis.yaml").write_text(
+        ANALYSIS_YAML.format(carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.9)
+    )
+    cooked = cook(str(repo), settings)
+    assert any(
+        "uncommitted changes that this build does not include (analysis.yaml)" in w
+        for w in cooked.warnings
+    )
+    assert not cooked.development
+    dirty = cook(str(repo), settings, worktree=True)
+    assert dirty.development and dirty.spec.config_rev.endswith("-dirty")
+    assert any("--worktree" in w for w in dirty.warnings)
 
 
 def test_manual_model_from_the_customer_repo(repo: Path, settings: Settings) -> None:

@@ -447,6 +447,34 @@ def test_record_refuses_what_is_not_a_release(
     assert _records(records_remote) == {}
 
 
+def test_record_dry_run_names_the_target_and_a_missing_commit_is_refused(
+    records_remote: Path, local_env: dict[str, str], tmp_path: Path
+) -> None:
+    commit = git.Repo(records_remote).commit("HEAD").hexsha
+    report = tmp_path / "build.json"
+    report.write_text(json.dumps(_fake_report("customer-a", commit, "sha256:" + "7" * 64)))
+    args = ("release-record", "--report", str(report), "--repo", str(records_remote))
+    dry = _cli(local_env, *args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would record registry.example.com/customer-a:2.5.0-{commit[:12]}" in dry.stderr
+    assert f"on {records_remote.resolve()} branch {RELEASES_BRANCH}" in dry.stderr
+    assert dry.stdout.startswith("would write")
+    assert _records(records_remote) == {}  # nothing written
+    # a commit the target repository does not have: refused, nothing written (exit 9)
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps(_fake_report("customer-a", "ab" * 20, "sha256:" + "8" * 64)))
+    refused = _cli(
+        local_env, "release-record", "--report", str(unknown), "--repo", str(records_remote)
+    )
+    assert refused.returncode == 9, refused.stderr
+    assert f"does not have config commit {'ab' * 6}" in refused.stderr.strip().splitlines()[-1]
+    assert _records(records_remote) == {}
+    # non-interactive: no question asked, the record is written
+    done = _cli(local_env, *args)
+    assert done.returncode == 0, done.stderr
+    assert len(_records(records_remote)) == 1
+
+
 def test_concurrent_writers_never_lose_a_record(
     records_remote: Path, local_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -455,7 +483,14 @@ def test_concurrent_writers_never_lose_a_record(
     for index in range(3):
         path = tmp_path / f"r{index}.json"
         path.write_text(
-            json.dumps(_fake_report("customer-a", f"{index}" * 40, "sha256:" + f"{index}" * 64))
+            json.dumps(
+                _fake_report(
+                    "customer-a",
+                    git.Repo(records_remote).commit("HEAD").hexsha,  # a commit it has
+                    "sha256:" + f"{index}" * 64,
+                    version=f"2.4.{index + 1}",
+                )
+            )
         )
         env = {**local_env, "BUILDER_CACHE_DIR": str(tmp_path / f"cache-{index}")}
         procs.append(

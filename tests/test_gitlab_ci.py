@@ -150,7 +150,7 @@ def _snapshot(tmp_path: Path) -> tuple[Path, Path]:
     repo.index.commit("snapshot", author=actor, committer=actor)
     origin = tmp_path / "origin.git"
     git.Repo.init(origin, bare=True)
-    repo.create_remote("origin", str(origin))
+    repo.create_remote("origin", str(origin)).push("main")  # CI builds what the server has
     return project, origin
 
 
@@ -291,7 +291,7 @@ def _customer_project(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
     )
     origin = tmp_path / "customer-w.git"
     git.Repo.init(origin, bare=True)
-    repo.create_remote("origin", str(origin))
+    repo.create_remote("origin", str(origin)).push("main")  # CI builds what the server has
     return project, origin
 
 

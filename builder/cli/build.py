@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,37 @@ from builder.cli._common import (
     progress_bar,
     settings_options,
 )
+
+
+class PlainProgress:
+    """Progress for logs (CI, pipes): one line per stage when it ends, with the files and
+    bytes it handled and its seconds, like docker's ``--progress=plain``."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self._write = write
+        self._stage: str | None = None
+        self._start = 0.0
+        self._items: dict[str, int] = {}
+
+    def stage(self, name: str) -> None:
+        self.close()
+        self._stage, self._start, self._items = name, time.monotonic(), {}
+        self._write(f"==> {name}")
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        self._items[label] = max(self._items.get(label, 0), done)
+
+    def close(self) -> None:
+        """Print the summary line of the stage in progress (if any)."""
+        if self._stage is None:
+            return
+        seconds = time.monotonic() - self._start
+        count, size = len(self._items), sum(self._items.values())
+        self._write(
+            f"--> {self._stage}: {count} file{'s' if count != 1 else ''}, {size:,} B, "
+            f"{seconds:.1f} s"
+        )
+        self._stage = None
 
 
 @cli.command()
@@ -200,13 +234,18 @@ def build(
         backend=backend,
         sign_key=sign_key,
     )
+    plain = None if as_json or sys.stderr.isatty() else PlainProgress(info)
     with progress_bar() as bar:
-        report = run_build(
-            request,
-            load_cli_settings(overrides),
-            progress=bar,
-            on_stage=lambda name: info(f"==> {name}"),
-        )
+        try:
+            report = run_build(
+                request,
+                load_cli_settings(overrides),
+                progress=plain or bar,
+                on_stage=plain.stage if plain else lambda name: info(f"==> {name}"),
+            )
+        finally:
+            if plain:
+                plain.close()
 
     def human() -> None:
         for warning in report.warnings:
@@ -231,7 +270,8 @@ def build(
             for line in not_pushed_lines(report.image, report.manifest_digest, customer):
                 click.echo(line)
         if report.development:
-            click.echo("DEVELOPMENT BUILD: unpublished models; not for release", err=True)
+            why = "uncommitted files (--worktree)" if worktree else "unpublished models"
+            click.echo(f"DEVELOPMENT BUILD: {why}; not for release", err=True)
 
     emit("build", asdict(report), human)
 

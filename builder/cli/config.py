@@ -23,23 +23,58 @@ from builder.cli._common import (
 @cli.command()
 @customer_options
 @settings_options
+@click.option(
+    "--base-repository",
+    help="Base image repository (default: customer.yaml, then setting base_repository).",
+)
+@click.option(
+    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
+)
 @json_option
-def validate(customer: str, ref: str, worktree: bool, as_json: bool, **overrides: Any) -> None:
-    """Check customer.yaml and the analysis YAML against their schemas (no registry calls)."""
-    from builder.load import load_customer
+def validate(
+    customer: str,
+    ref: str,
+    worktree: bool,
+    base_repository: str | None,
+    insecure_registry: bool,
+    as_json: bool,
+    **overrides: Any,
+) -> None:
+    """Check customer.yaml and the analysis YAML against their schemas and against the runner
+    contract of the base image they resolve to (no model registry calls: registry plug-ins are
+    checked from the committed lock when it is current)."""
+    from builder.cook import validate_customer
 
-    spec = load_customer(customer, load_cli_settings(overrides), ref=ref, worktree=worktree)
+    result = validate_customer(
+        customer,
+        load_cli_settings(overrides),
+        ref=ref,
+        worktree=worktree,
+        base_repository=base_repository,
+        insecure=insecure_registry or None,
+    )
+    spec = result.spec
+    for note in result.notes:
+        info(f"note: {note}")
     data = {
         "customer": spec.customer,
         "commit": spec.commit,
         "base_version": spec.base_version,
         "models": [m.__dict__ for m in spec.models],
+        "contract": result.contract_info,
+        "notes": list(result.notes),
     }
+    checked = (
+        f"runner contract of {result.contract_info['source']} checked"
+        if result.contract_info["checked"]
+        else "runner contract NOT checked"
+    )
     emit(
         "validate",
         data,
         lambda: click.echo(
-            f"{spec.customer}: valid at {spec.commit[:12]} ({len(spec.models)} models, base {spec.base_version})"
+            f"{spec.customer}: valid at {spec.commit[:12]} ({len(spec.models)} models, "
+            f"base {spec.base_version}; {checked})"
         ),
     )
 

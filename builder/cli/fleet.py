@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,6 +294,15 @@ def _reports(document: Any) -> list[dict[str, Any]]:
     "--branch", default="ivd-releases", show_default=True, help="Branch holding the records."
 )
 @click.option("--attempts", default=5, show_default=True, help="Push attempts before giving up.")
+@click.option(
+    "--dry-run", is_flag=True, help="Check and show where each record would go; write nothing."
+)
+@click.option(
+    "--yes",
+    "-y",
+    is_flag=True,
+    help="Do not ask for confirmation (never asked without a terminal).",
+)
 @settings_options
 @json_option
 def release_record(
@@ -301,6 +311,8 @@ def release_record(
     fleet_file: Path | None,
     branch: str,
     attempts: int,
+    dry_run: bool,
+    yes: bool,
     as_json: bool,
     **overrides: Any,
 ) -> None:
@@ -332,8 +344,21 @@ def release_record(
             if location is None:
                 fleet = fleet or fleet_mod.load_fleet(fleet_file, settings)
                 location = fleet.entry(build_report["customer"]).location
+            target = fleet_mod.mask_secrets(fleet_mod.record_remote(location))
+            info(
+                f"{'would record' if dry_run else 'recording'} {build_report['image']} "
+                f"on {target} branch {branch}"
+            )
+            interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
+            if interactive and not (yes or dry_run):
+                click.confirm(f"push the release record to {target} {branch}?", abort=True)
             result = fleet_mod.write_release_record(
-                build_report, location, settings, branch=branch, attempts=attempts
+                build_report,
+                location,
+                settings,
+                branch=branch,
+                attempts=attempts,
+                dry_run=dry_run,
             )
             written.append(asdict(result))
 

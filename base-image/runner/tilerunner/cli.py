@@ -237,6 +237,14 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, accepted config schemas, ONNX Runtime providers")
 
+    ct = sub.add_parser(
+        "contract",
+        help="the configs this runner accepts: plug-ins with their param schemas, config "
+        "schema versions (JSON; the base image ships it as /opt/tilerunner/contract.json)",
+    )
+    ct.add_argument("--output", type=Path, default=None, help="write it here instead of stdout")
+    ct.add_argument("--sha256", action="store_true", help="print only its sha256")
+
     _worker_parser(sub, common)
 
     demo = sub.add_parser("demo", help="write demo models or a synthetic slide (NOT clinical)")
@@ -360,6 +368,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_contract(args: argparse.Namespace) -> int:
+    from tilerunner.contract import contract_bytes, contract_sha256
+
+    if args.sha256:
+        print(contract_sha256())
+    elif args.output:
+        try:
+            args.output.write_bytes(contract_bytes())
+        except OSError as exc:
+            raise OutputError(f"cannot write {args.output}: {exc.strerror}") from None
+    else:
+        sys.stdout.write(contract_bytes().decode())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.what == "models":
         from tilerunner.demo_models import write_demo_models
@@ -420,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _cmd_run,
         "validate": _cmd_validate,
         "info": _cmd_info,
+        "contract": _cmd_contract,
         "demo": _cmd_demo,
         "worker": _cmd_worker,
     }

@@ -6,6 +6,7 @@ bad config fails in milliseconds with the file and the key in the message.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -243,9 +244,11 @@ def parse_config(doc: Any, file: Path, app_dir: Path) -> RunConfig:
         for f_index, f in enumerate(features):
             for parent in f.depends_on:
                 if parent not in names:
+                    guess = difflib.get_close_matches(parent, sorted(names), n=1)
+                    hint = f"did you mean {guess[0]!r}? " if guess else ""
                     raise ConfigError(
                         f"{a_where}.features[{f_index}].depends_on: no feature {parent!r} in "
-                        f"analysis {a_name!r} (features: {', '.join(sorted(names))})"
+                        f"analysis {a_name!r} ({hint}features: {', '.join(sorted(names))})"
                     )
                 if parent == f.name:
                     raise ConfigError(

@@ -11,26 +11,37 @@ micrometres so the result does not depend on the thumbnail resolution.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from tilerunner.contract import constraint
 from tilerunner.slide import Slide
 
 _CHUNK = 2048  # level pixels per read when building the thumbnail (bounds memory)
+
+
+_SATURATION = constraint(minimum=0, exclusiveMaximum=1)
 
 
 @dataclass(frozen=True)
 class TissueParams:
     """Tissue detection settings (analysis `params.tissue` overrides them)."""
 
-    mpp: float = 8.0  # resolution of the detection image
-    min_saturation: float = 0.07  # Otsu is clamped to [min_saturation, max_saturation]:
-    max_saturation: float = 0.12  # below: glass noise; above: stain, whatever Otsu says
-    min_object_um2: float = 25_000.0
-    max_hole_um2: float = 25_000.0
-    min_tile_fraction: float = 0.1  # a tile is processed when this much of it is tissue
+    mpp: float = field(default=8.0, metadata=constraint(exclusiveMinimum=0))  # detection image
+    # Otsu is clamped to [min_saturation, max_saturation]: below, glass noise; above, stain
+    min_saturation: float = field(default=0.07, metadata=_SATURATION)
+    max_saturation: float = field(
+        default=0.12,
+        metadata={"schema": {**_SATURATION["schema"], "x-not-below": "min_saturation"}},
+    )
+    min_object_um2: float = field(default=25_000.0, metadata=constraint(minimum=0))
+    max_hole_um2: float = field(default=25_000.0, metadata=constraint(minimum=0))
+    # a tile is processed when this much of it is tissue
+    min_tile_fraction: float = field(
+        default=0.1, metadata=constraint(exclusiveMinimum=0, maximum=1)
+    )
 
     def __post_init__(self) -> None:
         if not self.mpp > 0:

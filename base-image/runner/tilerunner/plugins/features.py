@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from tilerunner.contract import constraint
 from tilerunner.geometry import grid_regions, merge_points
 from tilerunner.grid import TileGrid
 from tilerunner.plugins.postprocessing import Kind, Prediction
@@ -55,6 +56,10 @@ class FeatureFactory(Protocol):
 
 
 FEATURES: Registry[Any] = Registry("feature")
+#: An RGB colour for QuPath: 3 integers 0-255.
+_COLOUR = constraint(
+    minItems=3, maxItems=3, items={"type": "integer", "minimum": 0, "maximum": 255}
+)
 
 
 def _object_id(*parts: object) -> str:
@@ -82,9 +87,9 @@ class Carcinoma:
 
     @dataclass(frozen=True)
     class Params:
-        min_region_area_um2: float = 0.0
+        min_region_area_um2: float = field(default=0.0, metadata=constraint(minimum=0))
         class_name: str = "Carcinoma"
-        color: list[int] = field(default_factory=lambda: [200, 40, 40])
+        color: list[int] = field(default_factory=lambda: [200, 40, 40], metadata=_COLOUR)
 
         def __post_init__(self) -> None:
             if self.min_region_area_um2 < 0:
@@ -177,9 +182,9 @@ class Mitosis:
 
     @dataclass(frozen=True)
     class Params:
-        merge_distance_um: float = 4.0
+        merge_distance_um: float = field(default=4.0, metadata=constraint(minimum=0))
         class_name: str = "Mitosis"
-        color: list[int] = field(default_factory=lambda: [20, 20, 220])
+        color: list[int] = field(default_factory=lambda: [20, 20, 220], metadata=_COLOUR)
 
         def __post_init__(self) -> None:
             if self.merge_distance_um < 0:

@@ -7,12 +7,13 @@ feature fed by a classifier fails before any slide work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
 import numpy as np
 
+from tilerunner.contract import constraint
 from tilerunner.plugins.registry import Registry
 
 
@@ -75,6 +76,7 @@ class Postprocessor(Protocol):
 
 
 POSTPROCESSING: Registry[Postprocessor] = Registry("postprocessing")
+_UNIT = constraint(minimum=0, maximum=1)  # a probability threshold
 
 
 def _needs(kind: Kind, accepted: tuple[Kind, ...], name: str) -> None:
@@ -155,8 +157,8 @@ class BinaryClassification:
     picks the positive column, default 1). Gives labels (1 positive, 0 not) and the score.
     """
 
-    threshold: float = 0.5
-    positive_index: int = 1
+    threshold: float = field(default=0.5, metadata=_UNIT)
+    positive_index: int = field(default=1, metadata=constraint(minimum=0))
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, int | float) or not 0.0 <= self.threshold <= 1.0:
@@ -193,11 +195,13 @@ class MaskToObjects:
     Components outside [min_area_um2, max_area_um2] are dropped (area from the model mpp).
     """
 
-    threshold: float = 0.5
-    class_index: int | None = None
+    threshold: float = field(default=0.5, metadata=_UNIT)
+    class_index: int | None = field(default=None, metadata=constraint(minimum=0))
     label: int = 1
-    min_area_um2: float = 0.0
-    max_area_um2: float | None = None
+    min_area_um2: float = field(default=0.0, metadata=constraint(minimum=0))
+    max_area_um2: float | None = field(
+        default=None, metadata=constraint(minimum=0, **{"x-not-below": "min_area_um2"})
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, int | float) or not 0.0 <= self.threshold <= 1.0:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from tilerunner.contract import constraint
 from tilerunner.plugins.registry import Registry
 
 
@@ -36,6 +37,7 @@ class Preprocessor(Protocol):
 
 
 PREPROCESSING: Registry[Preprocessor] = Registry("preprocessing")
+_NON_ZERO = {"not": {"const": 0}}  # a divisor
 
 
 def _channel_shape(layout: str) -> tuple[int, ...]:
@@ -56,7 +58,7 @@ def _per_channel(value: float | Sequence[float], name: str) -> np.ndarray:
 class Normalization:
     """x / factor (e.g. factor 255 maps uint8 to [0, 1])."""
 
-    factor: float = 255.0
+    factor: float = field(default=255.0, metadata=constraint(**_NON_ZERO))
 
     def __post_init__(self) -> None:
         if not isinstance(self.factor, int | float) or isinstance(self.factor, bool):
@@ -76,8 +78,15 @@ class Normalization:
 class MeanStd:
     """(x - mean) / std per channel (numbers or lists of 3, RGB order)."""
 
-    mean: float | list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    std: float | list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    mean: float | list[float] = field(
+        default_factory=lambda: [0.0, 0.0, 0.0], metadata=constraint(minItems=3, maxItems=3)
+    )
+    std: float | list[float] = field(
+        default_factory=lambda: [1.0, 1.0, 1.0],
+        metadata=constraint(
+            minItems=3, maxItems=3, items={"type": "number", "not": {"const": 0}}, **_NON_ZERO
+        ),
+    )
 
     def __post_init__(self) -> None:
         _per_channel(self.mean, "mean")

@@ -8,6 +8,7 @@ these registries.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -34,14 +35,20 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._classes)
 
+    def items(self) -> list[tuple[str, type[T]]]:
+        """(name, class) of every registered plug-in, sorted by name (the contract lists them)."""
+        return sorted(self._classes.items())
+
     def get(self, name: str, where: str) -> type[T]:
         """The class called `name`, or a ConfigError naming `where` and the known classes."""
         try:
             return self._classes[name]
         except KeyError:
+            guess = difflib.get_close_matches(str(name), self.names(), n=1)
+            hint = f"did you mean {guess[0]!r}? " if guess else ""
             raise ConfigError(
                 f"{where}: unknown {self.kind} plug-in class {name!r} "
-                f"(known: {', '.join(self.names())})"
+                f"({hint}known: {', '.join(self.names())})"
             ) from None
 
     def create(self, name: str, params: Mapping[str, Any] | None, where: str) -> T:
@@ -51,16 +58,32 @@ class Registry(Generic[T]):
 
 
 def build(cls: Callable[..., T], params: Mapping[str, Any], where: str) -> T:
-    """cls(**params) for a dataclass, turning unknown keys and bad values into ConfigError."""
-    if dataclasses.is_dataclass(cls):
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown params {', '.join(map(repr, unknown))} "
-                f"(accepted: {', '.join(sorted(known)) or 'none'})"
-            )
+    """cls(**params) for a dataclass, turning unknown keys and bad values into ConfigError.
+
+    Params are first checked against the class's schema in the runner contract (see
+    tilerunner.contract), so the runner refuses exactly what the builder's check refuses.
+    """
+    if dataclasses.is_dataclass(cls) and isinstance(cls, type):
+        from tilerunner.contract import params_problem, params_schema
+
+        problem = params_problem(params_schema(cls), dict(params))
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
+        params = _nested(cls, params, where)
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _nested(cls: type, params: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Params whose field type is a dataclass, built from their mapping (nested params)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(params)
+    for key, value in params.items():
+        sub = hints.get(key)
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub) and isinstance(value, Mapping):
+            out[key] = build(sub, value, f"{where}.{key}")
+    return out
