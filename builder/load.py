@@ -9,6 +9,7 @@ commit that touched that folder.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import git
 from builder import yamldoc
 from builder.contracts import CustomerSpec, ModelDecl, RepoSource
 from builder.errors import ConfigError
+from builder.paths import UnsafePathError, safe_join
 from builder.settings import Settings
 
 CUSTOMER_FILE = "customer.yaml"
@@ -116,40 +118,83 @@ class _Snapshot:
     commit_time: int
     tree: git.Tree | None  # None: read from the work tree
 
-    def read(self, relpath: str) -> bytes | None:
-        rel = (
+    def _rel(self, relpath: str) -> str:
+        return (
             PurePosixPath(self.source.subdir, relpath).as_posix() if self.source.subdir else relpath
         )
-        if self.tree is None:
-            path = self.source.root / rel
-            return path.read_bytes() if path.is_file() else None
+
+    def _refuse_link(self, rel: str) -> UnsafePathError:
         try:
-            blob = self.tree / rel
-        except KeyError:
-            return None
-        return bytes(blob.data_stream.read()) if blob.type == "blob" else None
+            shown = self.origin(PurePosixPath(rel).relative_to(self.source.subdir).as_posix())
+        except ValueError:
+            shown = str(self.source.root / rel)
+        where = "in git" if self.tree is not None else "in the work tree"
+        return UnsafePathError(
+            f"{shown} is a symbolic link {where}; links are never followed",
+            hint="commit the file itself instead of a link to it",
+        )
+
+    def _git_item(self, rel: str) -> git.Blob | git.Tree | None:
+        """The tree entry at ``rel``, refusing a symlink anywhere on the way."""
+        assert self.tree is not None
+        item: Any = self.tree
+        walked: list[str] = []
+        for part in PurePosixPath(rel).parts:
+            if not isinstance(item, git.Tree):
+                return None
+            walked.append(part)
+            try:
+                item = item / part
+            except KeyError:
+                return None
+            if isinstance(item, git.Blob) and item.mode == git.Blob.link_mode:
+                raise self._refuse_link("/".join(walked))
+        return item if isinstance(item, git.Blob | git.Tree) else None
+
+    def _work_path(self, rel: str) -> Path:
+        """The work-tree path of ``rel``, refusing a symlink anywhere on the way."""
+        walk = self.source.root
+        for part in PurePosixPath(rel).parts:
+            walk = walk / part
+            if walk.is_symlink():
+                raise self._refuse_link(walk.relative_to(self.source.root).as_posix())
+        return safe_join(self.source.root, rel, what="config file")
+
+    def read(self, relpath: str) -> bytes | None:
+        rel = self._rel(relpath)
+        if self.tree is None:
+            path = self._work_path(rel)
+            return path.read_bytes() if path.is_file() else None
+        blob = self._git_item(rel)
+        return bytes(blob.data_stream.read()) if isinstance(blob, git.Blob) else None
 
     def list_files(self, relfolder: str) -> list[str]:
-        """Files below a folder, relative to it, sorted."""
-        rel = (
-            PurePosixPath(self.source.subdir, relfolder).as_posix()
-            if self.source.subdir
-            else relfolder
-        )
+        """Files below a folder, relative to it, sorted; a symlink among them is refused."""
+        rel = self._rel(relfolder)
         if self.tree is None:
-            base = self.source.root / rel
-            return sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
-        try:
-            folder = self.tree / rel
-        except KeyError:
+            base = self._work_path(rel)
+            found: list[str] = []
+            for folder, dirs, files in os.walk(base):
+                for name in (*dirs, *files):
+                    if (Path(folder) / name).is_symlink():
+                        path = Path(folder, name).relative_to(self.source.root).as_posix()
+                        raise self._refuse_link(path)
+                found.extend(
+                    (Path(folder) / name).relative_to(base).as_posix()
+                    for name in files
+                    if (Path(folder) / name).is_file()
+                )
+            return sorted(found)
+        tree = self._git_item(rel)
+        if not isinstance(tree, git.Tree):
             return []
-        if not isinstance(folder, git.Tree):
-            return []
-        return sorted(
-            PurePosixPath(item.path).relative_to(folder.path).as_posix()
-            for item in folder.traverse()
-            if isinstance(item, git.Blob)
-        )
+        out = []
+        for item in tree.traverse():
+            if isinstance(item, git.Blob):
+                if item.mode == git.Blob.link_mode:
+                    raise self._refuse_link(str(item.path))
+                out.append(PurePosixPath(item.path).relative_to(tree.path).as_posix())
+        return sorted(out)
 
     def origin(self, relpath: str) -> str:
         return PurePosixPath(self.source.location, relpath).as_posix()

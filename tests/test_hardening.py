@@ -1,0 +1,278 @@
+"""Hardening: bad or hostile input is refused in one line; nothing from outside gets in.
+
+One test (or parametrised family) per class of problem: symlinks out of the customer repo,
+names that are not anchored, YAML that crashes or exhausts the parser, locks that name host
+files, secrets in messages, and writes that leave something half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import git
+import pytest
+from helpers import ANALYSIS_YAML, CUSTOMER_YAML, commit_files, customer_repo, run_cli
+
+from builder import yamldoc
+from builder.errors import ConfigError
+from builder.load import load_customer
+from builder.settings import Settings
+
+SECRET = "TOP-SECRET-HOST-CONTENT root:x:0:0"
+AUTO_ID = "0123456789abcdef0123456789abcdef"  # any id: load never asks the registry
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        customers=tmp_path / "customers",
+        model_registry="local:/nonexistent",
+        production="file:/nonexistent",
+        base_repository="127.0.0.1:1/ivd/inference-base",
+        image_registry="127.0.0.1:1",
+        cache_dir=tmp_path / "cache",
+    )
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return customer_repo(tmp_path / "cx", carcinoma=AUTO_ID, mitosis=AUTO_ID.upper())
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A host folder outside the customer repo holding something that must never ship."""
+    folder = tmp_path / "host"
+    folder.mkdir()
+    (folder / "passwd").write_text(SECRET + "\n")
+    (folder / "model.onnx").write_text(SECRET)
+    return folder
+
+
+def _analysis(manual: str = "weights/mitosis") -> str:
+    return ANALYSIS_YAML.format(carcinoma=AUTO_ID, mitosis=AUTO_ID, threshold=0.5).replace(
+        f"sourcing: auto\n      reference: {AUTO_ID}\n  features",
+        f"sourcing: manual\n      reference: {manual}\n  features",
+    )
+
+
+def _one_line_error(repo: Path, settings: Settings, **kw: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_customer(str(repo), settings, **kw)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --- symlinks: refused in the work tree and in git, naming the path -----------------------------
+
+
+def _commit_link(repo: Path, rel: str, target: Path) -> None:
+    """Commit ``rel`` as a symbolic link to ``target`` (git records it as mode 120000)."""
+    path = repo / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        git.Repo(repo).git.rm("-r", "--cached", "--quiet", rel)
+        if path.is_dir() and not path.is_symlink():
+            for child in sorted(path.rglob("*"), reverse=True):
+                child.unlink() if not child.is_dir() else child.rmdir()
+            path.rmdir()
+        else:
+            path.unlink()
+    path.symlink_to(target)
+    handle = git.Repo(repo)
+    handle.git.add(rel)
+    handle.git.commit("-q", "-m", f"link {rel}")
+
+
+LINKS = {
+    "weights file": ("weights/mitosis/model.onnx", "model.onnx"),
+    "weights folder": ("weights/mitosis", "."),
+    "analysis.yaml": ("analysis.yaml", "passwd"),
+    "customer.yaml": ("customer.yaml", "passwd"),
+}
+
+
+@pytest.mark.parametrize("worktree", [False, True], ids=["git", "worktree"])
+@pytest.mark.parametrize("case", sorted(LINKS))
+def test_symlinks_are_refused_naming_the_path(
+    repo: Path, settings: Settings, outside: Path, case: str, worktree: bool
+) -> None:
+    commit_files(
+        repo,
+        {"analysis.yaml": _analysis(), "weights/mitosis/model.onnx": b"real weights"},
+        "manual model",
+    )
+    rel, target = LINKS[case]
+    _commit_link(repo, rel, outside / target)
+    message = _one_line_error(repo, settings, worktree=worktree)
+    assert "symbolic link" in message and rel in message
+    assert "TOP-SECRET" not in message
+
+
+def test_symlink_cli_refuses_in_one_line(repo: Path, outside: Path) -> None:
+    _commit_link(repo, "analysis.yaml", outside / "passwd")
+    for extra in ((), ("--worktree",)):
+        result = run_cli("validate", str(repo), *extra)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and "TOP-SECRET" not in result.stderr
+        assert "analysis.yaml is a symbolic link" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- names: the whole string must match (no trailing newline) -----------------------------------
+
+
+def _schema_patterns() -> Iterator[tuple[str, str]]:
+    """Every ``pattern`` in every JSON schema shipped by the builder and the tile runner."""
+
+    def walk(node: Any, where: str) -> Iterator[tuple[str, str]]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "pattern" and isinstance(value, str):
+                    yield where, value
+                else:
+                    yield from walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                yield from walk(value, f"{where}/{index}")
+
+    for package in ("builder.schemas", "tilerunner.schemas"):
+        for file in resources.files(package).iterdir():
+            if file.name.endswith(".json"):
+                yield from walk(json.loads(file.read_text("utf-8")), f"{package}:{file.name}")
+
+
+@pytest.mark.parametrize(("where", "pattern"), sorted(set(_schema_patterns())))
+def test_schema_patterns_do_not_accept_a_trailing_newline(where: str, pattern: str) -> None:
+    # jsonschema applies `pattern` with re.search, where `$` also matches before a final "\n".
+    samples = ["a", "a0", "customer-x", "Carcinoma", "/data", "0" * 64, "carcinoma_model"]
+    matching = [s for s in samples if re.search(pattern, s)]
+    if pattern.startswith("^") and not pattern.startswith("^/"):
+        assert matching, f"{where}: no sample matches {pattern}"
+        for sample in matching:
+            assert not re.search(pattern, sample + "\n"), f"{where}: {pattern} accepts a newline"
+
+
+NAME_CASES = {
+    "customer": ("customer.yaml", CUSTOMER_YAML.format(name='"customer-x\\n"', base="2.4.1")),
+    "analysis": (
+        "analysis.yaml",
+        ANALYSIS_YAML.format(carcinoma=AUTO_ID, mitosis=AUTO_ID, threshold=0.5).replace(
+            "name: breast", 'name: "breast\\n"'
+        ),
+    ),
+    "model": (
+        "analysis.yaml",
+        ANALYSIS_YAML.format(carcinoma=AUTO_ID, mitosis=AUTO_ID, threshold=0.5)
+        .replace("    mitosis_model:", '    "mitosis_model\\n":')
+        .replace("segmentation_model: mitosis_model", 'segmentation_model: "mitosis_model\\n"'),
+    ),
+    "base repository": (
+        "customer.yaml",
+        CUSTOMER_YAML.format(name="customer-x", base="2.4.1")
+        + '  repository: "127.0.0.1:5000/ivd/base\\n"\n',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NAME_CASES))
+def test_names_with_a_newline_are_refused(repo: Path, settings: Settings, case: str) -> None:
+    rel, text = NAME_CASES[case]
+    commit_files(repo, {rel: text}, f"bad {case} name")
+    message = _one_line_error(repo, settings)
+    assert rel in message and ("\\n" in message or "does not match" in message)
+
+
+def test_customer_name_with_newline_cli(repo: Path) -> None:
+    commit_files(
+        repo, {"customer.yaml": CUSTOMER_YAML.format(name='"customer-x\\n"', base="2.4.1")}, "nl"
+    )
+    result = run_cli("validate", str(repo))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "customer.yaml:2" in result.stderr
+
+
+# --- YAML that used to crash or exhaust the parser ----------------------------------------------
+
+BAD_YAML: dict[str, tuple[bytes, str]] = {
+    "not UTF-8": (b"version: 1\ncustomer: \xff\xfe\n", "not UTF-8"),
+    "NUL byte": (b"version: 1\x00\n", "NUL byte"),
+    "binary": (bytes(range(256)) * 4, "NUL byte"),
+    "control character": (b"version: \x07\n", "not allowed"),
+    "deep lists": (b"[" * 50_000 + b"]" * 50_000, f"deeper than {yamldoc.MAX_DEPTH}"),
+    "deep flow maps": (b"{a: " * 5_000 + b"1" + b"}" * 5_000, f"deeper than {yamldoc.MAX_DEPTH}"),
+    "deep block maps": (
+        "".join("  " * i + f"k{i}:\n" for i in range(300)).encode(),
+        f"deeper than {yamldoc.MAX_DEPTH}",
+    ),
+    "deep through aliases": (
+        b"a: &a " + b"[" * 60 + b"1" + b"]" * 60 + b"\nb: &b " + b"[" * 60 + b"*a" + b"]" * 60,
+        f"deeper than {yamldoc.MAX_DEPTH}",
+    ),
+    "recursive alias": (b"a: &a [1, *a]\n", "recursive alias"),
+    "recursive mapping alias": (b"a: &a {b: *a}\n", "recursive alias"),
+    "100,000-digit integer": (b"version: " + b"9" * 100_000 + b"\n", "digits"),
+    "impossible date": (b"version: 2024-13-45\n", "month must be"),
+    "list as a key": (b"? [1, 2]\n: 3\n", "cannot be a key"),
+    "too big": (
+        b"a: [" + b"1," * (yamldoc.MAX_DOCUMENT_BYTES // 2) + b"1]\n",
+        "over the size limit",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_YAML))
+def test_bad_yaml_is_one_line_naming_the_limit(case: str) -> None:
+    data, expected = BAD_YAML[case]
+    with pytest.raises(ConfigError) as info:
+        yamldoc.parse(data, "customers/x/analysis.yaml")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("customers/x/analysis.yaml")
+    assert expected in message
+
+
+def test_size_is_checked_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_parsing(*args: object) -> None:
+        raise AssertionError("the parser ran on an oversized input")
+
+    monkeypatch.setattr(yamldoc, "_StrictLoader", no_parsing)
+    with pytest.raises(ConfigError, match="size limit"):
+        yamldoc.parse(b"#" * (yamldoc.MAX_DOCUMENT_BYTES + 1), "big.yaml")
+
+
+def test_plain_large_document_is_not_an_alias_problem() -> None:
+    numbers = "values: [" + ", ".join(str(i) for i in range(25_000)) + "]\n"
+    assert len(yamldoc.parse(numbers, "numbers.yaml").data["values"]) == 25_000
+    bomb = "a: &a [" + ", ".join(["1"] * 200) + "]\nb: [" + ", ".join(["*a"] * 200) + "]\n"
+    with pytest.raises(ConfigError, match="aliases expand to more than") as info:
+        yamldoc.parse(bomb, "bomb.yaml")
+    assert "alias-expansion limit" in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["not UTF-8", "deep lists", "recursive alias", "too big"])
+def test_bad_yaml_through_the_cli(repo: Path, case: str) -> None:
+    commit_files(repo, {"analysis.yaml": BAD_YAML[case][0]}, case)
+    result = run_cli("validate", str(repo))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert BAD_YAML[case][1] in result.stderr
+
+
+def test_schema_error_does_not_print_the_file(repo: Path, settings: Settings) -> None:
+    commit_files(repo, {"analysis.yaml": SECRET + " " + "x" * 5000 + "\n"}, "not a mapping")
+    message = _one_line_error(repo, settings)
+    assert "TOP-SECRET" not in message and len(message) < 300
+
+
+def test_repo_reached_through_a_link_still_loads(tmp_path: Path, settings: Settings) -> None:
+    # A repo whose customer folder itself is reached through a link is read at its real path.
+    real = customer_repo(tmp_path / "real", carcinoma=AUTO_ID, mitosis=AUTO_ID)
+    (tmp_path / "alias").symlink_to(real)
+    assert load_customer(str(tmp_path / "alias"), settings).customer == "customer-x"
