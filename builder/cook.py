@@ -60,7 +60,7 @@ def cook(
                 f"{spec.source.location}: no {LOCK_FILE} at {ref}",
                 hint="run `builder lock` and commit it, or build without --locked",
             )
-        models = models_from_lock(spec, lock)
+        models = models_from_lock(spec, lock, production=settings.production)
     else:
         needs_registry = any(d.sourcing == "auto" for d in spec.models)
         reg = (

@@ -226,6 +226,19 @@ def _fetch_file(
         return FetchedFile(model, wf.name, cache.blob(actual), actual, size, downloaded=True)
 
 
+def _committed(wf: WeightFile, model: str, manual_files: Mapping[str, bytes]) -> bytes:
+    """A manual model's file as committed, checked against its recorded sha256 if any."""
+    data = manual_files.get(wf.uri.removeprefix("repo:"))
+    if data is None:
+        raise FetchError(f"{model}/{wf.name}: {wf.uri[:120]} is not a committed file of the model")
+    if wf.sha256 and hashlib.sha256(data).hexdigest() != wf.sha256:
+        raise FetchError(
+            f"{model}/{wf.name}: {wf.uri} does not match its sha256 {wf.sha256[:12]}",
+            hint="run `builder lock` and commit the result",
+        )
+    return data
+
+
 def fetch(
     models: tuple[ResolvedModel, ...],
     cache: Cache,
@@ -247,7 +260,7 @@ def fetch(
         for m in models:
             for wf in m.files:
                 if wf.uri.startswith("repo:"):
-                    path = cache.put_bytes(manual_files[wf.uri.removeprefix("repo:")])
+                    path = cache.put_bytes(_committed(wf, m.name, manual_files))
                     fetched.append(
                         FetchedFile(
                             m.name, wf.name, path, path.name, path.stat().st_size, downloaded=False

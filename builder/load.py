@@ -231,9 +231,16 @@ def _snapshot(source: RepoSource, ref: str, worktree: bool) -> _Snapshot:
 def safe_relpath(value: str, where: str, what: str) -> str:
     """A relative path that stays inside its folder (no absolute paths, no '..')."""
     path = PurePosixPath(value.strip())
-    if value.strip() == "" or path.is_absolute() or ".." in path.parts or "\\" in value:
+    if (
+        value.strip() == ""
+        or path.is_absolute()
+        or ".." in path.parts
+        or "\\" in value
+        or any(ord(ch) < 32 for ch in value.strip())
+    ):
         raise ConfigError(
-            f"{where}: {what} {value!r} must be a relative path inside the customer folder (no '..', not absolute)"
+            f"{where}: {what} {value[:120]!r} must be a relative path inside the customer folder "
+            "(no '..', not absolute, no control characters)"
         )
     return path.as_posix()
 

@@ -7,9 +7,11 @@ files, secrets in messages, and writes that leave something half-written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,10 @@ import pytest
 from helpers import ANALYSIS_YAML, CUSTOMER_YAML, commit_files, customer_repo, run_cli
 
 from builder import yamldoc
+from builder.cook import cook
 from builder.errors import ConfigError
 from builder.load import load_customer
+from builder.lock import make_lock, render
 from builder.settings import Settings
 
 SECRET = "TOP-SECRET-HOST-CONTENT root:x:0:0"
@@ -151,7 +155,7 @@ def _schema_patterns() -> Iterator[tuple[str, str]]:
 @pytest.mark.parametrize(("where", "pattern"), sorted(set(_schema_patterns())))
 def test_schema_patterns_do_not_accept_a_trailing_newline(where: str, pattern: str) -> None:
     # jsonschema applies `pattern` with re.search, where `$` also matches before a final "\n".
-    samples = ["a", "a0", "customer-x", "Carcinoma", "/data", "0" * 64, "carcinoma_model"]
+    samples = ["a", "a0", "customer-x", "Carcinoma", "/data", "0" * 64, "sha256:" + "0" * 64]
     matching = [s for s in samples if re.search(pattern, s)]
     if pattern.startswith("^") and not pattern.startswith("^/"):
         assert matching, f"{where}: no sample matches {pattern}"
@@ -276,3 +280,189 @@ def test_repo_reached_through_a_link_still_loads(tmp_path: Path, settings: Setti
     real = customer_repo(tmp_path / "real", carcinoma=AUTO_ID, mitosis=AUTO_ID)
     (tmp_path / "alias").symlink_to(real)
     assert load_customer(str(tmp_path / "alias"), settings).customer == "customer-x"
+
+
+# --- the lock: entries only from the production store or the customer repo, sha256 required ----
+
+TASK = "5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e"
+
+
+@pytest.fixture
+def locked_world(
+    repo: Path, settings: Settings, tmp_path: Path
+) -> tuple[Path, Settings, dict[str, Any]]:
+    """A customer with one registry model (weights in a file: production store) and one manual
+    model, and the valid lock for it, as `builder lock` would write it (not yet committed)."""
+    production = tmp_path / "production"
+    (production / TASK).mkdir(parents=True)
+    weights = b"registry weights"
+    (production / TASK / "model.onnx").write_bytes(weights)
+    commit_files(
+        repo,
+        {"analysis.yaml": _analysis(), "weights/mitosis/model.onnx": b"manual weights"},
+        "manual model",
+    )
+    settings = replace(settings, production=f"file:{production}")
+    spec = load_customer(str(repo), settings)
+    entry = {
+        "sourcing": "auto",
+        "model_id": AUTO_ID,
+        "registry_name": "carcinoma",
+        "task_id": TASK,
+        "task_status": "completed",
+        "project": "p",
+        "framework": "ONNX",
+        "tags": [],
+        "published": True,
+        "weights_uri": f"file:{production}/{TASK}/",
+        "files": [
+            {
+                "name": "model.onnx",
+                "uri": f"file:{production}/{TASK}/model.onnx",
+                "size": len(weights),
+                "sha256": hashlib.sha256(weights).hexdigest(),
+            }
+        ],
+        "preprocessing": [],
+        "postprocessing": [],
+        "params": {"file": "model.onnx"},
+    }
+    manual = dict(
+        entry,
+        sourcing="manual",
+        model_id=None,
+        task_id=None,
+        weights_uri="repo:weights/mitosis",
+        files=[
+            {
+                "name": "model.onnx",
+                "uri": "repo:weights/mitosis/model.onnx",
+                "size": 14,
+                "sha256": hashlib.sha256(b"manual weights").hexdigest(),
+            }
+        ],
+    )
+    lock = make_lock(spec, (), None)
+    lock["models"] = {"carcinoma_model": entry, "mitosis_model": manual}
+    return repo, settings, lock
+
+
+def _commit_lock(repo: Path, lock: dict[str, Any]) -> None:
+    commit_files(repo, {"customer.lock.yaml": render(lock)}, "lock")
+
+
+def test_valid_lock_is_used(locked_world: tuple[Path, Settings, dict[str, Any]]) -> None:
+    repo, settings, lock = locked_world
+    _commit_lock(repo, lock)
+    cooked = cook(str(repo), settings, locked=True)
+    assert [f.uri for m in cooked.models for f in m.files] == [
+        lock["models"]["carcinoma_model"]["files"][0]["uri"],
+        "repo:weights/mitosis/model.onnx",
+    ]
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any], Path], None]:
+    """A change to one key of the lock (dotted path; '{root}' in text is the tmp folder)."""
+
+    def change(lock: dict[str, Any], root: Path) -> None:
+        *parents, last = path.split(".")
+        node: Any = lock
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        shown = value.format(root=root) if isinstance(value, str) else value
+        if shown is _DELETE:
+            del node[last]
+        else:
+            node[int(last) if last.isdigit() else last] = shown
+
+    return change
+
+
+_DELETE = object()
+_AUTO_FILE = "models.carcinoma_model.files.0"
+_MANUAL_FILE = "models.mitosis_model.files.0"
+
+HOSTILE_LOCKS: dict[str, tuple[Callable[[dict[str, Any], Path], None], str]] = {
+    "host file": (_set(f"{_AUTO_FILE}.uri", "file:{root}/host/passwd"), "not under the production"),
+    "relative host file": (
+        _set(f"{_AUTO_FILE}.uri", "file:etc/passwd"),
+        "not under the production",
+    ),
+    "dot-dot out of the store": (
+        _set(f"{_AUTO_FILE}.uri", "file:{root}/production/" + TASK + "/../../host/passwd"),
+        "not under the production",
+    ),
+    "the store root itself": (_set(f"{_AUTO_FILE}.uri", "file:{root}/production"), "not under"),
+    "prefix lookalike": (
+        _set(f"{_AUTO_FILE}.uri", "file:{root}/production-evil/x/model.onnx"),
+        "not under the production",
+    ),
+    "another scheme": (_set(f"{_AUTO_FILE}.uri", "https://evil.example/model.onnx"), "not under"),
+    "other bucket": (_set(f"{_AUTO_FILE}.uri", "s3://other/model.onnx"), "not under"),
+    "sha256 null": (_set(f"{_AUTO_FILE}.sha256", None), "sha256"),
+    "sha256 missing": (_set(f"{_AUTO_FILE}.sha256", _DELETE), "'sha256' is a required property"),
+    "sha256 not hex": (_set(f"{_AUTO_FILE}.sha256", "x" * 64), "sha256"),
+    "size missing": (_set(f"{_AUTO_FILE}.size", _DELETE), "'size' is a required"),
+    "file name escapes": (_set(f"{_AUTO_FILE}.name", "../../etc/cron.d/x"), "relative path"),
+    "manual from outside": (
+        _set(f"{_MANUAL_FILE}.uri", "repo:../../host/passwd"),
+        "not a committed file of manual model",
+    ),
+    "manual as a host file": (
+        _set(f"{_MANUAL_FILE}.uri", "file:{root}/host/passwd"),
+        "not a committed file of manual model",
+    ),
+    "manual weights changed": (_set(f"{_MANUAL_FILE}.sha256", "0" * 64), "changed since the lock"),
+    "model not declared": (_set("models.extra_model", {}), "'sourcing' is a required property"),
+    "wrong customer": (_set("customer", "customer-y"), "stale"),
+    "models not a mapping": (_set("models", [1, 2]), "is not of type 'object'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LOCKS))
+def test_hostile_lock_is_refused(
+    locked_world: tuple[Path, Settings, dict[str, Any]], tmp_path: Path, case: str
+) -> None:
+    repo, settings, lock = locked_world
+    (tmp_path / "host").mkdir(exist_ok=True)
+    (tmp_path / "host" / "passwd").write_text(SECRET)
+    change, expected = HOSTILE_LOCKS[case]
+    change(lock, tmp_path)
+    _commit_lock(repo, lock)
+    with pytest.raises(ConfigError) as info:
+        cook(str(repo), settings, locked=True)
+    message = str(info.value)
+    assert "\n" not in message and expected in message and "customer.lock.yaml" in message
+
+
+def test_too_deep_lock_is_one_line(locked_world: tuple[Path, Settings, dict[str, Any]]) -> None:
+    repo, settings, lock = locked_world
+    text = render(lock) + b"deep: " + b"[" * 10_000 + b"]" * 10_000 + b"\n"
+    commit_files(repo, {"customer.lock.yaml": text}, "deep lock")
+    with pytest.raises(ConfigError, match="deeper than"):
+        cook(str(repo), settings, locked=True)
+
+
+def test_hostile_lock_through_the_cli(
+    locked_world: tuple[Path, Settings, dict[str, Any]], tmp_path: Path
+) -> None:
+    repo, settings, lock = locked_world
+    (tmp_path / "host").mkdir()
+    (tmp_path / "host" / "passwd").write_text(SECRET)
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()
+    lock["models"]["carcinoma_model"]["files"][0].update(
+        uri=f"file:{tmp_path}/host/passwd", sha256=digest, size=len(SECRET)
+    )
+    _commit_lock(repo, lock)
+    layout = tmp_path / "layout"
+    env = {
+        "BUILDER_PRODUCTION": settings.production,
+        "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
+        "BUILDER_MODEL_REGISTRY": "local:/nowhere",
+    }
+    result = run_cli("build", str(repo), "--locked", "--oci-layout", str(layout), env=env)
+    assert result.returncode == 2, result.stderr
+    assert "not under the production store" in result.stderr and "Traceback" not in result.stderr
+    assert not layout.exists()
+    cache = tmp_path / "cache"
+    assert not any(p.read_bytes() == SECRET.encode() for p in cache.rglob("*") if p.is_file())
