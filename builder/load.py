@@ -27,12 +27,16 @@ from builder.settings import Settings
 CUSTOMER_FILE = "customer.yaml"
 LOCK_FILE = "customer.lock.yaml"
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)")
-_CREDENTIALS_IN_URL = re.compile(r"(?<=://)[^/@]+@")
+# user:password@ in a URL's authority, up to its LAST '@' (a password may hold an '@').
+_CREDENTIALS_IN_URL = re.compile(r"(?<=://)[^/?#\s'\"]*@")
+# Query values (?private_token=..., &X-Amz-Signature=...): any of them may be a secret.
+_QUERY_VALUE = re.compile(r"(?<=[?&])([\w.~%-]+)=[^&#\s'\"]+")
 
 
 def redact_url(url: str) -> str:
-    """Drop user:password@ from a URL before it is recorded or printed."""
-    return _CREDENTIALS_IN_URL.sub("", url)
+    """Drop user:password@ and mask query values in a URL (or any text holding URLs) before it
+    is recorded or printed."""
+    return _QUERY_VALUE.sub(r"\1=***", _CREDENTIALS_IN_URL.sub("", url))
 
 
 def open_source(location: str, settings: Settings) -> RepoSource:
@@ -70,6 +74,8 @@ def canonical_repo_url(url: str) -> str:
     """One spelling per repository, so clones over SSH, HTTPS or a local path record the same
     source (it is part of the image labels, hence of the digest): no credentials, no ``.git``."""
     url = redact_url(url.strip())
+    if "://" in url:
+        url = re.sub(r"[?#].*\Z", "", url, flags=re.DOTALL)
     scp = _SCP_LIKE.match(url)
     if scp and "://" not in url:
         url = f"https://{scp['host']}/{scp['path']}"
@@ -91,19 +97,36 @@ def _source_url(repo: git.Repo, root: Path, subdir: str) -> str:
 
 
 def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
+    """A bare mirror of ``url`` in the cache. Credentials in the URL are used for the transfer
+    only: the mirror's config names the redacted URL, so no password is ever stored on disk."""
     target = cache / hashlib.sha256(redact_url(url).encode()).hexdigest()[:16]
+    env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
     try:
         if target.exists():
             repo = git.Repo(target)
-            repo.remotes.origin.fetch(
-                "+refs/heads/*:refs/heads/*", tags=True, prune=True, force=True
-            )
         else:
             cache.mkdir(parents=True, exist_ok=True)
-            git.Repo.clone_from(url, target, bare=True, env={"GIT_TERMINAL_PROMPT": "0"})
+            repo = git.Repo.init(target, bare=True)
+        if "origin" in repo.remotes:  # also scrubs a mirror made by an older version
+            repo.remotes.origin.set_url(redact_url(url))
+        else:
+            repo.create_remote("origin", redact_url(url))
+        # Fetch from the URL given, not from the stored remote: the credentials stay in memory.
+        repo.git.fetch(
+            url,
+            "+refs/heads/*:refs/heads/*",
+            "+refs/tags/*:refs/tags/*",
+            "--prune",
+            "--force",
+            "--no-write-fetch-head",
+            env=env,
+        )
     except git.GitCommandError as exc:
         # git's own message can echo the URL; make sure credentials never reach the output.
-        lines = [ln.strip(" '\"") for ln in str(exc.stderr or exc).splitlines()]
+        lines = [
+            ln.strip().removeprefix("stderr:").strip(" '\"")
+            for ln in str(exc.stderr or exc).splitlines()
+        ]
         detail = redact_url(next((ln for ln in reversed(lines) if ln), "git failed"))
         raise ConfigError(f"cannot clone {redact_url(url)}: {detail}") from None
     return RepoSource(location=redact_url(url), root=target, subdir="", url=canonical_repo_url(url))

@@ -466,3 +466,84 @@ def test_hostile_lock_through_the_cli(
     assert not layout.exists()
     cache = tmp_path / "cache"
     assert not any(p.read_bytes() == SECRET.encode() for p in cache.rglob("*") if p.is_file())
+
+
+# --- secrets: never printed, never stored ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("https://deploy:p@ss@w0rd@gitlab.example.com/g/r.git", "w0rd"),
+        ("https://deploy:p@ss@w0rd@gitlab.example.com/g/r.git", "p@ss"),
+        ("https://gitlab.example.com/g/r.git?private_token=glpat-123456", "glpat"),
+        ("https://h/r.git?a=1&private_token=glpat-123456#frag", "glpat"),
+        ("fatal: unable to access 'https://oauth2:tok3n@h/r.git/': 403", "tok3n"),
+        ("s3://b/k?X-Amz-Signature=abcdef0123&X-Amz-Credential=AKIAXYZ", "AKIAXYZ"),
+    ],
+)
+def test_secrets_are_masked_in_any_text(text: str, secret: str) -> None:
+    from builder.load import canonical_repo_url, redact_url
+
+    assert secret not in redact_url(text)
+    if text.startswith("https://"):
+        assert secret not in canonical_repo_url(text)
+        assert canonical_repo_url(text).startswith(
+            ("https://gitlab.example.com/g/r", "https://h/r")
+        )
+
+
+def test_secrets_never_reach_the_cli_output(tmp_path: Path) -> None:
+    url = f"https://deploy:p@ss@w0rd@127.0.0.1:9/{tmp_path.name}.git?private_token=glpat-98765"
+    env = {"BUILDER_CACHE_DIR": str(tmp_path / "cache"), "MY_DEPLOY_TOKEN": "tok-abcdef-123"}
+    for args in (("validate", url), ("validate", "--json", url), ("validate", "tok-abcdef-123")):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 2, result.stderr
+        output = result.stdout + result.stderr
+        for secret in ("w0rd", "p@ss", "glpat", "tok-abcdef-123"):
+            assert secret not in output, (args, output)
+        assert "Traceback" not in output
+
+
+@pytest.fixture
+def http_git(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A customer repo served over plain HTTP (git's dumb protocol) by a real HTTP server."""
+    import functools
+    import http.server
+    import threading
+
+    work = customer_repo(tmp_path / "served-work", carcinoma=AUTO_ID, mitosis=AUTO_ID)
+    served = tmp_path / "www"
+    served.mkdir()
+    git.Repo.clone_from(work, served / "customer.git", bare=True)
+    git.Repo(served / "customer.git").git.update_server_info()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}/customer.git", work
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_clone_credentials_are_not_stored(
+    http_git: tuple[str, Path], settings: Settings, tmp_path: Path
+) -> None:
+    where, work = http_git
+    url = f"http://deploy:s3cr%40tpass@{where}"
+    first = load_customer(url, settings)
+    commit_files(
+        work, {"customer.yaml": CUSTOMER_YAML.format(name="customer-y", base="2.4.1")}, "y"
+    )
+    git.Repo(tmp_path / "www" / "customer.git").git.fetch(str(work), "+refs/heads/*:refs/heads/*")
+    git.Repo(tmp_path / "www" / "customer.git").git.update_server_info()
+    again = load_customer(url, settings)  # fetched again, with the credentials of this call
+    assert (first.customer, again.customer) == ("customer-x", "customer-y")
+    assert "s3cr" not in again.source.location and "s3cr" not in again.source.url
+    stored = [p for p in (settings.cache_dir / "repos").rglob("*") if p.is_file()]
+    assert stored
+    for path in stored:
+        data = path.read_bytes()
+        assert b"s3cr" not in data, path
