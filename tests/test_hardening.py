@@ -7,9 +7,19 @@ files, secrets in messages, and writes that leave something half-written.
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
+import http.server
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from importlib import resources
@@ -21,10 +31,13 @@ import pytest
 from helpers import ANALYSIS_YAML, CUSTOMER_YAML, commit_files, customer_repo, run_cli
 
 from builder import yamldoc
+from builder.assemble import resolve_base
 from builder.cook import cook
-from builder.errors import ConfigError
+from builder.deliver import write_docker_archive
+from builder.errors import ConfigError, ImageError
 from builder.load import load_customer
 from builder.lock import make_lock, render
+from builder.oci import BlobStore
 from builder.settings import Settings
 
 SECRET = "TOP-SECRET-HOST-CONTENT root:x:0:0"
@@ -508,9 +521,6 @@ def test_secrets_never_reach_the_cli_output(tmp_path: Path) -> None:
 @pytest.fixture
 def http_git(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A customer repo served over plain HTTP (git's dumb protocol) by a real HTTP server."""
-    import functools
-    import http.server
-    import threading
 
     work = customer_repo(tmp_path / "served-work", carcinoma=AUTO_ID, mitosis=AUTO_ID)
     served = tmp_path / "www"
@@ -547,3 +557,74 @@ def test_clone_credentials_are_not_stored(
     for path in stored:
         data = path.read_bytes()
         assert b"s3cr" not in data, path
+
+
+# --- atomic outputs: a docker archive, temporary blobs of a killed assemble -----------------------
+
+
+@pytest.fixture
+def small_image(tmp_path: Path) -> Any:
+    """An image assembled (no daemon) on the synthetic base of the assemble tests."""
+    from test_assemble import build, make_base_layout, model_tree
+
+    make_base_layout(tmp_path / "bases")
+    base = resolve_base(f"oci:{tmp_path / 'bases'}", "~=1.0")
+    return build(base, model_tree(tmp_path / "weights"), BlobStore(tmp_path / "store"))
+
+
+def test_docker_archive_on_a_full_disk_keeps_the_old_one(
+    small_image: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    out = tmp_path / "out"
+    out.mkdir()
+    archive = out / "image.tar"
+    write_docker_archive(small_image, archive, ["ivd/customer-x:1"])
+    good = archive.read_bytes()
+    real_addfile = tarfile.TarFile.addfile
+    calls = 0
+
+    def disk_fills_up(self: tarfile.TarFile, info: tarfile.TarInfo, fileobj: Any = None) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_addfile(self, info, fileobj)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", disk_fills_up)
+    with pytest.raises(ImageError, match="No space left on device"):
+        write_docker_archive(small_image, archive, ["ivd/customer-x:2"])
+    assert archive.read_bytes() == good  # the good archive is untouched
+    assert sorted(p.name for p in out.iterdir()) == ["image.tar"]  # no partial file left
+    with pytest.raises(ImageError):
+        write_docker_archive(small_image, out / "new.tar", ["ivd/customer-x:2"])
+    assert sorted(p.name for p in out.iterdir()) == ["image.tar"]
+
+
+def test_temporary_blobs_of_a_killed_assemble_are_removed(tmp_path: Path) -> None:
+
+    store_dir = tmp_path / "store"
+    script = (
+        "import sys, time\n"
+        "from builder.oci import BlobStore\n"
+        "with BlobStore(sys.argv[1]).writer() as w:\n"
+        "    w.write(b'x' * (1 << 20)); w.flush(); print('writing', flush=True); time.sleep(600)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(store_dir)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stdout.readline().strip() == "writing"
+    store = BlobStore(store_dir)
+    with store.writer() as live:  # another build, still writing
+        live.write(b"in use")
+        old = time.time() - 3600
+        for path in (store_dir / "tmp").iterdir():
+            os.utime(path, (old, old))
+        BlobStore(store_dir)  # the writer in the child still holds its file: kept
+        assert len(list((store_dir / "tmp").iterdir())) == 2
+        child.send_signal(signal.SIGKILL)  # kill -9: no clean-up ran in the child
+        child.wait(timeout=30)
+        BlobStore(store_dir)  # the next build sweeps what the dead one left, not ours
+        assert len(list((store_dir / "tmp").iterdir())) == 1
+    assert list((store_dir / "tmp").iterdir()) == []
+    assert store.has("sha256:" + hashlib.sha256(b"in use").hexdigest())
