@@ -7,6 +7,7 @@ files, secrets in messages, and writes that leave something half-written.
 
 from __future__ import annotations
 
+import copy
 import errno
 import functools
 import hashlib
@@ -20,6 +21,7 @@ import sys
 import tarfile
 import threading
 import time
+import unittest.mock
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from importlib import resources
@@ -27,16 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import git
+import hypothesis
 import pytest
+import yaml
 from helpers import ANALYSIS_YAML, CUSTOMER_YAML, commit_files, customer_repo, run_cli
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
 
 from builder import yamldoc
 from builder.assemble import resolve_base
 from builder.cook import cook
 from builder.deliver import write_docker_archive
-from builder.errors import ConfigError, ImageError
+from builder.errors import BuilderError, ConfigError, ImageError
 from builder.load import load_customer
-from builder.lock import make_lock, render
+from builder.lock import make_lock, models_from_lock, read_lock, render
 from builder.oci import BlobStore
 from builder.settings import Settings
 
@@ -628,3 +634,141 @@ def test_temporary_blobs_of_a_killed_assemble_are_removed(tmp_path: Path) -> Non
         assert len(list((store_dir / "tmp").iterdir())) == 1
     assert list((store_dir / "tmp").iterdir()) == []
     assert store.has("sha256:" + hashlib.sha256(b"in use").hexdigest())
+
+
+# --- property-based: any bytes, any YAML structure: a result or one error line ------------------
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=10**40, max_value=10**60)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=40)
+    | st.sampled_from(["customer-x\n", "../x", "/etc/passwd", "a" * 300, "~=2.4", "auto", ""])
+)
+_KEYS = st.text(max_size=12) | st.integers() | st.booleans() | st.none()
+ANY_YAML_VALUE = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=20,
+)
+PROPERTY = hypothesis.settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+_VALID_CUSTOMER = {"version": 1, "customer": "customer-x", "base_image": {"version": "~=2.4"}}
+_VALID_ANALYSIS = yaml.safe_load(
+    ANALYSIS_YAML.format(carcinoma=AUTO_ID, mitosis=AUTO_ID, threshold=0.5)
+)
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path to a value inside a parsed document (the root included)."""
+    out = [prefix]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out += _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            out += _paths(value, (*prefix, index))
+    return out
+
+
+@st.composite
+def mutated(draw: st.DrawFn, document: Any) -> Any:
+    """A valid document with one value somewhere replaced by anything YAML can hold."""
+    doc = copy.deepcopy(document)
+    path = draw(st.sampled_from(_paths(doc)))
+    value = draw(ANY_YAML_VALUE)
+    if not path:
+        return value
+    node = doc
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return doc
+
+
+def _refused_in_one_line(call: Callable[[], object]) -> None:
+    try:
+        call()
+    except BuilderError as exc:
+        assert "\n" not in str(exc), str(exc)
+        assert exc.exit_code in (2, 5), exc
+
+
+@PROPERTY
+@given(data=st.binary(max_size=400))
+def test_any_bytes_parse_or_fail_in_one_line(data: bytes) -> None:
+    _refused_in_one_line(lambda: yamldoc.parse(data, "f.yaml"))
+
+
+@PROPERTY
+@given(text=st.text(alphabet=st.sampled_from(list("[]{}:-&*!|>'\"#%@`,?\n\t ab1")), max_size=80))
+def test_any_yaml_like_text_parses_or_fails_in_one_line(text: str) -> None:
+    _refused_in_one_line(lambda: yamldoc.parse(text, "f.yaml"))
+
+
+@PROPERTY
+@given(value=ANY_YAML_VALUE, schema_name=st.sampled_from(yamldoc.schema_names()))
+def test_any_structure_validates_or_fails_in_one_line(value: Any, schema_name: str) -> None:
+    text = yaml.safe_dump(value, allow_unicode=True)
+    _refused_in_one_line(lambda: yamldoc.validate(yamldoc.parse(text, "f.yaml"), schema_name))
+
+
+@PROPERTY
+@given(customer=mutated(_VALID_CUSTOMER), analysis=mutated(_VALID_ANALYSIS))
+def test_any_config_loads_or_fails_in_one_line(
+    repo: Path, settings: Settings, customer: Any, analysis: Any
+) -> None:
+    (repo / "customer.yaml").write_text(yaml.safe_dump(customer, allow_unicode=True))
+    (repo / "analysis.yaml").write_text(yaml.safe_dump(analysis, allow_unicode=True))
+    _refused_in_one_line(lambda: load_customer(str(repo), settings, worktree=True))
+
+
+@pytest.fixture
+def committed_lock(
+    locked_world: tuple[Path, Settings, dict[str, Any]],
+) -> tuple[Path, Settings, dict[str, Any]]:
+    repo, settings, lock = locked_world
+    _commit_lock(repo, lock)
+    return repo, settings, lock
+
+
+@PROPERTY
+@given(data=st.data())
+def test_any_lock_is_used_or_refused_in_one_line(
+    committed_lock: tuple[Path, Settings, dict[str, Any]], data: st.DataObject
+) -> None:
+    repo, settings, lock = committed_lock
+    spec = load_customer(str(repo), settings)
+    changed = data.draw(mutated(lock))
+    text = yaml.safe_dump(changed, allow_unicode=True).encode()
+    with unittest.mock.patch("builder.lock.read_committed_file", return_value=text):
+
+        def use() -> None:
+            pinned = read_lock(spec)
+            if pinned is not None:
+                models = models_from_lock(spec, pinned, production=settings.production)
+                for model in models:  # whatever is accepted lies in the store or the repo
+                    for f in model.files:
+                        assert f.sha256 and (
+                            f.uri.startswith(settings.production + "/")
+                            or f.uri.removeprefix("repo:") in spec.manual_files
+                        )
+
+        _refused_in_one_line(use)
+
+
+@hypothesis.settings(
+    max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(min_size=1, max_size=200))
+def test_random_files_through_the_cli(repo: Path, data: bytes) -> None:
+    (repo / "analysis.yaml").write_bytes(data)
+    result = run_cli("validate", "--worktree", str(repo))
+    assert "Traceback" not in result.stderr
+    assert result.returncode in (0, 2) and len(result.stderr.strip().splitlines()) <= 1
