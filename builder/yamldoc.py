@@ -333,6 +333,12 @@ def validate(doc: Document, schema_name: str) -> None:
     raise ConfigError(_describe(best, doc))
 
 
+def validate_data(data: Any, schema_name: str, origin: str) -> None:
+    """Validate data that did not come from a YAML file (JSON, a registry's answer) the same
+    way; the message names ``origin`` and the key."""
+    validate(Document(origin=origin, data=data, lines={}), schema_name)
+
+
 def dump(data: Any) -> bytes:
     """Deterministic YAML: sorted keys, block style, UTF-8, no aliases."""
 

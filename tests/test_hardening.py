@@ -32,7 +32,15 @@ import git
 import hypothesis
 import pytest
 import yaml
-from helpers import ANALYSIS_YAML, CUSTOMER_YAML, commit_files, customer_repo, run_cli
+from helpers import (
+    ANALYSIS_YAML,
+    CUSTOMER_YAML,
+    commit_files,
+    customer_repo,
+    model_record,
+    run_cli,
+    task_record,
+)
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
@@ -772,3 +780,148 @@ def test_random_files_through_the_cli(repo: Path, data: bytes) -> None:
     result = run_cli("validate", "--worktree", str(repo))
     assert "Traceback" not in result.stderr
     assert result.returncode in (0, 2) and len(result.stderr.strip().splitlines()) <= 1
+
+
+# --- registry records and publish manifests: bad bytes, missing fields, wrong types -------------
+
+
+@pytest.fixture
+def registry_world(
+    repo: Path, settings: Settings, tmp_path: Path
+) -> tuple[Path, Settings, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A local registry and a production store for the auto models of ``repo``."""
+    weights = b"registry weights"
+    production = tmp_path / "production"
+    (production / TASK).mkdir(parents=True)
+    (production / TASK / "model.onnx").write_bytes(weights)
+    model = model_record(AUTO_ID, TASK, name="carcinoma")
+    task = task_record(TASK)
+    manifest = {
+        "manifest_version": 1,
+        "task_id": TASK,
+        "files": [
+            {
+                "name": "model.onnx",
+                "size": len(weights),
+                "sha256": hashlib.sha256(weights).hexdigest(),
+            }
+        ],
+    }
+    commit_files(
+        repo,
+        {"analysis.yaml": _analysis(), "weights/mitosis/model.onnx": b"manual weights"},
+        "one auto model",
+    )
+    settings = replace(
+        settings,
+        model_registry=f"local:{tmp_path / 'registry'}",
+        production=f"file:{production}",
+    )
+    return repo, settings, model, task, manifest
+
+
+def _write_registry(
+    settings: Settings, model: Any, task: Any, manifest: Any, raw: bytes | None = None
+) -> None:
+    folder = Path(settings.model_registry.removeprefix("local:"))
+    for kind, record in (("models", model), ("tasks", task)):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        (folder / kind / f"{(AUTO_ID if kind == 'models' else TASK)}.yaml").write_text(
+            yaml.safe_dump(record, allow_unicode=True)
+        )
+    path = Path(settings.production.removeprefix("file:")) / TASK / "publish-manifest.json"
+    path.write_bytes(raw if raw is not None else json.dumps(manifest, default=str).encode())
+
+
+BAD_MANIFESTS = {
+    "not UTF-8": b"\xff\xfe{}",
+    "not JSON": b"{files: [",
+    "deeply nested": b"[" * 100_000 + b"]" * 100_000,
+    "a list": b"[]",
+    "files missing name": json.dumps({"files": [{"size": 16, "sha256": "0" * 64}]}).encode(),
+    "files not a list": json.dumps({"files": {"name": "model.onnx"}}).encode(),
+    "size not a number": json.dumps(
+        {"files": [{"name": "model.onnx", "size": "16", "sha256": "0" * 64}]}
+    ).encode(),
+    "sha256 not hex": json.dumps(
+        {"files": [{"name": "model.onnx", "size": 16, "sha256": "zz"}]}
+    ).encode(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
+def test_bad_publish_manifest_is_one_line(
+    registry_world: tuple[Path, Settings, Any, Any, Any], case: str
+) -> None:
+    repo, settings, model, task, manifest = registry_world
+    _write_registry(settings, model, task, manifest, raw=BAD_MANIFESTS[case])
+    with pytest.raises(BuilderError) as info:
+        cook(str(repo), settings)
+    message = str(info.value)
+    assert "\n" not in message and "publish-manifest.json" in message, message
+
+
+BAD_RECORDS = {
+    "model without task": ("model", "task", _DELETE),
+    "model without id": ("model", "id", _DELETE),
+    "model task is a list": ("model", "task", [1, 2]),
+    "model tags a number": ("model", "tags", 5),
+    "model design params a list": ("model", "design", {"design": '{"params": [1, 2]}'}),
+    "model design plugin params a list": (
+        "model",
+        "design",
+        {"design": '{"preprocessing": [{"cls": "X", "params": [1]}]}'},
+    ),
+    "task without status": ("task", "status", _DELETE),
+    "task status a mapping": ("task", "status", {"a": 1}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_registry_record_is_one_line(
+    registry_world: tuple[Path, Settings, Any, Any, Any], case: str
+) -> None:
+    repo, settings, model, task, manifest = registry_world
+    which, key, value = BAD_RECORDS[case]
+    record = model if which == "model" else task
+    if value is _DELETE:
+        del record[key]
+    else:
+        record[key] = value
+    _write_registry(settings, model, task, manifest)
+    with pytest.raises(BuilderError) as info:
+        cook(str(repo), settings)
+    message = str(info.value)
+    assert "\n" not in message and info.value.exit_code == 3, message
+
+
+def test_registry_record_with_bad_bytes(
+    registry_world: tuple[Path, Settings, Any, Any, Any],
+) -> None:
+    repo, settings, model, task, manifest = registry_world
+    _write_registry(settings, model, task, manifest)
+    folder = Path(settings.model_registry.removeprefix("local:"))
+    (folder / "models" / f"{AUTO_ID}.yaml").write_bytes(b"id: \xff\xfe\x00")
+    with pytest.raises(BuilderError) as info:
+        cook(str(repo), settings)
+    assert "\n" not in str(info.value) and f"{AUTO_ID}.yaml" in str(info.value)
+
+
+@PROPERTY
+@given(data=st.data())
+def test_any_registry_record_resolves_or_fails_in_one_line(
+    registry_world: tuple[Path, Settings, Any, Any, Any], data: st.DataObject
+) -> None:
+    repo, settings, model, task, manifest = registry_world
+    _write_registry(
+        settings, data.draw(mutated(model)), data.draw(mutated(task)), data.draw(mutated(manifest))
+    )
+
+    def resolve_all() -> None:
+        cook(str(repo), settings, allow_unpublished=True)
+
+    try:
+        resolve_all()
+    except BuilderError as exc:
+        assert "\n" not in str(exc), str(exc)
+        assert exc.exit_code in (2, 3, 4, 5), exc
