@@ -38,6 +38,7 @@ from helpers import (
     commit_files,
     customer_repo,
     model_record,
+    offline_settings,
     run_cli,
     task_record,
 )
@@ -60,14 +61,7 @@ AUTO_ID = "0123456789abcdef0123456789abcdef"  # any id: load never asks the regi
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        customers=tmp_path / "customers",
-        model_registry="local:/nonexistent",
-        production="file:/nonexistent",
-        base_repository="127.0.0.1:1/ivd/inference-base",
-        image_registry="127.0.0.1:1",
-        cache_dir=tmp_path / "cache",
-    )
+    return offline_settings(tmp_path)
 
 
 @pytest.fixture

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import tifffile
-from tilerunner.cli import main
+from test_runner_errors import _assert_one_line_error, _run
 from tilerunner.errors import SlideError
 from tilerunner.slide import OpenSlideSlide, open_slide
 from tilerunner_testlib import App
-
-SLIDE_EXIT = 4
 
 
 def _damaged(small_slide: Path, tmp_path: Path, name: str, edit: dict[int, bytes]) -> Path:
@@ -95,25 +93,8 @@ def test_corrupt_header_through_the_runner_cli(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], app: App, small_slide: Path
 ) -> None:
     bad = _damaged(small_slide, tmp_path, "bad.tiff", {4: struct.pack("<I", 1 << 31)})
-    code = main(
-        [
-            "-q",
-            "run",
-            str(bad),
-            "--config",
-            str(app.config),
-            "--app-dir",
-            str(app.root),
-            "--out",
-            str(tmp_path / "out"),
-            "--device",
-            "cpu",
-            "--no-progress",
-        ]
-    )
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == SLIDE_EXIT and len(err) == 1, err
-    assert str(bad) in err[0] and "corrupt TIFF header" in err[0]
+    code, err = _run(capsys, app, bad, tmp_path / "out")
+    _assert_one_line_error(code, err, "slide", str(bad), "corrupt TIFF header")
 
 
 @pytest.mark.parametrize("reader", ["auto", "openslide"])
