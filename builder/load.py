@@ -183,13 +183,22 @@ class _Snapshot:
                 raise self._refuse_link(walk.relative_to(self.source.root).as_posix())
         return safe_join(self.source.root, rel, what="config file")
 
-    def read(self, relpath: str) -> bytes | None:
+    def read(self, relpath: str, *, yaml: bool = False) -> bytes | None:
+        """The file's bytes, or None; a ``yaml`` file over the size limit is refused unread."""
         rel = self._rel(relpath)
         if self.tree is None:
             path = self._work_path(rel)
-            return path.read_bytes() if path.is_file() else None
+            if not path.is_file():
+                return None
+            if yaml:
+                yamldoc.check_size(path.stat().st_size, self.origin(relpath))
+            return path.read_bytes()
         blob = self._git_item(rel)
-        return bytes(blob.data_stream.read()) if isinstance(blob, git.Blob) else None
+        if not isinstance(blob, git.Blob):
+            return None
+        if yaml:
+            yamldoc.check_size(blob.size, self.origin(relpath))
+        return bytes(blob.data_stream.read())
 
     def list_files(self, relfolder: str) -> list[str]:
         """Files below a folder, relative to it, sorted; a symlink among them is refused."""
@@ -269,7 +278,7 @@ def safe_relpath(value: str, where: str, what: str) -> str:
 
 
 def _parse(snapshot: _Snapshot, relpath: str, schema: str) -> yamldoc.Document:
-    raw = snapshot.read(relpath)
+    raw = snapshot.read(relpath, yaml=True)
     if raw is None:
         raise ConfigError(
             f"{snapshot.origin(relpath)}: file not found",

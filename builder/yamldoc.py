@@ -176,15 +176,21 @@ def _key_lines(node: yaml.Node, path: Path_, out: dict[Path_, int]) -> None:
             _key_lines(item, (*path, index), out)
 
 
-def _decode(text: str | bytes, origin: str) -> str:
-    """The document as text; size checked first, then NUL bytes and UTF-8."""
-    size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else len(text)
+def check_size(size: int, origin: str) -> None:
+    """Refuse a YAML input over MAX_DOCUMENT_BYTES (callers check before even reading it)."""
     if size > MAX_DOCUMENT_BYTES:
         raise ConfigError(
             f"{origin}: {size} bytes, over the size limit of {MAX_DOCUMENT_BYTES} bytes for a "
             "YAML file; refusing to parse it",
             hint="is this the right file?",
         )
+
+
+def _decode(text: str | bytes, origin: str) -> str:
+    """The document as text; size checked first, then NUL bytes and UTF-8."""
+    check_size(
+        len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else len(text), origin
+    )
     raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
     nul = raw.find(b"\0")
     if nul >= 0:

@@ -271,6 +271,24 @@ def test_size_is_checked_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None
         yamldoc.parse(b"#" * (yamldoc.MAX_DOCUMENT_BYTES + 1), "big.yaml")
 
 
+@pytest.mark.parametrize("worktree", [False, True], ids=["git", "worktree"])
+def test_oversized_config_is_refused_before_reading(
+    repo: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch, worktree: bool
+) -> None:
+    big = b"# padding\n" * (yamldoc.MAX_DOCUMENT_BYTES // 10 + 1)
+    commit_files(repo, {"analysis.yaml": big}, "huge analysis")
+
+    real_decode = yamldoc._decode
+
+    def small_only(text: str | bytes, origin: str) -> str:
+        assert len(text) < len(big), "an oversized file was read and handed to the parser"
+        return real_decode(text, origin)
+
+    monkeypatch.setattr(yamldoc, "_decode", small_only)
+    message = _one_line_error(repo, settings, worktree=worktree)
+    assert f"{len(big)} bytes, over the size limit" in message and "analysis.yaml" in message
+
+
 def test_plain_large_document_is_not_an_alias_problem() -> None:
     numbers = "values: [" + ", ".join(str(i) for i in range(25_000)) + "]\n"
     assert len(yamldoc.parse(numbers, "numbers.yaml").data["values"]) == 25_000
