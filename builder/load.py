@@ -121,6 +121,10 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
             "--no-write-fetch-head",
             env=env,
         )
+        # HEAD of the mirror follows the remote's default branch (main, master, ...).
+        for line in repo.git.ls_remote("--symref", url, "HEAD", env=env).splitlines():
+            if line.startswith("ref: refs/heads/") and line.endswith("\tHEAD"):
+                repo.git.symbolic_ref("HEAD", line.removeprefix("ref: ").split("\t")[0])
     except git.GitCommandError as exc:
         # git's own message can echo the URL; make sure credentials never reach the output.
         lines = [

@@ -552,7 +552,9 @@ def http_git(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     served = tmp_path / "www"
     served.mkdir()
     git.Repo.clone_from(work, served / "customer.git", bare=True)
-    git.Repo(served / "customer.git").git.update_server_info()
+    bare = git.Repo(served / "customer.git")
+    bare.git.branch("-m", bare.active_branch.name, "trunk")  # a default branch git would not guess
+    bare.git.update_server_info()
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -573,7 +575,7 @@ def test_clone_credentials_are_not_stored(
     commit_files(
         work, {"customer.yaml": CUSTOMER_YAML.format(name="customer-y", base="2.4.1")}, "y"
     )
-    git.Repo(tmp_path / "www" / "customer.git").git.fetch(str(work), "+refs/heads/*:refs/heads/*")
+    git.Repo(tmp_path / "www" / "customer.git").git.fetch(str(work), "+HEAD:refs/heads/trunk")
     git.Repo(tmp_path / "www" / "customer.git").git.update_server_info()
     again = load_customer(url, settings)  # fetched again, with the credentials of this call
     assert (first.customer, again.customer) == ("customer-x", "customer-y")
