@@ -122,7 +122,7 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
             env=env,
         )
         # HEAD of the mirror follows the remote's default branch (main, master, ...).
-        for line in repo.git.ls_remote("--symref", url, "HEAD", env=env).splitlines():
+        for line in str(repo.git.ls_remote("--symref", url, "HEAD", env=env)).splitlines():
             if line.startswith("ref: refs/heads/") and line.endswith("\tHEAD"):
                 repo.git.symbolic_ref("HEAD", line.removeprefix("ref: ").split("\t")[0])
     except git.GitCommandError as exc:
@@ -160,6 +160,19 @@ class _Snapshot:
             f"{shown} is a symbolic link {where}; links are never followed",
             hint="commit the file itself instead of a link to it",
         )
+
+    def _check_name(self, rel: str) -> None:
+        """Refuse a file name with control characters (a newline would end up in an image path)."""
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in rel):
+            try:
+                shown = PurePosixPath(rel).relative_to(self.source.subdir).as_posix()
+            except ValueError:
+                shown = rel
+            raise UnsafePathError(
+                f"{PurePosixPath(self.source.location).as_posix()}: file name {shown!r} holds "
+                "control characters",
+                hint="rename the file",
+            )
 
     def _git_item(self, rel: str) -> git.Blob | git.Tree | None:
         """The tree entry at ``rel``, refusing a symlink anywhere on the way."""
@@ -212,9 +225,10 @@ class _Snapshot:
             found: list[str] = []
             for folder, dirs, files in os.walk(base):
                 for name in (*dirs, *files):
+                    path = Path(folder, name).relative_to(self.source.root).as_posix()
                     if (Path(folder) / name).is_symlink():
-                        path = Path(folder, name).relative_to(self.source.root).as_posix()
                         raise self._refuse_link(path)
+                    self._check_name(path)
                 found.extend(
                     (Path(folder) / name).relative_to(base).as_posix()
                     for name in files
@@ -229,6 +243,7 @@ class _Snapshot:
             if isinstance(item, git.Blob):
                 if item.mode == git.Blob.link_mode:
                     raise self._refuse_link(str(item.path))
+                self._check_name(str(item.path))
                 out.append(PurePosixPath(item.path).relative_to(tree.path).as_posix())
         return sorted(out)
 
@@ -272,7 +287,7 @@ def safe_relpath(value: str, where: str, what: str) -> str:
         or path.is_absolute()
         or ".." in path.parts
         or "\\" in value
-        or any(ord(ch) < 32 for ch in value.strip())
+        or any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
     ):
         raise ConfigError(
             f"{where}: {what} {value[:120]!r} must be a relative path inside the customer folder "

@@ -140,6 +140,29 @@ def test_symlinks_are_refused_naming_the_path(
     assert "TOP-SECRET" not in message
 
 
+@pytest.mark.parametrize("worktree", [False, True], ids=["git", "worktree"])
+def test_file_names_with_control_characters_are_refused(
+    repo: Path, settings: Settings, worktree: bool
+) -> None:
+    commit_files(
+        repo,
+        {"analysis.yaml": _analysis(), "weights/mitosis/model\n.onnx": b"weights"},
+        "odd name",
+    )
+    message = _one_line_error(repo, settings, worktree=worktree)
+    assert "'weights/mitosis/model\\n.onnx'" in message and "control characters" in message
+    commit_files(
+        repo,
+        {
+            "weights/mitosis/model\n.onnx": None,
+            "customer.yaml": CUSTOMER_YAML.format(name="customer-x", base="2.4.1")
+            + 'analysis: "analysis.yaml\\n"\n',
+        },
+        "odd analysis path",
+    )
+    assert "control characters" in _one_line_error(repo, settings, worktree=worktree)
+
+
 def test_symlink_cli_refuses_in_one_line(repo: Path, outside: Path) -> None:
     _commit_link(repo, "analysis.yaml", outside / "passwd")
     for extra in ((), ("--worktree",)):
