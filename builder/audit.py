@@ -262,7 +262,7 @@ class Resolver:
         try:
             lock = read_lock(spec)
             if lock is not None:
-                models = models_from_lock(spec, lock)
+                models = models_from_lock(spec, lock, production=self.settings.production)
         except ConfigError as exc:
             notes.append(f"lock not used: {exc.message}")
         if models is None:
@@ -1908,7 +1908,7 @@ def verify(
     try:
         lock = read_lock(spec)
         if lock is not None:
-            models_from_lock(spec, lock)
+            models_from_lock(spec, lock, production=settings.production)
             locked = True
     except ConfigError as exc:
         notes.append(

@@ -63,7 +63,7 @@ def cook(
                 f"{spec.source.location}: no {LOCK_FILE} at {ref}",
                 hint="run `builder lock` and commit it, or build without --locked",
             )
-        models = models_from_lock(spec, lock)
+        models = models_from_lock(spec, lock, production=settings.production)
     else:
         needs_registry = any(d.sourcing == "auto" for d in spec.models)
         reg: ModelRegistry | None = (
@@ -296,7 +296,7 @@ def validate_customer(
     lock = read_lock(spec)
     if lock is not None:
         try:
-            models = models_from_lock(spec, lock)
+            models = models_from_lock(spec, lock, production=settings.production)
         except DriftError as exc:
             notes.append(f"registry plug-ins not checked: {exc.message}")
     elif any(d.sourcing == "auto" for d in spec.models):

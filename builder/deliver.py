@@ -970,6 +970,24 @@ def _docker_archive_tags(tags: Sequence[str]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _replaced_on_success(path: Path) -> Iterator[IO[bytes]]:
+    """A temporary file next to ``path`` that replaces it only once completely written: a full
+    disk or a failure halfway leaves the old file (if any) intact and no partial one."""
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115  (closed or removed below)
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
 def write_docker_archive(
     image: AssembledImage,
     file: Path | str | IO[bytes],
@@ -1018,7 +1036,7 @@ def write_docker_archive(
             out: IO[bytes] = (
                 file
                 if not isinstance(file, (str, Path))
-                else stack.enter_context(Path(file).open("wb"))
+                else stack.enter_context(_replaced_on_success(Path(file)))
             )
             with tarfile.TarFile(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for directory in ("blobs", "blobs/sha256"):

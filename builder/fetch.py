@@ -11,6 +11,7 @@ crash leaves holes it cannot see; the chunk ledger here is what makes downloads 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,13 +41,22 @@ class FetchedFile:
     sha256: str
     size: int
     downloaded: bool  # False: it was already in the cache
+    resumed_bytes: int = 0  # of ``size``, kept from an earlier interrupted download
+
+    @property
+    def status(self) -> str:
+        """``cached``, ``resumed`` (part of it came from an interrupted run) or ``downloaded``."""
+        if not self.downloaded:
+            return "cached"
+        return "resumed" if self.resumed_bytes else "downloaded"
 
 
 @dataclass(frozen=True)
 class FetchResult:
     models: tuple[ResolvedModel, ...]  # with every sha256 and size filled in
     files: tuple[FetchedFile, ...]
-    bytes_downloaded: int
+    bytes_downloaded: int  # transferred by this run
+    bytes_resumed: int = 0  # reused from interrupted downloads instead of transferred again
 
     def path_of(self, model: str, name: str) -> Path:
         return next(f.path for f in self.files if f.model == model and f.name == name)
@@ -89,8 +99,12 @@ class Cache:
         path = self.blob(sha)
         if not path.is_file():
             tmp = self.root / "tmp" / f"{sha}.{os.getpid()}.put"
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise _cache_write_error(exc) from None
         return path
 
 
@@ -101,7 +115,9 @@ class _Download:
         self.store, self.object_key, self.size = store, object_key, size
         self.part = cache.root / "tmp" / f"{key}.part"
         self.ledger = self.part.with_suffix(".part.json")
-        self._lock = Lock()
+        self._lock, self._discard_lock = Lock(), Lock()
+        self.discarded = False
+        self.failure: FetchError | None = None
         done: set[int] = set()
         if self.part.is_file() and self.ledger.is_file():
             try:
@@ -144,23 +160,50 @@ class _Download:
             except (FetchError, OSError) as exc:
                 on_bytes(-written)
                 if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
-                    raise FetchError(
-                        f"writing the weights cache failed: {exc.strerror or exc}"
-                    ) from None
+                    raise self._write_failed(exc) from None
                 if attempt == RETRIES - 1:
                     raise
                 time.sleep(0.5 * 2**attempt)
         with self._lock:
+            if self.discarded:
+                return
             self.done.add(index)
             tmp = self.ledger.with_suffix(".tmp")
-            tmp.write_text(
-                json.dumps({"size": self.size, "chunk": CHUNK_SIZE, "done": sorted(self.done)})
-            )
-            os.replace(tmp, self.ledger)
+            try:
+                tmp.write_text(
+                    json.dumps({"size": self.size, "chunk": CHUNK_SIZE, "done": sorted(self.done)})
+                )
+                os.replace(tmp, self.ledger)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise self._write_failed(exc) from None
+
+    def _write_failed(self, exc: OSError) -> FetchError:
+        """The error for a failed cache write; on a full disk the partial file is removed
+        (keeping it would only keep the disk full), and the other chunks report the same."""
+        with self._discard_lock:
+            if self.failure is None:
+                self.failure = _cache_write_error(exc)
+                if exc.errno in _DISK_FULL:
+                    self.discard()
+            return self.failure
 
     def discard(self) -> None:
+        self.discarded = True
         self.part.unlink(missing_ok=True)
         self.ledger.unlink(missing_ok=True)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _cache_write_error(exc: OSError) -> FetchError:
+    if exc.errno in _DISK_FULL:
+        return FetchError(
+            f"writing the weights cache failed: {exc.strerror or exc}; the partial download was removed",
+            hint="free space in the cache folder (setting cache_dir) and build again",
+        )
+    return FetchError(f"writing the weights cache failed: {exc.strerror or exc}")
 
 
 def _cache_key(wf: WeightFile) -> str:
@@ -196,8 +239,14 @@ def _fetch_file(
             if not listed:
                 raise FetchError(f"{wf.uri}: object not found")
             size = listed[0].size
-        download = _Download(cache, key, store, object_key, size)
+        try:
+            download = _Download(cache, key, store, object_key, size)
+        except OSError as exc:
+            (cache.root / "tmp" / f"{key}.part").unlink(missing_ok=True)
+            raise _cache_write_error(exc) from None
         done = download.resumed_bytes
+        if download.resumed_bytes:
+            label = f"{label} (resumed)"
         counter = Lock()
 
         def on_bytes(n: int) -> None:
@@ -212,8 +261,8 @@ def _fetch_file(
         ]
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
-            # Keep the finished chunks: a re-run resumes from the ledger.
-            raise errors[0]  # type: ignore[misc]
+            # Keep the finished chunks (unless the disk is full): a re-run resumes from them.
+            raise download.failure or errors[0]  # type: ignore[misc]
         actual = sha256_file(download.part)
         if wf.sha256 and actual != wf.sha256:
             download.discard()
@@ -223,7 +272,28 @@ def _fetch_file(
             )
         os.replace(download.part, cache.blob(actual))
         download.ledger.unlink(missing_ok=True)
-        return FetchedFile(model, wf.name, cache.blob(actual), actual, size, downloaded=True)
+        return FetchedFile(
+            model,
+            wf.name,
+            cache.blob(actual),
+            actual,
+            size,
+            downloaded=True,
+            resumed_bytes=download.resumed_bytes,
+        )
+
+
+def _committed(wf: WeightFile, model: str, manual_files: Mapping[str, bytes]) -> bytes:
+    """A manual model's file as committed, checked against its recorded sha256 if any."""
+    data = manual_files.get(wf.uri.removeprefix("repo:"))
+    if data is None:
+        raise FetchError(f"{model}/{wf.name}: {wf.uri[:120]} is not a committed file of the model")
+    if wf.sha256 and hashlib.sha256(data).hexdigest() != wf.sha256:
+        raise FetchError(
+            f"{model}/{wf.name}: {wf.uri} does not match its sha256 {wf.sha256[:12]}",
+            hint="run `builder lock` and commit the result",
+        )
+    return data
 
 
 def fetch(
@@ -247,7 +317,7 @@ def fetch(
         for m in models:
             for wf in m.files:
                 if wf.uri.startswith("repo:"):
-                    path = cache.put_bytes(manual_files[wf.uri.removeprefix("repo:")])
+                    path = cache.put_bytes(_committed(wf, m.name, manual_files))
                     fetched.append(
                         FetchedFile(
                             m.name, wf.name, path, path.name, path.stat().st_size, downloaded=False
@@ -271,5 +341,6 @@ def fetch(
     return FetchResult(
         models=filled,
         files=tuple(fetched),
-        bytes_downloaded=sum(f.size for f in fetched if f.downloaded),
+        bytes_downloaded=sum(f.size - f.resumed_bytes for f in fetched if f.downloaded),
+        bytes_resumed=sum(f.resumed_bytes for f in fetched if f.downloaded),
     )

@@ -9,6 +9,7 @@ commit that touched that folder.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,17 +21,22 @@ import git
 from builder import yamldoc
 from builder.contracts import CustomerSpec, ModelDecl, RepoSource
 from builder.errors import ConfigError
+from builder.paths import UnsafePathError, safe_join
 from builder.settings import Settings
 
 CUSTOMER_FILE = "customer.yaml"
 LOCK_FILE = "customer.lock.yaml"
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)")
-_CREDENTIALS_IN_URL = re.compile(r"(?<=://)[^/@]+@")
+# user:password@ in a URL's authority, up to its LAST '@' (a password may hold an '@').
+_CREDENTIALS_IN_URL = re.compile(r"(?<=://)[^/?#\s'\"]*@")
+# Query values (?private_token=..., &X-Amz-Signature=...): any of them may be a secret.
+_QUERY_VALUE = re.compile(r"(?<=[?&])([\w.~%-]+)=[^&#\s'\"]+")
 
 
 def redact_url(url: str) -> str:
-    """Drop user:password@ from a URL before it is recorded or printed."""
-    return _CREDENTIALS_IN_URL.sub("", url)
+    """Drop user:password@ and mask query values in a URL (or any text holding URLs) before it
+    is recorded or printed."""
+    return _QUERY_VALUE.sub(r"\1=***", _CREDENTIALS_IN_URL.sub("", url))
 
 
 def open_source(location: str, settings: Settings) -> RepoSource:
@@ -68,6 +74,8 @@ def canonical_repo_url(url: str) -> str:
     """One spelling per repository, so clones over SSH, HTTPS or a local path record the same
     source (it is part of the image labels, hence of the digest): no credentials, no ``.git``."""
     url = redact_url(url.strip())
+    if "://" in url:
+        url = re.sub(r"[?#].*\Z", "", url, flags=re.DOTALL)
     scp = _SCP_LIKE.match(url)
     if scp and "://" not in url:
         url = f"https://{scp['host']}/{scp['path']}"
@@ -89,19 +97,40 @@ def _source_url(repo: git.Repo, root: Path, subdir: str) -> str:
 
 
 def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
+    """A bare mirror of ``url`` in the cache. Credentials in the URL are used for the transfer
+    only: the mirror's config names the redacted URL, so no password is ever stored on disk."""
     target = cache / hashlib.sha256(redact_url(url).encode()).hexdigest()[:16]
+    env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
     try:
         if target.exists():
             repo = git.Repo(target)
-            repo.remotes.origin.fetch(
-                "+refs/heads/*:refs/heads/*", tags=True, prune=True, force=True
-            )
         else:
             cache.mkdir(parents=True, exist_ok=True)
-            git.Repo.clone_from(url, target, bare=True, env={"GIT_TERMINAL_PROMPT": "0"})
+            repo = git.Repo.init(target, bare=True)
+        if "origin" in repo.remotes:  # also scrubs a mirror made by an older version
+            repo.remotes.origin.set_url(redact_url(url))
+        else:
+            repo.create_remote("origin", redact_url(url))
+        # Fetch from the URL given, not from the stored remote: the credentials stay in memory.
+        repo.git.fetch(
+            url,
+            "+refs/heads/*:refs/heads/*",
+            "+refs/tags/*:refs/tags/*",
+            "--prune",
+            "--force",
+            "--no-write-fetch-head",
+            env=env,
+        )
+        # HEAD of the mirror follows the remote's default branch (main, master, ...).
+        for line in str(repo.git.ls_remote("--symref", url, "HEAD", env=env)).splitlines():
+            if line.startswith("ref: refs/heads/") and line.endswith("\tHEAD"):
+                repo.git.symbolic_ref("HEAD", line.removeprefix("ref: ").split("\t")[0])
     except git.GitCommandError as exc:
         # git's own message can echo the URL; make sure credentials never reach the output.
-        lines = [ln.strip(" '\"") for ln in str(exc.stderr or exc).splitlines()]
+        lines = [
+            ln.strip().removeprefix("stderr:").strip(" '\"")
+            for ln in str(exc.stderr or exc).splitlines()
+        ]
         detail = redact_url(next((ln for ln in reversed(lines) if ln), "git failed"))
         raise ConfigError(f"cannot clone {redact_url(url)}: {detail}") from None
     return RepoSource(location=redact_url(url), root=target, subdir="", url=canonical_repo_url(url))
@@ -116,40 +145,107 @@ class _Snapshot:
     commit_time: int
     tree: git.Tree | None  # None: read from the work tree
 
-    def read(self, relpath: str) -> bytes | None:
-        rel = (
+    def _rel(self, relpath: str) -> str:
+        return (
             PurePosixPath(self.source.subdir, relpath).as_posix() if self.source.subdir else relpath
         )
-        if self.tree is None:
-            path = self.source.root / rel
-            return path.read_bytes() if path.is_file() else None
+
+    def _refuse_link(self, rel: str) -> UnsafePathError:
         try:
-            blob = self.tree / rel
-        except KeyError:
+            shown = self.origin(PurePosixPath(rel).relative_to(self.source.subdir).as_posix())
+        except ValueError:
+            shown = str(self.source.root / rel)
+        where = "in git" if self.tree is not None else "in the work tree"
+        return UnsafePathError(
+            f"{shown} is a symbolic link {where}; links are never followed",
+            hint="commit the file itself instead of a link to it",
+        )
+
+    def _check_name(self, rel: str) -> None:
+        """Refuse a file name with control characters (a newline would end up in an image path)."""
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in rel):
+            try:
+                shown = PurePosixPath(rel).relative_to(self.source.subdir).as_posix()
+            except ValueError:
+                shown = rel
+            raise UnsafePathError(
+                f"{PurePosixPath(self.source.location).as_posix()}: file name {shown!r} holds "
+                "control characters",
+                hint="rename the file",
+            )
+
+    def _git_item(self, rel: str) -> git.Blob | git.Tree | None:
+        """The tree entry at ``rel``, refusing a symlink anywhere on the way."""
+        assert self.tree is not None
+        item: Any = self.tree
+        walked: list[str] = []
+        for part in PurePosixPath(rel).parts:
+            if not isinstance(item, git.Tree):
+                return None
+            walked.append(part)
+            try:
+                item = item / part
+            except KeyError:
+                return None
+            if isinstance(item, git.Blob) and item.mode == git.Blob.link_mode:
+                raise self._refuse_link("/".join(walked))
+        return item if isinstance(item, git.Blob | git.Tree) else None
+
+    def _work_path(self, rel: str) -> Path:
+        """The work-tree path of ``rel``, refusing a symlink anywhere on the way."""
+        walk = self.source.root
+        for part in PurePosixPath(rel).parts:
+            walk = walk / part
+            if walk.is_symlink():
+                raise self._refuse_link(walk.relative_to(self.source.root).as_posix())
+        return safe_join(self.source.root, rel, what="config file")
+
+    def read(self, relpath: str, *, yaml: bool = False) -> bytes | None:
+        """The file's bytes, or None; a ``yaml`` file over the size limit is refused unread."""
+        rel = self._rel(relpath)
+        if self.tree is None:
+            path = self._work_path(rel)
+            if not path.is_file():
+                return None
+            if yaml:
+                yamldoc.check_size(path.stat().st_size, self.origin(relpath))
+            return path.read_bytes()
+        blob = self._git_item(rel)
+        if not isinstance(blob, git.Blob):
             return None
-        return bytes(blob.data_stream.read()) if blob.type == "blob" else None
+        if yaml:
+            yamldoc.check_size(blob.size, self.origin(relpath))
+        return bytes(blob.data_stream.read())
 
     def list_files(self, relfolder: str) -> list[str]:
-        """Files below a folder, relative to it, sorted."""
-        rel = (
-            PurePosixPath(self.source.subdir, relfolder).as_posix()
-            if self.source.subdir
-            else relfolder
-        )
+        """Files below a folder, relative to it, sorted; a symlink among them is refused."""
+        rel = self._rel(relfolder)
         if self.tree is None:
-            base = self.source.root / rel
-            return sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
-        try:
-            folder = self.tree / rel
-        except KeyError:
+            base = self._work_path(rel)
+            found: list[str] = []
+            for folder, dirs, files in os.walk(base):
+                for name in (*dirs, *files):
+                    path = Path(folder, name).relative_to(self.source.root).as_posix()
+                    if (Path(folder) / name).is_symlink():
+                        raise self._refuse_link(path)
+                    self._check_name(path)
+                found.extend(
+                    (Path(folder) / name).relative_to(base).as_posix()
+                    for name in files
+                    if (Path(folder) / name).is_file()
+                )
+            return sorted(found)
+        tree = self._git_item(rel)
+        if not isinstance(tree, git.Tree):
             return []
-        if not isinstance(folder, git.Tree):
-            return []
-        return sorted(
-            PurePosixPath(item.path).relative_to(folder.path).as_posix()
-            for item in folder.traverse()
-            if isinstance(item, git.Blob)
-        )
+        out = []
+        for item in tree.traverse():
+            if isinstance(item, git.Blob):
+                if item.mode == git.Blob.link_mode:
+                    raise self._refuse_link(str(item.path))
+                self._check_name(str(item.path))
+                out.append(PurePosixPath(item.path).relative_to(tree.path).as_posix())
+        return sorted(out)
 
     def origin(self, relpath: str) -> str:
         return PurePosixPath(self.source.location, relpath).as_posix()
@@ -186,15 +282,22 @@ def _snapshot(source: RepoSource, ref: str, worktree: bool) -> _Snapshot:
 def safe_relpath(value: str, where: str, what: str) -> str:
     """A relative path that stays inside its folder (no absolute paths, no '..')."""
     path = PurePosixPath(value.strip())
-    if value.strip() == "" or path.is_absolute() or ".." in path.parts or "\\" in value:
+    if (
+        value.strip() == ""
+        or path.is_absolute()
+        or ".." in path.parts
+        or "\\" in value
+        or any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
+    ):
         raise ConfigError(
-            f"{where}: {what} {value!r} must be a relative path inside the customer folder (no '..', not absolute)"
+            f"{where}: {what} {value[:120]!r} must be a relative path inside the customer folder "
+            "(no '..', not absolute, no control characters)"
         )
     return path.as_posix()
 
 
 def _parse(snapshot: _Snapshot, relpath: str, schema: str) -> yamldoc.Document:
-    raw = snapshot.read(relpath)
+    raw = snapshot.read(relpath, yaml=True)
     if raw is None:
         raise ConfigError(
             f"{snapshot.origin(relpath)}: file not found",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import Any
 
 from builder import yamldoc
@@ -22,7 +23,7 @@ from builder.contracts import (
     WeightFile,
 )
 from builder.errors import ConfigError, DriftError
-from builder.load import CUSTOMER_FILE, LOCK_FILE, read_committed_file
+from builder.load import CUSTOMER_FILE, LOCK_FILE, read_committed_file, safe_relpath
 
 
 class StaleLockError(DriftError, ConfigError):
@@ -91,7 +92,8 @@ def render(lock: Mapping[str, Any]) -> bytes:
 
 
 def read_lock(spec: CustomerSpec) -> dict[str, Any] | None:
-    """The lock committed at the spec's revision, or None."""
+    """The lock committed at the spec's revision, or None; its shape checked against the
+    ``lock`` schema (every file with a sha256), so a hand-edited lock fails in one line."""
     raw = read_committed_file(spec, LOCK_FILE)
     if raw is None:
         return None
@@ -101,6 +103,10 @@ def read_lock(spec: CustomerSpec) -> dict[str, Any] | None:
             f"{doc.origin}: not a lock file of version {LOCK_VERSION}",
             hint="regenerate it with `builder lock`",
         )
+    try:
+        yamldoc.validate(doc, "lock")
+    except ConfigError as exc:
+        raise ConfigError(exc.message, hint="regenerate it with `builder lock`") from None
     return doc.data
 
 
@@ -207,12 +213,84 @@ def _manual_file_drift(spec: CustomerSpec, lock: Mapping[str, Any]) -> list[str]
     return lines
 
 
-def models_from_lock(spec: CustomerSpec, lock: Mapping[str, Any]) -> tuple[ResolvedModel, ...]:
-    """The resolved models a lock pins; DriftError (what changed) when the config moved on."""
+def _store_parts(uri: str) -> tuple[str, PurePosixPath] | None:
+    """(scheme and bucket, path) of an ``s3://`` or ``file:`` URI, or None for anything else."""
+    if uri.startswith("s3://"):
+        rest = uri.removeprefix("s3://")
+        bucket, _, key = rest.partition("/")
+        return f"s3://{bucket}", PurePosixPath("/", key)
+    if uri.startswith("file:"):
+        path = uri.removeprefix("file://") if uri.startswith("file://") else uri[len("file:") :]
+        return "file:", PurePosixPath(path)
+    return None
+
+
+def in_store(uri: str, production: str) -> bool:
+    """True if ``uri`` names an object strictly below the production store root.
+
+    Compared as text, component by component: no ``..``, no control characters, no query or
+    fragment, the same scheme (and bucket), and the root's every component first."""
+    if not production or any(ord(ch) < 32 or ch in "\\?#" for ch in uri):
+        return False
+    target, root = _store_parts(uri), _store_parts(production.rstrip("/"))
+    if target is None or root is None or target[0] != root[0]:
+        return False
+    path, base = target[1], root[1]
+    return (
+        ".." not in path.parts
+        and len(path.parts) > len(base.parts)
+        and path.parts[: len(base.parts)] == base.parts
+    )
+
+
+def _checked_files(
+    spec: CustomerSpec, name: str, entry: Mapping[str, Any], production: str, origin: str
+) -> tuple[WeightFile, ...]:
+    """A lock entry's files, each refused unless it lies where it may: under the production
+    store (registry models) or among the committed files of a manual model, same sha256."""
+    out = []
+    for index, f in enumerate(entry["files"]):
+        where = f"{origin}: models.{name}.files[{index}]"
+        safe_relpath(f["name"], where, "file name")
+        uri = f["uri"]
+        if entry["sourcing"] == "manual":
+            committed = spec.manual_files.get(uri.removeprefix("repo:"))
+            if not uri.startswith("repo:") or committed is None:
+                raise ConfigError(
+                    f"{where}: uri {uri[:120]!r} is not a committed file of manual model {name!r}",
+                    hint="regenerate the lock with `builder lock`",
+                )
+            if hashlib.sha256(committed).hexdigest() != f["sha256"]:
+                raise ConfigError(
+                    f"{where}: {uri} changed since the lock was made (sha256 differs)",
+                    hint="run `builder lock` and commit the result",
+                )
+        elif not production or not in_store(uri, production):
+            raise ConfigError(
+                f"{where}: uri {uri[:120]!r} is not under the production store "
+                f"{production or '(none configured)'}",
+                hint="a lock may only pin weights in the production store; regenerate it with `builder lock`",
+            )
+        out.append(WeightFile(name=f["name"], uri=uri, size=f["size"], sha256=f["sha256"]))
+    return tuple(out)
+
+
+def models_from_lock(
+    spec: CustomerSpec, lock: Mapping[str, Any], *, production: str
+) -> tuple[ResolvedModel, ...]:
+    """The resolved models a lock pins. StaleLockError (what changed) when the config moved on
+    or declares other models; ConfigError when a file lies outside the production store
+    (``production``, the setting) or the customer repo."""
+    origin = f"{spec.source.location}/{LOCK_FILE}"
     drift = input_drift(spec, lock)
+    declared = sorted(d.name for d in spec.models)
+    if not drift and sorted(lock["models"]) != declared:
+        drift = [f"it pins models {sorted(lock['models'])}, the config declares {declared}"]
+    if not drift and lock.get("customer") != spec.customer:
+        drift = [f"it is for customer {str(lock.get('customer'))[:64]!r}"]
     if drift:
         raise StaleLockError(
-            f"{spec.source.location}/{LOCK_FILE} is stale: " + "; ".join(drift),
+            f"{origin} is stale: " + "; ".join(drift),
             hint="run `builder lock` and commit the result",
         )
     out = []
@@ -230,10 +308,7 @@ def models_from_lock(spec: CustomerSpec, lock: Mapping[str, Any]) -> tuple[Resol
                 tags=tuple(e["tags"]),
                 published=e["published"],
                 weights_uri=e["weights_uri"],
-                files=tuple(
-                    WeightFile(name=f["name"], uri=f["uri"], size=f["size"], sha256=f["sha256"])
-                    for f in e["files"]
-                ),
+                files=_checked_files(spec, name, e, production, origin),
                 preprocessing=tuple(Plugin(p["cls"], p["params"]) for p in e["preprocessing"]),
                 postprocessing=tuple(Plugin(p["cls"], p["params"]) for p in e["postprocessing"]),
                 params=e["params"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -45,7 +46,8 @@ REF_NAME: Final = "org.opencontainers.image.ref.name"
 
 _DIGEST_RE: Final = re.compile(r"^sha256:[0-9a-f]{64}$")
 _CHUNK: Final = 1 << 20
-_STALE_TMP: Final = 24 * 3600
+#: A temporary file no process holds locked and this old (seconds) was left by a killed one.
+_STALE_TMP: Final = 60
 
 
 # -- canonical JSON and digests ------------------------------------------------------------
@@ -164,12 +166,20 @@ class BlobStore:
             _atomic_write(layout, canonical_json({"imageLayoutVersion": "1.0.0"}), self._tmp)
 
     def _sweep_tmp(self) -> None:
-        """Remove temporary files a killed process left (older than a day, so none in use)."""
+        """Remove temporary files a killed process left: a writer holds an exclusive ``flock``
+        on its file until it is renamed or removed, and the kernel drops it when the writer
+        dies, so an unlocked file older than a minute is abandoned, never one in use."""
         cutoff = time.time() - _STALE_TMP
         for path in self._tmp.iterdir():
             with contextlib.suppress(OSError):
-                if path.stat().st_mtime < cutoff:
+                if path.stat().st_mtime >= cutoff:
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use
                     path.unlink()
+                finally:
+                    os.close(fd)
 
     def path(self, digest: str) -> Path:
         """Where the blob ``digest`` lives (whether or not it is present)."""
@@ -216,6 +226,7 @@ class BlobStore:
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="blob-")
         tmp = Path(tmp_name)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # marks it in use for _sweep_tmp; freed on close
             with os.fdopen(fd, "wb") as file:
                 writer = BlobWriter(file)
                 yield writer

@@ -93,6 +93,7 @@ class BuildReport:
     layers: list[LayerReport]
     development: bool
     bytes_downloaded: int = 0
+    bytes_resumed: int = 0  # weights reused from an interrupted download, not downloaded again
     bytes_uploaded: int = 0
     outputs: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -515,6 +516,7 @@ def build(
             layers=[],
             development=cooked.development,
             bytes_downloaded=fetched.bytes_downloaded,
+            bytes_resumed=fetched.bytes_resumed,
             timings=timings,
             warnings=[*cooked.warnings, *notes],
         )

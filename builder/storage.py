@@ -15,8 +15,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from builder import yamldoc
 from builder.contracts import Progress
-from builder.errors import FetchError
+from builder.errors import ConfigError, FetchError
 
 MANIFEST_NAME = "publish-manifest.json"
 _CHUNK = 1 << 20
@@ -265,8 +266,12 @@ def read_manifest(store: Store, task_id: str) -> dict[str, Any] | None:
     raw = store.read_bytes(f"{task_id}/{MANIFEST_NAME}")
     if raw is None:
         return None
+    uri = store.uri(f"{task_id}/{MANIFEST_NAME}")
     try:
         data: dict[str, Any] = json.loads(raw)
-    except json.JSONDecodeError:
-        raise FetchError(f"{store.uri(f'{task_id}/{MANIFEST_NAME}')}: not valid JSON") from None
+        yamldoc.validate_data(data, "publish-manifest", uri)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
+        raise FetchError(f"{uri}: not valid JSON") from None
+    except ConfigError as exc:
+        raise FetchError(exc.message, hint="re-run `builder publish` for this model") from None
     return data

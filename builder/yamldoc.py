@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -19,8 +19,16 @@ import yaml
 
 from builder.errors import ConfigError
 
-#: Upper bound on the nodes a document may expand to through aliases ("billion laughs").
+#: Largest YAML input read at all, checked before parsing (configs and locks are kilobytes).
+MAX_DOCUMENT_BYTES = 1 << 20
+#: Upper bound on the nodes aliases ADD when expanded ("billion laughs"); the document's own
+#: nodes are bounded by MAX_DOCUMENT_BYTES and do not count here.
 MAX_EXPANDED_NODES = 20_000
+#: Deepest nesting of lists and mappings (aliases followed); deeper input is refused before any
+#: recursive step (composition, construction, schema validation) could exhaust the stack.
+MAX_DEPTH = 100
+#: Longest integer literal, in digits (Python refuses to convert beyond 4,300 anyway).
+MAX_INT_DIGITS = 100
 
 Path_ = tuple[str | int, ...]
 
@@ -47,12 +55,35 @@ class Document:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys."""
+    """SafeLoader that refuses duplicate mapping keys, deep nesting and huge integers."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # PyYAML composes recursively: bound the depth before Python's stack is exhausted.
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"lists/mappings nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a list or mapping cannot be a key", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None,
@@ -63,20 +94,74 @@ class _StrictLoader(yaml.SafeLoader):
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        digits = sum(ch.isalnum() for ch in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"integer with {digits} digits; at most {MAX_INT_DIGITS} are allowed",
+                node.start_mark,
+            )
+        return super().construct_yaml_int(node)
 
-def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
-    """Number of nodes the tree expands to when every alias is followed (memoised, linear)."""
-    cached = memo.get(id(node))
-    if cached is not None:
-        return cached
-    memo[id(node)] = 1  # a recursive alias counts once instead of looping
-    size = 1
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
+class _LimitError(Exception):
+    """A document that is valid YAML but exceeds one of the limits above."""
+
+    def __init__(self, message: str, node: yaml.Node) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse recursive aliases, and trees that aliases make too big or too deep.
+
+    Iterative and memoised (linear in the distinct nodes), so a hostile document cannot make
+    this check itself slow or recurse. Raises ``_LimitError`` naming the limit hit."""
+    size: dict[int, int] = {}  # expanded node count of each finished node
+    depth: dict[int, int] = {}  # expanded depth of each finished node
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            kids = _children(node)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if depth[key] > MAX_DEPTH:
+                raise _LimitError(
+                    f"aliases nest lists/mappings deeper than {MAX_DEPTH} levels", node
+                )
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise _LimitError("recursive alias (a node that contains itself)", node)
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in size)
+    distinct = len(size)
+    added = size[id(root)] - distinct
+    if added > MAX_EXPANDED_NODES:
+        raise _LimitError(
+            f"YAML aliases expand to more than {MAX_EXPANDED_NODES} nodes ({added} added by "
+            "aliases; the alias-expansion limit); write the values out instead of aliasing",
+            root,
+        )
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.SequenceNode):
-        size += sum(_expanded_size(child, memo) for child in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
-    memo[id(node)] = size
-    return size
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return []
 
 
 def _key_lines(node: yaml.Node, path: Path_, out: dict[Path_, int]) -> None:
@@ -91,27 +176,76 @@ def _key_lines(node: yaml.Node, path: Path_, out: dict[Path_, int]) -> None:
             _key_lines(item, (*path, index), out)
 
 
-def parse(text: str | bytes, origin: str) -> Document:
-    """Parse one YAML document strictly; any problem becomes a one-line ``ConfigError``."""
-    loader = _StrictLoader(text)
+def check_size(size: int, origin: str) -> None:
+    """Refuse a YAML input over MAX_DOCUMENT_BYTES (callers check before even reading it)."""
+    if size > MAX_DOCUMENT_BYTES:
+        raise ConfigError(
+            f"{origin}: {size} bytes, over the size limit of {MAX_DOCUMENT_BYTES} bytes for a "
+            "YAML file; refusing to parse it",
+            hint="is this the right file?",
+        )
+
+
+def _decode(text: str | bytes, origin: str) -> str:
+    """The document as text; size checked first, then NUL bytes and UTF-8."""
+    check_size(
+        len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else len(text), origin
+    )
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise ConfigError(
+            f"{origin}: a NUL byte at offset {nul}: this is a binary file, not YAML",
+            hint="is this the right file?",
+        )
     try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{origin}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+            hint="save the file as UTF-8",
+        ) from None
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def parse(text: str | bytes, origin: str) -> Document:
+    """Parse one YAML document strictly; any problem becomes a one-line ``ConfigError``.
+
+    Limits, each named in its message: the input size (checked first), the nesting depth, the
+    nodes added by aliases (counted apart from the document's own), the digits of an integer."""
+    decoded = _decode(text, origin)
+    loader: _StrictLoader | None = None
+    try:
+        loader = _StrictLoader(decoded)  # PyYAML checks the characters here
         node = loader.get_single_node()
         if node is None:
             raise ConfigError(f"{origin}: the file is empty", hint="see `builder schema`")
-        if _expanded_size(node, {}) > MAX_EXPANDED_NODES:
-            raise ConfigError(
-                f"{origin}:{node.start_mark.line + 1}: YAML aliases expand to more than "
-                f"{MAX_EXPANDED_NODES} nodes; refusing (write the values out instead of aliasing)"
-            )
+        _check_expansion(node)
         data = loader.construct_document(node)
+    except _LimitError as exc:
+        raise ConfigError(f"{origin}:{exc.node.start_mark.line + 1}: {exc}; refusing") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{origin}{line}: invalid YAML: {exc.problem or exc.context}") from None
+        problem = _one_line(exc.problem or exc.context)
+        raise ConfigError(f"{origin}{line}: invalid YAML: {problem}") from None
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(
+            f"{origin}: invalid YAML: character #x{exc.character:04x} at offset {exc.position} "
+            "is not allowed in YAML",
+            hint="is this a text file?",
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{origin}: invalid YAML: {_one_line(exc)}") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # Scalars PyYAML recognises but cannot convert (a date like 2024-13-45).
+        raise ConfigError(f"{origin}: invalid YAML value: {_one_line(exc)}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     lines: dict[Path_, int] = {}
     _key_lines(node, (), lines)
     return Document(origin=origin, data=data, lines=lines)
@@ -147,7 +281,7 @@ def _describe(error: jsonschema.ValidationError, doc: Document) -> str:
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         schema_ = error.schema if isinstance(error.schema, Mapping) else {}
         allowed = sorted(schema_.get("properties", {}))
-        extra = sorted(k for k in error.instance if k not in allowed)[0]
+        extra = sorted((str(k) for k in error.instance if k not in allowed), key=str)[0]
         guess = difflib.get_close_matches(extra, allowed, n=1)
         did_you_mean = (
             f" (did you mean {guess[0]!r}?)" if guess else f" (allowed: {', '.join(allowed)})"
@@ -158,10 +292,31 @@ def _describe(error: jsonschema.ValidationError, doc: Document) -> str:
     if "propertyNames" in error.absolute_schema_path:
         name = error.instance
         return (
-            f"{doc.where((*path, str(name)))}: {dotted(path)}: invalid name {name!r} "
+            f"{doc.where((*path, str(name)))}: {dotted(path)}: invalid name {repr(name)[:80]} "
             "(letters, digits, '_', '.', '-'; not starting with '.' or '-'; at most 64 characters)"
         )
-    return f"{doc.where(path)}: {dotted(path)}: {error.message}"
+    return f"{doc.where(path)}: {dotted(path)}: {_short_message(error)}"
+
+
+_JSON_TYPES = {
+    dict: "a mapping",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}
+
+
+def _short_message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's message without the offending value written out whole: that value can be
+    a whole file (a link to /etc/passwd read as YAML) or a huge string."""
+    if error.validator == "type":
+        kind = _JSON_TYPES.get(type(error.instance), type(error.instance).__name__)
+        return f"{kind} is not of type {error.validator_value!r}"
+    message = _one_line(error.message)
+    return message if len(message) <= 200 else f"{message[:197]}..."
 
 
 def _errors(doc: Document, schema_name: str) -> Iterator[jsonschema.ValidationError]:
@@ -182,6 +337,12 @@ def validate(doc: Document, schema_name: str) -> None:
     # The error deepest inside the shallowest failing branch is usually the one a person can fix.
     best = jsonschema.exceptions.best_match([first, *first.context]) if first.context else first
     raise ConfigError(_describe(best, doc))
+
+
+def validate_data(data: Any, schema_name: str, origin: str) -> None:
+    """Validate data that did not come from a YAML file (JSON, a registry's answer) the same
+    way; the message names ``origin`` and the key."""
+    validate(Document(origin=origin, data=data, lines={}), schema_name)
 
 
 def dump(data: Any) -> bytes:

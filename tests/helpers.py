@@ -11,6 +11,8 @@ from typing import Any
 
 import git
 
+from builder.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CUSTOMER_YAML = """\
@@ -204,3 +206,15 @@ def push_labelled_bases(
         for line in client.images.push(repository, tag=version, stream=True, decode=True):
             assert "error" not in line, line
     return repository
+
+
+def offline_settings(tmp_path: Path) -> Settings:
+    """Settings whose model registry, store and image registries are unreachable (load tests)."""
+    return Settings(
+        customers=tmp_path / "customers",
+        model_registry="local:/nonexistent",
+        production="file:/nonexistent",
+        base_repository="127.0.0.1:1/ivd/inference-base",
+        image_registry="127.0.0.1:1",
+        cache_dir=tmp_path / "cache",
+    )

@@ -204,7 +204,6 @@ def test_locked_offline_build_needs_no_registry(env: dict[str, str], repo: Path)
     offline_env = {
         **env,
         "BUILDER_MODEL_REGISTRY": "local:/nowhere",
-        "BUILDER_PRODUCTION": "file:/nowhere",
     }
     offline = _build(offline_env, str(repo), "--locked", "--offline")
     assert offline["manifest_digest"] == online["manifest_digest"]

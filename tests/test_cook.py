@@ -171,9 +171,8 @@ def test_locked_cook_never_calls_the_registry(
     commit_files(
         repo, {"customer.lock.yaml": result.path.read_bytes() if result.path else b""}, "lock"
     )
-    offline = replace(
-        settings, model_registry="local:/does/not/exist", production="file:/does/not/exist"
-    )
+    # The registry is gone; the production store stays: lock entries must lie under it.
+    offline = replace(settings, model_registry="local:/does/not/exist")
     locked = cook(str(repo), offline, locked=True)
     assert locked.verbose_yaml == cook(str(repo), settings).verbose_yaml
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,19 +145,29 @@ def test_s3_interrupted_download_resumes(
     monkeypatch.setattr(S3Store, "stream", real_stream)
 
     fetched: list[tuple[int, int]] = []
-    monkeypatch.setattr(
-        S3Store,
-        "stream",
-        lambda self, key, start, end: (
-            fetched.append((start, end)),
-            real_stream(self, key, start, end),
-        )[1],
+
+    def recording(self: S3Store, key: str, start: int, end: int) -> Iterator[bytes]:
+        fetched.append((start, end))
+        return real_stream(self, key, start, end)
+
+    monkeypatch.setattr(S3Store, "stream", recording)
+    labels: set[str] = set()
+    result = fetch(
+        (_model(wf),),
+        cache,
+        manual_files={},
+        jobs=1,
+        progress=lambda what, done, total: labels.add(what),
     )
-    result = fetch((_model(wf),), cache, manual_files={}, jobs=1)
     assert result.files[0].path.read_bytes() == data
     assert (
         min(start for start, _ in fetched) == small_chunks * 3
     )  # the first three chunks were kept
+    # ... and it says so: resumed, not the full size "downloaded"
+    assert result.files[0].status == "resumed"
+    assert result.files[0].resumed_bytes == small_chunks * 3
+    assert (result.bytes_downloaded, result.bytes_resumed) == (small_chunks * 3,) * 2
+    assert labels == {"m/big.bin (resumed)"}
 
 
 def test_s3_missing_object(s3: Any, tmp_path: Path) -> None:
@@ -171,7 +183,7 @@ def test_s3_endpoint_down_gives_a_clear_error(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setattr(fetch_module.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
     wf = WeightFile(name="x", uri=f"s3://{BUCKET}/t/x", size=10, sha256=_sha(b"0123456789"))
     cache = Cache(tmp_path / "cache")
     with pytest.raises(FetchError, match="S3 endpoint unreachable") as info:
@@ -205,3 +217,65 @@ def test_two_processes_share_the_cache(s3: Any, s3_server: Any, tmp_path: Path) 
     outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outputs[0] == outputs[1] and Path(outputs[0]).read_bytes() == data
+
+
+def _weights_file(tmp_path: Path, chunks: int, chunk: int) -> tuple[bytes, WeightFile]:
+    data = os.urandom(chunks * chunk)
+    (tmp_path / "big.bin").write_bytes(data)
+    wf = WeightFile(
+        name="big.bin", uri=f"file:{tmp_path / 'big.bin'}", size=len(data), sha256=_sha(data)
+    )
+    return data, wf
+
+
+def test_disk_full_removes_the_partial_download(
+    tmp_path: Path, small_chunks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, wf = _weights_file(tmp_path, 8, small_chunks)
+    cache = Cache(tmp_path / "cache")
+    real_pwrite = os.pwrite
+    written = 0
+
+    def disk_fills_up(fd: int, block: bytes, offset: int) -> int:
+        nonlocal written
+        if written + len(block) > small_chunks * 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written += len(block)
+        return real_pwrite(fd, block, offset)
+
+    monkeypatch.setattr(os, "pwrite", disk_fills_up)
+    with pytest.raises(FetchError) as info:
+        fetch((_model(wf),), cache, manual_files={}, jobs=2)
+    assert "No space left on device" in str(info.value) and "\n" not in str(info.value)
+    assert "partial download was removed" in str(info.value)
+    assert list((cache.root / "tmp").iterdir()) == []  # nothing left to keep the disk full
+    assert list((cache.root / "blobs" / "sha256").iterdir()) == []
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    again = fetch((_model(wf),), cache, manual_files={})  # space freed: the next run works
+    assert again.files[0].path.read_bytes() == data and again.files[0].status == "downloaded"
+
+
+def test_disk_full_while_storing_a_manual_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = Cache(tmp_path / "cache")
+    wf = WeightFile(name="w", uri="repo:models/m/w", size=4, sha256=_sha(b"wxyz"))
+
+    def full(self: Path, data: bytes) -> int:
+        self.open("wb").close()  # the file was created, then the disk was full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(FetchError, match="No space left"):
+        fetch((_model(wf),), cache, manual_files={"models/m/w": b"wxyz"})
+    assert list((cache.root / "tmp").iterdir()) == []
+
+
+def test_repo_file_must_match_its_sha256(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    wf = WeightFile(name="w", uri="repo:models/m/w", size=4, sha256=_sha(b"old!"))
+    with pytest.raises(FetchError, match="does not match its sha256"):
+        fetch((_model(wf),), cache, manual_files={"models/m/w": b"new!"})
+    missing = WeightFile(name="w", uri="repo:../../etc/passwd", size=4, sha256=_sha(b"old!"))
+    with pytest.raises(FetchError, match="not a committed file"):
+        fetch((_model(missing),), cache, manual_files={"models/m/w": b"new!"})

@@ -12,6 +12,7 @@ from helpers import (
     MITOSIS_ID,
     commit_files,
     customer_repo,
+    offline_settings,
 )
 
 from builder.errors import ConfigError
@@ -21,14 +22,7 @@ from builder.settings import Settings
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        customers=tmp_path / "customers",
-        model_registry="local:/nonexistent",
-        production="file:/nonexistent",
-        base_repository="127.0.0.1:1/ivd/inference-base",
-        image_registry="127.0.0.1:1",
-        cache_dir=tmp_path / "cache",
-    )
+    return offline_settings(tmp_path)
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,10 +55,26 @@ def emit(command: str, data: Any, human: Callable[[], None]) -> None:
         human()
 
 
+#: Environment variables whose names say they hold a secret; their values never get printed.
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY", re.IGNORECASE)
+
+
+def mask_secrets(text: str) -> str:
+    """Text fit to print: no user:password@ or query values in URLs, and no value of a
+    secret-named environment variable (tokens, AWS and ClearML secret keys)."""
+    from builder.load import redact_url
+
+    text = redact_url(text)
+    for name, value in os.environ.items():
+        if len(value) >= 6 and _SECRET_NAME.search(name) and value in text:
+            text = text.replace(value, "[MASKED]")
+    return text
+
+
 def info(message: str) -> None:
     """Progress and notes for people go to stderr, so stdout stays pipeable."""
     if not _json_mode.get():
-        click.echo(message, err=True)
+        click.echo(mask_secrets(message), err=True)
 
 
 @contextmanager

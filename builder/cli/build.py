@@ -261,8 +261,9 @@ def build(
                 click.echo(
                     f"layer     {layer.name:<20} {layer.size:>12,} B  {layer.push or 'built'}"
                 )
+        resumed = f" (+{report.bytes_resumed:,} B resumed)" if report.bytes_resumed else ""
         click.echo(
-            f"uploaded  {report.bytes_uploaded:,} B   downloaded {report.bytes_downloaded:,} B"
+            f"uploaded  {report.bytes_uploaded:,} B   downloaded {report.bytes_downloaded:,} B{resumed}"
         )
         for kind, where in report.outputs.items():
             click.echo(f"{kind:<9} {where}")

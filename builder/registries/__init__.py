@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from builder.errors import RegistryError
+from builder import yamldoc
+from builder.errors import ConfigError, RegistryError
 
 #: Task states that mean training finished normally (a published task is a completed one).
 COMPLETED_TASK_STATES = frozenset({"completed", "published", "closed"})
@@ -68,12 +69,18 @@ def parse_design(design: Any, where: str) -> dict[str, Any]:
     from clearml.utilities.config import text_to_config_dict
 
     try:
-        return dict(text_to_config_dict(text))
+        parsed = dict(text_to_config_dict(text))
+        yamldoc.validate_data(parsed, "model-design", where)
     except ValueError:
         raise RegistryError(
             f"{where}: model design is not valid HOCON/JSON",
             hint="fix the model's configuration in the registry",
         ) from None
+    except ConfigError as exc:
+        raise RegistryError(
+            exc.message, hint="fix the model's configuration in the registry"
+        ) from None
+    return parsed
 
 
 def open_registry(spec: str) -> ModelRegistry:

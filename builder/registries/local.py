@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from builder import yamldoc
-from builder.errors import RegistryError
+from builder.errors import ConfigError, RegistryError
 from builder.registries import ModelRecord, TaskRecord, parse_design
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -35,9 +35,11 @@ class LocalRegistry:
                 f"{kind} {record_id} not found in {self.description}",
                 hint="check the id, or `builder models list`",
             )
-        doc = yamldoc.parse(path.read_bytes(), str(path))
-        if not isinstance(doc.data, dict):
-            raise RegistryError(f"{path}: a {kind} record must be a mapping")
+        try:
+            doc = yamldoc.parse(path.read_bytes(), str(path))
+            yamldoc.validate(doc, f"registry-{kind}")
+        except ConfigError as exc:
+            raise RegistryError(exc.message, hint="fix or re-export the record") from None
         return doc.data, str(path)
 
     def get_model(self, model_id: str) -> ModelRecord:

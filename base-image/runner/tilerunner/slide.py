@@ -103,6 +103,10 @@ class OpenSlideSlide:
         import openslide
 
         self._osr = openslide.OpenSlide(str(path))
+        # OpenSlide errors are sticky: after one failed read every later call on the handle
+        # fails with the same message. Remember the first, so a later read at another level
+        # reports where the damage really is.
+        self._failure: str | None = None
         self.info = info or self._info(path, mpp_override)
 
     def _info(self, path: Path, mpp_override: float | None) -> SlideInfo:
@@ -134,13 +138,17 @@ class OpenSlideSlide:
     ) -> np.ndarray:
         import openslide
 
+        if self._failure is not None:
+            raise SlideError(self._failure)
         try:
             image = self._osr.read_region(location, level, size)
         except openslide.OpenSlideError as exc:
-            raise SlideError(
-                f"slide {self.info.path} is corrupt or truncated: reading {size[0]}x{size[1]} "
-                f"at {location} level {level} failed: {_one_line(exc)}"
-            ) from None
+            self._failure = (
+                f"slide {self.info.path} is corrupt or truncated: tile data of level {level} "
+                f"does not decode (reading {size[0]}x{size[1]} px at level-0 {location}): "
+                f"{_one_line(exc)}"
+            )
+            raise SlideError(self._failure) from None
         return _rgba_to_rgb(np.asarray(image))
 
     def clone(self) -> OpenSlideSlide:
@@ -180,6 +188,9 @@ class TiffSlide:
         import tifffile
 
         self._tf = tifffile.TiffFile(str(path))
+        if not self._tf.series:
+            self._tf.close()
+            raise SlideError(_no_directory(path))
         series = self._tf.series[0]
         self._pages = [lvl.keyframe for lvl in series.levels]
         self._lock = threading.Lock()
@@ -187,7 +198,12 @@ class TiffSlide:
         self._capacity = []
         for page in self._pages:
             if page.samplesperpixel < 3 or page.dtype != np.uint8:
-                raise SlideError(f"slide {path} is not an 8-bit RGB image tifffile can tile")
+                self._tf.close()
+                raise SlideError(
+                    f"slide {path} is not an 8-bit RGB image tifffile can tile (image "
+                    f"{page.index}: {page.samplesperpixel} samples per pixel of {page.dtype}); "
+                    "if it should be, its TIFF directory is corrupt"
+                )
             across = math.ceil(
                 page.imagewidth / (page.tilewidth if page.is_tiled else page.imagewidth)
             )
@@ -320,6 +336,35 @@ def _is_tiff(path: Path) -> bool:
         return fh.read(4) in _TIFF_MAGIC
 
 
+def _header_problem(path: Path) -> str | None:
+    """What is wrong with a TIFF header, or None if it is whole and points inside the file.
+
+    The header is 8 bytes (16 for BigTIFF): byte order, magic, offset of the first directory
+    (IFD); a damaged header points outside the file or at something that is not a directory."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(16)
+    if head[:4] not in _TIFF_MAGIC:
+        return None
+    order = "<" if head[:2] == b"II" else ">"
+    big = head[2:4] in (b"+\x00", b"\x00+")
+    if len(head) < (16 if big else 8):
+        return f"slide {path} has a corrupt TIFF header: the file ends inside it ({size} bytes)"
+    offset = int.from_bytes(head[8:16] if big else head[4:8], "little" if order == "<" else "big")
+    if offset < (16 if big else 8) or offset >= size:
+        return (
+            f"slide {path} has a corrupt TIFF header: it points to the first image directory "
+            f"at byte {offset}, outside the file ({size} bytes)"
+        )
+    return None
+
+
+def _no_directory(path: Path) -> str:
+    return _header_problem(path) or (
+        f"slide {path} has a corrupt TIFF header or first image directory: no image found"
+    )
+
+
 def preflight_tiff(path: Path) -> None:
     """Check that every level's tile data lies inside the file (catches truncated copies)."""
     import tifffile
@@ -328,6 +373,8 @@ def preflight_tiff(path: Path) -> None:
     try:
         with tifffile.TiffFile(str(path)) as tf:
             pages = list(tf.pages)
+            if not pages:
+                raise SlideError(_no_directory(path))
             for index, page in enumerate(pages):
                 offsets = getattr(page, "dataoffsets", ())
                 counts = getattr(page, "databytecounts", ())
@@ -342,7 +389,10 @@ def preflight_tiff(path: Path) -> None:
     except SlideError:
         raise
     except Exception as exc:
-        raise SlideError(f"slide {path} is a corrupt TIFF: {_one_line(exc)}") from None
+        raise SlideError(
+            _header_problem(path)
+            or f"slide {path} is a corrupt TIFF (its header or an image directory): {_one_line(exc)}"
+        ) from None
 
 
 #: OpenSlide vendors whose levels are plain TIFF directories tifffile can read tile by tile.
@@ -376,13 +426,17 @@ def _fast_path(osr: OpenSlideSlide) -> Slide:
         size = (min(w, 512), min(h, 512))
         ds = info.level_downsamples[level]
         probes.append((level, (round((w - size[0]) / 2 * ds), round((h - size[1]) / 2 * ds)), size))
-    try:
-        same = all(
-            np.array_equal(osr.read_region(loc, lvl, size), fast.read_region(loc, lvl, size))
-            for lvl, loc, size in probes
-        )
-    except SlideError:
-        same = False
+    same = True
+    for lvl, loc, size in probes:
+        try:
+            expected = osr.read_region(loc, lvl, size)  # a SlideError here is the slide's own
+        except SlideError:
+            fast.close()
+            raise
+        try:
+            same = same and np.array_equal(expected, fast.read_region(loc, lvl, size))
+        except SlideError:
+            same = False
     if not same:
         fast.close()
         return osr
