@@ -198,8 +198,8 @@ def test_models_list_shows_published_state_and_production_presence() -> None:
     result = run_cli("models", "list", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["id"]: row for row in json.loads(result.stdout)["result"]["models"]}
-    assert rows["a957f623-e6d3-4159-a07a-ec1b8323eb54"]["published"] is True
-    assert rows["a957f623-e6d3-4159-a07a-ec1b8323eb54"]["in_production"] is True
+    assert rows["a957f623e6d34159a07aec1b8323eb54"]["published"] is True
+    assert rows["a957f623e6d34159a07aec1b8323eb54"]["in_production"] is True
     assert rows["c0ffee00c0ffee00c0ffee00c0ffee00"]["published"] is False
     assert rows["c0ffee00c0ffee00c0ffee00c0ffee00"]["in_production"] is False
     published = run_cli("models", "list", "--published", "--json")
