@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -323,38 +325,62 @@ def clearml_container(uri: str) -> str:
         ) from None
 
 
+class _LastError(logging.Handler):
+    """Keeps the SDK's last error line (StorageManager logs failures and returns None)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.line = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage().strip().splitlines()
+        if text:
+            self.line = text[-1][:300]
+
+
+@contextmanager
+def _sdk_errors_captured() -> Iterator[_LastError]:
+    """Silence the SDK's storage loggers (one clear line is ours to say) and keep its reason."""
+    capture = _LastError()
+    loggers = [
+        logging.getLogger(n) for n in ("clearml", "clearml.storage", "clearml.storage_manager")
+    ]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers = [capture]
+        lg.propagate = False
+    try:
+        yield capture
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers, lg.propagate = handlers, propagate
+
+
 def clearml_local_copy(uri: str) -> Path:
     """Download one weights object through ClearML's StorageManager, with the credentials of
     clearml.conf (``sdk.aws.s3.credentials`` for host:port endpoints, the API session for the
     file server, gs/azure sections); the file lands in ClearML's cache (CLEARML_CACHE_DIR)."""
-    import logging
-
     from builder.registries.clearml import sdk_deadline
 
     clearml_container(uri)
     from clearml import StorageManager
 
-    quiet = [
-        logging.getLogger(n) for n in ("clearml", "clearml.storage", "clearml.storage_manager")
-    ]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:
-        lg.setLevel(logging.CRITICAL)  # the SDK logs and returns None; we say it in one line
-    try:
-        with sdk_deadline(STORAGE_DEADLINE_SECONDS, f"download of {uri}", FetchError):
-            local = StorageManager.get_local_copy(uri, extract_archive=False, force_download=True)
-    except FetchError:
-        raise
-    except Exception as exc:
-        raise FetchError(
-            f"downloading {uri} through ClearML failed: {type(exc).__name__}: {exc}"
-        ) from None
-    finally:
-        for lg, level in zip(quiet, levels, strict=True):
-            lg.setLevel(level)
+    with _sdk_errors_captured() as sdk:
+        try:
+            with sdk_deadline(STORAGE_DEADLINE_SECONDS, f"download of {uri}", FetchError):
+                local = StorageManager.get_local_copy(
+                    uri, extract_archive=False, force_download=True
+                )
+        except FetchError:
+            raise
+        except Exception as exc:
+            raise FetchError(
+                f"downloading {uri} through ClearML failed: {type(exc).__name__}: {exc}"
+            ) from None
     if not local or not Path(local).is_file():
+        reason = f" ({sdk.line})" if sdk.line else ""
         raise FetchError(
-            f"the model's weights {uri} do not exist or cannot be read with ClearML's storage settings",
+            f"the model's weights {uri} do not exist or cannot be read with ClearML's storage settings{reason}",
             hint="check the URI and the credentials in clearml.conf (sdk.aws.s3.credentials, files server)",
         )
     return Path(local)

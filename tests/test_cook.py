@@ -27,7 +27,10 @@ from builder.errors import ConfigError, DriftError, RegistryError, ReleaseGateEr
 from builder.fetch import Cache
 from builder.settings import Settings
 
-WEIGHTS = {CARCINOMA_TASK: b"carcinoma-weights", MITOSIS_TASK: b"mitosis-weights"}
+WEIGHTS = {
+    (CARCINOMA_TASK, CARCINOMA_ID): b"carcinoma-weights",
+    (MITOSIS_TASK, MITOSIS_ID): b"mitosis-weights",
+}
 
 
 @pytest.fixture
@@ -40,8 +43,8 @@ def settings(tmp_path: Path) -> Settings:
         ],
         [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
     )
-    for task, data in WEIGHTS.items():
-        write_production(tmp_path / "production", task, {"model.onnx": data})
+    for (task, model), data in WEIGHTS.items():
+        write_production(tmp_path / "production", task, model, {"model.onnx": data})
     return Settings(
         customers=tmp_path / "customers",
         model_registry=f"local:{registry}",
@@ -157,7 +160,9 @@ def test_lock_write_check_and_drift(repo: Path, settings: Settings, tmp_path: Pa
     make_customer_lock(cook(str(repo), settings), cache, base=None, check=True)
 
     # Someone re-publishes different weights under the same task: the check names it.
-    write_production(tmp_path / "production", MITOSIS_TASK, {"model.onnx": b"retrained"})
+    write_production(
+        tmp_path / "production", MITOSIS_TASK, MITOSIS_ID, {"model.onnx": b"retrained"}
+    )
     with pytest.raises(DriftError, match="mitosis_model: weights changed"):
         make_customer_lock(cook(str(repo), settings), cache, base=None, check=True)
 

@@ -77,9 +77,9 @@ def test_publish_copies_verifies_then_marks(s3: Any, clearml: Any, env: dict[str
         }
     ]
     assert doc["marked_published"] is True
-    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/model.onnx")["Body"].read() == WEIGHTS
+    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/model.onnx")["Body"].read() == WEIGHTS
     manifest = json.loads(
-        s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["Body"].read()
+        s3.get_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/publish-manifest.json")["Body"].read()
     )
     assert (
         manifest["model_id"] == MODEL
@@ -95,7 +95,7 @@ def test_publish_copies_verifies_then_marks(s3: Any, clearml: Any, env: dict[str
 
 def test_publish_again_changes_nothing(s3: Any, clearml: Any, env: dict[str, str]) -> None:
     assert _publish(env, MODEL).returncode == 0
-    before = s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["LastModified"]
+    before = s3.get_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/publish-manifest.json")["LastModified"]
     again = _publish(env, MODEL)
     assert again.returncode == 0, again.stderr
     doc = json.loads(again.stdout)["result"]
@@ -104,7 +104,7 @@ def test_publish_again_changes_nothing(s3: Any, clearml: Any, env: dict[str, str
         and not doc["manifest_written"]
         and not doc["marked_published"]
     )
-    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["LastModified"] == before
+    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/publish-manifest.json")["LastModified"] == before
 
 
 def test_dry_run_changes_nothing(s3: Any, clearml: Any, env: dict[str, str]) -> None:
@@ -137,10 +137,10 @@ def test_source_object_missing(s3: Any, clearml: Any, env: dict[str, str]) -> No
 
 
 def test_destination_conflict_is_refused(s3: Any, clearml: Any, env: dict[str, str]) -> None:
-    s3.put_object(Bucket=PROD, Key=f"{TASK}/model.onnx", Body=b"something else")
+    s3.put_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/model.onnx", Body=b"something else")
     result = _publish(env, MODEL)
     assert result.returncode == 5 and "immutable" in result.stdout
-    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/model.onnx")["Body"].read() == b"something else"
+    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/model.onnx")["Body"].read() == b"something else"
     assert clearml.calls("models.set_ready") == []
 
 
@@ -153,7 +153,9 @@ def test_s3_unreachable(clearml: Any, env: dict[str, str]) -> None:
         },
         MODEL,
     )
-    assert result.returncode == 5 and "S3 endpoint unreachable" in result.stdout
+    message = json.loads(result.stdout)["error"]["message"]
+    assert result.returncode == 5, message
+    assert "cannot be read with ClearML's storage settings" in message and "127.0.0.1:9" in message
     assert clearml.calls("models.set_ready") == []
 
 
@@ -183,7 +185,7 @@ def test_interrupted_between_copy_and_mark_completes_on_rerun(
         patch.setattr(LocalRegistry, "mark_published", crash)
         with pytest.raises(FetchError, match="injected"):
             publish(MODEL, registry, production)
-    assert (tmp_path / "production" / TASK / "model.onnx").read_bytes() == WEIGHTS
+    assert (tmp_path / "production" / TASK / MODEL / "model.onnx").read_bytes() == WEIGHTS
     assert (
         registry.get_model(MODEL).ready is False
     )  # never published without the copy, nor before it
