@@ -86,21 +86,17 @@ def _source_objects(uri: str, base: Path) -> tuple[Store, list[tuple[str, str, i
         name = PurePosixPath(uri.rstrip("/")).name
         store = open_store(f"file:{local.parent}", base)
         return store, [(name, local.name, local.stat().st_size)]
-    root, key = split_uri(uri)
-    store = open_store(root, base)
+    path = PurePosixPath(split_uri(uri)[1])
     if uri.endswith("/"):
-        objects = store.list(key.rstrip("/"))
-        return store, [
-            (PurePosixPath(o.key).relative_to(key.rstrip("/")).as_posix(), o.key, o.size)
-            for o in objects
-        ]
-    parent = str(PurePosixPath(key).parent)
-    found = [o for o in store.list(parent if parent != "." else "") if o.key == key]
+        store = open_store(f"file:{path}", base)
+        return store, [(o.key, o.key, o.size) for o in store.list("")]
+    store = open_store(f"file:{path.parent}", base)
+    found = [o for o in store.list("") if o.key == path.name]
     if not found:
         raise FetchError(
             f"the model's weights {uri} do not exist", hint="check the model's URI in the registry"
         )
-    return store, [(PurePosixPath(key).name, key, found[0].size)]
+    return store, [(path.name, path.name, found[0].size)]
 
 
 def _copy(

@@ -73,7 +73,7 @@ def test_expand_gives_the_verbose_form(repo: Path, settings: Settings) -> None:
     assert carcinoma["provenance"]["task_id"] == CARCINOMA_TASK
     assert (
         carcinoma["provenance"]["files"][0]["sha256"]
-        == hashlib.sha256(WEIGHTS[CARCINOMA_TASK]).hexdigest()
+        == hashlib.sha256(WEIGHTS[CARCINOMA_TASK, CARCINOMA_ID]).hexdigest()
     )
     # Everything but `models` passes through untouched.
     assert analysis["features"][1] == {
@@ -141,7 +141,7 @@ def test_task_not_completed_is_refused(repo: Path, settings: Settings) -> None:
 def test_weights_missing_from_production_are_refused(
     repo: Path, settings: Settings, tmp_path: Path
 ) -> None:
-    for path in (tmp_path / "production" / MITOSIS_TASK).iterdir():
+    for path in (tmp_path / "production" / MITOSIS_TASK / MITOSIS_ID).iterdir():
         path.unlink()
     with pytest.raises(ReleaseGateError, match="no weights under the production store"):
         cook(str(repo), settings)
@@ -154,7 +154,7 @@ def test_lock_write_check_and_drift(repo: Path, settings: Settings, tmp_path: Pa
     lock = yaml.safe_load(result.path.read_bytes())
     assert (
         lock["models"]["mitosis_model"]["files"][0]["sha256"]
-        == hashlib.sha256(WEIGHTS[MITOSIS_TASK]).hexdigest()
+        == hashlib.sha256(WEIGHTS[MITOSIS_TASK, MITOSIS_ID]).hexdigest()
     )
     commit_files(repo, {"customer.lock.yaml": result.path.read_bytes()}, "lock")
     make_customer_lock(cook(str(repo), settings), cache, base=None, check=True)
