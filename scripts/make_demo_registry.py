@@ -15,6 +15,7 @@ import argparse
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -59,7 +60,12 @@ PROJECT_ID, PROJECT_NAME = "4e1c3b2a5d6f47988a9b0c1d2e3f4a5b", "pathology/demo"
 
 
 def _record(
-    model_id: str, task_id: str, name: str, ready: bool, design: dict[str, object], description: str
+    model_id: str,
+    task_id: str,
+    name: str,
+    ready: bool,
+    design: Mapping[str, object],
+    description: str,
 ) -> dict[str, object]:
     return {
         "id": model_id,

@@ -23,6 +23,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 from builder.errors import BuilderError, RegistryError
@@ -181,15 +182,12 @@ class ClearMLRegistry:
 
     def _get_all(self, service: str, query: dict[str, Any]) -> list[Any]:
         """Every page of `<service>.get_all` (the server caps a page at 500, default 500)."""
-        api = self._api()
+        get_all = getattr(self._api(), service).get_all
         out: list[Any] = []
         seen: set[str] = set()
         for page in range(1_000_000):
             body = {**query, "page": page, "page_size": PAGE_SIZE}
-            batch = list(
-                self._call(f"{service}.get_all", lambda b=body: getattr(api, service).get_all(**b))
-                or ()
-            )
+            batch = list(self._call(f"{service}.get_all", partial(get_all, **body)) or ())
             fresh = [item for item in batch if item.id not in seen]
             if len(fresh) != len(batch):  # a server that ignores `page` must not loop us
                 raise RegistryError(
