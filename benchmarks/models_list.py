@@ -44,7 +44,7 @@ def _seed_for(listed: int) -> dict[str, list[dict[str, object]]]:
     total = listed
     while True:
         data = realistic_seed(models=total)
-        visible = sum("archived" not in m["system_tags"] for m in data["models"])  # type: ignore[operator]
+        visible = sum("archived" not in m["system_tags"] for m in data["models"])
         if visible >= listed:
             return data
         total += listed - visible
