@@ -159,6 +159,20 @@ def write_local_registry(
     return folder
 
 
+def local_settings(tmp_path: Path, registry: Path) -> Any:
+    """Settings for a local registry folder and the production store at tmp_path/production."""
+    from builder.settings import Settings
+
+    return Settings(
+        customers=tmp_path / "customers",
+        model_registry=f"local:{registry}",
+        production=f"file:{tmp_path / 'production'}",
+        base_repository="127.0.0.1:1/ivd/inference-base",
+        image_registry="127.0.0.1:1",
+        cache_dir=tmp_path / "cache",
+    )
+
+
 def write_production(
     folder: Path,
     task_id: str,

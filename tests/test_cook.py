@@ -16,6 +16,7 @@ from helpers import (
     MITOSIS_TASK,
     commit_files,
     customer_repo,
+    local_settings,
     model_record,
     task_record,
     write_local_registry,
@@ -45,14 +46,8 @@ def settings(tmp_path: Path) -> Settings:
     )
     for (task, model), data in WEIGHTS.items():
         write_production(tmp_path / "production", task, model, {"model.onnx": data})
-    return Settings(
-        customers=tmp_path / "customers",
-        model_registry=f"local:{registry}",
-        production=f"file:{tmp_path / 'production'}",
-        base_repository="127.0.0.1:1/ivd/inference-base",
-        image_registry="127.0.0.1:1",
-        cache_dir=tmp_path / "cache",
-    )
+    settings: Settings = local_settings(tmp_path, registry)
+    return settings
 
 
 @pytest.fixture

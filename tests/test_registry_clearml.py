@@ -251,14 +251,18 @@ def real_shaped(clearml: Any, env: dict[str, str]) -> Any:
     return clearml
 
 
+def _release_and_development(repo: str, env: dict[str, str]) -> tuple[Any, Any]:
+    """`expand` as a release build, then as a development build (--allow-unpublished)."""
+    release = run_cli("expand", repo, env=env, timeout=CLI_BOUND)
+    return release, run_cli("expand", repo, "--allow-unpublished", env=env, timeout=CLI_BOUND)
+
+
 def test_archived_model_is_held_by_the_release_gate(
     real_shaped: Any, env: dict[str, str], tmp_path: Path
 ) -> None:
     """Point 3: get_by_id answers archived models; the gate refuses them, a dev build warns."""
-    repo = _repo(tmp_path, carcinoma=ARCHIVED_ID)
-    refused = run_cli("expand", repo, env=env, timeout=CLI_BOUND)
+    refused, allowed = _release_and_development(_repo(tmp_path, carcinoma=ARCHIVED_ID), env)
     assert refused.returncode == 4 and f"({ARCHIVED_ID}) is archived" in refused.stderr
-    allowed = run_cli("expand", repo, "--allow-unpublished", env=env, timeout=CLI_BOUND)
     assert allowed.returncode == 0 and "is archived" in allowed.stderr
 
 
@@ -266,11 +270,9 @@ def test_model_of_a_deleted_task(real_shaped: Any, env: dict[str, str], tmp_path
     """Point 8: deleting a task rewrites its published models' task to __DELETED__<id>."""
     assert real_shaped.model(ORPHAN_ID)["task"] == f"__DELETED__{DELETED_TASK}"
     assert real_shaped.model(DRAFT_ID) is None  # drafts go with the task, as on the server
-    repo = _repo(tmp_path, mitosis=ORPHAN_ID)
-    refused = run_cli("expand", repo, env=env, timeout=CLI_BOUND)
+    refused, allowed = _release_and_development(_repo(tmp_path, mitosis=ORPHAN_ID), env)
     assert refused.returncode == 4, refused.stderr
     assert f"its creating task {DELETED_TASK} was deleted" in refused.stderr
-    allowed = run_cli("expand", repo, "--allow-unpublished", env=env, timeout=CLI_BOUND)
     assert allowed.returncode == 0, allowed.stderr
     mitosis = yaml.safe_load(allowed.stdout)["analyses"][0]["models"]["mitosis_model"]
     assert mitosis["provenance"]["task_id"] == DELETED_TASK

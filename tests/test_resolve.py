@@ -18,6 +18,7 @@ from helpers import (
     MITOSIS_ID,
     MITOSIS_TASK,
     customer_repo,
+    local_settings,
     model_record,
     task_record,
     write_local_registry,
@@ -37,14 +38,8 @@ def _settings(tmp_path: Path, models: list[dict[str, object]]) -> Settings:
     registry = write_local_registry(
         tmp_path / "registry", models, [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)]
     )
-    return Settings(
-        customers=tmp_path / "customers",
-        model_registry=f"local:{registry}",
-        production=f"file:{tmp_path / 'production'}",
-        base_repository="127.0.0.1:1/ivd/inference-base",
-        image_registry="127.0.0.1:1",
-        cache_dir=tmp_path / "cache",
-    )
+    settings: Settings = local_settings(tmp_path, registry)
+    return settings
 
 
 @pytest.fixture
