@@ -865,6 +865,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--seed", type=Path, help='JSON: {"models": [...], "tasks": [...]}')
+    parser.add_argument(
+        "--realistic", type=int, metavar="N", help="seed N server-shaped models (realistic_seed)"
+    )
     parser.add_argument("--access-key", default=DEFAULT_ACCESS_KEY)
     parser.add_argument("--secret-key", default=DEFAULT_SECRET_KEY)
     parser.add_argument("--api-version", default=API_VERSION)
@@ -876,6 +879,8 @@ def main(argv: list[str] | None = None) -> int:
         args.access_key, args.secret_key, host=args.host, port=args.port,
         api_version=args.api_version, journal_file=args.journal,
     )  # fmt: skip
+    if args.realistic:
+        emu.seed(realistic_seed(models=args.realistic))
     if args.seed:
         emu.seed(json.loads(args.seed.read_text()))
     emu.set_fault(args.fault)

@@ -319,3 +319,16 @@ def test_validate_checks_the_id_format(env: dict[str, str], tmp_path: Path, refe
     result = run_cli("validate", _repo(tmp_path, carcinoma=reference), env=env, timeout=CLI_BOUND)
     assert result.returncode == 2, result.stderr
     assert "analysis.yaml" in result.stderr and "is not a valid id" in result.stderr
+
+
+@pytest.mark.parametrize("task", ["../../outside", "__DELETED__../../outside"])
+def test_a_task_id_from_the_server_is_checked(
+    clearml: Any, env: dict[str, str], tmp_path: Path, task: str
+) -> None:
+    """Ids the server sends name paths (production folders): they are checked first."""
+    clearml.add_model({**model_record(TWIN_A, TWIN_TASK, name="odd"), "task": task})
+    result = run_cli("expand", _repo(tmp_path, mitosis=TWIN_A), env=env, timeout=CLI_BOUND)
+    assert result.returncode == 3, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "task id '../../outside' is not a valid id" in last
+    assert not (tmp_path / "outside").exists()
