@@ -40,10 +40,10 @@ from builder.storage import (
     MANIFEST_NAME,
     Store,
     clearml_local_copy,
+    file_path,
     open_store,
     production_folder,
     read_manifest,
-    split_uri,
 )
 
 MANIFEST_VERSION = 1
@@ -86,7 +86,7 @@ def _source_objects(uri: str, base: Path) -> tuple[Store, list[tuple[str, str, i
         name = PurePosixPath(uri.rstrip("/")).name
         store = open_store(f"file:{local.parent}", base)
         return store, [(name, local.name, local.stat().st_size)]
-    path = PurePosixPath(split_uri(uri)[1])
+    path = file_path(uri)
     if uri.endswith("/"):
         store = open_store(f"file:{path}", base)
         return store, [(o.key, o.key, o.size) for o in store.list("")]

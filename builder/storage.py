@@ -266,15 +266,20 @@ def open_store(root: str, base: Path | None = None) -> Store:
     )
 
 
+def file_path(uri: str) -> PurePosixPath:
+    """The path of a ``file:`` / ``file://`` URI (relative paths stay relative)."""
+    return PurePosixPath(uri.removeprefix("file://") if uri.startswith("file://") else uri[5:])
+
+
 def split_uri(uri: str) -> tuple[str, str]:
-    """``s3://b/p/task/f`` -> (``s3://b``, ``p/task/f``); ``file:x/y`` -> (``file:``, ``x/y``)."""
+    """``s3://b/p/task/f`` -> (``s3://b``, ``p/task/f``); ``file:x/y`` -> (``file:x``, ``y``):
+    a file's store is its folder, so the key is a plain name that cannot leave it."""
     if uri.startswith("s3://"):
         parsed = urlparse(uri)
         return f"s3://{parsed.netloc}", parsed.path.lstrip("/")
     if uri.startswith("file:"):
-        return "file:", uri.removeprefix("file://") if uri.startswith(
-            "file://"
-        ) else uri.removeprefix("file:")
+        path = file_path(uri)
+        return f"file:{path.parent}", path.name
     raise FetchError(f"unsupported weights URI {uri!r}")
 
 
