@@ -181,20 +181,26 @@ class ClearMLRegistry:
         return next((ProjectRef(p.id, p.name or "") for p in found if p.id == project_id), None)
 
     def _get_all(self, service: str, query: dict[str, Any]) -> list[Any]:
-        """Every page of `<service>.get_all` (the server caps a page at 500, default 500)."""
+        """Every page of `<service>.get_all` (the server caps a page at 500, default 500).
+
+        Pages are offsets: a record created while paging shifts the rest by one, so ids seen
+        on an earlier page are skipped (ordered by creation time, a newcomer lands at the end).
+        A full page with nothing new means the server ignores paging: refused, never looped.
+        """
         get_all = getattr(self._api(), service).get_all
         out: list[Any] = []
         seen: set[str] = set()
         for page in range(1_000_000):
-            body = {**query, "page": page, "page_size": PAGE_SIZE}
+            body = {"order_by": ["created"], **query, "page": page, "page_size": PAGE_SIZE}
             batch = list(self._call(f"{service}.get_all", partial(get_all, **body)) or ())
             fresh = [item for item in batch if item.id not in seen]
-            if len(fresh) != len(batch):  # a server that ignores `page` must not loop us
+            if batch and not fresh:
                 raise RegistryError(
-                    f"ClearML at {self.host} returned page {page} of {service}.get_all twice"
+                    f"ClearML at {self.host} answered page {page} of {service}.get_all "
+                    "with records of earlier pages only; it does not page"
                 )
-            seen.update(item.id for item in batch)
-            out.extend(batch)
+            seen.update(item.id for item in fresh)
+            out.extend(fresh)
             if len(batch) < PAGE_SIZE:
                 break
         return out
@@ -222,18 +228,17 @@ class ClearMLRegistry:
     def list_models(
         self, *, project: str | None = None, published: bool | None = None
     ) -> list[ModelRecord]:
-        query: dict[str, Any] = {
-            "system_tags": ["-archived"],
-            "order_by": ["-created"],
-            "only_fields": list(LIST_FIELDS),
-        }
+        query: dict[str, Any] = {"system_tags": ["-archived"], "only_fields": list(LIST_FIELDS)}
         if project is not None:
             query["project"] = self._project_ids(project)
         if published is not None:
             query["ready"] = published
         found = self._get_all("models", query)
         names = self._project_names({m.project for m in found if m.project})
-        return [_model_record(m, f"ClearML model {m.id}", project_names=names) for m in found]
+        newest_first = reversed(found)
+        return [
+            _model_record(m, f"ClearML model {m.id}", project_names=names) for m in newest_first
+        ]
 
     def _project_names(self, ids: set[str]) -> dict[str, str]:
         wanted = sorted(i for i in ids if CLEARML_ID.fullmatch(i))
