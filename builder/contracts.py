@@ -91,15 +91,17 @@ class ResolvedModel:
     registry_name: str | None
     task_id: str | None
     task_status: str | None
-    project: str | None
+    project: str | None  # project name (as people type it)
     framework: str | None
     tags: tuple[str, ...]
     published: bool
-    weights_uri: str  # production prefix (s3://bucket/<task id>/) or repo:<folder>
+    weights_uri: str  # production prefix (s3://bucket/<task id>/<model id>/) or repo:<folder>
     files: tuple[WeightFile, ...]
     preprocessing: tuple[Plugin, ...]
     postprocessing: tuple[Plugin, ...]
     params: Mapping[str, Any]
+    project_id: str | None = None  # the registry's project id (what model records hold)
+    system_tags: tuple[str, ...] = ()  # registry system tags, e.g. "archived"
 
 
 @dataclass(frozen=True)

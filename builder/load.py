@@ -21,7 +21,7 @@ import git
 from builder import yamldoc
 from builder.contracts import CustomerSpec, ModelDecl, RepoSource
 from builder.errors import ConfigError
-from builder.paths import UnsafePathError, safe_join
+from builder.paths import CLEARML_ID, UnsafePathError, check_id, safe_join
 from builder.settings import Settings
 
 CUSTOMER_FILE = "customer.yaml"
@@ -319,6 +319,12 @@ def _declared_models(doc: yamldoc.Document) -> tuple[ModelDecl, ...]:
             if entry["sourcing"] == "manual":
                 reference = safe_relpath(
                     reference, doc.where((*path, "reference")), "manual model reference"
+                )
+            else:  # a registry id: ClearML ids are 32 lowercase hex, server-generated
+                check_id(
+                    reference,
+                    what=f"{doc.where((*path, 'reference'))}: model id",
+                    pattern=CLEARML_ID,
                 )
             decl = ModelDecl(name=name, sourcing=entry["sourcing"], reference=reference)
             previous = found.get(name)

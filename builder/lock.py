@@ -52,6 +52,8 @@ def _model_entry(m: ResolvedModel) -> dict[str, Any]:
         "task_id": m.task_id,
         "task_status": m.task_status,
         "project": m.project,
+        "project_id": m.project_id,
+        "system_tags": list(m.system_tags),
         "framework": m.framework,
         "tags": list(m.tags),
         "published": m.published,
@@ -312,6 +314,8 @@ def models_from_lock(
                 preprocessing=tuple(Plugin(p["cls"], p["params"]) for p in e["preprocessing"]),
                 postprocessing=tuple(Plugin(p["cls"], p["params"]) for p in e["postprocessing"]),
                 params=e["params"],
+                project_id=e.get("project_id"),
+                system_tags=tuple(e.get("system_tags") or ()),
             )
         )
     return tuple(out)

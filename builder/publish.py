@@ -5,6 +5,15 @@ written next, and only then is the model marked published in the registry, so no
 published without a verified production copy. Production weights are immutable: a destination
 holding other bytes is refused, never overwritten. Every step is idempotent, so a re-run after
 an interruption completes what was left.
+
+Weights land under ``<production>/<task id>/<model id>/`` with a manifest naming the model:
+a task can have several output models, and each one's weights belong to it alone. The source
+(the model record's ``uri``) is read through ClearML's storage layer (builder.storage.
+clearml_local_copy), so every place ClearML stores models works as ClearML users set it up.
+
+Policy (README, "ClearML"): an archived model is refused (archiving withdraws it), and so is a
+model whose creating task was deleted (the training record is gone; nothing can show that
+training completed).
 """
 
 from __future__ import annotations
@@ -20,8 +29,22 @@ from typing import Any
 
 from builder.contracts import Progress
 from builder.errors import FetchError, RegistryError, ReleaseGateError
-from builder.registries import COMPLETED_TASK_STATES, ModelRegistry
-from builder.storage import MANIFEST_NAME, S3Store, Store, open_store, read_manifest, split_uri
+from builder.registries import (
+    COMPLETED_TASK_STATES,
+    DELETED_TASK_PREFIX,
+    ModelRecord,
+    ModelRegistry,
+    TaskRecord,
+)
+from builder.storage import (
+    MANIFEST_NAME,
+    Store,
+    clearml_local_copy,
+    file_path,
+    open_store,
+    production_folder,
+    read_manifest,
+)
 
 MANIFEST_VERSION = 1
 
@@ -53,59 +76,55 @@ def _sha256_of(store: Store, key: str, size: int) -> str:
 
 
 def _source_objects(uri: str, base: Path) -> tuple[Store, list[tuple[str, str, int]]]:
-    """(store, [(name, key, size)]) for a model URI naming one file or a folder (trailing /)."""
-    if not (uri.startswith("s3://") or uri.startswith("file:")):
-        raise FetchError(
-            f"weights URI {uri!r} is not supported for publishing",
-            hint="s3:// and file: sources are supported",
-        )
-    root, key = split_uri(uri)
-    store = open_store(root, base)
+    """(store, [(name, key, size)]) for a model URI.
+
+    ``file:`` URIs (one file, or a folder with a trailing /) are read in place; every other
+    URI goes through ClearML's StorageManager into its cache, then is read from there.
+    """
+    if not uri.startswith("file:"):
+        local = clearml_local_copy(uri)
+        name = PurePosixPath(uri.rstrip("/")).name
+        store = open_store(f"file:{local.parent}", base)
+        return store, [(name, local.name, local.stat().st_size)]
+    path = file_path(uri)
     if uri.endswith("/"):
-        objects = store.list(key.rstrip("/"))
-        return store, [
-            (PurePosixPath(o.key).relative_to(key.rstrip("/")).as_posix(), o.key, o.size)
-            for o in objects
-        ]
-    parent = str(PurePosixPath(key).parent)
-    found = [o for o in store.list(parent if parent != "." else "") if o.key == key]
+        store = open_store(f"file:{path}", base)
+        return store, [(o.key, o.key, o.size) for o in store.list("")]
+    store = open_store(f"file:{path.parent}", base)
+    found = [o for o in store.list("") if o.key == path.name]
     if not found:
         raise FetchError(
             f"the model's weights {uri} do not exist", hint="check the model's URI in the registry"
         )
-    return store, [(PurePosixPath(key).name, key, found[0].size)]
+    return store, [(path.name, path.name, found[0].size)]
 
 
 def _copy(
     src: Store, src_key: str, dst: Store, dst_key: str, size: int, progress: Progress | None
 ) -> None:
-    if isinstance(src, S3Store) and isinstance(dst, S3Store):
-        # Same endpoint (both from the standard AWS settings): a server-side copy; boto3's
-        # managed copy switches to multipart UploadPartCopy above its threshold (needed > 5 GB).
-        from boto3.s3.transfer import TransferConfig
-
-        done = 0
-
-        def callback(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(dst_key, done, size)
-
-        try:
-            dst._client.copy(
-                {"Bucket": src.bucket, "Key": src._key(src_key)},
-                dst.bucket,
-                dst._key(dst_key),
-                Config=TransferConfig(multipart_threshold=1 << 30, multipart_chunksize=512 << 20),
-                Callback=callback,
-            )
-        except Exception as exc:
-            raise FetchError(
-                f"copying {src.uri(src_key)} to {dst.uri(dst_key)} failed: {type(exc).__name__}: {exc}"
-            ) from None
-        return
     dst.write_stream(dst_key, src.stream(src_key, 0, size), size, progress=progress)
+
+
+def _gate(model: ModelRecord, registry: ModelRegistry) -> TaskRecord:
+    """The model's creating task, if the model may be published at all."""
+    if not model.task:
+        raise RegistryError(f"model {model.id} has no creating task in {registry.description}")
+    if model.archived:
+        raise ReleaseGateError(
+            f"model {model.id} is archived in {registry.description}; refusing to publish it",
+            hint="restore it from the archive first if it really is meant for production",
+        )
+    if model.task_deleted:
+        raise ReleaseGateError(
+            f"model {model.id}: its creating task {model.task} was deleted "
+            f"({DELETED_TASK_PREFIX}{model.task}); refusing to publish a model without its training record"
+        )
+    task = registry.get_task(model.task)
+    if task.status not in COMPLETED_TASK_STATES:
+        raise ReleaseGateError(
+            f"model {model.id}: its task {task.id} did not complete (status {task.status}); refusing to publish"
+        )
+    return task
 
 
 def publish(
@@ -117,26 +136,22 @@ def publish(
     base: Path | None = None,
     progress: Progress | None = None,
 ) -> PublishResult:
-    """Copy a model's weights to ``<production>/<task id>/``, verify, write the manifest, mark published."""
+    """Copy a model's weights to ``<production>/<task id>/<model id>/``, verify, write the
+    manifest, mark published."""
     model = registry.get_model(model_id)
-    if not model.task:
-        raise RegistryError(f"model {model.id} has no creating task in {registry.description}")
-    task = registry.get_task(model.task)
-    if task.status not in COMPLETED_TASK_STATES:
-        raise ReleaseGateError(
-            f"model {model.id}: its task {task.id} did not complete (status {task.status}); refusing to publish"
-        )
+    task = _gate(model, registry)
     if not model.uri:
         raise RegistryError(f"model {model.id} has no weights URI in {registry.description}")
     base = base or Path.cwd()
     src, objects = _source_objects(model.uri, base)
     dst = open_store(production, base)
+    folder = production_folder(task.id, model.id)
     result = PublishResult(
-        model_id=model.id, task_id=task.id, destination=dst.uri(f"{task.id}/"), dry_run=dry_run
+        model_id=model.id, task_id=task.id, destination=dst.uri(f"{folder}/"), dry_run=dry_run
     )
-    existing = {o.key: o.size for o in dst.list(task.id)}
+    existing = {o.key: o.size for o in dst.list(folder)}
     for name, key, size in sorted(objects):
-        dst_key = f"{task.id}/{name}"
+        dst_key = f"{folder}/{name}"
         sha = _sha256_of(src, key, size)
         if dst_key in existing:
             landed = (
@@ -162,7 +177,7 @@ def publish(
     if dry_run:
         return result
     manifest_files = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in result.files]
-    current = read_manifest(dst, task.id)
+    current = read_manifest(dst, folder)
     if current is None:
         manifest = {
             "manifest_version": MANIFEST_VERSION,
@@ -177,23 +192,24 @@ def publish(
             "published_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        dst.write_stream(f"{task.id}/{MANIFEST_NAME}", iter([data]), len(data))
+        dst.write_stream(f"{folder}/{MANIFEST_NAME}", iter([data]), len(data))
         result.manifest_written = True
     elif (
         sorted(current.get("files", []), key=lambda f: f["name"]) != manifest_files
         or current.get("model_id") != model.id
     ):
         raise FetchError(
-            f"{dst.uri(f'{task.id}/{MANIFEST_NAME}')} describes other files or another model; refusing to change it"
+            f"{dst.uri(f'{folder}/{MANIFEST_NAME}')} describes other files or another model; refusing to change it"
         )
     result.marked_published = registry.mark_published(model.id)
     return result
 
 
-def production_presence(store: Store, task_id: str) -> dict[str, Any]:
-    """Whether a task's weights are in production, for `builder models list`."""
-    manifest = read_manifest(store, task_id)
+def production_presence(store: Store, task_id: str, model_id: str) -> dict[str, Any]:
+    """Whether a model's weights are in production (its own manifest), for `models list`."""
+    manifest = read_manifest(store, production_folder(task_id, model_id))
+    ok = manifest is not None and manifest.get("model_id") == model_id
     return {
-        "in_production": manifest is not None,
-        "files": len(manifest.get("files", [])) if manifest else 0,
+        "in_production": ok,
+        "files": len(manifest.get("files", [])) if manifest and ok else 0,
     }

@@ -1,7 +1,12 @@
 """Resolve stage: each declared model -> registry record, creating task, production files.
 
 `sourcing: auto` models are looked up in the model registry and the production store (laid
-out by task id); `sourcing: manual` models are files committed in the customer repo.
+out ``<task id>/<model id>/``, whose publish manifest must name the model asked for);
+`sourcing: manual` models are files committed in the customer repo.
+
+Registry records are taken as a real clearml-server holds them: an archived model and a model
+whose creating task was deleted (``task: __DELETED__<id>``) resolve, but are recorded as such
+(``system_tags``, ``task_status: deleted``) and blocked by :func:`release_blockers`.
 """
 
 from __future__ import annotations
@@ -12,8 +17,15 @@ from typing import Any
 
 from builder.contracts import CustomerSpec, ModelDecl, Plugin, ResolvedModel, WeightFile
 from builder.errors import RegistryError
-from builder.registries import COMPLETED_TASK_STATES, ModelRegistry
-from builder.storage import MANIFEST_NAME, Store, read_manifest
+from builder.registries import (
+    ARCHIVED_TAG,
+    COMPLETED_TASK_STATES,
+    TASK_DELETED,
+    ModelRecord,
+    ModelRegistry,
+    TaskRecord,
+)
+from builder.storage import MANIFEST_NAME, Store, production_folder, read_manifest
 
 
 def _plugins(raw: Any, where: str) -> tuple[Plugin, ...]:
@@ -70,27 +82,36 @@ def _resolve_manual(spec: CustomerSpec, decl: ModelDecl) -> ResolvedModel:
     )
 
 
-def _production_files(store: Store, task_id: str) -> tuple[WeightFile, ...]:
-    listing = {o.key.removeprefix(f"{task_id}/"): o.size for o in store.list(task_id)}
+def _production_files(store: Store, task_id: str, model_id: str) -> tuple[WeightFile, ...]:
+    """The files of ``<task id>/<model id>/``; with a manifest, only if it names this model."""
+    folder = production_folder(task_id, model_id)
+    listing = {o.key.removeprefix(f"{folder}/"): o.size for o in store.list(folder)}
     listing.pop(MANIFEST_NAME, None)
-    manifest = read_manifest(store, task_id)
+    manifest = read_manifest(store, folder)
     if manifest is None:
         return tuple(
-            WeightFile(name=n, uri=store.uri(f"{task_id}/{n}"), size=s)
+            WeightFile(name=n, uri=store.uri(f"{folder}/{n}"), size=s)
             for n, s in sorted(listing.items())
+        )
+    where = store.uri(f"{folder}/{MANIFEST_NAME}")
+    if manifest.get("model_id") != model_id or manifest.get("task_id") != task_id:
+        raise RegistryError(
+            f"{where} is for model {manifest.get('model_id')!r} of task {manifest.get('task_id')!r},"
+            f" not model {model_id} of task {task_id}; refusing weights that belong to another model",
+            hint="re-run `builder publish` for this model and investigate the production store",
         )
     files = []
     for item in manifest.get("files", []):
         name = item["name"]
         if listing.get(name) != item.get("size"):
             raise RegistryError(
-                f"{store.uri(f'{task_id}/{name}')}: listed in the publish manifest but missing or of another size in the store",
+                f"{store.uri(f'{folder}/{name}')}: listed in the publish manifest but missing or of another size in the store",
                 hint="re-run `builder publish` for this model",
             )
         files.append(
             WeightFile(
                 name=name,
-                uri=store.uri(f"{task_id}/{name}"),
+                uri=store.uri(f"{folder}/{name}"),
                 size=item["size"],
                 sha256=item.get("sha256"),
             )
@@ -98,11 +119,25 @@ def _production_files(store: Store, task_id: str) -> tuple[WeightFile, ...]:
     return tuple(sorted(files, key=lambda f: f.name))
 
 
+def _task_of(record: ModelRecord, registry: ModelRegistry) -> TaskRecord:
+    """The creating task; a deleted one (``__DELETED__<id>``) is not asked for: the server
+    no longer has it. Its id is kept, its status recorded as ``deleted``."""
+    if record.task_deleted:
+        return TaskRecord(id=record.task, name="", status=TASK_DELETED, project=record.project)
+    return registry.get_task(record.task)
+
+
 def _resolve_auto(decl: ModelDecl, registry: ModelRegistry, store: Store) -> ResolvedModel:
     record = registry.get_model(decl.reference)
+    if record.id != decl.reference:
+        raise RegistryError(
+            f"{registry.description} answered model {record.id!r} when asked for {decl.reference}"
+        )
     if not record.task:
         raise RegistryError(f"model {record.id} has no creating task in {registry.description}")
-    task = registry.get_task(record.task)
+    task = _task_of(record, registry)
+    project_id = record.project or task.project
+    project = registry.get_project(project_id) if project_id else None
     where = f"{registry.description}: model {record.id} design"
     design = record.design
     return ResolvedModel(
@@ -112,15 +147,17 @@ def _resolve_auto(decl: ModelDecl, registry: ModelRegistry, store: Store) -> Res
         registry_name=record.name,
         task_id=task.id,
         task_status=task.status,
-        project=task.project or record.project,
+        project=project.name if project else project_id,
         framework=record.framework,
         tags=tuple(sorted(record.tags)),
         published=record.ready,
-        weights_uri=store.uri(task.id) + "/",
-        files=_production_files(store, task.id),
+        weights_uri=store.uri(production_folder(task.id, record.id)) + "/",
+        files=_production_files(store, task.id, record.id),
         preprocessing=_plugins(design.get("preprocessing"), f"{where}.preprocessing"),
         postprocessing=_plugins(design.get("postprocessing"), f"{where}.postprocessing"),
         params=dict(design.get("params") or {}),
+        project_id=project_id,
+        system_tags=tuple(sorted(record.system_tags)),
     )
 
 
@@ -152,7 +189,16 @@ def release_blockers(models: Sequence[ResolvedModel]) -> list[str]:
             reasons.append(
                 f"{label} is not published in the registry (run `builder publish {m.model_id}`)"
             )
-        if m.task_status not in COMPLETED_TASK_STATES:
+        if ARCHIVED_TAG in m.system_tags:
+            reasons.append(
+                f"{label} is archived in the registry (withdrawn); restore it or pick another model"
+            )
+        if m.task_status == TASK_DELETED:
+            reasons.append(
+                f"{label}: its creating task {m.task_id} was deleted in the registry; "
+                "its training record is gone"
+            )
+        elif m.task_status not in COMPLETED_TASK_STATES:
             reasons.append(
                 f"{label}: its task {m.task_id} did not complete (status {m.task_status})"
             )

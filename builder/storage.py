@@ -1,15 +1,24 @@
 """Object stores behind the production weights: s3:// through boto3, file: for air-gapped sites.
 
-The production store is laid out by ClearML task id: ``<root>/<task id>/<file>`` plus the
-``publish-manifest.json`` that `builder publish` writes (sizes and sha256 of every file).
+The production store is laid out per model: ``<root>/<task id>/<model id>/<file>`` plus the
+``publish-manifest.json`` that `builder publish` writes there (model id, task id, sizes and
+sha256 of every file). A task can have several output models (clearml-server
+``tasks.conf`` ``models.output``), so weights are never keyed by the task alone.
+
+Training-side weights (a model record's ``uri``) are read through ClearML's own storage layer
+(:func:`clearml_local_copy`: the SDK's StorageManager/StorageHelper), so ``s3://host:port/...``
+(MinIO & co), the ClearML file server, ``gs://`` and ``azure://`` work with the credentials
+ClearML users already configure in clearml.conf.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -18,6 +27,7 @@ from urllib.parse import urlparse
 from builder import yamldoc
 from builder.contracts import Progress
 from builder.errors import ConfigError, FetchError
+from builder.paths import CLEARML_ID, UnsafePathError, check_id, safe_join
 
 MANIFEST_NAME = "publish-manifest.json"
 _CHUNK = 1 << 20
@@ -184,29 +194,37 @@ class FileStore:
     def uri(self, key: str) -> str:
         return f"file:{PurePosixPath(self.configured, key)}" if self.configured else f"file:{key}"
 
+    def _at(self, key: str) -> Path:
+        """The file for `key`: never outside the store, never through a symlink."""
+        try:
+            return safe_join(self.path, key, what=f"key in {self.root}") if key else self.path
+        except UnsafePathError as exc:
+            raise FetchError(str(exc), hint="a store holds plain files only") from None
+
     def list(self, prefix: str) -> list[StoredObject]:
-        base = self.path / prefix
+        base = self._at(prefix.rstrip("/"))
         if not base.is_dir():
             return []
-        return sorted(
-            (
-                StoredObject(
-                    key=PurePosixPath(prefix, p.relative_to(base).as_posix()).as_posix(),
-                    size=p.stat().st_size,
+        out = []
+        for p in base.rglob("*"):
+            if p.is_symlink():
+                raise FetchError(
+                    f"{self.uri(PurePosixPath(prefix, p.relative_to(base).as_posix()).as_posix())} "
+                    "is a symbolic link; a store holds plain files only",
+                    hint="replace the link by the file it points to",
                 )
-                for p in base.rglob("*")
-                if p.is_file()
-            ),
-            key=lambda o: o.key,
-        )
+            if p.is_file():
+                key = PurePosixPath(prefix, p.relative_to(base).as_posix()).as_posix()
+                out.append(StoredObject(key=key, size=p.stat().st_size))
+        return sorted(out, key=lambda o: o.key)
 
     def read_bytes(self, key: str) -> bytes | None:
-        path = self.path / key
+        path = self._at(key)
         return path.read_bytes() if path.is_file() else None
 
     def stream(self, key: str, start: int, end: int) -> Iterator[bytes]:
         try:
-            with (self.path / key).open("rb") as handle:
+            with self._at(key).open("rb") as handle:
                 handle.seek(start)
                 remaining = end - start
                 while remaining > 0:
@@ -221,7 +239,7 @@ class FileStore:
     def write_stream(
         self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None
     ) -> None:
-        target = self.path / key
+        target = self._at(key)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
         done = 0
         try:
@@ -249,24 +267,36 @@ def open_store(root: str, base: Path | None = None) -> Store:
     )
 
 
+def file_path(uri: str) -> PurePosixPath:
+    """The path of a ``file:`` / ``file://`` URI (relative paths stay relative)."""
+    return PurePosixPath(uri.removeprefix("file://") if uri.startswith("file://") else uri[5:])
+
+
 def split_uri(uri: str) -> tuple[str, str]:
-    """``s3://b/p/task/f`` -> (``s3://b``, ``p/task/f``); ``file:x/y`` -> (``file:``, ``x/y``)."""
+    """``s3://b/p/task/f`` -> (``s3://b``, ``p/task/f``); ``file:x/y`` -> (``file:x``, ``y``):
+    a file's store is its folder, so the key is a plain name that cannot leave it."""
     if uri.startswith("s3://"):
         parsed = urlparse(uri)
         return f"s3://{parsed.netloc}", parsed.path.lstrip("/")
     if uri.startswith("file:"):
-        return "file:", uri.removeprefix("file://") if uri.startswith(
-            "file://"
-        ) else uri.removeprefix("file:")
+        path = file_path(uri)
+        return f"file:{path.parent}", path.name
     raise FetchError(f"unsupported weights URI {uri!r}")
 
 
-def read_manifest(store: Store, task_id: str) -> dict[str, Any] | None:
-    """The publish manifest of a task's production folder, if there is one."""
-    raw = store.read_bytes(f"{task_id}/{MANIFEST_NAME}")
+def production_folder(task_id: str, model_id: str) -> str:
+    """``<task id>/<model id>``: where one model's production weights live, ids checked."""
+    task = check_id(task_id, what="task id", pattern=CLEARML_ID, error=FetchError)
+    model = check_id(model_id, what="model id", pattern=CLEARML_ID, error=FetchError)
+    return f"{task}/{model}"
+
+
+def read_manifest(store: Store, folder: str) -> dict[str, Any] | None:
+    """The publish manifest of a production folder (``<task id>/<model id>``), if there is one."""
+    raw = store.read_bytes(f"{folder}/{MANIFEST_NAME}")
     if raw is None:
         return None
-    uri = store.uri(f"{task_id}/{MANIFEST_NAME}")
+    uri = store.uri(f"{folder}/{MANIFEST_NAME}")
     try:
         data: dict[str, Any] = json.loads(raw)
         yamldoc.validate_data(data, "publish-manifest", uri)
@@ -275,3 +305,94 @@ def read_manifest(store: Store, task_id: str) -> dict[str, Any] | None:
     except ConfigError as exc:
         raise FetchError(exc.message, hint="re-run `builder publish` for this model") from None
     return data
+
+
+#: URI schemes ClearML's storage layer reads model weights from (clearml/storage/helper.py:
+#: _Boto3Driver "s3", _GoogleCloudStorageDriver "gs", _AzureBlobServiceStorageDriver "azure",
+#: _HttpDriver "http"/"https" for the ClearML file server).
+CLEARML_SCHEMES = ("s3", "gs", "azure", "http", "https")
+
+
+def clearml_container(uri: str) -> str:
+    """The bucket/container ClearML's StorageHelper resolves for `uri` (its own URI parsing:
+    ``s3://host:port/bucket/key`` -> ``s3://host:port/bucket``); FetchError when it cannot."""
+    scheme = urlparse(uri).scheme
+    if scheme not in CLEARML_SCHEMES:
+        raise FetchError(
+            f"weights URI {uri!r}: scheme {scheme or '(none)'!r} is not one ClearML stores models on",
+            hint=f"supported: {', '.join(s + '://' for s in CLEARML_SCHEMES)} and file:",
+        )
+    from clearml.storage.helper import StorageError, StorageHelper
+
+    try:
+        return str(StorageHelper._resolve_base_url(uri))
+    except (StorageError, ValueError) as exc:
+        raise FetchError(
+            f"weights URI {uri}: {exc}",
+            hint="configure the storage in clearml.conf (sdk.aws.s3 / sdk.google.storage / sdk.azure.storage)",
+        ) from None
+
+
+class _LastError(logging.Handler):
+    """Keeps the SDK's last error line (StorageManager logs failures and returns None)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.line = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage().strip().splitlines()
+        if text:
+            self.line = text[-1][:300]
+
+
+@contextmanager
+def _sdk_errors_captured() -> Iterator[_LastError]:
+    """Silence the SDK's storage loggers (one clear line is ours to say) and keep its reason."""
+    capture = _LastError()
+    loggers = [
+        logging.getLogger(n) for n in ("clearml", "clearml.storage", "clearml.storage_manager")
+    ]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers = [capture]
+        lg.propagate = False
+    try:
+        yield capture
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers, lg.propagate = handlers, propagate
+
+
+def clearml_local_copy(uri: str) -> Path:
+    """Download one weights object through ClearML's StorageManager, with the credentials of
+    clearml.conf (``sdk.aws.s3.credentials`` for host:port endpoints, the API session for the
+    file server, gs/azure sections); the file lands in ClearML's cache (CLEARML_CACHE_DIR)."""
+    from builder.registries.clearml import sdk_deadline
+
+    clearml_container(uri)
+    from clearml import StorageManager
+
+    with _sdk_errors_captured() as sdk:
+        try:
+            with sdk_deadline(STORAGE_DEADLINE_SECONDS, f"download of {uri}", FetchError):
+                local = StorageManager.get_local_copy(
+                    uri, extract_archive=False, force_download=True
+                )
+        except FetchError:
+            raise
+        except Exception as exc:
+            raise FetchError(
+                f"downloading {uri} through ClearML failed: {type(exc).__name__}: {exc}"
+            ) from None
+    if not local or not Path(local).is_file():
+        reason = f" ({sdk.line})" if sdk.line else ""
+        raise FetchError(
+            f"the model's weights {uri} do not exist or cannot be read with ClearML's storage settings{reason}",
+            hint="check the URI and the credentials in clearml.conf (sdk.aws.s3.credentials, files server)",
+        )
+    return Path(local)
+
+
+#: Seconds one weights download through the ClearML SDK may take.
+STORAGE_DEADLINE_SECONDS = 1800

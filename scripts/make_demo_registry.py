@@ -1,8 +1,9 @@
 """Write the bundled demo: a local model registry (demo/registry) and production store (demo/production).
 
 The ONNX models come from tilerunner.demo_models (deterministic, DEMO ONLY, NOT CLINICAL); the
-records have ClearML's shape, the production folder the layout `builder publish` writes
-(`<task id>/model.onnx` + `publish-manifest.json`). Re-running writes byte-identical files, and
+records have the shape a clearml-server answers with (32-hex ids, `project` as a project id with
+its name in `projects/<id>.yaml`), the production folder the layout `builder publish` writes
+(`<task id>/<model id>/model.onnx` + `publish-manifest.json` naming the model). Re-running writes byte-identical files, and
 tests/test_demo.py checks that the committed demo is what this script writes.
 
     python scripts/make_demo_registry.py [--out demo]
@@ -14,6 +15,7 @@ import argparse
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -22,13 +24,13 @@ from tilerunner.demo_models import write_demo_models
 #: demo model name -> (registry id, task id, registry name, published)
 MODELS = {
     "carcinoma-demo": (
-        "a957f623-e6d3-4159-a07a-ec1b8323eb54",
+        "a957f623e6d34159a07aec1b8323eb54",
         "5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e",
         "carcinoma v3 (demo)",
         True,
     ),
     "mitosis-demo": (
-        "3fcf116c-ae4f-461a-85be-a1fd4913993f",
+        "3fcf116cae4f461a85bea1fd4913993f",
         "81a2d3c4e5f60718293a4b5c6d7e8f90",
         "mitosis v1 (demo)",
         True,
@@ -53,10 +55,17 @@ CANDIDATE = (
     "mitosis v2 candidate (demo)",
 )
 PUBLISHED_AT = "2026-11-01T00:00:00Z"
+#: The demo project: models and tasks hold its id, as on a ClearML server.
+PROJECT_ID, PROJECT_NAME = "4e1c3b2a5d6f47988a9b0c1d2e3f4a5b", "pathology/demo"
 
 
 def _record(
-    model_id: str, task_id: str, name: str, ready: bool, design: dict[str, object], description: str
+    model_id: str,
+    task_id: str,
+    name: str,
+    ready: bool,
+    design: Mapping[str, object],
+    description: str,
 ) -> dict[str, object]:
     return {
         "id": model_id,
@@ -66,7 +75,8 @@ def _record(
         "ready": ready,
         "framework": "ONNX",
         "tags": ["demo", "not-clinical"],
-        "project": "pathology-demo",
+        "project": PROJECT_ID,
+        "system_tags": [],
         "comment": description,
         # ClearML keeps a model's configuration as text (HOCON or JSON) in design.design.
         "design": {"design": json.dumps(design, indent=2, sort_keys=True)},
@@ -102,11 +112,12 @@ def write_demo(out: Path) -> None:
                     "name": f"train {name}",
                     "type": "training",
                     "status": "completed",
-                    "project": "pathology-demo",
+                    "project": PROJECT_ID,
                 },
             )
-            (production / task_id).mkdir(parents=True)
-            shutil.copyfile(m.path, production / task_id / "model.onnx")
+            folder = production / task_id / model_id
+            folder.mkdir(parents=True)
+            shutil.copyfile(m.path, folder / "model.onnx")
             manifest = {
                 "manifest_version": 1,
                 "model_id": model_id,
@@ -117,9 +128,13 @@ def write_demo(out: Path) -> None:
                 "published_by": "demo",
                 "published_at": PUBLISHED_AT,
             }
-            (production / task_id / "publish-manifest.json").write_text(
+            (folder / "publish-manifest.json").write_text(
                 json.dumps(manifest, indent=2, sort_keys=True) + "\n"
             )
+        _write_yaml(
+            registry / "projects" / f"{PROJECT_ID}.yaml",
+            {"id": PROJECT_ID, "name": PROJECT_NAME, "basename": PROJECT_NAME.rsplit("/", 1)[-1]},
+        )
         model_id, task_id, title = CANDIDATE
         m = models["mitosis-demo-ft"]
         design = {
@@ -138,7 +153,7 @@ def write_demo(out: Path) -> None:
                 "name": "train mitosis v2",
                 "type": "training",
                 "status": "in_progress",
-                "project": "pathology-demo",
+                "project": PROJECT_ID,
             },
         )
 

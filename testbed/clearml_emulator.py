@@ -12,6 +12,24 @@ login, and in-memory models/tasks/projects seeded by the test.
     emu.stop()
 
 CLI (for subprocess use): ``python -m testbed.clearml_emulator --port P --seed FILE.json``.
+
+Behaviour follows the real server (allegroai/clearml-server 2.0 @ 2976ce69, ``apiserver/``):
+
+* paging, ``database/model/base.py::validate_paging`` and ``get_data_with_scroll_support``:
+  every get_all is paged; ``page_size`` defaults to and is capped at ``max_page_size`` = 500
+  (``config/default/services/_mongo.conf``); ``page`` without ``page_size`` is a 400;
+  ``scroll_id`` + ``size`` continue from a server-side position and return ``scroll_id``;
+  ``id`` is appended to every ``order_by`` (stable pages);
+* records, ``schema/services/models.conf``/``tasks.conf``: ``project`` is a project id,
+  ``design`` free text under ``design.design``, ``metadata`` ``{key: {key, type, value}}``,
+  ``labels`` ``{name: int}``, ``system_tags`` (``archived``); ``models.get_by_id`` returns
+  archived models too (``services/models.py``);
+* task deletion, ``bll/task/task_cleanup.py::cleanup_task``: draft output models are deleted,
+  published ones keep living with ``task`` = ``__DELETED__<task id>`` (:meth:`delete_task`).
+
+:func:`realistic_seed` builds server-shaped data (hundreds of models, several output models per
+task, archived models, free-text designs, a deleted task, ``s3://host:port`` and file-server
+URIs); :class:`FileServer` stands in for the ClearML file server (``http://host:8081/...``).
 """
 
 from __future__ import annotations
@@ -48,11 +66,15 @@ DEFAULT_ACCESS_KEY = "IVDTESTBEDACCESSKEY0"
 DEFAULT_SECRET_KEY = "ivd-testbed-secret-key-0123456789abcdef"
 TOKEN_LIFETIME = 30 * 24 * 3600
 FAULTS = ("bad_login", "http500", "http503", "drop", "hang")
+#: config/default/services/_mongo.conf max_page_size: the default and the maximum page size.
+MAX_PAGE_SIZE = 500
+#: bll/task/utils.py deleted_prefix
+DELETED_PREFIX = "__DELETED__"
 PATH_RE = re.compile(r"^/?(v(?P<ver>\d+\.\d+)/)?(?P<name>\w+\.\w+)/?$")
 #: body keys that steer get_all but are not filters
 CONTROL_KEYS = {
     "only_fields", "order_by", "page", "page_size", "method", "search_hidden",
-    "shallow_search", "include_stats", "scroll_id", "refresh_scroll", "size",
+    "shallow_search", "include_stats", "scroll_id", "refresh_scroll", "size", "_start",
     "allow_public", "_allow_extra_fields_", "include_subprojects", "search_text",
 }  # fmt: skip
 LIST_FILTERS = {"id", "project", "uri", "task", "framework", "status", "type", "user", "parent"}
@@ -152,16 +174,33 @@ def _sort_key(field: str) -> Callable[[Record], tuple[int, Any]]:
     return key
 
 
-def select(records: Iterable[Record], query: Mapping[str, Any]) -> list[Record]:
-    """get_all semantics: filter, order_by (``-`` = descending), page/page_size, only_fields."""
+def _paging(query: Mapping[str, Any], max_page_size: int) -> tuple[int, int]:
+    """(start, size) as base.py::validate_paging: page_size defaults to and is capped at
+    max_page_size; page alone is refused; scroll ``size`` is used when a scroll is active."""
+    if "_start" in query:
+        return int(query["_start"]), int(query["size"])
+    page, page_size = query.get("page"), query.get("page_size")
+    if page is not None and (not isinstance(page, int) or page < 0):
+        raise ApiError(400, 12, "Validation error (page must be >=0)", {"field": "page"})
+    if page_size is not None and (not isinstance(page_size, int) or page_size < 1):
+        raise ApiError(400, 12, "Validation error (page_size must be >0)", {"field": "page_size"})
+    size = min(page_size if page_size is not None else max_page_size, max_page_size)
+    return (page or 0) * size, size
+
+
+def select(
+    records: Iterable[Record], query: Mapping[str, Any], max_page_size: int = MAX_PAGE_SIZE
+) -> list[Record]:
+    """get_all semantics: filter, order_by (``-`` = descending, ``id`` always appended as the
+    tie-breaker), paging (default and maximum page size 500), only_fields."""
     found = [r for r in records if _matches(r, query)]
-    for field in reversed(_as_list(query.get("order_by") or [])):
-        name = str(field)
+    order = [str(f) for f in _as_list(query.get("order_by") or [])]
+    if not any(f in ("id", "-id") for f in order):
+        order.append("id")
+    for name in reversed(order):
         found.sort(key=_sort_key(name.lstrip("-")), reverse=name.startswith("-"))
-    page_size = query.get("page_size")
-    if page_size is not None:
-        start = int(query.get("page") or 0) * int(page_size)
-        found = found[start : start + int(page_size)]
+    start, size = _paging(query, max_page_size)
+    found = found[start : start + size]
     only = query.get("only_fields")
     return [_project_fields(r, _as_list(only)) if only else copy.deepcopy(r) for r in found]
 
@@ -180,8 +219,11 @@ class ClearMLEmulator:
         company: str = "ivd-testbed-company",
         user: str = "ivd-testbed-user",
         journal_file: Path | None = None,
+        max_page_size: int = MAX_PAGE_SIZE,
     ) -> None:
         self.access_key, self.secret_key = access_key, secret_key
+        self.max_page_size = max_page_size
+        self._scrolls: dict[str, int] = {}
         self.api_version, self.company, self.user = api_version, company, user
         self.journal_file = journal_file
         self._jwt_secret = uuid.uuid4().hex
@@ -288,6 +330,27 @@ class ClearMLEmulator:
             self.add_task(rec)
         for rec in data.get("models", []):
             self.add_model(rec)
+
+    def archive_model(self, model_id: str) -> None:
+        """What the UI's "Archive" does: add the ``archived`` system tag."""
+        with self._lock:
+            rec = self._models[model_id]
+            if "archived" not in rec["system_tags"]:
+                rec["system_tags"] = [*rec["system_tags"], "archived"]
+
+    def delete_task(self, task_id: str) -> None:
+        """tasks.delete as bll/task/task_cleanup.py::cleanup_task (force, delete_output_models):
+        the task goes, its draft models go, its published models stay with
+        ``task = "__DELETED__<task id>"``."""
+        with self._lock:
+            del self._tasks[task_id]
+            for model_id, rec in list(self._models.items()):
+                if rec.get("task") != task_id:
+                    continue
+                if rec.get("ready"):
+                    rec["task"] = f"{DELETED_PREFIX}{task_id}"
+                else:
+                    del self._models[model_id]
 
     def model(self, model_id: str) -> Record | None:
         """A copy of the stored model record, or None."""
@@ -530,8 +593,32 @@ class ClearMLEmulator:
             )  # fmt: skip
         return {"model": copy.deepcopy(rec)}
 
+    def _get_all(self, records: Iterable[Record], key: str, body: Record) -> Record:
+        """get_all with scroll support (base.py::get_data_with_scroll_support)."""
+        query = dict(body)
+        scroll_id = query.get("scroll_id")
+        if "scroll_id" in query:
+            size = query.get("size")
+            if not isinstance(size, int) or size < 1:
+                raise ApiError(
+                    400, 12,
+                    "Validation error (Integer size parameter greater than 1 should be provided "
+                    "when working with scroll)",
+                )  # fmt: skip
+            scroll_id = scroll_id or uuid.uuid4().hex
+            position = self._scrolls.get(scroll_id, 0)
+            if query.get("refresh_scroll"):
+                query["size"], position = max(position, size), 0
+            query["_start"] = position
+        found = select(records, query, self.max_page_size)
+        out: Record = {key: found}
+        if "scroll_id" in query:
+            self._scrolls[str(scroll_id)] = int(query["_start"]) + len(found)
+            out["scroll_id"] = scroll_id
+        return out
+
     def _models_get_all(self, body: Record) -> Record:
-        return {"models": select(self._models.values(), body)}
+        return self._get_all(self._models.values(), "models", body)
 
     def _models_set_ready(self, body: Record) -> Record:
         model_id = str(_required(body, "model")).strip()
@@ -566,10 +653,10 @@ class ClearMLEmulator:
         return {"task": copy.deepcopy(rec)}
 
     def _tasks_get_all(self, body: Record) -> Record:
-        return {"tasks": select(self._tasks.values(), body)}
+        return self._get_all(self._tasks.values(), "tasks", body)
 
     def _projects_get_all(self, body: Record) -> Record:
-        return {"projects": select(self._projects.values(), body)}
+        return self._get_all(self._projects.values(), "projects", body)
 
 
 def _required(body: Mapping[str, Any], key: str) -> Any:
@@ -624,12 +711,163 @@ def _make_handler(emu: ClearMLEmulator) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class FileServer:
+    """The ClearML file server as the SDK meets it: ``GET {files_host}/<path>`` answers the
+    file's bytes (404 otherwise). Models trained without an ``output_uri`` land here
+    (``http(s)://files-host:8081/<project>/<task name>.<task id>/models/<file>``).
+
+        files = FileServer(root).start(); files.url  # -> http://127.0.0.1:PORT
+    """
+
+    def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.root = root
+        self.requests: list[tuple[str, str]] = []  # (method, path)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self._answer(body=True)
+
+            def do_HEAD(self) -> None:
+                self._answer(body=False)
+
+            def _answer(self, *, body: bool) -> None:
+                path = urlsplit(self.path).path
+                server.requests.append((self.command, path))
+                target = (server.root / path.lstrip("/")).resolve()
+                inside = target.is_relative_to(server.root.resolve())
+                data = target.read_bytes() if inside and target.is_file() else None
+                self.send_response(200 if data is not None else 404)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data or b"")))
+                self.end_headers()
+                if body and data:
+                    self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("files %s " + format, self.address_string(), *args)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Value for CLEARML_FILES_HOST / api.files_server."""
+        return f"http://{self._server.server_address[0]!s}:{self._server.server_address[1]}"
+
+    def start(self) -> FileServer:
+        """Serve in a daemon thread; returns self."""
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _hex_ids(seed: int) -> Callable[[], str]:
+    import random
+
+    rng = random.Random(seed)
+    return lambda: f"{rng.getrandbits(128):032x}"
+
+
+#: Designs other teams keep in ClearML: not every design is HOCON/JSON.
+FREE_TEXT_DESIGNS = (
+    'name: "ResNet-50"\nlayer {\n  name: "data"\n  type: "Input"\n  top: "data"\n}\n',
+    "trained on the 2026-10 export; see the wiki page for the augmentation notes :)\n",
+    "",
+)
+
+
+def realistic_seed(
+    *,
+    models: int = 600,
+    seed: int = 14,
+    s3_host: str = "minio.example.com:9000",
+    files_host: str = "https://files.example.com:8081",
+) -> dict[str, list[Record]]:
+    """Server-shaped data: 32-hex ids, three projects (one of another team), tasks with one to
+    three output models, ``metadata`` as ``{key: {key, type, value}}``, ``labels``, every 7th
+    model archived, free-text designs, ``s3://host:port``, file-server, plain s3, gs and azure
+    URIs, and one deleted task (its published models' ``task`` is ``__DELETED__<id>``)."""
+    new_id = _hex_ids(seed)
+    projects = [
+        {"id": new_id(), "name": name, "basename": name.rsplit("/", 1)[-1]}
+        for name in ("pathology/breast", "pathology/prostate", "radiology/ct")
+    ]
+    tasks: list[Record] = []
+    out_models: list[Record] = []
+    base = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    while len(out_models) < models:
+        project = projects[len(tasks) % len(projects)]
+        task: Record = {
+            "id": new_id(), "name": f"train {project['basename']} #{len(tasks)}",
+            "type": "training", "status": ("completed", "published", "failed")[len(tasks) % 3],
+            "project": project["id"], "models": {"input": [], "output": []},
+        }  # fmt: skip
+        tasks.append(task)
+        for k in range(1 + len(tasks) % 3):
+            n = len(out_models)
+            if n >= models:
+                break
+            model_id = new_id()
+            name = f"{project['basename']} model {n}"
+            uri = (
+                f"s3://{s3_host}/clearml-models/{project['basename']}/{task['name']}.{task['id']}/models/m{k}.onnx",
+                f"{files_host}/{project['name']}/{task['name']}.{task['id']}/models/m{k}.onnx",
+                f"s3://training-artifacts/{task['id']}/models/m{k}.onnx",
+                f"gs://clearml-models/{task['id']}/m{k}.onnx",
+                f"azure://acct.blob.core.windows.net/models/{task['id']}/m{k}.onnx",
+            )[n % 5]
+            design = (
+                json.dumps({"params": {"file": f"m{k}.onnx", "tile_size": 224, "mpp": 0.5}})
+                if project["basename"] != "ct"
+                else FREE_TEXT_DESIGNS[n % len(FREE_TEXT_DESIGNS)]
+            )
+            created = datetime.fromtimestamp(base + n * 60, UTC).isoformat()
+            out_models.append(
+                {
+                    "id": model_id, "name": name, "task": task["id"], "project": project["id"],
+                    "uri": uri, "ready": n % 2 == 0, "framework": "ONNX",
+                    "tags": ["candidate"] if n % 2 else ["production"],
+                    "system_tags": ["archived"] if n % 7 == 3 else [],
+                    "design": {"design": design},
+                    "labels": {"background": 0, "tumour": 1},
+                    "metadata": {
+                        "stain": {"key": "stain", "type": "str", "value": "H&E"},
+                        "auc": {"key": "auc", "type": "float", "value": f"0.{900 + n % 90}"},
+                    },
+                    "created": created, "last_update": created,
+                }
+            )  # fmt: skip
+            task["models"]["output"].append({"name": name, "model": model_id})
+    deleted = tasks[1]  # two outputs: one published (kept, re-pointed), one draft (gone)
+    kept = []
+    for rec in out_models:
+        if rec["task"] == deleted["id"]:
+            if not rec["ready"]:
+                continue
+            rec["task"] = f"{DELETED_PREFIX}{deleted['id']}"
+        kept.append(rec)
+    tasks.remove(deleted)
+    return {"projects": projects, "tasks": tasks, "models": kept}
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: serve until SIGTERM/SIGINT; prints the URL on its first line of output."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--seed", type=Path, help='JSON: {"models": [...], "tasks": [...]}')
+    parser.add_argument(
+        "--realistic", type=int, metavar="N", help="seed N server-shaped models (realistic_seed)"
+    )
     parser.add_argument("--access-key", default=DEFAULT_ACCESS_KEY)
     parser.add_argument("--secret-key", default=DEFAULT_SECRET_KEY)
     parser.add_argument("--api-version", default=API_VERSION)
@@ -641,6 +879,8 @@ def main(argv: list[str] | None = None) -> int:
         args.access_key, args.secret_key, host=args.host, port=args.port,
         api_version=args.api_version, journal_file=args.journal,
     )  # fmt: skip
+    if args.realistic:
+        emu.seed(realistic_seed(models=args.realistic))
     if args.seed:
         emu.seed(json.loads(args.seed.read_text()))
     emu.set_fault(args.fault)

@@ -107,10 +107,11 @@ def run_cli(
     )
 
 
-CARCINOMA_ID = "a957f623-e6d3-4159-a07a-ec1b8323eb54"
+CARCINOMA_ID = "a957f623e6d34159a07aec1b8323eb54"
 MITOSIS_ID = "3fcf116cae4f461a85bea1fd4913993f"
 CARCINOMA_TASK = "5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e"
 MITOSIS_TASK = "81a2d3c4e5f60718293a4b5c6d7e8f90"
+PROJECT_ID = "0a1b2c3d4e5f60718293a4b5c6d7e8f9"  # models and tasks hold the project's id
 
 DESIGN = (
     '{"preprocessing": [{"cls": "Normalization", "params": {"factor": 255.0}}],'
@@ -131,7 +132,7 @@ def model_record(
         "ready": ready,
         "framework": "ONNX",
         "tags": ["demo"],
-        "project": "pathology",
+        "project": PROJECT_ID,
         "design": {"design": design},
     }
 
@@ -142,7 +143,7 @@ def task_record(task_id: str, *, status: str = "completed") -> dict[str, object]
         "name": f"train {task_id[:6]}",
         "type": "training",
         "status": status,
-        "project": "pathology",
+        "project": PROJECT_ID,
     }
 
 
@@ -160,23 +161,46 @@ def write_local_registry(
     return folder
 
 
+def local_settings(tmp_path: Path, registry: Path) -> Any:
+    """Settings for a local registry folder and the production store at tmp_path/production."""
+    from builder.settings import Settings
+
+    return Settings(
+        customers=tmp_path / "customers",
+        model_registry=f"local:{registry}",
+        production=f"file:{tmp_path / 'production'}",
+        base_repository="127.0.0.1:1/ivd/inference-base",
+        image_registry="127.0.0.1:1",
+        cache_dir=tmp_path / "cache",
+    )
+
+
 def write_production(
-    folder: Path, task_id: str, files: Mapping[str, bytes], *, manifest: bool = True
+    folder: Path,
+    task_id: str,
+    model_id: str,
+    files: Mapping[str, bytes],
+    *,
+    manifest: bool = True,
 ) -> None:
-    """A production folder for one task, with the publish manifest `builder publish` writes."""
+    """One model's production folder (``<task id>/<model id>/``), with the publish manifest
+    `builder publish` writes there."""
     import hashlib
     import json
 
-    (folder / task_id).mkdir(parents=True, exist_ok=True)
+    target = folder / task_id / model_id
+    target.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        (folder / task_id / name).write_bytes(data)
+        (target / name).write_bytes(data)
     if manifest:
         entries = [
             {"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
             for n, d in sorted(files.items())
         ]
-        (folder / task_id / "publish-manifest.json").write_text(
-            json.dumps({"manifest_version": 1, "task_id": task_id, "files": entries})
+        (target / "publish-manifest.json").write_text(
+            json.dumps(
+                {"manifest_version": 1, "model_id": model_id, "task_id": task_id, "files": entries}
+            )
         )
 
 

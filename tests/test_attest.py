@@ -91,7 +91,7 @@ def facts(manifest: Descriptor, **over: Any) -> BuildFacts:
             {
                 "name": "carcinoma_model",
                 "sourcing": "auto",
-                "registry_id": "a957f623-e6d3-4159-a07a-ec1b8323eb54",
+                "registry_id": "a957f623e6d34159a07aec1b8323eb54",
                 "registry_name": "carcinoma v3",
                 "task_id": "5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e",
                 "weights_uri": "s3://production/5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e/",
@@ -162,7 +162,7 @@ class TestDocuments:
         assert deps["base-image"]["digest"] == {"sha256": "b" * 64}
         carcinoma = deps["model:carcinoma_model/model.onnx"]
         assert carcinoma["digest"] == {"sha256": hashlib.sha256(WEIGHTS).hexdigest()}
-        assert carcinoma["annotations"]["clearmlModelId"] == "a957f623-e6d3-4159-a07a-ec1b8323eb54"
+        assert carcinoma["annotations"]["clearmlModelId"] == "a957f623e6d34159a07aec1b8323eb54"
         assert carcinoma["annotations"]["clearmlTaskId"] == "5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e"
         assert carcinoma["uri"] == "s3://production/5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e/model.onnx"
         assert "clearmlModelId" not in deps["model:mitosis_model/labels.json"]["annotations"]
@@ -189,7 +189,7 @@ class TestDocuments:
         ]
         assert [m["name"] for m in models] == ["carcinoma_model", "mitosis_model"]
         props = {p["name"]: p["value"] for p in models[0]["properties"]}
-        assert props["ivd:clearml:model-id"] == "a957f623-e6d3-4159-a07a-ec1b8323eb54"
+        assert props["ivd:clearml:model-id"] == "a957f623e6d34159a07aec1b8323eb54"
         assert props["ivd:clearml:task-id"] == "5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e"
         file_refs = {f["bom-ref"] for m in models for f in m["components"]}
         deps = attestations.statement["predicate"]["buildDefinition"]["resolvedDependencies"]

@@ -156,9 +156,9 @@ def world(
         [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK), task_record(MITOSIS2_TASK)],
     )
     production = root / "production"
-    write_production(production, CARCINOMA_TASK, {"model.onnx": CARCINOMA})
-    write_production(production, MITOSIS_TASK, {"model.onnx": MITOSIS})
-    write_production(production, MITOSIS2_TASK, {"model.onnx": MITOSIS2})
+    write_production(production, CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": CARCINOMA})
+    write_production(production, MITOSIS_TASK, MITOSIS_ID, {"model.onnx": MITOSIS})
+    write_production(production, MITOSIS2_TASK, MITOSIS2_ID, {"model.onnx": MITOSIS2})
     key, public = openssl_keys(root)
     env = {
         **docker_engine.env(),

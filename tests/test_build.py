@@ -53,10 +53,13 @@ def env(tmp_path: Path, oci_registry: Any, docker_engine: Any, base_images: str)
         ],
         [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
     )
-    write_production(tmp_path / "production", CARCINOMA_TASK, {"model.onnx": CARCINOMA})
+    write_production(
+        tmp_path / "production", CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": CARCINOMA}
+    )
     write_production(
         tmp_path / "production",
         MITOSIS_TASK,
+        MITOSIS_ID,
         {"model.onnx": MITOSIS, "labels.json": b'{"1": "mitosis"}'},
     )
     return {
@@ -188,7 +191,10 @@ def test_immutable_tag_is_refused_then_forced(
     _build(env, str(repo), "--push")
     # Same config commit, other weights under the same task: the immutable tag would move.
     write_production(
-        tmp_path / "production", CARCINOMA_TASK, {"model.onnx": b"re-published by mistake"}
+        tmp_path / "production",
+        CARCINOMA_TASK,
+        CARCINOMA_ID,
+        {"model.onnx": b"re-published by mistake"},
     )
     code, line = _fail(env, str(repo), "--push")
     assert code == 6 and "immutable tag" in line and "refusing" in line

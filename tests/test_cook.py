@@ -16,6 +16,7 @@ from helpers import (
     MITOSIS_TASK,
     commit_files,
     customer_repo,
+    local_settings,
     model_record,
     task_record,
     write_local_registry,
@@ -27,7 +28,10 @@ from builder.errors import DriftError, RegistryError, ReleaseGateError
 from builder.fetch import Cache
 from builder.settings import Settings
 
-WEIGHTS = {CARCINOMA_TASK: b"carcinoma-weights", MITOSIS_TASK: b"mitosis-weights"}
+WEIGHTS = {
+    (CARCINOMA_TASK, CARCINOMA_ID): b"carcinoma-weights",
+    (MITOSIS_TASK, MITOSIS_ID): b"mitosis-weights",
+}
 
 
 @pytest.fixture
@@ -40,16 +44,10 @@ def settings(tmp_path: Path) -> Settings:
         ],
         [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
     )
-    for task, data in WEIGHTS.items():
-        write_production(tmp_path / "production", task, {"model.onnx": data})
-    return Settings(
-        customers=tmp_path / "customers",
-        model_registry=f"local:{registry}",
-        production=f"file:{tmp_path / 'production'}",
-        base_repository="127.0.0.1:1/ivd/inference-base",
-        image_registry="127.0.0.1:1",
-        cache_dir=tmp_path / "cache",
-    )
+    for (task, model), data in WEIGHTS.items():
+        write_production(tmp_path / "production", task, model, {"model.onnx": data})
+    settings: Settings = local_settings(tmp_path, registry)
+    return settings
 
 
 @pytest.fixture
@@ -70,7 +68,7 @@ def test_expand_gives_the_verbose_form(repo: Path, settings: Settings) -> None:
     assert carcinoma["provenance"]["task_id"] == CARCINOMA_TASK
     assert (
         carcinoma["provenance"]["files"][0]["sha256"]
-        == hashlib.sha256(WEIGHTS[CARCINOMA_TASK]).hexdigest()
+        == hashlib.sha256(WEIGHTS[CARCINOMA_TASK, CARCINOMA_ID]).hexdigest()
     )
     # Everything but `models` passes through untouched.
     assert analysis["features"][1] == {
@@ -138,7 +136,7 @@ def test_task_not_completed_is_refused(repo: Path, settings: Settings) -> None:
 def test_weights_missing_from_production_are_refused(
     repo: Path, settings: Settings, tmp_path: Path
 ) -> None:
-    for path in (tmp_path / "production" / MITOSIS_TASK).iterdir():
+    for path in (tmp_path / "production" / MITOSIS_TASK / MITOSIS_ID).iterdir():
         path.unlink()
     with pytest.raises(ReleaseGateError, match="no weights under the production store"):
         cook(str(repo), settings)
@@ -151,13 +149,15 @@ def test_lock_write_check_and_drift(repo: Path, settings: Settings, tmp_path: Pa
     lock = yaml.safe_load(result.path.read_bytes())
     assert (
         lock["models"]["mitosis_model"]["files"][0]["sha256"]
-        == hashlib.sha256(WEIGHTS[MITOSIS_TASK]).hexdigest()
+        == hashlib.sha256(WEIGHTS[MITOSIS_TASK, MITOSIS_ID]).hexdigest()
     )
     commit_files(repo, {"customer.lock.yaml": result.path.read_bytes()}, "lock")
     make_customer_lock(cook(str(repo), settings), cache, base=None, check=True)
 
     # Someone re-publishes different weights under the same task: the check names it.
-    write_production(tmp_path / "production", MITOSIS_TASK, {"model.onnx": b"retrained"})
+    write_production(
+        tmp_path / "production", MITOSIS_TASK, MITOSIS_ID, {"model.onnx": b"retrained"}
+    )
     with pytest.raises(DriftError, match="mitosis_model: weights changed"):
         make_customer_lock(cook(str(repo), settings), cache, base=None, check=True)
 

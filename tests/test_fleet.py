@@ -163,8 +163,10 @@ def local_env(tmp_path: Path) -> dict[str, str]:
         ],
         [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
     )
-    write_production(tmp_path / "production", CARCINOMA_TASK, {"model.onnx": CARCINOMA})
-    write_production(tmp_path / "production", MITOSIS_TASK, {"model.onnx": MITOSIS})
+    write_production(
+        tmp_path / "production", CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": CARCINOMA}
+    )
+    write_production(tmp_path / "production", MITOSIS_TASK, MITOSIS_ID, {"model.onnx": MITOSIS})
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("BUILDER_", "CI_", "GIT_CONFIG"))
     }

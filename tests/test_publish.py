@@ -77,9 +77,9 @@ def test_publish_copies_verifies_then_marks(s3: Any, clearml: Any, env: dict[str
         }
     ]
     assert doc["marked_published"] is True
-    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/model.onnx")["Body"].read() == WEIGHTS
+    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/model.onnx")["Body"].read() == WEIGHTS
     manifest = json.loads(
-        s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["Body"].read()
+        s3.get_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/publish-manifest.json")["Body"].read()
     )
     assert (
         manifest["model_id"] == MODEL
@@ -95,7 +95,7 @@ def test_publish_copies_verifies_then_marks(s3: Any, clearml: Any, env: dict[str
 
 def test_publish_again_changes_nothing(s3: Any, clearml: Any, env: dict[str, str]) -> None:
     assert _publish(env, MODEL).returncode == 0
-    before = s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["LastModified"]
+    before = s3.get_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/publish-manifest.json")["LastModified"]
     again = _publish(env, MODEL)
     assert again.returncode == 0, again.stderr
     doc = json.loads(again.stdout)["result"]
@@ -104,7 +104,10 @@ def test_publish_again_changes_nothing(s3: Any, clearml: Any, env: dict[str, str
         and not doc["manifest_written"]
         and not doc["marked_published"]
     )
-    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/publish-manifest.json")["LastModified"] == before
+    assert (
+        s3.get_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/publish-manifest.json")["LastModified"]
+        == before
+    )
 
 
 def test_dry_run_changes_nothing(s3: Any, clearml: Any, env: dict[str, str]) -> None:
@@ -137,10 +140,13 @@ def test_source_object_missing(s3: Any, clearml: Any, env: dict[str, str]) -> No
 
 
 def test_destination_conflict_is_refused(s3: Any, clearml: Any, env: dict[str, str]) -> None:
-    s3.put_object(Bucket=PROD, Key=f"{TASK}/model.onnx", Body=b"something else")
+    s3.put_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/model.onnx", Body=b"something else")
     result = _publish(env, MODEL)
     assert result.returncode == 5 and "immutable" in result.stdout
-    assert s3.get_object(Bucket=PROD, Key=f"{TASK}/model.onnx")["Body"].read() == b"something else"
+    assert (
+        s3.get_object(Bucket=PROD, Key=f"{TASK}/{MODEL}/model.onnx")["Body"].read()
+        == b"something else"
+    )
     assert clearml.calls("models.set_ready") == []
 
 
@@ -153,7 +159,9 @@ def test_s3_unreachable(clearml: Any, env: dict[str, str]) -> None:
         },
         MODEL,
     )
-    assert result.returncode == 5 and "S3 endpoint unreachable" in result.stdout
+    message = json.loads(result.stdout)["error"]["message"]
+    assert result.returncode == 5, message
+    assert "cannot be read with ClearML's storage settings" in message and "127.0.0.1:9" in message
     assert clearml.calls("models.set_ready") == []
 
 
@@ -183,7 +191,7 @@ def test_interrupted_between_copy_and_mark_completes_on_rerun(
         patch.setattr(LocalRegistry, "mark_published", crash)
         with pytest.raises(FetchError, match="injected"):
             publish(MODEL, registry, production)
-    assert (tmp_path / "production" / TASK / "model.onnx").read_bytes() == WEIGHTS
+    assert (tmp_path / "production" / TASK / MODEL / "model.onnx").read_bytes() == WEIGHTS
     assert (
         registry.get_model(MODEL).ready is False
     )  # never published without the copy, nor before it
@@ -198,8 +206,8 @@ def test_models_list_shows_published_state_and_production_presence() -> None:
     result = run_cli("models", "list", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["id"]: row for row in json.loads(result.stdout)["result"]["models"]}
-    assert rows["a957f623-e6d3-4159-a07a-ec1b8323eb54"]["published"] is True
-    assert rows["a957f623-e6d3-4159-a07a-ec1b8323eb54"]["in_production"] is True
+    assert rows["a957f623e6d34159a07aec1b8323eb54"]["published"] is True
+    assert rows["a957f623e6d34159a07aec1b8323eb54"]["in_production"] is True
     assert rows["c0ffee00c0ffee00c0ffee00c0ffee00"]["published"] is False
     assert rows["c0ffee00c0ffee00c0ffee00c0ffee00"]["in_production"] is False
     published = run_cli("models", "list", "--published", "--json")
@@ -207,3 +215,112 @@ def test_models_list_shows_published_state_and_production_presence() -> None:
     assert "c0ffee00c0ffee00c0ffee00c0ffee00" not in ids and len(ids) == 4
     human = run_cli("models", "list")
     assert "IN PRODUCTION" in human.stdout and "carcinoma v3 (demo)" in human.stdout
+
+
+# --- weights where ClearML users keep them (issue 14) -------------------------------------
+
+HOSTED_MODEL, HOSTED_TASK = "5e" * 16, "6f" * 16
+
+
+def _hosted(clearml: Any, uri: str) -> None:
+    record = model_record(HOSTED_MODEL, HOSTED_TASK, name="mitosis v3", ready=False)
+    clearml.add_model({**record, "uri": uri})
+    clearml.add_task(task_record(HOSTED_TASK))
+    clearml.clear_journal()
+
+
+def test_publish_from_s3_host_port(
+    s3: Any, clearml: Any, env: dict[str, str], s3_server: Any
+) -> None:
+    """Point 5: MinIO & co: the SDK writes s3://host:port/bucket/key; host:port is no bucket.
+    The endpoint's credentials come from clearml.conf (sdk.aws.s3.credentials), as ClearML
+    users configure them."""
+    from urllib.parse import urlparse
+
+    host = urlparse(s3_server.endpoint_url).netloc
+    s3.put_object(Bucket=TRAINING, Key=f"{HOSTED_TASK}/models/model.onnx", Body=WEIGHTS)
+    _hosted(clearml, f"s3://{host}/{TRAINING}/{HOSTED_TASK}/models/model.onnx")
+    aws = s3_server.env()
+    conf = Path(env["CLEARML_CONFIG_FILE"])
+    conf.write_text(
+        conf.read_text()
+        + f'sdk.aws.s3.credentials: [{{host: "{host}", key: "{aws["AWS_ACCESS_KEY_ID"]}",'
+        f' secret: "{aws["AWS_SECRET_ACCESS_KEY"]}", secure: false, multipart: false}}]\n'
+    )
+    result = _publish(env, HOSTED_MODEL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    key = f"{HOSTED_TASK}/{HOSTED_MODEL}/model.onnx"
+    assert s3.get_object(Bucket=PROD, Key=key)["Body"].read() == WEIGHTS
+    assert clearml.model(HOSTED_MODEL)["ready"] is True
+
+
+def test_publish_from_the_clearml_file_server(
+    s3: Any, clearml: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Point 6: no output_uri: ClearML keeps weights on its file server (http(s)://...:8081)."""
+    from testbed.clearml_emulator import FileServer
+
+    stored = tmp_path / "files" / "pathology" / f"train.{HOSTED_TASK}" / "models" / "model.onnx"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(WEIGHTS)
+    files = FileServer(tmp_path / "files").start()
+    try:
+        _hosted(clearml, f"{files.url}/pathology/train.{HOSTED_TASK}/models/model.onnx")
+        result = _publish({**env, "CLEARML_FILES_HOST": files.url}, HOSTED_MODEL)
+    finally:
+        files.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    key = f"{HOSTED_TASK}/{HOSTED_MODEL}/model.onnx"
+    assert s3.get_object(Bucket=PROD, Key=key)["Body"].read() == WEIGHTS
+    assert any(path.endswith("/models/model.onnx") for _, path in files.requests)
+
+
+@pytest.mark.parametrize(
+    ("uri", "container"),
+    [
+        ("s3://127.0.0.1:9000/bucket/t/models/m.onnx", "s3://127.0.0.1:9000/bucket"),
+        ("s3://bucket/t/models/m.onnx", "s3://bucket"),
+        ("gs://clearml-models/t/m.onnx", "gs://clearml-models"),
+        ("https://files.example.com:8081/p/t.x/models/m.onnx", "https://"),
+    ],
+)
+def test_weights_uris_are_parsed_by_clearml(uri: str, container: str) -> None:
+    """Point 6 (gs/azure): the SDK's own URI parsing decides bucket and endpoint."""
+    from builder.storage import clearml_container
+
+    assert clearml_container(uri) == container
+
+
+@pytest.mark.parametrize(
+    "uri", ["azure://acct.blob.core.windows.net/models/m.onnx", "ftp://host/m.onnx", "m.onnx"]
+)
+def test_weights_uris_clearml_cannot_read_are_one_clear_error(uri: str) -> None:
+    from builder.storage import clearml_container
+
+    with pytest.raises(FetchError, match="weights URI"):
+        clearml_container(uri)
+
+
+def test_publish_refuses_gs_without_its_sdk_extra_in_one_line(
+    s3: Any, clearml: Any, env: dict[str, str]
+) -> None:
+    _hosted(clearml, f"gs://clearml-models/{HOSTED_TASK}/model.onnx")
+    result = _publish(env, HOSTED_MODEL)
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "gs://clearml-models" in json.loads(result.stdout)["error"]["message"]
+    assert clearml.calls("models.set_ready") == []
+
+
+def test_publish_refuses_archived_and_orphaned_models(
+    s3: Any, clearml: Any, env: dict[str, str]
+) -> None:
+    """Policy: archived = withdrawn; a deleted task = no training record. Neither is published."""
+    clearml.archive_model(MODEL)
+    archived = _publish(env, MODEL)
+    assert archived.returncode == 4 and "is archived" in archived.stdout
+    clearml.add_model(model_record(HOSTED_MODEL, HOSTED_TASK, name="orphan", ready=True))
+    clearml.add_task(task_record(HOSTED_TASK))
+    clearml.delete_task(HOSTED_TASK)
+    orphan = _publish(env, HOSTED_MODEL)
+    assert orphan.returncode == 4 and "was deleted" in orphan.stdout
+    assert clearml.calls("models.set_ready") == []

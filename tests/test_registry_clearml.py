@@ -6,6 +6,7 @@ how engineers and CI run it. The subprocess timeout is the "never hangs" bound.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,8 @@ def clearml(clearml_server: Any) -> Iterator[Any]:
 @pytest.fixture
 def env(clearml_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     production = tmp_path / "production"
-    write_production(production, CARCINOMA_TASK, {"model.onnx": b"c"})
-    write_production(production, MITOSIS_TASK, {"model.onnx": b"m"})
+    write_production(production, CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": b"c"})
+    write_production(production, MITOSIS_TASK, MITOSIS_ID, {"model.onnx": b"m"})
     return {
         **clearml_env,
         "BUILDER_MODEL_REGISTRY": "clearml",
@@ -136,3 +137,198 @@ def test_server_not_running(env: dict[str, str], tmp_path: Path) -> None:
         timeout=CLI_BOUND,
     )
     assert result.returncode == 3 and "ClearML" in result.stderr
+
+
+# --- data a real ClearML server holds (issue 14) ------------------------------------------
+
+PROJECT_NAME = "pathology/breast"
+
+
+def _hex(n: int) -> str:
+    return f"{n:032x}"
+
+
+@pytest.fixture(scope="module")
+def crowded() -> Iterator[tuple[Any, dict[str, list[dict[str, Any]]]]]:
+    """A server of its own with server-shaped data: >1,000 models in three projects, archived
+    ones, free-text designs, several output models per task, a deleted task."""
+    from testbed.clearml_emulator import ClearMLEmulator, realistic_seed
+
+    data = realistic_seed(models=1200)
+    with ClearMLEmulator() as server:
+        server.seed(data)
+        yield server, data
+
+
+def _listed(data: dict[str, list[dict[str, Any]]], project: str | None = None) -> set[str]:
+    ids = {p["name"]: p["id"] for p in data["projects"]}
+    return {
+        m["id"]
+        for m in data["models"]
+        if "archived" not in m["system_tags"] and (project is None or m["project"] == ids[project])
+    }
+
+
+def _list_models(server: Any, tmp_path: Path, *args: str) -> Any:
+    from conftest import make_clearml_env
+
+    env = {**make_clearml_env(server, tmp_path / "home"), "BUILDER_MODEL_REGISTRY": "clearml"}
+    return run_cli("models", "list", "--json", *args, env=env, timeout=120)
+
+
+def test_models_list_reads_every_page_without_refetching(
+    crowded: tuple[Any, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Point 1: get_all pages at 500; all pages are read, and no model is fetched one by one.
+    Point 7: the radiology team's free-text designs do not break the listing."""
+    server, data = crowded
+    server.clear_journal()
+    result = _list_models(server, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(result.stdout)["result"]["models"]
+    expected = _listed(data)
+    assert (
+        len(expected) > 1000 and {r["id"] for r in rows} == expected and len(rows) == len(expected)
+    )
+    pages = server.calls("models.get_all")
+    assert len(pages) == -(-len(expected) // 500)
+    assert all(
+        p["body"]["page_size"] == 500 and "design" not in p["body"]["only_fields"] for p in pages
+    )
+    assert server.calls("models.get_by_id") == []
+    deleted = [r for r in rows if r["task_deleted"]]
+    assert deleted and all(len(r["task"]) == 32 for r in deleted)  # the id, without __DELETED__
+
+
+def test_models_list_by_project_name_or_id(
+    crowded: tuple[Any, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Point 4: a model's `project` is an id; people type names. Both work."""
+    server, data = crowded
+    by_name = _list_models(server, tmp_path, "--project", PROJECT_NAME)
+    assert by_name.returncode == 0, by_name.stdout + by_name.stderr
+    rows = json.loads(by_name.stdout)["result"]["models"]
+    assert {r["id"] for r in rows} == _listed(data, PROJECT_NAME) != set()
+    assert {r["project"] for r in rows} == {PROJECT_NAME}
+    project_id = next(p["id"] for p in data["projects"] if p["name"] == PROJECT_NAME)
+    by_id = _list_models(server, tmp_path, "--project", project_id)
+    assert {r["id"] for r in json.loads(by_id.stdout)["result"]["models"]} == {
+        r["id"] for r in rows
+    }
+    other_team = _list_models(server, tmp_path, "--project", "radiology/ct")  # free-text designs
+    assert other_team.returncode == 0 and json.loads(other_team.stdout)["result"]["models"]
+    unknown = _list_models(server, tmp_path, "--project", "no/such project")
+    assert unknown.returncode == 3
+    assert "no project 'no/such project'" in json.loads(unknown.stdout)["error"]["message"]
+
+
+ARCHIVED_ID, ARCHIVED_TASK = _hex(0xA1), _hex(0xA2)
+ORPHAN_ID, DRAFT_ID, DELETED_TASK = _hex(0xB1), _hex(0xB2), _hex(0xB3)
+TWIN_A, TWIN_B, TWIN_TASK = _hex(0xC1), _hex(0xC2), _hex(0xC3)
+
+
+@pytest.fixture
+def real_shaped(clearml: Any, env: dict[str, str]) -> Any:
+    """Archived model, a model whose task was deleted, two output models of one task."""
+    from helpers import PROJECT_ID
+
+    clearml.add_project({"id": PROJECT_ID, "name": PROJECT_NAME})
+    clearml.add_model(model_record(ARCHIVED_ID, ARCHIVED_TASK, name="carcinoma v2 (withdrawn)"))
+    clearml.add_task(task_record(ARCHIVED_TASK))
+    clearml.archive_model(ARCHIVED_ID)
+    clearml.add_task(task_record(DELETED_TASK))
+    clearml.add_model(model_record(ORPHAN_ID, DELETED_TASK, name="mitosis v0"))
+    clearml.add_model(model_record(DRAFT_ID, DELETED_TASK, name="mitosis v0 draft", ready=False))
+    clearml.delete_task(DELETED_TASK)
+    clearml.add_task(task_record(TWIN_TASK))
+    clearml.add_model(model_record(TWIN_A, TWIN_TASK, name="mitosis head A"))
+    clearml.add_model(model_record(TWIN_B, TWIN_TASK, name="mitosis head B"))
+    production = Path(env["BUILDER_PRODUCTION"].removeprefix("file:"))
+    write_production(production, ARCHIVED_TASK, ARCHIVED_ID, {"model.onnx": b"a"})
+    write_production(production, DELETED_TASK, ORPHAN_ID, {"model.onnx": b"o"})
+    write_production(production, TWIN_TASK, TWIN_A, {"model.onnx": b"weights of A"})
+    clearml.clear_journal()
+    return clearml
+
+
+def _release_and_development(repo: str, env: dict[str, str]) -> tuple[Any, Any]:
+    """`expand` as a release build, then as a development build (--allow-unpublished)."""
+    release = run_cli("expand", repo, env=env, timeout=CLI_BOUND)
+    return release, run_cli("expand", repo, "--allow-unpublished", env=env, timeout=CLI_BOUND)
+
+
+def test_archived_model_is_held_by_the_release_gate(
+    real_shaped: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Point 3: get_by_id answers archived models; the gate refuses them, a dev build warns."""
+    refused, allowed = _release_and_development(_repo(tmp_path, carcinoma=ARCHIVED_ID), env)
+    assert refused.returncode == 4 and f"({ARCHIVED_ID}) is archived" in refused.stderr
+    assert allowed.returncode == 0 and "is archived" in allowed.stderr
+
+
+def test_model_of_a_deleted_task(real_shaped: Any, env: dict[str, str], tmp_path: Path) -> None:
+    """Point 8: deleting a task rewrites its published models' task to __DELETED__<id>."""
+    assert real_shaped.model(ORPHAN_ID)["task"] == f"__DELETED__{DELETED_TASK}"
+    assert real_shaped.model(DRAFT_ID) is None  # drafts go with the task, as on the server
+    refused, allowed = _release_and_development(_repo(tmp_path, mitosis=ORPHAN_ID), env)
+    assert refused.returncode == 4, refused.stderr
+    assert f"its creating task {DELETED_TASK} was deleted" in refused.stderr
+    assert allowed.returncode == 0, allowed.stderr
+    mitosis = yaml.safe_load(allowed.stdout)["analyses"][0]["models"]["mitosis_model"]
+    assert mitosis["provenance"]["task_id"] == DELETED_TASK
+    assert mitosis["provenance"]["files"][0]["size"] == 1
+    asked = [c["body"]["task"] for c in real_shaped.calls("tasks.get_by_id")]
+    assert DELETED_TASK not in asked and f"__DELETED__{DELETED_TASK}" not in asked
+
+
+def test_weights_belong_to_exactly_one_model(
+    real_shaped: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Point 2: two output models of one task; B never gets A's weights."""
+    repo = _repo(tmp_path, mitosis=TWIN_B)
+    missing = run_cli("expand", repo, env=env, timeout=CLI_BOUND)
+    assert missing.returncode == 4 and f"({TWIN_B}): no weights" in missing.stderr
+    production = Path(env["BUILDER_PRODUCTION"].removeprefix("file:"))
+    write_production(production, TWIN_TASK, TWIN_B, {"model.onnx": b"weights of A"})
+    manifest = production / TWIN_TASK / TWIN_B / "publish-manifest.json"
+    doc = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**doc, "model_id": TWIN_A}))  # a mis-filed copy of A
+    misfiled = run_cli("expand", repo, env=env, timeout=CLI_BOUND)
+    assert misfiled.returncode == 3 and "belong to another model" in misfiled.stderr
+    assert len(misfiled.stderr.strip().splitlines()) <= 2
+
+
+def test_lock_records_project_name_and_id(
+    real_shaped: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    from helpers import PROJECT_ID
+
+    out = tmp_path / "lock.yaml"
+    result = run_cli("lock", _repo(tmp_path), "-o", str(out), env=env, timeout=CLI_BOUND)
+    assert result.returncode == 0, result.stderr
+    carcinoma = yaml.safe_load(out.read_text())["models"]["carcinoma_model"]
+    assert carcinoma["project"] == PROJECT_NAME and carcinoma["project_id"] == PROJECT_ID
+
+
+@pytest.mark.parametrize(
+    "reference",
+    ["a957f623-e6d3-4159-a07a-ec1b8323eb54", "A957F623E6D34159A07AEC1B8323EB54", "abc123"],
+)
+def test_validate_checks_the_id_format(env: dict[str, str], tmp_path: Path, reference: str) -> None:
+    """ClearML ids are 32 lowercase hex, server-generated: anything else can never resolve."""
+    result = run_cli("validate", _repo(tmp_path, carcinoma=reference), env=env, timeout=CLI_BOUND)
+    assert result.returncode == 2, result.stderr
+    assert "analysis.yaml" in result.stderr and "is not a valid id" in result.stderr
+
+
+@pytest.mark.parametrize("task", ["../../outside", "__DELETED__../../outside"])
+def test_a_task_id_from_the_server_is_checked(
+    clearml: Any, env: dict[str, str], tmp_path: Path, task: str
+) -> None:
+    """Ids the server sends name paths (production folders): they are checked first."""
+    clearml.add_model({**model_record(TWIN_A, TWIN_TASK, name="odd"), "task": task})
+    result = run_cli("expand", _repo(tmp_path, mitosis=TWIN_A), env=env, timeout=CLI_BOUND)
+    assert result.returncode == 3, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "task id '../../outside' is not a valid id" in last
+    assert not (tmp_path / "outside").exists()

@@ -28,7 +28,8 @@ from builder.cli._common import (
 def publish(
     model_id: str, production: str | None, model_registry: str | None, dry_run: bool, as_json: bool
 ) -> None:
-    """Promote MODEL_ID to production: copy its weights under <task id>/, verify, mark published.
+    """Promote MODEL_ID to production: copy its weights under <task id>/<model id>/, verify,
+    mark published.
 
     Refuses a model whose training task did not complete, and never overwrites production
     weights. Safe to re-run: a finished publish changes nothing, an interrupted one completes.
@@ -67,7 +68,7 @@ def models() -> None:
 
 
 @models.command("list")
-@click.option("--project", help="Only models of this project (id).")
+@click.option("--project", help="Only models of this project (full name or id).")
 @click.option("--published", is_flag=True, default=None, help="Only published models.")
 @click.option("--model-registry", help="'clearml' or 'local:<folder>' (setting model_registry).")
 @click.option("--production", help="Production store to check presence in (setting production).")
@@ -79,7 +80,8 @@ def models_list(
     production: str | None,
     as_json: bool,
 ) -> None:
-    """List models with id, name, task, published state and production presence."""
+    """List models (all pages, archived ones left out) with id, name, project, task, published
+    state and production presence. Reads no model designs."""
     from builder.publish import production_presence
     from builder.registries import open_registry
     from builder.storage import open_store
@@ -90,25 +92,33 @@ def models_list(
     rows = []
     for m in registry.list_models(project=project, published=published):
         presence = (
-            production_presence(store, m.task) if store else {"in_production": None, "files": 0}
+            production_presence(store, m.task, m.id)
+            if store and m.task
+            else {"in_production": None if store is None else False, "files": 0}
         )
         rows.append(
             {
                 "id": m.id,
                 "name": m.name,
                 "task": m.task,
+                "task_deleted": m.task_deleted,
                 "published": m.ready,
-                "project": m.project,
+                "project": m.project_name,
+                "project_id": m.project,
                 **presence,
             }
         )
 
     def human() -> None:
-        click.echo(f"{'ID':<36}  {'NAME':<24} {'TASK':<32}  PUBLISHED  IN PRODUCTION")
+        click.echo(
+            f"{'ID':<32}  {'NAME':<24} {'PROJECT':<20} {'TASK':<32}  PUBLISHED  IN PRODUCTION"
+        )
         for r in rows:
+            task = f"{r['task']}{' (deleted)' if r['task_deleted'] else ''}"
             click.echo(
-                f"{r['id']:<36}  {r['name'][:24]:<24} {r['task']:<32}  "
-                f"{'yes' if r['published'] else 'no':<9}  {'yes' if r['in_production'] else 'no'}"
+                f"{r['id']:<32}  {r['name'][:24]:<24} {(r['project'] or r['project_id'] or '')[:20]:<20} "
+                f"{task:<32}  {'yes' if r['published'] else 'no':<9}  "
+                f"{'yes' if r['in_production'] else 'no'}"
             )
 
     emit("models list", {"models": rows}, human)

@@ -13,14 +13,27 @@ from typing import Any, Protocol
 
 from builder import yamldoc
 from builder.errors import ConfigError, RegistryError
+from builder.paths import CLEARML_ID, check_id
 
 #: Task states that mean training finished normally (a published task is a completed one).
 COMPLETED_TASK_STATES = frozenset({"completed", "published", "closed"})
+#: What clearml-server writes into a model's `task` when its creating task is deleted
+#: (apiserver/bll/task/task_cleanup.py::cleanup_task, ``deleted_prefix`` of bll/task/utils.py).
+DELETED_TASK_PREFIX = "__DELETED__"
+#: The task status the builder records for a model whose creating task was deleted.
+TASK_DELETED = "deleted"
+#: The system tag the ClearML UI sets when a model is archived (models.conf, system_tags).
+ARCHIVED_TAG = "archived"
 
 
 @dataclass(frozen=True)
 class ModelRecord:
-    """The fields of a ClearML model record the builder uses."""
+    """The fields of a ClearML model record the builder uses.
+
+    `task` is always a bare task id; `task_deleted` says the server had rewritten it to
+    ``__DELETED__<id>`` (the task was deleted after the model was published). `project` is
+    the project *id*, as on the server; `project_name` its name when looked up.
+    """
 
     id: str
     name: str
@@ -31,6 +44,13 @@ class ModelRecord:
     tags: tuple[str, ...] = ()
     project: str | None = None
     design: Mapping[str, Any] = field(default_factory=dict)  # parsed config text (HOCON/JSON)
+    system_tags: tuple[str, ...] = ()
+    task_deleted: bool = False
+    project_name: str | None = None
+
+    @property
+    def archived(self) -> bool:
+        return ARCHIVED_TAG in self.system_tags
 
 
 @dataclass(frozen=True)
@@ -41,6 +61,14 @@ class TaskRecord:
     project: str | None = None
 
 
+@dataclass(frozen=True)
+class ProjectRef:
+    """A project's id (what model records hold) and its full name (what people type)."""
+
+    id: str
+    name: str
+
+
 class ModelRegistry(Protocol):
     """What resolve and publish need of a model registry."""
 
@@ -48,12 +76,38 @@ class ModelRegistry(Protocol):
 
     def get_model(self, model_id: str) -> ModelRecord: ...
     def get_task(self, task_id: str) -> TaskRecord: ...
+    def get_project(self, project_id: str) -> ProjectRef | None:
+        """The project with this id, None when the registry has no such project."""
+        ...
+
     def list_models(
         self, *, project: str | None = None, published: bool | None = None
-    ) -> list[ModelRecord]: ...
+    ) -> list[ModelRecord]:
+        """Every non-archived model (all pages), without designs; `project` is a name or an id."""
+        ...
+
     def mark_published(self, model_id: str) -> bool:
         """Set the published flag; False when it already was set."""
         ...
+
+
+def check_clearml_id(value: object, what: str) -> str:
+    """`value` if it is a whole ClearML id (32 lowercase hex); RegistryError otherwise."""
+    return check_id(value, what=what, pattern=CLEARML_ID, error=RegistryError)
+
+
+def task_reference(value: object, where: str) -> tuple[str, bool]:
+    """A model record's `task` field -> (task id, deleted), ids checked.
+
+    Deleting a task rewrites the `task` of its published models to ``__DELETED__<id>``
+    (clearml-server bll/task/task_cleanup.py); the original id is kept for provenance.
+    """
+    if value is None or value == "":
+        return "", False  # the server unsets `task` of models still used by other tasks
+    text = value if isinstance(value, str) else ""
+    deleted = text.startswith(DELETED_TASK_PREFIX)
+    task_id = text.removeprefix(DELETED_TASK_PREFIX) if deleted else value
+    return check_clearml_id(task_id, f"{where}: task id"), deleted
 
 
 def parse_design(design: Any, where: str) -> dict[str, Any]:
