@@ -25,6 +25,9 @@ from builder.contracts import (
 from builder.errors import ConfigError, DriftError
 from builder.load import CUSTOMER_FILE, LOCK_FILE, read_committed_file, safe_relpath
 
+#: How many changes a drift message lists before "and N more changes".
+MAX_DRIFT_LINES = 12
+
 
 class StaleLockError(DriftError, ConfigError):
     """The committed lock no longer matches the config: exit 7 (drift), and still a config
@@ -132,6 +135,8 @@ def input_drift(spec: CustomerSpec, lock: Mapping[str, Any]) -> list[str]:
         else:
             lines.append(f"{name} changed since the lock was made")
     lines.extend(_manual_file_drift(spec, lock))
+    if len(lines) > MAX_DRIFT_LINES:  # a rewritten file: the first changes say enough
+        lines = [*lines[:MAX_DRIFT_LINES], f"and {len(lines) - MAX_DRIFT_LINES} more changes"]
     return lines
 
 
@@ -322,8 +327,13 @@ def models_from_lock(
 
 
 def _short(value: Any) -> str:
+    """One short line for a value in a drift message: ids and digests cut to 12 characters,
+    line breaks shown escaped, long text cut (a message is one line, whatever the config holds)."""
     text = str(value)
-    return text[:12] if len(text) in (32, 40, 64) and text.isalnum() else text
+    if len(text) in (32, 40, 64) and text.isalnum():
+        return text[:12]
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def diff_locks(

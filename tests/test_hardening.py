@@ -742,7 +742,7 @@ def _refused_in_one_line(call: Callable[[], object]) -> None:
         call()
     except BuilderError as exc:
         assert "\n" not in str(exc), str(exc)
-        assert exc.exit_code in (2, 5), exc
+        assert exc.exit_code in (2, 5, 7), exc  # config, weights, stale lock
 
 
 @PROPERTY
@@ -829,13 +829,14 @@ def registry_world(
     """A local registry and a production store for the auto models of ``repo``."""
     weights = b"registry weights"
     production = tmp_path / "production"
-    (production / TASK).mkdir(parents=True)
-    (production / TASK / "model.onnx").write_bytes(weights)
+    (production / TASK / AUTO_ID).mkdir(parents=True)
+    (production / TASK / AUTO_ID / "model.onnx").write_bytes(weights)
     model = model_record(AUTO_ID, TASK, name="carcinoma")
     task = task_record(TASK)
     manifest = {
         "manifest_version": 1,
         "task_id": TASK,
+        "model_id": AUTO_ID,
         "files": [
             {
                 "name": "model.onnx",
@@ -866,7 +867,9 @@ def _write_registry(
         (folder / kind / f"{(AUTO_ID if kind == 'models' else TASK)}.yaml").write_text(
             yaml.safe_dump(record, allow_unicode=True)
         )
-    path = Path(settings.production.removeprefix("file:")) / TASK / "publish-manifest.json"
+    path = (
+        Path(settings.production.removeprefix("file:")) / TASK / AUTO_ID / "publish-manifest.json"
+    )
     path.write_bytes(raw if raw is not None else json.dumps(manifest, default=str).encode())
 
 

@@ -82,11 +82,10 @@ def test_unknown_model_id(clearml: Any, env: dict[str, str], tmp_path: Path) -> 
         "expand", _repo(tmp_path, carcinoma="deadbeef" * 4), env=env, timeout=CLI_BOUND
     )
     assert result.returncode == 3
-    assert (
-        result.stderr.strip()
-        .splitlines()[-1]
-        .startswith(f"error: model {'deadbeef' * 4} not found in ClearML")
-    )
+    line = result.stderr.strip().splitlines()[-1]
+    # the line, the slot and the id (issue 15), then the server it asked
+    assert "analysis.yaml:" in line and "carcinoma_model" in line
+    assert f"{'deadbeef' * 4} not found in ClearML at " in line
 
 
 def test_unpublished_model_needs_allow_unpublished(

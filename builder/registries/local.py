@@ -56,7 +56,9 @@ class LocalRegistry:
         except ConfigError as exc:
             raise RegistryError(exc.message, hint="fix or re-export the record") from None
         if doc.data.get("id") != record_id:
-            raise RegistryError(f"{path}: its id {str(doc.data.get('id'))[:80]!r} is not {record_id}")
+            raise RegistryError(
+                f"{path}: its id {str(doc.data.get('id'))[:80]!r} is not {record_id}"
+            )
         return doc.data, str(path)
 
     def get_model(self, model_id: str) -> ModelRecord:
