@@ -6,10 +6,13 @@ The wheelhouse is filled by ``pip download`` on the host when it lacks files (un
 ``download=False``, for air-gapped sites, where a missing wheel is an error). The runner's
 own wheel is built from base-image/runner with the build backend from the same wheelhouse.
 
-The version lives in base-image/VERSION only: it becomes the tag ``<repository>:<version>``
-(``-cuda<version>`` appended for the GPU variant), the ``org.opencontainers.image.version``
-label and the runner package's version. The labels also carry the verbose-config schema
-versions the runner accepts, the ONNX Runtime version and the CUDA variant.
+The version lives in base-image/VERSION only: it becomes the tag ``<repository>:<version>``,
+the ``org.opencontainers.image.version`` label and the runner package's version. The GPU
+variant is the same Debian base plus onnxruntime-gpu and NVIDIA's CUDA/cuDNN pip wheels (no
+CUDA base image); it lives in its own repository, ``<repository>-gpu`` (variant_repository),
+with the same version tags, so version constraints resolve alike for both variants. The
+labels also carry the verbose-config schema versions the runner accepts, the ONNX Runtime
+version, the variant and the CUDA runtime and cuDNN versions read from the lock.
 
 No printing: progress goes to the optional callback, failures raise ImageError.
 """
@@ -35,11 +38,14 @@ from builder.errors import ImageError
 
 BASE_DIR: Final = Path(__file__).resolve().parents[1] / "base-image"
 VARIANTS: Final = ("cpu", "gpu")
-DEFAULT_CUDA: Final = "13.0"  # onnxruntime-gpu 1.31 is built for CUDA 13
+#: The pins in requirements-gpu.txt whose versions the labels report.
+CUDA_RUNTIME_WHEEL: Final = "nvidia-cuda-runtime"
+CUDNN_WHEEL_PREFIX: Final = "nvidia-cudnn-cu"
 LABEL_VERSION: Final = "org.opencontainers.image.version"
 LABEL_SCHEMAS: Final = "com.ivd.runner.config-schemas"
 LABEL_ORT: Final = "com.ivd.runner.onnxruntime"
 LABEL_CUDA: Final = "com.ivd.runner.cuda"
+LABEL_CUDNN: Final = "com.ivd.runner.cudnn"
 LABEL_VARIANT: Final = "com.ivd.runner.variant"
 #: Verbose-config schema versions the runner in base-image/runner accepts.
 CONFIG_SCHEMAS: Final = "1"
@@ -223,6 +229,32 @@ def build_runner_wheel(
     return wheel
 
 
+def variant_repository(repository: str, variant: str) -> str:
+    """Where a variant of the base image lives: ``repository`` (cpu), ``repository-gpu`` (gpu).
+
+    An ``oci:`` layout is named by the user as it is; the variant label of what it holds is
+    checked by the customer build instead.
+    """
+    if variant not in VARIANTS:
+        raise ImageError(f"unknown base image variant {variant!r} (cpu or gpu)")
+    if variant == "cpu" or repository.startswith("oci:"):
+        return repository
+    return f"{repository}-{variant}"
+
+
+def cuda_versions(reqs: list[Requirement], path: Path) -> tuple[str, str]:
+    """(CUDA runtime major.minor, cuDNN major.minor.patch) of the NVIDIA wheels pinned in a lock."""
+    cuda = next((r.version for r in reqs if r.name == CUDA_RUNTIME_WHEEL), None)
+    cudnn = next((r.version for r in reqs if r.name.startswith(CUDNN_WHEEL_PREFIX)), None)
+    if not cuda or not cudnn:
+        raise ImageError(
+            f"{path} pins no {CUDA_RUNTIME_WHEEL} or {CUDNN_WHEEL_PREFIX}<major> wheel",
+            hint="the GPU variant takes CUDA and cuDNN from NVIDIA's pip wheels; "
+            "see base-image/requirements-gpu.in",
+        )
+    return ".".join(cuda.split(".")[:2]), ".".join(cudnn.split(".")[:3])
+
+
 def _onnxruntime_version(reqs: list[Requirement], path: Path) -> str:
     for r in reqs:
         if r.name in ("onnxruntime", "onnxruntime-gpu"):
@@ -346,16 +378,15 @@ def build_base_image(
     wheelhouse: Path | None,
     push: bool,
     variant: str = "cpu",
-    cuda_version: str | None = None,
     download: bool = True,
     base_dir: Path = BASE_DIR,
     progress: Progress | None = None,
 ) -> BaseImageBuild:
-    """Build base-image/ as `<repository>:<version>` (and push it when `push`).
+    """Build base-image/ as `<variant repository>:<version>` (and push it when `push`).
 
-    `base_from` is the Python 3.11 base (python:3.11-slim-bookworm, the test bed's stand-in,
-    or a CUDA runtime base for `variant="gpu"`). `wheelhouse` None means the machine-wide
-    cache (default_wheelhouse). Raises ImageError naming what failed.
+    `base_from` is the Python 3.11 base (python:3.11-slim-bookworm or the test bed's
+    stand-in) for both variants. `wheelhouse` None means the machine-wide cache
+    (default_wheelhouse). Raises ImageError naming what failed.
     """
     if variant not in VARIANTS:
         raise ImageError(f"unknown base image variant {variant!r} (cpu or gpu)")
@@ -365,12 +396,13 @@ def build_base_image(
             hint="e.g. registry.example.com/ivd/inference-base",
         )
     version = read_version(base_dir)
-    cuda = "none" if variant == "cpu" else (cuda_version or DEFAULT_CUDA)
-    tag = version if variant == "cpu" else f"{version}-cuda{cuda}"
+    repository = variant_repository(repository, variant)
+    tag = version
     requirements = base_dir / f"requirements-{variant}.txt"
     build_reqs = base_dir / "requirements-build.txt"
     reqs = parse_requirements(requirements)
     ort = _onnxruntime_version(reqs, requirements)
+    cuda, cudnn = ("none", "none") if variant == "cpu" else cuda_versions(reqs, requirements)
     house = wheelhouse or default_wheelhouse(variant)
     pinned = ensure_wheelhouse(
         house, [requirements, build_reqs], download=download, base_dir=base_dir, progress=progress
@@ -382,6 +414,7 @@ def build_base_image(
         LABEL_SCHEMAS: CONFIG_SCHEMAS,
         LABEL_ORT: ort,
         LABEL_CUDA: cuda,
+        LABEL_CUDNN: cudnn,
         LABEL_VARIANT: variant,
     }
     buildargs = {
@@ -389,6 +422,7 @@ def build_base_image(
         "VERSION": version,
         "ORT_VERSION": ort,
         "CUDA_VERSION": cuda,
+        "CUDNN_VERSION": cudnn,
         "VARIANT": variant,
         "WHEELHOUSE": "wheels",
         "RUNNER_WHEELHOUSE": "runner",
