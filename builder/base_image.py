@@ -232,12 +232,13 @@ def build_runner_wheel(
 def variant_repository(repository: str, variant: str) -> str:
     """Where a variant of the base image lives: ``repository`` (cpu), ``repository-gpu`` (gpu).
 
-    An ``oci:`` layout is named by the user as it is; the variant label of what it holds is
-    checked by the customer build instead.
+    Idempotent (``x-gpu`` stays ``x-gpu``), so a recorded GPU base repository can be passed
+    back in. An ``oci:`` layout is named by the user as it is; the variant label of what it
+    holds is checked by the customer build instead.
     """
     if variant not in VARIANTS:
         raise ImageError(f"unknown base image variant {variant!r} (cpu or gpu)")
-    if variant == "cpu" or repository.startswith("oci:"):
+    if variant == "cpu" or repository.startswith("oci:") or repository.endswith(f"-{variant}"):
         return repository
     return f"{repository}-{variant}"
 

@@ -16,9 +16,10 @@ from typing import Any
 
 from builder import yamldoc
 from builder.assemble import AssembledImage, BaseImage, FileEntry, LayerSpec, assemble, resolve_base
+from builder.base_image import variant_repository
 from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec, Progress
 from builder.cook import Cooked, cook
-from builder.errors import ImageError
+from builder.errors import ConfigError, ImageError
 from builder.expand import MODELS_DIR, expand
 from builder.fetch import Cache, FetchResult, fetch
 from builder.oci import BlobStore
@@ -27,6 +28,7 @@ from builder.provenance import (
     image_version,
     manifest_annotations,
     provenance_document,
+    variant_version,
 )
 from builder.settings import Settings
 
@@ -46,6 +48,7 @@ class BuildRequest:
     allow_unpublished: bool = False
     base_version: str | None = None  # overrides customer.yaml (fleet rebuilds)
     base_repository: str | None = None
+    variant: str | None = None  # cpu | gpu; None: the first of customer.yaml's variants
     image_registry: str | None = None
     push: bool = False
     force: bool = False
@@ -98,8 +101,35 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = round(time.perf_counter() - start, 3)
 
 
-def base_repository(spec: CustomerSpec, settings: Settings, override: str | None = None) -> str:
-    return override or spec.base_repository or settings.base_repository
+def base_repository(
+    spec: CustomerSpec, settings: Settings, override: str | None = None, variant: str = "cpu"
+) -> str:
+    """The base repository of a variant: `<repository>` for cpu, `<repository>-gpu` for gpu."""
+    return variant_repository(override or spec.base_repository or settings.base_repository, variant)
+
+
+def build_variant(spec: CustomerSpec, requested: str | None) -> str:
+    """The variant to build: the one asked for (it must be one customer.yaml lists), else the first."""
+    if requested is None:
+        return spec.variants[0]
+    if requested not in spec.variants:
+        raise ConfigError(
+            f"customer.yaml: base_image.variant of {spec.customer} is "
+            f"{', '.join(spec.variants)}, not {requested}",
+            hint=f"add {requested} to base_image.variant, or build {spec.variants[0]}",
+        )
+    return requested
+
+
+def check_variant(base: BaseImage, variant: str) -> None:
+    """Refuse a base whose variant label is not the one the customer asked for."""
+    got = base.ref.variant
+    if got != variant:
+        raise ImageError(
+            f"base image {base.name} is the {got} variant, but this build needs {variant}",
+            hint=f"point base_image.repository at the {variant} base (the gpu base lives in "
+            "<repository>-gpu)",
+        )
 
 
 def try_resolve_base(
@@ -112,7 +142,9 @@ def try_resolve_base(
     """The base image for the lock, or None and why not (the lock can be made without it)."""
     try:
         return resolve_base(
-            base_repository(spec, settings, repository), spec.base_version, insecure=insecure
+            base_repository(spec, settings, repository, spec.variants[0]),
+            spec.base_version,
+            insecure=insecure,
         ).ref, None
     except ImageError as exc:
         return None, f"base image not pinned: {exc}"
@@ -137,6 +169,8 @@ def _resolve_locked_base(
     if (
         pinned
         and pinned.get("digest")
+        # the lock pins the first variant's base; another variant resolves by the constraint
+        and pinned.get("repository", base.repository) == base.repository
         and (pinned["version"], pinned["digest"]) != (base.version, base.digest)
     ):
         raise ImageError(
@@ -278,7 +312,8 @@ def build(
             allow_unpublished=request.allow_unpublished,
         )
     spec = cooked.spec
-    repository = base_repository(spec, settings, request.base_repository)
+    variant = build_variant(spec, request.variant)
+    repository = base_repository(spec, settings, request.base_repository, variant)
     with stage("base"):
         version_spec = request.base_version or spec.base_version
         if request.locked and not request.base_version:
@@ -286,6 +321,7 @@ def build(
         else:
             base = resolve_base(repository, version_spec, insecure=request.insecure)
         check_runner_accepts(base)
+        check_variant(base, variant)
     with stage("fetch"):
         fetched = fetch(
             cooked.models,
@@ -308,7 +344,7 @@ def build(
     layers = image_layers(cooked, fetched, verbose_yaml, yamldoc.canonical_json(provenance))
     registry = request.image_registry or settings.image_registry
     immutable = f"{registry}/{spec.customer}:{image_version(spec, base_ref)}"
-    moving = f"{registry}/{spec.customer}:{base_ref.version}"
+    moving = f"{registry}/{spec.customer}:{variant_version(base_ref)}"
     report = BuildReport(
         customer=spec.customer,
         image=immutable,

@@ -29,9 +29,14 @@ def dir_hash(model: ResolvedModel) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def variant_version(base: BaseImageRef) -> str:
+    """The moving tag: ``<base version>``, ``<base version>-gpu`` on the GPU variant."""
+    return base.version if base.variant == "cpu" else f"{base.version}-{base.variant}"
+
+
 def image_version(spec: CustomerSpec, base: BaseImageRef) -> str:
-    """The immutable tag: ``<base version>-<config rev>``."""
-    return f"{base.version}-{spec.config_rev}"
+    """The immutable tag: ``<base version>[-gpu]-<config rev>``."""
+    return f"{variant_version(base)}-{spec.config_rev}"
 
 
 def provenance_document(

@@ -1,0 +1,409 @@
+"""The GPU variant of the base image, built and checked on this GPU-less machine.
+
+The variant is the same Debian base plus onnxruntime-gpu and NVIDIA's CUDA 13 / cuDNN 9 pip
+wheels from the machine-wide wheelhouse (~/.cache/ivd-testbed/wheelhouse/gpu, 1.6 GB, filled
+once). Without a GPU nothing can run on CUDA here, so these tests check everything up to the
+driver: every library the CUDA provider needs resolves once the runner has preloaded the
+wheels (only the driver's libcuda.so.1, which the NVIDIA container toolkit mounts, is
+missing); `tilerunner info` says the provider is installed and why it is not usable;
+`--device auto` falls back to the CPU in one line with the same results as the host, and
+`--device cuda` fails in one line with exit code 6. A customer-x image on the GPU base is
+built, explained, verified bit for bit and run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from email.parser import Parser
+from pathlib import Path
+from typing import Any
+from zipfile import ZipFile
+
+import pytest
+from helpers import ROOT, commit_files, run_cli
+from packaging.requirements import Requirement as PipRequirement
+
+from builder.base_image import (
+    BASE_DIR,
+    BaseImageBuild,
+    build_base_image,
+    cuda_versions,
+    ensure_wheelhouse,
+    parse_requirements,
+    read_version,
+    variant_repository,
+)
+from builder.errors import ConfigError, ImageError
+from builder.load import load_customer
+from builder.pipeline import build_variant
+from builder.settings import load_settings
+from testbed._util import cache_root
+
+RUNNER_TESTS = ROOT / "base-image" / "runner" / "tests"
+if str(RUNNER_TESTS) not in sys.path:
+    sys.path.insert(0, str(RUNNER_TESTS))
+
+from tilerunner_testlib import App, cached, code_key, slide, verbose_config  # noqa: E402
+
+WHEELHOUSE = cache_root() / "wheelhouse" / "gpu"
+GPU_LOCK = BASE_DIR / "requirements-gpu.txt"
+NO_DRIVER = "no NVIDIA driver: libcuda.so.1 not found"
+PY = "/opt/tilerunner/bin/python"
+
+
+# --------------------------------------------------------------------------- no engine needed
+
+
+def test_variant_repository_and_labels_from_the_lock() -> None:
+    assert (
+        variant_repository("r.example/ivd/inference-base", "cpu") == "r.example/ivd/inference-base"
+    )
+    assert variant_repository("r.example/ivd/base", "gpu") == "r.example/ivd/base-gpu"
+    assert variant_repository("r.example/ivd/base-gpu", "gpu") == "r.example/ivd/base-gpu"
+    assert variant_repository("oci:/layouts/base", "gpu") == "oci:/layouts/base"
+    with pytest.raises(ImageError, match="variant 'tpu'"):
+        variant_repository("r/x", "tpu")
+    reqs = parse_requirements(GPU_LOCK)
+    pins = {r.name: r.version for r in reqs}
+    cuda, cudnn = cuda_versions(reqs, GPU_LOCK)
+    assert cuda == ".".join(pins["nvidia-cuda-runtime"].split(".")[:2])
+    assert cuda.startswith("13.") and cudnn.startswith("9.")
+    cpu_lock = BASE_DIR / "requirements-cpu.txt"
+    with pytest.raises(ImageError, match="pins no nvidia-cuda-runtime"):
+        cuda_versions(parse_requirements(cpu_lock), cpu_lock)
+
+
+def _customer(tmp_path: Path, variant_line: str) -> Path:
+    """customer-x's committed files in a repository of their own, with a variant line."""
+    source = ROOT / "customers" / "customer-x"
+    files = {p.name: p.read_text() for p in sorted(source.iterdir()) if p.is_file()}
+    text = files["customer.yaml"]
+    files["customer.yaml"] = text.replace("base_image:\n", f"base_image:\n{variant_line}", 1)
+    assert files["customer.yaml"] != text or not variant_line
+    repo = tmp_path / "customer-x"
+    commit_files(repo, files, "customer-x with a base image variant")
+    return repo
+
+
+def test_customer_yaml_variant_key(tmp_path: Path) -> None:
+    settings = load_settings(ROOT)
+    plain = load_customer(str(_customer(tmp_path / "a", "")), settings)
+    assert plain.variants == ("cpu",) and build_variant(plain, None) == "cpu"
+    with pytest.raises(ConfigError, match=r"variant of customer-x is cpu, not gpu"):
+        build_variant(plain, "gpu")
+    both = load_customer(str(_customer(tmp_path / "b", "  variant: [gpu, cpu]\n")), settings)
+    assert both.variants == ("gpu", "cpu")
+    assert build_variant(both, None) == "gpu" and build_variant(both, "cpu") == "cpu"
+    gpu = load_customer(str(_customer(tmp_path / "c", "  variant: gpu\n")), settings)
+    assert gpu.variants == ("gpu",)
+    with pytest.raises(ConfigError, match=r"customer\.yaml:\d+.*variant") as err:
+        load_customer(str(_customer(tmp_path / "d", "  variant: tpu\n")), settings)
+    assert "\n" not in err.value.message
+
+
+# --------------------------------------------------------------------------- real engine
+
+
+@pytest.fixture(scope="module")
+def gpu_base(docker_engine: Any, oci_registry: Any, base_os_image: str) -> BaseImageBuild:
+    return build_base_image(
+        docker_client=docker_engine.client(),
+        repository=f"{oci_registry.host}/ivd/inference-base",
+        base_from=base_os_image,
+        wheelhouse=WHEELHOUSE,
+        push=True,
+        variant="gpu",
+    )
+
+
+def test_lock_has_every_library_onnxruntime_gpu_asks_for() -> None:
+    """The `cuda` and `cudnn` extras of the pinned onnxruntime-gpu wheel (its own METADATA)
+    are all satisfied by the lock, and so is every NVIDIA wheel's own dependency."""
+    pinned = ensure_wheelhouse(WHEELHOUSE, [GPU_LOCK], download=True)
+    pins = {r.name: r.version for r in parse_requirements(GPU_LOCK)}
+    wheels = {p.name: p for p in pinned.values()}
+    ort = next(p for n, p in wheels.items() if n.startswith("onnxruntime_gpu-"))
+    nvidia = [p for n, p in wheels.items() if n.startswith("nvidia_")]
+    asked: list[tuple[str, str]] = []
+    for wheel in [ort, *nvidia]:
+        with ZipFile(wheel) as zf:
+            meta_name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+            meta = Parser().parsestr(zf.read(meta_name).decode())
+        for line in meta.get_all("Requires-Dist") or []:
+            req = PipRequirement(line)
+            for extra in ("cuda", "cudnn", None):
+                env = {"extra": extra or ""}
+                if (req.marker is None) == (extra is None) and (
+                    req.marker is None or req.marker.evaluate(env)
+                ):
+                    asked.append((wheel.name, str(req)))
+                    name = req.name.lower()
+                    assert name in pins, f"{wheel.name} needs {req}, not in the lock"
+                    assert req.specifier.contains(pins[name]), f"{req} vs {pins[name]}"
+    named = {re.split(r"[~=<>!; ]", r)[0] for _, r in asked}
+    assert {"nvidia-cuda-runtime", "nvidia-cudnn-cu13", "nvidia-cublas"} <= named
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_gpu_base_repository_tag_and_labels(gpu_base: BaseImageBuild, oci_registry: Any) -> None:
+    version = read_version()
+    assert gpu_base.reference == f"{oci_registry.host}/ivd/inference-base-gpu:{version}"
+    cuda, cudnn = cuda_versions(parse_requirements(GPU_LOCK), GPU_LOCK)
+    labels = gpu_base.labels
+    assert labels["com.ivd.runner.variant"] == "gpu"
+    assert (labels["com.ivd.runner.cuda"], labels["com.ivd.runner.cudnn"]) == (cuda, cudnn)
+    assert labels["com.ivd.runner.onnxruntime"] == "1.31.1"
+    assert labels["org.opencontainers.image.version"] == version
+    assert gpu_base.digest and gpu_base.digest.startswith("sha256:")
+
+
+def _sh(client: Any, image: str, script: str) -> str:
+    out = client.containers.run(
+        image, ["-c", script], entrypoint=["/bin/sh"], network_mode="none", remove=True
+    )
+    return bytes(out).decode()
+
+
+LDD_SCRIPT = r"""
+set -eu
+site=$(__PY__ -c 'import onnxruntime, os; print(os.path.dirname(os.path.dirname(onnxruntime.__file__)))')
+dirs=$(__PY__ -c 'import os
+from tilerunner.cuda import preload
+libs, missing = preload()
+assert not missing, missing
+print(":".join(sorted({os.path.dirname(p) for p in libs.values()})))')
+echo "== dirs $dirs"
+for lib in "$site"/onnxruntime/capi/libonnxruntime_providers_cuda.so "$site"/nvidia/cudnn/lib/libcudnn*.so.9; do
+  echo "== preloaded $lib"
+  LD_LIBRARY_PATH="$dirs" ldd "$lib"
+done
+echo "== bare $site/onnxruntime/capi/libonnxruntime_providers_cuda.so"
+ldd "$site"/onnxruntime/capi/libonnxruntime_providers_cuda.so
+""".replace("__PY__", PY)
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        if line.startswith("== "):
+            current = line[3:]
+            out[current] = []
+        elif current:
+            out[current].append(line.strip())
+    return out
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_cuda_provider_libraries_resolve_after_preload(
+    gpu_base: BaseImageBuild, docker_engine: Any
+) -> None:
+    """ldd of the CUDA provider and of every cuDNN library, with the directories
+    preload_dlls() loaded the wheels from: nothing missing but the driver's libcuda.so.1.
+    Without them the provider's CUDA libraries are missing (so the check can fail)."""
+    sections = _sections(_sh(docker_engine.client(), gpu_base.reference, LDD_SCRIPT))
+    dirs = next(k for k in sections if k.startswith("dirs "))[5:].split(":")
+    assert any(d.endswith("/nvidia/cu13/lib") for d in dirs), dirs
+    assert any(d.endswith("/nvidia/cudnn/lib") for d in dirs), dirs
+    preloaded = {k: v for k, v in sections.items() if k.startswith("preloaded ")}
+    assert len(preloaded) >= 8  # the provider + libcudnn.so.9 and its sub-libraries
+    for name, lines in preloaded.items():
+        missing = [line for line in lines if "not found" in line]
+        assert all(line.startswith("libcuda.so.1 ") for line in missing), (name, missing)
+    provider = next(v for k, v in preloaded.items() if k.endswith("providers_cuda.so"))
+    resolved = {line.split(" => ")[0]: line for line in provider if " => /" in line}
+    for soname in ("libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10", "libcudart.so.13"):
+        assert "/nvidia/cu13/lib/" in resolved[soname], resolved.get(soname)
+    bare = next(v for k, v in sections.items() if k.startswith("bare "))
+    assert "libcublasLt.so.13 => not found" in bare
+
+
+def _info(client: Any, image: str) -> dict[str, Any]:
+    out = client.containers.run(image, ["info"], network_mode="none", remove=True, stderr=True)
+    return dict(json.loads(bytes(out)))  # stderr included: it must be empty
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_info_lists_cuda_installed_and_why_not_usable(
+    gpu_base: BaseImageBuild, docker_engine: Any
+) -> None:
+    info = _info(docker_engine.client(), gpu_base.reference)
+    assert "CUDAExecutionProvider" in info["providers"]
+    cuda = info["cuda"]
+    assert cuda["installed"] is True and cuda["usable"] is False
+    assert cuda["reason"].startswith(NO_DRIVER) and "--gpus" in cuda["reason"]
+    assert cuda["missing"] == [] and cuda["ort_cuda"].startswith("13")
+    for soname in ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libcudnn.so.9"):
+        assert soname in cuda["libraries"], sorted(cuda["libraries"])
+    pins = {r.name: r.version for r in parse_requirements(GPU_LOCK)}
+    assert cuda["wheels"] == {k: pins[k] for k in cuda["wheels"]}
+    assert cuda["wheels"]["nvidia-cudnn-cu13"] == pins["nvidia-cudnn-cu13"]
+    assert info["device_auto"] == "cpu"
+
+
+def _models(tmp: Path) -> None:
+    from tilerunner import demo_models
+
+    demo_models.write_demo_models(tmp)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, App, Path]:
+    """An app folder (demo models + verbose config) and a slide, readable by uid 10001."""
+    from tilerunner import demo_models, synthetic
+
+    models = cached(f"models-{code_key(demo_models, synthetic)}", _models)
+    slide_path = slide("image-test", width=4096, seed=11)
+    root = tmp_path_factory.mktemp("gpu-work")
+    app = App(root / "app", models)
+    app.write(verbose_config(models))
+    shutil.copy(slide_path, root / "slide.tiff")
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o644)
+    return root, app, slide_path
+
+
+def _run(client: Any, image: str, root: Path, out: str, device: str) -> tuple[int, list[str]]:
+    """Exit code and stderr lines of `tilerunner run` in the image (no network)."""
+    container = client.containers.run(
+        image,
+        [
+            *("run", "/work/slide.tiff", "--out", f"/work/{out}", "--app-dir", "/work/app"),
+            *("--device", device, "--workers", "1", "--no-progress"),
+        ],
+        volumes={str(root): {"bind": "/work", "mode": "rw"}},
+        network_mode="none",
+        detach=True,
+    )
+    try:
+        code = int(container.wait(timeout=600)["StatusCode"])
+        err = bytes(container.logs(stdout=False, stderr=True)).decode()
+    finally:
+        container.remove(force=True)
+    return code, err.splitlines()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_device_auto_falls_back_in_one_line_and_cuda_fails_in_one_line(
+    gpu_base: BaseImageBuild, docker_engine: Any, work: tuple[Path, App, Path], tmp_path: Path
+) -> None:
+    from tilerunner.config import load_config
+    from tilerunner.pipeline import RunOptions, run
+
+    root, app, slide_path = work
+    client = docker_engine.client()
+    (root / "out-cuda").mkdir(mode=0o777)
+    (root / "out-cuda").chmod(0o777)
+    code, lines = _run(client, gpu_base.reference, root, "out-cuda", "cuda")
+    assert code == 6, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        "tilerunner: error: --device cuda: CUDAExecutionProvider is installed but not usable: "
+        + NO_DRIVER
+    ), lines
+    assert list((root / "out-cuda").iterdir()) == []  # nothing half-written
+
+    (root / "out-auto").mkdir(mode=0o777)
+    (root / "out-auto").chmod(0o777)
+    code, lines = _run(client, gpu_base.reference, root, "out-auto", "auto")
+    assert code == 0, lines
+    fallback = [line for line in lines if "CUDA" in line]
+    assert len(fallback) == 1, lines
+    assert fallback[0].startswith(f"tilerunner: device: CUDA not usable ({NO_DRIVER}")
+    assert fallback[0].endswith("; running on the CPU")
+    assert any(line.startswith("tilerunner: done:") and " on cpu;" in line for line in lines)
+    in_image = json.loads((root / "out-auto" / "breast" / "summary.json").read_text())
+    report = run(
+        load_config(app.config, app.root), slide_path, tmp_path / "host", RunOptions("cpu")
+    )
+    on_host = report.summaries["breast"]
+    assert in_image["deterministic"]["device"] == "cpu"
+    assert in_image["deterministic"]["features"] == on_host["deterministic"]["features"]
+    assert in_image["deterministic"]["outputs"] == on_host["deterministic"]["outputs"]
+
+
+# --------------------------------------------------------------------------- customer-x on GPU
+
+
+def _cli_json(*args: str, env: dict[str, str], code: int = 0) -> dict[str, Any]:
+    proc = run_cli(*args, "--json", env=env, timeout=900)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    return dict(json.loads(proc.stdout)["result"])
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_customer_x_gpu_image_is_built_explained_verified_and_runs(
+    gpu_base: BaseImageBuild,
+    oci_registry: Any,
+    docker_engine: Any,
+    work: tuple[Path, App, Path],
+    tmp_path: Path,
+) -> None:
+    repo = _customer(tmp_path, "  variant: [cpu, gpu]\n")
+    registry = f"{oci_registry.host}/gpu-test"
+    env = {
+        **docker_engine.env(),
+        "BUILDER_BASE_REPOSITORY": f"{oci_registry.host}/ivd/inference-base",
+        "BUILDER_IMAGE_REGISTRY": registry,
+        "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    built = _cli_json("build", str(repo), "--variant", "gpu", "--push", env=env)
+    version = read_version()
+    assert built["base"]["repository"] == gpu_base.reference.rsplit(":", 1)[0]
+    assert built["base"]["digest"] == gpu_base.digest
+    rev = built["image"].rsplit("-", 1)[1]
+    assert built["image"] == f"{registry}/customer-x:{version}-gpu-{rev}"
+    assert f"{registry}/customer-x:{version}-gpu" in built["tags"]
+
+    explained = _cli_json("explain", built["image"], env=env)
+    text = json.dumps(explained)
+    assert gpu_base.digest and gpu_base.digest in text
+    assert explained["labels"]["com.ivd.runner.variant"] == "gpu"
+    assert explained["labels"]["com.ivd.runner.cuda"] == gpu_base.labels["com.ivd.runner.cuda"]
+
+    verified = _cli_json("verify", built["image"], env=env)
+    assert verified["match"] is True, verified["differences"]
+    assert verified["rebuilt_digest"] == built["manifest_digest"]
+
+    # The image runs the customer's analysis (on the CPU here: no GPU) like the GPU base does.
+    root, _, _ = work
+    out = root / "out-customer"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    client = docker_engine.client()
+    client.images.pull(built["image"])
+    logs = client.containers.run(
+        built["image"],
+        ["run", "/work/slide.tiff", "--out", "/work/out-customer", "--no-progress"],
+        volumes={str(root): {"bind": "/work", "mode": "rw"}},
+        network_mode="none",
+        remove=True,
+        stderr=True,
+    )
+    assert b"tilerunner: done:" in logs and b"CUDA not usable" in logs, logs
+    summary = json.loads((out / "breast" / "summary.json").read_text())
+    assert summary["deterministic"]["features"]["Carcinoma"]["regions"] >= 1
+
+
+def test_bench_script_is_ready_without_a_gpu() -> None:
+    """benchmarks/gpu.py parses its arguments and refuses, in one line, to run without a GPU."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--image", "none", "--check-only"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nvidia" in lines[0].lower(), proc.stderr
