@@ -24,7 +24,7 @@ from typing import Any
 from zipfile import ZipFile
 
 import pytest
-from helpers import ROOT, commit_files, run_cli
+from helpers import ROOT, commit_files, push_labelled_bases, run_cli
 from packaging.requirements import Requirement as PipRequirement
 
 from builder.base_image import (
@@ -392,6 +392,58 @@ def test_customer_x_gpu_image_is_built_explained_verified_and_runs(
     assert b"tilerunner: done:" in logs and b"CUDA not usable" in logs, logs
     summary = json.loads((out / "breast" / "summary.json").read_text())
     assert summary["deterministic"]["features"]["Carcinoma"]["regions"] >= 1
+
+
+@pytest.mark.docker
+def test_fleet_builds_every_variant_a_customer_needs(
+    docker_engine: Any, oci_registry: Any, base_os_image: str, tmp_path: Path
+) -> None:
+    """customer.yaml `variant: [cpu, gpu]`: build-all builds both images, each on its own base
+    (small labelled stand-in bases: the variant logic, not the runtime, is under test)."""
+    version = "2.4.77"
+    bases = push_labelled_bases(
+        docker_engine, oci_registry.host, base_os_image, "fleet-variants/base", {version: "1"}
+    )
+    push_labelled_bases(
+        docker_engine,
+        oci_registry.host,
+        base_os_image,
+        "fleet-variants/base-gpu",
+        {version: "1"},
+        extra_labels={"com.ivd.runner.variant": "gpu"},
+    )
+    repo = _customer(tmp_path, "  variant: [cpu, gpu]\n")
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"fleet_version: 1\ncustomers:\n- name: customer-x\n  repo: {repo}\n")
+    registry = f"{oci_registry.host}/fleet-variants"
+    env = {
+        **docker_engine.env(),
+        "BUILDER_BASE_REPOSITORY": bases,
+        "BUILDER_IMAGE_REGISTRY": registry,
+        "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    planned = _cli_json("plan", "--base-version", version, "--fleet", str(fleet), env=env)
+    assert planned["items"][0]["variants"] == ["cpu", "gpu"]
+    result = _cli_json(
+        "build-all", "--base-version", version, "--fleet", str(fleet), "--push", env=env
+    )
+    built = {r["variant"]: r for r in result["results"]}
+    assert {v: r["status"] for v, r in built.items()} == {"cpu": "built", "gpu": "built"}
+    cpu, gpu = built["cpu"]["report"], built["gpu"]["report"]
+    assert cpu["base"]["repository"] == bases and gpu["base"]["repository"] == f"{bases}-gpu"
+    rev = cpu["image"].rsplit("-", 1)[1]
+    assert cpu["image"] == f"{registry}/customer-x:{version}-{rev}"
+    assert gpu["image"] == f"{registry}/customer-x:{version}-gpu-{rev}"
+    assert cpu["manifest_digest"] != gpu["manifest_digest"]
+    # a base in the gpu repository whose label says cpu is refused for a gpu build, in one line
+    plain = push_labelled_bases(
+        docker_engine, oci_registry.host, base_os_image, "fleet-variants/plain-gpu", {version: "1"}
+    )
+    args = ("--variant", "gpu", "--base-repository", plain.removesuffix("-gpu"))
+    proc = run_cli("build", str(repo), *args, env=env)
+    assert proc.returncode == 6, proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if "error" in x]
+    assert "is the cpu variant, but this build needs gpu" in line, proc.stderr
 
 
 def test_bench_script_is_ready_without_a_gpu() -> None:
