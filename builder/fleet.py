@@ -51,6 +51,7 @@ from packaging.version import InvalidVersion, Version
 from builder import __version__, yamldoc
 from builder.errors import BuilderError, ConfigError, ReleaseGateError
 from builder.load import _URL, canonical_repo_url, load_customer, redact_url
+from builder.provenance import variant_tag
 from builder.settings import Settings
 
 FLEET_FILE: Final = "fleet.yaml"
@@ -720,7 +721,7 @@ def plan_customer(
             item.summary = f"{spec.base_version} does not admit {version}"
             return item
         item.status, item.variants = "rebuild", list(spec.variants)
-        tag = version if spec.variants[0] == "cpu" else f"{version}-{spec.variants[0]}"
+        tag = variant_tag(str(version), spec.variants[0])
         item.image = f"{settings.image_registry}/{spec.customer}:{tag}-{spec.config_rev}"
     except BuilderError as exc:
         item.error = _error_dict(exc)
@@ -991,6 +992,7 @@ def build_all(
     results: dict[str, CustomerResult] = {}
     to_build: list[_Job] = []
     entries = {e.name: e for e in fleet.entries}
+    keys = {e.name: [e.name] for e in fleet.entries}  # one result per variant built
     for item in fleet_plan.items:
         if item.status == "error":
             results[item.customer] = CustomerResult(
@@ -1017,6 +1019,7 @@ def build_all(
                 )
                 for n, variant in enumerate(item.variants)
             ]
+            keys[item.customer] = [job.key for job in to_build if job.customer == item.customer]
     outcomes = _run_jobs(to_build, jobs, on_event)
     for job in to_build:
         outcome = outcomes[job.key]
@@ -1046,5 +1049,5 @@ def build_all(
                 result.status, result.error = "failed", _error_dict(exc)
                 result.summary = f"built and pushed, but not recorded: {result.error['message']}"
         results[job.key] = result
-    ordered = [r for e in fleet.entries for k, r in results.items() if k.split(" (")[0] == e.name]
+    ordered = [results[key] for e in fleet.entries for key in keys[e.name]]
     return FleetReport(base_version=fleet_plan.base_version, fleet=str(fleet.path), results=ordered)

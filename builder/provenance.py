@@ -29,9 +29,14 @@ def dir_hash(model: ResolvedModel) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def variant_tag(version: str, variant: str) -> str:
+    """``<base version>`` for cpu, ``<base version>-gpu`` for the GPU variant."""
+    return version if variant == "cpu" else f"{version}-{variant}"
+
+
 def variant_version(base: BaseImageRef) -> str:
-    """The moving tag: ``<base version>``, ``<base version>-gpu`` on the GPU variant."""
-    return base.version if base.variant == "cpu" else f"{base.version}-{base.variant}"
+    """The moving tag of an image built on ``base``: its version, with its variant."""
+    return variant_tag(base.version, base.variant)
 
 
 def image_version(spec: CustomerSpec, base: BaseImageRef) -> str:
