@@ -47,6 +47,8 @@ LABEL_ORT: Final = "com.ivd.runner.onnxruntime"
 LABEL_CUDA: Final = "com.ivd.runner.cuda"
 LABEL_CUDNN: Final = "com.ivd.runner.cudnn"
 LABEL_VARIANT: Final = "com.ivd.runner.variant"
+#: sha256 over everything a build reads (Dockerfile, lock, runner wheel, arguments, base id).
+LABEL_INPUTS: Final = "com.ivd.base.build-inputs"
 #: Verbose-config schema versions the runner in base-image/runner accepts.
 CONFIG_SCHEMAS: Final = "1"
 _VERSION_RE: Final = re.compile(r"^\d+\.\d+\.\d+(?:[-+.][0-9A-Za-z.]+)?$")
@@ -284,12 +286,55 @@ def _context(
                 tf.addfile(info, fh)
 
 
+def _inputs_key(
+    base_dir: Path, requirements: Path, runner: Path, buildargs: dict[str, str], base_id: str
+) -> str:
+    """sha256 over every input of the build (the wheels enter through the hash-pinned lock)."""
+    h = hashlib.sha256()
+    for part in (
+        (base_dir / "Dockerfile").read_bytes(),
+        requirements.read_bytes(),
+        runner.read_bytes(),
+        json.dumps(buildargs, sort_keys=True).encode(),
+        base_id.encode(),
+    ):
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()
+
+
+def _built_before(docker_client: Any, reference: str, key: str) -> str | None:
+    """Id of an image in the engine built from exactly these inputs (tagged `reference`)."""
+    from docker.errors import DockerException
+
+    try:
+        found = docker_client.images.list(filters={"label": f"{LABEL_INPUTS}={key}"})
+        if not found:
+            return None
+        image = found[0]
+        if reference not in (image.tags or []):
+            repository, _, tag = reference.rpartition(":")
+            image.tag(repository, tag)
+        return str(image.id)
+    except DockerException:
+        return None  # not fatal: build it
+
+
+def _base_id(docker_client: Any, base_from: str) -> str:
+    from docker.errors import DockerException
+
+    try:
+        return str(docker_client.images.get(base_from).id)
+    except DockerException:
+        return ""  # not local: the build says so (it never pulls)
+
+
 def _run_build(
     docker_client: Any,
     context: Path,
     tag: str,
     buildargs: dict[str, str],
     progress: Progress | None,
+    extra_labels: dict[str, str] | None = None,
 ) -> tuple[str, list[str]]:
     """Stream the engine's build; return (image id, output lines) or raise ImageError."""
     from docker.errors import APIError, DockerException
@@ -304,6 +349,7 @@ def _run_build(
                 custom_context=True,
                 tag=tag,
                 buildargs=buildargs,
+                labels=extra_labels,
                 rm=True,
                 forcerm=True,
                 pull=False,
@@ -432,9 +478,21 @@ def build_base_image(
     reference = f"{repository}:{tag}"
     with tempfile.TemporaryDirectory(prefix="ivd-base-image-") as tmp:
         runner = build_runner_wheel(house, Path(tmp), version, base_dir)
-        context = Path(tmp) / "context.tar"
-        _context(context, base_dir, requirements, wheels, runner)
-        image_id, log = _run_build(docker_client, context, reference, buildargs, progress)
+        base_id = _base_id(docker_client, base_from)
+        key = _inputs_key(base_dir, requirements, runner, buildargs, base_id)
+        # the same inputs built before: reuse that image rather than send the wheelhouse
+        # (1.6 GB for gpu) to the engine only to hit its layer cache at every step
+        reused = _built_before(docker_client, reference, key) if base_id else None
+        if reused:
+            image_id, log = reused, [f"reused {reused}: built before from the same inputs"]
+            if progress:
+                progress("build", 1, 1)
+        else:
+            context = Path(tmp) / "context.tar"
+            _context(context, base_dir, requirements, wheels, runner)
+            image_id, log = _run_build(
+                docker_client, context, reference, buildargs, progress, {LABEL_INPUTS: key}
+            )
     got = dict(docker_client.images.get(reference).labels or {})
     wrong = {k: (got.get(k), v) for k, v in labels.items() if got.get(k) != v}
     if wrong:

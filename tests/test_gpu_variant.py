@@ -198,6 +198,29 @@ def test_gpu_base_repository_tag_and_labels(gpu_base: BaseImageBuild) -> None:
     assert labels["org.opencontainers.image.version"] == version
 
 
+@pytest.mark.docker
+@pytest.mark.slow
+def test_same_inputs_reuse_the_built_image(
+    gpu_base: BaseImageBuild, docker_engine: Any, base_os_image: str
+) -> None:
+    """A second build from the same inputs (another repository name) reuses the image instead
+    of sending the 1.6 GB wheelhouse to the engine again; its labels are checked all the same."""
+    again = build_base_image(
+        docker_client=docker_engine.client(),
+        repository="ivd-test/again",
+        base_from=base_os_image,
+        wheelhouse=WHEELHOUSE,
+        push=False,
+        variant="gpu",
+        download=False,
+    )
+    assert again.image_id == gpu_base.image_id
+    assert again.reference == f"ivd-test/again-gpu:{gpu_base.version}"
+    assert again.log and again.log[0].startswith("reused ")
+    assert again.labels["com.ivd.base.build-inputs"] == gpu_base.labels["com.ivd.base.build-inputs"]
+    docker_engine.client().images.remove(again.reference)
+
+
 def _sh(client: Any, image: str, script: str) -> str:
     out = client.containers.run(
         image, ["-c", script], entrypoint=["/bin/sh"], network_mode="none", remove=True
