@@ -4,7 +4,10 @@
 Asks pip's resolver (dry run, no install) what the base image's target platform would get
 -- CPython 3.11, manylinux x86_64 -- and records every distribution, transitive ones
 included, with the sha256 of the exact wheel. The Dockerfile installs with
---require-hashes from a wheelhouse that make-wheelhouse.sh fills with those files.
+--require-hashes from a wheelhouse that make-wheelhouse.sh fills with those files. The
+image locks are constrained by requirements-build.in: the wheelhouse downloads a variant's
+pins and the build backend's in one `pip download`, so a distribution both need (packaging)
+must have one version.
 
     python base-image/lock_requirements.py            # cpu, gpu and build
     python base-image/lock_requirements.py cpu
@@ -50,6 +53,7 @@ def platform_args(arch: str = ARCH) -> list[str]:
 
 def lock(name: str) -> Path:
     source = HERE / f"requirements-{name}.in"
+    constraints = [] if name == "build" else ["-c", str(HERE / "requirements-build.in")]
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         cmd = [
@@ -67,6 +71,7 @@ def lock(name: str) -> Path:
             *platform_args(),
             "-r",
             str(source),
+            *constraints,
         ]
         subprocess.run(cmd, check=True)
         items = json.loads(report.read_text())["install"]

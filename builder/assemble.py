@@ -136,7 +136,10 @@ class BaseImage:
     @property
     def ref(self) -> BaseImageRef:
         """The pipeline's plain-data view of this base image."""
-        return BaseImageRef(repository=self.repository, version=self.version, digest=self.digest)
+        from builder.base_image import LABEL_VARIANT
+
+        variant = self.labels.get(LABEL_VARIANT) or "cpu"
+        return BaseImageRef(self.repository, self.version, self.digest, variant)
 
     @property
     def registry(self) -> str | None:

@@ -1926,6 +1926,7 @@ def verify(
         allow_unpublished=bool(provenance.get("development_build")),
         base_version=str(base.get("version")),
         base_repository=str(base.get("repository")),
+        variant=image.labels.get("com.ivd.runner.variant") or None,  # inherited from the base
         insecure=insecure,
     )
     with tempfile.TemporaryDirectory(prefix="verify-", dir=_scratch_parent(settings)) as tmp:

@@ -6,10 +6,13 @@ The wheelhouse is filled by ``pip download`` on the host when it lacks files (un
 ``download=False``, for air-gapped sites, where a missing wheel is an error). The runner's
 own wheel is built from base-image/runner with the build backend from the same wheelhouse.
 
-The version lives in base-image/VERSION only: it becomes the tag ``<repository>:<version>``
-(``-cuda<version>`` appended for the GPU variant), the ``org.opencontainers.image.version``
-label and the runner package's version. The labels also carry the verbose-config schema
-versions the runner accepts, the ONNX Runtime version and the CUDA variant.
+The version lives in base-image/VERSION only: it becomes the tag ``<repository>:<version>``,
+the ``org.opencontainers.image.version`` label and the runner package's version. The GPU
+variant is the same Debian base plus onnxruntime-gpu and NVIDIA's CUDA/cuDNN pip wheels (no
+CUDA base image); it lives in its own repository, ``<repository>-gpu`` (variant_repository),
+with the same version tags, so version constraints resolve alike for both variants. The
+labels also carry the verbose-config schema versions the runner accepts, the ONNX Runtime
+version, the variant and the CUDA runtime and cuDNN versions read from the lock.
 
 No printing: progress goes to the optional callback, failures raise ImageError.
 """
@@ -38,12 +41,17 @@ if TYPE_CHECKING:
 
 BASE_DIR: Final = Path(__file__).resolve().parents[1] / "base-image"
 VARIANTS: Final = ("cpu", "gpu")
-DEFAULT_CUDA: Final = "13.0"  # onnxruntime-gpu 1.31 is built for CUDA 13
+#: The pins in requirements-gpu.txt whose versions the labels report.
+CUDA_RUNTIME_WHEEL: Final = "nvidia-cuda-runtime"
+CUDNN_WHEEL_PREFIX: Final = "nvidia-cudnn-cu"
 LABEL_VERSION: Final = "org.opencontainers.image.version"
 LABEL_SCHEMAS: Final = "com.ivd.runner.config-schemas"
 LABEL_ORT: Final = "com.ivd.runner.onnxruntime"
 LABEL_CUDA: Final = "com.ivd.runner.cuda"
+LABEL_CUDNN: Final = "com.ivd.runner.cudnn"
 LABEL_VARIANT: Final = "com.ivd.runner.variant"
+#: sha256 over everything a build reads (Dockerfile, lock, runner wheel, arguments, base id).
+LABEL_INPUTS: Final = "com.ivd.base.build-inputs"
 #: Verbose-config schema versions the runner in base-image/runner accepts.
 CONFIG_SCHEMAS: Final = "1"
 _VERSION_RE: Final = re.compile(r"^\d+\.\d+\.\d+(?:[-+.][0-9A-Za-z.]+)?$")
@@ -228,6 +236,33 @@ def build_runner_wheel(
     return wheel
 
 
+def variant_repository(repository: str, variant: str) -> str:
+    """Where a variant of the base image lives: ``repository`` (cpu), ``repository-gpu`` (gpu).
+
+    Idempotent (``x-gpu`` stays ``x-gpu``), so a recorded GPU base repository can be passed
+    back in. An ``oci:`` layout is named by the user as it is; the variant label of what it
+    holds is checked by the customer build instead.
+    """
+    if variant not in VARIANTS:
+        raise ImageError(f"unknown base image variant {variant!r} (cpu or gpu)")
+    if variant == "cpu" or repository.startswith("oci:") or repository.endswith(f"-{variant}"):
+        return repository
+    return f"{repository}-{variant}"
+
+
+def cuda_versions(reqs: list[Requirement], path: Path) -> tuple[str, str]:
+    """(CUDA runtime major.minor, cuDNN major.minor.patch) of the NVIDIA wheels pinned in a lock."""
+    cuda = next((r.version for r in reqs if r.name == CUDA_RUNTIME_WHEEL), None)
+    cudnn = next((r.version for r in reqs if r.name.startswith(CUDNN_WHEEL_PREFIX)), None)
+    if not cuda or not cudnn:
+        raise ImageError(
+            f"{path} pins no {CUDA_RUNTIME_WHEEL} or {CUDNN_WHEEL_PREFIX}<major> wheel",
+            hint="the GPU variant takes CUDA and cuDNN from NVIDIA's pip wheels; "
+            "see base-image/requirements-gpu.in",
+        )
+    return ".".join(cuda.split(".")[:2]), ".".join(cudnn.split(".")[:3])
+
+
 def _onnxruntime_version(reqs: list[Requirement], path: Path) -> str:
     for r in reqs:
         if r.name in ("onnxruntime", "onnxruntime-gpu"):
@@ -256,12 +291,55 @@ def _context(
                 tf.addfile(info, fh)
 
 
+def _inputs_key(
+    base_dir: Path, requirements: Path, runner: Path, buildargs: dict[str, str], base_id: str
+) -> str:
+    """sha256 over every input of the build (the wheels enter through the hash-pinned lock)."""
+    h = hashlib.sha256()
+    for part in (
+        (base_dir / "Dockerfile").read_bytes(),
+        requirements.read_bytes(),
+        runner.read_bytes(),
+        json.dumps(buildargs, sort_keys=True).encode(),
+        base_id.encode(),
+    ):
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()
+
+
+def _built_before(docker_client: Any, reference: str, key: str) -> str | None:
+    """Id of an image in the engine built from exactly these inputs (tagged `reference`)."""
+    from docker.errors import DockerException
+
+    try:
+        found = docker_client.images.list(filters={"label": f"{LABEL_INPUTS}={key}"})
+        if not found:
+            return None
+        image = found[0]
+        if reference not in (image.tags or []):
+            repository, _, tag = reference.rpartition(":")
+            image.tag(repository, tag)
+        return str(image.id)
+    except DockerException:
+        return None  # not fatal: build it
+
+
+def _base_id(docker_client: Any, base_from: str) -> str:
+    from docker.errors import DockerException
+
+    try:
+        return str(docker_client.images.get(base_from).id)
+    except DockerException:
+        return ""  # not local: the build says so (it never pulls)
+
+
 def _run_build(
     docker_client: Any,
     context: Path,
     tag: str,
     buildargs: dict[str, str],
     progress: Progress | None,
+    extra_labels: dict[str, str] | None = None,
 ) -> tuple[str, list[str]]:
     """Stream the engine's build; return (image id, output lines) or raise ImageError."""
     from docker.errors import APIError, DockerException
@@ -276,6 +354,7 @@ def _run_build(
                 custom_context=True,
                 tag=tag,
                 buildargs=buildargs,
+                labels=extra_labels,
                 rm=True,
                 forcerm=True,
                 pull=False,
@@ -351,21 +430,20 @@ def build_base_image(
     wheelhouse: Path | None,
     push: bool,
     variant: str = "cpu",
-    cuda_version: str | None = None,
     download: bool = True,
     base_dir: Path = BASE_DIR,
     progress: Progress | None = None,
     store: ImageStore | None = None,
 ) -> BaseImageBuild:
-    """Build base-image/ as `<repository>:<version>` (and push it when `push`).
+    """Build base-image/ as `<variant repository>:<version>` (and push it when `push`).
 
     With `store` (the CLI always passes the local image store) the image is written there as
-    `<repository>:<tag>`, and `push` sends exactly that manifest to the registry, so builds
-    against the store and against the registry give the same digests.
+    `<variant repository>:<tag>`, and `push` sends exactly that manifest to the registry, so
+    builds against the store and against the registry give the same digests.
 
-    `base_from` is the Python 3.11 base (python:3.11-slim-bookworm, the test bed's stand-in,
-    or a CUDA runtime base for `variant="gpu"`). `wheelhouse` None means the machine-wide
-    cache (default_wheelhouse). Raises ImageError naming what failed.
+    `base_from` is the Python 3.11 base (python:3.11-slim-bookworm or the test bed's
+    stand-in) for both variants. `wheelhouse` None means the machine-wide cache
+    (default_wheelhouse). Raises ImageError naming what failed.
     """
     if variant not in VARIANTS:
         raise ImageError(f"unknown base image variant {variant!r} (cpu or gpu)")
@@ -375,12 +453,13 @@ def build_base_image(
             hint="e.g. registry.example.com/ivd/inference-base",
         )
     version = read_version(base_dir)
-    cuda = "none" if variant == "cpu" else (cuda_version or DEFAULT_CUDA)
-    tag = version if variant == "cpu" else f"{version}-cuda{cuda}"
+    repository = variant_repository(repository, variant)
+    tag = version
     requirements = base_dir / f"requirements-{variant}.txt"
     build_reqs = base_dir / "requirements-build.txt"
     reqs = parse_requirements(requirements)
     ort = _onnxruntime_version(reqs, requirements)
+    cuda, cudnn = ("none", "none") if variant == "cpu" else cuda_versions(reqs, requirements)
     house = wheelhouse or default_wheelhouse(variant)
     pinned = ensure_wheelhouse(
         house, [requirements, build_reqs], download=download, base_dir=base_dir, progress=progress
@@ -396,6 +475,7 @@ def build_base_image(
         LABEL_SCHEMAS: CONFIG_SCHEMAS,
         LABEL_ORT: ort,
         LABEL_CUDA: cuda,
+        LABEL_CUDNN: cudnn,
         LABEL_VARIANT: variant,
     }
     buildargs = {
@@ -403,6 +483,7 @@ def build_base_image(
         "VERSION": version,
         "ORT_VERSION": ort,
         "CUDA_VERSION": cuda,
+        "CUDNN_VERSION": cudnn,
         "VARIANT": variant,
         "WHEELHOUSE": "wheels",
         "RUNNER_WHEELHOUSE": "runner",
@@ -412,9 +493,21 @@ def build_base_image(
     reference = f"{repository}:{tag}"
     with tempfile.TemporaryDirectory(prefix="ivd-base-image-") as tmp:
         runner = build_runner_wheel(house, Path(tmp), version, base_dir)
-        context = Path(tmp) / "context.tar"
-        _context(context, base_dir, requirements, wheels, runner)
-        image_id, log = _run_build(docker_client, context, reference, buildargs, progress)
+        base_id = _base_id(docker_client, base_from)
+        key = _inputs_key(base_dir, requirements, runner, buildargs, base_id)
+        # the same inputs built before: reuse that image rather than send the wheelhouse
+        # (1.6 GB for gpu) to the engine only to hit its layer cache at every step
+        reused = _built_before(docker_client, reference, key) if base_id else None
+        if reused:
+            image_id, log = reused, [f"reused {reused}: built before from the same inputs"]
+            if progress:
+                progress("build", 1, 1)
+        else:
+            context = Path(tmp) / "context.tar"
+            _context(context, base_dir, requirements, wheels, runner)
+            image_id, log = _run_build(
+                docker_client, context, reference, buildargs, progress, {LABEL_INPUTS: key}
+            )
     got = dict(docker_client.images.get(reference).labels or {})
     wrong = {k: (got.get(k), v) for k, v in labels.items() if got.get(k) != v}
     if wrong:

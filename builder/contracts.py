@@ -56,6 +56,8 @@ class CustomerSpec:
     worktree: bool = False  # read from the uncommitted work tree (development builds only)
     # Files of manually sourced models, read from the same commit: path in repo folder -> bytes
     manual_files: Mapping[str, bytes] = field(default_factory=dict)
+    # base image variants the customer runs (customer.yaml base_image.variant); first = default
+    variants: tuple[str, ...] = ("cpu",)
 
     @property
     def config_rev(self) -> str:
@@ -111,6 +113,7 @@ class BaseImageRef:
     repository: str  # e.g. 127.0.0.1:5000/ivd/inference-base
     version: str  # exact version the constraint resolved to
     digest: str | None = None  # sha256:... of the manifest
+    variant: str = "cpu"  # its com.ivd.runner.variant label: cpu or gpu
 
     @property
     def reference(self) -> str:

@@ -51,6 +51,7 @@ from packaging.version import InvalidVersion, Version
 from builder import __version__, yamldoc
 from builder.errors import BuilderError, ConfigError, ReleaseGateError
 from builder.load import _URL, canonical_repo_url, load_customer, redact_url
+from builder.provenance import variant_tag
 from builder.settings import Settings
 
 FLEET_FILE: Final = "fleet.yaml"
@@ -665,6 +666,7 @@ class PlanItem:
     previous: dict[str, Any] | None = None  # the latest release record, abridged
     changed_files: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
+    variants: list[str] = field(default_factory=lambda: ["cpu"])  # each is built
 
 
 @dataclass
@@ -758,8 +760,9 @@ def plan_customer(
             item.status, item.change = "skip", None
             item.summary = f"{spec.base_version} does not admit {version}"
             return item
-        item.status = "rebuild"
-        item.image = f"{settings.image_registry}/{spec.customer}:{version}-{spec.config_rev}"
+        item.status, item.variants = "rebuild", list(spec.variants)
+        tag = variant_tag(str(version), spec.variants[0])
+        item.image = f"{settings.image_registry}/{spec.customer}:{tag}-{spec.config_rev}"
     except BuilderError as exc:
         item.error = _error_dict(exc)
         item.summary = item.error["message"]
@@ -866,6 +869,7 @@ class CustomerResult:
     report: dict[str, Any] | None = None  # the build report (`builder build --json` result)
     record: dict[str, Any] | None = None  # the release record written, with --record
     error: dict[str, Any] | None = None
+    variant: str = "cpu"  # the base image variant of this build
 
 
 @dataclass
@@ -900,6 +904,13 @@ class _Job:
     image_registry: str | None
     base_repository: str | None
     insecure: bool | None
+    variant: str = "cpu"
+    primary: bool = True  # the customer's first variant
+
+    @property
+    def key(self) -> str:
+        """The customer, with the variant appended for every variant but its first."""
+        return self.customer if self.primary else f"{self.customer} ({self.variant})"
 
 
 _events: Any = None  # the worker processes' event queue (set by _init_worker)
@@ -916,13 +927,14 @@ def _build_one(job: _Job) -> dict[str, Any]:
 
     def on_stage(name: str) -> None:
         if _events is not None:
-            _events.put((job.customer, name))
+            _events.put((job.key, name))
 
     request = BuildRequest(
         customer=job.location,
         ref=job.ref,
         base_version=job.base_version,
         base_repository=job.base_repository,
+        variant=job.variant,
         image_registry=job.image_registry,
         push=job.push,
         insecure=job.insecure,
@@ -967,7 +979,7 @@ def _run_jobs(
         initargs=(events,),
     ) as pool:
         pending: dict[Future[dict[str, Any]], str] = {
-            pool.submit(_build_one, job): job.customer for job in jobs
+            pool.submit(_build_one, job): job.key for job in jobs
         }
         while pending:
             done, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
@@ -1020,6 +1032,7 @@ def build_all(
     results: dict[str, CustomerResult] = {}
     to_build: list[_Job] = []
     entries = {e.name: e for e in fleet.entries}
+    keys = {e.name: [e.name] for e in fleet.entries}  # one result per variant built
     for item in fleet_plan.items:
         if item.status == "error":
             results[item.customer] = CustomerResult(
@@ -1029,7 +1042,7 @@ def build_all(
             results[item.customer] = CustomerResult(item.customer, "skipped", item.summary)
         else:
             entry = entries[item.customer]
-            to_build.append(
+            to_build += [
                 _Job(
                     customer=item.customer,
                     location=entry.location,
@@ -1041,15 +1054,19 @@ def build_all(
                     image_registry=image_registry,
                     base_repository=base_repository,
                     insecure=insecure,
+                    variant=variant,
+                    primary=n == 0,
                 )
-            )
+                for n, variant in enumerate(item.variants)
+            ]
+            keys[item.customer] = [job.key for job in to_build if job.customer == item.customer]
     outcomes = _run_jobs(to_build, jobs, on_event)
     for job in to_build:
-        outcome = outcomes[job.customer]
+        outcome = outcomes[job.key]
         if outcome["status"] != "built":
             error = outcome["error"]
-            results[job.customer] = CustomerResult(
-                job.customer, "failed", error["message"], error=error
+            results[job.key] = CustomerResult(
+                job.customer, "failed", error["message"], error=error, variant=job.variant
             )
             continue
         report = outcome["report"]
@@ -1058,6 +1075,7 @@ def build_all(
             "built",
             f"{report['image']}@{report['manifest_digest']}",
             report=report,
+            variant=job.variant,
         )
         if record:
             try:
@@ -1066,10 +1084,10 @@ def build_all(
                 )
                 result.record = asdict(written)
                 if on_event:
-                    on_event(job.customer, f"recorded {written.path} ({written.status})")
+                    on_event(job.key, f"recorded {written.path} ({written.status})")
             except BuilderError as exc:
                 result.status, result.error = "failed", _error_dict(exc)
                 result.summary = f"built and pushed, but not recorded: {result.error['message']}"
-        results[job.customer] = result
-    ordered = [results[e.name] for e in fleet.entries]
+        results[job.key] = result
+    ordered = [results[key] for e in fleet.entries for key in keys[e.name]]
     return FleetReport(base_version=fleet_plan.base_version, fleet=str(fleet.path), results=ordered)

@@ -345,6 +345,11 @@ def _declared_models(doc: yamldoc.Document) -> tuple[ModelDecl, ...]:
     return tuple(decl for _, (decl, _) in sorted(found.items()))
 
 
+def _variants(value: str | list[str]) -> tuple[str, ...]:
+    """customer.yaml base_image.variant (schema-checked: cpu, gpu or a list of them)."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 def load_customer(
     location: str, settings: Settings, *, ref: str = "HEAD", worktree: bool = False
 ) -> CustomerSpec:
@@ -373,6 +378,7 @@ def load_customer(
         customer=customer["customer"],
         base_version=base["version"].strip(),
         base_repository=base.get("repository"),
+        variants=_variants(base.get("variant", "cpu")),
         analysis_path=analysis_path,
         analysis=analysis_doc.data,
         models=models,

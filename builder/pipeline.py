@@ -17,6 +17,7 @@ from typing import Any
 
 from builder import yamldoc
 from builder.assemble import AssembledImage, BaseImage, FileEntry, LayerSpec, assemble, resolve_base
+from builder.base_image import variant_repository
 from builder.contract import (
     CONTRACT_LABEL,
     Contract,
@@ -26,7 +27,7 @@ from builder.contract import (
 )
 from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec, Progress
 from builder.cook import Cooked, cook, release_lock_drift
-from builder.errors import DriftError, ImageError, ReleaseGateError
+from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
 from builder.expand import MODELS_DIR, expand
 from builder.fetch import Cache, FetchResult, fetch
 from builder.load import LOCK_FILE
@@ -36,6 +37,7 @@ from builder.provenance import (
     image_version,
     manifest_annotations,
     provenance_document,
+    variant_version,
 )
 from builder.settings import Settings
 from builder.store import ImageStore
@@ -56,6 +58,7 @@ class BuildRequest:
     allow_unpublished: bool = False
     base_version: str | None = None  # overrides customer.yaml (fleet rebuilds)
     base_repository: str | None = None
+    variant: str | None = None  # cpu | gpu; None: the first of customer.yaml's variants
     image_registry: str | None = None
     push: bool = False
     force: bool = False
@@ -109,8 +112,35 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = round(time.perf_counter() - start, 3)
 
 
-def base_repository(spec: CustomerSpec, settings: Settings, override: str | None = None) -> str:
-    return override or spec.base_repository or settings.base_repository
+def base_repository(
+    spec: CustomerSpec, settings: Settings, override: str | None = None, variant: str = "cpu"
+) -> str:
+    """The base repository of a variant: `<repository>` for cpu, `<repository>-gpu` for gpu."""
+    return variant_repository(override or spec.base_repository or settings.base_repository, variant)
+
+
+def build_variant(spec: CustomerSpec, requested: str | None) -> str:
+    """The variant to build: the one asked for (it must be one customer.yaml lists), else the first."""
+    if requested is None:
+        return spec.variants[0]
+    if requested not in spec.variants:
+        raise ConfigError(
+            f"customer.yaml: base_image.variant of {spec.customer} is "
+            f"{', '.join(spec.variants)}, not {requested}",
+            hint=f"add {requested} to base_image.variant, or build {spec.variants[0]}",
+        )
+    return requested
+
+
+def check_variant(base: BaseImage, variant: str) -> None:
+    """Refuse a base whose variant label is not the one the customer asked for."""
+    got = base.ref.variant
+    if got != variant:
+        raise ImageError(
+            f"base image {base.name} is the {got} variant, but this build needs {variant}",
+            hint=f"point base_image.repository at the {variant} base (the gpu base lives in "
+            "<repository>-gpu)",
+        )
 
 
 def try_resolve_base(
@@ -126,7 +156,7 @@ def try_resolve_base(
     """
     try:
         return resolve_base_image(
-            base_repository(spec, settings, repository),
+            base_repository(spec, settings, repository, spec.variants[0]),
             spec.base_version,
             ImageStore(settings.store_dir),
             insecure=insecure,
@@ -159,6 +189,8 @@ def _check_pin(base: BaseImage, pinned: Mapping[str, Any] | None) -> BaseImage:
     if (
         pinned
         and pinned.get("digest")
+        # the lock pins the first variant's base; another variant resolves by the constraint
+        and pinned.get("repository", base.repository) == base.repository
         and (pinned.get("version"), pinned["digest"]) != (base.version, base.digest)
     ):
         raise ImageError(
@@ -301,7 +333,7 @@ def runner_contract(
     """The runner contract of the base ``spec`` builds on, or None and why it is not checked."""
     try:  # the registry, else the local image store (validate works with no server too)
         base = resolve_base_image(
-            base_repository(spec, settings, repository),
+            base_repository(spec, settings, repository, spec.variants[0]),
             spec.base_version,
             ImageStore(settings.store_dir),
             insecure=insecure,
@@ -460,7 +492,8 @@ def build(
     notes: list[str] = []
     with store.in_use():
         spec = cooked.spec
-        repository = base_repository(spec, settings, request.base_repository)
+        variant = build_variant(spec, request.variant)
+        repository = base_repository(spec, settings, request.base_repository, variant)
         with stage("base"):
             pinned = (cooked.lock or {}).get("base_image")
             base = resolve_base_image(
@@ -473,6 +506,7 @@ def build(
                 notes=notes,
             )
             check_runner_accepts(base)
+            check_variant(base, variant)
         with stage("contract"):
             notes.extend(check_against_base(cooked, base, settings))
         with stage("fetch"):
@@ -503,7 +537,7 @@ def build(
         layers = image_layers(cooked, fetched, verbose_yaml, yamldoc.canonical_json(provenance))
         registry = request.image_registry or settings.image_registry
         immutable = f"{registry}/{spec.customer}:{image_version(spec, base_ref)}"
-        moving = f"{registry}/{spec.customer}:{base_ref.version}"
+        moving = f"{registry}/{spec.customer}:{variant_version(base_ref)}"
         report = BuildReport(
             customer=spec.customer,
             image=immutable,

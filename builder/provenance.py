@@ -29,9 +29,19 @@ def dir_hash(model: ResolvedModel) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def variant_tag(version: str, variant: str) -> str:
+    """``<base version>`` for cpu, ``<base version>-gpu`` for the GPU variant."""
+    return version if variant == "cpu" else f"{version}-{variant}"
+
+
+def variant_version(base: BaseImageRef) -> str:
+    """The moving tag of an image built on ``base``: its version, with its variant."""
+    return variant_tag(base.version, base.variant)
+
+
 def image_version(spec: CustomerSpec, base: BaseImageRef) -> str:
-    """The immutable tag: ``<base version>-<config rev>``."""
-    return f"{base.version}-{spec.config_rev}"
+    """The immutable tag: ``<base version>[-gpu]-<config rev>``."""
+    return f"{variant_version(base)}-{spec.config_rev}"
 
 
 def provenance_document(

@@ -210,6 +210,7 @@ def push_labelled_bases(
     base_os_image: str,
     repo: str,
     versions: Mapping[str, str],
+    extra_labels: Mapping[str, str] | None = None,
 ) -> str:
     """Small base images (no runner: fast) carrying the runner's schema label, pushed to the
     test registry as ``<registry_host>/<repo>:<version>``; ``versions`` maps a version to the
@@ -220,6 +221,7 @@ def push_labelled_bases(
     repository = f"{registry_host}/{repo}"
     for version, schemas in versions.items():
         labels = f'com.ivd.runner.config-schemas="{schemas}" org.opencontainers.image.version="{version}"'
+        labels += "".join(f' {k}="{v}"' for k, v in (extra_labels or {}).items())
         dockerfile = f"FROM {base_os_image}\nLABEL {labels}\n"
         client.images.build(
             fileobj=io.BytesIO(dockerfile.encode()),

@@ -113,6 +113,8 @@ def test_tag_labels_and_push(built: BaseImageBuild, oci_registry: Any) -> None:
     assert built.labels["com.ivd.runner.config-schemas"] == "1"
     assert built.labels["com.ivd.runner.onnxruntime"] == "1.31.1"
     assert built.labels["com.ivd.runner.cuda"] == "none"
+    assert built.labels["com.ivd.runner.cudnn"] == "none"
+    assert built.labels["com.ivd.runner.variant"] == "cpu"
     assert built.digest and built.digest.startswith("sha256:")
     assert built.image_id.startswith("sha256:")
     # written into the local image store, and exactly that manifest pushed
@@ -132,8 +134,12 @@ def test_image_config_non_root_entrypoint(built: BaseImageBuild, docker_engine: 
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["/opt/tilerunner/bin/tilerunner"]
     assert "TILERUNNER_APP_DIR=/app" in config["Env"]
-    out = client.containers.run(built.reference, ["info"], network_mode="none", remove=True)
+    assert "ORT_DISABLE_TELEMETRY=1" in config["Env"]  # and so nothing extra on stderr:
+    out = client.containers.run(
+        built.reference, ["info"], network_mode="none", remove=True, stderr=True
+    )
     info = json.loads(out)
+    assert info["cuda"]["installed"] is False and info["device_auto"] == "cpu"
     assert info["tilerunner"] == built.version
     assert info["config_schemas"] == [1]
     assert info["onnxruntime"] == "1.31.1"

@@ -23,10 +23,15 @@ def base() -> None:
     "base_from",
     default="python:3.11-slim-bookworm",
     show_default=True,
-    help="The Python 3.11 image to build on (a CUDA runtime base for --variant gpu).",
+    help="The Python 3.11 image to build on (both variants: gpu adds CUDA as pip wheels).",
 )
-@click.option("--variant", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-@click.option("--cuda-version", help="CUDA version of a gpu base (recorded in the labels).")
+@click.option(
+    "--variant",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="gpu: onnxruntime-gpu + CUDA/cuDNN wheels, pushed to <repository>-gpu.",
+)
 @click.option(
     "--wheelhouse",
     type=click.Path(path_type=Path),
@@ -45,7 +50,6 @@ def base_build(
     repository: str | None,
     base_from: str,
     variant: str,
-    cuda_version: str | None,
     wheelhouse: Path | None,
     offline: bool,
     push: bool,
@@ -58,11 +62,12 @@ def base_build(
     """
     import docker
 
-    from builder.base_image import build_base_image
+    from builder.base_image import build_base_image, variant_repository
     from builder.store import ImageStore
 
     settings = load_cli_settings({})
-    info(f"==> building {repository or settings.base_repository} from {base_from} ({variant})")
+    target = variant_repository(repository or settings.base_repository, variant)
+    info(f"==> building {target} from {base_from} ({variant})")
     with progress_bar() as bar:
         result = build_base_image(
             docker_client=docker.from_env(timeout=1800),
@@ -71,7 +76,6 @@ def base_build(
             wheelhouse=wheelhouse,
             push=push,
             variant=variant,
-            cuda_version=cuda_version,
             download=not offline,
             progress=bar,
             store=ImageStore(settings.store_dir),

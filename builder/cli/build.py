@@ -101,6 +101,12 @@ class PlainProgress:
     help="Base image repository (default: customer.yaml, then setting base_repository).",
 )
 @click.option(
+    "--variant",
+    type=click.Choice(["cpu", "gpu"]),
+    help="Base image variant to build on (default: the first of customer.yaml's "
+    "base_image.variant; gpu bases live in <base repository>-gpu).",
+)
+@click.option(
     "--registry", "image_registry", help="Registry for the image tags (setting image_registry)."
 )
 @click.option(
@@ -165,6 +171,7 @@ def build(
     allow_unpublished: bool,
     base_version: str | None,
     base_repository: str | None,
+    variant: str | None,
     image_registry: str | None,
     push: bool,
     force: bool,
@@ -223,6 +230,7 @@ def build(
         allow_unpublished=allow_unpublished,
         base_version=base_version,
         base_repository=base_repository,
+        variant=variant,
         image_registry=image_registry,
         push=push,
         force=force,

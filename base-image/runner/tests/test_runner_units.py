@@ -37,14 +37,54 @@ def test_provider_selection_by_availability() -> None:
         select_providers("cuda", [CPU])
 
 
-def test_cuda_listed_but_unusable_falls_back_to_cpu_for_auto(app: App) -> None:
-    """ORT lists CUDA but cannot start it (no GPU): auto records cpu, cuda is an error."""
+def test_cuda_listed_but_unusable_falls_back_to_cpu_for_auto(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ORT lists CUDA but this machine has no driver: auto says why in one line and takes the
+    CPU; cuda is a DeviceError (exit 6) naming the reason."""
     cfg = config_mod.load_config(app.config, app.root)
-    store = ModelStore(EngineOptions("auto"), available=[CUDA, CPU])
+    with caplog.at_level("WARNING", logger="tilerunner"):
+        store = ModelStore(EngineOptions("auto"), available=[CUDA, CPU])
     store.load(cfg)
     assert store.device == "cpu" and store.providers == [CPU]
+    [line] = [r.getMessage() for r in caplog.records if "device" in r.getMessage()]
+    assert "CUDA not usable (no NVIDIA driver: libcuda.so.1 not found" in line
+    assert line.endswith("running on the CPU") and "\n" not in line
+    with pytest.raises(DeviceError, match=r"installed but not usable: no NVIDIA driver") as err:
+        ModelStore(EngineOptions("cuda"), available=[CUDA, CPU])
+    assert err.value.exit_code == 6 and "\n" not in str(err.value)
+    assert ModelStore(EngineOptions("cpu"), available=[CUDA, CPU]).device == "cpu"
+
+
+def test_cuda_session_that_fails_late_still_falls_back(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the probe passes but ORT cannot start the provider at session time."""
+    from tilerunner import cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "_driver", lambda major: ("13.0", 1, ""))
+    cfg = config_mod.load_config(app.config, app.root)
+    store = ModelStore(EngineOptions("auto"), available=[CUDA, CPU])
+    assert store.device == "cuda"
+    store.load(cfg)
+    assert store.device == "cpu" and {s.device for s in store.sessions} == {"cpu"}
     with pytest.raises(DeviceError, match="CUDA provider failed"):
         ModelStore(EngineOptions("cuda"), available=[CUDA, CPU]).load(cfg)
+
+
+def test_cuda_status_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every way CUDA can be unusable gives a one-line reason (driver faults injected)."""
+    from tilerunner import cuda as cuda_mod
+
+    status = cuda_mod.cuda_status([CPU])
+    assert not status.installed and "gpu variant" in status.reason
+    assert "no NVIDIA driver" in cuda_mod.cuda_status([CUDA, CPU]).reason
+    monkeypatch.setattr(cuda_mod, "_driver", lambda major: ("12.4", 0, "no CUDA device visible"))
+    monkeypatch.setattr(cuda_mod, "preload", lambda: ({}, ("libcudnn.so.9",)))
+    status = cuda_mod.cuda_status([CUDA, CPU])
+    assert status.installed and not status.usable
+    assert status.reason == "CUDA libraries missing: libcudnn.so.9; no CUDA device visible"
+    assert json.loads(json.dumps(status.as_dict()))["missing"] == ["libcudnn.so.9"]
 
 
 # --------------------------------------------------------------------------- plug-ins

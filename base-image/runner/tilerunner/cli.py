@@ -235,7 +235,9 @@ def _parser() -> argparse.ArgumentParser:
     common(val)
     val.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
 
-    sub.add_parser("info", help="versions, accepted config schemas, ONNX Runtime providers")
+    sub.add_parser(
+        "info", help="versions, accepted config schemas, ONNX Runtime providers, CUDA status"
+    )
 
     ct = sub.add_parser(
         "contract",
@@ -356,11 +358,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import onnxruntime
     import openslide
 
+    from tilerunner.cuda import cuda_status
+
+    cuda = cuda_status()
     doc = {
         "tilerunner": __version__,
         "config_schemas": list(CONFIG_SCHEMA_VERSIONS),
         "onnxruntime": onnxruntime.__version__,
         "providers": onnxruntime.get_available_providers(),
+        "cuda": cuda.as_dict(),
+        "device_auto": "cuda" if cuda.usable else "cpu",
         "openslide": openslide.__library_version__,
         "openslide_python": openslide.__version__,
     }

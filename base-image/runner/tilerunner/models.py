@@ -32,16 +32,27 @@ CUDA = "CUDAExecutionProvider"
 _ELEM_FLOAT, _ELEM_UINT8 = 1, 2
 
 
-def select_providers(requested: str, available: Sequence[str]) -> tuple[str, list[str]]:
-    """(device, providers) for --device auto|cpu|cuda given ORT's available providers."""
+def select_providers(
+    requested: str, available: Sequence[str], cuda_problem: str = ""
+) -> tuple[str, list[str]]:
+    """(device, providers) for --device auto|cpu|cuda given ORT's available providers.
+
+    `cuda_problem` is why an installed CUDA provider cannot run here (tilerunner.cuda): auto
+    then takes the CPU (the caller logs the reason), cuda is an error naming it.
+    """
     if requested not in ("auto", "cpu", "cuda"):
         raise DeviceError(f"unknown device {requested!r}; use auto, cpu or cuda")
     if requested == "cuda" and CUDA not in available:
         raise DeviceError(
             "--device cuda: this ONNX Runtime has no CUDAExecutionProvider (providers: "
-            f"{', '.join(available)}); use the CUDA base image variant or --device cpu"
+            f"{', '.join(available)}); use the gpu variant of the base image or --device cpu"
         )
-    if requested in ("cuda", "auto") and CUDA in available:
+    if requested == "cuda" and cuda_problem:
+        raise DeviceError(
+            f"--device cuda: CUDAExecutionProvider is installed but not usable: {cuda_problem}; "
+            "use --device auto or cpu to run on the CPU"
+        )
+    if requested in ("cuda", "auto") and CUDA in available and not cuda_problem:
         return "cuda", [CUDA, CPU]
     return "cpu", [CPU]
 
@@ -279,7 +290,14 @@ class ModelStore:
         ort.set_default_logger_severity(3)
         self.options = options
         self.available = list(available if available is not None else ort.get_available_providers())
-        self.device, self.providers = select_providers(options.device, self.available)
+        problem = ""
+        if options.device != "cpu" and CUDA in self.available:
+            from tilerunner.cuda import cuda_status
+
+            problem = cuda_status(self.available).reason
+        self.device, self.providers = select_providers(options.device, self.available, problem)
+        if problem and options.device == "auto":
+            log.warning("device: CUDA not usable (%s); running on the CPU", problem)
         self._sessions: dict[str, Session] = {}
         self.runners: dict[tuple[str, str], ModelRunner] = {}  # (analysis, model) -> runner
 
