@@ -109,7 +109,7 @@ def _records(bare: Path, branch: str = RELEASES_BRANCH) -> dict[str, dict[str, A
     except (git.BadName, ValueError):
         return {}
     return {
-        blob.path: yaml.safe_load(blob.data_stream.read())
+        str(blob.path): yaml.safe_load(blob.data_stream.read())
         for blob in tree.traverse()
         if isinstance(blob, git.Blob)
     }

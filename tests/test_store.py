@@ -285,8 +285,9 @@ def _customer_env(tmp_path: Path, base_repository: str, registry_host: str) -> d
         ],
         [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
     )
-    write_production(tmp_path / "production", CARCINOMA_TASK, {"model.onnx": b"c" * 5000})
-    write_production(tmp_path / "production", MITOSIS_TASK, {"model.onnx": b"m" * 7000})
+    production = tmp_path / "production"
+    write_production(production, CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": b"c" * 5000})
+    write_production(production, MITOSIS_TASK, MITOSIS_ID, {"model.onnx": b"m" * 7000})
     return {
         "BUILDER_MODEL_REGISTRY": f"local:{registry}",
         "BUILDER_PRODUCTION": f"file:{tmp_path / 'production'}",

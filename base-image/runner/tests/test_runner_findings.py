@@ -176,7 +176,8 @@ def test_real_slide_tissue_where_tissue_is(tmp_path: Path, app: App, cmu_slide: 
     prob = np.load(result / "carcinoma.probability.npy")
     slide = open_slide(cmu_slide)
     step = grid["step_level0_px"]
-    sat_in, sat_out = [], []
+    sat_in: list[float] = []
+    sat_out: list[float] = []
     for r in range(grid["rows"]):
         for c in range(grid["cols"]):
             x, y = round(c * step), round(r * step)

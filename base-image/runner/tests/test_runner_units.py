@@ -122,13 +122,16 @@ def test_classification_postprocessing() -> None:
     logits = np.array([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]], np.float32)
     pred = Prediction.from_raw(logits, 0.5)
     soft = POSTPROCESSING.create("Softmax", {}, "x").apply(pred)
+    assert soft.scores is not None
     np.testing.assert_allclose(soft.scores.sum(1), 1.0, rtol=1e-6)
     arg = POSTPROCESSING.create("ArgMax", {}, "x").apply(soft)
-    assert arg.kind is Kind.LABELS and arg.labels.tolist() == [0, 1, 0]
+    assert arg.kind is Kind.LABELS and arg.labels is not None and arg.labels.tolist() == [0, 1, 0]
     binary = POSTPROCESSING.create("BinaryClassification", {"threshold": 0.5}, "x").apply(soft)
+    assert binary.labels is not None
     assert binary.labels.tolist() == [0, 1, 1]  # p = 0.5 counts as positive (>=)
     single = Prediction.from_raw(np.array([[0.2], [0.7]], np.float32), 0.5)
     out = POSTPROCESSING.create("BinaryClassification", {"threshold": 0.6}, "x").apply(single)
+    assert out.labels is not None and out.scores is not None
     assert out.labels.tolist() == [0, 1] and out.scores.tolist() == pytest.approx([0.2, 0.7])
     with pytest.raises(ConfigError, match=r"threshold must be a number in \[0, 1\]"):
         POSTPROCESSING.create("BinaryClassification", {"threshold": 2}, "x")
@@ -143,7 +146,7 @@ def test_mask_to_objects_sizes_in_um2() -> None:
         "MaskToObjects", {"threshold": 0.5, "min_area_um2": 5, "max_area_um2": 200}, "x"
     )
     out = step.apply(Prediction.from_raw(maps, 0.5))
-    assert out.kind is Kind.OBJECTS
+    assert out.kind is Kind.OBJECTS and out.objects is not None
     assert len(out.objects[0]) == 1 and out.objects[1] == []
     obj = out.objects[0][0]
     assert (obj.x, obj.y, obj.area_px) == (15.0, 15.0, 100)
@@ -395,9 +398,9 @@ def test_batch_reader_is_ordered_and_bounded(small_slide: Path) -> None:
 
     grid = make_grid(open_slide(small_slide).info, 0.5, 16)
     coords = np.array([(c, r) for r in range(10) for c in range(10)])
-    slide = _SlowSlide()
+    slide: Any = _SlowSlide()  # a stand-in with the methods the reader calls
     reader = Counting(slide, grid, coords, batch_size=4, workers=3, prefetch=3)
-    seen = []
+    seen: list[Any] = []
     for consumed, batch in enumerate(reader, start=1):
         time.sleep(0.02)  # slow consumer: readers must wait, not run ahead
         assert Counting.started - consumed <= 3

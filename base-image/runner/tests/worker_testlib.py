@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import pika  # type: ignore[import-untyped]
+import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tilerunner.worker import FAULT_DELAY_ENV, JOBS_DIR, LOCKS_DIR, Topology

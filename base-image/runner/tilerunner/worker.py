@@ -847,7 +847,7 @@ class _ConsumerGone(Exception):
 
 def _refused(exc: BaseException) -> bool:
     """True for a login the broker refused (bad credentials or vhost): retrying will not help."""
-    import pika.exceptions  # type: ignore[import-untyped]
+    import pika.exceptions
 
     if isinstance(exc, pika.exceptions.AuthenticationError):
         return True
