@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import git
 
 from builder import __version__
+from builder.assemble import LAYER_FORMAT, LAYER_FORMAT_LABEL, check_layer_format
 from builder.attest import (
     MEDIA_CYCLONEDX,
     MEDIA_DSSE,
@@ -1622,6 +1623,37 @@ def _compare(
     return out
 
 
+_FORMAT_NOTE: Final = (
+    "built with layer format {old} (model layers stamped with the config commit time, "
+    "before model layers became shared blobs); rebuilt with format {old}, not {new}"
+)
+
+
+def recorded_layer_format(labels: Mapping[str, str]) -> int:
+    """The layer format an image was written with: its label, or 1 for images that predate it.
+
+    A format this builder cannot write is refused here, before any rebuild work.
+    """
+    raw = labels.get(LAYER_FORMAT_LABEL)
+    if raw is None:
+        return 1
+    try:
+        return check_layer_format(int(raw))
+    except ValueError:
+        raise ImageError(
+            f"label {LAYER_FORMAT_LABEL}={raw!r} is not a layer format number",
+            hint="the image was not made by ivd-image-builder or its config was altered",
+        ) from None
+
+
+def _rebuild_format(labels: Mapping[str, str], notes: list[str]) -> int:
+    """The layer format to rebuild with (the image's own); a note when it is not the current."""
+    layer_format = recorded_layer_format(labels)
+    if layer_format != LAYER_FORMAT:
+        notes.append(_FORMAT_NOTE.format(old=layer_format, new=LAYER_FORMAT))
+    return layer_format
+
+
 def verify(
     reference: str,
     settings: Settings,
@@ -1673,6 +1705,7 @@ def verify(
     builder_version = (provenance.get("builder") or {}).get("version")
     if builder_version != __version__:
         notes.append(f"built by ivd-image-builder {builder_version}; rebuilding with {__version__}")
+    layer_format = _rebuild_format(image.labels, notes)
     request = BuildRequest(
         customer=location,
         ref=commit,
@@ -1681,6 +1714,7 @@ def verify(
         base_version=str(base.get("version")),
         base_repository=str(base.get("repository")),
         insecure=insecure,
+        layer_format=layer_format,
     )
     with tempfile.TemporaryDirectory(prefix="verify-", dir=_scratch_parent(settings)) as tmp:
         report = build(request, _rebuild_settings(settings, Path(tmp)))

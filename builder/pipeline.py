@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from builder import yamldoc
-from builder.assemble import AssembledImage, BaseImage, FileEntry, LayerSpec, assemble, resolve_base
+from builder.assemble import (
+    LAYER_FORMAT,
+    AssembledImage,
+    BaseImage,
+    FileEntry,
+    LayerSpec,
+    assemble,
+    resolve_base,
+)
 from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec, Progress
 from builder.cook import Cooked, cook
 from builder.errors import ImageError
@@ -58,6 +66,7 @@ class BuildRequest:
         "oci"  # "oci": no daemon (default); "docker": Dockerfile + Docker engine (baseline)
     )
     sign_key: Path | None = None  # PEM ECDSA P-256 key signing the provenance (DSSE)
+    layer_format: int = LAYER_FORMAT  # older formats only for `verify` of older images
 
 
 @dataclass
@@ -169,7 +178,8 @@ def image_layers(
         FileEntry(path=f"{CONFIG_DIR}/analysis.yaml", source=verbose_yaml),
         FileEntry(path=f"{CONFIG_DIR}/provenance.json", source=provenance_json),
     ]
-    layers.append(LayerSpec(name="config", entries=config))
+    # Only the config layer carries the commit time: model layers are shared blobs.
+    layers.append(LayerSpec(name="config", entries=config, stamped=True))
     return layers
 
 
@@ -337,6 +347,7 @@ def build(
             source_date_epoch=spec.commit_time,
             store=BlobStore(settings.cache_dir / "oci"),
             progress=progress,
+            layer_format=request.layer_format,
         )
     report.manifest_digest, report.config_digest = image.manifest_digest, image.config_digest
     report.layers = [
