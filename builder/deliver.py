@@ -919,16 +919,15 @@ def _push_blobs(
             results.append(BlobPush(repository, digest, size, "present"))
             _note_pushed(image, digest, client.host, path)
             continue
-        session_url = None
-        mount_from = base_repo if digest in base_digests else None
-        if mount_from is None:
-            mount_from = next(iter(image.store.pushed_to(digest, client.host)), None)
-        if mount_from is not None and mount_from != path:
-            session_url = client.mount_blob(path, digest, mount_from)
-            if session_url is None:
-                results.append(BlobPush(repository, digest, size, "mounted"))
-                _note_pushed(image, digest, client.host, path)
-                continue
+        if base_repo is not None and base_repo != path and digest in base_digests:
+            mounted, session_url = _mount(client, path, digest, base_repo, hint=False)
+        else:
+            sources = [r for r in image.store.pushed_to(digest, client.host) if r != path]
+            mounted, session_url = _mount(client, path, digest, next(iter(sources), None))
+        if mounted:
+            results.append(BlobPush(repository, digest, size, "mounted"))
+            _note_pushed(image, digest, client.host, path)
+            continue
         if digest == image.config_digest:
             source: Path | bytes = image.config_bytes
         else:
@@ -942,6 +941,25 @@ def _push_blobs(
         results.append(BlobPush(repository, digest, size, "uploaded"))
         _note_pushed(image, digest, client.host, path)
     return results
+
+
+def _mount(
+    client: RegistryClient, path: str, digest: str, source: str | None, *, hint: bool = True
+) -> tuple[bool, str | None]:
+    """(mounted, upload session the registry opened instead) for a mount from ``source``.
+
+    A ``hint`` (a repository this store once pushed the blob to) may be gone or unreadable
+    by now: any refusal then means a plain upload, not a failed push.
+    """
+    if source is None:
+        return False, None
+    try:
+        session_url = client.mount_blob(path, digest, source)
+    except ImageError:
+        if not hint:
+            raise
+        return False, None
+    return session_url is None, session_url
 
 
 def _note_pushed(image: AssembledImage, digest: str, host: str, path: str) -> None:
