@@ -245,7 +245,10 @@ class BlobStore:
 
     def save_layer_record(self, key: str, record: Mapping[str, Any]) -> None:
         """Remember which blob the layer with input ``key`` produced."""
-        _atomic_write(self._layers / f"{key}.json", canonical_json(dict(record)), self._tmp)
+        # A cache entry, not content: a record lost in a crash only means re-tarring once.
+        _atomic_write(
+            self._layers / f"{key}.json", canonical_json(dict(record)), self._tmp, durable=False
+        )
 
     def _pushed_path(self, digest: str) -> Path:
         return self.root / "pushed" / check_digest(digest).split(":", 1)[1]
@@ -273,18 +276,25 @@ class BlobStore:
         record[host] = [repository, *known][:_PUSHED_KEPT]
         path = self._pushed_path(digest)
         path.parent.mkdir(exist_ok=True)
-        _atomic_write(path, canonical_json(record), self._tmp)
+        _atomic_write(path, canonical_json(record), self._tmp, durable=False)
 
 
-def _atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+def _atomic_write(
+    path: Path, data: bytes, tmp_dir: Path | None = None, *, durable: bool = True
+) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    ``durable=False`` skips the fsync, for caches and hints whose readers treat a torn or
+    missing file as absent (an fsync on a busy disk costs more than a whole rebuild).
+    """
     directory = tmp_dir or path.parent
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}-")
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
         Path(tmp_name).chmod(0o644)
         Path(tmp_name).replace(path)
     finally:
