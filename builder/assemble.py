@@ -45,8 +45,18 @@ if TYPE_CHECKING:
     from builder.deliver import RetryPolicy
 
 
-#: Bumped whenever the bytes a layer is built into change for the same inputs.
-LAYER_FORMAT: Final = 1
+#: Bumped whenever the bytes a layer is built into change for the same inputs. Format 1: every
+#: entry of every layer carries the config commit time. Format 2: only stamped layers (the
+#: config layer) do; the others carry :data:`CONTENT_MTIME`, so a model layer's digest depends
+#: on that model's files alone and is one blob for every customer and every config commit.
+LAYER_FORMAT: Final = 2
+#: Formats this builder can still write (``verify`` rebuilds older images with their own).
+LAYER_FORMATS: Final = (1, 2)
+#: Config label recording the layer format (absent on images built before format 2).
+LAYER_FORMAT_LABEL: Final = "com.ivd.layer-format"
+#: Entry mtime of unstamped layers (format 2): fixed, as Jib does (``Instant.ofEpochSecond(1)``),
+#: and not 0, which some tools read as "no time".
+CONTENT_MTIME: Final = 1
 #: gzip level for compressible layers (recorded in provenance as compressionLevel).
 GZIP_LEVEL: Final = 6
 #: A layer is gzipped when a zlib level-1 trial shrinks its sample to at most this fraction.
@@ -95,11 +105,14 @@ class LayerSpec:
     """A layer: a name (model name or "config") and its files.
 
     ``compress``: None picks by the rule in :func:`should_compress`; True/False forces it.
+    ``stamped``: the entries carry the image's SOURCE_DATE_EPOCH (the config layer); otherwise
+    (model layers) a fixed time, so the layer is the same blob whatever the commit or customer.
     """
 
     name: str
     entries: Sequence[FileEntry]
     compress: bool | None = None
+    stamped: bool = False
 
 
 # -- base image --------------------------------------------------------------------------------
@@ -435,7 +448,25 @@ def should_compress(items: Sequence[_Item]) -> bool:
     return len(zlib.compress(sample, 1)) <= COMPRESS_RATIO * max(1, len(sample))
 
 
-def _layer_key(items: Sequence[_Item], compress: bool | None, sde: int) -> str | None:
+def check_layer_format(layer_format: int) -> int:
+    """``layer_format`` if this builder can write it, else ImageError."""
+    if layer_format not in LAYER_FORMATS:
+        supported = ", ".join(map(str, LAYER_FORMATS))
+        raise ImageError(
+            f"layer format {layer_format} is not one this builder writes ({supported})",
+            hint="rebuild with the ivd-image-builder version that built the image",
+        )
+    return layer_format
+
+
+def entry_mtime(spec: LayerSpec, source_date_epoch: int, layer_format: int = LAYER_FORMAT) -> int:
+    """The mtime of every entry of ``spec``'s tar: the layout rule of ``layer_format``."""
+    if check_layer_format(layer_format) == 1 or spec.stamped:
+        return source_date_epoch
+    return CONTENT_MTIME
+
+
+def _layer_key(items: Sequence[_Item], compress: bool | None, mtime: int, fmt: int) -> str | None:
     """The layer's input key for the layer cache, or None when a file's digest is unknown."""
     members: list[list[Any]] = []
     for item in items:
@@ -450,8 +481,8 @@ def _layer_key(items: Sequence[_Item], compress: bool | None, sde: int) -> str |
             return None
         members.append([item.path, entry.mode & 0o7777, item.size, digest])
     key = {
-        "format": LAYER_FORMAT,
-        "sde": sde,
+        "format": fmt,
+        "mtime": mtime,
         "compress": compress,
         "gzip": [GZIP_LEVEL, zlib.ZLIB_RUNTIME_VERSION],
         "members": members,
@@ -512,18 +543,25 @@ def _tarinfo(path: str, *, directory: bool, size: int, mode: int, mtime: int) ->
 
 
 def build_layer(
-    spec: LayerSpec, *, source_date_epoch: int, store: BlobStore, progress: Progress | None = None
+    spec: LayerSpec,
+    *,
+    source_date_epoch: int,
+    store: BlobStore,
+    progress: Progress | None = None,
+    layer_format: int = LAYER_FORMAT,
 ) -> Layer:
     """Write ``spec`` as a deterministic tar layer into ``store`` in one pass.
 
     The tar stream is hashed (DiffID) as it is produced, optionally gzipped (no file name,
     mtime 0) and hashed again as it is written to the store. A layer whose input key is in
-    the store's layer cache is not rebuilt.
+    the store's layer cache is not rebuilt. Entry times follow :func:`entry_mtime`: an
+    unstamped layer does not depend on ``source_date_epoch`` at all.
     """
     items = _normalise(spec)
     if not any(i.entry is not None for i in items):
         raise ImageError(f"layer {spec.name} has no files")
-    key = _layer_key(items, spec.compress, source_date_epoch)
+    mtime = entry_mtime(spec, source_date_epoch, layer_format)
+    key = _layer_key(items, spec.compress, mtime, layer_format)
     if key is not None and (record := store.layer_record(key)) is not None:
         return Layer(_layer_descriptor(record, spec.name), record["diff_id"], True, spec.name, True)
     total = sum(i.size for i in items)
@@ -546,7 +584,7 @@ def build_layer(
                 else None
             )
             diff = _DiffHasher(gz if gz is not None else blob, hashing=gz is not None)
-            _write_tar(items, diff, source_date_epoch, report)
+            _write_tar(items, diff, mtime, report)
             if gz is not None:
                 gz.close()
     except OSError as exc:
@@ -715,21 +753,32 @@ def assemble(
     source_date_epoch: int,
     store: BlobStore,
     progress: Progress | None = None,
+    layer_format: int = LAYER_FORMAT,
 ) -> AssembledImage:
     """Build the image: ``base`` plus one layer per spec, in the order given.
 
     The base's layer descriptors are kept exactly (Docker media types included) so its blobs
     are reused by digest. ``org.opencontainers.image.{created,base.name,base.digest}`` are
     added to both the manifest annotations and the config labels unless the caller set them.
+    ``layer_format`` selects the layout rule (:data:`LAYER_FORMAT`; 1 only to rebuild images
+    made before format 2); from format 2 on it is recorded as the label
+    :data:`LAYER_FORMAT_LABEL`, so a rebuild can pick the same rule.
     """
     if source_date_epoch < 0:
         raise ImageError(f"SOURCE_DATE_EPOCH must be >= 0, got {source_date_epoch}")
+    check_layer_format(layer_format)
     names = [spec.name for spec in layers]
     if len(set(names)) != len(names):
         raise ImageError(f"layer names must be unique: {names}")
     built = [
         (
-            build_layer(spec, source_date_epoch=source_date_epoch, store=store, progress=progress),
+            build_layer(
+                spec,
+                source_date_epoch=source_date_epoch,
+                store=store,
+                progress=progress,
+                layer_format=layer_format,
+            ),
             layer_root(spec),
         )
         for spec in layers
@@ -737,6 +786,11 @@ def assemble(
     standard = standard_metadata(base, source_date_epoch)
     # Label and annotation values are strings in the image spec, whatever the caller passed.
     all_labels = {**standard, **{str(k): str(v) for k, v in labels.items()}}
+    # The rule the layers were written with, never what a caller says it was. Format 1 images
+    # predate the label and must rebuild without it.
+    all_labels.pop(LAYER_FORMAT_LABEL, None)
+    if layer_format >= 2:
+        all_labels[LAYER_FORMAT_LABEL] = str(layer_format)
     all_annotations = {**standard, **{str(k): str(v) for k, v in annotations.items()}}
     config = build_config(base, built, all_labels, source_date_epoch)
     config_bytes = canonical_json(config)

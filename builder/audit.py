@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import git
 
 from builder import __version__
+from builder.assemble import LAYER_FORMAT, LAYER_FORMAT_LABEL, check_layer_format
 from builder.attest import (
     MEDIA_CYCLONEDX,
     MEDIA_DSSE,
@@ -1867,6 +1868,55 @@ def _compare(
     return out
 
 
+_FORMAT_NOTE: Final = (
+    "built with layer format {old} (model layers stamped with the config commit time, "
+    "before model layers became shared blobs); rebuilt with format {old}, not {new}"
+)
+
+
+def recorded_layer_format(labels: Mapping[str, str]) -> int:
+    """The layer format an image was written with: its label, or 1 for images that predate it.
+
+    A format this builder cannot write is refused here, before any rebuild work.
+    """
+    raw = labels.get(LAYER_FORMAT_LABEL)
+    if raw is None:
+        return 1
+    try:
+        return check_layer_format(int(raw))
+    except ValueError:
+        raise ImageError(
+            f"label {LAYER_FORMAT_LABEL}={raw!r} is not a layer format number",
+            hint="the image was not made by ivd-image-builder or its config was altered",
+        ) from None
+
+
+def _rebuild_format(labels: Mapping[str, str], notes: list[str]) -> int:
+    """The layer format to rebuild with (the image's own); a note when it is not the current."""
+    layer_format = recorded_layer_format(labels)
+    if layer_format != LAYER_FORMAT:
+        notes.append(_FORMAT_NOTE.format(old=layer_format, new=LAYER_FORMAT))
+    return layer_format
+
+
+def _lock_usable(spec: CustomerSpec, settings: Settings, notes: list[str]) -> bool:
+    """True if the recorded commit's lock can drive the rebuild; else a note says why not."""
+    from builder.lock import models_from_lock, read_lock
+
+    try:
+        lock = read_lock(spec)
+        if lock is not None:
+            models_from_lock(spec, lock, production=settings.production)
+            return True
+    except ConfigError as exc:
+        notes.append(
+            f"lock not usable ({exc.message}); models resolved from the registry as it is now"
+        )
+        return False
+    notes.append("no lock at that commit; models resolved from the registry as it is now")
+    return False
+
+
 def verify(
     reference: str,
     settings: Settings,
@@ -1875,7 +1925,6 @@ def verify(
     insecure: bool | None = None,
 ) -> Verification:
     """Rebuild an image from its recorded commit, lock and base, and compare digests."""
-    from builder.lock import models_from_lock, read_lock
     from builder.pipeline import BuildRequest, build
 
     image = open_image(reference, settings, insecure=insecure)
@@ -1904,21 +1953,11 @@ def verify(
         notes.append(
             f"{short(commit, 12)} is not a commit of the customer folder; read {short(spec.commit, 12)}"
         )
-    locked = False
-    try:
-        lock = read_lock(spec)
-        if lock is not None:
-            models_from_lock(spec, lock, production=settings.production)
-            locked = True
-    except ConfigError as exc:
-        notes.append(
-            f"lock not usable ({exc.message}); models resolved from the registry as it is now"
-        )
-    if not locked and not any(n.startswith("lock not usable") for n in notes):
-        notes.append("no lock at that commit; models resolved from the registry as it is now")
+    locked = _lock_usable(spec, settings, notes)
     builder_version = (provenance.get("builder") or {}).get("version")
     if builder_version != __version__:
         notes.append(f"built by ivd-image-builder {builder_version}; rebuilding with {__version__}")
+    layer_format = _rebuild_format(image.labels, notes)
     request = BuildRequest(
         customer=location,
         ref=commit,
@@ -1928,6 +1967,7 @@ def verify(
         base_repository=str(base.get("repository")),
         variant=image.labels.get("com.ivd.runner.variant") or None,  # inherited from the base
         insecure=insecure,
+        layer_format=layer_format,
     )
     with tempfile.TemporaryDirectory(prefix="verify-", dir=_scratch_parent(settings)) as tmp:
         report = build(request, _rebuild_settings(settings, Path(tmp)))

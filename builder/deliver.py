@@ -901,24 +901,33 @@ def push(
 def _push_blobs(
     image: AssembledImage, client: RegistryClient, path: str, progress: Progress | None
 ) -> list[BlobPush]:
-    """Layers then config into one repository; each HEADed, mounted or uploaded."""
+    """Layers then config into one repository; each HEADed, mounted or uploaded.
+
+    A blob is mounted from the base repository (base layers) or from the repository this
+    blob store last pushed it to on the same registry (a model layer shared with another
+    customer's image), so shared weights cross repositories without being uploaded again.
+    """
     repository = f"{client.host}/{path}"
     base = image.base
     base_digests = {d.digest for d in base.layers}
-    mount_from = base.path if base.registry == client.host and base.path != path else None
+    base_repo = base.path if base.registry == client.host else None
     results = []
     descriptors = [layer.descriptor for layer in image.layers] + [image.config_descriptor]
     for descriptor in descriptors:
         digest, size = descriptor.digest, descriptor.size
         if client.blob_exists(path, digest):
             results.append(BlobPush(repository, digest, size, "present"))
+            _note_pushed(image, digest, client.host, path)
             continue
-        session_url = None
-        if mount_from is not None and digest in base_digests:
-            session_url = client.mount_blob(path, digest, mount_from)
-            if session_url is None:
-                results.append(BlobPush(repository, digest, size, "mounted"))
-                continue
+        if base_repo is not None and base_repo != path and digest in base_digests:
+            mounted, session_url = _mount(client, path, digest, base_repo, hint=False)
+        else:
+            sources = [r for r in image.store.pushed_to(digest, client.host) if r != path]
+            mounted, session_url = _mount(client, path, digest, next(iter(sources), None))
+        if mounted:
+            results.append(BlobPush(repository, digest, size, "mounted"))
+            _note_pushed(image, digest, client.host, path)
+            continue
         if digest == image.config_digest:
             source: Path | bytes = image.config_bytes
         else:
@@ -930,7 +939,34 @@ def _push_blobs(
                     raise ImageError(f"cannot read blob {digest}: {exc.strerror}") from None
         client.upload_blob(path, digest, size, source, session_url=session_url, progress=progress)
         results.append(BlobPush(repository, digest, size, "uploaded"))
+        _note_pushed(image, digest, client.host, path)
     return results
+
+
+def _mount(
+    client: RegistryClient, path: str, digest: str, source: str | None, *, hint: bool = True
+) -> tuple[bool, str | None]:
+    """(mounted, upload session the registry opened instead) for a mount from ``source``.
+
+    A ``hint`` (a repository this store once pushed the blob to) may be gone or unreadable
+    by now: any refusal then means a plain upload, not a failed push.
+    """
+    if source is None:
+        return False, None
+    try:
+        session_url = client.mount_blob(path, digest, source)
+    except ImageError:
+        if not hint:
+            raise
+        return False, None
+    return session_url is None, session_url
+
+
+def _note_pushed(image: AssembledImage, digest: str, host: str, path: str) -> None:
+    """Remember where a layer of ours now is, as a mount source for the next repository."""
+    if digest not in {d.digest for d in image.base.layers} and digest != image.config_digest:
+        with contextlib.suppress(OSError):  # only a hint: without it the next push uploads
+            image.store.note_pushed(digest, host, path)
 
 
 # -- files and the Docker engine -----------------------------------------------------------------

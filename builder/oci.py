@@ -48,6 +48,7 @@ _DIGEST_RE: Final = re.compile(r"^sha256:[0-9a-f]{64}$")
 _CHUNK: Final = 1 << 20
 #: A temporary file no process holds locked and this old (seconds) was left by a killed one.
 _STALE_TMP: Final = 60
+_PUSHED_KEPT: Final = 4  # repositories remembered per blob and registry
 
 
 # -- canonical JSON and digests ------------------------------------------------------------
@@ -255,18 +256,56 @@ class BlobStore:
 
     def save_layer_record(self, key: str, record: Mapping[str, Any]) -> None:
         """Remember which blob the layer with input ``key`` produced."""
-        _atomic_write(self._layers / f"{key}.json", canonical_json(dict(record)), self._tmp)
+        # A cache entry, not content: a record lost in a crash only means re-tarring once.
+        _atomic_write(
+            self._layers / f"{key}.json", canonical_json(dict(record)), self._tmp, durable=False
+        )
+
+    def _pushed_path(self, digest: str) -> Path:
+        return self.root / "pushed" / check_digest(digest).split(":", 1)[1]
+
+    def _pushed_record(self, digest: str) -> dict[str, Any]:
+        try:
+            record = json.loads(self._pushed_path(digest).read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def pushed_to(self, digest: str, host: str) -> list[str]:
+        """Repositories on registry ``host`` this store's blob ``digest`` was pushed to, newest
+        first: where a push to another repository can mount it from instead of uploading."""
+        repos = self._pushed_record(digest).get(host)
+        return [str(r) for r in repos] if isinstance(repos, list) else []
+
+    def note_pushed(self, digest: str, host: str, repository: str) -> None:
+        """Remember that ``digest`` is now in ``host/repository`` (a hint only: mounts fall back)."""
+        record = self._pushed_record(digest)
+        known = self.pushed_to(digest, host)
+        if known[:1] == [repository]:
+            return  # already the newest: no write (and no fsync) on every rebuild
+        known = [r for r in known if r != repository]
+        record[host] = [repository, *known][:_PUSHED_KEPT]
+        path = self._pushed_path(digest)
+        path.parent.mkdir(exist_ok=True)
+        _atomic_write(path, canonical_json(record), self._tmp, durable=False)
 
 
-def _atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+def _atomic_write(
+    path: Path, data: bytes, tmp_dir: Path | None = None, *, durable: bool = True
+) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    ``durable=False`` skips the fsync, for caches and hints whose readers treat a torn or
+    missing file as absent (an fsync on a busy disk costs more than a whole rebuild).
+    """
     directory = tmp_dir or path.parent
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}-")
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
         Path(tmp_name).chmod(0o644)
         Path(tmp_name).replace(path)
     finally:

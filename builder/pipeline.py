@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from builder import yamldoc
-from builder.assemble import AssembledImage, BaseImage, FileEntry, LayerSpec, assemble, resolve_base
+from builder.assemble import (
+    LAYER_FORMAT,
+    AssembledImage,
+    BaseImage,
+    FileEntry,
+    LayerSpec,
+    assemble,
+    resolve_base,
+)
 from builder.base_image import variant_repository
 from builder.contract import (
     CONTRACT_LABEL,
@@ -71,6 +79,7 @@ class BuildRequest:
         "oci"  # "oci": no daemon (default); "docker": Dockerfile + Docker engine (baseline)
     )
     sign_key: Path | None = None  # PEM ECDSA P-256 key signing the provenance (DSSE)
+    layer_format: int = LAYER_FORMAT  # older formats only for `verify` of older images
 
 
 @dataclass
@@ -369,7 +378,8 @@ def image_layers(
         FileEntry(path=f"{CONFIG_DIR}/analysis.yaml", source=verbose_yaml),
         FileEntry(path=f"{CONFIG_DIR}/provenance.json", source=provenance_json),
     ]
-    layers.append(LayerSpec(name="config", entries=config))
+    # Only the config layer carries the commit time: model layers are shared blobs.
+    layers.append(LayerSpec(name="config", entries=config, stamped=True))
     return layers
 
 
@@ -569,6 +579,7 @@ def build(
                 source_date_epoch=spec.commit_time,
                 store=store.blobs,
                 progress=progress,
+                layer_format=request.layer_format,
             )
         report.manifest_digest, report.config_digest = image.manifest_digest, image.config_digest
         report.layers = [

@@ -24,6 +24,9 @@ import pytest
 
 from builder.assemble import (
     COMPRESS_RATIO,
+    CONTENT_MTIME,
+    LAYER_FORMAT,
+    LAYER_FORMAT_LABEL,
     AssembledImage,
     BaseImage,
     FileEntry,
@@ -158,6 +161,7 @@ def layer_specs(files: dict[str, Path], *, with_sha: bool = False) -> list[Layer
                 FileEntry("/app/config/analysis.yaml", b"analyses: []\n"),
                 FileEntry("/app/config/run.sh", b"#!/bin/sh\nexec python3 -m runner\n", 0o755),
             ],
+            stamped=True,
         ),
     ]
 
@@ -171,7 +175,7 @@ def build(base: BaseImage, files: dict[str, Path], store: BlobStore, **kw: Any) 
     return assemble(
         base,
         layer_specs(files, with_sha=kw.pop("with_sha", False)),
-        labels=LABELS,
+        labels=kw.pop("labels", LABELS),
         annotations=ANNOTATIONS,
         source_date_epoch=SDE,
         store=store,
@@ -336,7 +340,7 @@ class TestLayers:
     def test_tar_headers_are_fixed(
         self, base: BaseImage, files: dict[str, Path], store: BlobStore
     ) -> None:
-        """Entries sorted, parents explicit (0755), root-owned, no names, mtime=SDE, no xattrs."""
+        """Entries sorted, parents explicit (0755), root-owned, no names, fixed mtime, no xattrs."""
         image = build(base, files, store)
         members = tar_members(_layer_blob(image, "mitosis"))
         assert [m.name for m in members] == [
@@ -349,7 +353,7 @@ class TestLayers:
         ]
         for member in members:
             assert (member.uid, member.gid, member.uname, member.gname) == (0, 0, "", "")
-            assert member.mtime == SDE
+            assert member.mtime == CONTENT_MTIME != SDE
             assert member.pax_headers == {}
             assert member.mode == (0o755 if member.isdir() else member.mode)
         modes = {m.name: m.mode for m in members if m.isfile()}
@@ -357,8 +361,9 @@ class TestLayers:
             "app/models/mitosis/model.onnx": 0o644,
             "app/models/mitosis/sub/extra.txt": 0o600,
         }
-        config_members = {m.name: m.mode for m in tar_members(_layer_blob(image, "config"))}
-        assert config_members["app/config/run.sh"] == 0o755
+        config_tar = tar_members(_layer_blob(image, "config"))
+        assert {m.name: m.mode for m in config_tar}["app/config/run.sh"] == 0o755
+        assert {m.mtime for m in config_tar} == {SDE}  # only the config layer carries the commit
 
     def test_content_round_trips(
         self, base: BaseImage, files: dict[str, Path], store: BlobStore
@@ -534,6 +539,84 @@ class TestConfigAndManifest:
         )
         assert one.manifest_digest != two.manifest_digest
         assert [x.descriptor for x in one.layers] == [x.descriptor for x in two.layers]
+
+
+# -- layer identity ------------------------------------------------------------------------------
+
+
+def _customer(
+    base: BaseImage, files: dict[str, Path], store: BlobStore, sde: int, name: str, **kw: Any
+) -> AssembledImage:
+    """One customer's image: the shared models, its own config and commit time."""
+    specs = layer_specs(files, with_sha=kw.pop("with_sha", False))
+    specs[-1] = LayerSpec(
+        "config", [FileEntry("/app/config/analysis.yaml", name.encode())], stamped=True
+    )
+    return assemble(
+        base,
+        specs,
+        labels={"com.ivd.customer": name},
+        annotations={},
+        source_date_epoch=sde,
+        store=store,
+        **kw,
+    )
+
+
+def _layer_digests(image: AssembledImage) -> dict[str | None, str]:
+    return {x.name: x.descriptor.digest for x in image.new_layers}
+
+
+class TestLayerIdentity:
+    def test_model_layers_do_not_depend_on_commit_time_or_customer(
+        self, base: BaseImage, files: dict[str, Path], tmp_path: Path
+    ) -> None:
+        """Two customers, other commit times, fresh stores: same model blobs, other configs."""
+        x = _customer(base, files, BlobStore(tmp_path / "x"), SDE, "customer-x")
+        y = _customer(base, files, BlobStore(tmp_path / "y"), SDE + 86_400 * 400, "customer-y")
+        dx, dy = _layer_digests(x), _layer_digests(y)
+        assert dx["carcinoma"] == dy["carcinoma"] and dx["mitosis"] == dy["mitosis"]
+        assert dx["config"] != dy["config"]
+        assert x.manifest_digest != y.manifest_digest
+        assert json.loads(y.config_bytes)["created"] == rfc3339(SDE + 86_400 * 400)
+
+    def test_config_commit_alone_changes_config_layer_and_image(
+        self, base: BaseImage, files: dict[str, Path], store: BlobStore
+    ) -> None:
+        """Same config bytes, later commit: only the config layer and the image config change."""
+        one = _customer(base, files, store, SDE, "customer-x", with_sha=True)
+        two = _customer(base, files, store, SDE + 60, "customer-x", with_sha=True)
+        changed = {k for k, v in _layer_digests(one).items() if _layer_digests(two)[k] != v}
+        assert changed == {"config"}
+        assert one.config_digest != two.config_digest
+        assert {x.name: x.reused for x in two.new_layers} == {
+            "carcinoma": True,
+            "mitosis": True,
+            "config": False,
+        }
+
+    def test_format_is_recorded_and_format_1_stamps_every_layer(
+        self, base: BaseImage, files: dict[str, Path], store: BlobStore
+    ) -> None:
+        """The label names the rule; format 1 (older images) stamps all layers, has no label."""
+        new = build(base, files, store, labels={**LABELS, LAYER_FORMAT_LABEL: "7"})
+        assert new.new_layers and LAYER_FORMAT == 2
+        labels = json.loads(new.config_bytes)["config"]["Labels"]
+        assert labels[LAYER_FORMAT_LABEL] == "2"  # what the layers are, not what was claimed
+        old = build(base, files, store, layer_format=1)
+        assert LAYER_FORMAT_LABEL not in json.loads(old.config_bytes)["config"]["Labels"]
+        for layer in old.new_layers:
+            assert {m.mtime for m in tar_members(_layer_blob(old, str(layer.name)))} == {SDE}
+        assert _layer_digests(old)["carcinoma"] != _layer_digests(new)["carcinoma"]
+        assert _layer_digests(old)["config"] == _layer_digests(new)["config"]
+
+    def test_unknown_format_is_refused(
+        self, base: BaseImage, files: dict[str, Path], store: BlobStore
+    ) -> None:
+        """A layer format this builder cannot write: one clear error, nothing built."""
+        with pytest.raises(ImageError, match="layer format 3 is not one this builder writes"):
+            build(base, files, store, layer_format=3)
+        assert not any(store.blobs.iterdir())
 
 
 # -- determinism ---------------------------------------------------------------------------------

@@ -278,3 +278,130 @@ def test_development_build_is_labelled(env: dict[str, str], repo: Path, tmp_path
         check=True,
     )
     assert json.loads(inspect.stdout)["Labels"]["com.ivd.development-build"] == "true"
+
+
+# -- layer identity: model layers shared across commits and customers -----------------------------
+
+LATER = 1_700_000_000 + 400 * 86_400  # another customer's (or a later) commit time
+
+
+def _stored_blobs(registry: Any) -> dict[str, int]:
+    """digest -> size of every blob the registry keeps on disk (filesystem driver layout)."""
+    root = registry.root / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256"
+    return {f"sha256:{p.parent.name}": p.stat().st_size for p in root.glob("*/*/data")}
+
+
+def _uploaded_digests(registry: Any, since: int) -> set[str]:
+    """Digests of the blob uploads the registry completed (PUT ...?digest=) after ``since``."""
+    return {
+        m.group(1)
+        for r in registry.blob_uploads(since)
+        if r.method == "PUT" and (m := re.search(r"digest=(sha256(?::|%3A)[0-9a-f]{64})", r.path))
+    }
+
+
+def _image_blobs(report: dict[str, Any]) -> dict[str, int]:
+    return {
+        **{layer["digest"]: layer["size"] for layer in report["layers"]},
+        report["config_digest"]: -1,
+    }
+
+
+def _by_name(report: dict[str, Any]) -> dict[str, str]:
+    return {layer["name"]: layer["digest"] for layer in report["layers"] if layer["new"]}
+
+
+def test_config_only_change_uploads_config_layer_and_image_config_only(
+    env: dict[str, str], repo: Path, oci_registry: Any
+) -> None:
+    """A new config commit: at the registry, only the config layer and image config arrive."""
+    first = _build(env, str(repo), "--push")
+    customer_repo(repo, carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.7, when=LATER)
+    mark, stored = len(oci_registry.requests()), _stored_blobs(oci_registry)
+    second = _build(env, str(repo), "--push")
+    old, new = _by_name(first), _by_name(second)
+    assert {name for name in new if new[name] != old[name]} == {"config"}
+    assert second["manifest_digest"] != first["manifest_digest"]
+    uploaded = {d.replace("%3A", ":") for d in _uploaded_digests(oci_registry, mark)}
+    image = _image_blobs(second)
+    assert uploaded & image.keys() == {new["config"], second["config_digest"]}
+    # Nothing of the image beyond those two reached the registry's storage either.
+    arrived = set(_stored_blobs(oci_registry)) - set(stored)
+    assert arrived & image.keys() == {new["config"], second["config_digest"]}
+    sizes = _stored_blobs(oci_registry)
+    assert second["bytes_uploaded"] == sizes[new["config"]] + sizes[second["config_digest"]]
+    assert second["bytes_uploaded"] < 64 * 1024
+    pushes = {layer["name"]: layer["push"] for layer in second["layers"] if layer["new"]}
+    assert pushes == {
+        "carcinoma_model": "present",
+        "mitosis_model": "present",
+        "config": "uploaded",
+    }
+    # The image manifest itself went by digest and by both tags, nothing else of the image.
+    manifests = [r.path for r in oci_registry.manifest_puts(mark) if "/customer-x/" in r.path]
+    assert f"/manifests/{second['manifest_digest']}" in " ".join(manifests)
+
+
+def test_two_customers_sharing_a_model_store_one_blob(
+    env: dict[str, str], tmp_path: Path, oci_registry: Any
+) -> None:
+    """Other customer, other commit time, even another cache: the model layers are one blob each."""
+    x_repo = customer_repo(tmp_path / "x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    y_repo = customer_repo(
+        tmp_path / "y", name="customer-y", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, when=LATER
+    )
+    x = _build(env, str(x_repo), "--push")
+    stored = _stored_blobs(oci_registry)
+    y = _build(env, str(y_repo), "--push")
+    models = {n: d for n, d in _by_name(x).items() if n != "config"}
+    assert models and {n: _by_name(y)[n] for n in models} == models
+    assert _by_name(x)["config"] != _by_name(y)["config"]
+    # Pushed to customer-y's repository by a cross-repository mount: no weight bytes sent.
+    pushes = {layer["name"]: layer["push"] for layer in y["layers"] if layer["new"]}
+    assert {pushes[n] for n in models} == {"mounted"}
+    assert y["bytes_uploaded"] < 64 * 1024
+    # A third customer built on a machine with an empty cache: the same digests again.
+    z_repo = customer_repo(
+        tmp_path / "z",
+        name="customer-z",
+        carcinoma=CARCINOMA_ID,
+        mitosis=MITOSIS_ID,
+        when=LATER + 7,
+    )
+    z = _build({**env, "BUILDER_CACHE_DIR": str(tmp_path / "other-cache")}, str(z_repo), "--push")
+    assert {n: _by_name(z)[n] for n in models} == models
+    after = _stored_blobs(oci_registry)
+    assert set(models.values()) <= set(stored)  # stored by the first customer ...
+    grown = {d: after[d] for d in set(after) - set(stored)}
+    assert not set(models.values()) & set(grown)  # ... and by no one after
+
+
+def test_verify_rebuilds_an_image_made_before_layer_format_2(
+    env: dict[str, str], repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image whose model layers carry the commit time (format 1, no label) still MATCHes."""
+    from builder.assemble import LAYER_FORMAT_LABEL
+    from builder.pipeline import BuildRequest, build
+    from builder.settings import load_settings
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    old = build(BuildRequest(str(repo), push=True, layer_format=1), load_settings(tmp_path))
+    current = _build(env, str(repo))
+    assert _by_name(current)["mitosis_model"] != next(
+        layer.digest for layer in old.layers if layer.name == "mitosis_model"
+    )
+    result = run_cli("verify", old.image, "--json", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    verified = json.loads(result.stdout)["result"]
+    assert verified["match"] is True, verified["differences"]
+    assert any("layer format 1" in note for note in verified["notes"])
+    labels = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", "--tls-verify=false", f"docker://{old.image}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )["Labels"]
+    assert LAYER_FORMAT_LABEL not in labels
