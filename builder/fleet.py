@@ -33,13 +33,21 @@ import os
 import queue
 import random
 import re
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import git
 import yaml
@@ -49,8 +57,9 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from builder import __version__, yamldoc
+from builder.contracts import RepoSource
 from builder.errors import BuilderError, ConfigError, ReleaseGateError
-from builder.load import _URL, canonical_repo_url, load_customer, redact_url
+from builder.load import _URL, KnownRevision, canonical_repo_url, load_customer, redact_url
 from builder.settings import Settings
 
 FLEET_FILE: Final = "fleet.yaml"
@@ -368,20 +377,32 @@ class ReleaseLog:
 
     def records(self, customer: str, head: str | None) -> list[dict[str, Any]]:
         """The customer's records at ``head``, oldest build first (unreadable files skipped)."""
+        return self._read_all(head, f"{RECORDS_DIR}/{customer}/").get(customer, [])
+
+    def latest_records(self, head: str | None) -> dict[str, dict[str, Any]]:
+        """Every customer's latest record at ``head`` (one tree listing for all customers)."""
+        return {name: found[-1] for name, found in self._read_all(head, "").items() if found}
+
+    def _read_all(self, head: str | None, prefix: str) -> dict[str, list[dict[str, Any]]]:
+        """Records under ``releases/<prefix>`` at ``head`` by customer, oldest build first:
+        one ``ls-tree`` and the blobs through gitpython's persistent ``cat-file``."""
         if head is None:
-            return []
-        listing = self.repo.git.ls_tree(
-            "-r", "--name-only", head, "--", f"{RECORDS_DIR}/{customer}/"
-        )
-        out: list[dict[str, Any]] = []
-        for path in listing.splitlines():
-            if not path.endswith(".yaml"):
+            return {}
+        listing = self.repo.git.ls_tree("-r", head, "--", prefix or f"{RECORDS_DIR}/")
+        out: dict[str, list[dict[str, Any]]] = {}
+        for line in listing.splitlines():
+            meta, _, path = line.partition("\t")
+            parts = path.split("/")
+            if len(parts) != 3 or parts[0] != RECORDS_DIR or not path.endswith(".yaml"):
                 continue
-            with contextlib.suppress(git.GitCommandError, yaml.YAMLError):
-                data = yaml.safe_load(self.repo.git.show(f"{head}:{path}"))
+            with contextlib.suppress(ValueError, yaml.YAMLError):
+                raw = self.repo.odb.stream(bytes.fromhex(meta.split()[2])).read()
+                data = yaml.safe_load(raw)
                 if isinstance(data, dict) and data.get("record_version") == RECORD_VERSION:
-                    out.append({**data, "_path": path})
-        return sorted(out, key=lambda r: str(r.get("built_at", "")))
+                    out.setdefault(parts[1], []).append({**data, "_path": path})
+        for found in out.values():
+            found.sort(key=lambda r: str(r.get("built_at", "")))
+        return out
 
     def _read(self, head: str | None, path: str) -> dict[str, Any] | None:
         if head is None:
@@ -608,6 +629,9 @@ def write_release_record(
 
 # -- plan ---------------------------------------------------------------------------------------
 
+#: Threads that read customer repositories and fetch release branches while planning.
+PLAN_THREADS: Final = 8
+
 
 @dataclass
 class PlanItem:
@@ -616,7 +640,9 @@ class PlanItem:
     customer: str
     repo: str
     ref: str
-    status: str  # "rebuild", "skip" (constraint does not admit it) or "error"
+    # "rebuild"; "released" (this config commit is already released on this base version:
+    # nothing to do); "skip" (the constraint does not admit the version); "error".
+    status: str
     constraint: str | None = None
     commit: str | None = None
     image: str | None = None  # the immutable tag the rebuild will push
@@ -625,6 +651,7 @@ class PlanItem:
     previous: dict[str, Any] | None = None  # the latest release record, abridged
     changed_files: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -633,14 +660,188 @@ class FleetPlan:
     fleet: str
     items: list[PlanItem]
     notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # how long planning took
 
     @property
     def rebuild(self) -> list[PlanItem]:
         return [item for item in self.items if item.status == "rebuild"]
 
     @property
+    def released(self) -> list[PlanItem]:
+        return [item for item in self.items if item.status == "released"]
+
+    @property
     def errors(self) -> list[PlanItem]:
         return [item for item in self.items if item.status == "error"]
+
+
+def _owners(name: str, folders: frozenset[str]) -> set[str]:
+    """The folders of ``folders`` that hold the file ``name`` (or are that file)."""
+    parts = name.split("/")
+    return {
+        prefix
+        for depth in range(1, len(parts) + 1)
+        if (prefix := "/".join(parts[:depth])) in folders
+    }
+
+
+def last_commits(root: Path, ref: str, folders: Sequence[str]) -> dict[str, str | None]:
+    """For each folder of the repository at ``root``, the commit that
+    ``git rev-list --max-count=1 REF -- FOLDER`` names (None: not in history at ``ref``),
+    found for all folders in one pass instead of one history walk per folder.
+
+    git's default history simplification makes each folder's walk one chain: from a commit
+    whose folder equals that of a parent, the walk goes on with the first such parent only;
+    a commit that differs from every parent (a root commit: that holds the folder) is the
+    answer. So all folders still pending at a commit move on together: commits are read in
+    topological order, each diffed against its parents by one ``git diff-tree --stdin``
+    process, and the pass stops as soon as every folder has its answer.
+    """
+    wanted = frozenset(f.strip("/") for f in folders)
+    found: dict[str, str | None] = dict.fromkeys(wanted)
+    repo = git.Repo(root)
+    try:
+        listing = repo.git.rev_list("--topo-order", "--parents", ref, "--", env=GIT_ENV)
+    except git.GitCommandError:
+        raise ConfigError(
+            f"{root}: ref {ref!r} does not exist",
+            hint="use a branch, tag or commit of the customer repo",
+        ) from None
+    graph = [line.split() for line in listing.splitlines() if line.strip()]
+    if not graph:
+        return found
+    if "" in wanted:  # the repository itself: the ref's commit
+        found[""] = graph[0][0]
+    folders_only = wanted - {""}
+    if not folders_only:
+        return found
+    parents = {row[0]: row[1:] for row in graph}
+    # One input line per (commit, parent) pair, a root commit alone; with --always each line
+    # gets its header even when the diff is empty, so the k-th block answers the k-th line.
+    lines = [(row[0], p) for row in graph for p in (row[1:] or [""])]
+    tops = sorted({f.split("/", 1)[0] for f in folders_only})
+    command = [
+        "git",
+        "-C",
+        str(root),
+        "diff-tree",
+        "--stdin",
+        "--always",
+        "--root",
+        "-r",
+        "--name-only",
+        "--no-renames",
+        "--format=%x1e%H",
+        "--",
+        *tops,
+    ]
+    pending: dict[str, frozenset[str]] = {graph[0][0]: folders_only}
+    with subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **GIT_ENV},
+        text=True,
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def feed(stream: IO[str]) -> None:
+            with contextlib.suppress(OSError):  # the reader stops early: a broken pipe
+                for commit, parent in lines:
+                    stream.write(f"{commit} {parent}\n" if parent else f"{commit}\n")
+                stream.close()
+
+        writer = threading.Thread(target=feed, args=(proc.stdin,), daemon=True)
+        writer.start()
+        blocks = _diff_blocks(proc.stdout, folders_only)
+        index = 0
+        while pending and index < len(lines):
+            commit = lines[index][0]
+            changed = [next(blocks, set()) for _ in parents[commit] or [""]]
+            index += len(changed)
+            rest = pending.pop(commit, frozenset())
+            for parent, touched in zip(parents[commit], changed, strict=False):
+                if not rest:
+                    break
+                same = rest - touched
+                if same:  # the walk goes on with the first parent this folder equals
+                    pending[parent] = pending.get(parent, frozenset()) | same
+                rest = rest & touched
+            if not parents[commit]:
+                rest = rest & changed[0]  # a root commit: only where it holds the folder
+            for folder in rest:
+                found[folder] = commit
+        proc.kill()
+        writer.join(timeout=5)
+    return found
+
+
+def _diff_blocks(stream: IO[str], folders: frozenset[str]) -> Iterator[set[str]]:
+    """The folders each diff of ``git diff-tree --stdin --format=%x1e%H`` output touches."""
+    current: set[str] | None = None
+    for line in stream:
+        if line.startswith("\x1e"):
+            if current is not None:
+                yield current
+            current = set()
+        elif line.strip() and current is not None:
+            current |= _owners(line.rstrip("\n"), folders)
+    if current is not None:
+        yield current
+
+
+def _local_sources(entries: Sequence[FleetEntry], settings: Settings) -> dict[str, RepoSource]:
+    """Each local customer folder's source, the repository found once per parent folder
+    (``customers/a``, ``customers/b``... share one lookup); unresolvable ones are left out:
+    their own load reports them."""
+    from builder.load import open_source
+
+    parents: dict[Path, RepoSource | None] = {}
+    out: dict[str, RepoSource] = {}
+    for entry in entries:
+        folder = Path(entry.location)
+        if entry.is_url or not folder.is_dir():
+            continue
+        if (folder / ".git").exists():  # a repository of its own
+            with contextlib.suppress(BuilderError):
+                out[entry.name] = open_source(entry.location, settings)
+            continue
+        if folder.parent not in parents:
+            try:
+                parents[folder.parent] = open_source(str(folder.parent), settings)
+            except BuilderError:
+                parents[folder.parent] = None
+        parent = parents[folder.parent]
+        if parent is None or not folder.resolve().is_relative_to(parent.root):
+            continue
+        subdir = folder.resolve().relative_to(parent.root).as_posix()
+        url = parent.url.partition("#")[0]
+        out[entry.name] = RepoSource(entry.location, parent.root, subdir, f"{url}#{subdir}")
+    return out
+
+
+def _known_revisions(entries: Sequence[FleetEntry], settings: Settings) -> dict[str, KnownRevision]:
+    """Each local customer folder's config revision (the last commit touching it), from one
+    pass per repository and ref, with one shared open repository per repository."""
+    sources = _local_sources(entries, settings)
+    groups: dict[tuple[Path, str], list[str]] = {}
+    for entry in entries:
+        if entry.name in sources:
+            groups.setdefault((sources[entry.name].root, entry.ref), []).append(entry.name)
+    repos: dict[Path, git.Repo] = {}
+    out: dict[str, KnownRevision] = {}
+    for (root, ref), names in groups.items():
+        try:
+            commits = last_commits(root, ref, [sources[name].subdir for name in names])
+        except BuilderError:
+            continue  # the customers' own loads report it
+        repo = repos.setdefault(root, git.Repo(root))
+        for name in names:
+            commit = commits.get(sources[name].subdir)
+            if commit:
+                out[name] = KnownRevision(sources[name], repo, commit)
+    return out
 
 
 def _changed_files(location: str, settings: Settings, old: str, new: str) -> list[str] | None:
@@ -681,14 +882,22 @@ def _classify(
         "built_at": previous.get("built_at"),
         "record": previous.get("_path"),
     }
+    with contextlib.suppress(InvalidVersion):
+        if Version(old_base) > version:
+            item.warnings.append(
+                f"base downgrade: {entry.name} was last released on {old_base} "
+                f"({item.previous['image']}); {version} is older"
+            )
     same_base = old_base == str(version)
     if old_commit == item.commit:
         item.change = "none" if same_base else "base"
-        item.summary = (
-            f"already released: {item.previous['image']}"
-            if same_base
-            else f"base only: {old_base} -> {version}, config unchanged ({old_commit[:12]})"
-        )
+        if same_base:
+            item.status = "released"
+            item.summary = f"already released: {item.previous['image']}"
+        else:
+            item.summary = (
+                f"base only: {old_base} -> {version}, config unchanged ({old_commit[:12]})"
+            )
         return
     changed = _changed_files(entry.location, settings, old_commit, item.commit or "HEAD")
     item.changed_files = changed or []
@@ -698,15 +907,16 @@ def _classify(
     item.summary = f"config too: {old_commit[:12]} -> {(item.commit or '')[:12]} ({what}){base}"
 
 
-def plan_customer(
-    entry: FleetEntry, settings: Settings, version: Version, *, branch: str = RELEASES_BRANCH
+def _load_item(
+    entry: FleetEntry, settings: Settings, version: Version, known: KnownRevision | None
 ) -> PlanItem:
-    """Load one customer (git only: no model or image registry calls) and classify it."""
+    """Load one customer (git only: no model or image registry calls) at its config revision
+    found by the single pass, or at its ref when the pass had no answer for it."""
     item = PlanItem(
         customer=entry.name, repo=mask_secrets(entry.repo), ref=entry.ref, status="error"
     )
     try:
-        spec = load_customer(entry.location, settings, ref=entry.ref)
+        spec = load_customer(entry.location, settings, ref=entry.ref, known=known)
         if spec.customer != entry.name:
             raise ConfigError(
                 f"{entry.where}: fleet entry {entry.name!r} points at {item.repo}, whose "
@@ -723,26 +933,109 @@ def plan_customer(
     except BuilderError as exc:
         item.error = _error_dict(exc)
         item.summary = item.error["message"]
-        return item
-    try:
-        log = ReleaseLog(record_remote(entry.location), settings.cache_dir, branch)
-        records = log.records(entry.name, log.fetch())
-    except BuilderError as exc:
-        item.change, item.summary = None, f"previous release unknown ({mask_secrets(exc.message)})"
-        return item
-    _classify(item, entry, settings, version, records[-1] if records else None)
     return item
 
 
+@dataclass
+class _Records:
+    """One remote's release records, fetched once per plan: the latest per customer."""
+
+    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _read_remote(remote: str, settings: Settings, branch: str) -> _Records:
+    try:
+        log = ReleaseLog(remote, settings.cache_dir, branch)
+        return _Records(latest=log.latest_records(log.fetch()))
+    except BuilderError as exc:
+        return _Records(error=mask_secrets(exc.message))
+
+
+def _finish_item(
+    item: PlanItem, entry: FleetEntry, settings: Settings, version: Version, records: _Records
+) -> None:
+    if records.error is not None:
+        item.change, item.summary = None, f"previous release unknown ({records.error})"
+        return
+    _classify(item, entry, settings, version, records.latest.get(entry.name))
+
+
+def _record_remotes(
+    entries: Sequence[FleetEntry], items: Mapping[str, PlanItem], known: Mapping[str, KnownRevision]
+) -> dict[str, str]:
+    """Where each customer to rebuild keeps its release records (looked up once per
+    repository); a customer whose remote is unknown gets that said in its summary."""
+    by_root: dict[Path, str] = {}
+    out: dict[str, str] = {}
+    for entry in entries:
+        item = items[entry.name]
+        if item.status != "rebuild":
+            continue
+        root = known[entry.name].source.root if entry.name in known else None
+        try:
+            if root is not None and root in by_root:
+                out[entry.name] = by_root[root]
+                continue
+            out[entry.name] = record_remote(entry.location)
+        except BuilderError as exc:
+            item.change = None
+            item.summary = f"previous release unknown ({mask_secrets(exc.message)})"
+            continue
+        if root is not None:
+            by_root[root] = out[entry.name]
+    return out
+
+
 def plan(
-    fleet: Fleet, settings: Settings, base_version: str, *, branch: str = RELEASES_BRANCH
+    fleet: Fleet,
+    settings: Settings,
+    base_version: str,
+    *,
+    branch: str = RELEASES_BRANCH,
+    threads: int = PLAN_THREADS,
 ) -> FleetPlan:
-    """Per customer: does its constraint admit ``base_version``, and what would change."""
+    """Per customer: does its constraint admit ``base_version``, and what would change.
+
+    The repository is read once: one pass over history per repository and ref finds every
+    customer folder's config revision (:func:`last_commits`), each releases branch is fetched
+    once per remote, and what must be done per customer (reading and validating its files,
+    listing changed files) runs on ``threads`` threads.
+    """
+    started = time.perf_counter()
     version = parse_release_version(base_version)
-    items = [plan_customer(entry, settings, version, branch=branch) for entry in fleet.entries]
-    result = FleetPlan(base_version=str(version), fleet=str(fleet.path), items=items)
-    if not result.rebuild and not result.errors:
+    entries = fleet.entries
+    known = _known_revisions(entries, settings)
+    items: dict[str, PlanItem] = {}
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        # Customers the pass answered share an open repository (one git process, not
+        # thread-safe) and are read here; the others (clones, fetches) on the threads.
+        others = {
+            e.name: pool.submit(_load_item, e, settings, version, None)
+            for e in entries
+            if e.name not in known
+        }
+        for entry in entries:
+            if entry.name in known:
+                items[entry.name] = _load_item(entry, settings, version, known[entry.name])
+        items.update({name: future.result() for name, future in others.items()})
+        remotes = _record_remotes(entries, items, known)
+        wanted = sorted(set(remotes.values()))
+        fetched = dict(
+            zip(wanted, pool.map(lambda r: _read_remote(r, settings, branch), wanted), strict=True)
+        )
+        finishing = [
+            pool.submit(_finish_item, items[e.name], e, settings, version, fetched[remotes[e.name]])
+            for e in entries
+            if e.name in remotes
+        ]
+        for future in finishing:
+            future.result()
+    ordered = [items[e.name] for e in entries]
+    result = FleetPlan(base_version=str(version), fleet=str(fleet.path), items=ordered)
+    if not result.rebuild and not result.released and not result.errors:
         result.notes.append(f"no customer admits base {version}: nothing to rebuild")
+    result.seconds = round(time.perf_counter() - started, 3)
     return result
 
 

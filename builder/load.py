@@ -123,11 +123,12 @@ class _Snapshot:
         if self.tree is None:
             path = self.source.root / rel
             return path.read_bytes() if path.is_file() else None
-        try:
-            blob = self.tree / rel
-        except KeyError:
+        try:  # "<commit>:<path>" through the repository's persistent `git cat-file --batch`
+            _, kind, _, data = self.tree.repo.git.get_object_data(f"{self.commit}:{rel}")
+        except ValueError:  # missing
             return None
-        return bytes(blob.data_stream.read()) if blob.type == "blob" else None
+        kind_name: Any = kind  # gitpython's annotation says str; at run time it is bytes
+        return bytes(data) if kind_name in ("blob", b"blob") else None
 
     def list_files(self, relfolder: str) -> list[str]:
         """Files below a folder, relative to it, sorted."""
@@ -155,7 +156,23 @@ class _Snapshot:
         return PurePosixPath(self.source.location, relpath).as_posix()
 
 
-def _snapshot(source: RepoSource, ref: str, worktree: bool) -> _Snapshot:
+@dataclass(frozen=True)
+class KnownRevision:
+    """What a caller loading many customers of one repository already knows (the fleet plan):
+    the folder's source, the open repository (shared: no new git processes) and the folder's
+    last commit at the ref, so no per-customer history walk is needed."""
+
+    source: RepoSource
+    repo: git.Repo
+    commit: str
+
+
+def _snapshot(
+    source: RepoSource, ref: str, worktree: bool, known: KnownRevision | None = None
+) -> _Snapshot:
+    if known is not None:
+        commit = known.repo.commit(known.commit)
+        return _Snapshot(source, commit.hexsha, int(commit.committed_date), commit.tree)
     repo = git.Repo(source.root)
     try:
         # rev-parse --verify: gitpython alone accepts any 40-hex string as a commit id.
@@ -237,11 +254,16 @@ def _declared_models(doc: yamldoc.Document) -> tuple[ModelDecl, ...]:
 
 
 def load_customer(
-    location: str, settings: Settings, *, ref: str = "HEAD", worktree: bool = False
+    location: str,
+    settings: Settings,
+    *,
+    ref: str = "HEAD",
+    worktree: bool = False,
+    known: KnownRevision | None = None,
 ) -> CustomerSpec:
     """Read and validate a customer's configuration at ``ref`` (or the work tree)."""
-    source = open_source(location, settings)
-    snapshot = _snapshot(source, ref, worktree)
+    source = known.source if known is not None else open_source(location, settings)
+    snapshot = _snapshot(source, ref, worktree, known)
     customer = _parse(snapshot, CUSTOMER_FILE, "customer").data
     analysis_path = safe_relpath(
         customer.get("analysis", "analysis.yaml"), snapshot.origin(CUSTOMER_FILE), "analysis"
