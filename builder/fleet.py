@@ -45,6 +45,7 @@ from concurrent.futures import (
     wait,
 )
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as _replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final
@@ -413,22 +414,36 @@ class ReleaseLog:
             return None
         return data if isinstance(data, dict) else {}
 
-    def _commit(self, head: str | None, path: str, content: bytes, message: str) -> str:
-        """A commit on top of ``head`` adding one file, built with plumbing (no work tree)."""
-        blob = self.repo.odb.store(IStream("blob", len(content), io.BytesIO(content))).binsha.hex()
-        index = self.work / f"index-{os.getpid()}"
+    def _commit(self, head: str | None, files: Mapping[str, bytes], message: str) -> str:
+        """A commit on top of ``head`` adding ``files``, built with plumbing (no work tree)."""
+        index = self.work / f"index-{os.getpid()}-{threading.get_ident()}"
         env = {**GIT_ENV, "GIT_INDEX_FILE": str(index), **_identity()}
         try:
             if head is None:
                 self.repo.git.read_tree("--empty", env=env)
             else:
                 self.repo.git.read_tree(head, env=env)
-            self.repo.git.update_index("--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
+            lines = []
+            for path, content in sorted(files.items()):
+                stream = IStream("blob", len(content), io.BytesIO(content))
+                lines.append(f"100644 {self.repo.odb.store(stream).binsha.hex()}\t{path}\n")
+            self._update_index(lines, env)
             tree = self.repo.git.write_tree(env=env)
             parents = ["-p", head] if head else []
             return str(self.repo.git.commit_tree(tree, *parents, "-m", message, env=env))
         finally:
             index.unlink(missing_ok=True)
+
+    def _update_index(self, lines: Sequence[str], env: Mapping[str, str]) -> None:
+        """``git update-index --index-info``: every file of the batch in one process."""
+        subprocess.run(
+            ["git", "--git-dir", str(self.repo.git_dir), "update-index", "--add", "--index-info"],
+            input="".join(lines).encode(),
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
 
     def write(
         self,
@@ -438,26 +453,47 @@ class ReleaseLog:
         backoff: float = 1.0,
         before_push: Callable[[int], None] | None = None,
     ) -> WriteResult:
-        """Commit the record on top of the branch head and push it (never forced). A rejected
-        push (a concurrent writer, a hook) is retried on top of the new head, ``attempts`` times
-        in all; an identical record already there is success; a different one is refused."""
-        path = record_path(record["customer"], record["image"])
-        content = render_record(record)
-        message = (
-            f"release: {record['customer']} {record['image'].rsplit(':', 1)[1]} "
-            f"{record['manifest_digest']}\n\nbase {record['base_image']['version']} "
-            f"{record['base_image']['digest']}\nconfig {record['config']['commit']}\n"
+        """Commit one record on top of the branch head and push it (never forced); see
+        :meth:`write_many`."""
+        (result,) = self.write_many(
+            [record], attempts=attempts, backoff=backoff, before_push=before_push
         )
-        if record.get("ci_url"):
-            message += f"CI job: {record['ci_url']}\n"
+        if isinstance(result, BuilderError):
+            raise result
+        return result
+
+    def write_many(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        attempts: int = 5,
+        backoff: float = 1.0,
+        before_push: Callable[[int], None] | None = None,
+    ) -> list[WriteResult | BuilderError]:
+        """Commit every record in one commit on top of the branch head and push it (never
+        forced). A rejected push (a concurrent writer, a hook) is retried on top of the new
+        head, ``attempts`` times in all. Per record: an identical record already there is
+        "present"; a different one is refused (that record only)."""
+        paths = [record_path(r["customer"], r["image"]) for r in records]
         last = ""
         with self._lock:
             for attempt in range(1, max(1, attempts) + 1):
                 head = self.fetch()
-                existing = self._read(head, path)
-                if existing is not None:
-                    return self._already(existing, record, path, head or "", attempt)
-                commit = self._commit(head, path, content, message)
+                results: list[WriteResult | BuilderError | None] = []
+                new: dict[str, bytes] = {}
+                for record, path in zip(records, paths, strict=True):
+                    existing = self._read(head, path)
+                    if existing is None:
+                        results.append(None)
+                        new[path] = render_record(record)
+                        continue
+                    try:
+                        results.append(self._already(existing, record, path, head or "", attempt))
+                    except BuilderError as exc:
+                        results.append(exc)
+                if not new:
+                    return [r for r in results if r is not None]
+                commit = self._commit(head, new, _batch_message(records, new))
                 if before_push is not None:
                     before_push(attempt)
                 try:
@@ -474,13 +510,18 @@ class ReleaseLog:
                             min(backoff * 2 ** (attempt - 1), 8.0) + random.uniform(0, backoff)
                         )
                     continue
-                return WriteResult(self.shown, self.branch, path, commit, "written", attempt)
-        raise WriteBackError(
-            f"release record {path} not written to {self.shown} branch {self.branch} "
-            f"after {attempts} attempts: push rejected: {last}",
+                written = WriteResult(self.shown, self.branch, "", commit, "written", attempt)
+                return [
+                    r if r is not None else _replace(written, path=path)
+                    for r, path in zip(results, paths, strict=True)
+                ]
+        failure = WriteBackError(
+            f"release record {', '.join(paths)} not written to {self.shown} branch "
+            f"{self.branch} after {attempts} attempts: push rejected: {last}",
             hint="the image is pushed; write the record later with "
             "`builder release-record --report FILE` (never force-push the branch)",
         )
+        return [failure for _ in records]
 
     def _already(
         self,
@@ -499,6 +540,27 @@ class ReleaseLog:
                 hint="records are append-only; find out why the immutable tag moved",
             )
         return WriteResult(self.shown, self.branch, path, head, "present", attempt)
+
+
+def _batch_message(records: Sequence[Mapping[str, Any]], new: Mapping[str, bytes]) -> str:
+    """The commit message: one record in detail, or a batch with one line per record."""
+    fresh = [r for r in records if record_path(r["customer"], r["image"]) in new]
+    if len(fresh) == 1:
+        record = fresh[0]
+        message = (
+            f"release: {record['customer']} {record['image'].rsplit(':', 1)[1]} "
+            f"{record['manifest_digest']}\n\nbase {record['base_image']['version']} "
+            f"{record['base_image']['digest']}\nconfig {record['config']['commit']}\n"
+        )
+    else:
+        versions = sorted({str(r["base_image"]["version"]) for r in fresh})
+        message = f"release: {len(fresh)} images on base {', '.join(versions)}\n\n" + "".join(
+            f"{r['customer']} {r['image'].rsplit(':', 1)[1]} {r['manifest_digest']} "
+            f"config {r['config']['commit']}\n"
+            for r in fresh
+        )
+    ci = next((r["ci_url"] for r in fresh if r.get("ci_url")), None)
+    return message + (f"CI job: {ci}\n" if ci else "")
 
 
 def _identity() -> dict[str, str]:
@@ -625,6 +687,42 @@ def write_release_record(
     record = release_record(report, config_source=config_source(location, settings))
     log = ReleaseLog(record_remote(location), settings.cache_dir, branch)
     return log.write(record, attempts=attempts, backoff=backoff, before_push=before_push)
+
+
+def write_release_records(
+    reports: Sequence[Mapping[str, Any]],
+    locations: Mapping[str, str],
+    settings: Settings,
+    *,
+    branch: str = RELEASES_BRANCH,
+    attempts: int = 5,
+    backoff: float = 1.0,
+) -> dict[str, WriteResult | BuilderError]:
+    """Record many pushed release builds: one commit (and one push) per customer repository
+    for all its records, not one per record. ``locations`` maps each report's customer to its
+    repository location. The result per customer is what was written, or why not."""
+    out: dict[str, WriteResult | BuilderError] = {}
+    by_remote: dict[str, list[dict[str, Any]]] = {}
+    sources: dict[str, str] = {}
+    for report in reports:
+        customer = str(report.get("customer"))
+        try:
+            location = locations[customer]
+            if location not in sources:
+                sources[location] = config_source(location, settings)
+            record = release_record(report, config_source=sources[location])
+            by_remote.setdefault(record_remote(location), []).append(record)
+        except BuilderError as exc:
+            out[customer] = exc
+    for remote, records in by_remote.items():
+        try:
+            log = ReleaseLog(remote, settings.cache_dir, branch)
+            results = log.write_many(records, attempts=attempts, backoff=backoff)
+        except BuilderError as exc:
+            results = [exc for _ in records]
+        for record, result in zip(records, results, strict=True):
+            out[record["customer"]] = result
+    return out
 
 
 # -- plan ---------------------------------------------------------------------------------------
@@ -1114,11 +1212,14 @@ def render_child_pipeline(
 @dataclass
 class CustomerResult:
     customer: str
-    status: str  # "built", "failed" or "skipped"
+    # "built"; "unchanged" (its image is already there: nothing to build); "skipped" (the
+    # constraint does not admit the version); "failed"
+    status: str
     summary: str = ""
     report: dict[str, Any] | None = None  # the build report (`builder build --json` result)
     record: dict[str, Any] | None = None  # the release record written, with --record
     error: dict[str, Any] | None = None
+    seconds: float = 0.0
 
 
 @dataclass
@@ -1126,6 +1227,8 @@ class FleetReport:
     base_version: str
     fleet: str
     results: list[CustomerResult]
+    plan_seconds: float = 0.0
+    seconds: float = 0.0
 
     @property
     def failed(self) -> list[CustomerResult]:
@@ -1136,10 +1239,37 @@ class FleetReport:
         return not self.failed
 
     def counts(self) -> dict[str, int]:
-        out = {"built": 0, "skipped": 0, "failed": 0}
+        out = {"built": 0, "unchanged": 0, "skipped": 0, "failed": 0}
         for result in self.results:
             out[result.status] = out.get(result.status, 0) + 1
         return out
+
+
+@dataclass(frozen=True)
+class FleetProgress:
+    """Where a fleet run stands after one more customer finished (the CLI renders it)."""
+
+    result: CustomerResult  # the customer that just finished
+    done: int  # customers finished, of ``total``
+    total: int
+    counts: Mapping[str, int]  # by status, so far
+    builds_done: int  # builds finished (the rate counts these), of ``builds``
+    builds: int
+    elapsed: float  # seconds since the builds started
+
+    @property
+    def rate(self) -> float:
+        """Builds per minute so far (0 before the first)."""
+        return 60.0 * self.builds_done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds until the last build ends at the rate so far (None before the first)."""
+        if self.builds_done == self.builds:
+            return 0.0
+        if not self.builds_done:
+            return None
+        return (self.builds - self.builds_done) * self.elapsed / self.builds_done
 
 
 @dataclass(frozen=True)
@@ -1180,29 +1310,38 @@ def _build_one(job: _Job) -> dict[str, Any]:
         push=job.push,
         insecure=job.insecure,
     )
+    started = time.perf_counter()
     try:
         report = build(request, job.settings, on_stage=on_stage)
     except BuilderError as exc:
-        return {"status": "failed", "error": _error_dict(exc)}
+        return {"status": "failed", "error": _error_dict(exc), "seconds": _since(started)}
     except Exception as exc:  # one customer's crash must not stop the fleet
         message = mask_secrets(f"unexpected {type(exc).__name__}: {exc}")
         return {
             "status": "failed",
             "error": {"type": type(exc).__name__, "message": message, "hint": None, "exit_code": 1},
+            "seconds": _since(started),
         }
-    return {"status": "built", "report": asdict(report)}
+    return {"status": "built", "report": asdict(report), "seconds": _since(started)}
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 3)
 
 
 def _run_jobs(
-    jobs: list[_Job], workers: int, on_event: Callable[[str, str], None] | None
-) -> dict[str, dict[str, Any]]:
+    jobs: list[_Job],
+    workers: int,
+    on_event: Callable[[str, str], None] | None,
+    on_done: Callable[[str, dict[str, Any]], None],
+) -> None:
     """Run the builds in ``workers`` spawned processes (isolated: the ClearML SDK keeps
-    process-wide state, and each build has its own main thread for its deadlines)."""
+    process-wide state, and each build has its own main thread for its deadlines);
+    ``on_done`` gets each customer's outcome as soon as it is known."""
     if not jobs:
-        return {}
+        return
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
-    results: dict[str, dict[str, Any]] = {}
 
     def drain() -> None:
         while True:
@@ -1228,9 +1367,9 @@ def _run_jobs(
             for future in done:
                 customer = pending.pop(future)
                 try:
-                    results[customer] = future.result()
+                    outcome = future.result()
                 except Exception as exc:  # a worker that died (OOM, signal)
-                    results[customer] = {
+                    outcome = {
                         "status": "failed",
                         "error": {
                             "type": type(exc).__name__,
@@ -1239,11 +1378,65 @@ def _run_jobs(
                             "exit_code": 1,
                         },
                     }
-                if on_event:
-                    on_event(customer, results[customer]["status"])
+                on_done(customer, outcome)
     drain()
     events.close()
-    return results
+
+
+def _in_registry(
+    items: Sequence[PlanItem], registry: str, insecure: bool | None
+) -> dict[str, str | None]:
+    """The digest each item's immutable tag points to in ``registry`` (None: not there, or
+    the registry could not tell): one manifest HEAD per customer, one client per host."""
+    from builder.deliver import RegistryClient, parse_reference
+
+    clients: dict[str, RegistryClient | None] = {}
+    out: dict[str, str | None] = {}
+    for item in items:
+        out[item.customer] = None
+        ref = parse_reference(_image(item, registry))
+        try:
+            if ref.registry not in clients:
+                clients[ref.registry] = RegistryClient(ref.registry, insecure=insecure)
+            client = clients[ref.registry]
+            if client is not None and ref.tag:
+                out[item.customer] = client.manifest_digest(ref.path, ref.tag)
+        except BuilderError:
+            clients.setdefault(ref.registry, None)  # the build will say what is wrong
+    return out
+
+
+def _image(item: PlanItem, registry: str) -> str:
+    """The item's immutable tag in ``registry``."""
+    return f"{registry}/{item.customer}:{(item.image or '').rsplit(':', 1)[-1]}"
+
+
+def _unchanged(
+    items: Sequence[PlanItem],
+    *,
+    push: bool,
+    record: bool,
+    registry: str,
+    insecure: bool | None,
+) -> dict[str, str]:
+    """Customers with nothing to build, and why: the immutable tag ``<version>-<config
+    rev>`` is already in the registry (rebuilding gives the same digest or is refused), and,
+    with ``record``, its release record is written. Without ``push``: what the release
+    records say is already released."""
+    if not push:
+        return {
+            i.customer: f"already released: {(i.previous or {}).get('image')}"
+            for i in items
+            if i.status == "released"
+        }
+    present = _in_registry(items, registry, insecure)
+    out: dict[str, str] = {}
+    for item in items:
+        digest = present[item.customer]
+        if digest is None or (record and item.status != "released"):
+            continue  # not there, or there without its release record: build (and record)
+        out[item.customer] = f"already in the registry: {_image(item, registry)}@{digest}"
+    return out
 
 
 def build_all(
@@ -1254,75 +1447,136 @@ def build_all(
     jobs: int = 2,
     push: bool = False,
     record: bool = False,
+    force: bool = False,
     image_registry: str | None = None,
     base_repository: str | None = None,
     insecure: bool | None = None,
     branch: str = RELEASES_BRANCH,
     record_attempts: int = 5,
     on_event: Callable[[str, str], None] | None = None,
+    on_planned: Callable[[FleetPlan], None] | None = None,
+    on_progress: Callable[[FleetProgress], None] | None = None,
 ) -> FleetReport:
-    """Build every customer whose constraint admits ``base_version``, ``jobs`` at a time.
+    """Build what changed for every customer whose constraint admits ``base_version``,
+    ``jobs`` at a time.
 
-    A customer that fails (unreadable repository, invalid config, registry error) is reported
-    and the others go on. With ``record`` (implies a pushed, stable build) each successful
-    build's release record is written back to the customer repository.
+    Incremental: a customer whose immutable tag is already in the registry (with its
+    release record, under ``record``) is "unchanged" at the cost of one manifest HEAD;
+    ``force`` rebuilds every admitted customer. A customer that fails (unreadable
+    repository, invalid config, registry error) is reported and the others go on. With
+    ``record`` (implies a pushed, stable build) the release records of the successful builds
+    are written back, one commit per customer repository for the whole run.
+    ``on_event`` gets build stages, ``on_planned`` the plan, ``on_progress`` each finished
+    customer with the counts, rate and ETA.
     """
     if record and not push:
         raise ConfigError("--record needs --push: only pushed images get a release record")
+    started = time.perf_counter()
     fleet_plan = plan(fleet, settings, base_version, branch=branch)
-    results: dict[str, CustomerResult] = {}
-    to_build: list[_Job] = []
+    if on_planned:
+        on_planned(fleet_plan)
+    registry = image_registry or settings.image_registry
+    candidates = [i for i in fleet_plan.items if i.status in ("rebuild", "released")]
+    unchanged = (
+        {}
+        if force
+        else _unchanged(candidates, push=push, record=record, registry=registry, insecure=insecure)
+    )
     entries = {e.name: e for e in fleet.entries}
+    to_build = [
+        _Job(
+            customer=item.customer,
+            location=entries[item.customer].location,
+            ref=item.commit or entries[item.customer].ref,  # what plan saw, even if it moves
+            base_version=fleet_plan.base_version,
+            settings=settings,
+            push=push,
+            image_registry=image_registry,
+            base_repository=base_repository,
+            insecure=insecure,
+        )
+        for item in candidates
+        if item.customer not in unchanged
+    ]
+    results: dict[str, CustomerResult] = {}
+    counts = dict.fromkeys(("built", "unchanged", "skipped", "failed"), 0)
+    builds_started = time.perf_counter()
+    builds_done = 0
+
+    def finish(result: CustomerResult, *, built: bool = False) -> None:
+        nonlocal builds_done
+        results[result.customer] = result
+        counts[result.status] = counts.get(result.status, 0) + 1
+        builds_done += built
+        if on_progress:
+            on_progress(
+                FleetProgress(
+                    result,
+                    len(results),
+                    len(fleet_plan.items),
+                    dict(counts),
+                    builds_done,
+                    len(to_build),
+                    time.perf_counter() - builds_started,
+                )
+            )
+
     for item in fleet_plan.items:
         if item.status == "error":
-            results[item.customer] = CustomerResult(
-                item.customer, "failed", item.summary, error=item.error
-            )
+            finish(CustomerResult(item.customer, "failed", item.summary, error=item.error))
         elif item.status == "skip":
-            results[item.customer] = CustomerResult(item.customer, "skipped", item.summary)
-        else:
-            entry = entries[item.customer]
-            to_build.append(
-                _Job(
-                    customer=item.customer,
-                    location=entry.location,
-                    ref=item.commit
-                    or entry.ref,  # the commit the plan saw, even if the branch moves
-                    base_version=fleet_plan.base_version,
-                    settings=settings,
-                    push=push,
-                    image_registry=image_registry,
-                    base_repository=base_repository,
-                    insecure=insecure,
-                )
-            )
-    outcomes = _run_jobs(to_build, jobs, on_event)
-    for job in to_build:
-        outcome = outcomes[job.customer]
+            finish(CustomerResult(item.customer, "skipped", item.summary))
+        elif item.customer in unchanged:
+            finish(CustomerResult(item.customer, "unchanged", unchanged[item.customer]))
+
+    def on_done(customer: str, outcome: dict[str, Any]) -> None:
+        seconds = float(outcome.get("seconds") or 0.0)
         if outcome["status"] != "built":
             error = outcome["error"]
-            results[job.customer] = CustomerResult(
-                job.customer, "failed", error["message"], error=error
-            )
-            continue
-        report = outcome["report"]
-        result = CustomerResult(
-            job.customer,
-            "built",
-            f"{report['image']}@{report['manifest_digest']}",
-            report=report,
-        )
-        if record:
-            try:
-                written = write_release_record(
-                    report, job.location, settings, branch=branch, attempts=record_attempts
-                )
-                result.record = asdict(written)
-                if on_event:
-                    on_event(job.customer, f"recorded {written.path} ({written.status})")
-            except BuilderError as exc:
-                result.status, result.error = "failed", _error_dict(exc)
-                result.summary = f"built and pushed, but not recorded: {result.error['message']}"
-        results[job.customer] = result
+            result = CustomerResult(customer, "failed", error["message"], error=error)
+        else:
+            report = outcome["report"]
+            summary = f"{report['image']}@{report['manifest_digest']}"
+            result = CustomerResult(customer, "built", summary, report=report)
+        result.seconds = seconds
+        finish(result, built=True)
+
+    _run_jobs(to_build, jobs, on_event, on_done)
+    if record:
+        _record_all(results, entries, settings, branch, record_attempts, on_event)
     ordered = [results[e.name] for e in fleet.entries]
-    return FleetReport(base_version=fleet_plan.base_version, fleet=str(fleet.path), results=ordered)
+    return FleetReport(
+        base_version=fleet_plan.base_version,
+        fleet=str(fleet.path),
+        results=ordered,
+        plan_seconds=fleet_plan.seconds,
+        seconds=_since(started),
+    )
+
+
+def _record_all(
+    results: Mapping[str, CustomerResult],
+    entries: Mapping[str, FleetEntry],
+    settings: Settings,
+    branch: str,
+    attempts: int,
+    on_event: Callable[[str, str], None] | None,
+) -> None:
+    """Write the release records of the run's builds: one commit per repository."""
+    built = [r for r in results.values() if r.status == "built" and r.report]
+    written = write_release_records(
+        [r.report for r in built if r.report],
+        {r.customer: entries[r.customer].location for r in built},
+        settings,
+        branch=branch,
+        attempts=attempts,
+    )
+    for result in built:
+        outcome = written.get(result.customer)
+        if isinstance(outcome, WriteResult):
+            result.record = asdict(outcome)
+            if on_event:
+                on_event(result.customer, f"recorded {outcome.path} ({outcome.status})")
+        elif isinstance(outcome, BuilderError):
+            result.status, result.error = "failed", _error_dict(outcome)
+            result.summary = f"built and pushed, but not recorded: {result.error['message']}"

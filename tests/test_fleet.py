@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,16 @@ from builder.fleet import (
     RELEASES_BRANCH,
     ReleaseLog,
     WriteBackError,
+    WriteResult,
+    last_commits,
     load_fleet,
     parse_release_version,
+    plan,
     release_record,
+    write_release_records,
 )
 from builder.settings import load_settings
+from testbed.githistory import customer_name, make_history, write_fleet
 
 BASE_REPO = "ivd/fleet-base"
 BASE_VERSIONS = ("2.3.4", "2.4.2", "2.5.0")
@@ -109,7 +115,7 @@ def _records(bare: Path, branch: str = RELEASES_BRANCH) -> dict[str, dict[str, A
     except (git.BadName, ValueError):
         return {}
     return {
-        blob.path: yaml.safe_load(blob.data_stream.read())
+        str(blob.path): yaml.safe_load(blob.data_stream.read())
         for blob in tree.traverse()
         if isinstance(blob, git.Blob)
     }
@@ -286,6 +292,136 @@ def test_plan_reports_each_faulty_customer_and_plans_the_others(
         .startswith("error: 4 of 5 customers could not be planned")
     )
     assert re.search(r"customer-a\s+~=2.4\s+rebuild", human.stdout)
+
+
+# -- plan: one pass over history ---------------------------------------------------------------
+
+
+def _rev_list(repo: Path, ref: str, folder: str) -> str | None:
+    """The per-customer answer plan used to get: one history walk per folder."""
+    return _git("rev-list", "--max-count=1", ref, "--", folder, cwd=repo) or None
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_single_pass_plan_answers_what_rev_list_answers_per_customer(
+    tmp_path: Path, local_env: dict[str, str], seed: int
+) -> None:
+    """Many customers, side branches merged back (some merges changing files themselves),
+    distinct commit times: each folder's last commit from the one pass equals git's own
+    per-folder answer, at HEAD and at an older ref, for folders that are gone or never were."""
+    customers = 40
+    repo = make_history(tmp_path / "configs", customers, 260, seed=seed, model_id=CARCINOMA_ID)
+    assert int(_git("rev-list", "--count", "--merges", "HEAD", cwd=repo)) > 20
+    stamps = _git("log", "--format=%ct", "HEAD", cwd=repo).split()
+    assert len(set(stamps)) == len(stamps)  # distinct commit times
+    _git("rm", "-q", "-r", f"customers/{customer_name(3)}", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "drop 3", cwd=repo)
+    folders = [f"customers/{customer_name(i)}" for i in range(customers)]
+    folders += ["customers/never-there", "README.md", "customers"]
+    side = _git("rev-list", "--merges", "-n1", "HEAD~5", cwd=repo) + "^2"  # a side branch
+    for ref in ("HEAD", "HEAD~40", side):
+        got = last_commits(repo, ref, folders)
+        want = {folder: _rev_list(repo, ref, folder) for folder in folders}
+        assert got == want, ref
+    # plan itself: each customer's config revision is that commit.
+    settings = replace(load_settings(ROOT), cache_dir=tmp_path / "cache")
+    fleet = load_fleet(write_fleet(repo, customers), settings)
+    planned = plan(fleet, settings, "2.5.0")
+    commits = {i.customer: i.commit for i in planned.items}
+    for i in range(customers):
+        if i == 3:
+            assert planned.items[3].status == "error"
+            assert "not found" in planned.items[3].summary
+            continue
+        assert commits[customer_name(i)] == _rev_list(repo, "HEAD", folders[i])
+    assert len(planned.rebuild) == customers - 1
+
+
+def _record_for(remote: Path, customer: str, commit: str, version: str, digest: str) -> None:
+    report = _fake_report(customer, commit, digest, version=version)
+    log = ReleaseLog(str(remote), remote.parent / "writer-cache", RELEASES_BRANCH)
+    log.write(release_record(report, config_source=remote.as_uri()))
+
+
+def test_plan_counts_already_released_apart_and_warns_on_a_base_downgrade(
+    records_remote: Path, local_env: dict[str, str], tmp_path: Path
+) -> None:
+    commit = git.Repo(records_remote).commit("HEAD").hexsha
+    _record_for(records_remote, "customer-a", commit, "2.5.0", "sha256:" + "5" * 64)
+    fleet = _write_fleet(
+        tmp_path / "fleet.yaml", [{"name": "customer-a", "repo": records_remote.as_uri()}]
+    )
+    same = _cli(local_env, "plan", "--base-version", "2.5.0", "--fleet", str(fleet), "--json")
+    assert same.returncode == 0, same.stderr
+    (item,) = _json(same)["result"]["items"]
+    assert item["status"] == "released" and item["change"] == "none"
+    assert item["summary"] == f"already released: {item['previous']['image']}"
+    human = _cli(local_env, "plan", "--base-version", "2.5.0", "--fleet", str(fleet))
+    assert "0 of 1 customers to rebuild, 1 already released" in human.stdout
+    child = tmp_path / "child.yml"
+    _cli(
+        local_env,
+        "plan",
+        "--base-version",
+        "2.5.0",
+        "--fleet",
+        str(fleet),
+        "--gitlab-child",
+        str(child),
+    )
+    assert "build:customer-a" not in child.read_text()  # nothing to do: no CI job
+
+    down = _cli(local_env, "plan", "--base-version", "2.4.2", "--fleet", str(fleet), "--json")
+    assert down.returncode == 0, down.stderr
+    (item,) = _json(down)["result"]["items"]
+    assert item["status"] == "rebuild" and item["change"] == "base"
+    assert item["warnings"] == [
+        f"base downgrade: customer-a was last released on 2.5.0 ({item['previous']['image']}); "
+        "2.4.2 is older"
+    ]
+    assert "warning: base downgrade: customer-a was last released on 2.5.0" in down.stderr
+    up = _json(_cli(local_env, "plan", "--base-version", "2.5.1", "--fleet", str(fleet), "--json"))
+    assert up["result"]["items"][0]["warnings"] == []
+
+
+def test_release_records_of_a_run_are_one_commit_per_repository(
+    tmp_path: Path, local_env: dict[str, str]
+) -> None:
+    configs = tmp_path / "configs"
+    for name in ("customer-a", "customer-b", "customer-c"):
+        _folder_customer(configs, name, "~=2.4")
+    bare = _bare_clone(configs, tmp_path / "configs.git")
+    _git("remote", "add", "origin", str(bare), cwd=configs)
+    settings = replace(load_settings(ROOT), cache_dir=tmp_path / "cache")
+    head = git.Repo(configs).commit("HEAD").hexsha
+    reports = [
+        _fake_report(name, head, "sha256:" + str(n) * 64)
+        for n, name in enumerate(("customer-a", "customer-b", "customer-c"), start=1)
+    ]
+    locations = {r["customer"]: str(configs / r["customer"]) for r in reports}
+    written = write_release_records(reports, locations, settings)
+    assert all(isinstance(w, WriteResult) and w.status == "written" for w in written.values())
+    branch = git.Repo(bare).commit(RELEASES_BRANCH)
+    assert not branch.parents  # one commit holds all three
+    assert {w.commit for w in written.values() if isinstance(w, WriteResult)} == {branch.hexsha}
+    assert len(_records(bare)) == 3
+    assert str(branch.message).startswith("release: 3 images on base 2.5.0")
+
+    # Again: all present, no new commit; a changed digest is refused for that record only,
+    # and a new record next to it still lands.
+    later = _fake_report("customer-d", head, "sha256:" + "d" * 64)
+    clash = {**reports[1], "manifest_digest": "sha256:" + "e" * 64}
+    again = write_release_records(
+        [reports[0], clash, later],
+        {**locations, "customer-d": str(configs / "customer-a")},
+        settings,
+    )
+    assert isinstance(again["customer-a"], WriteResult) and again["customer-a"].status == "present"
+    assert isinstance(again["customer-b"], WriteBackError)
+    assert "refusing to overwrite a release record" in again["customer-b"].message
+    assert isinstance(again["customer-d"], WriteResult) and again["customer-d"].status == "written"
+    top = git.Repo(bare).commit(RELEASES_BRANCH)
+    assert [p.hexsha for p in top.parents] == [branch.hexsha]  # on top, never forced
 
 
 # -- release records: write-back --------------------------------------------------------------
