@@ -937,3 +937,107 @@ def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
     (item,) = _json(_cli(env, *args, "--base-version", "2.5.1"))["result"]["items"]
     assert item["change"] == "config+base" and item["changed_files"] == ["analysis.yaml"]
     assert item["summary"].startswith("config too:")
+
+
+def _sent_bytes(registry: Any, since: int, repository: str) -> int:
+    """Bytes the registry received for ``repository`` (``ns/name``) since request ``since``:
+    each completed blob upload (PUT ...?digest=) and each manifest PUT, sized from what the
+    registry now serves for them."""
+    import urllib.request
+
+    total = 0
+    for request in registry.requests()[since:]:
+        path = request.path.split("?")[0]
+        if request.method != "PUT" or not path.startswith(f"/v2/{repository}/"):
+            continue
+        if "/blobs/uploads/" in path:
+            digest = re.search(r"digest=(sha256(?::|%3A)[0-9a-f]{64})", request.path)
+            assert digest, request.path
+            url = f"{registry.url}/v2/{repository}/blobs/{digest.group(1).replace('%3A', ':')}"
+            head = urllib.request.Request(url, method="HEAD")
+        else:
+            url = f"{registry.url}{path}"
+            head = urllib.request.Request(url, method="GET")
+            head.add_header(
+                "Accept",
+                "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+            )
+        try:
+            with urllib.request.urlopen(head, timeout=30) as response:
+                total += int(response.headers["Content-Length"])
+        except OSError as exc:
+            pytest.fail(f"{head.get_method()} {url}: {exc}")
+    return total
+
+
+def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
+    local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
+) -> None:
+    namespace = re.sub("[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
+    env = {
+        **local_env,
+        "BUILDER_BASE_REPOSITORY": fleet_bases,
+        "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
+    }
+    configs = tmp_path / "configs"
+    _folder_customer(configs, "customer-b", ">=2.4,<3")
+    _folder_customer(configs, "customer-c", "~=2.5")
+    fleet = _write_fleet(
+        tmp_path / "fleet.yaml",
+        [{"name": n, "repo": str(configs / n)} for n in ("customer-b", "customer-c")],
+    )
+    args = ("build-all", "--base-version", "2.5.0", "--fleet", str(fleet), "--push", "--json")
+
+    since = len(oci_registry.requests())
+    cold = _cli(env, *args, "--record")
+    assert cold.returncode == 0, cold.stdout + cold.stderr
+    first = {r["customer"]: r for r in _json(cold)["result"]["results"]}
+    assert {n: r["status"] for n, r in first.items()} == dict.fromkeys(first, "built")
+    # Progress on stderr, also under --json: the plan, then one line per finished customer.
+    lines = cold.stderr.strip().splitlines()
+    assert lines[0].startswith("planned 2 customers in ")
+    assert re.match(
+        r"\[1/2\] 1 built, 0 unchanged, 0 failed, [\d.]+/min, ETA .+? \| customer-. built in ",
+        lines[1],
+    )
+    assert re.match(r"\[2/2\] 2 built, 0 unchanged, 0 failed, [\d.]+/min, ETA 0 s \| ", lines[2])
+    assert len(lines) == 3
+    # Every byte sent is in the report, the attestations (provenance, SBOM) included.
+    for name, result in first.items():
+        report = result["report"]
+        assert report["bytes_uploaded"] == _sent_bytes(oci_registry, since, f"{namespace}/{name}")
+    records = _records(configs)
+    assert len(records) == 2
+    assert len({r["record"]["commit"] for r in first.values()}) == 1  # one commit for both
+
+    # Nothing changed: nothing built, one manifest HEAD per customer, nothing written.
+    since = len(oci_registry.requests())
+    again = _cli(env, *args, "--record")
+    assert again.returncode == 0, again.stdout + again.stderr
+    results = {r["customer"]: r for r in _json(again)["result"]["results"]}
+    assert {n: r["status"] for n, r in results.items()} == dict.fromkeys(results, "unchanged")
+    image = first["customer-b"]["report"]["image"]
+    digest = first["customer-b"]["report"]["manifest_digest"]
+    assert results["customer-b"]["summary"] == f"already in the registry: {image}@{digest}"
+    requests = [r for r in oci_registry.requests()[since:] if r.path != "/v2/"]
+    assert sorted((r.method, r.path.split("/manifests/")[0]) for r in requests) == [
+        ("HEAD", f"/v2/{namespace}/customer-b"),
+        ("HEAD", f"/v2/{namespace}/customer-c"),
+    ]
+    assert "[2/2] 0 built, 2 unchanged, 0 failed" in again.stderr
+    assert _records(configs) == records
+
+    # A config change rebuilds that customer only; --force rebuilds all, same digests.
+    analysis = ANALYSIS_YAML.format(carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.6)
+    commit_files(
+        configs, {"customer-c/analysis.yaml": analysis}, "c: threshold", when=1_700_000_500
+    )
+    changed = _json(_cli(env, *args))
+    assert {r["customer"]: r["status"] for r in changed["result"]["results"]} == {
+        "customer-b": "unchanged",
+        "customer-c": "built",
+    }
+    forced = _json(_cli(env, *args, "--force"))
+    rebuilt = {r["customer"]: r for r in forced["result"]["results"]}
+    assert {n: r["status"] for n, r in rebuilt.items()} == dict.fromkeys(rebuilt, "built")
+    assert rebuilt["customer-b"]["report"]["manifest_digest"] == digest
