@@ -17,6 +17,7 @@ The machine may be shared: the figures are ratios against baselines from the sam
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import random
 import subprocess
@@ -24,8 +25,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -80,11 +82,77 @@ def bench_plan(sizes: list[int], history: list[int], work: Path) -> None:
             )
 
 
+def _demo_model() -> str:
+    """A model id of the bundled demo registry (its weights are in demo/production)."""
+    import yaml
+
+    analysis = yaml.safe_load((ROOT / "customers" / "customer-x" / "analysis.yaml").read_text())
+    return str(analysis["analyses"][0]["models"]["carcinoma_model"]["reference"])
+
+
+def _push_base(client: Any, repository: str, base_os: str, version: str) -> None:
+    """A small base image with the runner's schema label, pushed to the test registry."""
+    labels = f'com.ivd.runner.config-schemas="1" org.opencontainers.image.version="{version}"'
+    dockerfile = f"FROM {base_os}\nLABEL {labels}\n"
+    client.images.build(
+        fileobj=io.BytesIO(dockerfile.encode()), tag=f"{repository}:{version}", rm=True
+    )
+    for event in client.api.push(repository, tag=version, stream=True, decode=True):
+        if "error" in event:
+            raise RuntimeError(f"pushing the base image failed: {event['error']}")
+
+
+def bench_build(customers: int, jobs: int, work: Path) -> None:
+    """A cold fleet run (pushed, recorded) against the same run with nothing changed."""
+    from builder.fleet import build_all, load_fleet
+    from builder.settings import load_settings
+    from testbed.base_os import ensure_base_image
+    from testbed.docker_engine import ensure_engine
+    from testbed.registry import start_registry
+
+    engine = ensure_engine()
+    registry = start_registry()
+    try:
+        base = f"{registry.host}/ivd/fleet-base"
+        _push_base(engine.client(), base, ensure_base_image(engine), "2.5.0")
+        repo = make_history(work / "build-repo", customers, 2 * customers, model_id=_demo_model())
+        settings = replace(
+            load_settings(ROOT),
+            model_registry=f"local:{ROOT / 'demo' / 'registry'}",
+            production=f"file:{ROOT / 'demo' / 'production'}",
+            base_repository=base,
+            image_registry=f"{registry.host}/bench",
+            cache_dir=work / "build-cache",
+        )
+        fleet = load_fleet(write_fleet(repo, customers), settings)
+
+        def run() -> dict[str, int]:
+            report = build_all(fleet, settings, "2.5.0", jobs=jobs, push=True, record=True)
+            return report.counts()
+
+        cold, counts = timed(run)
+        assert counts["built"] == customers, counts
+        since = len(registry.requests())
+        warm, counts = timed(run)
+        assert counts["unchanged"] == customers, counts
+        requests = [r for r in registry.requests()[since:] if r.path != "/v2/"]
+        print(f"\nbuild-all, {customers} customers, {jobs} jobs, pushed and recorded:")
+        print(f"  cold run            {cold:8.2f} s  ({cold / customers:.3f} s per customer)")
+        print(
+            f"  nothing changed     {warm:8.2f} s  ({warm / customers:.3f} s per customer, "
+            f"{len(requests) / customers:.1f} registry requests per customer)"
+        )
+        print(f"  nothing changed / cold = {warm / cold:.1%}")
+    finally:
+        registry.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="50,500,2000", help="fleet sizes N")
     parser.add_argument("--history", default="1,3", help="history length factors")
     parser.add_argument("--build", type=int, default=20, help="customers of the build run")
+    parser.add_argument("--jobs", type=int, default=2, help="customers built at once")
     parser.add_argument("--skip-build", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
@@ -94,6 +162,8 @@ def main() -> None:
             [int(h) for h in args.history.split(",")],
             work,
         )
+        if not args.skip_build:
+            bench_build(args.build, args.jobs, work)
 
 
 if __name__ == "__main__":

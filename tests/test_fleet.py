@@ -883,15 +883,23 @@ def _check_base_bump_uploads(
     assert {p.path.rsplit("/", 1)[1] for p in puts} >= {"2.5.0"}
 
 
-def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
+def _registry_env(
     local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
-) -> None:
+) -> tuple[str, dict[str, str]]:
+    """A registry namespace of the test's own, and the CLI environment pushing there."""
     namespace = re.sub("[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
     env = {
         **local_env,
         "BUILDER_BASE_REPOSITORY": fleet_bases,
         "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
     }
+    return namespace, env
+
+
+def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
+    local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
+) -> None:
+    _, env = _registry_env(local_env, tmp_path, oci_registry, fleet_bases)
     fleet, work_a, remote_a = _fleet_workspace(tmp_path)
     common = ("--fleet", str(fleet), "--jobs", "2", "--push", "--record", "--json")
 
@@ -973,12 +981,7 @@ def _sent_bytes(registry: Any, since: int, repository: str) -> int:
 def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
     local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
 ) -> None:
-    namespace = re.sub("[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
-    env = {
-        **local_env,
-        "BUILDER_BASE_REPOSITORY": fleet_bases,
-        "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
-    }
+    namespace, env = _registry_env(local_env, tmp_path, oci_registry, fleet_bases)
     configs = tmp_path / "configs"
     _folder_customer(configs, "customer-b", ">=2.4,<3")
     _folder_customer(configs, "customer-c", "~=2.5")
