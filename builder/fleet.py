@@ -845,10 +845,14 @@ def last_commits(root: Path, ref: str, folders: Sequence[str]) -> dict[str, str 
         assert proc.stdin is not None and proc.stdout is not None
 
         def feed(stream: IO[str]) -> None:
-            with contextlib.suppress(OSError):  # the reader stops early: a broken pipe
+            try:
                 for commit, parent in lines:
                     stream.write(f"{commit} {parent}\n" if parent else f"{commit}\n")
-                stream.close()
+            except OSError:  # the reader stopped early and killed git: a broken pipe
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
         writer = threading.Thread(target=feed, args=(proc.stdin,), daemon=True)
         writer.start()
