@@ -71,6 +71,8 @@ RECORD_VERSION: Final = 1
 RELEASES_BRANCH: Final = "ivd-releases"
 #: Folder of the records on that branch: ``releases/<customer>/<base version>-<config rev>.yaml``.
 RECORDS_DIR: Final = "releases"
+#: Threads for git work per customer or per repository (plan reads, record write-back).
+PLAN_THREADS: Final = 8
 #: GitLab refuses a generated child pipeline YAML larger than this.
 MAX_CHILD_PIPELINE_BYTES: Final = 5 * 1024 * 1024
 #: Environment variables whose values are secrets and are masked in every message.
@@ -714,21 +716,23 @@ def write_release_records(
             by_remote.setdefault(record_remote(location), []).append(record)
         except BuilderError as exc:
             out[customer] = exc
-    for remote, records in by_remote.items():
+
+    def write(remote: str, records: list[dict[str, Any]]) -> list[WriteResult | BuilderError]:
         try:
             log = ReleaseLog(remote, settings.cache_dir, branch)
-            results = log.write_many(records, attempts=attempts, backoff=backoff)
+            return log.write_many(records, attempts=attempts, backoff=backoff)
         except BuilderError as exc:
-            results = [exc for _ in records]
-        for record, result in zip(records, results, strict=True):
-            out[record["customer"]] = result
+            return [exc for _ in records]
+
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:  # repositories in parallel
+        done = pool.map(write, by_remote, by_remote.values())
+        for records, results in zip(by_remote.values(), done, strict=True):
+            for record, result in zip(records, results, strict=True):
+                out[record["customer"]] = result
     return out
 
 
 # -- plan ---------------------------------------------------------------------------------------
-
-#: Threads that read customer repositories and fetch release branches while planning.
-PLAN_THREADS: Final = 8
 
 
 @dataclass
