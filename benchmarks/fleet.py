@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import random
 import subprocess
 import sys
@@ -58,27 +57,30 @@ def rev_list_baseline(repo: Path, customers: int, sample: int) -> float:
 
 
 def bench_plan(sizes: list[int], history: list[int], work: Path) -> None:
-    from builder.fleet import load_fleet, plan
+    from builder.fleet import last_commits, load_fleet, plan
     from builder.settings import load_settings
 
-    settings = load_settings(ROOT)
+    settings = replace(load_settings(ROOT), cache_dir=work / "cache")
     print("plan: seconds per customer (single pass) vs one rev-list per customer (before)")
     print(
-        f"{'N':>6} {'commits':>8} {'plan s':>8} {'s/cust':>8} {'rev-list s/cust':>16} {'ratio':>6}"
+        f"{'N':>6} {'commits':>8} {'plan s':>8} {'s/cust':>8} {'history pass s':>15} "
+        f"{'rev-list s/cust':>16} {'ratio':>6}"
     )
     for n in sizes:
         for factor in history:
             commits = max(3 * n, 1500) * factor if n >= 500 else 3 * n * factor
             repo = make_history(work / f"repo-{n}-{commits}", n, commits)
             fleet = load_fleet(write_fleet(repo, n), settings)
-            os.environ["BUILDER_CACHE_DIR"] = str(work / "cache")
             seconds, result = timed(lambda: plan(fleet, settings, "2.5.0"))  # noqa: B023
             assert len(result.rebuild) == n, result.errors[:1]
+            folders = [f"customers/{customer_name(i)}" for i in range(n)]
+            walk, _ = timed(lambda: last_commits(repo, "HEAD", folders))  # noqa: B023
             before = rev_list_baseline(repo, n, 30)
             per = seconds / n
             print(
-                f"{n:>6} {commits:>8} {seconds:>8.2f} {per:>8.4f} {before:>16.4f} "
-                f"{before / per:>5.1f}x"
+                f"{n:>6} {commits:>8} {seconds:>8.2f} {per:>8.4f} {walk:>15.2f} "
+                f"{before:>16.4f} {before / per:>5.1f}x",
+                flush=True,
             )
 
 
