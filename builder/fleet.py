@@ -837,7 +837,7 @@ def last_commits(root: Path, ref: str, folders: Sequence[str]) -> dict[str, str 
         "--",
         *tops,
     ]
-    pending: dict[str, frozenset[str]] = {graph[0][0]: folders_only}
+    pending: dict[str, set[str]] = {graph[0][0]: set(folders_only)}
     with subprocess.Popen(
         command,
         stdin=subprocess.PIPE,
@@ -860,27 +860,54 @@ def last_commits(root: Path, ref: str, folders: Sequence[str]) -> dict[str, str 
 
         writer = threading.Thread(target=feed, args=(proc.stdin,), daemon=True)
         writer.start()
-        blocks = _diff_blocks(proc.stdout, folders_only)
-        index = 0
-        while pending and index < len(lines):
-            commit = lines[index][0]
-            changed = [next(blocks, set()) for _ in parents[commit] or [""]]
-            index += len(changed)
-            rest = pending.pop(commit, frozenset())
-            for parent, touched in zip(parents[commit], changed, strict=False):
-                if not rest:
-                    break
-                same = rest - touched
-                if same:  # the walk goes on with the first parent this folder equals
-                    pending[parent] = pending.get(parent, frozenset()) | same
-                rest = rest & touched
-            if not parents[commit]:
-                rest = rest & changed[0]  # a root commit: only where it holds the folder
-            for folder in rest:
-                found[folder] = commit
+        _walk(lines, parents, _diff_blocks(proc.stdout, folders_only), pending, found)
         proc.kill()
         writer.join(timeout=5)
     return found
+
+
+def _walk(
+    lines: Sequence[tuple[str, str]],
+    parents: Mapping[str, Sequence[str]],
+    blocks: Iterator[set[str]],
+    pending: dict[str, set[str]],
+    found: dict[str, str | None],
+) -> None:
+    """Move the pending folders down history, block by block of diff-tree output, until
+    none is left (see :func:`last_commits`)."""
+    index = 0
+    while pending and index < len(lines):
+        commit = lines[index][0]
+        changed = [next(blocks, set()) for _ in parents[commit] or [""]]
+        index += len(changed)
+        # Each pending set belongs to one commit only, so it is moved and changed in
+        # place: a commit costs what it touches, not the number of folders pending.
+        rest = pending.pop(commit, set())
+        for parent, touched in zip(parents[commit], changed, strict=False):
+            if not rest:
+                break
+            hit = rest & touched
+            rest -= hit  # what equals this parent goes on with it
+            if rest:
+                _merge_pending(pending, parent, rest)
+            rest = hit
+        if not parents[commit]:
+            rest &= changed[0]  # a root commit: only where it holds the folder
+        for folder in rest:
+            found[folder] = commit
+
+
+def _merge_pending(pending: dict[str, set[str]], commit: str, folders: set[str]) -> None:
+    """Add ``folders`` (handed over) to what is pending at ``commit``, the smaller set into
+    the larger."""
+    there = pending.get(commit)
+    if there is None:
+        pending[commit] = folders
+    elif len(there) >= len(folders):
+        there |= folders
+    else:
+        folders |= there
+        pending[commit] = folders
 
 
 def _diff_blocks(stream: IO[str], folders: frozenset[str]) -> Iterator[set[str]]:
