@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import multiprocessing
 import os
 import queue
@@ -60,6 +61,7 @@ from packaging.version import InvalidVersion, Version
 from builder import __version__, yamldoc
 from builder.contracts import RepoSource
 from builder.errors import BuilderError, ConfigError, ReleaseGateError
+from builder.fsutil import write_atomic
 from builder.load import _URL, KnownRevision, canonical_repo_url, load_customer, redact_url
 from builder.settings import Settings
 
@@ -787,7 +789,9 @@ def _owners(name: str, folders: frozenset[str]) -> set[str]:
     }
 
 
-def last_commits(root: Path, ref: str, folders: Sequence[str]) -> dict[str, str | None]:
+def last_commits(
+    root: Path, ref: str, folders: Sequence[str], *, cache_dir: Path | None = None
+) -> dict[str, str | None]:
     """For each folder of the repository at ``root``, the commit that
     ``git rev-list --max-count=1 REF -- FOLDER`` names (None: not in history at ``ref``),
     found for all folders in one pass instead of one history walk per folder.
@@ -798,6 +802,10 @@ def last_commits(root: Path, ref: str, folders: Sequence[str]) -> dict[str, str 
     answer. So all folders still pending at a commit move on together: commits are read in
     topological order, each diffed against its parents by one ``git diff-tree --stdin``
     process, and the pass stops as soon as every folder has its answer.
+
+    With ``cache_dir`` the answers are kept for the start commit: a later pass whose walk
+    reaches that commit takes them from there (a commit's ancestry never changes), so it
+    reads only the history added since, however long the rest is.
     """
     wanted = frozenset(f.strip("/") for f in folders)
     found: dict[str, str | None] = dict.fromkeys(wanted)
@@ -838,6 +846,9 @@ def last_commits(root: Path, ref: str, folders: Sequence[str]) -> dict[str, str 
         *tops,
     ]
     pending: dict[str, set[str]] = {graph[0][0]: set(folders_only)}
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    cache = cache_dir / f"{key}.json" if cache_dir is not None else None
+    known = _cached_answers(cache) if cache is not None else None
     with subprocess.Popen(
         command,
         stdin=subprocess.PIPE,
@@ -860,10 +871,32 @@ def last_commits(root: Path, ref: str, folders: Sequence[str]) -> dict[str, str 
 
         writer = threading.Thread(target=feed, args=(proc.stdin,), daemon=True)
         writer.start()
-        _walk(lines, parents, _diff_blocks(proc.stdout, folders_only), pending, found)
+        blocks = _diff_blocks(proc.stdout, folders_only)
+        _walk(lines, parents, blocks, pending, found, known)
         proc.kill()
         writer.join(timeout=5)
+    if cache is not None:
+        answers = {f: found[f] for f in folders_only}
+        if known is not None and known[0] == graph[0][0]:
+            answers = {**known[1], **answers}
+        with contextlib.suppress(OSError, BuilderError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            data = json.dumps({"commit": graph[0][0], "answers": answers}, sort_keys=True)
+            write_atomic(cache, data.encode())
     return found
+
+
+def _cached_answers(path: Path) -> tuple[str, dict[str, str | None]] | None:
+    """The answers a previous pass kept: (its start commit, folder -> commit); None when
+    there are none or they cannot be read (then the pass reads the whole history)."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        commit, answers = str(data["commit"]), dict(data["answers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not re.fullmatch(r"[0-9a-f]{40,64}", commit):
+        return None
+    return commit, {str(k): (str(v) if v else None) for k, v in answers.items()}
 
 
 def _walk(
@@ -872,9 +905,10 @@ def _walk(
     blocks: Iterator[set[str]],
     pending: dict[str, set[str]],
     found: dict[str, str | None],
+    known: tuple[str, Mapping[str, str | None]] | None = None,
 ) -> None:
     """Move the pending folders down history, block by block of diff-tree output, until
-    none is left (see :func:`last_commits`)."""
+    none is left (see :func:`last_commits`); at ``known``'s commit its answers are taken."""
     index = 0
     while pending and index < len(lines):
         commit = lines[index][0]
@@ -883,6 +917,10 @@ def _walk(
         # Each pending set belongs to one commit only, so it is moved and changed in
         # place: a commit costs what it touches, not the number of folders pending.
         rest = pending.pop(commit, set())
+        if known is not None and commit == known[0]:
+            for folder in rest & known[1].keys():
+                found[folder] = known[1][folder]
+            rest -= known[1].keys()
         for parent, touched in zip(parents[commit], changed, strict=False):
             if not rest:
                 break
@@ -966,7 +1004,8 @@ def _known_revisions(entries: Sequence[FleetEntry], settings: Settings) -> dict[
     out: dict[str, KnownRevision] = {}
     for (root, ref), names in groups.items():
         try:
-            commits = last_commits(root, ref, [sources[name].subdir for name in names])
+            folders = [sources[name].subdir for name in names]
+            commits = last_commits(root, ref, folders, cache_dir=settings.cache_dir / "plan")
         except BuilderError:
             continue  # the customers' own loads report it
         repo = repos.setdefault(root, git.Repo(root))

@@ -323,6 +323,7 @@ def test_single_pass_plan_answers_what_rev_list_answers_per_customer(
         got = last_commits(repo, ref, folders)
         want = {folder: _rev_list(repo, ref, folder) for folder in folders}
         assert got == want, ref
+    _check_answers_kept_for_the_next_pass(repo, folders, tmp_path / "plan-cache")
     # plan itself: each customer's config revision is that commit.
     settings = replace(load_settings(ROOT), cache_dir=tmp_path / "cache")
     fleet = load_fleet(write_fleet(repo, customers), settings)
@@ -335,6 +336,31 @@ def test_single_pass_plan_answers_what_rev_list_answers_per_customer(
             continue
         assert commits[customer_name(i)] == _rev_list(repo, "HEAD", folders[i])
     assert len(planned.rebuild) == customers - 1
+
+
+def _check_answers_kept_for_the_next_pass(repo: Path, folders: list[str], cache: Path) -> None:
+    """With a cache, the next pass reads only the history added since: still git's answers,
+    and a folder untouched since takes the kept answer at the old start commit."""
+    first = last_commits(repo, "HEAD", folders, cache_dir=cache)
+    (kept,) = cache.glob("*.json")
+    planted = json.loads(kept.read_text())
+    planted["answers"][folders[7]] = "f" * 40  # proof that the old start answers it
+    git_id = ("-c", "user.name=t", "-c", "user.email=t@e")
+    _git("checkout", "-q", "-b", "mr", cwd=repo)
+    with (repo / folders[1] / "analysis.yaml").open("a") as file:
+        file.write("# changed\n")
+    _git(*git_id, "commit", "-qam", "mr", cwd=repo)
+    _git("checkout", "-q", "main", cwd=repo)
+    with (repo / folders[2] / "analysis.yaml").open("a") as file:
+        file.write("# changed\n")
+    _git(*git_id, "commit", "-qam", "direct", cwd=repo)
+    _git(*git_id, "merge", "-q", "--no-ff", "-m", "merge mr", "mr", cwd=repo)
+    again = last_commits(repo, "HEAD", folders, cache_dir=cache)
+    assert again == {folder: _rev_list(repo, "HEAD", folder) for folder in folders}
+    assert again[folders[7]] == first[folders[7]] and again[folders[1]] != first[folders[1]]
+    kept.write_text(json.dumps(planted))
+    assert last_commits(repo, "HEAD", folders, cache_dir=cache)[folders[7]] == "f" * 40
+    kept.unlink()
 
 
 def _record_for(remote: Path, customer: str, commit: str, version: str, digest: str) -> None:
