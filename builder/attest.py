@@ -858,6 +858,7 @@ class ReferrersPush:
     manifests: tuple[str, ...]  # artifact manifest digests
     mode: str  # "referrers-api" | "tag-schema"
     tag: str | None = None  # the fallback tag, in tag-schema mode
+    bytes_uploaded: int = 0  # every byte sent: blobs uploaded, manifests and index written
 
 
 def registry_referrers(
@@ -902,6 +903,7 @@ def push_referrers(
     if client.manifest_digest(path, attestations.subject.digest) is None:
         raise ImageError(f"{repository} has no manifest {attestations.subject.digest} to attest")
     descriptors = []
+    sent = 0
     attached, mode = registry_referrers(client, path, attestations.subject.digest)
     for artifact, manifest in attestations.manifests():
         same = _already_attached(
@@ -920,7 +922,9 @@ def push_referrers(
         ):
             if not client.blob_exists(path, descriptor.digest):
                 client.upload_blob(path, descriptor.digest, descriptor.size, data)
+                sent += len(data)
         digest = client.put_manifest(path, sha256_digest(manifest), manifest, OCI_MANIFEST)
+        sent += len(manifest)
         descriptors.append(
             Descriptor(
                 OCI_MANIFEST,
@@ -932,7 +936,7 @@ def push_referrers(
         )
     pushed = tuple(d.digest for d in descriptors)
     if mode == "referrers-api":
-        return ReferrersPush(repository, pushed, "referrers-api")
+        return ReferrersPush(repository, pushed, "referrers-api", bytes_uploaded=sent)
     tag = fallback_tag(attestations.subject.digest)
     for _ in range(3):
         existing, _mode = registry_referrers(client, path, attestations.subject.digest)
@@ -942,9 +946,10 @@ def push_referrers(
         ]
         index = canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": merged})
         client.put_manifest(path, tag, index, OCI_INDEX)
+        sent += len(index)
         now = {d.digest for d in registry_referrers(client, path, attestations.subject.digest)[0]}
         if set(pushed) <= now:
-            return ReferrersPush(repository, pushed, "tag-schema", tag)
+            return ReferrersPush(repository, pushed, "tag-schema", tag, sent)
     raise ImageError(
         f"{repository}:{tag} kept changing while the attestations were added",
         hint="another client writes the same referrers tag; push again",
@@ -997,5 +1002,6 @@ def attest_build(
         report.outputs["referrers"] = ", ".join(
             f"{p.repository} ({p.mode}{': ' + p.tag if p.tag else ''})" for p in pushes
         )
+        report.bytes_uploaded += sum(p.bytes_uploaded for p in pushes)
     signer = attestations.envelope["signatures"][0]["keyid"] if attestations.envelope else None
     return AttestResult(directory, files, sign_key is not None, signer, layout, tuple(pushes))

@@ -28,18 +28,28 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import multiprocessing
 import os
 import queue
 import random
 import re
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as _replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import git
 import yaml
@@ -49,8 +59,10 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from builder import __version__, yamldoc
+from builder.contracts import RepoSource
 from builder.errors import BuilderError, ConfigError, ReleaseGateError
-from builder.load import _URL, canonical_repo_url, load_customer, redact_url
+from builder.fsutil import write_atomic
+from builder.load import _URL, KnownRevision, canonical_repo_url, load_customer, redact_url
 from builder.provenance import variant_tag
 from builder.settings import Settings
 
@@ -62,6 +74,8 @@ RECORD_VERSION: Final = 1
 RELEASES_BRANCH: Final = "ivd-releases"
 #: Folder of the records on that branch: ``releases/<customer>/<base version>-<config rev>.yaml``.
 RECORDS_DIR: Final = "releases"
+#: Threads for git work per customer or per repository (plan reads, record write-back).
+PLAN_THREADS: Final = 8
 #: GitLab refuses a generated child pipeline YAML larger than this.
 MAX_CHILD_PIPELINE_BYTES: Final = 5 * 1024 * 1024
 #: Environment variables whose values are secrets and are masked in every message.
@@ -369,20 +383,32 @@ class ReleaseLog:
 
     def records(self, customer: str, head: str | None) -> list[dict[str, Any]]:
         """The customer's records at ``head``, oldest build first (unreadable files skipped)."""
+        return self._read_all(head, f"{RECORDS_DIR}/{customer}/").get(customer, [])
+
+    def latest_records(self, head: str | None) -> dict[str, dict[str, Any]]:
+        """Every customer's latest record at ``head`` (one tree listing for all customers)."""
+        return {name: found[-1] for name, found in self._read_all(head, "").items() if found}
+
+    def _read_all(self, head: str | None, prefix: str) -> dict[str, list[dict[str, Any]]]:
+        """Records under ``releases/<prefix>`` at ``head`` by customer, oldest build first:
+        one ``ls-tree`` and the blobs through gitpython's persistent ``cat-file``."""
         if head is None:
-            return []
-        listing = self.repo.git.ls_tree(
-            "-r", "--name-only", head, "--", f"{RECORDS_DIR}/{customer}/"
-        )
-        out: list[dict[str, Any]] = []
-        for path in listing.splitlines():
-            if not path.endswith(".yaml"):
+            return {}
+        listing = self.repo.git.ls_tree("-r", head, "--", prefix or f"{RECORDS_DIR}/")
+        out: dict[str, list[dict[str, Any]]] = {}
+        for line in listing.splitlines():
+            meta, _, path = line.partition("\t")
+            parts = path.split("/")
+            if len(parts) != 3 or parts[0] != RECORDS_DIR or not path.endswith(".yaml"):
                 continue
-            with contextlib.suppress(git.GitCommandError, yaml.YAMLError):
-                data = yaml.safe_load(self.repo.git.show(f"{head}:{path}"))
+            with contextlib.suppress(ValueError, yaml.YAMLError):
+                raw = self.repo.odb.stream(bytes.fromhex(meta.split()[2])).read()
+                data = yaml.safe_load(raw)
                 if isinstance(data, dict) and data.get("record_version") == RECORD_VERSION:
-                    out.append({**data, "_path": path})
-        return sorted(out, key=lambda r: str(r.get("built_at", "")))
+                    out.setdefault(parts[1], []).append({**data, "_path": path})
+        for found in out.values():
+            found.sort(key=lambda r: str(r.get("built_at", "")))
+        return out
 
     def _read(self, head: str | None, path: str) -> dict[str, Any] | None:
         if head is None:
@@ -393,22 +419,36 @@ class ReleaseLog:
             return None
         return data if isinstance(data, dict) else {}
 
-    def _commit(self, head: str | None, path: str, content: bytes, message: str) -> str:
-        """A commit on top of ``head`` adding one file, built with plumbing (no work tree)."""
-        blob = self.repo.odb.store(IStream("blob", len(content), io.BytesIO(content))).binsha.hex()
-        index = self.work / f"index-{os.getpid()}"
+    def _commit(self, head: str | None, files: Mapping[str, bytes], message: str) -> str:
+        """A commit on top of ``head`` adding ``files``, built with plumbing (no work tree)."""
+        index = self.work / f"index-{os.getpid()}-{threading.get_ident()}"
         env = {**GIT_ENV, "GIT_INDEX_FILE": str(index), **_identity()}
         try:
             if head is None:
                 self.repo.git.read_tree("--empty", env=env)
             else:
                 self.repo.git.read_tree(head, env=env)
-            self.repo.git.update_index("--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
+            lines = []
+            for path, content in sorted(files.items()):
+                stream = IStream("blob", len(content), io.BytesIO(content))
+                lines.append(f"100644 {self.repo.odb.store(stream).binsha.hex()}\t{path}\n")
+            self._update_index(lines, env)
             tree = self.repo.git.write_tree(env=env)
             parents = ["-p", head] if head else []
             return str(self.repo.git.commit_tree(tree, *parents, "-m", message, env=env))
         finally:
             index.unlink(missing_ok=True)
+
+    def _update_index(self, lines: Sequence[str], env: Mapping[str, str]) -> None:
+        """``git update-index --index-info``: every file of the batch in one process."""
+        subprocess.run(
+            ["git", "--git-dir", str(self.repo.git_dir), "update-index", "--add", "--index-info"],
+            input="".join(lines).encode(),
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
 
     def write(
         self,
@@ -418,26 +458,47 @@ class ReleaseLog:
         backoff: float = 1.0,
         before_push: Callable[[int], None] | None = None,
     ) -> WriteResult:
-        """Commit the record on top of the branch head and push it (never forced). A rejected
-        push (a concurrent writer, a hook) is retried on top of the new head, ``attempts`` times
-        in all; an identical record already there is success; a different one is refused."""
-        path = record_path(record["customer"], record["image"])
-        content = render_record(record)
-        message = (
-            f"release: {record['customer']} {record['image'].rsplit(':', 1)[1]} "
-            f"{record['manifest_digest']}\n\nbase {record['base_image']['version']} "
-            f"{record['base_image']['digest']}\nconfig {record['config']['commit']}\n"
+        """Commit one record on top of the branch head and push it (never forced); see
+        :meth:`write_many`."""
+        (result,) = self.write_many(
+            [record], attempts=attempts, backoff=backoff, before_push=before_push
         )
-        if record.get("ci_url"):
-            message += f"CI job: {record['ci_url']}\n"
+        if isinstance(result, BuilderError):
+            raise result
+        return result
+
+    def write_many(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        attempts: int = 5,
+        backoff: float = 1.0,
+        before_push: Callable[[int], None] | None = None,
+    ) -> list[WriteResult | BuilderError]:
+        """Commit every record in one commit on top of the branch head and push it (never
+        forced). A rejected push (a concurrent writer, a hook) is retried on top of the new
+        head, ``attempts`` times in all. Per record: an identical record already there is
+        "present"; a different one is refused (that record only)."""
+        paths = [record_path(r["customer"], r["image"]) for r in records]
         last = ""
         with self._lock:
             for attempt in range(1, max(1, attempts) + 1):
                 head = self.fetch()
-                existing = self._read(head, path)
-                if existing is not None:
-                    return self._already(existing, record, path, head or "", attempt)
-                commit = self._commit(head, path, content, message)
+                results: list[WriteResult | BuilderError | None] = []
+                new: dict[str, bytes] = {}
+                for record, path in zip(records, paths, strict=True):
+                    existing = self._read(head, path)
+                    if existing is None:
+                        results.append(None)
+                        new[path] = render_record(record)
+                        continue
+                    try:
+                        results.append(self._already(existing, record, path, head or "", attempt))
+                    except BuilderError as exc:
+                        results.append(exc)
+                if not new:
+                    return [r for r in results if r is not None]
+                commit = self._commit(head, new, _batch_message(records, new))
                 if before_push is not None:
                     before_push(attempt)
                 try:
@@ -454,13 +515,18 @@ class ReleaseLog:
                             min(backoff * 2 ** (attempt - 1), 8.0) + random.uniform(0, backoff)
                         )
                     continue
-                return WriteResult(self.shown, self.branch, path, commit, "written", attempt)
-        raise WriteBackError(
-            f"release record {path} not written to {self.shown} branch {self.branch} "
-            f"after {attempts} attempts: push rejected: {last}",
+                written = WriteResult(self.shown, self.branch, "", commit, "written", attempt)
+                return [
+                    r if r is not None else _replace(written, path=path)
+                    for r, path in zip(results, paths, strict=True)
+                ]
+        failure = WriteBackError(
+            f"release record {', '.join(paths)} not written to {self.shown} branch "
+            f"{self.branch} after {attempts} attempts: push rejected: {last}",
             hint="the image is pushed; write the record later with "
             "`builder release-record --report FILE` (never force-push the branch)",
         )
+        return [failure for _ in records]
 
     def _already(
         self,
@@ -479,6 +545,27 @@ class ReleaseLog:
                 hint="records are append-only; find out why the immutable tag moved",
             )
         return WriteResult(self.shown, self.branch, path, head, "present", attempt)
+
+
+def _batch_message(records: Sequence[Mapping[str, Any]], new: Mapping[str, bytes]) -> str:
+    """The commit message: one record in detail, or a batch with one line per record."""
+    fresh = [r for r in records if record_path(r["customer"], r["image"]) in new]
+    if len(fresh) == 1:
+        record = fresh[0]
+        message = (
+            f"release: {record['customer']} {record['image'].rsplit(':', 1)[1]} "
+            f"{record['manifest_digest']}\n\nbase {record['base_image']['version']} "
+            f"{record['base_image']['digest']}\nconfig {record['config']['commit']}\n"
+        )
+    else:
+        versions = sorted({str(r["base_image"]["version"]) for r in fresh})
+        message = f"release: {len(fresh)} images on base {', '.join(versions)}\n\n" + "".join(
+            f"{r['customer']} {r['image'].rsplit(':', 1)[1]} {r['manifest_digest']} "
+            f"config {r['config']['commit']}\n"
+            for r in fresh
+        )
+    ci = next((r["ci_url"] for r in fresh if r.get("ci_url")), None)
+    return message + (f"CI job: {ci}\n" if ci else "")
 
 
 def _identity() -> dict[str, str]:
@@ -647,6 +734,56 @@ def remote_has_commit(log: ReleaseLog, commit: str) -> bool:
     return bool(found.strip())
 
 
+def write_release_records(
+    reports: Sequence[Mapping[str, Any]],
+    locations: Mapping[str, str],
+    settings: Settings,
+    *,
+    branch: str = RELEASES_BRANCH,
+    attempts: int = 5,
+    backoff: float = 1.0,
+) -> dict[str, WriteResult | BuilderError]:
+    """Record many pushed release builds: one commit (and one push) per customer repository
+    for all its records, not one per record. ``locations`` maps each report's customer to its
+    repository location. The result per customer is what was written, or why not."""
+    out: dict[str, WriteResult | BuilderError] = {}
+    by_remote: dict[str, list[dict[str, Any]]] = {}
+    sources: dict[str, str] = {}
+    for report in reports:
+        customer = str(report.get("customer"))
+        try:
+            location = locations[customer]
+            if location not in sources:
+                sources[location] = config_source(location, settings)
+            record = release_record(report, config_source=sources[location])
+            by_remote.setdefault(record_remote(location), []).append(record)
+        except BuilderError as exc:
+            out[customer] = exc
+
+    def write(remote: str, records: list[dict[str, Any]]) -> list[WriteResult | BuilderError]:
+        try:
+            log = ReleaseLog(remote, settings.cache_dir, branch)
+            for record in records:  # never record an image whose commit the target lacks
+                commit = str(record["config"]["commit"])
+                if not remote_has_commit(log, commit):
+                    raise WriteBackError(
+                        f"{log.shown} does not have config commit {commit[:12]} that "
+                        f"{record['image']} was built from; refusing to record it there",
+                        hint="push the customer branch first, or name the right repository "
+                        "with --repo",
+                    )
+            return log.write_many(records, attempts=attempts, backoff=backoff)
+        except BuilderError as exc:
+            return [exc for _ in records]
+
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:  # repositories in parallel
+        done = pool.map(write, by_remote, by_remote.values())
+        for records, results in zip(by_remote.values(), done, strict=True):
+            for record, result in zip(records, results, strict=True):
+                out[record["customer"]] = result
+    return out
+
+
 # -- plan ---------------------------------------------------------------------------------------
 
 
@@ -657,7 +794,9 @@ class PlanItem:
     customer: str
     repo: str
     ref: str
-    status: str  # "rebuild", "skip" (constraint does not admit it) or "error"
+    # "rebuild"; "released" (this config commit is already released on this base version:
+    # nothing to do); "skip" (the constraint does not admit the version); "error".
+    status: str
     constraint: str | None = None
     commit: str | None = None
     image: str | None = None  # the immutable tag the rebuild will push
@@ -667,6 +806,7 @@ class PlanItem:
     changed_files: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
     variants: list[str] = field(default_factory=lambda: ["cpu"])  # each is built
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -675,14 +815,256 @@ class FleetPlan:
     fleet: str
     items: list[PlanItem]
     notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # how long planning took
 
     @property
     def rebuild(self) -> list[PlanItem]:
         return [item for item in self.items if item.status == "rebuild"]
 
     @property
+    def released(self) -> list[PlanItem]:
+        return [item for item in self.items if item.status == "released"]
+
+    @property
     def errors(self) -> list[PlanItem]:
         return [item for item in self.items if item.status == "error"]
+
+
+def _owners(name: str, folders: frozenset[str]) -> set[str]:
+    """The folders of ``folders`` that hold the file ``name`` (or are that file)."""
+    parts = name.split("/")
+    return {
+        prefix
+        for depth in range(1, len(parts) + 1)
+        if (prefix := "/".join(parts[:depth])) in folders
+    }
+
+
+def last_commits(
+    root: Path, ref: str, folders: Sequence[str], *, cache_dir: Path | None = None
+) -> dict[str, str | None]:
+    """For each folder of the repository at ``root``, the commit that
+    ``git rev-list --max-count=1 REF -- FOLDER`` names (None: not in history at ``ref``),
+    found for all folders in one pass instead of one history walk per folder.
+
+    git's default history simplification makes each folder's walk one chain: from a commit
+    whose folder equals that of a parent, the walk goes on with the first such parent only;
+    a commit that differs from every parent (a root commit: that holds the folder) is the
+    answer. So all folders still pending at a commit move on together: commits are read in
+    topological order, each diffed against its parents by one ``git diff-tree --stdin``
+    process, and the pass stops as soon as every folder has its answer.
+
+    With ``cache_dir`` the answers are kept for the start commit: a later pass whose walk
+    reaches that commit takes them from there (a commit's ancestry never changes), so it
+    reads only the history added since, however long the rest is.
+    """
+    wanted = frozenset(f.strip("/") for f in folders)
+    found: dict[str, str | None] = dict.fromkeys(wanted)
+    repo = git.Repo(root)
+    try:
+        listing = repo.git.rev_list("--topo-order", "--parents", ref, "--", env=GIT_ENV)
+    except git.GitCommandError:
+        raise ConfigError(
+            f"{root}: ref {ref!r} does not exist",
+            hint="use a branch, tag or commit of the customer repo",
+        ) from None
+    graph = [line.split() for line in listing.splitlines() if line.strip()]
+    if not graph:
+        return found
+    if "" in wanted:  # the repository itself: the ref's commit
+        found[""] = graph[0][0]
+    folders_only = wanted - {""}
+    if not folders_only:
+        return found
+    parents = {row[0]: row[1:] for row in graph}
+    # One input line per (commit, parent) pair, a root commit alone; with --always each line
+    # gets its header even when the diff is empty, so the k-th block answers the k-th line.
+    lines = [(row[0], p) for row in graph for p in (row[1:] or [""])]
+    tops = sorted({f.split("/", 1)[0] for f in folders_only})
+    command = [
+        "git",
+        "-C",
+        str(root),
+        "diff-tree",
+        "--stdin",
+        "--always",
+        "--root",
+        "-r",
+        "--name-only",
+        "--no-renames",
+        "--format=%x1e%H",
+        "--",
+        *tops,
+    ]
+    pending: dict[str, set[str]] = {graph[0][0]: set(folders_only)}
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    cache = cache_dir / f"{key}.json" if cache_dir is not None else None
+    known = _cached_answers(cache) if cache is not None else None
+    with subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **GIT_ENV},
+        text=True,
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def feed(stream: IO[str]) -> None:
+            try:
+                for commit, parent in lines:
+                    stream.write(f"{commit} {parent}\n" if parent else f"{commit}\n")
+            except OSError:  # the reader stopped early and killed git: a broken pipe
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+        writer = threading.Thread(target=feed, args=(proc.stdin,), daemon=True)
+        writer.start()
+        blocks = _diff_blocks(proc.stdout, folders_only)
+        _walk(lines, parents, blocks, pending, found, known)
+        proc.kill()
+        writer.join(timeout=5)
+    if cache is not None:
+        answers = {f: found[f] for f in folders_only}
+        if known is not None and known[0] == graph[0][0]:
+            answers = {**known[1], **answers}
+        with contextlib.suppress(OSError, BuilderError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            data = json.dumps({"commit": graph[0][0], "answers": answers}, sort_keys=True)
+            write_atomic(cache, data.encode())
+    return found
+
+
+def _cached_answers(path: Path) -> tuple[str, dict[str, str | None]] | None:
+    """The answers a previous pass kept: (its start commit, folder -> commit); None when
+    there are none or they cannot be read (then the pass reads the whole history)."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        commit, answers = str(data["commit"]), dict(data["answers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not re.fullmatch(r"[0-9a-f]{40,64}", commit):
+        return None
+    return commit, {str(k): (str(v) if v else None) for k, v in answers.items()}
+
+
+def _walk(
+    lines: Sequence[tuple[str, str]],
+    parents: Mapping[str, Sequence[str]],
+    blocks: Iterator[set[str]],
+    pending: dict[str, set[str]],
+    found: dict[str, str | None],
+    known: tuple[str, Mapping[str, str | None]] | None = None,
+) -> None:
+    """Move the pending folders down history, block by block of diff-tree output, until
+    none is left (see :func:`last_commits`); at ``known``'s commit its answers are taken."""
+    index = 0
+    while pending and index < len(lines):
+        commit = lines[index][0]
+        changed = [next(blocks, set()) for _ in parents[commit] or [""]]
+        index += len(changed)
+        # Each pending set belongs to one commit only, so it is moved and changed in
+        # place: a commit costs what it touches, not the number of folders pending.
+        rest = pending.pop(commit, set())
+        if known is not None and commit == known[0]:
+            for folder in rest & known[1].keys():
+                found[folder] = known[1][folder]
+            rest -= known[1].keys()
+        for parent, touched in zip(parents[commit], changed, strict=False):
+            if not rest:
+                break
+            hit = rest & touched
+            rest -= hit  # what equals this parent goes on with it
+            if rest:
+                _merge_pending(pending, parent, rest)
+            rest = hit
+        if not parents[commit]:
+            rest &= changed[0]  # a root commit: only where it holds the folder
+        for folder in rest:
+            found[folder] = commit
+
+
+def _merge_pending(pending: dict[str, set[str]], commit: str, folders: set[str]) -> None:
+    """Add ``folders`` (handed over) to what is pending at ``commit``, the smaller set into
+    the larger."""
+    there = pending.get(commit)
+    if there is None:
+        pending[commit] = folders
+    elif len(there) >= len(folders):
+        there |= folders
+    else:
+        folders |= there
+        pending[commit] = folders
+
+
+def _diff_blocks(stream: IO[str], folders: frozenset[str]) -> Iterator[set[str]]:
+    """The folders each diff of ``git diff-tree --stdin --format=%x1e%H`` output touches."""
+    current: set[str] | None = None
+    for line in stream:
+        if line.startswith("\x1e"):
+            if current is not None:
+                yield current
+            current = set()
+        elif line.strip() and current is not None:
+            current |= _owners(line.rstrip("\n"), folders)
+    if current is not None:
+        yield current
+
+
+def _local_sources(entries: Sequence[FleetEntry], settings: Settings) -> dict[str, RepoSource]:
+    """Each local customer folder's source, the repository found once per parent folder
+    (``customers/a``, ``customers/b``... share one lookup); unresolvable ones are left out:
+    their own load reports them."""
+    from builder.load import open_source
+
+    parents: dict[Path, RepoSource | None] = {}
+    out: dict[str, RepoSource] = {}
+    for entry in entries:
+        folder = Path(entry.location)
+        if entry.is_url or not folder.is_dir():
+            continue
+        if (folder / ".git").exists():  # a repository of its own
+            with contextlib.suppress(BuilderError):
+                out[entry.name] = open_source(entry.location, settings)
+            continue
+        if folder.parent not in parents:
+            try:
+                parents[folder.parent] = open_source(str(folder.parent), settings)
+            except BuilderError:
+                parents[folder.parent] = None
+        parent = parents[folder.parent]
+        if parent is None or not folder.resolve().is_relative_to(parent.root):
+            continue
+        subdir = folder.resolve().relative_to(parent.root).as_posix()
+        url = parent.url.partition("#")[0]
+        out[entry.name] = RepoSource(entry.location, parent.root, subdir, f"{url}#{subdir}")
+    return out
+
+
+def _known_revisions(entries: Sequence[FleetEntry], settings: Settings) -> dict[str, KnownRevision]:
+    """Each local customer folder's config revision (the last commit touching it), from one
+    pass per repository and ref, with one shared open repository per repository."""
+    sources = _local_sources(entries, settings)
+    groups: dict[tuple[Path, str], list[str]] = {}
+    for entry in entries:
+        if entry.name in sources:
+            groups.setdefault((sources[entry.name].root, entry.ref), []).append(entry.name)
+    repos: dict[Path, git.Repo] = {}
+    out: dict[str, KnownRevision] = {}
+    for (root, ref), names in groups.items():
+        try:
+            folders = [sources[name].subdir for name in names]
+            commits = last_commits(root, ref, folders, cache_dir=settings.cache_dir / "plan")
+        except BuilderError:
+            continue  # the customers' own loads report it
+        repo = repos.setdefault(root, git.Repo(root))
+        for name in names:
+            commit = commits.get(sources[name].subdir)
+            if commit:
+                out[name] = KnownRevision(sources[name], repo, commit)
+    return out
 
 
 def _changed_files(location: str, settings: Settings, old: str, new: str) -> list[str] | None:
@@ -723,14 +1105,22 @@ def _classify(
         "built_at": previous.get("built_at"),
         "record": previous.get("_path"),
     }
+    with contextlib.suppress(InvalidVersion):
+        if Version(old_base) > version:
+            item.warnings.append(
+                f"base downgrade: {entry.name} was last released on {old_base} "
+                f"({item.previous['image']}); {version} is older"
+            )
     same_base = old_base == str(version)
     if old_commit == item.commit:
         item.change = "none" if same_base else "base"
-        item.summary = (
-            f"already released: {item.previous['image']}"
-            if same_base
-            else f"base only: {old_base} -> {version}, config unchanged ({old_commit[:12]})"
-        )
+        if same_base:
+            item.status = "released"
+            item.summary = f"already released: {item.previous['image']}"
+        else:
+            item.summary = (
+                f"base only: {old_base} -> {version}, config unchanged ({old_commit[:12]})"
+            )
         return
     changed = _changed_files(entry.location, settings, old_commit, item.commit or "HEAD")
     item.changed_files = changed or []
@@ -740,15 +1130,16 @@ def _classify(
     item.summary = f"config too: {old_commit[:12]} -> {(item.commit or '')[:12]} ({what}){base}"
 
 
-def plan_customer(
-    entry: FleetEntry, settings: Settings, version: Version, *, branch: str = RELEASES_BRANCH
+def _load_item(
+    entry: FleetEntry, settings: Settings, version: Version, known: KnownRevision | None
 ) -> PlanItem:
-    """Load one customer (git only: no model or image registry calls) and classify it."""
+    """Load one customer (git only: no model or image registry calls) at its config revision
+    found by the single pass, or at its ref when the pass had no answer for it."""
     item = PlanItem(
         customer=entry.name, repo=mask_secrets(entry.repo), ref=entry.ref, status="error"
     )
     try:
-        spec = load_customer(entry.location, settings, ref=entry.ref)
+        spec = load_customer(entry.location, settings, ref=entry.ref, known=known)
         if spec.customer != entry.name:
             raise ConfigError(
                 f"{entry.where}: fleet entry {entry.name!r} points at {item.repo}, whose "
@@ -766,26 +1157,109 @@ def plan_customer(
     except BuilderError as exc:
         item.error = _error_dict(exc)
         item.summary = item.error["message"]
-        return item
-    try:
-        log = ReleaseLog(record_remote(entry.location), settings.cache_dir, branch)
-        records = log.records(entry.name, log.fetch())
-    except BuilderError as exc:
-        item.change, item.summary = None, f"previous release unknown ({mask_secrets(exc.message)})"
-        return item
-    _classify(item, entry, settings, version, records[-1] if records else None)
     return item
 
 
+@dataclass
+class _Records:
+    """One remote's release records, fetched once per plan: the latest per customer."""
+
+    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _read_remote(remote: str, settings: Settings, branch: str) -> _Records:
+    try:
+        log = ReleaseLog(remote, settings.cache_dir, branch)
+        return _Records(latest=log.latest_records(log.fetch()))
+    except BuilderError as exc:
+        return _Records(error=mask_secrets(exc.message))
+
+
+def _finish_item(
+    item: PlanItem, entry: FleetEntry, settings: Settings, version: Version, records: _Records
+) -> None:
+    if records.error is not None:
+        item.change, item.summary = None, f"previous release unknown ({records.error})"
+        return
+    _classify(item, entry, settings, version, records.latest.get(entry.name))
+
+
+def _record_remotes(
+    entries: Sequence[FleetEntry], items: Mapping[str, PlanItem], known: Mapping[str, KnownRevision]
+) -> dict[str, str]:
+    """Where each customer to rebuild keeps its release records (looked up once per
+    repository); a customer whose remote is unknown gets that said in its summary."""
+    by_root: dict[Path, str] = {}
+    out: dict[str, str] = {}
+    for entry in entries:
+        item = items[entry.name]
+        if item.status != "rebuild":
+            continue
+        root = known[entry.name].source.root if entry.name in known else None
+        try:
+            if root is not None and root in by_root:
+                out[entry.name] = by_root[root]
+                continue
+            out[entry.name] = record_remote(entry.location)
+        except BuilderError as exc:
+            item.change = None
+            item.summary = f"previous release unknown ({mask_secrets(exc.message)})"
+            continue
+        if root is not None:
+            by_root[root] = out[entry.name]
+    return out
+
+
 def plan(
-    fleet: Fleet, settings: Settings, base_version: str, *, branch: str = RELEASES_BRANCH
+    fleet: Fleet,
+    settings: Settings,
+    base_version: str,
+    *,
+    branch: str = RELEASES_BRANCH,
+    threads: int = PLAN_THREADS,
 ) -> FleetPlan:
-    """Per customer: does its constraint admit ``base_version``, and what would change."""
+    """Per customer: does its constraint admit ``base_version``, and what would change.
+
+    The repository is read once: one pass over history per repository and ref finds every
+    customer folder's config revision (:func:`last_commits`), each releases branch is fetched
+    once per remote, and what must be done per customer (reading and validating its files,
+    listing changed files) runs on ``threads`` threads.
+    """
+    started = time.perf_counter()
     version = parse_release_version(base_version)
-    items = [plan_customer(entry, settings, version, branch=branch) for entry in fleet.entries]
-    result = FleetPlan(base_version=str(version), fleet=str(fleet.path), items=items)
-    if not result.rebuild and not result.errors:
+    entries = fleet.entries
+    known = _known_revisions(entries, settings)
+    items: dict[str, PlanItem] = {}
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        # Customers the pass answered share an open repository (one git process, not
+        # thread-safe) and are read here; the others (clones, fetches) on the threads.
+        others = {
+            e.name: pool.submit(_load_item, e, settings, version, None)
+            for e in entries
+            if e.name not in known
+        }
+        for entry in entries:
+            if entry.name in known:
+                items[entry.name] = _load_item(entry, settings, version, known[entry.name])
+        items.update({name: future.result() for name, future in others.items()})
+        remotes = _record_remotes(entries, items, known)
+        wanted = sorted(set(remotes.values()))
+        fetched = dict(
+            zip(wanted, pool.map(lambda r: _read_remote(r, settings, branch), wanted), strict=True)
+        )
+        finishing = [
+            pool.submit(_finish_item, items[e.name], e, settings, version, fetched[remotes[e.name]])
+            for e in entries
+            if e.name in remotes
+        ]
+        for future in finishing:
+            future.result()
+    ordered = [items[e.name] for e in entries]
+    result = FleetPlan(base_version=str(version), fleet=str(fleet.path), items=ordered)
+    if not result.rebuild and not result.released and not result.errors:
         result.notes.append(f"no customer admits base {version}: nothing to rebuild")
+    result.seconds = round(time.perf_counter() - started, 3)
     return result
 
 
@@ -864,12 +1338,15 @@ def render_child_pipeline(
 @dataclass
 class CustomerResult:
     customer: str
-    status: str  # "built", "failed" or "skipped"
+    # "built"; "unchanged" (its image is already there: nothing to build); "skipped" (the
+    # constraint does not admit the version); "failed"
+    status: str
     summary: str = ""
     report: dict[str, Any] | None = None  # the build report (`builder build --json` result)
     record: dict[str, Any] | None = None  # the release record written, with --record
     error: dict[str, Any] | None = None
     variant: str = "cpu"  # the base image variant of this build
+    seconds: float = 0.0
 
 
 @dataclass
@@ -877,6 +1354,8 @@ class FleetReport:
     base_version: str
     fleet: str
     results: list[CustomerResult]
+    plan_seconds: float = 0.0
+    seconds: float = 0.0
 
     @property
     def failed(self) -> list[CustomerResult]:
@@ -887,10 +1366,37 @@ class FleetReport:
         return not self.failed
 
     def counts(self) -> dict[str, int]:
-        out = {"built": 0, "skipped": 0, "failed": 0}
+        out = {"built": 0, "unchanged": 0, "skipped": 0, "failed": 0}
         for result in self.results:
             out[result.status] = out.get(result.status, 0) + 1
         return out
+
+
+@dataclass(frozen=True)
+class FleetProgress:
+    """Where a fleet run stands after one more customer finished (the CLI renders it)."""
+
+    result: CustomerResult  # the customer that just finished
+    done: int  # customers finished, of ``total``
+    total: int
+    counts: Mapping[str, int]  # by status, so far
+    builds_done: int  # builds finished (the rate counts these), of ``builds``
+    builds: int
+    elapsed: float  # seconds since the builds started
+
+    @property
+    def rate(self) -> float:
+        """Builds per minute so far (0 before the first)."""
+        return 60.0 * self.builds_done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds until the last build ends at the rate so far (None before the first)."""
+        if self.builds_done == self.builds:
+            return 0.0
+        if not self.builds_done:
+            return None
+        return (self.builds - self.builds_done) * self.elapsed / self.builds_done
 
 
 @dataclass(frozen=True)
@@ -939,29 +1445,38 @@ def _build_one(job: _Job) -> dict[str, Any]:
         push=job.push,
         insecure=job.insecure,
     )
+    started = time.perf_counter()
     try:
         report = build(request, job.settings, on_stage=on_stage)
     except BuilderError as exc:
-        return {"status": "failed", "error": _error_dict(exc)}
+        return {"status": "failed", "error": _error_dict(exc), "seconds": _since(started)}
     except Exception as exc:  # one customer's crash must not stop the fleet
         message = mask_secrets(f"unexpected {type(exc).__name__}: {exc}")
         return {
             "status": "failed",
             "error": {"type": type(exc).__name__, "message": message, "hint": None, "exit_code": 1},
+            "seconds": _since(started),
         }
-    return {"status": "built", "report": asdict(report)}
+    return {"status": "built", "report": asdict(report), "seconds": _since(started)}
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 3)
 
 
 def _run_jobs(
-    jobs: list[_Job], workers: int, on_event: Callable[[str, str], None] | None
-) -> dict[str, dict[str, Any]]:
+    jobs: list[_Job],
+    workers: int,
+    on_event: Callable[[str, str], None] | None,
+    on_done: Callable[[str, dict[str, Any]], None],
+) -> None:
     """Run the builds in ``workers`` spawned processes (isolated: the ClearML SDK keeps
-    process-wide state, and each build has its own main thread for its deadlines)."""
+    process-wide state, and each build has its own main thread for its deadlines);
+    ``on_done`` gets each customer's outcome as soon as it is known."""
     if not jobs:
-        return {}
+        return
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
-    results: dict[str, dict[str, Any]] = {}
 
     def drain() -> None:
         while True:
@@ -987,9 +1502,9 @@ def _run_jobs(
             for future in done:
                 customer = pending.pop(future)
                 try:
-                    results[customer] = future.result()
+                    outcome = future.result()
                 except Exception as exc:  # a worker that died (OOM, signal)
-                    results[customer] = {
+                    outcome = {
                         "status": "failed",
                         "error": {
                             "type": type(exc).__name__,
@@ -998,11 +1513,65 @@ def _run_jobs(
                             "exit_code": 1,
                         },
                     }
-                if on_event:
-                    on_event(customer, results[customer]["status"])
+                on_done(customer, outcome)
     drain()
     events.close()
-    return results
+
+
+def _in_registry(
+    items: Sequence[PlanItem], registry: str, insecure: bool | None
+) -> dict[str, str | None]:
+    """The digest each item's immutable tag points to in ``registry`` (None: not there, or
+    the registry could not tell): one manifest HEAD per customer, one client per host."""
+    from builder.deliver import RegistryClient, parse_reference
+
+    clients: dict[str, RegistryClient | None] = {}
+    out: dict[str, str | None] = {}
+    for item in items:
+        out[item.customer] = None
+        ref = parse_reference(_image(item, registry))
+        try:
+            if ref.registry not in clients:
+                clients[ref.registry] = RegistryClient(ref.registry, insecure=insecure)
+            client = clients[ref.registry]
+            if client is not None and ref.tag:
+                out[item.customer] = client.manifest_digest(ref.path, ref.tag)
+        except BuilderError:
+            clients.setdefault(ref.registry, None)  # the build will say what is wrong
+    return out
+
+
+def _image(item: PlanItem, registry: str) -> str:
+    """The item's immutable tag in ``registry``."""
+    return f"{registry}/{item.customer}:{(item.image or '').rsplit(':', 1)[-1]}"
+
+
+def _unchanged(
+    items: Sequence[PlanItem],
+    *,
+    push: bool,
+    record: bool,
+    registry: str,
+    insecure: bool | None,
+) -> dict[str, str]:
+    """Customers with nothing to build, and why: the immutable tag ``<version>-<config
+    rev>`` is already in the registry (rebuilding gives the same digest or is refused), and,
+    with ``record``, its release record is written. Without ``push``: what the release
+    records say is already released."""
+    if not push:
+        return {
+            i.customer: f"already released: {(i.previous or {}).get('image')}"
+            for i in items
+            if i.status == "released"
+        }
+    present = _in_registry(items, registry, insecure)
+    out: dict[str, str] = {}
+    for item in items:
+        digest = present[item.customer]
+        if digest is None or (record and item.status != "released"):
+            continue  # not there, or there without its release record: build (and record)
+        out[item.customer] = f"already in the registry: {_image(item, registry)}@{digest}"
+    return out
 
 
 def build_all(
@@ -1013,81 +1582,152 @@ def build_all(
     jobs: int = 2,
     push: bool = False,
     record: bool = False,
+    force: bool = False,
     image_registry: str | None = None,
     base_repository: str | None = None,
     insecure: bool | None = None,
     branch: str = RELEASES_BRANCH,
     record_attempts: int = 5,
     on_event: Callable[[str, str], None] | None = None,
+    on_planned: Callable[[FleetPlan], None] | None = None,
+    on_progress: Callable[[FleetProgress], None] | None = None,
 ) -> FleetReport:
-    """Build every customer whose constraint admits ``base_version``, ``jobs`` at a time.
+    """Build what changed for every customer whose constraint admits ``base_version``,
+    ``jobs`` at a time.
 
-    A customer that fails (unreadable repository, invalid config, registry error) is reported
-    and the others go on. With ``record`` (implies a pushed, stable build) each successful
-    build's release record is written back to the customer repository.
+    Incremental: a customer whose immutable tag is already in the registry (with its
+    release record, under ``record``) is "unchanged" at the cost of one manifest HEAD;
+    ``force`` rebuilds every admitted customer. A customer that fails (unreadable
+    repository, invalid config, registry error) is reported and the others go on. With
+    ``record`` (implies a pushed, stable build) the release records of the successful builds
+    are written back, one commit per customer repository for the whole run.
+    ``on_event`` gets build stages, ``on_planned`` the plan, ``on_progress`` each finished
+    customer with the counts, rate and ETA.
     """
     if record and not push:
         raise ConfigError("--record needs --push: only pushed images get a release record")
+    started = time.perf_counter()
     fleet_plan = plan(fleet, settings, base_version, branch=branch)
-    results: dict[str, CustomerResult] = {}
-    to_build: list[_Job] = []
+    if on_planned:
+        on_planned(fleet_plan)
+    registry = image_registry or settings.image_registry
+    candidates = [i for i in fleet_plan.items if i.status in ("rebuild", "released")]
+    unchanged = (
+        {}
+        if force
+        else _unchanged(candidates, push=push, record=record, registry=registry, insecure=insecure)
+    )
     entries = {e.name: e for e in fleet.entries}
     keys = {e.name: [e.name] for e in fleet.entries}  # one result per variant built
+    to_build = [
+        _Job(
+            customer=item.customer,
+            location=entries[item.customer].location,
+            ref=item.commit or entries[item.customer].ref,  # what plan saw, even if it moves
+            base_version=fleet_plan.base_version,
+            settings=settings,
+            push=push,
+            image_registry=image_registry,
+            base_repository=base_repository,
+            insecure=insecure,
+            variant=variant,
+            primary=n == 0,
+        )
+        for item in candidates
+        if item.customer not in unchanged
+        for n, variant in enumerate(item.variants)
+    ]
+    jobs_by_key = {job.key: job for job in to_build}
+    for job in to_build:
+        keys[job.customer] = [j.key for j in to_build if j.customer == job.customer]
+    results: dict[str, CustomerResult] = {}
+    counts = dict.fromkeys(("built", "unchanged", "skipped", "failed"), 0)
+    builds_started = time.perf_counter()
+    builds_done = 0
+
+    def finish(result: CustomerResult, *, key: str | None = None, built: bool = False) -> None:
+        nonlocal builds_done
+        results[key or result.customer] = result
+        counts[result.status] = counts.get(result.status, 0) + 1
+        builds_done += built
+        if on_progress:
+            on_progress(
+                FleetProgress(
+                    result,
+                    len(results),
+                    len(fleet_plan.items),
+                    dict(counts),
+                    builds_done,
+                    len(to_build),
+                    time.perf_counter() - builds_started,
+                )
+            )
+
     for item in fleet_plan.items:
         if item.status == "error":
-            results[item.customer] = CustomerResult(
-                item.customer, "failed", item.summary, error=item.error
-            )
+            finish(CustomerResult(item.customer, "failed", item.summary, error=item.error))
         elif item.status == "skip":
-            results[item.customer] = CustomerResult(item.customer, "skipped", item.summary)
-        else:
-            entry = entries[item.customer]
-            to_build += [
-                _Job(
-                    customer=item.customer,
-                    location=entry.location,
-                    ref=item.commit
-                    or entry.ref,  # the commit the plan saw, even if the branch moves
-                    base_version=fleet_plan.base_version,
-                    settings=settings,
-                    push=push,
-                    image_registry=image_registry,
-                    base_repository=base_repository,
-                    insecure=insecure,
-                    variant=variant,
-                    primary=n == 0,
-                )
-                for n, variant in enumerate(item.variants)
-            ]
-            keys[item.customer] = [job.key for job in to_build if job.customer == item.customer]
-    outcomes = _run_jobs(to_build, jobs, on_event)
-    for job in to_build:
-        outcome = outcomes[job.key]
+            finish(CustomerResult(item.customer, "skipped", item.summary))
+        elif item.customer in unchanged:
+            finish(CustomerResult(item.customer, "unchanged", unchanged[item.customer]))
+
+    def on_done(key: str, outcome: dict[str, Any]) -> None:
+        job = jobs_by_key[key]
+        seconds = float(outcome.get("seconds") or 0.0)
         if outcome["status"] != "built":
             error = outcome["error"]
-            results[job.key] = CustomerResult(
+            result = CustomerResult(
                 job.customer, "failed", error["message"], error=error, variant=job.variant
             )
-            continue
-        report = outcome["report"]
-        result = CustomerResult(
-            job.customer,
-            "built",
-            f"{report['image']}@{report['manifest_digest']}",
-            report=report,
-            variant=job.variant,
-        )
-        if record:
-            try:
-                written = write_release_record(
-                    report, job.location, settings, branch=branch, attempts=record_attempts
-                )
-                result.record = asdict(written)
-                if on_event:
-                    on_event(job.key, f"recorded {written.path} ({written.status})")
-            except BuilderError as exc:
-                result.status, result.error = "failed", _error_dict(exc)
-                result.summary = f"built and pushed, but not recorded: {result.error['message']}"
-        results[job.key] = result
+        else:
+            report = outcome["report"]
+            summary = f"{report['image']}@{report['manifest_digest']}"
+            result = CustomerResult(
+                job.customer, "built", summary, report=report, variant=job.variant
+            )
+        result.seconds = seconds
+        finish(result, key=key, built=True)
+
+    _run_jobs(to_build, jobs, on_event, on_done)
+    if record:
+        _record_all(results, entries, settings, branch, record_attempts, on_event)
     ordered = [results[key] for e in fleet.entries for key in keys[e.name]]
-    return FleetReport(base_version=fleet_plan.base_version, fleet=str(fleet.path), results=ordered)
+    return FleetReport(
+        base_version=fleet_plan.base_version,
+        fleet=str(fleet.path),
+        results=ordered,
+        plan_seconds=fleet_plan.seconds,
+        seconds=_since(started),
+    )
+
+
+def _record_all(
+    results: Mapping[str, CustomerResult],
+    entries: Mapping[str, FleetEntry],
+    settings: Settings,
+    branch: str,
+    attempts: int,
+    on_event: Callable[[str, str], None] | None,
+) -> None:
+    """Write the release records of the run's builds: one commit per repository."""
+    built = [r for r in results.values() if r.status == "built" and r.report]
+    written: dict[tuple[str, str], WriteResult | BuilderError] = {}
+    for variant in sorted({r.variant for r in built}):  # per variant: one record per customer
+        group = [r for r in built if r.variant == variant]
+        outcomes = write_release_records(
+            [r.report for r in group if r.report],
+            {r.customer: entries[r.customer].location for r in group},
+            settings,
+            branch=branch,
+            attempts=attempts,
+        )
+        written.update({(customer, variant): o for customer, o in outcomes.items()})
+    for result in built:
+        outcome = written.get((result.customer, result.variant))
+        if isinstance(outcome, WriteResult):
+            result.record = asdict(outcome)
+            if on_event:
+                on_event(result.customer, f"recorded {outcome.path} ({outcome.status})")
+        elif isinstance(outcome, BuilderError):
+            result.status, result.error = "failed", _error_dict(outcome)
+            result.summary = f"built and pushed, but not recorded: {result.error['message']}"

@@ -251,7 +251,23 @@ class _Snapshot:
         return PurePosixPath(self.source.location, relpath).as_posix()
 
 
-def _snapshot(source: RepoSource, ref: str, worktree: bool) -> _Snapshot:
+@dataclass(frozen=True)
+class KnownRevision:
+    """What a caller loading many customers of one repository already knows (the fleet plan):
+    the folder's source, the open repository (shared: no new git processes) and the folder's
+    last commit at the ref, so no per-customer history walk is needed."""
+
+    source: RepoSource
+    repo: git.Repo
+    commit: str
+
+
+def _snapshot(
+    source: RepoSource, ref: str, worktree: bool, known: KnownRevision | None = None
+) -> _Snapshot:
+    if known is not None:
+        commit = known.repo.commit(known.commit)
+        return _Snapshot(source, commit.hexsha, int(commit.committed_date), commit.tree)
     repo = git.Repo(source.root)
     try:
         # rev-parse --verify: gitpython alone accepts any 40-hex string as a commit id.
@@ -351,11 +367,16 @@ def _variants(value: str | list[str]) -> tuple[str, ...]:
 
 
 def load_customer(
-    location: str, settings: Settings, *, ref: str = "HEAD", worktree: bool = False
+    location: str,
+    settings: Settings,
+    *,
+    ref: str = "HEAD",
+    worktree: bool = False,
+    known: KnownRevision | None = None,
 ) -> CustomerSpec:
     """Read and validate a customer's configuration at ``ref`` (or the work tree)."""
-    source = open_source(location, settings)
-    snapshot = _snapshot(source, ref, worktree)
+    source = known.source if known is not None else open_source(location, settings)
+    snapshot = _snapshot(source, ref, worktree, known)
     customer = _parse(snapshot, CUSTOMER_FILE, "customer").data
     analysis_path = safe_relpath(
         customer.get("analysis", "analysis.yaml"), snapshot.origin(CUSTOMER_FILE), "analysis"

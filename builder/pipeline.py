@@ -409,6 +409,7 @@ def _deliver(
     progress: Progress | None,
 ) -> None:
     from builder import deliver
+    from builder.deliver import parse_reference
 
     push_actions: dict[str, str] = {}
     if request.push:
@@ -421,7 +422,11 @@ def _deliver(
             progress=progress,
         )
         push_actions = {b.digest: b.action for b in pushed.blobs}
-        report.bytes_uploaded = pushed.bytes_uploaded
+        # Every byte sent: blob uploads, and the manifest written by digest per repository
+        # and once per tag (the attestations add theirs in the attest stage).
+        repositories = {parse_reference(r).repository for r in pushed.refs}
+        manifests = len(image.manifest_bytes) * (len(repositories) + len(pushed.refs))
+        report.bytes_uploaded = pushed.bytes_uploaded + manifests
         report.warnings.extend(pushed.warnings)
         report.outputs["registry"] = f"{immutable}@{image.manifest_digest}"
     if request.oci_layout:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,16 @@ from builder.fleet import (
     RELEASES_BRANCH,
     ReleaseLog,
     WriteBackError,
+    WriteResult,
+    last_commits,
     load_fleet,
     parse_release_version,
+    plan,
     release_record,
+    write_release_records,
 )
 from builder.settings import load_settings
+from testbed.githistory import customer_name, make_history, write_fleet
 
 BASE_REPO = "ivd/fleet-base"
 BASE_VERSIONS = ("2.3.4", "2.4.2", "2.5.0")
@@ -288,6 +294,162 @@ def test_plan_reports_each_faulty_customer_and_plans_the_others(
         .startswith("error: 4 of 5 customers could not be planned")
     )
     assert re.search(r"customer-a\s+~=2.4\s+rebuild", human.stdout)
+
+
+# -- plan: one pass over history ---------------------------------------------------------------
+
+
+def _rev_list(repo: Path, ref: str, folder: str) -> str | None:
+    """The per-customer answer plan used to get: one history walk per folder."""
+    return _git("rev-list", "--max-count=1", ref, "--", folder, cwd=repo) or None
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_single_pass_plan_answers_what_rev_list_answers_per_customer(
+    tmp_path: Path, local_env: dict[str, str], seed: int
+) -> None:
+    """Many customers, side branches merged back (some merges changing files themselves),
+    distinct commit times: each folder's last commit from the one pass equals git's own
+    per-folder answer, at HEAD and at an older ref, for folders that are gone or never were."""
+    customers = 40
+    repo = make_history(tmp_path / "configs", customers, 260, seed=seed, model_id=CARCINOMA_ID)
+    assert int(_git("rev-list", "--count", "--merges", "HEAD", cwd=repo)) > 20
+    stamps = _git("log", "--format=%ct", "HEAD", cwd=repo).split()
+    assert len(set(stamps)) == len(stamps)  # distinct commit times
+    _git("rm", "-q", "-r", f"customers/{customer_name(3)}", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "drop 3", cwd=repo)
+    folders = [f"customers/{customer_name(i)}" for i in range(customers)]
+    folders += ["customers/never-there", "README.md", "customers"]
+    side = _git("rev-list", "--merges", "-n1", "HEAD~5", cwd=repo) + "^2"  # a side branch
+    for ref in ("HEAD", "HEAD~40", side):
+        got = last_commits(repo, ref, folders)
+        want = {folder: _rev_list(repo, ref, folder) for folder in folders}
+        assert got == want, ref
+    _check_answers_kept_for_the_next_pass(repo, folders, tmp_path / "plan-cache")
+    # plan itself: each customer's config revision is that commit.
+    settings = replace(load_settings(ROOT), cache_dir=tmp_path / "cache")
+    fleet = load_fleet(write_fleet(repo, customers), settings)
+    planned = plan(fleet, settings, "2.5.0")
+    commits = {i.customer: i.commit for i in planned.items}
+    for i in range(customers):
+        if i == 3:
+            assert planned.items[3].status == "error"
+            assert "not found" in planned.items[3].summary
+            continue
+        assert commits[customer_name(i)] == _rev_list(repo, "HEAD", folders[i])
+    assert len(planned.rebuild) == customers - 1
+
+
+def _check_answers_kept_for_the_next_pass(repo: Path, folders: list[str], cache: Path) -> None:
+    """With a cache, the next pass reads only the history added since: still git's answers,
+    and a folder untouched since takes the kept answer at the old start commit."""
+    first = last_commits(repo, "HEAD", folders, cache_dir=cache)
+    (kept,) = cache.glob("*.json")
+    planted = json.loads(kept.read_text())
+    planted["answers"][folders[7]] = "f" * 40  # proof that the old start answers it
+    git_id = ("-c", "user.name=t", "-c", "user.email=t@e")
+    _git("checkout", "-q", "-b", "mr", cwd=repo)
+    with (repo / folders[1] / "analysis.yaml").open("a") as file:
+        file.write("# changed\n")
+    _git(*git_id, "commit", "-qam", "mr", cwd=repo)
+    _git("checkout", "-q", "main", cwd=repo)
+    with (repo / folders[2] / "analysis.yaml").open("a") as file:
+        file.write("# changed\n")
+    _git(*git_id, "commit", "-qam", "direct", cwd=repo)
+    _git(*git_id, "merge", "-q", "--no-ff", "-m", "merge mr", "mr", cwd=repo)
+    again = last_commits(repo, "HEAD", folders, cache_dir=cache)
+    assert again == {folder: _rev_list(repo, "HEAD", folder) for folder in folders}
+    assert again[folders[7]] == first[folders[7]] and again[folders[1]] != first[folders[1]]
+    kept.write_text(json.dumps(planted))
+    assert last_commits(repo, "HEAD", folders, cache_dir=cache)[folders[7]] == "f" * 40
+    kept.unlink()
+
+
+def _record_for(remote: Path, customer: str, commit: str, version: str, digest: str) -> None:
+    report = _fake_report(customer, commit, digest, version=version)
+    log = ReleaseLog(str(remote), remote.parent / "writer-cache", RELEASES_BRANCH)
+    log.write(release_record(report, config_source=remote.as_uri()))
+
+
+def test_plan_counts_already_released_apart_and_warns_on_a_base_downgrade(
+    records_remote: Path, local_env: dict[str, str], tmp_path: Path
+) -> None:
+    commit = git.Repo(records_remote).commit("HEAD").hexsha
+    _record_for(records_remote, "customer-a", commit, "2.5.0", "sha256:" + "5" * 64)
+    fleet = _write_fleet(
+        tmp_path / "fleet.yaml", [{"name": "customer-a", "repo": records_remote.as_uri()}]
+    )
+    same = _cli(local_env, "plan", "--base-version", "2.5.0", "--fleet", str(fleet), "--json")
+    assert same.returncode == 0, same.stderr
+    (item,) = _json(same)["result"]["items"]
+    assert item["status"] == "released" and item["change"] == "none"
+    assert item["summary"] == f"already released: {item['previous']['image']}"
+    human = _cli(local_env, "plan", "--base-version", "2.5.0", "--fleet", str(fleet))
+    assert "0 of 1 customers to rebuild, 1 already released" in human.stdout
+    child = tmp_path / "child.yml"
+    _cli(
+        local_env,
+        "plan",
+        "--base-version",
+        "2.5.0",
+        "--fleet",
+        str(fleet),
+        "--gitlab-child",
+        str(child),
+    )
+    assert "build:customer-a" not in child.read_text()  # nothing to do: no CI job
+
+    down = _cli(local_env, "plan", "--base-version", "2.4.2", "--fleet", str(fleet), "--json")
+    assert down.returncode == 0, down.stderr
+    (item,) = _json(down)["result"]["items"]
+    assert item["status"] == "rebuild" and item["change"] == "base"
+    assert item["warnings"] == [
+        f"base downgrade: customer-a was last released on 2.5.0 ({item['previous']['image']}); "
+        "2.4.2 is older"
+    ]
+    assert "warning: base downgrade: customer-a was last released on 2.5.0" in down.stderr
+    up = _json(_cli(local_env, "plan", "--base-version", "2.5.1", "--fleet", str(fleet), "--json"))
+    assert up["result"]["items"][0]["warnings"] == []
+
+
+def test_release_records_of_a_run_are_one_commit_per_repository(
+    tmp_path: Path, local_env: dict[str, str]
+) -> None:
+    configs = tmp_path / "configs"
+    for name in ("customer-a", "customer-b", "customer-c"):
+        _folder_customer(configs, name, "~=2.4")
+    bare = _bare_clone(configs, tmp_path / "configs.git")
+    _git("remote", "add", "origin", str(bare), cwd=configs)
+    settings = replace(load_settings(ROOT), cache_dir=tmp_path / "cache")
+    head = git.Repo(configs).commit("HEAD").hexsha
+    reports = [
+        _fake_report(name, head, "sha256:" + str(n) * 64)
+        for n, name in enumerate(("customer-a", "customer-b", "customer-c"), start=1)
+    ]
+    locations = {r["customer"]: str(configs / r["customer"]) for r in reports}
+    written = write_release_records(reports, locations, settings)
+    assert all(isinstance(w, WriteResult) and w.status == "written" for w in written.values())
+    branch = git.Repo(bare).commit(RELEASES_BRANCH)
+    assert not branch.parents  # one commit holds all three
+    assert {w.commit for w in written.values() if isinstance(w, WriteResult)} == {branch.hexsha}
+    assert len(_records(bare)) == 3
+    assert str(branch.message).startswith("release: 3 images on base 2.5.0")
+
+    # Again: all present, no new commit; a changed digest is refused for that record only,
+    # and a new record next to it still lands.
+    later = _fake_report("customer-d", head, "sha256:" + "d" * 64)
+    clash = {**reports[1], "manifest_digest": "sha256:" + "e" * 64}
+    again = write_release_records(
+        [reports[0], clash, later],
+        {**locations, "customer-d": str(configs / "customer-a")},
+        settings,
+    )
+    assert isinstance(again["customer-a"], WriteResult) and again["customer-a"].status == "present"
+    assert isinstance(again["customer-b"], WriteBackError)
+    assert "refusing to overwrite a release record" in again["customer-b"].message
+    assert isinstance(again["customer-d"], WriteResult) and again["customer-d"].status == "written"
+    top = git.Repo(bare).commit(RELEASES_BRANCH)
+    assert [p.hexsha for p in top.parents] == [branch.hexsha]  # on top, never forced
 
 
 # -- release records: write-back --------------------------------------------------------------
@@ -784,15 +946,23 @@ def _check_base_bump_uploads(
     assert {p.path.rsplit("/", 1)[1] for p in puts} >= {"2.5.0"}
 
 
-def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
+def _registry_env(
     local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
-) -> None:
+) -> tuple[str, dict[str, str]]:
+    """A registry namespace of the test's own, and the CLI environment pushing there."""
     namespace = re.sub("[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
     env = {
         **local_env,
         "BUILDER_BASE_REPOSITORY": fleet_bases,
         "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
     }
+    return namespace, env
+
+
+def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
+    local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
+) -> None:
+    _, env = _registry_env(local_env, tmp_path, oci_registry, fleet_bases)
     fleet, work_a, remote_a = _fleet_workspace(tmp_path)
     common = ("--fleet", str(fleet), "--jobs", "2", "--push", "--record", "--json")
 
@@ -838,3 +1008,102 @@ def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
     (item,) = _json(_cli(env, *args, "--base-version", "2.5.1"))["result"]["items"]
     assert item["change"] == "config+base" and item["changed_files"] == ["analysis.yaml"]
     assert item["summary"].startswith("config too:")
+
+
+def _sent_bytes(registry: Any, since: int, repository: str) -> int:
+    """Bytes the registry received for ``repository`` (``ns/name``) since request ``since``:
+    each completed blob upload (PUT ...?digest=) and each manifest PUT, sized from what the
+    registry now serves for them."""
+    import urllib.request
+
+    total = 0
+    for request in registry.requests()[since:]:
+        path = request.path.split("?")[0]
+        if request.method != "PUT" or not path.startswith(f"/v2/{repository}/"):
+            continue
+        if "/blobs/uploads/" in path:
+            digest = re.search(r"digest=(sha256(?::|%3A)[0-9a-f]{64})", request.path)
+            assert digest, request.path
+            url = f"{registry.url}/v2/{repository}/blobs/{digest.group(1).replace('%3A', ':')}"
+            head = urllib.request.Request(url, method="HEAD")
+        else:
+            url = f"{registry.url}{path}"
+            head = urllib.request.Request(url, method="GET")
+            head.add_header(
+                "Accept",
+                "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+            )
+        try:
+            with urllib.request.urlopen(head, timeout=30) as response:
+                total += int(response.headers["Content-Length"])
+        except OSError as exc:
+            pytest.fail(f"{head.get_method()} {url}: {exc}")
+    return total
+
+
+def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
+    local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
+) -> None:
+    namespace, env = _registry_env(local_env, tmp_path, oci_registry, fleet_bases)
+    configs = tmp_path / "configs"
+    _folder_customer(configs, "customer-b", ">=2.4,<3")
+    _folder_customer(configs, "customer-c", "~=2.5")
+    fleet = _write_fleet(
+        tmp_path / "fleet.yaml",
+        [{"name": n, "repo": str(configs / n)} for n in ("customer-b", "customer-c")],
+    )
+    args = ("build-all", "--base-version", "2.5.0", "--fleet", str(fleet), "--push", "--json")
+
+    since = len(oci_registry.requests())
+    cold = _cli(env, *args, "--record")
+    assert cold.returncode == 0, cold.stdout + cold.stderr
+    first = {r["customer"]: r for r in _json(cold)["result"]["results"]}
+    assert {n: r["status"] for n, r in first.items()} == dict.fromkeys(first, "built")
+    # Progress on stderr, also under --json: the plan, then one line per finished customer.
+    lines = cold.stderr.strip().splitlines()
+    assert lines[0].startswith("planned 2 customers in ")
+    assert re.match(
+        r"\[1/2\] 1 built, 0 unchanged, 0 failed, [\d.]+/min, ETA .+? \| customer-. built in ",
+        lines[1],
+    )
+    assert re.match(r"\[2/2\] 2 built, 0 unchanged, 0 failed, [\d.]+/min, ETA 0 s \| ", lines[2])
+    assert len(lines) == 3
+    # Every byte sent is in the report, the attestations (provenance, SBOM) included.
+    for name, result in first.items():
+        report = result["report"]
+        assert report["bytes_uploaded"] == _sent_bytes(oci_registry, since, f"{namespace}/{name}")
+    records = _records(configs)
+    assert len(records) == 2
+    assert len({r["record"]["commit"] for r in first.values()}) == 1  # one commit for both
+
+    # Nothing changed: nothing built, one manifest HEAD per customer, nothing written.
+    since = len(oci_registry.requests())
+    again = _cli(env, *args, "--record")
+    assert again.returncode == 0, again.stdout + again.stderr
+    results = {r["customer"]: r for r in _json(again)["result"]["results"]}
+    assert {n: r["status"] for n, r in results.items()} == dict.fromkeys(results, "unchanged")
+    image = first["customer-b"]["report"]["image"]
+    digest = first["customer-b"]["report"]["manifest_digest"]
+    assert results["customer-b"]["summary"] == f"already in the registry: {image}@{digest}"
+    requests = [r for r in oci_registry.requests()[since:] if r.path != "/v2/"]
+    assert sorted((r.method, r.path.split("/manifests/")[0]) for r in requests) == [
+        ("HEAD", f"/v2/{namespace}/customer-b"),
+        ("HEAD", f"/v2/{namespace}/customer-c"),
+    ]
+    assert "[2/2] 0 built, 2 unchanged, 0 failed" in again.stderr
+    assert _records(configs) == records
+
+    # A config change rebuilds that customer only; --force rebuilds all, same digests.
+    analysis = ANALYSIS_YAML.format(carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.6)
+    commit_files(
+        configs, {"customer-c/analysis.yaml": analysis}, "c: threshold", when=1_700_000_500
+    )
+    changed = _json(_cli(env, *args))
+    assert {r["customer"]: r["status"] for r in changed["result"]["results"]} == {
+        "customer-b": "unchanged",
+        "customer-c": "built",
+    }
+    forced = _json(_cli(env, *args, "--force"))
+    rebuilt = {r["customer"]: r for r in forced["result"]["results"]}
+    assert {n: r["status"] for n, r in rebuilt.items()} == dict.fromkeys(rebuilt, "built")
+    assert rebuilt["customer-b"]["report"]["manifest_digest"] == digest

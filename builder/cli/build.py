@@ -117,7 +117,8 @@ class PlainProgress:
 @click.option(
     "--force",
     is_flag=True,
-    help="Overwrite an immutable tag that points elsewhere (reported loudly).",
+    help="Overwrite an immutable tag that points elsewhere (reported loudly); with --all: "
+    "rebuild every customer, also those whose image is already there.",
 )
 @click.option(
     "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
@@ -212,6 +213,7 @@ def build(
             insecure_registry=insecure_registry,
             report=None,
             as_json=as_json,
+            force=force,
             **overrides,
         )
         return

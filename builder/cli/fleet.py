@@ -22,6 +22,7 @@ from builder.cli._common import (
 )
 
 if TYPE_CHECKING:
+    from builder import fleet as fleet_types
     from builder.errors import BuilderError
 
 
@@ -127,20 +128,27 @@ def plan(
         data["gitlab_child"] = {"path": str(gitlab_child), "sha256": _sha256(text.encode())}
         info(f"wrote {gitlab_child}")
 
+    for item in result.items:
+        for warning in item.warnings:
+            click.echo(f"warning: {warning}", err=True)
+
     def human() -> None:
+        released = f", {len(result.released)} already released" if result.released else ""
         click.echo(
             f"base {result.base_version}: {len(result.rebuild)} of {len(result.items)} "
-            f"customers to rebuild ({result.fleet})"
+            f"customers to rebuild{released} ({result.fleet})"
         )
         width = max((len(i.customer) for i in result.items), default=8)
         for item in result.items:
             constraint = item.constraint or "-"
             status = "ERROR" if item.status == "error" else item.status
-            click.echo(f"  {item.customer:<{width}}  {constraint:<10}  {status:<7}  {item.summary}")
+            click.echo(f"  {item.customer:<{width}}  {constraint:<10}  {status:<8}  {item.summary}")
             if item.changed_files:
                 click.echo(
-                    f"  {'':<{width}}  {'':<10}  {'':<7}  changed: {', '.join(item.changed_files)}"
+                    f"  {'':<{width}}  {'':<10}  {'':<8}  changed: {', '.join(item.changed_files)}"
                 )
+            for warning in item.warnings:
+                click.echo(f"  {'':<{width}}  {'':<10}  {'':<8}  WARNING: {warning}")
         for note in result.notes:
             click.echo(note)
 
@@ -186,6 +194,11 @@ def _sha256(data: bytes) -> str:
     "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
 )
 @click.option(
+    "--force",
+    is_flag=True,
+    help="Rebuild every admitted customer, also those whose image is already in the registry.",
+)
+@click.option(
     "--report", type=click.Path(path_type=Path), help="Also write the JSON report to this file."
 )
 @json_option
@@ -201,11 +214,16 @@ def build_all(
     insecure_registry: bool,
     report: Path | None,
     as_json: bool,
+    force: bool = False,
     **overrides: Any,
 ) -> None:
     """Build every customer whose base constraint admits --base-version, in parallel.
 
-    One customer's failure does not stop the others; all results are reported at the end and
+    Incremental: a customer whose image (the immutable tag) is already in the registry, with
+    its release record under --record, is left alone at the cost of one manifest HEAD;
+    --force rebuilds them all. Progress (a counter, rate and ETA) goes to stderr, also with
+    --json: a live line on a terminal, one line per finished customer in CI logs. One
+    customer's failure does not stop the others; all results are reported at the end and
     the exit code is 8 if any customer failed.
     """
     from builder import fleet as fleet_mod
@@ -213,20 +231,27 @@ def build_all(
     if jobs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--jobs")
     settings = load_cli_settings(overrides)
-    with fleet_mod.git_credentials():
-        fleet = fleet_mod.load_fleet(fleet_file, settings).select(only)
-        result = fleet_mod.build_all(
-            fleet,
-            settings,
-            base_version,
-            jobs=jobs,
-            push=push,
-            record=record,
-            image_registry=image_registry,
-            base_repository=base_repository,
-            insecure=True if insecure_registry else None,
-            on_event=lambda customer, stage: info(f"[{customer}] {stage}"),
-        )
+    progress = FleetProgressLine(live=sys.stderr.isatty())
+    try:
+        with fleet_mod.git_credentials():
+            fleet = fleet_mod.load_fleet(fleet_file, settings).select(only)
+            result = fleet_mod.build_all(
+                fleet,
+                settings,
+                base_version,
+                jobs=jobs,
+                push=push,
+                record=record,
+                image_registry=image_registry,
+                base_repository=base_repository,
+                insecure=True if insecure_registry else None,
+                force=force,
+                on_event=progress.stage,
+                on_planned=progress.planned,
+                on_progress=progress.finished,
+            )
+    finally:
+        progress.close()
 
     def human() -> None:
         width = max((len(r.customer) for r in result.results), default=8)
@@ -244,7 +269,9 @@ def build_all(
                 )
         counts = result.counts()
         click.echo(
-            f"{counts['built']} built, {counts['skipped']} skipped, {counts['failed']} failed"
+            f"{counts['built']} built, {counts['unchanged']} unchanged, "
+            f"{counts['skipped']} skipped, {counts['failed']} failed "
+            f"in {_duration(result.seconds)} (plan {result.plan_seconds:.1f} s)"
         )
 
     error = None
@@ -255,6 +282,67 @@ def build_all(
             hint="each failure is listed in the report",
         )
     _finish("build-all", asdict(result), human, error, report)
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3m05s``, ``1h02m``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class FleetProgressLine:
+    """Fleet progress on stderr, also under --json (stdout keeps the one JSON document):
+    on a terminal one live line (counter, rate, ETA, the latest stage); elsewhere (CI logs)
+    one line per finished customer with the same counter, and nothing per stage."""
+
+    def __init__(self, *, live: bool) -> None:
+        self.live = live
+        self.shown = False  # a live line is on screen
+        self.counter = ""
+
+    def _write(self, text: str, *, keep: bool) -> None:
+        if self.live:
+            click.echo(f"\r\x1b[2K{text}", err=True, nl=keep)
+            self.shown = not keep
+        else:
+            click.echo(text, err=True)
+
+    def planned(self, plan: fleet_types.FleetPlan) -> None:
+        released = f", {len(plan.released)} already released" if plan.released else ""
+        self._write(
+            f"planned {len(plan.items)} customers in {plan.seconds:.1f} s: "
+            f"{len(plan.rebuild)} to rebuild{released}, {len(plan.errors)} unreadable",
+            keep=True,
+        )
+
+    def stage(self, customer: str, stage: str) -> None:
+        if self.live and not stage.startswith("recorded"):
+            self._write(f"{self.counter}  {customer}: {stage}", keep=False)
+
+    def finished(self, progress: fleet_types.FleetProgress) -> None:
+        counts = progress.counts
+        eta = "" if progress.eta is None else f", ETA {_duration(progress.eta)}"
+        rate = f", {progress.rate:.1f}/min" if progress.builds_done else ""
+        self.counter = (
+            f"[{progress.done}/{progress.total}] {counts['built']} built, "
+            f"{counts['unchanged']} unchanged, {counts['failed']} failed{rate}{eta}"
+        )
+        result = progress.result
+        took = f" in {_duration(result.seconds)}" if result.seconds else ""
+        line = f"{self.counter} | {result.customer} {result.status}{took}"
+        if result.status == "failed":
+            line += f": {result.summary}"
+        keep = not self.live or result.status == "failed"
+        self._write(line if keep else self.counter, keep=keep)
+
+    def close(self) -> None:
+        if self.live and self.shown:
+            click.echo("", err=True)
+            self.shown = False
 
 
 def _reports(document: Any) -> list[dict[str, Any]]:
@@ -323,6 +411,7 @@ def release_record(
     because another job wrote first is retried on top of the new head; nothing is forced.
     """
     from builder import fleet as fleet_mod
+    from builder.errors import BuilderError as BuilderErrorType
     from builder.errors import ConfigError
 
     try:
@@ -336,31 +425,48 @@ def release_record(
             hint="pass the output of `builder build --push --json` or `builder build-all --json`",
         )
     settings = load_cli_settings(overrides)
-    written = []
     with fleet_mod.git_credentials():
+        locations: dict[str, str] = {}
         fleet = None
         for build_report in reports:
             location = repo
             if location is None:
                 fleet = fleet or fleet_mod.load_fleet(fleet_file, settings)
                 location = fleet.entry(build_report["customer"]).location
+            locations[build_report["customer"]] = location
             target = fleet_mod.mask_secrets(fleet_mod.record_remote(location))
             info(
                 f"{'would record' if dry_run else 'recording'} {build_report['image']} "
                 f"on {target} branch {branch}"
             )
-            interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
-            if interactive and not (yes or dry_run):
-                click.confirm(f"push the release record to {target} {branch}?", abort=True)
-            result = fleet_mod.write_release_record(
-                build_report,
-                location,
-                settings,
-                branch=branch,
-                attempts=attempts,
-                dry_run=dry_run,
+        interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
+        if interactive and not (yes or dry_run):
+            click.confirm(f"push {len(reports)} release record(s) to {branch}?", abort=True)
+        outcomes: dict[str, Any] = {}
+        if dry_run:  # checked one by one (the target has the commit, the record is new)
+            for build_report in reports:
+                customer = build_report["customer"]
+                try:
+                    outcomes[customer] = fleet_mod.write_release_record(
+                        build_report,
+                        locations[customer],
+                        settings,
+                        branch=branch,
+                        attempts=attempts,
+                        dry_run=True,
+                    )
+                except BuilderErrorType as exc:
+                    outcomes[customer] = exc
+        else:  # one commit per customer repository for all the report's records
+            outcomes = dict(
+                fleet_mod.write_release_records(
+                    reports, locations, settings, branch=branch, attempts=attempts
+                )
             )
-            written.append(asdict(result))
+    failures = [o for o in outcomes.values() if isinstance(o, BuilderErrorType)]
+    if failures:
+        raise failures[0]
+    written = [asdict(o) for o in outcomes.values() if not isinstance(o, BuilderErrorType)]
 
     def human() -> None:
         for item in written:
