@@ -144,7 +144,7 @@ def _snapshot(tmp_path: Path) -> tuple[Path, Path]:
             shutil.copytree(source, project / name)
         else:
             shutil.copy2(source, project / name)
-    repo = git.Repo.init(project)
+    repo = git.Repo.init(project, initial_branch="main")
     repo.git.add("-A")
     actor = git.Actor("Test Author", "author@example.com")
     repo.index.commit("snapshot", author=actor, committer=actor)
