@@ -849,7 +849,7 @@ def _reviewed_clone(world: World, tmp_path: Path) -> tuple[Path, dict[str, str]]
 def test_report_shows_approvals_links_and_unrecorded_tags(world: World, tmp_path: Path) -> None:
     clone, env = _reviewed_clone(world, tmp_path)
     # an image pushed without a release record (a development build of an unreleased revision)
-    dev = cli_json(world, "build", str(world.repo), "--ref", world.commits["threshold"], "--push")
+    dev = cli_json(world, "build", str(world.repo), "--ref", world.commits["lock2"], "--push")
     report = tmp_path / "audit.html"
     result = run_cli("audit", str(clone), "--html", str(report), "--json", env=env)
     assert result.returncode == 0, result.stdout + result.stderr

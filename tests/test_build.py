@@ -330,7 +330,9 @@ def test_config_only_change_uploads_config_layer_and_image_config_only(
     arrived = set(_stored_blobs(oci_registry)) - set(stored)
     assert arrived & image.keys() == {new["config"], second["config_digest"]}
     sizes = _stored_blobs(oci_registry)
-    assert second["bytes_uploaded"] == sizes[new["config"]] + sizes[second["config_digest"]]
+    # bytes_uploaded counts every byte sent (issue 22): these two blobs, the manifests and the
+    # attestations; together still under the 64 KiB a config-only change may cost
+    assert second["bytes_uploaded"] >= sizes[new["config"]] + sizes[second["config_digest"]]
     assert second["bytes_uploaded"] < 64 * 1024
     pushes = {layer["name"]: layer["push"] for layer in second["layers"] if layer["new"]}
     assert pushes == {
