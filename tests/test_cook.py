@@ -209,6 +209,8 @@ def test_lock_check_names_changed_models_and_params(
     write_local_registry(
         _registry_folder(settings), [model_record(other, MITOSIS_TASK, name="mitosis v2")], []
     )
+    # the second output model of the same task has its own production folder
+    write_production(tmp_path / "production", MITOSIS_TASK, other, {"model.onnx": b"mitosis v2"})
     _lock_then_change(repo, settings, cache, mitosis=other, threshold=0.6)
     with pytest.raises(DriftError) as raised:
         make_customer_lock(cook(str(repo), settings), cache, base=None, check=True)
