@@ -474,7 +474,10 @@ HOSTILE_LOCKS: dict[str, tuple[Callable[[dict[str, Any], Path], None], str]] = {
         _set(f"{_MANUAL_FILE}.uri", "file:{root}/host/passwd"),
         "not a committed file of manual model",
     ),
-    "manual weights changed": (_set(f"{_MANUAL_FILE}.sha256", "0" * 64), "changed since the lock"),
+    "manual weights changed": (
+        _set(f"{_MANUAL_FILE}.sha256", "0" * 64),
+        "file weights/mitosis/model.onnx 000000000000 -> ",
+    ),
     "model not declared": (_set("models.extra_model", {}), "'sourcing' is a required property"),
     "wrong customer": (_set("customer", "customer-y"), "stale"),
     "models not a mapping": (_set("models", [1, 2]), "is not of type 'object'"),
