@@ -8,7 +8,6 @@ section below.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # testbed/ is a top-level package of the repo, not installed
     sys.path.insert(0, str(REPO_ROOT))
+
+from helpers import make_clearml_env  # noqa: E402
 
 from testbed.base_os import ensure_base_image  # noqa: E402
 from testbed.clearml_emulator import ClearMLEmulator  # noqa: E402
@@ -88,48 +89,6 @@ def clearml_server() -> Iterator[ClearMLEmulator]:
     server = _start("the ClearML emulator", lambda: ClearMLEmulator().start())
     yield server
     server.stop()
-
-
-CLEARML_CONF = """\
-api {{
-    api_server: "{url}"
-    web_server: "{url}"
-    files_server: "{url}"
-    credentials {{ access_key: "{key}", secret_key: "{secret}" }}
-    http.retries {{
-        total: 2, connect: 2, read: 2, redirect: 2, status: 2,
-        backoff_factor: 0.2, backoff_max: 2
-    }}
-    http.wait_on_maintenance_forever: false
-}}
-"""
-
-
-def make_clearml_env(server: ClearMLEmulator, home: Path) -> dict[str, str]:
-    """Environment for a subprocess that uses the clearml SDK against `server`."""
-    home.mkdir(parents=True, exist_ok=True)
-    conf = home / "clearml.conf"
-    conf.write_text(
-        CLEARML_CONF.format(url=server.url, key=server.access_key, secret=server.secret_key)
-    )
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CLEARML_", "TRAINS_", "ALLEGRO_", "AWS_"))
-    }
-    env.update(
-        HOME=str(home),
-        CLEARML_CONFIG_FILE=str(conf),
-        CLEARML_API_HOST=server.url,
-        CLEARML_WEB_HOST=server.url,
-        CLEARML_FILES_HOST=server.url,
-        CLEARML_API_ACCESS_KEY=server.access_key,
-        CLEARML_API_SECRET_KEY=server.secret_key,
-        CLEARML_CACHE_DIR=str(home / "clearml-cache"),
-        CLEARML_NO_DEFAULT_SERVER="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p),
-    )
-    return env
 
 
 @pytest.fixture

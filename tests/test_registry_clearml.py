@@ -19,6 +19,7 @@ from helpers import (
     MITOSIS_ID,
     MITOSIS_TASK,
     customer_repo,
+    make_clearml_env,
     model_record,
     run_cli,
     task_record,
@@ -169,8 +170,6 @@ def _listed(data: dict[str, list[dict[str, Any]]], project: str | None = None) -
 
 
 def _list_models(server: Any, tmp_path: Path, *args: str) -> Any:
-    from conftest import make_clearml_env
-
     env = {**make_clearml_env(server, tmp_path / "home"), "BUILDER_MODEL_REGISTRY": "clearml"}
     return run_cli("models", "list", "--json", *args, env=env, timeout=120)
 
