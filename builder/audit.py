@@ -1701,11 +1701,7 @@ def shipped_reference(
             hint="explain an image by its reference (host/repo:tag or @sha256:...) instead",
         )
     record = chosen[-1]
-    repository = record.image.rpartition("@")[0] or record.image
-    head, _, tag = repository.rpartition(":")
-    if head and "/" not in tag:
-        repository = head
-    reference = f"{repository}@{record.manifest_digest}"
+    reference = f"{_repository_of(record.image)}@{record.manifest_digest}"
     now, note = _moving_tag_note(record, settings, insecure)
     return reference, {
         "customer": spec.customer,
