@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from threading import Lock
+from threading import Lock, RLock
 
 from filelock import FileLock
 
@@ -115,7 +115,9 @@ class _Download:
         self.store, self.object_key, self.size = store, object_key, size
         self.part = cache.root / "tmp" / f"{key}.part"
         self.ledger = self.part.with_suffix(".part.json")
-        self._lock, self._discard_lock = Lock(), Lock()
+        # One re-entrant lock orders ledger writes against discard(): a chunk finishing while
+        # another hits a full disk must not write the ledger after the discard removed it.
+        self._lock = RLock()
         self.discarded = False
         self.failure: FetchError | None = None
         done: set[int] = set()
@@ -181,7 +183,7 @@ class _Download:
     def _write_failed(self, exc: OSError) -> FetchError:
         """The error for a failed cache write; on a full disk the partial file is removed
         (keeping it would only keep the disk full), and the other chunks report the same."""
-        with self._discard_lock:
+        with self._lock:
             if self.failure is None:
                 self.failure = _cache_write_error(exc)
                 if exc.errno in _DISK_FULL:
@@ -189,9 +191,10 @@ class _Download:
             return self.failure
 
     def discard(self) -> None:
-        self.discarded = True
-        self.part.unlink(missing_ok=True)
-        self.ledger.unlink(missing_ok=True)
+        with self._lock:
+            self.discarded = True
+            self.part.unlink(missing_ok=True)
+            self.ledger.unlink(missing_ok=True)
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
