@@ -20,6 +20,11 @@ Both runs happen in this one invocation on the same machine, so the ratio is the
     python benchmarks/gpu.py --image 127.0.0.1:5000/customer-x:2.4.1-gpu
     python benchmarks/gpu.py --image IMAGE --size 50000 --workers 12 --batch-size 128 --json out.json
     python benchmarks/gpu.py --image IMAGE --check-only       # preflight only
+    python benchmarks/gpu.py --host --size 30000               # no Docker: this host's runner
+
+`--host` runs the tile runner of this checkout (base-image/runner) on this host's Python, which
+must have onnxruntime-gpu and the CUDA 13 / cuDNN 9 libraries it loads: the same runner code and
+the same demo models as the image, for a GPU machine without Docker.
 
 Without a GPU it stops after the preflight with one line saying what is missing (exit 2).
 """
@@ -48,8 +53,8 @@ class Unavailable(Exception):
     """What this machine lacks for the benchmark (one line)."""
 
 
-def preflight(image: str) -> dict[str, Any]:
-    """The GPU, driver and Docker with GPU support; raise Unavailable naming what is missing."""
+def gpu_names() -> list[str]:
+    """The GPUs nvidia-smi lists; raise Unavailable when there is none."""
     smi = shutil.which("nvidia-smi")
     if not smi:
         raise Unavailable(
@@ -66,6 +71,26 @@ def preflight(image: str) -> dict[str, Any]:
     gpus = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode != 0 or not gpus:
         raise Unavailable(f"nvidia-smi lists no GPU: {' '.join(proc.stderr.split())[:200]}")
+    return gpus
+
+
+def preflight_host() -> dict[str, Any]:
+    """The GPU and this host's onnxruntime with the CUDA provider (for --host)."""
+    gpus = gpu_names()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise Unavailable("onnxruntime is not installed on this host") from None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise Unavailable(
+            f"onnxruntime {ort.__version__} here has no CUDA provider (install onnxruntime-gpu)"
+        )
+    return {"gpus": gpus, "labels": {"onnxruntime": ort.__version__}}
+
+
+def preflight(image: str) -> dict[str, Any]:
+    """The GPU, driver and Docker with GPU support; raise Unavailable naming what is missing."""
+    gpus = gpu_names()
     import docker
     from docker.errors import DockerException, ImageNotFound
 
@@ -127,13 +152,45 @@ class GpuSampler(threading.Thread):
         }
 
 
-def bench_slide(size: int, seed: int) -> Path:
-    """The cached synthetic benchmark slide of benchmarks/runner.py (same key, same file)."""
+def _bench_runner() -> Any:
+    """benchmarks/runner.py, for its cached slide, demo models and app config."""
     spec = importlib.util.spec_from_file_location("bench_runner", HERE / "runner.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return Path(module.cached_slide(size, seed))
+    return module
+
+
+def bench_slide(size: int, seed: int) -> Path:
+    """The cached synthetic benchmark slide of benchmarks/runner.py (same key, same file)."""
+    return Path(_bench_runner().cached_slide(size, seed))
+
+
+def run_host(slide: Path, out: Path, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One `tilerunner run` of this checkout on this host with the demo models (--host)."""
+    bench = _bench_runner()
+    config = bench.write_app(out / "app", bench.cached_models())
+    target = out / device
+    command = [sys.executable, "-m", "tilerunner", "-q", "run", str(slide), "--config", str(config)]
+    command += ["--app-dir", str(config.parent), "--out", str(target), "--device", device]
+    command += ["--batch-size", str(args.batch_size), "--no-progress"]
+    if args.workers:
+        command += ["--workers", str(args.workers)]
+    sampler = GpuSampler() if device == "cuda" else None
+    t0 = time.perf_counter()
+    if sampler:
+        sampler.start()
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=args.timeout, check=False
+    )
+    wall = time.perf_counter() - t0
+    gpu = sampler.stop() if sampler else None
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"--device {device} exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
+        )
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in target.glob("*/summary.json")}
+    return {"wall_s": wall, "summaries": summaries, "gpu": gpu, "stderr": proc.stderr}
 
 
 def run_image(
@@ -210,7 +267,11 @@ def figures(result: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image", required=True, help="customer image on the gpu base variant")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--image", help="customer image on the gpu base variant")
+    where.add_argument(
+        "--host", action="store_true", help="no Docker: this checkout's runner on this host"
+    )
     parser.add_argument("--size", type=int, default=50_000, help="benchmark slide size (px)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -220,15 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-only", action="store_true", help="preflight, then stop")
     args = parser.parse_args(argv)
     try:
-        env = preflight(args.image)
+        env = preflight_host() if args.host else preflight(args.image)
     except Unavailable as exc:
         print(f"gpu.py: {exc}", file=sys.stderr)
         return 2
     print(f"GPU: {'; '.join(env['gpus'])}")
-    print(
-        f"image: {args.image} (CUDA {env['labels'].get('com.ivd.runner.cuda')}, cuDNN "
-        f"{env['labels'].get('com.ivd.runner.cudnn')})"
-    )
+    if args.host:
+        print(f"host runner: onnxruntime {env['labels']['onnxruntime']} (CUDA provider available)")
+    else:
+        print(
+            f"image: {args.image} (CUDA {env['labels'].get('com.ivd.runner.cuda')}, cuDNN "
+            f"{env['labels'].get('com.ivd.runner.cudnn')})"
+        )
     if args.check_only:
         return 0
     slide = bench_slide(args.size, args.seed)
@@ -237,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         for device in ("cuda", "cpu"):
             print(f"running --device {device} on {slide} ...", flush=True)
             try:
-                result = run_image(env["client"], args.image, slide, Path(tmp), device, args)
+                if args.host:
+                    result = run_host(slide, Path(tmp), device, args)
+                else:
+                    result = run_image(env["client"], args.image, slide, Path(tmp), device, args)
             except RuntimeError as exc:
                 print(f"gpu.py: {' '.join(str(exc).split())}", file=sys.stderr)
                 return 1

@@ -50,6 +50,7 @@ def _key(*modules: Any) -> str:
 def cached_models() -> Path:
     target = CACHE / f"models-{_key(demo_models, synthetic)}"
     if not target.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".tmp-"))
         demo_models.write_demo_models(tmp)
         tmp.rename(target)
@@ -59,6 +60,7 @@ def cached_models() -> Path:
 def cached_slide(size: int, seed: int) -> Path:
     target = CACHE / f"bench-{size}-{seed}-{_key(synthetic)}" / "slide.tiff"
     if not target.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".tmp-"))
         t0 = time.perf_counter()
         print(f"generating a {size} x {size} synthetic slide (cached afterwards)...", flush=True)
