@@ -854,33 +854,89 @@ def last_commits(
     topological order, each diffed against its parents by one ``git diff-tree --stdin``
     process, and the pass stops as soon as every folder has its answer.
 
-    With ``cache_dir`` the answers are kept for the start commit: a later pass whose walk
-    reaches that commit takes them from there (a commit's ancestry never changes), so it
-    reads only the history added since, however long the rest is.
+    With ``cache_dir`` the answers are kept for the start commit: a later pass lists and
+    walks only the commits added since (``rev-list HEAD ^KEPT``) and takes the kept answers
+    for what is still pending there (a commit's ancestry never changes), so re-planning does
+    not grow with the length of history. Only when a folder waits elsewhere (a branch merged
+    since that forked before the kept commit) does it read the whole history again.
     """
     wanted = frozenset(f.strip("/") for f in folders)
     found: dict[str, str | None] = dict.fromkeys(wanted)
     repo = git.Repo(root)
     try:
-        listing = repo.git.rev_list("--topo-order", "--parents", ref, "--", env=GIT_ENV)
+        head = repo.git.rev_parse("--verify", "--end-of-options", f"{ref}^{{commit}}", env=GIT_ENV)
     except git.GitCommandError:
         raise ConfigError(
             f"{root}: ref {ref!r} does not exist",
             hint="use a branch, tag or commit of the customer repo",
         ) from None
-    graph = [line.split() for line in listing.splitlines() if line.strip()]
-    if not graph:
-        return found
     if "" in wanted:  # the repository itself: the ref's commit
-        found[""] = graph[0][0]
+        found[""] = head
     folders_only = wanted - {""}
     if not folders_only:
         return found
-    parents = {row[0]: row[1:] for row in graph}
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    cache = cache_dir / f"{key}.json" if cache_dir is not None else None
+    known = _cached_answers(cache) if cache is not None else None
+    if known is not None and _is_ancestor(repo, known[0], head):
+        # Only the history added since the kept pass: what is still pending when the walk
+        # reaches the kept start commit takes its answers there. A folder pending anywhere
+        # else (a merged branch forked before it) or new since needs the whole history.
+        left = _pass(root, _graph(repo, head, exclude=known[0]), head, folders_only, found)
+        if left.keys() <= {known[0]} and left.get(known[0], set()) <= known[1].keys():
+            found.update({f: known[1][f] for f in left.get(known[0], set())})
+        else:
+            found.update(dict.fromkeys(folders_only))
+            _pass(root, _graph(repo, head), head, folders_only, found, known)
+    else:
+        _pass(root, _graph(repo, head), head, folders_only, found, known)
+    if cache is not None:
+        answers = {f: found[f] for f in folders_only}
+        if known is not None and known[0] == head:
+            answers = {**known[1], **answers}
+        with contextlib.suppress(OSError, BuilderError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            data = json.dumps({"commit": head, "answers": answers}, sort_keys=True)
+            write_atomic(cache, data.encode())
+    return found
+
+
+def _is_ancestor(repo: git.Repo, ancestor: str, commit: str) -> bool:
+    """Whether ``ancestor`` is in ``commit``'s history (False for a commit gone after a
+    rewrite or a garbage collection)."""
+    try:
+        repo.git.merge_base("--is-ancestor", ancestor, commit, env=GIT_ENV)
+    except git.GitCommandError:
+        return False
+    return True
+
+
+def _graph(repo: git.Repo, head: str, *, exclude: str | None = None) -> list[list[str]]:
+    """``git rev-list --topo-order --parents`` rows from ``head`` (without ``exclude``'s
+    history): each commit followed by its parents."""
+    args = ["--topo-order", "--parents", head] + ([f"^{exclude}"] if exclude else [])
+    listing = repo.git.rev_list(*args, "--", env=GIT_ENV)
+    return [line.split() for line in listing.splitlines() if line.strip()]
+
+
+def _pass(
+    root: Path,
+    graph: Sequence[Sequence[str]],
+    head: str,
+    folders: frozenset[str],
+    found: dict[str, str | None],
+    known: tuple[str, Mapping[str, str | None]] | None = None,
+) -> dict[str, set[str]]:
+    """One walk down ``graph`` (see :func:`last_commits`) filling ``found``; returns the
+    folders still pending, by the commit they wait at (a commit outside ``graph``)."""
+    pending: dict[str, set[str]] = {head: set(folders)}
+    if not graph:
+        return pending
+    parents = {row[0]: list(row[1:]) for row in graph}
     # One input line per (commit, parent) pair, a root commit alone; with --always each line
     # gets its header even when the diff is empty, so the k-th block answers the k-th line.
     lines = [(row[0], p) for row in graph for p in (row[1:] or [""])]
-    tops = sorted({f.split("/", 1)[0] for f in folders_only})
+    tops = sorted({f.split("/", 1)[0] for f in folders})
     command = [
         "git",
         "-C",
@@ -896,10 +952,6 @@ def last_commits(
         "--",
         *tops,
     ]
-    pending: dict[str, set[str]] = {graph[0][0]: set(folders_only)}
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    cache = cache_dir / f"{key}.json" if cache_dir is not None else None
-    known = _cached_answers(cache) if cache is not None else None
     with subprocess.Popen(
         command,
         stdin=subprocess.PIPE,
@@ -922,19 +974,10 @@ def last_commits(
 
         writer = threading.Thread(target=feed, args=(proc.stdin,), daemon=True)
         writer.start()
-        blocks = _diff_blocks(proc.stdout, folders_only)
-        _walk(lines, parents, blocks, pending, found, known)
+        _walk(lines, parents, _diff_blocks(proc.stdout, folders), pending, found, known)
         proc.kill()
         writer.join(timeout=5)
-    if cache is not None:
-        answers = {f: found[f] for f in folders_only}
-        if known is not None and known[0] == graph[0][0]:
-            answers = {**known[1], **answers}
-        with contextlib.suppress(OSError, BuilderError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            data = json.dumps({"commit": graph[0][0], "answers": answers}, sort_keys=True)
-            write_atomic(cache, data.encode())
-    return found
+    return pending
 
 
 def _cached_answers(path: Path) -> tuple[str, dict[str, str | None]] | None:

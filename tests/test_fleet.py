@@ -362,6 +362,20 @@ def _check_answers_kept_for_the_next_pass(repo: Path, folders: list[str], cache:
     assert again[folders[7]] == first[folders[7]] and again[folders[1]] != first[folders[1]]
     kept.write_text(json.dumps(planted))
     assert last_commits(repo, "HEAD", folders, cache_dir=cache)[folders[7]] == "f" * 40
+    # A branch forked before the kept commit and merged since: its folder waits at a commit
+    # the short walk never reaches, so the whole history is read, still git's answers.
+    assert json.loads(kept.read_text())["commit"] == _git("rev-parse", "HEAD", cwd=repo)
+    _git("checkout", "-q", "-b", "old-fork", "HEAD~30", cwd=repo)
+    (repo / folders[9]).mkdir(exist_ok=True)
+    (repo / folders[9] / "NOTES.md").write_text("changed on an old fork\n")
+    _git("add", folders[9], cwd=repo)
+    _git(*git_id, "commit", "-qm", "old fork", cwd=repo)
+    _git("checkout", "-q", "main", cwd=repo)
+    _git(*git_id, "merge", "-q", "--no-ff", "-m", "merge old fork", "old-fork", cwd=repo)
+    late = last_commits(repo, "HEAD", folders, cache_dir=cache)
+    want = {folder: _rev_list(repo, "HEAD", folder) for folder in folders}
+    assert late == {**want, folders[7]: "f" * 40}
+    assert late[folders[9]] != again[folders[9]]
     kept.unlink()
 
 
