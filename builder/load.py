@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -136,6 +137,40 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
     return RepoSource(location=redact_url(url), root=target, subdir="", url=canonical_repo_url(url))
 
 
+_LINK_MODE = "120000"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One ``git ls-tree`` entry: mode, kind (blob, tree, commit), object id, blob size."""
+
+    mode: str
+    kind: str
+    sha: str
+    size: int
+
+
+def _is_below(path: str, folder: str) -> bool:
+    return not folder or path == folder or path.startswith(folder + "/")
+
+
+def _ls_tree(tree: git.Tree, path: str, *, recursive: bool) -> dict[str, _Entry]:
+    """``git ls-tree -l -z`` of ``path`` in ``tree`` (with ``recursive``: everything below it
+    and the folders leading to it), by full path."""
+    args = ["-l", "-z", "--full-tree", *(["-r", "-t"] if recursive else []), tree.hexsha]
+    raw = tree.repo.git.ls_tree(*args, *(["--", path] if path else []), stdout_as_string=False)
+    entries: dict[str, _Entry] = {}
+    for record in bytes(raw).split(b"\0"):
+        if not record:
+            continue
+        head, _, name = record.partition(b"\t")
+        mode, kind, sha, size = head.decode("ascii").split()
+        entries[name.decode("utf-8", "surrogateescape")] = _Entry(
+            mode, kind, sha, int(size) if size.isdigit() else 0
+        )
+    return entries
+
+
 @dataclass(frozen=True)
 class _Snapshot:
     """The customer folder's files at one revision (or in the work tree)."""
@@ -174,22 +209,36 @@ class _Snapshot:
                 hint="rename the file",
             )
 
-    def _git_item(self, rel: str) -> git.Blob | git.Tree | None:
-        """The tree entry at ``rel``, refusing a symlink anywhere on the way."""
+    @cached_property
+    def _entries(self) -> dict[str, _Entry]:
+        """Every entry at and below the customer folder and the folders on the way to it,
+        from one ``git ls-tree``: walking the trees in Python would parse each of them,
+        and in a shared repository the ``customers`` tree grows with the fleet."""
         assert self.tree is not None
-        item: Any = self.tree
+        return _ls_tree(self.tree, self.source.subdir, recursive=True)
+
+    def _entry(self, path: str) -> _Entry | None:
+        found = self._entries.get(path)
+        if found is None and not _is_below(path, self.source.subdir):
+            # A component above the folder that the listing did not show: a symlink, say.
+            assert self.tree is not None
+            found = _ls_tree(self.tree, path, recursive=False).get(path)
+        return found
+
+    def _git_item(self, rel: str) -> _Entry | None:
+        """The tree entry at ``rel``, refusing a symlink anywhere on the way."""
+        item: _Entry | None = None
         walked: list[str] = []
         for part in PurePosixPath(rel).parts:
-            if not isinstance(item, git.Tree):
+            if item is not None and item.kind != "tree":
                 return None
             walked.append(part)
-            try:
-                item = item / part
-            except KeyError:
+            item = self._entry("/".join(walked))
+            if item is None:
                 return None
-            if isinstance(item, git.Blob) and item.mode == git.Blob.link_mode:
+            if item.mode == _LINK_MODE:
                 raise self._refuse_link("/".join(walked))
-        return item if isinstance(item, git.Blob | git.Tree) else None
+        return item
 
     def _work_path(self, rel: str) -> Path:
         """The work-tree path of ``rel``, refusing a symlink anywhere on the way."""
@@ -211,11 +260,12 @@ class _Snapshot:
                 yamldoc.check_size(path.stat().st_size, self.origin(relpath))
             return path.read_bytes()
         blob = self._git_item(rel)
-        if not isinstance(blob, git.Blob):
+        if blob is None or blob.kind != "blob":
             return None
         if yaml:
             yamldoc.check_size(blob.size, self.origin(relpath))
-        return bytes(blob.data_stream.read())
+        assert self.tree is not None
+        return bytes(self.tree.repo.odb.stream(bytes.fromhex(blob.sha)).read())
 
     def list_files(self, relfolder: str) -> list[str]:
         """Files below a folder, relative to it, sorted; a symlink among them is refused."""
@@ -236,15 +286,15 @@ class _Snapshot:
                 )
             return sorted(found)
         tree = self._git_item(rel)
-        if not isinstance(tree, git.Tree):
+        if tree is None or tree.kind != "tree":
             return []
         out = []
-        for item in tree.traverse():
-            if isinstance(item, git.Blob):
-                if item.mode == git.Blob.link_mode:
-                    raise self._refuse_link(str(item.path))
-                self._check_name(str(item.path))
-                out.append(PurePosixPath(item.path).relative_to(tree.path).as_posix())
+        for path, item in self._entries.items():
+            if item.kind == "blob" and _is_below(path, rel) and path != rel:
+                if item.mode == _LINK_MODE:
+                    raise self._refuse_link(path)
+                self._check_name(path)
+                out.append(PurePosixPath(path).relative_to(rel).as_posix())
         return sorted(out)
 
     def origin(self, relpath: str) -> str:
