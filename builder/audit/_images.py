@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Final
 
-from builder.attest import layout_referrers, registry_referrers
+from builder.attest.referrers import layout_referrers, registry_referrers
 from builder.audit.text import short
 from builder.errors import ImageError
 from builder.oci import (

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
-from builder.attest import (
-    MEDIA_CYCLONEDX,
+from builder.attest.dsse import (
     MEDIA_DSSE,
-    MEDIA_INTOTO,
     AttestationError,
     envelope_payload,
     load_public_key,
     verify_envelope,
 )
+from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO
 from builder.audit._images import (
     ArchiveImage,
     ImageFiles,
