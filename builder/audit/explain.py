@@ -31,7 +31,7 @@ from builder.audit._images import (
 )
 from builder.audit.history import location_of
 from builder.audit.records import ReleaseRecord, read_release_records
-from builder.audit.text import repository_of, short
+from builder.audit.text import pinned, short
 from builder.errors import BuilderError, ConfigError, ImageError
 from builder.load import load_customer, open_source
 from builder.oci import Descriptor
@@ -639,7 +639,7 @@ def shipped_reference(
             hint="explain an image by its reference (host/repo:tag or @sha256:...) instead",
         )
     record = chosen[-1]
-    reference = f"{repository_of(record.image)}@{record.manifest_digest}"
+    reference = pinned(record.image, record.manifest_digest)
     now, note = _moving_tag_note(record, settings, insecure)
     return reference, {
         "customer": spec.customer,

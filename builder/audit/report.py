@@ -18,7 +18,7 @@ from builder.audit._images import open_image
 from builder.audit.explain import read_attestations
 from builder.audit.history import Change, History, HistoryEntry, diff_configs, find_commit, history
 from builder.audit.records import ReleaseRecord
-from builder.audit.text import repository_of, short
+from builder.audit.text import pinned, repository_of, short
 from builder.audit.verify import verify
 from builder.deliver import RegistryClient, parse_reference
 from builder.errors import BuilderError
@@ -178,7 +178,7 @@ def _review_of(repo: git.Repo, sha: str, tip: str) -> dict[str, Any]:
 
 def _release_status(record: ReleaseRecord, settings: Settings) -> dict[str, Any]:
     """Signature state of a released image, read from the registry (no file hashing)."""
-    reference = f"{repository_of(record.image)}@{record.manifest_digest}"
+    reference = pinned(record.image, record.manifest_digest)
     try:
         image = open_image(reference, settings)
         descriptors, where = image.referrers()
@@ -196,7 +196,7 @@ def _release_status(record: ReleaseRecord, settings: Settings) -> dict[str, Any]
 
 def _verify_status(record: ReleaseRecord, settings: Settings) -> dict[str, Any]:
     """``verify`` of a released image: MATCH, MISMATCH with the first difference, or why not."""
-    reference = f"{repository_of(record.image)}@{record.manifest_digest}"
+    reference = pinned(record.image, record.manifest_digest)
     try:
         result = verify(reference, settings)
     except BuilderError as exc:

@@ -16,3 +16,8 @@ def repository_of(image: str) -> str:
     head = image.partition("@")[0]
     repo, _, tag = head.rpartition(":")
     return repo if repo and "/" not in tag else head
+
+
+def pinned(image: str, digest: str) -> str:
+    """``host/repo@sha256:...``: the image a record names, by its digest rather than its tag."""
+    return f"{repository_of(image)}@{digest}"
