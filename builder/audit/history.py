@@ -21,8 +21,10 @@ from builder.errors import BuilderError, ConfigError
 from builder.load import _URL, load_customer, open_source
 from builder.lock import models_from_lock, read_lock
 from builder.provenance import dir_hash
+from builder.registries import open_registry
 from builder.resolve import resolve
 from builder.settings import Settings
+from builder.storage import open_store
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,6 @@ class Resolver:
         if self._failure is not None:
             raise BuilderError(self._failure)
         if self._backend is None:
-            from builder.registries import open_registry
-            from builder.storage import open_store
-
             try:
                 self._backend = (
                     open_registry(self.settings.model_registry),
