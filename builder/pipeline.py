@@ -7,11 +7,13 @@ stage's time goes into the report so a slow build shows where the time went.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ from builder.assemble import (
     assemble,
     resolve_base,
 )
+from builder.attest.dsse import load_private_key
+from builder.attest.referrers import attest_build
+from builder.attest.statement import BuildFacts, ci_details
 from builder.base_image import variant_repository
 from builder.contract import (
     CONTRACT_LABEL,
@@ -38,7 +43,7 @@ from builder.cook import Cooked, cook, release_lock_drift
 from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
 from builder.expand import MODELS_DIR, expand
 from builder.fetch import Cache, FetchResult, fetch
-from builder.load import LOCK_FILE
+from builder.load import LOCK_FILE, read_committed_file
 from builder.lock import read_lock
 from builder.provenance import (
     image_labels,
@@ -285,8 +290,6 @@ def _preflight(request: BuildRequest) -> None:
     if request.load or request.backend == "docker":
         docker_client(30).close()  # no engine: say so before any work, in one line
     if request.sign_key is not None:
-        from builder.attest import load_private_key
-
         load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
 
 
@@ -477,6 +480,64 @@ def _build_with_docker(
         report.outputs["registry"] = f"{report.image}@{report.manifest_digest}"
 
 
+def facts_from_build(
+    request: BuildRequest,
+    report: BuildReport,
+    image: AssembledImage,
+    spec: CustomerSpec,
+    *,
+    finished: datetime | None = None,
+) -> BuildFacts:
+    """BuildFacts of a finished build (start time: now minus the stage timings)."""
+    finished = finished or datetime.now(UTC)
+    labels = (json.loads(image.config_bytes).get("config") or {}).get("Labels") or {}
+    lock = read_committed_file(spec, LOCK_FILE) if request.locked else None
+    repository, _, folder = spec.source.url.partition("#")
+    return BuildFacts(
+        image=report.image,
+        manifest=image.manifest_descriptor,
+        config_digest=image.config_digest,
+        customer=spec.customer,
+        repository=repository,
+        config_path=folder or ".",
+        analysis_path=spec.analysis_path,
+        ref=spec.ref,
+        commit=spec.commit,
+        source_date_epoch=spec.commit_time,
+        base=dict(report.base),
+        base_constraint=spec.base_version,
+        models=list(report.models),
+        verbose_sha256=str(labels.get("com.ivd.config.sha256", "")),
+        development=report.development,
+        locked=request.locked,
+        lock_sha256=hashlib.sha256(lock).hexdigest() if lock is not None else None,
+        started=finished - timedelta(seconds=sum(report.timings.values())),
+        finished=finished,
+        base_override=request.base_version,
+        allow_unpublished=request.allow_unpublished,
+        ci=ci_details(),
+    )
+
+
+def _attest(
+    request: BuildRequest, report: BuildReport, image: AssembledImage, spec: CustomerSpec
+) -> None:
+    """Attest a finished build where its image went; the report's ``outputs`` gain
+    ``attestations`` (and ``referrers`` when pushed)."""
+    attested = attest_build(
+        facts_from_build(request, report, image, spec),
+        image.store.root.parent / "attestations" / image.manifest_digest.partition(":")[2],
+        sign_key=request.sign_key,
+        oci_layout=request.oci_layout,
+        push_tags=report.tags if request.push else (),
+        insecure=request.insecure,
+    )
+    report.outputs["attestations"] = str(attested.directory)
+    if request.push:
+        report.outputs["referrers"] = attested.referrers
+        report.bytes_uploaded += attested.bytes_uploaded
+
+
 def build(
     request: BuildRequest,
     settings: Settings,
@@ -603,7 +664,5 @@ def build(
             report.outputs["store"] = str(store.root)
             _deliver(request, image, report, immutable, moving, progress)
         with stage("attest"):
-            from builder.attest import attest_build
-
-            attest_build(request, report, image, spec, request.sign_key)
+            _attest(request, report, image, spec)
         return report

@@ -24,25 +24,29 @@ from typing import Any
 import pytest
 import requests
 
-from builder.attest import (
-    MEDIA_CYCLONEDX,
+from builder.attest.dsse import (
     MEDIA_DSSE,
-    MEDIA_INTOTO,
-    SLSA_PROVENANCE,
     AttestationError,
-    BuildFacts,
-    attach_to_layout,
-    ci_details,
-    fallback_tag,
     key_id,
-    layout_referrers,
     load_public_key,
-    make_attestations,
     pae,
-    push_referrers,
-    registry_referrers,
     sign_envelope,
     verify_envelope,
+)
+from builder.attest.referrers import (
+    attach_to_layout,
+    fallback_tag,
+    layout_referrers,
+    make_attestations,
+    push_referrers,
+    registry_referrers,
+)
+from builder.attest.statement import (
+    MEDIA_CYCLONEDX,
+    MEDIA_INTOTO,
+    SLSA_PROVENANCE,
+    BuildFacts,
+    ci_details,
 )
 from builder.deliver import RegistryClient
 from builder.errors import ConfigError

@@ -775,7 +775,7 @@ def test_verify_clones_a_recorded_bare_repository(world: World, tmp_path: Path) 
 
 
 def test_diff_says_default_for_unset_values() -> None:
-    from builder.audit import ResolvedConfig, diff_configs
+    from builder.audit.history import ResolvedConfig, diff_configs
 
     def config(params: dict[str, Any]) -> ResolvedConfig:
         return ResolvedConfig(

@@ -39,7 +39,7 @@ def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> Non
     Models are read from each revision's lock file; without one the model registry is asked
     as it is now (the output says so).
     """
-    from builder.audit import history
+    from builder.audit.history import history
 
     hist = history(customer, load_cli_settings(overrides), ref=ref)
 
@@ -74,7 +74,7 @@ def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> Non
 def diff_cmd(customer: str, rev_a: str, rev_b: str, as_json: bool, **overrides: Any) -> None:
     """What changed in CUSTOMER's resolved config from REV_A to REV_B (models, tasks, weights,
     thresholds, base), not a text diff."""
-    from builder.audit import diff
+    from builder.audit.history import diff
 
     result = diff(customer, load_cli_settings(overrides), rev_a, rev_b)
 
@@ -173,7 +173,7 @@ def _target(
     target: str, settings: Any, base_version: str | None, at: str | None, insecure: bool | None
 ) -> tuple[str, dict[str, Any] | None]:
     """An image reference as given, or the image a customer name was shipped (release records)."""
-    from builder.audit import names_a_customer, shipped_reference
+    from builder.audit.explain import names_a_customer, shipped_reference
     from builder.errors import ConfigError
 
     if not names_a_customer(target):
@@ -214,7 +214,7 @@ def explain_cmd(
     recorded release, signed (by which key), files intact. The model files inside are hashed
     and checked against the recorded sha256; exit code 10 if any check fails.
     """
-    from builder.audit import AUDIT_FAILED, explain
+    from builder.audit.explain import AUDIT_FAILED, explain
 
     settings = load_cli_settings(overrides)
     insecure = True if insecure_registry else None
@@ -261,7 +261,8 @@ def verify_cmd(
     the working directory's. Every layer is re-tarred in a scratch blob store (weights come from
     the verified cache). Exit code 10 on a mismatch.
     """
-    from builder.audit import AUDIT_FAILED, verify
+    from builder.audit.explain import AUDIT_FAILED
+    from builder.audit.verify import verify
 
     settings = load_cli_settings(overrides)
     insecure = True if insecure_registry else None
@@ -317,7 +318,7 @@ def audit_cmd(
     verify state and approvals, the configuration timeline with who approved each change, model
     lineage, the changes between releases, and registry tags that no release record names (one
     self-contained file, no network resources; prints cleanly to PDF)."""
-    from builder.audit import write_report
+    from builder.audit.report import write_report
 
     data = write_report(
         customer, load_cli_settings(overrides), html, ref=ref, verify_releases=verify_releases

@@ -1,0 +1,486 @@
+"""Attestations as OCI 1.1 referrers of the image, and the one call the pipeline makes.
+
+The documents are stored next to the image: in an OCI image layout, and in a registry
+(through the referrers API where the registry has it, else the ``sha256-<hex>`` tag schema).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from builder.attest.dsse import MEDIA_DSSE, AttestationError, envelope_payload, sign_envelope
+from builder.attest.statement import (
+    ENVELOPE_FILE,
+    MEDIA_CYCLONEDX,
+    MEDIA_INTOTO,
+    PROVENANCE_FILE,
+    SBOM_FILE,
+    SLSA_PROVENANCE,
+    BuildFacts,
+    provenance_statement,
+    rfc3339,
+    sbom,
+)
+from builder.deliver import RegistryClient, RetryPolicy, parse_reference, split_repository
+from builder.errors import BuilderError, ImageError
+from builder.fsutil import write_atomic
+from builder.oci import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    canonical_json,
+    layout_blob_path,
+    read_layout_blob,
+    read_layout_index,
+    sha256_digest,
+    update_layout_index,
+)
+
+MEDIA_EMPTY: Final = "application/vnd.oci.empty.v1+json"
+EMPTY_CONFIG: Final = b"{}"
+PREDICATE_ANNOTATION: Final = "in-toto.io/predicate-type"
+TITLE_ANNOTATION: Final = "org.opencontainers.image.title"
+CREATED_ANNOTATION: Final = "org.opencontainers.image.created"
+#: Annotation naming which of our documents an artifact holds: "provenance" or "sbom".
+KIND_ANNOTATION: Final = "com.ivd.attestation"
+
+
+# -- the documents as OCI artifacts ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One document to attach to an image as an OCI 1.1 referrer."""
+
+    kind: str  # "provenance" | "sbom"
+    artifact_type: str
+    media_type: str  # of its single layer
+    data: bytes
+    file_name: str
+    created: str  # RFC 3339: the build's end (provenance), the config commit time (SBOM)
+    predicate_type: str | None = None
+
+    @property
+    def layer(self) -> Descriptor:
+        """The descriptor of the document blob."""
+        annotations = {TITLE_ANNOTATION: self.file_name}
+        if self.predicate_type:
+            annotations[PREDICATE_ANNOTATION] = self.predicate_type
+        return Descriptor(self.media_type, sha256_digest(self.data), len(self.data), annotations)
+
+    def manifest(self, subject: Descriptor) -> bytes:
+        """The artifact manifest: empty config, the document as its layer, ``subject`` set."""
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": self.artifact_type,
+            "config": empty_descriptor().to_dict(),
+            "layers": [self.layer.to_dict()],
+            "subject": Descriptor(subject.media_type, subject.digest, subject.size).to_dict(),
+            "annotations": self.annotations,
+        }
+        return canonical_json(manifest)
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        """Annotations of the artifact manifest (copied into referrers index entries)."""
+        out = {CREATED_ANNOTATION: self.created, KIND_ANNOTATION: self.kind}
+        if self.predicate_type:
+            out[PREDICATE_ANNOTATION] = self.predicate_type
+        return out
+
+
+def empty_descriptor() -> Descriptor:
+    """The OCI empty descriptor (``{}``) used as the config of artifact manifests."""
+    return Descriptor(MEDIA_EMPTY, sha256_digest(EMPTY_CONFIG), len(EMPTY_CONFIG))
+
+
+@dataclass(frozen=True)
+class Attestations:
+    """The provenance Statement (signed or not) and the SBOM of one image."""
+
+    subject: Descriptor
+    statement: dict[str, Any]
+    sbom: dict[str, Any]
+    envelope: dict[str, Any] | None
+    created: str  # when the build finished
+    sbom_created: str  # the config commit time: the same image always gets the same SBOM
+
+    @property
+    def artifacts(self) -> list[Artifact]:
+        """Provenance (a DSSE envelope when signed, else the bare Statement) and SBOM."""
+        if self.envelope is not None:
+            provenance = Artifact(
+                "provenance",
+                MEDIA_DSSE,
+                MEDIA_DSSE,
+                canonical_json(self.envelope),
+                ENVELOPE_FILE,
+                self.created,
+                SLSA_PROVENANCE,
+            )
+        else:
+            provenance = Artifact(
+                "provenance",
+                MEDIA_INTOTO,
+                MEDIA_INTOTO,
+                canonical_json(self.statement),
+                PROVENANCE_FILE,
+                self.created,
+                SLSA_PROVENANCE,
+            )
+        sbom_artifact = Artifact(
+            "sbom", MEDIA_CYCLONEDX, MEDIA_CYCLONEDX, self.sbom_bytes, SBOM_FILE, self.sbom_created
+        )
+        return [provenance, sbom_artifact]
+
+    @property
+    def sbom_bytes(self) -> bytes:
+        return canonical_json(self.sbom)
+
+    def manifests(self) -> list[tuple[Artifact, bytes]]:
+        """Each artifact with its manifest bytes."""
+        return [(a, a.manifest(self.subject)) for a in self.artifacts]
+
+    def write_files(self, directory: Path) -> list[Path]:
+        """Write the documents as plain files (for archiving with the build report)."""
+        files = {PROVENANCE_FILE: canonical_json(self.statement), SBOM_FILE: self.sbom_bytes}
+        if self.envelope is not None:
+            files[ENVELOPE_FILE] = canonical_json(self.envelope)
+        out = []
+        for name, data in files.items():
+            write_atomic(directory / name, data)
+            out.append(directory / name)
+        return out
+
+
+def make_attestations(facts: BuildFacts, sign_key: Path | None = None) -> Attestations:
+    """SBOM first (its digest goes into the provenance byproducts), then the Statement."""
+    bom = sbom(facts)
+    statement = provenance_statement(
+        facts, sbom_sha256=hashlib.sha256(canonical_json(bom)).hexdigest()
+    )
+    envelope = sign_envelope(canonical_json(statement), sign_key) if sign_key else None
+    return Attestations(
+        subject=facts.manifest,
+        statement=statement,
+        sbom=bom,
+        envelope=envelope,
+        created=rfc3339(facts.finished),
+        sbom_created=rfc3339(datetime.fromtimestamp(facts.source_date_epoch, UTC)),
+    )
+
+
+# -- one provenance per build definition and run --------------------------------------------
+
+
+def _identity(media_type: str, data: bytes) -> str | None:
+    """What makes two provenance documents the same attestation: type, signers, and the
+    Statement without the run's start and end times (None: not a provenance we can read)."""
+    try:
+        doc = json.loads(data)
+        signers: list[str] = []
+        if media_type == MEDIA_DSSE:
+            signers = sorted(str(s.get("keyid")) for s in doc.get("signatures") or [])
+            doc = json.loads(envelope_payload(doc))
+        metadata = doc["predicate"]["runDetails"].get("metadata") or {}
+        for key in ("startedOn", "finishedOn"):
+            metadata.pop(key, None)
+    except (ValueError, KeyError, TypeError, AttributeError, AttestationError):
+        return None
+    return hashlib.sha256(canonical_json([media_type, signers, doc])).hexdigest()
+
+
+def _already_attached(
+    artifact: Artifact,
+    manifest: bytes,
+    existing: Sequence[Descriptor],
+    read_manifest: Callable[[str], bytes],
+    read_blob: Callable[[str], bytes],
+) -> Descriptor | None:
+    """An attached artifact saying the same as ``artifact``, if there is one.
+
+    The SBOM is deterministic, so the same manifest digest is the same document. A provenance
+    differs per run only in its times: one pushed again for the same build definition and CI
+    invocation (a re-push from the same job) is not attached twice.
+    """
+    digest = sha256_digest(manifest)
+    for descriptor in existing:
+        if descriptor.digest == digest:
+            return descriptor
+    if artifact.kind != "provenance":
+        return None
+    wanted = _identity(artifact.media_type, artifact.data)
+    for descriptor in existing:
+        if descriptor.extra.get("artifactType") != artifact.artifact_type:
+            continue
+        try:
+            layers = json.loads(read_manifest(descriptor.digest)).get("layers") or []
+            layer = Descriptor.from_dict(layers[0])
+            if (
+                wanted is not None
+                and layer.media_type == artifact.media_type
+                and _identity(layer.media_type, read_blob(layer.digest)) == wanted
+            ):
+                return descriptor
+        except (BuilderError, ValueError, IndexError, AttributeError):
+            continue
+    return None
+
+
+# -- OCI image layout ------------------------------------------------------------------------
+
+
+def _write_blob(directory: Path, data: bytes) -> None:
+    path = layout_blob_path(directory, sha256_digest(data))
+    if not path.exists():
+        write_atomic(path, data)
+
+
+def attach_to_layout(directory: Path, attestations: Attestations) -> list[Descriptor]:
+    """Add the artifacts to the OCI image layout holding the subject image.
+
+    Blobs go into ``blobs/sha256``; each artifact manifest is listed in ``index.json`` with its
+    ``artifactType`` and no ref name, which is how oras and the image-layout spec find
+    referrers in a layout (by reading the manifests' ``subject``).
+    """
+    try:
+        read_layout_index(directory)
+    except ImageError as exc:
+        raise ImageError(f"{directory} is not an OCI image layout: {exc}") from None
+    if not layout_blob_path(directory, attestations.subject.digest).is_file():
+        raise ImageError(
+            f"OCI layout {directory} does not hold image {attestations.subject.digest}"
+        )
+    added = []
+    _write_blob(directory, EMPTY_CONFIG)
+    existing = layout_referrers(directory, attestations.subject.digest)
+    for artifact, manifest in attestations.manifests():
+        same = _already_attached(
+            artifact,
+            manifest,
+            existing,
+            lambda d: read_layout_blob(directory, d),
+            lambda d: read_layout_blob(directory, d),
+        )
+        if same is not None:
+            added.append(same)
+            continue
+        _write_blob(directory, artifact.data)
+        _write_blob(directory, manifest)
+        descriptor = Descriptor(
+            OCI_MANIFEST,
+            sha256_digest(manifest),
+            len(manifest),
+            artifact.annotations,
+            {"artifactType": artifact.artifact_type},
+        )
+        added.append(descriptor)
+    new = [d.to_dict() for d in added]
+
+    def merge(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        have = {e.get("digest") for e in entries}
+        return entries + [d for d in new if d["digest"] not in have]
+
+    # The layout's one locked index writer: concurrent builds into one layout keep every entry.
+    update_layout_index(directory, merge)
+    return added
+
+
+def layout_referrers(directory: Path, digest: str) -> list[Descriptor]:
+    """Descriptors (with artifactType) of the manifests in a layout whose subject is ``digest``."""
+    found = []
+    for entry in read_layout_index(directory):
+        descriptor = entry.descriptor
+        if descriptor.media_type != OCI_MANIFEST or entry.ref_name:
+            continue
+        try:
+            manifest = json.loads(read_layout_blob(directory, descriptor.digest))
+        except (ImageError, ValueError):
+            continue
+        if (manifest.get("subject") or {}).get("digest") == digest:
+            found.append(_referrer_descriptor(descriptor, manifest))
+    return found
+
+
+def _referrer_descriptor(descriptor: Descriptor, manifest: Mapping[str, Any]) -> Descriptor:
+    """The referrers-index form of an artifact manifest's descriptor."""
+    extra = dict(descriptor.extra)
+    artifact_type = manifest.get("artifactType") or (manifest.get("config") or {}).get("mediaType")
+    if artifact_type:
+        extra["artifactType"] = artifact_type
+    annotations = dict(manifest.get("annotations") or {}) or dict(descriptor.annotations)
+    return Descriptor(descriptor.media_type, descriptor.digest, descriptor.size, annotations, extra)
+
+
+# -- registry --------------------------------------------------------------------------------
+
+
+def fallback_tag(digest: str) -> str:
+    """The referrers tag schema's tag for a subject digest: ``sha256-<hex>``."""
+    algorithm, _, hex_ = digest.partition(":")
+    return f"{algorithm}-{hex_}"
+
+
+@dataclass(frozen=True)
+class ReferrersPush:
+    """What :func:`push_referrers` did in one repository."""
+
+    repository: str
+    manifests: tuple[str, ...]  # artifact manifest digests
+    mode: str  # "referrers-api" | "tag-schema"
+    tag: str | None = None  # the fallback tag, in tag-schema mode
+    bytes_uploaded: int = 0  # every byte sent: blobs uploaded, manifests and index written
+
+
+def registry_referrers(
+    client: RegistryClient, path: str, digest: str
+) -> tuple[list[Descriptor], str]:
+    """Referrers of ``digest`` in ``path``: from the referrers API, else the fallback tag.
+
+    Returns the descriptors and the mode used ("referrers-api" or "tag-schema").
+    """
+    api = client.referrers(path, digest)
+    if api is not None:
+        return [Descriptor.from_dict(d) for d in api], "referrers-api"
+    tag = fallback_tag(digest)
+    if client.manifest_digest(path, tag) is None:
+        return [], "tag-schema"
+    raw, _, _ = client.get_manifest(path, tag)
+    try:
+        entries = json.loads(raw).get("manifests") or []
+    except (ValueError, AttributeError):
+        raise ImageError(f"{client.host}/{path}:{tag} is not an image index") from None
+    return [Descriptor.from_dict(d) for d in entries], "tag-schema"
+
+
+def push_referrers(
+    repository: str,
+    attestations: Attestations,
+    *,
+    insecure: bool | None = None,
+    retry: RetryPolicy | None = None,
+) -> ReferrersPush:
+    """Push the artifacts to ``repository`` (``host/path``) as referrers of the image.
+
+    The subject image must already be there. Artifact manifests are pushed by digest; if the
+    registry answers the referrers API it indexes them itself. Otherwise (CNCF distribution
+    2.x) the ``sha256-<hex>`` tag is read, merged with the new descriptors and written back,
+    then read again to catch a concurrent writer (retried a few times: the schema is racy).
+    """
+    host, path = split_repository(repository)
+    client = RegistryClient(host, insecure=insecure, retry=retry)
+    if client.manifest_digest(path, attestations.subject.digest) is None:
+        raise ImageError(f"{repository} has no manifest {attestations.subject.digest} to attest")
+    descriptors = []
+    sent = 0
+    attached, mode = registry_referrers(client, path, attestations.subject.digest)
+    for artifact, manifest in attestations.manifests():
+        same = _already_attached(
+            artifact,
+            manifest,
+            attached,
+            lambda d: client.get_manifest(path, d)[0],
+            lambda d: client.get_blob_bytes(path, d),
+        )
+        if same is not None:
+            descriptors.append(same)
+            continue
+        for data, descriptor in (
+            (EMPTY_CONFIG, empty_descriptor()),
+            (artifact.data, artifact.layer),
+        ):
+            if not client.blob_exists(path, descriptor.digest):
+                client.upload_blob(path, descriptor.digest, descriptor.size, data)
+                sent += len(data)
+        digest = client.put_manifest(path, sha256_digest(manifest), manifest, OCI_MANIFEST)
+        sent += len(manifest)
+        descriptors.append(
+            Descriptor(
+                OCI_MANIFEST,
+                digest,
+                len(manifest),
+                artifact.annotations,
+                {"artifactType": artifact.artifact_type},
+            )
+        )
+    pushed = tuple(d.digest for d in descriptors)
+    if mode == "referrers-api":
+        return ReferrersPush(repository, pushed, "referrers-api", bytes_uploaded=sent)
+    tag = fallback_tag(attestations.subject.digest)
+    for _ in range(3):
+        existing, _mode = registry_referrers(client, path, attestations.subject.digest)
+        known = {d.digest for d in existing}
+        merged = [d.to_dict() for d in existing] + [
+            d.to_dict() for d in descriptors if d.digest not in known
+        ]
+        index = canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": merged})
+        client.put_manifest(path, tag, index, OCI_INDEX)
+        sent += len(index)
+        now = {d.digest for d in registry_referrers(client, path, attestations.subject.digest)[0]}
+        if set(pushed) <= now:
+            return ReferrersPush(repository, pushed, "tag-schema", tag, sent)
+    raise ImageError(
+        f"{repository}:{tag} kept changing while the attestations were added",
+        hint="another client writes the same referrers tag; push again",
+    )
+
+
+# -- the one call the pipeline makes --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttestResult:
+    """Where the attestations of one build went."""
+
+    directory: Path
+    files: tuple[Path, ...]
+    signed: bool
+    key_id: str | None
+    layout: tuple[str, ...] = ()  # artifact manifest digests added to the OCI layout
+    registry: tuple[ReferrersPush, ...] = ()
+
+    @property
+    def referrers(self) -> str:
+        """The repositories pushed to, and how, for the build report's outputs."""
+        return ", ".join(
+            f"{p.repository} ({p.mode}{': ' + p.tag if p.tag else ''})" for p in self.registry
+        )
+
+    @property
+    def bytes_uploaded(self) -> int:
+        """Every byte sent to the registries."""
+        return sum(p.bytes_uploaded for p in self.registry)
+
+
+def attest_build(
+    facts: BuildFacts,
+    directory: Path,
+    *,
+    sign_key: Path | None = None,
+    oci_layout: Path | None = None,
+    push_tags: Sequence[str] = (),
+    insecure: bool | None = None,
+) -> AttestResult:
+    """Make the provenance and SBOM of a finished build and put them where the image went.
+
+    Always written as files to ``directory``; added to ``oci_layout`` when given, and pushed
+    as referrers to the repository of every tag in ``push_tags``.
+    """
+    attestations = make_attestations(facts, sign_key)
+    files = tuple(attestations.write_files(directory))
+    layout: tuple[str, ...] = ()
+    if oci_layout:
+        layout = tuple(d.digest for d in attach_to_layout(oci_layout, attestations))
+    pushes = tuple(
+        push_referrers(repository, attestations, insecure=insecure)
+        for repository in sorted({parse_reference(t).repository for t in push_tags})
+    )
+    signer = attestations.envelope["signatures"][0]["keyid"] if attestations.envelope else None
+    return AttestResult(directory, files, sign_key is not None, signer, layout, pushes)

@@ -1,0 +1,655 @@
+"""Explain an image: read its provenance back, check its model files, labels and attached
+attestations, and find the release record that names it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+from builder.attest.dsse import (
+    MEDIA_DSSE,
+    AttestationError,
+    envelope_payload,
+    load_public_key,
+    verify_envelope,
+)
+from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO
+from builder.audit._images import (
+    ArchiveImage,
+    ImageFiles,
+    OpenedImage,
+    _json_object,
+    open_image,
+    own_layers,
+    scan_files,
+)
+from builder.audit.history import location_of
+from builder.audit.records import ReleaseRecord, read_release_records
+from builder.audit.text import pinned, short
+from builder.errors import BuilderError, ConfigError, ImageError
+from builder.load import load_customer, open_source
+from builder.oci import Descriptor
+from builder.provenance import LABEL_PREFIX
+from builder.settings import Settings
+
+#: Exit code of a failed audit check (tampered file, digest mismatch, bad signature).
+AUDIT_FAILED: Final = 10
+PROVENANCE_PATH: Final = "app/config/provenance.json"
+ANALYSIS_PATH: Final = "app/config/analysis.yaml"
+MODELS_PREFIX: Final = "app/models/"
+# Checks about attached attestations (signature, subject, digests named in them), as opposed to
+# the image's own files, labels and provenance.json ("files intact").
+_ATTESTATION_CHECKS: Final = (
+    "attestation",
+    "provenance signature",
+    "provenance subject",
+    "provenance model digests",
+    "provenance config commit",
+    "SBOM digest",
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One audit check and its outcome."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class ModelFileStatus:
+    """A recorded weight file and what the image holds at its path."""
+
+    model: str
+    file: str
+    recorded_sha256: str
+    image_sha256: str | None  # None: missing
+    size: int | None
+    status: str  # ok | MODIFIED | MISSING | UNEXPECTED
+
+
+@dataclass
+class AttestationInfo:
+    """An attestation attached to the image."""
+
+    digest: str
+    kind: str  # provenance | sbom | other
+    artifact_type: str
+    created: str | None
+    signed: bool
+    key_id: str | None
+    signature: str  # "valid" | "INVALID" | "not checked" | "unsigned"
+
+
+@dataclass
+class Explanation:
+    """Everything ``explain`` found out about an image, and its checks."""
+
+    image: str
+    kind: str
+    manifest_digest: str
+    config_digest: str
+    customer: str
+    provenance: dict[str, Any]
+    base: dict[str, Any]  # repository, version, digest, constraint
+    labels: dict[str, str]
+    created: str | None  # the image's created time (= config commit time)
+    built_at: str | None  # when the build ran (attestation or release record)
+    built_at_source: str | None
+    files: list[ModelFileStatus]
+    attestations: list[AttestationInfo]
+    attestations_where: str
+    release: dict[str, Any] | None
+    release_note: str
+    checks: list[Check]
+    ci_url: str | None = None
+    selected: dict[str, Any] | None = None  # how a customer name was turned into this image
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed."""
+        return all(c.ok for c in self.checks)
+
+    @property
+    def verdict(self) -> dict[str, Any]:
+        """The three answers a reviewer signs off on, each yes or no, with who signed.
+
+        ``recorded_release``: a release record names this digest. ``signed``: a provenance
+        signature is attached (``signed_by`` its key id; ``signature`` valid / INVALID / not
+        checked without --public-key). ``files_intact``: every model and config file matches
+        its recorded sha256 and labels, annotations and provenance agree.
+        """
+        signatures = [a for a in self.attestations if a.kind == "provenance" and a.signed]
+        states = {a.signature for a in signatures}
+        state = "INVALID" if "INVALID" in states else "valid" if "valid" in states else None
+        intact = all(c.ok for c in self.checks if not c.name.startswith(_ATTESTATION_CHECKS))
+        return {
+            "recorded_release": self.release is not None,
+            "signed": bool(signatures),
+            "signed_by": sorted({a.key_id for a in signatures if a.key_id}),
+            "signature": state or ("not checked" if signatures else "unsigned"),
+            "files_intact": intact,
+        }
+
+    def verdict_line(self) -> str:
+        """``recorded release: yes | signed: yes, by key ab12.. (valid) | files intact: yes``."""
+        v = self.verdict
+        if v["signed"]:
+            keys = ", ".join(k[:16] for k in v["signed_by"]) or "an unnamed key"
+            signed = f"yes, by key {keys} ({v['signature']})"
+        else:
+            signed = "no (unsigned)"
+        return (
+            f"recorded release: {'yes' if v['recorded_release'] else 'no'} | signed: {signed} | "
+            f"files intact: {'yes' if v['files_intact'] else 'NO'}"
+        )
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" for c in self.checks if not c.ok]
+
+
+def _not_ours(image: OpenedImage, why: str) -> ImageError:
+    return ImageError(
+        f"{image.what} was not built by ivd-image-builder: {why}",
+        hint="explain and verify only read images this tool built",
+    )
+
+
+def _read_provenance(image: OpenedImage, found: ImageFiles) -> dict[str, Any]:
+    raw = found.contents.get(PROVENANCE_PATH)
+    if raw is None:
+        raise _not_ours(image, "it has no /app/config/provenance.json")
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        raise ImageError(
+            f"{image.what}: /app/config/provenance.json is not JSON (altered?)"
+        ) from None
+    if not isinstance(record, dict) or record.get("provenance_version") != 1:
+        version = record.get("provenance_version") if isinstance(record, dict) else None
+        raise ImageError(
+            f"{image.what}: /app/config/provenance.json has provenance_version {version!r}, "
+            "which this version cannot read",
+            hint="use the builder version that made the image",
+        )
+    return record
+
+
+def _file_statuses(provenance: Mapping[str, Any], found: ImageFiles) -> list[ModelFileStatus]:
+    out = []
+    expected: set[str] = set()
+    for model in provenance.get("models") or []:
+        for f in model.get("files") or []:
+            path = f"{MODELS_PREFIX}{model['name']}/{f['name']}"
+            expected.add(path)
+            have = found.files.get(path)
+            status = "MISSING" if have is None else "ok" if have[0] == f["sha256"] else "MODIFIED"
+            out.append(
+                ModelFileStatus(
+                    model["name"],
+                    f["name"],
+                    f["sha256"],
+                    have[0] if have else None,
+                    have[1] if have else None,
+                    status,
+                )
+            )
+    for path, (sha, size) in sorted(found.files.items()):
+        if path.startswith(MODELS_PREFIX) and path not in expected:
+            rest = path.removeprefix(MODELS_PREFIX)
+            model, _, name = rest.partition("/")
+            out.append(ModelFileStatus(model, name, "", sha, size, "UNEXPECTED"))
+    return out
+
+
+def base_of(labels: Mapping[str, str], provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The base image an image was built on: repository, version and digest from the labels
+    (provenance.json records only the constraint, so a base bump leaves the config layer
+    unchanged), the constraint from provenance.json."""
+    recorded = dict(provenance.get("base_image") or {})
+    version = labels.get("com.ivd.base.version") or recorded.get("version")
+    name = labels.get("org.opencontainers.image.base.name", "")
+    repository = name.removesuffix(f":{version}") if version else name.rpartition(":")[0]
+    return {
+        "repository": recorded.get("repository") or repository or None,
+        "version": version,
+        "digest": labels.get("org.opencontainers.image.base.digest") or recorded.get("digest"),
+        "constraint": recorded.get("constraint"),
+    }
+
+
+def _consistency_checks(
+    image: OpenedImage, provenance: Mapping[str, Any], found: ImageFiles
+) -> list[Check]:
+    """Labels, manifest annotations, provenance.json and the config layer must agree."""
+    labels = image.labels
+    config = provenance.get("config") or {}
+    base = provenance.get("base_image") or {}
+    pairs = [
+        (
+            "label org.opencontainers.image.revision",
+            labels.get("org.opencontainers.image.revision"),
+            config.get("commit"),
+        ),
+        (
+            "label org.opencontainers.image.source",
+            labels.get("org.opencontainers.image.source"),
+            config.get("repository"),
+        ),
+        (
+            f"label {LABEL_PREFIX}.customer",
+            labels.get(f"{LABEL_PREFIX}.customer"),
+            provenance.get("customer"),
+        ),
+        (
+            f"label {LABEL_PREFIX}.config.sha256",
+            labels.get(f"{LABEL_PREFIX}.config.sha256"),
+            config.get("verbose_sha256"),
+        ),
+    ]
+    if base.get("digest"):  # provenance.json of builds that recorded the resolved base
+        pairs.append(
+            (
+                "label org.opencontainers.image.base.digest",
+                labels.get("org.opencontainers.image.base.digest"),
+                base.get("digest"),
+            )
+        )
+    analysis = found.files.get(ANALYSIS_PATH)
+    pairs.append(
+        (
+            "/app/config/analysis.yaml sha256",
+            analysis[0] if analysis else None,
+            config.get("verbose_sha256"),
+        )
+    )
+    for model in provenance.get("models") or []:
+        pairs.append(
+            (
+                f"label {LABEL_PREFIX}.model.{model['name']}.sha256",
+                labels.get(f"{LABEL_PREFIX}.model.{model['name']}.sha256"),
+                model.get("dir_hash"),
+            )
+        )
+    annotations = image.manifest.get("annotations") or {}
+    for key in ("org.opencontainers.image.revision", "org.opencontainers.image.base.digest"):
+        if key in annotations:
+            pairs.append((f"manifest annotation {key}", annotations.get(key), labels.get(key)))
+    checks = []
+    for name, actual, recorded in pairs:
+        ok = actual == recorded
+        detail = (
+            "agrees with provenance.json"
+            if ok
+            else f"is {actual!r}, provenance.json records {recorded!r}"
+        )
+        checks.append(Check(name, ok, detail))
+    return checks
+
+
+def _artifact_document(
+    image: OpenedImage, descriptor: Descriptor
+) -> tuple[dict[str, Any], Descriptor, bytes]:
+    manifest = _json_object(
+        image.manifest_bytes(descriptor.digest), f"attestation {descriptor.digest}"
+    )
+    layers = manifest.get("layers") or []
+    if not layers:
+        raise ImageError(f"attestation {descriptor.digest} has no layer")
+    layer = Descriptor.from_dict(layers[0])
+    return manifest, layer, image.blob(layer.digest)
+
+
+@dataclass
+class Attested:
+    infos: list[AttestationInfo] = field(default_factory=list)
+    statement: dict[str, Any] | None = None  # newest provenance Statement
+    sbom_sha256: str | None = None
+    checks: list[Check] = field(default_factory=list)
+
+
+def read_attestations(
+    image: OpenedImage, descriptors: Sequence[Descriptor], public_key: Path | None
+) -> Attested:
+    out = Attested()
+    newest = ""
+    for descriptor in descriptors:
+        try:
+            manifest, layer, data = _artifact_document(image, descriptor)
+        except ImageError as exc:
+            out.checks.append(
+                Check(f"attestation {short(descriptor.digest, 12)}", False, exc.message)
+            )
+            continue
+        created = (manifest.get("annotations") or {}).get("org.opencontainers.image.created")
+        info = AttestationInfo(
+            descriptor.digest,
+            "other",
+            str(manifest.get("artifactType", "")),
+            created,
+            False,
+            None,
+            "unsigned",
+        )
+        statement: dict[str, Any] | None = None
+        if layer.media_type == MEDIA_CYCLONEDX:
+            info.kind = "sbom"
+            out.sbom_sha256 = hashlib.sha256(data).hexdigest()
+        elif layer.media_type in (MEDIA_INTOTO, MEDIA_DSSE):
+            info.kind = "provenance"
+            document = _json_object(data, f"attestation {descriptor.digest}")
+            if layer.media_type == MEDIA_DSSE:
+                info.signed = True
+                signatures = document.get("signatures") or []
+                info.key_id = (
+                    str(signatures[0].get("keyid"))
+                    if signatures and isinstance(signatures[0], dict)
+                    else None
+                )
+                payload = envelope_payload(document)
+                if public_key is not None:
+                    try:
+                        payload = verify_envelope(document, public_key)
+                        info.signature = "valid"
+                    except AttestationError as exc:
+                        info.signature = "INVALID"
+                        out.checks.append(Check("provenance signature", False, exc.message))
+                else:
+                    info.signature = "not checked"
+                statement = _json_object(payload, "DSSE payload")
+            else:
+                statement = document
+        out.infos.append(info)
+        if statement is not None and (created or "") >= newest:
+            newest, out.statement = created or "", statement
+    return out
+
+
+def _statement_checks(
+    image: OpenedImage,
+    statement: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    sbom_sha: str | None,
+) -> list[Check]:
+    subjects = {(s.get("digest") or {}).get("sha256") for s in statement.get("subject") or []}
+    checks = [
+        Check(
+            "provenance subject",
+            image.manifest_digest.removeprefix("sha256:") in subjects,
+            "names this image's manifest digest"
+            if image.manifest_digest.removeprefix("sha256:") in subjects
+            else "names another image",
+        )
+    ]
+    deps = (statement.get("predicate") or {}).get("buildDefinition", {}).get(
+        "resolvedDependencies"
+    ) or []
+    recorded = {
+        f"model:{m['name']}/{f['name']}": f["sha256"]
+        for m in provenance.get("models") or []
+        for f in m.get("files") or []
+    }
+    attested = {
+        d.get("name"): (d.get("digest") or {}).get("sha256")
+        for d in deps
+        if str(d.get("name", "")).startswith("model:")
+    }
+    checks.append(
+        Check(
+            "provenance model digests",
+            attested == recorded,
+            "match provenance.json"
+            if attested == recorded
+            else f"attested {sorted(attested.items())} vs recorded {sorted(recorded.items())}",
+        )
+    )
+    commit = next(
+        (d.get("digest", {}).get("gitCommit") for d in deps if d.get("name") == "config"), None
+    )
+    recorded_commit = (provenance.get("config") or {}).get("commit")
+    checks.append(
+        Check(
+            "provenance config commit",
+            commit == recorded_commit,
+            f"{short(commit, 12)} vs recorded {short(recorded_commit, 12)}",
+        )
+    )
+    byproducts = (statement.get("predicate") or {}).get("runDetails", {}).get("byproducts") or []
+    sbom_digest = next(
+        (
+            (b.get("digest") or {}).get("sha256")
+            for b in byproducts
+            if b.get("mediaType") == MEDIA_CYCLONEDX
+        ),
+        None,
+    )
+    if sbom_sha is not None and sbom_digest is not None:
+        checks.append(
+            Check(
+                "SBOM digest",
+                sbom_sha == sbom_digest,
+                "matches the provenance byproduct"
+                if sbom_sha == sbom_digest
+                else f"SBOM {short(sbom_sha, 12)} is not the attested {short(sbom_digest, 12)}",
+            )
+        )
+    return checks
+
+
+def _release_for(
+    provenance: Mapping[str, Any], digest: str, settings: Settings
+) -> tuple[dict[str, Any] | None, str]:
+    """The release record of this digest, read from the recorded config repository."""
+    url = str((provenance.get("config") or {}).get("repository", ""))
+    location = _local_location(url) or url.partition("#")[0]
+    try:
+        records, where = read_release_records(location, str(provenance.get("customer")), settings)
+    except BuilderError as exc:
+        return None, f"release records not read: {exc}"
+    for record in records:
+        if record.manifest_digest == digest:
+            return {
+                "path": record.path,
+                "image": record.image,
+                "built_at": record.built_at,
+                "ci_url": record.ci_url,
+            }, f"released as {record.image} ({where}: {record.path})"
+    return None, f"no release record on {where} names this digest: not a recorded release"
+
+
+def _local_location(url: str, repo: Path | None = None) -> str | None:
+    """Where the recorded config repository is on this machine (file:// URLs, or ``repo``)."""
+    base, _, folder = url.partition("#")
+    if repo is not None:
+        root = repo
+    elif base.startswith("file://"):
+        root = Path(unquote(urlsplit(base).path))
+    else:
+        return None
+    path = root / folder if folder else root
+    return str(path) if path.exists() else None
+
+
+def _file_checks(files: Sequence[ModelFileStatus]) -> list[Check]:
+    """One check per recorded or unexpected model file."""
+    checks = []
+    for f in files:
+        where = f"/app/models/{f.model}/{f.file}"
+        if f.status == "ok":
+            detail = f"sha256 {short(f.recorded_sha256, 12)} as recorded"
+        elif f.status == "MODIFIED":
+            detail = (
+                f"MODIFIED: sha256 {short(f.image_sha256, 12)} in the image, "
+                f"{short(f.recorded_sha256, 12)} recorded"
+            )
+        elif f.status == "MISSING":
+            detail = "MISSING from the image"
+        else:
+            detail = "UNEXPECTED: not among the recorded model files"
+        checks.append(Check(where, f.status == "ok", detail))
+    return checks
+
+
+def explain(
+    reference: str,
+    settings: Settings,
+    *,
+    public_key: Path | None = None,
+    insecure: bool | None = None,
+    image: OpenedImage | None = None,
+) -> Explanation:
+    """Read an image's provenance back and check its model files and attestations."""
+    if public_key is not None:
+        load_public_key(public_key)  # a bad key file is a usage error, before any download
+    opened = image is None
+    image = image or open_image(reference, settings, insecure=insecure)
+    labels = image.labels
+    if "com.ivd.customer" not in labels:
+        shown = ", ".join(sorted(labels)[:4]) or "none"
+        raise _not_ours(image, f"its config has no com.ivd.customer label (labels: {shown})")
+    layers = own_layers(image)
+    if not layers:
+        raise _not_ours(image, "no layer of it was made by ivd-image-builder")
+    found = scan_files(image, layers)
+    provenance = _read_provenance(image, found)
+    files = _file_statuses(provenance, found)
+    checks = [Check("layer digest", False, p) for p in found.problems] + _file_checks(files)
+    checks += _consistency_checks(image, provenance, found)
+    descriptors, where = image.referrers()
+    attested = read_attestations(image, descriptors, public_key)
+    checks += attested.checks
+    if attested.statement is not None:
+        checks += _statement_checks(image, attested.statement, provenance, attested.sbom_sha256)
+    signatures = {a.signature for a in attested.infos}
+    if public_key is not None and not signatures & {"valid", "INVALID"}:
+        checks.append(Check("provenance signature", False, f"no signed provenance ({where})"))
+    release, release_note = _release_for(provenance, image.manifest_digest, settings)
+    metadata = ((attested.statement or {}).get("predicate") or {}).get("runDetails", {}).get(
+        "metadata"
+    ) or {}
+    built_at, built_from = (
+        metadata.get("finishedOn"),
+        "provenance attestation" if metadata.get("finishedOn") else None,
+    )
+    if built_at is None and release and release.get("built_at"):
+        built_at, built_from = release["built_at"], "release record"
+    ci_url = metadata.get("invocationId") or (release or {}).get("ci_url")
+    if opened and isinstance(image, ArchiveImage):
+        image.close()
+    return Explanation(
+        image=image.what if image.kind != "registry" else reference,
+        kind=image.kind,
+        manifest_digest=image.manifest_digest,
+        config_digest=image.config_digest,
+        customer=str(provenance.get("customer")),
+        provenance=provenance,
+        base=base_of(labels, provenance),
+        labels=labels,
+        created=labels.get("org.opencontainers.image.created"),
+        built_at=built_at,
+        built_at_source=built_from,
+        files=files,
+        attestations=attested.infos,
+        attestations_where=where,
+        release=release,
+        release_note=release_note,
+        checks=checks,
+        ci_url=ci_url,
+    )
+
+
+_CUSTOMER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def names_a_customer(target: str) -> bool:
+    """True if ``target`` is a bare customer name rather than an image reference or a path."""
+    return bool(_CUSTOMER_NAME.fullmatch(target)) and not Path(target).exists()
+
+
+def _at_or_before(built_at: str | None, at: str) -> bool:
+    """True if a record's build time is at or before ``at`` (a date or an RFC 3339 time, UTC)."""
+    if not built_at:
+        return False
+    limit = at if "T" in at else f"{at}T23:59:59Z"
+    return built_at <= limit
+
+
+def _moving_tag_note(
+    record: ReleaseRecord, settings: Settings, insecure: bool | None
+) -> tuple[str | None, str]:
+    """Where the customer's moving ``<base version>`` tag points now, and a sentence about it."""
+    repository, _, tag = record.image.rpartition(":")
+    version = str(record.base.get("version") or tag.partition("-")[0])
+    if not repository or "/" in tag or not version:
+        return None, "registry not asked: the recorded image reference has no tag"
+    moving = f"{repository}:{version}"
+    try:
+        now = open_image(moving, settings, insecure=insecure).manifest_digest
+    except BuilderError as exc:
+        return None, f"registry: {moving} not read ({exc.message})"
+    if now == record.manifest_digest:
+        return now, f"registry: {moving} points to this release"
+    return now, f"registry: {moving} now points to {short(now, 19)}, not to this release"
+
+
+def shipped_reference(
+    customer: str,
+    settings: Settings,
+    *,
+    base_version: str | None = None,
+    at: str | None = None,
+    insecure: bool | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The image a customer has been shipped: its newest release record (optionally of one base
+    version line, or as of a date), as ``repository@digest``, and how it was chosen.
+
+    Records are read from the customer repository's releases branch; the registry is asked
+    where the moving ``<base version>`` tag points now, so a reviewer sees whether what the
+    records say shipped is still what the site pulls.
+    """
+    source = open_source(customer, settings)
+    spec = load_customer(location_of(source), settings)
+    records, where = read_release_records(location_of(source), spec.customer, settings)
+    chosen = [
+        r
+        for r in records
+        if (
+            base_version is None
+            or str(r.base.get("version")) == base_version
+            or str(r.base.get("version")).startswith(f"{base_version}.")
+        )
+        and (at is None or _at_or_before(r.built_at, at))
+    ]
+    if not chosen:
+        limits = "".join(
+            [f" for base {base_version}" if base_version else "", f" built by {at}" if at else ""]
+        )
+        raise ConfigError(
+            f"customer {spec.customer}: no release record{limits} on {where} "
+            f"({len(records)} records in all)",
+            hint="explain an image by its reference (host/repo:tag or @sha256:...) instead",
+        )
+    record = chosen[-1]
+    reference = pinned(record.image, record.manifest_digest)
+    now, note = _moving_tag_note(record, settings, insecure)
+    return reference, {
+        "customer": spec.customer,
+        "record": record.path,
+        "records_where": where,
+        "release_image": record.image,
+        "built_at": record.built_at,
+        "base_version": record.base.get("version"),
+        "records_considered": len(chosen),
+        "records_total": len(records),
+        "moving_tag_digest": now,
+        "registry_note": note,
+    }
