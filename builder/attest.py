@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from builder import __version__
-from builder.errors import BuilderError, ConfigError, ImageError
+from builder.errors import AttestationError, BuilderError, ConfigError, ImageError
 from builder.fsutil import write_atomic
 from builder.oci import (
     OCI_INDEX,
@@ -67,12 +67,6 @@ KEY_PASSWORD_ENV: Final = "BUILDER_SIGN_KEY_PASSWORD"
 PROVENANCE_FILE: Final = "provenance.intoto.json"
 ENVELOPE_FILE: Final = "provenance.dsse.json"
 SBOM_FILE: Final = "sbom.cdx.json"
-
-
-class AttestationError(BuilderError):
-    """A signature or attestation does not verify (exit code 10, like a failed audit check)."""
-
-    exit_code = 10
 
 
 # -- facts about one build -------------------------------------------------------------------

@@ -30,7 +30,6 @@ from builder.attest import (
     MEDIA_CYCLONEDX,
     MEDIA_DSSE,
     MEDIA_INTOTO,
-    AttestationError,
     envelope_payload,
     layout_referrers,
     load_public_key,
@@ -54,8 +53,8 @@ if TYPE_CHECKING:
     from builder.deliver import RegistryClient
     from builder.settings import Settings
 
-#: Exit code of a failed audit check (tampered file, digest mismatch, bad signature).
-AUDIT_FAILED: Final = 10
+from builder.errors import AUDIT_FAILED, AttestationError
+
 PROVENANCE_PATH: Final = "app/config/provenance.json"
 ANALYSIS_PATH: Final = "app/config/analysis.yaml"
 MODELS_PREFIX: Final = "app/models/"
@@ -152,7 +151,8 @@ def read_release_records(
     holds ``location`` (its ``origin`` when it has one), the branch ``builder release-record``
     writes; a malformed record is one ConfigError naming its file.
     """
-    from builder.fleet import RELEASES_BRANCH, ReleaseLog, git_credentials, record_remote
+    from builder.fleet import RELEASES_BRANCH, ReleaseLog, record_remote
+    from builder.gitauth import git_credentials
 
     with git_credentials():
         log = ReleaseLog(record_remote(location), settings.cache_dir)
@@ -1747,7 +1747,7 @@ def _rebuild_location(provenance: Mapping[str, Any], repo: Path | None, settings
     """
     from urllib.parse import unquote, urlsplit
 
-    from builder.fleet import git_credentials
+    from builder.gitauth import git_credentials
     from builder.load import _URL
     from builder.paths import safe_join
 

@@ -6,6 +6,11 @@ message that names the file, key or id and says what to do.
 
 from __future__ import annotations
 
+from typing import Final
+
+#: Exit code of a failed audit check (tampered file, digest mismatch, bad signature).
+AUDIT_FAILED: Final = 10
+
 
 class BuilderError(Exception):
     """Base class: a failure with a message fit for one line of output."""
@@ -55,3 +60,21 @@ class DriftError(BuilderError):
     """The lock file does not match what the registry resolves to now (lock --check)."""
 
     exit_code = 7
+
+
+class FleetError(BuilderError):
+    """One or more customers of a fleet build failed (each is listed in the report)."""
+
+    exit_code = 8
+
+
+class WriteBackError(BuilderError):
+    """A release record could not be written to the customer repository."""
+
+    exit_code = 9
+
+
+class AttestationError(BuilderError):
+    """A signature or attestation does not verify (exit code 10, like a failed audit check)."""
+
+    exit_code = AUDIT_FAILED

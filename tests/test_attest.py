@@ -29,7 +29,6 @@ from builder.attest import (
     MEDIA_DSSE,
     MEDIA_INTOTO,
     SLSA_PROVENANCE,
-    AttestationError,
     BuildFacts,
     attach_to_layout,
     ci_details,
@@ -45,7 +44,7 @@ from builder.attest import (
     verify_envelope,
 )
 from builder.deliver import RegistryClient
-from builder.errors import ConfigError
+from builder.errors import AttestationError, ConfigError
 from builder.oci import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Descriptor, canonical_json
 
 WEIGHTS = b"weights-of-carcinoma" * 100

@@ -42,11 +42,10 @@ from helpers import (
     write_production,
 )
 
-from builder.errors import ConfigError, ReleaseGateError
+from builder.errors import ConfigError, ReleaseGateError, WriteBackError
 from builder.fleet import (
     RELEASES_BRANCH,
     ReleaseLog,
-    WriteBackError,
     WriteResult,
     last_commits,
     load_fleet,

@@ -21,6 +21,7 @@ from builder.cli._common import (
     load_cli_settings,
     settings_options,
 )
+from builder.errors import AUDIT_FAILED, ConfigError
 
 
 def _failed(code: int) -> None:
@@ -174,7 +175,6 @@ def _target(
 ) -> tuple[str, dict[str, Any] | None]:
     """An image reference as given, or the image a customer name was shipped (release records)."""
     from builder.audit import names_a_customer, shipped_reference
-    from builder.errors import ConfigError
 
     if not names_a_customer(target):
         if base_version or at:
@@ -214,7 +214,7 @@ def explain_cmd(
     recorded release, signed (by which key), files intact. The model files inside are hashed
     and checked against the recorded sha256; exit code 10 if any check fails.
     """
-    from builder.audit import AUDIT_FAILED, explain
+    from builder.audit import explain
 
     settings = load_cli_settings(overrides)
     insecure = True if insecure_registry else None
@@ -261,7 +261,7 @@ def verify_cmd(
     the working directory's. Every layer is re-tarred in a scratch blob store (weights come from
     the verified cache). Exit code 10 on a mismatch.
     """
-    from builder.audit import AUDIT_FAILED, verify
+    from builder.audit import verify
 
     settings = load_cli_settings(overrides)
     insecure = True if insecure_registry else None

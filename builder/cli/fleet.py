@@ -20,10 +20,11 @@ from builder.cli._common import (
     load_cli_settings,
     settings_options,
 )
+from builder.errors import BuilderError, ConfigError, FleetError
+from builder.gitauth import git_credentials
 
 if TYPE_CHECKING:
     from builder import fleet as fleet_types
-    from builder.errors import BuilderError
 
 
 def _fleet_options(func: Any) -> Any:
@@ -117,7 +118,7 @@ def plan(
     from builder.fsutil import write_atomic
 
     settings = load_cli_settings(overrides)
-    with fleet_mod.git_credentials():
+    with git_credentials():
         fleet = fleet_mod.load_fleet(fleet_file, settings).select(only)
         result = fleet_mod.plan(fleet, settings, base_version)
     data = asdict(result)
@@ -155,7 +156,7 @@ def plan(
     error = None
     if result.errors:
         names = ", ".join(i.customer for i in result.errors)
-        error = fleet_mod.FleetError(
+        error = FleetError(
             f"{len(result.errors)} of {len(result.items)} customers could not be planned: {names}",
             hint="see each customer's line above; the others are planned",
         )
@@ -233,7 +234,7 @@ def build_all(
     settings = load_cli_settings(overrides)
     progress = FleetProgressLine(live=sys.stderr.isatty())
     try:
-        with fleet_mod.git_credentials():
+        with git_credentials():
             fleet = fleet_mod.load_fleet(fleet_file, settings).select(only)
             result = fleet_mod.build_all(
                 fleet,
@@ -277,7 +278,7 @@ def build_all(
     error = None
     if result.failed:
         names = ", ".join(r.customer for r in result.failed)
-        error = fleet_mod.FleetError(
+        error = FleetError(
             f"{len(result.failed)} of {len(result.results)} customers failed: {names}",
             hint="each failure is listed in the report",
         )
@@ -411,8 +412,6 @@ def release_record(
     because another job wrote first is retried on top of the new head; nothing is forced.
     """
     from builder import fleet as fleet_mod
-    from builder.errors import BuilderError as BuilderErrorType
-    from builder.errors import ConfigError
 
     try:
         document = json.loads(report_file.read_text("utf-8"))
@@ -425,7 +424,7 @@ def release_record(
             hint="pass the output of `builder build --push --json` or `builder build-all --json`",
         )
     settings = load_cli_settings(overrides)
-    with fleet_mod.git_credentials():
+    with git_credentials():
         locations: dict[str, str] = {}
         fleet = None
         for build_report in reports:
@@ -455,7 +454,7 @@ def release_record(
                         attempts=attempts,
                         dry_run=True,
                     )
-                except BuilderErrorType as exc:
+                except BuilderError as exc:
                     outcomes[customer] = exc
         else:  # one commit per customer repository for all the report's records
             outcomes = dict(
@@ -463,10 +462,10 @@ def release_record(
                     reports, locations, settings, branch=branch, attempts=attempts
                 )
             )
-    failures = [o for o in outcomes.values() if isinstance(o, BuilderErrorType)]
+    failures = [o for o in outcomes.values() if isinstance(o, BuilderError)]
     if failures:
         raise failures[0]
-    written = [asdict(o) for o in outcomes.values() if not isinstance(o, BuilderErrorType)]
+    written = [asdict(o) for o in outcomes.values() if not isinstance(o, BuilderError)]
 
     def human() -> None:
         for item in written:
