@@ -6,7 +6,9 @@ message that names the file, key or id and says what to do.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
+
+from builder.redact import mask_secrets
 
 #: Exit code of a failed audit check (tampered file, digest mismatch, bad signature).
 AUDIT_FAILED: Final = 10
@@ -78,3 +80,19 @@ class AttestationError(BuilderError):
     """A signature or attestation does not verify (exit code 10, like a failed audit check)."""
 
     exit_code = AUDIT_FAILED
+
+
+def error_fields(kind: str, message: str, hint: str | None, exit_code: int) -> dict[str, Any]:
+    """The error part of every JSON document and of a fleet customer's result, secrets masked:
+    the one shape an error takes when it is printed or recorded."""
+    return {
+        "type": kind,
+        "message": mask_secrets(message),
+        "hint": mask_secrets(hint) if hint else hint,
+        "exit_code": exit_code,
+    }
+
+
+def error_dict(exc: BuilderError) -> dict[str, Any]:
+    """:func:`error_fields` of a raised error."""
+    return error_fields(type(exc).__name__, exc.message, exc.hint, exc.exit_code)

@@ -60,11 +60,19 @@ from packaging.version import InvalidVersion, Version
 
 from builder import __version__, yamldoc
 from builder.contracts import RepoSource
-from builder.errors import BuilderError, ConfigError, ReleaseGateError, WriteBackError
+from builder.errors import (
+    BuilderError,
+    ConfigError,
+    ReleaseGateError,
+    WriteBackError,
+    error_dict,
+    error_fields,
+)
 from builder.fsutil import write_atomic
 from builder.gitauth import GIT_ENV
-from builder.load import _URL, KnownRevision, canonical_repo_url, load_customer, redact_url
+from builder.load import _URL, KnownRevision, canonical_repo_url, load_customer
 from builder.provenance import variant_tag
+from builder.redact import mask_secrets, redact_url
 from builder.settings import Settings
 
 FLEET_FILE: Final = "fleet.yaml"
@@ -79,32 +87,10 @@ RECORDS_DIR: Final = "releases"
 PLAN_THREADS: Final = 8
 #: GitLab refuses a generated child pipeline YAML larger than this.
 MAX_CHILD_PIPELINE_BYTES: Final = 5 * 1024 * 1024
-#: Environment variables whose values are secrets and are masked in every message.
-SECRET_VARIABLES: Final = ("BUILDER_GIT_TOKEN", "CI_JOB_TOKEN", "CI_REGISTRY_PASSWORD")
 RECORD_HEADER: Final = (
     "# Release record written by `builder release-record` after a successful release build:\n"
     "# what shipped, from which config commit, models and base image. Append-only; do not edit.\n"
 )
-
-
-def mask_secrets(text: str, env: Mapping[str, str] | None = None) -> str:
-    """Drop credentials from a message: user:password@ in URLs and known token values."""
-    env = os.environ if env is None else env
-    text = redact_url(text)
-    for name in SECRET_VARIABLES:
-        value = env.get(name, "")
-        if len(value) >= 4:
-            text = text.replace(value, "[MASKED]")
-    return text
-
-
-def _error_dict(exc: BuilderError) -> dict[str, Any]:
-    return {
-        "type": type(exc).__name__,
-        "message": mask_secrets(exc.message),
-        "hint": exc.hint,
-        "exit_code": exc.exit_code,
-    }
 
 
 # -- the fleet file -----------------------------------------------------------------------------
@@ -1098,7 +1084,7 @@ def _load_item(
         tag = variant_tag(str(version), spec.variants[0])
         item.image = f"{settings.image_registry}/{spec.customer}:{tag}-{spec.config_rev}"
     except BuilderError as exc:
-        item.error = _error_dict(exc)
+        item.error = error_dict(exc)
         item.summary = item.error["message"]
     return item
 
@@ -1392,12 +1378,12 @@ def _build_one(job: _Job) -> dict[str, Any]:
     try:
         report = build(request, job.settings, on_stage=on_stage)
     except BuilderError as exc:
-        return {"status": "failed", "error": _error_dict(exc), "seconds": _since(started)}
+        return {"status": "failed", "error": error_dict(exc), "seconds": _since(started)}
     except Exception as exc:  # one customer's crash must not stop the fleet
-        message = mask_secrets(f"unexpected {type(exc).__name__}: {exc}")
+        message = f"unexpected {type(exc).__name__}: {exc}"
         return {
             "status": "failed",
-            "error": {"type": type(exc).__name__, "message": message, "hint": None, "exit_code": 1},
+            "error": error_fields(type(exc).__name__, message, None, 1),
             "seconds": _since(started),
         }
     return {"status": "built", "report": asdict(report), "seconds": _since(started)}
@@ -1672,5 +1658,5 @@ def _record_all(
             if on_event:
                 on_event(result.customer, f"recorded {outcome.path} ({outcome.status})")
         elif isinstance(outcome, BuilderError):
-            result.status, result.error = "failed", _error_dict(outcome)
+            result.status, result.error = "failed", error_dict(outcome)
             result.summary = f"built and pushed, but not recorded: {result.error['message']}"

@@ -15,18 +15,13 @@ import click
 
 from builder.cli._common import (
     cli,
-    emit,
     info,
     json_option,
     load_cli_settings,
     settings_options,
 )
+from builder.cli.result import Result
 from builder.errors import AUDIT_FAILED, ConfigError
-
-
-def _failed(code: int) -> None:
-    """Leave with ``code`` after the result was printed; `main` returns it as the exit code."""
-    raise click.exceptions.Exit(code)
 
 
 @cli.command("history")
@@ -34,7 +29,7 @@ def _failed(code: int) -> None:
 @click.option("--ref", default="HEAD", show_default=True, help="Branch, tag or commit to read.")
 @settings_options
 @json_option
-def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> None:
+def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> Result:
     """The timeline of CUSTOMER's config revisions: what changed, and which images were released.
 
     Models are read from each revision's lock file; without one the model registry is asked
@@ -63,7 +58,7 @@ def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> Non
         for problem in hist.problems:
             click.echo(f"\nproblem: {problem}", err=True)
 
-    emit("history", asdict(hist), human)
+    return Result("history", asdict(hist), human)
 
 
 @cli.command("diff")
@@ -72,7 +67,7 @@ def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> Non
 @click.argument("rev_b")
 @settings_options
 @json_option
-def diff_cmd(customer: str, rev_a: str, rev_b: str, as_json: bool, **overrides: Any) -> None:
+def diff_cmd(customer: str, rev_a: str, rev_b: str, as_json: bool, **overrides: Any) -> Result:
     """What changed in CUSTOMER's resolved config from REV_A to REV_B (models, tasks, weights,
     thresholds, base), not a text diff."""
     from builder.audit import diff
@@ -90,7 +85,7 @@ def diff_cmd(customer: str, rev_a: str, rev_b: str, as_json: bool, **overrides: 
         for note in sorted({*result.config_a.notes, *result.config_b.notes}):
             click.echo(f"note: {note}", err=True)
 
-    emit("diff", asdict(result), human)
+    return Result("diff", asdict(result), human)
 
 
 def _explanation_lines(exp: Any) -> list[str]:
@@ -204,7 +199,7 @@ def explain_cmd(
     at: str | None,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """What IMAGE is: customer, config commit, base, models (ids, task, sha256), tool, build time.
 
     IMAGE is a registry reference (host/repo:tag or @sha256:...), an OCI layout (a folder, or
@@ -224,10 +219,13 @@ def explain_cmd(
     data = asdict(exp)
     data["ok_checks"] = exp.ok
     data["verdict"] = exp.verdict
-    emit("explain", data, lambda: click.echo("\n".join(_explanation_lines(exp))))
-    if not exp.ok:
-        info(f"explain: {len(exp.problems)} check(s) failed for {image}")
-        _failed(AUDIT_FAILED)
+    return Result(
+        "explain",
+        data,
+        lambda: click.echo("\n".join(_explanation_lines(exp))),
+        exit_code=0 if exp.ok else AUDIT_FAILED,
+        notes=() if exp.ok else (f"explain: {len(exp.problems)} check(s) failed for {image}",),
+    )
 
 
 @cli.command("verify")
@@ -252,7 +250,7 @@ def verify_cmd(
     at: str | None,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Rebuild IMAGE from its recorded config commit, lock and base; print MATCH or what differs.
 
     Needs nothing but the image reference (or a CUSTOMER name, as for explain): the recorded
@@ -287,9 +285,7 @@ def verify_cmd(
         for line in result.differences:
             click.echo(f"  differs: {line}")
 
-    emit("verify", data, human)
-    if not result.match:
-        _failed(AUDIT_FAILED)
+    return Result("verify", data, human, exit_code=0 if result.match else AUDIT_FAILED)
 
 
 @cli.command("audit")
@@ -312,7 +308,7 @@ def verify_cmd(
 @json_option
 def audit_cmd(
     customer: str, html: Path, ref: str, verify_releases: bool, as_json: bool, **overrides: Any
-) -> None:
+) -> Result:
     """Write an HTML report of CUSTOMER for regulatory review: releases with their signature,
     verify state and approvals, the configuration timeline with who approved each change, model
     lineage, the changes between releases, and registry tags that no release record names (one
@@ -330,7 +326,7 @@ def audit_cmd(
         "unrecorded_tags": data["unrecorded_tags"],
         "problems": data["problems"],
     }
-    emit(
+    return Result(
         "audit",
         summary,
         lambda: click.echo(

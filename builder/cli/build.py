@@ -12,13 +12,13 @@ import click
 
 from builder.cli._common import (
     cli,
-    emit,
     info,
     json_option,
     load_cli_settings,
     progress_bar,
     settings_options,
 )
+from builder.cli.result import Result
 
 
 class PlainProgress:
@@ -185,7 +185,7 @@ def build(
     backend: str,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Build CUSTOMER's image: cook the config, fetch weights, assemble on the base, deliver.
 
     Every build lands in the local image store (setting image_store; `builder images` lists
@@ -200,7 +200,7 @@ def build(
 
         if customer or not base_version:
             raise click.UsageError("--all takes no CUSTOMER and needs --base-version")
-        ctx.invoke(
+        fleet_result: Result = ctx.invoke(
             build_all,
             base_version=base_version,
             fleet_file=fleet_file,
@@ -216,7 +216,7 @@ def build(
             force=force,
             **overrides,
         )
-        return
+        return fleet_result
     if not customer:
         raise click.UsageError("missing CUSTOMER (or --all --base-version V for the whole fleet)")
 
@@ -284,7 +284,7 @@ def build(
             why = "uncommitted files (--worktree)" if worktree else "unpublished models"
             click.echo(f"DEVELOPMENT BUILD: {why}; not for release", err=True)
 
-    emit("build", asdict(report), human)
+    return Result("build", asdict(report), human)
 
 
 def not_pushed_lines(image: str, digest: str, customer: str | None) -> list[str]:

@@ -11,17 +11,16 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from builder.cli._common import (
-    RESULT_VERSION,
-    _json_mode,
     cli,
-    emit,
     info,
     json_option,
     load_cli_settings,
     settings_options,
 )
+from builder.cli.result import Result
 from builder.errors import BuilderError, ConfigError, FleetError
 from builder.gitauth import git_credentials
+from builder.redact import mask_secrets
 
 if TYPE_CHECKING:
     from builder import fleet as fleet_types
@@ -49,42 +48,6 @@ def _fleet_options(func: Any) -> Any:
     return func
 
 
-def _document(command: str, data: Any, error: BuilderError | None) -> str:
-    """The versioned JSON envelope; with an error, ``ok`` is false and the result is kept."""
-    doc: dict[str, Any] = {"builder_result_version": RESULT_VERSION, "command": command}
-    doc["ok"] = error is None
-    doc["result"] = data
-    if error is not None:
-        doc["error"] = {
-            "type": type(error).__name__,
-            "message": error.message,
-            "hint": error.hint,
-            "exit_code": error.exit_code,
-        }
-    return json.dumps(doc, indent=2, sort_keys=True, default=str)
-
-
-def _finish(
-    command: str, data: Any, human: Any, error: BuilderError | None, report: Path | None
-) -> None:
-    """Write --report, print (human or --json), then fail with ``error`` if there is one: the
-    result is printed even when some customers failed, in one JSON document."""
-    if report is not None:
-        from builder.fsutil import write_atomic
-
-        write_atomic(report, (_document(command, data, error) + "\n").encode())
-    if error is None:
-        emit(command, data, human)
-        return
-    if _json_mode.get():
-        click.echo(_document(command, data, error))
-        # Not a BuilderError: main() would print a second JSON document; main() returns the
-        # code of click's Exit as the process exit code.
-        raise click.exceptions.Exit(error.exit_code)
-    human()
-    raise error
-
-
 @cli.command()
 @_fleet_options
 @settings_options
@@ -107,7 +70,7 @@ def plan(
     report: Path | None,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Which customers a base release reaches, and what their new image changes.
 
     Reads each customer's repository (git only: no model or image registry calls) and its
@@ -160,7 +123,8 @@ def plan(
             f"{len(result.errors)} of {len(result.items)} customers could not be planned: {names}",
             hint="see each customer's line above; the others are planned",
         )
-    _finish("plan", data, human, error, report)
+    # Printed even when some customers failed (in one JSON document), then the error.
+    return Result("plan", data, human, error=error, report=report)
 
 
 def _relative(path: Path) -> str:
@@ -217,7 +181,7 @@ def build_all(
     as_json: bool,
     force: bool = False,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Build every customer whose base constraint admits --base-version, in parallel.
 
     Incremental: a customer whose image (the immutable tag) is already in the registry, with
@@ -282,7 +246,7 @@ def build_all(
             f"{len(result.failed)} of {len(result.results)} customers failed: {names}",
             hint="each failure is listed in the report",
         )
-    _finish("build-all", asdict(result), human, error, report)
+    return Result("build-all", asdict(result), human, error=error, report=report)
 
 
 def _duration(seconds: float) -> str:
@@ -404,7 +368,7 @@ def release_record(
     yes: bool,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Commit the release record of each pushed build in REPORT to its customer repository.
 
     The record (releases/<customer>/<base version>-<config rev>.yaml on the releases branch)
@@ -433,7 +397,7 @@ def release_record(
                 fleet = fleet or fleet_mod.load_fleet(fleet_file, settings)
                 location = fleet.entry(build_report["customer"]).location
             locations[build_report["customer"]] = location
-            target = fleet_mod.mask_secrets(fleet_mod.record_remote(location))
+            target = mask_secrets(fleet_mod.record_remote(location))
             info(
                 f"{'would record' if dry_run else 'recording'} {build_report['image']} "
                 f"on {target} branch {branch}"
@@ -474,4 +438,4 @@ def release_record(
                 f"({item['commit'][:12]})"
             )
 
-    emit("release-record", {"records": written}, human)
+    return Result("release-record", {"records": written}, human)

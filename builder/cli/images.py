@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from builder.cli._common import cli, emit, json_option, load_cli_settings
+from builder.cli._common import cli, json_option, load_cli_settings
+from builder.cli.result import Result
 
 
 @cli.group(invoke_without_command=True)
@@ -24,7 +25,7 @@ from builder.cli._common import cli, emit, json_option, load_cli_settings
 )
 @json_option
 @click.pass_context
-def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> None:
+def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> Result | None:
     """The local image store (setting image_store): base and customer images, by name.
 
     Without a subcommand: list them (name, manifest digest). `builder base build` and every
@@ -32,7 +33,7 @@ def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> None:
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = overrides
-        return
+        return None
     from builder.store import ImageStore
 
     store = ImageStore(load_cli_settings(overrides).store_dir)
@@ -45,7 +46,7 @@ def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> None:
         for image in listed:
             click.echo(f"{image.digest[:19]}  {image.reference}")
 
-    emit(
+    return Result(
         "images",
         {"store": str(store.root), "images": [asdict(i) for i in listed]},
         human,
@@ -62,7 +63,7 @@ def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> None:
 )
 @json_option
 @click.pass_context
-def images_prune(ctx: click.Context, /, dry_run: bool, wait: float, as_json: bool) -> None:
+def images_prune(ctx: click.Context, /, dry_run: bool, wait: float, as_json: bool) -> Result:
     """Remove every blob no named image references (the tags are what is kept)."""
     from builder.store import ImageStore
 
@@ -76,4 +77,4 @@ def images_prune(ctx: click.Context, /, dry_run: bool, wait: float, as_json: boo
             f"{report.blobs_kept} blobs of {report.images} named images in {store.root}"
         )
 
-    emit("images prune", {"store": str(store.root), **asdict(report)}, human)
+    return Result("images prune", {"store": str(store.root), **asdict(report)}, human)
