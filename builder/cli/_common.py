@@ -5,35 +5,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from builder import __version__
-from builder.cli.result import current_command, debug_mode, json_mode
+from builder.cli.result import debug_mode, json_mode
 from builder.redact import mask_secrets
-from builder.settings import Settings
+from builder.settings import Settings, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
-    if value:
-        json_mode.set(True)
-        current_command.set(ctx.command_path.partition(" ")[2])
-    return value
-
-
-json_option = click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    callback=_set_json,
-    expose_value=True,
-    is_eager=True,
-    help="Print one versioned JSON document instead of human output.",
-)
 
 
 def info(message: str) -> None:
@@ -77,41 +58,7 @@ def progress_bar() -> Iterator[Callable[[str, int, int], None] | None]:
 
 def load_cli_settings(overrides: dict[str, Any]) -> Settings:
     """builder.toml and BUILDER_* with this call's command-line overrides."""
-    from builder.settings import load_settings
-
     return load_settings().with_overrides(**overrides)
-
-
-def settings_options(func: F) -> F:
-    """Options that override builder.toml / BUILDER_* for one call."""
-    func = click.option(
-        "--model-registry", help="'clearml' or 'local:<folder>' (setting model_registry)."
-    )(func)
-    func = click.option(
-        "--production", help="Production weights store, s3://bucket[/prefix] or file:<folder>."
-    )(func)
-    func = click.option(
-        "--cache-dir",
-        type=click.Path(path_type=Path),
-        help="Weights and image cache (setting cache_dir).",
-    )(func)
-    return func
-
-
-def customer_options(func: F) -> F:
-    func = click.argument("customer")(func)
-    func = click.option(
-        "--ref",
-        default="HEAD",
-        show_default=True,
-        help="Branch, tag or commit of the customer repo to read.",
-    )(func)
-    func = click.option(
-        "--worktree",
-        is_flag=True,
-        help="Read uncommitted files from the work tree (development only).",
-    )(func)
-    return func
 
 
 def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:

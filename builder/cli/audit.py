@@ -13,20 +13,15 @@ from typing import Any
 
 import click
 
-from builder.cli._common import (
-    cli,
-    info,
-    json_option,
-    load_cli_settings,
-    settings_options,
-)
+from builder.cli._common import cli, info, load_cli_settings
+from builder.cli.options import insecure_registry_option, json_option, ref_option, settings_options
 from builder.cli.result import Result
 from builder.errors import AUDIT_FAILED, ConfigError
 
 
 @cli.command("history")
 @click.argument("customer")
-@click.option("--ref", default="HEAD", show_default=True, help="Branch, tag or commit to read.")
+@ref_option("Branch, tag or commit to read.")
 @settings_options
 @json_option
 def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> Result:
@@ -185,9 +180,7 @@ def _target(
     type=click.Path(path_type=Path, dir_okay=False),
     help="PEM public key (ECDSA P-256): require a provenance signed by it.",
 )
-@click.option(
-    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
-)
+@insecure_registry_option
 @_select_options
 @settings_options
 @json_option
@@ -236,9 +229,7 @@ def explain_cmd(
     help="A clone of the config repository (default: the recorded repository, cloned into the "
     "cache if it is not on this machine).",
 )
-@click.option(
-    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
-)
+@insecure_registry_option
 @_select_options
 @settings_options
 @json_option
@@ -297,7 +288,7 @@ def verify_cmd(
     required=True,
     help="Write the self-contained HTML report here.",
 )
-@click.option("--ref", default="HEAD", show_default=True, help="Branch, tag or commit to read.")
+@ref_option("Branch, tag or commit to read.")
 @click.option(
     "--verify",
     "verify_releases",

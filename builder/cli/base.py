@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from builder.cli._common import cli, info, json_option, load_cli_settings, progress_bar
+from builder.cli._common import cli, info, load_cli_settings, progress_bar
+from builder.cli.options import json_option
 from builder.cli.result import Result
 
 

@@ -8,13 +8,12 @@ from typing import Any
 
 import click
 
-from builder.cli._common import (
-    cli,
+from builder.cli._common import cli, info, load_cli_settings, progress_bar
+from builder.cli.options import (
+    base_repository_option,
     customer_options,
-    info,
+    insecure_registry_option,
     json_option,
-    load_cli_settings,
-    progress_bar,
     settings_options,
 )
 from builder.cli.result import Result
@@ -23,13 +22,8 @@ from builder.cli.result import Result
 @cli.command()
 @customer_options
 @settings_options
-@click.option(
-    "--base-repository",
-    help="Base image repository (default: customer.yaml, then setting base_repository).",
-)
-@click.option(
-    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
-)
+@base_repository_option
+@insecure_registry_option
 @json_option
 def validate(
     customer: str,
@@ -157,13 +151,8 @@ def expand(
 @click.option(
     "--allow-unpublished", is_flag=True, help="Lock unpublished models (development only)."
 )
-@click.option(
-    "--base-repository",
-    help="Base image repository (default: customer.yaml, then setting base_repository).",
-)
-@click.option(
-    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
-)
+@base_repository_option
+@insecure_registry_option
 @json_option
 def lock(
     customer: str,

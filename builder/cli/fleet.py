@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from builder.cli._common import (
-    cli,
-    info,
+from builder.cli._common import cli, info, load_cli_settings
+from builder.cli.options import (
+    image_registry_option,
+    insecure_registry_option,
     json_option,
-    load_cli_settings,
+    report_option,
     settings_options,
 )
 from builder.cli.result import Result
@@ -57,9 +58,7 @@ def _fleet_options(func: Any) -> Any:
     help="Also write the GitLab child pipeline (one job per customer to rebuild) to this file.",
 )
 @click.option("--ci-image", help="Image for the child pipeline's jobs (default: the runner's).")
-@click.option(
-    "--report", type=click.Path(path_type=Path), help="Also write the JSON result to this file."
-)
+@report_option("Also write the JSON result to this file.")
 @json_option
 def plan(
     base_version: str,
@@ -151,21 +150,15 @@ def _sha256(data: bytes) -> str:
     is_flag=True,
     help="After each pushed build, commit its release record to the customer repository.",
 )
-@click.option(
-    "--registry", "image_registry", help="Registry for the image tags (setting image_registry)."
-)
+@image_registry_option
 @click.option("--base-repository", help="Base image repository (default: each customer's).")
-@click.option(
-    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
-)
+@insecure_registry_option
 @click.option(
     "--force",
     is_flag=True,
     help="Rebuild every admitted customer, also those whose image is already in the registry.",
 )
-@click.option(
-    "--report", type=click.Path(path_type=Path), help="Also write the JSON report to this file."
-)
+@report_option("Also write the JSON report to this file.")
 @json_option
 def build_all(
     base_version: str,

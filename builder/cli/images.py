@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from builder.cli._common import cli, json_option, load_cli_settings
+from builder.cli._common import cli, load_cli_settings
+from builder.cli.options import cache_dir_option, json_option
 from builder.cli.result import Result
 
 
@@ -18,11 +19,7 @@ from builder.cli.result import Result
     type=click.Path(path_type=Path, file_okay=False),
     help="The local image store folder (setting image_store; default <cache_dir>/oci).",
 )
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    help="Weights and image cache (setting cache_dir).",
-)
+@cache_dir_option
 @json_option
 @click.pass_context
 def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> Result | None:

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import click
 
-from builder.cli._common import (
-    cli,
-    json_option,
-    load_cli_settings,
-    progress_bar,
-)
+from builder.cli._common import cli, load_cli_settings, progress_bar
+from builder.cli.options import json_option
 from builder.cli.result import Result
 
 
