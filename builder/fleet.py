@@ -18,9 +18,7 @@ Release records live on their own branch, not on the branch the config is built 
 record commit there would change the config revision (the image tag and digest) of the very
 image it records, and would trigger the customer's own pipeline again.
 
-Git credentials never enter a URL that is recorded or printed: in CI a credential helper
-reads the token from the environment (``BUILDER_GIT_TOKEN``, else ``CI_JOB_TOKEN``) and is
-scoped to the GitLab server (``BUILDER_GIT_SERVER``, else ``CI_SERVER_URL``).
+Git credentials never enter a URL that is recorded or printed (:mod:`builder.gitauth`).
 """
 
 from __future__ import annotations
