@@ -1,11 +1,11 @@
-"""What every command shares: the group, output (human or versioned JSON), progress, options."""
+"""What every command shares: the group (with --debug), notes and progress on stderr, settings."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
@@ -13,8 +13,6 @@ from builder import __version__
 from builder.cli.result import debug_mode, json_mode
 from builder.redact import mask_secrets
 from builder.settings import Settings, load_settings
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def info(message: str) -> None:
