@@ -17,6 +17,7 @@ from builder.cli.options import (
     settings_options,
 )
 from builder.cli.result import Result
+from builder.fsutil import write_atomic
 
 
 @cli.command()
@@ -110,8 +111,6 @@ def expand(
     )
     text = cooked.verbose_yaml
     if output:
-        from builder.fsutil import write_atomic
-
         write_atomic(output, text)
     for warning in cooked.warnings:
         info(f"warning: {warning}")

@@ -20,6 +20,7 @@ from builder.cli.options import (
 )
 from builder.cli.result import Result
 from builder.errors import BuilderError, ConfigError, FleetError
+from builder.fsutil import write_atomic
 from builder.gitauth import git_credentials
 from builder.redact import mask_secrets
 
@@ -77,7 +78,6 @@ def plan(
     the version), 8 when some could not (they are listed; the others are planned).
     """
     from builder import fleet as fleet_mod
-    from builder.fsutil import write_atomic
 
     settings = load_cli_settings(overrides)
     with git_credentials():
