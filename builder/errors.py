@@ -6,6 +6,13 @@ message that names the file, key or id and says what to do.
 
 from __future__ import annotations
 
+from typing import Any, Final
+
+from builder.redact import mask_secrets
+
+#: Exit code of a failed audit check (tampered file, digest mismatch, bad signature).
+AUDIT_FAILED: Final = 10
+
 
 class BuilderError(Exception):
     """Base class: a failure with a message fit for one line of output."""
@@ -55,3 +62,37 @@ class DriftError(BuilderError):
     """The lock file does not match what the registry resolves to now (lock --check)."""
 
     exit_code = 7
+
+
+class FleetError(BuilderError):
+    """One or more customers of a fleet build failed (each is listed in the report)."""
+
+    exit_code = 8
+
+
+class WriteBackError(BuilderError):
+    """A release record could not be written to the customer repository."""
+
+    exit_code = 9
+
+
+class AttestationError(BuilderError):
+    """A signature or attestation does not verify (exit code 10, like a failed audit check)."""
+
+    exit_code = AUDIT_FAILED
+
+
+def error_fields(kind: str, message: str, hint: str | None, exit_code: int) -> dict[str, Any]:
+    """The error part of every JSON document and of a fleet customer's result, secrets masked:
+    the one shape an error takes when it is printed or recorded."""
+    return {
+        "type": kind,
+        "message": mask_secrets(message),
+        "hint": mask_secrets(hint) if hint else hint,
+        "exit_code": exit_code,
+    }
+
+
+def error_dict(exc: BuilderError) -> dict[str, Any]:
+    """:func:`error_fields` of a raised error."""
+    return error_fields(type(exc).__name__, exc.message, exc.hint, exc.exit_code)

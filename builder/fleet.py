@@ -18,9 +18,7 @@ Release records live on their own branch, not on the branch the config is built 
 record commit there would change the config revision (the image tag and digest) of the very
 image it records, and would trigger the customer's own pipeline again.
 
-Git credentials never enter a URL that is recorded or printed: in CI a credential helper
-reads the token from the environment (``BUILDER_GIT_TOKEN``, else ``CI_JOB_TOKEN``) and is
-scoped to the GitLab server (``BUILDER_GIT_SERVER``, else ``CI_SERVER_URL``).
+Git credentials never enter a URL that is recorded or printed (:mod:`builder.gitauth`).
 """
 
 from __future__ import annotations
@@ -60,10 +58,19 @@ from packaging.version import InvalidVersion, Version
 
 from builder import __version__, yamldoc
 from builder.contracts import RepoSource
-from builder.errors import BuilderError, ConfigError, ReleaseGateError
+from builder.errors import (
+    BuilderError,
+    ConfigError,
+    ReleaseGateError,
+    WriteBackError,
+    error_dict,
+    error_fields,
+)
 from builder.fsutil import write_atomic
-from builder.load import _URL, KnownRevision, canonical_repo_url, load_customer, redact_url
+from builder.gitauth import GIT_ENV
+from builder.load import _URL, KnownRevision, canonical_repo_url, load_customer
 from builder.provenance import variant_tag
+from builder.redact import mask_secrets, redact_url
 from builder.settings import Settings
 
 FLEET_FILE: Final = "fleet.yaml"
@@ -78,90 +85,10 @@ RECORDS_DIR: Final = "releases"
 PLAN_THREADS: Final = 8
 #: GitLab refuses a generated child pipeline YAML larger than this.
 MAX_CHILD_PIPELINE_BYTES: Final = 5 * 1024 * 1024
-#: Environment variables whose values are secrets and are masked in every message.
-SECRET_VARIABLES: Final = ("BUILDER_GIT_TOKEN", "CI_JOB_TOKEN", "CI_REGISTRY_PASSWORD")
-#: Git never prompts, and gives up on a stalled transfer (no hung CI job).
-GIT_ENV: Final = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
-_STALL_CONFIG: Final = (("http.lowSpeedLimit", "1000"), ("http.lowSpeedTime", "60"))
-_CREDENTIAL_HELPER: Final = (
-    '!f() { test "$1" = get || exit 0; '
-    'if [ -n "$BUILDER_GIT_TOKEN" ]; then '
-    'echo "username=${BUILDER_GIT_USERNAME:-oauth2}"; echo "password=$BUILDER_GIT_TOKEN"; '
-    'else echo "username=gitlab-ci-token"; echo "password=$CI_JOB_TOKEN"; fi; }; f'
-)
 RECORD_HEADER: Final = (
     "# Release record written by `builder release-record` after a successful release build:\n"
     "# what shipped, from which config commit, models and base image. Append-only; do not edit.\n"
 )
-
-
-class FleetError(BuilderError):
-    """One or more customers of a fleet build failed (each is listed in the report)."""
-
-    exit_code = 8
-
-
-class WriteBackError(BuilderError):
-    """A release record could not be written to the customer repository."""
-
-    exit_code = 9
-
-
-def mask_secrets(text: str, env: Mapping[str, str] | None = None) -> str:
-    """Drop credentials from a message: user:password@ in URLs and known token values."""
-    env = os.environ if env is None else env
-    text = redact_url(text)
-    for name in SECRET_VARIABLES:
-        value = env.get(name, "")
-        if len(value) >= 4:
-            text = text.replace(value, "[MASKED]")
-    return text
-
-
-def _error_dict(exc: BuilderError) -> dict[str, Any]:
-    return {
-        "type": type(exc).__name__,
-        "message": mask_secrets(exc.message),
-        "hint": exc.hint,
-        "exit_code": exc.exit_code,
-    }
-
-
-# -- git credentials ----------------------------------------------------------------------------
-
-
-def git_auth_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """GIT_CONFIG_* variables that bound stalled transfers and, when a token and a server are
-    known, add a credential helper reading the token from the environment at run time (so it
-    is never in a URL, an argument list or a config file)."""
-    env = os.environ if env is None else env
-    count = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
-    pairs = list(_STALL_CONFIG)
-    server = (env.get("BUILDER_GIT_SERVER") or env.get("CI_SERVER_URL") or "").rstrip("/")
-    if server and any(env.get(name) for name in ("BUILDER_GIT_TOKEN", "CI_JOB_TOKEN")):
-        pairs.append((f"credential.{server}.helper", _CREDENTIAL_HELPER))
-    out = {"GIT_CONFIG_COUNT": str(count + len(pairs))}
-    for index, (key, value) in enumerate(pairs, start=count):
-        out[f"GIT_CONFIG_KEY_{index}"] = key
-        out[f"GIT_CONFIG_VALUE_{index}"] = value
-    return out
-
-
-@contextlib.contextmanager
-def git_credentials() -> Iterator[None]:
-    """Apply :func:`git_auth_env` and GIT_ENV to this process (and the git commands and
-    worker processes it starts) for the duration of the block."""
-    added = {**GIT_ENV, **git_auth_env()}
-    saved = {key: os.environ.get(key) for key in added}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # -- the fleet file -----------------------------------------------------------------------------
@@ -1198,7 +1125,7 @@ def _load_item(
         tag = variant_tag(str(version), spec.variants[0])
         item.image = f"{settings.image_registry}/{spec.customer}:{tag}-{spec.config_rev}"
     except BuilderError as exc:
-        item.error = _error_dict(exc)
+        item.error = error_dict(exc)
         item.summary = item.error["message"]
     return item
 
@@ -1492,12 +1419,12 @@ def _build_one(job: _Job) -> dict[str, Any]:
     try:
         report = build(request, job.settings, on_stage=on_stage)
     except BuilderError as exc:
-        return {"status": "failed", "error": _error_dict(exc), "seconds": _since(started)}
+        return {"status": "failed", "error": error_dict(exc), "seconds": _since(started)}
     except Exception as exc:  # one customer's crash must not stop the fleet
-        message = mask_secrets(f"unexpected {type(exc).__name__}: {exc}")
+        message = f"unexpected {type(exc).__name__}: {exc}"
         return {
             "status": "failed",
-            "error": {"type": type(exc).__name__, "message": message, "hint": None, "exit_code": 1},
+            "error": error_fields(type(exc).__name__, message, None, 1),
             "seconds": _since(started),
         }
     return {"status": "built", "report": asdict(report), "seconds": _since(started)}
@@ -1772,5 +1699,5 @@ def _record_all(
             if on_event:
                 on_event(result.customer, f"recorded {outcome.path} ({outcome.status})")
         elif isinstance(outcome, BuilderError):
-            result.status, result.error = "failed", _error_dict(outcome)
+            result.status, result.error = "failed", error_dict(outcome)
             result.summary = f"built and pushed, but not recorded: {result.error['message']}"

@@ -23,21 +23,12 @@ from builder import yamldoc
 from builder.contracts import CustomerSpec, ModelDecl, RepoSource
 from builder.errors import ConfigError
 from builder.paths import CLEARML_ID, UnsafePathError, check_id, safe_join
+from builder.redact import redact_url
 from builder.settings import Settings
 
 CUSTOMER_FILE = "customer.yaml"
 LOCK_FILE = "customer.lock.yaml"
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)")
-# user:password@ in a URL's authority, up to its LAST '@' (a password may hold an '@').
-_CREDENTIALS_IN_URL = re.compile(r"(?<=://)[^/?#\s'\"]*@")
-# Query values (?private_token=..., &X-Amz-Signature=...): any of them may be a secret.
-_QUERY_VALUE = re.compile(r"(?<=[?&])([\w.~%-]+)=[^&#\s'\"]+")
-
-
-def redact_url(url: str) -> str:
-    """Drop user:password@ and mask query values in a URL (or any text holding URLs) before it
-    is recorded or printed."""
-    return _QUERY_VALUE.sub(r"\1=***", _CREDENTIALS_IN_URL.sub("", url))
 
 
 def open_source(location: str, settings: Settings) -> RepoSource:

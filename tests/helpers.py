@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,45 @@ def write_production(
                 {"manifest_version": 1, "model_id": model_id, "task_id": task_id, "files": entries}
             )
         )
+
+
+@dataclass(frozen=True)
+class SeedModel:
+    """One model for :func:`seed_models`: its registry record, its task and its weights."""
+
+    model_id: str
+    task_id: str
+    name: str
+    files: Mapping[str, bytes]
+
+
+@dataclass(frozen=True)
+class LocalModels:
+    """A local model registry and a file: production store, as :func:`seed_models` left them."""
+
+    registry: Path
+    production: Path
+
+    def env(self) -> dict[str, str]:
+        """The settings that point a `builder` subprocess at them."""
+        return {
+            "BUILDER_MODEL_REGISTRY": f"local:{self.registry}",
+            "BUILDER_PRODUCTION": f"file:{self.production}",
+        }
+
+
+def seed_models(root: Path, models: Sequence[SeedModel]) -> LocalModels:
+    """The local registry + production store most build tests need: under ``root/registry``
+    each model's record and its completed task, under ``root/production`` its weights with
+    the publish manifest."""
+    registry = write_local_registry(
+        root / "registry",
+        [model_record(m.model_id, m.task_id, name=m.name) for m in models],
+        [task_record(m.task_id) for m in models],
+    )
+    for m in models:
+        write_production(root / "production", m.task_id, m.model_id, m.files)
+    return LocalModels(registry=registry, production=root / "production")
 
 
 def push_labelled_bases(

@@ -26,7 +26,6 @@ import requests
 
 from builder.attest.dsse import (
     MEDIA_DSSE,
-    AttestationError,
     key_id,
     load_public_key,
     pae,
@@ -49,7 +48,7 @@ from builder.attest.statement import (
     ci_details,
 )
 from builder.deliver import RegistryClient
-from builder.errors import ConfigError
+from builder.errors import AttestationError, ConfigError
 from builder.oci import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Descriptor, canonical_json
 
 WEIGHTS = b"weights-of-carcinoma" * 100

@@ -30,13 +30,11 @@ from helpers import (
     CUSTOMER_YAML,
     MITOSIS_ID,
     MITOSIS_TASK,
+    SeedModel,
     commit_files,
-    model_record,
     push_labelled_bases,
     run_cli,
-    task_record,
-    write_local_registry,
-    write_production,
+    seed_models,
 )
 from test_attest import openssl_keys
 
@@ -146,24 +144,18 @@ def world(
         BASE_REPO,
         dict.fromkeys(BASE_VERSIONS, "1"),
     )
-    registry = write_local_registry(
-        root / "registry",
+    models = seed_models(
+        root,
         [
-            model_record(CARCINOMA_ID, CARCINOMA_TASK, name="carcinoma v3"),
-            model_record(MITOSIS_ID, MITOSIS_TASK, name="mitosis v1"),
-            model_record(MITOSIS2_ID, MITOSIS2_TASK, name="mitosis v2"),
+            SeedModel(CARCINOMA_ID, CARCINOMA_TASK, "carcinoma v3", {"model.onnx": CARCINOMA}),
+            SeedModel(MITOSIS_ID, MITOSIS_TASK, "mitosis v1", {"model.onnx": MITOSIS}),
+            SeedModel(MITOSIS2_ID, MITOSIS2_TASK, "mitosis v2", {"model.onnx": MITOSIS2}),
         ],
-        [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK), task_record(MITOSIS2_TASK)],
     )
-    production = root / "production"
-    write_production(production, CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": CARCINOMA})
-    write_production(production, MITOSIS_TASK, MITOSIS_ID, {"model.onnx": MITOSIS})
-    write_production(production, MITOSIS2_TASK, MITOSIS2_ID, {"model.onnx": MITOSIS2})
     key, public = openssl_keys(root)
     env = {
         **docker_engine.env(),
-        "BUILDER_MODEL_REGISTRY": f"local:{registry}",
-        "BUILDER_PRODUCTION": f"file:{production}",
+        **models.env(),
         "BUILDER_BASE_REPOSITORY": repository,
         "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/audit",
         "BUILDER_CACHE_DIR": str(root / "cache"),

@@ -18,12 +18,13 @@ from helpers import (
     CARCINOMA_TASK,
     MITOSIS_ID,
     MITOSIS_TASK,
+    SeedModel,
     commit_files,
     customer_repo,
     model_record,
     push_labelled_bases,
     run_cli,
-    task_record,
+    seed_models,
     write_local_registry,
     write_production,
 )
@@ -45,27 +46,21 @@ def base_images(docker_engine: Any, oci_registry: Any, base_os_image: str) -> st
 
 @pytest.fixture
 def env(tmp_path: Path, oci_registry: Any, docker_engine: Any, base_images: str) -> dict[str, str]:
-    registry = write_local_registry(
-        tmp_path / "registry",
+    models = seed_models(
+        tmp_path,
         [
-            model_record(CARCINOMA_ID, CARCINOMA_TASK, name="carcinoma v3"),
-            model_record(MITOSIS_ID, MITOSIS_TASK, name="mitosis v1"),
+            SeedModel(CARCINOMA_ID, CARCINOMA_TASK, "carcinoma v3", {"model.onnx": CARCINOMA}),
+            SeedModel(
+                MITOSIS_ID,
+                MITOSIS_TASK,
+                "mitosis v1",
+                {"model.onnx": MITOSIS, "labels.json": b'{"1": "mitosis"}'},
+            ),
         ],
-        [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
-    )
-    write_production(
-        tmp_path / "production", CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": CARCINOMA}
-    )
-    write_production(
-        tmp_path / "production",
-        MITOSIS_TASK,
-        MITOSIS_ID,
-        {"model.onnx": MITOSIS, "labels.json": b'{"1": "mitosis"}'},
     )
     return {
         **docker_engine.env(),
-        "BUILDER_MODEL_REGISTRY": f"local:{registry}",
-        "BUILDER_PRODUCTION": f"file:{tmp_path / 'production'}",
+        **models.env(),
         "BUILDER_BASE_REPOSITORY": base_images,
         # A namespace per test: the registry is shared by the whole session.
         "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{re.sub('[^a-z0-9]+', '-', tmp_path.name.lower()).strip('-')}",

@@ -14,10 +14,12 @@ from helpers import (
     CARCINOMA_TASK,
     MITOSIS_ID,
     MITOSIS_TASK,
+    SeedModel,
     commit_files,
     customer_repo,
     local_settings,
     model_record,
+    seed_models,
     task_record,
     write_local_registry,
     write_production,
@@ -36,17 +38,24 @@ WEIGHTS = {
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    registry = write_local_registry(
-        tmp_path / "registry",
+    models = seed_models(
+        tmp_path,
         [
-            model_record(CARCINOMA_ID, CARCINOMA_TASK, name="carcinoma v3"),
-            model_record(MITOSIS_ID, MITOSIS_TASK, name="mitosis v1"),
+            SeedModel(
+                CARCINOMA_ID,
+                CARCINOMA_TASK,
+                "carcinoma v3",
+                {"model.onnx": WEIGHTS[CARCINOMA_TASK, CARCINOMA_ID]},
+            ),
+            SeedModel(
+                MITOSIS_ID,
+                MITOSIS_TASK,
+                "mitosis v1",
+                {"model.onnx": WEIGHTS[MITOSIS_TASK, MITOSIS_ID]},
+            ),
         ],
-        [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
     )
-    for (task, model), data in WEIGHTS.items():
-        write_production(tmp_path / "production", task, model, {"model.onnx": data})
-    settings: Settings = local_settings(tmp_path, registry)
+    settings: Settings = local_settings(tmp_path, models.registry)
     return settings
 
 

@@ -32,21 +32,18 @@ from helpers import (
     MITOSIS_ID,
     MITOSIS_TASK,
     ROOT,
+    SeedModel,
     commit_files,
     customer_repo,
-    model_record,
     push_labelled_bases,
     run_cli,
-    task_record,
-    write_local_registry,
-    write_production,
+    seed_models,
 )
 
-from builder.errors import ConfigError, ReleaseGateError
+from builder.errors import ConfigError, ReleaseGateError, WriteBackError
 from builder.fleet import (
     RELEASES_BRANCH,
     ReleaseLog,
-    WriteBackError,
     WriteResult,
     last_commits,
     load_fleet,
@@ -161,24 +158,18 @@ def _fake_report(
 @pytest.fixture
 def local_env(tmp_path: Path) -> dict[str, str]:
     """Settings for subprocesses: a local model registry, file: production, a private cache."""
-    registry = write_local_registry(
-        tmp_path / "model-registry",
+    models = seed_models(
+        tmp_path,
         [
-            model_record(CARCINOMA_ID, CARCINOMA_TASK, name="carcinoma v3"),
-            model_record(MITOSIS_ID, MITOSIS_TASK, name="mitosis v1"),
+            SeedModel(CARCINOMA_ID, CARCINOMA_TASK, "carcinoma v3", {"model.onnx": CARCINOMA}),
+            SeedModel(MITOSIS_ID, MITOSIS_TASK, "mitosis v1", {"model.onnx": MITOSIS}),
         ],
-        [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
     )
-    write_production(
-        tmp_path / "production", CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": CARCINOMA}
-    )
-    write_production(tmp_path / "production", MITOSIS_TASK, MITOSIS_ID, {"model.onnx": MITOSIS})
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("BUILDER_", "CI_", "GIT_CONFIG"))
     }
     env.update(
-        BUILDER_MODEL_REGISTRY=f"local:{registry}",
-        BUILDER_PRODUCTION=f"file:{tmp_path / 'production'}",
+        models.env(),
         BUILDER_CACHE_DIR=str(tmp_path / "cache"),
         BUILDER_IMAGE_REGISTRY="registry.example.com",
     )

@@ -548,7 +548,8 @@ def test_hostile_lock_through_the_cli(
     ],
 )
 def test_secrets_are_masked_in_any_text(text: str, secret: str) -> None:
-    from builder.load import canonical_repo_url, redact_url
+    from builder.load import canonical_repo_url
+    from builder.redact import redact_url
 
     assert secret not in redact_url(text)
     if text.startswith("https://"):

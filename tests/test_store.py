@@ -20,13 +20,11 @@ from helpers import (
     CARCINOMA_TASK,
     MITOSIS_ID,
     MITOSIS_TASK,
+    SeedModel,
     commit_files,
     customer_repo,
-    model_record,
     run_cli,
-    task_record,
-    write_local_registry,
-    write_production,
+    seed_models,
 )
 from test_assemble import base_layer_tar, synthetic_base_blobs
 
@@ -277,20 +275,15 @@ def test_images_and_prune_commands(tmp_path: Path) -> None:
 
 
 def _customer_env(tmp_path: Path, base_repository: str, registry_host: str) -> dict[str, str]:
-    registry = write_local_registry(
-        tmp_path / "models",
+    models = seed_models(
+        tmp_path,
         [
-            model_record(CARCINOMA_ID, CARCINOMA_TASK, name="carcinoma"),
-            model_record(MITOSIS_ID, MITOSIS_TASK, name="mitosis"),
+            SeedModel(CARCINOMA_ID, CARCINOMA_TASK, "carcinoma", {"model.onnx": b"c" * 5000}),
+            SeedModel(MITOSIS_ID, MITOSIS_TASK, "mitosis", {"model.onnx": b"m" * 7000}),
         ],
-        [task_record(CARCINOMA_TASK), task_record(MITOSIS_TASK)],
     )
-    production = tmp_path / "production"
-    write_production(production, CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": b"c" * 5000})
-    write_production(production, MITOSIS_TASK, MITOSIS_ID, {"model.onnx": b"m" * 7000})
     return {
-        "BUILDER_MODEL_REGISTRY": f"local:{registry}",
-        "BUILDER_PRODUCTION": f"file:{tmp_path / 'production'}",
+        **models.env(),
         "BUILDER_BASE_REPOSITORY": base_repository,
         "BUILDER_IMAGE_REGISTRY": registry_host,
         "DOCKER_HOST": "unix:///nonexistent/docker.sock",  # no engine: none is needed

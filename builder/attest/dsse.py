@@ -20,17 +20,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from builder.attest.statement import MEDIA_INTOTO
-from builder.errors import BuilderError, ConfigError
+from builder.errors import AttestationError, ConfigError
 
 MEDIA_DSSE: Final = "application/vnd.dsse.envelope.v1+json"
 #: Environment variable holding the signing key's password, when the PEM is encrypted.
 KEY_PASSWORD_ENV: Final = "BUILDER_SIGN_KEY_PASSWORD"
-
-
-class AttestationError(BuilderError):
-    """A signature or attestation does not verify (exit code 10, like a failed audit check)."""
-
-    exit_code = 10
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:

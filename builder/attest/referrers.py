@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from builder.attest.dsse import MEDIA_DSSE, AttestationError, envelope_payload, sign_envelope
+from builder.attest.dsse import MEDIA_DSSE, envelope_payload, sign_envelope
 from builder.attest.statement import (
     ENVELOPE_FILE,
     MEDIA_CYCLONEDX,
@@ -28,7 +28,7 @@ from builder.attest.statement import (
     sbom,
 )
 from builder.deliver import RegistryClient, RetryPolicy, parse_reference, split_repository
-from builder.errors import BuilderError, ImageError
+from builder.errors import AttestationError, BuilderError, ImageError
 from builder.fsutil import write_atomic
 from builder.oci import (
     OCI_INDEX,

@@ -14,7 +14,6 @@ from urllib.parse import unquote, urlsplit
 
 from builder.attest.dsse import (
     MEDIA_DSSE,
-    AttestationError,
     envelope_payload,
     load_public_key,
     verify_envelope,
@@ -32,14 +31,13 @@ from builder.audit._images import (
 from builder.audit.history import location_of
 from builder.audit.records import ReleaseRecord, read_release_records
 from builder.audit.text import pinned, short
-from builder.errors import BuilderError, ConfigError, ImageError
+from builder.errors import AttestationError, BuilderError, ConfigError, ImageError
 from builder.load import load_customer, open_source
 from builder.oci import Descriptor
 from builder.provenance import LABEL_PREFIX
 from builder.settings import Settings
 
 #: Exit code of a failed audit check (tampered file, digest mismatch, bad signature).
-AUDIT_FAILED: Final = 10
 PROVENANCE_PATH: Final = "app/config/provenance.json"
 ANALYSIS_PATH: Final = "app/config/analysis.yaml"
 MODELS_PREFIX: Final = "app/models/"

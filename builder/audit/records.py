@@ -81,7 +81,8 @@ def read_release_records(
     holds ``location`` (its ``origin`` when it has one), the branch ``builder release-record``
     writes; a malformed record is one ConfigError naming its file.
     """
-    from builder.fleet import RELEASES_BRANCH, ReleaseLog, git_credentials, record_remote
+    from builder.fleet import RELEASES_BRANCH, ReleaseLog, record_remote
+    from builder.gitauth import git_credentials
 
     with git_credentials():
         log = ReleaseLog(record_remote(location), settings.cache_dir)

@@ -27,7 +27,7 @@ from builder.audit.history import find_commit
 from builder.audit.text import short
 from builder.contracts import CustomerSpec
 from builder.errors import ConfigError, ImageError
-from builder.fleet import git_credentials
+from builder.gitauth import git_credentials
 from builder.load import _URL, load_customer, open_source
 from builder.lock import models_from_lock, read_lock
 from builder.paths import safe_join

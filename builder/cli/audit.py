@@ -13,27 +13,18 @@ from typing import Any
 
 import click
 
-from builder.cli._common import (
-    cli,
-    emit,
-    info,
-    json_option,
-    load_cli_settings,
-    settings_options,
-)
-
-
-def _failed(code: int) -> None:
-    """Leave with ``code`` after the result was printed; `main` returns it as the exit code."""
-    raise click.exceptions.Exit(code)
+from builder.cli._common import cli, info, load_cli_settings
+from builder.cli.options import insecure_registry_option, json_option, ref_option, settings_options
+from builder.cli.result import Result
+from builder.errors import AUDIT_FAILED, ConfigError
 
 
 @cli.command("history")
 @click.argument("customer")
-@click.option("--ref", default="HEAD", show_default=True, help="Branch, tag or commit to read.")
+@ref_option("Branch, tag or commit to read.")
 @settings_options
 @json_option
-def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> None:
+def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> Result:
     """The timeline of CUSTOMER's config revisions: what changed, and which images were released.
 
     Models are read from each revision's lock file; without one the model registry is asked
@@ -62,7 +53,7 @@ def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> Non
         for problem in hist.problems:
             click.echo(f"\nproblem: {problem}", err=True)
 
-    emit("history", asdict(hist), human)
+    return Result("history", asdict(hist), human)
 
 
 @cli.command("diff")
@@ -71,7 +62,7 @@ def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> Non
 @click.argument("rev_b")
 @settings_options
 @json_option
-def diff_cmd(customer: str, rev_a: str, rev_b: str, as_json: bool, **overrides: Any) -> None:
+def diff_cmd(customer: str, rev_a: str, rev_b: str, as_json: bool, **overrides: Any) -> Result:
     """What changed in CUSTOMER's resolved config from REV_A to REV_B (models, tasks, weights,
     thresholds, base), not a text diff."""
     from builder.audit.history import diff
@@ -89,7 +80,7 @@ def diff_cmd(customer: str, rev_a: str, rev_b: str, as_json: bool, **overrides: 
         for note in sorted({*result.config_a.notes, *result.config_b.notes}):
             click.echo(f"note: {note}", err=True)
 
-    emit("diff", asdict(result), human)
+    return Result("diff", asdict(result), human)
 
 
 def _explanation_lines(exp: Any) -> list[str]:
@@ -174,7 +165,6 @@ def _target(
 ) -> tuple[str, dict[str, Any] | None]:
     """An image reference as given, or the image a customer name was shipped (release records)."""
     from builder.audit.explain import names_a_customer, shipped_reference
-    from builder.errors import ConfigError
 
     if not names_a_customer(target):
         if base_version or at:
@@ -190,9 +180,7 @@ def _target(
     type=click.Path(path_type=Path, dir_okay=False),
     help="PEM public key (ECDSA P-256): require a provenance signed by it.",
 )
-@click.option(
-    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
-)
+@insecure_registry_option
 @_select_options
 @settings_options
 @json_option
@@ -204,7 +192,7 @@ def explain_cmd(
     at: str | None,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """What IMAGE is: customer, config commit, base, models (ids, task, sha256), tool, build time.
 
     IMAGE is a registry reference (host/repo:tag or @sha256:...), an OCI layout (a folder, or
@@ -214,7 +202,7 @@ def explain_cmd(
     recorded release, signed (by which key), files intact. The model files inside are hashed
     and checked against the recorded sha256; exit code 10 if any check fails.
     """
-    from builder.audit.explain import AUDIT_FAILED, explain
+    from builder.audit.explain import explain
 
     settings = load_cli_settings(overrides)
     insecure = True if insecure_registry else None
@@ -224,10 +212,13 @@ def explain_cmd(
     data = asdict(exp)
     data["ok_checks"] = exp.ok
     data["verdict"] = exp.verdict
-    emit("explain", data, lambda: click.echo("\n".join(_explanation_lines(exp))))
-    if not exp.ok:
-        info(f"explain: {len(exp.problems)} check(s) failed for {image}")
-        _failed(AUDIT_FAILED)
+    return Result(
+        "explain",
+        data,
+        lambda: click.echo("\n".join(_explanation_lines(exp))),
+        exit_code=0 if exp.ok else AUDIT_FAILED,
+        notes=() if exp.ok else (f"explain: {len(exp.problems)} check(s) failed for {image}",),
+    )
 
 
 @cli.command("verify")
@@ -238,9 +229,7 @@ def explain_cmd(
     help="A clone of the config repository (default: the recorded repository, cloned into the "
     "cache if it is not on this machine).",
 )
-@click.option(
-    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
-)
+@insecure_registry_option
 @_select_options
 @settings_options
 @json_option
@@ -252,7 +241,7 @@ def verify_cmd(
     at: str | None,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Rebuild IMAGE from its recorded config commit, lock and base; print MATCH or what differs.
 
     Needs nothing but the image reference (or a CUSTOMER name, as for explain): the recorded
@@ -261,7 +250,6 @@ def verify_cmd(
     the working directory's. Every layer is re-tarred in a scratch blob store (weights come from
     the verified cache). Exit code 10 on a mismatch.
     """
-    from builder.audit.explain import AUDIT_FAILED
     from builder.audit.verify import verify
 
     settings = load_cli_settings(overrides)
@@ -288,9 +276,7 @@ def verify_cmd(
         for line in result.differences:
             click.echo(f"  differs: {line}")
 
-    emit("verify", data, human)
-    if not result.match:
-        _failed(AUDIT_FAILED)
+    return Result("verify", data, human, exit_code=0 if result.match else AUDIT_FAILED)
 
 
 @cli.command("audit")
@@ -302,7 +288,7 @@ def verify_cmd(
     required=True,
     help="Write the self-contained HTML report here.",
 )
-@click.option("--ref", default="HEAD", show_default=True, help="Branch, tag or commit to read.")
+@ref_option("Branch, tag or commit to read.")
 @click.option(
     "--verify",
     "verify_releases",
@@ -313,7 +299,7 @@ def verify_cmd(
 @json_option
 def audit_cmd(
     customer: str, html: Path, ref: str, verify_releases: bool, as_json: bool, **overrides: Any
-) -> None:
+) -> Result:
     """Write an HTML report of CUSTOMER for regulatory review: releases with their signature,
     verify state and approvals, the configuration timeline with who approved each change, model
     lineage, the changes between releases, and registry tags that no release record names (one
@@ -331,7 +317,7 @@ def audit_cmd(
         "unrecorded_tags": data["unrecorded_tags"],
         "problems": data["problems"],
     }
-    emit(
+    return Result(
         "audit",
         summary,
         lambda: click.echo(

@@ -8,7 +8,9 @@ from typing import Any
 
 import click
 
-from builder.cli._common import cli, emit, info, json_option, load_cli_settings, progress_bar
+from builder.cli._common import cli, info, load_cli_settings, progress_bar
+from builder.cli.options import json_option
+from builder.cli.result import Result
 
 
 @cli.group()
@@ -54,7 +56,7 @@ def base_build(
     offline: bool,
     push: bool,
     as_json: bool,
-) -> None:
+) -> Result:
     """Build the base image with the Docker engine (DOCKER_HOST), offline inside.
 
     It is written into the local image store (setting image_store), where `build CUSTOMER`
@@ -92,4 +94,4 @@ def base_build(
             click.echo(f"label     {key}={value}")
 
     data: dict[str, Any] = {k: v for k, v in asdict(result).items() if k != "log"}
-    emit("base build", data, human)
+    return Result("base build", data, human)

@@ -10,15 +10,18 @@ from typing import Any
 
 import click
 
-from builder.cli._common import (
-    cli,
-    emit,
-    info,
+from builder.cli._common import cli, info, load_cli_settings, progress_bar
+from builder.cli.fleet import build_all
+from builder.cli.options import (
+    base_repository_option,
+    image_registry_option,
+    insecure_registry_option,
     json_option,
-    load_cli_settings,
-    progress_bar,
+    ref_option,
     settings_options,
+    worktree_option,
 )
+from builder.cli.result import Result
 
 
 class PlainProgress:
@@ -54,15 +57,8 @@ class PlainProgress:
 
 @cli.command()
 @click.argument("customer", required=False)
-@click.option(
-    "--ref",
-    default="HEAD",
-    show_default=True,
-    help="Branch, tag or commit of the customer repo to read.",
-)
-@click.option(
-    "--worktree", is_flag=True, help="Read uncommitted files from the work tree (development only)."
-)
+@ref_option()
+@worktree_option
 @settings_options
 @click.option(
     "--all",
@@ -96,19 +92,14 @@ class PlainProgress:
 @click.option(
     "--base-version", help="Build on this base version instead of customer.yaml's (fleet rebuilds)."
 )
-@click.option(
-    "--base-repository",
-    help="Base image repository (default: customer.yaml, then setting base_repository).",
-)
+@base_repository_option
 @click.option(
     "--variant",
     type=click.Choice(["cpu", "gpu"]),
     help="Base image variant to build on (default: the first of customer.yaml's "
     "base_image.variant; gpu bases live in <base repository>-gpu).",
 )
-@click.option(
-    "--registry", "image_registry", help="Registry for the image tags (setting image_registry)."
-)
+@image_registry_option
 @click.option(
     "--push",
     is_flag=True,
@@ -120,9 +111,7 @@ class PlainProgress:
     help="Overwrite an immutable tag that points elsewhere (reported loudly); with --all: "
     "rebuild every customer, also those whose image is already there.",
 )
-@click.option(
-    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
-)
+@insecure_registry_option
 @click.option(
     "--oci-layout",
     type=click.Path(path_type=Path),
@@ -185,7 +174,7 @@ def build(
     backend: str,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Build CUSTOMER's image: cook the config, fetch weights, assemble on the base, deliver.
 
     Every build lands in the local image store (setting image_store; `builder images` lists
@@ -196,11 +185,9 @@ def build(
     from dataclasses import asdict
 
     if all_customers:
-        from builder.cli.fleet import build_all
-
         if customer or not base_version:
             raise click.UsageError("--all takes no CUSTOMER and needs --base-version")
-        ctx.invoke(
+        fleet_result: Result = ctx.invoke(
             build_all,
             base_version=base_version,
             fleet_file=fleet_file,
@@ -216,7 +203,7 @@ def build(
             force=force,
             **overrides,
         )
-        return
+        return fleet_result
     if not customer:
         raise click.UsageError("missing CUSTOMER (or --all --base-version V for the whole fleet)")
 
@@ -284,7 +271,7 @@ def build(
             why = "uncommitted files (--worktree)" if worktree else "unpublished models"
             click.echo(f"DEVELOPMENT BUILD: {why}; not for release", err=True)
 
-    emit("build", asdict(report), human)
+    return Result("build", asdict(report), human)
 
 
 def not_pushed_lines(image: str, digest: str, customer: str | None) -> list[str]:

@@ -8,28 +8,23 @@ from typing import Any
 
 import click
 
-from builder.cli._common import (
-    cli,
+from builder.cli._common import cli, info, load_cli_settings, progress_bar
+from builder.cli.options import (
+    base_repository_option,
     customer_options,
-    emit,
-    info,
+    insecure_registry_option,
     json_option,
-    load_cli_settings,
-    progress_bar,
     settings_options,
 )
+from builder.cli.result import Result
+from builder.fsutil import write_atomic
 
 
 @cli.command()
 @customer_options
 @settings_options
-@click.option(
-    "--base-repository",
-    help="Base image repository (default: customer.yaml, then setting base_repository).",
-)
-@click.option(
-    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
-)
+@base_repository_option
+@insecure_registry_option
 @json_option
 def validate(
     customer: str,
@@ -39,7 +34,7 @@ def validate(
     insecure_registry: bool,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Check customer.yaml and the analysis YAML against their schemas and against the runner
     contract of the base image they resolve to (no model registry calls: registry plug-ins are
     checked from the committed lock when it is current)."""
@@ -69,7 +64,7 @@ def validate(
         if result.contract_info["checked"]
         else "runner contract NOT checked"
     )
-    emit(
+    return Result(
         "validate",
         data,
         lambda: click.echo(
@@ -102,7 +97,7 @@ def expand(
     locked: bool,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Print the verbose analysis config the runner loads."""
     from builder.cook import cook
 
@@ -116,8 +111,6 @@ def expand(
     )
     text = cooked.verbose_yaml
     if output:
-        from builder.fsutil import write_atomic
-
         write_atomic(output, text)
     for warning in cooked.warnings:
         info(f"warning: {warning}")
@@ -128,7 +121,7 @@ def expand(
         else:
             click.echo(text.decode("utf-8"), nl=False)
 
-    emit(
+    return Result(
         "expand",
         {
             "customer": cooked.spec.customer,
@@ -157,13 +150,8 @@ def expand(
 @click.option(
     "--allow-unpublished", is_flag=True, help="Lock unpublished models (development only)."
 )
-@click.option(
-    "--base-repository",
-    help="Base image repository (default: customer.yaml, then setting base_repository).",
-)
-@click.option(
-    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
-)
+@base_repository_option
+@insecure_registry_option
 @json_option
 def lock(
     customer: str,
@@ -176,7 +164,7 @@ def lock(
     insecure_registry: bool,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Pin every input (models, weights sha256, base digest) in customer.lock.yaml."""
     from builder.cook import cook, make_customer_lock
     from builder.fetch import Cache
@@ -201,7 +189,7 @@ def lock(
             progress=bar,
         )
     message = f"{cooked.spec.customer}: lock matches" if check else f"wrote {result.path}"
-    emit(
+    return Result(
         "lock",
         {
             "path": str(result.path) if result.path else None,
@@ -215,13 +203,12 @@ def lock(
 @cli.command()
 @click.argument("name", required=False)
 @json_option
-def schema(name: str | None, as_json: bool) -> None:
+def schema(name: str | None, as_json: bool) -> Result:
     """Print a JSON Schema (customer, analysis-short, analysis-verbose); no NAME lists them."""
     from builder import yamldoc
 
     if name is None:
         names = yamldoc.schema_names()
-        emit("schema", {"schemas": names}, lambda: click.echo("\n".join(names)))
-        return
+        return Result("schema", {"schemas": names}, lambda: click.echo("\n".join(names)))
     document = yamldoc.schema(name)
-    emit("schema", document, lambda: click.echo(json.dumps(document, indent=2)))
+    return Result("schema", document, lambda: click.echo(json.dumps(document, indent=2)))

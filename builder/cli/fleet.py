@@ -10,20 +10,22 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from builder.cli._common import (
-    RESULT_VERSION,
-    _json_mode,
-    cli,
-    emit,
-    info,
+from builder.cli._common import cli, info, load_cli_settings
+from builder.cli.options import (
+    image_registry_option,
+    insecure_registry_option,
     json_option,
-    load_cli_settings,
+    report_option,
     settings_options,
 )
+from builder.cli.result import Result
+from builder.errors import BuilderError, ConfigError, FleetError
+from builder.fsutil import write_atomic
+from builder.gitauth import git_credentials
+from builder.redact import mask_secrets
 
 if TYPE_CHECKING:
     from builder import fleet as fleet_types
-    from builder.errors import BuilderError
 
 
 def _fleet_options(func: Any) -> Any:
@@ -48,42 +50,6 @@ def _fleet_options(func: Any) -> Any:
     return func
 
 
-def _document(command: str, data: Any, error: BuilderError | None) -> str:
-    """The versioned JSON envelope; with an error, ``ok`` is false and the result is kept."""
-    doc: dict[str, Any] = {"builder_result_version": RESULT_VERSION, "command": command}
-    doc["ok"] = error is None
-    doc["result"] = data
-    if error is not None:
-        doc["error"] = {
-            "type": type(error).__name__,
-            "message": error.message,
-            "hint": error.hint,
-            "exit_code": error.exit_code,
-        }
-    return json.dumps(doc, indent=2, sort_keys=True, default=str)
-
-
-def _finish(
-    command: str, data: Any, human: Any, error: BuilderError | None, report: Path | None
-) -> None:
-    """Write --report, print (human or --json), then fail with ``error`` if there is one: the
-    result is printed even when some customers failed, in one JSON document."""
-    if report is not None:
-        from builder.fsutil import write_atomic
-
-        write_atomic(report, (_document(command, data, error) + "\n").encode())
-    if error is None:
-        emit(command, data, human)
-        return
-    if _json_mode.get():
-        click.echo(_document(command, data, error))
-        # Not a BuilderError: main() would print a second JSON document; main() returns the
-        # code of click's Exit as the process exit code.
-        raise click.exceptions.Exit(error.exit_code)
-    human()
-    raise error
-
-
 @cli.command()
 @_fleet_options
 @settings_options
@@ -93,9 +59,7 @@ def _finish(
     help="Also write the GitLab child pipeline (one job per customer to rebuild) to this file.",
 )
 @click.option("--ci-image", help="Image for the child pipeline's jobs (default: the runner's).")
-@click.option(
-    "--report", type=click.Path(path_type=Path), help="Also write the JSON result to this file."
-)
+@report_option("Also write the JSON result to this file.")
 @json_option
 def plan(
     base_version: str,
@@ -106,7 +70,7 @@ def plan(
     report: Path | None,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Which customers a base release reaches, and what their new image changes.
 
     Reads each customer's repository (git only: no model or image registry calls) and its
@@ -114,10 +78,9 @@ def plan(
     the version), 8 when some could not (they are listed; the others are planned).
     """
     from builder import fleet as fleet_mod
-    from builder.fsutil import write_atomic
 
     settings = load_cli_settings(overrides)
-    with fleet_mod.git_credentials():
+    with git_credentials():
         fleet = fleet_mod.load_fleet(fleet_file, settings).select(only)
         result = fleet_mod.plan(fleet, settings, base_version)
     data = asdict(result)
@@ -155,11 +118,12 @@ def plan(
     error = None
     if result.errors:
         names = ", ".join(i.customer for i in result.errors)
-        error = fleet_mod.FleetError(
+        error = FleetError(
             f"{len(result.errors)} of {len(result.items)} customers could not be planned: {names}",
             hint="see each customer's line above; the others are planned",
         )
-    _finish("plan", data, human, error, report)
+    # Printed even when some customers failed (in one JSON document), then the error.
+    return Result("plan", data, human, error=error, report=report)
 
 
 def _relative(path: Path) -> str:
@@ -186,21 +150,15 @@ def _sha256(data: bytes) -> str:
     is_flag=True,
     help="After each pushed build, commit its release record to the customer repository.",
 )
-@click.option(
-    "--registry", "image_registry", help="Registry for the image tags (setting image_registry)."
-)
+@image_registry_option
 @click.option("--base-repository", help="Base image repository (default: each customer's).")
-@click.option(
-    "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
-)
+@insecure_registry_option
 @click.option(
     "--force",
     is_flag=True,
     help="Rebuild every admitted customer, also those whose image is already in the registry.",
 )
-@click.option(
-    "--report", type=click.Path(path_type=Path), help="Also write the JSON report to this file."
-)
+@report_option("Also write the JSON report to this file.")
 @json_option
 def build_all(
     base_version: str,
@@ -216,7 +174,7 @@ def build_all(
     as_json: bool,
     force: bool = False,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Build every customer whose base constraint admits --base-version, in parallel.
 
     Incremental: a customer whose image (the immutable tag) is already in the registry, with
@@ -233,7 +191,7 @@ def build_all(
     settings = load_cli_settings(overrides)
     progress = FleetProgressLine(live=sys.stderr.isatty())
     try:
-        with fleet_mod.git_credentials():
+        with git_credentials():
             fleet = fleet_mod.load_fleet(fleet_file, settings).select(only)
             result = fleet_mod.build_all(
                 fleet,
@@ -277,11 +235,11 @@ def build_all(
     error = None
     if result.failed:
         names = ", ".join(r.customer for r in result.failed)
-        error = fleet_mod.FleetError(
+        error = FleetError(
             f"{len(result.failed)} of {len(result.results)} customers failed: {names}",
             hint="each failure is listed in the report",
         )
-    _finish("build-all", asdict(result), human, error, report)
+    return Result("build-all", asdict(result), human, error=error, report=report)
 
 
 def _duration(seconds: float) -> str:
@@ -403,7 +361,7 @@ def release_record(
     yes: bool,
     as_json: bool,
     **overrides: Any,
-) -> None:
+) -> Result:
     """Commit the release record of each pushed build in REPORT to its customer repository.
 
     The record (releases/<customer>/<base version>-<config rev>.yaml on the releases branch)
@@ -411,8 +369,6 @@ def release_record(
     because another job wrote first is retried on top of the new head; nothing is forced.
     """
     from builder import fleet as fleet_mod
-    from builder.errors import BuilderError as BuilderErrorType
-    from builder.errors import ConfigError
 
     try:
         document = json.loads(report_file.read_text("utf-8"))
@@ -425,7 +381,7 @@ def release_record(
             hint="pass the output of `builder build --push --json` or `builder build-all --json`",
         )
     settings = load_cli_settings(overrides)
-    with fleet_mod.git_credentials():
+    with git_credentials():
         locations: dict[str, str] = {}
         fleet = None
         for build_report in reports:
@@ -434,7 +390,7 @@ def release_record(
                 fleet = fleet or fleet_mod.load_fleet(fleet_file, settings)
                 location = fleet.entry(build_report["customer"]).location
             locations[build_report["customer"]] = location
-            target = fleet_mod.mask_secrets(fleet_mod.record_remote(location))
+            target = mask_secrets(fleet_mod.record_remote(location))
             info(
                 f"{'would record' if dry_run else 'recording'} {build_report['image']} "
                 f"on {target} branch {branch}"
@@ -455,7 +411,7 @@ def release_record(
                         attempts=attempts,
                         dry_run=True,
                     )
-                except BuilderErrorType as exc:
+                except BuilderError as exc:
                     outcomes[customer] = exc
         else:  # one commit per customer repository for all the report's records
             outcomes = dict(
@@ -463,10 +419,10 @@ def release_record(
                     reports, locations, settings, branch=branch, attempts=attempts
                 )
             )
-    failures = [o for o in outcomes.values() if isinstance(o, BuilderErrorType)]
+    failures = [o for o in outcomes.values() if isinstance(o, BuilderError)]
     if failures:
         raise failures[0]
-    written = [asdict(o) for o in outcomes.values() if not isinstance(o, BuilderErrorType)]
+    written = [asdict(o) for o in outcomes.values() if not isinstance(o, BuilderError)]
 
     def human() -> None:
         for item in written:
@@ -475,4 +431,4 @@ def release_record(
                 f"({item['commit'][:12]})"
             )
 
-    emit("release-record", {"records": written}, human)
+    return Result("release-record", {"records": written}, human)

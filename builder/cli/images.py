@@ -8,7 +8,9 @@ from typing import Any
 
 import click
 
-from builder.cli._common import cli, emit, json_option, load_cli_settings
+from builder.cli._common import cli, load_cli_settings
+from builder.cli.options import cache_dir_option, json_option
+from builder.cli.result import Result
 
 
 @cli.group(invoke_without_command=True)
@@ -17,14 +19,10 @@ from builder.cli._common import cli, emit, json_option, load_cli_settings
     type=click.Path(path_type=Path, file_okay=False),
     help="The local image store folder (setting image_store; default <cache_dir>/oci).",
 )
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    help="Weights and image cache (setting cache_dir).",
-)
+@cache_dir_option
 @json_option
 @click.pass_context
-def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> None:
+def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> Result | None:
     """The local image store (setting image_store): base and customer images, by name.
 
     Without a subcommand: list them (name, manifest digest). `builder base build` and every
@@ -32,7 +30,7 @@ def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> None:
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = overrides
-        return
+        return None
     from builder.store import ImageStore
 
     store = ImageStore(load_cli_settings(overrides).store_dir)
@@ -45,7 +43,7 @@ def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> None:
         for image in listed:
             click.echo(f"{image.digest[:19]}  {image.reference}")
 
-    emit(
+    return Result(
         "images",
         {"store": str(store.root), "images": [asdict(i) for i in listed]},
         human,
@@ -62,7 +60,7 @@ def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> None:
 )
 @json_option
 @click.pass_context
-def images_prune(ctx: click.Context, /, dry_run: bool, wait: float, as_json: bool) -> None:
+def images_prune(ctx: click.Context, /, dry_run: bool, wait: float, as_json: bool) -> Result:
     """Remove every blob no named image references (the tags are what is kept)."""
     from builder.store import ImageStore
 
@@ -76,4 +74,4 @@ def images_prune(ctx: click.Context, /, dry_run: bool, wait: float, as_json: boo
             f"{report.blobs_kept} blobs of {report.images} named images in {store.root}"
         )
 
-    emit("images prune", {"store": str(store.root), **asdict(report)}, human)
+    return Result("images prune", {"store": str(store.root), **asdict(report)}, human)

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import click
 
-from builder.cli._common import (
-    cli,
-    emit,
-    json_option,
-    load_cli_settings,
-    progress_bar,
-)
+from builder.cli._common import cli, load_cli_settings, progress_bar
+from builder.cli.options import json_option
+from builder.cli.result import Result
 
 
 @cli.command()
@@ -27,7 +23,7 @@ from builder.cli._common import (
 @json_option
 def publish(
     model_id: str, production: str | None, model_registry: str | None, dry_run: bool, as_json: bool
-) -> None:
+) -> Result:
     """Promote MODEL_ID to production: copy its weights under <task id>/<model id>/, verify,
     mark published.
 
@@ -59,7 +55,7 @@ def publish(
             state = "marked published" if result.marked_published else "was already published"
             click.echo(f"{result.model_id}: weights verified at {result.destination}; {state}")
 
-    emit("publish", asdict(result), human)
+    return Result("publish", asdict(result), human)
 
 
 @cli.group()
@@ -79,7 +75,7 @@ def models_list(
     model_registry: str | None,
     production: str | None,
     as_json: bool,
-) -> None:
+) -> Result:
     """List models (all pages, archived ones left out) with id, name, project, task, published
     state and production presence. Reads no model designs."""
     from builder.publish import production_presence
@@ -121,4 +117,4 @@ def models_list(
                 f"{'yes' if r['in_production'] else 'no'}"
             )
 
-    emit("models list", {"models": rows}, human)
+    return Result("models list", {"models": rows}, human)
