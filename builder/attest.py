@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from builder.assemble import AssembledImage
     from builder.contracts import CustomerSpec
     from builder.deliver import RegistryClient, RetryPolicy
-    from builder.pipeline import BuildReport, BuildRequest
+    from builder.documents.build_report import BuildReport
+    from builder.pipeline import BuildRequest
 
 STATEMENT_TYPE: Final = "https://in-toto.io/Statement/v1"
 SLSA_PROVENANCE: Final = "https://slsa.dev/provenance/v1"

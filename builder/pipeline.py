@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from builder.contract import (
 )
 from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec, Progress
 from builder.cook import Cooked, cook, release_lock_drift
+from builder.documents.build_report import BuildReport, LayerReport
 from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
 from builder.expand import MODELS_DIR, expand
 from builder.fetch import Cache, FetchResult, fetch
@@ -80,36 +81,6 @@ class BuildRequest:
     )
     sign_key: Path | None = None  # PEM ECDSA P-256 key signing the provenance (DSSE)
     layer_format: int = LAYER_FORMAT  # older formats only for `verify` of older images
-
-
-@dataclass
-class LayerReport:
-    name: str
-    digest: str
-    size: int
-    media_type: str
-    new: bool  # added by this build (False: from the base image)
-    push: str | None = None  # uploaded | mounted | present, when pushed
-
-
-@dataclass
-class BuildReport:
-    customer: str
-    image: str  # the immutable reference
-    tags: list[str]
-    manifest_digest: str
-    config_digest: str
-    config_commit: str
-    base: dict[str, str]
-    models: list[dict[str, Any]]
-    layers: list[LayerReport]
-    development: bool
-    bytes_downloaded: int = 0
-    bytes_resumed: int = 0  # weights reused from an interrupted download, not downloaded again
-    bytes_uploaded: int = 0
-    outputs: dict[str, str] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
 
 
 @contextmanager
@@ -549,7 +520,9 @@ def build(
             verbose_sha256=verbose_sha,
             development=cooked.development,
         )
-        layers = image_layers(cooked, fetched, verbose_yaml, yamldoc.canonical_json(provenance))
+        layers = image_layers(
+            cooked, fetched, verbose_yaml, yamldoc.canonical_json(provenance.to_dict())
+        )
         registry = request.image_registry or settings.image_registry
         immutable = f"{registry}/{spec.customer}:{image_version(spec, base_ref)}"
         moving = f"{registry}/{spec.customer}:{variant_version(base_ref)}"
@@ -561,7 +534,7 @@ def build(
             config_digest="",
             config_commit=spec.commit,
             base={"repository": base.repository, "version": base.version, "digest": base.digest},
-            models=provenance["models"],
+            models=[m.to_dict() for m in provenance.models],
             layers=[],
             development=cooked.development,
             bytes_downloaded=fetched.bytes_downloaded,

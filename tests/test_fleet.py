@@ -506,7 +506,7 @@ def test_record_is_retried_on_top_of_a_concurrent_push(
     again = log.write(record)
     assert again.status == "present"
     with pytest.raises(Exception, match="refusing to overwrite a release record"):
-        log.write({**record, "manifest_digest": "sha256:" + "9" * 64})
+        log.write(replace(record, manifest_digest="sha256:" + "9" * 64))
 
 
 def _hook(bare: Path, failures: int) -> Path:

@@ -193,8 +193,6 @@ def build(
     comes from the registry, else the local store (`builder base build` fills it).
     With --all --base-version V: every customer of the fleet that admits V, --jobs at a time.
     """
-    from dataclasses import asdict
-
     if all_customers:
         from builder.cli.fleet import build_all
 
@@ -284,7 +282,7 @@ def build(
             why = "uncommitted files (--worktree)" if worktree else "unpublished models"
             click.echo(f"DEVELOPMENT BUILD: {why}; not for release", err=True)
 
-    emit("build", asdict(report), human)
+    emit("build", report.to_dict(), human)
 
 
 def not_pushed_lines(image: str, digest: str, customer: str | None) -> list[str]:
