@@ -12,10 +12,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from builder import yamldoc
+from builder import deliver, yamldoc
 from builder.assemble import (
     LAYER_FORMAT,
     AssembledImage,
@@ -24,6 +25,14 @@ from builder.assemble import (
     LayerSpec,
     assemble,
     resolve_base,
+)
+from builder.attest import (
+    BuildFacts,
+    attach_to_layout,
+    ci_details,
+    load_private_key,
+    make_attestations,
+    push_referrers,
 )
 from builder.base_image import variant_repository
 from builder.contract import (
@@ -35,9 +44,12 @@ from builder.contract import (
 )
 from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec, Progress
 from builder.cook import Cooked, cook, release_lock_drift
+from builder.deliver import parse_reference
+from builder.docker_backend import build_with_docker, push_with_docker
 from builder.documents.build_report import BuildReport, LayerReport
+from builder.documents.provenance import Provenance
 from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
-from builder.expand import MODELS_DIR, expand
+from builder.expand import MODELS_DIR
 from builder.fetch import Cache, FetchResult, fetch
 from builder.load import LOCK_FILE
 from builder.lock import read_lock
@@ -256,8 +268,6 @@ def _preflight(request: BuildRequest) -> None:
     if request.load or request.backend == "docker":
         docker_client(30).close()  # no engine: say so before any work, in one line
     if request.sign_key is not None:
-        from builder.attest import load_private_key
-
         load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
 
 
@@ -328,7 +338,7 @@ def runner_contract(
 
 
 def image_layers(
-    cooked: Cooked, fetched: FetchResult, verbose_yaml: bytes, provenance_json: bytes
+    fetched: FetchResult, verbose_yaml: bytes, provenance_json: bytes
 ) -> list[LayerSpec]:
     """One layer per model (sorted by name), then the small config layer last."""
     layers = [
@@ -352,6 +362,111 @@ def image_layers(
     # Only the config layer carries the commit time: model layers are shared blobs.
     layers.append(LayerSpec(name="config", entries=config, stamped=True))
     return layers
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """Everything the image is made of, decided once after fetch: the verbose config bytes and
+    their sha256, the provenance, the labels, the layers and the two tags."""
+
+    verbose_yaml: bytes
+    verbose_sha256: str
+    provenance: Provenance
+    labels: dict[str, str]
+    layers: list[LayerSpec]
+    immutable: str  # <registry>/<customer>:<base version>[-gpu]-<config rev>
+    moving: str  # <registry>/<customer>:<base version>[-gpu]
+
+    @property
+    def tags(self) -> list[str]:
+        """The immutable tag, then the moving one."""
+        return [self.immutable, self.moving]
+
+
+def plan_image(
+    cooked: Cooked, fetched: FetchResult, base: BaseImageRef, registry: str
+) -> ImagePlan:
+    """The image plan of a fetched config (``cooked`` carries the fetched models)."""
+    spec = cooked.spec
+    verbose_yaml = cooked.verbose_yaml
+    verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
+    provenance = provenance_document(
+        spec, cooked.models, verbose_sha256=verbose_sha, development=cooked.development
+    )
+    return ImagePlan(
+        verbose_yaml=verbose_yaml,
+        verbose_sha256=verbose_sha,
+        provenance=provenance,
+        labels=image_labels(
+            spec, cooked.models, base, verbose_sha256=verbose_sha, development=cooked.development
+        ),
+        layers=image_layers(fetched, verbose_yaml, yamldoc.canonical_json(provenance.to_dict())),
+        immutable=f"{registry}/{spec.customer}:{image_version(spec, base)}",
+        moving=f"{registry}/{spec.customer}:{variant_version(base)}",
+    )
+
+
+def build_facts(
+    request: BuildRequest,
+    cooked: Cooked,
+    plan: ImagePlan,
+    report: BuildReport,
+    image: AssembledImage,
+    *,
+    finished: datetime | None = None,
+) -> BuildFacts:
+    """What the attestations say about a finished build (start time: now minus the stage
+    timings), from the build's own data: nothing read back from git or the image."""
+    spec = cooked.spec
+    finished = finished or datetime.now(UTC)
+    repository, _, folder = spec.source.url.partition("#")
+    return BuildFacts(
+        image=plan.immutable,
+        manifest=image.manifest_descriptor,
+        config_digest=image.config_digest,
+        customer=spec.customer,
+        repository=repository,
+        config_path=folder or ".",
+        analysis_path=spec.analysis_path,
+        ref=spec.ref,
+        commit=spec.commit,
+        source_date_epoch=spec.commit_time,
+        base=dict(report.base),
+        base_constraint=spec.base_version,
+        models=[m.to_dict() for m in plan.provenance.models],
+        verbose_sha256=plan.verbose_sha256,
+        development=cooked.development,
+        locked=request.locked,
+        lock_sha256=cooked.lock_sha256 if request.locked else None,
+        started=finished - timedelta(seconds=sum(report.timings.values())),
+        finished=finished,
+        base_override=request.base_version,
+        allow_unpublished=request.allow_unpublished,
+        ci=ci_details(),
+    )
+
+
+def _attest(
+    request: BuildRequest, report: BuildReport, image: AssembledImage, facts: BuildFacts
+) -> None:
+    """Make the provenance and SBOM of a finished build and put them where the image went:
+    files under ``attestations/<manifest hex>`` next to the blob store, the OCI layout, and
+    the registry as referrers when pushed. The report's outputs say where."""
+    attestations = make_attestations(facts, request.sign_key)
+    directory = image.store.root.parent / "attestations" / image.manifest_digest.split(":")[-1]
+    attestations.write_files(directory)
+    report.outputs["attestations"] = str(directory)
+    if request.oci_layout:
+        attach_to_layout(request.oci_layout, attestations)
+    if request.push:
+        pushes = [
+            push_referrers(repository, attestations, insecure=request.insecure)
+            for repository in sorted({parse_reference(t).repository for t in report.tags})
+        ]
+        report.outputs["referrers"] = ", ".join(
+            f"{p.repository} ({p.mode}{': ' + p.tag if p.tag else ''})" for p in pushes
+        )
+        report.bytes_uploaded += sum(p.bytes_uploaded for p in pushes)
 
 
 def docker_client(timeout: int) -> Any:
@@ -379,9 +494,6 @@ def _deliver(
     moving: str,
     progress: Progress | None,
 ) -> None:
-    from builder import deliver
-    from builder.deliver import parse_reference
-
     push_actions: dict[str, str] = {}
     if request.push:
         pushed = deliver.push(
@@ -427,8 +539,6 @@ def _build_with_docker(
     progress: Progress | None,
 ) -> None:
     """The familiar path and benchmark baseline: a rendered Dockerfile built by the engine."""
-    from builder.docker_backend import build_with_docker, push_with_docker
-
     client = docker_client(600)
     built = build_with_docker(
         base,
@@ -508,33 +618,19 @@ def build(
         base_ref = base.ref
         if request.push:
             _refuse_stale_lock(request, cooked, fetched, base_ref, notes)
-        verbose_yaml = yamldoc.dump(expand(spec, fetched.models))
-        verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
-        provenance = provenance_document(
-            spec, fetched.models, verbose_sha256=verbose_sha, development=cooked.development
+        cooked = cooked.with_models(fetched.models)
+        plan = plan_image(
+            cooked, fetched, base_ref, request.image_registry or settings.image_registry
         )
-        labels = image_labels(
-            spec,
-            fetched.models,
-            base_ref,
-            verbose_sha256=verbose_sha,
-            development=cooked.development,
-        )
-        layers = image_layers(
-            cooked, fetched, verbose_yaml, yamldoc.canonical_json(provenance.to_dict())
-        )
-        registry = request.image_registry or settings.image_registry
-        immutable = f"{registry}/{spec.customer}:{image_version(spec, base_ref)}"
-        moving = f"{registry}/{spec.customer}:{variant_version(base_ref)}"
         report = BuildReport(
             customer=spec.customer,
-            image=immutable,
-            tags=[immutable, moving],
+            image=plan.immutable,
+            tags=plan.tags,
             manifest_digest="",
             config_digest="",
             config_commit=spec.commit,
             base={"repository": base.repository, "version": base.version, "digest": base.digest},
-            models=[m.to_dict() for m in provenance.models],
+            models=[m.to_dict() for m in plan.provenance.models],
             layers=[],
             development=cooked.development,
             bytes_downloaded=fetched.bytes_downloaded,
@@ -545,15 +641,15 @@ def build(
         if request.backend == "docker":
             with stage("docker build"):
                 _build_with_docker(
-                    request, base, layers, labels, spec.commit_time, report, progress
+                    request, base, plan.layers, plan.labels, spec.commit_time, report, progress
                 )
             return report
         with stage("assemble"):
             image = assemble(
                 base,
-                layers,
-                labels=labels,
-                annotations=manifest_annotations(labels),
+                plan.layers,
+                labels=plan.labels,
+                annotations=manifest_annotations(plan.labels),
                 source_date_epoch=spec.commit_time,
                 store=store.blobs,
                 progress=progress,
@@ -572,11 +668,9 @@ def build(
         ]
         with stage("deliver"):
             # Every build lands in the local image store, complete; the flags send it further.
-            store.add_image(image, [immutable, moving], progress)
+            store.add_image(image, plan.tags, progress)
             report.outputs["store"] = str(store.root)
-            _deliver(request, image, report, immutable, moving, progress)
+            _deliver(request, image, report, plan.immutable, plan.moving, progress)
         with stage("attest"):
-            from builder.attest import attest_build
-
-            attest_build(request, report, image, spec, request.sign_key)
+            _attest(request, report, image, build_facts(request, cooked, plan, report, image))
         return report
