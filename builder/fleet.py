@@ -60,11 +60,20 @@ from packaging.version import InvalidVersion, Version
 
 from builder import __version__, yamldoc
 from builder.contracts import RepoSource
+from builder.deliver import RegistryClient, parse_reference
 from builder.documents import FileDigest
 from builder.documents.release_record import RECORD_VERSION, RecordModel, ReleaseRecord
 from builder.errors import BuilderError, ConfigError, ReleaseGateError
 from builder.fsutil import write_atomic
-from builder.load import _URL, KnownRevision, canonical_repo_url, load_customer, redact_url
+from builder.load import (
+    _URL,
+    KnownRevision,
+    canonical_repo_url,
+    load_customer,
+    open_source,
+    redact_url,
+)
+from builder.pipeline import BuildRequest, build
 from builder.provenance import variant_tag
 from builder.settings import Settings
 
@@ -666,8 +675,6 @@ def release_record(
 
 def config_source(location: str, settings: Settings) -> str:
     """The canonical, credential-free source URL of a customer location (as in the labels)."""
-    from builder.load import open_source
-
     if _URL.match(location):
         return canonical_repo_url(location)
     return open_source(location, settings).url
@@ -1012,8 +1019,6 @@ def _local_sources(entries: Sequence[FleetEntry], settings: Settings) -> dict[st
     """Each local customer folder's source, the repository found once per parent folder
     (``customers/a``, ``customers/b``... share one lookup); unresolvable ones are left out:
     their own load reports them."""
-    from builder.load import open_source
-
     parents: dict[Path, RepoSource | None] = {}
     out: dict[str, RepoSource] = {}
     for entry in entries:
@@ -1064,8 +1069,6 @@ def _known_revisions(entries: Sequence[FleetEntry], settings: Settings) -> dict[
 
 def _changed_files(location: str, settings: Settings, old: str, new: str) -> list[str] | None:
     """Files of the customer folder changed between two config commits (None: unknown)."""
-    from builder.load import open_source
-
     source = open_source(location, settings)
     repo = git.Repo(source.root)
     paths = [source.subdir] if source.subdir else []
@@ -1424,7 +1427,6 @@ def _init_worker(events: Any) -> None:
 
 def _build_one(job: _Job) -> dict[str, Any]:
     """Build one customer in a worker process; never raises (the result says what failed)."""
-    from builder.pipeline import BuildRequest, build
 
     def on_stage(name: str) -> None:
         if _events is not None:
@@ -1518,8 +1520,6 @@ def _in_registry(
 ) -> dict[str, str | None]:
     """The digest each item's immutable tag points to in ``registry`` (None: not there, or
     the registry could not tell): one manifest HEAD per customer, one client per host."""
-    from builder.deliver import RegistryClient, parse_reference
-
     clients: dict[str, RegistryClient | None] = {}
     out: dict[str, str | None] = {}
     for item in items:

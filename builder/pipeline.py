@@ -49,10 +49,10 @@ from builder.docker_backend import build_with_docker, push_with_docker
 from builder.documents.build_report import BuildReport, LayerReport
 from builder.documents.provenance import Provenance
 from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
-from builder.expand import MODELS_DIR
+from builder.expand import MODELS_DIR, expand
 from builder.fetch import Cache, FetchResult, fetch
-from builder.load import LOCK_FILE
-from builder.lock import read_lock
+from builder.load import LOCK_FILE, load_customer
+from builder.lock import models_from_lock, read_lock
 from builder.provenance import (
     image_labels,
     image_version,
@@ -335,6 +335,47 @@ def runner_contract(
     if contract is None:
         return None, no_contract_note(base)
     return contract, None
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What `validate` found: the spec, whether the runner contract was checked, and notes."""
+
+    spec: CustomerSpec
+    contract_info: dict[str, Any]  # checked, source, sha256
+    notes: tuple[str, ...]
+
+
+def validate_customer(
+    customer: str,
+    settings: Settings,
+    *,
+    ref: str = "HEAD",
+    worktree: bool = False,
+    base_repository: str | None = None,
+    insecure: bool | None = None,
+) -> Validation:
+    """Schema checks, then the runner contract of the resolved base (ConfigError listing every
+    problem). No model registry call: registry plug-ins come from the lock when it is current."""
+    spec = load_customer(customer, settings, ref=ref, worktree=worktree)
+    notes: list[str] = []
+    contract, note = runner_contract(spec, settings, repository=base_repository, insecure=insecure)
+    if contract is None:
+        notes.append(note or "runner contract not checked")
+        return Validation(spec, {"checked": False, "source": None, "sha256": None}, tuple(notes))
+    models = None
+    lock = read_lock(spec)
+    if lock is not None:
+        try:
+            models = models_from_lock(spec, lock, production=settings.production)
+        except DriftError as exc:
+            notes.append(f"registry plug-ins not checked: {exc.message}")
+    elif any(d.sourcing == "auto" for d in spec.models):
+        notes.append(f"registry plug-ins not checked: no {LOCK_FILE} committed")
+    verbose = expand(spec, models) if models is not None else None
+    require_valid(check_config(spec, contract, models, verbose), contract)
+    info = {"checked": True, "source": contract.source, "sha256": contract.sha256}
+    return Validation(spec, info, tuple(notes))
 
 
 def image_layers(
