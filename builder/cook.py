@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -259,7 +259,8 @@ def make_customer_lock(
 
 
 def release_lock_drift(
-    cooked: Cooked,
+    spec: CustomerSpec,
+    committed: Mapping[str, Any],
     models: tuple[ResolvedModel, ...],
     base: BaseImageRef | None,
     *,
@@ -267,11 +268,7 @@ def release_lock_drift(
 ) -> list[str]:
     """What a release build's inputs change against the committed lock ([] when it matches).
 
-    A release (push, fleet, CI) must ship what the lock pins; a missing lock is reported as
-    one line too, by the caller's choice of severity.
+    A release (push, fleet, CI) must ship what the lock pins; the caller reads the lock once
+    and says, with its own severity, when there is none.
     """
-    committed = cooked.lock or read_lock(cooked.spec)
-    if committed is None:
-        return []
-    fresh = make_lock(cooked.spec, models, base)
-    return diff_locks(committed, fresh, cooked.spec, base=compare_base)
+    return diff_locks(committed, make_lock(spec, models, base), spec, base=compare_base)

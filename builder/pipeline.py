@@ -298,13 +298,16 @@ def _refuse_stale_lock(
     notes: list[str],
 ) -> None:
     """A release build ships what the committed lock pins, or nothing (DriftError, exit 7)."""
-    if cooked.lock is None and read_lock(cooked.spec) is None:
+    committed = cooked.lock or read_lock(cooked.spec)
+    if committed is None:
         notes.append(
             f"no {LOCK_FILE} committed: this release is not pinned "
             "(run `builder lock` and commit it)"
         )
         return
-    drift = release_lock_drift(cooked, fetched.models, base, compare_base=not request.base_version)
+    drift = release_lock_drift(
+        cooked.spec, committed, fetched.models, base, compare_base=not request.base_version
+    )
     if drift:
         raise DriftError(
             f"{cooked.spec.source.location}/{LOCK_FILE} is stale; a release must ship what it "
