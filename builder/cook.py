@@ -6,8 +6,10 @@ The first half of the main job, shared by `validate`, `expand`, `lock` and `buil
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from builder.expand import expand
 from builder.fetch import Cache, fetch
 from builder.fsutil import write_atomic
 from builder.load import LOCK_FILE, load_customer, read_committed_file
-from builder.lock import diff_locks, make_lock, models_from_lock, read_lock, render
+from builder.lock import diff_locks, make_lock, models_from_lock, parse_lock, read_lock, render
 from builder.registries import ModelRecord, ModelRegistry, TaskRecord, open_registry
 from builder.resolve import release_blockers, resolve
 from builder.settings import Settings
@@ -29,19 +31,30 @@ from builder.storage import open_store
 
 @dataclass(frozen=True)
 class Cooked:
-    """A customer's config, resolved and expanded."""
+    """A customer's config, resolved; expanded on first use (``verbose``), once per model set."""
 
     spec: CustomerSpec
     models: tuple[ResolvedModel, ...]
-    verbose: dict[str, Any]
     development: bool  # release gates were waived (--allow-unpublished) and something failed them
     warnings: tuple[str, ...] = ()
     lock: dict[str, Any] | None = field(default=None)  # the committed lock, when one was used
+    lock_sha256: str | None = None  # sha256 of that lock file's bytes (the attestation names it)
     store_base: Path = Path()  # anchors relative file: weight URIs (Settings.root)
 
-    @property
+    @cached_property
+    def verbose(self) -> dict[str, Any]:
+        """The verbose analysis config of these models (expanded once, then kept)."""
+        return expand(self.spec, self.models)
+
+    @cached_property
     def verbose_yaml(self) -> bytes:
+        """The verbose config's bytes, as the image carries them."""
         return yamldoc.dump(self.verbose)
+
+    def with_models(self, models: tuple[ResolvedModel, ...]) -> Cooked:
+        """This config with ``models`` (fetched: every sha256 and size known); itself, with its
+        expansion kept, when they are the same models."""
+        return self if models == self.models else replace(self, models=models)
 
 
 def cook(
@@ -56,7 +69,8 @@ def cook(
 ) -> Cooked:
     """Load, resolve (from the registry, or the committed lock when ``locked``), gate, expand."""
     spec = load_customer(customer, settings, ref=ref, worktree=worktree)
-    lock = read_lock(spec) if locked else None
+    raw_lock = read_committed_file(spec, LOCK_FILE) if locked else None
+    lock = parse_lock(raw_lock, spec) if raw_lock is not None else None
     if locked:
         if lock is None:
             raise ConfigError(
@@ -92,10 +106,10 @@ def cook(
     return Cooked(
         spec=spec,
         models=models,
-        verbose=expand(spec, models),
         development=bool(blockers) or worktree,
         warnings=tuple(notes),
         lock=lock,
+        lock_sha256=hashlib.sha256(raw_lock).hexdigest() if raw_lock is not None else None,
         store_base=settings.root,
     )
 
@@ -193,7 +207,7 @@ def complete_hashes(
         base=cooked.store_base,
         progress=progress,
     )
-    return replace(cooked, models=result.models, verbose=expand(cooked.spec, result.models))
+    return cooked.with_models(result.models)
 
 
 @dataclass(frozen=True)
@@ -245,7 +259,8 @@ def make_customer_lock(
 
 
 def release_lock_drift(
-    cooked: Cooked,
+    spec: CustomerSpec,
+    committed: Mapping[str, Any],
     models: tuple[ResolvedModel, ...],
     base: BaseImageRef | None,
     *,
@@ -253,55 +268,7 @@ def release_lock_drift(
 ) -> list[str]:
     """What a release build's inputs change against the committed lock ([] when it matches).
 
-    A release (push, fleet, CI) must ship what the lock pins; a missing lock is reported as
-    one line too, by the caller's choice of severity.
+    A release (push, fleet, CI) must ship what the lock pins; the caller reads the lock once
+    and says, with its own severity, when there is none.
     """
-    committed = cooked.lock or read_lock(cooked.spec)
-    if committed is None:
-        return []
-    fresh = make_lock(cooked.spec, models, base)
-    return diff_locks(committed, fresh, cooked.spec, base=compare_base)
-
-
-@dataclass(frozen=True)
-class Validation:
-    """What `validate` found: the spec, whether the runner contract was checked, and notes."""
-
-    spec: CustomerSpec
-    contract_info: dict[str, Any]  # checked, source, sha256
-    notes: tuple[str, ...]
-
-
-def validate_customer(
-    customer: str,
-    settings: Settings,
-    *,
-    ref: str = "HEAD",
-    worktree: bool = False,
-    base_repository: str | None = None,
-    insecure: bool | None = None,
-) -> Validation:
-    """Schema checks, then the runner contract of the resolved base (ConfigError listing every
-    problem). No model registry call: registry plug-ins come from the lock when it is current."""
-    from builder.contract import check_config, require_valid
-    from builder.pipeline import runner_contract
-
-    spec = load_customer(customer, settings, ref=ref, worktree=worktree)
-    notes: list[str] = []
-    contract, note = runner_contract(spec, settings, repository=base_repository, insecure=insecure)
-    if contract is None:
-        notes.append(note or "runner contract not checked")
-        return Validation(spec, {"checked": False, "source": None, "sha256": None}, tuple(notes))
-    models = None
-    lock = read_lock(spec)
-    if lock is not None:
-        try:
-            models = models_from_lock(spec, lock, production=settings.production)
-        except DriftError as exc:
-            notes.append(f"registry plug-ins not checked: {exc.message}")
-    elif any(d.sourcing == "auto" for d in spec.models):
-        notes.append(f"registry plug-ins not checked: no {LOCK_FILE} committed")
-    verbose = expand(spec, models) if models is not None else None
-    require_valid(check_config(spec, contract, models, verbose), contract)
-    info = {"checked": True, "source": contract.source, "sha256": contract.sha256}
-    return Validation(spec, info, tuple(notes))
+    return diff_locks(committed, make_lock(spec, models, base), spec, base=compare_base)

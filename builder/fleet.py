@@ -58,6 +58,9 @@ from packaging.version import InvalidVersion, Version
 
 from builder import __version__, yamldoc
 from builder.contracts import RepoSource
+from builder.deliver import RegistryClient, parse_reference
+from builder.documents import FileDigest
+from builder.documents.release_record import RECORD_VERSION, RecordModel, ReleaseRecord
 from builder.errors import (
     BuilderError,
     ConfigError,
@@ -68,15 +71,14 @@ from builder.errors import (
 )
 from builder.fsutil import write_atomic
 from builder.gitauth import GIT_ENV
-from builder.load import _URL, KnownRevision, canonical_repo_url, load_customer
+from builder.load import _URL, KnownRevision, canonical_repo_url, load_customer, open_source
+from builder.pipeline import BuildRequest, build
 from builder.provenance import variant_tag
 from builder.redact import mask_secrets, redact_url
 from builder.settings import Settings
 
 FLEET_FILE: Final = "fleet.yaml"
 FLEET_VERSION: Final = 1
-#: Version of the release record layout (bump on any incompatible change).
-RECORD_VERSION: Final = 1
 #: Branch of the customer repository that holds the release records.
 RELEASES_BRANCH: Final = "ivd-releases"
 #: Folder of the records on that branch: ``releases/<customer>/<base version>-<config rev>.yaml``.
@@ -379,7 +381,7 @@ class ReleaseLog:
 
     def write(
         self,
-        record: Mapping[str, Any],
+        record: ReleaseRecord,
         *,
         attempts: int = 5,
         backoff: float = 1.0,
@@ -396,7 +398,7 @@ class ReleaseLog:
 
     def write_many(
         self,
-        records: Sequence[Mapping[str, Any]],
+        records: Sequence[ReleaseRecord],
         *,
         attempts: int = 5,
         backoff: float = 1.0,
@@ -406,7 +408,7 @@ class ReleaseLog:
         forced). A rejected push (a concurrent writer, a hook) is retried on top of the new
         head, ``attempts`` times in all. Per record: an identical record already there is
         "present"; a different one is refused (that record only)."""
-        paths = [record_path(r["customer"], r["image"]) for r in records]
+        paths = [record_path(r.customer, r.image) for r in records]
         last = ""
         with self._lock:
             for attempt in range(1, max(1, attempts) + 1):
@@ -458,40 +460,40 @@ class ReleaseLog:
     def _already(
         self,
         existing: Mapping[str, Any],
-        record: Mapping[str, Any],
+        record: ReleaseRecord,
         path: str,
         head: str,
         attempt: int,
     ) -> WriteResult:
         digest = existing.get("manifest_digest")
-        if digest != record["manifest_digest"]:
+        if digest != record.manifest_digest:
             raise WriteBackError(
                 f"{self.shown} branch {self.branch}: {path} already records {digest} for "
-                f"{record['image']}, this build is {record['manifest_digest']}; "
+                f"{record.image}, this build is {record.manifest_digest}; "
                 "refusing to overwrite a release record",
                 hint="records are append-only; find out why the immutable tag moved",
             )
         return WriteResult(self.shown, self.branch, path, head, "present", attempt)
 
 
-def _batch_message(records: Sequence[Mapping[str, Any]], new: Mapping[str, bytes]) -> str:
+def _batch_message(records: Sequence[ReleaseRecord], new: Mapping[str, bytes]) -> str:
     """The commit message: one record in detail, or a batch with one line per record."""
-    fresh = [r for r in records if record_path(r["customer"], r["image"]) in new]
+    fresh = [r for r in records if record_path(r.customer, r.image) in new]
     if len(fresh) == 1:
         record = fresh[0]
         message = (
-            f"release: {record['customer']} {record['image'].rsplit(':', 1)[1]} "
-            f"{record['manifest_digest']}\n\nbase {record['base_image']['version']} "
-            f"{record['base_image']['digest']}\nconfig {record['config']['commit']}\n"
+            f"release: {record.customer} {record.image.rsplit(':', 1)[1]} "
+            f"{record.manifest_digest}\n\nbase {record.base_version} "
+            f"{record.base_digest}\nconfig {record.config_commit}\n"
         )
     else:
-        versions = sorted({str(r["base_image"]["version"]) for r in fresh})
+        versions = sorted({r.base_version for r in fresh})
         message = f"release: {len(fresh)} images on base {', '.join(versions)}\n\n" + "".join(
-            f"{r['customer']} {r['image'].rsplit(':', 1)[1]} {r['manifest_digest']} "
-            f"config {r['config']['commit']}\n"
+            f"{r.customer} {r.image.rsplit(':', 1)[1]} {r.manifest_digest} "
+            f"config {r.config_commit}\n"
             for r in fresh
         )
-    ci = next((r["ci_url"] for r in fresh if r.get("ci_url")), None)
+    ci = next((r.ci_url for r in fresh if r.ci_url), None)
     return message + (f"CI job: {ci}\n" if ci else "")
 
 
@@ -507,9 +509,9 @@ def _identity() -> dict[str, str]:
     }
 
 
-def render_record(record: Mapping[str, Any]) -> bytes:
+def render_record(record: ReleaseRecord) -> bytes:
     """The record file: a header comment, then the keys in a fixed, readable order."""
-    body = yaml.safe_dump(dict(record), sort_keys=False, default_flow_style=False, width=100)
+    body = yaml.safe_dump(record.to_dict(), sort_keys=False, default_flow_style=False, width=100)
     return (RECORD_HEADER + body).encode("utf-8")
 
 
@@ -524,7 +526,7 @@ def release_record(
     config_source: str,
     built_at: datetime | None = None,
     env: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
+) -> ReleaseRecord:
     """The release record of one build report (``builder build --json`` result).
 
     Only stable release builds are recorded: pushed to a registry, not a development build,
@@ -558,48 +560,41 @@ def release_record(
             f"{customer}: base {base['version']} is a pre-release; only stable builds are recorded"
         )
     repository, _, folder = config_source.partition("#")
-    when = (built_at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    record: dict[str, Any] = {
-        "record_version": RECORD_VERSION,
-        "customer": customer,
-        "config": {
-            "repository": repository,
-            "path": folder or ".",
-            "commit": report["config_commit"],
-        },
-        "image": report["image"],
-        "manifest_digest": report["manifest_digest"],
-        "tags": list(report.get("tags") or [report["image"]]),
-        "base_image": {
-            "repository": base["repository"],
-            "version": base["version"],
-            "digest": base["digest"],
-        },
-        "models": [
-            {
-                "name": m.get("name"),
-                "sourcing": m.get("sourcing"),
-                "registry_id": m.get("registry_id"),
-                "task_id": m.get("task_id"),
-                "dir_hash": m.get("dir_hash"),
-                "files": [
-                    {"name": f.get("name"), "sha256": f.get("sha256"), "size": f.get("size")}
+    ci = _ci_context(env)
+    return ReleaseRecord(
+        customer=customer,
+        config_repository=repository,
+        config_path=folder or ".",
+        config_commit=report["config_commit"],
+        image=report["image"],
+        manifest_digest=report["manifest_digest"],
+        tags=tuple(report.get("tags") or [report["image"]]),
+        base_repository=base["repository"],
+        base_version=base["version"],
+        base_digest=base["digest"],
+        models=tuple(
+            RecordModel(
+                name=m.get("name"),
+                sourcing=m.get("sourcing"),
+                registry_id=m.get("registry_id"),
+                task_id=m.get("task_id"),
+                dir_hash=m.get("dir_hash"),
+                files=tuple(
+                    FileDigest(name=f.get("name"), sha256=f.get("sha256"), size=f.get("size"))
                     for f in m.get("files") or []
-                ],
-            }
+                ),
+            )
             for m in report.get("models") or []
-        ],
-        "built_at": when,
-        "builder_version": __version__,
-    }
-    record.update(_ci_context(env))
-    return record
+        ),
+        built_at=(built_at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        builder_version=__version__,
+        ci_url=ci.get("ci_url"),
+        ci_pipeline_url=ci.get("ci_pipeline_url"),
+    )
 
 
 def config_source(location: str, settings: Settings) -> str:
     """The canonical, credential-free source URL of a customer location (as in the labels)."""
-    from builder.load import open_source
-
     if _URL.match(location):
         return canonical_repo_url(location)
     return open_source(location, settings).url
@@ -623,16 +618,16 @@ def write_release_record(
     """
     record = release_record(report, config_source=config_source(location, settings))
     log = ReleaseLog(record_remote(location), settings.cache_dir, branch)
-    commit = str(record["config"]["commit"])
+    commit = record.config_commit
     if not remote_has_commit(log, commit):
         raise WriteBackError(
             f"{log.shown} does not have config commit {commit[:12]} that "
-            f"{record['image']} was built from; refusing to record it there",
+            f"{record.image} was built from; refusing to record it there",
             hint="push the customer branch first, or name the right repository with --repo",
         )
     if dry_run:
         head = log.fetch()
-        path = record_path(record["customer"], record["image"])
+        path = record_path(record.customer, record.image)
         status = "would write" if log._read(head, path) is None else "present"
         return WriteResult(log.shown, branch, path, head or "", status, 0)
     return log.write(record, attempts=attempts, backoff=backoff, before_push=before_push)
@@ -674,7 +669,7 @@ def write_release_records(
     for all its records, not one per record. ``locations`` maps each report's customer to its
     repository location. The result per customer is what was written, or why not."""
     out: dict[str, WriteResult | BuilderError] = {}
-    by_remote: dict[str, list[dict[str, Any]]] = {}
+    by_remote: dict[str, list[ReleaseRecord]] = {}
     sources: dict[str, str] = {}
     for report in reports:
         customer = str(report.get("customer"))
@@ -687,15 +682,15 @@ def write_release_records(
         except BuilderError as exc:
             out[customer] = exc
 
-    def write(remote: str, records: list[dict[str, Any]]) -> list[WriteResult | BuilderError]:
+    def write(remote: str, records: list[ReleaseRecord]) -> list[WriteResult | BuilderError]:
         try:
             log = ReleaseLog(remote, settings.cache_dir, branch)
             for record in records:  # never record an image whose commit the target lacks
-                commit = str(record["config"]["commit"])
+                commit = record.config_commit
                 if not remote_has_commit(log, commit):
                     raise WriteBackError(
                         f"{log.shown} does not have config commit {commit[:12]} that "
-                        f"{record['image']} was built from; refusing to record it there",
+                        f"{record.image} was built from; refusing to record it there",
                         hint="push the customer branch first, or name the right repository "
                         "with --repo",
                     )
@@ -707,7 +702,7 @@ def write_release_records(
         done = pool.map(write, by_remote, by_remote.values())
         for records, results in zip(by_remote.values(), done, strict=True):
             for record, result in zip(records, results, strict=True):
-                out[record["customer"]] = result
+                out[record.customer] = result
     return out
 
 
@@ -987,8 +982,6 @@ def _local_sources(entries: Sequence[FleetEntry], settings: Settings) -> dict[st
     """Each local customer folder's source, the repository found once per parent folder
     (``customers/a``, ``customers/b``... share one lookup); unresolvable ones are left out:
     their own load reports them."""
-    from builder.load import open_source
-
     parents: dict[Path, RepoSource | None] = {}
     out: dict[str, RepoSource] = {}
     for entry in entries:
@@ -1039,8 +1032,6 @@ def _known_revisions(entries: Sequence[FleetEntry], settings: Settings) -> dict[
 
 def _changed_files(location: str, settings: Settings, old: str, new: str) -> list[str] | None:
     """Files of the customer folder changed between two config commits (None: unknown)."""
-    from builder.load import open_source
-
     source = open_source(location, settings)
     repo = git.Repo(source.root)
     paths = [source.subdir] if source.subdir else []
@@ -1399,7 +1390,6 @@ def _init_worker(events: Any) -> None:
 
 def _build_one(job: _Job) -> dict[str, Any]:
     """Build one customer in a worker process; never raises (the result says what failed)."""
-    from builder.pipeline import BuildRequest, build
 
     def on_stage(name: str) -> None:
         if _events is not None:
@@ -1427,7 +1417,7 @@ def _build_one(job: _Job) -> dict[str, Any]:
             "error": error_fields(type(exc).__name__, message, None, 1),
             "seconds": _since(started),
         }
-    return {"status": "built", "report": asdict(report), "seconds": _since(started)}
+    return {"status": "built", "report": report.to_dict(), "seconds": _since(started)}
 
 
 def _since(started: float) -> float:
@@ -1493,8 +1483,6 @@ def _in_registry(
 ) -> dict[str, str | None]:
     """The digest each item's immutable tag points to in ``registry`` (None: not there, or
     the registry could not tell): one manifest HEAD per customer, one client per host."""
-    from builder.deliver import RegistryClient, parse_reference
-
     clients: dict[str, RegistryClient | None] = {}
     out: dict[str, str | None] = {}
     for item in items:

@@ -97,11 +97,14 @@ def render(lock: Mapping[str, Any]) -> bytes:
 
 
 def read_lock(spec: CustomerSpec) -> dict[str, Any] | None:
-    """The lock committed at the spec's revision, or None; its shape checked against the
-    ``lock`` schema (every file with a sha256), so a hand-edited lock fails in one line."""
+    """The lock committed at the spec's revision, or None (see :func:`parse_lock`)."""
     raw = read_committed_file(spec, LOCK_FILE)
-    if raw is None:
-        return None
+    return None if raw is None else parse_lock(raw, spec)
+
+
+def parse_lock(raw: bytes, spec: CustomerSpec) -> dict[str, Any]:
+    """A lock file's content, its shape checked against the ``lock`` schema (every file with
+    a sha256), so a hand-edited lock fails in one line."""
     doc = yamldoc.parse(raw, f"{spec.source.location}/{LOCK_FILE}")
     if not isinstance(doc.data, dict) or doc.data.get("lock_version") != LOCK_VERSION:
         raise ConfigError(

@@ -7,17 +7,16 @@ stage's time goes into the report so a slow build shows where the time went.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from builder import yamldoc
+from builder import deliver, yamldoc
 from builder.assemble import (
     LAYER_FORMAT,
     AssembledImage,
@@ -28,7 +27,7 @@ from builder.assemble import (
     resolve_base,
 )
 from builder.attest.dsse import load_private_key
-from builder.attest.referrers import attest_build
+from builder.attest.referrers import attach_to_layout, make_attestations, push_referrers
 from builder.attest.statement import BuildFacts, ci_details
 from builder.base_image import variant_repository
 from builder.contract import (
@@ -40,11 +39,15 @@ from builder.contract import (
 )
 from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec, Progress
 from builder.cook import Cooked, cook, release_lock_drift
+from builder.deliver import parse_reference
+from builder.docker_backend import build_with_docker, push_with_docker
+from builder.documents.build_report import BuildReport, LayerReport
+from builder.documents.provenance import Provenance
 from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
 from builder.expand import MODELS_DIR, expand
 from builder.fetch import Cache, FetchResult, fetch
-from builder.load import LOCK_FILE, read_committed_file
-from builder.lock import read_lock
+from builder.load import LOCK_FILE, load_customer
+from builder.lock import models_from_lock, read_lock
 from builder.provenance import (
     image_labels,
     image_version,
@@ -85,36 +88,6 @@ class BuildRequest:
     )
     sign_key: Path | None = None  # PEM ECDSA P-256 key signing the provenance (DSSE)
     layer_format: int = LAYER_FORMAT  # older formats only for `verify` of older images
-
-
-@dataclass
-class LayerReport:
-    name: str
-    digest: str
-    size: int
-    media_type: str
-    new: bool  # added by this build (False: from the base image)
-    push: str | None = None  # uploaded | mounted | present, when pushed
-
-
-@dataclass
-class BuildReport:
-    customer: str
-    image: str  # the immutable reference
-    tags: list[str]
-    manifest_digest: str
-    config_digest: str
-    config_commit: str
-    base: dict[str, str]
-    models: list[dict[str, Any]]
-    layers: list[LayerReport]
-    development: bool
-    bytes_downloaded: int = 0
-    bytes_resumed: int = 0  # weights reused from an interrupted download, not downloaded again
-    bytes_uploaded: int = 0
-    outputs: dict[str, str] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
 
 
 @contextmanager
@@ -320,13 +293,16 @@ def _refuse_stale_lock(
     notes: list[str],
 ) -> None:
     """A release build ships what the committed lock pins, or nothing (DriftError, exit 7)."""
-    if cooked.lock is None and read_lock(cooked.spec) is None:
+    committed = cooked.lock or read_lock(cooked.spec)
+    if committed is None:
         notes.append(
             f"no {LOCK_FILE} committed: this release is not pinned "
             "(run `builder lock` and commit it)"
         )
         return
-    drift = release_lock_drift(cooked, fetched.models, base, compare_base=not request.base_version)
+    drift = release_lock_drift(
+        cooked.spec, committed, fetched.models, base, compare_base=not request.base_version
+    )
     if drift:
         raise DriftError(
             f"{cooked.spec.source.location}/{LOCK_FILE} is stale; a release must ship what it "
@@ -359,8 +335,49 @@ def runner_contract(
     return contract, None
 
 
+@dataclass(frozen=True)
+class Validation:
+    """What `validate` found: the spec, whether the runner contract was checked, and notes."""
+
+    spec: CustomerSpec
+    contract_info: dict[str, Any]  # checked, source, sha256
+    notes: tuple[str, ...]
+
+
+def validate_customer(
+    customer: str,
+    settings: Settings,
+    *,
+    ref: str = "HEAD",
+    worktree: bool = False,
+    base_repository: str | None = None,
+    insecure: bool | None = None,
+) -> Validation:
+    """Schema checks, then the runner contract of the resolved base (ConfigError listing every
+    problem). No model registry call: registry plug-ins come from the lock when it is current."""
+    spec = load_customer(customer, settings, ref=ref, worktree=worktree)
+    notes: list[str] = []
+    contract, note = runner_contract(spec, settings, repository=base_repository, insecure=insecure)
+    if contract is None:
+        notes.append(note or "runner contract not checked")
+        return Validation(spec, {"checked": False, "source": None, "sha256": None}, tuple(notes))
+    models = None
+    lock = read_lock(spec)
+    if lock is not None:
+        try:
+            models = models_from_lock(spec, lock, production=settings.production)
+        except DriftError as exc:
+            notes.append(f"registry plug-ins not checked: {exc.message}")
+    elif any(d.sourcing == "auto" for d in spec.models):
+        notes.append(f"registry plug-ins not checked: no {LOCK_FILE} committed")
+    verbose = expand(spec, models) if models is not None else None
+    require_valid(check_config(spec, contract, models, verbose), contract)
+    info = {"checked": True, "source": contract.source, "sha256": contract.sha256}
+    return Validation(spec, info, tuple(notes))
+
+
 def image_layers(
-    cooked: Cooked, fetched: FetchResult, verbose_yaml: bytes, provenance_json: bytes
+    fetched: FetchResult, verbose_yaml: bytes, provenance_json: bytes
 ) -> list[LayerSpec]:
     """One layer per model (sorted by name), then the small config layer last."""
     layers = [
@@ -384,6 +401,111 @@ def image_layers(
     # Only the config layer carries the commit time: model layers are shared blobs.
     layers.append(LayerSpec(name="config", entries=config, stamped=True))
     return layers
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """Everything the image is made of, decided once after fetch: the verbose config bytes and
+    their sha256, the provenance, the labels, the layers and the two tags."""
+
+    verbose_yaml: bytes
+    verbose_sha256: str
+    provenance: Provenance
+    labels: dict[str, str]
+    layers: list[LayerSpec]
+    immutable: str  # <registry>/<customer>:<base version>[-gpu]-<config rev>
+    moving: str  # <registry>/<customer>:<base version>[-gpu]
+
+    @property
+    def tags(self) -> list[str]:
+        """The immutable tag, then the moving one."""
+        return [self.immutable, self.moving]
+
+
+def plan_image(
+    cooked: Cooked, fetched: FetchResult, base: BaseImageRef, registry: str
+) -> ImagePlan:
+    """The image plan of a fetched config (``cooked`` carries the fetched models)."""
+    spec = cooked.spec
+    verbose_yaml = cooked.verbose_yaml
+    verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
+    provenance = provenance_document(
+        spec, cooked.models, verbose_sha256=verbose_sha, development=cooked.development
+    )
+    return ImagePlan(
+        verbose_yaml=verbose_yaml,
+        verbose_sha256=verbose_sha,
+        provenance=provenance,
+        labels=image_labels(
+            spec, cooked.models, base, verbose_sha256=verbose_sha, development=cooked.development
+        ),
+        layers=image_layers(fetched, verbose_yaml, yamldoc.canonical_json(provenance.to_dict())),
+        immutable=f"{registry}/{spec.customer}:{image_version(spec, base)}",
+        moving=f"{registry}/{spec.customer}:{variant_version(base)}",
+    )
+
+
+def build_facts(
+    request: BuildRequest,
+    cooked: Cooked,
+    plan: ImagePlan,
+    report: BuildReport,
+    image: AssembledImage,
+    *,
+    finished: datetime | None = None,
+) -> BuildFacts:
+    """What the attestations say about a finished build (start time: now minus the stage
+    timings), from the build's own data: nothing read back from git or the image."""
+    spec = cooked.spec
+    finished = finished or datetime.now(UTC)
+    repository, _, folder = spec.source.url.partition("#")
+    return BuildFacts(
+        image=plan.immutable,
+        manifest=image.manifest_descriptor,
+        config_digest=image.config_digest,
+        customer=spec.customer,
+        repository=repository,
+        config_path=folder or ".",
+        analysis_path=spec.analysis_path,
+        ref=spec.ref,
+        commit=spec.commit,
+        source_date_epoch=spec.commit_time,
+        base=dict(report.base),
+        base_constraint=spec.base_version,
+        models=[m.to_dict() for m in plan.provenance.models],
+        verbose_sha256=plan.verbose_sha256,
+        development=cooked.development,
+        locked=request.locked,
+        lock_sha256=cooked.lock_sha256 if request.locked else None,
+        started=finished - timedelta(seconds=sum(report.timings.values())),
+        finished=finished,
+        base_override=request.base_version,
+        allow_unpublished=request.allow_unpublished,
+        ci=ci_details(),
+    )
+
+
+def _attest(
+    request: BuildRequest, report: BuildReport, image: AssembledImage, facts: BuildFacts
+) -> None:
+    """Make the provenance and SBOM of a finished build and put them where the image went:
+    files under ``attestations/<manifest hex>`` next to the blob store, the OCI layout, and
+    the registry as referrers when pushed. The report's outputs say where."""
+    attestations = make_attestations(facts, request.sign_key)
+    directory = image.store.root.parent / "attestations" / image.manifest_digest.split(":")[-1]
+    attestations.write_files(directory)
+    report.outputs["attestations"] = str(directory)
+    if request.oci_layout:
+        attach_to_layout(request.oci_layout, attestations)
+    if request.push:
+        pushes = [
+            push_referrers(repository, attestations, insecure=request.insecure)
+            for repository in sorted({parse_reference(t).repository for t in report.tags})
+        ]
+        report.outputs["referrers"] = ", ".join(
+            f"{p.repository} ({p.mode}{': ' + p.tag if p.tag else ''})" for p in pushes
+        )
+        report.bytes_uploaded += sum(p.bytes_uploaded for p in pushes)
 
 
 def docker_client(timeout: int) -> Any:
@@ -411,9 +533,6 @@ def _deliver(
     moving: str,
     progress: Progress | None,
 ) -> None:
-    from builder import deliver
-    from builder.deliver import parse_reference
-
     push_actions: dict[str, str] = {}
     if request.push:
         pushed = deliver.push(
@@ -459,8 +578,6 @@ def _build_with_docker(
     progress: Progress | None,
 ) -> None:
     """The familiar path and benchmark baseline: a rendered Dockerfile built by the engine."""
-    from builder.docker_backend import build_with_docker, push_with_docker
-
     client = docker_client(600)
     built = build_with_docker(
         base,
@@ -478,64 +595,6 @@ def _build_with_docker(
             client, report.image, report.tags, progress=progress
         )
         report.outputs["registry"] = f"{report.image}@{report.manifest_digest}"
-
-
-def facts_from_build(
-    request: BuildRequest,
-    report: BuildReport,
-    image: AssembledImage,
-    spec: CustomerSpec,
-    *,
-    finished: datetime | None = None,
-) -> BuildFacts:
-    """BuildFacts of a finished build (start time: now minus the stage timings)."""
-    finished = finished or datetime.now(UTC)
-    labels = (json.loads(image.config_bytes).get("config") or {}).get("Labels") or {}
-    lock = read_committed_file(spec, LOCK_FILE) if request.locked else None
-    repository, _, folder = spec.source.url.partition("#")
-    return BuildFacts(
-        image=report.image,
-        manifest=image.manifest_descriptor,
-        config_digest=image.config_digest,
-        customer=spec.customer,
-        repository=repository,
-        config_path=folder or ".",
-        analysis_path=spec.analysis_path,
-        ref=spec.ref,
-        commit=spec.commit,
-        source_date_epoch=spec.commit_time,
-        base=dict(report.base),
-        base_constraint=spec.base_version,
-        models=list(report.models),
-        verbose_sha256=str(labels.get("com.ivd.config.sha256", "")),
-        development=report.development,
-        locked=request.locked,
-        lock_sha256=hashlib.sha256(lock).hexdigest() if lock is not None else None,
-        started=finished - timedelta(seconds=sum(report.timings.values())),
-        finished=finished,
-        base_override=request.base_version,
-        allow_unpublished=request.allow_unpublished,
-        ci=ci_details(),
-    )
-
-
-def _attest(
-    request: BuildRequest, report: BuildReport, image: AssembledImage, spec: CustomerSpec
-) -> None:
-    """Attest a finished build where its image went; the report's ``outputs`` gain
-    ``attestations`` (and ``referrers`` when pushed)."""
-    attested = attest_build(
-        facts_from_build(request, report, image, spec),
-        image.store.root.parent / "attestations" / image.manifest_digest.partition(":")[2],
-        sign_key=request.sign_key,
-        oci_layout=request.oci_layout,
-        push_tags=report.tags if request.push else (),
-        insecure=request.insecure,
-    )
-    report.outputs["attestations"] = str(attested.directory)
-    if request.push:
-        report.outputs["referrers"] = attested.referrers
-        report.bytes_uploaded += attested.bytes_uploaded
 
 
 def build(
@@ -598,31 +657,19 @@ def build(
         base_ref = base.ref
         if request.push:
             _refuse_stale_lock(request, cooked, fetched, base_ref, notes)
-        verbose_yaml = yamldoc.dump(expand(spec, fetched.models))
-        verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
-        provenance = provenance_document(
-            spec, fetched.models, verbose_sha256=verbose_sha, development=cooked.development
+        cooked = cooked.with_models(fetched.models)
+        plan = plan_image(
+            cooked, fetched, base_ref, request.image_registry or settings.image_registry
         )
-        labels = image_labels(
-            spec,
-            fetched.models,
-            base_ref,
-            verbose_sha256=verbose_sha,
-            development=cooked.development,
-        )
-        layers = image_layers(cooked, fetched, verbose_yaml, yamldoc.canonical_json(provenance))
-        registry = request.image_registry or settings.image_registry
-        immutable = f"{registry}/{spec.customer}:{image_version(spec, base_ref)}"
-        moving = f"{registry}/{spec.customer}:{variant_version(base_ref)}"
         report = BuildReport(
             customer=spec.customer,
-            image=immutable,
-            tags=[immutable, moving],
+            image=plan.immutable,
+            tags=plan.tags,
             manifest_digest="",
             config_digest="",
             config_commit=spec.commit,
             base={"repository": base.repository, "version": base.version, "digest": base.digest},
-            models=provenance["models"],
+            models=[m.to_dict() for m in plan.provenance.models],
             layers=[],
             development=cooked.development,
             bytes_downloaded=fetched.bytes_downloaded,
@@ -633,15 +680,15 @@ def build(
         if request.backend == "docker":
             with stage("docker build"):
                 _build_with_docker(
-                    request, base, layers, labels, spec.commit_time, report, progress
+                    request, base, plan.layers, plan.labels, spec.commit_time, report, progress
                 )
             return report
         with stage("assemble"):
             image = assemble(
                 base,
-                layers,
-                labels=labels,
-                annotations=manifest_annotations(labels),
+                plan.layers,
+                labels=plan.labels,
+                annotations=manifest_annotations(plan.labels),
                 source_date_epoch=spec.commit_time,
                 store=store.blobs,
                 progress=progress,
@@ -660,9 +707,9 @@ def build(
         ]
         with stage("deliver"):
             # Every build lands in the local image store, complete; the flags send it further.
-            store.add_image(image, [immutable, moving], progress)
+            store.add_image(image, plan.tags, progress)
             report.outputs["store"] = str(store.root)
-            _deliver(request, image, report, immutable, moving, progress)
+            _deliver(request, image, report, plan.immutable, plan.moving, progress)
         with stage("attest"):
-            _attest(request, report, image, spec)
+            _attest(request, report, image, build_facts(request, cooked, plan, report, image))
         return report

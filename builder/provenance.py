@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
 
 from builder import __version__
-from builder.contracts import BaseImageRef, CustomerSpec, ResolvedModel
+from builder.contracts import BaseImageRef, CustomerSpec, ResolvedModel, WeightFile
+from builder.documents import FileDigest, sourcing
+from builder.documents.provenance import Provenance, ProvenanceModel
+from builder.errors import ImageError
 
 LABEL_PREFIX = "com.ivd"
-PROVENANCE_VERSION = 1
 
 
 def rfc3339(epoch: int) -> str:
@@ -44,49 +45,48 @@ def image_version(spec: CustomerSpec, base: BaseImageRef) -> str:
     return f"{variant_version(base)}-{spec.config_rev}"
 
 
+def _file(f: WeightFile) -> FileDigest:
+    """A fetched weight file as provenance records it (fetch has filled size and sha256)."""
+    if f.size is None or f.sha256 is None:
+        raise ImageError(f"{f.name}: size and sha256 are not known before the weights are fetched")
+    return FileDigest(name=f.name, size=f.size, sha256=f.sha256)
+
+
 def provenance_document(
     spec: CustomerSpec,
     models: tuple[ResolvedModel, ...],
     *,
     verbose_sha256: str,
     development: bool,
-) -> dict[str, Any]:
+) -> Provenance:
     """The in-image record (/app/config/provenance.json) that `explain` reads back."""
-    document: dict[str, Any] = {
-        "provenance_version": PROVENANCE_VERSION,
-        "customer": spec.customer,
-        "config": {
-            "repository": spec.source.url,
-            "commit": spec.commit,
-            "path": spec.source.subdir or ".",
-            "analysis": spec.analysis_path,
-            "verbose_sha256": verbose_sha256,
-            "worktree": spec.worktree,
-        },
-        # Only the constraint: the resolved base (name, version, digest) is in the image config
-        # labels and the manifest annotations, so this layer, like the model layers, is
-        # unchanged by a base bump and a fleet rebuild uploads only configs and manifests.
-        "base_image": {"constraint": spec.base_version},
-        "models": [
-            {
-                "name": m.name,
-                "sourcing": m.sourcing,
-                "registry_id": m.model_id,
-                "registry_name": m.registry_name,
-                "task_id": m.task_id,
-                "weights_uri": m.weights_uri,
-                "dir_hash": dir_hash(m),
-                "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in m.files],
-            }
+    return Provenance(
+        customer=spec.customer,
+        config_repository=spec.source.url,
+        config_commit=spec.commit,
+        config_path=spec.source.subdir or ".",
+        config_analysis=spec.analysis_path,
+        verbose_sha256=verbose_sha256,
+        worktree=spec.worktree,
+        base_constraint=spec.base_version,
+        models=tuple(
+            ProvenanceModel(
+                name=m.name,
+                sourcing=sourcing(m.sourcing),
+                registry_id=m.model_id,
+                registry_name=m.registry_name,
+                task_id=m.task_id,
+                weights_uri=m.weights_uri,
+                dir_hash=dir_hash(m),
+                files=tuple(_file(f) for f in m.files),
+            )
             for m in models
-        ],
-        "builder": {"name": "ivd-image-builder", "version": __version__},
-        "source_date_epoch": spec.commit_time,
-        "development_build": development,
-    }
-    if spec.worktree:  # uncommitted files: not reproducible from the recorded commit
-        document["config"]["dirty"] = True
-    return document
+        ),
+        builder_name="ivd-image-builder",
+        builder_version=__version__,
+        source_date_epoch=spec.commit_time,
+        development_build=development,
+    )
 
 
 def image_labels(

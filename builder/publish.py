@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import getpass
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +27,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from builder.contracts import Progress
+from builder.documents import FileDigest
+from builder.documents.publish_manifest import PublishManifest
 from builder.errors import FetchError, RegistryError, ReleaseGateError
 from builder.registries import (
     COMPLETED_TASK_STATES,
@@ -45,8 +46,6 @@ from builder.storage import (
     production_folder,
     read_manifest,
 )
-
-MANIFEST_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -176,22 +175,21 @@ def publish(
         result.files.append(PublishedFile(name, size, sha, "copied"))
     if dry_run:
         return result
-    manifest_files = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in result.files]
+    manifest = PublishManifest(
+        files=tuple(FileDigest(f.name, f.size, f.sha256) for f in result.files),
+        model_id=model.id,
+        model_name=model.name,
+        task_id=task.id,
+        source_uri=model.uri,
+        published_by=os.environ.get("GITLAB_USER_LOGIN")
+        or os.environ.get("USER")
+        or getpass.getuser(),
+        published_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    manifest_files = manifest.to_dict()["files"]
     current = read_manifest(dst, folder)
     if current is None:
-        manifest = {
-            "manifest_version": MANIFEST_VERSION,
-            "model_id": model.id,
-            "model_name": model.name,
-            "task_id": task.id,
-            "source_uri": model.uri,
-            "files": manifest_files,
-            "published_by": os.environ.get("GITLAB_USER_LOGIN")
-            or os.environ.get("USER")
-            or getpass.getuser(),
-            "published_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        data = manifest.to_bytes()
         dst.write_stream(f"{folder}/{MANIFEST_NAME}", iter([data]), len(data))
         result.manifest_written = True
     elif (

@@ -64,6 +64,20 @@ def repo(tmp_path: Path) -> Path:
     return customer_repo(tmp_path / "cx", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
 
 
+def test_config_is_expanded_once_per_model_set(repo: Path, settings: Settings) -> None:
+    """The build flows one way: the same models keep the expansion; fetched (filled) models
+    give a new one, from those models."""
+    cooked = cook(str(repo), settings)
+    assert cooked.with_models(cooked.models) is cooked
+    assert cooked.verbose is cooked.verbose  # expanded once, then kept
+    first = cooked.models[0]
+    emptied = (replace(first, files=()), *cooked.models[1:])
+    other = cooked.with_models(emptied)
+    assert other is not cooked and other.models == emptied
+    slot = other.verbose["analyses"][0]["models"][first.name]
+    assert slot["provenance"]["files"] == []
+
+
 def test_expand_gives_the_verbose_form(repo: Path, settings: Settings) -> None:
     cooked = cook(str(repo), settings)
     analysis = cooked.verbose["analyses"][0]

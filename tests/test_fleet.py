@@ -40,6 +40,7 @@ from helpers import (
     seed_models,
 )
 
+from builder.documents.release_record import ReleaseRecord
 from builder.errors import ConfigError, ReleaseGateError, WriteBackError
 from builder.fleet import (
     RELEASES_BRANCH,
@@ -505,13 +506,14 @@ def test_record_is_retried_on_top_of_a_concurrent_push(
     ]
     saved = _records(records_remote)[f"releases/customer-a/2.5.0-{commit[:12]}.yaml"]
     assert saved["record_version"] == 1 and saved["manifest_digest"] == "sha256:" + "2" * 64
+    assert ReleaseRecord.from_dict(saved) == record  # the reader reads what the writer wrote
     # The config branch is untouched: records never move what is built.
     assert repo.commit("HEAD").hexsha == commit
 
     again = log.write(record)
     assert again.status == "present"
     with pytest.raises(Exception, match="refusing to overwrite a release record"):
-        log.write({**record, "manifest_digest": "sha256:" + "9" * 64})
+        log.write(replace(record, manifest_digest="sha256:" + "9" * 64))
 
 
 def _hook(bare: Path, failures: int) -> Path:

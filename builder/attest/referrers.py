@@ -27,7 +27,7 @@ from builder.attest.statement import (
     rfc3339,
     sbom,
 )
-from builder.deliver import RegistryClient, RetryPolicy, parse_reference, split_repository
+from builder.deliver import RegistryClient, RetryPolicy, split_repository
 from builder.errors import AttestationError, BuilderError, ImageError
 from builder.fsutil import write_atomic
 from builder.oci import (
@@ -433,54 +433,3 @@ def push_referrers(
 
 
 # -- the one call the pipeline makes --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AttestResult:
-    """Where the attestations of one build went."""
-
-    directory: Path
-    files: tuple[Path, ...]
-    signed: bool
-    key_id: str | None
-    layout: tuple[str, ...] = ()  # artifact manifest digests added to the OCI layout
-    registry: tuple[ReferrersPush, ...] = ()
-
-    @property
-    def referrers(self) -> str:
-        """The repositories pushed to, and how, for the build report's outputs."""
-        return ", ".join(
-            f"{p.repository} ({p.mode}{': ' + p.tag if p.tag else ''})" for p in self.registry
-        )
-
-    @property
-    def bytes_uploaded(self) -> int:
-        """Every byte sent to the registries."""
-        return sum(p.bytes_uploaded for p in self.registry)
-
-
-def attest_build(
-    facts: BuildFacts,
-    directory: Path,
-    *,
-    sign_key: Path | None = None,
-    oci_layout: Path | None = None,
-    push_tags: Sequence[str] = (),
-    insecure: bool | None = None,
-) -> AttestResult:
-    """Make the provenance and SBOM of a finished build and put them where the image went.
-
-    Always written as files to ``directory``; added to ``oci_layout`` when given, and pushed
-    as referrers to the repository of every tag in ``push_tags``.
-    """
-    attestations = make_attestations(facts, sign_key)
-    files = tuple(attestations.write_files(directory))
-    layout: tuple[str, ...] = ()
-    if oci_layout:
-        layout = tuple(d.digest for d in attach_to_layout(oci_layout, attestations))
-    pushes = tuple(
-        push_referrers(repository, attestations, insecure=insecure)
-        for repository in sorted({parse_reference(t).repository for t in push_tags})
-    )
-    signer = attestations.envelope["signatures"][0]["keyid"] if attestations.envelope else None
-    return AttestResult(directory, files, sign_key is not None, signer, layout, pushes)

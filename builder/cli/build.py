@@ -182,8 +182,6 @@ def build(
     comes from the registry, else the local store (`builder base build` fills it).
     With --all --base-version V: every customer of the fleet that admits V, --jobs at a time.
     """
-    from dataclasses import asdict
-
     if all_customers:
         if customer or not base_version:
             raise click.UsageError("--all takes no CUSTOMER and needs --base-version")
@@ -271,7 +269,7 @@ def build(
             why = "uncommitted files (--worktree)" if worktree else "unpublished models"
             click.echo(f"DEVELOPMENT BUILD: {why}; not for release", err=True)
 
-    return Result("build", asdict(report), human)
+    return Result("build", report.to_dict(), human)
 
 
 def not_pushed_lines(image: str, digest: str, customer: str | None) -> list[str]:

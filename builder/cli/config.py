@@ -38,7 +38,7 @@ def validate(
     """Check customer.yaml and the analysis YAML against their schemas and against the runner
     contract of the base image they resolve to (no model registry calls: registry plug-ins are
     checked from the committed lock when it is current)."""
-    from builder.cook import validate_customer
+    from builder.pipeline import validate_customer
 
     result = validate_customer(
         customer,
