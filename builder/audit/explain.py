@@ -29,8 +29,9 @@ from builder.audit._images import (
     scan_files,
 )
 from builder.audit.history import location_of
-from builder.audit.records import ReleaseRecord, read_release_records
+from builder.audit.records import read_release_records
 from builder.audit.text import pinned, short
+from builder.documents.release_record import ReleaseRecord
 from builder.errors import AttestationError, BuilderError, ConfigError, ImageError
 from builder.load import load_customer, open_source
 from builder.oci import Descriptor

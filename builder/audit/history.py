@@ -14,9 +14,10 @@ from typing import Any
 
 import git
 
-from builder.audit.records import ReleaseRecord, read_release_records
+from builder.audit.records import read_release_records
 from builder.audit.text import short
 from builder.contracts import CustomerSpec, RepoSource, ResolvedModel
+from builder.documents.release_record import ReleaseRecord
 from builder.errors import BuilderError, ConfigError
 from builder.load import _URL, load_customer, open_source
 from builder.lock import models_from_lock, read_lock

@@ -7,7 +7,7 @@ back by the audit (``ReleaseRecord.from_dict``); both use this one shape (record
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from builder.documents import FileDigest, Sourcing, check_document
@@ -76,6 +76,8 @@ class ReleaseRecord:
     builder_version: str
     ci_url: str | None = None
     ci_pipeline_url: str | None = None
+    #: Where a reader found it (``releases/<customer>/<file>`` on the branch); not written.
+    path: str = field(default="", compare=False)
 
     @property
     def base(self) -> dict[str, str]:
