@@ -1,0 +1,73 @@
+"""The OCI wing: media types and descriptors, the blob store, image layouts on disk.
+
+Shaped like go-containerregistry's ``pkg/v1``: one module per concern around one image model.
+``from builder.oci import X`` is the one import path for the wing's public names.
+"""
+
+from builder.oci.blobs import BlobStore, BlobWriter, atomic_write, hash_file, is_disk_full
+from builder.oci.descriptor import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    IMAGE_MANIFEST_TYPES,
+    INDEX_TYPES,
+    MANIFEST_ACCEPT,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    REF_NAME,
+    Descriptor,
+    canonical_json,
+    check_digest,
+    sha256_digest,
+)
+from builder.oci.layout import (
+    INDEX_LOCK,
+    INDEX_LOCK_TIMEOUT,
+    LayoutEntry,
+    copy_blob,
+    layout_blob_path,
+    locked_layout,
+    read_layout_blob,
+    read_layout_index,
+    update_layout_index,
+    write_layout_index,
+)
+
+__all__ = [
+    "DOCKER_CONFIG",
+    "DOCKER_LAYER_GZIP",
+    "DOCKER_MANIFEST",
+    "DOCKER_MANIFEST_LIST",
+    "IMAGE_MANIFEST_TYPES",
+    "INDEX_LOCK",
+    "INDEX_LOCK_TIMEOUT",
+    "INDEX_TYPES",
+    "MANIFEST_ACCEPT",
+    "OCI_CONFIG",
+    "OCI_INDEX",
+    "OCI_LAYER",
+    "OCI_LAYER_GZIP",
+    "OCI_MANIFEST",
+    "REF_NAME",
+    "BlobStore",
+    "BlobWriter",
+    "Descriptor",
+    "LayoutEntry",
+    "atomic_write",
+    "canonical_json",
+    "check_digest",
+    "copy_blob",
+    "hash_file",
+    "is_disk_full",
+    "layout_blob_path",
+    "locked_layout",
+    "read_layout_blob",
+    "read_layout_index",
+    "sha256_digest",
+    "update_layout_index",
+    "write_layout_index",
+]
