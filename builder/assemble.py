@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -35,15 +35,14 @@ from builder.oci import (
     OCI_MANIFEST,
     BlobStore,
     Descriptor,
+    RegistryClient,
+    RetryPolicy,
     canonical_json,
     is_disk_full,
     read_layout_blob,
     read_layout_index,
+    split_repository,
 )
-
-if TYPE_CHECKING:
-    from builder.deliver import RetryPolicy
-
 
 #: Bumped whenever the bytes a layer is built into change for the same inputs. Format 1: every
 #: entry of every layer carries the config commit time. Format 2: only stamped layers (the
@@ -224,8 +223,6 @@ def resolve_base(
     """
     if repository.startswith("oci:"):
         return _resolve_layout(repository, version_spec, platform)
-    from builder.deliver import RegistryClient, split_repository
-
     host, path = split_repository(repository)
     client = RegistryClient(host, insecure=insecure, retry=retry)
     what = f"base image {host}/{path}"

@@ -41,7 +41,7 @@ from builder.oci import (
 if TYPE_CHECKING:
     from builder.assemble import AssembledImage
     from builder.contracts import CustomerSpec
-    from builder.deliver import RegistryClient, RetryPolicy
+    from builder.oci import RegistryClient, RetryPolicy
     from builder.pipeline import BuildReport, BuildRequest
 
 STATEMENT_TYPE: Final = "https://in-toto.io/Statement/v1"
@@ -896,7 +896,7 @@ def push_referrers(
     2.x) the ``sha256-<hex>`` tag is read, merged with the new descriptors and written back,
     then read again to catch a concurrent writer (retried a few times: the schema is racy).
     """
-    from builder.deliver import RegistryClient, split_repository
+    from builder.oci import RegistryClient, split_repository
 
     host, path = split_repository(repository)
     client = RegistryClient(host, insecure=insecure, retry=retry)
@@ -986,7 +986,7 @@ def attest_build(
     the blob store); added to ``request.oci_layout`` and pushed as referrers when
     ``request.push``. The report's ``outputs`` gain ``attestations`` (and ``referrers``).
     """
-    from builder.deliver import parse_reference
+    from builder.oci import parse_reference
 
     attestations = make_attestations(facts_from_build(request, report, image, spec), sign_key)
     directory = directory or image.store.root.parent / "attestations" / _hex(image.manifest_digest)

@@ -51,7 +51,7 @@ from builder.oci import (
 )
 
 if TYPE_CHECKING:
-    from builder.deliver import RegistryClient
+    from builder.oci import RegistryClient
     from builder.settings import Settings
 
 #: Exit code of a failed audit check (tampered file, digest mismatch, bad signature).
@@ -938,7 +938,7 @@ class RegistryImage(OpenedImage):
     kind = "registry"
 
     def __init__(self, reference: str, settings: Settings, insecure: bool | None = None) -> None:
-        from builder.deliver import RegistryClient, parse_reference
+        from builder.oci import RegistryClient, parse_reference
 
         ref = parse_reference(reference)
         super().__init__(str(ref))
@@ -2197,7 +2197,7 @@ def unrecorded_tags(
 ) -> tuple[list[dict[str, str]], list[str]]:
     """Tags in the customer's image repositories whose image no release record names (pushed
     outside a release: a development build, a manual push), and what could not be read."""
-    from builder.deliver import RegistryClient, parse_reference
+    from builder.oci import RegistryClient, parse_reference
 
     repositories = {_repository_of(r.image) for r in records} or {
         f"{settings.image_registry}/{customer}"

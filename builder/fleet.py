@@ -1523,7 +1523,7 @@ def _in_registry(
 ) -> dict[str, str | None]:
     """The digest each item's immutable tag points to in ``registry`` (None: not there, or
     the registry could not tell): one manifest HEAD per customer, one client per host."""
-    from builder.deliver import RegistryClient, parse_reference
+    from builder.oci import RegistryClient, parse_reference
 
     clients: dict[str, RegistryClient | None] = {}
     out: dict[str, str | None] = {}

@@ -409,7 +409,7 @@ def _deliver(
     progress: Progress | None,
 ) -> None:
     from builder import deliver
-    from builder.deliver import parse_reference
+    from builder.oci import parse_reference
 
     push_actions: dict[str, str] = {}
     if request.push:

@@ -44,9 +44,15 @@ from builder.attest import (
     sign_envelope,
     verify_envelope,
 )
-from builder.deliver import RegistryClient
 from builder.errors import ConfigError
-from builder.oci import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Descriptor, canonical_json
+from builder.oci import (
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    Descriptor,
+    RegistryClient,
+    canonical_json,
+)
 
 WEIGHTS = b"weights-of-carcinoma" * 100
 

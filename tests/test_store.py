@@ -37,6 +37,7 @@ from builder.oci import (
     OCI_MANIFEST,
     REF_NAME,
     Descriptor,
+    RegistryClient,
     canonical_json,
     read_layout_index,
     sha256_digest,
@@ -351,14 +352,13 @@ def test_builds_with_no_registry_match_the_online_digest(
         assert offline["manifest_digest"] == online["manifest_digest"]
 
     # --locked --offline never contacts a registry: any attempt fails this in-process build.
-    from builder import deliver
     from builder.pipeline import BuildRequest, build
     from builder.settings import load_settings
 
     def refuse(*_: Any, **__: Any) -> None:
         raise AssertionError("a registry was contacted")
 
-    monkeypatch.setattr(deliver.RegistryClient, "__init__", refuse)
+    monkeypatch.setattr(RegistryClient, "__init__", refuse)
     for key, value in {**env, "BUILDER_CACHE_DIR": str(ci)}.items():
         monkeypatch.setenv(key, value)
     report = build(BuildRequest(str(repo), locked=True, offline=True), load_settings(tmp_path))

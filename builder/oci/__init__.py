@@ -1,4 +1,5 @@
-"""The OCI wing: media types and descriptors, the blob store, image layouts on disk.
+"""The OCI wing: media types and descriptors, the blob store, image layouts on disk,
+references and the registry transport.
 
 Shaped like go-containerregistry's ``pkg/v1``: one module per concern around one image model.
 ``from builder.oci import X`` is the one import path for the wing's public names.
@@ -36,6 +37,14 @@ from builder.oci.layout import (
     update_layout_index,
     write_layout_index,
 )
+from builder.oci.reference import (
+    Reference,
+    is_loopback,
+    parse_reference,
+    split_repository,
+    use_plain_http,
+)
+from builder.oci.remote import RegistryClient, RetryPolicy
 
 __all__ = [
     "DOCKER_CONFIG",
@@ -57,17 +66,24 @@ __all__ = [
     "BlobWriter",
     "Descriptor",
     "LayoutEntry",
+    "Reference",
+    "RegistryClient",
+    "RetryPolicy",
     "atomic_write",
     "canonical_json",
     "check_digest",
     "copy_blob",
     "hash_file",
     "is_disk_full",
+    "is_loopback",
     "layout_blob_path",
     "locked_layout",
+    "parse_reference",
     "read_layout_blob",
     "read_layout_index",
     "sha256_digest",
+    "split_repository",
     "update_layout_index",
+    "use_plain_http",
     "write_layout_index",
 ]
