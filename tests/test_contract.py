@@ -475,7 +475,7 @@ def test_worktree_builds_are_dirty_and_never_pushed(tmp_path: Path, env: dict[st
     assert built.returncode == 0, built.stderr
     report = json.loads(built.stdout)["result"]
     assert report["image"].endswith("-dirty") and report["development"] is True
-    from builder.audit import LayoutImage
+    from builder.oci.image import LayoutImage
 
     image = LayoutImage(out, report["image"].rsplit(":", 1)[1])
     assert image.labels["com.ivd.config.dirty"] == "true"
