@@ -28,7 +28,7 @@ from typing import Any, Final
 import jsonschema
 
 from builder import yamldoc
-from builder.assemble import BaseImage
+from builder.base import BaseImage
 from builder.contracts import CustomerSpec, ResolvedModel
 from builder.errors import ConfigError, ImageError
 from builder.fsutil import write_atomic

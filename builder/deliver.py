@@ -13,29 +13,25 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
+from builder.assemble import AssembledImage
+from builder.base import fetch_base_blob
+from builder.contracts import Progress
 from builder.errors import ImageError
 from builder.oci import (
     OCI_INDEX,
     REF_NAME,
-    BlobStore,
     Descriptor,
     RegistryClient,
     RetryPolicy,
     canonical_json,
     copy_blob,
-    is_disk_full,
     layout_blob_path,
     parse_reference,
     write_layout_index,
 )
 
-if TYPE_CHECKING:
-    from builder.assemble import AssembledImage, BaseImage
-    from builder.contracts import Progress
-
-_CHUNK: Final = 1 << 20
 #: Blobs up to this size are sent from memory; larger ones are streamed from disk.
 _SMALL_BLOB: Final = 8 << 20
 
@@ -62,32 +58,6 @@ def blob_source(
     if not any(layer.digest == descriptor.digest for layer in base.layers):
         raise ImageError(f"blob {descriptor.digest} is missing from {store.root}; assemble again")
     return fetch_base_blob(base, descriptor, store, progress, retry)
-
-
-def fetch_base_blob(
-    base: BaseImage,
-    descriptor: Descriptor,
-    store: BlobStore,
-    progress: Progress | None = None,
-    retry: RetryPolicy | None = None,
-) -> Path:
-    """Put one base-image blob into ``store`` (from its registry or OCI layout), verified."""
-    if store.has(descriptor.digest):
-        return store.path(descriptor.digest)
-    if base.layout is not None:
-        path = layout_blob_path(base.layout, descriptor.digest)
-        try:
-            with path.open("rb") as file:
-                return store.ingest(iter(lambda: file.read(_CHUNK), b""), descriptor.digest)
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise ImageError(f"disk full while copying base blob {descriptor.digest}") from None
-            raise ImageError(
-                f"cannot read base blob {descriptor.digest} from {base.layout}: {exc.strerror}"
-            ) from None
-    assert base.registry is not None
-    client = RegistryClient(base.registry, insecure=base.insecure, retry=retry)
-    return client.download_blob(base.path, descriptor.digest, store, progress, descriptor.size)
 
 
 # -- push ----------------------------------------------------------------------------------------

@@ -28,14 +28,12 @@ from builder.assemble import (
     LAYER_FORMAT,
     LAYER_FORMAT_LABEL,
     AssembledImage,
-    BaseImage,
     FileEntry,
     LayerSpec,
     assemble,
-    resolve_base,
     rfc3339,
-    select_version,
 )
+from builder.base import BaseImage, resolve_base, select_version
 from builder.deliver import write_docker_archive, write_oci_layout
 from builder.errors import ImageError
 from builder.oci import (

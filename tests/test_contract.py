@@ -527,7 +527,7 @@ def test_real_base_image_ships_its_contract_and_the_build_checks_it(
     """`builder base build` labels the image with the sha256 of /opt/tilerunner/contract.json
     (the image checks the file against it while building); the builder reads it back from the
     registry, from the small last layer only, and refuses a config the runner would refuse."""
-    from builder.assemble import resolve_base
+    from builder.base import resolve_base
     from builder.base_image import build_base_image, read_version
     from builder.contract import read_base_contract
     from testbed._util import cache_root

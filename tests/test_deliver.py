@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from test_assemble import LABELS, SDE, layer_specs, model_tree
 
-from builder.assemble import AssembledImage, BaseImage, FileEntry, LayerSpec, assemble, resolve_base
+from builder.assemble import AssembledImage, FileEntry, LayerSpec, assemble
+from builder.base import BaseImage, resolve_base
 from builder.deliver import (
     load_into_docker,
     push,

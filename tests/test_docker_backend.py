@@ -17,12 +17,11 @@ from test_deliver import docker_push
 
 from builder.assemble import (
     LAYER_FORMAT_LABEL,
-    BaseImage,
     FileEntry,
     LayerSpec,
     assemble,
-    resolve_base,
 )
+from builder.base import BaseImage, resolve_base
 from builder.deliver import push
 from builder.docker_backend import (
     build_with_docker,

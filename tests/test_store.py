@@ -444,7 +444,7 @@ def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
 def test_base_resolution_order(tmp_path: Path) -> None:
     """Pinned digest in the store: used with no registry call; --offline: the store only; a
     pin the store lacks offline, or a registry base other than the pin: one clear line."""
-    from builder.pipeline import resolve_base_image
+    from builder.base_resolution import resolve_base_image
 
     store = ImageStore(tmp_path / "store")
     repository = "127.0.0.1:9/ivd/base"  # nothing listens there

@@ -15,7 +15,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
 from builder.attest import layout_referrers, registry_referrers
 from builder.errors import ImageError
@@ -31,9 +31,7 @@ from builder.oci import (
     read_layout_index,
     sha256_digest,
 )
-
-if TYPE_CHECKING:
-    from builder.settings import Settings
+from builder.settings import Settings
 
 _KEEP_PREFIXES: Final = ("app/models/", "app/config/")
 _MAX_KEPT: Final = 16 << 20  # config files kept in memory to read back; model files are hashed

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import oras.auth
@@ -25,13 +25,11 @@ import oras.container
 import oras.provider
 import requests
 
+from builder.contracts import Progress
 from builder.errors import ImageError
 from builder.oci.blobs import BlobStore
 from builder.oci.descriptor import MANIFEST_ACCEPT, OCI_INDEX, sha256_digest
 from builder.oci.reference import use_plain_http
-
-if TYPE_CHECKING:
-    from builder.contracts import Progress
 
 _RETRY_STATUSES: Final = frozenset({500, 502, 503, 504, 429})
 _CHUNK: Final = 1 << 20
