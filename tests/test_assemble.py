@@ -626,7 +626,7 @@ sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 os.environ["TZ"] = "Pacific/Chatham"
 time.tzset()
-from builder.assemble import resolve_base
+from builder.base import resolve_base
 from builder.oci import BlobStore
 import test_assemble as t
 files = {{k: Path(v) for k, v in json.loads(sys.argv[1]).items()}}

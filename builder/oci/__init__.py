@@ -1,8 +1,15 @@
-"""The OCI wing: media types and descriptors, the blob store, image layouts on disk,
-references and the registry transport.
+"""The OCI wing, shaped like go-containerregistry's ``pkg/v1``: one module per transport.
 
-Shaped like go-containerregistry's ``pkg/v1``: one module per concern around one image model.
-``from builder.oci import X`` is the one import path for the wing's public names.
+- ``descriptor``: media types, canonical JSON, digests, :class:`Descriptor` (no I/O)
+- ``blobs``: the content-addressed :class:`BlobStore` (itself an OCI image layout)
+- ``layout``: OCI image layouts on disk (index.json under a lock, blobs)
+- ``reference`` / ``remote``: image references and the registry transport (:class:`RegistryClient`
+  carries insecure, retry and credentials)
+- ``image``: one ``open_image()`` for a registry, an OCI layout or a docker archive
+
+``from builder.oci import X`` is the one import path for the names below; ``builder.oci.image``
+is imported by its own name (it reads attestations through :mod:`builder.attest`, which itself
+imports this package).
 """
 
 from builder.oci.blobs import BlobStore, BlobWriter, atomic_write, hash_file, is_disk_full
