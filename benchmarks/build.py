@@ -41,7 +41,8 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder.assemble import BaseImage, FileEntry, LayerSpec, assemble, resolve_base  # noqa: E402
+from builder.assemble import FileEntry, LayerSpec, assemble  # noqa: E402
+from builder.base import BaseImage, resolve_base  # noqa: E402
 from builder.deliver import push  # noqa: E402
 from builder.docker_backend import build_with_docker, push_with_docker  # noqa: E402
 from builder.oci import BlobStore  # noqa: E402

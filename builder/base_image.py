@@ -31,13 +31,14 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
+from builder.base import LABEL_VARIANT
+from builder.contract import CONTRACT_LABEL, runner_contract_from_source
 from builder.contracts import Progress
+from builder.deliver import push
 from builder.errors import ImageError
-
-if TYPE_CHECKING:
-    from builder.store import ImageStore
+from builder.store import ImageStore, save_from_docker
 
 BASE_DIR: Final = Path(__file__).resolve().parents[1] / "base-image"
 VARIANTS: Final = ("cpu", "gpu")
@@ -49,7 +50,6 @@ LABEL_SCHEMAS: Final = "com.ivd.runner.config-schemas"
 LABEL_ORT: Final = "com.ivd.runner.onnxruntime"
 LABEL_CUDA: Final = "com.ivd.runner.cuda"
 LABEL_CUDNN: Final = "com.ivd.runner.cudnn"
-LABEL_VARIANT: Final = "com.ivd.runner.variant"
 #: sha256 over everything a build reads (Dockerfile, lock, runner wheel, arguments, base id).
 LABEL_INPUTS: Final = "com.ivd.base.build-inputs"
 #: Verbose-config schema versions the runner in base-image/runner accepts.
@@ -466,8 +466,6 @@ def build_base_image(
     )
     image_hashes = {h for r in reqs for h in r.hashes}
     wheels = [p for h, p in pinned.items() if h in image_hashes]
-    from builder.contract import CONTRACT_LABEL, runner_contract_from_source
-
     contract_sha = hashlib.sha256(runner_contract_from_source(base_dir / "runner")).hexdigest()
     labels = {
         CONTRACT_LABEL: contract_sha,
@@ -514,8 +512,6 @@ def build_base_image(
         raise ImageError(f"{reference} was built with unexpected labels: {json.dumps(wrong)}")
     stored = None
     if store is not None:
-        from builder.store import save_from_docker
-
         with store.in_use():
             stored = save_from_docker(docker_client, reference, store).digest
             digest = _push_stored(store, reference, progress) if push else None
@@ -536,6 +532,4 @@ def build_base_image(
 
 def _push_stored(store: ImageStore, reference: str, progress: Progress | None) -> str:
     """Push the stored image `reference` to its registry, byte for byte; return its digest."""
-    from builder.deliver import push
-
     return push(store.stored_image(reference), [reference], progress=progress).manifest_digest

@@ -28,12 +28,12 @@ from typing import Any, Final
 import jsonschema
 
 from builder import yamldoc
-from builder.assemble import BaseImage
+from builder.base import BaseImage
 from builder.contracts import CustomerSpec, ResolvedModel
 from builder.errors import ConfigError, ImageError
 from builder.fsutil import write_atomic
 from builder.load import read_committed_file
-from builder.oci import BlobStore, check_digest, layout_blob_path
+from builder.oci import BlobStore, RegistryClient, check_digest, layout_blob_path
 
 #: Where the base image installs the contract, and the label with its sha256.
 CONTRACT_PATH: Final = "/opt/tilerunner/contract.json"
@@ -112,7 +112,6 @@ def _layer_file(base: BaseImage, digest: str, size: int, cache_dir: Path) -> Pat
     """A base layer blob on disk (the layout's own file, or downloaded into the blob store)."""
     if base.layout is not None:
         return layout_blob_path(base.layout, digest)
-    from builder.deliver import RegistryClient
 
     store = BlobStore(cache_dir / "oci")
     if store.has(digest):

@@ -20,11 +20,11 @@ import jinja2
 
 from builder.assemble import (
     DIR_MODE,
-    BaseImage,
     LayerSpec,
     layer_root,
     standard_metadata,
 )
+from builder.base import BaseImage
 from builder.contracts import Progress
 from builder.errors import ImageError
 

@@ -58,7 +58,6 @@ from packaging.version import InvalidVersion, Version
 
 from builder import __version__, yamldoc
 from builder.contracts import RepoSource
-from builder.deliver import RegistryClient, parse_reference
 from builder.documents import FileDigest
 from builder.documents.release_record import RECORD_VERSION, RecordModel, ReleaseRecord
 from builder.errors import (
@@ -72,6 +71,7 @@ from builder.errors import (
 from builder.fsutil import write_atomic
 from builder.gitauth import GIT_ENV
 from builder.load import _URL, KnownRevision, canonical_repo_url, load_customer, open_source
+from builder.oci import RegistryClient, parse_reference
 from builder.pipeline import BuildRequest, build
 from builder.provenance import variant_tag
 from builder.redact import mask_secrets, redact_url

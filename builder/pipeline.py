@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,26 +20,29 @@ from builder import deliver, yamldoc
 from builder.assemble import (
     LAYER_FORMAT,
     AssembledImage,
-    BaseImage,
     FileEntry,
     LayerSpec,
     assemble,
-    resolve_base,
 )
 from builder.attest.dsse import load_private_key
 from builder.attest.referrers import attach_to_layout, make_attestations, push_referrers
 from builder.attest.statement import BuildFacts, ci_details
-from builder.base_image import variant_repository
+from builder.base import BaseImage
+from builder.base_resolution import (
+    base_repository,
+    check_runner_accepts,
+    check_variant,
+    no_contract_note,
+    resolve_base_image,
+)
 from builder.contract import (
-    CONTRACT_LABEL,
     Contract,
     check_config,
     read_base_contract,
     require_valid,
 )
-from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec, Progress
+from builder.contracts import BaseImageRef, CustomerSpec, Progress
 from builder.cook import Cooked, cook, release_lock_drift
-from builder.deliver import parse_reference
 from builder.docker_backend import build_with_docker, push_with_docker
 from builder.documents.build_report import BuildReport, LayerReport
 from builder.documents.provenance import Provenance
@@ -48,6 +51,7 @@ from builder.expand import MODELS_DIR, expand
 from builder.fetch import Cache, FetchResult, fetch
 from builder.load import LOCK_FILE, load_customer
 from builder.lock import models_from_lock, read_lock
+from builder.oci import parse_reference
 from builder.provenance import (
     image_labels,
     image_version,
@@ -60,8 +64,6 @@ from builder.store import ImageStore
 
 APP_DIR = "/app"
 CONFIG_DIR = f"{APP_DIR}/config"
-#: Base image label listing the verbose-config schema versions its runner accepts.
-SCHEMAS_LABEL = "com.ivd.runner.config-schemas"
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,6 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = round(time.perf_counter() - start, 3)
 
 
-def base_repository(
-    spec: CustomerSpec, settings: Settings, override: str | None = None, variant: str = "cpu"
-) -> str:
-    """The base repository of a variant: `<repository>` for cpu, `<repository>-gpu` for gpu."""
-    return variant_repository(override or spec.base_repository or settings.base_repository, variant)
-
-
 def build_variant(spec: CustomerSpec, requested: str | None) -> str:
     """The variant to build: the one asked for (it must be one customer.yaml lists), else the first."""
     if requested is None:
@@ -117,138 +112,6 @@ def build_variant(spec: CustomerSpec, requested: str | None) -> str:
             hint=f"add {requested} to base_image.variant, or build {spec.variants[0]}",
         )
     return requested
-
-
-def check_variant(base: BaseImage, variant: str) -> None:
-    """Refuse a base whose variant label is not the one the customer asked for."""
-    got = base.ref.variant
-    if got != variant:
-        raise ImageError(
-            f"base image {base.name} is the {got} variant, but this build needs {variant}",
-            hint=f"point base_image.repository at the {variant} base (the gpu base lives in "
-            "<repository>-gpu)",
-        )
-
-
-def try_resolve_base(
-    spec: CustomerSpec,
-    settings: Settings,
-    *,
-    repository: str | None = None,
-    insecure: bool | None = None,
-) -> tuple[BaseImageRef | None, str | None]:
-    """The base image for the lock, or None and why not (the lock can be made without it).
-
-    Resolved like a build does: the registry, else the local image store.
-    """
-    try:
-        return resolve_base_image(
-            base_repository(spec, settings, repository, spec.variants[0]),
-            spec.base_version,
-            ImageStore(settings.store_dir),
-            insecure=insecure,
-            keep=False,
-        ).ref, None
-    except ImageError as exc:
-        return None, f"base image not pinned: {exc}"
-
-
-def check_runner_accepts(base: BaseImage) -> None:
-    """Refuse a base whose runner does not accept the verbose config version we write."""
-    accepted = {v.strip() for v in base.labels.get(SCHEMAS_LABEL, "").split(",") if v.strip()}
-    if str(VERBOSE_SCHEMA_VERSION) not in accepted:
-        shown = ", ".join(sorted(accepted)) or "none (label missing)"
-        raise ImageError(
-            f"base image {base.name} accepts config schema versions {shown}, not {VERBOSE_SCHEMA_VERSION}",
-            hint="pick a base version whose runner reads this config version",
-        )
-
-
-#: What to do when no base image is found anywhere.
-BASE_HINT = (
-    "run `builder base build` (it builds the base into the local image store), "
-    "or point base_repository at a registry that has it"
-)
-
-
-def _check_pin(base: BaseImage, pinned: Mapping[str, Any] | None) -> BaseImage:
-    """Refuse a base other than the one the lock pins (version and digest)."""
-    if (
-        pinned
-        and pinned.get("digest")
-        # the lock pins the first variant's base; another variant resolves by the constraint
-        and pinned.get("repository", base.repository) == base.repository
-        and (pinned.get("version"), pinned["digest"]) != (base.version, base.digest)
-    ):
-        raise ImageError(
-            f"base image {base.repository} resolves to {base.version} ({base.digest[:19]}) "
-            f"but the lock pins {pinned.get('version')} ({str(pinned['digest'])[:19]})",
-            hint="run `builder lock` to accept the new base, or restore the pinned one",
-        )
-    return base
-
-
-def resolve_base_image(
-    repository: str,
-    version_spec: str,
-    store: ImageStore,
-    *,
-    pinned: Mapping[str, Any] | None = None,
-    offline: bool = False,
-    insecure: bool | None = None,
-    keep: bool = True,
-    notes: list[str] | None = None,
-) -> BaseImage:
-    """The base image of a build: from the local image store or a registry, by digest after.
-
-    - ``pinned`` (a ``--locked`` build's lock entry: version, digest) found complete in the
-      store is used as it is: no registry is contacted at all.
-    - ``offline``: only the store (by the pinned digest, else by ``version_spec``).
-    - otherwise the registry decides (it may hold a newer version); when it cannot be reached
-      or lacks the image, the store's tags are resolved instead (``notes`` says so).
-    A base resolved in a registry is kept in the store (``keep``) by tag and digest, so the
-    next build, ``--locked --offline`` included, needs no registry and gets the same digest.
-    ``oci:DIR`` repositories are read from that layout as before.
-    """
-    if repository.startswith("oci:"):
-        return _check_pin(resolve_base(repository, version_spec, insecure=insecure), pinned)
-    digest = str((pinned or {}).get("digest") or "")
-    if digest:
-        version = str((pinned or {}).get("version") or "")
-        found = store.find_digest(repository, version, digest)
-        if found is not None:
-            return found
-        if offline:
-            raise ImageError(
-                f"base image {repository}:{version} ({digest[:19]}) pinned by the lock is not "
-                f"in the local image store {store.root}",
-                hint="run `builder base build`, or build once online (the base is then kept)",
-            )
-    if offline:
-        try:
-            return store.find_base(repository, version_spec)
-        except ImageError as exc:
-            raise ImageError(f"{exc} (offline build)", hint=BASE_HINT) from None
-    try:
-        base = resolve_base(repository, version_spec, insecure=insecure)
-    except ImageError as online:
-        if digest:
-            raise ImageError(
-                f"base image pinned by the lock ({digest[:19]}) is not in the local image store "
-                f"{store.root}, and {online}",
-                hint=BASE_HINT,
-            ) from None
-        try:
-            base = store.find_base(repository, version_spec)
-        except ImageError as local:
-            raise ImageError(f"{online}; and {local}", hint=BASE_HINT) from None
-        if notes is not None:
-            notes.append(f"{online}; using the base image from the local store {store.root}")
-        return base
-    _check_pin(base, pinned)
-    if keep:
-        store.keep_base(base)
-    return base
 
 
 def _preflight(request: BuildRequest) -> None:
@@ -264,15 +127,6 @@ def _preflight(request: BuildRequest) -> None:
         docker_client(30).close()  # no engine: say so before any work, in one line
     if request.sign_key is not None:
         load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
-
-
-def no_contract_note(base: BaseImage) -> str:
-    """The warning for a base image built before runner contracts existed."""
-    return (
-        f"base image {base.name} declares no runner contract (label {CONTRACT_LABEL}): "
-        "plug-ins and params were not checked against its runner; rebuild the base with "
-        "`builder base build --push`"
-    )
 
 
 def check_against_base(cooked: Cooked, base: BaseImage, settings: Settings) -> list[str]:

@@ -32,8 +32,18 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
+from builder.assemble import AssembledImage, Layer
+from builder.base import (
+    BaseImage,
+    fetch_base_blob,
+    make_base_image,
+    parse_image_manifest,
+    select_version,
+)
+from builder.contracts import Progress
+from builder.deliver import blob_source
 from builder.errors import ImageError
 from builder.oci import (
     IMAGE_MANIFEST_TYPES,
@@ -48,10 +58,6 @@ from builder.oci import (
     read_layout_index,
     write_layout_index,
 )
-
-if TYPE_CHECKING:
-    from builder.assemble import AssembledImage, BaseImage
-    from builder.contracts import Progress
 
 #: How long prune waits for running builds to release the store (seconds).
 PRUNE_WAIT: Final = 60.0
@@ -147,8 +153,6 @@ class ImageStore:
         Named exactly as a registry base of that repository is (name, repository, version,
         digest), so a customer image built on it has the digest it has online.
         """
-        from builder.assemble import _base_image, _parse_image_manifest
-
         what = f"base image {repository}:{version} ({digest[:19]}) in the local store {self.root}"
         if not self.complete(digest):
             raise ImageError(
@@ -156,9 +160,9 @@ class ImageStore:
                 hint="rebuild it with `builder base build`, or build once online to fetch it again",
             )
         raw = self.blobs.read_bytes(digest)
-        manifest = _parse_image_manifest(raw, OCI_MANIFEST, what)
+        manifest = parse_image_manifest(raw, OCI_MANIFEST, what)
         config = self.blobs.read_bytes(Descriptor.from_dict(manifest["config"]).digest)
-        base = _base_image(
+        base = make_base_image(
             repository=repository,
             version=version,
             digest=digest,
@@ -173,8 +177,6 @@ class ImageStore:
 
     def find_base(self, repository: str, version_spec: str) -> BaseImage:
         """Resolve ``repository`` + ``version_spec`` among the store's tags (as a registry would)."""
-        from builder.assemble import select_version
-
         tags = {
             i.tag: i
             for i in self.images()
@@ -210,8 +212,6 @@ class ImageStore:
         self, image: AssembledImage, references: Iterable[str], progress: Progress | None = None
     ) -> None:
         """Store an assembled image complete (base layers copied in) under ``references``."""
-        from builder.deliver import blob_source
-
         for layer in image.layers:
             blob_source(image, layer.descriptor, progress)
         self.tag(image.manifest_descriptor, references)
@@ -222,8 +222,6 @@ class ImageStore:
         Its blobs are fetched (verified) once; later builds, ``--locked --offline`` ones
         included, find it here with no registry.
         """
-        from builder.deliver import fetch_base_blob
-
         if base.source == "store":
             return
         for descriptor in (base.config_descriptor, *base.layers):
@@ -288,8 +286,6 @@ class ImageStore:
 
     def stored_image(self, reference: str) -> AssembledImage:
         """A stored image as an :class:`AssembledImage`, to push or export it like a build."""
-        from builder.assemble import AssembledImage, Layer
-
         found = self.lookup(reference)
         if found is None:
             raise ImageError(f"the local image store {self.root} has no image {reference}")

@@ -28,14 +28,12 @@ from builder.assemble import (
     LAYER_FORMAT,
     LAYER_FORMAT_LABEL,
     AssembledImage,
-    BaseImage,
     FileEntry,
     LayerSpec,
     assemble,
-    resolve_base,
     rfc3339,
-    select_version,
 )
+from builder.base import BaseImage, resolve_base, select_version
 from builder.deliver import write_docker_archive, write_oci_layout
 from builder.errors import ImageError
 from builder.oci import (
@@ -628,7 +626,7 @@ sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 os.environ["TZ"] = "Pacific/Chatham"
 time.tzset()
-from builder.assemble import resolve_base
+from builder.base import resolve_base
 from builder.oci import BlobStore
 import test_assemble as t
 files = {{k: Path(v) for k, v in json.loads(sys.argv[1]).items()}}

@@ -47,9 +47,15 @@ from builder.attest.statement import (
     BuildFacts,
     ci_details,
 )
-from builder.deliver import RegistryClient
 from builder.errors import AttestationError, ConfigError
-from builder.oci import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Descriptor, canonical_json
+from builder.oci import (
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    Descriptor,
+    RegistryClient,
+    canonical_json,
+)
 
 WEIGHTS = b"weights-of-carcinoma" * 100
 

@@ -475,7 +475,7 @@ def test_worktree_builds_are_dirty_and_never_pushed(tmp_path: Path, env: dict[st
     assert built.returncode == 0, built.stderr
     report = json.loads(built.stdout)["result"]
     assert report["image"].endswith("-dirty") and report["development"] is True
-    from builder.audit._images import LayoutImage
+    from builder.oci.image import LayoutImage
 
     image = LayoutImage(out, report["image"].rsplit(":", 1)[1])
     assert image.labels["com.ivd.config.dirty"] == "true"
@@ -527,7 +527,7 @@ def test_real_base_image_ships_its_contract_and_the_build_checks_it(
     """`builder base build` labels the image with the sha256 of /opt/tilerunner/contract.json
     (the image checks the file against it while building); the builder reads it back from the
     registry, from the small last layer only, and refuses a config the runner would refuse."""
-    from builder.assemble import resolve_base
+    from builder.base import resolve_base
     from builder.base_image import build_base_image, read_version
     from builder.contract import read_base_contract
     from testbed._util import cache_root

@@ -21,17 +21,16 @@ from typing import Any
 import pytest
 from test_assemble import LABELS, SDE, layer_specs, model_tree
 
-from builder.assemble import AssembledImage, BaseImage, FileEntry, LayerSpec, assemble, resolve_base
+from builder.assemble import AssembledImage, FileEntry, LayerSpec, assemble
+from builder.base import BaseImage, resolve_base
 from builder.deliver import (
-    RegistryClient,
-    RetryPolicy,
     load_into_docker,
     push,
     write_docker_archive,
     write_oci_layout,
 )
 from builder.errors import ImageError
-from builder.oci import DOCKER_MANIFEST, BlobStore
+from builder.oci import DOCKER_MANIFEST, BlobStore, RegistryClient, RetryPolicy
 from testbed._util import free_port
 from testbed.docker_engine import Engine
 from testbed.registry import Registry, start_registry

@@ -17,13 +17,12 @@ from test_deliver import docker_push
 
 from builder.assemble import (
     LAYER_FORMAT_LABEL,
-    BaseImage,
     FileEntry,
     LayerSpec,
     assemble,
-    resolve_base,
 )
-from builder.deliver import RegistryClient, RetryPolicy, push
+from builder.base import BaseImage, resolve_base
+from builder.deliver import push
 from builder.docker_backend import (
     build_with_docker,
     dockerfile_quote,
@@ -32,7 +31,7 @@ from builder.docker_backend import (
     render_dockerfile,
 )
 from builder.errors import ImageError
-from builder.oci import BlobStore
+from builder.oci import BlobStore, RegistryClient, RetryPolicy
 from testbed.docker_engine import Engine
 from testbed.registry import Registry
 

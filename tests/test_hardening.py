@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from builder import yamldoc
-from builder.assemble import resolve_base
+from builder.base import resolve_base
 from builder.cook import cook
 from builder.deliver import write_docker_archive
 from builder.errors import BuilderError, ConfigError, ImageError

@@ -35,6 +35,7 @@ from builder.oci import (
     OCI_MANIFEST,
     REF_NAME,
     Descriptor,
+    RegistryClient,
     canonical_json,
     read_layout_index,
     sha256_digest,
@@ -344,14 +345,13 @@ def test_builds_with_no_registry_match_the_online_digest(
         assert offline["manifest_digest"] == online["manifest_digest"]
 
     # --locked --offline never contacts a registry: any attempt fails this in-process build.
-    from builder import deliver
     from builder.pipeline import BuildRequest, build
     from builder.settings import load_settings
 
     def refuse(*_: Any, **__: Any) -> None:
         raise AssertionError("a registry was contacted")
 
-    monkeypatch.setattr(deliver.RegistryClient, "__init__", refuse)
+    monkeypatch.setattr(RegistryClient, "__init__", refuse)
     for key, value in {**env, "BUILDER_CACHE_DIR": str(ci)}.items():
         monkeypatch.setenv(key, value)
     report = build(BuildRequest(str(repo), locked=True, offline=True), load_settings(tmp_path))
@@ -437,7 +437,7 @@ def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
 def test_base_resolution_order(tmp_path: Path) -> None:
     """Pinned digest in the store: used with no registry call; --offline: the store only; a
     pin the store lacks offline, or a registry base other than the pin: one clear line."""
-    from builder.pipeline import resolve_base_image
+    from builder.base_resolution import resolve_base_image
 
     store = ImageStore(tmp_path / "store")
     repository = "127.0.0.1:9/ivd/base"  # nothing listens there

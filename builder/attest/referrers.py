@@ -27,18 +27,20 @@ from builder.attest.statement import (
     rfc3339,
     sbom,
 )
-from builder.deliver import RegistryClient, RetryPolicy, split_repository
 from builder.errors import AttestationError, BuilderError, ImageError
 from builder.fsutil import write_atomic
 from builder.oci import (
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
+    RegistryClient,
+    RetryPolicy,
     canonical_json,
     layout_blob_path,
     read_layout_blob,
     read_layout_index,
     sha256_digest,
+    split_repository,
     update_layout_index,
 )
 

@@ -19,7 +19,14 @@ from builder.attest.dsse import (
     verify_envelope,
 )
 from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO
-from builder.audit._images import (
+from builder.audit.history import location_of
+from builder.audit.records import read_release_records
+from builder.audit.text import pinned, short
+from builder.documents.release_record import ReleaseRecord
+from builder.errors import AttestationError, BuilderError, ConfigError, ImageError
+from builder.load import load_customer, open_source
+from builder.oci import Descriptor
+from builder.oci.image import (
     ArchiveImage,
     ImageFiles,
     OpenedImage,
@@ -28,13 +35,6 @@ from builder.audit._images import (
     own_layers,
     scan_files,
 )
-from builder.audit.history import location_of
-from builder.audit.records import read_release_records
-from builder.audit.text import pinned, short
-from builder.documents.release_record import ReleaseRecord
-from builder.errors import AttestationError, BuilderError, ConfigError, ImageError
-from builder.load import load_customer, open_source
-from builder.oci import Descriptor
 from builder.provenance import LABEL_PREFIX
 from builder.settings import Settings
 

@@ -13,15 +13,6 @@ import git
 
 from builder import __version__
 from builder.assemble import LAYER_FORMAT, LAYER_FORMAT_LABEL, check_layer_format
-from builder.audit._images import (
-    ArchiveImage,
-    ImageFiles,
-    LayoutImage,
-    OpenedImage,
-    open_image,
-    own_layers,
-    scan_files,
-)
 from builder.audit.explain import Explanation, explain
 from builder.audit.history import find_commit
 from builder.audit.text import short
@@ -30,6 +21,15 @@ from builder.errors import ConfigError, ImageError
 from builder.gitauth import git_credentials
 from builder.load import _URL, load_customer, open_source
 from builder.lock import models_from_lock, read_lock
+from builder.oci.image import (
+    ArchiveImage,
+    ImageFiles,
+    LayoutImage,
+    OpenedImage,
+    open_image,
+    own_layers,
+    scan_files,
+)
 from builder.paths import safe_join
 from builder.pipeline import BuildRequest, build
 from builder.settings import SETTINGS_FILE, Settings, load_settings

@@ -166,9 +166,9 @@ def lock(
     **overrides: Any,
 ) -> Result:
     """Pin every input (models, weights sha256, base digest) in customer.lock.yaml."""
+    from builder.base_resolution import try_resolve_base
     from builder.cook import cook, make_customer_lock
     from builder.fetch import Cache
-    from builder.pipeline import try_resolve_base
 
     settings = load_cli_settings(overrides)
     cooked = cook(

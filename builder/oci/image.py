@@ -1,6 +1,9 @@
-"""Reading images back: a registry image, an OCI layout or a docker archive, hashed as read.
+"""Reading images: one :func:`open_image` for a registry, an OCI layout or a docker archive.
 
-The image readers (moving to builder.oci.image); audit checks what they return."""
+Like go-containerregistry's ``v1.Image``: every source gives the same :class:`OpenedImage`
+(manifest, config, labels, layers, blobs, attached referrers), and :func:`scan_files` reads
+the files of its own layers, each layer hashed in the same pass to check its digest.
+"""
 
 from __future__ import annotations
 
@@ -12,24 +15,23 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
 from builder.attest.referrers import layout_referrers, registry_referrers
-from builder.audit.text import short
 from builder.errors import ImageError
 from builder.oci import (
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
+    BlobStore,
     Descriptor,
+    RegistryClient,
     layout_blob_path,
+    parse_reference,
     read_layout_blob,
     read_layout_index,
     sha256_digest,
 )
-
-if TYPE_CHECKING:
-    from builder.deliver import RegistryClient
-    from builder.settings import Settings
+from builder.settings import Settings
 
 _KEEP_PREFIXES: Final = ("app/models/", "app/config/")
 _MAX_KEPT: Final = 16 << 20  # config files kept in memory to read back; model files are hashed
@@ -271,8 +273,6 @@ class RegistryImage(OpenedImage):
     kind = "registry"
 
     def __init__(self, reference: str, settings: Settings, insecure: bool | None = None) -> None:
-        from builder.deliver import RegistryClient, parse_reference
-
         ref = parse_reference(reference)
         super().__init__(str(ref))
         self.reference = ref
@@ -298,8 +298,6 @@ class RegistryImage(OpenedImage):
 
     @contextlib.contextmanager
     def open_blob(self, descriptor: Descriptor) -> Iterator[IO[bytes]]:
-        from builder.oci import BlobStore
-
         store = BlobStore(self._store_root)
         path = store.path(descriptor.digest) if store.has(descriptor.digest) else None
         if path is None:
@@ -404,7 +402,7 @@ def scan_files(image: OpenedImage, layers: Sequence[tuple[str, Descriptor]]) -> 
                         _scan_member(tar, member, result)
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise ImageError(
-                    f"{image.what}: layer {name} ({short(descriptor.digest, 19)}) is not a readable tar: {exc}"
+                    f"{image.what}: layer {name} ({descriptor.digest.removeprefix('sha256:')[:19]}) is not a readable tar: {exc}"
                 ) from None
             digest = reader.drain()
         if digest != descriptor.digest:

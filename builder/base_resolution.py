@@ -1,0 +1,166 @@
+"""Which base image a build uses: the registry, else the local image store, by digest after.
+
+The lock's pin, the variant the customer asked for and the config schema versions the base's
+runner accepts are checked here, once, for ``build`` and ``lock`` alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from builder.base import BaseImage, resolve_base
+from builder.base_image import LABEL_SCHEMAS, variant_repository
+from builder.contract import CONTRACT_LABEL
+from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec
+from builder.errors import ImageError
+from builder.settings import Settings
+from builder.store import ImageStore
+
+
+def base_repository(
+    spec: CustomerSpec, settings: Settings, override: str | None = None, variant: str = "cpu"
+) -> str:
+    """The base repository of a variant: `<repository>` for cpu, `<repository>-gpu` for gpu."""
+    return variant_repository(override or spec.base_repository or settings.base_repository, variant)
+
+
+def check_variant(base: BaseImage, variant: str) -> None:
+    """Refuse a base whose variant label is not the one the customer asked for."""
+    got = base.ref.variant
+    if got != variant:
+        raise ImageError(
+            f"base image {base.name} is the {got} variant, but this build needs {variant}",
+            hint=f"point base_image.repository at the {variant} base (the gpu base lives in "
+            "<repository>-gpu)",
+        )
+
+
+def try_resolve_base(
+    spec: CustomerSpec,
+    settings: Settings,
+    *,
+    repository: str | None = None,
+    insecure: bool | None = None,
+) -> tuple[BaseImageRef | None, str | None]:
+    """The base image for the lock, or None and why not (the lock can be made without it).
+
+    Resolved like a build does: the registry, else the local image store.
+    """
+    try:
+        return resolve_base_image(
+            base_repository(spec, settings, repository, spec.variants[0]),
+            spec.base_version,
+            ImageStore(settings.store_dir),
+            insecure=insecure,
+            keep=False,
+        ).ref, None
+    except ImageError as exc:
+        return None, f"base image not pinned: {exc}"
+
+
+def check_runner_accepts(base: BaseImage) -> None:
+    """Refuse a base whose runner does not accept the verbose config version we write."""
+    accepted = {v.strip() for v in base.labels.get(LABEL_SCHEMAS, "").split(",") if v.strip()}
+    if str(VERBOSE_SCHEMA_VERSION) not in accepted:
+        shown = ", ".join(sorted(accepted)) or "none (label missing)"
+        raise ImageError(
+            f"base image {base.name} accepts config schema versions {shown}, not {VERBOSE_SCHEMA_VERSION}",
+            hint="pick a base version whose runner reads this config version",
+        )
+
+
+#: What to do when no base image is found anywhere.
+BASE_HINT = (
+    "run `builder base build` (it builds the base into the local image store), "
+    "or point base_repository at a registry that has it"
+)
+
+
+def _check_pin(base: BaseImage, pinned: Mapping[str, Any] | None) -> BaseImage:
+    """Refuse a base other than the one the lock pins (version and digest)."""
+    if (
+        pinned
+        and pinned.get("digest")
+        # the lock pins the first variant's base; another variant resolves by the constraint
+        and pinned.get("repository", base.repository) == base.repository
+        and (pinned.get("version"), pinned["digest"]) != (base.version, base.digest)
+    ):
+        raise ImageError(
+            f"base image {base.repository} resolves to {base.version} ({base.digest[:19]}) "
+            f"but the lock pins {pinned.get('version')} ({str(pinned['digest'])[:19]})",
+            hint="run `builder lock` to accept the new base, or restore the pinned one",
+        )
+    return base
+
+
+def resolve_base_image(
+    repository: str,
+    version_spec: str,
+    store: ImageStore,
+    *,
+    pinned: Mapping[str, Any] | None = None,
+    offline: bool = False,
+    insecure: bool | None = None,
+    keep: bool = True,
+    notes: list[str] | None = None,
+) -> BaseImage:
+    """The base image of a build: from the local image store or a registry, by digest after.
+
+    - ``pinned`` (a ``--locked`` build's lock entry: version, digest) found complete in the
+      store is used as it is: no registry is contacted at all.
+    - ``offline``: only the store (by the pinned digest, else by ``version_spec``).
+    - otherwise the registry decides (it may hold a newer version); when it cannot be reached
+      or lacks the image, the store's tags are resolved instead (``notes`` says so).
+    A base resolved in a registry is kept in the store (``keep``) by tag and digest, so the
+    next build, ``--locked --offline`` included, needs no registry and gets the same digest.
+    ``oci:DIR`` repositories are read from that layout as before.
+    """
+    if repository.startswith("oci:"):
+        return _check_pin(resolve_base(repository, version_spec, insecure=insecure), pinned)
+    digest = str((pinned or {}).get("digest") or "")
+    if digest:
+        version = str((pinned or {}).get("version") or "")
+        found = store.find_digest(repository, version, digest)
+        if found is not None:
+            return found
+        if offline:
+            raise ImageError(
+                f"base image {repository}:{version} ({digest[:19]}) pinned by the lock is not "
+                f"in the local image store {store.root}",
+                hint="run `builder base build`, or build once online (the base is then kept)",
+            )
+    if offline:
+        try:
+            return store.find_base(repository, version_spec)
+        except ImageError as exc:
+            raise ImageError(f"{exc} (offline build)", hint=BASE_HINT) from None
+    try:
+        base = resolve_base(repository, version_spec, insecure=insecure)
+    except ImageError as online:
+        if digest:
+            raise ImageError(
+                f"base image pinned by the lock ({digest[:19]}) is not in the local image store "
+                f"{store.root}, and {online}",
+                hint=BASE_HINT,
+            ) from None
+        try:
+            base = store.find_base(repository, version_spec)
+        except ImageError as local:
+            raise ImageError(f"{online}; and {local}", hint=BASE_HINT) from None
+        if notes is not None:
+            notes.append(f"{online}; using the base image from the local store {store.root}")
+        return base
+    _check_pin(base, pinned)
+    if keep:
+        store.keep_base(base)
+    return base
+
+
+def no_contract_note(base: BaseImage) -> str:
+    """The warning for a base image built before runner contracts existed."""
+    return (
+        f"base image {base.name} declares no runner contract (label {CONTRACT_LABEL}): "
+        "plug-ins and params were not checked against its runner; rebuild the base with "
+        "`builder base build --push`"
+    )

@@ -1,0 +1,96 @@
+"""The OCI wing, shaped like go-containerregistry's ``pkg/v1``: one module per transport.
+
+- ``descriptor``: media types, canonical JSON, digests, :class:`Descriptor` (no I/O)
+- ``blobs``: the content-addressed :class:`BlobStore` (itself an OCI image layout)
+- ``layout``: OCI image layouts on disk (index.json under a lock, blobs)
+- ``reference`` / ``remote``: image references and the registry transport (:class:`RegistryClient`
+  carries insecure, retry and credentials)
+- ``image``: one ``open_image()`` for a registry, an OCI layout or a docker archive
+
+``from builder.oci import X`` is the one import path for the names below; ``builder.oci.image``
+is imported by its own name (it reads attestations through :mod:`builder.attest`, which itself
+imports this package).
+"""
+
+from builder.oci.blobs import BlobStore, BlobWriter, atomic_write, hash_file, is_disk_full
+from builder.oci.descriptor import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    IMAGE_MANIFEST_TYPES,
+    INDEX_TYPES,
+    MANIFEST_ACCEPT,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    REF_NAME,
+    Descriptor,
+    canonical_json,
+    check_digest,
+    sha256_digest,
+)
+from builder.oci.layout import (
+    INDEX_LOCK,
+    INDEX_LOCK_TIMEOUT,
+    LayoutEntry,
+    copy_blob,
+    layout_blob_path,
+    locked_layout,
+    read_layout_blob,
+    read_layout_index,
+    update_layout_index,
+    write_layout_index,
+)
+from builder.oci.reference import (
+    Reference,
+    is_loopback,
+    parse_reference,
+    split_repository,
+    use_plain_http,
+)
+from builder.oci.remote import RegistryClient, RetryPolicy
+
+__all__ = [
+    "DOCKER_CONFIG",
+    "DOCKER_LAYER_GZIP",
+    "DOCKER_MANIFEST",
+    "DOCKER_MANIFEST_LIST",
+    "IMAGE_MANIFEST_TYPES",
+    "INDEX_LOCK",
+    "INDEX_LOCK_TIMEOUT",
+    "INDEX_TYPES",
+    "MANIFEST_ACCEPT",
+    "OCI_CONFIG",
+    "OCI_INDEX",
+    "OCI_LAYER",
+    "OCI_LAYER_GZIP",
+    "OCI_MANIFEST",
+    "REF_NAME",
+    "BlobStore",
+    "BlobWriter",
+    "Descriptor",
+    "LayoutEntry",
+    "Reference",
+    "RegistryClient",
+    "RetryPolicy",
+    "atomic_write",
+    "canonical_json",
+    "check_digest",
+    "copy_blob",
+    "hash_file",
+    "is_disk_full",
+    "is_loopback",
+    "layout_blob_path",
+    "locked_layout",
+    "parse_reference",
+    "read_layout_blob",
+    "read_layout_index",
+    "sha256_digest",
+    "split_repository",
+    "update_layout_index",
+    "use_plain_http",
+    "write_layout_index",
+]
