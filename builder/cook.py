@@ -23,7 +23,8 @@ from builder.fetch import Cache, fetch
 from builder.fsutil import write_atomic
 from builder.load import LOCK_FILE, load_customer, read_committed_file
 from builder.lock import diff_locks, make_lock, models_from_lock, parse_lock, read_lock, render
-from builder.registries import ModelRecord, ModelRegistry, TaskRecord, open_registry
+from builder.registries import ModelRecord, ModelRegistry, TaskRecord
+from builder.registries.opener import open_registry
 from builder.resolve import release_blockers, resolve
 from builder.settings import Settings
 from builder.storage import open_store

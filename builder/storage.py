@@ -28,6 +28,7 @@ from builder import yamldoc
 from builder.contracts import Progress
 from builder.errors import ConfigError, FetchError
 from builder.paths import CLEARML_ID, UnsafePathError, check_id, safe_join
+from builder.registries.clearml import sdk_deadline
 
 MANIFEST_NAME = "publish-manifest.json"
 _CHUNK = 1 << 20
@@ -368,8 +369,6 @@ def clearml_local_copy(uri: str) -> Path:
     """Download one weights object through ClearML's StorageManager, with the credentials of
     clearml.conf (``sdk.aws.s3.credentials`` for host:port endpoints, the API session for the
     file server, gs/azure sections); the file lands in ClearML's cache (CLEARML_CACHE_DIR)."""
-    from builder.registries.clearml import sdk_deadline
-
     clearml_container(uri)
     from clearml import StorageManager
 

@@ -22,7 +22,7 @@ from builder.errors import BuilderError, ConfigError
 from builder.load import _URL, load_customer, open_source
 from builder.lock import models_from_lock, read_lock
 from builder.provenance import dir_hash
-from builder.registries import open_registry
+from builder.registries.opener import open_registry
 from builder.resolve import resolve
 from builder.settings import Settings
 from builder.storage import open_store

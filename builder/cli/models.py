@@ -33,7 +33,7 @@ def publish(
     from dataclasses import asdict
 
     from builder.publish import publish as run_publish
-    from builder.registries import open_registry
+    from builder.registries.opener import open_registry
 
     settings = load_cli_settings({"production": production, "model_registry": model_registry})
     with progress_bar() as bar:
@@ -79,7 +79,7 @@ def models_list(
     """List models (all pages, archived ones left out) with id, name, project, task, published
     state and production presence. Reads no model designs."""
     from builder.publish import production_presence
-    from builder.registries import open_registry
+    from builder.registries.opener import open_registry
     from builder.storage import open_store
 
     settings = load_cli_settings({"model_registry": model_registry, "production": production})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from builder import yamldoc
@@ -135,18 +134,3 @@ def parse_design(design: Any, where: str) -> dict[str, Any]:
             exc.message, hint="fix the model's configuration in the registry"
         ) from None
     return parsed
-
-
-def open_registry(spec: str) -> ModelRegistry:
-    """``local:<folder>`` or ``clearml``."""
-    if spec.startswith("local:"):
-        from builder.registries.local import LocalRegistry
-
-        return LocalRegistry(Path(spec.removeprefix("local:")))
-    if spec == "clearml":
-        from builder.registries.clearml import ClearMLRegistry
-
-        return ClearMLRegistry()
-    raise RegistryError(
-        f"unknown model registry {spec!r}", hint="use 'clearml' or 'local:<folder>'"
-    )
