@@ -68,7 +68,8 @@ def add_commits(repo: Path, customers: int, count: int) -> None:
 
 
 def bench_plan(sizes: list[int], history: list[int], work: Path) -> None:
-    from builder.fleet import last_commits, load_fleet, plan
+    from builder.fleet.fleetfile import load_fleet
+    from builder.fleet.plan import last_commits, plan
     from builder.settings import load_settings
 
     settings = replace(load_settings(ROOT), cache_dir=work / "cache")
@@ -119,7 +120,8 @@ def _push_base(client: Any, repository: str, base_os: str, version: str) -> None
 
 def bench_build(customers: int, jobs: int, work: Path) -> None:
     """A cold fleet run (pushed, recorded) against the same run with nothing changed."""
-    from builder.fleet import build_all, load_fleet
+    from builder.fleet.build_all import build_all
+    from builder.fleet.fleetfile import load_fleet
     from builder.settings import load_settings
     from testbed.base_os import ensure_base_image
     from testbed.docker_engine import ensure_engine

@@ -20,8 +20,8 @@ from builder.documents.provenance import Provenance
 from builder.documents.publish_manifest import PublishManifest
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import ConfigError
-from builder.fleet import release_record, render_record
 from builder.provenance import provenance_document
+from builder.record import release_record, render_record
 
 DATA = Path(__file__).parent / "data" / "documents"
 

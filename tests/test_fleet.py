@@ -42,14 +42,12 @@ from helpers import (
 
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import ConfigError, ReleaseGateError, WriteBackError
-from builder.fleet import (
+from builder.fleet.fleetfile import load_fleet, parse_release_version
+from builder.fleet.plan import last_commits, plan
+from builder.record import (
     RELEASES_BRANCH,
     ReleaseLog,
     WriteResult,
-    last_commits,
-    load_fleet,
-    parse_release_version,
-    plan,
     release_record,
     write_release_records,
 )

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from builder.documents.release_record import ReleaseRecord
-from builder.fleet import RELEASES_BRANCH, ReleaseLog, record_remote
 from builder.gitauth import git_credentials
+from builder.record import RELEASES_BRANCH, ReleaseLog, record_remote
 from builder.settings import Settings
 
 
@@ -15,7 +15,7 @@ def read_release_records(
 ) -> tuple[list[ReleaseRecord], str]:
     """The customer's release records, oldest build first, and where they were read.
 
-    Read with builder.fleet's reader from the ``ivd-releases`` branch of the repository that
+    Read with builder.record's reader from the ``ivd-releases`` branch of the repository that
     holds ``location`` (its ``origin`` when it has one), the branch ``builder release-record``
     writes; a malformed record is one ConfigError naming its file.
     """

@@ -25,7 +25,8 @@ from builder.gitauth import git_credentials
 from builder.redact import mask_secrets
 
 if TYPE_CHECKING:
-    from builder import fleet as fleet_types
+    from builder.fleet.build_all import FleetProgress
+    from builder.fleet.plan import FleetPlan
 
 
 def _fleet_options(func: Any) -> Any:
@@ -77,16 +78,18 @@ def plan(
     last release record. Exit 0 when every customer could be planned (also when none admits
     the version), 8 when some could not (they are listed; the others are planned).
     """
-    from builder import fleet as fleet_mod
+    from builder.fleet.fleetfile import load_fleet
+    from builder.fleet.gitlab import render_child_pipeline
+    from builder.fleet.plan import plan
 
     settings = load_cli_settings(overrides)
     with git_credentials():
-        fleet = fleet_mod.load_fleet(fleet_file, settings).select(only)
-        result = fleet_mod.plan(fleet, settings, base_version)
+        fleet = load_fleet(fleet_file, settings).select(only)
+        result = plan(fleet, settings, base_version)
     data = asdict(result)
     if gitlab_child is not None:
         rel = _relative(fleet.path)
-        text = fleet_mod.render_child_pipeline(result, fleet_file=rel, image=ci_image)
+        text = render_child_pipeline(result, fleet_file=rel, image=ci_image)
         write_atomic(gitlab_child, text.encode())
         data["gitlab_child"] = {"path": str(gitlab_child), "sha256": _sha256(text.encode())}
         info(f"wrote {gitlab_child}")
@@ -184,7 +187,8 @@ def build_all(
     customer's failure does not stop the others; all results are reported at the end and
     the exit code is 8 if any customer failed.
     """
-    from builder import fleet as fleet_mod
+    from builder.fleet.build_all import build_all
+    from builder.fleet.fleetfile import load_fleet
 
     if jobs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--jobs")
@@ -192,8 +196,8 @@ def build_all(
     progress = FleetProgressLine(live=sys.stderr.isatty())
     try:
         with git_credentials():
-            fleet = fleet_mod.load_fleet(fleet_file, settings).select(only)
-            result = fleet_mod.build_all(
+            fleet = load_fleet(fleet_file, settings).select(only)
+            result = build_all(
                 fleet,
                 settings,
                 base_version,
@@ -269,7 +273,7 @@ class FleetProgressLine:
         else:
             click.echo(text, err=True)
 
-    def planned(self, plan: fleet_types.FleetPlan) -> None:
+    def planned(self, plan: FleetPlan) -> None:
         released = f", {len(plan.released)} already released" if plan.released else ""
         self._write(
             f"planned {len(plan.items)} customers in {plan.seconds:.1f} s: "
@@ -281,7 +285,7 @@ class FleetProgressLine:
         if self.live and not stage.startswith("recorded"):
             self._write(f"{self.counter}  {customer}: {stage}", keep=False)
 
-    def finished(self, progress: fleet_types.FleetProgress) -> None:
+    def finished(self, progress: FleetProgress) -> None:
         counts = progress.counts
         eta = "" if progress.eta is None else f", ETA {_duration(progress.eta)}"
         rate = f", {progress.rate:.1f}/min" if progress.builds_done else ""
@@ -368,7 +372,8 @@ def release_record(
     says which config commit, models and base image the image was built from. A push rejected
     because another job wrote first is retried on top of the new head; nothing is forced.
     """
-    from builder import fleet as fleet_mod
+    from builder.fleet.fleetfile import load_fleet
+    from builder.record import record_remote, write_release_record, write_release_records
 
     try:
         document = json.loads(report_file.read_text("utf-8"))
@@ -387,10 +392,10 @@ def release_record(
         for build_report in reports:
             location = repo
             if location is None:
-                fleet = fleet or fleet_mod.load_fleet(fleet_file, settings)
+                fleet = fleet or load_fleet(fleet_file, settings)
                 location = fleet.entry(build_report["customer"]).location
             locations[build_report["customer"]] = location
-            target = mask_secrets(fleet_mod.record_remote(location))
+            target = mask_secrets(record_remote(location))
             info(
                 f"{'would record' if dry_run else 'recording'} {build_report['image']} "
                 f"on {target} branch {branch}"
@@ -403,7 +408,7 @@ def release_record(
             for build_report in reports:
                 customer = build_report["customer"]
                 try:
-                    outcomes[customer] = fleet_mod.write_release_record(
+                    outcomes[customer] = write_release_record(
                         build_report,
                         locations[customer],
                         settings,
@@ -415,7 +420,7 @@ def release_record(
                     outcomes[customer] = exc
         else:  # one commit per customer repository for all the report's records
             outcomes = dict(
-                fleet_mod.write_release_records(
+                write_release_records(
                     reports, locations, settings, branch=branch, attempts=attempts
                 )
             )

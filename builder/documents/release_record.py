@@ -1,6 +1,6 @@
 """The release record: what one pushed release build shipped, committed on the releases branch.
 
-Written by builder.fleet (``release_record`` makes it, ``render_record`` writes it) and read
+Written by builder.record (``release_record`` makes it, ``render_record`` writes it) and read
 back by the audit (``ReleaseRecord.from_dict``); both use this one shape (record_version 1).
 """
 

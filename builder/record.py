@@ -1,0 +1,552 @@
+"""Record stage: release records, one YAML file per released image on the ``ivd-releases``
+branch of the customer repository, committed on top of the branch head and pushed without
+force, retried when a concurrent writer got there first.
+
+Records live on their own branch, not on the branch the config is built from: a record
+commit there would change the config revision (the image tag and digest) of the very image
+it records, and would trigger the customer's own pipeline again. Git credentials never enter
+a URL that is recorded or printed (:mod:`builder.gitauth`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import random
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import (
+    ThreadPoolExecutor,
+)
+from dataclasses import dataclass
+from dataclasses import replace as _replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import git
+import yaml
+from filelock import FileLock
+from gitdb.base import IStream  # type: ignore[import-untyped]
+from packaging.version import Version
+
+from builder import __version__
+from builder.documents import FileDigest
+from builder.documents.release_record import RECORD_VERSION, RecordModel, ReleaseRecord
+from builder.errors import (
+    BuilderError,
+    ConfigError,
+    ReleaseGateError,
+    WriteBackError,
+)
+from builder.gitauth import GIT_ENV
+from builder.load import _URL, canonical_repo_url, open_source
+from builder.redact import mask_secrets, redact_url
+from builder.settings import Settings
+
+#: Branch of the customer repository that holds the release records.
+RELEASES_BRANCH: Final = "ivd-releases"
+#: Folder of the records on that branch: ``releases/<customer>/<base version>-<config rev>.yaml``.
+RECORDS_DIR: Final = "releases"
+RECORD_HEADER: Final = (
+    "# Release record written by `builder release-record` after a successful release build:\n"
+    "# what shipped, from which config commit, models and base image. Append-only; do not edit.\n"
+)
+
+#: Threads for git work per customer or per repository (plan reads, record write-back).
+PLAN_THREADS: Final = 8
+
+
+# -- release records ----------------------------------------------------------------------------
+
+
+def record_remote(location: str) -> str:
+    """Where a customer's release records live: its git URL, or for a folder the ``origin`` of
+    the repository it is in (credentials stripped: the helper supplies them), else that
+    repository itself (also for a bare repository: it is the server side)."""
+    if _URL.match(location):
+        return location
+    try:
+        repo = git.Repo(location, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        raise ConfigError(
+            f"{location}: not inside a git repository", hint="customer configs are read from git"
+        ) from None
+    if repo.bare:  # a repository on the server side: the records go into it
+        return str(Path(repo.git_dir).resolve())
+    with contextlib.suppress(AttributeError, ValueError):
+        return redact_url(repo.remotes.origin.url)
+    return str(Path(repo.working_tree_dir or location).resolve())
+
+
+def record_path(customer: str, image: str) -> str:
+    """``releases/<customer>/<base version>-<config rev>.yaml``: one file per immutable tag."""
+    return f"{RECORDS_DIR}/{customer}/{image.rsplit(':', 1)[1]}.yaml"
+
+
+def _git_message(exc: git.GitCommandError) -> str:
+    """The useful part of a failed git command: a rejected ref, the remote's (hook's) last
+    words, else the last error line; credentials masked."""
+
+    def clean(value: object) -> list[str]:
+        text = re.sub(r"^\s*(stderr|stdout): '", "", str(value or "")).rstrip().removesuffix("'")
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    lines = clean(exc.stderr) + clean(exc.stdout)
+    rejected = [line.split("\t")[-1] for line in lines if line.startswith("!")]
+    remote = [line for line in lines if line.startswith("remote:")]
+    errors = [line for line in lines if line.startswith(("error:", "fatal:"))]
+    chosen = (
+        (rejected[-1:] + remote[-1:]) or errors[-1:] or lines[-1:] or [f"git exited {exc.status}"]
+    )
+    return mask_secrets("; ".join(chosen))
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    remote: str  # credential-free
+    branch: str
+    path: str
+    commit: str  # the branch commit holding the record
+    status: str  # "written" or "present" (an identical record was already there)
+    attempts: int
+
+
+class ReleaseLog:
+    """The release records of one customer repository: files on its ``ivd-releases`` branch,
+    read and written through a small bare repository in the cache (no work tree)."""
+
+    def __init__(self, remote: str, cache_dir: Path, branch: str = RELEASES_BRANCH) -> None:
+        self.remote = remote
+        self.branch = branch
+        key = hashlib.sha256(f"{redact_url(remote)}\0{branch}".encode()).hexdigest()[:16]
+        self.work = cache_dir / "releases" / key
+        self.tracking = f"refs/ivd-records/{branch}"
+        self.work.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.work) + ".lock", timeout=600)
+        self.repo = git.Repo.init(self.work, bare=True, mkdir=True)
+
+    @property
+    def shown(self) -> str:
+        return mask_secrets(self.remote)
+
+    def fetch(self) -> str | None:
+        """Fetch the branch; its head commit, or None when the branch does not exist yet."""
+        try:
+            self.repo.git.fetch(
+                "--no-tags",
+                "--quiet",
+                self.remote,
+                f"+refs/heads/{self.branch}:{self.tracking}",
+                env=GIT_ENV,
+            )
+        except git.GitCommandError as exc:
+            if "couldn't find remote ref" in str(exc.stderr):
+                with contextlib.suppress(git.GitCommandError):
+                    self.repo.git.update_ref("-d", self.tracking)
+                return None
+            raise WriteBackError(
+                f"cannot fetch release records from {self.shown}: {_git_message(exc)}",
+                hint="check the repository URL and the CI token's access",
+            ) from None
+        return str(self.repo.git.rev_parse(self.tracking))
+
+    def records(self, customer: str, head: str | None) -> list[dict[str, Any]]:
+        """The customer's records at ``head``, oldest build first (unreadable files skipped)."""
+        return self._read_all(head, f"{RECORDS_DIR}/{customer}/").get(customer, [])
+
+    def latest_records(self, head: str | None) -> dict[str, dict[str, Any]]:
+        """Every customer's latest record at ``head`` (one tree listing for all customers)."""
+        return {name: found[-1] for name, found in self._read_all(head, "").items() if found}
+
+    def _read_all(self, head: str | None, prefix: str) -> dict[str, list[dict[str, Any]]]:
+        """Records under ``releases/<prefix>`` at ``head`` by customer, oldest build first:
+        one ``ls-tree`` and the blobs through gitpython's persistent ``cat-file``."""
+        if head is None:
+            return {}
+        listing = self.repo.git.ls_tree("-r", head, "--", prefix or f"{RECORDS_DIR}/")
+        out: dict[str, list[dict[str, Any]]] = {}
+        for line in listing.splitlines():
+            meta, _, path = line.partition("\t")
+            parts = path.split("/")
+            if len(parts) != 3 or parts[0] != RECORDS_DIR or not path.endswith(".yaml"):
+                continue
+            with contextlib.suppress(ValueError, yaml.YAMLError):
+                raw = self.repo.odb.stream(bytes.fromhex(meta.split()[2])).read()
+                data = yaml.safe_load(raw)
+                if isinstance(data, dict) and data.get("record_version") == RECORD_VERSION:
+                    out.setdefault(parts[1], []).append({**data, "_path": path})
+        for found in out.values():
+            found.sort(key=lambda r: str(r.get("built_at", "")))
+        return out
+
+    def _read(self, head: str | None, path: str) -> dict[str, Any] | None:
+        if head is None:
+            return None
+        try:
+            data = yaml.safe_load(self.repo.git.show(f"{head}:{path}"))
+        except git.GitCommandError:
+            return None
+        return data if isinstance(data, dict) else {}
+
+    def _commit(self, head: str | None, files: Mapping[str, bytes], message: str) -> str:
+        """A commit on top of ``head`` adding ``files``, built with plumbing (no work tree)."""
+        index = self.work / f"index-{os.getpid()}-{threading.get_ident()}"
+        env = {**GIT_ENV, "GIT_INDEX_FILE": str(index), **_identity()}
+        try:
+            if head is None:
+                self.repo.git.read_tree("--empty", env=env)
+            else:
+                self.repo.git.read_tree(head, env=env)
+            lines = []
+            for path, content in sorted(files.items()):
+                stream = IStream("blob", len(content), io.BytesIO(content))
+                lines.append(f"100644 {self.repo.odb.store(stream).binsha.hex()}\t{path}\n")
+            self._update_index(lines, env)
+            tree = self.repo.git.write_tree(env=env)
+            parents = ["-p", head] if head else []
+            return str(self.repo.git.commit_tree(tree, *parents, "-m", message, env=env))
+        finally:
+            index.unlink(missing_ok=True)
+
+    def _update_index(self, lines: Sequence[str], env: Mapping[str, str]) -> None:
+        """``git update-index --index-info``: every file of the batch in one process."""
+        subprocess.run(
+            ["git", "--git-dir", str(self.repo.git_dir), "update-index", "--add", "--index-info"],
+            input="".join(lines).encode(),
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def write(
+        self,
+        record: ReleaseRecord,
+        *,
+        attempts: int = 5,
+        backoff: float = 1.0,
+        before_push: Callable[[int], None] | None = None,
+    ) -> WriteResult:
+        """Commit one record on top of the branch head and push it (never forced); see
+        :meth:`write_many`."""
+        (result,) = self.write_many(
+            [record], attempts=attempts, backoff=backoff, before_push=before_push
+        )
+        if isinstance(result, BuilderError):
+            raise result
+        return result
+
+    def write_many(
+        self,
+        records: Sequence[ReleaseRecord],
+        *,
+        attempts: int = 5,
+        backoff: float = 1.0,
+        before_push: Callable[[int], None] | None = None,
+    ) -> list[WriteResult | BuilderError]:
+        """Commit every record in one commit on top of the branch head and push it (never
+        forced). A rejected push (a concurrent writer, a hook) is retried on top of the new
+        head, ``attempts`` times in all. Per record: an identical record already there is
+        "present"; a different one is refused (that record only)."""
+        paths = [record_path(r.customer, r.image) for r in records]
+        last = ""
+        with self._lock:
+            for attempt in range(1, max(1, attempts) + 1):
+                head = self.fetch()
+                results: list[WriteResult | BuilderError | None] = []
+                new: dict[str, bytes] = {}
+                for record, path in zip(records, paths, strict=True):
+                    existing = self._read(head, path)
+                    if existing is None:
+                        results.append(None)
+                        new[path] = render_record(record)
+                        continue
+                    try:
+                        results.append(self._already(existing, record, path, head or "", attempt))
+                    except BuilderError as exc:
+                        results.append(exc)
+                if not new:
+                    return [r for r in results if r is not None]
+                commit = self._commit(head, new, _batch_message(records, new))
+                if before_push is not None:
+                    before_push(attempt)
+                try:
+                    self.repo.git.push(
+                        "--porcelain",
+                        self.remote,
+                        f"{commit}:refs/heads/{self.branch}",
+                        env=GIT_ENV,
+                    )
+                except git.GitCommandError as exc:
+                    last = _git_message(exc)
+                    if attempt < attempts:
+                        time.sleep(
+                            min(backoff * 2 ** (attempt - 1), 8.0) + random.uniform(0, backoff)
+                        )
+                    continue
+                written = WriteResult(self.shown, self.branch, "", commit, "written", attempt)
+                return [
+                    r if r is not None else _replace(written, path=path)
+                    for r, path in zip(results, paths, strict=True)
+                ]
+        failure = WriteBackError(
+            f"release record {', '.join(paths)} not written to {self.shown} branch "
+            f"{self.branch} after {attempts} attempts: push rejected: {last}",
+            hint="the image is pushed; write the record later with "
+            "`builder release-record --report FILE` (never force-push the branch)",
+        )
+        return [failure for _ in records]
+
+    def _already(
+        self,
+        existing: Mapping[str, Any],
+        record: ReleaseRecord,
+        path: str,
+        head: str,
+        attempt: int,
+    ) -> WriteResult:
+        digest = existing.get("manifest_digest")
+        if digest != record.manifest_digest:
+            raise WriteBackError(
+                f"{self.shown} branch {self.branch}: {path} already records {digest} for "
+                f"{record.image}, this build is {record.manifest_digest}; "
+                "refusing to overwrite a release record",
+                hint="records are append-only; find out why the immutable tag moved",
+            )
+        return WriteResult(self.shown, self.branch, path, head, "present", attempt)
+
+
+def _batch_message(records: Sequence[ReleaseRecord], new: Mapping[str, bytes]) -> str:
+    """The commit message: one record in detail, or a batch with one line per record."""
+    fresh = [r for r in records if record_path(r.customer, r.image) in new]
+    if len(fresh) == 1:
+        record = fresh[0]
+        message = (
+            f"release: {record.customer} {record.image.rsplit(':', 1)[1]} "
+            f"{record.manifest_digest}\n\nbase {record.base_version} "
+            f"{record.base_digest}\nconfig {record.config_commit}\n"
+        )
+    else:
+        versions = sorted({r.base_version for r in fresh})
+        message = f"release: {len(fresh)} images on base {', '.join(versions)}\n\n" + "".join(
+            f"{r.customer} {r.image.rsplit(':', 1)[1]} {r.manifest_digest} "
+            f"config {r.config_commit}\n"
+            for r in fresh
+        )
+    ci = next((r.ci_url for r in fresh if r.ci_url), None)
+    return message + (f"CI job: {ci}\n" if ci else "")
+
+
+def _identity() -> dict[str, str]:
+    """The committer of release records: the standard GIT_* variables, else the builder bot."""
+    name = os.environ.get("GIT_AUTHOR_NAME") or "ivd-image-builder"
+    email = os.environ.get("GIT_AUTHOR_EMAIL") or "ivd-image-builder@localhost"
+    return {
+        "GIT_AUTHOR_NAME": name,
+        "GIT_AUTHOR_EMAIL": email,
+        "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME") or name,
+        "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL") or email,
+    }
+
+
+def render_record(record: ReleaseRecord) -> bytes:
+    """The record file: a header comment, then the keys in a fixed, readable order."""
+    body = yaml.safe_dump(record.to_dict(), sort_keys=False, default_flow_style=False, width=100)
+    return (RECORD_HEADER + body).encode("utf-8")
+
+
+def _ci_context(env: Mapping[str, str]) -> dict[str, str]:
+    names = {"ci_url": "CI_JOB_URL", "ci_pipeline_url": "CI_PIPELINE_URL"}
+    return {key: mask_secrets(env[var], env) for key, var in names.items() if env.get(var)}
+
+
+def release_record(
+    report: Mapping[str, Any],
+    *,
+    config_source: str,
+    built_at: datetime | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ReleaseRecord:
+    """The release record of one build report (``builder build --json`` result).
+
+    Only stable release builds are recorded: pushed to a registry, not a development build,
+    on a final (not pre-release) base version. ``config_source`` is the canonical source URL
+    (``<repo>#<folder>`` for a folder inside a repository), as in the image labels.
+    """
+    env = os.environ if env is None else env
+    missing = [
+        k
+        for k in ("customer", "image", "manifest_digest", "config_commit", "base", "models")
+        if not report.get(k) and k != "models"
+    ]
+    if missing:
+        raise WriteBackError(
+            f"build report lacks {', '.join(missing)}; is it a `build --json` report?"
+        )
+    customer = report["customer"]
+    if report.get("development"):
+        raise ReleaseGateError(
+            f"{customer}: a development build (unpublished models) gets no release record",
+            hint="release builds only",
+        )
+    if not (report.get("outputs") or {}).get("registry"):
+        raise WriteBackError(
+            f"{customer}: {report['image']} was not pushed; a release record needs a pushed image",
+            hint="build with --push",
+        )
+    base = report["base"]
+    if Version(str(base["version"])).is_prerelease:
+        raise ReleaseGateError(
+            f"{customer}: base {base['version']} is a pre-release; only stable builds are recorded"
+        )
+    repository, _, folder = config_source.partition("#")
+    ci = _ci_context(env)
+    return ReleaseRecord(
+        customer=customer,
+        config_repository=repository,
+        config_path=folder or ".",
+        config_commit=report["config_commit"],
+        image=report["image"],
+        manifest_digest=report["manifest_digest"],
+        tags=tuple(report.get("tags") or [report["image"]]),
+        base_repository=base["repository"],
+        base_version=base["version"],
+        base_digest=base["digest"],
+        models=tuple(
+            RecordModel(
+                name=m.get("name"),
+                sourcing=m.get("sourcing"),
+                registry_id=m.get("registry_id"),
+                task_id=m.get("task_id"),
+                dir_hash=m.get("dir_hash"),
+                files=tuple(
+                    FileDigest(name=f.get("name"), sha256=f.get("sha256"), size=f.get("size"))
+                    for f in m.get("files") or []
+                ),
+            )
+            for m in report.get("models") or []
+        ),
+        built_at=(built_at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        builder_version=__version__,
+        ci_url=ci.get("ci_url"),
+        ci_pipeline_url=ci.get("ci_pipeline_url"),
+    )
+
+
+def config_source(location: str, settings: Settings) -> str:
+    """The canonical, credential-free source URL of a customer location (as in the labels)."""
+    if _URL.match(location):
+        return canonical_repo_url(location)
+    return open_source(location, settings).url
+
+
+def write_release_record(
+    report: Mapping[str, Any],
+    location: str,
+    settings: Settings,
+    *,
+    branch: str = RELEASES_BRANCH,
+    attempts: int = 5,
+    backoff: float = 1.0,
+    before_push: Callable[[int], None] | None = None,
+    dry_run: bool = False,
+) -> WriteResult:
+    """Record one pushed release build in the customer repository at ``location``.
+
+    Refused (WriteBackError) when that repository lacks the config commit the image was built
+    from; ``dry_run`` checks everything and writes nothing (status "would write"/"present").
+    """
+    record = release_record(report, config_source=config_source(location, settings))
+    log = ReleaseLog(record_remote(location), settings.cache_dir, branch)
+    commit = record.config_commit
+    if not remote_has_commit(log, commit):
+        raise WriteBackError(
+            f"{log.shown} does not have config commit {commit[:12]} that "
+            f"{record.image} was built from; refusing to record it there",
+            hint="push the customer branch first, or name the right repository with --repo",
+        )
+    if dry_run:
+        head = log.fetch()
+        path = record_path(record.customer, record.image)
+        status = "would write" if log._read(head, path) is None else "present"
+        return WriteResult(log.shown, branch, path, head or "", status, 0)
+    return log.write(record, attempts=attempts, backoff=backoff, before_push=before_push)
+
+
+def remote_has_commit(log: ReleaseLog, commit: str) -> bool:
+    """Whether ``commit`` is reachable from a branch or tag of the log's remote repository."""
+    try:
+        log.repo.git.fetch(
+            "--no-tags",
+            "--quiet",
+            log.remote,
+            "+refs/heads/*:refs/ivd-remote/heads/*",
+            "+refs/tags/*:refs/ivd-remote/tags/*",
+            env=GIT_ENV,
+        )
+    except git.GitCommandError as exc:
+        raise WriteBackError(
+            f"cannot fetch {log.shown}: {_git_message(exc)}",
+            hint="check the repository URL and the CI token's access",
+        ) from None
+    try:
+        found = log.repo.git.for_each_ref("--contains", commit, "--count=1", "refs/ivd-remote/")
+    except git.GitCommandError:  # an object the remote never had
+        return False
+    return bool(found.strip())
+
+
+def write_release_records(
+    reports: Sequence[Mapping[str, Any]],
+    locations: Mapping[str, str],
+    settings: Settings,
+    *,
+    branch: str = RELEASES_BRANCH,
+    attempts: int = 5,
+    backoff: float = 1.0,
+) -> dict[str, WriteResult | BuilderError]:
+    """Record many pushed release builds: one commit (and one push) per customer repository
+    for all its records, not one per record. ``locations`` maps each report's customer to its
+    repository location. The result per customer is what was written, or why not."""
+    out: dict[str, WriteResult | BuilderError] = {}
+    by_remote: dict[str, list[ReleaseRecord]] = {}
+    sources: dict[str, str] = {}
+    for report in reports:
+        customer = str(report.get("customer"))
+        try:
+            location = locations[customer]
+            if location not in sources:
+                sources[location] = config_source(location, settings)
+            record = release_record(report, config_source=sources[location])
+            by_remote.setdefault(record_remote(location), []).append(record)
+        except BuilderError as exc:
+            out[customer] = exc
+
+    def write(remote: str, records: list[ReleaseRecord]) -> list[WriteResult | BuilderError]:
+        try:
+            log = ReleaseLog(remote, settings.cache_dir, branch)
+            for record in records:  # never record an image whose commit the target lacks
+                commit = record.config_commit
+                if not remote_has_commit(log, commit):
+                    raise WriteBackError(
+                        f"{log.shown} does not have config commit {commit[:12]} that "
+                        f"{record.image} was built from; refusing to record it there",
+                        hint="push the customer branch first, or name the right repository "
+                        "with --repo",
+                    )
+            return log.write_many(records, attempts=attempts, backoff=backoff)
+        except BuilderError as exc:
+            return [exc for _ in records]
+
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:  # repositories in parallel
+        done = pool.map(write, by_remote, by_remote.values())
+        for records, results in zip(by_remote.values(), done, strict=True):
+            for record, result in zip(records, results, strict=True):
+                out[record.customer] = result
+    return out
