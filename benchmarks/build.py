@@ -41,10 +41,10 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder.assemble import FileEntry, LayerSpec, assemble  # noqa: E402
-from builder.base import BaseImage, resolve_base  # noqa: E402
 from builder.deliver import push  # noqa: E402
-from builder.docker_backend import build_with_docker, push_with_docker  # noqa: E402
+from builder.image.assemble import FileEntry, LayerSpec, assemble  # noqa: E402
+from builder.image.base import BaseImage, resolve_base  # noqa: E402
+from builder.image.docker_backend import build_with_docker, push_with_docker  # noqa: E402
 from builder.oci import BlobStore  # noqa: E402
 from testbed.base_os import ensure_base_image  # noqa: E402
 from testbed.docker_engine import ensure_engine  # noqa: E402

@@ -67,8 +67,8 @@ def main() -> None:
             CLEARML_API_SECRET_KEY=server.secret_key,
             CLEARML_CACHE_DIR=str(Path(tmp) / "cache"),
         )
-        from builder.registries import parse_design
-        from builder.registries.clearml import ClearMLRegistry
+        from builder.cook.registries import parse_design
+        from builder.cook.registries.clearml import ClearMLRegistry
 
         registry = ClearMLRegistry()
         registry._api()  # log in before timing either way

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-from builder.assemble import AssembledImage
-from builder.base import fetch_base_blob
 from builder.contracts import Progress
 from builder.errors import ImageError
+from builder.image.assemble import AssembledImage
+from builder.image.base import fetch_base_blob
 from builder.oci import (
     OCI_INDEX,
     REF_NAME,

@@ -17,50 +17,50 @@ from pathlib import Path
 from typing import Any
 
 from builder import deliver, yamldoc
-from builder.assemble import (
+from builder.attest.dsse import load_private_key
+from builder.attest.referrers import attach_to_layout, make_attestations, push_referrers
+from builder.attest.statement import BuildFacts, ci_details
+from builder.contracts import BaseImageRef, CustomerSpec, Progress
+from builder.cook.expand import MODELS_DIR, expand
+from builder.cook.fetch import Cache, FetchResult, fetch
+from builder.cook.load import LOCK_FILE, load_customer
+from builder.cook.lock import models_from_lock, read_lock
+from builder.cook.stage import Cooked, cook, release_lock_drift
+from builder.documents.build_report import BuildReport, LayerReport
+from builder.documents.provenance import Provenance
+from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
+from builder.image.assemble import (
     LAYER_FORMAT,
     AssembledImage,
     FileEntry,
     LayerSpec,
     assemble,
 )
-from builder.attest.dsse import load_private_key
-from builder.attest.referrers import attach_to_layout, make_attestations, push_referrers
-from builder.attest.statement import BuildFacts, ci_details
-from builder.base import BaseImage
-from builder.base_resolution import (
+from builder.image.base import BaseImage
+from builder.image.base_resolution import (
     base_repository,
     check_runner_accepts,
     check_variant,
     no_contract_note,
     resolve_base_image,
 )
-from builder.contract import (
+from builder.image.contract import (
     Contract,
     check_config,
     read_base_contract,
     require_valid,
 )
-from builder.contracts import BaseImageRef, CustomerSpec, Progress
-from builder.cook import Cooked, cook, release_lock_drift
-from builder.docker_backend import build_with_docker, push_with_docker
-from builder.documents.build_report import BuildReport, LayerReport
-from builder.documents.provenance import Provenance
-from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
-from builder.expand import MODELS_DIR, expand
-from builder.fetch import Cache, FetchResult, fetch
-from builder.load import LOCK_FILE, load_customer
-from builder.lock import models_from_lock, read_lock
-from builder.oci import parse_reference
-from builder.provenance import (
+from builder.image.docker_backend import build_with_docker, push_with_docker
+from builder.image.provenance import (
     image_labels,
     image_version,
     manifest_annotations,
     provenance_document,
     variant_version,
 )
+from builder.image.store import ImageStore
+from builder.oci import parse_reference
 from builder.settings import Settings
-from builder.store import ImageStore
 
 APP_DIR = "/app"
 CONFIG_DIR = f"{APP_DIR}/config"

@@ -8,7 +8,7 @@ an interruption completes what was left.
 
 Weights land under ``<production>/<task id>/<model id>/`` with a manifest naming the model:
 a task can have several output models, and each one's weights belong to it alone. The source
-(the model record's ``uri``) is read through ClearML's storage layer (builder.storage.
+(the model record's ``uri``) is read through ClearML's storage layer (builder.cook.storage.
 clearml_local_copy), so every place ClearML stores models works as ClearML users set it up.
 
 Policy (README, "ClearML"): an archived model is refused (archiving withdraws it), and so is a
@@ -27,17 +27,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from builder.contracts import Progress
-from builder.documents import FileDigest
-from builder.documents.publish_manifest import PublishManifest
-from builder.errors import FetchError, RegistryError, ReleaseGateError
-from builder.registries import (
+from builder.cook.registries import (
     COMPLETED_TASK_STATES,
     DELETED_TASK_PREFIX,
     ModelRecord,
     ModelRegistry,
     TaskRecord,
 )
-from builder.storage import (
+from builder.cook.storage import (
     MANIFEST_NAME,
     Store,
     clearml_local_copy,
@@ -46,6 +43,9 @@ from builder.storage import (
     production_folder,
     read_manifest,
 )
+from builder.documents import FileDigest
+from builder.documents.publish_manifest import PublishManifest
+from builder.errors import FetchError, RegistryError, ReleaseGateError
 
 
 @dataclass(frozen=True)

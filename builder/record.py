@@ -36,6 +36,7 @@ from gitdb.base import IStream  # type: ignore[import-untyped]
 from packaging.version import Version
 
 from builder import __version__
+from builder.cook.load import _URL, canonical_repo_url, open_source
 from builder.documents import FileDigest
 from builder.documents.release_record import RECORD_VERSION, RecordModel, ReleaseRecord
 from builder.errors import (
@@ -45,7 +46,6 @@ from builder.errors import (
     WriteBackError,
 )
 from builder.gitauth import GIT_ENV
-from builder.load import _URL, canonical_repo_url, open_source
 from builder.redact import mask_secrets, redact_url
 from builder.settings import Settings
 

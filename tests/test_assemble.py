@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
-from builder.assemble import (
+from builder.deliver import write_docker_archive, write_oci_layout
+from builder.errors import ImageError
+from builder.image.assemble import (
     COMPRESS_RATIO,
     CONTENT_MTIME,
     LAYER_FORMAT,
@@ -33,9 +35,7 @@ from builder.assemble import (
     assemble,
     rfc3339,
 )
-from builder.base import BaseImage, resolve_base, select_version
-from builder.deliver import write_docker_archive, write_oci_layout
-from builder.errors import ImageError
+from builder.image.base import BaseImage, resolve_base, select_version
 from builder.oci import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -626,7 +626,7 @@ sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 os.environ["TZ"] = "Pacific/Chatham"
 time.tzset()
-from builder.base import resolve_base
+from builder.image.base import resolve_base
 from builder.oci import BlobStore
 import test_assemble as t
 files = {{k: Path(v) for k, v in json.loads(sys.argv[1]).items()}}

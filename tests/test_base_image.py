@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from builder.base_image import (
+from builder.errors import ImageError
+from builder.image.base_build import (
     BASE_DIR,
     BaseImageBuild,
     build_base_image,
@@ -24,7 +25,6 @@ from builder.base_image import (
     parse_requirements,
     read_version,
 )
-from builder.errors import ImageError
 from testbed._util import cache_root
 
 RUNNER_TESTS = Path(__file__).resolve().parents[1] / "base-image" / "runner" / "tests"
@@ -87,7 +87,7 @@ def test_bad_arguments_fail_before_any_work() -> None:
 def built(
     docker_engine: Any, oci_registry: Any, base_os_image: str, tmp_path_factory: Any
 ) -> BaseImageBuild:
-    from builder.store import ImageStore
+    from builder.image.store import ImageStore
 
     steps: list[tuple[str, int, int]] = []
     result = build_base_image(
@@ -118,7 +118,7 @@ def test_tag_labels_and_push(built: BaseImageBuild, oci_registry: Any) -> None:
     assert built.digest and built.digest.startswith("sha256:")
     assert built.image_id.startswith("sha256:")
     # written into the local image store, and exactly that manifest pushed
-    from builder.store import ImageStore
+    from builder.image.store import ImageStore
 
     assert built.store is not None and built.digest == built.store_digest
     stored = ImageStore(built.store).lookup(built.reference)

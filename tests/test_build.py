@@ -378,7 +378,7 @@ def test_verify_rebuilds_an_image_made_before_layer_format_2(
     env: dict[str, str], repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An image whose model layers carry the commit time (format 1, no label) still MATCHes."""
-    from builder.assemble import LAYER_FORMAT_LABEL
+    from builder.image.assemble import LAYER_FORMAT_LABEL
     from builder.pipeline import BuildRequest, build
     from builder.settings import load_settings
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from helpers import ROOT, commit_files, run_cli
 
-from builder.contract import CONTRACT_LABEL, CONTRACT_PATH, runner_contract_from_source
+from builder.image.contract import CONTRACT_LABEL, CONTRACT_PATH, runner_contract_from_source
 from builder.oci import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Descriptor, write_layout_index
 
 CUSTOMER_X = ROOT / "customers" / "customer-x"
@@ -527,9 +527,9 @@ def test_real_base_image_ships_its_contract_and_the_build_checks_it(
     """`builder base build` labels the image with the sha256 of /opt/tilerunner/contract.json
     (the image checks the file against it while building); the builder reads it back from the
     registry, from the small last layer only, and refuses a config the runner would refuse."""
-    from builder.base import resolve_base
-    from builder.base_image import build_base_image, read_version
-    from builder.contract import read_base_contract
+    from builder.image.base import resolve_base
+    from builder.image.base_build import build_base_image, read_version
+    from builder.image.contract import read_base_contract
     from testbed._util import cache_root
 
     built = build_base_image(

@@ -25,9 +25,9 @@ from helpers import (
     write_production,
 )
 
-from builder.cook import cook, make_customer_lock
+from builder.cook.fetch import Cache
+from builder.cook.stage import cook, make_customer_lock
 from builder.errors import DriftError, RegistryError, ReleaseGateError
-from builder.fetch import Cache
 from builder.settings import Settings
 
 WEIGHTS = {

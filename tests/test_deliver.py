@@ -21,8 +21,6 @@ from typing import Any
 import pytest
 from test_assemble import LABELS, SDE, layer_specs, model_tree
 
-from builder.assemble import AssembledImage, FileEntry, LayerSpec, assemble
-from builder.base import BaseImage, resolve_base
 from builder.deliver import (
     load_into_docker,
     push,
@@ -30,6 +28,8 @@ from builder.deliver import (
     write_oci_layout,
 )
 from builder.errors import ImageError
+from builder.image.assemble import AssembledImage, FileEntry, LayerSpec, assemble
+from builder.image.base import BaseImage, resolve_base
 from builder.oci import DOCKER_MANIFEST, BlobStore, RegistryClient, RetryPolicy
 from testbed._util import free_port
 from testbed.docker_engine import Engine

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT
 
-from builder.cook import cook
+from builder.cook.stage import cook
 from builder.settings import load_settings
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -15,22 +15,22 @@ import pytest
 from test_assemble import LABELS, SDE, layer_specs, make_base_layout, model_tree
 from test_deliver import docker_push
 
-from builder.assemble import (
+from builder.deliver import push
+from builder.errors import ImageError
+from builder.image.assemble import (
     LAYER_FORMAT_LABEL,
     FileEntry,
     LayerSpec,
     assemble,
 )
-from builder.base import BaseImage, resolve_base
-from builder.deliver import push
-from builder.docker_backend import (
+from builder.image.base import BaseImage, resolve_base
+from builder.image.docker_backend import (
     build_with_docker,
     dockerfile_quote,
     prepare_context,
     push_with_docker,
     render_dockerfile,
 )
-from builder.errors import ImageError
 from builder.oci import BlobStore, RegistryClient, RetryPolicy
 from testbed.docker_engine import Engine
 from testbed.registry import Registry

@@ -20,7 +20,7 @@ from builder.documents.provenance import Provenance
 from builder.documents.publish_manifest import PublishManifest
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import ConfigError
-from builder.provenance import provenance_document
+from builder.image.provenance import provenance_document
 from builder.record import release_record, render_record
 
 DATA = Path(__file__).parent / "data" / "documents"

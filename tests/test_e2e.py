@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from helpers import ROOT, run_cli
 
-from builder.base_image import build_base_image
+from builder.image.base_build import build_base_image
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from builder import fetch as fetch_module
 from builder.contracts import ResolvedModel, WeightFile
+from builder.cook import fetch as fetch_module
+from builder.cook.fetch import Cache, fetch
+from builder.cook.storage import S3Store
 from builder.errors import FetchError
-from builder.fetch import Cache, fetch
-from builder.storage import S3Store
 
 BUCKET = "prod-models"
 
@@ -198,7 +198,7 @@ def test_two_processes_share_the_cache(s3: Any, s3_server: Any, tmp_path: Path) 
     script = (
         "import sys; from pathlib import Path\n"
         "from builder.contracts import WeightFile\n"
-        "from builder.fetch import Cache, fetch\n"
+        "from builder.cook.fetch import Cache, fetch\n"
         "from test_fetch import _model\n"
         f"wf = WeightFile(name='s', uri='s3://{BUCKET}/t/shared.bin', size={len(data)}, sha256='{_sha(data)}')\n"
         "r = fetch((_model(wf),), Cache(Path(sys.argv[1])), manual_files={})\n"

@@ -27,7 +27,9 @@ import pytest
 from helpers import ROOT, commit_files, push_labelled_bases, run_cli
 from packaging.requirements import Requirement as PipRequirement
 
-from builder.base_image import (
+from builder.cook.load import load_customer
+from builder.errors import ConfigError, ImageError
+from builder.image.base_build import (
     BASE_DIR,
     BaseImageBuild,
     build_base_image,
@@ -37,8 +39,6 @@ from builder.base_image import (
     read_version,
     variant_repository,
 )
-from builder.errors import ConfigError, ImageError
-from builder.load import load_customer
 from builder.pipeline import build_variant
 from builder.settings import load_settings
 from testbed._util import cache_root

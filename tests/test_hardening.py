@@ -46,12 +46,12 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from builder import yamldoc
-from builder.base import resolve_base
-from builder.cook import cook
+from builder.cook.load import load_customer
+from builder.cook.lock import make_lock, models_from_lock, read_lock, render
+from builder.cook.stage import cook
 from builder.deliver import write_docker_archive
 from builder.errors import BuilderError, ConfigError, ImageError
-from builder.load import load_customer
-from builder.lock import make_lock, models_from_lock, read_lock, render
+from builder.image.base import resolve_base
 from builder.oci import BlobStore
 from builder.settings import Settings
 
@@ -548,7 +548,7 @@ def test_hostile_lock_through_the_cli(
     ],
 )
 def test_secrets_are_masked_in_any_text(text: str, secret: str) -> None:
-    from builder.load import canonical_repo_url
+    from builder.cook.load import canonical_repo_url
     from builder.redact import redact_url
 
     assert secret not in redact_url(text)
@@ -796,7 +796,7 @@ def test_any_lock_is_used_or_refused_in_one_line(
     spec = load_customer(str(repo), settings)
     changed = data.draw(mutated(lock))
     text = yaml.safe_dump(changed, allow_unicode=True).encode()
-    with unittest.mock.patch("builder.lock.read_committed_file", return_value=text):
+    with unittest.mock.patch("builder.cook.lock.read_committed_file", return_value=text):
 
         def use() -> None:
             pinned = read_lock(spec)

@@ -15,8 +15,8 @@ from helpers import (
     offline_settings,
 )
 
+from builder.cook.load import load_customer
 from builder.errors import ConfigError
-from builder.load import load_customer
 from builder.settings import Settings
 
 
@@ -269,7 +269,7 @@ def test_manual_model_reads_weights_from_the_same_commit(repo: Path, settings: S
     ],
 )
 def test_source_url_is_one_spelling_without_secrets(url: str, canonical: str) -> None:
-    from builder.load import canonical_repo_url
+    from builder.cook.load import canonical_repo_url
 
     assert canonical_repo_url(url) == canonical
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from helpers import model_record, run_cli, task_record, write_local_registry
 
+from builder.cook.registries.local import LocalRegistry
 from builder.errors import FetchError
 from builder.publish import publish
-from builder.registries.local import LocalRegistry
 
 TRAINING = "training-artifacts"
 PROD = "prod-models"
@@ -286,7 +286,7 @@ def test_publish_from_the_clearml_file_server(
 )
 def test_weights_uris_are_parsed_by_clearml(uri: str, container: str) -> None:
     """Point 6 (gs/azure): the SDK's own URI parsing decides bucket and endpoint."""
-    from builder.storage import clearml_container
+    from builder.cook.storage import clearml_container
 
     assert clearml_container(uri) == container
 
@@ -295,7 +295,7 @@ def test_weights_uris_are_parsed_by_clearml(uri: str, container: str) -> None:
     "uri", ["azure://acct.blob.core.windows.net/models/m.onnx", "ftp://host/m.onnx", "m.onnx"]
 )
 def test_weights_uris_clearml_cannot_read_are_one_clear_error(uri: str) -> None:
-    from builder.storage import clearml_container
+    from builder.cook.storage import clearml_container
 
     with pytest.raises(FetchError, match="weights URI"):
         clearml_container(uri)

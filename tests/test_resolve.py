@@ -25,11 +25,11 @@ from helpers import (
     write_production,
 )
 
-from builder.cook import cook
+from builder.cook.registries.local import LocalRegistry
+from builder.cook.stage import cook
+from builder.cook.storage import FileStore
 from builder.errors import BuilderError, FetchError, RegistryError, ReleaseGateError
-from builder.registries.local import LocalRegistry
 from builder.settings import Settings
-from builder.storage import FileStore
 
 SIBLING_ID = "5ab1e9" + "0" * 26  # a second output model of the carcinoma task
 

@@ -30,6 +30,7 @@ from test_assemble import base_layer_tar, synthetic_base_blobs
 
 from builder.deliver import push, write_oci_layout
 from builder.errors import ImageError
+from builder.image.store import ImageStore, split_name
 from builder.oci import (
     DOCKER_MANIFEST,
     OCI_MANIFEST,
@@ -41,7 +42,6 @@ from builder.oci import (
     sha256_digest,
     write_layout_index,
 )
-from builder.store import ImageStore, split_name
 from testbed.registry import start_registry
 
 PROCESSES = 16
@@ -403,7 +403,7 @@ def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
     store (gzip layers, DiffIDs checked) -> push; the engine then pulls and runs that manifest."""
     import docker.errors
 
-    from builder.store import save_from_docker
+    from builder.image.store import save_from_docker
 
     client = docker_engine.client()
     reference = f"{oci_registry.host}/store-test/base:1.0.0"
@@ -437,7 +437,7 @@ def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
 def test_base_resolution_order(tmp_path: Path) -> None:
     """Pinned digest in the store: used with no registry call; --offline: the store only; a
     pin the store lacks offline, or a registry base other than the pin: one clear line."""
-    from builder.base_resolution import resolve_base_image
+    from builder.image.base_resolution import resolve_base_image
 
     store = ImageStore(tmp_path / "store")
     repository = "127.0.0.1:9/ivd/base"  # nothing listens there

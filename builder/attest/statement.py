@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from builder import __version__
-from builder.assemble import GZIP_LEVEL, LAYER_FORMAT
+from builder.image.assemble import GZIP_LEVEL, LAYER_FORMAT
 from builder.oci import Descriptor
 
 STATEMENT_TYPE: Final = "https://in-toto.io/Statement/v1"

@@ -22,9 +22,10 @@ from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO
 from builder.audit.history import location_of
 from builder.audit.records import read_release_records
 from builder.audit.text import pinned, short
+from builder.cook.load import load_customer, open_source
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import AttestationError, BuilderError, ConfigError, ImageError
-from builder.load import load_customer, open_source
+from builder.image.provenance import LABEL_PREFIX
 from builder.oci import Descriptor
 from builder.oci.image import (
     ArchiveImage,
@@ -35,7 +36,6 @@ from builder.oci.image import (
     own_layers,
     scan_files,
 )
-from builder.provenance import LABEL_PREFIX
 from builder.settings import Settings
 
 #: Exit code of a failed audit check (tampered file, digest mismatch, bad signature).

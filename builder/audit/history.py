@@ -17,15 +17,15 @@ import git
 from builder.audit.records import read_release_records
 from builder.audit.text import short
 from builder.contracts import CustomerSpec, RepoSource, ResolvedModel
+from builder.cook.load import _URL, load_customer, open_source
+from builder.cook.lock import models_from_lock, read_lock
+from builder.cook.registries.opener import open_registry
+from builder.cook.resolve import resolve
+from builder.cook.storage import open_store
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import BuilderError, ConfigError
-from builder.load import _URL, load_customer, open_source
-from builder.lock import models_from_lock, read_lock
-from builder.provenance import dir_hash
-from builder.registries.opener import open_registry
-from builder.resolve import resolve
+from builder.image.provenance import dir_hash
 from builder.settings import Settings
-from builder.storage import open_store
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from builder.audit.explain import read_attestations
 from builder.audit.history import Change, History, HistoryEntry, diff_configs, find_commit, history
 from builder.audit.text import pinned, repository_of, short
 from builder.audit.verify import verify
+from builder.cook.load import open_source
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import BuilderError
 from builder.fsutil import write_atomic
-from builder.load import open_source
 from builder.oci import RegistryClient, parse_reference
 from builder.oci.image import open_image
 from builder.settings import Settings

@@ -12,15 +12,15 @@ from urllib.parse import unquote, urlsplit
 import git
 
 from builder import __version__
-from builder.assemble import LAYER_FORMAT, LAYER_FORMAT_LABEL, check_layer_format
 from builder.audit.explain import Explanation, explain
 from builder.audit.history import find_commit
 from builder.audit.text import short
 from builder.contracts import CustomerSpec
+from builder.cook.load import _URL, load_customer, open_source
+from builder.cook.lock import models_from_lock, read_lock
 from builder.errors import ConfigError, ImageError
 from builder.gitauth import git_credentials
-from builder.load import _URL, load_customer, open_source
-from builder.lock import models_from_lock, read_lock
+from builder.image.assemble import LAYER_FORMAT, LAYER_FORMAT_LABEL, check_layer_format
 from builder.oci.image import (
     ArchiveImage,
     ImageFiles,

@@ -5,7 +5,7 @@ command returns a :class:`~builder.cli.result.Result`; ``main`` renders it once,
 ``BuilderError`` (or a bug) into one line on stderr (or a JSON error document) and an exit code.
 
 Lazy imports, kept for `--help` speed only: the command modules import the core
-(builder.pipeline, builder.audit, builder.fleet, builder.cook, ...) inside their command
+(builder.pipeline, builder.audit, builder.fleet, builder.cook.stage, ...) inside their command
 functions. Measured here, `python -m builder --help` takes 0.4-0.8 s so, and 2.7 s with the core
 imported at the top (git, boto3, docker, cryptography, the clearml SDK). What the CLI needs to
 parse and render (builder.cli.*, builder.errors, builder.redact, builder.gitauth,

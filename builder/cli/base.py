@@ -64,8 +64,8 @@ def base_build(
     """
     import docker
 
-    from builder.base_image import build_base_image, variant_repository
-    from builder.store import ImageStore
+    from builder.image.base_build import build_base_image, variant_repository
+    from builder.image.store import ImageStore
 
     settings = load_cli_settings({})
     target = variant_repository(repository or settings.base_repository, variant)

@@ -99,7 +99,7 @@ def expand(
     **overrides: Any,
 ) -> Result:
     """Print the verbose analysis config the runner loads."""
-    from builder.cook import cook
+    from builder.cook.stage import cook
 
     cooked = cook(
         customer,
@@ -166,9 +166,9 @@ def lock(
     **overrides: Any,
 ) -> Result:
     """Pin every input (models, weights sha256, base digest) in customer.lock.yaml."""
-    from builder.base_resolution import try_resolve_base
-    from builder.cook import cook, make_customer_lock
-    from builder.fetch import Cache
+    from builder.cook.fetch import Cache
+    from builder.cook.stage import cook, make_customer_lock
+    from builder.image.base_resolution import try_resolve_base
 
     settings = load_cli_settings(overrides)
     cooked = cook(

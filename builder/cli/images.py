@@ -31,7 +31,7 @@ def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> Result | N
     if ctx.invoked_subcommand is not None:
         ctx.obj = overrides
         return None
-    from builder.store import ImageStore
+    from builder.image.store import ImageStore
 
     store = ImageStore(load_cli_settings(overrides).store_dir)
     listed = store.images()
@@ -62,7 +62,7 @@ def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> Result | N
 @click.pass_context
 def images_prune(ctx: click.Context, /, dry_run: bool, wait: float, as_json: bool) -> Result:
     """Remove every blob no named image references (the tags are what is kept)."""
-    from builder.store import ImageStore
+    from builder.image.store import ImageStore
 
     store = ImageStore(load_cli_settings(ctx.obj or {}).store_dir)
     report = store.prune(dry_run=dry_run, wait=wait)

@@ -32,8 +32,8 @@ def publish(
     """
     from dataclasses import asdict
 
+    from builder.cook.registries.opener import open_registry
     from builder.publish import publish as run_publish
-    from builder.registries.opener import open_registry
 
     settings = load_cli_settings({"production": production, "model_registry": model_registry})
     with progress_bar() as bar:
@@ -78,9 +78,9 @@ def models_list(
 ) -> Result:
     """List models (all pages, archived ones left out) with id, name, project, task, published
     state and production presence. Reads no model designs."""
+    from builder.cook.registries.opener import open_registry
+    from builder.cook.storage import open_store
     from builder.publish import production_presence
-    from builder.registries.opener import open_registry
-    from builder.storage import open_store
 
     settings = load_cli_settings({"model_registry": model_registry, "production": production})
     registry = open_registry(settings.model_registry)

@@ -14,10 +14,10 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from builder import yamldoc
+from builder.cook.load import _URL
 from builder.errors import (
     ConfigError,
 )
-from builder.load import _URL
 from builder.redact import redact_url
 from builder.settings import Settings
 

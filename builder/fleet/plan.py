@@ -24,6 +24,7 @@ import git
 from packaging.version import InvalidVersion, Version
 
 from builder.contracts import RepoSource
+from builder.cook.load import KnownRevision, load_customer, open_source
 from builder.errors import (
     BuilderError,
     ConfigError,
@@ -32,8 +33,7 @@ from builder.errors import (
 from builder.fleet.fleetfile import Fleet, FleetEntry, admits, parse_release_version
 from builder.fsutil import write_atomic
 from builder.gitauth import GIT_ENV
-from builder.load import KnownRevision, load_customer, open_source
-from builder.provenance import variant_tag
+from builder.image.provenance import variant_tag
 from builder.record import PLAN_THREADS, RELEASES_BRANCH, ReleaseLog, record_remote
 from builder.redact import mask_secrets
 from builder.settings import Settings

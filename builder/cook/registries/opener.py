@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from builder.cook.registries import ModelRegistry
+from builder.cook.registries.clearml import ClearMLRegistry
+from builder.cook.registries.local import LocalRegistry
 from builder.errors import RegistryError
-from builder.registries import ModelRegistry
-from builder.registries.clearml import ClearMLRegistry
-from builder.registries.local import LocalRegistry
 
 
 def open_registry(spec: str) -> ModelRegistry:

@@ -26,9 +26,9 @@ from urllib.parse import urlparse
 
 from builder import yamldoc
 from builder.contracts import Progress
+from builder.cook.registries.clearml import sdk_deadline
 from builder.errors import ConfigError, FetchError
 from builder.paths import CLEARML_ID, UnsafePathError, check_id, safe_join
-from builder.registries.clearml import sdk_deadline
 
 MANIFEST_NAME = "publish-manifest.json"
 _CHUNK = 1 << 20

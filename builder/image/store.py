@@ -34,17 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-from builder.assemble import AssembledImage, Layer
-from builder.base import (
+from builder.contracts import Progress
+from builder.deliver import blob_source
+from builder.errors import ImageError
+from builder.image.assemble import AssembledImage, Layer
+from builder.image.base import (
     BaseImage,
     fetch_base_blob,
     make_base_image,
     parse_image_manifest,
     select_version,
 )
-from builder.contracts import Progress
-from builder.deliver import blob_source
-from builder.errors import ImageError
 from builder.oci import (
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,

@@ -25,8 +25,8 @@ from threading import Lock, RLock
 from filelock import FileLock
 
 from builder.contracts import Progress, ResolvedModel, WeightFile
+from builder.cook.storage import Store, open_store, split_uri
 from builder.errors import FetchError
-from builder.storage import Store, open_store, split_uri
 
 CHUNK_SIZE = 16 << 20
 HASH_BLOCK = 4 << 20

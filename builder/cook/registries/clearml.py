@@ -26,9 +26,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
-from builder.errors import BuilderError, RegistryError
-from builder.paths import CLEARML_ID
-from builder.registries import (
+from builder.cook.registries import (
     ModelRecord,
     ProjectRef,
     TaskRecord,
@@ -36,6 +34,8 @@ from builder.registries import (
     parse_design,
     task_reference,
 )
+from builder.errors import BuilderError, RegistryError
+from builder.paths import CLEARML_ID
 
 T = TypeVar("T")
 

@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from builder.base import LABEL_VARIANT
-from builder.contract import CONTRACT_LABEL, runner_contract_from_source
 from builder.contracts import Progress
 from builder.deliver import push
 from builder.errors import ImageError
-from builder.store import ImageStore, save_from_docker
+from builder.image.base import LABEL_VARIANT
+from builder.image.contract import CONTRACT_LABEL, runner_contract_from_source
+from builder.image.store import ImageStore, save_from_docker
 
-BASE_DIR: Final = Path(__file__).resolve().parents[1] / "base-image"
+BASE_DIR: Final = Path(__file__).resolve().parents[2] / "base-image"
 VARIANTS: Final = ("cpu", "gpu")
 #: The pins in requirements-gpu.txt whose versions the labels report.
 CUDA_RUNTIME_WHEEL: Final = "nvidia-cuda-runtime"

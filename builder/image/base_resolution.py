@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from builder.base import BaseImage, resolve_base
-from builder.base_image import LABEL_SCHEMAS, variant_repository
-from builder.contract import CONTRACT_LABEL
 from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec
 from builder.errors import ImageError
+from builder.image.base import BaseImage, resolve_base
+from builder.image.base_build import LABEL_SCHEMAS, variant_repository
+from builder.image.contract import CONTRACT_LABEL
+from builder.image.store import ImageStore
 from builder.settings import Settings
-from builder.store import ImageStore
 
 
 def base_repository(

@@ -17,17 +17,17 @@ import git
 
 from builder import yamldoc
 from builder.contracts import BaseImageRef, CustomerSpec, Progress, ResolvedModel
+from builder.cook.expand import expand
+from builder.cook.fetch import Cache, fetch
+from builder.cook.load import LOCK_FILE, load_customer, read_committed_file
+from builder.cook.lock import diff_locks, make_lock, models_from_lock, parse_lock, read_lock, render
+from builder.cook.registries import ModelRecord, ModelRegistry, TaskRecord
+from builder.cook.registries.opener import open_registry
+from builder.cook.resolve import release_blockers, resolve
+from builder.cook.storage import open_store
 from builder.errors import ConfigError, DriftError, RegistryError, ReleaseGateError
-from builder.expand import expand
-from builder.fetch import Cache, fetch
 from builder.fsutil import write_atomic
-from builder.load import LOCK_FILE, load_customer, read_committed_file
-from builder.lock import diff_locks, make_lock, models_from_lock, parse_lock, read_lock, render
-from builder.registries import ModelRecord, ModelRegistry, TaskRecord
-from builder.registries.opener import open_registry
-from builder.resolve import release_blockers, resolve
 from builder.settings import Settings
-from builder.storage import open_store
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 layout, its manifest and config read once, its blobs fetched only when a delivery needs them.
 
 Which base a build uses (registry, else the local image store; the lock's pin; variant and
-runner checks) is :mod:`builder.base_resolution`; building a base is :mod:`builder.base_image`.
+runner checks) is :mod:`builder.image.base_resolution`; building a base is :mod:`builder.image.base_build`.
 """
 
 from __future__ import annotations

@@ -17,9 +17,7 @@ from typing import Any
 import yaml
 
 from builder import yamldoc
-from builder.errors import ConfigError, RegistryError
-from builder.paths import CLEARML_ID, UnsafePathError, safe_join
-from builder.registries import (
+from builder.cook.registries import (
     ModelRecord,
     ProjectRef,
     TaskRecord,
@@ -27,6 +25,8 @@ from builder.registries import (
     parse_design,
     task_reference,
 )
+from builder.errors import ConfigError, RegistryError
+from builder.paths import CLEARML_ID, UnsafePathError, safe_join
 
 
 class LocalRegistry:

@@ -22,8 +22,8 @@ from builder.contracts import (
     ResolvedModel,
     WeightFile,
 )
+from builder.cook.load import CUSTOMER_FILE, LOCK_FILE, read_committed_file, safe_relpath
 from builder.errors import ConfigError, DriftError
-from builder.load import CUSTOMER_FILE, LOCK_FILE, read_committed_file, safe_relpath
 
 #: How many changes a drift message lists before "and N more changes".
 MAX_DRIFT_LINES = 12

@@ -18,17 +18,17 @@ from typing import Any, Final
 
 import jinja2
 
-from builder.assemble import (
+from builder.contracts import Progress
+from builder.errors import ImageError
+from builder.image.assemble import (
     DIR_MODE,
     LayerSpec,
     layer_root,
     standard_metadata,
 )
-from builder.base import BaseImage
-from builder.contracts import Progress
-from builder.errors import ImageError
+from builder.image.base import BaseImage
 
-_TEMPLATES: Final = Path(__file__).parent / "templates"
+_TEMPLATES: Final = Path(__file__).parents[1] / "templates"
 _CONTEXT_ROOT: Final = "layers"
 
 
@@ -120,7 +120,7 @@ def build_with_docker(
 ) -> DockerBuild:
     """Build the image with the engine behind ``client`` (docker SDK) and tag it ``tag``.
 
-    Labels are those :func:`~builder.assemble.assemble` sets (the standard OCI keys, then
+    Labels are those :func:`~builder.image.assemble.assemble` sets (the standard OCI keys, then
     ``labels``). The engine pulls ``base@digest`` itself if it does not have it.
     """
     import docker.errors

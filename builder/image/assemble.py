@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final
 
-from builder.base import BaseImage
 from builder.contracts import Progress
 from builder.errors import ImageError
+from builder.image.base import BaseImage
 from builder.oci import (
     OCI_CONFIG,
     OCI_LAYER,

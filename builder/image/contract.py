@@ -28,11 +28,11 @@ from typing import Any, Final
 import jsonschema
 
 from builder import yamldoc
-from builder.base import BaseImage
 from builder.contracts import CustomerSpec, ResolvedModel
+from builder.cook.load import read_committed_file
 from builder.errors import ConfigError, ImageError
 from builder.fsutil import write_atomic
-from builder.load import read_committed_file
+from builder.image.base import BaseImage
 from builder.oci import BlobStore, RegistryClient, check_digest, layout_blob_path
 
 #: Where the base image installs the contract, and the label with its sha256.

@@ -16,8 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from builder.contracts import CustomerSpec, ModelDecl, Plugin, ResolvedModel, WeightFile
-from builder.errors import RegistryError
-from builder.registries import (
+from builder.cook.registries import (
     ARCHIVED_TAG,
     COMPLETED_TASK_STATES,
     TASK_DELETED,
@@ -25,7 +24,8 @@ from builder.registries import (
     ModelRegistry,
     TaskRecord,
 )
-from builder.storage import MANIFEST_NAME, Store, production_folder, read_manifest
+from builder.cook.storage import MANIFEST_NAME, Store, production_folder, read_manifest
+from builder.errors import RegistryError
 
 
 def _plugins(raw: Any, where: str) -> tuple[Plugin, ...]:
