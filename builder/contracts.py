@@ -16,8 +16,22 @@ VERBOSE_SCHEMA_VERSION = 1
 #: Version of the lock file layout.
 LOCK_VERSION = 1
 
-#: Progress callback every long stage takes: (what, bytes or steps done, total).
-Progress = Callable[[str, int, int], None]
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """The one progress event of every long run: ``what`` (a file, layer, blob, step) at
+    ``done`` of ``total`` bytes or steps; or, with ``stage``, a stage of a build starting
+    (``cook``, ``fetch``, ...). ``subject`` names the customer in a fleet run."""
+
+    what: str = ""
+    done: int = 0
+    total: int = 0
+    stage: str | None = None
+    subject: str | None = None
+
+
+#: Progress callback every long stage takes.
+Progress = Callable[[ProgressEvent], None]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,7 +20,7 @@ from builder import deliver, yamldoc
 from builder.attest.dsse import load_private_key
 from builder.attest.referrers import attach_to_layout, make_attestations, push_referrers
 from builder.attest.statement import BuildFacts, ci_details
-from builder.contracts import BaseImageRef, CustomerSpec, Progress
+from builder.contracts import BaseImageRef, CustomerSpec, Progress, ProgressEvent
 from builder.cook.expand import MODELS_DIR, expand
 from builder.cook.fetch import Cache, FetchResult, fetch
 from builder.cook.load import LOCK_FILE, load_customer
@@ -456,14 +456,14 @@ def build(
     settings: Settings,
     *,
     progress: Progress | None = None,
-    on_stage: Callable[[str], None] | None = None,
 ) -> BuildReport:
-    """Build one customer's image; see BuildRequest for the knobs."""
+    """Build one customer's image; see BuildRequest for the knobs. ``progress`` gets each
+    stage as it starts and the bytes of the long ones."""
     timings: dict[str, float] = {}
 
     def stage(name: str) -> Any:
-        if on_stage:
-            on_stage(name)
+        if progress:
+            progress(ProgressEvent(stage=name))
         return _timed(timings, name)
 
     _preflight(request)

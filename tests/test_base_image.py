@@ -97,7 +97,7 @@ def built(
         base_from=base_os_image,
         wheelhouse=WHEELHOUSE,
         push=True,
-        progress=lambda what, done, total: steps.append((what, done, total)),
+        progress=lambda e: steps.append((e.what, e.done, e.total)),
     )
     assert any(what == "wheelhouse" and done == total for what, done, total in steps)
     assert any(what == "build" for what, _, _ in steps)

@@ -207,7 +207,7 @@ class TestPush:
             force=False,
             insecure=None,
             retry=FAST,
-            progress=lambda what, done, total: progress.append((what, done, total)),
+            progress=lambda e: progress.append((e.what, e.done, e.total)),
         )
         assert report.manifest_digest == image.manifest_digest
         assert report.refs == (f"{target}:2.4.1-abc", f"{target}:latest")

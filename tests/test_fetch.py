@@ -116,7 +116,7 @@ def test_s3_parallel_ranged_download(s3: Any, tmp_path: Path, small_chunks: int)
         Cache(tmp_path / "cache"),
         manual_files={},
         jobs=4,
-        progress=lambda _l, done, _t: seen.append(done),
+        progress=lambda e: seen.append(e.done),
     )
     assert result.files[0].path.read_bytes() == data
     assert max(seen) == len(data)
@@ -157,7 +157,7 @@ def test_s3_interrupted_download_resumes(
         cache,
         manual_files={},
         jobs=1,
-        progress=lambda what, done, total: labels.add(what),
+        progress=lambda e: labels.add(e.what),
     )
     assert result.files[0].path.read_bytes() == data
     assert (

@@ -11,6 +11,7 @@ import click
 
 from builder import __version__
 from builder.cli.result import debug_mode, json_mode
+from builder.contracts import ProgressEvent
 from builder.redact import mask_secrets
 from builder.settings import Settings, load_settings
 
@@ -22,8 +23,9 @@ def info(message: str) -> None:
 
 
 @contextmanager
-def progress_bar() -> Iterator[Callable[[str, int, int], None] | None]:
-    """A byte progress callback drawn with rich (bytes, rate, ETA), or None when quiet."""
+def progress_bar() -> Iterator[Callable[[ProgressEvent], None] | None]:
+    """A progress callback drawn with rich (bytes, rate, ETA; a line per build stage), or
+    None when quiet."""
     if json_mode.get() or not sys.stderr.isatty():
         yield None
         return
@@ -46,10 +48,13 @@ def progress_bar() -> Iterator[Callable[[str, int, int], None] | None]:
     with Progress(*columns, transient=True) as bar:
         tasks: dict[str, Any] = {}
 
-        def update(label: str, done: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total)
-            bar.update(tasks[label], completed=done, total=total)
+        def update(event: ProgressEvent) -> None:
+            if event.stage:
+                info(f"==> {event.stage}")
+                return
+            if event.what not in tasks:
+                tasks[event.what] = bar.add_task(event.what, total=event.total)
+            bar.update(tasks[event.what], completed=event.done, total=event.total)
 
         yield update
 

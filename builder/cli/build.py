@@ -22,6 +22,7 @@ from builder.cli.options import (
     worktree_option,
 )
 from builder.cli.result import Result
+from builder.contracts import ProgressEvent
 
 
 class PlainProgress:
@@ -39,8 +40,11 @@ class PlainProgress:
         self._stage, self._start, self._items = name, time.monotonic(), {}
         self._write(f"==> {name}")
 
-    def __call__(self, label: str, done: int, total: int) -> None:
-        self._items[label] = max(self._items.get(label, 0), done)
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage:
+            self.stage(event.stage)
+        else:
+            self._items[event.what] = max(self._items.get(event.what, 0), event.done)
 
     def close(self) -> None:
         """Print the summary line of the stage in progress (if any)."""
@@ -236,7 +240,6 @@ def build(
                 request,
                 load_cli_settings(overrides),
                 progress=plain or bar,
-                on_stage=plain.stage if plain else lambda name: info(f"==> {name}"),
             )
         finally:
             if plain:

@@ -19,6 +19,7 @@ from builder.cli.options import (
     settings_options,
 )
 from builder.cli.result import Result
+from builder.contracts import ProgressEvent
 from builder.errors import BuilderError, ConfigError, FleetError
 from builder.fsutil import write_atomic
 from builder.gitauth import git_credentials
@@ -281,9 +282,9 @@ class FleetProgressLine:
             keep=True,
         )
 
-    def stage(self, customer: str, stage: str) -> None:
-        if self.live and not stage.startswith("recorded"):
-            self._write(f"{self.counter}  {customer}: {stage}", keep=False)
+    def stage(self, event: ProgressEvent) -> None:
+        if self.live and event.stage:
+            self._write(f"{self.counter}  {event.subject}: {event.stage}", keep=False)
 
     def finished(self, progress: FleetProgress) -> None:
         counts = progress.counts

@@ -24,7 +24,7 @@ from threading import Lock, RLock
 
 from filelock import FileLock
 
-from builder.contracts import Progress, ResolvedModel, WeightFile
+from builder.contracts import Progress, ProgressEvent, ResolvedModel, WeightFile
 from builder.cook.storage import Store, open_store, split_uri
 from builder.errors import FetchError
 
@@ -257,7 +257,7 @@ def _fetch_file(
             with counter:
                 done += n
                 if progress:
-                    progress(label, done, size)
+                    progress(ProgressEvent(label, done, size))
 
         futures = [
             pool.submit(download.fetch_chunk, index, on_bytes) for index in download.pending()

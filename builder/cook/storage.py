@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from builder import yamldoc
-from builder.contracts import Progress
+from builder.contracts import Progress, ProgressEvent
 from builder.cook.registries.clearml import sdk_deadline
 from builder.errors import ConfigError, FetchError
 from builder.paths import CLEARML_ID, UnsafePathError, check_id, safe_join
@@ -152,7 +152,7 @@ class S3Store:
             nonlocal done
             done += n
             if progress:
-                progress(key, done, size)
+                progress(ProgressEvent(key, done, size))
 
         try:
             self._client.upload_fileobj(
@@ -250,7 +250,7 @@ class FileStore:
                     handle.write(chunk)
                     done += len(chunk)
                     if progress:
-                        progress(key, done, size)
+                        progress(ProgressEvent(key, done, size))
             os.replace(tmp, target)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

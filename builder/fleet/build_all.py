@@ -18,6 +18,7 @@ from concurrent.futures import (
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from builder.contracts import Progress, ProgressEvent
 from builder.errors import (
     BuilderError,
     ConfigError,
@@ -129,9 +130,9 @@ def _init_worker(events: Any) -> None:
 def _build_one(job: _Job) -> dict[str, Any]:
     """Build one customer in a worker process; never raises (the result says what failed)."""
 
-    def on_stage(name: str) -> None:
-        if _events is not None:
-            _events.put((job.key, name))
+    def on_progress(event: ProgressEvent) -> None:
+        if _events is not None and event.stage:  # stages only: bytes would flood the queue
+            _events.put(ProgressEvent(stage=event.stage, subject=job.key))
 
     request = BuildRequest(
         customer=job.location,
@@ -145,7 +146,7 @@ def _build_one(job: _Job) -> dict[str, Any]:
     )
     started = time.perf_counter()
     try:
-        report = build(request, job.settings, on_stage=on_stage)
+        report = build(request, job.settings, progress=on_progress)
     except BuilderError as exc:
         return {"status": "failed", "error": error_dict(exc), "seconds": _since(started)}
     except Exception as exc:  # one customer's crash must not stop the fleet
@@ -165,7 +166,7 @@ def _since(started: float) -> float:
 def _run_jobs(
     jobs: list[_Job],
     workers: int,
-    on_event: Callable[[str, str], None] | None,
+    on_event: Progress | None,
     on_done: Callable[[str, dict[str, Any]], None],
 ) -> None:
     """Run the builds in ``workers`` spawned processes (isolated: the ClearML SDK keeps
@@ -179,11 +180,11 @@ def _run_jobs(
     def drain() -> None:
         while True:
             try:
-                customer, stage = events.get_nowait()
+                event = events.get_nowait()
             except queue.Empty:
                 return
             if on_event:
-                on_event(customer, stage)
+                on_event(event)
 
     with ProcessPoolExecutor(
         max_workers=max(1, min(workers, len(jobs))),
@@ -284,7 +285,7 @@ def build_all(
     insecure: bool | None = None,
     branch: str = RELEASES_BRANCH,
     record_attempts: int = 5,
-    on_event: Callable[[str, str], None] | None = None,
+    on_event: Progress | None = None,
     on_planned: Callable[[FleetPlan], None] | None = None,
     on_progress: Callable[[FleetProgress], None] | None = None,
 ) -> FleetReport:
@@ -403,7 +404,7 @@ def _record_all(
     settings: Settings,
     branch: str,
     attempts: int,
-    on_event: Callable[[str, str], None] | None,
+    on_event: Progress | None,
 ) -> None:
     """Write the release records of the run's builds: one commit per repository."""
     built = [r for r in results.values() if r.status == "built" and r.report]
@@ -423,7 +424,11 @@ def _record_all(
         if isinstance(outcome, WriteResult):
             result.record = asdict(outcome)
             if on_event:
-                on_event(result.customer, f"recorded {outcome.path} ({outcome.status})")
+                on_event(
+                    ProgressEvent(
+                        what=f"recorded {outcome.path} ({outcome.status})", subject=result.customer
+                    )
+                )
         elif isinstance(outcome, BuilderError):
             result.status, result.error = "failed", error_dict(outcome)
             result.summary = f"built and pushed, but not recorded: {result.error['message']}"

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final
 
-from builder.contracts import Progress
+from builder.contracts import Progress, ProgressEvent
 from builder.errors import ImageError
 from builder.image.base import BaseImage
 from builder.oci import (
@@ -312,7 +312,7 @@ def build_layer(
         nonlocal done
         done += n
         if progress is not None and n:
-            progress(f"layer {spec.name}", done, total)
+            progress(ProgressEvent(f"layer {spec.name}", done, total))
 
     try:
         compress = should_compress(items) if spec.compress is None else spec.compress

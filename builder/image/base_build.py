@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from builder.contracts import Progress
+from builder.contracts import Progress, ProgressEvent
 from builder.deliver import push
 from builder.errors import ImageError
 from builder.image.base import LABEL_VARIANT
@@ -181,7 +181,7 @@ def ensure_wheelhouse(
     missing = [r for r in reqs if not r.hashes & have.keys()]
     if missing and download:
         if progress:
-            progress("wheelhouse", len(reqs) - len(missing), len(reqs))
+            progress(ProgressEvent("wheelhouse", len(reqs) - len(missing), len(reqs)))
         files = list(requirements)
         _pip(
             [
@@ -205,7 +205,7 @@ def ensure_wheelhouse(
             hint="run base-image/make-wheelhouse.sh on a connected host and copy the folder",
         )
     if progress:
-        progress("wheelhouse", len(reqs), len(reqs))
+        progress(ProgressEvent("wheelhouse", len(reqs), len(reqs)))
     return {h: have[h] for r in reqs for h in sorted(r.hashes & have.keys())[:1]}
 
 
@@ -376,14 +376,14 @@ def _run_build(
                     step = re.match(r"Step (\d+)/(\d+)", text)
                     if step and progress:
                         steps = int(step.group(2))
-                        progress("build", int(step.group(1)), steps)
+                        progress(ProgressEvent("build", int(step.group(1)), steps))
                 aux = chunk.get("aux") or {}
                 if aux.get("ID"):
                     image_id = str(aux["ID"])
     except (APIError, DockerException) as exc:
         raise ImageError(f"building {tag} failed: {' '.join(str(exc).split())[:300]}") from None
     if progress and steps:
-        progress("build", steps, steps)
+        progress(ProgressEvent("build", steps, steps))
     if not image_id:
         try:
             image_id = str(docker_client.images.get(tag).id)
@@ -408,9 +408,11 @@ def _push(docker_client: Any, repository: str, tag: str, progress: Progress | No
             detail = chunk.get("progressDetail") or {}
             if progress and detail.get("total"):
                 progress(
-                    f"push {chunk.get('id', '')}",
-                    int(detail.get("current", 0)),
-                    int(detail["total"]),
+                    ProgressEvent(
+                        f"push {chunk.get('id', '')}",
+                        int(detail.get("current", 0)),
+                        int(detail["total"]),
+                    ),
                 )
             digest = str((chunk.get("aux") or {}).get("Digest") or digest)
     except (APIError, DockerException) as exc:
@@ -499,7 +501,7 @@ def build_base_image(
         if reused:
             image_id, log = reused, [f"reused {reused}: built before from the same inputs"]
             if progress:
-                progress("build", 1, 1)
+                progress(ProgressEvent("build", 1, 1))
         else:
             context = Path(tmp) / "context.tar"
             _context(context, base_dir, requirements, wheels, runner)

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import jinja2
 
-from builder.contracts import Progress
+from builder.contracts import Progress, ProgressEvent
 from builder.errors import ImageError
 from builder.image.assemble import (
     DIR_MODE,
@@ -131,7 +131,7 @@ def build_with_docker(
         all_labels = {**standard_metadata(base, source_date_epoch), **labels}
         dockerfile = prepare_context(base, layers, all_labels, context)
         if progress is not None:
-            progress("docker build context", total, total)
+            progress(ProgressEvent("docker build context", total, total))
         try:
             image, _logs = client.images.build(
                 path=str(context),
@@ -184,7 +184,9 @@ def push_with_docker(
                 detail = event.get("progressDetail") or {}
                 if progress is not None and detail.get("total"):
                     progress(
-                        f"docker push {event.get('id', '')}", detail["current"], detail["total"]
+                        ProgressEvent(
+                            f"docker push {event.get('id', '')}", detail["current"], detail["total"]
+                        )
                     )
     except docker.errors.DockerException as exc:
         raise ImageError(f"docker push failed: {_first_line(exc)}") from None

@@ -25,7 +25,7 @@ import oras.container
 import oras.provider
 import requests
 
-from builder.contracts import Progress
+from builder.contracts import Progress, ProgressEvent
 from builder.errors import ImageError
 from builder.oci.blobs import BlobStore
 from builder.oci.descriptor import MANIFEST_ACCEPT, OCI_INDEX, sha256_digest
@@ -443,7 +443,7 @@ class RegistryClient:
                 for chunk in response.iter_content(_CHUNK):
                     done += len(chunk)
                     if progress is not None:
-                        progress(f"download {digest[:19]}", done, size)
+                        progress(ProgressEvent(f"download {digest[:19]}", done, size))
                     yield chunk
 
             try:
@@ -537,7 +537,7 @@ class RegistryClient:
             else:
                 if response.status_code == 201:
                     if isinstance(source, bytes) and progress is not None:
-                        progress(f"upload {digest[:19]}", size, size)
+                        progress(ProgressEvent(f"upload {digest[:19]}", size, size))
                     return
                 retryable = response.status_code in _RETRY_STATUSES or response.status_code == 404
                 if not retryable or attempt == policy.attempts:
@@ -593,7 +593,7 @@ class _FileBody:
             while chunk := file.read(_CHUNK):
                 done += len(chunk)
                 if self._progress is not None:
-                    self._progress(self._label, done, self._size)
+                    self._progress(ProgressEvent(self._label, done, self._size))
                 yield chunk
 
 
