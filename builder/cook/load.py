@@ -128,38 +128,8 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
     return RepoSource(location=redact_url(url), root=target, subdir="", url=canonical_repo_url(url))
 
 
-_LINK_MODE = "120000"
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One ``git ls-tree`` entry: mode, kind (blob, tree, commit), object id, blob size."""
-
-    mode: str
-    kind: str
-    sha: str
-    size: int
-
-
-def _is_below(path: str, folder: str) -> bool:
-    return not folder or path == folder or path.startswith(folder + "/")
-
-
-def _ls_tree(tree: git.Tree, path: str, *, recursive: bool) -> dict[str, _Entry]:
-    """``git ls-tree -l -z`` of ``path`` in ``tree`` (with ``recursive``: everything below it
-    and the folders leading to it), by full path."""
-    args = ["-l", "-z", "--full-tree", *(["-r", "-t"] if recursive else []), tree.hexsha]
-    raw = tree.repo.git.ls_tree(*args, *(["--", path] if path else []), stdout_as_string=False)
-    entries: dict[str, _Entry] = {}
-    for record in bytes(raw).split(b"\0"):
-        if not record:
-            continue
-        head, _, name = record.partition(b"\t")
-        mode, kind, sha, size = head.decode("ascii").split()
-        entries[name.decode("utf-8", "surrogateescape")] = _Entry(
-            mode, kind, sha, int(size) if size.isdigit() else 0
-        )
-    return entries
+def _ascii(value: object) -> str:
+    return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -201,35 +171,54 @@ class _Snapshot:
             )
 
     @cached_property
-    def _entries(self) -> dict[str, _Entry]:
-        """Every entry at and below the customer folder and the folders on the way to it,
-        from one ``git ls-tree``: walking the trees in Python would parse each of them,
-        and in a shared repository the ``customers`` tree grows with the fleet."""
+    def _folder(self) -> git.Tree | None:
+        """The customer folder's tree (None: not a folder in git), looked up by path in git's
+        own ``cat-file`` process rather than by parsing every tree on the way: in a shared
+        repository the ``customers`` tree grows with the fleet, and each customer would parse
+        it again."""
         assert self.tree is not None
-        return _ls_tree(self.tree, self.source.subdir, recursive=True)
-
-    def _entry(self, path: str) -> _Entry | None:
-        found = self._entries.get(path)
-        if found is None and not _is_below(path, self.source.subdir):
-            # A component above the folder that the listing did not show: a symlink, say.
-            assert self.tree is not None
-            found = _ls_tree(self.tree, path, recursive=False).get(path)
-        return found
-
-    def _git_item(self, rel: str) -> _Entry | None:
-        """The tree entry at ``rel``, refusing a symlink anywhere on the way."""
-        item: _Entry | None = None
+        subdir = self.source.subdir
+        if not subdir:
+            return self.tree
         walked: list[str] = []
-        for part in PurePosixPath(rel).parts:
-            if item is not None and item.kind != "tree":
+        for part in PurePosixPath(subdir).parts:
+            walked.append(part)
+            path = "/".join(walked)
+            try:
+                header = self.tree.repo.git.get_object_header(f"{self.tree.hexsha}:{path}")
+            except ValueError:
+                return None
+            sha, kind = (_ascii(v) for v in header[:2])  # bytes at run time, str in the stubs
+            if kind != "tree":
+                self._check_not_link(path)
+                return None
+        return git.Tree(self.tree.repo, bytes.fromhex(sha), path=subdir)
+
+    def _check_not_link(self, path: str) -> None:
+        """Refuse ``path`` if git holds it as a symbolic link (one ``ls-tree``: rare path)."""
+        assert self.tree is not None
+        listed = self.tree.repo.git.ls_tree("--full-tree", self.tree.hexsha, "--", path)
+        if listed.startswith("120000 "):
+            raise self._refuse_link(path)
+
+    def _git_item(self, rel: str) -> git.Blob | git.Tree | None:
+        """The tree entry at ``rel``, refusing a symlink anywhere on the way."""
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in rel):
+            return None  # no such name in a folder this builder reads (and cat-file's input)
+        item: Any = self._folder
+        subdir = self.source.subdir
+        walked = list(PurePosixPath(subdir).parts) if subdir else []
+        for part in PurePosixPath(rel).parts[len(walked) :]:
+            if not isinstance(item, git.Tree):
                 return None
             walked.append(part)
-            item = self._entry("/".join(walked))
-            if item is None:
+            try:
+                item = item / part
+            except KeyError:
                 return None
-            if item.mode == _LINK_MODE:
+            if isinstance(item, git.Blob) and item.mode == git.Blob.link_mode:
                 raise self._refuse_link("/".join(walked))
-        return item
+        return item if isinstance(item, git.Blob | git.Tree) else None
 
     def _work_path(self, rel: str) -> Path:
         """The work-tree path of ``rel``, refusing a symlink anywhere on the way."""
@@ -251,12 +240,11 @@ class _Snapshot:
                 yamldoc.check_size(path.stat().st_size, self.origin(relpath))
             return path.read_bytes()
         blob = self._git_item(rel)
-        if blob is None or blob.kind != "blob":
+        if not isinstance(blob, git.Blob):
             return None
         if yaml:
             yamldoc.check_size(blob.size, self.origin(relpath))
-        assert self.tree is not None
-        return bytes(self.tree.repo.odb.stream(bytes.fromhex(blob.sha)).read())
+        return bytes(blob.data_stream.read())
 
     def list_files(self, relfolder: str) -> list[str]:
         """Files below a folder, relative to it, sorted; a symlink among them is refused."""
@@ -277,15 +265,15 @@ class _Snapshot:
                 )
             return sorted(found)
         tree = self._git_item(rel)
-        if tree is None or tree.kind != "tree":
+        if not isinstance(tree, git.Tree):
             return []
         out = []
-        for path, item in self._entries.items():
-            if item.kind == "blob" and _is_below(path, rel) and path != rel:
-                if item.mode == _LINK_MODE:
-                    raise self._refuse_link(path)
-                self._check_name(path)
-                out.append(PurePosixPath(path).relative_to(rel).as_posix())
+        for item in tree.traverse():
+            if isinstance(item, git.Blob):
+                if item.mode == git.Blob.link_mode:
+                    raise self._refuse_link(str(item.path))
+                self._check_name(str(item.path))
+                out.append(PurePosixPath(item.path).relative_to(tree.path).as_posix())
         return sorted(out)
 
     def origin(self, relpath: str) -> str:
