@@ -407,7 +407,7 @@ def release_record(
         )
     repository, _, folder = config_source.partition("#")
     ci = _ci_context(env)
-    return ReleaseRecord(
+    record = ReleaseRecord(
         customer=customer,
         config_repository=repository,
         config_path=folder or ".",
@@ -437,6 +437,13 @@ def release_record(
         ci_url=ci.get("ci_url"),
         ci_pipeline_url=ci.get("ci_pipeline_url"),
     )
+    # Never write what the reader would refuse: the record goes through the reader's check.
+    try:
+        return ReleaseRecord.from_dict(record.to_dict(), f"{customer}: release record")
+    except ConfigError as exc:
+        raise WriteBackError(
+            f"{exc.message}; is it the `build --json` report of a release build?"
+        ) from None
 
 
 def config_source(location: str, settings: Settings) -> str:

@@ -142,6 +142,7 @@ def _fake_report(
                 "sourcing": "auto",
                 "registry_id": CARCINOMA_ID,
                 "task_id": CARCINOMA_TASK,
+                "dir_hash": "e" * 64,
                 "files": [{"name": "model.onnx", "size": 3, "sha256": "d" * 64}],
             }
         ],
@@ -466,6 +467,18 @@ def records_remote(tmp_path: Path) -> Path:
         tmp_path / "work", name="customer-a", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID
     )
     return _bare_clone(work, tmp_path / "customer-a.git")
+
+
+def test_a_record_the_reader_would_refuse_is_never_written() -> None:
+    """The writer checks a record with the reader's own check: a report whose model has no
+    dir_hash (or a malformed digest) fails before anything is committed."""
+    report = _fake_report("customer-a", "1" * 40, "sha256:" + "1" * 64)
+    report["models"][0].pop("dir_hash")
+    with pytest.raises(WriteBackError, match=r"models\[0\]\.dir_hash"):
+        release_record(report, config_source="https://git.example.com/customer-a.git")
+    report = _fake_report("customer-a", "1" * 40, "sha256:" + "1" * 7)
+    with pytest.raises(WriteBackError, match="manifest_digest"):
+        release_record(report, config_source="https://git.example.com/customer-a.git")
 
 
 def test_record_is_retried_on_top_of_a_concurrent_push(
