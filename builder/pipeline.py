@@ -484,7 +484,7 @@ def build(
         variant = build_variant(spec, request.variant)
         repository = base_repository(spec, settings, request.base_repository, variant)
         with stage("base"):
-            pinned = (cooked.lock or {}).get("base_image")
+            pinned = cooked.lock.base_image if cooked.lock else None
             base = resolve_base_image(
                 repository,
                 request.base_version or spec.base_version,

@@ -14,8 +14,10 @@ import yaml
 
 from builder import __version__, yamldoc
 from builder.contracts import WeightFile
+from builder.cook.lock import render
 from builder.documents import FileDigest
 from builder.documents.build_report import BuildReport, LayerReport
+from builder.documents.lock import Lock
 from builder.documents.provenance import Provenance
 from builder.documents.publish_manifest import PublishManifest
 from builder.documents.release_record import ReleaseRecord
@@ -192,3 +194,25 @@ def test_publish_manifest_bytes_and_round_trip() -> None:
     assert PublishManifest.from_dict(json.loads(golden)) == manifest
     old = PublishManifest.from_dict({"files": [manifest.files[0].to_dict()]})
     assert old.files == manifest.files and old.model_id is None
+
+
+@pytest.mark.parametrize("customer", ["customer-x", "customer-y", "customer-z"])
+def test_lock_reads_and_writes_the_committed_lock_byte_for_byte(customer: str) -> None:
+    """The bundled customers' committed locks (written by `builder lock` before the Lock type
+    existed) read into a Lock that renders the very same bytes, and round-trips."""
+    path = Path(__file__).parents[1] / "customers" / customer / "customer.lock.yaml"
+    raw = path.read_bytes()
+    lock = Lock.from_dict(yaml.safe_load(raw), str(path))
+    assert render(lock) == raw
+    assert Lock.from_dict(lock.to_dict()) == lock
+    assert lock.customer == customer and lock.models
+
+
+def test_lock_refuses_a_malformed_entry_in_one_line() -> None:
+    path = Path(__file__).parents[1] / "customers" / "customer-x" / "customer.lock.yaml"
+    data = yaml.safe_load(path.read_bytes())
+    name = sorted(data["models"])[0]
+    data["models"][name]["files"][0]["sha256"] = "not-a-digest"
+    with pytest.raises(ConfigError, match=rf"models\.{name}\.files\[0\]\.sha256") as info:
+        Lock.from_dict(data, "customer.lock.yaml")
+    assert "\n" not in str(info.value)

@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 
 from builder import yamldoc
 from builder.cook.load import load_customer
-from builder.cook.lock import make_lock, models_from_lock, read_lock, render
+from builder.cook.lock import make_lock, models_from_lock, read_lock
 from builder.cook.stage import cook
 from builder.deliver import write_docker_archive
 from builder.errors import BuilderError, ConfigError, ImageError
@@ -404,13 +404,13 @@ def locked_world(
             }
         ],
     )
-    lock = make_lock(spec, (), None)
+    lock = make_lock(spec, (), None).to_dict()  # a raw mapping, edited into hostile shapes
     lock["models"] = {"carcinoma_model": entry, "mitosis_model": manual}
     return repo, settings, lock
 
 
 def _commit_lock(repo: Path, lock: dict[str, Any]) -> None:
-    commit_files(repo, {"customer.lock.yaml": render(lock)}, "lock")
+    commit_files(repo, {"customer.lock.yaml": yamldoc.dump(lock)}, "lock")
 
 
 def test_valid_lock_is_used(locked_world: tuple[Path, Settings, dict[str, Any]]) -> None:
@@ -502,7 +502,7 @@ def test_hostile_lock_is_refused(
 
 def test_too_deep_lock_is_one_line(locked_world: tuple[Path, Settings, dict[str, Any]]) -> None:
     repo, settings, lock = locked_world
-    text = render(lock) + b"deep: " + b"[" * 10_000 + b"]" * 10_000 + b"\n"
+    text = yamldoc.dump(lock) + b"deep: " + b"[" * 10_000 + b"]" * 10_000 + b"\n"
     commit_files(repo, {"customer.lock.yaml": text}, "deep lock")
     with pytest.raises(ConfigError, match="deeper than"):
         cook(str(repo), settings, locked=True)

@@ -11,6 +11,7 @@ import io
 import json
 import multiprocessing
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -437,15 +438,16 @@ def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
 def test_base_resolution_order(tmp_path: Path) -> None:
     """Pinned digest in the store: used with no registry call; --offline: the store only; a
     pin the store lacks offline, or a registry base other than the pin: one clear line."""
+    from builder.documents.lock import LockedBase
     from builder.image.base_resolution import resolve_base_image
 
     store = ImageStore(tmp_path / "store")
     repository = "127.0.0.1:9/ivd/base"  # nothing listens there
     digest = _put_synthetic_base(store, [f"{repository}:2.4.2"]).digest
-    pinned = {"version": "2.4.2", "digest": digest}
+    pinned = LockedBase(repository, "2.4.2", digest=digest)
     assert resolve_base_image(repository, "~=2.4", store, pinned=pinned).digest == digest
     assert resolve_base_image(repository, "~=2.4", store, offline=True).version == "2.4.2"
-    other = {"version": "2.4.2", "digest": "sha256:" + "0" * 64}
+    other = LockedBase(repository, "2.4.2", digest="sha256:" + "0" * 64)
     with pytest.raises(ImageError, match="pinned by the lock is not in the local image store"):
         resolve_base_image(repository, "~=2.4", store, pinned=other, offline=True)
     with pytest.raises(ImageError, match="builder base build") as info:
@@ -455,5 +457,7 @@ def test_base_resolution_order(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     write_oci_layout(store.stored_image(f"{repository}:2.4.2"), layout, ["2.4.2"])
     with pytest.raises(ImageError, match="but the lock pins") as drift:
-        resolve_base_image(f"oci:{layout}", "~=2.4", store, pinned=other)
+        resolve_base_image(
+            f"oci:{layout}", "~=2.4", store, pinned=replace(other, repository=f"oci:{layout}")
+        )
     assert "builder lock" in (drift.value.hint or "")

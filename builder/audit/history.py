@@ -22,6 +22,7 @@ from builder.cook.lock import models_from_lock, read_lock
 from builder.cook.registries.opener import open_registry
 from builder.cook.resolve import resolve
 from builder.cook.storage import open_store
+from builder.documents.lock import Lock
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import BuilderError, ConfigError
 from builder.image.provenance import dir_hash
@@ -112,7 +113,7 @@ class Resolver:
     def config(self, spec: CustomerSpec) -> ResolvedConfig:
         """The resolved configuration of ``spec`` (lock first, then the registry)."""
         notes: list[str] = []
-        lock: dict[str, Any] | None = None
+        lock: Lock | None = None
         models: tuple[ResolvedModel, ...] | None = None
         how = "lock"
         try:
@@ -139,7 +140,7 @@ class Resolver:
                 d.name: {"sourcing": d.sourcing, "model_id": d.reference, "weights": {}}
                 for d in spec.models
             }
-        base = (lock or {}).get("base_image")
+        base = lock.base_image.to_dict() if lock and lock.base_image else None
         return ResolvedConfig(
             commit=spec.commit,
             customer=spec.customer,

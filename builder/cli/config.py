@@ -193,7 +193,7 @@ def lock(
         "lock",
         {
             "path": str(result.path) if result.path else None,
-            "lock": result.lock,
+            "lock": result.lock.to_dict(),
             "drift": list(result.drift),
         },
         lambda: click.echo(message),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +25,7 @@ from builder.cook.registries import ModelRecord, ModelRegistry, TaskRecord
 from builder.cook.registries.opener import open_registry
 from builder.cook.resolve import release_blockers, resolve
 from builder.cook.storage import open_store
+from builder.documents.lock import Lock
 from builder.errors import ConfigError, DriftError, RegistryError, ReleaseGateError
 from builder.fsutil import write_atomic
 from builder.settings import Settings
@@ -38,7 +39,7 @@ class Cooked:
     models: tuple[ResolvedModel, ...]
     development: bool  # release gates were waived (--allow-unpublished) and something failed them
     warnings: tuple[str, ...] = ()
-    lock: dict[str, Any] | None = field(default=None)  # the committed lock, when one was used
+    lock: Lock | None = field(default=None)  # the committed lock, when one was used
     lock_sha256: str | None = None  # sha256 of that lock file's bytes (the attestation names it)
     store_base: Path = Path()  # anchors relative file: weight URIs (Settings.root)
 
@@ -214,7 +215,7 @@ def complete_hashes(
 @dataclass(frozen=True)
 class LockResult:
     path: Path | None  # where the lock was written (None for --check)
-    lock: dict[str, Any]
+    lock: Lock
     drift: tuple[str, ...]  # differences from the committed lock (check mode)
     warnings: tuple[str, ...]
 
@@ -261,7 +262,7 @@ def make_customer_lock(
 
 def release_lock_drift(
     spec: CustomerSpec,
-    committed: Mapping[str, Any],
+    committed: Lock,
     models: tuple[ResolvedModel, ...],
     base: BaseImageRef | None,
     *,

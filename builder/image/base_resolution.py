@@ -6,10 +6,8 @@ runner accepts are checked here, once, for ``build`` and ``lock`` alike.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec
+from builder.documents.lock import LockedBase
 from builder.errors import ImageError
 from builder.image.base import BaseImage, resolve_base
 from builder.image.base_build import LABEL_SCHEMAS, variant_repository
@@ -77,18 +75,18 @@ BASE_HINT = (
 )
 
 
-def _check_pin(base: BaseImage, pinned: Mapping[str, Any] | None) -> BaseImage:
+def _check_pin(base: BaseImage, pinned: LockedBase | None) -> BaseImage:
     """Refuse a base other than the one the lock pins (version and digest)."""
     if (
         pinned
-        and pinned.get("digest")
+        and pinned.digest
         # the lock pins the first variant's base; another variant resolves by the constraint
-        and pinned.get("repository", base.repository) == base.repository
-        and (pinned.get("version"), pinned["digest"]) != (base.version, base.digest)
+        and pinned.repository == base.repository
+        and (pinned.version, pinned.digest) != (base.version, base.digest)
     ):
         raise ImageError(
             f"base image {base.repository} resolves to {base.version} ({base.digest[:19]}) "
-            f"but the lock pins {pinned.get('version')} ({str(pinned['digest'])[:19]})",
+            f"but the lock pins {pinned.version} ({pinned.digest[:19]})",
             hint="run `builder lock` to accept the new base, or restore the pinned one",
         )
     return base
@@ -99,7 +97,7 @@ def resolve_base_image(
     version_spec: str,
     store: ImageStore,
     *,
-    pinned: Mapping[str, Any] | None = None,
+    pinned: LockedBase | None = None,
     offline: bool = False,
     insecure: bool | None = None,
     keep: bool = True,
@@ -118,9 +116,9 @@ def resolve_base_image(
     """
     if repository.startswith("oci:"):
         return _check_pin(resolve_base(repository, version_spec, insecure=insecure), pinned)
-    digest = str((pinned or {}).get("digest") or "")
+    digest = (pinned.digest if pinned else None) or ""
     if digest:
-        version = str((pinned or {}).get("version") or "")
+        version = pinned.version if pinned else ""
         found = store.find_digest(repository, version, digest)
         if found is not None:
             return found
