@@ -86,6 +86,10 @@ class Plugin:
     cls: str
     params: Mapping[str, Any]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The form configs, locks and reports write: ``{cls, params}``."""
+        return {"cls": self.cls, "params": dict(self.params)}
+
 
 @dataclass(frozen=True)
 class WeightFile:

@@ -37,8 +37,9 @@ from packaging.version import Version
 
 from builder import __version__
 from builder.cook.load import _URL, canonical_repo_url, open_source
-from builder.documents import FileDigest
+from builder.documents import FileDigest, check_document
 from builder.documents.release_record import RECORD_VERSION, RecordModel, ReleaseRecord
+from builder.documents.release_record import SCHEMA as RECORD_SCHEMA
 from builder.errors import (
     BuilderError,
     ConfigError,
@@ -439,11 +440,12 @@ def release_record(
     )
     # Never write what the reader would refuse: the record goes through the reader's check.
     try:
-        return ReleaseRecord.from_dict(record.to_dict(), f"{customer}: release record")
+        check_document(record.to_dict(), RECORD_SCHEMA, f"{customer}: release record", "")
     except ConfigError as exc:
         raise WriteBackError(
             f"{exc.message}; is it the `build --json` report of a release build?"
         ) from None
+    return record
 
 
 def config_source(location: str, settings: Settings) -> str:

@@ -63,8 +63,8 @@ def _model_view(m: ResolvedModel) -> dict[str, Any]:
         "task_id": m.task_id,
         "weights": {f.name: f.sha256 for f in m.files},
         "dir_hash": dir_hash(m) if all(f.sha256 for f in m.files) else None,
-        "preprocessing": [{"cls": p.cls, "params": dict(p.params)} for p in m.preprocessing],
-        "postprocessing": [{"cls": p.cls, "params": dict(p.params)} for p in m.postprocessing],
+        "preprocessing": [p.to_dict() for p in m.preprocessing],
+        "postprocessing": [p.to_dict() for p in m.postprocessing],
         "params": dict(m.params),
     }
 

@@ -15,7 +15,7 @@ MODELS_DIR = "models"
 
 
 def _plugins(plugins: tuple[Plugin, ...]) -> list[dict[str, Any]]:
-    return [{"cls": p.cls, "params": dict(p.params)} for p in plugins]
+    return [p.to_dict() for p in plugins]
 
 
 def model_provenance(model: ResolvedModel) -> dict[str, Any]:

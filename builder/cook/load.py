@@ -128,6 +128,11 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
     return RepoSource(location=redact_url(url), root=target, subdir="", url=canonical_repo_url(url))
 
 
+def _has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (C0 or DEL)."""
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+
+
 def _ascii(value: object) -> str:
     return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
@@ -159,7 +164,7 @@ class _Snapshot:
 
     def _check_name(self, rel: str) -> None:
         """Refuse a file name with control characters (a newline would end up in an image path)."""
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in rel):
+        if _has_control(rel):
             try:
                 shown = PurePosixPath(rel).relative_to(self.source.subdir).as_posix()
             except ValueError:
@@ -203,7 +208,7 @@ class _Snapshot:
 
     def _git_item(self, rel: str) -> git.Blob | git.Tree | None:
         """The tree entry at ``rel``, refusing a symlink anywhere on the way."""
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in rel):
+        if _has_control(rel):
             return None  # no such name in a folder this builder reads (and cat-file's input)
         item: Any = self._folder
         subdir = self.source.subdir
@@ -332,7 +337,7 @@ def safe_relpath(value: str, where: str, what: str) -> str:
         or path.is_absolute()
         or ".." in path.parts
         or "\\" in value
-        or any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
+        or _has_control(value)
     ):
         raise ConfigError(
             f"{where}: {what} {value[:120]!r} must be a relative path inside the customer folder "

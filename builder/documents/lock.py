@@ -90,10 +90,8 @@ class LockedModel:
             "published": self.published,
             "weights_uri": self.weights_uri,
             "files": [f.to_dict() for f in self.files],
-            "preprocessing": [{"cls": p.cls, "params": dict(p.params)} for p in self.preprocessing],
-            "postprocessing": [
-                {"cls": p.cls, "params": dict(p.params)} for p in self.postprocessing
-            ],
+            "preprocessing": [p.to_dict() for p in self.preprocessing],
+            "postprocessing": [p.to_dict() for p in self.postprocessing],
             "params": dict(self.params),
         }
 

@@ -394,7 +394,7 @@ def _check_models(
                 entries, found = chain_problems(contract, kind, list(short.get(kind) or []))
                 checker.report_all((*m_path, kind), found)
             elif model is not None:
-                chain = [{"cls": p.cls, "params": dict(p.params)} for p in getattr(model, kind)]
+                chain = [p.to_dict() for p in getattr(model, kind)]
                 entries, found = chain_problems(contract, kind, chain)
                 for sub, message in found:
                     checker.report(
