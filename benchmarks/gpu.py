@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,31 +167,45 @@ def bench_slide(size: int, seed: int) -> Path:
     return Path(_bench_runner().cached_slide(size, seed))
 
 
+def _runner_options(device: str, args: argparse.Namespace) -> list[str]:
+    """The `tilerunner run` options both ways of running share."""
+    options = ["--device", device, "--batch-size", str(args.batch_size), "--no-progress"]
+    return options + (["--workers", str(args.workers)] if args.workers else [])
+
+
+def _measured(device: str, target: Path, run: Callable[[], tuple[int, str]]) -> dict[str, Any]:
+    """Run ``run`` (exit code, stderr) timed, sampling the GPU on cuda; its summaries."""
+    sampler = GpuSampler() if device == "cuda" else None
+    t0 = time.perf_counter()
+    if sampler:
+        sampler.start()
+    try:
+        code, stderr = run()
+    finally:
+        wall = time.perf_counter() - t0
+        gpu = sampler.stop() if sampler else None
+    if code != 0:
+        raise RuntimeError(f"--device {device} exited {code}: {stderr.strip()[-500:]}")
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in target.glob("*/summary.json")}
+    return {"wall_s": wall, "summaries": summaries, "gpu": gpu, "stderr": stderr}
+
+
 def run_host(slide: Path, out: Path, device: str, args: argparse.Namespace) -> dict[str, Any]:
     """One `tilerunner run` of this checkout on this host with the demo models (--host)."""
     bench = _bench_runner()
     config = bench.write_app(out / "app", bench.cached_models())
     target = out / device
     command = [sys.executable, "-m", "tilerunner", "-q", "run", str(slide), "--config", str(config)]
-    command += ["--app-dir", str(config.parent), "--out", str(target), "--device", device]
-    command += ["--batch-size", str(args.batch_size), "--no-progress"]
-    if args.workers:
-        command += ["--workers", str(args.workers)]
-    sampler = GpuSampler() if device == "cuda" else None
-    t0 = time.perf_counter()
-    if sampler:
-        sampler.start()
-    proc = subprocess.run(
-        command, capture_output=True, text=True, timeout=args.timeout, check=False
-    )
-    wall = time.perf_counter() - t0
-    gpu = sampler.stop() if sampler else None
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"--device {device} exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
+    command += ["--app-dir", str(config.parent), "--out", str(target)]
+    command += _runner_options(device, args)
+
+    def run() -> tuple[int, str]:
+        proc = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout, check=False
         )
-    summaries = {p.parent.name: json.loads(p.read_text()) for p in target.glob("*/summary.json")}
-    return {"wall_s": wall, "summaries": summaries, "gpu": gpu, "stderr": proc.stderr}
+        return proc.returncode, proc.stderr
+
+    return _measured(device, target, run)
 
 
 def run_image(
@@ -202,37 +217,29 @@ def run_image(
     target = out / device
     target.mkdir(parents=True, exist_ok=True)
     target.chmod(0o777)
-    command = ["run", f"/slides/{slide.name}", "--out", f"/out/{device}", "--device", device]
-    command += ["--batch-size", str(args.batch_size), "--no-progress", "--json"]
-    if args.workers:
-        command += ["--workers", str(args.workers)]
+    command = ["run", f"/slides/{slide.name}", "--out", f"/out/{device}", "--json"]
+    command += _runner_options(device, args)
     gpus = [DeviceRequest(count=-1, capabilities=[["gpu"]])] if device == "cuda" else []
-    sampler = GpuSampler() if device == "cuda" else None
-    t0 = time.perf_counter()
-    if sampler:
-        sampler.start()
-    container = client.containers.run(
-        image,
-        command,
-        volumes={
-            str(slide.parent): {"bind": "/slides", "mode": "ro"},
-            str(target): {"bind": f"/out/{device}", "mode": "rw"},
-        },
-        device_requests=gpus,
-        network_mode="none",
-        detach=True,
-    )
-    try:
-        code = int(container.wait(timeout=args.timeout)["StatusCode"])
-        stderr = bytes(container.logs(stdout=False, stderr=True)).decode()
-    finally:
-        container.remove(force=True)
-    wall = time.perf_counter() - t0
-    gpu = sampler.stop() if sampler else None
-    if code != 0:
-        raise RuntimeError(f"--device {device} exited {code}: {stderr.strip()[-500:]}")
-    summaries = {p.parent.name: json.loads(p.read_text()) for p in target.glob("*/summary.json")}
-    return {"wall_s": wall, "summaries": summaries, "gpu": gpu, "stderr": stderr}
+
+    def run() -> tuple[int, str]:
+        container = client.containers.run(
+            image,
+            command,
+            volumes={
+                str(slide.parent): {"bind": "/slides", "mode": "ro"},
+                str(target): {"bind": f"/out/{device}", "mode": "rw"},
+            },
+            device_requests=gpus,
+            network_mode="none",
+            detach=True,
+        )
+        try:
+            code = int(container.wait(timeout=args.timeout)["StatusCode"])
+            return code, bytes(container.logs(stdout=False, stderr=True)).decode()
+        finally:
+            container.remove(force=True)
+
+    return _measured(device, target, run)
 
 
 def figures(result: dict[str, Any]) -> dict[str, Any]:
