@@ -79,6 +79,20 @@ class CustomerSpec:
         return f"{self.commit[:12]}-dirty" if self.worktree else self.commit[:12]
 
 
+@dataclass(frozen=True, order=True)
+class ImageKey:
+    """One image of the fleet: a customer built on one base variant. Fleet state, plan items
+    and release records are kept per image, so one variant's failure never hides behind
+    another's success."""
+
+    customer: str
+    variant: str = "cpu"
+
+    def __str__(self) -> str:
+        """``customer-x`` for the cpu image, ``customer-x (gpu)`` for another variant."""
+        return self.customer if self.variant == "cpu" else f"{self.customer} ({self.variant})"
+
+
 @dataclass(frozen=True)
 class Plugin:
     """A runner plug-in chosen by class name and configured by params."""

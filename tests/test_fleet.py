@@ -201,7 +201,7 @@ def test_plan_the_example_fleet(local_env: dict[str, str]) -> None:
     ]
     nobody = _cli(local_env, "plan", "--base-version", "3.0.0")
     assert nobody.returncode == 0, nobody.stderr
-    assert "0 of 3 customers to rebuild" in nobody.stdout
+    assert "0 of 3 images to rebuild" in nobody.stdout
     assert "no customer admits base 3.0.0: nothing to rebuild" in nobody.stdout
 
 
@@ -265,7 +265,10 @@ def test_plan_reports_each_faulty_customer_and_plans_the_others(
     assert result.returncode == 8
     doc = _json(result)
     assert doc["ok"] is False
-    assert doc["error"]["message"].startswith("4 of 5 customers could not be planned")
+    assert doc["error"]["message"] == (
+        "4 of 5 images could not be planned: customer-gone, customer-bad, customer-renamed, "
+        "customer-nowhere; 1 of 5 would be refused: customer-a"
+    )
     items = {i["customer"]: i for i in doc["result"]["items"]}
     assert items["customer-a"]["status"] == "rebuild"
     assert "customer-a" in items["customer-a"]["image"]
@@ -282,7 +285,7 @@ def test_plan_reports_each_faulty_customer_and_plans_the_others(
     assert (
         human.stderr.strip()
         .splitlines()[-1]
-        .startswith("error: 4 of 5 customers could not be planned")
+        .startswith("error: 4 of 5 images could not be planned")
     )
     assert re.search(r"customer-a\s+~=2.4\s+rebuild", human.stdout)
 
@@ -390,7 +393,7 @@ def test_plan_counts_already_released_apart_and_warns_on_a_base_downgrade(
     assert item["status"] == "released" and item["change"] == "none"
     assert item["summary"] == f"already released: {item['previous']['image']}"
     human = _cli(local_env, "plan", "--base-version", "2.5.0", "--fleet", str(fleet))
-    assert "0 of 1 customers to rebuild, 1 already released" in human.stdout
+    assert "0 of 1 images to rebuild, 1 already released (1 customer," in human.stdout
     child = tmp_path / "child.yml"
     _cli(
         local_env,
@@ -405,9 +408,12 @@ def test_plan_counts_already_released_apart_and_warns_on_a_base_downgrade(
     assert "build:customer-a" not in child.read_text()  # nothing to do: no CI job
 
     down = _cli(local_env, "plan", "--base-version", "2.4.2", "--fleet", str(fleet), "--json")
-    assert down.returncode == 0, down.stderr
+    assert down.returncode == 8, down.stderr  # no lock: its release build would be refused
     (item,) = _json(down)["result"]["items"]
     assert item["status"] == "rebuild" and item["change"] == "base"
+    assert [p.split(";")[0] for p in item["problems"]] == [
+        "missing lock: no customer.lock.yaml committed"
+    ]
     assert item["warnings"] == [
         f"base downgrade: customer-a was last released on 2.5.0 ({item['previous']['image']}); "
         "2.4.2 is older"
@@ -431,14 +437,30 @@ def test_release_records_of_a_run_are_one_commit_per_repository(
         _fake_report(name, head, "sha256:" + str(n) * 64)
         for n, name in enumerate(("customer-a", "customer-b", "customer-c"), start=1)
     ]
+    gpu = f"registry.example.com/customer-a:2.5.0-gpu-{head[:12]}"  # the same customer's gpu image
+    reports.append(_fake_report("customer-a", head, "sha256:" + "9" * 64, image=gpu, tags=[gpu]))
     locations = {r["customer"]: str(configs / r["customer"]) for r in reports}
     written = write_release_records(reports, locations, settings)
-    assert all(isinstance(w, WriteResult) and w.status == "written" for w in written.values())
+    assert all(isinstance(w, WriteResult) and w.status == "written" for w in written)
     branch = git.Repo(bare).commit(RELEASES_BRANCH)
-    assert not branch.parents  # one commit holds all three
-    assert {w.commit for w in written.values() if isinstance(w, WriteResult)} == {branch.hexsha}
-    assert len(_records(bare)) == 3
-    assert str(branch.message).startswith("release: 3 images on base 2.5.0")
+    assert not branch.parents  # one commit holds all four, both images of customer-a
+    assert {w.commit for w in written if isinstance(w, WriteResult)} == {branch.hexsha}
+    assert sorted(_records(bare)) == [
+        f"releases/customer-a/2.5.0-{head[:12]}.yaml",
+        f"releases/customer-a/2.5.0-gpu-{head[:12]}.yaml",
+        f"releases/customer-b/2.5.0-{head[:12]}.yaml",
+        f"releases/customer-c/2.5.0-{head[:12]}.yaml",
+    ]
+    assert str(branch.message).startswith("release: 4 images on base 2.5.0")
+    # Read back per image: customer-a's gpu record does not hide its cpu one.
+    log = ReleaseLog(str(bare), tmp_path / "reader", RELEASES_BRANCH)
+    latest = log.latest_by_image(log.fetch())
+    assert {str(k): r["manifest_digest"][-1] for k, r in latest.items()} == {
+        "customer-a": "1",
+        "customer-a (gpu)": "9",
+        "customer-b": "2",
+        "customer-c": "3",
+    }
 
     # Again: all present, no new commit; a changed digest is refused for that record only,
     # and a new record next to it still lands.
@@ -449,10 +471,10 @@ def test_release_records_of_a_run_are_one_commit_per_repository(
         {**locations, "customer-d": str(configs / "customer-a")},
         settings,
     )
-    assert isinstance(again["customer-a"], WriteResult) and again["customer-a"].status == "present"
-    assert isinstance(again["customer-b"], WriteBackError)
-    assert "refusing to overwrite a release record" in again["customer-b"].message
-    assert isinstance(again["customer-d"], WriteResult) and again["customer-d"].status == "written"
+    assert isinstance(again[0], WriteResult) and again[0].status == "present"
+    assert isinstance(again[1], WriteBackError)
+    assert "refusing to overwrite a release record" in again[1].message
+    assert isinstance(again[2], WriteResult) and again[2].status == "written"
     top = git.Repo(bare).commit(RELEASES_BRANCH)
     assert [p.hexsha for p in top.parents] == [branch.hexsha]  # on top, never forced
 
@@ -828,9 +850,10 @@ def test_private_repositories_with_a_ci_token_that_never_leaks(
         },
     ):
         result = _cli(env, *args)
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.returncode == 8, result.stdout + result.stderr  # read; it has no lock
         (item,) = _json(result)["result"]["items"]
         assert item["status"] == "rebuild" and item["repo"] == f"{url}/customer-p.git"
+        assert item["lock"] == "missing" and len(item["problems"]) == 1
         assert TOKEN not in result.stdout + result.stderr
 
     # Write-back over the same authenticated HTTP remote.
@@ -988,7 +1011,7 @@ def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
     assert first.returncode == 8, first.stderr
     doc = _json(first)
     assert doc["ok"] is False
-    assert doc["error"]["message"] == "2 of 5 customers failed: customer-bad, customer-gone"
+    assert doc["error"]["message"] == "2 of 5 images failed: customer-bad, customer-gone"
     results = {r["customer"]: r for r in doc["result"]["results"]}
     assert {n: r["status"] for n, r in results.items()} == {
         "customer-a": "built",
@@ -1078,13 +1101,11 @@ def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
     first = {r["customer"]: r for r in _json(cold)["result"]["results"]}
     assert {n: r["status"] for n, r in first.items()} == dict.fromkeys(first, "built")
     # Progress on stderr, also under --json: the plan, then one line per finished customer.
+    # Two builds on two workers are both warm-up builds: no pace or ETA is guessed from them.
     lines = cold.stderr.strip().splitlines()
-    assert lines[0].startswith("planned 2 customers in ")
-    assert re.match(
-        r"\[1/2\] 1 built, 0 unchanged, 0 failed, [\d.]+/min, ETA .+? \| customer-. built in ",
-        lines[1],
-    )
-    assert re.match(r"\[2/2\] 2 built, 0 unchanged, 0 failed, [\d.]+/min, ETA 0 s \| ", lines[2])
+    assert lines[0].startswith("planned 2 images of 2 customers in ")
+    assert re.match(r"\[1/2\] 1 built, 0 unchanged, 0 failed \| customer-. built in ", lines[1])
+    assert re.match(r"\[2/2\] 2 built, 0 unchanged, 0 failed \| customer-. built in ", lines[2])
     assert len(lines) == 3
     # Every byte sent is in the report, the attestations (provenance, SBOM) included.
     for name, result in first.items():
@@ -1108,7 +1129,8 @@ def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
         ("HEAD", f"/v2/{namespace}/customer-b"),
         ("HEAD", f"/v2/{namespace}/customer-c"),
     ]
-    assert "[2/2] 0 built, 2 unchanged, 0 failed" in again.stderr
+    # Nothing to build: the plan and one closing line, no pace, no "ETA 0 s" per image.
+    assert again.stderr.strip().splitlines()[1:] == ["[2/2] 0 built, 2 unchanged, 0 failed"]
     assert _records(configs) == records
 
     # A config change rebuilds that customer only; --force rebuilds all, same digests.

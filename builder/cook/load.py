@@ -446,9 +446,12 @@ def load_customer(
     )
 
 
-def read_committed_file(spec: CustomerSpec, relpath: str) -> bytes | None:
-    """A file of the customer folder at the same revision the spec was read at."""
-    repo = git.Repo(spec.source.root)
+def read_committed_file(
+    spec: CustomerSpec, relpath: str, *, repo: git.Repo | None = None
+) -> bytes | None:
+    """A file of the customer folder at the same revision the spec was read at (through
+    ``repo``, an open repository of the spec's source, when the caller has one)."""
+    repo = repo or git.Repo(spec.source.root)
     snapshot = _Snapshot(
         spec.source,
         spec.commit,

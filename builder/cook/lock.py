@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder import yamldoc
 from builder.contracts import (
@@ -25,6 +25,9 @@ from builder.cook.load import CUSTOMER_FILE, LOCK_FILE, read_committed_file, saf
 from builder.documents.lock import Lock, LockedModel
 from builder.errors import ConfigError, DriftError
 
+if TYPE_CHECKING:
+    import git
+
 #: How many changes a drift message lists before "and N more changes".
 MAX_DRIFT_LINES = 12
 
@@ -34,10 +37,10 @@ class StaleLockError(DriftError, ConfigError):
     problem to callers that fall back to the registry (history, verify)."""
 
 
-def _inputs(spec: CustomerSpec) -> dict[str, str]:
+def _inputs(spec: CustomerSpec, repo: git.Repo | None = None) -> dict[str, str]:
     out = {}
     for name in (CUSTOMER_FILE, spec.analysis_path):
-        data = read_committed_file(spec, name) or b""
+        data = read_committed_file(spec, name, repo=repo) or b""
         out[name] = hashlib.sha256(data).hexdigest()
     return out
 
@@ -84,12 +87,13 @@ def parse_lock(raw: bytes, spec: CustomerSpec) -> Lock:
     return Lock.from_dict(doc.data, doc.origin)
 
 
-def input_drift(spec: CustomerSpec, lock: Lock) -> list[str]:
+def input_drift(spec: CustomerSpec, lock: Lock, *, repo: git.Repo | None = None) -> list[str]:
     """What changed in the config files since the lock was made, key by key (models, params,
-    base constraint), read from the git history of the files the lock's sha256 names."""
+    base constraint), read from the git history of the files the lock's sha256 names
+    (through ``repo``, an open repository of the spec's source, when the caller has one)."""
     lines: list[str] = []
     pinned = lock.inputs
-    for name, digest in sorted(_inputs(spec).items()):
+    for name, digest in sorted(_inputs(spec, repo).items()):
         before = pinned.get(name)
         if before == digest:
             continue

@@ -5,6 +5,7 @@ Schema-checked, one line per error; base version constraints and what they admit
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from builder.cook.load import _URL
 from builder.errors import (
     ConfigError,
 )
+from builder.fleet.index import cache_file, read_json, write_json
 from builder.redact import redact_url
 from builder.settings import Settings
 
@@ -47,6 +49,9 @@ class FleetEntry:
 class Fleet:
     path: Path
     entries: tuple[FleetEntry, ...]
+    # Every local customer folder the file lists (absolute), also when ``entries`` is a
+    # selection: what the file covers.
+    folders: frozenset[str] = frozenset()
 
     def select(self, names: Sequence[str]) -> Fleet:
         """The named customers only (all when ``names`` is empty); an unknown name is an error."""
@@ -61,7 +66,7 @@ class Fleet:
                     hint="add it to the fleet file, or fix the name",
                 )
         wanted = set(names)
-        return Fleet(self.path, tuple(e for e in self.entries if e.name in wanted))
+        return Fleet(self.path, tuple(e for e in self.entries if e.name in wanted), self.folders)
 
     def entry(self, name: str) -> FleetEntry:
         return self.select([name]).entries[0]
@@ -72,7 +77,11 @@ def default_fleet_path(settings: Settings) -> Path:
 
 
 def load_fleet(path: Path | None, settings: Settings) -> Fleet:
-    """Read and validate the fleet file; relative folders are relative to the file."""
+    """Read and validate the fleet file; relative folders are relative to the file.
+
+    What a file's bytes say is kept in the cache under their hash, so an unchanged fleet file
+    of thousands of customers is not parsed and validated again; folders are resolved anew.
+    """
     path = (path or default_fleet_path(settings)).expanduser()
     try:
         raw = path.read_bytes()
@@ -81,9 +90,29 @@ def load_fleet(path: Path | None, settings: Settings) -> Fleet:
             f"{path}: cannot read the fleet file: {exc.strerror or exc}",
             hint="pass --fleet FILE (default: fleet.yaml in the customers folder)",
         ) from None
+    kept = cache_file(settings.cache_dir, "fleet", str(path), hashlib.sha256(raw).hexdigest())
+    rows = _kept_rows(kept)
+    if rows is None:
+        rows = _parse_rows(raw, path)
+        write_json(kept, {"rows": [list(row) for row in rows]})
+    entries = tuple(_entry(path, *row) for row in rows)
+    folders = frozenset(e.location for e in entries if not e.is_url)
+    return Fleet(path=path, entries=entries, folders=folders)
+
+
+def _kept_rows(kept: Path) -> list[tuple[str, str, str, str]] | None:
+    data = read_json(kept)
+    try:
+        return [(str(n), str(r), str(f), str(w)) for n, r, f, w in (data or {})["rows"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _parse_rows(raw: bytes, path: Path) -> list[tuple[str, str, str, str]]:
+    """(name, repo, ref, where) of each entry, schema-checked, one line per error."""
     doc = yamldoc.parse(raw, str(path))
     yamldoc.validate(doc, "fleet")
-    entries: list[FleetEntry] = []
+    rows: list[tuple[str, str, str, str]] = []
     seen: dict[str, str] = {}
     for index, item in enumerate(doc.data["customers"]):
         where = doc.where(("customers", index, "name"))
@@ -92,26 +121,19 @@ def load_fleet(path: Path | None, settings: Settings) -> Fleet:
             raise ConfigError(f"{where}: customer {name!r} is listed twice (first at {seen[name]})")
         seen[name] = where
         repo = item["repo"].strip()
-        if _URL.match(repo):
-            if redact_url(repo) != repo:
-                raise ConfigError(
-                    f"{doc.where(('customers', index, 'repo'))}: the URL of {name!r} holds "
-                    "credentials; remove them",
-                    hint="CI supplies them from BUILDER_GIT_TOKEN or CI_JOB_TOKEN",
-                )
-            location = repo
-        else:
-            location = str((path.parent / Path(repo).expanduser()).resolve())
-        entries.append(
-            FleetEntry(
-                name=name,
-                repo=repo,
-                location=location,
-                ref=str(item.get("ref", "HEAD")).strip(),
-                where=where,
+        if _URL.match(repo) and redact_url(repo) != repo:
+            raise ConfigError(
+                f"{doc.where(('customers', index, 'repo'))}: the URL of {name!r} holds "
+                "credentials; remove them",
+                hint="CI supplies them from BUILDER_GIT_TOKEN or CI_JOB_TOKEN",
             )
-        )
-    return Fleet(path=path, entries=tuple(entries))
+        rows.append((name, repo, str(item.get("ref", "HEAD")).strip(), where))
+    return rows
+
+
+def _entry(path: Path, name: str, repo: str, ref: str, where: str) -> FleetEntry:
+    location = repo if _URL.match(repo) else str((path.parent / Path(repo).expanduser()).resolve())
+    return FleetEntry(name=name, repo=repo, location=location, ref=ref, where=where)
 
 
 # -- versions -----------------------------------------------------------------------------------
