@@ -8,6 +8,7 @@ engine (to make small base images) and registry (to count what it received).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ from helpers import (
 
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import ConfigError, ReleaseGateError, WriteBackError
+from builder.fleet.build_all import Pace
 from builder.fleet.fleetfile import load_fleet, parse_release_version
 from builder.fleet.plan import last_commits, plan
 from builder.record import (
@@ -267,7 +269,7 @@ def test_plan_reports_each_faulty_customer_and_plans_the_others(
     assert doc["ok"] is False
     assert doc["error"]["message"] == (
         "4 of 5 images could not be planned: customer-gone, customer-bad, customer-renamed, "
-        "customer-nowhere; 1 of 5 would be refused: customer-a"
+        "customer-nowhere; 1 of 5 images would be refused: customer-a"
     )
     items = {i["customer"]: i for i in doc["result"]["items"]}
     assert items["customer-a"]["status"] == "rebuild"
@@ -288,6 +290,36 @@ def test_plan_reports_each_faulty_customer_and_plans_the_others(
         .startswith("error: 4 of 5 images could not be planned")
     )
     assert re.search(r"customer-a\s+~=2.4\s+rebuild", human.stdout)
+
+
+# -- build-all: progress --------------------------------------------------------------------------
+
+
+def test_progress_pace_leaves_out_the_warm_up_and_follows_the_recent_builds() -> None:
+    """The first build of each worker also starts it: an ETA from the run's average at the
+    start overestimated the rest sixfold. The pace leaves the warm-up out, follows the last
+    builds, and says nothing (None) rather than guess or print "ETA 0 s"."""
+    pace = Pace(workers=2, builds=100, window=20)
+    assert pace.rate is None and pace.eta is None
+    pace.add(30.0)  # both workers' first builds: 30 s each, most of it starting up
+    pace.add(30.5)
+    assert pace.rate is None and pace.eta is None
+    now = 30.5
+    for _ in range(10):  # then a build every 2.5 s (two workers, 5 s each)
+        now += 2.5
+        pace.add(now)
+    assert pace.rate == pytest.approx(24.0)
+    assert pace.eta is not None and pace.eta == pytest.approx(88 * 2.5)
+    average = (100 - 12) * now / 12  # the estimate from every build since the start
+    assert average > 1.8 * pace.eta
+    for _ in range(40):  # faster now (warm caches): the window follows within 20 builds
+        now += 1.0
+        pace.add(now)
+    assert pace.rate == pytest.approx(60.0)
+    for _ in range(48):
+        now += 1.0
+        pace.add(now)
+    assert pace.eta is None  # done: nothing to estimate
 
 
 # -- plan: one pass over history ---------------------------------------------------------------
@@ -377,6 +409,114 @@ def _record_for(remote: Path, customer: str, commit: str, version: str, digest: 
     report = _fake_report(customer, commit, digest, version=version)
     log = ReleaseLog(str(remote), remote.parent / "writer-cache", RELEASES_BRANCH)
     log.write(release_record(report, config_source=remote.as_uri()))
+
+
+def _plan_doc(planned: Any) -> dict[str, Any]:
+    """A plan as the JSON document says it, less how long it took."""
+    doc = dataclasses.asdict(planned)
+    doc.pop("seconds")
+    return doc
+
+
+def _same_as_cold(fleet_file: Path, settings: Any, version: str, cold_dir: Path) -> Any:
+    """Plan with the settings' cache (the index of earlier plans), and again with an empty
+    cache: both must say the same, whatever happened in between."""
+    warm = plan(load_fleet(fleet_file, settings), settings, version)
+    cold_settings = replace(settings, cache_dir=cold_dir)
+    cold = plan(load_fleet(fleet_file, cold_settings), cold_settings, version)
+    assert _plan_doc(warm) == _plan_doc(cold)
+    return warm
+
+
+def _commit_all(repo: Path, message: str) -> str:
+    _git("add", "-A", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", message, cwd=repo)
+    return _git("rev-parse", "HEAD", cwd=repo)
+
+
+def _check_rewritten_histories(
+    repo: Path, bare: Path, fleet_file: Path, settings: Any, colds: Iterator[Path], work: Path
+) -> None:
+    """Configs reset and committed anew, the records branch force-pushed back, a record
+    edited in place: every plan still equals a cold one."""
+    # History rewritten: configs reset and committed anew, records branch force-pushed.
+    _git("reset", "-q", "--hard", "HEAD~4", cwd=repo)
+    (repo / "customers" / customer_name(1) / "analysis.yaml").write_text("analyses: []\n")
+    _commit_all(repo, "rewritten")
+    _git("push", "-q", "--force", "origin", "HEAD:main", cwd=repo)
+    records = git.Repo(bare).commit(RELEASES_BRANCH)
+    _git("update-ref", f"refs/heads/{RELEASES_BRANCH}", records.parents[0].hexsha, cwd=bare)
+    rewritten = _same_as_cold(fleet_file, settings, "2.5.0", next(colds))
+    assert rewritten.items[1].status == "error" and rewritten.items[5].status == "rebuild"
+    # A record changed in place on the branch (not an append): everything is read again.
+    _git("clone", "-q", "-b", RELEASES_BRANCH, str(bare), str(work))
+    path = next((work / "releases" / customer_name(4)).iterdir())
+    path.write_text(path.read_text().replace("4" * 64, "a" * 64))
+    _commit_all(work, "edited")
+    _git("push", "-q", "origin", f"HEAD:{RELEASES_BRANCH}", cwd=work)
+    edited = _same_as_cold(fleet_file, settings, "2.5.0", next(colds))
+    assert (edited.items[4].previous or {})["digest"] == "sha256:" + "a" * 64
+
+
+def test_plan_index_never_answers_other_than_a_cold_plan(tmp_path: Path) -> None:
+    """Re-plans read only what changed (the kept facts and records are used: planted ones
+    show through), and after every kind of change the plan equals one made with an empty
+    cache: a folder, a release record, the fleet file, the base version, a rewritten
+    history of the configs and of the records branch."""
+    repo = make_history(tmp_path / "configs", 8, 30, seed=3, model_id=CARCINOMA_ID)
+    bare = _bare_clone(repo, tmp_path / "configs.git")
+    _git("remote", "add", "origin", str(bare), cwd=repo)
+    fleet_file = write_fleet(repo, 8)
+    (repo / ".git" / "info" / "exclude").write_text("fleet.yaml\n")  # kept out of history
+    settings = replace(load_settings(ROOT), cache_dir=tmp_path / "cache")
+    colds = (tmp_path / f"cold-{n}" for n in range(100))
+    first = _same_as_cold(fleet_file, settings, "2.5.0", next(colds))
+    assert [i.status for i in first.items] == ["rebuild"] * 8
+
+    # The kept facts are what a re-plan uses: a planted constraint shows through ...
+    (index_file,) = (settings.cache_dir / "plan").glob("customers-*.json")
+    kept = json.loads(index_file.read_text())
+    kept["customers"][customer_name(2)]["facts"]["constraint"] = "~=9.9"
+    index_file.write_text(json.dumps(kept))
+    planted = plan(load_fleet(fleet_file, settings), settings, "2.5.0")
+    assert planted.items[2].status == "skip"
+    # ... until that folder changes: then it is read again.
+    folder = repo / "customers" / customer_name(2)
+    (folder / "NOTES.md").write_text("changed\n")
+    _commit_all(repo, "notes")
+    _git("push", "-q", "origin", "HEAD:main", cwd=repo)
+    assert _same_as_cold(fleet_file, settings, "2.5.0", next(colds)).items[2].status == "rebuild"
+
+    # A release record: that image is released; a base bump makes it a base-only rebuild.
+    commit = first.items[4].commit
+    assert commit
+    _record_for(bare, customer_name(4), commit, "2.5.0", "sha256:" + "4" * 64)
+    released = _same_as_cold(fleet_file, settings, "2.5.0", next(colds))
+    assert released.items[4].status == "released"
+    assert _same_as_cold(fleet_file, settings, "2.5.1", next(colds)).items[4].change == "base"
+    # The records index is what a re-plan uses while the branch has not moved.
+    (log_index,) = (settings.cache_dir / "releases").glob("*/ivd-latest-records.json")
+    honest = log_index.read_text()
+    data = json.loads(honest)
+    data["latest"][0][2]["manifest_digest"] = "sha256:" + "0" * 64
+    log_index.write_text(json.dumps(data))
+    assert plan(load_fleet(fleet_file, settings), settings, "2.5.0").items[4].previous == {
+        **(released.items[4].previous or {}),
+        "digest": "sha256:" + "0" * 64,
+    }
+    log_index.write_text(honest)
+    # Records added since: read incrementally, still a cold plan's answer.
+    _record_for(bare, customer_name(5), first.items[5].commit or "", "2.5.0", "sha256:" + "5" * 64)
+    assert _same_as_cold(fleet_file, settings, "2.5.0", next(colds)).items[5].status == "released"
+
+    # The fleet file: an entry dropped, one renamed to a folder that names someone else.
+    text = fleet_file.read_text()
+    fleet_file.write_text(text.replace(f"- name: {customer_name(7)}\n", "- name: customer-new\n"))
+    changed = _same_as_cold(fleet_file, settings, "2.5.0", next(colds))
+    assert changed.items[-1].status == "error"
+    fleet_file.write_text(text)
+
+    _check_rewritten_histories(repo, bare, fleet_file, settings, colds, tmp_path / "work")
 
 
 def test_plan_counts_already_released_apart_and_warns_on_a_base_downgrade(
@@ -1147,3 +1287,129 @@ def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
     rebuilt = {r["customer"]: r for r in forced["result"]["results"]}
     assert {n: r["status"] for n, r in rebuilt.items()} == dict.fromkeys(rebuilt, "built")
     assert rebuilt["customer-b"]["report"]["manifest_digest"] == digest
+
+
+def _locked_customer(configs: Path, name: str, env: dict[str, str], variants: str = "") -> None:
+    """A customer folder committed with a current lock made by `builder lock`."""
+    text = CUSTOMER_YAML.format(name=name, base="~=2.5")
+    if variants:
+        text = text.replace("base_image:\n", f"base_image:\n  variant: {variants}\n", 1)
+    _folder_customer(configs, name, "~=2.5")
+    commit_files(configs, {f"{name}/customer.yaml": text}, f"{name}: variants")
+    locked = _cli(env, "lock", str(configs / name))
+    assert locked.returncode == 0, locked.stdout + locked.stderr
+    _commit_all(configs, f"{name}: lock")
+
+
+def test_plan_tells_what_a_release_build_would_refuse_before_it_builds(
+    local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
+) -> None:
+    """A stale lock, a missing lock, a variant with no base of the version: each image says
+    so in `plan` (human and --json), exit 8; and a customer folder the fleet file misses."""
+    _, env = _registry_env(local_env, tmp_path, oci_registry, fleet_bases)
+    configs = tmp_path / "configs"
+    _locked_customer(configs, "customer-ok", env)
+    _locked_customer(configs, "customer-stale", env)
+    _locked_customer(configs, "customer-w", env, "[cpu, gpu]")  # no gpu base exists
+    _folder_customer(configs, "customer-nolock", "~=2.5")
+    analysis = ANALYSIS_YAML.format(carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.7)
+    commit_files(configs, {"customer-stale/analysis.yaml": analysis}, "stale: threshold")
+    _folder_customer(configs, "customer-unlisted", "~=2.5")
+    names = ("customer-ok", "customer-stale", "customer-w", "customer-nolock")
+    fleet = _write_fleet(configs / "fleet.yaml", [{"name": n, "repo": f"./{n}"} for n in names])
+    args = ("plan", "--base-version", "2.5.0", "--fleet", str(fleet))
+
+    doc = _json(_cli(env, *args, "--json"))
+    items = {(i["customer"], i["variant"]): i for i in doc["result"]["items"]}
+    assert {k: i["lock"] for k, i in items.items()} == {
+        ("customer-ok", "cpu"): "current",
+        ("customer-stale", "cpu"): "stale",
+        ("customer-w", "cpu"): "current",
+        ("customer-w", "gpu"): "current",
+        ("customer-nolock", "cpu"): "missing",
+    }
+    problems = {k: i["problems"] for k, i in items.items()}
+    assert problems[("customer-ok", "cpu")] == problems[("customer-w", "cpu")] == []
+    (stale,) = problems[("customer-stale", "cpu")]
+    assert stale.startswith("stale lock: analysis.yaml: ") and "threshold" in stale
+    assert "builder lock" in stale
+    (missing,) = problems[("customer-nolock", "cpu")]
+    assert missing.startswith("missing lock: no customer.lock.yaml committed; a release build")
+    (gpu,) = problems[("customer-w", "gpu")]
+    assert gpu.startswith(f"no gpu base of 2.5.0: registry {oci_registry.host} has no ")
+    assert f"{BASE_REPO}-gpu" in gpu and "builder base build --variant gpu --push" in gpu
+    assert all(i["status"] == "rebuild" for i in items.values())
+    assert doc["result"]["unlisted"] == ["customer-unlisted"]
+    assert doc["error"]["message"] == (
+        "3 of 5 images would be refused: customer-stale, customer-w (gpu), customer-nolock"
+    )
+
+    human = _cli(env, *args)
+    assert human.returncode == 8
+    assert "5 images to rebuild, 3 would be refused (4 customers," in human.stdout
+    assert re.search(r"customer-w \(gpu\)\s+~=2.5\s+rebuild", human.stdout)
+    refused = [
+        line.split("REFUSED: ")[1] for line in human.stdout.splitlines() if "REFUSED" in line
+    ]
+    assert refused == [stale, gpu, missing]
+    assert (
+        "customer-unlisted/customer.yaml is not in fleet.yaml: a base release does not rebuild it"
+        in human.stdout
+    )
+
+
+def test_a_failed_variant_is_built_by_the_next_run_without_force(
+    local_env: dict[str, str],
+    tmp_path: Path,
+    oci_registry: Any,
+    docker_engine: Any,
+    base_os_image: str,
+) -> None:
+    """customer-w runs [cpu, gpu]; the gpu build fails (no gpu base yet) while cpu ships and
+    is recorded. The next `build --all` (no --force) builds the gpu image: state, plan and
+    records are per image, and the counters count images."""
+    namespace, env = _registry_env(local_env, tmp_path, oci_registry, "")
+    env["BUILDER_BASE_REPOSITORY"] = push_labelled_bases(
+        docker_engine, oci_registry.host, base_os_image, f"{namespace}/base", {"2.5.0": "1"}
+    )
+    configs = tmp_path / "configs"
+    _locked_customer(configs, "customer-w", env, "[cpu, gpu]")
+    fleet = _write_fleet(
+        tmp_path / "fleet.yaml", [{"name": "customer-w", "repo": str(configs / "customer-w")}]
+    )
+    args = ("build-all", "--base-version", "2.5.0", "--fleet", str(fleet), "--push", "--record")
+
+    first = _cli(env, *args, "--json")
+    assert first.returncode == 8, first.stdout + first.stderr
+    doc = _json(first)
+    assert doc["error"]["message"] == "1 of 2 images failed: customer-w (gpu)"
+    results = {r["variant"]: r for r in doc["result"]["results"]}
+    assert {v: r["status"] for v, r in results.items()} == {"cpu": "built", "gpu": "failed"}
+    assert "base-gpu" in results["gpu"]["summary"]
+    assert re.search(r"^\[2/2\] 1 built, 0 unchanged, 1 failed \| customer-w", first.stderr, re.M)
+    rev = results["cpu"]["report"]["image"].rsplit("-", 1)[1]
+    assert list(_records(configs)) == [f"releases/customer-w/2.5.0-{rev}.yaml"]
+
+    planned = _json(_cli(env, "plan", "--base-version", "2.5.0", "--fleet", str(fleet), "--json"))
+    status = {i["variant"]: (i["status"], i["change"]) for i in planned["result"]["items"]}
+    assert status == {"cpu": ("released", "none"), "gpu": ("rebuild", "first")}
+
+    push_labelled_bases(
+        docker_engine,
+        oci_registry.host,
+        base_os_image,
+        f"{namespace}/base-gpu",
+        {"2.5.0": "1"},
+        extra_labels={"com.ivd.runner.variant": "gpu"},
+    )
+    second = _cli(env, *args, "--json")
+    assert second.returncode == 0, second.stdout + second.stderr
+    again = {r["variant"]: r["status"] for r in _json(second)["result"]["results"]}
+    assert again == {"cpu": "unchanged", "gpu": "built"}
+    assert sorted(_records(configs)) == [
+        f"releases/customer-w/2.5.0-{rev}.yaml",
+        f"releases/customer-w/2.5.0-gpu-{rev}.yaml",
+    ]
+    human = _cli(env, *args)
+    assert human.returncode == 0, human.stderr
+    assert "0 built, 2 unchanged, 0 skipped, 0 failed of 2 images" in human.stdout

@@ -136,7 +136,9 @@ def plan(
         )
     if result.blocked:
         names = ", ".join(i.name for i in result.blocked)
-        parts.append(f"{len(result.blocked)} of {len(result.items)} would be refused: {names}")
+        parts.append(
+            f"{len(result.blocked)} of {len(result.items)} images would be refused: {names}"
+        )
     if parts:
         error = FleetError(
             "; ".join(parts), hint="see each image's line above; the others are planned"
