@@ -309,7 +309,7 @@ class ReleaseLog:
         rows = [[k.customer, k.variant, dict(r)] for k, r in sorted(latest.items())]
         data = {"version": _INDEX_VERSION, "branch": self.branch, "head": head, "latest": rows}
         with contextlib.suppress(OSError, BuilderError):  # a cache: the next read rebuilds it
-            write_atomic(self._index_path, json.dumps(data, sort_keys=True).encode())
+            write_atomic(self._index_path, json.dumps(data, sort_keys=True).encode(), durable=False)
 
     def _read(self, head: str | None, path: str) -> dict[str, Any] | None:
         if head is None:

@@ -465,8 +465,12 @@ def test_fleet_builds_every_variant_a_customer_needs(
         "BUILDER_IMAGE_REGISTRY": registry,
         "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
     }
-    planned = _cli_json("plan", "--base-version", version, "--fleet", str(fleet), env=env)
-    assert planned["items"][0]["variants"] == ["cpu", "gpu"]
+    # One plan item per image; 8: no lock committed (a release build would refuse it)
+    planned = _cli_json("plan", "--base-version", version, "--fleet", str(fleet), env=env, code=8)
+    assert [(i["customer"], i["variant"]) for i in planned["items"]] == [
+        ("customer-x", "cpu"),
+        ("customer-x", "gpu"),
+    ]
     result = _cli_json(
         "build-all", "--base-version", version, "--fleet", str(fleet), "--push", env=env
     )

@@ -6,8 +6,10 @@ Schema-checked, one line per error; base version constraints and what they admit
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Final
 
@@ -95,7 +97,8 @@ def load_fleet(path: Path | None, settings: Settings) -> Fleet:
     if rows is None:
         rows = _parse_rows(raw, path)
         write_json(kept, {"rows": [list(row) for row in rows]})
-    entries = tuple(_entry(path, *row) for row in rows)
+    parents: dict[str, str] = {}
+    entries = tuple(_entry(path, *row, parents=parents) for row in rows)
     folders = frozenset(e.location for e in entries if not e.is_url)
     return Fleet(path=path, entries=entries, folders=folders)
 
@@ -131,9 +134,25 @@ def _parse_rows(raw: bytes, path: Path) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _entry(path: Path, name: str, repo: str, ref: str, where: str) -> FleetEntry:
-    location = repo if _URL.match(repo) else str((path.parent / Path(repo).expanduser()).resolve())
+def _entry(
+    path: Path, name: str, repo: str, ref: str, where: str, *, parents: dict[str, str]
+) -> FleetEntry:
+    location = repo if _URL.match(repo) else _resolved(path.parent / repo, parents)
     return FleetEntry(name=name, repo=repo, location=location, ref=ref, where=where)
+
+
+def _resolved(path: Path, parents: dict[str, str]) -> str:
+    """``path.resolve()``, each parent folder resolved once for all its customers (kept in
+    ``parents``): thousands of ``customers/<name>`` cost one lookup each, not one per part.
+    Plain ``os.path`` on strings: pathlib's parsing is the very cost avoided here."""
+    if ".." in path.parts or path.name in ("", "."):  # "..": a link's target decides
+        return str(path.expanduser().resolve())
+    text = os.path.abspath(os.path.expanduser(path))  # noqa: PTH100, PTH111
+    head, name = os.path.split(text)
+    if head not in parents:
+        parents[head] = os.path.realpath(head)
+    candidate = os.path.join(parents[head], name)  # noqa: PTH118
+    return os.path.realpath(candidate) if os.path.islink(candidate) else candidate  # noqa: PTH114
 
 
 # -- versions -----------------------------------------------------------------------------------
@@ -150,6 +169,7 @@ def parse_release_version(text: str) -> Version:
         ) from None
 
 
+@cache
 def admits(constraint: str, version: Version) -> bool:
     """Whether a customer's pinned base (``2.4.1``, ``~=2.4``, ``>=2.4,<3``) admits ``version``,
     by the same rules the build uses to pick a base (pre-releases only when pinned exactly)."""

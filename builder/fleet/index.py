@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -66,7 +66,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     with contextlib.suppress(OSError, BuilderError):
         path.parent.mkdir(parents=True, exist_ok=True)
         body = {**data, "fingerprint": fingerprint()}
-        write_atomic(path, json.dumps(body, sort_keys=True).encode())
+        write_atomic(path, json.dumps(body, sort_keys=True).encode(), durable=False)
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ class CustomerFacts:
     lock_detail: str = ""  # why, when not current
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "variants": list(self.variants)}
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {
+            "variants": list(self.variants)
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CustomerFacts:
@@ -112,6 +114,7 @@ class PlanIndex:
         self.path = path
         self._kept = kept
         self._used: dict[str, tuple[str, CustomerFacts]] = {}
+        self._changed = False
 
     @classmethod
     def open(cls, cache_dir: Path, fleet_file: Path) -> PlanIndex:
@@ -133,11 +136,14 @@ class PlanIndex:
 
     def put(self, name: str, key: str, facts: CustomerFacts) -> None:
         self._used[name] = (key, facts)
+        self._changed = True
 
     def save(self) -> None:
+        """Write what this plan used, when it differs from what was kept."""
+        if not self._changed and self._used.keys() == self._kept.keys():
+            return
         customers = {
             name: {"key": key, "facts": facts.to_dict()}
             for name, (key, facts) in sorted(self._used.items())
         }
-        if customers != {n: {"key": k, "facts": f.to_dict()} for n, (k, f) in self._kept.items()}:
-            write_json(self.path, {"customers": customers})
+        write_json(self.path, {"customers": customers})

@@ -190,7 +190,7 @@ def last_commits(
         with contextlib.suppress(OSError, BuilderError):
             cache.parent.mkdir(parents=True, exist_ok=True)
             data = json.dumps({"commit": head, "answers": answers}, sort_keys=True)
-            write_atomic(cache, data.encode())
+            write_atomic(cache, data.encode(), durable=False)
     return found
 
 
@@ -356,7 +356,7 @@ def _local_sources(entries: Sequence[FleetEntry], settings: Settings) -> dict[st
     parents: dict[Path, RepoSource | None] = {}
     out: dict[str, RepoSource] = {}
     for entry in entries:
-        folder = Path(entry.location)
+        folder = Path(entry.location)  # absolute and resolved by the fleet file's reader
         if entry.is_url or not folder.is_dir():
             continue
         if (folder / ".git").exists():  # a repository of its own
@@ -369,9 +369,9 @@ def _local_sources(entries: Sequence[FleetEntry], settings: Settings) -> dict[st
             except BuilderError:
                 parents[folder.parent] = None
         parent = parents[folder.parent]
-        if parent is None or not folder.resolve().is_relative_to(parent.root):
+        if parent is None or not folder.is_relative_to(parent.root):
             continue
-        subdir = folder.resolve().relative_to(parent.root).as_posix()
+        subdir = folder.relative_to(parent.root).as_posix()
         url = parent.url.partition("#")[0]
         out[entry.name] = RepoSource(entry.location, parent.root, subdir, f"{url}#{subdir}")
     return out
@@ -466,11 +466,17 @@ def _read_facts(
     return facts
 
 
+def _shown(entry: FleetEntry) -> str:
+    """The entry's repository fit to print (a folder holds no credentials; the fleet file
+    refuses them in URLs, and secrets from the environment are masked in these)."""
+    return mask_secrets(entry.repo) if entry.is_url else entry.repo
+
+
 def _error_item(entry: FleetEntry, exc: BuilderError) -> PlanItem:
     error = error_dict(exc)
     return PlanItem(
         customer=entry.name,
-        repo=mask_secrets(entry.repo),
+        repo=_shown(entry),
         ref=entry.ref,
         status="error",
         variant=None,
@@ -484,7 +490,7 @@ def _items(
 ) -> list[PlanItem]:
     """One item per variant the customer runs (ConfigError for a customer that is not
     what its fleet entry says, or whose constraint is not one)."""
-    repo = mask_secrets(entry.repo)
+    repo = _shown(entry)
     if facts.customer != entry.name:
         raise ConfigError(
             f"{entry.where}: fleet entry {entry.name!r} points at {repo}, whose "
