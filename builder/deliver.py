@@ -10,7 +10,7 @@ import io
 import os
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -22,13 +22,16 @@ from builder.image.base import fetch_base_blob
 from builder.oci import (
     OCI_INDEX,
     REF_NAME,
+    BlobUnknownError,
     Descriptor,
+    Reference,
     RegistryClient,
     RetryPolicy,
     canonical_json,
     copy_blob,
     layout_blob_path,
     parse_reference,
+    shared_client,
     write_layout_index,
 )
 
@@ -83,8 +86,8 @@ class PushReport:
     overwritten: Mapping[str, str] = field(
         default_factory=dict
     )  # forced immutable ref -> old digest
-    moved: Mapping[str, str] = field(default_factory=dict)  # moving tag -> digest it pointed to
     warnings: tuple[str, ...] = ()
+    manifests_sent: int = 0  # manifest PUTs (by digest per repository when several, per tag)
 
     @property
     def bytes_uploaded(self) -> int:
@@ -106,15 +109,24 @@ def push(
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
     credentials: Mapping[str, tuple[str, str]] | None = None,
+    known: Mapping[str, str | None] | None = None,
 ) -> PushReport:
     """Push ``image`` and tag it as each of ``targets`` (``registry/repo:tag``).
 
-    Order: every immutable tag is checked first; then per repository the blobs (HEAD, mount
-    from the base repository on the same registry, else upload), the config, the manifest by
-    digest; only when all manifests landed are the tags written. ``immutable`` holds full
-    references or bare tags; such a tag pointing to another digest is refused unless
-    ``force``, and a forced overwrite is reported in ``overwritten`` and ``warnings``.
-    ``credentials`` maps a registry host to (user, password) when not from the Docker config.
+    Order: every immutable tag is checked first; then per repository the blobs, the
+    config, and the tags (the immutable ones first). ``immutable`` holds full references or
+    bare tags; such a tag pointing to another digest is refused unless ``force``, and a
+    forced overwrite is reported in ``overwritten`` and ``warnings``. ``credentials`` maps a
+    registry host to (user, password) when not from the Docker config.
+
+    Only what must cross does: an immutable tag is read once, not at all when ``known``
+    holds what the caller read of it earlier in this run (a fleet reads every image's tag up
+    front, in one batch); other tags are not read. A blob the layer cache knows is in the
+    repository is not asked about; a small one it does not know is sent at once (asking
+    costs as much); a large one is asked about, then mounted or uploaded. The manifest goes
+    up by digest first only when several repositories must all hold it before any tag
+    moves. Should the registry refuse the manifest for a blob the cache wrongly believed
+    there, every blob is checked and the push goes on.
     """
     if not targets:
         raise ImageError("nothing to push: no target references given")
@@ -122,80 +134,108 @@ def push(
     for ref in refs:
         if not ref.tag or ref.digest:
             raise ImageError(f"push target {ref} must be registry/repository:tag")
-    clients: dict[str, RegistryClient] = {}
 
     def client_for(host: str) -> RegistryClient:
-        if host not in clients:
-            creds = (credentials or {}).get(host)
-            clients[host] = RegistryClient(host, insecure=insecure, retry=retry, credentials=creds)
-        return clients[host]
+        creds = (credentials or {}).get(host)
+        return shared_client(host, insecure=insecure, retry=retry, credentials=creds)
 
-    frozen = set(immutable)
-    overwritten: dict[str, str] = {}
-    moved: dict[str, str] = {}
-    warnings: list[str] = []
-    for ref in refs:
-        assert ref.tag is not None
-        current = client_for(ref.registry).manifest_digest(ref.path, ref.tag)
-        if current is None or current == image.manifest_digest:
-            continue
-        if str(ref) in frozen or ref.tag in frozen:
-            if not force:
-                raise ImageError(
-                    f"{ref} is an immutable tag and already points to {current}; "
-                    f"refusing to move it to {image.manifest_digest}",
-                    hint="build with a new config revision, or pass --force to overwrite",
-                )
-            overwritten[str(ref)] = current
-            warnings.append(
-                f"FORCED: immutable tag {ref} overwritten; it pointed to {current}, "
-                f"now {image.manifest_digest}"
-            )
-        else:
-            moved[str(ref)] = current
+    frozen = {r for r in refs if str(r) in set(immutable) or r.tag in set(immutable)}
+    overwritten = _check_immutable(image, frozen, force, known or {}, client_for)
+    warnings = [
+        f"FORCED: immutable tag {ref} overwritten; it pointed to {old}, now {image.manifest_digest}"
+        for ref, old in overwritten.items()
+    ]
 
     blobs: list[BlobPush] = []
     repositories = sorted({(r.registry, r.path) for r in refs})
     for host, path in repositories:
         blobs += _push_blobs(image, client_for(host), path, progress)
-        client_for(host).put_manifest(
-            path, image.manifest_digest, image.manifest_bytes, image.media_type
-        )
-    pushed = []
-    for ref in refs:
+    by_digest = repositories if len(repositories) > 1 else []  # all hold it before a tag moves
+    for host, path in by_digest:
+        _put_manifest(image, client_for(host), path, image.manifest_digest, progress)
+    for ref in sorted(refs, key=lambda r: r not in frozen):
         assert ref.tag is not None
-        client_for(ref.registry).put_manifest(
-            ref.path, ref.tag, image.manifest_bytes, image.media_type
-        )
-        pushed.append(str(ref))
+        _put_manifest(image, client_for(ref.registry), ref.path, ref.tag, progress)
     return PushReport(
         manifest_digest=image.manifest_digest,
         blobs=tuple(blobs),
-        refs=tuple(pushed),
+        refs=tuple(str(r) for r in refs),
         overwritten=overwritten,
-        moved=moved,
         warnings=tuple(warnings),
+        manifests_sent=len(by_digest) + len(refs),
     )
 
 
+def _check_immutable(
+    image: AssembledImage,
+    frozen: set[Reference],
+    force: bool,
+    known: Mapping[str, str | None],
+    client_for: Callable[[str], RegistryClient],
+) -> dict[str, str]:
+    """Refuse to move an immutable tag to another digest (unless ``force``); the forced
+    ones, with the digest they pointed to. ``known``: what the caller read earlier."""
+    overwritten: dict[str, str] = {}
+    for ref in sorted(frozen, key=str):
+        assert ref.tag is not None
+        found = str(ref) in known
+        current = (
+            known[str(ref)]
+            if found
+            else client_for(ref.registry).manifest_digest(ref.path, ref.tag)
+        )
+        if current is None or current == image.manifest_digest:
+            continue
+        if not force:
+            raise ImageError(
+                f"{ref} is an immutable tag and already points to {current}; "
+                f"refusing to move it to {image.manifest_digest}",
+                hint="build with a new config revision, or pass --force to overwrite",
+            )
+        overwritten[str(ref)] = current
+    return overwritten
+
+
+def _put_manifest(
+    image: AssembledImage, client: RegistryClient, path: str, ref: str, progress: Progress | None
+) -> None:
+    """PUT the manifest as ``ref``; if a blob the layer cache believed there is missing,
+    check and send every blob, then PUT again."""
+    try:
+        client.put_manifest(path, ref, image.manifest_bytes, image.media_type)
+    except BlobUnknownError:
+        image.store.forget_present(client.host, path)
+        _push_blobs(image, client, path, progress, trust_cache=False)
+        client.put_manifest(path, ref, image.manifest_bytes, image.media_type)
+
+
 def _push_blobs(
-    image: AssembledImage, client: RegistryClient, path: str, progress: Progress | None
+    image: AssembledImage,
+    client: RegistryClient,
+    path: str,
+    progress: Progress | None,
+    *,
+    trust_cache: bool = True,
 ) -> list[BlobPush]:
-    """Layers then config into one repository; each HEADed, mounted or uploaded.
+    """Layers then config into one repository: each known present, mounted or uploaded.
 
     A blob is mounted from the base repository (base layers) or from the repository this
     blob store last pushed it to on the same registry (a model layer shared with another
     customer's image), so shared weights cross repositories without being uploaded again.
+    With ``trust_cache`` what the store remembers to be in the repository is not asked
+    about, and a small blob it does not know is sent without asking first.
     """
     repository = f"{client.host}/{path}"
     base = image.base
     base_digests = {d.digest for d in base.layers}
     base_repo = base.path if base.registry == client.host else None
+    there = image.store.present_in(client.host, path) if trust_cache else set()
     results = []
     descriptors = [layer.descriptor for layer in image.layers] + [image.config_descriptor]
     for descriptor in descriptors:
         digest, size = descriptor.digest, descriptor.size
-        if client.blob_exists(path, digest):
+        ask = not trust_cache or size > _SMALL_BLOB
+        if digest in there or (ask and client.blob_exists(path, digest)):
             results.append(BlobPush(repository, digest, size, "present"))
             _note_pushed(image, digest, client.host, path)
             continue
@@ -220,6 +260,8 @@ def _push_blobs(
         client.upload_blob(path, digest, size, source, session_url=session_url, progress=progress)
         results.append(BlobPush(repository, digest, size, "uploaded"))
         _note_pushed(image, digest, client.host, path)
+    with contextlib.suppress(OSError, ImageError):  # a hint only: without it, the next asks
+        image.store.note_present(client.host, path, [r.digest for r in results])
     return results
 
 

@@ -27,6 +27,7 @@ from builder.cook.load import LOCK_FILE, load_customer
 from builder.cook.lock import models_from_lock, read_lock
 from builder.cook.stage import Cooked, cook, release_lock_drift
 from builder.documents.build_report import BuildReport, LayerReport
+from builder.documents.lock import LockedBase
 from builder.documents.provenance import Provenance
 from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
 from builder.image.assemble import (
@@ -89,6 +90,12 @@ class BuildRequest:
         "oci"  # "oci": no daemon (default); "docker": Dockerfile + Docker engine (baseline)
     )
     sign_key: Path | None = None  # PEM ECDSA P-256 key signing the provenance (DSSE)
+    # Tags whose current digest (None: absent) the caller read earlier in this run, not read
+    # again before the push (a fleet reads every image's immutable tag up front, in a batch).
+    known_tags: tuple[tuple[str, str | None], ...] = ()
+    # The manifest digest the caller resolved base_version to and kept in the local image
+    # store (a fleet resolves each base once for all its builds): no registry asked.
+    base_digest: str | None = None
     layer_format: int = LAYER_FORMAT  # older formats only for `verify` of older images
 
 
@@ -353,7 +360,7 @@ def _attest(
         attach_to_layout(request.oci_layout, attestations)
     if request.push:
         pushes = [
-            push_referrers(repository, attestations, insecure=request.insecure)
+            push_referrers(repository, attestations, insecure=request.insecure, subject_pushed=True)
             for repository in sorted({parse_reference(t).repository for t in report.tags})
         ]
         report.outputs["referrers"] = ", ".join(
@@ -396,12 +403,11 @@ def _deliver(
             force=request.force,
             insecure=request.insecure,
             progress=progress,
+            known=dict(request.known_tags),
         )
         push_actions = {b.digest: b.action for b in pushed.blobs}
-        # Every byte sent: blob uploads, and the manifest written by digest per repository
-        # and once per tag (the attestations add theirs in the attest stage).
-        repositories = {parse_reference(r).repository for r in pushed.refs}
-        manifests = len(image.manifest_bytes) * (len(repositories) + len(pushed.refs))
+        # Every byte sent: blob uploads and manifests (the attestations add theirs later).
+        manifests = len(image.manifest_bytes) * pushed.manifests_sent
         report.bytes_uploaded = pushed.bytes_uploaded + manifests
         report.warnings.extend(pushed.warnings)
         report.outputs["registry"] = f"{immutable}@{image.manifest_digest}"
@@ -485,11 +491,16 @@ def build(
         repository = base_repository(spec, settings, request.base_repository, variant)
         with stage("base"):
             pinned = cooked.lock.base_image if cooked.lock else None
+            if request.base_digest:  # resolved once for many builds (a fleet run): the store's
+                version = request.base_version or spec.base_version
+                pinned = LockedBase(repository, version, digest=request.base_digest)
             base = resolve_base_image(
                 repository,
                 request.base_version or spec.base_version,
                 store,
-                pinned=pinned if request.locked and not request.base_version else None,
+                pinned=pinned
+                if request.base_digest or (request.locked and not request.base_version)
+                else None,
                 offline=request.offline,
                 insecure=request.insecure,
                 notes=notes,

@@ -13,6 +13,7 @@ import json
 import secrets
 import subprocess
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -298,16 +299,99 @@ class TestPush:
         )
         assert client.manifest_digest(path, "2.4.1-abc") == second.manifest_digest
 
-    def test_moving_tag_reports_what_it_replaced(
+    def test_moving_tag_is_repointed_without_asking(
         self, registry: Registry, base: BaseImage, store: BlobStore
     ) -> None:
-        """A moving tag is re-pointed without force; the report says from where."""
+        """A moving tag is re-pointed without force and without being read first."""
         target = repo(registry, "customer-z")
         first, second = variant(base, store, "a"), variant(base, store, "b")
         push(first, [f"{target}:latest"], retry=FAST)
+        mark = len(registry.requests())
         report = push(second, [f"{target}:latest"], immutable=["2.4.1-x"], retry=FAST)
-        assert report.moved == {f"{target}:latest": first.manifest_digest}
         assert report.overwritten == {}
+        path = target.split("/", 1)[1]
+        assert ("HEAD", f"/v2/{path}/manifests/latest") not in {
+            (r.method, r.path) for r in registry.requests()[mark:]
+        }
+        client = RegistryClient(registry.host, retry=FAST)
+        assert client.manifest_digest(path, "latest") == second.manifest_digest
+
+    def test_a_restack_sends_only_what_changed_in_six_requests(
+        self, registry: Registry, base: BaseImage, weights: dict[str, Path], store: BlobStore
+    ) -> None:
+        """A config-only change (new config layer and image config) pushed to its immutable
+        and moving tag: the blobs the layer cache knows are not asked about, so the push is
+        the two small uploads (POST + PUT each) and the two tags. A base bump is one fewer
+        upload. The immutable tag's check, when the caller made it earlier (a fleet reads
+        every tag in one batch), is not made again; otherwise it is one HEAD more."""
+        target = repo(registry, "customer-r")
+
+        def build(marker: str, on: BaseImage) -> AssembledImage:
+            layers = [
+                *layer_specs(weights)[:-1],
+                LayerSpec(
+                    "config", [FileEntry("/app/config/marker.txt", marker.encode())], stamped=True
+                ),
+            ]
+            return assemble(
+                on, layers, labels=LABELS, annotations={}, source_date_epoch=SDE, store=store
+            )
+
+        push(
+            build("v1", base),
+            [f"{target}:2.4.1-v1", f"{target}:2.4.1"],
+            immutable=["2.4.1-v1"],
+            retry=FAST,
+        )
+        changed = build("v2", base)
+        mark = len(registry.requests())
+        known = {f"{target}:2.4.1-v2": None}
+        report = push(
+            changed,
+            [f"{target}:2.4.1-v2", f"{target}:2.4.1"],
+            immutable=["2.4.1-v2"],
+            known=known,
+            retry=FAST,
+        )
+        sent = [
+            (r.method, r.path.split("?")[0]) for r in registry.requests()[mark:] if r.path != "/v2/"
+        ]
+        assert len(sent) == 6, sent
+        assert [m for m, _ in sent].count("PUT") == 4  # two blobs, two tags
+        assert report.count("uploaded") == 2 and report.manifests_sent == 2
+        mark = len(registry.requests())
+        push(changed, [f"{target}:2.4.1-v3"], immutable=["2.4.1-v3"], retry=FAST)
+        again = [r for r in registry.requests()[mark:] if r.path != "/v2/"]
+        assert [(r.method, r.path.rsplit("/", 1)[1]) for r in again] == [
+            ("HEAD", "2.4.1-v3"),  # the immutable tag's own check
+            ("PUT", "2.4.1-v3"),
+        ]
+
+    def test_a_wrong_layer_cache_costs_a_check_not_a_failure(
+        self, registry: Registry, base: BaseImage, store: BlobStore
+    ) -> None:
+        """The layer cache believes a blob is in the repository, but it was deleted there:
+        the registry refuses the manifest (MANIFEST_BLOB_UNKNOWN), the push checks and sends
+        every blob, and the image lands complete."""
+        target = repo(registry, "customer-d")
+        path = target.split("/", 1)[1]
+        image = variant(base, store, "deleted")
+        push(image, [f"{target}:1"], retry=FAST)
+        config_layer = image.layers[-1].descriptor.digest
+        request = urllib.request.Request(
+            f"{registry.url}/v2/{path}/blobs/{config_layer}", method="DELETE"
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 202
+        client = RegistryClient(registry.host, retry=FAST)
+        assert not client.blob_exists(path, config_layer)
+        mark = len(registry.requests())
+        report = push(image, [f"{target}:2"], retry=FAST)
+        assert client.blob_exists(path, config_layer)
+        assert client.manifest_digest(path, "2") == image.manifest_digest
+        assert report.manifest_digest == image.manifest_digest
+        puts = [r.status for r in registry.manifest_puts(since=mark)]
+        assert puts == [400, 201]  # refused for the missing blob, then accepted
 
     def test_bad_targets(self, registry: Registry, image: AssembledImage) -> None:
         """Targets must be registry/repository:tag."""
@@ -449,7 +533,7 @@ class TestFaults:
         with pytest.raises(ImageError) as info:
             push(new, [f"{via_proxy}:latest"], retry=FAST)
         assert str(info.value) == (
-            f"registry {proxy.host}: pushing manifest {path}:{new.manifest_digest} failed "
+            f"registry {proxy.host}: pushing manifest {path}:latest failed "
             "after 3 attempts: 503 Service Unavailable (UNAVAILABLE injected fault)"
         )
         assert len(proxy.injected) == 3

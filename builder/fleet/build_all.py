@@ -5,6 +5,7 @@ in one batch per repository.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import queue
 import threading
@@ -29,6 +30,8 @@ from builder.errors import (
 )
 from builder.fleet.fleetfile import Fleet, FleetEntry
 from builder.fleet.plan import FleetPlan, PlanItem, plan
+from builder.image.base_resolution import resolve_base_image
+from builder.image.store import ImageStore
 from builder.oci import RegistryClient, parse_reference
 from builder.pipeline import BuildRequest, build
 from builder.record import RELEASES_BRANCH, WriteResult, write_release_records
@@ -153,6 +156,8 @@ class _Job:
     image_registry: str | None
     base_repository: str | None
     insecure: bool | None
+    known_tags: tuple[tuple[str, str | None], ...] = ()
+    base_digest: str | None = None
 
 
 _events: Any = None  # the worker processes' event queue (set by _init_worker)
@@ -179,6 +184,8 @@ def _build_one(job: _Job) -> dict[str, Any]:
         image_registry=job.image_registry,
         push=job.push,
         insecure=job.insecure,
+        known_tags=job.known_tags,
+        base_digest=job.base_digest,
     )
     started = time.perf_counter()
     try:
@@ -256,12 +263,13 @@ def _run_jobs(
 def _in_registry(
     items: Sequence[PlanItem], registry: str, insecure: bool | None
 ) -> dict[ImageKey, str | None]:
-    """The digest each item's immutable tag points to in ``registry`` (None: not there, or
-    the registry could not tell): one manifest HEAD per image, on a few threads, each with
-    its own client per registry host."""
+    """The digest each item's immutable tag points to in ``registry`` (None: not there); an
+    image the registry could not answer for is left out. One manifest HEAD per image, on a
+    few threads, each with its own client per registry host."""
     local = threading.local()
 
-    def head(item: PlanItem) -> str | None:
+    def head(item: PlanItem) -> tuple[bool, str | None]:
+        """(whether the registry answered, the digest)"""
         ref = parse_reference(_image(item, registry))
         clients: dict[str, RegistryClient | None] = local.__dict__.setdefault("clients", {})
         try:
@@ -269,15 +277,34 @@ def _in_registry(
                 clients[ref.registry] = RegistryClient(ref.registry, insecure=insecure)
             client = clients[ref.registry]
             if client is not None and ref.tag:
-                return client.manifest_digest(ref.path, ref.tag)
+                return True, client.manifest_digest(ref.path, ref.tag)
         except BuilderError:
             clients.setdefault(ref.registry, None)  # the build will say what is wrong
-        return None
+        return False, None
 
     keyed = [item for item in items if item.key is not None]
     with ThreadPoolExecutor(max_workers=_HEAD_THREADS) as pool:
         found = list(pool.map(head, keyed))
-    return {item.key: digest for item, digest in zip(keyed, found, strict=True) if item.key}
+    return {
+        item.key: digest
+        for item, (answered, digest) in zip(keyed, found, strict=True)
+        if item.key is not None and answered
+    }
+
+
+def _resolve_bases(
+    repositories: set[str], fleet_plan: FleetPlan, settings: Settings, insecure: bool | None
+) -> dict[str, str]:
+    """Each base repository's image of the plan's version, resolved once for the whole run
+    and kept in the local image store, by digest: the builds take it from there instead of
+    each asking the registry. One that cannot be resolved is left to its builds to report."""
+    store = ImageStore(settings.store_dir)
+    out: dict[str, str] = {}
+    for repository in sorted(repositories):
+        with contextlib.suppress(BuilderError):
+            base = resolve_base_image(repository, fleet_plan.base_version, store, insecure=insecure)
+            out[repository] = base.digest
+    return out
 
 
 def _image(item: PlanItem, registry: str) -> str:
@@ -287,23 +314,22 @@ def _image(item: PlanItem, registry: str) -> str:
 
 def _unchanged(
     items: Sequence[PlanItem],
+    present: Mapping[ImageKey, str | None],
     *,
     push: bool,
     record: bool,
     registry: str,
-    insecure: bool | None,
 ) -> dict[ImageKey, str]:
     """Images with nothing to build, and why: the immutable tag ``<version>[-variant]-<config
-    rev>`` is already in the registry (rebuilding gives the same digest or is refused), and,
-    with ``record``, its release record is written. Without ``push``: what the release
-    records say is already released."""
+    rev>`` is already in the registry (``present``: rebuilding gives the same digest or is
+    refused), and, with ``record``, its release record is written. Without ``push``: what
+    the release records say is already released."""
     if not push:
         return {
             i.key: f"already released: {(i.previous or {}).get('image')}"
             for i in items
             if i.status == "released" and i.key is not None
         }
-    present = _in_registry(items, registry, insecure)
     out: dict[ImageKey, str] = {}
     for item in items:
         digest = present.get(item.key) if item.key else None
@@ -359,12 +385,17 @@ def build_all(
         on_planned(fleet_plan)
     registry = image_registry or settings.image_registry
     candidates = [i for i in fleet_plan.items if i.status in ("rebuild", "released")]
+    # Every image's immutable tag read once, in one batch: what is there already, and the
+    # check each build's push would otherwise make again.
+    present = _in_registry(candidates, registry, insecure) if push else {}
     unchanged = (
         {}
         if force
-        else _unchanged(candidates, push=push, record=record, registry=registry, insecure=insecure)
+        else _unchanged(candidates, present, push=push, record=record, registry=registry)
     )
     entries = {e.name: e for e in fleet.entries}
+    building = [i for i in candidates if i.key is not None and i.key not in unchanged]
+    bases = _resolve_bases({i.base for i in building if i.base}, fleet_plan, settings, insecure)
     to_build = [
         _Job(
             image=item.key,
@@ -376,9 +407,13 @@ def build_all(
             image_registry=image_registry,
             base_repository=base_repository,
             insecure=insecure,
+            known_tags=((_image(item, registry), present[item.key]),)
+            if item.key in present
+            else (),
+            base_digest=bases.get(item.base or ""),
         )
-        for item in candidates
-        if item.key is not None and item.key not in unchanged
+        for item in building
+        if item.key is not None
     ]
     results: dict[int, ImageResult] = {}
     position = {id(item): n for n, item in enumerate(fleet_plan.items)}

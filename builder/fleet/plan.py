@@ -75,6 +75,7 @@ class PlanItem:
     error: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     lock: str | None = None  # "current", "missing", "stale", "unreadable" (None: not read)
+    base: str | None = None  # the base repository of its variant (images to rebuild)
     # Why a release build of this image will be refused: told before it builds.
     problems: list[str] = field(default_factory=list)
 
@@ -670,7 +671,7 @@ def _problems(
     for n, item in enumerate(todo):
         own = facts[item.customer].base_repository
         repository = base_repository or own or settings.base_repository
-        where[n] = variant_repository(repository, item.variant or "cpu")
+        where[n] = item.base = variant_repository(repository, item.variant or "cpu")
     missing, notes = _missing_bases(set(where.values()), version, settings, insecure)
     for n, item in enumerate(todo):
         customer = facts[item.customer]

@@ -51,7 +51,7 @@ from builder.oci.reference import (
     split_repository,
     use_plain_http,
 )
-from builder.oci.remote import RegistryClient, RetryPolicy
+from builder.oci.remote import BlobUnknownError, RegistryClient, RetryPolicy, shared_client
 
 __all__ = [
     "DOCKER_CONFIG",
@@ -70,6 +70,7 @@ __all__ = [
     "OCI_MANIFEST",
     "REF_NAME",
     "BlobStore",
+    "BlobUnknownError",
     "BlobWriter",
     "Descriptor",
     "LayoutEntry",
@@ -89,6 +90,7 @@ __all__ = [
     "read_layout_blob",
     "read_layout_index",
     "sha256_digest",
+    "shared_client",
     "split_repository",
     "update_layout_index",
     "use_plain_http",

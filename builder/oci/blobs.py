@@ -26,6 +26,7 @@ _CHUNK: Final = 1 << 20
 #: A temporary file no process holds locked and this old (seconds) was left by a killed one.
 _STALE_TMP: Final = 60
 _PUSHED_KEPT: Final = 4  # repositories remembered per blob and registry
+_PRESENT_KEPT: Final = 256  # blobs remembered per repository (the newest)
 
 
 # -- blob store ----------------------------------------------------------------------------
@@ -203,6 +204,40 @@ class BlobStore:
         path = self._pushed_path(digest)
         path.parent.mkdir(exist_ok=True)
         atomic_write(path, canonical_json(record), self._tmp, durable=False)
+
+    def _present_path(self, host: str, repository: str) -> Path:
+        key = hashlib.sha256(f"{host}/{repository}".encode()).hexdigest()
+        return self.root / "present" / key
+
+    def present_in(self, host: str, repository: str) -> set[str]:
+        """Blobs this store pushed (or found) in ``host/repository``: a push need not ask the
+        registry about them again (a hint: a manifest the registry then refuses for a missing
+        blob makes the push check every blob)."""
+        try:
+            found = json.loads(self._present_path(host, repository).read_text("utf-8"))
+        except (OSError, ValueError):
+            return set()
+        return {d for d in found if isinstance(d, str)} if isinstance(found, list) else set()
+
+    def note_present(self, host: str, repository: str, digests: Iterable[str]) -> None:
+        """Remember that ``digests`` are in ``host/repository`` (the newest kept); written only
+        when that adds something."""
+        path = self._present_path(host, repository)
+        try:
+            known = json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError):
+            known = []
+        known = [d for d in known if isinstance(d, str)] if isinstance(known, list) else []
+        fresh = [check_digest(d) for d in dict.fromkeys(digests) if d not in set(known)]
+        if not fresh:
+            return
+        path.parent.mkdir(exist_ok=True)
+        data = canonical_json((known + fresh)[-_PRESENT_KEPT:])
+        atomic_write(path, data, self._tmp, durable=False)
+
+    def forget_present(self, host: str, repository: str) -> None:
+        """Drop what :meth:`note_present` remembered of ``host/repository`` (it proved wrong)."""
+        self._present_path(host, repository).unlink(missing_ok=True)
 
 
 def atomic_write(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -131,6 +132,16 @@ class _Oras(oras.provider.Registry):  # type: ignore[misc]
         # oras-py raises a bare ValueError naming the URL; keep the status for our message.
         if response.status_code not in (200, 201, 202):
             raise _HTTPError(response)
+
+
+class BlobUnknownError(ImageError):
+    """A manifest refused because a blob it names is not in the repository (the OCI
+    distribution spec's ``MANIFEST_BLOB_UNKNOWN``): the pusher's idea of what is there was
+    wrong, and checking every blob fixes it."""
+
+
+#: Error codes of a manifest naming a blob the repository lacks (distribution, OCI spec).
+_BLOB_UNKNOWN: Final = frozenset({"MANIFEST_BLOB_UNKNOWN", "BLOB_UNKNOWN"})
 
 
 class _HTTPError(Exception):
@@ -559,6 +570,9 @@ class RegistryClient:
             data=data,
             headers={"Content-Type": media_type},
         )
+        if response.status_code == 400 and _error_codes(response) & _BLOB_UNKNOWN:
+            failure = self._fail(response, f"pushing manifest {path}:{ref}")
+            raise BlobUnknownError(failure.message, hint=failure.hint)
         if response.status_code not in (200, 201):
             raise self._fail(
                 response, f"pushing manifest {path}:{ref}", attempts=self.retry.attempts
@@ -569,6 +583,31 @@ class RegistryClient:
                 f"registry {self.host} stored manifest {path}:{ref} as {served}, expected {digest}"
             )
         return digest
+
+
+_SHARED: dict[tuple[Any, ...], RegistryClient] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_client(
+    host: str,
+    *,
+    insecure: bool | None = None,
+    retry: RetryPolicy | None = None,
+    credentials: tuple[str, str] | None = None,
+) -> RegistryClient:
+    """A :class:`RegistryClient` kept for this thread and these settings (credentials from
+    the environment included), so the builds of one process (a fleet worker builds many)
+    share its connections and pay for its ``GET /v2/`` probe once, not once per step."""
+    environment = tuple(os.environ.get(k) for k in ("DOCKER_CONFIG", "ORAS_USER", "ORAS_PASS"))
+    key = (threading.get_ident(), host, insecure, retry, credentials, environment)
+    with _SHARED_LOCK:
+        found = _SHARED.get(key)
+    if found is None:
+        found = RegistryClient(host, insecure=insecure, retry=retry, credentials=credentials)
+        with _SHARED_LOCK:
+            _SHARED[key] = found
+    return found
 
 
 class _FileBody:
@@ -623,13 +662,20 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _registry_error_detail(response: requests.Response) -> str:
-    """``: CODE message`` from a distribution-spec error body, if there is one."""
+def _errors(response: requests.Response) -> list[dict[str, Any]]:
+    """The ``errors`` of a distribution-spec error body ([] when there is none)."""
     try:
         errors = response.json().get("errors") or []
     except (ValueError, AttributeError):
-        return ""
-    parts = [
-        f"{e.get('code', '')} {e.get('message', '')}".strip() for e in errors if isinstance(e, dict)
-    ]
+        return []
+    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+
+
+def _error_codes(response: requests.Response) -> set[str]:
+    return {str(e.get("code", "")) for e in _errors(response)}
+
+
+def _registry_error_detail(response: requests.Response) -> str:
+    """``: CODE message`` from a distribution-spec error body, if there is one."""
+    parts = [f"{e.get('code', '')} {e.get('message', '')}".strip() for e in _errors(response)]
     return f" ({'; '.join(p for p in parts if p)})" if parts else ""
