@@ -18,7 +18,7 @@ from typing import IO, Any, Final
 from builder.contracts import Progress
 from builder.errors import ImageError
 from builder.image.assemble import AssembledImage
-from builder.image.base import fetch_base_blob
+from builder.image.base import BaseImage, fetch_base_blob
 from builder.oci import (
     OCI_INDEX,
     REF_NAME,
@@ -166,6 +166,18 @@ def push(
     )
 
 
+def _base_path(base: BaseImage, host: str) -> str | None:
+    """The base's repository on registry ``host``, where its layers mount from: resolved
+    there, or the local store's copy of it (named like the registry's, as a fleet run's
+    builds take it)."""
+    if base.registry is not None:
+        return base.path if base.registry == host else None
+    if base.source != "store" or base.repository.startswith("oci:"):
+        return None
+    registry, _, path = base.repository.partition("/")
+    return path if registry == host and path else None
+
+
 def _check_immutable(
     image: AssembledImage,
     frozen: set[Reference],
@@ -228,7 +240,7 @@ def _push_blobs(
     repository = f"{client.host}/{path}"
     base = image.base
     base_digests = {d.digest for d in base.layers}
-    base_repo = base.path if base.registry == client.host else None
+    base_repo = _base_path(image.base, client.host)
     there = image.store.present_in(client.host, path) if trust_cache else set()
     results = []
     descriptors = [layer.descriptor for layer in image.layers] + [image.config_descriptor]

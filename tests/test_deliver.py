@@ -31,6 +31,7 @@ from builder.deliver import (
 from builder.errors import ImageError
 from builder.image.assemble import AssembledImage, FileEntry, LayerSpec, assemble
 from builder.image.base import BaseImage, resolve_base
+from builder.image.store import ImageStore
 from builder.oci import DOCKER_MANIFEST, BlobStore, RegistryClient, RetryPolicy
 from testbed._util import free_port
 from testbed.docker_engine import Engine
@@ -366,6 +367,21 @@ class TestPush:
             ("HEAD", "2.4.1-v3"),  # the immutable tag's own check
             ("PUT", "2.4.1-v3"),
         ]
+
+    def test_the_stores_copy_of_a_registry_base_mounts_its_layers(
+        self, registry: Registry, base: BaseImage, tmp_path: Path
+    ) -> None:
+        """A build on the local store's copy of a registry base (what a fleet run's builds
+        use) mounts the base layers from the base repository, never uploads them."""
+        images = ImageStore(tmp_path / "store")
+        images.keep_base(base)
+        copy = images.find_digest(base.repository, base.version, base.digest)
+        assert copy is not None and copy.source == "store"
+        image = variant(copy, images.blobs, "from the store")
+        report = push(image, [f"{repo(registry, 'customer-s')}:1"], retry=FAST)
+        actions = {b.digest: b.action for b in report.blobs}
+        assert {actions[layer.digest] for layer in base.layers} == {"mounted"}
+        assert report.bytes_uploaded < 64 * 1024
 
     def test_a_wrong_layer_cache_costs_a_check_not_a_failure(
         self, registry: Registry, base: BaseImage, store: BlobStore
