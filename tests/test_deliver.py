@@ -338,22 +338,14 @@ class TestPush:
                 on, layers, labels=LABELS, annotations={}, source_date_epoch=SDE, store=store
             )
 
-        push(
-            build("v1", base),
-            [f"{target}:2.4.1-v1", f"{target}:2.4.1"],
-            immutable=["2.4.1-v1"],
-            retry=FAST,
-        )
+        def tags(rev: str) -> list[str]:  # the immutable tag and the moving one
+            return [f"{target}:2.4.1-{rev}", f"{target}:2.4.1"]
+
+        push(build("v1", base), tags("v1"), immutable=["2.4.1-v1"], retry=FAST)
         changed = build("v2", base)
         mark = len(registry.requests())
         known = {f"{target}:2.4.1-v2": None}
-        report = push(
-            changed,
-            [f"{target}:2.4.1-v2", f"{target}:2.4.1"],
-            immutable=["2.4.1-v2"],
-            known=known,
-            retry=FAST,
-        )
+        report = push(changed, tags("v2"), immutable=["2.4.1-v2"], known=known, retry=FAST)
         sent = [
             (r.method, r.path.split("?")[0]) for r in registry.requests()[mark:] if r.path != "/v2/"
         ]
