@@ -51,9 +51,10 @@ class FleetEntry:
 class Fleet:
     path: Path
     entries: tuple[FleetEntry, ...]
-    # Every local customer folder the file lists (absolute), also when ``entries`` is a
-    # selection: what the file covers.
+    # Every local customer folder (absolute) and every name the file lists, also when
+    # ``entries`` is a selection: what the file covers.
     folders: frozenset[str] = frozenset()
+    names: frozenset[str] = frozenset()
 
     def select(self, names: Sequence[str]) -> Fleet:
         """The named customers only (all when ``names`` is empty); an unknown name is an error."""
@@ -68,7 +69,8 @@ class Fleet:
                     hint="add it to the fleet file, or fix the name",
                 )
         wanted = set(names)
-        return Fleet(self.path, tuple(e for e in self.entries if e.name in wanted), self.folders)
+        chosen = tuple(e for e in self.entries if e.name in wanted)
+        return Fleet(self.path, chosen, self.folders, self.names)
 
     def entry(self, name: str) -> FleetEntry:
         return self.select([name]).entries[0]
@@ -100,7 +102,8 @@ def load_fleet(path: Path | None, settings: Settings) -> Fleet:
     parents: dict[str, str] = {}
     entries = tuple(_entry(path, *row, parents=parents) for row in rows)
     folders = frozenset(e.location for e in entries if not e.is_url)
-    return Fleet(path=path, entries=entries, folders=folders)
+    names = frozenset(e.name for e in entries)
+    return Fleet(path=path, entries=entries, folders=folders, names=names)
 
 
 def _kept_rows(kept: Path) -> list[tuple[str, str, str, str]] | None:

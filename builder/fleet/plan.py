@@ -667,22 +667,21 @@ def _problems(
     missing, stale or unreadable; no base image of this version for its variant. Returns
     notes on what could not be checked."""
     todo = [item for item in items if item.status == "rebuild" and item.variant]
-    where: dict[int, str] = {}
-    for n, item in enumerate(todo):
+    for item in todo:
         own = facts[item.customer].base_repository
         repository = base_repository or own or settings.base_repository
-        where[n] = item.base = variant_repository(repository, item.variant or "cpu")
-    missing, notes = _missing_bases(set(where.values()), version, settings, insecure)
-    for n, item in enumerate(todo):
+        item.base = variant_repository(repository, item.variant or "cpu")
+    missing, notes = _missing_bases({i.base for i in todo if i.base}, version, settings, insecure)
+    for item in todo:
         customer = facts[item.customer]
         if customer.lock != "current":
             item.problems.append(
                 f"{customer.lock} lock: {customer.lock_detail}; a release build refuses it "
                 "(run `builder lock`, review and commit the result)"
             )
-        if where[n] in missing:
+        if item.base in missing:
             item.problems.append(
-                f"no {item.variant} base of {version}: {missing[where[n]]} "
+                f"no {item.variant} base of {version}: {missing[item.base]} "
                 f"(build and push it: `builder base build --variant {item.variant} --push`)"
             )
     return notes
@@ -691,7 +690,7 @@ def _problems(
 def _unlisted(fleet: Fleet) -> list[str]:
     """Folders next to the fleet file holding a customer.yaml of a customer the fleet file
     does not list (not as a folder, nor by name): a base release would pass them by."""
-    names = {entry.name for entry in fleet.entries}
+    names = fleet.names
     found = []
     with contextlib.suppress(OSError):
         for child in sorted(fleet.path.parent.iterdir()):
