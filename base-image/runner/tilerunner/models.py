@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tilerunner.config import ModelSpec, RunConfig
+from tilerunner.cuda import cuda_status
 from tilerunner.errors import ConfigError, DeviceError, ModelError
 from tilerunner.plugins import FEATURES
 from tilerunner.plugins.postprocessing import Kind, Prediction, raw_kind
@@ -58,6 +59,7 @@ def select_providers(
 
 
 def ort_version() -> str:
+    """The ONNX Runtime version in use."""
     import onnxruntime
 
     return str(onnxruntime.__version__)
