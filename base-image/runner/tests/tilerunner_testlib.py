@@ -208,7 +208,9 @@ def crafted_tiff(path: Path, tags: dict[int, int], *, pages: int = 1, tiled: boo
                 resolutionunit="CENTIMETER",
             )
     with tifffile.TiffFile(path) as tf:
-        entries = {code: tf.pages[0].tags[code].offset for code in tags}
+        page = tf.pages[0]
+        assert isinstance(page, tifffile.TiffPage)
+        entries = {code: page.tags[code].offset for code in tags}
     with path.open("r+b") as fh:
         for code, value in tags.items():
             fh.seek(entries[code] + 2)  # after the tag code: type LONG, count 1, the value
