@@ -20,7 +20,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import (
     ThreadPoolExecutor,
 )
@@ -599,7 +599,7 @@ def write_release_record(
     record = release_record(report, config_source=config_source(location, settings))
     log = ReleaseLog(record_remote(location), settings.cache_dir, branch)
     commit = record.config_commit
-    if not remote_has_commit(log, commit):
+    if commits_missing(log, [commit]):
         raise WriteBackError(
             f"{log.shown} does not have config commit {commit[:12]} that "
             f"{record.image} was built from; refusing to record it there",
@@ -613,12 +613,14 @@ def write_release_record(
     return log.write(record, attempts=attempts, backoff=backoff, before_push=before_push)
 
 
-def remote_has_commit(log: ReleaseLog, commit: str) -> bool:
-    """Whether ``commit`` is reachable from a branch or tag of the log's remote repository."""
+def commits_missing(log: ReleaseLog, commits: Iterable[str]) -> set[str]:
+    """Which of ``commits`` no branch or tag of the log's remote repository reaches: one
+    fetch of its refs and one history listing for all of them (a fleet records thousands)."""
     try:
         log.repo.git.fetch(
             "--no-tags",
             "--quiet",
+            "--prune",
             log.remote,
             "+refs/heads/*:refs/ivd-remote/heads/*",
             "+refs/tags/*:refs/ivd-remote/tags/*",
@@ -629,11 +631,12 @@ def remote_has_commit(log: ReleaseLog, commit: str) -> bool:
             f"cannot fetch {log.shown}: {_git_message(exc)}",
             hint="check the repository URL and the CI token's access",
         ) from None
-    try:
-        found = log.repo.git.for_each_ref("--contains", commit, "--count=1", "refs/ivd-remote/")
-    except git.GitCommandError:  # an object the remote never had
-        return False
-    return bool(found.strip())
+    wanted = set(commits)
+    tips = log.repo.git.for_each_ref("--format=%(objectname)", "refs/ivd-remote/").split()
+    if not tips or not wanted:
+        return wanted
+    reached = set(log.repo.git.rev_list(*tips, "--").split())
+    return wanted - reached
 
 
 def write_release_records(
@@ -668,9 +671,10 @@ def write_release_records(
         records = [record for _, record in batch]
         try:
             log = ReleaseLog(remote, settings.cache_dir, branch)
+            missing = commits_missing(log, [r.config_commit for r in records])
             for record in records:  # never record an image whose commit the target lacks
                 commit = record.config_commit
-                if not remote_has_commit(log, commit):
+                if commit in missing:
                     raise WriteBackError(
                         f"{log.shown} does not have config commit {commit[:12]} that "
                         f"{record.image} was built from; refusing to record it there",

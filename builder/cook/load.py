@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -446,11 +446,12 @@ def load_customer(
     )
 
 
-def read_committed_file(
-    spec: CustomerSpec, relpath: str, *, repo: git.Repo | None = None
-) -> bytes | None:
-    """A file of the customer folder at the same revision the spec was read at (through
-    ``repo``, an open repository of the spec's source, when the caller has one)."""
+def read_committed_files(
+    spec: CustomerSpec, relpaths: Sequence[str], *, repo: git.Repo | None = None
+) -> dict[str, bytes | None]:
+    """Files of the customer folder at the same revision the spec was read at, the folder
+    looked up once for all (through ``repo``, an open repository of the spec's source, when
+    the caller has one)."""
     repo = repo or git.Repo(spec.source.root)
     snapshot = _Snapshot(
         spec.source,
@@ -458,4 +459,11 @@ def read_committed_file(
         spec.commit_time,
         None if spec.worktree else repo.commit(spec.commit).tree,
     )
-    return snapshot.read(relpath)
+    return {relpath: snapshot.read(relpath) for relpath in relpaths}
+
+
+def read_committed_file(
+    spec: CustomerSpec, relpath: str, *, repo: git.Repo | None = None
+) -> bytes | None:
+    """A file of the customer folder at the same revision the spec was read at."""
+    return read_committed_files(spec, [relpath], repo=repo)[relpath]

@@ -21,7 +21,13 @@ from builder.contracts import (
     ResolvedModel,
     WeightFile,
 )
-from builder.cook.load import CUSTOMER_FILE, LOCK_FILE, read_committed_file, safe_relpath
+from builder.cook.load import (
+    CUSTOMER_FILE,
+    LOCK_FILE,
+    read_committed_file,
+    read_committed_files,
+    safe_relpath,
+)
 from builder.documents.lock import Lock, LockedModel
 from builder.errors import ConfigError, DriftError
 
@@ -39,9 +45,9 @@ class StaleLockError(DriftError, ConfigError):
 
 def _inputs(spec: CustomerSpec, repo: git.Repo | None = None) -> dict[str, str]:
     out = {}
-    for name in (CUSTOMER_FILE, spec.analysis_path):
-        data = read_committed_file(spec, name, repo=repo) or b""
-        out[name] = hashlib.sha256(data).hexdigest()
+    files = read_committed_files(spec, [CUSTOMER_FILE, spec.analysis_path], repo=repo)
+    for name, data in files.items():
+        out[name] = hashlib.sha256(data or b"").hexdigest()
     return out
 
 
@@ -101,7 +107,7 @@ def input_drift(spec: CustomerSpec, lock: Lock, *, repo: git.Repo | None = None)
             lines.append(f"{name} is not covered by the lock")
             continue
         old = _historic_file(spec, name, before)
-        new = read_committed_file(spec, name) or b""
+        new = read_committed_file(spec, name, repo=repo) or b""
         changes = _doc_changes(old, new) if old is not None else None
         if changes:
             lines.extend(f"{name}: {change}" for change in changes)
