@@ -333,23 +333,26 @@ class ReleaseLog:
             for path, content in sorted(files.items()):
                 stream = IStream("blob", len(content), io.BytesIO(content))
                 lines.append(f"100644 {self.repo.odb.store(stream).binsha.hex()}\t{path}\n")
-            self._update_index(lines, env)
+            self._git_stdin(["update-index", "--add", "--index-info"], "".join(lines), env)
             tree = self.repo.git.write_tree(env=env)
             parents = ["-p", head] if head else []
-            return str(self.repo.git.commit_tree(tree, *parents, "-m", message, env=env))
+            # The message on stdin: a fleet's batch lists thousands of records, too long for
+            # an argument.
+            return self._git_stdin(["commit-tree", tree, *parents], message, env).strip()
         finally:
             index.unlink(missing_ok=True)
 
-    def _update_index(self, lines: Sequence[str], env: Mapping[str, str]) -> None:
-        """``git update-index --index-info``: every file of the batch in one process."""
-        subprocess.run(
-            ["git", "--git-dir", str(self.repo.git_dir), "update-index", "--add", "--index-info"],
-            input="".join(lines).encode(),
+    def _git_stdin(self, args: Sequence[str], data: str, env: Mapping[str, str]) -> str:
+        """One git plumbing command fed ``data`` on stdin (the whole batch in one process)."""
+        done = subprocess.run(
+            ["git", "--git-dir", str(self.repo.git_dir), *args],
+            input=data.encode(),
             env={**os.environ, **env},
             check=True,
             capture_output=True,
             timeout=120,
         )
+        return done.stdout.decode()
 
     def write(
         self,

@@ -619,6 +619,31 @@ def test_release_records_of_a_run_are_one_commit_per_repository(
     assert [p.hexsha for p in top.parents] == [branch.hexsha]  # on top, never forced
 
 
+def test_a_fleet_of_records_is_one_commit_whatever_its_size(
+    tmp_path: Path, local_env: dict[str, str]
+) -> None:
+    """900 records in one batch: one commit whose message lists them all (longer than one
+    command-line argument may be: 128 KiB), and one check that the remote has the commit."""
+    configs = tmp_path / "configs"
+    _folder_customer(configs, "customer-a", "~=2.4")
+    bare = _bare_clone(configs, tmp_path / "configs.git")
+    _git("remote", "add", "origin", str(bare), cwd=configs)
+    head = git.Repo(configs).commit("HEAD").hexsha
+    names = [f"customer-{n:04d}" for n in range(900)]
+    reports = [_fake_report(name, head, "sha256:" + "f" * 64) for name in names]
+    settings = replace(load_settings(ROOT), cache_dir=tmp_path / "cache")
+    written = write_release_records(
+        reports, dict.fromkeys(names, str(configs / "customer-a")), settings
+    )
+    assert {w.status for w in written if isinstance(w, WriteResult)} == {"written"}
+    assert len(written) == 900
+    commit = git.Repo(bare).commit(RELEASES_BRANCH)
+    message = str(commit.message)
+    assert len(message.encode()) > 128 * 1024 and message.count(" config ") == 900
+    files = _git("ls-tree", "-r", "--name-only", RELEASES_BRANCH, cwd=bare).splitlines()
+    assert not commit.parents and len(files) == 900
+
+
 # -- release records: write-back --------------------------------------------------------------
 
 

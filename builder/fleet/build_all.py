@@ -415,8 +415,7 @@ def build_all(
         for item in building
         if item.key is not None
     ]
-    results: dict[int, ImageResult] = {}
-    position = {id(item): n for n, item in enumerate(fleet_plan.items)}
+    results: dict[int, ImageResult] = {}  # by the image's place in the plan
     at = {item.key: n for n, item in enumerate(fleet_plan.items) if item.key is not None}
     counts = dict.fromkeys(("built", "unchanged", "skipped", "failed"), 0)
     pace = Pace(jobs, len(to_build))
@@ -441,8 +440,7 @@ def build_all(
                 )
             )
 
-    for item in fleet_plan.items:
-        n = position[id(item)]
+    for n, item in enumerate(fleet_plan.items):
         if item.status == "error":
             finish(
                 n,
