@@ -306,6 +306,7 @@ def bench_build(customers: int, jobs: int, work: Path) -> None:
         )
         fleet = load_fleet(write_fleet(repo, customers), settings)
         figures: dict[str, tuple[float, Counter[str]]] = {}
+        stages: dict[str, Counter[str]] = {}
 
         def run(name: str, version: str) -> None:
             since = len(registry.requests())
@@ -315,6 +316,10 @@ def bench_build(customers: int, jobs: int, work: Path) -> None:
             assert report.counts()["built"] == customers, [r.summary for r in report.failed][:1]
             reports = [r.report for r in report.results if r.report]
             figures[name] = seconds, split_requests(registry.requests()[since:], reports)
+            stages[name] = Counter({"plan": report.plan_seconds * customers})
+            for result in report.results:
+                stages[name].update(result.report["timings"] if result.report else {})
+                stages[name]["build"] += result.seconds
 
         run("cold", "2.5.0")
         for i in range(customers):  # every customer's config changes
@@ -340,6 +345,10 @@ def bench_build(customers: int, jobs: int, work: Path) -> None:
                 f"{per['image']:.1f} / {per['check']:.1f} / {per['attestation']:.1f} / "
                 f"{per['other']:.1f}"
             )
+        print("  where it went, mean seconds per image (plan: the run's, shared by all):")
+        for name, counter in stages.items():
+            parts = ", ".join(f"{k} {v / customers:.3f}" for k, v in counter.items())
+            print(f"    {names[name]:<22} {parts}")
         bump, cold, config = figures["bump"][0], figures["cold"][0], figures["config"][0]
         print(f"  bump / cold = {bump / cold:.1%}; bump / config-only change = {bump / config:.2f}")
         config_image = figures["config"][1]["image"] / customers

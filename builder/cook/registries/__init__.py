@@ -6,6 +6,8 @@ Two backends share one protocol: `clearml` (the real ClearML SDK against a Clear
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -109,6 +111,16 @@ def task_reference(value: object, where: str) -> tuple[str, bool]:
     return check_clearml_id(task_id, f"{where}: task id"), deleted
 
 
+@functools.lru_cache(maxsize=256)
+def _hocon(text: str) -> dict[str, Any]:
+    """A design text parsed as the SDK does (HOCON), kept: every customer of a fleet worker
+    that uses the same model needs it, and parsing is most of resolving a model. Callers get
+    copies: the kept value is never handed out."""
+    from clearml.utilities.config import text_to_config_dict
+
+    return dict(text_to_config_dict(text))
+
+
 def parse_design(design: Any, where: str) -> dict[str, Any]:
     """A model's config text (ClearML `design`) parsed the way the SDK does (HOCON or JSON)."""
     if isinstance(design, Mapping):
@@ -119,10 +131,8 @@ def parse_design(design: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(text, str):
         raise RegistryError(f"{where}: model design is not text")
-    from clearml.utilities.config import text_to_config_dict
-
     try:
-        parsed = dict(text_to_config_dict(text))
+        parsed = copy.deepcopy(_hocon(text))
         yamldoc.validate_data(parsed, "model-design", where)
     except ValueError:
         raise RegistryError(
