@@ -391,6 +391,7 @@ def push_referrers(
         raise ImageError(f"{repository} has no manifest {attestations.subject.digest} to attest")
     descriptors = []
     sent = 0
+    empty, there = empty_descriptor().digest, set[str]()
     attached, mode = registry_referrers(client, path, attestations.subject.digest)
     for artifact, manifest in attestations.manifests():
         same = _already_attached(
@@ -403,13 +404,19 @@ def push_referrers(
         if same is not None:
             descriptors.append(same)
             continue
-        for data, descriptor, ask in (
-            (EMPTY_CONFIG, empty_descriptor(), True),  # in the repository after the first
-            (artifact.data, artifact.layer, False),
+        for data, descriptor in (
+            (EMPTY_CONFIG, empty_descriptor()),
+            (artifact.data, artifact.layer),
         ):
-            if not ask or not client.blob_exists(path, descriptor.digest):
-                client.upload_blob(path, descriptor.digest, descriptor.size, data)
-                sent += len(data)
+            # the empty config is there after the repository's first artifact: asked once
+            if descriptor.digest in there or (
+                descriptor.digest == empty and client.blob_exists(path, empty)
+            ):
+                there.add(descriptor.digest)
+                continue
+            client.upload_blob(path, descriptor.digest, descriptor.size, data)
+            there.add(descriptor.digest)
+            sent += len(data)
         digest = client.put_manifest(path, sha256_digest(manifest), manifest, OCI_MANIFEST)
         sent += len(manifest)
         descriptors.append(
