@@ -111,6 +111,15 @@ class Explanation:
     checks: list[Check]
     ci_url: str | None = None
     selected: dict[str, Any] | None = None  # how a customer name was turned into this image
+    # Where the config repository (``<url>#<folder>``) is recorded: the image's own record (a
+    # location-free image has one only when customer.yaml declares it), then its provenance
+    # attestation's (where the build read it)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def source(self) -> str | None:
+        """The config repository the image (else its attestation) records."""
+        return self.sources[0] if self.sources else None
 
     @property
     def ok(self) -> bool:
@@ -312,6 +321,7 @@ def _artifact_document(
 class Attested:
     infos: list[AttestationInfo] = field(default_factory=list)
     statement: dict[str, Any] | None = None  # newest provenance Statement
+    statements: list[dict[str, Any]] = field(default_factory=list)  # every one, newest first
     sbom_sha256: str | None = None
     checks: list[Check] = field(default_factory=list)
 
@@ -368,8 +378,12 @@ def read_attestations(
             else:
                 statement = document
         out.infos.append(info)
-        if statement is not None and (created or "") >= newest:
-            newest, out.statement = created or "", statement
+        if statement is not None:
+            out.statements.append(statement)
+            if (created or "") >= newest:
+                newest, out.statement = created or "", statement
+    if out.statement is not None:  # newest first: a repeated build's own record leads
+        out.statements.sort(key=lambda s: s is not out.statement)
     return out
 
 
@@ -444,14 +458,41 @@ def _statement_checks(
     return checks
 
 
+def attested_source(statement: Mapping[str, Any] | None) -> str | None:
+    """``<url>#<folder>`` of the config repository a provenance Statement names, if any."""
+    external = ((statement or {}).get("predicate") or {}).get("buildDefinition", {}).get(
+        "externalParameters"
+    ) or {}
+    repository, folder = external.get("repository"), external.get("configPath")
+    if not isinstance(repository, str) or not repository:
+        return None
+    return (
+        f"{repository}#{folder}"
+        if isinstance(folder, str) and folder not in ("", ".")
+        else repository
+    )
+
+
+def attested_base(statement: Mapping[str, Any] | None) -> str | None:
+    """The base image repository a provenance Statement names (``oci://<repo>:<tag>``), if any."""
+    deps = ((statement or {}).get("predicate") or {}).get("buildDefinition", {}).get(
+        "resolvedDependencies"
+    ) or []
+    uri = next((str(d.get("uri") or "") for d in deps if d.get("name") == "base-image"), "")
+    if uri.startswith("oci://"):
+        return uri.removeprefix("oci://").rpartition(":")[0] or None
+    return uri or None
+
+
 def _release_for(
-    provenance: Mapping[str, Any], digest: str, settings: Settings
+    source: str | None, customer: str, digest: str, settings: Settings
 ) -> tuple[dict[str, Any] | None, str]:
     """The release record of this digest, read from the recorded config repository."""
-    url = str((provenance.get("config") or {}).get("repository", ""))
-    location = _local_location(url) or url.partition("#")[0]
+    if not source:
+        return None, "release records not read: the image names no config repository"
+    location = _local_location(source) or source.partition("#")[0]
     try:
-        records, where = read_release_records(location, str(provenance.get("customer")), settings)
+        records, where = read_release_records(location, customer, settings)
     except BuilderError as exc:
         return None, f"release records not read: {exc}"
     for record in records:
@@ -531,7 +572,22 @@ def explain(
     signatures = {a.signature for a in attested.infos}
     if public_key is not None and not signatures & {"valid", "INVALID"}:
         checks.append(Check("provenance signature", False, f"no signed provenance ({where})"))
-    release, release_note = _release_for(provenance, image.manifest_digest, settings)
+    sources: list[str] = []
+    for found_at in (
+        (provenance.get("config") or {}).get("repository"),
+        *(attested_source(s) for s in attested.statements),
+    ):
+        if isinstance(found_at, str) and found_at and found_at not in sources:
+            sources.append(found_at)
+    release, release_note = _release_for(
+        sources[0] if sources else None,
+        str(provenance.get("customer")),
+        image.manifest_digest,
+        settings,
+    )
+    base = base_of(labels, provenance)
+    if base["repository"] is None:  # a location-free image: where the build pulled it from
+        base["repository"] = attested_base(attested.statement)
     metadata = ((attested.statement or {}).get("predicate") or {}).get("runDetails", {}).get(
         "metadata"
     ) or {}
@@ -551,7 +607,7 @@ def explain(
         config_digest=image.config_digest,
         customer=str(provenance.get("customer")),
         provenance=provenance,
-        base=base_of(labels, provenance),
+        base=base,
         labels=labels,
         created=labels.get("org.opencontainers.image.created"),
         built_at=built_at,
@@ -563,6 +619,7 @@ def explain(
         release_note=release_note,
         checks=checks,
         ci_url=ci_url,
+        sources=sources,
     )
 
 

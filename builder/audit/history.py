@@ -119,7 +119,12 @@ class Resolver:
         try:
             lock = read_lock(spec)
             if lock is not None:
-                models = models_from_lock(spec, lock, production=self.settings.production)
+                models = models_from_lock(
+                    spec,
+                    lock,
+                    production=self.settings.production,
+                    store_base=self.settings.root,
+                )
         except ConfigError as exc:
             notes.append(f"lock not used: {exc.message}")
         if models is None:
@@ -418,8 +423,12 @@ def find_commit(source: RepoSource, ref: str) -> git.Commit:
 
 
 def location_of(source: RepoSource) -> str:
-    """A location that opens the same source again without re-cloning or fetching."""
-    return str(source.root / source.subdir) if source.subdir else str(source.root)
+    """A location that opens the same source again without re-cloning or fetching (a folder
+    of a repository without a work tree, such as a bare one, as ``<repository>#<folder>``)."""
+    if not source.subdir:
+        return str(source.root)
+    folder = source.root / source.subdir
+    return str(folder) if folder.is_dir() else f"{source.root}#{source.subdir}"
 
 
 def _revision(commit: git.Commit, subdir: str) -> Revision:

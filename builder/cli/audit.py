@@ -303,12 +303,17 @@ def audit_cmd(
     """Write an HTML report of CUSTOMER for regulatory review: releases with their signature,
     verify state and approvals, the configuration timeline with who approved each change, model
     lineage, the changes between releases, and registry tags that no release record names (one
-    self-contained file, no network resources; prints cleanly to PDF)."""
+    self-contained file, no network resources; prints cleanly to PDF). With --verify, exit
+    code 10 when a release does not MATCH or could not be verified (one line each says why)."""
     from builder.audit.report import write_report
 
     data = write_report(
         customer, load_cli_settings(overrides), html, ref=ref, verify_releases=verify_releases
     )
+    records = {r.path: r for r in data["releases"]}
+    failed = {
+        path: status for path, status in data["verified"].items() if status["state"] != "MATCH"
+    }
     summary = {
         "customer": data["customer"],
         "report": str(html),
@@ -316,12 +321,20 @@ def audit_cmd(
         "releases": len(data["releases"]),
         "unrecorded_tags": data["unrecorded_tags"],
         "problems": data["problems"],
+        "verified": data["verified"],
     }
+
     return Result(
         "audit",
         summary,
         lambda: click.echo(
             f"wrote {html}: {summary['revisions']} revisions, {summary['releases']} releases"
             + (f", {len(data['problems'])} problems" if data["problems"] else "")
+        ),
+        exit_code=AUDIT_FAILED if failed else 0,
+        notes=tuple(
+            f"{status['state']}: {records[path].image if path in records else path}: "
+            f"{status['detail']}"
+            for path, status in failed.items()
         ),
     )
