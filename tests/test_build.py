@@ -228,7 +228,9 @@ def test_base_bump_uploads_only_manifest_and_config(
 def test_immutable_tag_is_refused_then_forced(
     env: dict[str, str], repo: Path, tmp_path: Path
 ) -> None:
-    _build(env, str(repo), "--push")
+    """The registry refuses to move an immutable tag and says which inputs differ, side by
+    side; --force moves it and says what it overwrote."""
+    first = _build(env, str(repo), "--push")
     # Same config commit, other weights under the same task: the immutable tag would move.
     write_production(
         tmp_path / "production",
@@ -236,10 +238,22 @@ def test_immutable_tag_is_refused_then_forced(
         CARCINOMA_ID,
         {"model.onnx": b"re-published by mistake"},
     )
-    code, line = _fail(env, str(repo), "--push")
-    assert code == 6 and "immutable tag" in line and "refusing" in line
-    forced = _build(env, str(repo), "--push", "--force")
-    assert any(w.startswith("FORCED: immutable tag") for w in forced["warnings"])
+    ci = {**env, "BUILDER_CACHE_DIR": str(tmp_path / "ci-cache")}  # an empty local store
+    code, line = _fail(ci, str(repo), "--push")
+    before = {m["name"]: m["dir_hash"] for m in first["models"]}["carcinoma_model"]
+    assert code == 6 and f"{first['image']} is an immutable tag and already points to" in line
+    assert "refusing to move it" in line and first["manifest_digest"] in line
+    differs = line.split("What differs: ", 1)[1]
+    assert differs.startswith("verbose config sha256: ")  # the sizes and sha256 it lists
+    assert f"model carcinoma_model sha256: {before[:12]} (tagged) vs " in differs
+    assert "config commit" not in differs and "base digest" not in differs
+    forced = _build(ci, str(repo), "--push", "--force")
+    now = {m["name"]: m["dir_hash"] for m in forced["models"]}["carcinoma_model"]
+    (warning,) = [w for w in forced["warnings"] if w.startswith("FORCED: immutable tag")]
+    assert f"it pointed to {first['manifest_digest']}, now {forced['manifest_digest']}" in warning
+    assert f"model carcinoma_model sha256: {before[:12]} (tagged) vs {now[:12]} (this build)" in (
+        warning
+    )
 
 
 def test_locked_offline_build_needs_no_registry(env: dict[str, str], repo: Path) -> None:
