@@ -312,7 +312,10 @@ def test_explain_reads_everything_back(world: World, form: str) -> None:
     prov = result["provenance"]
     assert prov["customer"] == "customer-x"
     assert prov["config"]["commit"] == world.commits["lock1"]
-    assert prov["config"]["repository"] == world.repo.as_uri()
+    # A location-free image records no repository (customer.yaml declares none): the
+    # attestation attached to it (a docker archive: the one this machine's build wrote) does.
+    assert prov["config"]["repository"] is None
+    assert result["sources"] == [world.repo.as_uri()]
     assert result["base"] == {**release["base"], "constraint": "2.4.1"}
     models = {m["name"]: m for m in prov["models"]}
     assert models["mitosis_model"]["registry_id"] == MITOSIS_ID
@@ -452,8 +455,9 @@ def test_tampered_model_file_is_flagged_by_explain_and_verify(world: World, tmp_
     check = _check(result, "/app/models/carcinoma_model/model.onnx")
     assert not check["ok"] and check["detail"].startswith("MODIFIED")
     assert _check(result, "/app/models/mitosis_model/model.onnx")["ok"]
-    assert "not a recorded release" in result["release_note"]  # the digest changed
+    assert result["release"] is None  # the digest changed
     assert result["attestations"] == []  # the signed attestations name the original digest
+    assert result["sources"] == []  # so nothing names the config repository any more
     human = run_cli("explain", reference, env=world.env)
     assert human.returncode == 10
     assert (
@@ -461,7 +465,9 @@ def test_tampered_model_file_is_flagged_by_explain_and_verify(world: World, tmp_
         in human.stdout
     )
 
-    verified = cli_json(world, "verify", reference, code=10)
+    code, line = cli_fail(world, "verify", reference)
+    assert code == 2 and "the image records no config repository" in line and "--repo" in line
+    verified = cli_json(world, "verify", reference, "--repo", str(world.repo), code=10)
     assert verified["match"] is False
     assert verified["manifest_digest"] == digest
     assert verified["rebuilt_digest"] == world.releases["r1"]["manifest_digest"]

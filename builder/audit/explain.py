@@ -18,7 +18,7 @@ from builder.attest.dsse import (
     load_public_key,
     verify_envelope,
 )
-from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO
+from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO, PROVENANCE_FILE
 from builder.audit.history import location_of
 from builder.audit.records import read_release_records
 from builder.audit.text import pinned, short
@@ -484,6 +484,24 @@ def attested_base(statement: Mapping[str, Any] | None) -> str | None:
     return uri or None
 
 
+def _local_statements(settings: Settings, digest: str) -> list[dict[str, Any]]:
+    """The provenance Statement a build on this machine wrote for ``digest`` (the build
+    report's ``outputs.attestations``), when it names that digest as its subject."""
+    path = settings.store_dir.parent / "attestations" / digest.partition(":")[2] / PROVENANCE_FILE
+    try:
+        statement = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(statement, dict):
+        return []
+    subjects = [
+        (s.get("digest") or {}).get("sha256")
+        for s in statement.get("subject") or []
+        if isinstance(s, dict)
+    ]
+    return [statement] if digest.partition(":")[2] in subjects else []
+
+
 def _release_for(
     source: str | None, customer: str, digest: str, settings: Settings
 ) -> tuple[dict[str, Any] | None, str]:
@@ -572,10 +590,13 @@ def explain(
     signatures = {a.signature for a in attested.infos}
     if public_key is not None and not signatures & {"valid", "INVALID"}:
         checks.append(Check("provenance signature", False, f"no signed provenance ({where})"))
+    # Where the build read its config: the attached attestations, else (a docker archive
+    # carries none) the attestation a build on this machine wrote next to its image store.
+    statements = attested.statements or _local_statements(settings, image.manifest_digest)
     sources: list[str] = []
     for found_at in (
         (provenance.get("config") or {}).get("repository"),
-        *(attested_source(s) for s in attested.statements),
+        *(attested_source(s) for s in statements),
     ):
         if isinstance(found_at, str) and found_at and found_at not in sources:
             sources.append(found_at)
@@ -587,7 +608,7 @@ def explain(
     )
     base = base_of(labels, provenance)
     if base["repository"] is None:  # a location-free image: where the build pulled it from
-        base["repository"] = attested_base(attested.statement)
+        base["repository"] = next(filter(None, map(attested_base, statements)), None)
     metadata = ((attested.statement or {}).get("predicate") or {}).get("runDetails", {}).get(
         "metadata"
     ) or {}

@@ -100,7 +100,8 @@ def _explanation_lines(exp: Any) -> list[str]:
         f"image        {exp.image}",
         f"digest       {exp.manifest_digest}",
         f"customer     {exp.customer}",
-        f"config       {config.get('repository')} @ {config.get('commit')}",
+        f"config       {_repository_line(config.get('repository'), exp.source)} @ "
+        f"{config.get('commit')}",
         f"             folder {config.get('path')}, analysis {config.get('analysis')}",
         f"base         {base.get('repository')}:{base.get('version')}@{base.get('digest')}",
         f"tool         {builder.get('name')} {builder.get('version')}",
@@ -221,6 +222,14 @@ def explain_cmd(
     )
 
 
+def _repository_line(recorded: str | None, source: str | None) -> str:
+    """The config repository an image records; for a location-free image that records none,
+    the one its provenance attestation names, said so."""
+    if recorded:
+        return recorded
+    return f"{source} (named by the attestation)" if source else "(not recorded)"
+
+
 @cli.command("verify")
 @click.argument("image", metavar="IMAGE|CUSTOMER")
 @click.option(
@@ -244,11 +253,14 @@ def verify_cmd(
 ) -> Result:
     """Rebuild IMAGE from its recorded config commit, lock and base; print MATCH or what differs.
 
-    Needs nothing but the image reference (or a CUSTOMER name, as for explain): the recorded
-    config repository is cloned with the CI credential helper when it is not on this machine,
-    and the rebuild uses the recorded repository's project settings and production store, not
-    the working directory's. Every layer is re-tarred in a scratch blob store (weights come from
-    the verified cache). Exit code 10 on a mismatch.
+    Needs nothing but the image reference (or a CUSTOMER name, as for explain): the config
+    repository the image records (else the one its provenance attestation names; a folder of
+    it for folder customers) is used where it is on this machine, work tree or bare, and cloned
+    with the CI credential helper when it is not; the lock at the recorded commit gives the
+    models, the production store and the base repository, not the working directory's
+    settings. An image of an older format is rebuilt with that format and the locations it
+    recorded. Every layer is re-tarred in a scratch blob store (weights come from the verified
+    cache). Exit code 10 on a mismatch.
     """
     from builder.audit.verify import verify
 

@@ -439,6 +439,11 @@ def _declared_repository(customer: Mapping[str, Any], origin: str) -> str | None
             f"{origin}: repository {redact_url(declared)!r} holds credentials; remove them",
             hint="CI supplies them from BUILDER_GIT_TOKEN or CI_JOB_TOKEN",
         )
+    if not _URL.match(declared):
+        raise ConfigError(
+            f"{origin}: repository {declared[:120]!r} is not a git URL",
+            hint="give the address every clone shares, e.g. https://gitlab.example.com/group/repo.git",
+        )
     return canonical_repo_url(declared)
 
 
