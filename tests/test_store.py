@@ -444,6 +444,34 @@ def test_the_local_store_keeps_an_immutable_tag_unless_forced(tmp_path: Path) ->
     assert dirty_stored is not None and dirty_stored.digest == dirty["manifest_digest"]
 
 
+def test_verify_rebuilds_on_a_base_that_only_the_local_store_holds(tmp_path: Path) -> None:
+    """No registry anywhere: an image built on the local store's base verifies as MATCH from
+    another folder, no base repository configured (the attestation names it; the base, by
+    digest, comes from this machine's store)."""
+    repository = "127.0.0.1:9/ivd/inference-base"
+    env = _customer_env(tmp_path, repository, "127.0.0.1:9")
+    cache = tmp_path / "cache"
+    _put_synthetic_base(ImageStore(cache / "oci"), [f"{repository}:2.4.2"])
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    layout = tmp_path / "layout"
+    built = _build(env, cache, str(repo), "--oci-layout", str(layout))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    reference = f"oci:{layout}:{built['image'].rsplit(':', 1)[1]}"
+    models = {k: v for k, v in env.items() if k != "BUILDER_BASE_REPOSITORY"}  # no lock here
+    result = run_cli(
+        "verify",
+        reference,
+        "--json",
+        env={**models, "BUILDER_BASE_REPOSITORY": "", "BUILDER_CACHE_DIR": str(cache)},
+        cwd=elsewhere,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    doc = json.loads(result.stdout)["result"]
+    assert doc["match"] is True and doc["rebuilt_digest"] == built["manifest_digest"]
+    assert doc["repository"] == repo.as_uri()
+
+
 def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
     docker_engine: Any, oci_registry: Any, base_os_image: str, tmp_path: Path
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -27,7 +28,9 @@ from builder.image.assemble import (
     LOCATION_FREE_FORMAT,
     check_layer_format,
 )
+from builder.image.base_resolution import base_repository as base_repository_of
 from builder.image.provenance import recorded_locations
+from builder.image.store import ImageStore
 from builder.oci.image import (
     ArchiveImage,
     ImageFiles,
@@ -183,6 +186,21 @@ def _with_production(settings: Settings, production: str | None) -> Settings:
     return replace(settings, production=production)
 
 
+def _seed_base(
+    settings: Settings, scratch: Settings, repository: str, base: Mapping[str, Any]
+) -> None:
+    """Put the recorded base image into the rebuild's empty store when this machine's local
+    image store holds it by digest, so an image whose base is in no registry (built with the
+    local store alone) rebuilds too; a registry is still asked first, as in any build."""
+    digest, version = str(base.get("digest") or ""), str(base.get("version") or "")
+    own = ImageStore(settings.store_dir)
+    if not digest or not version or not own.complete(digest):
+        return
+    stored = own.base_image(repository, version, digest)
+    # Read from the caller's store as from the OCI layout it is; kept by tag and digest.
+    ImageStore(scratch.store_dir).keep_base(dataclasses.replace(stored, source="oci-layout"))
+
+
 def _rebuild_settings(settings: Settings, scratch: Path) -> Settings:
     """Settings whose image blob store is empty (every layer is re-tarred, none reused from the
     layer cache) while weights and clones come from the usual, sha256-verified caches."""
@@ -231,9 +249,8 @@ def _compare(
 #: What an older image format was, for the note saying a rebuild used it.
 _FORMATS: Final = {
     1: "model layers stamped with the config commit time, before model layers became shared blobs",
-    2: "it records where its inputs were reached: the config repository's observed origin, the "
-    "base image's registry name and the production store's spelling, before images became "
-    "location-free; rebuilt with those recorded locations",
+    2: "before images became location-free: it records the clone's origin, the base image's "
+    "registry name and the production store's spelling, and the rebuild records them again",
 }
 
 
@@ -348,7 +365,12 @@ def verify(
         ),
     )
     with tempfile.TemporaryDirectory(prefix="verify-", dir=_scratch_parent(settings)) as tmp:
-        report = build(request, _rebuild_settings(settings, Path(tmp)))
+        scratch = _rebuild_settings(settings, Path(tmp))
+        variant = request.variant or spec.variants[0]
+        _seed_base(
+            settings, scratch, base_repository_of(spec, settings, base_repository, variant), base
+        )
+        report = build(request, scratch)
         rebuilt = LayoutImage(Path(tmp) / "oci", digest=report.manifest_digest)
         match = report.manifest_digest == image.manifest_digest
         differences: list[str] = []
