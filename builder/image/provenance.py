@@ -247,16 +247,23 @@ def _label_name(key: str) -> str:
     return f"label {key}"
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (a malformed document reads empty)."""
+    return value if isinstance(value, Mapping) else {}
+
+
 def _labels_of(config: Mapping[str, Any]) -> dict[str, str]:
-    raw = (config.get("config") or {}).get("Labels") or {}
+    raw = _mapping(_mapping(config.get("config")).get("Labels"))
     return {str(k): str(v) for k, v in raw.items()}
 
 
 def _layers_of(manifest: Mapping[str, Any]) -> dict[str, str]:
+    layers = manifest.get("layers")
     out = {}
-    for index, layer in enumerate(manifest.get("layers") or []):
-        name = (layer.get("annotations") or {}).get(LAYER_NAME_ANNOTATION) or f"base layer {index}"
-        out[str(name)] = str(layer.get("digest"))
+    for index, raw in enumerate(layers if isinstance(layers, list) else []):
+        layer = _mapping(raw)
+        name = _mapping(layer.get("annotations")).get(LAYER_NAME_ANNOTATION)
+        out[str(name or f"base layer {index}")] = str(layer.get("digest"))
     return out
 
 
