@@ -12,10 +12,11 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import git
 
@@ -32,9 +33,33 @@ _URL = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)")
 
 
 def open_source(location: str, settings: Settings) -> RepoSource:
-    """Find the repository and folder a customer name, path or git URL refers to."""
+    """Find the repository and folder a customer name, path or git URL refers to.
+
+    A URL may name a folder of the repository after ``#`` (``file:///srv/fleet#customers/x``,
+    ``https://host/group/repo#customers/x``): the form the tool records and prints. A
+    ``file://`` URL of a repository on this machine is read in place (also when it names a
+    bare ``X.git`` as ``X``); other URLs are mirrored into the cache.
+    """
     if _URL.match(location):
-        return _clone_or_fetch(location, settings.cache_dir / "repos")
+        base, _, folder = location.partition("#")
+        local, mirrored = _local_repository(base)
+        if local is not None:  # recorded as the URL given, as a clone of it would be
+            source = open_source(str(local), settings)
+            if not source.subdir:
+                source = replace(source, url=canonical_repo_url(base))
+        else:
+            source = _clone_or_fetch(mirrored, settings.cache_dir / "repos")
+        if not folder:
+            return source
+        folder = safe_relpath(folder, location, "repository folder")
+        subdir = PurePosixPath(source.subdir, folder).as_posix()
+        folder_path = source.root / subdir
+        return replace(
+            source,
+            location=str(folder_path) if local and folder_path.is_dir() else location,
+            subdir=subdir,
+            url=f"{source.url.partition('#')[0]}#{subdir}",
+        )
     path = Path(location).expanduser()
     if not path.exists() and not path.is_absolute():
         path = settings.customers / location
@@ -57,6 +82,21 @@ def open_source(location: str, settings: Settings) -> RepoSource:
         subdir="" if subdir == "." else subdir,
         url=_source_url(repo, root, subdir),
     )
+
+
+def _local_repository(url: str) -> tuple[Path | None, str]:
+    """The work tree a ``file://`` URL names on this machine (read in place), else None; and
+    the URL to mirror otherwise (a bare repository recorded without its ``.git`` suffix gets
+    it back)."""
+    if not url.startswith("file://"):
+        return None, url
+    path = Path(unquote(urlsplit(url).path))
+    if not path.exists() and path.with_name(f"{path.name}.git").is_dir():
+        return None, path.with_name(f"{path.name}.git").as_uri()
+    try:
+        return (None if git.Repo(path).bare else path), url
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None, url
 
 
 _SCP_LIKE = re.compile(r"^(?:[\w.-]+@)?(?P<host>[\w.-]+):(?P<path>(?!//).+)$")
