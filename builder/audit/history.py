@@ -395,6 +395,9 @@ def diff_configs(a: ResolvedConfig, b: ResolvedConfig) -> list[Change]:
                 f"base constraint {a.base_constraint} -> {b.base_constraint}",
                 a.base_constraint,
                 b.base_constraint,
+                lead="base constraint",
+                was=a.base_constraint,
+                now=b.base_constraint,
             )
         )
     if a.base_repository != b.base_repository:

@@ -345,6 +345,7 @@ def report_data(
         "lineage": lineage(hist.entries),
         "release_changes": per_release,
         "model_names": names,
+        "subjects": {e.revision.commit: e.revision.message for e in hist.entries},
         "release_status": statuses,
         "verified": verified,
         "verify_run": verify_releases,
