@@ -36,29 +36,20 @@ def open_source(location: str, settings: Settings) -> RepoSource:
     """Find the repository and folder a customer name, path or git URL refers to.
 
     A URL may name a folder of the repository after ``#`` (``file:///srv/fleet#customers/x``,
-    ``https://host/group/repo#customers/x``): the form the tool records and prints. A
-    ``file://`` URL of a repository on this machine is read in place (also when it names a
-    bare ``X.git`` as ``X``); other URLs are mirrored into the cache.
+    ``https://host/group/repo#customers/x``): the form the tool records and prints. URLs are
+    mirrored into the cache; a ``file://`` URL of a bare ``X.git`` recorded as ``X`` is found.
     """
     if _URL.match(location):
         base, _, folder = location.partition("#")
-        local, mirrored = _local_repository(base)
-        if local is not None:  # recorded as the URL given, as a clone of it would be
-            source = open_source(str(local), settings)
-            if not source.subdir:
-                source = replace(source, url=canonical_repo_url(base))
-        else:
-            source = _clone_or_fetch(mirrored, settings.cache_dir / "repos")
+        source = _clone_or_fetch(_bare_sibling(base), settings.cache_dir / "repos")
         if not folder:
             return source
         folder = safe_relpath(folder, location, "repository folder")
-        subdir = PurePosixPath(source.subdir, folder).as_posix()
-        folder_path = source.root / subdir
         return replace(
             source,
-            location=str(folder_path) if local and folder_path.is_dir() else location,
-            subdir=subdir,
-            url=f"{source.url.partition('#')[0]}#{subdir}",
+            location=f"{source.location}#{folder}",
+            subdir=folder,
+            url=f"{canonical_repo_url(base)}#{folder}",
         )
     path = Path(location).expanduser()
     if not path.exists() and not path.is_absolute():
@@ -84,19 +75,15 @@ def open_source(location: str, settings: Settings) -> RepoSource:
     )
 
 
-def _local_repository(url: str) -> tuple[Path | None, str]:
-    """The work tree a ``file://`` URL names on this machine (read in place), else None; and
-    the URL to mirror otherwise (a bare repository recorded without its ``.git`` suffix gets
-    it back)."""
-    if not url.startswith("file://"):
-        return None, url
-    path = Path(unquote(urlsplit(url).path))
-    if not path.exists() and path.with_name(f"{path.name}.git").is_dir():
-        return None, path.with_name(f"{path.name}.git").as_uri()
-    try:
-        return (None if git.Repo(path).bare else path), url
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        return None, url
+def _bare_sibling(url: str) -> str:
+    """A ``file://`` URL of a missing ``X`` whose bare ``X.git`` is on this machine (canonical
+    URLs drop ``.git``) as the URL of ``X.git``; any other URL as it is."""
+    if url.startswith("file://"):
+        path = Path(unquote(urlsplit(url).path))
+        bare = path.with_name(f"{path.name}.git")
+        if not path.exists() and bare.is_dir():
+            return bare.as_uri()
+    return url
 
 
 _SCP_LIKE = re.compile(r"^(?:[\w.-]+@)?(?P<host>[\w.-]+):(?P<path>(?!//).+)$")
