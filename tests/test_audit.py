@@ -1269,6 +1269,11 @@ def test_five_questions_from_an_empty_directory(world: World, tmp_path: Path, by
     texts = [c["text"] for c in changed["changes"]]
     assert "Carcinoma threshold 0.5 -> 0.6" in texts
     assert "base shipped 2.4.1 -> 2.5.0" in texts  # two releases: the base as shipped
+    # read from the locks, though this machine configures no production store
+    assert (
+        f'mitosis_model: "mitosis v1" {MITOSIS_ID[:8]} (task {MITOSIS_TASK[:8]}) -> '
+        f'"mitosis v2" {MITOSIS2_ID[:8]} (task {MITOSIS2_TASK[:8]})'
+    ) in texts
     reasons = [r["revision"]["reason"] for r in changed["revisions"]]
     assert f"mitosis v2\n\n{SWAP_REASON}" in reasons
     assert changed["point_a"]["via"] == "release" and changed["point_b"]["via"] == "release"

@@ -25,7 +25,7 @@ from builder.audit.records import find_release, read_release_records
 from builder.audit.text import base_of, short
 from builder.contracts import CustomerSpec, RepoSource, ResolvedModel
 from builder.cook.load import CUSTOMER_FILE, LOCK_FILE, KnownRevision, load_customer, open_source
-from builder.cook.lock import models_from_lock, read_lock
+from builder.cook.lock import StaleLockError, models_from_lock, read_lock
 from builder.cook.registries.opener import open_registry
 from builder.cook.resolve import resolve
 from builder.cook.storage import open_store
@@ -96,6 +96,17 @@ def _analyses_view(analysis_doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]
     return out
 
 
+def _recorded_store(lock: Lock) -> str | None:
+    """The production store a lock's registry models lie in (``<store>/<task id>/...``), when
+    they all name the same one."""
+    roots = {
+        m.weights_uri[: m.weights_uri.index(f"/{m.task_id}/")]
+        for m in lock.models.values()
+        if m.sourcing != "manual" and m.task_id and f"/{m.task_id}/" in m.weights_uri
+    }
+    return roots.pop() if len(roots) == 1 else None
+
+
 class Resolver:
     """Resolves the models of many revisions, opening the registry at most once.
 
@@ -122,6 +133,20 @@ class Resolver:
                 raise
         return self._backend
 
+    def _locked(self, spec: CustomerSpec, lock: Lock) -> tuple[ResolvedModel, ...]:
+        """The models a lock pins. Read, not fetched: weights pinned in another production
+        store than this machine's setting (or with none set, as on a reviewer's laptop) are
+        read against the store the lock itself names."""
+        try:
+            return models_from_lock(spec, lock, production=self.settings.production)
+        except StaleLockError:
+            raise
+        except ConfigError:
+            recorded = _recorded_store(lock)
+            if recorded is None or recorded == self.settings.production:
+                raise
+            return models_from_lock(spec, lock, production=recorded)
+
     def config(self, spec: CustomerSpec) -> ResolvedConfig:
         """The resolved configuration of ``spec`` (lock first, then the registry)."""
         notes: list[str] = []
@@ -131,7 +156,7 @@ class Resolver:
         try:
             lock = read_lock(spec)
             if lock is not None:
-                models = models_from_lock(spec, lock, production=self.settings.production)
+                models = self._locked(spec, lock)
         except ConfigError as exc:
             notes.append(f"lock not used: {exc.message}")
         if models is None:
