@@ -1378,3 +1378,57 @@ def test_unapproved_change_and_rules_of_their_time(world: World, tmp_path: Path)
     parsed.feed(report.read_text())
     assert "Released changes that no approval covers" in parsed.text
     assert "NOT APPROVED" in parsed.text
+
+
+def _record(commit: str, image: str) -> Any:
+    from builder.documents.release_record import ReleaseRecord
+
+    return ReleaseRecord(
+        customer="customer-x", config_repository="file:///r", config_path=".",
+        config_commit=commit, image=image, manifest_digest="sha256:" + "0" * 64, tags=(image,),
+        base_repository="r/base", base_version="2.4.1", base_digest="sha256:" + "1" * 64,
+        models=(), built_at="2026-01-01T00:00:00Z", builder_version="0",
+    )  # fmt: skip
+
+
+def test_an_approval_covers_what_it_contains_and_nothing_else() -> None:
+    """Parallel branches: an approval on one branch does not cover the other branch's change;
+    it covers its own ancestors up to the previous release, never a change after it."""
+    from builder.audit.approvals import Approval, Review, coverage
+
+    # newest first, parents rewritten to revisions: a <- b, a <- c, m merges b and c, d after m
+    graph = {"d": ("m",), "m": ("b", "c"), "c": ("a",), "b": ("a",), "a": ()}
+
+    def review(commit: str, *who: str, request: str | None = None) -> Review:
+        approvals = tuple(Approval("Approved-by", w, commit) for w in who)
+        return Review(commit, commit.upper(), approvals, None, request)
+
+    reviews = {c: review(c) for c in graph}
+    reviews["c"] = review("c", "Dr. C")
+    found = coverage(graph, reviews, [_record("m", "img:1")])
+    assert {c: f.status for c, f in found.items()} == {
+        "a": "covered", "b": "unapproved", "c": "approved", "m": "unapproved", "d": "pending"
+    }  # fmt: skip
+    assert (found["a"].later, found["a"].later_subject) == ("c", "C")
+    assert found["b"].release == "img:1" and found["d"].release is None
+    assert found["b"].sentence == "NOT APPROVED: no approval covers this change, released as img:1"
+
+    # an earlier release at a: a belongs to it (nothing approved it), b to the later one, which a
+    # merge request (the merge commit's) covers together with everything it contains
+    reviews["m"] = review("m", request="ivd/x!7")
+    found = coverage(graph, reviews, [_record("a", "img:0"), _record("m", "img:1")])
+    assert {c: f.status for c, f in found.items()} == {
+        "a": "unapproved", "b": "covered", "c": "approved", "m": "approved", "d": "pending"
+    }  # fmt: skip
+    assert found["b"].merge_requests == ("ivd/x!7",) and found["b"].covered
+
+
+def test_customer_or_image() -> None:
+    from builder.audit.locate import is_customer
+
+    for customer in ("customer-x", "file:///srv/fleet#customers/x", "git@host:grp/x.git",
+                     "https://gitlab.example.com/ivd/x#customers/x"):  # fmt: skip
+        assert is_customer(customer), customer
+    for image in ("127.0.0.1:5000/x:2.5.0-1a2b", "host/x@sha256:" + "0" * 64,
+                  "x@sha256:" + "0" * 64, "oci:/tmp/layout:tag", "docker-archive:/tmp/a.tar"):  # fmt: skip
+        assert not is_customer(image), image
