@@ -314,7 +314,7 @@ def test_history_tells_each_revision_in_resolved_terms(world: World) -> None:
         in human.stdout
     )
     assert f"    {SWAP_REASON}" in human.stdout.splitlines()
-    assert f"    approval: approved: Approved-by: {REVIEWER}" in human.stdout
+    assert f"    approved: Approved-by: {REVIEWER}" in human.stdout
 
 
 def test_diff_between_releases(world: World) -> None:
@@ -344,7 +344,7 @@ def test_diff_between_releases(world: World) -> None:
     assert human.returncode == 0, human.stderr
     line = next(ln for ln in human.stdout.splitlines() if "Carcinoma threshold" in ln)
     assert line == f"  Carcinoma threshold 0.5 -> 0.6  [{world.commits['threshold'][:12]}]"
-    assert f"      approval: approved: Approved-by: {REVIEWER}" in human.stdout
+    assert f"      approved: Approved-by: {REVIEWER}" in human.stdout
     same = cli_json(world, "diff", str(world.repo), "HEAD", "HEAD")
     assert same["changes"] == []
 
@@ -1362,7 +1362,7 @@ def test_unapproved_change_and_rules_of_their_time(world: World, tmp_path: Path)
     human = run_cli("history", str(clone), env=world.env)
     assert "could not be read" not in human.stdout
     assert (
-        f"    ! approval: NOT APPROVED: no approval covers this change, released as {repository}:{tag}"
+        f"    ! NOT APPROVED: no approval covers this change, released as {repository}:{tag}"
         in human.stdout
     )
     assert f'not approved: {old_style[:12]} "record the site\'s maintainer" was released' in (

@@ -28,22 +28,23 @@ _CUSTOMER_HELP = (
 )
 
 
-def _revision_lines(entry: Any, indent: str = "    ") -> list[str]:
-    """A revision's reason, changes, today's-rules note, approval and releases, for people."""
+def _revision_lines(entry: Any, indent: str = "    ", *, notes: bool = True) -> list[str]:
+    """A revision's reason, changes, today's-rules note, approval and releases, for people
+    (without ``notes`` only what the revision changed, not how its models were read)."""
     lines = [f"{indent}{line}" for line in (entry.revision.reason or "").splitlines()[1:] if line]
     if entry.error:
         lines.append(f"{indent}! could not be read: {entry.error}")
     if entry.rule_note:
         lines.append(f"{indent}note: {entry.rule_note}")
-    lines += [f"{indent}- {change.text}" for change in entry.changes]
-    if entry.config is not None:
+    lines += [f"{indent}- {c.text}" for c in entry.changes if notes or c.kind != "lock"]
+    if entry.config is not None and notes:
         lines += [
             f"{indent}note: {note}" for note in entry.config.notes if not note.startswith("read as")
         ]
     approval = entry.approval
     if approval is not None and (approval.status != "pending" or entry.releases):
         mark = "! " if approval.status == "unapproved" else ""
-        lines.append(f"{indent}{mark}approval: {approval.sentence}")
+        lines.append(f"{indent}{mark}{approval.sentence}")
     for record in entry.releases:
         lines.append(
             f"{indent}released: {record.image}@{record.manifest_digest} "
@@ -262,7 +263,7 @@ def _review_lines(review: Any) -> list[str]:
     for entry in review.revisions:
         rev = entry.revision
         lines.append(f"  {rev.commit[:12]}  {rev.date}  {rev.author}  {rev.message}")
-        lines += _revision_lines(entry, "      ")
+        lines += _revision_lines(entry, "      ", notes=False)
     if previous and not review.revisions:
         lines += [f"  - {c.text}" for c in review.changes] or ["  no change"]
     return lines
