@@ -371,6 +371,11 @@ class ClearMLEmulator:
             if "archived" not in rec["system_tags"]:
                 rec["system_tags"] = [*rec["system_tags"], "archived"]
 
+    def delete_model(self, model_id: str) -> None:
+        """What models.delete does to the record: it is gone."""
+        with self._lock:
+            self._models.pop(model_id, None)
+
     def delete_task(self, task_id: str) -> None:
         """tasks.delete as bll/task/task_cleanup.py::cleanup_task (force, delete_output_models):
         the task goes, its draft models go, its published models stay with

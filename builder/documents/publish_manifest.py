@@ -43,10 +43,11 @@ class PublishManifest:
     package: FileDigest | None = None  # the archive ``files`` were extracted from
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form, every key written (null where unknown)."""
+        """The JSON form, every key written (null where unknown); ``package`` if one."""
         out: dict[str, Any] = {k: getattr(self, k) for k in _OPTIONAL}
         out["files"] = [f.to_dict() for f in self.files]
-        out["package"] = self.package.to_dict() if self.package else None
+        if self.package:  # only for packages: other manifests keep their bytes
+            out["package"] = self.package.to_dict()
         return out
 
     def to_bytes(self) -> bytes:
