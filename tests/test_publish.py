@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -302,13 +303,49 @@ def test_weights_uris_clearml_cannot_read_are_one_clear_error(uri: str) -> None:
         clearml_container(uri)
 
 
-def test_publish_refuses_gs_without_its_sdk_extra_in_one_line(
-    s3: Any, clearml: Any, env: dict[str, str]
+def test_publish_from_google_cloud_storage(
+    s3: Any, clearml: Any, env: dict[str, str], gcs_server: Any
 ) -> None:
+    """gs://: the SDK's GoogleCloudStorage driver (clearml[gs]) against gcp-storage-emulator."""
+    gcs_server.put("clearml-models", f"{HOSTED_TASK}/models/model.onnx", WEIGHTS)
+    _hosted(clearml, f"gs://clearml-models/{HOSTED_TASK}/models/model.onnx")
+    result = _publish({**env, **gcs_server.env()}, HOSTED_MODEL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    key = f"{HOSTED_TASK}/{HOSTED_MODEL}/model.onnx"
+    assert s3.get_object(Bucket=PROD, Key=key)["Body"].read() == WEIGHTS
+
+
+def test_publish_from_azure_blob_storage(
+    s3: Any, clearml: Any, env: dict[str, str], azurite: Any
+) -> None:
+    """azure://<account>.blob.core.windows.net/<container>/<blob>: the SDK's Azure driver
+    (clearml[azure]) against Azurite, with the account key in clearml.conf as users keep it."""
+    azurite.put("models", f"{HOSTED_TASK}/model.onnx", WEIGHTS)
+    _hosted(clearml, f"azure://{azurite.host}/models/{HOSTED_TASK}/model.onnx")
+    conf = Path(env["CLEARML_CONFIG_FILE"])
+    conf.write_text(conf.read_text() + azurite.clearml_conf())
+    result = _publish({**env, **azurite.env()}, HOSTED_MODEL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    key = f"{HOSTED_TASK}/{HOSTED_MODEL}/model.onnx"
+    assert s3.get_object(Bucket=PROD, Key=key)["Body"].read() == WEIGHTS
+    assert azurite.host in azurite.proxy.hosts
+
+
+def test_a_missing_storage_driver_keeps_the_sdks_install_hint(
+    s3: Any, clearml: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Fault injected: google.cloud.storage cannot be imported. The one line carries the
+    SDK's own reason (storage/helper.py: "install driver using: pip install ...")."""
+    shadow = tmp_path / "shadow" / "google" / "cloud" / "storage"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('injected: no google-cloud-storage')\n")
     _hosted(clearml, f"gs://clearml-models/{HOSTED_TASK}/model.onnx")
-    result = _publish(env, HOSTED_MODEL)
+    path = f"{shadow.parents[2]}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    result = _publish({**env, "PYTHONPATH": path}, HOSTED_MODEL)
     assert result.returncode == 5, result.stdout + result.stderr
-    assert "gs://clearml-models" in json.loads(result.stdout)["error"]["message"]
+    message = json.loads(result.stdout)["error"]["message"]
+    assert "gs://clearml-models" in message and "pip install" in message
+    assert "google-cloud-storage" in message
     assert clearml.calls("models.set_ready") == []
 
 

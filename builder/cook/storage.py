@@ -335,26 +335,30 @@ def clearml_container(uri: str) -> str:
         ) from None
 
 
-class _LastError(logging.Handler):
-    """Keeps the SDK's last error line (StorageManager logs failures and returns None)."""
+class _SdkErrors(logging.Handler):
+    """Keeps the SDK's first and last error lines (StorageManager logs failures and returns
+    None, or raises "Storage access failed" after logging why)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.line = ""
+        self.first = ""  # the first error: the cause (a missing driver, credentials)
+        self.line = ""  # the last one: what finally failed
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage().strip().splitlines()
         if text:
             self.line = text[-1][:300]
+            if record.levelno >= logging.ERROR and not self.first:
+                self.first = text[-1][:300]
 
 
 @contextmanager
-def _sdk_errors_captured() -> Iterator[_LastError]:
+def _sdk_errors_captured() -> Iterator[_SdkErrors]:
     """Silence the SDK's storage loggers (one clear line is ours to say) and keep its reason."""
     from clearml.debugging.log import LoggerRoot
 
     LoggerRoot.get_base_logger()  # its handlers are added on first use: before ours, not after
-    capture = _LastError()
+    capture = _SdkErrors()
     loggers = [
         logging.getLogger(n) for n in ("clearml", "clearml.storage", "clearml.storage_manager")
     ]
@@ -424,10 +428,9 @@ def clearml_local_copy(uri: str) -> Path:
                 )
         except FetchError:
             raise
-        except Exception as exc:
-            raise FetchError(
-                f"downloading {uri} through ClearML failed: {type(exc).__name__}: {exc}"
-            ) from None
+        except Exception as exc:  # the SDK's logged reason first: it may say what to install
+            reason = sdk.first or f"{type(exc).__name__}: {exc}"
+            raise FetchError(f"downloading {uri} through ClearML failed: {reason}") from None
     if not local or not Path(local).is_file():
         if unreachable := _unreachable(sdk.line, uri):
             raise FetchError(
