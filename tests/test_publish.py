@@ -572,3 +572,32 @@ def test_a_failing_file_server_is_bounded_and_named(
     assert f"cannot be downloaded: {host} {reason}" in message
     assert len(files.requests) <= 6  # two requests (size, body), each tried at most 3 times
     assert clearml.calls("models.set_ready") == []
+
+
+def test_a_tar_package_of_a_local_registry_is_published_as_its_files(tmp_path: Path) -> None:
+    """The local backend, in process: a `.tgz` package at a relative file: URI (the SDK
+    extracts .tar.gz/.tgz as well as .zip)."""
+    import io
+    import tarfile
+
+    archive = tmp_path / "training" / "weights.tgz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tarred:
+        for name, data in PACKAGE.items():
+            info = tarfile.TarInfo(f"./{name}")
+            info.size = len(data)
+            tarred.addfile(info, io.BytesIO(data))
+    record = {
+        **model_record(MODEL, TASK, name="m", ready=False),
+        "uri": "file:training/weights.tgz",
+        "system_tags": ["package"],
+    }
+    registry = LocalRegistry(
+        write_local_registry(tmp_path / "registry", [record], [task_record(TASK)])
+    )
+    result = publish(MODEL, registry, "file:production", base=tmp_path)
+    assert [f.name for f in result.files] == ["labels/classes.txt", "model.onnx"]
+    assert result.package is not None and result.package.name == "weights.tgz"
+    folder = tmp_path / "production" / TASK / MODEL
+    assert (folder / "labels" / "classes.txt").read_bytes() == PACKAGE["labels/classes.txt"]
+    assert not (folder / "weights.tgz").exists()

@@ -354,15 +354,23 @@ def test_older_servers_work(env: dict[str, str], tmp_path: Path, api: str, schem
     """clearml-server 0.16 (API 2.9), 1.0 (2.13), 1.6 (2.20): the SDK speaks the newest schema
     it ships that the server admits, and every command works with it."""
     server = _own_server(api_version=api)
+    weights = tmp_path / "training" / "model.onnx"
+    weights.parent.mkdir()
+    weights.write_bytes(b"draft weights")
+    draft = model_record(DASHLESS_ID, MITOSIS_TASK, name="mitosis draft", ready=False)
+    server.add_model({**draft, "uri": f"file:{weights}"})
     try:
         own = {**env, **make_clearml_env(server, tmp_path / "home")}
         expanded = run_cli("expand", _repo(tmp_path), env=own, timeout=CLI_BOUND)
         listed = run_cli("models", "list", "--json", env=own, timeout=CLI_BOUND)
+        published = run_cli("publish", DASHLESS_ID, env=own, timeout=CLI_BOUND)
     finally:
         server.stop()
     assert expanded.returncode == 0, expanded.stderr
     assert listed.returncode == 0, listed.stderr
-    assert len(json.loads(listed.stdout)["result"]["models"]) == 2
+    assert len(json.loads(listed.stdout)["result"]["models"]) == 3
+    assert published.returncode == 0, published.stderr
+    assert (server.model(DASHLESS_ID) or {})["ready"] is True
     assert {e["version"] for e in server.journal if e["endpoint"] != "auth.login"} == {schema}
     assert not server.unknown_endpoints
 

@@ -264,16 +264,18 @@ class ClearMLRegistry:
         min(page_size, max_page_size)`` (database/model/base.py::validate_paging), so pages stay
         contiguous under any cap. The list is complete at an empty page or at a page shorter
         than an earlier one; a first page shorter than asked says nothing yet (all there is,
-        or the server's cap), so the next page is asked for. Ordered by creation time, then id
-        (both immutable): a record created meanwhile lands at the end, and the builder filters
-        on mutable state (archived, published) itself, so a change of state while the pages
-        are read shifts no other record out of them. Ids seen on an earlier page are skipped;
-        a full page with nothing new means the server ignores paging: refused, never looped.
+        or the server's cap), so the next page is asked for, unless every id asked for has
+        come. Ordered by creation time, then id (both immutable): a record created meanwhile
+        lands at the end, and the builder filters on mutable state (archived, published)
+        itself, so a change of state while the pages are read shifts no other record out of
+        them. Ids seen on an earlier page are skipped; a full page with nothing new means the
+        server ignores paging: refused, never looped.
         """
         get_all = getattr(self._api(), service).get_all
         out: list[Any] = []
         seen: set[str] = set()
         longest = 0
+        asked = set(query["id"]) if "id" in query else None  # at most these can come
         for page in itertools.count():
             body = {"order_by": ["created"], **query, "page": page, "page_size": PAGE_SIZE}
             batch = list(self._call(f"{service}.get_all", partial(get_all, **body)) or ())
@@ -285,7 +287,7 @@ class ClearMLRegistry:
                 )
             seen.update(item.id for item in fresh)
             out.extend(fresh)
-            if not batch or len(batch) < longest:
+            if not batch or len(batch) < longest or (asked is not None and asked <= seen):
                 break
             longest = len(batch)
         return out
