@@ -256,21 +256,31 @@ def test_publish_from_s3_host_port(
     assert clearml.model(HOSTED_MODEL)["ready"] is True
 
 
+def _publish_from_file_server(
+    clearml: Any, env: dict[str, str], tmp_path: Path, path: str, fault: str | None = None
+) -> tuple[Any, Any]:
+    """Publish a model whose weights are on the test bed's ClearML file server at `path`
+    (the server answering with `fault`, if any): (CLI result, the stopped file server)."""
+    from testbed.clearml_emulator import FileServer
+
+    stored = tmp_path / "files" / path
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(WEIGHTS)
+    files = FileServer(tmp_path / "files").start()
+    files.fault = fault
+    try:
+        _hosted(clearml, f"{files.url}/{path}")
+        return _publish({**env, "CLEARML_FILES_HOST": files.url}, HOSTED_MODEL), files
+    finally:
+        files.stop()
+
+
 def test_publish_from_the_clearml_file_server(
     s3: Any, clearml: Any, env: dict[str, str], tmp_path: Path
 ) -> None:
     """Point 6: no output_uri: ClearML keeps weights on its file server (http(s)://...:8081)."""
-    from testbed.clearml_emulator import FileServer
-
-    stored = tmp_path / "files" / "pathology" / f"train.{HOSTED_TASK}" / "models" / "model.onnx"
-    stored.parent.mkdir(parents=True)
-    stored.write_bytes(WEIGHTS)
-    files = FileServer(tmp_path / "files").start()
-    try:
-        _hosted(clearml, f"{files.url}/pathology/train.{HOSTED_TASK}/models/model.onnx")
-        result = _publish({**env, "CLEARML_FILES_HOST": files.url}, HOSTED_MODEL)
-    finally:
-        files.stop()
+    path = f"pathology/train.{HOSTED_TASK}/models/model.onnx"
+    result, files = _publish_from_file_server(clearml, env, tmp_path, path)
     assert result.returncode == 0, result.stdout + result.stderr
     key = f"{HOSTED_TASK}/{HOSTED_MODEL}/model.onnx"
     assert s3.get_object(Bucket=PROD, Key=key)["Body"].read() == WEIGHTS
@@ -553,19 +563,9 @@ def test_a_failing_file_server_is_bounded_and_named(
     s3: Any, clearml: Any, env: dict[str, str], tmp_path: Path, fault: str, reason: str
 ) -> None:
     """The SDK's own retries (15, backoff up to 120 s) are capped; one line names the host."""
-    from testbed.clearml_emulator import FileServer
-
-    (tmp_path / "files").mkdir()
-    (tmp_path / "files" / "model.onnx").write_bytes(WEIGHTS)
-    files = FileServer(tmp_path / "files").start()
-    files.fault = fault
     conf = Path(env["CLEARML_CONFIG_FILE"])
     conf.write_text(conf.read_text() + "sdk.http.timeout.total: 1\n")
-    try:
-        _hosted(clearml, f"{files.url}/model.onnx")
-        result = _publish({**env, "CLEARML_FILES_HOST": files.url}, HOSTED_MODEL)
-    finally:
-        files.stop()
+    result, files = _publish_from_file_server(clearml, env, tmp_path, "model.onnx", fault)
     assert result.returncode == 5, result.stdout + result.stderr
     message = json.loads(result.stdout)["error"]["message"]
     host = files.url.removeprefix("http://")
