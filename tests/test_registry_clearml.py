@@ -413,9 +413,14 @@ def test_models_list_pages_until_the_server_says_it_is_complete(
         server.on_request("models.get_all", archive_after_the_first_page)
         result = _list_models(server, tmp_path)
         assert "archived" in (server.model(victim) or {})["system_tags"]
+        server.on_request("models.get_all", None)
+        published = _list_models(server, tmp_path, "--published")
     assert result.returncode == 0, result.stdout + result.stderr
     listed = {r["id"] for r in json.loads(result.stdout)["result"]["models"]}
     assert _listed(data) - {victim} <= listed <= _listed(data)
+    ready = {m["id"] for m in data["models"] if m["ready"]}
+    rows = json.loads(published.stdout)["result"]["models"]
+    assert {r["id"] for r in rows} == (_listed(data) - {victim}) & ready
     pages = [c for c in server.calls("models.get_all") if c["body"].get("only_fields")]
     assert len(pages) >= (len(data["models"]) // 100 if cap else 2)
 
