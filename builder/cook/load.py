@@ -37,11 +37,13 @@ def open_source(location: str, settings: Settings) -> RepoSource:
     """Find the repository and folder a customer name, path or git URL refers to.
 
     ``<repository>#<folder>`` names a folder inside a repository, the form images and release
-    records use: a git URL (cloned into the cache), a bare repository or a work tree.
+    records use and print: a git URL (mirrored into the cache; a ``file://`` URL of a bare
+    ``X.git`` recorded as ``X`` is found), a bare repository or a work tree.
     """
     if _URL.match(location):
         url, _, folder = location.partition("#")
-        return _in_folder(_clone_or_fetch(url, settings.cache_dir / "repos"), folder)
+        source = _clone_or_fetch(_bare_sibling(url), settings.cache_dir / "repos")
+        return _in_folder(source, folder)
     head, sep, folder = location.partition("#")
     if sep and not Path(location).expanduser().exists() and Path(head).expanduser().is_dir():
         return _in_folder(open_source(head, settings), folder)
@@ -81,6 +83,17 @@ def _in_folder(source: RepoSource, folder: str) -> RepoSource:
         subdir=subdir,
         url=f"{source.url.partition('#')[0]}#{subdir}",
     )
+
+
+def _bare_sibling(url: str) -> str:
+    """A ``file://`` URL of a missing ``X`` whose bare ``X.git`` is on this machine (canonical
+    URLs drop ``.git``) as the URL of ``X.git``; any other URL as it is."""
+    if url.startswith("file://"):
+        path = Path(unquote(urlsplit(url).path))
+        bare = path.with_name(f"{path.name}.git")
+        if not path.exists() and bare.is_dir():
+            return bare.as_uri()
+    return url
 
 
 _SCP_LIKE = re.compile(r"^(?:[^@/\s]+@)?(?P<host>[\w.-]+):(?P<path>(?!//).+)$")
