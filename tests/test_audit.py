@@ -1412,8 +1412,9 @@ def test_five_questions_from_an_empty_directory(world: World, tmp_path: Path, by
     assert human.returncode == 0, human.stderr
     assert f"approved     Approved-by: {REVIEWER}; Approved-by: {QUALITY}" in human.stdout
     # 4. what changed since the last release, and why
-    changed = _run(env, empty, "diff", "customer-x" if by == "name" else shipped["provenance"][
-        "config"]["repository"], r1["image"].rpartition(":")[2] if by == "name" else r1["image"],
+    # (a location-free image names its repository through its attestation: `sources`)
+    changed = _run(env, empty, "diff", "customer-x" if by == "name" else shipped["sources"][0],
+        r1["image"].rpartition(":")[2] if by == "name" else r1["image"],
         target if by == "image" else r2["image"].rpartition(":")[2])  # fmt: skip
     texts = [c["text"] for c in changed["changes"]]
     assert "Carcinoma threshold 0.5 -> 0.6" in texts

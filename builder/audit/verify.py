@@ -14,7 +14,7 @@ import git
 
 from builder import __version__
 from builder.audit.explain import Explanation, explain
-from builder.audit.history import find_commit, location_of
+from builder.audit.history import _recorded_store, find_commit, location_of
 from builder.audit.text import short
 from builder.contracts import CustomerSpec, RepoSource
 from builder.cook.load import _URL, load_customer, open_source
@@ -155,12 +155,7 @@ def _recorded_production(provenance: Mapping[str, Any], lock: Lock | None) -> st
         for m in provenance.get("models") or []
         if m.get("registry_id")
     ]
-    locked = [
-        (e.weights_uri, e.task_id or "")
-        for e in (lock.models.values() if lock is not None else ())
-        if e.sourcing == "auto"
-    ]
-    return _store_root(recorded) or _store_root(locked)
+    return _store_root(recorded) or (_recorded_store(lock) if lock is not None else None)
 
 
 def _project_settings(source: RepoSource, settings: Settings) -> Settings:
