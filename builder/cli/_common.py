@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -57,6 +58,31 @@ def progress_bar() -> Iterator[Callable[[ProgressEvent], None] | None]:
             bar.update(tasks[event.what], completed=event.done, total=event.total)
 
         yield update
+
+
+class StageLines:
+    """Progress for logs (CI, pipes): each stage event as one line on stderr with the seconds
+    since the start, also under --json (stdout keeps the one JSON document); byte counts are
+    left to the terminal's bars."""
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage:
+            seconds = time.monotonic() - self._start
+            click.echo(mask_secrets(f"[{seconds:6.1f} s] {event.stage}"), err=True)
+
+
+@contextmanager
+def long_work_progress() -> Iterator[Callable[[ProgressEvent], None] | None]:
+    """Progress of long work (minutes) that must never look stuck: bars on a terminal,
+    :class:`StageLines` elsewhere (CI logs), also with --json."""
+    if sys.stderr.isatty() and not json_mode.get():
+        with progress_bar() as bar:
+            yield bar
+    else:
+        yield StageLines()
 
 
 def load_cli_settings(overrides: dict[str, Any]) -> Settings:
