@@ -462,6 +462,15 @@ def _check_features(
     features_kind = checker.contract.plugins("feature")
     features = list(analysis.get("features") or [])
     names = [str(f.get("name") or f.get("cls")) for f in features]
+    # A feature named by a mistyped class: `depends_on` naming the class it was meant to be is
+    # the same mistake, reported once (on `cls`), not again with the typo as the suggestion.
+    meant = {
+        match[0]
+        for f in features
+        if not f.get("name") and str(f.get("cls")) not in features_kind
+        for match in [difflib.get_close_matches(str(f.get("cls")), list(features_kind), n=1)]
+        if match
+    }
     folded: dict[str, int] = {}
     for f_index, feature in enumerate(features):
         f_path = (*a_path, "features", f_index)
@@ -487,7 +496,7 @@ def _check_features(
             d_path = (*f_path, "depends_on", d_index)
             if parent == names[f_index]:
                 checker.report(d_path, f"feature {parent!r} depends on itself")
-            elif parent not in names:
+            elif parent not in names and parent not in meant:
                 checker.report(
                     d_path,
                     f"no feature {parent!r} in analysis {analysis.get('name')!r} "
