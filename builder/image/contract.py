@@ -321,6 +321,24 @@ def _final_kinds(entries: Sequence[Mapping[str, Any]], start: set[str]) -> set[s
     return kinds
 
 
+def features_fed_by(
+    contract: Contract, postprocessing: Sequence[Mapping[str, Any]]
+) -> tuple[set[str] | None, list[tuple[str, str]]]:
+    """What a model with this postprocessing chain gives (its final prediction kinds; None
+    when the contract cannot tell), and every (feature class, model role) that takes it, by
+    feature name: what `builder init` builds a feature skeleton from."""
+    steps = contract.plugins("postprocessing")
+    entries = [steps.get(str(step.get("cls")), {}) for step in postprocessing]
+    final = _final_kinds(entries, _model_output_kinds(contract))
+    fits = [
+        (cls, role)
+        for cls, entry in sorted(contract.plugins("feature").items())
+        for role, kind in sorted((entry.get("models") or {}).items())
+        if final is None or kind in final
+    ]
+    return final, fits
+
+
 def check_config(
     spec: CustomerSpec,
     contract: Contract,
