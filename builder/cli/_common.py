@@ -62,16 +62,37 @@ def progress_bar() -> Iterator[Callable[[ProgressEvent], None] | None]:
 
 class StageLines:
     """Progress for logs (CI, pipes): each stage event as one line on stderr with the seconds
-    since the start, also under --json (stdout keeps the one JSON document); byte counts are
-    left to the terminal's bars."""
+    since the start, also under --json (stdout keeps the one JSON document); a long transfer
+    (bytes of a total) as a line every :attr:`EVERY` seconds and when it completes."""
+
+    EVERY = 15.0
 
     def __init__(self) -> None:
         self._start = time.monotonic()
+        self._seen: dict[str, tuple[float, bool]] = {}  # transfer -> (last line, any line yet)
+
+    def _line(self, text: str) -> None:
+        seconds = time.monotonic() - self._start
+        click.echo(mask_secrets(f"[{seconds:6.1f} s] {text}"), err=True)
 
     def __call__(self, event: ProgressEvent) -> None:
         if event.stage:
-            seconds = time.monotonic() - self._start
-            click.echo(mask_secrets(f"[{seconds:6.1f} s] {event.stage}"), err=True)
+            self._line(event.stage)
+            return
+        if event.total <= 0 or event.what in ("build", "wheelhouse"):
+            return  # counted steps: their stage lines say it
+        now = time.monotonic()
+        last, shown = self._seen.setdefault(event.what, (now, False))
+        finished = event.done >= event.total
+        if (finished and shown) or (not finished and now - last >= self.EVERY):
+            share = event.done / event.total
+            self._line(
+                f"{event.what}: {event.done / 1e6:,.0f} of {event.total / 1e6:,.0f} MB "
+                f"({share:.0%})"
+            )
+            self._seen[event.what] = (now, True)
+        if finished:  # short transfers (under EVERY seconds) get no line at all
+            self._seen.pop(event.what, None)
 
 
 @contextmanager

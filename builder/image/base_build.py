@@ -157,7 +157,8 @@ def _pip(args: list[str], what: str) -> None:
         raise ImageError(f"{what} failed: {tail}")
 
 
-_DOWNLOADING = re.compile(r"^\s*(?:Downloading|Using cached) (\S+?)(?: \((.+)\))?$")
+#: pip's line for each distribution it fetches (from an index, its cache or a local folder).
+_DOWNLOADING = re.compile(r"^\s*(?:Downloading|Using cached|Processing) (\S+?)(?: \((.+)\))?$")
 
 
 def _pip_download(args: list[str], what: str, expected: int, progress: Progress | None) -> None:
@@ -620,7 +621,7 @@ def _deliver(
     with store.in_use():
         if progress:
             progress(ProgressEvent(stage=f"storing {reference} in {store.root}"))
-        stored = save_from_docker(docker_client, reference, store).digest
+        stored = save_from_docker(docker_client, reference, store, progress).digest
         if push and progress:
             progress(ProgressEvent(stage=f"pushing {reference}"))
         return stored, _push_stored(store, reference, progress) if push else None

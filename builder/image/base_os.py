@@ -46,9 +46,9 @@ CHANGES: Final = (
     'CMD ["python3"]',
 )
 RECIPE_VERSION: Final = "1"  # bump when the rootfs post-processing changes
-RECIPE_LABEL: Final = "org.ivd.testbed.recipe"
+#: Label of the base OS image: the recipe key it was made from (inherited by the base images).
+RECIPE_LABEL: Final = "com.ivd.base-os.recipe"
 DEBOOTSTRAP_TIMEOUT: Final = 1500.0
-_INDEX_FILES = frozenset({"InRelease", "Release", "Packages"})
 #: debootstrap's per-package verbs, and the phase each belongs to (it validates as it retrieves).
 _PHASES: Final = {
     "Retrieving": "retrieving",
@@ -57,7 +57,11 @@ _PHASES: Final = {
     "Unpacking": "unpacking",
     "Configuring": "configuring",
 }
-_PACKAGE_STEP = re.compile(r"^I: (Retrieving|Validating|Extracting|Unpacking|Configuring) (\S+)")
+#: One package's line: "I: Retrieving adduser 3.134", "I: Unpacking adduser..." (not a step
+#: such as "I: Unpacking required packages..." or "I: Retrieving Packages").
+_PACKAGE_STEP = re.compile(
+    r"^I: (Retrieving|Validating|Extracting|Unpacking|Configuring) (\S+?)(?:\.\.\.| \S*\d\S*)\s*$"
+)
 
 
 def recipe_key() -> str:
@@ -166,7 +170,7 @@ def debootstrap_progress(lines: Iterable[str], progress: Progress | None, log: A
         if not line.startswith("I: "):
             continue
         step = _PACKAGE_STEP.match(line)
-        if step is None or step.group(2) in _INDEX_FILES:
+        if step is None:
             report()
             phase = ""
             if progress:
