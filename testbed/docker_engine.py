@@ -24,6 +24,7 @@ from typing import Any
 import docker
 from filelock import FileLock
 
+from builder.image.base_os import unmount_under
 from testbed._util import (
     Service,
     ServiceError,
@@ -32,7 +33,6 @@ from testbed._util import (
     pid_alive,
     spawn,
     stop_process,
-    unmount_under,
     wait_until,
 )
 

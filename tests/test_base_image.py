@@ -152,7 +152,7 @@ def test_logs_get_a_line_per_step_and_long_transfers_every_few_seconds(
     from builder.contracts import ProgressEvent
 
     clock = [100.0]
-    monkeypatch.setattr(_common.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("builder.cli._common.time.monotonic", lambda: clock[0])
     lines = _common.StageLines()
     for seconds, event in [
         (0, ProgressEvent(stage="building x")),
@@ -168,8 +168,8 @@ def test_logs_get_a_line_per_step_and_long_transfers_every_few_seconds(
         lines(event)
     assert capsys.readouterr().err.splitlines() == [
         "[   0.0 s] building x",
-        "[  20.0 s] exporting x: 2,000 of 3,000 MB (67%)",
-        "[  25.0 s] exporting x: 3,000 of 3,000 MB (100%)",
+        "[  20.0 s] exporting x: 2.00 GB of 3.00 GB (67%)",
+        "[  25.0 s] exporting x: 3.00 GB of 3.00 GB (100%)",
     ]
 
 

@@ -459,6 +459,30 @@ def test_release_builds_refuse_a_stale_lock_and_say_what_changed(
     assert dev.returncode == 0, dev.stderr
 
 
+def test_lock_check_notes_a_newer_base_and_refuses_a_moved_pinned_tag(
+    tmp_path: Path, env: dict[str, str], contract: bytes
+) -> None:
+    """A base released after the lock is not the config's drift (a note; --locked still
+    builds on the pinned base); the pinned version's tag moved to another image is."""
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    locked = run_cli("lock", str(repo), env=env)
+    assert locked.returncode == 0, locked.stderr
+    commit_files(repo, {"customer.lock.yaml": (repo / "customer.lock.yaml").read_bytes()}, "lock")
+    layout = tmp_path / "base"
+    make_base(layout, "2.4.2", contract)  # a base release the constraint ~=2.4 admits
+    check = run_cli("lock", str(repo), "--check", env=env)
+    assert check.returncode == 0, check.stderr
+    assert "note: base image 2.4.2 is released (the lock pins 2.4.1)" in check.stderr
+    built = run_cli("build", str(repo), "--locked", "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout)["result"]["base"]["version"] == "2.4.1"
+    make_base(layout, "2.4.1", contract + b"\n")  # the pinned tag now names another image
+    moved = run_cli("lock", str(repo), "--check", env=env)
+    assert moved.returncode == 7, moved.stderr
+    last = moved.stderr.strip().splitlines()[-1]
+    assert f"base image oci:{layout}:2.4.1 is sha256:" in last and "(the tag was moved)" in last
+
+
 def test_worktree_builds_are_dirty_and_never_pushed(tmp_path: Path, env: dict[str, str]) -> None:
     repo = _customer(tmp_path / "cust", CUSTOMER_X)
     (repo / "analysis.yaml").write_text(

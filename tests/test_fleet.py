@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -1075,6 +1076,22 @@ def test_build_all_record_says_where_first_and_dry_run_writes_nothing(
     assert document["command"] == "build-all" and document["result"]["dry_run"] is True
     assert len(oci_registry.requests()) == since and not _records(remote_a)
     assert not _records(configs)
+    # on a terminal it asks first; "n" builds nothing
+    command = shlex.join([sys.executable, "-m", "builder", "build", *args, "--only", "customer-b"])
+    asked = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        input="n\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert asked.returncode == 130, asked.stdout
+    assert "build, push and push release records to 1 repository (branch ivd-releases)?" in (
+        asked.stdout
+    )
+    assert len(oci_registry.requests()) == since and not _records(configs)
     # a real run (no terminal: no question) names the targets first, then builds
     real = _cli(env, "build", *args, "--only", "customer-c", "--report", str(report))
     assert real.returncode == 0, real.stdout + real.stderr

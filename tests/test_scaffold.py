@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import git
 import pytest
 import yaml
-from helpers import CARCINOMA_ID, MITOSIS_ID, ROOT, run_cli
+from helpers import CARCINOMA_ID, MITOSIS_ID, ROOT, repository_snapshot, run_cli
 from test_contract import make_base
 from test_fleet import _records
 
@@ -43,19 +42,7 @@ def contract() -> bytes:
 def _project(tmp_path: Path) -> tuple[Path, Path]:
     """This repository's customers, demo registry and settings as a fresh git repository whose
     origin is a local bare repository."""
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("customers", "demo"):
-        shutil.copytree(ROOT / name, project / name)
-    shutil.copy2(ROOT / "builder.toml", project / "builder.toml")
-    repo = git.Repo.init(project, initial_branch="main")
-    repo.git.add("-A")
-    actor = git.Actor("Test Author", "author@example.com")
-    repo.index.commit("snapshot", author=actor, committer=actor)
-    origin = tmp_path / "origin.git"
-    git.Repo.init(origin, bare=True)
-    repo.create_remote("origin", str(origin)).push("main")
-    return project, origin
+    return repository_snapshot(tmp_path, ("customers", "demo", "builder.toml"))
 
 
 @pytest.fixture

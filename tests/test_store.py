@@ -415,8 +415,13 @@ def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
         network_mode="none",
     )
     store = ImageStore(tmp_path / "store")
-    stored = save_from_docker(client, reference, store)
+    exported: list[int] = []
+    stored = save_from_docker(client, reference, store, lambda e: exported.append(e.done))
     image_id = client.images.get(reference).id
+    assert exported and exported[-1] > 0  # the bytes exported were reported
+    # the same image again: nothing exported (a 3 GB GPU base took minutes), same manifest
+    assert save_from_docker(client, reference, store, lambda e: exported.append(-1)) == stored
+    assert -1 not in exported
     assert (
         store.find_base(f"{oci_registry.host}/store-test/base", "1.0.0").config_descriptor.digest
         == image_id

@@ -86,13 +86,17 @@ class StageLines:
         finished = event.done >= event.total
         if (finished and shown) or (not finished and now - last >= self.EVERY):
             share = event.done / event.total
-            self._line(
-                f"{event.what}: {event.done / 1e6:,.0f} of {event.total / 1e6:,.0f} MB "
-                f"({share:.0%})"
-            )
+            self._line(f"{event.what}: {_size(event.done)} of {_size(event.total)} ({share:.0%})")
             self._seen[event.what] = (now, True)
         if finished:  # short transfers (under EVERY seconds) get no line at all
             self._seen.pop(event.what, None)
+
+
+def _size(count: int) -> str:
+    """``512 kB``, ``1,234 MB``, ``3.09 GB``."""
+    if count >= 10**9:
+        return f"{count / 1e9:.2f} GB"
+    return f"{count / 1e6:,.0f} MB" if count >= 10**6 else f"{count / 1e3:,.0f} kB"
 
 
 @contextmanager

@@ -134,7 +134,7 @@ def _clean_rootfs(root: Path) -> None:
             link.symlink_to(target)
 
 
-def _unmount_under(root: Path) -> None:
+def unmount_under(root: Path) -> None:
     """Lazily unmount every mount point below `root` (a failed debootstrap leaves proc/sys)."""
     try:
         mounts = Path("/proc/self/mounts").read_text().splitlines()
@@ -240,7 +240,7 @@ def rootfs_tarball(
         except (OSError, subprocess.SubprocessError) as exc:
             raise ImageError(f"making the base OS tarball failed: {exc}") from None
         finally:
-            _unmount_under(work)
+            unmount_under(work)
             shutil.rmtree(work, ignore_errors=True)
     return tarball
 

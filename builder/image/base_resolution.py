@@ -156,9 +156,12 @@ def resolve_base_image(
     next build, ``--locked --offline`` included, needs no registry and gets the same digest.
     ``oci:DIR`` repositories are read from that layout as before.
     """
-    if repository.startswith("oci:"):
-        return _check_pin(resolve_base(repository, version_spec, insecure=insecure), pinned)
     digest = (pinned.digest if pinned else None) or ""
+    # a pinned base is the pinned version, whatever was released since (its digest is
+    # checked): a base release does not change what a --locked build builds on
+    wanted = pinned.version if digest and pinned and pinned.version else version_spec
+    if repository.startswith("oci:"):
+        return _check_pin(resolve_base(repository, wanted, insecure=insecure), pinned)
     if digest:
         version = pinned.version if pinned else ""
         found = store.find_digest(repository, version, digest)
@@ -176,9 +179,6 @@ def resolve_base_image(
         except ImageError as exc:
             raise ImageError(f"{exc} (offline build)", hint=BASE_HINT) from None
     try:
-        # a pinned base is the pinned version, whatever was released since (its digest is
-        # checked below): a base release does not change what a --locked build builds on
-        wanted = pinned.version if digest and pinned and pinned.version else version_spec
         base = resolve_base(repository, wanted, insecure=insecure)
     except ImageError as online:
         if digest:

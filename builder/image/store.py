@@ -406,9 +406,15 @@ def save_from_docker(
     ``progress`` gets the bytes exported (a GPU base is 3 GB: minutes)."""
     from docker.errors import DockerException
 
+    try:
+        image = docker_client.images.get(reference)
+    except DockerException as exc:
+        raise ImageError(f"cannot export {reference} from the Docker engine: {exc}") from None
+    kept = _stored_as(store, reference, str(image.id))
+    if kept is not None:
+        return kept  # stored before, the same image (config digest = the engine's image id)
     with tempfile.NamedTemporaryFile(dir=store.root / "tmp", prefix="docker-save-") as spool:
         try:
-            image = docker_client.images.get(reference)
             total, done = int(image.attrs.get("Size") or 0), 0
             for chunk in image.save(named=True):
                 spool.write(chunk)
@@ -423,3 +429,16 @@ def save_from_docker(
                 f"cannot export {reference} into {store.root}: {exc.strerror}"
             ) from None
         return store.import_docker_archive(Path(spool.name), reference)
+
+
+def _stored_as(store: ImageStore, reference: str, image_id: str) -> Descriptor | None:
+    """The stored manifest of ``reference`` when it is complete and holds the image config
+    ``image_id``: re-exporting it would give the same config and layers (minutes for 3 GB)."""
+    found = store.lookup(reference)
+    if found is None or not store.complete(found.digest):
+        return None
+    try:
+        config = json.loads(store.blobs.read_bytes(found.digest))["config"]["digest"]
+    except (OSError, ValueError, KeyError, TypeError, ImageError):
+        return None
+    return Descriptor(found.media_type, found.digest, found.size) if config == image_id else None
