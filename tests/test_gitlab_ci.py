@@ -204,9 +204,11 @@ def _missing_variable_stops_the_job(
     assert ran.returncode != 0
     assert re.search(rf"FAIL\s+{re.escape(job)}\b", ran.stdout), ran.stdout[-3000:]
     # the job's line (gitlab-ci-local repeats a failed job's last line in its summary)
-    lines = {ln.split("> ", 1)[-1] for ln in ran.stdout.splitlines() if "> error:" in ln}
-    assert len(lines) == 1, ran.stdout[-3000:]
-    assert lines.pop().startswith(f"error: CI/CD variable {name} is not set: "), ran.stdout
+    # (gitlab-ci-local passes a job's stderr on as its own)
+    output = (ran.stdout + ran.stderr).splitlines()
+    lines = {ln.split("> ", 1)[-1] for ln in output if "> error:" in ln}
+    assert len(lines) == 1, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert lines.pop().startswith(f"error: CI/CD variable {name} is not set"), lines
 
 
 def _child_jobs(text: str, version: str, customers: list[str]) -> dict[str, Any]:
@@ -286,10 +288,10 @@ def test_a_base_release_builds_the_base_plans_and_the_child_jobs_build_push_and_
         gitlab_ci_local, project, "base-image", "--force-shell-executor", variables=base_job
     )
     _passed(based, "base-image")
-    progress = [
-        ln for ln in based.stdout.splitlines() if re.match(r"base-image > \[\s*[\d.]+ s\]", ln)
-    ]
-    assert any(" storing " in ln for ln in progress), based.stdout[-4000:]
+    # progress on the job's stderr (gitlab-ci-local passes it on as its own), in plain lines
+    lines = based.stderr.splitlines()
+    progress = [ln for ln in lines if re.match(r"base-image > \[ *[\d.]+ s\] ", ln)]
+    assert any(" storing " in ln for ln in progress), based.stderr[-4000:]
     assert any(" pushing " in ln for ln in progress), progress
     base = json.loads(_artifact(project, "base-image", "base-image-cpu.json").read_text())
     base_digest = base["result"]["digest"]

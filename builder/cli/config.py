@@ -262,7 +262,13 @@ def schema(name: str | None, as_json: bool) -> Result:
     "--base-version",
     help="customer.yaml's base_image.version (default: ~=X.Y of base-image/VERSION).",
 )
-@click.option("--variant", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option(
+    "--variant",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="customer.yaml's base_image.variant: the base image the customer runs on.",
+)
 @click.option("--analysis", default="main", show_default=True, help="The analysis name.")
 @click.option(
     "--fleet",

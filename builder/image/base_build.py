@@ -158,7 +158,9 @@ def _pip(args: list[str], what: str) -> None:
 
 
 #: pip's line for each distribution it fetches (from an index, its cache or a local folder).
-_DOWNLOADING = re.compile(r"^\s*(?:Downloading|Using cached|Processing) (\S+?)(?: \((.+)\))?$")
+_DOWNLOADING = re.compile(
+    r"^\s*(?:Downloading|Using cached|Processing) (\S+?)(?: \(([\d.,]+ [kMG]?i?B)\))?(?: \(.*\))?$"
+)
 
 
 def _pip_download(args: list[str], what: str, expected: int, progress: Progress | None) -> None:
@@ -572,6 +574,7 @@ def build_base_image(
         if reused:
             image_id, log = reused, [f"reused {reused}: built before from the same inputs"]
             if progress:
+                progress(ProgressEvent(stage=f"{reference}: {log[0]} (no build)"))
                 progress(ProgressEvent("build", 1, 1))
         else:
             context = Path(tmp) / "context.tar"
