@@ -283,6 +283,8 @@ def test_a_base_release_builds_the_base_plans_and_the_child_jobs_build_push_and_
         "DOCKER_HOST": docker_engine.host,  # instead of the docker:dind service
         "BUILDER_BASE_FROM": base_os_image,
         "BUILDER_BASE_VARIANTS": "cpu",
+        # kept between sessions: the engine's image (reused by its inputs) is stored once
+        "BUILDER_IMAGE_STORE": str(cache_root() / "gitlab-ci-base-store"),
     }
     based = _gcl(
         gitlab_ci_local, project, "base-image", "--force-shell-executor", variables=base_job
@@ -467,7 +469,7 @@ def test_customer_template_validates_merge_requests_and_builds_the_default_branc
         gitlab_ci_local, project, *checks, "--force-shell-executor", variables={**mr, **env}
     )
     _passed(after, *checks)
-    assert "base image 2.5.0 is released (the lock pins 2.4.2)" in after.stdout
+    assert "note: base image 2.5.0 is released (the lock pins 2.4.2)" in after.stderr
     again = build()
     assert again["base"]["version"] == "2.4.2"
     assert again["manifest_digest"] == first["manifest_digest"]

@@ -421,7 +421,10 @@ def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
     assert exported and exported[-1] > 0  # the bytes exported were reported
     # the same image again: nothing exported (a 3 GB GPU base took minutes), same manifest
     assert save_from_docker(client, reference, store, lambda e: exported.append(-1)) == stored
-    assert -1 not in exported
+    other = f"{oci_registry.host}/store-test/other:1.0.0"  # the same image by another name
+    client.images.get(reference).tag(other)
+    assert save_from_docker(client, other, store, lambda e: exported.append(-1)) == stored
+    assert -1 not in exported and store.lookup(other) is not None
     assert (
         store.find_base(f"{oci_registry.host}/store-test/base", "1.0.0").config_descriptor.digest
         == image_id

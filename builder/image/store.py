@@ -432,13 +432,18 @@ def save_from_docker(
 
 
 def _stored_as(store: ImageStore, reference: str, image_id: str) -> Descriptor | None:
-    """The stored manifest of ``reference`` when it is complete and holds the image config
-    ``image_id``: re-exporting it would give the same config and layers (minutes for 3 GB)."""
-    found = store.lookup(reference)
-    if found is None or not store.complete(found.digest):
-        return None
-    try:
-        config = json.loads(store.blobs.read_bytes(found.digest))["config"]["digest"]
-    except (OSError, ValueError, KeyError, TypeError, ImageError):
-        return None
-    return Descriptor(found.media_type, found.digest, found.size) if config == image_id else None
+    """A complete stored manifest whose config is ``image_id`` (the engine's image id is its
+    config digest), named ``reference`` from now on: re-exporting it would give the same config
+    and layers (minutes for a 3 GB base). ``reference`` itself is looked at first."""
+    named = [i for i in store.images() if i.reference == reference]
+    for found in [*named, *(i for i in store.images() if i.reference != reference)]:
+        try:
+            config = json.loads(store.blobs.read_bytes(found.digest))["config"]["digest"]
+        except (OSError, ValueError, KeyError, TypeError, ImageError):
+            continue
+        if config == image_id and store.complete(found.digest):
+            manifest = Descriptor(found.media_type, found.digest, found.size)
+            if found.reference != reference:
+                store.tag(manifest, [reference])
+            return manifest
+    return None
