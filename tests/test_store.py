@@ -29,6 +29,7 @@ from helpers import (
 )
 from test_assemble import base_layer_tar, synthetic_base_blobs
 
+from builder.contracts import ProgressEvent
 from builder.deliver import push, write_oci_layout
 from builder.errors import ImageError
 from builder.image.store import ImageStore, split_name
@@ -416,9 +417,16 @@ def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
     )
     store = ImageStore(tmp_path / "store")
     exported: list[int] = []
-    stored = save_from_docker(client, reference, store, lambda e: exported.append(e.done))
+    steps: set[str] = set()
+
+    def seen(event: ProgressEvent) -> None:
+        exported.append(event.done)
+        steps.add(event.what)
+
+    stored = save_from_docker(client, reference, store, seen)
     image_id = client.images.get(reference).id
-    assert exported and exported[-1] > 0  # the bytes exported were reported
+    assert exported and exported[-1] > 0  # the bytes exported, then compressed, were reported
+    assert steps == {f"exporting {reference}", f"compressing {reference}"}
     # the same image again: nothing exported (a 3 GB GPU base took minutes), same manifest
     assert save_from_docker(client, reference, store, lambda e: exported.append(-1)) == stored
     other = f"{oci_registry.host}/store-test/other:1.0.0"  # the same image by another name
