@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tarfile
 import tempfile
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from builder.contracts import Progress
-from builder.errors import ImageError
+from builder.errors import BuilderError, ImageError
 from builder.image.assemble import AssembledImage
 from builder.image.base import BaseImage, fetch_base_blob
+from builder.image.provenance import forced_tag_warning, image_differences, immutable_tag_error
 from builder.oci import (
     OCI_INDEX,
     REF_NAME,
@@ -140,11 +142,7 @@ def push(
         return shared_client(host, insecure=insecure, retry=retry, credentials=creds)
 
     frozen = {r for r in refs if str(r) in set(immutable) or r.tag in set(immutable)}
-    overwritten = _check_immutable(image, frozen, force, known or {}, client_for)
-    warnings = [
-        f"FORCED: immutable tag {ref} overwritten; it pointed to {old}, now {image.manifest_digest}"
-        for ref, old in overwritten.items()
-    ]
+    overwritten, warnings = _check_immutable(image, frozen, force, known or {}, client_for)
 
     blobs: list[BlobPush] = []
     repositories = sorted({(r.registry, r.path) for r in refs})
@@ -184,10 +182,12 @@ def _check_immutable(
     force: bool,
     known: Mapping[str, str | None],
     client_for: Callable[[str], RegistryClient],
-) -> dict[str, str]:
-    """Refuse to move an immutable tag to another digest (unless ``force``); the forced
-    ones, with the digest they pointed to. ``known``: what the caller read earlier."""
+) -> tuple[dict[str, str], list[str]]:
+    """Refuse to move an immutable tag to another digest (unless ``force``), saying what
+    differs between the two images; the forced ones, with the digest they pointed to, and
+    their warnings. ``known``: what the caller read of the tags earlier."""
     overwritten: dict[str, str] = {}
+    warnings: list[str] = []
     for ref in sorted(frozen, key=str):
         assert ref.tag is not None
         found = str(ref) in known
@@ -198,14 +198,12 @@ def _check_immutable(
         )
         if current is None or current == image.manifest_digest:
             continue
+        differences = _registry_differences(client_for(ref.registry), ref.path, current, image)
         if not force:
-            raise ImageError(
-                f"{ref} is an immutable tag and already points to {current}; "
-                f"refusing to move it to {image.manifest_digest}",
-                hint="build with a new config revision, or pass --force to overwrite",
-            )
+            raise immutable_tag_error(str(ref), current, image.manifest_digest, differences)
         overwritten[str(ref)] = current
-    return overwritten
+        warnings.append(forced_tag_warning(str(ref), current, image.manifest_digest, differences))
+    return overwritten, warnings
 
 
 def _put_manifest(
@@ -219,6 +217,30 @@ def _put_manifest(
         image.store.forget_present(client.host, path)
         _push_blobs(image, client, path, progress, trust_cache=False)
         client.put_manifest(path, ref, image.manifest_bytes, image.media_type)
+
+
+def _registry_differences(
+    client: RegistryClient, path: str, digest: str, image: AssembledImage
+) -> list[str]:
+    """What differs between the image ``digest`` in the registry and ``image`` (inputs side
+    by side); a line saying why when the tagged image cannot be read."""
+    try:
+        tagged = _json_document(client.get_manifest(path, digest)[0])
+        config = Descriptor.from_dict(tagged["config"])
+        tagged_config = _json_document(client.get_blob_bytes(path, config.digest))
+    except (BuilderError, ValueError, KeyError, TypeError) as exc:
+        reason = exc.message if isinstance(exc, BuilderError) else "not an image manifest"
+        return [f"the tagged image could not be read ({reason})"]
+    built = (_json_document(image.manifest_bytes), _json_document(image.config_bytes))
+    return image_differences((tagged, tagged_config), built)
+
+
+def _json_document(raw: bytes) -> dict[str, Any]:
+    """A JSON object (ValueError for anything else)."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
 
 
 def _push_blobs(

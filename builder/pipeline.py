@@ -7,11 +7,10 @@ stage's time goes into the report so a slow build shows where the time went.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from builder.cook.lock import models_from_lock, read_lock
 from builder.cook.stage import Cooked, cook, release_lock_drift
 from builder.documents.build_report import BuildReport, LayerReport
 from builder.documents.lock import LockedBase
-from builder.documents.provenance import Provenance
+from builder.documents.provenance import Provenance, ProvenanceModel
 from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
 from builder.image.assemble import (
     LAYER_FORMAT,
@@ -52,8 +51,11 @@ from builder.image.contract import (
     require_valid,
 )
 from builder.image.docker_backend import build_with_docker, push_with_docker
+from builder.image.engine import docker_client
 from builder.image.provenance import (
+    Locations,
     image_labels,
+    image_locations,
     image_version,
     manifest_annotations,
     provenance_document,
@@ -97,6 +99,8 @@ class BuildRequest:
     # store (a fleet resolves each base once for all its builds): no registry asked.
     base_digest: str | None = None
     layer_format: int = LAYER_FORMAT  # older formats only for `verify` of older images
+    # `verify` of an image of a format before 3: the locations it recorded, recorded again
+    recorded: Locations | None = None
 
 
 @contextmanager
@@ -131,9 +135,16 @@ def _preflight(request: BuildRequest) -> None:
             "(--oci-layout, --docker-archive, --load for development)",
         )
     if request.load or request.backend == "docker":
-        docker_client(30).close()  # no engine: say so before any work, in one line
+        docker_client(30, needed_for=_engine_use(request)).close()  # say so before any work
     if request.sign_key is not None:
         load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
+
+
+def _engine_use(request: BuildRequest) -> str:
+    """What a build needs the Docker engine for, and how to do without (the no-engine line)."""
+    if request.backend == "docker":
+        return "--backend docker builds with it; the default backend needs none"
+    return "--load loads into it; --oci-layout DIR or --docker-archive FILE need none"
 
 
 def check_against_base(cooked: Cooked, base: BaseImage, settings: Settings) -> list[str]:
@@ -162,7 +173,12 @@ def _refuse_stale_lock(
         )
         return
     drift = release_lock_drift(
-        cooked.spec, committed, fetched.models, base, compare_base=not request.base_version
+        cooked.spec,
+        committed,
+        fetched.models,
+        base,
+        compare_base=not request.base_version,
+        store_base=cooked.store_base,
     )
     if drift:
         raise DriftError(
@@ -226,7 +242,9 @@ def validate_customer(
     lock = read_lock(spec)
     if lock is not None:
         try:
-            models = models_from_lock(spec, lock, production=settings.production)
+            models = models_from_lock(
+                spec, lock, production=settings.production, store_base=settings.root
+            )
         except DriftError as exc:
             notes.append(f"registry plug-ins not checked: {exc.message}")
     elif any(d.sourcing == "auto" for d in spec.models):
@@ -272,6 +290,9 @@ class ImagePlan:
     verbose_yaml: bytes
     verbose_sha256: str
     provenance: Provenance
+    # The models with the weights URIs this build fetched from (the image may record them
+    # location-free): what the build report and the attestation say.
+    reached: tuple[ProvenanceModel, ...]
     labels: dict[str, str]
     layers: list[LayerSpec]
     immutable: str  # <registry>/<customer>:<base version>[-gpu]-<config rev>
@@ -284,21 +305,48 @@ class ImagePlan:
 
 
 def plan_image(
-    cooked: Cooked, fetched: FetchResult, base: BaseImageRef, registry: str
+    cooked: Cooked,
+    fetched: FetchResult,
+    base: BaseImageRef,
+    registry: str,
+    *,
+    layer_format: int = LAYER_FORMAT,
+    recorded: Locations | None = None,
 ) -> ImagePlan:
-    """The image plan of a fetched config (``cooked`` carries the fetched models)."""
+    """The image plan of a fetched config (``cooked`` carries the fetched models), with the
+    locations an image of ``layer_format`` records (see ``image_locations``)."""
     spec = cooked.spec
-    verbose_yaml = cooked.verbose_yaml
-    verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
-    provenance = provenance_document(
-        spec, cooked.models, verbose_sha256=verbose_sha, development=cooked.development
+    locations = image_locations(
+        spec, cooked.models, base, layer_format=layer_format, recorded=recorded
     )
+    # The image's own view: each model's weights as the image records them.
+    image = cooked.with_models(
+        tuple(
+            replace(m, weights_uri=locations.weights.get(m.name, m.weights_uri))
+            for m in cooked.models
+        )
+    )
+    verbose_yaml = image.verbose_yaml
+    verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
+
+    def document(of: Cooked, source: str | None) -> Provenance:
+        return provenance_document(
+            spec, of.models, verbose_sha256=verbose_sha, development=of.development, source=source
+        )
+
+    provenance = document(image, locations.source)
     return ImagePlan(
         verbose_yaml=verbose_yaml,
         verbose_sha256=verbose_sha,
         provenance=provenance,
+        reached=document(cooked, spec.source.url).models,
         labels=image_labels(
-            spec, cooked.models, base, verbose_sha256=verbose_sha, development=cooked.development
+            spec,
+            image.models,
+            base,
+            verbose_sha256=verbose_sha,
+            development=cooked.development,
+            locations=locations,
         ),
         layers=image_layers(fetched, verbose_yaml, yamldoc.canonical_json(provenance.to_dict())),
         immutable=f"{registry}/{spec.customer}:{image_version(spec, base)}",
@@ -333,7 +381,7 @@ def build_facts(
         source_date_epoch=spec.commit_time,
         base=dict(report.base),
         base_constraint=spec.base_version,
-        models=[m.to_dict() for m in plan.provenance.models],
+        models=[m.to_dict() for m in plan.reached],
         verbose_sha256=plan.verbose_sha256,
         development=cooked.development,
         locked=request.locked,
@@ -367,23 +415,6 @@ def _attest(
             f"{p.repository} ({p.mode}{': ' + p.tag if p.tag else ''})" for p in pushes
         )
         report.bytes_uploaded += sum(p.bytes_uploaded for p in pushes)
-
-
-def docker_client(timeout: int) -> Any:
-    """The Docker engine of DOCKER_HOST, or ImageError in one line when there is none."""
-    import docker
-    from docker.errors import DockerException
-
-    try:
-        return docker.from_env(timeout=timeout)
-    except DockerException as exc:
-        reason = " ".join(str(exc).split())
-        reason = reason.split(": ", 1)[0] if len(reason) > 160 else reason
-        raise ImageError(
-            f"no Docker engine reachable (DOCKER_HOST={os.environ.get('DOCKER_HOST') or 'default'}): "
-            f"{reason}",
-            hint="start Docker or set DOCKER_HOST; or use --oci-layout DIR / --docker-archive FILE",
-        ) from None
 
 
 def _deliver(
@@ -421,7 +452,7 @@ def _deliver(
         deliver.write_docker_archive(image, request.docker_archive, [immutable, moving])
         report.outputs["docker_archive"] = str(request.docker_archive)
     if request.load:
-        client = docker_client(300)
+        client = docker_client(300, needed_for=_engine_use(request))
         deliver.load_into_docker(image, [immutable, moving], client)
         report.outputs["docker"] = immutable
     for layer in report.layers:
@@ -438,7 +469,7 @@ def _build_with_docker(
     progress: Progress | None,
 ) -> None:
     """The familiar path and benchmark baseline: a rendered Dockerfile built by the engine."""
-    client = docker_client(600)
+    client = docker_client(600, needed_for=_engine_use(request))
     built = build_with_docker(
         base,
         layers,
@@ -524,7 +555,12 @@ def build(
             _refuse_stale_lock(request, cooked, fetched, base_ref, notes)
         cooked = cooked.with_models(fetched.models)
         plan = plan_image(
-            cooked, fetched, base_ref, request.image_registry or settings.image_registry
+            cooked,
+            fetched,
+            base_ref,
+            request.image_registry or settings.image_registry,
+            layer_format=request.layer_format,
+            recorded=request.recorded,
         )
         report = BuildReport(
             customer=spec.customer,
@@ -534,7 +570,7 @@ def build(
             config_digest="",
             config_commit=spec.commit,
             base={"repository": base.repository, "version": base.version, "digest": base.digest},
-            models=[m.to_dict() for m in plan.provenance.models],
+            models=[m.to_dict() for m in plan.reached],
             layers=[],
             development=cooked.development,
             bytes_downloaded=fetched.bytes_downloaded,
@@ -572,7 +608,17 @@ def build(
         ]
         with stage("deliver"):
             # Every build lands in the local image store, complete; the flags send it further.
-            store.add_image(image, plan.tags, progress)
+            # Its immutable tag is as immutable here as in a registry (a -dirty work-tree
+            # build's tag names uncommitted files and moves with them).
+            report.warnings.extend(
+                store.add_image(
+                    image,
+                    plan.tags,
+                    progress,
+                    immutable=() if spec.worktree else (plan.immutable,),
+                    force=request.force,
+                )
+            )
             report.outputs["store"] = str(store.root)
             _deliver(request, image, report, plan.immutable, plan.moving, progress)
         with stage("attest"):

@@ -135,7 +135,7 @@ class TestResolveRegistry:
         """~=2.4 picks 2.4.1 (not the prerelease); the base's labels are readable."""
         assert base.version == "2.4.1"
         assert base.digest == pushed_base["2.4.1"]
-        assert "org.ivd.testbed.recipe" in base.labels
+        assert "com.ivd.base-os.recipe" in base.labels
         assert base.config["config"]["Cmd"] == ["python3"]
 
     def test_missing_tag(self, registry: Registry, pushed_base: dict[str, str]) -> None:
@@ -160,14 +160,44 @@ class TestResolveRegistry:
             resolve_base(f"{registry.host}/nope/base", "1.0.0", retry=FAST)
 
     def test_unreachable_registry(self) -> None:
-        """Nothing listening: a bounded number of attempts, then one clear line."""
+        """Nothing listening: a refused connection is an answer (two tries, no backoff), one
+        clear line; the next client within a minute is told at once, without asking."""
         host = f"127.0.0.1:{free_port()}"
         with pytest.raises(ImageError) as info:
             resolve_base(f"{host}/ivd/base", "1.0.0", retry=FAST)
         assert (
             str(info.value)
-            == f"cannot reach registry {host}: connection refused (GET /v2/, 3 attempts)"
+            == f"cannot reach registry {host}: connection refused (GET /v2/, 2 attempts)"
         )
+        with pytest.raises(ImageError, match=r"connection refused \d+ s ago \(GET /v2/; asked"):
+            resolve_base(f"{host}/ivd/base", "1.0.0", retry=FAST)
+
+    def test_a_silent_registry_is_remembered_across_commands(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Registry
+    ) -> None:
+        """A registry that accepts connections but never answers costs one short timeout
+        (twice), and the answer is kept for a minute for the next commands too (a file in the
+        user cache); a registry that answers is asked as usual."""
+        import socket
+
+        from builder.oci import remote
+
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads or writes
+        host = f"127.0.0.1:{silent.getsockname()[1]}"
+        quick = RetryPolicy(attempts=4, backoff=0.05, read_timeout=0.5)
+        try:
+            with pytest.raises(ImageError, match="timed out \\(GET /v2/, 2 attempts\\)"):
+                resolve_base(f"{host}/ivd/base", "1.0.0", retry=quick)
+            remote._UNREACHABLE._seen.clear()  # a new command: only the file is left
+            with pytest.raises(ImageError, match=r"timed out \d+ s ago \(GET /v2/; asked again"):
+                resolve_base(f"{host}/ivd/base", "1.0.0", retry=quick)
+        finally:
+            silent.close()
+        assert (tmp_path / "xdg" / "ivd-builder" / "unreachable-registries").is_dir()
+        assert RegistryClient(registry.host, retry=FAST).host == registry.host  # still asked
 
 
 # -- push ----------------------------------------------------------------------------------------
@@ -277,6 +307,7 @@ class TestPush:
             )
         message = str(info.value)
         assert "immutable tag" in message and first.manifest_digest in message
+        assert "What differs: label m: one (tagged) vs two (this build)" in message
         assert "--force" in message
         client = RegistryClient(registry.host, retry=FAST)
         path = target.split("/", 1)[1]
@@ -297,6 +328,7 @@ class TestPush:
             report.warnings
             and "FORCED" in report.warnings[0]
             and first.manifest_digest in report.warnings[0]
+            and "label m: one (tagged) vs two (this build)" in report.warnings[0]
         )
         assert client.manifest_digest(path, "2.4.1-abc") == second.manifest_digest
 
@@ -741,3 +773,33 @@ def test_concurrent_exports_into_one_oci_layout_keep_every_tag(tmp_path: Path) -
         ["skopeo", "inspect", f"oci:{layout}:w7-3"], capture_output=True, text=True, check=True
     )
     assert json.loads(inspect.stdout)["Digest"] == expected
+
+
+def test_image_differences_name_inputs_then_layers() -> None:
+    """Recorded inputs side by side (a missing format label is format 1); when every input
+    agrees, the layers that differ."""
+    from builder.image.provenance import image_differences
+
+    def image(labels: dict[str, str], config_layer: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        manifest = {
+            "layers": [
+                {"digest": "sha256:" + "b" * 64},
+                {"digest": config_layer, "annotations": {"com.ivd.layer.name": "config"}},
+            ]
+        }
+        return manifest, {"config": {"Labels": labels}}
+
+    commit_a, commit_b = "a" * 40, "c" * 40
+    tagged = image({"org.opencontainers.image.revision": commit_a}, "sha256:" + "1" * 64)
+    built = image(
+        {"org.opencontainers.image.revision": commit_b, "com.ivd.layer-format": "3"},
+        "sha256:" + "2" * 64,
+    )
+    assert image_differences(tagged, built) == [
+        "config commit: aaaaaaaaaaaa (tagged) vs cccccccccccc (this build)",
+        "image format: 1 (tagged) vs 3 (this build)",
+    ]
+    same = {"org.opencontainers.image.revision": commit_a}
+    assert image_differences(
+        image(same, "sha256:" + "1" * 64), image(same, "sha256:" + "2" * 64)
+    ) == ["layer config: sha256:111111111111 (tagged) vs sha256:222222222222 (this build)"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Final
+from urllib.parse import quote, unquote, urlsplit
 
 import git
 
@@ -32,9 +34,19 @@ _URL = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)")
 
 
 def open_source(location: str, settings: Settings) -> RepoSource:
-    """Find the repository and folder a customer name, path or git URL refers to."""
+    """Find the repository and folder a customer name, path or git URL refers to.
+
+    ``<repository>#<folder>`` names a folder inside a repository, the form images and release
+    records use and print: a git URL (mirrored into the cache; a ``file://`` URL of a bare
+    ``X.git`` recorded as ``X`` is found), a bare repository or a work tree.
+    """
     if _URL.match(location):
-        return _clone_or_fetch(location, settings.cache_dir / "repos")
+        url, _, folder = location.partition("#")
+        source = _clone_or_fetch(_bare_sibling(url), settings.cache_dir / "repos")
+        return _in_folder(source, folder)
+    head, sep, folder = location.partition("#")
+    if sep and not Path(location).expanduser().exists() and Path(head).expanduser().is_dir():
+        return _in_folder(open_source(head, settings), folder)
     path = Path(location).expanduser()
     if not path.exists() and not path.is_absolute():
         path = settings.customers / location
@@ -59,25 +71,60 @@ def open_source(location: str, settings: Settings) -> RepoSource:
     )
 
 
-_SCP_LIKE = re.compile(r"^(?:[\w.-]+@)?(?P<host>[\w.-]+):(?P<path>(?!//).+)$")
+def _in_folder(source: RepoSource, folder: str) -> RepoSource:
+    """``source`` narrowed to ``folder`` (a relative path inside it; '' leaves it as it is)."""
+    if not folder:
+        return source
+    rel = safe_relpath(folder, source.location, "folder")
+    subdir = PurePosixPath(source.subdir, rel).as_posix() if source.subdir else rel
+    return RepoSource(
+        location=f"{source.location}#{rel}",
+        root=source.root,
+        subdir=subdir,
+        url=f"{source.url.partition('#')[0]}#{subdir}",
+    )
+
+
+def _bare_sibling(url: str) -> str:
+    """A ``file://`` URL of a missing ``X`` whose bare ``X.git`` is on this machine (canonical
+    URLs drop ``.git``) as the URL of ``X.git``; any other URL as it is."""
+    if url.startswith("file://"):
+        path = Path(unquote(urlsplit(url).path))
+        bare = path.with_name(f"{path.name}.git")
+        if not path.exists() and bare.is_dir():
+            return bare.as_uri()
+    return url
+
+
+_SCP_LIKE = re.compile(r"^(?:[^@/\s]+@)?(?P<host>[\w.-]+):(?P<path>(?!//).+)$")
+#: Ports a URL may name without changing which server it means.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def canonical_repo_url(url: str) -> str:
-    """One spelling per repository, so clones over SSH, HTTPS or a local path record the same
-    source (it is part of the image labels, hence of the digest): no credentials, no ``.git``."""
-    url = redact_url(url.strip())
-    if "://" in url:
-        url = re.sub(r"[?#].*\Z", "", url, flags=re.DOTALL)
-    scp = _SCP_LIKE.match(url)
-    if scp and "://" not in url:
-        url = f"https://{scp['host']}/{scp['path']}"
-    elif url.startswith(("ssh://", "git://")):
-        rest = url.split("://", 1)[1].split("@")[-1]
-        host, _, path = rest.partition("/")
-        url = f"https://{host.split(':')[0]}/{path}"
+    """One spelling per repository, whatever way it was reached: no credentials, query or
+    fragment, no ``.git`` suffix or trailing slash, lowercase scheme and host, no default port;
+    SSH (``git@host:path``, ``ssh://``, ``git+ssh://``) and ``git://`` as the ``https://``
+    address of the same path; a local path or ``file://`` URL as one absolute ``file://`` URL.
+    The attestation and the release record name the config repository this way."""
+    url = re.sub(r"[?#].*\Z", "", redact_url(url.strip()), flags=re.DOTALL)
+    scp = _SCP_LIKE.match(url) if "://" not in url else None
+    if scp:
+        url = f"ssh://{scp['host']}/{scp['path'].lstrip('/')}"
     elif "://" not in url:
         url = Path(url).expanduser().resolve().as_uri()
-    return url.removesuffix("/").removesuffix(".git")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower().replace("git+ssh", "ssh").replace("ssh+git", "ssh")
+    path = re.sub(r"/{2,}", "/", unquote(parts.path)).rstrip("/").removesuffix(".git").rstrip("/")
+    if scheme == "file":
+        return Path(posixpath.normpath(path or "/")).as_uri()
+    host = (parts.hostname or "").lower()
+    port = parts.port if scheme in _DEFAULT_PORTS else None
+    if scheme in ("ssh", "git"):
+        scheme = "https"  # the web address of the same project: the port is SSH's, not HTTPS's
+    elif port is not None and port != _DEFAULT_PORTS[scheme]:
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}{quote(path)}"
 
 
 def _source_url(repo: git.Repo, root: Path, subdir: str) -> str:
@@ -307,6 +354,8 @@ def _snapshot(
         # rev-parse --verify: gitpython alone accepts any 40-hex string as a commit id.
         commit = repo.commit(repo.git.rev_parse("--verify", "--quiet", f"{ref}^{{commit}}"))
     except (git.BadName, ValueError, git.GitCommandError):
+        if worktree and ref == "HEAD":  # a new repository: nothing committed yet
+            return _uncommitted(source)
         raise ConfigError(
             f"{source.location}: ref {ref!r} does not exist",
             hint="use a branch, tag or commit of the customer repo",
@@ -316,9 +365,11 @@ def _snapshot(
         # elsewhere in a shared repository do not change the image.
         touched = next(repo.iter_commits(commit, paths=source.subdir, max_count=1), None)
         if touched is None:
+            if worktree:  # a new customer folder (`builder init`), not committed yet
+                return _uncommitted(source, commit)
             raise ConfigError(
                 f"{source.location}: folder {source.subdir!r} is not in git at {ref!r}",
-                hint="commit it first",
+                hint="commit it first, or read the work tree with --worktree",
             )
         commit = touched
     return _Snapshot(
@@ -327,6 +378,19 @@ def _snapshot(
         commit_time=int(commit.committed_date),
         tree=None if worktree else commit.tree,
     )
+
+
+#: The revision of a work tree with nothing committed yet (a dirty development build's tag
+#: says ``000000000000-dirty``) and its time (1980-01-01, as zip and wheels use).
+UNCOMMITTED: Final = "0" * 40
+UNCOMMITTED_TIME: Final = 315532800
+
+
+def _uncommitted(source: RepoSource, head: git.Commit | None = None) -> _Snapshot:
+    """The work tree of a folder no commit has touched yet: its revision is the zero id (the
+    development build is tagged and labelled dirty) at the time of ``head``, when there is one."""
+    when = int(head.committed_date) if head is not None else UNCOMMITTED_TIME
+    return _Snapshot(source=source, commit=UNCOMMITTED, commit_time=when, tree=None)
 
 
 def safe_relpath(value: str, where: str, what: str) -> str:
@@ -395,6 +459,24 @@ def _declared_models(doc: yamldoc.Document) -> tuple[ModelDecl, ...]:
     return tuple(decl for _, (decl, _) in sorted(found.items()))
 
 
+def _declared_repository(customer: Mapping[str, Any], origin: str) -> str | None:
+    """customer.yaml ``repository`` in canonical form; credentials in it are refused."""
+    declared = customer.get("repository")
+    if declared is None:
+        return None
+    if redact_url(declared) != declared:
+        raise ConfigError(
+            f"{origin}: repository {redact_url(declared)!r} holds credentials; remove them",
+            hint="CI supplies them from BUILDER_GIT_TOKEN or CI_JOB_TOKEN",
+        )
+    if not _URL.match(declared):
+        raise ConfigError(
+            f"{origin}: repository {declared[:120]!r} is not a git URL",
+            hint="give the address every clone shares, e.g. https://gitlab.example.com/group/repo.git",
+        )
+    return canonical_repo_url(declared)
+
+
 def _variants(value: str | list[str]) -> tuple[str, ...]:
     """customer.yaml base_image.variant (schema-checked: cpu, gpu or a list of them)."""
     return (value,) if isinstance(value, str) else tuple(value)
@@ -430,6 +512,7 @@ def load_customer(
             manual[f"{decl.reference}/{name}"] = snapshot.read(f"{decl.reference}/{name}") or b""
     base = customer["base_image"]
     return CustomerSpec(
+        repository=_declared_repository(customer, snapshot.origin(CUSTOMER_FILE)),
         customer=customer["customer"],
         base_version=base["version"].strip(),
         base_repository=base.get("repository"),

@@ -158,6 +158,7 @@ class _Job:
     insecure: bool | None
     known_tags: tuple[tuple[str, str | None], ...] = ()
     base_digest: str | None = None
+    locked: bool = False  # models from the committed lock (CI's child jobs)
 
 
 _events: Any = None  # the worker processes' event queue (set by _init_worker)
@@ -186,6 +187,7 @@ def _build_one(job: _Job) -> dict[str, Any]:
         insecure=job.insecure,
         known_tags=job.known_tags,
         base_digest=job.base_digest,
+        locked=job.locked,
     )
     started = time.perf_counter()
     try:
@@ -348,6 +350,7 @@ def build_all(
     push: bool = False,
     record: bool = False,
     force: bool = False,
+    locked: bool = False,
     image_registry: str | None = None,
     base_repository: str | None = None,
     insecure: bool | None = None,
@@ -363,12 +366,12 @@ def build_all(
     Incremental, per image: an image whose immutable tag is already in the registry (with
     its release record, under ``record``) is "unchanged" at the cost of one manifest HEAD;
     a variant never built is built, whatever its customer's other variants did. ``force``
-    rebuilds every admitted image. An image that fails (unreadable repository, invalid
-    config, registry error) is reported and the others go on. With ``record`` (implies a
-    pushed, stable build) the release records of the successful builds are written back,
-    one commit per customer repository for the whole run. ``on_event`` gets build stages,
-    ``on_planned`` the plan, ``on_progress`` each finished image with the counts, pace and
-    ETA.
+    rebuilds every admitted image; ``locked`` builds each from its committed lock (on
+    ``base_version``). An image that fails (unreadable repository, invalid config, registry
+    error) is reported and the others go on. With ``record`` (implies a pushed, stable
+    build) the release records of the successful builds are written back, one commit per
+    customer repository for the whole run. ``on_event`` gets build stages, ``on_planned``
+    the plan, ``on_progress`` each finished image with the counts, pace and ETA.
     """
     if record and not push:
         raise ConfigError("--record needs --push: only pushed images get a release record")
@@ -411,6 +414,7 @@ def build_all(
             if item.key in present
             else (),
             base_digest=bases.get(item.base or ""),
+            locked=locked,
         )
         for item in building
         if item.key is not None
