@@ -268,6 +268,20 @@ BAD_YAML: dict[str, tuple[bytes, str]] = {
     "100,000-digit integer": (b"version: " + b"9" * 100_000 + b"\n", "digits"),
     "impossible date": (b"version: 2024-13-45\n", "month must be"),
     "list as a key": (b"? [1, 2]\n: 3\n", "cannot be a key"),
+    "empty !!int": (b"version: !!int ''\n", "!!int '' cannot be read"),
+    "empty !!float": (b"version: !!float ''\n", "!!float '' cannot be read"),
+    "bad !!timestamp": (b"version: !!timestamp soon\n", "!!timestamp 'soon' cannot be read"),
+    "bad !!bool": (b"version: !!bool maybe\n", "!!bool 'maybe' cannot be read"),
+    "a date": (b"version: 2024-01-31\n", "version: a date is not allowed here"),
+    "a timestamp": (b"version: 2024-01-31T10:00:00Z\n", "a timestamp is not allowed"),
+    "a set": (b"version: !!set {a, b}\n", "a set (!!set) is not allowed"),
+    "!!binary": (b"version: !!binary aGVsbG8=\n", "binary data (!!binary) is not allowed"),
+    "pairs": (b"version: !!omap [a: 1]\n", "a pair (!!omap/!!pairs) is not allowed"),
+    "NaN": (b"version: .nan\n", "nan (not a finite number)"),
+    "Infinity": (b"a: {b: -.inf}\n", "a.b: -inf (not a finite number)"),
+    "mixed-type keys": (b"{true: 1, x: 2}\n", "key True is not a string"),
+    "an integer key": (b"a: {1: x}\n", "a: key 1 is not a string"),
+    "a newline in a key": (b'"a\\nb": 1\n', "key 'a\\nb' holds a control character"),
     "too big": (
         b"a: [" + b"1," * (yamldoc.MAX_DOCUMENT_BYTES // 2) + b"1]\n",
         "over the size limit",
@@ -321,7 +335,10 @@ def test_plain_large_document_is_not_an_alias_problem() -> None:
     assert "alias-expansion limit" in str(info.value)
 
 
-@pytest.mark.parametrize("case", ["not UTF-8", "deep lists", "recursive alias", "too big"])
+@pytest.mark.parametrize(
+    "case",
+    ["not UTF-8", "deep lists", "recursive alias", "too big", "a newline in a key", "empty !!int"],
+)
 def test_bad_yaml_through_the_cli(repo: Path, case: str) -> None:
     commit_files(repo, {"analysis.yaml": BAD_YAML[case][0]}, case)
     result = run_cli("validate", str(repo))
@@ -329,6 +346,42 @@ def test_bad_yaml_through_the_cli(repo: Path, case: str) -> None:
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert BAD_YAML[case][1] in result.stderr
+
+
+#: Values YAML can hold and JSON cannot, as a feature's params (the runner contract check
+#: used to crash on them: exit 70); each is refused where it is written.
+PARAM_VALUES = {
+    "date": "2024-01-01",
+    "set": "!!set {a, b}",
+    "binary": "!!binary aGVsbG8=",
+    "mixed-type keys": "{true: 1, x: 2}",
+    "NaN": ".nan",
+    "Infinity": ".inf",
+    "empty !!float": "!!float ''",
+    "bad !!timestamp": "!!timestamp tomorrow",
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARAM_VALUES))
+def test_params_outside_json_are_refused_at_their_line(
+    repo: Path, settings: Settings, case: str
+) -> None:
+    text = ANALYSIS_YAML.format(carcinoma=AUTO_ID, mitosis=AUTO_ID, threshold=0.5)
+    text = text.replace("params: {threshold: 0.5}", f"params: {{threshold: {PARAM_VALUES[case]}}}")
+    (repo / "analysis.yaml").write_text(text)
+    message = _one_line_error(repo, settings, worktree=True)
+    line = 1 + text.splitlines().index(next(ln for ln in text.splitlines() if "threshold" in ln))
+    assert f"analysis.yaml:{line}" in message, message
+
+
+def test_a_param_date_through_the_cli(repo: Path) -> None:
+    text = ANALYSIS_YAML.format(carcinoma=AUTO_ID, mitosis=AUTO_ID, threshold="2024-01-01")
+    commit_files(repo, {"analysis.yaml": text}, "a date as a param")
+    for args in (("validate", str(repo)), ("validate", "--json", str(repo))):
+        result = run_cli(*args)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert "features[0].params.threshold: a date is not allowed" in result.stdout
 
 
 def test_schema_error_does_not_print_the_file(repo: Path, settings: Settings) -> None:
@@ -890,6 +943,9 @@ BAD_MANIFESTS = {
     "sha256 not hex": json.dumps(
         {"files": [{"name": "model.onnx", "size": 16, "sha256": "zz"}]}
     ).encode(),
+    "NaN size": b'{"files": [{"name": "model.onnx", "size": NaN, "sha256": "00"}]}',
+    "Infinity size": b'{"files": [{"name": "model.onnx", "size": -Infinity, "sha256": "00"}]}',
+    "newline in a key": b'{"files\\nx": []}',
 }
 
 
@@ -915,6 +971,12 @@ BAD_RECORDS = {
         "model",
         "design",
         {"design": '{"preprocessing": [{"cls": "X", "params": [1]}]}'},
+    ),
+    "model design a JSON list": ("model", "design", {"design": "[1, 2]"}),
+    "model design an infinite number": (
+        "model",
+        "design",
+        {"design": '{"params": {"file": "model.onnx", "tile_size": 64, "mpp": 1e999}}'},
     ),
     "task without status": ("task", "status", _DELETE),
     "task status a mapping": ("task", "status", {"a": 1}),
