@@ -536,6 +536,7 @@ def build(
                 _build_with_docker(
                     request, base, plan.layers, plan.labels, spec.commit_time, report, progress
                 )
+            report.warnings.extend(store.blobs.repairs)
             return report
         with stage("assemble"):
             image = assemble(
@@ -566,4 +567,5 @@ def build(
             _deliver(request, image, report, plan.immutable, plan.moving, progress)
         with stage("attest"):
             _attest(request, report, image, build_facts(request, cooked, plan, report, image))
+        report.warnings.extend(store.blobs.repairs)
         return report

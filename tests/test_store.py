@@ -7,11 +7,15 @@ and a real docker-registry (started and stopped by the test) plays the online si
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import io
 import json
 import multiprocessing
+import os
+import shutil
 import tarfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -461,3 +465,318 @@ def test_base_resolution_order(tmp_path: Path) -> None:
             f"oci:{layout}", "~=2.4", store, pinned=replace(other, repository=f"oci:{layout}")
         )
     assert "builder lock" in (drift.value.hint or "")
+
+
+# -- the store is a trust boundary: no link followed, every blob checked ------------------------
+
+BASE = "127.0.0.1:9/ivd/inference-base"  # nothing listens there: builds run --offline
+MANUAL_ANALYSIS = """\
+analyses:
+- name: breast
+  models:
+    mitosis_model:
+      sourcing: manual
+      reference: weights/mitosis
+  features:
+  - cls: Mitosis
+    models: {segmentation_model: mitosis_model}
+"""
+OUTSIDE = b"TOP-SECRET-HOST-CONTENT root:x:0:0\n"
+
+
+@dataclass(frozen=True)
+class StoreWorld:
+    """A customer with one manual model and a store holding the synthetic base and its image."""
+
+    repo: Path
+    store: Path
+    cache: Path
+
+    def env(self) -> dict[str, str]:
+        return {
+            "BUILDER_CACHE_DIR": str(self.cache),
+            "BUILDER_IMAGE_STORE": str(self.store),
+            "BUILDER_BASE_REPOSITORY": BASE,
+            "BUILDER_IMAGE_REGISTRY": "127.0.0.1:9",
+            "BUILDER_MODEL_REGISTRY": "local:/nowhere",
+        }
+
+    def copy(self, where: Path) -> StoreWorld:
+        """This world under ``where`` (the built store copied: each test plants its own links)."""
+        shutil.copytree(self.store, where / "store", symlinks=True)
+        return StoreWorld(self.repo, where / "store", where / "cache")
+
+    def blob(self, layer: str) -> Path:
+        """The blob file of the stored customer image's layer ``layer`` (or "base", "manifest",
+        "config")."""
+        store = ImageStore(self.store)
+        image = next(i for i in store.images() if "/customer-x:2.4.2-" in i.reference)
+        manifest = json.loads(store.blobs.read_bytes(image.digest))
+        if layer == "manifest":
+            return store.blobs.path(image.digest)
+        if layer == "config":
+            return store.blobs.path(manifest["config"]["digest"])
+        for entry in manifest["layers"]:
+            name = (entry.get("annotations") or {}).get("com.ivd.layer.name", "base")
+            if name == layer:
+                return store.blobs.path(entry["digest"])
+        raise AssertionError(layer)
+
+
+def run_in_process(
+    *args: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> tuple[int, str, str]:
+    """The real CLI in this process (fast: no interpreter start): exit code, stdout, stderr."""
+    from builder.cli import main
+
+    with monkeypatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        code = contextvars.copy_context().run(main, list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def store_world(tmp_path_factory: pytest.TempPathFactory) -> StoreWorld:
+    root = tmp_path_factory.mktemp("store-world")
+    repo = root / "customer-x"
+    commit_files(
+        repo,
+        {
+            "customer.yaml": "version: 1\ncustomer: customer-x\nbase_image:\n  version: '~=2.4'\n",
+            "analysis.yaml": MANUAL_ANALYSIS,
+            "weights/mitosis/model.onnx": b"m" * 70_000,
+        },
+        "config",
+    )
+    world = StoreWorld(repo, root / "store", root / "cache")
+    _put_synthetic_base(ImageStore(world.store), [f"{BASE}:2.4.2"])
+    built = run_cli("build", str(repo), "--offline", env=world.env())
+    assert built.returncode == 0, built.stderr
+    return world
+
+
+#: Every path the store uses, planted as a link (a folder link for folders).
+STORE_PATHS = [
+    "tmp",
+    "layers",
+    "verified",
+    "pushed",
+    "blobs",
+    "blobs/sha256",
+    ".gc.lock",
+    ".index.json.lock",
+    "index.json",
+    "oci-layout",
+    "blob:mitosis_model",
+    "blob:base",
+    "blob:manifest",
+    "blob:config",
+    "layer record",
+    "verified record",
+    "tmp entry",
+]
+#: Every command that opens the store (the export one writes an OCI layout and an archive).
+STORE_COMMANDS = {
+    "build": ("build", "{repo}", "--offline"),
+    "export": (
+        "build",
+        "{repo}",
+        "--offline",
+        "--oci-layout",
+        "{out}/layout",
+        "--docker-archive",
+        "{out}/image.tar",
+    ),
+    "images": ("images",),
+    "prune": ("images", "prune"),
+    "verify": ("images", "verify"),
+}
+
+
+def _plant(world: StoreWorld, where: str, host: Path) -> Path:
+    """Replace ``where`` in the store by a link pointing outside it; returns the link."""
+    root = world.store
+    if where.startswith("blob:"):
+        path = world.blob(where.removeprefix("blob:"))
+        outside = host / path.name  # the real blob moved out: its digest still matches
+        shutil.move(path, outside)
+    elif where in ("layer record", "verified record"):
+        folder = root / ("layers" if where == "layer record" else "verified")
+        path = sorted(folder.iterdir())[0]
+        outside = host / "record"
+        outside.write_bytes(path.read_bytes())
+        path.unlink()
+    elif where == "tmp entry":
+        path, outside = root / "tmp" / "blob-stale", host / "victim"
+        outside.write_bytes(OUTSIDE)
+    elif (root / where).is_dir():
+        path, outside = root / where, host / where.replace("/", "-")
+        shutil.move(path, outside)
+        (outside / "victim").write_bytes(OUTSIDE)
+    else:
+        path, outside = root / where, host / "victim"
+        outside.write_bytes(OUTSIDE)
+        path.unlink(missing_ok=True)
+    path.symlink_to(outside, target_is_directory=outside.is_dir())
+    return path
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, int, str]]:
+    """Every file under ``folder``: inode, links, size and sha256 (what a write or a hard link
+    made from outside would change)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        info = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        out[str(path.relative_to(folder))] = (info.st_ino, info.st_nlink, info.st_size, digest)
+    return out
+
+
+@pytest.mark.parametrize("where", STORE_PATHS)
+def test_no_link_in_the_store_is_followed(
+    store_world: StoreWorld,
+    tmp_path: Path,
+    where: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    """A link at any path of the store, under every store command: nothing outside is read,
+    written or deleted; each command either replaces the link (and works) or refuses in one
+    line naming it."""
+    host = tmp_path / "host"
+    host.mkdir()
+    for command, template in STORE_COMMANDS.items():
+        world = store_world.copy(tmp_path / command)
+        out = tmp_path / command / "out"
+        (host / command).mkdir()
+        link = _plant(world, where, host / command)
+        before = _snapshot(host)
+        args = [a.format(repo=world.repo, out=out) for a in template]
+        code, stdout, stderr = run_in_process(
+            *args, env=world.env(), monkeypatch=monkeypatch, capsys=capsys
+        )
+        assert _snapshot(host) == before, (command, stderr)
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        if code in (0, 10):  # 10: `images verify` found (and removed) the bad entry
+            assert command != "verify" or not link.is_symlink(), stdout
+        else:
+            assert code == 6 and len(errors) == 1, (command, code, stderr)
+            assert "symbolic link" in errors[0] or "lacks some of its blobs" in errors[0]
+        for path in out.rglob("*") if out.exists() else []:
+            assert not path.is_symlink() and (path.is_dir() or OUTSIDE not in path.read_bytes())
+        assert OUTSIDE.decode() not in stdout + stderr
+
+
+def _flip_byte(path: Path) -> None:
+    """Corrupt one byte in the middle of a blob file, in place (as a bad disk or editor would)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    with path.open("r+b") as file:
+        file.write(data)
+
+
+def _build_json(
+    world: StoreWorld, *args: str, monkeypatch: pytest.MonkeyPatch, capsys: Any, env: Any = None
+) -> tuple[int, dict[str, Any], str]:
+    code, stdout, stderr = run_in_process(
+        "build", str(world.repo), "--json", *args,
+        env={**world.env(), **(env or {})}, monkeypatch=monkeypatch, capsys=capsys,
+    )  # fmt: skip
+    return code, json.loads(stdout), stderr
+
+
+def test_a_corrupt_blob_is_noticed_and_repaired(
+    store_world: StoreWorld,
+    oci_registry: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    """One flipped byte in a model layer and in a base layer of the store: a rebuild with
+    --push notices both (one line each), builds the model layer again and fetches the base
+    layer again from the registry, to the same digest; exports check every blob in full."""
+    repository = f"{oci_registry.host}/store-corrupt/inference-base"
+    world = store_world.copy(tmp_path)
+    store = ImageStore(world.store)
+    _docker_save_archive(tmp_path / "saved.tar", f"{repository}:2.4.2")
+    store.import_docker_archive(tmp_path / "saved.tar", f"{repository}:2.4.2")
+    push(store.stored_image(f"{repository}:2.4.2"), [f"{repository}:2.4.2"])
+    online = {"BUILDER_BASE_REPOSITORY": repository, "BUILDER_IMAGE_REGISTRY": oci_registry.host}
+    code, first, _ = _build_json(world, monkeypatch=monkeypatch, capsys=capsys, env=online)
+    assert code == 0, first
+    digest = first["result"]["manifest_digest"]
+    model, base = world.blob("mitosis_model"), world.blob("base")
+
+    _flip_byte(model)
+    _flip_byte(base)
+    code, pushed, _ = _build_json(
+        world, "--push", monkeypatch=monkeypatch, capsys=capsys, env=online
+    )
+    assert code == 0, pushed
+    assert pushed["result"]["manifest_digest"] == digest
+    removed = [w for w in pushed["result"]["warnings"] if "does not match its digest" in w]
+    assert len(removed) == 2 and all("\n" not in w for w in removed), removed
+    assert {model.name[:12], base.name[:12]} == {w.split("sha256:")[1][:12] for w in removed}
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == model.name  # rebuilt
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == base.name  # fetched again
+
+    # A flip that leaves size and times as they were (bit rot): only a full hash sees it.
+    # Exports hash in full: the bad layer is removed, the next build writes it anew.
+    _flip_byte(model)
+    record = world.store / "verified" / model.name
+    info = model.stat()
+    record.write_text(json.dumps([info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]))
+    out = tmp_path / "out"
+    export = (
+        "--offline",
+        "--oci-layout",
+        str(out / "layout"),
+        "--docker-archive",
+        str(out / "a.tar"),
+    )
+    code, failed, _ = _build_json(
+        world, *export, monkeypatch=monkeypatch, capsys=capsys, env=online
+    )
+    assert code == 6 and "removed as corrupt" in failed["error"]["message"], failed
+    assert not (out / "a.tar").exists() and not model.exists()
+    code, exported, _ = _build_json(
+        world, *export, monkeypatch=monkeypatch, capsys=capsys, env=online
+    )
+    assert code == 0 and exported["result"]["manifest_digest"] == digest, exported
+    for blob in (out / "layout" / "blobs" / "sha256").iterdir():
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    with tarfile.open(out / "a.tar") as tar:
+        for member in tar.getmembers():
+            if member.name.startswith("blobs/sha256/") and member.isfile():
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                assert hashlib.sha256(data).hexdigest() == member.name.rsplit("/", 1)[1]
+
+
+def test_images_verify_hashes_every_blob(
+    store_world: StoreWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """`builder images verify` (fsck): sound store, exit 0; a corrupt blob whose record still
+    matches is found, removed, and the images lacking it named; exit 10."""
+    world = store_world.copy(tmp_path)
+    code, stdout, _ = run_in_process(
+        "images", "verify", env=world.env(), monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert code == 0 and "all sound" in stdout, stdout
+    model = world.blob("mitosis_model")
+    info = model.stat()
+    _flip_byte(model)
+    os.utime(model, ns=(info.st_atime_ns, info.st_mtime_ns))
+    record = world.store / "verified" / model.name
+    after = model.stat()
+    record.write_text(
+        json.dumps([after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns])
+    )
+    code, stdout, _ = run_in_process(
+        "images", "verify", env=world.env(), monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert code == 10, stdout
+    assert f"removed   blob sha256:{model.name[:12]}" in stdout
+    assert "incomplete 127.0.0.1:9/customer-x:2.4.2" in stdout
+    assert not model.exists()

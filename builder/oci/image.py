@@ -299,7 +299,7 @@ class RegistryImage(OpenedImage):
     @contextlib.contextmanager
     def open_blob(self, descriptor: Descriptor) -> Iterator[IO[bytes]]:
         store = BlobStore(self._store_root)
-        path = store.path(descriptor.digest) if store.has(descriptor.digest) else None
+        path = store.existing(descriptor.digest)
         if path is None:
             path = self.client.download_blob(
                 self.path, descriptor.digest, store, size=descriptor.size
