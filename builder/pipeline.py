@@ -340,13 +340,18 @@ def build_facts(
 
 
 def _attest(
-    request: BuildRequest, report: BuildReport, image: AssembledImage, facts: BuildFacts
+    request: BuildRequest,
+    report: BuildReport,
+    image: AssembledImage,
+    facts: BuildFacts,
+    cache_dir: Path,
 ) -> None:
     """Make the provenance and SBOM of a finished build and put them where the image went:
-    files under ``attestations/<manifest hex>`` next to the blob store, the OCI layout, and
-    the registry as referrers when pushed. The report's outputs say where."""
+    files under ``<cache_dir>/attestations/<manifest hex>`` (wherever the image store is),
+    the OCI layout, and the registry as referrers when pushed. The report's outputs say
+    where."""
     attestations = make_attestations(facts, request.sign_key)
-    directory = image.store.root.parent / "attestations" / image.manifest_digest.split(":")[-1]
+    directory = cache_dir / "attestations" / image.manifest_digest.split(":")[-1]
     attestations.write_files(directory)
     report.outputs["attestations"] = str(directory)
     if request.oci_layout:
@@ -566,6 +571,7 @@ def build(
             report.outputs["store"] = str(store.root)
             _deliver(request, image, report, plan.immutable, plan.moving, progress)
         with stage("attest"):
-            _attest(request, report, image, build_facts(request, cooked, plan, report, image))
+            facts = build_facts(request, cooked, plan, report, image)
+            _attest(request, report, image, facts, settings.cache_dir)
         report.warnings.extend(store.blobs.repairs)
         return report

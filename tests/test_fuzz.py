@@ -48,6 +48,7 @@ def test_an_internal_error_is_found(world: fuzz.World, monkeypatch: pytest.Monke
     seed = world.seed("customer")
     assert fuzz.exercise(world, seed) is None
     assert fuzz.exercise(world, seed.replace(b"version: 1", b"version: [")) is None
+
     def broken(*_: object) -> None:
         raise KeyError("missing")
 

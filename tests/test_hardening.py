@@ -709,6 +709,45 @@ def test_docker_archive_on_a_full_disk_keeps_the_old_one(
     assert sorted(p.name for p in out.iterdir()) == ["image.tar"]
 
 
+def test_the_temporary_archive_of_a_killed_export_is_removed(
+    small_image: Any, tmp_path: Path
+) -> None:
+    """`build --docker-archive` killed halfway leaves its temporary file next to the archive;
+    the next export to that file removes it (never one another export is still writing)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    archive = out / "image.tar"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from builder.deliver import _replaced_on_success\n"
+        "with _replaced_on_success(Path(sys.argv[1])) as f:\n"
+        "    f.write(b'x' * (1 << 20)); f.flush(); print('writing', flush=True); time.sleep(600)\n"
+    )
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(archive)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for writer in writers:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
+    leftovers = sorted(out.glob(".image.tar.*.tmp"))
+    assert len(leftovers) == 2
+    old = time.time() - 3600
+    for path in leftovers:
+        os.utime(path, (old, old))
+    writers[0].send_signal(signal.SIGKILL)  # kill -9: no clean-up ran
+    writers[0].wait(timeout=30)
+    write_docker_archive(small_image, archive, ["ivd/customer-x:1"])
+    try:
+        assert len(list(out.glob(".image.tar.*.tmp"))) == 1  # the live writer's file is kept
+        assert tarfile.is_tarfile(archive)
+    finally:
+        writers[1].kill()
+        writers[1].wait(timeout=30)
+
+
 def test_temporary_blobs_of_a_killed_assemble_are_removed(tmp_path: Path) -> None:
 
     store_dir = tmp_path / "store"

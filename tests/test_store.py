@@ -687,6 +687,18 @@ def _build_json(
     return code, json.loads(stdout), stderr
 
 
+def test_attestations_go_to_the_cache_wherever_the_store_is(
+    store_world: StoreWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    world = store_world.copy(tmp_path / "elsewhere")
+    code, built, _ = _build_json(world, "--offline", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, built
+    written = Path(built["result"]["outputs"]["attestations"])
+    assert written.parent == world.cache / "attestations"
+    assert (written / "provenance.intoto.json").is_file()
+    assert not (world.store.parent / "attestations").exists()
+
+
 def test_a_corrupt_blob_is_noticed_and_repaired(
     store_world: StoreWorld,
     oci_registry: Any,
