@@ -60,7 +60,7 @@ from builder.image.provenance import (
 )
 from builder.image.store import ImageStore
 from builder.oci import parse_reference
-from builder.settings import Settings
+from builder.settings import Settings, refuse_credentials
 
 APP_DIR = "/app"
 CONFIG_DIR = f"{APP_DIR}/config"
@@ -115,7 +115,9 @@ def build_variant(spec: CustomerSpec, requested: str | None) -> str:
 
 
 def _preflight(request: BuildRequest) -> None:
-    """What can be refused before any work: a dirty release, no engine, a bad signing key."""
+    """What can be refused before any work: a dirty release, a registry with credentials in
+    its name, no engine, a bad signing key."""
+    refuse_credentials(request.image_registry, "--registry")
     if request.worktree and request.push:
         raise ReleaseGateError(
             f"{request.customer}: a --worktree build holds uncommitted files and cannot be "

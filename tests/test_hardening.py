@@ -598,6 +598,9 @@ def test_hostile_lock_through_the_cli(
         ("https://h/r.git?a=1&private_token=glpat-123456#frag", "glpat"),
         ("fatal: unable to access 'https://oauth2:tok3n@h/r.git/': 403", "tok3n"),
         ("s3://b/k?X-Amz-Signature=abcdef0123&X-Amz-Credential=AKIAXYZ", "AKIAXYZ"),
+        ("https://deploy:pa/ss-w0rd@gitlab.example.com/g/r.git", "ss-w0rd"),
+        ("https://deploy:pa:ss:w0rd@gitlab.example.com/g/r.git", "w0rd"),
+        ("pushing deploy:s3cr3t@registry.example.com:5000/ivd/x:1", "s3cr3t"),
     ],
 )
 def test_secrets_are_masked_in_any_text(text: str, secret: str) -> None:
@@ -610,6 +613,18 @@ def test_secrets_are_masked_in_any_text(text: str, secret: str) -> None:
         assert canonical_repo_url(text).startswith(
             ("https://gitlab.example.com/g/r", "https://h/r")
         )
+
+
+def test_a_remembered_password_is_masked_anywhere() -> None:
+    """A password given in a URL (an argument) is masked wherever it turns up, also where no
+    URL pattern finds it: a space in it, git's message quoting it alone, percent-encoded."""
+    from builder.redact import mask_secrets, remember_url_secrets, strip_credentials
+
+    url = "http://alice:pa ss/w@rd:x@gitlab.example.com/g/r.git"
+    remember_url_secrets(["build", url, "--push"])
+    for text in (url, "fatal: password 'pa ss/w@rd:x' refused", "pa%20ss%2Fw%40rd%3Ax"):
+        assert "pa ss" not in mask_secrets(text) and "%20ss" not in mask_secrets(text)
+    assert strip_credentials(url) == "http://gitlab.example.com/g/r.git"
 
 
 def test_secrets_never_reach_the_cli_output(tmp_path: Path) -> None:

@@ -8,17 +8,23 @@ and a real docker-registry (started and stopped by the test) plays the online si
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
+import http.server
 import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import tarfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import git
 import pytest
 from helpers import (
     CARCINOMA_ID,
@@ -792,3 +798,126 @@ def test_images_verify_hashes_every_blob(
     assert f"removed   blob sha256:{model.name[:12]}" in stdout
     assert "incomplete 127.0.0.1:9/customer-x:2.4.2" in stdout
     assert not model.exists()
+
+
+# -- secrets never print: a customer URL with a password, built -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_repo(store_world: StoreWorld) -> Iterator[str]:
+    """``host:port/customer-x.git``: the store world's customer repo served over plain HTTP
+    (git's dumb protocol) by a real HTTP server."""
+    served = store_world.repo.parent / "www"
+    served.mkdir()
+    bare = git.Repo.clone_from(store_world.repo, served / "customer-x.git", bare=True)
+    bare.git.update_server_info()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}/customer-x.git"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+PASSWORDS = ["Sup3rSecretPass", "pa/ss-w0rd", "pa ss-w0rd", "p@ss-w0rd", "pa:ss-w0rd"]
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_a_password_in_the_customer_url_never_prints(
+    store_world: StoreWorld,
+    served_repo: str,
+    tmp_path: Path,
+    password: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    """`build http://alice:PASSWORD@host/cust.git`: neither the human result (its push:/load:/
+    export: hints) nor the JSON one nor an error shows the password, whatever it holds; the
+    cache's mirror never stores it."""
+    world = store_world.copy(tmp_path)
+    url = f"http://alice:{password}@{served_repo}"
+    outputs = []
+    for extra in ((), ("--json",)):
+        code, stdout, stderr = run_in_process(
+            "build",
+            url,
+            "--offline",
+            *extra,
+            env=world.env(),
+            monkeypatch=monkeypatch,
+            capsys=capsys,
+        )
+        assert code != 70, stderr
+        outputs.append(stdout + stderr)
+        if password == PASSWORDS[0]:  # a URL git accepts: built, with its hints
+            assert code == 0, stderr
+            assert "push:   build http://127.0.0.1:" in stdout or '"ok": true' in stdout
+    for text in outputs:
+        for part in {password, *(p for p in re.split(r"[/@: ]", password) if len(p) >= 4)}:
+            assert part not in text, (password, text)
+    for config in (world.cache / "repos").glob("*/config"):
+        assert password.split("-", maxsplit=1)[0] not in config.read_text(), config.read_text()
+
+
+REGISTRIES_WITH_CREDENTIALS = {
+    "--registry": (("--registry", "alice:Regis7ryPass@127.0.0.1:9"), {}),
+    "BUILDER_IMAGE_REGISTRY": (
+        (),
+        {"BUILDER_IMAGE_REGISTRY": "https://bob:Regis7ry Pass@127.0.0.1:9"},
+    ),
+    "--base-repository": (("--base-repository", "alice:Regis7ryPass@127.0.0.1:9/ivd/base"), {}),
+    "BUILDER_BASE_REPOSITORY": ((), {"BUILDER_BASE_REPOSITORY": "a:Regis7ry/Pass@127.0.0.1:9/b"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REGISTRIES_WITH_CREDENTIALS))
+def test_a_registry_with_credentials_is_refused_before_anything_is_named(
+    store_world: StoreWorld, tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    world = store_world.copy(tmp_path)
+    index = (world.store / "index.json").read_bytes()
+    args, env = REGISTRIES_WITH_CREDENTIALS[case]
+    code, stdout, stderr = run_in_process(
+        "build", str(world.repo), "--offline", *args,
+        env={**world.env(), **env}, monkeypatch=monkeypatch, capsys=capsys,
+    )  # fmt: skip
+    assert code == 2, stderr
+    assert stderr.count("\n") == 1 and f"{case}" in stderr and "holds credentials" in stderr
+    assert "Regis7ry" not in stdout + stderr and "Pass" not in stdout + stderr
+    assert (world.store / "index.json").read_bytes() == index
+
+
+def test_a_stored_name_with_credentials_is_listed_without_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """A store written before such names were refused: `builder images` never shows them."""
+    store = ImageStore(tmp_path / "store")
+    _put_synthetic_base(store, ["alice:Regis7ryPass@127.0.0.1:9/customer-x:1.0"])
+    env = {"BUILDER_IMAGE_STORE": str(store.root)}
+    for extra in ((), ("--json",)):
+        code, stdout, stderr = run_in_process(
+            "images", *extra, env=env, monkeypatch=monkeypatch, capsys=capsys
+        )
+        assert code == 0, stderr
+        assert "127.0.0.1:9/customer-x:1.0" in stdout and "Regis7ry" not in stdout + stderr
+
+
+def test_a_base_repository_with_credentials_in_customer_yaml_is_refused(
+    store_world: StoreWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    world = store_world.copy(tmp_path)
+    repo = tmp_path / "repo"
+    shutil.copytree(world.repo, repo)
+    (repo / "customer.yaml").write_text(
+        "version: 1\ncustomer: customer-x\nbase_image:\n  version: '~=2.4'\n"
+        "  repository: alice:Regis7ryPass@127.0.0.1:9/ivd/inference-base\n"
+    )
+    code, stdout, stderr = run_in_process(
+        "build", str(repo), "--worktree", "--offline",
+        env=world.env(), monkeypatch=monkeypatch, capsys=capsys,
+    )  # fmt: skip
+    assert code == 2 and "customer.yaml: base_image.repository holds credentials" in stderr
+    assert "Regis7ry" not in stdout + stderr
