@@ -921,3 +921,27 @@ def test_a_base_repository_with_credentials_in_customer_yaml_is_refused(
     )  # fmt: skip
     assert code == 2 and "customer.yaml: base_image.repository holds credentials" in stderr
     assert "Regis7ry" not in stdout + stderr
+
+
+def test_verify_rebuilds_an_image_of_the_store_with_no_registry(
+    store_world: StoreWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """An image built into the store only (no registry anywhere): `builder verify` reads it
+    from the store, rebuilds it on the base the store holds, and finds the same digest."""
+    world = store_world.copy(tmp_path)
+    stored = next(
+        i for i in ImageStore(world.store).images() if "/customer-x:2.4.2-" in i.reference
+    )
+    code, stdout, stderr = run_in_process(
+        "verify",
+        stored.reference,
+        "--json",
+        env=world.env(),
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
+    assert code == 0, stdout + stderr
+    result = json.loads(stdout)["result"]
+    assert result["match"] and result["rebuilt_digest"] == stored.digest
+    notes = " ".join(result["notes"])
+    assert "from the local image store" in notes and "base image" in notes

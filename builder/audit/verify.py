@@ -21,6 +21,7 @@ from builder.cook.lock import models_from_lock, read_lock
 from builder.errors import ConfigError, ImageError
 from builder.gitauth import git_credentials
 from builder.image.assemble import LAYER_FORMAT, LAYER_FORMAT_LABEL, check_layer_format
+from builder.image.store import ImageStore
 from builder.oci.image import (
     ArchiveImage,
     ImageFiles,
@@ -136,6 +137,23 @@ def _rebuild_settings(settings: Settings, scratch: Path) -> Settings:
     return replace(settings, cache_dir=scratch, image_store=None)  # the store: scratch/oci
 
 
+def _share_base(
+    settings: Settings, rebuild: Settings, base: Mapping[str, Any], notes: list[str]
+) -> None:
+    """The recorded base, when the local image store holds it, also in the rebuild's empty
+    store: the rebuild needs no registry for it (one that answers still decides)."""
+    repository, version, digest = (
+        str(base.get(k) or "") for k in ("repository", "version", "digest")
+    )
+    if not (repository and version and digest) or repository.startswith("oci:"):
+        return
+    names = [f"{repository}:{version}", f"{repository}@{digest}"]
+    if ImageStore(settings.store_dir).share(digest, names, ImageStore(rebuild.store_dir)):
+        notes.append(
+            f"base image {repository}:{version} ({short(digest, 19)}) taken from the local image store"
+        )
+
+
 def _compare(
     original: OpenedImage, rebuilt: OpenedImage, theirs: ImageFiles, ours: ImageFiles
 ) -> list[str]:
@@ -247,7 +265,7 @@ def verify(
             f"cannot read the recorded config commit {short(commit, 12)} from {location}: {exc.message}",
             hint="fetch the full history of the config repository",
         ) from None
-    notes = []
+    notes = list(image.notes)
     if spec.commit != commit:
         notes.append(
             f"{short(commit, 12)} is not a commit of the customer folder; read {short(spec.commit, 12)}"
@@ -269,7 +287,9 @@ def verify(
         layer_format=layer_format,
     )
     with tempfile.TemporaryDirectory(prefix="verify-", dir=_scratch_parent(settings)) as tmp:
-        report = build(request, _rebuild_settings(settings, Path(tmp)))
+        rebuild = _rebuild_settings(settings, Path(tmp))
+        _share_base(settings, rebuild, base, notes)
+        report = build(request, rebuild)
         rebuilt = LayoutImage(Path(tmp) / "oci", digest=report.manifest_digest)
         match = report.manifest_digest == image.manifest_digest
         differences: list[str] = []

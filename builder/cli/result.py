@@ -109,13 +109,9 @@ class _Recorder(io.TextIOBase):
     def isatty(self) -> bool:
         return self._real.isatty()
 
-    @property
-    def encoding(self) -> str:  # what click asks before it writes text here as it is
-        return "utf-8"
-
-    @property
-    def errors(self) -> str:
-        return "strict"
+    # What click asks before it writes text here as it is (else it wraps the stream).
+    encoding = "utf-8"
+    errors = "strict"
 
 
 def _print_masked(human: Callable[[], None]) -> None:

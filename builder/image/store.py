@@ -53,6 +53,7 @@ from builder.oci import (
     Descriptor,
     canonical_json,
     check_digest,
+    copy_blob,
     is_disk_full,
     locked_file,
     read_layout_index,
@@ -321,6 +322,19 @@ class ImageStore:
             store=self.blobs,
             annotations=dict(base.manifest.get("annotations") or {}),
         )
+
+    def share(self, digest: str, references: Iterable[str], into: ImageStore) -> bool:
+        """Put the image ``digest`` into the store ``into`` under ``references`` (its blobs
+        hard-linked when on one file system); False when this store lacks a blob of it."""
+        if not self.complete(digest):
+            return False
+        manifest = json.loads(self.blobs.read_bytes(digest))
+        for child in [manifest["config"], *(manifest.get("layers") or [])]:
+            copy_blob(self.blobs.path(str(child["digest"])), into.blobs.path(str(child["digest"])))
+        copy_blob(self.blobs.path(digest), into.blobs.path(digest))
+        media_type = str(manifest.get("mediaType") or OCI_MANIFEST)
+        into.tag(Descriptor(media_type, digest, self.blobs.size(digest)), references)
+        return True
 
     # -- checks ----------------------------------------------------------------------------
 

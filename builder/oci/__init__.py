@@ -20,6 +20,7 @@ from builder.oci.blobs import (
     is_disk_full,
     link_refused,
     locked_file,
+    open_nofollow,
     read_nofollow,
     remove_abandoned,
 )
@@ -99,6 +100,7 @@ __all__ = [
     "link_refused",
     "locked_file",
     "locked_layout",
+    "open_nofollow",
     "parse_reference",
     "read_layout_blob",
     "read_layout_index",
