@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import errno
-import functools
 import hashlib
-import http.server
 import json
 import os
 import re
@@ -19,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import unittest.mock
 from collections.abc import Callable, Iterator
@@ -40,6 +37,7 @@ from helpers import (
     model_record,
     offline_settings,
     run_cli,
+    served_over_http,
     task_record,
 )
 from hypothesis import HealthCheck, given
@@ -650,15 +648,8 @@ def http_git(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     bare = git.Repo(served / "customer.git")
     bare.git.branch("-m", bare.active_branch.name, "trunk")  # a default branch git would not guess
     bare.git.update_server_info()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}/customer.git", work
-    finally:
-        server.shutdown()
-        server.server_close()
+    with served_over_http(served) as host:
+        yield f"{host}/customer.git", work
 
 
 def test_clone_credentials_are_not_stored(

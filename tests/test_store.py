@@ -8,9 +8,7 @@ and a real docker-registry (started and stopped by the test) plays the online si
 from __future__ import annotations
 
 import contextvars
-import functools
 import hashlib
-import http.server
 import io
 import json
 import multiprocessing
@@ -18,7 +16,6 @@ import os
 import re
 import shutil
 import tarfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +33,7 @@ from helpers import (
     customer_repo,
     run_cli,
     seed_models,
+    served_over_http,
 )
 from test_assemble import base_layer_tar, synthetic_base_blobs
 
@@ -811,15 +809,8 @@ def served_repo(store_world: StoreWorld) -> Iterator[str]:
     served.mkdir()
     bare = git.Repo.clone_from(store_world.repo, served / "customer-x.git", bare=True)
     bare.git.update_server_info()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}/customer-x.git"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with served_over_http(served) as host:
+        yield f"{host}/customer-x.git"
 
 
 PASSWORDS = ["Sup3rSecretPass", "pa/ss-w0rd", "pa ss-w0rd", "p@ss-w0rd", "pa:ss-w0rd"]
