@@ -283,6 +283,7 @@ def write_oci_layout(
         for descriptor in descriptors:
             source = blob_source(image, descriptor, progress, full=True)
             copy_blob(source, layout_blob_path(directory, descriptor.digest))
+            image.store.note_verified(descriptor.digest)  # hashed just now; linked, not changed
         write_layout_index(directory, image.manifest_descriptor, list(tags))
     except OSError as exc:
         raise ImageError(f"cannot write OCI layout {directory}: {exc.strerror or exc}") from None

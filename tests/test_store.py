@@ -47,6 +47,7 @@ from builder.oci import (
     Descriptor,
     RegistryClient,
     canonical_json,
+    layout_blob_path,
     read_layout_index,
     sha256_digest,
     write_layout_index,
@@ -936,3 +937,33 @@ def test_verify_rebuilds_an_image_of_the_store_with_no_registry(
     assert result["match"] and result["rebuilt_digest"] == stored.digest
     notes = " ".join(result["notes"])
     assert "from the local image store" in notes and "base image" in notes
+
+
+@pytest.mark.parametrize("where", ["blobs", "blobs/sha256", "index.json", "a blob"])
+def test_an_oci_layout_target_is_not_written_through_a_link(
+    store_world: StoreWorld, tmp_path: Path, where: str
+) -> None:
+    """`--oci-layout DIR` writes into DIR's own folders: a link there is refused in one line
+    (a linked blob is replaced), and nothing outside is written."""
+    store = ImageStore(store_world.store)
+    image = store.stored_image(f"{BASE}:2.4.2")
+    host, target = tmp_path / "host", tmp_path / "layout"
+    host.mkdir()
+    (host / "victim").write_bytes(OUTSIDE)
+    (target / "blobs" / "sha256").mkdir(parents=True)
+    if where == "a blob":
+        link = layout_blob_path(target, image.config_digest)
+        link.symlink_to(host / "victim")
+    else:
+        link = target / where
+        shutil.rmtree(link, ignore_errors=True)
+        link.symlink_to(host if where != "index.json" else host / "victim")
+    before = _snapshot(host)
+    if where == "a blob":
+        write_oci_layout(image, target, ["2.4.2"])
+        assert not link.is_symlink() and sha256_digest(link.read_bytes()) == image.config_digest
+    else:
+        with pytest.raises(ImageError, match="is a symbolic link") as info:
+            write_oci_layout(image, target, ["2.4.2"])
+        assert "\n" not in str(info.value) and str(link) in str(info.value)
+    assert _snapshot(host) == before

@@ -329,9 +329,10 @@ class ImageStore:
         if not self.complete(digest):
             return False
         manifest = json.loads(self.blobs.read_bytes(digest))
-        for child in [manifest["config"], *(manifest.get("layers") or [])]:
-            copy_blob(self.blobs.path(str(child["digest"])), into.blobs.path(str(child["digest"])))
-        copy_blob(self.blobs.path(digest), into.blobs.path(digest))
+        children = [str(c["digest"]) for c in [manifest["config"], *(manifest.get("layers") or [])]]
+        for blob in [*children, digest]:
+            copy_blob(self.blobs.path(blob), into.blobs.path(blob))
+            self.blobs.note_verified(blob)  # checked by complete(); a link changes its ctime
         media_type = str(manifest.get("mediaType") or OCI_MANIFEST)
         into.tag(Descriptor(media_type, digest, self.blobs.size(digest)), references)
         return True

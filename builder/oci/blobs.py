@@ -174,7 +174,7 @@ class BlobStore:
                 path, digest, f"does not match its digest (its content hashes to {actual[:19]})"
             )
             return None
-        self._note_verified(digest, path)
+        self.note_verified(digest)
         return path
 
     def _drop(self, path: Path, digest: str, why: str) -> None:
@@ -197,10 +197,12 @@ class BlobStore:
             return None
         return record if isinstance(record, list) else None
 
-    def _note_verified(self, digest: str, path: Path) -> None:
-        """Remember that the blob hashed to its digest as it is now (inode, size, times)."""
+    def note_verified(self, digest: str) -> None:
+        """Remember that the blob hashed to its digest as it is now (inode, size, times):
+        after writing it, after hashing it, and after hard-linking a checked blob elsewhere
+        (which changes its ctime, not its content)."""
         with contextlib.suppress(OSError):  # only saves a hash next time
-            key = _stat_key(path.lstat())
+            key = _stat_key(self.path(digest).lstat())
             atomic_write(self._verified_path(digest), canonical_json(key), self._tmp, durable=False)
 
     def put_bytes(self, data: bytes) -> str:
@@ -242,7 +244,7 @@ class BlobStore:
                 )
             tmp.chmod(0o644)
             tmp.replace(self.path(digest))  # a link planted there is replaced, not followed
-            self._note_verified(digest, self.path(digest))
+            self.note_verified(digest)
         finally:
             tmp.unlink(missing_ok=True)
 
