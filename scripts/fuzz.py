@@ -38,6 +38,7 @@ INSTRUMENTED = [
     "builder.image.contract",
     "builder.fleet.fleetfile",
     "builder.paths",
+    "tilerunner.param_schema",
     "yaml",
     "jsonschema",
 ]
