@@ -967,3 +967,36 @@ def test_an_oci_layout_target_is_not_written_through_a_link(
             write_oci_layout(image, target, ["2.4.2"])
         assert "\n" not in str(info.value) and str(link) in str(info.value)
     assert _snapshot(host) == before
+
+
+BAD_INDEXES = {
+    "not JSON": b"{",
+    "a list": b"[1]",
+    "manifests not a list": b'{"manifests": 3}',
+    "an empty descriptor": b'{"manifests": [{}]}',
+    "annotations a list": json.dumps(
+        {
+            "manifests": [
+                {"digest": "sha256:" + "0" * 64, "mediaType": "x", "size": 1, "annotations": [1]}
+            ]
+        }
+    ).encode(),
+    "a bad digest": b'{"manifests": [{"digest": "sha256:00", "mediaType": "x", "size": 1}]}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INDEXES))
+def test_a_broken_store_index_is_one_line(
+    tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    store = ImageStore(tmp_path / "store")
+    (store.root / "index.json").write_bytes(BAD_INDEXES[case])
+    for command in (("images",), ("images", "prune"), ("images", "verify")):
+        code, _, stderr = run_in_process(
+            *command,
+            env={"BUILDER_IMAGE_STORE": str(store.root)},
+            monkeypatch=monkeypatch,
+            capsys=capsys,
+        )
+        assert code == 6 and stderr.count("\n") == 1 and "index.json" in stderr, stderr
+        assert (store.root / "index.json").read_bytes() == BAD_INDEXES[case]

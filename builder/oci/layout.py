@@ -36,6 +36,8 @@ def read_layout_index(directory: Path) -> list[LayoutEntry]:
     """The manifests listed in ``directory/index.json`` (an OCI image layout)."""
     marker = directory / "oci-layout"
     index_path = directory / "index.json"
+    if index_path.is_symlink():
+        raise link_refused(directory, index_path)
     if not marker.is_file() or not index_path.is_file():
         raise ImageError(f"{directory} is not an OCI image layout (no oci-layout/index.json)")
     manifests = _index_document(directory).get("manifests") or []
@@ -43,7 +45,10 @@ def read_layout_index(directory: Path) -> list[LayoutEntry]:
         raise ImageError(f"{index_path} is not a valid image index: manifests must be objects")
     entries = []
     for item in manifests:
-        descriptor = Descriptor.from_dict(item)
+        try:
+            descriptor = Descriptor.from_dict(item)
+        except ImageError as exc:
+            raise ImageError(f"{index_path} is not a valid image index: {exc.message}") from None
         entries.append(LayoutEntry(descriptor, descriptor.annotations.get(REF_NAME)))
     return entries
 
