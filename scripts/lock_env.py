@@ -110,7 +110,8 @@ def refresh(root: Path = ROOT) -> Path:
         constraints = Path(tmp) / "image-constraints.txt"
         constraints.write_text(image_constraints(root / "base-image/requirements-cpu.txt"))
         out = Path(tmp) / "host.txt"
-        if (root / LOCK.name).is_file():  # uv keeps the pins of an existing output file
+        # Seeded with the current lock: uv keeps its pins and changes only what the inputs need.
+        if (root / LOCK.name).is_file():
             shutil.copyfile(root / LOCK.name, out)
         subprocess.run(
             [uv, "pip", "compile", "--quiet", "--generate-hashes", "--extra", "test",
