@@ -7,7 +7,6 @@ stage's time goes into the report so a slow build shows where the time went.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ from builder.image.contract import (
     require_valid,
 )
 from builder.image.docker_backend import build_with_docker, push_with_docker
+from builder.image.engine import docker_client
 from builder.image.provenance import (
     image_labels,
     image_version,
@@ -126,9 +126,16 @@ def _preflight(request: BuildRequest) -> None:
             "(--oci-layout, --docker-archive, --load for development)",
         )
     if request.load or request.backend == "docker":
-        docker_client(30).close()  # no engine: say so before any work, in one line
+        docker_client(30, needed_for=_engine_use(request)).close()  # say so before any work
     if request.sign_key is not None:
         load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
+
+
+def _engine_use(request: BuildRequest) -> str:
+    """What a build needs the Docker engine for, and how to do without (the no-engine line)."""
+    if request.backend == "docker":
+        return "--backend docker builds with it; the default backend needs none"
+    return "--load loads into it; --oci-layout DIR or --docker-archive FILE need none"
 
 
 def check_against_base(cooked: Cooked, base: BaseImage, settings: Settings) -> list[str]:
@@ -369,23 +376,6 @@ def _attest(
         report.bytes_uploaded += sum(p.bytes_uploaded for p in pushes)
 
 
-def docker_client(timeout: int) -> Any:
-    """The Docker engine of DOCKER_HOST, or ImageError in one line when there is none."""
-    import docker
-    from docker.errors import DockerException
-
-    try:
-        return docker.from_env(timeout=timeout)
-    except DockerException as exc:
-        reason = " ".join(str(exc).split())
-        reason = reason.split(": ", 1)[0] if len(reason) > 160 else reason
-        raise ImageError(
-            f"no Docker engine reachable (DOCKER_HOST={os.environ.get('DOCKER_HOST') or 'default'}): "
-            f"{reason}",
-            hint="start Docker or set DOCKER_HOST; or use --oci-layout DIR / --docker-archive FILE",
-        ) from None
-
-
 def _deliver(
     request: BuildRequest,
     image: AssembledImage,
@@ -422,7 +412,7 @@ def _deliver(
         deliver.write_docker_archive(image, request.docker_archive, [immutable, moving])
         report.outputs["docker_archive"] = str(request.docker_archive)
     if request.load:
-        client = docker_client(300)
+        client = docker_client(300, needed_for=_engine_use(request))
         deliver.load_into_docker(image, [immutable, moving], client)
         report.outputs["docker"] = immutable
     for layer in report.layers:
@@ -439,7 +429,7 @@ def _build_with_docker(
     progress: Progress | None,
 ) -> None:
     """The familiar path and benchmark baseline: a rendered Dockerfile built by the engine."""
-    client = docker_client(600)
+    client = docker_client(600, needed_for=_engine_use(request))
     built = build_with_docker(
         base,
         layers,
