@@ -72,6 +72,9 @@ class CustomerSpec:
     manual_files: Mapping[str, bytes] = field(default_factory=dict)
     # base image variants the customer runs (customer.yaml base_image.variant); first = default
     variants: tuple[str, ...] = ("cpu",)
+    # customer.yaml `repository`, canonical: the repository's address as the committed files
+    # declare it (the same on every machine, unlike the clone's observed origin); None: not given
+    repository: str | None = None
 
     @property
     def config_rev(self) -> str:

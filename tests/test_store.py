@@ -34,6 +34,7 @@ from helpers import (
     run_cli,
     seed_models,
     served_over_http,
+    write_production,
 )
 from test_assemble import base_layer_tar, synthetic_base_blobs
 
@@ -51,6 +52,7 @@ from builder.oci import (
     layout_blob_path,
     read_layout_index,
     sha256_digest,
+    update_layout_index,
     write_layout_index,
 )
 from testbed.registry import start_registry
@@ -405,6 +407,80 @@ def test_a_build_without_output_flags_says_not_pushed(tmp_path: Path) -> None:
         for e in read_layout_index(cache / "oci")
     )
     assert (cache / "oci" / "oci-layout").is_file()
+
+
+def test_the_local_store_keeps_an_immutable_tag_unless_forced(tmp_path: Path) -> None:
+    """The local image store refuses to move an immutable tag, as a registry does, naming
+    which inputs differ; --force moves it and says what it overwrote. A work-tree build's
+    -dirty tag moves with the edits it is built from."""
+    repository = "127.0.0.1:9/ivd/inference-base"
+    env = _customer_env(tmp_path, repository, "127.0.0.1:9")
+    cache = tmp_path / "cache"
+    store = ImageStore(cache / "oci")
+    _put_synthetic_base(store, [f"{repository}:2.4.2"])
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    first = _build(env, cache, str(repo))
+    image = first["image"]
+    # Same config commit, other weights under the same task: the immutable tag would move.
+    write_production(tmp_path / "production", CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": b"x"})
+    refused = run_cli("build", str(repo), env={**env, "BUILDER_CACHE_DIR": str(cache)})
+    assert refused.returncode == 6, refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert f"{image} is an immutable tag in the local image store {cache / 'oci'}" in line
+    before = {m["name"]: m["dir_hash"] for m in first["models"]}["carcinoma_model"]
+    assert f"model carcinoma_model sha256: {before[:12]} (tagged) vs " in line
+    assert "--force" in line
+    stored = store.lookup(image)
+    assert stored is not None and stored.digest == first["manifest_digest"]  # untouched
+    forced = _build(env, cache, str(repo), "--force")
+    (warning,) = [w for w in forced["warnings"] if w.startswith("FORCED:")]
+    assert warning.startswith(f"FORCED: immutable tag {image} in the local image store")
+    assert f"it pointed to {first['manifest_digest']}, now {forced['manifest_digest']}" in warning
+    stored = store.lookup(image)
+    assert stored is not None and stored.digest == forced["manifest_digest"]
+    for threshold in ("0.6", "0.7"):
+        (repo / "analysis.yaml").write_text(
+            (repo / "analysis.yaml")
+            .read_text()
+            .replace("threshold: 0.5", f"threshold: {threshold}")
+        )
+        dirty = _build(env, cache, str(repo), "--worktree")
+        assert dirty["image"].endswith("-dirty")
+        (repo / "analysis.yaml").write_text(
+            (repo / "analysis.yaml")
+            .read_text()
+            .replace(f"threshold: {threshold}", "threshold: 0.5")
+        )
+    dirty_stored = store.lookup(dirty["image"])
+    assert dirty_stored is not None and dirty_stored.digest == dirty["manifest_digest"]
+
+
+def test_verify_rebuilds_on_a_base_that_only_the_local_store_holds(tmp_path: Path) -> None:
+    """No registry anywhere: an image built on the local store's base verifies as MATCH from
+    another folder, no base repository configured (the attestation names it; the base, by
+    digest, comes from this machine's store)."""
+    repository = "127.0.0.1:9/ivd/inference-base"
+    env = _customer_env(tmp_path, repository, "127.0.0.1:9")
+    cache = tmp_path / "cache"
+    _put_synthetic_base(ImageStore(cache / "oci"), [f"{repository}:2.4.2"])
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    layout = tmp_path / "layout"
+    built = _build(env, cache, str(repo), "--oci-layout", str(layout))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    reference = f"oci:{layout}:{built['image'].rsplit(':', 1)[1]}"
+    models = {k: v for k, v in env.items() if k != "BUILDER_BASE_REPOSITORY"}  # no lock here
+    result = run_cli(
+        "verify",
+        reference,
+        "--json",
+        env={**models, "BUILDER_BASE_REPOSITORY": "", "BUILDER_CACHE_DIR": str(cache)},
+        cwd=elsewhere,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    doc = json.loads(result.stdout)["result"]
+    assert doc["match"] is True and doc["rebuilt_digest"] == built["manifest_digest"]
+    assert doc["repository"] == repo.as_uri()
 
 
 def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
@@ -934,8 +1010,9 @@ def test_a_base_repository_with_credentials_in_customer_yaml_is_refused(
 def test_verify_rebuilds_an_image_of_the_store_with_no_registry(
     store_world: StoreWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    """An image built into the store only (no registry anywhere): `builder verify` reads it
-    from the store, rebuilds it on the base the store holds, and finds the same digest."""
+    """An image built into the store only (no registry anywhere), named by its registry
+    reference: `builder verify` reads it from the store (a note says so), rebuilds it on the
+    base the store holds, and finds the same digest."""
     world = store_world.copy(tmp_path)
     stored = next(
         i for i in ImageStore(world.store).images() if "/customer-x:2.4.2-" in i.reference
@@ -952,7 +1029,7 @@ def test_verify_rebuilds_an_image_of_the_store_with_no_registry(
     result = json.loads(stdout)["result"]
     assert result["match"] and result["rebuilt_digest"] == stored.digest
     notes = " ".join(result["notes"])
-    assert "from the local image store" in notes and "base image" in notes
+    assert f"read {stored.reference} from the local image store" in notes
 
 
 @pytest.mark.parametrize("where", ["blobs", "blobs/sha256", "index.json", "a blob"])
@@ -1016,3 +1093,31 @@ def test_a_broken_store_index_is_one_line(
         )
         assert code == 6 and stderr.count("\n") == 1 and "index.json" in stderr, stderr
         assert (store.root / "index.json").read_bytes() == BAD_INDEXES[case]
+
+
+def test_prune_keeps_the_attestations_of_the_images_it_keeps(
+    store_world: StoreWorld, tmp_path: Path
+) -> None:
+    """Every build attaches its provenance and SBOM to the store (as referrers, so `verify`
+    works from the store alone); prune keeps them while the image is named, and removes
+    them, index entries included, with it."""
+    from builder.attest.referrers import layout_referrers
+
+    world = store_world.copy(tmp_path)
+    store = ImageStore(world.store)
+    image = next(i for i in store.images() if "/customer-x:2.4.2-" in i.reference)
+    attached = layout_referrers(store.root, image.digest)
+    assert len(attached) >= 2
+    store.prune()
+    assert layout_referrers(store.root, image.digest) == attached
+    for item in attached:
+        assert store.blobs.has(item.digest)
+
+    def unname(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [i for i in items if i.get("digest") != image.digest]
+
+    update_layout_index(store.root, unname)
+    store.prune()
+    assert layout_referrers(store.root, image.digest) == []
+    assert not any(store.blobs.has(item.digest) for item in attached)
+    assert all(e.ref_name for e in read_layout_index(store.root))

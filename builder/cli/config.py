@@ -109,7 +109,9 @@ def expand(
     as_json: bool,
     **overrides: Any,
 ) -> Result:
-    """Print the verbose analysis config the runner loads."""
+    """Print the verbose analysis config the runner loads, as the image carries it (each
+    registry model's weights named ``production:<task id>/<model id>/``, whatever the
+    production store's spelling)."""
     from builder.cook.stage import cook
 
     cooked = cook(
@@ -120,7 +122,7 @@ def expand(
         locked=locked,
         allow_unpublished=allow_unpublished,
     )
-    text = cooked.verbose_yaml
+    text = cooked.located.verbose_yaml
     if output:
         write_atomic(output, text)
     for warning in cooked.warnings:
@@ -137,7 +139,7 @@ def expand(
         {
             "customer": cooked.spec.customer,
             "commit": cooked.spec.commit,
-            "config": cooked.verbose,
+            "config": cooked.located.verbose,
             "output": str(output) if output else None,
         },
         human,

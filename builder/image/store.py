@@ -43,21 +43,23 @@ from builder.image.base import (
     parse_image_manifest,
     select_version,
 )
+from builder.image.provenance import forced_tag_warning, image_differences, immutable_tag_error
 from builder.oci import (
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
     OCI_CONFIG,
     OCI_LAYER_GZIP,
     OCI_MANIFEST,
+    REF_NAME,
     BlobStore,
     Descriptor,
     canonical_json,
     check_digest,
-    copy_blob,
     is_disk_full,
     locked_file,
     read_layout_index,
     read_nofollow,
+    update_layout_index,
     write_layout_index,
 )
 
@@ -228,12 +230,50 @@ class ImageStore:
         write_layout_index(self.root, manifest, sorted(set(references)))
 
     def add_image(
-        self, image: AssembledImage, references: Iterable[str], progress: Progress | None = None
-    ) -> None:
-        """Store an assembled image complete (base layers copied in) under ``references``."""
+        self,
+        image: AssembledImage,
+        references: Iterable[str],
+        progress: Progress | None = None,
+        *,
+        immutable: Iterable[str] = (),
+        force: bool = False,
+    ) -> list[str]:
+        """Store an assembled image complete (base layers copied in) under ``references``.
+
+        A name in ``immutable`` that already names another image is refused, as a registry
+        refuses it (ImageError naming what differs), unless ``force``. Returns one warning
+        per forced name: what it named before and what differs.
+        """
+        forced: list[str] = []
+        for reference in immutable:
+            current = self.lookup(reference)
+            if current is None or current.digest == image.manifest_digest:
+                continue
+            differences = self._differences(current.digest, image)
+            where = f" in the local image store {self.root}"
+            if not force:
+                raise immutable_tag_error(
+                    reference, current.digest, image.manifest_digest, differences, where
+                )
+            forced.append(
+                forced_tag_warning(
+                    reference, current.digest, image.manifest_digest, differences, where
+                )
+            )
         for layer in image.layers:
             blob_source(image, layer.descriptor, progress)
         self.tag(image.manifest_descriptor, references)
+        return forced
+
+    def _differences(self, digest: str, image: AssembledImage) -> list[str]:
+        """What differs between the stored image ``digest`` and ``image`` (inputs side by side)."""
+        try:
+            manifest = json.loads(self.blobs.read_bytes(digest))
+            config = json.loads(self.blobs.read_bytes(str(manifest["config"]["digest"])))
+        except (OSError, ValueError, KeyError, TypeError, ImageError):
+            return ["the stored image could not be read"]
+        built = (json.loads(image.manifest_bytes), json.loads(image.config_bytes))
+        return image_differences((manifest, config), built)
 
     def keep_base(self, base: BaseImage, progress: Progress | None = None) -> None:
         """Keep a base image resolved elsewhere (a registry) in the store, by tag and digest.
@@ -331,20 +371,6 @@ class ImageStore:
             annotations=dict(base.manifest.get("annotations") or {}),
         )
 
-    def share(self, digest: str, references: Iterable[str], into: ImageStore) -> bool:
-        """Put the image ``digest`` into the store ``into`` under ``references`` (its blobs
-        hard-linked when on one file system); False when this store lacks a blob of it."""
-        if not self.complete(digest):
-            return False
-        manifest = json.loads(self.blobs.read_bytes(digest))
-        children = [str(c["digest"]) for c in [manifest["config"], *(manifest.get("layers") or [])]]
-        for blob in [*children, digest]:
-            copy_blob(self.blobs.path(blob), into.blobs.path(blob))
-            self.blobs.note_verified(blob)  # checked by complete(); a link changes its ctime
-        media_type = str(manifest.get("mediaType") or OCI_MANIFEST)
-        into.tag(Descriptor(media_type, digest, self.blobs.size(digest)), references)
-        return True
-
     # -- checks ----------------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
@@ -374,17 +400,19 @@ class ImageStore:
     # -- garbage collection ----------------------------------------------------------------
 
     def prune(self, *, dry_run: bool = False, wait: float = PRUNE_WAIT) -> PruneReport:
-        """Remove every blob no named image reaches (manifests, configs, layers, index children).
+        """Remove every blob no named image reaches (manifests, configs, layers, index children,
+        and the attestations attached to them).
 
         Waits up to ``wait`` seconds for running builds to release the store, then holds it
-        exclusively: nothing is written meanwhile. Layer-cache records whose blob is gone and
-        leftover temporary files go too.
+        exclusively: nothing is written meanwhile. Layer-cache records whose blob is gone,
+        index entries of attestations whose image is gone and leftover temporary files go too.
         """
         with self._gc_lock(exclusive=True, wait=wait):
             names = self.images()
             keep: set[str] = set()
             for image in names:
                 self._reach(image.digest, keep)
+            self._reach_referrers(keep)
             removed = removed_bytes = kept = 0
             for path in sorted(self.blobs.blobs.iterdir()):
                 if f"sha256:{path.name}" in keep and not path.is_symlink():
@@ -397,7 +425,36 @@ class ImageStore:
                         path.unlink()  # a link is removed itself, never what it points to
             if not dry_run:
                 self._sweep_records_and_tmp()
+                if (self.root / "index.json").is_file():
+                    update_layout_index(
+                        self.root,
+                        lambda items: [
+                            i
+                            for i in items
+                            if (i.get("annotations") or {}).get(REF_NAME) or i.get("digest") in keep
+                        ],
+                    )
         return PruneReport(len(names), kept, removed, removed_bytes, dry_run)
+
+    def _reach_referrers(self, keep: set[str]) -> None:
+        """Add what the unnamed index entries (attached attestations) whose subject is kept
+        reach: an attestation lives as long as its image."""
+        if not (self.root / "index.json").is_file():
+            return
+        artifacts = [e.descriptor.digest for e in read_layout_index(self.root) if not e.ref_name]
+        grew = True
+        while grew:
+            grew = False
+            for digest in artifacts:
+                if digest in keep:
+                    continue
+                try:
+                    subject = json.loads(self.blobs.read_bytes(digest)).get("subject") or {}
+                except (OSError, ValueError, AttributeError, ImageError):
+                    continue
+                if isinstance(subject, dict) and subject.get("digest") in keep:
+                    self._reach(digest, keep)
+                    grew = True
 
     def _reach(self, digest: str, keep: set[str]) -> None:
         """Add ``digest`` and every blob it references (recursively) to ``keep``."""
