@@ -22,7 +22,7 @@ from builder.errors import (
     ConfigError,
 )
 from builder.fleet.index import cache_file, read_json, write_json
-from builder.redact import redact_url
+from builder.redact import strip_credentials
 from builder.settings import Settings
 
 FLEET_FILE: Final = "fleet.yaml"
@@ -127,7 +127,7 @@ def _parse_rows(raw: bytes, path: Path) -> list[tuple[str, str, str, str]]:
             raise ConfigError(f"{where}: customer {name!r} is listed twice (first at {seen[name]})")
         seen[name] = where
         repo = item["repo"].strip()
-        if _URL.match(repo) and redact_url(repo) != repo:
+        if _URL.match(repo) and strip_credentials(repo) != repo:
             raise ConfigError(
                 f"{doc.where(('customers', index, 'repo'))}: the URL of {name!r} holds "
                 "credentials; remove them",

@@ -127,13 +127,13 @@ def task_reference(value: object, where: str) -> tuple[str, bool]:
 
 
 @functools.lru_cache(maxsize=256)
-def _hocon(text: str) -> dict[str, Any]:
+def _hocon(text: str) -> Any:
     """A design text parsed as the SDK does (HOCON), kept: every customer of a fleet worker
     that uses the same model needs it, and parsing is most of resolving a model. Callers get
     copies: the kept value is never handed out."""
     from clearml.utilities.config import text_to_config_dict
 
-    return dict(text_to_config_dict(text))
+    return text_to_config_dict(text)
 
 
 def parse_design(design: Any, where: str) -> dict[str, Any]:
@@ -147,7 +147,13 @@ def parse_design(design: Any, where: str) -> dict[str, Any]:
     if not isinstance(text, str):
         raise RegistryError(f"{where}: model design is not text")
     try:
-        parsed = copy.deepcopy(_hocon(text))
+        tree = _hocon(text)
+        if not isinstance(tree, Mapping):  # HOCON/JSON text may be a list
+            raise RegistryError(
+                f"{where}: model design is a {type(tree).__name__}, not a mapping",
+                hint="fix the model's configuration in the registry",
+            )
+        parsed = copy.deepcopy(dict(tree))
         yamldoc.validate_data(parsed, "model-design", where)
     except ValueError:
         raise RegistryError(
