@@ -108,6 +108,20 @@ def run_cli(
     )
 
 
+def commit_lock(
+    folder: Path, env: Mapping[str, str], *, when: int = 1_700_000_000
+) -> subprocess.CompletedProcess[str]:
+    """`builder lock FOLDER` (a customer repository, or a folder of one) and commit the lock:
+    a release build ships only what a committed lock pins. Returns the lock run."""
+    locked = run_cli("lock", str(folder), "--ref", "HEAD", env=env)
+    assert locked.returncode == 0, locked.stdout + locked.stderr
+    root = Path(git.Repo(folder, search_parent_directories=True).working_tree_dir or folder)
+    lock = folder / "customer.lock.yaml"
+    rel = lock.resolve().relative_to(root.resolve()).as_posix()
+    commit_files(root, {rel: lock.read_bytes()}, f"{folder.name}: lock", when=when)
+    return locked
+
+
 CARCINOMA_ID = "a957f623e6d34159a07aec1b8323eb54"
 MITOSIS_ID = "3fcf116cae4f461a85bea1fd4913993f"
 CARCINOMA_TASK = "5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e"

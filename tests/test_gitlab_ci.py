@@ -1,10 +1,11 @@
 """The GitLab pipelines, run locally with gitlab-ci-local (from the npm registry).
 
 The YAML of this repository's pipeline, the generated child pipeline and the customer template
-parse, their rules pick the right jobs per event, and the jobs that need no Docker engine run
-with gitlab-ci-local's shell executor: `plan`, a generated per-customer build job (build, push
-to the test registry, release record), and the customer template's validate, lock-check and
-build jobs. Not exercised here: the `test` and `base-image` jobs (they need a privileged
+parse, their rules pick the right jobs per event, and jobs run with gitlab-ci-local's shell
+executor: `plan`, a generated per-customer build job (build, push to the test registry, release
+record), and the customer template's validate, lock-check and build jobs (the build job's smoke
+run uses the test bed's Docker engine, overriding the template's Docker-in-Docker service as a
+runner with its own engine would). Not exercised here: the `test` and `base-image` jobs (they need a privileged
 runner / Docker-in-Docker), the trigger job itself (gitlab-ci-local does not run downstream
 pipelines: the child YAML is run as its own pipeline instead) and `workflow:rules`, which
 gitlab-ci-local does not apply.
@@ -25,7 +26,7 @@ from typing import Any
 import git
 import pytest
 import yaml
-from helpers import ROOT, commit_files, run_cli
+from helpers import ROOT, commit_files, commit_lock, run_cli
 from test_fleet import _records, push_fleet_bases
 
 #: The newest gitlab-ci-local that runs on this machine's Node 20 (4.74 and later need Node 22).
@@ -270,9 +271,13 @@ def test_a_large_fleet_is_generated_jobs_not_a_matrix(
 # -- the customer repository template ----------------------------------------------------------
 
 
-def _customer_project(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
+def _customer_project(
+    tmp_path: Path, env: dict[str, str], *, lock: bool = True, engine: str | None = None
+) -> tuple[Path, Path]:
     """A customer repository (demo models) that includes ci/customer.gitlab-ci.yml, with a
-    committed lock, on branch main; origin is a local bare repository."""
+    committed lock (unless not ``lock``), on branch main; origin is a local bare repository.
+    With ``engine``, ivd:build uses that Docker engine instead of a Docker-in-Docker service,
+    as a customer whose runner has its own engine would override it."""
     project = tmp_path / "customer-w"
     shutil.copytree(ROOT / "customers" / "customer-x", project)
     (project / "customer.yaml").write_text(
@@ -281,33 +286,58 @@ def _customer_project(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
     (project / "customer.lock.yaml").unlink()
     (project / "ci").mkdir()
     shutil.copy2(ROOT / "ci" / "customer.gitlab-ci.yml", project / "ci" / "customer.gitlab-ci.yml")
-    (project / ".gitlab-ci.yml").write_text("include:\n  - local: ci/customer.gitlab-ci.yml\n")
+    pipeline = "include:\n  - local: ci/customer.gitlab-ci.yml\n"
+    if engine:
+        build = {"services": [], "variables": {"DOCKER_HOST": engine}}
+        pipeline += yaml.safe_dump({"ivd:build": build})
+    (project / ".gitlab-ci.yml").write_text(pipeline)
     repo = git.Repo.init(project)
     repo.git.checkout("-b", "main")
     commit_files(project, {p: (project / p).read_bytes() for p in repo.untracked_files}, "config")
-    locked = run_cli("lock", str(project), env=env)
-    assert locked.returncode == 0, locked.stderr
-    commit_files(
-        project, {"customer.lock.yaml": (project / "customer.lock.yaml").read_bytes()}, "lock"
-    )
+    if lock:
+        commit_lock(project, env)
     origin = tmp_path / "customer-w.git"
     git.Repo.init(origin, bare=True)
     repo.create_remote("origin", str(origin)).push("main")  # CI builds what the server has
     return project, origin
 
 
-def test_customer_template_validates_merge_requests_and_builds_the_default_branch(
-    gitlab_ci_local: Path, tmp_path: Path, oci_registry: Any, fleet_bases: str
+def test_customer_template_refuses_to_release_without_a_committed_lock(
+    gitlab_ci_local: Path, tmp_path: Path, oci_registry: Any
 ) -> None:
     namespace = re.sub("[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
     env = {
         "BUILDER_MODEL_REGISTRY": f"local:{ROOT / 'demo' / 'registry'}",
         "BUILDER_PRODUCTION": f"file:{ROOT / 'demo' / 'production'}",
-        "BUILDER_BASE_REPOSITORY": fleet_bases,
         "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
         "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
     }
-    project, origin = _customer_project(tmp_path, env)
+    project, origin = _customer_project(tmp_path, env, lock=False)
+    since = len(oci_registry.requests())
+    built = _gcl(gitlab_ci_local, project, "ivd:build", "--force-shell-executor", variables=env)
+    assert built.returncode != 0
+    assert re.search(r"FAIL\s+.*ivd:build", built.stdout), built.stdout[-3000:]
+    assert "no customer.lock.yaml committed" in built.stdout and "`builder lock`" in built.stdout
+    assert not [r for r in oci_registry.requests()[since:] if namespace in r.path]
+    assert _records(origin) == {}
+
+
+def test_customer_template_validates_merge_requests_and_builds_the_default_branch(
+    gitlab_ci_local: Path,
+    tmp_path: Path,
+    oci_registry: Any,
+    inference_base: str,
+    docker_engine: Any,
+) -> None:
+    namespace = re.sub("[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
+    env = {
+        "BUILDER_MODEL_REGISTRY": f"local:{ROOT / 'demo' / 'registry'}",
+        "BUILDER_PRODUCTION": f"file:{ROOT / 'demo' / 'production'}",
+        "BUILDER_BASE_REPOSITORY": inference_base,
+        "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
+        "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    project, origin = _customer_project(tmp_path, env, engine=docker_engine.host)
     mr = {"CI_PIPELINE_SOURCE": "merge_request_event"}
     assert _jobs(gitlab_ci_local, project, **mr) == {"ivd:validate", "ivd:lock-check"}
     assert _jobs(gitlab_ci_local, project) == {"ivd:build"}  # the default branch
@@ -320,12 +350,18 @@ def test_customer_template_validates_merge_requests_and_builds_the_default_branc
 
     built = _gcl(gitlab_ci_local, project, "ivd:build", "--force-shell-executor", variables=env)
     _passed(built, "ivd:build")
+    # the image ran on a sample slide before it was pushed, and the pushed one is that image
+    assert re.search(r"smoke +\S+: passed in", built.stdout), built.stdout[-4000:]
+    smoked = json.loads(_artifact(project, "ivd:build", "smoke-build.json").read_text())
+    assert "registry" not in smoked["result"]["outputs"]
     report = json.loads(_artifact(project, "ivd:build", "build-report.json").read_text())
+    assert report["result"]["manifest_digest"] == smoked["result"]["manifest_digest"]
     ((path, record),) = _records(origin).items()
     assert record["customer"] == "customer-w"
     assert record["manifest_digest"] == report["result"]["manifest_digest"]
     assert record["config"]["commit"] == git.Repo(project).head.commit.hexsha
-    assert path == f"releases/customer-w/2.5.0-{record['config']['commit'][:12]}.yaml"
+    version = (ROOT / "base-image" / "VERSION").read_text().strip()
+    assert path == f"releases/customer-w/{version}-{record['config']['commit'][:12]}.yaml"
 
     # A merge request that changes the analysis without re-locking: lock-check fails.
     analysis = (

@@ -17,7 +17,6 @@ from builder.cli.options import (
     image_registry_option,
     insecure_registry_option,
     json_option,
-    ref_option,
     settings_options,
     worktree_option,
 )
@@ -61,7 +60,11 @@ class PlainProgress:
 
 @cli.command()
 @click.argument("customer", required=False)
-@ref_option()
+@click.option(
+    "--ref",
+    help="Branch, tag or commit of the customer repo to build (default HEAD; a release of "
+    "HEAD, not named, refuses uncommitted changes in the customer folder).",
+)
 @worktree_option
 @settings_options
 @click.option(
@@ -92,6 +95,12 @@ class PlainProgress:
     "--allow-unpublished",
     is_flag=True,
     help="Development build: accept unpublished models (the image label says so).",
+)
+@click.option(
+    "--allow-unlocked",
+    is_flag=True,
+    help="Development build: push with no committed customer.lock.yaml (the image label says "
+    "so; no release record). Without it a release build (--push, --all) refuses, exit 7.",
 )
 @click.option(
     "--base-version", help="Build on this base version instead of customer.yaml's (fleet rebuilds)."
@@ -155,7 +164,7 @@ def build(
     ctx: click.Context,
     /,
     customer: str | None,
-    ref: str,
+    ref: str | None,
     worktree: bool,
     all_customers: bool,
     fleet_file: Path | None,
@@ -163,6 +172,7 @@ def build(
     locked: bool,
     offline: bool,
     allow_unpublished: bool,
+    allow_unlocked: bool,
     base_version: str | None,
     base_repository: str | None,
     variant: str | None,
@@ -189,6 +199,11 @@ def build(
     if all_customers:
         if customer or not base_version:
             raise click.UsageError("--all takes no CUSTOMER and needs --base-version")
+        if allow_unlocked or allow_unpublished or worktree or ref:
+            raise click.UsageError(
+                "--all builds releases: it takes no --ref, --worktree, --allow-unpublished "
+                "or --allow-unlocked"
+            )
         fleet_result: Result = ctx.invoke(
             build_all,
             base_version=base_version,
@@ -219,6 +234,7 @@ def build(
         locked=locked,
         offline=offline,
         allow_unpublished=allow_unpublished,
+        allow_unlocked=allow_unlocked,
         base_version=base_version,
         base_repository=base_repository,
         variant=variant,
@@ -269,8 +285,7 @@ def build(
             for line in not_pushed_lines(report.image, report.manifest_digest, customer):
                 click.echo(line)
         if report.development:
-            why = "uncommitted files (--worktree)" if worktree else "unpublished models"
-            click.echo(f"DEVELOPMENT BUILD: {why}; not for release", err=True)
+            click.echo("DEVELOPMENT BUILD (see the warnings above): not for release", err=True)
 
     return Result("build", report.to_dict(), human)
 

@@ -28,16 +28,22 @@ from builder.fsutil import write_atomic
 @json_option
 def validate(
     customer: str,
-    ref: str,
+    ref: str | None,
     worktree: bool,
     base_repository: str | None,
     insecure_registry: bool,
     as_json: bool,
     **overrides: Any,
 ) -> Result:
-    """Check customer.yaml and the analysis YAML against their schemas and against the runner
-    contract of the base image they resolve to (no model registry calls: registry plug-ins are
-    checked from the committed lock when it is current)."""
+    """Check customer.yaml and the analysis YAML against their schemas, their consistency, the
+    model files their params name and the runner contract of the base image they resolve to,
+    listing every problem at file:line in one run.
+
+    Reads what is on disk (uncommitted edits included, and said so) unless --ref names a
+    revision. No model registry call: model ids are checked for their form (32 hex digits or
+    a dashed UUID) and, when the committed lock is current, the models' plug-ins and files
+    are checked from it; `builder lock --check` asks the registry.
+    """
     from builder.pipeline import validate_customer
 
     result = validate_customer(
@@ -51,11 +57,19 @@ def validate(
     spec = result.spec
     for note in result.notes:
         info(f"note: {note}")
+    models = (
+        "model ids not checked against a registry; models checked from the lock"
+        if result.models_from == "lock"
+        else "model ids not checked against a registry"
+    )
     data = {
         "customer": spec.customer,
         "commit": spec.commit,
+        "uncommitted": list(spec.uncommitted),
         "base_version": spec.base_version,
         "models": [m.__dict__ for m in spec.models],
+        "registry_checked": False,
+        "models_from": result.models_from,
         "contract": result.contract_info,
         "notes": list(result.notes),
     }
@@ -64,12 +78,17 @@ def validate(
         if result.contract_info["checked"]
         else "runner contract NOT checked"
     )
+    where = (
+        f"in the work tree (uncommitted changes; HEAD {spec.commit[:12]})"
+        if spec.worktree
+        else f"at {spec.commit[:12]}"
+    )
     return Result(
         "validate",
         data,
         lambda: click.echo(
-            f"{spec.customer}: valid at {spec.commit[:12]} ({len(spec.models)} models, "
-            f"base {spec.base_version}; {checked})"
+            f"{spec.customer}: valid {where} ({len(spec.models)} models, base "
+            f"{spec.base_version}; {checked}; {models})"
         ),
     )
 
@@ -90,7 +109,7 @@ def validate(
 @json_option
 def expand(
     customer: str,
-    ref: str,
+    ref: str | None,
     worktree: bool,
     output: Path | None,
     allow_unpublished: bool,
@@ -98,7 +117,8 @@ def expand(
     as_json: bool,
     **overrides: Any,
 ) -> Result:
-    """Print the verbose analysis config the runner loads."""
+    """Print the verbose analysis config the runner loads (of what is on disk, uncommitted
+    edits included and said so, unless --ref names a revision)."""
     from builder.cook.stage import cook
 
     cooked = cook(
@@ -126,6 +146,7 @@ def expand(
         {
             "customer": cooked.spec.customer,
             "commit": cooked.spec.commit,
+            "uncommitted": list(cooked.spec.uncommitted),
             "config": cooked.verbose,
             "output": str(output) if output else None,
         },
@@ -155,7 +176,7 @@ def expand(
 @json_option
 def lock(
     customer: str,
-    ref: str,
+    ref: str | None,
     worktree: bool,
     check: bool,
     output: Path | None,
@@ -165,36 +186,37 @@ def lock(
     as_json: bool,
     **overrides: Any,
 ) -> Result:
-    """Pin every input (models, weights sha256, base digest) in customer.lock.yaml."""
-    from builder.cook.fetch import Cache
-    from builder.cook.stage import cook, make_customer_lock
-    from builder.image.base_resolution import try_resolve_base
+    """Pin every input (models, weights sha256, base digest) in customer.lock.yaml.
 
-    settings = load_cli_settings(overrides)
-    cooked = cook(
-        customer, settings, ref=ref, worktree=worktree, allow_unpublished=allow_unpublished
-    )
-    base, note = try_resolve_base(
-        cooked.spec, settings, repository=base_repository, insecure=insecure_registry or None
-    )
-    if note:
-        info(f"note: {note}")
+    Reads what is on disk (uncommitted edits included, and said so) unless --ref names a
+    revision; refuses a config whose params name a model file the model does not have, or
+    that the runner contract of the base refuses.
+    """
+    from builder.pipeline import lock_customer
+
     with progress_bar() as bar:
-        result = make_customer_lock(
-            cooked,
-            Cache(settings.cache_dir / "weights"),
-            base=base,
+        result = lock_customer(
+            customer,
+            load_cli_settings(overrides),
+            ref=ref,
+            worktree=worktree,
             check=check,
             output=output,
+            allow_unpublished=allow_unpublished,
+            base_repository=base_repository,
+            insecure=insecure_registry or None,
             progress=bar,
         )
-    message = f"{cooked.spec.customer}: lock matches" if check else f"wrote {result.path}"
+    for note in result.warnings:
+        info(f"note: {note}")
+    message = f"{result.lock.customer}: lock matches" if check else f"wrote {result.path}"
     return Result(
         "lock",
         {
             "path": str(result.path) if result.path else None,
             "lock": result.lock.to_dict(),
             "drift": list(result.drift),
+            "notes": list(result.warnings),
         },
         lambda: click.echo(message),
     )

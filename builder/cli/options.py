@@ -80,7 +80,12 @@ def settings_options(func: F) -> F:
 
 
 def customer_options(func: F) -> F:
-    """CUSTOMER, --ref and --worktree: which customer configuration to read, and from where."""
+    """CUSTOMER, --ref and --worktree: which customer configuration to read, and from where.
+    Without --ref, what is on disk: the work tree when the folder has uncommitted changes."""
     func = click.argument("customer")(func)
-    func = ref_option()(func)
+    func = click.option(
+        "--ref",
+        help=f"{REF_HELP} Default: what is on disk (uncommitted edits included, said so), "
+        "else HEAD.",
+    )(func)
     return worktree_option(func)

@@ -143,6 +143,7 @@ def _build_one(job: _Job) -> dict[str, Any]:
         image_registry=job.image_registry,
         push=job.push,
         insecure=job.insecure,
+        fleet=True,  # a release: the committed lock or nothing, even without --push
     )
     started = time.perf_counter()
     try:

@@ -6,7 +6,7 @@ runner accepts are checked here, once, for ``build`` and ``lock`` alike.
 
 from __future__ import annotations
 
-from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec
+from builder.contracts import VERBOSE_SCHEMA_VERSION, CustomerSpec
 from builder.documents.lock import LockedBase
 from builder.errors import ImageError
 from builder.image.base import BaseImage, resolve_base
@@ -40,8 +40,9 @@ def try_resolve_base(
     *,
     repository: str | None = None,
     insecure: bool | None = None,
-) -> tuple[BaseImageRef | None, str | None]:
-    """The base image for the lock, or None and why not (the lock can be made without it).
+) -> tuple[BaseImage | None, str | None]:
+    """The base image `lock` pins and `lock`/`validate` check against, or None and why not
+    (both work without it, saying so).
 
     Resolved like a build does: the registry, else the local image store.
     """
@@ -52,9 +53,9 @@ def try_resolve_base(
             ImageStore(settings.store_dir),
             insecure=insecure,
             keep=False,
-        ).ref, None
+        ), None
     except ImageError as exc:
-        return None, f"base image not pinned: {exc}"
+        return None, str(exc)
 
 
 def check_runner_accepts(base: BaseImage) -> None:

@@ -34,6 +34,10 @@ CONTRACT_VERSION = 1
 CONTRACT_PATH = "/opt/tilerunner/contract.json"
 #: Base image label holding the sha256 (hex) of that file.
 CONTRACT_LABEL = "com.ivd.runner.contract.sha256"
+#: Schema keyword marking a param whose value names a file of its model (a path inside the
+#: model folder): the config schema's ``params.file``, or a plug-in field declared with
+#: ``field(metadata=model_file())``. The builder checks each against the model's pinned files.
+MODEL_FILE = "x-model-file"
 
 _SCALARS: dict[Any, dict[str, Any]] = {
     bool: {"type": "boolean"},
@@ -47,6 +51,11 @@ _SCALARS: dict[Any, dict[str, Any]] = {
 def constraint(**schema: Any) -> dict[str, Any]:
     """``field(metadata=constraint(minimum=0))``: JSON Schema keywords added to a param."""
     return {"schema": schema}
+
+
+def model_file() -> dict[str, Any]:
+    """``field(metadata=model_file())``: the param names a file of its model (MODEL_FILE)."""
+    return constraint(**{MODEL_FILE: True})
 
 
 def _merge_types(options: list[dict[str, Any]]) -> dict[str, Any]:
@@ -324,6 +333,12 @@ def build_contract() -> dict[str, Any]:
         "analysis_params": {
             "type": "object",
             "properties": {"tissue": params_schema(TissueParams)},
+        },
+        "model_files": {
+            "mark": MODEL_FILE,
+            "meaning": "a param (model params, or a preprocessing/postprocessing step's params) "
+            "whose value is a path relative to its model's folder naming a file the runner "
+            "loads: it stays inside that folder and is one of the model's files",
         },
         "prediction_kinds": {
             "model_output": {"rank 1-2": Kind.SCORES.value, "rank 3-4": Kind.MAPS.value},
