@@ -20,6 +20,7 @@ from helpers import (
     MITOSIS_TASK,
     SeedModel,
     commit_files,
+    commit_lock,
     customer_repo,
     model_record,
     push_labelled_bases,
@@ -69,8 +70,11 @@ def env(tmp_path: Path, oci_registry: Any, docker_engine: Any, base_images: str)
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    return customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+def repo(tmp_path: Path, env: dict[str, str]) -> Path:
+    """customer-x with its lock committed: what a release (--push) needs."""
+    path = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    commit_lock(path, env)
+    return path
 
 
 def _build(env: dict[str, str], *args: str) -> dict[str, Any]:
@@ -181,10 +185,10 @@ def test_base_bump_uploads_only_manifest_and_config(
     assert {layer["push"] for layer in new["layers"]} == {"present"}
 
 
-def test_immutable_tag_is_refused_then_forced(
-    env: dict[str, str], repo: Path, tmp_path: Path
-) -> None:
-    _build(env, str(repo), "--push")
+def test_immutable_tag_is_refused_then_forced(env: dict[str, str], tmp_path: Path) -> None:
+    # Unlocked development builds: a release's lock would refuse the new weights first (exit 7).
+    repo = customer_repo(tmp_path / "dev", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    _build(env, str(repo), "--push", "--allow-unlocked")
     # Same config commit, other weights under the same task: the immutable tag would move.
     write_production(
         tmp_path / "production",
@@ -192,9 +196,9 @@ def test_immutable_tag_is_refused_then_forced(
         CARCINOMA_ID,
         {"model.onnx": b"re-published by mistake"},
     )
-    code, line = _fail(env, str(repo), "--push")
+    code, line = _fail(env, str(repo), "--push", "--allow-unlocked")
     assert code == 6 and "immutable tag" in line and "refusing" in line
-    forced = _build(env, str(repo), "--push", "--force")
+    forced = _build(env, str(repo), "--push", "--allow-unlocked", "--force")
     assert any(w.startswith("FORCED: immutable tag") for w in forced["warnings"])
 
 
@@ -313,6 +317,7 @@ def test_config_only_change_uploads_config_layer_and_image_config_only(
     """A new config commit: at the registry, only the config layer and image config arrive."""
     first = _build(env, str(repo), "--push")
     customer_repo(repo, carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.7, when=LATER)
+    commit_lock(repo, env, when=LATER)
     mark, stored = len(oci_registry.requests()), _stored_blobs(oci_registry)
     second = _build(env, str(repo), "--push")
     old, new = _by_name(first), _by_name(second)
@@ -348,6 +353,8 @@ def test_two_customers_sharing_a_model_store_one_blob(
     y_repo = customer_repo(
         tmp_path / "y", name="customer-y", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, when=LATER
     )
+    commit_lock(x_repo, env)
+    commit_lock(y_repo, env, when=LATER)
     x = _build(env, str(x_repo), "--push")
     stored = _stored_blobs(oci_registry)
     y = _build(env, str(y_repo), "--push")
@@ -366,6 +373,7 @@ def test_two_customers_sharing_a_model_store_one_blob(
         mitosis=MITOSIS_ID,
         when=LATER + 7,
     )
+    commit_lock(z_repo, env, when=LATER + 7)
     z = _build({**env, "BUILDER_CACHE_DIR": str(tmp_path / "other-cache")}, str(z_repo), "--push")
     assert {n: _by_name(z)[n] for n in models} == models
     after = _stored_blobs(oci_registry)

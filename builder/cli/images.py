@@ -10,17 +10,13 @@ from typing import Any
 import click
 
 from builder.cli._common import cli, load_cli_settings
-from builder.cli.options import cache_dir_option, json_option
+from builder.cli.options import cache_dir_option, image_store_option, json_option
 from builder.cli.result import Result
 from builder.errors import ConfigError
 
 
 @cli.group(invoke_without_command=True)
-@click.option(
-    "--image-store",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="The local image store folder (setting image_store; default <cache_dir>/oci).",
-)
+@image_store_option
 @cache_dir_option
 @json_option
 @click.pass_context
@@ -93,11 +89,7 @@ def images_prune(ctx: click.Context, /, dry_run: bool, wait: float, as_json: boo
     show_default=True,
     help="Seconds each container may run before it is killed and the run fails.",
 )
-@click.option(
-    "--image-store",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="The local image store to take IMAGE from (setting image_store).",
-)
+@image_store_option
 @cache_dir_option
 @json_option
 def smoke(

@@ -51,6 +51,12 @@ cache_dir_option = click.option(
     help="Weights and image cache (setting cache_dir).",
 )
 
+image_store_option = click.option(
+    "--image-store",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The local image store folder (setting image_store; default <cache_dir>/oci).",
+)
+
 worktree_option = click.option(
     "--worktree",
     is_flag=True,
