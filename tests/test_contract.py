@@ -362,6 +362,31 @@ def test_every_problem_is_listed_and_the_good_config_builds(
     assert (tmp_path / "out" / "index.json").is_file()
 
 
+def test_validate_lists_config_and_contract_problems_together_in_line_order(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A malformed model id does not hide an unknown plug-in, nor an undeclared model slot:
+    one run of validate, every problem, in file:line order."""
+    model_id = yaml.safe_load(X_ANALYSIS)["analyses"][0]["models"]["carcinoma_model"]["reference"]
+    bad = _sub(
+        _sub(
+            _sub(X_ANALYSIS, model_id, "a957f623-nope"),
+            "- cls: Mitosis",
+            "- cls: Mitossis",
+        ),
+        "segmentation_model: mitosis_model",
+        "segmentation_model: mitosis_modle",
+    )
+    repo = _customer(tmp_path / "cust", CUSTOMER_X, bad)
+    result = run_cli("validate", str(repo), "--json", env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = json.loads(result.stdout)["error"]["message"]
+    found = [int(n) for n in re.findall(r"analysis\.yaml:(\d+): ", message)]
+    expected = [_line_of(bad, t) for t in ("a957f623-nope", "Mitossis", "mitosis_modle")]
+    assert found == expected, message
+    assert "[3 problems]" in message and "did you mean 'Mitosis'" in message
+
+
 def test_registry_plugins_are_checked_at_the_reference_line(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
