@@ -303,7 +303,7 @@ def _customer_project(
 
 
 def test_customer_template_refuses_to_release_without_a_committed_lock(
-    gitlab_ci_local: Path, tmp_path: Path, oci_registry: Any
+    gitlab_ci_local: Path, tmp_path: Path, oci_registry: Any, docker_engine: Any
 ) -> None:
     namespace = re.sub("[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
     env = {
@@ -312,7 +312,7 @@ def test_customer_template_refuses_to_release_without_a_committed_lock(
         "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
         "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
     }
-    project, origin = _customer_project(tmp_path, env, lock=False)
+    project, origin = _customer_project(tmp_path, env, lock=False, engine=docker_engine.host)
     since = len(oci_registry.requests())
     built = _gcl(gitlab_ci_local, project, "ivd:build", "--force-shell-executor", variables=env)
     assert built.returncode != 0

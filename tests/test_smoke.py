@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,10 @@ from helpers import run_cli
 @pytest.fixture(scope="module")
 def built(
     inference_base: str, oci_registry: Any, docker_engine: Any, tmp_path_factory: Any
-) -> tuple[dict[str, str], Path]:
+) -> Iterator[tuple[dict[str, str], Path]]:
     """customer-x built on the real base into a local image store (not pushed, not loaded):
-    the CLI environment and the build's JSON report."""
+    the CLI environment and the build's JSON report. What the tests put into the shared
+    engine is removed afterwards."""
     work = tmp_path_factory.mktemp("smoke")
     env = {
         **docker_engine.env(),
@@ -31,7 +34,25 @@ def built(
     assert result.returncode == 0, result.stdout + result.stderr
     report = work / "build.json"
     report.write_text(result.stdout)
-    return env, report
+    yield env, report
+    _remove(docker_engine, BROKEN, *json.loads(result.stdout)["result"]["tags"])
+
+
+#: The damaged copy of the image the failing case builds in the engine (one per test run:
+#: concurrent runs share the engine).
+BROKEN = f"ivd-smoke-test/broken:{os.getpid()}"
+
+
+def _remove(docker_engine: Any, *tags: str) -> None:
+    """Untag images in the engine (shared by concurrent test runs: only our own tags)."""
+    import docker.errors
+
+    client = docker_engine.client()
+    for tag in tags:
+        try:
+            client.images.remove(tag)
+        except docker.errors.DockerException:
+            continue  # never put there by this run
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +96,13 @@ def test_an_image_whose_model_file_is_corrupt_fails_in_one_line(
             info.size = len(data.encode())
             tar.addfile(info, io.BytesIO(data.encode()))
     context.seek(0)
-    broken = "ivd-smoke-test/broken:1"
     docker_engine.client().images.build(
-        fileobj=context, custom_context=True, tag=broken, network_mode="none", rm=True
+        fileobj=context, custom_context=True, tag=BROKEN, network_mode="none", rm=True
     )
-    ran = run_cli("smoke", broken, env=env)
+    ran = run_cli("smoke", BROKEN, env=env)
     assert ran.returncode == 6, ran.stdout + ran.stderr
     (line,) = ran.stderr.strip().splitlines()
-    assert line.startswith(f"error: {broken}: the runner exited "), line
+    assert line.startswith(f"error: {BROKEN}: the runner exited "), line
     assert "mitosis_model" in line and "sha256" in line, line
 
 
