@@ -768,7 +768,7 @@ def test_any_param_the_contract_marks_as_a_model_file_is_checked(
 ) -> None:
     """The class, not `params.file` alone: a plug-in param the runner's contract marks
     x-model-file (here a lookup table of MeanStd) must name a file of its model."""
-    from tilerunner.contract import MODEL_FILE
+    from tilerunner.param_schema import MODEL_FILE
 
     data = json.loads(contract)
     params = data["plugins"]["preprocessing"]["MeanStd"]["params"]["properties"]

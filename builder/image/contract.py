@@ -7,13 +7,20 @@ label ``com.ivd.runner.contract.sha256``. Before an image is assembled, the conf
 against the contract of the very base it is built on, and every problem is reported at
 analysis.yaml:line with the key and a did-you-mean, instead of when the first slide fails.
 
+One definition: the params schemas are the contract file's (read from the base image, never
+rebuilt here), and they are checked by the runner's own check, ``tilerunner.param_schema``
+(jsonschema plus the contract's one extra keyword, ``x-not-below``, and its words,
+``x-expects``). The runner package is installed beside the builder (ci/builder-env.sh,
+scripts/bootstrap.sh); that module needs nothing but jsonschema. Params marked
+``x-model-file`` (MODEL_FILE) name files of their model: each must be one of the model's
+pinned files, inside its folder (file_reference_problems).
+
 Contracts are cached by base manifest digest under ``<cache>/contracts/`` (sha256-checked on
 every read), so ``--locked``/offline builds and ``validate`` need no layer download twice.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-import jsonschema
+from tilerunner.param_schema import MODEL_FILE, did_you_mean, marked, param_problems
 
 from builder import yamldoc
 from builder.contracts import CustomerSpec, ResolvedModel
@@ -41,10 +48,6 @@ CONTRACT_PATH: Final = "/opt/tilerunner/contract.json"
 CONTRACT_LABEL: Final = "com.ivd.runner.contract.sha256"
 #: Contract layouts this builder reads.
 CONTRACT_VERSIONS: Final = (1,)
-#: The mark (JSON Schema keyword) on a param whose value names a file of its model, a path
-#: relative to the model folder: the runner's contract and this builder's own copy of the
-#: verbose schema carry it, and each such value must be a file the lock pins.
-MODEL_FILE: Final = "x-model-file"
 _MEMBER = CONTRACT_PATH.lstrip("/")
 _MAX_CONTRACT = 4 << 20
 _RUNNER_TIMEOUT = 120
@@ -177,99 +180,19 @@ def read_base_contract(base: BaseImage, cache_dir: Path) -> Contract | None:
 # == the check ================================================================================
 
 
-def _guess(name: str, known: Sequence[str]) -> str:
-    match = difflib.get_close_matches(name, list(known), n=1)
-    return f"did you mean {match[0]!r}? " if match else ""
-
-
-def _at(schema: Mapping[str, Any], path: Sequence[Any]) -> tuple[list[str], Mapping[str, Any]]:
-    """The deepest property along ``path`` that says what it expects (the contract's
-    ``x-expects``): its key path and schema."""
-    keys: list[str] = []
-    found: tuple[list[str], Mapping[str, Any]] = ([], schema)
-    for part in path:
-        props = schema.get("properties")
-        if not isinstance(part, str) or not isinstance(props, Mapping) or part not in props:
-            break
-        schema = props[part]
-        keys.append(part)
-        if "x-expects" in schema:
-            found = (list(keys), schema)
-    return found
-
-
-def _schema_problems(
-    schema: Mapping[str, Any], value: Any
-) -> Iterator[tuple[tuple[str | int, ...], str]]:
-    """(path inside value, what is wrong) for each problem, shallowest first."""
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(
-        validator.iter_errors(value), key=lambda e: (len(e.path), [str(p) for p in e.path])
-    )
-    for error in errors:
-        path = tuple(error.path)
-        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-            allowed = sorted(error.schema.get("properties") or {})
-            for extra in sorted(k for k in error.instance if k not in allowed):
-                yield (
-                    (*path, extra),
-                    f"unknown key {extra!r} ({_guess(extra, allowed)}"
-                    f"accepted: {', '.join(allowed) or 'none'})",
-                )
-            continue
-        if error.validator == "required":
-            yield path, str(error.message)
-            continue
-        keys, prop = _at(schema, path)
-        if keys and "x-expects" in prop:
-            shown = value
-            for key in keys:
-                shown = shown[key]
-            yield (
-                tuple(keys),
-                f"{'.'.join(keys)} must be {prop['x-expects']}, not {json.dumps(shown)}",
-            )
-        else:
-            yield path, str(error.message)
-
-
 Problem = tuple[tuple[str | int, ...], str]
 
 
 def params_problems(schema: Mapping[str, Any], params: Any, what: str) -> list[Problem]:
-    """Problems of one params mapping (one per top-level key at most)."""
+    """Problems of one params mapping (one per top-level key at most), checked with the
+    schema read from the contract file by the runner's own check (tilerunner.param_schema)."""
     out: list[Problem] = []
     seen: set[tuple[str | int, ...]] = set()
-    for sub, message in _schema_problems(schema, params if params is not None else {}):
+    for sub, message in param_problems(schema, params if params is not None else {}):
         if sub[:1] in seen and len(sub) > 1:
             continue
         seen.add(sub[:1])
         out.append((sub, f"{what}: {message}"))
-    if not out and isinstance(params, Mapping):
-        out.extend((sub, f"{what}: {message}") for sub, message in _order_problems(schema, params))
-    return out
-
-
-def _order_problems(schema: Mapping[str, Any], params: Mapping[str, Any]) -> list[Problem]:
-    """Params below the param their contract entry names in ``x-not-below`` (defaults count)."""
-    props: Mapping[str, Any] = schema.get("properties") or {}
-    out: list[Problem] = []
-    for key, prop in props.items():
-        other = prop.get("x-not-below")
-        nested = params.get(key)
-        if isinstance(nested, Mapping) and prop.get("properties"):
-            out.extend(((key, *sub), message) for sub, message in _order_problems(prop, nested))
-        if not other:
-            continue
-        value = params.get(key, prop.get("default"))
-        floor = params.get(other, (props.get(other) or {}).get("default"))
-        numbers = all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in (value, floor)
-        )
-        if numbers and value < floor:
-            out.append(
-                ((key,), f"{key} must be >= {other} ({json.dumps(floor)}), not {json.dumps(value)}")
-            )
     return out
 
 
@@ -288,7 +211,7 @@ def chain_problems(
             problems.append(
                 (
                     (index, "cls"),
-                    f"unknown {kind} plug-in {cls!r} ({_guess(cls, sorted(known))}"
+                    f"unknown {kind} plug-in {cls!r} ({did_you_mean(cls, sorted(known))}"
                     f"known: {', '.join(sorted(known))})",
                 )
             )
@@ -370,7 +293,7 @@ def check_config(
     if verbose is not None and not checker.problems:
         schema = (data.get("config_schemas") or {}).get(str(version))
         if schema:
-            for path, message in _schema_problems(schema, verbose):
+            for path, message in param_problems(schema, verbose):
                 checker.report(path, f"the runner's config schema: {message}")
     return checker.problems
 
@@ -454,7 +377,7 @@ def _model_params_problems(contract: Contract, params: Any) -> list[Problem]:
     schema = {"$defs": newest.get("$defs") or {}, "$ref": "#/$defs/model_params"}
     if "model_params" not in schema["$defs"]:
         return []
-    return list(_schema_problems(schema, params if params is not None else {}))
+    return list(param_problems(schema, params if params is not None else {}))
 
 
 def _check_features(
@@ -475,7 +398,7 @@ def _check_features(
         if entry is None:
             checker.report(
                 (*f_path, "cls"),
-                f"unknown feature plug-in {cls!r} ({_guess(cls, sorted(features_kind))}"
+                f"unknown feature plug-in {cls!r} ({did_you_mean(cls, sorted(features_kind))}"
                 f"known: {', '.join(sorted(features_kind))})",
             )
         else:
@@ -496,7 +419,7 @@ def _check_features(
                 checker.report(
                     d_path,
                     f"no feature {parent!r} in analysis {analysis.get('name')!r} "
-                    f"({_guess(str(parent), names)}features: {', '.join(names)})",
+                    f"({did_you_mean(str(parent), names)}features: {', '.join(names)})",
                 )
     cycle = _cycle(names, features)
     if cycle:
@@ -516,7 +439,7 @@ def _check_feature(
     for role in sorted(set(given) - set(roles)):
         checker.report(
             (*f_path, "models", role),
-            f"{cls} has no model role {role!r} ({_guess(role, sorted(roles))}"
+            f"{cls} has no model role {role!r} ({did_you_mean(role, sorted(roles))}"
             f"roles: {', '.join(sorted(roles))})",
         )
     for role in sorted(set(roles) - set(given)):
@@ -571,27 +494,6 @@ def _cycle(names: Sequence[str], features: Sequence[Mapping[str, Any]]) -> str |
 # == model files ==============================================================================
 
 
-def _model_file_values(
-    schema: Any, value: Any, path: tuple[str | int, ...] = ()
-) -> Iterator[tuple[tuple[str | int, ...], Any]]:
-    """(path, value) of every value under a param schema that the schema marks MODEL_FILE (a
-    string, or each item of a list), following object properties and array items."""
-    if not isinstance(schema, Mapping):
-        return
-    if schema.get(MODEL_FILE):
-        items = enumerate(value) if isinstance(value, list) else [(None, value)]
-        for index, item in items:
-            yield (path if index is None else (*path, index)), item
-        return
-    if isinstance(value, Mapping):
-        for key, prop in (schema.get("properties") or {}).items():
-            if key in value:
-                yield from _model_file_values(prop, value[key], (*path, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _model_file_values(schema.get("items"), item, (*path, index))
-
-
 def _model_params_schema(contract: Contract | None) -> Mapping[str, Any]:
     """The model params schema of the runner's newest config schema, or (no contract) of
     this builder's own copy of the verbose schema."""
@@ -605,14 +507,14 @@ def _model_file_params(
     model: ResolvedModel, contract: Contract | None
 ) -> Iterator[tuple[tuple[str | int, ...], Any]]:
     """Every param of a model (its params, each plug-in's params) that names a model file."""
-    yield from _model_file_values(_model_params_schema(contract), model.params, ("params",))
+    yield from marked(_model_params_schema(contract), model.params, MODEL_FILE, ("params",))
     if contract is None:
         return
     for kind in ("preprocessing", "postprocessing"):
         known = contract.plugins(kind)
         for index, step in enumerate(getattr(model, kind)):
             schema = (known.get(step.cls) or {}).get("params")
-            yield from _model_file_values(schema, step.params, (kind, index, "params"))
+            yield from marked(schema, step.params, MODEL_FILE, (kind, index, "params"))
 
 
 def file_reference_problems(

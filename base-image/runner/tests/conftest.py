@@ -10,6 +10,7 @@ import tilerunner
 from tilerunner import demo_models, synthetic
 from tilerunner.config import load_config
 from tilerunner.pipeline import RunOptions, run
+from tilerunner.worker.topology import DEFAULT_DELIVERY_LIMIT
 from tilerunner_testlib import (
     App,
     cached,
@@ -110,11 +111,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory, wapp: App, flat_slide: P
 
 @pytest.fixture
 def site(rabbitmq: RabbitMQ, wapp: App, tmp_path: Path) -> Iterator[Callable[..., Site]]:
-    """site(queue, max_attempts=3): a job queue with its folders, client and workers."""
+    """site(queue, delivery_limit=10): a job queue with its folders, client and workers."""
     made: list[Site] = []
 
-    def make(queue: str, max_attempts: int = 3) -> Site:
-        s = Site(rabbitmq, wapp, queue, tmp_path / queue, max_attempts)
+    def make(queue: str, delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Site:
+        s = Site(rabbitmq, wapp, queue, tmp_path / queue, delivery_limit)
         made.append(s)
         return s
 

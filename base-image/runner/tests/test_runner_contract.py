@@ -11,15 +11,9 @@ from typing import Any, Literal
 import jsonschema
 import pytest
 from tilerunner.cli import main
-from tilerunner.contract import (
-    MODEL_FILE,
-    build_contract,
-    constraint,
-    contract_bytes,
-    model_file,
-    params_schema,
-)
+from tilerunner.contract import build_contract, contract_bytes
 from tilerunner.errors import ConfigError
+from tilerunner.param_schema import MODEL_FILE, constraint, model_file, params_schema
 from tilerunner.plugins import FEATURES, POSTPROCESSING, PREPROCESSING
 from tilerunner.plugins.postprocessing import Kind, Prediction
 from tilerunner.plugins.registry import build

@@ -9,6 +9,7 @@ from the worker's metrics. Every wait is bounded; nothing asserts on wall-clock 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -19,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 from tilerunner.config import load_config
-from tilerunner.worker import MalformedJob, parse_job
-from tilerunner_testlib import App
+from tilerunner.worker.jobs import MalformedJob, parse_job
+from tilerunner_testlib import TILE_LENGTH, TILE_WIDTH, App, crafted_tiff
 from worker_testlib import (
     REPO_ROOT,
     WAIT,
@@ -130,7 +131,7 @@ def test_worker_the_broker_refuses_exits_with_one_line(
     assert "refused the login" in last and "ACCESS_REFUSED" in last
     assert "wrong-s3cret" not in log
 
-    w = site("mismatch", max_attempts=3).worker("--max-attempts", "5", ready=False)
+    w = site("mismatch", delivery_limit=10).worker("--delivery-limit", "5", ready=False)
     assert w.wait_exit() == 7
     last = w.text().strip().splitlines()[-1]
     assert last.startswith(
@@ -138,8 +139,9 @@ def test_worker_the_broker_refuses_exits_with_one_line(
         "(406 PRECONDITION_FAILED"
     )
     assert last.endswith(
-        "every worker of a queue needs the same --max-attempts, and the queue "
-        "must be a quorum queue"
+        "every worker of a queue needs the same --delivery-limit, and the queue must be a "
+        "quorum queue declared by this worker version (delete it, or use a new --queue, "
+        "after an upgrade)"
     )
 
 
@@ -212,7 +214,11 @@ def test_malformed_jobs_are_dead_lettered_and_the_worker_goes_on(
     assert reasons[2] == "malformed job: job_version 2 is not supported (this worker reads 1)"
     assert dead[0][1] == b"{not json"  # the job as it came
     assert all(props.headers["x-tilerunner-attempts"] == 1 for props, _ in dead)
-    results = {r["job_id"]: r for r in s.client.results(3, on_fail=w.tail)}
+    results = {r["job_id"]: r for r in s.client.results(4, on_fail=w.tail)}
+    # every dead letter has its result; one without a valid job id names only its message
+    unnamed = results[None]
+    assert unnamed["status"] == "failed" and unnamed["reason"] == reasons[0]
+    assert unnamed["message_id"] == "sha256:" + hashlib.sha256(b"{not json").hexdigest()
     assert results["m-2"]["status"] == "failed" and results["m-2"]["reason"] == reasons[1]
     assert results["m-3"]["status"] == "failed"
     assert results["ok-4"]["status"] == "done" and results["ok-4"]["tiles"] == 0
@@ -224,47 +230,74 @@ def test_malformed_jobs_are_dead_lettered_and_the_worker_goes_on(
 def test_permanent_errors_are_dead_lettered_at_once(
     site: Callable[..., Site], blank_slide: Path
 ) -> None:
-    """A corrupt or missing slide, an output that is not a folder: retrying cannot help."""
-    s = site("permanent", max_attempts=3)
+    """A corrupt or missing slide, an output that is not a folder: retrying cannot help. A
+    slide whose directory claims a 1,048,576 px tile (OpenSlide aborted the whole worker on
+    it) is one of them: a job error, and the worker goes on."""
+    s = site("permanent")
     w = s.worker("--max-attempts", "3")
     poison = s.slides / "poison.svs"
     poison.write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing else
+    side = 1 << 20
+    crafted = crafted_tiff(s.slides / "crafted.tiff", {TILE_WIDTH: side, TILE_LENGTH: side})
     (s.out / "a-file").write_text("not a folder\n")
     s.submit("p-1", poison)
     s.submit("p-2", s.slides / "missing.svs")
     s.submit("p-3", blank_slide, s.out / "a-file")
-    dead = s.client.dead(3, on_fail=w.tail)
-    assert [json.loads(body)["job_id"] for _props, body in dead] == ["p-1", "p-2", "p-3"]
+    s.submit("p-4", crafted)
+    s.submit("ok-5", blank_slide)
+    dead = s.client.dead(4, on_fail=w.tail)
+    assert [json.loads(body)["job_id"] for _props, body in dead] == ["p-1", "p-2", "p-3", "p-4"]
     reasons = [props.headers["x-tilerunner-reason"] for props, _body in dead]
     prefix = "failed with a permanent error (not retried): "
     assert reasons[0].startswith(prefix + "SlideError: ") and str(poison) in reasons[0]
     assert reasons[1].startswith(prefix + "SlideError: ") and "missing.svs" in reasons[1]
     assert reasons[2].startswith(prefix + "OutputError: ") and "a-file" in reasons[2]
+    assert reasons[3].startswith(
+        f"{prefix}SlideError: slide {crafted} is not a slide this runner reads: image 0 "
+        f"claims tiles of {side} x {side} px"
+    )
     assert all(props.headers["x-tilerunner-attempts"] == 1 for props, _ in dead)
-    results = s.client.results(3, on_fail=w.tail)
-    assert [(r["status"], r["reason"], r["attempt"]) for r in results] == [
+    results = s.client.results(5, on_fail=w.tail)
+    assert [(r["status"], r["reason"], r["attempt"]) for r in results[:4]] == [
         ("failed", reason, 1) for reason in reasons
     ]
+    assert results[4]["status"] == "done"  # the same worker, alive after the crafted slide
+    assert w.proc.poll() is None and not w.events("broker_down")
     assert w.metric("tilerunner_jobs_failed_total", action="retry") == 0
-    assert w.metric("tilerunner_jobs_failed_total", action="dead_letter") == 3
+    assert w.metric("tilerunner_jobs_failed_total", action="dead_letter") == 4
     assert s.client.depth() == 0 and s.client.depth(s.client.topology.results) == 0
     assert_no_leftovers(s.out)
 
 
-def test_a_job_its_workers_die_on_is_dead_lettered_by_the_broker(
-    site: Callable[..., Site],
+def test_a_job_its_workers_die_on_is_given_up_by_the_broker_and_answered(
+    site: Callable[..., Site], blank_slide: Path
 ) -> None:
-    """The delivery limit counts deliveries whose worker died without any ack (SIGKILL, OOM)."""
-    c = site("limit", max_attempts=2).client
-    c.submit(b'{"job_version": 1}')
+    """The broker's delivery limit counts deliveries that ended with no answer (the worker
+    died: SIGKILL, OOM); the job it gives up on gets its dead letter and its result."""
+    s = site("limit", delivery_limit=2)
+    c = s.client
+    s.submit("dies-1", blank_slide)
     for attempt in range(2):  # a "worker" takes the job and dies (its channel closes)
         ch = c.conn.channel()
         method = wait_for(lambda ch=ch: ch.basic_get("limit")[0], "the job")  # type: ignore[misc]
         assert method.delivery_tag and (attempt == 0 or method.redelivered)
         ch.close()
-    ((props, _body),) = c.dead()
-    assert props.headers["x-first-death-reason"] == "delivery_limit"
+    wait_for(lambda: c.depth(c.topology.undelivered) == 1, "the broker to give the job up")
     assert c.depth() == 0
+
+    w = s.worker("--delivery-limit", "2")  # a worker answers for what the broker gave up on
+    ((props, body),) = c.dead(on_fail=w.tail)
+    assert json.loads(body)["job_id"] == "dies-1"  # the job as it was sent
+    assert props.headers["x-first-death-reason"] == "delivery_limit"
+    reason = props.headers["x-tilerunner-reason"]
+    assert reason.startswith("given up by the broker: delivered 2 time(s) without an answer")
+    assert props.headers["x-tilerunner-attempts"] == 2
+    assert props.headers["x-tilerunner-failures"] == 0  # deaths are not failures
+    (result,) = c.results(on_fail=w.tail)
+    assert (result["job_id"], result["status"], result["reason"]) == ("dies-1", "failed", reason)
+    assert result["attempt"] == 2 and result["slide"] == str(blank_slide)
+    assert w.metric("tilerunner_jobs_failed_total", action="dead_letter") == 1
+    assert c.depth(c.topology.undelivered) == 0 and not (s.out / "dies-1").exists()
 
 
 def test_sigterm_mid_job_finishes_it_within_the_grace_period(
@@ -366,3 +399,47 @@ def test_worker_reconnects_after_a_broker_restart_while_idle(
     (result,) = s.client.results(on_fail=w.tail)
     assert result["status"] == "done"
     assert result["worker"].endswith(f":{w.pid}") and w.proc.poll() is None
+
+
+def test_three_broker_restarts_during_one_job_use_up_none_of_its_attempts(
+    rabbitmq: RabbitMQ, site: Callable[..., Site], flat_slide: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Each restart returns the job the worker holds to the queue, and the quorum queue counts
+    it as a delivery: with the old limit (max attempts - 1) the broker dead-lettered the job,
+    with no result, while its first attempt was still computing. The job now finishes,
+    commits, and its redelivery is answered from the results: one result, attempt 1, no
+    failure, nothing dead-lettered. The job is held (test-only hold file) until the three
+    restarts are done, so nothing here depends on how fast the broker restarts."""
+    s = site("restarts")
+    hold = tmp_path / "hold"
+    hold.touch()
+    w = s.worker("--max-attempts", "2", "--batch-size", "4", hold=hold)
+    s.submit("long-1", flat_slide)
+    wait_for(w.mid_job, "the job to be under way", on_fail=w.tail)
+    for restart in range(1, 4):
+        assert w.metric("tilerunner_jobs_in_flight") == 1  # the first attempt still runs
+        rabbitmq.restart()
+        wait_for(
+            lambda n=restart: w.metric("tilerunner_broker_reconnects_total") >= n,  # type: ignore[misc]
+            f"the worker to reconnect after restart {restart}",
+            on_fail=w.tail,
+        )
+        # the broker handed the job out again, to this worker (held while its orphan runs)
+        wait_for(lambda: s.client.depth() == 0, "the job to be redelivered", on_fail=w.tail)
+    hold.unlink()
+
+    (result,) = s.client.results(on_fail=w.tail)
+    assert result["status"] == "done", result
+    assert result["attempt"] == 1 and result["reused"] is True  # computed once, by attempt 1
+    assert_same_outputs(s.out / "long-1" / "breast", reference / "breast")
+    wait_for(lambda: w.metric("tilerunner_jobs_done_total", reused="true") == 1, "the ack")
+    # exactly one result: nothing left to answer, nothing given up on
+    assert s.client.depth() == 0 and w.metric("tilerunner_jobs_in_flight") == 0
+    for queue in (s.client.topology.results, s.client.topology.dead, s.client.topology.undelivered):
+        assert s.client.depth(queue) == 0, queue
+    starts = w.events("job_start")
+    assert starts[0]["msg"].endswith("(attempt 1, 0 failed before)")
+    assert all(e["msg"].endswith(", 0 failed before)") for e in starts)
+    assert not w.events("job_retry") and not w.events("job_dead_lettered")
+    assert len(w.events("job_orphaned")) == 1
+    assert_no_leftovers(s.out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 from tilerunner.paths import UnsafePathError, filesystem_type, resolve_within
-from tilerunner.worker import JOBS_DIR, LOCKS_DIR, REASON_LIMIT
+from tilerunner.worker.logs import REASON_LIMIT
+from tilerunner.worker.store import JOBS_DIR, LOCKS_DIR
 from tilerunner_testlib import App
 from worker_testlib import (
     RabbitMQ,
@@ -245,11 +247,21 @@ def test_a_used_job_id_is_never_recomputed_for_another_payload(
         "away or submit the job under a new job id"
     )
     results = s.client.results(4, on_fail=w.tail)
+    # a refusal for the job id's sake is the refused message's, never a status of id-1
+    # (which reads: done, done), under the message's own identity
     assert [(r["job_id"], r["status"], r["reused"]) for r in results] == [
-        ("id-1", "failed", False),
+        (None, "failed", False),
         ("foreign", "failed", False),
-        ("id-1", "failed", False),
+        (None, "failed", False),
         ("id-1", "done", True),
+    ]
+    refused = [job("id-1", blank_slide, s.out), job("id-1", flat_slide, s.out / "elsewhere")]
+    assert [results[0]["message_id"], results[2]["message_id"]] == [
+        "sha256:" + hashlib.sha256(json.dumps(doc).encode()).hexdigest() for doc in refused
+    ]
+    assert [results[0]["reason"], results[2]["reason"]] == [
+        reasons["id-1"],
+        _reasons(dead[2:])["id-1"],
     ]
     assert results[3]["files"] == first["files"]
     after = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -291,7 +303,7 @@ def test_full_disk_is_transient_named_and_a_broker_restart_is_no_failure(
     The restart is not a failure: the job still gets its three failed attempts (two retries,
     then the dead letter), each reason naming the file that did not fit.
     """
-    s = site("full", max_attempts=3)
+    s = site("full")
     w = s.worker(
         "--max-attempts", "3", "--batch-size", "4", delay=0.2, wrap=in_tmpfs(s.out, FULL_DISK)
     )

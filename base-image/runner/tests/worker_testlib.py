@@ -23,7 +23,9 @@ from typing import Any
 import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tilerunner.worker import FAULT_DELAY_ENV, JOBS_DIR, LOCKS_DIR, Topology
+from tilerunner.worker.serve import FAULT_DELAY_ENV, FAULT_HOLD_ENV
+from tilerunner.worker.store import JOBS_DIR, LOCKS_DIR
+from tilerunner.worker.topology import DEFAULT_DELIVERY_LIMIT, Topology
 from tilerunner_testlib import App, cache_root
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -113,6 +115,7 @@ class WorkerProc:
         args: Sequence[str],
         delay: float = 0.0,
         wrap: Sequence[str] = (),
+        hold: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.log = log_dir / f"worker-{self.port}.log"
@@ -120,7 +123,7 @@ class WorkerProc:
         cmd += ["--queue", queue, "--app-dir", str(app.root), "--device", "cpu"]
         cmd += ["--metrics-host", "127.0.0.1", "--metrics-port", str(self.port)]
         cmd += ["--retry-delay", "0.2", *args]
-        env = {**os.environ, FAULT_DELAY_ENV: str(delay)}
+        env = {**os.environ, FAULT_DELAY_ENV: str(delay), FAULT_HOLD_ENV: str(hold or "")}
         self.proc = spawn(cmd, self.log, env=env)  # own session; SIGTERMed if pytest dies
 
     @property
@@ -194,9 +197,9 @@ class WorkerProc:
 class Client:
     """The job producer / result consumer side, with pika; reconnects after a broker restart."""
 
-    def __init__(self, url: str, queue: str, max_attempts: int = 3) -> None:
+    def __init__(self, url: str, queue: str, delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> None:
         self.url = url
-        self.topology = Topology(queue, max_attempts)
+        self.topology = Topology(queue, delivery_limit)
         self._connect()
 
     def _connect(self) -> None:
@@ -267,7 +270,12 @@ class Site:
     """
 
     def __init__(
-        self, broker: RabbitMQ, app: App, queue: str, root: Path, max_attempts: int = 3
+        self,
+        broker: RabbitMQ,
+        app: App,
+        queue: str,
+        root: Path,
+        delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
     ) -> None:
         self.broker, self.app, self.queue, self.root = broker, app, queue, root
         self.slides = root / "slides"
@@ -275,7 +283,7 @@ class Site:
         self.slide_roots = [cache_root(), self.slides]
         for folder in (self.slides, self.out):
             folder.mkdir(parents=True, exist_ok=True)
-        self.client = Client(broker.url, queue, max_attempts)
+        self.client = Client(broker.url, queue, delivery_limit)
         self.started: list[WorkerProc] = []
 
     def roots(self) -> list[str]:
@@ -290,8 +298,10 @@ class Site:
         ready: bool = True,
         url: str | None = None,
         wrap: Sequence[str] = (),
+        hold: Path | None = None,
     ) -> WorkerProc:
-        """Start a worker on this queue (killed, by pid, at the end of the test)."""
+        """Start a worker on this queue (killed, by pid, at the end of the test); `delay`
+        and `hold` are its test-only fault injection (tilerunner/worker/serve.py)."""
         w = WorkerProc(
             url or self.broker.url,
             self.app,
@@ -300,6 +310,7 @@ class Site:
             [*self.roots(), *args],
             delay=delay,
             wrap=wrap,
+            hold=hold,
         )
         self.started.append(w)
         if ready:

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from tilerunner import CONFIG_SCHEMA_VERSIONS, __version__
 from tilerunner.errors import ConfigError, OutputError, RunnerError
+from tilerunner.worker.topology import DEFAULT_DELIVERY_LIMIT
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
@@ -95,21 +96,10 @@ def _env_paths(name: str, default: str) -> list[Path]:
 
 
 def _worker_parser(sub: Any, common: Any) -> None:
-    """`tilerunner worker`: options of the service mode (see worker.py)."""
+    """`tilerunner worker`: options of the service mode (see tilerunner/worker/)."""
     wk = sub.add_parser("worker", help="analyse slides as jobs arrive on a RabbitMQ queue")
     common(wk)
-    wk.add_argument(
-        "--amqp",
-        default=os.environ.get("TILERUNNER_AMQP_URL"),
-        help="broker URL amqp://user:password@host:5672/vhost "
-        "(default: $TILERUNNER_AMQP_URL, which keeps the password off the command line)",
-    )
-    wk.add_argument(
-        "--queue",
-        default=os.environ.get("TILERUNNER_QUEUE", "tilerunner.jobs"),
-        help="job queue; NAME.results and NAME.dead go with it "
-        "(default: $TILERUNNER_QUEUE or tilerunner.jobs)",
-    )
+    _broker_options(wk)
     wk.add_argument(
         "--slide-root",
         dest="slide_roots",
@@ -129,37 +119,7 @@ def _worker_parser(sub: Any, common: Any) -> None:
         help="the folder every job output must lie in (default: $TILERUNNER_OUTPUT_ROOT "
         "else /out); it also holds the job locks",
     )
-    wk.add_argument(
-        "--prefetch",
-        type=_int_at_least(1),
-        default=1,
-        help="jobs held from the broker at once (run one at a time)",
-    )
-    wk.add_argument(
-        "--max-attempts",
-        type=_int_at_least(1),
-        default=3,
-        help="deliveries of a job before it is dead-lettered (same on every worker)",
-    )
-    wk.add_argument(
-        "--grace",
-        type=_seconds,
-        default=25.0,
-        help="on SIGTERM, seconds the current job may take to finish before it is "
-        "handed back to the queue",
-    )
-    wk.add_argument(
-        "--retry-delay",
-        type=_seconds,
-        default=5.0,
-        help="seconds before a failed attempt goes back to the queue",
-    )
-    wk.add_argument(
-        "--broker-timeout",
-        type=_seconds,
-        default=300.0,
-        help="exit (code 7) after this many seconds without a broker connection",
-    )
+    _attempt_options(wk)
     wk.add_argument(
         "--metrics-port",
         type=_int_at_least(0),
@@ -175,6 +135,65 @@ def _worker_parser(sub: Any, common: Any) -> None:
     )
     wk.add_argument("--reader", choices=("auto", "openslide"), default="auto")
     wk.add_argument("--log-format", choices=("json", "text"), default="json")
+
+
+def _broker_options(wk: argparse.ArgumentParser) -> None:
+    wk.add_argument(
+        "--amqp",
+        default=os.environ.get("TILERUNNER_AMQP_URL"),
+        help="broker URL amqp://user:password@host:5672/vhost "
+        "(default: $TILERUNNER_AMQP_URL, which keeps the password off the command line)",
+    )
+    wk.add_argument(
+        "--queue",
+        default=os.environ.get("TILERUNNER_QUEUE", "tilerunner.jobs"),
+        help="job queue; NAME.results, NAME.dead and NAME.undelivered go with it "
+        "(default: $TILERUNNER_QUEUE or tilerunner.jobs)",
+    )
+    wk.add_argument(
+        "--prefetch",
+        type=_int_at_least(1),
+        default=1,
+        help="jobs held from the broker at once (run one at a time)",
+    )
+    wk.add_argument(
+        "--broker-timeout",
+        type=_seconds,
+        default=300.0,
+        help="exit (code 7) after this many seconds without a broker connection",
+    )
+
+
+def _attempt_options(wk: argparse.ArgumentParser) -> None:
+    wk.add_argument(
+        "--max-attempts",
+        type=_int_at_least(1),
+        default=3,
+        help="attempts of a job that fail with an error before it is dead-lettered "
+        "(counted by the workers; a broker restart or a lost connection is no failure)",
+    )
+    wk.add_argument(
+        "--delivery-limit",
+        type=_int_at_least(2),
+        default=DEFAULT_DELIVERY_LIMIT,
+        help="deliveries of a job that end with no answer at all (its worker died or lost "
+        "the connection) before the broker gives up on it: the backstop for a slide that "
+        "kills every worker; a queue argument, the same on every worker of a queue "
+        f"(default {DEFAULT_DELIVERY_LIMIT})",
+    )
+    wk.add_argument(
+        "--grace",
+        type=_seconds,
+        default=25.0,
+        help="on SIGTERM, seconds the current job may take to finish before it is "
+        "handed back to the queue",
+    )
+    wk.add_argument(
+        "--retry-delay",
+        type=_seconds,
+        default=5.0,
+        help="seconds before a failed attempt goes back to the queue",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -249,6 +268,12 @@ def _parser() -> argparse.ArgumentParser:
 
     _worker_parser(sub, common)
 
+    _demo_parser(sub)
+    return parser
+
+
+def _demo_parser(sub: Any) -> None:
+    """`tilerunner demo models|slide`: the demo models and synthetic slides (NOT clinical)."""
     demo = sub.add_parser("demo", help="write demo models or a synthetic slide (NOT clinical)")
     demo_sub = demo.add_subparsers(dest="what", required=True)
     dm = demo_sub.add_parser("models", help="write the demo ONNX models")
@@ -264,7 +289,6 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--compression", choices=("jpeg", "deflate"), default="jpeg")
     ds.add_argument("--vendor", choices=("generic", "aperio"), default="generic")
     ds.add_argument("--workers", type=int, default=1)
-    return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -323,7 +347,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from tilerunner.config import load_config
     from tilerunner.pipeline import RunOptions, default_workers
-    from tilerunner.worker import JsonLogFormatter, TextLogFormatter, WorkerSettings, serve
+    from tilerunner.worker.consumer import WorkerSettings
+    from tilerunner.worker.logs import JsonLogFormatter, TextLogFormatter
+    from tilerunner.worker.serve import serve
 
     if not args.amqp:
         raise ConfigError("worker: no broker URL; pass --amqp or set TILERUNNER_AMQP_URL")
@@ -343,6 +369,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         queue=args.queue,
         prefetch=args.prefetch,
         max_attempts=args.max_attempts,
+        delivery_limit=args.delivery_limit,
         grace_s=args.grace,
         retry_delay_s=args.retry_delay,
         broker_timeout_s=args.broker_timeout,
@@ -442,6 +469,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`tilerunner ARGS`: run one command; its exit code (errors print as one line)."""
     args = _parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     _setup_logging(level)
@@ -465,8 +493,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _job_thread_alive() -> bool:
-    worker = sys.modules.get("tilerunner.worker")
-    return worker is not None and bool(worker.job_thread_alive())
+    consumer = sys.modules.get("tilerunner.worker.consumer")
+    return consumer is not None and bool(consumer.job_thread_alive())
 
 
 def _dispatch(command: Any, args: argparse.Namespace) -> int:

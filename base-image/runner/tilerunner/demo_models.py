@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from tilerunner import synthetic
+
 TILE = 224
 MPP = 0.5
 OPSET = 17
@@ -228,8 +230,6 @@ def _render_training_tiles(
     palettes: tuple[str, ...], per_class: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tiles (N, 224, 224, 3) uint8 and labels (1 carcinoma, 0 not) from a training layout."""
-    from tilerunner import synthetic
-
     tiles: list[np.ndarray] = []
     labels: list[int] = []
     for p_index, palette in enumerate(palettes):

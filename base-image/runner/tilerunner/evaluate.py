@@ -37,6 +37,7 @@ def truth_mask(truth: dict[str, Any], scale: float) -> np.ndarray:
 
 
 def geojson_mask(geojson: dict[str, Any], truth: dict[str, Any], scale: float) -> np.ndarray:
+    """Rasterise GeoJSON polygons onto the truth's grid at `scale` level-0 px per pixel."""
     w, h = truth["spec"]["width"], truth["spec"]["height"]
     size = (int(np.ceil(w / scale)), int(np.ceil(h / scale)))
     polys = []
@@ -50,6 +51,7 @@ def geojson_mask(geojson: dict[str, Any], truth: dict[str, Any], scale: float) -
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 

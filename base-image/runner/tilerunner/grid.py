@@ -50,10 +50,12 @@ class TileGrid:
 
     @property
     def key(self) -> tuple[float, int]:
+        """(mpp, tile size): grids with the same key share tiles."""
         return (self.mpp, self.tile_size)
 
     @property
     def resize(self) -> bool:
+        """True if tiles are read at another size and resized."""
         return self.read_size != self.tile_size
 
     def origin0(self, col: int, row: int) -> tuple[int, int]:
@@ -61,9 +63,11 @@ class TileGrid:
         return round(col * self.step0), round(row * self.step0)
 
     def tile_area_um2(self) -> float:
+        """The area one tile covers, in square micrometres."""
         return (self.tile_size * self.mpp) ** 2
 
     def describe(self) -> dict[str, Any]:
+        """The grid as summary.json records it."""
         return {
             "mpp": self.mpp,
             "tile_size": self.tile_size,

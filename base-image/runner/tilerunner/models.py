@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tilerunner.config import ModelSpec, RunConfig
+from tilerunner.cuda import cuda_status
 from tilerunner.errors import ConfigError, DeviceError, ModelError
 from tilerunner.plugins import FEATURES
 from tilerunner.plugins.postprocessing import Kind, Prediction, raw_kind
@@ -58,6 +59,7 @@ def select_providers(
 
 
 def ort_version() -> str:
+    """The ONNX Runtime version in use."""
     import onnxruntime
 
     return str(onnxruntime.__version__)
@@ -76,6 +78,7 @@ class PreGraph:
         return f"tilerunner_pre_{prefix}_{self._n}"
 
     def const(self, value: np.ndarray, prefix: str = "const") -> str:
+        """Add a constant tensor; its name."""
         from onnx import numpy_helper
 
         name = self._name(prefix)
@@ -83,6 +86,7 @@ class PreGraph:
         return name
 
     def op(self, op_type: str, inputs: list[str], **attrs: Any) -> str:
+        """Add a node; the name of its output."""
         from onnx import helper
 
         out = self._name(op_type.lower())
@@ -157,6 +161,7 @@ class ModelRunner:
     )
 
     def predict(self, tiles: np.ndarray) -> Prediction:
+        """Run a batch of uint8 tiles through the model and its postprocessing."""
         t0 = time.perf_counter()
         raw = self.session.run(tiles)
         t1 = time.perf_counter()
@@ -276,6 +281,8 @@ def _provider_options(device: str) -> list[dict[str, str]]:
 
 @dataclass(frozen=True)
 class EngineOptions:
+    """How ONNX Runtime sessions are made: device, threads, spinning."""
+
     device: str = "auto"
     threads: int = 0  # ORT intra-op threads; 0: ORT's default (one per physical core)
     spin: bool = False  # let ORT threads spin-wait (faster alone, slower next to readers)
@@ -292,8 +299,6 @@ class ModelStore:
         self.available = list(available if available is not None else ort.get_available_providers())
         problem = ""
         if options.device != "cpu" and CUDA in self.available:
-            from tilerunner.cuda import cuda_status
-
             problem = cuda_status(self.available).reason
         self.device, self.providers = select_providers(options.device, self.available, problem)
         if problem and options.device == "auto":
@@ -424,6 +429,7 @@ class ModelStore:
 
     @property
     def sessions(self) -> list[Session]:
+        """Every distinct session loaded (one per model file and preprocessing)."""
         return list(self._sessions.values())
 
 

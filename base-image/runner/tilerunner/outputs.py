@@ -83,6 +83,7 @@ class OutputStage:
             ) from None
 
     def analysis_dir(self, name: str) -> Path:
+        """The staging folder of one analysis (created on first use)."""
         assert self.staging is not None, "prepare() first"
         path = self.staging / name
         with writing(path, "create"):
@@ -133,10 +134,12 @@ def write_geojson(path: Path, features: list[dict[str, Any]]) -> None:
 
 
 def write_json(path: Path, doc: Any) -> None:
+    """Write `doc` as indented, sorted JSON (a full disk becomes DiskFullError)."""
     _dump(path, doc, indent=2)
 
 
 def write_heatmap(path: Path, array: np.ndarray) -> None:
+    """Write a float32 heatmap as .npy (no pickles)."""
     with writing(path):
         np.save(path, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
 
@@ -200,6 +203,7 @@ def write_overlay(
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in chunks."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -1,16 +1,18 @@
-"""The runner's one helper for paths that come from outside data (job messages).
+"""The runner's one helper for paths that come from outside data (job messages, configs).
 
 The runner ships alone in the base image and cannot import the builder's `builder/paths.py`;
 this is its small equivalent. A path named by a job is resolved (symlinks followed, as the
 kernel would when opening it) and must then lie inside one of the folders the site allowed;
-anything else is refused with one line naming the value, the folders and what to do.
+a path a config names inside a folder (a model file in its model folder) must be relative,
+without '..', and stay there once resolved. Anything else is refused with one line naming
+the value, the folders and what to do.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tilerunner.errors import RunnerError
 
@@ -53,6 +55,29 @@ def resolve_within(path: Path, roots: Sequence[Path], *, what: str, option: str)
         f"{what} {text} is outside the allowed folders {shown}{via}; "
         f"put it under one of them or add its folder with {option}"
     )
+
+
+def join_within(folder: Path, relative: str, *, what: str) -> Path:
+    """`folder / relative` with every symlink resolved, if it stays inside `folder`.
+
+    UnsafePathError (naming `what`, the value and the folder) for an absolute path, a '..'
+    part, control characters, or a link that leads out of the folder.
+    """
+    shown = repr(relative[:200]) + ("..." if len(relative) > 200 else "")
+    parts = PurePosixPath(relative).parts
+    bad = (
+        not relative
+        or any(ord(ch) < 32 for ch in relative)
+        or PurePosixPath(relative).is_absolute()
+        or ".." in parts
+    )
+    joined = real(folder / relative) if not bad else folder
+    if bad or not (joined != real(folder) and joined.is_relative_to(real(folder))):
+        raise UnsafePathError(
+            f"{what} {shown} leaves its folder {folder} (absolute, '..', or a link out of "
+            "it); it must be a path inside that folder"
+        )
+    return joined
 
 
 def filesystem_type(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:

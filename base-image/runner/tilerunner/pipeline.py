@@ -64,6 +64,8 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class RunOptions:
+    """How a run goes: device, batch size, reader threads, ORT threads, mpp override, reader."""
+
     device: str = "auto"
     batch_size: int = 32
     workers: int = field(default_factory=default_workers)
@@ -76,6 +78,8 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class Progress:
+    """One progress report: analysis, stage, tiles done of total, seconds so far."""
+
     analysis: str
     stage: str  # "tissue", "tiles", "writing", "done"
     done: int
@@ -103,6 +107,8 @@ class RunReport:
 
 @dataclass
 class Batch:
+    """Tiles read for one inference call, with their grid coordinates."""
+
     coords: np.ndarray  # (n, 2) int (col, row)
     tiles: np.ndarray  # (n, T, T, 3) uint8
     read_s: float
@@ -147,6 +153,7 @@ class BatchReader:
         return handle
 
     def read(self, slide: Slide, coords: np.ndarray) -> Batch:
+        """Read the tiles at `coords` (col, row) of the grid into one batch."""
         t0 = time.perf_counter()
         g = self.grid
         out = np.empty((len(coords), g.tile_size, g.tile_size, 3), np.uint8)
@@ -572,6 +579,124 @@ def run(
     )
 
 
+def _tissue_by_grid(
+    runs: list[FeatureRun], tissue: TissueMask, min_fraction: float
+) -> tuple[dict[tuple[float, int], np.ndarray], dict[str, Any]]:
+    """Per tile grid: which tiles hold enough tissue, and the grid's summary entry."""
+    tissue_ok_by_grid: dict[tuple[float, int], np.ndarray] = {}
+    grid_info: dict[str, Any] = {}
+    for f in runs:
+        if f.grid.key not in tissue_ok_by_grid:
+            frac = tissue_fractions(f.grid, tissue)
+            tissue_ok_by_grid[f.grid.key] = frac >= min_fraction
+            ok = tissue_ok_by_grid[f.grid.key]
+            grid_info[f"{f.grid.mpp}@{f.grid.tile_size}"] = {
+                **f.grid.describe(),
+                "tiles_total": f.grid.rows * f.grid.cols,
+                "tissue_tiles": int(ok.sum()),
+                "skipped_no_tissue": int(f.grid.rows * f.grid.cols - ok.sum()),
+            }
+    return tissue_ok_by_grid, grid_info
+
+
+def _model_records(
+    analysis: str, runs: list[FeatureRun], store: ModelStore
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The summary's entry of each model the features used, and its timings."""
+    used = {m for f in runs for m in (r.spec.name for r in f.runners.values())}
+    models: dict[str, Any] = {}
+    model_timing: dict[str, Any] = {}
+    for name in sorted(used):
+        runner = store.runners[(analysis, name)]
+        spec = runner.spec
+        prov = spec.provenance
+        models[name] = {
+            "file": spec.params["file"],
+            "sha256": runner.session.sha256,
+            "registry_id": prov.get("registry_id"),
+            "task_id": prov.get("task_id"),
+            "weights_uri": prov.get("weights_uri"),
+            "tile_size": spec.tile_size,
+            "mpp": spec.mpp,
+            "tiles": int(runner.stats["tiles"]),
+        }
+        model_timing[name] = {
+            "inference_s": round(runner.stats["infer_s"], 4),
+            "postprocess_s": round(runner.stats["post_s"], 4),
+            "calls": int(runner.stats["calls"]),
+            "load_s": round(runner.session.load_s, 4),
+        }
+    return models, model_timing
+
+
+def _feature_records(
+    runs: list[FeatureRun], results: dict[str, FeatureResult]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The summary's entry of each feature, and its timings (what the dependency saved)."""
+    feature_summary: dict[str, Any] = {}
+    feature_timing: dict[str, Any] = {}
+    for f in runs:
+        feature_summary[f.name] = {
+            "cls": f.cls,
+            "depends_on": list(f.depends_on),
+            "models": {role: r.spec.name for role, r in sorted(f.runners.items())},
+            "grid": f"{f.grid.mpp}@{f.grid.tile_size}",
+            "tiles_run": f.tiles_run,
+            "tiles_skipped_by_dependency": f.skipped_by_dependency,
+            **{k: v for k, v in results[f.name].summary.items() if k != "tiles_run"},
+        }
+        infer = sum(r.stats["infer_s"] for r in f.runners.values())
+        per_tile = infer / max(1, sum(r.stats["tiles"] for r in f.runners.values()))
+        feature_timing[f.name] = {
+            "consume_s": round(f.consume_s, 4),
+            "inference_s": round(infer, 4),
+            "estimated_saved_by_dependency_s": round(per_tile * f.skipped_by_dependency, 4),
+        }
+    return feature_summary, feature_timing
+
+
+def _deterministic(
+    config: RunConfig,
+    analysis: AnalysisSpec,
+    store: ModelStore,
+    slide: Slide,
+    tissue: TissueMask,
+    records: dict[str, Any],
+) -> dict[str, Any]:
+    """The summary's deterministic section (`records`: grids, models, features, outputs)."""
+    return {
+        "runner": {
+            "name": "tilerunner",
+            "version": __version__,
+            "config_schemas": list(CONFIG_SCHEMA_VERSIONS),
+            "onnxruntime": ort_version(),
+        },
+        "config": {
+            "file": config.path.name,
+            "sha256": config.sha256,
+            "schema_version": config.schema_version,
+        },
+        "customer": config.customer,
+        "analysis": analysis.name,
+        "slide": slide.info.describe(),
+        "device": store.device,
+        "providers": store.providers,
+        "tissue": tissue.describe(),
+        **records,
+    }
+
+
+def _options_record(options: RunOptions) -> dict[str, Any]:
+    return {
+        "batch_size": options.batch_size,
+        "workers": options.workers,
+        "threads": options.threads,
+        "prefetch": options.prefetch,
+        "spin": options.spin,
+        "reader": options.reader,
+    }
+
+
 def _run_analysis(
     config: RunConfig,
     analysis: AnalysisSpec,
@@ -589,19 +714,7 @@ def _run_analysis(
     runs = _plan(analysis, store, slide)
     by_name = {f.name: f for f in runs}
     timing: dict[str, float] = {}
-    tissue_ok_by_grid: dict[tuple[float, int], np.ndarray] = {}
-    grid_info: dict[str, Any] = {}
-    for f in runs:
-        if f.grid.key not in tissue_ok_by_grid:
-            frac = tissue_fractions(f.grid, tissue)
-            tissue_ok_by_grid[f.grid.key] = frac >= analysis.tissue.min_tile_fraction
-            ok = tissue_ok_by_grid[f.grid.key]
-            grid_info[f"{f.grid.mpp}@{f.grid.tile_size}"] = {
-                **f.grid.describe(),
-                "tiles_total": f.grid.rows * f.grid.cols,
-                "tissue_tiles": int(ok.sum()),
-                "skipped_no_tissue": int(f.grid.rows * f.grid.cols - ok.sum()),
-            }
+    tissue_ok_by_grid, grid_info = _tissue_by_grid(runs, tissue, analysis.tissue.min_tile_fraction)
     passes: dict[tuple[int, tuple[float, int]], list[FeatureRun]] = {}
     for f in runs:
         passes.setdefault((f.pass_index, f.grid.key), []).append(f)
@@ -630,86 +743,17 @@ def _run_analysis(
     folder = stage.analysis_dir(analysis.name)
     files = _write_analysis(folder, analysis, runs, results, overlay_thumbnail(slide, tissue))
     write_s = time.perf_counter() - t
-
-    used = {m for f in runs for m in (r.spec.name for r in f.runners.values())}
-    models: dict[str, Any] = {}
-    model_timing: dict[str, Any] = {}
-    for name in sorted(used):
-        runner = store.runners[(analysis.name, name)]
-        spec = runner.spec
-        prov = spec.provenance
-        models[name] = {
-            "file": spec.params["file"],
-            "sha256": runner.session.sha256,
-            "registry_id": prov.get("registry_id"),
-            "task_id": prov.get("task_id"),
-            "weights_uri": prov.get("weights_uri"),
-            "tile_size": spec.tile_size,
-            "mpp": spec.mpp,
-            "tiles": int(runner.stats["tiles"]),
-        }
-        model_timing[name] = {
-            "inference_s": round(runner.stats["infer_s"], 4),
-            "postprocess_s": round(runner.stats["post_s"], 4),
-            "calls": int(runner.stats["calls"]),
-            "load_s": round(runner.session.load_s, 4),
-        }
-    feature_summary: dict[str, Any] = {}
-    feature_timing: dict[str, Any] = {}
-    for f in runs:
-        feature_summary[f.name] = {
-            "cls": f.cls,
-            "depends_on": list(f.depends_on),
-            "models": {role: r.spec.name for role, r in sorted(f.runners.items())},
-            "grid": f"{f.grid.mpp}@{f.grid.tile_size}",
-            "tiles_run": f.tiles_run,
-            "tiles_skipped_by_dependency": f.skipped_by_dependency,
-            **{k: v for k, v in results[f.name].summary.items() if k != "tiles_run"},
-        }
-        infer = sum(r.stats["infer_s"] for r in f.runners.values())
-        per_tile = infer / max(1, sum(r.stats["tiles"] for r in f.runners.values()))
-        feature_timing[f.name] = {
-            "consume_s": round(f.consume_s, 4),
-            "inference_s": round(infer, 4),
-            "estimated_saved_by_dependency_s": round(per_tile * f.skipped_by_dependency, 4),
-        }
+    models, model_timing = _model_records(analysis.name, runs, store)
+    feature_summary, feature_timing = _feature_records(runs, results)
+    records = {"grids": grid_info, "models": models, "features": feature_summary, "outputs": files}
     total_s = time.perf_counter() - t_start
     summary = {
         "format": SUMMARY_FORMAT,
         "volatile_keys": ["run"],
-        "deterministic": {
-            "runner": {
-                "name": "tilerunner",
-                "version": __version__,
-                "config_schemas": list(CONFIG_SCHEMA_VERSIONS),
-                "onnxruntime": ort_version(),
-            },
-            "config": {
-                "file": config.path.name,
-                "sha256": config.sha256,
-                "schema_version": config.schema_version,
-            },
-            "customer": config.customer,
-            "analysis": analysis.name,
-            "slide": slide.info.describe(),
-            "device": store.device,
-            "providers": store.providers,
-            "tissue": tissue.describe(),
-            "grids": grid_info,
-            "models": models,
-            "features": feature_summary,
-            "outputs": files,
-        },
+        "deterministic": _deterministic(config, analysis, store, slide, tissue, records),
         "run": {
             "host": socket.gethostname(),
-            "options": {
-                "batch_size": options.batch_size,
-                "workers": options.workers,
-                "threads": options.threads,
-                "prefetch": options.prefetch,
-                "spin": options.spin,
-                "reader": options.reader,
-            },
+            "options": _options_record(options),
             "tiles": tiles,
             "tiles_per_s": round(tiles / tiles_s, 2) if tiles_s > 0 else None,
             "timings_s": {

@@ -42,9 +42,11 @@ class SlideInfo:
 
     @property
     def level_mpps(self) -> list[float]:
+        """Microns per pixel of each level."""
         return [self.mpp * d for d in self.level_downsamples]
 
     def describe(self) -> dict[str, Any]:
+        """The slide as summary.json records it (file, reader, levels)."""
         return {
             "file": self.path.name,
             "size_bytes": self.path.stat().st_size,
@@ -61,6 +63,8 @@ class SlideInfo:
 
 
 class Slide(Protocol):
+    """A whole-slide image open for reading (OpenSlide or tifffile)."""
+
     info: SlideInfo
 
     def read_region(
@@ -73,7 +77,8 @@ class Slide(Protocol):
         """A new handle on the same file, for another thread."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the file handle."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -136,6 +141,7 @@ class OpenSlideSlide:
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of `size` at `level`, top-left at level-0 `location`."""
         import openslide
 
         if self._failure is not None:
@@ -152,9 +158,11 @@ class OpenSlideSlide:
         return _rgba_to_rgb(np.asarray(image))
 
     def clone(self) -> OpenSlideSlide:
+        """A new handle on the same file, for another thread."""
         return OpenSlideSlide(self.info.path, self.info)
 
     def close(self) -> None:
+        """Release the OpenSlide handle."""
         self._osr.close()
 
 
@@ -212,6 +220,7 @@ class TiffSlide:
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of each level, as the TIFF directories say."""
         return tuple((int(p.imagewidth), int(p.imagelength)) for p in self._pages)
 
     def _info(self, path: Path, mpp_override: float | None) -> SlideInfo:
@@ -271,6 +280,7 @@ class TiffSlide:
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of `size` at `level`, top-left at level-0 `location`."""
         page = self._pages[level]
         ds = self.info.level_downsamples[level]
         x0, y0 = math.floor(location[0] / ds), math.floor(location[1] / ds)
@@ -301,9 +311,11 @@ class TiffSlide:
         return out
 
     def clone(self) -> TiffSlide:
+        """A new handle on the same file, for another thread."""
         return TiffSlide(self.info.path, self.info)
 
     def close(self) -> None:
+        """Release the tifffile handle."""
         self._tf.close()
 
 
@@ -365,27 +377,87 @@ def _no_directory(path: Path) -> str:
     )
 
 
+#: Bounds checked before OpenSlide or tifffile allocate anything for a TIFF: a damaged or
+#: crafted directory can claim any size, and OpenSlide aborts the whole process (SIGABRT, no
+#: message) when an allocation fails, e.g. the 4 TB buffer of a 1,048,576 px tile.
+MAX_SIDE = 1 << 20  # px a side of one image (25 x 75 mm at 0.1 um/px is 750,000 px)
+MAX_SEGMENT_BYTES = 256 << 20  # one tile or strip decoded (an 8192 x 8192 px RGBA tile)
+MAX_SEGMENTS = 1 << 24  # tiles or strips of one image
+MAX_IMAGES = 1024  # image directories in one file (a slide has a handful; z-stacks dozens)
+
+
+def _bounds_problem(index: int, page: Any) -> str | None:
+    """What an image directory claims beyond the bounds above, in words, or None; an
+    empty image or tile is not a size but a corrupt directory (said so, with "corrupt: ")."""
+    w, h = int(page.imagewidth), int(page.imagelength)
+    if w < 1 or h < 1:
+        return f"corrupt: image {index} is {w} x {h} px (empty)"
+    if max(w, h) > MAX_SIDE:
+        return f"image {index} claims {w} x {h} px (at most {MAX_SIDE} px a side)"
+    tags = page.tags
+    if "TileWidth" in tags or "TileLength" in tags:  # tags, not tifffile's view of them
+        what, sw, sh = "tiles", int(tags.valueof(322, 0)), int(tags.valueof(323, 0))
+    else:
+        what, sw, sh = "strips", w, min(int(tags.valueof(278, h) or h), h)
+    if sw < 1 or sh < 1:
+        return f"corrupt: image {index} has {what} of {sw} x {sh} px (empty)"
+    pixel = max(4, int(page.samplesperpixel) * max(1, int(page.bitspersample) // 8))
+    # a Hamamatsu NDPI level is one JPEG strip that OpenSlide decodes in parts
+    if sw * sh * pixel > MAX_SEGMENT_BYTES and not (what == "strips" and page.is_ndpi):
+        return (
+            f"image {index} claims {what} of {sw} x {sh} px ({sw * sh * pixel} bytes each, "
+            f"decoded; at most {MAX_SEGMENT_BYTES})"
+        )
+    count = -(-w // sw) * -(-h // sh)
+    if count > MAX_SEGMENTS:
+        return f"image {index} claims {count} {what} (at most {MAX_SEGMENTS})"
+    return None
+
+
+def _check_page(path: Path, index: int, page: Any, size: int) -> None:
+    """SlideError if an image directory claims absurd sizes or data past the end of the file."""
+    problem = _bounds_problem(index, page)
+    if problem is not None and problem.startswith("corrupt: "):
+        raise SlideError(
+            f"slide {path} has a corrupt TIFF directory: {problem.removeprefix('corrupt: ')}"
+        )
+    if problem is not None:
+        raise SlideError(
+            f"slide {path} is not a slide this runner reads: {problem}; the file is corrupt "
+            "or was not written by a scanner"
+        )
+    offsets = getattr(page, "dataoffsets", ())
+    counts = getattr(page, "databytecounts", ())
+    if not len(offsets):
+        return
+    end = max(int(o) + int(c) for o, c in zip(offsets, counts, strict=False))
+    if end > size:
+        raise SlideError(
+            f"slide {path} is truncated: image {index} needs {end} bytes but the "
+            f"file has {size}; copy it again"
+        )
+
+
 def preflight_tiff(path: Path) -> None:
-    """Check that every level's tile data lies inside the file (catches truncated copies)."""
+    """Check every image directory before any reader allocates for it: sizes within the
+    bounds above (else OpenSlide may abort the process), tile data inside the file (catches
+    truncated copies), at most MAX_IMAGES directories."""
     import tifffile
 
     size = path.stat().st_size
     try:
         with tifffile.TiffFile(str(path)) as tf:
-            pages = list(tf.pages)
-            if not pages:
-                raise SlideError(_no_directory(path))
-            for index, page in enumerate(pages):
-                offsets = getattr(page, "dataoffsets", ())
-                counts = getattr(page, "databytecounts", ())
-                if not len(offsets):
-                    continue
-                end = max(int(o) + int(c) for o, c in zip(offsets, counts, strict=False))
-                if end > size:
+            index = -1
+            for index, page in enumerate(tf.pages):
+                if index >= MAX_IMAGES:
                     raise SlideError(
-                        f"slide {path} is truncated: image {index} needs {end} bytes but the "
-                        f"file has {size}; copy it again"
+                        f"slide {path} is not a slide this runner reads: it has more than "
+                        f"{MAX_IMAGES} image directories; the file is corrupt or was not "
+                        "written by a scanner"
                     )
+                _check_page(path, index, page, size)
+            if index < 0:
+                raise SlideError(_no_directory(path))
     except SlideError:
         raise
     except Exception as exc:

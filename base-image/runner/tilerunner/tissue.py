@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tilerunner.contract import constraint
+from tilerunner.param_schema import constraint
 from tilerunner.slide import Slide
 
 _CHUNK = 2048  # level pixels per read when building the thumbnail (bounds memory)
@@ -78,10 +78,12 @@ class TissueMask:
         return float(self.mask[r0:r1, c0:c1].mean())
 
     def area_um2(self) -> float:
+        """Tissue area in square micrometres."""
         sx, sy = self.scale0
         return float(self.mask.sum()) * self.mpp * self.mpp * (sy / sx)
 
     def describe(self) -> dict[str, Any]:
+        """The mask as summary.json records it."""
         return {
             "mpp": round(self.mpp, 6),
             "shape": list(self.mask.shape),

@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from tilerunner.contract import constraint
 from tilerunner.geometry import grid_regions, merge_points
 from tilerunner.grid import TileGrid
+from tilerunner.param_schema import constraint
 from tilerunner.plugins.postprocessing import Kind, Prediction
 from tilerunner.plugins.registry import Registry
 
@@ -34,6 +34,8 @@ class FeatureResult:
 
 
 class Feature(Protocol):
+    """A feature on tiles: takes predictions, marks positive tiles, finishes with its results."""
+
     roles: ClassVar[Mapping[str, Kind]]
     Params: ClassVar[type]
 
@@ -45,10 +47,13 @@ class Feature(Protocol):
         """(rows, cols) bool: tiles this feature marked positive (gates dependents)."""
         ...
 
-    def finish(self) -> FeatureResult: ...
+    def finish(self) -> FeatureResult:
+        """The feature's GeoJSON, heatmaps and summary numbers."""
 
 
 class FeatureFactory(Protocol):
+    """A feature class: its model roles, its Params, and how to make one for a grid."""
+
     roles: ClassVar[Mapping[str, Kind]]
     Params: ClassVar[type]
 
@@ -87,6 +92,8 @@ class Carcinoma:
 
     @dataclass(frozen=True)
     class Params:
+        """Params of Carcinoma (config `params`)."""
+
         min_region_area_um2: float = field(default=0.0, metadata=constraint(minimum=0))
         class_name: str = "Carcinoma"
         color: list[int] = field(default_factory=lambda: [200, 40, 40], metadata=_COLOUR)
@@ -102,6 +109,7 @@ class Carcinoma:
         self.positive = np.zeros((grid.rows, grid.cols), bool)
 
     def consume(self, tiles: np.ndarray, preds: Mapping[str, Prediction]) -> np.ndarray:
+        """Record the tiles' scores and labels; the mask of positive tiles."""
         pred = preds["classification_model"]
         assert pred.scores is not None and pred.labels is not None
         cols, rows = tiles[:, 0], tiles[:, 1]
@@ -111,6 +119,7 @@ class Carcinoma:
         return flags
 
     def positive_grid(self) -> np.ndarray:
+        """Tiles classified carcinoma (children run only there)."""
         return self.positive
 
     def _clipped_cell_area_um2(self, region: np.ndarray) -> float:
@@ -123,6 +132,7 @@ class Carcinoma:
         return float(((x1 - x0) * (y1 - y0)).sum() * g.mpp0 * g.mpp0)
 
     def finish(self) -> FeatureResult:
+        """Regions of positive tiles, the probability heatmap and the areas."""
         g, p = self.grid, self.params
         features: list[dict[str, Any]] = []
         total_area = 0.0
@@ -182,6 +192,8 @@ class Mitosis:
 
     @dataclass(frozen=True)
     class Params:
+        """Params of Mitosis (config `params`)."""
+
         merge_distance_um: float = field(default=4.0, metadata=constraint(minimum=0))
         class_name: str = "Mitosis"
         color: list[int] = field(default_factory=lambda: [20, 20, 220], metadata=_COLOUR)
@@ -199,6 +211,7 @@ class Mitosis:
         self._score: list[float] = []
 
     def consume(self, tiles: np.ndarray, preds: Mapping[str, Prediction]) -> np.ndarray:
+        """Record the tiles' detected objects; the mask of tiles with any."""
         pred = preds["segmentation_model"]
         assert pred.objects is not None
         g = self.grid
@@ -219,9 +232,11 @@ class Mitosis:
         return flags
 
     def positive_grid(self) -> np.ndarray:
+        """Tiles with at least one mitosis."""
         return np.nan_to_num(self.count) > 0
 
     def finish(self) -> FeatureResult:
+        """Merged detections as points, the count heatmap and the density."""
         g, p = self.grid, self.params
         xy = np.asarray(self._xy, np.float64).reshape(-1, 2)
         area = np.asarray(self._area, np.float64)

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tilerunner.contract import constraint
+from tilerunner.param_schema import constraint
 from tilerunner.plugins.registry import Registry
 
 
@@ -68,11 +68,14 @@ def raw_kind(rank: int) -> Kind:
 
 
 class Postprocessor(Protocol):
+    """A postprocessing step: checks the kind it takes, turns one prediction into the next."""
+
     def output_kind(self, kind: Kind) -> Kind:
         """The kind this step gives for input `kind`; ValueError if it cannot take it."""
         ...
 
-    def apply(self, pred: Prediction) -> Prediction: ...
+    def apply(self, pred: Prediction) -> Prediction:
+        """The prediction after this step."""
 
 
 POSTPROCESSING: Registry[Postprocessor] = Registry("postprocessing")
@@ -98,10 +101,12 @@ class Softmax:
     """Softmax over the class axis (scores or per-pixel maps)."""
 
     def output_kind(self, kind: Kind) -> Kind:
+        """Scores or maps stay what they are."""
         _needs(kind, (Kind.SCORES, Kind.MAPS), "Softmax")
         return kind
 
     def apply(self, pred: Prediction) -> Prediction:
+        """Softmax over the class axis."""
         if pred.kind is Kind.SCORES:
             assert pred.scores is not None
             return replace(pred, scores=_softmax(pred.scores, 1))
@@ -115,10 +120,13 @@ class Sigmoid:
     """Logistic function, for models that output logits."""
 
     def output_kind(self, kind: Kind) -> Kind:
+        """Scores or maps stay what they are."""
         _needs(kind, (Kind.SCORES, Kind.MAPS), "Sigmoid")
         return kind
 
     def apply(self, pred: Prediction) -> Prediction:
+        """The logistic function, element-wise."""
+
         def sig(x: np.ndarray) -> np.ndarray:
             return np.asarray(1.0 / (1.0 + np.exp(-x)), np.float32)
 
@@ -135,10 +143,12 @@ class ArgMax:
     """Most likely class: per tile (labels, with its score) or per pixel (label map)."""
 
     def output_kind(self, kind: Kind) -> Kind:
+        """Scores become labels, maps a label map."""
         _needs(kind, (Kind.SCORES, Kind.MAPS), "ArgMax")
         return Kind.LABELS if kind is Kind.SCORES else Kind.LABELMAP
 
     def apply(self, pred: Prediction) -> Prediction:
+        """The best class (and its score) per tile or pixel."""
         if pred.kind is Kind.SCORES:
             assert pred.scores is not None
             labels = pred.scores.argmax(axis=1)
@@ -167,10 +177,12 @@ class BinaryClassification:
             raise ValueError("positive_index must be a non-negative integer")
 
     def output_kind(self, kind: Kind) -> Kind:
+        """Scores become labels."""
         _needs(kind, (Kind.SCORES,), "BinaryClassification")
         return Kind.LABELS
 
     def apply(self, pred: Prediction) -> Prediction:
+        """Label 1 where the positive score reaches the threshold."""
         assert pred.scores is not None
         s = pred.scores
         if s.shape[1] == 1:
@@ -212,10 +224,12 @@ class MaskToObjects:
             raise ValueError("max_area_um2 must be >= min_area_um2")
 
     def output_kind(self, kind: Kind) -> Kind:
+        """Maps or label maps become objects."""
         _needs(kind, (Kind.MAPS, Kind.LABELMAP), "MaskToObjects")
         return Kind.OBJECTS
 
     def apply(self, pred: Prediction) -> Prediction:
+        """Connected components of the thresholded mask, sized in square micrometres."""
         from scipy import ndimage  # type: ignore[import-untyped]
 
         px_area = pred.mpp * pred.mpp

@@ -14,19 +14,23 @@ from typing import Protocol
 
 import numpy as np
 
-from tilerunner.contract import constraint
+from tilerunner.param_schema import constraint
 from tilerunner.plugins.registry import Registry
 
 
 class GraphSink(Protocol):
     """What a preprocessing step needs to add nodes (see models.PreGraph)."""
 
-    def const(self, value: np.ndarray, prefix: str = ...) -> str: ...
+    def const(self, value: np.ndarray, prefix: str = ...) -> str:
+        """Add a constant tensor; its name."""
 
-    def op(self, op_type: str, inputs: list[str], **attrs: object) -> str: ...
+    def op(self, op_type: str, inputs: list[str], **attrs: object) -> str:
+        """Add a node; the name of its output."""
 
 
 class Preprocessor(Protocol):
+    """A preprocessing step, compiled into the model's graph (and in numpy for checks)."""
+
     def onnx(self, g: GraphSink, x: str, layout: str) -> str:
         """Add nodes computing this step on float32 tensor `x`; return the output name."""
         ...
@@ -67,9 +71,11 @@ class Normalization:
             raise ValueError("factor must be a finite non-zero number")
 
     def onnx(self, g: GraphSink, x: str, layout: str) -> str:
+        """x / factor, as graph nodes."""
         return g.op("Div", [x, g.const(np.array(self.factor, np.float32), "factor")])
 
     def apply(self, x: np.ndarray, layout: str) -> np.ndarray:
+        """x / factor, in numpy."""
         return np.asarray(x / np.float32(self.factor), np.float32)
 
 
@@ -95,12 +101,14 @@ class MeanStd:
             raise ValueError("std must be non-zero")
 
     def onnx(self, g: GraphSink, x: str, layout: str) -> str:
+        """(x - mean) / std per channel, as graph nodes."""
         shape = _channel_shape(layout)
         mean = g.const(_per_channel(self.mean, "mean").reshape(shape), "mean")
         std = g.const(_per_channel(self.std, "std").reshape(shape), "std")
         return g.op("Div", [g.op("Sub", [x, mean]), std])
 
     def apply(self, x: np.ndarray, layout: str) -> np.ndarray:
+        """(x - mean) / std per channel, in numpy."""
         shape = _channel_shape(layout)
         mean = _per_channel(self.mean, "mean").reshape(shape)
         std = _per_channel(self.std, "std").reshape(shape)

@@ -8,11 +8,12 @@ these registries.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from tilerunner.errors import ConfigError
+from tilerunner.param_schema import did_you_mean, params_problem, params_schema
 
 T = TypeVar("T")
 
@@ -33,6 +34,7 @@ class Registry(Generic[T]):
         return cls
 
     def names(self) -> list[str]:
+        """The registered class names, sorted."""
         return sorted(self._classes)
 
     def items(self) -> list[tuple[str, type[T]]]:
@@ -44,11 +46,9 @@ class Registry(Generic[T]):
         try:
             return self._classes[name]
         except KeyError:
-            guess = difflib.get_close_matches(str(name), self.names(), n=1)
-            hint = f"did you mean {guess[0]!r}? " if guess else ""
             raise ConfigError(
                 f"{where}: unknown {self.kind} plug-in class {name!r} "
-                f"({hint}known: {', '.join(self.names())})"
+                f"({did_you_mean(str(name), self.names())}known: {', '.join(self.names())})"
             ) from None
 
     def create(self, name: str, params: Mapping[str, Any] | None, where: str) -> T:
@@ -61,11 +61,9 @@ def build(cls: Callable[..., T], params: Mapping[str, Any], where: str) -> T:
     """cls(**params) for a dataclass, turning unknown keys and bad values into ConfigError.
 
     Params are first checked against the class's schema in the runner contract (see
-    tilerunner.contract), so the runner refuses exactly what the builder's check refuses.
+    tilerunner.param_schema), so the runner refuses exactly what the builder's check refuses.
     """
     if dataclasses.is_dataclass(cls) and isinstance(cls, type):
-        from tilerunner.contract import params_problem, params_schema
-
         problem = params_problem(params_schema(cls), dict(params))
         if problem:
             raise ConfigError(f"{where}: {problem}")
@@ -78,8 +76,6 @@ def build(cls: Callable[..., T], params: Mapping[str, Any], where: str) -> T:
 
 def _nested(cls: type, params: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Params whose field type is a dataclass, built from their mapping (nested params)."""
-    import typing
-
     hints = typing.get_type_hints(cls)
     out = dict(params)
     for key, value in params.items():
