@@ -315,12 +315,12 @@ def test_commit_id_that_does_not_exist(repo: Path, settings: Settings) -> None:
 
 
 def _cli_env(tmp_path: Path) -> dict[str, str]:
-    """The bundled demo registry and weights; no base image reachable (validate and lock say
-    so and go on)."""
+    """The bundled demo registry and weights; no base image (an empty OCI layout path:
+    validate and lock say so and go on, with no registry to wait for)."""
     return {
         "BUILDER_MODEL_REGISTRY": f"local:{ROOT / 'demo' / 'registry'}",
         "BUILDER_PRODUCTION": f"file:{ROOT / 'demo' / 'production'}",
-        "BUILDER_BASE_REPOSITORY": "127.0.0.1:1/ivd/inference-base",
+        "BUILDER_BASE_REPOSITORY": f"oci:{tmp_path / 'no-base'}",
         "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
     }
 
