@@ -22,13 +22,11 @@ import json
 import tarfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Final
 
-import yaml
-
-from builder import deliver
+from builder import deliver, yamldoc
 from builder.errors import ImageError
 from builder.image.store import ImageStore, split_name
 from builder.pipeline import CONFIG_DIR, docker_client
@@ -64,15 +62,7 @@ class SmokeReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "image": self.image,
-            "image_id": self.image_id,
-            "source": self.source,
-            "slide": self.slide,
-            "exit_code": self.exit_code,
-            "analyses": self.analyses,
-            "seconds": self.seconds,
-        }
+        return asdict(self)
 
 
 def smoke(image: str, store: ImageStore, *, timeout: int = 600) -> SmokeReport:
@@ -107,16 +97,16 @@ def smoke(image: str, store: ImageStore, *, timeout: int = 600) -> SmokeReport:
             hint="the image does not load its config or a model; `builder explain` shows what "
             "it was built from",
         )
-    report.analyses = check_summaries(image, config_bytes, outputs)
+    report.analyses = _check_summaries(image, config_bytes, outputs)
     return report
 
 
-def check_summaries(
+def _check_summaries(
     image: str, config_bytes: bytes, outputs: Mapping[str, bytes]
 ) -> dict[str, list[str]]:
     """Every analysis of the config has ``<analysis>/summary.json`` made from this config with
     every feature; the features found per analysis (ImageError naming what is missing)."""
-    config = yaml.safe_load(config_bytes) or {}
+    config = yamldoc.parse(config_bytes, f"{image}:{CONFIG_DIR}/analysis.yaml").data or {}
     sha = hashlib.sha256(config_bytes).hexdigest()
     found: dict[str, list[str]] = {}
     for analysis in config.get("analyses") or []:
