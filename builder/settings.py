@@ -1,4 +1,5 @@
-"""Project settings: builder.toml (found upward from the working directory), then BUILDER_* env.
+"""Project settings: builder.toml (found upward from the working directory, else the user's
+own), then BUILDER_* env.
 
 Settings say where things are (registry backend, production store, base repository, target
 registry, cache). They never hold secrets: credentials come from each service's own standard
@@ -47,12 +48,19 @@ class Settings:
         return replace(self, **given)  # type: ignore[arg-type]
 
 
+def user_settings_file() -> Path:
+    """The user's own settings (``~/.config/ivd-builder/builder.toml`` on Linux): read when no
+    project builder.toml is found, so a reviewer's commands work from any folder."""
+    return platformdirs.user_config_path("ivd-builder") / SETTINGS_FILE
+
+
 def _find_settings_file(start: Path) -> Path | None:
     for folder in (start, *start.parents):
         candidate = folder / SETTINGS_FILE
         if candidate.is_file():
             return candidate
-    return None
+    user = user_settings_file()
+    return user if user.is_file() else None
 
 
 def _anchor(value: str, base: Path) -> str:
@@ -65,7 +73,7 @@ def _anchor(value: str, base: Path) -> str:
 
 
 def load_settings(cwd: Path | None = None) -> Settings:
-    """Defaults, then builder.toml, then BUILDER_* environment variables."""
+    """Defaults, then builder.toml (the project's, else the user's), then BUILDER_* variables."""
     cwd = cwd or Path.cwd()
     values: dict[str, str] = {
         "customers": "customers",

@@ -24,6 +24,7 @@ from helpers import make_clearml_env  # noqa: E402
 from testbed.base_os import ensure_base_image  # noqa: E402
 from testbed.clearml_emulator import ClearMLEmulator  # noqa: E402
 from testbed.docker_engine import Engine, ensure_engine  # noqa: E402
+from testbed.object_stores import AzuriteServer, GcsServer, start_azurite, start_gcs  # noqa: E402
 from testbed.rabbitmq import RabbitMQ, start_rabbitmq  # noqa: E402
 from testbed.registry import Registry, start_registry  # noqa: E402
 from testbed.s3 import S3Server, start_s3  # noqa: E402
@@ -85,13 +86,29 @@ def inference_base(docker_engine: Engine, oci_registry: Registry, base_os_image:
     return repository
 
 
-# --- S3 -----------------------------------------------------------------------------------
+# --- Object stores: S3, Google Cloud Storage, Azure Blob Storage ----------------------------
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto in server mode. Attributes: .endpoint_url, .env(), .client(), .create_bucket()."""
     server = _start("the moto S3 server", start_s3)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GcsServer]:
+    """gcp-storage-emulator: .env() (STORAGE_EMULATOR_HOST), .put(bucket, key, data)."""
+    server = _start("the GCS emulator", start_gcs)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
+    """Azurite (npm) behind TLS: .host, .env() (proxy, CA), .clearml_conf(), .put()."""
+    server = _start("Azurite", lambda: start_azurite(tmp_path_factory.mktemp("azurite")))
     yield server
     server.stop()
 

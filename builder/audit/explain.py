@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
 
 from builder.attest.dsse import (
     MEDIA_DSSE,
@@ -19,12 +17,9 @@ from builder.attest.dsse import (
     verify_envelope,
 )
 from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO
-from builder.audit.history import location_of
-from builder.audit.records import read_release_records
-from builder.audit.text import pinned, short
-from builder.cook.load import load_customer, open_source
-from builder.documents.release_record import ReleaseRecord
-from builder.errors import AttestationError, BuilderError, ConfigError, ImageError
+from builder.audit.history import ReleaseReview, open_customer, release_review
+from builder.audit.text import base_of, short
+from builder.errors import AttestationError, BuilderError, ImageError
 from builder.image.provenance import LABEL_PREFIX
 from builder.oci import Descriptor
 from builder.oci.image import (
@@ -111,6 +106,8 @@ class Explanation:
     checks: list[Check]
     ci_url: str | None = None
     selected: dict[str, Any] | None = None  # how a customer name was turned into this image
+    #: For a recorded release: what changed since the previous release, why, who approved it.
+    review: ReleaseReview | None = None
 
     @property
     def ok(self) -> bool:
@@ -208,22 +205,6 @@ def _file_statuses(provenance: Mapping[str, Any], found: ImageFiles) -> list[Mod
             model, _, name = rest.partition("/")
             out.append(ModelFileStatus(model, name, "", sha, size, "UNEXPECTED"))
     return out
-
-
-def base_of(labels: Mapping[str, str], provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """The base image an image was built on: repository, version and digest from the labels
-    (provenance.json records only the constraint, so a base bump leaves the config layer
-    unchanged), the constraint from provenance.json."""
-    recorded = dict(provenance.get("base_image") or {})
-    version = labels.get("com.ivd.base.version") or recorded.get("version")
-    name = labels.get("org.opencontainers.image.base.name", "")
-    repository = name.removesuffix(f":{version}") if version else name.rpartition(":")[0]
-    return {
-        "repository": recorded.get("repository") or repository or None,
-        "version": version,
-        "digest": labels.get("org.opencontainers.image.base.digest") or recorded.get("digest"),
-        "constraint": recorded.get("constraint"),
-    }
 
 
 def _consistency_checks(
@@ -446,36 +427,30 @@ def _statement_checks(
 
 def _release_for(
     provenance: Mapping[str, Any], digest: str, settings: Settings
-) -> tuple[dict[str, Any] | None, str]:
-    """The release record of this digest, read from the recorded config repository."""
+) -> tuple[dict[str, Any] | None, str, ReleaseReview | None]:
+    """The release record of this digest, read from the recorded config repository, and that
+    release's review (what changed since the previous release, why, who approved it)."""
     url = str((provenance.get("config") or {}).get("repository", ""))
-    location = _local_location(url) or url.partition("#")[0]
     try:
-        records, where = read_release_records(location, str(provenance.get("customer")), settings)
+        customer = open_customer(url, settings)
     except BuilderError as exc:
-        return None, f"release records not read: {exc}"
-    for record in records:
-        if record.manifest_digest == digest:
-            return {
-                "path": record.path,
-                "image": record.image,
-                "built_at": record.built_at,
-                "ci_url": record.ci_url,
-            }, f"released as {record.image} ({where}: {record.path})"
-    return None, f"no release record on {where} names this digest: not a recorded release"
-
-
-def _local_location(url: str, repo: Path | None = None) -> str | None:
-    """Where the recorded config repository is on this machine (file:// URLs, or ``repo``)."""
-    base, _, folder = url.partition("#")
-    if repo is not None:
-        root = repo
-    elif base.startswith("file://"):
-        root = Path(unquote(urlsplit(base).path))
-    else:
-        return None
-    path = root / folder if folder else root
-    return str(path) if path.exists() else None
+        return None, f"release records not read: {exc}", None
+    where = customer.records_where
+    record = next((r for r in customer.records if r.manifest_digest == digest), None)
+    if record is None:
+        return None, f"no release record on {where} names this digest: not a recorded release", None
+    found = {
+        "path": record.path,
+        "image": record.image,
+        "built_at": record.built_at,
+        "ci_url": record.ci_url,
+    }
+    note = f"released as {record.image} ({where}: {record.path})"
+    try:
+        review = release_review(customer, record)
+    except BuilderError as exc:
+        return found, f"{note}; approvals not read: {exc}", None
+    return found, note, review
 
 
 def _file_checks(files: Sequence[ModelFileStatus]) -> list[Check]:
@@ -531,7 +506,7 @@ def explain(
     signatures = {a.signature for a in attested.infos}
     if public_key is not None and not signatures & {"valid", "INVALID"}:
         checks.append(Check("provenance signature", False, f"no signed provenance ({where})"))
-    release, release_note = _release_for(provenance, image.manifest_digest, settings)
+    release, release_note, review = _release_for(provenance, image.manifest_digest, settings)
     metadata = ((attested.statement or {}).get("predicate") or {}).get("runDetails", {}).get(
         "metadata"
     ) or {}
@@ -563,92 +538,5 @@ def explain(
         release_note=release_note,
         checks=checks,
         ci_url=ci_url,
+        review=review,
     )
-
-
-_CUSTOMER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def names_a_customer(target: str) -> bool:
-    """True if ``target`` is a bare customer name rather than an image reference or a path."""
-    return bool(_CUSTOMER_NAME.fullmatch(target)) and not Path(target).exists()
-
-
-def _at_or_before(built_at: str | None, at: str) -> bool:
-    """True if a record's build time is at or before ``at`` (a date or an RFC 3339 time, UTC)."""
-    if not built_at:
-        return False
-    limit = at if "T" in at else f"{at}T23:59:59Z"
-    return built_at <= limit
-
-
-def _moving_tag_note(
-    record: ReleaseRecord, settings: Settings, insecure: bool | None
-) -> tuple[str | None, str]:
-    """Where the customer's moving ``<base version>`` tag points now, and a sentence about it."""
-    repository, _, tag = record.image.rpartition(":")
-    version = str(record.base.get("version") or tag.partition("-")[0])
-    if not repository or "/" in tag or not version:
-        return None, "registry not asked: the recorded image reference has no tag"
-    moving = f"{repository}:{version}"
-    try:
-        now = open_image(moving, settings, insecure=insecure).manifest_digest
-    except BuilderError as exc:
-        return None, f"registry: {moving} not read ({exc.message})"
-    if now == record.manifest_digest:
-        return now, f"registry: {moving} points to this release"
-    return now, f"registry: {moving} now points to {short(now, 19)}, not to this release"
-
-
-def shipped_reference(
-    customer: str,
-    settings: Settings,
-    *,
-    base_version: str | None = None,
-    at: str | None = None,
-    insecure: bool | None = None,
-) -> tuple[str, dict[str, Any]]:
-    """The image a customer has been shipped: its newest release record (optionally of one base
-    version line, or as of a date), as ``repository@digest``, and how it was chosen.
-
-    Records are read from the customer repository's releases branch; the registry is asked
-    where the moving ``<base version>`` tag points now, so a reviewer sees whether what the
-    records say shipped is still what the site pulls.
-    """
-    source = open_source(customer, settings)
-    spec = load_customer(location_of(source), settings)
-    records, where = read_release_records(location_of(source), spec.customer, settings)
-    chosen = [
-        r
-        for r in records
-        if (
-            base_version is None
-            or str(r.base.get("version")) == base_version
-            or str(r.base.get("version")).startswith(f"{base_version}.")
-        )
-        and (at is None or _at_or_before(r.built_at, at))
-    ]
-    if not chosen:
-        limits = "".join(
-            [f" for base {base_version}" if base_version else "", f" built by {at}" if at else ""]
-        )
-        raise ConfigError(
-            f"customer {spec.customer}: no release record{limits} on {where} "
-            f"({len(records)} records in all)",
-            hint="explain an image by its reference (host/repo:tag or @sha256:...) instead",
-        )
-    record = chosen[-1]
-    reference = pinned(record.image, record.manifest_digest)
-    now, note = _moving_tag_note(record, settings, insecure)
-    return reference, {
-        "customer": spec.customer,
-        "record": record.path,
-        "records_where": where,
-        "release_image": record.image,
-        "built_at": record.built_at,
-        "base_version": record.base.get("version"),
-        "records_considered": len(chosen),
-        "records_total": len(records),
-        "moving_tag_digest": now,
-        "registry_note": note,
-    }

@@ -12,10 +12,11 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import git
 
@@ -32,9 +33,24 @@ _URL = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)")
 
 
 def open_source(location: str, settings: Settings) -> RepoSource:
-    """Find the repository and folder a customer name, path or git URL refers to."""
+    """Find the repository and folder a customer name, path or git URL refers to.
+
+    A URL may name a folder of the repository after ``#`` (``file:///srv/fleet#customers/x``,
+    ``https://host/group/repo#customers/x``): the form the tool records and prints. URLs are
+    mirrored into the cache; a ``file://`` URL of a bare ``X.git`` recorded as ``X`` is found.
+    """
     if _URL.match(location):
-        return _clone_or_fetch(location, settings.cache_dir / "repos")
+        base, _, folder = location.partition("#")
+        source = _clone_or_fetch(_bare_sibling(base), settings.cache_dir / "repos")
+        if not folder:
+            return source
+        folder = safe_relpath(folder, location, "repository folder")
+        return replace(
+            source,
+            location=f"{source.location}#{folder}",
+            subdir=folder,
+            url=f"{canonical_repo_url(base)}#{folder}",
+        )
     path = Path(location).expanduser()
     if not path.exists() and not path.is_absolute():
         path = settings.customers / location
@@ -57,6 +73,17 @@ def open_source(location: str, settings: Settings) -> RepoSource:
         subdir="" if subdir == "." else subdir,
         url=_source_url(repo, root, subdir),
     )
+
+
+def _bare_sibling(url: str) -> str:
+    """A ``file://`` URL of a missing ``X`` whose bare ``X.git`` is on this machine (canonical
+    URLs drop ``.git``) as the URL of ``X.git``; any other URL as it is."""
+    if url.startswith("file://"):
+        path = Path(unquote(urlsplit(url).path))
+        bare = path.with_name(f"{path.name}.git")
+        if not path.exists() and bare.is_dir():
+            return bare.as_uri()
+    return url
 
 
 _SCP_LIKE = re.compile(r"^(?:[\w.-]+@)?(?P<host>[\w.-]+):(?P<path>(?!//).+)$")

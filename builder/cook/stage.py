@@ -159,9 +159,9 @@ class _LocatedRegistry:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def get_model(self, model_id: str) -> ModelRecord:
+    def get_model(self, model_id: str, *, design: bool = True) -> ModelRecord:
         try:
-            return self._inner.get_model(model_id)
+            return self._inner.get_model(model_id, design=design)
         except RegistryError as exc:
             if not exc.message.startswith(
                 (f"model {model_id.strip()} not found", f"{model_id.strip()!r} is not a valid")

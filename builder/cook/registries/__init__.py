@@ -23,6 +23,10 @@ DELETED_TASK_PREFIX = "__DELETED__"
 TASK_DELETED = "deleted"
 #: The system tag the ClearML UI sets when a model is archived (models.conf, system_tags).
 ARCHIVED_TAG = "archived"
+#: The system tag of a weights *package*: the model's file is an archive of several files that
+#: the SDK extracts on ``get_local_copy`` (clearml 2.1.12 model.py: ``Model._package_tag``,
+#: ``update_weights_package``, ``get_weights_package``).
+PACKAGE_TAG = "package"
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,18 @@ class ModelRecord:
     system_tags: tuple[str, ...] = ()
     task_deleted: bool = False
     project_name: str | None = None
+    #: A public model (``company`` empty): every company reads it, none may change it
+    #: (clearml-server bll/model/__init__.py::get_company_model_by_id, used by set_ready).
+    public: bool = False
 
     @property
     def archived(self) -> bool:
         return ARCHIVED_TAG in self.system_tags
+
+    @property
+    def package(self) -> bool:
+        """The weights file is an archive the SDK extracts (system tag ``package``)."""
+        return PACKAGE_TAG in self.system_tags
 
 
 @dataclass(frozen=True)
@@ -73,7 +85,10 @@ class ModelRegistry(Protocol):
 
     description: str  # e.g. "ClearML at http://host:8008" or "local registry /path"
 
-    def get_model(self, model_id: str) -> ModelRecord: ...
+    def get_model(self, model_id: str, *, design: bool = True) -> ModelRecord:
+        """The model's record; with ``design=False`` its design is neither read nor parsed."""
+        ...
+
     def get_task(self, task_id: str) -> TaskRecord: ...
     def get_project(self, project_id: str) -> ProjectRef | None:
         """The project with this id, None when the registry has no such project."""
