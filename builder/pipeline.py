@@ -7,7 +7,6 @@ stage's time goes into the report so a slow build shows where the time went.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from builder.cook.stage import (
 )
 from builder.documents.build_report import BuildReport, LayerReport
 from builder.documents.provenance import Provenance
-from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
+from builder.errors import ConfigError, DriftError, ReleaseGateError
 from builder.image.assemble import (
     LAYER_FORMAT,
     AssembledImage,
@@ -49,6 +48,7 @@ from builder.image.base_resolution import (
     base_repository,
     check_runner_accepts,
     check_variant,
+    locked_base_drift,
     no_contract_note,
     resolve_base_image,
     try_resolve_base,
@@ -60,6 +60,7 @@ from builder.image.contract import (
     require_loadable,
 )
 from builder.image.docker_backend import build_with_docker, push_with_docker
+from builder.image.engine import docker_client
 from builder.image.provenance import (
     image_labels,
     image_version,
@@ -142,9 +143,16 @@ def _preflight(request: BuildRequest) -> None:
             "(--oci-layout, --docker-archive, --load for development)",
         )
     if request.load or request.backend == "docker":
-        docker_client(30).close()  # no engine: say so before any work, in one line
+        docker_client(30, needed_for=_engine_use(request)).close()  # say so before any work
     if request.sign_key is not None:
         load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
+
+
+def _engine_use(request: BuildRequest) -> str:
+    """What a build needs the Docker engine for, and how to do without (the no-engine line)."""
+    if request.backend == "docker":
+        return "--backend docker builds with it; the default backend needs none"
+    return "--load loads into it; --oci-layout DIR or --docker-archive FILE need none"
 
 
 def check_against_base(cooked: Cooked, base: BaseImage, settings: Settings) -> list[str]:
@@ -298,10 +306,24 @@ def lock_customer(
     base, why = try_resolve_base(
         cooked.spec, settings, repository=base_repository, insecure=insecure
     )
+    pinned = base.ref if base is not None else None
+    base_note = None if base is not None else f"base image not pinned: {why}"
+    base_drift: list[str] = []
+    if check:  # the check compares the pinned base by its tag (a newer base is a note)
+        committed = read_lock(cooked.spec)
+        committed_base = committed.base_image if committed else None
+        base_drift, drift_notes = locked_base_drift(
+            cooked.spec,
+            settings,
+            committed_base,
+            pinned,
+            repository=base_repository,
+            insecure=insecure,
+        )
+        base_note = "; ".join(drift_notes) or (base_note if not committed_base else None)
+    notes.extend([base_note] if base_note else [])
     contract = None
-    if base is None:
-        notes.append(f"base image not pinned: {why}")
-    else:
+    if base is not None:
         contract, note = _contract_of(base, settings)
         notes.extend([note] if note else [])
     verbose = cooked.verbose if contract is not None else None
@@ -309,10 +331,11 @@ def lock_customer(
     result = make_customer_lock(
         cooked,
         Cache(settings.cache_dir / "weights"),
-        base=base.ref if base is not None else None,
+        base=pinned,
         check=check,
         output=output,
         progress=progress,
+        base_drift=base_drift,
     )
     return replace(result, warnings=tuple(notes))
 
@@ -449,27 +472,6 @@ def _attest(
         report.bytes_uploaded += sum(p.bytes_uploaded for p in pushes)
 
 
-def docker_client(
-    timeout: int,
-    hint: str = "start Docker or set DOCKER_HOST; or use --oci-layout DIR / --docker-archive FILE",
-) -> Any:
-    """The Docker engine of DOCKER_HOST, or ImageError in one line (with ``hint``) when there
-    is none."""
-    import docker
-    from docker.errors import DockerException
-
-    try:
-        return docker.from_env(timeout=timeout)
-    except DockerException as exc:
-        reason = " ".join(str(exc).split())
-        reason = reason.split(": ", 1)[0] if len(reason) > 160 else reason
-        raise ImageError(
-            f"no Docker engine reachable (DOCKER_HOST={os.environ.get('DOCKER_HOST') or 'default'}): "
-            f"{reason}",
-            hint=hint,
-        ) from None
-
-
 def _deliver(
     request: BuildRequest,
     image: AssembledImage,
@@ -506,7 +508,7 @@ def _deliver(
         deliver.write_docker_archive(image, request.docker_archive, [immutable, moving])
         report.outputs["docker_archive"] = str(request.docker_archive)
     if request.load:
-        client = docker_client(300)
+        client = docker_client(300, needed_for=_engine_use(request))
         deliver.load_into_docker(image, [immutable, moving], client)
         report.outputs["docker"] = immutable
     for layer in report.layers:
@@ -523,7 +525,7 @@ def _build_with_docker(
     progress: Progress | None,
 ) -> None:
     """The familiar path and benchmark baseline: a rendered Dockerfile built by the engine."""
-    client = docker_client(600)
+    client = docker_client(600, needed_for=_engine_use(request))
     built = build_with_docker(
         base,
         layers,

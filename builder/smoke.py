@@ -28,8 +28,9 @@ from typing import Any, Final
 
 from builder import deliver, yamldoc
 from builder.errors import ImageError
+from builder.image.engine import docker_client
 from builder.image.store import ImageStore, split_name
-from builder.pipeline import CONFIG_DIR, docker_client
+from builder.pipeline import CONFIG_DIR
 
 #: Where the sample slide is made (by the image's user) and copied to for the run (owned by
 #: root there, as the engine's archive copy makes it, readable by all), and where the runner
@@ -43,9 +44,10 @@ SLIDE_SIZE: Final = 2048
 SLIDE_SEED: Final = 7
 #: Bytes of a container's log kept for the one-line message of a failure.
 _LOG_TAIL = 4000
-_NO_ENGINE_HINT = (
-    "start Docker or set DOCKER_HOST; the check that needs no engine is `builder validate` / "
-    "`builder lock` (model files and the runner contract)"
+#: What the engine is for here, and what checks without one (the no-engine line says it).
+_NEEDED_FOR = (
+    "`builder smoke` runs the image in it; without one, `builder validate` and `builder lock` "
+    "check the model files and the runner contract"
 )
 
 
@@ -69,7 +71,7 @@ def smoke(image: str, store: ImageStore, *, timeout: int = 600) -> SmokeReport:
     """Run ``image`` on a generated sample slide and check its summaries (ImageError in one
     line, naming the image and what failed, when it does not pass or no engine answers)."""
     started = time.monotonic()
-    client = docker_client(60, hint=_NO_ENGINE_HINT)
+    client = docker_client(60, needed_for=_NEEDED_FOR)
     try:
         image_id, source = _image_in_engine(client, image, store)
         slide = _run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -120,6 +121,28 @@ def commit_lock(
     rel = lock.resolve().relative_to(root.resolve()).as_posix()
     commit_files(root, {rel: lock.read_bytes()}, f"{folder.name}: lock", when=when)
     return locked
+
+
+def repository_snapshot(tmp_path: Path, names: Sequence[str]) -> tuple[Path, Path]:
+    """Files and folders of this repository (``names``) as a fresh git repository on branch
+    main, and its origin, a local bare repository it was pushed to: (project, origin)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in names:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, project / name)
+        else:
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, project / name)
+    repo = git.Repo.init(project, initial_branch="main")
+    repo.git.add("-A")
+    actor = git.Actor("Test Author", "author@example.com")
+    repo.index.commit("snapshot", author=actor, committer=actor)
+    origin = tmp_path / "origin.git"
+    git.Repo.init(origin, bare=True)
+    repo.create_remote("origin", str(origin)).push("main")  # CI builds what the server has
+    return project, origin
 
 
 CARCINOMA_ID = "a957f623e6d34159a07aec1b8323eb54"

@@ -484,6 +484,30 @@ def test_release_builds_refuse_a_stale_lock_and_say_what_changed(
     assert dev.returncode == 0, dev.stderr
 
 
+def test_lock_check_notes_a_newer_base_and_refuses_a_moved_pinned_tag(
+    tmp_path: Path, env: dict[str, str], contract: bytes
+) -> None:
+    """A base released after the lock is not the config's drift (a note; --locked still
+    builds on the pinned base); the pinned version's tag moved to another image is."""
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    locked = run_cli("lock", str(repo), env=env)
+    assert locked.returncode == 0, locked.stderr
+    commit_files(repo, {"customer.lock.yaml": (repo / "customer.lock.yaml").read_bytes()}, "lock")
+    layout = tmp_path / "base"
+    make_base(layout, "2.4.2", contract)  # a base release the constraint ~=2.4 admits
+    check = run_cli("lock", str(repo), "--check", env=env)
+    assert check.returncode == 0, check.stderr
+    assert "note: base image 2.4.2 is released (the lock pins 2.4.1)" in check.stderr
+    built = run_cli("build", str(repo), "--locked", "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout)["result"]["base"]["version"] == "2.4.1"
+    make_base(layout, "2.4.1", contract + b"\n")  # the pinned tag now names another image
+    moved = run_cli("lock", str(repo), "--check", env=env)
+    assert moved.returncode == 7, moved.stderr
+    last = moved.stderr.strip().splitlines()[-1]
+    assert f"base image oci:{layout}:2.4.1 is sha256:" in last and "(the tag was moved)" in last
+
+
 def test_worktree_builds_are_dirty_and_never_pushed(tmp_path: Path, env: dict[str, str]) -> None:
     repo = _customer(tmp_path / "cust", CUSTOMER_X)
     (repo / "analysis.yaml").write_text(
@@ -507,18 +531,75 @@ def test_worktree_builds_are_dirty_and_never_pushed(tmp_path: Path, env: dict[st
     assert image.labels["com.ivd.development-build"] == "true"
 
 
-def test_load_without_an_engine_is_one_line(tmp_path: Path, env: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "needed_for"),
+    [
+        (["build", "{repo}", "--load"], "--oci-layout DIR or --docker-archive FILE need none"),
+        (["build", "{repo}", "--backend", "docker"], "the default backend needs none"),
+        (["base", "build", "--variant", "gpu"], "`builder base build` builds with it"),
+    ],
+    ids=["load", "docker-backend", "base-build"],
+)
+def test_every_command_that_needs_the_engine_says_what_to_start(
+    tmp_path: Path, env: dict[str, str], args: list[str], needed_for: str
+) -> None:
+    """No engine: one line naming the address tried, what the engine was for and what to
+    start, exit 6, before any work (nothing downloaded, nothing built)."""
     repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    socket = tmp_path / "no-docker.sock"
     result = run_cli(
-        "build",
-        str(repo),
-        "--load",
-        env={**env, "DOCKER_HOST": f"unix://{tmp_path / 'no-docker.sock'}"},
+        *[a.format(repo=repo) for a in args], env={**env, "DOCKER_HOST": f"unix://{socket}"}
     )
     assert result.returncode == 6, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: no Docker engine reachable") and "--oci-layout" in last
+    assert last.startswith(f"error: no Docker engine at unix://{socket}: no such socket; "), last
+    assert needed_for in last and "systemctl start docker" in last
+    assert "scripts/dockerd" in last
+    assert not (tmp_path / "cache" / "weights").exists()  # failed before any work
+
+
+def test_closing_hints_follow_the_options_used(tmp_path: Path, env: dict[str, str]) -> None:
+    """After a --worktree (-dirty) build no push is suggested (it cannot be pushed); after an
+    export the image is not "in the local image store only", and that export is not offered."""
+    from builder.cli.build import not_pushed_lines
+
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    (repo / "analysis.yaml").write_text(
+        _sub(X_ANALYSIS, "min_region_area_um2: 500", "min_region_area_um2: 450")
+    )
+    dirty = run_cli("build", str(repo), "--worktree", env=env)
+    assert dirty.returncode == 0, dirty.stderr
+    assert f"build {repo} --push " not in dirty.stdout
+    assert "a --worktree (-dirty) build cannot be pushed: commit, then" in dirty.stdout
+    exported = run_cli("build", str(repo), "--oci-layout", str(tmp_path / "out"), env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert f"is in the local image store and the OCI layout {tmp_path / 'out'}" in exported.stdout
+    assert "--oci-layout DIR" not in exported.stdout and f"build {repo} --push" in exported.stdout
+    loaded = not_pushed_lines("r/c:1", "sha256:x", "c", {"store": "s", "docker": "c:1"})
+    assert (
+        loaded[0]
+        == "built, not pushed: r/c:1@sha256:x is in the local image store and the Docker engine"
+    )
+    assert not any("--load" in line for line in loaded)
+
+
+def test_a_mistyped_feature_class_is_one_problem_not_a_cascade(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """`cls: Carcinom` makes the feature's name "Carcinom"; Mitosis' `depends_on: [Carcinoma]`
+    is right once the class is: one problem (on cls), never a second one suggesting the typo."""
+    bad = _sub(X_ANALYSIS, "- cls: Carcinoma", "- cls: Carcinom")
+    repo = _customer(tmp_path / "cust", CUSTOMER_X, bad)
+    result = run_cli("validate", str(repo), env=env)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "features[0].cls: unknown feature plug-in 'Carcinom' (did you mean 'Carcinoma'?" in last
+    assert "depends_on" not in last and "problems]" not in last
+    # a depends_on that is itself mistyped is still reported, with the right suggestion
+    typo = _customer(tmp_path / "typo", CUSTOMER_X, _sub(bad, "[Carcinoma]", "[Carcinomx]"))
+    both = run_cli("validate", str(typo), env=env)
+    assert "no feature 'Carcinomx'" in both.stderr and "[2 problems]" in both.stderr
 
 
 def test_logs_show_bytes_files_and_seconds_per_stage(tmp_path: Path, env: dict[str, str]) -> None:

@@ -133,7 +133,7 @@ class TestResolveRegistry:
         """~=2.4 picks 2.4.1 (not the prerelease); the base's labels are readable."""
         assert base.version == "2.4.1"
         assert base.digest == pushed_base["2.4.1"]
-        assert "org.ivd.testbed.recipe" in base.labels
+        assert "com.ivd.base-os.recipe" in base.labels
         assert base.config["config"]["Cmd"] == ["python3"]
 
     def test_missing_tag(self, registry: Registry, pushed_base: dict[str, str]) -> None:
@@ -158,14 +158,44 @@ class TestResolveRegistry:
             resolve_base(f"{registry.host}/nope/base", "1.0.0", retry=FAST)
 
     def test_unreachable_registry(self) -> None:
-        """Nothing listening: a bounded number of attempts, then one clear line."""
+        """Nothing listening: a refused connection is an answer (two tries, no backoff), one
+        clear line; the next client within a minute is told at once, without asking."""
         host = f"127.0.0.1:{free_port()}"
         with pytest.raises(ImageError) as info:
             resolve_base(f"{host}/ivd/base", "1.0.0", retry=FAST)
         assert (
             str(info.value)
-            == f"cannot reach registry {host}: connection refused (GET /v2/, 3 attempts)"
+            == f"cannot reach registry {host}: connection refused (GET /v2/, 2 attempts)"
         )
+        with pytest.raises(ImageError, match=r"connection refused \d+ s ago \(GET /v2/; asked"):
+            resolve_base(f"{host}/ivd/base", "1.0.0", retry=FAST)
+
+    def test_a_silent_registry_is_remembered_across_commands(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Registry
+    ) -> None:
+        """A registry that accepts connections but never answers costs one short timeout
+        (twice), and the answer is kept for a minute for the next commands too (a file in the
+        user cache); a registry that answers is asked as usual."""
+        import socket
+
+        from builder.oci import remote
+
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads or writes
+        host = f"127.0.0.1:{silent.getsockname()[1]}"
+        quick = RetryPolicy(attempts=4, backoff=0.05, read_timeout=0.5)
+        try:
+            with pytest.raises(ImageError, match="timed out \\(GET /v2/, 2 attempts\\)"):
+                resolve_base(f"{host}/ivd/base", "1.0.0", retry=quick)
+            remote._UNREACHABLE._seen.clear()  # a new command: only the file is left
+            with pytest.raises(ImageError, match=r"timed out \d+ s ago \(GET /v2/; asked again"):
+                resolve_base(f"{host}/ivd/base", "1.0.0", retry=quick)
+        finally:
+            silent.close()
+        assert (tmp_path / "xdg" / "ivd-builder" / "unreachable-registries").is_dir()
+        assert RegistryClient(registry.host, retry=FAST).host == registry.host  # still asked
 
 
 # -- push ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -1031,6 +1032,79 @@ def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
     (item,) = _json(_cli(env, *args, "--base-version", "2.5.1"))["result"]["items"]
     assert item["change"] == "config+base" and item["changed_files"] == ["analysis.yaml"]
     assert item["summary"].startswith("config too:")
+
+
+def test_build_dash_all_takes_build_alls_options() -> None:
+    """`build --all` is `builder build-all`: every build-all option is a build option, and the
+    single-customer options are refused with --all (and the fleet ones without it)."""
+    from builder.cli.build import build
+    from builder.cli.fleet import build_all
+
+    def flags(command: Any) -> set[str]:
+        return {opt for p in command.params for opt in p.opts if opt.startswith("-")}
+
+    assert flags(build_all) <= flags(build)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_")}
+    for args, needle in (
+        (["--all", "--base-version", "2.5.0", "--load"], "--load does not go with --all"),
+        (["customer-x", "--record"], "--record goes with --all only"),
+        (["--all", "--base-version", "2.5.0", "--record"], "--record needs --push"),
+    ):
+        refused = run_cli("build", *args, env=env)
+        assert refused.returncode == 2 and needle in refused.stderr, (args, refused.stderr)
+
+
+def test_build_all_record_says_where_first_and_dry_run_writes_nothing(
+    local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
+) -> None:
+    """With --record the repository and branch of every record are named before any build;
+    --dry-run shows what would be built, pushed and recorded where, and touches nothing."""
+    _, env = _registry_env(local_env, tmp_path, oci_registry, fleet_bases)
+    fleet, _, remote_a = _fleet_workspace(tmp_path, env)
+    configs = fleet.parent
+    report = tmp_path / "dry-run.json"
+    since = len(oci_registry.requests())
+    args = ("--all", "--base-version", "2.4.2", "--fleet", str(fleet), "--push", "--record")
+    dry = _cli(env, "build", *args, "--only", "customer-a", "--only", "customer-b",
+               "--dry-run", "--report", str(report))  # fmt: skip
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert f"would record {remote_a.as_uri()} branch ivd-releases (customer-a)" in dry.stderr
+    assert f"would record {configs} branch ivd-releases (customer-b)" in dry.stderr
+    registry = env["BUILDER_IMAGE_REGISTRY"]
+    assert re.search(
+        rf"customer-b\s+would build and push {re.escape(registry)}/customer-b:2\.4\.2-[0-9a-f]{{12}}, "
+        rf"record on {re.escape(str(configs))} branch ivd-releases",
+        dry.stdout,
+    ), dry.stdout
+    assert dry.stdout.rstrip().endswith("dry run: nothing built, pushed or recorded")
+    document = json.loads(report.read_text())
+    assert document["command"] == "build-all" and document["result"]["dry_run"] is True
+    assert len(oci_registry.requests()) == since and not _records(remote_a)
+    assert not _records(configs)
+    # on a terminal it asks first; "n" builds nothing
+    command = shlex.join([sys.executable, "-m", "builder", "build", *args, "--only", "customer-b"])
+    asked = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        input="n\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert asked.returncode == 130, asked.stdout
+    assert "build, push and push release records to 1 repository (branch ivd-releases)?" in (
+        asked.stdout
+    )
+    assert len(oci_registry.requests()) == since and not _records(configs)
+    # a real run (no terminal: no question) names the targets first, then builds
+    real = _cli(env, "build", *args, "--only", "customer-c", "--report", str(report))
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert real.stderr.splitlines()[0] == (
+        f"records go to {configs} branch ivd-releases (customer-c)"
+    )
+    (result,) = json.loads(report.read_text())["result"]["results"]
+    assert result["status"] == "skipped"  # ~=2.3.0 does not admit 2.4.2
 
 
 def _sent_bytes(registry: Any, since: int, repository: str) -> int:

@@ -111,6 +111,6 @@ def test_no_engine_is_one_line(tmp_path: Path) -> None:
     ran = run_cli("smoke", "127.0.0.1:1/customer-x:2.4.2-abc", env=env)
     assert ran.returncode == 6, ran.stdout + ran.stderr
     (line,) = ran.stderr.strip().splitlines()
-    assert "no Docker engine reachable" in line and "builder validate" in line, line
+    assert line.startswith("error: no Docker engine at ") and "builder validate" in line, line
     as_json = run_cli("smoke", "127.0.0.1:1/customer-x:2.4.2-abc", "--json", env=env)
     assert json.loads(as_json.stdout)["error"]["exit_code"] == 6

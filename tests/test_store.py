@@ -29,6 +29,7 @@ from helpers import (
 )
 from test_assemble import base_layer_tar, synthetic_base_blobs
 
+from builder.contracts import ProgressEvent
 from builder.deliver import push, write_oci_layout
 from builder.errors import ImageError
 from builder.image.store import ImageStore, split_name
@@ -415,8 +416,23 @@ def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
         network_mode="none",
     )
     store = ImageStore(tmp_path / "store")
-    stored = save_from_docker(client, reference, store)
+    exported: list[int] = []
+    steps: set[str] = set()
+
+    def seen(event: ProgressEvent) -> None:
+        exported.append(event.done)
+        steps.add(event.what)
+
+    stored = save_from_docker(client, reference, store, seen)
     image_id = client.images.get(reference).id
+    assert exported and exported[-1] > 0  # the bytes exported, then compressed, were reported
+    assert steps == {f"exporting {reference}", f"compressing {reference}"}
+    # the same image again: nothing exported (a 3 GB GPU base took minutes), same manifest
+    assert save_from_docker(client, reference, store, lambda e: exported.append(-1)) == stored
+    other = f"{oci_registry.host}/store-test/other:1.0.0"  # the same image by another name
+    client.images.get(reference).tag(other)
+    assert save_from_docker(client, other, store, lambda e: exported.append(-1)) == stored
+    assert -1 not in exported and store.lookup(other) is not None
     assert (
         store.find_base(f"{oci_registry.host}/store-test/base", "1.0.0").config_descriptor.digest
         == image_id

@@ -34,12 +34,13 @@ def test_push_remove_pull_through_registry(
 ) -> None:
     mark = len(oci_registry.requests())
     ref = push_to(docker_engine, oci_registry, base_os_image)
-    assert ref.startswith(f"{oci_registry.host}/ivd-testbed/python@sha256:")
+    repository, _, tag = base_os_image.rpartition(":")
+    assert ref.startswith(f"{oci_registry.host}/{repository}@sha256:")
     assert oci_registry.blob_uploads(since=mark), "the first push uploads the layer and config"
     assert oci_registry.manifest_puts(since=mark)
 
-    with urllib.request.urlopen(f"{oci_registry.url}/v2/ivd-testbed/python/tags/list") as r:
-        assert json.load(r)["tags"] == ["3.11-slim-bookworm"]
+    with urllib.request.urlopen(f"{oci_registry.url}/v2/{repository}/tags/list") as r:
+        assert json.load(r)["tags"] == [tag]
 
     mark = len(oci_registry.requests())
     assert push_to(docker_engine, oci_registry, base_os_image) == ref
@@ -47,7 +48,7 @@ def test_push_remove_pull_through_registry(
 
     client = docker_engine.client()
     try:
-        remote = f"{oci_registry.host}/ivd-testbed/python:3.11-slim-bookworm"
+        remote = f"{oci_registry.host}/{base_os_image}"
         client.images.remove(remote)
         assert remote not in {t for i in client.images.list() for t in i.tags}
         pulled = client.images.pull(remote)

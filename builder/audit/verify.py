@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -87,6 +88,8 @@ def _rebuild_location(provenance: Mapping[str, Any], repo: Path | None, settings
             f"the image records no usable config repository ({url!r})",
             hint="pass --repo CLONE of the repository the image was built from",
         )
+    if folder and git.Repo(root).bare:  # a mirror: no folders to open, so check one out
+        root = _work_tree(root, str((provenance.get("config") or {}).get("commit", "")), settings)
     path = safe_join(root, folder, what="recorded customer folder") if folder else root
     if not path.is_dir():
         raise ConfigError(
@@ -94,6 +97,23 @@ def _rebuild_location(provenance: Mapping[str, Any], repo: Path | None, settings
             hint="fetch the full history of the config repository",
         )
     return str(path)
+
+
+def _work_tree(bare: Path, commit: str, settings: Settings) -> Path:
+    """A detached work tree of ``commit`` of a bare repository, in the cache (reused): a
+    customer kept in a folder of a repository is read from a folder, as where it was built."""
+    key = hashlib.sha256(str(bare.resolve()).encode()).hexdigest()[:12]
+    target = settings.cache_dir / "verify-trees" / f"{key}-{commit[:12]}"
+    if (target / ".git").exists():
+        return target
+    try:
+        git.Repo(bare).git.worktree("add", "--detach", "--force", str(target), commit)
+    except git.GitCommandError:
+        raise ConfigError(
+            f"the recorded config commit {short(commit, 12)} is not in {bare}",
+            hint="fetch the full history of the config repository",
+        ) from None
+    return target
 
 
 def _recorded_production(provenance: Mapping[str, Any]) -> str | None:

@@ -78,19 +78,25 @@ def validate(
         if result.contract_info["checked"]
         else "runner contract NOT checked"
     )
-    where = (
-        f"in the work tree (uncommitted changes; HEAD {spec.commit[:12]})"
-        if spec.worktree
-        else f"at {spec.commit[:12]}"
-    )
     return Result(
         "validate",
         data,
         lambda: click.echo(
-            f"{spec.customer}: valid {where} ({len(spec.models)} models, base "
-            f"{spec.base_version}; {checked}; {models})"
+            f"{spec.customer}: valid {_revision(spec)} ({len(spec.models)} models, "
+            f"base {spec.base_version}; {checked}; {models})"
         ),
     )
+
+
+def _revision(spec: Any) -> str:
+    """Which revision was read: ``at <commit>``, or the work tree (its HEAD, or no commit yet)."""
+    from builder.cook.load import UNCOMMITTED
+
+    if spec.worktree:
+        if spec.commit == UNCOMMITTED:
+            return "in the work tree (nothing committed yet)"
+        return f"in the work tree (uncommitted changes; HEAD {spec.commit[:12]})"
+    return f"at {spec.commit[:12]}"
 
 
 @cli.command()
@@ -234,3 +240,109 @@ def schema(name: str | None, as_json: bool) -> Result:
         return Result("schema", {"schemas": names}, lambda: click.echo("\n".join(names)))
     document = yamldoc.schema(name)
     return Result("schema", document, lambda: click.echo(json.dumps(document, indent=2)))
+
+
+@cli.command()
+@click.argument("customer")
+@click.option(
+    "--model",
+    "-m",
+    "models",
+    multiple=True,
+    required=True,
+    metavar="ID-OR-NAME",
+    help="A registry model: its id, an id prefix (8+ characters) or its name "
+    "(`builder models list`). Repeat for each model; each gets the feature it feeds.",
+)
+@click.option(
+    "--path",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The new customer folder (default: CUSTOMER in the customers folder); a folder in no "
+    "git repository is `git init`ed (the customer's own repository).",
+)
+@click.option(
+    "--base-version",
+    help="customer.yaml's base_image.version (default: ~=X.Y of base-image/VERSION).",
+)
+@click.option(
+    "--variant",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="customer.yaml's base_image.variant: the base image the customer runs on.",
+)
+@click.option("--analysis", default="main", show_default=True, help="The analysis name.")
+@click.option(
+    "--fleet",
+    "fleet_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The fleet file to add the customer to (default: fleet.yaml in the customers folder).",
+)
+@click.option("--no-fleet", is_flag=True, help="Do not add the customer to a fleet file.")
+@click.option(
+    "--repo-url",
+    help="The fleet entry's repo when the customer has its own repository (a git URL, no "
+    "credentials); default: the folder, relative to the fleet file.",
+)
+@base_repository_option
+@settings_options
+@json_option
+def init(
+    customer: str,
+    models: tuple[str, ...],
+    path: Path | None,
+    base_version: str | None,
+    variant: str,
+    analysis: str,
+    fleet_file: Path | None,
+    no_fleet: bool,
+    repo_url: str | None,
+    base_repository: str | None,
+    as_json: bool,
+    **overrides: Any,
+) -> Result:
+    """Start a new customer: customer.yaml, analysis.yaml and its fleet entry.
+
+    The models are picked from the model registry; the features are a skeleton from the
+    runner contract of the base image the customer builds on (the feature each model feeds;
+    the runner's parameter defaults as comments). Nothing is overwritten. The new files are
+    not committed: `validate`, `lock` and `build` read them with --worktree until they are
+    (the closing lines list the commands, up to a pushed, recorded, verified release).
+    """
+    from dataclasses import asdict
+
+    from builder.scaffold import InitRequest, init_customer
+
+    result = init_customer(
+        InitRequest(
+            customer=customer,
+            models=models,
+            path=path,
+            base_version=base_version,
+            variant=variant,
+            analysis=analysis,
+            fleet=fleet_file,
+            add_to_fleet=not no_fleet,
+            repo_url=repo_url,
+            base_repository=base_repository,
+        ),
+        load_cli_settings(overrides),
+    )
+    for note in result.notes:
+        info(f"note: {note}")
+
+    def human() -> None:
+        if result.git_init:
+            click.echo(f"initialised a git repository in {result.folder}")
+        for written in result.files:
+            click.echo(f"wrote     {written}")
+        if result.fleet:
+            click.echo(f"added     {customer} (repo {result.fleet_repo}) to {result.fleet}")
+        for m in result.models:
+            click.echo(f"model     {m.slot}: {m.model_id} ({m.name}) -> {m.feature} ({m.role})")
+        click.echo(f"features  from {result.contract}")
+        click.echo("next (the files are not committed yet: --worktree reads them):")
+        for step in result.next_steps:
+            click.echo(f"  {step}")
+
+    return Result("init", asdict(result), human)

@@ -162,6 +162,23 @@ def _sha256(data: bytes) -> str:
     is_flag=True,
     help="Rebuild every admitted customer, also those whose image is already in the registry.",
 )
+@click.option(
+    "--locked",
+    is_flag=True,
+    help="Build each customer from its committed lock (pinned models and weights; the base "
+    "is --base-version): a stale lock fails that customer. CI's child jobs use it.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Plan and show what would be built, pushed and recorded where; build nothing.",
+)
+@click.option(
+    "--yes",
+    "-y",
+    is_flag=True,
+    help="With --record: do not ask for confirmation (never asked without a terminal).",
+)
 @report_option("Also write the JSON report to this file.")
 @json_option
 def build_all(
@@ -177,6 +194,9 @@ def build_all(
     report: Path | None,
     as_json: bool,
     force: bool = False,
+    locked: bool = False,
+    dry_run: bool = False,
+    yes: bool = False,
     **overrides: Any,
 ) -> Result:
     """Build every customer whose base constraint admits --base-version, in parallel.
@@ -186,18 +206,47 @@ def build_all(
     --force rebuilds them all. Progress (a counter, rate and ETA) goes to stderr, also with
     --json: a live line on a terminal, one line per finished customer in CI logs. One
     customer's failure does not stop the others; all results are reported at the end and
-    the exit code is 8 if any customer failed.
+    the exit code is 8 if any customer failed. With --record it first says which repository
+    and branch each record is pushed to, and on a terminal asks before it builds (--yes
+    skips; --dry-run shows it all and writes nothing), as `builder release-record` does.
     """
     from builder.fleet.build_all import build_all
     from builder.fleet.fleetfile import load_fleet
+    from builder.record import RELEASES_BRANCH
 
     if jobs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--jobs")
+    if record and not push:
+        raise click.UsageError("--record needs --push: only pushed images get a release record")
     settings = load_cli_settings(overrides)
+    with git_credentials():
+        fleet = load_fleet(fleet_file, settings).select(only)
+        targets = _record_targets(fleet) if record else {}
+    for remote, customers in targets.items():
+        info(
+            f"{'would record' if dry_run else 'records go to'} {remote} branch "
+            f"{RELEASES_BRANCH} ({', '.join(customers)})"
+        )
+    if dry_run:
+        return _build_all_dry_run(
+            fleet,
+            settings,
+            base_version,
+            push=push,
+            targets=targets,
+            registry=image_registry,
+            report=report,
+        )
+    interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
+    if targets and interactive and not yes:
+        click.confirm(
+            f"build, push and push release records to {len(targets)} repositor"
+            f"{'y' if len(targets) == 1 else 'ies'} (branch {RELEASES_BRANCH})?",
+            abort=True,
+        )
     progress = FleetProgressLine(live=sys.stderr.isatty())
     try:
         with git_credentials():
-            fleet = load_fleet(fleet_file, settings).select(only)
             result = build_all(
                 fleet,
                 settings,
@@ -209,6 +258,7 @@ def build_all(
                 base_repository=base_repository,
                 insecure=True if insecure_registry else None,
                 force=force,
+                locked=locked,
                 on_event=progress.stage,
                 on_planned=progress.planned,
                 on_progress=progress.finished,
@@ -245,6 +295,65 @@ def build_all(
             hint="each failure is listed in the report",
         )
     return Result("build-all", asdict(result), human, error=error, report=report)
+
+
+def _record_targets(fleet: Any) -> dict[str, list[str]]:
+    """Where each customer's release records are pushed: remote -> customers (secrets masked)."""
+    from builder.record import record_remote
+
+    targets: dict[str, list[str]] = {}
+    for entry in fleet.entries:
+        targets.setdefault(mask_secrets(record_remote(entry.location)), []).append(entry.name)
+    return targets
+
+
+def _build_all_dry_run(
+    fleet: Any,
+    settings: Any,
+    base_version: str,
+    *,
+    push: bool,
+    targets: dict[str, list[str]],
+    registry: str | None,
+    report: Path | None,
+) -> Result:
+    """`build --all --dry-run`: the plan, and where each build would go; nothing written."""
+    from builder.fleet.plan import plan
+    from builder.record import RELEASES_BRANCH
+
+    with git_credentials():
+        result = plan(fleet, settings, base_version)
+    where = registry or settings.image_registry
+    remote_of = {name: remote for remote, names in targets.items() for name in names}
+    items: list[dict[str, Any]] = []
+    for item in result.items:
+        tag = (item.image or "").rsplit(":", 1)[-1]
+        items.append(
+            {
+                "customer": item.customer,
+                "status": item.status,
+                "summary": item.summary,
+                "image": f"{where}/{item.customer}:{tag}" if item.status == "rebuild" else None,
+                "push": push and item.status == "rebuild",
+                "record": remote_of.get(item.customer) if item.status == "rebuild" else None,
+            }
+        )
+
+    def human() -> None:
+        width = max((len(i["customer"]) for i in items), default=8)
+        for i in items:
+            if i["image"]:
+                action = "would build and push" if i["push"] else "would build"
+                line = f"{i['customer']:<{width}}  {action} {i['image']}"
+                if i["record"]:
+                    line += f", record on {i['record']} branch {RELEASES_BRANCH}"
+            else:
+                line = f"{i['customer']:<{width}}  {i['status']}: {i['summary']}"
+            click.echo(line)
+        click.echo("dry run: nothing built, pushed or recorded")
+
+    data = {"dry_run": True, "base_version": result.base_version, "items": items}
+    return Result("build-all", data, human, report=report)
 
 
 def _duration(seconds: float) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import git
@@ -334,6 +334,8 @@ def _snapshot(
         # rev-parse --verify: gitpython alone accepts any 40-hex string as a commit id.
         commit = repo.commit(repo.git.rev_parse("--verify", "--quiet", f"{ref}^{{commit}}"))
     except (git.BadName, ValueError, git.GitCommandError):
+        if worktree and ref == "HEAD":  # a new repository: nothing committed yet
+            return _uncommitted(source)
         raise ConfigError(
             f"{source.location}: ref {ref!r} does not exist",
             hint="use a branch, tag or commit of the customer repo",
@@ -343,9 +345,11 @@ def _snapshot(
         # elsewhere in a shared repository do not change the image.
         touched = next(repo.iter_commits(commit, paths=source.subdir, max_count=1), None)
         if touched is None:
+            if worktree:  # a new customer folder (`builder init`), not committed yet
+                return _uncommitted(source, commit)
             raise ConfigError(
                 f"{source.location}: folder {source.subdir!r} is not in git at {ref!r}",
-                hint="commit it first",
+                hint="commit it first, or read the work tree with --worktree",
             )
         commit = touched
     return _Snapshot(
@@ -354,6 +358,19 @@ def _snapshot(
         commit_time=int(commit.committed_date),
         tree=None if worktree else commit.tree,
     )
+
+
+#: The revision of a work tree with nothing committed yet (a dirty development build's tag
+#: says ``000000000000-dirty``) and its time (1980-01-01, as zip and wheels use).
+UNCOMMITTED: Final = "0" * 40
+UNCOMMITTED_TIME: Final = 315532800
+
+
+def _uncommitted(source: RepoSource, head: git.Commit | None = None) -> _Snapshot:
+    """The work tree of a folder no commit has touched yet: its revision is the zero id (the
+    development build is tagged and labelled dirty) at the time of ``head``, when there is one."""
+    when = int(head.committed_date) if head is not None else UNCOMMITTED_TIME
+    return _Snapshot(source=source, commit=UNCOMMITTED, commit_time=when, tree=None)
 
 
 def safe_relpath(value: str, where: str, what: str) -> str:

@@ -21,7 +21,13 @@ from builder.contracts import (
     ResolvedModel,
     WeightFile,
 )
-from builder.cook.load import CUSTOMER_FILE, LOCK_FILE, read_committed_file, safe_relpath
+from builder.cook.load import (
+    CUSTOMER_FILE,
+    LOCK_FILE,
+    UNCOMMITTED,
+    read_committed_file,
+    safe_relpath,
+)
 from builder.documents.lock import Lock, LockedModel
 from builder.errors import ConfigError, DriftError
 
@@ -113,6 +119,8 @@ def _historic_file(spec: CustomerSpec, name: str, sha256: str, limit: int = 500)
     """The content of ``name`` whose sha256 the lock recorded, from the config's history."""
     import git
 
+    if spec.commit == UNCOMMITTED:
+        return None  # a new folder: no history to explain the change from
     repo = git.Repo(spec.source.root)
     rel = f"{spec.source.subdir}/{name}" if spec.source.subdir else name
     for commit in repo.iter_commits(spec.commit, paths=rel, max_count=limit):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -249,8 +249,11 @@ def make_customer_lock(
     check: bool,
     output: Path | None = None,
     progress: Progress | None = None,
+    base_drift: Sequence[str] = (),
 ) -> LockResult:
-    """Write the lock (atomically), or compare a fresh one with the committed lock."""
+    """Write the lock (atomically), or compare a fresh one with the committed lock: the
+    config, models, weights and params; the base image only by ``base_drift`` (see
+    ``base_resolution.locked_base_drift``: a newer base release is not drift)."""
     cooked = complete_hashes(cooked, cache, progress=progress)
     fresh = make_lock(cooked.spec, cooked.models, base)
     if check:
@@ -260,7 +263,7 @@ def make_customer_lock(
                 f"{cooked.spec.source.location}: no {LOCK_FILE} committed",
                 hint="run `builder lock` and commit it",
             )
-        drift = tuple(diff_locks(committed, fresh, cooked.spec))
+        drift = (*diff_locks(committed, fresh, cooked.spec, base=False), *base_drift)
         if drift:
             raise DriftError(
                 f"{LOCK_FILE} drifted: " + "; ".join(drift),

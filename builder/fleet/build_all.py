@@ -112,6 +112,7 @@ class _Job:
     insecure: bool | None
     variant: str = "cpu"
     primary: bool = True  # the customer's first variant
+    locked: bool = False  # models from the committed lock (CI's child jobs)
 
     @property
     def key(self) -> str:
@@ -143,6 +144,7 @@ def _build_one(job: _Job) -> dict[str, Any]:
         image_registry=job.image_registry,
         push=job.push,
         insecure=job.insecure,
+        locked=job.locked,
         fleet=True,  # a release: the committed lock or nothing, even without --push
     )
     started = time.perf_counter()
@@ -281,6 +283,7 @@ def build_all(
     push: bool = False,
     record: bool = False,
     force: bool = False,
+    locked: bool = False,
     image_registry: str | None = None,
     base_repository: str | None = None,
     insecure: bool | None = None,
@@ -295,7 +298,8 @@ def build_all(
 
     Incremental: a customer whose immutable tag is already in the registry (with its
     release record, under ``record``) is "unchanged" at the cost of one manifest HEAD;
-    ``force`` rebuilds every admitted customer. A customer that fails (unreadable
+    ``force`` rebuilds every admitted customer; ``locked`` builds each from its committed
+    lock (on ``base_version``). A customer that fails (unreadable
     repository, invalid config, registry error) is reported and the others go on. With
     ``record`` (implies a pushed, stable build) the release records of the successful builds
     are written back, one commit per customer repository for the whole run.
@@ -330,6 +334,7 @@ def build_all(
             insecure=insecure,
             variant=variant,
             primary=n == 0,
+            locked=locked,
         )
         for item in candidates
         if item.customer not in unchanged

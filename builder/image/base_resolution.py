@@ -6,7 +6,7 @@ runner accepts are checked here, once, for ``build`` and ``lock`` alike.
 
 from __future__ import annotations
 
-from builder.contracts import VERBOSE_SCHEMA_VERSION, CustomerSpec
+from builder.contracts import VERBOSE_SCHEMA_VERSION, BaseImageRef, CustomerSpec
 from builder.documents.lock import LockedBase
 from builder.errors import ImageError
 from builder.image.base import BaseImage, resolve_base
@@ -58,6 +58,47 @@ def try_resolve_base(
         return None, str(exc)
 
 
+def locked_base_drift(
+    spec: CustomerSpec,
+    settings: Settings,
+    pinned: LockedBase | None,
+    newest: BaseImageRef | None,
+    *,
+    repository: str | None = None,
+    insecure: bool | None = None,
+) -> tuple[list[str], list[str]]:
+    """What ``lock --check`` says about the lock's base image: (drift, notes).
+
+    The check asks whether the committed lock still describes this revision, not whether it
+    is the newest possible lock: a base release is not a change of the customer's config
+    (the fleet rebuild ships it, recorded, on the customer's pinned models). So a newer
+    base the constraint admits is a note; drift is a pinned version whose tag now names
+    another digest (the pin can no longer be rebuilt as recorded). A change of the
+    constraint or the repository is a customer.yaml change, reported with the inputs.
+    """
+    if pinned is None or not pinned.digest:
+        return [], []
+    repo = base_repository(spec, settings, repository, spec.variants[0])
+    notes: list[str] = []
+    if newest is not None and newest.version != pinned.version:
+        notes.append(
+            f"base image {newest.version} is released (the lock pins {pinned.version}); the "
+            "fleet rebuild ships it, or `builder lock` moves this lock to it"
+        )
+    try:
+        now = resolve_base_image(
+            repo, pinned.version, ImageStore(settings.store_dir), insecure=insecure, keep=False
+        )
+    except ImageError as exc:
+        return [], [*notes, f"pinned base image not checked: {exc}"]
+    if now.repository == pinned.repository and now.digest != pinned.digest:
+        return [
+            f"base image {repo}:{pinned.version} is {now.digest[:19]} now, the lock pins "
+            f"{pinned.digest[:19]} (the tag was moved)"
+        ], notes
+    return [], notes
+
+
 def check_runner_accepts(base: BaseImage) -> None:
     """Refuse a base whose runner does not accept the verbose config version we write."""
     accepted = {v.strip() for v in base.labels.get(LABEL_SCHEMAS, "").split(",") if v.strip()}
@@ -107,7 +148,8 @@ def resolve_base_image(
     """The base image of a build: from the local image store or a registry, by digest after.
 
     - ``pinned`` (a ``--locked`` build's lock entry: version, digest) found complete in the
-      store is used as it is: no registry is contacted at all.
+      store is used as it is: no registry is contacted at all; else the registry is asked
+      for that version (not the newest the constraint admits), and its digest must match.
     - ``offline``: only the store (by the pinned digest, else by ``version_spec``).
     - otherwise the registry decides (it may hold a newer version); when it cannot be reached
       or lacks the image, the store's tags are resolved instead (``notes`` says so).
@@ -115,9 +157,12 @@ def resolve_base_image(
     next build, ``--locked --offline`` included, needs no registry and gets the same digest.
     ``oci:DIR`` repositories are read from that layout as before.
     """
-    if repository.startswith("oci:"):
-        return _check_pin(resolve_base(repository, version_spec, insecure=insecure), pinned)
     digest = (pinned.digest if pinned else None) or ""
+    # a pinned base is the pinned version, whatever was released since (its digest is
+    # checked): a base release does not change what a --locked build builds on
+    wanted = pinned.version if digest and pinned and pinned.version else version_spec
+    if repository.startswith("oci:"):
+        return _check_pin(resolve_base(repository, wanted, insecure=insecure), pinned)
     if digest:
         version = pinned.version if pinned else ""
         found = store.find_digest(repository, version, digest)
@@ -135,7 +180,7 @@ def resolve_base_image(
         except ImageError as exc:
             raise ImageError(f"{exc} (offline build)", hint=BASE_HINT) from None
     try:
-        base = resolve_base(repository, version_spec, insecure=insecure)
+        base = resolve_base(repository, wanted, insecure=insecure)
     except ImageError as online:
         if digest:
             raise ImageError(

@@ -21,6 +21,7 @@ every read), so ``--locked``/offline builds and ``validate`` need no layer downl
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -249,6 +250,24 @@ def _final_kinds(entries: Sequence[Mapping[str, Any]], start: set[str]) -> set[s
     return kinds
 
 
+def features_fed_by(
+    contract: Contract, postprocessing: Sequence[Mapping[str, Any]]
+) -> tuple[set[str] | None, list[tuple[str, str]]]:
+    """What a model with this postprocessing chain gives (its final prediction kinds; None
+    when the contract cannot tell), and every (feature class, model role) that takes it, by
+    feature name: what `builder init` builds a feature skeleton from."""
+    steps = contract.plugins("postprocessing")
+    entries = [steps.get(str(step.get("cls")), {}) for step in postprocessing]
+    final = _final_kinds(entries, _model_output_kinds(contract))
+    fits = [
+        (cls, role)
+        for cls, entry in sorted(contract.plugins("feature").items())
+        for role, kind in sorted((entry.get("models") or {}).items())
+        if final is None or kind in final
+    ]
+    return final, fits
+
+
 def check_config(
     spec: CustomerSpec,
     contract: Contract,
@@ -390,6 +409,15 @@ def _check_features(
     features_kind = checker.contract.plugins("feature")
     features = list(analysis.get("features") or [])
     names = [str(f.get("name") or f.get("cls")) for f in features]
+    # A feature named by a mistyped class: `depends_on` naming the class it was meant to be is
+    # the same mistake, reported once (on `cls`), not again with the typo as the suggestion.
+    meant = {
+        match[0]
+        for f in features
+        if not f.get("name") and str(f.get("cls")) not in features_kind
+        for match in [difflib.get_close_matches(str(f.get("cls")), list(features_kind), n=1)]
+        if match
+    }
     folded: dict[str, int] = {}
     for f_index, feature in enumerate(features):
         f_path = (*a_path, "features", f_index)
@@ -415,7 +443,7 @@ def _check_features(
             d_path = (*f_path, "depends_on", d_index)
             if parent == names[f_index]:
                 checker.report(d_path, f"feature {parent!r} depends on itself")
-            elif parent not in names:
+            elif parent not in names and parent not in meant:
                 checker.report(
                     d_path,
                     f"no feature {parent!r} in analysis {analysis.get('name')!r} "

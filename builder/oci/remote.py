@@ -33,6 +33,14 @@ from builder.oci.reference import use_plain_http
 
 _RETRY_STATUSES: Final = frozenset({500, 502, 503, 504, 429})
 _CHUNK: Final = 1 << 20
+#: A registry that could not be reached is not asked again for this long (seconds): a build
+#: that falls back to the local image store says so at once instead of retrying each time.
+UNREACHABLE_TTL: Final = 60.0
+#: The first request to a registry (GET /v2/) is tried this often when it gets no connection,
+#: waiting this long to connect: "connection refused" is an answer, not a slow network.
+PROBE_ATTEMPTS: Final = 2
+PROBE_CONNECT_TIMEOUT: Final = 3.0
+PROBE_READ_TIMEOUT: Final = 15.0  # GET /v2/ is a few bytes, even from a busy registry
 
 
 # oras-py logs through the "oras" logger; as a library we add no output of our own: the
@@ -41,6 +49,51 @@ logging.getLogger("oras").addHandler(logging.NullHandler())
 
 
 # -- the registry client -------------------------------------------------------------------------
+
+
+class _Unreachable:
+    """Registries that did not answer lately, remembered for :data:`UNREACHABLE_TTL` in this
+    process, and across commands (a file per host in the user cache) when they timed out:
+    the one slow answer (a refused connection costs milliseconds to learn again)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, str]] = {}
+
+    @staticmethod
+    def _file(host: str) -> Path:
+        import platformdirs
+
+        name = "".join(c if c.isalnum() or c in ".-" else "_" for c in host)
+        return Path(platformdirs.user_cache_path("ivd-builder")) / "unreachable-registries" / name
+
+    def get(self, host: str) -> str | None:
+        """Why ``host`` was unreachable and how long ago, if within the TTL."""
+        when, reason = self._seen.get(host, (0.0, ""))
+        if not reason:
+            try:
+                path = self._file(host)
+                when, reason = path.stat().st_mtime, path.read_text("utf-8").strip()
+            except OSError:
+                return None
+        age = time.time() - when
+        return f"{reason} {age:.0f} s ago" if reason and 0 <= age < UNREACHABLE_TTL else None
+
+    def remember(self, host: str, reason: str) -> None:
+        self._seen[host] = (time.time(), reason)
+        if reason == "timed out":
+            try:
+                path = self._file(host)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(reason + "\n", "utf-8")
+            except OSError:
+                pass  # a cache only
+
+    def forget(self, host: str) -> None:
+        if self._seen.pop(host, None) is not None or self.get(host):
+            self._file(host).unlink(missing_ok=True)
+
+
+_UNREACHABLE = _Unreachable()
 
 
 @dataclass(frozen=True)
@@ -205,8 +258,40 @@ class RegistryClient:
     # -- plumbing --------------------------------------------------------------------------
 
     def _probe(self, session: requests.Session) -> str:
-        """GET /v2/ once (retried): fail early if unreachable, and learn the auth scheme."""
-        response = self._retrying(lambda: session.get(f"{self.base_url}/v2/"), "GET", "/v2/")
+        """GET /v2/ once: fail early if unreachable, and learn the auth scheme.
+
+        A registry that gets no connection is tried :data:`PROBE_ATTEMPTS` times with a short
+        connect timeout, then remembered as unreachable for a minute (see _Unreachable), so a
+        command that falls back to the local image store does not wait on retries.
+        """
+        known = _UNREACHABLE.get(self.host)
+        if known:
+            raise ImageError(
+                f"cannot reach registry {self.host}: {known} (GET /v2/; asked again after "
+                f"{UNREACHABLE_TTL:.0f} s)"
+            )
+        url = f"{self.base_url}/v2/"
+        timeout = (
+            min(self.retry.connect_timeout, PROBE_CONNECT_TIMEOUT),
+            min(self.retry.read_timeout, PROBE_READ_TIMEOUT),
+        )
+        attempts = min(PROBE_ATTEMPTS, self.retry.attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                response = session.get(url, timeout=timeout)
+                break
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if attempt == attempts or isinstance(exc, requests.exceptions.SSLError):
+                    _UNREACHABLE.remember(self.host, _reason(exc))
+                    raise ImageError(
+                        f"cannot reach registry {self.host}: {_reason(exc)} "
+                        f"(GET /v2/, {attempt} attempt{'s' if attempt > 1 else ''})"
+                    ) from None
+                time.sleep(0.1)
+        if response.status_code in _RETRY_STATUSES:  # reached, but busy: the usual retries
+            response.close()
+            response = self._retrying(lambda: session.get(url), "GET", "/v2/")
+        _UNREACHABLE.forget(self.host)
         response.close()
         if response.status_code == 401:
             return str(response.headers.get("Www-Authenticate", ""))
