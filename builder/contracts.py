@@ -74,6 +74,9 @@ class CustomerSpec:
     variants: tuple[str, ...] = ("cpu",)
     # read from the work tree because these files (repository paths) differ from HEAD
     uncommitted: tuple[str, ...] = ()
+    # customer.yaml `repository`, canonical: the repository's address as the committed files
+    # declare it (the same on every machine, unlike the clone's observed origin); None: not given
+    repository: str | None = None
 
     @property
     def config_rev(self) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tarfile
 import tempfile
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from builder.contracts import Progress
-from builder.errors import ImageError
+from builder.errors import BuilderError, ImageError
 from builder.image.assemble import AssembledImage
 from builder.image.base import fetch_base_blob
+from builder.image.provenance import forced_tag_warning, image_differences, immutable_tag_error
 from builder.oci import (
     OCI_INDEX,
     REF_NAME,
@@ -140,16 +142,12 @@ def push(
         if current is None or current == image.manifest_digest:
             continue
         if str(ref) in frozen or ref.tag in frozen:
+            differences = _registry_differences(client_for(ref.registry), ref.path, current, image)
             if not force:
-                raise ImageError(
-                    f"{ref} is an immutable tag and already points to {current}; "
-                    f"refusing to move it to {image.manifest_digest}",
-                    hint="build with a new config revision, or pass --force to overwrite",
-                )
+                raise immutable_tag_error(str(ref), current, image.manifest_digest, differences)
             overwritten[str(ref)] = current
             warnings.append(
-                f"FORCED: immutable tag {ref} overwritten; it pointed to {current}, "
-                f"now {image.manifest_digest}"
+                forced_tag_warning(str(ref), current, image.manifest_digest, differences)
             )
         else:
             moved[str(ref)] = current
@@ -176,6 +174,30 @@ def push(
         moved=moved,
         warnings=tuple(warnings),
     )
+
+
+def _registry_differences(
+    client: RegistryClient, path: str, digest: str, image: AssembledImage
+) -> list[str]:
+    """What differs between the image ``digest`` in the registry and ``image`` (inputs side
+    by side); a line saying why when the tagged image cannot be read."""
+    try:
+        tagged = _json_document(client.get_manifest(path, digest)[0])
+        config = Descriptor.from_dict(tagged["config"])
+        tagged_config = _json_document(client.get_blob_bytes(path, config.digest))
+    except (BuilderError, ValueError, KeyError, TypeError) as exc:
+        reason = exc.message if isinstance(exc, BuilderError) else "not an image manifest"
+        return [f"the tagged image could not be read ({reason})"]
+    built = (_json_document(image.manifest_bytes), _json_document(image.config_bytes))
+    return image_differences((tagged, tagged_config), built)
+
+
+def _json_document(raw: bytes) -> dict[str, Any]:
+    """A JSON object (ValueError for anything else)."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
 
 
 def _push_blobs(

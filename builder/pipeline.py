@@ -34,7 +34,7 @@ from builder.cook.stage import (
     uncommitted_changes,
 )
 from builder.documents.build_report import BuildReport, LayerReport
-from builder.documents.provenance import Provenance
+from builder.documents.provenance import Provenance, ProvenanceModel
 from builder.errors import ConfigError, DriftError, ReleaseGateError
 from builder.image.assemble import (
     LAYER_FORMAT,
@@ -62,7 +62,9 @@ from builder.image.contract import (
 from builder.image.docker_backend import build_with_docker, push_with_docker
 from builder.image.engine import docker_client
 from builder.image.provenance import (
+    Locations,
     image_labels,
+    image_locations,
     image_version,
     manifest_annotations,
     provenance_document,
@@ -103,6 +105,8 @@ class BuildRequest:
     )
     sign_key: Path | None = None  # PEM ECDSA P-256 key signing the provenance (DSSE)
     layer_format: int = LAYER_FORMAT  # older formats only for `verify` of older images
+    # `verify` of an image of a format before 3: the locations it recorded, recorded again
+    recorded: Locations | None = None
 
     @property
     def release(self) -> bool:
@@ -198,7 +202,12 @@ def _refuse_stale_lock(
     if committed is None:
         return  # refused, or made a development build, by _release_gate
     drift = release_lock_drift(
-        cooked.spec, committed, fetched.models, base, compare_base=not request.base_version
+        cooked.spec,
+        committed,
+        fetched.models,
+        base,
+        compare_base=not request.base_version,
+        store_base=cooked.store_base,
     )
     if drift:
         raise DriftError(
@@ -262,7 +271,9 @@ def validate_customer(
     lock = read_lock(spec)
     if lock is not None:
         try:
-            models = models_from_lock(spec, lock, production=settings.production)
+            models = models_from_lock(
+                spec, lock, production=settings.production, store_base=settings.root
+            )
         except DriftError as exc:
             notes.append(f"registry plug-ins not checked: {exc.message}")
     elif any(d.sourcing == "auto" for d in spec.models):
@@ -375,6 +386,9 @@ class ImagePlan:
     verbose_yaml: bytes
     verbose_sha256: str
     provenance: Provenance
+    # The models with the weights URIs this build fetched from (the image may record them
+    # location-free): what the build report and the attestation say.
+    reached: tuple[ProvenanceModel, ...]
     labels: dict[str, str]
     layers: list[LayerSpec]
     immutable: str  # <registry>/<customer>:<base version>[-gpu]-<config rev>
@@ -387,21 +401,48 @@ class ImagePlan:
 
 
 def plan_image(
-    cooked: Cooked, fetched: FetchResult, base: BaseImageRef, registry: str
+    cooked: Cooked,
+    fetched: FetchResult,
+    base: BaseImageRef,
+    registry: str,
+    *,
+    layer_format: int = LAYER_FORMAT,
+    recorded: Locations | None = None,
 ) -> ImagePlan:
-    """The image plan of a fetched config (``cooked`` carries the fetched models)."""
+    """The image plan of a fetched config (``cooked`` carries the fetched models), with the
+    locations an image of ``layer_format`` records (see ``image_locations``)."""
     spec = cooked.spec
-    verbose_yaml = cooked.verbose_yaml
-    verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
-    provenance = provenance_document(
-        spec, cooked.models, verbose_sha256=verbose_sha, development=cooked.development
+    locations = image_locations(
+        spec, cooked.models, base, layer_format=layer_format, recorded=recorded
     )
+    # The image's own view: each model's weights as the image records them.
+    image = cooked.with_models(
+        tuple(
+            replace(m, weights_uri=locations.weights.get(m.name, m.weights_uri))
+            for m in cooked.models
+        )
+    )
+    verbose_yaml = image.verbose_yaml
+    verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
+
+    def document(of: Cooked, source: str | None) -> Provenance:
+        return provenance_document(
+            spec, of.models, verbose_sha256=verbose_sha, development=of.development, source=source
+        )
+
+    provenance = document(image, locations.source)
     return ImagePlan(
         verbose_yaml=verbose_yaml,
         verbose_sha256=verbose_sha,
         provenance=provenance,
+        reached=document(cooked, spec.source.url).models,
         labels=image_labels(
-            spec, cooked.models, base, verbose_sha256=verbose_sha, development=cooked.development
+            spec,
+            image.models,
+            base,
+            verbose_sha256=verbose_sha,
+            development=cooked.development,
+            locations=locations,
         ),
         layers=image_layers(fetched, verbose_yaml, yamldoc.canonical_json(provenance.to_dict())),
         immutable=f"{registry}/{spec.customer}:{image_version(spec, base)}",
@@ -436,7 +477,7 @@ def build_facts(
         source_date_epoch=spec.commit_time,
         base=dict(report.base),
         base_constraint=spec.base_version,
-        models=[m.to_dict() for m in plan.provenance.models],
+        models=[m.to_dict() for m in plan.reached],
         verbose_sha256=plan.verbose_sha256,
         development=cooked.development,
         locked=request.locked,
@@ -608,7 +649,12 @@ def build(
             _refuse_stale_lock(request, cooked, fetched, base_ref)
         cooked = cooked.with_models(fetched.models)
         plan = plan_image(
-            cooked, fetched, base_ref, request.image_registry or settings.image_registry
+            cooked,
+            fetched,
+            base_ref,
+            request.image_registry or settings.image_registry,
+            layer_format=request.layer_format,
+            recorded=request.recorded,
         )
         report = BuildReport(
             customer=spec.customer,
@@ -618,7 +664,7 @@ def build(
             config_digest="",
             config_commit=spec.commit,
             base={"repository": base.repository, "version": base.version, "digest": base.digest},
-            models=[m.to_dict() for m in plan.provenance.models],
+            models=[m.to_dict() for m in plan.reached],
             layers=[],
             development=cooked.development,
             bytes_downloaded=fetched.bytes_downloaded,
@@ -656,7 +702,17 @@ def build(
         ]
         with stage("deliver"):
             # Every build lands in the local image store, complete; the flags send it further.
-            store.add_image(image, plan.tags, progress)
+            # Its immutable tag is as immutable here as in a registry (a -dirty work-tree
+            # build's tag names uncommitted files and moves with them).
+            report.warnings.extend(
+                store.add_image(
+                    image,
+                    plan.tags,
+                    progress,
+                    immutable=() if spec.worktree else (plan.immutable,),
+                    force=request.force,
+                )
+            )
             report.outputs["store"] = str(store.root)
             _deliver(request, image, report, plan.immutable, plan.moving, progress)
         with stage("attest"):

@@ -450,9 +450,11 @@ def release_record(
 
 
 def config_source(location: str, settings: Settings) -> str:
-    """The canonical, credential-free source URL of a customer location (as in the labels)."""
+    """The canonical, credential-free source URL of a customer location (``<url>#<folder>``
+    for a folder of a repository), as the attestation names it."""
     if _URL.match(location):
-        return canonical_repo_url(location)
+        url, _, folder = location.partition("#")
+        return f"{canonical_repo_url(url)}#{folder}" if folder else canonical_repo_url(url)
     return open_source(location, settings).url
 
 

@@ -383,7 +383,10 @@ def test_explain_reads_everything_back(world: World, form: str) -> None:
     prov = result["provenance"]
     assert prov["customer"] == "customer-x"
     assert prov["config"]["commit"] == world.commits["lock1"]
-    assert prov["config"]["repository"] == world.repo.as_uri()
+    # A location-free image records no repository (customer.yaml declares none): the
+    # attestation attached to it (a docker archive: the one this machine's build wrote) does.
+    assert prov["config"]["repository"] is None
+    assert result["sources"] == [world.repo.as_uri()]
     assert result["base"] == {**release["base"], "constraint": "2.4.1"}
     models = {m["name"]: m for m in prov["models"]}
     assert models["mitosis_model"]["registry_id"] == MITOSIS_ID
@@ -523,8 +526,9 @@ def test_tampered_model_file_is_flagged_by_explain_and_verify(world: World, tmp_
     check = _check(result, "/app/models/carcinoma_model/model.onnx")
     assert not check["ok"] and check["detail"].startswith("MODIFIED")
     assert _check(result, "/app/models/mitosis_model/model.onnx")["ok"]
-    assert "not a recorded release" in result["release_note"]  # the digest changed
+    assert result["release"] is None  # the digest changed
     assert result["attestations"] == []  # the signed attestations name the original digest
+    assert result["sources"] == []  # so nothing names the config repository any more
     human = run_cli("explain", reference, env=world.env)
     assert human.returncode == 10
     assert (
@@ -532,7 +536,9 @@ def test_tampered_model_file_is_flagged_by_explain_and_verify(world: World, tmp_
         in human.stdout
     )
 
-    verified = cli_json(world, "verify", reference, code=10)
+    code, line = cli_fail(world, "verify", reference)
+    assert code == 2 and "the image records no config repository" in line and "--repo" in line
+    verified = cli_json(world, "verify", reference, "--repo", str(world.repo), code=10)
     assert verified["match"] is False
     assert verified["manifest_digest"] == digest
     assert verified["rebuilt_digest"] == world.releases["r1"]["manifest_digest"]
@@ -619,6 +625,39 @@ def test_release_record_problems(world: World, tmp_path: Path) -> None:
     assert (
         "releases/customer-x/broken.yaml: manifest_digest 'latest' is missing or malformed" in line
     )
+
+
+def test_audit_verify_fails_when_a_release_cannot_be_verified(world: World, tmp_path: Path) -> None:
+    """`audit --verify` exits 10 when a recorded release could not be verified and says why in
+    one line; neither that line nor the report names a path of this machine's cache."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(world.repo), str(clone)], check=True)
+    _own_records(clone)
+    lost = dict(world.records["r2"])
+    lost.pop("_path")
+    lost["manifest_digest"] = "sha256:" + "0" * 64  # an image the registry does not have
+    work = clone.parent / "records-lost"
+    subprocess.run(
+        ["git", "-C", str(clone), "worktree", "add", "-q", str(work), "ivd-releases"], check=True
+    )
+    commit_files(
+        work,
+        {
+            world.records["r1"]["_path"]: None,
+            world.records["r2"]["_path"]: None,
+            "releases/customer-x/lost.yaml": yaml.safe_dump(lost),
+        },
+        "only a release whose image is gone",
+    )
+    subprocess.run(["git", "-C", str(clone), "worktree", "remove", str(work)], check=True)
+    html = tmp_path / "audit.html"
+    result = run_cli("audit", str(clone), "--html", str(html), "--verify", env=world.env)
+    assert result.returncode == 10, result.stdout + result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("not verified: ")]
+    assert line.startswith(f"not verified: {lost['image']}: ")
+    assert "0000000000" in line  # what could not be read
+    cache = world.env["BUILDER_CACHE_DIR"]
+    assert cache not in result.stderr and cache not in html.read_text()
 
 
 def test_history_and_audit_without_release_records(world: World, tmp_path: Path) -> None:
@@ -946,28 +985,138 @@ def test_verify_from_anywhere_with_only_the_reference(world: World, tmp_path: Pa
     assert doc["match"] is True, doc["differences"]
 
 
-def test_verify_clones_a_recorded_bare_repository(world: World, tmp_path: Path) -> None:
-    """An image built from a clone of a bare repository records the bare path (without .git);
-    verify finds it, clones it into the cache, and rebuilds bit for bit from another folder."""
-    bare = tmp_path / "server" / "customer-x.git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(world.repo), str(bare)], check=True)
-    work = tmp_path / "work" / "customer-x"
-    subprocess.run(["git", "clone", "-q", str(bare), str(work)], check=True)
-    env = {**world.env, "BUILDER_IMAGE_REGISTRY": world.env["BUILDER_IMAGE_REGISTRY"] + "-bare"}
-    built = run_cli(
-        "build", str(work), "--ref", world.commits["lock1"], "--push", "--json", env=env
+def _run_git(*args: str) -> None:
+    subprocess.run(["git", *args], check=True, capture_output=True)
+
+
+def _folder_configs(world: World, path: Path) -> Path:
+    """A configuration repository holding customer-y in customers/customer-y, locked; its
+    customer.yaml declares the repository's address (a server this test cannot reach)."""
+    folder = "customers/customer-y"
+    declared = "repository: https://gitlab.example.com/ivd/configs.git\n"
+    commit_files(
+        path,
+        {
+            f"{folder}/customer.yaml": CUSTOMER_YAML.format(name="customer-y", base="2.4.1")
+            + declared,
+            f"{folder}/analysis.yaml": ANALYSIS_YAML.format(
+                carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.5
+            ),
+            "README.md": "customer configurations\n",
+        },
+        "customer-y",
+        when=T0,
     )
+    locked = run_cli("lock", str(path / folder), env=world.env)
+    assert locked.returncode == 0, locked.stderr
+    lock = (path / folder / "customer.lock.yaml").read_bytes()
+    commit_files(path, {f"{folder}/customer.lock.yaml": lock}, "lock customer-y", when=T0 + DAY)
+    return path
+
+
+def _build_then_verify_elsewhere(
+    world: World, tmp_path: Path, target: Path, namespace: str, *, gone: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Push a build of ``target``, remove ``gone`` (the clone it was built from), then verify
+    the image by its reference alone from an empty folder with no project settings."""
+    registry = world.env["BUILDER_IMAGE_REGISTRY"] + f"-{namespace}"
+    env = {**world.env, "BUILDER_IMAGE_REGISTRY": registry}
+    built = run_cli("build", str(target), "--push", "--json", env=env)
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
-    report = json.loads(built.stdout)["result"]
-    shutil.rmtree(work.parent)  # only the server-side repository is left
+    report: dict[str, Any] = json.loads(built.stdout)["result"]
+    shutil.rmtree(gone)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    image = report["image"]
-    result = run_cli("verify", image, "--json", env=_bare_env(world), cwd=elsewhere)
+    result = run_cli("verify", report["image"], "--json", env=_bare_env(world), cwd=elsewhere)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    doc = json.loads(result.stdout)["result"]
+    doc: dict[str, Any] = json.loads(result.stdout)["result"]
     assert doc["match"] is True, doc["differences"]
+    assert not any(elsewhere.iterdir())  # nothing written where it ran
+    return report, doc
+
+
+def test_verify_clones_a_recorded_bare_repository(world: World, tmp_path: Path) -> None:
+    """An image built from a clone of a bare repository: the attestation names the bare path
+    (without .git); verify finds it and rebuilds bit for bit from another folder."""
+    bare = tmp_path / "server" / "customer-x.git"
+    _run_git("clone", "-q", "--bare", str(world.repo), str(bare))
+    work = tmp_path / "work" / "customer-x"
+    _run_git("clone", "-q", str(bare), str(work))
+    _run_git("-C", str(work), "checkout", "-q", world.commits["lock1"])
+    _, doc = _build_then_verify_elsewhere(world, tmp_path, work, "bare", gone=work.parent)
     assert doc["repository"] == bare.with_name("customer-x").as_uri()
+
+
+def test_verify_a_folder_customer_in_a_bare_repository(world: World, tmp_path: Path) -> None:
+    """A customer folder inside a bare server repository (``file:///srv/configs#customers/
+    customer-y``): `verify REF` from an empty folder reads the folder out of the bare
+    repository itself (no work tree anywhere) and says MATCH."""
+    configs = _folder_configs(world, tmp_path / "configs")
+    bare = tmp_path / "server" / "configs.git"
+    _run_git("clone", "-q", "--bare", str(configs), str(bare))
+    shutil.rmtree(configs)
+    work = tmp_path / "work" / "configs"
+    _run_git("clone", "-q", str(bare), str(work))
+    report, doc = _build_then_verify_elsewhere(
+        world, tmp_path, work / "customers" / "customer-y", "folder", gone=work.parent
+    )
+    # The image records the declared address (unreachable here); the attestation names where
+    # the build read the folder, and that is where verify found it.
+    labels = doc["explanation"]["labels"]
+    assert labels["org.opencontainers.image.source"] == (
+        "https://gitlab.example.com/ivd/configs#customers/customer-y"
+    )
+    assert doc["repository"] == f"{bare.with_name('configs').as_uri()}#customers/customer-y"
+    assert doc["commit"] == report["config_commit"] and doc["locked"] is True
+    human = run_cli("verify", report["image"], env=_bare_env(world), cwd=tmp_path)
+    assert human.returncode == 0 and "MATCH" in human.stdout.splitlines()
+
+
+def test_verify_an_image_built_from_a_clone_of_a_work_tree(world: World, tmp_path: Path) -> None:
+    """Built from a clone whose origin is another work tree that has its own origin (an
+    https server): verify opens that work tree, rebuilds, and the digest matches (nothing
+    of either origin is in the image)."""
+    upstream = _folder_configs(world, tmp_path / "upstream")
+    _run_git(
+        "-C", str(upstream), "remote", "add", "origin", "https://gitlab.example.com/ivd/configs.git"
+    )
+    laptop = tmp_path / "laptop" / "configs"
+    _run_git("clone", "-q", str(upstream), str(laptop))
+    _, doc = _build_then_verify_elsewhere(
+        world, tmp_path, laptop / "customers" / "customer-y", "worktree", gone=laptop.parent
+    )
+    assert doc["repository"] == f"{upstream.as_uri()}#customers/customer-y"
+
+
+def test_verify_clones_a_recorded_http_repository(world: World, tmp_path: Path) -> None:
+    """A repository served over HTTP on loopback (git's dumb HTTP protocol, a plain web server):
+    the attestation names its http address; verify clones it into the cache and says MATCH."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "www"
+    bare = served / "customer-x"  # served as http://127.0.0.1:PORT/customer-x
+    _run_git("clone", "-q", "--bare", str(world.repo), str(bare))
+    _run_git("-C", str(bare), "update-server-info")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # keep the test output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/customer-x"
+        work = tmp_path / "work" / "customer-x"
+        _run_git("clone", "-q", url, str(work))
+        report, doc = _build_then_verify_elsewhere(world, tmp_path, work, "http", gone=work.parent)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert doc["repository"] == url
+    assert doc["commit"] == report["config_commit"]
 
 
 def test_diff_says_default_for_unset_values() -> None:
@@ -1263,8 +1412,9 @@ def test_five_questions_from_an_empty_directory(world: World, tmp_path: Path, by
     assert human.returncode == 0, human.stderr
     assert f"approved     Approved-by: {REVIEWER}; Approved-by: {QUALITY}" in human.stdout
     # 4. what changed since the last release, and why
-    changed = _run(env, empty, "diff", "customer-x" if by == "name" else shipped["provenance"][
-        "config"]["repository"], r1["image"].rpartition(":")[2] if by == "name" else r1["image"],
+    # (a location-free image names its repository through its attestation: `sources`)
+    changed = _run(env, empty, "diff", "customer-x" if by == "name" else shipped["sources"][0],
+        r1["image"].rpartition(":")[2] if by == "name" else r1["image"],
         target if by == "image" else r2["image"].rpartition(":")[2])  # fmt: skip
     texts = [c["text"] for c in changed["changes"]]
     assert "Carcinoma threshold 0.5 -> 0.6" in texts

@@ -310,11 +310,11 @@ def _runner_refuses(
     for model in verbose["analyses"][0]["models"].values():
         folder = app / model["reference"]
         folder.mkdir(parents=True, exist_ok=True)
-        weights = model["provenance"]["weights_uri"]
+        weights = model["provenance"]["weights_uri"]  # as the image records it
         origin = (
             source / weights.removeprefix("repo:")
             if weights.startswith("repo:")
-            else ROOT / weights.removeprefix("file:")
+            else ROOT / "demo" / "production" / weights.removeprefix("production:")
         )
         shutil.copy(origin / model["params"]["file"], folder / model["params"]["file"])
     parse_config(verbose, Path("analysis.yaml"), app)  # the good config runs

@@ -305,6 +305,7 @@ class TestPush:
             )
         message = str(info.value)
         assert "immutable tag" in message and first.manifest_digest in message
+        assert "What differs: label m: one (tagged) vs two (this build)" in message
         assert "--force" in message
         client = RegistryClient(registry.host, retry=FAST)
         path = target.split("/", 1)[1]
@@ -325,6 +326,7 @@ class TestPush:
             report.warnings
             and "FORCED" in report.warnings[0]
             and first.manifest_digest in report.warnings[0]
+            and "label m: one (tagged) vs two (this build)" in report.warnings[0]
         )
         assert client.manifest_digest(path, "2.4.1-abc") == second.manifest_digest
 
@@ -679,3 +681,33 @@ def test_concurrent_exports_into_one_oci_layout_keep_every_tag(tmp_path: Path) -
         ["skopeo", "inspect", f"oci:{layout}:w7-3"], capture_output=True, text=True, check=True
     )
     assert json.loads(inspect.stdout)["Digest"] == expected
+
+
+def test_image_differences_name_inputs_then_layers() -> None:
+    """Recorded inputs side by side (a missing format label is format 1); when every input
+    agrees, the layers that differ."""
+    from builder.image.provenance import image_differences
+
+    def image(labels: dict[str, str], config_layer: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        manifest = {
+            "layers": [
+                {"digest": "sha256:" + "b" * 64},
+                {"digest": config_layer, "annotations": {"com.ivd.layer.name": "config"}},
+            ]
+        }
+        return manifest, {"config": {"Labels": labels}}
+
+    commit_a, commit_b = "a" * 40, "c" * 40
+    tagged = image({"org.opencontainers.image.revision": commit_a}, "sha256:" + "1" * 64)
+    built = image(
+        {"org.opencontainers.image.revision": commit_b, "com.ivd.layer-format": "3"},
+        "sha256:" + "2" * 64,
+    )
+    assert image_differences(tagged, built) == [
+        "config commit: aaaaaaaaaaaa (tagged) vs cccccccccccc (this build)",
+        "image format: 1 (tagged) vs 3 (this build)",
+    ]
+    same = {"org.opencontainers.image.revision": commit_a}
+    assert image_differences(
+        image(same, "sha256:" + "1" * 64), image(same, "sha256:" + "2" * 64)
+    ) == ["layer config: sha256:111111111111 (tagged) vs sha256:222222222222 (this build)"]

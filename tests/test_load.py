@@ -275,12 +275,80 @@ def test_manual_model_reads_weights_from_the_same_commit(repo: Path, settings: S
             "https://gitlab.example.com/ivd/customers/customer-x",
             "https://gitlab.example.com/ivd/customers/customer-x",
         ),
+        ("git+ssh://git@GitLab.Example.com/ivd/cx.git/", "https://gitlab.example.com/ivd/cx"),
+        ("ssh://gitlab.example.com:22//ivd//cx.git", "https://gitlab.example.com/ivd/cx"),
+        ("git://gitlab.example.com/ivd/cx", "https://gitlab.example.com/ivd/cx"),
+        (
+            "HTTPS://deploy:tok@GITLAB.example.com:443/ivd/cx.git#main",
+            "https://gitlab.example.com/ivd/cx",
+        ),
+        ("http://127.0.0.1:8080/ivd/cx.git/", "http://127.0.0.1:8080/ivd/cx"),
+        ("http://127.0.0.1:80/ivd/cx", "http://127.0.0.1/ivd/cx"),
+        ("file:///srv/git/cx.git/", "file:///srv/git/cx"),
+        ("file://localhost/srv/git/./cx.git", "file:///srv/git/cx"),
+        ("/srv/git/cx.git", "file:///srv/git/cx"),
+        ("/srv/git//cx/", "file:///srv/git/cx"),
     ],
 )
 def test_source_url_is_one_spelling_without_secrets(url: str, canonical: str) -> None:
     from builder.cook.load import canonical_repo_url
 
     assert canonical_repo_url(url) == canonical
+
+
+def test_a_folder_of_a_repository_is_named_repository_hash_folder(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """``<repository>#<folder>``, the form images and records use, opens a folder of a work
+    tree, of a bare repository (no work tree at all) and of a git URL alike."""
+    import subprocess
+
+    configs = tmp_path / "configs"
+    files = {
+        "customers/customer-y/customer.yaml": CUSTOMER_YAML.format(name="customer-y", base="2.4.1"),
+        "customers/customer-y/analysis.yaml": _analysis(),
+    }
+    commit = commit_files(configs, files, "configs")
+    bare = tmp_path / "server" / "configs.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(configs), str(bare)], check=True)
+    for location in (
+        f"{configs}#customers/customer-y",
+        f"{bare}#customers/customer-y",
+        f"{bare.as_uri()}#customers/customer-y",
+    ):
+        spec = load_customer(location, settings)
+        assert (spec.customer, spec.commit, spec.source.subdir) == (
+            "customer-y",
+            commit,
+            "customers/customer-y",
+        )
+        assert spec.source.url.endswith("#customers/customer-y")
+    with pytest.raises(ConfigError, match="folder 'customers/nobody' is not in git"):
+        load_customer(f"{bare}#customers/nobody", settings)
+    with pytest.raises(ConfigError, match="must be a relative path inside"):
+        load_customer(f"{bare.as_uri()}#../escape", settings)
+
+
+def test_declared_repository_is_canonical_and_credential_free(
+    repo: Path, settings: Settings
+) -> None:
+    """customer.yaml ``repository``: recorded in canonical form; credentials are refused."""
+    declared = CUSTOMER_YAML.format(name="customer-x", base="2.4.1")
+    commit_files(
+        repo, {"customer.yaml": declared + "repository: git@gitlab.example.com:ivd/cx.git\n"}, "id"
+    )
+    assert load_customer(str(repo), settings).repository == "https://gitlab.example.com/ivd/cx"
+    commit_files(
+        repo,
+        {"customer.yaml": declared + "repository: https://bot:s3cret@gitlab.example.com/ivd/cx\n"},
+        "oops",
+    )
+    with pytest.raises(ConfigError, match="holds credentials") as raised:
+        load_customer(str(repo), settings)
+    assert "s3cret" not in str(raised.value)
+    commit_files(repo, {"customer.yaml": declared + "repository: ../cx\n"}, "a path")
+    with pytest.raises(ConfigError, match="repository"):
+        load_customer(str(repo), settings)
 
 
 def test_git_url_is_cloned_then_fetched(repo: Path, settings: Settings) -> None:

@@ -26,6 +26,7 @@ from helpers import (
     customer_repo,
     run_cli,
     seed_models,
+    write_production,
 )
 from test_assemble import base_layer_tar, synthetic_base_blobs
 
@@ -396,6 +397,80 @@ def test_a_build_without_output_flags_says_not_pushed(tmp_path: Path) -> None:
         for e in read_layout_index(cache / "oci")
     )
     assert (cache / "oci" / "oci-layout").is_file()
+
+
+def test_the_local_store_keeps_an_immutable_tag_unless_forced(tmp_path: Path) -> None:
+    """The local image store refuses to move an immutable tag, as a registry does, naming
+    which inputs differ; --force moves it and says what it overwrote. A work-tree build's
+    -dirty tag moves with the edits it is built from."""
+    repository = "127.0.0.1:9/ivd/inference-base"
+    env = _customer_env(tmp_path, repository, "127.0.0.1:9")
+    cache = tmp_path / "cache"
+    store = ImageStore(cache / "oci")
+    _put_synthetic_base(store, [f"{repository}:2.4.2"])
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    first = _build(env, cache, str(repo))
+    image = first["image"]
+    # Same config commit, other weights under the same task: the immutable tag would move.
+    write_production(tmp_path / "production", CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": b"x"})
+    refused = run_cli("build", str(repo), env={**env, "BUILDER_CACHE_DIR": str(cache)})
+    assert refused.returncode == 6, refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert f"{image} is an immutable tag in the local image store {cache / 'oci'}" in line
+    before = {m["name"]: m["dir_hash"] for m in first["models"]}["carcinoma_model"]
+    assert f"model carcinoma_model sha256: {before[:12]} (tagged) vs " in line
+    assert "--force" in line
+    stored = store.lookup(image)
+    assert stored is not None and stored.digest == first["manifest_digest"]  # untouched
+    forced = _build(env, cache, str(repo), "--force")
+    (warning,) = [w for w in forced["warnings"] if w.startswith("FORCED:")]
+    assert warning.startswith(f"FORCED: immutable tag {image} in the local image store")
+    assert f"it pointed to {first['manifest_digest']}, now {forced['manifest_digest']}" in warning
+    stored = store.lookup(image)
+    assert stored is not None and stored.digest == forced["manifest_digest"]
+    for threshold in ("0.6", "0.7"):
+        (repo / "analysis.yaml").write_text(
+            (repo / "analysis.yaml")
+            .read_text()
+            .replace("threshold: 0.5", f"threshold: {threshold}")
+        )
+        dirty = _build(env, cache, str(repo), "--worktree")
+        assert dirty["image"].endswith("-dirty")
+        (repo / "analysis.yaml").write_text(
+            (repo / "analysis.yaml")
+            .read_text()
+            .replace(f"threshold: {threshold}", "threshold: 0.5")
+        )
+    dirty_stored = store.lookup(dirty["image"])
+    assert dirty_stored is not None and dirty_stored.digest == dirty["manifest_digest"]
+
+
+def test_verify_rebuilds_on_a_base_that_only_the_local_store_holds(tmp_path: Path) -> None:
+    """No registry anywhere: an image built on the local store's base verifies as MATCH from
+    another folder, no base repository configured (the attestation names it; the base, by
+    digest, comes from this machine's store)."""
+    repository = "127.0.0.1:9/ivd/inference-base"
+    env = _customer_env(tmp_path, repository, "127.0.0.1:9")
+    cache = tmp_path / "cache"
+    _put_synthetic_base(ImageStore(cache / "oci"), [f"{repository}:2.4.2"])
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    layout = tmp_path / "layout"
+    built = _build(env, cache, str(repo), "--oci-layout", str(layout))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    reference = f"oci:{layout}:{built['image'].rsplit(':', 1)[1]}"
+    models = {k: v for k, v in env.items() if k != "BUILDER_BASE_REPOSITORY"}  # no lock here
+    result = run_cli(
+        "verify",
+        reference,
+        "--json",
+        env={**models, "BUILDER_BASE_REPOSITORY": "", "BUILDER_CACHE_DIR": str(cache)},
+        cwd=elsewhere,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    doc = json.loads(result.stdout)["result"]
+    assert doc["match"] is True and doc["rebuilt_digest"] == built["manifest_digest"]
+    assert doc["repository"] == repo.as_uri()
 
 
 def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(

@@ -16,7 +16,7 @@ from builder.attest.dsse import (
     load_public_key,
     verify_envelope,
 )
-from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO
+from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO, PROVENANCE_FILE
 from builder.audit.history import ReleaseReview, open_customer, release_review
 from builder.audit.text import base_of, short
 from builder.errors import AttestationError, BuilderError, ImageError
@@ -108,6 +108,15 @@ class Explanation:
     selected: dict[str, Any] | None = None  # how a customer name was turned into this image
     #: For a recorded release: what changed since the previous release, why, who approved it.
     review: ReleaseReview | None = None
+    # Where the config repository (``<url>#<folder>``) is recorded: the image's own record (a
+    # location-free image has one only when customer.yaml declares it), then its provenance
+    # attestation's (where the build read it)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def source(self) -> str | None:
+        """The config repository the image (else its attestation) records."""
+        return self.sources[0] if self.sources else None
 
     @property
     def ok(self) -> bool:
@@ -293,6 +302,7 @@ def _artifact_document(
 class Attested:
     infos: list[AttestationInfo] = field(default_factory=list)
     statement: dict[str, Any] | None = None  # newest provenance Statement
+    statements: list[dict[str, Any]] = field(default_factory=list)  # every one, newest first
     sbom_sha256: str | None = None
     checks: list[Check] = field(default_factory=list)
 
@@ -349,8 +359,12 @@ def read_attestations(
             else:
                 statement = document
         out.infos.append(info)
-        if statement is not None and (created or "") >= newest:
-            newest, out.statement = created or "", statement
+        if statement is not None:
+            out.statements.append(statement)
+            if (created or "") >= newest:
+                newest, out.statement = created or "", statement
+    if out.statement is not None:  # newest first: a repeated build's own record leads
+        out.statements.sort(key=lambda s: s is not out.statement)
     return out
 
 
@@ -425,14 +439,59 @@ def _statement_checks(
     return checks
 
 
-def _release_for(
-    provenance: Mapping[str, Any], digest: str, settings: Settings
-) -> tuple[dict[str, Any] | None, str, ReleaseReview | None]:
-    """The release record of this digest, read from the recorded config repository, and that
-    release's review (what changed since the previous release, why, who approved it)."""
-    url = str((provenance.get("config") or {}).get("repository", ""))
+def attested_source(statement: Mapping[str, Any] | None) -> str | None:
+    """``<url>#<folder>`` of the config repository a provenance Statement names, if any."""
+    external = ((statement or {}).get("predicate") or {}).get("buildDefinition", {}).get(
+        "externalParameters"
+    ) or {}
+    repository, folder = external.get("repository"), external.get("configPath")
+    if not isinstance(repository, str) or not repository:
+        return None
+    return (
+        f"{repository}#{folder}"
+        if isinstance(folder, str) and folder not in ("", ".")
+        else repository
+    )
+
+
+def attested_base(statement: Mapping[str, Any] | None) -> str | None:
+    """The base image repository a provenance Statement names (``oci://<repo>:<tag>``), if any."""
+    deps = ((statement or {}).get("predicate") or {}).get("buildDefinition", {}).get(
+        "resolvedDependencies"
+    ) or []
+    uri = next((str(d.get("uri") or "") for d in deps if d.get("name") == "base-image"), "")
+    if uri.startswith("oci://"):
+        return uri.removeprefix("oci://").rpartition(":")[0] or None
+    return uri or None
+
+
+def _local_statements(settings: Settings, digest: str) -> list[dict[str, Any]]:
+    """The provenance Statement a build on this machine wrote for ``digest`` (the build
+    report's ``outputs.attestations``), when it names that digest as its subject."""
+    path = settings.store_dir.parent / "attestations" / digest.partition(":")[2] / PROVENANCE_FILE
     try:
-        customer = open_customer(url, settings)
+        statement = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(statement, dict):
+        return []
+    subjects = [
+        (s.get("digest") or {}).get("sha256")
+        for s in statement.get("subject") or []
+        if isinstance(s, dict)
+    ]
+    return [statement] if digest.partition(":")[2] in subjects else []
+
+
+def _release_for(
+    source: str | None, digest: str, settings: Settings
+) -> tuple[dict[str, Any] | None, str, ReleaseReview | None]:
+    """The release record of this digest, read from the recorded config repository (``source``),
+    and that release's review (what changed since the previous release, why, who approved it)."""
+    if not source:
+        return None, "release records not read: the image names no config repository", None
+    try:
+        customer = open_customer(source, settings)
     except BuilderError as exc:
         return None, f"release records not read: {exc}", None
     where = customer.records_where
@@ -506,7 +565,22 @@ def explain(
     signatures = {a.signature for a in attested.infos}
     if public_key is not None and not signatures & {"valid", "INVALID"}:
         checks.append(Check("provenance signature", False, f"no signed provenance ({where})"))
-    release, release_note, review = _release_for(provenance, image.manifest_digest, settings)
+    # Where the build read its config: the attached attestations, else (a docker archive
+    # carries none) the attestation a build on this machine wrote next to its image store.
+    statements = attested.statements or _local_statements(settings, image.manifest_digest)
+    sources: list[str] = []
+    for found_at in (
+        (provenance.get("config") or {}).get("repository"),
+        *(attested_source(s) for s in statements),
+    ):
+        if isinstance(found_at, str) and found_at and found_at not in sources:
+            sources.append(found_at)
+    release, release_note, review = _release_for(
+        sources[0] if sources else None, image.manifest_digest, settings
+    )
+    base = base_of(labels, provenance)
+    if base["repository"] is None:  # a location-free image: where the build pulled it from
+        base["repository"] = next(filter(None, map(attested_base, statements)), None)
     metadata = ((attested.statement or {}).get("predicate") or {}).get("runDetails", {}).get(
         "metadata"
     ) or {}
@@ -526,7 +600,7 @@ def explain(
         config_digest=image.config_digest,
         customer=str(provenance.get("customer")),
         provenance=provenance,
-        base=base_of(labels, provenance),
+        base=base,
         labels=labels,
         created=labels.get("org.opencontainers.image.created"),
         built_at=built_at,
@@ -538,5 +612,6 @@ def explain(
         release_note=release_note,
         checks=checks,
         ci_url=ci_url,
+        sources=sources,
         review=review,
     )

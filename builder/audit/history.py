@@ -137,15 +137,18 @@ class Resolver:
         """The models a lock pins. Read, not fetched: weights pinned in another production
         store than this machine's setting (or with none set, as on a reviewer's laptop) are
         read against the store the lock itself names."""
+        anchor = self.settings.root
         try:
-            return models_from_lock(spec, lock, production=self.settings.production)
+            return models_from_lock(
+                spec, lock, production=self.settings.production, store_base=anchor
+            )
         except StaleLockError:
             raise
         except ConfigError:
             recorded = _recorded_store(lock)
             if recorded is None or recorded == self.settings.production:
                 raise
-            return models_from_lock(spec, lock, production=recorded)
+            return models_from_lock(spec, lock, production=recorded, store_base=anchor)
 
     def config(self, spec: CustomerSpec) -> ResolvedConfig:
         """The resolved configuration of ``spec`` (lock first, then the registry)."""
@@ -481,6 +484,15 @@ def find_commit(source: RepoSource, ref: str) -> git.Commit:
             hint="use a branch, tag or commit of the customer repo",
         )
     return found
+
+
+def location_of(source: RepoSource) -> str:
+    """A location that opens the same source again without re-cloning or fetching (a folder
+    of a repository without a work tree, such as a bare one, as ``<repository>#<folder>``)."""
+    if not source.subdir:
+        return str(source.root)
+    folder = source.root / source.subdir
+    return str(folder) if folder.is_dir() else f"{source.root}#{source.subdir}"
 
 
 def _git_commit(repo: git.Repo, ref: str) -> git.Commit | None:

@@ -175,15 +175,25 @@ def _release_status(record: ReleaseRecord, settings: Settings) -> dict[str, Any]
 
 
 def _verify_status(record: ReleaseRecord, settings: Settings) -> dict[str, Any]:
-    """``verify`` of a released image: MATCH, MISMATCH with the first difference, or why not."""
+    """``verify`` of a released image: MATCH, MISMATCH with the first differences, or why
+    not; the detail is one line that names no path of this machine's cache."""
     reference = pinned(record.image, record.manifest_digest)
     try:
         result = verify(reference, settings)
     except BuilderError as exc:
-        return {"state": "not verified", "detail": exc.message}
+        return {"state": "not verified", "detail": _one_line(exc.message, settings)}
     if result.match:
         return {"state": "MATCH", "detail": f"rebuilt {short(result.rebuilt_digest, 19)}"}
-    return {"state": "MISMATCH", "detail": "; ".join(result.differences[:3])}
+    return {
+        "state": "MISMATCH",
+        "detail": _one_line("; ".join(result.differences[:3]), settings),
+    }
+
+
+def _one_line(text: str, settings: Settings) -> str:
+    """``text`` on one line, this machine's cache folder named as "the cache"."""
+    cache = str(settings.cache_dir)
+    return " ".join(text.replace(f"{cache}/", "").replace(cache, "the cache").split())
 
 
 def unrecorded_tags(

@@ -200,7 +200,8 @@ def _explanation_lines(exp: Any) -> list[str]:
         f"image        {exp.image}",
         f"digest       {exp.manifest_digest}",
         f"customer     {exp.customer}",
-        f"config       {config.get('repository')} @ {config.get('commit')}",
+        f"config       {_repository_line(config.get('repository'), exp.source)} @ "
+        f"{config.get('commit')}",
         f"             folder {config.get('path')}, analysis {config.get('analysis')}",
         f"base         {base.get('repository')}:{base.get('version')}@{base.get('digest')}",
         f"tool         {builder.get('name')} {builder.get('version')}",
@@ -346,6 +347,14 @@ def explain_cmd(
     )
 
 
+def _repository_line(recorded: str | None, source: str | None) -> str:
+    """The config repository an image records; for a location-free image that records none,
+    the one its provenance attestation names, said so."""
+    if recorded:
+        return recorded
+    return f"{source} (named by the attestation)" if source else "(not recorded)"
+
+
 @cli.command("verify")
 @click.argument("image", metavar="IMAGE|CUSTOMER")
 @click.option(
@@ -369,11 +378,14 @@ def verify_cmd(
 ) -> Result:
     """Rebuild IMAGE from its recorded config commit, lock and base; print MATCH or what differs.
 
-    Needs nothing but the image reference (or a CUSTOMER name, as for explain): the recorded
-    config repository is cloned with the CI credential helper when it is not on this machine,
-    and the rebuild uses the recorded repository's project settings and production store, not
-    the working directory's. Every layer is re-tarred in a scratch blob store (weights come from
-    the verified cache). Exit code 10 on a mismatch.
+    Needs nothing but the image reference (or a CUSTOMER name, as for explain): the config
+    repository the image records (else the one its provenance attestation names; a folder of
+    it for folder customers) is used where it is on this machine, work tree or bare, and cloned
+    with the CI credential helper when it is not; the lock at the recorded commit gives the
+    models, the production store and the base repository, not the working directory's
+    settings. An image of an older format is rebuilt with that format and the locations it
+    recorded. Every layer is re-tarred in a scratch blob store (weights come from the verified
+    cache). Exit code 10 on a mismatch.
     """
     from builder.audit.verify import verify
 
@@ -441,7 +453,9 @@ def audit_cmd(
     and each change, what changed since the previous release and why, whether it rebuilds
     (--verify); the configuration timeline, model lineage, and registry tags that no release
     record names. One self-contained file, no network resources; it prints cleanly.
-    CUSTOMER: a name, a folder or a repository URL (URL#folder as printed)."""
+    CUSTOMER: a name, a folder or a repository URL (URL#folder as printed). With --verify,
+    exit code 10 when a release does not MATCH or could not be verified (one line each says
+    why)."""
     from builder.audit.report import write_report
 
     if html is None and pdf is None:
@@ -456,6 +470,10 @@ def audit_cmd(
         ref=ref,
         verify_releases=verify_releases,
     )
+    records = {r.path: r for r in data["releases"]}
+    failed = {
+        path: status for path, status in data["verified"].items() if status["state"] != "MATCH"
+    }
     written = [str(p) for p in (html, pdf) if p is not None]
     summary = {
         "customer": data["customer"],
@@ -466,7 +484,9 @@ def audit_cmd(
         "unapproved": [e.revision.commit for e in data["unapproved"]],
         "unrecorded_tags": data["unrecorded_tags"],
         "problems": data["problems"],
+        "verified": data["verified"],
     }
+
     return Result(
         "audit",
         summary,
@@ -479,5 +499,11 @@ def audit_cmd(
                 else ""
             )
             + (f", {len(data['problems'])} problems" if data["problems"] else "")
+        ),
+        exit_code=AUDIT_FAILED if failed else 0,
+        notes=tuple(
+            f"{status['state']}: {records[path].image if path in records else path}: "
+            f"{status['detail']}"
+            for path, status in failed.items()
         ),
     )

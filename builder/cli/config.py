@@ -123,8 +123,10 @@ def expand(
     as_json: bool,
     **overrides: Any,
 ) -> Result:
-    """Print the verbose analysis config the runner loads (of what is on disk, uncommitted
-    edits included and said so, unless --ref names a revision)."""
+    """Print the verbose analysis config the runner loads, as the image carries it (each
+    registry model's weights named ``production:<task id>/<model id>/``, whatever the
+    production store's spelling), of what is on disk (uncommitted edits included and said
+    so) unless --ref names a revision."""
     from builder.cook.stage import cook
 
     cooked = cook(
@@ -135,7 +137,7 @@ def expand(
         locked=locked,
         allow_unpublished=allow_unpublished,
     )
-    text = cooked.verbose_yaml
+    text = cooked.located.verbose_yaml
     if output:
         write_atomic(output, text)
     for warning in cooked.warnings:
@@ -153,7 +155,7 @@ def expand(
             "customer": cooked.spec.customer,
             "commit": cooked.spec.commit,
             "uncommitted": list(cooked.spec.uncommitted),
-            "config": cooked.verbose,
+            "config": cooked.located.verbose,
             "output": str(output) if output else None,
         },
         human,

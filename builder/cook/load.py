@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import git
 
@@ -35,22 +36,17 @@ _URL = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)")
 def open_source(location: str, settings: Settings) -> RepoSource:
     """Find the repository and folder a customer name, path or git URL refers to.
 
-    A URL may name a folder of the repository after ``#`` (``file:///srv/fleet#customers/x``,
-    ``https://host/group/repo#customers/x``): the form the tool records and prints. URLs are
-    mirrored into the cache; a ``file://`` URL of a bare ``X.git`` recorded as ``X`` is found.
+    ``<repository>#<folder>`` names a folder inside a repository, the form images and release
+    records use and print: a git URL (mirrored into the cache; a ``file://`` URL of a bare
+    ``X.git`` recorded as ``X`` is found), a bare repository or a work tree.
     """
     if _URL.match(location):
-        base, _, folder = location.partition("#")
-        source = _clone_or_fetch(_bare_sibling(base), settings.cache_dir / "repos")
-        if not folder:
-            return source
-        folder = safe_relpath(folder, location, "repository folder")
-        return replace(
-            source,
-            location=f"{source.location}#{folder}",
-            subdir=folder,
-            url=f"{canonical_repo_url(base)}#{folder}",
-        )
+        url, _, folder = location.partition("#")
+        source = _clone_or_fetch(_bare_sibling(url), settings.cache_dir / "repos")
+        return _in_folder(source, folder)
+    head, sep, folder = location.partition("#")
+    if sep and not Path(location).expanduser().exists() and Path(head).expanduser().is_dir():
+        return _in_folder(open_source(head, settings), folder)
     path = Path(location).expanduser()
     if not path.exists() and not path.is_absolute():
         path = settings.customers / location
@@ -75,6 +71,20 @@ def open_source(location: str, settings: Settings) -> RepoSource:
     )
 
 
+def _in_folder(source: RepoSource, folder: str) -> RepoSource:
+    """``source`` narrowed to ``folder`` (a relative path inside it; '' leaves it as it is)."""
+    if not folder:
+        return source
+    rel = safe_relpath(folder, source.location, "folder")
+    subdir = PurePosixPath(source.subdir, rel).as_posix() if source.subdir else rel
+    return RepoSource(
+        location=f"{source.location}#{rel}",
+        root=source.root,
+        subdir=subdir,
+        url=f"{source.url.partition('#')[0]}#{subdir}",
+    )
+
+
 def _bare_sibling(url: str) -> str:
     """A ``file://`` URL of a missing ``X`` whose bare ``X.git`` is on this machine (canonical
     URLs drop ``.git``) as the URL of ``X.git``; any other URL as it is."""
@@ -86,25 +96,35 @@ def _bare_sibling(url: str) -> str:
     return url
 
 
-_SCP_LIKE = re.compile(r"^(?:[\w.-]+@)?(?P<host>[\w.-]+):(?P<path>(?!//).+)$")
+_SCP_LIKE = re.compile(r"^(?:[^@/\s]+@)?(?P<host>[\w.-]+):(?P<path>(?!//).+)$")
+#: Ports a URL may name without changing which server it means.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def canonical_repo_url(url: str) -> str:
-    """One spelling per repository, so clones over SSH, HTTPS or a local path record the same
-    source (it is part of the image labels, hence of the digest): no credentials, no ``.git``."""
-    url = redact_url(url.strip())
-    if "://" in url:
-        url = re.sub(r"[?#].*\Z", "", url, flags=re.DOTALL)
-    scp = _SCP_LIKE.match(url)
-    if scp and "://" not in url:
-        url = f"https://{scp['host']}/{scp['path']}"
-    elif url.startswith(("ssh://", "git://")):
-        rest = url.split("://", 1)[1].split("@")[-1]
-        host, _, path = rest.partition("/")
-        url = f"https://{host.split(':')[0]}/{path}"
+    """One spelling per repository, whatever way it was reached: no credentials, query or
+    fragment, no ``.git`` suffix or trailing slash, lowercase scheme and host, no default port;
+    SSH (``git@host:path``, ``ssh://``, ``git+ssh://``) and ``git://`` as the ``https://``
+    address of the same path; a local path or ``file://`` URL as one absolute ``file://`` URL.
+    The attestation and the release record name the config repository this way."""
+    url = re.sub(r"[?#].*\Z", "", redact_url(url.strip()), flags=re.DOTALL)
+    scp = _SCP_LIKE.match(url) if "://" not in url else None
+    if scp:
+        url = f"ssh://{scp['host']}/{scp['path'].lstrip('/')}"
     elif "://" not in url:
         url = Path(url).expanduser().resolve().as_uri()
-    return url.removesuffix("/").removesuffix(".git")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower().replace("git+ssh", "ssh").replace("ssh+git", "ssh")
+    path = re.sub(r"/{2,}", "/", unquote(parts.path)).rstrip("/").removesuffix(".git").rstrip("/")
+    if scheme == "file":
+        return Path(posixpath.normpath(path or "/")).as_uri()
+    host = (parts.hostname or "").lower()
+    port = parts.port if scheme in _DEFAULT_PORTS else None
+    if scheme in ("ssh", "git"):
+        scheme = "https"  # the web address of the same project: the port is SSH's, not HTTPS's
+    elif port is not None and port != _DEFAULT_PORTS[scheme]:
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}{quote(path)}"
 
 
 def _source_url(repo: git.Repo, root: Path, subdir: str) -> str:
@@ -457,6 +477,24 @@ def _reference(sourcing: str, reference: str, where: str) -> str:
     return normal_model_id(reference, what=f"{where}: model id")
 
 
+def _declared_repository(customer: Mapping[str, Any], origin: str) -> str | None:
+    """customer.yaml ``repository`` in canonical form; credentials in it are refused."""
+    declared = customer.get("repository")
+    if declared is None:
+        return None
+    if redact_url(declared) != declared:
+        raise ConfigError(
+            f"{origin}: repository {redact_url(declared)!r} holds credentials; remove them",
+            hint="CI supplies them from BUILDER_GIT_TOKEN or CI_JOB_TOKEN",
+        )
+    if not _URL.match(declared):
+        raise ConfigError(
+            f"{origin}: repository {declared[:120]!r} is not a git URL",
+            hint="give the address every clone shares, e.g. https://gitlab.example.com/group/repo.git",
+        )
+    return canonical_repo_url(declared)
+
+
 def _variants(value: str | list[str]) -> tuple[str, ...]:
     """customer.yaml base_image.variant (schema-checked: cpu, gpu or a list of them)."""
     return (value,) if isinstance(value, str) else tuple(value)
@@ -549,6 +587,7 @@ def read_customer(
             manual[f"{decl.reference}/{name}"] = snapshot.read(f"{decl.reference}/{name}") or b""
     base = customer["base_image"]
     spec = CustomerSpec(
+        repository=_declared_repository(customer, snapshot.origin(CUSTOMER_FILE)),
         customer=customer["customer"],
         base_version=base["version"].strip(),
         base_repository=base.get("repository"),

@@ -15,7 +15,7 @@ from typing import Any
 
 from builder import yamldoc
 from builder.contracts import BaseImageRef, CustomerSpec, Progress, ResolvedModel
-from builder.cook.expand import expand
+from builder.cook.expand import expand, located_weights_uri
 from builder.cook.fetch import Cache, fetch
 from builder.cook.load import (
     LOCK_FILE,
@@ -57,6 +57,14 @@ class Cooked:
         """The verbose config's bytes, as the image carries them."""
         return yamldoc.dump(self.verbose)
 
+    @cached_property
+    def located(self) -> Cooked:
+        """This config as an image records it: each model's weights by
+        :func:`~builder.cook.expand.located_weights_uri` (no production store spelling)."""
+        return self.with_models(
+            tuple(replace(m, weights_uri=located_weights_uri(m)) for m in self.models)
+        )
+
     def with_models(self, models: tuple[ResolvedModel, ...]) -> Cooked:
         """This config with ``models`` (fetched: every sha256 and size known); itself, with its
         expansion kept, when they are the same models."""
@@ -85,7 +93,9 @@ def cook(
                 f"{spec.source.location}: no {LOCK_FILE} committed at {spec.ref}",
                 hint="run `builder lock` and commit it, or build without --locked",
             )
-        models = models_from_lock(spec, lock, production=settings.production)
+        models = models_from_lock(
+            spec, lock, production=settings.production, store_base=settings.root
+        )
     else:
         needs_registry = any(d.sourcing == "auto" for d in spec.models)
         reg: ModelRegistry | None = (
@@ -233,7 +243,7 @@ class LockResult:
 
 
 def lock_path(spec: CustomerSpec) -> Path:
-    if spec.source.root.joinpath(".git").exists() or spec.source.subdir:
+    if spec.source.root.joinpath(".git").exists():  # a work tree, not a mirror in the cache
         return spec.source.root / spec.source.subdir / LOCK_FILE
     raise ConfigError(
         f"{spec.source.location}: a remote repository; cannot write its lock here",
@@ -263,7 +273,10 @@ def make_customer_lock(
                 f"{cooked.spec.source.location}: no {LOCK_FILE} committed",
                 hint="run `builder lock` and commit it",
             )
-        drift = (*diff_locks(committed, fresh, cooked.spec, base=False), *base_drift)
+        fresh_drift = diff_locks(
+            committed, fresh, cooked.spec, base=False, store_base=cooked.store_base
+        )
+        drift = (*fresh_drift, *base_drift)
         if drift:
             raise DriftError(
                 f"{LOCK_FILE} drifted: " + "; ".join(drift),
@@ -282,10 +295,13 @@ def release_lock_drift(
     base: BaseImageRef | None,
     *,
     compare_base: bool = True,
+    store_base: Path | None = None,
 ) -> list[str]:
     """What a release build's inputs change against the committed lock ([] when it matches).
 
     A release (push, fleet, CI) must ship what the lock pins; the caller reads the lock once
-    and says, with its own severity, when there is none.
+    and says, with its own severity, when there is none. ``store_base`` anchors relative
+    ``file:`` weights URIs (another spelling of the same store is no change).
     """
-    return diff_locks(committed, make_lock(spec, models, base), spec, base=compare_base)
+    fresh = make_lock(spec, models, base)
+    return diff_locks(committed, fresh, spec, base=compare_base, store_base=store_base)

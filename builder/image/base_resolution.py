@@ -117,13 +117,22 @@ BASE_HINT = (
 )
 
 
+def _same_repository(a: str, b: str) -> bool:
+    """Whether two base repositories are one, however the registry was reached: a lock made
+    through ``127.0.0.1:5000`` pins what ``localhost:5000`` or a mirror serves (registry
+    repositories compare by path; ``oci:`` layouts as written)."""
+    if a.startswith("oci:") or b.startswith("oci:"):
+        return a == b
+    return a.partition("/")[2] == b.partition("/")[2]
+
+
 def _check_pin(base: BaseImage, pinned: LockedBase | None) -> BaseImage:
     """Refuse a base other than the one the lock pins (version and digest)."""
     if (
         pinned
         and pinned.digest
         # the lock pins the first variant's base; another variant resolves by the constraint
-        and pinned.repository == base.repository
+        and _same_repository(pinned.repository, base.repository)
         and (pinned.version, pinned.digest) != (base.version, base.digest)
     ):
         raise ImageError(

@@ -45,6 +45,7 @@ from builder.image.base import (
     parse_image_manifest,
     select_version,
 )
+from builder.image.provenance import forced_tag_warning, image_differences, immutable_tag_error
 from builder.oci import (
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
@@ -209,12 +210,50 @@ class ImageStore:
         write_layout_index(self.root, manifest, sorted(set(references)))
 
     def add_image(
-        self, image: AssembledImage, references: Iterable[str], progress: Progress | None = None
-    ) -> None:
-        """Store an assembled image complete (base layers copied in) under ``references``."""
+        self,
+        image: AssembledImage,
+        references: Iterable[str],
+        progress: Progress | None = None,
+        *,
+        immutable: Iterable[str] = (),
+        force: bool = False,
+    ) -> list[str]:
+        """Store an assembled image complete (base layers copied in) under ``references``.
+
+        A name in ``immutable`` that already names another image is refused, as a registry
+        refuses it (ImageError naming what differs), unless ``force``. Returns one warning
+        per forced name: what it named before and what differs.
+        """
+        forced: list[str] = []
+        for reference in immutable:
+            current = self.lookup(reference)
+            if current is None or current.digest == image.manifest_digest:
+                continue
+            differences = self._differences(current.digest, image)
+            where = f" in the local image store {self.root}"
+            if not force:
+                raise immutable_tag_error(
+                    reference, current.digest, image.manifest_digest, differences, where
+                )
+            forced.append(
+                forced_tag_warning(
+                    reference, current.digest, image.manifest_digest, differences, where
+                )
+            )
         for layer in image.layers:
             blob_source(image, layer.descriptor, progress)
         self.tag(image.manifest_descriptor, references)
+        return forced
+
+    def _differences(self, digest: str, image: AssembledImage) -> list[str]:
+        """What differs between the stored image ``digest`` and ``image`` (inputs side by side)."""
+        try:
+            manifest = json.loads(self.blobs.read_bytes(digest))
+            config = json.loads(self.blobs.read_bytes(str(manifest["config"]["digest"])))
+        except (OSError, ValueError, KeyError, TypeError, ImageError):
+            return ["the stored image could not be read"]
+        built = (json.loads(image.manifest_bytes), json.loads(image.config_bytes))
+        return image_differences((manifest, config), built)
 
     def keep_base(self, base: BaseImage, progress: Progress | None = None) -> None:
         """Keep a base image resolved elsewhere (a registry) in the store, by tag and digest.
