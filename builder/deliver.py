@@ -6,6 +6,8 @@ The registry transport itself is :mod:`builder.oci.remote`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import io
 import json
 import os
@@ -30,7 +32,9 @@ from builder.oci import (
     canonical_json,
     copy_blob,
     layout_blob_path,
+    layout_directories,
     parse_reference,
+    remove_abandoned,
     write_layout_index,
 )
 
@@ -46,19 +50,27 @@ def blob_source(
     descriptor: Descriptor,
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
+    *,
+    full: bool = False,
 ) -> Path:
     """A local file holding blob ``descriptor``: from the store, fetching base layers on demand.
 
     Base layers are not needed to assemble, only to deliver somewhere the base is not (another
     registry, an OCI layout, a docker archive); they are then streamed into the blob store
-    (verified) from the base's registry or layout.
+    (verified) from the base's registry or layout. The stored blob is checked first (``full``:
+    hashed whatever its record says, for exports); a bad one is removed and fetched again.
     """
     store = image.store
-    if store.has(descriptor.digest):
-        return store.path(descriptor.digest)
+    found = store.checked(descriptor.digest) if full else store.existing(descriptor.digest)
+    if found is not None:
+        return found
     base = image.base
     if not any(layer.digest == descriptor.digest for layer in base.layers):
-        raise ImageError(f"blob {descriptor.digest} is missing from {store.root}; assemble again")
+        raise ImageError(
+            f"blob {descriptor.digest} is not in {store.root} (removed as corrupt, or never "
+            "stored)",
+            hint="build again: the layer is then written anew",
+        )
     return fetch_base_blob(base, descriptor, store, progress, retry)
 
 
@@ -287,11 +299,13 @@ def write_oci_layout(
     """
     directory = Path(directory)
     try:
-        for layer in image.layers:
-            source = blob_source(image, layer.descriptor, progress)
-            copy_blob(source, layout_blob_path(directory, layer.descriptor.digest))
-        for digest in (image.config_digest, image.manifest_digest):
-            copy_blob(image.store.path(digest), layout_blob_path(directory, digest))
+        layout_directories(directory)
+        descriptors = [layer.descriptor for layer in image.layers]
+        descriptors += [image.config_descriptor, image.manifest_descriptor]
+        for descriptor in descriptors:
+            source = blob_source(image, descriptor, progress, full=True)
+            copy_blob(source, layout_blob_path(directory, descriptor.digest))
+            image.store.note_verified(descriptor.digest)  # hashed just now; linked, not changed
         write_layout_index(directory, image.manifest_descriptor, list(tags))
     except OSError as exc:
         raise ImageError(f"cannot write OCI layout {directory}: {exc.strerror or exc}") from None
@@ -311,11 +325,14 @@ def _docker_archive_tags(tags: Sequence[str]) -> list[str]:
 @contextlib.contextmanager
 def _replaced_on_success(path: Path) -> Iterator[IO[bytes]]:
     """A temporary file next to ``path`` that replaces it only once completely written: a full
-    disk or a failure halfway leaves the old file (if any) intact and no partial one."""
+    disk or a failure halfway leaves the old file (if any) intact and no partial one. It is
+    locked while written, so the next write to ``path`` removes one a killed run left."""
+    remove_abandoned(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
     handle = tempfile.NamedTemporaryFile(  # noqa: SIM115  (closed or removed below)
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     )
     try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # in use: not abandoned
         with handle:
             yield handle
             handle.flush()
@@ -343,7 +360,7 @@ def write_docker_archive(
     layer_files = [
         (
             blob_name(layer.descriptor.digest.split(":")[1]),
-            blob_source(image, layer.descriptor, progress),
+            blob_source(image, layer.descriptor, progress, full=True),
         )
         for layer in image.layers
     ]
@@ -401,7 +418,7 @@ def load_into_docker(image: AssembledImage, tags: Sequence[str], client: Any) ->
     import docker.errors
 
     _docker_archive_tags(tags)
-    with tempfile.TemporaryFile(dir=image.store.root / "tmp") as archive:
+    with tempfile.TemporaryFile(dir=image.store.tmp) as archive:
         write_docker_archive(image, archive, tags)
         archive.seek(0)
         try:

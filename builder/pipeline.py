@@ -72,7 +72,7 @@ from builder.image.provenance import (
 )
 from builder.image.store import ImageStore
 from builder.oci import parse_reference
-from builder.settings import Settings
+from builder.settings import Settings, refuse_credentials
 
 APP_DIR = "/app"
 CONFIG_DIR = f"{APP_DIR}/config"
@@ -138,7 +138,9 @@ def build_variant(spec: CustomerSpec, requested: str | None) -> str:
 
 
 def _preflight(request: BuildRequest) -> None:
-    """What can be refused before any work: a dirty release, no engine, a bad signing key."""
+    """What can be refused before any work: a dirty release, a registry with credentials in
+    its name, no engine, a bad signing key."""
+    refuse_credentials(request.image_registry, "--registry")
     if request.worktree and request.push:
         raise ReleaseGateError(
             f"{request.customer}: a --worktree build holds uncommitted files and cannot be "
@@ -491,15 +493,21 @@ def build_facts(
 
 
 def _attest(
-    request: BuildRequest, report: BuildReport, image: AssembledImage, facts: BuildFacts
+    request: BuildRequest,
+    report: BuildReport,
+    image: AssembledImage,
+    facts: BuildFacts,
+    cache_dir: Path,
 ) -> None:
     """Make the provenance and SBOM of a finished build and put them where the image went:
-    files under ``attestations/<manifest hex>`` next to the blob store, the OCI layout, and
-    the registry as referrers when pushed. The report's outputs say where."""
+    files under ``<cache_dir>/attestations/<manifest hex>`` (wherever the image store is),
+    the local image store (so `verify` works from it alone) and the OCI layout, and the
+    registry as referrers when pushed. The report's outputs say where."""
     attestations = make_attestations(facts, request.sign_key)
-    directory = image.store.root.parent / "attestations" / image.manifest_digest.split(":")[-1]
+    directory = cache_dir / "attestations" / image.manifest_digest.split(":")[-1]
     attestations.write_files(directory)
     report.outputs["attestations"] = str(directory)
+    attach_to_layout(image.store.root, attestations)
     if request.oci_layout:
         attach_to_layout(request.oci_layout, attestations)
     if request.push:
@@ -677,6 +685,7 @@ def build(
                 _build_with_docker(
                     request, base, plan.layers, plan.labels, spec.commit_time, report, progress
                 )
+            report.warnings.extend(store.blobs.repairs)
             return report
         with stage("assemble"):
             image = assemble(
@@ -716,5 +725,7 @@ def build(
             report.outputs["store"] = str(store.root)
             _deliver(request, image, report, plan.immutable, plan.moving, progress)
         with stage("attest"):
-            _attest(request, report, image, build_facts(request, cooked, plan, report, image))
+            facts = build_facts(request, cooked, plan, report, image)
+            _attest(request, report, image, facts, settings.cache_dir)
+        report.warnings.extend(store.blobs.repairs)
         return report

@@ -47,7 +47,7 @@ from builder.errors import (
     WriteBackError,
 )
 from builder.gitauth import GIT_ENV
-from builder.redact import mask_secrets, redact_url
+from builder.redact import mask_secrets, strip_credentials
 from builder.settings import Settings
 
 #: Branch of the customer repository that holds the release records.
@@ -81,7 +81,7 @@ def record_remote(location: str) -> str:
     if repo.bare:  # a repository on the server side: the records go into it
         return str(Path(repo.git_dir).resolve())
     with contextlib.suppress(AttributeError, ValueError):
-        return redact_url(repo.remotes.origin.url)
+        return strip_credentials(repo.remotes.origin.url)
     return str(Path(repo.working_tree_dir or location).resolve())
 
 
@@ -125,7 +125,7 @@ class ReleaseLog:
     def __init__(self, remote: str, cache_dir: Path, branch: str = RELEASES_BRANCH) -> None:
         self.remote = remote
         self.branch = branch
-        key = hashlib.sha256(f"{redact_url(remote)}\0{branch}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{strip_credentials(remote)}\0{branch}".encode()).hexdigest()[:16]
         self.work = cache_dir / "releases" / key
         self.tracking = f"refs/ivd-records/{branch}"
         self.work.parent.mkdir(parents=True, exist_ok=True)

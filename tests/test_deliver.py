@@ -353,12 +353,20 @@ class TestPush:
 
 
 class FaultProxy:
-    """An HTTP proxy to the registry that answers 503 where ``rule(method, path)`` says so."""
+    """An HTTP proxy to the registry that answers 503 where ``rule(method, path)`` says so, and
+    says nothing at all (a stalled registry: the connection stays open) where ``stall`` does."""
 
-    def __init__(self, upstream: str, rule: Callable[[str, str], bool]) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        rule: Callable[[str, str], bool],
+        stall: Callable[[str, str], bool] = lambda method, path: False,
+    ) -> None:
         self.upstream = upstream
         self.rule = rule
         self.injected: list[tuple[str, str]] = []
+        self.stalled: list[tuple[str, str]] = []
+        self.closing = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -370,6 +378,10 @@ class FaultProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy.stall(self.command, self.path):
+                    proxy.stalled.append((self.command, self.path.split("?")[0]))
+                    proxy.closing.wait(120)  # never answers (until the test ends)
+                    return
                 if proxy.rule(self.command, self.path):
                     proxy.injected.append((self.command, self.path.split("?")[0]))
                     payload = b'{"errors":[{"code":"UNAVAILABLE","message":"injected fault"}]}'
@@ -401,22 +413,27 @@ class FaultProxy:
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
+        self.stall = stall
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.host = f"127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def close(self) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
 
 @pytest.fixture
-def fault_proxy(registry: Registry) -> Iterator[Callable[[Callable[[str, str], bool]], FaultProxy]]:
+def fault_proxy(registry: Registry) -> Iterator[Callable[..., FaultProxy]]:
     proxies: list[FaultProxy] = []
 
-    def start(rule: Callable[[str, str], bool]) -> FaultProxy:
-        proxies.append(FaultProxy(registry.host, rule))
+    def start(
+        rule: Callable[[str, str], bool],
+        stall: Callable[[str, str], bool] = lambda method, path: False,
+    ) -> FaultProxy:
+        proxies.append(FaultProxy(registry.host, rule, stall))
         return proxies[-1]
 
     yield start
@@ -489,6 +506,40 @@ class TestFaults:
             RegistryClient(registry.host, retry=FAST).manifest_digest(path, "latest")
             == old.manifest_digest
         )
+
+    @pytest.mark.parametrize("stalls", ["HEAD", "PUT"], ids=["on a blob check", "on an upload"])
+    def test_a_stalled_registry_fails_within_the_deadline(
+        self,
+        registry: Registry,
+        image: AssembledImage,
+        fault_proxy: Callable[..., FaultProxy],
+        stalls: str,
+    ) -> None:
+        """A registry that accepts the request and never answers: the push gives up once the
+        deadline has passed (not after every attempt's full timeout), in one line naming the
+        host; the tag is not written."""
+        stalled = RetryPolicy(
+            attempts=4, backoff=0.05, read_timeout=1, transfer_timeout=1, deadline=1.5
+        )
+        proxy = fault_proxy(
+            lambda method, path: False,
+            stall=lambda method, path: method == stalls and "/blobs/" in path,
+        )
+        target = repo(registry, f"stalled-{stalls.lower()}").replace(registry.host, proxy.host)
+        with pytest.raises(ImageError) as info:
+            push(image, [f"{target}:1"], retry=stalled)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"registry {proxy.host} did not answer")
+        assert len(proxy.stalled) == 2  # tried again within the deadline, not 4 times
+        path = target.split("/", 1)[1]
+        assert RegistryClient(registry.host, retry=FAST).manifest_digest(path, "1") is None
+
+    def test_the_default_bounds_of_a_stall(self) -> None:
+        """What the CLI uses: a stalled answer costs at most a minute and a half (the deadline
+        and one timeout), a stalled blob transfer the same and one silence of two minutes."""
+        policy = RetryPolicy()
+        assert policy.deadline + policy.read_timeout <= 90
+        assert policy.deadline + policy.transfer_timeout <= 180
 
 
 # -- auth ----------------------------------------------------------------------------------------

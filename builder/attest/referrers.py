@@ -241,7 +241,7 @@ def _already_attached(
 
 def _write_blob(directory: Path, data: bytes) -> None:
     path = layout_blob_path(directory, sha256_digest(data))
-    if not path.exists():
+    if not path.is_file() or path.is_symlink():  # a link is replaced, never written through
         write_atomic(path, data)
 
 

@@ -331,7 +331,7 @@ def verify(
     spec = load_customer(location, settings, ref=commit)
     committed = _committed_lock(spec)
     settings = _with_production(settings, _recorded_production(provenance, committed))
-    notes = []
+    notes = list(image.notes)  # how the image was found (the local store, say)
     if spec.commit != commit:
         notes.append(
             f"{short(commit, 12)} is not a commit of the customer folder; read {short(spec.commit, 12)}"

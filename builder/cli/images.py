@@ -45,6 +45,7 @@ def images(ctx: click.Context, /, as_json: bool, **overrides: Any) -> Result | N
         "images",
         {"store": str(store.root), "images": [asdict(i) for i in listed]},
         human,
+        notes=tuple(store.blobs.repairs),
     )
 
 
@@ -72,7 +73,43 @@ def images_prune(ctx: click.Context, /, dry_run: bool, wait: float, as_json: boo
             f"{report.blobs_kept} blobs of {report.images} named images in {store.root}"
         )
 
-    return Result("images prune", {"store": str(store.root), **asdict(report)}, human)
+    return Result(
+        "images prune",
+        {"store": str(store.root), **asdict(report)},
+        human,
+        notes=tuple(store.blobs.repairs),
+    )
+
+
+@images.command("verify")
+@json_option
+@click.pass_context
+def images_verify(ctx: click.Context, /, as_json: bool) -> Result:
+    """Hash every blob of the store in full; remove the bad ones and name the images that
+    lack a blob now (the next build fetches or builds it again). Exit 10 when anything was
+    wrong, like `builder verify`."""
+    from builder.errors import AUDIT_FAILED
+    from builder.image.store import ImageStore
+
+    store = ImageStore(load_cli_settings(ctx.obj or {}).store_dir)
+    report = store.verify()
+
+    def human() -> None:
+        click.echo(
+            f"checked {report.blobs_checked} blobs ({report.bytes_checked:,} B) in {store.root}: "
+            + ("all sound" if report.ok else f"{len(report.removed)} removed")
+        )
+        for line in report.removed:
+            click.echo(f"removed   {line}")
+        for reference in report.incomplete:
+            click.echo(f"incomplete {reference} (build it again, or `builder base build`)")
+
+    return Result(
+        "images verify",
+        {"store": str(store.root), "ok": report.ok, **asdict(report)},
+        human,
+        exit_code=0 if report.ok else AUDIT_FAILED,
+    )
 
 
 @cli.command()

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from builder.cli.result import current_command, json_mode
+from builder.settings import refuse_credentials
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,13 +37,23 @@ insecure_registry_option = click.option(
     "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
 )
 
+
+def _no_credentials(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    return refuse_credentials(value, param.opts[0])
+
+
 base_repository_option = click.option(
     "--base-repository",
+    callback=_no_credentials,
     help="Base image repository (default: customer.yaml, then setting base_repository).",
 )
 
 image_registry_option = click.option(
-    "--registry", "image_registry", help="Registry for the image tags (setting image_registry)."
+    "--registry",
+    "image_registry",
+    callback=_no_credentials,
+    help="Registry for the image tags (setting image_registry; no credentials in it: they "
+    "come from `docker login`).",
 )
 
 cache_dir_option = click.option(

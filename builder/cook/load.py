@@ -25,7 +25,7 @@ from builder import yamldoc
 from builder.contracts import CustomerSpec, ModelDecl, RepoSource
 from builder.errors import ConfigError
 from builder.paths import UnsafePathError, normal_model_id, safe_join
-from builder.redact import redact_url
+from builder.redact import redact_url, strip_credentials
 from builder.settings import Settings
 
 CUSTOMER_FILE = "customer.yaml"
@@ -107,7 +107,7 @@ def canonical_repo_url(url: str) -> str:
     SSH (``git@host:path``, ``ssh://``, ``git+ssh://``) and ``git://`` as the ``https://``
     address of the same path; a local path or ``file://`` URL as one absolute ``file://`` URL.
     The attestation and the release record name the config repository this way."""
-    url = re.sub(r"[?#].*\Z", "", redact_url(url.strip()), flags=re.DOTALL)
+    url = re.sub(r"[?#].*\Z", "", strip_credentials(url.strip()), flags=re.DOTALL)
     scp = _SCP_LIKE.match(url) if "://" not in url else None
     if scp:
         url = f"ssh://{scp['host']}/{scp['path'].lstrip('/')}"
@@ -138,7 +138,7 @@ def _source_url(repo: git.Repo, root: Path, subdir: str) -> str:
 def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
     """A bare mirror of ``url`` in the cache. Credentials in the URL are used for the transfer
     only: the mirror's config names the redacted URL, so no password is ever stored on disk."""
-    target = cache / hashlib.sha256(redact_url(url).encode()).hexdigest()[:16]
+    target = cache / hashlib.sha256(strip_credentials(url).encode()).hexdigest()[:16]
     env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
     try:
         if target.exists():
@@ -147,9 +147,9 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
             cache.mkdir(parents=True, exist_ok=True)
             repo = git.Repo.init(target, bare=True)
         if "origin" in repo.remotes:  # also scrubs a mirror made by an older version
-            repo.remotes.origin.set_url(redact_url(url))
+            repo.remotes.origin.set_url(strip_credentials(url))
         else:
-            repo.create_remote("origin", redact_url(url))
+            repo.create_remote("origin", strip_credentials(url))
         # Fetch from the URL given, not from the stored remote: the credentials stay in memory.
         repo.git.fetch(
             url,
@@ -171,8 +171,10 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
             for ln in str(exc.stderr or exc).splitlines()
         ]
         detail = redact_url(next((ln for ln in reversed(lines) if ln), "git failed"))
-        raise ConfigError(f"cannot clone {redact_url(url)}: {detail}") from None
-    return RepoSource(location=redact_url(url), root=target, subdir="", url=canonical_repo_url(url))
+        raise ConfigError(f"cannot clone {strip_credentials(url)}: {detail}") from None
+    return RepoSource(
+        location=strip_credentials(url), root=target, subdir="", url=canonical_repo_url(url)
+    )
 
 
 def _has_control(text: str) -> bool:

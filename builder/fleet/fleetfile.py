@@ -18,7 +18,7 @@ from builder.cook.load import _URL
 from builder.errors import (
     ConfigError,
 )
-from builder.redact import redact_url
+from builder.redact import strip_credentials
 from builder.settings import Settings
 
 FLEET_FILE: Final = "fleet.yaml"
@@ -93,7 +93,7 @@ def load_fleet(path: Path | None, settings: Settings) -> Fleet:
         seen[name] = where
         repo = item["repo"].strip()
         if _URL.match(repo):
-            if redact_url(repo) != repo:
+            if strip_credentials(repo) != repo:
                 raise ConfigError(
                     f"{doc.where(('customers', index, 'repo'))}: the URL of {name!r} holds "
                     "credentials; remove them",

@@ -291,9 +291,11 @@ def fetch_base_blob(
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
 ) -> Path:
-    """Put one base-image blob into ``store`` (from its registry or OCI layout), verified."""
-    if store.has(descriptor.digest):
-        return store.path(descriptor.digest)
+    """Put one base-image blob into ``store`` (from its registry or OCI layout), verified; a
+    stored one is checked first (a bad one is removed and fetched again)."""
+    found = store.existing(descriptor.digest)
+    if found is not None:
+        return found
     if base.layout is not None:
         path = layout_blob_path(base.layout, descriptor.digest)
         try:

@@ -13,14 +13,22 @@ from builder.image.base import BaseImage, resolve_base
 from builder.image.base_build import LABEL_SCHEMAS, variant_repository
 from builder.image.contract import CONTRACT_LABEL
 from builder.image.store import ImageStore
-from builder.settings import Settings
+from builder.settings import Settings, refuse_credentials
 
 
 def base_repository(
     spec: CustomerSpec, settings: Settings, override: str | None = None, variant: str = "cpu"
 ) -> str:
-    """The base repository of a variant: `<repository>` for cpu, `<repository>-gpu` for gpu."""
-    return variant_repository(override or spec.base_repository or settings.base_repository, variant)
+    """The base repository of a variant: `<repository>` for cpu, `<repository>-gpu` for gpu.
+    One holding credentials is refused, wherever it was given."""
+    if override:
+        repository, what = override, "--base-repository"
+    elif spec.base_repository:
+        repository, what = spec.base_repository, "customer.yaml: base_image.repository"
+    else:
+        repository, what = settings.base_repository, "setting base_repository"
+    refuse_credentials(repository, what)
+    return variant_repository(repository, variant)
 
 
 def check_variant(base: BaseImage, variant: str) -> None:

@@ -123,8 +123,9 @@ def _layer_file(base: BaseImage, digest: str, size: int, cache_dir: Path) -> Pat
         return layout_blob_path(base.layout, digest)
 
     store = BlobStore(cache_dir / "oci")
-    if store.has(digest):
-        return store.path(digest)
+    found = store.existing(digest)
+    if found is not None:
+        return found
     assert base.registry is not None
     client = RegistryClient(base.registry, insecure=base.insecure)
     return client.download_blob(base.path, digest, store, size=size)

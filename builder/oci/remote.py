@@ -98,17 +98,31 @@ _UNREACHABLE = _Unreachable()
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded retries with exponential backoff, and per-request timeouts (seconds)."""
+    """Bounded retries with exponential backoff, and per-request timeouts (seconds).
+
+    Like the ClearML calls: a stalled registry (it accepts the connection, then says nothing)
+    costs at most ``deadline`` plus one timeout, not ``attempts`` full timeouts: a request
+    that timed out is tried again only while ``deadline`` seconds have not passed since its
+    first try. ``read_timeout`` bounds the wait for an answer, ``transfer_timeout`` a silence
+    while a blob streams. Refused connections and 5xx answers are retried ``attempts`` times.
+    """
 
     attempts: int = 4
     backoff: float = 0.5
     max_backoff: float = 8.0
     connect_timeout: float = 10.0
-    read_timeout: float = 120.0
+    read_timeout: float = 30.0
+    transfer_timeout: float = 120.0
+    deadline: float = 60.0
 
     def delay(self, attempt: int) -> float:
         """Sleep before retry number ``attempt`` (1-based)."""
         return float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+
+    def retry_timeout(self, attempt: int, started: float) -> bool:
+        """Whether a request that timed out on try ``attempt`` (first try at monotonic time
+        ``started``) is tried again."""
+        return attempt < self.attempts and time.monotonic() - started < self.deadline
 
 
 class _TimeoutSession(requests.Session):
@@ -121,7 +135,8 @@ class _TimeoutSession(requests.Session):
     def request(  # type: ignore[override]
         self, method: str, url: str, *args: Any, **kwargs: Any
     ) -> requests.Response:
-        kwargs.setdefault("timeout", self._timeout)
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self._timeout
         return super().request(method, url, *args, **kwargs)
 
 
@@ -142,6 +157,7 @@ class _Oras(oras.provider.Registry):  # type: ignore[misc]
         headers: dict[str, str] | None = None,
         json: Any = None,
         stream: bool = False,
+        timeout: tuple[float, float] | None = None,
     ) -> requests.Response:
         session: requests.Session = self.session
 
@@ -154,6 +170,7 @@ class _Oras(oras.provider.Registry):  # type: ignore[misc]
                 headers=headers,
                 stream=stream,
                 verify=self._tls_verify,
+                timeout=timeout,  # None: the session's (the client's read timeout)
             )
 
         response = send({**(headers or {}), **self._auth_header()})
@@ -321,21 +338,44 @@ class RegistryClient:
         url = f"{self.base_url}/v2/{path}/{kind}/{ref}"
         return f"{url}?{urlencode(dict(query))}" if query else url
 
+    def _transfer(self) -> tuple[float, float]:
+        """The timeouts of a blob's body: a silence of ``transfer_timeout`` is a stall."""
+        return (self.retry.connect_timeout, self.retry.transfer_timeout)
+
+    def _stalled(
+        self, exc: Exception, attempt: int, started: float, method: str, what: str
+    ) -> ImageError | None:
+        """The one-line error ending the retries after ``exc`` on try ``attempt``, or None to
+        try again: a timeout within the deadline, another transport failure within the
+        attempts (a TLS failure will not heal by itself)."""
+        if isinstance(exc, requests.Timeout):
+            if self.retry.retry_timeout(attempt, started):
+                return None
+            return ImageError(
+                f"registry {self.host} did not answer {method} {what} within "
+                f"{time.monotonic() - started:.0f} s ({attempt} attempts)",
+                hint="is the registry up and not overloaded? try again later",
+            )
+        if attempt < self.retry.attempts and not isinstance(exc, requests.exceptions.SSLError):
+            return None
+        return ImageError(
+            f"cannot reach registry {self.host}: {_reason(exc)} ({method} {what}, "
+            f"{attempt} attempts)"
+        )
+
     def _retrying(
         self, call: Callable[[], requests.Response], method: str, what: str
     ) -> requests.Response:
         """Run ``call`` with bounded retries on connection errors, timeouts and 5xx/429."""
         policy = self.retry
+        started = time.monotonic()
         for attempt in range(1, policy.attempts + 1):
             try:
                 response = call()
             except (requests.ConnectionError, requests.Timeout) as exc:
-                # A TLS failure will not heal by itself; anything else may.
-                if attempt == policy.attempts or isinstance(exc, requests.exceptions.SSLError):
-                    raise ImageError(
-                        f"cannot reach registry {self.host}: {_reason(exc)} "
-                        f"({method} {what}, {attempt} attempts)"
-                    ) from None
+                error = self._stalled(exc, attempt, started, method, what)
+                if error is not None:
+                    raise error from None
             else:
                 if response.status_code not in _RETRY_STATUSES or attempt == policy.attempts:
                     return response
@@ -352,12 +392,13 @@ class RegistryClient:
         data: Any = None,
         stream: bool = False,
         retry: bool = True,
+        timeout: tuple[float, float] | None = None,
     ) -> requests.Response:
         """One registry request through oras-py's authentication, retried if allowed."""
 
         def call() -> requests.Response:
             return self._oras.do_request(
-                url, method, data=data, headers=dict(headers or {}), stream=stream
+                url, method, data=data, headers=dict(headers or {}), stream=stream, timeout=timeout
             )
 
         return self._call(call, method, urlsplit(url).path, retry=retry)
@@ -405,6 +446,7 @@ class RegistryClient:
         """All tags of repository ``path`` (oras-py ``get_tags`` follows the pagination links)."""
         container = oras.container.Container(path, registry=self.host)
         policy = self.retry
+        started = time.monotonic()
         for attempt in range(1, policy.attempts + 1):
             try:
                 return [str(tag) for tag in self._oras.get_tags(container)]
@@ -417,11 +459,9 @@ class RegistryClient:
                         exc.response, f"listing tags of {path}", attempts=attempt
                     ) from None
             except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt == policy.attempts:
-                    raise ImageError(
-                        f"cannot reach registry {self.host}: {_reason(exc)} "
-                        f"(listing tags of {path}, {attempt} attempts)"
-                    ) from None
+                error = self._stalled(exc, attempt, started, "GET", f"/v2/{path}/tags/list")
+                if error is not None:
+                    raise error from None
             time.sleep(policy.delay(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -517,8 +557,11 @@ class RegistryClient:
         size: int = 0,
     ) -> Path:
         """Stream blob ``digest`` of ``path`` into ``store`` (verified, atomic); retried."""
+        started = time.monotonic()
         for attempt in range(1, self.retry.attempts + 1):
-            response = self._request("GET", self._url(path, "blobs", digest), stream=True)
+            response = self._request(
+                "GET", self._url(path, "blobs", digest), stream=True, timeout=self._transfer()
+            )
             if response.status_code != 200:
                 raise self._fail(response, f"fetching blob {digest} of {path}", attempts=attempt)
             done = 0
@@ -535,10 +578,9 @@ class RegistryClient:
                 return store.ingest(chunks(), digest)
             # requests' exceptions are OSErrors too: transport failures first.
             except requests.RequestException as exc:
-                if attempt == self.retry.attempts:
-                    raise ImageError(
-                        f"cannot download blob {digest} from {self.host}: {_reason(exc)}"
-                    ) from None
+                error = self._stalled(exc, attempt, started, "GET", f"/v2/{path}/blobs/{digest}")
+                if error is not None:
+                    raise error from None
                 time.sleep(self.retry.delay(attempt))
             except OSError as exc:
                 raise ImageError(
@@ -601,6 +643,7 @@ class RegistryClient:
         memory and its ``chunked_upload`` gives no progress; model layers are gigabytes.
         """
         policy = self.retry
+        started = time.monotonic()
         for attempt in range(1, policy.attempts + 1):
             location = session_url or self._start_upload(path)
             session_url = None
@@ -610,13 +653,13 @@ class RegistryClient:
             url = _with_query(location, {"digest": digest})
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
             try:
-                response = self._oras.do_request(url, "PUT", data=body, headers=headers)
+                response = self._oras.do_request(
+                    url, "PUT", data=body, headers=headers, timeout=self._transfer()
+                )
             except requests.RequestException as exc:
-                if attempt == policy.attempts:
-                    raise ImageError(
-                        f"cannot upload blob {digest} to {self.host}/{path}: {_reason(exc)} "
-                        f"({attempt} attempts)"
-                    ) from None
+                error = self._stalled(exc, attempt, started, "PUT", f"blob {digest} to {path}")
+                if error is not None:
+                    raise error from None
             except OSError as exc:
                 raise ImageError(f"cannot read blob {digest} to upload: {exc.strerror}") from None
             else:

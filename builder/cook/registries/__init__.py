@@ -137,7 +137,13 @@ def parse_design(design: Any, where: str) -> dict[str, Any]:
     from clearml.utilities.config import text_to_config_dict
 
     try:
-        parsed = dict(text_to_config_dict(text))
+        tree = text_to_config_dict(text)
+        if not isinstance(tree, Mapping):  # HOCON/JSON text may be a list
+            raise RegistryError(
+                f"{where}: model design is a {type(tree).__name__}, not a mapping",
+                hint="fix the model's configuration in the registry",
+            )
+        parsed = dict(tree)
         yamldoc.validate_data(parsed, "model-design", where)
     except ValueError:
         raise RegistryError(
