@@ -72,6 +72,8 @@ class CustomerSpec:
     manual_files: Mapping[str, bytes] = field(default_factory=dict)
     # base image variants the customer runs (customer.yaml base_image.variant); first = default
     variants: tuple[str, ...] = ("cpu",)
+    # read from the work tree because these files (repository paths) differ from HEAD
+    uncommitted: tuple[str, ...] = ()
     # customer.yaml `repository`, canonical: the repository's address as the committed files
     # declare it (the same on every machine, unlike the clone's observed origin); None: not given
     repository: str | None = None

@@ -478,11 +478,12 @@ def load_into_docker(image: AssembledImage, tags: Sequence[str], client: Any) ->
         try:
             loaded = client.images.load(archive)
         except docker.errors.DockerException as exc:
-            raise ImageError(f"docker load failed: {_docker_message(exc)}") from None
+            raise ImageError(f"docker load failed: {docker_message(exc)}") from None
     return [str(img.id) for img in loaded]
 
 
-def _docker_message(exc: BaseException) -> str:
+def docker_message(exc: BaseException) -> str:
+    """The first line of a docker SDK error (its explanation, else its text)."""
     explanation = getattr(exc, "explanation", None)
     return (
         str(explanation or exc).strip().splitlines()[0]

@@ -22,13 +22,21 @@ from builder.attest.statement import BuildFacts, ci_details
 from builder.contracts import BaseImageRef, CustomerSpec, Progress, ProgressEvent
 from builder.cook.expand import MODELS_DIR, expand
 from builder.cook.fetch import Cache, FetchResult, fetch
-from builder.cook.load import LOCK_FILE, load_customer
+from builder.cook.load import LOCK_FILE, read_customer, shown_files, work_tree_changes
 from builder.cook.lock import models_from_lock, read_lock
-from builder.cook.stage import Cooked, cook, release_lock_drift
+from builder.cook.resolve import resolve_manual
+from builder.cook.stage import (
+    Cooked,
+    LockResult,
+    cook,
+    make_customer_lock,
+    release_lock_drift,
+    uncommitted_changes,
+)
 from builder.documents.build_report import BuildReport, LayerReport
 from builder.documents.lock import LockedBase
 from builder.documents.provenance import Provenance, ProvenanceModel
-from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
+from builder.errors import ConfigError, DriftError, ReleaseGateError
 from builder.image.assemble import (
     LAYER_FORMAT,
     AssembledImage,
@@ -41,14 +49,16 @@ from builder.image.base_resolution import (
     base_repository,
     check_runner_accepts,
     check_variant,
+    locked_base_drift,
     no_contract_note,
     resolve_base_image,
+    try_resolve_base,
 )
 from builder.image.contract import (
     Contract,
-    check_config,
+    file_reference_problems,
     read_base_contract,
-    require_valid,
+    require_loadable,
 )
 from builder.image.docker_backend import build_with_docker, push_with_docker
 from builder.image.engine import docker_client
@@ -72,11 +82,14 @@ CONFIG_DIR = f"{APP_DIR}/config"
 @dataclass(frozen=True)
 class BuildRequest:
     customer: str
-    ref: str = "HEAD"
+    # the commit to build; None: HEAD, not named (a release then refuses uncommitted edits)
+    ref: str | None = None
     worktree: bool = False
     locked: bool = False
     offline: bool = False
     allow_unpublished: bool = False
+    allow_unlocked: bool = False  # development: a release build without a committed lock
+    fleet: bool = False  # a fleet rebuild (build --all): a release even without --push
     base_version: str | None = None  # overrides customer.yaml (fleet rebuilds)
     base_repository: str | None = None
     variant: str | None = None  # cpu | gpu; None: the first of customer.yaml's variants
@@ -101,6 +114,12 @@ class BuildRequest:
     layer_format: int = LAYER_FORMAT  # older formats only for `verify` of older images
     # `verify` of an image of a format before 3: the locations it recorded, recorded again
     recorded: Locations | None = None
+
+    @property
+    def release(self) -> bool:
+        """A release build (pushed, or a fleet rebuild): it ships only what the committed lock
+        pins, from a commit."""
+        return self.push or self.fleet
 
 
 @contextmanager
@@ -150,30 +169,47 @@ def _engine_use(request: BuildRequest) -> str:
 
 
 def check_against_base(cooked: Cooked, base: BaseImage, settings: Settings) -> list[str]:
-    """Check the config against the runner contract of ``base`` (ConfigError listing every
-    problem); the warnings to show when the base declares no contract."""
+    """Check that the runner of ``base`` loads the config with these models: every model file
+    it names is one the model has, and the runner contract accepts the config (ConfigError
+    listing every problem); the warnings to show when the base declares no contract."""
     contract = read_base_contract(base, settings.cache_dir)
-    if contract is None:
-        return [no_contract_note(base)]
-    require_valid(check_config(cooked.spec, contract, cooked.models, cooked.verbose), contract)
-    return []
+    require_loadable(cooked.spec, cooked.models, contract, verbose=cooked.verbose)
+    return [] if contract is not None else [no_contract_note(base)]
+
+
+def _release_gate(request: BuildRequest, cooked: Cooked) -> Cooked:
+    """What a release build refuses before any download: uncommitted edits in the folder it
+    builds the HEAD of (ReleaseGateError), and no committed lock (DriftError, exit 7), which
+    ``allow_unlocked`` turns into a development build, labelled so."""
+    spec = cooked.spec
+    if request.ref is None and not spec.worktree:
+        changed = work_tree_changes(spec.source)
+        if changed:
+            raise ReleaseGateError(
+                f"{spec.source.location} has uncommitted changes ({shown_files(changed)}); a "
+                f"release ships commits, and HEAD ({spec.commit[:12]}) is not what is on disk",
+                hint="commit them (and `builder lock`), or name the commit to release with --ref",
+            )
+    if cooked.lock is not None or read_lock(spec) is not None:
+        return cooked
+    if not request.allow_unlocked:
+        raise DriftError(
+            f"{spec.source.location}: no {LOCK_FILE} committed at {spec.commit[:12]}; a "
+            "release ships what the committed lock pins",
+            hint="run `builder lock`, review and commit customer.lock.yaml, then build again "
+            "(or --allow-unlocked for a development build)",
+        )
+    note = f"no {LOCK_FILE} committed: a development build (--allow-unlocked), not a release"
+    return replace(cooked, development=True, warnings=(*cooked.warnings, note))
 
 
 def _refuse_stale_lock(
-    request: BuildRequest,
-    cooked: Cooked,
-    fetched: FetchResult,
-    base: BaseImageRef,
-    notes: list[str],
+    request: BuildRequest, cooked: Cooked, fetched: FetchResult, base: BaseImageRef
 ) -> None:
     """A release build ships what the committed lock pins, or nothing (DriftError, exit 7)."""
     committed = cooked.lock or read_lock(cooked.spec)
     if committed is None:
-        notes.append(
-            f"no {LOCK_FILE} committed: this release is not pinned "
-            "(run `builder lock` and commit it)"
-        )
-        return
+        return  # refused, or made a development build, by _release_gate
     drift = release_lock_drift(
         cooked.spec,
         committed,
@@ -190,6 +226,12 @@ def _refuse_stale_lock(
         )
 
 
+def _contract_of(base: BaseImage, settings: Settings) -> tuple[Contract | None, str | None]:
+    """The contract ``base`` declares, or None and the note saying it declares none."""
+    contract = read_base_contract(base, settings.cache_dir)
+    return contract, None if contract is not None else no_contract_note(base)
+
+
 def runner_contract(
     spec: CustomerSpec,
     settings: Settings,
@@ -198,48 +240,42 @@ def runner_contract(
     insecure: bool | None = None,
 ) -> tuple[Contract | None, str | None]:
     """The runner contract of the base ``spec`` builds on, or None and why it is not checked."""
-    try:  # the registry, else the local image store (validate works with no server too)
-        base = resolve_base_image(
-            base_repository(spec, settings, repository, spec.variants[0]),
-            spec.base_version,
-            ImageStore(settings.store_dir),
-            insecure=insecure,
-            keep=False,
-        )
-    except ImageError as exc:
-        return None, f"runner contract not checked: the base image was not resolved ({exc})"
-    contract = read_base_contract(base, settings.cache_dir)
-    if contract is None:
-        return None, no_contract_note(base)
-    return contract, None
+    base, why = try_resolve_base(spec, settings, repository=repository, insecure=insecure)
+    if base is None:  # the registry, else the local image store: validate works with no server
+        return None, f"runner contract not checked: the base image was not resolved ({why})"
+    return _contract_of(base, settings)
 
 
 @dataclass(frozen=True)
 class Validation:
-    """What `validate` found: the spec, whether the runner contract was checked, and notes."""
+    """What `validate` found: the spec, whether the runner contract was checked, where the
+    models' plug-ins came from, and notes."""
 
     spec: CustomerSpec
     contract_info: dict[str, Any]  # checked, source, sha256
     notes: tuple[str, ...]
+    # "lock" (the committed lock pins them), or None: validate never asks a model registry,
+    # so model ids are checked for their form only
+    models_from: str | None = None
 
 
 def validate_customer(
     customer: str,
     settings: Settings,
     *,
-    ref: str = "HEAD",
+    ref: str | None = None,
     worktree: bool = False,
     base_repository: str | None = None,
     insecure: bool | None = None,
 ) -> Validation:
-    """Schema checks, then the runner contract of the resolved base (ConfigError listing every
-    problem). No model registry call: registry plug-ins come from the lock when it is current."""
-    spec = load_customer(customer, settings, ref=ref, worktree=worktree)
-    notes: list[str] = []
+    """Schema and consistency checks, then the runner contract of the resolved base: one
+    ConfigError listing every problem of the analysis in file:line order. No model registry
+    call: registry plug-ins and files come from the lock when it is current. ``ref=None``
+    reads what is on disk (uncommitted edits included, said in the notes)."""
+    loaded = read_customer(customer, settings, ref=ref, worktree=worktree)
+    spec = loaded.spec
+    notes = uncommitted_changes(spec) if spec.uncommitted else []
     contract, note = runner_contract(spec, settings, repository=base_repository, insecure=insecure)
-    if contract is None:
-        notes.append(note or "runner contract not checked")
-        return Validation(spec, {"checked": False, "source": None, "sha256": None}, tuple(notes))
     models = None
     lock = read_lock(spec)
     if lock is not None:
@@ -251,10 +287,77 @@ def validate_customer(
             notes.append(f"registry plug-ins not checked: {exc.message}")
     elif any(d.sourcing == "auto" for d in spec.models):
         notes.append(f"registry plug-ins not checked: no {LOCK_FILE} committed")
-    verbose = expand(spec, models) if models is not None else None
-    require_valid(check_config(spec, contract, models, verbose), contract)
-    info = {"checked": True, "source": contract.source, "sha256": contract.sha256}
-    return Validation(spec, info, tuple(notes))
+    # without a current lock, the files of the models committed in the repo are still known
+    manual = resolve_manual(spec) if models is None else ()
+    if contract is None:
+        notes.append(note or "runner contract not checked")
+    verbose = expand(spec, models) if models is not None and contract is not None else None
+    problems = [*loaded.problems, *file_reference_problems(spec, manual, contract)]
+    require_loadable(spec, models, contract, verbose=verbose, problems=problems)
+    info = {
+        "checked": contract is not None,
+        "source": contract.source if contract else None,
+        "sha256": contract.sha256 if contract else None,
+    }
+    return Validation(spec, info, tuple(notes), "lock" if models is not None else None)
+
+
+def lock_customer(
+    customer: str,
+    settings: Settings,
+    *,
+    ref: str | None = None,
+    worktree: bool = False,
+    check: bool = False,
+    output: Path | None = None,
+    allow_unpublished: bool = False,
+    base_repository: str | None = None,
+    insecure: bool | None = None,
+    progress: Progress | None = None,
+) -> LockResult:
+    """Resolve the config, refuse what the runner could not load (a model file the model
+    lacks; the base's contract, when the base is found), then write customer.lock.yaml or,
+    with ``check``, compare with the committed one (DriftError). ``ref=None``: what is on
+    disk. The result's warnings say what was read and what was not pinned or checked."""
+    cooked = cook(
+        customer, settings, ref=ref, worktree=worktree, allow_unpublished=allow_unpublished
+    )
+    notes = list(cooked.warnings)
+    base, why = try_resolve_base(
+        cooked.spec, settings, repository=base_repository, insecure=insecure
+    )
+    pinned = base.ref if base is not None else None
+    base_note = None if base is not None else f"base image not pinned: {why}"
+    base_drift: list[str] = []
+    if check:  # the check compares the pinned base by its tag (a newer base is a note)
+        committed = read_lock(cooked.spec)
+        committed_base = committed.base_image if committed else None
+        base_drift, drift_notes = locked_base_drift(
+            cooked.spec,
+            settings,
+            committed_base,
+            pinned,
+            repository=base_repository,
+            insecure=insecure,
+        )
+        base_note = "; ".join(drift_notes) or (base_note if not committed_base else None)
+    notes.extend([base_note] if base_note else [])
+    contract = None
+    if base is not None:
+        contract, note = _contract_of(base, settings)
+        notes.extend([note] if note else [])
+    verbose = cooked.verbose if contract is not None else None
+    require_loadable(cooked.spec, cooked.models, contract, verbose=verbose)
+    result = make_customer_lock(
+        cooked,
+        Cache(settings.cache_dir / "weights"),
+        base=pinned,
+        check=check,
+        output=output,
+        progress=progress,
+        base_drift=base_drift,
+    )
+    return replace(result, warnings=tuple(notes))
 
 
 def image_layers(
@@ -516,11 +619,13 @@ def build(
         cooked = cook(
             request.customer,
             settings,
-            ref=request.ref,
+            ref=request.ref or "HEAD",
             worktree=request.worktree,
             locked=request.locked,
             allow_unpublished=request.allow_unpublished,
         )
+        if request.release:
+            cooked = _release_gate(request, cooked)
     # Shared hold on the store: `builder images prune` waits until this build is stored.
     store = ImageStore(settings.store_dir)
     notes: list[str] = []
@@ -559,8 +664,8 @@ def build(
                 progress=progress,
             )
         base_ref = base.ref
-        if request.push:
-            _refuse_stale_lock(request, cooked, fetched, base_ref, notes)
+        if request.release:
+            _refuse_stale_lock(request, cooked, fetched, base_ref)
         cooked = cooked.with_models(fetched.models)
         plan = plan_image(
             cooked,

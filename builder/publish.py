@@ -55,6 +55,7 @@ from builder.cook.storage import (
 from builder.documents import FileDigest
 from builder.documents.publish_manifest import PublishManifest
 from builder.errors import FetchError, RegistryError, ReleaseGateError
+from builder.paths import normal_model_id
 
 
 @dataclass(frozen=True)
@@ -181,8 +182,10 @@ def publish(
     progress: Progress | None = None,
 ) -> PublishResult:
     """Copy a model's weights to ``<production>/<task id>/<model id>/``, verify, write the
-    manifest, mark published."""
-    model = registry.get_model(model_id, design=False)
+    manifest, mark published. ``model_id`` in any canonical UUID spelling."""
+    model = registry.get_model(
+        normal_model_id(model_id.strip(), what="model id", error=RegistryError), design=False
+    )
     task = _gate(model, registry)
     if not model.uri:
         raise RegistryError(f"model {model.id} has no weights URI in {registry.description}")

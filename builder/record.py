@@ -521,7 +521,8 @@ def release_record(
     customer = report["customer"]
     if report.get("development"):
         raise ReleaseGateError(
-            f"{customer}: a development build (unpublished models) gets no release record",
+            f"{customer}: a development build (unpublished models, no committed lock, or "
+            "uncommitted files) gets no release record",
             hint="release builds only",
         )
     if not (report.get("outputs") or {}).get("registry"):

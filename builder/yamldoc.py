@@ -10,7 +10,8 @@ import datetime
 import difflib
 import json
 import math
-from collections.abc import Hashable, Iterator, Mapping
+import re
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -357,26 +358,31 @@ def dotted(path: Path_) -> str:
     return out or "(top level)"
 
 
-def _describe(error: jsonschema.ValidationError, doc: Document) -> str:
+def _describe(error: jsonschema.ValidationError, doc: Document) -> list[str]:
+    """The lines of one schema error: one per unknown key, else one."""
     path = tuple(error.absolute_path)
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         schema_ = error.schema if isinstance(error.schema, Mapping) else {}
         allowed = sorted(schema_.get("properties", {}))
-        extra = sorted((str(k) for k in error.instance if k not in allowed), key=str)[0]
-        guess = difflib.get_close_matches(extra, allowed, n=1)
-        did_you_mean = (
-            f" (did you mean {guess[0]!r}?)" if guess else f" (allowed: {', '.join(allowed)})"
-        )
-        return f"{doc.where((*path, extra))}: {dotted(path)}: unknown key {extra!r}{did_you_mean}"
+        lines = []
+        for extra in sorted(str(k) for k in error.instance if k not in allowed):
+            guess = difflib.get_close_matches(extra, allowed, n=1)
+            did_you_mean = (
+                f" (did you mean {guess[0]!r}?)" if guess else f" (allowed: {', '.join(allowed)})"
+            )
+            lines.append(
+                f"{doc.where((*path, extra))}: {dotted(path)}: unknown key {extra!r}{did_you_mean}"
+            )
+        return lines
     if error.validator == "required":
-        return f"{doc.where(path)}: {dotted(path)}: {error.message}"
+        return [f"{doc.where(path)}: {dotted(path)}: {error.message}"]
     if "propertyNames" in error.absolute_schema_path:
         name = error.instance
-        return (
+        return [
             f"{doc.where((*path, str(name)))}: {dotted(path)}: invalid name {repr(name)[:80]} "
             "(letters, digits, '_', '.', '-'; not starting with '.' or '-'; at most 64 characters)"
-        )
-    return f"{doc.where(path)}: {dotted(path)}: {_short_message(error)}"
+        ]
+    return [f"{doc.where(path)}: {dotted(path)}: {_short_message(error)}"]
 
 
 _JSON_TYPES = {
@@ -410,14 +416,42 @@ def _errors(doc: Document, schema_name: str) -> Iterator[jsonschema.ValidationEr
     )
 
 
+def schema_problems(doc: Document, schema_name: str) -> list[str]:
+    """Every way ``doc`` breaks a shipped schema, one line each (file:line: key: what), in
+    line order: a person fixes them all in one go."""
+    out: list[str] = []
+    for error in _errors(doc, schema_name):
+        # The error deepest inside a failing branch is usually the one a person can fix.
+        best = jsonschema.exceptions.best_match([error, *error.context]) if error.context else error
+        out.extend(line for line in _describe(best, doc) if line not in out)
+    return in_file_order(out)
+
+
 def validate(doc: Document, schema_name: str) -> None:
-    """Validate against a shipped schema; raise one ConfigError for the first (shallowest) error."""
-    first = next(_errors(doc, schema_name), None)
-    if first is None:
-        return
-    # The error deepest inside the shallowest failing branch is usually the one a person can fix.
-    best = jsonschema.exceptions.best_match([first, *first.context]) if first.context else first
-    raise ConfigError(_describe(best, doc))
+    """Validate against a shipped schema; raise one ConfigError listing every error."""
+    problems = schema_problems(doc, schema_name)
+    if problems:
+        raise problems_error(problems)
+
+
+_POSITION = re.compile(r"(?P<file>.+?):(?P<line>[0-9]+): ", re.DOTALL)
+
+
+def in_file_order(problems: Iterable[str]) -> list[str]:
+    """Problems written ``file:line: ...`` sorted by file, then line (a problem without a line
+    comes first in its file; the same line keeps the order found)."""
+
+    def key(text: str) -> tuple[str, int]:
+        found = _POSITION.match(text)
+        return (found["file"], int(found["line"])) if found else (text.split(": ", 1)[0], 0)
+
+    return sorted(problems, key=key)
+
+
+def problems_error(problems: Sequence[str], *, hint: str | None = None) -> ConfigError:
+    """One ConfigError listing every problem (none summarised away), counted when several."""
+    more = f" [{len(problems)} problems]" if len(problems) > 1 else ""
+    return ConfigError("; ".join(problems) + more, hint=hint)
 
 
 def validate_data(data: Any, schema_name: str, origin: str) -> None:

@@ -68,6 +68,24 @@ def base_os_image(docker_engine: Engine) -> str:
     return _start("the base OS image", lambda: ensure_base_image(docker_engine))
 
 
+@pytest.fixture(scope="session")
+def inference_base(docker_engine: Engine, oci_registry: Registry, base_os_image: str) -> str:
+    """The real inference base image (runner, ONNX Runtime) built from base-image/ on the
+    base OS image and pushed to the test registry once per session; returns its repository
+    (``<registry>/e2e/inference-base``). The engine keeps its layers (builds reuse them)."""
+    from builder.image.base_build import build_base_image
+
+    repository = f"{oci_registry.host}/e2e/inference-base"
+    build_base_image(
+        docker_client=docker_engine.client(),
+        repository=repository,
+        base_from=base_os_image,
+        wheelhouse=None,
+        push=True,
+    )
+    return repository
+
+
 # --- Object stores: S3, Google Cloud Storage, Azure Blob Storage ----------------------------
 
 

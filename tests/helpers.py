@@ -128,6 +128,20 @@ def run_cli(
     )
 
 
+def commit_lock(
+    folder: Path, env: Mapping[str, str], *, when: int = 1_700_000_000
+) -> subprocess.CompletedProcess[str]:
+    """`builder lock FOLDER` (a customer repository, or a folder of one) and commit the lock:
+    a release build ships only what a committed lock pins. Returns the lock run."""
+    locked = run_cli("lock", str(folder), "--ref", "HEAD", env=env)
+    assert locked.returncode == 0, locked.stdout + locked.stderr
+    root = Path(git.Repo(folder, search_parent_directories=True).working_tree_dir or folder)
+    lock = folder / "customer.lock.yaml"
+    rel = lock.resolve().relative_to(root.resolve()).as_posix()
+    commit_files(root, {rel: lock.read_bytes()}, f"{folder.name}: lock", when=when)
+    return locked
+
+
 def repository_snapshot(tmp_path: Path, names: Sequence[str]) -> tuple[Path, Path]:
     """Files and folders of this repository (``names``) as a fresh git repository on branch
     main, and its origin, a local bare repository it was pushed to: (project, origin)."""

@@ -214,6 +214,32 @@ def built(
 
 
 @pytest.mark.docker
+def test_an_image_built_from_the_base_is_never_reused_as_the_base(
+    docker_engine: Any, base_os_image: str, tmp_path: Path
+) -> None:
+    """A customer image in the engine (loaded, smoke-tested) inherits every label of its base,
+    the build-inputs key too: the base build must not take it for the base it built before."""
+    import io
+    import os
+
+    from builder.image.base_build import LABEL_INPUTS, LABEL_VERSION, _built_before
+
+    key = f"test-{os.getpid()}-{tmp_path.name}"
+    client = docker_engine.client()
+    tag = f"ivd-test/customer-like:{os.getpid()}"
+    dockerfile = f'FROM {base_os_image}\nLABEL {LABEL_INPUTS}="{key}" {LABEL_VERSION}="2.4.1-abc"\n'
+    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, network_mode="none")
+    try:
+        base = f"ivd-test/base-like:{os.getpid()}"
+        assert _built_before(client, base, key, {LABEL_VERSION: "2.4.1"}) is None
+        found = _built_before(client, base, key, {LABEL_VERSION: "2.4.1-abc"})
+        assert found == client.images.get(tag).id  # the label check, not the key, decides
+        client.images.remove(base)
+    finally:
+        client.images.remove(tag)
+
+
+@pytest.mark.docker
 @pytest.mark.slow
 def test_tag_labels_and_push(built: BaseImageBuild, oci_registry: Any) -> None:
     version = read_version()

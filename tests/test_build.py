@@ -20,6 +20,7 @@ from helpers import (
     MITOSIS_TASK,
     SeedModel,
     commit_files,
+    commit_lock,
     customer_repo,
     model_record,
     push_labelled_bases,
@@ -69,8 +70,11 @@ def env(tmp_path: Path, oci_registry: Any, docker_engine: Any, base_images: str)
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    return customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+def repo(tmp_path: Path, env: dict[str, str]) -> Path:
+    """customer-x with its lock committed: what a release (--push) needs."""
+    path = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    commit_lock(path, env)
+    return path
 
 
 def _build(env: dict[str, str], *args: str) -> dict[str, Any]:
@@ -225,12 +229,12 @@ def test_base_bump_uploads_only_manifest_and_config(
     assert {layer["push"] for layer in new["layers"]} == {"present"}
 
 
-def test_immutable_tag_is_refused_then_forced(
-    env: dict[str, str], repo: Path, tmp_path: Path
-) -> None:
+def test_immutable_tag_is_refused_then_forced(env: dict[str, str], tmp_path: Path) -> None:
     """The registry refuses to move an immutable tag and says which inputs differ, side by
-    side; --force moves it and says what it overwrote."""
-    first = _build(env, str(repo), "--push")
+    side; --force moves it and says what it overwrote. (Unlocked development builds: a
+    release's lock would refuse the re-published weights first, exit 7.)"""
+    repo = customer_repo(tmp_path / "dev", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    first = _build(env, str(repo), "--push", "--allow-unlocked")
     # Same config commit, other weights under the same task: the immutable tag would move.
     write_production(
         tmp_path / "production",
@@ -239,7 +243,7 @@ def test_immutable_tag_is_refused_then_forced(
         {"model.onnx": b"re-published by mistake"},
     )
     ci = {**env, "BUILDER_CACHE_DIR": str(tmp_path / "ci-cache")}  # an empty local store
-    code, line = _fail(ci, str(repo), "--push")
+    code, line = _fail(ci, str(repo), "--push", "--allow-unlocked")
     before = {m["name"]: m["dir_hash"] for m in first["models"]}["carcinoma_model"]
     assert code == 6 and f"{first['image']} is an immutable tag and already points to" in line
     assert "refusing to move it" in line and first["manifest_digest"] in line
@@ -247,7 +251,7 @@ def test_immutable_tag_is_refused_then_forced(
     assert differs.startswith("verbose config sha256: ")  # the sizes and sha256 it lists
     assert f"model carcinoma_model sha256: {before[:12]} (tagged) vs " in differs
     assert "config commit" not in differs and "base digest" not in differs
-    forced = _build(ci, str(repo), "--push", "--force")
+    forced = _build(ci, str(repo), "--push", "--allow-unlocked", "--force")
     now = {m["name"]: m["dir_hash"] for m in forced["models"]}["carcinoma_model"]
     (warning,) = [w for w in forced["warnings"] if w.startswith("FORCED: immutable tag")]
     assert f"it pointed to {first['manifest_digest']}, now {forced['manifest_digest']}" in warning
@@ -371,6 +375,7 @@ def test_config_only_change_uploads_config_layer_and_image_config_only(
     """A new config commit: at the registry, only the config layer and image config arrive."""
     first = _build(env, str(repo), "--push")
     customer_repo(repo, carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.7, when=LATER)
+    commit_lock(repo, env, when=LATER)
     mark, stored = len(oci_registry.requests()), _stored_blobs(oci_registry)
     second = _build(env, str(repo), "--push")
     old, new = _by_name(first), _by_name(second)
@@ -408,6 +413,8 @@ def test_two_customers_sharing_a_model_store_one_blob(
     y_repo = customer_repo(
         tmp_path / "y", name="customer-y", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, when=LATER
     )
+    commit_lock(x_repo, env)
+    commit_lock(y_repo, env, when=LATER)
     x = _build(env, str(x_repo), "--push")
     stored = _stored_blobs(oci_registry)
     y = _build(env, str(y_repo), "--push")
@@ -426,6 +433,7 @@ def test_two_customers_sharing_a_model_store_one_blob(
         mitosis=MITOSIS_ID,
         when=LATER + 7,
     )
+    commit_lock(z_repo, env, when=LATER + 7)
     z = _build({**env, "BUILDER_CACHE_DIR": str(tmp_path / "other-cache")}, str(z_repo), "--push")
     assert {n: _by_name(z)[n] for n in models} == models
     after = _stored_blobs(oci_registry)

@@ -362,6 +362,31 @@ def test_every_problem_is_listed_and_the_good_config_builds(
     assert (tmp_path / "out" / "index.json").is_file()
 
 
+def test_validate_lists_config_and_contract_problems_together_in_line_order(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A malformed model id does not hide an unknown plug-in, nor an undeclared model slot:
+    one run of validate, every problem, in file:line order."""
+    model_id = yaml.safe_load(X_ANALYSIS)["analyses"][0]["models"]["carcinoma_model"]["reference"]
+    bad = _sub(
+        _sub(
+            _sub(X_ANALYSIS, model_id, "a957f623-nope"),
+            "- cls: Mitosis",
+            "- cls: Mitossis",
+        ),
+        "segmentation_model: mitosis_model",
+        "segmentation_model: mitosis_modle",
+    )
+    repo = _customer(tmp_path / "cust", CUSTOMER_X, bad)
+    result = run_cli("validate", str(repo), "--json", env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = json.loads(result.stdout)["error"]["message"]
+    found = [int(n) for n in re.findall(r"analysis\.yaml:(\d+): ", message)]
+    expected = [_line_of(bad, t) for t in ("a957f623-nope", "Mitossis", "mitosis_modle")]
+    assert found == expected, message
+    assert "[3 problems]" in message and "did you mean 'Mitosis'" in message
+
+
 def test_registry_plugins_are_checked_at_the_reference_line(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
@@ -670,3 +695,175 @@ def test_every_release_gate_reason_is_in_the_json_error(
     for model_id in ids:
         assert f"({model_id}) is not published" in error["message"]
     assert "more)" not in error["message"]
+
+
+# -- a release is pinned and loads: no lock, no release; a file the model lacks, no image ------
+
+
+def _fleet(tmp_path: Path, repo: Path) -> Path:
+    """A fleet file naming one customer repository (by path)."""
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        yaml.safe_dump(
+            {"fleet_version": 1, "customers": [{"name": "customer-x", "repo": str(repo)}]}
+        )
+    )
+    return fleet
+
+
+def test_no_committed_lock_no_release_unless_a_labelled_development_build(
+    tmp_path: Path, env: dict[str, str], oci_registry: Any
+) -> None:
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)  # no customer.lock.yaml
+    registry = {**env, "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/unlocked"}
+    for args in (("--locked",), ("--locked", "--push")):
+        refused = run_cli("build", str(repo), *args, "--json", env=registry)
+        assert refused.returncode == 7, (args, refused.stdout + refused.stderr)
+        error = json.loads(refused.stdout)["error"]
+        assert "no customer.lock.yaml committed" in error["message"], error
+        assert "`builder lock`" in error["hint"], error
+    lines = run_cli("build", str(repo), "--push", env=registry).stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "no customer.lock.yaml committed" in errors[0], lines
+    assert "`builder lock`" in errors[0]
+    # the fleet builds releases, pushed or not: the customer fails with exit 7, the run with 8
+    fleet = _fleet(tmp_path, repo)
+    for push in ((), ("--push",)):
+        ran = run_cli(
+            "build",
+            "--all",
+            "--base-version",
+            "2.4.1",
+            "--fleet",
+            str(fleet),
+            *push,
+            "--json",
+            env=registry,
+        )
+        assert ran.returncode == 8, ran.stdout + ran.stderr
+        (result,) = json.loads(ran.stdout)["result"]["results"]
+        assert result["status"] == "failed" and result["error"]["exit_code"] == 7, result
+        assert "`builder lock`" in result["error"]["hint"]
+    # a local build is not a release; --allow-unlocked pushes a labelled development build
+    assert run_cli("build", str(repo), "--oci-layout", str(tmp_path / "l"), env=env).returncode == 0
+    dev = run_cli("build", str(repo), "--push", "--allow-unlocked", "--json", env=registry)
+    assert dev.returncode == 0, dev.stdout + dev.stderr
+    report = json.loads(dev.stdout)["result"]
+    assert report["development"] is True and "registry" in report["outputs"]
+    assert any("no customer.lock.yaml committed" in w for w in report["warnings"])
+    from helpers import offline_settings
+
+    from builder.oci.image import open_image
+
+    pushed = open_image(report["image"], offline_settings(tmp_path / "read"))
+    assert pushed.labels["com.ivd.development-build"] == "true"
+    (tmp_path / "dev.json").write_text(dev.stdout)
+    recorded = run_cli(
+        "release-record", "--report", str(tmp_path / "dev.json"), "--repo", str(repo), env=env
+    )
+    assert recorded.returncode == 4, recorded.stdout + recorded.stderr
+    assert "development build" in recorded.stderr
+
+
+def test_a_release_of_head_refuses_uncommitted_edits(
+    tmp_path: Path, env: dict[str, str], oci_registry: Any
+) -> None:
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    assert run_cli("lock", str(repo), env=env).returncode == 0
+    commit_files(repo, {"customer.lock.yaml": (repo / "customer.lock.yaml").read_text()}, "lock")
+    (repo / "analysis.yaml").write_text(
+        _sub(X_ANALYSIS, "min_region_area_um2: 500", "min_region_area_um2: 450")
+    )
+    registry = {**env, "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/dirty"}
+    refused = run_cli("build", str(repo), "--push", env=registry)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "has uncommitted changes (analysis.yaml)" in line and "--ref" in line, line
+    # naming the commit says which one ships: the committed config, locked and pushed
+    named = run_cli("build", str(repo), "--ref", "HEAD", "--push", "--json", env=registry)
+    assert named.returncode == 0, named.stdout + named.stderr
+    assert json.loads(named.stdout)["result"]["development"] is False
+
+
+def _production_with(tmp_path: Path, model_id: str, rename: str) -> Path:
+    """A copy of the demo production store in which ``model_id``'s model.onnx is stored
+    under another name (ClearML keeps the uploaded file's own name), its manifest to match."""
+    production = tmp_path / "production"
+    shutil.copytree(ROOT / "demo" / "production", production)
+    (folder,) = production.glob(f"*/{model_id}")
+    (folder / "model.onnx").rename(folder / rename)
+    manifest = json.loads((folder / "publish-manifest.json").read_text())
+    manifest["files"][0]["name"] = rename
+    (folder / "publish-manifest.json").write_text(json.dumps(manifest))
+    return production
+
+
+def test_a_file_the_config_loads_that_the_model_lacks_is_refused_at_lock_and_build(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    model_id = yaml.safe_load(X_ANALYSIS)["analyses"][0]["models"]["carcinoma_model"]["reference"]
+    production = _production_with(tmp_path, model_id, "best.onnx")
+    bad = {**env, "BUILDER_PRODUCTION": f"file:{production}"}
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    line_no = _line_of(X_ANALYSIS, model_id)
+    for args in (("lock",), ("lock", "--check"), ("build", "--oci-layout", str(tmp_path / "o"))):
+        result = run_cli(*args[:1], str(repo), *args[1:], env=bad)
+        assert result.returncode == 2, (args, result.stdout + result.stderr)
+        (line,) = result.stderr.strip().splitlines()[-1:]
+        assert f"analysis.yaml:{line_no}: " in line, line
+        assert f"model carcinoma_model ({model_id}, from the registry)" in line, line
+        assert "params.file names 'model.onnx'" in line and "its files: best.onnx" in line, line
+    assert not (repo / "customer.lock.yaml").exists() and not (tmp_path / "o").exists()
+
+    # A lock pinning other files than the config loads (edited, or made by an older builder):
+    # validate and a --locked build refuse it from the lock alone, before any download.
+    assert run_cli("lock", str(repo), env=env).returncode == 0
+    lock_text = (repo / "customer.lock.yaml").read_text()
+    commit_files(
+        repo,
+        {"customer.lock.yaml": lock_text.replace("- name: model.onnx", "- name: best.onnx", 1)},
+        "lock",
+    )
+    for args in (("validate",), ("build", "--locked")):
+        result = run_cli(*args[:1], str(repo), *args[1:], env=env)
+        assert result.returncode == 2, (args, result.stdout + result.stderr)
+        assert "params.file names 'model.onnx'" in result.stderr, result.stderr
+
+
+def test_a_model_file_path_must_stay_in_its_model_folder(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    for index, escape in enumerate(("../../../../etc/passwd", "/etc/passwd")):
+        analysis = _sub(Z_ANALYSIS, "params: {file: model.onnx,", f"params: {{file: '{escape}',")
+        repo = _customer(tmp_path / f"cust{index}", CUSTOMER_Z, analysis)
+        for command in ("validate", "lock", "build"):
+            result = run_cli(command, str(repo), env=env)
+            assert result.returncode == 2, (command, result.stdout + result.stderr)
+            line = result.stderr.strip().splitlines()[-1]
+            assert f"analysis.yaml:{_line_of(analysis, escape)}: " in line, line
+            assert f"params.file '{escape}' leaves the model folder" in line, line
+            assert "model mitosis_model (folder models/mitosis)" in line, line
+
+
+def test_any_param_the_contract_marks_as_a_model_file_is_checked(
+    tmp_path: Path, env: dict[str, str], contract: bytes
+) -> None:
+    """The class, not `params.file` alone: a plug-in param the runner's contract marks
+    x-model-file (here a lookup table of MeanStd) must name a file of its model."""
+    from tilerunner.param_schema import MODEL_FILE
+
+    data = json.loads(contract)
+    params = data["plugins"]["preprocessing"]["MeanStd"]["params"]["properties"]
+    params["lut"] = {"type": "string", MODEL_FILE: True}
+    marked = make_base(tmp_path / "marked", "2.4.1", json.dumps(data).encode())
+    ok = _sub(Z_ANALYSIS, "std: [0.25, 0.25, 0.25]}", "std: [0.25, 0.25, 0.25], lut: model.onnx}")
+    bad = _sub(Z_ANALYSIS, "std: [0.25, 0.25, 0.25]}", "std: [0.25, 0.25, 0.25], lut: lut.bin}")
+    good_repo = _customer(tmp_path / "good", CUSTOMER_Z, ok)
+    bad_repo = _customer(tmp_path / "bad", CUSTOMER_Z, bad)
+    marked_env = {**env, "BUILDER_BASE_REPOSITORY": marked}
+    assert run_cli("validate", str(good_repo), env=marked_env).returncode == 0
+    refused = run_cli("validate", str(bad_repo), env=marked_env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert f"analysis.yaml:{_line_of(bad, 'lut: lut.bin')}: " in line, line
+    assert "preprocessing[1].params.lut names 'lut.bin'" in line, line

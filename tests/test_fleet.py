@@ -36,6 +36,7 @@ from helpers import (
     ROOT,
     SeedModel,
     commit_files,
+    commit_lock,
     customer_repo,
     push_labelled_bases,
     run_cli,
@@ -1071,17 +1072,21 @@ def _uploaded_digests(registry: Any, since: int) -> set[str]:
     return found
 
 
-def _fleet_workspace(tmp_path: Path) -> tuple[Path, Path, Path]:
+def _fleet_workspace(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path, Path]:
     """customer-a in its own repository (reached by URL); customer-b and -c folders of a
-    shared repository; customer-bad an invalid config; customer-gone a repository that is
-    not there. Returns (fleet file, customer-a's work clone, customer-a's remote)."""
+    shared repository, each with its lock committed; customer-bad an invalid config;
+    customer-gone a repository that is not there. Returns (fleet file, customer-a's work
+    clone, customer-a's remote)."""
     work_a = customer_repo(
         tmp_path / "work-a", name="customer-a", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID
     )
+    commit_lock(work_a, env)
     remote_a = _bare_clone(work_a, tmp_path / "customer-a.git")
     configs = tmp_path / "configs"
     _folder_customer(configs, "customer-b", ">=2.4,<3", threshold=0.7)
     _folder_customer(configs, "customer-c", "~=2.3.0")
+    for name in ("customer-b", "customer-c"):
+        commit_lock(configs / name, env)
     commit_files(
         configs, {"customer-bad/customer.yaml": "version: 1\ncustomer: customer-bad\n"}, "bad"
     )
@@ -1172,7 +1177,7 @@ def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
     local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
 ) -> None:
     _, env = _registry_env(local_env, tmp_path, oci_registry, fleet_bases)
-    fleet, work_a, remote_a = _fleet_workspace(tmp_path)
+    fleet, work_a, remote_a = _fleet_workspace(tmp_path, env)
     common = ("--fleet", str(fleet), "--jobs", "2", "--push", "--record", "--json")
 
     first = _cli(env, "build-all", "--base-version", "2.4.2", *common)
@@ -1245,7 +1250,7 @@ def test_build_all_record_says_where_first_and_dry_run_writes_nothing(
     """With --record the repository and branch of every record are named before any build;
     --dry-run shows what would be built, pushed and recorded where, and touches nothing."""
     _, env = _registry_env(local_env, tmp_path, oci_registry, fleet_bases)
-    fleet, _, remote_a = _fleet_workspace(tmp_path)
+    fleet, _, remote_a = _fleet_workspace(tmp_path, env)
     configs = fleet.parent
     report = tmp_path / "dry-run.json"
     since = len(oci_registry.requests())
@@ -1333,6 +1338,8 @@ def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
     configs = tmp_path / "configs"
     _folder_customer(configs, "customer-b", ">=2.4,<3")
     _folder_customer(configs, "customer-c", "~=2.5")
+    for name in ("customer-b", "customer-c"):
+        commit_lock(configs / name, env)
     fleet = _write_fleet(
         tmp_path / "fleet.yaml",
         [{"name": n, "repo": str(configs / n)} for n in ("customer-b", "customer-c")],
@@ -1382,6 +1389,7 @@ def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
     commit_files(
         configs, {"customer-c/analysis.yaml": analysis}, "c: threshold", when=1_700_000_500
     )
+    commit_lock(configs / "customer-c", env, when=1_700_000_500)  # a release ships locked
     changed = _json(_cli(env, *args))
     assert {r["customer"]: r["status"] for r in changed["result"]["results"]} == {
         "customer-b": "unchanged",

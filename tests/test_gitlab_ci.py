@@ -5,7 +5,9 @@ parse, their rules pick the right jobs per event, and the jobs run with gitlab-c
 executor against the test bed: a base release (`base-image` against the test bed's Docker
 engine instead of Docker-in-Docker, CPU variant, then `plan`, then every job of the generated
 child pipeline, which build from their locks, push and record), and the customer template on
-the default branch and on merge requests, before and after a base release. Every job checks
+the default branch and on merge requests, before and after a base release (its build job smokes
+the image in the test bed's engine, overriding the template's Docker-in-Docker service as a
+runner with an engine of its own would), and without a lock (no release). Every job checks
 its CI/CD variables first: one line names a missing one. Not exercised here: the `test` job
 (a privileged runner), the trigger job itself (gitlab-ci-local does not run downstream
 pipelines: the child YAML is run as its own pipeline instead), the GPU variant of `base-image`
@@ -28,7 +30,13 @@ from typing import Any
 import git
 import pytest
 import yaml
-from helpers import ROOT, commit_files, push_labelled_bases, repository_snapshot, run_cli
+from helpers import (
+    ROOT,
+    commit_files,
+    commit_lock,
+    repository_snapshot,
+    run_cli,
+)
 from test_fleet import _records
 
 import builder
@@ -374,9 +382,14 @@ def test_a_large_fleet_is_generated_jobs_not_a_matrix(
 # -- the customer repository template ----------------------------------------------------------
 
 
-def _customer_project(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
+def _customer_project(
+    tmp_path: Path, env: dict[str, str], *, lock: bool = True, engine: str | None = None
+) -> tuple[Path, Path]:
     """A customer repository (demo models) that includes ci/customer.gitlab-ci.yml, with a
-    committed lock, on branch main; origin is a local bare repository."""
+    committed lock (unless not ``lock``), on branch main; origin is a local bare repository.
+    With ``engine``, ivd:build smokes the image in that Docker engine instead of a
+    Docker-in-Docker service (which gitlab-ci-local would start even under the shell
+    executor), as a customer whose runner has an engine of its own overrides it."""
     project = tmp_path / "customer-w"
     shutil.copytree(ROOT / "customers" / "customer-x", project)
     (project / "customer.yaml").write_text(
@@ -385,19 +398,67 @@ def _customer_project(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
     (project / "customer.lock.yaml").unlink()
     (project / "ci").mkdir()
     shutil.copy2(ROOT / "ci" / "customer.gitlab-ci.yml", project / "ci" / "customer.gitlab-ci.yml")
-    (project / ".gitlab-ci.yml").write_text("include:\n  - local: ci/customer.gitlab-ci.yml\n")
+    pipeline = "include:\n  - local: ci/customer.gitlab-ci.yml\n"
+    if engine:
+        pipeline += yaml.safe_dump(
+            {"ivd:build": {"services": [], "variables": {"DOCKER_HOST": engine}}}
+        )
+    (project / ".gitlab-ci.yml").write_text(pipeline)
     repo = git.Repo.init(project)
     repo.git.checkout("-b", "main")
     commit_files(project, {p: (project / p).read_bytes() for p in repo.untracked_files}, "config")
-    locked = run_cli("lock", str(project), env=env)
-    assert locked.returncode == 0, locked.stderr
-    commit_files(
-        project, {"customer.lock.yaml": (project / "customer.lock.yaml").read_bytes()}, "lock"
-    )
+    if lock:
+        commit_lock(project, env)
     origin = tmp_path / "customer-w.git"
     git.Repo.init(origin, bare=True)
     repo.create_remote("origin", str(origin)).push("main")  # CI builds what the server has
     return project, origin
+
+
+def _real_bases(docker_engine: Any, inference_base: str, repository: str, *versions: str) -> str:
+    """The real inference base (its runner and contract: `builder smoke` runs on it) pushed
+    as ``repository:<version>`` for each of ``versions``, relabelled with that version: base
+    releases a customer's constraint admits. Returns the repository."""
+    import io
+
+    client = docker_engine.client()
+    for version in versions:
+        dockerfile = (
+            f"FROM {inference_base}:{read_version()}\n"
+            f'LABEL org.opencontainers.image.version="{version}"\n'
+        )
+        client.images.build(
+            fileobj=io.BytesIO(dockerfile.encode()),
+            tag=f"{repository}:{version}",
+            network_mode="none",
+            rm=True,
+        )
+        for line in client.images.push(repository, tag=version, stream=True, decode=True):
+            assert "error" not in line, line
+    return repository
+
+
+def test_customer_template_refuses_to_release_without_a_committed_lock(
+    gitlab_ci_local: Path, tmp_path: Path, oci_registry: Any, docker_engine: Any
+) -> None:
+    namespace = _namespace(tmp_path)
+    env = {
+        "BUILDER_MODEL_REGISTRY": f"local:{ROOT / 'demo' / 'registry'}",
+        "BUILDER_PRODUCTION": f"file:{ROOT / 'demo' / 'production'}",
+        "BUILDER_BASE_REPOSITORY": f"{oci_registry.host}/{namespace}/base",
+        "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
+        "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
+        "BUILDER_GIT_TOKEN": "glpat-not-used-for-a-local-origin",
+    }
+    project, origin = _customer_project(tmp_path, env, lock=False, engine=docker_engine.host)
+    since = len(oci_registry.requests())
+    built = _gcl(gitlab_ci_local, project, "ivd:build", "--force-shell-executor", variables=env)
+    assert built.returncode != 0
+    assert re.search(r"FAIL\s+.*ivd:build", built.stdout), built.stdout[-3000:]
+    output = built.stdout + built.stderr
+    assert "no customer.lock.yaml committed" in output and "`builder lock`" in output
+    assert not [r for r in oci_registry.requests()[since:] if namespace in r.path]
+    assert _records(origin) == {}
 
 
 def test_customer_template_validates_merge_requests_and_builds_the_default_branch(
@@ -405,11 +466,11 @@ def test_customer_template_validates_merge_requests_and_builds_the_default_branc
     tmp_path: Path,
     oci_registry: Any,
     docker_engine: Any,
-    base_os_image: str,
+    inference_base: str,
 ) -> None:
     namespace = _namespace(tmp_path)
-    bases = push_labelled_bases(
-        docker_engine, oci_registry.host, base_os_image, f"{namespace}/base", {"2.4.2": "1"}
+    bases = _real_bases(
+        docker_engine, inference_base, f"{oci_registry.host}/{namespace}/base", "2.4.2"
     )
     env = {
         "BUILDER_MODEL_REGISTRY": f"local:{ROOT / 'demo' / 'registry'}",
@@ -418,7 +479,7 @@ def test_customer_template_validates_merge_requests_and_builds_the_default_branc
         "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
         "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
     }
-    project, origin = _customer_project(tmp_path, env)
+    project, origin = _customer_project(tmp_path, env, engine=docker_engine.host)
     mr = {"CI_PIPELINE_SOURCE": "merge_request_event"}
     token = {"BUILDER_GIT_TOKEN": "glpat-not-used-for-a-local-origin"}
     assert _jobs(gitlab_ci_local, project, **mr) == {"ivd:validate", "ivd:lock-check"}
@@ -448,8 +509,13 @@ def test_customer_template_validates_merge_requests_and_builds_the_default_branc
             variables={**env, **token},
         )
         _passed(built, "ivd:build")
+        # the image ran on a sample slide before it was pushed, and the pushed one is that image
+        assert re.search(r"smoke +\S+: passed in", built.stdout), built.stdout[-4000:]
+        smoked = json.loads(_artifact(project, "ivd:build", "smoke-build.json").read_text())
+        assert "registry" not in smoked["result"]["outputs"]
         report = json.loads(_artifact(project, "ivd:build", "build-report.json").read_text())
         result: dict[str, Any] = report["result"]
+        assert result["manifest_digest"] == smoked["result"]["manifest_digest"]
         return result
 
     first = build()
@@ -462,9 +528,7 @@ def test_customer_template_validates_merge_requests_and_builds_the_default_branc
     # A base release (2.5.0, admitted by ~=2.4) changes nothing the merge request did: its
     # checks pass, and say that a newer base is there; the default branch still builds, from
     # the lock, on the pinned 2.4.2 (the fleet rebuild is what ships 2.5.0).
-    push_labelled_bases(
-        docker_engine, oci_registry.host, base_os_image, f"{namespace}/base", {"2.5.0": "1"}
-    )
+    _real_bases(docker_engine, inference_base, bases, "2.5.0")
     after = _gcl(
         gitlab_ci_local, project, *checks, "--force-shell-executor", variables={**mr, **env}
     )

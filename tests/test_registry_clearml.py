@@ -308,15 +308,31 @@ def test_lock_records_project_name_and_id(
     assert carcinoma["project"] == PROJECT_NAME and carcinoma["project_id"] == PROJECT_ID
 
 
-@pytest.mark.parametrize(
-    "reference",
-    ["a957f623-e6d3-4159-a07a-ec1b8323eb54", "A957F623E6D34159A07AEC1B8323EB54", "abc123"],
-)
+@pytest.mark.parametrize("reference", ["abc123", "a957f623-e6d3-4159-a07a-ec1b8323eb5g"])
 def test_validate_checks_the_id_format(env: dict[str, str], tmp_path: Path, reference: str) -> None:
-    """ClearML ids are 32 lowercase hex, server-generated: anything else can never resolve."""
+    """ClearML ids are 32 hex digits, server-generated: anything else can never resolve."""
     result = run_cli("validate", _repo(tmp_path, carcinoma=reference), env=env, timeout=CLI_BOUND)
     assert result.returncode == 2, result.stderr
-    assert "analysis.yaml" in result.stderr and "is not a valid id" in result.stderr
+    assert "analysis.yaml" in result.stderr and "is not a model id" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "reference", ["a957f623-e6d3-4159-a07a-ec1b8323eb54", "A957F623E6D34159A07AEC1B8323EB54"]
+)
+def test_uuid_spellings_are_looked_up_as_the_servers_id(
+    clearml: Any, env: dict[str, str], tmp_path: Path, reference: str
+) -> None:
+    """The canonical UUID spellings of a model id (dashed, any case) reach the server as its
+    own form, 32 lowercase hex: the SDK's models.get_by_id, and the verbose config's
+    provenance, name that id."""
+    result = run_cli(
+        "expand", _repo(tmp_path, carcinoma=reference), "--json", env=env, timeout=CLI_BOUND
+    )
+    assert result.returncode == 0, result.stderr
+    models = json.loads(result.stdout)["result"]["config"]["analyses"][0]["models"]
+    assert models["carcinoma_model"]["provenance"]["registry_id"] == CARCINOMA_ID
+    asked = [call["body"].get("model") for call in clearml.calls("models.get_by_id")]
+    assert CARCINOMA_ID in asked and reference not in asked
 
 
 @pytest.mark.parametrize("task", ["../../outside", "__DELETED__../../outside"])

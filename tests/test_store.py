@@ -30,6 +30,7 @@ from helpers import (
     MITOSIS_TASK,
     SeedModel,
     commit_files,
+    commit_lock,
     customer_repo,
     run_cli,
     seed_models,
@@ -813,6 +814,11 @@ def test_a_corrupt_blob_is_noticed_and_repaired(
     store.import_docker_archive(tmp_path / "saved.tar", f"{repository}:2.4.2")
     push(store.stored_image(f"{repository}:2.4.2"), [f"{repository}:2.4.2"])
     online = {"BUILDER_BASE_REPOSITORY": repository, "BUILDER_IMAGE_REGISTRY": oci_registry.host}
+    # a release (--push) ships what a committed lock pins: this customer, locked, in a clone
+    # (the same model files: the same layer blobs as the stored image's)
+    git.Repo.clone_from(world.repo, tmp_path / "locked")
+    commit_lock(tmp_path / "locked", {**world.env(), **online})
+    world = replace(world, repo=tmp_path / "locked")
     code, first, _ = _build_json(world, monkeypatch=monkeypatch, capsys=capsys, env=online)
     assert code == 0, first
     digest = first["result"]["manifest_digest"]

@@ -135,7 +135,9 @@ def cli() -> None:
     """Build per-customer inference images from customer config repos, reproducibly.
 
     CUSTOMER is a folder name under the customers folder (setting `customers`), a path to a
-    customer repo or folder, or a git URL. Files are read from git at --ref, never from the
-    work tree unless --worktree. Settings come from builder.toml (searched upward from the
-    current directory), BUILDER_* environment variables and the options below.
+    customer repo or folder, or a git URL. `build` reads git at --ref (HEAD), never the work
+    tree unless --worktree; validate, expand and lock read what is on disk (saying so when it
+    differs from HEAD) unless --ref names a revision. Settings come from builder.toml
+    (searched upward from the current directory), BUILDER_* environment variables and the
+    options below.
     """

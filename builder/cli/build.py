@@ -17,7 +17,6 @@ from builder.cli.options import (
     image_registry_option,
     insecure_registry_option,
     json_option,
-    ref_option,
     report_option,
     settings_options,
     worktree_option,
@@ -62,7 +61,11 @@ class PlainProgress:
 
 @cli.command()
 @click.argument("customer", required=False)
-@ref_option()
+@click.option(
+    "--ref",
+    help="Branch, tag or commit of the customer repo to build (default HEAD; a release of "
+    "HEAD, not named, refuses uncommitted changes in the customer folder).",
+)
 @worktree_option
 @settings_options
 @click.option(
@@ -106,6 +109,12 @@ class PlainProgress:
     "--allow-unpublished",
     is_flag=True,
     help="Development build: accept unpublished models (the image label says so).",
+)
+@click.option(
+    "--allow-unlocked",
+    is_flag=True,
+    help="Development build: push with no committed customer.lock.yaml (the image label says "
+    "so; no release record). Without it a release build (--push, --all) refuses, exit 7.",
 )
 @click.option(
     "--base-version", help="Build on this base version instead of customer.yaml's (fleet rebuilds)."
@@ -169,7 +178,7 @@ def build(
     ctx: click.Context,
     /,
     customer: str | None,
-    ref: str,
+    ref: str | None,
     worktree: bool,
     all_customers: bool,
     fleet_file: Path | None,
@@ -181,6 +190,7 @@ def build(
     locked: bool,
     offline: bool,
     allow_unpublished: bool,
+    allow_unlocked: bool,
     base_version: str | None,
     base_repository: str | None,
     variant: str | None,
@@ -229,6 +239,7 @@ def build(
         locked=locked,
         offline=offline,
         allow_unpublished=allow_unpublished,
+        allow_unlocked=allow_unlocked,
         base_version=base_version,
         base_repository=base_repository,
         variant=variant,
@@ -281,8 +292,7 @@ def build(
             ):
                 click.echo(line)
         if built.development:
-            why = "uncommitted files (--worktree)" if worktree else "unpublished models"
-            click.echo(f"DEVELOPMENT BUILD: {why}; not for release", err=True)
+            click.echo("DEVELOPMENT BUILD (see the warnings above): not for release", err=True)
 
     return Result("build", built.to_dict(), human, report=report)
 
@@ -293,7 +303,7 @@ _FLEET_PARAMS = frozenset(
 )
 #: Options of one customer's build that a fleet build does not take.
 _SINGLE_ONLY = (
-    "ref", "worktree", "offline", "allow_unpublished", "variant", "oci_layout",
+    "ref", "worktree", "offline", "allow_unpublished", "allow_unlocked", "variant", "oci_layout",
     "docker_archive", "load", "sign_key", "backend",
 )  # fmt: skip
 #: Options that only a fleet build takes.

@@ -28,16 +28,22 @@ from builder.fsutil import write_atomic
 @json_option
 def validate(
     customer: str,
-    ref: str,
+    ref: str | None,
     worktree: bool,
     base_repository: str | None,
     insecure_registry: bool,
     as_json: bool,
     **overrides: Any,
 ) -> Result:
-    """Check customer.yaml and the analysis YAML against their schemas and against the runner
-    contract of the base image they resolve to (no model registry calls: registry plug-ins are
-    checked from the committed lock when it is current)."""
+    """Check customer.yaml and the analysis YAML against their schemas, their consistency, the
+    model files their params name and the runner contract of the base image they resolve to,
+    listing every problem at file:line in one run.
+
+    Reads what is on disk (uncommitted edits included, and said so) unless --ref names a
+    revision. No model registry call: model ids are checked for their form (32 hex digits or
+    a dashed UUID) and, when the committed lock is current, the models' plug-ins and files
+    are checked from it; `builder lock --check` asks the registry.
+    """
     from builder.pipeline import validate_customer
 
     result = validate_customer(
@@ -51,11 +57,19 @@ def validate(
     spec = result.spec
     for note in result.notes:
         info(f"note: {note}")
+    models = (
+        "model ids not checked against a registry; models checked from the lock"
+        if result.models_from == "lock"
+        else "model ids not checked against a registry"
+    )
     data = {
         "customer": spec.customer,
         "commit": spec.commit,
+        "uncommitted": list(spec.uncommitted),
         "base_version": spec.base_version,
         "models": [m.__dict__ for m in spec.models],
+        "registry_checked": False,
+        "models_from": result.models_from,
         "contract": result.contract_info,
         "notes": list(result.notes),
     }
@@ -69,19 +83,19 @@ def validate(
         data,
         lambda: click.echo(
             f"{spec.customer}: valid {_revision(spec)} ({len(spec.models)} models, "
-            f"base {spec.base_version}; {checked})"
+            f"base {spec.base_version}; {checked}; {models})"
         ),
     )
 
 
 def _revision(spec: Any) -> str:
-    """Which revision was read: ``at <commit>``, or the work tree (with no commit yet)."""
+    """Which revision was read: ``at <commit>``, or the work tree (its HEAD, or no commit yet)."""
     from builder.cook.load import UNCOMMITTED
 
     if spec.worktree:
-        return "in the work tree" + (
-            " (nothing committed yet)" if spec.commit == UNCOMMITTED else ""
-        )
+        if spec.commit == UNCOMMITTED:
+            return "in the work tree (nothing committed yet)"
+        return f"in the work tree (uncommitted changes; HEAD {spec.commit[:12]})"
     return f"at {spec.commit[:12]}"
 
 
@@ -101,7 +115,7 @@ def _revision(spec: Any) -> str:
 @json_option
 def expand(
     customer: str,
-    ref: str,
+    ref: str | None,
     worktree: bool,
     output: Path | None,
     allow_unpublished: bool,
@@ -111,7 +125,8 @@ def expand(
 ) -> Result:
     """Print the verbose analysis config the runner loads, as the image carries it (each
     registry model's weights named ``production:<task id>/<model id>/``, whatever the
-    production store's spelling)."""
+    production store's spelling), of what is on disk (uncommitted edits included and said
+    so) unless --ref names a revision."""
     from builder.cook.stage import cook
 
     cooked = cook(
@@ -139,6 +154,7 @@ def expand(
         {
             "customer": cooked.spec.customer,
             "commit": cooked.spec.commit,
+            "uncommitted": list(cooked.spec.uncommitted),
             "config": cooked.located.verbose,
             "output": str(output) if output else None,
         },
@@ -168,7 +184,7 @@ def expand(
 @json_option
 def lock(
     customer: str,
-    ref: str,
+    ref: str | None,
     worktree: bool,
     check: bool,
     output: Path | None,
@@ -178,51 +194,37 @@ def lock(
     as_json: bool,
     **overrides: Any,
 ) -> Result:
-    """Pin every input (models, weights sha256, base digest) in customer.lock.yaml."""
-    from builder.cook.fetch import Cache
-    from builder.cook.lock import read_lock
-    from builder.cook.stage import cook, make_customer_lock
-    from builder.image.base_resolution import locked_base_drift, try_resolve_base
+    """Pin every input (models, weights sha256, base digest) in customer.lock.yaml.
 
-    settings = load_cli_settings(overrides)
-    cooked = cook(
-        customer, settings, ref=ref, worktree=worktree, allow_unpublished=allow_unpublished
-    )
-    insecure = insecure_registry or None
-    base, note = try_resolve_base(
-        cooked.spec, settings, repository=base_repository, insecure=insecure
-    )
-    base_drift: list[str] = []
-    if check:
-        committed = read_lock(cooked.spec)
-        base_drift, notes = locked_base_drift(
-            cooked.spec,
-            settings,
-            committed.base_image if committed else None,
-            base,
-            repository=base_repository,
-            insecure=insecure,
-        )
-        note = "; ".join(notes) or (note if committed and not committed.base_image else None)
-    if note:
-        info(f"note: {note}")
+    Reads what is on disk (uncommitted edits included, and said so) unless --ref names a
+    revision; refuses a config whose params name a model file the model does not have, or
+    that the runner contract of the base refuses.
+    """
+    from builder.pipeline import lock_customer
+
     with progress_bar() as bar:
-        result = make_customer_lock(
-            cooked,
-            Cache(settings.cache_dir / "weights"),
-            base=base,
+        result = lock_customer(
+            customer,
+            load_cli_settings(overrides),
+            ref=ref,
+            worktree=worktree,
             check=check,
             output=output,
+            allow_unpublished=allow_unpublished,
+            base_repository=base_repository,
+            insecure=insecure_registry or None,
             progress=bar,
-            base_drift=base_drift,
         )
-    message = f"{cooked.spec.customer}: lock matches" if check else f"wrote {result.path}"
+    for note in result.warnings:
+        info(f"note: {note}")
+    message = f"{result.lock.customer}: lock matches" if check else f"wrote {result.path}"
     return Result(
         "lock",
         {
             "path": str(result.path) if result.path else None,
             "lock": result.lock.to_dict(),
             "drift": list(result.drift),
+            "notes": list(result.warnings),
         },
         lambda: click.echo(message),
     )

@@ -62,6 +62,12 @@ cache_dir_option = click.option(
     help="Weights and image cache (setting cache_dir).",
 )
 
+image_store_option = click.option(
+    "--image-store",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The local image store folder (setting image_store; default <cache_dir>/oci).",
+)
+
 worktree_option = click.option(
     "--worktree",
     is_flag=True,
@@ -91,7 +97,12 @@ def settings_options(func: F) -> F:
 
 
 def customer_options(func: F) -> F:
-    """CUSTOMER, --ref and --worktree: which customer configuration to read, and from where."""
+    """CUSTOMER, --ref and --worktree: which customer configuration to read, and from where.
+    Without --ref, what is on disk: the work tree when the folder has uncommitted changes."""
     func = click.argument("customer")(func)
-    func = ref_option()(func)
+    func = click.option(
+        "--ref",
+        help=f"{REF_HELP} Default: what is on disk (uncommitted edits included, said so), "
+        "else HEAD.",
+    )(func)
     return worktree_option(func)

@@ -24,7 +24,7 @@ import git
 from builder import yamldoc
 from builder.contracts import CustomerSpec, ModelDecl, RepoSource
 from builder.errors import ConfigError
-from builder.paths import CLEARML_ID, UnsafePathError, check_id, safe_join
+from builder.paths import UnsafePathError, normal_model_id, safe_join
 from builder.redact import redact_url, strip_credentials
 from builder.settings import Settings
 
@@ -424,29 +424,30 @@ def _parse(snapshot: _Snapshot, relpath: str, schema: str) -> yamldoc.Document:
     return doc
 
 
-def _declared_models(doc: yamldoc.Document) -> tuple[ModelDecl, ...]:
-    """Models of all analyses, unique by name; the same name must mean the same model."""
+def _declared_models(doc: yamldoc.Document) -> tuple[tuple[ModelDecl, ...], list[str]]:
+    """Models of all analyses, unique by name (the same name must mean the same model), and
+    every problem found on the way (malformed ids and paths, models declared twice
+    differently, features using undeclared models), none hiding another. Auto references
+    are normalised to the server's id form; a malformed one is kept as written."""
     found: dict[str, tuple[ModelDecl, Mapping[str, Any]]] = {}
+    problems: list[str] = []
     for a_index, analysis in enumerate(doc.data["analyses"]):
         models: Mapping[str, Mapping[str, Any]] = analysis["models"]
         for name, entry in models.items():
             path = ("analyses", a_index, "models", name)
             reference = entry["reference"].strip()
-            if entry["sourcing"] == "manual":
-                reference = safe_relpath(
-                    reference, doc.where((*path, "reference")), "manual model reference"
+            try:
+                reference = _reference(
+                    entry["sourcing"], reference, doc.where((*path, "reference"))
                 )
-            else:  # a registry id: ClearML ids are 32 lowercase hex, server-generated
-                check_id(
-                    reference,
-                    what=f"{doc.where((*path, 'reference'))}: model id",
-                    pattern=CLEARML_ID,
-                )
+            except ConfigError as exc:
+                problems.append(exc.message)
             decl = ModelDecl(name=name, sourcing=entry["sourcing"], reference=reference)
             previous = found.get(name)
             if previous is not None and previous[1] != entry:
-                raise ConfigError(
-                    f"{doc.where(path)}: model {name!r} is declared differently in two analyses; give them different names"
+                problems.append(
+                    f"{doc.where(path)}: model {name!r} is declared differently in two analyses; "
+                    "give them different names"
                 )
             found[name] = (decl, entry)
         for f_index, feature in enumerate(analysis["features"]):
@@ -454,11 +455,28 @@ def _declared_models(doc: yamldoc.Document) -> tuple[ModelDecl, ...]:
                 if model_name not in models:
                     where = doc.where(("analyses", a_index, "features", f_index, "models", role))
                     known = ", ".join(sorted(models))
-                    raise ConfigError(
-                        f"{where}: feature {feature['cls']!r} uses model {model_name!r}, which analysis "
-                        f"{analysis['name']!r} does not declare (declared: {known})"
+                    problems.append(
+                        f"{where}: feature {feature['cls']!r} uses model {model_name!r}, which "
+                        f"analysis {analysis['name']!r} does not declare (declared: {known})"
                     )
-    return tuple(decl for _, (decl, _) in sorted(found.items()))
+    return tuple(decl for _, (decl, _) in sorted(found.items())), problems
+
+
+def _is_safe_folder(reference: str) -> bool:
+    """Whether a manual reference may be listed (an unsafe one is reported, never read)."""
+    try:
+        safe_relpath(reference, "", "")
+    except ConfigError:
+        return False
+    return True
+
+
+def _reference(sourcing: str, reference: str, where: str) -> str:
+    """A model reference checked: a folder inside the customer repo (manual), or a registry
+    model id in any canonical UUID spelling, normalised to the server's 32 lowercase hex."""
+    if sourcing == "manual":
+        return safe_relpath(reference, where, "manual model reference")
+    return normal_model_id(reference, what=f"{where}: model id")
 
 
 def _declared_repository(customer: Mapping[str, Any], origin: str) -> str | None:
@@ -484,36 +502,93 @@ def _variants(value: str | list[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def work_tree_changes(source: RepoSource) -> tuple[str, ...]:
+    """Files of the customer folder whose work-tree state differs from HEAD (modified, added,
+    deleted, untracked), repository-relative and sorted; () for a clone in the cache (a git
+    URL: no work tree anyone edits)."""
+    if not (source.root / ".git").exists():
+        return ()
+    try:
+        status = git.Repo(source.root).git.status(
+            "--porcelain", "--untracked-files=all", "--", source.subdir or "."
+        )
+    except git.GitCommandError:
+        return ()
+    return tuple(sorted({line[3:].strip() for line in status.splitlines() if line.strip()}))
+
+
+def shown_files(files: Sequence[str], limit: int = 5) -> str:
+    """A few file names for a one-line message (``a, b and 3 more``)."""
+    more = f" and {len(files) - limit} more" if len(files) > limit else ""
+    return ", ".join(files[:limit]) + more
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A customer's configuration as read, and what is wrong with it (file:line order)."""
+
+    spec: CustomerSpec
+    problems: tuple[str, ...]
+
+
 def load_customer(
     location: str,
     settings: Settings,
     *,
-    ref: str = "HEAD",
+    ref: str | None = "HEAD",
     worktree: bool = False,
     known: KnownRevision | None = None,
 ) -> CustomerSpec:
-    """Read and validate a customer's configuration at ``ref`` (or the work tree)."""
+    """Read and validate a customer's configuration at ``ref`` (or the work tree); one
+    ConfigError lists every problem. ``ref=None``: what is on disk (see :func:`read_customer`)."""
+    loaded = read_customer(location, settings, ref=ref, worktree=worktree, known=known)
+    if loaded.problems:
+        raise yamldoc.problems_error(loaded.problems)
+    return loaded.spec
+
+
+def read_customer(
+    location: str,
+    settings: Settings,
+    *,
+    ref: str | None = "HEAD",
+    worktree: bool = False,
+    known: KnownRevision | None = None,
+) -> Loaded:
+    """A customer's configuration at ``ref`` with every consistency problem of its analysis
+    listed rather than raised (what `validate` reports in one run); schema errors still raise,
+    all of them at once, since nothing after them can be trusted.
+
+    ``ref=None`` reads what is on disk: the work tree when the customer folder has uncommitted
+    changes (the spec lists them in ``uncommitted``), else HEAD: engineers edit the work tree.
+    """
     source = known.source if known is not None else open_source(location, settings)
-    snapshot = _snapshot(source, ref, worktree, known)
+    changes: tuple[str, ...] = ()
+    if ref is None:
+        changes = () if worktree else work_tree_changes(source)
+        worktree = worktree or bool(changes)
+    snapshot = _snapshot(source, ref or "HEAD", worktree, known)
     customer = _parse(snapshot, CUSTOMER_FILE, "customer").data
     analysis_path = safe_relpath(
         customer.get("analysis", "analysis.yaml"), snapshot.origin(CUSTOMER_FILE), "analysis"
     )
     analysis_doc = _parse(snapshot, analysis_path, "analysis-short")
-    models = _declared_models(analysis_doc)
+    models, problems = _declared_models(analysis_doc)
+    bad_references = {d.reference for d in models if not _is_safe_folder(d.reference)}
     manual: dict[str, bytes] = {}
     for decl in models:
-        if decl.sourcing != "manual":
+        if decl.sourcing != "manual" or decl.reference in bad_references:
             continue
         files = snapshot.list_files(decl.reference)
         if not files:
-            raise ConfigError(
-                f"{snapshot.origin(analysis_path)}: manual model {decl.name!r}: folder {decl.reference!r} has no files in git"
+            problems.append(
+                f"{snapshot.origin(analysis_path)}: manual model {decl.name!r}: folder "
+                f"{decl.reference!r} has no files in {'the work tree' if worktree else 'git'}"
             )
         for name in files:
             manual[f"{decl.reference}/{name}"] = snapshot.read(f"{decl.reference}/{name}") or b""
     base = customer["base_image"]
-    return CustomerSpec(
+    spec = CustomerSpec(
         repository=_declared_repository(customer, snapshot.origin(CUSTOMER_FILE)),
         customer=customer["customer"],
         base_version=base["version"].strip(),
@@ -523,12 +598,14 @@ def load_customer(
         analysis=analysis_doc.data,
         models=models,
         source=source,
-        ref=ref,
+        ref=ref or "HEAD",
         commit=snapshot.commit,
         commit_time=snapshot.commit_time,
         worktree=worktree,
         manual_files=manual,
+        uncommitted=changes,
     )
+    return Loaded(spec, tuple(yamldoc.in_file_order(problems)))
 
 
 def read_committed_files(

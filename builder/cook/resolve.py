@@ -194,6 +194,11 @@ def resolve(
     return tuple(out)
 
 
+def resolve_manual(spec: CustomerSpec) -> tuple[ResolvedModel, ...]:
+    """The manually sourced models alone (their files are in the customer repo: no registry)."""
+    return tuple(_resolve_manual(spec, d) for d in spec.models if d.sourcing == "manual")
+
+
 def release_blockers(models: Sequence[ResolvedModel]) -> list[str]:
     """Why each model may not ship in a release build (empty: all may)."""
     reasons = []

@@ -188,6 +188,7 @@ def _build_one(job: _Job) -> dict[str, Any]:
         known_tags=job.known_tags,
         base_digest=job.base_digest,
         locked=job.locked,
+        fleet=True,  # a release: the committed lock or nothing, even without --push
     )
     started = time.perf_counter()
     try:

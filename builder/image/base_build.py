@@ -361,15 +361,24 @@ def _inputs_key(
     return h.hexdigest()
 
 
-def _built_before(docker_client: Any, reference: str, key: str) -> str | None:
-    """Id of an image in the engine built from exactly these inputs (tagged `reference`)."""
+def _built_before(
+    docker_client: Any, reference: str, key: str, labels: dict[str, str]
+) -> str | None:
+    """Id of an image in the engine built from exactly these inputs (tagged `reference`).
+
+    Every image built FROM the base (a customer image loaded or smoke-tested in the engine)
+    inherits its labels, the inputs key too: only an image whose labels are all the base's
+    own ``labels`` (its version, not a customer's ``<version>-<rev>``) is the base."""
     from docker.errors import DockerException
 
     try:
         found = docker_client.images.list(filters={"label": f"{LABEL_INPUTS}={key}"})
-        if not found:
+        image = next(
+            (i for i in found if all((i.labels or {}).get(k) == v for k, v in labels.items())),
+            None,
+        )
+        if image is None:
             return None
-        image = found[0]
         if reference not in (image.tags or []):
             repository, _, tag = reference.rpartition(":")
             image.tag(repository, tag)
@@ -570,7 +579,7 @@ def build_base_image(
         key = _inputs_key(base_dir, requirements, runner, buildargs, base_id)
         # the same inputs built before: reuse that image rather than send the wheelhouse
         # (1.6 GB for gpu) to the engine only to hit its layer cache at every step
-        reused = _built_before(docker_client, reference, key) if base_id else None
+        reused = _built_before(docker_client, reference, key, labels) if base_id else None
         if reused:
             image_id, log = reused, [f"reused {reused}: built before from the same inputs"]
             if progress:

@@ -48,8 +48,9 @@ def try_resolve_base(
     *,
     repository: str | None = None,
     insecure: bool | None = None,
-) -> tuple[BaseImageRef | None, str | None]:
-    """The base image for the lock, or None and why not (the lock can be made without it).
+) -> tuple[BaseImage | None, str | None]:
+    """The base image `lock` pins and `lock`/`validate` check against, or None and why not
+    (both work without it, saying so).
 
     Resolved like a build does: the registry, else the local image store.
     """
@@ -60,9 +61,9 @@ def try_resolve_base(
             ImageStore(settings.store_dir),
             insecure=insecure,
             keep=False,
-        ).ref, None
+        ), None
     except ImageError as exc:
-        return None, f"base image not pinned: {exc}"
+        return None, str(exc)
 
 
 def locked_base_drift(
