@@ -171,7 +171,8 @@ class ReleaseLog:
         self.tracking = f"refs/ivd-records/{branch}"
         self.work.parent.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.work) + ".lock", timeout=600)
-        self.repo = git.Repo.init(self.work, bare=True, mkdir=True)
+        with self._lock:  # parallel CI jobs of one repository share this cache folder
+            self.repo = git.Repo.init(self.work, bare=True, mkdir=True)
 
     @property
     def shown(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -104,10 +105,9 @@ class Engine(Service):
         with _lock():
             (_lease_dir() / self._lease).unlink(missing_ok=True)
             self._lease = None
+            if _live_leases():
+                return  # another user still holds a lease; the last one stops it
             for lease in _lease_dir().iterdir():
-                pid = lease.name.partition(".")[0]
-                if pid.isdigit() and pid_alive(int(pid)):
-                    return  # another user still holds a lease; the last one stops it
                 lease.unlink(missing_ok=True)
             state = _read_state()
             if state and state.get("host") == self.host:
@@ -173,9 +173,44 @@ def ensure_engine(timeout: float = START_TIMEOUT) -> Engine:
             if state:  # a dead or wedged one from an aborted run
                 _shutdown(state, None)
             engine = _start_dockerd(timeout)
+        if not _live_leases():
+            _prune_leftovers(engine)
         engine._lease = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
         (_lease_dir() / engine._lease).touch()
         return engine
+
+
+def _live_leases() -> list[Path]:
+    """Leases of runs that are still alive."""
+    return [
+        lease
+        for lease in _lease_dir().iterdir()
+        if (pid := lease.name.partition(".")[0]).isdigit() and pid_alive(int(pid))
+    ]
+
+
+# Tags of the throwaway registries tests start on a random loopback port (the demo's fixed
+# port 5000 is kept).
+_TEST_REGISTRY_TAG = re.compile(r"127\.0\.0\.1:(?!5000/)\d+/")
+
+
+def _prune_leftovers(engine: Engine, leftover: re.Pattern[str] = _TEST_REGISTRY_TAG) -> None:
+    """Free what earlier runs left in the private engine's data root (called while no other run
+    uses it): stopped containers, images tagged for test registries that are gone, dangling
+    images and the build cache. Without this the data root grows by gigabytes per run until
+    a build fails with "no space left on device". Cached inputs (base OS, bases) are kept."""
+    client = engine.client(timeout=300)
+    try:
+        client.containers.prune()
+        for image in client.images.list():
+            for tag in image.tags:
+                if leftover.match(tag):
+                    with contextlib.suppress(docker.errors.APIError):
+                        client.images.remove(tag)
+        client.images.prune(filters={"dangling": True})
+        client.api.prune_builds()
+    finally:
+        client.close()
 
 
 def _start_dockerd(timeout: float) -> Engine:

@@ -521,7 +521,8 @@ def test_an_image_of_format_2_built_before_the_change_still_verifies(
     """An image pushed by the code before location-free images (format 2: it records the
     clone's origin, the base's name and the production store's spelling) verifies as MATCH:
     verify rebuilds it with format 2 and the locations it recorded. The same inputs build
-    that digest again with format 2, and another one (format 3, no location) by default."""
+    that digest again with format 2, and another one (format 3, no location) by default,
+    which the local store's tag moves to with a notice (the store is the machine's cache)."""
     from builder.audit.verify import verify
     from builder.image.assemble import LAYER_FORMAT_LABEL
     from builder.pipeline import BuildRequest, build
@@ -537,18 +538,15 @@ def test_an_image_of_format_2_built_before_the_change_still_verifies(
     assert any(note.startswith("built with image format 2 (") for note in result.notes)
     again = build(BuildRequest(str(repo), layer_format=2), settings)
     assert again.manifest_digest == FORMAT2_DIGEST
-    now = build(BuildRequest(str(repo)), replace_cache(settings, tmp_path / "now"))
+    # The same local store: the tag the earlier builder wrote gives way, with a notice.
+    now = build(BuildRequest(str(repo)), settings)
     assert now.manifest_digest != FORMAT2_DIGEST
+    (moved,) = [w for w in now.warnings if "written by an earlier builder" in w]
+    assert f"moved from {FORMAT2_DIGEST} to {now.manifest_digest}" in moved
+    assert "in image format 2; this builder writes format 3" in moved
     labels = json.loads(
         (Path(now.outputs["store"]) / "blobs" / "sha256" / now.config_digest[7:]).read_bytes()
     )["config"]["Labels"]
     assert labels[LAYER_FORMAT_LABEL] == "3"
     assert "org.opencontainers.image.source" not in labels
     assert "org.opencontainers.image.base.name" not in labels
-
-
-def replace_cache(settings: Any, cache: Path) -> Any:
-    """``settings`` with another cache (and so another local image store)."""
-    import dataclasses
-
-    return dataclasses.replace(settings, cache_dir=cache)

@@ -366,6 +366,29 @@ def test_git_url_is_cloned_then_fetched(repo: Path, settings: Settings) -> None:
     assert len(list((settings.cache_dir / "repos").iterdir())) == 1
 
 
+def test_parallel_jobs_share_the_git_caches(repo: Path, settings: Settings) -> None:
+    """CI runs a fleet's child jobs side by side on one cache: the first clone of a repository
+    and the first release-record log of a remote must not trip over each other."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from builder.record import RELEASES_BRANCH, ReleaseLog
+
+    workers = 6
+    barrier = Barrier(workers)
+
+    def job(_: int) -> tuple[str, str | None]:
+        barrier.wait()
+        spec = load_customer(repo.as_uri(), settings)
+        log = ReleaseLog(repo.as_uri(), settings.cache_dir, RELEASES_BRANCH)
+        return spec.commit, log.fetch()
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(job, range(workers)))
+    assert len({commit for commit, _ in results}) == 1
+    assert all(head is None for _, head in results)  # no records branch yet, and no error
+
+
 def test_git_url_that_cannot_be_cloned(tmp_path: Path, settings: Settings) -> None:
     with pytest.raises(
         ConfigError, match=r"cannot clone https://127\.0\.0\.1:9/.*: fatal: unable to access"

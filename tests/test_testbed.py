@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,12 +17,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import docker
 import pika
 import pytest
 
 from testbed.base_os import push_to
 from testbed.clearml_emulator import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, ClearMLEmulator
-from testbed.docker_engine import Engine
+from testbed.docker_engine import Engine, _prune_leftovers
 from testbed.rabbitmq import RabbitMQ
 from testbed.registry import Registry, start_registry
 from testbed.s3 import S3Server
@@ -86,6 +89,26 @@ def test_base_image_runs_python(
 
 
 @pytest.mark.docker
+def test_engine_leftovers_of_earlier_runs_are_pruned(
+    docker_engine: Engine, base_os_image: str
+) -> None:
+    """Tags for gone test registries go (the data root otherwise fills the disk); others stay."""
+    client = docker_engine.client()
+    name = f"prune-{uuid.uuid4().hex[:8]}"
+    gone, kept = f"127.0.0.1:1/{name}:old", f"127.0.0.1:5000/{name}:demo"
+    for ref in (gone, kept):
+        repository, tag = ref.rsplit(":", 1)
+        client.images.get(base_os_image).tag(repository, tag)
+    try:
+        _prune_leftovers(docker_engine, re.compile(rf"127\.0\.0\.1:(?!5000/)\d+/{name}:"))
+        tags = {t for image in client.images.list() for t in image.tags}
+        assert gone not in tags and kept in tags and base_os_image in tags
+    finally:
+        for ref in (gone, kept):
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                client.images.remove(ref)
+
+
 def test_registry_basic_auth(docker_engine: Engine) -> None:
     with start_registry(auth=True) as registry:
         with pytest.raises(urllib.error.HTTPError) as anonymous:

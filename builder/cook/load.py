@@ -20,6 +20,7 @@ from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit
 
 import git
+from filelock import FileLock
 
 from builder import yamldoc
 from builder.contracts import CustomerSpec, ModelDecl, RepoSource
@@ -140,30 +141,11 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
     only: the mirror's config names the redacted URL, so no password is ever stored on disk."""
     target = cache / hashlib.sha256(strip_credentials(url).encode()).hexdigest()[:16]
     env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
+    cache.mkdir(parents=True, exist_ok=True)
+    # Parallel CI jobs share the cache: one process at a time creates or fetches a mirror.
     try:
-        if target.exists():
-            repo = git.Repo(target)
-        else:
-            cache.mkdir(parents=True, exist_ok=True)
-            repo = git.Repo.init(target, bare=True)
-        if "origin" in repo.remotes:  # also scrubs a mirror made by an older version
-            repo.remotes.origin.set_url(strip_credentials(url))
-        else:
-            repo.create_remote("origin", strip_credentials(url))
-        # Fetch from the URL given, not from the stored remote: the credentials stay in memory.
-        repo.git.fetch(
-            url,
-            "+refs/heads/*:refs/heads/*",
-            "+refs/tags/*:refs/tags/*",
-            "--prune",
-            "--force",
-            "--no-write-fetch-head",
-            env=env,
-        )
-        # HEAD of the mirror follows the remote's default branch (main, master, ...).
-        for line in str(repo.git.ls_remote("--symref", url, "HEAD", env=env)).splitlines():
-            if line.startswith("ref: refs/heads/") and line.endswith("\tHEAD"):
-                repo.git.symbolic_ref("HEAD", line.removeprefix("ref: ").split("\t")[0])
+        with FileLock(f"{target}.lock", timeout=600):
+            _mirror(url, target, env)
     except git.GitCommandError as exc:
         # git's own message can echo the URL; make sure credentials never reach the output.
         lines = [
@@ -175,6 +157,29 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
     return RepoSource(
         location=strip_credentials(url), root=target, subdir="", url=canonical_repo_url(url)
     )
+
+
+def _mirror(url: str, target: Path, env: dict[str, str]) -> None:
+    """Create or update the bare mirror ``target`` of ``url`` (the caller holds its lock)."""
+    repo = git.Repo(target) if target.exists() else git.Repo.init(target, bare=True)
+    if "origin" in repo.remotes:  # also scrubs a mirror made by an older version
+        repo.remotes.origin.set_url(strip_credentials(url))
+    else:
+        repo.create_remote("origin", strip_credentials(url))
+    # Fetch from the URL given, not from the stored remote: the credentials stay in memory.
+    repo.git.fetch(
+        url,
+        "+refs/heads/*:refs/heads/*",
+        "+refs/tags/*:refs/tags/*",
+        "--prune",
+        "--force",
+        "--no-write-fetch-head",
+        env=env,
+    )
+    # HEAD of the mirror follows the remote's default branch (main, master, ...).
+    for line in str(repo.git.ls_remote("--symref", url, "HEAD", env=env)).splitlines():
+        if line.startswith("ref: refs/heads/") and line.endswith("\tHEAD"):
+            repo.git.symbolic_ref("HEAD", line.removeprefix("ref: ").split("\t")[0])
 
 
 def _has_control(text: str) -> bool:

@@ -257,6 +257,12 @@ def _labels_of(config: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()}
 
 
+def layer_format_of(config: Mapping[str, Any]) -> int:
+    """The layer format an image config records (no label: format 1; unreadable: 0)."""
+    raw = _labels_of(config).get(LAYER_FORMAT_LABEL, "1")
+    return int(raw) if raw.isdigit() else 0
+
+
 def _layers_of(manifest: Mapping[str, Any]) -> dict[str, str]:
     layers = manifest.get("layers")
     out = {}
@@ -314,6 +320,17 @@ def immutable_tag_error(
         f"{ref} is an immutable tag{where} and already points to {current}; refusing to move "
         f"it to {new}. What differs: {summarize(differences)}",
         hint="build with a new config revision, or pass --force to overwrite",
+    )
+
+
+def upgraded_tag_warning(ref: str, current: str, new: str, old_format: int, where: str) -> str:
+    """The notice that tag ``ref`` (``where``: the local store) moved from an image an earlier
+    builder wrote in an older layer format to this build of the same inputs."""
+    return (
+        f"immutable tag {ref}{where} moved from {current} to {new}: the tagged image was written "
+        f"by an earlier builder in image format {old_format}; this builder writes format "
+        f"{LAYER_FORMAT}. A registry still refuses the move (build a new config revision, or "
+        "--force)"
     )
 
 

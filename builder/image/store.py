@@ -43,7 +43,13 @@ from builder.image.base import (
     parse_image_manifest,
     select_version,
 )
-from builder.image.provenance import forced_tag_warning, image_differences, immutable_tag_error
+from builder.image.provenance import (
+    forced_tag_warning,
+    image_differences,
+    immutable_tag_error,
+    layer_format_of,
+    upgraded_tag_warning,
+)
 from builder.oci import (
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
@@ -241,16 +247,33 @@ class ImageStore:
         """Store an assembled image complete (base layers copied in) under ``references``.
 
         A name in ``immutable`` that already names another image is refused, as a registry
-        refuses it (ImageError naming what differs), unless ``force``. Returns one warning
-        per forced name: what it named before and what differs.
+        refuses it (ImageError naming what differs), unless ``force`` or the image it names
+        was written in an older image format (an earlier builder). Returns one warning per
+        moved name: what it named before and why it moved.
         """
         forced: list[str] = []
         for reference in immutable:
             current = self.lookup(reference)
             if current is None or current.digest == image.manifest_digest:
                 continue
-            differences = self._differences(current.digest, image)
+            stored = self._read_image(current.digest)
+            built = (json.loads(image.manifest_bytes), json.loads(image.config_bytes))
             where = f" in the local image store {self.root}"
+            # The store is this machine's cache: an image an earlier builder wrote in an older
+            # format gives way to this build (with a notice), or every upgrade would need --force.
+            if stored is not None and 0 < layer_format_of(stored[1]) < layer_format_of(built[1]):
+                old = layer_format_of(stored[1])
+                forced.append(
+                    upgraded_tag_warning(
+                        reference, current.digest, image.manifest_digest, old, where
+                    )
+                )
+                continue
+            differences = (
+                image_differences(stored, built)
+                if stored is not None
+                else ["the stored image could not be read"]
+            )
             if not force:
                 raise immutable_tag_error(
                     reference, current.digest, image.manifest_digest, differences, where
@@ -265,15 +288,14 @@ class ImageStore:
         self.tag(image.manifest_descriptor, references)
         return forced
 
-    def _differences(self, digest: str, image: AssembledImage) -> list[str]:
-        """What differs between the stored image ``digest`` and ``image`` (inputs side by side)."""
+    def _read_image(self, digest: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(manifest, image config) of the stored image ``digest``; None if unreadable."""
         try:
             manifest = json.loads(self.blobs.read_bytes(digest))
             config = json.loads(self.blobs.read_bytes(str(manifest["config"]["digest"])))
         except (OSError, ValueError, KeyError, TypeError, ImageError):
-            return ["the stored image could not be read"]
-        built = (json.loads(image.manifest_bytes), json.loads(image.config_bytes))
-        return image_differences((manifest, config), built)
+            return None
+        return (manifest, config) if isinstance(config, dict) else None
 
     def keep_base(self, base: BaseImage, progress: Progress | None = None) -> None:
         """Keep a base image resolved elsewhere (a registry) in the store, by tag and digest.
