@@ -131,7 +131,10 @@ def _worker_parser(sub: Any, common: Any) -> None:
     wk.add_argument("--batch-size", type=_int_at_least(1), default=32)
     wk.add_argument("--workers", type=int, default=None, help="tile reader threads")
     wk.add_argument(
-        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)"
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU inference threads, each running its share of a batch (0: one per core)",
     )
     wk.add_argument("--reader", choices=("auto", "openslide"), default="auto")
     wk.add_argument("--log-format", choices=("json", "text"), default="json")
@@ -233,7 +236,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--workers", type=int, default=None, help="tile reader threads")
     run.add_argument(
-        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)"
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU inference threads, each running its share of a batch (0: one per core)",
     )
     run.add_argument(
         "--mpp",
