@@ -159,11 +159,19 @@ def write_app(root: Path, models: Path) -> Path:
 
 def write_model_app(root: Path, model_dir: Path) -> Path:
     """A config with one ImageNet-normalised two-class classifier (Softmax -> positive class)
-    behind the Carcinoma feature: how a ResNet tile classifier is configured."""
+    behind the Carcinoma feature: how a ResNet tile classifier is configured. The model is
+    linked into the app folder (a relative reference: the folder can be mounted anywhere)."""
     data = (model_dir / "model.onnx").read_bytes()
+    (root / "model").mkdir(parents=True, exist_ok=True)
+    target = root / "model" / "model.onnx"
+    if not target.exists():
+        try:
+            os.link(model_dir / "model.onnx", target)
+        except OSError:  # another file system
+            target.write_bytes(data)
     model = {
         "sourcing": "manual",
-        "reference": str(model_dir),
+        "reference": "model",
         "preprocessing": IMAGENET,
         "postprocessing": [
             {"cls": "Softmax"},
