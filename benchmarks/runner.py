@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,6 +236,33 @@ PREVIOUS_PLAN = (
 )
 
 
+class PeakRss(threading.Thread):
+    """The child's own peak RSS (VmHWM, MB), read from /proc while it runs.
+
+    Not wait4's ru_maxrss: a child forked from this process counts this process's resident
+    memory until it execs (here the in-memory tiles and ceiling sessions, over 1 GB), so every
+    child would seem to peak at least there."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.status = Path(f"/proc/{pid}/status")
+        self.peak_kb = 0
+        self._done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._done.wait(0.2):
+            with contextlib.suppress(OSError):
+                for line in self.status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        return self.peak_kb / 1024
+
+
 def run_runner(
     slide: Path, config: Path, out: Path, args: argparse.Namespace, previous: bool = False
 ) -> dict[str, Any]:
@@ -263,7 +291,8 @@ def run_runner(
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]
     proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
+    peak = PeakRss(proc.pid)
+    _, status, _usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -272,7 +301,7 @@ def run_runner(
     return {
         "summary": summary,
         "wall_s": wall,
-        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_rss_mb": peak.stop(),
         # 1-minute load average around the run: > 2 means other work shared the 2 cores
         "load": (load_before, os.getloadavg()[0]),
     }

@@ -123,7 +123,9 @@ def run(slide: Path, model_dir: Path, out: Path, batch_size: int, workers: int) 
         )
     [csv] = (results / "model-outputs-csv").glob("*.csv")
     tiles = sum(1 for _ in csv.open()) - 1
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: the latter counts the parent's memory from before the exec
+    status = Path("/proc/self/status").read_text().splitlines()
+    rss = next(int(x.split()[1]) for x in status if x.startswith("VmHWM:")) / 1024
     figures = {"tiles": tiles, "tiles_s": wall, "tiles_cpu_s": cpu, "patch_s": patch_s}
     print(json.dumps({**figures, "peak_rss_mb": rss, "csv": str(csv)}))
 

@@ -424,7 +424,7 @@ class ModelStore:
         except Exception as exc:
             raise ModelError(f"{where}: not a valid ONNX model: {_line(exc)}") from None
         composed, output, fixed, layout = _compose(model, spec, where)
-        plan = cpu_plan(self.options.threads, fixed)
+        plan = cpu_plan(self.options.threads, fixed) if self.device == "cpu" else None
         try:
             with warnings.catch_warnings():  # ORT warns about unavailable providers: we check
                 warnings.simplefilter("ignore", UserWarning)
@@ -459,7 +459,7 @@ class ModelStore:
             layout=layout,
             load_s=0.0,
         )
-        if device == "cpu":
+        if plan is not None:  # a CUDA session that fell back keeps ORT's threads, unsplit
             sess.splits = plan.splits
             sess.pool = self._cpu_pool(plan.splits)
         try:
