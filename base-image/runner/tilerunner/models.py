@@ -6,10 +6,11 @@ the uint8 NHWC tiles the reader produces, casts and transposes them and applies 
 preprocessing plug-ins, so normalisation happens inside ORT (on the GPU with CUDA) and the
 host never makes float32 copies of tiles. Inputs/outputs go through I/O binding.
 
-On the CPU a batch is split into one sub-batch per inference thread, each run by a
-single-threaded session call (`cpu_plan`): no barrier after every operator, so a thread
-that the scheduler (or a reader thread) preempts delays only its own tiles. Per tile the
-arithmetic is the same as a whole-batch run, so the outputs are bit-identical (tested).
+On the CPU a batch is split into chunks that the inference threads take from one queue, each
+chunk run by a single-threaded session call (`cpu_plan`): no join of all threads after every
+operator, and a thread the scheduler (or a reader thread) preempts takes fewer chunks. Per
+tile the arithmetic is the same as a whole-batch run, so the outputs are bit-identical
+(tested).
 """
 
 from __future__ import annotations
@@ -130,7 +131,11 @@ class Session:
     def run(self, tiles: np.ndarray) -> np.ndarray:
         """Raw output for uint8 NHWC tiles, chunked/padded to a fixed batch if the model has one."""
         if self.pool is not None and self.splits > 1 and len(tiles) > 1:
-            parts = np.array_split(np.arange(len(tiles)), min(self.splits, len(tiles)))
+            n = len(tiles)
+            # up to 4 chunks per thread (of >= 4 tiles) from one queue: a thread the scheduler
+            # held back takes fewer, instead of the others waiting for its fixed share
+            chunks = max(min(self.splits, n), min(self.splits * 4, n // 4))
+            parts = np.array_split(np.arange(n), chunks)
             futures = [self.pool.submit(self._run, tiles[p[0] : p[-1] + 1]) for p in parts]
             return np.concatenate([f.result() for f in futures])
         if self.fixed_batch and len(tiles) != self.fixed_batch:
