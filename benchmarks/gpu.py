@@ -263,6 +263,8 @@ def run_image(
     target = out / setup.label
     target.mkdir(parents=True, exist_ok=True)
     target.chmod(0o777)
+    # the image runs as uid 10001: the cached slide's folder (made 0700 by mkdtemp) must open
+    slide.parent.chmod(0o755)
     command = ["run", f"/slides/{slide.name}", "--out", "/out", "--json"]
     volumes = {
         str(slide.parent): {"bind": "/slides", "mode": "ro"},

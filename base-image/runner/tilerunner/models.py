@@ -321,11 +321,12 @@ def usable_cores() -> int:
 class CpuPlan:
     """How the CPU's inference threads are used for one model.
 
-    `splits` sub-batches of each call run at once, each by a session call with `intra_op`
-    ORT threads. Batch-parallel (intra_op 1, splits = threads) is the default: ORT's
-    intra-op pool joins all its threads after every operator (~60 per ResNet-18 call), and
-    on a busy machine each join waits for whichever thread was preempted. Measured on this
-    2-core VM at load ~10 (ResNet-18, batch 32): 27 ms of CPU per tile batch-parallel vs
+    `splits` threads run the chunks of each call (Session.run), each chunk a session call
+    with `intra_op` ORT threads. Batch-parallel (intra_op 1, splits = threads) is the
+    default: ORT's intra-op pool joins all its threads after every operator (~60 per
+    ResNet-18 call), and on a busy machine each join waits for whichever thread was
+    preempted; chunks from one queue let a preempted thread take fewer instead. Measured
+    on this 2-core VM at load ~10 (ResNet-18, batch 32): 27 ms of CPU per tile split vs
     30-33 ms with 2 intra-op threads, outputs bit-identical. A model whose batch dimension
     is fixed cannot be split: it gets the threads inside each call instead.
     """
