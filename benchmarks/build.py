@@ -7,8 +7,9 @@ and the docker backend (Dockerfile + docker SDK build and push, the baseline) fo
 ``--docker-customers``, interleaved customer by customer so machine load hits both alike:
 
 1. cold build + push (the first customer tars and uploads the weights; the others share them);
-2. a config-only change per customer (a new commit: new config bytes, new commit time);
-3. a base image bump 2.4.1 -> 2.4.2 per customer;
+2. a config-only change per customer (a new commit: new config bytes, new commit time), with
+   the registry requests each push made (counted at the registry);
+3. a base image bump 2.4.1 -> 2.4.2 per customer, with its registry requests;
 4. registry storage after all of them, against the weights' size (each backend has its own
    registry, so the figure is the default backend's alone);
 5. hashing + layer writing of the weights into an empty blob store against ``sha256sum`` of
@@ -137,6 +138,7 @@ class Bench:
     base: BaseImage
     times: dict[str, float] = field(default_factory=dict)
     uploaded: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)  # registry requests per push
     docker_tags: list[str] = field(default_factory=list)
     run: str = field(default_factory=lambda: secrets.token_hex(3))
 
@@ -162,8 +164,10 @@ class Bench:
             ),
         )
         target = f"{self.registry.host}/bench-{self.run}/{customer.repo}:{phase}"
+        mark = len(self.registry.requests())
         report = self.timed(name, lambda: push(image, [target]))
         self.uploaded[name] = report.bytes_uploaded
+        self.requests[name] = len(self.registry.requests()[mark:])
 
     def docker(self, phase: str, customer: Customer) -> None:
         """Build and push one customer's image with the docker backend."""
@@ -252,11 +256,14 @@ def report(
     for number, phase, what in ((2, "config", "config-only change"), (3, "bump", "base bump")):
         default, docker = bench.mean(phase, every), bench.mean(f"docker-{phase}", docked)
         uploads = [bench.uploaded[f"{phase}/c{i}"] for i in every]
+        requests = [bench.requests[f"{phase}/c{i}"] for i in every]
         lines += [
             f"{number}. {what}, rebuild+push per customer: default {default:6.3f} s (mean of {n}), "
             f"docker {docker:7.2f} s (mean of {nd}) -> {docker / default:6.1f}x faster (target >= 100x)",
             f"   uploaded per customer (default): max {max(uploads) / 1024:.1f} KiB, "
             f"min {min(uploads) / 1024:.1f} KiB (target < 64 KiB)",
+            f"   registry requests per customer (default, one tag): max {max(requests)}, "
+            f"min {min(requests)} (target <= 6)",
         ]
     lines.append(
         f"4. registry storage after all phases (default backend): {storage / MIB:8.1f} MiB for "

@@ -1,14 +1,16 @@
 """Benchmark: `models list` against a ClearML server holding more than one page of models.
 
-Seeds the test bed's clearml-server emulation (server paging: 500 per page, the default and
-the maximum) with server-shaped data and lists every non-archived model two ways, in the
-same run, through the real clearml SDK (APIClient over the builder's capped StrictSession):
+Seeds the test bed's clearml-server emulation (server paging: at most ``max_page_size`` per
+page, 500 by default, ``--max-page-size`` for a deployment that lowers it) with server-shaped
+data and lists every non-archived model two ways, in the same run, through the real clearml
+SDK (APIClient over the builder's capped StrictSession):
 
 * baseline: what the builder did before, generalised to all pages: ``models.get_all`` for
   the ids, then one ``models.get_by_id`` per model (design parsed per model);
-* builder: :meth:`ClearMLRegistry.list_models`: every page with ``only_fields``, no refetch.
+* builder: :meth:`ClearMLRegistry.list_models`: every page with ``only_fields``, no refetch
+  (archived models are read and left out by the builder, so archiving meanwhile shifts none).
 
-    .venv/bin/python benchmarks/models_list.py [--models 1000]
+    .venv/bin/python benchmarks/models_list.py [--models 1000] [--max-page-size 500]
 
 Prints requests and seconds of each, and the ratios baseline / builder.
 """
@@ -53,8 +55,12 @@ def _seed_for(listed: int) -> dict[str, list[dict[str, object]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=1000, help="models to list (non-archived)")
+    parser.add_argument("--max-page-size", type=int, default=500, help="the server's page cap")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, ClearMLEmulator() as server:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ClearMLEmulator(max_page_size=args.max_page_size) as server,
+    ):
         server.seed(_seed_for(args.models))
         conf = Path(tmp) / "clearml.conf"
         conf.write_text(
@@ -94,7 +100,7 @@ def main() -> None:
         builder_s, builder_calls = time.perf_counter() - start, len(server.journal)
 
     assert len(listed) == len(ids), (len(listed), len(ids))
-    print(f"models listed: {len(listed)} (server page size 500)")
+    print(f"models listed: {len(listed)} (server page cap {args.max_page_size})")
     print(
         f"baseline (get_all + get_by_id per model): {baseline_calls:5d} requests {baseline_s:7.2f} s"
     )

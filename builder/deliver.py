@@ -6,29 +6,38 @@ The registry transport itself is :mod:`builder.oci.remote`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import io
+import json
 import os
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
 from builder.contracts import Progress
-from builder.errors import ImageError
+from builder.errors import BuilderError, ImageError
 from builder.image.assemble import AssembledImage
-from builder.image.base import fetch_base_blob
+from builder.image.base import BaseImage, fetch_base_blob
+from builder.image.provenance import forced_tag_warning, image_differences, immutable_tag_error
 from builder.oci import (
     OCI_INDEX,
     REF_NAME,
+    BlobUnknownError,
     Descriptor,
+    Reference,
     RegistryClient,
     RetryPolicy,
     canonical_json,
     copy_blob,
     layout_blob_path,
+    layout_directories,
     parse_reference,
+    remove_abandoned,
+    shared_client,
     write_layout_index,
 )
 
@@ -44,19 +53,27 @@ def blob_source(
     descriptor: Descriptor,
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
+    *,
+    full: bool = False,
 ) -> Path:
     """A local file holding blob ``descriptor``: from the store, fetching base layers on demand.
 
     Base layers are not needed to assemble, only to deliver somewhere the base is not (another
     registry, an OCI layout, a docker archive); they are then streamed into the blob store
-    (verified) from the base's registry or layout.
+    (verified) from the base's registry or layout. The stored blob is checked first (``full``:
+    hashed whatever its record says, for exports); a bad one is removed and fetched again.
     """
     store = image.store
-    if store.has(descriptor.digest):
-        return store.path(descriptor.digest)
+    found = store.checked(descriptor.digest) if full else store.existing(descriptor.digest)
+    if found is not None:
+        return found
     base = image.base
     if not any(layer.digest == descriptor.digest for layer in base.layers):
-        raise ImageError(f"blob {descriptor.digest} is missing from {store.root}; assemble again")
+        raise ImageError(
+            f"blob {descriptor.digest} is not in {store.root} (removed as corrupt, or never "
+            "stored)",
+            hint="build again: the layer is then written anew",
+        )
     return fetch_base_blob(base, descriptor, store, progress, retry)
 
 
@@ -83,8 +100,8 @@ class PushReport:
     overwritten: Mapping[str, str] = field(
         default_factory=dict
     )  # forced immutable ref -> old digest
-    moved: Mapping[str, str] = field(default_factory=dict)  # moving tag -> digest it pointed to
     warnings: tuple[str, ...] = ()
+    manifests_sent: int = 0  # manifest PUTs (by digest per repository when several, per tag)
 
     @property
     def bytes_uploaded(self) -> int:
@@ -106,15 +123,24 @@ def push(
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
     credentials: Mapping[str, tuple[str, str]] | None = None,
+    known: Mapping[str, str | None] | None = None,
 ) -> PushReport:
     """Push ``image`` and tag it as each of ``targets`` (``registry/repo:tag``).
 
-    Order: every immutable tag is checked first; then per repository the blobs (HEAD, mount
-    from the base repository on the same registry, else upload), the config, the manifest by
-    digest; only when all manifests landed are the tags written. ``immutable`` holds full
-    references or bare tags; such a tag pointing to another digest is refused unless
-    ``force``, and a forced overwrite is reported in ``overwritten`` and ``warnings``.
-    ``credentials`` maps a registry host to (user, password) when not from the Docker config.
+    Order: every immutable tag is checked first; then per repository the blobs, the
+    config, and the tags (the immutable ones first). ``immutable`` holds full references or
+    bare tags; such a tag pointing to another digest is refused unless ``force``, and a
+    forced overwrite is reported in ``overwritten`` and ``warnings``. ``credentials`` maps a
+    registry host to (user, password) when not from the Docker config.
+
+    Only what must cross does: an immutable tag is read once, not at all when ``known``
+    holds what the caller read of it earlier in this run (a fleet reads every image's tag up
+    front, in one batch); other tags are not read. A blob the layer cache knows is in the
+    repository is not asked about; a small one it does not know is sent at once (asking
+    costs as much); a large one is asked about, then mounted or uploaded. The manifest goes
+    up by digest first only when several repositories must all hold it before any tag
+    moves. Should the registry refuse the manifest for a blob the cache wrongly believed
+    there, every blob is checked and the push goes on.
     """
     if not targets:
         raise ImageError("nothing to push: no target references given")
@@ -122,80 +148,140 @@ def push(
     for ref in refs:
         if not ref.tag or ref.digest:
             raise ImageError(f"push target {ref} must be registry/repository:tag")
-    clients: dict[str, RegistryClient] = {}
 
     def client_for(host: str) -> RegistryClient:
-        if host not in clients:
-            creds = (credentials or {}).get(host)
-            clients[host] = RegistryClient(host, insecure=insecure, retry=retry, credentials=creds)
-        return clients[host]
+        creds = (credentials or {}).get(host)
+        return shared_client(host, insecure=insecure, retry=retry, credentials=creds)
 
-    frozen = set(immutable)
-    overwritten: dict[str, str] = {}
-    moved: dict[str, str] = {}
-    warnings: list[str] = []
-    for ref in refs:
-        assert ref.tag is not None
-        current = client_for(ref.registry).manifest_digest(ref.path, ref.tag)
-        if current is None or current == image.manifest_digest:
-            continue
-        if str(ref) in frozen or ref.tag in frozen:
-            if not force:
-                raise ImageError(
-                    f"{ref} is an immutable tag and already points to {current}; "
-                    f"refusing to move it to {image.manifest_digest}",
-                    hint="build with a new config revision, or pass --force to overwrite",
-                )
-            overwritten[str(ref)] = current
-            warnings.append(
-                f"FORCED: immutable tag {ref} overwritten; it pointed to {current}, "
-                f"now {image.manifest_digest}"
-            )
-        else:
-            moved[str(ref)] = current
+    frozen = {r for r in refs if str(r) in set(immutable) or r.tag in set(immutable)}
+    overwritten, warnings = _check_immutable(image, frozen, force, known or {}, client_for)
 
     blobs: list[BlobPush] = []
     repositories = sorted({(r.registry, r.path) for r in refs})
     for host, path in repositories:
         blobs += _push_blobs(image, client_for(host), path, progress)
-        client_for(host).put_manifest(
-            path, image.manifest_digest, image.manifest_bytes, image.media_type
-        )
-    pushed = []
-    for ref in refs:
+    by_digest = repositories if len(repositories) > 1 else []  # all hold it before a tag moves
+    for host, path in by_digest:
+        _put_manifest(image, client_for(host), path, image.manifest_digest, progress)
+    for ref in sorted(refs, key=lambda r: r not in frozen):
         assert ref.tag is not None
-        client_for(ref.registry).put_manifest(
-            ref.path, ref.tag, image.manifest_bytes, image.media_type
-        )
-        pushed.append(str(ref))
+        _put_manifest(image, client_for(ref.registry), ref.path, ref.tag, progress)
     return PushReport(
         manifest_digest=image.manifest_digest,
         blobs=tuple(blobs),
-        refs=tuple(pushed),
+        refs=tuple(str(r) for r in refs),
         overwritten=overwritten,
-        moved=moved,
         warnings=tuple(warnings),
+        manifests_sent=len(by_digest) + len(refs),
     )
 
 
+def _base_path(base: BaseImage, host: str) -> str | None:
+    """The base's repository on registry ``host``, where its layers mount from: resolved
+    there, or the local store's copy of it (named like the registry's, as a fleet run's
+    builds take it)."""
+    if base.registry is not None:
+        return base.path if base.registry == host else None
+    if base.source != "store" or base.repository.startswith("oci:"):
+        return None
+    registry, _, path = base.repository.partition("/")
+    return path if registry == host and path else None
+
+
+def _check_immutable(
+    image: AssembledImage,
+    frozen: set[Reference],
+    force: bool,
+    known: Mapping[str, str | None],
+    client_for: Callable[[str], RegistryClient],
+) -> tuple[dict[str, str], list[str]]:
+    """Refuse to move an immutable tag to another digest (unless ``force``), saying what
+    differs between the two images; the forced ones, with the digest they pointed to, and
+    their warnings. ``known``: what the caller read of the tags earlier."""
+    overwritten: dict[str, str] = {}
+    warnings: list[str] = []
+    for ref in sorted(frozen, key=str):
+        assert ref.tag is not None
+        found = str(ref) in known
+        current = (
+            known[str(ref)]
+            if found
+            else client_for(ref.registry).manifest_digest(ref.path, ref.tag)
+        )
+        if current is None or current == image.manifest_digest:
+            continue
+        differences = _registry_differences(client_for(ref.registry), ref.path, current, image)
+        if not force:
+            raise immutable_tag_error(str(ref), current, image.manifest_digest, differences)
+        overwritten[str(ref)] = current
+        warnings.append(forced_tag_warning(str(ref), current, image.manifest_digest, differences))
+    return overwritten, warnings
+
+
+def _put_manifest(
+    image: AssembledImage, client: RegistryClient, path: str, ref: str, progress: Progress | None
+) -> None:
+    """PUT the manifest as ``ref``; if a blob the layer cache believed there is missing,
+    check and send every blob, then PUT again."""
+    try:
+        client.put_manifest(path, ref, image.manifest_bytes, image.media_type)
+    except BlobUnknownError:
+        image.store.forget_present(client.host, path)
+        _push_blobs(image, client, path, progress, trust_cache=False)
+        client.put_manifest(path, ref, image.manifest_bytes, image.media_type)
+
+
+def _registry_differences(
+    client: RegistryClient, path: str, digest: str, image: AssembledImage
+) -> list[str]:
+    """What differs between the image ``digest`` in the registry and ``image`` (inputs side
+    by side); a line saying why when the tagged image cannot be read."""
+    try:
+        tagged = _json_document(client.get_manifest(path, digest)[0])
+        config = Descriptor.from_dict(tagged["config"])
+        tagged_config = _json_document(client.get_blob_bytes(path, config.digest))
+    except (BuilderError, ValueError, KeyError, TypeError) as exc:
+        reason = exc.message if isinstance(exc, BuilderError) else "not an image manifest"
+        return [f"the tagged image could not be read ({reason})"]
+    built = (_json_document(image.manifest_bytes), _json_document(image.config_bytes))
+    return image_differences((tagged, tagged_config), built)
+
+
+def _json_document(raw: bytes) -> dict[str, Any]:
+    """A JSON object (ValueError for anything else)."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
 def _push_blobs(
-    image: AssembledImage, client: RegistryClient, path: str, progress: Progress | None
+    image: AssembledImage,
+    client: RegistryClient,
+    path: str,
+    progress: Progress | None,
+    *,
+    trust_cache: bool = True,
 ) -> list[BlobPush]:
-    """Layers then config into one repository; each HEADed, mounted or uploaded.
+    """Layers then config into one repository: each known present, mounted or uploaded.
 
     A blob is mounted from the base repository (base layers) or from the repository this
     blob store last pushed it to on the same registry (a model layer shared with another
     customer's image), so shared weights cross repositories without being uploaded again.
+    With ``trust_cache`` what the store remembers to be in the repository is not asked
+    about, and a small blob it does not know is sent without asking first.
     """
     repository = f"{client.host}/{path}"
     base = image.base
     base_digests = {d.digest for d in base.layers}
-    base_repo = base.path if base.registry == client.host else None
+    base_repo = _base_path(image.base, client.host)
+    there = image.store.present_in(client.host, path) if trust_cache else set()
     results = []
     descriptors = [layer.descriptor for layer in image.layers] + [image.config_descriptor]
     for descriptor in descriptors:
         digest, size = descriptor.digest, descriptor.size
-        if client.blob_exists(path, digest):
+        ask = not trust_cache or size > _SMALL_BLOB
+        if digest in there or (ask and client.blob_exists(path, digest)):
             results.append(BlobPush(repository, digest, size, "present"))
             _note_pushed(image, digest, client.host, path)
             continue
@@ -220,6 +306,8 @@ def _push_blobs(
         client.upload_blob(path, digest, size, source, session_url=session_url, progress=progress)
         results.append(BlobPush(repository, digest, size, "uploaded"))
         _note_pushed(image, digest, client.host, path)
+    with contextlib.suppress(OSError, ImageError):  # a hint only: without it, the next asks
+        image.store.note_present(client.host, path, [r.digest for r in results])
     return results
 
 
@@ -265,11 +353,13 @@ def write_oci_layout(
     """
     directory = Path(directory)
     try:
-        for layer in image.layers:
-            source = blob_source(image, layer.descriptor, progress)
-            copy_blob(source, layout_blob_path(directory, layer.descriptor.digest))
-        for digest in (image.config_digest, image.manifest_digest):
-            copy_blob(image.store.path(digest), layout_blob_path(directory, digest))
+        layout_directories(directory)
+        descriptors = [layer.descriptor for layer in image.layers]
+        descriptors += [image.config_descriptor, image.manifest_descriptor]
+        for descriptor in descriptors:
+            source = blob_source(image, descriptor, progress, full=True)
+            copy_blob(source, layout_blob_path(directory, descriptor.digest))
+            image.store.note_verified(descriptor.digest)  # hashed just now; linked, not changed
         write_layout_index(directory, image.manifest_descriptor, list(tags))
     except OSError as exc:
         raise ImageError(f"cannot write OCI layout {directory}: {exc.strerror or exc}") from None
@@ -289,11 +379,14 @@ def _docker_archive_tags(tags: Sequence[str]) -> list[str]:
 @contextlib.contextmanager
 def _replaced_on_success(path: Path) -> Iterator[IO[bytes]]:
     """A temporary file next to ``path`` that replaces it only once completely written: a full
-    disk or a failure halfway leaves the old file (if any) intact and no partial one."""
+    disk or a failure halfway leaves the old file (if any) intact and no partial one. It is
+    locked while written, so the next write to ``path`` removes one a killed run left."""
+    remove_abandoned(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
     handle = tempfile.NamedTemporaryFile(  # noqa: SIM115  (closed or removed below)
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     )
     try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # in use: not abandoned
         with handle:
             yield handle
             handle.flush()
@@ -321,7 +414,7 @@ def write_docker_archive(
     layer_files = [
         (
             blob_name(layer.descriptor.digest.split(":")[1]),
-            blob_source(image, layer.descriptor, progress),
+            blob_source(image, layer.descriptor, progress, full=True),
         )
         for layer in image.layers
     ]
@@ -379,17 +472,18 @@ def load_into_docker(image: AssembledImage, tags: Sequence[str], client: Any) ->
     import docker.errors
 
     _docker_archive_tags(tags)
-    with tempfile.TemporaryFile(dir=image.store.root / "tmp") as archive:
+    with tempfile.TemporaryFile(dir=image.store.tmp) as archive:
         write_docker_archive(image, archive, tags)
         archive.seek(0)
         try:
             loaded = client.images.load(archive)
         except docker.errors.DockerException as exc:
-            raise ImageError(f"docker load failed: {_docker_message(exc)}") from None
+            raise ImageError(f"docker load failed: {docker_message(exc)}") from None
     return [str(img.id) for img in loaded]
 
 
-def _docker_message(exc: BaseException) -> str:
+def docker_message(exc: BaseException) -> str:
+    """The first line of a docker SDK error (its explanation, else its text)."""
     explanation = getattr(exc, "explanation", None)
     return (
         str(explanation or exc).strip().splitlines()[0]

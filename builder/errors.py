@@ -83,14 +83,19 @@ class AttestationError(BuilderError):
 
 
 def error_fields(kind: str, message: str, hint: str | None, exit_code: int) -> dict[str, Any]:
-    """The error part of every JSON document and of a fleet customer's result, secrets masked:
-    the one shape an error takes when it is printed or recorded."""
+    """The error part of every JSON document and of a fleet customer's result, secrets masked
+    and on one line (a line break from outside data is shown as ``\\n``): the one shape an
+    error takes when it is printed or recorded."""
     return {
         "type": kind,
-        "message": mask_secrets(message),
-        "hint": mask_secrets(hint) if hint else hint,
+        "message": _one_line(mask_secrets(message)),
+        "hint": _one_line(mask_secrets(hint)) if hint else hint,
         "exit_code": exit_code,
     }
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def error_dict(exc: BuilderError) -> dict[str, Any]:

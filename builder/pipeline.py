@@ -7,11 +7,10 @@ stage's time goes into the report so a slow build shows where the time went.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,21 @@ from builder.attest.statement import BuildFacts, ci_details
 from builder.contracts import BaseImageRef, CustomerSpec, Progress, ProgressEvent
 from builder.cook.expand import MODELS_DIR, expand
 from builder.cook.fetch import Cache, FetchResult, fetch
-from builder.cook.load import LOCK_FILE, load_customer
+from builder.cook.load import LOCK_FILE, read_customer, shown_files, work_tree_changes
 from builder.cook.lock import models_from_lock, read_lock
-from builder.cook.stage import Cooked, cook, release_lock_drift
+from builder.cook.resolve import resolve_manual
+from builder.cook.stage import (
+    Cooked,
+    LockResult,
+    cook,
+    make_customer_lock,
+    release_lock_drift,
+    uncommitted_changes,
+)
 from builder.documents.build_report import BuildReport, LayerReport
-from builder.documents.provenance import Provenance
-from builder.errors import ConfigError, DriftError, ImageError, ReleaseGateError
+from builder.documents.lock import LockedBase
+from builder.documents.provenance import Provenance, ProvenanceModel
+from builder.errors import ConfigError, DriftError, ReleaseGateError
 from builder.image.assemble import (
     LAYER_FORMAT,
     AssembledImage,
@@ -41,18 +49,23 @@ from builder.image.base_resolution import (
     base_repository,
     check_runner_accepts,
     check_variant,
+    locked_base_drift,
     no_contract_note,
     resolve_base_image,
+    try_resolve_base,
 )
 from builder.image.contract import (
     Contract,
-    check_config,
+    file_reference_problems,
     read_base_contract,
-    require_valid,
+    require_loadable,
 )
 from builder.image.docker_backend import build_with_docker, push_with_docker
+from builder.image.engine import docker_client
 from builder.image.provenance import (
+    Locations,
     image_labels,
+    image_locations,
     image_version,
     manifest_annotations,
     provenance_document,
@@ -60,7 +73,7 @@ from builder.image.provenance import (
 )
 from builder.image.store import ImageStore
 from builder.oci import parse_reference
-from builder.settings import Settings
+from builder.settings import Settings, refuse_credentials
 
 APP_DIR = "/app"
 CONFIG_DIR = f"{APP_DIR}/config"
@@ -69,11 +82,14 @@ CONFIG_DIR = f"{APP_DIR}/config"
 @dataclass(frozen=True)
 class BuildRequest:
     customer: str
-    ref: str = "HEAD"
+    # the commit to build; None: HEAD, not named (a release then refuses uncommitted edits)
+    ref: str | None = None
     worktree: bool = False
     locked: bool = False
     offline: bool = False
     allow_unpublished: bool = False
+    allow_unlocked: bool = False  # development: a release build without a committed lock
+    fleet: bool = False  # a fleet rebuild (build --all): a release even without --push
     base_version: str | None = None  # overrides customer.yaml (fleet rebuilds)
     base_repository: str | None = None
     variant: str | None = None  # cpu | gpu; None: the first of customer.yaml's variants
@@ -89,7 +105,21 @@ class BuildRequest:
         "oci"  # "oci": no daemon (default); "docker": Dockerfile + Docker engine (baseline)
     )
     sign_key: Path | None = None  # PEM ECDSA P-256 key signing the provenance (DSSE)
+    # Tags whose current digest (None: absent) the caller read earlier in this run, not read
+    # again before the push (a fleet reads every image's immutable tag up front, in a batch).
+    known_tags: tuple[tuple[str, str | None], ...] = ()
+    # The manifest digest the caller resolved base_version to and kept in the local image
+    # store (a fleet resolves each base once for all its builds): no registry asked.
+    base_digest: str | None = None
     layer_format: int = LAYER_FORMAT  # older formats only for `verify` of older images
+    # `verify` of an image of a format before 3: the locations it recorded, recorded again
+    recorded: Locations | None = None
+
+    @property
+    def release(self) -> bool:
+        """A release build (pushed, or a fleet rebuild): it ships only what the committed lock
+        pins, from a commit."""
+        return self.push or self.fleet
 
 
 @contextmanager
@@ -115,7 +145,9 @@ def build_variant(spec: CustomerSpec, requested: str | None) -> str:
 
 
 def _preflight(request: BuildRequest) -> None:
-    """What can be refused before any work: a dirty release, no engine, a bad signing key."""
+    """What can be refused before any work: a dirty release, a registry with credentials in
+    its name, no engine, a bad signing key."""
+    refuse_credentials(request.image_registry, "--registry")
     if request.worktree and request.push:
         raise ReleaseGateError(
             f"{request.customer}: a --worktree build holds uncommitted files and cannot be "
@@ -124,38 +156,67 @@ def _preflight(request: BuildRequest) -> None:
             "(--oci-layout, --docker-archive, --load for development)",
         )
     if request.load or request.backend == "docker":
-        docker_client(30).close()  # no engine: say so before any work, in one line
+        docker_client(30, needed_for=_engine_use(request)).close()  # say so before any work
     if request.sign_key is not None:
         load_private_key(request.sign_key)  # a bad key fails before any work, not after a push
 
 
+def _engine_use(request: BuildRequest) -> str:
+    """What a build needs the Docker engine for, and how to do without (the no-engine line)."""
+    if request.backend == "docker":
+        return "--backend docker builds with it; the default backend needs none"
+    return "--load loads into it; --oci-layout DIR or --docker-archive FILE need none"
+
+
 def check_against_base(cooked: Cooked, base: BaseImage, settings: Settings) -> list[str]:
-    """Check the config against the runner contract of ``base`` (ConfigError listing every
-    problem); the warnings to show when the base declares no contract."""
+    """Check that the runner of ``base`` loads the config with these models: every model file
+    it names is one the model has, and the runner contract accepts the config (ConfigError
+    listing every problem); the warnings to show when the base declares no contract."""
     contract = read_base_contract(base, settings.cache_dir)
-    if contract is None:
-        return [no_contract_note(base)]
-    require_valid(check_config(cooked.spec, contract, cooked.models, cooked.verbose), contract)
-    return []
+    require_loadable(cooked.spec, cooked.models, contract, verbose=cooked.verbose)
+    return [] if contract is not None else [no_contract_note(base)]
+
+
+def _release_gate(request: BuildRequest, cooked: Cooked) -> Cooked:
+    """What a release build refuses before any download: uncommitted edits in the folder it
+    builds the HEAD of (ReleaseGateError), and no committed lock (DriftError, exit 7), which
+    ``allow_unlocked`` turns into a development build, labelled so."""
+    spec = cooked.spec
+    if request.ref is None and not spec.worktree:
+        changed = work_tree_changes(spec.source)
+        if changed:
+            raise ReleaseGateError(
+                f"{spec.source.location} has uncommitted changes ({shown_files(changed)}); a "
+                f"release ships commits, and HEAD ({spec.commit[:12]}) is not what is on disk",
+                hint="commit them (and `builder lock`), or name the commit to release with --ref",
+            )
+    if cooked.lock is not None or read_lock(spec) is not None:
+        return cooked
+    if not request.allow_unlocked:
+        raise DriftError(
+            f"{spec.source.location}: no {LOCK_FILE} committed at {spec.commit[:12]}; a "
+            "release ships what the committed lock pins",
+            hint="run `builder lock`, review and commit customer.lock.yaml, then build again "
+            "(or --allow-unlocked for a development build)",
+        )
+    note = f"no {LOCK_FILE} committed: a development build (--allow-unlocked), not a release"
+    return replace(cooked, development=True, warnings=(*cooked.warnings, note))
 
 
 def _refuse_stale_lock(
-    request: BuildRequest,
-    cooked: Cooked,
-    fetched: FetchResult,
-    base: BaseImageRef,
-    notes: list[str],
+    request: BuildRequest, cooked: Cooked, fetched: FetchResult, base: BaseImageRef
 ) -> None:
     """A release build ships what the committed lock pins, or nothing (DriftError, exit 7)."""
     committed = cooked.lock or read_lock(cooked.spec)
     if committed is None:
-        notes.append(
-            f"no {LOCK_FILE} committed: this release is not pinned "
-            "(run `builder lock` and commit it)"
-        )
-        return
+        return  # refused, or made a development build, by _release_gate
     drift = release_lock_drift(
-        cooked.spec, committed, fetched.models, base, compare_base=not request.base_version
+        cooked.spec,
+        committed,
+        fetched.models,
+        base,
+        compare_base=not request.base_version,
+        store_base=cooked.store_base,
     )
     if drift:
         raise DriftError(
@@ -163,6 +224,12 @@ def _refuse_stale_lock(
             "pins: " + "; ".join(drift),
             hint="run `builder lock`, review and commit the result, then build again",
         )
+
+
+def _contract_of(base: BaseImage, settings: Settings) -> tuple[Contract | None, str | None]:
+    """The contract ``base`` declares, or None and the note saying it declares none."""
+    contract = read_base_contract(base, settings.cache_dir)
+    return contract, None if contract is not None else no_contract_note(base)
 
 
 def runner_contract(
@@ -173,61 +240,124 @@ def runner_contract(
     insecure: bool | None = None,
 ) -> tuple[Contract | None, str | None]:
     """The runner contract of the base ``spec`` builds on, or None and why it is not checked."""
-    try:  # the registry, else the local image store (validate works with no server too)
-        base = resolve_base_image(
-            base_repository(spec, settings, repository, spec.variants[0]),
-            spec.base_version,
-            ImageStore(settings.store_dir),
-            insecure=insecure,
-            keep=False,
-        )
-    except ImageError as exc:
-        return None, f"runner contract not checked: the base image was not resolved ({exc})"
-    contract = read_base_contract(base, settings.cache_dir)
-    if contract is None:
-        return None, no_contract_note(base)
-    return contract, None
+    base, why = try_resolve_base(spec, settings, repository=repository, insecure=insecure)
+    if base is None:  # the registry, else the local image store: validate works with no server
+        return None, f"runner contract not checked: the base image was not resolved ({why})"
+    return _contract_of(base, settings)
 
 
 @dataclass(frozen=True)
 class Validation:
-    """What `validate` found: the spec, whether the runner contract was checked, and notes."""
+    """What `validate` found: the spec, whether the runner contract was checked, where the
+    models' plug-ins came from, and notes."""
 
     spec: CustomerSpec
     contract_info: dict[str, Any]  # checked, source, sha256
     notes: tuple[str, ...]
+    # "lock" (the committed lock pins them), or None: validate never asks a model registry,
+    # so model ids are checked for their form only
+    models_from: str | None = None
 
 
 def validate_customer(
     customer: str,
     settings: Settings,
     *,
-    ref: str = "HEAD",
+    ref: str | None = None,
     worktree: bool = False,
     base_repository: str | None = None,
     insecure: bool | None = None,
 ) -> Validation:
-    """Schema checks, then the runner contract of the resolved base (ConfigError listing every
-    problem). No model registry call: registry plug-ins come from the lock when it is current."""
-    spec = load_customer(customer, settings, ref=ref, worktree=worktree)
-    notes: list[str] = []
+    """Schema and consistency checks, then the runner contract of the resolved base: one
+    ConfigError listing every problem of the analysis in file:line order. No model registry
+    call: registry plug-ins and files come from the lock when it is current. ``ref=None``
+    reads what is on disk (uncommitted edits included, said in the notes)."""
+    loaded = read_customer(customer, settings, ref=ref, worktree=worktree)
+    spec = loaded.spec
+    notes = uncommitted_changes(spec) if spec.uncommitted else []
     contract, note = runner_contract(spec, settings, repository=base_repository, insecure=insecure)
-    if contract is None:
-        notes.append(note or "runner contract not checked")
-        return Validation(spec, {"checked": False, "source": None, "sha256": None}, tuple(notes))
     models = None
     lock = read_lock(spec)
     if lock is not None:
         try:
-            models = models_from_lock(spec, lock, production=settings.production)
+            models = models_from_lock(
+                spec, lock, production=settings.production, store_base=settings.root
+            )
         except DriftError as exc:
             notes.append(f"registry plug-ins not checked: {exc.message}")
     elif any(d.sourcing == "auto" for d in spec.models):
         notes.append(f"registry plug-ins not checked: no {LOCK_FILE} committed")
-    verbose = expand(spec, models) if models is not None else None
-    require_valid(check_config(spec, contract, models, verbose), contract)
-    info = {"checked": True, "source": contract.source, "sha256": contract.sha256}
-    return Validation(spec, info, tuple(notes))
+    # without a current lock, the files of the models committed in the repo are still known
+    manual = resolve_manual(spec) if models is None else ()
+    if contract is None:
+        notes.append(note or "runner contract not checked")
+    verbose = expand(spec, models) if models is not None and contract is not None else None
+    problems = [*loaded.problems, *file_reference_problems(spec, manual, contract)]
+    require_loadable(spec, models, contract, verbose=verbose, problems=problems)
+    info = {
+        "checked": contract is not None,
+        "source": contract.source if contract else None,
+        "sha256": contract.sha256 if contract else None,
+    }
+    return Validation(spec, info, tuple(notes), "lock" if models is not None else None)
+
+
+def lock_customer(
+    customer: str,
+    settings: Settings,
+    *,
+    ref: str | None = None,
+    worktree: bool = False,
+    check: bool = False,
+    output: Path | None = None,
+    allow_unpublished: bool = False,
+    base_repository: str | None = None,
+    insecure: bool | None = None,
+    progress: Progress | None = None,
+) -> LockResult:
+    """Resolve the config, refuse what the runner could not load (a model file the model
+    lacks; the base's contract, when the base is found), then write customer.lock.yaml or,
+    with ``check``, compare with the committed one (DriftError). ``ref=None``: what is on
+    disk. The result's warnings say what was read and what was not pinned or checked."""
+    cooked = cook(
+        customer, settings, ref=ref, worktree=worktree, allow_unpublished=allow_unpublished
+    )
+    notes = list(cooked.warnings)
+    base, why = try_resolve_base(
+        cooked.spec, settings, repository=base_repository, insecure=insecure
+    )
+    pinned = base.ref if base is not None else None
+    base_note = None if base is not None else f"base image not pinned: {why}"
+    base_drift: list[str] = []
+    if check:  # the check compares the pinned base by its tag (a newer base is a note)
+        committed = read_lock(cooked.spec)
+        committed_base = committed.base_image if committed else None
+        base_drift, drift_notes = locked_base_drift(
+            cooked.spec,
+            settings,
+            committed_base,
+            pinned,
+            repository=base_repository,
+            insecure=insecure,
+        )
+        base_note = "; ".join(drift_notes) or (base_note if not committed_base else None)
+    notes.extend([base_note] if base_note else [])
+    contract = None
+    if base is not None:
+        contract, note = _contract_of(base, settings)
+        notes.extend([note] if note else [])
+    verbose = cooked.verbose if contract is not None else None
+    require_loadable(cooked.spec, cooked.models, contract, verbose=verbose)
+    result = make_customer_lock(
+        cooked,
+        Cache(settings.cache_dir / "weights"),
+        base=pinned,
+        check=check,
+        output=output,
+        progress=progress,
+        base_drift=base_drift,
+    )
+    return replace(result, warnings=tuple(notes))
 
 
 def image_layers(
@@ -265,6 +395,9 @@ class ImagePlan:
     verbose_yaml: bytes
     verbose_sha256: str
     provenance: Provenance
+    # The models with the weights URIs this build fetched from (the image may record them
+    # location-free): what the build report and the attestation say.
+    reached: tuple[ProvenanceModel, ...]
     labels: dict[str, str]
     layers: list[LayerSpec]
     immutable: str  # <registry>/<customer>:<base version>[-gpu]-<config rev>
@@ -277,21 +410,48 @@ class ImagePlan:
 
 
 def plan_image(
-    cooked: Cooked, fetched: FetchResult, base: BaseImageRef, registry: str
+    cooked: Cooked,
+    fetched: FetchResult,
+    base: BaseImageRef,
+    registry: str,
+    *,
+    layer_format: int = LAYER_FORMAT,
+    recorded: Locations | None = None,
 ) -> ImagePlan:
-    """The image plan of a fetched config (``cooked`` carries the fetched models)."""
+    """The image plan of a fetched config (``cooked`` carries the fetched models), with the
+    locations an image of ``layer_format`` records (see ``image_locations``)."""
     spec = cooked.spec
-    verbose_yaml = cooked.verbose_yaml
-    verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
-    provenance = provenance_document(
-        spec, cooked.models, verbose_sha256=verbose_sha, development=cooked.development
+    locations = image_locations(
+        spec, cooked.models, base, layer_format=layer_format, recorded=recorded
     )
+    # The image's own view: each model's weights as the image records them.
+    image = cooked.with_models(
+        tuple(
+            replace(m, weights_uri=locations.weights.get(m.name, m.weights_uri))
+            for m in cooked.models
+        )
+    )
+    verbose_yaml = image.verbose_yaml
+    verbose_sha = hashlib.sha256(verbose_yaml).hexdigest()
+
+    def document(of: Cooked, source: str | None) -> Provenance:
+        return provenance_document(
+            spec, of.models, verbose_sha256=verbose_sha, development=of.development, source=source
+        )
+
+    provenance = document(image, locations.source)
     return ImagePlan(
         verbose_yaml=verbose_yaml,
         verbose_sha256=verbose_sha,
         provenance=provenance,
+        reached=document(cooked, spec.source.url).models,
         labels=image_labels(
-            spec, cooked.models, base, verbose_sha256=verbose_sha, development=cooked.development
+            spec,
+            image.models,
+            base,
+            verbose_sha256=verbose_sha,
+            development=cooked.development,
+            locations=locations,
         ),
         layers=image_layers(fetched, verbose_yaml, yamldoc.canonical_json(provenance.to_dict())),
         immutable=f"{registry}/{spec.customer}:{image_version(spec, base)}",
@@ -326,7 +486,7 @@ def build_facts(
         source_date_epoch=spec.commit_time,
         base=dict(report.base),
         base_constraint=spec.base_version,
-        models=[m.to_dict() for m in plan.provenance.models],
+        models=[m.to_dict() for m in plan.reached],
         verbose_sha256=plan.verbose_sha256,
         development=cooked.development,
         locked=request.locked,
@@ -340,43 +500,32 @@ def build_facts(
 
 
 def _attest(
-    request: BuildRequest, report: BuildReport, image: AssembledImage, facts: BuildFacts
+    request: BuildRequest,
+    report: BuildReport,
+    image: AssembledImage,
+    facts: BuildFacts,
+    cache_dir: Path,
 ) -> None:
     """Make the provenance and SBOM of a finished build and put them where the image went:
-    files under ``attestations/<manifest hex>`` next to the blob store, the OCI layout, and
-    the registry as referrers when pushed. The report's outputs say where."""
+    files under ``<cache_dir>/attestations/<manifest hex>`` (wherever the image store is),
+    the local image store (so `verify` works from it alone) and the OCI layout, and the
+    registry as referrers when pushed. The report's outputs say where."""
     attestations = make_attestations(facts, request.sign_key)
-    directory = image.store.root.parent / "attestations" / image.manifest_digest.split(":")[-1]
+    directory = cache_dir / "attestations" / image.manifest_digest.split(":")[-1]
     attestations.write_files(directory)
     report.outputs["attestations"] = str(directory)
+    attach_to_layout(image.store.root, attestations)
     if request.oci_layout:
         attach_to_layout(request.oci_layout, attestations)
     if request.push:
         pushes = [
-            push_referrers(repository, attestations, insecure=request.insecure)
+            push_referrers(repository, attestations, insecure=request.insecure, subject_pushed=True)
             for repository in sorted({parse_reference(t).repository for t in report.tags})
         ]
         report.outputs["referrers"] = ", ".join(
             f"{p.repository} ({p.mode}{': ' + p.tag if p.tag else ''})" for p in pushes
         )
         report.bytes_uploaded += sum(p.bytes_uploaded for p in pushes)
-
-
-def docker_client(timeout: int) -> Any:
-    """The Docker engine of DOCKER_HOST, or ImageError in one line when there is none."""
-    import docker
-    from docker.errors import DockerException
-
-    try:
-        return docker.from_env(timeout=timeout)
-    except DockerException as exc:
-        reason = " ".join(str(exc).split())
-        reason = reason.split(": ", 1)[0] if len(reason) > 160 else reason
-        raise ImageError(
-            f"no Docker engine reachable (DOCKER_HOST={os.environ.get('DOCKER_HOST') or 'default'}): "
-            f"{reason}",
-            hint="start Docker or set DOCKER_HOST; or use --oci-layout DIR / --docker-archive FILE",
-        ) from None
 
 
 def _deliver(
@@ -396,12 +545,11 @@ def _deliver(
             force=request.force,
             insecure=request.insecure,
             progress=progress,
+            known=dict(request.known_tags),
         )
         push_actions = {b.digest: b.action for b in pushed.blobs}
-        # Every byte sent: blob uploads, and the manifest written by digest per repository
-        # and once per tag (the attestations add theirs in the attest stage).
-        repositories = {parse_reference(r).repository for r in pushed.refs}
-        manifests = len(image.manifest_bytes) * (len(repositories) + len(pushed.refs))
+        # Every byte sent: blob uploads and manifests (the attestations add theirs later).
+        manifests = len(image.manifest_bytes) * pushed.manifests_sent
         report.bytes_uploaded = pushed.bytes_uploaded + manifests
         report.warnings.extend(pushed.warnings)
         report.outputs["registry"] = f"{immutable}@{image.manifest_digest}"
@@ -415,7 +563,7 @@ def _deliver(
         deliver.write_docker_archive(image, request.docker_archive, [immutable, moving])
         report.outputs["docker_archive"] = str(request.docker_archive)
     if request.load:
-        client = docker_client(300)
+        client = docker_client(300, needed_for=_engine_use(request))
         deliver.load_into_docker(image, [immutable, moving], client)
         report.outputs["docker"] = immutable
     for layer in report.layers:
@@ -432,7 +580,7 @@ def _build_with_docker(
     progress: Progress | None,
 ) -> None:
     """The familiar path and benchmark baseline: a rendered Dockerfile built by the engine."""
-    client = docker_client(600)
+    client = docker_client(600, needed_for=_engine_use(request))
     built = build_with_docker(
         base,
         layers,
@@ -471,11 +619,13 @@ def build(
         cooked = cook(
             request.customer,
             settings,
-            ref=request.ref,
+            ref=request.ref or "HEAD",
             worktree=request.worktree,
             locked=request.locked,
             allow_unpublished=request.allow_unpublished,
         )
+        if request.release:
+            cooked = _release_gate(request, cooked)
     # Shared hold on the store: `builder images prune` waits until this build is stored.
     store = ImageStore(settings.store_dir)
     notes: list[str] = []
@@ -485,11 +635,16 @@ def build(
         repository = base_repository(spec, settings, request.base_repository, variant)
         with stage("base"):
             pinned = cooked.lock.base_image if cooked.lock else None
+            if request.base_digest:  # resolved once for many builds (a fleet run): the store's
+                version = request.base_version or spec.base_version
+                pinned = LockedBase(repository, version, digest=request.base_digest)
             base = resolve_base_image(
                 repository,
                 request.base_version or spec.base_version,
                 store,
-                pinned=pinned if request.locked and not request.base_version else None,
+                pinned=pinned
+                if request.base_digest or (request.locked and not request.base_version)
+                else None,
                 offline=request.offline,
                 insecure=request.insecure,
                 notes=notes,
@@ -509,11 +664,16 @@ def build(
                 progress=progress,
             )
         base_ref = base.ref
-        if request.push:
-            _refuse_stale_lock(request, cooked, fetched, base_ref, notes)
+        if request.release:
+            _refuse_stale_lock(request, cooked, fetched, base_ref)
         cooked = cooked.with_models(fetched.models)
         plan = plan_image(
-            cooked, fetched, base_ref, request.image_registry or settings.image_registry
+            cooked,
+            fetched,
+            base_ref,
+            request.image_registry or settings.image_registry,
+            layer_format=request.layer_format,
+            recorded=request.recorded,
         )
         report = BuildReport(
             customer=spec.customer,
@@ -523,7 +683,7 @@ def build(
             config_digest="",
             config_commit=spec.commit,
             base={"repository": base.repository, "version": base.version, "digest": base.digest},
-            models=[m.to_dict() for m in plan.provenance.models],
+            models=[m.to_dict() for m in plan.reached],
             layers=[],
             development=cooked.development,
             bytes_downloaded=fetched.bytes_downloaded,
@@ -536,6 +696,7 @@ def build(
                 _build_with_docker(
                     request, base, plan.layers, plan.labels, spec.commit_time, report, progress
                 )
+            report.warnings.extend(store.blobs.repairs)
             return report
         with stage("assemble"):
             image = assemble(
@@ -561,9 +722,21 @@ def build(
         ]
         with stage("deliver"):
             # Every build lands in the local image store, complete; the flags send it further.
-            store.add_image(image, plan.tags, progress)
+            # Its immutable tag is as immutable here as in a registry (a -dirty work-tree
+            # build's tag names uncommitted files and moves with them).
+            report.warnings.extend(
+                store.add_image(
+                    image,
+                    plan.tags,
+                    progress,
+                    immutable=() if spec.worktree else (plan.immutable,),
+                    force=request.force,
+                )
+            )
             report.outputs["store"] = str(store.root)
             _deliver(request, image, report, plan.immutable, plan.moving, progress)
         with stage("attest"):
-            _attest(request, report, image, build_facts(request, cooked, plan, report, image))
+            facts = build_facts(request, cooked, plan, report, image)
+            _attest(request, report, image, facts, settings.cache_dir)
+        report.warnings.extend(store.blobs.repairs)
         return report

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import random
 import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import (
     ThreadPoolExecutor,
 )
@@ -36,6 +37,7 @@ from gitdb.base import IStream  # type: ignore[import-untyped]
 from packaging.version import Version
 
 from builder import __version__
+from builder.contracts import ImageKey
 from builder.cook.load import _URL, canonical_repo_url, open_source
 from builder.documents import FileDigest, check_document
 from builder.documents.release_record import RECORD_VERSION, RecordModel, ReleaseRecord
@@ -46,8 +48,9 @@ from builder.errors import (
     ReleaseGateError,
     WriteBackError,
 )
+from builder.fsutil import write_atomic
 from builder.gitauth import GIT_ENV
-from builder.redact import mask_secrets, redact_url
+from builder.redact import mask_secrets, strip_credentials
 from builder.settings import Settings
 
 #: Branch of the customer repository that holds the release records.
@@ -61,6 +64,19 @@ RECORD_HEADER: Final = (
 
 #: Threads for git work per customer or per repository (plan reads, record write-back).
 PLAN_THREADS: Final = 8
+#: Layout of the latest-record index kept next to each release log (bump on any change).
+_INDEX_VERSION: Final = 1
+#: What the index keeps of a record: what a plan compares and shows.
+_INDEXED: Final = (
+    "customer",
+    "image",
+    "manifest_digest",
+    "config",
+    "base_image",
+    "built_at",
+    "_path",
+)
+_YAML_LOADER: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 # -- release records ----------------------------------------------------------------------------
@@ -81,13 +97,38 @@ def record_remote(location: str) -> str:
     if repo.bare:  # a repository on the server side: the records go into it
         return str(Path(repo.git_dir).resolve())
     with contextlib.suppress(AttributeError, ValueError):
-        return redact_url(repo.remotes.origin.url)
+        return strip_credentials(repo.remotes.origin.url)
     return str(Path(repo.working_tree_dir or location).resolve())
 
 
 def record_path(customer: str, image: str) -> str:
     """``releases/<customer>/<base version>-<config rev>.yaml``: one file per immutable tag."""
     return f"{RECORDS_DIR}/{customer}/{image.rsplit(':', 1)[1]}.yaml"
+
+
+def _record_folder(path: str) -> str | None:
+    """The customer folder of a record file ``releases/<customer>/<tag>.yaml`` (else None)."""
+    parts = path.split("/")
+    if len(parts) != 3 or parts[0] != RECORDS_DIR or not parts[2].endswith(".yaml"):
+        return None
+    return parts[1]
+
+
+def record_image(record: Mapping[str, Any], customer: str) -> ImageKey | None:
+    """The image a record is of: its customer and the variant its immutable tag names
+    (``<version>-<rev>`` for cpu, ``<version>-<variant>-<rev>``); None when the tag does not
+    start with the record's base version."""
+    tag = str(record.get("image") or "").rsplit(":", 1)[-1]
+    version = str((record.get("base_image") or {}).get("version") or "")
+    if not version or not tag.startswith(f"{version}-"):
+        return None
+    variant, _, _rev = tag.removeprefix(f"{version}-").rpartition("-")
+    return ImageKey(customer, variant or "cpu")
+
+
+def _build_order(record: Mapping[str, Any]) -> tuple[str, str]:
+    """Records sort by build time, then by path (the order a tree listing gives)."""
+    return str(record.get("built_at", "")), str(record.get("_path", ""))
 
 
 def _git_message(exc: git.GitCommandError) -> str:
@@ -125,7 +166,7 @@ class ReleaseLog:
     def __init__(self, remote: str, cache_dir: Path, branch: str = RELEASES_BRANCH) -> None:
         self.remote = remote
         self.branch = branch
-        key = hashlib.sha256(f"{redact_url(remote)}\0{branch}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{strip_credentials(remote)}\0{branch}".encode()).hexdigest()[:16]
         self.work = cache_dir / "releases" / key
         self.tracking = f"refs/ivd-records/{branch}"
         self.work.parent.mkdir(parents=True, exist_ok=True)
@@ -159,32 +200,116 @@ class ReleaseLog:
 
     def records(self, customer: str, head: str | None) -> list[dict[str, Any]]:
         """The customer's records at ``head``, oldest build first (unreadable files skipped)."""
-        return self._read_all(head, f"{RECORDS_DIR}/{customer}/").get(customer, [])
+        if head is None:
+            return []
+        found = [
+            record
+            for blob, path in self._listing(head, f"{RECORDS_DIR}/{customer}/")
+            if (record := self._parse(blob, path)) is not None
+        ]
+        return sorted(found, key=_build_order)
 
-    def latest_records(self, head: str | None) -> dict[str, dict[str, Any]]:
-        """Every customer's latest record at ``head`` (one tree listing for all customers)."""
-        return {name: found[-1] for name, found in self._read_all(head, "").items() if found}
+    def latest_by_image(self, head: str | None) -> dict[ImageKey, dict[str, Any]]:
+        """Each image's latest record at ``head`` (latest ``built_at``; on a tie the last path).
 
-    def _read_all(self, head: str | None, prefix: str) -> dict[str, list[dict[str, Any]]]:
-        """Records under ``releases/<prefix>`` at ``head`` by customer, oldest build first:
-        one ``ls-tree`` and the blobs through gitpython's persistent ``cat-file``."""
+        Kept in an index next to the log: the next call reads only the record files added
+        since the indexed head (records are append-only). Anything else (a record changed or
+        removed, the branch rewritten, an unreadable index) reads the whole branch again, so
+        the answer is always the one a full read gives.
+        """
         if head is None:
             return {}
-        listing = self.repo.git.ls_tree("-r", head, "--", prefix or f"{RECORDS_DIR}/")
-        out: dict[str, list[dict[str, Any]]] = {}
-        for line in listing.splitlines():
+        kept = self._read_index()
+        latest = None
+        if kept is not None and kept[0] == head:
+            latest = kept[1]
+        elif kept is not None:
+            latest = self._added_since(kept[0], head, kept[1])
+        if latest is None:
+            latest = self._fold({}, self._listing(head, f"{RECORDS_DIR}/"))
+        self._write_index(head, latest)
+        return latest
+
+    def _listing(self, head: str, prefix: str) -> list[tuple[str, str]]:
+        """(blob id, path) of every record file under ``prefix`` at ``head`` (one ls-tree)."""
+        out = []
+        for line in self.repo.git.ls_tree("-r", head, "--", prefix).splitlines():
             meta, _, path = line.partition("\t")
-            parts = path.split("/")
-            if len(parts) != 3 or parts[0] != RECORDS_DIR or not path.endswith(".yaml"):
-                continue
-            with contextlib.suppress(ValueError, yaml.YAMLError):
-                raw = self.repo.odb.stream(bytes.fromhex(meta.split()[2])).read()
-                data = yaml.safe_load(raw)
-                if isinstance(data, dict) and data.get("record_version") == RECORD_VERSION:
-                    out.setdefault(parts[1], []).append({**data, "_path": path})
-        for found in out.values():
-            found.sort(key=lambda r: str(r.get("built_at", "")))
+            if _record_folder(path) is not None:
+                out.append((meta.split()[2], path))
         return out
+
+    def _parse(self, blob: str, path: str) -> dict[str, Any] | None:
+        """One record file through gitpython's persistent ``cat-file`` (None: not a record
+        of this version)."""
+        try:
+            raw = self.repo.odb.stream(bytes.fromhex(blob)).read()
+            data = yaml.load(raw, Loader=_YAML_LOADER)  # a safe loader (libyaml's when present)
+        except (ValueError, yaml.YAMLError):
+            return None
+        if isinstance(data, dict) and data.get("record_version") == RECORD_VERSION:
+            return {**data, "_path": path}
+        return None
+
+    def _fold(
+        self, latest: dict[ImageKey, dict[str, Any]], files: Sequence[tuple[str, str]]
+    ) -> dict[ImageKey, dict[str, Any]]:
+        """``latest`` with the record files ``files`` taken in."""
+        out = dict(latest)
+        for blob, path in files:
+            record = self._parse(blob, path)
+            customer = _record_folder(path)
+            key = record_image(record, customer) if record and customer else None
+            if record is None or key is None:
+                continue
+            abridged = {k: record.get(k) for k in _INDEXED}
+            if key not in out or _build_order(abridged) > _build_order(out[key]):
+                out[key] = abridged
+        return out
+
+    def _added_since(
+        self, old: str, head: str, latest: dict[ImageKey, dict[str, Any]]
+    ) -> dict[ImageKey, dict[str, Any]] | None:
+        """``latest`` (the index at ``old``) moved to ``head`` by reading only the record files
+        added since; None when history is not a pure append of files since ``old``."""
+        try:
+            self.repo.git.merge_base("--is-ancestor", old, head, env=GIT_ENV)
+            raw = self.repo.git.diff_tree(
+                "-r", "--raw", "--no-renames", "--no-abbrev", old, head, "--", f"{RECORDS_DIR}/"
+            )
+        except git.GitCommandError:
+            return None
+        added = []
+        for line in raw.splitlines():
+            meta, _, path = line.partition("\t")
+            fields = meta.split()
+            if len(fields) != 5 or fields[4] != "A":
+                return None  # a record changed or removed: read them all again
+            added.append((fields[3], path))
+        return self._fold(latest, added)
+
+    @property
+    def _index_path(self) -> Path:
+        return self.work / "ivd-latest-records.json"
+
+    def _read_index(self) -> tuple[str, dict[ImageKey, dict[str, Any]]] | None:
+        """The kept index: (its head, image -> abridged latest record); None when absent or
+        not readable as written by :meth:`_write_index`."""
+        try:
+            data = json.loads(self._index_path.read_text("utf-8"))
+            if data["version"] != _INDEX_VERSION or data["branch"] != self.branch:
+                return None
+            head = str(data["head"])
+            latest = {ImageKey(str(c), str(v)): dict(r) for c, v, r in data["latest"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return (head, latest) if re.fullmatch(r"[0-9a-f]{40,64}", head) else None
+
+    def _write_index(self, head: str, latest: Mapping[ImageKey, Mapping[str, Any]]) -> None:
+        rows = [[k.customer, k.variant, dict(r)] for k, r in sorted(latest.items())]
+        data = {"version": _INDEX_VERSION, "branch": self.branch, "head": head, "latest": rows}
+        with contextlib.suppress(OSError, BuilderError):  # a cache: the next read rebuilds it
+            write_atomic(self._index_path, json.dumps(data, sort_keys=True).encode(), durable=False)
 
     def _read(self, head: str | None, path: str) -> dict[str, Any] | None:
         if head is None:
@@ -208,23 +333,26 @@ class ReleaseLog:
             for path, content in sorted(files.items()):
                 stream = IStream("blob", len(content), io.BytesIO(content))
                 lines.append(f"100644 {self.repo.odb.store(stream).binsha.hex()}\t{path}\n")
-            self._update_index(lines, env)
+            self._git_stdin(["update-index", "--add", "--index-info"], "".join(lines), env)
             tree = self.repo.git.write_tree(env=env)
             parents = ["-p", head] if head else []
-            return str(self.repo.git.commit_tree(tree, *parents, "-m", message, env=env))
+            # The message on stdin: a fleet's batch lists thousands of records, too long for
+            # an argument.
+            return self._git_stdin(["commit-tree", tree, *parents], message, env).strip()
         finally:
             index.unlink(missing_ok=True)
 
-    def _update_index(self, lines: Sequence[str], env: Mapping[str, str]) -> None:
-        """``git update-index --index-info``: every file of the batch in one process."""
-        subprocess.run(
-            ["git", "--git-dir", str(self.repo.git_dir), "update-index", "--add", "--index-info"],
-            input="".join(lines).encode(),
+    def _git_stdin(self, args: Sequence[str], data: str, env: Mapping[str, str]) -> str:
+        """One git plumbing command fed ``data`` on stdin (the whole batch in one process)."""
+        done = subprocess.run(
+            ["git", "--git-dir", str(self.repo.git_dir), *args],
+            input=data.encode(),
             env={**os.environ, **env},
             check=True,
             capture_output=True,
             timeout=120,
         )
+        return done.stdout.decode()
 
     def write(
         self,
@@ -393,7 +521,8 @@ def release_record(
     customer = report["customer"]
     if report.get("development"):
         raise ReleaseGateError(
-            f"{customer}: a development build (unpublished models) gets no release record",
+            f"{customer}: a development build (unpublished models, no committed lock, or "
+            "uncommitted files) gets no release record",
             hint="release builds only",
         )
     if not (report.get("outputs") or {}).get("registry"):
@@ -449,9 +578,11 @@ def release_record(
 
 
 def config_source(location: str, settings: Settings) -> str:
-    """The canonical, credential-free source URL of a customer location (as in the labels)."""
+    """The canonical, credential-free source URL of a customer location (``<url>#<folder>``
+    for a folder of a repository), as the attestation names it."""
     if _URL.match(location):
-        return canonical_repo_url(location)
+        url, _, folder = location.partition("#")
+        return f"{canonical_repo_url(url)}#{folder}" if folder else canonical_repo_url(url)
     return open_source(location, settings).url
 
 
@@ -474,7 +605,7 @@ def write_release_record(
     record = release_record(report, config_source=config_source(location, settings))
     log = ReleaseLog(record_remote(location), settings.cache_dir, branch)
     commit = record.config_commit
-    if not remote_has_commit(log, commit):
+    if commits_missing(log, [commit]):
         raise WriteBackError(
             f"{log.shown} does not have config commit {commit[:12]} that "
             f"{record.image} was built from; refusing to record it there",
@@ -488,12 +619,14 @@ def write_release_record(
     return log.write(record, attempts=attempts, backoff=backoff, before_push=before_push)
 
 
-def remote_has_commit(log: ReleaseLog, commit: str) -> bool:
-    """Whether ``commit`` is reachable from a branch or tag of the log's remote repository."""
+def commits_missing(log: ReleaseLog, commits: Iterable[str]) -> set[str]:
+    """Which of ``commits`` no branch or tag of the log's remote repository reaches: one
+    fetch of its refs and one history listing for all of them (a fleet records thousands)."""
     try:
         log.repo.git.fetch(
             "--no-tags",
             "--quiet",
+            "--prune",
             log.remote,
             "+refs/heads/*:refs/ivd-remote/heads/*",
             "+refs/tags/*:refs/ivd-remote/tags/*",
@@ -504,11 +637,12 @@ def remote_has_commit(log: ReleaseLog, commit: str) -> bool:
             f"cannot fetch {log.shown}: {_git_message(exc)}",
             hint="check the repository URL and the CI token's access",
         ) from None
-    try:
-        found = log.repo.git.for_each_ref("--contains", commit, "--count=1", "refs/ivd-remote/")
-    except git.GitCommandError:  # an object the remote never had
-        return False
-    return bool(found.strip())
+    wanted = set(commits)
+    tips = log.repo.git.for_each_ref("--format=%(objectname)", "refs/ivd-remote/").split()
+    if not tips or not wanted:
+        return wanted
+    reached = set(log.repo.git.rev_list(*tips, "--").split())
+    return wanted - reached
 
 
 def write_release_records(
@@ -519,30 +653,34 @@ def write_release_records(
     branch: str = RELEASES_BRANCH,
     attempts: int = 5,
     backoff: float = 1.0,
-) -> dict[str, WriteResult | BuilderError]:
+) -> list[WriteResult | BuilderError]:
     """Record many pushed release builds: one commit (and one push) per customer repository
-    for all its records, not one per record. ``locations`` maps each report's customer to its
-    repository location. The result per customer is what was written, or why not."""
-    out: dict[str, WriteResult | BuilderError] = {}
-    by_remote: dict[str, list[ReleaseRecord]] = {}
+    for all its records (every variant of every customer there), not one per record.
+    ``locations`` maps each report's customer to its repository location. The result, in the
+    order of ``reports``, is what was written for each, or why not."""
+    out: dict[int, WriteResult | BuilderError] = {}
+    by_remote: dict[str, list[tuple[int, ReleaseRecord]]] = {}
     sources: dict[str, str] = {}
-    for report in reports:
-        customer = str(report.get("customer"))
+    for n, report in enumerate(reports):
         try:
-            location = locations[customer]
+            location = locations[str(report.get("customer"))]
             if location not in sources:
                 sources[location] = config_source(location, settings)
             record = release_record(report, config_source=sources[location])
-            by_remote.setdefault(record_remote(location), []).append(record)
+            by_remote.setdefault(record_remote(location), []).append((n, record))
         except BuilderError as exc:
-            out[customer] = exc
+            out[n] = exc
 
-    def write(remote: str, records: list[ReleaseRecord]) -> list[WriteResult | BuilderError]:
+    def write(
+        remote: str, batch: list[tuple[int, ReleaseRecord]]
+    ) -> list[WriteResult | BuilderError]:
+        records = [record for _, record in batch]
         try:
             log = ReleaseLog(remote, settings.cache_dir, branch)
+            missing = commits_missing(log, [r.config_commit for r in records])
             for record in records:  # never record an image whose commit the target lacks
                 commit = record.config_commit
-                if not remote_has_commit(log, commit):
+                if commit in missing:
                     raise WriteBackError(
                         f"{log.shown} does not have config commit {commit[:12]} that "
                         f"{record.image} was built from; refusing to record it there",
@@ -555,7 +693,7 @@ def write_release_records(
 
     with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:  # repositories in parallel
         done = pool.map(write, by_remote, by_remote.values())
-        for records, results in zip(by_remote.values(), done, strict=True):
-            for record, result in zip(records, results, strict=True):
-                out[record.customer] = result
-    return out
+        for batch, results in zip(by_remote.values(), done, strict=True):
+            for (n, _record), result in zip(batch, results, strict=True):
+                out[n] = result
+    return [out[n] for n in range(len(reports))]

@@ -1,4 +1,5 @@
-"""Project settings: builder.toml (found upward from the working directory), then BUILDER_* env.
+"""Project settings: builder.toml (found upward from the working directory, else the user's
+own), then BUILDER_* env.
 
 Settings say where things are (registry backend, production store, base repository, target
 registry, cache). They never hold secrets: credentials come from each service's own standard
@@ -8,6 +9,7 @@ configuration (AWS variables, clearml.conf, the Docker config).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -15,8 +17,28 @@ from pathlib import Path
 import platformdirs
 
 from builder.errors import ConfigError
+from builder.redact import url_userinfo
 
 SETTINGS_FILE = "builder.toml"
+#: Settings that name a registry: images are named after them (in the store, in tags).
+REGISTRY_SETTINGS = ("image_registry", "base_repository")
+_DIGEST_SUFFIX = re.compile(r"@sha256:[0-9a-f]{64}\Z")
+
+
+def refuse_credentials(value: str | None, what: str) -> str | None:
+    """``value`` (a registry or repository) if it holds no ``user:password@``; else one line
+    that shows only what follows the credentials. Images are named after it (the local
+    store's index, tags, labels), so a password there would be kept and listed."""
+    if value is None:
+        return None
+    name = _DIGEST_SUFFIX.sub("", value.strip())
+    if "@" in name or url_userinfo(name) is not None:
+        raise ConfigError(
+            f"{what} holds credentials (user:password@...{name.rsplit('@', 1)[-1][:80]}); "
+            "give the registry without them",
+            hint="credentials come from `docker login` (DOCKER_CONFIG), or ORAS_USER and ORAS_PASS",
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -47,12 +69,19 @@ class Settings:
         return replace(self, **given)  # type: ignore[arg-type]
 
 
+def user_settings_file() -> Path:
+    """The user's own settings (``~/.config/ivd-builder/builder.toml`` on Linux): read when no
+    project builder.toml is found, so a reviewer's commands work from any folder."""
+    return platformdirs.user_config_path("ivd-builder") / SETTINGS_FILE
+
+
 def _find_settings_file(start: Path) -> Path | None:
     for folder in (start, *start.parents):
         candidate = folder / SETTINGS_FILE
         if candidate.is_file():
             return candidate
-    return None
+    user = user_settings_file()
+    return user if user.is_file() else None
 
 
 def _anchor(value: str, base: Path) -> str:
@@ -65,7 +94,7 @@ def _anchor(value: str, base: Path) -> str:
 
 
 def load_settings(cwd: Path | None = None) -> Settings:
-    """Defaults, then builder.toml, then BUILDER_* environment variables."""
+    """Defaults, then builder.toml (the project's, else the user's), then BUILDER_* variables."""
     cwd = cwd or Path.cwd()
     values: dict[str, str] = {
         "customers": "customers",
@@ -90,10 +119,13 @@ def load_settings(cwd: Path | None = None) -> Settings:
             )
         values.update({k: str(v) for k, v in table.items()})
         base, origin = path.parent, str(path)
+    where = dict.fromkeys(values, origin)
     for name in values:
         env = os.environ.get(f"BUILDER_{name.upper()}")
         if env:
-            values[name] = env
+            values[name], where[name] = env, f"BUILDER_{name.upper()}"
+    for name in REGISTRY_SETTINGS:
+        refuse_credentials(values[name], f"{where[name]}: {name}")
     values = {k: _anchor(v, base) for k, v in values.items()}
     names = {f.name for f in fields(Settings)}
     kwargs = {k: v for k, v in values.items() if k in names}

@@ -6,13 +6,16 @@ limit; both are refused here, and every error names the file, the line and the k
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
-from collections.abc import Hashable, Iterator, Mapping
+import math
+import re
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 import jsonschema
 import yaml
@@ -60,6 +63,11 @@ class _StrictLoader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self.current: yaml.Node | None = None  # the node being constructed (for messages)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        self.current = node
+        return super().construct_object(node, deep=deep)
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         # PyYAML composes recursively: bound the depth before Python's stack is exhausted.
@@ -224,7 +232,7 @@ def parse(text: str | bytes, origin: str) -> Document:
         if node is None:
             raise ConfigError(f"{origin}: the file is empty", hint="see `builder schema`")
         _check_expansion(node)
-        data = loader.construct_document(node)
+        data = _construct(loader, node, origin)
     except _LimitError as exc:
         raise ConfigError(f"{origin}:{exc.node.start_mark.line + 1}: {exc}; refusing") from None
     except yaml.MarkedYAMLError as exc:
@@ -240,15 +248,89 @@ def parse(text: str | bytes, origin: str) -> Document:
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}: invalid YAML: {_one_line(exc)}") from None
-    except (ValueError, TypeError, OverflowError) as exc:
-        # Scalars PyYAML recognises but cannot convert (a date like 2024-13-45).
-        raise ConfigError(f"{origin}: invalid YAML value: {_one_line(exc)}") from None
     finally:
         if loader is not None:
             loader.dispose()
     lines: dict[Path_, int] = {}
     _key_lines(node, (), lines)
-    return Document(origin=origin, data=data, lines=lines)
+    doc = Document(origin=origin, data=data, lines=lines)
+    check_json_model(doc)
+    return doc
+
+
+def _construct(loader: _StrictLoader, node: yaml.Node, origin: str) -> Any:
+    """The document's Python data; a scalar PyYAML recognises by its tag but cannot convert
+    (``!!int ""``, ``!!timestamp x``, a date like 2024-13-45) is bad input, not a bug."""
+    try:
+        return loader.construct_document(node)
+    except yaml.YAMLError:
+        raise
+    except Exception as exc:  # PyYAML's scalar constructors raise anything (IndexError, ...)
+        bad = loader.current or node
+        tag = str(bad.tag).rsplit(":", 1)[-1]
+        value = _one_line(bad.value)[:40] if isinstance(bad, yaml.ScalarNode) else ""
+        why = _one_line(exc)[:120] if isinstance(exc, ValueError) else type(exc).__name__
+        raise ConfigError(
+            f"{origin}:{bad.start_mark.line + 1}: invalid YAML value: !!{tag} {value!r} "
+            f"cannot be read ({why})",
+            hint="quote the value to make it a string, or fix it",
+        ) from None
+
+
+#: What YAML can hold beyond JSON's data model, as people would call it.
+_NOT_JSON: Final = (
+    (bool, ""),  # a JSON value (checked first: bool is an int)
+    (datetime.datetime, "a timestamp"),
+    (datetime.date, "a date"),
+    (bytes, "binary data (!!binary)"),
+    (set, "a set (!!set)"),
+    (tuple, "a pair (!!omap/!!pairs)"),
+)
+
+
+_JSON_ONLY: Final = "strings, numbers, booleans, null, lists and mappings only"
+
+
+def _not_json(value: Any) -> str | None:
+    """Why ``value`` (one node, not its children) is outside JSON's data model, else None."""
+    for kind, name in _NOT_JSON:
+        if isinstance(value, kind):
+            return name or None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} (not a finite number)"
+    if value is None or isinstance(value, str | int | float | list | dict):
+        return None
+    return f"a {type(value).__name__}"
+
+
+def json_model_problem(data: Any) -> tuple[Path_, str] | None:
+    """The first place where ``data`` leaves JSON's data model, and why: keys that are not
+    strings or hold control characters, dates, sets, binary, NaN/Infinity. Every document the
+    builder reads is JSON-shaped (its schemas are JSON Schema); YAML alone can say more."""
+    stack: list[tuple[Any, Path_]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        why = _not_json(value)
+        if why is not None:
+            return path, f"{why} is not allowed here ({_JSON_ONLY}); quote it to make it a string"
+        if isinstance(value, list):
+            stack.extend((item, (*path, index)) for index, item in enumerate(value))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return path, f"key {key!r} is not a string; quote it"
+                if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+                    return path, f"key {key!r} holds a control character"
+                stack.append((item, (*path, key)))
+    return None
+
+
+def check_json_model(doc: Document) -> None:
+    """Refuse ``doc`` in one line (file:line: key: why) where it leaves JSON's data model."""
+    found = json_model_problem(doc.data)
+    if found is not None:
+        path, why = found
+        raise ConfigError(f"{doc.where(path)}: {dotted(path)}: {why}")
 
 
 @cache
@@ -276,26 +358,31 @@ def dotted(path: Path_) -> str:
     return out or "(top level)"
 
 
-def _describe(error: jsonschema.ValidationError, doc: Document) -> str:
+def _describe(error: jsonschema.ValidationError, doc: Document) -> list[str]:
+    """The lines of one schema error: one per unknown key, else one."""
     path = tuple(error.absolute_path)
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         schema_ = error.schema if isinstance(error.schema, Mapping) else {}
         allowed = sorted(schema_.get("properties", {}))
-        extra = sorted((str(k) for k in error.instance if k not in allowed), key=str)[0]
-        guess = difflib.get_close_matches(extra, allowed, n=1)
-        did_you_mean = (
-            f" (did you mean {guess[0]!r}?)" if guess else f" (allowed: {', '.join(allowed)})"
-        )
-        return f"{doc.where((*path, extra))}: {dotted(path)}: unknown key {extra!r}{did_you_mean}"
+        lines = []
+        for extra in sorted(str(k) for k in error.instance if k not in allowed):
+            guess = difflib.get_close_matches(extra, allowed, n=1)
+            did_you_mean = (
+                f" (did you mean {guess[0]!r}?)" if guess else f" (allowed: {', '.join(allowed)})"
+            )
+            lines.append(
+                f"{doc.where((*path, extra))}: {dotted(path)}: unknown key {extra!r}{did_you_mean}"
+            )
+        return lines
     if error.validator == "required":
-        return f"{doc.where(path)}: {dotted(path)}: {error.message}"
+        return [f"{doc.where(path)}: {dotted(path)}: {error.message}"]
     if "propertyNames" in error.absolute_schema_path:
         name = error.instance
-        return (
+        return [
             f"{doc.where((*path, str(name)))}: {dotted(path)}: invalid name {repr(name)[:80]} "
             "(letters, digits, '_', '.', '-'; not starting with '.' or '-'; at most 64 characters)"
-        )
-    return f"{doc.where(path)}: {dotted(path)}: {_short_message(error)}"
+        ]
+    return [f"{doc.where(path)}: {dotted(path)}: {_short_message(error)}"]
 
 
 _JSON_TYPES = {
@@ -329,20 +416,50 @@ def _errors(doc: Document, schema_name: str) -> Iterator[jsonschema.ValidationEr
     )
 
 
+def schema_problems(doc: Document, schema_name: str) -> list[str]:
+    """Every way ``doc`` breaks a shipped schema, one line each (file:line: key: what), in
+    line order: a person fixes them all in one go."""
+    out: list[str] = []
+    for error in _errors(doc, schema_name):
+        # The error deepest inside a failing branch is usually the one a person can fix.
+        best = jsonschema.exceptions.best_match([error, *error.context]) if error.context else error
+        out.extend(line for line in _describe(best, doc) if line not in out)
+    return in_file_order(out)
+
+
 def validate(doc: Document, schema_name: str) -> None:
-    """Validate against a shipped schema; raise one ConfigError for the first (shallowest) error."""
-    first = next(_errors(doc, schema_name), None)
-    if first is None:
-        return
-    # The error deepest inside the shallowest failing branch is usually the one a person can fix.
-    best = jsonschema.exceptions.best_match([first, *first.context]) if first.context else first
-    raise ConfigError(_describe(best, doc))
+    """Validate against a shipped schema; raise one ConfigError listing every error."""
+    problems = schema_problems(doc, schema_name)
+    if problems:
+        raise problems_error(problems)
+
+
+_POSITION = re.compile(r"(?P<file>.+?):(?P<line>[0-9]+): ", re.DOTALL)
+
+
+def in_file_order(problems: Iterable[str]) -> list[str]:
+    """Problems written ``file:line: ...`` sorted by file, then line (a problem without a line
+    comes first in its file; the same line keeps the order found)."""
+
+    def key(text: str) -> tuple[str, int]:
+        found = _POSITION.match(text)
+        return (found["file"], int(found["line"])) if found else (text.split(": ", 1)[0], 0)
+
+    return sorted(problems, key=key)
+
+
+def problems_error(problems: Sequence[str], *, hint: str | None = None) -> ConfigError:
+    """One ConfigError listing every problem (none summarised away), counted when several."""
+    more = f" [{len(problems)} problems]" if len(problems) > 1 else ""
+    return ConfigError("; ".join(problems) + more, hint=hint)
 
 
 def validate_data(data: Any, schema_name: str, origin: str) -> None:
     """Validate data that did not come from a YAML file (JSON, a registry's answer) the same
     way; the message names ``origin`` and the key."""
-    validate(Document(origin=origin, data=data, lines={}), schema_name)
+    doc = Document(origin=origin, data=data, lines={})
+    check_json_model(doc)
+    validate(doc, schema_name)
 
 
 def dump(data: Any) -> bytes:

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(git docker.io docker-registry skopeo debootstrap rabbitmq-server apache2-utils rsync)
+APT_PACKAGES=(git docker.io docker-registry skopeo debootstrap rabbitmq-server apache2-utils rsync
+  libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core)  # pango and a font: weasyprint (audit --pdf)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -1,14 +1,15 @@
 """The main job on the bundled demo, end to end, with real components only.
 
 1. a Docker engine (reused, or a private dockerd); no registry: none is needed;
-2. the base OS image (debootstrap'ed Debian bookworm, standing in for python:3.11-slim-bookworm);
-3. `builder base build`: the inference base image, offline inside, from a host wheelhouse,
+2. `builder base build`: the inference base image, offline inside, from a host wheelhouse,
    written into the local image store (the builder's default settings, as a user's own
-   commands later use them);
-4. `build customer-x --load --oci-layout out/...`: the customer image from customers/ with the
+   commands later use them). The first time it also makes its base OS (Debian bookworm with
+   Python 3.11 by debootstrap from the Debian mirror, no Docker Hub) and downloads the
+   wheelhouse from PyPI, each step shown as it goes;
+3. `build customer-x --load --oci-layout out/...`: the customer image from customers/ with the
    bundled local model registry (demo/registry) and weights folder (demo/production), on the
    base from the store; it lands in the store too, in the Docker engine and as a layout folder;
-5. `docker run` of that image on a synthetic sample slide, mounted read-only.
+4. `docker run` of that image on a synthetic sample slide, mounted read-only.
 
 Files it makes land under out/demo/; the base and customer images stay in the local image
 store, so `build customer-x` works afterwards with no server running.
@@ -26,7 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from testbed.base_os import ensure_base_image  # noqa: E402
 from testbed.docker_engine import ensure_engine  # noqa: E402
 
 OUT = ROOT / "out" / "demo"
@@ -71,15 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, **engine.env()}
         builder = [sys.executable, "-m", "builder"]
         step(
-            "base OS image (debootstrap'ed Debian bookworm + Python 3.11; cached after the first run)"
+            "builder base build  (ONNX Runtime + tile runner, offline from a wheelhouse, into the "
+            "local image store; the first time also the base OS by debootstrap, ~3 min, and the "
+            "wheelhouse from PyPI)"
         )
-        base_os = ensure_base_image(engine)
-        print(base_os)
-
-        step(
-            "builder base build  (ONNX Runtime + tile runner, offline from a wheelhouse, into the local image store)"
-        )
-        run(*builder, "base", "build", "--from", base_os, env=env)
+        run(*builder, "base", "build", env=env)
 
         step(
             f"build {CUSTOMER} --load  (bundled demo registry and weights; demo models, NOT clinical)"

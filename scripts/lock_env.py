@@ -110,6 +110,9 @@ def refresh(root: Path = ROOT) -> Path:
         constraints = Path(tmp) / "image-constraints.txt"
         constraints.write_text(image_constraints(root / "base-image/requirements-cpu.txt"))
         out = Path(tmp) / "host.txt"
+        # Seeded with the current lock: uv keeps its pins and changes only what the inputs need.
+        if (root / LOCK.name).is_file():
+            shutil.copyfile(root / LOCK.name, out)
         subprocess.run(
             [uv, "pip", "compile", "--quiet", "--generate-hashes", "--extra", "test",
              "--no-header", "--constraint", str(constraints), *TARGET, "-o", str(out),

@@ -179,15 +179,3 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-
-
-def unmount_under(root: Path) -> None:
-    """Lazily unmount every mount point below `root` (deepest first)."""
-    try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return
-    prefix = str(root).rstrip("/") + "/"
-    points = [m.split()[1] for m in mounts if len(m.split()) > 1]
-    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, timeout=30, check=False)

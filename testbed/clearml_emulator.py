@@ -15,11 +15,27 @@ CLI (for subprocess use): ``python -m testbed.clearml_emulator --port P --seed F
 
 Behaviour follows the real server (allegroai/clearml-server 2.0 @ 2976ce69, ``apiserver/``):
 
+* API version, ``service_repo/service_repo.py`` (``_max_version`` per release: 2.9 is
+  clearml-server 0.16, 2.13 is 1.0, 2.20 is 1.6, 2.23 is 1.9, 2.31 is 1.17 and 2.0): the login
+  token carries ``api_version`` and ``server_version``; ``ClearMLEmulator(api_version="2.20")``
+  is an older server (scroll paging, ``schema/services/models.conf`` get_all "2.15", is not
+  there before 2.15: its keys are ignored as any unknown key), and records are conformed to
+  the version the client asks for (``services/utils.py``: a model's ``metadata`` is ``[]`` up
+  to 2.16, a task's ``execution.model`` / ``output.model`` before 2.13);
 * paging, ``database/model/base.py::validate_paging`` and ``get_data_with_scroll_support``:
-  every get_all is paged; ``page_size`` defaults to and is capped at ``max_page_size`` = 500
-  (``config/default/services/_mongo.conf``); ``page`` without ``page_size`` is a 400;
-  ``scroll_id`` + ``size`` continue from a server-side position and return ``scroll_id``;
-  ``id`` is appended to every ``order_by`` (stable pages);
+  every get_all is paged; ``page_size`` defaults to and is capped at the server setting
+  ``max_page_size`` (``config/default/services/_mongo.conf``: 500; a deployment may lower it,
+  ``ClearMLEmulator(max_page_size=100)``; None = no cap, as servers before 1.2); the offset is
+  ``page * min(page_size, max_page_size)``; ``page`` without ``page_size`` is a 400;
+  ``scroll_id`` + ``size`` continue from a server-side position and return ``scroll_id``
+  (``size`` is not capped); ``id`` is appended to every ``order_by`` (stable pages);
+* public models, ``services/models.py`` (get_all/get_by_id pass ``allow_public=True``) and
+  ``bll/model/__init__.py::get_company_model_by_id``: a record with ``company: ""`` is read by
+  every company, but ``models.set_ready`` looks models up in the caller's company only and
+  answers 400/201 for it;
+* weights packages, clearml SDK 2.1.12 ``model.py::update_weights_package``: system tag
+  ``package`` and a ``.zip`` uri (``realistic_seed``);
+* imported models, SDK ``InputModel.import_model``: no ``task`` at all (``realistic_seed``);
 * records, ``schema/services/models.conf``/``tasks.conf``: ``project`` is a project id,
   ``design`` free text under ``design.design``, ``metadata`` ``{key: {key, type, value}}``,
   ``labels`` ``{name: int}``, ``system_tags`` (``archived``); ``models.get_by_id`` returns
@@ -61,6 +77,12 @@ log = logging.getLogger("testbed.clearml_emulator")
 
 API_VERSION = "2.31"
 SERVER_VERSION = "2.0.0"
+#: clearml-server release of each API version the SDK ships schemas for (service_repo.py's
+#: _max_version at each release tag).
+SERVER_OF_API = {"2.9": "0.16.0", "2.13": "1.0.0", "2.20": "1.6.0", "2.23": "1.9.0"}
+#: schema/services/models.conf: get_all "2.15" added scroll_id/refresh_scroll/size.
+SCROLL_API = "2.15"
+SCROLL_KEYS = ("scroll_id", "refresh_scroll", "size")
 ACTUAL_VERSION = "2.1"  # min version of the serving implementation; the SDK never reads it
 DEFAULT_ACCESS_KEY = "IVDTESTBEDACCESSKEY0"
 DEFAULT_SECRET_KEY = "ivd-testbed-secret-key-0123456789abcdef"
@@ -174,9 +196,10 @@ def _sort_key(field: str) -> Callable[[Record], tuple[int, Any]]:
     return key
 
 
-def _paging(query: Mapping[str, Any], max_page_size: int) -> tuple[int, int]:
+def _paging(query: Mapping[str, Any], max_page_size: int | None) -> tuple[int, int | None]:
     """(start, size) as base.py::validate_paging: page_size defaults to and is capped at
-    max_page_size; page alone is refused; scroll ``size`` is used when a scroll is active."""
+    max_page_size (None: no cap, no default, as before clearml-server 1.2); page alone is
+    refused; scroll ``size`` is used, uncapped, when a scroll is active."""
     if "_start" in query:
         return int(query["_start"]), int(query["size"])
     page, page_size = query.get("page"), query.get("page_size")
@@ -184,12 +207,19 @@ def _paging(query: Mapping[str, Any], max_page_size: int) -> tuple[int, int]:
         raise ApiError(400, 12, "Validation error (page must be >=0)", {"field": "page"})
     if page_size is not None and (not isinstance(page_size, int) or page_size < 1):
         raise ApiError(400, 12, "Validation error (page_size must be >0)", {"field": "page_size"})
+    if max_page_size is None:
+        if page is not None and page_size is None:
+            raise ApiError(
+                400, 11, "Missing required fields (page_size is required when page is requested)",
+                {"field": "page_size"},
+            )  # fmt: skip
+        return (page or 0) * (page_size or 0), page_size
     size = min(page_size if page_size is not None else max_page_size, max_page_size)
     return (page or 0) * size, size
 
 
 def select(
-    records: Iterable[Record], query: Mapping[str, Any], max_page_size: int = MAX_PAGE_SIZE
+    records: Iterable[Record], query: Mapping[str, Any], max_page_size: int | None = MAX_PAGE_SIZE
 ) -> list[Record]:
     """get_all semantics: filter, order_by (``-`` = descending, ``id`` always appended as the
     tie-breaker), paging (default and maximum page size 500), only_fields."""
@@ -200,7 +230,7 @@ def select(
     for name in reversed(order):
         found.sort(key=_sort_key(name.lstrip("-")), reverse=name.startswith("-"))
     start, size = _paging(query, max_page_size)
-    found = found[start : start + size]
+    found = found[start : start + size] if size else found
     only = query.get("only_fields")
     return [_project_fields(r, _as_list(only)) if only else copy.deepcopy(r) for r in found]
 
@@ -219,10 +249,13 @@ class ClearMLEmulator:
         company: str = "ivd-testbed-company",
         user: str = "ivd-testbed-user",
         journal_file: Path | None = None,
-        max_page_size: int = MAX_PAGE_SIZE,
+        max_page_size: int | None = MAX_PAGE_SIZE,
+        server_version: str | None = None,
     ) -> None:
         self.access_key, self.secret_key = access_key, secret_key
         self.max_page_size = max_page_size
+        self.server_version = server_version or SERVER_OF_API.get(api_version, SERVER_VERSION)
+        self._hooks: dict[str, Callable[[Record], None]] = {}
         self._scrolls: dict[str, int] = {}
         self.api_version, self.company, self.user = api_version, company, user
         self.journal_file = journal_file
@@ -338,6 +371,11 @@ class ClearMLEmulator:
             if "archived" not in rec["system_tags"]:
                 rec["system_tags"] = [*rec["system_tags"], "archived"]
 
+    def delete_model(self, model_id: str) -> None:
+        """What models.delete does to the record: it is gone."""
+        with self._lock:
+            self._models.pop(model_id, None)
+
     def delete_task(self, task_id: str) -> None:
         """tasks.delete as bll/task/task_cleanup.py::cleanup_task (force, delete_output_models):
         the task goes, its draft models go, its published models stay with
@@ -398,6 +436,14 @@ class ClearMLEmulator:
             raise ValueError(f"unknown fault {mode!r}; choose from {', '.join(FAULTS)}")
         self._fault, self._fault_on_login = mode, include_login
 
+    def on_request(self, endpoint: str, hook: Callable[[Record], None] | None) -> None:
+        """Call ``hook(body)`` before each ``endpoint`` request is answered (None removes it):
+        what other users do to the server meanwhile, e.g. archive a model between two pages."""
+        if hook is None:
+            self._hooks.pop(endpoint, None)
+        else:
+            self._hooks[endpoint] = hook
+
     @contextlib.contextmanager
     def faulted(self, mode: str, *, include_login: bool = False) -> Iterator[None]:
         """Apply a fault for the duration of a with-block, then clear it."""
@@ -408,8 +454,9 @@ class ClearMLEmulator:
             self.set_fault(None)
 
     def reset(self) -> None:
-        """Drop all records, the journal and any fault (the login secret stays valid)."""
+        """Drop all records, the journal, hooks and any fault (the login secret stays valid)."""
         self.set_fault(None)
+        self._hooks.clear()
         with self._lock:
             self._models.clear()
             self._tasks.clear()
@@ -447,6 +494,9 @@ class ClearMLEmulator:
         try:
             body = self._parse_body(raw_body, split.query)
             entry["body"] = body
+            hook = self._hooks.get(endpoint)
+            if hook is not None:
+                hook(body)
             fault = self._fault_for(endpoint)
             entry["fault"] = fault
             if fault in ("drop", "hang"):
@@ -526,8 +576,11 @@ class ClearMLEmulator:
         if endpoint == "auth.login":
             return self._login(headers, body, bad=fault == "bad_login")
         self._authenticate(headers)
+        requested = version or self.api_version
+        if _version_tuple(requested) < _version_tuple(SCROLL_API):
+            body = {k: v for k, v in body.items() if k not in SCROLL_KEYS}
         with self._lock:
-            return handler(self, body)
+            return _conform(endpoint, requested, handler(self, body))
 
     # -- auth --------------------------------------------------------------------------
     def _check_basic(self, value: str) -> None:
@@ -575,7 +628,7 @@ class ClearMLEmulator:
                 "user_name": "IVD test bed", "role": "user",
             },
             "iat": now, "exp": now + lifetime, "api_version": self.api_version,
-            "server_version": SERVER_VERSION, "server_build": "", "feature_set": "basic",
+            "server_version": self.server_version, "server_build": "", "feature_set": "basic",
             "env": "test", "session_id": uuid.uuid4().hex,
         }  # fmt: skip
         return {"token": jwt.encode(payload, self._jwt_secret, algorithm="HS256")}
@@ -628,6 +681,11 @@ class ClearMLEmulator:
                 400, 201, f"Invalid model id: company={self.company}, id={model_id}",
                 {"company": self.company, "id": model_id},
             )  # fmt: skip
+        if rec.get("company") != self.company:  # get_company_model_by_id: no public models
+            raise ApiError(
+                400, 201, f"Invalid model id: company={self.company}, id={model_id}",
+                {"company": self.company, "id": model_id},
+            )  # fmt: skip
         if rec.get("ready"):
             raise ApiError(
                 400, 203, f"Model is ready: company={self.company}, model={model_id}",
@@ -657,6 +715,27 @@ class ClearMLEmulator:
 
     def _projects_get_all(self, body: Record) -> Record:
         return self._get_all(self._projects.values(), "projects", body)
+
+
+def _conform(endpoint: str, version: str, data: Record) -> Record:
+    """Records as the server answers an older client (services/utils.py): models' ``metadata``
+    is ``[]`` up to 2.16 (``unescape_metadata``, the old list schema); tasks get
+    ``execution.model`` / ``output.model`` before 2.13 (``ModelsBackwardsCompatibility``)."""
+    service = endpoint.split(".", 1)[0]
+    records = data.get("models") or ([data["model"]] if "model" in data else [])
+    tasks = data.get("tasks") or ([data["task"]] if "task" in data else [])
+    if service == "models" and _version_tuple(version) <= (2, 16):
+        for rec in records:
+            if "metadata" in rec:
+                rec["metadata"] = []
+    if service == "tasks" and _version_tuple(version) < (2, 13):
+        for rec in tasks:
+            models = rec.get("models") or {}
+            if models.get("input"):
+                rec.setdefault("execution", {})["model"] = models["input"][0].get("model")
+            if models.get("output"):
+                rec.setdefault("output", {})["model"] = models["output"][-1].get("model")
+    return data
 
 
 def _required(body: Mapping[str, Any], key: str) -> Any:
@@ -717,11 +796,14 @@ class FileServer:
     (``http(s)://files-host:8081/<project>/<task name>.<task id>/models/<file>``).
 
         files = FileServer(root).start(); files.url  # -> http://127.0.0.1:PORT
+        files.fault = "http503"  # or "hang" (no answer until stopped), None to serve again
     """
 
     def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.root = root
         self.requests: list[tuple[str, str]] = []  # (method, path)
+        self.fault: str | None = None
+        self._stopping = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -736,6 +818,16 @@ class FileServer:
             def _answer(self, *, body: bool) -> None:
                 path = urlsplit(self.path).path
                 server.requests.append((self.command, path))
+                if server.fault == "hang":
+                    while server.fault == "hang" and not server._stopping.wait(0.1):
+                        pass
+                    self.close_connection = True
+                    return
+                if server.fault == "http503":
+                    self.send_response(503, "Service Unavailable")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 target = (server.root / path.lstrip("/")).resolve()
                 inside = target.is_relative_to(server.root.resolve())
                 data = target.read_bytes() if inside and target.is_file() else None
@@ -765,7 +857,8 @@ class FileServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving."""
+        """Stop serving; hung requests are released."""
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -795,7 +888,9 @@ def realistic_seed(
     """Server-shaped data: 32-hex ids, three projects (one of another team), tasks with one to
     three output models, ``metadata`` as ``{key: {key, type, value}}``, ``labels``, every 7th
     model archived, free-text designs, ``s3://host:port``, file-server, plain s3, gs and azure
-    URIs, and one deleted task (its published models' ``task`` is ``__DELETED__<id>``)."""
+    URIs, one deleted task (its published models' ``task`` is ``__DELETED__<id>``), every 11th
+    model a weights package (system tag ``package``, ``model_package.zip``), every 13th an
+    imported model (no ``task``) and every 17th a public one (``company`` "")."""
     new_id = _hex_ids(seed)
     projects = [
         {"id": new_id(), "name": name, "basename": name.rsplit("/", 1)[-1]}
@@ -831,26 +926,34 @@ def realistic_seed(
                 else FREE_TEXT_DESIGNS[n % len(FREE_TEXT_DESIGNS)]
             )
             created = datetime.fromtimestamp(base + n * 60, UTC).isoformat()
-            out_models.append(
-                {
-                    "id": model_id, "name": name, "task": task["id"], "project": project["id"],
-                    "uri": uri, "ready": n % 2 == 0, "framework": "ONNX",
-                    "tags": ["candidate"] if n % 2 else ["production"],
-                    "system_tags": ["archived"] if n % 7 == 3 else [],
-                    "design": {"design": design},
-                    "labels": {"background": 0, "tumour": 1},
-                    "metadata": {
-                        "stain": {"key": "stain", "type": "str", "value": "H&E"},
-                        "auc": {"key": "auc", "type": "float", "value": f"0.{900 + n % 90}"},
-                    },
-                    "created": created, "last_update": created,
-                }
-            )  # fmt: skip
-            task["models"]["output"].append({"name": name, "model": model_id})
+            system_tags = ["archived"] if n % 7 == 3 else []
+            if n % 11 == 5:  # model.py::update_weights_package: a zip named model_package.zip
+                uri = uri.rsplit("/", 1)[0] + "/model_package.zip"
+                system_tags.append("package")
+            record: Record = {
+                "id": model_id, "name": name, "task": task["id"], "project": project["id"],
+                "uri": uri, "ready": n % 2 == 0, "framework": "ONNX",
+                "tags": ["candidate"] if n % 2 else ["production"],
+                "system_tags": system_tags,
+                "design": {"design": design},
+                "labels": {"background": 0, "tumour": 1},
+                "metadata": {
+                    "stain": {"key": "stain", "type": "str", "value": "H&E"},
+                    "auc": {"key": "auc", "type": "float", "value": f"0.{900 + n % 90}"},
+                },
+                "created": created, "last_update": created,
+            }  # fmt: skip
+            if n % 17 == 8:
+                record["company"] = ""  # public: every company reads it
+            out_models.append(record)
+            if n % 13 == 6:
+                del record["task"]  # imported (InputModel.import_model): no creating task
+            else:
+                task["models"]["output"].append({"name": name, "model": model_id})
     deleted = tasks[1]  # two outputs: one published (kept, re-pointed), one draft (gone)
     kept = []
     for rec in out_models:
-        if rec["task"] == deleted["id"]:
+        if rec.get("task") == deleted["id"]:
             if not rec["ready"]:
                 continue
             rec["task"] = f"{DELETED_PREFIX}{deleted['id']}"
@@ -871,6 +974,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--access-key", default=DEFAULT_ACCESS_KEY)
     parser.add_argument("--secret-key", default=DEFAULT_SECRET_KEY)
     parser.add_argument("--api-version", default=API_VERSION)
+    parser.add_argument(
+        "--max-page-size", type=int, default=MAX_PAGE_SIZE, help="the server's page cap; 0: none"
+    )
     parser.add_argument("--fault", choices=FAULTS)
     parser.add_argument("--journal", type=Path, help="append every request as JSON lines")
     args = parser.parse_args(argv)
@@ -878,6 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     emu = ClearMLEmulator(
         args.access_key, args.secret_key, host=args.host, port=args.port,
         api_version=args.api_version, journal_file=args.journal,
+        max_page_size=args.max_page_size or None,
     )  # fmt: skip
     if args.realistic:
         emu.seed(realistic_seed(models=args.realistic))

@@ -24,6 +24,7 @@ from typing import Any
 import docker
 from filelock import FileLock
 
+from builder.image.base_os import unmount_under
 from testbed._util import (
     Service,
     ServiceError,
@@ -32,7 +33,6 @@ from testbed._util import (
     pid_alive,
     spawn,
     stop_process,
-    unmount_under,
     wait_until,
 )
 
@@ -214,3 +214,55 @@ def _start_dockerd(timeout: float) -> Engine:
         raise
     (cache_root() / "dockerd.json").write_text(json.dumps(state) + "\n")
     return Engine(host=host, started=True, log=log, _proc=proc)
+
+
+HELD_LEASE = "held"  # a lease named <dockerd pid>.held lives as long as that dockerd
+
+
+def hold() -> str:
+    """Start or reuse an engine for a user's shell (scripts/dockerd); its DOCKER_HOST.
+
+    A private dockerd gets a lease named after its own pid, so it outlives this process and
+    test runs that end meanwhile do not stop it; :func:`release` gives that lease back."""
+    engine = ensure_engine()
+    if engine._lease is not None:
+        with _lock():
+            state = _read_state() or {}
+            (_lease_dir() / engine._lease).unlink(missing_ok=True)
+            (_lease_dir() / f"{state.get('pid', os.getpid())}.{HELD_LEASE}").touch()
+    return engine.host
+
+
+def release() -> None:
+    """Give back the lease :func:`hold` took; stop the private dockerd if nothing else holds it."""
+    for lease in _lease_dir().glob(f"*.{HELD_LEASE}"):
+        lease.unlink(missing_ok=True)
+    state = _read_state()
+    if state:
+        Engine(host=str(state["host"]), _lease=f"{os.getpid()}.release").stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``start`` (default): print ``export DOCKER_HOST=...`` for an engine that answers;
+    ``stop``: release it (scripts/dockerd)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["stop"]:
+        release()
+        print("unset DOCKER_HOST")
+        return 0
+    if args and args[0] not in ("start",):
+        print("usage: scripts/dockerd [start|stop]", file=sys.stderr)
+        return 2
+    try:
+        host = hold()
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"export DOCKER_HOST={host}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -24,6 +24,7 @@ from helpers import make_clearml_env  # noqa: E402
 from testbed.base_os import ensure_base_image  # noqa: E402
 from testbed.clearml_emulator import ClearMLEmulator  # noqa: E402
 from testbed.docker_engine import Engine, ensure_engine  # noqa: E402
+from testbed.object_stores import AzuriteServer, GcsServer, start_azurite, start_gcs  # noqa: E402
 from testbed.rabbitmq import RabbitMQ, start_rabbitmq  # noqa: E402
 from testbed.registry import Registry, start_registry  # noqa: E402
 from testbed.s3 import S3Server, start_s3  # noqa: E402
@@ -67,13 +68,47 @@ def base_os_image(docker_engine: Engine) -> str:
     return _start("the base OS image", lambda: ensure_base_image(docker_engine))
 
 
-# --- S3 -----------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def inference_base(docker_engine: Engine, oci_registry: Registry, base_os_image: str) -> str:
+    """The real inference base image (runner, ONNX Runtime) built from base-image/ on the
+    base OS image and pushed to the test registry once per session; returns its repository
+    (``<registry>/e2e/inference-base``). The engine keeps its layers (builds reuse them)."""
+    from builder.image.base_build import build_base_image
+
+    repository = f"{oci_registry.host}/e2e/inference-base"
+    build_base_image(
+        docker_client=docker_engine.client(),
+        repository=repository,
+        base_from=base_os_image,
+        wheelhouse=None,
+        push=True,
+    )
+    return repository
+
+
+# --- Object stores: S3, Google Cloud Storage, Azure Blob Storage ----------------------------
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto in server mode. Attributes: .endpoint_url, .env(), .client(), .create_bucket()."""
     server = _start("the moto S3 server", start_s3)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GcsServer]:
+    """gcp-storage-emulator: .env() (STORAGE_EMULATOR_HOST), .put(bucket, key, data)."""
+    server = _start("the GCS emulator", start_gcs)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
+    """Azurite (npm) behind TLS: .host, .env() (proxy, CA), .clearml_conf(), .put()."""
+    server = _start("Azurite", lambda: start_azurite(tmp_path_factory.mktemp("azurite")))
     yield server
     server.stop()
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +97,21 @@ def customer_repo(
     return path
 
 
+@contextmanager
+def served_over_http(folder: Path) -> Iterator[str]:
+    """``127.0.0.1:PORT``: ``folder`` served over plain HTTP by a real HTTP server (git's dumb
+    protocol reads a bare repository in it after ``git update-server-info``)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def run_cli(
     *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
@@ -106,6 +126,42 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def commit_lock(
+    folder: Path, env: Mapping[str, str], *, when: int = 1_700_000_000
+) -> subprocess.CompletedProcess[str]:
+    """`builder lock FOLDER` (a customer repository, or a folder of one) and commit the lock:
+    a release build ships only what a committed lock pins. Returns the lock run."""
+    locked = run_cli("lock", str(folder), "--ref", "HEAD", env=env)
+    assert locked.returncode == 0, locked.stdout + locked.stderr
+    root = Path(git.Repo(folder, search_parent_directories=True).working_tree_dir or folder)
+    lock = folder / "customer.lock.yaml"
+    rel = lock.resolve().relative_to(root.resolve()).as_posix()
+    commit_files(root, {rel: lock.read_bytes()}, f"{folder.name}: lock", when=when)
+    return locked
+
+
+def repository_snapshot(tmp_path: Path, names: Sequence[str]) -> tuple[Path, Path]:
+    """Files and folders of this repository (``names``) as a fresh git repository on branch
+    main, and its origin, a local bare repository it was pushed to: (project, origin)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in names:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, project / name)
+        else:
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, project / name)
+    repo = git.Repo.init(project, initial_branch="main")
+    repo.git.add("-A")
+    actor = git.Actor("Test Author", "author@example.com")
+    repo.index.commit("snapshot", author=actor, committer=actor)
+    origin = tmp_path / "origin.git"
+    git.Repo.init(origin, bare=True)
+    repo.create_remote("origin", str(origin)).push("main")  # CI builds what the server has
+    return project, origin
 
 
 CARCINOMA_ID = "a957f623e6d34159a07aec1b8323eb54"

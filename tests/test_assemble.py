@@ -6,6 +6,7 @@ these tests need no registry and no Docker engine; skopeo reads what we write.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gzip
 import hashlib
@@ -25,6 +26,7 @@ import pytest
 from builder.deliver import write_docker_archive, write_oci_layout
 from builder.errors import ImageError
 from builder.image.assemble import (
+    BASE_NAME_LABEL,
     COMPRESS_RATIO,
     CONTENT_MTIME,
     LAYER_FORMAT,
@@ -514,10 +516,11 @@ class TestConfigAndManifest:
         ]
         assert manifest["annotations"] == {
             "org.opencontainers.image.base.digest": base.digest,
-            "org.opencontainers.image.base.name": "bases:1.1.0",
             "org.opencontainers.image.created": "2023-11-14T22:13:20Z",
             "org.opencontainers.image.source": "https://git.example/customers.git",
         }
+        old = json.loads(build(base, files, store, layer_format=2).manifest_bytes)
+        assert old["annotations"]["org.opencontainers.image.base.name"] == "bases:1.1.0"
         assert image.manifest_bytes == canonical_json(manifest)
         assert image.manifest_digest == sha256_digest(image.manifest_bytes)
         assert [x.new for x in image.layers] == [False, True, True, True]
@@ -598,9 +601,12 @@ class TestLayerIdentity:
     ) -> None:
         """The label names the rule; format 1 (older images) stamps all layers, has no label."""
         new = build(base, files, store, labels={**LABELS, LAYER_FORMAT_LABEL: "7"})
-        assert new.new_layers and LAYER_FORMAT == 2
+        assert new.new_layers and LAYER_FORMAT == 3
         labels = json.loads(new.config_bytes)["config"]["Labels"]
-        assert labels[LAYER_FORMAT_LABEL] == "2"  # what the layers are, not what was claimed
+        assert labels[LAYER_FORMAT_LABEL] == "3"  # what the image is, not what was claimed
+        two = build(base, files, store, layer_format=2)
+        assert json.loads(two.config_bytes)["config"]["Labels"][LAYER_FORMAT_LABEL] == "2"
+        assert _layer_digests(two) == _layer_digests(new)  # format 3 changed no layer rule
         old = build(base, files, store, layer_format=1)
         assert LAYER_FORMAT_LABEL not in json.loads(old.config_bytes)["config"]["Labels"]
         for layer in old.new_layers:
@@ -612,9 +618,40 @@ class TestLayerIdentity:
         self, base: BaseImage, files: dict[str, Path], store: BlobStore
     ) -> None:
         """A layer format this builder cannot write: one clear error, nothing built."""
-        with pytest.raises(ImageError, match="layer format 3 is not one this builder writes"):
-            build(base, files, store, layer_format=3)
+        with pytest.raises(ImageError, match="layer format 4 is not one this builder writes"):
+            build(base, files, store, layer_format=4)
         assert not any(store.blobs.iterdir())
+
+    def test_format_3_names_no_location(
+        self, base: BaseImage, files: dict[str, Path], store: BlobStore
+    ) -> None:
+        """From format 3 the base's name (a registry alias) is not recorded, and the base's own
+        location labels are not inherited (they describe the base); format 2 records the name."""
+        located = {
+            **base.config,
+            "config": {
+                **base.config["config"],
+                "Labels": {
+                    **base.labels,
+                    "org.opencontainers.image.source": "https://git.example/base.git",
+                    "org.opencontainers.image.base.name": "docker.io/library/debian:12",
+                },
+            },
+        }
+        labelled = dataclasses.replace(base, config=located)
+        for spelled in ("127.0.0.1:5000/ivd/base:1.1.0", "localhost:5000/ivd/base:1.1.0"):
+            image = build(dataclasses.replace(labelled, name=spelled), files, store, labels={})
+            labels = json.loads(image.config_bytes)["config"]["Labels"]
+            assert not {"org.opencontainers.image.source", BASE_NAME_LABEL} & set(labels)
+            assert BASE_NAME_LABEL not in json.loads(image.manifest_bytes)["annotations"]
+            assert labels["org.example.base"] == "yes"  # other base labels are inherited
+        aliases = {
+            build(dataclasses.replace(labelled, name=n), files, store, labels={}).manifest_digest
+            for n in ("127.0.0.1:5000/ivd/base:1.1.0", "localhost:5000/ivd/base:1.1.0")
+        }
+        assert len(aliases) == 1
+        old = build(dataclasses.replace(labelled, name="h:1/b:1.1.0"), files, store, layer_format=2)
+        assert json.loads(old.config_bytes)["config"]["Labels"][BASE_NAME_LABEL] == "h:1/b:1.1.0"
 
 
 # -- determinism ---------------------------------------------------------------------------------

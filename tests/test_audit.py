@@ -7,6 +7,9 @@ images. The report is rendered by headless Chromium.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import io
@@ -17,6 +20,8 @@ import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,8 @@ from helpers import (
 )
 from test_attest import openssl_keys
 
+from builder.audit.text import human_date
+
 BASE_REPO = "ivd/audit-base"
 BASE_VERSIONS = ("2.4.1", "2.5.0")
 MITOSIS2_ID = "9b0e6d1c2a3f4e5d8c7b6a5f4e3d2c1b"
@@ -47,6 +54,9 @@ MITOSIS = b"mitosis-weights" * 2048
 MITOSIS2 = b"mitosis-weights-v2" * 2048
 T0 = 1_780_000_000
 DAY = 86_400
+QUALITY = "Dr. Quality <quality@example.com>"
+REVIEWER = "Dr. Rev Iewer <rev@example.com>"
+SWAP_REASON = "The fine-tuned mitosis model lowers false positives on stain B."
 
 
 @dataclass
@@ -63,6 +73,16 @@ class World:
     layouts: dict[str, Path] = field(default_factory=dict)
     archive: Path = Path()
     base_repository: str = ""
+
+
+def _later(built_at: str, *, days: int) -> str:
+    """A build time ``days`` after ``built_at`` (records are ordered by build time)."""
+    moment = datetime.fromisoformat(built_at.replace("Z", "+00:00")) + timedelta(days=days)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _when(record: dict[str, Any]) -> str:
+    return human_date(record["built_at"])
 
 
 def cli_json(world: World, *args: str, code: int = 0) -> dict[str, Any]:
@@ -175,7 +195,9 @@ def world(
     w.commits["initial"] = config(
         base="2.4.1", mitosis=MITOSIS_ID, threshold=0.5, message="initial config", when=T0
     )
-    w.commits["lock1"] = lock_and_commit(w, "lock models and base", T0 + DAY)
+    w.commits["lock1"] = lock_and_commit(
+        w, f"lock models and base\n\nApproved-by: {QUALITY}", T0 + DAY
+    )
     first = build(w, "r1", "--docker-archive", str(root / "r1.tar"))
     w.archive = root / "r1.tar"
     w.releases["r1"] = first
@@ -187,15 +209,22 @@ def world(
         message="raise carcinoma threshold",
         when=T0 + 3 * DAY,
     )
-    w.commits["lock2"] = lock_and_commit(w, "relock", T0 + 4 * DAY)
+    # the parameter change's approval sits on its re-lock commit (the reviewer's report)
+    w.commits["lock2"] = lock_and_commit(w, f"relock\n\nApproved-by: {REVIEWER}", T0 + 4 * DAY)
     w.commits["swap"] = config(
-        base="2.4.1", mitosis=MITOSIS2_ID, threshold=0.6, message="mitosis v2", when=T0 + 5 * DAY
+        base="2.4.1",
+        mitosis=MITOSIS2_ID,
+        threshold=0.6,
+        message=f"mitosis v2\n\n{SWAP_REASON}",
+        when=T0 + 5 * DAY,
     )
     w.commits["lock3"] = lock_and_commit(w, "relock for mitosis v2", T0 + 6 * DAY)
     w.commits["bump"] = config(
         base="2.5.0", mitosis=MITOSIS2_ID, threshold=0.6, message="base 2.5.0", when=T0 + 7 * DAY
     )
-    w.commits["lock4"] = lock_and_commit(w, "relock for base 2.5.0", T0 + 8 * DAY)
+    w.commits["lock4"] = lock_and_commit(
+        w, f"relock for base 2.5.0\n\nApproved-by: {QUALITY}", T0 + 8 * DAY
+    )
     second = build(w, "r2")
     w.releases["r2"] = second
     w.records["r2"] = record_release(w, second, "https://gitlab.example.com/ivd/images/-/jobs/2")
@@ -225,7 +254,7 @@ def test_history_tells_each_revision_in_resolved_terms(world: World) -> None:
     ]
     unrecorded = [c for c in entries[0]["changes"] if c["unrecorded"]]
     assert len(unrecorded) == 2
-    assert any(t.startswith("base (not pinned) -> 2.4.1") for t in texts["lock1"])
+    assert any(t.startswith("base pinned 2.4.1 (") for t in texts["lock1"])
     assert "models pinned by customer.lock.yaml" in texts["lock1"]
     assert "Carcinoma threshold 0.5 -> 0.6" in texts["threshold"]
     assert (
@@ -233,7 +262,32 @@ def test_history_tells_each_revision_in_resolved_terms(world: World) -> None:
         f'"mitosis v2" {MITOSIS2_ID[:8]} (task {MITOSIS2_TASK[:8]}){now}'
     ) in texts["swap"]
     assert "base constraint 2.4.1 -> 2.5.0" in texts["bump"]
-    assert "base 2.4.1 -> 2.5.0" in texts["lock4"]
+    assert "base pinned 2.4.1 -> 2.5.0" in texts["lock4"]
+    # who approved what: a release's approval covers every change since the previous release
+    approvals = {
+        name: (e["approval"]["status"], [a["who"] for a in e["approval"]["approvals"]])
+        for name, e in zip(order, entries, strict=True)
+    }
+    assert approvals == {
+        "initial": ("covered", [QUALITY]),
+        "lock1": ("approved", [QUALITY]),
+        "threshold": ("covered", [REVIEWER, QUALITY]),  # lock2's approval, then lock4's
+        "lock2": ("approved", [REVIEWER, QUALITY]),
+        "swap": ("covered", [QUALITY]),
+        "lock3": ("covered", [QUALITY]),
+        "bump": ("covered", [QUALITY]),
+        "lock4": ("approved", [QUALITY]),
+    }
+    threshold = entries[2]["approval"]
+    assert threshold["later"] == world.commits["lock2"]
+    assert threshold["release"] == world.releases["r2"]["image"]
+    assert threshold["sentence"] == (
+        f'covered by the approval on the later revision {world.commits["lock2"][:12]} "relock": '
+        f"Approved-by: {REVIEWER}; Approved-by: {QUALITY}, released as "
+        f"{world.releases['r2']['image']}"
+    )
+    assert entries[4]["revision"]["reason"] == f"mitosis v2\n\n{SWAP_REASON}"
+    assert hist["unapproved"] == []
     first = entries[0]
     assert (
         first["revision"]["author"] == "Test Author"
@@ -259,6 +313,8 @@ def test_history_tells_each_revision_in_resolved_terms(world: World) -> None:
         f"released: {world.releases['r2']['image']}@{world.releases['r2']['manifest_digest']}"
         in human.stdout
     )
+    assert f"    {SWAP_REASON}" in human.stdout.splitlines()
+    assert f"    approved: Approved-by: {REVIEWER}" in human.stdout
 
 
 def test_diff_between_releases(world: World) -> None:
@@ -271,18 +327,33 @@ def test_diff_between_releases(world: World) -> None:
         f'"mitosis v2" {MITOSIS2_ID[:8]} (task {MITOSIS2_TASK[:8]})',
         "Carcinoma threshold 0.5 -> 0.6",
         "base constraint 2.4.1 -> 2.5.0",
-        "base 2.4.1 -> 2.5.0",
+        "base pinned 2.4.1 -> 2.5.0",
     ]
+    # each change names the revisions that made it; each revision its reason and approval
+    made = {c["text"]: c["revisions"] for c in result["changes"]}
+    assert made["Carcinoma threshold 0.5 -> 0.6"] == [world.commits["threshold"]]
+    assert made["base pinned 2.4.1 -> 2.5.0"] == [world.commits["lock4"]]
+    order = ["threshold", "lock2", "swap", "lock3", "bump", "lock4"]
+    assert [r["revision"]["commit"] for r in result["revisions"]] == [
+        world.commits[k] for k in order
+    ]
+    assert [r["approval"]["status"] for r in result["revisions"]] == [
+        "covered", "approved", "covered", "covered", "covered", "approved"
+    ]  # fmt: skip
     human = run_cli("diff", str(world.repo), world.commits["lock1"][:10], "HEAD", env=world.env)
     assert human.returncode == 0, human.stderr
-    assert "  Carcinoma threshold 0.5 -> 0.6" in human.stdout.splitlines()
+    line = next(ln for ln in human.stdout.splitlines() if "Carcinoma threshold" in ln)
+    assert line == f"  Carcinoma threshold 0.5 -> 0.6  [{world.commits['threshold'][:12]}]"
+    assert f"      approved: Approved-by: {REVIEWER}" in human.stdout
     same = cli_json(world, "diff", str(world.repo), "HEAD", "HEAD")
     assert same["changes"] == []
 
 
 def test_diff_of_a_revision_that_does_not_exist(world: World) -> None:
     code, line = cli_fail(world, "diff", str(world.repo), "v9.9", "HEAD")
-    assert code == 2 and "ref 'v9.9' does not exist" in line
+    assert code == 2
+    assert "'v9.9' does not exist: it is neither a ref of the customer repository nor a " in line
+    assert "release of customer-x (2 recorded on " in line
     code, line = cli_fail(world, "history", str(world.repo), "--ref", "0" * 40)
     assert code == 2 and "does not exist" in line
 
@@ -312,7 +383,10 @@ def test_explain_reads_everything_back(world: World, form: str) -> None:
     prov = result["provenance"]
     assert prov["customer"] == "customer-x"
     assert prov["config"]["commit"] == world.commits["lock1"]
-    assert prov["config"]["repository"] == world.repo.as_uri()
+    # A location-free image records no repository (customer.yaml declares none): the
+    # attestation attached to it (a docker archive: the one this machine's build wrote) does.
+    assert prov["config"]["repository"] is None
+    assert result["sources"] == [world.repo.as_uri()]
     assert result["base"] == {**release["base"], "constraint": "2.4.1"}
     models = {m["name"]: m for m in prov["models"]}
     assert models["mitosis_model"]["registry_id"] == MITOSIS_ID
@@ -452,8 +526,9 @@ def test_tampered_model_file_is_flagged_by_explain_and_verify(world: World, tmp_
     check = _check(result, "/app/models/carcinoma_model/model.onnx")
     assert not check["ok"] and check["detail"].startswith("MODIFIED")
     assert _check(result, "/app/models/mitosis_model/model.onnx")["ok"]
-    assert "not a recorded release" in result["release_note"]  # the digest changed
+    assert result["release"] is None  # the digest changed
     assert result["attestations"] == []  # the signed attestations name the original digest
+    assert result["sources"] == []  # so nothing names the config repository any more
     human = run_cli("explain", reference, env=world.env)
     assert human.returncode == 10
     assert (
@@ -461,7 +536,9 @@ def test_tampered_model_file_is_flagged_by_explain_and_verify(world: World, tmp_
         in human.stdout
     )
 
-    verified = cli_json(world, "verify", reference, code=10)
+    code, line = cli_fail(world, "verify", reference)
+    assert code == 2 and "the image records no config repository" in line and "--repo" in line
+    verified = cli_json(world, "verify", reference, "--repo", str(world.repo), code=10)
     assert verified["match"] is False
     assert verified["manifest_digest"] == digest
     assert verified["rebuilt_digest"] == world.releases["r1"]["manifest_digest"]
@@ -550,6 +627,39 @@ def test_release_record_problems(world: World, tmp_path: Path) -> None:
     )
 
 
+def test_audit_verify_fails_when_a_release_cannot_be_verified(world: World, tmp_path: Path) -> None:
+    """`audit --verify` exits 10 when a recorded release could not be verified and says why in
+    one line; neither that line nor the report names a path of this machine's cache."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(world.repo), str(clone)], check=True)
+    _own_records(clone)
+    lost = dict(world.records["r2"])
+    lost.pop("_path")
+    lost["manifest_digest"] = "sha256:" + "0" * 64  # an image the registry does not have
+    work = clone.parent / "records-lost"
+    subprocess.run(
+        ["git", "-C", str(clone), "worktree", "add", "-q", str(work), "ivd-releases"], check=True
+    )
+    commit_files(
+        work,
+        {
+            world.records["r1"]["_path"]: None,
+            world.records["r2"]["_path"]: None,
+            "releases/customer-x/lost.yaml": yaml.safe_dump(lost),
+        },
+        "only a release whose image is gone",
+    )
+    subprocess.run(["git", "-C", str(clone), "worktree", "remove", str(work)], check=True)
+    html = tmp_path / "audit.html"
+    result = run_cli("audit", str(clone), "--html", str(html), "--verify", env=world.env)
+    assert result.returncode == 10, result.stdout + result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("not verified: ")]
+    assert line.startswith(f"not verified: {lost['image']}: ")
+    assert "0000000000" in line  # what could not be read
+    cache = world.env["BUILDER_CACHE_DIR"]
+    assert cache not in result.stderr and cache not in html.read_text()
+
+
 def test_history_and_audit_without_release_records(world: World, tmp_path: Path) -> None:
     """No records branch at all: history and the report say nothing was released."""
     clone = tmp_path / "norecords"
@@ -575,31 +685,136 @@ def chromium() -> str:
     return ensure_command("chromium", "chromium")
 
 
-def render(chromium: str, page: Path, profile: Path) -> tuple[str, list[str]]:
-    """The DOM after load and the console messages (errors, CSP violations) Chromium logged."""
-    result = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={profile}",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout, [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+def _high(fd: int) -> int:
+    """``fd`` moved to a number above 9, so that putting pipes on 3 and 4 clobbers none."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    return moved
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``:
+    NUL-separated JSON on file descriptors 3 and 4), so a test can load a page with screen or
+    print media at a given width, read its layout and take screenshots; no extra library."""
+
+    def __init__(self, chromium: str, profile: Path) -> None:
+        to_browser, self._writer = (_high(fd) for fd in os.pipe())
+        self._reader, from_browser = (_high(fd) for fd in os.pipe())
+        # the browser reads commands on fd 3 and answers on fd 4: bash puts the pipes there
+        self.process = subprocess.Popen(
+            ["bash", "-c", f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser}', chromium,
+             "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--hide-scrollbars", "--remote-debugging-pipe", f"--user-data-dir={profile}",
+             "about:blank"],
+            pass_fds=(to_browser, from_browser),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(to_browser)
+        os.close(from_browser)
+        self._buffer = b""
+        self._next = 0
+        self.events: list[dict[str, Any]] = []
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(f"{domain}.enable", session=True)
+
+    def call(self, method: str, *, session: bool = False, **params: Any) -> dict[str, Any]:
+        self._next += 1
+        message: dict[str, Any] = {"id": self._next, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self._writer, json.dumps(message).encode() + b"\0")
+        while True:
+            reply = self._receive()
+            if reply.get("id") == self._next:
+                assert "error" not in reply, f"{method}: {reply['error']}"
+                return dict(reply.get("result") or {})
+            self.events.append(reply)
+
+    def _receive(self) -> dict[str, Any]:
+        while b"\0" not in self._buffer:
+            chunk = os.read(self._reader, 1 << 16)
+            assert chunk, "chromium closed the DevTools pipe"
+            self._buffer += chunk
+        raw, _, self._buffer = self._buffer.partition(b"\0")
+        return dict(json.loads(raw))
+
+    def load(self, page: Path, *, width: int, media: str = "screen") -> None:
+        """Open ``page`` in a window ``width`` CSS pixels wide with ``media`` styles applied."""
+        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width, height=900,
+                  deviceScaleFactor=1, mobile=False)  # fmt: skip
+        self.call("Emulation.setEmulatedMedia", session=True, media=media)
+        self.events.clear()
+        self.call("Page.navigate", session=True, url=page.as_uri())
+        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
+            self.events.append(self._receive())
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", session=True, expression=expression,
+                           returnByValue=True)  # fmt: skip
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def screenshot(self, path: Path) -> Path:
+        """The whole page (not only the window) as a PNG."""
+        shot = self.call("Page.captureScreenshot", session=True, format="png",
+                         captureBeyondViewport=True)  # fmt: skip
+        path.write_bytes(base64.b64decode(shot["data"]))
+        return path
+
+    def console(self) -> list[str]:
+        """Console messages, uncaught exceptions and browser log entries (failed or refused
+        loads, CSP violations) since the load."""
+        out = []
+        for event in self.events:
+            if event.get("method") == "Runtime.consoleAPICalled":
+                out.append(" ".join(str(a.get("value")) for a in event["params"]["args"]))
+            elif event.get("method") == "Runtime.exceptionThrown":
+                details = event["params"]["exceptionDetails"]
+                out.append(str((details.get("exception") or {}).get("description") or details))
+            elif event.get("method") == "Log.entryAdded":
+                out.append(str(event["params"]["entry"].get("text")))
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(AssertionError, OSError):
+            self.call("Browser.close")
+        self.process.wait(timeout=30)
+        os.close(self._writer)
+        os.close(self._reader)
+
+
+#: Every identifier element: how many line boxes it takes and whether it fits its box.
+_IDENTIFIERS = """
+[...document.querySelectorAll('.id')].map(el => {
+  const box = el.getBoundingClientRect();
+  const holder = el.closest('td, li, p, div, h3, dd').getBoundingClientRect();
+  return {text: el.textContent, lines: el.getClientRects().length,
+          overflow: Math.max(0, box.right - holder.right)};
+})
+"""
+
+
+def identifier_problems(tools: DevTools) -> list[str]:
+    """Identifiers broken across lines or sticking out of their cell, as readable lines."""
+    found = tools.evaluate(_IDENTIFIERS)
+    assert found, "no identifier on the page"
+    return [
+        f"{i['text']!r}: {i['lines']} lines, {i['overflow']:.0f} px beyond its box"
+        for i in found
+        if i["lines"] != 1 or i["overflow"] > 1
+    ]
+
+
+@pytest.fixture
+def devtools(chromium: str, tmp_path: Path) -> Any:
+    tools = DevTools(chromium, tmp_path / "profile")
+    yield tools
+    tools.close()
 
 
 class _Text(HTMLParser):
@@ -627,16 +842,22 @@ class _Text(HTMLParser):
         return re.sub(r"\s+", " ", " ".join(self.parts))
 
 
-def test_audit_report_renders_in_chromium(world: World, chromium: str, tmp_path: Path) -> None:
+#: A4 less the report's 12 mm side margins (186 mm) in CSS pixels: the printed line's width.
+PRINT_WIDTH = round(186 / 25.4 * 96)
+
+
+def test_audit_report_renders_in_chromium(world: World, devtools: DevTools, tmp_path: Path) -> None:
+    """The page a reviewer reads, rendered by Chromium on screen and with print styles at the
+    width of an A4 line: the five questions answered up top, no identifier broken across
+    lines or sticking out of its cell, nothing loaded from anywhere."""
     report = tmp_path / "audit.html"
     summary = cli_json(world, "audit", str(world.repo), "--html", str(report))
     assert summary["revisions"] == 8 and summary["releases"] == 2
+    assert summary["unapproved"] == []
     html = report.read_text()
     assert "url(" not in html and "@import" not in html
-    dom, console = render(chromium, report, tmp_path / "profile")
-    assert console == []
     parsed = _Text()
-    parsed.feed(dom)
+    parsed.feed(html)
     assert all(link.startswith("https://") for link in parsed.links)
     assert parsed.resources == [] and not parsed.tags & {
         "script",
@@ -645,35 +866,57 @@ def test_audit_report_renders_in_chromium(world: World, chromium: str, tmp_path:
         "iframe",
         "object",
     }
-    text = parsed.text
+    shots = Path(os.environ.get("AUDIT_SCREENSHOTS") or tmp_path)
+    for media, width in (("screen", 1200), ("screen", 760), ("print", PRINT_WIDTH)):
+        devtools.load(report, width=width, media=media)
+        assert devtools.console() == []
+        assert identifier_problems(devtools) == [], (media, width)
+        devtools.screenshot(shots / f"audit-{media}-{width}.png")
+    devtools.load(report, width=1200)
+    text = re.sub(r"\s+", " ", devtools.evaluate("document.body.innerText"))
     r1, r2 = world.releases["r1"], world.releases["r2"]
+    tag1, tag2 = r1["image"].rpartition(":")[2], r2["image"].rpartition(":")[2]
     for expected in (
         "Audit report: customer-x",
-        f"The most recent release shipped to customer-x is {r2['image']}",
+        f"What runs at customer-x The newest release, built {_when(world.records['r2'])}: "
+        f"{r2['image']} digest {r2['manifest_digest']}",
+        f"Where each model came from carcinoma_model: carcinoma v3 · registry model {CARCINOMA_ID}"
+        f" · training task {CARCINOMA_TASK} model.onnx sha256 {hashlib.sha256(CARCINOMA).hexdigest()}",
+        f"Who approved it Approved: Approved-by: {REVIEWER}; Approved-by: {QUALITY}",
+        f"What changed since the previous release, and why Since {tag1}",
+        "Does it rebuild Not checked in this report",
+        "allowed by the configuration: 2.5.0 pinned by the lock of the current revision: 2.5.0",
         r1["manifest_digest"],
-        r2["manifest_digest"],
         "Carcinoma threshold 0.5 → 0.6",
         f'mitosis_model: "mitosis v1" {MITOSIS_ID[:8]} (task {MITOSIS_TASK[:8]}) → '
         f'"mitosis v2" {MITOSIS2_ID[:8]} (task {MITOSIS2_TASK[:8]})',
-        "base 2.4.1 → 2.5.0",
-        f"{r1['image']} → {r2['image']}",
+        "base shipped 2.4.1 → 2.5.0",
+        f"Release {tag2}",
+        f"Changed since {tag1}",
+        f"Covered by the approval on the later revision {world.commits['lock2'][:12]} “relock”: "
+        f"Approved-by: {REVIEWER}",
+        SWAP_REASON,
         MITOSIS2_TASK,
-        hashlib.sha256(MITOSIS2).hexdigest(),
         "raise carcinoma threshold",
         "https://gitlab.example.com/ivd/images/-/jobs/2",
         "How to read this report",
     ):
         assert expected in text, expected
-    lineage = text[text.index("4. Model lineage") : text.index("5. Changes between releases")]
+    assert "NOT APPROVED" not in text[: text.index("5. How to read this report")]
+    lineage = text[text.index("4. Model lineage") : text.index("5. How to read this report")]
     assert lineage.index(MITOSIS_ID) < lineage.index(MITOSIS2_ID)
 
-    # The console check is not vacuous: the same run catches a script error and a fetch.
+    # The checks are not vacuous: the same browser sees a script error, a fetch and a broken
+    # identifier.
     bad = tmp_path / "bad.html"
     bad.write_text(
-        '<html><body><img src="http://127.0.0.1:9/x.png"><script>noSuchFunction()</script></body></html>'
+        '<html><body><img src="http://127.0.0.1:9/x.png"><script>noSuchFunction()</script>'
+        '<p style="width: 8em">digest <code class="id">sha256:' + "0" * 64 + "</code></p>"
+        "</body></html>"
     )
-    _, console = render(chromium, bad, tmp_path / "profile")
-    assert any("noSuchFunction" in line for line in console)
+    devtools.load(bad, width=800)
+    assert any("noSuchFunction" in line for line in devtools.console())
+    assert len(identifier_problems(devtools)) == 1
 
 
 # -- the reviewer's path: a customer name or an image reference, nothing else ---------------
@@ -742,28 +985,138 @@ def test_verify_from_anywhere_with_only_the_reference(world: World, tmp_path: Pa
     assert doc["match"] is True, doc["differences"]
 
 
-def test_verify_clones_a_recorded_bare_repository(world: World, tmp_path: Path) -> None:
-    """An image built from a clone of a bare repository records the bare path (without .git);
-    verify finds it, clones it into the cache, and rebuilds bit for bit from another folder."""
-    bare = tmp_path / "server" / "customer-x.git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(world.repo), str(bare)], check=True)
-    work = tmp_path / "work" / "customer-x"
-    subprocess.run(["git", "clone", "-q", str(bare), str(work)], check=True)
-    env = {**world.env, "BUILDER_IMAGE_REGISTRY": world.env["BUILDER_IMAGE_REGISTRY"] + "-bare"}
-    built = run_cli(
-        "build", str(work), "--ref", world.commits["lock1"], "--push", "--json", env=env
+def _run_git(*args: str) -> None:
+    subprocess.run(["git", *args], check=True, capture_output=True)
+
+
+def _folder_configs(world: World, path: Path) -> Path:
+    """A configuration repository holding customer-y in customers/customer-y, locked; its
+    customer.yaml declares the repository's address (a server this test cannot reach)."""
+    folder = "customers/customer-y"
+    declared = "repository: https://gitlab.example.com/ivd/configs.git\n"
+    commit_files(
+        path,
+        {
+            f"{folder}/customer.yaml": CUSTOMER_YAML.format(name="customer-y", base="2.4.1")
+            + declared,
+            f"{folder}/analysis.yaml": ANALYSIS_YAML.format(
+                carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.5
+            ),
+            "README.md": "customer configurations\n",
+        },
+        "customer-y",
+        when=T0,
     )
+    locked = run_cli("lock", str(path / folder), env=world.env)
+    assert locked.returncode == 0, locked.stderr
+    lock = (path / folder / "customer.lock.yaml").read_bytes()
+    commit_files(path, {f"{folder}/customer.lock.yaml": lock}, "lock customer-y", when=T0 + DAY)
+    return path
+
+
+def _build_then_verify_elsewhere(
+    world: World, tmp_path: Path, target: Path, namespace: str, *, gone: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Push a build of ``target``, remove ``gone`` (the clone it was built from), then verify
+    the image by its reference alone from an empty folder with no project settings."""
+    registry = world.env["BUILDER_IMAGE_REGISTRY"] + f"-{namespace}"
+    env = {**world.env, "BUILDER_IMAGE_REGISTRY": registry}
+    built = run_cli("build", str(target), "--push", "--json", env=env)
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
-    report = json.loads(built.stdout)["result"]
-    shutil.rmtree(work.parent)  # only the server-side repository is left
+    report: dict[str, Any] = json.loads(built.stdout)["result"]
+    shutil.rmtree(gone)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    image = report["image"]
-    result = run_cli("verify", image, "--json", env=_bare_env(world), cwd=elsewhere)
+    result = run_cli("verify", report["image"], "--json", env=_bare_env(world), cwd=elsewhere)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    doc = json.loads(result.stdout)["result"]
+    doc: dict[str, Any] = json.loads(result.stdout)["result"]
     assert doc["match"] is True, doc["differences"]
+    assert not any(elsewhere.iterdir())  # nothing written where it ran
+    return report, doc
+
+
+def test_verify_clones_a_recorded_bare_repository(world: World, tmp_path: Path) -> None:
+    """An image built from a clone of a bare repository: the attestation names the bare path
+    (without .git); verify finds it and rebuilds bit for bit from another folder."""
+    bare = tmp_path / "server" / "customer-x.git"
+    _run_git("clone", "-q", "--bare", str(world.repo), str(bare))
+    work = tmp_path / "work" / "customer-x"
+    _run_git("clone", "-q", str(bare), str(work))
+    _run_git("-C", str(work), "checkout", "-q", world.commits["lock1"])
+    _, doc = _build_then_verify_elsewhere(world, tmp_path, work, "bare", gone=work.parent)
     assert doc["repository"] == bare.with_name("customer-x").as_uri()
+
+
+def test_verify_a_folder_customer_in_a_bare_repository(world: World, tmp_path: Path) -> None:
+    """A customer folder inside a bare server repository (``file:///srv/configs#customers/
+    customer-y``): `verify REF` from an empty folder reads the folder out of the bare
+    repository itself (no work tree anywhere) and says MATCH."""
+    configs = _folder_configs(world, tmp_path / "configs")
+    bare = tmp_path / "server" / "configs.git"
+    _run_git("clone", "-q", "--bare", str(configs), str(bare))
+    shutil.rmtree(configs)
+    work = tmp_path / "work" / "configs"
+    _run_git("clone", "-q", str(bare), str(work))
+    report, doc = _build_then_verify_elsewhere(
+        world, tmp_path, work / "customers" / "customer-y", "folder", gone=work.parent
+    )
+    # The image records the declared address (unreachable here); the attestation names where
+    # the build read the folder, and that is where verify found it.
+    labels = doc["explanation"]["labels"]
+    assert labels["org.opencontainers.image.source"] == (
+        "https://gitlab.example.com/ivd/configs#customers/customer-y"
+    )
+    assert doc["repository"] == f"{bare.with_name('configs').as_uri()}#customers/customer-y"
+    assert doc["commit"] == report["config_commit"] and doc["locked"] is True
+    human = run_cli("verify", report["image"], env=_bare_env(world), cwd=tmp_path)
+    assert human.returncode == 0 and "MATCH" in human.stdout.splitlines()
+
+
+def test_verify_an_image_built_from_a_clone_of_a_work_tree(world: World, tmp_path: Path) -> None:
+    """Built from a clone whose origin is another work tree that has its own origin (an
+    https server): verify opens that work tree, rebuilds, and the digest matches (nothing
+    of either origin is in the image)."""
+    upstream = _folder_configs(world, tmp_path / "upstream")
+    _run_git(
+        "-C", str(upstream), "remote", "add", "origin", "https://gitlab.example.com/ivd/configs.git"
+    )
+    laptop = tmp_path / "laptop" / "configs"
+    _run_git("clone", "-q", str(upstream), str(laptop))
+    _, doc = _build_then_verify_elsewhere(
+        world, tmp_path, laptop / "customers" / "customer-y", "worktree", gone=laptop.parent
+    )
+    assert doc["repository"] == f"{upstream.as_uri()}#customers/customer-y"
+
+
+def test_verify_clones_a_recorded_http_repository(world: World, tmp_path: Path) -> None:
+    """A repository served over HTTP on loopback (git's dumb HTTP protocol, a plain web server):
+    the attestation names its http address; verify clones it into the cache and says MATCH."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "www"
+    bare = served / "customer-x"  # served as http://127.0.0.1:PORT/customer-x
+    _run_git("clone", "-q", "--bare", str(world.repo), str(bare))
+    _run_git("-C", str(bare), "update-server-info")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # keep the test output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/customer-x"
+        work = tmp_path / "work" / "customer-x"
+        _run_git("clone", "-q", url, str(work))
+        report, doc = _build_then_verify_elsewhere(world, tmp_path, work, "http", gone=work.parent)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert doc["repository"] == url
+    assert doc["commit"] == report["config_commit"]
 
 
 def test_diff_says_default_for_unset_values() -> None:
@@ -802,17 +1155,24 @@ def _git(repo: Path, *args: str) -> str:
     ).stdout.strip()
 
 
-def _reviewed_clone(world: World, tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """A clone whose origin is an https GitLab address (git rewrites it to the local repository)
-    with one change merged through a merge request carrying an approval trailer."""
+def _reviewed_clone(
+    world: World, tmp_path: Path, records: dict[str, dict[str, Any]] | None = None
+) -> tuple[Path, dict[str, str]]:
+    """A clone whose origin is an https GitLab address (git rewrites it to a server copy of
+    the repository, holding ``records`` as extra release records) with one change merged
+    through a merge request carrying an approval trailer."""
+    server = tmp_path / "server" / "customer-x.git"
+    subprocess.run(["git", "clone", "-q", "--mirror", str(world.repo), str(server)], check=True)
+    for name, record in (records or {}).items():
+        _add_record(server, name, record)
     clone = tmp_path / "reviewed" / "customer-x"
-    subprocess.run(["git", "clone", "-q", str(world.repo), str(clone)], check=True)
+    subprocess.run(["git", "clone", "-q", str(server), str(clone)], check=True)
     web = "https://gitlab.example.com/ivd/customer-x"
     _git(clone, "remote", "set-url", "origin", f"{web}.git")
     env = {
         **world.env,
         "GIT_CONFIG_COUNT": "1",
-        "GIT_CONFIG_KEY_0": f"url.{world.repo.as_uri()}.insteadOf",
+        "GIT_CONFIG_KEY_0": f"url.{server.as_uri()}.insteadOf",
         "GIT_CONFIG_VALUE_0": f"{web}.git",
     }
     default = _git(clone, "rev-parse", "--abbrev-ref", "HEAD")
@@ -852,8 +1212,8 @@ def test_report_shows_approvals_links_and_unrecorded_tags(world: World, tmp_path
     parsed.feed(html)
     text = parsed.text
     merged = _git(clone, "rev-parse", "HEAD^2")
-    assert "Approved-By: Dr. Rev Iewer <rev@example.com>" in text
-    assert "Reviewed-By: QA Person <qa@example.com>" in text
+    assert "Approved-by: Dr. Rev Iewer <rev@example.com>" in text
+    assert "Reviewed-by: QA Person <qa@example.com>" in text
     assert "merge request ivd/customer-x!7" in text
     assert f'href="https://gitlab.example.com/ivd/customer-x/-/commit/{merged}"' in html
     assert 'href="https://gitlab.example.com/ivd/customer-x/-/merge_requests/7"' in html
@@ -862,7 +1222,7 @@ def test_report_shows_approvals_links_and_unrecorded_tags(world: World, tmp_path
     assert '<del class="was">0.6</del> → <ins class="now">0.7</ins>' in html
     assert "Images in the registry without a release record" in text
     assert dev["manifest_digest"] in text
-    assert "signed by key" in text and "no approval recorded" in text
+    assert "signed by key" in text and "Changes not released yet (2)" in text
     for word in ("HEAD", str(tmp_path), "file://"):
         at = text.find(word)
         assert at < 0, f"{word!r} in the report: ...{text[max(0, at - 120) : at + 60]}..."
@@ -870,50 +1230,62 @@ def test_report_shows_approvals_links_and_unrecorded_tags(world: World, tmp_path
     assert "mitosis v2" in text  # model names next to ids
 
 
-def test_report_prints_cleanly_to_pdf(world: World, chromium: str, tmp_path: Path) -> None:
-    """The rendered pages, not the HTML text: Chromium prints the report to PDF (A4, the print
-    stylesheet); the text a reviewer reads is there and nothing is drawn into the margins."""
+def _rebuilt_on_another_base(world: World) -> dict[str, Any]:
+    """A release record of r2's revision rebuilt on base 2.5.1 (a fleet rebuild without a
+    configuration change), with a CI job address too long for one printed line."""
+    record = {k: v for k, v in world.records["r2"].items() if k != "_path"}
+    repository = record["image"].rpartition(":")[0]
+    tag = f"2.5.1-{world.commits['lock4'][:12]}"
+    return {
+        **record,
+        "image": f"{repository}:{tag}",
+        "tags": [f"{repository}:{tag}", f"{repository}:2.5.1"],
+        "manifest_digest": "sha256:" + "2" * 64,
+        "base_image": {**record["base_image"], "version": "2.5.1", "digest": "sha256:" + "1" * 64},
+        "built_at": _later(record["built_at"], days=2),
+        "ci_url": "https://gitlab.example.com/ivd/fleet/customers-of-the-breast-line/-/jobs/"
+        "123456789?pipeline=987654321&variant=cpu",
+    }
+
+
+def _pdf_pages(pdf: Path) -> list[str]:
+    """The text of each page, laid out as printed (one printed line per text line)."""
+    from testbed._util import ensure_command
+
+    pdftotext = ensure_command("pdftotext", "poppler-utils")
+    text = subprocess.run(
+        [pdftotext, "-layout", "-enc", "UTF-8", str(pdf), "-"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return [page for page in text.split("\f") if page.strip()]
+
+
+def _identifiers(html: str) -> list[str]:
+    """The text of every identifier element of the report."""
+    found = re.findall(r'class="id"[^>]*>(?:<a [^>]*>)?([^<]+)<', html)
+    return sorted({unescape(t) for t in found})
+
+
+def _check_printed(pdf: Path, html: str, generated: str, tmp_path: Path) -> str:
+    """A printed report: every page numbered and dated, every identifier on one printed line,
+    nothing drawn into the side margins. Returns the whole text."""
     from PIL import Image
 
     from testbed._util import ensure_command
 
-    pdftotext = ensure_command("pdftotext", "poppler-utils")
+    pages = _pdf_pages(pdf)
+    assert len(pages) >= 3
+    for number, page in enumerate(pages, 1):
+        assert f"Page {number} of {len(pages)}" in page, f"page {number} has no page number"
+        assert f"generated {generated}" in page, f"page {number} has no generation date"
+    lines = [line for page in pages for line in page.splitlines()]
+    for ident in _identifiers(html):
+        assert any(ident in line for line in lines), f"{ident!r} is broken across lines"
     pdftoppm = ensure_command("pdftoppm", "poppler-utils")
-    clone, env = _reviewed_clone(world, tmp_path)
-    report = tmp_path / "audit.html"
-    done = run_cli("audit", str(clone), "--html", str(report), env=env)
-    assert done.returncode == 0, done.stderr
-    pdf = tmp_path / "audit.pdf"
-    printed = subprocess.run(
-        [
-            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}", "--no-pdf-header-footer",
-            f"--print-to-pdf={pdf}", report.as_uri(),
-        ],
-        capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
-    assert printed.returncode == 0 and pdf.is_file(), printed.stderr[-2000:]
-    text = subprocess.run(
-        [pdftotext, "-enc", "UTF-8", str(pdf), "-"], capture_output=True, text=True, check=True
-    ).stdout
-    flat = re.sub(r"\s+", " ", text)
-    for expected in (
-        "Audit report: customer-x",
-        "Approved-By: Dr. Rev Iewer",
-        "ivd/customer-x!7",
-        "Carcinoma threshold 0.6 → 0.7",
-        "2. Releases",  # table cells wrap differently page by page: their text is checked in HTML
-        " UTC",
-        "How to read this report",
-    ):
-        assert expected in flat, expected
-    # links print with their address, so the paper copy still says where to look
-    assert "<https://gitlab.example.com/ivd/customer-x>" in flat
-    pages = tmp_path / "page"
-    subprocess.run([pdftoppm, "-r", "40", "-png", str(pdf), str(pages)], check=True)
-    rendered = sorted(tmp_path.glob("page*.png"))
-    assert rendered
+    prefix = tmp_path / pdf.stem
+    subprocess.run([pdftoppm, "-r", "40", "-png", str(pdf), str(prefix)], check=True)
+    rendered = sorted(tmp_path.glob(f"{pdf.stem}*.png"))
+    assert len(rendered) == len(pages)
     for png in rendered:
         image = Image.open(png).convert("L")
         width, height = image.size
@@ -923,3 +1295,290 @@ def test_report_prints_cleanly_to_pdf(world: World, chromium: str, tmp_path: Pat
             assert isinstance(lowest, int) and lowest > 235, (
                 f"{png.name}: something is drawn in the page margin"
             )
+    return re.sub(r"\s+", " ", "\n".join(pages))
+
+
+def test_report_pdf_pages_numbered_dated_identifiers_whole(
+    world: World, chromium: str, tmp_path: Path
+) -> None:
+    """`builder audit --pdf` (WeasyPrint) and Chromium's Print to PDF of the HTML: A4 pages,
+    each with its number and the generation date; every identifier on one printed line (a CI
+    address too long for one is shortened, its full value in a numbered note)."""
+    long_job = _rebuilt_on_another_base(world)
+    clone, env = _reviewed_clone(world, tmp_path, {"rebuilt": long_job})
+    report, pdf = tmp_path / "audit.html", tmp_path / "audit.pdf"
+    done = run_cli("audit", str(clone), "--html", str(report), "--pdf", str(pdf), "--json", env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads(done.stdout)["result"]["pdf"] == str(pdf)
+    html = report.read_text()
+    generated = re.search(r"generated ([^\"]+ UTC)", html)
+    assert generated is not None
+    assert f'title="{long_job["ci_url"]}"'.replace("&", "&amp;") in html
+    notes = html[html.index('id="notes"') :]
+    assert long_job["ci_url"].replace("&", "&amp;") in notes
+
+    printed = _check_printed(pdf, html, generated[1], tmp_path)
+    # the shortened address in its place, the full one in the notes (wrapped only there)
+    assert long_job["ci_url"] in "".join(printed[printed.rindex("Notes") :].split())
+    for expected in (
+        "Audit report: customer-x",
+        "Approved-by: Dr. Rev Iewer",
+        "ivd/customer-x!7",
+        "Carcinoma threshold 0.6 → 0.7",
+        "What runs at",
+        # one statement of the base: allowed, pinned, shipped, and why pinned and shipped differ
+        "shipped in the newest release: 2.5.1",
+        "the release was built on base 2.5.1, while the lock of its revision pins 2.5.0",
+        "base shipped 2.5.0 → 2.5.1",
+        "How to read this report",
+    ):
+        assert expected in printed, expected
+    assert "https://gitlab.example.com/ivd/customer-x" in printed  # the repository, on paper
+
+    chromium_pdf = tmp_path / "chromium.pdf"
+    result = subprocess.run(
+        [
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", "--no-pdf-header-footer",
+            f"--print-to-pdf={chromium_pdf}", report.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0 and chromium_pdf.is_file(), result.stderr[-2000:]
+    assert "Approved-by: Dr. Rev Iewer" in _check_printed(
+        chromium_pdf, html, generated[1], tmp_path
+    )
+
+
+# -- the five questions, by name and by image reference, from an empty directory -------------
+
+
+def _reviewer(world: World, tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A reviewer's machine: an empty working directory, no project settings and no BUILDER_*
+    variables, only the user's own settings file naming where the fleet file lies. The fleet
+    file lists customer-x by the file:// URL of its repository (no folder of that name)."""
+    fleet = tmp_path / "fleet-project"
+    fleet.mkdir()
+    (fleet / "fleet.yaml").write_text(
+        yaml.safe_dump(
+            {"fleet_version": 1, "customers": [{"name": "customer-x", "repo": world.repo.as_uri()}]}
+        )
+    )
+    config = tmp_path / "config"
+    (config / "ivd-builder").mkdir(parents=True)
+    (config / "ivd-builder" / "builder.toml").write_text(f'[builder]\ncustomers = "{fleet}"\n')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return {**_bare_env(world), "XDG_CONFIG_HOME": str(config)}, empty
+
+
+def _run(env: dict[str, str], cwd: Path, *args: str, code: int = 0) -> dict[str, Any]:
+    done = run_cli(*args, "--json", env=env, cwd=cwd)
+    assert done.returncode == code, done.stdout[-3000:] + done.stderr[-2000:]
+    return dict(json.loads(done.stdout)["result"])
+
+
+@pytest.mark.parametrize("by", ["name", "image"])
+def test_five_questions_from_an_empty_directory(world: World, tmp_path: Path, by: str) -> None:
+    """What runs at the site, where each model came from, who approved it, what changed since
+    the last release and why, and does it rebuild: by the customer's name (resolved through
+    the fleet file the user's settings point at) and by the image reference alone."""
+    env, empty = _reviewer(world, tmp_path)
+    r1, r2 = world.releases["r1"], world.releases["r2"]
+    target = "customer-x" if by == "name" else r2["image"]
+
+    # 1. what runs at customer-x
+    shipped = _run(env, empty, "explain", target)
+    assert shipped["manifest_digest"] == r2["manifest_digest"]
+    assert shipped["verdict"]["recorded_release"] is True and shipped["ok_checks"] is True
+    if by == "name":
+        assert shipped["selected"]["found"].startswith("fleet file ")
+        assert shipped["selected"]["registry_note"].endswith("points to this release")
+    # 2. where each model came from
+    models = {m["name"]: m for m in shipped["provenance"]["models"]}
+    assert (models["mitosis_model"]["registry_id"], models["mitosis_model"]["task_id"]) == (
+        MITOSIS2_ID,
+        MITOSIS2_TASK,
+    )
+    assert {f["status"] for f in shipped["files"]} == {"ok"}
+    # 3. who approved it: every change since the previous release is covered
+    review = shipped["review"]
+    assert review["previous"]["image"] == r1["image"]
+    covered = {r["revision"]["commit"]: r["approval"] for r in review["revisions"]}
+    assert covered[world.commits["threshold"]]["later"] == world.commits["lock2"]
+    assert {a["status"] for a in covered.values()} == {"approved", "covered"}
+    human = run_cli("explain", target, env=env, cwd=empty)
+    assert human.returncode == 0, human.stderr
+    assert f"approved     Approved-by: {REVIEWER}; Approved-by: {QUALITY}" in human.stdout
+    # 4. what changed since the last release, and why
+    # (a location-free image names its repository through its attestation: `sources`)
+    changed = _run(env, empty, "diff", "customer-x" if by == "name" else shipped["sources"][0],
+        r1["image"].rpartition(":")[2] if by == "name" else r1["image"],
+        target if by == "image" else r2["image"].rpartition(":")[2])  # fmt: skip
+    texts = [c["text"] for c in changed["changes"]]
+    assert "Carcinoma threshold 0.5 -> 0.6" in texts
+    assert "base shipped 2.4.1 -> 2.5.0" in texts  # two releases: the base as shipped
+    # read from the locks, though this machine configures no production store
+    assert (
+        f'mitosis_model: "mitosis v1" {MITOSIS_ID[:8]} (task {MITOSIS_TASK[:8]}) -> '
+        f'"mitosis v2" {MITOSIS2_ID[:8]} (task {MITOSIS2_TASK[:8]})'
+    ) in texts
+    reasons = [r["revision"]["reason"] for r in changed["revisions"]]
+    assert f"mitosis v2\n\n{SWAP_REASON}" in reasons
+    assert changed["point_a"]["via"] == "release" and changed["point_b"]["via"] == "release"
+    # 5. does it rebuild
+    rebuilt = _run(env, empty, "verify", target)
+    assert rebuilt["match"] is True, rebuilt["differences"]
+
+
+def test_unknown_customer_says_where_it_looked(world: World, tmp_path: Path) -> None:
+    env, empty = _reviewer(world, tmp_path)
+    done = run_cli("explain", "customer-q", env=env, cwd=empty)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "customer 'customer-q' not found" in line
+    assert "not in the fleet file" in line and "(listed: customer-x)" in line
+    assert "BUILDER_CUSTOMERS" in line
+
+
+def test_repository_strings_the_tool_prints_are_accepted(world: World, tmp_path: Path) -> None:
+    """`URL#folder` for a folder customer (a file:// repository on this machine, read in
+    place, and an https one mirrored into the cache), and a bare repository named without its
+    .git, as explain and history print them."""
+    mono = tmp_path / "mono"
+    files = {
+        f"customers/customer-x/{name}": (world.repo / name).read_bytes()
+        for name in ("customer.yaml", "analysis.yaml", "customer.lock.yaml")
+    }
+    commit_files(mono, files, "customer-x in the fleet repository", when=T0 + 20 * DAY)
+    env = {
+        **_bare_env(world),
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": f"url.{mono.as_uri()}.insteadOf",
+        "GIT_CONFIG_VALUE_0": "https://gitlab.example.com/ivd/fleet.git",
+    }
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    printed = _run(env, empty, "history", f"{mono.as_uri()}#customers/customer-x")
+    assert printed["repository"] == f"{mono.as_uri()}#customers/customer-x"
+    again = _run(env, empty, "history", printed["repository"])  # what it printed, back in
+    assert again["entries"][0]["revision"] == printed["entries"][0]["revision"]
+    remote = _run(
+        env, empty, "history", "https://gitlab.example.com/ivd/fleet.git#customers/customer-x"
+    )
+    assert remote["repository"] == "https://gitlab.example.com/ivd/fleet#customers/customer-x"
+    assert [e["revision"]["commit"] for e in remote["entries"]] == [
+        e["revision"]["commit"] for e in printed["entries"]
+    ]
+    bare = tmp_path / "server" / "customer-x.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(world.repo), str(bare)], check=True)
+    named = _run(env, empty, "history", bare.with_name("customer-x").as_uri())
+    assert len(named["entries"]) == 8 and len(named["releases"]) == 2
+    escape = run_cli("history", f"{mono.as_uri()}#../outside", env=env, cwd=empty)
+    assert escape.returncode == 2 and "must be a relative path inside" in escape.stderr
+
+
+def test_unapproved_change_and_rules_of_their_time(world: World, tmp_path: Path) -> None:
+    """A released change no approval covers is flagged by history, diff, explain's review and
+    the report; a released revision that today's validation refuses is read as written and
+    said to predate the rule, not called broken."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(world.repo), str(clone)], check=True)
+    _own_records(clone)
+    customer = (clone / "customer.yaml").read_text()
+    old_style = commit_files(
+        clone,
+        {"customer.yaml": customer + "maintainer: site lab\n"},  # a key today's schema refuses
+        "record the site's maintainer",
+        when=T0 + 11 * DAY,
+    )
+    record = {k: v for k, v in world.records["r2"].items() if k != "_path"}
+    repository = record["image"].rpartition(":")[0]
+    tag = f"2.5.0-{old_style[:12]}"
+    _add_record(clone, tag, {
+        **record, "config": {**record["config"], "commit": old_style},
+        "image": f"{repository}:{tag}", "tags": [f"{repository}:{tag}"],
+        "manifest_digest": "sha256:" + "3" * 64, "built_at": _later(record["built_at"], days=1),
+    })  # fmt: skip
+    hist = cli_json(world, "history", str(clone))
+    last = hist["entries"][-1]
+    assert last["revision"]["commit"] == old_style
+    assert last["error"] is None and last["config"] is not None
+    assert last["rule_note"].startswith("written before a rule this builder applies today")
+    assert "was released" in last["rule_note"] and "maintainer" in last["rule_note"]
+    assert last["approval"]["status"] == "unapproved"
+    assert hist["unapproved"] == [old_style]
+    human = run_cli("history", str(clone), env=world.env)
+    assert "could not be read" not in human.stdout
+    assert (
+        f"    ! NOT APPROVED: no approval covers this change, released as {repository}:{tag}"
+        in human.stdout
+    )
+    assert f'not approved: {old_style[:12]} "record the site\'s maintainer" was released' in (
+        human.stderr
+    )
+
+    changed = cli_json(world, "diff", str(clone), world.commits["lock4"], tag)
+    assert changed["unapproved"] == [old_style]
+    report = tmp_path / "audit.html"
+    summary = cli_json(world, "audit", str(clone), "--html", str(report))
+    assert summary["unapproved"] == [old_style]
+    parsed = _Text()
+    parsed.feed(report.read_text())
+    assert "Released changes that no approval covers" in parsed.text
+    assert "NOT APPROVED" in parsed.text
+
+
+def _record(commit: str, image: str) -> Any:
+    from builder.documents.release_record import ReleaseRecord
+
+    return ReleaseRecord(
+        customer="customer-x", config_repository="file:///r", config_path=".",
+        config_commit=commit, image=image, manifest_digest="sha256:" + "0" * 64, tags=(image,),
+        base_repository="r/base", base_version="2.4.1", base_digest="sha256:" + "1" * 64,
+        models=(), built_at="2026-01-01T00:00:00Z", builder_version="0",
+    )  # fmt: skip
+
+
+def test_an_approval_covers_what_it_contains_and_nothing_else() -> None:
+    """Parallel branches: an approval on one branch does not cover the other branch's change;
+    it covers its own ancestors up to the previous release, never a change after it."""
+    from builder.audit.approvals import Approval, Review, coverage
+
+    # newest first, parents rewritten to revisions: a <- b, a <- c, m merges b and c, d after m
+    graph = {"d": ("m",), "m": ("b", "c"), "c": ("a",), "b": ("a",), "a": ()}
+
+    def review(commit: str, *who: str, request: str | None = None) -> Review:
+        approvals = tuple(Approval("Approved-by", w, commit) for w in who)
+        return Review(commit, commit.upper(), approvals, None, request)
+
+    reviews = {c: review(c) for c in graph}
+    reviews["c"] = review("c", "Dr. C")
+    found = coverage(graph, reviews, [_record("m", "img:1")])
+    assert {c: f.status for c, f in found.items()} == {
+        "a": "covered", "b": "unapproved", "c": "approved", "m": "unapproved", "d": "pending"
+    }  # fmt: skip
+    assert (found["a"].later, found["a"].later_subject) == ("c", "C")
+    assert found["b"].release == "img:1" and found["d"].release is None
+    assert found["b"].sentence == "NOT APPROVED: no approval covers this change, released as img:1"
+
+    # an earlier release at a: a belongs to it (nothing approved it), b to the later one, which a
+    # merge request (the merge commit's) covers together with everything it contains
+    reviews["m"] = review("m", request="ivd/x!7")
+    found = coverage(graph, reviews, [_record("a", "img:0"), _record("m", "img:1")])
+    assert {c: f.status for c, f in found.items()} == {
+        "a": "unapproved", "b": "covered", "c": "approved", "m": "approved", "d": "pending"
+    }  # fmt: skip
+    assert found["b"].merge_requests == ("ivd/x!7",) and found["b"].covered
+
+
+def test_customer_or_image() -> None:
+    from builder.audit.locate import is_customer
+
+    for customer in ("customer-x", "file:///srv/fleet#customers/x", "git@host:grp/x.git",
+                     "https://gitlab.example.com/ivd/x#customers/x"):  # fmt: skip
+        assert is_customer(customer), customer
+    for image in ("127.0.0.1:5000/x:2.5.0-1a2b", "host/x@sha256:" + "0" * 64,
+                  "x@sha256:" + "0" * 64, "oci:/tmp/layout:tag", "docker-archive:/tmp/a.tar"):  # fmt: skip
+        assert not is_customer(image), image

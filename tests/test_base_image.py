@@ -9,6 +9,7 @@ same results as the runner on the host.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -64,6 +65,114 @@ def test_incomplete_wheelhouse_without_download_is_a_clear_error(tmp_path: Path)
         ensure_wheelhouse(tmp_path, [BASE_DIR / "requirements-cpu.txt"], download=False)
 
 
+DEBOOTSTRAP_LOG = """\
+I: Retrieving InRelease
+I: Checking Release signature
+I: Retrieving Packages
+I: Resolving dependencies of required packages...
+I: Retrieving adduser 3.134
+I: Validating adduser 3.134
+I: Retrieving apt 2.6.1
+I: Validating apt 2.6.1
+I: Retrieving bash 5.2.15-2+b13
+I: Validating bash 5.2.15-2+b13
+I: Extracting adduser...
+I: Extracting apt...
+I: Installing core packages...
+W: a warning line is kept in the log only
+I: Unpacking required packages...
+I: Unpacking adduser...
+I: Configuring required packages...
+I: Configuring adduser...
+I: Base system installed successfully.
+"""
+
+
+def test_debootstrap_progress_names_each_step_and_counts_packages_per_phase() -> None:
+    """The minutes of debootstrap are never silent: each step, and how many packages each
+    pass over them handled, as one line; the whole output still goes to the log."""
+    import io
+
+    from builder.image.base_os import debootstrap_progress
+
+    stages: list[str] = []
+    log = io.StringIO()
+    debootstrap_progress(
+        DEBOOTSTRAP_LOG.splitlines(keepends=True), lambda e: stages.append(str(e.stage)), log
+    )
+    assert log.getvalue() == DEBOOTSTRAP_LOG
+    assert [re.sub(r", \d+ s$", "", s) for s in stages] == [
+        "debootstrap: Retrieving InRelease",
+        "debootstrap: Checking Release signature",
+        "debootstrap: Retrieving Packages",
+        "debootstrap: Resolving dependencies of required packages",
+        "debootstrap: retrieving 3 packages",
+        "debootstrap: extracting 2 packages",
+        "debootstrap: Installing core packages",
+        "debootstrap: Unpacking required packages",
+        "debootstrap: unpacking 1 packages",
+        "debootstrap: Configuring required packages",
+        "debootstrap: configuring 1 packages",
+        "debootstrap: Base system installed successfully",
+    ]
+
+
+def test_each_wheel_pip_fetches_is_reported(tmp_path: Path) -> None:
+    """`pip download` of the wheelhouse (1.6 GB for gpu) says which wheel it is on."""
+    from builder.contracts import ProgressEvent
+    from builder.image.base_build import _pip_download
+
+    wheel = next(WHEELHOUSE.glob("attrs-*.whl"))
+    version = wheel.name.split("-")[1]
+    events: list[ProgressEvent] = []
+    _pip_download(
+        ["download", "--no-deps", "--no-index", "--find-links", str(WHEELHOUSE),
+         f"attrs=={version}", "-d", str(tmp_path)],
+        "test download",
+        1,
+        events.append,
+    )  # fmt: skip
+    assert [e.stage for e in events] == [f"wheelhouse [1/1] {wheel.name}"]
+    assert (tmp_path / wheel.name).is_file()
+    with pytest.raises(ImageError, match=r"test download failed: .*no-such-dist"):
+        _pip_download(
+            ["download", "--no-index", "no-such-dist==1", "-d", str(tmp_path)],
+            "test download",
+            1,
+            None,
+        )
+
+
+def test_logs_get_a_line_per_step_and_long_transfers_every_few_seconds(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In CI logs (no terminal) a long transfer shows how far it is every 15 s; a short one
+    and counted steps add no lines of their own."""
+    from builder.cli import _common
+    from builder.contracts import ProgressEvent
+
+    clock = [100.0]
+    monkeypatch.setattr("builder.cli._common.time.monotonic", lambda: clock[0])
+    lines = _common.StageLines()
+    for seconds, event in [
+        (0, ProgressEvent(stage="building x")),
+        (1, ProgressEvent("build", 1, 31)),
+        (2, ProgressEvent("push small", 5, 10)),
+        (3, ProgressEvent("push small", 10, 10)),
+        (4, ProgressEvent("exporting x", 1_000_000_000, 3_000_000_000)),
+        (10, ProgressEvent("exporting x", 1_500_000_000, 3_000_000_000)),
+        (20, ProgressEvent("exporting x", 2_000_000_000, 3_000_000_000)),
+        (25, ProgressEvent("exporting x", 3_000_000_000, 3_000_000_000)),
+    ]:
+        clock[0] = 100.0 + seconds
+        lines(event)
+    assert capsys.readouterr().err.splitlines() == [
+        "[   0.0 s] building x",
+        "[  20.0 s] exporting x: 2.00 GB of 3.00 GB (67%)",
+        "[  25.0 s] exporting x: 3.00 GB of 3.00 GB (100%)",
+    ]
+
+
 def test_bad_arguments_fail_before_any_work() -> None:
     with pytest.raises(ImageError, match="variant"):
         build_base_image(
@@ -102,6 +211,32 @@ def built(
     assert any(what == "wheelhouse" and done == total for what, done, total in steps)
     assert any(what == "build" for what, _, _ in steps)
     return result
+
+
+@pytest.mark.docker
+def test_an_image_built_from_the_base_is_never_reused_as_the_base(
+    docker_engine: Any, base_os_image: str, tmp_path: Path
+) -> None:
+    """A customer image in the engine (loaded, smoke-tested) inherits every label of its base,
+    the build-inputs key too: the base build must not take it for the base it built before."""
+    import io
+    import os
+
+    from builder.image.base_build import LABEL_INPUTS, LABEL_VERSION, _built_before
+
+    key = f"test-{os.getpid()}-{tmp_path.name}"
+    client = docker_engine.client()
+    tag = f"ivd-test/customer-like:{os.getpid()}"
+    dockerfile = f'FROM {base_os_image}\nLABEL {LABEL_INPUTS}="{key}" {LABEL_VERSION}="2.4.1-abc"\n'
+    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, network_mode="none")
+    try:
+        base = f"ivd-test/base-like:{os.getpid()}"
+        assert _built_before(client, base, key, {LABEL_VERSION: "2.4.1"}) is None
+        found = _built_before(client, base, key, {LABEL_VERSION: "2.4.1-abc"})
+        assert found == client.images.get(tag).id  # the label check, not the key, decides
+        client.images.remove(base)
+    finally:
+        client.images.remove(tag)
 
 
 @pytest.mark.docker

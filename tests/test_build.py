@@ -20,6 +20,7 @@ from helpers import (
     MITOSIS_TASK,
     SeedModel,
     commit_files,
+    commit_lock,
     customer_repo,
     model_record,
     push_labelled_bases,
@@ -69,8 +70,11 @@ def env(tmp_path: Path, oci_registry: Any, docker_engine: Any, base_images: str)
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    return customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+def repo(tmp_path: Path, env: dict[str, str]) -> Path:
+    """customer-x with its lock committed: what a release (--push) needs."""
+    path = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    commit_lock(path, env)
+    return path
 
 
 def _build(env: dict[str, str], *args: str) -> dict[str, Any]:
@@ -139,23 +143,67 @@ def test_build_push_pull_run(
     assert json.loads(inspect.stdout)["Digest"] == report["manifest_digest"]
 
 
-def test_same_inputs_same_digest_from_another_clone(
+def _git(*args: str) -> None:
+    subprocess.run(["git", *args], check=True, capture_output=True)
+
+
+def test_one_commit_one_digest_from_two_clones_reached_differently(
     env: dict[str, str], repo: Path, tmp_path: Path
 ) -> None:
-    first = _build(env, str(repo))
-    clone = tmp_path / "elsewhere" / "clone"
-    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
-    other_env = {
+    """One commit, two machines: clones with different ``origin`` spellings (a local path; an
+    SSH address that is not even the server they were cloned from), the base registry reached
+    as 127.0.0.1:PORT and as localhost:PORT, the production store spelled as an absolute path
+    and relative to the working directory, other caches, umask and TZ. One image digest,
+    unlocked and locked; the image names none of these locations."""
+    production = env["BUILDER_PRODUCTION"].removeprefix("file:")
+    assert run_cli("lock", str(repo), env=env).returncode == 0
+    commit_files(repo, {"customer.lock.yaml": (repo / "customer.lock.yaml").read_bytes()}, "lock")
+    server = tmp_path / "server" / "customer-x.git"
+    _git("clone", "-q", "--bare", str(repo), str(server))
+    laptop, ci = tmp_path / "laptop" / "customer-x", tmp_path / "ci" / "build"
+    _git("clone", "-q", str(server), str(laptop))  # origin: /.../server/customer-x.git
+    _git("clone", "-q", server.as_uri(), str(ci))
+    _git("-C", str(ci), "remote", "set-url", "origin", "git@gitlab.example.com:ivd/customer-x.git")
+    base = env["BUILDER_BASE_REPOSITORY"]
+    assert base.startswith("127.0.0.1:")
+    laptop_env = {**env, "BUILDER_CACHE_DIR": str(tmp_path / "laptop-cache")}
+    ci_env = {
         **env,
-        "BUILDER_CACHE_DIR": str(tmp_path / "other-cache"),
+        "BUILDER_CACHE_DIR": str(tmp_path / "ci-cache"),
+        "BUILDER_BASE_REPOSITORY": base.replace("127.0.0.1:", "localhost:", 1),
+        "BUILDER_IMAGE_REGISTRY": env["BUILDER_IMAGE_REGISTRY"].replace("127.0.0.1:", "localhost:"),
+        "BUILDER_PRODUCTION": f"file:{os.path.relpath(production, tmp_path)}/",
         "TZ": "Pacific/Kiritimati",
     }
-    old_umask = os.umask(0o077)
-    try:
-        second = _build(other_env, str(clone))
-    finally:
-        os.umask(old_umask)
-    assert second["manifest_digest"] == first["manifest_digest"]
+    digests = set()
+    for extra in ((), ("--locked",)):
+        first = _build(laptop_env, str(laptop), *extra)
+        old_umask = os.umask(0o077)
+        try:
+            result = run_cli("build", str(ci), *extra, "--json", env=ci_env, cwd=tmp_path)
+        finally:
+            os.umask(old_umask)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        second = json.loads(result.stdout)["result"]
+        assert second["manifest_digest"] == first["manifest_digest"]
+        digests.add(first["manifest_digest"])
+    assert len(digests) == 1
+    # Pushed through either alias, it is one image; the tag stays where it is.
+    pushed = _build(laptop_env, str(laptop), "--locked", "--push")
+    again = run_cli("build", str(ci), "--locked", "--push", "--json", env=ci_env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["result"]["manifest_digest"] == pushed["manifest_digest"]
+    inspect = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{pushed['image']}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    labels = json.loads(inspect.stdout)["Labels"]
+    assert labels["com.ivd.layer-format"] == "3"
+    assert not {"org.opencontainers.image.source", "org.opencontainers.image.base.name"} & set(
+        labels
+    )
 
 
 def test_rebuild_reuses_every_layer(env: dict[str, str], repo: Path, oci_registry: Any) -> None:
@@ -181,10 +229,12 @@ def test_base_bump_uploads_only_manifest_and_config(
     assert {layer["push"] for layer in new["layers"]} == {"present"}
 
 
-def test_immutable_tag_is_refused_then_forced(
-    env: dict[str, str], repo: Path, tmp_path: Path
-) -> None:
-    _build(env, str(repo), "--push")
+def test_immutable_tag_is_refused_then_forced(env: dict[str, str], tmp_path: Path) -> None:
+    """The registry refuses to move an immutable tag and says which inputs differ, side by
+    side; --force moves it and says what it overwrote. (Unlocked development builds: a
+    release's lock would refuse the re-published weights first, exit 7.)"""
+    repo = customer_repo(tmp_path / "dev", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    first = _build(env, str(repo), "--push", "--allow-unlocked")
     # Same config commit, other weights under the same task: the immutable tag would move.
     write_production(
         tmp_path / "production",
@@ -192,10 +242,22 @@ def test_immutable_tag_is_refused_then_forced(
         CARCINOMA_ID,
         {"model.onnx": b"re-published by mistake"},
     )
-    code, line = _fail(env, str(repo), "--push")
-    assert code == 6 and "immutable tag" in line and "refusing" in line
-    forced = _build(env, str(repo), "--push", "--force")
-    assert any(w.startswith("FORCED: immutable tag") for w in forced["warnings"])
+    ci = {**env, "BUILDER_CACHE_DIR": str(tmp_path / "ci-cache")}  # an empty local store
+    code, line = _fail(ci, str(repo), "--push", "--allow-unlocked")
+    before = {m["name"]: m["dir_hash"] for m in first["models"]}["carcinoma_model"]
+    assert code == 6 and f"{first['image']} is an immutable tag and already points to" in line
+    assert "refusing to move it" in line and first["manifest_digest"] in line
+    differs = line.split("What differs: ", 1)[1]
+    assert differs.startswith("verbose config sha256: ")  # the sizes and sha256 it lists
+    assert f"model carcinoma_model sha256: {before[:12]} (tagged) vs " in differs
+    assert "config commit" not in differs and "base digest" not in differs
+    forced = _build(ci, str(repo), "--push", "--allow-unlocked", "--force")
+    now = {m["name"]: m["dir_hash"] for m in forced["models"]}["carcinoma_model"]
+    (warning,) = [w for w in forced["warnings"] if w.startswith("FORCED: immutable tag")]
+    assert f"it pointed to {first['manifest_digest']}, now {forced['manifest_digest']}" in warning
+    assert f"model carcinoma_model sha256: {before[:12]} (tagged) vs {now[:12]} (this build)" in (
+        warning
+    )
 
 
 def test_locked_offline_build_needs_no_registry(env: dict[str, str], repo: Path) -> None:
@@ -313,6 +375,7 @@ def test_config_only_change_uploads_config_layer_and_image_config_only(
     """A new config commit: at the registry, only the config layer and image config arrive."""
     first = _build(env, str(repo), "--push")
     customer_repo(repo, carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.7, when=LATER)
+    commit_lock(repo, env, when=LATER)
     mark, stored = len(oci_registry.requests()), _stored_blobs(oci_registry)
     second = _build(env, str(repo), "--push")
     old, new = _by_name(first), _by_name(second)
@@ -335,9 +398,11 @@ def test_config_only_change_uploads_config_layer_and_image_config_only(
         "mitosis_model": "present",
         "config": "uploaded",
     }
-    # The image manifest itself went by digest and by both tags, nothing else of the image.
+    # The image manifest went up under its two tags (one repository: not by digest first).
     manifests = [r.path for r in oci_registry.manifest_puts(mark) if "/customer-x/" in r.path]
-    assert f"/manifests/{second['manifest_digest']}" in " ".join(manifests)
+    refs = {path.rsplit("/manifests/", 1)[1] for path in manifests}
+    assert {tag.rsplit(":", 1)[1] for tag in second["tags"]} <= refs
+    assert second["manifest_digest"] not in refs
 
 
 def test_two_customers_sharing_a_model_store_one_blob(
@@ -348,6 +413,8 @@ def test_two_customers_sharing_a_model_store_one_blob(
     y_repo = customer_repo(
         tmp_path / "y", name="customer-y", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, when=LATER
     )
+    commit_lock(x_repo, env)
+    commit_lock(y_repo, env, when=LATER)
     x = _build(env, str(x_repo), "--push")
     stored = _stored_blobs(oci_registry)
     y = _build(env, str(y_repo), "--push")
@@ -366,6 +433,7 @@ def test_two_customers_sharing_a_model_store_one_blob(
         mitosis=MITOSIS_ID,
         when=LATER + 7,
     )
+    commit_lock(z_repo, env, when=LATER + 7)
     z = _build({**env, "BUILDER_CACHE_DIR": str(tmp_path / "other-cache")}, str(z_repo), "--push")
     assert {n: _by_name(z)[n] for n in models} == models
     after = _stored_blobs(oci_registry)
@@ -385,7 +453,8 @@ def test_verify_rebuilds_an_image_made_before_layer_format_2(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     old = build(BuildRequest(str(repo), push=True, layer_format=1), load_settings(tmp_path))
-    current = _build(env, str(repo))
+    # Another cache: in this one the immutable tag names the old image (and stays so).
+    current = _build({**env, "BUILDER_CACHE_DIR": str(tmp_path / "now")}, str(repo))
     assert _by_name(current)["mitosis_model"] != next(
         layer.digest for layer in old.layers if layer.name == "mitosis_model"
     )
@@ -393,7 +462,7 @@ def test_verify_rebuilds_an_image_made_before_layer_format_2(
     assert result.returncode == 0, result.stdout + result.stderr
     verified = json.loads(result.stdout)["result"]
     assert verified["match"] is True, verified["differences"]
-    assert any("layer format 1" in note for note in verified["notes"])
+    assert any("image format 1 (model layers stamped" in note for note in verified["notes"])
     labels = json.loads(
         subprocess.run(
             ["skopeo", "inspect", "--tls-verify=false", f"docker://{old.image}"],
@@ -403,3 +472,83 @@ def test_verify_rebuilds_an_image_made_before_layer_format_2(
         ).stdout
     )["Labels"]
     assert LAYER_FORMAT_LABEL not in labels
+
+
+#: The image tests/data/format2-image holds: built by the code before images became
+#: location-free (format 2), from the inputs :func:`_format2_inputs` recreates.
+FORMAT2_DIGEST = "sha256:fd27b55e3b7b22b3be7f735bdd2df047b5acd7fe4413bbed9701adcf562a7094"
+FORMAT2_TAG = "2.4.1-e5b4168d0b58"
+
+
+def _format2_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The inputs of tests/data/format2-image, byte for byte: a synthetic base layout, fixed
+    weights, a customer commit with fixed dates and an https ``origin``, every location spelled
+    relative to ``tmp_path`` (the working directory), the builder version fixed."""
+    import git
+    from test_assemble import make_base_layout
+
+    import builder.image.provenance
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(builder.image.provenance, "__version__", "0.0.0-golden")
+    make_base_layout(tmp_path / "base", ("2.4.1",))
+    seed_models(
+        tmp_path,
+        [
+            SeedModel(
+                CARCINOMA_ID, CARCINOMA_TASK, "carcinoma v3", {"model.onnx": b"carcinoma" * 1000}
+            ),
+            SeedModel(MITOSIS_ID, MITOSIS_TASK, "mitosis v1", {"model.onnx": b"mitosis" * 1000}),
+        ],
+    )
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    git.Repo(repo).create_remote("origin", "https://gitlab.example.com/ivd/customer-x.git")
+    settings = {
+        "BUILDER_MODEL_REGISTRY": "local:registry",
+        "BUILDER_PRODUCTION": "file:production",
+        "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
+        "BUILDER_BASE_REPOSITORY": "oci:base",
+        "BUILDER_IMAGE_REGISTRY": "registry.example:5000",
+    }
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    return repo
+
+
+def test_an_image_of_format_2_built_before_the_change_still_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image pushed by the code before location-free images (format 2: it records the
+    clone's origin, the base's name and the production store's spelling) verifies as MATCH:
+    verify rebuilds it with format 2 and the locations it recorded. The same inputs build
+    that digest again with format 2, and another one (format 3, no location) by default."""
+    from builder.audit.verify import verify
+    from builder.image.assemble import LAYER_FORMAT_LABEL
+    from builder.pipeline import BuildRequest, build
+    from builder.settings import load_settings
+
+    repo = _format2_inputs(tmp_path, monkeypatch)
+    layout = tmp_path / "format2-image"
+    shutil.copytree(Path(__file__).parent / "data" / "format2-image", layout)
+    settings = load_settings(tmp_path)
+    result = verify(f"oci:{layout}:{FORMAT2_TAG}", settings, repo=repo)
+    assert result.manifest_digest == FORMAT2_DIGEST
+    assert result.match, result.differences
+    assert any(note.startswith("built with image format 2 (") for note in result.notes)
+    again = build(BuildRequest(str(repo), layer_format=2), settings)
+    assert again.manifest_digest == FORMAT2_DIGEST
+    now = build(BuildRequest(str(repo)), replace_cache(settings, tmp_path / "now"))
+    assert now.manifest_digest != FORMAT2_DIGEST
+    labels = json.loads(
+        (Path(now.outputs["store"]) / "blobs" / "sha256" / now.config_digest[7:]).read_bytes()
+    )["config"]["Labels"]
+    assert labels[LAYER_FORMAT_LABEL] == "3"
+    assert "org.opencontainers.image.source" not in labels
+    assert "org.opencontainers.image.base.name" not in labels
+
+
+def replace_cache(settings: Any, cache: Path) -> Any:
+    """``settings`` with another cache (and so another local image store)."""
+    import dataclasses
+
+    return dataclasses.replace(settings, cache_dir=cache)

@@ -310,11 +310,11 @@ def _runner_refuses(
     for model in verbose["analyses"][0]["models"].values():
         folder = app / model["reference"]
         folder.mkdir(parents=True, exist_ok=True)
-        weights = model["provenance"]["weights_uri"]
+        weights = model["provenance"]["weights_uri"]  # as the image records it
         origin = (
             source / weights.removeprefix("repo:")
             if weights.startswith("repo:")
-            else ROOT / weights.removeprefix("file:")
+            else ROOT / "demo" / "production" / weights.removeprefix("production:")
         )
         shutil.copy(origin / model["params"]["file"], folder / model["params"]["file"])
     parse_config(verbose, Path("analysis.yaml"), app)  # the good config runs
@@ -360,6 +360,31 @@ def test_every_problem_is_listed_and_the_good_config_builds(
     built = run_cli("build", str(good), "--oci-layout", str(tmp_path / "out"), "--json", env=env)
     assert built.returncode == 0, built.stdout + built.stderr
     assert (tmp_path / "out" / "index.json").is_file()
+
+
+def test_validate_lists_config_and_contract_problems_together_in_line_order(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A malformed model id does not hide an unknown plug-in, nor an undeclared model slot:
+    one run of validate, every problem, in file:line order."""
+    model_id = yaml.safe_load(X_ANALYSIS)["analyses"][0]["models"]["carcinoma_model"]["reference"]
+    bad = _sub(
+        _sub(
+            _sub(X_ANALYSIS, model_id, "a957f623-nope"),
+            "- cls: Mitosis",
+            "- cls: Mitossis",
+        ),
+        "segmentation_model: mitosis_model",
+        "segmentation_model: mitosis_modle",
+    )
+    repo = _customer(tmp_path / "cust", CUSTOMER_X, bad)
+    result = run_cli("validate", str(repo), "--json", env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = json.loads(result.stdout)["error"]["message"]
+    found = [int(n) for n in re.findall(r"analysis\.yaml:(\d+): ", message)]
+    expected = [_line_of(bad, t) for t in ("a957f623-nope", "Mitossis", "mitosis_modle")]
+    assert found == expected, message
+    assert "[3 problems]" in message and "did you mean 'Mitosis'" in message
 
 
 def test_registry_plugins_are_checked_at_the_reference_line(
@@ -459,6 +484,30 @@ def test_release_builds_refuse_a_stale_lock_and_say_what_changed(
     assert dev.returncode == 0, dev.stderr
 
 
+def test_lock_check_notes_a_newer_base_and_refuses_a_moved_pinned_tag(
+    tmp_path: Path, env: dict[str, str], contract: bytes
+) -> None:
+    """A base released after the lock is not the config's drift (a note; --locked still
+    builds on the pinned base); the pinned version's tag moved to another image is."""
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    locked = run_cli("lock", str(repo), env=env)
+    assert locked.returncode == 0, locked.stderr
+    commit_files(repo, {"customer.lock.yaml": (repo / "customer.lock.yaml").read_bytes()}, "lock")
+    layout = tmp_path / "base"
+    make_base(layout, "2.4.2", contract)  # a base release the constraint ~=2.4 admits
+    check = run_cli("lock", str(repo), "--check", env=env)
+    assert check.returncode == 0, check.stderr
+    assert "note: base image 2.4.2 is released (the lock pins 2.4.1)" in check.stderr
+    built = run_cli("build", str(repo), "--locked", "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout)["result"]["base"]["version"] == "2.4.1"
+    make_base(layout, "2.4.1", contract + b"\n")  # the pinned tag now names another image
+    moved = run_cli("lock", str(repo), "--check", env=env)
+    assert moved.returncode == 7, moved.stderr
+    last = moved.stderr.strip().splitlines()[-1]
+    assert f"base image oci:{layout}:2.4.1 is sha256:" in last and "(the tag was moved)" in last
+
+
 def test_worktree_builds_are_dirty_and_never_pushed(tmp_path: Path, env: dict[str, str]) -> None:
     repo = _customer(tmp_path / "cust", CUSTOMER_X)
     (repo / "analysis.yaml").write_text(
@@ -482,18 +531,75 @@ def test_worktree_builds_are_dirty_and_never_pushed(tmp_path: Path, env: dict[st
     assert image.labels["com.ivd.development-build"] == "true"
 
 
-def test_load_without_an_engine_is_one_line(tmp_path: Path, env: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "needed_for"),
+    [
+        (["build", "{repo}", "--load"], "--oci-layout DIR or --docker-archive FILE need none"),
+        (["build", "{repo}", "--backend", "docker"], "the default backend needs none"),
+        (["base", "build", "--variant", "gpu"], "`builder base build` builds with it"),
+    ],
+    ids=["load", "docker-backend", "base-build"],
+)
+def test_every_command_that_needs_the_engine_says_what_to_start(
+    tmp_path: Path, env: dict[str, str], args: list[str], needed_for: str
+) -> None:
+    """No engine: one line naming the address tried, what the engine was for and what to
+    start, exit 6, before any work (nothing downloaded, nothing built)."""
     repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    socket = tmp_path / "no-docker.sock"
     result = run_cli(
-        "build",
-        str(repo),
-        "--load",
-        env={**env, "DOCKER_HOST": f"unix://{tmp_path / 'no-docker.sock'}"},
+        *[a.format(repo=repo) for a in args], env={**env, "DOCKER_HOST": f"unix://{socket}"}
     )
     assert result.returncode == 6, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: no Docker engine reachable") and "--oci-layout" in last
+    assert last.startswith(f"error: no Docker engine at unix://{socket}: no such socket; "), last
+    assert needed_for in last and "systemctl start docker" in last
+    assert "scripts/dockerd" in last
+    assert not (tmp_path / "cache" / "weights").exists()  # failed before any work
+
+
+def test_closing_hints_follow_the_options_used(tmp_path: Path, env: dict[str, str]) -> None:
+    """After a --worktree (-dirty) build no push is suggested (it cannot be pushed); after an
+    export the image is not "in the local image store only", and that export is not offered."""
+    from builder.cli.build import not_pushed_lines
+
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    (repo / "analysis.yaml").write_text(
+        _sub(X_ANALYSIS, "min_region_area_um2: 500", "min_region_area_um2: 450")
+    )
+    dirty = run_cli("build", str(repo), "--worktree", env=env)
+    assert dirty.returncode == 0, dirty.stderr
+    assert f"build {repo} --push " not in dirty.stdout
+    assert "a --worktree (-dirty) build cannot be pushed: commit, then" in dirty.stdout
+    exported = run_cli("build", str(repo), "--oci-layout", str(tmp_path / "out"), env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert f"is in the local image store and the OCI layout {tmp_path / 'out'}" in exported.stdout
+    assert "--oci-layout DIR" not in exported.stdout and f"build {repo} --push" in exported.stdout
+    loaded = not_pushed_lines("r/c:1", "sha256:x", "c", {"store": "s", "docker": "c:1"})
+    assert (
+        loaded[0]
+        == "built, not pushed: r/c:1@sha256:x is in the local image store and the Docker engine"
+    )
+    assert not any("--load" in line for line in loaded)
+
+
+def test_a_mistyped_feature_class_is_one_problem_not_a_cascade(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """`cls: Carcinom` makes the feature's name "Carcinom"; Mitosis' `depends_on: [Carcinoma]`
+    is right once the class is: one problem (on cls), never a second one suggesting the typo."""
+    bad = _sub(X_ANALYSIS, "- cls: Carcinoma", "- cls: Carcinom")
+    repo = _customer(tmp_path / "cust", CUSTOMER_X, bad)
+    result = run_cli("validate", str(repo), env=env)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "features[0].cls: unknown feature plug-in 'Carcinom' (did you mean 'Carcinoma'?" in last
+    assert "depends_on" not in last and "problems]" not in last
+    # a depends_on that is itself mistyped is still reported, with the right suggestion
+    typo = _customer(tmp_path / "typo", CUSTOMER_X, _sub(bad, "[Carcinoma]", "[Carcinomx]"))
+    both = run_cli("validate", str(typo), env=env)
+    assert "no feature 'Carcinomx'" in both.stderr and "[2 problems]" in both.stderr
 
 
 def test_logs_show_bytes_files_and_seconds_per_stage(tmp_path: Path, env: dict[str, str]) -> None:
@@ -589,3 +695,175 @@ def test_every_release_gate_reason_is_in_the_json_error(
     for model_id in ids:
         assert f"({model_id}) is not published" in error["message"]
     assert "more)" not in error["message"]
+
+
+# -- a release is pinned and loads: no lock, no release; a file the model lacks, no image ------
+
+
+def _fleet(tmp_path: Path, repo: Path) -> Path:
+    """A fleet file naming one customer repository (by path)."""
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        yaml.safe_dump(
+            {"fleet_version": 1, "customers": [{"name": "customer-x", "repo": str(repo)}]}
+        )
+    )
+    return fleet
+
+
+def test_no_committed_lock_no_release_unless_a_labelled_development_build(
+    tmp_path: Path, env: dict[str, str], oci_registry: Any
+) -> None:
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)  # no customer.lock.yaml
+    registry = {**env, "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/unlocked"}
+    for args in (("--locked",), ("--locked", "--push")):
+        refused = run_cli("build", str(repo), *args, "--json", env=registry)
+        assert refused.returncode == 7, (args, refused.stdout + refused.stderr)
+        error = json.loads(refused.stdout)["error"]
+        assert "no customer.lock.yaml committed" in error["message"], error
+        assert "`builder lock`" in error["hint"], error
+    lines = run_cli("build", str(repo), "--push", env=registry).stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "no customer.lock.yaml committed" in errors[0], lines
+    assert "`builder lock`" in errors[0]
+    # the fleet builds releases, pushed or not: the customer fails with exit 7, the run with 8
+    fleet = _fleet(tmp_path, repo)
+    for push in ((), ("--push",)):
+        ran = run_cli(
+            "build",
+            "--all",
+            "--base-version",
+            "2.4.1",
+            "--fleet",
+            str(fleet),
+            *push,
+            "--json",
+            env=registry,
+        )
+        assert ran.returncode == 8, ran.stdout + ran.stderr
+        (result,) = json.loads(ran.stdout)["result"]["results"]
+        assert result["status"] == "failed" and result["error"]["exit_code"] == 7, result
+        assert "`builder lock`" in result["error"]["hint"]
+    # a local build is not a release; --allow-unlocked pushes a labelled development build
+    assert run_cli("build", str(repo), "--oci-layout", str(tmp_path / "l"), env=env).returncode == 0
+    dev = run_cli("build", str(repo), "--push", "--allow-unlocked", "--json", env=registry)
+    assert dev.returncode == 0, dev.stdout + dev.stderr
+    report = json.loads(dev.stdout)["result"]
+    assert report["development"] is True and "registry" in report["outputs"]
+    assert any("no customer.lock.yaml committed" in w for w in report["warnings"])
+    from helpers import offline_settings
+
+    from builder.oci.image import open_image
+
+    pushed = open_image(report["image"], offline_settings(tmp_path / "read"))
+    assert pushed.labels["com.ivd.development-build"] == "true"
+    (tmp_path / "dev.json").write_text(dev.stdout)
+    recorded = run_cli(
+        "release-record", "--report", str(tmp_path / "dev.json"), "--repo", str(repo), env=env
+    )
+    assert recorded.returncode == 4, recorded.stdout + recorded.stderr
+    assert "development build" in recorded.stderr
+
+
+def test_a_release_of_head_refuses_uncommitted_edits(
+    tmp_path: Path, env: dict[str, str], oci_registry: Any
+) -> None:
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    assert run_cli("lock", str(repo), env=env).returncode == 0
+    commit_files(repo, {"customer.lock.yaml": (repo / "customer.lock.yaml").read_text()}, "lock")
+    (repo / "analysis.yaml").write_text(
+        _sub(X_ANALYSIS, "min_region_area_um2: 500", "min_region_area_um2: 450")
+    )
+    registry = {**env, "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/dirty"}
+    refused = run_cli("build", str(repo), "--push", env=registry)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "has uncommitted changes (analysis.yaml)" in line and "--ref" in line, line
+    # naming the commit says which one ships: the committed config, locked and pushed
+    named = run_cli("build", str(repo), "--ref", "HEAD", "--push", "--json", env=registry)
+    assert named.returncode == 0, named.stdout + named.stderr
+    assert json.loads(named.stdout)["result"]["development"] is False
+
+
+def _production_with(tmp_path: Path, model_id: str, rename: str) -> Path:
+    """A copy of the demo production store in which ``model_id``'s model.onnx is stored
+    under another name (ClearML keeps the uploaded file's own name), its manifest to match."""
+    production = tmp_path / "production"
+    shutil.copytree(ROOT / "demo" / "production", production)
+    (folder,) = production.glob(f"*/{model_id}")
+    (folder / "model.onnx").rename(folder / rename)
+    manifest = json.loads((folder / "publish-manifest.json").read_text())
+    manifest["files"][0]["name"] = rename
+    (folder / "publish-manifest.json").write_text(json.dumps(manifest))
+    return production
+
+
+def test_a_file_the_config_loads_that_the_model_lacks_is_refused_at_lock_and_build(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    model_id = yaml.safe_load(X_ANALYSIS)["analyses"][0]["models"]["carcinoma_model"]["reference"]
+    production = _production_with(tmp_path, model_id, "best.onnx")
+    bad = {**env, "BUILDER_PRODUCTION": f"file:{production}"}
+    repo = _customer(tmp_path / "cust", CUSTOMER_X)
+    line_no = _line_of(X_ANALYSIS, model_id)
+    for args in (("lock",), ("lock", "--check"), ("build", "--oci-layout", str(tmp_path / "o"))):
+        result = run_cli(*args[:1], str(repo), *args[1:], env=bad)
+        assert result.returncode == 2, (args, result.stdout + result.stderr)
+        (line,) = result.stderr.strip().splitlines()[-1:]
+        assert f"analysis.yaml:{line_no}: " in line, line
+        assert f"model carcinoma_model ({model_id}, from the registry)" in line, line
+        assert "params.file names 'model.onnx'" in line and "its files: best.onnx" in line, line
+    assert not (repo / "customer.lock.yaml").exists() and not (tmp_path / "o").exists()
+
+    # A lock pinning other files than the config loads (edited, or made by an older builder):
+    # validate and a --locked build refuse it from the lock alone, before any download.
+    assert run_cli("lock", str(repo), env=env).returncode == 0
+    lock_text = (repo / "customer.lock.yaml").read_text()
+    commit_files(
+        repo,
+        {"customer.lock.yaml": lock_text.replace("- name: model.onnx", "- name: best.onnx", 1)},
+        "lock",
+    )
+    for args in (("validate",), ("build", "--locked")):
+        result = run_cli(*args[:1], str(repo), *args[1:], env=env)
+        assert result.returncode == 2, (args, result.stdout + result.stderr)
+        assert "params.file names 'model.onnx'" in result.stderr, result.stderr
+
+
+def test_a_model_file_path_must_stay_in_its_model_folder(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    for index, escape in enumerate(("../../../../etc/passwd", "/etc/passwd")):
+        analysis = _sub(Z_ANALYSIS, "params: {file: model.onnx,", f"params: {{file: '{escape}',")
+        repo = _customer(tmp_path / f"cust{index}", CUSTOMER_Z, analysis)
+        for command in ("validate", "lock", "build"):
+            result = run_cli(command, str(repo), env=env)
+            assert result.returncode == 2, (command, result.stdout + result.stderr)
+            line = result.stderr.strip().splitlines()[-1]
+            assert f"analysis.yaml:{_line_of(analysis, escape)}: " in line, line
+            assert f"params.file '{escape}' leaves the model folder" in line, line
+            assert "model mitosis_model (folder models/mitosis)" in line, line
+
+
+def test_any_param_the_contract_marks_as_a_model_file_is_checked(
+    tmp_path: Path, env: dict[str, str], contract: bytes
+) -> None:
+    """The class, not `params.file` alone: a plug-in param the runner's contract marks
+    x-model-file (here a lookup table of MeanStd) must name a file of its model."""
+    from tilerunner.param_schema import MODEL_FILE
+
+    data = json.loads(contract)
+    params = data["plugins"]["preprocessing"]["MeanStd"]["params"]["properties"]
+    params["lut"] = {"type": "string", MODEL_FILE: True}
+    marked = make_base(tmp_path / "marked", "2.4.1", json.dumps(data).encode())
+    ok = _sub(Z_ANALYSIS, "std: [0.25, 0.25, 0.25]}", "std: [0.25, 0.25, 0.25], lut: model.onnx}")
+    bad = _sub(Z_ANALYSIS, "std: [0.25, 0.25, 0.25]}", "std: [0.25, 0.25, 0.25], lut: lut.bin}")
+    good_repo = _customer(tmp_path / "good", CUSTOMER_Z, ok)
+    bad_repo = _customer(tmp_path / "bad", CUSTOMER_Z, bad)
+    marked_env = {**env, "BUILDER_BASE_REPOSITORY": marked}
+    assert run_cli("validate", str(good_repo), env=marked_env).returncode == 0
+    refused = run_cli("validate", str(bad_repo), env=marked_env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert f"analysis.yaml:{_line_of(bad, 'lut: lut.bin')}: " in line, line
+    assert "preprocessing[1].params.lut names 'lut.bin'" in line, line

@@ -185,6 +185,34 @@ def test_lock_write_check_and_drift(repo: Path, settings: Settings, tmp_path: Pa
         make_customer_lock(cook(str(repo), settings), cache, base=None, check=True)
 
 
+def test_the_production_store_spelling_is_no_change(
+    repo: Path, settings: Settings, tmp_path: Path
+) -> None:
+    """A lock made with the production store spelled one way: another spelling of the same
+    store (relative to the settings' folder, file://, a trailing slash) is no drift and
+    a locked cook accepts it; another store holding the same files is a location change,
+    never "weights changed"."""
+    import shutil
+
+    cache = Cache(tmp_path / "cache")
+    result = make_customer_lock(cook(str(repo), settings), cache, base=None, check=False)
+    assert result.path is not None
+    commit_files(repo, {"customer.lock.yaml": result.path.read_bytes()}, "lock")
+    production = tmp_path / "production"
+    for spelled in ("file:production", f"file://{production}/", f"file:{production}//"):
+        other = replace(settings, production=spelled, root=tmp_path)
+        checked = make_customer_lock(cook(str(repo), other), cache, base=None, check=True)
+        assert checked.drift == ()
+        locked = cook(str(repo), other, locked=True)
+        assert locked.located.verbose_yaml == cook(str(repo), settings).located.verbose_yaml
+    shutil.copytree(production, tmp_path / "mirror")
+    moved = replace(settings, production=f"file:{tmp_path / 'mirror'}")
+    with pytest.raises(DriftError) as raised:
+        make_customer_lock(cook(str(repo), moved), cache, base=None, check=True)
+    assert "mitosis_model: weights location" in raised.value.message
+    assert "weights changed" not in raised.value.message
+
+
 def test_locked_cook_never_calls_the_registry(
     repo: Path, settings: Settings, tmp_path: Path
 ) -> None:

@@ -13,6 +13,7 @@ import json
 import secrets
 import subprocess
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +31,7 @@ from builder.deliver import (
 from builder.errors import ImageError
 from builder.image.assemble import AssembledImage, FileEntry, LayerSpec, assemble
 from builder.image.base import BaseImage, resolve_base
+from builder.image.store import ImageStore
 from builder.oci import DOCKER_MANIFEST, BlobStore, RegistryClient, RetryPolicy
 from testbed._util import free_port
 from testbed.docker_engine import Engine
@@ -133,7 +135,7 @@ class TestResolveRegistry:
         """~=2.4 picks 2.4.1 (not the prerelease); the base's labels are readable."""
         assert base.version == "2.4.1"
         assert base.digest == pushed_base["2.4.1"]
-        assert "org.ivd.testbed.recipe" in base.labels
+        assert "com.ivd.base-os.recipe" in base.labels
         assert base.config["config"]["Cmd"] == ["python3"]
 
     def test_missing_tag(self, registry: Registry, pushed_base: dict[str, str]) -> None:
@@ -158,14 +160,44 @@ class TestResolveRegistry:
             resolve_base(f"{registry.host}/nope/base", "1.0.0", retry=FAST)
 
     def test_unreachable_registry(self) -> None:
-        """Nothing listening: a bounded number of attempts, then one clear line."""
+        """Nothing listening: a refused connection is an answer (two tries, no backoff), one
+        clear line; the next client within a minute is told at once, without asking."""
         host = f"127.0.0.1:{free_port()}"
         with pytest.raises(ImageError) as info:
             resolve_base(f"{host}/ivd/base", "1.0.0", retry=FAST)
         assert (
             str(info.value)
-            == f"cannot reach registry {host}: connection refused (GET /v2/, 3 attempts)"
+            == f"cannot reach registry {host}: connection refused (GET /v2/, 2 attempts)"
         )
+        with pytest.raises(ImageError, match=r"connection refused \d+ s ago \(GET /v2/; asked"):
+            resolve_base(f"{host}/ivd/base", "1.0.0", retry=FAST)
+
+    def test_a_silent_registry_is_remembered_across_commands(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Registry
+    ) -> None:
+        """A registry that accepts connections but never answers costs one short timeout
+        (twice), and the answer is kept for a minute for the next commands too (a file in the
+        user cache); a registry that answers is asked as usual."""
+        import socket
+
+        from builder.oci import remote
+
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads or writes
+        host = f"127.0.0.1:{silent.getsockname()[1]}"
+        quick = RetryPolicy(attempts=4, backoff=0.05, read_timeout=0.5)
+        try:
+            with pytest.raises(ImageError, match="timed out \\(GET /v2/, 2 attempts\\)"):
+                resolve_base(f"{host}/ivd/base", "1.0.0", retry=quick)
+            remote._UNREACHABLE._seen.clear()  # a new command: only the file is left
+            with pytest.raises(ImageError, match=r"timed out \d+ s ago \(GET /v2/; asked again"):
+                resolve_base(f"{host}/ivd/base", "1.0.0", retry=quick)
+        finally:
+            silent.close()
+        assert (tmp_path / "xdg" / "ivd-builder" / "unreachable-registries").is_dir()
+        assert RegistryClient(registry.host, retry=FAST).host == registry.host  # still asked
 
 
 # -- push ----------------------------------------------------------------------------------------
@@ -275,6 +307,7 @@ class TestPush:
             )
         message = str(info.value)
         assert "immutable tag" in message and first.manifest_digest in message
+        assert "What differs: label m: one (tagged) vs two (this build)" in message
         assert "--force" in message
         client = RegistryClient(registry.host, retry=FAST)
         path = target.split("/", 1)[1]
@@ -295,19 +328,110 @@ class TestPush:
             report.warnings
             and "FORCED" in report.warnings[0]
             and first.manifest_digest in report.warnings[0]
+            and "label m: one (tagged) vs two (this build)" in report.warnings[0]
         )
         assert client.manifest_digest(path, "2.4.1-abc") == second.manifest_digest
 
-    def test_moving_tag_reports_what_it_replaced(
+    def test_moving_tag_is_repointed_without_asking(
         self, registry: Registry, base: BaseImage, store: BlobStore
     ) -> None:
-        """A moving tag is re-pointed without force; the report says from where."""
+        """A moving tag is re-pointed without force and without being read first."""
         target = repo(registry, "customer-z")
         first, second = variant(base, store, "a"), variant(base, store, "b")
         push(first, [f"{target}:latest"], retry=FAST)
+        mark = len(registry.requests())
         report = push(second, [f"{target}:latest"], immutable=["2.4.1-x"], retry=FAST)
-        assert report.moved == {f"{target}:latest": first.manifest_digest}
         assert report.overwritten == {}
+        path = target.split("/", 1)[1]
+        assert ("HEAD", f"/v2/{path}/manifests/latest") not in {
+            (r.method, r.path) for r in registry.requests()[mark:]
+        }
+        client = RegistryClient(registry.host, retry=FAST)
+        assert client.manifest_digest(path, "latest") == second.manifest_digest
+
+    def test_a_restack_sends_only_what_changed_in_six_requests(
+        self, registry: Registry, base: BaseImage, weights: dict[str, Path], store: BlobStore
+    ) -> None:
+        """A config-only change (new config layer and image config) pushed to its immutable
+        and moving tag: the blobs the layer cache knows are not asked about, so the push is
+        the two small uploads (POST + PUT each) and the two tags. A base bump is one fewer
+        upload. The immutable tag's check, when the caller made it earlier (a fleet reads
+        every tag in one batch), is not made again; otherwise it is one HEAD more."""
+        target = repo(registry, "customer-r")
+
+        def build(marker: str, on: BaseImage) -> AssembledImage:
+            layers = [
+                *layer_specs(weights)[:-1],
+                LayerSpec(
+                    "config", [FileEntry("/app/config/marker.txt", marker.encode())], stamped=True
+                ),
+            ]
+            return assemble(
+                on, layers, labels=LABELS, annotations={}, source_date_epoch=SDE, store=store
+            )
+
+        def tags(rev: str) -> list[str]:  # the immutable tag and the moving one
+            return [f"{target}:2.4.1-{rev}", f"{target}:2.4.1"]
+
+        push(build("v1", base), tags("v1"), immutable=["2.4.1-v1"], retry=FAST)
+        changed = build("v2", base)
+        mark = len(registry.requests())
+        known = {f"{target}:2.4.1-v2": None}
+        report = push(changed, tags("v2"), immutable=["2.4.1-v2"], known=known, retry=FAST)
+        sent = [
+            (r.method, r.path.split("?")[0]) for r in registry.requests()[mark:] if r.path != "/v2/"
+        ]
+        assert len(sent) == 6, sent
+        assert [m for m, _ in sent].count("PUT") == 4  # two blobs, two tags
+        assert report.count("uploaded") == 2 and report.manifests_sent == 2
+        mark = len(registry.requests())
+        push(changed, [f"{target}:2.4.1-v3"], immutable=["2.4.1-v3"], retry=FAST)
+        again = [r for r in registry.requests()[mark:] if r.path != "/v2/"]
+        assert [(r.method, r.path.rsplit("/", 1)[1]) for r in again] == [
+            ("HEAD", "2.4.1-v3"),  # the immutable tag's own check
+            ("PUT", "2.4.1-v3"),
+        ]
+
+    def test_the_stores_copy_of_a_registry_base_mounts_its_layers(
+        self, registry: Registry, base: BaseImage, tmp_path: Path
+    ) -> None:
+        """A build on the local store's copy of a registry base (what a fleet run's builds
+        use) mounts the base layers from the base repository, never uploads them."""
+        images = ImageStore(tmp_path / "store")
+        images.keep_base(base)
+        copy = images.find_digest(base.repository, base.version, base.digest)
+        assert copy is not None and copy.source == "store"
+        image = variant(copy, images.blobs, "from the store")
+        report = push(image, [f"{repo(registry, 'customer-s')}:1"], retry=FAST)
+        actions = {b.digest: b.action for b in report.blobs}
+        assert {actions[layer.digest] for layer in base.layers} == {"mounted"}
+        assert report.bytes_uploaded < 64 * 1024
+
+    def test_a_wrong_layer_cache_costs_a_check_not_a_failure(
+        self, registry: Registry, base: BaseImage, store: BlobStore
+    ) -> None:
+        """The layer cache believes a blob is in the repository, but it was deleted there:
+        the registry refuses the manifest (MANIFEST_BLOB_UNKNOWN), the push checks and sends
+        every blob, and the image lands complete."""
+        target = repo(registry, "customer-d")
+        path = target.split("/", 1)[1]
+        image = variant(base, store, "deleted")
+        push(image, [f"{target}:1"], retry=FAST)
+        config_layer = image.layers[-1].descriptor.digest
+        request = urllib.request.Request(
+            f"{registry.url}/v2/{path}/blobs/{config_layer}", method="DELETE"
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 202
+        client = RegistryClient(registry.host, retry=FAST)
+        assert not client.blob_exists(path, config_layer)
+        mark = len(registry.requests())
+        report = push(image, [f"{target}:2"], retry=FAST)
+        assert client.blob_exists(path, config_layer)
+        assert client.manifest_digest(path, "2") == image.manifest_digest
+        assert report.manifest_digest == image.manifest_digest
+        puts = [r.status for r in registry.manifest_puts(since=mark)]
+        assert puts == [400, 201]  # refused for the missing blob, then accepted
 
     def test_bad_targets(self, registry: Registry, image: AssembledImage) -> None:
         """Targets must be registry/repository:tag."""
@@ -321,12 +445,20 @@ class TestPush:
 
 
 class FaultProxy:
-    """An HTTP proxy to the registry that answers 503 where ``rule(method, path)`` says so."""
+    """An HTTP proxy to the registry that answers 503 where ``rule(method, path)`` says so, and
+    says nothing at all (a stalled registry: the connection stays open) where ``stall`` does."""
 
-    def __init__(self, upstream: str, rule: Callable[[str, str], bool]) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        rule: Callable[[str, str], bool],
+        stall: Callable[[str, str], bool] = lambda method, path: False,
+    ) -> None:
         self.upstream = upstream
         self.rule = rule
         self.injected: list[tuple[str, str]] = []
+        self.stalled: list[tuple[str, str]] = []
+        self.closing = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -338,6 +470,10 @@ class FaultProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy.stall(self.command, self.path):
+                    proxy.stalled.append((self.command, self.path.split("?")[0]))
+                    proxy.closing.wait(120)  # never answers (until the test ends)
+                    return
                 if proxy.rule(self.command, self.path):
                     proxy.injected.append((self.command, self.path.split("?")[0]))
                     payload = b'{"errors":[{"code":"UNAVAILABLE","message":"injected fault"}]}'
@@ -369,22 +505,27 @@ class FaultProxy:
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
+        self.stall = stall
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.host = f"127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def close(self) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
 
 @pytest.fixture
-def fault_proxy(registry: Registry) -> Iterator[Callable[[Callable[[str, str], bool]], FaultProxy]]:
+def fault_proxy(registry: Registry) -> Iterator[Callable[..., FaultProxy]]:
     proxies: list[FaultProxy] = []
 
-    def start(rule: Callable[[str, str], bool]) -> FaultProxy:
-        proxies.append(FaultProxy(registry.host, rule))
+    def start(
+        rule: Callable[[str, str], bool],
+        stall: Callable[[str, str], bool] = lambda method, path: False,
+    ) -> FaultProxy:
+        proxies.append(FaultProxy(registry.host, rule, stall))
         return proxies[-1]
 
     yield start
@@ -449,7 +590,7 @@ class TestFaults:
         with pytest.raises(ImageError) as info:
             push(new, [f"{via_proxy}:latest"], retry=FAST)
         assert str(info.value) == (
-            f"registry {proxy.host}: pushing manifest {path}:{new.manifest_digest} failed "
+            f"registry {proxy.host}: pushing manifest {path}:latest failed "
             "after 3 attempts: 503 Service Unavailable (UNAVAILABLE injected fault)"
         )
         assert len(proxy.injected) == 3
@@ -457,6 +598,40 @@ class TestFaults:
             RegistryClient(registry.host, retry=FAST).manifest_digest(path, "latest")
             == old.manifest_digest
         )
+
+    @pytest.mark.parametrize("stalls", ["HEAD", "PUT"], ids=["on a blob check", "on an upload"])
+    def test_a_stalled_registry_fails_within_the_deadline(
+        self,
+        registry: Registry,
+        image: AssembledImage,
+        fault_proxy: Callable[..., FaultProxy],
+        stalls: str,
+    ) -> None:
+        """A registry that accepts the request and never answers: the push gives up once the
+        deadline has passed (not after every attempt's full timeout), in one line naming the
+        host; the tag is not written."""
+        stalled = RetryPolicy(
+            attempts=4, backoff=0.05, read_timeout=1, transfer_timeout=1, deadline=1.5
+        )
+        proxy = fault_proxy(
+            lambda method, path: False,
+            stall=lambda method, path: method == stalls and "/blobs/" in path,
+        )
+        target = repo(registry, f"stalled-{stalls.lower()}").replace(registry.host, proxy.host)
+        with pytest.raises(ImageError) as info:
+            push(image, [f"{target}:1"], retry=stalled)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"registry {proxy.host} did not answer")
+        assert len(proxy.stalled) == 2  # tried again within the deadline, not 4 times
+        path = target.split("/", 1)[1]
+        assert RegistryClient(registry.host, retry=FAST).manifest_digest(path, "1") is None
+
+    def test_the_default_bounds_of_a_stall(self) -> None:
+        """What the CLI uses: a stalled answer costs at most a minute and a half (the deadline
+        and one timeout), a stalled blob transfer the same and one silence of two minutes."""
+        policy = RetryPolicy()
+        assert policy.deadline + policy.read_timeout <= 90
+        assert policy.deadline + policy.transfer_timeout <= 180
 
 
 # -- auth ----------------------------------------------------------------------------------------
@@ -649,3 +824,33 @@ def test_concurrent_exports_into_one_oci_layout_keep_every_tag(tmp_path: Path) -
         ["skopeo", "inspect", f"oci:{layout}:w7-3"], capture_output=True, text=True, check=True
     )
     assert json.loads(inspect.stdout)["Digest"] == expected
+
+
+def test_image_differences_name_inputs_then_layers() -> None:
+    """Recorded inputs side by side (a missing format label is format 1); when every input
+    agrees, the layers that differ."""
+    from builder.image.provenance import image_differences
+
+    def image(labels: dict[str, str], config_layer: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        manifest = {
+            "layers": [
+                {"digest": "sha256:" + "b" * 64},
+                {"digest": config_layer, "annotations": {"com.ivd.layer.name": "config"}},
+            ]
+        }
+        return manifest, {"config": {"Labels": labels}}
+
+    commit_a, commit_b = "a" * 40, "c" * 40
+    tagged = image({"org.opencontainers.image.revision": commit_a}, "sha256:" + "1" * 64)
+    built = image(
+        {"org.opencontainers.image.revision": commit_b, "com.ivd.layer-format": "3"},
+        "sha256:" + "2" * 64,
+    )
+    assert image_differences(tagged, built) == [
+        "config commit: aaaaaaaaaaaa (tagged) vs cccccccccccc (this build)",
+        "image format: 1 (tagged) vs 3 (this build)",
+    ]
+    same = {"org.opencontainers.image.revision": commit_a}
+    assert image_differences(
+        image(same, "sha256:" + "1" * 64), image(same, "sha256:" + "2" * 64)
+    ) == ["layer config: sha256:111111111111 (tagged) vs sha256:222222222222 (this build)"]

@@ -18,6 +18,7 @@ from test_deliver import docker_push
 from builder.deliver import push
 from builder.errors import ImageError
 from builder.image.assemble import (
+    LAYER_FORMAT,
     LAYER_FORMAT_LABEL,
     FileEntry,
     LayerSpec,
@@ -167,8 +168,8 @@ class TestEngine:
             assert tree["app/models/mitosis/sub/extra.txt"][:4] == ("file", 0o600, 0, 0)
             assert tree["app/models"][:4] == ("dir", 0o755, 0, 0)
             assert app_tree(docker_client, built.image_id) == tree
-            # The layer-format label describes our layer bytes; Docker's layers follow Docker's.
-            assert {**theirs.labels, LAYER_FORMAT_LABEL: "2"} == pulled.labels
+            # The format label describes our image bytes; Docker's layers follow Docker's.
+            assert {**theirs.labels, LAYER_FORMAT_LABEL: str(LAYER_FORMAT)} == pulled.labels
             for key in ("Env", "Cmd", "Entrypoint", "WorkingDir", "User"):
                 assert theirs.attrs["Config"].get(key) == pulled.attrs["Config"].get(key), key
 

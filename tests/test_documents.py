@@ -135,7 +135,11 @@ def test_provenance_bytes_and_round_trip(worktree: bool) -> None:
         files=(),
     )
     document = provenance_document(
-        cast(Any, spec), cast(Any, (auto, manual)), verbose_sha256="a" * 64, development=worktree
+        cast(Any, spec),
+        cast(Any, (auto, manual)),
+        verbose_sha256="a" * 64,
+        development=worktree,
+        source=spec.source.url,
     )
     golden = (DATA / "provenance.jsonl").read_text("utf-8").splitlines()[int(worktree)]
     golden = golden.replace('"version":"0.1.0"', f'"version":"{__version__}"')

@@ -12,23 +12,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-import pytest
 from helpers import ROOT, run_cli
-
-from builder.image.base_build import build_base_image
-
-
-@pytest.fixture(scope="module")
-def inference_base(docker_engine: Any, oci_registry: Any, base_os_image: str) -> str:
-    repository = f"{oci_registry.host}/e2e/inference-base"
-    build_base_image(
-        docker_client=docker_engine.client(),
-        repository=repository,
-        base_from=base_os_image,
-        wheelhouse=None,
-        push=True,
-    )
-    return repository
 
 
 def _extract(client: Any, image: str, path: str, into: Path) -> None:

@@ -8,10 +8,12 @@ engine (to make small base images) and registry (to count what it received).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -34,6 +36,7 @@ from helpers import (
     ROOT,
     SeedModel,
     commit_files,
+    commit_lock,
     customer_repo,
     push_labelled_bases,
     run_cli,
@@ -42,6 +45,7 @@ from helpers import (
 
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import ConfigError, ReleaseGateError, WriteBackError
+from builder.fleet.build_all import Pace
 from builder.fleet.fleetfile import load_fleet, parse_release_version
 from builder.fleet.plan import last_commits, plan
 from builder.record import (
@@ -201,7 +205,7 @@ def test_plan_the_example_fleet(local_env: dict[str, str]) -> None:
     ]
     nobody = _cli(local_env, "plan", "--base-version", "3.0.0")
     assert nobody.returncode == 0, nobody.stderr
-    assert "0 of 3 customers to rebuild" in nobody.stdout
+    assert "0 of 3 images to rebuild" in nobody.stdout
     assert "no customer admits base 3.0.0: nothing to rebuild" in nobody.stdout
 
 
@@ -265,7 +269,10 @@ def test_plan_reports_each_faulty_customer_and_plans_the_others(
     assert result.returncode == 8
     doc = _json(result)
     assert doc["ok"] is False
-    assert doc["error"]["message"].startswith("4 of 5 customers could not be planned")
+    assert doc["error"]["message"] == (
+        "4 of 5 images could not be planned: customer-gone, customer-bad, customer-renamed, "
+        "customer-nowhere; 1 of 5 images would be refused: customer-a"
+    )
     items = {i["customer"]: i for i in doc["result"]["items"]}
     assert items["customer-a"]["status"] == "rebuild"
     assert "customer-a" in items["customer-a"]["image"]
@@ -282,9 +289,39 @@ def test_plan_reports_each_faulty_customer_and_plans_the_others(
     assert (
         human.stderr.strip()
         .splitlines()[-1]
-        .startswith("error: 4 of 5 customers could not be planned")
+        .startswith("error: 4 of 5 images could not be planned")
     )
     assert re.search(r"customer-a\s+~=2.4\s+rebuild", human.stdout)
+
+
+# -- build-all: progress --------------------------------------------------------------------------
+
+
+def test_progress_pace_leaves_out_the_warm_up_and_follows_the_recent_builds() -> None:
+    """The first build of each worker also starts it: an ETA from the run's average at the
+    start overestimated the rest sixfold. The pace leaves the warm-up out, follows the last
+    builds, and says nothing (None) rather than guess or print "ETA 0 s"."""
+    pace = Pace(workers=2, builds=100, window=20)
+    assert pace.rate is None and pace.eta is None
+    pace.add(30.0)  # both workers' first builds: 30 s each, most of it starting up
+    pace.add(30.5)
+    assert pace.rate is None and pace.eta is None
+    now = 30.5
+    for _ in range(10):  # then a build every 2.5 s (two workers, 5 s each)
+        now += 2.5
+        pace.add(now)
+    assert pace.rate == pytest.approx(24.0)
+    assert pace.eta is not None and pace.eta == pytest.approx(88 * 2.5)
+    average = (100 - 12) * now / 12  # the estimate from every build since the start
+    assert average > 1.8 * pace.eta
+    for _ in range(40):  # faster now (warm caches): the window follows within 20 builds
+        now += 1.0
+        pace.add(now)
+    assert pace.rate == pytest.approx(60.0)
+    for _ in range(48):
+        now += 1.0
+        pace.add(now)
+    assert pace.eta is None  # done: nothing to estimate
 
 
 # -- plan: one pass over history ---------------------------------------------------------------
@@ -376,6 +413,116 @@ def _record_for(remote: Path, customer: str, commit: str, version: str, digest: 
     log.write(release_record(report, config_source=remote.as_uri()))
 
 
+def _plan_doc(planned: Any) -> dict[str, Any]:
+    """A plan as the JSON document says it, less how long it took."""
+    doc = dataclasses.asdict(planned)
+    doc.pop("seconds")
+    return doc
+
+
+def _same_as_cold(fleet_file: Path, settings: Any, version: str, cold_dir: Path) -> Any:
+    """Plan with the settings' cache (the index of earlier plans), and again with an empty
+    cache: both must say the same, whatever happened in between."""
+    warm = plan(load_fleet(fleet_file, settings), settings, version)
+    cold_settings = replace(settings, cache_dir=cold_dir)
+    cold = plan(load_fleet(fleet_file, cold_settings), cold_settings, version)
+    assert _plan_doc(warm) == _plan_doc(cold)
+    return warm
+
+
+def _commit_all(repo: Path, message: str) -> str:
+    _git("add", "-A", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", message, cwd=repo)
+    return _git("rev-parse", "HEAD", cwd=repo)
+
+
+def _check_rewritten_histories(
+    repo: Path, bare: Path, fleet_file: Path, settings: Any, colds: Iterator[Path], work: Path
+) -> None:
+    """Configs reset and committed anew, the records branch force-pushed back, a record
+    edited in place: every plan still equals a cold one."""
+    # History rewritten: configs reset and committed anew, records branch force-pushed.
+    _git("reset", "-q", "--hard", "HEAD~4", cwd=repo)
+    (repo / "customers" / customer_name(1) / "analysis.yaml").write_text("analyses: []\n")
+    _commit_all(repo, "rewritten")
+    _git("push", "-q", "--force", "origin", "HEAD:main", cwd=repo)
+    records = git.Repo(bare).commit(RELEASES_BRANCH)
+    _git("update-ref", f"refs/heads/{RELEASES_BRANCH}", records.parents[0].hexsha, cwd=bare)
+    rewritten = _same_as_cold(fleet_file, settings, "2.5.0", next(colds))
+    assert rewritten.items[1].status == "error" and rewritten.items[5].status == "rebuild"
+    # A record changed in place on the branch (not an append): everything is read again.
+    _git("clone", "-q", "-b", RELEASES_BRANCH, str(bare), str(work))
+    path = next((work / "releases" / customer_name(4)).iterdir())
+    path.write_text(path.read_text().replace("4" * 64, "a" * 64))
+    _commit_all(work, "edited")
+    _git("push", "-q", "origin", f"HEAD:{RELEASES_BRANCH}", cwd=work)
+    edited = _same_as_cold(fleet_file, settings, "2.5.0", next(colds))
+    assert (edited.items[4].previous or {})["digest"] == "sha256:" + "a" * 64
+
+
+def test_plan_index_never_answers_other_than_a_cold_plan(tmp_path: Path) -> None:
+    """Re-plans read only what changed (the kept facts and records are used: planted ones
+    show through), and after every kind of change the plan equals one made with an empty
+    cache: a folder, a release record, the fleet file, the base version, a rewritten
+    history of the configs and of the records branch."""
+    repo = make_history(tmp_path / "configs", 8, 30, seed=3, model_id=CARCINOMA_ID)
+    bare = _bare_clone(repo, tmp_path / "configs.git")
+    _git("remote", "add", "origin", str(bare), cwd=repo)
+    fleet_file = write_fleet(repo, 8)
+    (repo / ".git" / "info" / "exclude").write_text("fleet.yaml\n")  # kept out of history
+    # A base repository whose answer does not depend on when it is asked (an absent layout).
+    no_base = f"oci:{tmp_path / 'no-base'}"
+    settings = replace(load_settings(ROOT), cache_dir=tmp_path / "cache", base_repository=no_base)
+    colds = (tmp_path / f"cold-{n}" for n in range(100))
+    first = _same_as_cold(fleet_file, settings, "2.5.0", next(colds))
+    assert [i.status for i in first.items] == ["rebuild"] * 8
+
+    # The kept facts are what a re-plan uses: a planted constraint shows through ...
+    (index_file,) = (settings.cache_dir / "plan").glob("customers-*.json")
+    kept = json.loads(index_file.read_text())
+    kept["customers"][customer_name(2)]["facts"]["constraint"] = "~=9.9"
+    index_file.write_text(json.dumps(kept))
+    planted = plan(load_fleet(fleet_file, settings), settings, "2.5.0")
+    assert planted.items[2].status == "skip"
+    # ... until that folder changes: then it is read again.
+    folder = repo / "customers" / customer_name(2)
+    (folder / "NOTES.md").write_text("changed\n")
+    _commit_all(repo, "notes")
+    _git("push", "-q", "origin", "HEAD:main", cwd=repo)
+    assert _same_as_cold(fleet_file, settings, "2.5.0", next(colds)).items[2].status == "rebuild"
+
+    # A release record: that image is released; a base bump makes it a base-only rebuild.
+    commit = first.items[4].commit
+    assert commit
+    _record_for(bare, customer_name(4), commit, "2.5.0", "sha256:" + "4" * 64)
+    released = _same_as_cold(fleet_file, settings, "2.5.0", next(colds))
+    assert released.items[4].status == "released"
+    assert _same_as_cold(fleet_file, settings, "2.5.1", next(colds)).items[4].change == "base"
+    # The records index is what a re-plan uses while the branch has not moved.
+    (log_index,) = (settings.cache_dir / "releases").glob("*/ivd-latest-records.json")
+    honest = log_index.read_text()
+    data = json.loads(honest)
+    data["latest"][0][2]["manifest_digest"] = "sha256:" + "0" * 64
+    log_index.write_text(json.dumps(data))
+    assert plan(load_fleet(fleet_file, settings), settings, "2.5.0").items[4].previous == {
+        **(released.items[4].previous or {}),
+        "digest": "sha256:" + "0" * 64,
+    }
+    log_index.write_text(honest)
+    # Records added since: read incrementally, still a cold plan's answer.
+    _record_for(bare, customer_name(5), first.items[5].commit or "", "2.5.0", "sha256:" + "5" * 64)
+    assert _same_as_cold(fleet_file, settings, "2.5.0", next(colds)).items[5].status == "released"
+
+    # The fleet file: an entry dropped, one renamed to a folder that names someone else.
+    text = fleet_file.read_text()
+    fleet_file.write_text(text.replace(f"- name: {customer_name(7)}\n", "- name: customer-new\n"))
+    changed = _same_as_cold(fleet_file, settings, "2.5.0", next(colds))
+    assert changed.items[-1].status == "error"
+    fleet_file.write_text(text)
+
+    _check_rewritten_histories(repo, bare, fleet_file, settings, colds, tmp_path / "work")
+
+
 def test_plan_counts_already_released_apart_and_warns_on_a_base_downgrade(
     records_remote: Path, local_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -390,7 +537,7 @@ def test_plan_counts_already_released_apart_and_warns_on_a_base_downgrade(
     assert item["status"] == "released" and item["change"] == "none"
     assert item["summary"] == f"already released: {item['previous']['image']}"
     human = _cli(local_env, "plan", "--base-version", "2.5.0", "--fleet", str(fleet))
-    assert "0 of 1 customers to rebuild, 1 already released" in human.stdout
+    assert "0 of 1 images to rebuild, 1 already released (1 customer," in human.stdout
     child = tmp_path / "child.yml"
     _cli(
         local_env,
@@ -405,9 +552,12 @@ def test_plan_counts_already_released_apart_and_warns_on_a_base_downgrade(
     assert "build:customer-a" not in child.read_text()  # nothing to do: no CI job
 
     down = _cli(local_env, "plan", "--base-version", "2.4.2", "--fleet", str(fleet), "--json")
-    assert down.returncode == 0, down.stderr
+    assert down.returncode == 8, down.stderr  # no lock: its release build would be refused
     (item,) = _json(down)["result"]["items"]
     assert item["status"] == "rebuild" and item["change"] == "base"
+    assert [p.split(";")[0] for p in item["problems"]] == [
+        "missing lock: no customer.lock.yaml committed"
+    ]
     assert item["warnings"] == [
         f"base downgrade: customer-a was last released on 2.5.0 ({item['previous']['image']}); "
         "2.4.2 is older"
@@ -431,14 +581,30 @@ def test_release_records_of_a_run_are_one_commit_per_repository(
         _fake_report(name, head, "sha256:" + str(n) * 64)
         for n, name in enumerate(("customer-a", "customer-b", "customer-c"), start=1)
     ]
+    gpu = f"registry.example.com/customer-a:2.5.0-gpu-{head[:12]}"  # the same customer's gpu image
+    reports.append(_fake_report("customer-a", head, "sha256:" + "9" * 64, image=gpu, tags=[gpu]))
     locations = {r["customer"]: str(configs / r["customer"]) for r in reports}
     written = write_release_records(reports, locations, settings)
-    assert all(isinstance(w, WriteResult) and w.status == "written" for w in written.values())
+    assert all(isinstance(w, WriteResult) and w.status == "written" for w in written)
     branch = git.Repo(bare).commit(RELEASES_BRANCH)
-    assert not branch.parents  # one commit holds all three
-    assert {w.commit for w in written.values() if isinstance(w, WriteResult)} == {branch.hexsha}
-    assert len(_records(bare)) == 3
-    assert str(branch.message).startswith("release: 3 images on base 2.5.0")
+    assert not branch.parents  # one commit holds all four, both images of customer-a
+    assert {w.commit for w in written if isinstance(w, WriteResult)} == {branch.hexsha}
+    assert sorted(_records(bare)) == [
+        f"releases/customer-a/2.5.0-{head[:12]}.yaml",
+        f"releases/customer-a/2.5.0-gpu-{head[:12]}.yaml",
+        f"releases/customer-b/2.5.0-{head[:12]}.yaml",
+        f"releases/customer-c/2.5.0-{head[:12]}.yaml",
+    ]
+    assert str(branch.message).startswith("release: 4 images on base 2.5.0")
+    # Read back per image: customer-a's gpu record does not hide its cpu one.
+    log = ReleaseLog(str(bare), tmp_path / "reader", RELEASES_BRANCH)
+    latest = log.latest_by_image(log.fetch())
+    assert {str(k): r["manifest_digest"][-1] for k, r in latest.items()} == {
+        "customer-a": "1",
+        "customer-a (gpu)": "9",
+        "customer-b": "2",
+        "customer-c": "3",
+    }
 
     # Again: all present, no new commit; a changed digest is refused for that record only,
     # and a new record next to it still lands.
@@ -449,12 +615,37 @@ def test_release_records_of_a_run_are_one_commit_per_repository(
         {**locations, "customer-d": str(configs / "customer-a")},
         settings,
     )
-    assert isinstance(again["customer-a"], WriteResult) and again["customer-a"].status == "present"
-    assert isinstance(again["customer-b"], WriteBackError)
-    assert "refusing to overwrite a release record" in again["customer-b"].message
-    assert isinstance(again["customer-d"], WriteResult) and again["customer-d"].status == "written"
+    assert isinstance(again[0], WriteResult) and again[0].status == "present"
+    assert isinstance(again[1], WriteBackError)
+    assert "refusing to overwrite a release record" in again[1].message
+    assert isinstance(again[2], WriteResult) and again[2].status == "written"
     top = git.Repo(bare).commit(RELEASES_BRANCH)
     assert [p.hexsha for p in top.parents] == [branch.hexsha]  # on top, never forced
+
+
+def test_a_fleet_of_records_is_one_commit_whatever_its_size(
+    tmp_path: Path, local_env: dict[str, str]
+) -> None:
+    """900 records in one batch: one commit whose message lists them all (longer than one
+    command-line argument may be: 128 KiB), and one check that the remote has the commit."""
+    configs = tmp_path / "configs"
+    _folder_customer(configs, "customer-a", "~=2.4")
+    bare = _bare_clone(configs, tmp_path / "configs.git")
+    _git("remote", "add", "origin", str(bare), cwd=configs)
+    head = git.Repo(configs).commit("HEAD").hexsha
+    names = [f"customer-{n:04d}" for n in range(900)]
+    reports = [_fake_report(name, head, "sha256:" + "f" * 64) for name in names]
+    settings = replace(load_settings(ROOT), cache_dir=tmp_path / "cache")
+    written = write_release_records(
+        reports, dict.fromkeys(names, str(configs / "customer-a")), settings
+    )
+    assert {w.status for w in written if isinstance(w, WriteResult)} == {"written"}
+    assert len(written) == 900
+    commit = git.Repo(bare).commit(RELEASES_BRANCH)
+    message = str(commit.message)
+    assert len(message.encode()) > 128 * 1024 and message.count(" config ") == 900
+    files = _git("ls-tree", "-r", "--name-only", RELEASES_BRANCH, cwd=bare).splitlines()
+    assert not commit.parents and len(files) == 900
 
 
 # -- release records: write-back --------------------------------------------------------------
@@ -828,9 +1019,10 @@ def test_private_repositories_with_a_ci_token_that_never_leaks(
         },
     ):
         result = _cli(env, *args)
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.returncode == 8, result.stdout + result.stderr  # read; it has no lock
         (item,) = _json(result)["result"]["items"]
         assert item["status"] == "rebuild" and item["repo"] == f"{url}/customer-p.git"
+        assert item["lock"] == "missing" and len(item["problems"]) == 1
         assert TOKEN not in result.stdout + result.stderr
 
     # Write-back over the same authenticated HTTP remote.
@@ -880,17 +1072,21 @@ def _uploaded_digests(registry: Any, since: int) -> set[str]:
     return found
 
 
-def _fleet_workspace(tmp_path: Path) -> tuple[Path, Path, Path]:
+def _fleet_workspace(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path, Path]:
     """customer-a in its own repository (reached by URL); customer-b and -c folders of a
-    shared repository; customer-bad an invalid config; customer-gone a repository that is
-    not there. Returns (fleet file, customer-a's work clone, customer-a's remote)."""
+    shared repository, each with its lock committed; customer-bad an invalid config;
+    customer-gone a repository that is not there. Returns (fleet file, customer-a's work
+    clone, customer-a's remote)."""
     work_a = customer_repo(
         tmp_path / "work-a", name="customer-a", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID
     )
+    commit_lock(work_a, env)
     remote_a = _bare_clone(work_a, tmp_path / "customer-a.git")
     configs = tmp_path / "configs"
     _folder_customer(configs, "customer-b", ">=2.4,<3", threshold=0.7)
     _folder_customer(configs, "customer-c", "~=2.3.0")
+    for name in ("customer-b", "customer-c"):
+        commit_lock(configs / name, env)
     commit_files(
         configs, {"customer-bad/customer.yaml": "version: 1\ncustomer: customer-bad\n"}, "bad"
     )
@@ -981,14 +1177,14 @@ def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
     local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
 ) -> None:
     _, env = _registry_env(local_env, tmp_path, oci_registry, fleet_bases)
-    fleet, work_a, remote_a = _fleet_workspace(tmp_path)
+    fleet, work_a, remote_a = _fleet_workspace(tmp_path, env)
     common = ("--fleet", str(fleet), "--jobs", "2", "--push", "--record", "--json")
 
     first = _cli(env, "build-all", "--base-version", "2.4.2", *common)
     assert first.returncode == 8, first.stderr
     doc = _json(first)
     assert doc["ok"] is False
-    assert doc["error"]["message"] == "2 of 5 customers failed: customer-bad, customer-gone"
+    assert doc["error"]["message"] == "2 of 5 images failed: customer-bad, customer-gone"
     results = {r["customer"]: r for r in doc["result"]["results"]}
     assert {n: r["status"] for n, r in results.items()} == {
         "customer-a": "built",
@@ -1026,6 +1222,82 @@ def test_build_all_rebuilds_the_fleet_and_records_what_shipped(
     (item,) = _json(_cli(env, *args, "--base-version", "2.5.1"))["result"]["items"]
     assert item["change"] == "config+base" and item["changed_files"] == ["analysis.yaml"]
     assert item["summary"].startswith("config too:")
+
+
+def test_build_dash_all_takes_build_alls_options() -> None:
+    """`build --all` is `builder build-all`: every build-all option is a build option, and the
+    single-customer options are refused with --all (and the fleet ones without it)."""
+    from builder.cli.build import build
+    from builder.cli.fleet import build_all
+
+    def flags(command: Any) -> set[str]:
+        return {opt for p in command.params for opt in p.opts if opt.startswith("-")}
+
+    assert flags(build_all) <= flags(build)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_")}
+    for args, needle in (
+        (["--all", "--base-version", "2.5.0", "--load"], "--load does not go with --all"),
+        (["customer-x", "--record"], "--record goes with --all only"),
+        (["--all", "--base-version", "2.5.0", "--record"], "--record needs --push"),
+    ):
+        refused = run_cli("build", *args, env=env)
+        assert refused.returncode == 2 and needle in refused.stderr, (args, refused.stderr)
+
+
+def test_build_all_record_says_where_first_and_dry_run_writes_nothing(
+    local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
+) -> None:
+    """With --record the repository and branch of every record are named before any build;
+    --dry-run shows what would be built, pushed and recorded where, and touches nothing."""
+    _, env = _registry_env(local_env, tmp_path, oci_registry, fleet_bases)
+    fleet, _, remote_a = _fleet_workspace(tmp_path, env)
+    configs = fleet.parent
+    report = tmp_path / "dry-run.json"
+    since = len(oci_registry.requests())
+    args = ("--all", "--base-version", "2.4.2", "--fleet", str(fleet), "--push", "--record")
+    dry = _cli(env, "build", *args, "--only", "customer-a", "--only", "customer-b",
+               "--dry-run", "--report", str(report))  # fmt: skip
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert f"would record {remote_a.as_uri()} branch ivd-releases (customer-a)" in dry.stderr
+    assert f"would record {configs} branch ivd-releases (customer-b)" in dry.stderr
+    registry = env["BUILDER_IMAGE_REGISTRY"]
+    assert re.search(
+        rf"customer-b\s+would build and push {re.escape(registry)}/customer-b:2\.4\.2-[0-9a-f]{{12}}, "
+        rf"record on {re.escape(str(configs))} branch ivd-releases",
+        dry.stdout,
+    ), dry.stdout
+    assert dry.stdout.rstrip().endswith("dry run: nothing built, pushed or recorded")
+    document = json.loads(report.read_text())
+    assert document["command"] == "build-all" and document["result"]["dry_run"] is True
+    # Nothing written anywhere (the plan reads each base repository's tags, nothing more).
+    writes = [r for r in oci_registry.requests()[since:] if r.method not in ("GET", "HEAD")]
+    assert writes == [] and not _records(remote_a)
+    assert not _records(configs)
+    # on a terminal it asks first; "n" builds nothing
+    command = shlex.join([sys.executable, "-m", "builder", "build", *args, "--only", "customer-b"])
+    asked = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        input="n\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert asked.returncode == 130, asked.stdout
+    assert "build, push and push release records to 1 repository (branch ivd-releases)?" in (
+        asked.stdout
+    )
+    writes = [r for r in oci_registry.requests()[since:] if r.method not in ("GET", "HEAD")]
+    assert writes == [] and not _records(configs)
+    # a real run (no terminal: no question) names the targets first, then builds
+    real = _cli(env, "build", *args, "--only", "customer-c", "--report", str(report))
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert real.stderr.splitlines()[0] == (
+        f"records go to {configs} branch ivd-releases (customer-c)"
+    )
+    (result,) = json.loads(report.read_text())["result"]["results"]
+    assert result["status"] == "skipped"  # ~=2.3.0 does not admit 2.4.2
 
 
 def _sent_bytes(registry: Any, since: int, repository: str) -> int:
@@ -1066,6 +1338,8 @@ def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
     configs = tmp_path / "configs"
     _folder_customer(configs, "customer-b", ">=2.4,<3")
     _folder_customer(configs, "customer-c", "~=2.5")
+    for name in ("customer-b", "customer-c"):
+        commit_lock(configs / name, env)
     fleet = _write_fleet(
         tmp_path / "fleet.yaml",
         [{"name": n, "repo": str(configs / n)} for n in ("customer-b", "customer-c")],
@@ -1078,13 +1352,11 @@ def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
     first = {r["customer"]: r for r in _json(cold)["result"]["results"]}
     assert {n: r["status"] for n, r in first.items()} == dict.fromkeys(first, "built")
     # Progress on stderr, also under --json: the plan, then one line per finished customer.
+    # Two builds on two workers are both warm-up builds: no pace or ETA is guessed from them.
     lines = cold.stderr.strip().splitlines()
-    assert lines[0].startswith("planned 2 customers in ")
-    assert re.match(
-        r"\[1/2\] 1 built, 0 unchanged, 0 failed, [\d.]+/min, ETA .+? \| customer-. built in ",
-        lines[1],
-    )
-    assert re.match(r"\[2/2\] 2 built, 0 unchanged, 0 failed, [\d.]+/min, ETA 0 s \| ", lines[2])
+    assert lines[0].startswith("planned 2 images of 2 customers in ")
+    assert re.match(r"\[1/2\] 1 built, 0 unchanged, 0 failed \| customer-. built in ", lines[1])
+    assert re.match(r"\[2/2\] 2 built, 0 unchanged, 0 failed \| customer-. built in ", lines[2])
     assert len(lines) == 3
     # Every byte sent is in the report, the attestations (provenance, SBOM) included.
     for name, result in first.items():
@@ -1108,7 +1380,8 @@ def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
         ("HEAD", f"/v2/{namespace}/customer-b"),
         ("HEAD", f"/v2/{namespace}/customer-c"),
     ]
-    assert "[2/2] 0 built, 2 unchanged, 0 failed" in again.stderr
+    # Nothing to build: the plan and one closing line, no pace, no "ETA 0 s" per image.
+    assert again.stderr.strip().splitlines()[1:] == ["[2/2] 0 built, 2 unchanged, 0 failed"]
     assert _records(configs) == records
 
     # A config change rebuilds that customer only; --force rebuilds all, same digests.
@@ -1116,6 +1389,7 @@ def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
     commit_files(
         configs, {"customer-c/analysis.yaml": analysis}, "c: threshold", when=1_700_000_500
     )
+    commit_lock(configs / "customer-c", env, when=1_700_000_500)  # a release ships locked
     changed = _json(_cli(env, *args))
     assert {r["customer"]: r["status"] for r in changed["result"]["results"]} == {
         "customer-b": "unchanged",
@@ -1125,3 +1399,129 @@ def test_build_all_is_incremental_shows_progress_and_counts_every_byte(
     rebuilt = {r["customer"]: r for r in forced["result"]["results"]}
     assert {n: r["status"] for n, r in rebuilt.items()} == dict.fromkeys(rebuilt, "built")
     assert rebuilt["customer-b"]["report"]["manifest_digest"] == digest
+
+
+def _locked_customer(configs: Path, name: str, env: dict[str, str], variants: str = "") -> None:
+    """A customer folder committed with a current lock made by `builder lock`."""
+    text = CUSTOMER_YAML.format(name=name, base="~=2.5")
+    if variants:
+        text = text.replace("base_image:\n", f"base_image:\n  variant: {variants}\n", 1)
+    _folder_customer(configs, name, "~=2.5")
+    commit_files(configs, {f"{name}/customer.yaml": text}, f"{name}: variants")
+    locked = _cli(env, "lock", str(configs / name))
+    assert locked.returncode == 0, locked.stdout + locked.stderr
+    _commit_all(configs, f"{name}: lock")
+
+
+def test_plan_tells_what_a_release_build_would_refuse_before_it_builds(
+    local_env: dict[str, str], tmp_path: Path, oci_registry: Any, fleet_bases: str
+) -> None:
+    """A stale lock, a missing lock, a variant with no base of the version: each image says
+    so in `plan` (human and --json), exit 8; and a customer folder the fleet file misses."""
+    _, env = _registry_env(local_env, tmp_path, oci_registry, fleet_bases)
+    configs = tmp_path / "configs"
+    _locked_customer(configs, "customer-ok", env)
+    _locked_customer(configs, "customer-stale", env)
+    _locked_customer(configs, "customer-w", env, "[cpu, gpu]")  # no gpu base exists
+    _folder_customer(configs, "customer-nolock", "~=2.5")
+    analysis = ANALYSIS_YAML.format(carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID, threshold=0.7)
+    commit_files(configs, {"customer-stale/analysis.yaml": analysis}, "stale: threshold")
+    _folder_customer(configs, "customer-unlisted", "~=2.5")
+    names = ("customer-ok", "customer-stale", "customer-w", "customer-nolock")
+    fleet = _write_fleet(configs / "fleet.yaml", [{"name": n, "repo": f"./{n}"} for n in names])
+    args = ("plan", "--base-version", "2.5.0", "--fleet", str(fleet))
+
+    doc = _json(_cli(env, *args, "--json"))
+    items = {(i["customer"], i["variant"]): i for i in doc["result"]["items"]}
+    assert {k: i["lock"] for k, i in items.items()} == {
+        ("customer-ok", "cpu"): "current",
+        ("customer-stale", "cpu"): "stale",
+        ("customer-w", "cpu"): "current",
+        ("customer-w", "gpu"): "current",
+        ("customer-nolock", "cpu"): "missing",
+    }
+    problems = {k: i["problems"] for k, i in items.items()}
+    assert problems[("customer-ok", "cpu")] == problems[("customer-w", "cpu")] == []
+    (stale,) = problems[("customer-stale", "cpu")]
+    assert stale.startswith("stale lock: analysis.yaml: ") and "threshold" in stale
+    assert "builder lock" in stale
+    (missing,) = problems[("customer-nolock", "cpu")]
+    assert missing.startswith("missing lock: no customer.lock.yaml committed; a release build")
+    (gpu,) = problems[("customer-w", "gpu")]
+    assert gpu.startswith(f"no gpu base of 2.5.0: registry {oci_registry.host} has no ")
+    assert f"{BASE_REPO}-gpu" in gpu and "builder base build --variant gpu --push" in gpu
+    assert all(i["status"] == "rebuild" for i in items.values())
+    assert doc["result"]["unlisted"] == ["customer-unlisted"]
+    assert doc["error"]["message"] == (
+        "3 of 5 images would be refused: customer-stale, customer-w (gpu), customer-nolock"
+    )
+
+    human = _cli(env, *args)
+    assert human.returncode == 8
+    assert "5 images to rebuild, 3 would be refused (4 customers," in human.stdout
+    assert re.search(r"customer-w \(gpu\)\s+~=2.5\s+rebuild", human.stdout)
+    refused = [
+        line.split("REFUSED: ")[1] for line in human.stdout.splitlines() if "REFUSED" in line
+    ]
+    assert refused == [stale, gpu, missing]
+    assert (
+        "customer-unlisted/customer.yaml is not in fleet.yaml: a base release does not rebuild it"
+        in human.stdout
+    )
+
+
+def test_a_failed_variant_is_built_by_the_next_run_without_force(
+    local_env: dict[str, str],
+    tmp_path: Path,
+    oci_registry: Any,
+    docker_engine: Any,
+    base_os_image: str,
+) -> None:
+    """customer-w runs [cpu, gpu]; the gpu build fails (no gpu base yet) while cpu ships and
+    is recorded. The next `build --all` (no --force) builds the gpu image: state, plan and
+    records are per image, and the counters count images."""
+    namespace, env = _registry_env(local_env, tmp_path, oci_registry, "")
+    env["BUILDER_BASE_REPOSITORY"] = push_labelled_bases(
+        docker_engine, oci_registry.host, base_os_image, f"{namespace}/base", {"2.5.0": "1"}
+    )
+    configs = tmp_path / "configs"
+    _locked_customer(configs, "customer-w", env, "[cpu, gpu]")
+    fleet = _write_fleet(
+        tmp_path / "fleet.yaml", [{"name": "customer-w", "repo": str(configs / "customer-w")}]
+    )
+    args = ("build-all", "--base-version", "2.5.0", "--fleet", str(fleet), "--push", "--record")
+
+    first = _cli(env, *args, "--json")
+    assert first.returncode == 8, first.stdout + first.stderr
+    doc = _json(first)
+    assert doc["error"]["message"] == "1 of 2 images failed: customer-w (gpu)"
+    results = {r["variant"]: r for r in doc["result"]["results"]}
+    assert {v: r["status"] for v, r in results.items()} == {"cpu": "built", "gpu": "failed"}
+    assert "base-gpu" in results["gpu"]["summary"]
+    assert re.search(r"^\[2/2\] 1 built, 0 unchanged, 1 failed \| customer-w", first.stderr, re.M)
+    rev = results["cpu"]["report"]["image"].rsplit("-", 1)[1]
+    assert list(_records(configs)) == [f"releases/customer-w/2.5.0-{rev}.yaml"]
+
+    planned = _json(_cli(env, "plan", "--base-version", "2.5.0", "--fleet", str(fleet), "--json"))
+    status = {i["variant"]: (i["status"], i["change"]) for i in planned["result"]["items"]}
+    assert status == {"cpu": ("released", "none"), "gpu": ("rebuild", "first")}
+
+    push_labelled_bases(
+        docker_engine,
+        oci_registry.host,
+        base_os_image,
+        f"{namespace}/base-gpu",
+        {"2.5.0": "1"},
+        extra_labels={"com.ivd.runner.variant": "gpu"},
+    )
+    second = _cli(env, *args, "--json")
+    assert second.returncode == 0, second.stdout + second.stderr
+    again = {r["variant"]: r["status"] for r in _json(second)["result"]["results"]}
+    assert again == {"cpu": "unchanged", "gpu": "built"}
+    assert sorted(_records(configs)) == [
+        f"releases/customer-w/2.5.0-{rev}.yaml",
+        f"releases/customer-w/2.5.0-gpu-{rev}.yaml",
+    ]
+    human = _cli(env, *args)
+    assert human.returncode == 0, human.stderr
+    assert "0 built, 2 unchanged, 0 skipped, 0 failed of 2 images" in human.stdout

@@ -1,13 +1,18 @@
 """The GitLab pipelines, run locally with gitlab-ci-local (from the npm registry).
 
 The YAML of this repository's pipeline, the generated child pipeline and the customer template
-parse, their rules pick the right jobs per event, and the jobs that need no Docker engine run
-with gitlab-ci-local's shell executor: `plan`, a generated per-customer build job (build, push
-to the test registry, release record), and the customer template's validate, lock-check and
-build jobs. Not exercised here: the `test` and `base-image` jobs (they need a privileged
-runner / Docker-in-Docker), the trigger job itself (gitlab-ci-local does not run downstream
-pipelines: the child YAML is run as its own pipeline instead) and `workflow:rules`, which
-gitlab-ci-local does not apply.
+parse, their rules pick the right jobs per event, and the jobs run with gitlab-ci-local's shell
+executor against the test bed: a base release (`base-image` against the test bed's Docker
+engine instead of Docker-in-Docker, CPU variant, then `plan`, then every job of the generated
+child pipeline, which build from their locks, push and record), and the customer template on
+the default branch and on merge requests, before and after a base release (its build job smokes
+the image in the test bed's engine, overriding the template's Docker-in-Docker service as a
+runner with an engine of its own would), and without a lock (no release). Every job checks
+its CI/CD variables first: one line names a missing one. Not exercised here: the `test` job
+(a privileged runner), the trigger job itself (gitlab-ci-local does not run downstream
+pipelines: the child YAML is run as its own pipeline instead), the GPU variant of `base-image`
+(its 1.6 GB wheelhouse; `builder base build --variant gpu` is tested in test_gpu_variant.py),
+`cache:` and `workflow:rules`, which gitlab-ci-local does not apply.
 """
 
 from __future__ import annotations
@@ -25,17 +30,22 @@ from typing import Any
 import git
 import pytest
 import yaml
-from helpers import ROOT, commit_files, run_cli
-from test_fleet import _records, push_fleet_bases
+from helpers import (
+    ROOT,
+    commit_files,
+    commit_lock,
+    repository_snapshot,
+    run_cli,
+)
+from test_fleet import _records
+
+import builder
+from builder.image.base_build import read_version
+from testbed._util import cache_root
 
 #: The newest gitlab-ci-local that runs on this machine's Node 20 (4.74 and later need Node 22).
 GCL_VERSION = "4.72.0"
 PREDEFINED = ("CI_COMMIT_TAG", "CI_COMMIT_BRANCH", "CI_PIPELINE_SOURCE", "CI_DEFAULT_BRANCH")
-
-
-@pytest.fixture(scope="module")
-def fleet_bases(docker_engine: Any, oci_registry: Any, base_os_image: str) -> str:
-    return push_fleet_bases(docker_engine, oci_registry, base_os_image)
 
 
 def _tool_cache() -> Path:
@@ -136,22 +146,10 @@ def _artifact(project: Path, job: str, path: str) -> Path:
 def _snapshot(tmp_path: Path) -> tuple[Path, Path]:
     """This repository's pipeline files, customers (with a fleet file) and demo registry as a
     fresh git repository whose origin is a local bare repository (records are pushed there)."""
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in (".gitlab-ci.yml", "ci", "customers", "builder.toml", "demo"):
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, project / name)
-        else:
-            shutil.copy2(source, project / name)
-    repo = git.Repo.init(project, initial_branch="main")
-    repo.git.add("-A")
-    actor = git.Actor("Test Author", "author@example.com")
-    repo.index.commit("snapshot", author=actor, committer=actor)
-    origin = tmp_path / "origin.git"
-    git.Repo.init(origin, bare=True)
-    repo.create_remote("origin", str(origin)).push("main")  # CI builds what the server has
-    return project, origin
+    return repository_snapshot(
+        tmp_path,
+        (".gitlab-ci.yml", "ci", "customers", "builder.toml", "demo", "base-image/VERSION"),
+    )
 
 
 def test_pipeline_rules_per_event(gitlab_ci_local: Path, tmp_path: Path) -> None:
@@ -165,72 +163,186 @@ def test_pipeline_rules_per_event(gitlab_ci_local: Path, tmp_path: Path) -> None
         "fleet",
     }
     assert _jobs(gitlab_ci_local, project, CI_COMMIT_TAG="v2.5.0-docs") == {"test"}
+    assert _jobs(gitlab_ci_local, project, CI_COMMIT_TAG="v0.1.0") == {"test", "builder-release"}
 
 
-def test_plan_job_generates_a_child_pipeline_whose_jobs_build_push_and_record(
-    gitlab_ci_local: Path, tmp_path: Path, oci_registry: Any, fleet_bases: str
+def test_the_builder_ref_of_the_customer_template_is_this_release() -> None:
+    """The template clones the builder at BUILDER_REF: it must name the tag a release of this
+    version gets (v<version>), which the `builder-release` job checks when the tag is pushed."""
+    import tomllib
+
+    template = yaml.safe_load((ROOT / "ci" / "customer.gitlab-ci.yml").read_text())
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert version == builder.__version__
+    assert template["variables"]["BUILDER_REF"] == f"v{version}"
+
+
+def test_a_builder_release_tag_is_checked_against_the_version(
+    gitlab_ci_local: Path, tmp_path: Path
 ) -> None:
-    project, origin = _snapshot(tmp_path)
-    tag = {"CI_COMMIT_TAG": "base-v2.5.0"}
-    cache = tmp_path / "cache"
-    planned = _gcl(
+    project, _ = _snapshot(tmp_path)
+    shutil.copy2(ROOT / "pyproject.toml", project / "pyproject.toml")
+    good = _gcl(
         gitlab_ci_local,
         project,
-        "plan",
+        "builder-release",
         "--force-shell-executor",
-        variables={**tag, "BUILDER_CACHE_DIR": str(cache)},
+        variables={"CI_COMMIT_TAG": f"v{builder.__version__}"},
     )
+    _passed(good, "builder-release")
+    bad = _gcl(
+        gitlab_ci_local,
+        project,
+        "builder-release",
+        "--force-shell-executor",
+        variables={"CI_COMMIT_TAG": "v9.9.9"},
+    )
+    assert bad.returncode != 0
+    assert f"error: tag v9.9.9 is not the builder version v{builder.__version__}" in bad.stdout
+
+
+def _namespace(tmp_path: Path) -> str:
+    return re.sub("[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
+
+
+def _missing_variable_stops_the_job(
+    ran: subprocess.CompletedProcess[str], job: str, name: str
+) -> None:
+    """The job failed at its start, on one line naming the variable."""
+    assert ran.returncode != 0
+    assert re.search(rf"FAIL\s+{re.escape(job)}\b", ran.stdout), ran.stdout[-3000:]
+    # the job's line (gitlab-ci-local repeats a failed job's last line in its summary)
+    # (gitlab-ci-local passes a job's stderr on as its own)
+    output = (ran.stdout + ran.stderr).splitlines()
+    lines = {ln.split("> ", 1)[-1] for ln in output if "> error:" in ln}
+    assert len(lines) == 1, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert lines.pop().startswith(f"error: CI/CD variable {name} is not set"), lines
+
+
+def _child_jobs(text: str, version: str, customers: list[str]) -> dict[str, Any]:
+    """The generated child pipeline's jobs: one per customer, each in its resource group,
+    building from its lock, pushing and recording, its report kept."""
+    child = yaml.safe_load(text)
+    assert child["variables"]["BASE_VERSION"] == version
+    jobs = {name: job for name, job in child.items() if isinstance(job, dict) and "script" in job}
+    assert set(jobs) == {f"build:{c}" for c in customers}
+    assert {job["resource_group"] for job in jobs.values()} == {f"ivd-build-{c}" for c in customers}
+    assert all("--locked --push --record" in job["script"][-1] for job in jobs.values())
+    assert all(job["artifacts"]["when"] == "always" for job in jobs.values())
+    return jobs
+
+
+def _check_child_reports(
+    project: Path, origin: Path, customers: list[str], image_prefix: str, base_digest: str
+) -> None:
+    """Each child job built its customer on the released base, pushed it and recorded it."""
+    records = _records(origin)
+    for customer in customers:
+        report = json.loads(
+            _artifact(project, f"build:{customer}", f"reports/{customer}.json").read_text()
+        )
+        (result,) = report["result"]["results"]
+        assert result["status"] == "built"
+        assert result["report"]["image"].startswith(image_prefix.format(customer))
+        assert result["report"]["base"]["digest"] == base_digest  # the base the release pushed
+        record = records[result["record"]["path"]]
+        assert record["manifest_digest"] == result["report"]["manifest_digest"]
+        assert record["config"]["path"] == f"customers/{customer}"
+        assert record["ci_url"] == "https://gitlab.example.com/ivd/builder/-/jobs/7"
+    assert len(records) == len(customers)
+
+
+def test_a_base_release_builds_the_base_plans_and_the_child_jobs_build_push_and_record(
+    gitlab_ci_local: Path,
+    tmp_path: Path,
+    oci_registry: Any,
+    docker_engine: Any,
+    base_os_image: str,
+) -> None:
+    """Tag base-v<VERSION>: `base-image` (CPU, against the test bed's engine) pushes the base,
+    `plan` reaches the customers whose constraint admits it and writes the child pipeline,
+    whose jobs build each customer from its lock on that base, push it and record it."""
+    project, origin = _snapshot(tmp_path)
+    version = read_version()
+    tag = {"CI_COMMIT_TAG": f"base-v{version}"}
+    cache = tmp_path / "cache"
+    registry = f"{oci_registry.host}/{_namespace(tmp_path)}"
+    common = {
+        **tag,
+        "BUILDER_CACHE_DIR": str(cache),
+        "BUILDER_BASE_REPOSITORY": f"{registry}/inference-base",
+        "BUILDER_IMAGE_REGISTRY": registry,
+    }
+    # the CPU wheelhouse the job keeps in its cache: seeded from the test bed's (no download)
+    seeded = cache_root() / "wheelhouse" / "cpu"
+    if seeded.is_dir():
+        shutil.copytree(seeded, project / ".wheelhouse" / "cpu", copy_function=os.link)
+
+    # The test bed's engine stands in for the docker:dind service, which gitlab-ci-local would
+    # start in a container network even under the shell executor.
+    pipeline = project / ".gitlab-ci.yml"
+    dind = "  services:\n    - docker:27-dind\n"
+    assert pipeline.read_text().count(dind) == 1
+    pipeline.write_text(pipeline.read_text().replace(dind, ""))
+    unset = _gcl(gitlab_ci_local, project, "base-image", "--force-shell-executor", variables=tag)
+    _missing_variable_stops_the_job(unset, "base-image", "BUILDER_BASE_REPOSITORY")
+    base_job = {
+        **common,
+        "DOCKER_HOST": docker_engine.host,  # instead of the docker:dind service
+        "BUILDER_BASE_FROM": base_os_image,
+        "BUILDER_BASE_VARIANTS": "cpu",
+        # kept between sessions: the engine's image (reused by its inputs) is stored once
+        "BUILDER_IMAGE_STORE": str(cache_root() / "gitlab-ci-base-store"),
+    }
+    based = _gcl(
+        gitlab_ci_local, project, "base-image", "--force-shell-executor", variables=base_job
+    )
+    _passed(based, "base-image")
+    # progress on the job's stderr (gitlab-ci-local passes it on as its own), in plain lines
+    lines = based.stderr.splitlines()
+    progress = [ln for ln in lines if re.match(r"base-image > \[ *[\d.]+ s\] ", ln)]
+    assert any(" storing " in ln for ln in progress), based.stderr[-4000:]
+    assert any(" pushing " in ln for ln in progress), progress
+    base = json.loads(_artifact(project, "base-image", "base-image-cpu.json").read_text())
+    base_digest = base["result"]["digest"]
+    assert base["result"]["reference"] == f"{registry}/inference-base:{version}"
+
+    planned = _gcl(gitlab_ci_local, project, "plan", "--force-shell-executor", variables=common)
     _passed(planned, "plan")
     artifacts = project / ".gitlab-ci-local" / "artifacts" / "plan"
     child_text = (artifacts / "child-pipeline.yml").read_text()
     plan_doc = json.loads((artifacts / "plan.json").read_text())
     assert plan_doc["ok"] is True
-    assert [i["customer"] for i in plan_doc["result"]["items"] if i["status"] == "rebuild"] == [
-        "customer-x",
-        "customer-y",
-    ]
-    child = yaml.safe_load(child_text)
-    jobs = {name: job for name, job in child.items() if isinstance(job, dict) and "script" in job}
-    assert set(jobs) == {"build:customer-x", "build:customer-y"}
-    assert {job["resource_group"] for job in jobs.values()} == {
-        "ivd-build-customer-x",
-        "ivd-build-customer-y",
-    }
-    assert all(job["artifacts"]["when"] == "always" for job in jobs.values())
-    assert child["variables"]["BASE_VERSION"] == "2.5.0"
+    reached = [i["customer"] for i in plan_doc["result"]["items"] if i["status"] == "rebuild"]
+    assert reached == ["customer-x", "customer-y"]  # customer-z: ~=2.3.0 does not admit it
+    jobs = _child_jobs(child_text, version, reached)
 
-    # The child pipeline parses, and its customer-x job runs for real: build, push, record.
+    # The child pipeline parses and runs, all of it: build from the lock, push, record.
     (project / "child-pipeline.yml").write_text(child_text)
     assert _jobs(gitlab_ci_local, project, file="child-pipeline.yml") == set(jobs)
-    namespace = re.sub("[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
-    registry = f"{oci_registry.host}/{namespace}"
-    variables = {
-        "BUILDER_BASE_REPOSITORY": fleet_bases,
-        "BUILDER_IMAGE_REGISTRY": registry,
-        "BUILDER_CACHE_DIR": str(cache),
-        "CI_JOB_URL": "https://gitlab.example.com/ivd/builder/-/jobs/7",
-    }
-    built = _gcl(
+    no_token = _gcl(
         gitlab_ci_local,
         project,
         "build:customer-x",
         "--force-shell-executor",
-        variables=variables,
+        variables=common,
         file="child-pipeline.yml",
     )
-    _passed(built, "build:customer-x")
-    report = json.loads(
-        _artifact(project, "build:customer-x", "reports/customer-x.json").read_text()
+    _missing_variable_stops_the_job(no_token, "build:customer-x", "BUILDER_GIT_TOKEN")
+    built = _gcl(
+        gitlab_ci_local,
+        project,
+        "--force-shell-executor",
+        variables={
+            **common,
+            "BUILDER_GIT_TOKEN": "glpat-not-used-for-a-local-origin",
+            "CI_JOB_URL": "https://gitlab.example.com/ivd/builder/-/jobs/7",
+        },
+        file="child-pipeline.yml",
     )
-    (result,) = report["result"]["results"]
-    assert result["status"] == "built"
-    assert result["report"]["image"].startswith(f"{registry}/customer-x:2.5.0-")
-    records = _records(origin)
-    assert list(records) == [result["record"]["path"]]
-    record = records[result["record"]["path"]]
-    assert record["manifest_digest"] == result["report"]["manifest_digest"]
-    assert record["config"]["path"] == "customers/customer-x"
-    assert record["ci_url"] == "https://gitlab.example.com/ivd/builder/-/jobs/7"
+    _passed(built, *jobs)
+    assert "glpat-not-used" not in built.stdout
+    _check_child_reports(project, origin, reached, f"{registry}/{{}}:{version}-", base_digest)
 
 
 def test_a_release_no_customer_admits_gives_a_valid_child_pipeline(
@@ -270,9 +382,14 @@ def test_a_large_fleet_is_generated_jobs_not_a_matrix(
 # -- the customer repository template ----------------------------------------------------------
 
 
-def _customer_project(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
+def _customer_project(
+    tmp_path: Path, env: dict[str, str], *, lock: bool = True, engine: str | None = None
+) -> tuple[Path, Path]:
     """A customer repository (demo models) that includes ci/customer.gitlab-ci.yml, with a
-    committed lock, on branch main; origin is a local bare repository."""
+    committed lock (unless not ``lock``), on branch main; origin is a local bare repository.
+    With ``engine``, ivd:build smokes the image in that Docker engine instead of a
+    Docker-in-Docker service (which gitlab-ci-local would start even under the shell
+    executor), as a customer whose runner has an engine of its own overrides it."""
     project = tmp_path / "customer-w"
     shutil.copytree(ROOT / "customers" / "customer-x", project)
     (project / "customer.yaml").write_text(
@@ -281,34 +398,90 @@ def _customer_project(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
     (project / "customer.lock.yaml").unlink()
     (project / "ci").mkdir()
     shutil.copy2(ROOT / "ci" / "customer.gitlab-ci.yml", project / "ci" / "customer.gitlab-ci.yml")
-    (project / ".gitlab-ci.yml").write_text("include:\n  - local: ci/customer.gitlab-ci.yml\n")
+    pipeline = "include:\n  - local: ci/customer.gitlab-ci.yml\n"
+    if engine:
+        pipeline += yaml.safe_dump(
+            {"ivd:build": {"services": [], "variables": {"DOCKER_HOST": engine}}}
+        )
+    (project / ".gitlab-ci.yml").write_text(pipeline)
     repo = git.Repo.init(project)
     repo.git.checkout("-b", "main")
     commit_files(project, {p: (project / p).read_bytes() for p in repo.untracked_files}, "config")
-    locked = run_cli("lock", str(project), env=env)
-    assert locked.returncode == 0, locked.stderr
-    commit_files(
-        project, {"customer.lock.yaml": (project / "customer.lock.yaml").read_bytes()}, "lock"
-    )
+    if lock:
+        commit_lock(project, env)
     origin = tmp_path / "customer-w.git"
     git.Repo.init(origin, bare=True)
     repo.create_remote("origin", str(origin)).push("main")  # CI builds what the server has
     return project, origin
 
 
-def test_customer_template_validates_merge_requests_and_builds_the_default_branch(
-    gitlab_ci_local: Path, tmp_path: Path, oci_registry: Any, fleet_bases: str
+def _real_bases(docker_engine: Any, inference_base: str, repository: str, *versions: str) -> str:
+    """The real inference base (its runner and contract: `builder smoke` runs on it) pushed
+    as ``repository:<version>`` for each of ``versions``, relabelled with that version: base
+    releases a customer's constraint admits. Returns the repository."""
+    import io
+
+    client = docker_engine.client()
+    for version in versions:
+        dockerfile = (
+            f"FROM {inference_base}:{read_version()}\n"
+            f'LABEL org.opencontainers.image.version="{version}"\n'
+        )
+        client.images.build(
+            fileobj=io.BytesIO(dockerfile.encode()),
+            tag=f"{repository}:{version}",
+            network_mode="none",
+            rm=True,
+        )
+        for line in client.images.push(repository, tag=version, stream=True, decode=True):
+            assert "error" not in line, line
+    return repository
+
+
+def test_customer_template_refuses_to_release_without_a_committed_lock(
+    gitlab_ci_local: Path, tmp_path: Path, oci_registry: Any, docker_engine: Any
 ) -> None:
-    namespace = re.sub("[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
+    namespace = _namespace(tmp_path)
     env = {
         "BUILDER_MODEL_REGISTRY": f"local:{ROOT / 'demo' / 'registry'}",
         "BUILDER_PRODUCTION": f"file:{ROOT / 'demo' / 'production'}",
-        "BUILDER_BASE_REPOSITORY": fleet_bases,
+        "BUILDER_BASE_REPOSITORY": f"{oci_registry.host}/{namespace}/base",
+        "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
+        "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
+        "BUILDER_GIT_TOKEN": "glpat-not-used-for-a-local-origin",
+    }
+    project, origin = _customer_project(tmp_path, env, lock=False, engine=docker_engine.host)
+    since = len(oci_registry.requests())
+    built = _gcl(gitlab_ci_local, project, "ivd:build", "--force-shell-executor", variables=env)
+    assert built.returncode != 0
+    assert re.search(r"FAIL\s+.*ivd:build", built.stdout), built.stdout[-3000:]
+    output = built.stdout + built.stderr
+    assert "no customer.lock.yaml committed" in output and "`builder lock`" in output
+    assert not [r for r in oci_registry.requests()[since:] if namespace in r.path]
+    assert _records(origin) == {}
+
+
+def test_customer_template_validates_merge_requests_and_builds_the_default_branch(
+    gitlab_ci_local: Path,
+    tmp_path: Path,
+    oci_registry: Any,
+    docker_engine: Any,
+    inference_base: str,
+) -> None:
+    namespace = _namespace(tmp_path)
+    bases = _real_bases(
+        docker_engine, inference_base, f"{oci_registry.host}/{namespace}/base", "2.4.2"
+    )
+    env = {
+        "BUILDER_MODEL_REGISTRY": f"local:{ROOT / 'demo' / 'registry'}",
+        "BUILDER_PRODUCTION": f"file:{ROOT / 'demo' / 'production'}",
+        "BUILDER_BASE_REPOSITORY": bases,
         "BUILDER_IMAGE_REGISTRY": f"{oci_registry.host}/{namespace}",
         "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
     }
-    project, origin = _customer_project(tmp_path, env)
+    project, origin = _customer_project(tmp_path, env, engine=docker_engine.host)
     mr = {"CI_PIPELINE_SOURCE": "merge_request_event"}
+    token = {"BUILDER_GIT_TOKEN": "glpat-not-used-for-a-local-origin"}
     assert _jobs(gitlab_ci_local, project, **mr) == {"ivd:validate", "ivd:lock-check"}
     assert _jobs(gitlab_ci_local, project) == {"ivd:build"}  # the default branch
     assert _jobs(gitlab_ci_local, project, CI_COMMIT_TAG="site-acceptance-1") == {"ivd:build"}
@@ -317,15 +490,54 @@ def test_customer_template_validates_merge_requests_and_builds_the_default_branc
     checks = ("ivd:validate", "ivd:lock-check")
     ran = _gcl(gitlab_ci_local, project, *checks, "--force-shell-executor", variables={**mr, **env})
     _passed(ran, *checks)
+    unset = {k: v for k, v in env.items() if k != "BUILDER_PRODUCTION"}
+    missing = _gcl(
+        gitlab_ci_local,
+        project,
+        "ivd:validate",
+        "--force-shell-executor",
+        variables={**mr, **unset},
+    )
+    _missing_variable_stops_the_job(missing, "ivd:validate", "BUILDER_PRODUCTION")
 
-    built = _gcl(gitlab_ci_local, project, "ivd:build", "--force-shell-executor", variables=env)
-    _passed(built, "ivd:build")
-    report = json.loads(_artifact(project, "ivd:build", "build-report.json").read_text())
+    def build() -> dict[str, Any]:
+        built = _gcl(
+            gitlab_ci_local,
+            project,
+            "ivd:build",
+            "--force-shell-executor",
+            variables={**env, **token},
+        )
+        _passed(built, "ivd:build")
+        # the image ran on a sample slide before it was pushed, and the pushed one is that image
+        assert re.search(r"smoke +\S+: passed in", built.stdout), built.stdout[-4000:]
+        smoked = json.loads(_artifact(project, "ivd:build", "smoke-build.json").read_text())
+        assert "registry" not in smoked["result"]["outputs"]
+        report = json.loads(_artifact(project, "ivd:build", "build-report.json").read_text())
+        result: dict[str, Any] = report["result"]
+        assert result["manifest_digest"] == smoked["result"]["manifest_digest"]
+        return result
+
+    first = build()
     ((path, record),) = _records(origin).items()
     assert record["customer"] == "customer-w"
-    assert record["manifest_digest"] == report["result"]["manifest_digest"]
+    assert record["manifest_digest"] == first["manifest_digest"]
     assert record["config"]["commit"] == git.Repo(project).head.commit.hexsha
-    assert path == f"releases/customer-w/2.5.0-{record['config']['commit'][:12]}.yaml"
+    assert path == f"releases/customer-w/2.4.2-{record['config']['commit'][:12]}.yaml"
+
+    # A base release (2.5.0, admitted by ~=2.4) changes nothing the merge request did: its
+    # checks pass, and say that a newer base is there; the default branch still builds, from
+    # the lock, on the pinned 2.4.2 (the fleet rebuild is what ships 2.5.0).
+    _real_bases(docker_engine, inference_base, bases, "2.5.0")
+    after = _gcl(
+        gitlab_ci_local, project, *checks, "--force-shell-executor", variables={**mr, **env}
+    )
+    _passed(after, *checks)
+    assert "note: base image 2.5.0 is released (the lock pins 2.4.2)" in after.stderr
+    again = build()
+    assert again["base"]["version"] == "2.4.2"
+    assert again["manifest_digest"] == first["manifest_digest"]
+    assert len(_records(origin)) == 1  # the identical record is accepted, not duplicated
 
     # A merge request that changes the analysis without re-locking: lock-check fails.
     analysis = (
@@ -345,3 +557,4 @@ def test_customer_template_validates_merge_requests_and_builds_the_default_branc
     assert drift.returncode != 0
     assert re.search(r"FAIL\s+.*ivd:lock-check", drift.stdout), drift.stdout[-3000:]
     assert "drifted" in drift.stdout
+    assert "min_region_area_um2 500 -> 400" in drift.stdout

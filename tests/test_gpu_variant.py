@@ -24,7 +24,7 @@ from typing import Any
 from zipfile import ZipFile
 
 import pytest
-from helpers import ROOT, commit_files, push_labelled_bases, run_cli
+from helpers import ROOT, commit_files, commit_lock, push_labelled_bases, run_cli
 from packaging.requirements import Requirement as PipRequirement
 
 from builder.cook.load import load_customer
@@ -466,8 +466,13 @@ def test_fleet_builds_every_variant_a_customer_needs(
         "BUILDER_IMAGE_REGISTRY": registry,
         "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
     }
+    commit_lock(repo, env)  # the fleet builds releases: locked
+    # One plan item per image
     planned = _cli_json("plan", "--base-version", version, "--fleet", str(fleet), env=env)
-    assert planned["items"][0]["variants"] == ["cpu", "gpu"]
+    assert [(i["customer"], i["variant"]) for i in planned["items"]] == [
+        ("customer-x", "cpu"),
+        ("customer-x", "gpu"),
+    ]
     result = _cli_json(
         "build-all", "--base-version", version, "--fleet", str(fleet), "--push", env=env
     )

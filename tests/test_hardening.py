@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import errno
-import functools
 import hashlib
-import http.server
 import json
 import os
 import re
@@ -19,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import unittest.mock
 from collections.abc import Callable, Iterator
@@ -40,6 +37,7 @@ from helpers import (
     model_record,
     offline_settings,
     run_cli,
+    served_over_http,
     task_record,
 )
 from hypothesis import HealthCheck, given
@@ -268,6 +266,20 @@ BAD_YAML: dict[str, tuple[bytes, str]] = {
     "100,000-digit integer": (b"version: " + b"9" * 100_000 + b"\n", "digits"),
     "impossible date": (b"version: 2024-13-45\n", "month must be"),
     "list as a key": (b"? [1, 2]\n: 3\n", "cannot be a key"),
+    "empty !!int": (b"version: !!int ''\n", "!!int '' cannot be read"),
+    "empty !!float": (b"version: !!float ''\n", "!!float '' cannot be read"),
+    "bad !!timestamp": (b"version: !!timestamp soon\n", "!!timestamp 'soon' cannot be read"),
+    "bad !!bool": (b"version: !!bool maybe\n", "!!bool 'maybe' cannot be read"),
+    "a date": (b"version: 2024-01-31\n", "version: a date is not allowed here"),
+    "a timestamp": (b"version: 2024-01-31T10:00:00Z\n", "a timestamp is not allowed"),
+    "a set": (b"version: !!set {a, b}\n", "a set (!!set) is not allowed"),
+    "!!binary": (b"version: !!binary aGVsbG8=\n", "binary data (!!binary) is not allowed"),
+    "pairs": (b"version: !!omap [a: 1]\n", "a pair (!!omap/!!pairs) is not allowed"),
+    "NaN": (b"version: .nan\n", "nan (not a finite number)"),
+    "Infinity": (b"a: {b: -.inf}\n", "a.b: -inf (not a finite number)"),
+    "mixed-type keys": (b"{true: 1, x: 2}\n", "key True is not a string"),
+    "an integer key": (b"a: {1: x}\n", "a: key 1 is not a string"),
+    "a newline in a key": (b'"a\\nb": 1\n', "key 'a\\nb' holds a control character"),
     "too big": (
         b"a: [" + b"1," * (yamldoc.MAX_DOCUMENT_BYTES // 2) + b"1]\n",
         "over the size limit",
@@ -321,7 +333,10 @@ def test_plain_large_document_is_not_an_alias_problem() -> None:
     assert "alias-expansion limit" in str(info.value)
 
 
-@pytest.mark.parametrize("case", ["not UTF-8", "deep lists", "recursive alias", "too big"])
+@pytest.mark.parametrize(
+    "case",
+    ["not UTF-8", "deep lists", "recursive alias", "too big", "a newline in a key", "empty !!int"],
+)
 def test_bad_yaml_through_the_cli(repo: Path, case: str) -> None:
     commit_files(repo, {"analysis.yaml": BAD_YAML[case][0]}, case)
     result = run_cli("validate", str(repo))
@@ -329,6 +344,42 @@ def test_bad_yaml_through_the_cli(repo: Path, case: str) -> None:
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert BAD_YAML[case][1] in result.stderr
+
+
+#: Values YAML can hold and JSON cannot, as a feature's params (the runner contract check
+#: used to crash on them: exit 70); each is refused where it is written.
+PARAM_VALUES = {
+    "date": "2024-01-01",
+    "set": "!!set {a, b}",
+    "binary": "!!binary aGVsbG8=",
+    "mixed-type keys": "{true: 1, x: 2}",
+    "NaN": ".nan",
+    "Infinity": ".inf",
+    "empty !!float": "!!float ''",
+    "bad !!timestamp": "!!timestamp tomorrow",
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARAM_VALUES))
+def test_params_outside_json_are_refused_at_their_line(
+    repo: Path, settings: Settings, case: str
+) -> None:
+    text = ANALYSIS_YAML.format(carcinoma=AUTO_ID, mitosis=AUTO_ID, threshold=0.5)
+    text = text.replace("params: {threshold: 0.5}", f"params: {{threshold: {PARAM_VALUES[case]}}}")
+    (repo / "analysis.yaml").write_text(text)
+    message = _one_line_error(repo, settings, worktree=True)
+    line = 1 + text.splitlines().index(next(ln for ln in text.splitlines() if "threshold" in ln))
+    assert f"analysis.yaml:{line}" in message, message
+
+
+def test_a_param_date_through_the_cli(repo: Path) -> None:
+    text = ANALYSIS_YAML.format(carcinoma=AUTO_ID, mitosis=AUTO_ID, threshold="2024-01-01")
+    commit_files(repo, {"analysis.yaml": text}, "a date as a param")
+    for args in (("validate", str(repo)), ("validate", "--json", str(repo))):
+        result = run_cli(*args)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert "features[0].params.threshold: a date is not allowed" in result.stdout
 
 
 def test_schema_error_does_not_print_the_file(repo: Path, settings: Settings) -> None:
@@ -545,6 +596,9 @@ def test_hostile_lock_through_the_cli(
         ("https://h/r.git?a=1&private_token=glpat-123456#frag", "glpat"),
         ("fatal: unable to access 'https://oauth2:tok3n@h/r.git/': 403", "tok3n"),
         ("s3://b/k?X-Amz-Signature=abcdef0123&X-Amz-Credential=AKIAXYZ", "AKIAXYZ"),
+        ("https://deploy:pa/ss-w0rd@gitlab.example.com/g/r.git", "ss-w0rd"),
+        ("https://deploy:pa:ss:w0rd@gitlab.example.com/g/r.git", "w0rd"),
+        ("pushing deploy:s3cr3t@registry.example.com:5000/ivd/x:1", "s3cr3t"),
     ],
 )
 def test_secrets_are_masked_in_any_text(text: str, secret: str) -> None:
@@ -557,6 +611,18 @@ def test_secrets_are_masked_in_any_text(text: str, secret: str) -> None:
         assert canonical_repo_url(text).startswith(
             ("https://gitlab.example.com/g/r", "https://h/r")
         )
+
+
+def test_a_remembered_password_is_masked_anywhere() -> None:
+    """A password given in a URL (an argument) is masked wherever it turns up, also where no
+    URL pattern finds it: a space in it, git's message quoting it alone, percent-encoded."""
+    from builder.redact import mask_secrets, remember_url_secrets, strip_credentials
+
+    url = "http://alice:pa ss/w@rd:x@gitlab.example.com/g/r.git"
+    remember_url_secrets(["build", url, "--push"])
+    for text in (url, "fatal: password 'pa ss/w@rd:x' refused", "pa%20ss%2Fw%40rd%3Ax"):
+        assert "pa ss" not in mask_secrets(text) and "%20ss" not in mask_secrets(text)
+    assert strip_credentials(url) == "http://gitlab.example.com/g/r.git"
 
 
 def test_secrets_never_reach_the_cli_output(tmp_path: Path) -> None:
@@ -582,15 +648,8 @@ def http_git(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     bare = git.Repo(served / "customer.git")
     bare.git.branch("-m", bare.active_branch.name, "trunk")  # a default branch git would not guess
     bare.git.update_server_info()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}/customer.git", work
-    finally:
-        server.shutdown()
-        server.server_close()
+    with served_over_http(served) as host:
+        yield f"{host}/customer.git", work
 
 
 def test_clone_credentials_are_not_stored(
@@ -654,6 +713,45 @@ def test_docker_archive_on_a_full_disk_keeps_the_old_one(
     with pytest.raises(ImageError):
         write_docker_archive(small_image, out / "new.tar", ["ivd/customer-x:2"])
     assert sorted(p.name for p in out.iterdir()) == ["image.tar"]
+
+
+def test_the_temporary_archive_of_a_killed_export_is_removed(
+    small_image: Any, tmp_path: Path
+) -> None:
+    """`build --docker-archive` killed halfway leaves its temporary file next to the archive;
+    the next export to that file removes it (never one another export is still writing)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    archive = out / "image.tar"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from builder.deliver import _replaced_on_success\n"
+        "with _replaced_on_success(Path(sys.argv[1])) as f:\n"
+        "    f.write(b'x' * (1 << 20)); f.flush(); print('writing', flush=True); time.sleep(600)\n"
+    )
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(archive)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for writer in writers:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
+    leftovers = sorted(out.glob(".image.tar.*.tmp"))
+    assert len(leftovers) == 2
+    old = time.time() - 3600
+    for path in leftovers:
+        os.utime(path, (old, old))
+    writers[0].send_signal(signal.SIGKILL)  # kill -9: no clean-up ran
+    writers[0].wait(timeout=30)
+    write_docker_archive(small_image, archive, ["ivd/customer-x:1"])
+    try:
+        assert len(list(out.glob(".image.tar.*.tmp"))) == 1  # the live writer's file is kept
+        assert tarfile.is_tarfile(archive)
+    finally:
+        writers[1].kill()
+        writers[1].wait(timeout=30)
 
 
 def test_temporary_blobs_of_a_killed_assemble_are_removed(tmp_path: Path) -> None:
@@ -890,6 +988,9 @@ BAD_MANIFESTS = {
     "sha256 not hex": json.dumps(
         {"files": [{"name": "model.onnx", "size": 16, "sha256": "zz"}]}
     ).encode(),
+    "NaN size": b'{"files": [{"name": "model.onnx", "size": NaN, "sha256": "00"}]}',
+    "Infinity size": b'{"files": [{"name": "model.onnx", "size": -Infinity, "sha256": "00"}]}',
+    "newline in a key": b'{"files\\nx": []}',
 }
 
 
@@ -915,6 +1016,12 @@ BAD_RECORDS = {
         "model",
         "design",
         {"design": '{"preprocessing": [{"cls": "X", "params": [1]}]}'},
+    ),
+    "model design a JSON list": ("model", "design", {"design": "[1, 2]"}),
+    "model design an infinite number": (
+        "model",
+        "design",
+        {"design": '{"params": {"file": "model.onnx", "tile_size": 64, "mpp": 1e999}}'},
     ),
     "task without status": ("task", "status", _DELETE),
     "task status a mapping": ("task", "status", {"a": 1}),

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import uuid
 from pathlib import Path
 
+import git
 import pytest
+import yaml
 from helpers import (
     ANALYSIS_YAML,
     CARCINOMA_ID,
     CUSTOMER_YAML,
     MITOSIS_ID,
+    MITOSIS_TASK,
+    ROOT,
     commit_files,
     customer_repo,
     offline_settings,
+    run_cli,
 )
 
 from builder.cook.load import load_customer
@@ -266,12 +275,80 @@ def test_manual_model_reads_weights_from_the_same_commit(repo: Path, settings: S
             "https://gitlab.example.com/ivd/customers/customer-x",
             "https://gitlab.example.com/ivd/customers/customer-x",
         ),
+        ("git+ssh://git@GitLab.Example.com/ivd/cx.git/", "https://gitlab.example.com/ivd/cx"),
+        ("ssh://gitlab.example.com:22//ivd//cx.git", "https://gitlab.example.com/ivd/cx"),
+        ("git://gitlab.example.com/ivd/cx", "https://gitlab.example.com/ivd/cx"),
+        (
+            "HTTPS://deploy:tok@GITLAB.example.com:443/ivd/cx.git#main",
+            "https://gitlab.example.com/ivd/cx",
+        ),
+        ("http://127.0.0.1:8080/ivd/cx.git/", "http://127.0.0.1:8080/ivd/cx"),
+        ("http://127.0.0.1:80/ivd/cx", "http://127.0.0.1/ivd/cx"),
+        ("file:///srv/git/cx.git/", "file:///srv/git/cx"),
+        ("file://localhost/srv/git/./cx.git", "file:///srv/git/cx"),
+        ("/srv/git/cx.git", "file:///srv/git/cx"),
+        ("/srv/git//cx/", "file:///srv/git/cx"),
     ],
 )
 def test_source_url_is_one_spelling_without_secrets(url: str, canonical: str) -> None:
     from builder.cook.load import canonical_repo_url
 
     assert canonical_repo_url(url) == canonical
+
+
+def test_a_folder_of_a_repository_is_named_repository_hash_folder(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """``<repository>#<folder>``, the form images and records use, opens a folder of a work
+    tree, of a bare repository (no work tree at all) and of a git URL alike."""
+    import subprocess
+
+    configs = tmp_path / "configs"
+    files = {
+        "customers/customer-y/customer.yaml": CUSTOMER_YAML.format(name="customer-y", base="2.4.1"),
+        "customers/customer-y/analysis.yaml": _analysis(),
+    }
+    commit = commit_files(configs, files, "configs")
+    bare = tmp_path / "server" / "configs.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(configs), str(bare)], check=True)
+    for location in (
+        f"{configs}#customers/customer-y",
+        f"{bare}#customers/customer-y",
+        f"{bare.as_uri()}#customers/customer-y",
+    ):
+        spec = load_customer(location, settings)
+        assert (spec.customer, spec.commit, spec.source.subdir) == (
+            "customer-y",
+            commit,
+            "customers/customer-y",
+        )
+        assert spec.source.url.endswith("#customers/customer-y")
+    with pytest.raises(ConfigError, match="folder 'customers/nobody' is not in git"):
+        load_customer(f"{bare}#customers/nobody", settings)
+    with pytest.raises(ConfigError, match="must be a relative path inside"):
+        load_customer(f"{bare.as_uri()}#../escape", settings)
+
+
+def test_declared_repository_is_canonical_and_credential_free(
+    repo: Path, settings: Settings
+) -> None:
+    """customer.yaml ``repository``: recorded in canonical form; credentials are refused."""
+    declared = CUSTOMER_YAML.format(name="customer-x", base="2.4.1")
+    commit_files(
+        repo, {"customer.yaml": declared + "repository: git@gitlab.example.com:ivd/cx.git\n"}, "id"
+    )
+    assert load_customer(str(repo), settings).repository == "https://gitlab.example.com/ivd/cx"
+    commit_files(
+        repo,
+        {"customer.yaml": declared + "repository: https://bot:s3cret@gitlab.example.com/ivd/cx\n"},
+        "oops",
+    )
+    with pytest.raises(ConfigError, match="holds credentials") as raised:
+        load_customer(str(repo), settings)
+    assert "s3cret" not in str(raised.value)
+    commit_files(repo, {"customer.yaml": declared + "repository: ../cx\n"}, "a path")
+    with pytest.raises(ConfigError, match="repository"):
+        load_customer(str(repo), settings)
 
 
 def test_git_url_is_cloned_then_fetched(repo: Path, settings: Settings) -> None:
@@ -300,3 +377,127 @@ def test_git_url_that_cannot_be_cloned(tmp_path: Path, settings: Settings) -> No
 def test_commit_id_that_does_not_exist(repo: Path, settings: Settings) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_customer(str(repo), settings, ref="0123456789abcdef0123456789abcdef01234567")
+
+
+# -- through the CLI: what validate, expand and lock read, and how they report ------------------
+
+
+def _cli_env(tmp_path: Path) -> dict[str, str]:
+    """The bundled demo registry and weights; no base image (an empty OCI layout path:
+    validate and lock say so and go on, with no registry to wait for)."""
+    return {
+        "BUILDER_MODEL_REGISTRY": f"local:{ROOT / 'demo' / 'registry'}",
+        "BUILDER_PRODUCTION": f"file:{ROOT / 'demo' / 'production'}",
+        "BUILDER_BASE_REPOSITORY": f"oci:{tmp_path / 'no-base'}",
+        "BUILDER_CACHE_DIR": str(tmp_path / "cache"),
+    }
+
+
+def test_validate_expand_and_lock_read_the_edit_and_say_so(repo: Path, tmp_path: Path) -> None:
+    env = _cli_env(tmp_path)
+    head = git.Repo(repo).head.commit.hexsha
+    edited = _analysis().replace("threshold: 0.5", "threshold: 0.9")
+    (repo / "analysis.yaml").write_text(edited)
+
+    checked = run_cli("validate", str(repo), env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert f"valid in the work tree (uncommitted changes; HEAD {head[:12]})" in checked.stdout
+    assert "model ids not checked against a registry" in checked.stdout
+    assert f"note: uncommitted changes in {repo} (analysis.yaml)" in checked.stderr
+    at_head = run_cli("validate", str(repo), "--ref", "HEAD", "--json", env=env)
+    doc = json.loads(at_head.stdout)["result"]
+    assert doc["commit"] == head and doc["uncommitted"] == [] and doc["registry_checked"] is False
+
+    expanded = run_cli("expand", str(repo), "--json", env=env)
+    assert expanded.returncode == 0, expanded.stderr
+    result = json.loads(expanded.stdout)["result"]
+    assert result["uncommitted"] == ["analysis.yaml"]
+    features = result["config"]["analyses"][0]["features"]
+    assert features[0]["params"] == {"threshold": 0.9}
+
+    locked = run_cli("lock", str(repo), env=env)
+    assert locked.returncode == 0, locked.stderr
+    assert "uncommitted changes in" in locked.stderr and "analysis.yaml" in locked.stderr
+    lock = yaml.safe_load((repo / "customer.lock.yaml").read_text())
+    assert lock["inputs"]["analysis.yaml"] == hashlib.sha256(edited.encode()).hexdigest()
+    # committed together, HEAD is what was locked: the check passes on the commit
+    commit_files(
+        repo,
+        {"analysis.yaml": edited, "customer.lock.yaml": (repo / "customer.lock.yaml").read_text()},
+        "threshold 0.9, locked",
+    )
+    again = run_cli("lock", str(repo), "--check", "--ref", "HEAD", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "uncommitted" not in again.stderr
+
+
+def test_validate_lists_every_problem_of_the_file_in_line_order(repo: Path, tmp_path: Path) -> None:
+    analysis = (
+        _analysis()
+        .replace(CARCINOMA_ID, "not-an-id")
+        .replace("segmentation_model: mitosis_model", "segmentation_model: mitosis_modle")
+        .replace(
+            f"sourcing: auto\n      reference: {MITOSIS_ID}",
+            "sourcing: manual\n      reference: ../x",
+        )
+    )
+    commit_files(repo, {"analysis.yaml": analysis}, "three mistakes")
+    result = run_cli("validate", str(repo), env=_cli_env(tmp_path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    found = [int(n) for n in re.findall(r"analysis\.yaml:(\d+): ", line)]
+    lines = analysis.splitlines()
+    expected = [
+        next(i for i, text in enumerate(lines, 1) if token in text)
+        for token in ("not-an-id", "../x", "mitosis_modle")
+    ]
+    assert found == expected, line
+    assert "[3 problems]" in line
+    # schema errors too: every one at once, in line order
+    schema_bad = _analysis().replace(
+        "  - cls: Carcinoma\n", "  - cls: Carcinoma\n    colour: red\n"
+    )
+    schema_bad = schema_bad.replace("- name: breast\n", "- name: breast\n  descripton: x\n")
+    commit_files(repo, {"analysis.yaml": schema_bad}, "two unknown keys")
+    result = run_cli("validate", str(repo), env=_cli_env(tmp_path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.index("'descripton'") < message.index("'colour'"), message
+    assert "[2 problems]" in message
+
+
+def test_dashed_uuid_model_ids_are_read_as_the_servers_ids(repo: Path, tmp_path: Path) -> None:
+    """The blueprint's config names models by canonical UUIDs: accepted in any case,
+    normalised to the server's 32 lowercase hex digits for lookups, the lock and provenance;
+    a history with both spellings reads as one model."""
+    env = _cli_env(tmp_path)
+    dashed = str(uuid.UUID(CARCINOMA_ID)).upper()
+    commit_files(repo, {"analysis.yaml": _analysis().replace(CARCINOMA_ID, dashed)}, "dashed")
+    dashed_rev = git.Repo(repo).head.commit.hexsha
+    assert run_cli("validate", str(repo), env=env).returncode == 0
+    expanded = run_cli("expand", str(repo), "--json", env=env)
+    assert expanded.returncode == 0, expanded.stderr
+    models = json.loads(expanded.stdout)["result"]["config"]["analyses"][0]["models"]
+    assert models["carcinoma_model"]["provenance"]["registry_id"] == CARCINOMA_ID
+    assert run_cli("lock", str(repo), env=env).returncode == 0
+    lock = yaml.safe_load((repo / "customer.lock.yaml").read_text())
+    assert lock["models"]["carcinoma_model"]["model_id"] == CARCINOMA_ID
+    # publish finds the model by its dashed id (then stops: the demo's training store is not
+    # reachable here; the message names the model's own training artifact)
+    published = run_cli("publish", str(uuid.UUID(MITOSIS_ID)), "--dry-run", env=env)
+    assert f"pathology/{MITOSIS_TASK}/models/model.onnx" in published.stderr, published.stderr
+    assert "is not a model id" not in published.stderr
+    # respelled in a later revision: the same model, no alarm in history or diff
+    commit_files(repo, {"analysis.yaml": _analysis()}, "32-hex again", when=1_700_000_100)
+    diffed = run_cli("diff", str(repo), dashed_rev, "HEAD", env=env)
+    assert diffed.returncode == 0, diffed.stderr
+    assert "no change in resolved terms" in diffed.stdout, diffed.stdout
+    history = run_cli("history", str(repo), "--json", env=env)
+    assert history.returncode == 0, history.stderr
+    entries = json.loads(history.stdout)["result"]["entries"]
+    assert all(e["error"] is None for e in entries), entries
+    for bad in (CARCINOMA_ID[:-1], f"{dashed[:-1]}g", f"'{{{dashed}}}'"):
+        commit_files(repo, {"analysis.yaml": _analysis().replace(CARCINOMA_ID, bad)}, "bad")
+        refused = run_cli("validate", str(repo), env=env)
+        assert refused.returncode == 2, refused.stdout
+        assert "is not a model id (32 hex digits, or a UUID" in refused.stderr

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from helpers import model_record, run_cli, task_record, write_local_registry
 
 from builder.cook.registries.local import LocalRegistry
@@ -254,21 +256,31 @@ def test_publish_from_s3_host_port(
     assert clearml.model(HOSTED_MODEL)["ready"] is True
 
 
+def _publish_from_file_server(
+    clearml: Any, env: dict[str, str], tmp_path: Path, path: str, fault: str | None = None
+) -> tuple[Any, Any]:
+    """Publish a model whose weights are on the test bed's ClearML file server at `path`
+    (the server answering with `fault`, if any): (CLI result, the stopped file server)."""
+    from testbed.clearml_emulator import FileServer
+
+    stored = tmp_path / "files" / path
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(WEIGHTS)
+    files = FileServer(tmp_path / "files").start()
+    files.fault = fault
+    try:
+        _hosted(clearml, f"{files.url}/{path}")
+        return _publish({**env, "CLEARML_FILES_HOST": files.url}, HOSTED_MODEL), files
+    finally:
+        files.stop()
+
+
 def test_publish_from_the_clearml_file_server(
     s3: Any, clearml: Any, env: dict[str, str], tmp_path: Path
 ) -> None:
     """Point 6: no output_uri: ClearML keeps weights on its file server (http(s)://...:8081)."""
-    from testbed.clearml_emulator import FileServer
-
-    stored = tmp_path / "files" / "pathology" / f"train.{HOSTED_TASK}" / "models" / "model.onnx"
-    stored.parent.mkdir(parents=True)
-    stored.write_bytes(WEIGHTS)
-    files = FileServer(tmp_path / "files").start()
-    try:
-        _hosted(clearml, f"{files.url}/pathology/train.{HOSTED_TASK}/models/model.onnx")
-        result = _publish({**env, "CLEARML_FILES_HOST": files.url}, HOSTED_MODEL)
-    finally:
-        files.stop()
+    path = f"pathology/train.{HOSTED_TASK}/models/model.onnx"
+    result, files = _publish_from_file_server(clearml, env, tmp_path, path)
     assert result.returncode == 0, result.stdout + result.stderr
     key = f"{HOSTED_TASK}/{HOSTED_MODEL}/model.onnx"
     assert s3.get_object(Bucket=PROD, Key=key)["Body"].read() == WEIGHTS
@@ -301,13 +313,49 @@ def test_weights_uris_clearml_cannot_read_are_one_clear_error(uri: str) -> None:
         clearml_container(uri)
 
 
-def test_publish_refuses_gs_without_its_sdk_extra_in_one_line(
-    s3: Any, clearml: Any, env: dict[str, str]
+def test_publish_from_google_cloud_storage(
+    s3: Any, clearml: Any, env: dict[str, str], gcs_server: Any
 ) -> None:
+    """gs://: the SDK's GoogleCloudStorage driver (clearml[gs]) against gcp-storage-emulator."""
+    gcs_server.put("clearml-models", f"{HOSTED_TASK}/models/model.onnx", WEIGHTS)
+    _hosted(clearml, f"gs://clearml-models/{HOSTED_TASK}/models/model.onnx")
+    result = _publish({**env, **gcs_server.env()}, HOSTED_MODEL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    key = f"{HOSTED_TASK}/{HOSTED_MODEL}/model.onnx"
+    assert s3.get_object(Bucket=PROD, Key=key)["Body"].read() == WEIGHTS
+
+
+def test_publish_from_azure_blob_storage(
+    s3: Any, clearml: Any, env: dict[str, str], azurite: Any
+) -> None:
+    """azure://<account>.blob.core.windows.net/<container>/<blob>: the SDK's Azure driver
+    (clearml[azure]) against Azurite, with the account key in clearml.conf as users keep it."""
+    azurite.put("models", f"{HOSTED_TASK}/model.onnx", WEIGHTS)
+    _hosted(clearml, f"azure://{azurite.host}/models/{HOSTED_TASK}/model.onnx")
+    conf = Path(env["CLEARML_CONFIG_FILE"])
+    conf.write_text(conf.read_text() + azurite.clearml_conf())
+    result = _publish({**env, **azurite.env()}, HOSTED_MODEL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    key = f"{HOSTED_TASK}/{HOSTED_MODEL}/model.onnx"
+    assert s3.get_object(Bucket=PROD, Key=key)["Body"].read() == WEIGHTS
+    assert azurite.host in azurite.proxy.hosts
+
+
+def test_a_missing_storage_driver_keeps_the_sdks_install_hint(
+    s3: Any, clearml: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Fault injected: google.cloud.storage cannot be imported. The one line carries the
+    SDK's own reason (storage/helper.py: "install driver using: pip install ...")."""
+    shadow = tmp_path / "shadow" / "google" / "cloud" / "storage"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('injected: no google-cloud-storage')\n")
     _hosted(clearml, f"gs://clearml-models/{HOSTED_TASK}/model.onnx")
-    result = _publish(env, HOSTED_MODEL)
+    path = f"{shadow.parents[2]}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    result = _publish({**env, "PYTHONPATH": path}, HOSTED_MODEL)
     assert result.returncode == 5, result.stdout + result.stderr
-    assert "gs://clearml-models" in json.loads(result.stdout)["error"]["message"]
+    message = json.loads(result.stdout)["error"]["message"]
+    assert "gs://clearml-models" in message and "pip install" in message
+    assert "google-cloud-storage" in message
     assert clearml.calls("models.set_ready") == []
 
 
@@ -324,3 +372,232 @@ def test_publish_refuses_archived_and_orphaned_models(
     orphan = _publish(env, HOSTED_MODEL)
     assert orphan.returncode == 4 and "was deleted" in orphan.stdout
     assert clearml.calls("models.set_ready") == []
+
+
+# --- ClearML as deployed in the field (issue 27) -------------------------------------------
+
+PACKAGE = {"model.onnx": WEIGHTS, "labels/classes.txt": b"background\ntumour\n"}
+
+
+def _package_bytes(entries: dict[str, bytes]) -> bytes:
+    """A weights package as the SDK writes it (model.py::update_weights_package: ZIP_STORED,
+    names relative to the packed folder)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zipped:
+        for name, data in entries.items():
+            zipped.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _packaged(s3: Any, clearml: Any, entries: dict[str, bytes]) -> bytes:
+    archive = _package_bytes(entries)
+    key = f"{TASK}/models/model_package.zip"
+    s3.put_object(Bucket=TRAINING, Key=key, Body=archive)
+    record = clearml.model(MODEL)
+    clearml.add_model(
+        {**record, "uri": f"s3://{TRAINING}/{key}", "system_tags": ["package"], "ready": False}
+    )
+    return archive
+
+
+def _prod_keys(s3: Any) -> set[str]:
+    return {o["Key"] for o in s3.list_objects_v2(Bucket=PROD).get("Contents", [])}
+
+
+SDK_LOCAL_COPY = """
+import json, pathlib, sys
+from clearml import InputModel
+path = pathlib.Path(InputModel(model_id=sys.argv[1]).get_local_copy(raise_on_error=True))
+files = {p.relative_to(path).as_posix(): p.read_bytes().hex() for p in path.rglob("*") if p.is_file()}
+print(json.dumps(files))
+"""
+
+
+def test_a_weights_package_is_published_and_locked_as_the_files_the_sdk_extracts(
+    s3: Any, clearml: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """System tag `package`: publish extracts the zip as the SDK's get_local_copy does, copies
+    the extracted files; the manifest, resolve and the lock name those files."""
+    import subprocess
+    import sys
+
+    from helpers import customer_repo
+
+    archive = _packaged(s3, clearml, PACKAGE)
+    result = _publish(env, MODEL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(result.stdout)["result"]
+    assert [f["name"] for f in doc["files"]] == ["labels/classes.txt", "model.onnx"]
+    assert doc["package"]["sha256"] == hashlib.sha256(archive).hexdigest()
+    folder = f"{TASK}/{MODEL}"
+    assert _prod_keys(s3) == {
+        f"{folder}/model.onnx",
+        f"{folder}/labels/classes.txt",
+        f"{folder}/publish-manifest.json",
+    }
+    manifest = json.loads(
+        s3.get_object(Bucket=PROD, Key=f"{folder}/publish-manifest.json")["Body"].read()
+    )
+    assert [f["name"] for f in manifest["files"]] == ["labels/classes.txt", "model.onnx"]
+    assert manifest["package"]["name"] == "model_package.zip"
+
+    # the real SDK, asked for the same model, hands a runner exactly these files
+    sdk = subprocess.run(
+        [sys.executable, "-c", SDK_LOCAL_COPY, MODEL],
+        env={**env, "CLEARML_CACHE_DIR": str(tmp_path / "sdk-cache")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert sdk.returncode == 0, sdk.stderr
+    assert json.loads(sdk.stdout.strip().splitlines()[-1]) == {
+        name: data.hex() for name, data in PACKAGE.items()
+    }
+
+    repo = customer_repo(tmp_path / "cx", carcinoma=MODEL, mitosis=MODEL)
+    lock = tmp_path / "lock.yaml"
+    locked = run_cli("lock", str(repo), "-o", str(lock), env=env, timeout=120)
+    assert locked.returncode == 0, locked.stderr
+    pinned = yaml.safe_load(lock.read_text())["models"]["carcinoma_model"]["files"]
+    assert {f["name"]: f["sha256"] for f in pinned} == {
+        name: hashlib.sha256(data).hexdigest() for name, data in PACKAGE.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [("../evil.onnx", "leaves its folder"), ("/etc/evil.onnx", "leaves its folder")],
+)
+def test_a_hostile_package_is_refused_in_one_line(
+    s3: Any, clearml: Any, env: dict[str, str], entry: str, reason: str
+) -> None:
+    _packaged(s3, clearml, {"model.onnx": WEIGHTS, entry: b"x"})
+    result = _publish(env, MODEL)
+    assert result.returncode == 5, result.stdout + result.stderr
+    message = json.loads(result.stdout)["error"]["message"]
+    assert "model_package.zip" in message and entry in message and reason in message
+    assert _prod_keys(s3) == set()
+    assert clearml.calls("models.set_ready") == []
+
+
+def test_a_package_published_as_its_archive_is_refused_by_resolve(
+    clearml: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """An older copy of a package in production (the zip itself) cannot be loaded by a runner."""
+    from helpers import customer_repo, write_production
+
+    record = clearml.model(MODEL)
+    clearml.add_model(
+        {**record, "uri": f"s3://{TRAINING}/{TASK}/models/model_package.zip", "ready": True}
+    )
+    clearml.add_model({**clearml.model(MODEL), "system_tags": ["package"]})
+    production = tmp_path / "production"
+    write_production(production, TASK, MODEL, {"model_package.zip": _package_bytes(PACKAGE)})
+    repo = customer_repo(tmp_path / "cx", carcinoma=MODEL, mitosis=MODEL)
+    result = run_cli(
+        "expand", str(repo), env={**env, "BUILDER_PRODUCTION": f"file:{production}"}, timeout=60
+    )
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds its archive model_package.zip itself" in lines[0]
+    assert f"run `builder publish {MODEL}` again" in lines[0]
+
+
+def test_publish_reads_no_design(s3: Any, clearml: Any, env: dict[str, str]) -> None:
+    """Other teams keep free text in a model's design; publish never needs it."""
+    from testbed.clearml_emulator import FREE_TEXT_DESIGNS
+
+    clearml.add_model({**clearml.model(MODEL), "design": {"design": FREE_TEXT_DESIGNS[1]}})
+    result = _publish(env, MODEL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert clearml.calls("models.get_by_id") == []
+    asked = [c["body"]["only_fields"] for c in clearml.calls("models.get_all")]
+    assert asked and all("design" not in fields for fields in asked)
+
+
+def test_a_public_model_is_not_copied_unless_already_published(
+    s3: Any, clearml: Any, env: dict[str, str]
+) -> None:
+    """A public model (company "") is read by every company, but set_ready looks models up in
+    the caller's company only (bll/model/__init__.py): refused before any copy; a published
+    one is copied and not marked again."""
+    clearml.add_model({**clearml.model(MODEL), "company": ""})
+    refused = _publish(env, MODEL)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "is a public model" in json.loads(refused.stdout)["error"]["message"]
+    assert _prod_keys(s3) == set()
+    clearml.add_model({**clearml.model(MODEL), "ready": True})
+    published = _publish(env, MODEL)
+    assert published.returncode == 0, published.stdout + published.stderr
+    assert json.loads(published.stdout)["result"]["marked_published"] is False
+    assert f"{TASK}/{MODEL}/model.onnx" in _prod_keys(s3)
+    assert clearml.calls("models.set_ready") == []
+
+
+def test_a_model_gone_when_marking_says_what_happened(
+    s3: Any, clearml: Any, env: dict[str, str]
+) -> None:
+    clearml.on_request("models.set_ready", lambda body: clearml.delete_model(MODEL))
+    try:
+        result = _publish(env, MODEL)
+    finally:
+        clearml.on_request("models.set_ready", None)
+    assert result.returncode == 3, result.stdout + result.stderr
+    message = json.loads(result.stdout)["error"]["message"]
+    assert f"model {MODEL}: its weights are copied and verified at s3://{PROD}/{TASK}/{MODEL}/" in (
+        message
+    )
+    assert "but it is not marked published" in message and "deleted meanwhile" in message
+    assert "models.set_ready not found" not in message
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("http503", "kept answering HTTP 503"), ("hang", "did not answer within 1 s")],
+)
+def test_a_failing_file_server_is_bounded_and_named(
+    s3: Any, clearml: Any, env: dict[str, str], tmp_path: Path, fault: str, reason: str
+) -> None:
+    """The SDK's own retries (15, backoff up to 120 s) are capped; one line names the host."""
+    conf = Path(env["CLEARML_CONFIG_FILE"])
+    conf.write_text(conf.read_text() + "sdk.http.timeout.total: 1\n")
+    result, files = _publish_from_file_server(clearml, env, tmp_path, "model.onnx", fault)
+    assert result.returncode == 5, result.stdout + result.stderr
+    message = json.loads(result.stdout)["error"]["message"]
+    host = files.url.removeprefix("http://")
+    assert f"cannot be downloaded: {host} {reason}" in message
+    assert len(files.requests) <= 6  # two requests (size, body), each tried at most 3 times
+    assert clearml.calls("models.set_ready") == []
+
+
+def test_a_tar_package_of_a_local_registry_is_published_as_its_files(tmp_path: Path) -> None:
+    """The local backend, in process: a `.tgz` package at a relative file: URI (the SDK
+    extracts .tar.gz/.tgz as well as .zip)."""
+    import io
+    import tarfile
+
+    archive = tmp_path / "training" / "weights.tgz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tarred:
+        for name, data in PACKAGE.items():
+            info = tarfile.TarInfo(f"./{name}")
+            info.size = len(data)
+            tarred.addfile(info, io.BytesIO(data))
+    record = {
+        **model_record(MODEL, TASK, name="m", ready=False),
+        "uri": "file:training/weights.tgz",
+        "system_tags": ["package"],
+    }
+    registry = LocalRegistry(
+        write_local_registry(tmp_path / "registry", [record], [task_record(TASK)])
+    )
+    result = publish(MODEL, registry, "file:production", base=tmp_path)
+    assert [f.name for f in result.files] == ["labels/classes.txt", "model.onnx"]
+    assert result.package is not None and result.package.name == "weights.tgz"
+    folder = tmp_path / "production" / TASK / MODEL
+    assert (folder / "labels" / "classes.txt").read_bytes() == PACKAGE["labels/classes.txt"]
+    assert not (folder / "weights.tgz").exists()

@@ -308,15 +308,31 @@ def test_lock_records_project_name_and_id(
     assert carcinoma["project"] == PROJECT_NAME and carcinoma["project_id"] == PROJECT_ID
 
 
-@pytest.mark.parametrize(
-    "reference",
-    ["a957f623-e6d3-4159-a07a-ec1b8323eb54", "A957F623E6D34159A07AEC1B8323EB54", "abc123"],
-)
+@pytest.mark.parametrize("reference", ["abc123", "a957f623-e6d3-4159-a07a-ec1b8323eb5g"])
 def test_validate_checks_the_id_format(env: dict[str, str], tmp_path: Path, reference: str) -> None:
-    """ClearML ids are 32 lowercase hex, server-generated: anything else can never resolve."""
+    """ClearML ids are 32 hex digits, server-generated: anything else can never resolve."""
     result = run_cli("validate", _repo(tmp_path, carcinoma=reference), env=env, timeout=CLI_BOUND)
     assert result.returncode == 2, result.stderr
-    assert "analysis.yaml" in result.stderr and "is not a valid id" in result.stderr
+    assert "analysis.yaml" in result.stderr and "is not a model id" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "reference", ["a957f623-e6d3-4159-a07a-ec1b8323eb54", "A957F623E6D34159A07AEC1B8323EB54"]
+)
+def test_uuid_spellings_are_looked_up_as_the_servers_id(
+    clearml: Any, env: dict[str, str], tmp_path: Path, reference: str
+) -> None:
+    """The canonical UUID spellings of a model id (dashed, any case) reach the server as its
+    own form, 32 lowercase hex: the SDK's models.get_by_id, and the verbose config's
+    provenance, name that id."""
+    result = run_cli(
+        "expand", _repo(tmp_path, carcinoma=reference), "--json", env=env, timeout=CLI_BOUND
+    )
+    assert result.returncode == 0, result.stderr
+    models = json.loads(result.stdout)["result"]["config"]["analyses"][0]["models"]
+    assert models["carcinoma_model"]["provenance"]["registry_id"] == CARCINOMA_ID
+    asked = [call["body"].get("model") for call in clearml.calls("models.get_by_id")]
+    assert CARCINOMA_ID in asked and reference not in asked
 
 
 @pytest.mark.parametrize("task", ["../../outside", "__DELETED__../../outside"])
@@ -330,3 +346,151 @@ def test_a_task_id_from_the_server_is_checked(
     last = result.stderr.strip().splitlines()[-1]
     assert "task id '../../outside' is not a valid id" in last
     assert not (tmp_path / "outside").exists()
+
+
+# --- ClearML as deployed in the field (issue 27) -------------------------------------------
+
+
+def _own_server(**options: Any) -> Any:
+    """A server of its own (an older API, a lower page cap) holding the usual two models."""
+    from testbed.clearml_emulator import ClearMLEmulator
+
+    server = ClearMLEmulator(**options).start()
+    for model_id, task_id, name in (
+        (CARCINOMA_ID, CARCINOMA_TASK, "carcinoma v3"),
+        (MITOSIS_ID, MITOSIS_TASK, "mitosis v1"),
+    ):
+        server.add_model(model_record(model_id, task_id, name=name))
+        server.add_task(task_record(task_id))
+    return server
+
+
+@pytest.mark.parametrize(("api", "schema"), [("2.9", "2.9"), ("2.13", "2.13"), ("2.20", "2.20")])
+def test_older_servers_work(env: dict[str, str], tmp_path: Path, api: str, schema: str) -> None:
+    """clearml-server 0.16 (API 2.9), 1.0 (2.13), 1.6 (2.20): the SDK speaks the newest schema
+    it ships that the server admits, and every command works with it."""
+    server = _own_server(api_version=api)
+    weights = tmp_path / "training" / "model.onnx"
+    weights.parent.mkdir()
+    weights.write_bytes(b"draft weights")
+    draft = model_record(DASHLESS_ID, MITOSIS_TASK, name="mitosis draft", ready=False)
+    server.add_model({**draft, "uri": f"file:{weights}"})
+    try:
+        own = {**env, **make_clearml_env(server, tmp_path / "home")}
+        expanded = run_cli("expand", _repo(tmp_path), env=own, timeout=CLI_BOUND)
+        listed = run_cli("models", "list", "--json", env=own, timeout=CLI_BOUND)
+        published = run_cli("publish", DASHLESS_ID, env=own, timeout=CLI_BOUND)
+    finally:
+        server.stop()
+    assert expanded.returncode == 0, expanded.stderr
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)["result"]["models"]) == 3
+    assert published.returncode == 0, published.stderr
+    assert (server.model(DASHLESS_ID) or {})["ready"] is True
+    assert {e["version"] for e in server.journal if e["endpoint"] != "auth.login"} == {schema}
+    assert not server.unknown_endpoints
+
+
+def test_a_server_older_than_the_sdk_is_refused_in_one_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    server = _own_server(api_version="2.8", server_version="0.15.1")
+    try:
+        own = {**env, **make_clearml_env(server, tmp_path / "home")}
+        result = run_cli("expand", _repo(tmp_path), env=own, timeout=CLI_BOUND)
+    finally:
+        server.stop()
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "speaks API 2.8 (clearml-server 0.15.1)" in lines[0]
+    assert "needs API 2.9 or newer" in lines[0]
+    assert [e["endpoint"] for e in server.journal] == ["auth.login"]
+
+
+@pytest.mark.parametrize("cap", [100, None])
+def test_models_list_pages_until_the_server_says_it_is_complete(
+    tmp_path: Path, cap: int | None
+) -> None:
+    """A server with max_page_size 100 (or none, as before clearml-server 1.2) answers fewer
+    models per page than asked for: every page is read, never 500 assumed. A model archived
+    while the pages are read shifts no other model out of the list."""
+    from testbed.clearml_emulator import ClearMLEmulator, realistic_seed
+
+    data = realistic_seed(models=608)
+    with ClearMLEmulator(max_page_size=cap) as server:
+        server.seed(data)
+        order = sorted(data["models"], key=lambda m: (m["created"], m["id"]))
+        victim = next(m["id"] for m in order[:50] if "archived" not in m["system_tags"])
+
+        def archive_after_the_first_page(body: dict[str, Any]) -> None:
+            if body.get("page") == 1 and body.get("only_fields"):
+                server.archive_model(victim)
+
+        server.on_request("models.get_all", archive_after_the_first_page)
+        result = _list_models(server, tmp_path)
+        assert "archived" in (server.model(victim) or {})["system_tags"]
+        server.on_request("models.get_all", None)
+        published = _list_models(server, tmp_path, "--published")
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = {r["id"] for r in json.loads(result.stdout)["result"]["models"]}
+    assert _listed(data) - {victim} <= listed <= _listed(data)
+    ready = {m["id"] for m in data["models"] if m["ready"]}
+    rows = json.loads(published.stdout)["result"]["models"]
+    assert {r["id"] for r in rows} == (_listed(data) - {victim}) & ready
+    pages = [c for c in server.calls("models.get_all") if c["body"].get("only_fields")]
+    assert len(pages) >= (len(data["models"]) // 100 if cap else 2)
+
+
+IMPORTED_ID = _hex(0xD1)
+
+
+def test_an_imported_model_without_a_task(
+    clearml: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """InputModel.import_model creates a model with no task: a development build resolves
+    it, a release refuses it and says why."""
+    record = model_record(IMPORTED_ID, CARCINOMA_TASK, name="vendor model")
+    del record["task"]
+    clearml.add_model(record)
+    refused, allowed = _release_and_development(_repo(tmp_path, mitosis=IMPORTED_ID), env)
+    assert refused.returncode == 4, refused.stderr
+    assert f"({IMPORTED_ID}) has no creating task in the registry (an imported model)" in (
+        refused.stderr
+    )
+    assert "builder publish" not in refused.stderr
+    assert allowed.returncode == 0, allowed.stderr
+    assert "warning:" in allowed.stderr and "imported model" in allowed.stderr
+    mitosis = yaml.safe_load(allowed.stdout)["analyses"][0]["models"]["mitosis_model"]
+    assert mitosis["provenance"]["task_id"] is None
+
+
+def test_the_sdks_older_trains_variables_are_honoured(
+    clearml: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The SDK still reads TRAINS_API_HOST & co (backend_api/session/defs.py); so does the
+    builder, which never falls back to a default host."""
+    renamed = {
+        k.replace("CLEARML_", "TRAINS_", 1) if k.startswith("CLEARML_") else k: v
+        for k, v in env.items()
+    }
+    conf = Path(renamed["TRAINS_CONFIG_FILE"])
+    conf.write_text("api { http { retries { total: 1 } } }\n")  # the host comes from TRAINS_*
+    result = run_cli("expand", _repo(tmp_path), env=renamed, timeout=CLI_BOUND)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("host_from_env", [True, False])
+def test_a_malformed_clearml_conf_is_one_line_naming_the_file(
+    env: dict[str, str], tmp_path: Path, host_from_env: bool
+) -> None:
+    conf = tmp_path / "broken" / "clearml.conf"
+    conf.parent.mkdir()
+    conf.write_text('api {\n  api_server: "http://127.0.0.1:9"\n  credentials { access_key: "a"\n')
+    broken = {**env, "CLEARML_CONFIG_FILE": str(conf)}
+    if not host_from_env:
+        del broken["CLEARML_API_HOST"]
+    result = run_cli("expand", _repo(tmp_path), env=broken, timeout=CLI_BOUND)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {conf}: ClearML cannot read")
+    assert "line:4" in lines[0]

@@ -7,14 +7,21 @@ and a real docker-registry (started and stopped by the test) plays the online si
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import io
 import json
 import multiprocessing
+import os
+import re
+import shutil
 import tarfile
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import git
 import pytest
 from helpers import (
     CARCINOMA_ID,
@@ -23,12 +30,16 @@ from helpers import (
     MITOSIS_TASK,
     SeedModel,
     commit_files,
+    commit_lock,
     customer_repo,
     run_cli,
     seed_models,
+    served_over_http,
+    write_production,
 )
 from test_assemble import base_layer_tar, synthetic_base_blobs
 
+from builder.contracts import ProgressEvent
 from builder.deliver import push, write_oci_layout
 from builder.errors import ImageError
 from builder.image.store import ImageStore, split_name
@@ -39,8 +50,10 @@ from builder.oci import (
     Descriptor,
     RegistryClient,
     canonical_json,
+    layout_blob_path,
     read_layout_index,
     sha256_digest,
+    update_layout_index,
     write_layout_index,
 )
 from testbed.registry import start_registry
@@ -397,6 +410,80 @@ def test_a_build_without_output_flags_says_not_pushed(tmp_path: Path) -> None:
     assert (cache / "oci" / "oci-layout").is_file()
 
 
+def test_the_local_store_keeps_an_immutable_tag_unless_forced(tmp_path: Path) -> None:
+    """The local image store refuses to move an immutable tag, as a registry does, naming
+    which inputs differ; --force moves it and says what it overwrote. A work-tree build's
+    -dirty tag moves with the edits it is built from."""
+    repository = "127.0.0.1:9/ivd/inference-base"
+    env = _customer_env(tmp_path, repository, "127.0.0.1:9")
+    cache = tmp_path / "cache"
+    store = ImageStore(cache / "oci")
+    _put_synthetic_base(store, [f"{repository}:2.4.2"])
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    first = _build(env, cache, str(repo))
+    image = first["image"]
+    # Same config commit, other weights under the same task: the immutable tag would move.
+    write_production(tmp_path / "production", CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": b"x"})
+    refused = run_cli("build", str(repo), env={**env, "BUILDER_CACHE_DIR": str(cache)})
+    assert refused.returncode == 6, refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert f"{image} is an immutable tag in the local image store {cache / 'oci'}" in line
+    before = {m["name"]: m["dir_hash"] for m in first["models"]}["carcinoma_model"]
+    assert f"model carcinoma_model sha256: {before[:12]} (tagged) vs " in line
+    assert "--force" in line
+    stored = store.lookup(image)
+    assert stored is not None and stored.digest == first["manifest_digest"]  # untouched
+    forced = _build(env, cache, str(repo), "--force")
+    (warning,) = [w for w in forced["warnings"] if w.startswith("FORCED:")]
+    assert warning.startswith(f"FORCED: immutable tag {image} in the local image store")
+    assert f"it pointed to {first['manifest_digest']}, now {forced['manifest_digest']}" in warning
+    stored = store.lookup(image)
+    assert stored is not None and stored.digest == forced["manifest_digest"]
+    for threshold in ("0.6", "0.7"):
+        (repo / "analysis.yaml").write_text(
+            (repo / "analysis.yaml")
+            .read_text()
+            .replace("threshold: 0.5", f"threshold: {threshold}")
+        )
+        dirty = _build(env, cache, str(repo), "--worktree")
+        assert dirty["image"].endswith("-dirty")
+        (repo / "analysis.yaml").write_text(
+            (repo / "analysis.yaml")
+            .read_text()
+            .replace(f"threshold: {threshold}", "threshold: 0.5")
+        )
+    dirty_stored = store.lookup(dirty["image"])
+    assert dirty_stored is not None and dirty_stored.digest == dirty["manifest_digest"]
+
+
+def test_verify_rebuilds_on_a_base_that_only_the_local_store_holds(tmp_path: Path) -> None:
+    """No registry anywhere: an image built on the local store's base verifies as MATCH from
+    another folder, no base repository configured (the attestation names it; the base, by
+    digest, comes from this machine's store)."""
+    repository = "127.0.0.1:9/ivd/inference-base"
+    env = _customer_env(tmp_path, repository, "127.0.0.1:9")
+    cache = tmp_path / "cache"
+    _put_synthetic_base(ImageStore(cache / "oci"), [f"{repository}:2.4.2"])
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    layout = tmp_path / "layout"
+    built = _build(env, cache, str(repo), "--oci-layout", str(layout))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    reference = f"oci:{layout}:{built['image'].rsplit(':', 1)[1]}"
+    models = {k: v for k, v in env.items() if k != "BUILDER_BASE_REPOSITORY"}  # no lock here
+    result = run_cli(
+        "verify",
+        reference,
+        "--json",
+        env={**models, "BUILDER_BASE_REPOSITORY": "", "BUILDER_CACHE_DIR": str(cache)},
+        cwd=elsewhere,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    doc = json.loads(result.stdout)["result"]
+    assert doc["match"] is True and doc["rebuilt_digest"] == built["manifest_digest"]
+    assert doc["repository"] == repo.as_uri()
+
+
 def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
     docker_engine: Any, oci_registry: Any, base_os_image: str, tmp_path: Path
 ) -> None:
@@ -415,8 +502,23 @@ def test_an_engine_image_goes_through_the_store_to_a_registry_and_back(
         network_mode="none",
     )
     store = ImageStore(tmp_path / "store")
-    stored = save_from_docker(client, reference, store)
+    exported: list[int] = []
+    steps: set[str] = set()
+
+    def seen(event: ProgressEvent) -> None:
+        exported.append(event.done)
+        steps.add(event.what)
+
+    stored = save_from_docker(client, reference, store, seen)
     image_id = client.images.get(reference).id
+    assert exported and exported[-1] > 0  # the bytes exported, then compressed, were reported
+    assert steps == {f"exporting {reference}", f"compressing {reference}"}
+    # the same image again: nothing exported (a 3 GB GPU base took minutes), same manifest
+    assert save_from_docker(client, reference, store, lambda e: exported.append(-1)) == stored
+    other = f"{oci_registry.host}/store-test/other:1.0.0"  # the same image by another name
+    client.images.get(reference).tag(other)
+    assert save_from_docker(client, other, store, lambda e: exported.append(-1)) == stored
+    assert -1 not in exported and store.lookup(other) is not None
     assert (
         store.find_base(f"{oci_registry.host}/store-test/base", "1.0.0").config_descriptor.digest
         == image_id
@@ -461,3 +563,567 @@ def test_base_resolution_order(tmp_path: Path) -> None:
             f"oci:{layout}", "~=2.4", store, pinned=replace(other, repository=f"oci:{layout}")
         )
     assert "builder lock" in (drift.value.hint or "")
+
+
+# -- the store is a trust boundary: no link followed, every blob checked ------------------------
+
+BASE = "127.0.0.1:9/ivd/inference-base"  # nothing listens there: builds run --offline
+MANUAL_ANALYSIS = """\
+analyses:
+- name: breast
+  models:
+    mitosis_model:
+      sourcing: manual
+      reference: weights/mitosis
+  features:
+  - cls: Mitosis
+    models: {segmentation_model: mitosis_model}
+"""
+OUTSIDE = b"TOP-SECRET-HOST-CONTENT root:x:0:0\n"
+
+
+@dataclass(frozen=True)
+class StoreWorld:
+    """A customer with one manual model and a store holding the synthetic base and its image."""
+
+    repo: Path
+    store: Path
+    cache: Path
+
+    def env(self) -> dict[str, str]:
+        return {
+            "BUILDER_CACHE_DIR": str(self.cache),
+            "BUILDER_IMAGE_STORE": str(self.store),
+            "BUILDER_BASE_REPOSITORY": BASE,
+            "BUILDER_IMAGE_REGISTRY": "127.0.0.1:9",
+            "BUILDER_MODEL_REGISTRY": "local:/nowhere",
+        }
+
+    def copy(self, where: Path) -> StoreWorld:
+        """This world under ``where`` (the built store copied: each test plants its own links)."""
+        shutil.copytree(self.store, where / "store", symlinks=True)
+        return StoreWorld(self.repo, where / "store", where / "cache")
+
+    def blob(self, layer: str) -> Path:
+        """The blob file of the stored customer image's layer ``layer`` (or "base", "manifest",
+        "config")."""
+        store = ImageStore(self.store)
+        image = next(i for i in store.images() if "/customer-x:2.4.2-" in i.reference)
+        manifest = json.loads(store.blobs.read_bytes(image.digest))
+        if layer == "manifest":
+            return store.blobs.path(image.digest)
+        if layer == "config":
+            return store.blobs.path(manifest["config"]["digest"])
+        for entry in manifest["layers"]:
+            name = (entry.get("annotations") or {}).get("com.ivd.layer.name", "base")
+            if name == layer:
+                return store.blobs.path(entry["digest"])
+        raise AssertionError(layer)
+
+
+def run_in_process(
+    *args: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> tuple[int, str, str]:
+    """The real CLI in this process (fast: no interpreter start): exit code, stdout, stderr."""
+    from builder.cli import main
+
+    with monkeypatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        code = contextvars.copy_context().run(main, list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def store_world(tmp_path_factory: pytest.TempPathFactory) -> StoreWorld:
+    root = tmp_path_factory.mktemp("store-world")
+    repo = root / "customer-x"
+    commit_files(
+        repo,
+        {
+            "customer.yaml": "version: 1\ncustomer: customer-x\nbase_image:\n  version: '~=2.4'\n",
+            "analysis.yaml": MANUAL_ANALYSIS,
+            "weights/mitosis/model.onnx": b"m" * 70_000,
+        },
+        "config",
+    )
+    world = StoreWorld(repo, root / "store", root / "cache")
+    _put_synthetic_base(ImageStore(world.store), [f"{BASE}:2.4.2"])
+    built = run_cli("build", str(repo), "--offline", env=world.env())
+    assert built.returncode == 0, built.stderr
+    return world
+
+
+#: Every path the store uses, planted as a link (a folder link for folders).
+STORE_PATHS = [
+    "tmp",
+    "layers",
+    "verified",
+    "pushed",
+    "blobs",
+    "blobs/sha256",
+    ".gc.lock",
+    ".index.json.lock",
+    "index.json",
+    "oci-layout",
+    "blob:mitosis_model",
+    "blob:base",
+    "blob:manifest",
+    "blob:config",
+    "layer record",
+    "verified record",
+    "tmp entry",
+]
+#: Every command that opens the store (the export one writes an OCI layout and an archive).
+STORE_COMMANDS = {
+    "build": ("build", "{repo}", "--offline"),
+    "export": (
+        "build",
+        "{repo}",
+        "--offline",
+        "--oci-layout",
+        "{out}/layout",
+        "--docker-archive",
+        "{out}/image.tar",
+    ),
+    "images": ("images",),
+    "prune": ("images", "prune"),
+    "verify": ("images", "verify"),
+}
+
+
+def _plant(world: StoreWorld, where: str, host: Path) -> Path:
+    """Replace ``where`` in the store by a link pointing outside it; returns the link."""
+    root = world.store
+    if where.startswith("blob:"):
+        path = world.blob(where.removeprefix("blob:"))
+        outside = host / path.name  # the real blob moved out: its digest still matches
+        shutil.move(path, outside)
+    elif where in ("layer record", "verified record"):
+        folder = root / ("layers" if where == "layer record" else "verified")
+        path = sorted(folder.iterdir())[0]
+        outside = host / "record"
+        outside.write_bytes(path.read_bytes())
+        path.unlink()
+    elif where == "tmp entry":
+        path, outside = root / "tmp" / "blob-stale", host / "victim"
+        outside.write_bytes(OUTSIDE)
+    elif (root / where).is_dir():
+        path, outside = root / where, host / where.replace("/", "-")
+        shutil.move(path, outside)
+        (outside / "victim").write_bytes(OUTSIDE)
+    else:
+        path, outside = root / where, host / "victim"
+        outside.write_bytes(OUTSIDE)
+        path.unlink(missing_ok=True)
+    path.symlink_to(outside, target_is_directory=outside.is_dir())
+    return path
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, int, str]]:
+    """Every file under ``folder``: inode, links, size and sha256 (what a write or a hard link
+    made from outside would change)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        info = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        out[str(path.relative_to(folder))] = (info.st_ino, info.st_nlink, info.st_size, digest)
+    return out
+
+
+@pytest.mark.parametrize("where", STORE_PATHS)
+def test_no_link_in_the_store_is_followed(
+    store_world: StoreWorld,
+    tmp_path: Path,
+    where: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    """A link at any path of the store, under every store command: nothing outside is read,
+    written or deleted; each command either replaces the link (and works) or refuses in one
+    line naming it."""
+    host = tmp_path / "host"
+    host.mkdir()
+    for command, template in STORE_COMMANDS.items():
+        world = store_world.copy(tmp_path / command)
+        out = tmp_path / command / "out"
+        (host / command).mkdir()
+        link = _plant(world, where, host / command)
+        before = _snapshot(host)
+        args = [a.format(repo=world.repo, out=out) for a in template]
+        code, stdout, stderr = run_in_process(
+            *args, env=world.env(), monkeypatch=monkeypatch, capsys=capsys
+        )
+        assert _snapshot(host) == before, (command, stderr)
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        if code in (0, 10):  # 10: `images verify` found (and removed) the bad entry
+            assert command != "verify" or not link.is_symlink(), stdout
+        else:
+            assert code == 6 and len(errors) == 1, (command, code, stderr)
+            assert "symbolic link" in errors[0] or "lacks some of its blobs" in errors[0]
+        for path in out.rglob("*") if out.exists() else []:
+            assert not path.is_symlink() and (path.is_dir() or OUTSIDE not in path.read_bytes())
+        assert OUTSIDE.decode() not in stdout + stderr
+
+
+def _flip_byte(path: Path) -> None:
+    """Corrupt one byte in the middle of a blob file, in place (as a bad disk or editor would)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    with path.open("r+b") as file:
+        file.write(data)
+
+
+def _build_json(
+    world: StoreWorld, *args: str, monkeypatch: pytest.MonkeyPatch, capsys: Any, env: Any = None
+) -> tuple[int, dict[str, Any], str]:
+    code, stdout, stderr = run_in_process(
+        "build", str(world.repo), "--json", *args,
+        env={**world.env(), **(env or {})}, monkeypatch=monkeypatch, capsys=capsys,
+    )  # fmt: skip
+    return code, json.loads(stdout), stderr
+
+
+def test_attestations_go_to_the_cache_wherever_the_store_is(
+    store_world: StoreWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    world = store_world.copy(tmp_path / "elsewhere")
+    code, built, _ = _build_json(world, "--offline", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, built
+    written = Path(built["result"]["outputs"]["attestations"])
+    assert written.parent == world.cache / "attestations"
+    assert (written / "provenance.intoto.json").is_file()
+    assert not (world.store.parent / "attestations").exists()
+
+
+def test_a_corrupt_blob_is_noticed_and_repaired(
+    store_world: StoreWorld,
+    oci_registry: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    """One flipped byte in a model layer and in a base layer of the store: a rebuild with
+    --push notices both (one line each), builds the model layer again and fetches the base
+    layer again from the registry, to the same digest; exports check every blob in full."""
+    repository = f"{oci_registry.host}/store-corrupt/inference-base"
+    world = store_world.copy(tmp_path)
+    store = ImageStore(world.store)
+    _docker_save_archive(tmp_path / "saved.tar", f"{repository}:2.4.2")
+    store.import_docker_archive(tmp_path / "saved.tar", f"{repository}:2.4.2")
+    push(store.stored_image(f"{repository}:2.4.2"), [f"{repository}:2.4.2"])
+    online = {"BUILDER_BASE_REPOSITORY": repository, "BUILDER_IMAGE_REGISTRY": oci_registry.host}
+    # a release (--push) ships what a committed lock pins: this customer, locked, in a clone
+    # (the same model files: the same layer blobs as the stored image's)
+    git.Repo.clone_from(world.repo, tmp_path / "locked")
+    commit_lock(tmp_path / "locked", {**world.env(), **online})
+    world = replace(world, repo=tmp_path / "locked")
+    code, first, _ = _build_json(world, monkeypatch=monkeypatch, capsys=capsys, env=online)
+    assert code == 0, first
+    digest = first["result"]["manifest_digest"]
+    model, base = world.blob("mitosis_model"), world.blob("base")
+
+    _flip_byte(model)
+    _flip_byte(base)
+    code, pushed, _ = _build_json(
+        world, "--push", monkeypatch=monkeypatch, capsys=capsys, env=online
+    )
+    assert code == 0, pushed
+    assert pushed["result"]["manifest_digest"] == digest
+    removed = [w for w in pushed["result"]["warnings"] if "does not match its digest" in w]
+    assert len(removed) == 2 and all("\n" not in w for w in removed), removed
+    assert {model.name[:12], base.name[:12]} == {w.split("sha256:")[1][:12] for w in removed}
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == model.name  # rebuilt
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == base.name  # fetched again
+
+    # A flip that leaves size and times as they were (bit rot): only a full hash sees it.
+    # Exports hash in full: the bad layer is removed, the next build writes it anew.
+    _flip_byte(model)
+    record = world.store / "verified" / model.name
+    info = model.stat()
+    record.write_text(json.dumps([info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]))
+    out = tmp_path / "out"
+    export = (
+        "--offline",
+        "--oci-layout",
+        str(out / "layout"),
+        "--docker-archive",
+        str(out / "a.tar"),
+    )
+    code, failed, _ = _build_json(
+        world, *export, monkeypatch=monkeypatch, capsys=capsys, env=online
+    )
+    assert code == 6 and "removed as corrupt" in failed["error"]["message"], failed
+    assert not (out / "a.tar").exists() and not model.exists()
+    code, exported, _ = _build_json(
+        world, *export, monkeypatch=monkeypatch, capsys=capsys, env=online
+    )
+    assert code == 0 and exported["result"]["manifest_digest"] == digest, exported
+    for blob in (out / "layout" / "blobs" / "sha256").iterdir():
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    with tarfile.open(out / "a.tar") as tar:
+        for member in tar.getmembers():
+            if member.name.startswith("blobs/sha256/") and member.isfile():
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                assert hashlib.sha256(data).hexdigest() == member.name.rsplit("/", 1)[1]
+
+
+def test_images_verify_hashes_every_blob(
+    store_world: StoreWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """`builder images verify` (fsck): sound store, exit 0; a corrupt blob whose record still
+    matches is found, removed, and the images lacking it named; exit 10."""
+    world = store_world.copy(tmp_path)
+    code, stdout, _ = run_in_process(
+        "images", "verify", env=world.env(), monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert code == 0 and "all sound" in stdout, stdout
+    model = world.blob("mitosis_model")
+    info = model.stat()
+    _flip_byte(model)
+    os.utime(model, ns=(info.st_atime_ns, info.st_mtime_ns))
+    record = world.store / "verified" / model.name
+    after = model.stat()
+    record.write_text(
+        json.dumps([after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns])
+    )
+    code, stdout, _ = run_in_process(
+        "images", "verify", env=world.env(), monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert code == 10, stdout
+    assert f"removed   blob sha256:{model.name[:12]}" in stdout
+    assert "incomplete 127.0.0.1:9/customer-x:2.4.2" in stdout
+    assert not model.exists()
+
+
+# -- secrets never print: a customer URL with a password, built -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_repo(store_world: StoreWorld) -> Iterator[str]:
+    """``host:port/customer-x.git``: the store world's customer repo served over plain HTTP
+    (git's dumb protocol) by a real HTTP server."""
+    served = store_world.repo.parent / "www"
+    served.mkdir()
+    bare = git.Repo.clone_from(store_world.repo, served / "customer-x.git", bare=True)
+    bare.git.update_server_info()
+    with served_over_http(served) as host:
+        yield f"{host}/customer-x.git"
+
+
+PASSWORDS = ["Sup3rSecretPass", "pa/ss-w0rd", "pa ss-w0rd", "p@ss-w0rd", "pa:ss-w0rd"]
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_a_password_in_the_customer_url_never_prints(
+    store_world: StoreWorld,
+    served_repo: str,
+    tmp_path: Path,
+    password: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    """`build http://alice:PASSWORD@host/cust.git`: neither the human result (its push:/load:/
+    export: hints) nor the JSON one nor an error shows the password, whatever it holds; the
+    cache's mirror never stores it."""
+    world = store_world.copy(tmp_path)
+    url = f"http://alice:{password}@{served_repo}"
+    outputs = []
+    for extra in ((), ("--json",)):
+        code, stdout, stderr = run_in_process(
+            "build",
+            url,
+            "--offline",
+            *extra,
+            env=world.env(),
+            monkeypatch=monkeypatch,
+            capsys=capsys,
+        )
+        assert code != 70, stderr
+        outputs.append(stdout + stderr)
+        if password == PASSWORDS[0]:  # a URL git accepts: built, with its hints
+            assert code == 0, stderr
+            assert "push:   build http://127.0.0.1:" in stdout or '"ok": true' in stdout
+    for text in outputs:
+        for part in {password, *(p for p in re.split(r"[/@: ]", password) if len(p) >= 4)}:
+            assert part not in text, (password, text)
+    for config in (world.cache / "repos").glob("*/config"):
+        assert password.split("-", maxsplit=1)[0] not in config.read_text(), config.read_text()
+
+
+REGISTRIES_WITH_CREDENTIALS = {
+    "--registry": (("--registry", "alice:Regis7ryPass@127.0.0.1:9"), {}),
+    "BUILDER_IMAGE_REGISTRY": (
+        (),
+        {"BUILDER_IMAGE_REGISTRY": "https://bob:Regis7ry Pass@127.0.0.1:9"},
+    ),
+    "--base-repository": (("--base-repository", "alice:Regis7ryPass@127.0.0.1:9/ivd/base"), {}),
+    "BUILDER_BASE_REPOSITORY": ((), {"BUILDER_BASE_REPOSITORY": "a:Regis7ry/Pass@127.0.0.1:9/b"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REGISTRIES_WITH_CREDENTIALS))
+def test_a_registry_with_credentials_is_refused_before_anything_is_named(
+    store_world: StoreWorld, tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    world = store_world.copy(tmp_path)
+    index = (world.store / "index.json").read_bytes()
+    args, env = REGISTRIES_WITH_CREDENTIALS[case]
+    code, stdout, stderr = run_in_process(
+        "build", str(world.repo), "--offline", *args,
+        env={**world.env(), **env}, monkeypatch=monkeypatch, capsys=capsys,
+    )  # fmt: skip
+    assert code == 2, stderr
+    assert stderr.count("\n") == 1 and f"{case}" in stderr and "holds credentials" in stderr
+    assert "Regis7ry" not in stdout + stderr and "Pass" not in stdout + stderr
+    assert (world.store / "index.json").read_bytes() == index
+
+
+def test_a_stored_name_with_credentials_is_listed_without_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """A store written before such names were refused: `builder images` never shows them."""
+    store = ImageStore(tmp_path / "store")
+    _put_synthetic_base(store, ["alice:Regis7ryPass@127.0.0.1:9/customer-x:1.0"])
+    env = {"BUILDER_IMAGE_STORE": str(store.root)}
+    for extra in ((), ("--json",)):
+        code, stdout, stderr = run_in_process(
+            "images", *extra, env=env, monkeypatch=monkeypatch, capsys=capsys
+        )
+        assert code == 0, stderr
+        assert "127.0.0.1:9/customer-x:1.0" in stdout and "Regis7ry" not in stdout + stderr
+
+
+def test_a_base_repository_with_credentials_in_customer_yaml_is_refused(
+    store_world: StoreWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    world = store_world.copy(tmp_path)
+    repo = tmp_path / "repo"
+    shutil.copytree(world.repo, repo)
+    (repo / "customer.yaml").write_text(
+        "version: 1\ncustomer: customer-x\nbase_image:\n  version: '~=2.4'\n"
+        "  repository: alice:Regis7ryPass@127.0.0.1:9/ivd/inference-base\n"
+    )
+    code, stdout, stderr = run_in_process(
+        "build", str(repo), "--worktree", "--offline",
+        env=world.env(), monkeypatch=monkeypatch, capsys=capsys,
+    )  # fmt: skip
+    assert code == 2 and "customer.yaml: base_image.repository holds credentials" in stderr
+    assert "Regis7ry" not in stdout + stderr
+
+
+def test_verify_rebuilds_an_image_of_the_store_with_no_registry(
+    store_world: StoreWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """An image built into the store only (no registry anywhere), named by its registry
+    reference: `builder verify` reads it from the store (a note says so), rebuilds it on the
+    base the store holds, and finds the same digest."""
+    world = store_world.copy(tmp_path)
+    stored = next(
+        i for i in ImageStore(world.store).images() if "/customer-x:2.4.2-" in i.reference
+    )
+    code, stdout, stderr = run_in_process(
+        "verify",
+        stored.reference,
+        "--json",
+        env=world.env(),
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
+    assert code == 0, stdout + stderr
+    result = json.loads(stdout)["result"]
+    assert result["match"] and result["rebuilt_digest"] == stored.digest
+    notes = " ".join(result["notes"])
+    assert f"read {stored.reference} from the local image store" in notes
+
+
+@pytest.mark.parametrize("where", ["blobs", "blobs/sha256", "index.json", "a blob"])
+def test_an_oci_layout_target_is_not_written_through_a_link(
+    store_world: StoreWorld, tmp_path: Path, where: str
+) -> None:
+    """`--oci-layout DIR` writes into DIR's own folders: a link there is refused in one line
+    (a linked blob is replaced), and nothing outside is written."""
+    store = ImageStore(store_world.store)
+    image = store.stored_image(f"{BASE}:2.4.2")
+    host, target = tmp_path / "host", tmp_path / "layout"
+    host.mkdir()
+    (host / "victim").write_bytes(OUTSIDE)
+    (target / "blobs" / "sha256").mkdir(parents=True)
+    if where == "a blob":
+        link = layout_blob_path(target, image.config_digest)
+        link.symlink_to(host / "victim")
+    else:
+        link = target / where
+        shutil.rmtree(link, ignore_errors=True)
+        link.symlink_to(host if where != "index.json" else host / "victim")
+    before = _snapshot(host)
+    if where == "a blob":
+        write_oci_layout(image, target, ["2.4.2"])
+        assert not link.is_symlink() and sha256_digest(link.read_bytes()) == image.config_digest
+    else:
+        with pytest.raises(ImageError, match="is a symbolic link") as info:
+            write_oci_layout(image, target, ["2.4.2"])
+        assert "\n" not in str(info.value) and str(link) in str(info.value)
+    assert _snapshot(host) == before
+
+
+BAD_INDEXES = {
+    "not JSON": b"{",
+    "a list": b"[1]",
+    "manifests not a list": b'{"manifests": 3}',
+    "an empty descriptor": b'{"manifests": [{}]}',
+    "annotations a list": json.dumps(
+        {
+            "manifests": [
+                {"digest": "sha256:" + "0" * 64, "mediaType": "x", "size": 1, "annotations": [1]}
+            ]
+        }
+    ).encode(),
+    "a bad digest": b'{"manifests": [{"digest": "sha256:00", "mediaType": "x", "size": 1}]}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INDEXES))
+def test_a_broken_store_index_is_one_line(
+    tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    store = ImageStore(tmp_path / "store")
+    (store.root / "index.json").write_bytes(BAD_INDEXES[case])
+    for command in (("images",), ("images", "prune"), ("images", "verify")):
+        code, _, stderr = run_in_process(
+            *command,
+            env={"BUILDER_IMAGE_STORE": str(store.root)},
+            monkeypatch=monkeypatch,
+            capsys=capsys,
+        )
+        assert code == 6 and stderr.count("\n") == 1 and "index.json" in stderr, stderr
+        assert (store.root / "index.json").read_bytes() == BAD_INDEXES[case]
+
+
+def test_prune_keeps_the_attestations_of_the_images_it_keeps(
+    store_world: StoreWorld, tmp_path: Path
+) -> None:
+    """Every build attaches its provenance and SBOM to the store (as referrers, so `verify`
+    works from the store alone); prune keeps them while the image is named, and removes
+    them, index entries included, with it."""
+    from builder.attest.referrers import layout_referrers
+
+    world = store_world.copy(tmp_path)
+    store = ImageStore(world.store)
+    image = next(i for i in store.images() if "/customer-x:2.4.2-" in i.reference)
+    attached = layout_referrers(store.root, image.digest)
+    assert len(attached) >= 2
+    store.prune()
+    assert layout_referrers(store.root, image.digest) == attached
+    for item in attached:
+        assert store.blobs.has(item.digest)
+
+    def unname(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [i for i in items if i.get("digest") != image.digest]
+
+    update_layout_index(store.root, unname)
+    store.prune()
+    assert layout_referrers(store.root, image.digest) == []
+    assert not any(store.blobs.has(item.digest) for item in attached)
+    assert all(e.ref_name for e in read_layout_index(store.root))

@@ -34,12 +34,13 @@ def test_push_remove_pull_through_registry(
 ) -> None:
     mark = len(oci_registry.requests())
     ref = push_to(docker_engine, oci_registry, base_os_image)
-    assert ref.startswith(f"{oci_registry.host}/ivd-testbed/python@sha256:")
+    repository, _, tag = base_os_image.rpartition(":")
+    assert ref.startswith(f"{oci_registry.host}/{repository}@sha256:")
     assert oci_registry.blob_uploads(since=mark), "the first push uploads the layer and config"
     assert oci_registry.manifest_puts(since=mark)
 
-    with urllib.request.urlopen(f"{oci_registry.url}/v2/ivd-testbed/python/tags/list") as r:
-        assert json.load(r)["tags"] == ["3.11-slim-bookworm"]
+    with urllib.request.urlopen(f"{oci_registry.url}/v2/{repository}/tags/list") as r:
+        assert json.load(r)["tags"] == [tag]
 
     mark = len(oci_registry.requests())
     assert push_to(docker_engine, oci_registry, base_os_image) == ref
@@ -47,7 +48,7 @@ def test_push_remove_pull_through_registry(
 
     client = docker_engine.client()
     try:
-        remote = f"{oci_registry.host}/ivd-testbed/python:3.11-slim-bookworm"
+        remote = f"{oci_registry.host}/{base_os_image}"
         client.images.remove(remote)
         assert remote not in {t for i in client.images.list() for t in i.tags}
         pulled = client.images.pull(remote)
@@ -294,6 +295,48 @@ def test_clearml_emulator_cli(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+def test_clearml_emulator_field_shapes() -> None:
+    """What a deployed server does differently (issue 27), each as clearml-server does it:
+    an older API version (token, scroll keys ignored, metadata as a list), a lower page cap,
+    public models set_ready refuses, and hooks for what other users do meanwhile."""
+    import jwt
+
+    with ClearMLEmulator(api_version="2.13", max_page_size=2) as server:
+        for n in range(5):
+            server.add_model({"id": f"m{n}", "name": f"model {n}", "metadata": {"k": {}}})
+        server.add_model({"id": "public", "name": "example", "company": ""})
+        basic = _basic(DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY)
+        token = _call(server.url, "auth.login", auth=basic)[1]["data"]["token"]
+        claims = jwt.decode(token, options={"verify_signature": False})
+        assert (claims["api_version"], claims["server_version"]) == ("2.13", "1.0.0")
+
+        def page(body: dict[str, Any]) -> list[str]:
+            data = _call(server.url, "v2.13/models.get_all", body, basic)[1]["data"]
+            assert "scroll_id" not in data  # scroll paging came with API 2.15
+            return [m["id"] for m in data["models"]]
+
+        assert page({"page": 0, "page_size": 500, "order_by": ["id"]}) == ["m0", "m1"]
+        assert page({"page": 1, "page_size": 500, "order_by": ["id"]}) == ["m2", "m3"]
+        assert page({"scroll_id": "", "size": 10, "order_by": ["id"]}) == ["m0", "m1"]
+        got = _call(server.url, "v2.13/models.get_by_id", {"model": "m0"}, basic)[1]
+        assert got["data"]["model"]["metadata"] == []  # services/utils.py::unescape_metadata
+        status, ready = _call(server.url, "v2.13/models.set_ready", {"model": "public"}, basic)
+        assert (status, ready["meta"]["result_subcode"]) == (400, 201)
+
+        seen: list[dict[str, Any]] = []
+        server.on_request("models.get_all", seen.append)
+        page({"page": 0, "page_size": 2})
+        assert seen and seen[0]["page_size"] == 2
+
+    with ClearMLEmulator(max_page_size=None) as uncapped:  # before clearml-server 1.2
+        for n in range(3):
+            uncapped.add_model({"id": f"m{n}"})
+        status, data = _call(uncapped.url, "models.get_all", {"scroll_id": "", "size": 2}, basic)
+        assert status == 200 and len(data["data"]["models"]) == 2 and data["data"]["scroll_id"]
+        status, refused = _call(uncapped.url, "models.get_all", {"page": 0}, basic)
+        assert (status, refused["meta"]["result_subcode"]) == (400, 11)
 
 
 # --- Message broker -----------------------------------------------------------------------

@@ -40,6 +40,7 @@ from builder.oci import (
     read_layout_blob,
     read_layout_index,
     sha256_digest,
+    shared_client,
     split_repository,
     update_layout_index,
 )
@@ -241,7 +242,7 @@ def _already_attached(
 
 def _write_blob(directory: Path, data: bytes) -> None:
     path = layout_blob_path(directory, sha256_digest(data))
-    if not path.exists():
+    if not path.is_file() or path.is_symlink():  # a link is replaced, never written through
         write_atomic(path, data)
 
 
@@ -341,6 +342,10 @@ class ReferrersPush:
     bytes_uploaded: int = 0  # every byte sent: blobs uploaded, manifests and index written
 
 
+#: Registries (host) found without the referrers API by this process: not asked again.
+_NO_REFERRERS_API: set[str] = set()
+
+
 def registry_referrers(
     client: RegistryClient, path: str, digest: str
 ) -> tuple[list[Descriptor], str]:
@@ -348,9 +353,10 @@ def registry_referrers(
 
     Returns the descriptors and the mode used ("referrers-api" or "tag-schema").
     """
-    api = client.referrers(path, digest)
+    api = None if client.host in _NO_REFERRERS_API else client.referrers(path, digest)
     if api is not None:
         return [Descriptor.from_dict(d) for d in api], "referrers-api"
+    _NO_REFERRERS_API.add(client.host)
     tag = fallback_tag(digest)
     if client.manifest_digest(path, tag) is None:
         return [], "tag-schema"
@@ -368,20 +374,24 @@ def push_referrers(
     *,
     insecure: bool | None = None,
     retry: RetryPolicy | None = None,
+    subject_pushed: bool = False,
 ) -> ReferrersPush:
     """Push the artifacts to ``repository`` (``host/path``) as referrers of the image.
 
-    The subject image must already be there. Artifact manifests are pushed by digest; if the
-    registry answers the referrers API it indexes them itself. Otherwise (CNCF distribution
-    2.x) the ``sha256-<hex>`` tag is read, merged with the new descriptors and written back,
-    then read again to catch a concurrent writer (retried a few times: the schema is racy).
+    The subject image must already be there (checked, unless the caller has just pushed it:
+    ``subject_pushed``). Artifact manifests are pushed by digest; if the registry answers
+    the referrers API it indexes them itself. Otherwise (CNCF distribution 2.x) the
+    ``sha256-<hex>`` tag is read, merged with the new descriptors and written back, then read
+    again to catch a concurrent writer (retried a few times: the schema is racy). The
+    documents are small and new: sent without asking whether the registry has them.
     """
     host, path = split_repository(repository)
-    client = RegistryClient(host, insecure=insecure, retry=retry)
-    if client.manifest_digest(path, attestations.subject.digest) is None:
+    client = shared_client(host, insecure=insecure, retry=retry)
+    if not subject_pushed and client.manifest_digest(path, attestations.subject.digest) is None:
         raise ImageError(f"{repository} has no manifest {attestations.subject.digest} to attest")
     descriptors = []
     sent = 0
+    empty, there = empty_descriptor().digest, set[str]()
     attached, mode = registry_referrers(client, path, attestations.subject.digest)
     for artifact, manifest in attestations.manifests():
         same = _already_attached(
@@ -398,9 +408,15 @@ def push_referrers(
             (EMPTY_CONFIG, empty_descriptor()),
             (artifact.data, artifact.layer),
         ):
-            if not client.blob_exists(path, descriptor.digest):
-                client.upload_blob(path, descriptor.digest, descriptor.size, data)
-                sent += len(data)
+            # the empty config is there after the repository's first artifact: asked once
+            if descriptor.digest in there or (
+                descriptor.digest == empty and client.blob_exists(path, empty)
+            ):
+                there.add(descriptor.digest)
+                continue
+            client.upload_blob(path, descriptor.digest, descriptor.size, data)
+            there.add(descriptor.digest)
+            sent += len(data)
         digest = client.put_manifest(path, sha256_digest(manifest), manifest, OCI_MANIFEST)
         sent += len(manifest)
         descriptors.append(
@@ -416,8 +432,8 @@ def push_referrers(
     if mode == "referrers-api":
         return ReferrersPush(repository, pushed, "referrers-api", bytes_uploaded=sent)
     tag = fallback_tag(attestations.subject.digest)
+    existing = attached  # read above; read again only after a concurrent writer
     for _ in range(3):
-        existing, _mode = registry_referrers(client, path, attestations.subject.digest)
         known = {d.digest for d in existing}
         merged = [d.to_dict() for d in existing] + [
             d.to_dict() for d in descriptors if d.digest not in known
@@ -425,8 +441,8 @@ def push_referrers(
         index = canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": merged})
         client.put_manifest(path, tag, index, OCI_INDEX)
         sent += len(index)
-        now = {d.digest for d in registry_referrers(client, path, attestations.subject.digest)[0]}
-        if set(pushed) <= now:
+        existing = registry_referrers(client, path, attestations.subject.digest)[0]
+        if set(pushed) <= {d.digest for d in existing}:
             return ReferrersPush(repository, pushed, "tag-schema", tag, sent)
     raise ImageError(
         f"{repository}:{tag} kept changing while the attestations were added",

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
 
 from builder.attest.dsse import (
     MEDIA_DSSE,
@@ -18,13 +16,10 @@ from builder.attest.dsse import (
     load_public_key,
     verify_envelope,
 )
-from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO
-from builder.audit.history import location_of
-from builder.audit.records import read_release_records
-from builder.audit.text import pinned, short
-from builder.cook.load import load_customer, open_source
-from builder.documents.release_record import ReleaseRecord
-from builder.errors import AttestationError, BuilderError, ConfigError, ImageError
+from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO, PROVENANCE_FILE
+from builder.audit.history import ReleaseReview, open_customer, release_review
+from builder.audit.text import base_of, short
+from builder.errors import AttestationError, BuilderError, ImageError
 from builder.image.provenance import LABEL_PREFIX
 from builder.oci import Descriptor
 from builder.oci.image import (
@@ -111,6 +106,17 @@ class Explanation:
     checks: list[Check]
     ci_url: str | None = None
     selected: dict[str, Any] | None = None  # how a customer name was turned into this image
+    #: For a recorded release: what changed since the previous release, why, who approved it.
+    review: ReleaseReview | None = None
+    # Where the config repository (``<url>#<folder>``) is recorded: the image's own record (a
+    # location-free image has one only when customer.yaml declares it), then its provenance
+    # attestation's (where the build read it)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def source(self) -> str | None:
+        """The config repository the image (else its attestation) records."""
+        return self.sources[0] if self.sources else None
 
     @property
     def ok(self) -> bool:
@@ -210,22 +216,6 @@ def _file_statuses(provenance: Mapping[str, Any], found: ImageFiles) -> list[Mod
     return out
 
 
-def base_of(labels: Mapping[str, str], provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """The base image an image was built on: repository, version and digest from the labels
-    (provenance.json records only the constraint, so a base bump leaves the config layer
-    unchanged), the constraint from provenance.json."""
-    recorded = dict(provenance.get("base_image") or {})
-    version = labels.get("com.ivd.base.version") or recorded.get("version")
-    name = labels.get("org.opencontainers.image.base.name", "")
-    repository = name.removesuffix(f":{version}") if version else name.rpartition(":")[0]
-    return {
-        "repository": recorded.get("repository") or repository or None,
-        "version": version,
-        "digest": labels.get("org.opencontainers.image.base.digest") or recorded.get("digest"),
-        "constraint": recorded.get("constraint"),
-    }
-
-
 def _consistency_checks(
     image: OpenedImage, provenance: Mapping[str, Any], found: ImageFiles
 ) -> list[Check]:
@@ -312,6 +302,7 @@ def _artifact_document(
 class Attested:
     infos: list[AttestationInfo] = field(default_factory=list)
     statement: dict[str, Any] | None = None  # newest provenance Statement
+    statements: list[dict[str, Any]] = field(default_factory=list)  # every one, newest first
     sbom_sha256: str | None = None
     checks: list[Check] = field(default_factory=list)
 
@@ -368,8 +359,12 @@ def read_attestations(
             else:
                 statement = document
         out.infos.append(info)
-        if statement is not None and (created or "") >= newest:
-            newest, out.statement = created or "", statement
+        if statement is not None:
+            out.statements.append(statement)
+            if (created or "") >= newest:
+                newest, out.statement = created or "", statement
+    if out.statement is not None:  # newest first: a repeated build's own record leads
+        out.statements.sort(key=lambda s: s is not out.statement)
     return out
 
 
@@ -444,38 +439,77 @@ def _statement_checks(
     return checks
 
 
-def _release_for(
-    provenance: Mapping[str, Any], digest: str, settings: Settings
-) -> tuple[dict[str, Any] | None, str]:
-    """The release record of this digest, read from the recorded config repository."""
-    url = str((provenance.get("config") or {}).get("repository", ""))
-    location = _local_location(url) or url.partition("#")[0]
-    try:
-        records, where = read_release_records(location, str(provenance.get("customer")), settings)
-    except BuilderError as exc:
-        return None, f"release records not read: {exc}"
-    for record in records:
-        if record.manifest_digest == digest:
-            return {
-                "path": record.path,
-                "image": record.image,
-                "built_at": record.built_at,
-                "ci_url": record.ci_url,
-            }, f"released as {record.image} ({where}: {record.path})"
-    return None, f"no release record on {where} names this digest: not a recorded release"
-
-
-def _local_location(url: str, repo: Path | None = None) -> str | None:
-    """Where the recorded config repository is on this machine (file:// URLs, or ``repo``)."""
-    base, _, folder = url.partition("#")
-    if repo is not None:
-        root = repo
-    elif base.startswith("file://"):
-        root = Path(unquote(urlsplit(base).path))
-    else:
+def attested_source(statement: Mapping[str, Any] | None) -> str | None:
+    """``<url>#<folder>`` of the config repository a provenance Statement names, if any."""
+    external = ((statement or {}).get("predicate") or {}).get("buildDefinition", {}).get(
+        "externalParameters"
+    ) or {}
+    repository, folder = external.get("repository"), external.get("configPath")
+    if not isinstance(repository, str) or not repository:
         return None
-    path = root / folder if folder else root
-    return str(path) if path.exists() else None
+    return (
+        f"{repository}#{folder}"
+        if isinstance(folder, str) and folder not in ("", ".")
+        else repository
+    )
+
+
+def attested_base(statement: Mapping[str, Any] | None) -> str | None:
+    """The base image repository a provenance Statement names (``oci://<repo>:<tag>``), if any."""
+    deps = ((statement or {}).get("predicate") or {}).get("buildDefinition", {}).get(
+        "resolvedDependencies"
+    ) or []
+    uri = next((str(d.get("uri") or "") for d in deps if d.get("name") == "base-image"), "")
+    if uri.startswith("oci://"):
+        return uri.removeprefix("oci://").rpartition(":")[0] or None
+    return uri or None
+
+
+def _local_statements(settings: Settings, digest: str) -> list[dict[str, Any]]:
+    """The provenance Statement a build on this machine wrote for ``digest`` (the build
+    report's ``outputs.attestations``), when it names that digest as its subject."""
+    path = settings.store_dir.parent / "attestations" / digest.partition(":")[2] / PROVENANCE_FILE
+    try:
+        statement = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(statement, dict):
+        return []
+    subjects = [
+        (s.get("digest") or {}).get("sha256")
+        for s in statement.get("subject") or []
+        if isinstance(s, dict)
+    ]
+    return [statement] if digest.partition(":")[2] in subjects else []
+
+
+def _release_for(
+    source: str | None, digest: str, settings: Settings
+) -> tuple[dict[str, Any] | None, str, ReleaseReview | None]:
+    """The release record of this digest, read from the recorded config repository (``source``),
+    and that release's review (what changed since the previous release, why, who approved it)."""
+    if not source:
+        return None, "release records not read: the image names no config repository", None
+    try:
+        customer = open_customer(source, settings)
+    except BuilderError as exc:
+        return None, f"release records not read: {exc}", None
+    where = customer.records_where
+    record = next((r for r in customer.records if r.manifest_digest == digest), None)
+    if record is None:
+        return None, f"no release record on {where} names this digest: not a recorded release", None
+    found = {
+        "path": record.path,
+        "image": record.image,
+        "built_at": record.built_at,
+        "ci_url": record.ci_url,
+    }
+    note = f"released as {record.image} ({where}: {record.path})"
+    try:
+        review = release_review(customer, record)
+    except BuilderError as exc:
+        return found, f"{note}; approvals not read: {exc}", None
+    return found, note, review
 
 
 def _file_checks(files: Sequence[ModelFileStatus]) -> list[Check]:
@@ -531,7 +565,22 @@ def explain(
     signatures = {a.signature for a in attested.infos}
     if public_key is not None and not signatures & {"valid", "INVALID"}:
         checks.append(Check("provenance signature", False, f"no signed provenance ({where})"))
-    release, release_note = _release_for(provenance, image.manifest_digest, settings)
+    # Where the build read its config: the attached attestations, else (a docker archive
+    # carries none) the attestation a build on this machine wrote next to its image store.
+    statements = attested.statements or _local_statements(settings, image.manifest_digest)
+    sources: list[str] = []
+    for found_at in (
+        (provenance.get("config") or {}).get("repository"),
+        *(attested_source(s) for s in statements),
+    ):
+        if isinstance(found_at, str) and found_at and found_at not in sources:
+            sources.append(found_at)
+    release, release_note, review = _release_for(
+        sources[0] if sources else None, image.manifest_digest, settings
+    )
+    base = base_of(labels, provenance)
+    if base["repository"] is None:  # a location-free image: where the build pulled it from
+        base["repository"] = next(filter(None, map(attested_base, statements)), None)
     metadata = ((attested.statement or {}).get("predicate") or {}).get("runDetails", {}).get(
         "metadata"
     ) or {}
@@ -551,7 +600,7 @@ def explain(
         config_digest=image.config_digest,
         customer=str(provenance.get("customer")),
         provenance=provenance,
-        base=base_of(labels, provenance),
+        base=base,
         labels=labels,
         created=labels.get("org.opencontainers.image.created"),
         built_at=built_at,
@@ -563,92 +612,6 @@ def explain(
         release_note=release_note,
         checks=checks,
         ci_url=ci_url,
+        sources=sources,
+        review=review,
     )
-
-
-_CUSTOMER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def names_a_customer(target: str) -> bool:
-    """True if ``target`` is a bare customer name rather than an image reference or a path."""
-    return bool(_CUSTOMER_NAME.fullmatch(target)) and not Path(target).exists()
-
-
-def _at_or_before(built_at: str | None, at: str) -> bool:
-    """True if a record's build time is at or before ``at`` (a date or an RFC 3339 time, UTC)."""
-    if not built_at:
-        return False
-    limit = at if "T" in at else f"{at}T23:59:59Z"
-    return built_at <= limit
-
-
-def _moving_tag_note(
-    record: ReleaseRecord, settings: Settings, insecure: bool | None
-) -> tuple[str | None, str]:
-    """Where the customer's moving ``<base version>`` tag points now, and a sentence about it."""
-    repository, _, tag = record.image.rpartition(":")
-    version = str(record.base.get("version") or tag.partition("-")[0])
-    if not repository or "/" in tag or not version:
-        return None, "registry not asked: the recorded image reference has no tag"
-    moving = f"{repository}:{version}"
-    try:
-        now = open_image(moving, settings, insecure=insecure).manifest_digest
-    except BuilderError as exc:
-        return None, f"registry: {moving} not read ({exc.message})"
-    if now == record.manifest_digest:
-        return now, f"registry: {moving} points to this release"
-    return now, f"registry: {moving} now points to {short(now, 19)}, not to this release"
-
-
-def shipped_reference(
-    customer: str,
-    settings: Settings,
-    *,
-    base_version: str | None = None,
-    at: str | None = None,
-    insecure: bool | None = None,
-) -> tuple[str, dict[str, Any]]:
-    """The image a customer has been shipped: its newest release record (optionally of one base
-    version line, or as of a date), as ``repository@digest``, and how it was chosen.
-
-    Records are read from the customer repository's releases branch; the registry is asked
-    where the moving ``<base version>`` tag points now, so a reviewer sees whether what the
-    records say shipped is still what the site pulls.
-    """
-    source = open_source(customer, settings)
-    spec = load_customer(location_of(source), settings)
-    records, where = read_release_records(location_of(source), spec.customer, settings)
-    chosen = [
-        r
-        for r in records
-        if (
-            base_version is None
-            or str(r.base.get("version")) == base_version
-            or str(r.base.get("version")).startswith(f"{base_version}.")
-        )
-        and (at is None or _at_or_before(r.built_at, at))
-    ]
-    if not chosen:
-        limits = "".join(
-            [f" for base {base_version}" if base_version else "", f" built by {at}" if at else ""]
-        )
-        raise ConfigError(
-            f"customer {spec.customer}: no release record{limits} on {where} "
-            f"({len(records)} records in all)",
-            hint="explain an image by its reference (host/repo:tag or @sha256:...) instead",
-        )
-    record = chosen[-1]
-    reference = pinned(record.image, record.manifest_digest)
-    now, note = _moving_tag_note(record, settings, insecure)
-    return reference, {
-        "customer": spec.customer,
-        "record": record.path,
-        "records_where": where,
-        "release_image": record.image,
-        "built_at": record.built_at,
-        "base_version": record.base.get("version"),
-        "records_considered": len(chosen),
-        "records_total": len(records),
-        "moving_tag_digest": now,
-        "registry_note": note,
-    }

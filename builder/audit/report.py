@@ -1,30 +1,51 @@
-"""The audit report of a customer: history, lineage, releases and their review, as HTML."""
+"""The audit report of a customer: the five questions a reviewer asks, answered on one page
+that reads well on screen and on paper (HTML, and a PDF written by WeasyPrint).
+
+What runs at the customer (the newest release), where each model came from (registry id,
+training task, weights), who approved it (the approvals covering every change of a release),
+what changed since the previous release and why (each revision's reason), and whether it
+rebuilds (``--verify``). Identifiers (image references, digests, URLs) never break across
+lines: they are set whole, or shortened with the full value in a title and a numbered note.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-import git
 import jinja2
+from markupsafe import Markup, escape
 
 from builder import __version__
 from builder.audit.explain import read_attestations
-from builder.audit.history import Change, History, HistoryEntry, diff_configs, find_commit, history
-from builder.audit.text import pinned, repository_of, short
+from builder.audit.history import (
+    Change,
+    Customer,
+    History,
+    HistoryEntry,
+    ResolvedConfig,
+    diff_configs,
+    history,
+    open_customer,
+)
+from builder.audit.locate import locate_customer
+from builder.audit.text import human_date, pinned, repository_of, short
 from builder.audit.verify import verify
-from builder.cook.load import open_source
 from builder.documents.release_record import ReleaseRecord
-from builder.errors import BuilderError
+from builder.errors import BuilderError, ConfigError
 from builder.fsutil import write_atomic
 from builder.oci import RegistryClient, parse_reference
 from builder.oci.image import open_image
 from builder.settings import Settings
+
+#: The longest identifier set whole in a value cell: what fits one printed A4 line at the
+#: report's 8 pt monospace beside its label (~150 mm); longer ones are shortened with a note.
+IDENT_LIMIT: Final = 84
 
 
 def lineage(entries: Sequence[HistoryEntry]) -> dict[str, list[dict[str, Any]]]:
@@ -80,54 +101,42 @@ def lineage(entries: Sequence[HistoryEntry]) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def release_diffs(hist: History) -> list[dict[str, Any]]:
-    """What changed between consecutive releases (config changes plus the base actually used)."""
+def release_changes(hist: History) -> dict[str, dict[str, Any]]:
+    """Per release (by record path): the previous release, what changed since it (the
+    configuration in resolved terms, and the base as shipped) and the revisions that made the
+    changes, each with its reason and the approval that covers it."""
     configs = {e.revision.commit: e.config for e in hist.entries if e.config is not None}
-    out = []
-    for old, new in zip(hist.releases, hist.releases[1:], strict=False):
-        a, b = configs.get(old.config_commit), configs.get(new.config_commit)
-        changes = [c for c in diff_configs(a, b) if c.kind != "base"] if a and b else []
-        if a is None or b is None:
-            changes.append(
-                Change(
-                    "note",
-                    "config",
-                    "configuration not comparable: a config commit is not in the history",
-                )
-            )
-        va, vb = old.base.get("version"), new.base.get("version")
-        if va != vb:
-            changes.append(
-                Change(
-                    "base",
-                    "base",
-                    f"base {va} -> {vb}",
-                    va,
-                    vb,
-                    lead="base",
-                    was=str(va),
-                    now=str(vb),
-                )
-            )
-        elif old.base.get("digest") != new.base.get("digest"):
-            da, db = old.base.get("digest"), new.base.get("digest")
-            changes.append(
-                Change(
-                    "base",
-                    "base",
-                    f"base {va} re-pinned {short(da, 12)} -> {short(db, 12)}",
-                    da,
-                    db,
-                )
-            )
-        out.append({"from": old, "to": new, "changes": changes})
+    out: dict[str, dict[str, Any]] = {}
+    previous: ReleaseRecord | None = None
+    for record in hist.releases:
+        revisions = [e for e in hist.entries if e.approval and e.approval.release == record.image]
+        now = configs.get(record.config_commit)
+        before = configs.get(previous.config_commit) if previous else None
+        changes: list[Change] = []
+        if previous is not None and before is not None and now is not None:
+            changes = diff_configs(_shipped(before, previous), _shipped(now, record))
+        elif previous is not None:
+            changes = [Change("note", "config", "configuration not comparable: a config "
+                              "commit is not in the history")]  # fmt: skip
+        out[record.path] = {
+            "previous": previous,
+            "changes": changes,
+            "revisions": list(reversed(revisions)),
+            "unapproved": [e for e in revisions if e.approval and not e.approval.covered],
+            "approvals": list(
+                dict.fromkeys(a.text for e in revisions if e.approval for a in e.approval.approvals)
+            ),
+            "merge_requests": list(
+                dict.fromkeys(m for e in revisions if e.approval for m in e.approval.merge_requests)
+            ),
+            "pinned": (now.base if now else None),
+        }
+        previous = record
     return out
 
 
-# -- what a reviewer signs off on: approvals, links, signatures, tags without a record -------
-
-_TRAILER: Final = re.compile(r"^(Approved-by|Reviewed-by|Acked-by):[ \t]*(\S.*)$", re.M | re.I)
-_MERGE_REQUEST: Final = re.compile(r"See merge request (?P<project>[\w./-]+)!(?P<number>\d+)")
+def _shipped(config: ResolvedConfig, record: ReleaseRecord) -> ResolvedConfig:
+    return replace(config, shipped=dict(record.base))
 
 
 def web_base(repository: str) -> str | None:
@@ -145,35 +154,6 @@ def repository_shown(repository: str) -> str:
         return repository
     name = PurePosixPath(base.split("://", 1)[-1]).name or base
     return f"{name} (local repository){f', folder {folder}' if folder else ''}"
-
-
-def _review_of(repo: git.Repo, sha: str, tip: str) -> dict[str, Any]:
-    """Who approved a revision: trailers on the commit and on the merge commit that brought it
-    onto the reviewed branch, and that merge's merge request (GitLab's merge message)."""
-    merge = None
-    with contextlib.suppress(git.GitCommandError):
-        for candidate in repo.git.rev_list(
-            "--ancestry-path", "--merges", "--reverse", f"{sha}..{tip}"
-        ).split():
-            parents = repo.commit(candidate).parents
-            if parents and not repo.is_ancestor(repo.commit(sha), parents[0]):
-                merge = repo.commit(candidate)
-                break
-    messages = [str(repo.commit(sha).message)] + ([str(merge.message)] if merge else [])
-    approvals = sorted(
-        {
-            f"{m.group(1).title()}: {m.group(2).strip()}"
-            for text in messages
-            for m in _TRAILER.finditer(text)
-        }
-    )
-    request = _MERGE_REQUEST.search(str(merge.message)) if merge is not None else None
-    return {
-        "approvals": approvals,
-        "merge_commit": merge.hexsha if merge is not None else None,
-        "merge_request": f"{request['project']}!{request['number']}" if request else None,
-        "merge_request_number": int(request["number"]) if request else None,
-    }
 
 
 def _release_status(record: ReleaseRecord, settings: Settings) -> dict[str, Any]:
@@ -195,15 +175,25 @@ def _release_status(record: ReleaseRecord, settings: Settings) -> dict[str, Any]
 
 
 def _verify_status(record: ReleaseRecord, settings: Settings) -> dict[str, Any]:
-    """``verify`` of a released image: MATCH, MISMATCH with the first difference, or why not."""
+    """``verify`` of a released image: MATCH, MISMATCH with the first differences, or why
+    not; the detail is one line that names no path of this machine's cache."""
     reference = pinned(record.image, record.manifest_digest)
     try:
         result = verify(reference, settings)
     except BuilderError as exc:
-        return {"state": "not verified", "detail": exc.message}
+        return {"state": "not verified", "detail": _one_line(exc.message, settings)}
     if result.match:
         return {"state": "MATCH", "detail": f"rebuilt {short(result.rebuilt_digest, 19)}"}
-    return {"state": "MISMATCH", "detail": "; ".join(result.differences[:3])}
+    return {
+        "state": "MISMATCH",
+        "detail": _one_line("; ".join(result.differences[:3]), settings),
+    }
+
+
+def _one_line(text: str, settings: Settings) -> str:
+    """``text`` on one line, this machine's cache folder named as "the cache"."""
+    cache = str(settings.cache_dir)
+    return " ".join(text.replace(f"{cache}/", "").replace(cache, "the cache").split())
 
 
 def unrecorded_tags(
@@ -232,39 +222,96 @@ def unrecorded_tags(
     return found, problems
 
 
-def human_date(value: Any) -> str:
-    """``2026-05-28T20:26:40Z`` as ``28 May 2026, 20:26 UTC`` (the zone always said)."""
-    text = str(value or "")
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return text or "unrecorded"
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%-d %b %Y, %H:%M UTC")
+def base_statement(
+    current: HistoryEntry | None,
+    latest: ReleaseRecord | None,
+    pinned_then: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """One consistent statement of the base image: what the configuration allows, what the
+    current lock pins, what the newest release shipped, and why they differ when they do."""
+    config = current.config if current is not None else None
+    pin = config.base if config is not None else None
+    shipped = dict(latest.base) if latest is not None else None
+    why = []
+    if (
+        latest is not None
+        and pinned_then is not None
+        and pinned_then.get("digest") != latest.base_digest
+    ):
+        why.append(
+            f"the release was built on base {latest.base_version}, while the lock of its "
+            f"revision pins {pinned_then.get('version')}: a rebuild on another base "
+            "without a configuration change (fleet rebuild)"
+        )
+    if (
+        latest is not None
+        and current is not None
+        and (current.revision.commit != latest.config_commit)
+    ):
+        why.append(
+            "the configuration has changed since the newest release; the lock of the current "
+            "revision pins the base the next release will use"
+        )
+    return {
+        "allowed": config.base_constraint if config is not None else None,
+        "pinned": pin,
+        "shipped": shipped,
+        "why": why,
+    }
 
 
-def _ref_shown(location: str, ref: str, settings: Settings) -> str:
+@dataclass
+class Notes:
+    """Numbered notes holding the full value of every identifier the page shortens."""
+
+    values: list[str] = field(default_factory=list)
+
+    def ident(self, value: Any, limit: int = IDENT_LIMIT, *, link: bool = False) -> Markup:
+        """An identifier that never breaks across lines: whole when it fits ``limit``
+        characters, else its head and tail around an ellipsis, the full value on hover and in
+        a numbered note (printed at the end)."""
+        text = str(value or "")
+        if not text:
+            return Markup("-")
+        shown, note = text, ""
+        if len(text) > limit:
+            keep = (limit - 1) // 2
+            shown = f"{text[:keep]}…{text[-(limit - 1 - keep) :]}"
+            if text not in self.values:
+                self.values.append(text)
+            number = self.values.index(text) + 1
+            note = f'<sup class="noteref">[{number}]</sup>'
+        body = escape(shown)
+        if link and text.startswith("https://"):
+            body = Markup(f'<a href="{escape(text)}">{body}</a>')
+        return Markup(f'<code class="id" title="{escape(text)}">{body}</code>{note}')
+
+
+def _ref_shown(customer: Customer, ref: str) -> str:
     """The reviewed ref in words: ``HEAD`` becomes the branch name (or the commit)."""
     if ref != "HEAD":
         return ref
-    source = open_source(location, settings)
-    repo = git.Repo(source.root)
+    repo = customer.repo
     if not repo.head.is_detached:
         return f"branch {repo.active_branch.name}"
     return f"commit {repo.head.commit.hexsha[:12]}"
 
 
 def report_data(
-    location: str, settings: Settings, *, ref: str = "HEAD", verify_releases: bool = False
+    location: str,
+    settings: Settings,
+    *,
+    ref: str | None = None,
+    verify_releases: bool = False,
+    generated_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """Everything the HTML audit report shows, as plain data."""
-    hist = history(location, settings, ref=ref)
-    source = open_source(location, settings)
-    repo = git.Repo(source.root)
-    tip = find_commit(source, ref).hexsha
+    """Everything the audit report shows, as plain data. ``location``: a customer name,
+    folder or repository URL, resolved as every audit command does."""
+    located = locate_customer(location, settings)
+    customer = open_customer(located.location, settings)
+    ref = ref or located.ref
+    hist = history(located.location, settings, ref=ref, customer=customer)
     web = web_base(hist.repository)
-    reviews = {e.revision.commit: _review_of(repo, e.revision.commit, tip) for e in hist.entries}
     names = {
         str(m.get("model_id")): str(m.get("registry_name"))
         for e in hist.entries
@@ -277,32 +324,45 @@ def report_data(
         {r.path: _verify_status(r, settings) for r in hist.releases} if verify_releases else {}
     )
     tags, tag_problems = unrecorded_tags(hist.customer, hist.releases, settings)
-    local = f"{source.root}/"
+    local = f"{customer.source.root}/"
     for entry in hist.entries:  # a local path means nothing on the reviewer's machine
         if entry.config is not None:
             entry.config.notes[:] = [n.replace(local, "") for n in entry.config.notes]
         if entry.error:
             entry.error = entry.error.replace(local, "")
+        if entry.refused:
+            entry.refused = entry.refused.replace(local, "")
+    per_release = release_changes(hist)
+    latest = hist.releases[-1] if hist.releases else None
+    current = next((e for e in reversed(hist.entries) if e.config is not None), None)
+    refused_now = hist.entries[-1] if hist.entries and hist.entries[-1].refused else None
+    moment = generated_at or datetime.now(UTC)
     return {
         "customer": hist.customer,
         "repository": repository_shown(hist.repository),
         "web": web,
-        "ref": _ref_shown(location, ref, settings),
-        "generated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "ref": _ref_shown(customer, ref),
+        "generated_at": moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tool_version": __version__,
         "history": hist,
         "entries": list(reversed(hist.entries)),
         "releases": list(reversed(hist.releases)),
-        "latest_release": hist.releases[-1] if hist.releases else None,
-        "current": next((e for e in reversed(hist.entries) if e.config is not None), None),
+        "latest_release": latest,
+        "current": current,
+        "base": base_statement(
+            current, latest, per_release[latest.path]["pinned"] if latest else None
+        ),
         "lineage": lineage(hist.entries),
-        "release_diffs": list(reversed(release_diffs(hist))),
-        "reviews": reviews,
+        "release_changes": per_release,
         "model_names": names,
+        "subjects": {e.revision.commit: e.revision.message for e in hist.entries},
         "release_status": statuses,
         "verified": verified,
         "verify_run": verify_releases,
         "unrecorded_tags": tags,
+        "unapproved": list(reversed(hist.unapproved)),
+        "pending": [e for e in reversed(hist.entries) if e.approval and not e.approval.release],
+        "refused_now": refused_now,
         "problems": hist.problems + tag_problems,
     }
 
@@ -318,18 +378,37 @@ def render_report(data: Mapping[str, Any]) -> str:
     )
     env.filters["short"] = short
     env.filters["when"] = human_date
-    return env.get_template("audit.html.j2").render(**data)
+    notes = Notes()
+    return env.get_template("audit.html.j2").render(**data, notes=notes, ident=notes.ident)
+
+
+def write_pdf(html: str, output: Path) -> None:
+    """The report as a PDF (A4, page numbers and the generation date on every page) written by
+    WeasyPrint (pinned in the lock), atomically."""
+    try:
+        import weasyprint  # pango is loaded on import: only when a PDF is asked
+    except OSError as exc:  # the library is installed, the system's pango is not
+        raise ConfigError(
+            f"cannot write a PDF: WeasyPrint needs the pango library ({exc})",
+            hint="install libpango-1.0-0 and libpangoft2-1.0-0 (scripts/bootstrap.sh does)",
+        ) from None
+    write_atomic(output, weasyprint.HTML(string=html).write_pdf())
 
 
 def write_report(
     location: str,
     settings: Settings,
-    output: Path,
     *,
-    ref: str = "HEAD",
+    html: Path | None = None,
+    pdf: Path | None = None,
+    ref: str | None = None,
     verify_releases: bool = False,
 ) -> dict[str, Any]:
-    """Render the audit report of a customer into ``output`` (atomically)."""
+    """Render the audit report of a customer into ``html`` and/or ``pdf`` (atomically)."""
     data = report_data(location, settings, ref=ref, verify_releases=verify_releases)
-    write_atomic(output, render_report(data).encode("utf-8"))
+    page = render_report(data)
+    if html is not None:
+        write_atomic(html, page.encode("utf-8"))
+    if pdf is not None:
+        write_pdf(page, pdf)
     return data

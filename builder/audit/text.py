@@ -1,7 +1,10 @@
-"""How audit shows ids, digests and image repositories to people."""
+"""How audit shows ids, digests, dates and image repositories to people, and reads an image's
+base off its labels."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -21,3 +24,31 @@ def repository_of(image: str) -> str:
 def pinned(image: str, digest: str) -> str:
     """``host/repo@sha256:...``: the image a record names, by its digest rather than its tag."""
     return f"{repository_of(image)}@{digest}"
+
+
+def human_date(value: Any) -> str:
+    """``2026-05-28T20:26:40Z`` as ``28 May 2026, 20:26 UTC`` (the zone always said)."""
+    text = str(value or "")
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return text or "unrecorded"
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%-d %b %Y, %H:%M UTC")
+
+
+def base_of(labels: Mapping[str, str], provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The base image an image was built on: repository, version and digest from the labels
+    (provenance.json records only the constraint, so a base bump leaves the config layer
+    unchanged), the constraint from provenance.json."""
+    recorded = dict(provenance.get("base_image") or {})
+    version = labels.get("com.ivd.base.version") or recorded.get("version")
+    name = labels.get("org.opencontainers.image.base.name", "")
+    repository = name.removesuffix(f":{version}") if version else name.rpartition(":")[0]
+    return {
+        "repository": recorded.get("repository") or repository or None,
+        "version": version,
+        "digest": labels.get("org.opencontainers.image.base.digest") or recorded.get("digest"),
+        "constraint": recorded.get("constraint"),
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -13,14 +14,23 @@ import git
 
 from builder import __version__
 from builder.audit.explain import Explanation, explain
-from builder.audit.history import find_commit
+from builder.audit.history import _recorded_store, find_commit, location_of
 from builder.audit.text import short
-from builder.contracts import CustomerSpec
+from builder.contracts import CustomerSpec, RepoSource
 from builder.cook.load import _URL, load_customer, open_source
 from builder.cook.lock import models_from_lock, read_lock
+from builder.documents.lock import Lock
 from builder.errors import ConfigError, ImageError
 from builder.gitauth import git_credentials
-from builder.image.assemble import LAYER_FORMAT, LAYER_FORMAT_LABEL, check_layer_format
+from builder.image.assemble import (
+    LAYER_FORMAT,
+    LAYER_FORMAT_LABEL,
+    LOCATION_FREE_FORMAT,
+    check_layer_format,
+)
+from builder.image.base_resolution import base_repository as base_repository_of
+from builder.image.provenance import recorded_locations
+from builder.image.store import ImageStore
 from builder.oci.image import (
     ArchiveImage,
     ImageFiles,
@@ -30,7 +40,6 @@ from builder.oci.image import (
     own_layers,
     scan_files,
 )
-from builder.paths import safe_join
 from builder.pipeline import BuildRequest, build
 from builder.settings import SETTINGS_FILE, Settings, load_settings
 
@@ -52,78 +61,139 @@ class Verification:
     explanation: Explanation
 
 
-def _rebuild_location(provenance: Mapping[str, Any], repo: Path | None, settings: Settings) -> str:
-    """A local path of the recorded customer folder, found or made from the record alone.
-
-    ``--repo`` wins; else a recorded ``file://`` repository on this machine (a work tree, or a
-    bare repository, also when the record dropped its ``.git`` suffix, which is cloned into the
-    cache); else the recorded git URL is cloned or fetched into the cache with the same
-    credential helper CI uses (BUILDER_GIT_TOKEN / CI_JOB_TOKEN, never in a URL).
-    """
-    url = str((provenance.get("config") or {}).get("repository", ""))
+def _local_repository(url: str) -> str:
+    """A local path for a recorded ``file://`` repository (``<path>#<folder>`` for a folder):
+    a work tree, or a bare repository (also when the record dropped its ``.git`` suffix)."""
     base, _, folder = url.partition("#")
+    path = Path(unquote(urlsplit(base).path))
+    found = next((c for c in (path, path.with_name(f"{path.name}.git")) if c.is_dir()), None)
+    if found is None:
+        raise ConfigError(f"{base} is not on this machine")
+    try:
+        repo = git.Repo(found, search_parent_directories=True)
+    except git.InvalidGitRepositoryError:
+        raise ConfigError(f"{found} is not a git repository") from None
+    root = found if repo.bare else Path(repo.working_tree_dir or found)
+    return f"{root}#{folder}" if folder else str(root)
+
+
+def _open_recorded(url: str, commit: str, settings: Settings) -> RepoSource:
+    """The recorded config repository ``url`` (``<url>#<folder>``), opened with ``commit`` in it:
+    a local path where it is on this machine, else cloned or fetched into the cache with the
+    credential helper CI uses (BUILDER_GIT_TOKEN / CI_JOB_TOKEN, never in a URL)."""
+    if url.startswith("file://"):
+        location = _local_repository(url)
+    elif _URL.match(url):
+        location = url
+    else:
+        raise ConfigError(f"{url!r} is not a repository address")
+    with git_credentials():
+        source = open_source(location, settings)
+    find_commit(source, commit)
+    return source
+
+
+def _rebuild_source(
+    sources: list[str], repo: Path | None, commit: str, settings: Settings
+) -> tuple[RepoSource, str]:
+    """The config repository to rebuild from, by what the image records alone, and the
+    recorded address it was found by.
+
+    ``--repo`` wins (with the recorded folder). Else each recorded repository in turn: the
+    image's own record, then its provenance attestation's (a location-free image records a
+    repository only when customer.yaml declares one); the first that holds ``commit``.
+    """
+    folder = sources[0].partition("#")[2] if sources else ""
     if repo is not None:
         if not repo.is_dir():
-            raise ConfigError(f"--repo {repo}: no such folder", hint=f"give a clone of {base}")
-        root = repo
-    elif base.startswith("file://"):
-        path = Path(unquote(urlsplit(base).path))
-        found = next((c for c in (path, path.with_name(f"{path.name}.git")) if c.exists()), None)
-        if found is None:
             raise ConfigError(
-                f"the config repository {url} is not on this machine",
-                hint="pass --repo CLONE, or run verify where the repository is",
+                f"--repo {repo}: no such folder",
+                hint=f"give a clone of {sources[0].partition('#')[0] if sources else 'it'}",
             )
-        if git.Repo(found).bare:
-            with git_credentials():
-                root = open_source(found.as_uri(), settings).root
-        else:
-            root = Path(git.Repo(found, search_parent_directories=True).working_tree_dir or found)
-    elif _URL.match(base):
-        with git_credentials():
-            root = open_source(base, settings).root
-    else:
+        location = f"{repo}#{folder}" if folder else str(repo)
+        try:
+            source = open_source(location, settings)
+            find_commit(source, commit)
+        except ConfigError as exc:
+            raise _unreadable(commit, [f"{repo}: {exc.message}"]) from None
+        return source, sources[0] if sources else str(repo)
+    if not sources:
         raise ConfigError(
-            f"the image records no usable config repository ({url!r})",
+            "the image records no config repository, and no provenance attestation naming one "
+            "is attached to it",
             hint="pass --repo CLONE of the repository the image was built from",
         )
-    path = safe_join(root, folder, what="recorded customer folder") if folder else root
-    if not path.is_dir():
-        raise ConfigError(
-            f"{path}: the recorded customer folder {folder!r} is not in {base}",
-            hint="fetch the full history of the config repository",
-        )
-    return str(path)
+    problems = []
+    for url in sources:
+        try:
+            return _open_recorded(url, commit, settings), url
+        except ConfigError as exc:
+            problems.append(f"{url}: {exc.message}")
+    raise _unreadable(commit, problems)
 
 
-def _recorded_production(provenance: Mapping[str, Any]) -> str | None:
-    """The production store root the image's weights came from, read off its weights URIs
-    (``<root>/<task id>/...``), when every registry model names the same root."""
-    roots = set()
-    for model in provenance.get("models") or []:
-        uri, task = str(model.get("weights_uri") or ""), str(model.get("task_id") or "")
-        if not model.get("registry_id") or not task or f"/{task}" not in uri:
-            continue
-        roots.add(uri[: uri.index(f"/{task}")])
+def _unreadable(commit: str, problems: list[str]) -> ConfigError:
+    return ConfigError(
+        f"cannot read the recorded config commit {short(commit, 12)}: " + "; ".join(problems),
+        hint="pass --repo CLONE holding it, or fetch the full history of the config repository",
+    )
+
+
+def _store_root(weights: list[tuple[str, str]]) -> str | None:
+    """The production store root that registry models' weights URIs (``<root>/<task id>/...``,
+    paired with their task id) name, when they all name the same one."""
+    roots = {uri[: uri.index(f"/{task}")] for uri, task in weights if task and f"/{task}" in uri}
     return roots.pop() if len(roots) == 1 else None
 
 
-def _project_settings(location: str, settings: Settings, provenance: Mapping[str, Any]) -> Settings:
+def _recorded_production(provenance: Mapping[str, Any], lock: Lock | None) -> str | None:
+    """The production store the image's weights came from: read off the weights URIs the
+    image records (formats before 3), else off its lock at the recorded commit (a
+    location-free image names weights by task and model id alone)."""
+    recorded = [
+        (str(m.get("weights_uri") or ""), str(m.get("task_id") or ""))
+        for m in provenance.get("models") or []
+        if m.get("registry_id")
+    ]
+    return _store_root(recorded) or (_recorded_store(lock) if lock is not None else None)
+
+
+def _project_settings(source: RepoSource, settings: Settings) -> Settings:
     """Settings for the rebuild that do not depend on the working directory: the project
-    settings (builder.toml) of the recorded repository when it has them, else the caller's;
-    the production store the image recorded; the caller's caches (weights are sha256-checked)."""
-    start = Path(location).resolve()
+    settings (builder.toml) of the recorded repository when it is a work tree that has them,
+    else the caller's; the caller's caches (weights are sha256-checked)."""
+    if not (source.root / ".git").exists():
+        return settings  # a bare repository or a mirror in the cache: no files on disk
+    start = source.root / source.subdir
     own = next(
         (f for f in (start, *start.parents) if (f / SETTINGS_FILE).is_file()),
         None,
     )
-    chosen = settings
     if own is not None and str(own / SETTINGS_FILE) != settings.origin:
-        chosen = replace(load_settings(cwd=own), cache_dir=settings.cache_dir)
-    production = _recorded_production(provenance)
-    if production is not None and production != chosen.production.rstrip("/"):
-        chosen = replace(chosen, production=production)
-    return chosen
+        return replace(load_settings(cwd=own), cache_dir=settings.cache_dir)
+    return settings
+
+
+def _with_production(settings: Settings, production: str | None) -> Settings:
+    """``settings`` with the recorded production store, when one is recorded."""
+    if production is None or production == settings.production.rstrip("/"):
+        return settings
+    return replace(settings, production=production)
+
+
+def _seed_base(
+    settings: Settings, scratch: Settings, repository: str, base: Mapping[str, Any]
+) -> None:
+    """Put the recorded base image into the rebuild's empty store when this machine's local
+    image store holds it by digest, so an image whose base is in no registry (built with the
+    local store alone) rebuilds too; a registry is still asked first, as in any build."""
+    digest, version = str(base.get("digest") or ""), str(base.get("version") or "")
+    own = ImageStore(settings.store_dir)
+    if not digest or not version or not own.complete(digest):
+        return
+    stored = own.base_image(repository, version, digest)
+    # Read from the caller's store as from the OCI layout it is; kept by tag and digest.
+    ImageStore(scratch.store_dir).keep_base(dataclasses.replace(stored, source="oci-layout"))
 
 
 def _rebuild_settings(settings: Settings, scratch: Path) -> Settings:
@@ -171,10 +241,12 @@ def _compare(
     return out
 
 
-_FORMAT_NOTE: Final = (
-    "built with layer format {old} (model layers stamped with the config commit time, "
-    "before model layers became shared blobs); rebuilt with format {old}, not {new}"
-)
+#: What an older image format was, for the note saying a rebuild used it.
+_FORMATS: Final = {
+    1: "model layers stamped with the config commit time, before model layers became shared blobs",
+    2: "before images became location-free: it records the clone's origin, the base image's "
+    "registry name and the production store's spelling, and the rebuild records them again",
+}
 
 
 def recorded_layer_format(labels: Mapping[str, str]) -> int:
@@ -195,27 +267,38 @@ def recorded_layer_format(labels: Mapping[str, str]) -> int:
 
 
 def _rebuild_format(labels: Mapping[str, str], notes: list[str]) -> int:
-    """The layer format to rebuild with (the image's own); a note when it is not the current."""
+    """The image format to rebuild with (the image's own); a note when it is not the current."""
     layer_format = recorded_layer_format(labels)
     if layer_format != LAYER_FORMAT:
-        notes.append(_FORMAT_NOTE.format(old=layer_format, new=LAYER_FORMAT))
+        notes.append(
+            f"built with image format {layer_format} ({_FORMATS[layer_format]}); rebuilt with "
+            f"format {layer_format}, not {LAYER_FORMAT}"
+        )
     return layer_format
 
 
-def _lock_usable(spec: CustomerSpec, settings: Settings, notes: list[str]) -> bool:
-    """True if the recorded commit's lock can drive the rebuild; else a note says why not."""
+def _lock_usable(spec: CustomerSpec, settings: Settings, notes: list[str]) -> Lock | None:
+    """The recorded commit's lock if it can drive the rebuild; else None and a note why not."""
     try:
         lock = read_lock(spec)
         if lock is not None:
-            models_from_lock(spec, lock, production=settings.production)
-            return True
+            models_from_lock(spec, lock, production=settings.production, store_base=settings.root)
+            return lock
     except ConfigError as exc:
         notes.append(
             f"lock not usable ({exc.message}); models resolved from the registry as it is now"
         )
-        return False
+        return None
     notes.append("no lock at that commit; models resolved from the registry as it is now")
-    return False
+    return None
+
+
+def _committed_lock(spec: CustomerSpec) -> Lock | None:
+    """The lock at the recorded commit, read only for what it records (None: none readable)."""
+    try:
+        return read_lock(spec)
+    except ConfigError:
+        return None
 
 
 def verify(
@@ -225,7 +308,12 @@ def verify(
     repo: Path | None = None,
     insecure: bool | None = None,
 ) -> Verification:
-    """Rebuild an image from its recorded commit, lock and base, and compare digests."""
+    """Rebuild an image from its recorded commit, lock and base, and compare digests.
+
+    Everything comes from the image and what it records: the config repository (its own
+    record, else its attestation's), the commit, the lock at that commit (models, production
+    store, base repository where the image names none), the base digest and the image format
+    (an image of a format before 3 is rebuilt with the locations it recorded)."""
     image = open_image(reference, settings, insecure=insecure)
     explanation = explain(reference, settings, insecure=insecure, image=image)
     provenance = explanation.provenance
@@ -236,47 +324,55 @@ def verify(
             f"{reference} was built from an uncommitted work tree (a development build); "
             "there is no commit to rebuild it from"
         )
-    location = _rebuild_location(provenance, repo, settings)
-    settings = _project_settings(location, settings, provenance)
     commit = str(config.get("commit"))
-    try:
-        find_commit(open_source(location, settings), commit)
-        spec = load_customer(location, settings, ref=commit)
-    except ConfigError as exc:
-        raise ConfigError(
-            f"cannot read the recorded config commit {short(commit, 12)} from {location}: {exc.message}",
-            hint="fetch the full history of the config repository",
-        ) from None
-    notes = []
+    source, repository = _rebuild_source(explanation.sources, repo, commit, settings)
+    location = location_of(source)
+    settings = _project_settings(source, settings)
+    spec = load_customer(location, settings, ref=commit)
+    committed = _committed_lock(spec)
+    settings = _with_production(settings, _recorded_production(provenance, committed))
+    notes = list(image.notes)  # how the image was found (the local store, say)
     if spec.commit != commit:
         notes.append(
             f"{short(commit, 12)} is not a commit of the customer folder; read {short(spec.commit, 12)}"
         )
-    locked = _lock_usable(spec, settings, notes)
+    locked = _lock_usable(spec, settings, notes) is not None
     builder_version = (provenance.get("builder") or {}).get("version")
     if builder_version != __version__:
         notes.append(f"built by ivd-image-builder {builder_version}; rebuilding with {__version__}")
     layer_format = _rebuild_format(image.labels, notes)
+    pinned_base = committed.base_image if committed is not None else None
+    base_repository = base.get("repository") or (pinned_base.repository if pinned_base else None)
     request = BuildRequest(
         customer=location,
         ref=commit,
         locked=locked,
         allow_unpublished=bool(provenance.get("development_build")),
         base_version=str(base.get("version")),
-        base_repository=str(base.get("repository")),
+        base_repository=base_repository,
         variant=image.labels.get("com.ivd.runner.variant") or None,  # inherited from the base
         insecure=insecure,
         layer_format=layer_format,
+        recorded=(
+            recorded_locations(image.labels, provenance)
+            if layer_format < LOCATION_FREE_FORMAT
+            else None
+        ),
     )
     with tempfile.TemporaryDirectory(prefix="verify-", dir=_scratch_parent(settings)) as tmp:
-        report = build(request, _rebuild_settings(settings, Path(tmp)))
+        scratch = _rebuild_settings(settings, Path(tmp))
+        variant = request.variant or spec.variants[0]
+        _seed_base(
+            settings, scratch, base_repository_of(spec, settings, base_repository, variant), base
+        )
+        report = build(request, scratch)
         rebuilt = LayoutImage(Path(tmp) / "oci", digest=report.manifest_digest)
         match = report.manifest_digest == image.manifest_digest
         differences: list[str] = []
         if report.base.get("digest") != base.get("digest"):
             differences.append(
-                f"base image: built on {base.get('repository')}:{base.get('version')}@{base.get('digest')}, "
-                f"which now resolves to {report.base.get('digest')}"
+                f"base image: built on {report.base.get('repository')}:{base.get('version')}@"
+                f"{base.get('digest')}, which now resolves to {report.base.get('digest')}"
             )
         if not match:
             image_files = scan_files(image, own_layers(image))
@@ -292,9 +388,11 @@ def verify(
         rebuilt_digest=report.manifest_digest,
         match=match,
         commit=commit,
-        repository=str(config.get("repository")),
+        repository=repository,
         locked=locked,
-        base=base,
+        base={**base, "repository": report.base.get("repository")}
+        if base.get("repository") is None
+        else base,
         differences=differences,
         notes=notes,
         explanation=explanation,

@@ -29,6 +29,7 @@ from builder.cli.result import (
     render_internal_error,
 )
 from builder.errors import BuilderError
+from builder.redact import remember_url_secrets
 
 __all__ = ["build_main", "cli", "main"]
 
@@ -38,10 +39,12 @@ INTERNAL_ERROR = 70
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `builder`: the one place results and errors become output and exit codes."""
+    args = sys.argv[1:] if argv is None else argv
+    remember_url_secrets([*args, *(v for k, v in os.environ.items() if k.startswith("BUILDER_"))])
     try:
         # Without standalone mode click returns what the command returned (its Result), and
         # the code of a `ctx.exit(N)` instead of exiting.
-        returned = cli.main(args=argv, prog_name="builder", standalone_mode=False)
+        returned = cli.main(args=args, prog_name="builder", standalone_mode=False)
         return render(returned) if isinstance(returned, Result) else 0
     except BuilderError as exc:
         return render_error(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -59,6 +60,56 @@ def progress_bar() -> Iterator[Callable[[ProgressEvent], None] | None]:
         yield update
 
 
+class StageLines:
+    """Progress for logs (CI, pipes): each stage event as one line on stderr with the seconds
+    since the start, also under --json (stdout keeps the one JSON document); a long transfer
+    (bytes of a total) as a line every :attr:`EVERY` seconds and when it completes."""
+
+    EVERY = 15.0
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+        self._seen: dict[str, tuple[float, bool]] = {}  # transfer -> (last line, any line yet)
+
+    def _line(self, text: str) -> None:
+        seconds = time.monotonic() - self._start
+        click.echo(mask_secrets(f"[{seconds:6.1f} s] {text}"), err=True)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage:
+            self._line(event.stage)
+            return
+        if event.total <= 0 or event.what in ("build", "wheelhouse"):
+            return  # counted steps: their stage lines say it
+        now = time.monotonic()
+        last, shown = self._seen.setdefault(event.what, (now, False))
+        finished = event.done >= event.total
+        if (finished and shown) or (not finished and now - last >= self.EVERY):
+            share = event.done / event.total
+            self._line(f"{event.what}: {_size(event.done)} of {_size(event.total)} ({share:.0%})")
+            self._seen[event.what] = (now, True)
+        if finished:  # short transfers (under EVERY seconds) get no line at all
+            self._seen.pop(event.what, None)
+
+
+def _size(count: int) -> str:
+    """``512 kB``, ``1,234 MB``, ``3.09 GB``."""
+    if count >= 10**9:
+        return f"{count / 1e9:.2f} GB"
+    return f"{count / 1e6:,.0f} MB" if count >= 10**6 else f"{count / 1e3:,.0f} kB"
+
+
+@contextmanager
+def long_work_progress() -> Iterator[Callable[[ProgressEvent], None] | None]:
+    """Progress of long work (minutes) that must never look stuck: bars on a terminal,
+    :class:`StageLines` elsewhere (CI logs), also with --json."""
+    if sys.stderr.isatty() and not json_mode.get():
+        with progress_bar() as bar:
+            yield bar
+    else:
+        yield StageLines()
+
+
 def load_cli_settings(overrides: dict[str, Any]) -> Settings:
     """builder.toml and BUILDER_* with this call's command-line overrides."""
     return load_settings().with_overrides(**overrides)
@@ -84,7 +135,9 @@ def cli() -> None:
     """Build per-customer inference images from customer config repos, reproducibly.
 
     CUSTOMER is a folder name under the customers folder (setting `customers`), a path to a
-    customer repo or folder, or a git URL. Files are read from git at --ref, never from the
-    work tree unless --worktree. Settings come from builder.toml (searched upward from the
-    current directory), BUILDER_* environment variables and the options below.
+    customer repo or folder, or a git URL. `build` reads git at --ref (HEAD), never the work
+    tree unless --worktree; validate, expand and lock read what is on disk (saying so when it
+    differs from HEAD) unless --ref names a revision. Settings come from builder.toml
+    (searched upward from the current directory), BUILDER_* environment variables and the
+    options below.
     """

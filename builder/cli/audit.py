@@ -14,73 +14,173 @@ from typing import Any
 import click
 
 from builder.cli._common import cli, info, load_cli_settings
-from builder.cli.options import insecure_registry_option, json_option, ref_option, settings_options
+from builder.cli.options import insecure_registry_option, json_option, settings_options
 from builder.cli.result import Result
 from builder.errors import AUDIT_FAILED, ConfigError
+
+_REF_HELP = (
+    "Revision to read: a branch, tag or commit, a release tag (2.5.0-1a2b3c4d5e6f) or an image "
+    "reference. Default: the customer's branch in the fleet file, else HEAD."
+)
+_CUSTOMER_HELP = (
+    "CUSTOMER is a name (looked up in the customers folder, then its fleet.yaml, wherever the "
+    "settings point), a folder, or a repository URL as the tool prints it (URL#folder)."
+)
+
+
+def _revision_lines(entry: Any, indent: str = "    ", *, notes: bool = True) -> list[str]:
+    """A revision's reason, changes, today's-rules note, approval and releases, for people
+    (without ``notes`` only what the revision changed, not how its models were read)."""
+    lines = [f"{indent}{line}" for line in (entry.revision.reason or "").splitlines()[1:] if line]
+    if entry.error:
+        lines.append(f"{indent}! could not be read: {entry.error}")
+    if entry.rule_note:
+        lines.append(f"{indent}note: {entry.rule_note}")
+    lines += [f"{indent}- {c.text}" for c in entry.changes if notes or c.kind != "lock"]
+    if entry.config is not None and notes:
+        lines += [
+            f"{indent}note: {note}" for note in entry.config.notes if not note.startswith("read as")
+        ]
+    approval = entry.approval
+    if approval is not None and (approval.status != "pending" or entry.releases):
+        mark = "! " if approval.status == "unapproved" else ""
+        lines.append(f"{indent}{mark}{approval.sentence}")
+    for record in entry.releases:
+        lines.append(
+            f"{indent}released: {record.image}@{record.manifest_digest} "
+            f"on base {record.base_version} ({record.built_at or 'time not recorded'})"
+        )
+    return lines
+
+
+def _entry_json(entry: Any) -> dict[str, Any]:
+    data: dict[str, Any] = asdict(entry)
+    data["rule_note"] = entry.rule_note
+    if entry.approval is not None:
+        data["approval"]["sentence"] = entry.approval.sentence
+        data["approval"]["covered"] = entry.approval.covered
+    return data
 
 
 @cli.command("history")
 @click.argument("customer")
-@ref_option("Branch, tag or commit to read.")
+@click.option("--ref", default=None, help=_REF_HELP)
 @settings_options
 @json_option
-def history_cmd(customer: str, ref: str, as_json: bool, **overrides: Any) -> Result:
-    """The timeline of CUSTOMER's config revisions: what changed, and which images were released.
+def history_cmd(customer: str, ref: str | None, as_json: bool, **overrides: Any) -> Result:
+    """The timeline of CUSTOMER's config revisions: what changed and why (the commit message),
+    the approval that covers each change, and which images were released.
 
-    Models are read from each revision's lock file; without one the model registry is asked
-    as it is now (the output says so).
+    Models are read from each revision's lock file; without one the model registry is asked as
+    it is now (the output says so). A release's approval covers every change since the previous
+    release: trailers (Approved-by:, Reviewed-by:, Acked-by:) on the change or a later revision
+    up to the release, or on the merge commit that brought it in, and its merge request. A
+    released change that no approval covers is flagged. An old revision that today's validation
+    refuses is read as written and says which rule. CUSTOMER as for every audit command: a
+    name, a folder or a repository URL (URL#folder as printed).
     """
     from builder.audit.history import history
+    from builder.audit.locate import locate_customer
 
-    hist = history(customer, load_cli_settings(overrides), ref=ref)
+    settings = load_cli_settings(overrides)
+    located = locate_customer(customer, settings)
+    hist = history(located.location, settings, ref=ref or located.ref)
 
     def human() -> None:
         click.echo(f"{hist.customer}  {hist.repository}  ({len(hist.entries)} revisions)")
         for entry in hist.entries:
             rev = entry.revision
             click.echo(f"\n{rev.commit[:12]}  {rev.date}  {rev.author}\n    {rev.message}")
-            if entry.error:
-                click.echo(f"    ! could not be read: {entry.error}")
-            for change in entry.changes:
-                click.echo(f"    - {change.text}")
-            if entry.config is not None:
-                for note in entry.config.notes:
-                    click.echo(f"    note: {note}")
-            for record in entry.releases:
-                click.echo(
-                    f"    released: {record.image}@{record.manifest_digest} ({record.built_at or 'time not recorded'})"
-                )
+            for line in _revision_lines(entry):
+                click.echo(line)
         for problem in hist.problems:
             click.echo(f"\nproblem: {problem}", err=True)
 
-    return Result("history", asdict(hist), human)
+    data = asdict(hist)
+    data["entries"] = [_entry_json(e) for e in hist.entries]
+    data["unapproved"] = [e.revision.commit for e in hist.unapproved]
+    notes = tuple(
+        f"not approved: {e.revision.commit[:12]} {e.revision.message!r} was released and no "
+        "approval covers it"
+        for e in hist.unapproved
+    )
+    return Result("history", data, human, notes=notes)
+
+
+def _point_line(label: str, point: Any, revision: Any) -> str:
+    what = f"{revision.commit[:12]} ({revision.date}) {revision.message!r}"
+    if point is None or point.via == "git":
+        return f"{label} {what}"
+    kind = "release" if point.via == "release" else "image (no release record)"
+    base = point.shipped or {}
+    return f"{label} {kind} {point.image}, base {base.get('version')} shipped: {what}"
 
 
 @cli.command("diff")
 @click.argument("customer")
 @click.argument("rev_a")
 @click.argument("rev_b")
+@insecure_registry_option
 @settings_options
 @json_option
-def diff_cmd(customer: str, rev_a: str, rev_b: str, as_json: bool, **overrides: Any) -> Result:
+def diff_cmd(
+    customer: str,
+    rev_a: str,
+    rev_b: str,
+    insecure_registry: bool,
+    as_json: bool,
+    **overrides: Any,
+) -> Result:
     """What changed in CUSTOMER's resolved config from REV_A to REV_B (models, tasks, weights,
-    thresholds, base), not a text diff."""
-    from builder.audit.history import diff
+    thresholds, base), not a text diff; and, for each change, the revisions that made it, their
+    reasons and the approvals that cover them.
 
-    result = diff(customer, load_cli_settings(overrides), rev_a, rev_b)
+    REV_A and REV_B are branches, tags or commits, release tags (2.5.0-1a2b3c4d5e6f) or image
+    references (a registry reference, oci:DIR:TAG, a docker archive): between two releases the
+    base is compared as shipped. CUSTOMER: a name, a folder or a repository URL (URL#folder).
+    """
+    from builder.audit.history import diff
+    from builder.audit.locate import locate_customer
+
+    settings = load_cli_settings(overrides)
+    located = locate_customer(customer, settings)
+    result = diff(
+        located.location,
+        settings,
+        rev_a,
+        rev_b,
+        branch=located.ref,
+        insecure=True if insecure_registry else None,
+    )
 
     def human() -> None:
-        click.echo(
-            f"{result.customer}: {result.a.commit[:12]} ({result.a.date}) -> {result.b.commit[:12]} ({result.b.date})"
-        )
+        click.echo(f"{result.customer}: {rev_a} -> {rev_b}")
+        click.echo(_point_line("  from", result.point_a, result.a))
+        click.echo(_point_line("  to  ", result.point_b, result.b))
+        click.echo("changes:" if result.changes else "  no change in resolved terms")
         for change in result.changes:
-            click.echo(f"  {change.text}")
-        if not result.changes:
-            click.echo("  no change in resolved terms")
+            by = ", ".join(c[:12] for c in change.revisions)
+            click.echo(f"  {change.text}" + (f"  [{by}]" if by else ""))
+        if result.revisions:
+            click.echo("revisions (why, and who approved):")
+        for entry in result.revisions:
+            rev = entry.revision
+            click.echo(f"  {rev.commit[:12]}  {rev.date}  {rev.author}  {rev.message}")
+            for line in _revision_lines(entry, "      "):
+                if not line.lstrip().startswith("- "):
+                    click.echo(line)
         for note in sorted({*result.config_a.notes, *result.config_b.notes}):
             click.echo(f"note: {note}", err=True)
 
-    return Result("diff", asdict(result), human)
+    data = asdict(result)
+    data["revisions"] = [_entry_json(e) for e in result.revisions]
+    data["unapproved"] = [e.revision.commit for e in result.unapproved]
+    notes = tuple(
+        f"not approved: {e.revision.commit[:12]} {e.revision.message!r}: no approval covers it"
+        for e in result.unapproved
+        if e.approval is not None and e.approval.status == "unapproved"
+    )
+    return Result("diff", data, human, notes=notes)
 
 
 def _explanation_lines(exp: Any) -> list[str]:
@@ -100,7 +200,8 @@ def _explanation_lines(exp: Any) -> list[str]:
         f"image        {exp.image}",
         f"digest       {exp.manifest_digest}",
         f"customer     {exp.customer}",
-        f"config       {config.get('repository')} @ {config.get('commit')}",
+        f"config       {_repository_line(config.get('repository'), exp.source)} @ "
+        f"{config.get('commit')}",
         f"             folder {config.get('path')}, analysis {config.get('analysis')}",
         f"base         {base.get('repository')}:{base.get('version')}@{base.get('digest')}",
         f"tool         {builder.get('name')} {builder.get('version')}",
@@ -136,7 +237,36 @@ def _explanation_lines(exp: Any) -> list[str]:
     else:
         lines.append(f"attestation  none ({exp.attestations_where})")
     lines.append(f"release      {exp.release_note}")
+    lines += _review_lines(exp.review)
     lines += [f"FAILED       {c.name}: {c.detail}" for c in exp.checks if not c.ok]
+    return lines
+
+
+def _review_lines(review: Any) -> list[str]:
+    """Who approved a release, and what changed since the previous release and why."""
+    if review is None:
+        return []
+    missing = review.unapproved
+    approved = "; ".join(review.approvals) or "nobody (no approval trailer or merge request)"
+    lines = [f"approved     {approved}"]
+    if missing:
+        lines.append(
+            f"NOT APPROVED {len(missing)} change(s) of this release no approval covers: "
+            + ", ".join(f"{e.revision.commit[:12]} {e.revision.message!r}" for e in missing)
+        )
+    previous = review.previous
+    since = (
+        f"since {previous.image} (built {previous.built_at}): {len(review.revisions)} revision(s)"
+        if previous
+        else f"first release: {len(review.revisions)} revision(s)"
+    )
+    lines.append(f"changes      {since}")
+    for entry in review.revisions:
+        rev = entry.revision
+        lines.append(f"  {rev.commit[:12]}  {rev.date}  {rev.author}  {rev.message}")
+        lines += _revision_lines(entry, "      ", notes=False)
+    if previous and not review.revisions:
+        lines += [f"  - {c.text}" for c in review.changes] or ["  no change"]
     return lines
 
 
@@ -164,13 +294,9 @@ def _target(
     target: str, settings: Any, base_version: str | None, at: str | None, insecure: bool | None
 ) -> tuple[str, dict[str, Any] | None]:
     """An image reference as given, or the image a customer name was shipped (release records)."""
-    from builder.audit.explain import names_a_customer, shipped_reference
+    from builder.audit.locate import image_target
 
-    if not names_a_customer(target):
-        if base_version or at:
-            raise ConfigError("--base-version and --at go with a customer name, not an image")
-        return target, None
-    return shipped_reference(target, settings, base_version=base_version, at=at, insecure=insecure)
+    return image_target(target, settings, base_version=base_version, at=at, insecure=insecure)
 
 
 @cli.command("explain")
@@ -221,6 +347,14 @@ def explain_cmd(
     )
 
 
+def _repository_line(recorded: str | None, source: str | None) -> str:
+    """The config repository an image records; for a location-free image that records none,
+    the one its provenance attestation names, said so."""
+    if recorded:
+        return recorded
+    return f"{source} (named by the attestation)" if source else "(not recorded)"
+
+
 @cli.command("verify")
 @click.argument("image", metavar="IMAGE|CUSTOMER")
 @click.option(
@@ -244,11 +378,14 @@ def verify_cmd(
 ) -> Result:
     """Rebuild IMAGE from its recorded config commit, lock and base; print MATCH or what differs.
 
-    Needs nothing but the image reference (or a CUSTOMER name, as for explain): the recorded
-    config repository is cloned with the CI credential helper when it is not on this machine,
-    and the rebuild uses the recorded repository's project settings and production store, not
-    the working directory's. Every layer is re-tarred in a scratch blob store (weights come from
-    the verified cache). Exit code 10 on a mismatch.
+    Needs nothing but the image reference (or a CUSTOMER name, as for explain): the config
+    repository the image records (else the one its provenance attestation names; a folder of
+    it for folder customers) is used where it is on this machine, work tree or bare, and cloned
+    with the CI credential helper when it is not; the lock at the recorded commit gives the
+    models, the production store and the base repository, not the working directory's
+    settings. An image of an older format is rebuilt with that format and the locations it
+    recorded. Every layer is re-tarred in a scratch blob store (weights come from the verified
+    cache). Exit code 10 on a mismatch.
     """
     from builder.audit.verify import verify
 
@@ -285,10 +422,15 @@ def verify_cmd(
     "--html",
     "html",
     type=click.Path(path_type=Path, dir_okay=False),
-    required=True,
     help="Write the self-contained HTML report here.",
 )
-@ref_option("Branch, tag or commit to read.")
+@click.option(
+    "--pdf",
+    "pdf",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the report as a PDF here (A4; page numbers and generation date on every page).",
+)
+@click.option("--ref", default=None, help=_REF_HELP)
 @click.option(
     "--verify",
     "verify_releases",
@@ -298,30 +440,70 @@ def verify_cmd(
 @settings_options
 @json_option
 def audit_cmd(
-    customer: str, html: Path, ref: str, verify_releases: bool, as_json: bool, **overrides: Any
+    customer: str,
+    html: Path | None,
+    pdf: Path | None,
+    ref: str | None,
+    verify_releases: bool,
+    as_json: bool,
+    **overrides: Any,
 ) -> Result:
-    """Write an HTML report of CUSTOMER for regulatory review: releases with their signature,
-    verify state and approvals, the configuration timeline with who approved each change, model
-    lineage, the changes between releases, and registry tags that no release record names (one
-    self-contained file, no network resources; prints cleanly to PDF)."""
+    """Write the audit report of CUSTOMER for regulatory review, as HTML (--html) and/or PDF
+    (--pdf): what runs at the customer, where each model came from, who approved each release
+    and each change, what changed since the previous release and why, whether it rebuilds
+    (--verify); the configuration timeline, model lineage, and registry tags that no release
+    record names. One self-contained file, no network resources; it prints cleanly.
+    CUSTOMER: a name, a folder or a repository URL (URL#folder as printed). With --verify,
+    exit code 10 when a release does not MATCH or could not be verified (one line each says
+    why)."""
     from builder.audit.report import write_report
 
+    if html is None and pdf is None:
+        raise ConfigError(
+            "builder audit: say where to write the report: --html FILE and/or --pdf FILE"
+        )
     data = write_report(
-        customer, load_cli_settings(overrides), html, ref=ref, verify_releases=verify_releases
+        customer,
+        load_cli_settings(overrides),
+        html=html,
+        pdf=pdf,
+        ref=ref,
+        verify_releases=verify_releases,
     )
+    records = {r.path: r for r in data["releases"]}
+    failed = {
+        path: status for path, status in data["verified"].items() if status["state"] != "MATCH"
+    }
+    written = [str(p) for p in (html, pdf) if p is not None]
     summary = {
         "customer": data["customer"],
-        "report": str(html),
+        "report": str(html) if html is not None else None,
+        "pdf": str(pdf) if pdf is not None else None,
         "revisions": len(data["entries"]),
         "releases": len(data["releases"]),
+        "unapproved": [e.revision.commit for e in data["unapproved"]],
         "unrecorded_tags": data["unrecorded_tags"],
         "problems": data["problems"],
+        "verified": data["verified"],
     }
+
     return Result(
         "audit",
         summary,
         lambda: click.echo(
-            f"wrote {html}: {summary['revisions']} revisions, {summary['releases']} releases"
+            f"wrote {' and '.join(written)}: {summary['revisions']} revisions, "
+            f"{summary['releases']} releases"
+            + (
+                f", {len(summary['unapproved'])} released changes not approved"
+                if summary["unapproved"]
+                else ""
+            )
             + (f", {len(data['problems'])} problems" if data["problems"] else "")
+        ),
+        exit_code=AUDIT_FAILED if failed else 0,
+        notes=tuple(
+            f"{status['state']}: {records[path].image if path in records else path}: "
+            f"{status['detail']}"
+            for path, status in failed.items()
         ),
     )

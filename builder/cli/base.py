@@ -8,9 +8,10 @@ from typing import Any
 
 import click
 
-from builder.cli._common import cli, info, load_cli_settings, progress_bar
+from builder.cli._common import cli, info, load_cli_settings, long_work_progress
 from builder.cli.options import json_option
 from builder.cli.result import Result
+from builder.image.base_os import BASE_OS_IMAGE
 
 
 @cli.group()
@@ -23,9 +24,18 @@ def base() -> None:
 @click.option(
     "--from",
     "base_from",
-    default="python:3.11-slim-bookworm",
+    default=BASE_OS_IMAGE,
     show_default=True,
-    help="The Python 3.11 image to build on (both variants: gpu adds CUDA as pip wheels).",
+    help="The Python 3.11 image to build on (both variants: gpu adds CUDA as pip wheels). "
+    f"The default, {BASE_OS_IMAGE}, needs no Docker Hub: Debian bookworm with Python 3.11, "
+    "made with debootstrap from your Debian mirror when the engine lacks it (once, about "
+    "3 minutes, as root). `--from python:3.11-slim-bookworm` builds on Docker Hub's image.",
+)
+@click.option(
+    "--debian-mirror",
+    metavar="URL",
+    help="Debian mirror for the default --from (default: BUILDER_DEBIAN_MIRROR, else the "
+    "bookworm mirror of /etc/apt, else deb.debian.org).",
 )
 @click.option(
     "--variant",
@@ -51,6 +61,7 @@ def base() -> None:
 def base_build(
     repository: str | None,
     base_from: str,
+    debian_mirror: str | None,
     variant: str,
     wheelhouse: Path | None,
     offline: bool,
@@ -59,20 +70,24 @@ def base_build(
 ) -> Result:
     """Build the base image with the Docker engine (DOCKER_HOST), offline inside.
 
-    It is written into the local image store (setting image_store), where `build CUSTOMER`
-    finds it with no registry; --push sends the same manifest to the registry.
+    Needs a Docker engine (DOCKER_HOST, else the default socket), PyPI for the first
+    wheelhouse (`--wheelhouse DIR --offline` without) and, for the default --from, a Debian
+    mirror once. It is written into the local image store (setting image_store), where
+    `build CUSTOMER` finds it with no registry; --push sends the same manifest to the
+    registry. Progress: bars on a terminal; in CI logs one line per step (debootstrap
+    phases, each wheel downloaded, each build step), also with --json.
     """
-    import docker
-
     from builder.image.base_build import build_base_image, variant_repository
+    from builder.image.engine import docker_client
     from builder.image.store import ImageStore
 
     settings = load_cli_settings({})
     target = variant_repository(repository or settings.base_repository, variant)
+    client = docker_client(1800, needed_for="`builder base build` builds with it")
     info(f"==> building {target} from {base_from} ({variant})")
-    with progress_bar() as bar:
+    with long_work_progress() as bar:
         result = build_base_image(
-            docker_client=docker.from_env(timeout=1800),
+            docker_client=client,
             repository=repository or settings.base_repository,
             base_from=base_from,
             wheelhouse=wheelhouse,
@@ -81,6 +96,8 @@ def base_build(
             download=not offline,
             progress=bar,
             store=ImageStore(settings.store_dir),
+            base_os_cache=settings.cache_dir / "base-os",
+            debian_mirror=debian_mirror,
         )
 
     def human() -> None:

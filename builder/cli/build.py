@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from builder.cli.options import (
     image_registry_option,
     insecure_registry_option,
     json_option,
-    ref_option,
+    report_option,
     settings_options,
     worktree_option,
 )
@@ -61,7 +61,11 @@ class PlainProgress:
 
 @cli.command()
 @click.argument("customer", required=False)
-@ref_option()
+@click.option(
+    "--ref",
+    help="Branch, tag or commit of the customer repo to build (default HEAD; a release of "
+    "HEAD, not named, refuses uncommitted changes in the customer folder).",
+)
 @worktree_option
 @settings_options
 @click.option(
@@ -74,8 +78,21 @@ class PlainProgress:
     "--fleet", "fleet_file", type=click.Path(path_type=Path), help="With --all: the fleet file."
 )
 @click.option(
+    "--only",
+    multiple=True,
+    metavar="NAME",
+    help="With --all: only this customer of the fleet (repeatable).",
+)
+@click.option(
     "--record", is_flag=True, help="With --all: commit a release record after each pushed build."
 )
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="With --all: plan and show what would be built, pushed and recorded where.",
+)
+@click.option("--yes", "-y", is_flag=True, help="With --all --record: do not ask for confirmation.")
+@report_option("Also write the JSON result to this file.")
 @click.option(
     "--locked",
     is_flag=True,
@@ -92,6 +109,12 @@ class PlainProgress:
     "--allow-unpublished",
     is_flag=True,
     help="Development build: accept unpublished models (the image label says so).",
+)
+@click.option(
+    "--allow-unlocked",
+    is_flag=True,
+    help="Development build: push with no committed customer.lock.yaml (the image label says "
+    "so; no release record). Without it a release build (--push, --all) refuses, exit 7.",
 )
 @click.option(
     "--base-version", help="Build on this base version instead of customer.yaml's (fleet rebuilds)."
@@ -155,14 +178,19 @@ def build(
     ctx: click.Context,
     /,
     customer: str | None,
-    ref: str,
+    ref: str | None,
     worktree: bool,
     all_customers: bool,
     fleet_file: Path | None,
+    only: tuple[str, ...],
     record: bool,
+    dry_run: bool,
+    yes: bool,
+    report: Path | None,
     locked: bool,
     offline: bool,
     allow_unpublished: bool,
+    allow_unlocked: bool,
     base_version: str | None,
     base_repository: str | None,
     variant: str | None,
@@ -189,25 +217,17 @@ def build(
     if all_customers:
         if customer or not base_version:
             raise click.UsageError("--all takes no CUSTOMER and needs --base-version")
+        _refuse_options(
+            ctx, _SINGLE_ONLY, "does not go with --all (see `builder build-all --help`)"
+        )
         fleet_result: Result = ctx.invoke(
             build_all,
-            base_version=base_version,
-            fleet_file=fleet_file,
-            only=(),
-            jobs=jobs,
-            push=push,
-            record=record,
-            image_registry=image_registry,
-            base_repository=base_repository,
-            insecure_registry=insecure_registry,
-            report=None,
-            as_json=as_json,
-            force=force,
-            **overrides,
+            **{name: value for name, value in ctx.params.items() if name in _FLEET_PARAMS},
         )
         return fleet_result
     if not customer:
         raise click.UsageError("missing CUSTOMER (or --all --base-version V for the whole fleet)")
+    _refuse_options(ctx, _FLEET_ONLY, "goes with --all only")
 
     from builder.pipeline import BuildRequest
     from builder.pipeline import build as run_build
@@ -219,6 +239,7 @@ def build(
         locked=locked,
         offline=offline,
         allow_unpublished=allow_unpublished,
+        allow_unlocked=allow_unlocked,
         base_version=base_version,
         base_repository=base_repository,
         variant=variant,
@@ -236,7 +257,7 @@ def build(
     plain = None if as_json or sys.stderr.isatty() else PlainProgress(info)
     with progress_bar() as bar:
         try:
-            report = run_build(
+            built = run_build(
                 request,
                 load_cli_settings(overrides),
                 progress=plain or bar,
@@ -246,41 +267,90 @@ def build(
                 plain.close()
 
     def human() -> None:
-        for warning in report.warnings:
+        for warning in built.warnings:
             click.echo(f"warning: {warning}", err=True)
-        click.echo(f"image     {report.image}")
-        click.echo(f"digest    {report.manifest_digest}")
+        click.echo(f"image     {built.image}")
+        click.echo(f"digest    {built.manifest_digest}")
         click.echo(
-            f"base      {report.base['repository']}:{report.base['version']}@{report.base['digest']}"
+            f"base      {built.base['repository']}:{built.base['version']}@{built.base['digest']}"
         )
-        click.echo(f"config    {report.config_commit}")
-        for layer in report.layers:
+        click.echo(f"config    {built.config_commit}")
+        for layer in built.layers:
             if layer.new:
                 click.echo(
                     f"layer     {layer.name:<20} {layer.size:>12,} B  {layer.push or 'built'}"
                 )
-        resumed = f" (+{report.bytes_resumed:,} B resumed)" if report.bytes_resumed else ""
+        resumed = f" (+{built.bytes_resumed:,} B resumed)" if built.bytes_resumed else ""
         click.echo(
-            f"uploaded  {report.bytes_uploaded:,} B   downloaded {report.bytes_downloaded:,} B{resumed}"
+            f"uploaded  {built.bytes_uploaded:,} B   downloaded {built.bytes_downloaded:,} B{resumed}"
         )
-        for kind, where in report.outputs.items():
+        for kind, where in built.outputs.items():
             click.echo(f"{kind:<9} {where}")
-        if "registry" not in report.outputs:
-            for line in not_pushed_lines(report.image, report.manifest_digest, customer):
+        if "registry" not in built.outputs:
+            for line in not_pushed_lines(
+                built.image, built.manifest_digest, customer, built.outputs, dirty=worktree
+            ):
                 click.echo(line)
-        if report.development:
-            why = "uncommitted files (--worktree)" if worktree else "unpublished models"
-            click.echo(f"DEVELOPMENT BUILD: {why}; not for release", err=True)
+        if built.development:
+            click.echo("DEVELOPMENT BUILD (see the warnings above): not for release", err=True)
 
-    return Result("build", report.to_dict(), human)
+    return Result("build", built.to_dict(), human, report=report)
 
 
-def not_pushed_lines(image: str, digest: str, customer: str | None) -> list[str]:
-    """Say plainly that a build without --push is local only, and how to send it on."""
+#: `build` options that `builder build-all` takes too: `build --all` passes them on.
+_FLEET_PARAMS = frozenset(
+    {p.name for p in build_all.params if p.name} - {"customer", "all_customers"}
+)
+#: Options of one customer's build that a fleet build does not take.
+_SINGLE_ONLY = (
+    "ref", "worktree", "offline", "allow_unpublished", "allow_unlocked", "variant", "oci_layout",
+    "docker_archive", "load", "sign_key", "backend",
+)  # fmt: skip
+#: Options that only a fleet build takes.
+_FLEET_ONLY = ("fleet_file", "only", "record", "dry_run", "yes")
+
+
+def _refuse_options(ctx: click.Context, names: tuple[str, ...], why: str) -> None:
+    """A UsageError for the first of ``names`` given on the command line: ``<flag> <why>``."""
+    for param in ctx.command.params:
+        given = ctx.get_parameter_source(param.name or "") == click.core.ParameterSource.COMMANDLINE
+        if param.name in names and given:
+            raise click.UsageError(f"{param.opts[0] if param.opts else param.name} {why}")
+
+
+def not_pushed_lines(
+    image: str,
+    digest: str,
+    customer: str | None,
+    outputs: Mapping[str, str] | None = None,
+    *,
+    dirty: bool = False,
+) -> list[str]:
+    """Say plainly where a build without --push went, and how to send it on: only the ways
+    it has not gone yet, and no push for a --worktree build (it cannot be pushed)."""
     name = customer or "CUSTOMER"
-    return [
-        f"built, not pushed: {image}@{digest} is in the local image store only",
-        f"  push:   build {name} --push      (same inputs, same digest; --registry HOST to choose)",
-        f"  load:   build {name} --load      (into the Docker engine at DOCKER_HOST)",
-        f"  export: build {name} --oci-layout DIR  or  --docker-archive FILE",
+    outputs = outputs or {}
+    places = {
+        "docker": "the Docker engine",
+        "oci_layout": f"the OCI layout {outputs.get('oci_layout')}",
+        "docker_archive": f"the archive {outputs.get('docker_archive')}",
+    }
+    sent = [where for key, where in places.items() if key in outputs]
+    lines = [
+        f"built, not pushed: {image}@{digest} is in the local image store"
+        + (f" and {', '.join(sent)}" if sent else " only")
     ]
+    if dirty:
+        lines.append(
+            "  push:   a --worktree (-dirty) build cannot be pushed: commit, then "
+            f"build {name} --push"
+        )
+    else:
+        lines.append(
+            f"  push:   build {name} --push      (same inputs, same digest; --registry HOST to choose)"
+        )
+    if "docker" not in outputs:
+        lines.append(f"  load:   build {name} --load      (into the Docker engine at DOCKER_HOST)")
+    if "oci_layout" not in outputs and "docker_archive" not in outputs:
+        lines.append(f"  export: build {name} --oci-layout DIR  or  --docker-archive FILE")
+    return lines

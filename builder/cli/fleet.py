@@ -75,9 +75,14 @@ def plan(
 ) -> Result:
     """Which customers a base release reaches, and what their new image changes.
 
-    Reads each customer's repository (git only: no model or image registry calls) and its
-    last release record. Exit 0 when every customer could be planned (also when none admits
-    the version), 8 when some could not (they are listed; the others are planned).
+    One line per image (a customer on one base variant, e.g. `customer-x (gpu)`): rebuild
+    (first release, base only, config too), already released, or skipped. Reads each
+    customer's repository and its images' last release records (git only: no model registry
+    calls, only what changed since the last plan) and lists each base repository's tags once.
+    It also says, before anything is built, what a release build would refuse: a missing or
+    stale lock, a variant with no base of this version; and customer folders the fleet file
+    does not list. Exit 0 when every image could be planned and none would be refused (also
+    when none admits the version), 8 otherwise (they are listed; the others are planned).
     """
     from builder.fleet.fleetfile import load_fleet
     from builder.fleet.gitlab import render_child_pipeline
@@ -101,30 +106,42 @@ def plan(
 
     def human() -> None:
         released = f", {len(result.released)} already released" if result.released else ""
+        blocked = f", {len(result.blocked)} would be refused" if result.blocked else ""
         click.echo(
             f"base {result.base_version}: {len(result.rebuild)} of {len(result.items)} "
-            f"customers to rebuild{released} ({result.fleet})"
+            f"images to rebuild{released}{blocked} ({_count(result.customers, 'customer')}, "
+            f"{result.fleet})"
         )
-        width = max((len(i.customer) for i in result.items), default=8)
+        width = max((len(i.name) for i in result.items), default=8)
+        pad = f"  {'':<{width}}  {'':<10}  {'':<8}"
         for item in result.items:
             constraint = item.constraint or "-"
             status = "ERROR" if item.status == "error" else item.status
-            click.echo(f"  {item.customer:<{width}}  {constraint:<10}  {status:<8}  {item.summary}")
+            click.echo(f"  {item.name:<{width}}  {constraint:<10}  {status:<8}  {item.summary}")
             if item.changed_files:
-                click.echo(
-                    f"  {'':<{width}}  {'':<10}  {'':<8}  changed: {', '.join(item.changed_files)}"
-                )
+                click.echo(f"{pad}  changed: {', '.join(item.changed_files)}")
             for warning in item.warnings:
-                click.echo(f"  {'':<{width}}  {'':<10}  {'':<8}  WARNING: {warning}")
+                click.echo(f"{pad}  WARNING: {warning}")
+            for problem in item.problems:
+                click.echo(f"{pad}  REFUSED: {problem}")
         for note in result.notes:
             click.echo(note)
 
     error = None
+    parts = []
     if result.errors:
-        names = ", ".join(i.customer for i in result.errors)
+        names = ", ".join(i.name for i in result.errors)
+        parts.append(
+            f"{len(result.errors)} of {len(result.items)} images could not be planned: {names}"
+        )
+    if result.blocked:
+        names = ", ".join(i.name for i in result.blocked)
+        parts.append(
+            f"{len(result.blocked)} of {len(result.items)} images would be refused: {names}"
+        )
+    if parts:
         error = FleetError(
-            f"{len(result.errors)} of {len(result.items)} customers could not be planned: {names}",
-            hint="see each customer's line above; the others are planned",
+            "; ".join(parts), hint="see each image's line above; the others are planned"
         )
     # Printed even when some customers failed (in one JSON document), then the error.
     return Result("plan", data, human, error=error, report=report)
@@ -162,6 +179,23 @@ def _sha256(data: bytes) -> str:
     is_flag=True,
     help="Rebuild every admitted customer, also those whose image is already in the registry.",
 )
+@click.option(
+    "--locked",
+    is_flag=True,
+    help="Build each customer from its committed lock (pinned models and weights; the base "
+    "is --base-version): a stale lock fails that customer. CI's child jobs use it.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Plan and show what would be built, pushed and recorded where; build nothing.",
+)
+@click.option(
+    "--yes",
+    "-y",
+    is_flag=True,
+    help="With --record: do not ask for confirmation (never asked without a terminal).",
+)
 @report_option("Also write the JSON report to this file.")
 @json_option
 def build_all(
@@ -177,27 +211,61 @@ def build_all(
     report: Path | None,
     as_json: bool,
     force: bool = False,
+    locked: bool = False,
+    dry_run: bool = False,
+    yes: bool = False,
     **overrides: Any,
 ) -> Result:
-    """Build every customer whose base constraint admits --base-version, in parallel.
+    """Build every image (customer x variant) whose base constraint admits --base-version,
+    in parallel.
 
-    Incremental: a customer whose image (the immutable tag) is already in the registry, with
-    its release record under --record, is left alone at the cost of one manifest HEAD;
-    --force rebuilds them all. Progress (a counter, rate and ETA) goes to stderr, also with
-    --json: a live line on a terminal, one line per finished customer in CI logs. One
-    customer's failure does not stop the others; all results are reported at the end and
-    the exit code is 8 if any customer failed.
+    Incremental, per image: one whose immutable tag is already in the registry, with its
+    release record under --record, is left alone at the cost of one manifest HEAD (a variant
+    never built is built); --force rebuilds them all. Progress (a counter of images, the
+    recent pace and an ETA once known) goes to stderr, also with --json: a live line on a
+    terminal, in CI logs one line per build and per failure. One image's failure does not
+    stop the others; all results are reported at the end and the exit code is 8 if any
+    image failed. With --record it first says which repository and branch each record is
+    pushed to, and on a terminal asks before it builds (--yes skips; --dry-run shows it all
+    and writes nothing), as `builder release-record` does.
     """
     from builder.fleet.build_all import build_all
     from builder.fleet.fleetfile import load_fleet
+    from builder.record import RELEASES_BRANCH
 
     if jobs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--jobs")
+    if record and not push:
+        raise click.UsageError("--record needs --push: only pushed images get a release record")
     settings = load_cli_settings(overrides)
+    with git_credentials():
+        fleet = load_fleet(fleet_file, settings).select(only)
+        targets = _record_targets(fleet) if record else {}
+    for remote, customers in targets.items():
+        info(
+            f"{'would record' if dry_run else 'records go to'} {remote} branch "
+            f"{RELEASES_BRANCH} ({', '.join(customers)})"
+        )
+    if dry_run:
+        return _build_all_dry_run(
+            fleet,
+            settings,
+            base_version,
+            push=push,
+            targets=targets,
+            registry=image_registry,
+            report=report,
+        )
+    interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
+    if targets and interactive and not yes:
+        click.confirm(
+            f"build, push and push release records to {len(targets)} repositor"
+            f"{'y' if len(targets) == 1 else 'ies'} (branch {RELEASES_BRANCH})?",
+            abort=True,
+        )
     progress = FleetProgressLine(live=sys.stderr.isatty())
     try:
         with git_credentials():
-            fleet = load_fleet(fleet_file, settings).select(only)
             result = build_all(
                 fleet,
                 settings,
@@ -209,6 +277,7 @@ def build_all(
                 base_repository=base_repository,
                 insecure=True if insecure_registry else None,
                 force=force,
+                locked=locked,
                 on_event=progress.stage,
                 on_planned=progress.planned,
                 on_progress=progress.finished,
@@ -217,10 +286,10 @@ def build_all(
         progress.close()
 
     def human() -> None:
-        width = max((len(r.customer) for r in result.results), default=8)
+        width = max((len(r.name) for r in result.results), default=8)
         for item in result.results:
             status = "FAILED" if item.status == "failed" else item.status
-            click.echo(f"{item.customer:<{width}}  {status:<7}  {item.summary}")
+            click.echo(f"{item.name:<{width}}  {status:<7}  {item.summary}")
             if item.report:
                 click.echo(
                     f"{'':<{width}}  {'':<7}  uploaded {item.report['bytes_uploaded']:,} B, "
@@ -233,18 +302,84 @@ def build_all(
         counts = result.counts()
         click.echo(
             f"{counts['built']} built, {counts['unchanged']} unchanged, "
-            f"{counts['skipped']} skipped, {counts['failed']} failed "
-            f"in {_duration(result.seconds)} (plan {result.plan_seconds:.1f} s)"
+            f"{counts['skipped']} skipped, {counts['failed']} failed of {len(result.results)} "
+            f"images in {_duration(result.seconds)} (plan {result.plan_seconds:.1f} s)"
         )
 
     error = None
     if result.failed:
-        names = ", ".join(r.customer for r in result.failed)
+        names = ", ".join(r.name for r in result.failed)
         error = FleetError(
-            f"{len(result.failed)} of {len(result.results)} customers failed: {names}",
+            f"{len(result.failed)} of {len(result.results)} images failed: {names}",
             hint="each failure is listed in the report",
         )
     return Result("build-all", asdict(result), human, error=error, report=report)
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 customer``, ``2 customers``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _record_targets(fleet: Any) -> dict[str, list[str]]:
+    """Where each customer's release records are pushed: remote -> customers (secrets masked)."""
+    from builder.record import record_remote
+
+    targets: dict[str, list[str]] = {}
+    for entry in fleet.entries:
+        targets.setdefault(mask_secrets(record_remote(entry.location)), []).append(entry.name)
+    return targets
+
+
+def _build_all_dry_run(
+    fleet: Any,
+    settings: Any,
+    base_version: str,
+    *,
+    push: bool,
+    targets: dict[str, list[str]],
+    registry: str | None,
+    report: Path | None,
+) -> Result:
+    """`build --all --dry-run`: the plan, and where each build would go; nothing written."""
+    from builder.fleet.plan import plan
+    from builder.record import RELEASES_BRANCH
+
+    with git_credentials():
+        result = plan(fleet, settings, base_version)
+    where = registry or settings.image_registry
+    remote_of = {name: remote for remote, names in targets.items() for name in names}
+    items: list[dict[str, Any]] = []
+    for item in result.items:
+        tag = (item.image or "").rsplit(":", 1)[-1]
+        items.append(
+            {
+                "customer": item.customer,
+                "variant": item.variant,
+                "name": item.name,
+                "status": item.status,
+                "summary": item.summary,
+                "image": f"{where}/{item.customer}:{tag}" if item.status == "rebuild" else None,
+                "push": push and item.status == "rebuild",
+                "record": remote_of.get(item.customer) if item.status == "rebuild" else None,
+            }
+        )
+
+    def human() -> None:
+        width = max((len(i["name"]) for i in items), default=8)
+        for i in items:
+            if i["image"]:
+                action = "would build and push" if i["push"] else "would build"
+                line = f"{i['name']:<{width}}  {action} {i['image']}"
+                if i["record"]:
+                    line += f", record on {i['record']} branch {RELEASES_BRANCH}"
+            else:
+                line = f"{i['name']:<{width}}  {i['status']}: {i['summary']}"
+            click.echo(line)
+        click.echo("dry run: nothing built, pushed or recorded")
+
+    data = {"dry_run": True, "base_version": result.base_version, "items": items}
+    return Result("build-all", data, human, report=report)
 
 
 def _duration(seconds: float) -> str:
@@ -259,8 +394,8 @@ def _duration(seconds: float) -> str:
 
 class FleetProgressLine:
     """Fleet progress on stderr, also under --json (stdout keeps the one JSON document):
-    on a terminal one live line (counter, rate, ETA, the latest stage); elsewhere (CI logs)
-    one line per finished customer with the same counter, and nothing per stage."""
+    on a terminal one live line (counter, pace, ETA, the latest stage); elsewhere (CI logs)
+    one line per build and per failure with the same counter, and nothing per stage."""
 
     def __init__(self, *, live: bool) -> None:
         self.live = live
@@ -276,9 +411,11 @@ class FleetProgressLine:
 
     def planned(self, plan: FleetPlan) -> None:
         released = f", {len(plan.released)} already released" if plan.released else ""
+        blocked = f", {len(plan.blocked)} would be refused" if plan.blocked else ""
         self._write(
-            f"planned {len(plan.items)} customers in {plan.seconds:.1f} s: "
-            f"{len(plan.rebuild)} to rebuild{released}, {len(plan.errors)} unreadable",
+            f"planned {_count(len(plan.items), 'image')} of {_count(plan.customers, 'customer')} in "
+            f"{plan.seconds:.1f} s: {len(plan.rebuild)} to rebuild{released}{blocked}, "
+            f"{len(plan.errors)} unreadable",
             keep=True,
         )
 
@@ -287,19 +424,28 @@ class FleetProgressLine:
             self._write(f"{self.counter}  {event.subject}: {event.stage}", keep=False)
 
     def finished(self, progress: FleetProgress) -> None:
+        """One line per build and per failure (and the last), with the counts, the recent
+        pace and the ETA once they are known; images with nothing to build only count."""
         counts = progress.counts
+        rate = "" if progress.rate is None else f", {progress.rate:.1f}/min"
         eta = "" if progress.eta is None else f", ETA {_duration(progress.eta)}"
-        rate = f", {progress.rate:.1f}/min" if progress.builds_done else ""
         self.counter = (
             f"[{progress.done}/{progress.total}] {counts['built']} built, "
             f"{counts['unchanged']} unchanged, {counts['failed']} failed{rate}{eta}"
         )
         result = progress.result
-        took = f" in {_duration(result.seconds)}" if result.seconds else ""
-        line = f"{self.counter} | {result.customer} {result.status}{took}"
-        if result.status == "failed":
-            line += f": {result.summary}"
-        keep = not self.live or result.status == "failed"
+        if progress.built or result.status == "failed":
+            took = f" in {_duration(result.seconds)}" if result.seconds else ""
+            line = f"{self.counter} | {result.name} {result.status}{took}"
+            if result.status == "failed":
+                line += f": {result.summary}"
+        elif progress.done == progress.total:
+            line = self.counter
+        else:  # unchanged or skipped: counted, not a line of its own
+            if self.live:
+                self._write(self.counter, keep=False)
+            return
+        keep = not self.live or result.status == "failed" or progress.done == progress.total
         self._write(line if keep else self.counter, keep=keep)
 
     def close(self) -> None:
@@ -404,31 +550,32 @@ def release_record(
         interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
         if interactive and not (yes or dry_run):
             click.confirm(f"push {len(reports)} release record(s) to {branch}?", abort=True)
-        outcomes: dict[str, Any] = {}
+        outcomes: list[Any] = []
         if dry_run:  # checked one by one (the target has the commit, the record is new)
             for build_report in reports:
-                customer = build_report["customer"]
                 try:
-                    outcomes[customer] = write_release_record(
-                        build_report,
-                        locations[customer],
-                        settings,
-                        branch=branch,
-                        attempts=attempts,
-                        dry_run=True,
+                    outcomes.append(
+                        write_release_record(
+                            build_report,
+                            locations[build_report["customer"]],
+                            settings,
+                            branch=branch,
+                            attempts=attempts,
+                            dry_run=True,
+                        )
                     )
                 except BuilderError as exc:
-                    outcomes[customer] = exc
+                    outcomes.append(exc)
         else:  # one commit per customer repository for all the report's records
-            outcomes = dict(
+            outcomes = list(
                 write_release_records(
                     reports, locations, settings, branch=branch, attempts=attempts
                 )
             )
-    failures = [o for o in outcomes.values() if isinstance(o, BuilderError)]
+    failures = [o for o in outcomes if isinstance(o, BuilderError)]
     if failures:
         raise failures[0]
-    written = [asdict(o) for o in outcomes.values() if not isinstance(o, BuilderError)]
+    written = [asdict(o) for o in outcomes if not isinstance(o, BuilderError)]
 
     def human() -> None:
         for item in written:

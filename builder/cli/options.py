@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from builder.cli.result import current_command, json_mode
+from builder.settings import refuse_credentials
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,19 +37,35 @@ insecure_registry_option = click.option(
     "--insecure-registry", is_flag=True, help="Allow plain HTTP to a non-loopback registry."
 )
 
+
+def _no_credentials(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    return refuse_credentials(value, param.opts[0])
+
+
 base_repository_option = click.option(
     "--base-repository",
+    callback=_no_credentials,
     help="Base image repository (default: customer.yaml, then setting base_repository).",
 )
 
 image_registry_option = click.option(
-    "--registry", "image_registry", help="Registry for the image tags (setting image_registry)."
+    "--registry",
+    "image_registry",
+    callback=_no_credentials,
+    help="Registry for the image tags (setting image_registry; no credentials in it: they "
+    "come from `docker login`).",
 )
 
 cache_dir_option = click.option(
     "--cache-dir",
     type=click.Path(path_type=Path),
     help="Weights and image cache (setting cache_dir).",
+)
+
+image_store_option = click.option(
+    "--image-store",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The local image store folder (setting image_store; default <cache_dir>/oci).",
 )
 
 worktree_option = click.option(
@@ -80,7 +97,12 @@ def settings_options(func: F) -> F:
 
 
 def customer_options(func: F) -> F:
-    """CUSTOMER, --ref and --worktree: which customer configuration to read, and from where."""
+    """CUSTOMER, --ref and --worktree: which customer configuration to read, and from where.
+    Without --ref, what is on disk: the work tree when the folder has uncommitted changes."""
     func = click.argument("customer")(func)
-    func = ref_option()(func)
+    func = click.option(
+        "--ref",
+        help=f"{REF_HELP} Default: what is on disk (uncommitted edits included, said so), "
+        "else HEAD.",
+    )(func)
     return worktree_option(func)

@@ -4,17 +4,21 @@ Like pypa/build's ``_handle_build_error`` and pipx's ``result.py``: a command ne
 outcome nor exits; it returns what happened, and :func:`render` prints it for people or as the
 versioned JSON envelope (always with ``command``), writes the --report copy, and gives the exit
 code. A failure the core raised (a :class:`~builder.errors.BuilderError`) or a bug is rendered
-by :func:`render_error` the same way. Secrets are masked here, in one place.
+by :func:`render_error` the same way. Secrets are masked here, in one place: every string of
+a result's data, every line its human form prints, every note and error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sys
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -64,17 +68,63 @@ def envelope(command: str | None, data: Any = None, error: dict[str, Any] | None
 def render(result: Result) -> int:
     """Write --report, print the result (human or --json), then its error; the exit code."""
     error = error_dict(result.error) if result.error is not None else None
+    data = masked(result.data)
     if result.report is not None:
-        write_atomic(result.report, (envelope(result.command, result.data, error) + "\n").encode())
+        write_atomic(result.report, (envelope(result.command, data, error) + "\n").encode())
     if json_mode.get():
-        click.echo(envelope(result.command, result.data, error))
+        click.echo(envelope(result.command, data, error))
     else:
-        result.human()
+        _print_masked(result.human)
         for note in result.notes:
             click.echo(mask_secrets(note), err=True)
         if error is not None:
             _error_line(error)
     return error["exit_code"] if error is not None else result.exit_code
+
+
+def masked(data: Any) -> Any:
+    """``data`` with every string in it (keys too) passed through :func:`mask_secrets`."""
+    if isinstance(data, str):
+        return mask_secrets(data)
+    if isinstance(data, dict):
+        return {masked(k): masked(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [masked(v) for v in data]
+    return data
+
+
+class _Recorder(io.TextIOBase):
+    """Stands in for stdout or stderr: keeps each write, in order across both."""
+
+    def __init__(self, writes: list[tuple[bool, str]], err: bool, real: TextIO) -> None:
+        super().__init__()
+        self._writes, self._err, self._real = writes, err, real
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):  # a text stream (click probes with b"" to tell)
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self._writes.append((self._err, text))
+        return len(text)
+
+    def isatty(self) -> bool:
+        return self._real.isatty()
+
+    # What click asks before it writes text here as it is (else it wraps the stream).
+    encoding = "utf-8"
+    errors = "strict"
+
+
+def _print_masked(human: Callable[[], None]) -> None:
+    """Run a result's human form, then print what it wrote (stdout and stderr, in order) with
+    secrets masked: a command's human output never has to remember to mask."""
+    writes: list[tuple[bool, str]] = []
+    with (
+        contextlib.redirect_stdout(_Recorder(writes, False, sys.stdout)),
+        contextlib.redirect_stderr(_Recorder(writes, True, sys.stderr)),
+    ):
+        human()
+    for err, text in writes:
+        click.echo(mask_secrets(text), err=err, nl=False)
 
 
 def render_error(exc: BuilderError) -> int:

@@ -12,6 +12,18 @@ from builder.contracts import VERBOSE_SCHEMA_VERSION, CustomerSpec, Plugin, Reso
 
 #: Where model folders live relative to the runner's app dir (/app in the image).
 MODELS_DIR = "models"
+#: Scheme of a registry model's weights as an image records them: ``production:<task>/<model>/``.
+PRODUCTION_SCHEME = "production:"
+
+
+def located_weights_uri(model: ResolvedModel) -> str:
+    """A model's weights by what they are, not by how the store was reached: a registry
+    model's production folder ``production:<task id>/<model id>/`` (whatever the production
+    setting's spelling: ``file:demo/production``, an absolute path, ``s3://...``); a manual
+    model's ``repo:<folder>`` as it is (a path inside the config commit)."""
+    if model.model_id and model.task_id:
+        return f"{PRODUCTION_SCHEME}{model.task_id}/{model.model_id}/"
+    return model.weights_uri
 
 
 def _plugins(plugins: tuple[Plugin, ...]) -> list[dict[str, Any]]:

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Final
+from urllib.parse import quote, unquote, urlsplit
 
 import git
 
 from builder import yamldoc
 from builder.contracts import CustomerSpec, ModelDecl, RepoSource
 from builder.errors import ConfigError
-from builder.paths import CLEARML_ID, UnsafePathError, check_id, safe_join
-from builder.redact import redact_url
+from builder.paths import UnsafePathError, normal_model_id, safe_join
+from builder.redact import redact_url, strip_credentials
 from builder.settings import Settings
 
 CUSTOMER_FILE = "customer.yaml"
@@ -32,9 +34,19 @@ _URL = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)")
 
 
 def open_source(location: str, settings: Settings) -> RepoSource:
-    """Find the repository and folder a customer name, path or git URL refers to."""
+    """Find the repository and folder a customer name, path or git URL refers to.
+
+    ``<repository>#<folder>`` names a folder inside a repository, the form images and release
+    records use and print: a git URL (mirrored into the cache; a ``file://`` URL of a bare
+    ``X.git`` recorded as ``X`` is found), a bare repository or a work tree.
+    """
     if _URL.match(location):
-        return _clone_or_fetch(location, settings.cache_dir / "repos")
+        url, _, folder = location.partition("#")
+        source = _clone_or_fetch(_bare_sibling(url), settings.cache_dir / "repos")
+        return _in_folder(source, folder)
+    head, sep, folder = location.partition("#")
+    if sep and not Path(location).expanduser().exists() and Path(head).expanduser().is_dir():
+        return _in_folder(open_source(head, settings), folder)
     path = Path(location).expanduser()
     if not path.exists() and not path.is_absolute():
         path = settings.customers / location
@@ -59,25 +71,60 @@ def open_source(location: str, settings: Settings) -> RepoSource:
     )
 
 
-_SCP_LIKE = re.compile(r"^(?:[\w.-]+@)?(?P<host>[\w.-]+):(?P<path>(?!//).+)$")
+def _in_folder(source: RepoSource, folder: str) -> RepoSource:
+    """``source`` narrowed to ``folder`` (a relative path inside it; '' leaves it as it is)."""
+    if not folder:
+        return source
+    rel = safe_relpath(folder, source.location, "folder")
+    subdir = PurePosixPath(source.subdir, rel).as_posix() if source.subdir else rel
+    return RepoSource(
+        location=f"{source.location}#{rel}",
+        root=source.root,
+        subdir=subdir,
+        url=f"{source.url.partition('#')[0]}#{subdir}",
+    )
+
+
+def _bare_sibling(url: str) -> str:
+    """A ``file://`` URL of a missing ``X`` whose bare ``X.git`` is on this machine (canonical
+    URLs drop ``.git``) as the URL of ``X.git``; any other URL as it is."""
+    if url.startswith("file://"):
+        path = Path(unquote(urlsplit(url).path))
+        bare = path.with_name(f"{path.name}.git")
+        if not path.exists() and bare.is_dir():
+            return bare.as_uri()
+    return url
+
+
+_SCP_LIKE = re.compile(r"^(?:[^@/\s]+@)?(?P<host>[\w.-]+):(?P<path>(?!//).+)$")
+#: Ports a URL may name without changing which server it means.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def canonical_repo_url(url: str) -> str:
-    """One spelling per repository, so clones over SSH, HTTPS or a local path record the same
-    source (it is part of the image labels, hence of the digest): no credentials, no ``.git``."""
-    url = redact_url(url.strip())
-    if "://" in url:
-        url = re.sub(r"[?#].*\Z", "", url, flags=re.DOTALL)
-    scp = _SCP_LIKE.match(url)
-    if scp and "://" not in url:
-        url = f"https://{scp['host']}/{scp['path']}"
-    elif url.startswith(("ssh://", "git://")):
-        rest = url.split("://", 1)[1].split("@")[-1]
-        host, _, path = rest.partition("/")
-        url = f"https://{host.split(':')[0]}/{path}"
+    """One spelling per repository, whatever way it was reached: no credentials, query or
+    fragment, no ``.git`` suffix or trailing slash, lowercase scheme and host, no default port;
+    SSH (``git@host:path``, ``ssh://``, ``git+ssh://``) and ``git://`` as the ``https://``
+    address of the same path; a local path or ``file://`` URL as one absolute ``file://`` URL.
+    The attestation and the release record name the config repository this way."""
+    url = re.sub(r"[?#].*\Z", "", strip_credentials(url.strip()), flags=re.DOTALL)
+    scp = _SCP_LIKE.match(url) if "://" not in url else None
+    if scp:
+        url = f"ssh://{scp['host']}/{scp['path'].lstrip('/')}"
     elif "://" not in url:
         url = Path(url).expanduser().resolve().as_uri()
-    return url.removesuffix("/").removesuffix(".git")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower().replace("git+ssh", "ssh").replace("ssh+git", "ssh")
+    path = re.sub(r"/{2,}", "/", unquote(parts.path)).rstrip("/").removesuffix(".git").rstrip("/")
+    if scheme == "file":
+        return Path(posixpath.normpath(path or "/")).as_uri()
+    host = (parts.hostname or "").lower()
+    port = parts.port if scheme in _DEFAULT_PORTS else None
+    if scheme in ("ssh", "git"):
+        scheme = "https"  # the web address of the same project: the port is SSH's, not HTTPS's
+    elif port is not None and port != _DEFAULT_PORTS[scheme]:
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}{quote(path)}"
 
 
 def _source_url(repo: git.Repo, root: Path, subdir: str) -> str:
@@ -91,7 +138,7 @@ def _source_url(repo: git.Repo, root: Path, subdir: str) -> str:
 def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
     """A bare mirror of ``url`` in the cache. Credentials in the URL are used for the transfer
     only: the mirror's config names the redacted URL, so no password is ever stored on disk."""
-    target = cache / hashlib.sha256(redact_url(url).encode()).hexdigest()[:16]
+    target = cache / hashlib.sha256(strip_credentials(url).encode()).hexdigest()[:16]
     env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
     try:
         if target.exists():
@@ -100,9 +147,9 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
             cache.mkdir(parents=True, exist_ok=True)
             repo = git.Repo.init(target, bare=True)
         if "origin" in repo.remotes:  # also scrubs a mirror made by an older version
-            repo.remotes.origin.set_url(redact_url(url))
+            repo.remotes.origin.set_url(strip_credentials(url))
         else:
-            repo.create_remote("origin", redact_url(url))
+            repo.create_remote("origin", strip_credentials(url))
         # Fetch from the URL given, not from the stored remote: the credentials stay in memory.
         repo.git.fetch(
             url,
@@ -124,8 +171,10 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
             for ln in str(exc.stderr or exc).splitlines()
         ]
         detail = redact_url(next((ln for ln in reversed(lines) if ln), "git failed"))
-        raise ConfigError(f"cannot clone {redact_url(url)}: {detail}") from None
-    return RepoSource(location=redact_url(url), root=target, subdir="", url=canonical_repo_url(url))
+        raise ConfigError(f"cannot clone {strip_credentials(url)}: {detail}") from None
+    return RepoSource(
+        location=strip_credentials(url), root=target, subdir="", url=canonical_repo_url(url)
+    )
 
 
 def _has_control(text: str) -> bool:
@@ -307,6 +356,8 @@ def _snapshot(
         # rev-parse --verify: gitpython alone accepts any 40-hex string as a commit id.
         commit = repo.commit(repo.git.rev_parse("--verify", "--quiet", f"{ref}^{{commit}}"))
     except (git.BadName, ValueError, git.GitCommandError):
+        if worktree and ref == "HEAD":  # a new repository: nothing committed yet
+            return _uncommitted(source)
         raise ConfigError(
             f"{source.location}: ref {ref!r} does not exist",
             hint="use a branch, tag or commit of the customer repo",
@@ -316,9 +367,11 @@ def _snapshot(
         # elsewhere in a shared repository do not change the image.
         touched = next(repo.iter_commits(commit, paths=source.subdir, max_count=1), None)
         if touched is None:
+            if worktree:  # a new customer folder (`builder init`), not committed yet
+                return _uncommitted(source, commit)
             raise ConfigError(
                 f"{source.location}: folder {source.subdir!r} is not in git at {ref!r}",
-                hint="commit it first",
+                hint="commit it first, or read the work tree with --worktree",
             )
         commit = touched
     return _Snapshot(
@@ -327,6 +380,19 @@ def _snapshot(
         commit_time=int(commit.committed_date),
         tree=None if worktree else commit.tree,
     )
+
+
+#: The revision of a work tree with nothing committed yet (a dirty development build's tag
+#: says ``000000000000-dirty``) and its time (1980-01-01, as zip and wheels use).
+UNCOMMITTED: Final = "0" * 40
+UNCOMMITTED_TIME: Final = 315532800
+
+
+def _uncommitted(source: RepoSource, head: git.Commit | None = None) -> _Snapshot:
+    """The work tree of a folder no commit has touched yet: its revision is the zero id (the
+    development build is tagged and labelled dirty) at the time of ``head``, when there is one."""
+    when = int(head.committed_date) if head is not None else UNCOMMITTED_TIME
+    return _Snapshot(source=source, commit=UNCOMMITTED, commit_time=when, tree=None)
 
 
 def safe_relpath(value: str, where: str, what: str) -> str:
@@ -358,29 +424,30 @@ def _parse(snapshot: _Snapshot, relpath: str, schema: str) -> yamldoc.Document:
     return doc
 
 
-def _declared_models(doc: yamldoc.Document) -> tuple[ModelDecl, ...]:
-    """Models of all analyses, unique by name; the same name must mean the same model."""
+def _declared_models(doc: yamldoc.Document) -> tuple[tuple[ModelDecl, ...], list[str]]:
+    """Models of all analyses, unique by name (the same name must mean the same model), and
+    every problem found on the way (malformed ids and paths, models declared twice
+    differently, features using undeclared models), none hiding another. Auto references
+    are normalised to the server's id form; a malformed one is kept as written."""
     found: dict[str, tuple[ModelDecl, Mapping[str, Any]]] = {}
+    problems: list[str] = []
     for a_index, analysis in enumerate(doc.data["analyses"]):
         models: Mapping[str, Mapping[str, Any]] = analysis["models"]
         for name, entry in models.items():
             path = ("analyses", a_index, "models", name)
             reference = entry["reference"].strip()
-            if entry["sourcing"] == "manual":
-                reference = safe_relpath(
-                    reference, doc.where((*path, "reference")), "manual model reference"
+            try:
+                reference = _reference(
+                    entry["sourcing"], reference, doc.where((*path, "reference"))
                 )
-            else:  # a registry id: ClearML ids are 32 lowercase hex, server-generated
-                check_id(
-                    reference,
-                    what=f"{doc.where((*path, 'reference'))}: model id",
-                    pattern=CLEARML_ID,
-                )
+            except ConfigError as exc:
+                problems.append(exc.message)
             decl = ModelDecl(name=name, sourcing=entry["sourcing"], reference=reference)
             previous = found.get(name)
             if previous is not None and previous[1] != entry:
-                raise ConfigError(
-                    f"{doc.where(path)}: model {name!r} is declared differently in two analyses; give them different names"
+                problems.append(
+                    f"{doc.where(path)}: model {name!r} is declared differently in two analyses; "
+                    "give them different names"
                 )
             found[name] = (decl, entry)
         for f_index, feature in enumerate(analysis["features"]):
@@ -388,11 +455,46 @@ def _declared_models(doc: yamldoc.Document) -> tuple[ModelDecl, ...]:
                 if model_name not in models:
                     where = doc.where(("analyses", a_index, "features", f_index, "models", role))
                     known = ", ".join(sorted(models))
-                    raise ConfigError(
-                        f"{where}: feature {feature['cls']!r} uses model {model_name!r}, which analysis "
-                        f"{analysis['name']!r} does not declare (declared: {known})"
+                    problems.append(
+                        f"{where}: feature {feature['cls']!r} uses model {model_name!r}, which "
+                        f"analysis {analysis['name']!r} does not declare (declared: {known})"
                     )
-    return tuple(decl for _, (decl, _) in sorted(found.items()))
+    return tuple(decl for _, (decl, _) in sorted(found.items())), problems
+
+
+def _is_safe_folder(reference: str) -> bool:
+    """Whether a manual reference may be listed (an unsafe one is reported, never read)."""
+    try:
+        safe_relpath(reference, "", "")
+    except ConfigError:
+        return False
+    return True
+
+
+def _reference(sourcing: str, reference: str, where: str) -> str:
+    """A model reference checked: a folder inside the customer repo (manual), or a registry
+    model id in any canonical UUID spelling, normalised to the server's 32 lowercase hex."""
+    if sourcing == "manual":
+        return safe_relpath(reference, where, "manual model reference")
+    return normal_model_id(reference, what=f"{where}: model id")
+
+
+def _declared_repository(customer: Mapping[str, Any], origin: str) -> str | None:
+    """customer.yaml ``repository`` in canonical form; credentials in it are refused."""
+    declared = customer.get("repository")
+    if declared is None:
+        return None
+    if redact_url(declared) != declared:
+        raise ConfigError(
+            f"{origin}: repository {redact_url(declared)!r} holds credentials; remove them",
+            hint="CI supplies them from BUILDER_GIT_TOKEN or CI_JOB_TOKEN",
+        )
+    if not _URL.match(declared):
+        raise ConfigError(
+            f"{origin}: repository {declared[:120]!r} is not a git URL",
+            hint="give the address every clone shares, e.g. https://gitlab.example.com/group/repo.git",
+        )
+    return canonical_repo_url(declared)
 
 
 def _variants(value: str | list[str]) -> tuple[str, ...]:
@@ -400,36 +502,94 @@ def _variants(value: str | list[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def work_tree_changes(source: RepoSource) -> tuple[str, ...]:
+    """Files of the customer folder whose work-tree state differs from HEAD (modified, added,
+    deleted, untracked), repository-relative and sorted; () for a clone in the cache (a git
+    URL: no work tree anyone edits)."""
+    if not (source.root / ".git").exists():
+        return ()
+    try:
+        status = git.Repo(source.root).git.status(
+            "--porcelain", "--untracked-files=all", "--", source.subdir or "."
+        )
+    except git.GitCommandError:
+        return ()
+    return tuple(sorted({line[3:].strip() for line in status.splitlines() if line.strip()}))
+
+
+def shown_files(files: Sequence[str], limit: int = 5) -> str:
+    """A few file names for a one-line message (``a, b and 3 more``)."""
+    more = f" and {len(files) - limit} more" if len(files) > limit else ""
+    return ", ".join(files[:limit]) + more
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A customer's configuration as read, and what is wrong with it (file:line order)."""
+
+    spec: CustomerSpec
+    problems: tuple[str, ...]
+
+
 def load_customer(
     location: str,
     settings: Settings,
     *,
-    ref: str = "HEAD",
+    ref: str | None = "HEAD",
     worktree: bool = False,
     known: KnownRevision | None = None,
 ) -> CustomerSpec:
-    """Read and validate a customer's configuration at ``ref`` (or the work tree)."""
+    """Read and validate a customer's configuration at ``ref`` (or the work tree); one
+    ConfigError lists every problem. ``ref=None``: what is on disk (see :func:`read_customer`)."""
+    loaded = read_customer(location, settings, ref=ref, worktree=worktree, known=known)
+    if loaded.problems:
+        raise yamldoc.problems_error(loaded.problems)
+    return loaded.spec
+
+
+def read_customer(
+    location: str,
+    settings: Settings,
+    *,
+    ref: str | None = "HEAD",
+    worktree: bool = False,
+    known: KnownRevision | None = None,
+) -> Loaded:
+    """A customer's configuration at ``ref`` with every consistency problem of its analysis
+    listed rather than raised (what `validate` reports in one run); schema errors still raise,
+    all of them at once, since nothing after them can be trusted.
+
+    ``ref=None`` reads what is on disk: the work tree when the customer folder has uncommitted
+    changes (the spec lists them in ``uncommitted``), else HEAD: engineers edit the work tree.
+    """
     source = known.source if known is not None else open_source(location, settings)
-    snapshot = _snapshot(source, ref, worktree, known)
+    changes: tuple[str, ...] = ()
+    if ref is None:
+        changes = () if worktree else work_tree_changes(source)
+        worktree = worktree or bool(changes)
+    snapshot = _snapshot(source, ref or "HEAD", worktree, known)
     customer = _parse(snapshot, CUSTOMER_FILE, "customer").data
     analysis_path = safe_relpath(
         customer.get("analysis", "analysis.yaml"), snapshot.origin(CUSTOMER_FILE), "analysis"
     )
     analysis_doc = _parse(snapshot, analysis_path, "analysis-short")
-    models = _declared_models(analysis_doc)
+    models, problems = _declared_models(analysis_doc)
+    bad_references = {d.reference for d in models if not _is_safe_folder(d.reference)}
     manual: dict[str, bytes] = {}
     for decl in models:
-        if decl.sourcing != "manual":
+        if decl.sourcing != "manual" or decl.reference in bad_references:
             continue
         files = snapshot.list_files(decl.reference)
         if not files:
-            raise ConfigError(
-                f"{snapshot.origin(analysis_path)}: manual model {decl.name!r}: folder {decl.reference!r} has no files in git"
+            problems.append(
+                f"{snapshot.origin(analysis_path)}: manual model {decl.name!r}: folder "
+                f"{decl.reference!r} has no files in {'the work tree' if worktree else 'git'}"
             )
         for name in files:
             manual[f"{decl.reference}/{name}"] = snapshot.read(f"{decl.reference}/{name}") or b""
     base = customer["base_image"]
-    return CustomerSpec(
+    spec = CustomerSpec(
+        repository=_declared_repository(customer, snapshot.origin(CUSTOMER_FILE)),
         customer=customer["customer"],
         base_version=base["version"].strip(),
         base_repository=base.get("repository"),
@@ -438,21 +598,34 @@ def load_customer(
         analysis=analysis_doc.data,
         models=models,
         source=source,
-        ref=ref,
+        ref=ref or "HEAD",
         commit=snapshot.commit,
         commit_time=snapshot.commit_time,
         worktree=worktree,
         manual_files=manual,
+        uncommitted=changes,
     )
+    return Loaded(spec, tuple(yamldoc.in_file_order(problems)))
 
 
-def read_committed_file(spec: CustomerSpec, relpath: str) -> bytes | None:
-    """A file of the customer folder at the same revision the spec was read at."""
-    repo = git.Repo(spec.source.root)
+def read_committed_files(
+    spec: CustomerSpec, relpaths: Sequence[str], *, repo: git.Repo | None = None
+) -> dict[str, bytes | None]:
+    """Files of the customer folder at the same revision the spec was read at, the folder
+    looked up once for all (through ``repo``, an open repository of the spec's source, when
+    the caller has one)."""
+    repo = repo or git.Repo(spec.source.root)
     snapshot = _Snapshot(
         spec.source,
         spec.commit,
         spec.commit_time,
         None if spec.worktree else repo.commit(spec.commit).tree,
     )
-    return snapshot.read(relpath)
+    return {relpath: snapshot.read(relpath) for relpath in relpaths}
+
+
+def read_committed_file(
+    spec: CustomerSpec, relpath: str, *, repo: git.Repo | None = None
+) -> bytes | None:
+    """A file of the customer folder at the same revision the spec was read at."""
+    return read_committed_files(spec, [relpath], repo=repo)[relpath]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from pathlib import PurePosixPath
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 from builder import yamldoc
 from builder.contracts import (
@@ -21,9 +21,19 @@ from builder.contracts import (
     ResolvedModel,
     WeightFile,
 )
-from builder.cook.load import CUSTOMER_FILE, LOCK_FILE, read_committed_file, safe_relpath
+from builder.cook.load import (
+    CUSTOMER_FILE,
+    LOCK_FILE,
+    UNCOMMITTED,
+    read_committed_file,
+    read_committed_files,
+    safe_relpath,
+)
 from builder.documents.lock import Lock, LockedModel
 from builder.errors import ConfigError, DriftError
+
+if TYPE_CHECKING:
+    import git
 
 #: How many changes a drift message lists before "and N more changes".
 MAX_DRIFT_LINES = 12
@@ -34,11 +44,11 @@ class StaleLockError(DriftError, ConfigError):
     problem to callers that fall back to the registry (history, verify)."""
 
 
-def _inputs(spec: CustomerSpec) -> dict[str, str]:
+def _inputs(spec: CustomerSpec, repo: git.Repo | None = None) -> dict[str, str]:
     out = {}
-    for name in (CUSTOMER_FILE, spec.analysis_path):
-        data = read_committed_file(spec, name) or b""
-        out[name] = hashlib.sha256(data).hexdigest()
+    files = read_committed_files(spec, [CUSTOMER_FILE, spec.analysis_path], repo=repo)
+    for name, data in files.items():
+        out[name] = hashlib.sha256(data or b"").hexdigest()
     return out
 
 
@@ -84,12 +94,13 @@ def parse_lock(raw: bytes, spec: CustomerSpec) -> Lock:
     return Lock.from_dict(doc.data, doc.origin)
 
 
-def input_drift(spec: CustomerSpec, lock: Lock) -> list[str]:
+def input_drift(spec: CustomerSpec, lock: Lock, *, repo: git.Repo | None = None) -> list[str]:
     """What changed in the config files since the lock was made, key by key (models, params,
-    base constraint), read from the git history of the files the lock's sha256 names."""
+    base constraint), read from the git history of the files the lock's sha256 names
+    (through ``repo``, an open repository of the spec's source, when the caller has one)."""
     lines: list[str] = []
     pinned = lock.inputs
-    for name, digest in sorted(_inputs(spec).items()):
+    for name, digest in sorted(_inputs(spec, repo).items()):
         before = pinned.get(name)
         if before == digest:
             continue
@@ -97,7 +108,7 @@ def input_drift(spec: CustomerSpec, lock: Lock) -> list[str]:
             lines.append(f"{name} is not covered by the lock")
             continue
         old = _historic_file(spec, name, before)
-        new = read_committed_file(spec, name) or b""
+        new = read_committed_file(spec, name, repo=repo) or b""
         changes = _doc_changes(old, new) if old is not None else None
         if changes:
             lines.extend(f"{name}: {change}" for change in changes)
@@ -113,6 +124,8 @@ def _historic_file(spec: CustomerSpec, name: str, sha256: str, limit: int = 500)
     """The content of ``name`` whose sha256 the lock recorded, from the config's history."""
     import git
 
+    if spec.commit == UNCOMMITTED:
+        return None  # a new folder: no history to explain the change from
     repo = git.Repo(spec.source.root)
     rel = f"{spec.source.subdir}/{name}" if spec.source.subdir else name
     for commit in repo.iter_commits(spec.commit, paths=rel, max_count=limit):
@@ -189,38 +202,56 @@ def _manual_file_drift(spec: CustomerSpec, lock: Lock) -> list[str]:
     return lines
 
 
-def _store_parts(uri: str) -> tuple[str, PurePosixPath] | None:
-    """(scheme and bucket, path) of an ``s3://`` or ``file:`` URI, or None for anything else."""
+def _store_parts(uri: str, anchor: Path | None = None) -> tuple[str, PurePosixPath] | None:
+    """(scheme and bucket, path) of an ``s3://`` or ``file:`` URI, or None for anything else.
+    A relative ``file:`` path is anchored at ``anchor`` when given (the store opens it there),
+    so ``file:demo/production`` and ``file:///<anchor>/demo/production`` are one place."""
     if uri.startswith("s3://"):
         rest = uri.removeprefix("s3://")
         bucket, _, key = rest.partition("/")
         return f"s3://{bucket}", PurePosixPath("/", key)
     if uri.startswith("file:"):
-        path = uri.removeprefix("file://") if uri.startswith("file://") else uri[len("file:") :]
-        return "file:", PurePosixPath(path)
+        path = PurePosixPath(
+            uri.removeprefix("file://") if uri.startswith("file://") else uri[len("file:") :]
+        )
+        if anchor is not None and not path.is_absolute():
+            path = PurePosixPath(anchor.absolute().as_posix(), path)
+        return "file:", path
     return None
 
 
-def in_store(uri: str, production: str) -> bool:
+def in_store(uri: str, production: str, anchor: Path | None = None) -> bool:
     """True if ``uri`` names an object strictly below the production store root.
 
-    Compared as text, component by component: no ``..``, no control characters, no query or
-    fragment, the same scheme (and bucket), and the root's every component first."""
+    Compared component by component (however either is spelled: relative ``file:`` paths
+    anchored at ``anchor``, ``file:``/``file://``, repeated slashes): no ``..``, no control
+    characters, no query or fragment, the same scheme (and bucket), and the root's every
+    component first."""
     if not production or any(ord(ch) < 32 or ch in "\\?#" for ch in uri):
         return False
-    target, root = _store_parts(uri), _store_parts(production.rstrip("/"))
+    if ".." in PurePosixPath(uri).parts:
+        return False
+    target, root = _store_parts(uri, anchor), _store_parts(production.rstrip("/"), anchor)
     if target is None or root is None or target[0] != root[0]:
         return False
     path, base = target[1], root[1]
-    return (
-        ".." not in path.parts
-        and len(path.parts) > len(base.parts)
-        and path.parts[: len(base.parts)] == base.parts
-    )
+    return len(path.parts) > len(base.parts) and path.parts[: len(base.parts)] == base.parts
+
+
+def same_place(a: str, b: str, anchor: Path | None = None) -> bool:
+    """Whether two weights URIs name one place, however spelled (``repo:`` and other URIs
+    are compared as written)."""
+    pa, pb = _store_parts(a.rstrip("/"), anchor), _store_parts(b.rstrip("/"), anchor)
+    return (pa == pb) if pa is not None and pb is not None else a == b
 
 
 def _checked_files(
-    spec: CustomerSpec, name: str, entry: LockedModel, production: str, origin: str
+    spec: CustomerSpec,
+    name: str,
+    entry: LockedModel,
+    production: str,
+    origin: str,
+    anchor: Path | None,
 ) -> tuple[WeightFile, ...]:
     """A lock entry's files, each refused unless it lies where it may: under the production
     store (registry models) or among the committed files of a manual model, same sha256."""
@@ -241,7 +272,7 @@ def _checked_files(
                     f"{where}: {uri} changed since the lock was made (sha256 differs)",
                     hint="run `builder lock` and commit the result",
                 )
-        elif not production or not in_store(uri, production):
+        elif not production or not in_store(uri, production, anchor):
             raise ConfigError(
                 f"{where}: uri {uri[:120]!r} is not under the production store "
                 f"{production or '(none configured)'}",
@@ -252,11 +283,12 @@ def _checked_files(
 
 
 def models_from_lock(
-    spec: CustomerSpec, lock: Lock, *, production: str
+    spec: CustomerSpec, lock: Lock, *, production: str, store_base: Path | None = None
 ) -> tuple[ResolvedModel, ...]:
     """The resolved models a lock pins. StaleLockError (what changed) when the config moved on
     or declares other models; ConfigError when a file lies outside the production store
-    (``production``, the setting) or the customer repo."""
+    (``production``, the setting; relative ``file:`` paths anchored at ``store_base``, the
+    settings' folder) or the customer repo."""
     origin = f"{spec.source.location}/{LOCK_FILE}"
     drift = input_drift(spec, lock)
     declared = sorted(d.name for d in spec.models)
@@ -284,7 +316,7 @@ def models_from_lock(
                 tags=e.tags,
                 published=e.published,
                 weights_uri=e.weights_uri,
-                files=_checked_files(spec, name, e, production, origin),
+                files=_checked_files(spec, name, e, production, origin, store_base),
                 preprocessing=e.preprocessing,
                 postprocessing=e.postprocessing,
                 params=e.params,
@@ -311,11 +343,15 @@ def diff_locks(
     spec: CustomerSpec | None = None,
     *,
     base: bool = True,
+    store_base: Path | None = None,
 ) -> list[str]:
     """Human lines for what differs between two locks (empty: identical in substance).
 
     With ``spec``, changed config files are explained key by key (see input_drift);
     ``base=False`` leaves the base image out (a fleet rebuild on another base on purpose).
+    Weights are compared by name, size and sha256; their location only by the place it
+    names (relative ``file:`` paths anchored at ``store_base``), so another spelling of the
+    same production store is no change.
     """
     old, new = old_lock.to_dict(), new_lock.to_dict()  # compared key by key, as written
     lines = input_drift(spec, old_lock) if spec is not None else _input_lines(old, new)
@@ -328,13 +364,18 @@ def diff_locks(
             lines.append(f"{name}: removed")
         else:
             for key in sorted(set(a) | set(b)):
-                if a.get(key) != b.get(key):
-                    if key == "files":
+                if key == "files":
+                    if _contents(a[key]) != _contents(b[key]):
                         lines.append(
                             f"{name}: weights changed ({_files(a[key])} -> {_files(b[key])})"
                         )
-                    else:
-                        lines.append(f"{name}: {key} {_short(a.get(key))} -> {_short(b.get(key))}")
+                elif key == "weights_uri":
+                    if not _same_places(a, b, store_base):
+                        lines.append(
+                            f"{name}: weights location {_short(a.get(key))} -> {_short(b.get(key))}"
+                        )
+                elif a.get(key) != b.get(key):
+                    lines.append(f"{name}: {key} {_short(a.get(key))} -> {_short(b.get(key))}")
     a_base, b_base = old.get("base_image"), new.get("base_image")
     if (
         base
@@ -360,6 +401,23 @@ def _input_lines(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
                 else f"{name} is not covered by the lock"
             )
     return lines
+
+
+def _contents(files: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """What a lock entry's files are, without where they are."""
+    return sorted((f.get("name"), f.get("size"), f.get("sha256")) for f in files)
+
+
+def _same_places(a: Mapping[str, Any], b: Mapping[str, Any], anchor: Path | None) -> bool:
+    """Whether two lock entries' weights (folder and files) lie in one place, however spelled."""
+    if not same_place(str(a.get("weights_uri")), str(b.get("weights_uri")), anchor):
+        return False
+    theirs = {f.get("name"): str(f.get("uri")) for f in b.get("files") or []}
+    return all(
+        same_place(str(f.get("uri")), theirs[f.get("name")], anchor)
+        for f in a.get("files") or []
+        if f.get("name") in theirs
+    )
 
 
 def _files(files: list[dict[str, Any]]) -> str:

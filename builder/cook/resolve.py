@@ -4,18 +4,21 @@
 out ``<task id>/<model id>/``, whose publish manifest must name the model asked for);
 `sourcing: manual` models are files committed in the customer repo.
 
-Registry records are taken as a real clearml-server holds them: an archived model and a model
-whose creating task was deleted (``task: __DELETED__<id>``) resolve, but are recorded as such
-(``system_tags``, ``task_status: deleted``) and blocked by :func:`release_blockers`.
+Registry records are taken as a real clearml-server holds them: an archived model, a model
+whose creating task was deleted (``task: __DELETED__<id>``) and an imported model (no ``task``
+at all: ``InputModel.import_model``) resolve, but are recorded as such (``system_tags``,
+``task_status: deleted``, ``task_id: null``) and blocked by :func:`release_blockers`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from pathlib import PurePosixPath
 from typing import Any
 
 from builder.contracts import CustomerSpec, ModelDecl, Plugin, ResolvedModel, WeightFile
+from builder.cook.packages import archive_kind
 from builder.cook.registries import (
     ARCHIVED_TAG,
     COMPLETED_TASK_STATES,
@@ -119,6 +122,18 @@ def _production_files(store: Store, task_id: str, model_id: str) -> tuple[Weight
     return tuple(sorted(files, key=lambda f: f.name))
 
 
+def _check_package(record: ModelRecord, files: tuple[WeightFile, ...], folder: str) -> None:
+    """A weights package must be in production as its extracted files (what the SDK hands a
+    runner), never as the archive itself: a copy made before publish extracted packages."""
+    archive = PurePosixPath(record.uri.rstrip("/")).name
+    if record.package and archive_kind(archive) and archive in {f.name for f in files}:
+        raise RegistryError(
+            f"model {record.id} is a weights package (system tag `package`), but production "
+            f"holds its archive {archive} itself, not the files ClearML extracts from it",
+            hint=f"remove {folder}/ from the production store and run `builder publish {record.id}` again",
+        )
+
+
 def _task_of(record: ModelRecord, registry: ModelRegistry) -> TaskRecord:
     """The creating task; a deleted one (``__DELETED__<id>``) is not asked for: the server
     no longer has it. Its id is kept, its status recorded as ``deleted``."""
@@ -133,26 +148,27 @@ def _resolve_auto(decl: ModelDecl, registry: ModelRegistry, store: Store) -> Res
         raise RegistryError(
             f"{registry.description} answered model {record.id!r} when asked for {decl.reference}"
         )
-    if not record.task:
-        raise RegistryError(f"model {record.id} has no creating task in {registry.description}")
-    task = _task_of(record, registry)
-    project_id = record.project or task.project
+    task = _task_of(record, registry) if record.task else None
+    project_id = record.project or (task.project if task else None)
     project = registry.get_project(project_id) if project_id else None
     where = f"{registry.description}: model {record.id} design"
     design = record.design
+    files = _production_files(store, task.id, record.id) if task else ()
+    _check_package(record, files, store.uri(production_folder(task.id, record.id)) if task else "")
     return ResolvedModel(
         name=decl.name,
         sourcing="auto",
         model_id=record.id,
         registry_name=record.name,
-        task_id=task.id,
-        task_status=task.status,
+        task_id=task.id if task else None,
+        task_status=task.status if task else None,
         project=project.name if project else project_id,
         framework=record.framework,
         tags=tuple(sorted(record.tags)),
         published=record.ready,
-        weights_uri=store.uri(production_folder(task.id, record.id)) + "/",
-        files=_production_files(store, task.id, record.id),
+        # production is laid out by task: an imported model has no folder there
+        weights_uri=store.uri(production_folder(task.id, record.id)) + "/" if task else "",
+        files=files,
         preprocessing=_plugins(design.get("preprocessing"), f"{where}.preprocessing"),
         postprocessing=_plugins(design.get("postprocessing"), f"{where}.postprocessing"),
         params=dict(design.get("params") or {}),
@@ -178,6 +194,11 @@ def resolve(
     return tuple(out)
 
 
+def resolve_manual(spec: CustomerSpec) -> tuple[ResolvedModel, ...]:
+    """The manually sourced models alone (their files are in the customer repo: no registry)."""
+    return tuple(_resolve_manual(spec, d) for d in spec.models if d.sourcing == "manual")
+
+
 def release_blockers(models: Sequence[ResolvedModel]) -> list[str]:
     """Why each model may not ship in a release build (empty: all may)."""
     reasons = []
@@ -185,7 +206,7 @@ def release_blockers(models: Sequence[ResolvedModel]) -> list[str]:
         if m.sourcing != "auto":
             continue
         label = f"model {m.name} ({m.model_id})"
-        if not m.published:
+        if not m.published and m.task_id is not None:
             reasons.append(
                 f"{label} is not published in the registry (run `builder publish {m.model_id}`)"
             )
@@ -193,6 +214,12 @@ def release_blockers(models: Sequence[ResolvedModel]) -> list[str]:
             reasons.append(
                 f"{label} is archived in the registry (withdrawn); restore it or pick another model"
             )
+        if m.task_id is None:
+            reasons.append(
+                f"{label} has no creating task in the registry (an imported model): nothing "
+                "records how it was trained, and production keeps weights by task"
+            )
+            continue
         if m.task_status == TASK_DELETED:
             reasons.append(
                 f"{label}: its creating task {m.task_id} was deleted in the registry; "

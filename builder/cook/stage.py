@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import git
-
 from builder import yamldoc
 from builder.contracts import BaseImageRef, CustomerSpec, Progress, ResolvedModel
-from builder.cook.expand import expand
+from builder.cook.expand import expand, located_weights_uri
 from builder.cook.fetch import Cache, fetch
-from builder.cook.load import LOCK_FILE, load_customer, read_committed_file
+from builder.cook.load import (
+    LOCK_FILE,
+    load_customer,
+    read_committed_file,
+    shown_files,
+    work_tree_changes,
+)
 from builder.cook.lock import diff_locks, make_lock, models_from_lock, parse_lock, read_lock, render
 from builder.cook.registries import ModelRecord, ModelRegistry, TaskRecord
 from builder.cook.registries.opener import open_registry
@@ -53,6 +57,14 @@ class Cooked:
         """The verbose config's bytes, as the image carries them."""
         return yamldoc.dump(self.verbose)
 
+    @cached_property
+    def located(self) -> Cooked:
+        """This config as an image records it: each model's weights by
+        :func:`~builder.cook.expand.located_weights_uri` (no production store spelling)."""
+        return self.with_models(
+            tuple(replace(m, weights_uri=located_weights_uri(m)) for m in self.models)
+        )
+
     def with_models(self, models: tuple[ResolvedModel, ...]) -> Cooked:
         """This config with ``models`` (fetched: every sha256 and size known); itself, with its
         expansion kept, when they are the same models."""
@@ -63,23 +75,27 @@ def cook(
     customer: str,
     settings: Settings,
     *,
-    ref: str = "HEAD",
+    ref: str | None = "HEAD",
     worktree: bool = False,
     locked: bool = False,
     allow_unpublished: bool = False,
     registry: Callable[[], ModelRegistry] | None = None,
 ) -> Cooked:
-    """Load, resolve (from the registry, or the committed lock when ``locked``), gate, expand."""
+    """Load, resolve (from the registry, or the committed lock when ``locked``), gate, expand.
+    ``ref=None``: what is on disk (the work tree when the customer folder has uncommitted
+    changes, said in the warnings), as `expand` and `lock` read it."""
     spec = load_customer(customer, settings, ref=ref, worktree=worktree)
     raw_lock = read_committed_file(spec, LOCK_FILE) if locked else None
     lock = parse_lock(raw_lock, spec) if raw_lock is not None else None
     if locked:
-        if lock is None:
-            raise ConfigError(
-                f"{spec.source.location}: no {LOCK_FILE} at {ref}",
+        if lock is None:  # exit 7 like every release build without a lock
+            raise DriftError(
+                f"{spec.source.location}: no {LOCK_FILE} committed at {spec.ref}",
                 hint="run `builder lock` and commit it, or build without --locked",
             )
-        models = models_from_lock(spec, lock, production=settings.production)
+        models = models_from_lock(
+            spec, lock, production=settings.production, store_base=settings.root
+        )
     else:
         needs_registry = any(d.sourcing == "auto" for d in spec.models)
         reg: ModelRegistry | None = (
@@ -108,7 +124,7 @@ def cook(
     return Cooked(
         spec=spec,
         models=models,
-        development=bool(blockers) or worktree,
+        development=bool(blockers) or spec.worktree,
         warnings=tuple(notes),
         lock=lock,
         lock_sha256=hashlib.sha256(raw_lock).hexdigest() if raw_lock is not None else None,
@@ -117,24 +133,29 @@ def cook(
 
 
 def uncommitted_changes(spec: CustomerSpec) -> list[str]:
-    """A warning when the customer folder has edits that a build from git leaves out."""
-    if not (spec.source.root / ".git").exists():
-        return []  # a clone in the cache (git URL): no work tree anyone edits
-    try:
-        status = git.Repo(spec.source.root).git.status(
-            "--porcelain", "--untracked-files=all", "--", spec.source.subdir or "."
-        )
-    except git.GitCommandError:
+    """What a config read differs from its commit in: the work-tree files it read (``ref``
+    None, see load.read_customer), or, when it read git, the edits it leaves out."""
+    if spec.uncommitted:
+        return [uncommitted_note(spec)]
+    if spec.worktree:
         return []
-    changed = sorted({line[3:].strip() for line in status.splitlines() if line.strip()})
+    changed = work_tree_changes(spec.source)
     if not changed:
         return []
-    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
     return [
         f"{spec.source.location} has uncommitted changes that this build does not include "
-        f"({shown}); it builds commit {spec.commit[:12]} (commit them, or --worktree for a "
-        "development build)"
+        f"({shown_files(changed)}); it builds commit {spec.commit[:12]} (commit them, or "
+        "--worktree for a development build)"
     ]
+
+
+def uncommitted_note(spec: CustomerSpec) -> str:
+    """The note of a config read from the work tree because it has uncommitted changes."""
+    return (
+        f"uncommitted changes in {spec.source.location} ({shown_files(spec.uncommitted)}): "
+        f"read from the work tree, not commit {spec.commit[:12]}; a release build ships "
+        "commits only"
+    )
 
 
 class _LocatedRegistry:
@@ -148,9 +169,9 @@ class _LocatedRegistry:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def get_model(self, model_id: str) -> ModelRecord:
+    def get_model(self, model_id: str, *, design: bool = True) -> ModelRecord:
         try:
-            return self._inner.get_model(model_id)
+            return self._inner.get_model(model_id, design=design)
         except RegistryError as exc:
             if not exc.message.startswith(
                 (f"model {model_id.strip()} not found", f"{model_id.strip()!r} is not a valid")
@@ -173,9 +194,10 @@ def _slot_of(spec: CustomerSpec, model_id: str) -> str:
     if raw is None:
         return origin
     doc = yamldoc.parse(raw, origin)
+    slots = {d.name for d in spec.models if d.reference == model_id.strip()}  # ids normalised
     for a_index, analysis in enumerate(doc.data.get("analyses") or []):
-        for slot, entry in (analysis.get("models") or {}).items():
-            if str(entry.get("reference", "")).strip() == model_id.strip():
+        for slot in analysis.get("models") or {}:
+            if slot in slots:
                 path = ("analyses", a_index, "models", slot, "reference")
                 return f"{doc.where(path)}: {yamldoc.dotted(path)} (model slot {slot!r})"
     return origin
@@ -221,7 +243,7 @@ class LockResult:
 
 
 def lock_path(spec: CustomerSpec) -> Path:
-    if spec.source.root.joinpath(".git").exists() or spec.source.subdir:
+    if spec.source.root.joinpath(".git").exists():  # a work tree, not a mirror in the cache
         return spec.source.root / spec.source.subdir / LOCK_FILE
     raise ConfigError(
         f"{spec.source.location}: a remote repository; cannot write its lock here",
@@ -237,8 +259,11 @@ def make_customer_lock(
     check: bool,
     output: Path | None = None,
     progress: Progress | None = None,
+    base_drift: Sequence[str] = (),
 ) -> LockResult:
-    """Write the lock (atomically), or compare a fresh one with the committed lock."""
+    """Write the lock (atomically), or compare a fresh one with the committed lock: the
+    config, models, weights and params; the base image only by ``base_drift`` (see
+    ``base_resolution.locked_base_drift``: a newer base release is not drift)."""
     cooked = complete_hashes(cooked, cache, progress=progress)
     fresh = make_lock(cooked.spec, cooked.models, base)
     if check:
@@ -248,7 +273,10 @@ def make_customer_lock(
                 f"{cooked.spec.source.location}: no {LOCK_FILE} committed",
                 hint="run `builder lock` and commit it",
             )
-        drift = tuple(diff_locks(committed, fresh, cooked.spec))
+        fresh_drift = diff_locks(
+            committed, fresh, cooked.spec, base=False, store_base=cooked.store_base
+        )
+        drift = (*fresh_drift, *base_drift)
         if drift:
             raise DriftError(
                 f"{LOCK_FILE} drifted: " + "; ".join(drift),
@@ -267,10 +295,13 @@ def release_lock_drift(
     base: BaseImageRef | None,
     *,
     compare_base: bool = True,
+    store_base: Path | None = None,
 ) -> list[str]:
     """What a release build's inputs change against the committed lock ([] when it matches).
 
     A release (push, fleet, CI) must ship what the lock pins; the caller reads the lock once
-    and says, with its own severity, when there is none.
+    and says, with its own severity, when there is none. ``store_base`` anchors relative
+    ``file:`` weights URIs (another spelling of the same store is no change).
     """
-    return diff_locks(committed, make_lock(spec, models, base), spec, base=compare_base)
+    fresh = make_lock(spec, models, base)
+    return diff_locks(committed, fresh, spec, base=compare_base, store_base=store_base)

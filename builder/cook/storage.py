@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -334,23 +335,30 @@ def clearml_container(uri: str) -> str:
         ) from None
 
 
-class _LastError(logging.Handler):
-    """Keeps the SDK's last error line (StorageManager logs failures and returns None)."""
+class _SdkErrors(logging.Handler):
+    """Keeps the SDK's first and last error lines (StorageManager logs failures and returns
+    None, or raises "Storage access failed" after logging why)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.line = ""
+        self.first = ""  # the first error: the cause (a missing driver, credentials)
+        self.line = ""  # the last one: what finally failed
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage().strip().splitlines()
         if text:
             self.line = text[-1][:300]
+            if record.levelno >= logging.ERROR and not self.first:
+                self.first = text[-1][:300]
 
 
 @contextmanager
-def _sdk_errors_captured() -> Iterator[_LastError]:
+def _sdk_errors_captured() -> Iterator[_SdkErrors]:
     """Silence the SDK's storage loggers (one clear line is ours to say) and keep its reason."""
-    capture = _LastError()
+    from clearml.debugging.log import LoggerRoot
+
+    LoggerRoot.get_base_logger()  # its handlers are added on first use: before ours, not after
+    capture = _SdkErrors()
     loggers = [
         logging.getLogger(n) for n in ("clearml", "clearml.storage", "clearml.storage_manager")
     ]
@@ -365,6 +373,45 @@ def _sdk_errors_captured() -> Iterator[_LastError]:
             lg.handlers, lg.propagate = handlers, propagate
 
 
+#: Seconds one weights download through the ClearML SDK may take, retries included.
+STORAGE_DEADLINE_SECONDS = 1800
+#: Retries of one HTTP request to a file server, and the seconds a connection may take to open
+#: and may stay silent. The SDK's own (clearml 2.1.12 storage/helper.py::_HttpDriver:
+#: ``sdk.http.download.max_retries`` 15, backoff up to 120 s, 503 retried) keep a download of
+#: a failing file server going for half an hour; a lower ``sdk.http.timeout`` is kept.
+HTTP_RETRIES = 2
+HTTP_CONNECT_TIMEOUT = 10
+HTTP_READ_TIMEOUT = 30
+
+
+def _bound_sdk_storage(uri: str) -> None:
+    """Cap the SDK's storage retries and timeouts for ``uri``'s store before it is used."""
+    from clearml.storage.helper import StorageHelper, _HttpDriver
+
+    # LazyEvalWrapper class attributes of the SDK's configuration; plain ints replace them
+    connect = min(int(_HttpDriver.timeout_connection), HTTP_CONNECT_TIMEOUT)
+    read = min(int(_HttpDriver.timeout_total), HTTP_READ_TIMEOUT)
+    _HttpDriver.timeout_connection, _HttpDriver.timeout_total = connect, read  # type: ignore[assignment]
+    # One helper per store (base URL), created here with few retries, is the one the
+    # StorageManager then reuses (StorageHelper.get caches it).
+    StorageHelper.get(uri, retries=HTTP_RETRIES)  # type: ignore[no-untyped-call]
+
+
+def _unreachable(line: str, uri: str) -> str | None:
+    """Why the store of ``uri`` could not be reached, from the SDK's last error line, naming
+    the host; None when the line says something else (a missing object, credentials)."""
+    from clearml.storage.helper import _HttpDriver
+
+    host = urlparse(uri).netloc or uri
+    if match := re.search(r"too many (\d+) error responses", line):
+        return f"{host} kept answering HTTP {match[1]} ({HTTP_RETRIES} retries)"
+    if re.search(r"Read timed out|ReadTimeout", line):
+        return f"{host} did not answer within {int(_HttpDriver.timeout_total)} s ({HTTP_RETRIES} retries)"
+    if re.search(r"Connection refused|NewConnectionError|Failed to establish", line):
+        return f"{host} refused the connection"
+    return None
+
+
 def clearml_local_copy(uri: str) -> Path:
     """Download one weights object through ClearML's StorageManager, with the credentials of
     clearml.conf (``sdk.aws.s3.credentials`` for host:port endpoints, the API session for the
@@ -375,23 +422,24 @@ def clearml_local_copy(uri: str) -> Path:
     with _sdk_errors_captured() as sdk:
         try:
             with sdk_deadline(STORAGE_DEADLINE_SECONDS, f"download of {uri}", FetchError):
+                _bound_sdk_storage(uri)
                 local = StorageManager.get_local_copy(
                     uri, extract_archive=False, force_download=True
                 )
         except FetchError:
             raise
-        except Exception as exc:
-            raise FetchError(
-                f"downloading {uri} through ClearML failed: {type(exc).__name__}: {exc}"
-            ) from None
+        except Exception as exc:  # the SDK's logged reason first: it may say what to install
+            reason = sdk.first or f"{type(exc).__name__}: {exc}"
+            raise FetchError(f"downloading {uri} through ClearML failed: {reason}") from None
     if not local or not Path(local).is_file():
+        if unreachable := _unreachable(sdk.line, uri):
+            raise FetchError(
+                f"the model's weights {uri} cannot be downloaded: {unreachable}",
+                hint="check that the server is up, then publish again",
+            )
         reason = f" ({sdk.line})" if sdk.line else ""
         raise FetchError(
             f"the model's weights {uri} do not exist or cannot be read with ClearML's storage settings{reason}",
             hint="check the URI and the credentials in clearml.conf (sdk.aws.s3.credentials, files server)",
         )
     return Path(local)
-
-
-#: Seconds one weights download through the ClearML SDK may take.
-STORAGE_DEADLINE_SECONDS = 1800

@@ -1,7 +1,8 @@
 """The in-image provenance record, /app/config/provenance.json (``explain`` reads it back).
 
 Only inputs go in (config commit, model ids and sha256, tool version, the config commit time),
-so the same inputs give the same bytes and the same image digest.
+so the same inputs give the same bytes and the same image digest; no location (see
+:func:`builder.image.provenance.image_locations`).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ class Provenance:
     sha256), the base image constraint, the models, the builder and the commit time."""
 
     customer: str
-    config_repository: str
+    # ``<url>#<folder>``: from image format 3 only the address customer.yaml declares (None:
+    # none declared); before, the observed canonical origin
+    config_repository: str | None
     config_commit: str
     config_path: str  # the customer folder inside the repository, ``.`` at its root
     config_analysis: str

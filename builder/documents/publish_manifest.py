@@ -1,5 +1,6 @@
 """The publish manifest, ``<task id>/<model id>/publish-manifest.json`` in the production store:
-the model and task the weights belong to and every file's name, size and sha256.
+the model and task the weights belong to and every file's name, size and sha256; for a weights
+package (ClearML system tag ``package``), the archive those files were extracted from.
 
 ``builder publish`` writes it; resolve reads it to tie weights to the model asked for.
 """
@@ -39,11 +40,14 @@ class PublishManifest:
     source_uri: str | None = None
     published_by: str | None = None
     published_at: str | None = None  # RFC 3339 UTC
+    package: FileDigest | None = None  # the archive ``files`` were extracted from
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form, every key written (null where unknown)."""
+        """The JSON form, every key written (null where unknown); ``package`` if one."""
         out: dict[str, Any] = {k: getattr(self, k) for k in _OPTIONAL}
         out["files"] = [f.to_dict() for f in self.files]
+        if self.package:  # only for packages: other manifests keep their bytes
+            out["package"] = self.package.to_dict()
         return out
 
     def to_bytes(self) -> bytes:
@@ -56,7 +60,9 @@ class PublishManifest:
     ) -> PublishManifest:
         """Read a manifest's JSON form; a malformed one is a ConfigError naming ``where``."""
         check_document(data, SCHEMA, where, "re-run `builder publish` for this model")
+        package = data.get("package")
         return cls(
             files=tuple(FileDigest.from_dict(f) for f in data["files"]),
+            package=FileDigest.from_dict(package) if package else None,
             **{k: data.get(k) for k in _OPTIONAL},
         )

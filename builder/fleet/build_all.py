@@ -5,20 +5,23 @@ in one batch per repository.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import queue
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
     Future,
     ProcessPoolExecutor,
+    ThreadPoolExecutor,
     wait,
 )
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from builder.contracts import Progress, ProgressEvent
+from builder.contracts import ImageKey, Progress, ProgressEvent
 from builder.errors import (
     BuilderError,
     ConfigError,
@@ -27,16 +30,23 @@ from builder.errors import (
 )
 from builder.fleet.fleetfile import Fleet, FleetEntry
 from builder.fleet.plan import FleetPlan, PlanItem, plan
+from builder.image.base_resolution import resolve_base_image
+from builder.image.store import ImageStore
 from builder.oci import RegistryClient, parse_reference
 from builder.pipeline import BuildRequest, build
 from builder.record import RELEASES_BRANCH, WriteResult, write_release_records
 from builder.settings import Settings
 
+#: Threads for the manifest HEADs that find what is already in the registry.
+_HEAD_THREADS = 8
+
 # -- build all ----------------------------------------------------------------------------------
 
 
 @dataclass
-class CustomerResult:
+class ImageResult:
+    """The outcome of a fleet run for one image (a customer on one variant)."""
+
     customer: str
     # "built"; "unchanged" (its image is already there: nothing to build); "skipped" (the
     # constraint does not admit the version); "failed"
@@ -45,20 +55,25 @@ class CustomerResult:
     report: dict[str, Any] | None = None  # the build report (`builder build --json` result)
     record: dict[str, Any] | None = None  # the release record written, with --record
     error: dict[str, Any] | None = None
-    variant: str = "cpu"  # the base image variant of this build
+    variant: str | None = "cpu"  # None: the customer could not be read
     seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """``customer-x``, ``customer-x (gpu)``."""
+        return self.customer if self.variant is None else str(ImageKey(self.customer, self.variant))
 
 
 @dataclass
 class FleetReport:
     base_version: str
     fleet: str
-    results: list[CustomerResult]
+    results: list[ImageResult]  # one per image, in fleet file order
     plan_seconds: float = 0.0
     seconds: float = 0.0
 
     @property
-    def failed(self) -> list[CustomerResult]:
+    def failed(self) -> list[ImageResult]:
         return [r for r in self.results if r.status == "failed"]
 
     @property
@@ -66,6 +81,7 @@ class FleetReport:
         return not self.failed
 
     def counts(self) -> dict[str, int]:
+        """Images by status."""
         out = {"built": 0, "unchanged": 0, "skipped": 0, "failed": 0}
         for result in self.results:
             out[result.status] = out.get(result.status, 0) + 1
@@ -74,34 +90,64 @@ class FleetReport:
 
 @dataclass(frozen=True)
 class FleetProgress:
-    """Where a fleet run stands after one more customer finished (the CLI renders it)."""
+    """Where a fleet run stands after one more image finished (the CLI renders it)."""
 
-    result: CustomerResult  # the customer that just finished
-    done: int  # customers finished, of ``total``
+    result: ImageResult  # the image that just finished
+    done: int  # images finished, of ``total``
     total: int
     counts: Mapping[str, int]  # by status, so far
-    builds_done: int  # builds finished (the rate counts these), of ``builds``
+    builds_done: int  # builds finished, of ``builds``
     builds: int
-    elapsed: float  # seconds since the builds started
+    built: bool  # ``result`` is a build's (not a plan error, a skip or an image already there)
+    rate: float | None = None  # images built per minute at the recent pace (None: not known)
+    eta: float | None = None  # seconds until the last build ends at that pace (None: not known)
+
+
+class Pace:
+    """The pace of a fleet run's builds, estimated from the recent ones.
+
+    A worker's first build also pays for starting it (a new process, imports, cold caches),
+    so the first ``workers`` builds are left out; the rate is that of the last ``window``
+    builds after them, so the estimate follows the run, not its start. Until two builds
+    after the warm-up have finished the pace is not known, and says so (None).
+    """
+
+    def __init__(self, workers: int, builds: int, window: int = 20) -> None:
+        self.workers = max(1, workers)
+        self.builds = builds
+        self.window = max(1, window)
+        self.finished: list[float] = []  # when each build finished (seconds, monotonic)
+
+    def add(self, when: float) -> None:
+        self.finished.append(when)
 
     @property
-    def rate(self) -> float:
-        """Builds per minute so far (0 before the first)."""
-        return 60.0 * self.builds_done / self.elapsed if self.elapsed > 0 else 0.0
+    def per_second(self) -> float | None:
+        """Builds finished per second lately."""
+        after = self.finished[self.workers - 1 :]  # from the end of the warm-up on
+        if len(after) < 2:
+            return None
+        recent = after[-(self.window + 1) :]
+        span = recent[-1] - recent[0]
+        return (len(recent) - 1) / span if span > 0 else None
+
+    @property
+    def rate(self) -> float | None:
+        """Builds per minute lately."""
+        pace = self.per_second
+        return None if pace is None else 60.0 * pace
 
     @property
     def eta(self) -> float | None:
-        """Seconds until the last build ends at the rate so far (None before the first)."""
-        if self.builds_done == self.builds:
-            return 0.0
-        if not self.builds_done:
-            return None
-        return (self.builds - self.builds_done) * self.elapsed / self.builds_done
+        """Seconds until the last build ends at the recent pace (None when unknown or done)."""
+        left = self.builds - len(self.finished)
+        pace = self.per_second
+        return None if left <= 0 or pace is None else left / pace
 
 
 @dataclass(frozen=True)
 class _Job:
-    customer: str
+    image: ImageKey
     location: str
     ref: str
     base_version: str
@@ -110,13 +156,9 @@ class _Job:
     image_registry: str | None
     base_repository: str | None
     insecure: bool | None
-    variant: str = "cpu"
-    primary: bool = True  # the customer's first variant
-
-    @property
-    def key(self) -> str:
-        """The customer, with the variant appended for every variant but its first."""
-        return self.customer if self.primary else f"{self.customer} ({self.variant})"
+    known_tags: tuple[tuple[str, str | None], ...] = ()
+    base_digest: str | None = None
+    locked: bool = False  # models from the committed lock (CI's child jobs)
 
 
 _events: Any = None  # the worker processes' event queue (set by _init_worker)
@@ -128,21 +170,25 @@ def _init_worker(events: Any) -> None:
 
 
 def _build_one(job: _Job) -> dict[str, Any]:
-    """Build one customer in a worker process; never raises (the result says what failed)."""
+    """Build one image in a worker process; never raises (the result says what failed)."""
 
     def on_progress(event: ProgressEvent) -> None:
         if _events is not None and event.stage:  # stages only: bytes would flood the queue
-            _events.put(ProgressEvent(stage=event.stage, subject=job.key))
+            _events.put(ProgressEvent(stage=event.stage, subject=str(job.image)))
 
     request = BuildRequest(
         customer=job.location,
         ref=job.ref,
         base_version=job.base_version,
         base_repository=job.base_repository,
-        variant=job.variant,
+        variant=job.image.variant,
         image_registry=job.image_registry,
         push=job.push,
         insecure=job.insecure,
+        known_tags=job.known_tags,
+        base_digest=job.base_digest,
+        locked=job.locked,
+        fleet=True,  # a release: the committed lock or nothing, even without --push
     )
     started = time.perf_counter()
     try:
@@ -167,11 +213,11 @@ def _run_jobs(
     jobs: list[_Job],
     workers: int,
     on_event: Progress | None,
-    on_done: Callable[[str, dict[str, Any]], None],
+    on_done: Callable[[_Job, dict[str, Any]], None],
 ) -> None:
     """Run the builds in ``workers`` spawned processes (isolated: the ClearML SDK keeps
     process-wide state, and each build has its own main thread for its deadlines);
-    ``on_done`` gets each customer's outcome as soon as it is known."""
+    ``on_done`` gets each image's outcome as soon as it is known."""
     if not jobs:
         return
     context = multiprocessing.get_context("spawn")
@@ -192,14 +238,14 @@ def _run_jobs(
         initializer=_init_worker,
         initargs=(events,),
     ) as pool:
-        pending: dict[Future[dict[str, Any]], str] = {
-            pool.submit(_build_one, job): job.key for job in jobs
+        pending: dict[Future[dict[str, Any]], _Job] = {
+            pool.submit(_build_one, job): job for job in jobs
         }
         while pending:
             done, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
             drain()
             for future in done:
-                customer = pending.pop(future)
+                job = pending.pop(future)
                 try:
                     outcome = future.result()
                 except Exception as exc:  # a worker that died (OOM, signal)
@@ -212,29 +258,55 @@ def _run_jobs(
                             "exit_code": 1,
                         },
                     }
-                on_done(customer, outcome)
+                on_done(job, outcome)
     drain()
     events.close()
 
 
 def _in_registry(
     items: Sequence[PlanItem], registry: str, insecure: bool | None
-) -> dict[str, str | None]:
-    """The digest each item's immutable tag points to in ``registry`` (None: not there, or
-    the registry could not tell): one manifest HEAD per customer, one client per host."""
-    clients: dict[str, RegistryClient | None] = {}
-    out: dict[str, str | None] = {}
-    for item in items:
-        out[item.customer] = None
+) -> dict[ImageKey, str | None]:
+    """The digest each item's immutable tag points to in ``registry`` (None: not there); an
+    image the registry could not answer for is left out. One manifest HEAD per image, on a
+    few threads, each with its own client per registry host."""
+    local = threading.local()
+
+    def head(item: PlanItem) -> tuple[bool, str | None]:
+        """(whether the registry answered, the digest)"""
         ref = parse_reference(_image(item, registry))
+        clients: dict[str, RegistryClient | None] = local.__dict__.setdefault("clients", {})
         try:
             if ref.registry not in clients:
                 clients[ref.registry] = RegistryClient(ref.registry, insecure=insecure)
             client = clients[ref.registry]
             if client is not None and ref.tag:
-                out[item.customer] = client.manifest_digest(ref.path, ref.tag)
+                return True, client.manifest_digest(ref.path, ref.tag)
         except BuilderError:
             clients.setdefault(ref.registry, None)  # the build will say what is wrong
+        return False, None
+
+    keyed = [item for item in items if item.key is not None]
+    with ThreadPoolExecutor(max_workers=_HEAD_THREADS) as pool:
+        found = list(pool.map(head, keyed))
+    return {
+        item.key: digest
+        for item, (answered, digest) in zip(keyed, found, strict=True)
+        if item.key is not None and answered
+    }
+
+
+def _resolve_bases(
+    repositories: set[str], fleet_plan: FleetPlan, settings: Settings, insecure: bool | None
+) -> dict[str, str]:
+    """Each base repository's image of the plan's version, resolved once for the whole run
+    and kept in the local image store, by digest: the builds take it from there instead of
+    each asking the registry. One that cannot be resolved is left to its builds to report."""
+    store = ImageStore(settings.store_dir)
+    out: dict[str, str] = {}
+    for repository in sorted(repositories):
+        with contextlib.suppress(BuilderError):
+            base = resolve_base_image(repository, fleet_plan.base_version, store, insecure=insecure)
+            out[repository] = base.digest
     return out
 
 
@@ -245,29 +317,28 @@ def _image(item: PlanItem, registry: str) -> str:
 
 def _unchanged(
     items: Sequence[PlanItem],
+    present: Mapping[ImageKey, str | None],
     *,
     push: bool,
     record: bool,
     registry: str,
-    insecure: bool | None,
-) -> dict[str, str]:
-    """Customers with nothing to build, and why: the immutable tag ``<version>-<config
-    rev>`` is already in the registry (rebuilding gives the same digest or is refused), and,
-    with ``record``, its release record is written. Without ``push``: what the release
-    records say is already released."""
+) -> dict[ImageKey, str]:
+    """Images with nothing to build, and why: the immutable tag ``<version>[-variant]-<config
+    rev>`` is already in the registry (``present``: rebuilding gives the same digest or is
+    refused), and, with ``record``, its release record is written. Without ``push``: what
+    the release records say is already released."""
     if not push:
         return {
-            i.customer: f"already released: {(i.previous or {}).get('image')}"
+            i.key: f"already released: {(i.previous or {}).get('image')}"
             for i in items
-            if i.status == "released"
+            if i.status == "released" and i.key is not None
         }
-    present = _in_registry(items, registry, insecure)
-    out: dict[str, str] = {}
+    out: dict[ImageKey, str] = {}
     for item in items:
-        digest = present[item.customer]
-        if digest is None or (record and item.status != "released"):
+        digest = present.get(item.key) if item.key else None
+        if item.key is None or digest is None or (record and item.status != "released"):
             continue  # not there, or there without its release record: build (and record)
-        out[item.customer] = f"already in the registry: {_image(item, registry)}@{digest}"
+        out[item.key] = f"already in the registry: {_image(item, registry)}@{digest}"
     return out
 
 
@@ -280,6 +351,7 @@ def build_all(
     push: bool = False,
     record: bool = False,
     force: bool = False,
+    locked: bool = False,
     image_registry: str | None = None,
     base_repository: str | None = None,
     insecure: bool | None = None,
@@ -289,36 +361,48 @@ def build_all(
     on_planned: Callable[[FleetPlan], None] | None = None,
     on_progress: Callable[[FleetProgress], None] | None = None,
 ) -> FleetReport:
-    """Build what changed for every customer whose constraint admits ``base_version``,
-    ``jobs`` at a time.
+    """Build what changed for every image (customer x variant) whose constraint admits
+    ``base_version``, ``jobs`` at a time.
 
-    Incremental: a customer whose immutable tag is already in the registry (with its
-    release record, under ``record``) is "unchanged" at the cost of one manifest HEAD;
-    ``force`` rebuilds every admitted customer. A customer that fails (unreadable
-    repository, invalid config, registry error) is reported and the others go on. With
-    ``record`` (implies a pushed, stable build) the release records of the successful builds
-    are written back, one commit per customer repository for the whole run.
-    ``on_event`` gets build stages, ``on_planned`` the plan, ``on_progress`` each finished
-    customer with the counts, rate and ETA.
+    Incremental, per image: an image whose immutable tag is already in the registry (with
+    its release record, under ``record``) is "unchanged" at the cost of one manifest HEAD;
+    a variant never built is built, whatever its customer's other variants did. ``force``
+    rebuilds every admitted image; ``locked`` builds each from its committed lock (on
+    ``base_version``). An image that fails (unreadable repository, invalid config, registry
+    error) is reported and the others go on. With ``record`` (implies a pushed, stable
+    build) the release records of the successful builds are written back, one commit per
+    customer repository for the whole run. ``on_event`` gets build stages, ``on_planned``
+    the plan, ``on_progress`` each finished image with the counts, pace and ETA.
     """
     if record and not push:
         raise ConfigError("--record needs --push: only pushed images get a release record")
     started = time.perf_counter()
-    fleet_plan = plan(fleet, settings, base_version, branch=branch)
+    fleet_plan = plan(
+        fleet,
+        settings,
+        base_version,
+        branch=branch,
+        base_repository=base_repository,
+        insecure=insecure,
+    )
     if on_planned:
         on_planned(fleet_plan)
     registry = image_registry or settings.image_registry
     candidates = [i for i in fleet_plan.items if i.status in ("rebuild", "released")]
+    # Every image's immutable tag read once, in one batch: what is there already, and the
+    # check each build's push would otherwise make again.
+    present = _in_registry(candidates, registry, insecure) if push else {}
     unchanged = (
         {}
         if force
-        else _unchanged(candidates, push=push, record=record, registry=registry, insecure=insecure)
+        else _unchanged(candidates, present, push=push, record=record, registry=registry)
     )
     entries = {e.name: e for e in fleet.entries}
-    keys = {e.name: [e.name] for e in fleet.entries}  # one result per variant built
+    building = [i for i in candidates if i.key is not None and i.key not in unchanged]
+    bases = _resolve_bases({i.base for i in building if i.base}, fleet_plan, settings, insecure)
     to_build = [
         _Job(
-            customer=item.customer,
+            image=item.key,
             location=entries[item.customer].location,
             ref=item.commit or entries[item.customer].ref,  # what plan saw, even if it moves
             base_version=fleet_plan.base_version,
@@ -327,26 +411,25 @@ def build_all(
             image_registry=image_registry,
             base_repository=base_repository,
             insecure=insecure,
-            variant=variant,
-            primary=n == 0,
+            known_tags=((_image(item, registry), present[item.key]),)
+            if item.key in present
+            else (),
+            base_digest=bases.get(item.base or ""),
+            locked=locked,
         )
-        for item in candidates
-        if item.customer not in unchanged
-        for n, variant in enumerate(item.variants)
+        for item in building
+        if item.key is not None
     ]
-    jobs_by_key = {job.key: job for job in to_build}
-    for job in to_build:
-        keys[job.customer] = [j.key for j in to_build if j.customer == job.customer]
-    results: dict[str, CustomerResult] = {}
+    results: dict[int, ImageResult] = {}  # by the image's place in the plan
+    at = {item.key: n for n, item in enumerate(fleet_plan.items) if item.key is not None}
     counts = dict.fromkeys(("built", "unchanged", "skipped", "failed"), 0)
-    builds_started = time.perf_counter()
-    builds_done = 0
+    pace = Pace(jobs, len(to_build))
 
-    def finish(result: CustomerResult, *, key: str | None = None, built: bool = False) -> None:
-        nonlocal builds_done
-        results[key or result.customer] = result
+    def finish(n: int, result: ImageResult, *, built: bool = False) -> None:
+        results[n] = result
         counts[result.status] = counts.get(result.status, 0) + 1
-        builds_done += built
+        if built:
+            pace.add(time.perf_counter())
         if on_progress:
             on_progress(
                 FleetProgress(
@@ -354,41 +437,45 @@ def build_all(
                     len(results),
                     len(fleet_plan.items),
                     dict(counts),
-                    builds_done,
+                    len(pace.finished),
                     len(to_build),
-                    time.perf_counter() - builds_started,
+                    built,
+                    pace.rate,
+                    pace.eta,
                 )
             )
 
-    for item in fleet_plan.items:
+    for n, item in enumerate(fleet_plan.items):
         if item.status == "error":
-            finish(CustomerResult(item.customer, "failed", item.summary, error=item.error))
+            finish(
+                n,
+                ImageResult(item.customer, "failed", item.summary, error=item.error, variant=None),
+            )
         elif item.status == "skip":
-            finish(CustomerResult(item.customer, "skipped", item.summary))
-        elif item.customer in unchanged:
-            finish(CustomerResult(item.customer, "unchanged", unchanged[item.customer]))
+            finish(n, ImageResult(item.customer, "skipped", item.summary, variant=item.variant))
+        elif item.key in unchanged:
+            finish(
+                n,
+                ImageResult(item.customer, "unchanged", unchanged[item.key], variant=item.variant),
+            )
 
-    def on_done(key: str, outcome: dict[str, Any]) -> None:
-        job = jobs_by_key[key]
+    def on_done(job: _Job, outcome: dict[str, Any]) -> None:
         seconds = float(outcome.get("seconds") or 0.0)
+        customer, variant = job.image.customer, job.image.variant
         if outcome["status"] != "built":
             error = outcome["error"]
-            result = CustomerResult(
-                job.customer, "failed", error["message"], error=error, variant=job.variant
-            )
+            result = ImageResult(customer, "failed", error["message"], error=error, variant=variant)
         else:
             report = outcome["report"]
             summary = f"{report['image']}@{report['manifest_digest']}"
-            result = CustomerResult(
-                job.customer, "built", summary, report=report, variant=job.variant
-            )
+            result = ImageResult(customer, "built", summary, report=report, variant=variant)
         result.seconds = seconds
-        finish(result, key=key, built=True)
+        finish(at[job.image], result, built=True)
 
     _run_jobs(to_build, jobs, on_event, on_done)
+    ordered = [results[n] for n in range(len(fleet_plan.items))]
     if record:
-        _record_all(results, entries, settings, branch, record_attempts, on_event)
-    ordered = [results[key] for e in fleet.entries for key in keys[e.name]]
+        _record_all(ordered, entries, settings, branch, record_attempts, on_event)
     return FleetReport(
         base_version=fleet_plan.base_version,
         fleet=str(fleet.path),
@@ -399,36 +486,32 @@ def build_all(
 
 
 def _record_all(
-    results: Mapping[str, CustomerResult],
+    results: Sequence[ImageResult],
     entries: Mapping[str, FleetEntry],
     settings: Settings,
     branch: str,
     attempts: int,
     on_event: Progress | None,
 ) -> None:
-    """Write the release records of the run's builds: one commit per repository."""
-    built = [r for r in results.values() if r.status == "built" and r.report]
-    written: dict[tuple[str, str], WriteResult | BuilderError] = {}
-    for variant in sorted({r.variant for r in built}):  # per variant: one record per customer
-        group = [r for r in built if r.variant == variant]
-        outcomes = write_release_records(
-            [r.report for r in group if r.report],
-            {r.customer: entries[r.customer].location for r in group},
-            settings,
-            branch=branch,
-            attempts=attempts,
-        )
-        written.update({(customer, variant): o for customer, o in outcomes.items()})
-    for result in built:
-        outcome = written.get((result.customer, result.variant))
+    """Write the release records of the run's builds: one commit per repository, every
+    variant of every customer there in it."""
+    built = [r for r in results if r.status == "built" and r.report]
+    outcomes = write_release_records(
+        [r.report for r in built if r.report],
+        {r.customer: entries[r.customer].location for r in built},
+        settings,
+        branch=branch,
+        attempts=attempts,
+    )
+    for result, outcome in zip(built, outcomes, strict=True):
         if isinstance(outcome, WriteResult):
             result.record = asdict(outcome)
             if on_event:
                 on_event(
                     ProgressEvent(
-                        what=f"recorded {outcome.path} ({outcome.status})", subject=result.customer
+                        what=f"recorded {outcome.path} ({outcome.status})", subject=result.name
                     )
                 )
-        elif isinstance(outcome, BuilderError):
+        else:
             result.status, result.error = "failed", error_dict(outcome)
             result.summary = f"built and pushed, but not recorded: {result.error['message']}"

@@ -37,7 +37,8 @@ def render_child_pipeline(
 
     Jobs are generated rather than one ``parallel:matrix`` (capped at 200 permutations); each
     job has ``resource_group: ivd-build-<name>`` so two pipelines never build one customer at
-    the same time, and keeps its build report as an artifact.
+    the same time, builds from the customer's committed lock (``--locked``) and keeps its
+    build report as an artifact.
     """
     version = fleet_plan.base_version
     doc: dict[str, Any] = {
@@ -48,13 +49,19 @@ def render_child_pipeline(
     if image:
         default["image"] = image
     doc["default"] = default
-    flags = (" --push" if push else "") + (" --record" if record else "")
+    # Release builds ship what each customer's committed lock pins, as the customer template
+    # does (a stale lock fails that customer's job, saying what changed).
+    flags = " --locked" + (" --push" if push else "") + (" --record" if record else "")
+    required = ["BUILDER_BASE_REPOSITORY", "BUILDER_IMAGE_REGISTRY"]
+    if record:
+        required.append("BUILDER_GIT_TOKEN")
     targets = [item for item in fleet_plan.items if item.status in ("rebuild", "error")]
     for item in targets:
         doc[_job_name(item.customer)] = {
             "stage": "build",
             "resource_group": f"ivd-build-{item.customer}",
-            "variables": {"CUSTOMER": item.customer},
+            # checked by ci/builder-env.sh when the job starts (one line names a missing one)
+            "variables": {"CUSTOMER": item.customer, "IVD_REQUIRED_VARIABLES": " ".join(required)},
             "script": [
                 "mkdir -p reports",
                 'builder build-all --fleet "$FLEET_FILE" --base-version "$BASE_VERSION" '

@@ -1,5 +1,6 @@
-"""Fleet plan: per customer, whether its constraint admits a base release and what a new
-image would change against its last release record; one pass over history for all.
+"""Fleet plan: per image (customer x variant), whether its constraint admits a base release,
+what a new image would change against its last release record, and what would make its
+release build fail; work proportional to what changed, not to the fleet or its history.
 """
 
 from __future__ import annotations
@@ -12,63 +13,93 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import (
-    ThreadPoolExecutor,
-)
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import git
+import yaml
 from packaging.version import InvalidVersion, Version
 
-from builder.contracts import RepoSource
-from builder.cook.load import KnownRevision, load_customer, open_source
-from builder.errors import (
-    BuilderError,
-    ConfigError,
-    error_dict,
+from builder.contracts import CustomerSpec, ImageKey, RepoSource
+from builder.cook.load import (
+    CUSTOMER_FILE,
+    LOCK_FILE,
+    KnownRevision,
+    load_customer,
+    open_source,
+    read_committed_file,
 )
+from builder.cook.lock import input_drift, parse_lock
+from builder.errors import BuilderError, ConfigError, ImageError, error_dict
 from builder.fleet.fleetfile import Fleet, FleetEntry, admits, parse_release_version
+from builder.fleet.index import CustomerFacts, PlanIndex
 from builder.fsutil import write_atomic
 from builder.gitauth import GIT_ENV
+from builder.image.base import resolve_base, select_version
+from builder.image.base_build import variant_repository
 from builder.image.provenance import variant_tag
+from builder.image.store import ImageStore
+from builder.oci import RegistryClient, RetryPolicy, split_repository
 from builder.record import PLAN_THREADS, RELEASES_BRANCH, ReleaseLog, record_remote
 from builder.redact import mask_secrets
 from builder.settings import Settings
+
+#: One quick try per base registry: a plan says "not checked" rather than wait on retries.
+_BASE_PROBE: Final = RetryPolicy(attempts=1, connect_timeout=3.0, read_timeout=15.0)
 
 # -- plan ---------------------------------------------------------------------------------------
 
 
 @dataclass
 class PlanItem:
-    """What a base release means for one customer."""
+    """What a base release means for one image: a customer built on one base variant."""
 
     customer: str
     repo: str
     ref: str
-    # "rebuild"; "released" (this config commit is already released on this base version:
-    # nothing to do); "skip" (the constraint does not admit the version); "error".
+    # "rebuild"; "released" (this config commit is already released on this base version for
+    # this variant: nothing to do); "skip" (the constraint does not admit the version);
+    # "error" (the customer could not be read: variant None).
     status: str
+    variant: str | None = "cpu"
     constraint: str | None = None
     commit: str | None = None
     image: str | None = None  # the immutable tag the rebuild will push
     change: str | None = None  # "base", "config+base", "config", "none", "first"
     summary: str = ""
-    previous: dict[str, Any] | None = None  # the latest release record, abridged
+    previous: dict[str, Any] | None = None  # the image's latest release record, abridged
     changed_files: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
-    variants: list[str] = field(default_factory=lambda: ["cpu"])  # each is built
     warnings: list[str] = field(default_factory=list)
+    lock: str | None = None  # "current", "missing", "stale", "unreadable" (None: not read)
+    base: str | None = None  # the base repository of its variant (images to rebuild)
+    # Why a release build of this image will be refused: told before it builds.
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> ImageKey | None:
+        """The image, or None for a customer that could not be read."""
+        return None if self.variant is None else ImageKey(self.customer, self.variant)
+
+    @property
+    def name(self) -> str:
+        """``customer-x``, ``customer-x (gpu)``: how lines and counters name the image."""
+        return str(self.key or self.customer)
 
 
 @dataclass
 class FleetPlan:
+    """The plan of one base release: one item per image, in fleet file order."""
+
     base_version: str
     fleet: str
     items: list[PlanItem]
     notes: list[str] = field(default_factory=list)
+    # Folders next to the fleet file holding a customer.yaml that the fleet file does not list.
+    unlisted: list[str] = field(default_factory=list)
     seconds: float = 0.0  # how long planning took
 
     @property
@@ -82,6 +113,15 @@ class FleetPlan:
     @property
     def errors(self) -> list[PlanItem]:
         return [item for item in self.items if item.status == "error"]
+
+    @property
+    def blocked(self) -> list[PlanItem]:
+        """Images to rebuild whose release build will be refused (see ``problems``)."""
+        return [item for item in self.rebuild if item.problems]
+
+    @property
+    def customers(self) -> int:
+        return len({item.customer for item in self.items})
 
 
 def _owners(name: str, folders: frozenset[str]) -> set[str]:
@@ -151,7 +191,7 @@ def last_commits(
         with contextlib.suppress(OSError, BuilderError):
             cache.parent.mkdir(parents=True, exist_ok=True)
             data = json.dumps({"commit": head, "answers": answers}, sort_keys=True)
-            write_atomic(cache, data.encode())
+            write_atomic(cache, data.encode(), durable=False)
     return found
 
 
@@ -317,7 +357,7 @@ def _local_sources(entries: Sequence[FleetEntry], settings: Settings) -> dict[st
     parents: dict[Path, RepoSource | None] = {}
     out: dict[str, RepoSource] = {}
     for entry in entries:
-        folder = Path(entry.location)
+        folder = Path(entry.location)  # absolute and resolved by the fleet file's reader
         if entry.is_url or not folder.is_dir():
             continue
         if (folder / ".git").exists():  # a repository of its own
@@ -330,18 +370,40 @@ def _local_sources(entries: Sequence[FleetEntry], settings: Settings) -> dict[st
             except BuilderError:
                 parents[folder.parent] = None
         parent = parents[folder.parent]
-        if parent is None or not folder.resolve().is_relative_to(parent.root):
+        if parent is None or not folder.is_relative_to(parent.root):
             continue
-        subdir = folder.resolve().relative_to(parent.root).as_posix()
+        subdir = folder.relative_to(parent.root).as_posix()
         url = parent.url.partition("#")[0]
         out[entry.name] = RepoSource(entry.location, parent.root, subdir, f"{url}#{subdir}")
     return out
 
 
-def _known_revisions(entries: Sequence[FleetEntry], settings: Settings) -> dict[str, KnownRevision]:
-    """Each local customer folder's config revision (the last commit touching it), from one
-    pass per repository and ref, with one shared open repository per repository."""
-    sources = _local_sources(entries, settings)
+def _sources(
+    entries: Sequence[FleetEntry], settings: Settings, pool: ThreadPoolExecutor
+) -> dict[str, RepoSource]:
+    """Each customer's source: local folders with one lookup per parent folder, repositories
+    named by URL cloned or fetched on threads. One that cannot be opened is left out: its own
+    load says why."""
+    out = _local_sources(entries, settings)
+    remote = [entry for entry in entries if entry.is_url]
+
+    def opened(entry: FleetEntry) -> RepoSource | None:
+        try:
+            return open_source(entry.location, settings)
+        except BuilderError:
+            return None
+
+    for entry, source in zip(remote, pool.map(opened, remote), strict=True):
+        if source is not None:
+            out[entry.name] = source
+    return out
+
+
+def _known_revisions(
+    entries: Sequence[FleetEntry], sources: Mapping[str, RepoSource], settings: Settings
+) -> dict[str, KnownRevision]:
+    """Each customer's config revision (the last commit touching its folder at its ref), from
+    one pass per repository and ref, with one shared open repository per repository."""
     groups: dict[tuple[Path, str], list[str]] = {}
     for entry in entries:
         if entry.name in sources:
@@ -362,10 +424,104 @@ def _known_revisions(entries: Sequence[FleetEntry], settings: Settings) -> dict[
     return out
 
 
-def _changed_files(location: str, settings: Settings, old: str, new: str) -> list[str] | None:
+def _lock_state(spec: CustomerSpec, repo: git.Repo | None) -> tuple[str, str]:
+    """Whether the committed lock pins this config, from git alone: "current", "missing",
+    "stale" (the config files changed since it was made) or "unreadable"; and why."""
+    raw = read_committed_file(spec, LOCK_FILE, repo=repo)
+    if raw is None:
+        return "missing", f"no {LOCK_FILE} committed"
+    try:
+        drift = input_drift(spec, parse_lock(raw, spec), repo=repo)
+    except BuilderError as exc:
+        return "unreadable", exc.message
+    return ("stale", "; ".join(drift)) if drift else ("current", "")
+
+
+def _facts_of(spec: CustomerSpec, repo: git.Repo | None) -> CustomerFacts:
+    lock, detail = _lock_state(spec, repo)
+    return CustomerFacts(
+        customer=spec.customer,
+        constraint=spec.base_version,
+        base_repository=spec.base_repository,
+        variants=spec.variants,
+        commit=spec.commit,
+        config_rev=spec.config_rev,
+        lock=lock,
+        lock_detail=detail,
+    )
+
+
+def _read_facts(
+    entry: FleetEntry, settings: Settings, known: KnownRevision | None, index: PlanIndex
+) -> CustomerFacts:
+    """The customer's facts at its config revision: from the index when its folder's
+    revision is the one kept there, else read (git only) and kept for the next plan."""
+    if known is None:  # no revision found: the load says why (or finds it after all)
+        return _facts_of(load_customer(entry.location, settings, ref=entry.ref), None)
+    key = f"{known.source.url}\0{known.commit}"
+    facts = index.get(entry.name, key)
+    if facts is None:
+        spec = load_customer(entry.location, settings, ref=entry.ref, known=known)
+        facts = _facts_of(spec, known.repo)
+        index.put(entry.name, key, facts)
+    return facts
+
+
+def _shown(entry: FleetEntry) -> str:
+    """The entry's repository fit to print (a folder holds no credentials; the fleet file
+    refuses them in URLs, and secrets from the environment are masked in these)."""
+    return mask_secrets(entry.repo) if entry.is_url else entry.repo
+
+
+def _error_item(entry: FleetEntry, exc: BuilderError) -> PlanItem:
+    error = error_dict(exc)
+    return PlanItem(
+        customer=entry.name,
+        repo=_shown(entry),
+        ref=entry.ref,
+        status="error",
+        variant=None,
+        summary=error["message"],
+        error=error,
+    )
+
+
+def _items(
+    entry: FleetEntry, facts: CustomerFacts, settings: Settings, version: Version
+) -> list[PlanItem]:
+    """One item per variant the customer runs (ConfigError for a customer that is not
+    what its fleet entry says, or whose constraint is not one)."""
+    repo = _shown(entry)
+    if facts.customer != entry.name:
+        raise ConfigError(
+            f"{entry.where}: fleet entry {entry.name!r} points at {repo}, whose "
+            f"customer.yaml names {facts.customer!r}",
+            hint="fix the name in the fleet file or the repository",
+        )
+    admitted = admits(facts.constraint, version)
+    items = []
+    for variant in facts.variants:
+        item = PlanItem(
+            customer=entry.name,
+            repo=repo,
+            ref=entry.ref,
+            status="rebuild" if admitted else "skip",
+            variant=variant,
+            constraint=facts.constraint,
+            commit=facts.commit,
+            lock=facts.lock,
+        )
+        if admitted:
+            tag = f"{variant_tag(str(version), variant)}-{facts.config_rev}"
+            item.image = f"{settings.image_registry}/{facts.customer}:{tag}"
+        else:
+            item.summary = f"{facts.constraint} does not admit {version}"
+        items.append(item)
+    return items
+
+
+def _changed_files(source: RepoSource, repo: git.Repo, old: str, new: str) -> list[str] | None:
     """Files of the customer folder changed between two config commits (None: unknown)."""
-    source = open_source(location, settings)
-    repo = git.Repo(source.root)
     paths = [source.subdir] if source.subdir else []
     try:
         names = repo.git.diff("--name-only", old, new, "--", *paths).splitlines()
@@ -377,11 +533,12 @@ def _changed_files(location: str, settings: Settings, old: str, new: str) -> lis
 
 def _classify(
     item: PlanItem,
-    entry: FleetEntry,
-    settings: Settings,
     version: Version,
     previous: dict[str, Any] | None,
+    changed: Callable[[str, str], list[str] | None],
 ) -> None:
+    """Compare the item with its image's latest release record; ``changed(old, new)`` lists
+    the files of the customer folder changed between two config commits."""
     if previous is None:
         item.change, item.summary = (
             "first",
@@ -401,7 +558,7 @@ def _classify(
     with contextlib.suppress(InvalidVersion):
         if Version(old_base) > version:
             item.warnings.append(
-                f"base downgrade: {entry.name} was last released on {old_base} "
+                f"base downgrade: {item.name} was last released on {old_base} "
                 f"({item.previous['image']}); {version} is older"
             )
     same_base = old_base == str(version)
@@ -415,79 +572,42 @@ def _classify(
                 f"base only: {old_base} -> {version}, config unchanged ({old_commit[:12]})"
             )
         return
-    changed = _changed_files(entry.location, settings, old_commit, item.commit or "HEAD")
-    item.changed_files = changed or []
+    files = changed(old_commit, item.commit or "HEAD")
+    item.changed_files = files or []
     item.change = "config" if same_base else "config+base"
-    what = f"{len(changed)} file(s) changed" if changed is not None else "history not found"
+    what = f"{len(files)} file(s) changed" if files is not None else "history not found"
     base = "" if same_base else f", base {old_base} -> {version}"
     item.summary = f"config too: {old_commit[:12]} -> {(item.commit or '')[:12]} ({what}){base}"
 
 
-def _load_item(
-    entry: FleetEntry, settings: Settings, version: Version, known: KnownRevision | None
-) -> PlanItem:
-    """Load one customer (git only: no model or image registry calls) at its config revision
-    found by the single pass, or at its ref when the pass had no answer for it."""
-    item = PlanItem(
-        customer=entry.name, repo=mask_secrets(entry.repo), ref=entry.ref, status="error"
-    )
-    try:
-        spec = load_customer(entry.location, settings, ref=entry.ref, known=known)
-        if spec.customer != entry.name:
-            raise ConfigError(
-                f"{entry.where}: fleet entry {entry.name!r} points at {item.repo}, whose "
-                f"customer.yaml names {spec.customer!r}",
-                hint="fix the name in the fleet file or the repository",
-            )
-        item.constraint, item.commit = spec.base_version, spec.commit
-        if not admits(spec.base_version, version):
-            item.status, item.change = "skip", None
-            item.summary = f"{spec.base_version} does not admit {version}"
-            return item
-        item.status, item.variants = "rebuild", list(spec.variants)
-        tag = variant_tag(str(version), spec.variants[0])
-        item.image = f"{settings.image_registry}/{spec.customer}:{tag}-{spec.config_rev}"
-    except BuilderError as exc:
-        item.error = error_dict(exc)
-        item.summary = item.error["message"]
-    return item
-
-
 @dataclass
 class _Records:
-    """One remote's release records, fetched once per plan: the latest per customer."""
+    """One remote's release records, fetched once per plan: the latest per image."""
 
-    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latest: dict[ImageKey, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
 
 
 def _read_remote(remote: str, settings: Settings, branch: str) -> _Records:
     try:
         log = ReleaseLog(remote, settings.cache_dir, branch)
-        return _Records(latest=log.latest_records(log.fetch()))
+        return _Records(latest=log.latest_by_image(log.fetch()))
     except BuilderError as exc:
         return _Records(error=mask_secrets(exc.message))
 
 
-def _finish_item(
-    item: PlanItem, entry: FleetEntry, settings: Settings, version: Version, records: _Records
-) -> None:
-    if records.error is not None:
-        item.change, item.summary = None, f"previous release unknown ({records.error})"
-        return
-    _classify(item, entry, settings, version, records.latest.get(entry.name))
-
-
 def _record_remotes(
-    entries: Sequence[FleetEntry], items: Mapping[str, PlanItem], known: Mapping[str, KnownRevision]
+    entries: Sequence[FleetEntry],
+    items: Mapping[str, list[PlanItem]],
+    known: Mapping[str, KnownRevision],
 ) -> dict[str, str]:
-    """Where each customer to rebuild keeps its release records (looked up once per
-    repository); a customer whose remote is unknown gets that said in its summary."""
+    """Where each customer with an image to rebuild keeps its release records (looked up
+    once per repository); a customer whose remote is unknown gets that said in its items."""
     by_root: dict[Path, str] = {}
     out: dict[str, str] = {}
     for entry in entries:
-        item = items[entry.name]
-        if item.status != "rebuild":
+        todo = [item for item in items[entry.name] if item.status == "rebuild"]
+        if not todo:
             continue
         root = known[entry.name].source.root if entry.name in known else None
         try:
@@ -496,12 +616,116 @@ def _record_remotes(
                 continue
             out[entry.name] = record_remote(entry.location)
         except BuilderError as exc:
-            item.change = None
-            item.summary = f"previous release unknown ({mask_secrets(exc.message)})"
+            for item in todo:
+                item.change = None
+                item.summary = f"previous release unknown ({mask_secrets(exc.message)})"
             continue
         if root is not None:
             by_root[root] = out[entry.name]
     return out
+
+
+def _missing_bases(
+    repositories: set[str], version: str, settings: Settings, insecure: bool | None
+) -> tuple[dict[str, str], list[str]]:
+    """Which base repositories have no image of ``version`` (repository -> why), looked up
+    once each in its registry, else in the local image store as a build would; and notes
+    for those that could not be looked up."""
+    missing: dict[str, str] = {}
+    notes: list[str] = []
+    store = ImageStore(settings.store_dir)
+    for repository in sorted(repositories):
+        with contextlib.suppress(ImageError):
+            store.find_base(repository, version)
+            continue
+        try:
+            if repository.startswith("oci:"):
+                resolve_base(repository, version)
+                continue
+            host, path = split_repository(repository)
+            client = RegistryClient(host, insecure=insecure, retry=_BASE_PROBE)
+        except ImageError as exc:
+            notes.append(f"base {repository}:{version} not checked: {exc.message}")
+            continue
+        try:
+            select_version(client.list_tags(path), version, what=f"base image {repository}")
+        except ImageError as exc:
+            missing[repository] = exc.message
+    return missing, notes
+
+
+def _problems(
+    items: Sequence[PlanItem],
+    facts: Mapping[str, CustomerFacts],
+    settings: Settings,
+    version: str,
+    *,
+    base_repository: str | None,
+    insecure: bool | None,
+) -> list[str]:
+    """Say, per image to rebuild, what will make its release build fail: a lock that is
+    missing, stale or unreadable; no base image of this version for its variant. Returns
+    notes on what could not be checked."""
+    todo = [item for item in items if item.status == "rebuild" and item.variant]
+    for item in todo:
+        own = facts[item.customer].base_repository
+        repository = base_repository or own or settings.base_repository
+        item.base = variant_repository(repository, item.variant or "cpu")
+    missing, notes = _missing_bases({i.base for i in todo if i.base}, version, settings, insecure)
+    for item in todo:
+        customer = facts[item.customer]
+        if customer.lock != "current":
+            item.problems.append(
+                f"{customer.lock} lock: {customer.lock_detail}; a release build refuses it "
+                "(run `builder lock`, review and commit the result)"
+            )
+        if item.base in missing:
+            item.problems.append(
+                f"no {item.variant} base of {version}: {missing[item.base]} "
+                f"(build and push it: `builder base build --variant {item.variant} --push`)"
+            )
+    return notes
+
+
+def _unlisted(fleet: Fleet) -> list[str]:
+    """Folders next to the fleet file holding a customer.yaml of a customer the fleet file
+    does not list (not as a folder, nor by name): a base release would pass them by."""
+    names = fleet.names
+    found = []
+    with contextlib.suppress(OSError):
+        for child in sorted(fleet.path.parent.iterdir()):
+            file = child / CUSTOMER_FILE
+            if not file.is_file() or str(child.resolve()) in fleet.folders:
+                continue
+            try:  # a checkout of a customer listed by URL is no stranger
+                named = (yaml.safe_load(file.read_bytes()) or {}).get("customer")
+            except (OSError, yaml.YAMLError, AttributeError):
+                named = None
+            if named not in names:
+                found.append(child.name)
+    return found
+
+
+def _finish(
+    items: Sequence[PlanItem], records: _Records, version: Version, known: KnownRevision | None
+) -> None:
+    """Classify one customer's images to rebuild against their latest release records."""
+    changes: dict[tuple[str, str], list[str] | None] = {}
+
+    def changed(old: str, new: str) -> list[str] | None:
+        if (old, new) not in changes:  # the same for every variant of the customer
+            changes[(old, new)] = (
+                None if known is None else _changed_files(known.source, known.repo, old, new)
+            )
+        return changes[(old, new)]
+
+    for item in items:
+        if item.status != "rebuild" or item.key is None:
+            continue
+        if records.error is not None:
+            item.change, item.summary = None, f"previous release unknown ({records.error})"
+            continue
+        _classify(item, version, records.latest.get(item.key), changed)
 
 
 def plan(
@@ -511,46 +735,72 @@ def plan(
     *,
     branch: str = RELEASES_BRANCH,
     threads: int = PLAN_THREADS,
+    base_repository: str | None = None,
+    insecure: bool | None = None,
 ) -> FleetPlan:
-    """Per customer: does its constraint admit ``base_version``, and what would change.
+    """Per image (customer x variant): does its constraint admit ``base_version``, what would
+    change, and what would make its release build fail.
 
-    The repository is read once: one pass over history per repository and ref finds every
-    customer folder's config revision (:func:`last_commits`), each releases branch is fetched
-    once per remote, and what must be done per customer (reading and validating its files,
-    listing changed files) runs on ``threads`` threads.
+    The work is proportional to what changed: one pass over each repository's history since
+    the last plan finds every customer folder's config revision (:func:`last_commits`), a
+    customer whose revision is the one kept in the plan index is not read again, and each
+    releases branch is fetched once per remote with only the records added since read
+    (:meth:`ReleaseLog.latest_by_image`). Clones, fetches and record reads run on
+    ``threads`` threads. Besides git, one tag listing per base repository and variant
+    checks that the base exists.
     """
     started = time.perf_counter()
     version = parse_release_version(base_version)
     entries = fleet.entries
-    known = _known_revisions(entries, settings)
-    items: dict[str, PlanItem] = {}
+    index = PlanIndex.open(settings.cache_dir, fleet.path)
+    items: dict[str, list[PlanItem]] = {}
+    facts: dict[str, CustomerFacts] = {}
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        sources = _sources(entries, settings, pool)
+        known = _known_revisions(entries, sources, settings)
         # Customers the pass answered share an open repository (one git process, not
-        # thread-safe) and are read here; the others (clones, fetches) on the threads.
+        # thread-safe) and are read here; the others on the threads.
         others = {
-            e.name: pool.submit(_load_item, e, settings, version, None)
+            e.name: pool.submit(_read_facts, e, settings, None, index)
             for e in entries
             if e.name not in known
         }
         for entry in entries:
-            if entry.name in known:
-                items[entry.name] = _load_item(entry, settings, version, known[entry.name])
-        items.update({name: future.result() for name, future in others.items()})
+            try:
+                if entry.name in known:
+                    facts[entry.name] = _read_facts(entry, settings, known[entry.name], index)
+                else:
+                    facts[entry.name] = others[entry.name].result()
+                items[entry.name] = _items(entry, facts[entry.name], settings, version)
+            except BuilderError as exc:
+                items[entry.name] = [_error_item(entry, exc)]
         remotes = _record_remotes(entries, items, known)
         wanted = sorted(set(remotes.values()))
         fetched = dict(
             zip(wanted, pool.map(lambda r: _read_remote(r, settings, branch), wanted), strict=True)
         )
-        finishing = [
-            pool.submit(_finish_item, items[e.name], e, settings, version, fetched[remotes[e.name]])
-            for e in entries
-            if e.name in remotes
-        ]
-        for future in finishing:
-            future.result()
-    ordered = [items[e.name] for e in entries]
-    result = FleetPlan(base_version=str(version), fleet=str(fleet.path), items=ordered)
+    for entry in entries:
+        if entry.name in remotes:
+            _finish(items[entry.name], fetched[remotes[entry.name]], version, known.get(entry.name))
+    index.save()
+    ordered = [item for e in entries for item in items[e.name]]
+    result = FleetPlan(
+        base_version=str(version), fleet=str(fleet.path), items=ordered, unlisted=_unlisted(fleet)
+    )
+    result.notes += _problems(
+        ordered,
+        facts,
+        settings,
+        str(version),
+        base_repository=base_repository,
+        insecure=insecure,
+    )
     if not result.rebuild and not result.released and not result.errors:
         result.notes.append(f"no customer admits base {version}: nothing to rebuild")
+    for folder in result.unlisted:
+        result.notes.append(
+            f"{folder}/{CUSTOMER_FILE} is not in {fleet.path.name}: a base release does not "
+            "rebuild it (add it to the fleet file, or remove the folder)"
+        )
     result.seconds = round(time.perf_counter() - started, 3)
     return result

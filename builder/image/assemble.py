@@ -34,15 +34,26 @@ from builder.oci import (
     is_disk_full,
 )
 
-#: Bumped whenever the bytes a layer is built into change for the same inputs. Format 1: every
-#: entry of every layer carries the config commit time. Format 2: only stamped layers (the
-#: config layer) do; the others carry :data:`CONTENT_MTIME`, so a model layer's digest depends
-#: on that model's files alone and is one blob for every customer and every config commit.
-LAYER_FORMAT: Final = 2
+#: The image format: bumped whenever the bytes an image is built into change for the same
+#: inputs. Format 1: every entry of every layer carries the config commit time. Format 2: only
+#: stamped layers (the config layer) do; the others carry :data:`CONTENT_MTIME`, so a model
+#: layer's digest depends on that model's files alone and is one blob for every customer and
+#: every config commit. Format 3 (:data:`LOCATION_FREE_FORMAT`): the image names no location
+#: (no observed repository, base registry alias or production store spelling; see
+#: :func:`builder.image.provenance.image_locations`), so its digest is a function of content
+#: identity alone. (Named "layer format" when it only described layers.)
+LAYER_FORMAT: Final = 3
 #: Formats this builder can still write (``verify`` rebuilds older images with their own).
-LAYER_FORMATS: Final = (1, 2)
-#: Config label recording the layer format (absent on images built before format 2).
+LAYER_FORMATS: Final = (1, 2, 3)
+#: The first format whose images record no location.
+LOCATION_FREE_FORMAT: Final = 3
+#: Config label recording the format (absent on images built before format 2).
 LAYER_FORMAT_LABEL: Final = "com.ivd.layer-format"
+#: OCI key naming the base image by where it was pulled from (formats before 3 only).
+BASE_NAME_LABEL: Final = "org.opencontainers.image.base.name"
+#: OCI keys that name locations: never inherited from the base image from format 3 on (there
+#: they would describe the base, not this image).
+LOCATION_LABELS: Final = ("org.opencontainers.image.source", BASE_NAME_LABEL)
 #: Entry mtime of unstamped layers (format 2): fixed, as Jib does (``Instant.ofEpochSecond(1)``),
 #: and not 0, which some tools read as "no time".
 CONTENT_MTIME: Final = 1
@@ -222,7 +233,9 @@ def _layer_key(items: Sequence[_Item], compress: bool | None, mtime: int, fmt: i
             return None
         members.append([item.path, entry.mode & 0o7777, item.size, digest])
     key = {
-        "format": fmt,
+        # Formats 2 and 3 write the same layer bytes (3 changed only labels and the config
+        # layer's content): one key, so layers cached before format 3 are still reused.
+        "format": 1 if fmt == 1 else 2,
         "mtime": mtime,
         "compress": compress,
         "gzip": [GZIP_LEVEL, zlib.ZLIB_RUNTIME_VERSION],
@@ -433,13 +446,18 @@ def layer_root(spec: LayerSpec) -> str:
     return PurePosixPath(*common).as_posix() if common else "/"
 
 
-def standard_metadata(base: BaseImage, source_date_epoch: int) -> dict[str, str]:
-    """The OCI keys every image gets, as annotations and as labels: created, base.name/digest."""
-    return {
+def standard_metadata(
+    base: BaseImage, source_date_epoch: int, layer_format: int = LAYER_FORMAT
+) -> dict[str, str]:
+    """The OCI keys every image gets, as annotations and as labels: created, base.digest, and
+    before format 3 base.name (the name the base was reached by: a registry alias)."""
+    metadata = {
         "org.opencontainers.image.created": rfc3339(source_date_epoch),
-        "org.opencontainers.image.base.name": base.name,
         "org.opencontainers.image.base.digest": base.digest,
     }
+    if layer_format < LOCATION_FREE_FORMAT:
+        metadata[BASE_NAME_LABEL] = base.name
+    return metadata
 
 
 def build_config(
@@ -447,6 +465,7 @@ def build_config(
     new_layers: Sequence[tuple[Layer, str]],
     labels: Mapping[str, str],
     source_date_epoch: int,
+    layer_format: int = LAYER_FORMAT,
 ) -> dict[str, Any]:
     """The image config: the base's runtime config, our labels, history and DiffIDs.
 
@@ -456,6 +475,9 @@ def build_config(
     base_cfg = base.config.get("config") or {}
     runtime = {k: base_cfg[k] for k in INHERITED_CONFIG if base_cfg.get(k) is not None}
     merged = {str(k): str(v) for k, v in (base_cfg.get("Labels") or {}).items()}
+    if layer_format >= LOCATION_FREE_FORMAT:
+        for key in LOCATION_LABELS:
+            merged.pop(key, None)
     merged.update({str(k): str(v) for k, v in labels.items()})
     if merged:
         runtime["Labels"] = merged
@@ -501,9 +523,10 @@ def assemble(
     The base's layer descriptors are kept exactly (Docker media types included) so its blobs
     are reused by digest. ``org.opencontainers.image.{created,base.name,base.digest}`` are
     added to both the manifest annotations and the config labels unless the caller set them.
-    ``layer_format`` selects the layout rule (:data:`LAYER_FORMAT`; 1 only to rebuild images
-    made before format 2); from format 2 on it is recorded as the label
-    :data:`LAYER_FORMAT_LABEL`, so a rebuild can pick the same rule.
+    ``layer_format`` selects the format's rules (:data:`LAYER_FORMAT`; older ones only to
+    rebuild older images); from format 2 on it is recorded as the label
+    :data:`LAYER_FORMAT_LABEL`, so a rebuild can pick the same rules. From format 3 on
+    ``base.name`` is not added and the location keys of the base's labels are not inherited.
     """
     if source_date_epoch < 0:
         raise ImageError(f"SOURCE_DATE_EPOCH must be >= 0, got {source_date_epoch}")
@@ -524,7 +547,7 @@ def assemble(
         )
         for spec in layers
     ]
-    standard = standard_metadata(base, source_date_epoch)
+    standard = standard_metadata(base, source_date_epoch, layer_format)
     # Label and annotation values are strings in the image spec, whatever the caller passed.
     all_labels = {**standard, **{str(k): str(v) for k, v in labels.items()}}
     # The rule the layers were written with, never what a caller says it was. Format 1 images
@@ -533,7 +556,7 @@ def assemble(
     if layer_format >= 2:
         all_labels[LAYER_FORMAT_LABEL] = str(layer_format)
     all_annotations = {**standard, **{str(k): str(v) for k, v in annotations.items()}}
-    config = build_config(base, built, all_labels, source_date_epoch)
+    config = build_config(base, built, all_labels, source_date_epoch, layer_format)
     config_bytes = canonical_json(config)
     try:
         config_digest = store.put_bytes(config_bytes)

@@ -23,12 +23,12 @@ from builder.oci import (
     INDEX_TYPES,
     BlobStore,
     Descriptor,
-    RegistryClient,
     RetryPolicy,
     is_disk_full,
     layout_blob_path,
     read_layout_blob,
     read_layout_index,
+    shared_client,
     split_repository,
 )
 
@@ -147,7 +147,7 @@ def resolve_base(
     if repository.startswith("oci:"):
         return _resolve_layout(repository, version_spec, platform)
     host, path = split_repository(repository)
-    client = RegistryClient(host, insecure=insecure, retry=retry)
+    client = shared_client(host, insecure=insecure, retry=retry)
     what = f"base image {host}/{path}"
     tag = select_version(client.list_tags(path), version_spec, what=what)
     raw, media_type, digest = client.get_manifest(path, tag)
@@ -291,9 +291,11 @@ def fetch_base_blob(
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
 ) -> Path:
-    """Put one base-image blob into ``store`` (from its registry or OCI layout), verified."""
-    if store.has(descriptor.digest):
-        return store.path(descriptor.digest)
+    """Put one base-image blob into ``store`` (from its registry or OCI layout), verified; a
+    stored one is checked first (a bad one is removed and fetched again)."""
+    found = store.existing(descriptor.digest)
+    if found is not None:
+        return found
     if base.layout is not None:
         path = layout_blob_path(base.layout, descriptor.digest)
         try:
@@ -306,5 +308,5 @@ def fetch_base_blob(
                 f"cannot read base blob {descriptor.digest} from {base.layout}: {exc.strerror}"
             ) from None
     assert base.registry is not None
-    client = RegistryClient(base.registry, insecure=base.insecure, retry=retry)
+    client = shared_client(base.registry, insecure=base.insecure, retry=retry)
     return client.download_blob(base.path, descriptor.digest, store, progress, descriptor.size)

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from builder.contracts import Progress, ProgressEvent
 from builder.deliver import push
 from builder.errors import ImageError
 from builder.image.base import LABEL_VARIANT
+from builder.image.base_os import BASE_OS_IMAGE, ensure_base_os
 from builder.image.contract import CONTRACT_LABEL, runner_contract_from_source
 from builder.image.store import ImageStore, save_from_docker
 
@@ -155,11 +157,53 @@ def _pip(args: list[str], what: str) -> None:
         raise ImageError(f"{what} failed: {tail}")
 
 
-def default_wheelhouse(variant: str) -> Path:
-    """Machine-wide wheelhouse cache: <user cache>/ivd-builder/wheelhouse/<variant>."""
+#: pip's line for each distribution it fetches (from an index, its cache or a local folder).
+_DOWNLOADING = re.compile(
+    r"^\s*(?:Downloading|Using cached|Processing) (\S+?)(?: \(([\d.,]+ [kMG]?i?B)\))?(?: \(.*\))?$"
+)
+
+
+def _pip_download(args: list[str], what: str, expected: int, progress: Progress | None) -> None:
+    """`pip download` with each wheel it starts to download reported as it goes (a GPU
+    wheelhouse is 1.6 GB: minutes with nothing to show otherwise)."""
+    cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
+    errors: list[str] = []
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace"
+        )
+    except OSError as exc:
+        raise ImageError(f"{what} failed: {exc}") from None
+    assert proc.stdout is not None and proc.stderr is not None
+    count = 0
+    try:
+        for line in proc.stdout:
+            found = _DOWNLOADING.match(line.rstrip())
+            if found and progress:
+                count += 1
+                name = found.group(1).rsplit("/", 1)[-1]
+                size = f" ({found.group(2)})" if found.group(2) else ""
+                progress(ProgressEvent(stage=f"wheelhouse [{count}/{expected}] {name}{size}"))
+        errors = proc.stderr.read().splitlines()
+        proc.wait(timeout=max(1.0, _PIP_TIMEOUT - (time.monotonic() - started)))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise ImageError(f"{what}: pip did not finish in {_PIP_TIMEOUT} s") from None
+    if proc.returncode != 0:
+        raise ImageError(f"{what} failed: {' '.join(errors[-3:])}")
+
+
+def _user_cache() -> Path:
     import platformdirs
 
-    return Path(platformdirs.user_cache_path("ivd-builder")) / "wheelhouse" / variant
+    return Path(platformdirs.user_cache_path("ivd-builder"))
+
+
+def default_wheelhouse(variant: str) -> Path:
+    """Machine-wide wheelhouse cache: <user cache>/ivd-builder/wheelhouse/<variant>."""
+    return _user_cache() / "wheelhouse" / variant
 
 
 def ensure_wheelhouse(
@@ -182,18 +226,28 @@ def ensure_wheelhouse(
     if missing and download:
         if progress:
             progress(ProgressEvent("wheelhouse", len(reqs) - len(missing), len(reqs)))
+            progress(
+                ProgressEvent(
+                    stage=f"wheelhouse: downloading {len(missing)} of {len(reqs)} pinned wheels "
+                    f"from the index into {wheelhouse}"
+                )
+            )
         files = list(requirements)
-        _pip(
+        _pip_download(
             [
                 "download",
                 "--no-deps",
                 "--require-hashes",
+                "--progress-bar",
+                "off",
                 *_platform_args(base_dir),
                 *[a for f in files for a in ("-r", str(f))],
                 "-d",
                 str(wheelhouse),
             ],
             f"pip download into {wheelhouse}",
+            len(missing),
+            progress,
         )
         have = _index(wheelhouse)
         missing = [r for r in reqs if not r.hashes & have.keys()]
@@ -307,15 +361,24 @@ def _inputs_key(
     return h.hexdigest()
 
 
-def _built_before(docker_client: Any, reference: str, key: str) -> str | None:
-    """Id of an image in the engine built from exactly these inputs (tagged `reference`)."""
+def _built_before(
+    docker_client: Any, reference: str, key: str, labels: dict[str, str]
+) -> str | None:
+    """Id of an image in the engine built from exactly these inputs (tagged `reference`).
+
+    Every image built FROM the base (a customer image loaded or smoke-tested in the engine)
+    inherits its labels, the inputs key too: only an image whose labels are all the base's
+    own ``labels`` (its version, not a customer's ``<version>-<rev>``) is the base."""
     from docker.errors import DockerException
 
     try:
         found = docker_client.images.list(filters={"label": f"{LABEL_INPUTS}={key}"})
-        if not found:
+        image = next(
+            (i for i in found if all((i.labels or {}).get(k) == v for k, v in labels.items())),
+            None,
+        )
+        if image is None:
             return None
-        image = found[0]
         if reference not in (image.tags or []):
             repository, _, tag = reference.rpartition(":")
             image.tag(repository, tag)
@@ -373,9 +436,17 @@ def _run_build(
                 text = str(chunk.get("stream", "")).strip()
                 if text:
                     log.extend(text.splitlines())
-                    step = re.match(r"Step (\d+)/(\d+)", text)
+                    step = re.match(r"Step (\d+)/(\d+) : (.*)", text)
                     if step and progress:
                         steps = int(step.group(2))
+                        instruction = " ".join(step.group(3).split())
+                        if len(instruction) > 100:
+                            instruction = instruction[:97] + "..."
+                        progress(
+                            ProgressEvent(
+                                stage=f"build step {step.group(1)}/{steps}: {instruction}"
+                            )
+                        )
                         progress(ProgressEvent("build", int(step.group(1)), steps))
                 aux = chunk.get("aux") or {}
                 if aux.get("ID"):
@@ -436,6 +507,8 @@ def build_base_image(
     base_dir: Path = BASE_DIR,
     progress: Progress | None = None,
     store: ImageStore | None = None,
+    base_os_cache: Path | None = None,
+    debian_mirror: str | None = None,
 ) -> BaseImageBuild:
     """Build base-image/ as `<variant repository>:<version>` (and push it when `push`).
 
@@ -443,8 +516,10 @@ def build_base_image(
     `<variant repository>:<tag>`, and `push` sends exactly that manifest to the registry, so
     builds against the store and against the registry give the same digests.
 
-    `base_from` is the Python 3.11 base (python:3.11-slim-bookworm or the test bed's
-    stand-in) for both variants. `wheelhouse` None means the machine-wide cache
+    `base_from` is the Python 3.11 base for both variants: :data:`BASE_OS_IMAGE` (the
+    default) is made with debootstrap from a Debian mirror when the engine lacks it (its
+    rootfs cached in `base_os_cache`), anything else (python:3.11-slim-bookworm) is the
+    engine's to find or pull. `wheelhouse` None means the machine-wide cache
     (default_wheelhouse). Raises ImageError naming what failed.
     """
     if variant not in VARIANTS:
@@ -491,20 +566,36 @@ def build_base_image(
         "CONTRACT_SHA256": contract_sha,
     }
     reference = f"{repository}:{tag}"
+    if base_from == BASE_OS_IMAGE:
+        ensure_base_os(
+            docker_client,
+            base_os_cache or _user_cache() / "base-os",
+            mirror=debian_mirror,
+            progress=progress,
+        )
     with tempfile.TemporaryDirectory(prefix="ivd-base-image-") as tmp:
         runner = build_runner_wheel(house, Path(tmp), version, base_dir)
         base_id = _base_id(docker_client, base_from)
         key = _inputs_key(base_dir, requirements, runner, buildargs, base_id)
         # the same inputs built before: reuse that image rather than send the wheelhouse
         # (1.6 GB for gpu) to the engine only to hit its layer cache at every step
-        reused = _built_before(docker_client, reference, key) if base_id else None
+        reused = _built_before(docker_client, reference, key, labels) if base_id else None
         if reused:
             image_id, log = reused, [f"reused {reused}: built before from the same inputs"]
             if progress:
+                progress(ProgressEvent(stage=f"{reference}: {log[0]} (no build)"))
                 progress(ProgressEvent("build", 1, 1))
         else:
             context = Path(tmp) / "context.tar"
             _context(context, base_dir, requirements, wheels, runner)
+            if progress:
+                size = context.stat().st_size
+                progress(
+                    ProgressEvent(
+                        stage=f"building {reference} on {base_from} "
+                        f"(sending a {size / 1e6:,.0f} MB context to the engine)"
+                    )
+                )
             image_id, log = _run_build(
                 docker_client, context, reference, buildargs, progress, {LABEL_INPUTS: key}
             )
@@ -512,13 +603,7 @@ def build_base_image(
     wrong = {k: (got.get(k), v) for k, v in labels.items() if got.get(k) != v}
     if wrong:
         raise ImageError(f"{reference} was built with unexpected labels: {json.dumps(wrong)}")
-    stored = None
-    if store is not None:
-        with store.in_use():
-            stored = save_from_docker(docker_client, reference, store).digest
-            digest = _push_stored(store, reference, progress) if push else None
-    else:
-        digest = _push(docker_client, repository, tag, progress) if push else None
+    stored, digest = _deliver(docker_client, reference, store, push=push, progress=progress)
     return BaseImageBuild(
         reference=reference,
         image_id=image_id,
@@ -530,6 +615,28 @@ def build_base_image(
         store_digest=stored,
         log=log,
     )
+
+
+def _deliver(
+    docker_client: Any,
+    reference: str,
+    store: ImageStore | None,
+    *,
+    push: bool,
+    progress: Progress | None,
+) -> tuple[str | None, str | None]:
+    """Store the built image (and push that stored manifest); (store digest, pushed digest).
+    Without a store, push from the engine."""
+    if store is None:
+        repository, _, tag = reference.rpartition(":")
+        return None, _push(docker_client, repository, tag, progress) if push else None
+    with store.in_use():
+        if progress:
+            progress(ProgressEvent(stage=f"storing {reference} in {store.root}"))
+        stored = save_from_docker(docker_client, reference, store, progress).digest
+        if push and progress:
+            progress(ProgressEvent(stage=f"pushing {reference}"))
+        return stored, _push_stored(store, reference, progress) if push else None
 
 
 def _push_stored(store: ImageStore, reference: str, progress: Progress | None) -> str:

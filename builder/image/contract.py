@@ -11,7 +11,9 @@ One definition: the params schemas are the contract file's (read from the base i
 rebuilt here), and they are checked by the runner's own check, ``tilerunner.param_schema``
 (jsonschema plus the contract's one extra keyword, ``x-not-below``, and its words,
 ``x-expects``). The runner package is installed beside the builder (ci/builder-env.sh,
-scripts/bootstrap.sh); that module needs nothing but jsonschema.
+scripts/bootstrap.sh); that module needs nothing but jsonschema. Params marked
+``x-model-file`` (MODEL_FILE) name files of their model: each must be one of the model's
+pinned files, inside its folder (file_reference_problems).
 
 Contracts are cached by base manifest digest under ``<cache>/contracts/`` (sha256-checked on
 every read), so ``--locked``/offline builds and ``validate`` need no layer download twice.
@@ -19,26 +21,28 @@ every read), so ``--locked``/offline builds and ``validate`` need no layer downl
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-from tilerunner.param_schema import did_you_mean, param_problems
+from tilerunner.param_schema import MODEL_FILE, did_you_mean, marked, param_problems
 
 from builder import yamldoc
 from builder.contracts import CustomerSpec, ResolvedModel
 from builder.cook.load import read_committed_file
-from builder.errors import ConfigError, ImageError
+from builder.errors import ImageError
 from builder.fsutil import write_atomic
 from builder.image.base import BaseImage
 from builder.oci import BlobStore, RegistryClient, check_digest, layout_blob_path
+from builder.paths import UnsafePathError, relative_parts
 
 #: Where the base image installs the contract, and the label with its sha256.
 CONTRACT_PATH: Final = "/opt/tilerunner/contract.json"
@@ -119,8 +123,9 @@ def _layer_file(base: BaseImage, digest: str, size: int, cache_dir: Path) -> Pat
         return layout_blob_path(base.layout, digest)
 
     store = BlobStore(cache_dir / "oci")
-    if store.has(digest):
-        return store.path(digest)
+    found = store.existing(digest)
+    if found is not None:
+        return found
     assert base.registry is not None
     client = RegistryClient(base.registry, insecure=base.insecure)
     return client.download_blob(base.path, digest, store, size=size)
@@ -244,6 +249,24 @@ def _final_kinds(entries: Sequence[Mapping[str, Any]], start: set[str]) -> set[s
             return None
         kinds = {table[k] for k in kinds if k in table}
     return kinds
+
+
+def features_fed_by(
+    contract: Contract, postprocessing: Sequence[Mapping[str, Any]]
+) -> tuple[set[str] | None, list[tuple[str, str]]]:
+    """What a model with this postprocessing chain gives (its final prediction kinds; None
+    when the contract cannot tell), and every (feature class, model role) that takes it, by
+    feature name: what `builder init` builds a feature skeleton from."""
+    steps = contract.plugins("postprocessing")
+    entries = [steps.get(str(step.get("cls")), {}) for step in postprocessing]
+    final = _final_kinds(entries, _model_output_kinds(contract))
+    fits = [
+        (cls, role)
+        for cls, entry in sorted(contract.plugins("feature").items())
+        for role, kind in sorted((entry.get("models") or {}).items())
+        if final is None or kind in final
+    ]
+    return final, fits
 
 
 def check_config(
@@ -387,6 +410,15 @@ def _check_features(
     features_kind = checker.contract.plugins("feature")
     features = list(analysis.get("features") or [])
     names = [str(f.get("name") or f.get("cls")) for f in features]
+    # A feature named by a mistyped class: `depends_on` naming the class it was meant to be is
+    # the same mistake, reported once (on `cls`), not again with the typo as the suggestion.
+    meant = {
+        match[0]
+        for f in features
+        if not f.get("name") and str(f.get("cls")) not in features_kind
+        for match in [difflib.get_close_matches(str(f.get("cls")), list(features_kind), n=1)]
+        if match
+    }
     folded: dict[str, int] = {}
     for f_index, feature in enumerate(features):
         f_path = (*a_path, "features", f_index)
@@ -412,7 +444,7 @@ def _check_features(
             d_path = (*f_path, "depends_on", d_index)
             if parent == names[f_index]:
                 checker.report(d_path, f"feature {parent!r} depends on itself")
-            elif parent not in names:
+            elif parent not in names and parent not in meant:
                 checker.report(
                     d_path,
                     f"no feature {parent!r} in analysis {analysis.get('name')!r} "
@@ -488,13 +520,109 @@ def _cycle(names: Sequence[str], features: Sequence[Mapping[str, Any]]) -> str |
     return None
 
 
+# == model files ==============================================================================
+
+
+def _model_params_schema(contract: Contract | None) -> Mapping[str, Any]:
+    """The model params schema of the runner's newest config schema, or (no contract) of
+    this builder's own copy of the verbose schema."""
+    schemas: Mapping[str, Any] = (contract.data.get("config_schemas") or {}) if contract else {}
+    newest = schemas[max(schemas, key=int)] if schemas else yamldoc.schema("analysis-verbose")
+    found: Mapping[str, Any] = (newest.get("$defs") or {}).get("model_params") or {}
+    return found
+
+
+def _model_file_params(
+    model: ResolvedModel, contract: Contract | None
+) -> Iterator[tuple[tuple[str | int, ...], Any]]:
+    """Every param of a model (its params, each plug-in's params) that names a model file."""
+    yield from marked(_model_params_schema(contract), model.params, MODEL_FILE, ("params",))
+    if contract is None:
+        return
+    for kind in ("preprocessing", "postprocessing"):
+        known = contract.plugins(kind)
+        for index, step in enumerate(getattr(model, kind)):
+            schema = (known.get(step.cls) or {}).get("params")
+            yield from marked(schema, step.params, MODEL_FILE, (kind, index, "params"))
+
+
+def file_reference_problems(
+    spec: CustomerSpec, models: Sequence[ResolvedModel], contract: Contract | None
+) -> list[str]:
+    """Every param naming a model file (marked MODEL_FILE by the runner's contract, or by
+    this builder's verbose schema when the base declares no contract) that leaves its model
+    folder or is not a file the model has, at analysis.yaml:line with the model, the file
+    expected and the files present: the runner would fail "file not found" on every slide."""
+    origin = f"{spec.source.location}/{spec.analysis_path}"
+    doc = yamldoc.parse(read_committed_file(spec, spec.analysis_path) or b"", origin)
+    problems: list[str] = []
+    for model in models:
+        present = sorted(f.name for f in model.files)
+        manual = model.sourcing == "manual"
+        source = (
+            f"{model.name} (folder {model.weights_uri.removeprefix('repo:')})"
+            if manual
+            else f"{model.name} ({model.model_id}, from the registry)"
+        )
+        for path, value in _model_file_params(model, contract):
+            # written in analysis.yaml (manual models), or under the registry's reference
+            where = _where(doc, model.name, path if manual else ("reference",))
+            key = yamldoc.dotted(path)
+            try:
+                name = "/".join(relative_parts(str(value), what=key))
+            except UnsafePathError:
+                problems.append(
+                    f"{where}: model {source}: {key} {str(value)[:120]!r} leaves the model "
+                    "folder (absolute or '..'); a model file is a path inside it"
+                )
+                continue
+            if name not in present:
+                has = f"its files: {', '.join(present)}" if present else "it has no files"
+                problems.append(
+                    f"{where}: model {source}: {key} names {name!r}, which is not a file of "
+                    f"the model ({has})"
+                )
+    return problems
+
+
+def _where(doc: yamldoc.Document, model: str, path: tuple[str | int, ...]) -> str:
+    """analysis.yaml:line: key of ``path`` under the model's first declaration."""
+    for a_index, analysis in enumerate((doc.data or {}).get("analyses") or []):
+        if isinstance(analysis, Mapping) and model in (analysis.get("models") or {}):
+            full = ("analyses", a_index, "models", model, *path)
+            return f"{doc.where(full)}: {yamldoc.dotted(full)}"
+    return doc.origin
+
+
 def require_valid(problems: Sequence[str], contract: Contract) -> None:
-    """Raise one ConfigError listing every problem (none left out)."""
+    """Raise one ConfigError listing every problem (none left out), in file:line order."""
     if not problems:
         return
-    more = f" [{len(problems)} problems]" if len(problems) > 1 else ""
-    raise ConfigError(
-        "; ".join(problems) + more,
+    raise yamldoc.problems_error(
+        yamldoc.in_file_order(problems),
         hint=f"the runner in {contract.source} would refuse this config; fix analysis.yaml "
         "(`tilerunner contract` lists every plug-in and param)",
     )
+
+
+def require_loadable(
+    spec: CustomerSpec,
+    models: Sequence[ResolvedModel] | None,
+    contract: Contract | None,
+    *,
+    verbose: Mapping[str, Any] | None = None,
+    problems: Sequence[str] = (),
+) -> None:
+    """Raise one ConfigError listing, in file:line order, every reason the runner could not
+    load this config with these models: ``problems`` found before, every model file a param
+    names that the model lacks (always checked, with this builder's schema when the base
+    declares no contract), and, with a contract, everything :func:`check_config` finds."""
+    found = [*problems, *(file_reference_problems(spec, models, contract) if models else [])]
+    if contract is not None:
+        require_valid([*found, *check_config(spec, contract, models, verbose)], contract)
+    elif found:
+        raise yamldoc.problems_error(
+            yamldoc.in_file_order(found),
+            hint="the runner would not find these files: fix the params in the model registry "
+            "or analysis.yaml, or publish the file they name",
+        )

@@ -2,22 +2,36 @@
 
 Only inputs go in (config commit, base digest, model ids and sha256, tool version, the config
 commit time); never the build host, the wall clock, the ref name or any credential, so the same
-inputs give the same image digest.
+inputs give the same image digest. From image format 3 (:data:`LOCATION_FREE_FORMAT`) no
+location goes in either: not the clone's ``origin``, not the registry alias the base was pulled
+through, not the production store's spelling (see :func:`image_locations`); the attestation and
+the release record say where things were reached.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, Final
 
 from builder import __version__
 from builder.contracts import BaseImageRef, CustomerSpec, ResolvedModel, WeightFile
+from builder.cook.expand import located_weights_uri
 from builder.documents import FileDigest, sourcing
 from builder.documents.provenance import Provenance, ProvenanceModel
 from builder.errors import ImageError
+from builder.image.assemble import (
+    BASE_NAME_LABEL,
+    LAYER_FORMAT,
+    LAYER_FORMAT_LABEL,
+    LAYER_NAME_ANNOTATION,
+    LOCATION_FREE_FORMAT,
+)
 
 LABEL_PREFIX = "com.ivd"
+SOURCE_LABEL: Final = "org.opencontainers.image.source"
 
 
 def rfc3339(epoch: int) -> str:
@@ -52,17 +66,73 @@ def _file(f: WeightFile) -> FileDigest:
     return FileDigest(name=f.name, size=f.size, sha256=f.sha256)
 
 
+@dataclass(frozen=True)
+class Locations:
+    """How an image names where its inputs were: the config repository (``<url>#<folder>``),
+    the base image (``org.opencontainers.image.base.name``) and each model's weights URI.
+    None: the image names no such location."""
+
+    source: str | None
+    base_name: str | None
+    weights: Mapping[str, str]  # model name -> weights URI as the image records it
+
+
+def image_locations(
+    spec: CustomerSpec,
+    models: tuple[ResolvedModel, ...],
+    base: BaseImageRef,
+    *,
+    layer_format: int = LAYER_FORMAT,
+    recorded: Locations | None = None,
+) -> Locations:
+    """What an image of ``layer_format`` records as locations.
+
+    From :data:`LOCATION_FREE_FORMAT` on: the repository address customer.yaml declares (its
+    ``#folder`` appended), else none; no base image name; weights by :func:`located_weights_uri`.
+    So two clones of one commit, with any ``origin``, base registry alias or production store
+    spelling, build the same digest. Older formats recorded the observed locations; ``verify``
+    rebuilds such an image with what it ``recorded``.
+    """
+    if layer_format >= LOCATION_FREE_FORMAT:
+        source = spec.repository
+        if source and spec.source.subdir:
+            source = f"{source}#{spec.source.subdir}"
+        return Locations(source, None, {m.name: located_weights_uri(m) for m in models})
+    if recorded is not None:
+        return recorded
+    return Locations(
+        spec.source.url,
+        f"{base.repository}:{base.version}",
+        {m.name: m.weights_uri for m in models},
+    )
+
+
+def recorded_locations(labels: Mapping[str, str], provenance: Mapping[str, Any]) -> Locations:
+    """The locations an image recorded (its labels and provenance.json), read back."""
+    config = provenance.get("config") or {}
+    repository = config.get("repository")
+    return Locations(
+        source=str(repository) if repository is not None else None,
+        base_name=labels.get(BASE_NAME_LABEL),
+        weights={
+            str(m.get("name")): str(m.get("weights_uri")) for m in provenance.get("models") or []
+        },
+    )
+
+
 def provenance_document(
     spec: CustomerSpec,
     models: tuple[ResolvedModel, ...],
     *,
     verbose_sha256: str,
     development: bool,
+    source: str | None,
 ) -> Provenance:
-    """The in-image record (/app/config/provenance.json) that `explain` reads back."""
+    """The in-image record (/app/config/provenance.json) that `explain` reads back; ``models``
+    with the weights URIs the image records, ``source`` the repository it records."""
     return Provenance(
         customer=spec.customer,
-        config_repository=spec.source.url,
+        config_repository=source,
         config_commit=spec.commit,
         config_path=spec.source.subdir or ".",
         config_analysis=spec.analysis_path,
@@ -96,15 +166,15 @@ def image_labels(
     *,
     verbose_sha256: str,
     development: bool,
+    locations: Locations,
 ) -> dict[str, str]:
-    """OCI labels (mirrored as manifest annotations) plus the product's own keys."""
+    """OCI labels (mirrored as manifest annotations) plus the product's own keys; the source
+    and base name only where ``locations`` names them."""
     labels = {
         "org.opencontainers.image.title": f"{spec.customer} inference image",
         "org.opencontainers.image.version": image_version(spec, base),
         "org.opencontainers.image.revision": spec.commit,
-        "org.opencontainers.image.source": spec.source.url,
         "org.opencontainers.image.created": rfc3339(spec.commit_time),
-        "org.opencontainers.image.base.name": f"{base.repository}:{base.version}",
         "org.opencontainers.image.base.digest": base.digest or "",
         "org.opencontainers.image.vendor": "ivd-image-builder",
         f"{LABEL_PREFIX}.customer": spec.customer,
@@ -114,6 +184,10 @@ def image_labels(
         f"{LABEL_PREFIX}.development-build": "true" if development else "false",
         f"{LABEL_PREFIX}.builder.version": __version__,
     }
+    if locations.source is not None:
+        labels[SOURCE_LABEL] = locations.source
+    if locations.base_name is not None:
+        labels[BASE_NAME_LABEL] = locations.base_name
     if spec.worktree:
         labels[f"{LABEL_PREFIX}.config.dirty"] = "true"
     for m in models:
@@ -133,3 +207,122 @@ def manifest_annotations(labels: Mapping[str, str]) -> dict[str, str]:
         if k.startswith("org.opencontainers.image.")
         or k in (f"{LABEL_PREFIX}.customer", f"{LABEL_PREFIX}.development-build")
     }
+
+
+# -- what differs between two images ------------------------------------------------------------
+
+#: Labels that record an input, in the order a comparison lists them, with what they record.
+_INPUT_LABELS: Final = (
+    ("org.opencontainers.image.revision", "config commit"),
+    (f"{LABEL_PREFIX}.config.sha256", "verbose config sha256"),
+    ("org.opencontainers.image.base.digest", "base digest"),
+    (f"{LABEL_PREFIX}.base.version", "base version"),
+    (LAYER_FORMAT_LABEL, "image format"),
+    (f"{LABEL_PREFIX}.builder.version", "builder version"),
+    (f"{LABEL_PREFIX}.development-build", "development build"),
+    (SOURCE_LABEL, "recorded repository"),
+    (BASE_NAME_LABEL, "recorded base name"),
+)
+#: How many differences a one-line message lists before "and N more".
+MAX_DIFFERENCES: Final = 8
+
+
+def _shown(value: str | None) -> str:
+    if value is None:
+        return "none"
+    hexpart = value.removeprefix("sha256:")
+    if len(hexpart) in (40, 64) and all(c in "0123456789abcdef" for c in hexpart):
+        return value[: len(value) - len(hexpart) + 12]
+    return value if len(value) <= 80 else f"{value[:77]}..."
+
+
+def _label_name(key: str) -> str:
+    known = dict(_INPUT_LABELS)
+    if key in known:
+        return known[key]
+    model = key.removeprefix(f"{LABEL_PREFIX}.model.")
+    if model != key:
+        name, _, field = model.rpartition(".")
+        return f"model {name} {field}"
+    return f"label {key}"
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (a malformed document reads empty)."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _labels_of(config: Mapping[str, Any]) -> dict[str, str]:
+    raw = _mapping(_mapping(config.get("config")).get("Labels"))
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def _layers_of(manifest: Mapping[str, Any]) -> dict[str, str]:
+    layers = manifest.get("layers")
+    out = {}
+    for index, raw in enumerate(layers if isinstance(layers, list) else []):
+        layer = _mapping(raw)
+        name = _mapping(layer.get("annotations")).get(LAYER_NAME_ANNOTATION)
+        out[str(name or f"base layer {index}")] = str(layer.get("digest"))
+    return out
+
+
+def image_differences(
+    tagged: tuple[Mapping[str, Any], Mapping[str, Any]],
+    built: tuple[Mapping[str, Any], Mapping[str, Any]],
+) -> list[str]:
+    """What differs between two images, each given as (manifest, image config): their
+    recorded inputs side by side (config commit, verbose config, models, base digest, image
+    format, builder version, ...), ``<what>: <tagged> (tagged) vs <built> (this build)``; when
+    the recorded inputs agree, the layers that differ."""
+    a, b = _labels_of(tagged[1]), _labels_of(built[1])
+    if LAYER_FORMAT_LABEL in a or LAYER_FORMAT_LABEL in b:  # absent: format 1
+        a.setdefault(LAYER_FORMAT_LABEL, "1")
+        b.setdefault(LAYER_FORMAT_LABEL, "1")
+    first = [key for key, _ in _INPUT_LABELS]
+    models = sorted(k for k in set(a) | set(b) if k.startswith(f"{LABEL_PREFIX}.model."))
+    rest = sorted((set(a) | set(b)) - set(first) - set(models))
+    lines = [
+        f"{_label_name(key)}: {_shown(a.get(key))} (tagged) vs {_shown(b.get(key))} (this build)"
+        for key in [*first, *models, *rest]
+        if a.get(key) != b.get(key)
+    ]
+    if lines:
+        return lines
+    la, lb = _layers_of(tagged[0]), _layers_of(built[0])
+    lines = [
+        f"layer {name}: {_shown(la.get(name))} (tagged) vs {_shown(lb.get(name))} (this build)"
+        for name in [*la, *(n for n in lb if n not in la)]
+        if la.get(name) != lb.get(name)
+    ]
+    return lines or ["the recorded inputs and the layers agree; the manifests differ"]
+
+
+def summarize(differences: list[str]) -> str:
+    """Differences as one line (the first :data:`MAX_DIFFERENCES`, then how many more)."""
+    shown = differences[:MAX_DIFFERENCES]
+    more = len(differences) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more else "")
+
+
+def immutable_tag_error(
+    ref: str, current: str, new: str, differences: list[str], where: str = ""
+) -> ImageError:
+    """The refusal to move immutable tag ``ref`` (``where``: e.g. " in the local image store
+    DIR") from ``current`` to ``new``, naming what differs between the two images."""
+    return ImageError(
+        f"{ref} is an immutable tag{where} and already points to {current}; refusing to move "
+        f"it to {new}. What differs: {summarize(differences)}",
+        hint="build with a new config revision, or pass --force to overwrite",
+    )
+
+
+def forced_tag_warning(
+    ref: str, current: str, new: str, differences: list[str], where: str = ""
+) -> str:
+    """The warning of a forced move of immutable tag ``ref``: what it pointed to and what
+    differs."""
+    return (
+        f"FORCED: immutable tag {ref}{where} overwritten; it pointed to {current}, now {new} "
+        f"(what differs: {summarize(differences)})"
+    )

@@ -21,20 +21,18 @@ has written but not tagged yet.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
 import os
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-from builder.contracts import Progress
+from builder.contracts import Progress, ProgressEvent
 from builder.deliver import blob_source
 from builder.errors import ImageError
 from builder.image.assemble import AssembledImage, Layer
@@ -45,17 +43,23 @@ from builder.image.base import (
     parse_image_manifest,
     select_version,
 )
+from builder.image.provenance import forced_tag_warning, image_differences, immutable_tag_error
 from builder.oci import (
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
     OCI_CONFIG,
     OCI_LAYER_GZIP,
     OCI_MANIFEST,
+    REF_NAME,
     BlobStore,
     Descriptor,
     canonical_json,
+    check_digest,
     is_disk_full,
+    locked_file,
     read_layout_index,
+    read_nofollow,
+    update_layout_index,
     write_layout_index,
 )
 
@@ -85,6 +89,21 @@ class StoredImage:
     def tag(self) -> str | None:
         """The tag, or None for a by-digest name."""
         return split_name(self.reference)[1]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`ImageStore.verify` hashed, removed and found incomplete."""
+
+    blobs_checked: int
+    bytes_checked: int
+    removed: tuple[str, ...]  # one line per bad blob or link removed
+    incomplete: tuple[str, ...]  # names whose image now lacks a blob (build them again)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the store was sound: nothing removed, every named image complete."""
+        return not self.removed and not self.incomplete
 
 
 @dataclass(frozen=True)
@@ -125,7 +144,8 @@ class ImageStore:
 
     def images(self) -> list[StoredImage]:
         """Every named image, sorted by reference (an empty store has none)."""
-        if not (self.root / "index.json").exists():
+        index = self.root / "index.json"
+        if not index.exists() and not index.is_symlink():
             return []
         out = [
             StoredImage(e.ref_name, e.descriptor.digest, e.descriptor.media_type, e.descriptor.size)
@@ -155,8 +175,9 @@ class ImageStore:
         """
         what = f"base image {repository}:{version} ({digest[:19]}) in the local store {self.root}"
         if not self.complete(digest):
+            repaired = "".join(f"; {line}" for line in self.blobs.repairs)
             raise ImageError(
-                f"{what} lacks some of its blobs",
+                f"{what} lacks some of its blobs{repaired}",
                 hint="rebuild it with `builder base build`, or build once online to fetch it again",
             )
         raw = self.blobs.read_bytes(digest)
@@ -201,7 +222,7 @@ class ImageStore:
     @contextlib.contextmanager
     def in_use(self) -> Iterator[ImageStore]:
         """Hold the store shared while writing blobs and tags: prune waits until released."""
-        with self._gc_lock(fcntl.LOCK_SH, None):
+        with self._gc_lock(exclusive=False, wait=None):
             yield self
 
     def tag(self, manifest: Descriptor, references: Iterable[str]) -> None:
@@ -209,12 +230,50 @@ class ImageStore:
         write_layout_index(self.root, manifest, sorted(set(references)))
 
     def add_image(
-        self, image: AssembledImage, references: Iterable[str], progress: Progress | None = None
-    ) -> None:
-        """Store an assembled image complete (base layers copied in) under ``references``."""
+        self,
+        image: AssembledImage,
+        references: Iterable[str],
+        progress: Progress | None = None,
+        *,
+        immutable: Iterable[str] = (),
+        force: bool = False,
+    ) -> list[str]:
+        """Store an assembled image complete (base layers copied in) under ``references``.
+
+        A name in ``immutable`` that already names another image is refused, as a registry
+        refuses it (ImageError naming what differs), unless ``force``. Returns one warning
+        per forced name: what it named before and what differs.
+        """
+        forced: list[str] = []
+        for reference in immutable:
+            current = self.lookup(reference)
+            if current is None or current.digest == image.manifest_digest:
+                continue
+            differences = self._differences(current.digest, image)
+            where = f" in the local image store {self.root}"
+            if not force:
+                raise immutable_tag_error(
+                    reference, current.digest, image.manifest_digest, differences, where
+                )
+            forced.append(
+                forced_tag_warning(
+                    reference, current.digest, image.manifest_digest, differences, where
+                )
+            )
         for layer in image.layers:
             blob_source(image, layer.descriptor, progress)
         self.tag(image.manifest_descriptor, references)
+        return forced
+
+    def _differences(self, digest: str, image: AssembledImage) -> list[str]:
+        """What differs between the stored image ``digest`` and ``image`` (inputs side by side)."""
+        try:
+            manifest = json.loads(self.blobs.read_bytes(digest))
+            config = json.loads(self.blobs.read_bytes(str(manifest["config"]["digest"])))
+        except (OSError, ValueError, KeyError, TypeError, ImageError):
+            return ["the stored image could not be read"]
+        built = (json.loads(image.manifest_bytes), json.loads(image.config_bytes))
+        return image_differences((manifest, config), built)
 
     def keep_base(self, base: BaseImage, progress: Progress | None = None) -> None:
         """Keep a base image resolved elsewhere (a registry) in the store, by tag and digest.
@@ -231,12 +290,15 @@ class ImageStore:
         descriptor = Descriptor(media_type, digest, len(base.manifest_bytes))
         self.tag(descriptor, [f"{base.repository}:{base.version}", f"{base.repository}@{digest}"])
 
-    def import_docker_archive(self, archive: Path, reference: str) -> Descriptor:
+    def import_docker_archive(
+        self, archive: Path, reference: str, progress: Progress | None = None
+    ) -> Descriptor:
         """Store the image of a ``docker save`` archive as ``reference``; return its manifest.
 
         Reads ``manifest.json`` (both the classic and the OCI-layout form of ``docker save``),
         keeps the image config bytes as they are (its digest is the engine's image id), and
-        writes each layer gzipped without name or time, its DiffID checked against the config.
+        writes each layer gzipped without name or time, its DiffID checked against the config;
+        ``progress`` gets the bytes compressed so far (minutes for a 3 GB image).
         """
         try:
             with tarfile.open(archive) as tar:
@@ -248,8 +310,10 @@ class ImageStore:
                 diff_ids = json.loads(config_bytes)["rootfs"]["diff_ids"]
                 if len(diff_ids) != len(entry["Layers"]):
                     raise ImageError(f"{archive}: config and layers of {reference} disagree")
+                total = sum(tar.getmember(name).size for name in entry["Layers"])
+                counted = _Counted(f"compressing {reference}", total, progress)
                 layers = [
-                    self._gzip_layer(_member(tar, name), diff_id, reference)
+                    self._gzip_layer(_member(tar, name), diff_id, reference, counted)
                     for name, diff_id in zip(entry["Layers"], diff_ids, strict=True)
                 ]
         except (OSError, tarfile.TarError, ValueError, KeyError, IndexError, TypeError) as exc:
@@ -271,7 +335,9 @@ class ImageStore:
         self.tag(manifest, [reference])
         return manifest
 
-    def _gzip_layer(self, source: IO[bytes], diff_id: str, reference: str) -> Descriptor:
+    def _gzip_layer(
+        self, source: IO[bytes], diff_id: str, reference: str, counted: _Counted
+    ) -> Descriptor:
         sha = hashlib.sha256()
         with self.blobs.writer() as blob:
             with gzip.GzipFile(
@@ -280,6 +346,7 @@ class ImageStore:
                 while chunk := source.read(_CHUNK):
                     sha.update(chunk)
                     gz.write(chunk)
+                    counted.add(len(chunk))
             if "sha256:" + sha.hexdigest() != diff_id:
                 raise ImageError(f"a layer of {reference} does not match its DiffID {diff_id}")
         return Descriptor(OCI_LAYER_GZIP, blob.digest, blob.size)
@@ -304,33 +371,90 @@ class ImageStore:
             annotations=dict(base.manifest.get("annotations") or {}),
         )
 
+    # -- checks ----------------------------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Hash every blob in full (``builder images verify``, like ``git fsck``): a blob that
+        does not match its name, or is not a regular file, is removed; then say which named
+        images lack a blob now (they are fetched or built again by the next build)."""
+        checked = size = 0
+        with self.in_use():
+            for folder, dirs, files in os.walk(self.root):  # never into a linked folder
+                for name in [*dirs, *files]:
+                    path = Path(folder) / name
+                    if path.is_symlink() and path != self.root / "index.json":
+                        path.unlink()  # the link itself; index.json is refused by images()
+                        self.blobs.repairs.append(f"{path} was a symbolic link; removed")
+            for path in sorted(self.blobs.blobs.iterdir()):
+                digest = f"sha256:{path.name}"
+                try:
+                    check_digest(digest)
+                except ImageError:
+                    continue  # not a blob name: nothing this store reads
+                found = self.blobs.checked(digest)
+                checked += 1
+                size += found.stat().st_size if found is not None else 0
+            incomplete = [i.reference for i in self.images() if not self.complete(i.digest)]
+        return VerifyReport(checked, size, tuple(self.blobs.repairs), tuple(incomplete))
+
     # -- garbage collection ----------------------------------------------------------------
 
     def prune(self, *, dry_run: bool = False, wait: float = PRUNE_WAIT) -> PruneReport:
-        """Remove every blob no named image reaches (manifests, configs, layers, index children).
+        """Remove every blob no named image reaches (manifests, configs, layers, index children,
+        and the attestations attached to them).
 
         Waits up to ``wait`` seconds for running builds to release the store, then holds it
-        exclusively: nothing is written meanwhile. Layer-cache records whose blob is gone and
-        leftover temporary files go too.
+        exclusively: nothing is written meanwhile. Layer-cache records whose blob is gone,
+        index entries of attestations whose image is gone and leftover temporary files go too.
         """
-        with self._gc_lock(fcntl.LOCK_EX, wait):
+        with self._gc_lock(exclusive=True, wait=wait):
             names = self.images()
             keep: set[str] = set()
             for image in names:
                 self._reach(image.digest, keep)
+            self._reach_referrers(keep)
             removed = removed_bytes = kept = 0
             for path in sorted(self.blobs.blobs.iterdir()):
-                if f"sha256:{path.name}" in keep:
+                if f"sha256:{path.name}" in keep and not path.is_symlink():
                     kept += 1
                     continue
                 removed += 1
                 with contextlib.suppress(OSError):
-                    removed_bytes += path.stat().st_size
+                    removed_bytes += path.lstat().st_size
                     if not dry_run:
-                        path.unlink()
+                        path.unlink()  # a link is removed itself, never what it points to
             if not dry_run:
                 self._sweep_records_and_tmp()
+                if (self.root / "index.json").is_file():
+                    update_layout_index(
+                        self.root,
+                        lambda items: [
+                            i
+                            for i in items
+                            if (i.get("annotations") or {}).get(REF_NAME) or i.get("digest") in keep
+                        ],
+                    )
         return PruneReport(len(names), kept, removed, removed_bytes, dry_run)
+
+    def _reach_referrers(self, keep: set[str]) -> None:
+        """Add what the unnamed index entries (attached attestations) whose subject is kept
+        reach: an attestation lives as long as its image."""
+        if not (self.root / "index.json").is_file():
+            return
+        artifacts = [e.descriptor.digest for e in read_layout_index(self.root) if not e.ref_name]
+        grew = True
+        while grew:
+            grew = False
+            for digest in artifacts:
+                if digest in keep:
+                    continue
+                try:
+                    subject = json.loads(self.blobs.read_bytes(digest)).get("subject") or {}
+                except (OSError, ValueError, AttributeError, ImageError):
+                    continue
+                if isinstance(subject, dict) and subject.get("digest") in keep:
+                    self._reach(digest, keep)
+                    grew = True
 
     def _reach(self, digest: str, keep: set[str]) -> None:
         """Add ``digest`` and every blob it references (recursively) to ``keep``."""
@@ -357,39 +481,29 @@ class ImageStore:
     def _sweep_records_and_tmp(self) -> None:
         for record in (self.root / "layers").glob("*.json"):
             with contextlib.suppress(OSError, ValueError):
-                digest = json.loads(record.read_text("utf-8")).get("digest")
+                digest = json.loads(read_nofollow(record)).get("digest")
                 if not isinstance(digest, str) or not self.blobs.has(digest):
                     record.unlink()
-        for tmp in (self.root / "tmp").iterdir():
+        for folder in ("verified", "pushed"):
+            for record in (self.root / folder).iterdir():
+                if not (self.blobs.blobs / record.name).is_file():
+                    record.unlink(missing_ok=True)
+        for tmp in self.blobs.tmp.iterdir():
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
-    @contextlib.contextmanager
-    def _gc_lock(self, mode: int, wait: float | None) -> Iterator[None]:
+    def _gc_lock(
+        self, *, exclusive: bool, wait: float | None
+    ) -> contextlib.AbstractContextManager[None]:
         """flock the store: shared (builds) or exclusive (prune, waiting at most ``wait`` s)."""
-        try:
-            fd = os.open(self.root / _GC_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise ImageError(
-                f"cannot lock the local image store {self.root}: {exc.strerror or exc}",
-                hint=_WRITABLE,
-            ) from None
-        try:
-            deadline = None if wait is None else time.monotonic() + wait
-            while True:
-                try:
-                    fcntl.flock(fd, mode | (0 if deadline is None else fcntl.LOCK_NB))
-                    break
-                except BlockingIOError:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise ImageError(
-                            f"the local image store {self.root} is in use by a build",
-                            hint="run `builder images prune` again when the build has finished",
-                        ) from None
-                    time.sleep(0.1)
-            yield
-        finally:
-            os.close(fd)
+
+        def busy() -> ImageError:
+            return ImageError(
+                f"the local image store {self.root} is in use by a build",
+                hint="run `builder images prune` again when the build has finished",
+            )
+
+        return locked_file(self.root / _GC_LOCK, exclusive=exclusive, wait=wait, busy=busy)
 
 
 def _member(tar: tarfile.TarFile, name: str) -> IO[bytes]:
@@ -399,14 +513,40 @@ def _member(tar: tarfile.TarFile, name: str) -> IO[bytes]:
     return member
 
 
-def save_from_docker(docker_client: Any, reference: str, store: ImageStore) -> Descriptor:
-    """Copy the engine's image ``reference`` into ``store`` (``docker save``, then import)."""
+class _Counted:
+    """Bytes done of a total, reported to an optional progress callback."""
+
+    def __init__(self, what: str, total: int, progress: Progress | None) -> None:
+        self.what, self.total, self.done, self.progress = what, total, 0, progress
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.progress:
+            self.progress(ProgressEvent(self.what, self.done, max(self.total, self.done)))
+
+
+def save_from_docker(
+    docker_client: Any, reference: str, store: ImageStore, progress: Progress | None = None
+) -> Descriptor:
+    """Copy the engine's image ``reference`` into ``store`` (``docker save``, then import);
+    ``progress`` gets the bytes exported (a GPU base is 3 GB: minutes)."""
     from docker.errors import DockerException
 
-    with tempfile.NamedTemporaryFile(dir=store.root / "tmp", prefix="docker-save-") as spool:
+    try:
+        image = docker_client.images.get(reference)
+    except DockerException as exc:
+        raise ImageError(f"cannot export {reference} from the Docker engine: {exc}") from None
+    kept = _stored_as(store, reference, str(image.id))
+    if kept is not None:
+        return kept  # stored before, the same image (config digest = the engine's image id)
+    with tempfile.NamedTemporaryFile(dir=store.blobs.tmp, prefix="docker-save-") as spool:
         try:
-            for chunk in docker_client.images.get(reference).save(named=True):
+            total, done = int(image.attrs.get("Size") or 0), 0
+            for chunk in image.save(named=True):
                 spool.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(ProgressEvent(f"exporting {reference}", done, max(total, done)))
             spool.flush()
         except DockerException as exc:
             raise ImageError(f"cannot export {reference} from the Docker engine: {exc}") from None
@@ -414,4 +554,22 @@ def save_from_docker(docker_client: Any, reference: str, store: ImageStore) -> D
             raise ImageError(
                 f"cannot export {reference} into {store.root}: {exc.strerror}"
             ) from None
-        return store.import_docker_archive(Path(spool.name), reference)
+        return store.import_docker_archive(Path(spool.name), reference, progress)
+
+
+def _stored_as(store: ImageStore, reference: str, image_id: str) -> Descriptor | None:
+    """A complete stored manifest whose config is ``image_id`` (the engine's image id is its
+    config digest), named ``reference`` from now on: re-exporting it would give the same config
+    and layers (minutes for a 3 GB base). ``reference`` itself is looked at first."""
+    named = [i for i in store.images() if i.reference == reference]
+    for found in [*named, *(i for i in store.images() if i.reference != reference)]:
+        try:
+            config = json.loads(store.blobs.read_bytes(found.digest))["config"]["digest"]
+        except (OSError, ValueError, KeyError, TypeError, ImageError):
+            continue
+        if config == image_id and store.complete(found.digest):
+            manifest = Descriptor(found.media_type, found.digest, found.size)
+            if found.reference != reference:
+                store.tag(manifest, [reference])
+            return manifest
+    return None

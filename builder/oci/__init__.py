@@ -12,7 +12,18 @@ is imported by its own name (it reads attestations through :mod:`builder.attest`
 imports this package).
 """
 
-from builder.oci.blobs import BlobStore, BlobWriter, atomic_write, hash_file, is_disk_full
+from builder.oci.blobs import (
+    BlobStore,
+    BlobWriter,
+    atomic_write,
+    hash_file,
+    is_disk_full,
+    link_refused,
+    locked_file,
+    open_nofollow,
+    read_nofollow,
+    remove_abandoned,
+)
 from builder.oci.descriptor import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -38,6 +49,7 @@ from builder.oci.layout import (
     LayoutEntry,
     copy_blob,
     layout_blob_path,
+    layout_directories,
     locked_layout,
     read_layout_blob,
     read_layout_index,
@@ -51,7 +63,7 @@ from builder.oci.reference import (
     split_repository,
     use_plain_http,
 )
-from builder.oci.remote import RegistryClient, RetryPolicy
+from builder.oci.remote import BlobUnknownError, RegistryClient, RetryPolicy, shared_client
 
 __all__ = [
     "DOCKER_CONFIG",
@@ -70,6 +82,7 @@ __all__ = [
     "OCI_MANIFEST",
     "REF_NAME",
     "BlobStore",
+    "BlobUnknownError",
     "BlobWriter",
     "Descriptor",
     "LayoutEntry",
@@ -84,11 +97,18 @@ __all__ = [
     "is_disk_full",
     "is_loopback",
     "layout_blob_path",
+    "layout_directories",
+    "link_refused",
+    "locked_file",
     "locked_layout",
+    "open_nofollow",
     "parse_reference",
     "read_layout_blob",
     "read_layout_index",
+    "read_nofollow",
+    "remove_abandoned",
     "sha256_digest",
+    "shared_client",
     "split_repository",
     "update_layout_index",
     "use_plain_http",

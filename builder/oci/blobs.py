@@ -12,9 +12,10 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -26,6 +27,7 @@ _CHUNK: Final = 1 << 20
 #: A temporary file no process holds locked and this old (seconds) was left by a killed one.
 _STALE_TMP: Final = 60
 _PUSHED_KEPT: Final = 4  # repositories remembered per blob and registry
+_PRESENT_KEPT: Final = 256  # blobs remembered per repository (the newest)
 
 
 # -- blob store ----------------------------------------------------------------------------
@@ -67,54 +69,142 @@ class BlobStore:
     temporary file in the same directory tree, fsynced and renamed, so a crash or a full
     disk never leaves a blob whose content does not match its name. ``layers/<key>.json``
     maps a layer's input key to the blob built from it, so unchanged layers are not re-tarred.
+
+    The folder is a trust boundary, like a registry: no symbolic link inside it is followed
+    (a linked cache folder, lock or record is replaced, a linked blob is dropped, a linked
+    ``blobs`` folder or index is refused), and a blob is checked before it is reused: its
+    size and a record of when it was last hashed (``verified/<hex>``: inode, size, mtime,
+    ctime), hashed again whenever the file changed since; :meth:`checked` hashes it in full
+    (exports, ``builder images verify``). A bad blob is removed, so it is fetched or built
+    again, and :attr:`repairs` says so in one line each.
     """
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
-        self.blobs = self.root / "blobs" / "sha256"
-        self._tmp = self.root / "tmp"
-        self._layers = self.root / "layers"
-        for directory in (self.blobs, self._tmp, self._layers):
-            directory.mkdir(parents=True, exist_ok=True)
+        #: What was found wrong in the store and repaired, one line each (for the user).
+        self.repairs: list[str] = []
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = self._directory("blobs", "sha256", replace=False)
+        self._tmp = self._directory("tmp")
+        self._layers = self._directory("layers")
+        for records in ("verified", "pushed", "present"):
+            self._directory(records)
         self._sweep_tmp()
         layout = self.root / "oci-layout"
-        if not layout.exists():
+        if not layout.is_file() or layout.is_symlink():
             atomic_write(layout, canonical_json({"imageLayoutVersion": "1.0.0"}), self._tmp)
 
+    def _directory(self, *parts: str, replace: bool = True) -> Path:
+        """The store's folder ``parts`` (made if missing), never reached through a link: a
+        linked cache folder is replaced by an empty one, a linked ``blobs`` is refused."""
+        path = self.root
+        for part in parts:
+            path /= part
+            if path.is_symlink():
+                if not replace:
+                    raise link_refused(self.root, path)
+                path.unlink()  # the link itself; what it points to is left alone
+                self.repairs.append(f"{path} was a symbolic link; replaced by an empty folder")
+            path.mkdir(exist_ok=True)
+        return path
+
     def _sweep_tmp(self) -> None:
-        """Remove temporary files a killed process left: a writer holds an exclusive ``flock``
-        on its file until it is renamed or removed, and the kernel drops it when the writer
-        dies, so an unlocked file older than a minute is abandoned, never one in use."""
-        cutoff = time.time() - _STALE_TMP
-        for path in self._tmp.iterdir():
-            with contextlib.suppress(OSError):
-                if path.stat().st_mtime >= cutoff:
-                    continue
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use
-                    path.unlink()
-                finally:
-                    os.close(fd)
+        remove_abandoned(self._tmp.iterdir())
+
+    @property
+    def tmp(self) -> Path:
+        """The store's folder for temporary files (swept of what killed processes left)."""
+        return self._tmp
 
     def path(self, digest: str) -> Path:
         """Where the blob ``digest`` lives (whether or not it is present)."""
         return self.blobs / check_digest(digest).split(":", 1)[1]
 
+    def existing(self, digest: str) -> Path | None:
+        """The blob's path when it is present and checked (cheaply, see the class); None when
+        it is absent or was bad (then removed, and said in :attr:`repairs`)."""
+        return self._check(digest, full=False)
+
+    def checked(self, digest: str) -> Path | None:
+        """:meth:`existing`, hashing the blob in full whatever its record says (exports)."""
+        return self._check(digest, full=True)
+
     def has(self, digest: str) -> bool:
-        """Whether the blob is present."""
-        return self.path(digest).is_file()
+        """Whether the blob is present and checked (see :meth:`existing`)."""
+        return self.existing(digest) is not None
 
     def size(self, digest: str) -> int:
         """Size in bytes of a present blob."""
-        return self.path(digest).stat().st_size
+        return self.path(digest).lstat().st_size
 
     def read_bytes(self, digest: str) -> bytes:
-        """The content of a present (small) blob, verified against its digest."""
-        data = self.path(digest).read_bytes()
+        """The content of a present (small) blob, verified against its digest; a bad one is
+        removed (ImageError: fetch or build it again)."""
+        path = self.path(digest)
+        try:
+            data = read_nofollow(path)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise  # absent: the caller says what is missing
+            data = b""  # a link: never followed, removed below
         if sha256_digest(data) != digest:
-            raise ImageError(f"blob {digest} in {self.root} is corrupt; delete it and rebuild")
+            self._drop(path, digest, "does not match its digest (or is a link)")
+            raise ImageError(
+                f"blob {digest} in {self.root} was corrupt and has been removed",
+                hint="build again (or `builder images verify` to check the whole store)",
+            )
         return data
+
+    def _check(self, digest: str, *, full: bool) -> Path | None:
+        path = self.path(digest)
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            self._drop(path, digest, "is not a regular file (a link?)")
+            return None
+        if not full and self._verified_record(digest) == _stat_key(info):
+            return path
+        try:
+            actual = hash_file(path)
+        except OSError as exc:
+            raise ImageError(f"cannot read blob {digest} in {self.root}: {exc.strerror}") from None
+        if actual != digest:
+            self._drop(
+                path, digest, f"does not match its digest (its content hashes to {actual[:19]})"
+            )
+            return None
+        self.note_verified(digest)
+        return path
+
+    def _drop(self, path: Path, digest: str, why: str) -> None:
+        """Remove a bad blob (a link is removed, never followed) and its verified record."""
+        with contextlib.suppress(OSError):  # a folder planted there stays: it is never read
+            path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self._verified_path(digest).unlink()
+        self.repairs.append(
+            f"blob {digest[:19]} in the local store {why}; removed, to be fetched or built again"
+        )
+
+    def _verified_path(self, digest: str) -> Path:
+        return self.root / "verified" / check_digest(digest).split(":", 1)[1]
+
+    def _verified_record(self, digest: str) -> list[int] | None:
+        try:
+            record = json.loads(read_nofollow(self._verified_path(digest)))
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, list) else None
+
+    def note_verified(self, digest: str) -> None:
+        """Remember that the blob hashed to its digest as it is now (inode, size, times):
+        after writing it, after hashing it, and after hard-linking a checked blob elsewhere
+        (which changes its ctime, not its content)."""
+        with contextlib.suppress(OSError):  # only saves a hash next time
+            key = _stat_key(self.path(digest).lstat())
+            atomic_write(self._verified_path(digest), canonical_json(key), self._tmp, durable=False)
 
     def put_bytes(self, data: bytes) -> str:
         """Store ``data``; return its digest."""
@@ -124,9 +214,9 @@ class BlobStore:
 
     def ingest(self, chunks: Iterable[bytes], digest: str) -> Path:
         """Store a stream that must hash to ``digest`` (downloads); return the blob path."""
-        check_digest(digest)
-        if self.has(digest):
-            return self.path(digest)
+        found = self.existing(digest)
+        if found is not None:
+            return found
         with self.writer(expected=digest) as writer:
             for chunk in chunks:
                 writer.write(chunk)
@@ -154,15 +244,16 @@ class BlobStore:
                     f"content does not match its digest: expected {expected}, got {digest}"
                 )
             tmp.chmod(0o644)
-            tmp.replace(self.path(digest))
+            tmp.replace(self.path(digest))  # a link planted there is replaced, not followed
+            self.note_verified(digest)
         finally:
             tmp.unlink(missing_ok=True)
 
     def layer_record(self, key: str) -> dict[str, Any] | None:
-        """The cached result of building the layer with input ``key``, if its blob is present."""
-        path = self._layers / f"{key}.json"
+        """The cached result of building the layer with input ``key``, if its blob is present
+        and checked (a changed or corrupt blob means building the layer again)."""
         try:
-            record: dict[str, Any] = json.loads(path.read_text("utf-8"))
+            record: dict[str, Any] = json.loads(read_nofollow(self._layers / f"{key}.json"))
         except (OSError, ValueError):
             return None
         if not isinstance(record.get("digest"), str) or not self.has(record["digest"]):
@@ -181,7 +272,7 @@ class BlobStore:
 
     def _pushed_record(self, digest: str) -> dict[str, Any]:
         try:
-            record = json.loads(self._pushed_path(digest).read_text("utf-8"))
+            record = json.loads(read_nofollow(self._pushed_path(digest)))
         except (OSError, ValueError):
             return {}
         return record if isinstance(record, dict) else {}
@@ -200,9 +291,122 @@ class BlobStore:
             return  # already the newest: no write (and no fsync) on every rebuild
         known = [r for r in known if r != repository]
         record[host] = [repository, *known][:_PUSHED_KEPT]
-        path = self._pushed_path(digest)
-        path.parent.mkdir(exist_ok=True)
-        atomic_write(path, canonical_json(record), self._tmp, durable=False)
+        atomic_write(self._pushed_path(digest), canonical_json(record), self._tmp, durable=False)
+
+    def _present_path(self, host: str, repository: str) -> Path:
+        key = hashlib.sha256(f"{host}/{repository}".encode()).hexdigest()
+        return self.root / "present" / key
+
+    def present_in(self, host: str, repository: str) -> set[str]:
+        """Blobs this store pushed (or found) in ``host/repository``: a push need not ask the
+        registry about them again (a hint: a manifest the registry then refuses for a missing
+        blob makes the push check every blob)."""
+        try:
+            found = json.loads(read_nofollow(self._present_path(host, repository)))
+        except (OSError, ValueError):
+            return set()
+        return {d for d in found if isinstance(d, str)} if isinstance(found, list) else set()
+
+    def note_present(self, host: str, repository: str, digests: Iterable[str]) -> None:
+        """Remember that ``digests`` are in ``host/repository`` (the newest kept); written only
+        when that adds something."""
+        path = self._present_path(host, repository)
+        try:
+            kept = json.loads(read_nofollow(path))
+        except (OSError, ValueError):
+            kept = []
+        known = [d for d in kept if isinstance(d, str)] if isinstance(kept, list) else []
+        fresh = [check_digest(d) for d in dict.fromkeys(digests) if d not in set(known)]
+        if fresh:
+            data = canonical_json((known + fresh)[-_PRESENT_KEPT:])
+            atomic_write(path, data, self._tmp, durable=False)
+
+    def forget_present(self, host: str, repository: str) -> None:
+        """Drop what :meth:`note_present` remembered of ``host/repository`` (it proved wrong)."""
+        self._present_path(host, repository).unlink(missing_ok=True)
+
+
+def remove_abandoned(paths: Iterable[Path]) -> None:
+    """Remove temporary files a killed process left: a writer holds an exclusive ``flock``
+    on its file until it is renamed or removed, and the kernel drops it when the writer
+    dies, so an unlocked file older than a minute is abandoned, never one in use. A link
+    is removed at once (never followed)."""
+    cutoff = time.time() - _STALE_TMP
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if path.is_symlink():
+                path.unlink()
+                continue
+            if path.lstat().st_mtime >= cutoff:
+                continue
+            fd = open_nofollow(path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use
+                path.unlink()
+            finally:
+                os.close(fd)
+
+
+def _stat_key(info: os.stat_result) -> list[int]:
+    """What changes when a file's content may have: inode, size, mtime and ctime (ns)."""
+    return [info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def link_refused(root: Path, path: Path) -> ImageError:
+    """The one-line refusal of a symbolic link where the store or a layout needs a folder or
+    file of its own."""
+    return ImageError(
+        f"{path} is a symbolic link; links are not followed in {root}",
+        hint="remove the link (point image_store or the layout at the real folder instead)",
+    )
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that fails (ELOOP) instead of following a link at ``path``."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def read_nofollow(path: Path) -> bytes:
+    """A file's bytes; OSError (ELOOP) when ``path`` is a symbolic link."""
+    fd = open_nofollow(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as file:
+        return file.read()
+
+
+@contextlib.contextmanager
+def locked_file(
+    path: Path, *, exclusive: bool, wait: float | None, busy: Callable[[], ImageError]
+) -> Iterator[None]:
+    """Hold an ``flock`` on the lock file ``path`` (made if missing; a link there is replaced,
+    never followed), shared or exclusive, waiting at most ``wait`` seconds (None: no limit);
+    ``busy()`` is raised when the wait runs out."""
+    flags = os.O_RDWR | os.O_CREAT
+    try:
+        try:
+            fd = open_nofollow(path, flags)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            path.unlink()  # a planted link: remove it (its target is left alone), lock our own
+            fd = open_nofollow(path, flags | os.O_EXCL)
+    except OSError as exc:
+        raise ImageError(
+            f"cannot lock {path}: {exc.strerror or exc}", hint="check that the folder is writable"
+        ) from None
+    try:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, mode | (0 if deadline is None else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise busy() from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
 
 
 def atomic_write(
@@ -233,9 +437,9 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def hash_file(path: Path) -> str:
-    """``sha256:<hex>`` of a file, read in chunks."""
+    """``sha256:<hex>`` of a file, read in chunks (OSError when ``path`` is a link)."""
     sha = hashlib.sha256()
-    with path.open("rb") as file:
+    with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as file:
         while chunk := file.read(_CHUNK):
             sha.update(chunk)
     return "sha256:" + sha.hexdigest()

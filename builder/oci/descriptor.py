@@ -84,13 +84,16 @@ class Descriptor:
             media_type = str(data["mediaType"])
             digest = check_digest(str(data["digest"]))
             size = int(data["size"])
+            annotations = data.get("annotations") or {}
+            if not isinstance(annotations, Mapping):
+                raise TypeError("annotations is not a mapping")
         except (KeyError, TypeError, ValueError) as exc:
-            raise ImageError(f"malformed OCI descriptor: {dict(data)!r}") from exc
+            raise ImageError(f"malformed OCI descriptor: {dict(data)!r}"[:300]) from exc
         known = {"mediaType", "digest", "size", "annotations"}
         return cls(
             media_type=media_type,
             digest=digest,
             size=size,
-            annotations=dict(data.get("annotations") or {}),
+            annotations=dict(annotations),
             extra={k: v for k, v in data.items() if k not in known},
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from builder.oci import (
     Descriptor,
     RegistryClient,
     layout_blob_path,
+    open_nofollow,
     parse_reference,
     read_layout_blob,
     read_layout_index,
@@ -65,6 +67,7 @@ class OpenedImage:
 
     def __init__(self, what: str) -> None:
         self.what = what
+        self.notes: list[str] = []  # how it was found, when that is worth saying
         self.manifest_digest = ""
         self.manifest: dict[str, Any] = {}
         self.config: dict[str, Any] = {}
@@ -176,7 +179,7 @@ class LayoutImage(OpenedImage):
     def open_blob(self, descriptor: Descriptor) -> Iterator[IO[bytes]]:
         path = layout_blob_path(self.directory, descriptor.digest)
         try:
-            file = path.open("rb")
+            file = os.fdopen(open_nofollow(path, os.O_RDONLY), "rb")  # a link is never read
         except OSError:
             raise ImageError(f"{self.what} lacks blob {descriptor.digest}") from None
         with file:
@@ -299,7 +302,7 @@ class RegistryImage(OpenedImage):
     @contextlib.contextmanager
     def open_blob(self, descriptor: Descriptor) -> Iterator[IO[bytes]]:
         store = BlobStore(self._store_root)
-        path = store.path(descriptor.digest) if store.has(descriptor.digest) else None
+        path = store.existing(descriptor.digest)
         if path is None:
             path = self.client.download_blob(
                 self.path, descriptor.digest, store, size=descriptor.size
@@ -340,7 +343,26 @@ def open_image(reference: str, settings: Settings, *, insecure: bool | None = No
         return ArchiveImage(path)
     if reference.startswith(("/", ".", "~")):
         raise ImageError(f"{reference}: no such OCI layout or docker archive")
-    return RegistryImage(reference, settings, insecure)
+    try:
+        return RegistryImage(reference, settings, insecure)
+    except ImageError as online:
+        stored = _stored_image(reference, settings.store_dir)
+        if stored is None:
+            raise
+        stored.notes.append(f"{online.message}; read {reference} from the local image store")
+        return stored
+
+
+def _stored_image(reference: str, store: Path) -> LayoutImage | None:
+    """The image the local image store names ``reference`` (a build that was not pushed, or
+    a registry out of reach), or None."""
+    if not (store / "index.json").is_file():
+        return None
+    if not any(e.ref_name == reference for e in read_layout_index(store)):
+        return None
+    image = LayoutImage(store, reference)
+    image.what = f"{reference} in the local image store {store}"
+    return image
 
 
 # == what is inside ===========================================================================

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,14 @@ from builder.oci.reference import use_plain_http
 
 _RETRY_STATUSES: Final = frozenset({500, 502, 503, 504, 429})
 _CHUNK: Final = 1 << 20
+#: A registry that could not be reached is not asked again for this long (seconds): a build
+#: that falls back to the local image store says so at once instead of retrying each time.
+UNREACHABLE_TTL: Final = 60.0
+#: The first request to a registry (GET /v2/) is tried this often when it gets no connection,
+#: waiting this long to connect: "connection refused" is an answer, not a slow network.
+PROBE_ATTEMPTS: Final = 2
+PROBE_CONNECT_TIMEOUT: Final = 3.0
+PROBE_READ_TIMEOUT: Final = 15.0  # GET /v2/ is a few bytes, even from a busy registry
 
 
 # oras-py logs through the "oras" logger; as a library we add no output of our own: the
@@ -43,19 +52,78 @@ logging.getLogger("oras").addHandler(logging.NullHandler())
 # -- the registry client -------------------------------------------------------------------------
 
 
+class _Unreachable:
+    """Registries that did not answer lately, remembered for :data:`UNREACHABLE_TTL` in this
+    process, and across commands (a file per host in the user cache) when they timed out:
+    the one slow answer (a refused connection costs milliseconds to learn again)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, str]] = {}
+
+    @staticmethod
+    def _file(host: str) -> Path:
+        import platformdirs
+
+        name = "".join(c if c.isalnum() or c in ".-" else "_" for c in host)
+        return Path(platformdirs.user_cache_path("ivd-builder")) / "unreachable-registries" / name
+
+    def get(self, host: str) -> str | None:
+        """Why ``host`` was unreachable and how long ago, if within the TTL."""
+        when, reason = self._seen.get(host, (0.0, ""))
+        if not reason:
+            try:
+                path = self._file(host)
+                when, reason = path.stat().st_mtime, path.read_text("utf-8").strip()
+            except OSError:
+                return None
+        age = time.time() - when
+        return f"{reason} {age:.0f} s ago" if reason and 0 <= age < UNREACHABLE_TTL else None
+
+    def remember(self, host: str, reason: str) -> None:
+        self._seen[host] = (time.time(), reason)
+        if reason == "timed out":
+            try:
+                path = self._file(host)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(reason + "\n", "utf-8")
+            except OSError:
+                pass  # a cache only
+
+    def forget(self, host: str) -> None:
+        if self._seen.pop(host, None) is not None or self.get(host):
+            self._file(host).unlink(missing_ok=True)
+
+
+_UNREACHABLE = _Unreachable()
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded retries with exponential backoff, and per-request timeouts (seconds)."""
+    """Bounded retries with exponential backoff, and per-request timeouts (seconds).
+
+    Like the ClearML calls: a stalled registry (it accepts the connection, then says nothing)
+    costs at most ``deadline`` plus one timeout, not ``attempts`` full timeouts: a request
+    that timed out is tried again only while ``deadline`` seconds have not passed since its
+    first try. ``read_timeout`` bounds the wait for an answer, ``transfer_timeout`` a silence
+    while a blob streams. Refused connections and 5xx answers are retried ``attempts`` times.
+    """
 
     attempts: int = 4
     backoff: float = 0.5
     max_backoff: float = 8.0
     connect_timeout: float = 10.0
-    read_timeout: float = 120.0
+    read_timeout: float = 30.0
+    transfer_timeout: float = 120.0
+    deadline: float = 60.0
 
     def delay(self, attempt: int) -> float:
         """Sleep before retry number ``attempt`` (1-based)."""
         return float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+
+    def retry_timeout(self, attempt: int, started: float) -> bool:
+        """Whether a request that timed out on try ``attempt`` (first try at monotonic time
+        ``started``) is tried again."""
+        return attempt < self.attempts and time.monotonic() - started < self.deadline
 
 
 class _TimeoutSession(requests.Session):
@@ -68,7 +136,8 @@ class _TimeoutSession(requests.Session):
     def request(  # type: ignore[override]
         self, method: str, url: str, *args: Any, **kwargs: Any
     ) -> requests.Response:
-        kwargs.setdefault("timeout", self._timeout)
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self._timeout
         return super().request(method, url, *args, **kwargs)
 
 
@@ -89,6 +158,7 @@ class _Oras(oras.provider.Registry):  # type: ignore[misc]
         headers: dict[str, str] | None = None,
         json: Any = None,
         stream: bool = False,
+        timeout: tuple[float, float] | None = None,
     ) -> requests.Response:
         session: requests.Session = self.session
 
@@ -101,6 +171,7 @@ class _Oras(oras.provider.Registry):  # type: ignore[misc]
                 headers=headers,
                 stream=stream,
                 verify=self._tls_verify,
+                timeout=timeout,  # None: the session's (the client's read timeout)
             )
 
         response = send({**(headers or {}), **self._auth_header()})
@@ -131,6 +202,16 @@ class _Oras(oras.provider.Registry):  # type: ignore[misc]
         # oras-py raises a bare ValueError naming the URL; keep the status for our message.
         if response.status_code not in (200, 201, 202):
             raise _HTTPError(response)
+
+
+class BlobUnknownError(ImageError):
+    """A manifest refused because a blob it names is not in the repository (the OCI
+    distribution spec's ``MANIFEST_BLOB_UNKNOWN``): the pusher's idea of what is there was
+    wrong, and checking every blob fixes it."""
+
+
+#: Error codes of a manifest naming a blob the repository lacks (distribution, OCI spec).
+_BLOB_UNKNOWN: Final = frozenset({"MANIFEST_BLOB_UNKNOWN", "BLOB_UNKNOWN"})
 
 
 class _HTTPError(Exception):
@@ -205,8 +286,40 @@ class RegistryClient:
     # -- plumbing --------------------------------------------------------------------------
 
     def _probe(self, session: requests.Session) -> str:
-        """GET /v2/ once (retried): fail early if unreachable, and learn the auth scheme."""
-        response = self._retrying(lambda: session.get(f"{self.base_url}/v2/"), "GET", "/v2/")
+        """GET /v2/ once: fail early if unreachable, and learn the auth scheme.
+
+        A registry that gets no connection is tried :data:`PROBE_ATTEMPTS` times with a short
+        connect timeout, then remembered as unreachable for a minute (see _Unreachable), so a
+        command that falls back to the local image store does not wait on retries.
+        """
+        known = _UNREACHABLE.get(self.host)
+        if known:
+            raise ImageError(
+                f"cannot reach registry {self.host}: {known} (GET /v2/; asked again after "
+                f"{UNREACHABLE_TTL:.0f} s)"
+            )
+        url = f"{self.base_url}/v2/"
+        timeout = (
+            min(self.retry.connect_timeout, PROBE_CONNECT_TIMEOUT),
+            min(self.retry.read_timeout, PROBE_READ_TIMEOUT),
+        )
+        attempts = min(PROBE_ATTEMPTS, self.retry.attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                response = session.get(url, timeout=timeout)
+                break
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if attempt == attempts or isinstance(exc, requests.exceptions.SSLError):
+                    _UNREACHABLE.remember(self.host, _reason(exc))
+                    raise ImageError(
+                        f"cannot reach registry {self.host}: {_reason(exc)} "
+                        f"(GET /v2/, {attempt} attempt{'s' if attempt > 1 else ''})"
+                    ) from None
+                time.sleep(0.1)
+        if response.status_code in _RETRY_STATUSES:  # reached, but busy: the usual retries
+            response.close()
+            response = self._retrying(lambda: session.get(url), "GET", "/v2/")
+        _UNREACHABLE.forget(self.host)
         response.close()
         if response.status_code == 401:
             return str(response.headers.get("Www-Authenticate", ""))
@@ -236,21 +349,44 @@ class RegistryClient:
         url = f"{self.base_url}/v2/{path}/{kind}/{ref}"
         return f"{url}?{urlencode(dict(query))}" if query else url
 
+    def _transfer(self) -> tuple[float, float]:
+        """The timeouts of a blob's body: a silence of ``transfer_timeout`` is a stall."""
+        return (self.retry.connect_timeout, self.retry.transfer_timeout)
+
+    def _stalled(
+        self, exc: Exception, attempt: int, started: float, method: str, what: str
+    ) -> ImageError | None:
+        """The one-line error ending the retries after ``exc`` on try ``attempt``, or None to
+        try again: a timeout within the deadline, another transport failure within the
+        attempts (a TLS failure will not heal by itself)."""
+        if isinstance(exc, requests.Timeout):
+            if self.retry.retry_timeout(attempt, started):
+                return None
+            return ImageError(
+                f"registry {self.host} did not answer {method} {what} within "
+                f"{time.monotonic() - started:.0f} s ({attempt} attempts)",
+                hint="is the registry up and not overloaded? try again later",
+            )
+        if attempt < self.retry.attempts and not isinstance(exc, requests.exceptions.SSLError):
+            return None
+        return ImageError(
+            f"cannot reach registry {self.host}: {_reason(exc)} ({method} {what}, "
+            f"{attempt} attempts)"
+        )
+
     def _retrying(
         self, call: Callable[[], requests.Response], method: str, what: str
     ) -> requests.Response:
         """Run ``call`` with bounded retries on connection errors, timeouts and 5xx/429."""
         policy = self.retry
+        started = time.monotonic()
         for attempt in range(1, policy.attempts + 1):
             try:
                 response = call()
             except (requests.ConnectionError, requests.Timeout) as exc:
-                # A TLS failure will not heal by itself; anything else may.
-                if attempt == policy.attempts or isinstance(exc, requests.exceptions.SSLError):
-                    raise ImageError(
-                        f"cannot reach registry {self.host}: {_reason(exc)} "
-                        f"({method} {what}, {attempt} attempts)"
-                    ) from None
+                error = self._stalled(exc, attempt, started, method, what)
+                if error is not None:
+                    raise error from None
             else:
                 if response.status_code not in _RETRY_STATUSES or attempt == policy.attempts:
                     return response
@@ -267,12 +403,13 @@ class RegistryClient:
         data: Any = None,
         stream: bool = False,
         retry: bool = True,
+        timeout: tuple[float, float] | None = None,
     ) -> requests.Response:
         """One registry request through oras-py's authentication, retried if allowed."""
 
         def call() -> requests.Response:
             return self._oras.do_request(
-                url, method, data=data, headers=dict(headers or {}), stream=stream
+                url, method, data=data, headers=dict(headers or {}), stream=stream, timeout=timeout
             )
 
         return self._call(call, method, urlsplit(url).path, retry=retry)
@@ -320,6 +457,7 @@ class RegistryClient:
         """All tags of repository ``path`` (oras-py ``get_tags`` follows the pagination links)."""
         container = oras.container.Container(path, registry=self.host)
         policy = self.retry
+        started = time.monotonic()
         for attempt in range(1, policy.attempts + 1):
             try:
                 return [str(tag) for tag in self._oras.get_tags(container)]
@@ -332,11 +470,9 @@ class RegistryClient:
                         exc.response, f"listing tags of {path}", attempts=attempt
                     ) from None
             except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt == policy.attempts:
-                    raise ImageError(
-                        f"cannot reach registry {self.host}: {_reason(exc)} "
-                        f"(listing tags of {path}, {attempt} attempts)"
-                    ) from None
+                error = self._stalled(exc, attempt, started, "GET", f"/v2/{path}/tags/list")
+                if error is not None:
+                    raise error from None
             time.sleep(policy.delay(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -432,8 +568,11 @@ class RegistryClient:
         size: int = 0,
     ) -> Path:
         """Stream blob ``digest`` of ``path`` into ``store`` (verified, atomic); retried."""
+        started = time.monotonic()
         for attempt in range(1, self.retry.attempts + 1):
-            response = self._request("GET", self._url(path, "blobs", digest), stream=True)
+            response = self._request(
+                "GET", self._url(path, "blobs", digest), stream=True, timeout=self._transfer()
+            )
             if response.status_code != 200:
                 raise self._fail(response, f"fetching blob {digest} of {path}", attempts=attempt)
             done = 0
@@ -450,10 +589,9 @@ class RegistryClient:
                 return store.ingest(chunks(), digest)
             # requests' exceptions are OSErrors too: transport failures first.
             except requests.RequestException as exc:
-                if attempt == self.retry.attempts:
-                    raise ImageError(
-                        f"cannot download blob {digest} from {self.host}: {_reason(exc)}"
-                    ) from None
+                error = self._stalled(exc, attempt, started, "GET", f"/v2/{path}/blobs/{digest}")
+                if error is not None:
+                    raise error from None
                 time.sleep(self.retry.delay(attempt))
             except OSError as exc:
                 raise ImageError(
@@ -516,6 +654,7 @@ class RegistryClient:
         memory and its ``chunked_upload`` gives no progress; model layers are gigabytes.
         """
         policy = self.retry
+        started = time.monotonic()
         for attempt in range(1, policy.attempts + 1):
             location = session_url or self._start_upload(path)
             session_url = None
@@ -525,13 +664,13 @@ class RegistryClient:
             url = _with_query(location, {"digest": digest})
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
             try:
-                response = self._oras.do_request(url, "PUT", data=body, headers=headers)
+                response = self._oras.do_request(
+                    url, "PUT", data=body, headers=headers, timeout=self._transfer()
+                )
             except requests.RequestException as exc:
-                if attempt == policy.attempts:
-                    raise ImageError(
-                        f"cannot upload blob {digest} to {self.host}/{path}: {_reason(exc)} "
-                        f"({attempt} attempts)"
-                    ) from None
+                error = self._stalled(exc, attempt, started, "PUT", f"blob {digest} to {path}")
+                if error is not None:
+                    raise error from None
             except OSError as exc:
                 raise ImageError(f"cannot read blob {digest} to upload: {exc.strerror}") from None
             else:
@@ -559,6 +698,9 @@ class RegistryClient:
             data=data,
             headers={"Content-Type": media_type},
         )
+        if response.status_code == 400 and _error_codes(response) & _BLOB_UNKNOWN:
+            failure = self._fail(response, f"pushing manifest {path}:{ref}")
+            raise BlobUnknownError(failure.message, hint=failure.hint)
         if response.status_code not in (200, 201):
             raise self._fail(
                 response, f"pushing manifest {path}:{ref}", attempts=self.retry.attempts
@@ -569,6 +711,31 @@ class RegistryClient:
                 f"registry {self.host} stored manifest {path}:{ref} as {served}, expected {digest}"
             )
         return digest
+
+
+_SHARED: dict[tuple[Any, ...], RegistryClient] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_client(
+    host: str,
+    *,
+    insecure: bool | None = None,
+    retry: RetryPolicy | None = None,
+    credentials: tuple[str, str] | None = None,
+) -> RegistryClient:
+    """A :class:`RegistryClient` kept for this thread and these settings (credentials from
+    the environment included), so the builds of one process (a fleet worker builds many)
+    share its connections and pay for its ``GET /v2/`` probe once, not once per step."""
+    environment = tuple(os.environ.get(k) for k in ("DOCKER_CONFIG", "ORAS_USER", "ORAS_PASS"))
+    key = (threading.get_ident(), host, insecure, retry, credentials, environment)
+    with _SHARED_LOCK:
+        found = _SHARED.get(key)
+    if found is None:
+        found = RegistryClient(host, insecure=insecure, retry=retry, credentials=credentials)
+        with _SHARED_LOCK:
+            _SHARED[key] = found
+    return found
 
 
 class _FileBody:
@@ -623,13 +790,20 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _registry_error_detail(response: requests.Response) -> str:
-    """``: CODE message`` from a distribution-spec error body, if there is one."""
+def _errors(response: requests.Response) -> list[dict[str, Any]]:
+    """The ``errors`` of a distribution-spec error body ([] when there is none)."""
     try:
         errors = response.json().get("errors") or []
     except (ValueError, AttributeError):
-        return ""
-    parts = [
-        f"{e.get('code', '')} {e.get('message', '')}".strip() for e in errors if isinstance(e, dict)
-    ]
+        return []
+    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+
+
+def _error_codes(response: requests.Response) -> set[str]:
+    return {str(e.get("code", "")) for e in _errors(response)}
+
+
+def _registry_error_detail(response: requests.Response) -> str:
+    """``: CODE message`` from a distribution-spec error body, if there is one."""
+    parts = [f"{e.get('code', '')} {e.get('message', '')}".strip() for e in _errors(response)]
     return f" ({'; '.join(p for p in parts if p)})" if parts else ""

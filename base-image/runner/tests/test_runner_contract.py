@@ -13,7 +13,7 @@ import pytest
 from tilerunner.cli import main
 from tilerunner.contract import build_contract, contract_bytes
 from tilerunner.errors import ConfigError
-from tilerunner.param_schema import constraint, params_schema
+from tilerunner.param_schema import MODEL_FILE, constraint, model_file, params_schema
 from tilerunner.plugins import FEATURES, POSTPROCESSING, PREPROCESSING
 from tilerunner.plugins.postprocessing import Kind, Prediction
 from tilerunner.plugins.registry import build
@@ -145,3 +145,22 @@ def test_a_registered_plugin_enters_the_contract() -> None:
 def test_unknown_class_suggests_the_closest() -> None:
     with pytest.raises(ConfigError, match="did you mean 'MaskToObjects'"):
         POSTPROCESSING.create("MaskToObject", {}, "here")
+
+
+def test_params_naming_model_files_are_marked_for_the_builder() -> None:
+    """The contract says which params name a file of their model (MODEL_FILE), so the builder
+    can check each against the model's pinned files: the config schema's params.file, and
+    any plug-in field declared with model_file()."""
+    contract = build_contract()
+    assert contract["model_files"]["mark"] == MODEL_FILE
+    model_params = contract["config_schemas"]["1"]["$defs"]["model_params"]["properties"]
+    assert [k for k, p in model_params.items() if p.get(MODEL_FILE)] == ["file"]
+
+    @dataclass(frozen=True)
+    class WithTable:
+        table: str = field(default="lut.bin", metadata=model_file())
+        factor: float = 1.0
+
+    schema = params_schema(WithTable)
+    assert schema["properties"]["table"][MODEL_FILE] is True
+    assert MODEL_FILE not in schema["properties"]["factor"]

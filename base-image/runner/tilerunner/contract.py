@@ -25,7 +25,7 @@ from typing import Any
 
 from tilerunner import CONFIG_SCHEMA_VERSIONS
 from tilerunner.config import schema
-from tilerunner.param_schema import params_schema
+from tilerunner.param_schema import MODEL_FILE, params_schema
 from tilerunner.plugins import FEATURES, POSTPROCESSING, PREPROCESSING
 from tilerunner.plugins.postprocessing import Kind
 from tilerunner.tissue import TissueParams
@@ -87,6 +87,12 @@ def build_contract() -> dict[str, Any]:
         "analysis_params": {
             "type": "object",
             "properties": {"tissue": params_schema(TissueParams)},
+        },
+        "model_files": {
+            "mark": MODEL_FILE,
+            "meaning": "a param (model params, or a preprocessing/postprocessing step's params) "
+            "whose value is a path relative to its model's folder naming a file the runner "
+            "loads: it stays inside that folder and is one of the model's files",
         },
         "prediction_kinds": {
             "model_output": {"rank 1-2": Kind.SCORES.value, "rank 3-4": Kind.MAPS.value},

@@ -6,6 +6,8 @@ Two backends share one protocol: `clearml` (the real ClearML SDK against a Clear
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,6 +25,10 @@ DELETED_TASK_PREFIX = "__DELETED__"
 TASK_DELETED = "deleted"
 #: The system tag the ClearML UI sets when a model is archived (models.conf, system_tags).
 ARCHIVED_TAG = "archived"
+#: The system tag of a weights *package*: the model's file is an archive of several files that
+#: the SDK extracts on ``get_local_copy`` (clearml 2.1.12 model.py: ``Model._package_tag``,
+#: ``update_weights_package``, ``get_weights_package``).
+PACKAGE_TAG = "package"
 
 
 @dataclass(frozen=True)
@@ -46,10 +52,18 @@ class ModelRecord:
     system_tags: tuple[str, ...] = ()
     task_deleted: bool = False
     project_name: str | None = None
+    #: A public model (``company`` empty): every company reads it, none may change it
+    #: (clearml-server bll/model/__init__.py::get_company_model_by_id, used by set_ready).
+    public: bool = False
 
     @property
     def archived(self) -> bool:
         return ARCHIVED_TAG in self.system_tags
+
+    @property
+    def package(self) -> bool:
+        """The weights file is an archive the SDK extracts (system tag ``package``)."""
+        return PACKAGE_TAG in self.system_tags
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,10 @@ class ModelRegistry(Protocol):
 
     description: str  # e.g. "ClearML at http://host:8008" or "local registry /path"
 
-    def get_model(self, model_id: str) -> ModelRecord: ...
+    def get_model(self, model_id: str, *, design: bool = True) -> ModelRecord:
+        """The model's record; with ``design=False`` its design is neither read nor parsed."""
+        ...
+
     def get_task(self, task_id: str) -> TaskRecord: ...
     def get_project(self, project_id: str) -> ProjectRef | None:
         """The project with this id, None when the registry has no such project."""
@@ -109,6 +126,16 @@ def task_reference(value: object, where: str) -> tuple[str, bool]:
     return check_clearml_id(task_id, f"{where}: task id"), deleted
 
 
+@functools.lru_cache(maxsize=256)
+def _hocon(text: str) -> Any:
+    """A design text parsed as the SDK does (HOCON), kept: every customer of a fleet worker
+    that uses the same model needs it, and parsing is most of resolving a model. Callers get
+    copies: the kept value is never handed out."""
+    from clearml.utilities.config import text_to_config_dict
+
+    return text_to_config_dict(text)
+
+
 def parse_design(design: Any, where: str) -> dict[str, Any]:
     """A model's config text (ClearML `design`) parsed the way the SDK does (HOCON or JSON)."""
     if isinstance(design, Mapping):
@@ -119,10 +146,14 @@ def parse_design(design: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(text, str):
         raise RegistryError(f"{where}: model design is not text")
-    from clearml.utilities.config import text_to_config_dict
-
     try:
-        parsed = dict(text_to_config_dict(text))
+        tree = _hocon(text)
+        if not isinstance(tree, Mapping):  # HOCON/JSON text may be a list
+            raise RegistryError(
+                f"{where}: model design is a {type(tree).__name__}, not a mapping",
+                hint="fix the model's configuration in the registry",
+            )
+        parsed = copy.deepcopy(dict(tree))
         yamldoc.validate_data(parsed, "model-design", where)
     except ValueError:
         raise RegistryError(

@@ -5,28 +5,35 @@ objects loop forever on connection errors (clearml/clearml#852). So: the bounded
 over a ``StrictSession`` with small retry counts and short timeouts, a hard deadline around every
 call, and no call at all without an explicitly configured API host.
 
-Server behaviour followed (allegroai/clearml-server 2.0, ``apiserver/``):
-``database/model/base.py::validate_paging`` (get_all pages at ``max_page_size`` = 500, the
-default *and* the maximum page size; ``id`` is appended to every ``order_by``),
-``services/models.py::get_all`` / ``get_by_id`` (archived models are returned by id; their
-``system_tags`` hold ``archived``), ``schema/services/models.conf`` (``project`` is a project
-id, ``design`` is free text), ``bll/task/task_cleanup.py`` (deleting a task rewrites its
-published models' ``task`` to ``__DELETED__<id>``). The SDK side: clearml 2.1.12
-``model.py::Model.query_models`` pages the same way (page_size 500 until a short page).
+Server behaviour followed (allegroai/clearml-server, ``apiserver/``):
+``database/model/base.py::validate_paging`` (get_all pages at ``page_size`` capped by the
+server setting ``max_page_size``, 500 by default and possibly lower; the offset is
+``page * min(page_size, max_page_size)``; servers before 1.2 have no cap; ``id`` is appended to
+every ``order_by``), ``services/models.py::get_all`` / ``get_by_id`` (archived and public models
+are returned; their ``system_tags`` hold ``archived``, public ones have ``company`` ""),
+``bll/model/__init__.py::publish_model`` (``set_ready`` looks a model up in the caller's company
+only), ``schema/services/models.conf`` (``project`` is a project id, ``design`` is free text),
+``bll/task/task_cleanup.py`` (deleting a task rewrites its published models' ``task`` to
+``__DELETED__<id>``), ``service_repo/service_repo.py`` (``_max_version``: API 2.9 is
+clearml-server 0.16, 2.20 is 1.6, 2.23 is 1.9, 2.31 is 1.17 and 2.0). The SDK side: clearml
+2.1.12 ``backend_api/api_proxy.py`` speaks the newest request schema it ships (2.9, 2.13, 2.20,
+2.23) that the server's API version admits.
 """
 
 from __future__ import annotations
 
-import os
+import itertools
 import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from builder.cook.registries import (
+    ARCHIVED_TAG,
     ModelRecord,
     ProjectRef,
     TaskRecord,
@@ -34,17 +41,26 @@ from builder.cook.registries import (
     parse_design,
     task_reference,
 )
-from builder.errors import BuilderError, RegistryError
+from builder.errors import BuilderError, ConfigError, RegistryError
 from builder.paths import CLEARML_ID
 
 T = TypeVar("T")
 
 #: Seconds any single registry call may take, retries included.
 DEADLINE_SECONDS = 15
-#: clearml-server's max_page_size (config/default/services/_mongo.conf): default and maximum.
+#: The page size asked for; the server may answer fewer per page (its max_page_size).
 PAGE_SIZE = 500
-#: What `models list` reads of each model: no design (free text, other teams' formats).
-LIST_FIELDS = ("id", "name", "task", "ready", "project", "framework", "tags", "system_tags", "uri")
+#: The oldest server API the SDK ships request schemas for (backend_api/services/v2_9).
+MIN_API_VERSION = "2.9"
+#: The services the builder calls; the APIClient is built of these alone (the SDK's default
+#: set includes datasets/dataviews/frames, which it ships for API 2.23 only).
+SERVICES = ("auth", "models", "projects", "tasks")
+#: What the builder reads of a model when it needs no design (listing, publishing): the
+#: design is free text of other teams' making and never travels.
+LIST_FIELDS = (
+    "id", "name", "task", "ready", "project", "framework", "tags", "system_tags", "uri",
+    "company",
+)  # fmt: skip
 _RETRIES = {
     "total": 2,
     "connect": 2,
@@ -62,7 +78,7 @@ class _Deadline(BaseException):
 
 @contextmanager
 def sdk_deadline(
-    seconds: int, what: str, error: type[BuilderError] = RegistryError
+    seconds: float, what: str, error: type[BuilderError] = RegistryError
 ) -> Iterator[None]:
     """A hard wall-clock bound around SDK calls (whose own loops may never end)."""
     if threading.current_thread() is not threading.main_thread():
@@ -78,7 +94,7 @@ def sdk_deadline(
         yield
     except _Deadline:
         raise error(
-            f"ClearML did not answer {what} within {seconds} s",
+            f"ClearML did not answer {what} within {seconds:g} s",
             hint="check CLEARML_API_HOST, the storage endpoint and the server",
         ) from None
     finally:
@@ -86,15 +102,46 @@ def sdk_deadline(
         signal.signal(signal.SIGALRM, previous)
 
 
+@contextmanager
+def clearml_config_errors() -> Iterator[None]:
+    """A clearml.conf the SDK cannot read -> one ConfigError naming the file.
+
+    The SDK parses its configuration lazily, on first use (clearml 2.1.12
+    backend_config/config.py::_read_single_file raises ConfigurationError; unresolved
+    ``${...}`` substitutions raise pyhocon's ConfigException).
+    """
+    from clearml.backend_config.defs import get_config_file
+    from clearml.backend_config.errors import ConfigurationError
+    from clearml.utilities.pyhocon.exceptions import ConfigException
+
+    try:
+        yield
+    except (ConfigurationError, ConfigException) as exc:
+        path = getattr(exc, "file_path", None) or get_config_file()
+        reason = str(exc).split("): ", 1)[-1] if "): " in str(exc) else str(exc)
+        raise ConfigError(
+            f"{path}: ClearML cannot read its configuration ({reason.strip()[:200]})",
+            hint="fix the file (HOCON), or point CLEARML_CONFIG_FILE at a valid one",
+        ) from None
+
+
 def configured_host() -> str | None:
-    """The API host from CLEARML_API_HOST or clearml.conf, None when neither sets one."""
-    host = os.environ.get("CLEARML_API_HOST", "").strip()
+    """The API host the SDK would use: CLEARML_API_HOST (or the SDK's older TRAINS_API_HOST),
+    else clearml.conf's api.api_server / api.host; None when none is set."""
+    from clearml.backend_api.session.defs import ENV_HOST
+
+    host = (ENV_HOST.get() or "").strip()
     if host:
         return host.rstrip("/")
     from clearml.config import config_obj
 
-    configured = config_obj.get("api.api_server", None) or config_obj.get("api.host", None)
+    with clearml_config_errors():
+        configured = config_obj.get("api.api_server", None) or config_obj.get("api.host", None)
     return str(configured).rstrip("/") if configured else None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
 class ClearMLRegistry:
@@ -111,6 +158,8 @@ class ClearMLRegistry:
 
     def _api(self) -> Any:
         if self._client is None:
+            from clearml.backend_api import services
+            from clearml.backend_api.session import Session
             from clearml.backend_api.session.client import APIClient
             from clearml.backend_api.session.client.client import StrictSession
 
@@ -120,7 +169,20 @@ class ClearMLRegistry:
             session = self._call(
                 "login", lambda: StrictSession(host=self.host, http_retries_config=dict(_RETRIES))
             )
-            self._client = APIClient(session=session)
+            server_api = str(Session.max_api_version)
+            if _version(server_api) < _version(MIN_API_VERSION):
+                server = (
+                    f" (clearml-server {Session.server_version})" if Session.server_version else ""
+                )
+                raise RegistryError(
+                    f"ClearML at {self.host} speaks API {server_api}{server}; the builder needs "
+                    f"API {MIN_API_VERSION} or newer (clearml-server 0.16 or newer)",
+                    hint="upgrade the ClearML server",
+                )
+            only = SimpleNamespace(
+                __all__=list(SERVICES), **{n: getattr(services, n) for n in SERVICES}
+            )
+            self._client = APIClient(session=session, api_services=only)
         return self._client
 
     def _call(self, what: str, action: Callable[[], T]) -> T:
@@ -129,7 +191,7 @@ class ClearMLRegistry:
         from clearml.backend_api.session.session import LoginError
 
         try:
-            with sdk_deadline(DEADLINE_SECONDS, what):
+            with clearml_config_errors(), sdk_deadline(DEADLINE_SECONDS, what):
                 return action()
         except APIError as exc:
             raise _api_error(exc, what, self.host) from None
@@ -148,18 +210,32 @@ class ClearMLRegistry:
                 "no ClearML credentials configured",
                 hint="set CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY, or clearml.conf",
             ) from None
-        except RegistryError:
+        except BuilderError:
             raise
         except Exception as exc:  # requests/urllib3 errors after the capped retries
             raise RegistryError(
                 f"ClearML at {self.host} failed on {what}: {type(exc).__name__}"
             ) from None
 
-    def get_model(self, model_id: str) -> ModelRecord:
+    def get_model(self, model_id: str, *, design: bool = True) -> ModelRecord:
         model_id = check_clearml_id(model_id.strip(), "ClearML model id")
+        where = f"ClearML model {model_id}"
+        if not design:  # one get_all with a projection: the design is never sent
+            found = [
+                m
+                for m in self._get_all(
+                    "models", {"id": [model_id], "only_fields": list(LIST_FIELDS)}
+                )
+                if m.id == model_id
+            ]
+            if not found:
+                raise RegistryError(
+                    f"model {model_id} not found in ClearML at {self.host}",
+                    hint="check the model id, or `builder models list`",
+                )
+            return _model_record(found[0], where)
         api = self._api()
         m = self._call(f"models.get_by_id {model_id}", lambda: api.models.get_by_id(model=model_id))
-        where = f"ClearML model {model_id}"
         return _model_record(m, where, design=parse_design(m.design, where))
 
     def get_task(self, task_id: str) -> TaskRecord:
@@ -181,16 +257,26 @@ class ClearMLRegistry:
         return next((ProjectRef(p.id, p.name or "") for p in found if p.id == project_id), None)
 
     def _get_all(self, service: str, query: dict[str, Any]) -> list[Any]:
-        """Every page of `<service>.get_all` (the server caps a page at 500, default 500).
+        """Every record of ``<service>.get_all``, page by page, until the server says the list
+        is complete, whatever its page cap.
 
-        Pages are offsets: a record created while paging shifts the rest by one, so ids seen
-        on an earlier page are skipped (ordered by creation time, a newcomer lands at the end).
-        A full page with nothing new means the server ignores paging: refused, never looped.
+        The server answers ``min(page_size, max_page_size)`` records from offset ``page *
+        min(page_size, max_page_size)`` (database/model/base.py::validate_paging), so pages stay
+        contiguous under any cap. The list is complete at an empty page or at a page shorter
+        than an earlier one; a first page shorter than asked says nothing yet (all there is,
+        or the server's cap), so the next page is asked for, unless every id asked for has
+        come. Ordered by creation time, then id (both immutable): a record created meanwhile
+        lands at the end, and the builder filters on mutable state (archived, published)
+        itself, so a change of state while the pages are read shifts no other record out of
+        them. Ids seen on an earlier page are skipped; a full page with nothing new means the
+        server ignores paging: refused, never looped.
         """
         get_all = getattr(self._api(), service).get_all
         out: list[Any] = []
         seen: set[str] = set()
-        for page in range(1_000_000):
+        longest = 0
+        asked = set(query["id"]) if "id" in query else None  # at most these can come
+        for page in itertools.count():
             body = {"order_by": ["created"], **query, "page": page, "page_size": PAGE_SIZE}
             batch = list(self._call(f"{service}.get_all", partial(get_all, **body)) or ())
             fresh = [item for item in batch if item.id not in seen]
@@ -201,8 +287,9 @@ class ClearMLRegistry:
                 )
             seen.update(item.id for item in fresh)
             out.extend(fresh)
-            if len(batch) < PAGE_SIZE:
+            if not batch or len(batch) < longest or (asked is not None and asked <= seen):
                 break
+            longest = len(batch)
         return out
 
     def _project_ids(self, project: str) -> list[str]:
@@ -228,12 +315,15 @@ class ClearMLRegistry:
     def list_models(
         self, *, project: str | None = None, published: bool | None = None
     ) -> list[ModelRecord]:
-        query: dict[str, Any] = {"system_tags": ["-archived"], "only_fields": list(LIST_FIELDS)}
+        query: dict[str, Any] = {"only_fields": list(LIST_FIELDS)}
         if project is not None:
             query["project"] = self._project_ids(project)
-        if published is not None:
-            query["ready"] = published
-        found = self._get_all("models", query)
+        found = [
+            m
+            for m in self._get_all("models", query)
+            if ARCHIVED_TAG not in (m.system_tags or ())
+            and (published is None or bool(m.ready) == published)
+        ]
         names = self._project_names({m.project for m in found if m.project})
         newest_first = reversed(found)
         return [
@@ -257,7 +347,13 @@ class ClearMLRegistry:
         except APIError as exc:
             if tuple(exc.codes) == (400, 203):  # "Model is ready": already published
                 return False
-            raise _api_error(exc, "models.set_ready", self.host) from None
+            if tuple(exc.codes) == (400, 201):  # looked up in the caller's company only
+                raise RegistryError(
+                    f"ClearML at {self.host} does not let this account publish model "
+                    f"{model_id}: models.set_ready answered that the model is not one of its "
+                    "company's (deleted meanwhile, or a public model)"
+                ) from None
+            raise _api_error(exc, f"models.set_ready {model_id}", self.host) from None
         return True
 
 
@@ -288,12 +384,14 @@ def _model_record(
         system_tags=tuple(m.system_tags or ()),
         task_deleted=deleted,
         project_name=(project_names or {}).get(project or ""),
+        public=getattr(m, "company", None) == "",
     )
 
 
 def _api_error(exc: Any, what: str, host: str) -> RegistryError:
+    """An APIError -> one line; ``what`` is ``<endpoint> <id>``."""
     codes = tuple(getattr(exc, "codes", ()) or ())
-    target = what.split(" ", 1)[-1]
+    endpoint, _, target = what.partition(" ")
     if codes == (400, 201):
         return RegistryError(
             f"model {target} not found in ClearML at {host}",
@@ -307,4 +405,6 @@ def _api_error(exc: Any, what: str, host: str) -> RegistryError:
             hint="check CLEARML_API_ACCESS_KEY / CLEARML_API_SECRET_KEY",
         )
     code = "/".join(str(c) for c in codes) or "?"
-    return RegistryError(f"ClearML at {host} answered {code} on {what}")
+    return RegistryError(
+        f"ClearML at {host} answered {code} on {endpoint}" + (f" for {target}" if target else "")
+    )

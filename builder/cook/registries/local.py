@@ -61,9 +61,9 @@ class LocalRegistry:
             )
         return doc.data, str(path)
 
-    def get_model(self, model_id: str) -> ModelRecord:
+    def get_model(self, model_id: str, *, design: bool = True) -> ModelRecord:
         data, where = self._record("model", model_id.strip())
-        return self._model_from(data, where, parse=True)
+        return self._model_from(data, where, parse=design)
 
     def get_task(self, task_id: str) -> TaskRecord:
         data, where = self._record("task", task_id.strip())
@@ -160,6 +160,7 @@ class LocalRegistry:
                 system_tags=tuple(data.get("system_tags") or ()),
                 task_deleted=deleted,
                 project_name=(names or {}).get(project or ""),
+                public=data.get("company") == "",
             )
         except KeyError as exc:
             raise RegistryError(f"{where}: model record lacks {exc.args[0]!r}") from None
