@@ -1,32 +1,36 @@
 #!/usr/bin/env python3
-"""GPU vs CPU: a customer image's tile runner on the benchmark slide, CUDA then CPU provider.
+"""GPU vs CPU: the tile runner on the benchmark slide with a ResNet-50, on CUDA and on the CPU.
 
-Needs a machine with an NVIDIA GPU, its driver (CUDA 13: >= 580), Docker with the NVIDIA
-container toolkit (`docker run --gpus all` works) and a customer image built on the gpu
-variant of the base image (`builder build CUSTOMER --variant gpu --load`, or pushed).
-Both runs happen in this one invocation on the same machine, so the ratio is the point:
+Needs a machine with an NVIDIA GPU and its driver (CUDA 13: >= 580), and either Docker with
+the NVIDIA container toolkit and an image built on the gpu variant of the base image
+(`--image`), or this checkout's runner on a host Python with onnxruntime-gpu (`--host`).
+Every configuration runs in this one invocation on the same machine, so the ratios are the
+point. The model is benchmarks/resnet.py's ResNet-50 (generated weights, ~8 GFLOP per tile)
+behind the Carcinoma feature (`--model resnet18|demo|image` for the others; `image`: the
+customer image's own config). Configurations, each one `tilerunner run`:
 
-* tiles/s of the tile pass with `--device cuda` and with `--device cpu` (summary.json), and
-  their ratio;
-* GPU utilisation while the CUDA run lasts (nvidia-smi sampled every 200 ms: mean, median,
-  max) and GPU memory used;
-* the share of the tile pass the inference thread spent waiting for decoded tiles
-  (summary.json `read_wait` / `tiles`): near 0 means the GPU is the bound, near 1 that
-  decoding is (add `--workers`, or GPU decode);
-* per model: inference seconds and ms per tile. The runner hands ORT uint8 NHWC tiles
-  through I/O binding (an OrtValue on the device) and the cast, transpose and normalisation
-  run in the graph on the GPU, so only 150 KB per 224 px tile crosses PCIe.
+* cuda           --device cuda, the runner's default reader threads, CPU JPEG decoding;
+* cuda+readers   the same with one reader thread per core but one (if that is more);
+* cuda+gpudecode --decoder nvimgcodec: JPEG tiles decoded on the GPU by nvImageCodec (in
+                 the gpu variant); its one-line refusal is reported if it cannot run;
+* cpu            --device cpu, the baseline.
 
-    python benchmarks/gpu.py --image 127.0.0.1:5000/customer-x:2.4.1-gpu
-    python benchmarks/gpu.py --image IMAGE --size 50000 --workers 12 --batch-size 128 --json out.json
-    python benchmarks/gpu.py --image IMAGE --check-only       # preflight only
-    python benchmarks/gpu.py --host --size 30000               # no Docker: this host's runner
+For each: tiles/s of the tile pass, GPU utilisation while it runs (nvidia-smi every 200 ms:
+mean, median, max; memory), the share of the tile pass the inference thread spent waiting
+for decoded tiles (summary.json `read_wait` / `tiles`: near 0 means the GPU is the bound,
+near 1 that decoding is), ms per tile, and who decoded the tiles (summary.json's reader).
+The runner hands ORT uint8 NHWC tiles through I/O binding and normalises them on the GPU, so
+only 150 KB per 224 px tile crosses PCIe. Target: >= 80 % GPU utilisation with ResNet-50.
 
-`--host` runs the tile runner of this checkout (base-image/runner) on this host's Python, which
-must have onnxruntime-gpu and the CUDA 13 / cuDNN 9 libraries it loads: the same runner code and
-the same demo models as the image, for a GPU machine without Docker.
+    python benchmarks/gpu.py --host                              # 50k slide, ResNet-50
+    python benchmarks/gpu.py --image 127.0.0.1:5000/customer-x:2.4.1-gpu --batch-size 128
+    python benchmarks/gpu.py --image IMAGE --check-only         # preflight only
+    python benchmarks/gpu.py --dry-run                          # no GPU: the CPU path only
 
 Without a GPU it stops after the preflight with one line saying what is missing (exit 2).
+`--dry-run` needs no GPU and no Docker: it runs the CPU configuration of this checkout's
+runner on a small slide (8k px unless --size) with the chosen model and prints the same
+table with the GPU figures empty, to check the benchmark itself.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,15 +172,49 @@ def bench_slide(size: int, seed: int) -> Path:
     return Path(_bench_runner().cached_slide(size, seed))
 
 
-def _runner_options(device: str, args: argparse.Namespace) -> list[str]:
+@dataclass(frozen=True)
+class Setup:
+    """One configuration of the benchmark: device, decoder, reader threads (0: default)."""
+
+    label: str
+    device: str
+    decoder: str = "cpu"
+    workers: int = 0
+
+
+def setups(args: argparse.Namespace, cpus: int) -> list[Setup]:
+    """The configurations this invocation runs (see the module docstring)."""
+    if args.dry_run:
+        return [Setup("cpu", "cpu", "auto", args.workers)]
+    default = args.workers or max(1, min(8, cpus - 1))  # tilerunner.pipeline.default_workers
+    out = [Setup("cuda", "cuda", "cpu", args.workers)]
+    if cpus - 1 > default:
+        out.append(Setup("cuda+readers", "cuda", "cpu", cpus - 1))
+    out.append(Setup("cuda+gpudecode", "cuda", "nvimgcodec", args.workers))
+    return [*out, Setup("cpu", "cpu", "cpu", args.workers)]
+
+
+def _runner_options(setup: Setup, args: argparse.Namespace) -> list[str]:
     """The `tilerunner run` options both ways of running share."""
-    options = ["--device", device, "--batch-size", str(args.batch_size), "--no-progress"]
-    return options + (["--workers", str(args.workers)] if args.workers else [])
+    options = ["--device", setup.device, "--decoder", setup.decoder, "--no-progress"]
+    options += ["--batch-size", str(args.batch_size)]
+    return options + (["--workers", str(setup.workers)] if setup.workers else [])
+
+
+def app_config(out: Path, model: str) -> Path | None:
+    """The app folder's config for `model` (None: the image's own config)."""
+    bench = _bench_runner()
+    if model == "image":
+        return None
+    if model == "demo":
+        return Path(bench.write_app(out / "app", bench.cached_models()))
+    return Path(bench.write_model_app(out / "app", bench.cached_resnet(model)))
 
 
 def _measured(device: str, target: Path, run: Callable[[], tuple[int, str]]) -> dict[str, Any]:
     """Run ``run`` (exit code, stderr) timed, sampling the GPU on cuda; its summaries."""
     sampler = GpuSampler() if device == "cuda" else None
+    target.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if sampler:
         sampler.start()
@@ -185,19 +224,20 @@ def _measured(device: str, target: Path, run: Callable[[], tuple[int, str]]) -> 
         wall = time.perf_counter() - t0
         gpu = sampler.stop() if sampler else None
     if code != 0:
-        raise RuntimeError(f"--device {device} exited {code}: {stderr.strip()[-500:]}")
+        raise RuntimeError(f"exit {code}: {stderr.strip()[-500:]}")
     summaries = {p.parent.name: json.loads(p.read_text()) for p in target.glob("*/summary.json")}
     return {"wall_s": wall, "summaries": summaries, "gpu": gpu, "stderr": stderr}
 
 
-def run_host(slide: Path, out: Path, device: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One `tilerunner run` of this checkout on this host with the demo models (--host)."""
-    bench = _bench_runner()
-    config = bench.write_app(out / "app", bench.cached_models())
-    target = out / device
+def run_host(
+    slide: Path, out: Path, config: Path | None, setup: Setup, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One `tilerunner run` of this checkout on this host (--host, --dry-run)."""
+    assert config is not None, "--host runs need a model config (not --model image)"
+    target = out / setup.label
     command = [sys.executable, "-m", "tilerunner", "-q", "run", str(slide), "--config", str(config)]
     command += ["--app-dir", str(config.parent), "--out", str(target)]
-    command += _runner_options(device, args)
+    command += _runner_options(setup, args)
 
     def run() -> tuple[int, str]:
         proc = subprocess.run(
@@ -205,30 +245,42 @@ def run_host(slide: Path, out: Path, device: str, args: argparse.Namespace) -> d
         )
         return proc.returncode, proc.stderr
 
-    return _measured(device, target, run)
+    return _measured(setup.device, target, run)
 
 
 def run_image(
-    client: Any, image: str, slide: Path, out: Path, device: str, args: argparse.Namespace
+    client: Any,
+    image: str,
+    slide: Path,
+    out: Path,
+    config: Path | None,
+    setup: Setup,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     """One `tilerunner run` in the image; the summaries of its analyses and the wall time."""
     from docker.types import DeviceRequest
 
-    target = out / device
+    target = out / setup.label
     target.mkdir(parents=True, exist_ok=True)
     target.chmod(0o777)
-    command = ["run", f"/slides/{slide.name}", "--out", f"/out/{device}", "--json"]
-    command += _runner_options(device, args)
-    gpus = [DeviceRequest(count=-1, capabilities=[["gpu"]])] if device == "cuda" else []
+    # the image runs as uid 10001: the cached slide's folder (made 0700 by mkdtemp) must open
+    slide.parent.chmod(0o755)
+    command = ["run", f"/slides/{slide.name}", "--out", "/out", "--json"]
+    volumes = {
+        str(slide.parent): {"bind": "/slides", "mode": "ro"},
+        str(target): {"bind": "/out", "mode": "rw"},
+    }
+    if config is not None:  # the benchmark model instead of the image's own config
+        volumes[str(config.parent)] = {"bind": "/bench", "mode": "ro"}
+        command += ["--config", f"/bench/{config.name}", "--app-dir", "/bench"]
+    command += _runner_options(setup, args)
+    gpus = [DeviceRequest(count=-1, capabilities=[["gpu"]])] if setup.device == "cuda" else []
 
     def run() -> tuple[int, str]:
         container = client.containers.run(
             image,
             command,
-            volumes={
-                str(slide.parent): {"bind": "/slides", "mode": "ro"},
-                str(target): {"bind": f"/out/{device}", "mode": "rw"},
-            },
+            volumes=volumes,
             device_requests=gpus,
             network_mode="none",
             detach=True,
@@ -239,17 +291,18 @@ def run_image(
         finally:
             container.remove(force=True)
 
-    return _measured(device, target, run)
+    return _measured(setup.device, target, run)
 
 
 def figures(result: dict[str, Any]) -> dict[str, Any]:
     """tiles/s, wait share and per-model inference of one run (all analyses together)."""
     tiles = tile_s = wait_s = 0.0
     models: dict[str, dict[str, float]] = {}
-    device = None
+    device = reader = None
     for name, summary in result["summaries"].items():
         run = summary["run"]
         device = summary["deterministic"].get("device", device)
+        reader = summary["deterministic"]["slide"].get("reader", reader)
         tiles += run["tiles"]
         tile_s += run["timings_s"]["tiles"]
         wait_s += run["timings_s"]["read_wait"]
@@ -267,84 +320,129 @@ def figures(result: dict[str, Any]) -> dict[str, Any]:
         "tile_pass_s": round(tile_s, 2),
         "wait_share": round(wait_s / tile_s, 3) if tile_s else None,
         "wall_s": round(result["wall_s"], 1),
+        "decoded_on_gpu": "decoded on the GPU" in str(reader),
+        "workers": next(iter(result["summaries"].values()))["run"]["options"]["workers"]
+        if result["summaries"]
+        else None,
         "models": models,
         "gpu": result["gpu"],
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def report(results: dict[str, dict[str, Any]], failed: dict[str, str]) -> None:
+    """The table of configurations, the ratios to the CPU run, the GPU utilisation."""
+    cpu = results.get("cpu") or {}
+    keys = ("device", "workers", "decoded_on_gpu", "tiles", "tiles_per_s", "wait_share")
+    print(f"{'':<16}" + "".join(f"{k:>16}" for k in (*keys, "gpu_util_mean", "vs_cpu")))
+    for label, r in results.items():
+        g = r["gpu"] or {}
+        ratio = (
+            round(r["tiles_per_s"] / cpu["tiles_per_s"], 2)
+            if r["tiles_per_s"] and cpu.get("tiles_per_s")
+            else None
+        )
+        row = [*(r[k] for k in keys), g.get("util_mean"), ratio]
+        print(f"{label:<16}" + "".join(f"{v!s:>16}" for v in row))
+    for label, why in failed.items():
+        print(f"{label:<16}did not run: {why}")
+    for label, r in results.items():
+        g = r["gpu"]
+        if g:
+            print(
+                f"{label}: GPU utilisation mean {g.get('util_mean')} %, median "
+                f"{g.get('util_median')} %, max {g.get('util_max')} % ({g.get('samples')} "
+                f"samples); memory max {g.get('memory_max_mb')} MiB"
+            )
+        for name, m in r["models"].items():
+            print(f"  {label} {name}: {m['ms_per_tile']} ms/tile")
+    utils = [r["gpu"]["util_mean"] for r in results.values() if r["gpu"] and r["gpu"]["util_mean"]]
+    if utils:
+        print(f"best mean GPU utilisation: {max(utils)} % (target >= 80 %)")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--image", help="customer image on the gpu base variant")
     where.add_argument(
         "--host", action="store_true", help="no Docker: this checkout's runner on this host"
     )
-    parser.add_argument("--size", type=int, default=50_000, help="benchmark slide size (px)")
+    where.add_argument(
+        "--dry-run", action="store_true", help="no GPU: the CPU configuration on a small slide"
+    )
+    parser.add_argument("--model", choices=("resnet50", "resnet18", "demo", "image"))
+    parser.add_argument("--size", type=int, default=None, help="slide size (px; 50k, dry 8k)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="reader threads (0: runner's)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--check-only", action="store_true", help="preflight, then stop")
+    return parser
+
+
+def run_setups(
+    args: argparse.Namespace, env: dict[str, Any], slide: Path, model: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Every configuration in turn: figures of those that ran, the reason of those that not."""
+    cpus = os.cpu_count() or 1
+    results: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
+        config = app_config(Path(tmp), model)
+        print(f"model: {model}; slide {slide}; {cpus} CPUs", flush=True)
+        for setup in setups(args, cpus):
+            print(f"running {setup} ...", flush=True)
+            try:
+                if args.image:
+                    out = run_image(
+                        env["client"], args.image, slide, Path(tmp), config, setup, args
+                    )
+                else:
+                    out = run_host(slide, Path(tmp), config, setup, args)
+            except RuntimeError as exc:
+                failed[setup.label] = " ".join(str(exc).split())[:300]
+                print(f"  {setup.label}: {failed[setup.label]}", flush=True)
+                continue
+            result = figures(out)
+            if result["device"] != setup.device:
+                failed[setup.label] = f"ran on {result['device']}, not {setup.device} (see its log)"
+                continue
+            results[setup.label] = result
+    return results, failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    model = args.model or "resnet50"
+    if model == "image" and not args.image:
+        parser.error("--model image needs --image")
+    env: dict[str, Any] = {"gpus": ["none (dry run)"], "labels": {}}
     try:
-        env = preflight_host() if args.host else preflight(args.image)
+        if args.host:
+            env = preflight_host()
+        elif args.image:
+            env = preflight(args.image)
     except Unavailable as exc:
         print(f"gpu.py: {exc}", file=sys.stderr)
         return 2
     print(f"GPU: {'; '.join(env['gpus'])}")
-    if args.host:
-        print(f"host runner: onnxruntime {env['labels']['onnxruntime']} (CUDA provider available)")
-    else:
-        print(
-            f"image: {args.image} (CUDA {env['labels'].get('com.ivd.runner.cuda')}, cuDNN "
-            f"{env['labels'].get('com.ivd.runner.cudnn')})"
-        )
+    if args.image:
+        labels = env["labels"]
+        cuda, cudnn = labels.get("com.ivd.runner.cuda"), labels.get("com.ivd.runner.cudnn")
+        print(f"image: {args.image} (CUDA {cuda}, cuDNN {cudnn})")
     if args.check_only:
         return 0
-    slide = bench_slide(args.size, args.seed)
-    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
-        results = {}
-        for device in ("cuda", "cpu"):
-            print(f"running --device {device} on {slide} ...", flush=True)
-            try:
-                if args.host:
-                    result = run_host(slide, Path(tmp), device, args)
-                else:
-                    result = run_image(env["client"], args.image, slide, Path(tmp), device, args)
-            except RuntimeError as exc:
-                print(f"gpu.py: {' '.join(str(exc).split())}", file=sys.stderr)
-                return 1
-            results[device] = figures(result)
-    gpu, cpu = results["cuda"], results["cpu"]
-    if gpu["device"] != "cuda":
-        print("gpu.py: the CUDA run did not run on the GPU (see its log)", file=sys.stderr)
+    slide = bench_slide(args.size or (8192 if args.dry_run else 50_000), args.seed)
+    results, failed = run_setups(args, env, slide, model)
+    if "cpu" not in results:
+        print(f"gpu.py: the CPU baseline did not run: {failed.get('cpu')}", file=sys.stderr)
         return 1
-    ratio = (
-        gpu["tiles_per_s"] / cpu["tiles_per_s"]
-        if gpu["tiles_per_s"] and cpu["tiles_per_s"]
-        else None
-    )
-    print(f"{'':<28}{'cuda':>12}{'cpu':>12}")
-    for key in ("tiles", "tiles_per_s", "tile_pass_s", "wait_share", "wall_s"):
-        print(f"{key:<28}{gpu[key]!s:>12}{cpu[key]!s:>12}")
-    print(f"GPU / CPU tiles/s: {ratio:.2f}x" if ratio else "GPU / CPU tiles/s: n/a")
-    g = gpu["gpu"] or {}
-    print(
-        f"GPU utilisation during the CUDA run: mean {g.get('util_mean')} %, median "
-        f"{g.get('util_median')} %, max {g.get('util_max')} % ({g.get('samples')} samples); "
-        f"memory max {g.get('memory_max_mb')} MiB"
-    )
-    print(
-        f"share of the tile pass waiting for decoded tiles: cuda {gpu['wait_share']}, cpu {cpu['wait_share']}"
-    )
-    for name in gpu["models"]:
-        print(
-            f"  {name}: {gpu['models'][name]['ms_per_tile']} ms/tile on cuda, "
-            f"{cpu['models'].get(name, {}).get('ms_per_tile')} ms/tile on cpu"
-        )
+    report(results, failed)
     if args.json:
-        args.json.write_text(json.dumps({"cuda": gpu, "cpu": cpu, "ratio": ratio}, indent=2))
+        figures_all = {"model": model, "results": results, "failed": failed}
+        args.json.write_text(json.dumps(figures_all, indent=2))
     return 0
 
 

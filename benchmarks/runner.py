@@ -1,33 +1,54 @@
 #!/usr/bin/env python3
-"""Tile runner benchmark: runner vs pure-inference ceiling vs naive loop, and peak memory.
+"""Tile runner benchmark: against its pure-inference ceiling, a naive loop and WSInfer.
 
-All figures come from one run on this machine (ratios, not absolute numbers, are the point):
+All figures come from one run on this machine (ratios, not absolute numbers, are the point).
+Three suites (`--suite`, repeatable; `all` runs them in this order):
 
-* runner      - `tilerunner run` in a subprocess on the large synthetic slide (demo models,
-                CPU): tiles/s of the tile pass, end-to-end time, peak RSS (wait4 ru_maxrss).
-* ceiling     - the same two models, same session options and batch size, on batches of real
-                tiles already decoded in memory; Carcinoma on every tile, Mitosis on the same
-                share of tiles as in the run. Best of ORT spinning on/off. tiles/s.
-* naive       - read one tile with OpenSlide, normalise it in numpy (float32 NCHW), run the
-                raw carcinoma model, then mitosis if positive, next tile. tiles/s.
-* memory      - peak RSS of the runner on a small and the large slide (should not grow).
+* ``demo`` (default) - the demo models (carcinoma + mitosis gated on it), 50k slide:
+    runner    `tilerunner run` in a subprocess (CPU): tiles/s of the tile pass, end-to-end
+              time, peak RSS (wait4 ru_maxrss), CPU time of the tile pass;
+    ceiling   the same models and session options on batches of real tiles already decoded in
+              memory; Carcinoma on every tile, Mitosis on the same share as in the run;
+    naive     read one tile with OpenSlide, normalise it in numpy, run the raw carcinoma
+              model, then mitosis if positive, next tile;
+    memory    peak RSS of the runner on the small and the large slide (should not grow).
+* ``resnet50`` - a ResNet-50 (torchvision's architecture, generated weights: resnet.py) as
+  the one classifier, 50k slide: runner tiles/s, its share of the ceiling (wall and CPU
+  time), peak RSS, and the per-tile inference cost of the runner's CPU plan (one
+  single-threaded sub-batch per core) against the previous plan (ORT's intra-op threads on
+  the whole batch) on the same in-memory tiles.
+* ``wsinfer`` - ResNet-18 with the same generated weights in both, on the 20k slide:
+  WSInfer 0.6.1 (torch, its DataLoader with 2 workers, batch 32, as `wsinfer run` defaults
+  here) against the runner, and the runner with the previous CPU plan; `--rounds`
+  alternating rounds (the order flips each round). Tiles/s of each inference pass, CPU ms
+  per tile (this process and its children: insensitive to the other load on the machine),
+  their ratios per round and the median. WSInfer runs in its own venv
+  (~/.cache/ivd-testbed/bench-venv-*, ~6 GB, created on first use from
+  requirements-wsinfer.txt); torch's and the runner's logits are checked equal first.
 
-    .venv/bin/python benchmarks/runner.py                  # 50k x 50k and 20k x 20k slides
-    .venv/bin/python benchmarks/runner.py --size 30000 --small-size 12000 --json out.json
+    .venv/bin/python benchmarks/runner.py                         # demo suite
+    .venv/bin/python benchmarks/runner.py --suite wsinfer --suite resnet50 --json out.json
+    .venv/bin/python benchmarks/runner.py --suite all
 
-Synthetic slides and demo models are cached under ~/.cache/ivd-testbed/tilerunner.
+The machine is shared: every figure states the 1-minute load average around it, and the
+ratios that matter are taken between runs next to each other. Synthetic slides, models and
+the venv are cached under ~/.cache/ivd-testbed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +56,21 @@ import numpy as np
 import yaml
 from tilerunner import demo_models, synthetic
 
-CACHE = (
-    Path(os.environ.get("IVD_TEST_CACHE") or Path.home() / ".cache" / "ivd-testbed") / "tilerunner"
-)
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import resnet  # noqa: E402  (benchmarks/ is not a package)
+
+TESTBED = Path(os.environ.get("IVD_TEST_CACHE") or Path.home() / ".cache" / "ivd-testbed")
+CACHE = TESTBED / "tilerunner"
+SUITES = ("demo", "resnet50", "wsinfer")
+WSINFER_REQUIREMENTS = HERE / "requirements-wsinfer.txt"
+IMAGENET = [
+    {"cls": "Normalization", "params": {"factor": 255.0}},
+    {
+        "cls": "MeanStd",
+        "params": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    },
+]
 
 
 def _key(*modules: Any) -> str:
@@ -53,6 +86,18 @@ def cached_models() -> Path:
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".tmp-"))
         demo_models.write_demo_models(tmp)
+        tmp.rename(target)
+    return target
+
+
+def cached_resnet(arch: str) -> Path:
+    """benchmarks/resnet.py's `arch` with generated weights, as <dir>/model.onnx (cached)."""
+    target = CACHE / f"{arch}-{_key(resnet)}"
+    if not target.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".tmp-"))
+        print(f"building {arch} with generated weights (cached afterwards)...", flush=True)
+        resnet.write(arch, tmp / "model.onnx")
         tmp.rename(target)
     return target
 
@@ -113,12 +158,119 @@ def write_app(root: Path, models: Path) -> Path:
     return config
 
 
-def run_runner(slide: Path, config: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def write_model_app(root: Path, model_dir: Path) -> Path:
+    """A config with one ImageNet-normalised two-class classifier (Softmax -> positive class)
+    behind the Carcinoma feature: how a ResNet tile classifier is configured. The model is
+    linked into the app folder (a relative reference: the folder can be mounted anywhere)."""
+    data = (model_dir / "model.onnx").read_bytes()
+    (root / "model").mkdir(parents=True, exist_ok=True)
+    target = root / "model" / "model.onnx"
+    if not target.exists():
+        try:
+            os.link(model_dir / "model.onnx", target)
+        except OSError:  # another file system
+            target.write_bytes(data)
+    model = {
+        "sourcing": "manual",
+        "reference": "model",
+        "preprocessing": IMAGENET,
+        "postprocessing": [
+            {"cls": "Softmax"},
+            {"cls": "BinaryClassification", "params": {"positive_index": 1}},
+        ],
+        "params": {"file": "model.onnx", "tile_size": 224, "mpp": 0.5},
+        "provenance": {
+            "files": [
+                {
+                    "name": "model.onnx",
+                    "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            ]
+        },
+    }
+    doc = {
+        "schema_version": 1,
+        "customer": "bench",
+        "analyses": [
+            {
+                "name": "bench",
+                "models": {"classifier": model},
+                "features": [
+                    {"cls": "Carcinoma", "models": {"classification_model": "classifier"}}
+                ],
+            }
+        ],
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "analysis.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return config
+
+
+def _previous_plan(threads: int, fixed_batch: int | None, cores: int | None = None) -> Any:
+    """The runner's CPU plan before batch splitting: ORT's intra-op threads on the whole batch."""
+    from tilerunner import models
+
+    return models.CpuPlan(threads if threads > 0 else (cores or models.usable_cores()), 1)
+
+
+@contextlib.contextmanager
+def previous_plan() -> Iterator[None]:
+    """Sessions made inside use the previous CPU plan (the baseline of the plan figures)."""
+    from tilerunner import models
+
+    saved = models.cpu_plan
+    models.cpu_plan = _previous_plan
+    try:
+        yield
+    finally:
+        models.cpu_plan = saved
+
+
+# `tilerunner ARGS` in a child process with the previous CPU plan
+PREVIOUS_PLAN = (
+    f"import sys; sys.path.insert(0, {str(HERE)!r}); import runner; "
+    "runner.previous_plan().__enter__(); "
+    "from tilerunner.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+class PeakRss(threading.Thread):
+    """The child's own peak RSS (VmHWM, MB), read from /proc while it runs.
+
+    Not wait4's ru_maxrss: a child forked from this process counts this process's resident
+    memory until it execs (here the in-memory tiles and ceiling sessions, over 1 GB), so every
+    child would seem to peak at least there."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.status = Path(f"/proc/{pid}/status")
+        self.peak_kb = 0
+        self._done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._done.wait(0.2):
+            with contextlib.suppress(OSError):
+                for line in self.status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        return self.peak_kb / 1024
+
+
+def run_runner(
+    slide: Path, config: Path, out: Path, args: argparse.Namespace, previous: bool = False
+) -> dict[str, Any]:
     """tilerunner run in a child process; its summary plus wall time and peak RSS (MB)."""
+    launcher = ["-c", PREVIOUS_PLAN] if previous else ["-m", "tilerunner"]
     cmd = [
         sys.executable,
-        "-m",
-        "tilerunner",
+        *launcher,
         "-q",
         "run",
         str(slide),
@@ -139,7 +291,8 @@ def run_runner(slide: Path, config: Path, out: Path, args: argparse.Namespace) -
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]
     proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
+    peak = PeakRss(proc.pid)
+    _, status, _usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -148,7 +301,7 @@ def run_runner(slide: Path, config: Path, out: Path, args: argparse.Namespace) -
     return {
         "summary": summary,
         "wall_s": wall,
-        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_rss_mb": peak.stop(),
         # 1-minute load average around the run: > 2 means other work shared the 2 cores
         "load": (load_before, os.getloadavg()[0]),
     }
@@ -181,35 +334,30 @@ def sample_tiles(slide_path: Path, coords: np.ndarray, grid: Any, count: int) ->
 
 
 def inference_cost(
-    config: Path, tiles: np.ndarray, n: int, batch: int, threads: int
+    config: Path, tiles: np.ndarray, counts: dict[str, int], batch: int, threads: int
 ) -> dict[str, float]:
-    """Seconds per tile of each model on in-memory batches (best of ORT spinning on/off)."""
+    """Seconds per tile of each model (wall and `<model>_cpu`) on in-memory batches, through
+    the runner's own ModelStore: the same composed graph and session options as a run."""
     from tilerunner.config import load_config
     from tilerunner.models import EngineOptions, ModelStore
 
     cfg = load_config(config, config.parent)
-    best = {
-        "carcinoma": float("inf"),
-        "mitosis": float("inf"),
-        "carcinoma_cpu": float("inf"),
-        "mitosis_cpu": float("inf"),
-    }
-    for spin in (False, True):
-        store = ModelStore(EngineOptions("cpu", threads, spin))
-        store.load(cfg)
-        for name, count in (("carcinoma", n), ("mitosis", max(batch, n // 2))):
-            runner = store.runners[("bench", f"{name}_model")]
-            runner.predict(tiles[:batch])  # warm-up
-            t0, c0 = time.perf_counter(), time.process_time()
-            done = 0
-            while done < count:
-                k = min(batch, count - done)
-                start = done % max(1, len(tiles) - k)
-                runner.predict(tiles[start : start + k])
-                done += k
-            best[name] = min(best[name], (time.perf_counter() - t0) / count)
-            best[f"{name}_cpu"] = min(best[f"{name}_cpu"], (time.process_time() - c0) / count)
-    return best
+    store = ModelStore(EngineOptions("cpu", threads))
+    store.load(cfg)
+    cost: dict[str, float] = {}
+    for (_analysis, name), runner in store.runners.items():
+        count = counts[name]
+        runner.predict(tiles[:batch])  # warm-up
+        t0, c0 = time.perf_counter(), time.process_time()
+        done = 0
+        while done < count:
+            k = min(batch, count - done)
+            start = done % max(1, len(tiles) - k)
+            runner.predict(tiles[start : start + k])
+            done += k
+        cost[name] = (time.perf_counter() - t0) / count
+        cost[f"{name}_cpu"] = (time.process_time() - c0) / count
+    return cost
 
 
 def naive(slide_path: Path, models: Path, coords: np.ndarray, grid: Any, count: int) -> float:
@@ -244,12 +392,12 @@ def compare(
     for i, r in enumerate(runs):
         det, run = r["summary"]["deterministic"], r["summary"]["run"]
         tiles = det["features"]["Carcinoma"]["tiles_run"]
-        mit_tiles = det["features"]["Mitosis"]["tiles_run"]
         if tiles != expected:
             raise SystemExit(f"the runner ran {tiles} tissue tiles, the benchmark found {expected}")
+        model_tiles = {name: m["tiles"] for name, m in det["models"].items()}
         cost = {m: (costs[i][m] + costs[i + 1][m]) / 2 for m in costs[i]}
-        ceiling_s = tiles * cost["carcinoma"] + mit_tiles * cost["mitosis"]
-        ceiling_cpu = tiles * cost["carcinoma_cpu"] + mit_tiles * cost["mitosis_cpu"]
+        ceiling_s = sum(n * cost[name] for name, n in model_tiles.items())
+        ceiling_cpu = sum(n * cost[f"{name}_cpu"] for name, n in model_tiles.items())
         rate = tiles / run["timings_s"]["tiles"]
         per_run.append(
             {
@@ -259,6 +407,7 @@ def compare(
                 "cpu_ratio": ceiling_cpu / run["timings_s"]["tiles_cpu"],
                 "decode_ms": 1000 * run["timings_s"]["read_busy"] / tiles,
                 "infer_ms": 1000 * ceiling_s / tiles,
+                "infer_cpu_ms": 1000 * ceiling_cpu / tiles,
                 "wall": r["wall_s"],
                 "rss": r["peak_rss_mb"],
                 "load": r["load"],
@@ -267,53 +416,67 @@ def compare(
     return per_run
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=50_000, help="large slide edge (px)")
-    parser.add_argument("--small-size", type=int, default=20_000, help="small slide edge (px)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=3, help="runs on the large slide")
-    parser.add_argument("--ceiling-tiles", type=int, default=512)
-    parser.add_argument("--naive-tiles", type=int, default=400)
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = parser.parse_args(argv)
-    CACHE.mkdir(parents=True, exist_ok=True)
+def _load(before: float) -> list[float]:
+    return [round(before, 1), round(os.getloadavg()[0], 1)]
+
+
+def print_figures(title: str, figures: dict[str, Any]) -> None:
+    """One suite's figures, aligned."""
+    width = max(map(len, figures))
+    print(f"\n== {title}")
+    for name, value in figures.items():
+        print(f"{name:<{width}}  {value}")
+
+
+def bracketed_runs(
+    slide: Path, config: Path, tmp: Path, args: argparse.Namespace, repeat: int, counts: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, float]], np.ndarray, Any]:
+    """`repeat` runner runs on `slide`, each between two ceiling measurements; the tissue
+    tiles' (col, row) and grid too.
+
+    The machine is shared: each run is compared with the mean of the ceilings measured just
+    before and after it, then the median over runs is taken. `counts(coords)` gives the tiles
+    per model for the ceiling."""
+    coords, grid = tissue_tiles(slide)
+    mem_tiles = sample_tiles(slide, coords, grid, 256)
+    per_model = counts(len(coords))
+    runs: list[dict[str, Any]] = []
+    costs: list[dict[str, float]] = []
+    for i in range(repeat):
+        print(f"pure-inference ceiling ({i + 1})...", flush=True)
+        costs.append(inference_cost(config, mem_tiles, per_model, args.batch_size, args.threads))
+        print(f"runner on {slide.parent.name} ({i + 1}/{repeat})...", flush=True)
+        runs.append(run_runner(slide, config, tmp / f"out-{slide.parent.name}-{i}", args))
+    print(f"pure-inference ceiling ({repeat + 1})...", flush=True)
+    costs.append(inference_cost(config, mem_tiles, per_model, args.batch_size, args.threads))
+    return runs, costs, coords, grid
+
+
+def suite_demo(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Demo models: runner vs ceiling vs naive loop on the large slide, RSS small vs large."""
     models = cached_models()
     large = cached_slide(args.size, 7)
     small = cached_slide(args.small_size, 7)
-    print("tissue tiles and in-memory tiles for the ceiling...", flush=True)
-    coords, grid = tissue_tiles(large)
-    mem_tiles = sample_tiles(large, coords, grid, 256)
-    k = min(args.ceiling_tiles, len(coords))
-    runs: list[dict[str, Any]] = []
-    costs: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory(prefix="tilerunner-bench-") as tmp:
-        config = write_app(Path(tmp) / "app", models)
-        print("runner on the small slide...", flush=True)
-        r_small = run_runner(small, config, Path(tmp) / "out-small", args)
-        # The machine is shared: the ceiling is measured before and after every large run and
-        # each run is compared with the mean of the two, then the median over runs is taken.
-        for i in range(args.repeat):
-            print(f"pure-inference ceiling ({i + 1})...", flush=True)
-            costs.append(inference_cost(config, mem_tiles, k, args.batch_size, args.threads))
-            print(f"runner on the large slide ({i + 1}/{args.repeat})...", flush=True)
-            runs.append(run_runner(large, config, Path(tmp) / f"out-large-{i}", args))
-        print(f"pure-inference ceiling ({args.repeat + 1})...", flush=True)
-        costs.append(inference_cost(config, mem_tiles, k, args.batch_size, args.threads))
-        print("naive loop...", flush=True)
-        naive_rate = naive(large, models, coords, grid, args.naive_tiles)
+    config = write_app(tmp / "app", models)
+    print("runner on the small slide...", flush=True)
+    r_small = run_runner(small, config, tmp / "out-small", args)
+    k = args.ceiling_tiles
+
+    def counts(tissue: int) -> dict[str, int]:
+        return {"carcinoma_model": min(k, tissue), "mitosis_model": max(args.batch_size, k // 2)}
+
+    runs, costs, coords, grid = bracketed_runs(large, config, tmp, args, args.repeat, counts)
+    print("naive loop...", flush=True)
+    naive_rate = naive(large, models, coords, grid, args.naive_tiles)
     per_run = compare(runs, costs, len(coords))
     median = sorted(per_run, key=lambda x: x["ratio"])[len(per_run) // 2]
     last = runs[-1]["summary"]
     det, run = last["deterministic"], last["run"]
-    mit = det["features"]["Mitosis"]
     rss_large = max(x["rss"] for x in per_run)
     figures = {
         "slide_px": args.size,
         "tissue_tiles": len(coords),
-        "mitosis_tiles": mit["tiles_run"],
+        "mitosis_tiles": det["features"]["Mitosis"]["tiles_run"],
         "grid_tiles": det["grids"]["0.5@224"]["tiles_total"],
         "runner_tiles_per_s": round(median["runner"], 1),
         "ceiling_tiles_per_s": round(median["ceiling"], 1),
@@ -338,21 +501,247 @@ def main(argv: list[str] | None = None) -> int:
         "small_slide_px": args.small_size,
         "workers": run["options"]["workers"],
         "batch_size": args.batch_size,
-        "cpus": os.cpu_count(),
     }
-    width = max(map(len, figures))
-    print()
-    for name, value in figures.items():
-        print(f"{name:<{width}}  {value}")
-    print()
+    print_figures("demo models", figures)
     print(
-        f"runner / ceiling = {figures['runner_vs_ceiling']:.1%} (target >= 90%); "
-        f"runner / naive = {figures['runner_vs_naive']:.2f}x; peak RSS "
-        f"{figures['peak_rss_mb_small']:.0f} MB ({args.small_size} px) vs "
-        f"{figures['peak_rss_mb_large']:.0f} MB ({args.size} px), limit 2048 MB"
+        f"runner / ceiling = {figures['runner_vs_ceiling']:.1%}; runner / naive = "
+        f"{figures['runner_vs_naive']:.2f}x; peak RSS {figures['peak_rss_mb_small']:.0f} MB "
+        f"({args.small_size} px) vs {figures['peak_rss_mb_large']:.0f} MB ({args.size} px)"
     )
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def plan_costs(config: Path, tiles: np.ndarray, count: int, args: argparse.Namespace) -> list[Any]:
+    """Per-tile inference (wall, CPU) of the runner's plan and the previous one, alternated."""
+    rounds: list[Any] = []
+    for i in range(args.rounds):
+        pair = {}
+        for which in ("batch", "previous") if i % 2 == 0 else ("previous", "batch"):
+            ctx = previous_plan() if which == "previous" else contextlib.nullcontext()
+            with ctx:
+                load = os.getloadavg()[0]
+                cost = inference_cost(
+                    config, tiles, {"classifier": count}, args.batch_size, args.threads
+                )
+            pair[which] = (cost["classifier"], cost["classifier_cpu"], _load(load))
+        rounds.append(pair)
+    return rounds
+
+
+def suite_resnet50(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """ResNet-50 as the classifier on the large slide: share of the ceiling, RSS, CPU plans."""
+    model = cached_resnet("resnet50")
+    large = cached_slide(args.size, 7)
+    config = write_model_app(tmp / "app-resnet50", model)
+    k = args.resnet_ceiling_tiles
+    runs, costs, coords, grid = bracketed_runs(
+        large, config, tmp, args, args.resnet_repeat, lambda tissue: {"classifier": min(k, tissue)}
+    )
+    per_run = compare(runs, costs, len(coords))
+    median = sorted(per_run, key=lambda x: x["ratio"])[len(per_run) // 2]
+    print("CPU plans on in-memory tiles (batch-parallel vs previous intra-op)...", flush=True)
+    mem = sample_tiles(large, coords, grid, 2 * args.batch_size)
+    plans = plan_costs(config, mem, 2 * args.batch_size, args)
+    speedups = [p["previous"][0] / p["batch"][0] for p in plans]
+    cpu_speedups = [p["previous"][1] / p["batch"][1] for p in plans]
+    run = runs[-1]["summary"]["run"]
+    figures = {
+        "model": f"resnet50 ({resnet.GFLOP_PER_TILE['resnet50']} GFLOP/tile, generated weights)",
+        "slide_px": args.size,
+        "tissue_tiles": len(coords),
+        "runner_tiles_per_s": round(median["runner"], 2),
+        "ceiling_tiles_per_s": round(median["ceiling"], 2),
+        "runner_vs_ceiling": round(median["ratio"], 3),
+        "runner_vs_ceiling_all_runs": [round(x["ratio"], 3) for x in per_run],
+        "runner_vs_ceiling_cpu_all_runs": [round(x["cpu_ratio"], 3) for x in per_run],
+        "load_average_around_runs": [[round(v, 1) for v in x["load"]] for x in per_run],
+        "inference_cpu_ms_per_tile": round(median["infer_cpu_ms"], 1),
+        "decode_ms_per_tile_worker_time": round(median["decode_ms"], 2),
+        "runner_end_to_end_s": round(median["wall"], 1),
+        "peak_rss_mb": round(max(x["rss"] for x in per_run), 1),
+        "plan_batch_ms_per_tile_wall": [round(1000 * p["batch"][0], 1) for p in plans],
+        "plan_previous_ms_per_tile_wall": [round(1000 * p["previous"][0], 1) for p in plans],
+        "plan_speedup_wall_all_rounds": [round(x, 2) for x in speedups],
+        "plan_speedup_cpu_all_rounds": [round(x, 2) for x in cpu_speedups],
+        "plan_load_average": [[p["batch"][2], p["previous"][2]] for p in plans],
+        "workers": run["options"]["workers"],
+        "batch_size": args.batch_size,
+    }
+    print_figures("ResNet-50 (realistic model)", figures)
+    print(
+        f"runner / ceiling = {figures['runner_vs_ceiling']:.1%} at "
+        f"{figures['runner_tiles_per_s']} tiles/s; peak RSS {figures['peak_rss_mb']:.0f} MB; "
+        f"batch-parallel plan / previous plan = {statistics.median(speedups):.2f}x per tile"
+    )
+    return figures
+
+
+# --------------------------------------------------------------------------- WSInfer
+
+
+def bench_venv() -> Path:
+    """The Python of the WSInfer venv, created from requirements-wsinfer.txt on first use."""
+    key = hashlib.sha256(WSINFER_REQUIREMENTS.read_bytes()).hexdigest()[:12]
+    root = TESTBED / f"bench-venv-{key}"
+    python = root / "bin" / "python"
+    if (root / ".complete").exists():
+        return python
+    print(f"creating the WSInfer venv {root} (once; ~6 GB: torch and its NVIDIA libraries)...")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(root)], check=True)
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    subprocess.run([*pip, "install", "--no-deps", "-r", str(WSINFER_REQUIREMENTS)], check=True)
+    subprocess.run([*pip, "check"], check=True)
+    (root / ".complete").write_text(key + "\n")
+    return python
+
+
+def wsinfer_model(python: Path, onnx_dir: Path) -> tuple[Path, float]:
+    """WSInfer's TorchScript ResNet-18 (same weights) and max |logit difference| vs the runner's
+    ONNX on probe tiles (through the runner's composed graph: uint8 in, ImageNet preprocessing)."""
+    from tilerunner.config import load_config
+    from tilerunner.models import EngineOptions, ModelStore
+
+    target = CACHE / f"wsinfer-resnet18-{_key(resnet)}"
+    if not (target / "probe-logits.npy").exists():
+        subprocess.run(
+            [str(python), str(HERE / "wsinfer_side.py"), "export", str(target), "resnet18"],
+            check=True,
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_model_app(Path(tmp), onnx_dir)
+        store = ModelStore(EngineOptions("cpu"))
+        store.load(load_config(config, config.parent))
+    runner = store.runners[("bench", "classifier")]
+    ours = runner.session.run(np.load(target / "probe-tiles.npy"))
+    diff = float(np.abs(ours - np.load(target / "probe-logits.npy")).max())
+    if diff > 1e-4:
+        raise SystemExit(f"WSInfer's model and the runner's ONNX differ by {diff} on probe tiles")
+    return target, diff
+
+
+def run_wsinfer(python: Path, slide: Path, model: Path, out: Path) -> dict[str, Any]:
+    """One WSInfer run (patching + inference) in the venv; figures of its inference pass."""
+    load = os.getloadavg()[0]
+    proc = subprocess.run(
+        [str(python), str(HERE / "wsinfer_side.py"), "run", str(slide), str(model), str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"WSInfer failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**result, "load": _load(load)}
+
+
+def _runner_pass(r: dict[str, Any]) -> dict[str, Any]:
+    run = r["summary"]["run"]
+    return {
+        "tiles": run["tiles"],
+        "tiles_s": run["timings_s"]["tiles"],
+        "tiles_cpu_s": run["timings_s"]["tiles_cpu"],
+        "peak_rss_mb": r["peak_rss_mb"],
+        "load": [round(v, 1) for v in r["load"]],
+    }
+
+
+def suite_wsinfer(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """ResNet-18 on the small slide: runner vs WSInfer vs the runner's previous CPU plan."""
+    python = bench_venv()
+    model = cached_resnet("resnet18")
+    slide = cached_slide(args.small_size, 7)
+    ts_model, diff = wsinfer_model(python, model)
+    config = write_model_app(tmp / "app-resnet18", model)
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for i in range(args.rounds):
+        order = ["runner", "wsinfer", "previous"]
+        order = order if i % 2 == 0 else order[::-1]
+        got: dict[str, dict[str, Any]] = {}
+        for which in order:
+            print(f"round {i + 1}/{args.rounds}: {which}...", flush=True)
+            out = tmp / f"wsinfer-{i}-{which}"
+            if which == "wsinfer":
+                got[which] = run_wsinfer(python, slide, ts_model, out)
+            else:
+                got[which] = _runner_pass(
+                    run_runner(slide, config, out, args, previous=which == "previous")
+                )
+            got[which]["rate"] = got[which]["tiles"] / got[which]["tiles_s"]
+            got[which]["cpu_ms"] = 1000 * got[which]["tiles_cpu_s"] / got[which]["tiles"]
+        rounds.append(got)
+
+    def ratios(a: str, b: str, key: str, inverse: bool = False) -> list[float]:
+        vals = [r[a][key] / r[b][key] for r in rounds]
+        return [round(1 / v if inverse else v, 2) for v in vals]
+
+    speed = ratios("runner", "wsinfer", "rate")
+    cpu = ratios("runner", "wsinfer", "cpu_ms", inverse=True)
+    figures = {
+        "model": f"resnet18 ({resnet.GFLOP_PER_TILE['resnet18']} GFLOP/tile, same weights both)",
+        "slide_px": args.small_size,
+        "logits_max_abs_diff_torch_vs_runner": diff,
+        "tiles_runner_wsinfer": [rounds[0]["runner"]["tiles"], rounds[0]["wsinfer"]["tiles"]],
+        "runner_tiles_per_s": [round(r["runner"]["rate"], 2) for r in rounds],
+        "wsinfer_tiles_per_s": [round(r["wsinfer"]["rate"], 2) for r in rounds],
+        "previous_plan_tiles_per_s": [round(r["previous"]["rate"], 2) for r in rounds],
+        "runner_vs_wsinfer_all_rounds": speed,
+        "runner_vs_wsinfer": statistics.median(speed),
+        "runner_cpu_ms_per_tile": [round(r["runner"]["cpu_ms"], 1) for r in rounds],
+        "wsinfer_cpu_ms_per_tile": [round(r["wsinfer"]["cpu_ms"], 1) for r in rounds],
+        "previous_plan_cpu_ms_per_tile": [round(r["previous"]["cpu_ms"], 1) for r in rounds],
+        "runner_vs_wsinfer_cpu_all_rounds": cpu,
+        "runner_vs_wsinfer_cpu": statistics.median(cpu),
+        "previous_plan_vs_wsinfer_all_rounds": ratios("previous", "wsinfer", "rate"),
+        "runner_vs_previous_plan_all_rounds": ratios("runner", "previous", "rate"),
+        "peak_rss_mb_runner_wsinfer": [
+            round(max(r["runner"]["peak_rss_mb"] for r in rounds)),
+            round(max(r["wsinfer"]["peak_rss_mb"] for r in rounds)),
+        ],
+        "load_average_runner_wsinfer_previous": [
+            [r["runner"]["load"], r["wsinfer"]["load"], r["previous"]["load"]] for r in rounds
+        ],
+        "batch_size": args.batch_size,
+    }
+    print_figures("ResNet-18 vs WSInfer 0.6.1 (steady state, one run)", figures)
+    print(
+        f"runner / WSInfer = {figures['runner_vs_wsinfer']:.2f}x tiles/s (median of "
+        f"{args.rounds} alternating rounds, target >= 2.5x), "
+        f"{figures['runner_vs_wsinfer_cpu']:.2f}x in CPU time per tile"
+    )
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--suite",
+        action="append",
+        choices=(*SUITES, "all"),
+        help="what to measure (repeatable; default demo)",
+    )
+    parser.add_argument("--size", type=int, default=50_000, help="large slide edge (px)")
+    parser.add_argument("--small-size", type=int, default=20_000, help="small slide edge (px)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=3, help="demo: runs on the large slide")
+    parser.add_argument("--resnet-repeat", type=int, default=1, help="resnet50: large runs")
+    parser.add_argument("--rounds", type=int, default=3, help="wsinfer, plans: rounds")
+    parser.add_argument("--ceiling-tiles", type=int, default=512)
+    parser.add_argument("--resnet-ceiling-tiles", type=int, default=128)
+    parser.add_argument("--naive-tiles", type=int, default=400)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    chosen = args.suite or ["demo"]
+    suites = [s for s in SUITES if s in chosen or "all" in chosen]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    runs = {"demo": suite_demo, "resnet50": suite_resnet50, "wsinfer": suite_wsinfer}
+    figures: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="tilerunner-bench-") as tmp:
+        for suite in suites:
+            figures[suite] = runs[suite](args, Path(tmp))
+            if args.json:  # after each suite: a long run keeps what it has measured
+                args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

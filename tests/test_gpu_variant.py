@@ -160,7 +160,8 @@ def gpu_layout(gpu_base: BaseImageBuild, docker_engine: Any) -> Path:
 
 def test_lock_has_every_library_onnxruntime_gpu_asks_for() -> None:
     """The `cuda` and `cudnn` extras of the pinned onnxruntime-gpu wheel (its own METADATA)
-    are all satisfied by the lock, and so is every NVIDIA wheel's own dependency."""
+    are all satisfied by the lock, and so is every NVIDIA wheel's own dependency (with
+    nvImageCodec's `nvjpeg` extra: the GPU JPEG decoder of --decoder)."""
     pinned = ensure_wheelhouse(WHEELHOUSE, [GPU_LOCK], download=True)
     pins = {r.name: r.version for r in parse_requirements(GPU_LOCK)}
     wheels = {p.name: p for p in pinned.values()}
@@ -173,7 +174,7 @@ def test_lock_has_every_library_onnxruntime_gpu_asks_for() -> None:
             meta = Parser().parsestr(zf.read(meta_name).decode())
         for line in meta.get_all("Requires-Dist") or []:
             req = PipRequirement(line)
-            for extra in ("cuda", "cudnn", None):
+            for extra in ("cuda", "cudnn", "nvjpeg", None):
                 env = {"extra": extra or ""}
                 if (req.marker is None) == (extra is None) and (
                     req.marker is None or req.marker.evaluate(env)
@@ -183,7 +184,7 @@ def test_lock_has_every_library_onnxruntime_gpu_asks_for() -> None:
                     assert name in pins, f"{wheel.name} needs {req}, not in the lock"
                     assert req.specifier.contains(pins[name]), f"{req} vs {pins[name]}"
     named = {re.split(r"[~=<>!; ]", r)[0] for _, r in asked}
-    assert {"nvidia-cuda-runtime", "nvidia-cudnn-cu13", "nvidia-cublas"} <= named
+    assert {"nvidia-cuda-runtime", "nvidia-cudnn-cu13", "nvidia-cublas", "nvidia-nvjpeg"} <= named
 
 
 @pytest.mark.docker

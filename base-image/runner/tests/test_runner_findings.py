@@ -100,7 +100,10 @@ def test_deterministic_across_runs_workers_and_batch_sizes(
 ) -> None:
     """Same slide, config, device -> identical files and identical summary minus `run`."""
     again = _run(
-        app, small_slide, tmp_path / "again", RunOptions(device="cpu", batch_size=7, workers=2)
+        app,
+        small_slide,
+        tmp_path / "again",
+        RunOptions(device="cpu", batch_size=7, workers=2, threads=3),  # 3 sub-batches a call
     )
     first = json.loads((small_result / "summary.json").read_text())
     second = json.loads((again / "summary.json").read_text())

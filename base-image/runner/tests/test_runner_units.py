@@ -377,6 +377,9 @@ class _SlowSlide:
             self.active -= 1
         return np.zeros((size[1], size[0], 3), np.uint8)
 
+    def prefetch(self, locations: list[tuple[int, int]], level: int, size: tuple[int, int]) -> None:
+        pass
+
     def clone(self) -> _SlowSlide:
         return self
 

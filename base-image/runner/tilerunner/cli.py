@@ -131,9 +131,13 @@ def _worker_parser(sub: Any, common: Any) -> None:
     wk.add_argument("--batch-size", type=_int_at_least(1), default=32)
     wk.add_argument("--workers", type=int, default=None, help="tile reader threads")
     wk.add_argument(
-        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)"
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU inference threads, each running its share of a batch (0: one per core)",
     )
     wk.add_argument("--reader", choices=("auto", "openslide"), default="auto")
+    wk.add_argument("--decoder", choices=("auto", "cpu", "nvimgcodec"), default="auto")
     wk.add_argument("--log-format", choices=("json", "text"), default="json")
 
 
@@ -233,7 +237,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--workers", type=int, default=None, help="tile reader threads")
     run.add_argument(
-        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)"
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU inference threads, each running its share of a batch (0: one per core)",
     )
     run.add_argument(
         "--mpp",
@@ -246,6 +253,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "openslide"),
         default="auto",
         help="auto: decode TIFF tiles directly when identical to OpenSlide",
+    )
+    run.add_argument(
+        "--decoder",
+        choices=("auto", "cpu", "nvimgcodec"),
+        default="auto",
+        help="who decodes JPEG tiles: auto: the GPU (nvImageCodec) when the models run on "
+        "CUDA and its pixels equal the CPU's, else the CPU",
     )
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--json", action="store_true", help="print the run report as JSON")
@@ -303,6 +317,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         threads=args.threads,
         mpp=args.mpp,
         reader=args.reader,
+        decoder=args.decoder,
     )
     bar = ProgressBar(sys.stderr, enabled=not (args.no_progress or args.quiet))
     report = run(config, args.slide, args.out, options, bar)
@@ -363,6 +378,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         workers=default_workers() if args.workers is None else args.workers,
         threads=args.threads,
         reader=args.reader,
+        decoder=args.decoder,
     )
     settings = WorkerSettings(
         amqp_url=args.amqp,

@@ -13,16 +13,19 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from tilerunner.errors import SlideError
+from tilerunner import decoders
+from tilerunner.errors import DeviceError, SlideError
 
 # tifffile logs what it cannot parse; the runner reports it as a SlideError instead
 logging.getLogger("tifffile").addHandler(logging.NullHandler())
+log = logging.getLogger("tilerunner")
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -71,6 +74,10 @@ class Slide(Protocol):
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
         """RGB uint8 (h, w, 3) of `size` at `level`, top-left at level-0 `location`."""
+        ...
+
+    def prefetch(self, locations: list[tuple[int, int]], level: int, size: tuple[int, int]) -> None:
+        """Decode at once what the next reads of these regions need (a GPU decodes batches)."""
         ...
 
     def clone(self) -> Slide:
@@ -157,6 +164,9 @@ class OpenSlideSlide:
             raise SlideError(self._failure) from None
         return _rgba_to_rgb(np.asarray(image))
 
+    def prefetch(self, locations: list[tuple[int, int]], level: int, size: tuple[int, int]) -> None:
+        """Nothing: OpenSlide decodes inside read_region."""
+
     def clone(self) -> OpenSlideSlide:
         """A new handle on the same file, for another thread."""
         return OpenSlideSlide(self.info.path, self.info)
@@ -191,10 +201,17 @@ class TiffSlide:
     _CACHE_MAX = 128  # segments (<= ~25 MB): two rows of the level being read, at most this
 
     def __init__(
-        self, path: Path, info: SlideInfo | None = None, mpp_override: float | None = None
+        self,
+        path: Path,
+        info: SlideInfo | None = None,
+        mpp_override: float | None = None,
+        decoder: Callable[[], decoders.BatchDecoder] | None = None,
     ):
         import tifffile
 
+        self._decoder_factory = decoder
+        self._decoder = decoder() if decoder else None  # None: segments decoded one by one
+        self._pinned: dict[tuple[int, int], np.ndarray] = {}  # the last prefetch's segments
         self._tf = tifffile.TiffFile(str(path))
         if not self._tf.series:
             self._tf.close()
@@ -248,18 +265,72 @@ class TiffSlide:
             mpp_source=source,
         )
 
-    def _segment(self, level: int, index: int) -> np.ndarray:
-        key = (level, index)
-        cached = self._cache.get(key)
-        if cached is not None:
-            self._cache.move_to_end(key)
-            return cached
+    @property
+    def compression(self) -> int:
+        """The TIFF compression of the finest level's tiles (7: JPEG)."""
+        return int(self._pages[0].compression)
+
+    def _data(self, level: int, index: int) -> bytes:
         page = self._pages[level]
         offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
         with self._lock:
             fh = self._tf.filehandle
             fh.seek(offset)
-            data = fh.read(count)
+            return bytes(fh.read(count))
+
+    def decode_with(
+        self, decoder: decoders.BatchDecoder, level: int, indices: list[int]
+    ) -> list[np.ndarray]:
+        """The segments `indices` of `level` decoded by `decoder` in one batch."""
+        page = self._pages[level]
+        streams = [
+            decoders.jpeg_stream(page.jpegtables, self._data(level, i), int(page.photometric))
+            for i in indices
+        ]
+        try:
+            return decoder.decode(streams)
+        except Exception as exc:
+            raise SlideError(
+                f"slide {self.info.path}: {decoder.name} cannot decode segments of level "
+                f"{level}: {_one_line(exc)}"
+            ) from None
+
+    def _segments(
+        self, level: int, location: tuple[int, int], size: tuple[int, int]
+    ) -> Iterator[int]:
+        """Indices of the stored segments a region at `level` overlaps."""
+        page = self._pages[level]
+        ds = self.info.level_downsamples[level]
+        x0, y0 = math.floor(location[0] / ds), math.floor(location[1] / ds)
+        width, length = int(page.imagewidth), int(page.imagelength)
+        tw, th = int(page.tilewidth), int(page.tilelength)
+        across = math.ceil(width / tw)
+        cx0, cx1 = max(0, x0) // tw, (min(width, x0 + size[0]) - 1) // tw
+        cy0, cy1 = max(0, y0) // th, (min(length, y0 + size[1]) - 1) // th
+        for ty in range(cy0, cy1 + 1):
+            for tx in range(cx0, cx1 + 1):
+                yield ty * across + tx
+
+    def prefetch(self, locations: list[tuple[int, int]], level: int, size: tuple[int, int]) -> None:
+        """With a batch decoder: decode every segment these regions need in one call."""
+        if self._decoder is None or not self._pages[level].is_tiled:
+            return
+        wanted = sorted({i for loc in locations for i in self._segments(level, loc, size)})
+        todo = [i for i in wanted if (level, i) not in self._cache]
+        arrays = self.decode_with(self._decoder, level, todo) if todo else []
+        self._pinned = dict(zip(((level, i) for i in todo), arrays, strict=True))
+
+    def _segment(self, level: int, index: int) -> np.ndarray:
+        key = (level, index)
+        cached = self._pinned.get(key)
+        if cached is None:
+            cached = self._cache.get(key)
+        if cached is not None:
+            self._cache[key] = cached
+            self._cache.move_to_end(key)
+            return cached
+        page = self._pages[level]
+        data = self._data(level, index)
         try:
             seg, _indices, shape = page.decode(
                 data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader
@@ -310,9 +381,14 @@ class TiffSlide:
                 ]
         return out
 
+    def use_decoder(self, factory: Callable[[], decoders.BatchDecoder], note: str) -> None:
+        """Decode through `factory`'s decoders from now on (this handle and its clones)."""
+        self._decoder_factory, self._decoder = factory, factory()
+        self.info = replace(self.info, reader=f"{self.info.reader}; {note}")
+
     def clone(self) -> TiffSlide:
         """A new handle on the same file, for another thread."""
-        return TiffSlide(self.info.path, self.info)
+        return TiffSlide(self.info.path, self.info, decoder=self._decoder_factory)
 
     def close(self) -> None:
         """Release the tifffile handle."""
@@ -548,6 +624,45 @@ def _open_any(path: Path, mpp: float | None, tiff: bool) -> Slide:
         raise SlideError(
             f"{path} is not a whole-slide image OpenSlide or tifffile can read: {_one_line(exc)}"
         ) from None
+
+
+def decoder_difference(slide: TiffSlide, decoder: decoders.BatchDecoder) -> int:
+    """Largest pixel difference between `decoder` and the CPU on probe segments (up to 4 at
+    the centre of the finest and of the coarsest level)."""
+    worst = 0
+    for level in sorted({0, len(slide.info.level_dimensions) - 1}):
+        page = slide._pages[level]
+        count = len(page.dataoffsets)
+        indices = sorted({min(count - 1, max(0, count // 2 + d)) for d in (-1, 0, 1, 2)})
+        got = slide.decode_with(decoder, level, indices)
+        for index, array in zip(indices, got, strict=True):
+            cpu = slide._segment(level, index)
+            if array.shape != cpu.shape:
+                raise ValueError(f"{decoder.name} gives shape {array.shape}, the CPU {cpu.shape}")
+            diff = np.abs(array.astype(np.int16) - cpu.astype(np.int16))
+            worst = max(worst, int(diff.max()))
+    return worst
+
+
+def attach_decoder(slide: Slide, requested: str, device: str) -> Slide:
+    """Give a TIFF slide the decoder `--decoder` asks for with models on `device` (see
+    tilerunner.decoders); logs one line when auto falls back to the CPU."""
+    if not decoders.wanted(requested, device):
+        return slide
+    if not isinstance(slide, TiffSlide):
+        why = f"the slide is read through OpenSlide (vendor {slide.info.vendor})"
+        if requested == "nvimgcodec":
+            raise DeviceError(f"--decoder nvimgcodec: {why}; use --decoder auto or cpu")
+        log.warning("decoder: GPU decoding not used (%s); tiles decoded on the CPU", why)
+        return slide
+    choice = decoders.choose(
+        requested, device, slide.compression, lambda d: decoder_difference(slide, d)
+    )
+    if choice.factory is not None:
+        slide.use_decoder(choice.factory, choice.note)
+    elif choice.note:
+        log.warning("%s", choice.note)
+    return slide
 
 
 def open_slide(path: Path, *, mpp: float | None = None, reader: str = "auto") -> Slide:
