@@ -5,11 +5,11 @@
 - ``layout``: OCI image layouts on disk (index.json under a lock, blobs)
 - ``reference`` / ``remote``: image references and the registry transport (:class:`RegistryClient`
   carries insecure, retry and credentials)
+- ``referrers``: the referrers of a manifest in a layout or a registry (API, else tag schema)
 - ``image``: one ``open_image()`` for a registry, an OCI layout or a docker archive
 
 ``from builder.oci import X`` is the one import path for the names below; ``builder.oci.image``
-is imported by its own name (it reads attestations through :mod:`builder.attest`, which itself
-imports this package).
+is imported by its own name.
 """
 
 from builder.oci.blobs import (
@@ -63,6 +63,7 @@ from builder.oci.reference import (
     split_repository,
     use_plain_http,
 )
+from builder.oci.referrers import fallback_tag, layout_referrers, registry_referrers
 from builder.oci.remote import BlobUnknownError, RegistryClient, RetryPolicy, shared_client
 
 __all__ = [
@@ -93,11 +94,13 @@ __all__ = [
     "canonical_json",
     "check_digest",
     "copy_blob",
+    "fallback_tag",
     "hash_file",
     "is_disk_full",
     "is_loopback",
     "layout_blob_path",
     "layout_directories",
+    "layout_referrers",
     "link_refused",
     "locked_file",
     "locked_layout",
@@ -106,6 +109,7 @@ __all__ = [
     "read_layout_blob",
     "read_layout_index",
     "read_nofollow",
+    "registry_referrers",
     "remove_abandoned",
     "sha256_digest",
     "shared_client",

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final
 
-from builder.attest.referrers import layout_referrers, registry_referrers
 from builder.errors import ImageError
 from builder.oci import (
     IMAGE_MANIFEST_TYPES,
@@ -33,6 +32,7 @@ from builder.oci import (
     read_layout_index,
     sha256_digest,
 )
+from builder.oci.referrers import layout_referrers, registry_referrers
 from builder.settings import Settings
 
 _KEEP_PREFIXES: Final = ("app/models/", "app/config/")
