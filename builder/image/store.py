@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from builder.contracts import Progress, ProgressEvent
-from builder.deliver import blob_source
 from builder.errors import ImageError
 from builder.image.assemble import AssembledImage, Layer
 from builder.image.base import (
@@ -261,7 +260,7 @@ class ImageStore:
                 )
             )
         for layer in image.layers:
-            blob_source(image, layer.descriptor, progress)
+            image.blob_path(layer.descriptor, progress)
         self.tag(image.manifest_descriptor, references)
         return forced
 

@@ -7,6 +7,7 @@
   carries insecure, retry and credentials)
 - ``referrers``: the referrers of a manifest in a layout or a registry (API, else tag schema)
 - ``image``: one ``open_image()`` for a registry, an OCI layout or a docker archive
+- ``push``: writing an image to a registry repository (blobs present, mounted or uploaded)
 
 ``from builder.oci import X`` is the one import path for the names below; ``builder.oci.image``
 is imported by its own name.
@@ -56,6 +57,7 @@ from builder.oci.layout import (
     update_layout_index,
     write_layout_index,
 )
+from builder.oci.push import BlobPush, PushableImage, push_blobs, push_image, put_manifest
 from builder.oci.reference import (
     Reference,
     is_loopback,
@@ -82,11 +84,13 @@ __all__ = [
     "OCI_LAYER_GZIP",
     "OCI_MANIFEST",
     "REF_NAME",
+    "BlobPush",
     "BlobStore",
     "BlobUnknownError",
     "BlobWriter",
     "Descriptor",
     "LayoutEntry",
+    "PushableImage",
     "Reference",
     "RegistryClient",
     "RetryPolicy",
@@ -106,6 +110,9 @@ __all__ = [
     "locked_layout",
     "open_nofollow",
     "parse_reference",
+    "push_blobs",
+    "push_image",
+    "put_manifest",
     "read_layout_blob",
     "read_layout_index",
     "read_nofollow",
