@@ -1,4 +1,5 @@
-"""The OCI wing, shaped like go-containerregistry's ``pkg/v1``: one module per transport.
+"""The OCI wing, shaped like go-containerregistry's ``pkg/v1``: one module per transport. It
+knows nothing of the product (no label, path or layer of ours): the rooms above it do.
 
 - ``descriptor``: media types, canonical JSON, digests, :class:`Descriptor` (no I/O)
 - ``blobs``: the content-addressed :class:`BlobStore` (itself an OCI image layout)
@@ -6,11 +7,10 @@
 - ``reference`` / ``remote``: image references and the registry transport (:class:`RegistryClient`
   carries insecure, retry and credentials)
 - ``referrers``: the referrers of a manifest in a layout or a registry (API, else tag schema)
-- ``image``: one ``open_image()`` for a registry, an OCI layout or a docker archive
+- ``image``: the one image reader (registry, OCI layout, docker archive) and its blob sources
 - ``push``: writing an image to a registry repository (blobs present, mounted or uploaded)
 
-``from builder.oci import X`` is the one import path for the names below; ``builder.oci.image``
-is imported by its own name.
+``from builder.oci import X`` is the one import path for the names below.
 """
 
 from builder.oci.blobs import (
@@ -44,6 +44,20 @@ from builder.oci.descriptor import (
     check_digest,
     sha256_digest,
 )
+from builder.oci.image import (
+    DEFAULT_PLATFORM,
+    ArchiveImage,
+    BlobSource,
+    ImageFiles,
+    LayoutBlobs,
+    LayoutImage,
+    OpenedImage,
+    RegistryBlobs,
+    RegistryImage,
+    fetch_blob,
+    open_path,
+    read_files,
+)
 from builder.oci.layout import (
     INDEX_LOCK,
     INDEX_LOCK_TIMEOUT,
@@ -69,6 +83,7 @@ from builder.oci.referrers import fallback_tag, layout_referrers, registry_refer
 from builder.oci.remote import BlobUnknownError, RegistryClient, RetryPolicy, shared_client
 
 __all__ = [
+    "DEFAULT_PLATFORM",
     "DOCKER_CONFIG",
     "DOCKER_LAYER_GZIP",
     "DOCKER_MANIFEST",
@@ -84,21 +99,30 @@ __all__ = [
     "OCI_LAYER_GZIP",
     "OCI_MANIFEST",
     "REF_NAME",
+    "ArchiveImage",
     "BlobPush",
+    "BlobSource",
     "BlobStore",
     "BlobUnknownError",
     "BlobWriter",
     "Descriptor",
+    "ImageFiles",
+    "LayoutBlobs",
     "LayoutEntry",
+    "LayoutImage",
+    "OpenedImage",
     "PushableImage",
     "Reference",
+    "RegistryBlobs",
     "RegistryClient",
+    "RegistryImage",
     "RetryPolicy",
     "atomic_write",
     "canonical_json",
     "check_digest",
     "copy_blob",
     "fallback_tag",
+    "fetch_blob",
     "hash_file",
     "is_disk_full",
     "is_loopback",
@@ -109,10 +133,12 @@ __all__ = [
     "locked_file",
     "locked_layout",
     "open_nofollow",
+    "open_path",
     "parse_reference",
     "push_blobs",
     "push_image",
     "put_manifest",
+    "read_files",
     "read_layout_blob",
     "read_layout_index",
     "read_nofollow",
