@@ -1,6 +1,8 @@
 """Deliver stage: push an assembled image to registries, or write it as files / into Docker.
 
-The registry transport itself is :mod:`builder.oci.remote`.
+Which tags may move (immutable ones, and what differs when one may not) is decided here;
+writing an image to a repository is :mod:`builder.oci.push`, the registry transport
+:mod:`builder.oci.remote`.
 """
 
 from __future__ import annotations
@@ -16,17 +18,16 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any
 
 from builder.contracts import Progress
 from builder.errors import BuilderError, ImageError
 from builder.image.assemble import AssembledImage
-from builder.image.base import BaseImage, fetch_base_blob
 from builder.image.provenance import forced_tag_warning, image_differences, immutable_tag_error
 from builder.oci import (
     OCI_INDEX,
     REF_NAME,
-    BlobUnknownError,
+    BlobPush,
     Descriptor,
     Reference,
     RegistryClient,
@@ -36,58 +37,14 @@ from builder.oci import (
     layout_blob_path,
     layout_directories,
     parse_reference,
+    push_blobs,
+    put_manifest,
     remove_abandoned,
     shared_client,
     write_layout_index,
 )
 
-#: Blobs up to this size are sent from memory; larger ones are streamed from disk.
-_SMALL_BLOB: Final = 8 << 20
-
-
-# -- getting blobs to where they are needed ------------------------------------------------------
-
-
-def blob_source(
-    image: AssembledImage,
-    descriptor: Descriptor,
-    progress: Progress | None = None,
-    retry: RetryPolicy | None = None,
-    *,
-    full: bool = False,
-) -> Path:
-    """A local file holding blob ``descriptor``: from the store, fetching base layers on demand.
-
-    Base layers are not needed to assemble, only to deliver somewhere the base is not (another
-    registry, an OCI layout, a docker archive); they are then streamed into the blob store
-    (verified) from the base's registry or layout. The stored blob is checked first (``full``:
-    hashed whatever its record says, for exports); a bad one is removed and fetched again.
-    """
-    store = image.store
-    found = store.checked(descriptor.digest) if full else store.existing(descriptor.digest)
-    if found is not None:
-        return found
-    base = image.base
-    if not any(layer.digest == descriptor.digest for layer in base.layers):
-        raise ImageError(
-            f"blob {descriptor.digest} is not in {store.root} (removed as corrupt, or never "
-            "stored)",
-            hint="build again: the layer is then written anew",
-        )
-    return fetch_base_blob(base, descriptor, store, progress, retry)
-
-
 # -- push ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlobPush:
-    """What happened to one blob in one repository."""
-
-    repository: str
-    digest: str
-    size: int
-    action: str  # "uploaded" | "mounted" | "present"
 
 
 @dataclass(frozen=True)
@@ -159,13 +116,13 @@ def push(
     blobs: list[BlobPush] = []
     repositories = sorted({(r.registry, r.path) for r in refs})
     for host, path in repositories:
-        blobs += _push_blobs(image, client_for(host), path, progress)
+        blobs += push_blobs(image, client_for(host), path, progress)
     by_digest = repositories if len(repositories) > 1 else []  # all hold it before a tag moves
     for host, path in by_digest:
-        _put_manifest(image, client_for(host), path, image.manifest_digest, progress)
+        put_manifest(image, client_for(host), path, image.manifest_digest, progress)
     for ref in sorted(refs, key=lambda r: r not in frozen):
         assert ref.tag is not None
-        _put_manifest(image, client_for(ref.registry), ref.path, ref.tag, progress)
+        put_manifest(image, client_for(ref.registry), ref.path, ref.tag, progress)
     return PushReport(
         manifest_digest=image.manifest_digest,
         blobs=tuple(blobs),
@@ -174,18 +131,6 @@ def push(
         warnings=tuple(warnings),
         manifests_sent=len(by_digest) + len(refs),
     )
-
-
-def _base_path(base: BaseImage, host: str) -> str | None:
-    """The base's repository on registry ``host``, where its layers mount from: resolved
-    there, or the local store's copy of it (named like the registry's, as a fleet run's
-    builds take it)."""
-    if base.registry is not None:
-        return base.path if base.registry == host else None
-    if base.source != "store" or base.repository.startswith("oci:"):
-        return None
-    registry, _, path = base.repository.partition("/")
-    return path if registry == host and path else None
 
 
 def _check_immutable(
@@ -218,19 +163,6 @@ def _check_immutable(
     return overwritten, warnings
 
 
-def _put_manifest(
-    image: AssembledImage, client: RegistryClient, path: str, ref: str, progress: Progress | None
-) -> None:
-    """PUT the manifest as ``ref``; if a blob the layer cache believed there is missing,
-    check and send every blob, then PUT again."""
-    try:
-        client.put_manifest(path, ref, image.manifest_bytes, image.media_type)
-    except BlobUnknownError:
-        image.store.forget_present(client.host, path)
-        _push_blobs(image, client, path, progress, trust_cache=False)
-        client.put_manifest(path, ref, image.manifest_bytes, image.media_type)
-
-
 def _registry_differences(
     client: RegistryClient, path: str, digest: str, image: AssembledImage
 ) -> list[str]:
@@ -255,88 +187,6 @@ def _json_document(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def _push_blobs(
-    image: AssembledImage,
-    client: RegistryClient,
-    path: str,
-    progress: Progress | None,
-    *,
-    trust_cache: bool = True,
-) -> list[BlobPush]:
-    """Layers then config into one repository: each known present, mounted or uploaded.
-
-    A blob is mounted from the base repository (base layers) or from the repository this
-    blob store last pushed it to on the same registry (a model layer shared with another
-    customer's image), so shared weights cross repositories without being uploaded again.
-    With ``trust_cache`` what the store remembers to be in the repository is not asked
-    about, and a small blob it does not know is sent without asking first.
-    """
-    repository = f"{client.host}/{path}"
-    base = image.base
-    base_digests = {d.digest for d in base.layers}
-    base_repo = _base_path(image.base, client.host)
-    there = image.store.present_in(client.host, path) if trust_cache else set()
-    results = []
-    descriptors = [layer.descriptor for layer in image.layers] + [image.config_descriptor]
-    for descriptor in descriptors:
-        digest, size = descriptor.digest, descriptor.size
-        ask = not trust_cache or size > _SMALL_BLOB
-        if digest in there or (ask and client.blob_exists(path, digest)):
-            results.append(BlobPush(repository, digest, size, "present"))
-            _note_pushed(image, digest, client.host, path)
-            continue
-        if base_repo is not None and base_repo != path and digest in base_digests:
-            mounted, session_url = _mount(client, path, digest, base_repo, hint=False)
-        else:
-            sources = [r for r in image.store.pushed_to(digest, client.host) if r != path]
-            mounted, session_url = _mount(client, path, digest, next(iter(sources), None))
-        if mounted:
-            results.append(BlobPush(repository, digest, size, "mounted"))
-            _note_pushed(image, digest, client.host, path)
-            continue
-        if digest == image.config_digest:
-            source: Path | bytes = image.config_bytes
-        else:
-            source = blob_source(image, descriptor, progress, client.retry)
-            if size <= _SMALL_BLOB:
-                try:
-                    source = source.read_bytes()
-                except OSError as exc:
-                    raise ImageError(f"cannot read blob {digest}: {exc.strerror}") from None
-        client.upload_blob(path, digest, size, source, session_url=session_url, progress=progress)
-        results.append(BlobPush(repository, digest, size, "uploaded"))
-        _note_pushed(image, digest, client.host, path)
-    with contextlib.suppress(OSError, ImageError):  # a hint only: without it, the next asks
-        image.store.note_present(client.host, path, [r.digest for r in results])
-    return results
-
-
-def _mount(
-    client: RegistryClient, path: str, digest: str, source: str | None, *, hint: bool = True
-) -> tuple[bool, str | None]:
-    """(mounted, upload session the registry opened instead) for a mount from ``source``.
-
-    A ``hint`` (a repository this store once pushed the blob to) may be gone or unreadable
-    by now: any refusal then means a plain upload, not a failed push.
-    """
-    if source is None:
-        return False, None
-    try:
-        session_url = client.mount_blob(path, digest, source)
-    except ImageError:
-        if not hint:
-            raise
-        return False, None
-    return session_url is None, session_url
-
-
-def _note_pushed(image: AssembledImage, digest: str, host: str, path: str) -> None:
-    """Remember where a layer of ours now is, as a mount source for the next repository."""
-    if digest not in {d.digest for d in image.base.layers} and digest != image.config_digest:
-        with contextlib.suppress(OSError):  # only a hint: without it the next push uploads
-            image.store.note_pushed(digest, host, path)
-
-
 # -- files and the Docker engine -----------------------------------------------------------------
 
 
@@ -357,7 +207,7 @@ def write_oci_layout(
         descriptors = [layer.descriptor for layer in image.layers]
         descriptors += [image.config_descriptor, image.manifest_descriptor]
         for descriptor in descriptors:
-            source = blob_source(image, descriptor, progress, full=True)
+            source = image.blob_path(descriptor, progress, full=True)
             copy_blob(source, layout_blob_path(directory, descriptor.digest))
             image.store.note_verified(descriptor.digest)  # hashed just now; linked, not changed
         write_layout_index(directory, image.manifest_descriptor, list(tags))
@@ -414,7 +264,7 @@ def write_docker_archive(
     layer_files = [
         (
             blob_name(layer.descriptor.digest.split(":")[1]),
-            blob_source(image, layer.descriptor, progress, full=True),
+            image.blob_path(layer.descriptor, progress, full=True),
         )
         for layer in image.layers
     ]

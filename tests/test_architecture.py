@@ -133,3 +133,114 @@ def test_the_checks_see_the_runner_and_would_catch_a_circle() -> None:
     node = late.body[0]
     assert isinstance(node, ast.FunctionDef) and isinstance(node.body[0], ast.ImportFrom)
     assert _imported(node.body[0], known) == {"tilerunner.contract"}
+
+
+# -- the layer order: imports only point down ----------------------------------------------------
+
+#: The builder's rooms, lowest layer first: a module may import its own room and the rooms of
+#: lower layers, never another room of its own layer or one above (rooms side by side know
+#: nothing of each other). A room is a package of builder/, a top-level module, or the base
+#: modules together; the README's Architecture table says the same in words.
+LAYERS: dict[str, list[dict[str, set[str]]]] = {
+    "builder": [
+        {
+            "base modules": {
+                "builder",
+                "builder.contracts",
+                "builder.errors",
+                "builder.fsutil",
+                "builder.gitauth",
+                "builder.paths",
+                "builder.redact",
+                "builder.schemas",
+                "builder.settings",
+                "builder.yamldoc",
+            }
+        },
+        {"documents/": {"builder.documents"}},
+        # the OCI wing knows no product, and cooking knows no OCI
+        {"oci/": {"builder.oci"}, "cook/": {"builder.cook"}},
+        {"image/": {"builder.image"}},
+        {
+            "deliver": {"builder.deliver"},
+            "attest/": {"builder.attest"},
+            "record": {"builder.record"},
+            "publish": {"builder.publish"},
+        },
+        {"pipeline": {"builder.pipeline"}},
+        {"fleet/": {"builder.fleet"}, "smoke": {"builder.smoke"}},
+        {"audit/": {"builder.audit"}, "scaffold": {"builder.scaffold"}},
+        {"cli/": {"builder.cli"}},
+        {"__main__": {"builder.__main__"}},
+    ],
+}
+
+
+def _room(name: str, layers: list[dict[str, set[str]]]) -> tuple[str, int] | None:
+    """The room of module ``name`` and its layer (a package's modules are in its room; the
+    package root itself only where named)."""
+    root = name.split(".", maxsplit=1)[0]
+    for rank, rooms in enumerate(layers):
+        for room, names in rooms.items():
+            if any(name == n or (n != root and name.startswith(n + ".")) for n in names):
+                return room, rank
+    return None
+
+
+def _all_imports(tree: ast.Module, known: set[str]) -> list[tuple[int, str]]:
+    """Every import of the package's modules anywhere in a module (for annotations only, and
+    inside functions, included), with its line."""
+    return [
+        (node.lineno, target)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for target in sorted(_imported(node, known))
+    ]
+
+
+def _upward_imports(modules: dict[str, ast.Module], layers: list[dict[str, set[str]]]) -> list[str]:
+    """Each import that points to the importer's own layer (another room) or above."""
+    known = set(modules)
+    wrong: list[str] = []
+    for name, tree in sorted(modules.items()):
+        here = _room(name, layers)
+        assert here is not None, f"{name} is in no room of the layer order: give it one"
+        for line, target in _all_imports(tree, known):
+            there = _room(target, layers)
+            assert there is not None, f"{target} is in no room of the layer order"
+            if there[0] != here[0] and there[1] >= here[1]:
+                wrong.append(f"{name}:{line} imports {target} ({there[0]}, layer {there[1]})")
+    return wrong
+
+
+@pytest.mark.parametrize("package", sorted(LAYERS))
+def test_imports_only_point_down_the_layer_order(package: str) -> None:
+    """Every module is in a room of the layer order and imports only rooms of lower layers
+    (TYPE_CHECKING and function-level imports included): the OCI wing imports no product
+    room, the image room no delivery, nothing imports the CLI."""
+    modules = _modules(PACKAGES[package])
+    assert _upward_imports(modules, LAYERS[package]) == []
+
+
+def test_the_layer_order_would_catch_an_upward_import() -> None:
+    """An upward import is caught wherever it hides (for annotations only, inside a function),
+    as is one between rooms side by side and a module outside every room."""
+    layers = LAYERS["builder"]
+    sources = {
+        "builder.errors": "",
+        "builder.oci.image": "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from builder.attest.referrers import Attestations\n",
+        "builder.image.store": "def f():\n    from builder.deliver import push\n",
+        "builder.cook.load": "import builder.oci\n",
+        "builder.attest.referrers": "from builder.oci import Descriptor\nfrom builder import errors\n",
+        "builder.deliver": "",
+        "builder.oci": "",
+    }
+    modules = {name: ast.parse(text) for name, text in sources.items()}
+    assert _upward_imports(modules, layers) == [
+        "builder.cook.load:1 imports builder.oci (oci/, layer 2)",
+        "builder.image.store:2 imports builder.deliver (deliver, layer 4)",
+        "builder.oci.image:3 imports builder.attest.referrers (attest/, layer 4)",
+    ]
+    with pytest.raises(AssertionError, match=r"builder\.newroom is in no room"):
+        _upward_imports({"builder.newroom": ast.parse("")}, layers)

@@ -32,14 +32,7 @@ from builder.attest.dsse import (
     sign_envelope,
     verify_envelope,
 )
-from builder.attest.referrers import (
-    attach_to_layout,
-    fallback_tag,
-    layout_referrers,
-    make_attestations,
-    push_referrers,
-    registry_referrers,
-)
+from builder.attest.referrers import attach_to_layout, make_attestations, push_referrers
 from builder.attest.statement import (
     MEDIA_CYCLONEDX,
     MEDIA_INTOTO,
@@ -55,6 +48,9 @@ from builder.oci import (
     Descriptor,
     RegistryClient,
     canonical_json,
+    fallback_tag,
+    layout_referrers,
+    registry_referrers,
 )
 
 WEIGHTS = b"weights-of-carcinoma" * 100

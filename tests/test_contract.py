@@ -524,7 +524,7 @@ def test_worktree_builds_are_dirty_and_never_pushed(tmp_path: Path, env: dict[st
     assert built.returncode == 0, built.stderr
     report = json.loads(built.stdout)["result"]
     assert report["image"].endswith("-dirty") and report["development"] is True
-    from builder.oci.image import LayoutImage
+    from builder.oci import LayoutImage
 
     image = LayoutImage(out, report["image"].rsplit(":", 1)[1])
     assert image.labels["com.ivd.config.dirty"] == "true"
@@ -753,7 +753,7 @@ def test_no_committed_lock_no_release_unless_a_labelled_development_build(
     assert any("no customer.lock.yaml committed" in w for w in report["warnings"])
     from helpers import offline_settings
 
-    from builder.oci.image import open_image
+    from builder.image.contents import open_image
 
     pushed = open_image(report["image"], offline_settings(tmp_path / "read"))
     assert pushed.labels["com.ivd.development-build"] == "true"

@@ -1107,7 +1107,7 @@ def test_prune_keeps_the_attestations_of_the_images_it_keeps(
     """Every build attaches its provenance and SBOM to the store (as referrers, so `verify`
     works from the store alone); prune keeps them while the image is named, and removes
     them, index entries included, with it."""
-    from builder.attest.referrers import layout_referrers
+    from builder.oci import layout_referrers
 
     world = store_world.copy(tmp_path)
     store = ImageStore(world.store)

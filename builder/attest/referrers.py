@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,12 +33,14 @@ from builder.oci import (
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
-    RegistryClient,
     RetryPolicy,
     canonical_json,
+    fallback_tag,
     layout_blob_path,
+    layout_referrers,
     read_layout_blob,
     read_layout_index,
+    registry_referrers,
     sha256_digest,
     shared_client,
     split_repository,
@@ -296,39 +298,7 @@ def attach_to_layout(directory: Path, attestations: Attestations) -> list[Descri
     return added
 
 
-def layout_referrers(directory: Path, digest: str) -> list[Descriptor]:
-    """Descriptors (with artifactType) of the manifests in a layout whose subject is ``digest``."""
-    found = []
-    for entry in read_layout_index(directory):
-        descriptor = entry.descriptor
-        if descriptor.media_type != OCI_MANIFEST or entry.ref_name:
-            continue
-        try:
-            manifest = json.loads(read_layout_blob(directory, descriptor.digest))
-        except (ImageError, ValueError):
-            continue
-        if (manifest.get("subject") or {}).get("digest") == digest:
-            found.append(_referrer_descriptor(descriptor, manifest))
-    return found
-
-
-def _referrer_descriptor(descriptor: Descriptor, manifest: Mapping[str, Any]) -> Descriptor:
-    """The referrers-index form of an artifact manifest's descriptor."""
-    extra = dict(descriptor.extra)
-    artifact_type = manifest.get("artifactType") or (manifest.get("config") or {}).get("mediaType")
-    if artifact_type:
-        extra["artifactType"] = artifact_type
-    annotations = dict(manifest.get("annotations") or {}) or dict(descriptor.annotations)
-    return Descriptor(descriptor.media_type, descriptor.digest, descriptor.size, annotations, extra)
-
-
 # -- registry --------------------------------------------------------------------------------
-
-
-def fallback_tag(digest: str) -> str:
-    """The referrers tag schema's tag for a subject digest: ``sha256-<hex>``."""
-    algorithm, _, hex_ = digest.partition(":")
-    return f"{algorithm}-{hex_}"
 
 
 @dataclass(frozen=True)
@@ -340,32 +310,6 @@ class ReferrersPush:
     mode: str  # "referrers-api" | "tag-schema"
     tag: str | None = None  # the fallback tag, in tag-schema mode
     bytes_uploaded: int = 0  # every byte sent: blobs uploaded, manifests and index written
-
-
-#: Registries (host) found without the referrers API by this process: not asked again.
-_NO_REFERRERS_API: set[str] = set()
-
-
-def registry_referrers(
-    client: RegistryClient, path: str, digest: str
-) -> tuple[list[Descriptor], str]:
-    """Referrers of ``digest`` in ``path``: from the referrers API, else the fallback tag.
-
-    Returns the descriptors and the mode used ("referrers-api" or "tag-schema").
-    """
-    api = None if client.host in _NO_REFERRERS_API else client.referrers(path, digest)
-    if api is not None:
-        return [Descriptor.from_dict(d) for d in api], "referrers-api"
-    _NO_REFERRERS_API.add(client.host)
-    tag = fallback_tag(digest)
-    if client.manifest_digest(path, tag) is None:
-        return [], "tag-schema"
-    raw, _, _ = client.get_manifest(path, tag)
-    try:
-        entries = json.loads(raw).get("manifests") or []
-    except (ValueError, AttributeError):
-        raise ImageError(f"{client.host}/{path}:{tag} is not an image index") from None
-    return [Descriptor.from_dict(d) for d in entries], "tag-schema"
 
 
 def push_referrers(

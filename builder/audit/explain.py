@@ -20,17 +20,10 @@ from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO, PROVENANCE_F
 from builder.audit.history import ReleaseReview, open_customer, release_review
 from builder.audit.text import base_of, short
 from builder.errors import AttestationError, BuilderError, ImageError
+from builder.image.contents import open_image, own_layers, scan_files
 from builder.image.provenance import LABEL_PREFIX
-from builder.oci import Descriptor
-from builder.oci.image import (
-    ArchiveImage,
-    ImageFiles,
-    OpenedImage,
-    _json_object,
-    open_image,
-    own_layers,
-    scan_files,
-)
+from builder.oci import ArchiveImage, Descriptor, ImageFiles, OpenedImage
+from builder.oci.image import _json_object
 from builder.settings import Settings
 
 #: Exit code of a failed audit check (tampered file, digest mismatch, bad signature).

@@ -32,8 +32,8 @@ from builder.cook.storage import open_store
 from builder.documents.lock import Lock
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import BuilderError, ConfigError, ImageError
+from builder.image.contents import open_image
 from builder.image.provenance import dir_hash
-from builder.oci.image import open_image
 from builder.settings import Settings
 
 

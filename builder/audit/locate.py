@@ -20,7 +20,7 @@ from builder.cook.load import _URL, CUSTOMER_FILE
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import BuilderError, ConfigError
 from builder.fleet.fleetfile import default_fleet_path, load_fleet
-from builder.oci.image import open_image
+from builder.image.contents import open_image
 from builder.settings import Settings, user_settings_file
 
 _CUSTOMER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -39,8 +39,8 @@ from builder.audit.verify import verify
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import BuilderError, ConfigError
 from builder.fsutil import write_atomic
+from builder.image.contents import open_image
 from builder.oci import RegistryClient, parse_reference
-from builder.oci.image import open_image
 from builder.settings import Settings
 
 #: The longest identifier set whole in a value cell: what fits one printed A4 line at the

@@ -29,17 +29,10 @@ from builder.image.assemble import (
     check_layer_format,
 )
 from builder.image.base_resolution import base_repository as base_repository_of
+from builder.image.contents import open_image, own_layers, scan_files
 from builder.image.provenance import recorded_locations
 from builder.image.store import ImageStore
-from builder.oci.image import (
-    ArchiveImage,
-    ImageFiles,
-    LayoutImage,
-    OpenedImage,
-    open_image,
-    own_layers,
-    scan_files,
-)
+from builder.oci import ArchiveImage, ImageFiles, LayoutImage, OpenedImage
 from builder.pipeline import BuildRequest, build
 from builder.settings import SETTINGS_FILE, Settings, load_settings
 

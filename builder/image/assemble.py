@@ -22,7 +22,7 @@ from typing import IO, Any, Final
 
 from builder.contracts import Progress, ProgressEvent
 from builder.errors import ImageError
-from builder.image.base import BaseImage
+from builder.image.base import BaseImage, fetch_base_blob
 from builder.oci import (
     OCI_CONFIG,
     OCI_LAYER,
@@ -30,6 +30,7 @@ from builder.oci import (
     OCI_MANIFEST,
     BlobStore,
     Descriptor,
+    RetryPolicy,
     canonical_json,
     is_disk_full,
 )
@@ -68,6 +69,8 @@ _CHUNK: Final = 1 << 20
 DIR_MODE: Final = 0o755
 #: Annotation on our layer descriptors naming the layer (model name or "config").
 LAYER_NAME_ANNOTATION: Final = "com.ivd.layer.name"
+#: How the image config's history names a layer this tool made (``<prefix><name> <folder>``).
+HISTORY_PREFIX: Final = "ivd-image-builder: COPY "
 #: Config keys inherited from the base image's runtime config.
 INHERITED_CONFIG: Final = (
     "Env",
@@ -429,6 +432,52 @@ class AssembledImage:
         """Layers this assembly added on top of the base."""
         return tuple(layer for layer in self.layers if layer.new)
 
+    @property
+    def blob_descriptors(self) -> list[Descriptor]:
+        """Its blobs to push: the layers, then the config."""
+        return [layer.descriptor for layer in self.layers] + [self.config_descriptor]
+
+    def blob_path(
+        self,
+        descriptor: Descriptor,
+        progress: Progress | None = None,
+        retry: RetryPolicy | None = None,
+        *,
+        full: bool = False,
+    ) -> Path:
+        """A local file holding blob ``descriptor``: from the store, fetching base layers on demand.
+
+        Base layers are not needed to assemble, only to deliver somewhere the base is not
+        (another registry, an OCI layout, a docker archive); they are then streamed into the
+        blob store (verified) from the base's registry or layout. The stored blob is checked
+        first (``full``: hashed whatever its record says, for exports); a bad one is removed
+        and fetched again.
+        """
+        store = self.store
+        found = store.checked(descriptor.digest) if full else store.existing(descriptor.digest)
+        if found is not None:
+            return found
+        if not any(layer.digest == descriptor.digest for layer in self.base.layers):
+            raise ImageError(
+                f"blob {descriptor.digest} is not in {store.root} (removed as corrupt, or never "
+                "stored)",
+                hint="build again: the layer is then written anew",
+            )
+        return fetch_base_blob(self.base, descriptor, store, progress, retry)
+
+    def base_layers(self, host: str) -> tuple[frozenset[str], str | None]:
+        """The base's layer digests, and its repository on registry ``host`` to mount them
+        from: where it was resolved, or the local store's copy of it (named like the
+        registry's, as a fleet run's builds take it); None when it is not on ``host``."""
+        base = self.base
+        digests = frozenset(layer.digest for layer in base.layers)
+        if base.registry is not None:
+            return digests, base.path if base.registry == host else None
+        if base.source != "store" or base.repository.startswith("oci:"):
+            return digests, None
+        registry, _, path = base.repository.partition("/")
+        return digests, path if registry == host and path else None
+
 
 def rfc3339(epoch: int) -> str:
     """``epoch`` as an RFC 3339 UTC timestamp (second precision, ``Z``)."""
@@ -486,7 +535,7 @@ def build_config(
         history.append(
             {
                 "created": created,
-                "created_by": f"ivd-image-builder: COPY {layer.name} {root}",
+                "created_by": f"{HISTORY_PREFIX}{layer.name} {root}",
                 "comment": f"layer {layer.name}",
             }
         )

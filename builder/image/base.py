@@ -7,7 +7,6 @@ runner checks) is :mod:`builder.image.base_resolution`; building a base is :mod:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,24 +18,23 @@ from packaging.version import InvalidVersion, Version
 from builder.contracts import BaseImageRef, Progress
 from builder.errors import ImageError
 from builder.oci import (
-    IMAGE_MANIFEST_TYPES,
-    INDEX_TYPES,
+    DEFAULT_PLATFORM,
     BlobStore,
     Descriptor,
+    LayoutBlobs,
+    LayoutImage,
+    OpenedImage,
+    RegistryBlobs,
+    RegistryImage,
     RetryPolicy,
-    is_disk_full,
-    layout_blob_path,
-    read_layout_blob,
+    fetch_blob,
     read_layout_index,
     shared_client,
     split_repository,
 )
 
-#: The platform an image index is narrowed to.
-DEFAULT_PLATFORM: Final = "linux/amd64"
 #: Base image label naming its variant (``cpu`` or ``gpu``).
 LABEL_VARIANT: Final = "com.ivd.runner.variant"
-_CHUNK: Final = 1 << 20
 
 
 # -- the base image --------------------------------------------------------------------------------
@@ -142,7 +140,8 @@ def resolve_base(
     ``repository`` is ``registry/path`` (``127.0.0.1:5000/ivd/inference-base``) or, for
     air-gapped sites, ``oci:PATH`` / ``oci:PATH:TAG`` naming an OCI image layout. Tags are
     listed, the version picked by :func:`select_version`, the manifest fetched by tag once
-    and everything after by digest. An image index is narrowed to ``platform``.
+    and everything after by digest (the one image reader, :mod:`builder.oci.image`). An
+    image index is narrowed to ``platform``.
     """
     if repository.startswith("oci:"):
         return _resolve_layout(repository, version_spec, platform)
@@ -150,20 +149,11 @@ def resolve_base(
     client = shared_client(host, insecure=insecure, retry=retry)
     what = f"base image {host}/{path}"
     tag = select_version(client.list_tags(path), version_spec, what=what)
-    raw, media_type, digest = client.get_manifest(path, tag)
-    if media_type in INDEX_TYPES:
-        child = _pick_platform(raw, platform, f"{what}:{tag}")
-        raw, media_type, digest = client.get_manifest(path, child.digest)
-    manifest = parse_image_manifest(raw, media_type, f"{what}:{tag}")
-    config_descriptor = Descriptor.from_dict(manifest["config"])
-    config_bytes = client.get_blob_bytes(path, config_descriptor.digest)
+    image = RegistryImage(client, path, tag, platform=platform, what=f"{what}:{tag}")
     return make_base_image(
+        image,
         repository=f"{host}/{path}",
         version=tag,
-        digest=digest,
-        raw=raw,
-        manifest=manifest,
-        config_bytes=config_bytes,
         source="registry",
         name=f"{host}/{path}:{tag}",
         insecure=insecure,
@@ -186,96 +176,48 @@ def _resolve_layout(repository: str, version_spec: str, platform: str) -> BaseIm
         names = ", ".join(sorted(by_name)) or "none"
         raise ImageError(f"{what} has no image named {tag} (available: {names})")
     entry = by_name[tag]
-    raw = read_layout_blob(directory, entry.descriptor.digest)
-    media_type, digest = entry.descriptor.media_type, entry.descriptor.digest
-    if media_type in INDEX_TYPES:
-        child = _pick_platform(raw, platform, f"{what}:{tag}")
-        raw, media_type, digest = (
-            read_layout_blob(directory, child.digest),
-            child.media_type,
-            child.digest,
-        )
-    manifest = parse_image_manifest(raw, media_type, f"{what}:{tag}")
-    config_bytes = read_layout_blob(directory, manifest["config"]["digest"])
+    image = LayoutImage(
+        directory, digest=entry.descriptor.digest, platform=platform, what=f"{what}:{tag}"
+    )
     # Name the base by what the layout recorded (containerd/docker write the full image name);
     # the local directory path must not leak into the image digest.
     name = entry.descriptor.annotations.get("io.containerd.image.name") or f"{directory.name}:{tag}"
     return make_base_image(
+        image,
         repository=f"oci:{directory}",
         version=tag,
-        digest=digest,
-        raw=raw,
-        manifest=manifest,
-        config_bytes=config_bytes,
         source="oci-layout",
         name=name,
         layout=directory,
     )
 
 
-def _pick_platform(raw: bytes, platform: str, what: str) -> Descriptor:
-    """The manifest for ``platform`` ("os/arch[/variant]") in an image index."""
-    index = _load_json(raw, what)
-    want = platform.split("/")
-    offered = []
-    for item in index.get("manifests") or []:
-        plat = item.get("platform") or {}
-        have = [plat.get("os", ""), plat.get("architecture", "")]
-        if plat.get("variant"):
-            have.append(plat["variant"])
-        offered.append("/".join(have))
-        if have[: len(want)] == want:
-            return Descriptor.from_dict(item)
-    raise ImageError(f"{what} has no image for {platform} (offers: {', '.join(offered) or 'none'})")
-
-
-def parse_image_manifest(raw: bytes, media_type: str, what: str) -> dict[str, Any]:
-    """``raw`` as an image manifest (not an index or an artifact), else ImageError."""
-    manifest = _load_json(raw, what)
-    media_type = manifest.get("mediaType") or media_type
-    if media_type not in IMAGE_MANIFEST_TYPES or "config" not in manifest:
-        raise ImageError(f"{what} is not an image manifest (media type {media_type})")
-    return manifest
-
-
-def _load_json(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise ImageError(f"{what}: manifest is not JSON") from exc
-    if not isinstance(data, dict):
-        raise ImageError(f"{what}: manifest is not a JSON object")
-    return data
-
-
 def make_base_image(
+    image: OpenedImage,
     *,
     repository: str,
     version: str,
-    digest: str,
-    raw: bytes,
-    manifest: dict[str, Any],
-    config_bytes: bytes,
     source: str,
     name: str,
     layout: Path | None = None,
     insecure: bool | None = None,
 ) -> BaseImage:
-    """A :class:`BaseImage` from its manifest and config bytes, its layers checked against the config."""
-    what = f"base image {name}"
-    config = _load_json(config_bytes, what)
-    layers = tuple(Descriptor.from_dict(d) for d in manifest.get("layers") or [])
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    """A :class:`BaseImage` of an image read by the one reader, its layers checked against
+    its config."""
+    layers = tuple(image.layers)
+    diff_ids = (image.config.get("rootfs") or {}).get("diff_ids") or []
     if len(diff_ids) != len(layers):
-        raise ImageError(f"{what}: config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
+        raise ImageError(
+            f"base image {name}: config lists {len(diff_ids)} diff_ids for {len(layers)} layers"
+        )
     return BaseImage(
         repository=repository,
         version=version,
-        digest=digest,
-        manifest=manifest,
-        manifest_bytes=raw,
-        config=config,
-        config_descriptor=Descriptor.from_dict(manifest["config"]),
+        digest=image.manifest_digest,
+        manifest=image.manifest,
+        manifest_bytes=image.raw_manifest,
+        config=image.config,
+        config_descriptor=image.config_descriptor,
         layers=layers,
         source=source,
         name=name,
@@ -293,20 +235,8 @@ def fetch_base_blob(
 ) -> Path:
     """Put one base-image blob into ``store`` (from its registry or OCI layout), verified; a
     stored one is checked first (a bad one is removed and fetched again)."""
-    found = store.existing(descriptor.digest)
-    if found is not None:
-        return found
     if base.layout is not None:
-        path = layout_blob_path(base.layout, descriptor.digest)
-        try:
-            with path.open("rb") as file:
-                return store.ingest(iter(lambda: file.read(_CHUNK), b""), descriptor.digest)
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise ImageError(f"disk full while copying base blob {descriptor.digest}") from None
-            raise ImageError(
-                f"cannot read base blob {descriptor.digest} from {base.layout}: {exc.strerror}"
-            ) from None
+        return fetch_blob(LayoutBlobs(base.layout), descriptor, store, progress)
     assert base.registry is not None
     client = shared_client(base.registry, insecure=base.insecure, retry=retry)
-    return client.download_blob(base.path, descriptor.digest, store, progress, descriptor.size)
+    return fetch_blob(RegistryBlobs(client, base.path), descriptor, store, progress)

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from builder.contracts import Progress, ProgressEvent
-from builder.deliver import push
 from builder.errors import ImageError
 from builder.image.base import LABEL_VARIANT
 from builder.image.base_os import BASE_OS_IMAGE, ensure_base_os
 from builder.image.contract import CONTRACT_LABEL, runner_contract_from_source
 from builder.image.store import ImageStore, save_from_docker
+from builder.oci import push_image
 
 BASE_DIR: Final = Path(__file__).resolve().parents[2] / "base-image"
 VARIANTS: Final = ("cpu", "gpu")
@@ -641,4 +641,4 @@ def _deliver(
 
 def _push_stored(store: ImageStore, reference: str, progress: Progress | None) -> str:
     """Push the stored image `reference` to its registry, byte for byte; return its digest."""
-    return push(store.stored_image(reference), [reference], progress=progress).manifest_digest
+    return push_image(store.stored_image(reference), reference, progress=progress)

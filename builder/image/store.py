@@ -33,16 +33,9 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from builder.contracts import Progress, ProgressEvent
-from builder.deliver import blob_source
 from builder.errors import ImageError
 from builder.image.assemble import AssembledImage, Layer
-from builder.image.base import (
-    BaseImage,
-    fetch_base_blob,
-    make_base_image,
-    parse_image_manifest,
-    select_version,
-)
+from builder.image.base import BaseImage, fetch_base_blob, make_base_image, select_version
 from builder.image.provenance import (
     forced_tag_warning,
     image_differences,
@@ -59,6 +52,7 @@ from builder.oci import (
     REF_NAME,
     BlobStore,
     Descriptor,
+    LayoutImage,
     canonical_json,
     check_digest,
     is_disk_full,
@@ -186,21 +180,15 @@ class ImageStore:
                 f"{what} lacks some of its blobs{repaired}",
                 hint="rebuild it with `builder base build`, or build once online to fetch it again",
             )
-        raw = self.blobs.read_bytes(digest)
-        manifest = parse_image_manifest(raw, OCI_MANIFEST, what)
-        config = self.blobs.read_bytes(Descriptor.from_dict(manifest["config"]).digest)
-        base = make_base_image(
+        image = LayoutImage(self.root, digest=digest, what=what, store=self.blobs)
+        return make_base_image(
+            image,
             repository=repository,
             version=version,
-            digest=digest,
-            raw=raw,
-            manifest=manifest,
-            config_bytes=config,
             source="store",
             name=f"{repository}:{version}",
             layout=self.root,
         )
-        return base
 
     def find_base(self, repository: str, version_spec: str) -> BaseImage:
         """Resolve ``repository`` + ``version_spec`` among the store's tags (as a registry would)."""
@@ -284,7 +272,7 @@ class ImageStore:
                 )
             )
         for layer in image.layers:
-            blob_source(image, layer.descriptor, progress)
+            image.blob_path(layer.descriptor, progress)
         self.tag(image.manifest_descriptor, references)
         return forced
 

@@ -1,15 +1,16 @@
-"""The OCI wing, shaped like go-containerregistry's ``pkg/v1``: one module per transport.
+"""The OCI wing, shaped like go-containerregistry's ``pkg/v1``: one module per transport. It
+knows nothing of the product (no label, path or layer of ours): the rooms above it do.
 
 - ``descriptor``: media types, canonical JSON, digests, :class:`Descriptor` (no I/O)
 - ``blobs``: the content-addressed :class:`BlobStore` (itself an OCI image layout)
 - ``layout``: OCI image layouts on disk (index.json under a lock, blobs)
 - ``reference`` / ``remote``: image references and the registry transport (:class:`RegistryClient`
   carries insecure, retry and credentials)
-- ``image``: one ``open_image()`` for a registry, an OCI layout or a docker archive
+- ``referrers``: the referrers of a manifest in a layout or a registry (API, else tag schema)
+- ``image``: the one image reader (registry, OCI layout, docker archive) and its blob sources
+- ``push``: writing an image to a registry repository (blobs present, mounted or uploaded)
 
-``from builder.oci import X`` is the one import path for the names below; ``builder.oci.image``
-is imported by its own name (it reads attestations through :mod:`builder.attest`, which itself
-imports this package).
+``from builder.oci import X`` is the one import path for the names below.
 """
 
 from builder.oci.blobs import (
@@ -43,6 +44,20 @@ from builder.oci.descriptor import (
     check_digest,
     sha256_digest,
 )
+from builder.oci.image import (
+    DEFAULT_PLATFORM,
+    ArchiveImage,
+    BlobSource,
+    ImageFiles,
+    LayoutBlobs,
+    LayoutImage,
+    OpenedImage,
+    RegistryBlobs,
+    RegistryImage,
+    fetch_blob,
+    open_path,
+    read_files,
+)
 from builder.oci.layout import (
     INDEX_LOCK,
     INDEX_LOCK_TIMEOUT,
@@ -56,6 +71,7 @@ from builder.oci.layout import (
     update_layout_index,
     write_layout_index,
 )
+from builder.oci.push import BlobPush, PushableImage, push_blobs, push_image, put_manifest
 from builder.oci.reference import (
     Reference,
     is_loopback,
@@ -63,9 +79,11 @@ from builder.oci.reference import (
     split_repository,
     use_plain_http,
 )
+from builder.oci.referrers import fallback_tag, layout_referrers, registry_referrers
 from builder.oci.remote import BlobUnknownError, RegistryClient, RetryPolicy, shared_client
 
 __all__ = [
+    "DEFAULT_PLATFORM",
     "DOCKER_CONFIG",
     "DOCKER_LAYER_GZIP",
     "DOCKER_MANIFEST",
@@ -81,31 +99,50 @@ __all__ = [
     "OCI_LAYER_GZIP",
     "OCI_MANIFEST",
     "REF_NAME",
+    "ArchiveImage",
+    "BlobPush",
+    "BlobSource",
     "BlobStore",
     "BlobUnknownError",
     "BlobWriter",
     "Descriptor",
+    "ImageFiles",
+    "LayoutBlobs",
     "LayoutEntry",
+    "LayoutImage",
+    "OpenedImage",
+    "PushableImage",
     "Reference",
+    "RegistryBlobs",
     "RegistryClient",
+    "RegistryImage",
     "RetryPolicy",
     "atomic_write",
     "canonical_json",
     "check_digest",
     "copy_blob",
+    "fallback_tag",
+    "fetch_blob",
     "hash_file",
     "is_disk_full",
     "is_loopback",
     "layout_blob_path",
     "layout_directories",
+    "layout_referrers",
     "link_refused",
     "locked_file",
     "locked_layout",
     "open_nofollow",
+    "open_path",
     "parse_reference",
+    "push_blobs",
+    "push_image",
+    "put_manifest",
+    "read_files",
     "read_layout_blob",
     "read_layout_index",
     "read_nofollow",
+    "registry_referrers",
     "remove_abandoned",
     "sha256_digest",
     "shared_client",
