@@ -33,9 +33,10 @@ from builder.cook.stage import (
     release_lock_drift,
     uncommitted_changes,
 )
+from builder.documents import ModelRecord
 from builder.documents.build_report import BuildReport, LayerReport
 from builder.documents.lock import LockedBase
-from builder.documents.provenance import Provenance, ProvenanceModel
+from builder.documents.provenance import Provenance
 from builder.errors import ConfigError, DriftError, ReleaseGateError
 from builder.image.assemble import (
     LAYER_FORMAT,
@@ -66,12 +67,12 @@ from builder.image.provenance import (
     Locations,
     image_labels,
     image_locations,
-    image_version,
+    image_name,
     manifest_annotations,
     provenance_document,
-    variant_version,
 )
 from builder.image.store import ImageStore
+from builder.imagename import ImageName
 from builder.oci import parse_reference
 from builder.settings import Settings, refuse_credentials
 
@@ -397,11 +398,20 @@ class ImagePlan:
     provenance: Provenance
     # The models with the weights URIs this build fetched from (the image may record them
     # location-free): what the build report and the attestation say.
-    reached: tuple[ProvenanceModel, ...]
+    reached: tuple[ModelRecord, ...]
     labels: dict[str, str]
     layers: list[LayerSpec]
-    immutable: str  # <registry>/<customer>:<base version>[-gpu]-<config rev>
-    moving: str  # <registry>/<customer>:<base version>[-gpu]
+    name: ImageName  # the immutable name; its moving name is ``name.moving``
+
+    @property
+    def immutable(self) -> str:
+        """``<registry>/<customer>:<base version>[-gpu]-<config rev>[-dirty]``."""
+        return self.name.reference
+
+    @property
+    def moving(self) -> str:
+        """``<registry>/<customer>:<base version>[-gpu]``."""
+        return self.name.moving.reference
 
     @property
     def tags(self) -> list[str]:
@@ -454,8 +464,7 @@ def plan_image(
             locations=locations,
         ),
         layers=image_layers(fetched, verbose_yaml, yamldoc.canonical_json(provenance.to_dict())),
-        immutable=f"{registry}/{spec.customer}:{image_version(spec, base)}",
-        moving=f"{registry}/{spec.customer}:{variant_version(base)}",
+        name=image_name(spec, base, registry),
     )
 
 
@@ -474,7 +483,7 @@ def build_facts(
     finished = finished or datetime.now(UTC)
     repository, _, folder = spec.source.url.partition("#")
     return BuildFacts(
-        image=plan.immutable,
+        image=plan.name,
         manifest=image.manifest_descriptor,
         config_digest=image.config_digest,
         customer=spec.customer,
@@ -486,7 +495,7 @@ def build_facts(
         source_date_epoch=spec.commit_time,
         base=dict(report.base),
         base_constraint=spec.base_version,
-        models=[m.to_dict() for m in plan.reached],
+        models=plan.reached,
         verbose_sha256=plan.verbose_sha256,
         development=cooked.development,
         locked=request.locked,
@@ -532,10 +541,12 @@ def _deliver(
     request: BuildRequest,
     image: AssembledImage,
     report: BuildReport,
-    immutable: str,
-    moving: str,
+    name: ImageName,
     progress: Progress | None,
 ) -> None:
+    """Send the stored image where the request says: registry, OCI layout, docker archive,
+    the Docker engine; the report's outputs say where it went."""
+    immutable, moving = name.reference, name.moving.reference
     push_actions: dict[str, str] = {}
     if request.push:
         pushed = deliver.push(
@@ -555,9 +566,7 @@ def _deliver(
         report.outputs["registry"] = f"{immutable}@{image.manifest_digest}"
     if request.oci_layout:
         # Ref names are bare tags, as skopeo, oras and crane expect (`oci:DIR:TAG`).
-        deliver.write_oci_layout(
-            image, request.oci_layout, [t.rsplit(":", 1)[1] for t in (immutable, moving)]
-        )
+        deliver.write_oci_layout(image, request.oci_layout, [name.tag, name.moving.tag])
         report.outputs["oci_layout"] = str(request.oci_layout)
     if request.docker_archive:
         deliver.write_docker_archive(image, request.docker_archive, [immutable, moving])
@@ -683,7 +692,7 @@ def build(
             config_digest="",
             config_commit=spec.commit,
             base={"repository": base.repository, "version": base.version, "digest": base.digest},
-            models=[m.to_dict() for m in plan.reached],
+            models=list(plan.reached),
             layers=[],
             development=cooked.development,
             bytes_downloaded=fetched.bytes_downloaded,
@@ -734,7 +743,7 @@ def build(
                 )
             )
             report.outputs["store"] = str(store.root)
-            _deliver(request, image, report, plan.immutable, plan.moving, progress)
+            _deliver(request, image, report, plan.name, progress)
         with stage("attest"):
             facts = build_facts(request, cooked, plan, report, image)
             _attest(request, report, image, facts, settings.cache_dir)
