@@ -518,7 +518,9 @@ def test_plan_index_never_answers_other_than_a_cold_plan(tmp_path: Path) -> None
     (log_index,) = (settings.cache_dir / "releases").glob("*/ivd-latest-records.json")
     honest = log_index.read_text()
     data = json.loads(honest)
-    data["latest"][0][2]["manifest_digest"] = "sha256:" + "0" * 64
+    data["latest"][0][3]["manifest_digest"] = (
+        "sha256:" + "0" * 64
+    )  # [customer, variant, path, record]
     log_index.write_text(json.dumps(data))
     assert plan(load_fleet(fleet_file, settings), settings, "2.5.0").items[4].previous == {
         **(released.items[4].previous or {}),

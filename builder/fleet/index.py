@@ -26,7 +26,7 @@ from builder.errors import BuilderError
 from builder.fsutil import write_atomic
 
 #: Layout of the index and of what it keeps (bump on any change to either).
-INDEX_VERSION: Final = 1
+INDEX_VERSION: Final = 2
 #: The folder of the cache holding the plan's files.
 PLAN_CACHE: Final = "plan"
 
