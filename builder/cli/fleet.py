@@ -246,10 +246,7 @@ def build_all(
     from builder.fleet.build_all import build_all
     from builder.fleet.fleetfile import load_fleet
 
-    if jobs < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--jobs")
-    if record and not push:
-        raise click.UsageError("--record needs --push: only pushed images get a release record")
+    _check_build_all_options(jobs=jobs, push=push, record=record)
     settings = load_cli_settings(overrides)
     with git_credentials():
         fleet = load_fleet(fleet_file, settings).select(only)
@@ -266,11 +263,7 @@ def build_all(
             report=report,
         )
     if targets and not yes and _interactive(as_json):
-        click.confirm(
-            f"build, push and push release records to {len(targets)} repositor"
-            f"{'y' if len(targets) == 1 else 'ies'} (branch {_releases_branch()})?",
-            abort=True,
-        )
+        _confirm_records(len(targets))
     progress = FleetProgressLine(live=sys.stderr.isatty())
     try:
         with git_credentials():
@@ -292,15 +285,40 @@ def build_all(
             )
     finally:
         progress.close()
-    error = None
-    if result.failed:
-        names = ", ".join(r.name for r in result.failed)
-        error = FleetError(
-            f"{len(result.failed)} of {len(result.results)} images failed: {names}",
-            hint="each failure is listed in the report",
-        )
     return Result(
-        "build-all", asdict(result), partial(_show_fleet_report, result), error=error, report=report
+        "build-all",
+        asdict(result),
+        partial(_show_fleet_report, result),
+        error=_fleet_error(result),
+        report=report,
+    )
+
+
+def _check_build_all_options(*, jobs: int, push: bool, record: bool) -> None:
+    """Usage errors of `build-all` that click's option types do not catch."""
+    if jobs < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--jobs")
+    if record and not push:
+        raise click.UsageError("--record needs --push: only pushed images get a release record")
+
+
+def _confirm_records(repositories: int) -> None:
+    """Ask before a build that pushes release records (abort on no)."""
+    click.confirm(
+        f"build, push and push release records to {repositories} repositor"
+        f"{'y' if repositories == 1 else 'ies'} (branch {_releases_branch()})?",
+        abort=True,
+    )
+
+
+def _fleet_error(result: FleetReport) -> FleetError | None:
+    """The error of a fleet run in which some images failed (None: all built or unchanged)."""
+    if not result.failed:
+        return None
+    names = ", ".join(r.name for r in result.failed)
+    return FleetError(
+        f"{len(result.failed)} of {len(result.results)} images failed: {names}",
+        hint="each failure is listed in the report",
     )
 
 
