@@ -495,6 +495,51 @@ def _push(docker_client: Any, repository: str, tag: str, progress: Progress | No
     return digest
 
 
+def _check_arguments(repository: str, variant: str) -> None:
+    """Arguments that are wrong before any work: an unknown variant, a repository that is no
+    bare name."""
+    if variant not in VARIANTS:
+        raise ImageError(f"unknown base image variant {variant!r} (cpu or gpu)")
+    if not repository or ":" in repository.rsplit("/", 1)[-1] or "@" in repository:
+        raise ImageError(
+            f"repository {repository!r} must be a name without tag or digest",
+            hint="e.g. registry.example.com/ivd/inference-base",
+        )
+
+
+def _expected_labels(
+    contract_sha: str, version: str, ort: str, cuda: str, cudnn: str, variant: str
+) -> dict[str, str]:
+    """The labels a base image must carry (checked on the built image)."""
+    return {
+        CONTRACT_LABEL: contract_sha,
+        LABEL_VERSION: version,
+        LABEL_SCHEMAS: CONFIG_SCHEMAS,
+        LABEL_ORT: ort,
+        LABEL_CUDA: cuda,
+        LABEL_CUDNN: cudnn,
+        LABEL_VARIANT: variant,
+    }
+
+
+def _build_args(
+    base_from: str, contract_sha: str, version: str, ort: str, cuda: str, cudnn: str, variant: str
+) -> dict[str, str]:
+    """The Dockerfile's build arguments (the context's folder and file names included)."""
+    return {
+        "BASE_IMAGE": base_from,
+        "VERSION": version,
+        "ORT_VERSION": ort,
+        "CUDA_VERSION": cuda,
+        "CUDNN_VERSION": cudnn,
+        "VARIANT": variant,
+        "WHEELHOUSE": "wheels",
+        "RUNNER_WHEELHOUSE": "runner",
+        "REQUIREMENTS": "requirements.txt",
+        "CONTRACT_SHA256": contract_sha,
+    }
+
+
 def build_base_image(
     *,
     docker_client: Any,
@@ -522,13 +567,7 @@ def build_base_image(
     engine's to find or pull. `wheelhouse` None means the machine-wide cache
     (default_wheelhouse). Raises ImageError naming what failed.
     """
-    if variant not in VARIANTS:
-        raise ImageError(f"unknown base image variant {variant!r} (cpu or gpu)")
-    if not repository or ":" in repository.rsplit("/", 1)[-1] or "@" in repository:
-        raise ImageError(
-            f"repository {repository!r} must be a name without tag or digest",
-            hint="e.g. registry.example.com/ivd/inference-base",
-        )
+    _check_arguments(repository, variant)
     version = read_version(base_dir)
     repository = variant_repository(repository, variant)
     tag = version
@@ -544,27 +583,8 @@ def build_base_image(
     image_hashes = {h for r in reqs for h in r.hashes}
     wheels = [p for h, p in pinned.items() if h in image_hashes]
     contract_sha = hashlib.sha256(runner_contract_from_source(base_dir / "runner")).hexdigest()
-    labels = {
-        CONTRACT_LABEL: contract_sha,
-        LABEL_VERSION: version,
-        LABEL_SCHEMAS: CONFIG_SCHEMAS,
-        LABEL_ORT: ort,
-        LABEL_CUDA: cuda,
-        LABEL_CUDNN: cudnn,
-        LABEL_VARIANT: variant,
-    }
-    buildargs = {
-        "BASE_IMAGE": base_from,
-        "VERSION": version,
-        "ORT_VERSION": ort,
-        "CUDA_VERSION": cuda,
-        "CUDNN_VERSION": cudnn,
-        "VARIANT": variant,
-        "WHEELHOUSE": "wheels",
-        "RUNNER_WHEELHOUSE": "runner",
-        "REQUIREMENTS": "requirements.txt",
-        "CONTRACT_SHA256": contract_sha,
-    }
+    labels = _expected_labels(contract_sha, version, ort, cuda, cudnn, variant)
+    buildargs = _build_args(base_from, contract_sha, version, ort, cuda, cudnn, variant)
     reference = f"{repository}:{tag}"
     if base_from == BASE_OS_IMAGE:
         ensure_base_os(
