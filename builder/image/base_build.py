@@ -29,7 +29,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -540,6 +540,47 @@ def _build_args(
     }
 
 
+def _reuse(image_id: str, reference: str, progress: Progress | None) -> tuple[str, list[str]]:
+    """An image built before from the same inputs, told as a build that had nothing to do."""
+    log = [f"reused {image_id}: built before from the same inputs"]
+    if progress:
+        progress(ProgressEvent(stage=f"{reference}: {log[0]} (no build)"))
+        progress(ProgressEvent("build", 1, 1))
+    return image_id, log
+
+
+def _send_and_build(
+    docker_client: Any,
+    context: Path,
+    reference: str,
+    base_from: str,
+    buildargs: dict[str, str],
+    key: str,
+    progress: Progress | None,
+) -> tuple[str, list[str]]:
+    """Send the build context to the engine and build (saying how big the context is)."""
+    if progress:
+        size = context.stat().st_size
+        progress(
+            ProgressEvent(
+                stage=f"building {reference} on {base_from} "
+                f"(sending a {size / 1e6:,.0f} MB context to the engine)"
+            )
+        )
+    return _run_build(docker_client, context, reference, buildargs, progress, {LABEL_INPUTS: key})
+
+
+def _checked_labels(
+    docker_client: Any, reference: str, labels: Mapping[str, str]
+) -> dict[str, str]:
+    """The built image's labels (ImageError when one of ``labels`` differs)."""
+    got = dict(docker_client.images.get(reference).labels or {})
+    wrong = {k: (got.get(k), v) for k, v in labels.items() if got.get(k) != v}
+    if wrong:
+        raise ImageError(f"{reference} was built with unexpected labels: {json.dumps(wrong)}")
+    return got
+
+
 def build_base_image(
     *,
     docker_client: Any,
@@ -570,7 +611,6 @@ def build_base_image(
     _check_arguments(repository, variant)
     version = read_version(base_dir)
     repository = variant_repository(repository, variant)
-    tag = version
     requirements = base_dir / f"requirements-{variant}.txt"
     build_reqs = base_dir / "requirements-build.txt"
     reqs = parse_requirements(requirements)
@@ -585,7 +625,7 @@ def build_base_image(
     contract_sha = hashlib.sha256(runner_contract_from_source(base_dir / "runner")).hexdigest()
     labels = _expected_labels(contract_sha, version, ort, cuda, cudnn, variant)
     buildargs = _build_args(base_from, contract_sha, version, ort, cuda, cudnn, variant)
-    reference = f"{repository}:{tag}"
+    reference = f"{repository}:{version}"
     if base_from == BASE_OS_IMAGE:
         ensure_base_os(
             docker_client,
@@ -601,28 +641,14 @@ def build_base_image(
         # (1.6 GB for gpu) to the engine only to hit its layer cache at every step
         reused = _built_before(docker_client, reference, key, labels) if base_id else None
         if reused:
-            image_id, log = reused, [f"reused {reused}: built before from the same inputs"]
-            if progress:
-                progress(ProgressEvent(stage=f"{reference}: {log[0]} (no build)"))
-                progress(ProgressEvent("build", 1, 1))
+            image_id, log = _reuse(reused, reference, progress)
         else:
             context = Path(tmp) / "context.tar"
             _context(context, base_dir, requirements, wheels, runner)
-            if progress:
-                size = context.stat().st_size
-                progress(
-                    ProgressEvent(
-                        stage=f"building {reference} on {base_from} "
-                        f"(sending a {size / 1e6:,.0f} MB context to the engine)"
-                    )
-                )
-            image_id, log = _run_build(
-                docker_client, context, reference, buildargs, progress, {LABEL_INPUTS: key}
+            image_id, log = _send_and_build(
+                docker_client, context, reference, base_from, buildargs, key, progress
             )
-    got = dict(docker_client.images.get(reference).labels or {})
-    wrong = {k: (got.get(k), v) for k, v in labels.items() if got.get(k) != v}
-    if wrong:
-        raise ImageError(f"{reference} was built with unexpected labels: {json.dumps(wrong)}")
+    got = _checked_labels(docker_client, reference, labels)
     stored, digest = _deliver(docker_client, reference, store, push=push, progress=progress)
     return BaseImageBuild(
         reference=reference,
