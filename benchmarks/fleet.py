@@ -30,17 +30,20 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from testbed.githistory import customer_name, make_history, write_fleet  # noqa: E402
+
+if TYPE_CHECKING:
+    from builder.documents.build_report import BuildReport
 
 T = TypeVar("T")
 WHO = ("-c", "user.name=b", "-c", "user.email=b@e")
@@ -71,20 +74,24 @@ def add_commits(repo: Path, customers: int, count: int) -> dict[str, str]:
     return out
 
 
-def fake_report(item: Any, digest: str) -> dict[str, Any]:
+def fake_report(item: Any, digest: str) -> BuildReport:
     """A pushed release build's report for a plan item (what `builder build --json` says)."""
+    from builder.documents.build_report import BuildReport
+
     version = item.image.rsplit(":", 1)[1].split("-", 1)[0]
-    return {
-        "customer": item.customer,
-        "image": item.image,
-        "tags": [item.image],
-        "manifest_digest": digest,
-        "config_commit": item.commit,
-        "base": {"repository": "bench/base", "version": version, "digest": "sha256:" + "b" * 64},
-        "models": [],
-        "development": False,
-        "outputs": {"registry": f"{item.image}@{digest}"},
-    }
+    return BuildReport(
+        customer=item.customer,
+        image=item.image,
+        tags=[item.image],
+        manifest_digest=digest,
+        config_digest="",
+        config_commit=item.commit,
+        base={"repository": "bench/base", "version": version, "digest": "sha256:" + "b" * 64},
+        models=[],
+        layers=[],
+        development=False,
+        outputs={"registry": f"{item.image}@{digest}"},
+    )
 
 
 def record_all(items: Sequence[Any], fleet: Any, settings: Any, digest: str) -> None:
@@ -242,15 +249,15 @@ def _push_base(client: Any, repository: str, base_os: str, version: str) -> None
             raise RuntimeError(f"pushing the base image failed: {event['error']}")
 
 
-def split_requests(requests: Iterable[Any], reports: Sequence[Mapping[str, Any]]) -> Counter[str]:
+def split_requests(requests: Iterable[Any], reports: Sequence[BuildReport]) -> Counter[str]:
     """Registry requests by what they were for: ``image`` (its blobs and its manifest under
     its tags), ``check`` (reading its immutable tag: the fleet's one batch), ``attestation``
     (referrers, fallback tags, artifact manifests and documents), ``other`` (connection
     probes, base lookups). An upload's POST counts with the PUT that follows it in the same
     repository (builds of one repository do not overlap)."""
-    blobs = {d for r in reports for d in [r["config_digest"], *(x["digest"] for x in r["layers"])]}
-    refs = {r["manifest_digest"] for r in reports}
-    refs |= {t.rsplit(":", 1)[1] for r in reports for t in r["tags"]}
+    blobs = {d for r in reports for d in [r.config_digest, *(x.digest for x in r.layers)]}
+    refs = {r.manifest_digest for r in reports}
+    refs |= {t.rsplit(":", 1)[1] for r in reports for t in r.tags}
     out: Counter[str] = Counter()
     pending: dict[str, int] = {}  # repository -> POSTs waiting for their PUT
     for request in requests:
@@ -318,7 +325,7 @@ def bench_build(customers: int, jobs: int, work: Path) -> None:
             figures[name] = seconds, split_requests(registry.requests()[since:], reports)
             spent = stages[name] = {"plan": report.plan_seconds * customers}
             for result in report.results:
-                for stage, took in ((result.report or {}).get("timings") or {}).items():
+                for stage, took in (result.report.timings if result.report else {}).items():
                     spent[stage] = spent.get(stage, 0.0) + took
                 spent["build"] = spent.get("build", 0.0) + result.seconds
 

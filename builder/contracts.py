@@ -78,25 +78,6 @@ class CustomerSpec:
     # declare it (the same on every machine, unlike the clone's observed origin); None: not given
     repository: str | None = None
 
-    @property
-    def config_rev(self) -> str:
-        """Short config revision used in the immutable image tag (``-dirty``: work tree)."""
-        return f"{self.commit[:12]}-dirty" if self.worktree else self.commit[:12]
-
-
-@dataclass(frozen=True, order=True)
-class ImageKey:
-    """One image of the fleet: a customer built on one base variant. Fleet state, plan items
-    and release records are kept per image, so one variant's failure never hides behind
-    another's success."""
-
-    customer: str
-    variant: str = "cpu"
-
-    def __str__(self) -> str:
-        """``customer-x`` for the cpu image, ``customer-x (gpu)`` for another variant."""
-        return self.customer if self.variant == "cpu" else f"{self.customer} ({self.variant})"
-
 
 @dataclass(frozen=True)
 class Plugin:

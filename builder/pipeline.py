@@ -33,9 +33,10 @@ from builder.cook.stage import (
     release_lock_drift,
     uncommitted_changes,
 )
+from builder.documents import ModelRecord
 from builder.documents.build_report import BuildReport, LayerReport
 from builder.documents.lock import LockedBase
-from builder.documents.provenance import Provenance, ProvenanceModel
+from builder.documents.provenance import Provenance
 from builder.errors import ConfigError, DriftError, ReleaseGateError
 from builder.image.assemble import (
     LAYER_FORMAT,
@@ -66,12 +67,12 @@ from builder.image.provenance import (
     Locations,
     image_labels,
     image_locations,
-    image_version,
+    image_name,
     manifest_annotations,
     provenance_document,
-    variant_version,
 )
 from builder.image.store import ImageStore
+from builder.imagename import ImageName
 from builder.oci import parse_reference
 from builder.settings import Settings, refuse_credentials
 
@@ -397,11 +398,20 @@ class ImagePlan:
     provenance: Provenance
     # The models with the weights URIs this build fetched from (the image may record them
     # location-free): what the build report and the attestation say.
-    reached: tuple[ProvenanceModel, ...]
+    reached: tuple[ModelRecord, ...]
     labels: dict[str, str]
     layers: list[LayerSpec]
-    immutable: str  # <registry>/<customer>:<base version>[-gpu]-<config rev>
-    moving: str  # <registry>/<customer>:<base version>[-gpu]
+    name: ImageName  # the immutable name; its moving name is ``name.moving``
+
+    @property
+    def immutable(self) -> str:
+        """``<registry>/<customer>:<base version>[-gpu]-<config rev>[-dirty]``."""
+        return self.name.reference
+
+    @property
+    def moving(self) -> str:
+        """``<registry>/<customer>:<base version>[-gpu]``."""
+        return self.name.moving.reference
 
     @property
     def tags(self) -> list[str]:
@@ -454,8 +464,7 @@ def plan_image(
             locations=locations,
         ),
         layers=image_layers(fetched, verbose_yaml, yamldoc.canonical_json(provenance.to_dict())),
-        immutable=f"{registry}/{spec.customer}:{image_version(spec, base)}",
-        moving=f"{registry}/{spec.customer}:{variant_version(base)}",
+        name=image_name(spec, base, registry),
     )
 
 
@@ -474,7 +483,7 @@ def build_facts(
     finished = finished or datetime.now(UTC)
     repository, _, folder = spec.source.url.partition("#")
     return BuildFacts(
-        image=plan.immutable,
+        image=plan.name,
         manifest=image.manifest_descriptor,
         config_digest=image.config_digest,
         customer=spec.customer,
@@ -486,7 +495,7 @@ def build_facts(
         source_date_epoch=spec.commit_time,
         base=dict(report.base),
         base_constraint=spec.base_version,
-        models=[m.to_dict() for m in plan.reached],
+        models=plan.reached,
         verbose_sha256=plan.verbose_sha256,
         development=cooked.development,
         locked=request.locked,
@@ -532,10 +541,12 @@ def _deliver(
     request: BuildRequest,
     image: AssembledImage,
     report: BuildReport,
-    immutable: str,
-    moving: str,
+    name: ImageName,
     progress: Progress | None,
 ) -> None:
+    """Send the stored image where the request says: registry, OCI layout, docker archive,
+    the Docker engine; the report's outputs say where it went."""
+    immutable, moving = name.reference, name.moving.reference
     push_actions: dict[str, str] = {}
     if request.push:
         pushed = deliver.push(
@@ -555,9 +566,7 @@ def _deliver(
         report.outputs["registry"] = f"{immutable}@{image.manifest_digest}"
     if request.oci_layout:
         # Ref names are bare tags, as skopeo, oras and crane expect (`oci:DIR:TAG`).
-        deliver.write_oci_layout(
-            image, request.oci_layout, [t.rsplit(":", 1)[1] for t in (immutable, moving)]
-        )
+        deliver.write_oci_layout(image, request.oci_layout, [name.tag, name.moving.tag])
         report.outputs["oci_layout"] = str(request.oci_layout)
     if request.docker_archive:
         deliver.write_docker_archive(image, request.docker_archive, [immutable, moving])
@@ -599,6 +608,130 @@ def _build_with_docker(
         report.outputs["registry"] = f"{report.image}@{report.manifest_digest}"
 
 
+def _cook(request: BuildRequest, settings: Settings) -> Cooked:
+    """The request's config cooked, through the release gate for a release build."""
+    cooked = cook(
+        request.customer,
+        settings,
+        ref=request.ref or "HEAD",
+        worktree=request.worktree,
+        locked=request.locked,
+        allow_unpublished=request.allow_unpublished,
+    )
+    return _release_gate(request, cooked) if request.release else cooked
+
+
+def _base_of(
+    request: BuildRequest,
+    cooked: Cooked,
+    repository: str,
+    variant: str,
+    store: ImageStore,
+    notes: list[str],
+) -> BaseImage:
+    """The base image the build uses (the lock's pin, or the digest a fleet run resolved
+    once), checked to run this config on this variant."""
+    spec = cooked.spec
+    pinned = cooked.lock.base_image if cooked.lock else None
+    if request.base_digest:  # resolved once for many builds (a fleet run): the store's
+        version = request.base_version or spec.base_version
+        pinned = LockedBase(repository, version, digest=request.base_digest)
+    base = resolve_base_image(
+        repository,
+        request.base_version or spec.base_version,
+        store,
+        pinned=pinned
+        if request.base_digest or (request.locked and not request.base_version)
+        else None,
+        offline=request.offline,
+        insecure=request.insecure,
+        notes=notes,
+    )
+    check_runner_accepts(base)
+    check_variant(base, variant)
+    return base
+
+
+def _fetch(
+    request: BuildRequest, cooked: Cooked, settings: Settings, progress: Progress | None
+) -> FetchResult:
+    """The models' weights, from the weights cache or their stores."""
+    return fetch(
+        cooked.models,
+        Cache(settings.cache_dir / "weights"),
+        manual_files=cooked.spec.manual_files,
+        offline=request.offline,
+        base=settings.root,
+        jobs=request.jobs,
+        progress=progress,
+    )
+
+
+def _started_report(
+    cooked: Cooked,
+    fetched: FetchResult,
+    base: BaseImage,
+    plan: ImagePlan,
+    timings: dict[str, float],
+    notes: list[str],
+) -> BuildReport:
+    """The report of a build once planned; assembly, delivery and attestation fill it in."""
+    spec = cooked.spec
+    return BuildReport(
+        customer=spec.customer,
+        image=plan.immutable,
+        tags=plan.tags,
+        manifest_digest="",
+        config_digest="",
+        config_commit=spec.commit,
+        base={"repository": base.repository, "version": base.version, "digest": base.digest},
+        models=list(plan.reached),
+        layers=[],
+        development=cooked.development,
+        bytes_downloaded=fetched.bytes_downloaded,
+        bytes_resumed=fetched.bytes_resumed,
+        timings=timings,
+        warnings=[*cooked.warnings, *notes],
+    )
+
+
+def _layer_reports(image: AssembledImage) -> list[LayerReport]:
+    """The image's layers as the report lists them (the base's unnamed)."""
+    return [
+        LayerReport(
+            layer.name or "base",
+            layer.descriptor.digest,
+            layer.descriptor.size,
+            layer.descriptor.media_type,
+            layer.new,
+        )
+        for layer in image.layers
+    ]
+
+
+def _store_image(
+    request: BuildRequest,
+    store: ImageStore,
+    image: AssembledImage,
+    plan: ImagePlan,
+    report: BuildReport,
+    progress: Progress | None,
+) -> None:
+    """Every build lands in the local image store, complete; the flags send it further. Its
+    immutable tag is as immutable here as in a registry (a -dirty work-tree build's tag names
+    uncommitted files and moves with them)."""
+    report.warnings.extend(
+        store.add_image(
+            image,
+            plan.tags,
+            progress,
+            immutable=() if plan.name.dirty else (plan.immutable,),  # spec.worktree
+            force=request.force,
+        )
+    )
+    report.outputs["store"] = str(store.root)
+
+
 def build(
     request: BuildRequest,
     settings: Settings,
@@ -616,16 +749,7 @@ def build(
 
     _preflight(request)
     with stage("cook"):
-        cooked = cook(
-            request.customer,
-            settings,
-            ref=request.ref or "HEAD",
-            worktree=request.worktree,
-            locked=request.locked,
-            allow_unpublished=request.allow_unpublished,
-        )
-        if request.release:
-            cooked = _release_gate(request, cooked)
+        cooked = _cook(request, settings)
     # Shared hold on the store: `builder images prune` waits until this build is stored.
     store = ImageStore(settings.store_dir)
     notes: list[str] = []
@@ -634,35 +758,11 @@ def build(
         variant = build_variant(spec, request.variant)
         repository = base_repository(spec, settings, request.base_repository, variant)
         with stage("base"):
-            pinned = cooked.lock.base_image if cooked.lock else None
-            if request.base_digest:  # resolved once for many builds (a fleet run): the store's
-                version = request.base_version or spec.base_version
-                pinned = LockedBase(repository, version, digest=request.base_digest)
-            base = resolve_base_image(
-                repository,
-                request.base_version or spec.base_version,
-                store,
-                pinned=pinned
-                if request.base_digest or (request.locked and not request.base_version)
-                else None,
-                offline=request.offline,
-                insecure=request.insecure,
-                notes=notes,
-            )
-            check_runner_accepts(base)
-            check_variant(base, variant)
+            base = _base_of(request, cooked, repository, variant, store, notes)
         with stage("contract"):
             notes.extend(check_against_base(cooked, base, settings))
         with stage("fetch"):
-            fetched = fetch(
-                cooked.models,
-                Cache(settings.cache_dir / "weights"),
-                manual_files=spec.manual_files,
-                offline=request.offline,
-                base=settings.root,
-                jobs=request.jobs,
-                progress=progress,
-            )
+            fetched = _fetch(request, cooked, settings, progress)
         base_ref = base.ref
         if request.release:
             _refuse_stale_lock(request, cooked, fetched, base_ref)
@@ -675,22 +775,7 @@ def build(
             layer_format=request.layer_format,
             recorded=request.recorded,
         )
-        report = BuildReport(
-            customer=spec.customer,
-            image=plan.immutable,
-            tags=plan.tags,
-            manifest_digest="",
-            config_digest="",
-            config_commit=spec.commit,
-            base={"repository": base.repository, "version": base.version, "digest": base.digest},
-            models=[m.to_dict() for m in plan.reached],
-            layers=[],
-            development=cooked.development,
-            bytes_downloaded=fetched.bytes_downloaded,
-            bytes_resumed=fetched.bytes_resumed,
-            timings=timings,
-            warnings=[*cooked.warnings, *notes],
-        )
+        report = _started_report(cooked, fetched, base, plan, timings, notes)
         if request.backend == "docker":
             with stage("docker build"):
                 _build_with_docker(
@@ -710,31 +795,10 @@ def build(
                 layer_format=request.layer_format,
             )
         report.manifest_digest, report.config_digest = image.manifest_digest, image.config_digest
-        report.layers = [
-            LayerReport(
-                layer.name or "base",
-                layer.descriptor.digest,
-                layer.descriptor.size,
-                layer.descriptor.media_type,
-                layer.new,
-            )
-            for layer in image.layers
-        ]
+        report.layers = _layer_reports(image)
         with stage("deliver"):
-            # Every build lands in the local image store, complete; the flags send it further.
-            # Its immutable tag is as immutable here as in a registry (a -dirty work-tree
-            # build's tag names uncommitted files and moves with them).
-            report.warnings.extend(
-                store.add_image(
-                    image,
-                    plan.tags,
-                    progress,
-                    immutable=() if spec.worktree else (plan.immutable,),
-                    force=request.force,
-                )
-            )
-            report.outputs["store"] = str(store.root)
-            _deliver(request, image, report, plan.immutable, plan.moving, progress)
+            _store_image(request, store, image, plan, report, progress)
+            _deliver(request, image, report, plan.name, progress)
         with stage("attest"):
             facts = build_facts(request, cooked, plan, report, image)
             _attest(request, report, image, facts, settings.cache_dir)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from dataclasses import replace as _replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import git
 import yaml
@@ -37,10 +37,10 @@ from gitdb.base import IStream  # type: ignore[import-untyped]
 from packaging.version import Version
 
 from builder import __version__
-from builder.contracts import ImageKey
 from builder.cook.load import _URL, canonical_repo_url, open_source
-from builder.documents import FileDigest, check_document
-from builder.documents.release_record import RECORD_VERSION, RecordModel, ReleaseRecord
+from builder.documents import check_document
+from builder.documents.build_report import BuildReport
+from builder.documents.release_record import RECORD_VERSION, ReleaseRecord
 from builder.documents.release_record import SCHEMA as RECORD_SCHEMA
 from builder.errors import (
     BuilderError,
@@ -50,6 +50,7 @@ from builder.errors import (
 )
 from builder.fsutil import write_atomic
 from builder.gitauth import GIT_ENV
+from builder.imagename import ImageKey, ImageName
 from builder.redact import mask_secrets, strip_credentials
 from builder.settings import Settings
 
@@ -65,17 +66,7 @@ RECORD_HEADER: Final = (
 #: Threads for git work per customer or per repository (plan reads, record write-back).
 PLAN_THREADS: Final = 8
 #: Layout of the latest-record index kept next to each release log (bump on any change).
-_INDEX_VERSION: Final = 1
-#: What the index keeps of a record: what a plan compares and shows.
-_INDEXED: Final = (
-    "customer",
-    "image",
-    "manifest_digest",
-    "config",
-    "base_image",
-    "built_at",
-    "_path",
-)
+_INDEX_VERSION: Final = 2
 _YAML_LOADER: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -101,9 +92,9 @@ def record_remote(location: str) -> str:
     return str(Path(repo.working_tree_dir or location).resolve())
 
 
-def record_path(customer: str, image: str) -> str:
-    """``releases/<customer>/<base version>-<config rev>.yaml``: one file per immutable tag."""
-    return f"{RECORDS_DIR}/{customer}/{image.rsplit(':', 1)[1]}.yaml"
+def record_path(name: ImageName) -> str:
+    """``releases/<customer>/<immutable tag>.yaml``: one file per immutable tag."""
+    return f"{RECORDS_DIR}/{name.customer}/{name.tag}.yaml"
 
 
 def _record_folder(path: str) -> str | None:
@@ -114,21 +105,19 @@ def _record_folder(path: str) -> str | None:
     return parts[1]
 
 
-def record_image(record: Mapping[str, Any], customer: str) -> ImageKey | None:
-    """The image a record is of: its customer and the variant its immutable tag names
-    (``<version>-<rev>`` for cpu, ``<version>-<variant>-<rev>``); None when the tag does not
-    start with the record's base version."""
-    tag = str(record.get("image") or "").rsplit(":", 1)[-1]
-    version = str((record.get("base_image") or {}).get("version") or "")
-    if not version or not tag.startswith(f"{version}-"):
+def record_image(record: ReleaseRecord, customer: str) -> ImageKey | None:
+    """The image a record of ``customer``'s folder is of: that customer on the variant its
+    image name says; None when the image is not an immutable name on the record's base."""
+    try:
+        name = record.name
+    except ConfigError:
         return None
-    variant, _, _rev = tag.removeprefix(f"{version}-").rpartition("-")
-    return ImageKey(customer, variant or "cpu")
+    return ImageKey(customer, name.variant) if name.immutable else None
 
 
-def _build_order(record: Mapping[str, Any]) -> tuple[str, str]:
+def _build_order(record: ReleaseRecord) -> tuple[str, str]:
     """Records sort by build time, then by path (the order a tree listing gives)."""
-    return str(record.get("built_at", "")), str(record.get("_path", ""))
+    return record.built_at, record.path
 
 
 def _git_message(exc: git.GitCommandError) -> str:
@@ -151,6 +140,9 @@ def _git_message(exc: git.GitCommandError) -> str:
 
 @dataclass(frozen=True)
 class WriteResult:
+    """Where one release record went: remote, branch, path, the commit holding it, and
+    whether it was written or already there."""
+
     remote: str  # credential-free
     branch: str
     path: str
@@ -176,7 +168,13 @@ class ReleaseLog:
 
     @property
     def shown(self) -> str:
+        """The remote fit to print (secrets masked)."""
         return mask_secrets(self.remote)
+
+    @property
+    def where(self) -> str:
+        """``<remote> branch <branch>``: where the records are, as messages name it."""
+        return f"{self.shown} branch {self.branch}"
 
     def fetch(self) -> str | None:
         """Fetch the branch; its head commit, or None when the branch does not exist yet."""
@@ -199,8 +197,9 @@ class ReleaseLog:
             ) from None
         return str(self.repo.git.rev_parse(self.tracking))
 
-    def records(self, customer: str, head: str | None) -> list[dict[str, Any]]:
-        """The customer's records at ``head``, oldest build first (unreadable files skipped)."""
+    def records(self, customer: str, head: str | None) -> list[ReleaseRecord]:
+        """The customer's records at ``head``, oldest build first (files that are no YAML
+        record of this version skipped); a malformed record is a ConfigError naming it."""
         if head is None:
             return []
         found = [
@@ -210,7 +209,7 @@ class ReleaseLog:
         ]
         return sorted(found, key=_build_order)
 
-    def latest_by_image(self, head: str | None) -> dict[ImageKey, dict[str, Any]]:
+    def latest_by_image(self, head: str | None) -> dict[ImageKey, ReleaseRecord]:
         """Each image's latest record at ``head`` (latest ``built_at``; on a tie the last path).
 
         Kept in an index next to the log: the next call reads only the record files added
@@ -240,37 +239,39 @@ class ReleaseLog:
                 out.append((meta.split()[2], path))
         return out
 
-    def _parse(self, blob: str, path: str) -> dict[str, Any] | None:
+    def _parse(self, blob: str, path: str) -> ReleaseRecord | None:
         """One record file through gitpython's persistent ``cat-file`` (None: not a record
-        of this version)."""
+        of this version; ConfigError: a malformed one)."""
         try:
             raw = self.repo.odb.stream(bytes.fromhex(blob)).read()
             data = yaml.load(raw, Loader=_YAML_LOADER)  # a safe loader (libyaml's when present)
         except (ValueError, yaml.YAMLError):
             return None
-        if isinstance(data, dict) and data.get("record_version") == RECORD_VERSION:
-            return {**data, "_path": path}
-        return None
+        if not isinstance(data, dict) or data.get("record_version") != RECORD_VERSION:
+            return None
+        return _replace(ReleaseRecord.from_dict(data, f"{self.where}: {path}"), path=path)
 
     def _fold(
-        self, latest: dict[ImageKey, dict[str, Any]], files: Sequence[tuple[str, str]]
-    ) -> dict[ImageKey, dict[str, Any]]:
-        """``latest`` with the record files ``files`` taken in."""
+        self, latest: dict[ImageKey, ReleaseRecord], files: Sequence[tuple[str, str]]
+    ) -> dict[ImageKey, ReleaseRecord]:
+        """``latest`` with the record files ``files`` taken in (malformed ones left out)."""
         out = dict(latest)
         for blob, path in files:
-            record = self._parse(blob, path)
             customer = _record_folder(path)
+            try:
+                record = self._parse(blob, path)
+            except ConfigError:
+                continue
             key = record_image(record, customer) if record and customer else None
             if record is None or key is None:
                 continue
-            abridged = {k: record.get(k) for k in _INDEXED}
-            if key not in out or _build_order(abridged) > _build_order(out[key]):
-                out[key] = abridged
+            if key not in out or _build_order(record) > _build_order(out[key]):
+                out[key] = record
         return out
 
     def _added_since(
-        self, old: str, head: str, latest: dict[ImageKey, dict[str, Any]]
-    ) -> dict[ImageKey, dict[str, Any]] | None:
+        self, old: str, head: str, latest: dict[ImageKey, ReleaseRecord]
+    ) -> dict[ImageKey, ReleaseRecord] | None:
         """``latest`` (the index at ``old``) moved to ``head`` by reading only the record files
         added since; None when history is not a pure append of files since ``old``."""
         try:
@@ -293,33 +294,52 @@ class ReleaseLog:
     def _index_path(self) -> Path:
         return self.work / "ivd-latest-records.json"
 
-    def _read_index(self) -> tuple[str, dict[ImageKey, dict[str, Any]]] | None:
-        """The kept index: (its head, image -> abridged latest record); None when absent or
-        not readable as written by :meth:`_write_index`."""
+    def _read_index(self) -> tuple[str, dict[ImageKey, ReleaseRecord]] | None:
+        """The kept index: (its head, image -> latest record); None when absent or not
+        readable as written by :meth:`_write_index` (its records were checked when read from
+        the branch: they are not checked again)."""
         try:
             data = json.loads(self._index_path.read_text("utf-8"))
             if data["version"] != _INDEX_VERSION or data["branch"] != self.branch:
                 return None
             head = str(data["head"])
-            latest = {ImageKey(str(c), str(v)): dict(r) for c, v, r in data["latest"]}
-        except (OSError, ValueError, KeyError, TypeError):
+            latest = {
+                ImageKey(str(c), str(v)): ReleaseRecord.from_checked(r, str(p))
+                for c, v, p, r in data["latest"]
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         return (head, latest) if re.fullmatch(r"[0-9a-f]{40,64}", head) else None
 
-    def _write_index(self, head: str, latest: Mapping[ImageKey, Mapping[str, Any]]) -> None:
-        rows = [[k.customer, k.variant, dict(r)] for k, r in sorted(latest.items())]
+    def _write_index(self, head: str, latest: Mapping[ImageKey, ReleaseRecord]) -> None:
+        """Keep ``latest`` at ``head`` for the next read (a cache: failures are ignored)."""
+        rows = [[k.customer, k.variant, r.path, r.to_dict()] for k, r in sorted(latest.items())]
         data = {"version": _INDEX_VERSION, "branch": self.branch, "head": head, "latest": rows}
         with contextlib.suppress(OSError, BuilderError):  # a cache: the next read rebuilds it
             write_atomic(self._index_path, json.dumps(data, sort_keys=True).encode(), durable=False)
 
-    def _read(self, head: str | None, path: str) -> dict[str, Any] | None:
+    def _read(self, head: str | None, path: str) -> ReleaseRecord | None:
+        """The record at ``path`` on ``head`` (None: no file there); one that is not a
+        readable record is a WriteBackError (nothing is written over it)."""
         if head is None:
             return None
         try:
-            data = yaml.safe_load(self.repo.git.show(f"{head}:{path}"))
+            raw = self.repo.git.show(f"{head}:{path}")
         except git.GitCommandError:
             return None
-        return data if isinstance(data, dict) else {}
+        try:
+            data = yaml.safe_load(raw)
+            if isinstance(data, dict):
+                return ReleaseRecord.from_dict(data, f"{self.where}: {path}")
+            why = f"{self.where}: {path} is not a release record"
+        except yaml.YAMLError:
+            why = f"{self.where}: {path} is not YAML"
+        except ConfigError as exc:
+            why = exc.message
+        raise WriteBackError(
+            f"{why}; refusing to write a release record over it",
+            hint="records are append-only; find out who wrote it before recording again",
+        )
 
     def _commit(self, head: str | None, files: Mapping[str, bytes], message: str) -> str:
         """A commit on top of ``head`` adding ``files``, built with plumbing (no work tree)."""
@@ -384,7 +404,7 @@ class ReleaseLog:
         forced). A rejected push (a concurrent writer, a hook) is retried on top of the new
         head, ``attempts`` times in all. Per record: an identical record already there is
         "present"; a different one is refused (that record only)."""
-        paths = [record_path(r.customer, r.image) for r in records]
+        paths = [record_path(r.name) for r in records]
         last = ""
         with self._lock:
             for attempt in range(1, max(1, attempts) + 1):
@@ -392,15 +412,16 @@ class ReleaseLog:
                 results: list[WriteResult | BuilderError | None] = []
                 new: dict[str, bytes] = {}
                 for record, path in zip(records, paths, strict=True):
-                    existing = self._read(head, path)
-                    if existing is None:
-                        results.append(None)
-                        new[path] = render_record(record)
-                        continue
                     try:
-                        results.append(self._already(existing, record, path, head or "", attempt))
+                        existing = self._read(head, path)
+                        if existing is not None:
+                            results.append(self._already(existing, record, path, head, attempt))
+                            continue
                     except BuilderError as exc:
                         results.append(exc)
+                        continue
+                    results.append(None)
+                    new[path] = render_record(record)
                 if not new:
                     return [r for r in results if r is not None]
                 commit = self._commit(head, new, _batch_message(records, new))
@@ -435,13 +456,14 @@ class ReleaseLog:
 
     def _already(
         self,
-        existing: Mapping[str, Any],
+        existing: ReleaseRecord,
         record: ReleaseRecord,
         path: str,
-        head: str,
+        head: str | None,
         attempt: int,
     ) -> WriteResult:
-        digest = existing.get("manifest_digest")
+        """ "present" when ``existing`` records the same digest, else a WriteBackError."""
+        digest = existing.manifest_digest
         if digest != record.manifest_digest:
             raise WriteBackError(
                 f"{self.shown} branch {self.branch}: {path} already records {digest} for "
@@ -449,24 +471,23 @@ class ReleaseLog:
                 "refusing to overwrite a release record",
                 hint="records are append-only; find out why the immutable tag moved",
             )
-        return WriteResult(self.shown, self.branch, path, head, "present", attempt)
+        return WriteResult(self.shown, self.branch, path, head or "", "present", attempt)
 
 
 def _batch_message(records: Sequence[ReleaseRecord], new: Mapping[str, bytes]) -> str:
     """The commit message: one record in detail, or a batch with one line per record."""
-    fresh = [r for r in records if record_path(r.customer, r.image) in new]
+    fresh = [r for r in records if record_path(r.name) in new]
     if len(fresh) == 1:
         record = fresh[0]
         message = (
-            f"release: {record.customer} {record.image.rsplit(':', 1)[1]} "
+            f"release: {record.customer} {record.name.tag} "
             f"{record.manifest_digest}\n\nbase {record.base_version} "
             f"{record.base_digest}\nconfig {record.config_commit}\n"
         )
     else:
         versions = sorted({r.base_version for r in fresh})
         message = f"release: {len(fresh)} images on base {', '.join(versions)}\n\n" + "".join(
-            f"{r.customer} {r.image.rsplit(':', 1)[1]} {r.manifest_digest} "
-            f"config {r.config_commit}\n"
+            f"{r.customer} {r.name.tag} {r.manifest_digest} config {r.config_commit}\n"
             for r in fresh
         )
     ci = next((r.ci_url for r in fresh if r.ci_url), None)
@@ -496,8 +517,37 @@ def _ci_context(env: Mapping[str, str]) -> dict[str, str]:
     return {key: mask_secrets(env[var], env) for key, var in names.items() if env.get(var)}
 
 
+def _release_name(report: BuildReport) -> ImageName:
+    """The image a report names, refused unless it is a stable release build: pushed, not a
+    development build, an immutable name on a final (not pre-release) base version."""
+    customer = report.customer
+    if report.development:
+        raise ReleaseGateError(
+            f"{customer}: a development build (unpublished models, no committed lock, or "
+            "uncommitted files) gets no release record",
+            hint="release builds only",
+        )
+    if not report.outputs.get("registry"):
+        raise WriteBackError(
+            f"{customer}: {report.image} was not pushed; a release record needs a pushed image",
+            hint="build with --push",
+        )
+    if Version(report.base["version"]).is_prerelease:
+        raise ReleaseGateError(
+            f"{customer}: base {report.base['version']} is a pre-release; only stable builds "
+            "are recorded"
+        )
+    try:
+        name = report.name
+    except ConfigError as exc:
+        raise WriteBackError(f"{customer}: {exc.message}") from None
+    if not name.immutable or name.dirty:
+        raise WriteBackError(f"{customer}: {report.image} is not the immutable tag of a release")
+    return name
+
+
 def release_record(
-    report: Mapping[str, Any],
+    report: BuildReport,
     *,
     config_source: str,
     built_at: datetime | None = None,
@@ -512,57 +562,28 @@ def release_record(
     env = os.environ if env is None else env
     missing = [
         k
-        for k in ("customer", "image", "manifest_digest", "config_commit", "base", "models")
-        if not report.get(k) and k != "models"
+        for k in ("customer", "image", "manifest_digest", "config_commit")
+        if not getattr(report, k)
     ]
     if missing:
         raise WriteBackError(
             f"build report lacks {', '.join(missing)}; is it a `build --json` report?"
         )
-    customer = report["customer"]
-    if report.get("development"):
-        raise ReleaseGateError(
-            f"{customer}: a development build (unpublished models, no committed lock, or "
-            "uncommitted files) gets no release record",
-            hint="release builds only",
-        )
-    if not (report.get("outputs") or {}).get("registry"):
-        raise WriteBackError(
-            f"{customer}: {report['image']} was not pushed; a release record needs a pushed image",
-            hint="build with --push",
-        )
-    base = report["base"]
-    if Version(str(base["version"])).is_prerelease:
-        raise ReleaseGateError(
-            f"{customer}: base {base['version']} is a pre-release; only stable builds are recorded"
-        )
+    _release_name(report)
     repository, _, folder = config_source.partition("#")
     ci = _ci_context(env)
     record = ReleaseRecord(
-        customer=customer,
+        customer=report.customer,
         config_repository=repository,
         config_path=folder or ".",
-        config_commit=report["config_commit"],
-        image=report["image"],
-        manifest_digest=report["manifest_digest"],
-        tags=tuple(report.get("tags") or [report["image"]]),
-        base_repository=base["repository"],
-        base_version=base["version"],
-        base_digest=base["digest"],
-        models=tuple(
-            RecordModel(
-                name=m.get("name"),
-                sourcing=m.get("sourcing"),
-                registry_id=m.get("registry_id"),
-                task_id=m.get("task_id"),
-                dir_hash=m.get("dir_hash"),
-                files=tuple(
-                    FileDigest(name=f.get("name"), sha256=f.get("sha256"), size=f.get("size"))
-                    for f in m.get("files") or []
-                ),
-            )
-            for m in report.get("models") or []
-        ),
+        config_commit=report.config_commit,
+        image=report.image,
+        manifest_digest=report.manifest_digest,
+        tags=tuple(report.tags or [report.image]),
+        base_repository=report.base["repository"],
+        base_version=report.base["version"],
+        base_digest=report.base["digest"],
+        models=tuple(m.recorded() for m in report.models),
         built_at=(built_at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
         builder_version=__version__,
         ci_url=ci.get("ci_url"),
@@ -570,7 +591,7 @@ def release_record(
     )
     # Never write what the reader would refuse: the record goes through the reader's check.
     try:
-        check_document(record.to_dict(), RECORD_SCHEMA, f"{customer}: release record", "")
+        check_document(record.to_dict(), RECORD_SCHEMA, f"{report.customer}: release record", "")
     except ConfigError as exc:
         raise WriteBackError(
             f"{exc.message}; is it the `build --json` report of a release build?"
@@ -588,7 +609,7 @@ def config_source(location: str, settings: Settings) -> str:
 
 
 def write_release_record(
-    report: Mapping[str, Any],
+    report: BuildReport,
     location: str,
     settings: Settings,
     *,
@@ -614,7 +635,7 @@ def write_release_record(
         )
     if dry_run:
         head = log.fetch()
-        path = record_path(record.customer, record.image)
+        path = record_path(record.name)
         status = "would write" if log._read(head, path) is None else "present"
         return WriteResult(log.shown, branch, path, head or "", status, 0)
     return log.write(record, attempts=attempts, backoff=backoff, before_push=before_push)
@@ -647,7 +668,7 @@ def commits_missing(log: ReleaseLog, commits: Iterable[str]) -> set[str]:
 
 
 def write_release_records(
-    reports: Sequence[Mapping[str, Any]],
+    reports: Sequence[BuildReport],
     locations: Mapping[str, str],
     settings: Settings,
     *,
@@ -664,7 +685,7 @@ def write_release_records(
     sources: dict[str, str] = {}
     for n, report in enumerate(reports):
         try:
-            location = locations[str(report.get("customer"))]
+            location = locations[report.customer]
             if location not in sources:
                 sources[location] = config_source(location, settings)
             record = release_record(report, config_source=sources[location])

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import requests
@@ -40,7 +40,9 @@ from builder.attest.statement import (
     BuildFacts,
     ci_details,
 )
+from builder.documents import ModelRecord
 from builder.errors import AttestationError, ConfigError
+from builder.imagename import ImageName
 from builder.oci import (
     OCI_CONFIG,
     OCI_LAYER,
@@ -76,7 +78,7 @@ def facts(manifest: Descriptor, **over: Any) -> BuildFacts:
     """BuildFacts of a plausible build (two models: one from the registry, one in the repo)."""
     sha = hashlib.sha256(WEIGHTS).hexdigest()
     values: dict[str, Any] = {
-        "image": "127.0.0.1:5000/customer-x:2.4.1-2f152add41f8",
+        "image": ImageName.parse("127.0.0.1:5000/customer-x:2.4.1-2f152add41f8"),
         "manifest": manifest,
         "config_digest": "sha256:" + "c" * 64,
         "customer": "customer-x",
@@ -93,29 +95,35 @@ def facts(manifest: Descriptor, **over: Any) -> BuildFacts:
         },
         "base_constraint": "~=2.4",
         "models": [
-            {
-                "name": "carcinoma_model",
-                "sourcing": "auto",
-                "registry_id": "a957f623e6d34159a07aec1b8323eb54",
-                "registry_name": "carcinoma v3",
-                "task_id": "5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e",
-                "weights_uri": "s3://production/5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e/",
-                "dir_hash": "d" * 64,
-                "files": [{"name": "model.onnx", "size": len(WEIGHTS), "sha256": sha}],
-            },
-            {
-                "name": "mitosis_model",
-                "sourcing": "manual",
-                "registry_id": None,
-                "registry_name": None,
-                "task_id": None,
-                "weights_uri": "repo:models/mitosis",
-                "dir_hash": "e" * 64,
-                "files": [
-                    {"name": "labels.json", "size": 2, "sha256": "1" * 64},
-                    {"name": "model.onnx", "size": 10, "sha256": "2" * 64},
+            ModelRecord.from_dict(m)
+            for m in cast(
+                list[dict[str, Any]],
+                [
+                    {
+                        "name": "carcinoma_model",
+                        "sourcing": "auto",
+                        "registry_id": "a957f623e6d34159a07aec1b8323eb54",
+                        "registry_name": "carcinoma v3",
+                        "task_id": "5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e",
+                        "weights_uri": "s3://production/5c6b4a2b1e8d4a1f9f0e3c2d1b0a9f8e/",
+                        "dir_hash": "d" * 64,
+                        "files": [{"name": "model.onnx", "size": len(WEIGHTS), "sha256": sha}],
+                    },
+                    {
+                        "name": "mitosis_model",
+                        "sourcing": "manual",
+                        "registry_id": None,
+                        "registry_name": None,
+                        "task_id": None,
+                        "weights_uri": "repo:models/mitosis",
+                        "dir_hash": "e" * 64,
+                        "files": [
+                            {"name": "labels.json", "size": 2, "sha256": "1" * 64},
+                            {"name": "model.onnx", "size": 10, "sha256": "2" * 64},
+                        ],
+                    },
                 ],
-            },
+            )
         ],
         "verbose_sha256": "f" * 64,
         "development": False,

@@ -28,6 +28,7 @@ from helpers import (
 from builder.cook.fetch import Cache
 from builder.cook.stage import cook, make_customer_lock
 from builder.errors import DriftError, RegistryError, ReleaseGateError
+from builder.imagename import ImageName
 from builder.settings import Settings
 
 WEIGHTS = {
@@ -318,7 +319,11 @@ def test_uncommitted_edits_are_reported_and_worktree_builds_are_development(
     )
     assert not cooked.development
     dirty = cook(str(repo), settings, worktree=True)
-    assert dirty.development and dirty.spec.config_rev.endswith("-dirty")
+    assert dirty.development and dirty.spec.worktree
+    name = ImageName.of_build(
+        "r", "c", "2.4.1", "cpu", dirty.spec.commit, dirty=dirty.spec.worktree
+    )
+    assert name.tag == f"2.4.1-{dirty.spec.commit[:12]}-dirty"
     assert any("--worktree" in w for w in dirty.warnings)
 
 

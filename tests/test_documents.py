@@ -15,7 +15,7 @@ import yaml
 from builder import __version__, yamldoc
 from builder.contracts import WeightFile
 from builder.cook.lock import render
-from builder.documents import FileDigest
+from builder.documents import FileDigest, ModelRecord
 from builder.documents.build_report import BuildReport, LayerReport
 from builder.documents.lock import Lock
 from builder.documents.provenance import Provenance
@@ -66,9 +66,16 @@ REPORT: dict[str, Any] = {
 }
 
 
+def _report() -> BuildReport:
+    """:data:`REPORT` read through its type, as the write-back gets it."""
+    rest = {"config_digest": "sha256:" + "1" * 64, "layers": [], "timings": {}, "warnings": []}
+    sizes = dict.fromkeys(("bytes_downloaded", "bytes_resumed", "bytes_uploaded"), 0)
+    return BuildReport.from_dict({**REPORT, **rest, **sizes})
+
+
 def _record() -> ReleaseRecord:
     return release_record(
-        REPORT,
+        _report(),
         config_source="https://git.example/cfg.git#customers/x",
         built_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
         env={"CI_JOB_URL": "https://ci/job/1", "CI_PIPELINE_URL": "https://ci/p/2"},
@@ -157,7 +164,7 @@ def test_build_report_round_trip() -> None:
         config_digest="sha256:" + "1" * 64,
         config_commit=REPORT["config_commit"],
         base=dict(REPORT["base"]),
-        models=list(REPORT["models"]),
+        models=[ModelRecord.from_dict(m) for m in REPORT["models"]],
         layers=[
             LayerReport("base", "sha256:" + "2" * 64, 10, "application/x", False),
             LayerReport("config", "sha256:" + "3" * 64, 20, "application/x", True, "uploaded"),
@@ -168,7 +175,8 @@ def test_build_report_round_trip() -> None:
         warnings=["w"],
     )
     data = json.loads(json.dumps(report.to_dict()))
-    assert data == asdict(report)
+    assert data == json.loads(json.dumps(asdict(report)))  # the fields, models as written
+    assert data["models"] == REPORT["models"]
     assert BuildReport.from_dict(data) == report
     with pytest.raises(ConfigError, match="manifest_digest"):
         BuildReport.from_dict({**data, "manifest_digest": 1})

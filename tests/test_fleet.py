@@ -43,6 +43,7 @@ from helpers import (
     seed_models,
 )
 
+from builder.documents.build_report import BuildReport
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import ConfigError, ReleaseGateError, WriteBackError
 from builder.fleet.build_all import Pace
@@ -121,7 +122,7 @@ def _records(bare: Path, branch: str = RELEASES_BRANCH) -> dict[str, dict[str, A
     }
 
 
-def _fake_report(
+def _fake_json(
     customer: str, commit: str, digest: str, *, version: str = "2.5.0", **changes: Any
 ) -> dict[str, Any]:
     """A `build --json` result as the pipeline writes it (write-back input only)."""
@@ -145,18 +146,33 @@ def _fake_report(
                 "name": "carcinoma_model",
                 "sourcing": "auto",
                 "registry_id": CARCINOMA_ID,
+                "registry_name": "carcinoma",
                 "task_id": CARCINOMA_TASK,
+                "weights_uri": f"s3://production/{CARCINOMA_TASK}/",
                 "dir_hash": "e" * 64,
                 "files": [{"name": "model.onnx", "size": 3, "sha256": "d" * 64}],
             }
         ],
+        "layers": [],
         "development": False,
+        "bytes_downloaded": 0,
+        "bytes_resumed": 0,
+        "bytes_uploaded": 0,
         "outputs": {
             "registry": f"registry.example.com/{customer}:{version}-{commit[:12]}@{digest}"
         },
+        "timings": {},
+        "warnings": [],
     }
     report.update(changes)
     return report
+
+
+def _fake_report(
+    customer: str, commit: str, digest: str, *, version: str = "2.5.0", **changes: Any
+) -> BuildReport:
+    """:func:`_fake_json` read through its type, as the write-back gets it."""
+    return BuildReport.from_dict(_fake_json(customer, commit, digest, version=version, **changes))
 
 
 @pytest.fixture
@@ -502,7 +518,9 @@ def test_plan_index_never_answers_other_than_a_cold_plan(tmp_path: Path) -> None
     (log_index,) = (settings.cache_dir / "releases").glob("*/ivd-latest-records.json")
     honest = log_index.read_text()
     data = json.loads(honest)
-    data["latest"][0][2]["manifest_digest"] = "sha256:" + "0" * 64
+    data["latest"][0][3]["manifest_digest"] = (
+        "sha256:" + "0" * 64
+    )  # [customer, variant, path, record]
     log_index.write_text(json.dumps(data))
     assert plan(load_fleet(fleet_file, settings), settings, "2.5.0").items[4].previous == {
         **(released.items[4].previous or {}),
@@ -583,7 +601,7 @@ def test_release_records_of_a_run_are_one_commit_per_repository(
     ]
     gpu = f"registry.example.com/customer-a:2.5.0-gpu-{head[:12]}"  # the same customer's gpu image
     reports.append(_fake_report("customer-a", head, "sha256:" + "9" * 64, image=gpu, tags=[gpu]))
-    locations = {r["customer"]: str(configs / r["customer"]) for r in reports}
+    locations = {r.customer: str(configs / r.customer) for r in reports}
     written = write_release_records(reports, locations, settings)
     assert all(isinstance(w, WriteResult) and w.status == "written" for w in written)
     branch = git.Repo(bare).commit(RELEASES_BRANCH)
@@ -599,7 +617,7 @@ def test_release_records_of_a_run_are_one_commit_per_repository(
     # Read back per image: customer-a's gpu record does not hide its cpu one.
     log = ReleaseLog(str(bare), tmp_path / "reader", RELEASES_BRANCH)
     latest = log.latest_by_image(log.fetch())
-    assert {str(k): r["manifest_digest"][-1] for k, r in latest.items()} == {
+    assert {str(k): r.manifest_digest[-1] for k, r in latest.items()} == {
         "customer-a": "1",
         "customer-a (gpu)": "9",
         "customer-b": "2",
@@ -609,7 +627,7 @@ def test_release_records_of_a_run_are_one_commit_per_repository(
     # Again: all present, no new commit; a changed digest is refused for that record only,
     # and a new record next to it still lands.
     later = _fake_report("customer-d", head, "sha256:" + "d" * 64)
-    clash = {**reports[1], "manifest_digest": "sha256:" + "e" * 64}
+    clash = replace(reports[1], manifest_digest="sha256:" + "e" * 64)
     again = write_release_records(
         [reports[0], clash, later],
         {**locations, "customer-d": str(configs / "customer-a")},
@@ -662,9 +680,14 @@ def records_remote(tmp_path: Path) -> Path:
 
 def test_a_record_the_reader_would_refuse_is_never_written() -> None:
     """The writer checks a record with the reader's own check: a report whose model has no
-    dir_hash (or a malformed digest) fails before anything is committed."""
+    dir_hash (or a malformed digest) fails before anything is committed; a report file whose
+    model has none is refused when it is read."""
+    data = _fake_json("customer-a", "1" * 40, "sha256:" + "1" * 64)
+    data["models"][0].pop("dir_hash")
+    with pytest.raises(ConfigError, match=r"models\[0\]\.dir_hash"):
+        BuildReport.from_dict(data)
     report = _fake_report("customer-a", "1" * 40, "sha256:" + "1" * 64)
-    report["models"][0].pop("dir_hash")
+    report.models[0] = replace(report.models[0], dir_hash="not a hash")
     with pytest.raises(WriteBackError, match=r"models\[0\]\.dir_hash"):
         release_record(report, config_source="https://git.example.com/customer-a.git")
     report = _fake_report("customer-a", "1" * 40, "sha256:" + "1" * 7)
@@ -738,7 +761,7 @@ def test_record_push_rejected_then_retried_then_clear_error(
     report = tmp_path / "build.json"
     envelope = {"builder_result_version": 1, "command": "build", "ok": True}
     report.write_text(
-        json.dumps({**envelope, "result": _fake_report("customer-a", commit, "sha256:" + "4" * 64)})
+        json.dumps({**envelope, "result": _fake_json("customer-a", commit, "sha256:" + "4" * 64)})
     )
     counter = _hook(records_remote, failures=2)
     env = {**local_env, "CI_JOB_URL": "https://gitlab.example.com/ivd/fleet/-/jobs/42"}
@@ -768,7 +791,7 @@ def test_record_push_rejected_then_retried_then_clear_error(
     _hook(records_remote, failures=99)
     other = tmp_path / "other.json"
     other.write_text(
-        json.dumps(_fake_report("customer-a", commit, "sha256:" + "5" * 64, version="2.5.1"))
+        json.dumps(_fake_json("customer-a", commit, "sha256:" + "5" * 64, version="2.5.1"))
     )
     refused = _cli(
         local_env,
@@ -825,7 +848,7 @@ def test_record_dry_run_names_the_target_and_a_missing_commit_is_refused(
 ) -> None:
     commit = git.Repo(records_remote).commit("HEAD").hexsha
     report = tmp_path / "build.json"
-    report.write_text(json.dumps(_fake_report("customer-a", commit, "sha256:" + "7" * 64)))
+    report.write_text(json.dumps(_fake_json("customer-a", commit, "sha256:" + "7" * 64)))
     args = ("release-record", "--report", str(report), "--repo", str(records_remote))
     dry = _cli(local_env, *args, "--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -835,7 +858,7 @@ def test_record_dry_run_names_the_target_and_a_missing_commit_is_refused(
     assert _records(records_remote) == {}  # nothing written
     # a commit the target repository does not have: refused, nothing written (exit 9)
     unknown = tmp_path / "unknown.json"
-    unknown.write_text(json.dumps(_fake_report("customer-a", "ab" * 20, "sha256:" + "8" * 64)))
+    unknown.write_text(json.dumps(_fake_json("customer-a", "ab" * 20, "sha256:" + "8" * 64)))
     refused = _cli(
         local_env, "release-record", "--report", str(unknown), "--repo", str(records_remote)
     )
@@ -857,7 +880,7 @@ def test_concurrent_writers_never_lose_a_record(
         path = tmp_path / f"r{index}.json"
         path.write_text(
             json.dumps(
-                _fake_report(
+                _fake_json(
                     "customer-a",
                     git.Repo(records_remote).commit("HEAD").hexsha,  # a commit it has
                     "sha256:" + f"{index}" * 64,
@@ -1028,7 +1051,7 @@ def test_private_repositories_with_a_ci_token_that_never_leaks(
     # Write-back over the same authenticated HTTP remote.
     commit = git.Repo(work).commit("HEAD").hexsha
     report = tmp_path / "build.json"
-    report.write_text(json.dumps(_fake_report("customer-p", commit, "sha256:" + "7" * 64)))
+    report.write_text(json.dumps(_fake_json("customer-p", commit, "sha256:" + "7" * 64)))
     env = {**local_env, "BUILDER_GIT_TOKEN": TOKEN, "BUILDER_GIT_SERVER": url}
     pushed = _cli(env, "release-record", "--report", str(report), "--fleet", str(fleet), "--json")
     assert pushed.returncode == 0, pushed.stderr

@@ -367,9 +367,11 @@ def test_a_large_fleet_is_generated_jobs_not_a_matrix(
     """GitLab caps parallel:matrix at 200 permutations: the child pipeline lists one job per
     customer instead, and 250 of them still parse."""
     from builder.fleet.gitlab import render_child_pipeline
-    from builder.fleet.plan import FleetPlan, PlanItem
+    from builder.fleet.plan import FleetPlan, PlanItem, PlanStatus
 
-    items = [PlanItem(f"customer-{n:03d}", f"./c{n}", "HEAD", "rebuild") for n in range(250)]
+    items = [
+        PlanItem(f"customer-{n:03d}", f"./c{n}", "HEAD", PlanStatus.REBUILD) for n in range(250)
+    ]
     text = render_child_pipeline(
         FleetPlan("2.5.0", "customers/fleet.yaml", items), fleet_file="customers/fleet.yaml"
     )

@@ -15,7 +15,9 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from builder import __version__
+from builder.documents import ModelRecord
 from builder.image.assemble import GZIP_LEVEL, LAYER_FORMAT
+from builder.imagename import ImageName
 from builder.oci import Descriptor
 
 STATEMENT_TYPE: Final = "https://in-toto.io/Statement/v1"
@@ -32,6 +34,7 @@ SBOM_FILE: Final = "sbom.cdx.json"
 
 
 def rfc3339(moment: datetime) -> str:
+    """``moment`` as an RFC 3339 UTC time (``2026-05-28T20:26:40Z``)."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -61,7 +64,7 @@ def ci_details(env: Mapping[str, str] | None = None) -> dict[str, str]:
 class BuildFacts:
     """What the attestations say about one build, gathered from the pipeline's data."""
 
-    image: str  # immutable reference (registry/customer:tag)
+    image: ImageName  # the immutable name
     manifest: Descriptor  # the image manifest: the subject
     config_digest: str
     customer: str
@@ -73,7 +76,7 @@ class BuildFacts:
     source_date_epoch: int
     base: Mapping[str, str]  # repository, version, digest
     base_constraint: str
-    models: Sequence[Mapping[str, Any]]  # BuildReport.models (provenance.json's model records)
+    models: Sequence[ModelRecord]  # BuildReport.models (the weights URIs the build reached)
     verbose_sha256: str
     development: bool
     locked: bool
@@ -94,8 +97,8 @@ def _model_file_ref(model: str, file: str) -> str:
     return f"model:{model}/{file}"
 
 
-def _file_uri(model: Mapping[str, Any], name: str) -> str:
-    return f"{str(model['weights_uri']).rstrip('/')}/{name}"
+def _file_uri(model: ModelRecord, name: str) -> str:
+    return f"{str(model.weights_uri).rstrip('/')}/{name}"
 
 
 def _base_uri(base: Mapping[str, str]) -> str:
@@ -106,8 +109,8 @@ def _base_uri(base: Mapping[str, str]) -> str:
 # -- SLSA provenance -----------------------------------------------------------------------
 
 
-def provenance_statement(facts: BuildFacts, *, sbom_sha256: str | None = None) -> dict[str, Any]:
-    """An in-toto Statement v1 with a SLSA provenance v1 predicate for the image."""
+def _input_dependencies(facts: BuildFacts) -> list[dict[str, Any]]:
+    """The config commit, the lock (when the build was locked) and the base image."""
     folder = "" if facts.config_path == "." else f"#{facts.config_path}"
     dependencies: list[dict[str, Any]] = [
         {
@@ -130,28 +133,36 @@ def provenance_statement(facts: BuildFacts, *, sbom_sha256: str | None = None) -
                 },
             }
         )
-    for model in facts.models:
-        annotations = {
-            "model": model["name"],
-            "sourcing": model["sourcing"],
-            "dirHash": model["dir_hash"],
+    return dependencies
+
+
+def _model_dependencies(model: ModelRecord) -> list[dict[str, Any]]:
+    """One dependency per weight file of ``model``, annotated with the model's ids."""
+    annotations: dict[str, Any] = {
+        "model": model.name,
+        "sourcing": model.sourcing,
+        "dirHash": model.dir_hash,
+    }
+    for value, name in (
+        (model.registry_id, "clearmlModelId"),
+        (model.task_id, "clearmlTaskId"),
+        (model.registry_name, "registryName"),
+    ):
+        if value:
+            annotations[name] = value
+    return [
+        {
+            "name": _model_file_ref(model.name, file.name),
+            "uri": _file_uri(model, file.name),
+            "digest": {"sha256": file.sha256},
+            "annotations": {**annotations, "size": file.size},
         }
-        for key, name in (
-            ("registry_id", "clearmlModelId"),
-            ("task_id", "clearmlTaskId"),
-            ("registry_name", "registryName"),
-        ):
-            if model.get(key):
-                annotations[name] = model[key]
-        for file in model["files"]:
-            dependencies.append(
-                {
-                    "name": _model_file_ref(model["name"], file["name"]),
-                    "uri": _file_uri(model, file["name"]),
-                    "digest": {"sha256": file["sha256"]},
-                    "annotations": {**annotations, "size": file["size"]},
-                }
-            )
+        for file in model.files
+    ]
+
+
+def _external_parameters(facts: BuildFacts) -> dict[str, Any]:
+    """What the build was asked to do: repository, folder, ref, customer, options."""
     external: dict[str, Any] = {
         "repository": facts.repository,
         "configPath": facts.config_path,
@@ -163,7 +174,27 @@ def provenance_statement(facts: BuildFacts, *, sbom_sha256: str | None = None) -
         external["baseVersion"] = facts.base_override
     if facts.allow_unpublished:
         external["allowUnpublished"] = True
+    return external
 
+
+def _internal_parameters(facts: BuildFacts) -> dict[str, Any]:
+    """How the builder made it: tool version, commit time, layer format, CI pipeline."""
+    internal: dict[str, Any] = {
+        "toolVersion": __version__,
+        "sourceDateEpoch": facts.source_date_epoch,
+        "analysisPath": facts.analysis_path,
+        "layerFormat": LAYER_FORMAT,
+        "gzipLevel": GZIP_LEVEL,
+        "developmentBuild": facts.development,
+    }
+    for key, name in (("pipeline_url", "ciPipelineUrl"), ("mr", "ciMergeRequest")):
+        if facts.ci.get(key):
+            internal[name] = facts.ci[key]
+    return internal
+
+
+def _byproducts(facts: BuildFacts, sbom_sha256: str | None) -> list[dict[str, Any]]:
+    """The verbose config, the image config and the SBOM (when made)."""
     byproducts: list[dict[str, Any]] = [
         {
             "name": "/app/config/analysis.yaml",
@@ -180,42 +211,44 @@ def provenance_statement(facts: BuildFacts, *, sbom_sha256: str | None = None) -
         byproducts.append(
             {"name": SBOM_FILE, "digest": {"sha256": sbom_sha256}, "mediaType": MEDIA_CYCLONEDX}
         )
+    return byproducts
+
+
+def _run_details(facts: BuildFacts, sbom_sha256: str | None) -> dict[str, Any]:
+    """Who built it, when, in which CI job, and what else it made."""
     metadata: dict[str, Any] = {
         "startedOn": rfc3339(facts.started),
         "finishedOn": rfc3339(facts.finished),
     }
     if facts.ci.get("job_url"):
         metadata["invocationId"] = facts.ci["job_url"]
-    internal: dict[str, Any] = {
-        "toolVersion": __version__,
-        "sourceDateEpoch": facts.source_date_epoch,
-        "analysisPath": facts.analysis_path,
-        "layerFormat": LAYER_FORMAT,
-        "gzipLevel": GZIP_LEVEL,
-        "developmentBuild": facts.development,
+    return {
+        "builder": {
+            "id": facts.ci.get("builder_id", LOCAL_BUILDER_ID),
+            "version": {"ivd-image-builder": __version__},
+        },
+        "metadata": metadata,
+        "byproducts": _byproducts(facts, sbom_sha256),
     }
-    for key, name in (("pipeline_url", "ciPipelineUrl"), ("mr", "ciMergeRequest")):
-        if facts.ci.get(key):
-            internal[name] = facts.ci[key]
+
+
+def provenance_statement(facts: BuildFacts, *, sbom_sha256: str | None = None) -> dict[str, Any]:
+    """An in-toto Statement v1 with a SLSA provenance v1 predicate for the image."""
+    dependencies = _input_dependencies(facts)
+    for model in facts.models:
+        dependencies.extend(_model_dependencies(model))
     return {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": facts.image, "digest": {"sha256": _hex(facts.manifest.digest)}}],
+        "subject": [{"name": str(facts.image), "digest": {"sha256": _hex(facts.manifest.digest)}}],
         "predicateType": SLSA_PROVENANCE,
         "predicate": {
             "buildDefinition": {
                 "buildType": BUILD_TYPE,
-                "externalParameters": external,
-                "internalParameters": internal,
+                "externalParameters": _external_parameters(facts),
+                "internalParameters": _internal_parameters(facts),
                 "resolvedDependencies": dependencies,
             },
-            "runDetails": {
-                "builder": {
-                    "id": facts.ci.get("builder_id", LOCAL_BUILDER_ID),
-                    "version": {"ivd-image-builder": __version__},
-                },
-                "metadata": metadata,
-                "byproducts": byproducts,
-            },
+            "runDetails": _run_details(facts, sbom_sha256),
         },
     }
 
@@ -242,20 +275,15 @@ def _with_purl(component: dict[str, Any], repository: str, digest: str) -> dict[
     return component
 
 
-def sbom(facts: BuildFacts) -> dict[str, Any]:
-    """A CycloneDX 1.6 BOM of the image: base image, one machine-learning-model per model.
-
-    The base image's own SBOM lists its OS and Python packages; this one references the base
-    by digest instead of repeating it. Each weight file is a nested ``file`` component whose
-    bom-ref equals the name of its provenance dependency.
-    """
-    repository, _, tag = facts.image.rpartition(":")
-    image_component = _with_purl(
+def _image_component(facts: BuildFacts) -> dict[str, Any]:
+    """The image itself: its repository, immutable tag, manifest digest and config source."""
+    repository = facts.image.repository
+    return _with_purl(
         {
             "type": "container",
             "bom-ref": "image",
             "name": repository,
-            "version": tag,
+            "version": facts.image.tag,
             "hashes": [{"alg": "SHA-256", "content": _hex(facts.manifest.digest)}],
             "properties": _props(
                 {
@@ -270,54 +298,70 @@ def sbom(facts: BuildFacts) -> dict[str, Any]:
         repository,
         facts.manifest.digest,
     )
+
+
+def _base_component(base: Mapping[str, str]) -> dict[str, Any]:
+    """The base image, by digest (its own SBOM lists its packages)."""
+    return _with_purl(
+        {
+            "type": "container",
+            "bom-ref": "base-image",
+            "name": base["repository"],
+            "version": base["version"],
+            "description": "Inference base image (runtime and tile runner); "
+            "its own SBOM lists the OS and Python packages.",
+            "hashes": [{"alg": "SHA-256", "content": _hex(base["digest"])}],
+        },
+        base["repository"],
+        base["digest"],
+    )
+
+
+def _model_component(model: ModelRecord) -> dict[str, Any]:
+    """One machine-learning-model component, its weight files nested as file components."""
+    files = [
+        {
+            "type": "file",
+            "bom-ref": _model_file_ref(model.name, f.name),
+            "name": f"/app/models/{model.name}/{f.name}",
+            "hashes": [{"alg": "SHA-256", "content": f.sha256}],
+            "properties": _props({"ivd:file:size": f.size}),
+        }
+        for f in model.files
+    ]
+    component: dict[str, Any] = {
+        "type": "machine-learning-model",
+        "bom-ref": f"model:{model.name}",
+        "name": model.name,
+        "version": model.registry_id or f"dirhash-{model.dir_hash[:12]}",
+        "properties": _props(
+            {
+                "ivd:model:sourcing": model.sourcing,
+                "ivd:clearml:model-id": model.registry_id,
+                "ivd:clearml:task-id": model.task_id,
+                "ivd:model:registry-name": model.registry_name,
+                "ivd:model:weights-uri": model.weights_uri,
+                "ivd:model:dir-hash": model.dir_hash,
+            }
+        ),
+        "components": files,
+    }
+    if model.registry_name:
+        component["description"] = model.registry_name
+    return component
+
+
+def sbom(facts: BuildFacts) -> dict[str, Any]:
+    """A CycloneDX 1.6 BOM of the image: base image, one machine-learning-model per model.
+
+    The base image's own SBOM lists its OS and Python packages; this one references the base
+    by digest instead of repeating it. Each weight file is a nested ``file`` component whose
+    bom-ref equals the name of its provenance dependency.
+    """
     components: list[dict[str, Any]] = []
     if facts.base.get("digest"):
-        components.append(
-            _with_purl(
-                {
-                    "type": "container",
-                    "bom-ref": "base-image",
-                    "name": facts.base["repository"],
-                    "version": facts.base["version"],
-                    "description": "Inference base image (runtime and tile runner); "
-                    "its own SBOM lists the OS and Python packages.",
-                    "hashes": [{"alg": "SHA-256", "content": _hex(facts.base["digest"])}],
-                },
-                facts.base["repository"],
-                facts.base["digest"],
-            )
-        )
-    for model in facts.models:
-        files = [
-            {
-                "type": "file",
-                "bom-ref": _model_file_ref(model["name"], f["name"]),
-                "name": f"/app/models/{model['name']}/{f['name']}",
-                "hashes": [{"alg": "SHA-256", "content": f["sha256"]}],
-                "properties": _props({"ivd:file:size": f["size"]}),
-            }
-            for f in model["files"]
-        ]
-        component: dict[str, Any] = {
-            "type": "machine-learning-model",
-            "bom-ref": f"model:{model['name']}",
-            "name": model["name"],
-            "version": model.get("registry_id") or f"dirhash-{model['dir_hash'][:12]}",
-            "properties": _props(
-                {
-                    "ivd:model:sourcing": model["sourcing"],
-                    "ivd:clearml:model-id": model.get("registry_id"),
-                    "ivd:clearml:task-id": model.get("task_id"),
-                    "ivd:model:registry-name": model.get("registry_name"),
-                    "ivd:model:weights-uri": model.get("weights_uri"),
-                    "ivd:model:dir-hash": model["dir_hash"],
-                }
-            ),
-            "components": files,
-        }
-        if model.get("registry_name"):
-            component["description"] = model["registry_name"]
-        components.append(component)
+        components.append(_base_component(facts.base))
+    components.extend(_model_component(model) for model in facts.models)
     components.append(
         {
             "type": "file",
@@ -326,10 +370,11 @@ def sbom(facts: BuildFacts) -> dict[str, Any]:
             "hashes": [{"alg": "SHA-256", "content": facts.verbose_sha256}],
         }
     )
+    serial = uuid.uuid5(uuid.NAMESPACE_URL, f"{facts.image}@{facts.manifest.digest}")
     return {
         "bomFormat": "CycloneDX",
         "specVersion": "1.6",
-        "serialNumber": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, facts.image + '@' + facts.manifest.digest)}",
+        "serialNumber": f"urn:uuid:{serial}",
         "version": 1,
         "metadata": {
             # The config commit time (SOURCE_DATE_EPOCH), not the clock: the SBOM describes the
@@ -341,7 +386,7 @@ def sbom(facts: BuildFacts) -> dict[str, Any]:
                     {"type": "application", "name": "ivd-image-builder", "version": __version__}
                 ]
             },
-            "component": image_component,
+            "component": _image_component(facts),
         },
         "components": components,
         "dependencies": [

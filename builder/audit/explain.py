@@ -525,6 +525,24 @@ def _file_checks(files: Sequence[ModelFileStatus]) -> list[Check]:
     return checks
 
 
+def _when_built(
+    statement: Mapping[str, Any] | None, release: Mapping[str, Any] | None
+) -> tuple[str | None, str | None, str | None]:
+    """When the build ran, where that was read (the provenance attestation, else the release
+    record), and its CI job's URL."""
+    metadata = ((statement or {}).get("predicate") or {}).get("runDetails", {}).get(
+        "metadata"
+    ) or {}
+    built_at, built_from = (
+        metadata.get("finishedOn"),
+        "provenance attestation" if metadata.get("finishedOn") else None,
+    )
+    if built_at is None and release and release.get("built_at"):
+        built_at, built_from = release["built_at"], "release record"
+    ci_url = metadata.get("invocationId") or (release or {}).get("ci_url")
+    return built_at, built_from, ci_url
+
+
 def explain(
     reference: str,
     settings: Settings,
@@ -574,16 +592,7 @@ def explain(
     base = base_of(labels, provenance)
     if base["repository"] is None:  # a location-free image: where the build pulled it from
         base["repository"] = next(filter(None, map(attested_base, statements)), None)
-    metadata = ((attested.statement or {}).get("predicate") or {}).get("runDetails", {}).get(
-        "metadata"
-    ) or {}
-    built_at, built_from = (
-        metadata.get("finishedOn"),
-        "provenance attestation" if metadata.get("finishedOn") else None,
-    )
-    if built_at is None and release and release.get("built_at"):
-        built_at, built_from = release["built_at"], "release record"
-    ci_url = metadata.get("invocationId") or (release or {}).get("ci_url")
+    built_at, built_from, ci_url = _when_built(attested.statement, release)
     if opened and isinstance(image, ArchiveImage):
         image.close()
     return Explanation(

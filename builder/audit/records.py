@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import git
@@ -13,7 +12,8 @@ from builder.audit.text import pinned
 from builder.contracts import RepoSource
 from builder.documents.release_record import ReleaseRecord
 from builder.gitauth import git_credentials
-from builder.record import RELEASES_BRANCH, ReleaseLog, record_remote
+from builder.imagename import parse_name
+from builder.record import ReleaseLog, record_remote
 from builder.settings import Settings
 
 
@@ -38,13 +38,8 @@ def read_release_records(
     """
     with git_credentials():
         log = ReleaseLog(records_remote(source, settings), settings.cache_dir)
-        raw = log.records(customer, log.fetch())
-    where = f"{log.shown} branch {RELEASES_BRANCH}"
-    records = [
-        replace(ReleaseRecord.from_dict(r, f"{where}: {r.get('_path')}"), path=str(r["_path"]))
-        for r in raw
-    ]
-    return sorted(records, key=lambda r: (r.built_at, r.path)), where
+        records = log.records(customer, log.fetch())
+    return records, log.where
 
 
 def find_release(records: Sequence[ReleaseRecord], text: str) -> ReleaseRecord | None:
@@ -53,16 +48,18 @@ def find_release(records: Sequence[ReleaseRecord], text: str) -> ReleaseRecord |
     tag names several."""
     wanted = text.strip().removesuffix(".yaml")
     for record in reversed(records):
+        named = (
+            parse_name(r, base_version=record.base_version) for r in {record.image, *record.tags}
+        )
         names = {
             record.image,
-            record.image.rpartition(":")[2],
             record.manifest_digest,
             record.manifest_digest.removeprefix("sha256:"),
             pinned(record.image, record.manifest_digest),
             record.path.removesuffix(".yaml"),
             record.path.rpartition("/")[2].removesuffix(".yaml"),
             *record.tags,
-            *(tag.rpartition(":")[2] for tag in record.tags),
+            *(name.tag for name in named if name is not None),
         }
         if wanted in names:
             return record

@@ -19,6 +19,7 @@ from builder.audit.text import short
 from builder.contracts import CustomerSpec, RepoSource
 from builder.cook.load import _URL, load_customer, open_source
 from builder.cook.lock import models_from_lock, read_lock
+from builder.documents.build_report import BuildReport
 from builder.documents.lock import Lock
 from builder.errors import ConfigError, ImageError
 from builder.gitauth import git_credentials
@@ -294,6 +295,38 @@ def _committed_lock(spec: CustomerSpec) -> Lock | None:
         return None
 
 
+def _rebuild_and_compare(
+    request: BuildRequest,
+    spec: CustomerSpec,
+    settings: Settings,
+    image: OpenedImage,
+    base: Mapping[str, Any],
+) -> tuple[BuildReport, list[str]]:
+    """Rebuild ``request`` in a scratch cache seeded with the recorded base; the rebuild's
+    report and how it differs from ``image`` (its base, then its files when the digests
+    differ)."""
+    with tempfile.TemporaryDirectory(prefix="verify-", dir=_scratch_parent(settings)) as tmp:
+        scratch = _rebuild_settings(settings, Path(tmp))
+        variant = request.variant or spec.variants[0]
+        repository = base_repository_of(spec, settings, request.base_repository, variant)
+        _seed_base(settings, scratch, repository, base)
+        report = build(request, scratch)
+        rebuilt = LayoutImage(Path(tmp) / "oci", digest=report.manifest_digest)
+        differences: list[str] = []
+        if report.base.get("digest") != base.get("digest"):
+            differences.append(
+                f"base image: built on {report.base.get('repository')}:{base.get('version')}@"
+                f"{base.get('digest')}, which now resolves to {report.base.get('digest')}"
+            )
+        if report.manifest_digest != image.manifest_digest:
+            image_files = scan_files(image, own_layers(image))
+            rebuilt_files = scan_files(rebuilt, own_layers(rebuilt))
+            differences += _compare(image, rebuilt, image_files, rebuilt_files)
+            if not differences:
+                differences.append("manifest differs only in its annotations or media types")
+    return report, differences
+
+
 def verify(
     reference: str,
     settings: Settings,
@@ -352,27 +385,8 @@ def verify(
             else None
         ),
     )
-    with tempfile.TemporaryDirectory(prefix="verify-", dir=_scratch_parent(settings)) as tmp:
-        scratch = _rebuild_settings(settings, Path(tmp))
-        variant = request.variant or spec.variants[0]
-        _seed_base(
-            settings, scratch, base_repository_of(spec, settings, base_repository, variant), base
-        )
-        report = build(request, scratch)
-        rebuilt = LayoutImage(Path(tmp) / "oci", digest=report.manifest_digest)
-        match = report.manifest_digest == image.manifest_digest
-        differences: list[str] = []
-        if report.base.get("digest") != base.get("digest"):
-            differences.append(
-                f"base image: built on {report.base.get('repository')}:{base.get('version')}@"
-                f"{base.get('digest')}, which now resolves to {report.base.get('digest')}"
-            )
-        if not match:
-            image_files = scan_files(image, own_layers(image))
-            rebuilt_files = scan_files(rebuilt, own_layers(rebuilt))
-            differences += _compare(image, rebuilt, image_files, rebuilt_files)
-            if not differences:
-                differences.append("manifest differs only in its annotations or media types")
+    report, differences = _rebuild_and_compare(request, spec, settings, image, base)
+    match = report.manifest_digest == image.manifest_digest
     if isinstance(image, ArchiveImage):
         image.close()
     return Verification(

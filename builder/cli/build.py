@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +24,10 @@ from builder.cli.options import (
 )
 from builder.cli.result import Result
 from builder.contracts import ProgressEvent
+
+if TYPE_CHECKING:
+    from builder.documents.build_report import BuildReport
+    from builder.pipeline import BuildRequest
 
 
 class PlainProgress:
@@ -215,22 +220,12 @@ def build(
     With --all --base-version V: every customer of the fleet that admits V, --jobs at a time.
     """
     if all_customers:
-        if customer or not base_version:
-            raise click.UsageError("--all takes no CUSTOMER and needs --base-version")
-        _refuse_options(
-            ctx, _SINGLE_ONLY, "does not go with --all (see `builder build-all --help`)"
-        )
-        fleet_result: Result = ctx.invoke(
-            build_all,
-            **{name: value for name, value in ctx.params.items() if name in _FLEET_PARAMS},
-        )
-        return fleet_result
+        return _build_fleet(ctx, customer, base_version)
     if not customer:
         raise click.UsageError("missing CUSTOMER (or --all --base-version V for the whole fleet)")
     _refuse_options(ctx, _FLEET_ONLY, "goes with --all only")
 
     from builder.pipeline import BuildRequest
-    from builder.pipeline import build as run_build
 
     request = BuildRequest(
         customer=customer,
@@ -254,47 +249,64 @@ def build(
         backend=backend,
         sign_key=sign_key,
     )
+    built = _run_build(request, overrides, as_json=as_json)
+    human = partial(_show_build, built, customer, dirty=worktree)
+    return Result("build", built.to_dict(), human, report=report)
+
+
+def _run_build(request: BuildRequest, overrides: dict[str, Any], *, as_json: bool) -> BuildReport:
+    """Run the build with its progress: a bar on a terminal, one line per stage in logs
+    (none with --json, whose stdout is the document)."""
+    from builder.pipeline import build as run_build
+
     plain = None if as_json or sys.stderr.isatty() else PlainProgress(info)
     with progress_bar() as bar:
         try:
-            built = run_build(
-                request,
-                load_cli_settings(overrides),
-                progress=plain or bar,
-            )
+            return run_build(request, load_cli_settings(overrides), progress=plain or bar)
         finally:
             if plain:
                 plain.close()
 
-    def human() -> None:
-        for warning in built.warnings:
-            click.echo(f"warning: {warning}", err=True)
-        click.echo(f"image     {built.image}")
-        click.echo(f"digest    {built.manifest_digest}")
-        click.echo(
-            f"base      {built.base['repository']}:{built.base['version']}@{built.base['digest']}"
-        )
-        click.echo(f"config    {built.config_commit}")
-        for layer in built.layers:
-            if layer.new:
-                click.echo(
-                    f"layer     {layer.name:<20} {layer.size:>12,} B  {layer.push or 'built'}"
-                )
-        resumed = f" (+{built.bytes_resumed:,} B resumed)" if built.bytes_resumed else ""
-        click.echo(
-            f"uploaded  {built.bytes_uploaded:,} B   downloaded {built.bytes_downloaded:,} B{resumed}"
-        )
-        for kind, where in built.outputs.items():
-            click.echo(f"{kind:<9} {where}")
-        if "registry" not in built.outputs:
-            for line in not_pushed_lines(
-                built.image, built.manifest_digest, customer, built.outputs, dirty=worktree
-            ):
-                click.echo(line)
-        if built.development:
-            click.echo("DEVELOPMENT BUILD (see the warnings above): not for release", err=True)
 
-    return Result("build", built.to_dict(), human, report=report)
+def _build_fleet(ctx: click.Context, customer: str | None, base_version: str | None) -> Result:
+    """`build --all`: the checks of its options, then `build-all` with the options it takes."""
+    if customer or not base_version:
+        raise click.UsageError("--all takes no CUSTOMER and needs --base-version")
+    _refuse_options(ctx, _SINGLE_ONLY, "does not go with --all (see `builder build-all --help`)")
+    fleet_result: Result = ctx.invoke(
+        build_all,
+        **{name: value for name, value in ctx.params.items() if name in _FLEET_PARAMS},
+    )
+    return fleet_result
+
+
+def _show_build(built: BuildReport, customer: str, *, dirty: bool) -> None:
+    """A build for people: warnings, then the image, its base, config, new layers, bytes and
+    where it went (how to push it when it was not pushed)."""
+    for warning in built.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"image     {built.image}")
+    click.echo(f"digest    {built.manifest_digest}")
+    click.echo(
+        f"base      {built.base['repository']}:{built.base['version']}@{built.base['digest']}"
+    )
+    click.echo(f"config    {built.config_commit}")
+    for layer in built.layers:
+        if layer.new:
+            click.echo(f"layer     {layer.name:<20} {layer.size:>12,} B  {layer.push or 'built'}")
+    resumed = f" (+{built.bytes_resumed:,} B resumed)" if built.bytes_resumed else ""
+    click.echo(
+        f"uploaded  {built.bytes_uploaded:,} B   downloaded {built.bytes_downloaded:,} B{resumed}"
+    )
+    for kind, where in built.outputs.items():
+        click.echo(f"{kind:<9} {where}")
+    if "registry" not in built.outputs:
+        for line in not_pushed_lines(
+            built.image, built.manifest_digest, customer, built.outputs, dirty=dirty
+        ):
+            click.echo(line)
+    if built.development:
+        click.echo("DEVELOPMENT BUILD (see the warnings above): not for release", err=True)
 
 
 #: `build` options that `builder build-all` takes too: `build --all` passes them on.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,8 @@ from builder.gitauth import git_credentials
 from builder.redact import mask_secrets
 
 if TYPE_CHECKING:
-    from builder.fleet.build_all import FleetProgress
+    from builder.documents.build_report import BuildReport
+    from builder.fleet.build_all import FleetProgress, FleetReport
     from builder.fleet.plan import FleetPlan
 
 
@@ -85,7 +87,6 @@ def plan(
     when none admits the version), 8 otherwise (they are listed; the others are planned).
     """
     from builder.fleet.fleetfile import load_fleet
-    from builder.fleet.gitlab import render_child_pipeline
     from builder.fleet.plan import plan
 
     settings = load_cli_settings(overrides)
@@ -94,40 +95,56 @@ def plan(
         result = plan(fleet, settings, base_version)
     data = asdict(result)
     if gitlab_child is not None:
-        rel = _relative(fleet.path)
-        text = render_child_pipeline(result, fleet_file=rel, image=ci_image)
-        write_atomic(gitlab_child, text.encode())
-        data["gitlab_child"] = {"path": str(gitlab_child), "sha256": _sha256(text.encode())}
-        info(f"wrote {gitlab_child}")
-
+        data["gitlab_child"] = _write_gitlab_child(result, fleet.path, gitlab_child, ci_image)
     for item in result.items:
         for warning in item.warnings:
             click.echo(f"warning: {warning}", err=True)
+    # Printed even when some customers failed (in one JSON document), then the error.
+    human = partial(_show_plan, result)
+    return Result("plan", data, human, error=_plan_error(result), report=report)
 
-    def human() -> None:
-        released = f", {len(result.released)} already released" if result.released else ""
-        blocked = f", {len(result.blocked)} would be refused" if result.blocked else ""
-        click.echo(
-            f"base {result.base_version}: {len(result.rebuild)} of {len(result.items)} "
-            f"images to rebuild{released}{blocked} ({_count(result.customers, 'customer')}, "
-            f"{result.fleet})"
-        )
-        width = max((len(i.name) for i in result.items), default=8)
-        pad = f"  {'':<{width}}  {'':<10}  {'':<8}"
-        for item in result.items:
-            constraint = item.constraint or "-"
-            status = "ERROR" if item.status == "error" else item.status
-            click.echo(f"  {item.name:<{width}}  {constraint:<10}  {status:<8}  {item.summary}")
-            if item.changed_files:
-                click.echo(f"{pad}  changed: {', '.join(item.changed_files)}")
-            for warning in item.warnings:
-                click.echo(f"{pad}  WARNING: {warning}")
-            for problem in item.problems:
-                click.echo(f"{pad}  REFUSED: {problem}")
-        for note in result.notes:
-            click.echo(note)
 
-    error = None
+def _write_gitlab_child(
+    result: FleetPlan, fleet_path: Path, target: Path, ci_image: str | None
+) -> dict[str, str]:
+    """Write the GitLab child pipeline of a plan; where it went and its sha256."""
+    from builder.fleet.gitlab import render_child_pipeline
+
+    text = render_child_pipeline(result, fleet_file=_relative(fleet_path), image=ci_image)
+    write_atomic(target, text.encode())
+    info(f"wrote {target}")
+    return {"path": str(target), "sha256": _sha256(text.encode())}
+
+
+def _show_plan(result: FleetPlan) -> None:
+    """A plan for people: a summary line, then one line per image with its details."""
+    from builder.fleet.plan import PlanStatus
+
+    released = f", {len(result.released)} already released" if result.released else ""
+    blocked = f", {len(result.blocked)} would be refused" if result.blocked else ""
+    click.echo(
+        f"base {result.base_version}: {len(result.rebuild)} of {len(result.items)} "
+        f"images to rebuild{released}{blocked} ({_count(result.customers, 'customer')}, "
+        f"{result.fleet})"
+    )
+    width = max((len(i.name) for i in result.items), default=8)
+    pad = f"  {'':<{width}}  {'':<10}  {'':<8}"
+    for item in result.items:
+        constraint = item.constraint or "-"
+        status = "ERROR" if item.status == PlanStatus.ERROR else item.status
+        click.echo(f"  {item.name:<{width}}  {constraint:<10}  {status:<8}  {item.summary}")
+        if item.changed_files:
+            click.echo(f"{pad}  changed: {', '.join(item.changed_files)}")
+        for warning in item.warnings:
+            click.echo(f"{pad}  WARNING: {warning}")
+        for problem in item.problems:
+            click.echo(f"{pad}  REFUSED: {problem}")
+    for note in result.notes:
+        click.echo(note)
+
+
+def _plan_error(result: FleetPlan) -> FleetError | None:
+    """The error of a plan with images that could not be planned or would be refused."""
     parts = []
     if result.errors:
         names = ", ".join(i.name for i in result.errors)
@@ -139,12 +156,9 @@ def plan(
         parts.append(
             f"{len(result.blocked)} of {len(result.items)} images would be refused: {names}"
         )
-    if parts:
-        error = FleetError(
-            "; ".join(parts), hint="see each image's line above; the others are planned"
-        )
-    # Printed even when some customers failed (in one JSON document), then the error.
-    return Result("plan", data, human, error=error, report=report)
+    if not parts:
+        return None
+    return FleetError("; ".join(parts), hint="see each image's line above; the others are planned")
 
 
 def _relative(path: Path) -> str:
@@ -231,21 +245,13 @@ def build_all(
     """
     from builder.fleet.build_all import build_all
     from builder.fleet.fleetfile import load_fleet
-    from builder.record import RELEASES_BRANCH
 
-    if jobs < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--jobs")
-    if record and not push:
-        raise click.UsageError("--record needs --push: only pushed images get a release record")
+    _check_build_all_options(jobs=jobs, push=push, record=record)
     settings = load_cli_settings(overrides)
     with git_credentials():
         fleet = load_fleet(fleet_file, settings).select(only)
         targets = _record_targets(fleet) if record else {}
-    for remote, customers in targets.items():
-        info(
-            f"{'would record' if dry_run else 'records go to'} {remote} branch "
-            f"{RELEASES_BRANCH} ({', '.join(customers)})"
-        )
+    _tell_record_targets(targets, dry_run=dry_run)
     if dry_run:
         return _build_all_dry_run(
             fleet,
@@ -256,13 +262,8 @@ def build_all(
             registry=image_registry,
             report=report,
         )
-    interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
-    if targets and interactive and not yes:
-        click.confirm(
-            f"build, push and push release records to {len(targets)} repositor"
-            f"{'y' if len(targets) == 1 else 'ies'} (branch {RELEASES_BRANCH})?",
-            abort=True,
-        )
+    if targets and not yes and _interactive(as_json):
+        _confirm_records(len(targets))
     progress = FleetProgressLine(live=sys.stderr.isatty())
     try:
         with git_credentials():
@@ -284,36 +285,87 @@ def build_all(
             )
     finally:
         progress.close()
+    return Result(
+        "build-all",
+        asdict(result),
+        partial(_show_fleet_report, result),
+        error=_fleet_error(result),
+        report=report,
+    )
 
-    def human() -> None:
-        width = max((len(r.name) for r in result.results), default=8)
-        for item in result.results:
-            status = "FAILED" if item.status == "failed" else item.status
-            click.echo(f"{item.name:<{width}}  {status:<7}  {item.summary}")
-            if item.report:
-                click.echo(
-                    f"{'':<{width}}  {'':<7}  uploaded {item.report['bytes_uploaded']:,} B, "
-                    f"base {item.report['base']['version']}@{item.report['base']['digest'][:19]}"
-                )
-            if item.record:
-                click.echo(
-                    f"{'':<{width}}  {'':<7}  record {item.record['path']} ({item.record['status']})"
-                )
-        counts = result.counts()
-        click.echo(
-            f"{counts['built']} built, {counts['unchanged']} unchanged, "
-            f"{counts['skipped']} skipped, {counts['failed']} failed of {len(result.results)} "
-            f"images in {_duration(result.seconds)} (plan {result.plan_seconds:.1f} s)"
+
+def _check_build_all_options(*, jobs: int, push: bool, record: bool) -> None:
+    """Usage errors of `build-all` that click's option types do not catch."""
+    if jobs < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--jobs")
+    if record and not push:
+        raise click.UsageError("--record needs --push: only pushed images get a release record")
+
+
+def _confirm_records(repositories: int) -> None:
+    """Ask before a build that pushes release records (abort on no)."""
+    click.confirm(
+        f"build, push and push release records to {repositories} repositor"
+        f"{'y' if repositories == 1 else 'ies'} (branch {_releases_branch()})?",
+        abort=True,
+    )
+
+
+def _fleet_error(result: FleetReport) -> FleetError | None:
+    """The error of a fleet run in which some images failed (None: all built or unchanged)."""
+    if not result.failed:
+        return None
+    names = ", ".join(r.name for r in result.failed)
+    return FleetError(
+        f"{len(result.failed)} of {len(result.results)} images failed: {names}",
+        hint="each failure is listed in the report",
+    )
+
+
+def _releases_branch() -> str:
+    """The branch release records go to."""
+    from builder.record import RELEASES_BRANCH
+
+    return RELEASES_BRANCH
+
+
+def _interactive(as_json: bool) -> bool:
+    """Whether to ask before writing: a terminal on both ends, and no --json."""
+    return sys.stdin.isatty() and sys.stderr.isatty() and not as_json
+
+
+def _tell_record_targets(targets: dict[str, list[str]], *, dry_run: bool) -> None:
+    """Say where each customer's release records will be (or would be) pushed."""
+    for remote, customers in targets.items():
+        info(
+            f"{'would record' if dry_run else 'records go to'} {remote} branch "
+            f"{_releases_branch()} ({', '.join(customers)})"
         )
 
-    error = None
-    if result.failed:
-        names = ", ".join(r.name for r in result.failed)
-        error = FleetError(
-            f"{len(result.failed)} of {len(result.results)} images failed: {names}",
-            hint="each failure is listed in the report",
-        )
-    return Result("build-all", asdict(result), human, error=error, report=report)
+
+def _show_fleet_report(result: FleetReport) -> None:
+    """A fleet run for people: one line per image (with upload, base and record), then the
+    counts."""
+    from builder.fleet.build_all import ImageStatus
+
+    width = max((len(r.name) for r in result.results), default=8)
+    for item in result.results:
+        status = "FAILED" if item.status == ImageStatus.FAILED else item.status
+        click.echo(f"{item.name:<{width}}  {status:<7}  {item.summary}")
+        if item.report:
+            base = item.report.base
+            click.echo(
+                f"{'':<{width}}  {'':<7}  uploaded {item.report.bytes_uploaded:,} B, "
+                f"base {base['version']}@{base['digest'][:19]}"
+            )
+        if item.record:
+            click.echo(f"{'':<{width}}  {'':<7}  record {item.record.path} ({item.record.status})")
+    counts = result.counts()
+    click.echo(
+        f"{counts['built']} built, {counts['unchanged']} unchanged, "
+        f"{counts['skipped']} skipped, {counts['failed']} failed of {len(result.results)} "
+        f"images in {_duration(result.seconds)} (plan {result.plan_seconds:.1f} s)"
+    )
 
 
 def _count(n: int, noun: str) -> str:
@@ -342,16 +394,15 @@ def _build_all_dry_run(
     report: Path | None,
 ) -> Result:
     """`build --all --dry-run`: the plan, and where each build would go; nothing written."""
-    from builder.fleet.plan import plan
+    from builder.fleet.plan import PlanStatus, plan
     from builder.record import RELEASES_BRANCH
 
     with git_credentials():
-        result = plan(fleet, settings, base_version)
-    where = registry or settings.image_registry
+        result = plan(fleet, settings, base_version, image_registry=registry)
     remote_of = {name: remote for remote, names in targets.items() for name in names}
     items: list[dict[str, Any]] = []
     for item in result.items:
-        tag = (item.image or "").rsplit(":", 1)[-1]
+        rebuild = item.status == PlanStatus.REBUILD
         items.append(
             {
                 "customer": item.customer,
@@ -359,9 +410,9 @@ def _build_all_dry_run(
                 "name": item.name,
                 "status": item.status,
                 "summary": item.summary,
-                "image": f"{where}/{item.customer}:{tag}" if item.status == "rebuild" else None,
-                "push": push and item.status == "rebuild",
-                "record": remote_of.get(item.customer) if item.status == "rebuild" else None,
+                "image": item.image if rebuild else None,
+                "push": push and rebuild,
+                "record": remote_of.get(item.customer) if rebuild else None,
             }
         )
 
@@ -454,19 +505,33 @@ class FleetProgressLine:
             self.shown = False
 
 
-def _reports(document: Any) -> list[dict[str, Any]]:
-    """Build reports in a `build --json` or `build-all --json` document (or a bare report)."""
+def _reports(report_file: Path) -> list[BuildReport]:
+    """The build reports of pushed builds in a `build --json` or `build-all --json` document
+    (or a bare report), each read through its type (ConfigError naming the file)."""
+    from builder.documents.build_report import BuildReport
+
+    try:
+        document = json.loads(report_file.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{report_file}: not a JSON build report: {exc}") from None
     if isinstance(document, dict) and "result" in document and "builder_result_version" in document:
         document = document["result"]
+    found: list[tuple[str, Any]] = []
     if isinstance(document, dict) and "results" in document:
-        return [
-            r["report"]
-            for r in document["results"]
+        found = [
+            (f"{report_file}: results[{n}].report", r["report"])
+            for n, r in enumerate(document["results"])
             if r.get("status") == "built" and r.get("report")
         ]
-    if isinstance(document, dict) and "manifest_digest" in document:
-        return [document]
-    return []
+    elif isinstance(document, dict) and "manifest_digest" in document:
+        found = [(str(report_file), document)]
+    reports = [BuildReport.from_dict(data, where) for where, data in found]
+    if not reports:
+        raise ConfigError(
+            f"{report_file}: no successful build in this report",
+            hint="pass the output of `builder build --push --json` or `builder build-all --json`",
+        )
+    return reports
 
 
 @cli.command("release-record")
@@ -520,18 +585,9 @@ def release_record(
     because another job wrote first is retried on top of the new head; nothing is forced.
     """
     from builder.fleet.fleetfile import load_fleet
-    from builder.record import record_remote, write_release_record, write_release_records
+    from builder.record import record_remote
 
-    try:
-        document = json.loads(report_file.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{report_file}: not a JSON build report: {exc}") from None
-    reports = _reports(document)
-    if not reports:
-        raise ConfigError(
-            f"{report_file}: no successful build in this report",
-            hint="pass the output of `builder build --push --json` or `builder build-all --json`",
-        )
+    reports = _reports(report_file)
     settings = load_cli_settings(overrides)
     with git_credentials():
         locations: dict[str, str] = {}
@@ -540,38 +596,18 @@ def release_record(
             location = repo
             if location is None:
                 fleet = fleet or load_fleet(fleet_file, settings)
-                location = fleet.entry(build_report["customer"]).location
-            locations[build_report["customer"]] = location
+                location = fleet.entry(build_report.customer).location
+            locations[build_report.customer] = location
             target = mask_secrets(record_remote(location))
             info(
-                f"{'would record' if dry_run else 'recording'} {build_report['image']} "
+                f"{'would record' if dry_run else 'recording'} {build_report.image} "
                 f"on {target} branch {branch}"
             )
-        interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
-        if interactive and not (yes or dry_run):
+        if _interactive(as_json) and not (yes or dry_run):
             click.confirm(f"push {len(reports)} release record(s) to {branch}?", abort=True)
-        outcomes: list[Any] = []
-        if dry_run:  # checked one by one (the target has the commit, the record is new)
-            for build_report in reports:
-                try:
-                    outcomes.append(
-                        write_release_record(
-                            build_report,
-                            locations[build_report["customer"]],
-                            settings,
-                            branch=branch,
-                            attempts=attempts,
-                            dry_run=True,
-                        )
-                    )
-                except BuilderError as exc:
-                    outcomes.append(exc)
-        else:  # one commit per customer repository for all the report's records
-            outcomes = list(
-                write_release_records(
-                    reports, locations, settings, branch=branch, attempts=attempts
-                )
-            )
+        outcomes = _write_records(
+            reports, locations, settings, branch=branch, attempts=attempts, dry_run=dry_run
+        )
     failures = [o for o in outcomes if isinstance(o, BuilderError)]
     if failures:
         raise failures[0]
@@ -585,3 +621,39 @@ def release_record(
             )
 
     return Result("release-record", {"records": written}, human)
+
+
+def _write_records(
+    reports: list[BuildReport],
+    locations: dict[str, str],
+    settings: Any,
+    *,
+    branch: str,
+    attempts: int,
+    dry_run: bool,
+) -> list[Any]:
+    """Write (or with ``dry_run`` check) each report's record: a dry run checks one by one
+    (the target has the commit, the record is new); a write makes one commit per customer
+    repository for all the report's records. Per report: what was written, or why not."""
+    from builder.record import write_release_record, write_release_records
+
+    if not dry_run:
+        return list(
+            write_release_records(reports, locations, settings, branch=branch, attempts=attempts)
+        )
+    outcomes: list[Any] = []
+    for build_report in reports:
+        try:
+            outcomes.append(
+                write_release_record(
+                    build_report,
+                    locations[build_report.customer],
+                    settings,
+                    branch=branch,
+                    attempts=attempts,
+                    dry_run=True,
+                )
+            )
+        except BuilderError as exc:
+            outcomes.append(exc)
+    return outcomes

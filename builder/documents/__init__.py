@@ -4,7 +4,7 @@ and a JSON Schema in builder/schemas; to_dict gives the exact shape (and key ord
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import jsonschema
@@ -60,3 +60,63 @@ class FileDigest:
     def from_dict(cls, data: Mapping[str, Any]) -> FileDigest:
         """Read a file entry as written by :meth:`to_dict`."""
         return cls(name=data["name"], size=data["size"], sha256=data["sha256"])
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One model of an image, the one record provenance.json, the build report and the release
+    record share: its name and sourcing, registry id and name, task, weights URI, in-toto
+    ``dirHash`` and files. A release record keeps ids and hashes only (:meth:`to_record_dict`),
+    so one read from it has no ``registry_name`` or ``weights_uri`` (None)."""
+
+    name: str
+    sourcing: Sourcing
+    registry_id: str | None
+    registry_name: str | None
+    task_id: str | None
+    weights_uri: str | None
+    dir_hash: str  # in-toto dirHash over the sorted sha256sum lines
+    files: tuple[FileDigest, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The form of provenance.json and the build report, keys in the written order."""
+        return {
+            "name": self.name,
+            "sourcing": self.sourcing,
+            "registry_id": self.registry_id,
+            "registry_name": self.registry_name,
+            "task_id": self.task_id,
+            "weights_uri": self.weights_uri,
+            "dir_hash": self.dir_hash,
+            "files": [f.to_dict() for f in self.files],
+        }
+
+    def recorded(self) -> ModelRecord:
+        """This model as a release record keeps it (and reads it back): no registry name or
+        weights URI."""
+        return replace(self, registry_name=None, weights_uri=None)
+
+    def to_record_dict(self) -> dict[str, Any]:
+        """The release record's form: ids and hashes, keys in its written order."""
+        return {
+            "name": self.name,
+            "sourcing": self.sourcing,
+            "registry_id": self.registry_id,
+            "task_id": self.task_id,
+            "dir_hash": self.dir_hash,
+            "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in self.files],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelRecord:
+        """Read either form (the release record's lacks ``registry_name`` and ``weights_uri``)."""
+        return cls(
+            name=data["name"],
+            sourcing=data["sourcing"],
+            registry_id=data.get("registry_id"),
+            registry_name=data.get("registry_name"),
+            task_id=data.get("task_id"),
+            weights_uri=data.get("weights_uri"),
+            dir_hash=data["dir_hash"],
+            files=tuple(FileDigest.from_dict(f) for f in data.get("files") or ()),
+        )

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from builder.documents import check_document
+from builder.documents import ModelRecord, check_document
+from builder.imagename import ImageName
 
 SCHEMA: Final = "build-report"
 
@@ -38,7 +39,7 @@ class BuildReport:
     config_digest: str
     config_commit: str
     base: dict[str, str]  # repository, version, digest
-    models: list[dict[str, Any]]  # provenance.json's model records
+    models: list[ModelRecord]  # as provenance.json records them, with the weights URIs reached
     layers: list[LayerReport]
     development: bool
     bytes_downloaded: int = 0
@@ -48,13 +49,22 @@ class BuildReport:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def name(self) -> ImageName:
+        """The built image's immutable name (ConfigError if ``image`` is not one)."""
+        return ImageName.parse(self.image, base_version=self.base.get("version"))
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (``builder build --json``'s result)."""
-        return asdict(self)
+        return {**asdict(self), "models": [m.to_dict() for m in self.models]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "build report") -> BuildReport:
         """Read a report's JSON form; a malformed one is a ConfigError naming ``where``."""
         check_document(data, SCHEMA, where, "pass the result of `builder build --json`")
-        fields = {k: v for k, v in data.items() if k != "layers"}
-        return cls(**fields, layers=[LayerReport(**layer) for layer in data["layers"]])
+        fields = {k: v for k, v in data.items() if k not in ("layers", "models")}
+        return cls(
+            **fields,
+            models=[ModelRecord.from_dict(m) for m in data["models"]],
+            layers=[LayerReport(**layer) for layer in data["layers"]],
+        )

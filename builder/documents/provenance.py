@@ -11,52 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from builder.documents import FileDigest, Sourcing, check_document
+from builder.documents import ModelRecord, check_document
 
 PROVENANCE_VERSION: Final = 1
 SCHEMA: Final = "provenance"
 _HINT: Final = "the image was not built by this builder, or its provenance was altered"
-
-
-@dataclass(frozen=True)
-class ProvenanceModel:
-    """One model in the image: where it came from and the hash of its files."""
-
-    name: str
-    sourcing: Sourcing
-    registry_id: str | None
-    registry_name: str | None
-    task_id: str | None
-    weights_uri: str
-    dir_hash: str  # in-toto dirHash over the sorted sha256sum lines
-    files: tuple[FileDigest, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The written form, keys in the written order."""
-        return {
-            "name": self.name,
-            "sourcing": self.sourcing,
-            "registry_id": self.registry_id,
-            "registry_name": self.registry_name,
-            "task_id": self.task_id,
-            "weights_uri": self.weights_uri,
-            "dir_hash": self.dir_hash,
-            "files": [f.to_dict() for f in self.files],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ProvenanceModel:
-        """Read a model entry as written by :meth:`to_dict`."""
-        return cls(
-            name=data["name"],
-            sourcing=data["sourcing"],
-            registry_id=data["registry_id"],
-            registry_name=data["registry_name"],
-            task_id=data["task_id"],
-            weights_uri=data["weights_uri"],
-            dir_hash=data["dir_hash"],
-            files=tuple(FileDigest.from_dict(f) for f in data["files"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -74,7 +33,7 @@ class Provenance:
     verbose_sha256: str
     worktree: bool  # built from uncommitted files (then also ``dirty`` in the written form)
     base_constraint: str
-    models: tuple[ProvenanceModel, ...]
+    models: tuple[ModelRecord, ...]
     builder_name: str
     builder_version: str
     source_date_epoch: int
@@ -120,7 +79,7 @@ class Provenance:
             verbose_sha256=config["verbose_sha256"],
             worktree=config["worktree"],
             base_constraint=data["base_image"]["constraint"],
-            models=tuple(ProvenanceModel.from_dict(m) for m in data["models"]),
+            models=tuple(ModelRecord.from_dict(m) for m in data["models"]),
             builder_name=data["builder"]["name"],
             builder_version=data["builder"]["version"],
             source_date_epoch=data["source_date_epoch"],

@@ -10,47 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from builder.documents import FileDigest, Sourcing, check_document
+from builder.documents import ModelRecord, check_document
+from builder.imagename import ImageName
 
 #: Version of the release record layout (bump on any incompatible change).
 RECORD_VERSION: Final = 1
 SCHEMA: Final = "release-record"
 _HINT: Final = "release records are append-only: add a corrected record, do not edit"
-
-
-@dataclass(frozen=True)
-class RecordModel:
-    """One model of a released image: its registry id, task, weights hash and files."""
-
-    name: str
-    sourcing: Sourcing
-    registry_id: str | None
-    task_id: str | None
-    dir_hash: str
-    files: tuple[FileDigest, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The record's form, keys in the written order."""
-        return {
-            "name": self.name,
-            "sourcing": self.sourcing,
-            "registry_id": self.registry_id,
-            "task_id": self.task_id,
-            "dir_hash": self.dir_hash,
-            "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in self.files],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RecordModel:
-        """Read a model entry as written by :meth:`to_dict`."""
-        return cls(
-            name=data["name"],
-            sourcing=data["sourcing"],
-            registry_id=data.get("registry_id"),
-            task_id=data.get("task_id"),
-            dir_hash=data["dir_hash"],
-            files=tuple(FileDigest.from_dict(f) for f in data.get("files") or ()),
-        )
 
 
 @dataclass(frozen=True)
@@ -71,13 +37,18 @@ class ReleaseRecord:
     base_repository: str
     base_version: str
     base_digest: str
-    models: tuple[RecordModel, ...]
+    models: tuple[ModelRecord, ...]
     built_at: str  # RFC 3339 UTC
     builder_version: str
     ci_url: str | None = None
     ci_pipeline_url: str | None = None
     #: Where a reader found it (``releases/<customer>/<file>`` on the branch); not written.
     path: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> ImageName:
+        """The released image's name (ConfigError if ``image`` is not one on ``base_version``)."""
+        return ImageName.parse(self.image, base_version=self.base_version)
 
     @property
     def base(self) -> dict[str, str]:
@@ -102,7 +73,7 @@ class ReleaseRecord:
             "manifest_digest": self.manifest_digest,
             "tags": list(self.tags),
             "base_image": self.base,
-            "models": [m.to_dict() for m in self.models],
+            "models": [m.to_record_dict() for m in self.models],
             "built_at": self.built_at,
             "builder_version": self.builder_version,
         }
@@ -118,6 +89,12 @@ class ReleaseRecord:
         the offending key. Keys starting with ``_`` (a reader's own notes) are ignored."""
         data = {k: v for k, v in data.items() if not str(k).startswith("_")}
         check_document(data, SCHEMA, where, _HINT)
+        return cls.from_checked(data)
+
+    @classmethod
+    def from_checked(cls, data: Mapping[str, Any], path: str = "") -> ReleaseRecord:
+        """Read a mapping already checked against the schema (:meth:`from_dict` checks; the
+        fleet's index of the builder's own reads does not check again), found at ``path``."""
         config, base = data["config"], data["base_image"]
         return cls(
             customer=data["customer"],
@@ -130,9 +107,10 @@ class ReleaseRecord:
             base_repository=base["repository"],
             base_version=base["version"],
             base_digest=base["digest"],
-            models=tuple(RecordModel.from_dict(m) for m in data["models"]),
+            models=tuple(ModelRecord.from_dict(m) for m in data["models"]),
             built_at=data["built_at"],
             builder_version=data["builder_version"],
             ci_url=data.get("ci_url"),
             ci_pipeline_url=data.get("ci_pipeline_url"),
+            path=path,
         )

@@ -10,7 +10,7 @@ import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
     Future,
@@ -18,10 +18,12 @@ from concurrent.futures import (
     ThreadPoolExecutor,
     wait,
 )
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Any
 
-from builder.contracts import ImageKey, Progress, ProgressEvent
+from builder.contracts import Progress, ProgressEvent
+from builder.documents.build_report import BuildReport
 from builder.errors import (
     BuilderError,
     ConfigError,
@@ -29,9 +31,10 @@ from builder.errors import (
     error_fields,
 )
 from builder.fleet.fleetfile import Fleet, FleetEntry
-from builder.fleet.plan import FleetPlan, PlanItem, plan
+from builder.fleet.plan import FleetPlan, PlanItem, PlanStatus, plan
 from builder.image.base_resolution import resolve_base_image
 from builder.image.store import ImageStore
+from builder.imagename import ImageKey
 from builder.oci import RegistryClient, parse_reference
 from builder.pipeline import BuildRequest, build
 from builder.record import RELEASES_BRANCH, WriteResult, write_release_records
@@ -43,17 +46,24 @@ _HEAD_THREADS = 8
 # -- build all ----------------------------------------------------------------------------------
 
 
+class ImageStatus(StrEnum):
+    """What a fleet run did with one image."""
+
+    BUILT = "built"
+    UNCHANGED = "unchanged"  # its image is already there: nothing to build
+    SKIPPED = "skipped"  # the constraint does not admit the version
+    FAILED = "failed"
+
+
 @dataclass
 class ImageResult:
     """The outcome of a fleet run for one image (a customer on one variant)."""
 
     customer: str
-    # "built"; "unchanged" (its image is already there: nothing to build); "skipped" (the
-    # constraint does not admit the version); "failed"
-    status: str
+    status: ImageStatus
     summary: str = ""
-    report: dict[str, Any] | None = None  # the build report (`builder build --json` result)
-    record: dict[str, Any] | None = None  # the release record written, with --record
+    report: BuildReport | None = None  # the build report (`builder build --json` result)
+    record: WriteResult | None = None  # the release record written, with --record
     error: dict[str, Any] | None = None
     variant: str | None = "cpu"  # None: the customer could not be read
     seconds: float = 0.0
@@ -66,6 +76,8 @@ class ImageResult:
 
 @dataclass
 class FleetReport:
+    """A fleet run: one result per image, in fleet file order, and how long it took."""
+
     base_version: str
     fleet: str
     results: list[ImageResult]  # one per image, in fleet file order
@@ -74,18 +86,25 @@ class FleetReport:
 
     @property
     def failed(self) -> list[ImageResult]:
-        return [r for r in self.results if r.status == "failed"]
+        """The images that failed."""
+        return [r for r in self.results if r.status == ImageStatus.FAILED]
 
     @property
     def ok(self) -> bool:
+        """Whether no image failed."""
         return not self.failed
 
     def counts(self) -> dict[str, int]:
         """Images by status."""
-        out = {"built": 0, "unchanged": 0, "skipped": 0, "failed": 0}
-        for result in self.results:
-            out[result.status] = out.get(result.status, 0) + 1
-        return out
+        return _counts(self.results)
+
+
+def _counts(results: Iterable[ImageResult]) -> dict[str, int]:
+    """Images by status, every status named."""
+    out = dict.fromkeys(ImageStatus, 0)
+    for result in results:
+        out[result.status] += 1
+    return {str(status): n for status, n in out.items()}
 
 
 @dataclass(frozen=True)
@@ -169,7 +188,7 @@ def _init_worker(events: Any) -> None:
     _events = events
 
 
-def _build_one(job: _Job) -> dict[str, Any]:
+def _build_one(job: _Job) -> ImageResult:
     """Build one image in a worker process; never raises (the result says what failed)."""
 
     def on_progress(event: ProgressEvent) -> None:
@@ -194,15 +213,31 @@ def _build_one(job: _Job) -> dict[str, Any]:
     try:
         report = build(request, job.settings, progress=on_progress)
     except BuilderError as exc:
-        return {"status": "failed", "error": error_dict(exc), "seconds": _since(started)}
+        return _failed(job, error_dict(exc), started)
     except Exception as exc:  # one customer's crash must not stop the fleet
         message = f"unexpected {type(exc).__name__}: {exc}"
-        return {
-            "status": "failed",
-            "error": error_fields(type(exc).__name__, message, None, 1),
-            "seconds": _since(started),
-        }
-    return {"status": "built", "report": report.to_dict(), "seconds": _since(started)}
+        return _failed(job, error_fields(type(exc).__name__, message, None, 1), started)
+    summary = f"{report.image}@{report.manifest_digest}"
+    return ImageResult(
+        job.image.customer,
+        ImageStatus.BUILT,
+        summary,
+        report=report,
+        variant=job.image.variant,
+        seconds=_since(started),
+    )
+
+
+def _failed(job: _Job, error: dict[str, Any], started: float | None = None) -> ImageResult:
+    """The result of a build of ``job`` that failed with ``error``."""
+    return ImageResult(
+        job.image.customer,
+        ImageStatus.FAILED,
+        error["message"],
+        error=error,
+        variant=job.image.variant,
+        seconds=0.0 if started is None else _since(started),
+    )
 
 
 def _since(started: float) -> float:
@@ -213,7 +248,7 @@ def _run_jobs(
     jobs: list[_Job],
     workers: int,
     on_event: Progress | None,
-    on_done: Callable[[_Job, dict[str, Any]], None],
+    on_done: Callable[[_Job, ImageResult], None],
 ) -> None:
     """Run the builds in ``workers`` spawned processes (isolated: the ClearML SDK keeps
     process-wide state, and each build has its own main thread for its deadlines);
@@ -238,7 +273,7 @@ def _run_jobs(
         initializer=_init_worker,
         initargs=(events,),
     ) as pool:
-        pending: dict[Future[dict[str, Any]], _Job] = {
+        pending: dict[Future[ImageResult], _Job] = {
             pool.submit(_build_one, job): job for job in jobs
         }
         while pending:
@@ -249,31 +284,23 @@ def _run_jobs(
                 try:
                     outcome = future.result()
                 except Exception as exc:  # a worker that died (OOM, signal)
-                    outcome = {
-                        "status": "failed",
-                        "error": {
-                            "type": type(exc).__name__,
-                            "message": f"build worker died: {exc}",
-                            "hint": None,
-                            "exit_code": 1,
-                        },
-                    }
+                    outcome = _failed(
+                        job, error_fields(type(exc).__name__, f"build worker died: {exc}", None, 1)
+                    )
                 on_done(job, outcome)
     drain()
     events.close()
 
 
-def _in_registry(
-    items: Sequence[PlanItem], registry: str, insecure: bool | None
-) -> dict[ImageKey, str | None]:
-    """The digest each item's immutable tag points to in ``registry`` (None: not there); an
+def _in_registry(items: Sequence[PlanItem], insecure: bool | None) -> dict[ImageKey, str | None]:
+    """The digest each item's immutable tag points to in its registry (None: not there); an
     image the registry could not answer for is left out. One manifest HEAD per image, on a
     few threads, each with its own client per registry host."""
     local = threading.local()
 
     def head(item: PlanItem) -> tuple[bool, str | None]:
         """(whether the registry answered, the digest)"""
-        ref = parse_reference(_image(item, registry))
+        ref = parse_reference(item.image or "")
         clients: dict[str, RegistryClient | None] = local.__dict__.setdefault("clients", {})
         try:
             if ref.registry not in clients:
@@ -285,7 +312,7 @@ def _in_registry(
             clients.setdefault(ref.registry, None)  # the build will say what is wrong
         return False, None
 
-    keyed = [item for item in items if item.key is not None]
+    keyed = [item for item in items if item.key is not None and item.image]
     with ThreadPoolExecutor(max_workers=_HEAD_THREADS) as pool:
         found = list(pool.map(head, keyed))
     return {
@@ -310,18 +337,12 @@ def _resolve_bases(
     return out
 
 
-def _image(item: PlanItem, registry: str) -> str:
-    """The item's immutable tag in ``registry``."""
-    return f"{registry}/{item.customer}:{(item.image or '').rsplit(':', 1)[-1]}"
-
-
 def _unchanged(
     items: Sequence[PlanItem],
     present: Mapping[ImageKey, str | None],
     *,
     push: bool,
     record: bool,
-    registry: str,
 ) -> dict[ImageKey, str]:
     """Images with nothing to build, and why: the immutable tag ``<version>[-variant]-<config
     rev>`` is already in the registry (``present``: rebuilding gives the same digest or is
@@ -331,15 +352,119 @@ def _unchanged(
         return {
             i.key: f"already released: {(i.previous or {}).get('image')}"
             for i in items
-            if i.status == "released" and i.key is not None
+            if i.status == PlanStatus.RELEASED and i.key is not None
         }
     out: dict[ImageKey, str] = {}
     for item in items:
         digest = present.get(item.key) if item.key else None
-        if item.key is None or digest is None or (record and item.status != "released"):
+        if item.key is None or digest is None or (record and item.status != PlanStatus.RELEASED):
             continue  # not there, or there without its release record: build (and record)
-        out[item.key] = f"already in the registry: {_image(item, registry)}@{digest}"
+        out[item.key] = f"already in the registry: {item.image}@{digest}"
     return out
+
+
+def _what_to_build(
+    fleet_plan: FleetPlan, *, push: bool, record: bool, force: bool, insecure: bool | None
+) -> tuple[dict[ImageKey, str | None], dict[ImageKey, str], list[PlanItem]]:
+    """What is in the registry already (each image's immutable tag read once, in one batch,
+    also the check each build's push would otherwise make again), which images are
+    unchanged and why, and the images to build."""
+    wanted = (PlanStatus.REBUILD, PlanStatus.RELEASED)
+    candidates = [i for i in fleet_plan.items if i.status in wanted]
+    present = _in_registry(candidates, insecure) if push else {}
+    unchanged = {} if force else _unchanged(candidates, present, push=push, record=record)
+    building = [i for i in candidates if i.key is not None and i.key not in unchanged]
+    return present, unchanged, building
+
+
+def _jobs(
+    building: Sequence[PlanItem],
+    entries: Mapping[str, FleetEntry],
+    template: _Job,
+    present: Mapping[ImageKey, str | None],
+    bases: Mapping[str, str],
+) -> list[_Job]:
+    """One job per image to build: ``template`` (the run's options) for that image, with the
+    commit the plan saw, its immutable tag's digest read up front, and its resolved base."""
+    return [
+        replace(
+            template,
+            image=item.key,
+            location=entries[item.customer].location,
+            ref=item.commit or entries[item.customer].ref,  # what plan saw, even if it moves
+            known_tags=((item.image or "", present[item.key]),) if item.key in present else (),
+            base_digest=bases.get(item.base or ""),
+        )
+        for item in building
+        if item.key is not None
+    ]
+
+
+class _Run:
+    """The results of a fleet run as they come in, in plan order, with the counts and pace
+    each one reports to ``on_progress``."""
+
+    def __init__(
+        self,
+        fleet_plan: FleetPlan,
+        builds: int,
+        workers: int,
+        on_progress: Callable[[FleetProgress], None] | None,
+    ) -> None:
+        self.items = fleet_plan.items
+        self.at = {item.key: n for n, item in enumerate(self.items) if item.key is not None}
+        self.results: dict[int, ImageResult] = {}  # by the image's place in the plan
+        self.builds = builds
+        self.pace = Pace(workers, builds)
+        self.on_progress = on_progress
+
+    def finish(self, n: int, result: ImageResult, *, built: bool = False) -> None:
+        """Take the result of the plan's ``n``-th image."""
+        self.results[n] = result
+        if built:
+            self.pace.add(time.perf_counter())
+        if self.on_progress:
+            self.on_progress(
+                FleetProgress(
+                    result,
+                    len(self.results),
+                    len(self.items),
+                    _counts(self.results.values()),
+                    len(self.pace.finished),
+                    self.builds,
+                    built,
+                    self.pace.rate,
+                    self.pace.eta,
+                )
+            )
+
+    def settle(self, unchanged: Mapping[ImageKey, str]) -> None:
+        """The images with nothing to build: unreadable, not admitted, already there."""
+        for n, item in enumerate(self.items):
+            if item.status == PlanStatus.ERROR:
+                result = ImageResult(
+                    item.customer, ImageStatus.FAILED, item.summary, error=item.error, variant=None
+                )
+            elif item.status == PlanStatus.SKIP:
+                result = ImageResult(
+                    item.customer, ImageStatus.SKIPPED, item.summary, variant=item.variant
+                )
+            elif item.key is not None and item.key in unchanged:
+                why = unchanged[item.key]
+                result = ImageResult(
+                    item.customer, ImageStatus.UNCHANGED, why, variant=item.variant
+                )
+            else:
+                continue
+            self.finish(n, result)
+
+    def built(self, job: _Job, result: ImageResult) -> None:
+        """Take a build's result."""
+        self.finish(self.at[job.image], result, built=True)
+
+    def ordered(self) -> list[ImageResult]:
+        """Every image's result, in plan order."""
+        return [self.results[n] for n in range(len(self.items))]
 
 
 def build_all(
@@ -383,97 +508,33 @@ def build_all(
         base_version,
         branch=branch,
         base_repository=base_repository,
+        image_registry=image_registry,
         insecure=insecure,
     )
     if on_planned:
         on_planned(fleet_plan)
-    registry = image_registry or settings.image_registry
-    candidates = [i for i in fleet_plan.items if i.status in ("rebuild", "released")]
-    # Every image's immutable tag read once, in one batch: what is there already, and the
-    # check each build's push would otherwise make again.
-    present = _in_registry(candidates, registry, insecure) if push else {}
-    unchanged = (
-        {}
-        if force
-        else _unchanged(candidates, present, push=push, record=record, registry=registry)
+    present, unchanged, building = _what_to_build(
+        fleet_plan, push=push, record=record, force=force, insecure=insecure
+    )
+    bases = _resolve_bases({i.base for i in building if i.base}, fleet_plan, settings, insecure)
+    template = _Job(
+        ImageKey(""),
+        "",
+        "",
+        fleet_plan.base_version,
+        settings,
+        push,
+        image_registry,
+        base_repository,
+        insecure,
+        locked=locked,
     )
     entries = {e.name: e for e in fleet.entries}
-    building = [i for i in candidates if i.key is not None and i.key not in unchanged]
-    bases = _resolve_bases({i.base for i in building if i.base}, fleet_plan, settings, insecure)
-    to_build = [
-        _Job(
-            image=item.key,
-            location=entries[item.customer].location,
-            ref=item.commit or entries[item.customer].ref,  # what plan saw, even if it moves
-            base_version=fleet_plan.base_version,
-            settings=settings,
-            push=push,
-            image_registry=image_registry,
-            base_repository=base_repository,
-            insecure=insecure,
-            known_tags=((_image(item, registry), present[item.key]),)
-            if item.key in present
-            else (),
-            base_digest=bases.get(item.base or ""),
-            locked=locked,
-        )
-        for item in building
-        if item.key is not None
-    ]
-    results: dict[int, ImageResult] = {}  # by the image's place in the plan
-    at = {item.key: n for n, item in enumerate(fleet_plan.items) if item.key is not None}
-    counts = dict.fromkeys(("built", "unchanged", "skipped", "failed"), 0)
-    pace = Pace(jobs, len(to_build))
-
-    def finish(n: int, result: ImageResult, *, built: bool = False) -> None:
-        results[n] = result
-        counts[result.status] = counts.get(result.status, 0) + 1
-        if built:
-            pace.add(time.perf_counter())
-        if on_progress:
-            on_progress(
-                FleetProgress(
-                    result,
-                    len(results),
-                    len(fleet_plan.items),
-                    dict(counts),
-                    len(pace.finished),
-                    len(to_build),
-                    built,
-                    pace.rate,
-                    pace.eta,
-                )
-            )
-
-    for n, item in enumerate(fleet_plan.items):
-        if item.status == "error":
-            finish(
-                n,
-                ImageResult(item.customer, "failed", item.summary, error=item.error, variant=None),
-            )
-        elif item.status == "skip":
-            finish(n, ImageResult(item.customer, "skipped", item.summary, variant=item.variant))
-        elif item.key in unchanged:
-            finish(
-                n,
-                ImageResult(item.customer, "unchanged", unchanged[item.key], variant=item.variant),
-            )
-
-    def on_done(job: _Job, outcome: dict[str, Any]) -> None:
-        seconds = float(outcome.get("seconds") or 0.0)
-        customer, variant = job.image.customer, job.image.variant
-        if outcome["status"] != "built":
-            error = outcome["error"]
-            result = ImageResult(customer, "failed", error["message"], error=error, variant=variant)
-        else:
-            report = outcome["report"]
-            summary = f"{report['image']}@{report['manifest_digest']}"
-            result = ImageResult(customer, "built", summary, report=report, variant=variant)
-        result.seconds = seconds
-        finish(at[job.image], result, built=True)
-
-    _run_jobs(to_build, jobs, on_event, on_done)
-    ordered = [results[n] for n in range(len(fleet_plan.items))]
+    to_build = _jobs(building, entries, template, present, bases)
+    run = _Run(fleet_plan, len(to_build), jobs, on_progress)
+    run.settle(unchanged)
+    _run_jobs(to_build, jobs, on_event, run.built)
+    ordered = run.ordered()
     if record:
         _record_all(ordered, entries, settings, branch, record_attempts, on_event)
     return FleetReport(
@@ -495,7 +556,7 @@ def _record_all(
 ) -> None:
     """Write the release records of the run's builds: one commit per repository, every
     variant of every customer there in it."""
-    built = [r for r in results if r.status == "built" and r.report]
+    built = [r for r in results if r.status == ImageStatus.BUILT and r.report]
     outcomes = write_release_records(
         [r.report for r in built if r.report],
         {r.customer: entries[r.customer].location for r in built},
@@ -505,7 +566,7 @@ def _record_all(
     )
     for result, outcome in zip(built, outcomes, strict=True):
         if isinstance(outcome, WriteResult):
-            result.record = asdict(outcome)
+            result.record = outcome
             if on_event:
                 on_event(
                     ProgressEvent(
@@ -513,5 +574,5 @@ def _record_all(
                     )
                 )
         else:
-            result.status, result.error = "failed", error_dict(outcome)
+            result.status, result.error = ImageStatus.FAILED, error_dict(outcome)
             result.summary = f"built and pushed, but not recorded: {result.error['message']}"

@@ -11,7 +11,7 @@ import yaml
 from builder.errors import (
     ConfigError,
 )
-from builder.fleet.plan import FleetPlan
+from builder.fleet.plan import FleetPlan, PlanStatus
 
 #: GitLab refuses a generated child pipeline YAML larger than this.
 MAX_CHILD_PIPELINE_BYTES: Final = 5 * 1024 * 1024
@@ -21,6 +21,7 @@ MAX_CHILD_PIPELINE_BYTES: Final = 5 * 1024 * 1024
 
 
 def _job_name(customer: str) -> str:
+    """The CI job of one customer."""
     return f"build:{customer}"
 
 
@@ -55,7 +56,9 @@ def render_child_pipeline(
     required = ["BUILDER_BASE_REPOSITORY", "BUILDER_IMAGE_REGISTRY"]
     if record:
         required.append("BUILDER_GIT_TOKEN")
-    targets = [item for item in fleet_plan.items if item.status in ("rebuild", "error")]
+    targets = [
+        item for item in fleet_plan.items if item.status in (PlanStatus.REBUILD, PlanStatus.ERROR)
+    ]
     for item in targets:
         doc[_job_name(item.customer)] = {
             "stage": "build",

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -25,7 +26,7 @@ from builder.errors import BuilderError
 from builder.fsutil import write_atomic
 
 #: Layout of the index and of what it keeps (bump on any change to either).
-INDEX_VERSION: Final = 1
+INDEX_VERSION: Final = 2
 #: The folder of the cache holding the plan's files.
 PLAN_CACHE: Final = "plan"
 
@@ -69,6 +70,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         write_atomic(path, json.dumps(body, sort_keys=True).encode(), durable=False)
 
 
+class LockState(StrEnum):
+    """Whether a customer's committed lock pins its config (from git alone)."""
+
+    CURRENT = "current"
+    MISSING = "missing"
+    STALE = "stale"  # the config files changed since it was made
+    UNREADABLE = "unreadable"
+
+
 @dataclass(frozen=True)
 class CustomerFacts:
     """What a plan needs of one customer folder at one config commit."""
@@ -78,11 +88,11 @@ class CustomerFacts:
     base_repository: str | None  # base_image.repository
     variants: tuple[str, ...]
     commit: str
-    config_rev: str
-    lock: str  # "current", "missing", "stale" or "unreadable"
+    lock: LockState
     lock_detail: str = ""  # why, when not current
 
     def to_dict(self) -> dict[str, Any]:
+        """The facts as the index keeps them."""
         return {f.name: getattr(self, f.name) for f in fields(self)} | {
             "variants": list(self.variants)
         }
@@ -97,8 +107,7 @@ class CustomerFacts:
             base_repository=None if repository is None else str(repository),
             variants=tuple(str(v) for v in data["variants"]),
             commit=str(data["commit"]),
-            config_rev=str(data["config_rev"]),
-            lock=str(data["lock"]),
+            lock=LockState(data["lock"]),
             lock_detail=str(data["lock_detail"]),
         )
         if not facts.variants:

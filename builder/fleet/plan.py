@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -23,7 +24,7 @@ import git
 import yaml
 from packaging.version import InvalidVersion, Version
 
-from builder.contracts import CustomerSpec, ImageKey, RepoSource
+from builder.contracts import CustomerSpec, RepoSource
 from builder.cook.load import (
     CUSTOMER_FILE,
     LOCK_FILE,
@@ -33,15 +34,16 @@ from builder.cook.load import (
     read_committed_file,
 )
 from builder.cook.lock import input_drift, parse_lock
+from builder.documents.release_record import ReleaseRecord
 from builder.errors import BuilderError, ConfigError, ImageError, error_dict
 from builder.fleet.fleetfile import Fleet, FleetEntry, admits, parse_release_version
-from builder.fleet.index import CustomerFacts, PlanIndex
+from builder.fleet.index import CustomerFacts, LockState, PlanIndex
 from builder.fsutil import write_atomic
 from builder.gitauth import GIT_ENV
 from builder.image.base import resolve_base, select_version
 from builder.image.base_build import variant_repository
-from builder.image.provenance import variant_tag
 from builder.image.store import ImageStore
+from builder.imagename import ImageKey, ImageName
 from builder.oci import RegistryClient, RetryPolicy, split_repository
 from builder.record import PLAN_THREADS, RELEASES_BRANCH, ReleaseLog, record_remote
 from builder.redact import mask_secrets
@@ -53,6 +55,25 @@ _BASE_PROBE: Final = RetryPolicy(attempts=1, connect_timeout=3.0, read_timeout=1
 # -- plan ---------------------------------------------------------------------------------------
 
 
+class PlanStatus(StrEnum):
+    """What a base release means for one image."""
+
+    REBUILD = "rebuild"
+    RELEASED = "released"  # this config commit is already released on this base and variant
+    SKIP = "skip"  # the constraint does not admit the version
+    ERROR = "error"  # the customer could not be read (its item has no variant)
+
+
+class Change(StrEnum):
+    """What a rebuild changes against the image's latest release record."""
+
+    FIRST = "first"  # no release recorded yet
+    NONE = "none"  # the same config on the same base: already released
+    BASE = "base"
+    CONFIG = "config"
+    CONFIG_AND_BASE = "config+base"
+
+
 @dataclass
 class PlanItem:
     """What a base release means for one image: a customer built on one base variant."""
@@ -60,21 +81,18 @@ class PlanItem:
     customer: str
     repo: str
     ref: str
-    # "rebuild"; "released" (this config commit is already released on this base version for
-    # this variant: nothing to do); "skip" (the constraint does not admit the version);
-    # "error" (the customer could not be read: variant None).
-    status: str
+    status: PlanStatus
     variant: str | None = "cpu"
     constraint: str | None = None
     commit: str | None = None
     image: str | None = None  # the immutable tag the rebuild will push
-    change: str | None = None  # "base", "config+base", "config", "none", "first"
+    change: Change | None = None
     summary: str = ""
     previous: dict[str, Any] | None = None  # the image's latest release record, abridged
     changed_files: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
-    lock: str | None = None  # "current", "missing", "stale", "unreadable" (None: not read)
+    lock: LockState | None = None  # None: not read
     base: str | None = None  # the base repository of its variant (images to rebuild)
     # Why a release build of this image will be refused: told before it builds.
     problems: list[str] = field(default_factory=list)
@@ -104,15 +122,15 @@ class FleetPlan:
 
     @property
     def rebuild(self) -> list[PlanItem]:
-        return [item for item in self.items if item.status == "rebuild"]
+        return [item for item in self.items if item.status == PlanStatus.REBUILD]
 
     @property
     def released(self) -> list[PlanItem]:
-        return [item for item in self.items if item.status == "released"]
+        return [item for item in self.items if item.status == PlanStatus.RELEASED]
 
     @property
     def errors(self) -> list[PlanItem]:
-        return [item for item in self.items if item.status == "error"]
+        return [item for item in self.items if item.status == PlanStatus.ERROR]
 
     @property
     def blocked(self) -> list[PlanItem]:
@@ -424,17 +442,17 @@ def _known_revisions(
     return out
 
 
-def _lock_state(spec: CustomerSpec, repo: git.Repo | None) -> tuple[str, str]:
-    """Whether the committed lock pins this config, from git alone: "current", "missing",
-    "stale" (the config files changed since it was made) or "unreadable"; and why."""
+def _lock_state(spec: CustomerSpec, repo: git.Repo | None) -> tuple[LockState, str]:
+    """Whether the committed lock pins this config, from git alone (stale: the config files
+    changed since it was made), and why not."""
     raw = read_committed_file(spec, LOCK_FILE, repo=repo)
     if raw is None:
-        return "missing", f"no {LOCK_FILE} committed"
+        return LockState.MISSING, f"no {LOCK_FILE} committed"
     try:
         drift = input_drift(spec, parse_lock(raw, spec), repo=repo)
     except BuilderError as exc:
-        return "unreadable", exc.message
-    return ("stale", "; ".join(drift)) if drift else ("current", "")
+        return LockState.UNREADABLE, exc.message
+    return (LockState.STALE, "; ".join(drift)) if drift else (LockState.CURRENT, "")
 
 
 def _facts_of(spec: CustomerSpec, repo: git.Repo | None) -> CustomerFacts:
@@ -445,7 +463,6 @@ def _facts_of(spec: CustomerSpec, repo: git.Repo | None) -> CustomerFacts:
         base_repository=spec.base_repository,
         variants=spec.variants,
         commit=spec.commit,
-        config_rev=spec.config_rev,
         lock=lock,
         lock_detail=detail,
     )
@@ -479,7 +496,7 @@ def _error_item(entry: FleetEntry, exc: BuilderError) -> PlanItem:
         customer=entry.name,
         repo=_shown(entry),
         ref=entry.ref,
-        status="error",
+        status=PlanStatus.ERROR,
         variant=None,
         summary=error["message"],
         error=error,
@@ -487,7 +504,7 @@ def _error_item(entry: FleetEntry, exc: BuilderError) -> PlanItem:
 
 
 def _items(
-    entry: FleetEntry, facts: CustomerFacts, settings: Settings, version: Version
+    entry: FleetEntry, facts: CustomerFacts, registry: str, version: Version
 ) -> list[PlanItem]:
     """One item per variant the customer runs (ConfigError for a customer that is not
     what its fleet entry says, or whose constraint is not one)."""
@@ -505,15 +522,15 @@ def _items(
             customer=entry.name,
             repo=repo,
             ref=entry.ref,
-            status="rebuild" if admitted else "skip",
+            status=PlanStatus.REBUILD if admitted else PlanStatus.SKIP,
             variant=variant,
             constraint=facts.constraint,
             commit=facts.commit,
             lock=facts.lock,
         )
         if admitted:
-            tag = f"{variant_tag(str(version), variant)}-{facts.config_rev}"
-            item.image = f"{settings.image_registry}/{facts.customer}:{tag}"
+            name = ImageName.of_build(registry, facts.customer, str(version), variant, facts.commit)
+            item.image = name.reference
         else:
             item.summary = f"{facts.constraint} does not admit {version}"
         items.append(item)
@@ -534,26 +551,25 @@ def _changed_files(source: RepoSource, repo: git.Repo, old: str, new: str) -> li
 def _classify(
     item: PlanItem,
     version: Version,
-    previous: dict[str, Any] | None,
+    previous: ReleaseRecord | None,
     changed: Callable[[str, str], list[str] | None],
 ) -> None:
     """Compare the item with its image's latest release record; ``changed(old, new)`` lists
     the files of the customer folder changed between two config commits."""
     if previous is None:
         item.change, item.summary = (
-            "first",
+            Change.FIRST,
             f"first recorded release: config {item.commit and item.commit[:12]} on {version}",
         )
         return
-    old_commit = str((previous.get("config") or {}).get("commit", ""))
-    old_base = str((previous.get("base_image") or {}).get("version", ""))
+    old_commit, old_base = previous.config_commit, previous.base_version
     item.previous = {
-        "image": previous.get("image"),
-        "digest": previous.get("manifest_digest"),
+        "image": previous.image,
+        "digest": previous.manifest_digest,
         "config_commit": old_commit,
         "base_version": old_base,
-        "built_at": previous.get("built_at"),
-        "record": previous.get("_path"),
+        "built_at": previous.built_at,
+        "record": previous.path,
     }
     with contextlib.suppress(InvalidVersion):
         if Version(old_base) > version:
@@ -563,9 +579,9 @@ def _classify(
             )
     same_base = old_base == str(version)
     if old_commit == item.commit:
-        item.change = "none" if same_base else "base"
+        item.change = Change.NONE if same_base else Change.BASE
         if same_base:
-            item.status = "released"
+            item.status = PlanStatus.RELEASED
             item.summary = f"already released: {item.previous['image']}"
         else:
             item.summary = (
@@ -574,7 +590,7 @@ def _classify(
         return
     files = changed(old_commit, item.commit or "HEAD")
     item.changed_files = files or []
-    item.change = "config" if same_base else "config+base"
+    item.change = Change.CONFIG if same_base else Change.CONFIG_AND_BASE
     what = f"{len(files)} file(s) changed" if files is not None else "history not found"
     base = "" if same_base else f", base {old_base} -> {version}"
     item.summary = f"config too: {old_commit[:12]} -> {(item.commit or '')[:12]} ({what}){base}"
@@ -584,7 +600,7 @@ def _classify(
 class _Records:
     """One remote's release records, fetched once per plan: the latest per image."""
 
-    latest: dict[ImageKey, dict[str, Any]] = field(default_factory=dict)
+    latest: dict[ImageKey, ReleaseRecord] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -606,7 +622,7 @@ def _record_remotes(
     by_root: dict[Path, str] = {}
     out: dict[str, str] = {}
     for entry in entries:
-        todo = [item for item in items[entry.name] if item.status == "rebuild"]
+        todo = [item for item in items[entry.name] if item.status == PlanStatus.REBUILD]
         if not todo:
             continue
         root = known[entry.name].source.root if entry.name in known else None
@@ -666,7 +682,7 @@ def _problems(
     """Say, per image to rebuild, what will make its release build fail: a lock that is
     missing, stale or unreadable; no base image of this version for its variant. Returns
     notes on what could not be checked."""
-    todo = [item for item in items if item.status == "rebuild" and item.variant]
+    todo = [item for item in items if item.status == PlanStatus.REBUILD and item.variant]
     for item in todo:
         own = facts[item.customer].base_repository
         repository = base_repository or own or settings.base_repository
@@ -674,7 +690,7 @@ def _problems(
     missing, notes = _missing_bases({i.base for i in todo if i.base}, version, settings, insecure)
     for item in todo:
         customer = facts[item.customer]
-        if customer.lock != "current":
+        if customer.lock != LockState.CURRENT:
             item.problems.append(
                 f"{customer.lock} lock: {customer.lock_detail}; a release build refuses it "
                 "(run `builder lock`, review and commit the result)"
@@ -720,12 +736,82 @@ def _finish(
         return changes[(old, new)]
 
     for item in items:
-        if item.status != "rebuild" or item.key is None:
+        if item.status != PlanStatus.REBUILD or item.key is None:
             continue
         if records.error is not None:
             item.change, item.summary = None, f"previous release unknown ({records.error})"
             continue
         _classify(item, version, records.latest.get(item.key), changed)
+
+
+def _read_customers(
+    entries: Sequence[FleetEntry],
+    settings: Settings,
+    index: PlanIndex,
+    pool: ThreadPoolExecutor,
+) -> tuple[dict[str, KnownRevision], dict[str, CustomerFacts | BuilderError]]:
+    """Each customer's config revision (one pass per repository) and facts at it (from the
+    index when unchanged), or why it could not be read."""
+    sources = _sources(entries, settings, pool)
+    known = _known_revisions(entries, sources, settings)
+    # Customers the pass answered share an open repository (one git process, not
+    # thread-safe) and are read here; the others on the threads.
+    others = {
+        e.name: pool.submit(_read_facts, e, settings, None, index)
+        for e in entries
+        if e.name not in known
+    }
+    facts: dict[str, CustomerFacts | BuilderError] = {}
+    for entry in entries:
+        try:
+            if entry.name in known:
+                facts[entry.name] = _read_facts(entry, settings, known[entry.name], index)
+            else:
+                facts[entry.name] = others[entry.name].result()
+        except BuilderError as exc:
+            facts[entry.name] = exc
+    return known, facts
+
+
+def _plan_items(
+    entries: Sequence[FleetEntry],
+    facts: Mapping[str, CustomerFacts | BuilderError],
+    registry: str,
+    version: Version,
+) -> dict[str, list[PlanItem]]:
+    """Each customer's items: one per variant, or one error item."""
+    items: dict[str, list[PlanItem]] = {}
+    for entry in entries:
+        found = facts[entry.name]
+        try:
+            if isinstance(found, BuilderError):
+                raise found
+            items[entry.name] = _items(entry, found, registry, version)
+        except BuilderError as exc:
+            items[entry.name] = [_error_item(entry, exc)]
+    return items
+
+
+def _read_records(
+    remotes: Mapping[str, str], settings: Settings, branch: str, pool: ThreadPoolExecutor
+) -> dict[str, _Records]:
+    """Each remote's latest release records, one fetch per remote, on the threads."""
+    wanted = sorted(set(remotes.values()))
+    read = pool.map(lambda r: _read_remote(r, settings, branch), wanted)
+    return dict(zip(wanted, read, strict=True))
+
+
+def _notes(result: FleetPlan, fleet: Fleet) -> list[str]:
+    """What the plan says besides its items: nothing admitted, folders not in the fleet."""
+    notes = []
+    if not result.rebuild and not result.released and not result.errors:
+        notes.append(f"no customer admits base {result.base_version}: nothing to rebuild")
+    for folder in result.unlisted:
+        notes.append(
+            f"{folder}/{CUSTOMER_FILE} is not in {fleet.path.name}: a base release does not "
+            "rebuild it (add it to the fleet file, or remove the folder)"
+        )
+    return notes
 
 
 def plan(
@@ -736,10 +822,12 @@ def plan(
     branch: str = RELEASES_BRANCH,
     threads: int = PLAN_THREADS,
     base_repository: str | None = None,
+    image_registry: str | None = None,
     insecure: bool | None = None,
 ) -> FleetPlan:
     """Per image (customer x variant): does its constraint admit ``base_version``, what would
-    change, and what would make its release build fail.
+    change, and what would make its release build fail; each image to rebuild named in
+    ``image_registry`` (default: the setting).
 
     The work is proportional to what changed: one pass over each repository's history since
     the last plan finds every customer folder's config revision (:func:`last_commits`), a
@@ -753,54 +841,28 @@ def plan(
     version = parse_release_version(base_version)
     entries = fleet.entries
     index = PlanIndex.open(settings.cache_dir, fleet.path)
-    items: dict[str, list[PlanItem]] = {}
-    facts: dict[str, CustomerFacts] = {}
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        sources = _sources(entries, settings, pool)
-        known = _known_revisions(entries, sources, settings)
-        # Customers the pass answered share an open repository (one git process, not
-        # thread-safe) and are read here; the others on the threads.
-        others = {
-            e.name: pool.submit(_read_facts, e, settings, None, index)
-            for e in entries
-            if e.name not in known
-        }
-        for entry in entries:
-            try:
-                if entry.name in known:
-                    facts[entry.name] = _read_facts(entry, settings, known[entry.name], index)
-                else:
-                    facts[entry.name] = others[entry.name].result()
-                items[entry.name] = _items(entry, facts[entry.name], settings, version)
-            except BuilderError as exc:
-                items[entry.name] = [_error_item(entry, exc)]
+        known, facts = _read_customers(entries, settings, index, pool)
+        items = _plan_items(entries, facts, image_registry or settings.image_registry, version)
         remotes = _record_remotes(entries, items, known)
-        wanted = sorted(set(remotes.values()))
-        fetched = dict(
-            zip(wanted, pool.map(lambda r: _read_remote(r, settings, branch), wanted), strict=True)
-        )
+        records = _read_records(remotes, settings, branch, pool)
     for entry in entries:
         if entry.name in remotes:
-            _finish(items[entry.name], fetched[remotes[entry.name]], version, known.get(entry.name))
+            _finish(items[entry.name], records[remotes[entry.name]], version, known.get(entry.name))
     index.save()
     ordered = [item for e in entries for item in items[e.name]]
     result = FleetPlan(
         base_version=str(version), fleet=str(fleet.path), items=ordered, unlisted=_unlisted(fleet)
     )
+    readable = {name: f for name, f in facts.items() if isinstance(f, CustomerFacts)}
     result.notes += _problems(
         ordered,
-        facts,
+        readable,
         settings,
         str(version),
         base_repository=base_repository,
         insecure=insecure,
     )
-    if not result.rebuild and not result.released and not result.errors:
-        result.notes.append(f"no customer admits base {version}: nothing to rebuild")
-    for folder in result.unlisted:
-        result.notes.append(
-            f"{folder}/{CUSTOMER_FILE} is not in {fleet.path.name}: a base release does not "
-            "rebuild it (add it to the fleet file, or remove the folder)"
-        )
+    result.notes += _notes(result, fleet)
     result.seconds = round(time.perf_counter() - started, 3)
     return result

@@ -29,7 +29,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -495,6 +495,92 @@ def _push(docker_client: Any, repository: str, tag: str, progress: Progress | No
     return digest
 
 
+def _check_arguments(repository: str, variant: str) -> None:
+    """Arguments that are wrong before any work: an unknown variant, a repository that is no
+    bare name."""
+    if variant not in VARIANTS:
+        raise ImageError(f"unknown base image variant {variant!r} (cpu or gpu)")
+    if not repository or ":" in repository.rsplit("/", 1)[-1] or "@" in repository:
+        raise ImageError(
+            f"repository {repository!r} must be a name without tag or digest",
+            hint="e.g. registry.example.com/ivd/inference-base",
+        )
+
+
+def _expected_labels(
+    contract_sha: str, version: str, ort: str, cuda: str, cudnn: str, variant: str
+) -> dict[str, str]:
+    """The labels a base image must carry (checked on the built image)."""
+    return {
+        CONTRACT_LABEL: contract_sha,
+        LABEL_VERSION: version,
+        LABEL_SCHEMAS: CONFIG_SCHEMAS,
+        LABEL_ORT: ort,
+        LABEL_CUDA: cuda,
+        LABEL_CUDNN: cudnn,
+        LABEL_VARIANT: variant,
+    }
+
+
+def _build_args(
+    base_from: str, contract_sha: str, version: str, ort: str, cuda: str, cudnn: str, variant: str
+) -> dict[str, str]:
+    """The Dockerfile's build arguments (the context's folder and file names included)."""
+    return {
+        "BASE_IMAGE": base_from,
+        "VERSION": version,
+        "ORT_VERSION": ort,
+        "CUDA_VERSION": cuda,
+        "CUDNN_VERSION": cudnn,
+        "VARIANT": variant,
+        "WHEELHOUSE": "wheels",
+        "RUNNER_WHEELHOUSE": "runner",
+        "REQUIREMENTS": "requirements.txt",
+        "CONTRACT_SHA256": contract_sha,
+    }
+
+
+def _reuse(image_id: str, reference: str, progress: Progress | None) -> tuple[str, list[str]]:
+    """An image built before from the same inputs, told as a build that had nothing to do."""
+    log = [f"reused {image_id}: built before from the same inputs"]
+    if progress:
+        progress(ProgressEvent(stage=f"{reference}: {log[0]} (no build)"))
+        progress(ProgressEvent("build", 1, 1))
+    return image_id, log
+
+
+def _send_and_build(
+    docker_client: Any,
+    context: Path,
+    reference: str,
+    base_from: str,
+    buildargs: dict[str, str],
+    key: str,
+    progress: Progress | None,
+) -> tuple[str, list[str]]:
+    """Send the build context to the engine and build (saying how big the context is)."""
+    if progress:
+        size = context.stat().st_size
+        progress(
+            ProgressEvent(
+                stage=f"building {reference} on {base_from} "
+                f"(sending a {size / 1e6:,.0f} MB context to the engine)"
+            )
+        )
+    return _run_build(docker_client, context, reference, buildargs, progress, {LABEL_INPUTS: key})
+
+
+def _checked_labels(
+    docker_client: Any, reference: str, labels: Mapping[str, str]
+) -> dict[str, str]:
+    """The built image's labels (ImageError when one of ``labels`` differs)."""
+    got = dict(docker_client.images.get(reference).labels or {})
+    wrong = {k: (got.get(k), v) for k, v in labels.items() if got.get(k) != v}
+    if wrong:
+        raise ImageError(f"{reference} was built with unexpected labels: {json.dumps(wrong)}")
+    return got
+
+
 def build_base_image(
     *,
     docker_client: Any,
@@ -522,16 +608,9 @@ def build_base_image(
     engine's to find or pull. `wheelhouse` None means the machine-wide cache
     (default_wheelhouse). Raises ImageError naming what failed.
     """
-    if variant not in VARIANTS:
-        raise ImageError(f"unknown base image variant {variant!r} (cpu or gpu)")
-    if not repository or ":" in repository.rsplit("/", 1)[-1] or "@" in repository:
-        raise ImageError(
-            f"repository {repository!r} must be a name without tag or digest",
-            hint="e.g. registry.example.com/ivd/inference-base",
-        )
+    _check_arguments(repository, variant)
     version = read_version(base_dir)
     repository = variant_repository(repository, variant)
-    tag = version
     requirements = base_dir / f"requirements-{variant}.txt"
     build_reqs = base_dir / "requirements-build.txt"
     reqs = parse_requirements(requirements)
@@ -544,28 +623,9 @@ def build_base_image(
     image_hashes = {h for r in reqs for h in r.hashes}
     wheels = [p for h, p in pinned.items() if h in image_hashes]
     contract_sha = hashlib.sha256(runner_contract_from_source(base_dir / "runner")).hexdigest()
-    labels = {
-        CONTRACT_LABEL: contract_sha,
-        LABEL_VERSION: version,
-        LABEL_SCHEMAS: CONFIG_SCHEMAS,
-        LABEL_ORT: ort,
-        LABEL_CUDA: cuda,
-        LABEL_CUDNN: cudnn,
-        LABEL_VARIANT: variant,
-    }
-    buildargs = {
-        "BASE_IMAGE": base_from,
-        "VERSION": version,
-        "ORT_VERSION": ort,
-        "CUDA_VERSION": cuda,
-        "CUDNN_VERSION": cudnn,
-        "VARIANT": variant,
-        "WHEELHOUSE": "wheels",
-        "RUNNER_WHEELHOUSE": "runner",
-        "REQUIREMENTS": "requirements.txt",
-        "CONTRACT_SHA256": contract_sha,
-    }
-    reference = f"{repository}:{tag}"
+    labels = _expected_labels(contract_sha, version, ort, cuda, cudnn, variant)
+    buildargs = _build_args(base_from, contract_sha, version, ort, cuda, cudnn, variant)
+    reference = f"{repository}:{version}"
     if base_from == BASE_OS_IMAGE:
         ensure_base_os(
             docker_client,
@@ -581,28 +641,14 @@ def build_base_image(
         # (1.6 GB for gpu) to the engine only to hit its layer cache at every step
         reused = _built_before(docker_client, reference, key, labels) if base_id else None
         if reused:
-            image_id, log = reused, [f"reused {reused}: built before from the same inputs"]
-            if progress:
-                progress(ProgressEvent(stage=f"{reference}: {log[0]} (no build)"))
-                progress(ProgressEvent("build", 1, 1))
+            image_id, log = _reuse(reused, reference, progress)
         else:
             context = Path(tmp) / "context.tar"
             _context(context, base_dir, requirements, wheels, runner)
-            if progress:
-                size = context.stat().st_size
-                progress(
-                    ProgressEvent(
-                        stage=f"building {reference} on {base_from} "
-                        f"(sending a {size / 1e6:,.0f} MB context to the engine)"
-                    )
-                )
-            image_id, log = _run_build(
-                docker_client, context, reference, buildargs, progress, {LABEL_INPUTS: key}
+            image_id, log = _send_and_build(
+                docker_client, context, reference, base_from, buildargs, key, progress
             )
-    got = dict(docker_client.images.get(reference).labels or {})
-    wrong = {k: (got.get(k), v) for k, v in labels.items() if got.get(k) != v}
-    if wrong:
-        raise ImageError(f"{reference} was built with unexpected labels: {json.dumps(wrong)}")
+    got = _checked_labels(docker_client, reference, labels)
     stored, digest = _deliver(docker_client, reference, store, push=push, progress=progress)
     return BaseImageBuild(
         reference=reference,

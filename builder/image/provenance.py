@@ -19,8 +19,8 @@ from typing import Any, Final
 from builder import __version__
 from builder.contracts import BaseImageRef, CustomerSpec, ResolvedModel, WeightFile
 from builder.cook.expand import located_weights_uri
-from builder.documents import FileDigest, sourcing
-from builder.documents.provenance import Provenance, ProvenanceModel
+from builder.documents import FileDigest, ModelRecord, sourcing
+from builder.documents.provenance import Provenance
 from builder.errors import ImageError
 from builder.image.assemble import (
     BASE_NAME_LABEL,
@@ -29,12 +29,14 @@ from builder.image.assemble import (
     LAYER_NAME_ANNOTATION,
     LOCATION_FREE_FORMAT,
 )
+from builder.imagename import ImageName
 
 LABEL_PREFIX = "com.ivd"
 SOURCE_LABEL: Final = "org.opencontainers.image.source"
 
 
 def rfc3339(epoch: int) -> str:
+    """``epoch`` as an RFC 3339 UTC time (``2026-05-28T20:26:40Z``)."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -44,19 +46,11 @@ def dir_hash(model: ResolvedModel) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def variant_tag(version: str, variant: str) -> str:
-    """``<base version>`` for cpu, ``<base version>-gpu`` for the GPU variant."""
-    return version if variant == "cpu" else f"{version}-{variant}"
-
-
-def variant_version(base: BaseImageRef) -> str:
-    """The moving tag of an image built on ``base``: its version, with its variant."""
-    return variant_tag(base.version, base.variant)
-
-
-def image_version(spec: CustomerSpec, base: BaseImageRef) -> str:
-    """The immutable tag: ``<base version>[-gpu]-<config rev>``."""
-    return f"{variant_version(base)}-{spec.config_rev}"
+def image_name(spec: CustomerSpec, base: BaseImageRef, registry: str) -> ImageName:
+    """The immutable name of the image of ``spec`` on ``base`` in ``registry``."""
+    return ImageName.of_build(
+        registry, spec.customer, base.version, base.variant, spec.commit, dirty=spec.worktree
+    )
 
 
 def _file(f: WeightFile) -> FileDigest:
@@ -140,7 +134,7 @@ def provenance_document(
         worktree=spec.worktree,
         base_constraint=spec.base_version,
         models=tuple(
-            ProvenanceModel(
+            ModelRecord(
                 name=m.name,
                 sourcing=sourcing(m.sourcing),
                 registry_id=m.model_id,
@@ -172,7 +166,8 @@ def image_labels(
     and base name only where ``locations`` names them."""
     labels = {
         "org.opencontainers.image.title": f"{spec.customer} inference image",
-        "org.opencontainers.image.version": image_version(spec, base),
+        # the immutable tag (the registry is no input of the image)
+        "org.opencontainers.image.version": image_name(spec, base, "").tag,
         "org.opencontainers.image.revision": spec.commit,
         "org.opencontainers.image.created": rfc3339(spec.commit_time),
         "org.opencontainers.image.base.digest": base.digest or "",
