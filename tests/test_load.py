@@ -363,7 +363,7 @@ def test_git_url_is_cloned_then_fetched(repo: Path, settings: Settings) -> None:
     )
     second = load_customer(url, settings)  # the cached clone is fetched, not re-cloned
     assert second.base_version == "2.5.0" and second.commit != first.commit
-    assert len(list((settings.cache_dir / "repos").iterdir())) == 1
+    assert len([p for p in (settings.cache_dir / "repos").iterdir() if p.is_dir()]) == 1
 
 
 def test_parallel_jobs_share_the_git_caches(repo: Path, settings: Settings) -> None:
