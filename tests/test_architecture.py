@@ -150,6 +150,7 @@ LAYERS: dict[str, list[dict[str, set[str]]]] = {
                 "builder.errors",
                 "builder.fsutil",
                 "builder.gitauth",
+                "builder.imagename",
                 "builder.paths",
                 "builder.redact",
                 "builder.schemas",
@@ -244,3 +245,20 @@ def test_the_layer_order_would_catch_an_upward_import() -> None:
     ]
     with pytest.raises(AssertionError, match=r"builder\.newroom is in no room"):
         _upward_imports({"builder.newroom": ast.parse("")}, layers)
+
+
+#: The longest a function may be: past it, a function reads as a list of named steps instead.
+MAX_FUNCTION_LINES = 80
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_no_function_is_longer_than_a_screen(package: str) -> None:
+    long = [
+        f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for name, tree in _modules(PACKAGES[package]).items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, long

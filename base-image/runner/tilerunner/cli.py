@@ -229,6 +229,32 @@ def _parser() -> argparse.ArgumentParser:
             help="folder model references resolve against (default: $TILERUNNER_APP_DIR or /app)",
         )
 
+    _run_parser(sub, common)
+
+    val = sub.add_parser("validate", help="load the config and models, touch no slide")
+    common(val)
+    val.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+
+    sub.add_parser(
+        "info", help="versions, accepted config schemas, ONNX Runtime providers, CUDA status"
+    )
+
+    ct = sub.add_parser(
+        "contract",
+        help="the configs this runner accepts: plug-ins with their param schemas, config "
+        "schema versions (JSON; the base image ships it as /opt/tilerunner/contract.json)",
+    )
+    ct.add_argument("--output", type=Path, default=None, help="write it here instead of stdout")
+    ct.add_argument("--sha256", action="store_true", help="print only its sha256")
+
+    _worker_parser(sub, common)
+
+    _demo_parser(sub)
+    return parser
+
+
+def _run_parser(sub: Any, common: Any) -> None:
+    """`tilerunner run`: options of analysing one slide."""
     run = sub.add_parser("run", help="analyse one slide")
     run.add_argument("slide", type=Path)
     common(run)
@@ -263,27 +289,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--json", action="store_true", help="print the run report as JSON")
-
-    val = sub.add_parser("validate", help="load the config and models, touch no slide")
-    common(val)
-    val.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
-
-    sub.add_parser(
-        "info", help="versions, accepted config schemas, ONNX Runtime providers, CUDA status"
-    )
-
-    ct = sub.add_parser(
-        "contract",
-        help="the configs this runner accepts: plug-ins with their param schemas, config "
-        "schema versions (JSON; the base image ships it as /opt/tilerunner/contract.json)",
-    )
-    ct.add_argument("--output", type=Path, default=None, help="write it here instead of stdout")
-    ct.add_argument("--sha256", action="store_true", help="print only its sha256")
-
-    _worker_parser(sub, common)
-
-    _demo_parser(sub)
-    return parser
 
 
 def _demo_parser(sub: Any) -> None:

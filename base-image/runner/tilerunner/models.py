@@ -397,22 +397,11 @@ class ModelStore:
         return self._pool
 
     def _load(self, spec: ModelSpec) -> Session:
-        import onnx
         import onnxruntime as ort
 
         where = f"model {spec.name!r} ({spec.file})"
         t0 = time.perf_counter()
-        try:
-            data = spec.file.read_bytes()
-        except OSError as exc:
-            raise ModelError(f"{where}: cannot be read: {exc.strerror}") from None
-        sha = hashlib.sha256(data).hexdigest()
-        expected = spec.expected_sha256
-        if expected and expected != sha:
-            raise ModelError(
-                f"{where}: sha256 {sha[:16]}... does not match the config's provenance "
-                f"{expected[:16]}...; the model file was altered or corrupted"
-            )
+        data, sha = _read_checked(spec, where)
         pre_key = json.dumps(
             [spec.preprocessing_spec, spec.input_layout, spec.output, spec.tile_size],
             sort_keys=True,
@@ -421,15 +410,7 @@ class ModelStore:
         key = hashlib.sha256(f"{sha}|{pre_key}".encode()).hexdigest()
         if key in self._sessions:
             return self._sessions[key]
-        try:
-            model = onnx.load_model_from_string(data)
-            if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-                from onnx.external_data_helper import load_external_data_for_model
-
-                load_external_data_for_model(model, str(spec.folder))
-        except Exception as exc:
-            raise ModelError(f"{where}: not a valid ONNX model: {_line(exc)}") from None
-        composed, output, fixed, layout = _compose(model, spec, where)
+        composed, output, fixed, layout = _compose(_parse_onnx(data, spec, where), spec, where)
         plan = cpu_plan(self.options.threads, fixed) if self.device == "cpu" else None
         try:
             with warnings.catch_warnings():  # ORT warns about unavailable providers: we check
@@ -516,3 +497,34 @@ class ModelStore:
 def _line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:240] or type(exc).__name__
+
+
+def _read_checked(spec: ModelSpec, where: str) -> tuple[bytes, str]:
+    """The model file's bytes and sha256, checked against the config's provenance."""
+    try:
+        data = spec.file.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{where}: cannot be read: {exc.strerror}") from None
+    sha = hashlib.sha256(data).hexdigest()
+    expected = spec.expected_sha256
+    if expected and expected != sha:
+        raise ModelError(
+            f"{where}: sha256 {sha[:16]}... does not match the config's provenance "
+            f"{expected[:16]}...; the model file was altered or corrupted"
+        )
+    return data, sha
+
+
+def _parse_onnx(data: bytes, spec: ModelSpec, where: str) -> Any:
+    """The ONNX model in ``data``, external tensors read from the model's folder."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(data)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(model, str(spec.folder))
+    except Exception as exc:
+        raise ModelError(f"{where}: not a valid ONNX model: {_line(exc)}") from None
+    return model
