@@ -135,6 +135,7 @@ class BaseImageRef:
 
     @property
     def reference(self) -> str:
+        """The image reference to pull: by digest once resolved, else by version tag."""
         return (
             f"{self.repository}@{self.digest}"
             if self.digest

@@ -82,6 +82,8 @@ CONFIG_DIR = f"{APP_DIR}/config"
 
 @dataclass(frozen=True)
 class BuildRequest:
+    """What to build for one customer and how: revision, base, variant, outputs, push, signing."""
+
     customer: str
     # the commit to build; None: HEAD, not named (a release then refuses uncommitted edits)
     ref: str | None = None

@@ -60,6 +60,8 @@ from builder.paths import normal_model_id
 
 @dataclass(frozen=True)
 class PublishedFile:
+    """One weights file of a publish: name, size, checksum and what was done with it."""
+
     name: str
     size: int
     sha256: str
@@ -68,6 +70,8 @@ class PublishedFile:
 
 @dataclass
 class PublishResult:
+    """What publishing a model did: where its files went, the manifest and the published flag."""
+
     model_id: str
     task_id: str
     destination: str

@@ -80,6 +80,8 @@ class PickedModel:
 
 @dataclass
 class InitResult:
+    """What ``builder init`` made: the customer's folder and files, the fleet entry, next steps."""
+
     customer: str
     folder: str
     files: list[str]

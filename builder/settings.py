@@ -43,6 +43,8 @@ def refuse_credentials(value: str | None, what: str) -> str | None:
 
 @dataclass(frozen=True)
 class Settings:
+    """The builder's settings: where customers, models, weights, images and the cache are."""
+
     customers: Path
     model_registry: str  # "local:<folder>" or "clearml"
     production: str  # "s3://bucket[/prefix]" or "file:<folder>"

@@ -64,6 +64,7 @@ class SmokeReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a plain dict, for the JSON output."""
         return asdict(self)
 
 

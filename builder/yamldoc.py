@@ -53,6 +53,7 @@ class Document:
         return None
 
     def where(self, path: Path_) -> str:
+        """``file:line`` of the value at ``path``, or the file alone when the line is unknown."""
         line = self.line_of(path)
         return f"{self.origin}:{line}" if line else self.origin
 
@@ -345,6 +346,7 @@ def schema(name: str) -> dict[str, Any]:
 
 
 def schema_names() -> list[str]:
+    """The names of the JSON schemas shipped in builder/schemas, sorted."""
     files = resources.files("builder.schemas").iterdir()
     suffix = ".schema.json"
     return sorted(f.name.removesuffix(suffix) for f in files if f.name.endswith(suffix))

@@ -147,6 +147,7 @@ class Attestations:
 
     @property
     def sbom_bytes(self) -> bytes:
+        """The SBOM as canonical JSON bytes, the form that is attached and hashed."""
         return canonical_json(self.sbom)
 
     def manifests(self) -> list[tuple[Artifact, bytes]]:

@@ -36,6 +36,7 @@ class Approval:
 
     @property
     def text(self) -> str:
+        """The approval as people read it, e.g. ``Approved-by: Jane Doe``."""
         return f"{self.kind}: {self.who}"
 
 
@@ -51,6 +52,7 @@ class Review:
 
     @property
     def approved(self) -> bool:
+        """Whether the revision carries an approval trailer or came in by a merge request."""
         return bool(self.approvals or self.merge_request)
 
 
@@ -75,6 +77,7 @@ class Coverage:
 
     @property
     def covered(self) -> bool:
+        """Whether an approval covers the change (on itself, its merge or a later revision)."""
         return self.status in ("approved", "covered")
 
     @property

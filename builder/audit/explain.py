@@ -152,6 +152,7 @@ class Explanation:
 
     @property
     def problems(self) -> list[str]:
+        """The failed checks, one ``name: detail`` line each, for the verdict and errors."""
         return [f"{c.name}: {c.detail}" for c in self.checks if not c.ok]
 
 
@@ -293,6 +294,8 @@ def _artifact_document(
 
 @dataclass
 class Attested:
+    """What an image's attestations say: their facts, the provenance, the SBOM hash, the checks."""
+
     infos: list[AttestationInfo] = field(default_factory=list)
     statement: dict[str, Any] | None = None  # newest provenance Statement
     statements: list[dict[str, Any]] = field(default_factory=list)  # every one, newest first
@@ -303,6 +306,7 @@ class Attested:
 def read_attestations(
     image: OpenedImage, descriptors: Sequence[Descriptor], public_key: Path | None
 ) -> Attested:
+    """Read and check an image's attestations (signatures too when ``public_key`` is given)."""
     out = Attested()
     newest = ""
     for descriptor in descriptors:

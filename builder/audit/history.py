@@ -918,6 +918,7 @@ class ConfigDiff:
 
     @property
     def unapproved(self) -> list[HistoryEntry]:
+        """The revisions of the diff that no approval covers, for the reviewer to chase."""
         return [e for e in self.revisions if e.approval and not e.approval.covered]
 
 
@@ -1005,6 +1006,7 @@ class ReleaseReview:
 
     @property
     def unapproved(self) -> list[HistoryEntry]:
+        """The revisions of the release that no approval covers, for the reviewer to chase."""
         return [e for e in self.revisions if e.approval and not e.approval.covered]
 
 

@@ -41,6 +41,7 @@ class PlainProgress:
         self._items: dict[str, int] = {}
 
     def stage(self, name: str) -> None:
+        """End the current stage (writing its line) and start the stage ``name``."""
         self.close()
         self._stage, self._start, self._items = name, time.monotonic(), {}
         self._write(f"==> {name}")

@@ -461,6 +461,7 @@ class FleetProgressLine:
             click.echo(text, err=True)
 
     def planned(self, plan: FleetPlan) -> None:
+        """Show the plan's one line: how many images to rebuild, released, refused, unreadable."""
         released = f", {len(plan.released)} already released" if plan.released else ""
         blocked = f", {len(plan.blocked)} would be refused" if plan.blocked else ""
         self._write(
@@ -471,6 +472,7 @@ class FleetProgressLine:
         )
 
     def stage(self, event: ProgressEvent) -> None:
+        """Show a build's current stage on the live line (nothing in logs, to keep them short)."""
         if self.live and event.stage:
             self._write(f"{self.counter}  {event.subject}: {event.stage}", keep=False)
 
@@ -500,6 +502,7 @@ class FleetProgressLine:
         self._write(line if keep else self.counter, keep=keep)
 
     def close(self) -> None:
+        """End the live line so that what follows starts on a fresh line."""
         if self.live and self.shown:
             click.echo("", err=True)
             self.shown = False

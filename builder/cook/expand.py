@@ -45,6 +45,7 @@ def model_provenance(model: ResolvedModel) -> dict[str, Any]:
 
 
 def verbose_model(model: ResolvedModel) -> dict[str, Any]:
+    """One model's entry in the verbose config: its folder, plug-ins, params and provenance."""
     return {
         "sourcing": "manual",
         "reference": f"{MODELS_DIR}/{model.name}/",

@@ -35,6 +35,8 @@ RETRIES = 3
 
 @dataclass(frozen=True)
 class FetchedFile:
+    """One weights file in the cache after a fetch: model, checksum, size, how it got there."""
+
     model: str
     name: str
     path: Path  # the verified cache entry
@@ -53,16 +55,20 @@ class FetchedFile:
 
 @dataclass(frozen=True)
 class FetchResult:
+    """What a fetch gave: the models with checksums filled in, their cached files, bytes moved."""
+
     models: tuple[ResolvedModel, ...]  # with every sha256 and size filled in
     files: tuple[FetchedFile, ...]
     bytes_downloaded: int  # transferred by this run
     bytes_resumed: int = 0  # reused from interrupted downloads instead of transferred again
 
     def path_of(self, model: str, name: str) -> Path:
+        """The cached file ``name`` of model ``model``, for the stages that copy it in."""
         return next(f.path for f in self.files if f.model == model and f.name == name)
 
 
 def sha256_file(path: Path) -> str:
+    """The file's SHA-256 (hex), read in blocks so large weights never sit in memory."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(HASH_BLOCK):
@@ -79,9 +85,11 @@ class Cache:
             (root / sub).mkdir(parents=True, exist_ok=True)
 
     def blob(self, sha256: str) -> Path:
+        """Where the blob with this SHA-256 lives in the cache (present or not)."""
         return self.root / "blobs" / "sha256" / sha256
 
     def lock(self, key: str) -> FileLock:
+        """A file lock for ``key``, so concurrent builds download each file once."""
         return FileLock(str(self.root / "locks" / f"{key}.lock"), timeout=3600)
 
     def verified(self, sha256: str) -> Path | None:
@@ -95,6 +103,7 @@ class Cache:
         return path
 
     def put_bytes(self, data: bytes) -> Path:
+        """Store ``data`` under its SHA-256 (atomically, once) and return its path."""
         sha = hashlib.sha256(data).hexdigest()
         path = self.blob(sha)
         if not path.is_file():

@@ -236,6 +236,8 @@ def complete_hashes(
 
 @dataclass(frozen=True)
 class LockResult:
+    """What ``builder lock`` did: where it wrote the lock, the lock, its drift and warnings."""
+
     path: Path | None  # where the lock was written (None for --check)
     lock: Lock
     drift: tuple[str, ...]  # differences from the committed lock (check mode)
@@ -243,6 +245,7 @@ class LockResult:
 
 
 def lock_path(spec: CustomerSpec) -> Path:
+    """Where a customer's lock file is written; ConfigError for a remote repository."""
     if spec.source.root.joinpath(".git").exists():  # a work tree, not a mirror in the cache
         return spec.source.root / spec.source.subdir / LOCK_FILE
     raise ConfigError(

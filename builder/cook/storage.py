@@ -37,6 +37,8 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class StoredObject:
+    """One object of a store: its key below the root and its size in bytes."""
+
     key: str  # path below the store root, posix
     size: int
 
@@ -46,13 +48,27 @@ class Store(Protocol):
 
     root: str  # URI of the root, e.g. s3://bucket/prefix or file:/srv/weights
 
-    def list(self, prefix: str) -> list[StoredObject]: ...
-    def read_bytes(self, key: str) -> bytes | None: ...
-    def stream(self, key: str, start: int, end: int) -> Iterator[bytes]: ...
-    def uri(self, key: str) -> str: ...
+    def list(self, prefix: str) -> list[StoredObject]:
+        """Every object below ``prefix``, sorted by key."""
+        ...
+
+    def read_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, None when there is no such object."""
+        ...
+
+    def stream(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        """The object's bytes from ``start`` to ``end`` (exclusive), in chunks."""
+        ...
+
+    def uri(self, key: str) -> str:
+        """The object's URI, as locks and images record it."""
+        ...
+
     def write_stream(
         self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None
-    ) -> None: ...
+    ) -> None:
+        """Write the object from ``chunks`` (``size`` bytes), reporting progress."""
+        ...
 
 
 class _ChunkReader(io.RawIOBase):
@@ -90,6 +106,8 @@ def _s3_client() -> Any:
 
 
 class S3Store:
+    """A store in an S3 bucket (``s3://bucket[/prefix]``), through boto3."""
+
     def __init__(self, root: str) -> None:
         parsed = urlparse(root)
         self.root = root.rstrip("/")
@@ -101,12 +119,14 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def uri(self, key: str) -> str:
+        """The object's ``s3://bucket/key`` URI."""
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def _fail(self, action: str, key: str, exc: Exception) -> FetchError:
         return FetchError(f"{action} {self.uri(key)} failed: {_s3_reason(exc)}")
 
     def list(self, prefix: str) -> list[StoredObject]:
+        """Every object below ``prefix`` (all pages of the listing), sorted by key."""
         full = self._key(prefix.rstrip("/") + "/")
         out: list[StoredObject] = []
         try:
@@ -121,6 +141,7 @@ class S3Store:
         return sorted(out, key=lambda o: o.key)
 
     def read_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, None when the bucket has no such key."""
         from botocore.exceptions import ClientError
 
         try:
@@ -136,6 +157,7 @@ class S3Store:
         return body
 
     def stream(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        """The object's bytes from ``start`` to ``end`` (exclusive), by one ranged GET."""
         try:
             response = self._client.get_object(
                 Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}"
@@ -147,6 +169,7 @@ class S3Store:
     def write_stream(
         self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None
     ) -> None:
+        """Upload the object from ``chunks`` (multipart for large ones), reporting progress."""
         done = 0
 
         def callback(n: int) -> None:
@@ -194,6 +217,7 @@ class FileStore:
         self.root = f"file:{self.configured}"
 
     def uri(self, key: str) -> str:
+        """The object's ``file:`` URI, relative as the root was configured."""
         return f"file:{PurePosixPath(self.configured, key)}" if self.configured else f"file:{key}"
 
     def _at(self, key: str) -> Path:
@@ -204,6 +228,7 @@ class FileStore:
             raise FetchError(str(exc), hint="a store holds plain files only") from None
 
     def list(self, prefix: str) -> list[StoredObject]:
+        """Every file below ``prefix``, sorted by key; FetchError on a symbolic link."""
         base = self._at(prefix.rstrip("/"))
         if not base.is_dir():
             return []
@@ -221,10 +246,12 @@ class FileStore:
         return sorted(out, key=lambda o: o.key)
 
     def read_bytes(self, key: str) -> bytes | None:
+        """The file's bytes, None when there is no such file."""
         path = self._at(key)
         return path.read_bytes() if path.is_file() else None
 
     def stream(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        """The file's bytes from ``start`` to ``end`` (exclusive); FetchError when it is short."""
         try:
             with self._at(key).open("rb") as handle:
                 handle.seek(start)
@@ -241,6 +268,7 @@ class FileStore:
     def write_stream(
         self, key: str, chunks: Iterator[bytes], size: int, *, progress: Progress | None = None
     ) -> None:
+        """Write the file from ``chunks`` through a temporary file, so it is never half-written."""
         target = self._at(key)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
         done = 0

@@ -28,6 +28,7 @@ class LockedFile:
     sha256: str
 
     def to_dict(self) -> dict[str, Any]:
+        """The file's entry as the lock document writes it."""
         return {"name": self.name, "uri": self.uri, "size": self.size, "sha256": self.sha256}
 
 
@@ -131,6 +132,7 @@ class LockedBase:
     digest: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The base image's entry as the lock document writes it."""
         return {
             "repository": self.repository,
             "constraint": self.constraint,

@@ -138,6 +138,7 @@ class Pace:
         self.finished: list[float] = []  # when each build finished (seconds, monotonic)
 
     def add(self, when: float) -> None:
+        """Count a build that finished at ``when`` (seconds, monotonic)."""
         self.finished.append(when)
 
     @property

@@ -44,11 +44,14 @@ class FleetEntry:
 
     @property
     def is_url(self) -> bool:
+        """Whether the customer's repository is a git URL rather than a local folder."""
         return bool(_URL.match(self.location))
 
 
 @dataclass(frozen=True)
 class Fleet:
+    """A fleet file read: its entries (maybe a selection) and every folder and name it covers."""
+
     path: Path
     entries: tuple[FleetEntry, ...]
     # Every local customer folder (absolute) and every name the file lists, also when
@@ -73,10 +76,12 @@ class Fleet:
         return Fleet(self.path, chosen, self.folders, self.names)
 
     def entry(self, name: str) -> FleetEntry:
+        """The entry of customer ``name`` (ConfigError when the file has none)."""
         return self.select([name]).entries[0]
 
 
 def default_fleet_path(settings: Settings) -> Path:
+    """The fleet file used when none is named: the one in the customers folder."""
     return settings.customers / FLEET_FILE
 
 

@@ -127,6 +127,7 @@ class PlanIndex:
 
     @classmethod
     def open(cls, cache_dir: Path, fleet_file: Path) -> PlanIndex:
+        """The index kept for this fleet file in the cache (empty when none or unreadable)."""
         path = cache_file(cache_dir, "customers", str(fleet_file.resolve()))
         data = read_json(path) or {}
         kept: dict[str, tuple[str, CustomerFacts]] = {}
@@ -144,6 +145,7 @@ class PlanIndex:
         return found[1]
 
     def put(self, name: str, key: str, facts: CustomerFacts) -> None:
+        """Keep the facts read for customer ``name`` under ``key``, for the next plan."""
         self._used[name] = (key, facts)
         self._changed = True
 

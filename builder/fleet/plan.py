@@ -122,14 +122,17 @@ class FleetPlan:
 
     @property
     def rebuild(self) -> list[PlanItem]:
+        """The images to rebuild on the base release."""
         return [item for item in self.items if item.status == PlanStatus.REBUILD]
 
     @property
     def released(self) -> list[PlanItem]:
+        """The images whose config commit is already released on this base and variant."""
         return [item for item in self.items if item.status == PlanStatus.RELEASED]
 
     @property
     def errors(self) -> list[PlanItem]:
+        """The customers whose configuration could not be read, so nothing is planned for them."""
         return [item for item in self.items if item.status == PlanStatus.ERROR]
 
     @property
@@ -139,6 +142,7 @@ class FleetPlan:
 
     @property
     def customers(self) -> int:
+        """How many customers the plan covers."""
         return len({item.customer for item in self.items})
 
 

@@ -78,6 +78,8 @@ class BaseImageBuild:
 
 @dataclass(frozen=True)
 class Requirement:
+    """One pinned requirement of the base image: name, exact version and allowed hashes."""
+
     name: str
     version: str
     hashes: frozenset[str]

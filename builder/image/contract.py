@@ -63,6 +63,7 @@ class Contract:
     source: str  # e.g. "base image 127.0.0.1:5000/ivd/inference-base:2.4.1"
 
     def plugins(self, kind: str) -> Mapping[str, Any]:
+        """The contract's plug-ins of one kind (``preprocessing`` ...), by name; empty if none."""
         found: Mapping[str, Any] = (self.data.get("plugins") or {}).get(kind) or {}
         return found
 

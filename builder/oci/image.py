@@ -109,6 +109,7 @@ class LayoutBlobs(BlobSource):
         self.directory, self.store = directory, store
 
     def read(self, digest: str) -> bytes:
+        """The blob's bytes from the layout (or its blob store); ImageError when it lacks it."""
         if self.store is None:
             return read_layout_blob(self.directory, digest)
         try:
@@ -118,6 +119,7 @@ class LayoutBlobs(BlobSource):
 
     @contextlib.contextmanager
     def open(self, descriptor: Descriptor) -> Iterator[IO[bytes]]:
+        """The blob's file, opened without following links; ImageError when it is missing."""
         path = layout_blob_path(self.directory, descriptor.digest)
         try:
             file = os.fdopen(open_nofollow(path, os.O_RDONLY), "rb")  # a link is never read
@@ -127,6 +129,7 @@ class LayoutBlobs(BlobSource):
             yield file
 
     def referrers(self, digest: str) -> tuple[list[Descriptor], str]:
+        """The layout's referrers of ``digest`` (from its index) and how they were found."""
         if not (self.directory / "index.json").is_file():
             return [], "blob store (no index)"
         return layout_referrers(self.directory, digest), "OCI layout index"
@@ -140,13 +143,16 @@ class RegistryBlobs(BlobSource):
         self.client, self.path, self.cache = client, path, cache
 
     def read(self, digest: str) -> bytes:
+        """The blob's bytes, downloaded from the registry."""
         return self.client.get_blob_bytes(self.path, digest)
 
     def read_manifest(self, digest: str) -> bytes:
+        """The manifest's bytes, downloaded from the registry."""
         return self.client.get_manifest(self.path, digest)[0]
 
     @contextlib.contextmanager
     def open(self, descriptor: Descriptor) -> Iterator[IO[bytes]]:
+        """The blob's file, downloaded into the cache (verified) and opened."""
         if self.cache is None:
             raise ImageError(f"no cache to download blob {descriptor.digest} of {self.what} into")
         path = fetch_blob(self, descriptor, BlobStore(self.cache))
@@ -154,11 +160,13 @@ class RegistryBlobs(BlobSource):
             yield file
 
     def fetch(self, descriptor: Descriptor, store: BlobStore, progress: Progress | None) -> Path:
+        """Download the blob into ``store`` (verified against its digest) and return its path."""
         return self.client.download_blob(
             self.path, descriptor.digest, store, progress, descriptor.size
         )
 
     def referrers(self, digest: str) -> tuple[list[Descriptor], str]:
+        """The registry's referrers of ``digest`` and how they were found (API or tag schema)."""
         found, mode = registry_referrers(self.client, self.path, digest)
         return found, "referrers API" if mode == "referrers-api" else "referrers tag schema"
 

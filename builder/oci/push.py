@@ -38,19 +38,29 @@ class PushableImage(Protocol):
     """What writing an image reads of it."""
 
     @property
-    def manifest_digest(self) -> str: ...
+    def manifest_digest(self) -> str:
+        """The digest of the image's manifest, which the push tags."""
+        ...
 
     @property
-    def manifest_bytes(self) -> bytes: ...
+    def manifest_bytes(self) -> bytes:
+        """The manifest's exact bytes, pushed as they are so the digest holds."""
+        ...
 
     @property
-    def media_type(self) -> str: ...
+    def media_type(self) -> str:
+        """The manifest's media type, sent as its Content-Type."""
+        ...
 
     @property
-    def config_digest(self) -> str: ...
+    def config_digest(self) -> str:
+        """The digest of the image's config blob."""
+        ...
 
     @property
-    def config_bytes(self) -> bytes: ...
+    def config_bytes(self) -> bytes:
+        """The config blob's exact bytes."""
+        ...
 
     @property
     def store(self) -> BlobStore:

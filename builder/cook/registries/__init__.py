@@ -58,6 +58,7 @@ class ModelRecord:
 
     @property
     def archived(self) -> bool:
+        """Whether the registry archived the model (system tag ``archived``): never built."""
         return ARCHIVED_TAG in self.system_tags
 
     @property
@@ -68,6 +69,8 @@ class ModelRecord:
 
 @dataclass(frozen=True)
 class TaskRecord:
+    """A training task as the registry gives it: id, name, status and project."""
+
     id: str
     name: str
     status: str
@@ -91,7 +94,10 @@ class ModelRegistry(Protocol):
         """The model's record; with ``design=False`` its design is neither read nor parsed."""
         ...
 
-    def get_task(self, task_id: str) -> TaskRecord: ...
+    def get_task(self, task_id: str) -> TaskRecord:
+        """The task's record (RegistryError when there is none)."""
+        ...
+
     def get_project(self, project_id: str) -> ProjectRef | None:
         """The project with this id, None when the registry has no such project."""
         ...

@@ -145,6 +145,8 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 class ClearMLRegistry:
+    """The model registry of a ClearML server, through the clearml SDK's API client."""
+
     def __init__(self) -> None:
         host = configured_host()
         if not host:
@@ -218,6 +220,7 @@ class ClearMLRegistry:
             ) from None
 
     def get_model(self, model_id: str, *, design: bool = True) -> ModelRecord:
+        """The model's record from the server; with ``design=False`` its design is not fetched."""
         model_id = check_clearml_id(model_id.strip(), "ClearML model id")
         where = f"ClearML model {model_id}"
         if not design:  # one get_all with a projection: the design is never sent
@@ -239,6 +242,7 @@ class ClearMLRegistry:
         return _model_record(m, where, design=parse_design(m.design, where))
 
     def get_task(self, task_id: str) -> TaskRecord:
+        """The task's record from the server (ids checked, status as a plain string)."""
         task_id = check_clearml_id(task_id, "ClearML task id")
         api = self._api()
         t = self._call(f"tasks.get_by_id {task_id}", lambda: api.tasks.get_by_id(task=task_id))
@@ -252,6 +256,7 @@ class ClearMLRegistry:
         )
 
     def get_project(self, project_id: str) -> ProjectRef | None:
+        """The project with this id from the server, None when it has none."""
         project_id = check_clearml_id(project_id, "ClearML project id")
         found = self._get_all("projects", {"id": [project_id], "only_fields": ["id", "name"]})
         return next((ProjectRef(p.id, p.name or "") for p in found if p.id == project_id), None)
@@ -315,6 +320,7 @@ class ClearMLRegistry:
     def list_models(
         self, *, project: str | None = None, published: bool | None = None
     ) -> list[ModelRecord]:
+        """Every non-archived model on the server (all pages), without designs."""
         query: dict[str, Any] = {"only_fields": list(LIST_FIELDS)}
         if project is not None:
             query["project"] = self._project_ids(project)
@@ -338,6 +344,7 @@ class ClearMLRegistry:
         return {p.id: p.name or "" for p in found}
 
     def mark_published(self, model_id: str) -> bool:
+        """Publish the model on the server; False when it already was published."""
         from clearml.backend_api.session.client import APIError
 
         api = self._api()

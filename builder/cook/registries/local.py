@@ -30,6 +30,8 @@ from builder.paths import CLEARML_ID, UnsafePathError, safe_join
 
 
 class LocalRegistry:
+    """A model registry in a folder of YAML records (models/, tasks/, projects/), for demos."""
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.description = f"local registry {folder}"
@@ -62,10 +64,12 @@ class LocalRegistry:
         return doc.data, str(path)
 
     def get_model(self, model_id: str, *, design: bool = True) -> ModelRecord:
+        """The model's record from its YAML file; with ``design=False`` its design is not parsed."""
         data, where = self._record("model", model_id.strip())
         return self._model_from(data, where, parse=design)
 
     def get_task(self, task_id: str) -> TaskRecord:
+        """The task's record from its YAML file (RegistryError when a field is missing)."""
         data, where = self._record("task", task_id.strip())
         try:
             project = data.get("project")
@@ -79,6 +83,7 @@ class LocalRegistry:
             raise RegistryError(f"{where}: task record lacks {exc.args[0]!r}") from None
 
     def get_project(self, project_id: str) -> ProjectRef | None:
+        """The project with this id from its YAML file, None when there is none."""
         path = self._path("project", project_id)
         if not path.is_file():
             return None
@@ -99,6 +104,7 @@ class LocalRegistry:
     def list_models(
         self, *, project: str | None = None, published: bool | None = None
     ) -> list[ModelRecord]:
+        """Every non-archived model of the folder, without designs, filtered like ClearML's."""
         projects = {p.id: p.name for p in self._projects()}
         wanted: set[str] | None = None
         if project is not None:
@@ -121,6 +127,7 @@ class LocalRegistry:
         return out
 
     def mark_published(self, model_id: str) -> bool:
+        """Set the model's ``ready`` flag in its file (atomically); False when it already was."""
         data, where = self._record("model", model_id.strip())
         if data.get("ready"):
             return False
