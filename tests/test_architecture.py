@@ -262,3 +262,70 @@ def test_no_function_is_longer_than_a_screen(package: str) -> None:
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, long
+
+
+# -- every public name says what it is -----------------------------------------------------------
+
+_DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def _is_overload(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> bool:
+    """An ``@overload`` (or ``@typing.overload``) signature: the implementation has the docstring."""
+    return any(
+        (isinstance(d, ast.Name) and d.id == "overload")
+        or (isinstance(d, ast.Attribute) and d.attr == "overload")
+        for d in node.decorator_list
+    )
+
+
+def _undocumented(name: str, tree: ast.Module) -> list[str]:
+    """The module's public functions and classes, and the public methods (properties included)
+    and nested classes of its public classes, that have no docstring."""
+    found: list[str] = []
+    for node in tree.body:
+        if not isinstance(node, _DEFINITIONS) or node.name.startswith("_"):
+            continue
+        members = (
+            [m for m in node.body if isinstance(m, _DEFINITIONS)]
+            if isinstance(node, ast.ClassDef)
+            else []
+        )
+        for item, label in [(node, node.name)] + [(m, f"{node.name}.{m.name}") for m in members]:
+            if item.name.startswith("_") or _is_overload(item):
+                continue
+            if ast.get_docstring(item) is None:
+                found.append(f"{name}:{item.lineno} {label}")
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_every_public_name_says_what_it_is(package: str) -> None:
+    """Every public function, class and method (properties included) has a docstring that says
+    what it is and why (a one-liner will do): a reader of the package never has to guess."""
+    missing = [
+        entry
+        for name, tree in sorted(_modules(PACKAGES[package]).items())
+        for entry in _undocumented(name, tree)
+    ]
+    assert missing == [], "\n".join(missing)
+
+
+def test_the_docstring_gate_would_catch_a_missing_one() -> None:
+    """A public function, class, method or property without a docstring is caught; private
+    names, dunders and overload signatures are not."""
+    tree = ast.parse(
+        "def f(): pass\n"
+        "def _g(): pass\n"
+        "class C:\n"
+        '    """A C."""\n'
+        "    def __init__(self): pass\n"
+        "    def m(self): pass\n"
+        "    @property\n"
+        "    def p(self): return 1\n"
+        "    @typing.overload\n"
+        "    def o(self, x: int) -> int: ...\n"
+        "class _Private:\n"
+        "    def m(self): pass\n"
+        "class D: pass\n"
+    )
+    assert _undocumented("mod", tree) == ["mod:1 f", "mod:6 C.m", "mod:8 C.p", "mod:13 D"]
