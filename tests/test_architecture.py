@@ -1,4 +1,5 @@
-"""The import graphs of the builder and of the tile runner: imports go one way (no circles),
+"""The shape of the builder and of the tile runner: imports go one way (no circles, down the
+layer order), no function is longer than 80 lines, every public name has a docstring,
 and each package imports its own modules at the top (only its CLI may defer them, listed with
 the reason below)."""
 
