@@ -32,7 +32,6 @@ from typing import Final
 
 import git
 import yaml
-from filelock import FileLock
 from gitdb.base import IStream  # type: ignore[import-untyped]
 from packaging.version import Version
 
@@ -48,7 +47,7 @@ from builder.errors import (
     ReleaseGateError,
     WriteBackError,
 )
-from builder.fsutil import write_atomic
+from builder.fsutil import cache_lock, write_atomic
 from builder.gitauth import GIT_ENV
 from builder.imagename import ImageKey, ImageName
 from builder.redact import mask_secrets, strip_credentials
@@ -162,9 +161,13 @@ class ReleaseLog:
         self.work = cache_dir / "releases" / key
         self.tracking = f"refs/ivd-records/{branch}"
         self.work.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.work) + ".lock", timeout=600)
-        with self._lock:  # parallel CI jobs of one repository share this cache folder
+        self._lock_path = Path(f"{self.work}.lock")
+        with self._locked():  # parallel CI jobs of one repository share this cache folder
             self.repo = git.Repo.init(self.work, bare=True, mkdir=True)
+
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        """This log's cache folder, held by one process (parallel CI jobs share the cache)."""
+        return cache_lock(self._lock_path, 600, WriteBackError)
 
     @property
     def shown(self) -> str:
@@ -406,7 +409,7 @@ class ReleaseLog:
         "present"; a different one is refused (that record only)."""
         paths = [record_path(r.name) for r in records]
         last = ""
-        with self._lock:
+        with self._locked():
             for attempt in range(1, max(1, attempts) + 1):
                 head = self.fetch()
                 results: list[WriteResult | BuilderError | None] = []

@@ -1076,3 +1076,47 @@ def test_any_registry_record_resolves_or_fails_in_one_line(
     except BuilderError as exc:
         assert "\n" not in str(exc), str(exc)
         assert exc.exit_code in (2, 3, 4, 5), exc
+
+
+# --- lock files in the caches: never followed through a link ------------------------------------
+
+
+def test_no_lock_file_in_the_caches_is_followed(
+    repo: Path, settings: Settings, outside: Path
+) -> None:
+    """Every lock file in the caches (weights downloads, repository mirrors, release-record
+    logs) replaced by a link to a host file: the next run locks a file of its own, and the host
+    file is neither truncated nor written (``filelock`` opened its path with O_TRUNC)."""
+    from builder.cook.fetch import Cache
+    from builder.record import RELEASES_BRANCH, ReleaseLog
+
+    def use_the_caches() -> None:
+        load_customer(repo.as_uri(), settings)
+        ReleaseLog(repo.as_uri(), settings.cache_dir, RELEASES_BRANCH).fetch()
+        with Cache(settings.cache_dir / "weights").lock("sha256-of-a-file"):
+            pass
+
+    use_the_caches()
+    locks = sorted(settings.cache_dir.rglob("*.lock"))
+    assert {p.parent.name for p in locks} >= {"locks", "repos", "releases"}
+    for lock in locks:
+        lock.unlink()
+        lock.symlink_to(outside / "passwd")
+    use_the_caches()
+    assert (outside / "passwd").read_text() == SECRET + "\n"
+    assert all(lock.is_file() and not lock.is_symlink() for lock in locks)
+
+
+def test_a_held_cache_lock_times_out_in_one_line(tmp_path: Path) -> None:
+    """A second holder waits at most its limit, then gets the error class it asked for."""
+    from builder.errors import FetchError
+    from builder.fsutil import cache_lock
+
+    path = tmp_path / "x.lock"
+    with (
+        cache_lock(path, 5, FetchError),
+        pytest.raises(FetchError) as info,
+        cache_lock(path, 0.3, FetchError),
+    ):
+        pass
+    assert str(info.value).startswith(f"{path} is locked by another build for more than 0 s")

@@ -11,6 +11,7 @@ crash leaves holes it cannot see; the chunk ledger here is what makes downloads 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -22,11 +23,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from threading import Lock, RLock
 
-from filelock import FileLock
-
 from builder.contracts import Progress, ProgressEvent, ResolvedModel, WeightFile
 from builder.cook.storage import Store, open_store, split_uri
 from builder.errors import FetchError
+from builder.fsutil import cache_lock
 
 CHUNK_SIZE = 16 << 20
 HASH_BLOCK = 4 << 20
@@ -88,9 +88,9 @@ class Cache:
         """Where the blob with this SHA-256 lives in the cache (present or not)."""
         return self.root / "blobs" / "sha256" / sha256
 
-    def lock(self, key: str) -> FileLock:
+    def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
         """A file lock for ``key``, so concurrent builds download each file once."""
-        return FileLock(str(self.root / "locks" / f"{key}.lock"), timeout=3600)
+        return cache_lock(self.root / "locks" / f"{key}.lock", 3600, FetchError)
 
     def verified(self, sha256: str) -> Path | None:
         """The entry if present and intact; a corrupt or truncated one is removed, never used."""

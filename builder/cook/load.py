@@ -20,11 +20,11 @@ from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit
 
 import git
-from filelock import FileLock
 
 from builder import yamldoc
 from builder.contracts import CustomerSpec, ModelDecl, RepoSource
 from builder.errors import ConfigError
+from builder.fsutil import cache_lock
 from builder.paths import UnsafePathError, normal_model_id, safe_join
 from builder.redact import redact_url, strip_credentials
 from builder.settings import Settings
@@ -144,7 +144,7 @@ def _clone_or_fetch(url: str, cache: Path) -> RepoSource:
     cache.mkdir(parents=True, exist_ok=True)
     # Parallel CI jobs share the cache: one process at a time creates or fetches a mirror.
     try:
-        with FileLock(f"{target}.lock", timeout=600):
+        with cache_lock(Path(f"{target}.lock"), 600, ConfigError):
             _mirror(url, target, env)
     except git.GitCommandError as exc:
         # git's own message can echo the URL; make sure credentials never reach the output.

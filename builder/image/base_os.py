@@ -27,10 +27,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
-from filelock import FileLock
-
 from builder.contracts import Progress, ProgressEvent
 from builder.errors import ImageError
+from builder.fsutil import cache_lock
 
 #: The default ``--from`` of ``builder base build``: made here, never pulled.
 BASE_OS_IMAGE: Final = "ivd/python:3.11-bookworm"
@@ -190,7 +189,7 @@ def rootfs_tarball(
     """The cached rootfs tarball under ``cache``, made with debootstrap on first use."""
     cache.mkdir(parents=True, exist_ok=True)
     tarball = cache / f"{SUITE}-python3-{recipe_key()}.tar"
-    with FileLock(str(tarball) + ".lock", timeout=DEBOOTSTRAP_TIMEOUT + 300):
+    with cache_lock(Path(f"{tarball}.lock"), DEBOOTSTRAP_TIMEOUT + 300, ImageError):
         if tarball.is_file():
             return tarball
         debootstrap = shutil.which("debootstrap") or shutil.which(

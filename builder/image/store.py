@@ -34,6 +34,7 @@ from typing import IO, Any, Final
 
 from builder.contracts import Progress, ProgressEvent
 from builder.errors import ImageError
+from builder.fsutil import locked_file, read_nofollow
 from builder.image.assemble import AssembledImage, Layer
 from builder.image.base import BaseImage, fetch_base_blob, make_base_image, select_version
 from builder.image.provenance import (
@@ -56,9 +57,7 @@ from builder.oci import (
     canonical_json,
     check_digest,
     is_disk_full,
-    locked_file,
     read_layout_index,
-    read_nofollow,
     update_layout_index,
     write_layout_index,
 )
@@ -513,7 +512,9 @@ class ImageStore:
                 hint="run `builder images prune` again when the build has finished",
             )
 
-        return locked_file(self.root / _GC_LOCK, exclusive=exclusive, wait=wait, busy=busy)
+        return locked_file(
+            self.root / _GC_LOCK, exclusive=exclusive, wait=wait, busy=busy, error=ImageError
+        )
 
 
 def _member(tar: tarfile.TarFile, name: str) -> IO[bytes]:

@@ -20,9 +20,6 @@ from builder.oci.blobs import (
     hash_file,
     is_disk_full,
     link_refused,
-    locked_file,
-    open_nofollow,
-    read_nofollow,
     remove_abandoned,
 )
 from builder.oci.descriptor import (
@@ -130,9 +127,7 @@ __all__ = [
     "layout_directories",
     "layout_referrers",
     "link_refused",
-    "locked_file",
     "locked_layout",
-    "open_nofollow",
     "open_path",
     "parse_reference",
     "push_blobs",
@@ -141,7 +136,6 @@ __all__ = [
     "read_files",
     "read_layout_blob",
     "read_layout_index",
-    "read_nofollow",
     "registry_referrers",
     "remove_abandoned",
     "sha256_digest",

@@ -15,11 +15,12 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Final
 
 from builder.errors import ImageError
+from builder.fsutil import open_nofollow, read_nofollow
 from builder.oci.descriptor import canonical_json, check_digest, sha256_digest
 
 _CHUNK: Final = 1 << 20
@@ -359,54 +360,6 @@ def link_refused(root: Path, path: Path) -> ImageError:
         f"{path} is a symbolic link; links are not followed in {root}",
         hint="remove the link (point image_store or the layout at the real folder instead)",
     )
-
-
-def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
-    """``os.open`` that fails (ELOOP) instead of following a link at ``path``."""
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-
-
-def read_nofollow(path: Path) -> bytes:
-    """A file's bytes; OSError (ELOOP) when ``path`` is a symbolic link."""
-    fd = open_nofollow(path, os.O_RDONLY)
-    with os.fdopen(fd, "rb") as file:
-        return file.read()
-
-
-@contextlib.contextmanager
-def locked_file(
-    path: Path, *, exclusive: bool, wait: float | None, busy: Callable[[], ImageError]
-) -> Iterator[None]:
-    """Hold an ``flock`` on the lock file ``path`` (made if missing; a link there is replaced,
-    never followed), shared or exclusive, waiting at most ``wait`` seconds (None: no limit);
-    ``busy()`` is raised when the wait runs out."""
-    flags = os.O_RDWR | os.O_CREAT
-    try:
-        try:
-            fd = open_nofollow(path, flags)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            path.unlink()  # a planted link: remove it (its target is left alone), lock our own
-            fd = open_nofollow(path, flags | os.O_EXCL)
-    except OSError as exc:
-        raise ImageError(
-            f"cannot lock {path}: {exc.strerror or exc}", hint="check that the folder is writable"
-        ) from None
-    try:
-        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        deadline = None if wait is None else time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, mode | (0 if deadline is None else fcntl.LOCK_NB))
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise busy() from None
-                time.sleep(0.1)
-        yield
-    finally:
-        os.close(fd)
 
 
 def atomic_write(

@@ -27,7 +27,8 @@ from typing import IO, Any, Final
 
 from builder.contracts import Progress
 from builder.errors import ImageError
-from builder.oci.blobs import BlobStore, is_disk_full, open_nofollow
+from builder.fsutil import open_nofollow
+from builder.oci.blobs import BlobStore, is_disk_full
 from builder.oci.descriptor import IMAGE_MANIFEST_TYPES, INDEX_TYPES, Descriptor, sha256_digest
 from builder.oci.layout import layout_blob_path, read_layout_blob, read_layout_index
 from builder.oci.reference import parse_reference

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from builder.errors import ImageError
-from builder.oci.blobs import atomic_write, link_refused, locked_file, open_nofollow, read_nofollow
+from builder.fsutil import locked_file, open_nofollow, read_nofollow
+from builder.oci.blobs import atomic_write, link_refused
 from builder.oci.descriptor import (
     OCI_INDEX,
     REF_NAME,
@@ -144,7 +145,9 @@ def locked_layout(directory: Path, timeout: float = INDEX_LOCK_TIMEOUT) -> Itera
             hint=f"wait for the other build, or remove {directory / INDEX_LOCK} if none runs",
         )
 
-    with locked_file(directory / INDEX_LOCK, exclusive=True, wait=timeout, busy=busy):
+    with locked_file(
+        directory / INDEX_LOCK, exclusive=True, wait=timeout, busy=busy, error=ImageError
+    ):
         yield directory / "index.json"
 
 
