@@ -216,15 +216,14 @@ def publish(
         or getpass.getuser(),
         published_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    manifest_files = manifest.to_dict()["files"]
     current = read_manifest(dst, folder)
     if current is None:
         data = manifest.to_bytes()
         dst.write_stream(f"{folder}/{MANIFEST_NAME}", iter([data]), len(data))
         result.manifest_written = True
     elif (
-        sorted(current.get("files", []), key=lambda f: f["name"]) != manifest_files
-        or current.get("model_id") != model.id
+        sorted(current.files, key=lambda f: f.name) != list(manifest.files)
+        or current.model_id != model.id
     ):
         raise FetchError(
             f"{dst.uri(f'{folder}/{MANIFEST_NAME}')} describes other files or another model; refusing to change it"
@@ -283,8 +282,8 @@ def _copy_all(
 def production_presence(store: Store, task_id: str, model_id: str) -> dict[str, Any]:
     """Whether a model's weights are in production (its own manifest), for `models list`."""
     manifest = read_manifest(store, production_folder(task_id, model_id))
-    ok = manifest is not None and manifest.get("model_id") == model_id
+    ok = manifest is not None and manifest.model_id == model_id
     return {
         "in_production": ok,
-        "files": len(manifest.get("files", [])) if manifest and ok else 0,
+        "files": len(manifest.files) if manifest and ok else 0,
     }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import tarfile
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,8 +14,10 @@ from typing import Any, cast
 
 import pytest
 import yaml
+from helpers import run_cli
 
 from builder import __version__, yamldoc
+from builder.audit.text import base_of
 from builder.contracts import WeightFile
 from builder.cook.lock import render
 from builder.documents import FileDigest, ModelRecord
@@ -21,7 +26,7 @@ from builder.documents.lock import Lock
 from builder.documents.provenance import Provenance
 from builder.documents.publish_manifest import PublishManifest
 from builder.documents.release_record import ReleaseRecord
-from builder.errors import ConfigError
+from builder.errors import ConfigError, ImageError
 from builder.image.provenance import provenance_document
 from builder.record import release_record, render_record
 
@@ -152,6 +157,131 @@ def test_provenance_bytes_and_round_trip(worktree: bool) -> None:
     golden = golden.replace('"version":"0.1.0"', f'"version":"{__version__}"')
     assert yamldoc.canonical_json(document.to_dict()).decode() == golden
     assert Provenance.from_dict(document.to_dict()) == document
+
+
+def _written_provenance() -> dict[str, Any]:
+    """provenance.json as this version writes it (the golden document, not a work tree)."""
+    return dict(json.loads((DATA / "provenance.jsonl").read_text("utf-8").splitlines()[0]))
+
+
+#: The resolved base that builders before the constraint-only record wrote into ``base_image``.
+OLDER_BASE: dict[str, Any] = {
+    "repository": "reg.example/ivd/inference-base",
+    "version": "2.4.1",
+    "digest": "sha256:" + "b" * 64,
+}
+
+
+def test_provenance_of_an_older_builder_reads_through_the_type() -> None:
+    """An image's record from a builder that also wrote the resolved base reads as an image's
+    record (``recorded=True``): the base is kept in typed fields, explain's base reads it, and
+    the document is shown as the image holds it. The form this version writes refuses it, and
+    a current record reads the same either way (no base fields)."""
+    older = _written_provenance()
+    older["base_image"] = {**older["base_image"], **OLDER_BASE}
+    read = Provenance.from_dict(older, "img", recorded=True)
+    assert (read.base_repository, read.base_version, read.base_digest) == tuple(OLDER_BASE.values())
+    assert read.to_dict() == older
+    assert base_of({}, read) == {**OLDER_BASE, "constraint": older["base_image"]["constraint"]}
+    with pytest.raises(ConfigError, match=r"^img: base_image \{"):
+        Provenance.from_dict(older, "img")
+    current = Provenance.from_dict(_written_provenance(), "img", recorded=True)
+    assert current == Provenance.from_dict(_written_provenance())
+    assert (current.base_repository, current.base_version, current.base_digest) == (None,) * 3
+    assert current.to_dict() == _written_provenance()
+
+
+def _broken(path: tuple[str | int, ...], value: Any) -> dict[str, Any]:
+    """An older builder's provenance.json with the key at ``path`` set (``...``: removed)."""
+    data = _written_provenance()
+    data["base_image"] = {**data["base_image"], **OLDER_BASE}
+    *parents, last = path
+    node: Any = data
+    for key in parents:
+        node = node[key]
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("base_image", "digest"), 5, "base_image.digest 5 is missing or malformed"),
+        (("base_image", "constraint"), ..., "base_image.constraint '' is missing or malformed"),
+        (("models", 0, "name"), ..., "models[0].name '' is missing or malformed"),
+        (("config", "commit"), None, "config.commit None is missing or malformed"),
+        (("base_image", "size"), 1, "base_image {"),
+    ],
+)
+def test_malformed_provenance_is_one_config_error(
+    path: tuple[str | int, ...], value: Any, message: str
+) -> None:
+    """A malformed record, even read as an image's own, is one ConfigError line naming where
+    it was read and the key (explain turns it into an ImageError)."""
+    with pytest.raises(ConfigError) as caught:
+        Provenance.from_dict(_broken(path, value), "img", recorded=True)
+    assert str(caught.value).startswith(f"img: {message}"), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+PROVENANCE_MEMBER = "app/config/provenance.json"
+FORMAT2_IMAGE = Path(__file__).parent / "data" / "format2-image"
+
+
+def _with_provenance(layout: Path, raw: bytes) -> None:
+    """Put ``raw`` as /app/config/provenance.json into the image layer that holds it (the
+    layer no longer hashes to its digest, as when an attacker edits a blob in place)."""
+    for blob in (layout / "blobs" / "sha256").iterdir():
+        try:
+            with tarfile.open(blob, "r:gz") as tar:
+                members = [(m, tar.extractfile(m)) for m in tar.getmembers()]
+                if PROVENANCE_MEMBER not in {m.name for m, _ in members}:
+                    continue
+                files = [(m, f.read() if f else None) for m, f in members]
+        except tarfile.TarError:
+            continue
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w:gz") as tar:
+            for member, data in files:
+                content = raw if member.name == PROVENANCE_MEMBER else data
+                member.size = len(content) if content is not None else member.size
+                tar.addfile(member, io.BytesIO(content) if content is not None else None)
+        blob.write_bytes(out.getvalue())
+        return
+    raise AssertionError("no layer holds provenance.json")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{", "/app/config/provenance.json is not JSON (altered?)"),
+        (
+            json.dumps({**_written_provenance(), "provenance_version": 2}).encode(),
+            "/app/config/provenance.json has provenance_version 2, which this version cannot read",
+        ),
+        (
+            json.dumps(_broken(("models", 0, "files"), "x")).encode(),
+            "app/config/provenance.json: models[0].files 'x' is missing or malformed",
+        ),
+    ],
+)
+def test_explain_refuses_a_malformed_provenance_in_one_line(
+    tmp_path: Path, raw: bytes, message: str
+) -> None:
+    """`builder explain` of an image whose provenance.json is altered: one error line of the
+    image class (exit 6), no traceback, whether it is not JSON, of another version or breaks
+    the schema."""
+    layout = tmp_path / "image"
+    shutil.copytree(FORMAT2_IMAGE, layout)
+    _with_provenance(layout, raw)
+    done = run_cli("explain", f"oci:{layout}:2.4.1", cwd=tmp_path, env={"HOME": str(tmp_path)})
+    assert done.returncode == ImageError.exit_code, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert message in lines[0]
 
 
 def test_build_report_round_trip() -> None:

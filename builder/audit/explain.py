@@ -19,7 +19,8 @@ from builder.attest.dsse import (
 from builder.attest.statement import MEDIA_CYCLONEDX, MEDIA_INTOTO, PROVENANCE_FILE
 from builder.audit.history import ReleaseReview, open_customer, release_review
 from builder.audit.text import base_of, short
-from builder.errors import AttestationError, BuilderError, ImageError
+from builder.documents.provenance import Provenance
+from builder.errors import AttestationError, BuilderError, ConfigError, ImageError
 from builder.image.contents import open_image, own_layers, scan_files
 from builder.image.provenance import LABEL_PREFIX
 from builder.oci import ArchiveImage, Descriptor, ImageFiles, OpenedImage
@@ -85,7 +86,7 @@ class Explanation:
     manifest_digest: str
     config_digest: str
     customer: str
-    provenance: dict[str, Any]
+    provenance: Provenance  # the JSON shows it as the image holds it (``to_dict``)
     base: dict[str, Any]  # repository, version, digest, constraint
     labels: dict[str, str]
     created: str | None  # the image's created time (= config commit time)
@@ -163,7 +164,9 @@ def _not_ours(image: OpenedImage, why: str) -> ImageError:
     )
 
 
-def _read_provenance(image: OpenedImage, found: ImageFiles) -> dict[str, Any]:
+def _read_provenance(image: OpenedImage, found: ImageFiles) -> Provenance:
+    """The image's provenance.json, read as any builder version wrote it; one ImageError line
+    when it is missing, not JSON, of another version or malformed."""
     raw = found.contents.get(PROVENANCE_PATH)
     if raw is None:
         raise _not_ours(image, "it has no /app/config/provenance.json")
@@ -180,23 +183,26 @@ def _read_provenance(image: OpenedImage, found: ImageFiles) -> dict[str, Any]:
             "which this version cannot read",
             hint="use the builder version that made the image",
         )
-    return record
+    try:
+        return Provenance.from_dict(record, f"{image.what}: {PROVENANCE_PATH}", recorded=True)
+    except ConfigError as exc:
+        raise ImageError(exc.message, hint=exc.hint) from None
 
 
-def _file_statuses(provenance: Mapping[str, Any], found: ImageFiles) -> list[ModelFileStatus]:
+def _file_statuses(provenance: Provenance, found: ImageFiles) -> list[ModelFileStatus]:
     out = []
     expected: set[str] = set()
-    for model in provenance.get("models") or []:
-        for f in model.get("files") or []:
-            path = f"{MODELS_PREFIX}{model['name']}/{f['name']}"
+    for model in provenance.models:
+        for f in model.files:
+            path = f"{MODELS_PREFIX}{model.name}/{f.name}"
             expected.add(path)
             have = found.files.get(path)
-            status = "MISSING" if have is None else "ok" if have[0] == f["sha256"] else "MODIFIED"
+            status = "MISSING" if have is None else "ok" if have[0] == f.sha256 else "MODIFIED"
             out.append(
                 ModelFileStatus(
-                    model["name"],
-                    f["name"],
-                    f["sha256"],
+                    model.name,
+                    f.name,
+                    f.sha256,
                     have[0] if have else None,
                     have[1] if have else None,
                     status,
@@ -205,46 +211,44 @@ def _file_statuses(provenance: Mapping[str, Any], found: ImageFiles) -> list[Mod
     for path, (sha, size) in sorted(found.files.items()):
         if path.startswith(MODELS_PREFIX) and path not in expected:
             rest = path.removeprefix(MODELS_PREFIX)
-            model, _, name = rest.partition("/")
-            out.append(ModelFileStatus(model, name, "", sha, size, "UNEXPECTED"))
+            folder, _, name = rest.partition("/")
+            out.append(ModelFileStatus(folder, name, "", sha, size, "UNEXPECTED"))
     return out
 
 
 def _consistency_checks(
-    image: OpenedImage, provenance: Mapping[str, Any], found: ImageFiles
+    image: OpenedImage, provenance: Provenance, found: ImageFiles
 ) -> list[Check]:
     """Labels, manifest annotations, provenance.json and the config layer must agree."""
     labels = image.labels
-    config = provenance.get("config") or {}
-    base = provenance.get("base_image") or {}
     pairs = [
         (
             "label org.opencontainers.image.revision",
             labels.get("org.opencontainers.image.revision"),
-            config.get("commit"),
+            provenance.config_commit,
         ),
         (
             "label org.opencontainers.image.source",
             labels.get("org.opencontainers.image.source"),
-            config.get("repository"),
+            provenance.config_repository,
         ),
         (
             f"label {LABEL_PREFIX}.customer",
             labels.get(f"{LABEL_PREFIX}.customer"),
-            provenance.get("customer"),
+            provenance.customer,
         ),
         (
             f"label {LABEL_PREFIX}.config.sha256",
             labels.get(f"{LABEL_PREFIX}.config.sha256"),
-            config.get("verbose_sha256"),
+            provenance.verbose_sha256,
         ),
     ]
-    if base.get("digest"):  # provenance.json of builds that recorded the resolved base
+    if provenance.base_digest:  # provenance.json of builds that recorded the resolved base
         pairs.append(
             (
                 "label org.opencontainers.image.base.digest",
                 labels.get("org.opencontainers.image.base.digest"),
-                base.get("digest"),
+                provenance.base_digest,
             )
         )
     analysis = found.files.get(ANALYSIS_PATH)
@@ -252,15 +256,15 @@ def _consistency_checks(
         (
             "/app/config/analysis.yaml sha256",
             analysis[0] if analysis else None,
-            config.get("verbose_sha256"),
+            provenance.verbose_sha256,
         )
     )
-    for model in provenance.get("models") or []:
+    for model in provenance.models:
         pairs.append(
             (
-                f"label {LABEL_PREFIX}.model.{model['name']}.sha256",
-                labels.get(f"{LABEL_PREFIX}.model.{model['name']}.sha256"),
-                model.get("dir_hash"),
+                f"label {LABEL_PREFIX}.model.{model.name}.sha256",
+                labels.get(f"{LABEL_PREFIX}.model.{model.name}.sha256"),
+                model.dir_hash,
             )
         )
     annotations = image.manifest.get("annotations") or {}
@@ -368,7 +372,7 @@ def read_attestations(
 def _statement_checks(
     image: OpenedImage,
     statement: Mapping[str, Any],
-    provenance: Mapping[str, Any],
+    provenance: Provenance,
     sbom_sha: str | None,
 ) -> list[Check]:
     subjects = {(s.get("digest") or {}).get("sha256") for s in statement.get("subject") or []}
@@ -384,11 +388,7 @@ def _statement_checks(
     deps = (statement.get("predicate") or {}).get("buildDefinition", {}).get(
         "resolvedDependencies"
     ) or []
-    recorded = {
-        f"model:{m['name']}/{f['name']}": f["sha256"]
-        for m in provenance.get("models") or []
-        for f in m.get("files") or []
-    }
+    recorded = {f"model:{m.name}/{f.name}": f.sha256 for m in provenance.models for f in m.files}
     attested = {
         d.get("name"): (d.get("digest") or {}).get("sha256")
         for d in deps
@@ -406,7 +406,7 @@ def _statement_checks(
     commit = next(
         (d.get("digest", {}).get("gitCommit") for d in deps if d.get("name") == "config"), None
     )
-    recorded_commit = (provenance.get("config") or {}).get("commit")
+    recorded_commit = provenance.config_commit
     checks.append(
         Check(
             "provenance config commit",
@@ -585,7 +585,7 @@ def explain(
     statements = attested.statements or _local_statements(settings, image.manifest_digest)
     sources: list[str] = []
     for found_at in (
-        (provenance.get("config") or {}).get("repository"),
+        provenance.config_repository,
         *(attested_source(s) for s in statements),
     ):
         if isinstance(found_at, str) and found_at and found_at not in sources:
@@ -604,7 +604,7 @@ def explain(
         kind=image.kind,
         manifest_digest=image.manifest_digest,
         config_digest=image.config_digest,
-        customer=str(provenance.get("customer")),
+        customer=provenance.customer,
         provenance=provenance,
         base=base,
         labels=labels,

@@ -576,7 +576,7 @@ class Customer:
             raise ConfigError(f"{named} is an image of {customer}, not of {self.name}")
         record = next((r for r in self.records if r.manifest_digest == image.manifest_digest), None)
         return Point(named, self._recorded_commit(commit, named), "release" if record else "image",
-                     release=record, image=named, shipped=base_of(labels, {}))  # fmt: skip
+                     release=record, image=named, shipped=base_of(labels, None))  # fmt: skip
 
     def _recorded_commit(self, commit: str, named: str) -> str:
         if _git_commit(self.repo, commit) is None:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from builder.documents.provenance import Provenance
+
 
 def short(value: Any, n: int = 8) -> str:
     """A short form of an id or digest for people (``sha256:`` dropped)."""
@@ -38,17 +40,22 @@ def human_date(value: Any) -> str:
     return moment.astimezone(UTC).strftime("%-d %b %Y, %H:%M UTC")
 
 
-def base_of(labels: Mapping[str, str], provenance: Mapping[str, Any]) -> dict[str, Any]:
+def base_of(labels: Mapping[str, str], provenance: Provenance | None) -> dict[str, Any]:
     """The base image an image was built on: repository, version and digest from the labels
     (provenance.json records only the constraint, so a base bump leaves the config layer
-    unchanged), the constraint from provenance.json."""
-    recorded = dict(provenance.get("base_image") or {})
-    version = labels.get("com.ivd.base.version") or recorded.get("version")
+    unchanged; older builders' records name the resolved base too), the constraint from
+    provenance.json (None: no provenance read)."""
+    recorded_repository, recorded_version, recorded_digest = (
+        (provenance.base_repository, provenance.base_version, provenance.base_digest)
+        if provenance
+        else (None, None, None)
+    )
+    version = labels.get("com.ivd.base.version") or recorded_version
     name = labels.get("org.opencontainers.image.base.name", "")
     repository = name.removesuffix(f":{version}") if version else name.rpartition(":")[0]
     return {
-        "repository": recorded.get("repository") or repository or None,
+        "repository": recorded_repository or repository or None,
         "version": version,
-        "digest": labels.get("org.opencontainers.image.base.digest") or recorded.get("digest"),
-        "constraint": recorded.get("constraint"),
+        "digest": labels.get("org.opencontainers.image.base.digest") or recorded_digest,
+        "constraint": provenance.base_constraint if provenance else None,
     }

@@ -21,6 +21,7 @@ from builder.cook.load import _URL, load_customer, open_source
 from builder.cook.lock import models_from_lock, read_lock
 from builder.documents.build_report import BuildReport
 from builder.documents.lock import Lock
+from builder.documents.provenance import Provenance
 from builder.errors import ConfigError, ImageError
 from builder.gitauth import git_credentials
 from builder.image.assemble import (
@@ -140,15 +141,11 @@ def _store_root(weights: list[tuple[str, str]]) -> str | None:
     return roots.pop() if len(roots) == 1 else None
 
 
-def _recorded_production(provenance: Mapping[str, Any], lock: Lock | None) -> str | None:
+def _recorded_production(provenance: Provenance, lock: Lock | None) -> str | None:
     """The production store the image's weights came from: read off the weights URIs the
     image records (formats before 3), else off its lock at the recorded commit (a
     location-free image names weights by task and model id alone)."""
-    recorded = [
-        (str(m.get("weights_uri") or ""), str(m.get("task_id") or ""))
-        for m in provenance.get("models") or []
-        if m.get("registry_id")
-    ]
+    recorded = [(m.weights_uri or "", m.task_id or "") for m in provenance.models if m.registry_id]
     return _store_root(recorded) or (_recorded_store(lock) if lock is not None else None)
 
 
@@ -343,14 +340,13 @@ def verify(
     image = open_image(reference, settings, insecure=insecure)
     explanation = explain(reference, settings, insecure=insecure, image=image)
     provenance = explanation.provenance
-    config = provenance.get("config") or {}
     base = explanation.base
-    if config.get("worktree"):
+    if provenance.worktree:
         raise ConfigError(
             f"{reference} was built from an uncommitted work tree (a development build); "
             "there is no commit to rebuild it from"
         )
-    commit = str(config.get("commit"))
+    commit = provenance.config_commit
     source, repository = _rebuild_source(explanation.sources, repo, commit, settings)
     location = location_of(source)
     settings = _project_settings(source, settings)
@@ -363,7 +359,7 @@ def verify(
             f"{short(commit, 12)} is not a commit of the customer folder; read {short(spec.commit, 12)}"
         )
     locked = _lock_usable(spec, settings, notes) is not None
-    builder_version = (provenance.get("builder") or {}).get("version")
+    builder_version = provenance.builder_version
     if builder_version != __version__:
         notes.append(f"built by ivd-image-builder {builder_version}; rebuilding with {__version__}")
     layer_format = _rebuild_format(image.labels, notes)
@@ -373,7 +369,7 @@ def verify(
         customer=location,
         ref=commit,
         locked=locked,
-        allow_unpublished=bool(provenance.get("development_build")),
+        allow_unpublished=provenance.development_build,
         base_version=str(base.get("version")),
         base_repository=base_repository,
         variant=image.labels.get("com.ivd.runner.variant") or None,  # inherited from the base

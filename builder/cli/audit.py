@@ -185,9 +185,7 @@ def diff_cmd(
 
 def _explanation_lines(exp: Any) -> list[str]:
     prov = exp.provenance
-    config = prov.get("config") or {}
     base = exp.base
-    builder = prov.get("builder") or {}
     lines = [f"verdict      {exp.verdict_line()}"]
     if exp.selected:
         sel = exp.selected
@@ -200,28 +198,28 @@ def _explanation_lines(exp: Any) -> list[str]:
         f"image        {exp.image}",
         f"digest       {exp.manifest_digest}",
         f"customer     {exp.customer}",
-        f"config       {_repository_line(config.get('repository'), exp.source)} @ "
-        f"{config.get('commit')}",
-        f"             folder {config.get('path')}, analysis {config.get('analysis')}",
+        f"config       {_repository_line(prov.config_repository, exp.source)} @ "
+        f"{prov.config_commit}",
+        f"             folder {prov.config_path}, analysis {prov.config_analysis}",
         f"base         {base.get('repository')}:{base.get('version')}@{base.get('digest')}",
-        f"tool         {builder.get('name')} {builder.get('version')}",
+        f"tool         {prov.builder_name} {prov.builder_version}",
         f"created      {exp.created} (config commit time)",
         f"built        {exp.built_at or 'unknown (no attestation or release record)'}"
         + (f" (from the {exp.built_at_source})" if exp.built_at_source else ""),
     ]
     if exp.ci_url:
         lines.append(f"CI job       {exp.ci_url}")
-    if prov.get("development_build"):
+    if prov.development_build:
         lines.append("DEVELOPMENT BUILD: unpublished models; not for release")
-    for model in prov.get("models") or []:
+    for model in prov.models:
         ident = (
-            f"{model.get('registry_id')} ({model.get('registry_name')}) task {model.get('task_id')}"
-            if model.get("registry_id")
-            else f"shipped in the config repository ({model.get('weights_uri')})"
+            f"{model.registry_id} ({model.registry_name}) task {model.task_id}"
+            if model.registry_id
+            else f"shipped in the config repository ({model.weights_uri})"
         )
-        lines.append(f"model        {model['name']}: {ident}")
+        lines.append(f"model        {model.name}: {ident}")
         for f in exp.files:
-            if f.model == model["name"]:
+            if f.model == model.name:
                 lines.append(f"               {f.file:<20} sha256 {f.recorded_sha256}  {f.status}")
     for f in exp.files:
         if f.status == "UNEXPECTED":
@@ -336,6 +334,7 @@ def explain_cmd(
     exp = explain(reference, settings, public_key=public_key, insecure=insecure)
     exp.selected = selected
     data = asdict(exp)
+    data["provenance"] = exp.provenance.to_dict()  # as the image holds it
     data["ok_checks"] = exp.ok
     data["verdict"] = exp.verdict
     return Result(
@@ -395,6 +394,7 @@ def verify_cmd(
     info(f"==> rebuilding {reference} from its recorded inputs")
     result = verify(reference, settings, repo=repo, insecure=insecure)
     data = asdict(result)
+    data["explanation"]["provenance"] = result.explanation.provenance.to_dict()
     data["explanation"]["ok_checks"] = result.explanation.ok
 
     def human() -> None:

@@ -97,16 +97,16 @@ def _production_files(store: Store, task_id: str, model_id: str) -> tuple[Weight
             for n, s in sorted(listing.items())
         )
     where = store.uri(f"{folder}/{MANIFEST_NAME}")
-    if manifest.get("model_id") != model_id or manifest.get("task_id") != task_id:
+    if manifest.model_id != model_id or manifest.task_id != task_id:
         raise RegistryError(
-            f"{where} is for model {manifest.get('model_id')!r} of task {manifest.get('task_id')!r},"
+            f"{where} is for model {manifest.model_id!r} of task {manifest.task_id!r},"
             f" not model {model_id} of task {task_id}; refusing weights that belong to another model",
             hint="re-run `builder publish` for this model and investigate the production store",
         )
     files = []
-    for item in manifest.get("files", []):
-        name = item["name"]
-        if listing.get(name) != item.get("size"):
+    for item in manifest.files:
+        name = item.name
+        if listing.get(name) != item.size:
             raise RegistryError(
                 f"{store.uri(f'{folder}/{name}')}: listed in the publish manifest but missing or of another size in the store",
                 hint="re-run `builder publish` for this model",
@@ -115,8 +115,8 @@ def _production_files(store: Store, task_id: str, model_id: str) -> tuple[Weight
             WeightFile(
                 name=name,
                 uri=store.uri(f"{folder}/{name}"),
-                size=item["size"],
-                sha256=item.get("sha256"),
+                size=item.size,
+                sha256=item.sha256,
             )
         )
     return tuple(sorted(files, key=lambda f: f.name))

@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 from builder import yamldoc
 from builder.contracts import Progress, ProgressEvent
 from builder.cook.registries.clearml import sdk_deadline
+from builder.documents.publish_manifest import PublishManifest
 from builder.errors import ConfigError, FetchError
 from builder.paths import CLEARML_ID, UnsafePathError, check_id, safe_join
 
@@ -321,8 +322,9 @@ def production_folder(task_id: str, model_id: str) -> str:
     return f"{task}/{model}"
 
 
-def read_manifest(store: Store, folder: str) -> dict[str, Any] | None:
-    """The publish manifest of a production folder (``<task id>/<model id>``), if there is one."""
+def read_manifest(store: Store, folder: str) -> PublishManifest | None:
+    """The publish manifest of a production folder (``<task id>/<model id>``), if there is one;
+    FetchError (one line) when it is not JSON or breaks the schema."""
     raw = store.read_bytes(f"{folder}/{MANIFEST_NAME}")
     if raw is None:
         return None
@@ -330,11 +332,11 @@ def read_manifest(store: Store, folder: str) -> dict[str, Any] | None:
     try:
         data: dict[str, Any] = json.loads(raw)
         yamldoc.validate_data(data, "publish-manifest", uri)
+        return PublishManifest.from_dict(data, uri)
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
         raise FetchError(f"{uri}: not valid JSON") from None
     except ConfigError as exc:
         raise FetchError(exc.message, hint="re-run `builder publish` for this model") from None
-    return data
 
 
 #: URI schemes ClearML's storage layer reads model weights from (clearml/storage/helper.py:

@@ -12,10 +12,16 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from builder.documents import ModelRecord, check_document
+from builder.errors import ConfigError
 
 PROVENANCE_VERSION: Final = 1
 SCHEMA: Final = "provenance"
 _HINT: Final = "the image was not built by this builder, or its provenance was altered"
+#: Keys of ``base_image`` that builders before the constraint-only record wrote (the resolved
+#: base, now in the image labels and manifest annotations). Read back from such an image
+#: (``from_dict(..., recorded=True)``), never written by this version; the schema, which
+#: describes the written form, does not admit them.
+_OLDER_BASE_KEYS: Final = ("repository", "version", "digest")
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,12 @@ class Provenance:
     builder_version: str
     source_date_epoch: int
     development_build: bool
+    # The resolved base as builders before the constraint-only record wrote it (None: not
+    # recorded, as by every build of this version): kept when an older image is read back, so
+    # explain can check it against the labels and show the document as the image holds it.
+    base_repository: str | None = None
+    base_version: str | None = None
+    base_digest: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The written form (canonical JSON of it is provenance.json)."""
@@ -58,16 +70,39 @@ class Provenance:
             # Only the constraint: the resolved base (name, version, digest) is in the image
             # config labels and the manifest annotations, so this layer, like the model layers,
             # is unchanged by a base bump and a fleet rebuild uploads only configs and manifests.
-            "base_image": {"constraint": self.base_constraint},
+            "base_image": {"constraint": self.base_constraint, **self._older_base()},
             "models": [m.to_dict() for m in self.models],
             "builder": {"name": self.builder_name, "version": self.builder_version},
             "source_date_epoch": self.source_date_epoch,
             "development_build": self.development_build,
         }
 
+    def _older_base(self) -> dict[str, str]:
+        """The resolved base an older builder recorded, as it wrote it (empty for this one)."""
+        recorded = (self.base_repository, self.base_version, self.base_digest)
+        return {k: v for k, v in zip(_OLDER_BASE_KEYS, recorded, strict=True) if v is not None}
+
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "provenance.json") -> Provenance:
-        """Read provenance.json; a malformed one is a ConfigError naming ``where`` and the key."""
+    def from_dict(
+        cls, data: Mapping[str, Any], where: str = "provenance.json", *, recorded: bool = False
+    ) -> Provenance:
+        """Read provenance.json; a malformed one is a ConfigError naming ``where`` and the key.
+
+        ``recorded``: the document is an image's own record, written by any builder version
+        (explain, verify): the resolved base older builders wrote into ``base_image`` is
+        admitted and kept in the ``base_*`` fields. Without it the document must be the form
+        this version writes."""
+        base = data.get("base_image")
+        older: dict[str, Any] = {}
+        if recorded and isinstance(base, Mapping):
+            older = {k: base[k] for k in _OLDER_BASE_KEYS if k in base}
+            for key, value in older.items():
+                if value is not None and not isinstance(value, str):
+                    raise ConfigError(
+                        f"{where}: base_image.{key} {value!r} is missing or malformed", hint=_HINT
+                    )
+            rest = {k: v for k, v in base.items() if k not in older}
+            data = {**data, "base_image": rest}
         check_document(data, SCHEMA, where, _HINT)
         config = data["config"]
         return cls(
@@ -84,4 +119,7 @@ class Provenance:
             builder_version=data["builder"]["version"],
             source_date_epoch=data["source_date_epoch"],
             development_build=data["development_build"],
+            base_repository=older.get("repository"),
+            base_version=older.get("version"),
+            base_digest=older.get("digest"),
         )

@@ -101,16 +101,12 @@ def image_locations(
     )
 
 
-def recorded_locations(labels: Mapping[str, str], provenance: Mapping[str, Any]) -> Locations:
+def recorded_locations(labels: Mapping[str, str], provenance: Provenance) -> Locations:
     """The locations an image recorded (its labels and provenance.json), read back."""
-    config = provenance.get("config") or {}
-    repository = config.get("repository")
     return Locations(
-        source=str(repository) if repository is not None else None,
+        source=provenance.config_repository,
         base_name=labels.get(BASE_NAME_LABEL),
-        weights={
-            str(m.get("name")): str(m.get("weights_uri")) for m in provenance.get("models") or []
-        },
+        weights={m.name: str(m.weights_uri) for m in provenance.models},
     )
 
 
