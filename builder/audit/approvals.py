@@ -16,6 +16,7 @@ import contextlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Final
 
 import git
@@ -56,6 +57,15 @@ class Review:
         return bool(self.approvals or self.merge_request)
 
 
+class ApprovalStatus(StrEnum):
+    """How a configuration change is approved (see :class:`Coverage`)."""
+
+    APPROVED = "approved"
+    COVERED = "covered"
+    UNAPPROVED = "unapproved"
+    PENDING = "pending"
+
+
 @dataclass(frozen=True)
 class Coverage:
     """Which approvals cover one configuration change, and how.
@@ -66,7 +76,7 @@ class Coverage:
     """
 
     commit: str
-    status: str
+    status: ApprovalStatus
     approvals: tuple[Approval, ...]
     merge_requests: tuple[str, ...]
     carriers: tuple[str, ...]  # the revisions whose review is counted (the change itself first)
@@ -78,7 +88,7 @@ class Coverage:
     @property
     def covered(self) -> bool:
         """Whether an approval covers the change (on itself, its merge or a later revision)."""
-        return self.status in ("approved", "covered")
+        return self.status in (ApprovalStatus.APPROVED, ApprovalStatus.COVERED)
 
     @property
     def names(self) -> list[str]:
@@ -92,12 +102,12 @@ class Coverage:
         requests = ", ".join(f"merge request {m}" for m in self.merge_requests)
         who = ", ".join(x for x in (names, requests) if x)
         shipped = f", released as {self.release}" if self.release else ""
-        if self.status == "approved":
+        if self.status == ApprovalStatus.APPROVED:
             return f"approved: {who}{shipped}"
-        if self.status == "covered":
+        if self.status == ApprovalStatus.COVERED:
             where = f'{(self.later or "")[:12]} "{self.later_subject}"'
             return f"covered by the approval on the later revision {where}: {who}{shipped}"
-        if self.status == "unapproved":
+        if self.status == ApprovalStatus.UNAPPROVED:
             return f"NOT APPROVED: no approval covers this change{shipped}"
         return "not released yet; no approval recorded so far"
 
@@ -206,11 +216,11 @@ def coverage(
             requests = tuple(dict.fromkeys(r for c in counted if (r := reviews[c].merge_request)))
             later = next((c for c in counted if c != commit), None)
             if counted and counted[0] == commit:
-                status = "approved"
+                status = ApprovalStatus.APPROVED
             elif counted:
-                status = "covered"
+                status = ApprovalStatus.COVERED
             else:
-                status = "unapproved" if record is not None else "pending"
+                status = ApprovalStatus.UNAPPROVED if record else ApprovalStatus.PENDING
             out[commit] = Coverage(
                 commit=commit,
                 status=status,
@@ -218,7 +228,9 @@ def coverage(
                 merge_requests=requests,
                 carriers=tuple(counted),
                 release=record.image if record is not None else None,
-                later=later if status == "covered" else None,
-                later_subject=reviews[later].subject if later and status == "covered" else "",
+                later=later if status == ApprovalStatus.COVERED else None,
+                later_subject=(
+                    reviews[later].subject if later and status == ApprovalStatus.COVERED else ""
+                ),
             )
     return out

@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
@@ -52,6 +53,15 @@ class Check:
     detail: str
 
 
+class FileState(StrEnum):
+    """What the image holds at a weight file's path, against the provenance."""
+
+    OK = "ok"
+    MODIFIED = "MODIFIED"  # another sha256
+    MISSING = "MISSING"
+    UNEXPECTED = "UNEXPECTED"  # a file under /app/models the provenance does not name
+
+
 @dataclass
 class ModelFileStatus:
     """A recorded weight file and what the image holds at its path."""
@@ -61,7 +71,7 @@ class ModelFileStatus:
     recorded_sha256: str
     image_sha256: str | None  # None: missing
     size: int | None
-    status: str  # ok | MODIFIED | MISSING | UNEXPECTED
+    status: FileState
 
 
 @dataclass
@@ -197,7 +207,13 @@ def _file_statuses(provenance: Provenance, found: ImageFiles) -> list[ModelFileS
             path = f"{MODELS_PREFIX}{model.name}/{f.name}"
             expected.add(path)
             have = found.files.get(path)
-            status = "MISSING" if have is None else "ok" if have[0] == f.sha256 else "MODIFIED"
+            status = (
+                FileState.MISSING
+                if have is None
+                else FileState.OK
+                if have[0] == f.sha256
+                else FileState.MODIFIED
+            )
             out.append(
                 ModelFileStatus(
                     model.name,
@@ -212,7 +228,7 @@ def _file_statuses(provenance: Provenance, found: ImageFiles) -> list[ModelFileS
         if path.startswith(MODELS_PREFIX) and path not in expected:
             rest = path.removeprefix(MODELS_PREFIX)
             folder, _, name = rest.partition("/")
-            out.append(ModelFileStatus(folder, name, "", sha, size, "UNEXPECTED"))
+            out.append(ModelFileStatus(folder, name, "", sha, size, FileState.UNEXPECTED))
     return out
 
 
@@ -514,18 +530,18 @@ def _file_checks(files: Sequence[ModelFileStatus]) -> list[Check]:
     checks = []
     for f in files:
         where = f"/app/models/{f.model}/{f.file}"
-        if f.status == "ok":
+        if f.status == FileState.OK:
             detail = f"sha256 {short(f.recorded_sha256, 12)} as recorded"
-        elif f.status == "MODIFIED":
+        elif f.status == FileState.MODIFIED:
             detail = (
                 f"MODIFIED: sha256 {short(f.image_sha256, 12)} in the image, "
                 f"{short(f.recorded_sha256, 12)} recorded"
             )
-        elif f.status == "MISSING":
+        elif f.status == FileState.MISSING:
             detail = "MISSING from the image"
         else:
             detail = "UNEXPECTED: not among the recorded model files"
-        checks.append(Check(where, f.status == "ok", detail))
+        checks.append(Check(where, f.status == FileState.OK, detail))
     return checks
 
 

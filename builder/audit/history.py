@@ -20,7 +20,14 @@ from typing import Any, Final
 import git
 import yaml
 
-from builder.audit.approvals import Coverage, coverage, reason, review_of, revision_graph
+from builder.audit.approvals import (
+    ApprovalStatus,
+    Coverage,
+    coverage,
+    reason,
+    review_of,
+    revision_graph,
+)
 from builder.audit.records import find_release, read_release_records
 from builder.audit.text import base_of, short
 from builder.contracts import CustomerSpec, RepoSource, ResolvedModel
@@ -777,7 +784,9 @@ class History:
     @property
     def unapproved(self) -> list[HistoryEntry]:
         """Released changes that no approval covers."""
-        return [e for e in self.entries if e.approval and e.approval.status == "unapproved"]
+        return [
+            e for e in self.entries if e.approval and e.approval.status == ApprovalStatus.UNAPPROVED
+        ]
 
 
 class _Walker:

@@ -31,6 +31,8 @@ _CUSTOMER_HELP = (
 def _revision_lines(entry: Any, indent: str = "    ", *, notes: bool = True) -> list[str]:
     """A revision's reason, changes, today's-rules note, approval and releases, for people
     (without ``notes`` only what the revision changed, not how its models were read)."""
+    from builder.audit.approvals import ApprovalStatus
+
     lines = [f"{indent}{line}" for line in (entry.revision.reason or "").splitlines()[1:] if line]
     if entry.error:
         lines.append(f"{indent}! could not be read: {entry.error}")
@@ -42,8 +44,8 @@ def _revision_lines(entry: Any, indent: str = "    ", *, notes: bool = True) -> 
             f"{indent}note: {note}" for note in entry.config.notes if not note.startswith("read as")
         ]
     approval = entry.approval
-    if approval is not None and (approval.status != "pending" or entry.releases):
-        mark = "! " if approval.status == "unapproved" else ""
+    if approval is not None and (approval.status != ApprovalStatus.PENDING or entry.releases):
+        mark = "! " if approval.status == ApprovalStatus.UNAPPROVED else ""
         lines.append(f"{indent}{mark}{approval.sentence}")
     for record in entry.releases:
         lines.append(
@@ -139,6 +141,7 @@ def diff_cmd(
     references (a registry reference, oci:DIR:TAG, a docker archive): between two releases the
     base is compared as shipped. CUSTOMER: a name, a folder or a repository URL (URL#folder).
     """
+    from builder.audit.approvals import ApprovalStatus
     from builder.audit.history import diff
     from builder.audit.locate import locate_customer
 
@@ -178,12 +181,14 @@ def diff_cmd(
     notes = tuple(
         f"not approved: {e.revision.commit[:12]} {e.revision.message!r}: no approval covers it"
         for e in result.unapproved
-        if e.approval is not None and e.approval.status == "unapproved"
+        if e.approval is not None and e.approval.status == ApprovalStatus.UNAPPROVED
     )
     return Result("diff", data, human, notes=notes)
 
 
 def _explanation_lines(exp: Any) -> list[str]:
+    from builder.audit.explain import FileState
+
     prov = exp.provenance
     base = exp.base
     lines = [f"verdict      {exp.verdict_line()}"]
@@ -222,7 +227,7 @@ def _explanation_lines(exp: Any) -> list[str]:
             if f.model == model.name:
                 lines.append(f"               {f.file:<20} sha256 {f.recorded_sha256}  {f.status}")
     for f in exp.files:
-        if f.status == "UNEXPECTED":
+        if f.status == FileState.UNEXPECTED:
             lines.append(f"unexpected   /app/models/{f.model}/{f.file} (sha256 {f.image_sha256})")
     if exp.attestations:
         for a in exp.attestations:
