@@ -36,7 +36,7 @@ from gitdb.base import IStream  # type: ignore[import-untyped]
 from packaging.version import Version
 
 from builder import __version__
-from builder.cook.load import _URL, canonical_repo_url, open_source
+from builder.cook.load import canonical_repo_url, is_repo_url, open_source
 from builder.documents import check_document
 from builder.documents.build_report import BuildReport
 from builder.documents.release_record import RECORD_VERSION, ReleaseRecord
@@ -76,7 +76,7 @@ def record_remote(location: str) -> str:
     """Where a customer's release records live: its git URL, or for a folder the ``origin`` of
     the repository it is in (credentials stripped: the helper supplies them), else that
     repository itself (also for a bare repository: it is the server side)."""
-    if _URL.match(location):
+    if is_repo_url(location):
         return location
     try:
         repo = git.Repo(location, search_parent_directories=True)
@@ -605,7 +605,7 @@ def release_record(
 def config_source(location: str, settings: Settings) -> str:
     """The canonical, credential-free source URL of a customer location (``<url>#<folder>``
     for a folder of a repository), as the attestation names it."""
-    if _URL.match(location):
+    if is_repo_url(location):
         url, _, folder = location.partition("#")
         return f"{canonical_repo_url(url)}#{folder}" if folder else canonical_repo_url(url)
     return open_source(location, settings).url

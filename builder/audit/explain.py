@@ -25,7 +25,7 @@ from builder.errors import AttestationError, BuilderError, ConfigError, ImageErr
 from builder.image.contents import open_image, own_layers, scan_files
 from builder.image.provenance import LABEL_PREFIX
 from builder.oci import ArchiveImage, Descriptor, ImageFiles, OpenedImage
-from builder.oci.image import _json_object
+from builder.oci.image import json_object
 from builder.settings import Settings
 
 #: Exit code of a failed audit check (tampered file, digest mismatch, bad signature).
@@ -302,7 +302,7 @@ def _consistency_checks(
 def _artifact_document(
     image: OpenedImage, descriptor: Descriptor
 ) -> tuple[dict[str, Any], Descriptor, bytes]:
-    manifest = _json_object(
+    manifest = json_object(
         image.manifest_bytes(descriptor.digest), f"attestation {descriptor.digest}"
     )
     layers = manifest.get("layers") or []
@@ -353,7 +353,7 @@ def read_attestations(
             out.sbom_sha256 = hashlib.sha256(data).hexdigest()
         elif layer.media_type in (MEDIA_INTOTO, MEDIA_DSSE):
             info.kind = "provenance"
-            document = _json_object(data, f"attestation {descriptor.digest}")
+            document = json_object(data, f"attestation {descriptor.digest}")
             if layer.media_type == MEDIA_DSSE:
                 info.signed = True
                 signatures = document.get("signatures") or []
@@ -372,7 +372,7 @@ def read_attestations(
                         out.checks.append(Check("provenance signature", False, exc.message))
                 else:
                     info.signature = "not checked"
-                statement = _json_object(payload, "DSSE payload")
+                statement = json_object(payload, "DSSE payload")
             else:
                 statement = document
         out.infos.append(info)

@@ -103,7 +103,7 @@ def _analyses_view(analysis_doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]
     return out
 
 
-def _recorded_store(lock: Lock) -> str | None:
+def recorded_store(lock: Lock) -> str | None:
     """The production store a lock's registry models lie in (``<store>/<task id>/...``), when
     they all name the same one."""
     roots = {
@@ -152,7 +152,7 @@ class Resolver:
         except StaleLockError:
             raise
         except ConfigError:
-            recorded = _recorded_store(lock)
+            recorded = recorded_store(lock)
             if recorded is None or recorded == self.settings.production:
                 raise
             return models_from_lock(spec, lock, production=recorded, store_base=anchor)

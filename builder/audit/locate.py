@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from builder.audit.history import open_customer
 from builder.audit.text import pinned, short
-from builder.cook.load import _URL, CUSTOMER_FILE
+from builder.cook.load import CUSTOMER_FILE, is_repo_url
 from builder.documents.release_record import ReleaseRecord
 from builder.errors import BuilderError, ConfigError
 from builder.fleet.fleetfile import default_fleet_path, load_fleet
@@ -38,7 +38,7 @@ class Located:
 def is_customer(target: str) -> bool:
     """True if ``target`` names a customer (a name, a repository URL, a customer folder)
     rather than an image (a registry reference, an OCI layout, a docker archive)."""
-    if _URL.match(target):
+    if is_repo_url(target):
         return "@sha256:" not in target  # ``name@sha256:...`` is an image, not an scp URL
     path = Path(target).expanduser()
     if path.exists():
@@ -54,7 +54,7 @@ def locate_customer(target: str, settings: Settings) -> Located:
     depends on the working directory beyond the settings themselves (builder.toml found
     upward, else the user's own settings file, then BUILDER_* variables).
     """
-    if _URL.match(target) or Path(target).expanduser().exists():
+    if is_repo_url(target) or Path(target).expanduser().exists():
         return Located(target, "HEAD", "as given")
     folder = settings.customers / target
     if folder.is_dir():

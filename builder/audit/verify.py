@@ -14,10 +14,10 @@ import git
 
 from builder import __version__
 from builder.audit.explain import Explanation, explain
-from builder.audit.history import _recorded_store, find_commit, location_of
+from builder.audit.history import find_commit, location_of, recorded_store
 from builder.audit.text import short
 from builder.contracts import CustomerSpec, RepoSource
-from builder.cook.load import _URL, load_customer, open_source
+from builder.cook.load import is_repo_url, load_customer, open_source
 from builder.cook.lock import models_from_lock, read_lock
 from builder.documents.build_report import BuildReport
 from builder.documents.lock import Lock
@@ -78,7 +78,7 @@ def _open_recorded(url: str, commit: str, settings: Settings) -> RepoSource:
     credential helper CI uses (BUILDER_GIT_TOKEN / CI_JOB_TOKEN, never in a URL)."""
     if url.startswith("file://"):
         location = _local_repository(url)
-    elif _URL.match(url):
+    elif is_repo_url(url):
         location = url
     else:
         raise ConfigError(f"{url!r} is not a repository address")
@@ -146,7 +146,7 @@ def _recorded_production(provenance: Provenance, lock: Lock | None) -> str | Non
     image records (formats before 3), else off its lock at the recorded commit (a
     location-free image names weights by task and model id alone)."""
     recorded = [(m.weights_uri or "", m.task_id or "") for m in provenance.models if m.registry_id]
-    return _store_root(recorded) or (_recorded_store(lock) if lock is not None else None)
+    return _store_root(recorded) or (recorded_store(lock) if lock is not None else None)
 
 
 def _project_settings(source: RepoSource, settings: Settings) -> Settings:

@@ -34,6 +34,12 @@ LOCK_FILE = "customer.lock.yaml"
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)")
 
 
+def is_repo_url(location: str) -> bool:
+    """Whether ``location`` names a git repository by URL (``scheme://`` or scp-like
+    ``user@host:path``), not a folder."""
+    return _URL.match(location) is not None
+
+
 def open_source(location: str, settings: Settings) -> RepoSource:
     """Find the repository and folder a customer name, path or git URL refers to.
 
@@ -41,7 +47,7 @@ def open_source(location: str, settings: Settings) -> RepoSource:
     records use and print: a git URL (mirrored into the cache; a ``file://`` URL of a bare
     ``X.git`` recorded as ``X`` is found), a bare repository or a work tree.
     """
-    if _URL.match(location):
+    if is_repo_url(location):
         url, _, folder = location.partition("#")
         source = _clone_or_fetch(_bare_sibling(url), settings.cache_dir / "repos")
         return _in_folder(source, folder)
@@ -494,7 +500,7 @@ def _declared_repository(customer: Mapping[str, Any], origin: str) -> str | None
             f"{origin}: repository {redact_url(declared)!r} holds credentials; remove them",
             hint="CI supplies them from BUILDER_GIT_TOKEN or CI_JOB_TOKEN",
         )
-    if not _URL.match(declared):
+    if not is_repo_url(declared):
         raise ConfigError(
             f"{origin}: repository {declared[:120]!r} is not a git URL",
             hint="give the address every clone shares, e.g. https://gitlab.example.com/group/repo.git",

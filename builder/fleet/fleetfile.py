@@ -17,7 +17,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from builder import yamldoc
-from builder.cook.load import _URL
+from builder.cook.load import is_repo_url
 from builder.errors import (
     ConfigError,
 )
@@ -45,7 +45,7 @@ class FleetEntry:
     @property
     def is_url(self) -> bool:
         """Whether the customer's repository is a git URL rather than a local folder."""
-        return bool(_URL.match(self.location))
+        return is_repo_url(self.location)
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def _parse_rows(raw: bytes, path: Path) -> list[tuple[str, str, str, str]]:
             raise ConfigError(f"{where}: customer {name!r} is listed twice (first at {seen[name]})")
         seen[name] = where
         repo = item["repo"].strip()
-        if _URL.match(repo) and strip_credentials(repo) != repo:
+        if is_repo_url(repo) and strip_credentials(repo) != repo:
             raise ConfigError(
                 f"{doc.where(('customers', index, 'repo'))}: the URL of {name!r} holds "
                 "credentials; remove them",
@@ -145,7 +145,7 @@ def _parse_rows(raw: bytes, path: Path) -> list[tuple[str, str, str, str]]:
 def _entry(
     path: Path, name: str, repo: str, ref: str, where: str, *, parents: dict[str, str]
 ) -> FleetEntry:
-    location = repo if _URL.match(repo) else _resolved(path.parent / repo, parents)
+    location = repo if is_repo_url(repo) else _resolved(path.parent / repo, parents)
     return FleetEntry(name=name, repo=repo, location=location, ref=ref, where=where)
 
 

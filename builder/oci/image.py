@@ -252,17 +252,17 @@ class OpenedImage:
 
     def _load(self, raw: bytes, digest: str, media_type: str, platform: str) -> None:
         """Read the manifest ``raw`` (an index narrowed to ``platform``), then the config."""
-        document = _json_object(raw, f"{self.what}: manifest")
+        document = json_object(raw, f"{self.what}: manifest")
         kind = document.get("mediaType") or media_type
         if kind in INDEX_TYPES or (not kind and "manifests" in document):
             child = _platform_child(document, platform, self.what)
             raw, digest = self.source.read_manifest(child.digest), child.digest
-            document = _json_object(raw, f"{self.what}: manifest")
+            document = json_object(raw, f"{self.what}: manifest")
             kind = document.get("mediaType") or child.media_type
         if (kind and kind not in IMAGE_MANIFEST_TYPES) or "config" not in document:
             raise ImageError(f"{self.what} is not an image manifest (media type {kind or 'none'})")
         self.manifest_digest, self.raw_manifest, self.manifest = digest, raw, document
-        self.config = _json_object(self.blob(self.config_digest), f"{self.what}: image config")
+        self.config = json_object(self.blob(self.config_digest), f"{self.what}: image config")
 
     @property
     def config_descriptor(self) -> Descriptor:
@@ -286,7 +286,8 @@ class OpenedImage:
         return [Descriptor.from_dict(d) for d in self.manifest.get("layers") or []]
 
 
-def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+def json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object, or ImageError naming ``what`` (not JSON, not an object)."""
     try:
         data = json.loads(raw)
     except ValueError:
@@ -379,7 +380,7 @@ class ArchiveImage(OpenedImage):
                 f"{path} is {kind} (no index.json)",
                 hint="give an OCI layout or registry reference, or save it with Docker 25 or later",
             )
-        index = _json_object(source.member("index.json").read(), f"{self.what}: index.json")
+        index = json_object(source.member("index.json").read(), f"{self.what}: index.json")
         entries = []
         for item in index.get("manifests") or []:
             descriptor = Descriptor.from_dict(item)
