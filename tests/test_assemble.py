@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,9 @@ def base_layer_tar() -> bytes:
     return buf.getvalue()
 
 
-def synthetic_base_blobs() -> tuple[bytes, bytes, bytes]:
-    """(manifest, config, gzip layer) of a Docker v2 schema 2 base image."""
+def synthetic_base_blobs(labels: Mapping[str, str] | None = None) -> tuple[bytes, bytes, bytes]:
+    """(manifest, config, gzip layer) of a Docker v2 schema 2 base image (``labels`` added to
+    its own)."""
     raw = base_layer_tar()
     layer = gzip.compress(raw, mtime=0)
     config = {
@@ -91,7 +92,7 @@ def synthetic_base_blobs() -> tuple[bytes, bytes, bytes]:
             "User": "1000:1000",
             "ExposedPorts": {"8080/tcp": {}},
             "StopSignal": "SIGTERM",
-            "Labels": dict(BASE_LABELS),
+            "Labels": {**BASE_LABELS, **(labels or {})},
             "Hostname": "build-host-must-not-leak",
         },
         "container_config": {"Hostname": "build-host-must-not-leak"},

@@ -65,9 +65,11 @@ TAGS_EACH = 50
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _put_synthetic_base(store: ImageStore, references: list[str]) -> Descriptor:
+def _put_synthetic_base(
+    store: ImageStore, references: list[str], labels: dict[str, str] | None = None
+) -> Descriptor:
     """The synthetic base (Docker manifest, gzip layer) in the store under ``references``."""
-    manifest, config, layer = synthetic_base_blobs()
+    manifest, config, layer = synthetic_base_blobs(labels)
     for data in (config, layer):
         store.blobs.put_bytes(data)
     descriptor = Descriptor(DOCKER_MANIFEST, store.blobs.put_bytes(manifest), len(manifest))
@@ -454,6 +456,35 @@ def test_the_local_store_keeps_an_immutable_tag_unless_forced(tmp_path: Path) ->
         )
     dirty_stored = store.lookup(dirty["image"])
     assert dirty_stored is not None and dirty_stored.digest == dirty["manifest_digest"]
+
+
+def test_a_base_rebuilt_in_the_store_moves_the_tag_of_its_images(tmp_path: Path) -> None:
+    """`base build` replaced the store's base of one version (a development base): the tag of
+    the same config's image moves to the image on the new base, saying so; a difference beyond
+    the base is still refused."""
+    repository = "127.0.0.1:9/ivd/inference-base"
+    env = _customer_env(tmp_path, repository, "127.0.0.1:9")
+    cache = tmp_path / "cache"
+    store = ImageStore(cache / "oci")
+    _put_synthetic_base(store, [f"{repository}:2.4.2"])
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    first = _build(env, cache, str(repo))
+    _put_synthetic_base(store, [f"{repository}:2.4.2"], {"com.ivd.base.build-inputs": "new"})
+    second = _build(env, cache, str(repo))
+    assert second["image"] == first["image"]
+    assert second["manifest_digest"] != first["manifest_digest"]
+    (moved,) = [w for w in second["warnings"] if "rebuilt in this store" in w]
+    assert f"moved from {first['manifest_digest']} to {second['manifest_digest']}" in moved
+    stored = store.lookup(first["image"])
+    assert stored is not None and stored.digest == second["manifest_digest"]
+    # The base rebuilt again and other weights under the same task: refused, as before.
+    _put_synthetic_base(store, [f"{repository}:2.4.2"], {"com.ivd.base.build-inputs": "again"})
+    write_production(tmp_path / "production", CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": b"x"})
+    refused = run_cli("build", str(repo), env={**env, "BUILDER_CACHE_DIR": str(cache)})
+    assert refused.returncode == 6, refused.stderr
+    assert "is an immutable tag in the local image store" in refused.stderr
+    stored = store.lookup(first["image"])
+    assert stored is not None and stored.digest == second["manifest_digest"]
 
 
 def test_verify_rebuilds_on_a_base_that_only_the_local_store_holds(tmp_path: Path) -> None:

@@ -314,6 +314,30 @@ def immutable_tag_error(
     )
 
 
+def only_the_base_differs(
+    tagged: Mapping[str, Any], built: Mapping[str, Any], base_labels: Mapping[str, str]
+) -> bool:
+    """Whether two image configs of one base version differ in their base only: the base
+    digest, and labels the (new) base image carries itself (``base_labels``)."""
+    a, b = _labels_of(tagged), _labels_of(built)
+    digest, version = "org.opencontainers.image.base.digest", f"{LABEL_PREFIX}.base.version"
+    if a.get(version) != b.get(version) or a.get(digest) == b.get(digest):
+        return False
+    differing = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    return all(k == digest or k in base_labels for k in differing)
+
+
+def rebased_tag_warning(ref: str, current: str, new: str, base: str, where: str) -> str:
+    """The notice that tag ``ref`` (``where``: the local store) moved to this build because the
+    store's base ``base`` (same version) was rebuilt here since the tagged image was made."""
+    return (
+        f"immutable tag {ref}{where} moved from {current} to {new}: its base {base} was "
+        "rebuilt in this store since (`builder base build`), and only the base differs. A "
+        "registry still refuses the move (build a new config revision or base version, or "
+        "--force)"
+    )
+
+
 def upgraded_tag_warning(ref: str, current: str, new: str, old_format: int, where: str) -> str:
     """The notice that tag ``ref`` (``where``: the local store) moved from an image an earlier
     builder wrote in an older layer format to this build of the same inputs."""

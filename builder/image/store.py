@@ -42,6 +42,8 @@ from builder.image.provenance import (
     image_differences,
     immutable_tag_error,
     layer_format_of,
+    only_the_base_differs,
+    rebased_tag_warning,
     upgraded_tag_warning,
 )
 from builder.oci import (
@@ -256,6 +258,14 @@ class ImageStore:
                     )
                 )
                 continue
+            if stored is not None and self._base_rebuilt_here(stored[1], built[1], image):
+                base = f"{image.base.repository}:{image.base.version}"
+                forced.append(
+                    rebased_tag_warning(
+                        reference, current.digest, image.manifest_digest, base, where
+                    )
+                )
+                continue
             differences = (
                 image_differences(stored, built)
                 if stored is not None
@@ -274,6 +284,19 @@ class ImageStore:
             image.blob_path(layer.descriptor, progress)
         self.tag(image.manifest_descriptor, references)
         return forced
+
+    def _base_rebuilt_here(
+        self, tagged: dict[str, Any], built: dict[str, Any], image: AssembledImage
+    ) -> bool:
+        """Whether the tagged image differs from ``image`` only in its base, and this store now
+        names ``image``'s base by that base version: the base was rebuilt here (a development
+        base), so an image on the replaced base is stale in this cache."""
+        named = self.lookup(f"{image.base.repository}:{image.base.version}")
+        return (
+            named is not None
+            and named.digest == image.base.digest
+            and only_the_base_differs(tagged, built, image.base.labels)
+        )
 
     def _read_image(self, digest: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(manifest, image config) of the stored image ``digest``; None if unreadable."""
