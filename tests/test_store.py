@@ -412,17 +412,26 @@ def test_a_build_without_output_flags_says_not_pushed(tmp_path: Path) -> None:
     assert (cache / "oci" / "oci-layout").is_file()
 
 
+#: A base repository on a registry that never answers (port 9): the store serves the base.
+_NO_REGISTRY_BASE = "127.0.0.1:9/ivd/inference-base"
+
+
+def _built_once(tmp_path: Path) -> tuple[dict[str, str], Path, ImageStore, Path, dict[str, Any]]:
+    """customer-x built once on the synthetic base 2.4.2 of a store with no registry: (env,
+    cache, store, customer repo, build report)."""
+    env = _customer_env(tmp_path, _NO_REGISTRY_BASE, "127.0.0.1:9")
+    cache = tmp_path / "cache"
+    store = ImageStore(cache / "oci")
+    _put_synthetic_base(store, [f"{_NO_REGISTRY_BASE}:2.4.2"])
+    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
+    return env, cache, store, repo, _build(env, cache, str(repo))
+
+
 def test_the_local_store_keeps_an_immutable_tag_unless_forced(tmp_path: Path) -> None:
     """The local image store refuses to move an immutable tag, as a registry does, naming
     which inputs differ; --force moves it and says what it overwrote. A work-tree build's
     -dirty tag moves with the edits it is built from."""
-    repository = "127.0.0.1:9/ivd/inference-base"
-    env = _customer_env(tmp_path, repository, "127.0.0.1:9")
-    cache = tmp_path / "cache"
-    store = ImageStore(cache / "oci")
-    _put_synthetic_base(store, [f"{repository}:2.4.2"])
-    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
-    first = _build(env, cache, str(repo))
+    env, cache, store, repo, first = _built_once(tmp_path)
     image = first["image"]
     # Same config commit, other weights under the same task: the immutable tag would move.
     write_production(tmp_path / "production", CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": b"x"})
@@ -462,14 +471,9 @@ def test_a_base_rebuilt_in_the_store_moves_the_tag_of_its_images(tmp_path: Path)
     """`base build` replaced the store's base of one version (a development base): the tag of
     the same config's image moves to the image on the new base, saying so; a difference beyond
     the base is still refused."""
-    repository = "127.0.0.1:9/ivd/inference-base"
-    env = _customer_env(tmp_path, repository, "127.0.0.1:9")
-    cache = tmp_path / "cache"
-    store = ImageStore(cache / "oci")
-    _put_synthetic_base(store, [f"{repository}:2.4.2"])
-    repo = customer_repo(tmp_path / "customer-x", carcinoma=CARCINOMA_ID, mitosis=MITOSIS_ID)
-    first = _build(env, cache, str(repo))
-    _put_synthetic_base(store, [f"{repository}:2.4.2"], {"com.ivd.base.build-inputs": "new"})
+    env, cache, store, repo, first = _built_once(tmp_path)
+    base = f"{_NO_REGISTRY_BASE}:2.4.2"
+    _put_synthetic_base(store, [base], {"com.ivd.base.build-inputs": "new"})
     second = _build(env, cache, str(repo))
     assert second["image"] == first["image"]
     assert second["manifest_digest"] != first["manifest_digest"]
@@ -478,7 +482,7 @@ def test_a_base_rebuilt_in_the_store_moves_the_tag_of_its_images(tmp_path: Path)
     stored = store.lookup(first["image"])
     assert stored is not None and stored.digest == second["manifest_digest"]
     # The base rebuilt again and other weights under the same task: refused, as before.
-    _put_synthetic_base(store, [f"{repository}:2.4.2"], {"com.ivd.base.build-inputs": "again"})
+    _put_synthetic_base(store, [base], {"com.ivd.base.build-inputs": "again"})
     write_production(tmp_path / "production", CARCINOMA_TASK, CARCINOMA_ID, {"model.onnx": b"x"})
     refused = run_cli("build", str(repo), env={**env, "BUILDER_CACHE_DIR": str(cache)})
     assert refused.returncode == 6, refused.stderr

@@ -327,25 +327,12 @@ def only_the_base_differs(
     return all(k == digest or k in base_labels for k in differing)
 
 
-def rebased_tag_warning(ref: str, current: str, new: str, base: str, where: str) -> str:
-    """The notice that tag ``ref`` (``where``: the local store) moved to this build because the
-    store's base ``base`` (same version) was rebuilt here since the tagged image was made."""
+def moved_tag_warning(ref: str, current: str, new: str, why: str, where: str) -> str:
+    """The notice that tag ``ref`` (``where``: the local store) moved to this build, and
+    ``why`` the store allowed it."""
     return (
-        f"immutable tag {ref}{where} moved from {current} to {new}: its base {base} was "
-        "rebuilt in this store since (`builder base build`), and only the base differs. A "
-        "registry still refuses the move (build a new config revision or base version, or "
-        "--force)"
-    )
-
-
-def upgraded_tag_warning(ref: str, current: str, new: str, old_format: int, where: str) -> str:
-    """The notice that tag ``ref`` (``where``: the local store) moved from an image an earlier
-    builder wrote in an older layer format to this build of the same inputs."""
-    return (
-        f"immutable tag {ref}{where} moved from {current} to {new}: the tagged image was written "
-        f"by an earlier builder in image format {old_format}; this builder writes format "
-        f"{LAYER_FORMAT}. A registry still refuses the move (build a new config revision, or "
-        "--force)"
+        f"immutable tag {ref}{where} moved from {current} to {new}: {why}. A registry still "
+        "refuses the move (build a new config revision or base version, or --force)"
     )
 
 

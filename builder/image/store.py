@@ -42,9 +42,8 @@ from builder.image.provenance import (
     image_differences,
     immutable_tag_error,
     layer_format_of,
+    moved_tag_warning,
     only_the_base_differs,
-    rebased_tag_warning,
-    upgraded_tag_warning,
 )
 from builder.oci import (
     IMAGE_MANIFEST_TYPES,
@@ -236,34 +235,22 @@ class ImageStore:
         """Store an assembled image complete (base layers copied in) under ``references``.
 
         A name in ``immutable`` that already names another image is refused, as a registry
-        refuses it (ImageError naming what differs), unless ``force`` or the image it names
-        was written in an older image format (an earlier builder). Returns one warning per
-        moved name: what it named before and why it moved.
+        refuses it (ImageError naming what differs), unless ``force`` or this cache lets it
+        move (:meth:`_cache_move`). Returns one warning per moved name: what it named before
+        and why it moved.
         """
         forced: list[str] = []
+        built = (json.loads(image.manifest_bytes), json.loads(image.config_bytes))
+        where = f" in the local image store {self.root}"
         for reference in immutable:
             current = self.lookup(reference)
             if current is None or current.digest == image.manifest_digest:
                 continue
             stored = self._read_image(current.digest)
-            built = (json.loads(image.manifest_bytes), json.loads(image.config_bytes))
-            where = f" in the local image store {self.root}"
-            # The store is this machine's cache: an image an earlier builder wrote in an older
-            # format gives way to this build (with a notice), or every upgrade would need --force.
-            if stored is not None and 0 < layer_format_of(stored[1]) < layer_format_of(built[1]):
-                old = layer_format_of(stored[1])
+            why = None if stored is None else self._cache_move(stored[1], built[1], image)
+            if why is not None:
                 forced.append(
-                    upgraded_tag_warning(
-                        reference, current.digest, image.manifest_digest, old, where
-                    )
-                )
-                continue
-            if stored is not None and self._base_rebuilt_here(stored[1], built[1], image):
-                base = f"{image.base.repository}:{image.base.version}"
-                forced.append(
-                    rebased_tag_warning(
-                        reference, current.digest, image.manifest_digest, base, where
-                    )
+                    moved_tag_warning(reference, current.digest, image.manifest_digest, why, where)
                 )
                 continue
             differences = (
@@ -284,6 +271,25 @@ class ImageStore:
             image.blob_path(layer.descriptor, progress)
         self.tag(image.manifest_descriptor, references)
         return forced
+
+    def _cache_move(
+        self, tagged: dict[str, Any], built: dict[str, Any], image: AssembledImage
+    ) -> str | None:
+        """Why this store, the machine's cache, lets an immutable tag move from the image config
+        ``tagged`` to ``image`` (None: it does not). Without these every builder upgrade, and
+        every base rebuilt during development, would need --force."""
+        old, new = layer_format_of(tagged), layer_format_of(built)
+        if 0 < old < new:
+            return (
+                f"the tagged image was written by an earlier builder in image format {old}; "
+                f"this builder writes format {new}"
+            )
+        if self._base_rebuilt_here(tagged, built, image):
+            return (
+                f"its base {image.base.repository}:{image.base.version} was rebuilt in this "
+                "store since (`builder base build`), and only the base differs"
+            )
+        return None
 
     def _base_rebuilt_here(
         self, tagged: dict[str, Any], built: dict[str, Any], image: AssembledImage
