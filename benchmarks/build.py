@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import http.client
 import io
+import json
 import os
 import secrets
 import shutil
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -117,6 +120,73 @@ def customers_at(count: int, revision: int) -> list[Customer]:
     ]
 
 
+def registry_floor(registry: Registry, repository: str) -> float:
+    """Seconds the registry itself needs for what a config-only re-stack must send: two
+    small new blobs (a config layer, an image config), each a POST and a PUT, both at once,
+    then the manifest; over bare keep-alive ``http.client`` connections, no builder code.
+    The least any client could take against this registry on this machine."""
+    host, port = registry.host.rsplit(":", 1)
+    connections = [http.client.HTTPConnection(host, int(port), timeout=30) for _ in range(2)]
+
+    def call(
+        conn: http.client.HTTPConnection,
+        method: str,
+        url: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> http.client.HTTPResponse:
+        conn.request(method, url, body=body, headers=headers or {})
+        response = conn.getresponse()
+        response.read()
+        return response
+
+    def upload(conn: http.client.HTTPConnection, data: bytes) -> None:
+        location = call(conn, "POST", f"/v2/{repository}/blobs/uploads/").getheader("Location")
+        assert location, "no upload session"
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        url = f"{location}{'&' if '?' in location else '?'}digest={digest}"
+        status = call(conn, "PUT", url, data, {"Content-Type": "application/octet-stream"}).status
+        assert status == 201, status
+
+    blobs = [
+        secrets.token_bytes(1400),
+        b'{"architecture":"amd64","os":"linux","rootfs":{}}' + secrets.token_hex(8).encode(),
+    ]
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "size": len(blobs[1]),
+                "digest": "sha256:" + hashlib.sha256(blobs[1]).hexdigest(),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "size": len(blobs[0]),
+                    "digest": "sha256:" + hashlib.sha256(blobs[0]).hexdigest(),
+                }
+            ],
+        }
+    ).encode()
+    try:
+        call(connections[0], "GET", "/v2/")  # connected before the clock starts, as ours are
+        call(connections[1], "GET", "/v2/")
+        start = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(upload, connections, blobs))
+        headers = {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+        status = call(
+            connections[0], "PUT", f"/v2/{repository}/manifests/floor", manifest, headers
+        ).status
+        assert status == 201, status
+        return time.perf_counter() - start
+    finally:
+        for conn in connections:
+            conn.close()
+
+
 def storage_bytes(registry: Registry) -> int:
     """Bytes of every file the registry stores (blobs, links, manifests)."""
     return sum(
@@ -137,6 +207,7 @@ class Bench:
     store: BlobStore
     base: BaseImage
     times: dict[str, float] = field(default_factory=dict)
+    floors: list[float] = field(default_factory=list)  # registry_floor, once per config change
     uploaded: dict[str, int] = field(default_factory=dict)
     requests: dict[str, int] = field(default_factory=dict)  # registry requests per push
     docker_tags: list[str] = field(default_factory=list)
@@ -193,6 +264,8 @@ class Bench:
         """Every customer with the default backend, the first few also with docker, alternated."""
         for customer in customers:
             self.default(phase, customer)
+            if phase == "config":
+                self.floors.append(registry_floor(self.registry, f"bench-{self.run}/floor"))
             if customer.index < docker_customers:
                 self.docker(phase, customer)
 
@@ -265,6 +338,14 @@ def report(
             f"   registry requests per customer (default, one tag): max {max(requests)}, "
             f"min {min(requests)} (target <= 6)",
         ]
+        if phase == "config":
+            floor = statistics.median(bench.floors)
+            lines.append(
+                f"   the registry's own floor for those writes (bare HTTP, uploads at once): "
+                f"{floor * 1000:5.1f} ms (median of {len(bench.floors)}) -> default = "
+                f"{default / floor:4.1f}x the floor; docker / floor = {docker / floor:6.1f}x, the "
+                "most any builder could reach against this registry"
+            )
     lines.append(
         f"4. registry storage after all phases (default backend): {storage / MIB:8.1f} MiB for "
         f"{weights / MIB:.0f} MiB of weights -> {(storage - weights) / weights * 100:+5.2f}% "

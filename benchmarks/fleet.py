@@ -285,6 +285,17 @@ def split_requests(requests: Iterable[Any], reports: Sequence[BuildReport]) -> C
     return out
 
 
+def commit_locks(repo: Path, customers: int, settings: Any, message: str) -> None:
+    """``builder lock`` for every customer, committed: a release build ships only what a
+    committed lock pins."""
+    from builder.pipeline import lock_customer
+
+    for i in range(customers):
+        lock_customer(str(repo / "customers" / customer_name(i)), settings)
+    subprocess.run(["git", "-C", str(repo), "add", "-A", "customers"], check=True)
+    subprocess.run(["git", "-C", str(repo), *WHO, "commit", "-qm", message], check=True)
+
+
 def bench_build(customers: int, jobs: int, work: Path) -> None:
     """A cold fleet run (pushed, recorded), a config-only change of every customer, then
     a base bump: seconds and registry requests per image."""
@@ -299,8 +310,7 @@ def bench_build(customers: int, jobs: int, work: Path) -> None:
     registry = start_registry()
     try:
         base = f"{registry.host}/ivd/fleet-base"
-        for version in ("2.5.0", "2.5.1"):
-            _push_base(engine.client(), base, ensure_base_image(engine), version)
+        _push_base(engine.client(), base, ensure_base_image(engine), "2.5.0")
         repo = make_history(work / "build-repo", customers, 2 * customers, model_id=_demo_model())
         (repo / ".git" / "info" / "exclude").write_text("fleet.yaml\n")
         settings = replace(
@@ -312,6 +322,7 @@ def bench_build(customers: int, jobs: int, work: Path) -> None:
             cache_dir=work / "build-cache",
         )
         fleet = load_fleet(write_fleet(repo, customers), settings)
+        commit_locks(repo, customers, settings, "locks")
         figures: dict[str, tuple[float, Counter[str]]] = {}
         stages: dict[str, dict[str, float]] = {}
 
@@ -334,7 +345,9 @@ def bench_build(customers: int, jobs: int, work: Path) -> None:
             path = repo / "customers" / customer_name(i) / "analysis.yaml"
             path.write_text(path.read_text().replace("threshold: ", "threshold: 0.0", 1))
         subprocess.run(["git", "-C", str(repo), *WHO, "commit", "-qam", "all"], check=True)
+        commit_locks(repo, customers, settings, "locks after the change")
         run("config", "2.5.0")
+        _push_base(engine.client(), base, ensure_base_image(engine), "2.5.1")
         run("bump", "2.5.1")
         print(f"\nbuild --all, {customers} customers, {jobs} jobs, pushed and recorded:")
         print(
