@@ -530,7 +530,13 @@ def _attest(
         attach_to_layout(request.oci_layout, attestations)
     if request.push:
         pushes = [
-            push_referrers(repository, attestations, insecure=request.insecure, subject_pushed=True)
+            push_referrers(
+                repository,
+                attestations,
+                insecure=request.insecure,
+                subject_pushed=True,
+                store=image.store,
+            )
             for repository in sorted({parse_reference(t).repository for t in report.tags})
         ]
         report.outputs["referrers"] = ", ".join(

@@ -114,9 +114,11 @@ def record_image(record: ReleaseRecord, customer: str) -> ImageKey | None:
     return ImageKey(customer, name.variant) if name.immutable else None
 
 
-def _build_order(record: ReleaseRecord) -> tuple[str, str]:
-    """Records sort by build time, then by path (the order a tree listing gives)."""
-    return record.built_at, record.path
+def _build_order(record: ReleaseRecord, added: Mapping[str, int]) -> tuple[str, int, str]:
+    """Records sort by build time; build times have whole seconds, so on a tie the record
+    the branch added later is the later one (``added``: path -> place in the order the
+    branch added them), then the path (a file whose addition history cannot tell)."""
+    return record.built_at, added.get(record.path, -1), record.path
 
 
 def _git_message(exc: git.GitCommandError) -> str:
@@ -205,12 +207,14 @@ class ReleaseLog:
         record of this version skipped); a malformed record is a ConfigError naming it."""
         if head is None:
             return []
+        prefix = f"{RECORDS_DIR}/{customer}/"
         found = [
             record
-            for blob, path in self._listing(head, f"{RECORDS_DIR}/{customer}/")
+            for blob, path in self._listing(head, prefix)
             if (record := self._parse(blob, path)) is not None
         ]
-        return sorted(found, key=_build_order)
+        added = self._added_order(head, prefix)
+        return sorted(found, key=lambda r: _build_order(r, added))
 
     def latest_by_image(self, head: str | None) -> dict[ImageKey, ReleaseRecord]:
         """Each image's latest record at ``head`` (latest ``built_at``; on a tie the last path).
@@ -229,7 +233,8 @@ class ReleaseLog:
         elif kept is not None:
             latest = self._added_since(kept[0], head, kept[1])
         if latest is None:
-            latest = self._fold({}, self._listing(head, f"{RECORDS_DIR}/"))
+            prefix = f"{RECORDS_DIR}/"
+            latest = self._fold({}, self._listing(head, prefix), self._added_order(head, prefix))
         self._write_index(head, latest)
         return latest
 
@@ -254,10 +259,32 @@ class ReleaseLog:
             return None
         return _replace(ReleaseRecord.from_dict(data, f"{self.where}: {path}"), path=path)
 
+    def _added_order(self, revisions: str, prefix: str) -> dict[str, int]:
+        """Each record file under ``prefix`` by its place in the order ``revisions`` added
+        them (one ``git log``; a file added again counts where it was added last)."""
+        listing = self.repo.git.log(
+            "--reverse",
+            "--diff-filter=A",
+            "--no-renames",
+            "--name-only",
+            "--format=",
+            revisions,
+            "--",
+            prefix,
+            env=GIT_ENV,
+        )
+        paths = (line for line in listing.splitlines() if line.strip())
+        return {path: place for place, path in enumerate(paths)}
+
     def _fold(
-        self, latest: dict[ImageKey, ReleaseRecord], files: Sequence[tuple[str, str]]
+        self,
+        latest: dict[ImageKey, ReleaseRecord],
+        files: Sequence[tuple[str, str]],
+        added: Mapping[str, int],
     ) -> dict[ImageKey, ReleaseRecord]:
-        """``latest`` with the record files ``files`` taken in (malformed ones left out)."""
+        """``latest`` with the record files ``files`` taken in (malformed ones left out);
+        ``added`` orders records of the same second (see :func:`_build_order`): files not in
+        it, as those of ``latest``, were added before all that are."""
         out = dict(latest)
         for blob, path in files:
             customer = _record_folder(path)
@@ -268,7 +295,7 @@ class ReleaseLog:
             key = record_image(record, customer) if record and customer else None
             if record is None or key is None:
                 continue
-            if key not in out or _build_order(record) > _build_order(out[key]):
+            if key not in out or _build_order(record, added) > _build_order(out[key], added):
                 out[key] = record
         return out
 
@@ -291,7 +318,7 @@ class ReleaseLog:
             if len(fields) != 5 or fields[4] != "A":
                 return None  # a record changed or removed: read them all again
             added.append((fields[3], path))
-        return self._fold(latest, added)
+        return self._fold(latest, added, self._added_order(f"{old}..{head}", f"{RECORDS_DIR}/"))
 
     @property
     def _index_path(self) -> Path:

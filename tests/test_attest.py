@@ -47,6 +47,7 @@ from builder.oci import (
     OCI_CONFIG,
     OCI_LAYER,
     OCI_MANIFEST,
+    BlobStore,
     Descriptor,
     RegistryClient,
     canonical_json,
@@ -415,6 +416,41 @@ def test_tag_schema_fallback_on_the_cncf_registry(oci_registry: Any, tmp_path: P
     artifact = json.loads(client.get_manifest(path, first.manifests[0])[0])
     assert artifact["subject"]["digest"] == subject.digest
     assert artifact["config"]["mediaType"] == "application/vnd.oci.empty.v1+json"
+
+
+def test_attestations_ask_only_what_no_one_remembers(oci_registry: Any, tmp_path: Path) -> None:
+    """With a blob store, a repository's later attestations skip asking for the empty config
+    and read the referrers tag with one GET; a store that wrongly remembers the empty config
+    (another registry's storage wiped) still ends with every artifact attached."""
+    client = RegistryClient(oci_registry.host)
+    store = BlobStore(tmp_path / "store")
+    path = "attest/counted"
+    repository = f"{oci_registry.host}/{path}"
+    first_subject = _push_tiny(client, path)
+    push_referrers(repository, make_attestations(facts(first_subject)), store=store)
+    other = canonical_json(dict(json.loads(_tiny_image()[2]), annotations={"n": "2"}))
+    subject = Descriptor(
+        OCI_MANIFEST, client.put_manifest(path, "v2", other, OCI_MANIFEST), len(other)
+    )
+    mark = len(oci_registry.requests())
+    pushed = push_referrers(repository, make_attestations(facts(subject)), store=store)
+    sent = oci_registry.requests()[mark:]
+    empty = "sha256:" + hashlib.sha256(b"{}").hexdigest()
+    assert not [r for r in sent if empty in r.path]  # remembered, not asked or sent
+    assert [r.method for r in sent if "/manifests/sha256-" in r.path] == ["GET", "PUT", "GET"]
+    assert sorted(d.digest for d in registry_referrers(client, path, subject.digest)[0]) == sorted(
+        pushed.manifests
+    )
+    # A repository the store believes holds the empty config, but where it never went.
+    fresh = "attest/forgotten"
+    fresh_subject = _push_tiny(client, fresh)
+    store.note_present(oci_registry.host, fresh, [empty])
+    again = push_referrers(
+        f"{oci_registry.host}/{fresh}", make_attestations(facts(fresh_subject)), store=store
+    )
+    found = registry_referrers(client, fresh, fresh_subject.digest)[0]
+    assert sorted(d.digest for d in found) == sorted(again.manifests)
+    assert client.blob_exists(fresh, empty)
 
 
 class _ReferrersFront(BaseHTTPRequestHandler):

@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -639,6 +640,41 @@ def test_release_records_of_a_run_are_one_commit_per_repository(
     assert isinstance(again[2], WriteResult) and again[2].status == "written"
     top = git.Repo(bare).commit(RELEASES_BRANCH)
     assert [p.hexsha for p in top.parents] == [branch.hexsha]  # on top, never forced
+
+
+def test_records_of_one_second_are_ordered_as_the_branch_added_them(
+    tmp_path: Path, local_env: dict[str, str]
+) -> None:
+    """Build times have whole seconds: two releases of one image in the same second are
+    ordered by when the branch got them (not by their file names), alike for a full read,
+    an incremental read of the plan index, and a customer's history."""
+    configs = tmp_path / "configs"
+    _folder_customer(configs, "customer-a", "~=2.4")
+    first_commit = git.Repo(configs).commit("HEAD").hexsha
+    _folder_customer(configs, "customer-a", "~=2.4", threshold=0.7)
+    second_commit = git.Repo(configs).commit("HEAD").hexsha
+    bare = _bare_clone(configs, tmp_path / "configs.git")
+    same_second = datetime(2026, 12, 7, 10, 0, 0, tzinfo=UTC)
+    records = [
+        release_record(
+            _fake_report("customer-a", commit, "sha256:" + digit * 64),
+            config_source=f"{bare}#customer-a",
+            built_at=same_second,
+        )
+        for commit, digit in ((first_commit, "1"), (second_commit, "2"))
+    ]
+    # the record added later gets the file name that sorts first, so a name order is wrong
+    records.sort(key=lambda r: r.image, reverse=True)
+    writer = ReleaseLog(str(bare), tmp_path / "writer", RELEASES_BRANCH)
+    incremental = ReleaseLog(str(bare), tmp_path / "incremental", RELEASES_BRANCH)
+    writer.write(records[0])
+    assert incremental.latest_by_image(incremental.fetch())  # the index, at the first record
+    writer.write(records[1])
+    full = ReleaseLog(str(bare), tmp_path / "full", RELEASES_BRANCH)
+    for log in (incremental, full):
+        (latest,) = log.latest_by_image(log.fetch()).values()
+        assert latest.image == records[1].image
+    assert [r.image for r in full.records("customer-a", full.fetch())] == [r.image for r in records]
 
 
 def test_a_fleet_of_records_is_one_commit_whatever_its_size(

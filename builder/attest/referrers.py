@@ -6,6 +6,7 @@ The documents are stored next to the image: in an OCI image layout, and in a reg
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -32,7 +33,10 @@ from builder.fsutil import write_atomic
 from builder.oci import (
     OCI_INDEX,
     OCI_MANIFEST,
+    BlobStore,
+    BlobUnknownError,
     Descriptor,
+    RegistryClient,
     RetryPolicy,
     canonical_json,
     fallback_tag,
@@ -313,6 +317,27 @@ class ReferrersPush:
     bytes_uploaded: int = 0  # every byte sent: blobs uploaded, manifests and index written
 
 
+def _send_artifact(
+    client: RegistryClient, path: str, artifact: Artifact, manifest: bytes, there: set[str]
+) -> int:
+    """Upload an artifact's blobs (those not in ``there``, which learns what it sends) and
+    PUT its manifest by digest; the bytes sent. The documents are small and new: sent
+    without asking whether the registry has them."""
+    sent = 0
+    empty = empty_descriptor()
+    for data, descriptor in ((EMPTY_CONFIG, empty), (artifact.data, artifact.layer)):
+        if descriptor.digest in there or (
+            descriptor == empty and client.blob_exists(path, empty.digest)
+        ):
+            there.add(descriptor.digest)
+            continue
+        client.upload_blob(path, descriptor.digest, descriptor.size, data)
+        there.add(descriptor.digest)
+        sent += len(data)
+    client.put_manifest(path, sha256_digest(manifest), manifest, OCI_MANIFEST)
+    return sent + len(manifest)
+
+
 def push_referrers(
     repository: str,
     attestations: Attestations,
@@ -320,6 +345,7 @@ def push_referrers(
     insecure: bool | None = None,
     retry: RetryPolicy | None = None,
     subject_pushed: bool = False,
+    store: BlobStore | None = None,
 ) -> ReferrersPush:
     """Push the artifacts to ``repository`` (``host/path``) as referrers of the image.
 
@@ -327,8 +353,8 @@ def push_referrers(
     ``subject_pushed``). Artifact manifests are pushed by digest; if the registry answers
     the referrers API it indexes them itself. Otherwise (CNCF distribution 2.x) the
     ``sha256-<hex>`` tag is read, merged with the new descriptors and written back, then read
-    again to catch a concurrent writer (retried a few times: the schema is racy). The
-    documents are small and new: sent without asking whether the registry has them.
+    again to catch a concurrent writer (retried a few times: the schema is racy). A blob
+    ``store`` remembers that the repository holds the artifacts' empty config.
     """
     host, path = split_repository(repository)
     client = shared_client(host, insecure=insecure, retry=retry)
@@ -336,7 +362,10 @@ def push_referrers(
         raise ImageError(f"{repository} has no manifest {attestations.subject.digest} to attest")
     descriptors = []
     sent = 0
-    empty, there = empty_descriptor().digest, set[str]()
+    empty = empty_descriptor().digest
+    # the empty config is there after the repository's first artifact: the blob store
+    # remembers it, or the registry is asked once
+    there = {empty} & (store.present_in(host, path) if store is not None else set())
     attached, mode = registry_referrers(client, path, attestations.subject.digest)
     for artifact, manifest in attestations.manifests():
         same = _already_attached(
@@ -349,30 +378,23 @@ def push_referrers(
         if same is not None:
             descriptors.append(same)
             continue
-        for data, descriptor in (
-            (EMPTY_CONFIG, empty_descriptor()),
-            (artifact.data, artifact.layer),
-        ):
-            # the empty config is there after the repository's first artifact: asked once
-            if descriptor.digest in there or (
-                descriptor.digest == empty and client.blob_exists(path, empty)
-            ):
-                there.add(descriptor.digest)
-                continue
-            client.upload_blob(path, descriptor.digest, descriptor.size, data)
-            there.add(descriptor.digest)
-            sent += len(data)
-        digest = client.put_manifest(path, sha256_digest(manifest), manifest, OCI_MANIFEST)
-        sent += len(manifest)
+        try:
+            sent += _send_artifact(client, path, artifact, manifest, there)
+        except BlobUnknownError:  # the store's memory of the empty config was wrong
+            there.clear()
+            sent += _send_artifact(client, path, artifact, manifest, there)
         descriptors.append(
             Descriptor(
                 OCI_MANIFEST,
-                digest,
+                sha256_digest(manifest),
                 len(manifest),
                 artifact.annotations,
                 {"artifactType": artifact.artifact_type},
             )
         )
+    if store is not None and empty in there:
+        with contextlib.suppress(OSError, ImageError):  # a hint only: without it, the next asks
+            store.note_present(host, path, [empty])
     pushed = tuple(d.digest for d in descriptors)
     if mode == "referrers-api":
         return ReferrersPush(repository, pushed, "referrers-api", bytes_uploaded=sent)

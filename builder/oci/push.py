@@ -9,11 +9,9 @@ move and what differs when one may not is the caller's (``builder.deliver``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol, TypeVar
+from typing import Final, Protocol
 
 from builder.contracts import Progress
 from builder.errors import ImageError
@@ -24,9 +22,6 @@ from builder.oci.remote import BlobUnknownError, RegistryClient, RetryPolicy, sh
 
 #: Blobs up to this size are sent from memory; larger ones are streamed from disk.
 _SMALL_BLOB: Final = 8 << 20
-#: Uploads at once, as go-containerregistry's ``remote.WithJobs`` default.
-_JOBS: Final = 4
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -143,13 +138,13 @@ def push_blobs(
     repository = f"{client.host}/{path}"
     base_digests, base_repo = image.base_layers(client.host)
     there = image.store.present_in(client.host, path) if trust_cache else set()
-    results: list[BlobPush] = []
-    uploads: list[tuple[Descriptor, Path | bytes, str | None]] = []
+    results = []
     for descriptor in image.blob_descriptors:
         digest, size = descriptor.digest, descriptor.size
         ask = not trust_cache or size > _SMALL_BLOB
         if digest in there or (ask and client.blob_exists(path, digest)):
             results.append(BlobPush(repository, digest, size, "present"))
+            _note_pushed(image, base_digests, digest, client.host, path)
             continue
         if base_repo is not None and base_repo != path and digest in base_digests:
             mounted, session_url = _mount(client, path, digest, base_repo, hint=False)
@@ -158,52 +153,23 @@ def push_blobs(
             mounted, session_url = _mount(client, path, digest, next(iter(sources), None))
         if mounted:
             results.append(BlobPush(repository, digest, size, "mounted"))
+            _note_pushed(image, base_digests, digest, client.host, path)
+            continue
+        if digest == image.config_digest:
+            source: Path | bytes = image.config_bytes
         else:
-            uploads.append(
-                (descriptor, _upload_source(image, descriptor, client, progress), session_url)
-            )
-
-    def upload(job: tuple[Descriptor, Path | bytes, str | None]) -> BlobPush:
-        descriptor, source, session_url = job
-        digest, size = descriptor.digest, descriptor.size
+            source = image.blob_path(descriptor, progress, client.retry)
+            if size <= _SMALL_BLOB:
+                try:
+                    source = source.read_bytes()
+                except OSError as exc:
+                    raise ImageError(f"cannot read blob {digest}: {exc.strerror}") from None
         client.upload_blob(path, digest, size, source, session_url=session_url, progress=progress)
-        return BlobPush(repository, digest, size, "uploaded")
-
-    results += _each(upload, uploads)
-    for result in results:
-        _note_pushed(image, base_digests, result.digest, client.host, path)
+        results.append(BlobPush(repository, digest, size, "uploaded"))
+        _note_pushed(image, base_digests, digest, client.host, path)
     with contextlib.suppress(OSError, ImageError):  # a hint only: without it, the next asks
         image.store.note_present(client.host, path, [r.digest for r in results])
     return results
-
-
-def _upload_source(
-    image: PushableImage, descriptor: Descriptor, client: RegistryClient, progress: Progress | None
-) -> Path | bytes:
-    """What an upload of ``descriptor`` sends: small blobs from memory, large ones streamed
-    from a local file."""
-    if descriptor.digest == image.config_digest:
-        return image.config_bytes
-    source = image.blob_path(descriptor, progress, client.retry)
-    if descriptor.size > _SMALL_BLOB:
-        return source
-    try:
-        return source.read_bytes()
-    except OSError as exc:
-        raise ImageError(f"cannot read blob {descriptor.digest}: {exc.strerror}") from None
-
-
-def _each(call: Callable[[T], BlobPush], jobs: Sequence[T]) -> list[BlobPush]:
-    """``call`` on every job, up to :data:`_JOBS` at once (in order; one job runs here).
-
-    Concurrent because each upload is two round trips the registry spends most of its time
-    on: a re-stack sends two small blobs (the config layer and the image config), and
-    sending them together saves one upload's latency per image.
-    """
-    if len(jobs) <= 1:
-        return [call(job) for job in jobs]
-    with ThreadPoolExecutor(min(_JOBS, len(jobs)), thread_name_prefix="blob-upload") as pool:
-        return list(pool.map(call, jobs))
 
 
 def _mount(

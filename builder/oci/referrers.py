@@ -71,9 +71,10 @@ def registry_referrers(
         return [Descriptor.from_dict(d) for d in api], "referrers-api"
     _NO_REFERRERS_API.add(client.host)
     tag = fallback_tag(digest)
-    if client.manifest_digest(path, tag) is None:
+    found = client.find_manifest(path, tag)
+    if found is None:
         return [], "tag-schema"
-    raw, _, _ = client.get_manifest(path, tag)
+    raw = found[0]
     try:
         entries = json.loads(raw).get("manifests") or []
     except (ValueError, AttributeError):

@@ -478,11 +478,19 @@ class RegistryClient:
 
     def get_manifest(self, path: str, ref: str) -> tuple[bytes, str, str]:
         """(bytes, media type, digest) of manifest ``ref`` (tag or digest), digest verified."""
+        found = self.find_manifest(path, ref)
+        if found is None:
+            raise ImageError(f"registry {self.host} has no manifest {path}:{ref}")
+        return found
+
+    def find_manifest(self, path: str, ref: str) -> tuple[bytes, str, str] | None:
+        """:meth:`get_manifest`, or None when there is no such manifest: one GET where a
+        HEAD then a GET would be two round trips."""
         response = self._request(
             "GET", self._url(path, "manifests", ref), headers={"Accept": ", ".join(MANIFEST_ACCEPT)}
         )
         if response.status_code == 404:
-            raise ImageError(f"registry {self.host} has no manifest {path}:{ref}")
+            return None
         if response.status_code != 200:
             raise self._fail(response, f"fetching manifest {path}:{ref}")
         raw = response.content
