@@ -1,4 +1,5 @@
-"""The runner benchmarks are ready to run: their models, their CPU paths, their refusals.
+"""The benchmarks are ready to run: the runner's models, CPU paths and refusals, and the
+build and fleet benchmarks end to end on the test bed.
 
 The figures themselves come from running the benchmarks (README); these tests never look at
 time. What they check: benchmarks/resnet.py builds torchvision's ResNet-18/50 (the parameter
@@ -11,6 +12,7 @@ WSInfer suite's environment is fully pinned.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +23,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from helpers import ROOT
+
+from testbed.docker_engine import Engine
 
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -118,3 +122,59 @@ def test_runner_bench_suites_and_wsinfer_pins() -> None:
     assert not names & {"onnxruntime", "onnx"}  # the runner side uses the host's
     helper = _script(str(BENCH / "wsinfer_side.py"), "--help")
     assert helper.returncode == 0 and "export" in helper.stdout and "run" in helper.stdout
+
+
+@pytest.mark.slow
+def test_the_build_benchmarks_run_and_print_their_targets(
+    docker_engine: Engine, base_os_image: str
+) -> None:
+    """benchmarks/build.py and benchmarks/fleet.py, small, on the test bed: they run to the
+    end and print every figure their targets are read from (the release guarantee once made
+    the fleet run fail: nothing ran them)."""
+    env = {**os.environ, **docker_engine.env()}
+    build = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "build.py"),
+            "--models",
+            "1",
+            "--size-mb",
+            "2",
+            "--customers",
+            "2",
+            "--docker-customers",
+            "1",
+            "--rounds",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+        env=env,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    for figure in ("config-only change", "the registry's own floor", "base bump", "target <= 6"):
+        assert figure in build.stdout, build.stdout
+    fleet = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "fleet.py"),
+            "--sizes",
+            "20",
+            "--unchanged",
+            "20",
+            "--build",
+            "2",
+            "--jobs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+        env=env,
+    )
+    assert fleet.returncode == 0, fleet.stderr[-2000:]
+    for figure in ("10+10 / cold", "bump / config-only change", "requests for the image itself"):
+        assert figure in fleet.stdout, fleet.stdout
