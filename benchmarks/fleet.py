@@ -296,6 +296,44 @@ def commit_locks(repo: Path, customers: int, settings: Any, message: str) -> Non
     subprocess.run(["git", "-C", str(repo), *WHO, "commit", "-qm", message], check=True)
 
 
+def report_build(
+    figures: dict[str, tuple[float, Counter[str]]],
+    stages: dict[str, dict[str, float]],
+    customers: int,
+    jobs: int,
+) -> None:
+    """Print (3): seconds and registry requests per image, where the time went, the ratios."""
+    print(f"\nbuild --all, {customers} customers, {jobs} jobs, pushed and recorded:")
+    print(
+        f"  {'run':<22} {'s':>8} {'s/image':>8}   registry requests per image: "
+        "image itself / tag check / attestations / other"
+    )
+    names = {
+        "cold": "cold",
+        "config": "config-only change",
+        "bump": "base bump 2.5.0->2.5.1",
+    }
+    for name, (seconds, counts) in figures.items():
+        per = {k: counts[k] / customers for k in ("image", "check", "attestation", "other")}
+        print(
+            f"  {names[name]:<22} {seconds:8.2f} {seconds / customers:8.3f}   "
+            f"{per['image']:.1f} / {per['check']:.1f} / {per['attestation']:.1f} / "
+            f"{per['other']:.1f}"
+        )
+    print("  where it went, mean seconds per image (plan: the run's, shared by all):")
+    for name, counter in stages.items():
+        parts = ", ".join(f"{k} {v / customers:.3f}" for k, v in counter.items())
+        print(f"    {names[name]:<22} {parts}")
+    bump, cold, config = figures["bump"][0], figures["cold"][0], figures["config"][0]
+    print(f"  bump / cold = {bump / cold:.1%}; bump / config-only change = {bump / config:.2f}")
+    config_image = figures["config"][1]["image"] / customers
+    bump_image = figures["bump"][1]["image"] / customers
+    print(
+        f"  requests for the image itself per re-stack: config-only change "
+        f"{config_image:.1f}, base bump {bump_image:.1f} (target <= 6)"
+    )
+
+
 def bench_build(customers: int, jobs: int, work: Path) -> None:
     """A cold fleet run (pushed, recorded), a config-only change of every customer, then
     a base bump: seconds and registry requests per image."""
@@ -349,35 +387,7 @@ def bench_build(customers: int, jobs: int, work: Path) -> None:
         run("config", "2.5.0")
         _push_base(engine.client(), base, ensure_base_image(engine), "2.5.1")
         run("bump", "2.5.1")
-        print(f"\nbuild --all, {customers} customers, {jobs} jobs, pushed and recorded:")
-        print(
-            f"  {'run':<22} {'s':>8} {'s/image':>8}   registry requests per image: "
-            "image itself / tag check / attestations / other"
-        )
-        names = {
-            "cold": "cold",
-            "config": "config-only change",
-            "bump": "base bump 2.5.0->2.5.1",
-        }
-        for name, (seconds, counts) in figures.items():
-            per = {k: counts[k] / customers for k in ("image", "check", "attestation", "other")}
-            print(
-                f"  {names[name]:<22} {seconds:8.2f} {seconds / customers:8.3f}   "
-                f"{per['image']:.1f} / {per['check']:.1f} / {per['attestation']:.1f} / "
-                f"{per['other']:.1f}"
-            )
-        print("  where it went, mean seconds per image (plan: the run's, shared by all):")
-        for name, counter in stages.items():
-            parts = ", ".join(f"{k} {v / customers:.3f}" for k, v in counter.items())
-            print(f"    {names[name]:<22} {parts}")
-        bump, cold, config = figures["bump"][0], figures["cold"][0], figures["config"][0]
-        print(f"  bump / cold = {bump / cold:.1%}; bump / config-only change = {bump / config:.2f}")
-        config_image = figures["config"][1]["image"] / customers
-        bump_image = figures["bump"][1]["image"] / customers
-        print(
-            f"  requests for the image itself per re-stack: config-only change "
-            f"{config_image:.1f}, base bump {bump_image:.1f} (target <= 6)"
-        )
+        report_build(figures, stages, customers, jobs)
     finally:
         registry.stop()
 
