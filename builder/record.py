@@ -64,8 +64,9 @@ RECORD_HEADER: Final = (
 
 #: Threads for git work per customer or per repository (plan reads, record write-back).
 PLAN_THREADS: Final = 8
-#: Layout of the latest-record index kept next to each release log (bump on any change).
-_INDEX_VERSION: Final = 2
+#: Layout of the latest-record index kept next to each release log (bump on any change;
+#: 3: records of one second ordered by when the branch added them, not by file name).
+_INDEX_VERSION: Final = 3
 _YAML_LOADER: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -217,7 +218,8 @@ class ReleaseLog:
         return sorted(found, key=lambda r: _build_order(r, added))
 
     def latest_by_image(self, head: str | None) -> dict[ImageKey, ReleaseRecord]:
-        """Each image's latest record at ``head`` (latest ``built_at``; on a tie the last path).
+        """Each image's latest record at ``head`` (latest ``built_at``; on a tie the one the
+        branch added last, see :func:`_build_order`).
 
         Kept in an index next to the log: the next call reads only the record files added
         since the indexed head (records are append-only). Anything else (a record changed or
