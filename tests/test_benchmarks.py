@@ -33,9 +33,16 @@ import resnet  # noqa: E402
 import runner as bench_runner  # noqa: E402
 
 
-def _script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+def _script(
+    *args: str, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, check=False, timeout=timeout
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -132,49 +139,14 @@ def test_the_build_benchmarks_run_and_print_their_targets(
     end and print every figure their targets are read from (the release guarantee once made
     the fleet run fail: nothing ran them)."""
     env = {**os.environ, **docker_engine.env()}
-    build = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "build.py"),
-            "--models",
-            "1",
-            "--size-mb",
-            "2",
-            "--customers",
-            "2",
-            "--docker-customers",
-            "1",
-            "--rounds",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-        env=env,
-    )
+    build_args = ["--models", "1", "--size-mb", "2", "--customers", "2"]
+    build_args += ["--docker-customers", "1", "--rounds", "1"]
+    build = _script(str(BENCH / "build.py"), *build_args, timeout=600, env=env)
     assert build.returncode == 0, build.stderr[-2000:]
     for figure in ("config-only change", "the registry's own floor", "base bump", "target <= 6"):
         assert figure in build.stdout, build.stdout
-    fleet = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "fleet.py"),
-            "--sizes",
-            "20",
-            "--unchanged",
-            "20",
-            "--build",
-            "2",
-            "--jobs",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=900,
-        env=env,
-    )
+    fleet_args = ["--sizes", "20", "--unchanged", "20", "--build", "2", "--jobs", "1"]
+    fleet = _script(str(BENCH / "fleet.py"), *fleet_args, timeout=900, env=env)
     assert fleet.returncode == 0, fleet.stderr[-2000:]
     for figure in ("10+10 / cold", "bump / config-only change", "requests for the image itself"):
         assert figure in fleet.stdout, fleet.stdout

@@ -334,7 +334,12 @@ def _send_artifact(
         client.upload_blob(path, descriptor.digest, descriptor.size, data)
         there.add(descriptor.digest)
         sent += len(data)
-    client.put_manifest(path, sha256_digest(manifest), manifest, OCI_MANIFEST)
+    try:
+        client.put_manifest(path, sha256_digest(manifest), manifest, OCI_MANIFEST)
+    except BlobUnknownError:  # the blob store's memory of the empty config was wrong
+        client.upload_blob(path, empty.digest, empty.size, EMPTY_CONFIG)
+        sent += len(EMPTY_CONFIG) + len(manifest)
+        client.put_manifest(path, sha256_digest(manifest), manifest, OCI_MANIFEST)
     return sent + len(manifest)
 
 
@@ -378,11 +383,7 @@ def push_referrers(
         if same is not None:
             descriptors.append(same)
             continue
-        try:
-            sent += _send_artifact(client, path, artifact, manifest, there)
-        except BlobUnknownError:  # the store's memory of the empty config was wrong
-            there.clear()
-            sent += _send_artifact(client, path, artifact, manifest, there)
+        sent += _send_artifact(client, path, artifact, manifest, there)
         descriptors.append(
             Descriptor(
                 OCI_MANIFEST,
